@@ -1,0 +1,1 @@
+//! qemu-guest-agent wire protocol: framer, request envelope, error texts.
