@@ -1,1 +1,13 @@
-//! vm-tests harness
+//! vm-tests: builds a Debian guest shaped like the immutable nixseed NixOS VM (read-only
+//! root, `/var` on its own disk, identity applied from the initramfs) and boots it under
+//! QEMU. `cargo xtask demo`, `test` and `bench` all drive VMs through this crate.
+
+pub mod cmd;
+pub mod deps;
+pub mod image;
+pub mod initramfs;
+pub mod machine;
+pub mod paths;
+pub mod qemu;
+pub mod scenarios;
+pub mod ssh;

@@ -1,0 +1,701 @@
+//! The guest image: a Debian bookworm tree shaped like the immutable nixseed NixOS VM.
+//!
+//! Two cache layers under `~/.cache/nixseed/images/`:
+//! 1. `<tree-key>/` — debootstrap plus configuration, and `rootfs.ext4` made from it.
+//!    The key hashes the variant, the package list and [`IMAGE_CODE_VERSION`]; this layer
+//!    takes minutes and is rebuilt only when one of those changes.
+//! 2. `<tree-key>/final-<key>/` — `base.qcow2` with the agent binary and `agent/dist/`
+//!    injected by `debugfs` (no mount, seconds), and the test initramfs. Rebuilding the
+//!    agent only redoes this layer.
+
+use crate::cmd::{self, hex};
+use crate::paths::{cache_root, workspace_root};
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Bump when the image-building code changes what ends up in the tree.
+pub const IMAGE_CODE_VERSION: u32 = 1;
+/// Bump when the final layer (injection, initramfs) changes.
+pub const FINAL_CODE_VERSION: u32 = 1;
+
+pub const SUITE: &str = "bookworm";
+pub const ROOT_LABEL: &str = "nixseed-root";
+pub const VAR_LABEL: &str = "nixseed-var";
+/// Sparse size of the root filesystem; qcow2 stores only what is used.
+const ROOTFS_SIZE: &str = "2G";
+/// Where the agent binary lives in the image (the dist units' ExecStart).
+pub const AGENT_PATH_IN_IMAGE: &str = "/usr/bin/nixseed-agent";
+
+const BASE_PACKAGES: &[&str] = &[
+    "systemd",
+    "systemd-sysv",
+    "libpam-systemd",
+    "dbus",
+    "udev",
+    "openssh-server",
+    "iproute2",
+    "nftables",
+    "kmod",
+    "e2fsprogs",
+    "procps",
+    "linux-image-amd64",
+];
+const CLOUD_INIT_PACKAGES: &[&str] = &["cloud-init", "qemu-guest-agent", "python3-cffi-backend"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// Read-only root, `/var` on a second disk, identity from nixseed.
+    Nixseed,
+    /// Debian's cloud-init and qemu-guest-agent on a writable root: the benchmark anchor.
+    CloudInit,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Nixseed => "nixseed",
+            Variant::CloudInit => "cloud-init",
+        }
+    }
+    pub fn packages(self) -> Vec<&'static str> {
+        let mut p = BASE_PACKAGES.to_vec();
+        if self == Variant::CloudInit {
+            p.extend_from_slice(CLOUD_INIT_PACKAGES);
+        }
+        p
+    }
+}
+
+/// A bootable image: disk, kernel, initramfs.
+#[derive(Clone, Debug)]
+pub struct GuestImage {
+    pub variant: Variant,
+    pub base_qcow2: PathBuf,
+    pub vmlinuz: PathBuf,
+    pub initramfs: PathBuf,
+    pub kernel_release: String,
+    /// The configured tree, for tests that want to look at what is in the image.
+    pub tree: PathBuf,
+    pub timings: BuildTimings,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BuildTimings {
+    /// `None` when the tree came from the cache.
+    pub tree: Option<Duration>,
+    pub final_layer: Option<Duration>,
+    pub total: Duration,
+}
+
+/// Builds (or takes from the cache) the image for `variant`. `agent` is injected into the
+/// nixseed variant and its initramfs.
+pub fn prepare(variant: Variant, agent: Option<&Path>) -> Result<GuestImage> {
+    let start = Instant::now();
+    let mut timings = BuildTimings { tree: prepare_tree(variant)?, ..Default::default() };
+    let tree_dir = tree_dir(variant);
+    let kernel_release = fs::read_to_string(tree_dir.join("kernel-release"))
+        .with_context(|| format!("reading {}/kernel-release", tree_dir.display()))?
+        .trim()
+        .to_string();
+    let tree = tree_dir.join("tree");
+    let dist = workspace_root().join("agent/dist");
+    let key = final_key(agent, &dist)?;
+    let final_dir = tree_dir.join(format!("final-{}", &key[..16]));
+    if !final_dir.join("ready").exists() {
+        let t = Instant::now();
+        build_final_layer(variant, &tree_dir, &final_dir, agent, &dist, &kernel_release)?;
+        timings.final_layer = Some(t.elapsed());
+        prune_final_layers(&tree_dir, &final_dir);
+    }
+    timings.total = start.elapsed();
+    Ok(GuestImage {
+        variant,
+        base_qcow2: final_dir.join("base.qcow2"),
+        vmlinuz: tree_dir.join("vmlinuz"),
+        initramfs: final_dir.join("initramfs.cpio.gz"),
+        kernel_release,
+        tree,
+        timings,
+    })
+}
+
+/// The cached tree layer's directory for `variant`.
+pub fn tree_dir(variant: Variant) -> PathBuf {
+    cache_root().join("images").join(tree_key(variant))
+}
+
+/// Builds the slow layer (debootstrap) unless cached; returns how long it took if built.
+pub fn prepare_tree(variant: Variant) -> Result<Option<Duration>> {
+    let dir = tree_dir(variant);
+    if dir.join("ready").exists() {
+        return Ok(None);
+    }
+    let t = Instant::now();
+    build_tree_layer(variant, &dir)?;
+    Ok(Some(t.elapsed()))
+}
+
+fn tree_key(variant: Variant) -> String {
+    let mut h = Sha256::new();
+    let _ = write!(
+        Hasher(&mut h),
+        "variant={}\ncode={IMAGE_CODE_VERSION}\nsuite={SUITE}\npackages={}\n",
+        variant.name(),
+        variant.packages().join(",")
+    );
+    format!("{}-{}", variant.name(), &hex(&h.finalize())[..16])
+}
+
+fn final_key(agent: Option<&Path>, dist: &Path) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(format!("final={FINAL_CODE_VERSION}\ninitramfs={}\n", crate::initramfs::INITRAMFS_CODE_VERSION));
+    if let Some(a) = agent {
+        h.update(b"agent:");
+        h.update(sha256_file(a)?);
+    }
+    for f in dist_files(dist)? {
+        h.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        h.update(sha256_file(&f)?);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+struct Hasher<'a>(&'a mut Sha256);
+impl std::fmt::Write for Hasher<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.update(s.as_bytes());
+        Ok(())
+    }
+}
+
+pub fn sha256_file(p: &Path) -> Result<Vec<u8>> {
+    let bytes = fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(Sha256::digest(&bytes).to_vec())
+}
+
+/// Files shipped in `agent/dist/`, sorted (missing directory: none).
+pub fn dist_files(dist: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    if !dist.is_dir() {
+        return Ok(out);
+    }
+    for e in fs::read_dir(dist).with_context(|| format!("listing {}", dist.display()))? {
+        let p = e?.path();
+        if p.is_file() {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The Debian mirror apt uses on this host (same URL, so the same proxy rules apply).
+pub fn debian_mirror() -> String {
+    if let Ok(m) = std::env::var("NIXSEED_DEBIAN_MIRROR") {
+        return m;
+    }
+    let mut texts = Vec::new();
+    if let Ok(rd) = fs::read_dir("/etc/apt/sources.list.d") {
+        let mut paths: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        texts.extend(paths.iter().filter_map(|p| {
+            let n = p.to_string_lossy();
+            (n.ends_with(".sources") || n.ends_with(".list")).then(|| fs::read_to_string(p).ok())?
+        }));
+    }
+    texts.extend(fs::read_to_string("/etc/apt/sources.list").ok());
+    for text in &texts {
+        if let Some(m) = mirror_from_sources(text) {
+            return m;
+        }
+    }
+    "http://deb.debian.org/debian".to_string()
+}
+
+/// Finds the URI serving the plain `bookworm` suite in deb822 or one-line sources.
+fn mirror_from_sources(text: &str) -> Option<String> {
+    for stanza in text.split("\n\n") {
+        let field = |k: &str| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+        };
+        if let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) {
+            if suites.split_whitespace().any(|s| s == SUITE) && !field("Enabled:").is_some_and(|e| e == "no") {
+                return uris.split_whitespace().next().map(String::from);
+            }
+        }
+    }
+    text.lines().find_map(|l| {
+        let mut w = l.split_whitespace().filter(|w| !w.starts_with('['));
+        (w.next()? == "deb").then_some(())?;
+        let uri = w.next()?;
+        (w.next()? == SUITE).then(|| uri.to_string())
+    })
+}
+
+fn build_tree_layer(variant: Variant, dir: &Path) -> Result<()> {
+    crate::deps::ensure_packages(crate::deps::QEMU_PACKAGES)?;
+    let tmp = dir.join("tree.tmp");
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let debs = cache_root().join("debs");
+    fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+    let mirror = debian_mirror();
+    let log = dir.join("debootstrap.log");
+    eprintln!(
+        "vm-tests: debootstrap {SUITE} ({}) into {} — several minutes; log: {}",
+        variant.name(),
+        tmp.display(),
+        log.display()
+    );
+    let logf = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let status = Command::new("debootstrap")
+        .arg("--variant=minbase")
+        .arg(format!("--include={}", variant.packages().join(",")))
+        .arg(format!("--cache-dir={}", debs.display()))
+        .arg(SUITE)
+        .arg(&tmp)
+        .arg(&mirror)
+        // The kernel's postinst hook skips building a Debian initramfs we never use.
+        .env("INITRD", "No")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(std::process::Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .status()
+        .context("cannot start debootstrap (try `vm-tests deps`)")?;
+    if !status.success() {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        bail!(
+            "debootstrap {SUITE} from {mirror} failed ({status}); last lines of {}:\n{}",
+            log.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let release = kernel_release(&tmp)?;
+    let vmlinuz = tmp.join(format!("boot/vmlinuz-{release}"));
+    fs::copy(&vmlinuz, dir.join("vmlinuz")).with_context(|| format!("copying {}", vmlinuz.display()))?;
+    match variant {
+        Variant::Nixseed => configure_nixseed(&tmp)?,
+        Variant::CloudInit => configure_cloud_init(&tmp)?,
+    }
+    mark_etc_updated(&tmp)?;
+    let tree = dir.join("tree");
+    if tree.exists() {
+        fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
+    }
+    fs::rename(&tmp, &tree).with_context(|| format!("renaming {} to {}", tmp.display(), tree.display()))?;
+    let rootfs = dir.join("rootfs.ext4");
+    let _ = fs::remove_file(&rootfs);
+    mkfs_ext4_from(&tree, &rootfs, ROOT_LABEL, ROOTFS_SIZE)?;
+    write(&dir.join("kernel-release"), &format!("{release}\n"))?;
+    write(&dir.join("ready"), "")?;
+    Ok(())
+}
+
+fn kernel_release(tree: &Path) -> Result<String> {
+    let dir = tree.join("lib/modules");
+    let mut rel: Vec<String> = fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    rel.sort();
+    rel.pop().with_context(|| format!("no kernel under {}", dir.display()))
+}
+
+/// `mkfs.ext4 -d`: a filesystem image from a directory, no mount needed.
+pub fn mkfs_ext4_from(tree: &Path, image: &Path, label: &str, size: &str) -> Result<()> {
+    cmd::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", label, "-d"])
+            .arg(tree)
+            .arg(image)
+            .arg(size),
+    )
+    .map(|_| ())
+}
+
+fn write(p: &Path, content: &str) -> Result<()> {
+    if let Some(parent) = p.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    fs::write(p, content).with_context(|| format!("writing {}", p.display()))
+}
+
+fn chroot_systemctl(tree: &Path, args: &[&str]) -> Result<()> {
+    cmd::run(Command::new("chroot").arg(tree).arg("systemctl").args(args)).map(|_| ())
+}
+
+fn unit_exists(tree: &Path, unit: &str) -> bool {
+    ["lib/systemd/system", "usr/lib/systemd/system", "etc/systemd/system"]
+        .iter()
+        .any(|d| tree.join(d).join(unit).exists())
+}
+
+const HOSTS_BASE: &str = "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\nff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n";
+
+const FALLBACK_NETWORK: &str = "# Any wired NIC gets DHCP unless nixseed linked a rendered .network into /run\n# (those sort first, so they win).\n[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n";
+
+/// Settings both variants share: networkd, serial console, persistent journal, no
+/// timers that would write to a read-only root.
+fn configure_common(tree: &Path) -> Result<()> {
+    write(&tree.join("etc/systemd/network/99-nixseed-fallback.network"), FALLBACK_NETWORK)?;
+    write(
+        &tree.join("etc/systemd/journald.conf.d/nixseed.conf"),
+        "[Journal]\nStorage=persistent\n",
+    )?;
+    chroot_systemctl(tree, &["enable", "systemd-networkd.service", "serial-getty@ttyS0.service"])?;
+    let mut off = Vec::new();
+    for u in [
+        "systemd-networkd-wait-online.service",
+        "apt-daily.timer",
+        "apt-daily-upgrade.timer",
+        "dpkg-db-backup.timer",
+        "e2scrub_all.timer",
+        "e2scrub_reap.service",
+    ] {
+        if unit_exists(tree, u) {
+            off.push(u);
+        }
+    }
+    if !off.is_empty() {
+        let mut args = vec!["disable"];
+        args.extend(off);
+        chroot_systemctl(tree, &args)?;
+    }
+    // Downloaded packages and indexes are dead weight in a shared base image.
+    for d in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+        let p = tree.join(d);
+        if let Ok(rd) = fs::read_dir(&p) {
+            for e in rd.flatten() {
+                if e.path().is_file() {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    for e in fs::read_dir(tree.join("boot")).context("listing the tree's /boot")?.flatten() {
+        if e.file_name().to_string_lossy().starts_with("initrd.img") {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    for e in fs::read_dir(tree.join("etc/ssh")).context("listing the tree's /etc/ssh")?.flatten() {
+        if e.file_name().to_string_lossy().starts_with("ssh_host_") {
+            fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn configure_nixseed(tree: &Path) -> Result<()> {
+    configure_common(tree)?;
+    write(
+        &tree.join("etc/fstab"),
+        &format!(
+            "# / is the shared read-only base image; /var is this machine's own disk\n\
+             # (both already mounted by the initramfs, which also applied the identity).\n\
+             LABEL={ROOT_LABEL}\t/\text4\tro,noatime\t0 0\n\
+             LABEL={VAR_LABEL}\t/var\text4\trw,noatime\t0 0\n"
+        ),
+    )?;
+    write(
+        &tree.join("etc/ssh/sshd_config.d/nixseed.conf"),
+        "# Host key and admin keys come from the machine's identity on its /var disk.\n\
+         HostKey /var/identity/ssh_host_ed25519_key\n\
+         AuthorizedKeysFile /var/identity/admin_authorized_keys\n\
+         PermitRootLogin prohibit-password\n\
+         PasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\n",
+    )?;
+    // Placeholders the initrd stage bind-mounts over; empty so a missing identity shows.
+    for f in ["etc/machine-id", "etc/hostname", "etc/resolv.conf"] {
+        let p = tree.join(f);
+        let _ = fs::remove_file(&p);
+        write(&p, "")?;
+    }
+    let hosts = tree.join("etc/hosts");
+    let _ = fs::remove_file(&hosts);
+    write(&hosts, HOSTS_BASE)?;
+    let _ = fs::remove_file(tree.join("var/lib/dbus/machine-id"));
+    // Host keys come only from /var/identity: nothing may generate them at boot, and a
+    // first-boot wizard would wait on the serial console.
+    let mut masks = vec!["systemd-firstboot.service".to_string()];
+    masks.extend(units_running(tree, "ssh-keygen")?);
+    let mut args = vec!["mask"];
+    args.extend(masks.iter().map(String::as_str));
+    chroot_systemctl(tree, &args)?;
+    move_var_to_factory(tree)
+}
+
+fn configure_cloud_init(tree: &Path) -> Result<()> {
+    configure_common(tree)?;
+    write(
+        &tree.join("etc/fstab"),
+        &format!("LABEL={ROOT_LABEL}\t/\text4\trw,noatime\t0 1\n"),
+    )?;
+    // cloud-init writes the hostname and machine-id on first boot, as on any cloud image.
+    write(&tree.join("etc/machine-id"), "")?;
+    let _ = fs::remove_file(tree.join("var/lib/dbus/machine-id"));
+    write(&tree.join("etc/cloud/cloud.cfg.d/90-nixseed-bench.cfg"), "datasource_list: [ NoCloud, None ]\n")
+}
+
+/// Unit files whose commands mention `needle` (e.g. host-key generators).
+fn units_running(tree: &Path, needle: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for d in ["lib/systemd/system", "usr/lib/systemd/system"] {
+        let Ok(rd) = fs::read_dir(tree.join(d)) else { continue };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".service") || e.path().is_symlink() {
+                continue;
+            }
+            let text = fs::read_to_string(e.path()).unwrap_or_default();
+            if text.lines().any(|l| l.starts_with("Exec") && l.contains(needle)) {
+                out.push(name);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `/var` is a separate, initially empty disk: keep the packaged content under
+/// `/usr/share/factory/var` and let systemd-tmpfiles copy what is missing at boot.
+fn move_var_to_factory(tree: &Path) -> Result<()> {
+    let var = tree.join("var");
+    let factory = tree.join("usr/share/factory/var");
+    fs::create_dir_all(&factory).with_context(|| format!("creating {}", factory.display()))?;
+    let mut lines = String::from(
+        "# /var starts empty on a new machine's disk; fill in what packages shipped there.\n",
+    );
+    let mut tops: Vec<_> = fs::read_dir(&var)
+        .with_context(|| format!("listing {}", var.display()))?
+        .flatten()
+        .collect();
+    tops.sort_by_key(|e| e.file_name());
+    for top in tops {
+        let name = top.file_name().to_string_lossy().into_owned();
+        let src = top.path();
+        let dst = factory.join(&name);
+        fs::rename(&src, &dst).with_context(|| format!("moving {} to {}", src.display(), dst.display()))?;
+        // run, lock, tmp: systemd's own tmpfiles rules make these.
+        if ["run", "lock", "tmp"].contains(&name.as_str()) || !dst.is_dir() || dst.is_symlink() {
+            continue;
+        }
+        let mut subs: Vec<_> = fs::read_dir(&dst)
+            .with_context(|| format!("listing {}", dst.display()))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        subs.sort();
+        if subs.is_empty() {
+            let _ = writeln!(lines, "d /var/{name} 0755 root root -");
+        }
+        for s in subs {
+            let _ = writeln!(lines, "C /var/{name}/{s} - - - - /usr/share/factory/var/{name}/{s}");
+        }
+    }
+    write(&tree.join("usr/lib/tmpfiles.d/nixseed-factory-var.conf"), &lines)
+}
+
+/// ConditionNeedsUpdate=/etc units (ldconfig, hwdb, sysusers) would try to write the
+/// read-only /etc on every boot: record that /etc matches this /usr.
+fn mark_etc_updated(tree: &Path) -> Result<()> {
+    let usr = tree.join("usr");
+    let meta = fs::metadata(&usr).with_context(|| format!("stat {}", usr.display()))?;
+    let mtime = meta.modified()?.duration_since(std::time::UNIX_EPOCH)?;
+    // Whole seconds: ext4 keeps nanoseconds, but compare on the safe side.
+    let nsec = mtime.as_secs() as u128 * 1_000_000_000 + 999_999_999;
+    write(
+        &tree.join("etc/.updated"),
+        &format!("# written by the nixseed image build\nTIMESTAMP_NSEC={nsec}\n"),
+    )
+}
+
+/// Layer 2: copy `rootfs.ext4`, inject the agent and `agent/dist/` with debugfs, convert
+/// to qcow2, build the initramfs.
+fn build_final_layer(
+    variant: Variant,
+    tree_dir: &Path,
+    final_dir: &Path,
+    agent: Option<&Path>,
+    dist: &Path,
+    kernel_release: &str,
+) -> Result<()> {
+    let tmp = final_dir.with_extension("tmp");
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let raw = tmp.join("rootfs.ext4");
+    cmd::run(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(tree_dir.join("rootfs.ext4"))
+            .arg(&raw),
+    )?;
+    if variant == Variant::Nixseed {
+        let tree = tree_dir.join("tree");
+        let script = injection_script(&tree, agent, dist)?;
+        let script_path = tmp.join("inject.debugfs");
+        write(&script_path, &script)?;
+        let out = cmd::run(Command::new("debugfs").arg("-w").arg("-f").arg(&script_path).arg(&raw))?;
+        // debugfs reports command errors on stderr but exits 0.
+        let err = String::from_utf8_lossy(&out.stderr);
+        let errors: Vec<&str> = err
+            .lines()
+            .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
+            .collect();
+        if !errors.is_empty() {
+            bail!("debugfs injection into {} failed:\n{}", raw.display(), errors.join("\n"));
+        }
+        cmd::run(Command::new("e2fsck").args(["-fn"]).arg(&raw))
+            .with_context(|| format!("checking {} after injection", raw.display()))?;
+    }
+    cmd::run(
+        Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(tmp.join("base.qcow2")),
+    )?;
+    fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
+    let modules = tree_dir.join("tree/lib/modules").join(kernel_release);
+    let agent_for_initrd = if variant == Variant::Nixseed { agent } else { None };
+    crate::initramfs::build(&modules, agent_for_initrd, &tmp.join("initramfs.cpio.gz"), &tmp)?;
+    write(&tmp.join("ready"), "")?;
+    if final_dir.exists() {
+        fs::remove_dir_all(final_dir).with_context(|| format!("removing {}", final_dir.display()))?;
+    }
+    fs::rename(&tmp, final_dir).with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))
+}
+
+/// Keeps the three newest final layers; older overlays' backing files go with them.
+fn prune_final_layers(tree_dir: &Path, keep: &Path) {
+    let Ok(rd) = fs::read_dir(tree_dir) else { return };
+    let mut finals: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("final-") && e.path() != keep)
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    finals.sort();
+    while finals.len() > 2 {
+        let (_, p) = finals.remove(0);
+        let _ = fs::remove_dir_all(p);
+    }
+}
+
+/// debugfs commands that install the agent and the dist files, and enable units with an
+/// `[Install]` section the way `systemctl enable` would (WantedBy/RequiredBy symlinks).
+fn injection_script(tree: &Path, agent: Option<&Path>, dist: &Path) -> Result<String> {
+    let mut s = String::new();
+    let mut made_dirs = std::collections::BTreeSet::new();
+    let mut ensure_dir = |s: &mut String, dir: &str| {
+        if !tree.join(dir.trim_start_matches('/')).is_dir() && made_dirs.insert(dir.to_string()) {
+            let _ = writeln!(s, "mkdir {dir}\nsif {dir} uid 0\nsif {dir} gid 0");
+        }
+    };
+    let put = |s: &mut String, src: &Path, dest_dir: &str, name: &str, mode: &str| {
+        let dest = format!("{dest_dir}/{name}");
+        if tree.join(dest.trim_start_matches('/')).exists() {
+            let _ = writeln!(s, "rm {dest}");
+        }
+        let _ = writeln!(
+            s,
+            "cd {dest_dir}\nwrite {} {name}\nsif {dest} mode {mode}\nsif {dest} uid 0\nsif {dest} gid 0\ncd /",
+            src.display()
+        );
+    };
+    if let Some(agent) = agent {
+        let (dir, name) = AGENT_PATH_IN_IMAGE.rsplit_once('/').unwrap_or(("/usr/bin", "nixseed-agent"));
+        put(&mut s, agent, dir, name, "0100755");
+    }
+    for f in dist_files(dist)? {
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let (dir, is_unit) = if name.ends_with(".rules") {
+            ("/etc/udev/rules.d", false)
+        } else if [".service", ".socket", ".target", ".timer", ".path", ".mount"]
+            .iter()
+            .any(|x| name.ends_with(x))
+        {
+            ("/etc/systemd/system", true)
+        } else {
+            continue;
+        };
+        put(&mut s, &f, dir, &name, "0100644");
+        if !is_unit {
+            continue;
+        }
+        let text = fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        for (key, targets) in install_section(&text) {
+            let suffix = if key == "RequiredBy" { "requires" } else { "wants" };
+            for t in targets {
+                let d = format!("/etc/systemd/system/{t}.{suffix}");
+                ensure_dir(&mut s, &d);
+                let _ = writeln!(s, "cd {d}\nsymlink {name} /etc/systemd/system/{name}\ncd /");
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// `WantedBy=`/`RequiredBy=` values of a unit's `[Install]` section.
+pub fn install_section(unit: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut in_install = false;
+    for line in unit.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_install = line == "[Install]";
+            continue;
+        }
+        if !in_install {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let k = k.trim();
+            if k == "WantedBy" || k == "RequiredBy" {
+                out.push((k.to_string(), v.split_whitespace().map(String::from).collect()));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_from_deb822_skips_security() {
+        let text = "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n\nTypes: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n";
+        assert_eq!(mirror_from_sources(text).as_deref(), Some("http://mirror.example/debian"));
+    }
+
+    #[test]
+    fn mirror_from_one_line_sources() {
+        let text = "deb [arch=amd64] http://mirror.example/debian bookworm main\n";
+        assert_eq!(mirror_from_sources(text).as_deref(), Some("http://mirror.example/debian"));
+    }
+
+    #[test]
+    fn install_section_collects_wanted_and_required() {
+        let unit = "[Unit]\nWantedBy=ignored.target\n[Service]\nType=oneshot\n[Install]\nWantedBy=multi-user.target sysinit.target\nRequiredBy=sshd.service\n";
+        let got = install_section(unit);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].1, vec!["multi-user.target", "sysinit.target"]);
+        assert_eq!(got[1].0, "RequiredBy");
+    }
+
+    #[test]
+    fn tree_key_differs_per_variant() {
+        assert_ne!(tree_key(Variant::Nixseed), tree_key(Variant::CloudInit));
+    }
+}

@@ -1,0 +1,92 @@
+#!/bin/busybox sh
+# nixseed test initramfs /init — same order as the NixOS systemd initrd:
+# root read-only at /sysroot, /var read-write, `nixseed-agent initrd`, move /run, switch root.
+/bin/busybox --install -s
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+mount -t devtmpfs -o mode=0755,nosuid devtmpfs /dev
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+exec </dev/console >/dev/console 2>&1
+
+log() { echo "nixseed-initrd: $*"; }
+ms() {
+	read -r up _ </proc/uptime
+	cs=${up#*.}
+	echo $((${up%.*} * 1000 + 10 * ${cs#0}))
+}
+die() {
+	log "FATAL: $* — powering off"
+	sleep 1
+	poweroff -f
+}
+
+root_label=nixseed-root
+var_label=nixseed-var
+root_mode=ro
+run_agent=1
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in
+	root=LABEL=*) root_label="${arg#root=LABEL=}" ;;
+	nixseed.var=LABEL=*) var_label="${arg#nixseed.var=LABEL=}" ;;
+	rw) root_mode=rw ;;
+	ro) root_mode=ro ;;
+	nixseed.agent=0) run_agent=0 ;;
+	esac
+done
+
+t0=$(ms)
+while read -r m; do
+	insmod "/lib/modules/$m" 2>/dev/null
+done </etc/nixseed-modules
+
+# No udev here: find filesystems by label, polling while the disks appear.
+by_label() {
+	dev=$(findfs "LABEL=$1" 2>/dev/null) && [ -b "$dev" ] && { echo "$dev"; return 0; }
+	for b in /sys/class/block/*; do
+		d=/dev/${b##*/}
+		[ -b "$d" ] || continue
+		case "$(blkid "$d" 2>/dev/null)" in
+		*"LABEL=\"$1\""*) echo "$d"; return 0 ;;
+		esac
+	done
+	return 1
+}
+wait_label() {
+	i=0
+	while [ $i -lt "$2" ]; do
+		by_label "$1" && return 0
+		sleep 0.2
+		i=$((i + 1))
+	done
+	return 1
+}
+
+root_dev=$(wait_label "$root_label" 300) || die "no filesystem labelled $root_label"
+mount -t ext4 -o "$root_mode,noatime" "$root_dev" /sysroot || die "cannot mount $root_dev on /sysroot"
+log "root $root_dev ($root_mode) at /sysroot"
+if var_dev=$(wait_label "$var_label" 10); then
+	mount -t ext4 -o rw,noatime "$var_dev" /sysroot/var || die "cannot mount $var_dev on /sysroot/var"
+	log "var $var_dev at /sysroot/var"
+else
+	log "no filesystem labelled $var_label: /var stays on the root filesystem"
+fi
+
+if [ "$run_agent" = 1 ] && [ -x /usr/bin/nixseed-agent ]; then
+	mkdir -p /run/nixseed
+	a0=$(ms)
+	set -o pipefail
+	timeout 120 /usr/bin/nixseed-agent initrd --sysroot /sysroot 2>&1 | tee /run/nixseed/initrd.log
+	rc=$?
+	set +o pipefail
+	a1=$(ms)
+	# A failed identity stage must not stop the boot: the machine stays reachable on the
+	# serial console and stage 2 (`nixseed-agent apply`) tries again.
+	log "nixseed-agent initrd exited $rc after $((a1 - a0)) ms" | tee -a /run/nixseed/initrd.log
+fi
+
+t1=$(ms)
+log "initramfs done in $((t1 - t0)) ms; switching root"
+for m in run dev proc sys; do
+	mount --move "/$m" "/sysroot/$m" 2>/dev/null || log "could not move /$m into /sysroot"
+done
+exec switch_root /sysroot /sbin/init

@@ -1,0 +1,67 @@
+//! `vm-tests`: the harness binary that `cargo xtask deps|demo|test|bench` call.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use vm_tests::image::{self, Variant};
+
+#[derive(Parser)]
+#[command(about = "Build the nixseed guest image and boot it under QEMU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install host packages (apt-get), the musl target and musl-tools.
+    Deps,
+    /// Build (or reuse from the cache) the guest image and initramfs.
+    Image {
+        /// `nixseed` (default) or `cloud-init` (the benchmark anchor).
+        #[arg(long, default_value = "nixseed")]
+        variant: String,
+    },
+}
+
+fn parse_variant(s: &str) -> Result<Variant> {
+    match s {
+        "nixseed" => Ok(Variant::Nixseed),
+        "cloud-init" => Ok(Variant::CloudInit),
+        other => anyhow::bail!("unknown image variant '{other}' (use nixseed or cloud-init)"),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Deps => vm_tests::deps::ensure_all(),
+        Cmd::Image { variant } => {
+            let variant = parse_variant(&variant)?;
+            let img = build_image(variant)?;
+            println!("base image: {}", img.base_qcow2.display());
+            println!("kernel:     {} ({})", img.vmlinuz.display(), img.kernel_release);
+            println!("initramfs:  {}", img.initramfs.display());
+            Ok(())
+        }
+    }
+}
+
+/// Tree first (slow, independent of the agent), then the agent build, then the final layer.
+fn build_image(variant: Variant) -> Result<image::GuestImage> {
+    let tree_time = image::prepare_tree(variant)?;
+    let agent = match variant {
+        Variant::Nixseed => Some(vm_tests::deps::build_agent()?),
+        Variant::CloudInit => None,
+    };
+    let mut img = image::prepare(variant, agent.as_deref())?;
+    img.timings.tree = tree_time;
+    match img.timings.tree {
+        Some(t) => println!("tree layer built in {:.1} s", t.as_secs_f64()),
+        None => println!("tree layer from cache"),
+    }
+    match img.timings.final_layer {
+        Some(t) => println!("final layer built in {:.1} s", t.as_secs_f64()),
+        None => println!("final layer from cache"),
+    }
+    Ok(img)
+}
