@@ -1,0 +1,57 @@
+//! The command line: global options and the subcommand table.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::cmd;
+use crate::machine::Paths;
+use crate::output::Report;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "seedctl",
+    version,
+    about = "Make nixseed identities, seed images, disks and VMs",
+    after_help = "Quick start:
+  seedctl new web1 --admin-key @~/.ssh/id_ed25519.pub
+  seedctl create web1 --base ./result/nixos.qcow2
+  seedctl run web1 --detach
+  seedctl ssh web1"
+)]
+pub struct Cli {
+    /// Directory holding one sub-directory per machine [env: SEEDCTL_MACHINES] [default: ./machines]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub machines: Option<PathBuf>,
+    /// Directory for disks, seeds and VM runtime files [env: SEEDCTL_STATE] [default: .seedctl beside machines/]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Print the result as JSON
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a machine identity in machines/NAME/
+    New(cmd::new::NewArgs),
+    /// Write a NoCloud seed image (iso9660 or vfat) for a machine
+    Seed(cmd::seed::SeedArgs),
+}
+
+impl Cli {
+    pub fn paths(&self) -> Paths {
+        Paths::resolve(self.machines.clone(), self.state.clone())
+    }
+
+    pub fn run(&self) -> Result<Report> {
+        let paths = self.paths();
+        match &self.command {
+            Command::New(a) => cmd::new::run(&paths, a),
+            Command::Seed(a) => cmd::seed::run(&paths, a),
+        }
+    }
+}

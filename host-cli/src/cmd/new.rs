@@ -1,0 +1,258 @@
+//! `seedctl new`: generate a machine identity in `machines/<name>/`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use nixseed_core::identity::{
+    ADMIN_KEYS, HOSTNAME, HOSTS, MACHINE_ID, RESOLV_CONF, SSH_HOST_KEY, SSH_HOST_KEY_PUB,
+    TCP_PORTS, UDP_PORTS, USER_KEYS, mode_of,
+};
+use serde_json::json;
+use ssh_key::{Algorithm, LineEnding, PrivateKey};
+
+use crate::fsutil::{sync_dir, write_atomic};
+use crate::machine::{DEFAULT_NIX, META_NIX, PRODUCT_UUID, Paths, parse_authorized_key};
+use crate::names;
+use crate::output::Report;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl new web1 --admin-key @~/.ssh/id_ed25519.pub
+  seedctl new db1 --hostname db1.example.org --tcp-port 22 --tcp-port 5432 \\
+      --nameserver 192.0.2.53 --search example.org
+  seedctl new web1 --force            # replace an existing identity")]
+pub struct NewArgs {
+    /// Machine name: directory under machines/ and default hostname
+    pub name: String,
+    /// Hostname (default: the machine name); a dotted name also sets the FQDN
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// machine-id to use instead of a random one (32 lowercase hex digits)
+    #[arg(long)]
+    pub machine_id: Option<String>,
+    /// SSH public key for root, or @FILE to read keys from a file (repeatable)
+    #[arg(long = "admin-key", value_name = "KEY|@FILE")]
+    pub admin_keys: Vec<String>,
+    /// SSH public key for the unprivileged user, or @FILE (repeatable)
+    #[arg(long = "user-key", value_name = "KEY|@FILE")]
+    pub user_keys: Vec<String>,
+    /// TCP port or range N-M to open in the guest firewall (default: 22; repeatable)
+    #[arg(long = "tcp-port", value_name = "P")]
+    pub tcp_ports: Vec<String>,
+    /// UDP port or range to open (repeatable)
+    #[arg(long = "udp-port", value_name = "P")]
+    pub udp_ports: Vec<String>,
+    /// DNS server for resolv.conf (repeatable; default: the systemd-resolved stub)
+    #[arg(long = "nameserver", value_name = "IP")]
+    pub nameservers: Vec<String>,
+    /// DNS search domain for resolv.conf
+    #[arg(long)]
+    pub search: Option<String>,
+    /// Extra /etc/hosts line (repeatable; default: `127.0.1.1 FQDN HOST`)
+    #[arg(long = "hosts-line", value_name = "LINE")]
+    pub hosts_lines: Vec<String>,
+    /// Replace an existing identity (new machine-id and host key)
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Expand `KEY` / `@FILE` arguments into validated authorized_keys lines.
+fn expand_keys(args: &[String], what: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for arg in args {
+        let (lines, source) = match arg.strip_prefix('@') {
+            Some(file) => {
+                let path = expand_tilde(file);
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {what} key file {}", path.display()))?;
+                (
+                    crate::machine::content_lines(&text),
+                    path.display().to_string(),
+                )
+            }
+            None => (vec![arg.trim().to_owned()], "the command line".to_owned()),
+        };
+        if lines.is_empty() {
+            bail!("{what} key file {source} holds no key");
+        }
+        for line in lines {
+            parse_authorized_key(&line)
+                .with_context(|| format!("{what} key `{line}` from {source}"))?;
+            out.push(line);
+        }
+    }
+    Ok(out)
+}
+
+fn expand_tilde(p: &str) -> PathBuf {
+    match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => Path::new(&home).join(rest),
+        _ => PathBuf::from(p),
+    }
+}
+
+fn lines(items: &[String]) -> String {
+    items.iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// The file set of a new identity, in the order it is written.
+fn render_files(a: &NewArgs) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let hostname = a.hostname.clone().unwrap_or_else(|| a.name.clone());
+    names::check_hostname(&hostname).with_context(|| format!("--hostname `{hostname}`"))?;
+    let machine_id = match &a.machine_id {
+        Some(id) => {
+            names::check_machine_id(id).context("--machine-id")?;
+            id.clone()
+        }
+        None => names::random_machine_id()?,
+    };
+    for p in a.tcp_ports.iter().chain(&a.udp_ports) {
+        names::check_port_line(p).with_context(|| format!("port `{p}`"))?;
+    }
+    for ns in &a.nameservers {
+        ns.parse::<std::net::IpAddr>()
+            .with_context(|| format!("--nameserver `{ns}` is not an IP address"))?;
+    }
+    let admin = expand_keys(&a.admin_keys, "admin")?;
+    let user = expand_keys(&a.user_keys, "user")?;
+
+    let mut key = PrivateKey::random(&mut rand_core::OsRng, Algorithm::Ed25519)
+        .context("generating the ed25519 host key")?;
+    key.set_comment(format!("root@{hostname}"));
+    let private = key
+        .to_openssh(LineEnding::LF)
+        .context("encoding the host key")?;
+    let public = key
+        .public_key()
+        .to_openssh()
+        .context("encoding the host public key")?;
+
+    let short = hostname.split('.').next().unwrap_or(&hostname).to_owned();
+    let hosts = if a.hosts_lines.is_empty() {
+        if short == hostname {
+            vec![format!("127.0.1.1 {hostname}")]
+        } else {
+            vec![format!("127.0.1.1 {hostname} {short}")]
+        }
+    } else {
+        a.hosts_lines.clone()
+    };
+    // Without explicit servers the guest asks systemd-resolved, which learns the DHCP
+    // servers; a fixed list would hide them behind the bind-mounted resolv.conf.
+    let mut resolv = String::new();
+    if a.nameservers.is_empty() {
+        resolv.push_str("nameserver 127.0.0.53\noptions edns0 trust-ad\n");
+    } else {
+        for ns in &a.nameservers {
+            resolv.push_str(&format!("nameserver {ns}\n"));
+        }
+    }
+    if let Some(s) = &a.search {
+        resolv.push_str(&format!("search {s}\n"));
+    }
+    let tcp = if a.tcp_ports.is_empty() {
+        vec!["22".to_owned()]
+    } else {
+        a.tcp_ports.clone()
+    };
+
+    Ok(vec![
+        (MACHINE_ID, format!("{machine_id}\n").into_bytes()),
+        (HOSTNAME, format!("{hostname}\n").into_bytes()),
+        (SSH_HOST_KEY, private.as_bytes().to_vec()),
+        (SSH_HOST_KEY_PUB, format!("{public}\n").into_bytes()),
+        (RESOLV_CONF, resolv.into_bytes()),
+        (HOSTS, lines(&hosts).into_bytes()),
+        (TCP_PORTS, lines(&tcp).into_bytes()),
+        (UDP_PORTS, lines(&a.udp_ports).into_bytes()),
+        (ADMIN_KEYS, lines(&admin).into_bytes()),
+        (USER_KEYS, lines(&user).into_bytes()),
+        (PRODUCT_UUID, format!("{}\n", names::random_uuid()?).into_bytes()),
+        (META_NIX, b"{ system = \"x86_64-linux\"; }\n".to_vec()),
+        (
+            DEFAULT_NIX,
+            format!(
+                "{{ ... }}:\n{{\n  services.nixseed.enable = true;\n  networking.hostName = \"{short}\";\n}}\n"
+            )
+            .into_bytes(),
+        ),
+    ])
+}
+
+pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
+    names::check_machine_name(&a.name)?;
+    let target = paths.machine_dir(&a.name);
+    if target.exists() && !a.force {
+        bail!(
+            "machine `{}` already exists at {}; pass --force to replace its identity (new machine-id and host key)",
+            a.name,
+            target.display()
+        );
+    }
+    let files = render_files(a).with_context(|| format!("machine `{}`", a.name))?;
+
+    std::fs::create_dir_all(&paths.machines)
+        .with_context(|| format!("creating {}", paths.machines.display()))?;
+    // Build the whole directory aside, then rename it into place: a failure leaves no
+    // partial machine directory behind.
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{}.new-", a.name))
+        .tempdir_in(&paths.machines)
+        .with_context(|| {
+            format!(
+                "creating a staging directory in {}",
+                paths.machines.display()
+            )
+        })?;
+    for (name, bytes) in &files {
+        let mode = match *name {
+            MACHINE_ID | HOSTNAME | SSH_HOST_KEY | SSH_HOST_KEY_PUB | RESOLV_CONF | HOSTS
+            | TCP_PORTS | UDP_PORTS | ADMIN_KEYS | USER_KEYS => mode_of(name),
+            _ => 0o644,
+        };
+        // machine-id is 0444 in the guest; on the host the owner keeps write access.
+        let mode = if *name == MACHINE_ID { 0o644 } else { mode };
+        write_atomic(&staging.path().join(name), bytes, mode)?;
+    }
+    let staged = staging.keep();
+    let backup = target.with_file_name(format!(".{}.old", a.name));
+    if target.exists() {
+        std::fs::rename(&target, &backup)
+            .with_context(|| format!("moving the old identity {} aside", target.display()))?;
+    }
+    if let Err(e) = std::fs::rename(&staged, &target) {
+        let _ = std::fs::remove_dir_all(&staged);
+        if backup.exists() {
+            let _ = std::fs::rename(&backup, &target);
+        }
+        return Err(e)
+            .with_context(|| format!("renaming the new identity into {}", target.display()));
+    }
+    if backup.exists() {
+        std::fs::remove_dir_all(&backup)
+            .with_context(|| format!("removing the old identity {}", backup.display()))?;
+    }
+    sync_dir(&paths.machines)?;
+
+    let id = crate::machine::Identity::load(paths, &a.name)?;
+    Ok(Report::new(
+        format!(
+            "created machine `{}` in {}\n  hostname     {}\n  machine-id   {}\n  product_uuid {}\n  host key     {}",
+            a.name,
+            target.display(),
+            id.hostname,
+            id.machine_id,
+            id.product_uuid,
+            id.host_key_pub
+        ),
+        json!({
+            "machine": a.name,
+            "dir": target,
+            "hostname": id.hostname,
+            "machine_id": id.machine_id,
+            "product_uuid": id.product_uuid,
+            "host_key_pub": id.host_key_pub,
+        }),
+    ))
+}

@@ -1,0 +1,112 @@
+//! `seedctl seed`: write a machine's NoCloud seed volume.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use crate::fsutil::write_atomic;
+use crate::machine::{Identity, Paths};
+use crate::names::hex;
+use crate::output::Report;
+use crate::{iso9660, nocloud, vfat};
+
+/// Timestamp on every seed volume unless SOURCE_DATE_EPOCH says otherwise (2020-01-01).
+pub const DEFAULT_EPOCH: i64 = 1_577_836_800;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SeedFormat {
+    /// iso9660 with Rock Ridge and Joliet, label `cidata` (attach as a cdrom)
+    Iso,
+    /// FAT12 image, label `CIDATA` (attach as a disk)
+    Vfat,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl seed web1                       # .seedctl/web1/seed.iso
+  seedctl seed web1 -o /tmp/web1.iso
+  seedctl seed web1 --format vfat -o web1-seed.img
+The same identity always gives byte-identical output (timestamps come from
+SOURCE_DATE_EPOCH, default 2020-01-01).")]
+pub struct SeedArgs {
+    /// Machine name
+    pub name: String,
+    /// Output file [default: STATE/NAME/seed.iso or seed.img]
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Volume format
+    #[arg(long, value_enum, default_value_t = SeedFormat::Iso)]
+    pub format: SeedFormat,
+}
+
+/// SOURCE_DATE_EPOCH when set and valid, else [`DEFAULT_EPOCH`].
+pub fn epoch() -> i64 {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(DEFAULT_EPOCH)
+}
+
+/// The seed volume bytes for one identity.
+pub fn image(id: &Identity, format: SeedFormat, epoch: i64) -> Result<Vec<u8>> {
+    let files = nocloud::seed_files(id);
+    let list = files.as_list();
+    match format {
+        SeedFormat::Iso => iso9660::build(
+            &list,
+            &iso9660::IsoOptions {
+                volume_id: "cidata",
+                epoch,
+            },
+        ),
+        SeedFormat::Vfat => {
+            let d = id.digest();
+            vfat::build(
+                &list,
+                "CIDATA",
+                u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
+            )
+        }
+    }
+    .with_context(|| format!("machine `{}`: building the seed volume", id.name))
+}
+
+pub fn default_output(paths: &Paths, name: &str, format: SeedFormat) -> PathBuf {
+    paths.state_dir(name).join(match format {
+        SeedFormat::Iso => "seed.iso",
+        SeedFormat::Vfat => "seed.img",
+    })
+}
+
+/// Write the seed for `name` to `out`; returns the instance-id.
+pub fn write(id: &Identity, format: SeedFormat, out: &std::path::Path) -> Result<String> {
+    let bytes = image(id, format, epoch())?;
+    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    write_atomic(out, &bytes, 0o644)
+        .with_context(|| format!("machine `{}`: writing the seed", id.name))?;
+    Ok(nocloud::instance_id(id))
+}
+
+pub fn run(paths: &Paths, a: &SeedArgs) -> Result<Report> {
+    let id = Identity::load(paths, &a.name)?;
+    let out = a
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(paths, &a.name, a.format));
+    let instance_id = write(&id, a.format, &out)?;
+    let digest = hex(&id.digest());
+    Ok(Report::new(
+        format!("wrote {} (instance-id {instance_id})", out.display()),
+        json!({
+            "machine": a.name,
+            "output": out,
+            "format": format!("{:?}", a.format).to_lowercase(),
+            "instance_id": instance_id,
+            "identity_sha256": digest,
+        }),
+    ))
+}

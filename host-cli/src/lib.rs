@@ -1,0 +1,13 @@
+//! seedctl: the nixseed host CLI. Each subcommand lives in `cmd/<name>.rs`; the modules
+//! beside it hold what several commands share (machine identities, seed images, QEMU and
+//! libvirt plumbing, the guest-agent client).
+
+pub mod cli;
+pub mod cmd;
+pub mod fsutil;
+pub mod iso9660;
+pub mod machine;
+pub mod names;
+pub mod nocloud;
+pub mod output;
+pub mod vfat;

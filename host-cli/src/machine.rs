@@ -1,0 +1,277 @@
+//! A machine's identity as stored on the host in `machines/<name>/`: the same flat file
+//! names as the guest's `/var/identity` (nixseed_core::identity), plus `product_uuid`,
+//! `meta.nix` and `default.nix`. Loading validates every file, so a typo is reported here
+//! with its path instead of surfacing later inside a guest.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use nixseed_core::identity::{
+    ADMIN_KEYS, HOSTNAME, HOSTS, MACHINE_ID, RESOLV_CONF, SSH_HOST_KEY, SSH_HOST_KEY_PUB,
+    TCP_PORTS, UDP_PORTS, USER_KEYS,
+};
+use sha2::{Digest, Sha256};
+use ssh_key::{PrivateKey, PublicKey};
+
+use crate::names;
+
+/// Host-side files that are not part of the guest contract.
+pub const PRODUCT_UUID: &str = "product_uuid";
+pub const META_NIX: &str = "meta.nix";
+pub const DEFAULT_NIX: &str = "default.nix";
+/// Optional operator-written NoCloud network-config (v1 or v2), copied into the seed as is.
+pub const NETWORK_CONFIG: &str = "network-config";
+
+/// Where machines and host-side VM state live.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub machines: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Paths {
+    /// `--machines`/`SEEDCTL_MACHINES` (default `./machines`) and `--state`/`SEEDCTL_STATE`
+    /// (default `.seedctl` beside the machines directory).
+    pub fn resolve(machines: Option<PathBuf>, state: Option<PathBuf>) -> Paths {
+        let machines = machines
+            .or_else(|| std::env::var_os("SEEDCTL_MACHINES").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("machines"));
+        let state = state
+            .or_else(|| std::env::var_os("SEEDCTL_STATE").map(PathBuf::from))
+            .unwrap_or_else(
+                || match machines.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    Some(parent) => parent.join(".seedctl"),
+                    None => PathBuf::from(".seedctl"),
+                },
+            );
+        Paths { machines, state }
+    }
+
+    pub fn machine_dir(&self, name: &str) -> PathBuf {
+        self.machines.join(name)
+    }
+
+    pub fn state_dir(&self, name: &str) -> PathBuf {
+        self.state.join(name)
+    }
+
+    /// Names of all machine directories, sorted.
+    pub fn machine_names(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let rd = match std::fs::read_dir(&self.machines) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => {
+                return Err(e).with_context(|| format!("listing {}", self.machines.display()));
+            }
+        };
+        for entry in rd {
+            let entry = entry.with_context(|| format!("listing {}", self.machines.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().join(MACHINE_ID).exists() && names::check_machine_name(&name).is_ok() {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// One machine's identity, validated.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: String,
+    pub dir: PathBuf,
+    pub machine_id: String,
+    pub hostname: String,
+    pub host_key: String,
+    pub host_key_pub: String,
+    pub resolv_conf: String,
+    pub hosts: Vec<String>,
+    pub tcp_ports: Vec<String>,
+    pub udp_ports: Vec<String>,
+    pub admin_keys: Vec<String>,
+    pub user_keys: Vec<String>,
+    pub product_uuid: String,
+    pub network_config: Option<String>,
+}
+
+/// Lines that carry content: not blank, not `#` comments.
+pub fn content_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Parse one authorized_keys line, which may start with options (`from="..." ssh-ed25519 ...`).
+pub fn parse_authorized_key(line: &str) -> Result<PublicKey> {
+    let tokens: Vec<&str> = line.split_whitespace().collect();
+    let start = tokens
+        .iter()
+        .position(|t| t.starts_with("ssh-") || t.starts_with("ecdsa-") || t.starts_with("sk-"))
+        .context("no key type such as ssh-ed25519 found")?;
+    let key_text = tokens[start..].join(" ");
+    PublicKey::from_openssh(&key_text)
+        .map_err(|e| anyhow::anyhow!("not an OpenSSH public key: {e}"))
+}
+
+impl Identity {
+    /// Load and validate `machines/<name>/`.
+    pub fn load(paths: &Paths, name: &str) -> Result<Identity> {
+        names::check_machine_name(name)?;
+        let dir = paths.machine_dir(name);
+        if !dir.is_dir() {
+            bail!(
+                "machine `{name}` not found: {} does not exist; create it with `seedctl new {name}` or pass --machines DIR",
+                dir.display()
+            );
+        }
+        let fix = |file: &str, e: anyhow::Error| {
+            anyhow::anyhow!(
+                "machine `{name}`: {}: {e:#}; fix the file or regenerate the identity with `seedctl new {name} --force`",
+                dir.join(file).display()
+            )
+        };
+        let read = |file: &str| -> Result<String> {
+            std::fs::read_to_string(dir.join(file)).map_err(|e| fix(file, e.into()))
+        };
+
+        let machine_id = read(MACHINE_ID)?.trim_end().to_owned();
+        names::check_machine_id(&machine_id).map_err(|e| fix(MACHINE_ID, e))?;
+        let hostname = read(HOSTNAME)?.trim().to_owned();
+        names::check_hostname(&hostname).map_err(|e| fix(HOSTNAME, e))?;
+        let product_uuid = read(PRODUCT_UUID)?.trim().to_owned();
+        names::check_uuid(&product_uuid).map_err(|e| fix(PRODUCT_UUID, e))?;
+
+        let host_key = read(SSH_HOST_KEY)?;
+        let private = PrivateKey::from_openssh(&host_key).map_err(|e| {
+            fix(
+                SSH_HOST_KEY,
+                anyhow::anyhow!("not an OpenSSH private key: {e}"),
+            )
+        })?;
+        let host_key_pub = read(SSH_HOST_KEY_PUB)?.trim().to_owned();
+        let public = PublicKey::from_openssh(&host_key_pub).map_err(|e| {
+            fix(
+                SSH_HOST_KEY_PUB,
+                anyhow::anyhow!("not an OpenSSH public key: {e}"),
+            )
+        })?;
+        if public.key_data() != private.public_key().key_data() {
+            return Err(fix(
+                SSH_HOST_KEY_PUB,
+                anyhow::anyhow!("does not match the private key in {SSH_HOST_KEY}"),
+            ));
+        }
+
+        let keys = |file: &str| -> Result<Vec<String>> {
+            let lines = content_lines(&read(file)?);
+            for (i, l) in lines.iter().enumerate() {
+                parse_authorized_key(l)
+                    .map_err(|e| fix(file, anyhow::anyhow!("key {}: {e}", i + 1)))?;
+            }
+            Ok(lines)
+        };
+        let admin_keys = keys(ADMIN_KEYS)?;
+        let user_keys = keys(USER_KEYS)?;
+
+        let ports = |file: &str| -> Result<Vec<String>> {
+            let lines = content_lines(&read(file)?);
+            for l in &lines {
+                names::check_port_line(l).map_err(|e| fix(file, e))?;
+            }
+            Ok(lines)
+        };
+        let tcp_ports = ports(TCP_PORTS)?;
+        let udp_ports = ports(UDP_PORTS)?;
+        let resolv_conf = read(RESOLV_CONF)?;
+        let hosts = content_lines(&read(HOSTS)?);
+        let network_config = match std::fs::read_to_string(dir.join(NETWORK_CONFIG)) {
+            Ok(s) => Some(s),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(fix(NETWORK_CONFIG, e.into())),
+        };
+
+        Ok(Identity {
+            name: name.to_owned(),
+            dir,
+            machine_id,
+            hostname,
+            host_key,
+            host_key_pub,
+            resolv_conf,
+            hosts,
+            tcp_ports,
+            udp_ports,
+            admin_keys,
+            user_keys,
+            product_uuid,
+            network_config,
+        })
+    }
+
+    /// The fully qualified name: the hostname itself when dotted, else the first dotted
+    /// name on a `hosts` line that also names the short hostname.
+    pub fn fqdn(&self) -> Option<String> {
+        if self.hostname.contains('.') {
+            return Some(self.hostname.clone());
+        }
+        self.hosts.iter().find_map(|line| {
+            let names: Vec<&str> = line.split_whitespace().skip(1).collect();
+            if !names.contains(&self.hostname.as_str()) {
+                return None;
+            }
+            let prefix = format!("{}.", self.hostname);
+            names
+                .iter()
+                .find(|n| n.starts_with(&prefix))
+                .map(|n| (*n).to_owned())
+        })
+    }
+
+    /// The short hostname (first label).
+    pub fn short_hostname(&self) -> &str {
+        self.hostname.split('.').next().unwrap_or(&self.hostname)
+    }
+
+    /// sha256 over every identity file (name, length and bytes, in name order): the
+    /// seed's instance-id changes exactly when the identity does.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut files: Vec<(&str, String)> = vec![
+            (ADMIN_KEYS, self.admin_keys.join("\n")),
+            (HOSTNAME, self.hostname.clone()),
+            (HOSTS, self.hosts.join("\n")),
+            (MACHINE_ID, self.machine_id.clone()),
+            (PRODUCT_UUID, self.product_uuid.clone()),
+            (RESOLV_CONF, self.resolv_conf.clone()),
+            (SSH_HOST_KEY, self.host_key.clone()),
+            (SSH_HOST_KEY_PUB, self.host_key_pub.clone()),
+            (TCP_PORTS, self.tcp_ports.join("\n")),
+            (UDP_PORTS, self.udp_ports.join("\n")),
+            (USER_KEYS, self.user_keys.join("\n")),
+        ];
+        if let Some(nc) = &self.network_config {
+            files.push((NETWORK_CONFIG, nc.clone()));
+        }
+        files.sort_by(|a, b| a.0.cmp(b.0));
+        let mut h = Sha256::new();
+        for (name, body) in files {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update((body.len() as u64).to_be_bytes());
+            h.update(body.as_bytes());
+        }
+        h.finalize().into()
+    }
+
+    /// The pinned host key as a known_hosts line for `host` (`[127.0.0.1]:2222` form for
+    /// a non-standard port).
+    pub fn known_hosts_line(&self, host: &str) -> String {
+        let mut parts = self.host_key_pub.split_whitespace();
+        let alg = parts.next().unwrap_or_default();
+        let b64 = parts.next().unwrap_or_default();
+        format!("{host} {alg} {b64}")
+    }
+}

@@ -1,0 +1,101 @@
+//! Shared helpers for the seedctl integration tests: a scratch directory with a
+//! `machines/` tree and a way to run the real binary in it.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn machine(&self, name: &str) -> PathBuf {
+        self.path().join("machines").join(name)
+    }
+
+    pub fn state(&self, name: &str) -> PathBuf {
+        self.path().join(".seedctl").join(name)
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_seedctl"));
+        c.current_dir(self.path())
+            .args(args)
+            .env_remove("SEEDCTL_MACHINES")
+            .env_remove("SEEDCTL_STATE");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Run and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "seedctl {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Run and require failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "seedctl {args:?} unexpectedly succeeded"
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// A fresh client key pair made by the real ssh-keygen; returns the .pub path.
+    pub fn client_key(&self) -> PathBuf {
+        let key = self.path().join("client_key");
+        if !key.exists() {
+            let st = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", "operator@test", "-f"])
+                .arg(&key)
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        key.with_extension("pub")
+    }
+}
+
+/// Fail loudly when a host tool the test needs is missing.
+pub fn require_tool(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is not installed; run `cargo xtask deps` (or apt-get install the package providing it)"
+    );
+}
+
+pub fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,191 @@
+//! `seedctl new`: identities that real tools accept, and refusals that leave nothing behind.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::{Scratch, stdout_of};
+
+#[test]
+fn new_writes_a_complete_identity_real_tools_accept() {
+    let s = Scratch::new();
+    let key = s.client_key();
+    let admin = format!("@{}", key.display());
+    s.ok(&[
+        "new",
+        "web1",
+        "--admin-key",
+        &admin,
+        "--tcp-port",
+        "22",
+        "--tcp-port",
+        "8000-8080",
+        "--udp-port",
+        "53",
+    ]);
+    let m = s.machine("web1");
+    for f in [
+        "machine-id",
+        "hostname",
+        "ssh_host_ed25519_key",
+        "ssh_host_ed25519_key.pub",
+        "resolv.conf",
+        "hosts",
+        "tcp_ports",
+        "udp_ports",
+        "admin_authorized_keys",
+        "user_authorized_keys",
+        "product_uuid",
+        "meta.nix",
+        "default.nix",
+    ] {
+        assert!(m.join(f).is_file(), "{f} missing");
+    }
+    let id = std::fs::read_to_string(m.join("machine-id")).unwrap();
+    assert_eq!(id.len(), 33);
+    assert!(id.ends_with('\n'));
+    assert!(
+        id.trim()
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.join("tcp_ports")).unwrap(),
+        "22\n8000-8080\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.join("hostname")).unwrap(),
+        "web1\n"
+    );
+    let mode = std::fs::metadata(m.join("ssh_host_ed25519_key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // The real ssh-keygen reads both halves, and they have the same fingerprint.
+    let fp_priv = stdout_of(
+        Command::new("ssh-keygen")
+            .arg("-l")
+            .arg("-f")
+            .arg(m.join("ssh_host_ed25519_key")),
+    );
+    let fp_pub = stdout_of(
+        Command::new("ssh-keygen")
+            .arg("-l")
+            .arg("-f")
+            .arg(m.join("ssh_host_ed25519_key.pub")),
+    );
+    assert!(fp_priv.contains("ED25519"), "{fp_priv}");
+    assert_eq!(
+        fp_priv.split_whitespace().nth(1),
+        fp_pub.split_whitespace().nth(1)
+    );
+
+    let admin_keys = std::fs::read_to_string(m.join("admin_authorized_keys")).unwrap();
+    assert_eq!(
+        admin_keys.trim(),
+        std::fs::read_to_string(&key).unwrap().trim()
+    );
+
+    let uuid = std::fs::read_to_string(m.join("product_uuid")).unwrap();
+    assert_eq!(uuid.trim().len(), 36);
+    assert_eq!(&uuid[14..15], "4");
+    let nix = std::fs::read_to_string(m.join("default.nix")).unwrap();
+    assert!(
+        nix.contains("services.nixseed.enable = true;")
+            && nix.contains("networking.hostName = \"web1\";")
+    );
+}
+
+#[test]
+fn two_machines_get_different_identities() {
+    let s = Scratch::new();
+    s.ok(&["new", "a"]);
+    s.ok(&["new", "b"]);
+    for f in ["machine-id", "product_uuid", "ssh_host_ed25519_key.pub"] {
+        let a = std::fs::read(s.machine("a").join(f)).unwrap();
+        let b = std::fs::read(s.machine("b").join(f)).unwrap();
+        assert_ne!(a, b, "{f}");
+    }
+}
+
+#[test]
+fn existing_identity_is_kept_without_force() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let before = std::fs::read(s.machine("web1").join("machine-id")).unwrap();
+    let err = s.fails(&["new", "web1"]);
+    assert!(err.contains("web1") && err.contains("--force"), "{err}");
+    assert_eq!(
+        std::fs::read(s.machine("web1").join("machine-id")).unwrap(),
+        before
+    );
+    s.ok(&["new", "web1", "--force"]);
+    assert_ne!(
+        std::fs::read(s.machine("web1").join("machine-id")).unwrap(),
+        before
+    );
+    // No staging or backup directory is left beside it.
+    let left: Vec<_> = std::fs::read_dir(s.path().join("machines"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("web1")]);
+}
+
+#[test]
+fn bad_names_are_refused_and_leave_nothing() {
+    let s = Scratch::new();
+    for bad in ["a/b", "a b", "..", "-x", "", "x_y"] {
+        let err = s.fails(&["new", "--", bad]);
+        assert!(err.contains("machine name"), "{bad}: {err}");
+    }
+    assert!(
+        !s.path().join("machines").exists()
+            || std::fs::read_dir(s.path().join("machines"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+}
+
+#[test]
+fn bad_inputs_are_refused_before_anything_is_written() {
+    let s = Scratch::new();
+    let err = s.fails(&["new", "web1", "--admin-key", "ssh-ed25519 notbase64 x"]);
+    assert!(err.contains("admin key"), "{err}");
+    let err = s.fails(&[
+        "new",
+        "web1",
+        "--machine-id",
+        "00000000000000000000000000000000",
+    ]);
+    assert!(err.contains("machine-id"), "{err}");
+    let err = s.fails(&["new", "web1", "--tcp-port", "80-22"]);
+    assert!(err.contains("80-22"), "{err}");
+    let err = s.fails(&["new", "web1", "--admin-key", "@/nonexistent/key.pub"]);
+    assert!(err.contains("/nonexistent/key.pub"), "{err}");
+    assert!(!s.machine("web1").exists());
+}
+
+#[test]
+fn json_output_carries_the_identity() {
+    let s = Scratch::new();
+    let out = s.ok(&[
+        "--json",
+        "new",
+        "db1",
+        "--hostname",
+        "db1.example.org",
+        "--machine-id",
+        "0123456789abcdef0123456789abcdef",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["machine_id"], "0123456789abcdef0123456789abcdef");
+    assert_eq!(v["hostname"], "db1.example.org");
+    let hosts = std::fs::read_to_string(s.machine("db1").join("hosts")).unwrap();
+    assert_eq!(hosts, "127.0.1.1 db1.example.org db1\n");
+}

@@ -1,0 +1,213 @@
+//! `seedctl seed`: the ISO and vfat volumes read back with real tools (xorriso, isoinfo,
+//! fsck.vfat, mtools), byte-for-byte reproducible.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::{Scratch, require_tool, stdout_of};
+
+fn machine_with_keys(s: &Scratch) {
+    let key = s.client_key();
+    s.ok(&[
+        "new",
+        "web1",
+        "--hostname",
+        "web1.example.org",
+        "--admin-key",
+        &format!("@{}", key.display()),
+        "--user-key",
+        &format!("@{}", key.display()),
+        "--tcp-port",
+        "22",
+        "--tcp-port",
+        "8000-8080",
+        "--nameserver",
+        "192.0.2.53",
+        "--search",
+        "example.org",
+    ]);
+}
+
+#[test]
+fn iso_reads_back_with_long_names_label_and_content() {
+    require_tool("xorriso");
+    require_tool("isoinfo");
+    let s = Scratch::new();
+    machine_with_keys(&s);
+    let out = s.ok(&["--json", "seed", "web1", "-o", "seed.iso"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let iid = v["instance_id"].as_str().unwrap().to_owned();
+    let iso = s.path().join("seed.iso");
+
+    let ls = stdout_of(Command::new("xorriso").arg("-indev").arg(&iso).arg("-ls"));
+    for name in ["'meta-data'", "'user-data'", "'network-config'"] {
+        assert!(ls.contains(name), "{name} not listed:\n{ls}");
+    }
+    let pvd = Command::new("xorriso")
+        .arg("-indev")
+        .arg(&iso)
+        .arg("-pvd_info")
+        .output()
+        .unwrap();
+    let pvd =
+        String::from_utf8_lossy(&pvd.stdout).into_owned() + &String::from_utf8_lossy(&pvd.stderr);
+    assert!(pvd.contains("Volume id    : 'cidata'"), "{pvd}");
+    let d = stdout_of(Command::new("isoinfo").arg("-d").arg("-i").arg(&iso));
+    assert!(d.contains("Volume id: cidata"), "{d}");
+    assert!(d.contains("Joliet"), "{d}");
+    assert!(d.contains("Rock Ridge"), "{d}");
+    // Joliet alone also gives the long names.
+    let j = stdout_of(
+        Command::new("isoinfo")
+            .arg("-J")
+            .arg("-f")
+            .arg("-i")
+            .arg(&iso),
+    );
+    assert!(
+        j.contains("/user-data") && j.contains("/network-config"),
+        "{j}"
+    );
+
+    let ex = s.path().join("extracted");
+    stdout_of(
+        Command::new("xorriso")
+            .args(["-osirrox", "on", "-indev"])
+            .arg(&iso)
+            .args(["-extract", "/"])
+            .arg(&ex),
+    );
+    let meta = std::fs::read_to_string(ex.join("meta-data")).unwrap();
+    assert!(meta.contains(&format!("instance-id: \"{iid}\"")), "{meta}");
+    assert!(
+        meta.contains("local-hostname: \"web1.example.org\""),
+        "{meta}"
+    );
+    let user = std::fs::read_to_string(ex.join("user-data")).unwrap();
+    assert!(user.starts_with("#cloud-config\n"));
+    assert!(user.contains("fqdn: \"web1.example.org\""));
+    let host_pub =
+        std::fs::read_to_string(s.machine("web1").join("ssh_host_ed25519_key.pub")).unwrap();
+    assert!(user.contains(host_pub.trim()), "host key missing");
+    let host_priv =
+        std::fs::read_to_string(s.machine("web1").join("ssh_host_ed25519_key")).unwrap();
+    for line in host_priv.lines() {
+        assert!(
+            user.contains(&format!("    {line}\n")),
+            "private key line {line} missing"
+        );
+    }
+    let mid = std::fs::read_to_string(s.machine("web1").join("machine-id")).unwrap();
+    assert!(user.contains(&format!("  machine-id: \"{}\"", mid.trim())));
+    assert!(
+        user.contains("  tcp_ports:\n    - 22\n    - 8000-8080\n"),
+        "{user}"
+    );
+    assert!(
+        user.contains("  resolv_conf: \"nameserver 192.0.2.53\\nsearch example.org\\n\""),
+        "{user}"
+    );
+    let net = std::fs::read_to_string(ex.join("network-config")).unwrap();
+    assert!(net.contains("version: 2") && net.contains("dhcp4: true") && net.contains("\"en*\""));
+}
+
+#[test]
+fn same_identity_gives_identical_bytes_and_a_change_gives_a_new_instance_id() {
+    let s = Scratch::new();
+    machine_with_keys(&s);
+    s.ok(&["seed", "web1", "-o", "a.iso"]);
+    s.ok(&["seed", "web1", "-o", "b.iso"]);
+    s.ok(&["seed", "web1", "--format", "vfat", "-o", "a.img"]);
+    s.ok(&["seed", "web1", "--format", "vfat", "-o", "b.img"]);
+    let read = |f: &str| std::fs::read(s.path().join(f)).unwrap();
+    assert_eq!(read("a.iso"), read("b.iso"));
+    assert_eq!(read("a.img"), read("b.img"));
+
+    let iid = |out: String| {
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["instance_id"].clone()
+    };
+    let before = iid(s.ok(&["--json", "seed", "web1", "-o", "c.iso"]));
+    std::fs::write(s.machine("web1").join("tcp_ports"), "22\n443\n").unwrap();
+    let after = iid(s.ok(&["--json", "seed", "web1", "-o", "c.iso"]));
+    assert_ne!(before, after);
+}
+
+#[test]
+fn vfat_passes_fsck_and_mtools_reads_the_same_user_data() {
+    require_tool("fsck.vfat");
+    require_tool("mcopy");
+    require_tool("xorriso");
+    let s = Scratch::new();
+    machine_with_keys(&s);
+    s.ok(&["seed", "web1", "--format", "vfat", "-o", "seed.img"]);
+    s.ok(&["seed", "web1", "-o", "seed.iso"]);
+    let img = s.path().join("seed.img");
+    let fsck = Command::new("fsck.vfat")
+        .arg("-n")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let label = stdout_of(
+        Command::new("mlabel")
+            .arg("-s")
+            .arg("-i")
+            .arg(&img)
+            .arg("::"),
+    );
+    assert!(label.contains("CIDATA"), "{label}");
+    let from_fat = stdout_of(
+        Command::new("mcopy")
+            .arg("-i")
+            .arg(&img)
+            .args(["::user-data", "-"]),
+    );
+    let ex = s.path().join("ex");
+    stdout_of(
+        Command::new("xorriso")
+            .args(["-osirrox", "on", "-indev"])
+            .arg(s.path().join("seed.iso"))
+            .args(["-extract", "/"])
+            .arg(&ex),
+    );
+    assert_eq!(
+        from_fat,
+        std::fs::read_to_string(ex.join("user-data")).unwrap()
+    );
+}
+
+#[test]
+fn malformed_identity_files_are_named_and_no_seed_is_written() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let cases: [(&str, &str); 4] = [
+        ("machine-id", "not-a-machine-id\n"),
+        ("admin_authorized_keys", "ssh-ed25519 AAAA!!!broken\n"),
+        ("ssh_host_ed25519_key", "garbage\n"),
+        ("tcp_ports", "22\nhttp\n"),
+    ];
+    for (file, bad) in cases {
+        let path = s.machine("web1").join(file);
+        let good = std::fs::read(&path).unwrap();
+        std::fs::write(&path, bad).unwrap();
+        let err = s.fails(&["seed", "web1", "-o", "out.iso"]);
+        assert!(
+            err.contains("machine `web1`") && err.contains(&format!("machines/web1/{file}")),
+            "{file}: {err}"
+        );
+        assert!(err.contains("seedctl new web1 --force"), "{err}");
+        assert!(!s.path().join("out.iso").exists());
+        std::fs::write(&path, good).unwrap();
+    }
+    let err = s.fails(&["seed", "ghost"]);
+    assert!(
+        err.contains("machine `ghost` not found") && err.contains("seedctl new ghost"),
+        "{err}"
+    );
+}
