@@ -1,10 +1,33 @@
 //! network-config (v1, v2, ConfigDrive ENI) and its rendering to systemd-networkd files.
+//! The initrd stage and `seedctl render` call [`parse`] / [`parse_eni`] on the seed's
+//! bytes, then [`render_networkd`] with the guest's NICs; the files land in
+//! `/var/identity/network/` and are linked into `/run/systemd/network`.
+//!
+//! Output follows cloud-init's networkd renderer (`cloudinit/net/networkd.py`); the
+//! golden tests in `core/tests/network_golden.rs` compare against cloud-init itself.
+
+mod eni;
+mod ip;
+mod networkd;
+mod v1;
+mod v2;
+mod yaml11;
 
 use std::collections::BTreeMap;
 
 /// A parsed network-config, whatever form it came in.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct NetworkConfig {}
+pub struct NetworkConfig {
+    /// 1 for v1 and ENI, 2 for v2. cloud-init copies global nameservers into every
+    /// interface only for v1.
+    pub version: u8,
+    pub interfaces: Vec<Interface>,
+    /// v1 `type: route` entries; cloud-init adds them to every interface.
+    pub routes: Vec<Route>,
+    /// v1 `type: nameserver` entries without `interface:` (and ENI `dns_*` lines).
+    pub nameservers: Vec<String>,
+    pub search: Vec<String>,
+}
 
 /// What the seed says about networking.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,24 +45,174 @@ pub struct Link {
     pub mac: String,
 }
 
+/// One interface of the config, before names are resolved against the guest's links.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Interface {
+    /// The v1 `name` or the v2 key; other entries refer to the interface by it.
+    pub id: String,
+    /// v2 `set-name`.
+    pub set_name: Option<String>,
+    /// v1 `mac_address` or v2 `match.macaddress` (bond/bridge/vlan `macaddress`), lowercase.
+    pub mac: Option<String>,
+    /// Rename to the guest NIC carrying `mac` (v1 physical, v2 ethernets).
+    pub rename_by_mac: bool,
+    pub kind: InterfaceKind,
+    pub mtu: Option<String>,
+    /// v1/v2 `optional: true`: networkd should not wait for it.
+    pub optional: bool,
+    pub accept_ra: Option<bool>,
+    pub subnets: Vec<Subnet>,
+    /// Nameservers given for this interface only.
+    pub dns: Option<Dns>,
+    /// v2 `dhcp4-overrides` / `dhcp6-overrides` as (key, value) pairs.
+    pub dhcp4_overrides: Vec<(String, String)>,
+    pub dhcp6_overrides: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum InterfaceKind {
+    #[default]
+    Physical,
+    Loopback,
+    Vlan {
+        id: String,
+        link: String,
+    },
+    /// `params` use v1 key names (`bond-mode`, ...); values as cloud-init prints them.
+    Bond {
+        members: Vec<String>,
+        params: Vec<(String, String)>,
+    },
+    /// `params` use v1 key names (`bridge_stp`, ...); `None` marks a falsy value.
+    Bridge {
+        ports: Vec<String>,
+        params: Vec<(String, Option<String>)>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Dns {
+    pub nameservers: Vec<String>,
+    pub search: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubnetKind {
+    Static,
+    Dhcp4,
+    Dhcp6,
+    /// `ipv6_slaac`, `manual`, `loopback`, ...: no DHCP, no address.
+    Other(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subnet {
+    pub kind: SubnetKind,
+    /// Address and prefix length, for static subnets.
+    pub address: Option<(String, u8)>,
+    pub gateway: Option<String>,
+    pub dns_nameservers: Vec<String>,
+    pub dns_search: Vec<String>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub network: String,
+    pub prefix: u8,
+    pub gateway: Option<String>,
+    pub metric: Option<String>,
+    pub table: Option<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
     #[error("{origin}: {detail}")]
     Invalid { origin: String, detail: String },
 }
 
+pub(crate) fn invalid(origin: &str, detail: impl Into<String>) -> NetworkError {
+    NetworkError::Invalid {
+        origin: origin.to_string(),
+        detail: detail.into(),
+    }
+}
+
 /// Parses a network-config document (v1 or v2, optionally under a top-level `network:`).
 /// `origin` names the file in errors.
-pub fn parse(_bytes: &[u8], _origin: &str) -> Result<NetworkSetting, NetworkError> {
-    Ok(NetworkSetting::Config(NetworkConfig::default()))
+pub fn parse(bytes: &[u8], origin: &str) -> Result<NetworkSetting, NetworkError> {
+    use serde_yaml::Value;
+    let doc = yaml11::load(bytes).map_err(|e| invalid(origin, format!("not valid YAML: {e}")))?;
+    let mut top = &doc;
+    if yaml11::get(top, "version").is_none()
+        && let Some(inner) = yaml11::get(top, "network")
+    {
+        top = inner;
+    }
+    if !matches!(top, Value::Mapping(_)) {
+        return Err(invalid(origin, "expected a mapping with `version:`"));
+    }
+    if yaml11::get(top, "config").and_then(Value::as_str) == Some("disabled") {
+        return Ok(NetworkSetting::Disabled);
+    }
+    let version = yaml11::get(top, "version")
+        .and_then(yaml11::as_text)
+        .ok_or_else(|| invalid(origin, "`version` is missing (expected 1 or 2)"))?;
+    let cfg = match version.as_str() {
+        "1" => v1::parse(top, origin)?,
+        "2" => v2::parse(top, origin)?,
+        other => {
+            return Err(invalid(
+                origin,
+                format!("version: {other} is not supported (expected 1 or 2)"),
+            ));
+        }
+    };
+    Ok(NetworkSetting::Config(cfg))
 }
 
 /// Parses Debian ENI text (ConfigDrive2 `content/0000`).
-pub fn parse_eni(_text: &str, _origin: &str) -> Result<NetworkConfig, NetworkError> {
-    Ok(NetworkConfig::default())
+pub fn parse_eni(text: &str, origin: &str) -> Result<NetworkConfig, NetworkError> {
+    eni::parse(text, origin)
 }
 
 /// Renders systemd-networkd files: file name → content.
-pub fn render_networkd(_cfg: &NetworkConfig, _links: &[Link]) -> BTreeMap<String, String> {
-    BTreeMap::new()
+pub fn render_networkd(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, String> {
+    networkd::render(cfg, links)
+}
+
+/// Splits `addr[/prefix]` and works out the prefix the way cloud-init does: from the
+/// `/` suffix, else `prefix`, else `netmask`, else /24 (IPv4) or /64 (IPv6).
+pub(crate) fn address_prefix(
+    addr: &str,
+    prefix: Option<&str>,
+    netmask: Option<&str>,
+) -> Result<(String, u8), String> {
+    let (ip, suffix) = match addr.split_once('/') {
+        Some((ip, p)) => (ip, Some(p)),
+        None => (addr, None),
+    };
+    let v6 = match ip.parse::<std::net::IpAddr>() {
+        Ok(a) => a.is_ipv6(),
+        Err(_) => return Err(format!("`{addr}` is not an IP address")),
+    };
+    let to_prefix = |m: &str| {
+        if v6 {
+            ip::v6_prefix(m)
+        } else {
+            ip::v4_prefix(m)
+        }
+    };
+    let p = if let Some(s) = suffix {
+        to_prefix(s).ok_or_else(|| format!("`{addr}` has an invalid prefix"))?
+    } else if let Some(p) = prefix {
+        to_prefix(p).ok_or_else(|| format!("prefix `{p}` is invalid for {ip}"))?
+    } else if let Some(m) = netmask {
+        to_prefix(m).ok_or_else(|| format!("netmask `{m}` is invalid for {ip}"))?
+    } else if v6 {
+        64
+    } else {
+        24
+    };
+    Ok((ip.to_string(), p))
 }

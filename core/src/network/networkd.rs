@@ -1,0 +1,327 @@
+//! systemd-networkd files, laid out as cloud-init's networkd renderer writes them:
+//! sections in alphabetical order, sorted unique keys, one section per address and per
+//! route, one blank line between sections and a single trailing newline.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{InterfaceKind, Link, NetworkConfig, Route, SubnetKind, ip};
+
+/// One unit file under construction.
+#[derive(Default)]
+struct Unit {
+    sections: BTreeMap<&'static str, BTreeSet<String>>,
+    addresses: BTreeSet<String>,
+    /// Keyed like cloud-init (`a<N>` subnet gateways, `c<N>` global routes, `r<N>`
+    /// subnet routes) so that sorting the keys gives cloud-init's order.
+    routes: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Unit {
+    fn set(&mut self, section: &'static str, key: &str, value: impl AsRef<str>) {
+        self.sections
+            .entry(section)
+            .or_default()
+            .insert(format!("{key}={}", value.as_ref()));
+    }
+
+    fn route(&mut self, rid: String, key: &str, value: impl AsRef<str>) {
+        self.routes
+            .entry(rid)
+            .or_default()
+            .insert(format!("{key}={}", value.as_ref()));
+    }
+
+    fn add_route(&mut self, rid: String, r: &Route) {
+        self.routes.entry(rid.clone()).or_default();
+        if let Some(g) = &r.gateway {
+            self.route(rid.clone(), "Gateway", g);
+        }
+        self.route(
+            rid.clone(),
+            "Destination",
+            format!("{}/{}", r.network, r.prefix),
+        );
+        if let Some(m) = &r.metric {
+            self.route(rid.clone(), "Metric", m);
+        }
+        if let Some(t) = &r.table {
+            self.route(rid, "Table", t);
+        }
+    }
+
+    fn finish(self) -> String {
+        let mut blocks: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (name, keys) in self.sections {
+            if !keys.is_empty() {
+                blocks
+                    .entry(name)
+                    .or_default()
+                    .push(keys.into_iter().collect::<Vec<_>>().join("\n"));
+            }
+        }
+        for a in self.addresses {
+            blocks.entry("Address").or_default().push(a);
+        }
+        for (_, keys) in self.routes {
+            if !keys.is_empty() {
+                blocks
+                    .entry("Route")
+                    .or_default()
+                    .push(keys.into_iter().collect::<Vec<_>>().join("\n"));
+            }
+        }
+        let mut out = String::new();
+        for (name, bodies) in blocks {
+            for body in bodies {
+                if !out.is_empty() {
+                    out.push('\n');
+                }
+                out.push_str(&format!("[{name}]\n{body}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// What an interface is called in the guest: `set-name`, else the NIC with its MAC
+/// (v1 physical and v2 ethernets), else its config name.
+fn resolve(iface: &super::Interface, links: &[Link]) -> String {
+    if let Some(n) = &iface.set_name {
+        return n.clone();
+    }
+    if iface.rename_by_mac
+        && let Some(mac) = &iface.mac
+        && let Some(link) = links.iter().find(|l| l.mac.eq_ignore_ascii_case(mac))
+    {
+        return link.name.clone();
+    }
+    iface.id.clone()
+}
+
+pub(super) fn render(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, String> {
+    let names: BTreeMap<&str, String> = cfg
+        .interfaces
+        .iter()
+        .map(|i| (i.id.as_str(), resolve(i, links)))
+        .collect();
+    let name_of = |id: &str| names.get(id).cloned().unwrap_or_else(|| id.to_string());
+
+    let mut files = BTreeMap::new();
+    // Member → master links that go into the members' .network files.
+    let mut vlans_on: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut bond_of: BTreeMap<String, String> = BTreeMap::new();
+    let mut bridge_of: BTreeMap<String, String> = BTreeMap::new();
+
+    for iface in &cfg.interfaces {
+        let name = name_of(&iface.id);
+        let mut dev = Unit::default();
+        match &iface.kind {
+            InterfaceKind::Vlan { id, link } => {
+                vlans_on
+                    .entry(name_of(link))
+                    .or_default()
+                    .push(name.clone());
+                dev.set("NetDev", "Kind", "vlan");
+                dev.set("VLAN", "Id", id);
+            }
+            InterfaceKind::Bond { members, params } => {
+                if members.is_empty() {
+                    tracing::warn!(bond = %name, "bond without interfaces: no .netdev written");
+                    continue;
+                }
+                for m in members {
+                    bond_of.insert(name_of(m), name.clone());
+                }
+                dev.set("NetDev", "Kind", "bond");
+                bond_params(&mut dev, params);
+            }
+            InterfaceKind::Bridge { ports, params } => {
+                if ports.is_empty() {
+                    tracing::warn!(bridge = %name, "bridge without interfaces: no .netdev written");
+                    continue;
+                }
+                for p in ports {
+                    bridge_of.insert(name_of(p), name.clone());
+                }
+                dev.set("NetDev", "Kind", "bridge");
+                for (key, val) in params {
+                    let Some(val) = val else { continue };
+                    let sysd = match key.as_str() {
+                        "bridge_ageing" => "AgeingTimeSec",
+                        "bridge_bridgeprio" => "Priority",
+                        "bridge_fd" => "ForwardDelaySec",
+                        "bridge_hello" => "HelloTimeSec",
+                        "bridge_maxage" => "MaxAgeSec",
+                        "bridge_stp" => "STP",
+                        _ => continue,
+                    };
+                    dev.set("Bridge", sysd, val);
+                }
+            }
+            InterfaceKind::Physical | InterfaceKind::Loopback => continue,
+        }
+        dev.set("NetDev", "Name", &name);
+        if let Some(mtu) = &iface.mtu {
+            dev.set("NetDev", "MTUBytes", mtu);
+        }
+        if let Some(mac) = &iface.mac {
+            dev.set("NetDev", "MACAddress", mac);
+        }
+        files.insert(format!("10-cloud-init-{name}.netdev"), dev.finish());
+    }
+
+    for iface in &cfg.interfaces {
+        let name = name_of(&iface.id);
+        let mut u = Unit::default();
+        for v in vlans_on.get(&name).into_iter().flatten() {
+            u.set("Network", "VLAN", v);
+        }
+        if let Some(b) = bond_of.get(&name) {
+            u.set("Network", "Bond", b);
+        }
+        if let Some(b) = bridge_of.get(&name) {
+            u.set("Network", "Bridge", b);
+        }
+
+        u.set("Match", "Name", &name);
+        let physical = iface.kind == InterfaceKind::Physical;
+        if let Some(mac) = &iface.mac {
+            if physical {
+                u.set("Match", "MACAddress", mac);
+            } else if !matches!(iface.kind, InterfaceKind::Loopback) {
+                u.set("Link", "MACAddress", mac);
+            }
+        }
+        if let Some(mtu) = &iface.mtu {
+            u.set("Link", "MTUBytes", mtu);
+        }
+        if iface.optional {
+            u.set("Link", "RequiredForOnline", "no");
+        }
+
+        let mut dhcp = "no";
+        let mut rid = 0usize;
+        for s in &iface.subnets {
+            match s.kind {
+                SubnetKind::Dhcp4 => {
+                    dhcp = match dhcp {
+                        "no" => "ipv4",
+                        "ipv6" => "yes",
+                        d => d,
+                    }
+                }
+                SubnetKind::Dhcp6 => {
+                    dhcp = match dhcp {
+                        "no" => "ipv6",
+                        "ipv4" => "yes",
+                        d => d,
+                    }
+                }
+                _ => {}
+            }
+            for r in &s.routes {
+                u.add_route(format!("r{rid}"), r);
+                rid += 1;
+            }
+            if let Some((addr, prefix)) = &s.address {
+                u.addresses.insert(format!("Address={addr}/{prefix}"));
+                if let Some(gw) = &s.gateway {
+                    let key = format!("a{rid}");
+                    u.route(key.clone(), "Gateway", gw);
+                    if ip::contains(addr, *prefix, gw) == Some(false) {
+                        u.route(key, "GatewayOnLink", "yes");
+                    }
+                    rid += 1;
+                }
+                if !s.dns_nameservers.is_empty() {
+                    u.set("Network", "DNS", s.dns_nameservers.join(" "));
+                }
+                if !s.dns_search.is_empty() {
+                    u.set("Network", "Domains", s.dns_search.join(" "));
+                }
+            }
+        }
+        u.set("Network", "DHCP", dhcp);
+        if let Some(ra) = iface.accept_ra {
+            u.set("Network", "IPv6AcceptRA", if ra { "yes" } else { "no" });
+        }
+
+        // Interface DNS; for v1 the global nameservers stand in when there is none.
+        let (ns, search) = match (&iface.dns, cfg.version) {
+            (Some(d), _) => (d.nameservers.as_slice(), d.search.as_slice()),
+            (None, 1) => (cfg.nameservers.as_slice(), cfg.search.as_slice()),
+            (None, _) => (&[][..], &[][..]),
+        };
+        if !search.is_empty() {
+            u.set("Network", "Domains", search.join(" "));
+        }
+        if !ns.is_empty() {
+            u.set("Network", "DNS", ns.join(" "));
+        }
+
+        for (i, r) in cfg.routes.iter().enumerate() {
+            u.add_route(format!("c{i}"), r);
+        }
+
+        for (ver, overrides) in [("4", &iface.dhcp4_overrides), ("6", &iface.dhcp6_overrides)] {
+            if !(dhcp == "yes" || dhcp == format!("ipv{ver}")) {
+                continue;
+            }
+            let (section, extra): (&'static str, &[(&str, &str)]) = if ver == "4" {
+                (
+                    "DHCPv4",
+                    &[
+                        ("send-hostname", "SendHostname"),
+                        ("hostname", "Hostname"),
+                        ("route-metric", "RouteMetric"),
+                        ("use-mtu", "UseMTU"),
+                        ("use-routes", "UseRoutes"),
+                    ],
+                )
+            } else {
+                ("DHCPv6", &[])
+            };
+            let common = [
+                ("use-dns", "UseDNS"),
+                ("use-domains", "UseDomains"),
+                ("use-hostname", "UseHostname"),
+                ("use-ntp", "UseNTP"),
+            ];
+            for (k, v) in overrides {
+                if let Some((_, sysd)) = common.iter().chain(extra).find(|(key, _)| key == k) {
+                    u.set(section, sysd, v);
+                }
+            }
+        }
+
+        files.insert(format!("10-cloud-init-{name}.network"), u.finish());
+    }
+    files
+}
+
+fn bond_params(dev: &mut Unit, params: &[(String, String)]) {
+    let ms = |v: &str| format!("{v}ms");
+    for (key, val) in params {
+        let (sysd, v) = match key.as_str() {
+            "bond-ad-select" => ("AdSelect", val.clone()),
+            "bond-arp-interval" => ("ARPIntervalSec", ms(val)),
+            "bond-arp-validate" => ("ARPValidate", val.clone()),
+            "bond-downdelay" => ("DownDelaySec", ms(val)),
+            "bond-fail-over-mac" => ("FailOverMACPolicy", val.clone()),
+            "bond-lacp-rate" => ("LACPTransmitRate", val.clone()),
+            "bond-miimon" => ("MIIMonitorSec", ms(val)),
+            "bond-min-links" => ("MinLinks", val.clone()),
+            "bond-mode" => ("Mode", val.clone()),
+            "bond-num-grat-arp" => ("GratuitousARP", val.clone()),
+            "bond-primary-reselect" => ("PrimaryReselectPolicy", val.clone()),
+            "bond-updelay" => ("UpDelaySec", ms(val)),
+            "bond-xmit-hash-policy" => ("TransmitHashPolicy", val.clone()),
+            "bond-all-slaves-active" => ("AllSlavesActive", val.to_lowercase()),
+            "bond-arp-all-targets" => ("ARPAllTargets", val.clone()),
+            "bond-learn-packet-interval" => ("LearnPacketIntervalSec", val.clone()),
+            "bond-packets-per-slave" => ("PacketsPerSlave", val.clone()),
+            _ => continue,
+        };
+        dev.set("Bond", sysd, v);
+    }
+}
