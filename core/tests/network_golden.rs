@@ -12,6 +12,8 @@
 //! - `same-as`: cloud-init rejects this input; nixseed must render it exactly like the
 //!   named case (which says the same thing in a form cloud-init accepts).
 
+#![allow(clippy::unwrap_used)] // a fixture that cannot be read is a failed test
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -216,3 +216,162 @@ pub(crate) fn address_prefix(
     };
     Ok((ip.to_string(), p))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn config(yaml: &str) -> NetworkConfig {
+        match parse(yaml.as_bytes(), "network-config").unwrap() {
+            NetworkSetting::Config(c) => c,
+            NetworkSetting::Disabled => panic!("unexpectedly disabled"),
+        }
+    }
+
+    fn error(yaml: &str) -> String {
+        parse(yaml.as_bytes(), "/mnt/cidata/network-config")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn v2_dhcp_accepts_yaml11_booleans() {
+        let c = config(
+            "version: 2\nethernets:\n  a: {dhcp4: yes, dhcp6: no}\n  b: {dhcp4: Off, dhcp6: ON}\n",
+        );
+        let kinds = |i: usize| -> Vec<SubnetKind> {
+            c.interfaces[i]
+                .subnets
+                .iter()
+                .map(|s| s.kind.clone())
+                .collect()
+        };
+        assert_eq!(kinds(0), vec![SubnetKind::Dhcp4]);
+        assert_eq!(kinds(1), vec![SubnetKind::Dhcp6]);
+    }
+
+    #[test]
+    fn dhcp_that_is_not_a_boolean_names_file_and_key() {
+        let e = error("version: 2\nethernets:\n  ens18:\n    dhcp4: sometimes\n");
+        assert!(e.starts_with("/mnt/cidata/network-config: "), "{e}");
+        assert!(e.contains("ethernets.ens18.dhcp4"), "{e}");
+    }
+
+    #[test]
+    fn dotted_netmask_becomes_prefix_and_default_prefixes_apply() {
+        let c = config(
+            "version: 1\nconfig:\n- type: physical\n  name: eth0\n  subnets:\n  - {type: static, address: 10.1.2.3, netmask: 255.255.240.0}\n  - {type: static, address: 10.9.9.9}\n  - {type: static6, address: '2001:db8::5'}\n",
+        );
+        let addrs: Vec<_> = c.interfaces[0]
+            .subnets
+            .iter()
+            .map(|s| s.address.clone().unwrap())
+            .collect();
+        assert_eq!(
+            addrs,
+            vec![
+                ("10.1.2.3".to_string(), 20),
+                ("10.9.9.9".to_string(), 24),
+                ("2001:db8::5".to_string(), 64)
+            ]
+        );
+    }
+
+    #[test]
+    fn nameserver_without_address_is_skipped_like_cloud_init() {
+        let c = config(
+            "version: 1\nconfig:\n- {type: physical, name: eth0, subnets: [{type: dhcp4}]}\n- type: nameserver\n  search: [example.org]\n",
+        );
+        assert!(c.nameservers.is_empty());
+        assert!(c.search.is_empty());
+        let c = config(
+            "version: 1\nconfig:\n- {type: physical, name: eth0}\n- type: nameserver\n  address: 192.0.2.53\n  search: example.org\n",
+        );
+        assert_eq!(c.nameservers, vec!["192.0.2.53"]);
+        assert_eq!(c.search, vec!["example.org"]);
+    }
+
+    #[test]
+    fn disabled_in_both_spellings() {
+        for y in ["config: disabled\n", "network:\n  config: disabled\n"] {
+            assert_eq!(parse(y.as_bytes(), "nc").unwrap(), NetworkSetting::Disabled);
+        }
+    }
+
+    #[test]
+    fn malformed_inputs_name_origin_and_key() {
+        let cases = [
+            (
+                "version: 1\nconfig:\n- {type: physical, name: eth0, subnets: [{type: static, address: 10.0.0.1, netmask: 255.0.255.0}]}\n",
+                "config[0].subnets[0].address",
+            ),
+            (
+                "version: 1\nconfig:\n- {type: physical, name: eth0, subnets: [{type: static, address: not-an-ip}]}\n",
+                "config[0].subnets[0].address",
+            ),
+            (
+                "version: 1\nconfig:\n- {type: tunnel, name: t0}\n",
+                "config[0].type",
+            ),
+            (
+                "version: 1\nconfig:\n- {type: physical}\n",
+                "config[0].name",
+            ),
+            (
+                "version: 1\nconfig:\n- {type: route, destination: 10.0.0.0/8, metric: fast}\n",
+                "config[0].metric",
+            ),
+            (
+                "version: 2\nethernets:\n  e:\n    routes: [{to: default}]\n",
+                "ethernets.e.routes[0].via",
+            ),
+            ("version: 3\n", "version"),
+            ("ethernets: {}\n", "version"),
+            ("version: 2\nethernets: [1, 2\n", "not valid YAML"),
+        ];
+        for (yaml, key) in cases {
+            let e = error(yaml);
+            assert!(e.starts_with("/mnt/cidata/network-config: "), "{e}");
+            assert!(e.contains(key), "{key} not in {e}");
+        }
+    }
+
+    #[test]
+    fn eni_merges_inet_and_inet6_and_reads_proxmox_dns() {
+        let c = parse_eni(
+            "auto lo\niface lo inet loopback\n\n        dns_nameservers 10.0.0.2 10.0.0.3\n        dns_search lab.example\nauto eth0\niface eth0 inet static\n        address 10.0.0.5\n        netmask 255.255.255.0\n        gateway 10.0.0.1\niface eth0 inet6 static\n        address 2001:db8::5\n        netmask 64\n        gateway 2001:db8::1\n",
+            "openstack/content/0000",
+        )
+        .unwrap();
+        assert_eq!(c.nameservers, vec!["10.0.0.2", "10.0.0.3"]);
+        assert_eq!(c.search, vec!["lab.example"]);
+        let eth0 = c.interfaces.iter().find(|i| i.id == "eth0").unwrap();
+        assert_eq!(eth0.subnets.len(), 2);
+        assert_eq!(eth0.subnets[1].address, Some(("2001:db8::5".into(), 64)));
+        let e = parse_eni("iface eth0 inet static\n", "openstack/content/0000").unwrap_err();
+        assert!(
+            e.to_string().contains("openstack/content/0000: line 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn proxmox_eth0_is_renamed_to_the_nic_with_its_mac() {
+        let c = config(
+            "version: 1\nconfig:\n- {type: physical, name: eth0, mac_address: 'BC:24:11:00:00:01', subnets: [{type: dhcp4}]}\n",
+        );
+        let links = [Link {
+            name: "ens18".into(),
+            mac: "bc:24:11:00:00:01".into(),
+        }];
+        let files = render_networkd(&c, &links);
+        let f = &files["10-cloud-init-ens18.network"];
+        assert_eq!(
+            f,
+            "[Match]\nMACAddress=bc:24:11:00:00:01\nName=ens18\n\n[Network]\nDHCP=ipv4\n"
+        );
+        // Without that NIC the config name stays.
+        assert!(render_networkd(&c, &[]).contains_key("10-cloud-init-eth0.network"));
+    }
+}
