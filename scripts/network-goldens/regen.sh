@@ -61,6 +61,10 @@ render() {
         echo "$(basename "$case_dir"): cloud-init $label rejects it: $(cat "$case_dir/$out.rejected")" >&2
     fi
     rm -f "$case_dir/.oracle-err"
+    # Keep an empty result (a disabled config) in git.
+    if [ -d "$case_dir/$out" ] && [ -z "$(ls -A "$case_dir/$out")" ]; then
+        touch "$case_dir/$out/.keep"
+    fi
 }
 
 for case_dir in "$cases"/*/; do
