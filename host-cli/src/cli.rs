@@ -40,6 +40,8 @@ pub enum Command {
     New(cmd::new::NewArgs),
     /// Write a NoCloud seed image (iso9660 or vfat) for a machine
     Seed(cmd::seed::SeedArgs),
+    /// Create the boot overlay, /var disk and seed ISO under the state directory
+    Create(cmd::create::CreateArgs),
 }
 
 impl Cli {
@@ -52,6 +54,7 @@ impl Cli {
         match &self.command {
             Command::New(a) => cmd::new::run(&paths, a),
             Command::Seed(a) => cmd::seed::run(&paths, a),
+            Command::Create(a) => cmd::create::run(&paths, a),
         }
     }
 }

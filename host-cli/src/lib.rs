@@ -4,10 +4,13 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod disk;
 pub mod fsutil;
 pub mod iso9660;
 pub mod machine;
 pub mod names;
 pub mod nocloud;
 pub mod output;
+pub mod state;
+pub mod tools;
 pub mod vfat;

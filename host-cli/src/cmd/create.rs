@@ -1,0 +1,127 @@
+//! `seedctl create`: the boot overlay on a base image, the `/var` disk and the seed ISO,
+//! under `.seedctl/<name>/`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+
+use crate::cmd::seed::{self, SeedFormat};
+use crate::disk;
+use crate::fsutil::sync_dir;
+use crate::machine::{Identity, Paths};
+use crate::output::Report;
+use crate::state::{BOOT_DISK, DEFAULT_BASE, SEED_ISO, StateDir, VAR_DISK};
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl create web1 --base ./result/nixos.qcow2
+  seedctl create web1 --base base.qcow2 --var-size 10G
+  seedctl create web2 --base base.qcow2 --var-from old-var.qcow2
+Without --base, the image recorded by `seedctl build` is used.")]
+pub struct CreateArgs {
+    /// Machine name
+    pub name: String,
+    /// Base image the boot overlay is backed by (read-only, shared by many machines)
+    #[arg(long, value_name = "IMAGE")]
+    pub base: Option<PathBuf>,
+    /// Size of a new /var disk
+    #[arg(long, default_value = "2G", value_name = "SIZE")]
+    pub var_size: String,
+    /// Copy this existing /var disk (raw or qcow2) instead of making an empty one
+    #[arg(long, value_name = "DISK", conflicts_with = "var_size")]
+    pub var_from: Option<PathBuf>,
+}
+
+/// The base image: `--base`, else the one `seedctl build` recorded.
+pub fn resolve_base(paths: &Paths, base: Option<&Path>, name: &str) -> Result<PathBuf> {
+    if let Some(b) = base {
+        return Ok(b.to_owned());
+    }
+    let rec = paths.state.join(DEFAULT_BASE);
+    match std::fs::read_to_string(&rec) {
+        Ok(s) if !s.trim().is_empty() => Ok(PathBuf::from(s.trim())),
+        _ => bail!(
+            "machine `{name}`: no base image given and none recorded in {}; pass --base IMAGE or run `seedctl build`",
+            rec.display()
+        ),
+    }
+}
+
+/// Move every file of `staging` into `target` (same filesystem), creating `target`.
+pub fn move_into(staging: &Path, target: &Path) -> Result<()> {
+    std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+    for entry in
+        std::fs::read_dir(staging).with_context(|| format!("listing {}", staging.display()))?
+    {
+        let entry = entry.with_context(|| format!("listing {}", staging.display()))?;
+        let to = target.join(entry.file_name());
+        std::fs::rename(entry.path(), &to)
+            .with_context(|| format!("moving into {}", to.display()))?;
+    }
+    sync_dir(target)
+}
+
+pub fn run(paths: &Paths, a: &CreateArgs) -> Result<Report> {
+    let id = Identity::load(paths, &a.name)?;
+    let sd = StateDir::new(paths, &a.name);
+    if sd.file(BOOT_DISK).exists() {
+        bail!(
+            "machine `{}` already has a boot disk at {}; use `seedctl upgrade {} --base IMAGE` to change its base, or remove {} to start over",
+            a.name,
+            sd.file(BOOT_DISK).display(),
+            a.name,
+            sd.dir.display()
+        );
+    }
+    let base = resolve_base(paths, a.base.as_deref(), &a.name)?;
+    let (base, format) =
+        disk::check_base(&base).with_context(|| format!("machine `{}`", a.name))?;
+
+    std::fs::create_dir_all(&paths.state)
+        .with_context(|| format!("creating {}", paths.state.display()))?;
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{}.create-", a.name))
+        .tempdir_in(&paths.state)
+        .with_context(|| format!("creating a staging directory in {}", paths.state.display()))?;
+    let ctx = || format!("machine `{}`", a.name);
+    disk::create_overlay(&base, &format, &staging.path().join(BOOT_DISK)).with_context(ctx)?;
+    match &a.var_from {
+        Some(from) => {
+            disk::copy_var_disk(from, &staging.path().join(VAR_DISK)).with_context(ctx)?
+        }
+        None => {
+            let size = disk::parse_size(&a.var_size).context("--var-size")?;
+            disk::create_var_disk(&staging.path().join(VAR_DISK), size, staging.path())
+                .with_context(ctx)?;
+        }
+    }
+    let instance_id = seed::write(&id, SeedFormat::Iso, &staging.path().join(SEED_ISO))?;
+    move_into(staging.path(), &sd.dir)?;
+
+    let mut st = sd.load()?;
+    st.base = Some(base.clone());
+    st.instance_id = Some(instance_id.clone());
+    sd.save(&st)?;
+    Ok(Report::new(
+        format!(
+            "created machine `{}` in {}\n  boot  {} (overlay on {})\n  var   {}\n  seed  {} (instance-id {instance_id})",
+            a.name,
+            sd.dir.display(),
+            BOOT_DISK,
+            base.display(),
+            VAR_DISK,
+            SEED_ISO
+        ),
+        json!({
+            "machine": a.name,
+            "dir": sd.dir,
+            "base": base,
+            "boot": sd.file(BOOT_DISK),
+            "var": sd.file(VAR_DISK),
+            "seed": sd.file(SEED_ISO),
+            "instance_id": instance_id,
+        }),
+    ))
+}

@@ -1,0 +1,157 @@
+//! `seedctl create`: a qcow2 overlay on the base, an ext4 /var disk real tools recognise,
+//! and clear refusals for missing or overlay bases.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::{Scratch, require_tool, stdout_of};
+
+fn qemu_img(args: &[&str], dir: &std::path::Path) {
+    let st = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img {args:?}");
+}
+
+fn state_entries(s: &Scratch) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(s.path().join(".seedctl"))
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn create_makes_overlay_var_and_seed() {
+    require_tool("qemu-img");
+    require_tool("mkfs.ext4");
+    require_tool("blkid");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    qemu_img(
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
+        s.path(),
+    );
+    let out = s.ok(&[
+        "--json",
+        "create",
+        "web1",
+        "--base",
+        "base.qcow2",
+        "--var-size",
+        "64M",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let base_abs = std::fs::canonicalize(s.path().join("base.qcow2")).unwrap();
+    assert_eq!(v["base"].as_str().unwrap(), base_abs.to_str().unwrap());
+
+    let sd = s.state("web1");
+    let info = stdout_of(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(sd.join("boot.qcow2")),
+    );
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(
+        info["backing-filename"].as_str().unwrap(),
+        base_abs.to_str().unwrap()
+    );
+    assert_eq!(info["format"], "qcow2");
+
+    // The /var disk carries an ext4 filesystem the guest can mount by label.
+    let raw = s.path().join("var.raw");
+    stdout_of(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(sd.join("var.qcow2"))
+            .arg(&raw),
+    );
+    let blkid = stdout_of(Command::new("blkid").arg(&raw));
+    assert!(
+        blkid.contains("LABEL=\"nixseed-var\"") && blkid.contains("TYPE=\"ext4\""),
+        "{blkid}"
+    );
+    assert!(sd.join("seed.iso").is_file());
+    assert_eq!(state_entries(&s), vec!["web1"]);
+
+    // A second create is refused and points at upgrade.
+    let err = s.fails(&["create", "web1", "--base", "base.qcow2"]);
+    assert!(err.contains("upgrade web1"), "{err}");
+
+    // --var-from copies an existing disk (here web1's) for a second machine.
+    s.ok(&["new", "web2"]);
+    let from = sd.join("var.qcow2");
+    s.ok(&[
+        "create",
+        "web2",
+        "--base",
+        "base.qcow2",
+        "--var-from",
+        from.to_str().unwrap(),
+    ]);
+    let raw2 = s.path().join("var2.raw");
+    stdout_of(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(s.state("web2").join("var.qcow2"))
+            .arg(&raw2),
+    );
+    assert_eq!(std::fs::read(&raw).unwrap(), std::fs::read(&raw2).unwrap());
+}
+
+#[test]
+fn missing_and_overlay_bases_are_refused_without_leftovers() {
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let err = s.fails(&["create", "web1", "--base", "missing.qcow2"]);
+    assert!(
+        err.contains("machine `web1`")
+            && err.contains("missing.qcow2")
+            && err.contains("does not exist"),
+        "{err}"
+    );
+
+    qemu_img(
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
+        s.path(),
+    );
+    let base = s.path().join("base.qcow2");
+    qemu_img(
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "qcow2",
+            "overlay.qcow2",
+        ],
+        s.path(),
+    );
+    let err = s.fails(&["create", "web1", "--base", "overlay.qcow2"]);
+    assert!(
+        err.contains("overlay.qcow2") && err.contains("itself an overlay"),
+        "{err}"
+    );
+
+    let err = s.fails(&["create", "web1"]);
+    assert!(err.contains("--base IMAGE"), "{err}");
+    let err = s.fails(&["create", "ghost", "--base", "base.qcow2"]);
+    assert!(err.contains("machine `ghost` not found"), "{err}");
+    assert!(!s.state("web1").join("boot.qcow2").exists());
+    assert!(
+        state_entries(&s).iter().all(|e| !e.starts_with('.')),
+        "staging left: {:?}",
+        state_entries(&s)
+    );
+}
