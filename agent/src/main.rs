@@ -1,1 +1,178 @@
-fn main() {}
+//! nixseed-agent: the guest binary. `initrd` and `apply` give a VM its identity from a
+//! seed; `serve` answers the qemu-guest-agent protocol; `render` is a dry run.
+
+mod crashpoint;
+mod fresh;
+mod logging;
+mod mounts;
+mod sources;
+mod stage;
+mod store;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use nixseed_core::decide::ClonePolicy;
+
+#[derive(Parser)]
+#[command(name = "nixseed-agent", version, about = "nixseed guest agent: identity from a seed, qemu-guest-agent protocol")]
+struct Cli {
+    /// Debug logging.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Before switch-root: apply the seed under SYSROOT and bind /etc placeholders.
+    Initrd(StageArgs),
+    /// Stage 2: verify what the initrd stage did, or do the whole job late.
+    Apply(StageArgs),
+    /// Dry run: write the tree a seed directory would produce into OUT.
+    Render(RenderArgs),
+    /// Print the current generation's manifest.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Clone)]
+struct StageArgs {
+    /// The target root.
+    #[arg(long, default_value = "/")]
+    sysroot: PathBuf,
+    /// Test root holding sys/, proc/, dev/ (defaults to /).
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+    /// The /run directory that survives switch-root.
+    #[arg(long, default_value = "/run")]
+    run: PathBuf,
+    /// What to do when the VM was cloned: regenerate, adopt or refuse.
+    #[arg(long, default_value = "regenerate")]
+    clone_policy: ClonePolicy,
+    /// Seed sources to try, in order (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    sources: Option<Vec<String>>,
+    /// The identity directory inside the target root.
+    #[arg(long, default_value = "/var/identity")]
+    identity_dir: String,
+}
+
+#[derive(Args)]
+struct RenderArgs {
+    /// A NoCloud seed directory (meta-data, user-data, network-config).
+    #[arg(long)]
+    seed: PathBuf,
+    /// Where to write the identity tree.
+    #[arg(long)]
+    out: PathBuf,
+    /// A guest NIC as NAME=MAC, to match network-config by MAC (repeatable).
+    #[arg(long = "link")]
+    links: Vec<String>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[arg(long, default_value = "/var/identity")]
+    identity_dir: PathBuf,
+}
+
+impl StageArgs {
+    fn options(&self) -> Result<stage::StageOptions> {
+        if let Some(names) = &self.sources {
+            let known = sources::names();
+            for n in names {
+                anyhow::ensure!(
+                    known.contains(&n.as_str()),
+                    "unknown source '{n}' (known: {})",
+                    known.join(", ")
+                );
+            }
+        }
+        Ok(stage::StageOptions {
+            sysroot: self.sysroot.clone(),
+            host: self.root.clone(),
+            run: self.run.clone(),
+            clone_policy: self.clone_policy,
+            sources: self.sources.clone(),
+            identity_dir: self.identity_dir.clone(),
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.verbose);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Initrd(a) => {
+            let o = stage::run_boot_stage(&a.options()?)?;
+            tracing::info!("{}", stage::summary("initrd", &o));
+        }
+        Command::Apply(a) => {
+            let o = stage::run_apply(&a.options()?)?;
+            tracing::info!("{}", stage::summary("apply", &o));
+        }
+        Command::Render(a) => render(&a)?,
+        Command::Status(a) => {
+            let store = store::Store::open(&a.identity_dir, false)?;
+            match store.current()? {
+                Some(g) => println!("{}", String::from_utf8_lossy(&g.manifest.to_bytes())),
+                None => println!("no identity yet in {}", a.identity_dir.display()),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn render(a: &RenderArgs) -> Result<()> {
+    use nixseed_core::identity::{ComposeContext, compose};
+    use nixseed_core::manifest::Manifest;
+    use nixseed_core::network::Link;
+    let files = sources::read_seed_files(&a.seed, &["meta-data", "user-data", "vendor-data", "network-config"])?;
+    let source = format!("nocloud:{}", a.seed.display());
+    let seed = nixseed_core::seed::Seed::from_nocloud(&files, &source, None)?;
+    for w in &seed.warnings {
+        tracing::warn!("{w}");
+    }
+    let mut links = Vec::new();
+    for l in &a.links {
+        let (name, mac) = l
+            .split_once('=')
+            .with_context(|| format!("--link {l}: expected NAME=MAC"))?;
+        links.push(Link {
+            name: name.into(),
+            mac: mac.to_ascii_lowercase(),
+        });
+    }
+    let ctx = ComposeContext { links, regenerate: false };
+    let tree = compose(&seed, None, &ctx, &mut fresh::OsFresh)?;
+    let store = store::Store::open(&a.out, true)?;
+    let n = store.write_generation(
+        &tree,
+        Manifest {
+            generation: 0,
+            instance_id: seed.instance_id.clone(),
+            source,
+            product_uuid: None,
+            seed_digest: seed.digest.clone(),
+            files: Default::default(),
+        },
+    )?;
+    for (name, f) in &tree {
+        println!("{:o} {name} ({} bytes)", f.mode, f.bytes.len());
+    }
+    println!("wrote generation {n} to {}", a.out.display());
+    Ok(())
+}

@@ -1,1 +1,1 @@
-//! TODO
+//! The nixseed control channel (`org.nixseed.channel.0`): frames and messages.

@@ -37,3 +37,504 @@ pub fn mode_of(name: &str) -> u32 {
 /// (`hostname`, `network/10-cloud-init-eth0.network`, ...). The manifest is not in here:
 /// it is derived from this tree when the generation is written.
 pub type IdentityTree = BTreeMap<String, IdentityFile>;
+
+use crate::network::{self, Link, NetworkSetting};
+use crate::seed::Seed;
+use crate::userdata::{CloudConfig, User};
+
+/// Users beyond the two authorized-keys files, for the image's user provisioning
+/// (`users.json`, an extension of the contract; written only when the seed has users).
+pub const USERS: &str = "users.json";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: key '{key}': {detail}")]
+pub struct IdentityError {
+    pub origin: String,
+    pub key: String,
+    pub detail: String,
+}
+
+/// Where fresh secrets come from. The agent and seedctl use the OS RNG; unit tests use a
+/// named fake so that compose stays a pure function.
+pub trait Fresh {
+    /// 32 lowercase hex digits, not all zero.
+    fn machine_id(&mut self) -> String;
+    /// An ed25519 host key pair in OpenSSH format: (private, public line).
+    fn host_key(&mut self, comment: &str) -> Result<(String, String), String>;
+}
+
+/// Inputs to [`compose`] besides the seed.
+#[derive(Debug, Clone, Default)]
+pub struct ComposeContext {
+    /// The guest's network interfaces, to match `mac_address` entries.
+    pub links: Vec<Link>,
+    /// Regenerate machine-id and host keys (a clone under the `regenerate` policy).
+    pub regenerate: bool,
+}
+
+/// Turns a seed into the complete identity tree. `previous` is the current generation:
+/// values the seed does not carry (host keys, machine-id) are kept from it.
+pub fn compose(
+    seed: &Seed,
+    previous: Option<&IdentityTree>,
+    ctx: &ComposeContext,
+    fresh: &mut dyn Fresh,
+) -> Result<IdentityTree, IdentityError> {
+    let user_origin = format!("{}/user-data", seed.source);
+    let err = |key: &str, detail: String| IdentityError {
+        origin: user_origin.clone(),
+        key: key.to_string(),
+        detail,
+    };
+    let cfg = merged(seed);
+    let prev = |name: &str| previous.and_then(|p| p.get(name)).map(|f| f.bytes.clone());
+    let mut tree = IdentityTree::new();
+    let mut put = |name: &str, bytes: Vec<u8>| {
+        tree.insert(
+            name.to_string(),
+            IdentityFile {
+                mode: mode_of(name),
+                bytes,
+            },
+        );
+    };
+
+    // machine-id
+    let machine_id = match (&cfg.nixseed.machine_id, ctx.regenerate) {
+        (_, true) => fresh.machine_id(),
+        (Some(id), false) => {
+            let id = id.trim().to_ascii_lowercase();
+            check_machine_id(&id).map_err(|d| err("nixseed.machine-id", d))?;
+            id
+        }
+        (None, false) => match prev(MACHINE_ID) {
+            Some(b) if check_machine_id(String::from_utf8_lossy(&b).trim()).is_ok() => {
+                String::from_utf8_lossy(&b).trim().to_string()
+            }
+            _ => fresh.machine_id(),
+        },
+    };
+    put(MACHINE_ID, format!("{machine_id}\n").into_bytes());
+
+    // hostname and /etc/hosts extras
+    let (hostname, fqdn, key) = hostname_and_fqdn(&cfg, seed);
+    let hostname = match hostname {
+        Some(h) => {
+            if let Some(f) = &fqdn {
+                check_hostname(f).map_err(|d| err(key, d))?;
+            }
+            check_hostname(&h).map_err(|d| err(key, d))?;
+            format!("{h}\n").into_bytes()
+        }
+        None => prev(HOSTNAME).unwrap_or_default(),
+    };
+    put(HOSTNAME, hostname.clone());
+    let mut hosts = String::new();
+    if cfg.manage_etc_hosts {
+        let short = String::from_utf8_lossy(&hostname).trim().to_string();
+        if !short.is_empty() {
+            match &fqdn {
+                Some(f) if f != &short => hosts.push_str(&format!("127.0.1.1 {f} {short}\n")),
+                _ => hosts.push_str(&format!("127.0.1.1 {short}\n")),
+            }
+        }
+    }
+    for line in &cfg.nixseed.hosts {
+        if line.contains(['\n', '\0']) {
+            return Err(err("nixseed.hosts", "an entry spans several lines".into()));
+        }
+        hosts.push_str(line.trim());
+        hosts.push('\n');
+    }
+    put(HOSTS, hosts.into_bytes());
+
+    // SSH host key
+    let seeded_key = (
+        cfg.ssh_keys.get("ed25519_private"),
+        cfg.ssh_keys.get("ed25519_public"),
+    );
+    let (private, public) = match seeded_key {
+        (Some(private), Some(public)) if !ctx.regenerate => {
+            if !private.contains("BEGIN OPENSSH PRIVATE KEY") {
+                return Err(err(
+                    "ssh_keys.ed25519_private",
+                    "not an OpenSSH private key".into(),
+                ));
+            }
+            if !public.starts_with("ssh-ed25519 ") {
+                return Err(err(
+                    "ssh_keys.ed25519_public",
+                    "not an ssh-ed25519 public key".into(),
+                ));
+            }
+            (ensure_newline(private), ensure_newline(public))
+        }
+        _ => match (prev(SSH_HOST_KEY), prev(SSH_HOST_KEY_PUB), ctx.regenerate) {
+            (Some(k), Some(p), false) if !k.is_empty() => (
+                String::from_utf8_lossy(&k).into_owned(),
+                String::from_utf8_lossy(&p).into_owned(),
+            ),
+            _ => {
+                let (k, p) = fresh
+                    .host_key("nixseed")
+                    .map_err(|e| err("ssh_keys", format!("cannot generate a host key: {e}")))?;
+                (ensure_newline(&k), ensure_newline(&p))
+            }
+        },
+    };
+    put(SSH_HOST_KEY, private.into_bytes());
+    put(SSH_HOST_KEY_PUB, public.into_bytes());
+
+    // resolv.conf
+    let resolv = match (&cfg.nixseed.resolv_conf, &cfg.resolv_conf) {
+        (Some(text), _) => ensure_newline(text),
+        (None, Some(rc)) => {
+            let mut s = String::new();
+            for ns in &rc.nameservers {
+                s.push_str(&format!("nameserver {ns}\n"));
+            }
+            let mut search = rc.searchdomains.clone();
+            if let Some(d) = &rc.domain {
+                s.push_str(&format!("domain {d}\n"));
+                if search.is_empty() {
+                    search.push(d.clone());
+                }
+            }
+            if !search.is_empty() {
+                s.push_str(&format!("search {}\n", search.join(" ")));
+            }
+            if !rc.options.is_empty() {
+                s.push_str(&format!("options {}\n", rc.options.join(" ")));
+            }
+            s
+        }
+        (None, None) => String::new(),
+    };
+    put(RESOLV_CONF, resolv.into_bytes());
+
+    // firewall ports
+    for (name, key, ports) in [
+        (TCP_PORTS, "nixseed.tcp_ports", &cfg.nixseed.tcp_ports),
+        (UDP_PORTS, "nixseed.udp_ports", &cfg.nixseed.udp_ports),
+    ] {
+        let mut out = String::new();
+        for p in ports {
+            out.push_str(&check_port(p).map_err(|d| err(key, d))?);
+            out.push('\n');
+        }
+        put(name, out.into_bytes());
+    }
+
+    // authorized keys: see docs/identity.md for who counts as admin.
+    let mut admin: Vec<String> = cfg.ssh_authorized_keys.clone();
+    admin.extend(seed.public_keys.iter().cloned());
+    let mut user_keys = Vec::new();
+    for u in &cfg.users {
+        if is_admin(u) {
+            admin.extend(u.ssh_authorized_keys.iter().cloned());
+        } else {
+            user_keys.extend(u.ssh_authorized_keys.iter().cloned());
+        }
+    }
+    for (name, keys) in [(ADMIN_KEYS, admin), (USER_KEYS, user_keys)] {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = String::new();
+        for k in keys {
+            if k.contains('\n') {
+                return Err(err(
+                    "ssh_authorized_keys",
+                    "a key spans several lines".into(),
+                ));
+            }
+            if seen.insert(k.clone()) {
+                out.push_str(&k);
+                out.push('\n');
+            }
+        }
+        put(name, out.into_bytes());
+    }
+
+    // users beyond the key files
+    if !cfg.users.is_empty() || !cfg.chpasswd.is_empty() {
+        let doc = serde_json::json!({
+            "users": cfg.users,
+            "ssh_pwauth": cfg.ssh_pwauth,
+            "chpasswd": cfg.chpasswd,
+        });
+        let mut bytes = serde_json::to_vec_pretty(&doc).unwrap_or_default();
+        bytes.push(b'\n');
+        put(USERS, bytes);
+    }
+
+    // networkd
+    if let Some(NetworkSetting::Config(net)) = &seed.network {
+        for (file, content) in network::render_networkd(net, &ctx.links) {
+            if file.contains('/') || file.starts_with('.') {
+                return Err(err(
+                    "network-config",
+                    format!("bad rendered file name {file}"),
+                ));
+            }
+            put(&format!("{NETWORK_DIR}/{file}"), content.into_bytes());
+        }
+    }
+    Ok(tree)
+}
+
+/// user-data over vendor-data, key by key.
+fn merged(seed: &Seed) -> CloudConfig {
+    let mut cfg = seed.user.clone();
+    if let Some(v) = &seed.vendor {
+        let v = v.clone();
+        cfg.hostname = cfg.hostname.or(v.hostname);
+        cfg.fqdn = cfg.fqdn.or(v.fqdn);
+        cfg.manage_etc_hosts |= v.manage_etc_hosts;
+        if cfg.ssh_authorized_keys.is_empty() {
+            cfg.ssh_authorized_keys = v.ssh_authorized_keys;
+        }
+        if cfg.users.is_empty() {
+            cfg.users = v.users;
+        }
+        if cfg.ssh_keys.is_empty() {
+            cfg.ssh_keys = v.ssh_keys;
+        }
+        cfg.resolv_conf = cfg.resolv_conf.or(v.resolv_conf);
+        cfg.timezone = cfg.timezone.or(v.timezone);
+    }
+    cfg
+}
+
+/// cloud-init's rules: `fqdn` wins, then a dotted `hostname`, then `hostname`, then the
+/// meta-data's `local-hostname`. Returns the key that decided, for errors.
+fn hostname_and_fqdn(
+    cfg: &CloudConfig,
+    seed: &Seed,
+) -> (Option<String>, Option<String>, &'static str) {
+    let split = |name: &str| -> (String, Option<String>) {
+        match name.split_once('.') {
+            Some((short, _)) => (short.to_string(), Some(name.to_string())),
+            None => (name.to_string(), None),
+        }
+    };
+    if let Some(fqdn) = &cfg.fqdn {
+        let short = cfg.hostname.clone().unwrap_or_else(|| split(fqdn).0);
+        return (Some(short), Some(fqdn.clone()), "fqdn");
+    }
+    if let Some(h) = &cfg.hostname {
+        let (short, fqdn) = split(h);
+        return (Some(short), fqdn, "hostname");
+    }
+    if let Some(h) = &seed.local_hostname {
+        let (short, fqdn) = split(h);
+        return (Some(short), fqdn, "local-hostname");
+    }
+    (None, None, "hostname")
+}
+
+fn is_admin(u: &User) -> bool {
+    u.name == "root"
+        || u.groups
+            .iter()
+            .any(|g| matches!(g.as_str(), "wheel" | "sudo" | "admin"))
+}
+
+fn ensure_newline(s: &str) -> String {
+    let t = s.trim_end_matches('\n');
+    format!("{t}\n")
+}
+
+/// A hostname or FQDN: dot-separated labels of letters, digits and `-`, each 1–63 bytes,
+/// not starting or ending with `-`; 253 bytes in all.
+pub fn check_hostname(name: &str) -> Result<(), String> {
+    let bad = || {
+        format!(
+            "{name:?} is not a valid hostname (letters, digits and '-' in dot-separated labels of 1-63 characters)"
+        )
+    };
+    if name.is_empty() || name.len() > 253 {
+        return Err(bad());
+    }
+    for label in name.split('.') {
+        if label.is_empty()
+            || label.len() > 63
+            || label.starts_with('-')
+            || label.ends_with('-')
+            || !label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+/// systemd's machine-id format: 32 lowercase hex digits, not all zero.
+pub fn check_machine_id(id: &str) -> Result<(), String> {
+    if id.len() != 32
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(format!("{id:?} is not 32 lowercase hex digits"));
+    }
+    if id.bytes().all(|b| b == b'0') {
+        return Err("an all-zero machine-id is invalid".into());
+    }
+    Ok(())
+}
+
+/// A port or an inclusive range, `22` or `8000-8080`; returned in canonical form.
+pub fn check_port(p: &str) -> Result<String, String> {
+    let num = |s: &str| -> Result<u16, String> {
+        match s.trim().parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "{p:?} is not a port (1-65535) or a range like 8000-8080"
+            )),
+        }
+    };
+    match p.split_once('-') {
+        Some((a, b)) => {
+            let (a, b) = (num(a)?, num(b)?);
+            if a > b {
+                return Err(format!("{p:?}: the range is reversed"));
+            }
+            Ok(format!("{a}-{b}"))
+        }
+        None => Ok(num(p)?.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seed::{Seed, SeedFiles};
+
+    /// A fake entropy source: counts up so tests can tell fresh values apart.
+    struct FakeFresh(u32);
+    impl Fresh for FakeFresh {
+        fn machine_id(&mut self) -> String {
+            self.0 += 1;
+            format!("{:032x}", self.0)
+        }
+        fn host_key(&mut self, _c: &str) -> Result<(String, String), String> {
+            self.0 += 1;
+            Ok((
+                format!(
+                    "-----BEGIN OPENSSH PRIVATE KEY-----\nfake{}\n-----END OPENSSH PRIVATE KEY-----\n",
+                    self.0
+                ),
+                format!("ssh-ed25519 FAKE{} nixseed\n", self.0),
+            ))
+        }
+    }
+
+    fn seed(meta: &str, user: &str) -> Seed {
+        let files = SeedFiles(
+            [("meta-data", meta), ("user-data", user)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        );
+        Seed::from_nocloud(&files, "nocloud:test", None).unwrap()
+    }
+
+    #[test]
+    fn proxmox_seed_composes_the_contract_files() {
+        let s = seed(
+            "instance-id: abc\n",
+            "#cloud-config\nhostname: web1\nmanage_etc_hosts: true\nfqdn: web1.example.com\nuser: admin\nssh_authorized_keys:\n  - ssh-ed25519 AAAA admin\n",
+        );
+        let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+        assert_eq!(t[HOSTNAME].bytes, b"web1\n");
+        assert_eq!(t[HOSTS].bytes, b"127.0.1.1 web1.example.com web1\n");
+        assert_eq!(t[ADMIN_KEYS].bytes, b"ssh-ed25519 AAAA admin\n");
+        assert_eq!(t[MACHINE_ID].mode, 0o444);
+        assert_eq!(t[SSH_HOST_KEY].mode, 0o600);
+        for name in [
+            MACHINE_ID,
+            HOSTNAME,
+            SSH_HOST_KEY,
+            SSH_HOST_KEY_PUB,
+            RESOLV_CONF,
+            HOSTS,
+            TCP_PORTS,
+            UDP_PORTS,
+            ADMIN_KEYS,
+            USER_KEYS,
+        ] {
+            assert!(t.contains_key(name), "{name} missing");
+        }
+    }
+
+    #[test]
+    fn host_keys_and_machine_id_survive_a_new_instance() {
+        let first = compose(
+            &seed("instance-id: a\n", "#cloud-config\nhostname: a\n"),
+            None,
+            &ComposeContext::default(),
+            &mut FakeFresh(0),
+        )
+        .unwrap();
+        let second = compose(
+            &seed("instance-id: b\n", "#cloud-config\nhostname: b\n"),
+            Some(&first),
+            &ComposeContext::default(),
+            &mut FakeFresh(100),
+        )
+        .unwrap();
+        assert_eq!(first[SSH_HOST_KEY], second[SSH_HOST_KEY]);
+        assert_eq!(first[MACHINE_ID], second[MACHINE_ID]);
+        assert_eq!(second[HOSTNAME].bytes, b"b\n");
+        let ctx = ComposeContext {
+            regenerate: true,
+            ..Default::default()
+        };
+        let clone = compose(
+            &seed("instance-id: b\n", ""),
+            Some(&first),
+            &ctx,
+            &mut FakeFresh(200),
+        )
+        .unwrap();
+        assert_ne!(first[SSH_HOST_KEY], clone[SSH_HOST_KEY]);
+        assert_ne!(first[MACHINE_ID], clone[MACHINE_ID]);
+    }
+
+    #[test]
+    fn path_traversal_hostname_is_refused_naming_file_and_key() {
+        let s = seed("instance-id: a\n", "#cloud-config\nhostname: ../../etc\n");
+        let e = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "nocloud:test/user-data: key 'hostname': \"../../etc\" is not a valid hostname"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ports_are_validated_and_canonical() {
+        let s = seed(
+            "",
+            "#cloud-config\nnixseed:\n  tcp_ports: [22, ' 80 - 90']\n  udp_ports: [53]\n",
+        );
+        let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+        assert_eq!(t[TCP_PORTS].bytes, b"22\n80-90\n");
+        let bad = seed("", "#cloud-config\nnixseed:\n  tcp_ports: [70000]\n");
+        let e = compose(&bad, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap_err();
+        assert!(e.to_string().contains("nixseed.tcp_ports"), "{e}");
+    }
+
+    #[test]
+    fn seeded_machine_id_and_host_key_are_used() {
+        let s = seed(
+            "",
+            "#cloud-config\nnixseed:\n  machine-id: 0123456789ABCDEF0123456789abcdef\nssh_keys:\n  ed25519_private: |\n    -----BEGIN OPENSSH PRIVATE KEY-----\n    abc\n    -----END OPENSSH PRIVATE KEY-----\n  ed25519_public: ssh-ed25519 AAAA host\n",
+        );
+        let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+        assert_eq!(t[MACHINE_ID].bytes, b"0123456789abcdef0123456789abcdef\n");
+        assert_eq!(t[SSH_HOST_KEY_PUB].bytes, b"ssh-ed25519 AAAA host\n");
+    }
+}

@@ -1,1 +1,118 @@
-//! TODO
+//! Filesystem labels from superblocks, for finding seed volumes in the initrd where there
+//! is no udev and no blkid: the iso9660 primary volume descriptor at 32 KiB, the FAT boot
+//! sector's BPB, and the ext4 superblock (for the `/var` disk).
+
+/// How many bytes of a device [`probe`] needs.
+pub const PROBE_LEN: usize = 32 * 1024 + 2048;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsType {
+    Iso9660,
+    Vfat,
+    Ext4,
+}
+
+impl FsType {
+    /// The name `mount(2)` wants.
+    pub fn mount_name(&self) -> &'static str {
+        match self {
+            FsType::Iso9660 => "iso9660",
+            FsType::Vfat => "vfat",
+            FsType::Ext4 => "ext4",
+        }
+    }
+}
+
+/// The filesystem type and label found at the start of a device, if any.
+pub fn probe(head: &[u8]) -> Option<(FsType, String)> {
+    probe_iso9660(head)
+        .map(|l| (FsType::Iso9660, l))
+        .or_else(|| probe_fat(head).map(|l| (FsType::Vfat, l)))
+        .or_else(|| probe_ext(head).map(|l| (FsType::Ext4, l)))
+}
+
+fn probe_iso9660(head: &[u8]) -> Option<String> {
+    let pvd = head.get(32768..32768 + 2048)?;
+    if pvd[0] != 1 || &pvd[1..6] != b"CD001" {
+        return None;
+    }
+    Some(text(&pvd[40..72]))
+}
+
+fn probe_fat(head: &[u8]) -> Option<String> {
+    let bs = head.get(..512)?;
+    if bs[510] != 0x55 || bs[511] != 0xAA {
+        return None;
+    }
+    let bytes_per_sector = u16::from_le_bytes([bs[11], bs[12]]);
+    if !matches!(bytes_per_sector, 512 | 1024 | 2048 | 4096) || bs[13] == 0 {
+        return None;
+    }
+    let fat16_size = u16::from_le_bytes([bs[22], bs[23]]);
+    // FAT32 keeps the extended BPB at 64, FAT12/16 at 36; 0x29 marks a label being present.
+    let (sig, label) = if fat16_size == 0 { (66, 71) } else { (38, 43) };
+    if bs[sig] != 0x29 {
+        return None;
+    }
+    let label = text(&bs[label..label + 11]);
+    (label != "NO NAME").then_some(label)
+}
+
+fn probe_ext(head: &[u8]) -> Option<String> {
+    let sb = head.get(1024..1024 + 256)?;
+    if sb[56..58] != [0x53, 0xEF] {
+        return None;
+    }
+    let raw = &sb[120..136];
+    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+    Some(String::from_utf8_lossy(&raw[..end]).into_owned())
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .trim_end_matches([' ', '\0'])
+        .to_string()
+}
+
+/// NoCloud labels, exact case (cloud-init's ds-identify).
+pub fn is_nocloud_label(label: &str) -> bool {
+    label == "cidata" || label == "CIDATA"
+}
+
+/// ConfigDrive2 labels.
+pub fn is_configdrive_label(label: &str) -> bool {
+    label == "config-2" || label == "CONFIG-2"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso9660_label_from_pvd() {
+        let mut img = vec![0u8; PROBE_LEN];
+        img[32768] = 1;
+        img[32769..32774].copy_from_slice(b"CD001");
+        img[32768 + 40..32768 + 72].copy_from_slice(b"cidata                          ");
+        assert_eq!(probe(&img), Some((FsType::Iso9660, "cidata".into())));
+    }
+
+    #[test]
+    fn fat16_label_from_bpb() {
+        let mut img = vec![0u8; PROBE_LEN];
+        img[11..13].copy_from_slice(&512u16.to_le_bytes());
+        img[13] = 4;
+        img[22] = 8;
+        img[38] = 0x29;
+        img[43..54].copy_from_slice(b"CIDATA     ");
+        img[510] = 0x55;
+        img[511] = 0xAA;
+        assert_eq!(probe(&img), Some((FsType::Vfat, "CIDATA".into())));
+    }
+
+    #[test]
+    fn short_or_empty_devices_have_no_label() {
+        assert_eq!(probe(&[0u8; 100]), None);
+        assert_eq!(probe(&vec![0u8; PROBE_LEN]), None);
+    }
+}

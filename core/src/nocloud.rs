@@ -1,1 +1,177 @@
-//! TODO
+//! NoCloud: meta-data, and the `ds=nocloud;…` token from the kernel command line or the
+//! SMBIOS serial (cloud-init's DataSourceNoCloud, REFERENCE.md §1).
+
+use crate::yaml::{self, Value};
+
+/// Parsed meta-data.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetaData {
+    /// Raw scalar text; `nocloud` when meta-data is empty.
+    pub instance_id: String,
+    pub local_hostname: Option<String>,
+    pub public_keys: Vec<String>,
+    pub dsmode: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+pub fn parse_meta_data(bytes: &[u8], origin: &str) -> Result<MetaData, yaml::YamlError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| yaml::YamlError::new(origin, format!("not UTF-8 text ({e})")))?;
+    let map = yaml::parse_mapping(text, origin)?;
+    let mut meta = MetaData {
+        instance_id: "nocloud".into(),
+        ..MetaData::default()
+    };
+    for (k, v) in &map {
+        let key = k.as_str().unwrap_or_default();
+        match key {
+            "instance-id" | "instance_id" => {
+                meta.instance_id = yaml::keep_text(&map, text, key).ok_or_else(|| {
+                    yaml::YamlError::new(origin, format!("key '{key}': expected a string"))
+                })?
+            }
+            "local-hostname" | "local_hostname" | "hostname" => {
+                meta.local_hostname = yaml::keep_text(&map, text, key)
+            }
+            "public-keys" | "public_keys" => meta.public_keys = public_keys(v),
+            "dsmode" => meta.dsmode = yaml::scalar_text(v),
+            "network-interfaces" => meta.warnings.push(format!(
+                "{origin}: key 'network-interfaces' ignored; use network-config"
+            )),
+            other => meta
+                .warnings
+                .push(format!("{origin}: unknown key '{other}' ignored")),
+        }
+    }
+    Ok(meta)
+}
+
+/// `public-keys` may be a string, a list, or a map of (lists of) keys.
+fn public_keys(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    match v {
+        Value::Mapping(m) => {
+            for (_, v) in m {
+                match v {
+                    Value::Mapping(inner) => out.extend(inner.values().flat_map(yaml::string_list)),
+                    other => out.extend(yaml::string_list(other)),
+                }
+            }
+        }
+        other => out.extend(yaml::string_list(other)),
+    }
+    out.into_iter()
+        .flat_map(|k| k.lines().map(str::to_string).collect::<Vec<_>>())
+        .map(|k| k.trim().to_string())
+        .filter(|k| !k.is_empty())
+        .collect()
+}
+
+/// `ds=nocloud;h=..;i=..;s=..` as given on the kernel command line or SMBIOS serial.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DsToken {
+    pub network: bool,
+    pub local_hostname: Option<String>,
+    pub instance_id: Option<String>,
+    pub seedfrom: Option<String>,
+}
+
+/// The last `ds=nocloud…` token in a whitespace-separated string, if any.
+pub fn parse_ds_token(text: &str) -> Option<DsToken> {
+    let mut found = None;
+    for word in text.split_whitespace() {
+        let Some(value) = word.strip_prefix("ds=") else {
+            continue;
+        };
+        let mut fields = value.split(';');
+        let network = match fields.next() {
+            Some("nocloud") => false,
+            Some("nocloud-net") => true,
+            _ => continue,
+        };
+        let mut tok = DsToken {
+            network,
+            ..DsToken::default()
+        };
+        for field in fields {
+            let Some((k, v)) = field.split_once('=') else {
+                continue;
+            };
+            match k {
+                "h" | "local-hostname" => tok.local_hostname = Some(v.to_string()),
+                "i" | "instance-id" => tok.instance_id = Some(v.to_string()),
+                "s" | "seedfrom" => tok.seedfrom = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        found = Some(tok);
+    }
+    found
+}
+
+impl DsToken {
+    /// Values given on the command line override the seed's meta-data.
+    pub fn apply(&self, meta: &mut MetaData) {
+        if let Some(h) = &self.local_hostname {
+            meta.local_hostname = Some(h.clone());
+        }
+        if let Some(i) = &self.instance_id {
+            meta.instance_id = i.clone();
+        }
+    }
+
+    /// A local directory to seed from (`s=/path/` or `s=file:///path/`); network URLs are
+    /// not fetched by nixseed.
+    pub fn local_seed_dir(&self) -> Option<&str> {
+        let s = self.seedfrom.as_deref()?;
+        let path = s.strip_prefix("file://").unwrap_or(s);
+        path.starts_with('/').then_some(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_meta_data_gives_nocloud() {
+        let m = parse_meta_data(b"", "meta-data").unwrap();
+        assert_eq!(m.instance_id, "nocloud");
+    }
+
+    #[test]
+    fn proxmox_meta_data_keeps_the_sha1_text() {
+        let m = parse_meta_data(
+            b"instance-id: 1234567890123456789012345678901234567890\n",
+            "meta-data",
+        )
+        .unwrap();
+        assert_eq!(m.instance_id, "1234567890123456789012345678901234567890");
+    }
+
+    #[test]
+    fn public_keys_in_all_three_shapes() {
+        let a = parse_meta_data(b"public-keys: ssh-ed25519 A\n", "m").unwrap();
+        let b = parse_meta_data(b"public-keys: [ssh-ed25519 A, ssh-rsa B]\n", "m").unwrap();
+        let c = parse_meta_data(
+            b"public-keys:\n  k0:\n    openssh-key: ssh-ed25519 A\n  k1: [ssh-rsa B]\n",
+            "m",
+        )
+        .unwrap();
+        assert_eq!(a.public_keys, vec!["ssh-ed25519 A"]);
+        assert_eq!(b.public_keys, vec!["ssh-ed25519 A", "ssh-rsa B"]);
+        assert_eq!(c.public_keys, vec!["ssh-ed25519 A", "ssh-rsa B"]);
+    }
+
+    #[test]
+    fn last_ds_token_wins_and_overrides_meta_data() {
+        let t = parse_ds_token("quiet ds=nocloud;h=a ro ds=nocloud;i=iid-9;h=b;s=file:///seed/")
+            .unwrap();
+        assert_eq!(t.local_hostname.as_deref(), Some("b"));
+        assert_eq!(t.local_seed_dir(), Some("/seed/"));
+        let mut m = MetaData::default();
+        t.apply(&mut m);
+        assert_eq!(m.instance_id, "iid-9");
+        assert!(parse_ds_token("ds=ec2").is_none());
+    }
+}

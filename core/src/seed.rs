@@ -1,1 +1,255 @@
-//! TODO
+//! A [`Seed`]: what one source said, normalised. Each source (NoCloud, ConfigDrive2,
+//! systemd credentials, the control channel) is turned into this one shape, and
+//! [`crate::identity::compose`] turns a seed into the identity file tree.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use crate::network::{self, NetworkSetting};
+use crate::nocloud::{self, DsToken};
+use crate::userdata::{self, CloudConfig};
+use crate::{configdrive, credentials};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error(transparent)]
+    Yaml(#[from] crate::yaml::YamlError),
+    #[error(transparent)]
+    UserData(#[from] userdata::UserDataError),
+    #[error(transparent)]
+    Network(#[from] network::NetworkError),
+    #[error(transparent)]
+    ConfigDrive(#[from] configdrive::ConfigDriveError),
+    #[error("{origin}: {detail}")]
+    Invalid { origin: String, detail: String },
+}
+
+/// The raw files of a seed, by their names on the medium. Keeping the bytes lets the
+/// digest (clone detection, "seed unchanged") cover exactly what was read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeedFiles(pub BTreeMap<String, Vec<u8>>);
+
+impl SeedFiles {
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.0.get(name).map(Vec::as_slice)
+    }
+
+    /// sha256 over every file name and content, in name order.
+    pub fn digest(&self) -> String {
+        let mut h = Sha256::new();
+        for (name, bytes) in &self.0 {
+            h.update((name.len() as u64).to_le_bytes());
+            h.update(name.as_bytes());
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        }
+        hex(&h.finalize())
+    }
+}
+
+/// A normalised seed.
+#[derive(Debug, Clone, Default)]
+pub struct Seed {
+    /// Where it came from, for the manifest and logs (`nocloud:/dev/sr0`).
+    pub source: String,
+    pub instance_id: String,
+    pub local_hostname: Option<String>,
+    pub public_keys: Vec<String>,
+    pub user: CloudConfig,
+    pub vendor: Option<CloudConfig>,
+    pub network: Option<NetworkSetting>,
+    /// See [`SeedFiles::digest`].
+    pub digest: String,
+    pub warnings: Vec<String>,
+}
+
+/// Names a file of a source for messages: `nocloud:/dev/sr0/user-data`.
+fn origin(source: &str, file: &str) -> String {
+    format!("{source}/{file}")
+}
+
+impl Seed {
+    /// A NoCloud seed: `meta-data` and `user-data` must exist (either may be empty);
+    /// `vendor-data` and `network-config` are optional. `ds` is the command-line token,
+    /// whose values override meta-data.
+    pub fn from_nocloud(
+        files: &SeedFiles,
+        source: &str,
+        ds: Option<&DsToken>,
+    ) -> Result<Seed, SeedError> {
+        let need = |name: &str| {
+            files.get(name).ok_or_else(|| SeedError::Invalid {
+                origin: origin(source, name),
+                detail:
+                    "missing: a NoCloud seed needs meta-data and user-data (either may be empty)"
+                        .into(),
+            })
+        };
+        let mut meta = nocloud::parse_meta_data(need("meta-data")?, &origin(source, "meta-data"))?;
+        if let Some(ds) = ds {
+            ds.apply(&mut meta);
+        }
+        let user = userdata::parse(need("user-data")?, &origin(source, "user-data"))?;
+        let vendor = match files.get("vendor-data") {
+            Some(b) => Some(userdata::parse(b, &origin(source, "vendor-data"))?),
+            None => None,
+        };
+        let network = match files.get("network-config") {
+            Some(b) if !b.iter().all(u8::is_ascii_whitespace) => {
+                Some(network::parse(b, &origin(source, "network-config"))?)
+            }
+            _ => None,
+        };
+        let mut warnings = meta.warnings.clone();
+        warnings.extend(user.warnings.iter().cloned());
+        if let Some(v) = &vendor {
+            warnings.extend(v.warnings.iter().cloned());
+        }
+        Ok(Seed {
+            source: source.to_string(),
+            instance_id: meta.instance_id,
+            local_hostname: meta.local_hostname,
+            public_keys: meta.public_keys,
+            user,
+            vendor,
+            network,
+            digest: files.digest(),
+            warnings,
+        })
+    }
+
+    /// A ConfigDrive2 seed, with file names relative to `openstack/`
+    /// (`latest/meta_data.json`, `latest/user_data`, `content/0000`, ...).
+    pub fn from_configdrive(files: &SeedFiles, source: &str) -> Result<Seed, SeedError> {
+        let meta_name = "latest/meta_data.json";
+        let meta_bytes = files.get(meta_name).ok_or_else(|| SeedError::Invalid {
+            origin: origin(source, meta_name),
+            detail: "missing: a ConfigDrive2 seed needs openstack/latest/meta_data.json".into(),
+        })?;
+        let meta = configdrive::parse_meta_data(meta_bytes, &origin(source, meta_name))?;
+        let user = match files.get("latest/user_data") {
+            Some(b) => userdata::parse(b, &origin(source, "latest/user_data"))?,
+            None => CloudConfig::default(),
+        };
+        let network = match &meta.network_path {
+            Some(path) => {
+                let bytes = files.get(path).ok_or_else(|| SeedError::Invalid {
+                    origin: origin(source, path),
+                    detail: "missing, but meta_data.json names it as network_config".into(),
+                })?;
+                let text = String::from_utf8_lossy(bytes);
+                Some(NetworkSetting::Config(network::parse_eni(
+                    &text,
+                    &origin(source, path),
+                )?))
+            }
+            None => None,
+        };
+        let warnings = user.warnings.clone();
+        Ok(Seed {
+            source: source.to_string(),
+            instance_id: meta.instance_id,
+            local_hostname: meta.hostname,
+            public_keys: meta.public_keys,
+            user,
+            vendor: None,
+            network,
+            digest: files.digest(),
+            warnings,
+        })
+    }
+
+    /// systemd credentials (SMBIOS type 11): hostname, machine-id and root's keys.
+    /// The instance-id is derived from the credentials themselves, so changing any of
+    /// them is a new instance.
+    pub fn from_credentials(creds: &BTreeMap<String, Vec<u8>>, source: &str) -> Option<Seed> {
+        let text = |name: &str| {
+            creds
+                .get(name)
+                .map(|b| String::from_utf8_lossy(b).trim().to_string())
+        };
+        let hostname = text(credentials::HOSTNAME);
+        let machine_id = text(credentials::MACHINE_ID);
+        let keys = text(credentials::ROOT_KEYS);
+        if hostname.is_none() && machine_id.is_none() && keys.is_none() {
+            return None;
+        }
+        let files = SeedFiles(
+            creds
+                .iter()
+                .filter(|(k, _)| {
+                    [
+                        credentials::HOSTNAME,
+                        credentials::MACHINE_ID,
+                        credentials::ROOT_KEYS,
+                    ]
+                    .contains(&k.as_str())
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        );
+        let digest = files.digest();
+        let mut user = CloudConfig {
+            hostname,
+            ..CloudConfig::default()
+        };
+        user.nixseed.machine_id = machine_id;
+        user.ssh_authorized_keys = keys
+            .map(|k| k.lines().map(str::to_string).collect())
+            .unwrap_or_default();
+        Some(Seed {
+            source: source.to_string(),
+            instance_id: format!("credentials-{}", &digest[..16]),
+            user,
+            digest,
+            ..Seed::default()
+        })
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(pairs: &[(&str, &str)]) -> SeedFiles {
+        SeedFiles(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn nocloud_requires_both_files() {
+        let err = Seed::from_nocloud(&files(&[("meta-data", "")]), "nocloud:/dev/sr0", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("nocloud:/dev/sr0/user-data: missing"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn digest_changes_with_any_byte() {
+        let a = files(&[("meta-data", "instance-id: a\n"), ("user-data", "")]);
+        let b = files(&[("meta-data", "instance-id: a\n"), ("user-data", " ")]);
+        assert_ne!(a.digest(), b.digest());
+    }
+
+    #[test]
+    fn credentials_seed() {
+        let mut c = BTreeMap::new();
+        c.insert(credentials::HOSTNAME.to_string(), b"vm7\n".to_vec());
+        let s = Seed::from_credentials(&c, "credentials:smbios").unwrap();
+        assert_eq!(s.user.hostname.as_deref(), Some("vm7"));
+        assert!(s.instance_id.starts_with("credentials-"));
+        assert!(Seed::from_credentials(&BTreeMap::new(), "x").is_none());
+    }
+}

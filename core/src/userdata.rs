@@ -1,1 +1,700 @@
-//! TODO
+//! user-data and vendor-data: `#cloud-config` (plain, gzip'd, or inside MIME multipart)
+//! into a [`CloudConfig`] holding just the keys nixseed acts on. Other keys are kept as
+//! warnings that name them; nothing is silently dropped.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use crate::yaml::{self, Mapping, Value};
+
+/// The largest user-data accepted after decompression. cloud-init has no limit; a seed
+/// larger than this is an attack or a mistake, and reading it would stall the initrd.
+pub const MAX_USER_DATA: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserDataError {
+    #[error(transparent)]
+    Yaml(#[from] yaml::YamlError),
+    #[error("{origin}: {detail}")]
+    Invalid { origin: String, detail: String },
+}
+
+fn invalid(origin: &str, detail: impl Into<String>) -> UserDataError {
+    UserDataError::Invalid {
+        origin: origin.to_string(),
+        detail: detail.into(),
+    }
+}
+
+/// A user from `users:` (or the legacy `user:`/`password:` pair Proxmox writes).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct User {
+    pub name: String,
+    pub ssh_authorized_keys: Vec<String>,
+    /// A crypt(3) hash (`$5$…`, `$6$…`); never a clear-text password.
+    pub passwd: Option<String>,
+    pub lock_passwd: Option<bool>,
+    pub groups: Vec<String>,
+}
+
+/// A `write_files` entry; validated to stay under `/var` or `/run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteFile {
+    pub path: String,
+    pub content: Vec<u8>,
+    pub permissions: u32,
+}
+
+/// `resolv_conf:` as cloud-init's cc_resolv_conf reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResolvConf {
+    pub nameservers: Vec<String>,
+    pub searchdomains: Vec<String>,
+    pub domain: Option<String>,
+    pub options: Vec<String>,
+}
+
+/// The `nixseed:` extension block written by `seedctl seed`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NixseedBlock {
+    pub machine_id: Option<String>,
+    pub product_uuid: Option<String>,
+    pub tcp_ports: Vec<String>,
+    pub udp_ports: Vec<String>,
+    pub hosts: Vec<String>,
+    pub resolv_conf: Option<String>,
+}
+
+/// The cloud-config keys nixseed understands (DESIGN.md, "What nixseed understands").
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CloudConfig {
+    pub hostname: Option<String>,
+    pub fqdn: Option<String>,
+    pub manage_etc_hosts: bool,
+    pub ssh_authorized_keys: Vec<String>,
+    pub users: Vec<User>,
+    /// `ssh_keys:` host keys, by cloud-init's names (`ed25519_private`, `ed25519_public`).
+    pub ssh_keys: BTreeMap<String, String>,
+    pub ssh_pwauth: Option<bool>,
+    pub write_files: Vec<WriteFile>,
+    pub bootcmd: Vec<String>,
+    pub runcmd: Vec<String>,
+    pub timezone: Option<String>,
+    pub resolv_conf: Option<ResolvConf>,
+    /// `chpasswd: {list|users}` entries: user name → hash.
+    pub chpasswd: BTreeMap<String, String>,
+    pub nixseed: NixseedBlock,
+    /// One line per key or part that was ignored, naming it.
+    pub warnings: Vec<String>,
+}
+
+/// Keys that cloud-init knows and nixseed deliberately leaves alone: a warning still names
+/// them, but says they are understood and why they do nothing here.
+const IGNORED_ON_IMMUTABLE: &[&str] = &[
+    "package_upgrade",
+    "package_update",
+    "packages",
+    "apt",
+    "growpart",
+    "resize_rootfs",
+    "locale",
+    "ntp",
+    "disable_root",
+    "preserve_hostname",
+    "prefer_fqdn_over_hostname",
+    "final_message",
+];
+
+/// Decodes raw user-data bytes (gzip, MIME multipart or plain) into a cloud-config.
+/// `origin` names the file in every message.
+pub fn parse(bytes: &[u8], origin: &str) -> Result<CloudConfig, UserDataError> {
+    let bytes = gunzip_if_needed(bytes, origin)?;
+    if bytes.len() > MAX_USER_DATA {
+        return Err(invalid(
+            origin,
+            format!(
+                "{} bytes exceed the {} byte limit for user-data",
+                bytes.len(),
+                MAX_USER_DATA
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| invalid(origin, format!("not UTF-8 text ({e})")))?;
+    let mut config = CloudConfig::default();
+    for part in parts(text, origin)? {
+        match part {
+            Part::CloudConfig(text) => merge_cloud_config(&mut config, &text, origin)?,
+            Part::Ignored(what) => config.warnings.push(format!(
+                "{origin}: {what} ignored (nixseed applies #cloud-config only)"
+            )),
+        }
+    }
+    Ok(config)
+}
+
+enum Part {
+    CloudConfig(String),
+    Ignored(String),
+}
+
+fn gunzip_if_needed(bytes: &[u8], origin: &str) -> Result<Vec<u8>, UserDataError> {
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return Ok(bytes.to_vec());
+    }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .take(MAX_USER_DATA as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| invalid(origin, format!("gzip data is corrupt: {e}")))?;
+    Ok(out)
+}
+
+fn parts(text: &str, origin: &str) -> Result<Vec<Part>, UserDataError> {
+    let trimmed = text.trim_start();
+    if trimmed.is_empty() {
+        return Ok(Vec::new());
+    }
+    if trimmed.starts_with("#cloud-config") {
+        return Ok(vec![Part::CloudConfig(text.to_string())]);
+    }
+    if let Some(boundary) = mime_boundary(text) {
+        return mime_parts(text, &boundary, origin);
+    }
+    let first = trimmed.lines().next().unwrap_or_default();
+    Ok(vec![Part::Ignored(format!(
+        "user-data starting with {first:?}"
+    ))])
+}
+
+/// The boundary of a MIME multipart document, from its top-level Content-Type header.
+fn mime_boundary(text: &str) -> Option<String> {
+    let headers = text.split("\n\n").next()?;
+    let unfolded = headers.replace("\n ", " ").replace("\n\t", " ");
+    let ct = unfolded
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("content-type:"))?;
+    if !ct.to_ascii_lowercase().contains("multipart/") {
+        return None;
+    }
+    let at = ct.to_ascii_lowercase().find("boundary=")?;
+    let value = &ct[at + "boundary=".len()..];
+    let value = value.split(';').next()?.trim().trim_matches('"');
+    Some(value.to_string())
+}
+
+fn mime_parts(text: &str, boundary: &str, origin: &str) -> Result<Vec<Part>, UserDataError> {
+    let text = text.replace("\r\n", "\n");
+    let delimiter = format!("--{boundary}");
+    let mut out = Vec::new();
+    for chunk in text.split(&delimiter).skip(1) {
+        if chunk.starts_with("--") {
+            break;
+        }
+        let chunk = chunk.strip_prefix('\n').unwrap_or(chunk);
+        let (head, body) = chunk.split_once("\n\n").unwrap_or((chunk, ""));
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_ascii_lowercase())
+            })
+        };
+        let ctype = header("content-type").unwrap_or_else(|| "text/plain".into());
+        let body = body.strip_suffix('\n').unwrap_or(body);
+        let body = match header("content-transfer-encoding").as_deref() {
+            Some("base64") => {
+                let raw = crate::credentials::base64_decode(body)
+                    .ok_or_else(|| invalid(origin, "a MIME part's base64 body is corrupt"))?;
+                let raw = gunzip_if_needed(&raw, origin)?;
+                String::from_utf8(raw)
+                    .map_err(|_| invalid(origin, "a MIME part is not UTF-8 text"))?
+            }
+            _ => body.to_string(),
+        };
+        if ctype.starts_with("text/cloud-config") || body.trim_start().starts_with("#cloud-config")
+        {
+            out.push(Part::CloudConfig(body));
+        } else {
+            let name = ctype.split(';').next().unwrap_or_default().to_string();
+            out.push(Part::Ignored(format!("MIME part of type {name}")));
+        }
+    }
+    Ok(out)
+}
+
+/// Later parts override earlier ones key by key (cloud-init's default for top-level keys).
+fn merge_cloud_config(
+    config: &mut CloudConfig,
+    text: &str,
+    origin: &str,
+) -> Result<(), UserDataError> {
+    let map = yaml::parse_mapping(text, origin)?;
+    for (key, value) in &map {
+        let Some(key) = key.as_str() else {
+            config
+                .warnings
+                .push(format!("{origin}: non-string key ignored"));
+            continue;
+        };
+        let ctx = Ctx { origin, key };
+        match key {
+            "hostname" => config.hostname = Some(ctx.text(&map, text)?),
+            "fqdn" => config.fqdn = Some(ctx.text(&map, text)?),
+            "manage_etc_hosts" => {
+                config.manage_etc_hosts = match value {
+                    Value::String(s) if s == "localhost" || s == "template" => true,
+                    v => ctx.boolean(v)?,
+                }
+            }
+            "ssh_authorized_keys" => config.ssh_authorized_keys = ctx.keys(value)?,
+            "users" => config.users.extend(ctx.users(value)?),
+            "user" => {
+                let user = match value {
+                    Value::Mapping(m) => ctx.user(m)?,
+                    v => User {
+                        name: ctx.scalar(v)?,
+                        ..User::default()
+                    },
+                };
+                upsert_user(&mut config.users, user, true);
+            }
+            "password" => {
+                // The legacy pair belongs to the default user (`user:`); Proxmox writes a hash.
+                let hash = ctx.text(&map, text)?;
+                let default = config.users.iter_mut().find(|u| u.passwd.is_none());
+                match default {
+                    Some(u) => u.passwd = Some(hash),
+                    None => config.warnings.push(format!(
+                        "{origin}: key 'password' ignored: no 'user' to apply it to"
+                    )),
+                }
+            }
+            "chpasswd" => ctx.chpasswd(value, &mut config.chpasswd, &mut config.warnings)?,
+            "ssh_keys" => config.ssh_keys = ctx.string_map(value)?,
+            "ssh_pwauth" => {
+                config.ssh_pwauth = Some(match value {
+                    Value::String(s) if s == "unchanged" => continue,
+                    v => ctx.boolean(v)?,
+                })
+            }
+            "write_files" => config.write_files.extend(ctx.write_files(value)?),
+            "bootcmd" => config.bootcmd = ctx.commands(value)?,
+            "runcmd" => config.runcmd = ctx.commands(value)?,
+            "timezone" => config.timezone = Some(ctx.scalar(value)?),
+            "resolv_conf" => config.resolv_conf = Some(ctx.resolv_conf(value)?),
+            "nixseed" => config.nixseed = ctx.nixseed(value)?,
+            k if IGNORED_ON_IMMUTABLE.contains(&k) => config.warnings.push(format!(
+                "{origin}: key '{k}' ignored (not applicable to an immutable image)"
+            )),
+            k => config
+                .warnings
+                .push(format!("{origin}: unknown key '{k}' ignored")),
+        }
+    }
+    // `users: [default]` leaves only the placeholder; the legacy `user:` is the default.
+    config.users.retain(|u| u.name != "default");
+    Ok(())
+}
+
+fn upsert_user(users: &mut Vec<User>, user: User, front: bool) {
+    if let Some(existing) = users.iter_mut().find(|u| u.name == user.name) {
+        if existing.passwd.is_none() {
+            existing.passwd = user.passwd;
+        }
+        existing
+            .ssh_authorized_keys
+            .extend(user.ssh_authorized_keys);
+        existing.groups.extend(user.groups);
+        return;
+    }
+    if front {
+        users.insert(0, user);
+    } else {
+        users.push(user);
+    }
+}
+
+/// Parse context: names the file and key in every error.
+struct Ctx<'a> {
+    origin: &'a str,
+    key: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, detail: impl std::fmt::Display) -> UserDataError {
+        invalid(self.origin, format!("key '{}': {detail}", self.key))
+    }
+
+    fn scalar(&self, v: &Value) -> Result<String, UserDataError> {
+        yaml::scalar_text(v)
+            .ok_or_else(|| self.err(format!("expected a string, found {}", yaml::kind(v))))
+    }
+
+    /// A top-level scalar whose source text must survive (hostnames like `0123`).
+    fn text(&self, map: &Mapping, text: &str) -> Result<String, UserDataError> {
+        match yaml::keep_text(map, text, self.key) {
+            Some(s) => Ok(s),
+            None => Err(self.err(format!(
+                "expected a string, found {}",
+                yaml::kind(&map[self.key])
+            ))),
+        }
+    }
+
+    fn boolean(&self, v: &Value) -> Result<bool, UserDataError> {
+        yaml::bool11(v)
+            .ok_or_else(|| self.err(format!("expected a boolean, found {}", yaml::kind(v))))
+    }
+
+    fn keys(&self, v: &Value) -> Result<Vec<String>, UserDataError> {
+        match v {
+            Value::Sequence(_) | Value::String(_) | Value::Null => Ok(yaml::string_list(v)
+                .into_iter()
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty())
+                .collect()),
+            other => Err(self.err(format!(
+                "expected a list of keys, found {}",
+                yaml::kind(other)
+            ))),
+        }
+    }
+
+    fn string_map(&self, v: &Value) -> Result<BTreeMap<String, String>, UserDataError> {
+        let Value::Mapping(m) = v else {
+            return Err(self.err(format!("expected a mapping, found {}", yaml::kind(v))));
+        };
+        let mut out = BTreeMap::new();
+        for (k, v) in m {
+            let k = yaml::scalar_text(k).ok_or_else(|| self.err("non-string key"))?;
+            out.insert(k, self.scalar(v)?);
+        }
+        Ok(out)
+    }
+
+    fn users(&self, v: &Value) -> Result<Vec<User>, UserDataError> {
+        let items = match v {
+            Value::Sequence(items) => items.clone(),
+            Value::String(s) => s
+                .split(',')
+                .map(|n| Value::String(n.trim().into()))
+                .collect(),
+            Value::Null => Vec::new(),
+            other => return Err(self.err(format!("expected a list, found {}", yaml::kind(other)))),
+        };
+        let mut users = Vec::new();
+        for item in &items {
+            let user = match item {
+                Value::Mapping(m) => self.user(m)?,
+                v => User {
+                    name: self.scalar(v)?,
+                    ..User::default()
+                },
+            };
+            upsert_user(&mut users, user, false);
+        }
+        Ok(users)
+    }
+
+    fn user(&self, m: &Mapping) -> Result<User, UserDataError> {
+        let name = m
+            .get("name")
+            .and_then(yaml::scalar_text)
+            .ok_or_else(|| self.err("a user entry lacks 'name'"))?;
+        let sub = |k: &str| m.get(k);
+        Ok(User {
+            ssh_authorized_keys: match sub("ssh_authorized_keys") {
+                Some(v) => self.keys(v)?,
+                None => Vec::new(),
+            },
+            passwd: sub("passwd")
+                .or_else(|| sub("hashed_passwd"))
+                .and_then(yaml::scalar_text),
+            lock_passwd: sub("lock_passwd").and_then(yaml::bool11),
+            groups: match sub("groups") {
+                Some(Value::String(s)) => s.split(',').map(|g| g.trim().to_string()).collect(),
+                Some(v) => yaml::string_list(v),
+                None => Vec::new(),
+            },
+            name,
+        })
+    }
+
+    fn chpasswd(
+        &self,
+        v: &Value,
+        out: &mut BTreeMap<String, String>,
+        warnings: &mut Vec<String>,
+    ) -> Result<(), UserDataError> {
+        let Value::Mapping(m) = v else {
+            return Err(self.err(format!("expected a mapping, found {}", yaml::kind(v))));
+        };
+        if let Some(Value::Sequence(users)) = m.get("users") {
+            for u in users {
+                let name = u.get("name").and_then(yaml::scalar_text);
+                let pw = u.get("password").and_then(yaml::scalar_text);
+                if let (Some(name), Some(pw)) = (name, pw) {
+                    self.hashed_only(&name, pw, out, warnings);
+                }
+            }
+        }
+        let list: Vec<String> = match m.get("list") {
+            Some(Value::String(s)) => s.lines().map(str::to_string).collect(),
+            Some(v) => yaml::string_list(v),
+            None => Vec::new(),
+        };
+        for line in list {
+            if let Some((name, pw)) = line.split_once(':') {
+                self.hashed_only(name.trim(), pw.trim().to_string(), out, warnings);
+            }
+        }
+        Ok(())
+    }
+
+    /// Clear-text and random passwords are refused: nixseed never stores a clear-text
+    /// secret in `/var/identity`.
+    fn hashed_only(
+        &self,
+        name: &str,
+        pw: String,
+        out: &mut BTreeMap<String, String>,
+        warnings: &mut Vec<String>,
+    ) {
+        if pw.starts_with('$') {
+            out.insert(name.to_string(), pw);
+        } else {
+            warnings.push(format!(
+                "{}: key 'chpasswd': clear-text or random password for '{name}' ignored; give a crypt hash",
+                self.origin
+            ));
+        }
+    }
+
+    fn write_files(&self, v: &Value) -> Result<Vec<WriteFile>, UserDataError> {
+        let Value::Sequence(items) = v else {
+            return Err(self.err(format!("expected a list, found {}", yaml::kind(v))));
+        };
+        let mut out = Vec::new();
+        for item in items {
+            let path = item
+                .get("path")
+                .and_then(yaml::scalar_text)
+                .ok_or_else(|| self.err("an entry lacks 'path'"))?;
+            check_write_path(&path).map_err(|d| self.err(format!("{path}: {d}")))?;
+            let content = item
+                .get("content")
+                .and_then(yaml::scalar_text)
+                .unwrap_or_default();
+            let content = match item.get("encoding").and_then(yaml::scalar_text).as_deref() {
+                Some("b64") | Some("base64") => crate::credentials::base64_decode(&content)
+                    .ok_or_else(|| self.err(format!("{path}: base64 content is corrupt")))?,
+                Some("gz+b64") | Some("gzip+base64") | Some("gz+base64") => {
+                    let raw = crate::credentials::base64_decode(&content)
+                        .ok_or_else(|| self.err(format!("{path}: base64 content is corrupt")))?;
+                    gunzip_if_needed(&raw, self.origin)?
+                }
+                _ => content.into_bytes(),
+            };
+            let permissions = match item.get("permissions").and_then(yaml::scalar_text) {
+                Some(p) => u32::from_str_radix(p.trim_start_matches("0o"), 8)
+                    .map_err(|_| self.err(format!("{path}: permissions '{p}' are not octal")))?,
+                None => 0o644,
+            };
+            out.push(WriteFile {
+                path,
+                content,
+                permissions,
+            });
+        }
+        Ok(out)
+    }
+
+    fn commands(&self, v: &Value) -> Result<Vec<String>, UserDataError> {
+        let Value::Sequence(items) = v else {
+            return Err(self.err(format!("expected a list, found {}", yaml::kind(v))));
+        };
+        items
+            .iter()
+            .map(|c| match c {
+                Value::Sequence(argv) => Ok(argv
+                    .iter()
+                    .filter_map(yaml::scalar_text)
+                    .map(|a| shell_quote(&a))
+                    .collect::<Vec<_>>()
+                    .join(" ")),
+                other => self.scalar(other),
+            })
+            .collect()
+    }
+
+    fn resolv_conf(&self, v: &Value) -> Result<ResolvConf, UserDataError> {
+        let Value::Mapping(m) = v else {
+            return Err(self.err(format!("expected a mapping, found {}", yaml::kind(v))));
+        };
+        Ok(ResolvConf {
+            nameservers: m
+                .get("nameservers")
+                .map(yaml::string_list)
+                .unwrap_or_default(),
+            searchdomains: m
+                .get("searchdomains")
+                .map(yaml::string_list)
+                .unwrap_or_default(),
+            domain: m.get("domain").and_then(yaml::scalar_text),
+            options: match m.get("options") {
+                Some(Value::Mapping(o)) => o
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        let k = yaml::scalar_text(k)?;
+                        Some(match yaml::bool11(v) {
+                            Some(true) => k,
+                            Some(false) => return None,
+                            None => format!("{k}:{}", yaml::scalar_text(v)?),
+                        })
+                    })
+                    .collect(),
+                Some(v) => yaml::string_list(v),
+                None => Vec::new(),
+            },
+        })
+    }
+
+    fn nixseed(&self, v: &Value) -> Result<NixseedBlock, UserDataError> {
+        let Value::Mapping(m) = v else {
+            return Err(self.err(format!("expected a mapping, found {}", yaml::kind(v))));
+        };
+        let mut block = NixseedBlock::default();
+        for (k, v) in m {
+            let k = yaml::scalar_text(k).unwrap_or_default();
+            match k.as_str() {
+                "machine-id" => block.machine_id = Some(self.scalar(v)?),
+                "product-uuid" => block.product_uuid = Some(self.scalar(v)?),
+                "tcp_ports" => block.tcp_ports = yaml::string_list(v),
+                "udp_ports" => block.udp_ports = yaml::string_list(v),
+                "hosts" => block.hosts = yaml::string_list(v),
+                "resolv_conf" => block.resolv_conf = Some(self.scalar(v)?),
+                other => {
+                    return Err(self.err(format!(
+                        "unknown key '{other}' in the nixseed block (known: machine-id, product-uuid, tcp_ports, udp_ports, hosts, resolv_conf)"
+                    )));
+                }
+            }
+        }
+        Ok(block)
+    }
+}
+
+/// `write_files` may only target `/var` and `/run`; the root is read-only and other paths
+/// would escape the identity contract.
+pub fn check_write_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err("path must be absolute".into());
+    }
+    if path.split('/').any(|c| c == ".." || c == ".") {
+        return Err("path must not contain '.' or '..' components".into());
+    }
+    let allowed = ["/var/", "/run/"];
+    if !allowed.iter().any(|a| path.starts_with(a)) || path.starts_with("/var/identity") {
+        return Err(
+            "write_files may only write under /var or /run (and not into /var/identity)".into(),
+        );
+    }
+    Ok(())
+}
+
+fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+    {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// user-data exactly in the shape and order Proxmox VE writes it (REFERENCE.md §2).
+    const PROXMOX: &str = "#cloud-config\nhostname: 0123\nmanage_etc_hosts: true\nfqdn: 0123.example.com\nuser: admin\npassword: $5$salt$4iUKXwyDd6fNk3MvxwJHJEkmF2GIHE26b2ecvE1eLX.\nssh_authorized_keys:\n  - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA0 admin@host\nchpasswd:\n  expire: False\nusers:\n  - default\npackage_upgrade: true\n";
+
+    #[test]
+    fn proxmox_user_data_parses_exactly() {
+        let c = parse(PROXMOX.as_bytes(), "user-data").unwrap();
+        assert_eq!(c.hostname.as_deref(), Some("0123"));
+        assert_eq!(c.fqdn.as_deref(), Some("0123.example.com"));
+        assert!(c.manage_etc_hosts);
+        assert_eq!(c.users.len(), 1);
+        assert_eq!(c.users[0].name, "admin");
+        assert!(c.users[0].passwd.as_deref().unwrap().starts_with("$5$"));
+        assert_eq!(c.ssh_authorized_keys.len(), 1);
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("'package_upgrade'"));
+    }
+
+    #[test]
+    fn gzip_user_data_is_unpacked() {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"#cloud-config\nhostname: zipped\n").unwrap();
+        let c = parse(&gz.finish().unwrap(), "user-data").unwrap();
+        assert_eq!(c.hostname.as_deref(), Some("zipped"));
+    }
+
+    #[test]
+    fn mime_multipart_merges_cloud_config_parts() {
+        let text = "Content-Type: multipart/mixed; boundary=\"XYZ\"\nMIME-Version: 1.0\n\n--XYZ\nContent-Type: text/cloud-config\n\n#cloud-config\nhostname: first\ntimezone: UTC\n\n--XYZ\nContent-Type: text/x-shellscript\n\n#!/bin/sh\necho hi\n--XYZ\nContent-Type: text/cloud-config\nContent-Transfer-Encoding: base64\n\nI2Nsb3VkLWNvbmZpZwpob3N0bmFtZTogc2Vjb25kCg==\n--XYZ--\n";
+        let c = parse(text.as_bytes(), "user-data").unwrap();
+        assert_eq!(c.hostname.as_deref(), Some("second"));
+        assert_eq!(c.timezone.as_deref(), Some("UTC"));
+        assert!(c.warnings.iter().any(|w| w.contains("text/x-shellscript")));
+    }
+
+    #[test]
+    fn write_files_outside_var_and_run_is_an_error_naming_the_path() {
+        let text = "#cloud-config\nwrite_files:\n  - path: /etc/passwd\n    content: x\n";
+        let err = parse(text.as_bytes(), "user-data").unwrap_err().to_string();
+        assert!(
+            err.contains("user-data") && err.contains("write_files") && err.contains("/etc/passwd"),
+            "{err}"
+        );
+        let ok = "#cloud-config\nwrite_files:\n  - path: /var/lib/app/conf\n    content: aGk=\n    encoding: b64\n    permissions: '0600'\n";
+        let c = parse(ok.as_bytes(), "user-data").unwrap();
+        assert_eq!(c.write_files[0].content, b"hi");
+        assert_eq!(c.write_files[0].permissions, 0o600);
+    }
+
+    #[test]
+    fn nixseed_block_and_unknown_keys() {
+        let text = "#cloud-config\nnixseed:\n  machine-id: 0123456789abcdef0123456789abcdef\n  tcp_ports: [22, '8000-8080']\nfrobnicate: 1\n";
+        let c = parse(text.as_bytes(), "user-data").unwrap();
+        assert_eq!(c.nixseed.tcp_ports, vec!["22", "8000-8080"]);
+        assert_eq!(
+            c.warnings,
+            vec!["user-data: unknown key 'frobnicate' ignored"]
+        );
+    }
+
+    #[test]
+    fn wrong_types_name_file_and_key() {
+        let err = parse(b"#cloud-config\nssh_authorized_keys: {a: b}\n", "user-data")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "user-data: key 'ssh_authorized_keys': expected a list of keys, found a mapping"
+        );
+    }
+
+    #[test]
+    fn oversized_user_data_is_refused() {
+        let big = vec![b'#'; MAX_USER_DATA + 1];
+        let err = parse(&big, "user-data").unwrap_err().to_string();
+        assert!(err.contains("exceed"), "{err}");
+    }
+}

@@ -1,0 +1,30 @@
+//! Logs go to journald when it is there, to stderr otherwise (the initrd, tests).
+
+use tracing_subscriber::prelude::*;
+
+pub fn init(verbose: bool) {
+    let level = if verbose {
+        tracing::level_filters::LevelFilter::DEBUG
+    } else {
+        tracing::level_filters::LevelFilter::INFO
+    };
+    let journald = std::path::Path::new("/run/systemd/journal/socket").exists()
+        && std::env::var_os("NIXSEED_LOG_STDERR").is_none()
+        && std::env::var_os("JOURNAL_STREAM").is_some();
+    if journald {
+        if let Ok(layer) = tracing_journald::layer() {
+            let _ = tracing_subscriber::registry()
+                .with(layer.with_syslog_identifier("nixseed-agent".into()))
+                .with(level)
+                .try_init();
+            return;
+        }
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .without_time()
+        .with_ansi(false)
+        .try_init();
+}

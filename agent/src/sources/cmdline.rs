@@ -1,0 +1,63 @@
+//! `ds=nocloud;…` from the kernel command line or the SMBIOS system serial. A local
+//! `s=` directory is read as a NoCloud seed; without one, the token's own `i=`/`h=` make
+//! a seed with empty user-data.
+
+use anyhow::Result;
+use nixseed_core::nocloud::{DsToken, parse_ds_token};
+use nixseed_core::seed::{Seed, SeedFiles};
+
+use super::{Env, Source, nocloud};
+
+fn from_token(env: &Env, tok: &DsToken, source: &str) -> Result<Option<Seed>> {
+    if let Some(dir) = tok.local_seed_dir() {
+        let dir = env.sysroot_path(dir);
+        if let Some(seed) = nocloud::from_dir(env, &dir, &format!("{source}:{}", dir.display()))? {
+            return Ok(Some(seed));
+        }
+    }
+    if tok.instance_id.is_none() && tok.local_hostname.is_none() {
+        return Ok(None);
+    }
+    let files = SeedFiles(
+        [("meta-data", ""), ("user-data", "")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+    );
+    let mut seed = Seed::from_nocloud(&files, source, Some(tok))?;
+    // The digest must change when the token does.
+    seed.digest = nixseed_core::manifest::sha256_hex(format!("{tok:?}").as_bytes());
+    Ok(Some(seed))
+}
+
+pub struct CmdlineNoCloud;
+
+impl Source for CmdlineNoCloud {
+    fn name(&self) -> &'static str {
+        "nocloud-cmdline"
+    }
+
+    fn find(&self, env: &Env) -> Result<Option<Seed>> {
+        match parse_ds_token(&env.cmdline()) {
+            Some(tok) => from_token(env, &tok, "nocloud:cmdline"),
+            None => Ok(None),
+        }
+    }
+}
+
+pub struct SmbiosSerialNoCloud;
+
+impl Source for SmbiosSerialNoCloud {
+    fn name(&self) -> &'static str {
+        "nocloud-smbios"
+    }
+
+    fn find(&self, env: &Env) -> Result<Option<Seed>> {
+        let serial = std::fs::read_to_string(env.host_path("/sys/class/dmi/id/product_serial"))
+            .unwrap_or_default();
+        match parse_ds_token(&serial) {
+            Some(tok) => from_token(env, &tok, "nocloud:smbios-serial"),
+            None => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Seed sources, tried in DESIGN.md's order until one yields a seed. Each source is one
+//! module behind [`Source`]; adding a source touches one file and the [`ORDER`] table.
+
+mod block;
+mod cmdline;
+mod configdrive;
+mod credentials;
+mod nocloud;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::Result;
+use nixseed_core::seed::{Seed, SeedFiles};
+
+pub use block::BlockDevice;
+
+/// Where the system's pseudo-filesystems and the target root are. In production `/` and
+/// `/sysroot` (initrd) or `/` (stage 2); `--root DIR` points both into a test tree.
+pub struct Env {
+    /// Root of `/sys`, `/proc`, `/dev`.
+    pub host: PathBuf,
+    /// The target system root (`/var/lib/cloud/seed/nocloud` lives there).
+    pub sysroot: PathBuf,
+    /// Where seed media are mounted (a private directory under /run).
+    pub run: PathBuf,
+    blocks: OnceLock<Vec<BlockDevice>>,
+}
+
+impl Env {
+    pub fn new(host: PathBuf, sysroot: PathBuf, run: PathBuf) -> Env {
+        Env {
+            host,
+            sysroot,
+            run,
+            blocks: OnceLock::new(),
+        }
+    }
+
+    pub fn host_path(&self, abs: &str) -> PathBuf {
+        self.host.join(abs.trim_start_matches('/'))
+    }
+
+    pub fn sysroot_path(&self, abs: &str) -> PathBuf {
+        self.sysroot.join(abs.trim_start_matches('/'))
+    }
+
+    /// Block devices with a recognised filesystem label, probed once.
+    pub fn block_devices(&self) -> &[BlockDevice] {
+        self.blocks.get_or_init(|| block::scan(self))
+    }
+
+    /// The VM's DMI product_uuid, lowercase.
+    pub fn product_uuid(&self) -> Option<String> {
+        let p = self.host_path("/sys/class/dmi/id/product_uuid");
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+    }
+
+    pub fn cmdline(&self) -> String {
+        std::fs::read_to_string(self.host_path("/proc/cmdline")).unwrap_or_default()
+    }
+}
+
+/// One place a seed can come from.
+pub trait Source: Sync {
+    fn name(&self) -> &'static str;
+    /// `Ok(None)`: nothing here. `Err`: a seed is here but unusable (the error names the file).
+    fn find(&self, env: &Env) -> Result<Option<Seed>>;
+}
+
+/// DESIGN.md's order. The control channel is tried before these by the stage itself.
+pub static ORDER: &[&dyn Source] = &[
+    &nocloud::BlockNoCloud,
+    &cmdline::CmdlineNoCloud,
+    &cmdline::SmbiosSerialNoCloud,
+    &nocloud::SeedDirNoCloud,
+    &configdrive::BlockConfigDrive,
+    &credentials::SmbiosCredentials,
+];
+
+/// Names of the sources in order, for `--sources` validation and docs.
+pub fn names() -> Vec<&'static str> {
+    ORDER.iter().map(|s| s.name()).collect()
+}
+
+/// The first seed found, in `order` (source names) or the default order.
+pub fn find_seed(env: &Env, order: Option<&[String]>) -> Result<Option<Seed>> {
+    let chosen: Vec<&dyn Source> = match order {
+        None => ORDER.to_vec(),
+        Some(names) => names
+            .iter()
+            .filter_map(|n| ORDER.iter().copied().find(|s| s.name() == n))
+            .collect(),
+    };
+    for source in chosen {
+        let _span = tracing::debug_span!("source", name = source.name()).entered();
+        if let Some(seed) = source.find(env)? {
+            return Ok(Some(seed));
+        }
+    }
+    Ok(None)
+}
+
+/// Reads the named files of a seed directory; files that are absent are left out.
+/// Each read is capped so a hostile seed cannot exhaust memory.
+pub fn read_seed_files(dir: &Path, names: &[&str]) -> Result<SeedFiles> {
+    use std::io::Read;
+    let mut out = BTreeMap::new();
+    for name in names {
+        let path = dir.join(name);
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(anyhow::anyhow!("{}: cannot stat: {e}", path.display())),
+        };
+        if !meta.is_file() {
+            anyhow::bail!("{}: not a regular file (links are refused)", path.display());
+        }
+        let cap = nixseed_core::userdata::MAX_USER_DATA as u64;
+        if meta.len() > cap {
+            anyhow::bail!(
+                "{}: {} bytes exceed the {cap} byte limit for a seed file",
+                path.display(),
+                meta.len()
+            );
+        }
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(cap + 1).read_to_end(&mut bytes))
+            .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+        out.insert(name.to_string(), bytes);
+    }
+    Ok(SeedFiles(out))
+}

@@ -1,0 +1,57 @@
+//! NoCloud from a `cidata`/`CIDATA` volume or from `/var/lib/cloud/seed/nocloud/`.
+
+use std::path::Path;
+
+use anyhow::Result;
+use nixseed_core::label;
+use nixseed_core::nocloud::parse_ds_token;
+use nixseed_core::seed::Seed;
+
+use super::block::Media;
+use super::{Env, Source, read_seed_files};
+
+pub const FILES: &[&str] = &["meta-data", "user-data", "vendor-data", "network-config"];
+
+/// Reads a NoCloud directory; `None` when it holds neither meta-data nor user-data.
+pub fn from_dir(env: &Env, dir: &Path, source: &str) -> Result<Option<Seed>> {
+    let files = read_seed_files(dir, FILES)?;
+    if files.get("meta-data").is_none() && files.get("user-data").is_none() {
+        return Ok(None);
+    }
+    let ds = parse_ds_token(&env.cmdline());
+    Ok(Some(Seed::from_nocloud(&files, source, ds.as_ref())?))
+}
+
+pub struct BlockNoCloud;
+
+impl Source for BlockNoCloud {
+    fn name(&self) -> &'static str {
+        "nocloud-volume"
+    }
+
+    fn find(&self, env: &Env) -> Result<Option<Seed>> {
+        let Some(dev) = env
+            .block_devices()
+            .iter()
+            .find(|d| label::is_nocloud_label(&d.label))
+        else {
+            return Ok(None);
+        };
+        let media = Media::mount(dev, &env.run)?;
+        let source = format!("nocloud:{}", dev.node.display());
+        from_dir(env, &media.dir, &source)
+    }
+}
+
+pub struct SeedDirNoCloud;
+
+impl Source for SeedDirNoCloud {
+    fn name(&self) -> &'static str {
+        "nocloud-dir"
+    }
+
+    fn find(&self, env: &Env) -> Result<Option<Seed>> {
+        let dir = env.sysroot_path("/var/lib/cloud/seed/nocloud");
+        from_dir(env, &dir, &format!("nocloud:{}", dir.display()))
+    }
+}

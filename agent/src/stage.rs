@@ -1,0 +1,357 @@
+//! The boot stages: `initrd` (before switch-root, so systemd starts with the right
+//! machine-id) and `apply` (stage 2: a verification when the initrd stage ran, the whole
+//! job otherwise). Both go through [`apply_seed`], as does a live push.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use nixseed_core::decide::{ClonePolicy, InstanceDecision, SeedSummary, decide};
+use nixseed_core::identity::{self, ComposeContext, compose};
+use nixseed_core::manifest::Manifest;
+use nixseed_core::network::Link;
+use nixseed_core::seed::Seed;
+
+use crate::fresh::OsFresh;
+use crate::mounts;
+use crate::sources::{self, Env};
+use crate::store::Store;
+
+/// Options shared by the stages.
+#[derive(Debug, Clone)]
+pub struct StageOptions {
+    /// The target root (`/sysroot` in the initrd, `/` in stage 2).
+    pub sysroot: PathBuf,
+    /// Root of /sys, /proc and /dev (`/` unless testing with `--root`).
+    pub host: PathBuf,
+    /// The /run that survives switch-root.
+    pub run: PathBuf,
+    pub clone_policy: ClonePolicy,
+    /// Source names in order; `None` for DESIGN.md's order.
+    pub sources: Option<Vec<String>>,
+    /// Where the identity lives, as seen from inside the target root.
+    pub identity_dir: String,
+}
+
+/// What one stage did, for the summary line and the control channel's `status`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub decision: String,
+    pub generation: Option<u64>,
+    pub instance_id: Option<String>,
+    pub source: Option<String>,
+    pub changed: Vec<String>,
+    pub timings_ms: Vec<(&'static str, f64)>,
+}
+
+pub struct Timer {
+    last: Instant,
+    laps: Vec<(&'static str, f64)>,
+}
+
+impl Timer {
+    pub fn new() -> Timer {
+        Timer {
+            last: Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+    pub fn lap(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.laps
+            .push((name, (now - self.last).as_secs_f64() * 1000.0));
+        self.last = now;
+    }
+}
+
+impl StageOptions {
+    fn store_path(&self) -> PathBuf {
+        self.sysroot.join(self.identity_dir.trim_start_matches('/'))
+    }
+    fn marker(&self) -> PathBuf {
+        self.run.join("nixseed/applied")
+    }
+}
+
+/// The guest's NICs from sysfs, for matching `mac_address` entries.
+pub fn links(host: &Path) -> Vec<Link> {
+    let dir = host.join("sys/class/net");
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == "lo" {
+                continue;
+            }
+            if let Ok(mac) = std::fs::read_to_string(e.path().join("address")) {
+                out.push(Link {
+                    name,
+                    mac: mac.trim().to_ascii_lowercase(),
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Finds a seed, decides, writes a generation if needed, and binds the current one.
+/// A seed that cannot be used still leaves the current generation mounted, then fails.
+pub fn run_boot_stage(opts: &StageOptions) -> Result<Outcome> {
+    let mut t = Timer::new();
+    let env = Env::new(opts.host.clone(), opts.sysroot.clone(), opts.run.clone());
+    let found = {
+        let _s = tracing::info_span!("probe").entered();
+        sources::find_seed(&env, opts.sources.as_deref())
+    };
+    t.lap("probe+parse");
+    let store = Store::open(&opts.store_path(), true)?;
+    let seed_error;
+    let mut outcome = match found {
+        Ok(seed) => {
+            seed_error = None;
+            apply_seed(&store, seed.as_ref(), opts, &env, &mut t)?
+        }
+        Err(e) => {
+            seed_error = Some(e);
+            Outcome {
+                decision: "seed unusable: keeping the current identity".into(),
+                ..Outcome::default()
+            }
+        }
+    };
+    let current = store.current_number()?;
+    if let Some(n) = current {
+        let _s = tracing::info_span!("mount").entered();
+        bind_generation(&store, n, opts)?;
+        outcome.generation = Some(n);
+    }
+    t.lap("mount");
+    outcome.timings_ms = t.laps;
+    if let Some(e) = seed_error {
+        return Err(e.context(match current {
+            Some(n) => format!("the seed was not applied; generation {n} stays current and mounted"),
+            None => "the seed was not applied and there is no earlier identity".into(),
+        }));
+    }
+    Ok(outcome)
+}
+
+/// Decides and writes; shared by the boot stages and a live push.
+pub fn apply_seed(
+    store: &Store,
+    seed: Option<&Seed>,
+    opts: &StageOptions,
+    env: &Env,
+    t: &mut Timer,
+) -> Result<Outcome> {
+    let current = store.current()?;
+    let product_uuid = env.product_uuid();
+    let decision = decide(
+        current.as_ref().map(|g| &g.manifest),
+        seed.map(|s| SeedSummary {
+            instance_id: &s.instance_id,
+            digest: &s.digest,
+        }),
+        product_uuid.as_deref(),
+    );
+    t.lap("decide");
+    let mut outcome = Outcome {
+        decision: format!("{decision:?}"),
+        generation: current.as_ref().map(|g| g.number),
+        instance_id: seed.map(|s| s.instance_id.clone()),
+        source: seed.map(|s| s.source.clone()),
+        ..Outcome::default()
+    };
+    let Some(seed) = seed else {
+        tracing::info!("no seed found: keeping the current identity untouched");
+        return Ok(outcome);
+    };
+    for w in &seed.warnings {
+        tracing::warn!("{w}");
+    }
+    let regenerate = match decision {
+        InstanceDecision::NoSeed | InstanceDecision::Same => return Ok(outcome),
+        InstanceDecision::FirstBoot => false,
+        InstanceDecision::NewInstance { moved } => moved && opts.clone_policy == ClonePolicy::Regenerate,
+        InstanceDecision::Clone => {
+            tracing::warn!(
+                "CLONE DETECTED: product_uuid is now {} but the identity was made for {}; policy {:?}",
+                product_uuid.as_deref().unwrap_or("?"),
+                current
+                    .as_ref()
+                    .and_then(|g| g.manifest.product_uuid.as_deref())
+                    .unwrap_or("?"),
+                opts.clone_policy
+            );
+            match opts.clone_policy {
+                ClonePolicy::Refuse => bail!(
+                    "clone detected (product_uuid changed under an unchanged seed) and the clone policy is 'refuse': nothing applied"
+                ),
+                ClonePolicy::Adopt => false,
+                ClonePolicy::Regenerate => true,
+            }
+        }
+    };
+    let ctx = ComposeContext {
+        links: links(&env.host),
+        regenerate,
+    };
+    let tree = {
+        let _s = tracing::info_span!("compose").entered();
+        compose(seed, current.as_ref().map(|g| &g.tree), &ctx, &mut OsFresh)?
+    };
+    t.lap("compose");
+    outcome.changed = match &current {
+        Some(g) => tree
+            .iter()
+            .filter(|(k, v)| g.tree.get(*k) != Some(v))
+            .map(|(k, _)| k.clone())
+            .chain(g.tree.keys().filter(|k| !tree.contains_key(*k)).cloned())
+            .collect(),
+        None => tree.keys().cloned().collect(),
+    };
+    let manifest = Manifest {
+        generation: 0,
+        instance_id: seed.instance_id.clone(),
+        source: seed.source.clone(),
+        product_uuid,
+        seed_digest: seed.digest.clone(),
+        files: Default::default(),
+    };
+    let n = {
+        let _s = tracing::info_span!("write").entered();
+        store
+            .write_generation(&tree, manifest)
+            .with_context(|| format!("cannot write a new generation under {}", store.path().display()))?
+    };
+    t.lap("write");
+    outcome.generation = Some(n);
+    Ok(outcome)
+}
+
+/// Bind-mounts generation `n` over the placeholders in `<sysroot>/etc`, composes
+/// `/etc/hosts`, and links networkd files into `<run>/systemd/network`.
+pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions) -> Result<()> {
+    let gen_dir = store.generation_path(n);
+    let etc = opts.sysroot.join("etc");
+    let mounted = mounts::mount_points()?;
+    for name in [identity::MACHINE_ID, identity::HOSTNAME, identity::RESOLV_CONF] {
+        mounts::bind_readonly(&gen_dir.join(name), &etc.join(name), &mounted)?;
+    }
+    // /etc/hosts = the image's base + the identity's extra lines.
+    let nixseed_run = opts.run.join("nixseed");
+    std::fs::create_dir_all(&nixseed_run)
+        .with_context(|| format!("cannot create {}", nixseed_run.display()))?;
+    let base_copy = nixseed_run.join("hosts.base");
+    let hosts_etc = etc.join(identity::HOSTS);
+    if !base_copy.exists() {
+        let base = if mounted.iter().any(|m| m == &hosts_etc) {
+            String::new()
+        } else {
+            std::fs::read_to_string(&hosts_etc).unwrap_or_default()
+        };
+        write_atomic(&base_copy, base.as_bytes())?;
+    }
+    let base = std::fs::read_to_string(&base_copy).unwrap_or_default();
+    let extra = std::fs::read_to_string(gen_dir.join(identity::HOSTS)).unwrap_or_default();
+    let composed_path = nixseed_run.join("hosts");
+    let mut composed = base;
+    if !composed.is_empty() && !composed.ends_with('\n') {
+        composed.push('\n');
+    }
+    composed.push_str(&extra);
+    write_atomic(&composed_path, composed.as_bytes())?;
+    mounts::bind_readonly(&composed_path, &hosts_etc, &mounted)?;
+
+    link_networkd(&gen_dir, opts)?;
+    write_atomic(&opts.marker(), format!("{n}\n").as_bytes())?;
+    Ok(())
+}
+
+/// Links the generation's `.network`/`.netdev` files into `<run>/systemd/network`,
+/// replacing earlier nixseed links, pointing at the post-switch-root path.
+fn link_networkd(gen_dir: &Path, opts: &StageOptions) -> Result<()> {
+    let dest = opts.run.join("systemd/network");
+    std::fs::create_dir_all(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
+    let ours = format!("{}/", opts.identity_dir.trim_end_matches('/'));
+    for e in std::fs::read_dir(&dest)?.flatten() {
+        if let Ok(t) = std::fs::read_link(e.path()) {
+            if t.to_string_lossy().starts_with(&ours) {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+    }
+    let src = gen_dir.join(identity::NETWORK_DIR);
+    let Ok(rd) = std::fs::read_dir(&src) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let target = format!("{}/{}/{name}", opts.identity_dir.trim_end_matches('/'), identity::NETWORK_DIR);
+        std::os::unix::fs::symlink(&target, dest.join(&name))
+            .with_context(|| format!("cannot link {}/{name}", dest.display()))?;
+    }
+    Ok(())
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+    Ok(())
+}
+
+/// Stage 2. When the initrd stage already applied the current generation and its binds
+/// are in place, only verify; otherwise do the whole job and say machine-id came late.
+pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
+    let t0 = Instant::now();
+    let store = Store::open(&opts.store_path(), true)?;
+    let marker = std::fs::read_to_string(opts.marker()).ok();
+    let current = store.current_number()?;
+    if let (Some(m), Some(n)) = (marker, current) {
+        let etc = opts.sysroot.join("etc");
+        let mounted = mounts::mount_points()?;
+        let all_bound = [identity::MACHINE_ID, identity::HOSTNAME, identity::RESOLV_CONF, identity::HOSTS]
+            .iter()
+            .all(|f| mounted.contains(&etc.join(f)));
+        if m.trim() == n.to_string() && all_bound {
+            let ms = t0.elapsed().as_secs_f64() * 1000.0;
+            tracing::info!(
+                "initrd stage already applied generation {n}; verified its mounts in {ms:.1} ms"
+            );
+            return Ok(Outcome {
+                decision: "verified".into(),
+                generation: Some(n),
+                timings_ms: vec![("verify", ms)],
+                ..Outcome::default()
+            });
+        }
+    }
+    tracing::warn!(
+        "the initrd stage did not apply the identity: applying it now; machine-id was set late (systemd already started with the image's)"
+    );
+    run_boot_stage(opts)
+}
+
+/// The one summary line, with the milliseconds per stage.
+pub fn summary(stage: &str, o: &Outcome) -> String {
+    let total: f64 = o.timings_ms.iter().map(|(_, ms)| ms).sum();
+    let laps: Vec<String> = o
+        .timings_ms
+        .iter()
+        .map(|(n, ms)| format!("{n} {ms:.1}"))
+        .collect();
+    format!(
+        "nixseed {stage}: {} -> generation {} (instance-id {}, source {}) in {total:.1} ms [{}]",
+        o.decision,
+        o.generation.map(|g| g.to_string()).unwrap_or_else(|| "none".into()),
+        o.instance_id.as_deref().unwrap_or("-"),
+        o.source.as_deref().unwrap_or("-"),
+        laps.join(", ")
+    )
+}

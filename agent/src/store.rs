@@ -1,0 +1,405 @@
+//! The identity store under `/var/identity`: one directory per generation, a `current`
+//! symlink swapped with one rename(2), and flat names that always point through
+//! `current`. Every access is relative to a directory fd and refuses symlinks, so a link
+//! planted under `/var/identity` cannot redirect a write.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use nixseed_core::identity::{self, IdentityFile, IdentityTree};
+use nixseed_core::manifest::Manifest;
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
+
+const CURRENT: &str = "current";
+const GEN_PREFIX: &str = "gen-";
+/// A generation's files are small; anything bigger was not written by nixseed.
+const MAX_FILE: u64 = 4 * 1024 * 1024;
+
+/// Names linked flat into the store root, beside `current`.
+fn flat_names(tree: &IdentityTree) -> Vec<String> {
+    let mut names: Vec<String> = [
+        identity::MACHINE_ID,
+        identity::HOSTNAME,
+        identity::SSH_HOST_KEY,
+        identity::SSH_HOST_KEY_PUB,
+        identity::RESOLV_CONF,
+        identity::HOSTS,
+        identity::TCP_PORTS,
+        identity::UDP_PORTS,
+        identity::ADMIN_KEYS,
+        identity::USER_KEYS,
+        identity::NETWORK_DIR,
+        identity::MANIFEST,
+        identity::USERS,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    names.extend(tree.keys().filter(|k| !k.contains('/')).cloned());
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// An open identity store.
+pub struct Store {
+    dir: OwnedFd,
+    path: PathBuf,
+}
+
+/// One generation read back from disk.
+pub struct Generation {
+    pub number: u64,
+    pub manifest: Manifest,
+    pub tree: IdentityTree,
+}
+
+fn gen_name(n: u64) -> String {
+    format!("{GEN_PREFIX}{n}")
+}
+
+fn parse_gen(name: &str) -> Option<u64> {
+    name.strip_prefix(GEN_PREFIX)?.parse().ok()
+}
+
+impl Store {
+    /// Opens (and with `create`, makes) the store directory. A symlink at the path, a
+    /// directory owned by someone else, or one writable by group/others is refused.
+    pub fn open(path: &Path, create: bool) -> Result<Store> {
+        if create {
+            match rfs::mkdir(path, Mode::from_raw_mode(0o755)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot create {}", path.display()));
+                }
+            }
+        }
+        let dir = rfs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| {
+            format!(
+                "cannot open {} as a directory (a symlink there is refused)",
+                path.display()
+            )
+        })?;
+        let st = rfs::fstat(&dir).with_context(|| format!("cannot stat {}", path.display()))?;
+        let me = rustix::process::geteuid().as_raw();
+        if st.st_uid != me {
+            bail!(
+                "{} is owned by uid {}, not by uid {me}: refusing to trust it",
+                path.display(),
+                st.st_uid
+            );
+        }
+        if st.st_mode & 0o022 != 0 {
+            bail!(
+                "{} is writable by group or others (mode {:o}): refusing to trust it",
+                path.display(),
+                st.st_mode & 0o7777
+            );
+        }
+        Ok(Store {
+            dir,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The on-disk path of a generation, for bind mounts.
+    pub fn generation_path(&self, n: u64) -> PathBuf {
+        self.path.join(gen_name(n))
+    }
+
+    /// The generation `current` points to, if any. A `current` that is not a symlink to a
+    /// `gen-N` directory is refused, never followed.
+    pub fn current_number(&self) -> Result<Option<u64>> {
+        match rfs::readlinkat(&self.dir, CURRENT, Vec::new()) {
+            Ok(target) => {
+                let target = target.to_string_lossy().into_owned();
+                match parse_gen(&target) {
+                    Some(n) => Ok(Some(n)),
+                    None => bail!(
+                        "{}/{CURRENT} points to {target:?}, not to a generation: refusing it (remove the link to start over)",
+                        self.path.display()
+                    ),
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) if e.raw_os_error() == rustix::io::Errno::INVAL.raw_os_error() => bail!(
+                "{}/{CURRENT} is not a symlink: refusing it",
+                self.path.display()
+            ),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}/{CURRENT}", self.path.display())),
+        }
+    }
+
+    /// Reads the current generation and verifies it against its manifest.
+    pub fn current(&self) -> Result<Option<Generation>> {
+        let Some(n) = self.current_number()? else {
+            return Ok(None);
+        };
+        Ok(Some(self.read_generation(n)?))
+    }
+
+    pub fn read_generation(&self, n: u64) -> Result<Generation> {
+        let name = gen_name(n);
+        let origin = format!("{}/{name}", self.path.display());
+        let gdir = open_dir_at(&self.dir, &name).with_context(|| format!("cannot open {origin}"))?;
+        let mut tree = IdentityTree::new();
+        let mut manifest_bytes = None;
+        read_tree(&gdir, "", &mut tree, &origin)?;
+        if let Some(f) = tree.remove(identity::MANIFEST) {
+            manifest_bytes = Some(f.bytes);
+        }
+        let manifest_bytes = manifest_bytes
+            .with_context(|| format!("{origin}/{}: missing", identity::MANIFEST))?;
+        let manifest = Manifest::parse(&manifest_bytes, &format!("{origin}/{}", identity::MANIFEST))?;
+        manifest.verify(&tree, &origin)?;
+        Ok(Generation {
+            number: n,
+            manifest,
+            tree,
+        })
+    }
+
+    /// Writes `tree` as a new generation and makes it current. The manifest's `files` and
+    /// `generation` are filled in here. A crash at any point leaves either the old
+    /// `current` or the new one whole.
+    pub fn write_generation(&self, tree: &IdentityTree, mut manifest: Manifest) -> Result<u64> {
+        let previous = self.current_number()?;
+        let n = previous.unwrap_or(0) + 1;
+        manifest.generation = n;
+        manifest.files = Manifest::files_of(tree);
+        let name = gen_name(n);
+        let tmp = format!(".tmp-{name}");
+        let at = |what: &str| format!("{}/{what}", self.path.display());
+
+        // Leftovers of an interrupted write are never current: clear them.
+        remove_tree_at(&self.dir, &tmp).with_context(|| format!("cannot clear {}", at(&tmp)))?;
+        remove_tree_at(&self.dir, &name).with_context(|| format!("cannot clear {}", at(&name)))?;
+
+        let result = (|| -> Result<()> {
+            rfs::mkdirat(&self.dir, tmp.as_str(), Mode::from_raw_mode(0o755))
+                .with_context(|| format!("cannot create {}", at(&tmp)))?;
+            let gdir = open_dir_at(&self.dir, &tmp)?;
+            let mut all = tree.clone();
+            all.insert(
+                identity::MANIFEST.to_string(),
+                IdentityFile {
+                    mode: identity::mode_of(identity::MANIFEST),
+                    bytes: manifest.to_bytes(),
+                },
+            );
+            let mut subdirs: Vec<(String, OwnedFd)> = Vec::new();
+            for (rel, file) in &all {
+                let (parent, leaf) = match rel.rsplit_once('/') {
+                    Some((p, l)) => (Some(p), l),
+                    None => (None, rel.as_str()),
+                };
+                let target_dir = match parent {
+                    None => &gdir,
+                    Some(p) => {
+                        if !subdirs.iter().any(|(n, _)| n == p) {
+                            if p.contains('/') || p.starts_with('.') {
+                                bail!("{}: nested path {rel} is not allowed", at(&tmp));
+                            }
+                            rfs::mkdirat(&gdir, p, Mode::from_raw_mode(0o755))
+                                .with_context(|| format!("cannot create {}/{p}", at(&tmp)))?;
+                            subdirs.push((p.to_string(), open_dir_at(&gdir, p)?));
+                        }
+                        &subdirs.iter().find(|(n, _)| n == p).context("subdir")?.1
+                    }
+                };
+                write_file_at(target_dir, leaf, file)
+                    .with_context(|| format!("cannot write {}/{rel}", at(&tmp)))?;
+            }
+            for (_, fd) in &subdirs {
+                rfs::fsync(fd)?;
+            }
+            rfs::fsync(&gdir).with_context(|| format!("cannot sync {}", at(&tmp)))?;
+            rfs::renameat(&self.dir, tmp.as_str(), &self.dir, name.as_str())
+                .with_context(|| format!("cannot rename {} to {name}", at(&tmp)))?;
+            rfs::fsync(&self.dir)?;
+            crate::crashpoint::hit("store-before-swap");
+            self.swap_link(CURRENT, &name)?;
+            rfs::fsync(&self.dir).with_context(|| format!("cannot sync {}", self.path.display()))?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = remove_tree_at(&self.dir, &tmp);
+            if self.current_number().ok().flatten() != Some(n) {
+                let _ = remove_tree_at(&self.dir, &name);
+            }
+            return Err(e);
+        }
+        crate::crashpoint::hit("store-after-swap");
+        self.link_flat_names(tree)?;
+        self.prune(n, previous)?;
+        Ok(n)
+    }
+
+    /// Points `name` at `target` atomically (symlink to a temporary name, then rename).
+    fn swap_link(&self, name: &str, target: &str) -> Result<()> {
+        let tmp = format!(".tmp-link-{name}");
+        match rfs::unlinkat(&self.dir, tmp.as_str(), AtFlags::empty()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove stale {tmp}")),
+        }
+        rfs::symlinkat(target, &self.dir, tmp.as_str())
+            .with_context(|| format!("cannot create link {}/{tmp}", self.path.display()))?;
+        rfs::renameat(&self.dir, tmp.as_str(), &self.dir, name)
+            .with_context(|| format!("cannot replace {}/{name}", self.path.display()))?;
+        Ok(())
+    }
+
+    /// Keeps the stable flat names (`/var/identity/hostname`, ...) pointing via `current`.
+    fn link_flat_names(&self, tree: &IdentityTree) -> Result<()> {
+        for name in flat_names(tree) {
+            let target = format!("{CURRENT}/{name}");
+            match rfs::readlinkat(&self.dir, name.as_str(), Vec::new()) {
+                Ok(t) if t.to_string_lossy() == target => continue,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) if e.raw_os_error() == rustix::io::Errno::INVAL.raw_os_error() => {
+                    // A regular file or directory where a link belongs: replaced by the rename
+                    // only if it is a file; a directory is refused.
+                    let st = rfs::statat(&self.dir, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+                    if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory {
+                        bail!(
+                            "{}/{name} is a directory where a link belongs: refusing it",
+                            self.path.display()
+                        );
+                    }
+                }
+                Err(e) => return Err(e).with_context(|| format!("cannot read {}/{name}", self.path.display())),
+            }
+            self.swap_link(&name, &target)?;
+        }
+        rfs::fsync(&self.dir)?;
+        Ok(())
+    }
+
+    /// Keeps the new generation and the one before it (for rollback); removes the rest.
+    fn prune(&self, keep: u64, previous: Option<u64>) -> Result<()> {
+        for entry in list_dir(&self.dir)? {
+            let Some(n) = parse_gen(&entry) else {
+                continue;
+            };
+            if n != keep && Some(n) != previous {
+                remove_tree_at(&self.dir, &entry)
+                    .with_context(|| format!("cannot remove old {}/{entry}", self.path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes an older generation current again (the control channel's `rollback`).
+    pub fn rollback(&self) -> Result<u64> {
+        let current = self.current_number()?.context("no identity to roll back from")?;
+        let older = list_dir(&self.dir)?
+            .iter()
+            .filter_map(|e| parse_gen(e))
+            .filter(|n| *n < current)
+            .max()
+            .with_context(|| format!("{}: no older generation is kept", self.path.display()))?;
+        let g = self.read_generation(older)?;
+        self.swap_link(CURRENT, &gen_name(older))?;
+        rfs::fsync(&self.dir)?;
+        self.link_flat_names(&g.tree)?;
+        Ok(older)
+    }
+}
+
+fn open_dir_at(dir: &impl AsFd, name: &str) -> Result<OwnedFd> {
+    Ok(rfs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+fn write_file_at(dir: &impl AsFd, name: &str, file: &IdentityFile) -> Result<()> {
+    let fd = rfs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(&file.bytes)?;
+    rfs::fchmod(&f, Mode::from_raw_mode(file.mode))?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn list_dir(dir: &impl AsFd) -> Result<Vec<String>> {
+    let fd = rfs::openat(dir, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    let mut out = Vec::new();
+    for entry in rfs::Dir::read_from(&fd)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != "." && name != ".." {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a generation directory (one level of subdirectories) without following links.
+fn read_tree(dir: &OwnedFd, prefix: &str, tree: &mut IdentityTree, origin: &str) -> Result<()> {
+    for name in list_dir(dir)? {
+        let rel = format!("{prefix}{name}");
+        let st = rfs::statat(dir, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        match rfs::FileType::from_raw_mode(st.st_mode) {
+            rfs::FileType::RegularFile => {
+                if st.st_size as u64 > MAX_FILE {
+                    bail!("{origin}/{rel}: {} bytes is too large for an identity file", st.st_size);
+                }
+                let fd = rfs::openat(dir, name.as_str(), OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+                    .with_context(|| format!("cannot open {origin}/{rel}"))?;
+                let mut bytes = Vec::new();
+                std::fs::File::from(fd)
+                    .take(MAX_FILE)
+                    .read_to_end(&mut bytes)
+                    .with_context(|| format!("cannot read {origin}/{rel}"))?;
+                tree.insert(rel, IdentityFile { mode: st.st_mode & 0o7777, bytes });
+            }
+            rfs::FileType::Directory if prefix.is_empty() => {
+                let sub = open_dir_at(dir, &name)?;
+                read_tree(&sub, &format!("{rel}/"), tree, origin)?;
+            }
+            _ => bail!("{origin}/{rel}: unexpected file type (a planted link?): refusing the generation"),
+        }
+    }
+    Ok(())
+}
+
+/// Removes a file or directory tree relative to `dir`, never following links.
+fn remove_tree_at(dir: &impl AsFd, name: &str) -> Result<()> {
+    let st = match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory {
+        let sub = open_dir_at(dir, name)?;
+        for entry in list_dir(&sub)? {
+            remove_tree_at(&sub, &entry)?;
+        }
+        rfs::unlinkat(dir, name, AtFlags::REMOVEDIR)?;
+    } else {
+        rfs::unlinkat(dir, name, AtFlags::empty())?;
+    }
+    Ok(())
+}
