@@ -124,9 +124,12 @@ fn diff(file: &str, want: &Sections, got: &Sections) -> Option<String> {
 /// - no `Bond=`, `Bridge=`, `VLAN=` in [Network] and no [Bridge] (it never links members);
 /// - no `GatewayOnLink=` (added in later releases);
 /// - no `RequiredForOnline=` and no [Link] `MACAddress=` (later releases);
-/// - it keeps a v2 MAC in the seed's case; current releases lowercase it.
+/// - it keeps a v2 MAC in the seed's case; current releases lowercase it;
+/// - for a bond, bridge or VLAN with a MAC it writes [Match] `MACAddress=`, which also
+///   matches the members; current releases write it under [Link] and in the .netdev.
 ///
-/// A case's `bookworm-differs` file can name further keys, one per line with a reason.
+/// A case's `bookworm-differs` file can name further keys, or `file <name>` for a file
+/// only 22.4.2 writes, one per line with the reason.
 fn bookworm_view(s: &Sections, extra: &[String]) -> Sections {
     let dropped = |section: &str, line: &str| {
         let key = line.split('=').next().unwrap_or("");
@@ -213,15 +216,30 @@ fn check_case(case: &Path) -> Result<Vec<&'static str>, String> {
             .map(|l| l.trim().to_string())
             .filter(|l| !l.is_empty())
             .collect();
-        let want = read_dir_files(&bookworm);
+        let (extra_files, extra): (Vec<String>, Vec<String>) =
+            extra.into_iter().partition(|l| l.starts_with("file "));
+        let extra_files: Vec<&str> = extra_files.iter().map(|l| l[5..].trim()).collect();
+        let mut want = read_dir_files(&bookworm);
+        want.retain(|n, _| !extra_files.contains(&n.as_str()));
         let ours: BTreeMap<String, String> = got
             .iter()
             .filter(|(n, _)| n.ends_with(".network"))
             .map(|(n, t)| (n.clone(), t.clone()))
             .collect();
+        let virtual_device = |n: &str| got.contains_key(&n.replace(".network", ".netdev"));
         let want_view: BTreeMap<String, Sections> = want
             .iter()
-            .map(|(n, t)| (n.clone(), bookworm_view(&sections(t), &[])))
+            .map(|(n, t)| {
+                let mut s = sections(t);
+                if virtual_device(n) {
+                    for (name, keys) in &mut s {
+                        if name == "[Match]" {
+                            keys.retain(|k| !k.starts_with("MACAddress="));
+                        }
+                    }
+                }
+                (n.clone(), bookworm_view(&s, &[]))
+            })
             .collect();
         let ours_view: BTreeMap<String, Sections> = ours
             .iter()

@@ -33,12 +33,12 @@ pub(crate) fn as_text(v: &Value) -> Option<String> {
 }
 
 /// A scalar as Python's `str()` would print the value PyYAML produced; cloud-init
-/// writes bond and DHCP override values that way.
+/// writes bond and DHCP override values that way (`use-dns: no` → `UseDNS=False`).
 pub(crate) fn as_python_text(v: &Value) -> Option<String> {
-    match v {
-        Value::Bool(true) => Some("True".into()),
-        Value::Bool(false) => Some("False".into()),
-        other => as_text(other),
+    match as_bool(v) {
+        Some(true) => Some("True".into()),
+        Some(false) => Some("False".into()),
+        None => as_text(v),
     }
 }
 
