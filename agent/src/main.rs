@@ -91,10 +91,13 @@ impl StageArgs {
                 );
             }
         }
+        let abs = |p: &PathBuf| {
+            std::fs::canonicalize(p).with_context(|| format!("{}: no such directory", p.display()))
+        };
         Ok(stage::StageOptions {
-            sysroot: self.sysroot.clone(),
-            host: self.root.clone(),
-            run: self.run.clone(),
+            sysroot: abs(&self.sysroot)?,
+            host: abs(&self.root)?,
+            run: abs(&self.run)?,
             clone_policy: self.clone_policy,
             sources: self.sources.clone(),
             identity_dir: self.identity_dir.clone(),

@@ -208,7 +208,10 @@ pub fn compose(
             }
             s
         }
-        (None, None) => String::new(),
+        (None, None) => match &seed.network {
+            Some(NetworkSetting::Config(n)) => resolv_from_network(n),
+            _ => String::new(),
+        },
     };
     put(RESOLV_CONF, resolv.into_bytes());
 
@@ -279,6 +282,37 @@ pub fn compose(
         }
     }
     Ok(tree)
+}
+
+/// resolv.conf from network-config's nameservers (global, per interface, per subnet),
+/// in order of appearance without repeats. Static configs need it: with no DHCP, nothing
+/// else tells the resolver where to go.
+fn resolv_from_network(n: &network::NetworkConfig) -> String {
+    let mut servers: Vec<&String> = n.nameservers.iter().collect();
+    let mut search: Vec<&String> = n.search.iter().collect();
+    for i in &n.interfaces {
+        if let Some(d) = &i.dns {
+            servers.extend(&d.nameservers);
+            search.extend(&d.search);
+        }
+        for s in &i.subnets {
+            servers.extend(&s.dns_nameservers);
+            search.extend(&s.dns_search);
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = String::new();
+    for ns in servers {
+        if seen.insert(ns) {
+            out.push_str(&format!("nameserver {ns}\n"));
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let search: Vec<&str> = search.into_iter().filter(|d| seen.insert(*d)).map(String::as_str).collect();
+    if !search.is_empty() {
+        out.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    out
 }
 
 /// user-data over vendor-data, key by key.
@@ -511,6 +545,20 @@ mod tests {
                 "nocloud:test/user-data: key 'hostname': \"../../etc\" is not a valid hostname"
             ),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn static_network_nameservers_reach_resolv_conf() {
+        let mut s = seed("instance-id: a\n", "");
+        s.network = Some(network::parse(
+            b"version: 1\nconfig:\n  - type: physical\n    name: eth0\n    subnets:\n      - type: static\n        address: 10.0.0.2/24\n        dns_nameservers: [10.0.0.1]\n  - type: nameserver\n    address: [1.1.1.1, 10.0.0.1]\n    search: [example.com]\n",
+            "network-config",
+        ).unwrap());
+        let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&t[RESOLV_CONF].bytes),
+            "nameserver 1.1.1.1\nnameserver 10.0.0.1\nsearch example.com\n"
         );
     }
 

@@ -1,1 +1,107 @@
-fn main() {}
+//! `cargo xtask`: the README's commands. `demo` boots a VM with its identity; `test` runs
+//! every test (unit, integration, real VMs); `bench` prints the benchmark tables; `dist`
+//! builds the static guest binary; `deps` installs host packages.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "usage: cargo xtask <deps|demo|test|bench|dist|fuzz> [args]
+  deps          install host packages (apt-get) and the musl target (rustup)
+  demo          build the guest image, boot a VM with its identity, show it, shut it down
+  test [--no-vm] [SCENARIO...]
+                fmt + clippy + unit/integration tests + real-VM scenarios
+  bench         benchmarks against cloud-init and qemu-ga; markdown tables
+  dist          build the static, stripped nixseed-agent and print its size";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("deps") => vm_tests::deps::ensure_all(),
+        Some("demo") => harness(&["demo"]),
+        Some("test") => test(&args[1..]),
+        Some("bench") => bench(),
+        Some("dist") => dist().map(|_| ()),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    vm_tests::paths::workspace_root()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(mut c: Command, what: &str) -> Result<()> {
+    eprintln!("xtask: {what}");
+    let status = c.status().with_context(|| format!("cannot start: {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs the vm-tests harness binary (release: TCG boots are slow enough).
+fn harness(args: &[&str]) -> Result<()> {
+    let mut c = cargo();
+    c.args(["run", "--quiet", "--release", "-p", "vm-tests", "--"]).args(args);
+    run(c, &format!("vm-tests {}", args.join(" ")))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let no_vm = args.iter().any(|a| a == "--no-vm");
+    let scenarios: Vec<&str> = args.iter().filter(|a| !a.starts_with("--")).map(String::as_str).collect();
+    vm_tests::deps::ensure_all()?;
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    run(fmt, "cargo fmt --check")?;
+    let mut clippy = cargo();
+    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    run(clippy, "cargo clippy -D warnings")?;
+    let mut unit = cargo();
+    unit.args(["test", "--workspace"]);
+    run(unit, "cargo test --workspace")?;
+    if no_vm {
+        return Ok(());
+    }
+    let mut h = vec!["test"];
+    h.extend(scenarios);
+    harness(&h)
+}
+
+fn dist() -> Result<PathBuf> {
+    vm_tests::deps::ensure_musl_target()?;
+    let bin = vm_tests::deps::build_agent()?;
+    let size = std::fs::metadata(&bin)?.len();
+    println!(
+        "{}: {size} bytes ({:.2} MiB, budget 2.50 MiB)",
+        bin.display(),
+        size as f64 / 1048576.0
+    );
+    Ok(bin)
+}
+
+fn bench() -> Result<()> {
+    let agent = dist()?;
+    let mut apply = cargo();
+    apply
+        .args(["run", "--quiet", "--release", "-p", "nixseed-agent", "--example", "apply-bench", "--"])
+        .arg(&agent);
+    run(apply, "apply benchmark")?;
+    harness(&["bench"])
+}
