@@ -42,6 +42,22 @@ pub enum Command {
     Seed(cmd::seed::SeedArgs),
     /// Create the boot overlay, /var disk and seed ISO under the state directory
     Create(cmd::create::CreateArgs),
+    /// Boot a machine under plain QEMU (no libvirt)
+    Run(cmd::run::RunArgs),
+    /// SSH into a `seedctl run` machine as root, host key pinned
+    Ssh(cmd::ssh::SshArgs),
+    /// Print the libvirt domain XML for a machine
+    Xml(cmd::xml::XmlArgs),
+    /// Define the machine as a libvirt domain
+    Define(cmd::power::DefineArgs),
+    /// Start the libvirt domain
+    Start(cmd::power::PowerArgs),
+    /// Power the machine off cleanly (ACPI)
+    Stop(cmd::power::PowerArgs),
+    /// Power the machine off at once
+    Destroy(cmd::power::PowerArgs),
+    /// Remove the libvirt domain (disks and identity stay)
+    Undefine(cmd::power::PowerArgs),
 }
 
 impl Cli {
@@ -55,6 +71,14 @@ impl Cli {
             Command::New(a) => cmd::new::run(&paths, a),
             Command::Seed(a) => cmd::seed::run(&paths, a),
             Command::Create(a) => cmd::create::run(&paths, a),
+            Command::Run(a) => cmd::run::run(&paths, a),
+            Command::Ssh(a) => cmd::ssh::run(&paths, a),
+            Command::Xml(a) => cmd::xml::run(&paths, a),
+            Command::Define(a) => cmd::power::define(&paths, a),
+            Command::Start(a) => cmd::power::start(&paths, a),
+            Command::Stop(a) => cmd::power::stop(&paths, a),
+            Command::Destroy(a) => cmd::power::destroy(&paths, a),
+            Command::Undefine(a) => cmd::power::undefine(&paths, a),
         }
     }
 }

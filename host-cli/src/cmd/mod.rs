@@ -2,4 +2,8 @@
 
 pub mod create;
 pub mod new;
+pub mod power;
+pub mod run;
 pub mod seed;
+pub mod ssh;
+pub mod xml;

@@ -1,0 +1,156 @@
+//! `seedctl define|start|stop|destroy|undefine`: the machine's lifecycle. Under libvirt
+//! (with `--connect URI`, or for define/start/undefine always) through virsh; for a
+//! machine started by `seedctl run`, stop and destroy talk to its QEMU directly.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+
+use crate::cmd::seed::{self, SeedFormat};
+use crate::cmd::xml::{DomainArgs, domain_xml};
+use crate::libvirt::{self, virsh};
+use crate::machine::{Identity, Paths};
+use crate::output::Report;
+use crate::qmp::Qmp;
+use crate::state::{PIDFILE, QMP_SOCK, SEED_ISO, StateDir, pid_alive};
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl define web1
+  seedctl define web1 --connect qemu+ssh://root@hv1/system --type kvm --net default")]
+pub struct DefineArgs {
+    /// Machine name
+    pub name: String,
+    /// libvirt URI [default: LIBVIRT_DEFAULT_URI or qemu:///system]
+    #[arg(long, short = 'c', value_name = "URI")]
+    pub connect: Option<String>,
+    #[command(flatten)]
+    pub domain: DomainArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl stop web1                     # a machine started by `seedctl run`
+  seedctl stop web1 --connect qemu:///system")]
+pub struct PowerArgs {
+    /// Machine name
+    pub name: String,
+    /// libvirt URI; without it, stop/destroy act on the `seedctl run` QEMU
+    #[arg(long, short = 'c', value_name = "URI")]
+    pub connect: Option<String>,
+    /// Seconds to wait for a clean power-off (stop)
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+pub fn define(paths: &Paths, a: &DefineArgs) -> Result<Report> {
+    let id = Identity::load(paths, &a.name)?;
+    let sd = StateDir::new(paths, &a.name);
+    if !sd.file(crate::state::BOOT_DISK).exists() {
+        bail!(
+            "machine `{}` has no disks in {}; run `seedctl create {} --base IMAGE` first",
+            a.name,
+            sd.dir.display(),
+            a.name
+        );
+    }
+    seed::write(&id, SeedFormat::Iso, &sd.file(SEED_ISO))?;
+    let xml = domain_xml(&id, &sd, &a.domain)?;
+    let file = sd.file("domain.xml");
+    crate::fsutil::write_atomic(&file, xml.as_bytes(), 0o644)?;
+    let uri = libvirt::uri(a.connect.as_deref());
+    virsh(&uri, &a.name, &["define", &file.display().to_string()])?;
+    Ok(Report::new(
+        format!("defined `{}` on {uri} from {}", a.name, file.display()),
+        json!({ "machine": a.name, "uri": uri, "xml": file }),
+    ))
+}
+
+fn virsh_op(a: &PowerArgs, args: &[&str], done: &str) -> Result<Report> {
+    let uri = libvirt::uri(a.connect.as_deref());
+    virsh(&uri, &a.name, args)?;
+    Ok(Report::new(
+        format!("{done} `{}` on {uri}", a.name),
+        json!({ "machine": a.name, "uri": uri, "action": args[0] }),
+    ))
+}
+
+pub fn start(paths: &Paths, a: &PowerArgs) -> Result<Report> {
+    // Regenerate the seed so the domain boots with the current identity.
+    let id = Identity::load(paths, &a.name)?;
+    let sd = StateDir::new(paths, &a.name);
+    seed::write(&id, SeedFormat::Iso, &sd.file(SEED_ISO))?;
+    virsh_op(a, &["start", &a.name], "started")
+}
+
+pub fn undefine(_paths: &Paths, a: &PowerArgs) -> Result<Report> {
+    virsh_op(a, &["undefine", "--nvram", &a.name], "undefined")
+}
+
+/// The live `seedctl run` QEMU of a machine, or a message pointing at --connect.
+fn local_qemu(paths: &Paths, name: &str) -> Result<(StateDir, i32)> {
+    crate::names::check_machine_name(name)?;
+    let sd = StateDir::new(paths, name);
+    match sd.running_pid() {
+        Some(pid) => Ok((sd, pid)),
+        None => bail!(
+            "machine `{name}` is not running under `seedctl run` (no live pid in {}); for a libvirt domain pass --connect URI",
+            sd.file(PIDFILE).display()
+        ),
+    }
+}
+
+fn wait_exit(pid: i32, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if !pid_alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    !pid_alive(pid)
+}
+
+pub fn stop(paths: &Paths, a: &PowerArgs) -> Result<Report> {
+    if a.connect.is_some() {
+        return virsh_op(a, &["shutdown", &a.name], "asked to shut down");
+    }
+    let (sd, pid) = local_qemu(paths, &a.name)?;
+    let mut qmp =
+        Qmp::connect(&sd.file(QMP_SOCK)).with_context(|| format!("machine `{}`", a.name))?;
+    qmp.execute("system_powerdown", None)
+        .with_context(|| format!("machine `{}`", a.name))?;
+    if !wait_exit(pid, Duration::from_secs(a.timeout)) {
+        bail!(
+            "machine `{}` did not power off within {} s (the guest may ignore ACPI); `seedctl destroy {}` ends it",
+            a.name,
+            a.timeout,
+            a.name
+        );
+    }
+    let _ = std::fs::remove_file(sd.file(PIDFILE));
+    Ok(Report::new(
+        format!("machine `{}` powered off", a.name),
+        json!({ "machine": a.name, "action": "stop" }),
+    ))
+}
+
+pub fn destroy(paths: &Paths, a: &PowerArgs) -> Result<Report> {
+    if a.connect.is_some() {
+        return virsh_op(a, &["destroy", &a.name], "destroyed");
+    }
+    let (sd, pid) = local_qemu(paths, &a.name)?;
+    let quit = Qmp::connect(&sd.file(QMP_SOCK)).and_then(|mut q| q.execute("quit", None));
+    if quit.is_err() || !wait_exit(pid, Duration::from_secs(5)) {
+        crate::tools::run(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]))
+            .with_context(|| format!("machine `{}`: killing QEMU pid {pid}", a.name))?;
+        wait_exit(pid, Duration::from_secs(5));
+    }
+    let _ = std::fs::remove_file(sd.file(PIDFILE));
+    Ok(Report::new(
+        format!("machine `{}` destroyed", a.name),
+        json!({ "machine": a.name, "action": "destroy" }),
+    ))
+}

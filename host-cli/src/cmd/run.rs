@@ -1,0 +1,275 @@
+//! `seedctl run`: boot a machine under plain QEMU, no libvirt. Same devices as the
+//! libvirt domain: q35, virtio disks (boot overlay, /var), the seed as a SATA cdrom,
+//! virtio-net with an SSH port forward, and the guest-agent and nixseed channels as unix
+//! sockets in the state directory.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use crate::cmd::seed::{self, SeedFormat};
+use crate::machine::{Identity, Paths};
+use crate::output::Report;
+use crate::state::{
+    BOOT_DISK, CHANNEL_SOCK, CONSOLE_LOG, KNOWN_HOSTS, OVMF_VARS, PIDFILE, QGA_SOCK, QMP_SOCK,
+    SEED_ISO, StateDir, VAR_DISK,
+};
+use crate::{accel, firmware, fsutil, tools};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Accel {
+    /// KVM when a short probe boot shows it works, TCG otherwise (cached)
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl run web1 --detach            # UEFI boot of the boot overlay
+  seedctl run web1 --kernel bzImage --initrd initrd.img --append 'console=ttyS0' --detach
+  seedctl ssh web1
+  seedctl stop web1
+The serial console goes to STATE/NAME/console.log; the guest agent and the nixseed
+channel listen on STATE/NAME/qga.sock and channel.sock.")]
+pub struct RunArgs {
+    /// Machine name
+    pub name: String,
+    /// Boot this kernel directly instead of UEFI firmware
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// initramfs for --kernel
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel
+    #[arg(long, value_name = "CMDLINE", requires = "kernel")]
+    pub append: Option<String>,
+    /// Memory in MiB
+    #[arg(long, default_value_t = 1024)]
+    pub memory: u32,
+    /// Virtual CPUs
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Accelerator
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+    /// Return once QEMU runs in the background
+    #[arg(long)]
+    pub detach: bool,
+    /// Host port forwarded to the guest's SSH port [default: a free port]
+    #[arg(long, value_name = "PORT")]
+    pub ssh_port: Option<u16>,
+    /// UEFI firmware code file [default: probed]
+    #[arg(long, value_name = "FILE")]
+    pub ovmf_code: Option<PathBuf>,
+    /// UEFI variable store template [default: probed]
+    #[arg(long, value_name = "FILE")]
+    pub ovmf_vars: Option<PathBuf>,
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free local port for SSH")?;
+    Ok(l.local_addr()
+        .context("finding a free local port for SSH")?
+        .port())
+}
+
+/// Write the pinned known_hosts for the machine's forwarded port.
+pub fn write_known_hosts(id: &Identity, sd: &StateDir, port: u16) -> Result<PathBuf> {
+    let path = sd.file(KNOWN_HOSTS);
+    fsutil::write_atomic(
+        &path,
+        format!("{}\n", id.known_hosts_line(&format!("[127.0.0.1]:{port}"))).as_bytes(),
+        0o644,
+    )?;
+    Ok(path)
+}
+
+pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
+    let id = Identity::load(paths, &a.name)?;
+    let sd = StateDir::new(paths, &a.name);
+    for f in [BOOT_DISK, VAR_DISK] {
+        if !sd.file(f).exists() {
+            bail!(
+                "machine `{}` has no {} in {}; run `seedctl create {} --base IMAGE` first",
+                a.name,
+                f,
+                sd.dir.display(),
+                a.name
+            );
+        }
+    }
+    if let Some(pid) = sd.running_pid() {
+        bail!(
+            "machine `{}` is already running under QEMU (pid {pid}, {}); stop it with `seedctl stop {}`",
+            a.name,
+            sd.file(PIDFILE).display(),
+            a.name
+        );
+    }
+    // Like Proxmox, regenerate the seed at every start so identity edits take effect.
+    let instance_id = seed::write(&id, SeedFormat::Iso, &sd.file(SEED_ISO))?;
+    let accel = match a.accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+        Accel::Auto => accel::choose(QEMU, &paths.state)?,
+    };
+    let port = match a.ssh_port {
+        Some(p) => p,
+        None => free_port()?,
+    };
+    for s in [QGA_SOCK, CHANNEL_SOCK, QMP_SOCK, PIDFILE] {
+        let _ = std::fs::remove_file(sd.file(s));
+    }
+    let path = |f: &str| sd.file(f).display().to_string();
+
+    let mut cmd = Command::new(QEMU);
+    cmd.args(["-name", &a.name, "-machine", "q35", "-accel", accel])
+        .args(["-m", &a.memory.to_string(), "-smp", &a.cpus.to_string()])
+        .args(["-display", "none", "-nodefaults", "-no-user-config"])
+        .args(["-smbios", &format!("type=1,uuid={}", id.product_uuid)])
+        .args(["-serial", &format!("file:{}", path(CONSOLE_LOG))])
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", path(QMP_SOCK)),
+        ])
+        .args(["-pidfile", &path(PIDFILE)])
+        .args([
+            "-drive",
+            &format!(
+                "file={},if=virtio,format=qcow2,cache=unsafe",
+                path(BOOT_DISK)
+            ),
+        ])
+        .args([
+            "-drive",
+            &format!("file={},if=virtio,format=qcow2", path(VAR_DISK)),
+        ])
+        .args([
+            "-drive",
+            &format!(
+                "file={},if=none,id=seed,media=cdrom,readonly=on,format=raw",
+                path(SEED_ISO)
+            ),
+        ])
+        .args(["-device", "ide-cd,bus=ide.0,drive=seed"])
+        .args([
+            "-netdev",
+            &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22"),
+        ])
+        .args(["-device", "virtio-net-pci,netdev=net0"])
+        .args(["-device", "virtio-serial-pci,id=vser0"])
+        .args([
+            "-chardev",
+            &format!("socket,id=qga0,path={},server=on,wait=off", path(QGA_SOCK)),
+        ])
+        .args([
+            "-device",
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+        ])
+        .args([
+            "-chardev",
+            &format!(
+                "socket,id=ch0,path={},server=on,wait=off",
+                path(CHANNEL_SOCK)
+            ),
+        ])
+        .args([
+            "-device",
+            "virtserialport,bus=vser0.0,chardev=ch0,name=org.nixseed.channel.0",
+        ])
+        .args(["-device", "virtio-rng-pci"]);
+    match &a.kernel {
+        Some(k) => {
+            cmd.arg("-kernel").arg(k);
+            if let Some(i) = &a.initrd {
+                cmd.arg("-initrd").arg(i);
+            }
+            if let Some(ap) = &a.append {
+                cmd.args(["-append", ap]);
+            }
+        }
+        None => {
+            let fw = firmware::find(a.ovmf_code.as_deref(), a.ovmf_vars.as_deref())?;
+            let vars = sd.file(OVMF_VARS);
+            if !vars.exists() {
+                std::fs::copy(&fw.vars, &vars).with_context(|| {
+                    format!(
+                        "copying UEFI variables {} to {}",
+                        fw.vars.display(),
+                        vars.display()
+                    )
+                })?;
+            }
+            cmd.args([
+                "-drive",
+                &format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    fw.code.display()
+                ),
+            ])
+            .args([
+                "-drive",
+                &format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+            ]);
+        }
+    }
+
+    let known_hosts = write_known_hosts(&id, &sd, port)?;
+    let mut st = sd.load()?;
+    st.ssh_port = Some(port);
+    st.instance_id = Some(instance_id.clone());
+    sd.save(&st)?;
+
+    let summary = json!({
+        "machine": a.name,
+        "accel": accel,
+        "ssh_port": port,
+        "console": sd.file(CONSOLE_LOG),
+        "qga_socket": sd.file(QGA_SOCK),
+        "channel_socket": sd.file(CHANNEL_SOCK),
+        "pidfile": sd.file(PIDFILE),
+        "known_hosts": known_hosts,
+        "instance_id": instance_id,
+    });
+    let human = format!(
+        "machine `{}` running under QEMU ({accel})\n  ssh      seedctl ssh {}   (127.0.0.1:{port}, host key pinned in {})\n  console  {}\n  agent    seedctl agent {} ping   ({})",
+        a.name,
+        a.name,
+        known_hosts.display(),
+        path(CONSOLE_LOG),
+        a.name,
+        path(QGA_SOCK)
+    );
+    if a.detach {
+        cmd.arg("-daemonize").stdin(Stdio::null());
+        tools::run(&mut cmd).with_context(|| format!("machine `{}`: starting QEMU", a.name))?;
+        Ok(Report::new(human, summary))
+    } else {
+        eprintln!("{human}\n  (Ctrl-C or `seedctl stop {}` ends it)", a.name);
+        let status = cmd.stdin(Stdio::null()).status().with_context(|| {
+            format!(
+                "machine `{}`: starting {QEMU}; install qemu-system-x86",
+                a.name
+            )
+        })?;
+        let _ = std::fs::remove_file(sd.file(PIDFILE));
+        if !status.success() {
+            bail!(
+                "machine `{}`: QEMU exited with {status}; see {}",
+                a.name,
+                path(CONSOLE_LOG)
+            );
+        }
+        Ok(Report::new(
+            format!("machine `{}` powered off", a.name),
+            summary,
+        ))
+    }
+}

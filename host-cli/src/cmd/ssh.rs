@@ -1,0 +1,74 @@
+//! `seedctl ssh`: log in to a `seedctl run` machine as root with its host key pinned
+//! (no trust-on-first-use).
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::cmd::run::write_known_hosts;
+use crate::machine::{Identity, Paths};
+use crate::output::Report;
+use crate::state::StateDir;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl ssh web1
+  seedctl ssh web1 -- systemctl status nixseed-apply
+  seedctl ssh web1 --user alice -i ~/.ssh/id_ed25519")]
+pub struct SshArgs {
+    /// Machine name
+    pub name: String,
+    /// Remote user
+    #[arg(long, default_value = "root")]
+    pub user: String,
+    /// Identity file passed to ssh -i
+    #[arg(short = 'i', long, value_name = "FILE")]
+    pub identity: Option<std::path::PathBuf>,
+    /// Command to run instead of a login shell
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+pub fn ssh_command(paths: &Paths, a: &SshArgs) -> Result<Command> {
+    let id = Identity::load(paths, &a.name)?;
+    let sd = StateDir::new(paths, &a.name);
+    let Some(port) = sd.load()?.ssh_port else {
+        bail!(
+            "machine `{}` has no SSH port forward recorded in {}; start it with `seedctl run {}`",
+            a.name,
+            sd.file(crate::state::STATE_FILE).display(),
+            a.name
+        );
+    };
+    let known_hosts = write_known_hosts(&id, &sd, port)?;
+    let mut cmd = Command::new("ssh");
+    cmd.args(["-p", &port.to_string()])
+        .args(["-o", "StrictHostKeyChecking=yes"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .args([
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "HostKeyAlgorithms=ssh-ed25519",
+        ]);
+    if let Some(i) = &a.identity {
+        cmd.arg("-i").arg(i);
+    }
+    cmd.arg(format!("{}@127.0.0.1", a.user));
+    if !a.command.is_empty() {
+        cmd.arg("--").args(&a.command);
+    }
+    Ok(cmd)
+}
+
+pub fn run(paths: &Paths, a: &SshArgs) -> Result<Report> {
+    let mut cmd = ssh_command(paths, a)?;
+    let err = cmd.exec();
+    bail!(
+        "machine `{}`: running ssh: {err}; install openssh-client",
+        a.name
+    )
+}
