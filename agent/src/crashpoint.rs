@@ -20,10 +20,10 @@ fn configured() -> &'static Option<(String, u64)> {
 }
 
 pub fn hit(name: &str) {
-    if let Some((want, ms)) = configured() {
-        if want == name {
-            tracing::warn!(point = name, ms, "test delay point reached");
-            std::thread::sleep(Duration::from_millis(*ms));
-        }
+    if let Some((want, ms)) = configured()
+        && want == name
+    {
+        tracing::warn!(point = name, ms, "test delay point reached");
+        std::thread::sleep(Duration::from_millis(*ms));
     }
 }

@@ -11,14 +11,12 @@ pub fn init(verbose: bool) {
     let journald = std::path::Path::new("/run/systemd/journal/socket").exists()
         && std::env::var_os("NIXSEED_LOG_STDERR").is_none()
         && std::env::var_os("JOURNAL_STREAM").is_some();
-    if journald {
-        if let Ok(layer) = tracing_journald::layer() {
-            let _ = tracing_subscriber::registry()
-                .with(layer.with_syslog_identifier("nixseed-agent".into()))
-                .with(level)
-                .try_init();
-            return;
-        }
+    if journald && let Ok(layer) = tracing_journald::layer() {
+        let _ = tracing_subscriber::registry()
+            .with(layer.with_syslog_identifier("nixseed-agent".into()))
+            .with(level)
+            .try_init();
+        return;
     }
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

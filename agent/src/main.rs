@@ -17,7 +17,11 @@ use clap::{Args, Parser, Subcommand};
 use nixseed_core::decide::ClonePolicy;
 
 #[derive(Parser)]
-#[command(name = "nixseed-agent", version, about = "nixseed guest agent: identity from a seed, qemu-guest-agent protocol")]
+#[command(
+    name = "nixseed-agent",
+    version,
+    about = "nixseed guest agent: identity from a seed, qemu-guest-agent protocol"
+)]
 struct Cli {
     /// Debug logging.
     #[arg(short, long, global = true)]
@@ -143,7 +147,10 @@ fn render(a: &RenderArgs) -> Result<()> {
     use nixseed_core::identity::{ComposeContext, compose};
     use nixseed_core::manifest::Manifest;
     use nixseed_core::network::Link;
-    let files = sources::read_seed_files(&a.seed, &["meta-data", "user-data", "vendor-data", "network-config"])?;
+    let files = sources::read_seed_files(
+        &a.seed,
+        &["meta-data", "user-data", "vendor-data", "network-config"],
+    )?;
     let source = format!("nocloud:{}", a.seed.display());
     let seed = nixseed_core::seed::Seed::from_nocloud(&files, &source, None)?;
     for w in &seed.warnings {
@@ -159,7 +166,10 @@ fn render(a: &RenderArgs) -> Result<()> {
             mac: mac.to_ascii_lowercase(),
         });
     }
-    let ctx = ComposeContext { links, regenerate: false };
+    let ctx = ComposeContext {
+        links,
+        regenerate: false,
+    };
     let tree = compose(&seed, None, &ctx, &mut fresh::OsFresh)?;
     let store = store::Store::open(&a.out, true)?;
     let n = store.write_generation(

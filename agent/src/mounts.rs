@@ -22,7 +22,10 @@ fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -51,7 +54,13 @@ pub fn bind_readonly(src: &Path, dst: &Path, mounted: &[PathBuf]) -> Result<()> 
         .mount(src, dst)
         .with_context(|| format!("cannot bind {} over {}", src.display(), dst.display()))?;
     Mount::builder()
-        .flags(MountFlags::BIND | MountFlags::REMOUNT | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV)
+        .flags(
+            MountFlags::BIND
+                | MountFlags::REMOUNT
+                | MountFlags::RDONLY
+                | MountFlags::NOSUID
+                | MountFlags::NODEV,
+        )
         .mount(src, dst)
         .with_context(|| format!("cannot make the bind at {} read-only", dst.display()))?;
     Ok(())

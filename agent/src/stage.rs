@@ -106,19 +106,17 @@ pub fn run_boot_stage(opts: &StageOptions) -> Result<Outcome> {
     };
     t.lap("probe+parse");
     let store = Store::open(&opts.store_path(), true)?;
-    let seed_error;
-    let mut outcome = match found {
-        Ok(seed) => {
-            seed_error = None;
-            apply_seed(&store, seed.as_ref(), opts, &env, &mut t)?
-        }
-        Err(e) => {
-            seed_error = Some(e);
+    // Whatever goes wrong with the seed, the current generation is still mounted below.
+    let applied = found.and_then(|seed| apply_seed(&store, seed.as_ref(), opts, &env, &mut t));
+    let (mut outcome, seed_error) = match applied {
+        Ok(o) => (o, None),
+        Err(e) => (
             Outcome {
-                decision: "seed unusable: keeping the current identity".into(),
+                decision: "seed not applied: keeping the current identity".into(),
                 ..Outcome::default()
-            }
-        }
+            },
+            Some(e),
+        ),
     };
     let current = store.current_number()?;
     if let Some(n) = current {
@@ -130,7 +128,9 @@ pub fn run_boot_stage(opts: &StageOptions) -> Result<Outcome> {
     outcome.timings_ms = t.laps;
     if let Some(e) = seed_error {
         return Err(e.context(match current {
-            Some(n) => format!("the seed was not applied; generation {n} stays current and mounted"),
+            Some(n) => {
+                format!("the seed was not applied; generation {n} stays current and mounted")
+            }
             None => "the seed was not applied and there is no earlier identity".into(),
         }));
     }
@@ -173,7 +173,9 @@ pub fn apply_seed(
     let regenerate = match decision {
         InstanceDecision::NoSeed | InstanceDecision::Same => return Ok(outcome),
         InstanceDecision::FirstBoot => false,
-        InstanceDecision::NewInstance { moved } => moved && opts.clone_policy == ClonePolicy::Regenerate,
+        InstanceDecision::NewInstance { moved } => {
+            moved && opts.clone_policy == ClonePolicy::Regenerate
+        }
         InstanceDecision::Clone => {
             tracing::warn!(
                 "CLONE DETECTED: product_uuid is now {} but the identity was made for {}; policy {:?}",
@@ -221,9 +223,12 @@ pub fn apply_seed(
     };
     let n = {
         let _s = tracing::info_span!("write").entered();
-        store
-            .write_generation(&tree, manifest)
-            .with_context(|| format!("cannot write a new generation under {}", store.path().display()))?
+        store.write_generation(&tree, manifest).with_context(|| {
+            format!(
+                "cannot write a new generation under {}",
+                store.path().display()
+            )
+        })?
     };
     t.lap("write");
     outcome.generation = Some(n);
@@ -236,7 +241,11 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions) -> Result<()>
     let gen_dir = store.generation_path(n);
     let etc = opts.sysroot.join("etc");
     let mounted = mounts::mount_points()?;
-    for name in [identity::MACHINE_ID, identity::HOSTNAME, identity::RESOLV_CONF] {
+    for name in [
+        identity::MACHINE_ID,
+        identity::HOSTNAME,
+        identity::RESOLV_CONF,
+    ] {
         mounts::bind_readonly(&gen_dir.join(name), &etc.join(name), &mounted)?;
     }
     // /etc/hosts = the image's base + the identity's extra lines.
@@ -276,10 +285,10 @@ fn link_networkd(gen_dir: &Path, opts: &StageOptions) -> Result<()> {
     std::fs::create_dir_all(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
     let ours = format!("{}/", opts.identity_dir.trim_end_matches('/'));
     for e in std::fs::read_dir(&dest)?.flatten() {
-        if let Ok(t) = std::fs::read_link(e.path()) {
-            if t.to_string_lossy().starts_with(&ours) {
-                std::fs::remove_file(e.path())?;
-            }
+        if let Ok(t) = std::fs::read_link(e.path())
+            && t.to_string_lossy().starts_with(&ours)
+        {
+            std::fs::remove_file(e.path())?;
         }
     }
     let src = gen_dir.join(identity::NETWORK_DIR);
@@ -288,7 +297,11 @@ fn link_networkd(gen_dir: &Path, opts: &StageOptions) -> Result<()> {
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let target = format!("{}/{}/{name}", opts.identity_dir.trim_end_matches('/'), identity::NETWORK_DIR);
+        let target = format!(
+            "{}/{}/{name}",
+            opts.identity_dir.trim_end_matches('/'),
+            identity::NETWORK_DIR
+        );
         std::os::unix::fs::symlink(&target, dest.join(&name))
             .with_context(|| format!("cannot link {}/{name}", dest.display()))?;
     }
@@ -298,11 +311,13 @@ fn link_networkd(gen_dir: &Path, opts: &StageOptions) -> Result<()> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
     Ok(())
 }
 
@@ -316,9 +331,14 @@ pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
     if let (Some(m), Some(n)) = (marker, current) {
         let etc = opts.sysroot.join("etc");
         let mounted = mounts::mount_points()?;
-        let all_bound = [identity::MACHINE_ID, identity::HOSTNAME, identity::RESOLV_CONF, identity::HOSTS]
-            .iter()
-            .all(|f| mounted.contains(&etc.join(f)));
+        let all_bound = [
+            identity::MACHINE_ID,
+            identity::HOSTNAME,
+            identity::RESOLV_CONF,
+            identity::HOSTS,
+        ]
+        .iter()
+        .all(|f| mounted.contains(&etc.join(f)));
         if m.trim() == n.to_string() && all_bound {
             let ms = t0.elapsed().as_secs_f64() * 1000.0;
             tracing::info!(
@@ -349,7 +369,9 @@ pub fn summary(stage: &str, o: &Outcome) -> String {
     format!(
         "nixseed {stage}: {} -> generation {} (instance-id {}, source {}) in {total:.1} ms [{}]",
         o.decision,
-        o.generation.map(|g| g.to_string()).unwrap_or_else(|| "none".into()),
+        o.generation
+            .map(|g| g.to_string())
+            .unwrap_or_else(|| "none".into()),
         o.instance_id.as_deref().unwrap_or("-"),
         o.source.as_deref().unwrap_or("-"),
         laps.join(", ")

@@ -138,7 +138,9 @@ impl Store {
                 "{}/{CURRENT} is not a symlink: refusing it",
                 self.path.display()
             ),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}/{CURRENT}", self.path.display())),
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot read {}/{CURRENT}", self.path.display()))
+            }
         }
     }
 
@@ -153,16 +155,18 @@ impl Store {
     pub fn read_generation(&self, n: u64) -> Result<Generation> {
         let name = gen_name(n);
         let origin = format!("{}/{name}", self.path.display());
-        let gdir = open_dir_at(&self.dir, &name).with_context(|| format!("cannot open {origin}"))?;
+        let gdir =
+            open_dir_at(&self.dir, &name).with_context(|| format!("cannot open {origin}"))?;
         let mut tree = IdentityTree::new();
         let mut manifest_bytes = None;
         read_tree(&gdir, "", &mut tree, &origin)?;
         if let Some(f) = tree.remove(identity::MANIFEST) {
             manifest_bytes = Some(f.bytes);
         }
-        let manifest_bytes = manifest_bytes
-            .with_context(|| format!("{origin}/{}: missing", identity::MANIFEST))?;
-        let manifest = Manifest::parse(&manifest_bytes, &format!("{origin}/{}", identity::MANIFEST))?;
+        let manifest_bytes =
+            manifest_bytes.with_context(|| format!("{origin}/{}: missing", identity::MANIFEST))?;
+        let manifest =
+            Manifest::parse(&manifest_bytes, &format!("{origin}/{}", identity::MANIFEST))?;
         manifest.verify(&tree, &origin)?;
         Ok(Generation {
             number: n,
@@ -231,7 +235,8 @@ impl Store {
             rfs::fsync(&self.dir)?;
             crate::crashpoint::hit("store-before-swap");
             self.swap_link(CURRENT, &name)?;
-            rfs::fsync(&self.dir).with_context(|| format!("cannot sync {}", self.path.display()))?;
+            rfs::fsync(&self.dir)
+                .with_context(|| format!("cannot sync {}", self.path.display()))?;
             Ok(())
         })();
         if let Err(e) = result {
@@ -281,7 +286,10 @@ impl Store {
                         );
                     }
                 }
-                Err(e) => return Err(e).with_context(|| format!("cannot read {}/{name}", self.path.display())),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot read {}/{name}", self.path.display()));
+                }
             }
             self.swap_link(&name, &target)?;
         }
@@ -296,8 +304,9 @@ impl Store {
                 continue;
             };
             if n != keep && Some(n) != previous {
-                remove_tree_at(&self.dir, &entry)
-                    .with_context(|| format!("cannot remove old {}/{entry}", self.path.display()))?;
+                remove_tree_at(&self.dir, &entry).with_context(|| {
+                    format!("cannot remove old {}/{entry}", self.path.display())
+                })?;
             }
         }
         Ok(())
@@ -305,7 +314,9 @@ impl Store {
 
     /// Makes an older generation current again (the control channel's `rollback`).
     pub fn rollback(&self) -> Result<u64> {
-        let current = self.current_number()?.context("no identity to roll back from")?;
+        let current = self
+            .current_number()?
+            .context("no identity to roll back from")?;
         let older = list_dir(&self.dir)?
             .iter()
             .filter_map(|e| parse_gen(e))
@@ -344,7 +355,12 @@ fn write_file_at(dir: &impl AsFd, name: &str, file: &IdentityFile) -> Result<()>
 }
 
 fn list_dir(dir: &impl AsFd) -> Result<Vec<String>> {
-    let fd = rfs::openat(dir, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    let fd = rfs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
     let mut out = Vec::new();
     for entry in rfs::Dir::read_from(&fd)? {
         let entry = entry?;
@@ -364,22 +380,38 @@ fn read_tree(dir: &OwnedFd, prefix: &str, tree: &mut IdentityTree, origin: &str)
         match rfs::FileType::from_raw_mode(st.st_mode) {
             rfs::FileType::RegularFile => {
                 if st.st_size as u64 > MAX_FILE {
-                    bail!("{origin}/{rel}: {} bytes is too large for an identity file", st.st_size);
+                    bail!(
+                        "{origin}/{rel}: {} bytes is too large for an identity file",
+                        st.st_size
+                    );
                 }
-                let fd = rfs::openat(dir, name.as_str(), OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-                    .with_context(|| format!("cannot open {origin}/{rel}"))?;
+                let fd = rfs::openat(
+                    dir,
+                    name.as_str(),
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .with_context(|| format!("cannot open {origin}/{rel}"))?;
                 let mut bytes = Vec::new();
                 std::fs::File::from(fd)
                     .take(MAX_FILE)
                     .read_to_end(&mut bytes)
                     .with_context(|| format!("cannot read {origin}/{rel}"))?;
-                tree.insert(rel, IdentityFile { mode: st.st_mode & 0o7777, bytes });
+                tree.insert(
+                    rel,
+                    IdentityFile {
+                        mode: st.st_mode & 0o7777,
+                        bytes,
+                    },
+                );
             }
             rfs::FileType::Directory if prefix.is_empty() => {
                 let sub = open_dir_at(dir, &name)?;
                 read_tree(&sub, &format!("{rel}/"), tree, origin)?;
             }
-            _ => bail!("{origin}/{rel}: unexpected file type (a planted link?): refusing the generation"),
+            _ => bail!(
+                "{origin}/{rel}: unexpected file type (a planted link?): refusing the generation"
+            ),
         }
     }
     Ok(())

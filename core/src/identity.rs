@@ -308,7 +308,11 @@ fn resolv_from_network(n: &network::NetworkConfig) -> String {
         }
     }
     let mut seen = std::collections::BTreeSet::new();
-    let search: Vec<&str> = search.into_iter().filter(|d| seen.insert(*d)).map(String::as_str).collect();
+    let search: Vec<&str> = search
+        .into_iter()
+        .filter(|d| seen.insert(*d))
+        .map(String::as_str)
+        .collect();
     if !search.is_empty() {
         out.push_str(&format!("search {}\n", search.join(" ")));
     }

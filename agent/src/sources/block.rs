@@ -57,12 +57,18 @@ pub fn scan(env: &Env) -> Vec<BlockDevice> {
             Ok(n) => {
                 if let Some((fstype, label)) = label::probe(&head[..n]) {
                     tracing::debug!(device = %node.display(), %label, fs = fstype.mount_name(), "labelled volume");
-                    out.push(BlockDevice { node, fstype, label });
+                    out.push(BlockDevice {
+                        node,
+                        fstype,
+                        label,
+                    });
                 }
             }
             // No medium in a cdrom drive, or a node that does not exist: nothing to see.
             Err(e) if matches!(e.raw_os_error(), Some(123) | Some(6) | Some(2)) => {}
-            Err(e) => tracing::warn!(device = %node.display(), "cannot read the device to probe its label: {e}"),
+            Err(e) => {
+                tracing::warn!(device = %node.display(), "cannot read the device to probe its label: {e}")
+            }
         }
     }
     out
@@ -78,7 +84,8 @@ pub struct Media {
 impl Media {
     pub fn mount(dev: &BlockDevice, run: &Path) -> Result<Media> {
         let base = run.join("nixseed");
-        std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
+        std::fs::create_dir_all(&base)
+            .with_context(|| format!("cannot create {}", base.display()))?;
         let dir = base.join(format!("media-{}", dev.label));
         match std::fs::create_dir(&dir) {
             Ok(()) => {}

@@ -1,0 +1,395 @@
+//! The boot stages against a real mount namespace: a tmpfs-free scratch sysroot with
+//! placeholders in `etc/`, the real bind mounts, and the real agent binary. Each test runs
+//! the agent inside `unshare -m` so the binds vanish with the test. Needs root.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_nixseed-agent");
+
+struct Vm {
+    dir: tempfile::TempDir,
+}
+
+const PROXMOX_USER_DATA: &str = "#cloud-config\nhostname: web1\nmanage_etc_hosts: true\nfqdn: web1.example.com\nuser: admin\npassword: $5$abc$def\nssh_authorized_keys:\n  - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA0 admin@host\nchpasswd:\n  expire: False\nusers:\n  - default\npackage_upgrade: true\n";
+
+const PROXMOX_NETWORK: &str = "version: 1\nconfig:\n    - type: physical\n      name: eth0\n      mac_address: '52:54:00:12:34:56'\n      subnets:\n      - type: static\n        address: '192.168.1.10'\n        netmask: '255.255.255.0'\n        gateway: '192.168.1.1'\n      - type: static6\n        address: '2001:db8::10/64'\n        gateway: '2001:db8::1'\n    - type: nameserver\n      search:\n      - 'example.com'\n";
+
+impl Vm {
+    /// A scratch machine: sysroot with placeholders, a fake sysfs with one NIC and a
+    /// product_uuid, and a NoCloud seed directory named on the command line.
+    fn new() -> Vm {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = Vm { dir };
+        for d in [
+            "sysroot/etc",
+            "sysroot/var",
+            "sysroot/seed",
+            "run",
+            "host/proc",
+            "host/sys/class/net/ens18",
+            "host/sys/class/dmi/id",
+            "host/sys/class/block",
+        ] {
+            std::fs::create_dir_all(vm.p(d)).unwrap();
+        }
+        for f in ["machine-id", "hostname", "resolv.conf"] {
+            std::fs::write(vm.p("sysroot/etc").join(f), "").unwrap();
+        }
+        std::fs::write(vm.p("sysroot/etc/hosts"), "127.0.0.1 localhost\n").unwrap();
+        std::fs::write(
+            vm.p("host/sys/class/net/ens18/address"),
+            "52:54:00:12:34:56\n",
+        )
+        .unwrap();
+        vm.set_uuid("11111111-2222-3333-4444-555555555555");
+        std::fs::write(vm.p("host/proc/cmdline"), "ro quiet ds=nocloud;s=/seed/\n").unwrap();
+        vm.seed(
+            "instance-id: iid-1\n",
+            PROXMOX_USER_DATA,
+            Some(PROXMOX_NETWORK),
+        );
+        vm
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn set_uuid(&self, uuid: &str) {
+        std::fs::write(
+            self.p("host/sys/class/dmi/id/product_uuid"),
+            format!("{uuid}\n"),
+        )
+        .unwrap();
+    }
+
+    fn seed(&self, meta: &str, user: impl AsRef<[u8]>, network: Option<&str>) {
+        std::fs::write(self.p("sysroot/seed/meta-data"), meta).unwrap();
+        std::fs::write(self.p("sysroot/seed/user-data"), user).unwrap();
+        match network {
+            Some(n) => std::fs::write(self.p("sysroot/seed/network-config"), n).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(self.p("sysroot/seed/network-config"));
+            }
+        }
+    }
+
+    /// Runs `setup` (shell), then the initrd stage, then prints the bound /etc files,
+    /// all in one private mount namespace.
+    fn boot_with(&self, setup: &str) -> (Output, String) {
+        let script = format!(
+            "set -u; cd {dir}; {setup}\n{AGENT} initrd --sysroot sysroot --root host --run run; echo \"rc=$?\"; for f in hostname machine-id hosts resolv.conf; do echo \"== $f\"; cat sysroot/etc/$f; done",
+            dir = self.dir.path().display()
+        );
+        let out = Command::new("unshare")
+            .args(["-m", "sh", "-c", &script])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out, stdout)
+    }
+
+    fn boot(&self) -> (Output, String) {
+        self.boot_with("")
+    }
+
+    fn identity(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.p("sysroot/var/identity").join(name)).unwrap()
+    }
+
+    fn generation(&self) -> String {
+        std::fs::read_link(self.p("sysroot/var/identity/current"))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+fn etc(stdout: &str, file: &str) -> String {
+    let marker = format!("== {file}\n");
+    let start = stdout
+        .find(&marker)
+        .map(|i| i + marker.len())
+        .unwrap_or(stdout.len());
+    let rest = &stdout[start..];
+    rest[..rest.find("== ").unwrap_or(rest.len())].to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn proxmox_seed_first_boot_binds_identity_over_etc() {
+    let vm = Vm::new();
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(etc(&s, "hostname"), "web1\n");
+    assert_eq!(
+        etc(&s, "hosts"),
+        "127.0.0.1 localhost\n127.0.1.1 web1.example.com web1\n"
+    );
+    let mid = etc(&s, "machine-id");
+    assert_eq!(mid.trim().len(), 32, "{mid:?}");
+    // Like cloud-init, a nameserver entry without addresses contributes nothing.
+    assert_eq!(etc(&s, "resolv.conf"), "");
+    assert_eq!(
+        vm.identity("admin_authorized_keys"),
+        b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA0 admin@host\n"
+    );
+    // Proxmox's eth0 is matched by MAC to the guest's ens18.
+    let net = String::from_utf8(vm.identity("network/10-cloud-init-ens18.network")).unwrap();
+    assert!(
+        net.contains("Name=ens18")
+            && net.contains("Address=192.168.1.10/24")
+            && net.contains("Address=2001:db8::10/64"),
+        "{net}"
+    );
+    let link = std::fs::read_link(vm.p("run/systemd/network/10-cloud-init-ens18.network")).unwrap();
+    assert_eq!(
+        link,
+        Path::new("/var/identity/network/10-cloud-init-ens18.network")
+    );
+    // Modes from the contract.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |n: &str| {
+        std::fs::metadata(vm.p("sysroot/var/identity/current").join(n))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("machine-id"), 0o444);
+    assert_eq!(mode("ssh_host_ed25519_key"), 0o600);
+    assert_eq!(mode("hostname"), 0o644);
+    assert!(
+        stderr(&out).contains("nixseed initrd: FirstBoot -> generation 1"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn same_instance_rewrites_nothing_and_new_instance_keeps_host_keys() {
+    let vm = Vm::new();
+    vm.boot();
+    let key = vm.identity("ssh_host_ed25519_key");
+    let manifest = vm.identity("manifest.json");
+    let (_, s) = vm.boot();
+    assert!(s.contains("rc=0"));
+    assert_eq!(vm.generation(), "gen-1");
+    assert_eq!(vm.identity("manifest.json"), manifest);
+    vm.seed(
+        "instance-id: iid-2\n",
+        "#cloud-config\nhostname: web2\n",
+        None,
+    );
+    let (_, s) = vm.boot();
+    assert_eq!(etc(&s, "hostname"), "web2\n");
+    assert_eq!(vm.generation(), "gen-2");
+    assert_eq!(
+        vm.identity("ssh_host_ed25519_key"),
+        key,
+        "a new instance-id must not regenerate host keys"
+    );
+    assert!(
+        vm.p("sysroot/var/identity/gen-1").is_dir(),
+        "the previous generation is kept"
+    );
+}
+
+#[test]
+fn clone_regenerates_machine_id_and_host_key() {
+    let vm = Vm::new();
+    vm.boot();
+    let key = vm.identity("ssh_host_ed25519_key");
+    let mid = vm.identity("machine-id");
+    vm.set_uuid("99999999-2222-3333-4444-555555555555");
+    let (out, _) = vm.boot();
+    assert!(stderr(&out).contains("CLONE DETECTED"), "{}", stderr(&out));
+    assert_ne!(vm.identity("ssh_host_ed25519_key"), key);
+    assert_ne!(vm.identity("machine-id"), mid);
+}
+
+#[test]
+fn clone_policy_refuse_applies_nothing() {
+    let vm = Vm::new();
+    vm.boot();
+    vm.set_uuid("99999999-2222-3333-4444-555555555555");
+    let script = format!(
+        "cd {}; {AGENT} initrd --sysroot sysroot --root host --run run --clone-policy refuse",
+        vm.dir.path().display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("clone policy is 'refuse'"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(vm.generation(), "gen-1");
+}
+
+/// Boots once with a good seed, then with `bad`; the second boot must fail with `needle`
+/// in its error, and the first identity must still be current and mounted.
+fn assert_bad_seed_keeps_identity(setup: &str, prepare: impl Fn(&Vm), needle: &str) {
+    let vm = Vm::new();
+    let (_, first) = vm.boot();
+    let mid = etc(&first, "machine-id");
+    prepare(&vm);
+    let (out, s) = vm.boot_with(setup);
+    assert!(
+        s.contains("rc=1"),
+        "the stage must fail: {s}\n{}",
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    assert!(err.contains(needle), "error should name {needle:?}: {err}");
+    assert_eq!(
+        etc(&s, "hostname"),
+        "web1\n",
+        "previous identity still mounted: {s}"
+    );
+    assert_eq!(etc(&s, "machine-id"), mid);
+    assert_eq!(vm.generation(), "gen-1");
+    let status = Command::new(AGENT)
+        .args(["status", "--identity-dir"])
+        .arg(vm.p("sysroot/var/identity"))
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "gen-1 still verifies against its manifest: {}",
+        stderr(&status)
+    );
+}
+
+#[test]
+fn malformed_yaml_names_the_file_and_line() {
+    assert_bad_seed_keeps_identity(
+        "",
+        |vm| {
+            vm.seed(
+                "instance-id: iid-2\n",
+                "#cloud-config\nhostname: [oops\n",
+                None,
+            )
+        },
+        "/seed//user-data: line ",
+    );
+}
+
+#[test]
+fn hundred_megabyte_user_data_is_refused() {
+    assert_bad_seed_keeps_identity(
+        "",
+        |vm| vm.seed("instance-id: iid-2\n", vec![b'#'; 100 * 1024 * 1024], None),
+        "user-data: 104857600 bytes exceed",
+    );
+}
+
+#[test]
+fn path_traversal_hostname_is_refused() {
+    assert_bad_seed_keeps_identity(
+        "",
+        |vm| {
+            vm.seed(
+                "instance-id: iid-2\n",
+                "#cloud-config\nhostname: ../../etc\n",
+                None,
+            )
+        },
+        "key 'hostname': \"../../etc\" is not a valid hostname",
+    );
+}
+
+#[test]
+fn symlink_planted_at_current_is_refused() {
+    let vm = Vm::new();
+    vm.boot();
+    let cur = vm.p("sysroot/var/identity/current");
+    std::fs::remove_file(&cur).unwrap();
+    std::os::unix::fs::symlink("/etc", &cur).unwrap();
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=1"));
+    assert!(
+        stderr(&out).contains("current points to \"/etc\", not to a generation"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn full_var_keeps_the_previous_generation_whole() {
+    // /var is a tiny tmpfs holding the first identity; fill it, then try a new instance.
+    let vm = Vm::new();
+    let setup = "mount -t tmpfs -o size=512k tmpfs sysroot/var";
+    let script = format!(
+        "cd {}; {setup}; {AGENT} initrd --sysroot sysroot --root host --run run 2>/dev/null; dd if=/dev/zero of=sysroot/var/fill bs=4k 2>/dev/null; sed -i s/iid-1/iid-2/ sysroot/seed/meta-data; {AGENT} initrd --sysroot sysroot --root host --run run; echo rc=$?; cat sysroot/etc/hostname; readlink sysroot/var/identity/current; {AGENT} status --identity-dir sysroot/var/identity >/dev/null && echo verified",
+        vm.dir.path().display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("rc=1"), "{s}");
+    assert!(
+        stderr(&out).contains("No space left on device"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("/var/identity"), "{}", stderr(&out));
+    assert!(s.contains("web1\ngen-1\nverified"), "{s}");
+}
+
+#[test]
+fn read_only_var_keeps_the_previous_generation_mounted() {
+    assert_bad_seed_keeps_identity(
+        "mount --bind sysroot/var sysroot/var && mount -o remount,bind,ro sysroot/var",
+        |vm| {
+            vm.seed(
+                "instance-id: iid-2\n",
+                "#cloud-config\nhostname: web2\n",
+                None,
+            )
+        },
+        "Read-only file system",
+    );
+}
+
+#[test]
+fn unreadable_device_is_named_and_boot_goes_on() {
+    let vm = Vm::new();
+    std::fs::create_dir_all(vm.p("host/sys/class/block/vdz")).unwrap();
+    std::fs::create_dir_all(vm.p("host/dev/vdz")).unwrap();
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=0"), "{s}");
+    assert!(stderr(&out).contains("dev/vdz"), "{}", stderr(&out));
+}
+
+#[test]
+fn render_is_a_dry_run_of_the_same_tree() {
+    let vm = Vm::new();
+    let out = Command::new(AGENT)
+        .args(["render", "--link", "ens18=52:54:00:12:34:56", "--seed"])
+        .arg(vm.p("sysroot/seed"))
+        .arg("--out")
+        .arg(vm.p("rendered"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(vm.p("rendered/hostname")).unwrap(), b"web1\n");
+    assert!(
+        vm.p("rendered/network/10-cloud-init-ens18.network")
+            .exists()
+    );
+    assert!(
+        !vm.p("sysroot/var/identity").exists(),
+        "render must not touch the system"
+    );
+}
