@@ -58,6 +58,8 @@ pub enum Command {
     Destroy(cmd::power::PowerArgs),
     /// Remove the libvirt domain (disks and identity stay)
     Undefine(cmd::power::PowerArgs),
+    /// Guest-agent commands (ping, info, osinfo, ifaddr, fsfreeze, shutdown, ...)
+    Agent(cmd::agent::AgentArgs),
 }
 
 impl Cli {
@@ -79,6 +81,7 @@ impl Cli {
             Command::Stop(a) => cmd::power::stop(&paths, a),
             Command::Destroy(a) => cmd::power::destroy(&paths, a),
             Command::Undefine(a) => cmd::power::undefine(&paths, a),
+            Command::Agent(a) => cmd::agent::run(&paths, a),
         }
     }
 }

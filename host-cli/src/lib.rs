@@ -14,6 +14,7 @@ pub mod machine;
 pub mod names;
 pub mod nocloud;
 pub mod output;
+pub mod qga;
 pub mod qmp;
 pub mod state;
 pub mod tools;

@@ -1,0 +1,172 @@
+//! Guest-agent client over a unix socket (the host end of `org.qemu.guest_agent.0`).
+//! It resynchronises with `guest-sync-delimited` before each session: send 0xFF to reset
+//! the agent's parser, send the sync with a random id, skip everything up to the 0xFF
+//! the agent puts before its reply, and accept only the reply carrying that id. Stale
+//! replies left over from an earlier client are skipped the same way.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+
+pub struct QgaClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    path: PathBuf,
+    timeout: Duration,
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+impl QgaClient {
+    pub fn connect(path: &Path, timeout: Duration) -> Result<QgaClient> {
+        let s = UnixStream::connect(path).with_context(|| {
+            format!(
+                "connecting to the guest-agent socket {}; is the machine running?",
+                path.display()
+            )
+        })?;
+        s.set_read_timeout(Some(timeout))
+            .with_context(|| format!("configuring {}", path.display()))?;
+        s.set_write_timeout(Some(timeout))
+            .with_context(|| format!("configuring {}", path.display()))?;
+        let writer = s
+            .try_clone()
+            .with_context(|| format!("configuring {}", path.display()))?;
+        Ok(QgaClient {
+            reader: BufReader::new(s),
+            writer,
+            path: path.to_owned(),
+            timeout,
+        })
+    }
+
+    fn no_answer(&self, what: &str) -> anyhow::Error {
+        anyhow!(
+            "no answer to {what} from the guest agent at {} within {} s; is nixseed-agent (or qemu-ga) running in the guest?",
+            self.path.display(),
+            self.timeout.as_secs_f32()
+        )
+    }
+
+    fn send(&mut self, req: &Value) -> Result<()> {
+        self.writer
+            .write_all(req.to_string().as_bytes())
+            .with_context(|| format!("writing to the guest-agent socket {}", self.path.display()))
+    }
+
+    /// Read one JSON value; None on end of stream.
+    fn read_value(&mut self, what: &str) -> Result<Option<Value>> {
+        let mut de = serde_json::Deserializer::from_reader(&mut self.reader).into_iter::<Value>();
+        match de.next() {
+            None => Ok(None),
+            Some(Ok(v)) => Ok(Some(v)),
+            Some(Err(e)) if e.is_io() => {
+                let io: std::io::Error = e.into();
+                if is_timeout(&io) {
+                    Err(self.no_answer(what))
+                } else {
+                    Err(io).context(what.to_owned())
+                }
+            }
+            Some(Err(e)) => Err(anyhow!(
+                "guest agent at {} sent malformed JSON in reply to {what}: {e}",
+                self.path.display()
+            )),
+        }
+    }
+
+    /// `guest-sync-delimited` handshake.
+    pub fn sync(&mut self) -> Result<()> {
+        let mut idb = [0u8; 4];
+        getrandom::getrandom(&mut idb).map_err(|e| anyhow!("reading random bytes: {e}"))?;
+        let id = i64::from(u32::from_le_bytes(idb) & 0x7fff_ffff);
+        self.writer
+            .write_all(&[0xff])
+            .with_context(|| format!("writing to {}", self.path.display()))?;
+        self.send(&json!({ "execute": "guest-sync-delimited", "arguments": { "id": id } }))?;
+        loop {
+            // Skip to the delimiter.
+            let mut skipped = Vec::new();
+            match self.reader.read_until(0xff, &mut skipped) {
+                Ok(0) => bail!(
+                    "the guest agent at {} closed the connection during guest-sync-delimited",
+                    self.path.display()
+                ),
+                Ok(_) if skipped.last() == Some(&0xff) => {}
+                Ok(_) => bail!(
+                    "the guest agent at {} closed the connection during guest-sync-delimited",
+                    self.path.display()
+                ),
+                Err(e) if is_timeout(&e) => return Err(self.no_answer("guest-sync-delimited")),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("reading from {}", self.path.display()));
+                }
+            }
+            match self.read_value("guest-sync-delimited")? {
+                Some(v) if v.get("return").and_then(Value::as_i64) == Some(id) => return Ok(()),
+                Some(_) => continue,
+                None => bail!(
+                    "the guest agent at {} closed the connection during guest-sync-delimited",
+                    self.path.display()
+                ),
+            }
+        }
+    }
+
+    /// Run one command and return its `return` value, or the agent's error.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        let mut req = json!({ "execute": command });
+        if let Some(a) = arguments {
+            req["arguments"] = a;
+        }
+        self.send(&req)?;
+        let v = self.read_value(command)?.ok_or_else(|| {
+            anyhow!(
+                "the guest agent at {} closed the connection before answering {command}",
+                self.path.display()
+            )
+        })?;
+        reply(command, v)
+    }
+
+    /// A command the agent answers only with silence when it succeeds (guest-shutdown).
+    pub fn execute_no_reply(&mut self, command: &str, arguments: Option<Value>) -> Result<()> {
+        let mut req = json!({ "execute": command });
+        if let Some(a) = arguments {
+            req["arguments"] = a;
+        }
+        self.send(&req)?;
+        let mut buf = [0u8; 1];
+        match self.reader.get_mut().read(&mut buf) {
+            Ok(0) => Ok(()),
+            Err(e) if is_timeout(&e) => Ok(()),
+            Ok(_) => match self.read_value(command)? {
+                Some(v) => reply(command, v).map(|_| ()),
+                None => Ok(()),
+            },
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// `{"return": X}` gives X; `{"error": {"class", "desc"}}` becomes an error naming both.
+pub fn reply(command: &str, v: Value) -> Result<Value> {
+    if let Some(e) = v.get("error") {
+        let class = e
+            .get("class")
+            .and_then(Value::as_str)
+            .unwrap_or("GenericError");
+        let desc = e.get("desc").and_then(Value::as_str).unwrap_or("");
+        bail!("guest agent refused {command}: {class}: {desc}");
+    }
+    Ok(v.get("return").cloned().unwrap_or(Value::Null))
+}

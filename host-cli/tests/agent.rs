@@ -1,0 +1,146 @@
+//! `seedctl agent` against the real qemu-ga (`qemu-ga -m unix-listen`, no VM needed),
+//! and the errors when nothing answers.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::net::UnixListener;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::{Scratch, require_tool};
+
+struct QemuGa {
+    child: Child,
+    sock: std::path::PathBuf,
+}
+
+impl QemuGa {
+    fn start(s: &Scratch) -> QemuGa {
+        require_tool("qemu-ga");
+        let sock = s.path().join("qga.sock");
+        let statedir = s.path().join("qga-state");
+        std::fs::create_dir_all(&statedir).unwrap();
+        let child = Command::new("qemu-ga")
+            .args(["-m", "unix-listen", "-p"])
+            .arg(&sock)
+            .arg("-t")
+            .arg(&statedir)
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "qemu-ga did not create {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        QemuGa { child, sock }
+    }
+}
+
+impl Drop for QemuGa {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent(s: &Scratch, sock: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json", "agent", "vm1", "--socket", sock.to_str().unwrap()];
+    all.extend(args);
+    serde_json::from_str(&s.ok(&all)).unwrap()
+}
+
+#[test]
+fn commands_against_real_qemu_ga() {
+    let s = Scratch::new();
+    let ga = QemuGa::start(&s);
+    assert_eq!(
+        agent(&s, &ga.sock, &["ping"])["return"],
+        serde_json::json!({})
+    );
+    let info = agent(&s, &ga.sock, &["info"]);
+    assert!(info["return"]["version"].as_str().unwrap().contains('.'));
+    assert!(
+        info["return"]["supported_commands"]
+            .as_array()
+            .unwrap()
+            .len()
+            > 10
+    );
+    let host = agent(&s, &ga.sock, &["hostname"]);
+    let expected = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(host["return"]["host-name"], expected.trim());
+    let t = agent(&s, &ga.sock, &["time"])["return"].as_i64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    assert!(
+        (now - t).abs() < 60_000_000_000,
+        "guest time {t} vs host {now}"
+    );
+    let os = agent(&s, &ga.sock, &["osinfo"]);
+    assert!(os["return"]["kernel-release"].is_string());
+    // Many sessions in a row: each resynchronises, none reads a stale reply.
+    for _ in 0..5 {
+        let v = agent(
+            &s,
+            &ga.sock,
+            &["cmd", r#"{"execute":"guest-sync","arguments":{"id":4242}}"#],
+        );
+        assert_eq!(v["return"], 4242);
+    }
+    // The agent's own error class and text come through.
+    let out = s.run(&[
+        "agent",
+        "vm1",
+        "--socket",
+        ga.sock.to_str().unwrap(),
+        "cmd",
+        r#"{"execute":"guest-nope"}"#,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CommandNotFound")
+            && err.contains("guest-nope")
+            && err.contains("machine `vm1`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn silence_and_absence_are_reported_in_time() {
+    let s = Scratch::new();
+    // A socket that accepts and never answers.
+    let silent = s.path().join("silent.sock");
+    let listener = UnixListener::bind(&silent).unwrap();
+    let start = Instant::now();
+    let err = s.fails(&[
+        "agent",
+        "vm1",
+        "--socket",
+        silent.to_str().unwrap(),
+        "--timeout",
+        "1",
+        "ping",
+    ]);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(
+        err.contains("no answer") && err.contains("silent.sock") && err.contains("machine `vm1`"),
+        "{err}"
+    );
+    drop(listener);
+
+    let err = s.fails(&["agent", "vm1", "ping"]);
+    assert!(
+        err.contains(".seedctl/vm1/qga.sock") && err.contains("is the machine running"),
+        "{err}"
+    );
+    let err = s.fails(&["agent", "vm1", "cmd", "not json"]);
+    assert!(err.contains("not JSON"), "{err}");
+}

@@ -1,0 +1,109 @@
+//! `seedctl xml` passes libvirt's own schema check, and virsh-driven commands explain an
+//! unreachable URI.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::{Scratch, require_tool};
+
+fn validate(s: &Scratch, file: &str) {
+    let out = Command::new("virt-xml-validate")
+        .arg(s.path().join(file))
+        .arg("domain")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{file} rejected:\n{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(s.path().join(file)).unwrap()
+    );
+}
+
+#[test]
+fn domain_xml_validates_for_uefi_and_direct_kernel_boot() {
+    require_tool("virt-xml-validate");
+    require_tool("xmllint");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let code = s.path().join("CODE.fd");
+    let vars = s.path().join("VARS.fd");
+    std::fs::write(&code, b"").unwrap();
+    std::fs::write(&vars, b"").unwrap();
+    s.ok(&[
+        "xml",
+        "web1",
+        "-o",
+        "uefi.xml",
+        "--ovmf-code",
+        code.to_str().unwrap(),
+        "--ovmf-vars",
+        vars.to_str().unwrap(),
+    ]);
+    validate(&s, "uefi.xml");
+    s.ok(&[
+        "xml",
+        "web1",
+        "-o",
+        "kernel.xml",
+        "--type",
+        "kvm",
+        "--net",
+        "default",
+        "--kernel",
+        "/boot/vmlinuz",
+        "--initrd",
+        "/boot/initrd.img",
+        "--cmdline",
+        "console=ttyS0 nixseed.debug=1",
+    ]);
+    validate(&s, "kernel.xml");
+
+    let xml = std::fs::read_to_string(s.path().join("uefi.xml")).unwrap();
+    let uuid = std::fs::read_to_string(s.machine("web1").join("product_uuid")).unwrap();
+    assert!(xml.contains(&format!("<uuid>{}</uuid>", uuid.trim())));
+    assert!(
+        xml.contains("<domain type='qemu'>")
+            && xml.contains("machine='q35'")
+            && xml.contains("<acpi/>")
+    );
+    assert!(
+        xml.contains("name='org.qemu.guest_agent.0'")
+            && xml.contains("name='org.nixseed.channel.0'")
+    );
+    assert!(
+        xml.contains("<target dev='vda' bus='virtio'/>")
+            && xml.contains("<target dev='vdb' bus='virtio'/>")
+    );
+    assert!(
+        xml.contains("device='cdrom'") && xml.contains("bus='sata'") && xml.contains("seed.iso")
+    );
+    let kxml = std::fs::read_to_string(s.path().join("kernel.xml")).unwrap();
+    assert!(
+        kxml.contains("<domain type='kvm'>")
+            && kxml.contains("<cmdline>console=ttyS0 nixseed.debug=1</cmdline>")
+    );
+    assert!(kxml.contains("<source network='default'/>"));
+}
+
+#[test]
+fn unreachable_libvirt_uri_is_named() {
+    require_tool("virsh");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock";
+    for args in [
+        vec!["start", "web1", "--connect", uri],
+        vec!["stop", "web1", "--connect", uri],
+        vec!["agent", "web1", "--connect", uri, "ping"],
+    ] {
+        let err = s.fails(&args);
+        assert!(
+            err.contains("unreachable") && err.contains(uri) && err.contains("machine `web1`"),
+            "{args:?}: {err}"
+        );
+    }
+}
