@@ -60,6 +60,10 @@ pub enum Command {
     Undefine(cmd::power::PowerArgs),
     /// Guest-agent commands (ping, info, osinfo, ifaddr, fsfreeze, shutdown, ...)
     Agent(cmd::agent::AgentArgs),
+    /// Pinned known_hosts lines for every machine
+    KnownHosts(cmd::known_hosts::KnownHostsArgs),
+    /// List machines, their base image and state
+    List(cmd::list::ListArgs),
 }
 
 impl Cli {
@@ -82,6 +86,8 @@ impl Cli {
             Command::Destroy(a) => cmd::power::destroy(&paths, a),
             Command::Undefine(a) => cmd::power::undefine(&paths, a),
             Command::Agent(a) => cmd::agent::run(&paths, a),
+            Command::KnownHosts(a) => cmd::known_hosts::run(&paths, a),
+            Command::List(a) => cmd::list::run(&paths, a),
         }
     }
 }

@@ -2,6 +2,8 @@
 
 pub mod agent;
 pub mod create;
+pub mod known_hosts;
+pub mod list;
 pub mod new;
 pub mod power;
 pub mod run;

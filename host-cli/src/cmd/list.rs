@@ -1,0 +1,64 @@
+//! `seedctl list`: every machine with its hostname, base image, last seed and whether it
+//! runs (under `seedctl run`, or in libvirt with --connect).
+
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+
+use crate::libvirt;
+use crate::machine::{Identity, Paths};
+use crate::output::Report;
+use crate::state::StateDir;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl list
+  seedctl list --connect qemu:///system --json")]
+pub struct ListArgs {
+    /// Also ask libvirt at this URI for each domain's state
+    #[arg(long, short = 'c', value_name = "URI")]
+    pub connect: Option<String>,
+}
+
+pub fn run(paths: &Paths, a: &ListArgs) -> Result<Report> {
+    let mut rows = Vec::new();
+    let mut text = format!(
+        "{:<16} {:<28} {:<10} {:<12} {}",
+        "NAME", "HOSTNAME", "STATE", "SSH", "BASE"
+    );
+    for name in paths.machine_names()? {
+        let id = Identity::load(paths, &name)?;
+        let sd = StateDir::new(paths, &name);
+        let st = sd.load()?;
+        let mut state = match sd.running_pid() {
+            Some(_) => "running".to_owned(),
+            None if st.base.is_some() => "stopped".to_owned(),
+            None => "no disks".to_owned(),
+        };
+        if let Some(uri) = &a.connect {
+            state = libvirt::domstate(uri, &name)?.unwrap_or_else(|| "undefined".to_owned());
+        }
+        let base = st
+            .base
+            .as_ref()
+            .map(|b| b.display().to_string())
+            .unwrap_or_else(|| "-".into());
+        let ssh = st
+            .ssh_port
+            .map(|p| format!("127.0.0.1:{p}"))
+            .unwrap_or_else(|| "-".into());
+        text.push_str(&format!(
+            "\n{name:<16} {:<28} {state:<10} {ssh:<12} {base}",
+            id.hostname
+        ));
+        rows.push(json!({
+            "name": name,
+            "hostname": id.hostname,
+            "state": state,
+            "base": st.base,
+            "ssh_port": st.ssh_port,
+            "instance_id": st.instance_id,
+        }));
+    }
+    Ok(Report::new(text, json!({ "machines": rows })))
+}
