@@ -64,6 +64,10 @@ pub enum Command {
     KnownHosts(cmd::known_hosts::KnownHostsArgs),
     /// List machines, their base image and state
     List(cmd::list::ListArgs),
+    /// Put a machine on a new base image, keeping its /var disk
+    Upgrade(cmd::upgrade::UpgradeArgs),
+    /// nix build the guest image and make it the default base
+    Build(cmd::build::BuildArgs),
 }
 
 impl Cli {
@@ -88,6 +92,8 @@ impl Cli {
             Command::Agent(a) => cmd::agent::run(&paths, a),
             Command::KnownHosts(a) => cmd::known_hosts::run(&paths, a),
             Command::List(a) => cmd::list::run(&paths, a),
+            Command::Upgrade(a) => cmd::upgrade::run(&paths, a),
+            Command::Build(a) => cmd::build::run(&paths, a),
         }
     }
 }

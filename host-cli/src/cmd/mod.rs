@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod agent;
+pub mod build;
 pub mod create;
 pub mod known_hosts;
 pub mod list;
@@ -9,4 +10,5 @@ pub mod power;
 pub mod run;
 pub mod seed;
 pub mod ssh;
+pub mod upgrade;
 pub mod xml;

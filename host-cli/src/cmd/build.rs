@@ -1,0 +1,111 @@
+//! `seedctl build`: `nix build` of the guest image with a spinner; the result becomes
+//! the default base for `seedctl create`.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+
+use crate::fsutil::write_atomic;
+use crate::machine::Paths;
+use crate::output::Report;
+use crate::state::DEFAULT_BASE;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl build                       # .#nixseed-image
+  seedctl build github:me/fleet#web-image")]
+pub struct BuildArgs {
+    /// Flake output that builds a qcow2 image (a file, or a directory holding one)
+    #[arg(default_value = ".#nixseed-image")]
+    pub installable: String,
+}
+
+/// The qcow2 inside a build result (the path itself when it is a file).
+fn image_in(out: &std::path::Path) -> Result<PathBuf> {
+    if out.is_file() {
+        return Ok(out.to_owned());
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(out)
+        .with_context(|| format!("listing {}", out.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "qcow2"))
+        .collect();
+    found.sort();
+    found
+        .into_iter()
+        .next()
+        .with_context(|| format!("build result {} holds no .qcow2 image", out.display()))
+}
+
+pub fn run(paths: &Paths, a: &BuildArgs) -> Result<Report> {
+    let mut child = Command::new("nix")
+        .args([
+            "build",
+            "--no-link",
+            "--print-out-paths",
+            "-L",
+            &a.installable,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running `nix build`; install nix (https://nixos.org/download)")?;
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_message(format!("nix build {}", a.installable));
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    let mut stderr = child.stderr.take().context("capturing nix output")?;
+    let log = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .context("capturing nix output")?
+        .read_to_string(&mut stdout)
+        .context("reading nix output")?;
+    let status = child.wait().context("waiting for nix build")?;
+    let log = log.join().unwrap_or_default();
+    spinner.finish_and_clear();
+    if !status.success() {
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "`nix build {}` failed ({status}):\n{}",
+            a.installable,
+            tail.join("\n")
+        );
+    }
+    let out = stdout
+        .lines()
+        .last()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from);
+    let out =
+        out.with_context(|| format!("`nix build {}` printed no output path", a.installable))?;
+    let image = image_in(&out)?;
+    std::fs::create_dir_all(&paths.state)
+        .with_context(|| format!("creating {}", paths.state.display()))?;
+    write_atomic(
+        &paths.state.join(DEFAULT_BASE),
+        format!("{}\n", image.display()).as_bytes(),
+        0o644,
+    )?;
+    Ok(Report::new(
+        format!(
+            "built {}\ndefault base for `seedctl create`: {}",
+            out.display(),
+            image.display()
+        ),
+        json!({ "out_path": out, "image": image }),
+    ))
+}

@@ -1,0 +1,85 @@
+//! `seedctl upgrade`: move a machine to a new base image. The boot overlay is recreated
+//! on the new base; the `/var` disk, and with it the identity the guest keeps, is kept.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+
+use crate::cmd::power::{PowerArgs, destroy};
+use crate::cmd::seed::{self, SeedFormat};
+use crate::disk;
+use crate::machine::{Identity, Paths};
+use crate::output::Report;
+use crate::state::{BOOT_DISK, SEED_ISO, StateDir, VAR_DISK};
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl upgrade web1 --base ./result/nixos.qcow2
+  seedctl upgrade web1 --base new.qcow2 --restart   # stops a running `seedctl run` VM first")]
+pub struct UpgradeArgs {
+    /// Machine name
+    pub name: String,
+    /// The new base image
+    #[arg(long, value_name = "IMAGE")]
+    pub base: PathBuf,
+    /// Stop a running machine first (it is not started again)
+    #[arg(long)]
+    pub restart: bool,
+}
+
+pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
+    let id = Identity::load(paths, &a.name)?;
+    let sd = StateDir::new(paths, &a.name);
+    if !sd.file(VAR_DISK).exists() {
+        bail!(
+            "machine `{}` has no {} in {}; use `seedctl create` for a new machine",
+            a.name,
+            VAR_DISK,
+            sd.dir.display()
+        );
+    }
+    let (base, format) =
+        disk::check_base(&a.base).with_context(|| format!("machine `{}`", a.name))?;
+    if sd.running_pid().is_some() {
+        if !a.restart {
+            bail!(
+                "machine `{}` is running; pass --restart to stop it for the upgrade, or `seedctl stop {}` first",
+                a.name,
+                a.name
+            );
+        }
+        destroy(
+            paths,
+            &PowerArgs {
+                name: a.name.clone(),
+                connect: None,
+                timeout: 60,
+            },
+        )?;
+    }
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{}.upgrade-", a.name))
+        .tempdir_in(&sd.dir)
+        .with_context(|| format!("creating a staging directory in {}", sd.dir.display()))?;
+    let overlay = staging.path().join(BOOT_DISK);
+    disk::create_overlay(&base, &format, &overlay)
+        .with_context(|| format!("machine `{}`", a.name))?;
+    std::fs::rename(&overlay, sd.file(BOOT_DISK))
+        .with_context(|| format!("replacing {}", sd.file(BOOT_DISK).display()))?;
+    let instance_id = seed::write(&id, SeedFormat::Iso, &sd.file(SEED_ISO))?;
+    let mut st = sd.load()?;
+    st.base = Some(base.clone());
+    st.instance_id = Some(instance_id);
+    sd.save(&st)?;
+    Ok(Report::new(
+        format!(
+            "machine `{}` now boots {} ({} kept)",
+            a.name,
+            base.display(),
+            VAR_DISK
+        ),
+        json!({ "machine": a.name, "base": base, "restarted": a.restart }),
+    ))
+}

@@ -1,0 +1,97 @@
+//! `seedctl upgrade` keeps /var and swaps the base; `seedctl build` drives nix (here a
+//! fake `nix` script that records its arguments, since the test host has no nix).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use common::{Scratch, require_tool, stdout_of};
+
+#[test]
+fn upgrade_swaps_the_base_and_keeps_var() {
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    for b in ["base1.qcow2", "base2.qcow2"] {
+        assert!(
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", b, "64M"])
+                .current_dir(s.path())
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    s.ok(&[
+        "create",
+        "web1",
+        "--base",
+        "base1.qcow2",
+        "--var-size",
+        "32M",
+    ]);
+    let var_before = std::fs::read(s.state("web1").join("var.qcow2")).unwrap();
+    s.ok(&["upgrade", "web1", "--base", "base2.qcow2"]);
+    let info = stdout_of(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(s.state("web1").join("boot.qcow2")),
+    );
+    assert!(info.contains("base2.qcow2"), "{info}");
+    assert_eq!(
+        std::fs::read(s.state("web1").join("var.qcow2")).unwrap(),
+        var_before
+    );
+    let err = s.fails(&["upgrade", "web1", "--base", "nope.qcow2"]);
+    assert!(err.contains("nope.qcow2"), "{err}");
+}
+
+#[test]
+fn build_records_the_image_as_default_base() {
+    let s = Scratch::new();
+    let bin = s.path().join("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let out = s.path().join("store-result");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("nixos.qcow2"), b"").unwrap();
+    // Fake nix: records its arguments, prints the output path, or fails on request.
+    let fake = bin.join("nix");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$@\" > {args}\nif [ -n \"$FAKE_NIX_FAIL\" ]; then echo 'error: builder failed' >&2; exit 1; fi\necho {out}\n",
+            args = s.path().join("nix-args").display(),
+            out = out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+
+    let o = s
+        .cmd(&["build", ".#web-image"])
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let args = std::fs::read_to_string(s.path().join("nix-args")).unwrap();
+    assert!(
+        args.contains("build")
+            && args.contains("--print-out-paths")
+            && args.contains(".#web-image"),
+        "{args}"
+    );
+    let base = std::fs::read_to_string(s.path().join(".seedctl/default-base")).unwrap();
+    assert_eq!(base.trim(), out.join("nixos.qcow2").to_str().unwrap());
+
+    let o = s
+        .cmd(&["build"])
+        .env("PATH", &path)
+        .env("FAKE_NIX_FAIL", "1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("builder failed"));
+}
