@@ -73,14 +73,17 @@ pub fn ensure_packages(packages: &[&str]) -> Result<()> {
     let mut allow_downgrades = false;
     // qemu-system-x86 breaks with a newer qemu-utils than its own release (a backported
     // qemu-img): pin the QEMU family to the emulator's version so apt can solve it.
-    if missing.contains(&"qemu-system-x86") {
-        if let Some(want) = candidate_version("qemu-system-x86")? {
-            for sib in ["qemu-utils", "qemu-block-extra"] {
-                if installed_version(sib).is_some_and(|v| v != want) {
-                    args.retain(|a| a != sib);
-                    args.push(format!("{sib}={want}"));
-                    allow_downgrades = true;
-                }
+    let want = if missing.contains(&"qemu-system-x86") {
+        candidate_version("qemu-system-x86")?
+    } else {
+        None
+    };
+    if let Some(want) = want {
+        for sib in ["qemu-utils", "qemu-block-extra"] {
+            if installed_version(sib).is_some_and(|v| v != want) {
+                args.retain(|a| a != sib);
+                args.push(format!("{sib}={want}"));
+                allow_downgrades = true;
             }
         }
     }
@@ -122,8 +125,14 @@ pub fn build_agent() -> Result<PathBuf> {
     let musl = ensure_musl_target().and_then(|()| {
         ensure_packages(&["musl-tools"])?;
         let mut c = Command::new(&cargo);
-        c.current_dir(workspace_root())
-            .args(["build", "--release", "-p", "nixseed-agent", "--target", MUSL]);
+        c.current_dir(workspace_root()).args([
+            "build",
+            "--release",
+            "-p",
+            "nixseed-agent",
+            "--target",
+            MUSL,
+        ]);
         cmd::run_visible(&mut c)
     });
     let (triple, result) = match musl {
@@ -135,7 +144,10 @@ pub fn build_agent() -> Result<PathBuf> {
                 .env("RUSTFLAGS", "-C target-feature=+crt-static")
                 .args(["build", "--release", "-p", "nixseed-agent", "--target", GNU]);
             let line = describe(&c);
-            (GNU, cmd::run_visible(&mut c).with_context(|| format!("`{line}`")))
+            (
+                GNU,
+                cmd::run_visible(&mut c).with_context(|| format!("`{line}`")),
+            )
         }
     };
     result?;

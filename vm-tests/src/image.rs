@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Bump when the image-building code changes what ends up in the tree.
-pub const IMAGE_CODE_VERSION: u32 = 1;
+pub const IMAGE_CODE_VERSION: u32 = 2;
 /// Bump when the final layer (injection, initramfs) changes.
 pub const FINAL_CODE_VERSION: u32 = 1;
 
@@ -96,7 +96,10 @@ pub struct BuildTimings {
 /// nixseed variant and its initramfs.
 pub fn prepare(variant: Variant, agent: Option<&Path>) -> Result<GuestImage> {
     let start = Instant::now();
-    let mut timings = BuildTimings { tree: prepare_tree(variant)?, ..Default::default() };
+    let mut timings = BuildTimings {
+        tree: prepare_tree(variant)?,
+        ..Default::default()
+    };
     let tree_dir = tree_dir(variant);
     let kernel_release = fs::read_to_string(tree_dir.join("kernel-release"))
         .with_context(|| format!("reading {}/kernel-release", tree_dir.display()))?
@@ -108,7 +111,14 @@ pub fn prepare(variant: Variant, agent: Option<&Path>) -> Result<GuestImage> {
     let final_dir = tree_dir.join(format!("final-{}", &key[..16]));
     if !final_dir.join("ready").exists() {
         let t = Instant::now();
-        build_final_layer(variant, &tree_dir, &final_dir, agent, &dist, &kernel_release)?;
+        build_final_layer(
+            variant,
+            &tree_dir,
+            &final_dir,
+            agent,
+            &dist,
+            &kernel_release,
+        )?;
         timings.final_layer = Some(t.elapsed());
         prune_final_layers(&tree_dir, &final_dir);
     }
@@ -153,13 +163,20 @@ fn tree_key(variant: Variant) -> String {
 
 fn final_key(agent: Option<&Path>, dist: &Path) -> Result<String> {
     let mut h = Sha256::new();
-    h.update(format!("final={FINAL_CODE_VERSION}\ninitramfs={}\n", crate::initramfs::INITRAMFS_CODE_VERSION));
+    h.update(format!(
+        "final={FINAL_CODE_VERSION}\ninitramfs={}\n",
+        crate::initramfs::INITRAMFS_CODE_VERSION
+    ));
     if let Some(a) = agent {
         h.update(b"agent:");
         h.update(sha256_file(a)?);
     }
     for f in dist_files(dist)? {
-        h.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+        h.update(
+            f.file_name()
+                .map(|n| n.as_encoded_bytes())
+                .unwrap_or_default(),
+        );
         h.update(sha256_file(&f)?);
     }
     Ok(hex(&h.finalize()))
@@ -225,10 +242,11 @@ fn mirror_from_sources(text: &str) -> Option<String> {
                 .lines()
                 .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
         };
-        if let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) {
-            if suites.split_whitespace().any(|s| s == SUITE) && !field("Enabled:").is_some_and(|e| e == "no") {
-                return uris.split_whitespace().next().map(String::from);
-            }
+        if let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:"))
+            && suites.split_whitespace().any(|s| s == SUITE)
+            && field("Enabled:").is_none_or(|e| e != "no")
+        {
+            return uris.split_whitespace().next().map(String::from);
         }
     }
     text.lines().find_map(|l| {
@@ -283,7 +301,8 @@ fn build_tree_layer(variant: Variant, dir: &Path) -> Result<()> {
     }
     let release = kernel_release(&tmp)?;
     let vmlinuz = tmp.join(format!("boot/vmlinuz-{release}"));
-    fs::copy(&vmlinuz, dir.join("vmlinuz")).with_context(|| format!("copying {}", vmlinuz.display()))?;
+    fs::copy(&vmlinuz, dir.join("vmlinuz"))
+        .with_context(|| format!("copying {}", vmlinuz.display()))?;
     match variant {
         Variant::Nixseed => configure_nixseed(&tmp)?,
         Variant::CloudInit => configure_cloud_init(&tmp)?,
@@ -293,7 +312,8 @@ fn build_tree_layer(variant: Variant, dir: &Path) -> Result<()> {
     if tree.exists() {
         fs::remove_dir_all(&tree).with_context(|| format!("removing {}", tree.display()))?;
     }
-    fs::rename(&tmp, &tree).with_context(|| format!("renaming {} to {}", tmp.display(), tree.display()))?;
+    fs::rename(&tmp, &tree)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), tree.display()))?;
     let rootfs = dir.join("rootfs.ext4");
     let _ = fs::remove_file(&rootfs);
     mkfs_ext4_from(&tree, &rootfs, ROOT_LABEL, ROOTFS_SIZE)?;
@@ -310,7 +330,8 @@ fn kernel_release(tree: &Path) -> Result<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     rel.sort();
-    rel.pop().with_context(|| format!("no kernel under {}", dir.display()))
+    rel.pop()
+        .with_context(|| format!("no kernel under {}", dir.display()))
 }
 
 /// `mkfs.ext4 -d`: a filesystem image from a directory, no mount needed.
@@ -337,9 +358,13 @@ fn chroot_systemctl(tree: &Path, args: &[&str]) -> Result<()> {
 }
 
 fn unit_exists(tree: &Path, unit: &str) -> bool {
-    ["lib/systemd/system", "usr/lib/systemd/system", "etc/systemd/system"]
-        .iter()
-        .any(|d| tree.join(d).join(unit).exists())
+    [
+        "lib/systemd/system",
+        "usr/lib/systemd/system",
+        "etc/systemd/system",
+    ]
+    .iter()
+    .any(|d| tree.join(d).join(unit).exists())
 }
 
 const HOSTS_BASE: &str = "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\nff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n";
@@ -349,12 +374,22 @@ const FALLBACK_NETWORK: &str = "# Any wired NIC gets DHCP unless nixseed linked 
 /// Settings both variants share: networkd, serial console, persistent journal, no
 /// timers that would write to a read-only root.
 fn configure_common(tree: &Path) -> Result<()> {
-    write(&tree.join("etc/systemd/network/99-nixseed-fallback.network"), FALLBACK_NETWORK)?;
+    write(
+        &tree.join("etc/systemd/network/99-nixseed-fallback.network"),
+        FALLBACK_NETWORK,
+    )?;
     write(
         &tree.join("etc/systemd/journald.conf.d/nixseed.conf"),
         "[Journal]\nStorage=persistent\n",
     )?;
-    chroot_systemctl(tree, &["enable", "systemd-networkd.service", "serial-getty@ttyS0.service"])?;
+    chroot_systemctl(
+        tree,
+        &[
+            "enable",
+            "systemd-networkd.service",
+            "serial-getty@ttyS0.service",
+        ],
+    )?;
     let mut off = Vec::new();
     for u in [
         "systemd-networkd-wait-online.service",
@@ -384,14 +419,21 @@ fn configure_common(tree: &Path) -> Result<()> {
             }
         }
     }
-    for e in fs::read_dir(tree.join("boot")).context("listing the tree's /boot")?.flatten() {
+    for e in fs::read_dir(tree.join("boot"))
+        .context("listing the tree's /boot")?
+        .flatten()
+    {
         if e.file_name().to_string_lossy().starts_with("initrd.img") {
             let _ = fs::remove_file(e.path());
         }
     }
-    for e in fs::read_dir(tree.join("etc/ssh")).context("listing the tree's /etc/ssh")?.flatten() {
+    for e in fs::read_dir(tree.join("etc/ssh"))
+        .context("listing the tree's /etc/ssh")?
+        .flatten()
+    {
         if e.file_name().to_string_lossy().starts_with("ssh_host_") {
-            fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+            fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
         }
     }
     Ok(())
@@ -446,21 +488,29 @@ fn configure_cloud_init(tree: &Path) -> Result<()> {
     // cloud-init writes the hostname and machine-id on first boot, as on any cloud image.
     write(&tree.join("etc/machine-id"), "")?;
     let _ = fs::remove_file(tree.join("var/lib/dbus/machine-id"));
-    write(&tree.join("etc/cloud/cloud.cfg.d/90-nixseed-bench.cfg"), "datasource_list: [ NoCloud, None ]\n")
+    write(
+        &tree.join("etc/cloud/cloud.cfg.d/90-nixseed-bench.cfg"),
+        "datasource_list: [ NoCloud, None ]\n",
+    )
 }
 
 /// Unit files whose commands mention `needle` (e.g. host-key generators).
 fn units_running(tree: &Path, needle: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for d in ["lib/systemd/system", "usr/lib/systemd/system"] {
-        let Ok(rd) = fs::read_dir(tree.join(d)) else { continue };
+        let Ok(rd) = fs::read_dir(tree.join(d)) else {
+            continue;
+        };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if !name.ends_with(".service") || e.path().is_symlink() {
                 continue;
             }
             let text = fs::read_to_string(e.path()).unwrap_or_default();
-            if text.lines().any(|l| l.starts_with("Exec") && l.contains(needle)) {
+            if text
+                .lines()
+                .any(|l| l.starts_with("Exec") && l.contains(needle))
+            {
                 out.push(name);
             }
         }
@@ -486,7 +536,8 @@ fn move_var_to_factory(tree: &Path) -> Result<()> {
         let name = top.file_name().to_string_lossy().into_owned();
         let src = top.path();
         let dst = factory.join(&name);
-        fs::rename(&src, &dst).with_context(|| format!("moving {} to {}", src.display(), dst.display()))?;
+        fs::rename(&src, &dst)
+            .with_context(|| format!("moving {} to {}", src.display(), dst.display()))?;
         // run, lock, tmp: systemd's own tmpfiles rules make these.
         if ["run", "lock", "tmp"].contains(&name.as_str()) || !dst.is_dir() || dst.is_symlink() {
             continue;
@@ -498,13 +549,19 @@ fn move_var_to_factory(tree: &Path) -> Result<()> {
             .collect();
         subs.sort();
         if subs.is_empty() {
-            let _ = writeln!(lines, "d /var/{name} 0755 root root -");
+            let _ = writeln!(lines, "C /var/{name} - - - - /usr/share/factory/var/{name}");
         }
         for s in subs {
-            let _ = writeln!(lines, "C /var/{name}/{s} - - - - /usr/share/factory/var/{name}/{s}");
+            let _ = writeln!(
+                lines,
+                "C /var/{name}/{s} - - - - /usr/share/factory/var/{name}/{s}"
+            );
         }
     }
-    write(&tree.join("usr/lib/tmpfiles.d/nixseed-factory-var.conf"), &lines)
+    write(
+        &tree.join("usr/lib/tmpfiles.d/nixseed-factory-var.conf"),
+        &lines,
+    )
 }
 
 /// ConditionNeedsUpdate=/etc units (ldconfig, hwdb, sysusers) would try to write the
@@ -548,7 +605,13 @@ fn build_final_layer(
         let script = injection_script(&tree, agent, dist)?;
         let script_path = tmp.join("inject.debugfs");
         write(&script_path, &script)?;
-        let out = cmd::run(Command::new("debugfs").arg("-w").arg("-f").arg(&script_path).arg(&raw))?;
+        let out = cmd::run(
+            Command::new("debugfs")
+                .arg("-w")
+                .arg("-f")
+                .arg(&script_path)
+                .arg(&raw),
+        )?;
         // debugfs reports command errors on stderr but exits 0.
         let err = String::from_utf8_lossy(&out.stderr);
         let errors: Vec<&str> = err
@@ -556,7 +619,11 @@ fn build_final_layer(
             .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
             .collect();
         if !errors.is_empty() {
-            bail!("debugfs injection into {} failed:\n{}", raw.display(), errors.join("\n"));
+            bail!(
+                "debugfs injection into {} failed:\n{}",
+                raw.display(),
+                errors.join("\n")
+            );
         }
         cmd::run(Command::new("e2fsck").args(["-fn"]).arg(&raw))
             .with_context(|| format!("checking {} after injection", raw.display()))?;
@@ -569,18 +636,31 @@ fn build_final_layer(
     )?;
     fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
     let modules = tree_dir.join("tree/lib/modules").join(kernel_release);
-    let agent_for_initrd = if variant == Variant::Nixseed { agent } else { None };
-    crate::initramfs::build(&modules, agent_for_initrd, &tmp.join("initramfs.cpio.gz"), &tmp)?;
+    let agent_for_initrd = if variant == Variant::Nixseed {
+        agent
+    } else {
+        None
+    };
+    crate::initramfs::build(
+        &modules,
+        agent_for_initrd,
+        &tmp.join("initramfs.cpio.gz"),
+        &tmp,
+    )?;
     write(&tmp.join("ready"), "")?;
     if final_dir.exists() {
-        fs::remove_dir_all(final_dir).with_context(|| format!("removing {}", final_dir.display()))?;
+        fs::remove_dir_all(final_dir)
+            .with_context(|| format!("removing {}", final_dir.display()))?;
     }
-    fs::rename(&tmp, final_dir).with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))
+    fs::rename(&tmp, final_dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))
 }
 
 /// Keeps the three newest final layers; older overlays' backing files go with them.
 fn prune_final_layers(tree_dir: &Path, keep: &Path) {
-    let Ok(rd) = fs::read_dir(tree_dir) else { return };
+    let Ok(rd) = fs::read_dir(tree_dir) else {
+        return;
+    };
     let mut finals: Vec<(std::time::SystemTime, PathBuf)> = rd
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("final-") && e.path() != keep)
@@ -615,16 +695,23 @@ fn injection_script(tree: &Path, agent: Option<&Path>, dist: &Path) -> Result<St
         );
     };
     if let Some(agent) = agent {
-        let (dir, name) = AGENT_PATH_IN_IMAGE.rsplit_once('/').unwrap_or(("/usr/bin", "nixseed-agent"));
+        let (dir, name) = AGENT_PATH_IN_IMAGE
+            .rsplit_once('/')
+            .unwrap_or(("/usr/bin", "nixseed-agent"));
         put(&mut s, agent, dir, name, "0100755");
     }
     for f in dist_files(dist)? {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let (dir, is_unit) = if name.ends_with(".rules") {
             ("/etc/udev/rules.d", false)
-        } else if [".service", ".socket", ".target", ".timer", ".path", ".mount"]
-            .iter()
-            .any(|x| name.ends_with(x))
+        } else if [
+            ".service", ".socket", ".target", ".timer", ".path", ".mount",
+        ]
+        .iter()
+        .any(|x| name.ends_with(x))
         {
             ("/etc/systemd/system", true)
         } else {
@@ -636,7 +723,11 @@ fn injection_script(tree: &Path, agent: Option<&Path>, dist: &Path) -> Result<St
         }
         let text = fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
         for (key, targets) in install_section(&text) {
-            let suffix = if key == "RequiredBy" { "requires" } else { "wants" };
+            let suffix = if key == "RequiredBy" {
+                "requires"
+            } else {
+                "wants"
+            };
             for t in targets {
                 let d = format!("/etc/systemd/system/{t}.{suffix}");
                 ensure_dir(&mut s, &d);
@@ -662,7 +753,10 @@ pub fn install_section(unit: &str) -> Vec<(String, Vec<String>)> {
         if let Some((k, v)) = line.split_once('=') {
             let k = k.trim();
             if k == "WantedBy" || k == "RequiredBy" {
-                out.push((k.to_string(), v.split_whitespace().map(String::from).collect()));
+                out.push((
+                    k.to_string(),
+                    v.split_whitespace().map(String::from).collect(),
+                ));
             }
         }
     }
@@ -676,13 +770,19 @@ mod tests {
     #[test]
     fn mirror_from_deb822_skips_security() {
         let text = "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n\nTypes: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n";
-        assert_eq!(mirror_from_sources(text).as_deref(), Some("http://mirror.example/debian"));
+        assert_eq!(
+            mirror_from_sources(text).as_deref(),
+            Some("http://mirror.example/debian")
+        );
     }
 
     #[test]
     fn mirror_from_one_line_sources() {
         let text = "deb [arch=amd64] http://mirror.example/debian bookworm main\n";
-        assert_eq!(mirror_from_sources(text).as_deref(), Some("http://mirror.example/debian"));
+        assert_eq!(
+            mirror_from_sources(text).as_deref(),
+            Some("http://mirror.example/debian")
+        );
     }
 
     #[test]

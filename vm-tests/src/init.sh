@@ -82,6 +82,11 @@ if [ "$run_agent" = 1 ] && [ -x /usr/bin/nixseed-agent ]; then
 	# A failed identity stage must not stop the boot: the machine stays reachable on the
 	# serial console and stage 2 (`nixseed-agent apply`) tries again.
 	log "nixseed-agent initrd exited $rc after $((a1 - a0)) ms" | tee -a /run/nixseed/initrd.log
+	# Into the kernel ring buffer as well, so journald imports it: the stage's timing line
+	# shows in `journalctl -b`, as the NixOS initrd's journal does.
+	while IFS= read -r line; do
+		echo "<6>nixseed-initrd: $line" >/dev/kmsg
+	done </run/nixseed/initrd.log
 fi
 
 t1=$(ms)

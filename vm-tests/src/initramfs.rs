@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Bump when the init script or the module list changes.
-pub const INITRAMFS_CODE_VERSION: u32 = 1;
+pub const INITRAMFS_CODE_VERSION: u32 = 2;
 
 /// Modules for virtio disks/NICs/serial, ext4, the seed media (iso9660 and vfat on a
 /// SATA/IDE cdrom or a virtio disk). Dependencies come from `modules.dep`.
@@ -61,7 +61,9 @@ impl ModuleIndex {
     pub fn parse(modules_dep: &str, modules_builtin: &str) -> Self {
         let mut by_name = BTreeMap::new();
         for line in modules_dep.lines() {
-            let Some((path, deps)) = line.split_once(':') else { continue };
+            let Some((path, deps)) = line.split_once(':') else {
+                continue;
+            };
             let deps = deps.split_whitespace().map(String::from).collect();
             by_name.insert(module_name(path), (path.to_string(), deps));
         }
@@ -106,7 +108,10 @@ pub fn build(modules_dir: &Path, agent: Option<&Path>, out: &Path, scratch: &Pat
         let p = modules_dir.join(n);
         fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
     };
-    let index = ModuleIndex::parse(&read("modules.dep")?, &read("modules.builtin").unwrap_or_default());
+    let index = ModuleIndex::parse(
+        &read("modules.dep")?,
+        &read("modules.builtin").unwrap_or_default(),
+    );
     let (order, missing) = index.load_order(MODULES);
     if !missing.is_empty() {
         eprintln!(
@@ -119,8 +124,21 @@ pub fn build(modules_dir: &Path, agent: Option<&Path>, out: &Path, scratch: &Pat
     if stage.exists() {
         fs::remove_dir_all(&stage).with_context(|| format!("removing {}", stage.display()))?;
     }
-    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "sysroot", "etc", "lib/modules"] {
-        fs::create_dir_all(stage.join(d)).with_context(|| format!("creating {}/{d}", stage.display()))?;
+    for d in [
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "sysroot",
+        "etc",
+        "lib/modules",
+    ] {
+        fs::create_dir_all(stage.join(d))
+            .with_context(|| format!("creating {}/{d}", stage.display()))?;
     }
     copy_exec(Path::new(BUSYBOX), &stage.join("bin/busybox"))?;
     let init = stage.join("init");
@@ -148,19 +166,22 @@ pub fn build(modules_dir: &Path, agent: Option<&Path>, out: &Path, scratch: &Pat
         stage.display(),
         out.display()
     );
-    cmd::run(Command::new("sh").args(["-c", &script])).with_context(|| format!("packing {}", out.display()))?;
+    cmd::run(Command::new("sh").args(["-c", &script]))
+        .with_context(|| format!("packing {}", out.display()))?;
     fs::remove_dir_all(&stage).with_context(|| format!("removing {}", stage.display()))?;
     Ok(())
 }
 
 fn copy_exec(src: &Path, dst: &Path) -> Result<()> {
-    fs::copy(src, dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+    fs::copy(src, dst)
+        .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
     set_mode(dst, 0o755)
 }
 
 fn set_mode(p: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(p, fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", p.display()))
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", p.display()))
 }
 
 fn decompress_module(src: &Path, dst: &Path) -> Result<()> {
@@ -175,7 +196,9 @@ fn decompress_module(src: &Path, dst: &Path) -> Result<()> {
         None
     };
     match tool {
-        None => fs::copy(src, dst).map(|_| ()).with_context(|| format!("copying {}", src.display())),
+        None => fs::copy(src, dst)
+            .map(|_| ())
+            .with_context(|| format!("copying {}", src.display())),
         Some((prog, args)) => {
             let out = cmd::run(Command::new(prog).args(args).arg(src))?;
             if out.stdout.is_empty() {
@@ -210,7 +233,8 @@ kernel/fs/isofs/isofs.ko.xz:\n";
     #[test]
     fn dependencies_load_before_the_module_and_once() {
         let idx = ModuleIndex::parse(DEP, "kernel/drivers/virtio/virtio_pci.ko\n");
-        let (order, missing) = idx.load_order(&["ext4", "virtio-blk", "virtio_pci", "jbd2", "nope"]);
+        let (order, missing) =
+            idx.load_order(&["ext4", "virtio-blk", "virtio_pci", "jbd2", "nope"]);
         assert_eq!(
             order,
             vec![

@@ -1,1 +1,360 @@
-//! (in progress)
+//! A machine under test: its identity in `machines/<name>/` (made by `seedctl new` when
+//! seedctl has it), its seed ISO, and its disks (root overlay on the base image plus an
+//! ext4 `/var` disk labelled `nixseed-var`).
+
+use crate::cmd::{self, hex};
+use crate::image::{GuestImage, VAR_LABEL};
+use crate::paths::workspace_root;
+use crate::qemu::{Accel, VmConfig};
+use crate::ssh::ClientKey;
+use anyhow::{Context, Result, bail};
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Who wrote the identity and seed: shown in reports so a fallback is never silent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provisioner {
+    Seedctl,
+    /// seedctl lacks `new`/`seed` in this tree: vm-tests wrote the files and an ISO itself.
+    Harness,
+}
+
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub name: String,
+    /// `machines/<name>/`: the identity on the host.
+    pub dir: PathBuf,
+    /// Disks, seed and runtime files.
+    pub state: PathBuf,
+    pub seed_iso: PathBuf,
+    pub boot_disk: PathBuf,
+    pub var_disk: PathBuf,
+    pub provisioner: Provisioner,
+}
+
+impl Machine {
+    pub fn read(&self, file: &str) -> Result<String> {
+        let p = self.dir.join(file);
+        Ok(fs::read_to_string(&p)
+            .with_context(|| format!("reading {} of machine {}", p.display(), self.name))?
+            .trim()
+            .to_string())
+    }
+    pub fn machine_id(&self) -> Result<String> {
+        self.read("machine-id")
+    }
+    pub fn host_key_pub(&self) -> Result<String> {
+        self.read("ssh_host_ed25519_key.pub")
+    }
+    pub fn product_uuid(&self) -> Result<String> {
+        self.read("product_uuid")
+    }
+    /// Stable locally administered MAC derived from the machine-id.
+    pub fn mac(&self) -> Result<String> {
+        let id = self.machine_id()?;
+        let b = id.as_bytes();
+        if b.len() < 6 {
+            bail!("machine-id of {} is too short: '{id}'", self.name);
+        }
+        Ok(format!(
+            "52:54:00:{}:{}:{}",
+            &id[0..2],
+            &id[2..4],
+            &id[4..6]
+        ))
+    }
+
+    pub fn vm_config(&self, image: &GuestImage, accel: Accel, ssh_port: u16) -> Result<VmConfig> {
+        Ok(VmConfig {
+            name: self.name.clone(),
+            kernel: image.vmlinuz.clone(),
+            initrd: image.initramfs.clone(),
+            append: kernel_cmdline(image),
+            boot_disk: self.boot_disk.clone(),
+            var_disk: Some(self.var_disk.clone()),
+            seed_iso: Some(self.seed_iso.clone()),
+            product_uuid: self.product_uuid()?,
+            mac: self.mac()?,
+            memory_mib: env_u32("NIXSEED_VM_MEMORY", 1024),
+            cpus: env_u32("NIXSEED_VM_CPUS", 1),
+            ssh_port,
+            runtime_dir: self.state.join("run"),
+            accel,
+        })
+    }
+}
+
+fn env_u32(name: &str, default: u32) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Kernel command line for direct boot of the test initramfs.
+pub fn kernel_cmdline(image: &GuestImage) -> String {
+    let mode = match image.variant {
+        crate::image::Variant::Nixseed => "ro",
+        crate::image::Variant::CloudInit => "rw nixseed.agent=0",
+    };
+    format!(
+        "console=ttyS0,115200 root=LABEL={} {mode} quiet loglevel=4 panic=-1 systemd.show_status=false",
+        crate::image::ROOT_LABEL
+    )
+}
+
+/// The seedctl binary of this workspace, when it builds and has the subcommands we use.
+pub struct Seedctl {
+    pub bin: PathBuf,
+    help: String,
+}
+
+impl Seedctl {
+    pub fn locate() -> Option<Seedctl> {
+        let bin = match std::env::var_os("NIXSEED_SEEDCTL_BIN") {
+            Some(b) => PathBuf::from(b),
+            None => {
+                let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+                let ok = Command::new(cargo)
+                    .current_dir(workspace_root())
+                    .args(["build", "-q", "-p", "seedctl"])
+                    .stdin(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !ok {
+                    eprintln!(
+                        "vm-tests: seedctl does not build; the harness provisions machines itself"
+                    );
+                    return None;
+                }
+                let target = std::env::var_os("CARGO_TARGET_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| workspace_root().join("target"));
+                target.join("debug/seedctl")
+            }
+        };
+        let help = cmd::stdout(Command::new(&bin).arg("--help")).ok()?;
+        Some(Seedctl { bin, help })
+    }
+
+    pub fn has(&self, sub: &str) -> bool {
+        self.help
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(sub))
+    }
+
+    pub fn command(&self, machines: &Path, state: &Path) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.env("SEEDCTL_MACHINES", machines)
+            .env("SEEDCTL_STATE", state);
+        c
+    }
+}
+
+/// Makes machine `name` from scratch (identity, seed, disks) under `work`.
+pub fn create(
+    work: &Path,
+    name: &str,
+    image: &GuestImage,
+    key: &ClientKey,
+    seedctl: Option<&Seedctl>,
+) -> Result<Machine> {
+    let machines = work.join("machines");
+    let state_root = work.join("state");
+    let dir = machines.join(name);
+    let state = state_root.join(name);
+    if state.exists() {
+        fs::remove_dir_all(&state)
+            .with_context(|| format!("removing old state {}", state.display()))?;
+    }
+    fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    fs::create_dir_all(&machines).with_context(|| format!("creating {}", machines.display()))?;
+    let mut seed_iso = state.join("seed.iso");
+    let mut boot_disk = state.join("boot.qcow2");
+    let mut var_disk = state.join("var.qcow2");
+    let use_seedctl = seedctl.filter(|s| s.has("new") && s.has("seed"));
+    let provisioner = match use_seedctl {
+        Some(s) => {
+            cmd::run(
+                s.command(&machines, &state_root)
+                    .args(["new", name, "--force", "--admin-key"])
+                    .arg(format!("@{}", key.public.display())),
+            )?;
+            if s.has("create") {
+                let out = cmd::stdout(
+                    s.command(&machines, &state_root)
+                        .args(["--json", "create", name, "--base"])
+                        .arg(&image.base_qcow2),
+                )?;
+                let v: serde_json::Value = serde_json::from_str(out.trim()).with_context(|| {
+                    format!("parsing `seedctl --json create {name}` output: {out}")
+                })?;
+                let path = |k: &str| {
+                    v.get(k)
+                        .and_then(|p| p.as_str())
+                        .map(PathBuf::from)
+                        .with_context(|| {
+                            format!("`seedctl --json create {name}` printed no `{k}`: {out}")
+                        })
+                };
+                boot_disk = path("boot")?;
+                var_disk = path("var")?;
+                seed_iso = path("seed")?;
+            } else {
+                cmd::run(
+                    s.command(&machines, &state_root)
+                        .args(["seed", name, "-o"])
+                        .arg(&seed_iso),
+                )?;
+                make_overlay(&image.base_qcow2, &boot_disk)?;
+                make_var_disk(&var_disk, &state)?;
+            }
+            Provisioner::Seedctl
+        }
+        None => {
+            write_identity(&dir, name, key)?;
+            write_nocloud_iso(&dir, name, &state, &seed_iso)?;
+            make_overlay(&image.base_qcow2, &boot_disk)?;
+            make_var_disk(&var_disk, &state)?;
+            Provisioner::Harness
+        }
+    };
+    if !dir.join("product_uuid").exists() {
+        fs::write(dir.join("product_uuid"), format!("{}\n", random_uuid()?))
+            .with_context(|| format!("writing {}/product_uuid", dir.display()))?;
+    }
+    Ok(Machine {
+        name: name.into(),
+        dir,
+        state,
+        seed_iso,
+        boot_disk,
+        var_disk,
+        provisioner,
+    })
+}
+
+pub fn make_overlay(base: &Path, overlay: &Path) -> Result<()> {
+    let _ = fs::remove_file(overlay);
+    cmd::run(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(base)
+            .arg(overlay),
+    )
+    .map(|_| ())
+}
+
+/// An empty ext4 labelled `nixseed-var`, as `seedctl create` makes it.
+pub fn make_var_disk(path: &Path, scratch: &Path) -> Result<()> {
+    let raw = scratch.join("var.raw");
+    let _ = fs::remove_file(&raw);
+    cmd::run(Command::new("truncate").args(["-s", "4G"]).arg(&raw))?;
+    cmd::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", VAR_LABEL])
+            .arg(&raw),
+    )?;
+    cmd::run(
+        Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(path),
+    )?;
+    fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))
+}
+
+fn random_bytes(n: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; n];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("reading /dev/urandom")?;
+    Ok(buf)
+}
+
+fn random_uuid() -> Result<String> {
+    let mut b = random_bytes(16)?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex(&b);
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
+/// The identity files `seedctl new` would write (used only when seedctl lacks `new`).
+fn write_identity(dir: &Path, name: &str, key: &ClientKey) -> Result<()> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let w = |f: &str, c: String| {
+        fs::write(dir.join(f), c).with_context(|| format!("writing {}/{f}", dir.display()))
+    };
+    w("machine-id", format!("{}\n", hex(&random_bytes(16)?)))?;
+    w("hostname", format!("{name}\n"))?;
+    w("admin_authorized_keys", format!("{}\n", key.public_line()?))?;
+    cmd::run(
+        Command::new("ssh-keygen")
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                &format!("root@{name}"),
+                "-f",
+            ])
+            .arg(dir.join("ssh_host_ed25519_key")),
+    )?;
+    Ok(())
+}
+
+fn indent(text: &str, by: &str) -> String {
+    text.lines().map(|l| format!("{by}{l}\n")).collect()
+}
+
+/// A NoCloud `cidata` ISO from the identity files (only when seedctl lacks `seed`).
+fn write_nocloud_iso(dir: &Path, name: &str, state: &Path, iso: &Path) -> Result<()> {
+    let read = |f: &str| {
+        fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}/{f}", dir.display()))
+    };
+    let machine_id = read("machine-id")?.trim().to_string();
+    let stage = state.join("cidata");
+    fs::create_dir_all(&stage).with_context(|| format!("creating {}", stage.display()))?;
+    fs::write(
+        stage.join("meta-data"),
+        format!(
+            "instance-id: iid-{}\nlocal-hostname: {name}\n",
+            &machine_id[..12.min(machine_id.len())]
+        ),
+    )
+    .context("writing meta-data")?;
+    let user_data = format!(
+        "#cloud-config\nhostname: {name}\nssh_keys:\n  ed25519_private: |\n{}  ed25519_public: {}\nssh_authorized_keys:\n{}nixseed:\n  machine-id: {machine_id}\n",
+        indent(&read("ssh_host_ed25519_key")?, "    "),
+        read("ssh_host_ed25519_key.pub")?.trim(),
+        read("admin_authorized_keys")?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| format!("  - {l}\n"))
+            .collect::<String>(),
+    );
+    fs::write(stage.join("user-data"), user_data).context("writing user-data")?;
+    let _ = fs::remove_file(iso);
+    cmd::run(
+        Command::new("xorriso")
+            .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-J", "-R", "-o"])
+            .arg(iso)
+            .arg(&stage),
+    )?;
+    Ok(())
+}

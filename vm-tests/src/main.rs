@@ -21,6 +21,10 @@ enum Cmd {
         #[arg(long, default_value = "nixseed")]
         variant: String,
     },
+    /// First boot of one machine: build, boot, look around, power off; prints timings.
+    BootSmoke,
+    /// Run scenarios (all when none named), one VM at a time.
+    Test { scenarios: Vec<String> },
 }
 
 fn parse_variant(s: &str) -> Result<Variant> {
@@ -39,8 +43,19 @@ fn main() -> Result<()> {
             let variant = parse_variant(&variant)?;
             let img = build_image(variant)?;
             println!("base image: {}", img.base_qcow2.display());
-            println!("kernel:     {} ({})", img.vmlinuz.display(), img.kernel_release);
+            println!(
+                "kernel:     {} ({})",
+                img.vmlinuz.display(),
+                img.kernel_release
+            );
             println!("initramfs:  {}", img.initramfs.display());
+            Ok(())
+        }
+        Cmd::BootSmoke => vm_tests::scenarios::boot_smoke(),
+        Cmd::Test { scenarios } => {
+            if !vm_tests::scenarios::run_tests(&scenarios)? {
+                std::process::exit(1);
+            }
             Ok(())
         }
     }

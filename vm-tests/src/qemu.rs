@@ -1,1 +1,373 @@
-//! (in progress)
+//! Plain QEMU runner: direct kernel boot of the test initramfs, the machine's overlay,
+//! `/var` disk and seed, virtio-serial ports for the guest agent and the nixseed channel,
+//! user-mode networking with ssh forwarded to a free local port, serial console to a file.
+
+use crate::cmd;
+use crate::paths::cache_root;
+use anyhow::{Context, Result, bail};
+use std::fs;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const QGA_PORT: &str = "org.qemu.guest_agent.0";
+pub const CHANNEL_PORT: &str = "org.nixseed.channel.0";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Everything one boot needs.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub name: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    /// Root overlay (virtio disk 0).
+    pub boot_disk: PathBuf,
+    /// `/var` disk (virtio disk 1); the cloud-init variant has none.
+    pub var_disk: Option<PathBuf>,
+    pub seed_iso: Option<PathBuf>,
+    pub product_uuid: String,
+    pub mac: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub ssh_port: u16,
+    /// Sockets, serial log, pid file.
+    pub runtime_dir: PathBuf,
+    pub accel: Accel,
+}
+
+impl VmConfig {
+    pub fn qga_socket(&self) -> PathBuf {
+        self.runtime_dir.join("qga.sock")
+    }
+    pub fn channel_socket(&self) -> PathBuf {
+        self.runtime_dir.join("nixseed-channel.sock")
+    }
+    pub fn serial_log(&self) -> PathBuf {
+        self.runtime_dir.join("serial.log")
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            self.name.clone(),
+            "-machine".into(),
+            format!("q35,accel={}", self.accel.as_str()),
+            "-cpu".into(),
+            if self.accel == Accel::Kvm {
+                "host"
+            } else {
+                "max"
+            }
+            .into(),
+            "-m".into(),
+            self.memory_mib.to_string(),
+            "-smp".into(),
+            self.cpus.to_string(),
+            "-nodefaults".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-user-config".into(),
+            "-kernel".into(),
+            self.kernel.display().to_string(),
+            "-initrd".into(),
+            self.initrd.display().to_string(),
+            "-append".into(),
+            self.append.clone(),
+            "-smbios".into(),
+            format!("type=1,uuid={}", self.product_uuid),
+            "-uuid".into(),
+            self.product_uuid.clone(),
+            "-drive".into(),
+            format!(
+                "file={},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
+                self.boot_disk.display()
+            ),
+        ];
+        if let Some(var) = &self.var_disk {
+            a.push("-drive".into());
+            a.push(format!(
+                "file={},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
+                var.display()
+            ));
+        }
+        if let Some(seed) = &self.seed_iso {
+            a.push("-drive".into());
+            a.push(format!(
+                "file={},media=cdrom,readonly=on,if=ide",
+                seed.display()
+            ));
+        }
+        a.extend([
+            "-netdev".into(),
+            format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", self.ssh_port),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=net0,mac={}", self.mac),
+            "-device".into(),
+            "virtio-rng-pci".into(),
+            "-device".into(),
+            "virtio-serial-pci,id=vser0".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=qga0,path={},server=on,wait=off",
+                self.qga_socket().display()
+            ),
+            "-device".into(),
+            format!("virtserialport,bus=vser0.0,chardev=qga0,name={QGA_PORT}"),
+            "-chardev".into(),
+            format!(
+                "socket,id=chan0,path={},server=on,wait=off",
+                self.channel_socket().display()
+            ),
+            "-device".into(),
+            format!("virtserialport,bus=vser0.0,chardev=chan0,name={CHANNEL_PORT}"),
+            "-serial".into(),
+            format!("file:{}", self.serial_log().display()),
+            "-pidfile".into(),
+            self.runtime_dir.join("qemu.pid").display().to_string(),
+        ]);
+        a
+    }
+}
+
+/// A running QEMU; killed when dropped.
+pub struct Vm {
+    pub config: VmConfig,
+    child: Option<Child>,
+    pub started: Instant,
+}
+
+impl Vm {
+    pub fn start(config: VmConfig) -> Result<Vm> {
+        fs::create_dir_all(&config.runtime_dir)
+            .with_context(|| format!("creating {}", config.runtime_dir.display()))?;
+        for s in [
+            config.qga_socket(),
+            config.channel_socket(),
+            config.serial_log(),
+        ] {
+            let _ = fs::remove_file(s);
+        }
+        let log = config.runtime_dir.join("qemu.log");
+        let logf = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(config.args())
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf);
+        fs::write(config.runtime_dir.join("qemu.cmdline"), cmd::describe(&c))
+            .with_context(|| format!("writing {}/qemu.cmdline", config.runtime_dir.display()))?;
+        let child = c
+            .spawn()
+            .context("cannot start qemu-system-x86_64 (try `vm-tests deps`)")?;
+        Ok(Vm {
+            config,
+            child: Some(child),
+            started: Instant::now(),
+        })
+    }
+
+    /// `Some(status)` once QEMU has exited.
+    pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        match &mut self.child {
+            Some(c) => Ok(c.try_wait().context("waiting for qemu")?),
+            None => bail!("VM {} was already stopped", self.config.name),
+        }
+    }
+
+    /// Fails with the tail of the serial console and QEMU's own log if QEMU has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        if let Some(status) = self.exited()? {
+            bail!(
+                "VM {} stopped ({status}) while it should be running\n{}",
+                self.config.name,
+                self.diagnostics()
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits for QEMU to exit on its own (guest poweroff).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.exited()? {
+                self.child = None;
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "VM {} did not power off within {} s\n{}",
+                    self.config.name,
+                    timeout.as_secs(),
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn serial_text(&self) -> String {
+        read_lossy(&self.config.serial_log())
+    }
+
+    /// The last lines of the serial console and QEMU's stderr, for error messages.
+    pub fn diagnostics(&self) -> String {
+        let serial = self.serial_text();
+        let tail: Vec<&str> = serial.lines().rev().take(40).collect();
+        let qemu = read_lossy(&self.config.runtime_dir.join("qemu.log"));
+        format!(
+            "--- serial console ({}), last lines ---\n{}\n--- qemu ---\n{}",
+            self.config.serial_log().display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            qemu.trim()
+        )
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn read_lossy(p: &Path) -> String {
+    let mut buf = Vec::new();
+    if let Ok(mut f) = fs::File::open(p) {
+        let _ = f.read_to_end(&mut buf);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// A local TCP port that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding a probe socket on 127.0.0.1")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// KVM only if a short probe boot of `kernel` actually runs under it (`/dev/kvm` can exist
+/// and hang). `NIXSEED_ACCEL=kvm|tcg` overrides; the answer is cached per host boot.
+pub fn detect_accel(kernel: &Path) -> Accel {
+    match std::env::var("NIXSEED_ACCEL").as_deref() {
+        Ok("kvm") => return Accel::Kvm,
+        Ok("tcg") => return Accel::Tcg,
+        _ => {}
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return Accel::Tcg;
+    }
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let cache = cache_root().join(format!("accel-{}", boot_id.trim()));
+    match fs::read_to_string(&cache).as_deref() {
+        Ok("kvm") => return Accel::Kvm,
+        Ok("tcg") => return Accel::Tcg,
+        _ => {}
+    }
+    let accel = if probe_kvm(kernel) {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    let _ = fs::create_dir_all(cache_root());
+    let _ = fs::write(&cache, accel.as_str());
+    accel
+}
+
+/// Boots the kernel with no root under KVM: it panics within seconds if KVM works.
+fn probe_kvm(kernel: &Path) -> bool {
+    let Ok(dir) = std::env::temp_dir().canonicalize() else {
+        return false;
+    };
+    let log = dir.join(format!("nixseed-kvm-probe-{}.log", std::process::id()));
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35,accel=kvm",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", "console=ttyS0 panic=-1"])
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else { return false };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ok = loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break read_lossy(&log).contains("Kernel panic"),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            _ => {
+                let _ = child.kill();
+                // A process stuck in the KVM ioctl may not die at once; do not wait on it.
+                break false;
+            }
+        }
+    };
+    let _ = fs::remove_file(&log);
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_wire_ports_disks_and_smbios() {
+        let cfg = VmConfig {
+            name: "t".into(),
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            append: "console=ttyS0 ro".into(),
+            boot_disk: "/b.qcow2".into(),
+            var_disk: Some("/v.qcow2".into()),
+            seed_iso: Some("/s.iso".into()),
+            product_uuid: "4c3f6a8e-0000-4000-8000-000000000001".into(),
+            mac: "52:54:00:12:34:56".into(),
+            memory_mib: 1024,
+            cpus: 1,
+            ssh_port: 2222,
+            runtime_dir: "/run/t".into(),
+            accel: Accel::Tcg,
+        };
+        let a = cfg.args().join(" ");
+        assert!(a.contains("q35,accel=tcg"));
+        assert!(a.contains("type=1,uuid=4c3f6a8e-0000-4000-8000-000000000001"));
+        assert!(a.contains("hostfwd=tcp:127.0.0.1:2222-:22"));
+        assert!(a.contains("name=org.qemu.guest_agent.0"));
+        assert!(a.contains("name=org.nixseed.channel.0"));
+        assert!(a.contains("file=/v.qcow2,if=virtio"));
+        assert!(a.contains("file=/s.iso,media=cdrom"));
+    }
+}

@@ -1,1 +1,205 @@
-//! (in progress)
+//! SSH into a guest with a pinned host key: `ssh-keyscan` decides when sshd is up (and
+//! that it presents exactly the machine's key), then `ssh` runs with a known_hosts file
+//! holding only that key.
+
+use crate::cmd;
+use anyhow::{Context, Result, bail};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The harness's client key pair (the machines' admin key), made once per work dir.
+#[derive(Clone, Debug)]
+pub struct ClientKey {
+    pub private: PathBuf,
+    pub public: PathBuf,
+}
+
+impl ClientKey {
+    pub fn ensure(dir: &Path) -> Result<ClientKey> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let private = dir.join("admin_ed25519");
+        let public = dir.join("admin_ed25519.pub");
+        if !private.exists() || !public.exists() {
+            let _ = fs::remove_file(&private);
+            let _ = fs::remove_file(&public);
+            cmd::run(
+                Command::new("ssh-keygen")
+                    .args([
+                        "-q",
+                        "-t",
+                        "ed25519",
+                        "-N",
+                        "",
+                        "-C",
+                        "nixseed-vm-tests",
+                        "-f",
+                    ])
+                    .arg(&private),
+            )?;
+        }
+        Ok(ClientKey { private, public })
+    }
+
+    pub fn public_line(&self) -> Result<String> {
+        Ok(fs::read_to_string(&self.public)
+            .with_context(|| format!("reading {}", self.public.display()))?
+            .trim()
+            .to_string())
+    }
+}
+
+/// `ssh-ed25519 AAAA…` without the comment.
+pub fn key_type_and_blob(line: &str) -> Option<String> {
+    let mut w = line.split_whitespace();
+    let (t, b) = (w.next()?, w.next()?);
+    Some(format!("{t} {b}"))
+}
+
+/// The ed25519 host key sshd on `127.0.0.1:port` presents, if it answers.
+pub fn keyscan(port: u16) -> Option<String> {
+    let out = Command::new("ssh-keyscan")
+        .args([
+            "-T",
+            "5",
+            "-t",
+            "ed25519",
+            "-p",
+            &port.to_string(),
+            "127.0.0.1",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let mut w = l.split_whitespace();
+            let _host = w.next()?;
+            let rest: Vec<&str> = w.collect();
+            key_type_and_blob(&rest.join(" "))
+        })
+}
+
+/// A pinned ssh session to one VM.
+pub struct Ssh {
+    pub port: u16,
+    pub key: ClientKey,
+    pub known_hosts: PathBuf,
+}
+
+impl Ssh {
+    /// Writes a known_hosts file pinning `host_key` (`ssh-ed25519 AAAA…`) for the port.
+    pub fn pinned(port: u16, key: ClientKey, host_key: &str, dir: &Path) -> Result<Ssh> {
+        let known_hosts = dir.join("known_hosts");
+        let blob = key_type_and_blob(host_key)
+            .with_context(|| format!("bad host key line '{host_key}'"))?;
+        fs::write(&known_hosts, format!("[127.0.0.1]:{port} {blob}\n"))
+            .with_context(|| format!("writing {}", known_hosts.display()))?;
+        Ok(Ssh {
+            port,
+            key,
+            known_hosts,
+        })
+    }
+
+    fn command(&self, remote: &str) -> Command {
+        let mut c = Command::new("ssh");
+        c.args(["-p", &self.port.to_string(), "-i"])
+            .arg(&self.key.private)
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "GlobalKnownHostsFile=/dev/null",
+                "-o",
+                "HostKeyAlgorithms=ssh-ed25519",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "ConnectTimeout=20",
+                "-o",
+                "LogLevel=ERROR",
+                "root@127.0.0.1",
+                "--",
+                remote,
+            ])
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `remote` and returns its output whatever the exit status.
+    pub fn output(&self, remote: &str) -> Result<Output> {
+        self.command(remote)
+            .output()
+            .with_context(|| format!("running ssh for `{remote}`"))
+    }
+
+    /// Runs `remote`; fails unless it exits 0. Returns stdout.
+    pub fn run(&self, remote: &str) -> Result<String> {
+        let out = self.output(remote)?;
+        if !out.status.success() {
+            bail!(
+                "`{remote}` in the guest (ssh port {}) failed ({}): {}{}",
+                self.port,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Polls `ssh-keyscan` until sshd answers; fails at once on a different host key.
+/// `alive` is checked between polls (QEMU still running). Returns the key seen.
+pub fn wait_for_host_key(
+    port: u16,
+    expected: Option<&str>,
+    timeout: Duration,
+    mut alive: impl FnMut() -> Result<()>,
+) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    let expected = expected.and_then(key_type_and_blob);
+    loop {
+        alive()?;
+        if let Some(seen) = keyscan(port) {
+            if let Some(want) = &expected
+                && &seen != want
+            {
+                bail!(
+                    "sshd on port {port} presents host key `{seen}`, expected the machine's `{want}`"
+                );
+            }
+            return Ok(seen);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "sshd on port {port} did not answer within {} s",
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comment_is_dropped_from_keys() {
+        assert_eq!(
+            key_type_and_blob("ssh-ed25519 AAAAC3Nz root@web1\n").as_deref(),
+            Some("ssh-ed25519 AAAAC3Nz")
+        );
+        assert_eq!(key_type_and_blob("ssh-ed25519"), None);
+    }
+}
