@@ -40,6 +40,8 @@ pub enum Command {
     New(cmd::new::NewArgs),
     /// Write a NoCloud seed image (iso9660 or vfat) for a machine
     Seed(cmd::seed::SeedArgs),
+    /// Write the identity tree the guest will produce from this machine's seed
+    Render(cmd::render::RenderArgs),
     /// Create the boot overlay, /var disk and seed ISO under the state directory
     Create(cmd::create::CreateArgs),
     /// Boot a machine under plain QEMU (no libvirt)
@@ -80,6 +82,7 @@ impl Cli {
         match &self.command {
             Command::New(a) => cmd::new::run(&paths, a),
             Command::Seed(a) => cmd::seed::run(&paths, a),
+            Command::Render(a) => cmd::render::run(&paths, a),
             Command::Create(a) => cmd::create::run(&paths, a),
             Command::Run(a) => cmd::run::run(&paths, a),
             Command::Ssh(a) => cmd::ssh::run(&paths, a),

@@ -7,6 +7,7 @@ pub mod known_hosts;
 pub mod list;
 pub mod new;
 pub mod power;
+pub mod render;
 pub mod run;
 pub mod seed;
 pub mod ssh;

@@ -1,0 +1,89 @@
+//! `seedctl render`: the identity tree a guest writes for this machine's seed, computed by
+//! the same nixseed-core code the agent runs (seed parsing, then identity composition).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow};
+use clap::Args;
+use nixseed_core::identity::{ComposeContext, Fresh, compose};
+use nixseed_core::seed::{Seed, SeedFiles};
+use serde_json::json;
+use ssh_key::{Algorithm, LineEnding, PrivateKey};
+
+use crate::fsutil::write_atomic;
+use crate::machine::{Identity, Paths};
+use crate::nocloud;
+use crate::output::Report;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl render web1 --out /tmp/web1-identity
+  diff -r /tmp/web1-identity <(ssh web1 cat /var/identity/...)")]
+pub struct RenderArgs {
+    /// Machine name
+    pub name: String,
+    /// Directory to write the tree into (created)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+/// Fresh values from the OS RNG; only used for what a seed does not carry (seedctl's
+/// seeds carry machine-id and host key, so normally nothing).
+struct OsFresh;
+
+impl Fresh for OsFresh {
+    fn machine_id(&mut self) -> String {
+        crate::names::random_machine_id().unwrap_or_default()
+    }
+
+    fn host_key(&mut self, comment: &str) -> Result<(String, String), String> {
+        let mut key = PrivateKey::random(&mut rand_core::OsRng, Algorithm::Ed25519)
+            .map_err(|e| e.to_string())?;
+        key.set_comment(comment);
+        let private = key.to_openssh(LineEnding::LF).map_err(|e| e.to_string())?;
+        let public = key.public_key().to_openssh().map_err(|e| e.to_string())?;
+        Ok((private.to_string(), public))
+    }
+}
+
+pub fn run(paths: &Paths, a: &RenderArgs) -> Result<Report> {
+    let id = Identity::load(paths, &a.name)?;
+    let files = nocloud::seed_files(&id);
+    let map: BTreeMap<String, Vec<u8>> = files
+        .as_list()
+        .iter()
+        .map(|(n, b)| ((*n).to_owned(), b.to_vec()))
+        .collect();
+    let source = format!("seedctl:{}", id.dir.display());
+    let seed = Seed::from_nocloud(&SeedFiles(map), &source, None).map_err(|e| {
+        anyhow!(
+            "machine `{}`: the guest would reject this seed: {e}",
+            a.name
+        )
+    })?;
+    let tree = compose(&seed, None, &ComposeContext::default(), &mut OsFresh)
+        .map_err(|e| anyhow!("machine `{}`: composing the identity: {e}", a.name))?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    for (name, file) in &tree {
+        let path = a.out.join(name);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        write_atomic(&path, &file.bytes, file.mode)?;
+    }
+    let names: Vec<&String> = tree.keys().collect();
+    let mut human = format!(
+        "wrote {} files to {} (instance-id {})",
+        tree.len(),
+        a.out.display(),
+        seed.instance_id
+    );
+    for w in &seed.warnings {
+        human.push_str(&format!("\nwarning: {w}"));
+    }
+    Ok(Report::new(
+        human,
+        json!({ "machine": a.name, "out": a.out, "files": names, "instance_id": seed.instance_id, "warnings": seed.warnings }),
+    ))
+}
