@@ -1,10 +1,12 @@
 //! nixseed-agent: the guest binary. `initrd` and `apply` give a VM its identity from a
 //! seed; `serve` answers the qemu-guest-agent protocol; `render` is a dry run.
 
+mod channel;
 mod crashpoint;
 mod fresh;
 mod logging;
 mod mounts;
+mod reload;
 mod sources;
 mod stage;
 mod store;
@@ -40,6 +42,20 @@ enum Command {
     Render(RenderArgs),
     /// Print the current generation's manifest.
     Status(StatusArgs),
+    /// Serve only the nixseed control channel (status, push, rollback).
+    Channel(ChannelArgs),
+}
+
+#[derive(Args)]
+struct ChannelArgs {
+    #[command(flatten)]
+    stage: StageArgs,
+    /// Transport.
+    #[arg(short = 'm', long, value_enum, default_value = "virtio-serial")]
+    method: channel::Method,
+    /// Device or socket path.
+    #[arg(short = 'p', long, default_value = channel::DEFAULT_PORT)]
+    path: PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -62,6 +78,13 @@ struct StageArgs {
     /// The identity directory inside the target root.
     #[arg(long, default_value = "/var/identity")]
     identity_dir: String,
+    /// Seconds to wait for the host on the control channel when no seed disk is found
+    /// (0 disables asking).
+    #[arg(long, default_value_t = 5)]
+    channel_wait: u64,
+    /// Load the identity's ports as the nftables `inet nixseed` table (stage 2).
+    #[arg(long)]
+    firewall: bool,
 }
 
 #[derive(Args)]
@@ -105,6 +128,7 @@ impl StageArgs {
             clone_policy: self.clone_policy,
             sources: self.sources.clone(),
             identity_dir: self.identity_dir.clone(),
+            channel_wait: std::time::Duration::from_secs(self.channel_wait),
         })
     }
 }
@@ -128,10 +152,30 @@ fn run(command: Command) -> Result<()> {
             tracing::info!("{}", stage::summary("initrd", &o));
         }
         Command::Apply(a) => {
-            let o = stage::run_apply(&a.options()?)?;
+            let opts = a.options()?;
+            let o = stage::run_apply(&opts)?;
             tracing::info!("{}", stage::summary("apply", &o));
+            if a.firewall {
+                let dir = opts.sysroot.join(opts.identity_dir.trim_start_matches('/'));
+                reload::load_firewall(&dir)?;
+                tracing::info!(
+                    "firewall: loaded the inet nixseed table from {}",
+                    dir.display()
+                );
+            }
         }
         Command::Render(a) => render(&a)?,
+        Command::Channel(a) => {
+            let ctx = channel::ChannelContext {
+                opts: a.stage.options()?,
+                firewall: a.stage.firewall,
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?
+                .block_on(channel::run(a.method, &a.path, &ctx))?;
+        }
         Command::Status(a) => {
             let store = store::Store::open(&a.identity_dir, false)?;
             match store.current()? {

@@ -31,6 +31,8 @@ pub struct StageOptions {
     pub sources: Option<Vec<String>>,
     /// Where the identity lives, as seen from inside the target root.
     pub identity_dir: String,
+    /// The control channel's bounded wait at boot (zero: do not ask the host).
+    pub channel_wait: std::time::Duration,
 }
 
 /// What one stage did, for the summary line and the control channel's `status`.
@@ -99,7 +101,9 @@ pub fn links(host: &Path) -> Vec<Link> {
 /// A seed that cannot be used still leaves the current generation mounted, then fails.
 pub fn run_boot_stage(opts: &StageOptions) -> Result<Outcome> {
     let mut t = Timer::new();
-    let env = Env::new(opts.host.clone(), opts.sysroot.clone(), opts.run.clone());
+    let mut env = Env::new(opts.host.clone(), opts.sysroot.clone(), opts.run.clone());
+    env.channel_wait = opts.channel_wait;
+    env.identity = opts.store_path();
     let found = {
         let _s = tracing::info_span!("probe").entered();
         sources::find_seed(&env, opts.sources.as_deref())

@@ -1,1 +1,312 @@
-//! The nixseed control channel (`org.nixseed.channel.0`): frames and messages.
+//! The nixseed control channel (`org.nixseed.channel.0`): frames and messages between
+//! `seedctl` on the host and the agent in the guest. A frame is a 4-byte big-endian
+//! length and one JSON object carrying the protocol version `v`. The host pushes an
+//! identity as a [`Bundle`] of NoCloud seed files, so a pushed identity goes through
+//! exactly the code path of a seed ISO.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::sha256_hex;
+use crate::seed::SeedFiles;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The largest frame accepted; a bundle is a few KiB.
+pub const MAX_FRAME: usize = 1 << 20;
+/// The only file names a bundle may carry: no path ever comes from the host.
+pub const BUNDLE_FILES: &[&str] = &["meta-data", "user-data", "vendor-data", "network-config"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleFile {
+    pub sha256: String,
+    /// Base64.
+    pub data: String,
+}
+
+/// An identity as seed files, with a digest per file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bundle {
+    /// The machine name on the host, for logs on both sides.
+    pub machine: String,
+    pub files: BTreeMap<String, BundleFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Message {
+    /// Guest → host at boot, repeated until answered: who am I, what do I have.
+    Hello {
+        product_uuid: Option<String>,
+        generation: Option<u64>,
+        instance_id: Option<String>,
+    },
+    /// Host → guest: apply this identity (an answer to `hello`, or a live push).
+    Push { bundle: Bundle },
+    /// Host → guest: this machine is not mine to provision.
+    Refuse { reason: String },
+    /// Host → guest: report the identity.
+    Status,
+    /// Host → guest: make the previous generation current again.
+    Rollback,
+    /// Guest → host: the answer to `status`.
+    StatusReply {
+        generation: Option<u64>,
+        instance_id: Option<String>,
+        product_uuid: Option<String>,
+        /// Relative file name → sha256, from the manifest.
+        files: BTreeMap<String, String>,
+    },
+    /// Guest → host: the answer to `push` and `rollback`.
+    Applied {
+        decision: String,
+        generation: Option<u64>,
+        changed: Vec<String>,
+        /// What only takes effect after a reboot (machine-id).
+        reboot_required: Vec<String>,
+        /// Services reloaded live.
+        reloaded: Vec<String>,
+    },
+    /// Either side: the request could not be served.
+    Error { message: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    v: u32,
+    #[serde(flatten)]
+    message: Message,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("control channel: frame of {0} bytes exceeds the {MAX_FRAME} byte limit")]
+    Oversized(usize),
+    #[error("control channel: malformed frame: {0}")]
+    Malformed(String),
+    #[error(
+        "control channel: protocol version {0} is not supported (this side speaks {PROTOCOL_VERSION})"
+    )]
+    Version(u32),
+    #[error("control channel: bundle for {machine}: {detail}")]
+    Bundle { machine: String, detail: String },
+}
+
+pub fn encode(message: &Message) -> Vec<u8> {
+    let body = serde_json::to_vec(&Envelope {
+        v: PROTOCOL_VERSION,
+        message: message.clone(),
+    })
+    .unwrap_or_default();
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+/// A streaming decoder: feed bytes as they arrive, take whole messages out.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole message, `Ok(None)` while a frame is still incomplete. After an
+    /// error the buffer is cleared: a length-prefixed stream cannot resynchronise, so the
+    /// caller answers with an error and starts afresh.
+    pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > MAX_FRAME {
+            self.buf.clear();
+            return Err(FrameError::Oversized(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let body: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
+        let value: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        let v = value.get("v").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+        if v != PROTOCOL_VERSION {
+            return Err(FrameError::Version(v));
+        }
+        let env: Envelope =
+            serde_json::from_value(value).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        Ok(Some(env.message))
+    }
+}
+
+impl Bundle {
+    pub fn from_files(machine: &str, files: &SeedFiles) -> Bundle {
+        Bundle {
+            machine: machine.to_string(),
+            files: files
+                .0
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        BundleFile {
+                            sha256: sha256_hex(v),
+                            data: base64_encode(v),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Decodes and verifies every file against its digest; only NoCloud names are allowed.
+    pub fn verify(&self) -> Result<SeedFiles, FrameError> {
+        let err = |detail: String| FrameError::Bundle {
+            machine: self.machine.clone(),
+            detail,
+        };
+        let mut out = BTreeMap::new();
+        for (name, f) in &self.files {
+            if !BUNDLE_FILES.contains(&name.as_str()) {
+                return Err(err(format!(
+                    "file name {name:?} is not a NoCloud seed file"
+                )));
+            }
+            let data = crate::credentials::base64_decode(&f.data)
+                .ok_or_else(|| err(format!("{name}: base64 is corrupt")))?;
+            let found = sha256_hex(&data);
+            if found != f.sha256 {
+                return Err(err(format!(
+                    "{name}: sha256 {found} does not match the bundle's {}",
+                    f.sha256
+                )));
+            }
+            out.insert(name.clone(), data);
+        }
+        for required in ["meta-data", "user-data"] {
+            if !out.contains_key(required) {
+                return Err(err(format!("{required} is missing")));
+            }
+        }
+        Ok(SeedFiles(out))
+    }
+}
+
+pub fn base64_encode(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> SeedFiles {
+        SeedFiles(
+            [
+                ("meta-data", "instance-id: a\n"),
+                ("user-data", "#cloud-config\nhostname: x\n"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        )
+    }
+
+    #[test]
+    fn round_trip_split_across_reads() {
+        let msg = Message::Push {
+            bundle: Bundle::from_files("web1", &files()),
+        };
+        let bytes = [encode(&msg), encode(&Message::Status)].concat();
+        let mut d = Decoder::default();
+        let mut got = Vec::new();
+        for b in bytes.chunks(3) {
+            d.push(b);
+            while let Some(m) = d.next_message().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, vec![msg.clone(), Message::Status]);
+        let Message::Push { bundle } = &got[0] else {
+            panic!()
+        };
+        assert_eq!(bundle.verify().unwrap(), files());
+    }
+
+    #[test]
+    fn truncated_frame_waits_oversized_is_refused() {
+        let mut d = Decoder::default();
+        let bytes = encode(&Message::Status);
+        d.push(&bytes[..bytes.len() - 1]);
+        assert_eq!(d.next_message(), Ok(None));
+        let mut d = Decoder::default();
+        d.push(&(MAX_FRAME as u32 + 1).to_be_bytes());
+        assert_eq!(d.next_message(), Err(FrameError::Oversized(MAX_FRAME + 1)));
+        // After an error the decoder starts afresh.
+        d.push(&encode(&Message::Rollback));
+        assert_eq!(d.next_message(), Ok(Some(Message::Rollback)));
+    }
+
+    #[test]
+    fn wrong_version_and_garbage_are_errors() {
+        let body = br#"{"v":2,"type":"status"}"#;
+        let mut d = Decoder::default();
+        d.push(&(body.len() as u32).to_be_bytes());
+        d.push(body);
+        assert_eq!(d.next_message(), Err(FrameError::Version(2)));
+        let mut d = Decoder::default();
+        d.push(&[0, 0, 0, 3, b'x', b'y', b'z']);
+        assert!(matches!(d.next_message(), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn tampered_or_foreign_files_are_refused() {
+        let mut b = Bundle::from_files("web1", &files());
+        b.files.get_mut("user-data").unwrap().data =
+            base64_encode(b"#cloud-config\nhostname: evil\n");
+        assert!(
+            b.verify()
+                .unwrap_err()
+                .to_string()
+                .contains("user-data: sha256")
+        );
+        let mut b = Bundle::from_files("web1", &files());
+        let f = b.files["meta-data"].clone();
+        b.files.insert("../etc/shadow".into(), f);
+        assert!(
+            b.verify()
+                .unwrap_err()
+                .to_string()
+                .contains("not a NoCloud seed file")
+        );
+    }
+
+    #[test]
+    fn base64_round_trip() {
+        for s in ["", "a", "ab", "abc", "abcd", "hello world"] {
+            let e = base64_encode(s.as_bytes());
+            assert_eq!(crate::credentials::base64_decode(&e).unwrap(), s.as_bytes());
+        }
+        assert_eq!(base64_encode(b"hi"), "aGk=");
+    }
+}

@@ -143,8 +143,11 @@ pub fn compose(
         if line.contains(['\n', '\0']) {
             return Err(err("nixseed.hosts", "an entry spans several lines".into()));
         }
-        hosts.push_str(line.trim());
-        hosts.push('\n');
+        // seedctl writes the manage_etc_hosts line into the block too: keep one copy.
+        if !hosts.lines().any(|l| l == line.trim()) {
+            hosts.push_str(line.trim());
+            hosts.push('\n');
+        }
     }
     put(HOSTS, hosts.into_bytes());
 
@@ -487,6 +490,15 @@ mod tests {
         let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
         assert_eq!(t[HOSTNAME].bytes, b"web1\n");
         assert_eq!(t[HOSTS].bytes, b"127.0.1.1 web1.example.com web1\n");
+        let dup = seed(
+            "",
+            "#cloud-config\nfqdn: web1.example.com\nmanage_etc_hosts: true\nnixseed:\n  hosts: ['127.0.1.1 web1.example.com web1', '10.0.0.5 db']\n",
+        );
+        let t2 = compose(&dup, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+        assert_eq!(
+            t2[HOSTS].bytes,
+            b"127.0.1.1 web1.example.com web1\n10.0.0.5 db\n"
+        );
         assert_eq!(t[ADMIN_KEYS].bytes, b"ssh-ed25519 AAAA admin\n");
         assert_eq!(t[MACHINE_ID].mode, 0o444);
         assert_eq!(t[SSH_HOST_KEY].mode, 0o600);

@@ -6,6 +6,7 @@ pub mod channel;
 pub mod configdrive;
 pub mod credentials;
 pub mod decide;
+pub mod firewall;
 pub mod identity;
 pub mod label;
 pub mod manifest;

@@ -2,6 +2,7 @@
 //! module behind [`Source`]; adding a source touches one file and the [`ORDER`] table.
 
 mod block;
+pub mod channel;
 mod cmdline;
 mod configdrive;
 mod credentials;
@@ -25,16 +26,34 @@ pub struct Env {
     pub sysroot: PathBuf,
     /// Where seed media are mounted (a private directory under /run).
     pub run: PathBuf,
+    /// How long the control channel waits for the host at boot; zero disables it.
+    pub channel_wait: std::time::Duration,
+    /// The identity store, for what `hello` reports.
+    pub identity: PathBuf,
     blocks: OnceLock<Vec<BlockDevice>>,
 }
 
 impl Env {
     pub fn new(host: PathBuf, sysroot: PathBuf, run: PathBuf) -> Env {
+        let identity = sysroot.join("var/identity");
         Env {
             host,
             sysroot,
             run,
+            channel_wait: std::time::Duration::ZERO,
+            identity,
             blocks: OnceLock::new(),
+        }
+    }
+
+    /// The current generation number and instance-id, if an identity exists.
+    pub fn current_identity(&self) -> (Option<u64>, Option<String>) {
+        let Ok(store) = crate::store::Store::open(&self.identity, false) else {
+            return (None, None);
+        };
+        match store.current() {
+            Ok(Some(g)) => (Some(g.number), Some(g.manifest.instance_id)),
+            _ => (None, None),
         }
     }
 
@@ -72,7 +91,8 @@ pub trait Source: Sync {
     fn find(&self, env: &Env) -> Result<Option<Seed>>;
 }
 
-/// DESIGN.md's order. The control channel is tried before these by the stage itself.
+/// DESIGN.md's order, except that the control channel comes last by default: its bounded
+/// wait would delay every boot that has a seed disk. `--sources channel,...` puts it first.
 pub static ORDER: &[&dyn Source] = &[
     &nocloud::BlockNoCloud,
     &cmdline::CmdlineNoCloud,
@@ -80,6 +100,7 @@ pub static ORDER: &[&dyn Source] = &[
     &nocloud::SeedDirNoCloud,
     &configdrive::BlockConfigDrive,
     &credentials::SmbiosCredentials,
+    &channel::ControlChannel,
 ];
 
 /// Names of the sources in order, for `--sources` validation and docs.

@@ -1,0 +1,225 @@
+//! The nixseed control channel in the running guest: `status`, `push` (a bundle applied
+//! through the same code path as a seed ISO, then the affected services reloaded) and
+//! `rollback`. Transport-agnostic: [`serve_stream`] runs over any byte stream.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use nixseed_core::channel::{Decoder, Message, encode};
+use nixseed_core::seed::Seed;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::sources::Env;
+use crate::stage::{self, StageOptions, Timer};
+use crate::store::Store;
+
+pub struct ChannelContext {
+    pub opts: StageOptions,
+    pub firewall: bool,
+}
+
+impl ChannelContext {
+    fn identity_path(&self) -> PathBuf {
+        self.opts
+            .sysroot
+            .join(self.opts.identity_dir.trim_start_matches('/'))
+    }
+}
+
+/// Answers one request.
+pub async fn handle(msg: Message, ctx: &ChannelContext) -> Message {
+    let result = match msg {
+        Message::Status => status(ctx),
+        Message::Push { bundle } => push(bundle, ctx).await,
+        Message::Rollback => rollback(ctx).await,
+        other => Err(anyhow::anyhow!(
+            "unexpected message {:?} from the host (expected status, push or rollback)",
+            kind(&other)
+        )),
+    };
+    result.unwrap_or_else(|e| {
+        tracing::warn!("control channel: {e:#}");
+        Message::Error {
+            message: format!("{e:#}"),
+        }
+    })
+}
+
+fn kind(m: &Message) -> &'static str {
+    match m {
+        Message::Hello { .. } => "hello",
+        Message::Push { .. } => "push",
+        Message::Refuse { .. } => "refuse",
+        Message::Status => "status",
+        Message::Rollback => "rollback",
+        Message::StatusReply { .. } => "status-reply",
+        Message::Applied { .. } => "applied",
+        Message::Error { .. } => "error",
+    }
+}
+
+fn status(ctx: &ChannelContext) -> Result<Message> {
+    let store = Store::open(&ctx.identity_path(), false)?;
+    let current = store.current()?;
+    Ok(Message::StatusReply {
+        generation: current.as_ref().map(|g| g.number),
+        instance_id: current.as_ref().map(|g| g.manifest.instance_id.clone()),
+        product_uuid: current
+            .as_ref()
+            .and_then(|g| g.manifest.product_uuid.clone()),
+        files: current.map(|g| g.manifest.files).unwrap_or_default(),
+    })
+}
+
+async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Result<Message> {
+    let files = bundle.verify()?;
+    let source = format!("channel:{}", bundle.machine);
+    let seed = Seed::from_nocloud(&files, &source, None)?;
+    let store = Store::open(&ctx.identity_path(), true)?;
+    let before = store.current_number()?;
+    let env = Env::new(
+        ctx.opts.host.clone(),
+        ctx.opts.sysroot.clone(),
+        ctx.opts.run.clone(),
+    );
+    let mut t = Timer::new();
+    let outcome = stage::apply_seed(&store, Some(&seed), &ctx.opts, &env, &mut t)?;
+    applied(&store, before, outcome.decision, outcome.changed, ctx).await
+}
+
+async fn rollback(ctx: &ChannelContext) -> Result<Message> {
+    let store = Store::open(&ctx.identity_path(), false)?;
+    let before = store.current_number()?;
+    let old = store.current()?.map(|g| g.tree).unwrap_or_default();
+    let n = store.rollback()?;
+    let new = store.read_generation(n)?.tree;
+    let changed = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    applied(
+        &store,
+        before,
+        format!("rolled back to generation {n}"),
+        changed,
+        ctx,
+    )
+    .await
+}
+
+/// Re-binds a generation that became current and reloads what its changes touch.
+async fn applied(
+    store: &Store,
+    before: Option<u64>,
+    decision: String,
+    changed: Vec<String>,
+    ctx: &ChannelContext,
+) -> Result<Message> {
+    let now = store.current_number()?;
+    let mut reloaded = Vec::new();
+    let mut reboot_required = Vec::new();
+    if let Some(n) = now
+        && now != before
+    {
+        stage::bind_generation(store, n, &ctx.opts)
+            .context("cannot re-bind the new generation over /etc")?;
+        let r = crate::reload::after_change(&changed, &ctx.identity_path(), ctx.firewall).await;
+        reloaded = r.reloaded;
+        reboot_required = r.reboot_required;
+    }
+    tracing::info!(
+        "control channel: {decision}: generation {:?} -> {:?}, changed {:?}, reloaded {:?}, needs reboot {:?}",
+        before,
+        now,
+        changed,
+        reloaded,
+        reboot_required
+    );
+    Ok(Message::Applied {
+        decision,
+        generation: now,
+        changed: if now != before { changed } else { Vec::new() },
+        reboot_required,
+        reloaded,
+    })
+}
+
+/// Serves requests from one byte stream until it ends. Framing errors are answered with
+/// an `error` message and the stream goes on.
+pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    ctx: &ChannelContext,
+) -> Result<()> {
+    let mut decoder = Decoder::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .await
+            .context("control channel read")?;
+        if n == 0 {
+            return Ok(());
+        }
+        decoder.push(&buf[..n]);
+        loop {
+            let reply = match decoder.next_message() {
+                Ok(Some(msg)) => handle(msg, ctx).await,
+                Ok(None) => break,
+                Err(e) => Message::Error {
+                    message: e.to_string(),
+                },
+            };
+            stream
+                .write_all(&encode(&reply))
+                .await
+                .context("control channel write")?;
+            stream.flush().await?;
+        }
+    }
+}
+
+/// How the channel reaches the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    /// The virtio-serial port, kept open across host reconnects.
+    VirtioSerial,
+    /// A unix socket the host connects to (tests, or a vsock/serial bridge).
+    UnixListen,
+}
+
+pub const DEFAULT_PORT: &str = "/dev/virtio-ports/org.nixseed.channel.0";
+
+/// Serves the control channel forever.
+pub async fn run(method: Method, path: &std::path::Path, ctx: &ChannelContext) -> Result<()> {
+    match method {
+        Method::UnixListen => {
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on {}", path.display()))?;
+            tracing::info!("control channel listening on {}", path.display());
+            loop {
+                let (stream, _) = listener.accept().await?;
+                if let Err(e) = serve_stream(stream, ctx).await {
+                    tracing::warn!("control channel client: {e:#}");
+                }
+            }
+        }
+        Method::VirtioSerial => {
+            let mut port = tokio::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .await
+                .with_context(|| format!("cannot open the control channel {}", path.display()))?;
+            tracing::info!("control channel on {}", path.display());
+            loop {
+                // EOF means no host is connected: keep the port open and look again soon.
+                if let Err(e) = serve_stream(&mut port, ctx).await {
+                    tracing::warn!("control channel: {e:#}");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! After a live change (a push or a rollback): tell the running services. hostname via
+//! sethostname(2), sshd and networkd through systemd's D-Bus API, the firewall through
+//! `nft -f`. machine-id cannot change under a running systemd: it is reported as needing
+//! a reboot.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use nixseed_core::identity;
+
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    pub reloaded: Vec<String>,
+    pub reboot_required: Vec<String>,
+}
+
+/// Applies the effects of the changed files (names relative to a generation).
+pub async fn after_change(changed: &[String], identity_dir: &Path, firewall: bool) -> Reloaded {
+    let mut out = Reloaded::default();
+    let has = |p: &str| {
+        changed
+            .iter()
+            .any(|c| c == p || c.starts_with(&format!("{p}/")))
+    };
+    if has(identity::MACHINE_ID) {
+        out.reboot_required.push(identity::MACHINE_ID.to_string());
+    }
+    if has(identity::HOSTNAME) {
+        match set_hostname(&identity_dir.join(identity::HOSTNAME)) {
+            Ok(()) => out.reloaded.push("hostname".into()),
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+    }
+    if has(identity::SSH_HOST_KEY) || has(identity::SSH_HOST_KEY_PUB) {
+        match restart_units(&["ssh.service", "sshd.service"]).await {
+            Ok(()) => out.reloaded.push("sshd".into()),
+            Err(e) => tracing::warn!("cannot restart sshd for its new host key: {e:#}"),
+        }
+    }
+    if has(identity::NETWORK_DIR) {
+        match networkd_reload().await {
+            Ok(()) => out.reloaded.push("systemd-networkd".into()),
+            Err(e) => tracing::warn!("cannot reload systemd-networkd: {e:#}"),
+        }
+    }
+    if firewall && (has(identity::TCP_PORTS) || has(identity::UDP_PORTS)) {
+        match load_firewall(identity_dir) {
+            Ok(()) => out.reloaded.push("nftables".into()),
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+    }
+    out
+}
+
+fn set_hostname(file: &Path) -> Result<()> {
+    let name =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let name = name.trim();
+    if !name.is_empty() {
+        nix::unistd::sethostname(name)
+            .with_context(|| format!("cannot set the hostname to {name}"))?;
+    }
+    Ok(())
+}
+
+async fn system_bus() -> Result<zbus::Connection> {
+    zbus::Connection::system()
+        .await
+        .context("cannot reach the system D-Bus (is dbus running?)")
+}
+
+async fn restart_units(units: &[&str]) -> Result<()> {
+    let bus = system_bus().await?;
+    for unit in units {
+        // TryRestartUnit leaves a unit that is not running alone; a missing unit is fine.
+        let _ = bus
+            .call_method(
+                Some("org.freedesktop.systemd1"),
+                "/org/freedesktop/systemd1",
+                Some("org.freedesktop.systemd1.Manager"),
+                "TryRestartUnit",
+                &(*unit, "replace"),
+            )
+            .await;
+    }
+    Ok(())
+}
+
+async fn networkd_reload() -> Result<()> {
+    system_bus()
+        .await?
+        .call_method(
+            Some("org.freedesktop.network1"),
+            "/org/freedesktop/network1",
+            Some("org.freedesktop.network1.Manager"),
+            "Reload",
+            &(),
+        )
+        .await
+        .context("org.freedesktop.network1.Manager.Reload")?;
+    Ok(())
+}
+
+/// Loads the `inet nixseed` table from the identity's port files with `nft -f -`.
+pub fn load_firewall(identity_dir: &Path) -> Result<()> {
+    use std::io::Write;
+    let read = |name: &str| -> Result<Vec<String>> {
+        let path = identity_dir.join(name);
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        nixseed_core::firewall::parse_ports(&text, &path.display().to_string())
+            .map_err(anyhow::Error::msg)
+    };
+    let rules =
+        nixseed_core::firewall::render(&read(identity::TCP_PORTS)?, &read(identity::UDP_PORTS)?);
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run nft (is nftables installed?)")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(rules.as_bytes())
+            .context("cannot send the ruleset to nft")?;
+    }
+    let out = child.wait_with_output().context("nft did not finish")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "nft refused the nixseed ruleset from {}: {}",
+            identity_dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

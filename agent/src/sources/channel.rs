@@ -1,0 +1,121 @@
+//! The control channel as a first-boot source: with no seed disk, the agent says `hello`
+//! on `org.nixseed.channel.0` and waits a bounded time for the host to push an identity.
+//! No udev in the initrd: the port is found through `/sys/class/virtio-ports/*/name`.
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nixseed_core::channel::{Decoder, Message, encode};
+use nixseed_core::seed::Seed;
+
+use super::{Env, Source};
+
+pub const PORT_NAME: &str = "org.nixseed.channel.0";
+
+/// The device node of the named virtio port, if the VM has one.
+pub fn find_port(env: &Env, name: &str) -> Option<PathBuf> {
+    let dir = env.host_path("/sys/class/virtio-ports");
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let port_name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
+        if port_name.trim() == name {
+            return Some(env.host_path(&format!("/dev/{}", e.file_name().to_string_lossy())));
+        }
+    }
+    None
+}
+
+pub struct ControlChannel;
+
+impl Source for ControlChannel {
+    fn name(&self) -> &'static str {
+        "channel"
+    }
+
+    fn find(&self, env: &Env) -> Result<Option<Seed>> {
+        if env.channel_wait.is_zero() {
+            return Ok(None);
+        }
+        let Some(node) = find_port(env, PORT_NAME) else {
+            return Ok(None);
+        };
+        let t0 = Instant::now();
+        let mut port = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&node)
+            .with_context(|| format!("cannot open the control channel {}", node.display()))?;
+        let (generation, instance_id) = env.current_identity();
+        let hello = encode(&Message::Hello {
+            product_uuid: env.product_uuid(),
+            generation,
+            instance_id,
+        });
+        let mut decoder = Decoder::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut next_hello = Instant::now();
+        while t0.elapsed() < env.channel_wait {
+            if Instant::now() >= next_hello {
+                // Repeated: a hello written before the host connected is lost.
+                let _ = port.write_all(&hello);
+                next_hello = Instant::now() + Duration::from_secs(1);
+            }
+            let mut fds = [nix::poll::PollFd::new(
+                port.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
+            let readable = fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLIN));
+            if !readable {
+                // POLLHUP alone: no host on the other end yet.
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let n = match port.read(&mut buf) {
+                Ok(0) => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                Ok(n) => n,
+                Err(e) => return Err(e).with_context(|| format!("cannot read {}", node.display())),
+            };
+            decoder.push(&buf[..n]);
+            loop {
+                match decoder.next_message() {
+                    Ok(Some(Message::Push { bundle })) => {
+                        let files = bundle.verify()?;
+                        let source = format!("channel:{}", bundle.machine);
+                        tracing::info!(
+                            "control channel: identity for {} received {:.0} ms after hello",
+                            bundle.machine,
+                            t0.elapsed().as_secs_f64() * 1000.0
+                        );
+                        return Ok(Some(Seed::from_nocloud(&files, &source, None)?));
+                    }
+                    Ok(Some(Message::Refuse { reason })) => {
+                        tracing::warn!(
+                            "control channel: the host refused to provision this VM: {reason}"
+                        );
+                        return Ok(None);
+                    }
+                    Ok(Some(other)) => {
+                        tracing::warn!(
+                            "control channel: ignoring unexpected {other:?} while waiting for an identity"
+                        )
+                    }
+                    Ok(None) => break,
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+        }
+        tracing::info!(
+            "control channel: no identity from the host within {} s; keeping the current one",
+            env.channel_wait.as_secs()
+        );
+        Ok(None)
+    }
+}

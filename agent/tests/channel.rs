@@ -1,0 +1,242 @@
+//! The control channel end to end: a real agent serving `channel -m unix-listen` in its own
+//! mount and UTS namespaces over a scratch sysroot; the test is the host side.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use nixseed_core::channel::{Bundle, Decoder, Message, encode};
+use nixseed_core::seed::SeedFiles;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_nixseed-agent");
+
+fn scratch() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    for d in [
+        "sysroot/etc",
+        "sysroot/var",
+        "sysroot/seed",
+        "run",
+        "host/proc",
+        "host/sys/class/dmi/id",
+        "host/sys/class/block",
+    ] {
+        std::fs::create_dir_all(p.join(d)).unwrap();
+    }
+    for f in ["machine-id", "hostname", "resolv.conf", "hosts"] {
+        std::fs::write(p.join("sysroot/etc").join(f), "").unwrap();
+    }
+    std::fs::write(p.join("host/proc/cmdline"), "ds=nocloud;s=/seed/\n").unwrap();
+    std::fs::write(
+        p.join("host/sys/class/dmi/id/product_uuid"),
+        "11111111-2222-3333-4444-555555555555\n",
+    )
+    .unwrap();
+    std::fs::write(p.join("sysroot/seed/meta-data"), "instance-id: one\n").unwrap();
+    std::fs::write(
+        p.join("sysroot/seed/user-data"),
+        "#cloud-config\nhostname: first\n",
+    )
+    .unwrap();
+    dir
+}
+
+struct Server {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// First boot from the seed directory, then serve the channel, in one namespace.
+    fn start(dir: &Path) -> Server {
+        let sock = dir.join("channel.sock");
+        let args = format!(
+            "--sysroot {d}/sysroot --root {d}/host --run {d}/run",
+            d = dir.display()
+        );
+        let script = format!(
+            "{AGENT} initrd {args} 2>/dev/null && exec {AGENT} channel -m unix-listen -p {} {args}",
+            sock.display()
+        );
+        let child = Command::new("unshare")
+            .args(["-m", "-u", "sh", "-c", &script])
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !sock.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "channel socket never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server { child, sock }
+    }
+
+    /// The agent's view of a path inside its mount namespace.
+    fn view(&self, abs: &Path) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{}", self.agent_pid(), abs.display()))
+    }
+
+    fn agent_pid(&self) -> u32 {
+        // `sh -c ... exec agent` keeps the pid.
+        self.child.id()
+    }
+
+    fn request(&self, raw: &[u8]) -> Message {
+        let mut s = UnixStream::connect(&self.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(raw).unwrap();
+        let mut d = Decoder::default();
+        let mut buf = [0u8; 65536];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "agent closed the channel without answering");
+            d.push(&buf[..n]);
+            if let Some(m) = d.next_message().unwrap() {
+                return m;
+            }
+        }
+    }
+}
+
+fn bundle(meta: &str, user: &str) -> Bundle {
+    let files = SeedFiles(
+        [("meta-data", meta), ("user-data", user)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+    );
+    Bundle::from_files("web1", &files)
+}
+
+#[test]
+fn status_push_and_rollback() {
+    let dir = scratch();
+    let srv = Server::start(dir.path());
+    let Message::StatusReply {
+        generation,
+        instance_id,
+        files,
+        ..
+    } = srv.request(&encode(&Message::Status))
+    else {
+        panic!("status must answer with status-reply")
+    };
+    assert_eq!((generation, instance_id.as_deref()), (Some(1), Some("one")));
+    assert!(files.contains_key("ssh_host_ed25519_key.pub"));
+    let key_before =
+        std::fs::read(dir.path().join("sysroot/var/identity/ssh_host_ed25519_key")).unwrap();
+
+    let push = Message::Push {
+        bundle: bundle(
+            "instance-id: two\n",
+            "#cloud-config\nhostname: second\nnixseed:\n  tcp_ports: [443]\n",
+        ),
+    };
+    let Message::Applied {
+        generation,
+        changed,
+        reloaded,
+        reboot_required,
+        ..
+    } = srv.request(&encode(&push))
+    else {
+        panic!("push must answer with applied")
+    };
+    assert_eq!(generation, Some(2));
+    assert!(
+        changed.contains(&"hostname".to_string()) && changed.contains(&"tcp_ports".to_string()),
+        "{changed:?}"
+    );
+    assert!(reloaded.contains(&"hostname".to_string()), "{reloaded:?}");
+    assert!(
+        reboot_required.is_empty(),
+        "machine-id is kept on a new instance"
+    );
+    let etc_hostname = srv.view(&dir.path().join("sysroot/etc/hostname"));
+    assert_eq!(
+        std::fs::read_to_string(etc_hostname).unwrap(),
+        "second\n",
+        "/etc/hostname re-bound live"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("sysroot/var/identity/ssh_host_ed25519_key")).unwrap(),
+        key_before
+    );
+
+    // The same push again changes nothing.
+    let Message::Applied {
+        generation,
+        changed,
+        ..
+    } = srv.request(&encode(&push))
+    else {
+        panic!()
+    };
+    assert_eq!((generation, changed.len()), (Some(2), 0));
+
+    let Message::Applied { generation, .. } = srv.request(&encode(&Message::Rollback)) else {
+        panic!()
+    };
+    assert_eq!(generation, Some(1));
+    assert_eq!(
+        std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
+        "first\n"
+    );
+}
+
+#[test]
+fn tampered_bundle_garbage_and_out_of_order_frames_are_refused() {
+    let dir = scratch();
+    let srv = Server::start(dir.path());
+    let mut b = bundle("instance-id: two\n", "#cloud-config\nhostname: evil\n");
+    b.files.get_mut("user-data").unwrap().sha256 = "0".repeat(64);
+    let Message::Error { message } = srv.request(&encode(&Message::Push { bundle: b })) else {
+        panic!()
+    };
+    assert!(message.contains("user-data: sha256"), "{message}");
+
+    let Message::Error { message } = srv.request(&[0, 0, 0, 4, b'g', b'a', b'r', b'b']) else {
+        panic!()
+    };
+    assert!(message.contains("malformed frame"), "{message}");
+
+    let hello = Message::Hello {
+        product_uuid: None,
+        generation: None,
+        instance_id: None,
+    };
+    let Message::Error { message } = srv.request(&encode(&hello)) else {
+        panic!()
+    };
+    assert!(
+        message.contains("unexpected message \"hello\""),
+        "{message}"
+    );
+
+    let Message::Error { message } = srv.request(&[0xff, 0xff, 0xff, 0xff]) else {
+        panic!()
+    };
+    assert!(message.contains("exceeds"), "{message}");
+
+    // Nothing was applied, and the agent still serves.
+    let Message::StatusReply { generation, .. } = srv.request(&encode(&Message::Status)) else {
+        panic!()
+    };
+    assert_eq!(generation, Some(1));
+    assert_eq!(
+        std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
+        "first\n"
+    );
+}
