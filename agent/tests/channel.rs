@@ -1,6 +1,8 @@
 //! The control channel end to end: a real agent serving `channel -m unix-listen` in its own
 //! mount and UTS namespaces over a scratch sysroot; the test is the host side.
 
+#![allow(clippy::unwrap_used)] // test scaffolding: a failed setup step should fail the test loudly
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

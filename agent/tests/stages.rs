@@ -2,6 +2,8 @@
 //! placeholders in `etc/`, the real bind mounts, and the real agent binary. Each test runs
 //! the agent inside `unshare -m` so the binds vanish with the test. Needs root.
 
+#![allow(clippy::unwrap_used)] // test scaffolding: a failed setup step should fail the test loudly
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

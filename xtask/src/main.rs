@@ -49,7 +49,9 @@ fn cargo() -> Command {
 
 fn run(mut c: Command, what: &str) -> Result<()> {
     eprintln!("xtask: {what}");
-    let status = c.status().with_context(|| format!("cannot start: {what}"))?;
+    let status = c
+        .status()
+        .with_context(|| format!("cannot start: {what}"))?;
     if !status.success() {
         bail!("{what} failed ({status})");
     }
@@ -59,19 +61,31 @@ fn run(mut c: Command, what: &str) -> Result<()> {
 /// Runs the vm-tests harness binary (release: TCG boots are slow enough).
 fn harness(args: &[&str]) -> Result<()> {
     let mut c = cargo();
-    c.args(["run", "--quiet", "--release", "-p", "vm-tests", "--"]).args(args);
+    c.args(["run", "--quiet", "--release", "-p", "vm-tests", "--"])
+        .args(args);
     run(c, &format!("vm-tests {}", args.join(" ")))
 }
 
 fn test(args: &[String]) -> Result<()> {
     let no_vm = args.iter().any(|a| a == "--no-vm");
-    let scenarios: Vec<&str> = args.iter().filter(|a| !a.starts_with("--")).map(String::as_str).collect();
+    let scenarios: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .map(String::as_str)
+        .collect();
     vm_tests::deps::ensure_all()?;
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     run(fmt, "cargo fmt --check")?;
     let mut clippy = cargo();
-    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     run(clippy, "cargo clippy -D warnings")?;
     let mut unit = cargo();
     unit.args(["test", "--workspace"]);
@@ -100,7 +114,16 @@ fn bench() -> Result<()> {
     let agent = dist()?;
     let mut apply = cargo();
     apply
-        .args(["run", "--quiet", "--release", "-p", "nixseed-agent", "--example", "apply-bench", "--"])
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "nixseed-agent",
+            "--example",
+            "apply-bench",
+            "--",
+        ])
         .arg(&agent);
     run(apply, "apply benchmark")?;
     harness(&["bench"])
