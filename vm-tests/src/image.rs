@@ -147,7 +147,26 @@ pub fn prepare_tree(variant: Variant) -> Result<Option<Duration>> {
     }
     let t = Instant::now();
     build_tree_layer(variant, &dir)?;
+    prune_old_trees(variant, &dir);
     Ok(Some(t.elapsed()))
+}
+
+/// Older trees of the same variant (a previous package list or code version) go away.
+fn prune_old_trees(variant: Variant, keep: &Path) {
+    let Some(parent) = keep.parent() else { return };
+    let Ok(rd) = fs::read_dir(parent) else { return };
+    let prefix = format!("{}-", variant.name());
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let rest = name.strip_prefix(&prefix);
+        // "nixseed-<hex>" only: do not mistake "cloud-init-…" for a "cloud-…" variant.
+        if rest.is_some_and(|r| r.len() == 16 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+            && e.path() != keep
+        {
+            eprintln!("vm-tests: removing outdated image {}", e.path().display());
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn tree_key(variant: Variant) -> String {

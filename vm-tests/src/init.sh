@@ -64,7 +64,9 @@ wait_label() {
 root_dev=$(wait_label "$root_label" 300) || die "no filesystem labelled $root_label"
 mount -t ext4 -o "$root_mode,noatime" "$root_dev" /sysroot || die "cannot mount $root_dev on /sysroot"
 log "root $root_dev ($root_mode) at /sysroot"
-if var_dev=$(wait_label "$var_label" 10); then
+if [ "$var_label" = none ]; then
+	:
+elif var_dev=$(wait_label "$var_label" 10); then
 	mount -t ext4 -o rw,noatime "$var_dev" /sysroot/var || die "cannot mount $var_dev on /sysroot/var"
 	log "var $var_dev at /sysroot/var"
 else

@@ -73,7 +73,9 @@ impl Machine {
             initrd: image.initramfs.clone(),
             append: kernel_cmdline(image),
             boot_disk: self.boot_disk.clone(),
-            var_disk: Some(self.var_disk.clone()),
+            // The cloud-init image keeps /var on its writable root, like a stock cloud image.
+            var_disk: (image.variant == crate::image::Variant::Nixseed)
+                .then(|| self.var_disk.clone()),
             seed_iso: Some(self.seed_iso.clone()),
             product_uuid: self.product_uuid()?,
             mac: self.mac()?,
@@ -97,7 +99,7 @@ fn env_u32(name: &str, default: u32) -> u32 {
 pub fn kernel_cmdline(image: &GuestImage) -> String {
     let mode = match image.variant {
         crate::image::Variant::Nixseed => "ro",
-        crate::image::Variant::CloudInit => "rw nixseed.agent=0",
+        crate::image::Variant::CloudInit => "rw nixseed.agent=0 nixseed.var=none",
     };
     format!(
         "console=ttyS0,115200 root=LABEL={} {mode} quiet loglevel=4 panic=-1 systemd.show_status=false",

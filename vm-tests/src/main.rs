@@ -22,7 +22,11 @@ enum Cmd {
         variant: String,
     },
     /// First boot of one machine: build, boot, look around, power off; prints timings.
-    BootSmoke,
+    BootSmoke {
+        /// `nixseed` (default) or `cloud-init`.
+        #[arg(long, default_value = "nixseed")]
+        variant: String,
+    },
     /// Run scenarios (all when none named), one VM at a time.
     Test { scenarios: Vec<String> },
 }
@@ -51,7 +55,7 @@ fn main() -> Result<()> {
             println!("initramfs:  {}", img.initramfs.display());
             Ok(())
         }
-        Cmd::BootSmoke => vm_tests::scenarios::boot_smoke(),
+        Cmd::BootSmoke { variant } => vm_tests::scenarios::boot_smoke(parse_variant(&variant)?),
         Cmd::Test { scenarios } => {
             if !vm_tests::scenarios::run_tests(&scenarios)? {
                 std::process::exit(1);
