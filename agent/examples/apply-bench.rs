@@ -14,7 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let agent = args.get(1).cloned().unwrap_or_else(|| {
         let me = std::env::current_exe().unwrap_or_default();
-        me.parent().and_then(Path::parent).map(|d| d.join("nixseed-agent").display().to_string()).unwrap_or_default()
+        me.parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("nixseed-agent").display().to_string())
+            .unwrap_or_default()
     });
     let runs: usize = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(25);
     if std::env::var_os("APPLY_BENCH_IN_NS").is_none() {
@@ -27,20 +30,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .status()?;
         std::process::exit(status.code().unwrap_or(1));
     }
-    let root = tempfile::Builder::new().prefix("nixseed-bench").tempdir_in("/dev/shm")?;
+    let root = tempfile::Builder::new()
+        .prefix("nixseed-bench")
+        .tempdir_in("/dev/shm")?;
     let r = root.path();
     let mk = |rel: &str| std::fs::create_dir_all(r.join(rel));
-    for d in ["sysroot/etc", "sysroot/var", "sysroot/seed", "run", "host/proc", "host/sys/class/net/ens18", "host/sys/class/dmi/id", "host/sys/class/block"] {
+    for d in [
+        "sysroot/etc",
+        "sysroot/var",
+        "sysroot/seed",
+        "run",
+        "host/proc",
+        "host/sys/class/net/ens18",
+        "host/sys/class/dmi/id",
+        "host/sys/class/block",
+    ] {
         mk(d)?;
     }
     for f in ["machine-id", "hostname", "resolv.conf"] {
         std::fs::write(r.join("sysroot/etc").join(f), "")?;
     }
     std::fs::write(r.join("sysroot/etc/hosts"), "127.0.0.1 localhost\n")?;
-    std::fs::write(r.join("host/sys/class/net/ens18/address"), "52:54:00:12:34:56\n")?;
-    std::fs::write(r.join("host/sys/class/dmi/id/product_uuid"), "11111111-2222-3333-4444-555555555555\n")?;
+    std::fs::write(
+        r.join("host/sys/class/net/ens18/address"),
+        "52:54:00:12:34:56\n",
+    )?;
+    std::fs::write(
+        r.join("host/sys/class/dmi/id/product_uuid"),
+        "11111111-2222-3333-4444-555555555555\n",
+    )?;
     std::fs::write(r.join("host/proc/cmdline"), "ds=nocloud;s=/seed/\n")?;
-    std::fs::write(r.join("sysroot/seed/meta-data"), "instance-id: 5e1ba3ac93d2c9e8b2b0b7b7f0e5c1a4d7f3e2b1\n")?;
+    std::fs::write(
+        r.join("sysroot/seed/meta-data"),
+        "instance-id: 5e1ba3ac93d2c9e8b2b0b7b7f0e5c1a4d7f3e2b1\n",
+    )?;
     std::fs::write(r.join("sysroot/seed/user-data"), USER_DATA)?;
     std::fs::write(r.join("sysroot/seed/network-config"), NETWORK)?;
 
@@ -75,12 +98,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (fm, f90) = stat(&mut first);
     let (sm, s90) = stat(&mut same);
     let size = std::fs::metadata(&agent)?.len();
-    println!("| initrd stage, Proxmox-shaped seed, tmpfs sysroot ({runs} runs) | median ms | p90 ms | budget |");
+    println!(
+        "| initrd stage, Proxmox-shaped seed, tmpfs sysroot ({runs} runs) | median ms | p90 ms | budget |"
+    );
     println!("|---|---|---|---|");
-    println!("| first boot (parse, compose, new host key, write generation, bind mounts) | {fm:.1} | {f90:.1} | 20 ms |");
+    println!(
+        "| first boot (parse, compose, new host key, write generation, bind mounts) | {fm:.1} | {f90:.1} | 20 ms |"
+    );
     println!("| later boot, same instance (verify, bind mounts) | {sm:.1} | {s90:.1} | |");
     println!();
-    println!("agent binary: {agent} — {size} bytes ({:.2} MiB; budget 2.50 MiB)", size as f64 / 1048576.0);
-    println!("anchor: cloud-init needs 15.8 s for the same work in a TCG guest (DESIGN.md); ratio at the median: {:.0}x", 15800.0 / fm);
+    println!(
+        "agent binary: {agent} — {size} bytes ({:.2} MiB; budget 2.50 MiB)",
+        size as f64 / 1048576.0
+    );
+    println!(
+        "anchor: cloud-init needs 15.8 s for the same work in a TCG guest (DESIGN.md); ratio at the median: {:.0}x",
+        15800.0 / fm
+    );
     Ok(())
 }

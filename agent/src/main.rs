@@ -3,7 +3,6 @@
 
 mod channel;
 mod crashpoint;
-mod fresh;
 mod logging;
 mod mounts;
 mod reload;
@@ -214,7 +213,7 @@ fn render(a: &RenderArgs) -> Result<()> {
         links,
         regenerate: false,
     };
-    let tree = compose(&seed, None, &ctx, &mut fresh::OsFresh)?;
+    let tree = compose(&seed, None, &ctx, &mut nixseed_core::fresh::OsFresh)?;
     let store = store::Store::open(&a.out, true)?;
     let n = store.write_generation(
         &tree,

@@ -12,7 +12,7 @@ use nixseed_core::manifest::Manifest;
 use nixseed_core::network::Link;
 use nixseed_core::seed::Seed;
 
-use crate::fresh::OsFresh;
+use nixseed_core::fresh::OsFresh;
 use crate::mounts;
 use crate::sources::{self, Env};
 use crate::store::Store;

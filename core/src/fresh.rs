@@ -1,6 +1,7 @@
-//! Fresh machine-ids and SSH host keys from the kernel's RNG.
+//! Fresh machine-ids and SSH host keys from the kernel's RNG (feature `os-fresh`): the
+//! one impure corner of the core, shared so the agent and seedctl make identities alike.
 
-use nixseed_core::identity::Fresh;
+use crate::identity::Fresh;
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
 pub struct OsFresh;
@@ -8,7 +9,7 @@ pub struct OsFresh;
 impl Fresh for OsFresh {
     fn machine_id(&mut self) -> String {
         let mut b = [0u8; 16];
-        if getrandom::getrandom(&mut b).is_err() {
+        if getrandom::getrandom(&mut b).is_err() || b.iter().all(|x| *x == 0) {
             // The kernel RNG cannot fail after boot; in the initrd getrandom blocks until
             // seeded. Mix the time in as a last resort rather than write zeros.
             let t = std::time::SystemTime::now()
@@ -20,7 +21,7 @@ impl Fresh for OsFresh {
         // Version 4 bits, as systemd-machine-id-setup writes them.
         b[6] = (b[6] & 0x0f) | 0x40;
         b[8] = (b[8] & 0x3f) | 0x80;
-        nixseed_core::seed::hex(&b)
+        crate::seed::hex(&b)
     }
 
     fn host_key(&mut self, comment: &str) -> Result<(String, String), String> {

@@ -7,6 +7,8 @@ pub mod configdrive;
 pub mod credentials;
 pub mod decide;
 pub mod firewall;
+#[cfg(feature = "os-fresh")]
+pub mod fresh;
 pub mod identity;
 pub mod label;
 pub mod manifest;
