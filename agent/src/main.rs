@@ -9,6 +9,7 @@ mod reload;
 mod sources;
 mod stage;
 mod store;
+mod write_files;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -12,10 +12,10 @@ use nixseed_core::manifest::Manifest;
 use nixseed_core::network::Link;
 use nixseed_core::seed::Seed;
 
-use nixseed_core::fresh::OsFresh;
 use crate::mounts;
 use crate::sources::{self, Env};
 use crate::store::Store;
+use nixseed_core::fresh::OsFresh;
 
 /// Options shared by the stages.
 #[derive(Debug, Clone)]
@@ -236,6 +236,16 @@ pub fn apply_seed(
     };
     t.lap("write");
     outcome.generation = Some(n);
+    // write_files runs once per instance, as cloud-init's does.
+    let mut files = seed.user.write_files.clone();
+    if let Some(v) = &seed.vendor {
+        files.extend(v.write_files.iter().cloned());
+    }
+    if !files.is_empty() {
+        let written = crate::write_files::apply(&opts.sysroot, &files)?;
+        tracing::info!("write_files: wrote {}", written.join(", "));
+        t.lap("write_files");
+    }
     Ok(outcome)
 }
 
