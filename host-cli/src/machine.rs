@@ -231,6 +231,14 @@ impl Identity {
         })
     }
 
+    /// The VM's NIC MAC: `52:54:00` (QEMU's locally administered prefix) and three bytes
+    /// of sha256(product_uuid), so it is stable for the machine and differs between
+    /// machines. The default network-config matches the NIC by it.
+    pub fn mac(&self) -> String {
+        let d = Sha256::digest(self.product_uuid.to_ascii_lowercase().as_bytes());
+        format!("52:54:00:{:02x}:{:02x}:{:02x}", d[0], d[1], d[2])
+    }
+
     /// The short hostname (first label).
     pub fn short_hostname(&self) -> &str {
         self.hostname.split('.').next().unwrap_or(&self.hostname)

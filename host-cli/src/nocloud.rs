@@ -22,6 +22,16 @@ pub struct SeedFiles {
 }
 
 impl SeedFiles {
+    /// The files as nixseed-core's seed parser and the control channel take them.
+    pub fn to_core(&self) -> nixseed_core::seed::SeedFiles {
+        nixseed_core::seed::SeedFiles(
+            self.as_list()
+                .iter()
+                .map(|(n, b)| ((*n).to_owned(), b.to_vec()))
+                .collect(),
+        )
+    }
+
     pub fn as_list(&self) -> [(&'static str, &[u8]); 3] {
         [
             ("meta-data", self.meta_data.as_bytes()),
@@ -91,16 +101,24 @@ pub fn user_data(id: &Identity) -> String {
     u
 }
 
-/// The machine's own `network-config` when it has one, else DHCPv4 on every `en*` and
-/// `eth*` interface.
+/// The machine's own `network-config` when it has one, else DHCPv4 on the NIC carrying
+/// the machine's MAC ([`Identity::mac`], which `seedctl run` and `seedctl xml` give the
+/// VM). A `match: name:` glob would not do: cloud-init's networkd renderer (and nixseed's,
+/// which follows it) writes the id key as `Name=`, not the glob. With `macaddress` and no
+/// `set-name` both find the guest's own interface name by MAC and keep it, so the
+/// rendered file carries `Name=<guest NIC>` and `MACAddress=`.
 pub fn network_config(id: &Identity) -> String {
     if let Some(nc) = &id.network_config {
         return nc.clone();
     }
-    "version: 2\nethernets:\n  all-en:\n    match:\n      name: \"en*\"\n    dhcp4: true\n  all-eth:\n    match:\n      name: \"eth*\"\n    dhcp4: true\n"
-        .to_owned()
+    format!(
+        "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: {}\n    dhcp4: true\n",
+        q(&id.mac())
+    )
 }
 
+/// The seed files of a machine: the one source of the seed ISO, the vfat image, `render`
+/// and the control channel's `push` bundle, so they can never disagree.
 pub fn seed_files(id: &Identity) -> SeedFiles {
     SeedFiles {
         meta_data: meta_data(id),

@@ -110,7 +110,15 @@ fn iso_reads_back_with_long_names_label_and_content() {
         "{user}"
     );
     let net = std::fs::read_to_string(ex.join("network-config")).unwrap();
-    assert!(net.contains("version: 2") && net.contains("dhcp4: true") && net.contains("\"en*\""));
+    let list: serde_json::Value = serde_json::from_str(&s.ok(&["list", "--json"])).unwrap();
+    let mac = list["machines"][0]["mac"].as_str().unwrap().to_owned();
+    assert!(mac.starts_with("52:54:00:"), "{mac}");
+    assert_eq!(
+        net,
+        format!(
+            "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: \"{mac}\"\n    dhcp4: true\n"
+        )
+    );
 }
 
 #[test]

@@ -58,6 +58,8 @@ pub fn run(paths: &Paths, a: &ListArgs) -> Result<Report> {
             "base": st.base,
             "ssh_port": st.ssh_port,
             "instance_id": st.instance_id,
+            "product_uuid": id.product_uuid,
+            "mac": id.mac(),
         }));
     }
     Ok(Report::new(text, json!({ "machines": rows })))

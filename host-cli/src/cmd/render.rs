@@ -1,13 +1,12 @@
 //! `seedctl render`: the identity tree a guest writes for this machine's seed, computed by
 //! the same nixseed-core code the agent runs (seed parsing, then identity composition).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use nixseed_core::identity::{ComposeContext, Fresh, compose};
-use nixseed_core::seed::{Seed, SeedFiles};
+use nixseed_core::seed::Seed;
 use serde_json::json;
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
@@ -49,14 +48,9 @@ impl Fresh for OsFresh {
 
 pub fn run(paths: &Paths, a: &RenderArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.name)?;
-    let files = nocloud::seed_files(&id);
-    let map: BTreeMap<String, Vec<u8>> = files
-        .as_list()
-        .iter()
-        .map(|(n, b)| ((*n).to_owned(), b.to_vec()))
-        .collect();
+    let files = nocloud::seed_files(&id).to_core();
     let source = format!("seedctl:{}", id.dir.display());
-    let seed = Seed::from_nocloud(&SeedFiles(map), &source, None).map_err(|e| {
+    let seed = Seed::from_nocloud(&files, &source, None).map_err(|e| {
         anyhow!(
             "machine `{}`: the guest would reject this seed: {e}",
             a.name

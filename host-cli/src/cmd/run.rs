@@ -163,7 +163,10 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
             "-netdev",
             &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22"),
         ])
-        .args(["-device", "virtio-net-pci,netdev=net0"])
+        .args([
+            "-device",
+            &format!("virtio-net-pci,netdev=net0,mac={}", id.mac()),
+        ])
         .args(["-device", "virtio-serial-pci,id=vser0"])
         .args([
             "-chardev",

@@ -158,13 +158,15 @@ pub fn domain_xml(id: &Identity, sd: &StateDir, d: &DomainArgs) -> Result<String
         NetMode::User => {
             let _ = writeln!(
                 x,
-                "    <interface type='user'>\n      <model type='virtio'/>\n    </interface>"
+                "    <interface type='user'>\n      <mac address='{}'/>\n      <model type='virtio'/>\n    </interface>",
+                id.mac()
             );
         }
         NetMode::Default => {
             let _ = writeln!(
                 x,
-                "    <interface type='network'>\n      <source network='default'/>\n      <model type='virtio'/>\n    </interface>"
+                "    <interface type='network'>\n      <mac address='{}'/>\n      <source network='default'/>\n      <model type='virtio'/>\n    </interface>",
+                id.mac()
             );
         }
     }

@@ -99,3 +99,16 @@ pub fn stdout_of(cmd: &mut Command) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The guest agent binary of this workspace (`cargo build -p nixseed-agent` puts it in
+/// the target directory beside seedctl's).
+pub fn agent_binary() -> PathBuf {
+    let seedctl = PathBuf::from(env!("CARGO_BIN_EXE_seedctl"));
+    let agent = seedctl.with_file_name("nixseed-agent");
+    assert!(
+        agent.is_file(),
+        "{} is missing; build it first with `cargo build -p nixseed-agent`",
+        agent.display()
+    );
+    agent
+}
