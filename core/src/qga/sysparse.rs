@@ -1,0 +1,419 @@
+//! Pure parsers for the system files guest-agent commands read: os-release, utmp,
+//! TZif, /proc/net/{dev,route,ipv6_route}, mountinfo and qemu-ga.conf. The agent
+//! reads the bytes; these functions decide what they mean.
+
+use std::collections::BTreeMap;
+
+/// `KEY=value` lines of os-release, quotes removed.
+pub fn os_release(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let v = v.trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|x| x.strip_suffix('"'))
+                .or_else(|| v.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')))
+                .unwrap_or(v);
+            out.insert(
+                k.trim().to_string(),
+                v.replace("\\\"", "\"").replace("\\\\", "\\"),
+            );
+        }
+    }
+    out
+}
+
+/// A logged-in user from utmp.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UtmpUser {
+    pub user: String,
+    /// Seconds since the epoch, with microseconds.
+    pub login_time: f64,
+}
+
+const UTMP_RECORD: usize = 384;
+const USER_PROCESS: i16 = 7;
+
+fn cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// Users with a USER_PROCESS record (x86_64/aarch64 glibc layout), each once, with
+/// the earliest login time, in order of first appearance.
+pub fn utmp_users(data: &[u8]) -> Vec<UtmpUser> {
+    let mut out: Vec<UtmpUser> = Vec::new();
+    for rec in data.chunks_exact(UTMP_RECORD) {
+        let kind = i16::from_le_bytes([rec[0], rec[1]]);
+        if kind != USER_PROCESS {
+            continue;
+        }
+        let user = cstr(&rec[44..76]);
+        if user.is_empty() {
+            continue;
+        }
+        let sec = i32::from_le_bytes([rec[340], rec[341], rec[342], rec[343]]);
+        let usec = i32::from_le_bytes([rec[344], rec[345], rec[346], rec[347]]);
+        let t = f64::from(sec) + f64::from(usec) / 1_000_000.0;
+        match out.iter_mut().find(|u| u.user == user) {
+            Some(u) if t < u.login_time => u.login_time = t,
+            Some(_) => {}
+            None => out.push(UtmpUser {
+                user,
+                login_time: t,
+            }),
+        }
+    }
+    out
+}
+
+/// The zone abbreviation and UTC offset (seconds east) in force at `now` according to
+/// a TZif file; `None` when the data is not TZif.
+pub fn tzif_zone_at(data: &[u8], now: i64) -> Option<(String, i32)> {
+    fn be32(b: &[u8], at: usize) -> Option<i32> {
+        Some(i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    }
+    fn be64(b: &[u8], at: usize) -> Option<i64> {
+        Some(i64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
+    }
+    fn counts(b: &[u8]) -> Option<[usize; 6]> {
+        if b.get(..4)? != b"TZif" {
+            return None;
+        }
+        let mut c = [0usize; 6];
+        for (i, slot) in c.iter_mut().enumerate() {
+            *slot = usize::try_from(be32(b, 20 + 4 * i)?).ok()?;
+        }
+        Some(c)
+    }
+    let [isutc, isstd, leap, timecnt, typecnt, charcnt] = counts(data)?;
+    let v1_len = 44 + timecnt * 5 + typecnt * 6 + charcnt + leap * 8 + isstd + isutc;
+    // Version 2+ files repeat the data with 64-bit times; prefer it.
+    let (block, tsize) = match data.get(4) {
+        Some(b'2'..=b'9') if data.len() > v1_len + 44 => (&data[v1_len..], 8),
+        _ => (data, 4),
+    };
+    let [_, _, _, timecnt, typecnt, _] = counts(block)?;
+    let times_at = 44;
+    let idx_at = times_at + timecnt * tsize;
+    let types_at = idx_at + timecnt;
+    let chars_at = types_at + typecnt * 6;
+    let mut ty = 0usize;
+    // Before the first transition (or with none) the first non-DST type applies.
+    for t in 0..typecnt {
+        if block.get(types_at + t * 6 + 4) == Some(&0) {
+            ty = t;
+            break;
+        }
+    }
+    for i in 0..timecnt {
+        let at = if tsize == 8 {
+            be64(block, times_at + i * 8)?
+        } else {
+            i64::from(be32(block, times_at + i * 4)?)
+        };
+        if at > now {
+            break;
+        }
+        ty = usize::from(*block.get(idx_at + i)?);
+    }
+    let rec = types_at + ty * 6;
+    let offset = be32(block, rec)?;
+    let abbr_idx = usize::from(*block.get(rec + 5)?);
+    let abbr = cstr(block.get(chars_at + abbr_idx..)?);
+    Some((abbr, offset))
+}
+
+/// Per-interface counters from /proc/net/dev, in the order of
+/// `rx-bytes rx-packets rx-errs rx-dropped tx-bytes tx-packets tx-errs tx-dropped`.
+pub fn proc_net_dev(text: &str) -> BTreeMap<String, [u64; 8]> {
+    let mut out = BTreeMap::new();
+    for line in text.lines().skip(2) {
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        if f.len() >= 12 {
+            out.insert(
+                name.trim().to_string(),
+                [f[0], f[1], f[2], f[3], f[8], f[9], f[10], f[11]],
+            );
+        }
+    }
+    out
+}
+
+/// One row of the kernel routing table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub iface: String,
+    pub destination: String,
+    pub gateway: String,
+    pub mask: Option<String>,
+    pub prefix_len: Option<u32>,
+    pub source: Option<String>,
+    pub source_prefix_len: Option<u32>,
+    pub metric: u32,
+    pub flags: u32,
+    pub refcnt: u32,
+    pub use_count: u32,
+    pub mtu: u32,
+    pub window: u32,
+    pub irtt: u32,
+    pub version: u8,
+}
+
+fn hex_ipv4(s: &str) -> Option<String> {
+    let v = u32::from_str_radix(s, 16).ok()?;
+    Some(std::net::Ipv4Addr::from(v.to_le_bytes()).to_string())
+}
+
+fn hex_ipv6(s: &str) -> Option<String> {
+    Some(std::net::Ipv6Addr::from(u128::from_str_radix(s, 16).ok()?).to_string())
+}
+
+/// IPv4 routes from /proc/net/route.
+pub fn proc_net_route(text: &str) -> Vec<Route> {
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 11 {
+            continue;
+        }
+        let num = |i: usize| f[i].parse::<u32>().unwrap_or(0);
+        let (Some(dest), Some(gw), Some(mask)) = (hex_ipv4(f[1]), hex_ipv4(f[2]), hex_ipv4(f[7]))
+        else {
+            continue;
+        };
+        out.push(Route {
+            iface: f[0].to_string(),
+            destination: dest,
+            gateway: gw,
+            mask: Some(mask),
+            prefix_len: None,
+            source: None,
+            source_prefix_len: None,
+            flags: u32::from_str_radix(f[3], 16).unwrap_or(0),
+            refcnt: num(4),
+            use_count: num(5),
+            metric: num(6),
+            mtu: num(8),
+            window: num(9),
+            irtt: num(10),
+            version: 4,
+        });
+    }
+    out
+}
+
+/// IPv6 routes from /proc/net/ipv6_route.
+pub fn proc_net_ipv6_route(text: &str) -> Vec<Route> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 {
+            continue;
+        }
+        let hex = |i: usize| u32::from_str_radix(f[i], 16).unwrap_or(0);
+        let (Some(dest), Some(src), Some(gw)) = (hex_ipv6(f[0]), hex_ipv6(f[2]), hex_ipv6(f[4]))
+        else {
+            continue;
+        };
+        out.push(Route {
+            iface: f[9].to_string(),
+            destination: dest,
+            prefix_len: Some(hex(1)),
+            source: Some(src),
+            source_prefix_len: Some(hex(3)),
+            gateway: gw,
+            mask: None,
+            metric: hex(5),
+            refcnt: hex(6),
+            use_count: hex(7),
+            flags: hex(8),
+            mtu: 0,
+            window: 0,
+            irtt: 0,
+            version: 6,
+        });
+    }
+    out
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub major: u32,
+    pub minor: u32,
+    pub mountpoint: String,
+    pub fstype: String,
+    pub source: String,
+}
+
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn mountinfo(text: &str) -> Vec<Mount> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        if f.len() < sep + 3 || sep < 5 {
+            continue;
+        }
+        let Some((maj, min)) = f[2].split_once(':') else {
+            continue;
+        };
+        let (Ok(major), Ok(minor)) = (maj.parse(), min.parse()) else {
+            continue;
+        };
+        out.push(Mount {
+            major,
+            minor,
+            mountpoint: unescape_octal(f[4]),
+            fstype: f[sep + 1].to_string(),
+            source: unescape_octal(f[sep + 2]),
+        });
+    }
+    out
+}
+
+/// The `[general]` group of a qemu-ga.conf key file (GKeyFile syntax).
+pub fn qga_conf(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut general = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(group) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            general = group == "general";
+            continue;
+        }
+        if general && let Some((k, v)) = line.split_once('=') {
+            out.insert(k.trim().to_string(), v.trim().to_string());
+        }
+    }
+    out
+}
+
+/// A key-file list value (`a;b;c` or `a,b,c`).
+pub fn conf_list(v: &str) -> Vec<String> {
+    v.split([';', ','])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_release_quotes() {
+        let m = os_release("NAME=\"NixOS\"\nID=nixos\n# c\nPRETTY_NAME='N 1'\n");
+        assert_eq!(m["NAME"], "NixOS");
+        assert_eq!(m["ID"], "nixos");
+        assert_eq!(m["PRETTY_NAME"], "N 1");
+    }
+
+    #[test]
+    fn utmp_keeps_earliest_login() {
+        let rec = |user: &str, sec: i32| {
+            let mut r = vec![0u8; UTMP_RECORD];
+            r[0..2].copy_from_slice(&USER_PROCESS.to_le_bytes());
+            r[44..44 + user.len()].copy_from_slice(user.as_bytes());
+            r[340..344].copy_from_slice(&sec.to_le_bytes());
+            r[344..348].copy_from_slice(&500_000i32.to_le_bytes());
+            r
+        };
+        let mut data = rec("alice", 200);
+        data.extend(rec("alice", 100));
+        data.extend(rec("bob", 300));
+        let u = utmp_users(&data);
+        assert_eq!(u.len(), 2);
+        assert_eq!(u[0].login_time, 100.5);
+        assert_eq!(u[1].user, "bob");
+    }
+
+    #[test]
+    fn net_dev_and_routes() {
+        let dev = "Inter-|   Receive\n face |bytes\n    lo: 10 2 0 0 0 0 0 0 10 2 0 0 0 0 0 0\n";
+        assert_eq!(proc_net_dev(dev)["lo"], [10, 2, 0, 0, 10, 2, 0, 0]);
+        let r = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                 eth0\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n";
+        let routes = proc_net_route(r);
+        assert_eq!(routes[0].gateway, "192.168.2.1");
+        assert_eq!(routes[0].metric, 100);
+        let r6 = "fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n";
+        let routes = proc_net_ipv6_route(r6);
+        assert_eq!(routes[0].destination, "fe80::");
+        assert_eq!(routes[0].prefix_len, Some(64));
+        assert_eq!(routes[0].metric, 256);
+    }
+
+    #[test]
+    fn mountinfo_fields() {
+        let m = mountinfo(
+            "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n42 27 7:0 / /mnt/a\\040b rw - ext4 /dev/loop0 rw\n",
+        );
+        assert_eq!(m[0].major, 254);
+        assert_eq!(m[1].mountpoint, "/mnt/a b");
+        assert_eq!(m[1].fstype, "ext4");
+    }
+
+    #[test]
+    fn conf_general_group() {
+        let c = qga_conf(
+            "[general]\nmethod=unix-listen\nblock-rpcs=guest-exec;guest-file-open\n[other]\nx=1\n",
+        );
+        assert_eq!(c["method"], "unix-listen");
+        assert!(!c.contains_key("x"));
+        assert_eq!(
+            conf_list(&c["block-rpcs"]),
+            ["guest-exec", "guest-file-open"]
+        );
+    }
+
+    #[test]
+    fn tzif_utc_fallback_type() {
+        // A minimal v1 TZif with no transitions and one type: UTC, offset 0.
+        let mut d = b"TZif".to_vec();
+        d.extend([0u8; 16]);
+        for c in [0u32, 0, 0, 0, 1, 4] {
+            d.extend(c.to_be_bytes());
+        }
+        d.extend(0i32.to_be_bytes());
+        d.extend([0, 0]);
+        d.extend(b"UTC\0");
+        assert_eq!(tzif_zone_at(&d, 0), Some(("UTC".into(), 0)));
+    }
+}
