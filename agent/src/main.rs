@@ -85,6 +85,10 @@ struct StageArgs {
     /// Load the identity's ports as the nftables `inet nixseed` table (stage 2).
     #[arg(long)]
     firewall: bool,
+    /// OpenSSH public keys (one per line) a seed must be signed with; without it,
+    /// unsigned seeds are accepted.
+    #[arg(long, value_name = "FILE")]
+    trusted_keys: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -129,6 +133,16 @@ impl StageArgs {
             sources: self.sources.clone(),
             identity_dir: self.identity_dir.clone(),
             channel_wait: std::time::Duration::from_secs(self.channel_wait),
+            trust: match &self.trusted_keys {
+                Some(p) => {
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("cannot read trusted keys {}", p.display()))?;
+                    let trust = nixseed_core::trust::Trust::parse(&text, &p.display().to_string())
+                        .map_err(anyhow::Error::msg)?;
+                    Some(std::sync::Arc::new(trust))
+                }
+                None => None,
+            },
         })
     }
 }
@@ -225,6 +239,7 @@ fn render(a: &RenderArgs) -> Result<()> {
             product_uuid: None,
             seed_digest: seed.digest.clone(),
             files: Default::default(),
+            seed_generation: None,
         },
     )?;
     for (name, f) in &tree {

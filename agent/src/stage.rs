@@ -33,6 +33,8 @@ pub struct StageOptions {
     pub identity_dir: String,
     /// The control channel's bounded wait at boot (zero: do not ask the host).
     pub channel_wait: std::time::Duration,
+    /// Keys a seed must be signed with; `None` accepts unsigned seeds (Proxmox, libvirt).
+    pub trust: Option<std::sync::Arc<nixseed_core::trust::Trust>>,
 }
 
 /// What one stage did, for the summary line and the control channel's `status`.
@@ -171,6 +173,26 @@ pub fn apply_seed(
         tracing::info!("no seed found: keeping the current identity untouched");
         return Ok(outcome);
     };
+    let seed_generation = match &opts.trust {
+        Some(trust) => {
+            let applied = current.as_ref().and_then(|g| g.manifest.seed_generation);
+            let m = trust.verify(&seed.files, &seed.source, product_uuid.as_deref(), applied)?;
+            tracing::info!(
+                "{}: signature verified (machine {}, seed generation {})",
+                seed.source,
+                m.machine,
+                m.generation
+            );
+            Some(m.generation)
+        }
+        None => {
+            tracing::info!(
+                "{}: no trusted keys configured: the seed is not authenticated",
+                seed.source
+            );
+            None
+        }
+    };
     for w in &seed.warnings {
         tracing::warn!("{w}");
     }
@@ -224,6 +246,7 @@ pub fn apply_seed(
         product_uuid,
         seed_digest: seed.digest.clone(),
         files: Default::default(),
+        seed_generation,
     };
     let n = {
         let _s = tracing::info_span!("write").entered();

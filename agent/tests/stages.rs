@@ -395,3 +395,120 @@ fn render_is_a_dry_run_of_the_same_tree() {
         "render must not touch the system"
     );
 }
+
+/// Signs the seed directory the way `seedctl` does, but with OpenSSH's own signer, so the
+/// agent's verification is checked against an independent implementation.
+fn sign_seed(vm: &Vm, uuid: &str, generation: u64) -> PathBuf {
+    use nixseed_core::seed::SeedFiles;
+    use nixseed_core::trust::{MANIFEST_FILE, SeedManifest};
+    let key = vm.p("signing_key");
+    if !key.exists() {
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::copy(vm.p("signing_key.pub"), vm.p("trusted_keys")).unwrap();
+    }
+    let seed_dir = vm.p("sysroot/seed");
+    let mut files = SeedFiles::default();
+    for name in ["meta-data", "user-data", "network-config"] {
+        if let Ok(b) = std::fs::read(seed_dir.join(name)) {
+            files.0.insert(name.to_string(), b);
+        }
+    }
+    let manifest = SeedManifest::for_files("web1", Some(uuid), generation, &files);
+    let path = seed_dir.join(MANIFEST_FILE);
+    std::fs::write(&path, manifest.to_bytes()).unwrap();
+    let _ = std::fs::remove_file(seed_dir.join("nixseed-manifest.json.sig"));
+    let st = Command::new("ssh-keygen")
+        .args(["-Y", "sign", "-n", "nixseed-seed", "-f"])
+        .arg(&key)
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    std::fs::rename(
+        seed_dir.join("nixseed-manifest.json.sig"),
+        seed_dir.join("nixseed-manifest.sig"),
+    )
+    .unwrap();
+    vm.p("trusted_keys")
+}
+
+fn boot_trusted(vm: &Vm) -> (Output, String) {
+    let script = format!(
+        "cd {}; {AGENT} initrd --sysroot sysroot --root host --run run --trusted-keys trusted_keys; echo rc=$?; cat sysroot/etc/hostname",
+        vm.dir.path().display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, s)
+}
+
+#[test]
+fn trusted_keys_accept_signed_seeds_and_refuse_the_rest() {
+    let vm = Vm::new();
+    let uuid = "11111111-2222-3333-4444-555555555555";
+    sign_seed(&vm, uuid, 3);
+    let (out, s) = boot_trusted(&vm);
+    assert!(s.contains("rc=0\nweb1"), "{s}\n{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("signature verified (machine web1, seed generation 3)"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Tampered after signing: refused, identity stays.
+    vm.seed(
+        "instance-id: iid-2\n",
+        "#cloud-config\nhostname: evil\n",
+        Some(PROXMOX_NETWORK),
+    );
+    let (out, s) = boot_trusted(&vm);
+    assert!(s.contains("rc=1\nweb1"), "{s}");
+    assert!(
+        stderr(&out).contains("does not match the signed manifest"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Signed for another VM.
+    sign_seed(&vm, "99999999-0000-0000-0000-000000000000", 4);
+    let (out, _) = boot_trusted(&vm);
+    assert!(
+        stderr(&out).contains("but this VM is 11111111-2222-3333-4444-555555555555"),
+        "{}",
+        stderr(&out)
+    );
+
+    // An older generation than the applied one.
+    sign_seed(&vm, uuid, 2);
+    let (out, _) = boot_trusted(&vm);
+    assert!(
+        stderr(&out).contains("seed generation 2 is lower than the applied 3: rollback refused"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Unsigned.
+    for f in ["nixseed-manifest.json", "nixseed-manifest.sig"] {
+        std::fs::remove_file(vm.p("sysroot/seed").join(f)).unwrap();
+    }
+    let (out, s) = boot_trusted(&vm);
+    assert!(s.contains("rc=1\nweb1"), "{s}");
+    assert!(
+        stderr(&out).contains("unsigned seed refused"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(vm.generation(), "gen-1");
+}

@@ -88,6 +88,7 @@ mod tests {
             product_uuid: Some(uuid.into()),
             seed_digest: digest.into(),
             files: Default::default(),
+            seed_generation: None,
         }
     }
 

@@ -16,5 +16,6 @@ pub mod network;
 pub mod nocloud;
 pub mod qga;
 pub mod seed;
+pub mod trust;
 pub mod userdata;
 pub mod yaml;

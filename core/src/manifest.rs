@@ -21,6 +21,9 @@ pub struct Manifest {
     pub seed_digest: String,
     /// Relative path → sha256 hex.
     pub files: BTreeMap<String, String>,
+    /// The signed seed manifest's generation, when the seed was signed (rollback guard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_generation: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -61,6 +61,8 @@ pub struct Seed {
     pub network: Option<NetworkSetting>,
     /// See [`SeedFiles::digest`].
     pub digest: String,
+    /// The files as read, for signature checks.
+    pub files: SeedFiles,
     pub warnings: Vec<String>,
 }
 
@@ -115,6 +117,7 @@ impl Seed {
             vendor,
             network,
             digest: files.digest(),
+            files: files.clone(),
             warnings,
         })
     }
@@ -156,6 +159,7 @@ impl Seed {
             vendor: None,
             network,
             digest: files.digest(),
+            files: files.clone(),
             warnings,
         })
     }
@@ -203,6 +207,7 @@ impl Seed {
             instance_id: format!("credentials-{}", &digest[..16]),
             user,
             digest,
+            files,
             ..Seed::default()
         })
     }
