@@ -60,6 +60,14 @@ pub enum Command {
     Destroy(cmd::power::PowerArgs),
     /// Remove the libvirt domain (disks and identity stay)
     Undefine(cmd::power::PowerArgs),
+    /// Send the machine's identity to its running guest (control channel)
+    Push(cmd::push::PushArgs),
+    /// Compare the guest's identity with machines/NAME, file by file (control channel)
+    Status(cmd::status::StatusArgs),
+    /// Make the guest's previous identity generation current again (control channel)
+    Rollback(cmd::rollback::RollbackArgs),
+    /// Answer booting guests' hello on their control channels with their identities
+    Serve(cmd::serve::ServeArgs),
     /// Guest-agent commands (ping, info, osinfo, ifaddr, fsfreeze, shutdown, ...)
     Agent(cmd::agent::AgentArgs),
     /// Pinned known_hosts lines for every machine
@@ -92,6 +100,10 @@ impl Cli {
             Command::Stop(a) => cmd::power::stop(&paths, a),
             Command::Destroy(a) => cmd::power::destroy(&paths, a),
             Command::Undefine(a) => cmd::power::undefine(&paths, a),
+            Command::Push(a) => cmd::push::run(&paths, a),
+            Command::Status(a) => cmd::status::run(&paths, a),
+            Command::Rollback(a) => cmd::rollback::run(&paths, a),
+            Command::Serve(a) => cmd::serve::run(&paths, a),
             Command::Agent(a) => cmd::agent::run(&paths, a),
             Command::KnownHosts(a) => cmd::known_hosts::run(&paths, a),
             Command::List(a) => cmd::list::run(&paths, a),

@@ -3,6 +3,7 @@
 //! libvirt plumbing, the guest-agent client).
 
 pub mod accel;
+pub mod channel;
 pub mod cli;
 pub mod cmd;
 pub mod disk;

@@ -14,7 +14,7 @@ fn main() -> ExitCode {
             } else if !report.human.is_empty() {
                 println!("{}", report.human);
             }
-            ExitCode::SUCCESS
+            ExitCode::from(report.exit)
         }
         Err(e) => {
             if cli.json {

@@ -7,6 +7,9 @@ use serde_json::Value;
 pub struct Report {
     pub human: String,
     pub json: Value,
+    /// Process exit status; non-zero for a result that is not an error but must not read
+    /// as success to a script (`status` finding the guest out of sync).
+    pub exit: u8,
 }
 
 impl Report {
@@ -14,6 +17,12 @@ impl Report {
         Report {
             human: human.into(),
             json,
+            exit: 0,
         }
+    }
+
+    pub fn with_exit(mut self, exit: u8) -> Report {
+        self.exit = exit;
+        self
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
-use nixseed_core::identity::{ComposeContext, Fresh, compose};
+use nixseed_core::identity::{ComposeContext, Fresh, IdentityTree, compose};
 use nixseed_core::seed::Seed;
 use serde_json::json;
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
@@ -46,18 +46,25 @@ impl Fresh for OsFresh {
     }
 }
 
-pub fn run(paths: &Paths, a: &RenderArgs) -> Result<Report> {
-    let id = Identity::load(paths, &a.name)?;
-    let files = nocloud::seed_files(&id).to_core();
+/// The seed a guest reads for this machine and the identity tree it composes from it,
+/// by nixseed-core's own code. `seedctl status` compares a guest against this tree.
+pub fn expected_tree(id: &Identity) -> Result<(Seed, IdentityTree)> {
+    let files = nocloud::seed_files(id).to_core();
     let source = format!("seedctl:{}", id.dir.display());
     let seed = Seed::from_nocloud(&files, &source, None).map_err(|e| {
         anyhow!(
             "machine `{}`: the guest would reject this seed: {e}",
-            a.name
+            id.name
         )
     })?;
     let tree = compose(&seed, None, &ComposeContext::default(), &mut OsFresh)
-        .map_err(|e| anyhow!("machine `{}`: composing the identity: {e}", a.name))?;
+        .map_err(|e| anyhow!("machine `{}`: composing the identity: {e}", id.name))?;
+    Ok((seed, tree))
+}
+
+pub fn run(paths: &Paths, a: &RenderArgs) -> Result<Report> {
+    let id = Identity::load(paths, &a.name)?;
+    let (seed, tree) = expected_tree(&id)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     for (name, file) in &tree {
         let path = a.out.join(name);

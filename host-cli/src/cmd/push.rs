@@ -1,0 +1,163 @@
+//! `seedctl push`: send a machine's identity to its running guest over the control
+//! channel. The bundle holds exactly the seed files `seedctl seed` writes, and the agent
+//! applies it through the same code path as a seed ISO, then reloads what changed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use nixseed_core::channel::Message;
+use serde_json::json;
+
+use crate::channel::{self, Channel, Outcome};
+use crate::machine::{Identity, Paths};
+use crate::nocloud;
+use crate::output::Report;
+
+/// How to reach a machine's control channel; shared by push, status and rollback.
+#[derive(Debug, Clone, Args)]
+pub struct ChannelArgs {
+    /// Machine name
+    pub name: String,
+    /// The channel's unix socket [default: STATE/NAME/channel.sock, or the libvirt domain's with --connect]
+    #[arg(long, value_name = "PATH", conflicts_with = "connect")]
+    pub socket: Option<PathBuf>,
+    /// libvirt URI: find the socket in the running domain's XML
+    #[arg(long, short = 'c', value_name = "URI")]
+    pub connect: Option<String>,
+    /// Seconds to wait for the guest's answer
+    #[arg(long, default_value_t = 10.0, value_name = "S")]
+    pub timeout: f64,
+}
+
+impl ChannelArgs {
+    pub fn open(&self, paths: &Paths) -> Result<Channel> {
+        let socket = channel::socket_path(
+            paths,
+            &self.name,
+            self.socket.as_deref(),
+            self.connect.as_deref(),
+        )?;
+        Channel::connect(&self.name, &socket)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout.clamp(0.001, 86_400.0))
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl push web1                               # a `seedctl run` machine
+  seedctl push web1 --connect qemu:///system      # a libvirt domain
+  seedctl push web1 --json
+Edit machines/NAME/ (hostname, keys, ports, ...) and push: the guest writes a new
+generation, re-binds /etc and reloads what the change touches; a new machine-id needs a
+reboot and is reported as such. `seedctl rollback NAME` undoes it.")]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub channel: ChannelArgs,
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// Human and JSON lines for an `applied` answer (push and rollback).
+pub fn applied_report(
+    verb: &str,
+    machine: &str,
+    socket: &std::path::Path,
+    instance_id: Option<&str>,
+    outcome: &Outcome,
+) -> Report {
+    match outcome {
+        Outcome::Applied(Message::Applied {
+            decision,
+            generation,
+            changed,
+            reboot_required,
+            reloaded,
+        }) => {
+            let gen_text = generation.map_or_else(|| "none".to_owned(), |g| g.to_string());
+            let mut human = format!(
+                "{verb} `{machine}` over {}: {decision}; generation {gen_text}",
+                socket.display()
+            );
+            if let Some(iid) = instance_id {
+                human.push_str(&format!(" (instance-id {iid})"));
+            }
+            if changed.is_empty() {
+                human.push_str("\n  nothing changed: the guest already had this identity");
+            } else {
+                human.push_str(&format!("\n  changed        {}", list(changed)));
+                human.push_str(&format!("\n  reloaded       {}", list(reloaded)));
+                human.push_str(&format!(
+                    "\n  needs reboot   {}",
+                    if reboot_required.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        format!("{} (takes effect at the next boot)", list(reboot_required))
+                    }
+                ));
+            }
+            Report::new(
+                human,
+                json!({
+                    "machine": machine,
+                    "socket": socket,
+                    "action": verb,
+                    "instance_id": instance_id,
+                    "decision": decision,
+                    "generation": generation,
+                    "changed": changed,
+                    "reloaded": reloaded,
+                    "reboot_required": reboot_required,
+                }),
+            )
+        }
+        Outcome::AtBoot {
+            instance_id: guest_iid,
+        } => Report::new(
+            format!(
+                "{verb} `{machine}` over {}: the guest was booting and waiting for an identity (it had {}); it applies this one as its boot seed",
+                socket.display(),
+                guest_iid.as_deref().unwrap_or("none")
+            ),
+            json!({
+                "machine": machine,
+                "socket": socket,
+                "action": verb,
+                "instance_id": instance_id,
+                "at_boot": true,
+                "guest_instance_id": guest_iid,
+            }),
+        ),
+        Outcome::Applied(other) => Report::new(
+            format!("{verb} `{machine}`: unexpected answer {other:?}"),
+            json!({ "machine": machine, "answer": channel::kind(other) }),
+        ),
+    }
+}
+
+pub fn run(paths: &Paths, a: &PushArgs) -> Result<Report> {
+    let id = Identity::load(paths, &a.channel.name)?;
+    let mut chan = a.channel.open(paths)?;
+    let request = Message::Push {
+        bundle: channel::bundle(&id),
+    };
+    let outcome = channel::apply(&mut chan, &request, a.channel.timeout())?;
+    let iid = nocloud::instance_id(&id);
+    Ok(applied_report(
+        "pushed",
+        &id.name,
+        &chan.socket,
+        Some(&iid),
+        &outcome,
+    ))
+}
