@@ -58,7 +58,9 @@ pub fn socket_path(
     if let Some(uri) = connect {
         return libvirt_socket(&crate::libvirt::uri(Some(uri)), name);
     }
-    Ok(StateDir::new(paths, name).file(CHANNEL_SOCK))
+    let sock = StateDir::new(paths, name).file(CHANNEL_SOCK);
+    // Absolute, so errors and logs name the file wherever they are read.
+    Ok(std::path::absolute(&sock).unwrap_or(sock))
 }
 
 /// The channel socket of a running libvirt domain, from its live XML.

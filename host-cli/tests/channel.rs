@@ -1,0 +1,379 @@
+//! `seedctl push/status/rollback/serve` against the real guest agent: `nixseed-agent
+//! channel -m unix-listen` serving a scratch sysroot in its own mount and UTS namespaces
+//! (it bind-mounts over /etc and sets the hostname), on the socket path `seedctl run`
+//! gives a machine. The hello tests play the guest on a socket as QEMU would expose it.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Scratch, agent_binary};
+use nixseed_core::channel::{Decoder, Message, encode};
+use serde_json::Value;
+
+/// A guest: the agent's first boot from a seed of its own (hostname `first`), then the
+/// control channel on STATE/web1/channel.sock.
+struct Guest {
+    child: Child,
+    root: PathBuf,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Guest {
+    fn start(s: &Scratch, product_uuid: &str) -> Guest {
+        let root = s.path().join("guest");
+        for d in [
+            "sysroot/etc",
+            "sysroot/var",
+            "sysroot/seed",
+            "run",
+            "host/proc",
+            "host/sys/class/dmi/id",
+            "host/sys/class/block",
+        ] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in ["machine-id", "hostname", "resolv.conf", "hosts"] {
+            std::fs::write(root.join("sysroot/etc").join(f), "").unwrap();
+        }
+        std::fs::write(root.join("host/proc/cmdline"), "ds=nocloud;s=/seed/\n").unwrap();
+        std::fs::write(
+            root.join("host/sys/class/dmi/id/product_uuid"),
+            format!("{product_uuid}\n"),
+        )
+        .unwrap();
+        std::fs::write(root.join("sysroot/seed/meta-data"), "instance-id: one\n").unwrap();
+        std::fs::write(
+            root.join("sysroot/seed/user-data"),
+            "#cloud-config\nhostname: first\n",
+        )
+        .unwrap();
+        let sock = s.state("web1").join("channel.sock");
+        std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+        let agent = agent_binary();
+        let args = format!(
+            "--sysroot {d}/sysroot --root {d}/host --run {d}/run",
+            d = root.display()
+        );
+        let script = format!(
+            "{a} initrd {args} 2>/dev/null && exec {a} channel -m unix-listen -p {} {args}",
+            sock.display(),
+            a = agent.display()
+        );
+        let child = Command::new("unshare")
+            .args(["-m", "-u", "sh", "-c", &script])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !sock.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "channel socket never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Guest { child, root }
+    }
+
+    /// A file as the guest sees it (inside its mount namespace).
+    fn read(&self, rel: &str) -> String {
+        let p = format!(
+            "/proc/{}/root{}/sysroot/{rel}",
+            self.child.id(),
+            self.root.display()
+        );
+        std::fs::read_to_string(p).unwrap()
+    }
+}
+
+fn json(out: &std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn web1(s: &Scratch) -> String {
+    let key = s.client_key();
+    s.ok(&[
+        "new",
+        "web1",
+        "--admin-key",
+        &format!("@{}", key.display()),
+        "--tcp-port",
+        "22",
+        "--tcp-port",
+        "443",
+    ]);
+    std::fs::read_to_string(s.machine("web1").join("product_uuid"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn strs(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn push_status_and_rollback_against_the_real_agent() {
+    let s = Scratch::new();
+    let uuid = web1(&s);
+    let guest = Guest::start(&s, &uuid);
+
+    // Before: the guest booted from someone else's seed.
+    let out = s.run(&["--json", "status", "web1"]);
+    assert_eq!(out.status.code(), Some(3), "out of sync exits 3: {out:?}");
+    let st = json(&out);
+    assert_eq!(st["in_sync"], false);
+    assert_eq!(st["instance_id"], "one");
+    assert_eq!(st["files"]["hostname"], "mismatch");
+    assert_eq!(st["files"]["machine-id"], "mismatch");
+    let human = String::from_utf8(s.run(&["status", "web1"]).stdout).unwrap();
+    assert!(human.contains("MISMATCH  hostname"), "{human}");
+    assert!(human.contains("seedctl push web1"), "{human}");
+
+    // Push: the guest applies the host's identity and reloads what changed.
+    let out = s.run(&["--json", "push", "web1"]);
+    assert!(out.status.success(), "{out:?}");
+    let p = json(&out);
+    assert_eq!(p["generation"], 2);
+    let changed = strs(&p["changed"]);
+    for f in [
+        "hostname",
+        "machine-id",
+        "admin_authorized_keys",
+        "tcp_ports",
+    ] {
+        assert!(changed.contains(&f.to_owned()), "{f} not in {changed:?}");
+    }
+    assert!(strs(&p["reloaded"]).contains(&"hostname".to_owned()), "{p}");
+    assert_eq!(strs(&p["reboot_required"]), vec!["machine-id".to_owned()]);
+    assert_eq!(guest.read("etc/hostname"), "web1\n");
+    let host_mid = std::fs::read_to_string(s.machine("web1").join("machine-id")).unwrap();
+    assert_eq!(guest.read("var/identity/machine-id"), host_mid);
+
+    // After: every file matches the host's, exit 0.
+    let out = s.run(&["--json", "status", "web1"]);
+    assert!(out.status.success(), "{out:?}");
+    let st = json(&out);
+    assert_eq!(st["in_sync"], true, "{st}");
+    assert_eq!(st["instance_id"], st["host_instance_id"]);
+    let files = st["files"].as_object().unwrap();
+    for f in [
+        "machine-id",
+        "hostname",
+        "ssh_host_ed25519_key",
+        "ssh_host_ed25519_key.pub",
+        "admin_authorized_keys",
+        "user_authorized_keys",
+        "tcp_ports",
+        "udp_ports",
+    ] {
+        assert_eq!(files[f], "match", "{f}: {st}");
+    }
+    assert!(
+        files
+            .iter()
+            .all(|(_, v)| v == "match" || v == "guest-rendered")
+    );
+
+    // Edit the identity on the host and push again: only the hostname moves.
+    std::fs::write(s.machine("web1").join("hostname"), "web1-renamed\n").unwrap();
+    let human = s.ok(&["push", "web1"]);
+    assert!(human.contains("changed        hostname"), "{human}");
+    assert!(human.contains("needs reboot   nothing"), "{human}");
+    assert_eq!(guest.read("etc/hostname"), "web1-renamed\n");
+    let st = json(&s.run(&["--json", "status", "web1"]));
+    assert_eq!(st["in_sync"], true, "{st}");
+
+    // The same push again changes nothing.
+    let human = s.ok(&["push", "web1"]);
+    assert!(human.contains("nothing changed"), "{human}");
+
+    // Rollback: the previous generation comes back, and status sees the drift.
+    let out = s.run(&["--json", "rollback", "web1"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(json(&out)["generation"], 2);
+    assert_eq!(guest.read("etc/hostname"), "web1\n");
+    let out = s.run(&["--json", "status", "web1"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(json(&out)["files"]["hostname"], "mismatch");
+}
+
+#[test]
+fn guest_error_names_machine_and_socket() {
+    let s = Scratch::new();
+    let uuid = web1(&s);
+    let _guest = Guest::start(&s, &uuid);
+    // A guest on its first generation has nothing to roll back to.
+    let err = s.fails(&["rollback", "web1"]);
+    let sock = s.state("web1").join("channel.sock");
+    assert!(err.contains("machine `web1`"), "{err}");
+    assert!(err.contains(&sock.display().to_string()), "{err}");
+    assert!(err.contains("no older generation"), "{err}");
+}
+
+#[test]
+fn silence_and_no_socket_are_clear_errors() {
+    let s = Scratch::new();
+    web1(&s);
+    let sock = s.state("web1").join("channel.sock");
+    let err = s.fails(&["push", "web1"]);
+    assert!(
+        err.contains("machine `web1`")
+            && err.contains("cannot connect")
+            && err.contains(&sock.display().to_string()),
+        "{err}"
+    );
+
+    // A socket that accepts but never answers, as QEMU's does with no agent in the guest.
+    std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+    let listener = UnixListener::bind(&sock).unwrap();
+    let t0 = Instant::now();
+    let out = s.run(&["status", "web1", "--timeout", "1"]);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("machine `web1`")
+            && err.contains("no answer to `status`")
+            && err.contains(&sock.display().to_string())
+            && err.contains("within 1 s"),
+        "{err}"
+    );
+    drop(listener);
+}
+
+/// Plays the guest: accept seedctl's connection on `sock`, say hello, return the answer.
+fn hello_and_answer(listener: &UnixListener, product_uuid: &str) -> Message {
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let hello = encode(&Message::Hello {
+        product_uuid: Some(product_uuid.to_owned()),
+        generation: None,
+        instance_id: None,
+    });
+    // The guest repeats its hello until it hears back.
+    conn.write_all(&hello).unwrap();
+    conn.write_all(&hello).unwrap();
+    read_message(&mut conn)
+}
+
+fn read_message(conn: &mut UnixStream) -> Message {
+    let mut d = Decoder::default();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "seedctl closed the channel without answering");
+        d.push(&buf[..n]);
+        if let Some(m) = d.next_message().unwrap() {
+            return m;
+        }
+    }
+}
+
+fn serve_once(s: &Scratch, sock: &Path) -> Child {
+    s.cmd(&[
+        "--json",
+        "serve",
+        "web1",
+        "--socket",
+        &sock.display().to_string(),
+        "--once",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+#[test]
+fn hello_is_answered_with_the_seed_iso_files() {
+    common::require_tool("isoinfo");
+    let s = Scratch::new();
+    let uuid = web1(&s);
+    let sock = s.path().join("qemu-channel.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let serve = serve_once(&s, &sock);
+    let Message::Push { bundle } = hello_and_answer(&listener, &uuid.to_uppercase()) else {
+        panic!("a hello with the machine's product_uuid must get push")
+    };
+    assert_eq!(bundle.machine, "web1");
+    let files = bundle.verify().unwrap();
+
+    // The bundle is byte for byte what the seed ISO carries.
+    s.ok(&["seed", "web1", "-o", "seed.iso"]);
+    for f in ["meta-data", "user-data", "network-config"] {
+        let iso = common::stdout_of(
+            Command::new("isoinfo")
+                .args(["-R", "-i"])
+                .arg(s.path().join("seed.iso"))
+                .args(["-x", &format!("/{f}")]),
+        );
+        assert_eq!(
+            String::from_utf8(files.get(f).unwrap().to_vec()).unwrap(),
+            iso,
+            "{f}"
+        );
+    }
+
+    let out = serve.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&out);
+    let ans = &v["answers"][0];
+    assert_eq!(ans["answer"], "push");
+    assert_eq!(ans["machine"], "web1");
+    let log = String::from_utf8(out.stderr).unwrap();
+    let iid = ans["instance_id"].as_str().unwrap();
+    assert!(iid.starts_with("nixseed-"));
+    assert!(
+        log.contains("web1: answered hello") && log.contains(iid),
+        "{log}"
+    );
+}
+
+#[test]
+fn hello_from_a_foreign_product_uuid_is_refused() {
+    let s = Scratch::new();
+    let uuid = web1(&s);
+    let sock = s.path().join("qemu-channel.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let serve = serve_once(&s, &sock);
+    let foreign = "00000000-1111-2222-3333-444444444444";
+    let Message::Refuse { reason } = hello_and_answer(&listener, foreign) else {
+        panic!("a foreign product_uuid must be refused")
+    };
+    assert!(
+        reason.contains(foreign) && reason.contains(&uuid) && reason.contains("web1"),
+        "{reason}"
+    );
+    let out = serve.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(json(&out)["answers"][0]["answer"], "refuse");
+    let log = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        log.contains("web1: refused hello") && log.contains(foreign),
+        "{log}"
+    );
+}
