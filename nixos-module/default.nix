@@ -1,0 +1,511 @@
+# services.nixseed: gives an immutable NixOS VM its identity from a seed and answers the
+# qemu-guest-agent protocol, in place of cloud-init and qemu-guest-agent. The agent's own
+# units and udev rule (agent/dist) are used as shipped; this module adds their flags,
+# enables them, and shapes the system around /var/identity (placeholders in /etc, sshd,
+# networkd, the firewall).
+{
+  config,
+  lib,
+  pkgs,
+  utils,
+  ...
+}:
+
+let
+  cfg = config.services.nixseed;
+  exe = lib.getExe cfg.package;
+  id = cfg.identityDir;
+
+  # The agent's seed sources, in its default order (agent/src/sources/mod.rs).
+  knownSources = [
+    "nocloud-volume"
+    "nocloud-cmdline"
+    "nocloud-smbios"
+    "nocloud-dir"
+    "configdrive"
+    "credentials"
+    "channel"
+  ];
+
+  # Flags shared by every stage that may write the identity.
+  stageArgs = [
+    "--identity-dir"
+    id
+    "--clone-policy"
+    cfg.clonePolicy
+    "--sources"
+    (lib.concatStringsSep "," cfg.sources)
+    "--channel-wait"
+    (toString (if cfg.controlChannel.enable then cfg.controlChannel.bootWait else 0))
+  ];
+  firewallArgs = lib.optional cfg.firewall.enable "--firewall";
+
+  initrdCommand = [
+    "initrd"
+    "--sysroot"
+    "/sysroot"
+  ]
+  ++ stageArgs;
+  applyCommand = [ "apply" ] ++ stageArgs ++ firewallArgs;
+  channelCommand = [ "channel" ] ++ stageArgs ++ firewallArgs;
+  serveCommand = [
+    "serve"
+  ]
+  ++ lib.optionals (cfg.guestAgent.allowedCommands != [ ]) [
+    "-a"
+    (lib.concatStringsSep "," cfg.guestAgent.allowedCommands)
+  ]
+  ++ lib.optionals (cfg.guestAgent.blockedCommands != [ ]) [
+    "-b"
+    (lib.concatStringsSep "," cfg.guestAgent.blockedCommands)
+  ];
+
+  # A unit from the package keeps its file; the drop-in replaces only ExecStart.
+  execStart = args: [
+    ""
+    "${exe} ${utils.escapeSystemdExecArgs args}"
+  ];
+
+  # The files the agent bind-mounts over. They must be real files in the image: a
+  # symlink into /etc/static would lead the bind into the Nix store, or nowhere in the
+  # initrd.
+  placeholders = [
+    "machine-id"
+    "hostname"
+    "resolv.conf"
+    "hosts"
+  ];
+
+  resolvedStub = ''
+    nameserver 127.0.0.53
+    options edns0 trust-ad
+    search .
+  '';
+
+  immutableEtc = config.system.etc.overlay.enable or false;
+
+  mkBool =
+    default: description:
+    lib.mkOption {
+      type = lib.types.bool;
+      inherit default description;
+    };
+  varFs = config.fileSystems."/var" or null;
+in
+{
+  options.services.nixseed = {
+
+    enable = lib.mkEnableOption "nixseed, the VM identity agent that replaces cloud-init and qemu-guest-agent";
+
+    package = lib.mkPackageOption pkgs "nixseed-agent" {
+      extraDescription = ''
+        nixpkgs does not carry it: the flake's `nixosModules.default` sets this to its own
+        static build, and `overlays.default` adds `pkgs.nixseed-agent` for configurations
+        that import this module without the flake.
+      '';
+    };
+
+    identityDir = lib.mkOption {
+      type = lib.types.strMatching "/var/.+";
+      default = "/var/identity";
+      description = ''
+        Where the agent keeps the VM's identity: one directory per generation, a
+        `current` symlink, and stable names (`machine-id`, `hostname`,
+        `ssh_host_ed25519_key`, …) pointing into it. It must live on the `/var` file
+        system, which survives a change of base image.
+      '';
+    };
+
+    sources = lib.mkOption {
+      type = lib.types.nonEmptyListOf (lib.types.enum knownSources);
+      default = knownSources;
+      example = [
+        "channel"
+        "nocloud-volume"
+      ];
+      description = ''
+        Seed sources to try, first match wins. The default is the agent's own order:
+        a NoCloud volume labelled `cidata`/`CIDATA`, `ds=nocloud` on the kernel command
+        line, the same in the SMBIOS serial, `/var/lib/cloud/seed/nocloud`, a
+        ConfigDrive2 volume, systemd credentials, and last the control channel (whose
+        bounded wait would otherwise delay every boot that has a seed disk). When no
+        source yields a seed, the current identity is kept untouched.
+      '';
+    };
+
+    clonePolicy = lib.mkOption {
+      type = lib.types.enum [
+        "regenerate"
+        "adopt"
+        "refuse"
+      ];
+      default = "regenerate";
+      description = ''
+        What to do when the VM's DMI product_uuid differs from the one recorded with the
+        identity while the seed is unchanged, i.e. the disk was cloned:
+        `regenerate` a new machine-id and SSH host key, `adopt` the identity as it is,
+        or `refuse` to apply it (the previous generation stays mounted). Every case is
+        logged loudly.
+      '';
+    };
+
+    initrdStage.enable = mkBool true ''
+        Whether to apply the identity before switch-root, so that systemd starts with
+        the VM's own machine-id. With `boot.initrd.systemd.enable` this is the
+        `nixseed-initrd.service` unit, ordered after `/sysroot/var` is mounted. With the
+        scripted initrd it runs from `boot.initrd.postMountCommands`; that path is best
+        effort, because a classic `/etc` is only populated by stage-2 activation.
+
+        When the stage is off, or fails, `nixseed-apply.service` does the whole job in
+        stage 2: machine-id is then set late, after systemd has read `/etc/machine-id`,
+        and the journal says so.
+      '';
+
+    guestAgent = {
+      enable = mkBool true ''
+          Whether to answer the qemu-guest-agent protocol (Proxmox VE, libvirt,
+          KubeVirt). `nixseed-agent.service` is started by udev when the host attaches
+          the `org.qemu.guest_agent.0` virtio port, and stops when it goes away.
+        '';
+
+      allowedCommands = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        example = [
+          "guest-exec"
+          "guest-exec-status"
+          "guest-set-user-password"
+        ];
+        description = ''
+          Commands passed to the agent's allow-list (qemu-ga's `-a`). The unsafe
+          commands, `guest-exec*`, `guest-file-*` and `guest-set-user-password`, stay
+          disabled unless they are listed here.
+        '';
+      };
+
+      blockedCommands = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        example = [ "guest-shutdown" ];
+        description = ''
+          Commands the agent refuses (qemu-ga's `-b`), answered with
+          `Command <name> has been disabled`.
+        '';
+      };
+    };
+
+    controlChannel = {
+      enable = mkBool true ''
+          Whether to serve the nixseed control channel on the `org.nixseed.channel.0`
+          virtio port (`seedctl push`: live identity, status, rollback), and to ask the
+          host on it at boot when no other source has a seed.
+        '';
+
+      bootWait = lib.mkOption {
+        type = lib.types.ints.between 0 300;
+        default = 5;
+        description = ''
+          Seconds to wait at boot for the host on the control channel when no seed disk
+          was found. 0 never asks.
+        '';
+      };
+    };
+
+    network.enable = mkBool true ''
+        Whether systemd-networkd runs the network the seed describes. The agent renders
+        the seed's `network-config` (v1 or v2) to `.network`/`.netdev` files under
+        `identityDir/network` and links them into `/run/systemd/network`; this turns on
+        `networking.useNetworkd` so that networkd reads them.
+      '';
+
+    firewall.enable = mkBool false ''
+        Whether the agent loads the identity's ports (`tcp_ports`, `udp_ports`) as the
+        nftables table `inet nixseed`: inbound policy drop, with established traffic,
+        loopback, ICMP, DHCP replies, SSH on port 22 and the listed ports accepted. It
+        replaces the NixOS firewall, which is therefore turned off (an assertion
+        refuses both at once).
+      '';
+
+    ssh = {
+      enable = mkBool true ''
+          Whether sshd takes its host key and authorized keys from the identity:
+          `HostKey identityDir/ssh_host_ed25519_key` (ed25519 only; NixOS's own key
+          generation is turned off, so a key is never invented on the shared image), and
+          the seed's admin and user keys. sshd does not start until an identity with a
+          host key exists.
+        '';
+
+      adminUser = lib.mkOption {
+        type = lib.types.str;
+        default = "root";
+        description = ''
+          The account that logs in with `identityDir/admin_authorized_keys` (the seed's
+          `ssh_authorized_keys`).
+        '';
+      };
+
+      user = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "user";
+        description = ''
+          The unprivileged account that logs in with `identityDir/user_authorized_keys`
+          (the seed's user entry). Declare it yourself in `users.users`; `null` means no
+          account reads that file.
+        '';
+      };
+    };
+
+    trustedKeys = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      description = ''
+        Public keys that sign seeds. Reserved: nixseed-agent does not verify seed
+        signatures yet and accepts every seed unsigned, so setting this only produces a
+        warning at build time.
+      '';
+    };
+
+    settings = lib.mkOption {
+      type = lib.types.submodule { freeformType = (pkgs.formats.json { }).type; };
+      default = { };
+      description = ''
+        Written to `/etc/nixseed/agent.json`. Reserved: the agent reads its
+        configuration from the command line today (the options above) and does not read
+        this file yet.
+      '';
+    };
+  };
+
+  config = lib.mkIf cfg.enable (
+    lib.mkMerge [
+      {
+        assertions = [
+          {
+            assertion = varFs != null && varFs.neededForBoot;
+            message = ''
+              services.nixseed keeps the identity on /var, which must be its own file
+              system mounted in the initrd: set fileSystems."/var" with
+              neededForBoot = true.
+            '';
+          }
+          {
+            assertion = !(config.services.cloud-init.enable or false);
+            message = "services.nixseed replaces cloud-init; disable services.cloud-init.";
+          }
+          {
+            assertion = cfg.guestAgent.enable -> !(config.services.qemuGuest.enable or false);
+            message = ''
+              services.nixseed.guestAgent answers on org.qemu.guest_agent.0, the port
+              qemu-guest-agent uses; disable services.qemuGuest or
+              services.nixseed.guestAgent.
+            '';
+          }
+          {
+            assertion = cfg.firewall.enable -> !config.networking.firewall.enable;
+            message = ''
+              services.nixseed.firewall loads its own inbound policy (table inet
+              nixseed); turn networking.firewall off, or services.nixseed.firewall.
+            '';
+          }
+          {
+            assertion =
+              cfg.firewall.enable
+              -> !(config.networking.nftables.enable && config.networking.nftables.flushRuleset);
+            message = ''
+              networking.nftables flushes the whole ruleset when it starts, after
+              nixseed-apply has loaded table inet nixseed; set
+              networking.nftables.flushRuleset = false.
+            '';
+          }
+        ]
+        ++ map (name: {
+          assertion = !(lib.elem config.environment.etc.${name}.mode [
+            "symlink"
+            "direct-symlink"
+          ]);
+          message = ''
+            environment.etc."${name}" must be a file (mode "0644"/"0444"), not a symlink:
+            nixseed-agent bind-mounts the identity over it.
+          '';
+        }) placeholders;
+
+        warnings =
+          lib.optional (cfg.trustedKeys != [ ]) ''
+            services.nixseed.trustedKeys is set, but nixseed-agent does not verify seed
+            signatures yet: seeds are accepted unsigned.
+          ''
+          ++ lib.optional (!immutableEtc) ''
+            services.nixseed: /etc is not an overlay (system.etc.overlay.enable), so stage-2
+            activation rewrites its placeholders after the initrd stage; use the etc overlay
+            with boot.initrd.systemd.enable for the identity to be in place before systemd
+            reads it.
+          '';
+
+        systemd.packages = [ cfg.package ];
+
+        systemd.services.nixseed-apply = {
+          wantedBy = [ "sysinit.target" ];
+          # Re-checked on switch-to-configuration, which may remount the /etc overlay.
+          requiredBy = [ "sysinit-reactivation.target" ];
+          before = [ "sysinit-reactivation.target" ];
+          path = lib.optional cfg.firewall.enable pkgs.nftables;
+          serviceConfig.ExecStart = execStart applyCommand;
+        };
+
+        # Placeholders for the binds; their content is what a VM shows before its first
+        # seed. machine-id empty: systemd then uses a transient id until the identity
+        # exists.
+        environment.etc = {
+          "machine-id" = {
+            text = lib.mkDefault "";
+            mode = "0444";
+          };
+          hostname = {
+            text = lib.mkDefault "";
+            mode = "0644";
+          };
+          "resolv.conf" = {
+            source = lib.mkForce (
+              pkgs.writeText "nixseed-resolv.conf" (
+                lib.optionalString (config.services.resolved.enable or false) resolvedStub
+              )
+            );
+            mode = "0644";
+          };
+          # NixOS's own hosts file is the base the agent adds the identity's lines to.
+          hosts.mode = "0644";
+          "nixseed/agent.json" = lib.mkIf (cfg.settings != { }) {
+            source = (pkgs.formats.json { }).generate "nixseed-agent.json" cfg.settings;
+          };
+        };
+
+        # A shared base image has no hostname of its own; a non-empty one would be set by
+        # activation over the identity's. Stronger than mkDefault (the NixOS test
+        # framework's node name), weaker than an explicit setting.
+        networking.hostName = lib.mkOverride 900 "";
+      }
+
+      (lib.mkIf (cfg.initrdStage.enable && config.boot.initrd.systemd.enable) {
+        boot.initrd.systemd.packages = [ cfg.package ];
+        boot.initrd.systemd.storePaths = [ exe ];
+        boot.initrd.systemd.services.nixseed-initrd = {
+          wantedBy = [ "initrd.target" ];
+          # The etc overlay is mounted and activated first, so the binds land on it.
+          after = [ "initrd-nixos-activation.service" ];
+          serviceConfig.ExecStart = execStart initrdCommand;
+        };
+      })
+
+      (lib.mkIf (cfg.initrdStage.enable && !config.boot.initrd.systemd.enable) {
+        boot.initrd.extraUtilsCommands = ''
+          copy_bin_and_libs ${exe}
+        '';
+        boot.initrd.postMountCommands = ''
+          nixseed-agent initrd --sysroot "$targetRoot" ${lib.escapeShellArgs stageArgs} \
+            || echo "nixseed: the initrd stage failed; nixseed-apply will set the identity late"
+        '';
+      })
+
+      (lib.mkIf cfg.initrdStage.enable {
+        # Seed volumes (Proxmox: IDE/SATA cdrom, iso9660; libvirt/seedctl: also vfat) and
+        # the control channel's virtio port.
+        boot.initrd.availableKernelModules = [
+          "isofs"
+          "vfat"
+          "nls_cp437"
+          "nls_iso8859-1"
+          "sr_mod"
+          "cdrom"
+          "ata_piix"
+          "ahci"
+          "virtio_pci"
+          "virtio_blk"
+          "virtio_console"
+        ];
+      })
+
+      (lib.mkIf cfg.guestAgent.enable {
+        services.udev.packages = [ cfg.package ];
+        systemd.services.nixseed-agent = {
+          # hwclock for guest-set-time; nft for a live push that changes ports.
+          path = [ pkgs.util-linux ] ++ lib.optional cfg.firewall.enable pkgs.nftables;
+          serviceConfig.ExecStart = execStart serveCommand;
+        };
+      })
+
+      (lib.mkIf cfg.controlChannel.enable {
+        services.udev.extraRules = ''
+          SUBSYSTEM=="virtio-ports", ATTR{name}=="org.nixseed.channel.0", TAG+="systemd", ENV{SYSTEMD_WANTS}+="nixseed-channel.service"
+        '';
+        systemd.services.nixseed-channel = {
+          description = "nixseed control channel (live identity push)";
+          bindsTo = [ "dev-virtio\\x2dports-org.nixseed.channel.0.device" ];
+          after = [
+            "dev-virtio\\x2dports-org.nixseed.channel.0.device"
+            "nixseed-apply.service"
+          ];
+          path = lib.optional cfg.firewall.enable pkgs.nftables;
+          serviceConfig = {
+            ExecStart = utils.escapeSystemdExecArgs ([ exe ] ++ channelCommand);
+            Restart = "always";
+            RestartSec = "1s";
+          };
+        };
+      })
+
+      (lib.mkIf cfg.network.enable {
+        networking.useNetworkd = lib.mkDefault true;
+        assertions = [
+          {
+            assertion = config.systemd.network.enable;
+            message = ''
+              services.nixseed.network needs systemd-networkd to read the seed's network
+              files: set networking.useNetworkd = true, or services.nixseed.network.enable
+              = false.
+            '';
+          }
+        ];
+      })
+
+      (lib.mkIf cfg.firewall.enable {
+        networking.firewall.enable = lib.mkDefault false;
+      })
+
+      (lib.mkIf cfg.ssh.enable {
+        services.openssh = {
+          hostKeys = [
+            {
+              type = "ed25519";
+              path = "${id}/ssh_host_ed25519_key";
+            }
+          ];
+          generateHostKeys = false;
+          # Match blocks, not one global list: a global AuthorizedKeysFile would let every
+          # account log in with the admin keys.
+          extraConfig = ''
+            Match User ${cfg.ssh.adminUser}
+              AuthorizedKeysFile ${id}/admin_authorized_keys /etc/ssh/authorized_keys.d/%u
+          ''
+          + lib.optionalString (cfg.ssh.user != null) ''
+            Match User ${cfg.ssh.user}
+              AuthorizedKeysFile ${id}/user_authorized_keys /etc/ssh/authorized_keys.d/%u
+          '';
+        };
+      })
+
+      (lib.mkIf
+        (cfg.ssh.enable && config.services.openssh.enable && !config.services.openssh.startWhenNeeded)
+        {
+          systemd.services.sshd = {
+            after = [ "nixseed-apply.service" ];
+            wants = [ "nixseed-apply.service" ];
+            unitConfig.ConditionPathExists = "${id}/ssh_host_ed25519_key";
+          };
+        }
+      )
+    ]
+  );
+
+  meta.maintainers = [ ];
+}
