@@ -1,0 +1,352 @@
+# Evaluates services.nixseed with the real nixpkgs module system against FAKE, stubbed
+# declarations of the NixOS options it reads and sets (no nixpkgs packages, no NixOS
+# modules): option types, defaults, assertions and the generated unit flags, checked
+# without building anything. The NixOS VM tests are the real check.
+#
+#   nix-instantiate --eval --strict --json nixos-module/tests/stub-eval.nix \
+#     --arg lib 'import <nixpkgs/lib>'
+{ lib }:
+
+let
+  inherit (lib) mkOption types;
+  anything = types.lazyAttrsOf types.anything;
+  opt = type: default: mkOption { inherit type default; };
+  list = opt (types.listOf types.unspecified) [ ];
+
+  fakeDrv = name: {
+    type = "derivation";
+    inherit name;
+    outPath = "/nix/store/00000000000000000000000000000000-${name}";
+    meta.mainProgram = name;
+  };
+
+  # FAKE pkgs: only the attributes the module touches.
+  fakePkgs = {
+    nixseed-agent = fakeDrv "nixseed-agent";
+    nftables = fakeDrv "nftables";
+    util-linux = fakeDrv "util-linux";
+    writeText = name: text: (fakeDrv name) // { inherit text; };
+    formats.json = _: {
+      type = anything;
+      generate = name: value: (fakeDrv name) // { text = builtins.toJSON value; };
+    };
+  };
+
+  # Same quoting as nixpkgs' utils.escapeSystemdExecArgs: each argument JSON-quoted.
+  fakeUtils.escapeSystemdExecArgs = args: lib.concatMapStringsSep " " (a: builtins.toJSON a) args;
+
+  # FAKE declarations of the NixOS options involved, with NixOS's defaults.
+  fakeNixos =
+    { config, ... }:
+    {
+      options = {
+        assertions = list;
+        warnings = list;
+        meta.maintainers = list;
+        fileSystems = opt (types.attrsOf (
+          types.submodule {
+            freeformType = anything;
+            options.neededForBoot = opt types.bool false;
+          }
+        )) { };
+        environment.etc = opt (types.attrsOf (
+          types.submodule (
+            { config, ... }:
+            {
+              options = {
+                text = opt (types.nullOr types.lines) null;
+                source = mkOption { type = types.unspecified; };
+                mode = opt types.str "symlink";
+              };
+              config.source = lib.mkIf (config.text != null) (fakePkgs.writeText "etc" config.text);
+            }
+          )
+        )) { };
+        networking = {
+          hostName = opt types.str "nixos";
+          useNetworkd = opt types.bool false;
+          firewall.enable = opt types.bool true;
+          nftables.enable = opt types.bool false;
+          nftables.flushRuleset = opt types.bool true;
+        };
+        systemd = {
+          packages = list;
+          services = opt (types.attrsOf anything) { };
+          network.enable = opt types.bool config.networking.useNetworkd;
+        };
+        boot.initrd = {
+          availableKernelModules = list;
+          extraUtilsCommands = opt types.lines "";
+          postMountCommands = opt types.lines "";
+          systemd = {
+            enable = opt types.bool false;
+            packages = list;
+            storePaths = list;
+            services = opt (types.attrsOf anything) { };
+          };
+        };
+        services = {
+          udev.packages = list;
+          udev.extraRules = opt types.lines "";
+          openssh = {
+            enable = opt types.bool false;
+            startWhenNeeded = opt types.bool false;
+            generateHostKeys = opt types.bool true;
+            hostKeys = list;
+            extraConfig = opt types.lines "";
+          };
+          resolved.enable = opt types.bool false;
+          qemuGuest.enable = opt types.bool false;
+          cloud-init.enable = opt types.bool false;
+        };
+        system.etc.overlay.enable = opt types.bool false;
+      };
+    };
+
+  evalModules =
+    extra:
+    lib.evalModules {
+      specialArgs = {
+        pkgs = fakePkgs;
+        utils = fakeUtils;
+      };
+      modules = [
+        fakeNixos
+        ../default.nix
+        extra
+      ];
+    };
+  eval = extra: (evalModules extra).config;
+  options = (evalModules { }).options.services.nixseed;
+
+  failed = c: map (a: a.message) (lib.filter (a: !a.assertion) c.assertions);
+
+  base = {
+    services.nixseed.enable = true;
+    fileSystems."/var" = {
+      device = "/dev/disk/by-label/nixseed-var";
+      neededForBoot = true;
+    };
+    boot.initrd.systemd.enable = true;
+    system.etc.overlay.enable = true;
+    services.openssh.enable = true;
+  };
+
+  check =
+    name: cond:
+    if cond then name else throw "stub-eval: case `${name}` failed";
+
+  hasFailure =
+    c: needle: lib.any (m: lib.hasInfix needle m) (failed c);
+
+  good = eval base;
+  exe = "/nix/store/00000000000000000000000000000000-nixseed-agent/bin/nixseed-agent";
+  applyExec = lib.last good.systemd.services.nixseed-apply.serviceConfig.ExecStart;
+in
+[
+  (check "a complete configuration passes every assertion, with no warning" (
+    failed good == [ ] && good.warnings == [ ]
+  ))
+  (check "disabled, the module sets nothing" (
+    let
+      c = eval { };
+    in
+    c.systemd.packages == [ ] && c.environment.etc == { } && c.networking.hostName == "nixos"
+  ))
+  (check "apply runs with the identity directory, clone policy and source order" (
+    applyExec
+    == ''${exe} "apply" "--identity-dir" "/var/identity" "--clone-policy" "regenerate" "--sources" "nocloud-volume,nocloud-cmdline,nocloud-smbios,nocloud-dir,configdrive,credentials,channel" "--channel-wait" "5"''
+    && lib.head good.systemd.services.nixseed-apply.serviceConfig.ExecStart == ""
+  ))
+  (check "the initrd unit runs from the package, wanted by initrd.target" (
+    let
+      u = good.boot.initrd.systemd.services.nixseed-initrd;
+    in
+    u.wantedBy == [ "initrd.target" ]
+    && lib.hasPrefix ''${exe} "initrd" "--sysroot" "/sysroot" "--identity-dir"'' (lib.last u.serviceConfig.ExecStart)
+    && good.boot.initrd.systemd.packages == [ fakePkgs.nixseed-agent ]
+    && lib.elem "isofs" good.boot.initrd.availableKernelModules
+    && lib.elem "virtio_console" good.boot.initrd.availableKernelModules
+    && good.boot.initrd.postMountCommands == ""
+  ))
+  (check "the scripted initrd runs the stage from postMountCommands on $targetRoot" (
+    let
+      c = eval {
+        imports = [ base ];
+        boot.initrd.systemd.enable = lib.mkForce false;
+      };
+    in
+    lib.hasInfix ''nixseed-agent initrd --sysroot "$targetRoot" --identity-dir /var/identity'' c.boot.initrd.postMountCommands
+    && lib.hasInfix "copy_bin_and_libs ${exe}" c.boot.initrd.extraUtilsCommands
+    && c.boot.initrd.systemd.services == { }
+  ))
+  (check "/etc placeholders are files, machine-id empty and 0444" (
+    let
+      e = good.environment.etc;
+    in
+    e."machine-id".mode == "0444"
+    && e."machine-id".text == ""
+    && e.hostname.mode == "0644"
+    && e.hosts.mode == "0644"
+    && e."resolv.conf".mode == "0644"
+    && e."resolv.conf".source.text == ""
+    && good.networking.hostName == ""
+  ))
+  (check "with systemd-resolved the resolv.conf placeholder points at its stub" (
+    let
+      c = eval {
+        imports = [ base ];
+        services.resolved.enable = true;
+      };
+    in
+    lib.hasPrefix "nameserver 127.0.0.53" c.environment.etc."resolv.conf".source.text
+  ))
+  (check "an explicit hostname wins over the module's empty default" (
+    (eval {
+      imports = [ base ];
+      networking.hostName = "web1";
+    }).networking.hostName == "web1"
+  ))
+  (check "a symlinked placeholder is refused" (
+    hasFailure (eval {
+      imports = [ base ];
+      environment.etc."machine-id".mode = lib.mkForce "symlink";
+    }) ''environment.etc."machine-id" must be a file''
+  ))
+  (check "/var must be its own file system mounted in the initrd" (
+    hasFailure (eval {
+      imports = [ base ];
+      fileSystems."/var".neededForBoot = lib.mkForce false;
+    }) "neededForBoot = true"
+    && hasFailure (eval {
+      services.nixseed.enable = true;
+    }) "neededForBoot = true"
+  ))
+  (check "cloud-init and qemu-guest-agent are refused" (
+    hasFailure (eval {
+      imports = [ base ];
+      services.cloud-init.enable = true;
+    }) "replaces cloud-init"
+    && hasFailure (eval {
+      imports = [ base ];
+      services.qemuGuest.enable = true;
+    }) "disable services.qemuGuest"
+    && failed (eval {
+      imports = [ base ];
+      services.qemuGuest.enable = true;
+      services.nixseed.guestAgent.enable = false;
+    }) == [ ]
+  ))
+  (check "the firewall option turns the NixOS firewall off and passes --firewall" (
+    let
+      c = eval {
+        imports = [ base ];
+        services.nixseed.firewall.enable = true;
+      };
+    in
+    failed c == [ ]
+    && !c.networking.firewall.enable
+    && lib.hasSuffix ''"--firewall"'' (lib.last c.systemd.services.nixseed-apply.serviceConfig.ExecStart)
+    && c.systemd.services.nixseed-apply.path == [ fakePkgs.nftables ]
+  ))
+  (check "an explicitly enabled NixOS firewall or a flushing nftables is refused" (
+    hasFailure (eval {
+      imports = [ base ];
+      services.nixseed.firewall.enable = true;
+      networking.firewall.enable = true;
+    }) "turn networking.firewall off"
+    && hasFailure (eval {
+      imports = [ base ];
+      services.nixseed.firewall.enable = true;
+      networking.nftables.enable = true;
+    }) "flushRuleset = false"
+  ))
+  (check "sshd uses the identity's ed25519 key, generates none, and waits for it" (
+    good.services.openssh.hostKeys == [
+      {
+        type = "ed25519";
+        path = "/var/identity/ssh_host_ed25519_key";
+      }
+    ]
+    && !good.services.openssh.generateHostKeys
+    && good.systemd.services.sshd.unitConfig.ConditionPathExists == "/var/identity/ssh_host_ed25519_key"
+    && lib.hasInfix "Match User root\n  AuthorizedKeysFile /var/identity/admin_authorized_keys" good.services.openssh.extraConfig
+    && !(lib.hasInfix "user_authorized_keys" good.services.openssh.extraConfig)
+  ))
+  (check "the user account reads only the user keys" (
+    let
+      c = eval {
+        imports = [ base ];
+        services.nixseed.ssh.user = "user";
+      };
+    in
+    lib.hasInfix "Match User user\n  AuthorizedKeysFile /var/identity/user_authorized_keys" c.services.openssh.extraConfig
+  ))
+  (check "guest agent flags, udev rule and control channel follow the options" (
+    let
+      c = eval {
+        imports = [ base ];
+        services.nixseed.guestAgent.allowedCommands = [
+          "guest-exec"
+          "guest-exec-status"
+        ];
+        services.nixseed.guestAgent.blockedCommands = [ "guest-shutdown" ];
+        services.nixseed.controlChannel.enable = false;
+      };
+    in
+    lib.last c.systemd.services.nixseed-agent.serviceConfig.ExecStart
+    == ''${exe} "serve" "-a" "guest-exec,guest-exec-status" "-b" "guest-shutdown"''
+    && c.services.udev.packages == [ fakePkgs.nixseed-agent ]
+    && !(c.systemd.services ? nixseed-channel)
+    && lib.hasSuffix ''"--channel-wait" "0"'' (lib.last c.systemd.services.nixseed-apply.serviceConfig.ExecStart)
+    && lib.hasInfix "org.nixseed.channel.0" good.services.udev.extraRules
+    && (eval {
+      imports = [ base ];
+      services.nixseed.guestAgent.enable = false;
+    }).services.udev.packages == [ ]
+  ))
+  (check "sources are validated and passed in the given order" (
+    let
+      c = eval {
+        imports = [ base ];
+        services.nixseed.sources = [
+          "channel"
+          "nocloud-volume"
+        ];
+      };
+      source = options.sources.type.nestedTypes.elemType;
+    in
+    lib.hasInfix ''"--sources" "channel,nocloud-volume"'' (lib.last c.systemd.services.nixseed-apply.serviceConfig.ExecStart)
+    && source.check "configdrive"
+    && !source.check "ec2"
+  ))
+  (check "identityDir must be under /var" (
+    options.identityDir.type.check "/var/lib/identity"
+    && !options.identityDir.type.check "/etc/identity"
+    && !options.identityDir.type.check "/var/"
+  ))
+  (check "networkd follows network.enable" (
+    good.networking.useNetworkd
+    && !(eval {
+      imports = [ base ];
+      services.nixseed.network.enable = false;
+    }).networking.useNetworkd
+  ))
+  (check "trustedKeys warns that signatures are not verified yet; settings are rendered" (
+    let
+      c = eval {
+        imports = [ base ];
+        services.nixseed.trustedKeys = [ "ssh-ed25519 AAAA" ];
+        services.nixseed.settings.log = "debug";
+      };
+    in
+    lib.any (w: lib.hasInfix "does not verify" w) c.warnings
+    && c.environment.etc."nixseed/agent.json".source.text == ''{"log":"debug"}''
+  ))
+  (check "without the etc overlay the module warns" (
+    lib.any (w: lib.hasInfix "not an overlay" w) (eval {
+      imports = [ base ];
+      system.etc.overlay.enable = lib.mkForce false;
+    }).warnings
+  ))
+]
