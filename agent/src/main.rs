@@ -5,7 +5,9 @@ mod channel;
 mod crashpoint;
 mod logging;
 mod mounts;
+mod qga;
 mod reload;
+mod serve;
 mod sources;
 mod stage;
 mod store;
@@ -42,6 +44,8 @@ enum Command {
     Render(RenderArgs),
     /// Print the current generation's manifest.
     Status(StatusArgs),
+    /// Answer the qemu-guest-agent protocol (qemu-ga compatible flags).
+    Serve(serve::ServeArgs),
     /// Serve only the nixseed control channel (status, push, rollback).
     Channel(ChannelArgs),
 }
@@ -179,6 +183,7 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::Render(a) => render(&a)?,
+        Command::Serve(a) => serve::main(a)?,
         Command::Channel(a) => {
             let ctx = channel::ChannelContext {
                 opts: a.stage.options()?,

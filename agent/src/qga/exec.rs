@@ -1,0 +1,130 @@
+//! guest-exec and guest-exec-status (unsafe: off unless allow-listed). A process runs
+//! detached from the request; its output is collected by two reader threads and
+//! handed over, base64, when the host asks for its status after it exits.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use nixseed_core::channel::base64_encode;
+use nixseed_core::credentials::base64_decode;
+use nixseed_core::qga::{Args, QgaError};
+use serde_json::{Map, Value, json};
+
+use super::{Agent, CmdResult};
+
+type Buf = Arc<Mutex<Vec<u8>>>;
+
+struct Running {
+    child: Child,
+    readers: Vec<(Buf, JoinHandle<()>, &'static str)>,
+}
+
+#[derive(Default)]
+pub struct Processes {
+    running: HashMap<i64, Running>,
+}
+
+fn reader(mut r: impl Read + Send + 'static) -> (Buf, JoinHandle<()>) {
+    let buf: Buf = Arc::default();
+    let b = buf.clone();
+    let h = std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut v) = b.lock() {
+                v.extend_from_slice(&chunk[..n]);
+            }
+        }
+    });
+    (buf, h)
+}
+
+pub fn exec(agent: &mut Agent, mut args: Args) -> CmdResult {
+    let path = args.str("path")?;
+    let argv = args.opt_str_list("arg")?.unwrap_or_default();
+    let env = args.opt_str_list("env")?;
+    let input = args.opt_str("input-data")?;
+    let capture = args.opt_bool("capture-output")?.unwrap_or(false);
+    args.finish()?;
+    let input = match input {
+        Some(b64) => Some(
+            base64_decode(&b64)
+                .ok_or_else(|| QgaError::generic("input-data is not valid base64"))?,
+        ),
+        None => None,
+    };
+    let mut cmd = Command::new(&path);
+    cmd.args(&argv);
+    if let Some(env) = env {
+        cmd.env_clear();
+        for kv in env {
+            if let Some((k, v)) = kv.split_once('=') {
+                cmd.env(k, v);
+            }
+        }
+    }
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let out = if capture { Stdio::piped } else { Stdio::null };
+    cmd.stdout(out()).stderr(out());
+    let mut child = cmd.spawn().map_err(|e| {
+        QgaError::generic(format!(
+            "Guest agent command failed, error was '{path}: {e}'"
+        ))
+    })?;
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        });
+    }
+    let mut readers = Vec::new();
+    if let Some(o) = child.stdout.take() {
+        let (b, h) = reader(o);
+        readers.push((b, h, "out-data"));
+    }
+    if let Some(e) = child.stderr.take() {
+        let (b, h) = reader(e);
+        readers.push((b, h, "err-data"));
+    }
+    let pid = i64::from(child.id());
+    tracing::info!("guest-exec: started {path} as pid {pid}");
+    agent.exec.running.insert(pid, Running { child, readers });
+    Ok(Some(json!({ "pid": pid })))
+}
+
+pub fn status(agent: &mut Agent, mut args: Args) -> CmdResult {
+    let pid = args.i64("pid")?;
+    args.finish()?;
+    let invalid = || QgaError::generic("Invalid parameter 'pid'");
+    let r = agent.exec.running.get_mut(&pid).ok_or_else(invalid)?;
+    let st = r
+        .child
+        .try_wait()
+        .map_err(|e| QgaError::generic(format!("pid {pid}: {e}")))?;
+    let Some(st) = st else {
+        return Ok(Some(json!({ "exited": false })));
+    };
+    let done = agent.exec.running.remove(&pid).ok_or_else(invalid)?;
+    let mut m = Map::new();
+    m.insert("exited".into(), true.into());
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = st.code() {
+        m.insert("exitcode".into(), code.into());
+    } else if let Some(sig) = st.signal() {
+        m.insert("signal".into(), sig.into());
+    }
+    for (buf, h, key) in done.readers {
+        let _ = h.join();
+        let data = buf.lock().map(|v| v.clone()).unwrap_or_default();
+        m.insert(key.into(), Value::String(base64_encode(&data)));
+    }
+    Ok(Some(Value::Object(m)))
+}

@@ -1,0 +1,175 @@
+//! guest-file-* (unsafe: off unless allow-listed): open files on the host's behalf.
+//! Handles count up from qemu-ga's 1000 and the counter is kept in the state directory
+//! (`qga.state`, qemu-ga's format) so a restarted agent never reuses a handle.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+
+use nixseed_core::channel::base64_encode;
+use nixseed_core::credentials::base64_decode;
+use nixseed_core::qga::{Args, QgaError};
+use serde_json::{Value, json};
+
+use super::{Agent, CmdResult, io_text};
+
+pub struct Handles {
+    open: HashMap<i64, File>,
+    next: i64,
+    state: PathBuf,
+}
+
+impl Handles {
+    pub fn load(state_dir: &std::path::Path) -> Self {
+        let state = state_dir.join("qga.state");
+        let next = std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| {
+                t.lines().find_map(|l| {
+                    l.strip_prefix("fd_counter=")
+                        .and_then(|v| v.trim().parse().ok())
+                })
+            })
+            .unwrap_or(1000);
+        Handles {
+            open: HashMap::new(),
+            next,
+            state,
+        }
+    }
+
+    fn allocate(&mut self) -> i64 {
+        let h = self.next;
+        self.next += 1;
+        if let Err(e) = std::fs::write(&self.state, format!("[global]\nfd_counter={}\n", self.next))
+        {
+            tracing::warn!("{}: {e}", self.state.display());
+        }
+        h
+    }
+}
+
+fn not_found(h: i64) -> QgaError {
+    QgaError::generic(format!("handle '{h}' has not been found"))
+}
+
+fn file(agent: &mut Agent, h: i64) -> Result<&mut File, QgaError> {
+    agent.files.open.get_mut(&h).ok_or_else(|| not_found(h))
+}
+
+pub fn open(agent: &mut Agent, mut args: Args) -> CmdResult {
+    let path = args.str("path")?;
+    let mode = args.opt_str("mode")?.unwrap_or_else(|| "r".into());
+    args.finish()?;
+    let mut o = OpenOptions::new();
+    match mode.replace('b', "").as_str() {
+        "r" => o.read(true),
+        "r+" => o.read(true).write(true),
+        "w" => o.write(true).create(true).truncate(true),
+        "w+" => o.read(true).write(true).create(true).truncate(true),
+        "a" => o.append(true).create(true),
+        "a+" => o.read(true).append(true).create(true),
+        _ => {
+            return Err(QgaError::generic(format!(
+                "invalid file open mode '{mode}'"
+            )));
+        }
+    };
+    let f = o.open(&path).map_err(|e| {
+        QgaError::generic(format!(
+            "failed to open file '{path}' (mode: '{mode}'): {}",
+            io_text(&e)
+        ))
+    })?;
+    let h = agent.files.allocate();
+    agent.files.open.insert(h, f);
+    Ok(Some(Value::from(h)))
+}
+
+pub fn close(agent: &mut Agent, mut args: Args) -> CmdResult {
+    let h = args.i64("handle")?;
+    args.finish()?;
+    agent.files.open.remove(&h).ok_or_else(|| not_found(h))?;
+    Ok(Some(json!({})))
+}
+
+pub fn read(agent: &mut Agent, mut args: Args) -> CmdResult {
+    let h = args.i64("handle")?;
+    let count = args.opt_i64("count")?.unwrap_or(4096);
+    args.finish()?;
+    if !(0..=48 << 20).contains(&count) {
+        return Err(QgaError::generic(format!(
+            "value '{count}' is invalid for argument count"
+        )));
+    }
+    let f = file(agent, h)?;
+    let mut buf = vec![0u8; count as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => {
+                return Err(QgaError::generic(format!(
+                    "failed to read file: {}",
+                    io_text(&e)
+                )));
+            }
+        }
+    }
+    Ok(Some(json!({
+        "count": got,
+        "buf-b64": base64_encode(&buf[..got]),
+        "eof": got < count as usize,
+    })))
+}
+
+pub fn write(agent: &mut Agent, mut args: Args) -> CmdResult {
+    let h = args.i64("handle")?;
+    let b64 = args.str("buf-b64")?;
+    let count = args.opt_i64("count")?;
+    args.finish()?;
+    let data =
+        base64_decode(&b64).ok_or_else(|| QgaError::generic("buf-b64 is not valid base64"))?;
+    let n = match count {
+        Some(c) if c < 0 || c as usize > data.len() => {
+            return Err(QgaError::generic(format!(
+                "value '{c}' is invalid for argument count"
+            )));
+        }
+        Some(c) => c as usize,
+        None => data.len(),
+    };
+    let f = file(agent, h)?;
+    f.write_all(&data[..n])
+        .map_err(|e| QgaError::generic(format!("failed to write to file: {}", io_text(&e))))?;
+    Ok(Some(json!({ "count": n, "eof": false })))
+}
+
+pub fn seek(agent: &mut Agent, mut args: Args) -> CmdResult {
+    let h = args.i64("handle")?;
+    let offset = args.i64("offset")?;
+    let whence = args.i64("whence")?;
+    args.finish()?;
+    let pos = match whence {
+        0 => SeekFrom::Start(offset.max(0) as u64),
+        1 => SeekFrom::Current(offset),
+        2 => SeekFrom::End(offset),
+        _ => return Err(QgaError::generic(format!("invalid whence code {whence}"))),
+    };
+    let f = file(agent, h)?;
+    let p = f
+        .seek(pos)
+        .map_err(|e| QgaError::generic(format!("failed to seek file: {}", io_text(&e))))?;
+    Ok(Some(json!({ "position": p, "eof": false })))
+}
+
+pub fn flush(agent: &mut Agent, mut args: Args) -> CmdResult {
+    let h = args.i64("handle")?;
+    args.finish()?;
+    file(agent, h)?
+        .flush()
+        .map_err(|e| QgaError::generic(format!("failed to flush file: {}", io_text(&e))))?;
+    Ok(Some(json!({})))
+}

@@ -1,0 +1,202 @@
+//! Filesystem freeze and thaw (FIFREEZE/FITHAW) for consistent host snapshots, plus
+//! FITRIM for guest-fstrim. The only module with ioctls: each call is one nix ioctl
+//! wrapper on a directory fd we opened and still own.
+#![allow(unsafe_code)]
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nixseed_core::qga::sysparse::{Mount, mountinfo};
+use nixseed_core::qga::{Args, QgaError};
+use serde_json::Value;
+
+use super::{Agent, CmdResult, errno_text};
+
+nix::ioctl_readwrite!(fifreeze, b'X', 119, nix::libc::c_int);
+nix::ioctl_readwrite!(fithaw, b'X', 120, nix::libc::c_int);
+nix::ioctl_readwrite!(fitrim_raw, b'X', 121, FstrimRange);
+
+#[repr(C)]
+pub struct FstrimRange {
+    pub start: u64,
+    pub len: u64,
+    pub minlen: u64,
+}
+
+fn open_dir(path: &str) -> Result<std::fs::File, Errno> {
+    std::fs::File::open(path).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+}
+
+fn freeze_fd(f: &std::fs::File) -> Result<(), Errno> {
+    let mut arg: nix::libc::c_int = 0;
+    // SAFETY: `f` is an open fd we own for the duration of the call; the kernel ignores
+    // the int argument of FIFREEZE and we pass a valid pointer anyway.
+    unsafe { fifreeze(f.as_raw_fd(), &mut arg) }.map(|_| ())
+}
+
+fn thaw_fd(f: &std::fs::File) -> Result<(), Errno> {
+    let mut arg: nix::libc::c_int = 0;
+    // SAFETY: as for freeze_fd; FITHAW ignores its argument.
+    unsafe { fithaw(f.as_raw_fd(), &mut arg) }.map(|_| ())
+}
+
+/// Discards unused blocks of the filesystem holding `path`; returns bytes trimmed.
+pub fn fitrim(path: &str, minimum: u64) -> Result<u64, Errno> {
+    let f = open_dir(path)?;
+    let mut range = FstrimRange {
+        start: 0,
+        len: u64::MAX,
+        minlen: minimum,
+    };
+    // SAFETY: `range` is a live, correctly laid out fstrim_range the kernel fills in.
+    unsafe { fitrim_raw(f.as_raw_fd(), &mut range) }?;
+    Ok(range.len)
+}
+
+pub fn marker(state_dir: &Path) -> PathBuf {
+    state_dir.join("qga.state.isfrozen")
+}
+
+/// Mounts backed by a device (major != 0), one per device, in mount order.
+pub fn device_mounts() -> Vec<Mount> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    mountinfo(&text)
+        .into_iter()
+        .filter(|m| m.major != 0 && seen.insert((m.major, m.minor)))
+        .collect()
+}
+
+fn run_hook(agent: &Agent, arg: &str) -> Result<(), QgaError> {
+    let Some(hook) = &agent.config.fsfreeze_hook else {
+        return Ok(());
+    };
+    if let Err(e) = nix::unistd::access(hook, nix::unistd::AccessFlags::X_OK) {
+        return Err(QgaError::generic(format!(
+            "can't access fsfreeze hook '{}': {}",
+            hook.display(),
+            errno_text(e)
+        )));
+    }
+    let status = std::process::Command::new(hook)
+        .arg(arg)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map_err(|e| {
+            QgaError::generic(format!(
+                "cannot run fsfreeze hook '{}': {e}",
+                hook.display()
+            ))
+        })?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(n) => Err(QgaError::generic(format!(
+            "fsfreeze hook has failed with status {n}"
+        ))),
+        None => Err(QgaError::generic("fsfreeze hook has terminated abnormally")),
+    }
+}
+
+fn set_frozen(agent: &mut Agent, frozen: bool) {
+    agent.frozen = frozen;
+    let m = marker(&agent.config.state_dir);
+    let r = if frozen {
+        std::fs::write(&m, b"").map(|_| ())
+    } else {
+        std::fs::remove_file(&m).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+    };
+    if let Err(e) = r {
+        tracing::warn!(
+            "{}: {e}; a restart may not know the freeze state",
+            m.display()
+        );
+    }
+}
+
+pub fn status(agent: &mut Agent, args: Args) -> CmdResult {
+    args.finish()?;
+    Ok(Some(Value::from(if agent.frozen {
+        "frozen"
+    } else {
+        "thawed"
+    })))
+}
+
+pub fn freeze(agent: &mut Agent, args: Args) -> CmdResult {
+    args.finish()?;
+    do_freeze(agent, None)
+}
+
+pub fn freeze_list(agent: &mut Agent, mut args: Args) -> CmdResult {
+    let list = args.opt_str_list("mountpoints")?;
+    args.finish()?;
+    do_freeze(agent, list)
+}
+
+fn do_freeze(agent: &mut Agent, only: Option<Vec<String>>) -> CmdResult {
+    run_hook(agent, "freeze")?;
+    set_frozen(agent, true);
+    let mounts: Vec<Mount> = device_mounts()
+        .into_iter()
+        .filter(|m| only.as_ref().is_none_or(|l| l.contains(&m.mountpoint)))
+        .collect();
+    let mut frozen = 0i64;
+    // Submounts first: freezing a parent first could block reaching its children.
+    for m in mounts.iter().rev() {
+        let r = open_dir(&m.mountpoint).and_then(|f| freeze_fd(&f));
+        match r {
+            Ok(()) => frozen += 1,
+            Err(Errno::EOPNOTSUPP) => {}
+            Err(e) => {
+                let err = QgaError::generic(format!(
+                    "failed to freeze {}: {}",
+                    m.mountpoint,
+                    errno_text(e)
+                ));
+                thaw_all(agent).ok();
+                return Err(err);
+            }
+        }
+    }
+    if frozen == 0 {
+        set_frozen(agent, false);
+    }
+    tracing::info!("froze {frozen} filesystem(s)");
+    Ok(Some(Value::from(frozen)))
+}
+
+pub fn thaw(agent: &mut Agent, args: Args) -> CmdResult {
+    args.finish()?;
+    thaw_all(agent).map(|n| Some(Value::from(n)))
+}
+
+/// FITHAW every device mount until it refuses (a filesystem may be frozen more than
+/// once); returns how many were thawed.
+pub fn thaw_all(agent: &mut Agent) -> Result<i64, QgaError> {
+    let mut thawed = 0i64;
+    for m in device_mounts() {
+        let Ok(f) = open_dir(&m.mountpoint) else {
+            continue;
+        };
+        let mut once = false;
+        while thaw_fd(&f).is_ok() {
+            once = true;
+        }
+        if once {
+            thawed += 1;
+        }
+    }
+    set_frozen(agent, false);
+    run_hook(agent, "thaw")?;
+    tracing::info!("thawed {thawed} filesystem(s)");
+    Ok(thawed)
+}

@@ -1,0 +1,159 @@
+//! The guest-agent half of `nixseed-agent serve`: one [`Agent`] holds the protocol
+//! session and the command state (frozen filesystems, open files, spawned processes)
+//! and answers requests through the registry. Transports live in `serve.rs`.
+
+mod exec;
+mod file;
+mod fs;
+mod fsfreeze;
+mod network;
+mod password;
+mod registry;
+mod shutdown;
+mod ssh_keys;
+mod sync;
+mod system;
+
+use std::path::PathBuf;
+
+use nixseed_core::qga::commands::{self, CommandPolicy, FROZEN_REASON};
+use nixseed_core::qga::envelope::parse_request;
+use nixseed_core::qga::framer::Framed;
+use nixseed_core::qga::{Args, QgaError, Reply, Session};
+use serde_json::Value;
+
+/// What `serve` was told on the command line or in qemu-ga.conf.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub policy: CommandPolicy,
+    /// `-t`: where the frozen marker and the file-handle counter live.
+    pub state_dir: PathBuf,
+    /// `-F`: run with `freeze` before freezing and `thaw` after thawing.
+    pub fsfreeze_hook: Option<PathBuf>,
+    /// Where `guest-ssh-*-authorized-keys` read and write.
+    pub identity_dir: PathBuf,
+}
+
+/// A command's result: `Ok(None)` sends nothing (success-less commands).
+pub type CmdResult = Result<Option<Value>, QgaError>;
+
+pub struct Agent {
+    pub session: Session,
+    pub config: AgentConfig,
+    frozen: bool,
+    exec: exec::Processes,
+    files: file::Handles,
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        std::fs::create_dir_all(&config.state_dir).with_context(|| {
+            format!(
+                "cannot create the state directory {}",
+                config.state_dir.display()
+            )
+        })?;
+        // A marker left by a crashed agent means filesystems may still be frozen:
+        // start restricted, as qemu-ga does, until the host sends guest-fsfreeze-thaw.
+        let frozen = fsfreeze::marker(&config.state_dir).exists();
+        if frozen {
+            tracing::warn!(
+                "{} exists: starting in frozen state until guest-fsfreeze-thaw",
+                fsfreeze::marker(&config.state_dir).display()
+            );
+        }
+        let files = file::Handles::load(&config.state_dir);
+        Ok(Agent {
+            session: Session::new(),
+            config,
+            frozen,
+            exec: exec::Processes::default(),
+            files,
+        })
+    }
+
+    /// Feeds bytes read from the port; the bytes to write back are appended to `out`.
+    pub async fn handle_bytes(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        let mut framed = Vec::new();
+        self.session.framer.feed(bytes, &mut framed);
+        for f in framed {
+            if let Some(reply) = self.dispatch(f).await {
+                self.session.encode(&reply, out);
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, framed: Framed) -> Option<Reply> {
+        let value = match framed {
+            Ok(v) => v,
+            Err(error) => {
+                tracing::warn!("failed to parse request: {}", error.desc);
+                return Some(Reply::Error { error, id: None });
+            }
+        };
+        let req = match parse_request(value) {
+            Ok(r) => r,
+            Err((error, id)) => return Some(Reply::Error { error, id }),
+        };
+        let id = req.id.clone();
+        let result = self.run(&req.execute, Args::new(req.arguments)).await;
+        match result {
+            Ok(Some(value)) => Some(Reply::Return { value, id }),
+            Ok(None) => None,
+            Err(error) => {
+                tracing::debug!("{}: {}", req.execute, error.desc);
+                Some(Reply::Error { error, id })
+            }
+        }
+    }
+
+    /// Whether `name` would run now (for `guest-info` and dispatch).
+    pub fn enabled(&self, info: &commands::CommandInfo) -> bool {
+        (!self.frozen || info.allowed_while_frozen) && self.config.policy.enabled(info)
+    }
+
+    async fn run(&mut self, name: &str, args: Args) -> CmdResult {
+        let (Some(info), Some(handler)) = (commands::lookup(name), registry::handler(name)) else {
+            return Err(QgaError::not_found(name));
+        };
+        if self.frozen && !info.allowed_while_frozen {
+            return Err(QgaError::disabled(name, Some(FROZEN_REASON)));
+        }
+        if !self.config.policy.enabled(info) {
+            return Err(QgaError::disabled(name, None));
+        }
+        tracing::debug!("running {name}");
+        match handler {
+            registry::Handler::Sync(f) => f(self, args),
+            registry::Handler::Async(f) => f(self, args).await,
+        }
+    }
+
+    /// Thaws filesystems this agent (or a crashed predecessor) froze; used on exit.
+    pub fn thaw_for_exit(&mut self) {
+        if self.frozen {
+            match fsfreeze::thaw_all(self) {
+                Ok(n) => tracing::info!("thawed {n} filesystem(s) before exiting"),
+                Err(e) => tracing::error!("thaw before exit failed: {}", e.desc),
+            }
+        }
+    }
+}
+
+/// Capitalised strerror text (`No such file or directory`), as qemu-ga prints it.
+pub(crate) fn errno_text(e: nix::errno::Errno) -> String {
+    std::io::Error::from_raw_os_error(e as i32)
+        .to_string()
+        .split(" (os error")
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+pub(crate) fn io_text(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => errno_text(nix::errno::Errno::from_raw(n)),
+        None => e.to_string(),
+    }
+}

@@ -1,0 +1,145 @@
+//! guest-network-get-interfaces (addresses from getifaddrs, counters from
+//! /proc/net/dev) and guest-network-get-route (/proc/net/route, ipv6_route).
+
+use nix::ifaddrs::getifaddrs;
+use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage};
+use nixseed_core::qga::sysparse::{proc_net_dev, proc_net_ipv6_route, proc_net_route};
+use nixseed_core::qga::{Args, QgaError};
+use serde_json::{Map, Value, json};
+
+use super::{Agent, CmdResult, errno_text};
+
+fn prefix_of(mask: Option<&SockaddrStorage>) -> u32 {
+    let Some(m) = mask else { return 0 };
+    if let Some(v4) = m.as_sockaddr_in() {
+        return v4.ip().to_bits().count_ones();
+    }
+    if let Some(v6) = m.as_sockaddr_in6() {
+        return v6.ip().to_bits().count_ones();
+    }
+    0
+}
+
+pub fn get_interfaces(_: &mut Agent, args: Args) -> CmdResult {
+    args.finish()?;
+    let addrs = getifaddrs()
+        .map_err(|e| QgaError::generic(format!("getifaddrs failed: {}", errno_text(e))))?;
+    let stats = std::fs::read_to_string("/proc/net/dev")
+        .map(|t| proc_net_dev(&t))
+        .unwrap_or_default();
+    let mut order: Vec<String> = Vec::new();
+    let mut ifaces: std::collections::HashMap<String, Map<String, Value>> = Default::default();
+    for a in addrs {
+        let name = a.interface_name.clone();
+        let entry = ifaces.entry(name.clone()).or_insert_with(|| {
+            order.push(name.clone());
+            let mut m = Map::new();
+            m.insert("name".into(), Value::String(name.clone()));
+            m
+        });
+        let Some(addr) = a.address.as_ref() else {
+            continue;
+        };
+        match addr.family() {
+            Some(AddressFamily::Packet) => {
+                if let Some(mac) = addr.as_link_addr().and_then(|l| l.addr()) {
+                    let text = mac
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":");
+                    entry.insert("hardware-address".into(), Value::String(text));
+                }
+            }
+            Some(AddressFamily::Inet) | Some(AddressFamily::Inet6) => {
+                let (ip, kind) = if let Some(v4) = addr.as_sockaddr_in() {
+                    (v4.ip().to_string(), "ipv4")
+                } else if let Some(v6) = addr.as_sockaddr_in6() {
+                    (v6.ip().to_string(), "ipv6")
+                } else {
+                    continue;
+                };
+                let list = entry
+                    .entry("ip-addresses")
+                    .or_insert_with(|| Value::Array(Vec::new()));
+                if let Value::Array(l) = list {
+                    l.push(json!({
+                        "ip-address": ip,
+                        "ip-address-type": kind,
+                        "prefix": prefix_of(a.netmask.as_ref()),
+                    }));
+                }
+            }
+            _ => {}
+        }
+    }
+    let out: Vec<Value> = order
+        .into_iter()
+        .filter_map(|name| {
+            let mut m = ifaces.remove(&name)?;
+            if let Some(s) = stats.get(&name) {
+                let keys = [
+                    "rx-bytes",
+                    "rx-packets",
+                    "rx-errs",
+                    "rx-dropped",
+                    "tx-bytes",
+                    "tx-packets",
+                    "tx-errs",
+                    "tx-dropped",
+                ];
+                let st: Map<String, Value> = keys
+                    .iter()
+                    .zip(s.iter())
+                    .map(|(k, v)| (k.to_string(), Value::from(*v)))
+                    .collect();
+                m.insert("statistics".into(), Value::Object(st));
+            }
+            Some(Value::Object(m))
+        })
+        .collect();
+    Ok(Some(Value::Array(out)))
+}
+
+pub fn get_route(_: &mut Agent, args: Args) -> CmdResult {
+    args.finish()?;
+    let mut routes = std::fs::read_to_string("/proc/net/route")
+        .map(|t| proc_net_route(&t))
+        .unwrap_or_default();
+    routes.extend(
+        std::fs::read_to_string("/proc/net/ipv6_route")
+            .map(|t| proc_net_ipv6_route(&t))
+            .unwrap_or_default(),
+    );
+    let out: Vec<Value> = routes
+        .into_iter()
+        .map(|r| {
+            let mut m = Map::new();
+            m.insert("iface".into(), r.iface.into());
+            m.insert("destination".into(), r.destination.into());
+            m.insert("gateway".into(), r.gateway.into());
+            m.insert("metric".into(), r.metric.into());
+            m.insert("flags".into(), r.flags.into());
+            m.insert("refcnt".into(), r.refcnt.into());
+            m.insert("use".into(), r.use_count.into());
+            m.insert("version".into(), r.version.into());
+            if let Some(mask) = r.mask {
+                m.insert("mask".into(), mask.into());
+                m.insert("mtu".into(), r.mtu.into());
+                m.insert("window".into(), r.window.into());
+                m.insert("irtt".into(), r.irtt.into());
+            }
+            if let Some(p) = r.prefix_len {
+                m.insert("desprefixlen".into(), p.to_string().into());
+            }
+            if let Some(s) = r.source {
+                m.insert("source".into(), s.into());
+            }
+            if let Some(p) = r.source_prefix_len {
+                m.insert("srcprefixlen".into(), p.to_string().into());
+            }
+            Value::Object(m)
+        })
+        .collect();
+    Ok(Some(Value::Array(out)))
+}

@@ -1,0 +1,145 @@
+//! guest-ssh-{get,add,remove}-authorized-keys on nixseed's identity files: `root` and
+//! `admin` use `admin_authorized_keys`, every other existing user `user_authorized_keys`
+//! (sshd's AuthorizedKeysFile points at both). Writes are atomic: a temporary file
+//! beside the real one, fsync, rename, fsync of the directory. When the name is a
+//! symlink into the current generation, the file it points to is replaced, so the
+//! change is live at once and the next seed-driven generation supersedes it.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nixseed_core::qga::{Args, QgaError};
+use serde_json::json;
+
+use super::{Agent, CmdResult, io_text};
+
+fn keys_file(agent: &Agent, username: &str) -> Result<PathBuf, QgaError> {
+    let user = nix::unistd::User::from_name(username)
+        .ok()
+        .flatten()
+        .ok_or_else(|| QgaError::generic(format!("failed to lookup user '{username}': Success")))?;
+    let name = if user.uid.is_root() || username == "admin" {
+        "admin_authorized_keys"
+    } else {
+        "user_authorized_keys"
+    };
+    Ok(agent.config.identity_dir.join(name))
+}
+
+fn read_keys(path: &Path) -> Result<Vec<String>, QgaError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(t
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(QgaError::generic(format!(
+            "failed to read '{}': {}",
+            path.display(),
+            io_text(&e)
+        ))),
+    }
+}
+
+fn write_atomic(path: &Path, keys: &[String]) -> Result<(), QgaError> {
+    let fail = |what: &str, e: std::io::Error| {
+        QgaError::generic(format!(
+            "failed to {what} '{}': {}",
+            path.display(),
+            io_text(&e)
+        ))
+    };
+    let target = match std::fs::read_link(path) {
+        Ok(t) if t.is_absolute() => t,
+        Ok(t) => path.parent().unwrap_or(Path::new("/")).join(t),
+        Err(_) => path.to_path_buf(),
+    };
+    let dir = target.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(|e| fail("create the directory of", e))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        target
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    let mut text = keys.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&tmp)
+        .map_err(|e| fail("write", e))?;
+    f.write_all(text.as_bytes()).map_err(|e| fail("write", e))?;
+    f.sync_all().map_err(|e| fail("sync", e))?;
+    drop(f);
+    std::fs::rename(&tmp, &target).map_err(|e| fail("replace", e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| fail("sync the directory of", e))?;
+    Ok(())
+}
+
+fn check_keys(keys: &[String]) -> Result<(), QgaError> {
+    for k in keys {
+        if k.trim().is_empty() || k.contains(['\n', '\r']) {
+            return Err(QgaError::generic(format!("invalid authorized key '{k}'")));
+        }
+    }
+    Ok(())
+}
+
+pub fn get(agent: &mut Agent, mut args: Args) -> CmdResult {
+    let username = args.str("username")?;
+    args.finish()?;
+    let path = keys_file(agent, &username)?;
+    Ok(Some(json!({ "keys": read_keys(&path)? })))
+}
+
+pub fn add(agent: &mut Agent, mut args: Args) -> CmdResult {
+    let username = args.str("username")?;
+    let keys = args.str_list("keys")?;
+    let reset = args.opt_bool("reset")?.unwrap_or(false);
+    args.finish()?;
+    let path = keys_file(agent, &username)?;
+    check_keys(&keys)?;
+    let mut all = if reset { Vec::new() } else { read_keys(&path)? };
+    for k in keys {
+        let k = k.trim().to_string();
+        if !all.contains(&k) {
+            all.push(k);
+        }
+    }
+    write_atomic(&path, &all)?;
+    tracing::info!(
+        "{}: {} key(s) after guest-ssh-add-authorized-keys",
+        path.display(),
+        all.len()
+    );
+    Ok(Some(json!({})))
+}
+
+pub fn remove(agent: &mut Agent, mut args: Args) -> CmdResult {
+    let username = args.str("username")?;
+    let keys = args.str_list("keys")?;
+    args.finish()?;
+    let path = keys_file(agent, &username)?;
+    check_keys(&keys)?;
+    let before = read_keys(&path)?;
+    let after: Vec<String> = before
+        .iter()
+        .filter(|l| !keys.iter().any(|k| k.trim() == l.as_str()))
+        .cloned()
+        .collect();
+    if after.len() != before.len() {
+        write_atomic(&path, &after)?;
+    }
+    Ok(Some(json!({})))
+}

@@ -1,0 +1,356 @@
+//! `nixseed-agent serve`: the qemu-guest-agent daemon. Flags follow qemu-ga where they
+//! overlap (`-m -p -b -a -t -F -c`, `QGA_CONF`) so it can stand in for qemu-ga in
+//! existing units and tests. One [`Agent`] serves the port; its parser state outlives
+//! connections. The runtime is single-threaded to keep the resident set small.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nixseed_core::qga::commands::CommandPolicy;
+use nixseed_core::qga::sysparse::{conf_list, qga_conf};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::qga::{Agent, AgentConfig};
+
+pub const DEFAULT_VIRTIO_PATH: &str = "/dev/virtio-ports/org.qemu.guest_agent.0";
+pub const DEFAULT_SERIAL_PATH: &str = "/dev/ttyS0";
+pub const DEFAULT_STATE_DIR: &str = "/run/nixseed-agent";
+pub const DEFAULT_FSFREEZE_HOOK: &str = "/etc/qemu/fsfreeze-hook";
+/// How long to wait before reading again when no host is connected to the port.
+const HUP_BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    VirtioSerial,
+    IsaSerial,
+    UnixListen,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Transport: virtio-serial (default), isa-serial or unix-listen.
+    #[arg(short = 'm', long = "method", value_enum)]
+    pub method: Option<Method>,
+    /// Device or socket path (default: /dev/virtio-ports/org.qemu.guest_agent.0,
+    /// or /dev/ttyS0 for isa-serial).
+    #[arg(short = 'p', long = "path")]
+    pub path: Option<PathBuf>,
+    /// Comma-separated commands to disable.
+    #[arg(short = 'b', long = "block-rpcs", value_delimiter = ',')]
+    pub block_rpcs: Vec<String>,
+    /// Comma-separated commands to enable; all others are disabled (as in qemu-ga).
+    /// Naming an unsafe command (guest-exec, guest-file-*, guest-set-user-password)
+    /// here enables it.
+    #[arg(short = 'a', long = "allow-rpcs", value_delimiter = ',')]
+    pub allow_rpcs: Vec<String>,
+    /// Comma-separated unsafe commands to enable without restricting the others.
+    #[arg(long = "unsafe-rpcs", value_delimiter = ',')]
+    pub unsafe_rpcs: Vec<String>,
+    /// State directory: the frozen marker and the file-handle counter.
+    #[arg(short = 't', long = "statedir")]
+    pub statedir: Option<PathBuf>,
+    /// Run this hook with `freeze`/`thaw` around guest-fsfreeze (qemu-ga style:
+    /// `-F` alone uses /etc/qemu/fsfreeze-hook, `-F/path` another script).
+    #[arg(short = 'F', long = "fsfreeze-hook", num_args = 0..=1, require_equals = true,
+          default_missing_value = DEFAULT_FSFREEZE_HOOK)]
+    pub fsfreeze_hook: Option<PathBuf>,
+    /// qemu-ga.conf-style key file ([general] method, path, statedir, block-rpcs,
+    /// allow-rpcs, fsfreeze-hook; plus unsafe-rpcs and identity-dir).
+    /// (Default: the QGA_CONF environment variable.)
+    #[arg(short = 'c', long = "config")]
+    pub config: Option<PathBuf>,
+    /// Where guest-ssh-*-authorized-keys read and write.
+    #[arg(long = "identity-dir")]
+    pub identity_dir: Option<PathBuf>,
+}
+
+/// A port the agent answers on.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    VirtioSerial(PathBuf),
+    IsaSerial(PathBuf),
+    UnixListen(PathBuf),
+}
+
+fn settings(args: &ServeArgs) -> Result<(Transport, AgentConfig)> {
+    let config_path = args
+        .config
+        .clone()
+        .or_else(|| std::env::var_os("QGA_CONF").map(PathBuf::from));
+    let conf = match &config_path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read the configuration file {}", p.display()))?;
+            qga_conf(&text)
+        }
+        None => Default::default(),
+    };
+    let method = match (args.method, conf.get("method").map(String::as_str)) {
+        (Some(m), _) => m,
+        (None, None | Some("virtio-serial")) => Method::VirtioSerial,
+        (None, Some("isa-serial")) => Method::IsaSerial,
+        (None, Some("unix-listen")) => Method::UnixListen,
+        (None, Some(other)) => bail!(
+            "{}: method '{other}' is not supported (use virtio-serial, isa-serial or unix-listen)",
+            config_path
+                .as_deref()
+                .unwrap_or(Path::new("config"))
+                .display()
+        ),
+    };
+    let path = args
+        .path
+        .clone()
+        .or_else(|| conf.get("path").map(PathBuf::from));
+    let transport = match method {
+        Method::VirtioSerial => {
+            Transport::VirtioSerial(path.unwrap_or_else(|| DEFAULT_VIRTIO_PATH.into()))
+        }
+        Method::IsaSerial => {
+            Transport::IsaSerial(path.unwrap_or_else(|| DEFAULT_SERIAL_PATH.into()))
+        }
+        Method::UnixListen => {
+            Transport::UnixListen(path.context("unix-listen needs a socket path: pass -p PATH")?)
+        }
+    };
+    let list = |cli: &Vec<String>, key: &str| {
+        if cli.is_empty() {
+            conf.get(key).map(|v| conf_list(v)).unwrap_or_default()
+        } else {
+            cli.clone()
+        }
+    };
+    let policy = CommandPolicy {
+        allow: list(&args.allow_rpcs, "allow-rpcs"),
+        block: list(&args.block_rpcs, "block-rpcs"),
+        unsafe_allowed: list(&args.unsafe_rpcs, "unsafe-rpcs"),
+    };
+    for name in policy
+        .allow
+        .iter()
+        .chain(&policy.block)
+        .chain(&policy.unsafe_allowed)
+    {
+        if nixseed_core::qga::commands::lookup(name).is_none() {
+            tracing::warn!("command list names '{name}', which this agent does not implement");
+        }
+    }
+    let config = AgentConfig {
+        policy,
+        state_dir: args
+            .statedir
+            .clone()
+            .or_else(|| conf.get("statedir").map(PathBuf::from))
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+        fsfreeze_hook: args
+            .fsfreeze_hook
+            .clone()
+            .or_else(|| conf.get("fsfreeze-hook").map(PathBuf::from)),
+        identity_dir: args
+            .identity_dir
+            .clone()
+            .or_else(|| conf.get("identity-dir").map(PathBuf::from))
+            .unwrap_or_else(|| "/var/identity".into()),
+    };
+    Ok((transport, config))
+}
+
+pub fn main(args: ServeArgs) -> Result<()> {
+    let (transport, config) = settings(&args)?;
+    let mut agent = Agent::new(config)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?
+        .block_on(run(&mut agent, transport))
+}
+
+async fn run(agent: &mut Agent, transport: Transport) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    // The nixseed control channel (`crate::channel::run` on org.nixseed.channel.0)
+    // joins here as a second branch of this select: it needs no Agent state, only the
+    // same runtime, so both ports are served by one small process.
+    let result = tokio::select! {
+        r = serve_qga(agent, &transport) => r,
+        _ = term.recv() => { tracing::info!("SIGTERM: stopping"); Ok(()) }
+        _ = int.recv() => { tracing::info!("SIGINT: stopping"); Ok(()) }
+    };
+    agent.thaw_for_exit();
+    result
+}
+
+/// Serves the qemu-guest-agent protocol on one transport until it fails for good.
+pub async fn serve_qga(agent: &mut Agent, transport: &Transport) -> Result<()> {
+    match transport {
+        Transport::UnixListen(path) => serve_unix(agent, path).await,
+        Transport::VirtioSerial(path) => serve_virtio(agent, path).await,
+        Transport::IsaSerial(path) => {
+            use tokio_serial::SerialPortBuilderExt;
+            let port = tokio_serial::new(path.to_string_lossy(), 38400)
+                .open_native_async()
+                .with_context(|| format!("cannot open serial port {}", path.display()))?;
+            notify_ready();
+            tracing::info!("answering guest-agent requests on {}", path.display());
+            serve_stream(agent, port)
+                .await
+                .with_context(|| format!("serial port {}", path.display()))
+        }
+    }
+}
+
+async fn serve_unix(agent: &mut Agent, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(m) = std::fs::symlink_metadata(path)
+        && m.file_type().is_socket()
+    {
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    notify_ready();
+    tracing::info!("answering guest-agent requests on {}", path.display());
+    loop {
+        let (stream, _) = listener
+            .accept()
+            .await
+            .with_context(|| format!("accept on {}", path.display()))?;
+        // One client at a time, as qemu-ga: the next waits in the backlog.
+        if let Err(e) = serve_stream(agent, stream).await {
+            tracing::debug!("client on {} went away: {e}", path.display());
+        }
+    }
+}
+
+/// Reads requests and writes replies until the peer closes the stream.
+pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    agent: &mut Agent,
+    mut stream: S,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    let mut out = Vec::new();
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        agent.handle_bytes(&buf[..n], &mut out).await;
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+    }
+}
+
+fn open_port(path: &Path) -> Result<AsyncFd<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::EBUSY) {
+                anyhow::anyhow!(
+                    "{} is busy: another guest agent (qemu-ga?) holds the port; stop it first",
+                    path.display()
+                )
+            } else {
+                anyhow::Error::new(e).context(format!("cannot open {}", path.display()))
+            }
+        })?;
+    // The File moves into the AsyncFd, so the fd stays open for its whole life; the
+    // replacement (`AsyncFd::register`) is `unsafe` only to promise exactly that.
+    #[allow(deprecated)]
+    AsyncFd::new(f).with_context(|| format!("cannot poll {}", path.display()))
+}
+
+/// virtio-serial: the port stays open. With no host client, reads return 0 and poll
+/// reports HUP; back off and read again. Only ENODEV (the device went away) reopens.
+async fn serve_virtio(agent: &mut Agent, path: &Path) -> Result<()> {
+    let mut port = open_port(path)?;
+    notify_ready();
+    tracing::info!("answering guest-agent requests on {}", path.display());
+    let mut buf = vec![0u8; 4096];
+    let mut out = Vec::new();
+    loop {
+        let mut guard = port.readable().await.context("poll")?;
+        let r = guard
+            .try_io(|fd| nix::unistd::read(fd.as_raw_fd(), &mut buf).map_err(std::io::Error::from));
+        match r {
+            Err(_would_block) => continue,
+            Ok(Ok(0)) => {
+                drop(guard);
+                tokio::time::sleep(HUP_BACKOFF).await;
+            }
+            Ok(Ok(n)) => {
+                drop(guard);
+                agent.handle_bytes(&buf[..n], &mut out).await;
+                if let Err(e) = write_port(&port, &out).await {
+                    tracing::warn!("{}: write failed: {e}", path.display());
+                }
+                out.clear();
+            }
+            Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::ENODEV) => {
+                drop(guard);
+                tracing::warn!("{} went away; reopening", path.display());
+                loop {
+                    tokio::time::sleep(HUP_BACKOFF * 10).await;
+                    if let Ok(p) = open_port(path) {
+                        port = p;
+                        break;
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                drop(guard);
+                tracing::debug!("{}: read: {e}", path.display());
+                tokio::time::sleep(HUP_BACKOFF).await;
+            }
+        }
+    }
+}
+
+async fn write_port(port: &AsyncFd<std::fs::File>, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        let mut guard = port.writable().await?;
+        match guard
+            .try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(std::io::Error::from))
+        {
+            Ok(Ok(n)) => data = &data[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+    Ok(())
+}
+
+/// Tells systemd (Type=notify) the port is open, with a plain datagram.
+fn notify_ready() {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot notify systemd: {e}");
+            return;
+        }
+    };
+    let t = target.to_string_lossy();
+    let r = if let Some(name) = t.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
+    } else {
+        sock.send_to(b"READY=1", &*t)
+    };
+    if let Err(e) = r {
+        tracing::warn!("cannot notify systemd at {t}: {e}");
+    }
+}
