@@ -53,7 +53,7 @@ pub enum Command {
     /// Define the machine as a libvirt domain
     Define(cmd::power::DefineArgs),
     /// Start the libvirt domain
-    Start(cmd::power::PowerArgs),
+    Start(cmd::power::StartArgs),
     /// Power the machine off cleanly (ACPI)
     Stop(cmd::power::PowerArgs),
     /// Power the machine off at once

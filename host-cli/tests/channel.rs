@@ -377,3 +377,62 @@ fn hello_from_a_foreign_product_uuid_is_refused() {
         "{log}"
     );
 }
+
+/// `seedctl serve --connect URI` finds each running domain's channel socket in its live
+/// XML (libvirt's test driver, loaded from a node file, stands in for libvirtd) and skips
+/// domains that have no machine directory.
+#[test]
+fn serve_finds_libvirt_domains_channel_sockets() {
+    common::require_tool("virsh");
+    let s = Scratch::new();
+    let uuid = web1(&s);
+    let sock = s.path().join("libvirt-web1-channel.sock");
+    let node = s.path().join("node.xml");
+    std::fs::write(
+        &node,
+        format!(
+            "<node>
+<domain type='test'><name>web1</name><memory>65536</memory><os><type>hvm</type></os>
+  <devices>
+    <channel type='unix'>
+      <source mode='bind' path='{}/qga.sock'/>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+    <channel type='unix'>
+      <source mode='bind' path='{}'/>
+      <target type='virtio' name='org.nixseed.channel.0'/>
+    </channel>
+  </devices>
+</domain>
+<domain type='test'><name>unmanaged</name><memory>65536</memory><os><type>hvm</type></os></domain>
+</node>
+",
+            s.path().display(),
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let listener = UnixListener::bind(&sock).unwrap();
+    let uri = format!("test://{}", node.display());
+    let serve = s
+        .cmd(&["--json", "serve", "--connect", &uri, "--once"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let Message::Push { bundle } = hello_and_answer(&listener, &uuid) else {
+        panic!("web1 must be answered with push")
+    };
+    assert_eq!(bundle.machine, "web1");
+    let out = serve.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&out);
+    assert_eq!(v["answers"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["answers"][0]["socket"], sock.display().to_string());
+    let log = String::from_utf8(out.stderr).unwrap();
+    assert!(log.contains("unmanaged: skipped"), "{log}");
+
+    // A named domain without a nixseed channel is an error that says what to do.
+    let err = s.fails(&["serve", "unmanaged", "--connect", &uri, "--once"]);
+    assert!(err.contains("machine `unmanaged` not found"), "{err}");
+}

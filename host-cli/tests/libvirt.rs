@@ -87,6 +87,27 @@ fn domain_xml_validates_for_uefi_and_direct_kernel_boot() {
             && kxml.contains("<cmdline>console=ttyS0 nixseed.debug=1</cmdline>")
     );
     assert!(kxml.contains("<source network='default'/>"));
+
+    // --seed-via channel: no cdrom; the MAC and the channel socket that `seedctl serve`
+    // reads back from the domain are there.
+    s.ok(&[
+        "xml",
+        "web1",
+        "-o",
+        "channel.xml",
+        "--kernel",
+        "/boot/vmlinuz",
+        "--seed-via",
+        "channel",
+    ]);
+    validate(&s, "channel.xml");
+    let cxml = std::fs::read_to_string(s.path().join("channel.xml")).unwrap();
+    assert!(!cxml.contains("device='cdrom'") && !cxml.contains("seed.iso"));
+    let sock = seedctl::channel::channel_socket_in_xml(&cxml).unwrap();
+    assert!(sock.ends_with("web1/libvirt-channel.sock"), "{sock}");
+    let list: serde_json::Value = serde_json::from_str(&s.ok(&["list", "--json"])).unwrap();
+    let mac = list["machines"][0]["mac"].as_str().unwrap();
+    assert!(cxml.contains(&format!("<mac address='{mac}'/>")), "{cxml}");
 }
 
 #[test]

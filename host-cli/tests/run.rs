@@ -160,3 +160,77 @@ fn direct_kernel_boot_writes_the_console_log() {
     s.ok(&["destroy", "web1"]);
     assert!(seen.contains("Linux version"), "{seen}");
 }
+
+/// `--seed-via channel`: no seed cdrom, the NIC carries the machine's MAC (the one the
+/// default network-config matches), and a background answerer holds the channel socket
+/// until QEMU is gone. Answering a real guest's hello is a vm-tests scenario.
+#[test]
+fn seed_via_channel_attaches_no_seed_and_answers_in_the_background() {
+    require_tool("qemu-system-x86_64");
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    machine(&s);
+    std::fs::remove_file(s.state("web1").join("seed.iso")).unwrap();
+    let out = s.ok(&[
+        "--json",
+        "run",
+        "web1",
+        "--detach",
+        "--memory",
+        "128",
+        "--accel",
+        "tcg",
+        "--seed-via",
+        "channel",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let sd = s.state("web1");
+    assert_eq!(v["seed_via"], "channel");
+    let blocks = qmp(&sd.join("qmp.sock"), "{\"execute\":\"query-block\"}").to_string();
+    assert!(blocks.contains("boot.qcow2"), "{blocks}");
+    assert!(
+        !blocks.contains("seed.iso") && !blocks.contains("\"removable\":true"),
+        "a seed cdrom is attached: {blocks}"
+    );
+    assert!(!sd.join("seed.iso").exists(), "no seed ISO is written");
+    let list: serde_json::Value = serde_json::from_str(&s.ok(&["list", "--json"])).unwrap();
+    let rx = qmp(&sd.join("qmp.sock"), "{\"execute\":\"query-rx-filter\"}");
+    assert_eq!(rx[0]["main-mac"], list["machines"][0]["mac"], "{rx}");
+
+    let answerer = v["answerer_pid"].as_u64().unwrap();
+    let log_path = sd.join("channel.log");
+    let t0 = std::time::Instant::now();
+    loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains("waiting for the guest's hello on") {
+            assert!(log.contains("web1"), "{log}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "answerer log: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.ok(&["destroy", "web1"]);
+    let gone = || {
+        let stat = std::fs::read_to_string(format!("/proc/{answerer}/stat")).unwrap_or_default();
+        stat.is_empty()
+            || stat
+                .rsplit(')')
+                .next()
+                .unwrap()
+                .trim_start()
+                .starts_with('Z')
+    };
+    let t0 = std::time::Instant::now();
+    while !gone() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the answerer outlived QEMU"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("QEMU exited"), "{log}");
+}

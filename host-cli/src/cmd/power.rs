@@ -9,6 +9,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::cmd::seed::{self, SeedFormat};
+use crate::cmd::serve::{Background, SeedVia, spawn_background};
 use crate::cmd::xml::{DomainArgs, domain_xml};
 use crate::libvirt::{self, virsh};
 use crate::machine::{Identity, Paths};
@@ -77,12 +78,76 @@ fn virsh_op(a: &PowerArgs, args: &[&str], done: &str) -> Result<Report> {
     ))
 }
 
-pub fn start(paths: &Paths, a: &PowerArgs) -> Result<Report> {
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl start web1
+  seedctl start web1 --seed-via channel --connect qemu+ssh://root@hv1/system")]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub power: PowerArgs,
+    /// How the identity reaches the guest at boot: the seed ISO as a cdrom, or the control
+    /// channel (the cdrom is ejected; a background `seedctl serve NAME --once` answers)
+    #[arg(long, value_enum, default_value_t = SeedVia::Iso)]
+    pub seed_via: SeedVia,
+}
+
+/// Makes the domain's persistent seed cdrom hold the seed ISO (`iso`) or nothing
+/// (`channel`): a guest that finds a seed disk never asks over the channel.
+fn set_seed_media(uri: &str, name: &str, seed: &std::path::Path, via: SeedVia) -> Result<()> {
+    let xml = virsh(uri, name, &["dumpxml", "--inactive", name])?;
+    if !xml.contains("device='cdrom'") {
+        return Ok(());
+    }
+    let seed = std::path::absolute(seed).unwrap_or_else(|_| seed.to_path_buf());
+    let seed = seed.display().to_string();
+    let attached = xml.contains(&format!("file='{seed}'"));
+    match via {
+        SeedVia::Channel if attached => {
+            virsh(
+                uri,
+                name,
+                &["change-media", name, &seed, "--eject", "--config"],
+            )?;
+        }
+        SeedVia::Iso if !attached => {
+            virsh(
+                uri,
+                name,
+                &["change-media", name, "sda", &seed, "--insert", "--config"],
+            )?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+pub fn start(paths: &Paths, a: &StartArgs) -> Result<Report> {
+    let name = &a.power.name;
+    let id = Identity::load(paths, name)?;
+    let sd = StateDir::new(paths, name);
+    let uri = libvirt::uri(a.power.connect.as_deref());
+    let seed_iso = sd.file(SEED_ISO);
     // Regenerate the seed so the domain boots with the current identity.
-    let id = Identity::load(paths, &a.name)?;
-    let sd = StateDir::new(paths, &a.name);
-    seed::write(&id, SeedFormat::Iso, &sd.file(SEED_ISO))?;
-    virsh_op(a, &["start", &a.name], "started")
+    if a.seed_via == SeedVia::Iso {
+        seed::write(&id, SeedFormat::Iso, &seed_iso)?;
+    }
+    set_seed_media(&uri, name, &seed_iso, a.seed_via)?;
+    let report = virsh_op(&a.power, &["start", name], "started")?;
+    if a.seed_via == SeedVia::Iso {
+        return Ok(report);
+    }
+    let (pid, log) = spawn_background(paths, name, Background::Libvirt { uri: &uri })?;
+    let mut json = report.json;
+    json["answerer_pid"] = json!(pid);
+    json["answerer_log"] = json!(log);
+    Ok(Report::new(
+        format!(
+            "{}\n  identity answers the guest's hello over the control channel (pid {pid}, log {})",
+            report.human,
+            log.display()
+        ),
+        json,
+    ))
 }
 
 pub fn undefine(_paths: &Paths, a: &PowerArgs) -> Result<Report> {

@@ -11,7 +11,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
+use crate::channel::{self, HelloTarget};
 use crate::cmd::seed::{self, SeedFormat};
+use crate::cmd::serve::{Background, SeedVia, spawn_background};
 use crate::machine::{Identity, Paths};
 use crate::output::Report;
 use crate::state::{
@@ -36,6 +38,7 @@ pub enum Accel {
   seedctl run web1 --kernel bzImage --initrd initrd.img --append 'console=ttyS0' --detach
   seedctl ssh web1
   seedctl stop web1
+  seedctl run web1 --seed-via channel --detach   # no seed disk: identity over the channel
 The serial console goes to STATE/NAME/console.log; the guest agent and the nixseed
 channel listen on STATE/NAME/qga.sock and channel.sock.")]
 pub struct RunArgs {
@@ -71,6 +74,10 @@ pub struct RunArgs {
     /// UEFI variable store template [default: probed]
     #[arg(long, value_name = "FILE")]
     pub ovmf_vars: Option<PathBuf>,
+    /// How the identity reaches the guest at boot: a seed ISO, or the control channel
+    /// (no seed disk; seedctl answers the guest's hello, in the background with --detach)
+    #[arg(long, value_enum, default_value_t = SeedVia::Iso)]
+    pub seed_via: SeedVia,
 }
 
 fn free_port() -> Result<u16> {
@@ -114,7 +121,10 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
         );
     }
     // Like Proxmox, regenerate the seed at every start so identity edits take effect.
-    let instance_id = seed::write(&id, SeedFormat::Iso, &sd.file(SEED_ISO))?;
+    let instance_id = match a.seed_via {
+        SeedVia::Iso => seed::write(&id, SeedFormat::Iso, &sd.file(SEED_ISO))?,
+        SeedVia::Channel => crate::nocloud::instance_id(&id),
+    };
     let accel = match a.accel {
         Accel::Kvm => "kvm",
         Accel::Tcg => "tcg",
@@ -152,14 +162,6 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
             &format!("file={},if=virtio,format=qcow2", path(VAR_DISK)),
         ])
         .args([
-            "-drive",
-            &format!(
-                "file={},if=none,id=seed,media=cdrom,readonly=on,format=raw",
-                path(SEED_ISO)
-            ),
-        ])
-        .args(["-device", "ide-cd,bus=ide.0,drive=seed"])
-        .args([
             "-netdev",
             &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:22"),
         ])
@@ -188,6 +190,16 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
             "virtserialport,bus=vser0.0,chardev=ch0,name=org.nixseed.channel.0",
         ])
         .args(["-device", "virtio-rng-pci"]);
+    if a.seed_via == SeedVia::Iso {
+        cmd.args([
+            "-drive",
+            &format!(
+                "file={},if=none,id=seed,media=cdrom,readonly=on,format=raw",
+                path(SEED_ISO)
+            ),
+        ])
+        .args(["-device", "ide-cd,bus=ide.0,drive=seed"]);
+    }
     match &a.kernel {
         Some(k) => {
             cmd.arg("-kernel").arg(k);
@@ -230,7 +242,7 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
     st.instance_id = Some(instance_id.clone());
     sd.save(&st)?;
 
-    let summary = json!({
+    let mut summary = json!({
         "machine": a.name,
         "accel": accel,
         "ssh_port": port,
@@ -240,8 +252,9 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
         "pidfile": sd.file(PIDFILE),
         "known_hosts": known_hosts,
         "instance_id": instance_id,
+        "seed_via": format!("{:?}", a.seed_via).to_lowercase(),
     });
-    let human = format!(
+    let mut human = format!(
         "machine `{}` running under QEMU ({accel})\n  ssh      seedctl ssh {}   (127.0.0.1:{port}, host key pinned in {})\n  console  {}\n  agent    seedctl agent {} ping   ({})",
         a.name,
         a.name,
@@ -250,18 +263,66 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
         a.name,
         path(QGA_SOCK)
     );
+    let socket = channel::socket_path(paths, &a.name, None, None)?;
     if a.detach {
         cmd.arg("-daemonize").stdin(Stdio::null());
         tools::run(&mut cmd).with_context(|| format!("machine `{}`: starting QEMU", a.name))?;
+        if a.seed_via == SeedVia::Channel {
+            let qemu_pid = sd.running_pid().with_context(|| {
+                format!(
+                    "machine `{}`: QEMU left no live pid in {}",
+                    a.name,
+                    path(PIDFILE)
+                )
+            })?;
+            let (pid, log) = spawn_background(
+                paths,
+                &a.name,
+                Background::Local {
+                    socket: &socket,
+                    qemu_pid,
+                },
+            )?;
+            human.push_str(&format!(
+                "\n  identity answers the guest's hello on {} (pid {pid}, log {})",
+                socket.display(),
+                log.display()
+            ));
+            summary["answerer_pid"] = json!(pid);
+            summary["answerer_log"] = json!(log);
+        }
         Ok(Report::new(human, summary))
     } else {
         eprintln!("{human}\n  (Ctrl-C or `seedctl stop {}` ends it)", a.name);
-        let status = cmd.stdin(Stdio::null()).status().with_context(|| {
+        let mut child = cmd.stdin(Stdio::null()).spawn().with_context(|| {
             format!(
                 "machine `{}`: starting {QEMU}; install qemu-system-x86",
                 a.name
             )
         })?;
+        let answerer = (a.seed_via == SeedVia::Channel).then(|| {
+            let target = HelloTarget {
+                paths: paths.clone(),
+                name: a.name.clone(),
+                socket: socket.clone(),
+                qemu_pid: i32::try_from(child.id()).ok(),
+            };
+            std::thread::spawn(move || {
+                let log = |line: &str| eprintln!("seedctl: {line}");
+                channel::answer_hellos(&target, true, &log)
+            })
+        });
+        let status = child
+            .wait()
+            .with_context(|| format!("machine `{}`: waiting for QEMU", a.name))?;
+        if let Some(h) = answerer {
+            match h.join() {
+                Ok(Ok(Some(ans))) => summary["answer"] = json!(ans),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => eprintln!("seedctl: {e:#}"),
+                Err(_) => eprintln!("seedctl: machine `{}`: the answerer crashed", a.name),
+            }
+        }
         let _ = std::fs::remove_file(sd.file(PIDFILE));
         if !status.success() {
             bail!(

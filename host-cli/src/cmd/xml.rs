@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
+use crate::cmd::serve::SeedVia;
 use crate::firmware;
 use crate::machine::{Identity, Paths};
 use crate::output::Report;
@@ -59,6 +60,10 @@ pub struct DomainArgs {
     /// UEFI variable store template [default: probed]
     #[arg(long, value_name = "FILE")]
     pub ovmf_vars: Option<PathBuf>,
+    /// How the identity reaches the guest at boot: the seed ISO as a cdrom, or the control
+    /// channel (no cdrom; `seedctl start --seed-via channel` or `seedctl serve` answers)
+    #[arg(long, value_enum, default_value_t = SeedVia::Iso)]
+    pub seed_via: SeedVia,
 }
 
 #[derive(Debug, Args)]
@@ -149,11 +154,13 @@ pub fn domain_xml(id: &Identity, sd: &StateDir, d: &DomainArgs) -> Result<String
             p(&f(file))
         );
     }
-    let _ = writeln!(
-        x,
-        "    <disk type='file' device='cdrom'>\n      <driver name='qemu' type='raw'/>\n      <source file='{}'/>\n      <target dev='sda' bus='sata'/>\n      <readonly/>\n    </disk>",
-        p(&f(SEED_ISO))
-    );
+    if d.seed_via == SeedVia::Iso {
+        let _ = writeln!(
+            x,
+            "    <disk type='file' device='cdrom'>\n      <driver name='qemu' type='raw'/>\n      <source file='{}'/>\n      <target dev='sda' bus='sata'/>\n      <readonly/>\n    </disk>",
+            p(&f(SEED_ISO))
+        );
+    }
     match d.net {
         NetMode::User => {
             let _ = writeln!(
