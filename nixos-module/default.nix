@@ -343,6 +343,8 @@ in
           '';
 
         systemd.packages = [ cfg.package ];
+        # `nixseed-agent status` and `render` for the operator.
+        environment.systemPackages = [ cfg.package ];
 
         systemd.services.nixseed-apply = {
           wantedBy = [ "sysinit.target" ];

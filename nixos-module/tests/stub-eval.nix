@@ -62,6 +62,7 @@ let
             }
           )
         )) { };
+        environment.systemPackages = list;
         networking = {
           hostName = opt types.str "nixos";
           useNetworkd = opt types.bool false;

@@ -1,0 +1,88 @@
+# An immutable NixOS VM in the shape nixseed is built for: a read-only root shared by
+# every VM, a writable /var disk per VM (identity, logs, homes), the identity applied in
+# the systemd initrd, an immutable /etc overlay. `nix build .#nixseed-image` builds its
+# qcow2; `seedctl create NAME --base result/nixseed-base.qcow2` gives it a /var disk and
+# a seed.
+{ lib, modulesPath, ... }:
+
+{
+  imports = [
+    "${modulesPath}/profiles/qemu-guest.nix"
+    ./image.nix
+  ];
+
+  services.nixseed = {
+    enable = true;
+    firewall.enable = true;
+    ssh.user = "user";
+  };
+
+  fileSystems = {
+    "/" = {
+      device = "/dev/disk/by-label/nixos";
+      fsType = "ext4";
+      options = [
+        "ro"
+        "noatime"
+      ];
+    };
+    "/boot" = {
+      device = "/dev/disk/by-label/ESP";
+      fsType = "vfat";
+      options = [
+        "ro"
+        "umask=0077"
+      ];
+    };
+    # The disk `seedctl create` makes: ext4 labelled nixseed-var.
+    "/var" = {
+      device = "/dev/disk/by-label/nixseed-var";
+      fsType = "ext4";
+      options = [ "noatime" ];
+      neededForBoot = true;
+    };
+    "/home" = {
+      device = "/var/home";
+      fsType = "none";
+      options = [ "bind" ];
+      depends = [ "/var" ];
+    };
+  };
+  # The /var disk starts empty; the bind source must exist before /home is mounted.
+  boot.initrd.systemd.tmpfiles.settings.nixseed."/sysroot/var/home".d.mode = "0755";
+
+  boot.loader.systemd-boot.enable = true;
+  boot.loader.efi.canTouchEfiVariables = false;
+  boot.initrd.systemd.enable = true;
+  boot.growPartition = false;
+
+  system.etc.overlay = {
+    enable = true;
+    mutable = false;
+  };
+  services.userborn.enable = true;
+
+  services.journald.extraConfig = ''
+    Storage=persistent
+  '';
+
+  services.openssh = {
+    enable = true;
+    settings = {
+      PasswordAuthentication = false;
+      KbdInteractiveAuthentication = false;
+      PermitRootLogin = "prohibit-password";
+    };
+  };
+  users.users.user = {
+    isNormalUser = true;
+    extraGroups = [ "wheel" ];
+  };
+
+  # The store is read-only here: nothing to collect or optimise.
+  nix.gc.automatic = false;
+  nix.optimise.automatic = false;
+
+  documentation.enable = false;
+  system.stateVersion = "25.11";
+}
