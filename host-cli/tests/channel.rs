@@ -436,3 +436,113 @@ fn serve_finds_libvirt_domains_channel_sockets() {
     let err = s.fails(&["serve", "unmanaged", "--connect", &uri, "--once"]);
     assert!(err.contains("machine `unmanaged` not found"), "{err}");
 }
+
+/// The whole first-boot path with the real agent: its `initrd` stage finds no seed disk,
+/// opens the `org.nixseed.channel.0` port (a pty here, where a VM has a virtio-serial
+/// node) and says hello; the test bridges the port to a unix socket as QEMU's chardev
+/// does, and `seedctl serve --once` answers. The guest ends up with the machine's
+/// identity and `seedctl status` agrees.
+#[test]
+fn first_boot_identity_from_serve_through_the_real_agent() {
+    use nix::pty::openpty;
+    use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+
+    let s = Scratch::new();
+    let uuid = web1(&s);
+    let root = s.path().join("guest");
+    for d in [
+        "sysroot/etc",
+        "sysroot/var",
+        "run",
+        "host/proc",
+        "host/dev",
+        "host/sys/class/dmi/id",
+        "host/sys/class/block",
+        "host/sys/class/virtio-ports/vport1p1",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for f in ["machine-id", "hostname", "resolv.conf", "hosts"] {
+        std::fs::write(root.join("sysroot/etc").join(f), "").unwrap();
+    }
+    std::fs::write(root.join("host/proc/cmdline"), "console=ttyS0\n").unwrap();
+    std::fs::write(
+        root.join("host/sys/class/dmi/id/product_uuid"),
+        format!("{uuid}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("host/sys/class/virtio-ports/vport1p1/name"),
+        "org.nixseed.channel.0\n",
+    )
+    .unwrap();
+
+    let pty = openpty(None, None).unwrap();
+    let mut t = tcgetattr(&pty.slave).unwrap();
+    cfmakeraw(&mut t);
+    tcsetattr(&pty.slave, SetArg::TCSANOW, &t).unwrap();
+    let slave_path = std::fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&pty.slave)
+    ))
+    .unwrap();
+    std::os::unix::fs::symlink(&slave_path, root.join("host/dev/vport1p1")).unwrap();
+
+    // QEMU's side: a chardev socket bridged to the port.
+    let sock = s.state("web1").join("channel.sock");
+    std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+    let listener = UnixListener::bind(&sock).unwrap();
+    let master = std::fs::File::from(pty.master);
+    std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut to_guest = master.try_clone().unwrap();
+        let mut from_host = conn.try_clone().unwrap();
+        std::thread::spawn(move || std::io::copy(&mut from_host, &mut to_guest));
+        let (mut from_guest, mut to_host) = (master, conn);
+        let _ = std::io::copy(&mut from_guest, &mut to_host);
+    });
+
+    let serve = s
+        .cmd(&["--json", "serve", "--local", "web1", "--once"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let agent = agent_binary();
+    let out = Command::new("unshare")
+        .args(["-m", "-u"])
+        .arg(&agent)
+        .arg("initrd")
+        .arg("--sysroot")
+        .arg(root.join("sysroot"))
+        .arg("--root")
+        .arg(root.join("host"))
+        .arg("--run")
+        .arg(root.join("run"))
+        .args(["--channel-wait", "10"])
+        .output()
+        .unwrap();
+    let agent_log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{agent_log}");
+    assert!(
+        agent_log.contains("identity for web1 received"),
+        "{agent_log}"
+    );
+    let served = serve.wait_with_output().unwrap();
+    assert!(served.status.success(), "{served:?}");
+    assert_eq!(json(&served)["answers"][0]["answer"], "push");
+
+    let var = root.join("sysroot/var/identity");
+    for f in ["machine-id", "ssh_host_ed25519_key.pub", "tcp_ports"] {
+        assert_eq!(
+            std::fs::read_to_string(var.join(f)).unwrap(),
+            std::fs::read_to_string(s.machine("web1").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(var.join("hostname")).unwrap(),
+        "web1\n"
+    );
+    drop(pty.slave);
+}
