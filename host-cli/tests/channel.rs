@@ -528,6 +528,9 @@ fn first_boot_identity_from_serve_through_the_real_agent() {
         agent_log.contains("identity for web1 received"),
         "{agent_log}"
     );
+    if let Some(line) = agent_log.lines().find(|l| l.contains("received")) {
+        eprintln!("agent: {line}");
+    }
     let served = serve.wait_with_output().unwrap();
     assert!(served.status.success(), "{served:?}");
     assert_eq!(json(&served)["answers"][0]["answer"], "push");
