@@ -141,7 +141,8 @@ fn disk_addresses(kname: &str, depth: u32, out: &mut Vec<Value>) {
 pub fn get_fsinfo(_: &mut Agent, args: Args) -> CmdResult {
     args.finish()?;
     let mut out = Vec::new();
-    for m in device_mounts() {
+    // Last mounted first, as qemu-ga lists them.
+    for m in device_mounts().into_iter().rev() {
         let Some(kname) = kname_of(m.major, m.minor) else {
             continue;
         };

@@ -77,7 +77,10 @@ pub fn get_interfaces(_: &mut Agent, args: Args) -> CmdResult {
         .into_iter()
         .filter_map(|name| {
             let mut m = ifaces.remove(&name)?;
-            if let Some(s) = stats.get(&name) {
+            // qemu-ga reports counters only for interfaces with an address.
+            if m.contains_key("ip-addresses")
+                && let Some(s) = stats.get(&name)
+            {
                 let keys = [
                     "rx-bytes",
                     "rx-packets",

@@ -151,7 +151,8 @@ pub fn get_vcpus(_: &mut Agent, args: Args) -> CmdResult {
                 .and_then(|n| n.parse().ok())
         })
         .collect();
-    ids.sort_unstable();
+    // Highest first, the order qemu-ga reports.
+    ids.sort_unstable_by(|a, b| b.cmp(a));
     let cpus: Vec<Value> = ids
         .into_iter()
         .map(|id| {

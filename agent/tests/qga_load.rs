@@ -1,0 +1,88 @@
+//! Load and fault tolerance of `nixseed-agent serve` on unix-listen: 100 000 requests
+//! pipelined over one connection and 1 000 reconnects, every reply accounted for.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn hundred_thousand_requests_and_a_thousand_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nixseed-agent"))
+        .args(["serve", "-m", "unix-listen", "-t"])
+        .arg(dir.path().join("state"))
+        .arg("-p")
+        .arg(&sock)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "agent did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut batch = Vec::new();
+        for i in 0..100_000u32 {
+            batch
+                .extend_from_slice(format!("{{\"execute\":\"guest-ping\",\"id\":{i}}}").as_bytes());
+            if batch.len() > 16 << 10 {
+                w.write_all(&batch).unwrap();
+                batch.clear();
+            }
+        }
+        w.write_all(&batch).unwrap();
+    });
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    for i in 0..100_000u32 {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("{{\"return\": {{}}, \"id\": {i}}}\n"));
+    }
+    writer.join().unwrap();
+    drop(r);
+
+    for i in 0..1000u32 {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // Proxmox style: a raw 0xFF, then guest-sync-delimited.
+        let mut req = vec![0xFFu8];
+        req.extend_from_slice(
+            format!("{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{i}}}}}")
+                .as_bytes(),
+        );
+        s.write_all(&req).unwrap();
+        let mut r = BufReader::new(s);
+        let mut err = String::new();
+        r.read_line(&mut err).unwrap();
+        assert!(err.contains("stray"), "{err}");
+        let mut buf = Vec::new();
+        r.read_until(b'\n', &mut buf).unwrap();
+        let mut want = vec![0xFFu8];
+        want.extend_from_slice(format!("{{\"return\": {i}}}\n").as_bytes());
+        assert_eq!(buf, want);
+        if i % 10 == 0 {
+            // Leave half a request behind: the parser state belongs to the agent, so
+            // the next client's 0xFF must clear it.
+            r.get_mut().write_all(b"{\"execute\":\"guest-pi").unwrap();
+        }
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert!(
+        child.wait().unwrap().success(),
+        "agent exits cleanly on SIGTERM"
+    );
+}
