@@ -470,7 +470,10 @@ pub fn answer_hellos(
                 }
             };
             let reply = answer_hello(&id, product_uuid.as_deref());
-            chan.send(&reply)?;
+            if let Err(e) = chan.send(&reply) {
+                log(&format!("{e:#}; reconnecting"));
+                break;
+            }
             last_answer = Some(Instant::now());
             let answer = Answer {
                 machine: t.name.clone(),
