@@ -3,6 +3,8 @@
 //! agree once times, counters and versions are masked. Every deliberate difference is
 //! normalised below with its reason, and listed in docs/guest-agent.md.
 
+#![allow(clippy::unwrap_used)] // test scaffolding: a failed setup step should fail the test loudly
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

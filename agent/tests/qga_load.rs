@@ -1,6 +1,8 @@
 //! Load and fault tolerance of `nixseed-agent serve` on unix-listen: 100 000 requests
 //! pipelined over one connection and 1 000 reconnects, every reply accounted for.
 
+#![allow(clippy::unwrap_used)] // test scaffolding: a failed setup step should fail the test loudly
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
