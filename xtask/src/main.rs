@@ -13,7 +13,9 @@ const USAGE: &str = "usage: cargo xtask <deps|demo|test|bench|dist|fuzz> [args]
   test [--no-vm] [SCENARIO...]
                 fmt + clippy + unit/integration tests + real-VM scenarios
   bench         benchmarks against cloud-init and qemu-ga; markdown tables
-  dist          build the static, stripped nixseed-agent and print its size";
+  dist          build the static, stripped nixseed-agent and print its size
+  fuzz [--minutes N] [TARGET...]
+                run the cargo-fuzz targets (default: every target, 20 s each)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,6 +25,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench(),
         Some("dist") => dist().map(|_| ()),
+        Some("fuzz") => fuzz(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -96,6 +99,72 @@ fn test(args: &[String]) -> Result<()> {
     let mut h = vec!["test"];
     h.extend(scenarios);
     harness(&h)
+}
+
+/// The cargo-fuzz targets (fuzz/fuzz_targets), each started from its committed corpus.
+const FUZZ_TARGETS: &[&str] = &[
+    "user_data",
+    "meta_data",
+    "network_config",
+    "eni",
+    "superblock_label",
+    "channel_decoder",
+    "seed_compose",
+];
+
+fn fuzz(args: &[String]) -> Result<()> {
+    let mut minutes: Option<f64> = None;
+    let mut targets: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--minutes" {
+            minutes = Some(
+                it.next()
+                    .and_then(|m| m.parse().ok())
+                    .context("--minutes takes a number")?,
+            );
+        } else {
+            targets.push(a.clone());
+        }
+    }
+    if targets.is_empty() {
+        targets = FUZZ_TARGETS.iter().map(|t| t.to_string()).collect();
+    }
+    let seconds_each = match minutes {
+        Some(m) => ((m * 60.0) / targets.len() as f64).max(5.0) as u64,
+        None => 20,
+    };
+    let have = Command::new("cargo").args(["fuzz", "--version"]).output();
+    if !have.map(|o| o.status.success()).unwrap_or(false) {
+        let mut install = Command::new("cargo");
+        install.args(["install", "cargo-fuzz", "--locked"]);
+        run(install, "cargo install cargo-fuzz")?;
+    }
+    for t in &targets {
+        // New inputs go to the working corpus (not committed); the reviewed seeds in
+        // fuzz/seeds/<target> are read as a second corpus.
+        let corpus = root().join("fuzz/corpus").join(t);
+        let seeds = root().join("fuzz/seeds").join(t);
+        std::fs::create_dir_all(&corpus)?;
+        std::fs::create_dir_all(&seeds)?;
+        let mut c = Command::new("cargo");
+        // cargo-fuzz needs nightly flags; the stable toolchain accepts them with
+        // RUSTC_BOOTSTRAP, so no second toolchain is needed.
+        c.current_dir(root().join("fuzz"))
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", "-O", t])
+            .arg(&corpus)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds_each}"))
+            .arg("-print_final_stats=1");
+        run(c, &format!("fuzz {t} for {seconds_each} s"))?;
+    }
+    println!(
+        "fuzz: {} targets, {seconds_each} s each, no crash",
+        targets.len()
+    );
+    Ok(())
 }
 
 fn dist() -> Result<PathBuf> {
