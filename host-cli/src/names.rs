@@ -21,42 +21,14 @@ pub fn check_machine_name(name: &str) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("machine name `{name}` is not a valid hostname: {e}"))
 }
 
-/// RFC 1123 hostname: dot-separated labels of 1..=63 `[A-Za-z0-9-]`, no leading or
-/// trailing `-`, at most 253 characters.
+/// RFC 1123 hostname, by the same rule the agent applies to seeds.
 pub fn check_hostname(host: &str) -> Result<()> {
-    if host.is_empty() || host.len() > 253 {
-        bail!("hostname must have 1 to 253 characters");
-    }
-    for label in host.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            bail!("hostname label `{label}` must have 1 to 63 characters");
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            bail!("hostname label `{label}` starts or ends with `-`");
-        }
-        if let Some(c) = label
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
-        {
-            bail!("hostname label `{label}` contains `{c}`; use letters, digits and `-`");
-        }
-    }
-    Ok(())
+    nixseed_core::identity::check_hostname(host).map_err(anyhow::Error::msg)
 }
 
-/// systemd's machine-id(5): 32 lowercase hex digits, not all zero.
+/// systemd's machine-id(5): 32 lowercase hex digits, not all zero (the agent's rule).
 pub fn check_machine_id(id: &str) -> Result<()> {
-    if id.len() != 32
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        bail!("`{id}` is not 32 lowercase hexadecimal digits");
-    }
-    if id.bytes().all(|b| b == b'0') {
-        bail!("the all-zero machine-id is reserved by systemd");
-    }
-    Ok(())
+    nixseed_core::identity::check_machine_id(id).map_err(anyhow::Error::msg)
 }
 
 /// An RFC 4122 UUID in its canonical lowercase 8-4-4-4-12 text form.
@@ -75,34 +47,17 @@ pub fn check_uuid(uuid: &str) -> Result<()> {
     Ok(())
 }
 
-/// One line of `tcp_ports`/`udp_ports`: a port `N` or an inclusive range `N-M`.
+/// One line of `tcp_ports`/`udp_ports`: a port `N` or an inclusive range `N-M`, written
+/// exactly in the canonical form the agent writes back.
 pub fn check_port_line(line: &str) -> Result<()> {
-    let parse = |s: &str| -> Result<u16> {
-        match s.parse::<u16>() {
-            Ok(p) if p > 0 => Ok(p),
-            _ => bail!("`{s}` is not a port number between 1 and 65535"),
-        }
-    };
-    match line.split_once('-') {
-        None => parse(line).map(|_| ()),
-        Some((a, b)) => {
-            let (a, b) = (parse(a)?, parse(b)?);
-            if a > b {
-                bail!("port range `{line}` runs backwards; write the lower port first");
-            }
-            Ok(())
-        }
+    let canonical = nixseed_core::identity::check_port(line).map_err(anyhow::Error::msg)?;
+    if canonical != line {
+        bail!("port line `{line}` is not in canonical form; write `{canonical}`");
     }
+    Ok(())
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
+pub use nixseed_core::seed::hex;
 
 /// A random version-4 UUID (RFC 4122 variant bits set).
 pub fn random_uuid() -> Result<String> {
@@ -121,15 +76,10 @@ pub fn random_uuid() -> Result<String> {
     ))
 }
 
-/// A random machine-id (never all zero: retried on the 2^-128 chance).
-pub fn random_machine_id() -> Result<String> {
-    loop {
-        let mut b = [0u8; 16];
-        getrandom::getrandom(&mut b).map_err(|e| anyhow::anyhow!("reading random bytes: {e}"))?;
-        if b.iter().any(|x| *x != 0) {
-            return Ok(hex(&b));
-        }
-    }
+/// A random machine-id, as the agent makes them.
+pub fn random_machine_id() -> String {
+    use nixseed_core::identity::Fresh;
+    nixseed_core::fresh::OsFresh.machine_id()
 }
 
 #[cfg(test)]
@@ -153,7 +103,7 @@ mod tests {
         assert!(check_machine_id("00000000000000000000000000000000").is_err());
         assert!(check_machine_id("0123456789ABCDEF0123456789abcdef").is_err());
         assert!(check_machine_id("0123").is_err());
-        let id = random_machine_id().unwrap();
+        let id = random_machine_id();
         assert!(check_machine_id(&id).is_ok());
     }
 

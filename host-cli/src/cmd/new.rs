@@ -4,12 +4,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use nixseed_core::identity::Fresh;
 use nixseed_core::identity::{
     ADMIN_KEYS, HOSTNAME, HOSTS, MACHINE_ID, RESOLV_CONF, SSH_HOST_KEY, SSH_HOST_KEY_PUB,
     TCP_PORTS, UDP_PORTS, USER_KEYS, mode_of,
 };
 use serde_json::json;
-use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
 use crate::fsutil::{sync_dir, write_atomic};
 use crate::machine::{DEFAULT_NIX, META_NIX, PRODUCT_UUID, Paths, parse_authorized_key};
@@ -105,7 +105,7 @@ fn render_files(a: &NewArgs) -> Result<Vec<(&'static str, Vec<u8>)>> {
             names::check_machine_id(id).context("--machine-id")?;
             id.clone()
         }
-        None => names::random_machine_id()?,
+        None => names::random_machine_id(),
     };
     for p in a.tcp_ports.iter().chain(&a.udp_ports) {
         names::check_port_line(p).with_context(|| format!("port `{p}`"))?;
@@ -117,16 +117,9 @@ fn render_files(a: &NewArgs) -> Result<Vec<(&'static str, Vec<u8>)>> {
     let admin = expand_keys(&a.admin_keys, "admin")?;
     let user = expand_keys(&a.user_keys, "user")?;
 
-    let mut key = PrivateKey::random(&mut rand_core::OsRng, Algorithm::Ed25519)
-        .context("generating the ed25519 host key")?;
-    key.set_comment(format!("root@{hostname}"));
-    let private = key
-        .to_openssh(LineEnding::LF)
-        .context("encoding the host key")?;
-    let public = key
-        .public_key()
-        .to_openssh()
-        .context("encoding the host public key")?;
+    let (private, public) = nixseed_core::fresh::OsFresh
+        .host_key(&format!("root@{hostname}"))
+        .map_err(|e| anyhow::anyhow!("generating the ed25519 host key: {e}"))?;
 
     let short = hostname.split('.').next().unwrap_or(&hostname).to_owned();
     let hosts = if a.hosts_lines.is_empty() {

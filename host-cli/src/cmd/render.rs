@@ -5,10 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
-use nixseed_core::identity::{ComposeContext, Fresh, IdentityTree, compose};
+use nixseed_core::identity::{ComposeContext, IdentityTree, compose};
 use nixseed_core::seed::Seed;
 use serde_json::json;
-use ssh_key::{Algorithm, LineEnding, PrivateKey};
 
 use crate::fsutil::write_atomic;
 use crate::machine::{Identity, Paths};
@@ -27,25 +26,6 @@ pub struct RenderArgs {
     pub out: PathBuf,
 }
 
-/// Fresh values from the OS RNG; only used for what a seed does not carry (seedctl's
-/// seeds carry machine-id and host key, so normally nothing).
-struct OsFresh;
-
-impl Fresh for OsFresh {
-    fn machine_id(&mut self) -> String {
-        crate::names::random_machine_id().unwrap_or_default()
-    }
-
-    fn host_key(&mut self, comment: &str) -> Result<(String, String), String> {
-        let mut key = PrivateKey::random(&mut rand_core::OsRng, Algorithm::Ed25519)
-            .map_err(|e| e.to_string())?;
-        key.set_comment(comment);
-        let private = key.to_openssh(LineEnding::LF).map_err(|e| e.to_string())?;
-        let public = key.public_key().to_openssh().map_err(|e| e.to_string())?;
-        Ok((private.to_string(), public))
-    }
-}
-
 /// The seed a guest reads for this machine and the identity tree it composes from it,
 /// by nixseed-core's own code. `seedctl status` compares a guest against this tree.
 pub fn expected_tree(id: &Identity) -> Result<(Seed, IdentityTree)> {
@@ -57,8 +37,13 @@ pub fn expected_tree(id: &Identity) -> Result<(Seed, IdentityTree)> {
             id.name
         )
     })?;
-    let tree = compose(&seed, None, &ComposeContext::default(), &mut OsFresh)
-        .map_err(|e| anyhow!("machine `{}`: composing the identity: {e}", id.name))?;
+    let tree = compose(
+        &seed,
+        None,
+        &ComposeContext::default(),
+        &mut nixseed_core::fresh::OsFresh,
+    )
+    .map_err(|e| anyhow!("machine `{}`: composing the identity: {e}", id.name))?;
     Ok((seed, tree))
 }
 
