@@ -512,3 +512,51 @@ fn trusted_keys_accept_signed_seeds_and_refuse_the_rest() {
     );
     assert_eq!(vm.generation(), "gen-1");
 }
+
+#[test]
+fn identity_dir_owned_by_another_user_or_world_writable_is_refused() {
+    let vm = Vm::new();
+    vm.boot();
+    let dir = vm.p("sysroot/var/identity");
+    std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=1"), "{s}");
+    assert!(
+        stderr(&out).contains("is owned by uid 65534"),
+        "{}",
+        stderr(&out)
+    );
+    std::os::unix::fs::chown(&dir, Some(0), None).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=1"), "{s}");
+    assert!(
+        stderr(&out).contains("writable by group or others"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn write_files_land_under_var_once_per_instance() {
+    let vm = Vm::new();
+    vm.seed(
+        "instance-id: iid-1\n",
+        "#cloud-config\nhostname: web1\nwrite_files:\n  - path: /var/lib/app/token\n    content: s3cret\n    permissions: '0600'\n",
+        None,
+    );
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    let f = vm.p("sysroot/var/lib/app/token");
+    assert_eq!(std::fs::read(&f).unwrap(), b"s3cret");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The operator changes the file; a reboot of the same instance leaves it alone.
+    std::fs::write(&f, "rotated").unwrap();
+    vm.boot();
+    assert_eq!(std::fs::read(&f).unwrap(), b"rotated");
+}
