@@ -93,6 +93,11 @@ impl Harness {
             Err(e) => bail!("{e:#}\n{}", vm.diagnostics()),
         };
         let boot_to_sshd = vm.started.elapsed();
+        eprintln!(
+            "vm-tests: {}: sshd answered with the pinned key after {:.1} s",
+            m.name,
+            boot_to_sshd.as_secs_f64()
+        );
         let ssh = Ssh::pinned(port, self.key.clone(), &seen, &m.state)?;
         Ok(Booted {
             vm,
@@ -106,8 +111,15 @@ impl Booted {
     /// Powers the guest off from inside and waits for QEMU to exit.
     pub fn poweroff(mut self) -> Result<()> {
         // The connection may drop before ssh sees an exit status: only QEMU's exit counts.
+        let t = Instant::now();
         let _ = self.ssh.output("systemctl poweroff --no-block");
-        self.vm.wait_exit(Duration::from_secs(180)).map(|_| ())
+        self.vm.wait_exit(Duration::from_secs(180))?;
+        eprintln!(
+            "vm-tests: {}: powered off in {:.1} s",
+            self.vm.config.name,
+            t.elapsed().as_secs_f64()
+        );
+        Ok(())
     }
 }
 
