@@ -1,13 +1,14 @@
 //! The nixseed control channel in the running guest: `status`, `push` (a bundle applied
 //! through the same code path as a seed ISO, then the affected services reloaded) and
-//! `rollback`. Transport-agnostic: [`serve_stream`] runs over any byte stream.
+//! `rollback`, served on the same transports as the guest agent ([`ChannelService`]).
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use nixseed_core::channel::{Decoder, Message, encode};
 use nixseed_core::seed::Seed;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::serve::{ByteService, Method, Transport, serve_transport};
 
 use crate::sources::Env;
 use crate::stage::{self, StageOptions, Timer};
@@ -145,81 +146,55 @@ async fn applied(
     })
 }
 
-/// Serves requests from one byte stream until it ends. Framing errors are answered with
-/// an `error` message and the stream goes on.
-pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    ctx: &ChannelContext,
-) -> Result<()> {
-    let mut decoder = Decoder::default();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = stream
-            .read(&mut buf)
-            .await
-            .context("control channel read")?;
-        if n == 0 {
-            return Ok(());
+/// The control channel as a [`ByteService`]: frames in, replies out.
+pub struct ChannelService {
+    decoder: Decoder,
+    ctx: ChannelContext,
+}
+
+impl ChannelService {
+    pub fn new(ctx: ChannelContext) -> ChannelService {
+        ChannelService {
+            decoder: Decoder::default(),
+            ctx,
         }
-        decoder.push(&buf[..n]);
+    }
+}
+
+impl ByteService for ChannelService {
+    async fn handle_bytes(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        self.decoder.push(input);
         loop {
-            let reply = match decoder.next_message() {
-                Ok(Some(msg)) => handle(msg, ctx).await,
+            let reply = match self.decoder.next_message() {
+                Ok(Some(msg)) => handle(msg, &self.ctx).await,
                 Ok(None) => break,
+                // A length-prefixed stream cannot resynchronise: answer, start afresh.
                 Err(e) => Message::Error {
                     message: e.to_string(),
                 },
             };
-            stream
-                .write_all(&encode(&reply))
-                .await
-                .context("control channel write")?;
-            stream.flush().await?;
+            out.extend(encode(&reply));
         }
     }
-}
 
-/// How the channel reaches the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Method {
-    /// The virtio-serial port, kept open across host reconnects.
-    VirtioSerial,
-    /// A unix socket the host connects to (tests, or a vsock/serial bridge).
-    UnixListen,
+    fn peer_closed(&mut self) {
+        self.decoder = Decoder::default();
+    }
 }
 
 pub const DEFAULT_PORT: &str = "/dev/virtio-ports/org.nixseed.channel.0";
 
-/// Serves the control channel forever.
-pub async fn run(method: Method, path: &std::path::Path, ctx: &ChannelContext) -> Result<()> {
-    match method {
-        Method::UnixListen => {
-            let _ = std::fs::remove_file(path);
-            let listener = tokio::net::UnixListener::bind(path)
-                .with_context(|| format!("cannot listen on {}", path.display()))?;
-            tracing::info!("control channel listening on {}", path.display());
-            loop {
-                let (stream, _) = listener.accept().await?;
-                if let Err(e) = serve_stream(stream, ctx).await {
-                    tracing::warn!("control channel client: {e:#}");
-                }
-            }
-        }
-        Method::VirtioSerial => {
-            let mut port = tokio::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .await
-                .with_context(|| format!("cannot open the control channel {}", path.display()))?;
-            tracing::info!("control channel on {}", path.display());
-            loop {
-                // EOF means no host is connected: keep the port open and look again soon.
-                if let Err(e) = serve_stream(&mut port, ctx).await {
-                    tracing::warn!("control channel: {e:#}");
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
-    }
+/// Serves the control channel alone (`nixseed-agent channel`).
+pub async fn run(method: Method, path: &std::path::Path, ctx: ChannelContext) -> Result<()> {
+    let transport = match method {
+        Method::UnixListen => Transport::UnixListen(path.to_path_buf()),
+        _ => Transport::VirtioSerial(path.to_path_buf()),
+    };
+    serve_transport(
+        &mut ChannelService::new(ctx),
+        &transport,
+        true,
+        "control-channel",
+    )
+    .await
 }

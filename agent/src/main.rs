@@ -56,7 +56,7 @@ struct ChannelArgs {
     stage: StageArgs,
     /// Transport.
     #[arg(short = 'm', long, value_enum, default_value = "virtio-serial")]
-    method: channel::Method,
+    method: serve::Method,
     /// Device or socket path.
     #[arg(short = 'p', long, default_value = channel::DEFAULT_PORT)]
     path: PathBuf,
@@ -137,16 +137,7 @@ impl StageArgs {
             sources: self.sources.clone(),
             identity_dir: self.identity_dir.clone(),
             channel_wait: std::time::Duration::from_secs(self.channel_wait),
-            trust: match &self.trusted_keys {
-                Some(p) => {
-                    let text = std::fs::read_to_string(p)
-                        .with_context(|| format!("cannot read trusted keys {}", p.display()))?;
-                    let trust = nixseed_core::trust::Trust::parse(&text, &p.display().to_string())
-                        .map_err(anyhow::Error::msg)?;
-                    Some(std::sync::Arc::new(trust))
-                }
-                None => None,
-            },
+            trust: stage::load_trust(self.trusted_keys.as_deref())?,
         })
     }
 }
@@ -193,7 +184,7 @@ fn run(command: Command) -> Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the runtime")?
-                .block_on(channel::run(a.method, &a.path, &ctx))?;
+                .block_on(channel::run(a.method, &a.path, ctx))?;
         }
         Command::Status(a) => {
             let store = store::Store::open(&a.identity_dir, false)?;

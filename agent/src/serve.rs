@@ -13,7 +13,24 @@ use nixseed_core::qga::sysparse::{conf_list, qga_conf};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::channel::{ChannelContext, ChannelService};
 use crate::qga::{Agent, AgentConfig};
+use crate::stage::StageOptions;
+
+/// A protocol served on a byte stream: bytes in, reply bytes out. The guest agent and
+/// the control channel share the transports below.
+pub(crate) trait ByteService {
+    async fn handle_bytes(&mut self, input: &[u8], out: &mut Vec<u8>);
+    /// The peer went away. The guest agent keeps its parser state across connections
+    /// (as qemu-ga does); the control channel starts a fresh frame.
+    fn peer_closed(&mut self) {}
+}
+
+impl ByteService for Agent {
+    async fn handle_bytes(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        Agent::handle_bytes(self, input, out).await
+    }
+}
 
 pub const DEFAULT_VIRTIO_PATH: &str = "/dev/virtio-ports/org.qemu.guest_agent.0";
 pub const DEFAULT_SERIAL_PATH: &str = "/dev/ttyS0";
@@ -62,9 +79,25 @@ pub struct ServeArgs {
     /// (Default: the QGA_CONF environment variable.)
     #[arg(short = 'c', long = "config")]
     pub config: Option<PathBuf>,
-    /// Where guest-ssh-*-authorized-keys read and write.
+    /// Where guest-ssh-*-authorized-keys read and write, and the identity the control
+    /// channel reports and replaces.
     #[arg(long = "identity-dir")]
     pub identity_dir: Option<PathBuf>,
+    /// The nixseed control channel port (served beside the guest agent when it exists).
+    #[arg(long = "channel-path", default_value = crate::channel::DEFAULT_PORT)]
+    pub channel_path: PathBuf,
+    /// How the control channel is reached.
+    #[arg(long = "channel-method", value_enum, default_value = "virtio-serial")]
+    pub channel_method: Method,
+    /// Do not serve the control channel.
+    #[arg(long = "no-channel")]
+    pub no_channel: bool,
+    /// After a push changes the ports, reload the nftables `inet nixseed` table.
+    #[arg(long)]
+    pub firewall: bool,
+    /// OpenSSH public keys a pushed seed must be signed with.
+    #[arg(long = "trusted-keys", value_name = "FILE")]
+    pub trusted_keys: Option<PathBuf>,
 }
 
 /// A port the agent answers on.
@@ -160,23 +193,62 @@ fn settings(args: &ServeArgs) -> Result<(Transport, AgentConfig)> {
 
 pub fn main(args: ServeArgs) -> Result<()> {
     let (transport, config) = settings(&args)?;
+    let channel = channel_service(&args, &config)?;
     let mut agent = Agent::new(config)?;
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?
-        .block_on(run(&mut agent, transport))
+        .block_on(run(&mut agent, transport, channel))
 }
 
-async fn run(agent: &mut Agent, transport: Transport) -> Result<()> {
+/// The control channel beside the guest agent, when its port exists.
+fn channel_service(
+    args: &ServeArgs,
+    config: &AgentConfig,
+) -> Result<Option<(ChannelService, Transport)>> {
+    if args.no_channel {
+        return Ok(None);
+    }
+    let transport = match args.channel_method {
+        Method::UnixListen => Transport::UnixListen(args.channel_path.clone()),
+        _ if !args.channel_path.exists() => {
+            tracing::info!(
+                "no control channel at {}: serving the guest agent only",
+                args.channel_path.display()
+            );
+            return Ok(None);
+        }
+        _ => Transport::VirtioSerial(args.channel_path.clone()),
+    };
+    let ctx = ChannelContext {
+        opts: StageOptions::running_system(
+            config.identity_dir.to_string_lossy().into_owned(),
+            crate::stage::load_trust(args.trusted_keys.as_deref())?,
+        ),
+        firewall: args.firewall,
+    };
+    Ok(Some((ChannelService::new(ctx), transport)))
+}
+
+async fn run(
+    agent: &mut Agent,
+    transport: Transport,
+    channel: Option<(ChannelService, Transport)>,
+) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    // The nixseed control channel (`crate::channel::run` on org.nixseed.channel.0)
-    // joins here as a second branch of this select: it needs no Agent state, only the
-    // same runtime, so both ports are served by one small process.
+    // Both ports in one small process: the control channel needs no guest-agent state.
+    let control = async {
+        match channel {
+            Some((mut svc, t)) => serve_transport(&mut svc, &t, false, "control-channel").await,
+            None => std::future::pending().await,
+        }
+    };
     let result = tokio::select! {
-        r = serve_qga(agent, &transport) => r,
+        r = serve_transport(agent, &transport, true, "guest-agent") => r,
+        r = control => r,
         _ = term.recv() => { tracing::info!("SIGTERM: stopping"); Ok(()) }
         _ = int.recv() => { tracing::info!("SIGINT: stopping"); Ok(()) }
     };
@@ -184,26 +256,39 @@ async fn run(agent: &mut Agent, transport: Transport) -> Result<()> {
     result
 }
 
-/// Serves the qemu-guest-agent protocol on one transport until it fails for good.
-pub async fn serve_qga(agent: &mut Agent, transport: &Transport) -> Result<()> {
+/// Serves one protocol on one transport until it fails for good. `ready`: tell systemd
+/// once the port is open.
+pub(crate) async fn serve_transport<S: ByteService>(
+    svc: &mut S,
+    transport: &Transport,
+    ready: bool,
+    what: &str,
+) -> Result<()> {
     match transport {
-        Transport::UnixListen(path) => serve_unix(agent, path).await,
-        Transport::VirtioSerial(path) => serve_virtio(agent, path).await,
+        Transport::UnixListen(path) => serve_unix(svc, path, ready, what).await,
+        Transport::VirtioSerial(path) => serve_virtio(svc, path, ready, what).await,
         Transport::IsaSerial(path) => {
             use tokio_serial::SerialPortBuilderExt;
             let port = tokio_serial::new(path.to_string_lossy(), 38400)
                 .open_native_async()
                 .with_context(|| format!("cannot open serial port {}", path.display()))?;
-            notify_ready();
-            tracing::info!("answering guest-agent requests on {}", path.display());
-            serve_stream(agent, port)
+            if ready {
+                notify_ready();
+            }
+            tracing::info!("answering {what} requests on {}", path.display());
+            serve_stream(svc, port)
                 .await
                 .with_context(|| format!("serial port {}", path.display()))
         }
     }
 }
 
-async fn serve_unix(agent: &mut Agent, path: &Path) -> Result<()> {
+async fn serve_unix<S: ByteService>(
+    svc: &mut S,
+    path: &Path,
+    ready: bool,
+    what: &str,
+) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(m) = std::fs::symlink_metadata(path)
         && m.file_type().is_socket()
@@ -213,24 +298,27 @@ async fn serve_unix(agent: &mut Agent, path: &Path) -> Result<()> {
     }
     let listener = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("cannot listen on {}", path.display()))?;
-    notify_ready();
-    tracing::info!("answering guest-agent requests on {}", path.display());
+    if ready {
+        notify_ready();
+    }
+    tracing::info!("answering {what} requests on {}", path.display());
     loop {
         let (stream, _) = listener
             .accept()
             .await
             .with_context(|| format!("accept on {}", path.display()))?;
         // One client at a time, as qemu-ga: the next waits in the backlog.
-        if let Err(e) = serve_stream(agent, stream).await {
+        if let Err(e) = serve_stream(svc, stream).await {
             tracing::debug!("client on {} went away: {e}", path.display());
         }
+        svc.peer_closed();
     }
 }
 
 /// Reads requests and writes replies until the peer closes the stream.
-pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
-    agent: &mut Agent,
-    mut stream: S,
+pub(crate) async fn serve_stream<S: ByteService, T: AsyncRead + AsyncWrite + Unpin>(
+    svc: &mut S,
+    mut stream: T,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut out = Vec::new();
@@ -239,7 +327,7 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         if n == 0 {
             return Ok(());
         }
-        agent.handle_bytes(&buf[..n], &mut out).await;
+        svc.handle_bytes(&buf[..n], &mut out).await;
         if !out.is_empty() {
             stream.write_all(&out).await?;
             out.clear();
@@ -272,10 +360,17 @@ fn open_port(path: &Path) -> Result<AsyncFd<std::fs::File>> {
 
 /// virtio-serial: the port stays open. With no host client, reads return 0 and poll
 /// reports HUP; back off and read again. Only ENODEV (the device went away) reopens.
-async fn serve_virtio(agent: &mut Agent, path: &Path) -> Result<()> {
+async fn serve_virtio<S: ByteService>(
+    svc: &mut S,
+    path: &Path,
+    ready: bool,
+    what: &str,
+) -> Result<()> {
     let mut port = open_port(path)?;
-    notify_ready();
-    tracing::info!("answering guest-agent requests on {}", path.display());
+    if ready {
+        notify_ready();
+    }
+    tracing::info!("answering {what} requests on {}", path.display());
     let mut buf = vec![0u8; 4096];
     let mut out = Vec::new();
     loop {
@@ -286,11 +381,12 @@ async fn serve_virtio(agent: &mut Agent, path: &Path) -> Result<()> {
             Err(_would_block) => continue,
             Ok(Ok(0)) => {
                 drop(guard);
+                svc.peer_closed();
                 tokio::time::sleep(HUP_BACKOFF).await;
             }
             Ok(Ok(n)) => {
                 drop(guard);
-                agent.handle_bytes(&buf[..n], &mut out).await;
+                svc.handle_bytes(&buf[..n], &mut out).await;
                 if let Err(e) = write_port(&port, &out).await {
                     tracing::warn!("{}: write failed: {e}", path.display());
                 }

@@ -68,7 +68,38 @@ impl Timer {
     }
 }
 
+/// Reads the trusted signing keys, if a file is named.
+pub fn load_trust(
+    path: Option<&Path>,
+) -> Result<Option<std::sync::Arc<nixseed_core::trust::Trust>>> {
+    let Some(p) = path else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(p)
+        .with_context(|| format!("cannot read trusted keys {}", p.display()))?;
+    let trust = nixseed_core::trust::Trust::parse(&text, &p.display().to_string())
+        .map_err(anyhow::Error::msg)?;
+    Ok(Some(std::sync::Arc::new(trust)))
+}
+
 impl StageOptions {
+    /// The running system (stage 2, the control channel): `/`, `/run`, no boot wait.
+    pub fn running_system(
+        identity_dir: String,
+        trust: Option<std::sync::Arc<nixseed_core::trust::Trust>>,
+    ) -> StageOptions {
+        StageOptions {
+            sysroot: PathBuf::from("/"),
+            host: PathBuf::from("/"),
+            run: PathBuf::from("/run"),
+            clone_policy: ClonePolicy::default(),
+            sources: None,
+            identity_dir,
+            channel_wait: std::time::Duration::ZERO,
+            trust,
+        }
+    }
+
     fn store_path(&self) -> PathBuf {
         self.sysroot.join(self.identity_dir.trim_start_matches('/'))
     }

@@ -242,3 +242,46 @@ fn tampered_bundle_garbage_and_out_of_order_frames_are_refused() {
         "first\n"
     );
 }
+
+#[test]
+fn serve_answers_the_guest_agent_and_the_control_channel_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let qga = dir.path().join("qga.sock");
+    let ch = dir.path().join("channel.sock");
+    let ids = dir.path().join("identity");
+    let mut child = Command::new(AGENT)
+        .args(["serve", "-m", "unix-listen", "-p"])
+        .arg(&qga)
+        .arg("-t")
+        .arg(dir.path().join("state"))
+        .args(["--channel-method", "unix-listen", "--channel-path"])
+        .arg(&ch)
+        .arg("--identity-dir")
+        .arg(&ids)
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !(qga.exists() && ch.exists()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "sockets never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut q = UnixStream::connect(&qga).unwrap();
+    q.write_all(br#"{"execute":"guest-ping","id":7}"#).unwrap();
+    let mut line = [0u8; 64];
+    let n = q.read(&mut line).unwrap();
+    assert_eq!(&line[..n], b"{\"return\": {}, \"id\": 7}\n");
+    // No identity in that directory: the channel answers, naming it.
+    let srv = Server {
+        child: Command::new("true").spawn().unwrap(),
+        sock: ch,
+    };
+    let Message::Error { message } = srv.request(&encode(&Message::Status)) else {
+        panic!()
+    };
+    assert!(message.contains(&ids.display().to_string()), "{message}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
