@@ -15,6 +15,12 @@ let
   cfg = config.services.nixseed;
   exe = lib.getExe cfg.package;
   id = cfg.identityDir;
+  # In the store, so the initrd stage can read it too.
+  trustedKeysFile = pkgs.writeText "nixseed-trusted-keys" (lib.concatLines cfg.trustedKeys);
+  trustArgs = lib.optionals (cfg.trustedKeys != [ ]) [
+    "--trusted-keys"
+    "${trustedKeysFile}"
+  ];
 
   # The agent's seed sources, in its default order (agent/src/sources/mod.rs).
   knownSources = [
@@ -37,7 +43,8 @@ let
     (lib.concatStringsSep "," cfg.sources)
     "--channel-wait"
     (toString (if cfg.controlChannel.enable then cfg.controlChannel.bootWait else 0))
-  ];
+  ]
+  ++ trustArgs;
   firewallArgs = lib.optional cfg.firewall.enable "--firewall";
 
   initrdCommand = [
@@ -48,9 +55,15 @@ let
   ++ stageArgs;
   applyCommand = [ "apply" ] ++ stageArgs ++ firewallArgs;
   channelCommand = [ "channel" ] ++ stageArgs ++ firewallArgs;
+  # serve answers the guest agent and, unless disabled, the control channel.
   serveCommand = [
     "serve"
+    "--identity-dir"
+    id
   ]
+  ++ lib.optional (!cfg.controlChannel.enable) "--no-channel"
+  ++ firewallArgs
+  ++ trustArgs
   ++ lib.optionals (cfg.guestAgent.allowedCommands != [ ]) [
     "-a"
     (lib.concatStringsSep "," cfg.guestAgent.allowedCommands)
@@ -260,9 +273,12 @@ in
       type = lib.types.listOf lib.types.str;
       default = [ ];
       description = ''
-        Public keys that sign seeds. Reserved: nixseed-agent does not verify seed
-        signatures yet and accepts every seed unsigned, so setting this only produces a
-        warning at build time.
+        OpenSSH public keys (`ssh-ed25519 AAAA...`) that sign seeds (`seedctl keygen`,
+        then `seedctl seed`/`push` sign with it). When set, the agent refuses an unsigned
+        seed, a bad signature, a seed signed for another VM (product UUID) and a seed
+        generation lower than the applied one, and keeps the current identity. Empty:
+        seeds are accepted unsigned (Proxmox and libvirt seeds), and the agent says so
+        once in the journal.
       '';
     };
 
@@ -331,11 +347,7 @@ in
         }) placeholders;
 
         warnings =
-          lib.optional (cfg.trustedKeys != [ ]) ''
-            services.nixseed.trustedKeys is set, but nixseed-agent does not verify seed
-            signatures yet: seeds are accepted unsigned.
-          ''
-          ++ lib.optional (!immutableEtc) ''
+          lib.optional (!immutableEtc) ''
             services.nixseed: /etc is not an overlay (system.etc.overlay.enable), so stage-2
             activation rewrites its placeholders after the initrd stage; use the etc overlay
             with boot.initrd.systemd.enable for the identity to be in place before systemd
@@ -390,7 +402,7 @@ in
 
       (lib.mkIf (cfg.initrdStage.enable && config.boot.initrd.systemd.enable) {
         boot.initrd.systemd.packages = [ cfg.package ];
-        boot.initrd.systemd.storePaths = [ exe ];
+        boot.initrd.systemd.storePaths = [ exe ] ++ lib.optional (cfg.trustedKeys != [ ]) trustedKeysFile;
         boot.initrd.systemd.services.nixseed-initrd = {
           wantedBy = [ "initrd.target" ];
           # The etc overlay is mounted and activated first, so the binds land on it.
@@ -436,7 +448,8 @@ in
         };
       })
 
-      (lib.mkIf cfg.controlChannel.enable {
+      # Without the guest agent, the control channel gets a process of its own.
+      (lib.mkIf (cfg.controlChannel.enable && !cfg.guestAgent.enable) {
         services.udev.extraRules = ''
           SUBSYSTEM=="virtio-ports", ATTR{name}=="org.nixseed.channel.0", TAG+="systemd", ENV{SYSTEMD_WANTS}+="nixseed-channel.service"
         '';

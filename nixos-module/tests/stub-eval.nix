@@ -296,11 +296,16 @@ in
       };
     in
     lib.last c.systemd.services.nixseed-agent.serviceConfig.ExecStart
-    == ''${exe} "serve" "-a" "guest-exec,guest-exec-status" "-b" "guest-shutdown"''
+    == ''${exe} "serve" "--identity-dir" "/var/identity" "--no-channel" "-a" "guest-exec,guest-exec-status" "-b" "guest-shutdown"''
     && c.services.udev.packages == [ fakePkgs.nixseed-agent ]
     && !(c.systemd.services ? nixseed-channel)
     && lib.hasSuffix ''"--channel-wait" "0"'' (lib.last c.systemd.services.nixseed-apply.serviceConfig.ExecStart)
-    && lib.hasInfix "org.nixseed.channel.0" good.services.udev.extraRules
+    # serve answers the control channel itself; a separate unit only without the agent
+    && !(good.systemd.services ? nixseed-channel)
+    && lib.hasInfix "org.nixseed.channel.0" (eval {
+      imports = [ base ];
+      services.nixseed.guestAgent.enable = false;
+    }).services.udev.extraRules
     && (eval {
       imports = [ base ];
       services.nixseed.guestAgent.enable = false;
@@ -333,15 +338,20 @@ in
       services.nixseed.network.enable = false;
     }).networking.useNetworkd
   ))
-  (check "trustedKeys warns that signatures are not verified yet; settings are rendered" (
+  (check "trustedKeys reach every stage as a store file; settings are rendered" (
     let
       c = eval {
         imports = [ base ];
         services.nixseed.trustedKeys = [ "ssh-ed25519 AAAA" ];
         services.nixseed.settings.log = "debug";
       };
+      hasTrust = cmd: lib.hasInfix ''"--trusted-keys"'' cmd;
     in
-    lib.any (w: lib.hasInfix "does not verify" w) c.warnings
+    c.warnings == [ ]
+    && hasTrust (lib.last c.systemd.services.nixseed-apply.serviceConfig.ExecStart)
+    && hasTrust (lib.last c.systemd.services.nixseed-agent.serviceConfig.ExecStart)
+    && hasTrust (lib.last c.boot.initrd.systemd.services.nixseed-initrd.serviceConfig.ExecStart)
+    && !(hasTrust (lib.last good.systemd.services.nixseed-apply.serviceConfig.ExecStart))
     && c.environment.etc."nixseed/agent.json".source.text == ''{"log":"debug"}''
   ))
   (check "without the etc overlay the module warns" (
