@@ -25,8 +25,11 @@ pub const PORT_NAME: &str = "org.nixseed.channel.0";
 
 /// The identity of a machine as the bundle `push` sends: the very seed files `seedctl seed`
 /// writes to the ISO ([`nocloud::seed_files`]).
-pub fn bundle(id: &Identity) -> Bundle {
-    Bundle::from_files(&id.name, &nocloud::seed_files(id).to_core())
+pub fn bundle(id: &Identity) -> Result<Bundle> {
+    Ok(Bundle::from_files(
+        &id.name,
+        &crate::signing::seed_files(id)?.to_core(),
+    ))
 }
 
 /// The message kind as the protocol spells it, for logs and errors.
@@ -315,9 +318,12 @@ pub fn status(chan: &mut Channel, timeout: Duration) -> Result<GuestStatus> {
 /// is the one recorded in `machines/NAME/product_uuid`, else `refuse` with the reason.
 pub fn answer_hello(id: &Identity, product_uuid: Option<&str>) -> Message {
     match product_uuid {
-        Some(u) if u.trim().eq_ignore_ascii_case(&id.product_uuid) => {
-            Message::Push { bundle: bundle(id) }
-        }
+        Some(u) if u.trim().eq_ignore_ascii_case(&id.product_uuid) => match bundle(id) {
+            Ok(bundle) => Message::Push { bundle },
+            Err(e) => Message::Refuse {
+                reason: format!("the host cannot build machine `{}`'s seed: {e:#}", id.name),
+            },
+        },
         Some(u) => Message::Refuse {
             reason: format!(
                 "product_uuid {} is not machine `{}`'s ({} records {})",

@@ -38,6 +38,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate a machine identity in machines/NAME/
     New(cmd::new::NewArgs),
+    /// Make the ed25519 key that signs seeds and pushes
+    Keygen(cmd::keygen::KeygenArgs),
     /// Write a NoCloud seed image (iso9660 or vfat) for a machine
     Seed(cmd::seed::SeedArgs),
     /// Write the identity tree the guest will produce from this machine's seed
@@ -109,6 +111,7 @@ impl Cli {
             Command::List(a) => cmd::list::run(&paths, a),
             Command::Upgrade(a) => cmd::upgrade::run(&paths, a),
             Command::Build(a) => cmd::build::run(&paths, a),
+            Command::Keygen(a) => cmd::keygen::run(a),
         }
     }
 }

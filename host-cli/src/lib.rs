@@ -17,6 +17,7 @@ pub mod nocloud;
 pub mod output;
 pub mod qga;
 pub mod qmp;
+pub mod signing;
 pub mod state;
 pub mod tools;
 pub mod vfat;

@@ -19,6 +19,8 @@ pub struct SeedFiles {
     pub meta_data: String,
     pub user_data: String,
     pub network_config: String,
+    /// The signed manifest and its signature, when seeds are signed ([`crate::signing`]).
+    pub extra: Vec<(String, Vec<u8>)>,
 }
 
 impl SeedFiles {
@@ -32,12 +34,15 @@ impl SeedFiles {
         )
     }
 
-    pub fn as_list(&self) -> [(&'static str, &[u8]); 3] {
-        [
+    pub fn as_list(&self) -> Vec<(&str, &[u8])> {
+        let mut list = vec![
             ("meta-data", self.meta_data.as_bytes()),
             ("network-config", self.network_config.as_bytes()),
             ("user-data", self.user_data.as_bytes()),
-        ]
+        ];
+        list.extend(self.extra.iter().map(|(n, b)| (n.as_str(), b.as_slice())));
+        list.sort_by_key(|(n, _)| *n);
+        list
     }
 }
 
@@ -124,5 +129,6 @@ pub fn seed_files(id: &Identity) -> SeedFiles {
         meta_data: meta_data(id),
         user_data: user_data(id),
         network_config: network_config(id),
+        extra: Vec::new(),
     }
 }

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod build;
 pub mod create;
+pub mod keygen;
 pub mod known_hosts;
 pub mod list;
 pub mod new;

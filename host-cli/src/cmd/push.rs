@@ -149,7 +149,7 @@ pub fn run(paths: &Paths, a: &PushArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.channel.name)?;
     let mut chan = a.channel.open(paths)?;
     let request = Message::Push {
-        bundle: channel::bundle(&id),
+        bundle: channel::bundle(&id)?,
     };
     let outcome = channel::apply(&mut chan, &request, a.channel.timeout())?;
     let iid = nocloud::instance_id(&id);

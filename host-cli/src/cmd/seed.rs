@@ -51,7 +51,7 @@ pub fn epoch() -> i64 {
 
 /// The seed volume bytes for one identity.
 pub fn image(id: &Identity, format: SeedFormat, epoch: i64) -> Result<Vec<u8>> {
-    let files = nocloud::seed_files(id);
+    let files = crate::signing::seed_files(id)?;
     let list = files.as_list();
     match format {
         SeedFormat::Iso => iso9660::build(

@@ -33,7 +33,9 @@ impl Scratch {
         c.current_dir(self.path())
             .args(args)
             .env_remove("SEEDCTL_MACHINES")
-            .env_remove("SEEDCTL_STATE");
+            .env_remove("SEEDCTL_STATE")
+            // Hermetic: an operator's own signing key must not sign the tests' seeds.
+            .env("SEEDCTL_SIGNING_KEY", self.path().join("no-signing-key"));
         c
     }
 

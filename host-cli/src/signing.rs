@@ -1,0 +1,106 @@
+//! Signed seeds. With a signing key (`seedctl keygen`; found at `SEEDCTL_SIGNING_KEY`, else
+//! `$XDG_CONFIG_HOME/nixseed/signing_key`, else `~/.config/nixseed/signing_key`), every
+//! seed and push carries `nixseed-manifest.json` and its SSHSIG signature. The manifest's
+//! generation counter lives in `machines/NAME/seed_generation` beside the identity it
+//! counts, so it follows the machine: it goes up by one whenever the seed files change,
+//! and stays put (byte-identical seeds) when they do not.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use nixseed_core::trust::SeedManifest;
+use ssh_key::PrivateKey;
+
+use crate::fsutil::write_atomic;
+use crate::machine::Identity;
+use crate::nocloud::{self, SeedFiles};
+
+pub const GENERATION_FILE: &str = "seed_generation";
+
+/// Where the signing key is looked for.
+pub fn key_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SEEDCTL_SIGNING_KEY") {
+        return Some(PathBuf::from(p));
+    }
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(config.join("nixseed/signing_key"))
+}
+
+fn load_key(path: &Path) -> Result<PrivateKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the signing key {}", path.display()))?;
+    PrivateKey::from_openssh(&text).with_context(|| {
+        format!(
+            "{} is not an OpenSSH private key; make one with `seedctl keygen`",
+            path.display()
+        )
+    })
+}
+
+/// The machine's seed files, signed when a signing key exists.
+pub fn seed_files(id: &Identity) -> Result<SeedFiles> {
+    let mut files = nocloud::seed_files(id);
+    let Some(path) = key_path().filter(|p| p.exists()) else {
+        return Ok(files);
+    };
+    let key = load_key(&path)?;
+    let unsigned = files.to_core();
+    let generation = next_generation(id, &unsigned.digest())?;
+    let manifest = SeedManifest::for_files(&id.name, Some(&id.product_uuid), generation, &unsigned);
+    let signed = manifest
+        .sign(&key)
+        .map_err(|e| anyhow::anyhow!("machine `{}`: {e}", id.name))?;
+    files.extra = signed.into_iter().collect();
+    Ok(files)
+}
+
+/// `machines/NAME/seed_generation` holds `N DIGEST`: N is raised when the digest changes.
+fn next_generation(id: &Identity, digest: &str) -> Result<u64> {
+    let path = id.dir.join(GENERATION_FILE);
+    let (n, last) = match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let mut parts = text.split_whitespace();
+            let n = parts
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .with_context(|| format!("{}: expected `GENERATION DIGEST`", path.display()))?;
+            (n, parts.next().unwrap_or_default().to_string())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, String::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    if last == digest {
+        return Ok(n);
+    }
+    let next = n + 1;
+    write_atomic(&path, format!("{next} {digest}\n").as_bytes(), 0o644)
+        .with_context(|| format!("machine `{}`: recording the seed generation", id.name))?;
+    Ok(next)
+}
+
+/// `seedctl keygen`: a new ed25519 signing key (0600) and its `.pub`.
+pub fn keygen(out: &Path, force: bool) -> Result<String> {
+    use nixseed_core::identity::Fresh;
+    if out.exists() && !force {
+        bail!(
+            "{} exists; pass --force to replace it (seeds signed with the old key will no longer verify)",
+            out.display()
+        );
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let (private, public) = nixseed_core::fresh::OsFresh
+        .host_key("nixseed-seed-signing")
+        .map_err(|e| anyhow::anyhow!("generating the signing key: {e}"))?;
+    write_atomic(out, private.as_bytes(), 0o600)?;
+    let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+    write_atomic(
+        &pub_path,
+        format!("{}\n", public.trim_end()).as_bytes(),
+        0o644,
+    )?;
+    Ok(public.trim_end().to_string())
+}
