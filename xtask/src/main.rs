@@ -14,6 +14,7 @@ const USAGE: &str = "usage: cargo xtask <deps|demo|test|bench|dist|fuzz> [args]
                 fmt + clippy + unit/integration tests + real-VM scenarios
   bench         benchmarks against cloud-init and qemu-ga; markdown tables
   dist          build the static, stripped nixseed-agent and print its size
+  man           write seedctl's man pages and shell completions to target/assets
   fuzz [--minutes N] [TARGET...]
                 run the cargo-fuzz targets (default: every target, 20 s each)";
 
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(),
         Some("dist") => dist().map(|_| ()),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("man") => man(),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -163,6 +165,33 @@ fn fuzz(args: &[String]) -> Result<()> {
     println!(
         "fuzz: {} targets, {seconds_each} s each, no crash",
         targets.len()
+    );
+    Ok(())
+}
+
+/// seedctl's man pages (one per subcommand) and bash/zsh/fish completions, from the same
+/// clap definition the binary uses.
+fn man() -> Result<()> {
+    use clap::CommandFactory;
+    let out = root().join("target/assets");
+    let man_dir = out.join("man");
+    let comp_dir = out.join("completions");
+    std::fs::create_dir_all(&man_dir)?;
+    std::fs::create_dir_all(&comp_dir)?;
+    let cmd = seedctl::cli::Cli::command();
+    clap_mangen::generate_to(cmd.clone(), &man_dir).context("writing man pages")?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "seedctl", &comp_dir)
+            .with_context(|| format!("writing {shell} completions"))?;
+    }
+    println!(
+        "man pages in {}, completions in {}",
+        man_dir.display(),
+        comp_dir.display()
     );
     Ok(())
 }
