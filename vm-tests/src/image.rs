@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Bump when the image-building code changes what ends up in the tree.
-pub const IMAGE_CODE_VERSION: u32 = 3;
+pub const IMAGE_CODE_VERSION: u32 = 4;
 /// Bump when the final layer (injection, initramfs) changes.
 pub const FINAL_CODE_VERSION: u32 = 1;
 
@@ -546,6 +546,7 @@ fn move_var_to_factory(tree: &Path) -> Result<()> {
     let mut lines = String::from(
         "# /var starts empty on a new machine's disk; fill in what packages shipped there.\n",
     );
+    let owned = tmpfiles_paths(tree);
     let mut tops: Vec<_> = fs::read_dir(&var)
         .with_context(|| format!("listing {}", var.display()))?
         .flatten()
@@ -567,10 +568,14 @@ fn move_var_to_factory(tree: &Path) -> Result<()> {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         subs.sort();
-        if subs.is_empty() {
+        // Paths the packages' own tmpfiles.d already manage keep their rules.
+        if subs.is_empty() && !owned.contains(&format!("/var/{name}")) {
             let _ = writeln!(lines, "C /var/{name} - - - - /usr/share/factory/var/{name}");
         }
         for s in subs {
+            if owned.contains(&format!("/var/{name}/{s}")) {
+                continue;
+            }
             let _ = writeln!(
                 lines,
                 "C /var/{name}/{s} - - - - /usr/share/factory/var/{name}/{s}"
@@ -581,6 +586,25 @@ fn move_var_to_factory(tree: &Path) -> Result<()> {
         &tree.join("usr/lib/tmpfiles.d/nixseed-factory-var.conf"),
         &lines,
     )
+}
+
+/// Every path named by a tmpfiles.d rule in the tree.
+fn tmpfiles_paths(tree: &Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for d in ["usr/lib/tmpfiles.d", "lib/tmpfiles.d", "etc/tmpfiles.d"] {
+        let Ok(rd) = fs::read_dir(tree.join(d)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let text = fs::read_to_string(e.path()).unwrap_or_default();
+            for l in text.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
+                if let Some(p) = l.split_whitespace().nth(1) {
+                    out.insert(p.trim_end_matches('/').to_string());
+                }
+            }
+        }
+    }
+    out
 }
 
 /// ConditionNeedsUpdate=/etc units (ldconfig, hwdb, sysusers) would try to write the

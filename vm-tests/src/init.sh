@@ -87,7 +87,10 @@ if [ "$run_agent" = 1 ] && [ -x /usr/bin/nixseed-agent ]; then
 	# Into the kernel ring buffer as well, so journald imports it: the stage's timing line
 	# shows in `journalctl -b`, as the NixOS initrd's journal does.
 	while IFS= read -r line; do
-		echo "<6>nixseed-initrd: $line" >/dev/kmsg
+		case "$line" in
+		nixseed-initrd:*) echo "<6>$line" ;;
+		*) echo "<6>nixseed-initrd: $line" ;;
+		esac >/dev/kmsg
 	done </run/nixseed/initrd.log
 fi
 

@@ -321,6 +321,7 @@ pub fn boot_smoke(variant: Variant) -> Result<()> {
         "systemctl --failed --no-legend --plain --no-pager",
     );
     show("initrd stage log", "cat /run/nixseed/initrd.log");
+    show("kernel log", "dmesg | grep -i nixseed");
     show(
         "nixseed in the journal",
         "journalctl -b --no-pager -o short-monotonic | grep -i nixseed | tail -20",
