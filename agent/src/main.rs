@@ -3,6 +3,7 @@
 
 mod channel;
 mod crashpoint;
+mod dbus;
 mod logging;
 mod mounts;
 mod qga;

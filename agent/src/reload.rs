@@ -63,42 +63,37 @@ fn set_hostname(file: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn system_bus() -> Result<zbus::Connection> {
-    zbus::Connection::system()
-        .await
-        .context("cannot reach the system D-Bus (is dbus running?)")
-}
-
 async fn restart_units(units: &[&str]) -> Result<()> {
-    let bus = system_bus().await?;
+    use crate::dbus::{Arg, DbusError, call};
     for unit in units {
-        // TryRestartUnit leaves a unit that is not running alone; a missing unit is fine.
-        let _ = bus
-            .call_method(
-                Some("org.freedesktop.systemd1"),
-                "/org/freedesktop/systemd1",
-                Some("org.freedesktop.systemd1.Manager"),
-                "TryRestartUnit",
-                &(*unit, "replace"),
-            )
-            .await;
+        // TryRestartUnit leaves a unit that is not running alone; a unit the image does not
+        // have (ssh.service on NixOS, sshd.service on Debian) is fine.
+        match call(
+            "org.freedesktop.systemd1",
+            "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager",
+            "TryRestartUnit",
+            &[Arg::Str(unit), Arg::Str("replace")],
+        )
+        .await
+        {
+            Ok(()) | Err(DbusError::Remote { .. }) => {}
+            Err(e) => return Err(e).context(format!("restarting {unit}")),
+        }
     }
     Ok(())
 }
 
 async fn networkd_reload() -> Result<()> {
-    system_bus()
-        .await?
-        .call_method(
-            Some("org.freedesktop.network1"),
-            "/org/freedesktop/network1",
-            Some("org.freedesktop.network1.Manager"),
-            "Reload",
-            &(),
-        )
-        .await
-        .context("org.freedesktop.network1.Manager.Reload")?;
-    Ok(())
+    crate::dbus::call(
+        "org.freedesktop.network1",
+        "/org/freedesktop/network1",
+        "org.freedesktop.network1.Manager",
+        "Reload",
+        &[],
+    )
+    .await
+    .context("org.freedesktop.network1.Manager.Reload")
 }
 
 /// Loads the `inet nixseed` table from the identity's port files with `nft -f -`.

@@ -8,21 +8,21 @@ use super::registry::BoxFuture;
 use super::{Agent, CmdResult};
 
 async fn logind(method: &str) -> Result<(), QgaError> {
-    let conn = zbus::Connection::system().await.map_err(|e| {
-        QgaError::generic(format!(
-            "cannot reach the D-Bus system bus to ask systemd-logind for {method}: {e}"
-        ))
-    })?;
-    conn.call_method(
-        Some("org.freedesktop.login1"),
+    use crate::dbus::{Arg, DbusError, call};
+    call(
+        "org.freedesktop.login1",
         "/org/freedesktop/login1",
-        Some("org.freedesktop.login1.Manager"),
+        "org.freedesktop.login1.Manager",
         method,
-        &(false,),
+        &[Arg::Bool(false)],
     )
     .await
-    .map_err(|e| QgaError::generic(format!("systemd-logind refused {method}: {e}")))?;
-    Ok(())
+    .map_err(|e| match e {
+        DbusError::Connect { .. } => {
+            QgaError::generic(format!("{e}: cannot ask systemd-logind for {method}"))
+        }
+        e => QgaError::generic(format!("systemd-logind refused {method}: {e}")),
+    })
 }
 
 pub fn shutdown(_: &mut Agent, mut args: Args) -> BoxFuture<'_> {
