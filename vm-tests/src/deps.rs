@@ -158,10 +158,23 @@ pub fn build_agent() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The workspace's own tests: real peers and readers (D-Bus daemon for the agent's
+/// client, libxml2's validator behind virt-xml-validate, OpenSSH's signer, the seed tools
+/// the benchmark compares with).
+pub const TEST_PACKAGES: &[&str] = &[
+    "dbus",
+    "libxml2-utils",
+    "openssh-client",
+    "cloud-image-utils",
+    "nftables",
+    "util-linux",
+];
+
 /// Everything `vm-tests deps` promises.
 pub fn ensure_all() -> Result<()> {
     ensure_packages(QEMU_PACKAGES)?;
     ensure_packages(LIBVIRT_PACKAGES)?;
+    ensure_packages(TEST_PACKAGES)?;
     ensure_musl_target()?;
     ensure_packages(&["musl-tools"])
 }
