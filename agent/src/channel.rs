@@ -188,6 +188,7 @@ pub const DEFAULT_PORT: &str = "/dev/virtio-ports/org.nixseed.channel.0";
 pub async fn run(method: Method, path: &std::path::Path, ctx: ChannelContext) -> Result<()> {
     let transport = match method {
         Method::UnixListen => Transport::UnixListen(path.to_path_buf()),
+        Method::VsockListen => Transport::VsockListen(path.to_string_lossy().into_owned()),
         _ => Transport::VirtioSerial(path.to_path_buf()),
     };
     serve_transport(

@@ -38,15 +38,23 @@ fn system_bus_path() -> PathBuf {
     std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
         .ok()
         .and_then(|a| {
-            a.split(';')
-                .find_map(|e| e.strip_prefix("unix:path=").map(|p| p.split(',').next().unwrap_or(p).to_string()))
+            a.split(';').find_map(|e| {
+                e.strip_prefix("unix:path=")
+                    .map(|p| p.split(',').next().unwrap_or(p).to_string())
+            })
         })
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/run/dbus/system_bus_socket"))
 }
 
 /// Calls `member` on the system bus and waits for the reply (its body is not read).
-pub async fn call(dest: &str, path: &str, iface: &str, member: &str, args: &[Arg<'_>]) -> Result<(), DbusError> {
+pub async fn call(
+    dest: &str,
+    path: &str,
+    iface: &str,
+    member: &str,
+    args: &[Arg<'_>],
+) -> Result<(), DbusError> {
     call_at(&system_bus_path(), dest, path, iface, member, args).await
 }
 
@@ -59,16 +67,28 @@ pub async fn call_at(
     args: &[Arg<'_>],
 ) -> Result<(), DbusError> {
     tokio::time::timeout(TIMEOUT, async {
-        let stream = UnixStream::connect(bus).await.map_err(|source| DbusError::Connect {
-            path: bus.display().to_string(),
-            source,
-        })?;
+        let stream = UnixStream::connect(bus)
+            .await
+            .map_err(|source| DbusError::Connect {
+                path: bus.display().to_string(),
+                source,
+            })?;
         let mut conn = BufReader::new(stream);
         authenticate(&mut conn).await?;
         let io = |e: std::io::Error| DbusError::Protocol(e.to_string());
-        let hello = method_call(1, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "Hello", &[]);
+        let hello = method_call(
+            1,
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "Hello",
+            &[],
+        );
         let call = method_call(2, dest, path, iface, member, args);
-        conn.get_mut().write_all(&[hello, call].concat()).await.map_err(io)?;
+        conn.get_mut()
+            .write_all(&[hello, call].concat())
+            .await
+            .map_err(io)?;
         loop {
             let reply = read_message(&mut conn).await?;
             match (reply.kind, reply.reply_serial) {
@@ -99,7 +119,10 @@ async fn authenticate(conn: &mut BufReader<UnixStream>) -> Result<(), DbusError>
     let mut line = String::new();
     conn.read_line(&mut line).await.map_err(io)?;
     if !line.starts_with("OK ") {
-        return Err(DbusError::Protocol(format!("the bus did not accept EXTERNAL authentication: {}", line.trim())));
+        return Err(DbusError::Protocol(format!(
+            "the bus did not accept EXTERNAL authentication: {}",
+            line.trim()
+        )));
     }
     conn.get_mut().write_all(b"BEGIN\r\n").await.map_err(io)?;
     Ok(())
@@ -131,7 +154,14 @@ fn put_field(buf: &mut Vec<u8>, code: u8, sig: u8, value: &str) {
     }
 }
 
-fn method_call(serial: u32, dest: &str, path: &str, iface: &str, member: &str, args: &[Arg<'_>]) -> Vec<u8> {
+fn method_call(
+    serial: u32,
+    dest: &str,
+    path: &str,
+    iface: &str,
+    member: &str,
+    args: &[Arg<'_>],
+) -> Vec<u8> {
     let mut body = Vec::new();
     let mut sig = String::new();
     for a in args {
@@ -193,7 +223,11 @@ impl Cursor<'_> {
         self.align(4);
         let b: [u8; 4] = self.buf.get(self.pos..self.pos + 4)?.try_into().ok()?;
         self.pos += 4;
-        Some(if self.big { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) })
+        Some(if self.big {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
     }
     fn string(&mut self) -> Option<String> {
         let len = self.u32()? as usize;
@@ -219,22 +253,36 @@ async fn read_message(conn: &mut BufReader<UnixStream>) -> Result<Incoming, Dbus
     let big = match head[0] {
         b'l' => false,
         b'B' => true,
-        other => return Err(DbusError::Protocol(format!("bad byte-order mark {other:#x}"))),
+        other => {
+            return Err(DbusError::Protocol(format!(
+                "bad byte-order mark {other:#x}"
+            )));
+        }
     };
     let word = |b: &[u8]| {
         let b: [u8; 4] = [b[0], b[1], b[2], b[3]];
-        (if big { u32::from_be_bytes(b) } else { u32::from_le_bytes(b) }) as usize
+        (if big {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }) as usize
     };
     let body_len = word(&head[4..8]);
     let fields_len = word(&head[12..16]);
     let total = (16 + fields_len).div_ceil(8) * 8 + body_len;
     if total > MAX_MESSAGE {
-        return Err(DbusError::Protocol(format!("a {total} byte message is too large")));
+        return Err(DbusError::Protocol(format!(
+            "a {total} byte message is too large"
+        )));
     }
     let mut msg = head.to_vec();
     msg.resize(total, 0);
     conn.read_exact(&mut msg[16..]).await.map_err(io)?;
-    let mut c = Cursor { buf: &msg, pos: 16, big };
+    let mut c = Cursor {
+        buf: &msg,
+        pos: 16,
+        big,
+    };
     let mut out = Incoming {
         kind: head[1],
         reply_serial: None,
@@ -270,7 +318,11 @@ async fn read_message(conn: &mut BufReader<UnixStream>) -> Result<Incoming, Dbus
                     body_sig = v;
                 }
             }
-            other => return Err(DbusError::Protocol(format!("unexpected header field type {other}"))),
+            other => {
+                return Err(DbusError::Protocol(format!(
+                    "unexpected header field type {other}"
+                )));
+            }
         }
     }
     if out.kind == 3 && body_sig.starts_with('s') {
@@ -313,30 +365,69 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Bus { child, path, _dir: dir }
+        Bus {
+            child,
+            path,
+            _dir: dir,
+        }
     }
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     #[test]
     fn calls_succeed_and_errors_carry_name_and_message() {
         let b = bus();
         rt().block_on(async {
-            call_at(&b.path, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetNameOwner", &[Arg::Str("org.freedesktop.DBus")])
-                .await
-                .unwrap();
-            call_at(&b.path, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "ListNames", &[])
-                .await
-                .unwrap();
-            let e = call_at(&b.path, "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "NoSuchMethod", &[Arg::Bool(true)])
-                .await
-                .unwrap_err();
-            assert!(e.to_string().starts_with("org.freedesktop.DBus.Error.UnknownMethod: "), "{e}");
-            let e = call_at(&b.path, "org.freedesktop.login1", "/org/freedesktop/login1", "org.freedesktop.login1.Manager", "PowerOff", &[Arg::Bool(false)])
-                .await
-                .unwrap_err();
+            call_at(
+                &b.path,
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "GetNameOwner",
+                &[Arg::Str("org.freedesktop.DBus")],
+            )
+            .await
+            .unwrap();
+            call_at(
+                &b.path,
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "ListNames",
+                &[],
+            )
+            .await
+            .unwrap();
+            let e = call_at(
+                &b.path,
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "NoSuchMethod",
+                &[Arg::Bool(true)],
+            )
+            .await
+            .unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with("org.freedesktop.DBus.Error.UnknownMethod: "),
+                "{e}"
+            );
+            let e = call_at(
+                &b.path,
+                "org.freedesktop.login1",
+                "/org/freedesktop/login1",
+                "org.freedesktop.login1.Manager",
+                "PowerOff",
+                &[Arg::Bool(false)],
+            )
+            .await
+            .unwrap_err();
             assert!(e.to_string().contains("org.freedesktop.login1"), "{e}");
         });
     }
@@ -344,8 +435,19 @@ mod tests {
     #[test]
     fn no_bus_is_a_clear_error() {
         let e = rt()
-            .block_on(call_at(std::path::Path::new("/nonexistent/bus"), "a.b", "/", "a.b", "C", &[]))
+            .block_on(call_at(
+                std::path::Path::new("/nonexistent/bus"),
+                "a.b",
+                "/",
+                "a.b",
+                "C",
+                &[],
+            ))
             .unwrap_err();
-        assert!(e.to_string().starts_with("cannot reach the D-Bus system bus at /nonexistent/bus"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("cannot reach the D-Bus system bus at /nonexistent/bus"),
+            "{e}"
+        );
     }
 }

@@ -12,6 +12,7 @@ mod serve;
 mod sources;
 mod stage;
 mod store;
+mod vsock;
 mod write_files;
 
 use std::path::PathBuf;

@@ -44,6 +44,7 @@ pub enum Method {
     VirtioSerial,
     IsaSerial,
     UnixListen,
+    VsockListen,
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,7 +54,7 @@ pub struct ServeArgs {
     pub method: Option<Method>,
     /// Device or socket path (default: /dev/virtio-ports/org.qemu.guest_agent.0,
     /// or /dev/ttyS0 for isa-serial).
-    #[arg(short = 'p', long = "path")]
+    #[arg(short = 'p', long = "path", allow_hyphen_values = true)]
     pub path: Option<PathBuf>,
     /// Comma-separated commands to disable.
     #[arg(short = 'b', long = "block-rpcs", value_delimiter = ',')]
@@ -106,6 +107,8 @@ pub enum Transport {
     VirtioSerial(PathBuf),
     IsaSerial(PathBuf),
     UnixListen(PathBuf),
+    /// qemu-ga's `CID:PORT`.
+    VsockListen(String),
 }
 
 fn settings(args: &ServeArgs) -> Result<(Transport, AgentConfig)> {
@@ -126,8 +129,9 @@ fn settings(args: &ServeArgs) -> Result<(Transport, AgentConfig)> {
         (None, None | Some("virtio-serial")) => Method::VirtioSerial,
         (None, Some("isa-serial")) => Method::IsaSerial,
         (None, Some("unix-listen")) => Method::UnixListen,
+        (None, Some("vsock-listen")) => Method::VsockListen,
         (None, Some(other)) => bail!(
-            "{}: method '{other}' is not supported (use virtio-serial, isa-serial or unix-listen)",
+            "{}: method '{other}' is not supported (use virtio-serial, isa-serial, unix-listen or vsock-listen)",
             config_path
                 .as_deref()
                 .unwrap_or(Path::new("config"))
@@ -148,6 +152,11 @@ fn settings(args: &ServeArgs) -> Result<(Transport, AgentConfig)> {
         Method::UnixListen => {
             Transport::UnixListen(path.context("unix-listen needs a socket path: pass -p PATH")?)
         }
+        Method::VsockListen => Transport::VsockListen(
+            path.context("vsock-listen needs CID:PORT: pass -p CID:PORT, e.g. -p -1:1234")?
+                .to_string_lossy()
+                .into_owned(),
+        ),
     };
     let list = |cli: &Vec<String>, key: &str| {
         if cli.is_empty() {
@@ -212,6 +221,9 @@ fn channel_service(
     }
     let transport = match args.channel_method {
         Method::UnixListen => Transport::UnixListen(args.channel_path.clone()),
+        Method::VsockListen => {
+            Transport::VsockListen(args.channel_path.to_string_lossy().into_owned())
+        }
         _ if !args.channel_path.exists() => {
             tracing::info!(
                 "no control channel at {}: serving the guest agent only",
@@ -266,6 +278,23 @@ pub(crate) async fn serve_transport<S: ByteService>(
 ) -> Result<()> {
     match transport {
         Transport::UnixListen(path) => serve_unix(svc, path, ready, what).await,
+        Transport::VsockListen(addr) => {
+            let listener = crate::vsock::VsockListener::bind(&crate::vsock::parse_addr(addr)?)?;
+            if ready {
+                notify_ready();
+            }
+            tracing::info!("answering {what} requests on vsock {addr}");
+            loop {
+                let stream = listener
+                    .accept()
+                    .await
+                    .with_context(|| format!("accept on vsock {addr}"))?;
+                if let Err(e) = serve_stream(svc, stream).await {
+                    tracing::debug!("vsock client went away: {e}");
+                }
+                svc.peer_closed();
+            }
+        }
         Transport::VirtioSerial(path) => serve_virtio(svc, path, ready, what).await,
         Transport::IsaSerial(path) => {
             use tokio_serial::SerialPortBuilderExt;

@@ -1,0 +1,70 @@
+//! `serve -m vsock-listen -p CID:PORT`: the agent binds an AF_VSOCK listener like qemu-ga.
+//! These machines have no vsock transport to connect through (no vhost-vsock, no
+//! vsock_loopback), so the test checks what is observable here: the listener holds the
+//! port (a second agent cannot bind it) and a malformed address is refused by name.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_nixseed-agent");
+
+#[test]
+fn vsock_listener_holds_its_port_and_bad_addresses_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = 40000 + (std::process::id() % 20000);
+    let addr = format!("-1:{port}");
+    let serve = |state: &str| {
+        Command::new(AGENT)
+            .args([
+                "serve",
+                "--no-channel",
+                "-m",
+                "vsock-listen",
+                "-p",
+                &addr,
+                "-t",
+            ])
+            .arg(dir.path().join(state))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = serve("a");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first agent must keep listening"
+    );
+    let second = serve("b");
+    let t0 = Instant::now();
+    let out = second.wait_with_output().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot bind vsock") && err.contains("in use"),
+        "{err}"
+    );
+    let _ = first.kill();
+    let _ = first.wait();
+
+    let out = Command::new(AGENT)
+        .args([
+            "serve",
+            "--no-channel",
+            "-m",
+            "vsock-listen",
+            "-p",
+            "nonsense",
+            "-t",
+        ])
+        .arg(dir.path().join("c"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expected CID:PORT"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
