@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// channel reports and replaces.
     #[arg(long = "identity-dir")]
     pub identity_dir: Option<PathBuf>,
+    /// Directories guest-file-open may open files in (comma-separated); empty: anywhere,
+    /// as qemu-ga. Only matters when guest-file-* are allowed at all.
+    #[arg(long = "file-dirs", value_delimiter = ',')]
+    pub file_dirs: Vec<PathBuf>,
     /// The nixseed control channel port (served beside the guest agent when it exists).
     #[arg(long = "channel-path", default_value = crate::channel::DEFAULT_PORT)]
     pub channel_path: PathBuf,
@@ -196,6 +200,13 @@ fn settings(args: &ServeArgs) -> Result<(Transport, AgentConfig)> {
             .clone()
             .or_else(|| conf.get("identity-dir").map(PathBuf::from))
             .unwrap_or_else(|| "/var/identity".into()),
+        file_dirs: if args.file_dirs.is_empty() {
+            conf.get("file-dirs")
+                .map(|v| conf_list(v).into_iter().map(PathBuf::from).collect())
+                .unwrap_or_default()
+        } else {
+            args.file_dirs.clone()
+        },
     };
     Ok((transport, config))
 }

@@ -76,6 +76,7 @@ pub fn open(agent: &mut Agent, mut args: Args) -> CmdResult {
             )));
         }
     };
+    confine(&agent.config.file_dirs, &path)?;
     let f = o.open(&path).map_err(|e| {
         QgaError::generic(format!(
             "failed to open file '{path}' (mode: '{mode}'): {}",
@@ -85,6 +86,34 @@ pub fn open(agent: &mut Agent, mut args: Args) -> CmdResult {
     let h = agent.files.allocate();
     agent.files.open.insert(h, f);
     Ok(Some(Value::from(h)))
+}
+
+/// With `--file-dirs`, a path must resolve (links followed, `..` removed) to a place
+/// under one of the directories; the file itself may not exist yet.
+fn confine(dirs: &[std::path::PathBuf], path: &str) -> Result<(), QgaError> {
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    let p = std::path::Path::new(path);
+    let resolved = match (p.parent(), p.file_name()) {
+        (Some(parent), Some(name)) if !p.exists() => {
+            std::fs::canonicalize(parent).map(|d| d.join(name))
+        }
+        _ => std::fs::canonicalize(p),
+    };
+    let inside = resolved.as_ref().is_ok_and(|r| {
+        dirs.iter()
+            .any(|d| std::fs::canonicalize(d).is_ok_and(|d| r.starts_with(d)))
+    });
+    if inside {
+        Ok(())
+    } else {
+        let allowed: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        Err(QgaError::generic(format!(
+            "failed to open file '{path}': outside the directories guest-file-* may use ({})",
+            allowed.join(", ")
+        )))
+    }
 }
 
 pub fn close(agent: &mut Agent, mut args: Args) -> CmdResult {

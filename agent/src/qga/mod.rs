@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub fsfreeze_hook: Option<PathBuf>,
     /// Where `guest-ssh-*-authorized-keys` read and write.
     pub identity_dir: PathBuf,
+    /// When not empty, `guest-file-open` only opens files under these directories.
+    pub file_dirs: Vec<PathBuf>,
 }
 
 /// A command's result: `Ok(None)` sends nothing (success-less commands).
@@ -43,7 +45,16 @@ pub struct Agent {
     frozen: bool,
     exec: exec::Processes,
     files: file::Handles,
+    /// Requests other than the always-allowed ones (sync, ping, info, freeze status and
+    /// thaw) draw from this bucket.
+    limit: nixseed_core::qga::limit::TokenBucket,
+    started: std::time::Instant,
 }
+
+/// Burst and sustained rate for commands that do real work. Proxmox polls
+/// guest-network-get-interfaces every 10 s; a backup makes a handful of calls.
+const RATE_BURST: u32 = 200;
+const RATE_PER_SECOND: u32 = 50;
 
 impl Agent {
     pub fn new(config: AgentConfig) -> anyhow::Result<Self> {
@@ -70,6 +81,8 @@ impl Agent {
             frozen,
             exec: exec::Processes::default(),
             files,
+            limit: nixseed_core::qga::limit::TokenBucket::new(RATE_BURST, RATE_PER_SECOND),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -123,7 +136,22 @@ impl Agent {
         if !self.config.policy.enabled(info) {
             return Err(QgaError::disabled(name, None));
         }
-        tracing::debug!("running {name}");
+        // sync, ping, info, freeze status and thaw are never limited: a client must always
+        // be able to resynchronise and to thaw.
+        if !info.allowed_while_frozen && !self.limit.allow(self.started.elapsed().as_secs_f64()) {
+            tracing::warn!("guest agent: {name} refused: more than {RATE_PER_SECOND} requests/s");
+            return Err(QgaError::generic(format!(
+                "too many requests: {name} refused, retry in a second"
+            )));
+        }
+        if info.unsafe_by_default {
+            tracing::warn!(
+                "AUDIT guest agent: running {name} (enabled by the allow-list) with arguments [{}]",
+                args.names().join(", ")
+            );
+        } else {
+            tracing::debug!("running {name}");
+        }
         match handler {
             registry::Handler::Sync(f) => f(self, args),
             registry::Handler::Async(f) => f(self, args).await,

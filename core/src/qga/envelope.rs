@@ -100,6 +100,11 @@ impl Args {
         }
     }
 
+    /// The argument names given, for the audit log (values may be secrets).
+    pub fn names(&self) -> Vec<&str> {
+        self.map.keys().map(String::as_str).collect()
+    }
+
     fn take(&mut self, name: &str) -> Option<Value> {
         self.seen.push(name.to_string());
         self.map.get(name).cloned()

@@ -7,6 +7,7 @@ pub mod commands;
 pub mod encode;
 pub mod envelope;
 pub mod framer;
+pub mod limit;
 pub mod sysparse;
 pub mod utf8;
 

@@ -1,0 +1,118 @@
+//! Guest-agent hardening: a rate limit that never blocks sync/ping, unsafe commands in the
+//! audit log, and guest-file-* confined to configured directories.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_nixseed-agent");
+
+struct Serve {
+    child: Child,
+    sock: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(extra: &[&str]) -> Serve {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qga.sock");
+    let child = Command::new(AGENT)
+        .args(["serve", "--no-channel", "-m", "unix-listen", "-p"])
+        .arg(&sock)
+        .arg("-t")
+        .arg(dir.path().join("state"))
+        .args(extra)
+        .env("NIXSEED_LOG_STDERR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Serve {
+        child,
+        sock,
+        _dir: dir,
+    }
+}
+
+fn replies(sock: &std::path::Path, requests: &str, n: usize) -> Vec<String> {
+    let s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    (&s).write_all(requests.as_bytes()).unwrap();
+    let mut r = BufReader::new(&s);
+    (0..n)
+        .map(|_| {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            l
+        })
+        .collect()
+}
+
+#[test]
+fn bursts_of_work_are_limited_but_ping_and_sync_always_answer() {
+    let s = serve(&[]);
+    let mut req = String::new();
+    for _ in 0..400 {
+        req.push_str(r#"{"execute":"guest-get-osinfo"}"#);
+    }
+    req.push_str(
+        r#"{"execute":"guest-ping","id":1}{"execute":"guest-sync","arguments":{"id":99}}"#,
+    );
+    let out = replies(&s.sock, &req, 402);
+    let refused = out
+        .iter()
+        .filter(|l| l.contains("too many requests: guest-get-osinfo refused"))
+        .count();
+    assert!((150..400).contains(&refused), "refused {refused} of 400");
+    assert!(out[0].starts_with(r#"{"return": {"#), "{}", out[0]);
+    assert_eq!(out[400], "{\"return\": {}, \"id\": 1}\n");
+    assert_eq!(out[401], "{\"return\": 99}\n");
+}
+
+#[test]
+fn unsafe_commands_are_audited_and_files_confined() {
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = dir.path().join("allowed");
+    std::fs::create_dir(&allowed).unwrap();
+    std::fs::write(allowed.join("ok.txt"), "hello").unwrap();
+    std::os::unix::fs::symlink("/etc", allowed.join("escape")).unwrap();
+    let mut s = serve(&[
+        "--unsafe-rpcs",
+        "guest-file-open,guest-file-close",
+        "--file-dirs",
+        allowed.to_str().unwrap(),
+    ]);
+    let open = |p: &str| format!(r#"{{"execute":"guest-file-open","arguments":{{"path":"{p}"}}}}"#);
+    let req = [
+        open(&allowed.join("ok.txt").display().to_string()),
+        open("/etc/hostname"),
+        open(&allowed.join("escape/hostname").display().to_string()),
+        open(&format!("{}/../../etc/hostname", allowed.display())),
+    ]
+    .concat();
+    let out = replies(&s.sock, &req, 4);
+    assert!(out[0].starts_with(r#"{"return": "#), "{}", out[0]);
+    for l in &out[1..] {
+        assert!(
+            l.contains("outside the directories guest-file-* may use"),
+            "{l}"
+        );
+    }
+    let _ = s.child.kill();
+    let mut err = String::new();
+    std::io::Read::read_to_string(s.child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("AUDIT guest agent: running guest-file-open (enabled by the allow-list) with arguments [path]"), "{err}");
+}
