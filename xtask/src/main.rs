@@ -112,6 +112,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "superblock_label",
     "channel_decoder",
     "seed_compose",
+    "qga_framer",
 ];
 
 fn fuzz(args: &[String]) -> Result<()> {
