@@ -10,8 +10,8 @@ use anyhow::{Context, Result, bail};
 const USAGE: &str = "usage: cargo xtask <deps|demo|test|bench|dist|fuzz> [args]
   deps          install host packages (apt-get) and the musl target (rustup)
   demo          build the guest image, boot a VM with its identity, show it, shut it down
-  test [--no-vm] [SCENARIO...]
-                fmt + clippy + unit/integration tests + real-VM scenarios
+  test [--no-vm] [--no-fuzz] [SCENARIO...]
+                fmt + clippy + unit/integration tests + fuzz smoke + real-VM scenarios
   bench         benchmarks against cloud-init and qemu-ga; markdown tables
   dist          build the static, stripped nixseed-agent and print its size
   man           write seedctl's man pages and shell completions to target/assets
@@ -95,6 +95,10 @@ fn test(args: &[String]) -> Result<()> {
     let mut unit = cargo();
     unit.args(["test", "--workspace"]);
     run(unit, "cargo test --workspace")?;
+    if !args.iter().any(|a| a == "--no-fuzz") {
+        // A smoke pass over the committed seeds: about 15 s per target.
+        fuzz(&["--minutes".to_string(), "2".to_string()])?;
+    }
     if no_vm {
         return Ok(());
     }
