@@ -1,5 +1,6 @@
-//! `seedctl list`: every machine with its hostname, base image, last seed and whether it
-//! runs (under `seedctl run`, or in libvirt with --connect).
+//! `seedctl list`: every machine with its hostname, base image, last seed, whether it
+//! runs (under `seedctl run`, or in libvirt with --connect), and for a running machine the
+//! identity generation its guest reports over the control channel.
 
 use anyhow::Result;
 use clap::Args;
@@ -23,8 +24,8 @@ pub struct ListArgs {
 pub fn run(paths: &Paths, a: &ListArgs) -> Result<Report> {
     let mut rows = Vec::new();
     let mut text = format!(
-        "{:<16} {:<28} {:<10} {:<12} {}",
-        "NAME", "HOSTNAME", "STATE", "SSH", "BASE"
+        "{:<16} {:<28} {:<10} {:<12} {:<4} {}",
+        "NAME", "HOSTNAME", "STATE", "SSH", "GEN", "BASE"
     );
     for name in paths.machine_names()? {
         let id = Identity::load(paths, &name)?;
@@ -47,8 +48,16 @@ pub fn run(paths: &Paths, a: &ListArgs) -> Result<Report> {
             .ssh_port
             .map(|p| format!("127.0.0.1:{p}"))
             .unwrap_or_else(|| "-".into());
+        let generation = if state == "running" {
+            guest_generation(paths, &name, a.connect.as_deref())
+        } else {
+            None
+        };
+        let gen_text = generation
+            .map(|g| g.to_string())
+            .unwrap_or_else(|| "-".into());
         text.push_str(&format!(
-            "\n{name:<16} {:<28} {state:<10} {ssh:<12} {base}",
+            "\n{name:<16} {:<28} {state:<10} {ssh:<12} {gen_text:<4} {base}",
             id.hostname
         ));
         rows.push(json!({
@@ -60,7 +69,18 @@ pub fn run(paths: &Paths, a: &ListArgs) -> Result<Report> {
             "instance_id": st.instance_id,
             "product_uuid": id.product_uuid,
             "mac": id.mac(),
+            "generation": generation,
         }));
     }
     Ok(Report::new(text, json!({ "machines": rows })))
+}
+
+/// The guest's current generation, asked briefly over the control channel; `None` when
+/// nothing answers (booting, no agent, or another client holds the socket).
+fn guest_generation(paths: &Paths, name: &str, connect: Option<&str>) -> Option<u64> {
+    let sock = crate::channel::socket_path(paths, name, None, connect).ok()?;
+    let mut chan = crate::channel::Channel::connect(name, &sock).ok()?;
+    crate::channel::status(&mut chan, std::time::Duration::from_secs(1))
+        .ok()?
+        .generation
 }
