@@ -6,6 +6,7 @@ pub mod cmd;
 pub mod deps;
 pub mod image;
 pub mod initramfs;
+pub mod libvirtd;
 pub mod machine;
 pub mod paths;
 pub mod qemu;

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod identity;
+mod libvirt;
 
 /// Shared by every scenario in one run: image, client key, seedctl, accelerator.
 pub struct Harness {
@@ -143,6 +144,11 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "reboot",
         about: "a reboot on the same disks keeps the generation and every identity file byte-identical",
         run: identity::reboot,
+    },
+    Scenario {
+        name: "libvirt",
+        about: "seedctl define/start on qemu:///system; virsh domifaddr/domhostname/guestinfo/domfsinfo/domfsfreeze through the agent; shutdown --mode agent",
+        run: libvirt::libvirt,
     },
 ];
 

@@ -1,0 +1,308 @@
+//! libvirt: `seedctl define`/`start` on the system libvirtd (started without systemd when
+//! needed), then the virsh commands an operator runs against the guest agent, answered by
+//! `nixseed-agent serve` in the guest, and `virsh shutdown --mode agent`.
+
+use super::*;
+use crate::cmd;
+use crate::libvirtd::{self, URI, virsh};
+
+/// Undefines the domain however the scenario ends (a failed run leaves nothing behind).
+struct Domain<'a> {
+    name: &'a str,
+}
+
+impl Drop for Domain<'_> {
+    fn drop(&mut self) {
+        libvirtd::remove_domain(self.name);
+    }
+}
+
+/// `virsh ARGS` until it succeeds, while the domain runs; returns its stdout.
+fn virsh_until(name: &str, args: &[&str], timeout: Duration, what: &str) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match virsh(args) {
+            Ok(out) => return Ok(out),
+            Err(e) => format!("{e:#}"),
+        };
+        let state = virsh(&["domstate", name]).unwrap_or_default();
+        if state.trim() != "running" {
+            bail!(
+                "domain {name} is '{}' while waiting for {what}\n{}",
+                state.trim(),
+                libvirtd::qemu_log(name)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{what}: no success within {} s; last error: {last}",
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Rows of a virsh table (header and rule dropped), split on whitespace.
+fn table_rows(out: &str) -> Vec<Vec<String>> {
+    out.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '-'))
+        .filter(|l| !l.starts_with("Name ") && !l.starts_with("Mountpoint "))
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect()
+}
+
+/// `key : value` lines of `virsh guestinfo`.
+fn guestinfo_map(out: &str) -> std::collections::BTreeMap<String, String> {
+    out.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// The first number in a line such as "Froze 2 filesystem(s)".
+fn count_in(out: &str) -> Option<u32> {
+    out.split_whitespace().find_map(|w| w.parse().ok())
+}
+
+pub fn libvirt(h: &Harness) -> Result<()> {
+    let setup = libvirtd::ensure()?;
+    eprintln!(
+        "vm-tests: libvirt at {URI} ready in {:.1} s{}",
+        setup.took.as_secs_f64(),
+        if setup.started.is_empty() {
+            " (already running)".to_string()
+        } else {
+            format!(" (started {})", setup.started.join(", "))
+        }
+    );
+    let seedctl = h
+        .seedctl
+        .as_ref()
+        .filter(|s| s.has("define") && s.has("start"))
+        .context("the libvirt scenario needs seedctl with define/start")?;
+    let name = "nixseed-libvirt";
+    libvirtd::remove_domain(name);
+    let m = h.new_machine(name)?;
+    let machines = h.work.join("machines");
+    let state = h.work.join("state");
+    let cmdline = machine::kernel_cmdline(&h.image);
+    let _domain = Domain { name };
+    cmd::run(
+        seedctl
+            .command(&machines, &state)
+            .args(["define", name, "--connect", URI, "--type", "qemu"])
+            .arg("--kernel")
+            .arg(&h.image.vmlinuz)
+            .arg("--initrd")
+            .arg(&h.image.initramfs)
+            .arg("--cmdline")
+            .arg(&cmdline),
+    )?;
+    let xml = virsh(&["dumpxml", "--inactive", name])?;
+    ensure!(
+        xml.contains("org.qemu.guest_agent.0") && xml.contains("<kernel>"),
+        "the defined domain lacks the guest-agent channel or direct kernel boot:\n{xml}"
+    );
+    let t = Instant::now();
+    cmd::run(
+        seedctl
+            .command(&machines, &state)
+            .args(["start", name, "--connect", URI]),
+    )?;
+
+    // The agent answers once the guest's udev saw the port: hostname from the identity.
+    let hostname = virsh_until(
+        name,
+        &["domhostname", name, "--source", "agent"],
+        ssh_timeout(),
+        "`virsh domhostname --source agent`",
+    )?;
+    eprintln!(
+        "vm-tests: {name}: the guest agent answered libvirt after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let want_host = m.read("hostname")?;
+    ensure!(
+        hostname.trim() == want_host,
+        "virsh domhostname --source agent says '{}', machines/{name}/hostname says '{want_host}'",
+        hostname.trim()
+    );
+
+    // domifaddr: the NIC with the domain's MAC has the user-network IPv4 address.
+    let iflist = virsh(&["domiflist", name])?;
+    let mac = table_rows(&iflist)
+        .into_iter()
+        .find_map(|r| r.last().filter(|v| v.matches(':').count() == 5).cloned())
+        .with_context(|| format!("no MAC in `virsh domiflist {name}`:\n{iflist}"))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (ifaddr, addr) = loop {
+        let out = virsh(&["domifaddr", name, "--source", "agent"])?;
+        // Rows: name MAC proto addr/prefix; continuation rows start with "-".
+        let found = out.lines().find_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 4 && w[1].eq_ignore_ascii_case(&mac) && w[2] == "ipv4")
+                .then(|| w[3].to_string())
+        });
+        if let Some(a) = found {
+            break (out, a);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "`virsh domifaddr {name} --source agent` shows no IPv4 address for {mac} after 120 s:\n{out}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    ensure!(
+        addr.starts_with("10.0.2.") && addr.ends_with("/24"),
+        "the guest's address on {mac} is {addr}, expected 10.0.2.x/24 from libvirt's user network:\n{ifaddr}"
+    );
+    ensure!(
+        ifaddr
+            .lines()
+            .any(|l| l.contains("lo ") && l.contains("127.0.0.1/8")),
+        "domifaddr --source agent does not list lo with 127.0.0.1/8:\n{ifaddr}"
+    );
+
+    // domfsinfo: / and /var with their disk targets (vda is the overlay, vdb the /var disk).
+    let fsinfo = virsh(&["domfsinfo", name])?;
+    let rows = table_rows(&fsinfo);
+    let target_of = |mp: &str| {
+        rows.iter()
+            .find(|r| r.first().map(String::as_str) == Some(mp))
+            .map(|r| (r.get(2).cloned(), r.get(3).cloned()))
+    };
+    for (mp, dev) in [("/", "vda"), ("/var", "vdb")] {
+        let (fstype, target) = target_of(mp)
+            .with_context(|| format!("`virsh domfsinfo {name}` has no {mp}:\n{fsinfo}"))?;
+        ensure!(
+            fstype.as_deref() == Some("ext4") && target.as_deref() == Some(dev),
+            "`virsh domfsinfo {name}`: {mp} should be ext4 on {dev}, got {fstype:?} on {target:?}:\n{fsinfo}"
+        );
+    }
+
+    // guestinfo: the groups libvirt asks for all come back, consistent with the above.
+    let info = virsh(&["guestinfo", name])?;
+    let map = guestinfo_map(&info);
+    let get = |k: &str| map.get(k).map(String::as_str);
+    ensure!(
+        get("hostname") == Some(want_host.as_str()),
+        "virsh guestinfo hostname is {:?}, expected '{want_host}':\n{info}",
+        get("hostname")
+    );
+    ensure!(
+        get("os.id") == Some("debian"),
+        "virsh guestinfo os.id is {:?}:\n{info}",
+        get("os.id")
+    );
+    let fs_count: u32 = get("fs.count").and_then(|v| v.parse().ok()).unwrap_or(0);
+    ensure!(
+        fs_count >= 2,
+        "virsh guestinfo fs.count is {fs_count}, expected / and /var:\n{info}"
+    );
+    let mounts: Vec<&str> = (0..fs_count)
+        .filter_map(|i| get(&format!("fs.{i}.mountpoint")))
+        .collect();
+    ensure!(
+        mounts.contains(&"/") && mounts.contains(&"/var"),
+        "virsh guestinfo mountpoints are {mounts:?}:\n{info}"
+    );
+    for k in ["timezone.offset", "user.count"] {
+        ensure!(get(k).is_some(), "virsh guestinfo has no {k}:\n{info}");
+    }
+
+    // Freeze and thaw: libvirt counts what the agent froze.
+    let froze = virsh(&["domfsfreeze", name])?;
+    let frozen = count_in(&froze).unwrap_or(0);
+    let status = virsh(&[
+        "qemu-agent-command",
+        name,
+        r#"{"execute":"guest-fsfreeze-status"}"#,
+    ]);
+    let thawed = virsh(&["domfsthaw", name]);
+    ensure!(
+        frozen > 0,
+        "`virsh domfsfreeze {name}` froze nothing: {froze}"
+    );
+    let status = status?;
+    ensure!(
+        status.contains("\"frozen\""),
+        "guest-fsfreeze-status during the freeze says {status}"
+    );
+    let thawed = thawed?;
+    ensure!(
+        count_in(&thawed) == Some(frozen),
+        "`virsh domfsthaw {name}` says '{}' after freezing {frozen}",
+        thawed.trim()
+    );
+    let status = virsh(&[
+        "qemu-agent-command",
+        name,
+        r#"{"execute":"guest-fsfreeze-status"}"#,
+    ])?;
+    ensure!(
+        status.contains("\"thawed\""),
+        "guest-fsfreeze-status after the thaw says {status}"
+    );
+
+    eprintln!(
+        "vm-tests: {name}: agent says hostname {want_host}, {mac} has {addr}, / on vda and /var on vdb, froze and thawed {frozen} filesystems"
+    );
+
+    // Shutdown through the agent: the domain must reach "shut off" on its own.
+    let t = Instant::now();
+    virsh(&["shutdown", name, "--mode", "agent"])?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let st = virsh(&["domstate", name])?;
+        if st.trim() == "shut off" {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "domain {name} is still '{}' 180 s after `virsh shutdown --mode agent`\n{}",
+            st.trim(),
+            libvirtd::qemu_log(name)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "vm-tests: {name}: shut off {:.1} s after `virsh shutdown --mode agent`",
+        t.elapsed().as_secs_f64()
+    );
+    if seedctl.has("undefine") {
+        cmd::run(
+            seedctl
+                .command(&machines, &state)
+                .args(["undefine", name, "--connect", URI]),
+        )?;
+    } else {
+        virsh(&["undefine", "--nvram", name])?;
+    }
+    ensure!(
+        !libvirtd::domain_defined(name),
+        "domain {name} is still defined after undefine"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_virsh_tables_and_counts() {
+        let fs = " Mountpoint   Name   Type   Target\n-------------------------------\n /            vda    ext4   vda\n /var         vdb    ext4   vdb\n";
+        let rows = table_rows(fs);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1], ["/var", "vdb", "ext4", "vdb"]);
+        let ifl = table_rows(" -   user   -   virtio   52:54:00:e4:f5:28\n");
+        assert_eq!(ifl[0].last().map(String::as_str), Some("52:54:00:e4:f5:28"));
+        assert_eq!(count_in("Froze 2 filesystem(s)\n"), Some(2));
+        assert_eq!(count_in("nothing"), None);
+        let m = guestinfo_map("hostname            : web1\nfs.0.mountpoint     : /\n");
+        assert_eq!(m.get("hostname").map(String::as_str), Some("web1"));
+        assert_eq!(m.get("fs.0.mountpoint").map(String::as_str), Some("/"));
+    }
+}
