@@ -274,7 +274,11 @@ pub fn compose(
 
     // networkd
     if let Some(NetworkSetting::Config(net)) = &seed.network {
-        for (file, content) in network::render_networkd(net, &ctx.links) {
+        let mut net = net.clone();
+        if seed.source.starts_with("configdrive:") {
+            network::adopt_single_link(&mut net, &ctx.links);
+        }
+        for (file, content) in network::render_networkd(&net, &ctx.links) {
             if file.contains('/') || file.starts_with('.') {
                 return Err(err(
                     "network-config",

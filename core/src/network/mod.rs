@@ -375,3 +375,59 @@ mod tests {
         assert!(render_networkd(&c, &[]).contains_key("10-cloud-init-eth0.network"));
     }
 }
+
+/// ConfigDrive2's ENI names interfaces as the image's installer saw them (`eth0`) and
+/// carries no MAC; guests name their NIC `ens18`. When the config has exactly one physical
+/// interface without a MAC, its name is not a guest NIC, and the guest has exactly one NIC,
+/// the interface is bound to that NIC by MAC — the only reading under which the config can
+/// apply at all. Anything ambiguous is left as written.
+pub fn adopt_single_link(cfg: &mut NetworkConfig, links: &[Link]) {
+    let [link] = links else {
+        return;
+    };
+    let mut physical = cfg
+        .interfaces
+        .iter_mut()
+        .filter(|i| matches!(i.kind, InterfaceKind::Physical));
+    let (Some(iface), None) = (physical.next(), physical.next()) else {
+        return;
+    };
+    if iface.mac.is_none() && iface.set_name.is_none() && iface.id != link.name {
+        iface.mac = Some(link.mac.clone());
+        iface.rename_by_mac = true;
+    }
+}
+
+#[cfg(test)]
+mod adopt_tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_eni_interface_binds_to_the_lone_guest_nic() {
+        let eni = "auto eth0\niface eth0 inet static\n    address 10.0.2.15\n    netmask 255.255.255.0\n    gateway 10.0.2.2\n";
+        let mut cfg = parse_eni(eni, "content/0000").unwrap();
+        let links = [Link {
+            name: "ens18".into(),
+            mac: "52:54:00:aa:bb:cc".into(),
+        }];
+        adopt_single_link(&mut cfg, &links);
+        let files = render_networkd(&cfg, &links);
+        let (name, text) = files.iter().next().unwrap();
+        assert_eq!(name, "10-cloud-init-ens18.network");
+        assert!(
+            text.contains("Name=ens18") && text.contains("Address=10.0.2.15/24"),
+            "{text}"
+        );
+        // Two guest NICs: ambiguous, left alone.
+        let mut cfg = parse_eni(eni, "content/0000").unwrap();
+        let two = [
+            links[0].clone(),
+            Link {
+                name: "ens19".into(),
+                mac: "52:54:00:aa:bb:cd".into(),
+            },
+        ];
+        adopt_single_link(&mut cfg, &two);
+        assert!(render_networkd(&cfg, &two).contains_key("10-cloud-init-eth0.network"));
+    }
+}
