@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 /// Bump when the image-building code changes what ends up in the tree.
 pub const IMAGE_CODE_VERSION: u32 = 4;
 /// Bump when the final layer (injection, initramfs) changes.
-pub const FINAL_CODE_VERSION: u32 = 1;
+pub const FINAL_CODE_VERSION: u32 = 2;
 
 pub const SUITE: &str = "bookworm";
 pub const ROOT_LABEL: &str = "nixseed-root";
@@ -645,7 +645,18 @@ fn build_final_layer(
     )?;
     if variant == Variant::Nixseed {
         let tree = tree_dir.join("tree");
-        let script = injection_script(&tree, agent, dist)?;
+        let mut script = injection_script(&tree, agent, dist)?;
+        // The dist units read extra arguments from here: the test image loads the
+        // identity's ports into nftables, as `services.nixseed.firewall.enable` does.
+        let defaults = tmp.join("nixseed.default");
+        write(&defaults, "NIXSEED_ARGS=--firewall\n")?;
+        if tree.join("etc/default/nixseed").exists() {
+            script.push_str("rm /etc/default/nixseed\n");
+        }
+        script.push_str(&format!(
+            "cd /etc/default\nwrite {} nixseed\nsif /etc/default/nixseed mode 0100644\nsif /etc/default/nixseed uid 0\nsif /etc/default/nixseed gid 0\ncd /\n",
+            defaults.display()
+        ));
         let script_path = tmp.join("inject.debugfs");
         write(&script_path, &script)?;
         let out = cmd::run(

@@ -7,7 +7,7 @@ use crate::image::{GuestImage, VAR_LABEL};
 use crate::paths::workspace_root;
 use crate::qemu::{Accel, VmConfig};
 use crate::ssh::ClientKey;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -51,19 +51,14 @@ impl Machine {
     pub fn product_uuid(&self) -> Result<String> {
         self.read("product_uuid")
     }
-    /// Stable locally administered MAC derived from the machine-id.
+    /// The NIC's MAC as seedctl derives it (`52:54:00` + the first three bytes of
+    /// sha256(product_uuid)): the address the seed's default network-config matches and
+    /// what `seedctl run`/`xml` give the VM.
     pub fn mac(&self) -> Result<String> {
-        let id = self.machine_id()?;
-        let b = id.as_bytes();
-        if b.len() < 6 {
-            bail!("machine-id of {} is too short: '{id}'", self.name);
-        }
-        Ok(format!(
-            "52:54:00:{}:{}:{}",
-            &id[0..2],
-            &id[2..4],
-            &id[4..6]
-        ))
+        use sha2::{Digest, Sha256};
+        let uuid = self.product_uuid()?;
+        let d = Sha256::digest(uuid.to_ascii_lowercase().as_bytes());
+        Ok(format!("52:54:00:{:02x}:{:02x}:{:02x}", d[0], d[1], d[2]))
     }
 
     pub fn vm_config(&self, image: &GuestImage, accel: Accel, ssh_port: u16) -> Result<VmConfig> {
@@ -357,6 +352,43 @@ fn write_nocloud_iso(dir: &Path, name: &str, state: &Path, iso: &Path) -> Result
             .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-J", "-R", "-o"])
             .arg(iso)
             .arg(&stage),
+    )?;
+    Ok(())
+}
+
+impl Machine {
+    /// `seedctl` with this machine's machines/ and state directories.
+    pub fn seedctl(&self, seedctl: Option<&Seedctl>) -> Result<Command> {
+        let s = seedctl.context(
+            "this scenario drives seedctl, which does not build here (see the start of the log)",
+        )?;
+        let machines = self.dir.parent().unwrap_or(Path::new("."));
+        let state = self.state.parent().unwrap_or(Path::new("."));
+        Ok(s.command(machines, state))
+    }
+}
+
+/// Writes `files` (paths relative to `stage`, which is emptied first) and packs them into
+/// `out` with `genisoimage -iso-level 3 -R -V LABEL`: exactly the command Proxmox VE runs
+/// for its cloud-init drive (Rock Ridge names, no Joliet).
+pub fn genisoimage(stage: &Path, files: &[(&str, &[u8])], label: &str, out: &Path) -> Result<()> {
+    if stage.exists() {
+        fs::remove_dir_all(stage).with_context(|| format!("removing {}", stage.display()))?;
+    }
+    for (rel, bytes) in files {
+        let p = stage.join(rel);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
+    }
+    fs::create_dir_all(stage).with_context(|| format!("creating {}", stage.display()))?;
+    let _ = fs::remove_file(out);
+    cmd::run(
+        Command::new("genisoimage")
+            .args(["-quiet", "-iso-level", "3", "-R", "-V", label, "-o"])
+            .arg(out)
+            .arg(stage),
     )?;
     Ok(())
 }

@@ -5,13 +5,15 @@ use crate::deps;
 use crate::image::{self, GuestImage, Variant};
 use crate::machine::{self, Machine, Seedctl};
 use crate::paths::work_root;
-use crate::qemu::{self, Accel, Vm};
+use crate::qemu::{self, Accel, Vm, VmConfig};
 use crate::ssh::{self, ClientKey, Ssh};
 use anyhow::{Context, Result, bail, ensure};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod identity;
+// nixseed behaviours an operator relies on (clones, Proxmox seeds, push, upgrade, hostile seeds, channel).
+mod clones;
 mod libvirt;
 
 /// Shared by every scenario in one run: image, client key, seedctl, accelerator.
@@ -86,11 +88,24 @@ impl Harness {
 
     /// Boots `m` and waits until sshd presents exactly the machine's host key.
     pub fn boot(&self, m: &Machine) -> Result<Booted> {
-        let port = qemu::free_port()?;
-        let mut vm = Vm::start(m.vm_config(&self.image, self.accel, port)?)?;
         let expected = m.host_key_pub()?;
-        let seen =
-            ssh::wait_for_host_key(port, Some(&expected), ssh_timeout(), || vm.ensure_running());
+        self.boot_with(m, Some(&expected), |_| {})
+    }
+
+    /// Boots `m` with `tweak` applied to its QEMU configuration (another seed disk, none,
+    /// ...) and waits until sshd answers: with `expected` (`ssh-ed25519 AAAA…`) set, any
+    /// other host key fails at once; with `None`, the first key seen is pinned.
+    pub fn boot_with(
+        &self,
+        m: &Machine,
+        expected: Option<&str>,
+        tweak: impl FnOnce(&mut VmConfig),
+    ) -> Result<Booted> {
+        let port = qemu::free_port()?;
+        let mut cfg = m.vm_config(&self.image, self.accel, port)?;
+        tweak(&mut cfg);
+        let mut vm = Vm::start(cfg)?;
+        let seen = ssh::wait_for_host_key(port, expected, ssh_timeout(), || vm.ensure_running());
         let seen = match seen {
             Ok(k) => k,
             Err(e) => bail!("{e:#}\n{}", vm.diagnostics()),
@@ -144,6 +159,11 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "reboot",
         about: "a reboot on the same disks keeps the generation and every identity file byte-identical",
         run: identity::reboot,
+    },
+    Scenario {
+        name: "clones",
+        about: "two machines on one base image: distinct machine-id, host key, hostname and DHCP client id; the base is unchanged",
+        run: clones::clones,
     },
     Scenario {
         name: "libvirt",
