@@ -2,6 +2,7 @@
 //! seed; `serve` answers the qemu-guest-agent protocol; `render` is a dry run.
 
 mod channel;
+mod commands;
 mod crashpoint;
 mod dbus;
 mod logging;
@@ -91,6 +92,10 @@ struct StageArgs {
     /// Load the identity's ports as the nftables `inet nixseed` table (stage 2).
     #[arg(long)]
     firewall: bool,
+    /// Run the seed's bootcmd (every boot, waited for) and runcmd (once per instance, queued
+    /// after multi-user.target) in transient units (stage 2).
+    #[arg(long)]
+    run_commands: bool,
     /// OpenSSH public keys (one per line) a seed must be signed with; without it,
     /// unsigned seeds are accepted.
     #[arg(long, value_name = "FILE")]
@@ -166,13 +171,19 @@ fn run(command: Command) -> Result<()> {
             let opts = a.options()?;
             let o = stage::run_apply(&opts)?;
             tracing::info!("{}", stage::summary("apply", &o));
+            let dir = opts.sysroot.join(opts.identity_dir.trim_start_matches('/'));
             if a.firewall {
-                let dir = opts.sysroot.join(opts.identity_dir.trim_start_matches('/'));
                 reload::load_firewall(&dir)?;
                 tracing::info!(
                     "firewall: loaded the inet nixseed table from {}",
                     dir.display()
                 );
+            }
+            if a.run_commands {
+                let store = store::Store::open(&dir, false)?;
+                if let Some(g) = store.current()? {
+                    commands::run(&opts.sysroot, &dir, &g.manifest.instance_id)?;
+                }
             }
         }
         Command::Render(a) => render(&a)?,

@@ -33,6 +33,8 @@ fn flat_names(tree: &IdentityTree) -> Vec<String> {
         identity::NETWORK_DIR,
         identity::MANIFEST,
         identity::USERS,
+        identity::BOOTCMD,
+        identity::RUNCMD,
     ]
     .iter()
     .map(|s| s.to_string())

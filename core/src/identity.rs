@@ -45,6 +45,11 @@ use crate::userdata::{CloudConfig, User};
 /// Users beyond the two authorized-keys files, for the image's user provisioning
 /// (`users.json`, an extension of the contract; written only when the seed has users).
 pub const USERS: &str = "users.json";
+/// cloud-init's `bootcmd` (every boot) and `runcmd` (once per instance) as shell scripts;
+/// run by stage 2 only with `--run-commands` (extensions of the contract, written only
+/// when the seed has commands).
+pub const BOOTCMD: &str = "bootcmd";
+pub const RUNCMD: &str = "runcmd";
 
 #[derive(Debug, thiserror::Error)]
 #[error("{origin}: key '{key}': {detail}")]
@@ -270,6 +275,20 @@ pub fn compose(
         let mut bytes = serde_json::to_vec_pretty(&doc).unwrap_or_default();
         bytes.push(b'\n');
         put(USERS, bytes);
+    }
+
+    // commands, as scripts
+    for (name, commands) in [(BOOTCMD, &cfg.bootcmd), (RUNCMD, &cfg.runcmd)] {
+        if !commands.is_empty() {
+            let mut script = String::from(
+                "#!/bin/sh\n# From the seed's user-data; run by nixseed-agent apply --run-commands.\nset -e\n",
+            );
+            for c in commands {
+                script.push_str(c);
+                script.push('\n');
+            }
+            put(name, script.into_bytes());
+        }
     }
 
     // networkd
@@ -580,6 +599,29 @@ mod tests {
             String::from_utf8_lossy(&t[RESOLV_CONF].bytes),
             "nameserver 1.1.1.1\nnameserver 10.0.0.1\nsearch example.com\n"
         );
+    }
+
+    #[test]
+    fn commands_become_scripts_only_when_given() {
+        let s = seed(
+            "",
+            "#cloud-config\nbootcmd:\n  - echo boot > /run/b\nruncmd:\n  - [touch, /var/lib/x y]\n",
+        );
+        let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+        assert!(
+            String::from_utf8_lossy(&t[BOOTCMD].bytes).ends_with("set -e\necho boot > /run/b\n")
+        );
+        assert!(
+            String::from_utf8_lossy(&t[RUNCMD].bytes).ends_with("set -e\ntouch '/var/lib/x y'\n")
+        );
+        let none = compose(
+            &seed("", ""),
+            None,
+            &ComposeContext::default(),
+            &mut FakeFresh(0),
+        )
+        .unwrap();
+        assert!(!none.contains_key(BOOTCMD) && !none.contains_key(RUNCMD));
     }
 
     #[test]
