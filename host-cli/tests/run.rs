@@ -127,40 +127,6 @@ fn run_without_disks_points_at_create() {
     assert!(err.contains("seedctl run web1"), "{err}");
 }
 
-/// Boots a real kernel (give its path in SEEDCTL_TEST_KERNEL) and checks the serial
-/// console reaches the state directory's console.log.
-#[test]
-#[ignore = "needs a kernel image in SEEDCTL_TEST_KERNEL"]
-fn direct_kernel_boot_writes_the_console_log() {
-    let kernel = std::env::var("SEEDCTL_TEST_KERNEL").unwrap();
-    let s = Scratch::new();
-    machine(&s);
-    s.ok(&[
-        "run",
-        "web1",
-        "--detach",
-        "--accel",
-        "tcg",
-        "--memory",
-        "256",
-        "--kernel",
-        &kernel,
-        "--append",
-        "console=ttyS0 panic=-1",
-    ]);
-    let log = s.state("web1").join("console.log");
-    let mut seen = String::new();
-    for _ in 0..120 {
-        seen = std::fs::read_to_string(&log).unwrap_or_default();
-        if seen.contains("Linux version") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    s.ok(&["destroy", "web1"]);
-    assert!(seen.contains("Linux version"), "{seen}");
-}
-
 /// `--seed-via channel`: no seed cdrom, the NIC carries the machine's MAC (the one the
 /// default network-config matches), and a background answerer holds the channel socket
 /// until QEMU is gone. Answering a real guest's hello is a vm-tests scenario.
