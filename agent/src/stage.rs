@@ -261,6 +261,7 @@ pub fn apply_seed(
         compose(seed, current.as_ref().map(|g| &g.tree), &ctx, &mut OsFresh)?
     };
     t.lap("compose");
+    crate::crashpoint::hit("composed");
     outcome.changed = match &current {
         Some(g) => tree
             .iter()
@@ -315,6 +316,7 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions) -> Result<()>
         identity::RESOLV_CONF,
     ] {
         mounts::bind_readonly(&gen_dir.join(name), &etc.join(name), &mounted)?;
+        crate::crashpoint::hit(&format!("bind-{name}"));
     }
     // /etc/hosts = the image's base + the identity's extra lines.
     let nixseed_run = opts.run.join("nixseed");

@@ -227,11 +227,13 @@ impl Store {
                 };
                 write_file_at(target_dir, leaf, file)
                     .with_context(|| format!("cannot write {}/{rel}", at(&tmp)))?;
+                crate::crashpoint::hit(&format!("store-file-{rel}"));
             }
             for (_, fd) in &subdirs {
                 rfs::fsync(fd)?;
             }
             rfs::fsync(&gdir).with_context(|| format!("cannot sync {}", at(&tmp)))?;
+            crate::crashpoint::hit("store-before-rename");
             rfs::renameat(&self.dir, tmp.as_str(), &self.dir, name.as_str())
                 .with_context(|| format!("cannot rename {} to {name}", at(&tmp)))?;
             rfs::fsync(&self.dir)?;
@@ -250,7 +252,9 @@ impl Store {
         }
         crate::crashpoint::hit("store-after-swap");
         self.link_flat_names(tree)?;
+        crate::crashpoint::hit("store-after-links");
         self.prune(n, previous)?;
+        crate::crashpoint::hit("store-after-prune");
         Ok(n)
     }
 

@@ -560,3 +560,84 @@ fn write_files_land_under_var_once_per_instance() {
     vm.boot();
     assert_eq!(std::fs::read(&f).unwrap(), b"rotated");
 }
+
+/// Every delay point of a new-instance apply: the agent is SIGKILLed there, and the store
+/// must hold exactly the old or exactly the new generation, verified against its manifest.
+/// (The real power cut, with the VM killed, is vm-tests' `powercut` scenario.)
+#[test]
+fn killed_at_every_point_the_store_holds_one_whole_generation() {
+    use std::io::BufRead;
+    let points = [
+        "composed",
+        "store-file-admin_authorized_keys",
+        "store-file-hostname",
+        "store-file-machine-id",
+        "store-file-manifest.json",
+        "store-file-network/10-cloud-init-ens18.network",
+        "store-file-ssh_host_ed25519_key",
+        "store-file-ssh_host_ed25519_key.pub",
+        "store-file-user_authorized_keys",
+        "store-before-rename",
+        "store-before-swap",
+        "store-after-swap",
+        "store-after-links",
+        "store-after-prune",
+        "bind-machine-id",
+        "bind-hostname",
+        "bind-resolv.conf",
+    ];
+    for (i, point) in points.iter().enumerate() {
+        let vm = Vm::new();
+        vm.boot();
+        let old = vm.identity("manifest.json");
+        vm.seed(
+            &format!("instance-id: iid-{}\n", i + 10),
+            "#cloud-config\nhostname: web2\n",
+            Some(PROXMOX_NETWORK),
+        );
+        let mut child = Command::new("unshare")
+            .args(["-m", AGENT, "initrd", "--sysroot"])
+            .arg(vm.p("sysroot"))
+            .arg("--root")
+            .arg(vm.p("host"))
+            .arg("--run")
+            .arg(vm.p("run"))
+            .env("NIXSEED_TEST_DELAY", format!("{point}:60000"))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut reached = false;
+        for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+            if line.unwrap().contains("test delay point reached") {
+                reached = true;
+                break;
+            }
+        }
+        assert!(reached, "{point}: the agent never reached the point");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let status = Command::new(AGENT)
+            .args(["status", "--identity-dir"])
+            .arg(vm.p("sysroot/var/identity"))
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{point}: {}", stderr(&status));
+        let now = vm.identity("manifest.json");
+        let gen_now = vm.generation();
+        match gen_now.as_str() {
+            "gen-1" => assert_eq!(now, old, "{point}: old generation changed"),
+            "gen-2" => assert!(
+                String::from_utf8_lossy(&now).contains(&format!("iid-{}", i + 10)),
+                "{point}"
+            ),
+            other => panic!("{point}: current is {other}"),
+        }
+        // And the next boot completes the job.
+        let (out, s) = vm.boot();
+        assert!(
+            s.contains("rc=0") && etc(&s, "hostname") == "web2\n",
+            "{point}: {s}\n{}",
+            stderr(&out)
+        );
+    }
+}
