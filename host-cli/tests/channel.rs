@@ -152,9 +152,23 @@ fn push_status_and_rollback_against_the_real_agent() {
     assert!(human.contains("MISMATCH  hostname"), "{human}");
     assert!(human.contains("seedctl push web1"), "{human}");
 
+    // A seed disk from an older identity (here: stand-in bytes)...
+    let iso = s.state("web1").join("seed.iso");
+    std::fs::create_dir_all(iso.parent().unwrap()).unwrap();
+    std::fs::write(&iso, b"an older seed").unwrap();
+    let stale = std::fs::read(&iso).unwrap();
+
     // Push: the guest applies the host's identity and reloads what changed.
     let out = s.run(&["--json", "push", "web1"]);
     assert!(out.status.success(), "{out:?}");
+    // ...is rewritten by the push, so the next boot does not bring the old seed back.
+    let fresh = std::fs::read(&iso).unwrap();
+    assert_ne!(
+        fresh, stale,
+        "push must refresh the state directory's seed disk"
+    );
+    s.ok(&["seed", "web1", "-o", "expected.iso"]);
+    assert_eq!(fresh, std::fs::read(s.path().join("expected.iso")).unwrap());
     let p = json(&out);
     assert_eq!(p["generation"], 2);
     let changed = strs(&p["changed"]);

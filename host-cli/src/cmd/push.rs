@@ -145,6 +145,17 @@ pub fn applied_report(
     }
 }
 
+/// After a push, the machine's seed disk in the state directory (if it has one) is
+/// rewritten too: otherwise the next boot would apply the older seed over the pushed
+/// identity, since the seed disk wins at boot.
+fn refresh_seed(paths: &Paths, id: &Identity) -> Result<()> {
+    let iso = paths.state_dir(&id.name).join(crate::state::SEED_ISO);
+    if iso.exists() {
+        crate::cmd::seed::write(id, crate::cmd::seed::SeedFormat::Iso, &iso)?;
+    }
+    Ok(())
+}
+
 pub fn run(paths: &Paths, a: &PushArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.channel.name)?;
     let mut chan = a.channel.open(paths)?;
@@ -152,6 +163,7 @@ pub fn run(paths: &Paths, a: &PushArgs) -> Result<Report> {
         bundle: channel::bundle(&id)?,
     };
     let outcome = channel::apply(&mut chan, &request, a.channel.timeout())?;
+    refresh_seed(paths, &id)?;
     let iid = nocloud::instance_id(&id);
     Ok(applied_report(
         "pushed",

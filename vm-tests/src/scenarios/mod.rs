@@ -13,8 +13,15 @@ use std::time::{Duration, Instant};
 
 mod identity;
 // nixseed behaviours an operator relies on (clones, Proxmox seeds, push, upgrade, hostile seeds, channel).
+mod channel;
 mod clones;
+mod crosscheck;
+mod hostile;
 mod libvirt;
+mod powercut;
+mod proxmox;
+mod push;
+mod upgrade;
 
 /// Shared by every scenario in one run: image, client key, seedctl, accelerator.
 pub struct Harness {
@@ -166,9 +173,44 @@ pub const SCENARIOS: &[Scenario] = &[
         run: clones::clones,
     },
     Scenario {
+        name: "proxmox",
+        about: "Proxmox-made seeds (genisoimage cidata, ConfigDrive2): static IPv4/IPv6 on the NIC with the VM's MAC, hostname, root key",
+        run: proxmox::proxmox,
+    },
+    Scenario {
+        name: "push",
+        about: "seedctl push of hostname, ports and admin keys: applied live, same host key, nftables opens the port, seedctl status in sync",
+        run: push::push,
+    },
+    Scenario {
+        name: "upgrade",
+        about: "seedctl upgrade onto a rebuilt base: /var and the identity kept, the root is the new base",
+        run: upgrade::upgrade,
+    },
+    Scenario {
+        name: "hostile",
+        about: "malformed, path-traversing and 100 MB user-data, then no seed: the previous identity boots, the journal names user-data",
+        run: hostile::hostile,
+    },
+    Scenario {
+        name: "channel",
+        about: "first boot with no seed disk, identity over virtio-serial from seedctl serve; host silent on reboot: identity kept",
+        run: channel::channel,
+    },
+    Scenario {
         name: "libvirt",
         about: "seedctl define/start on qemu:///system; virsh domifaddr/domhostname/guestinfo/domfsinfo/domfsfreeze through the agent; shutdown --mode agent",
         run: libvirt::libvirt,
+    },
+    Scenario {
+        name: "crosscheck",
+        about: "real cloud-init boots seedctl's seed to the same hostname, root keys and SSH host key",
+        run: crosscheck::crosscheck,
+    },
+    Scenario {
+        name: "powercut",
+        about: "QEMU killed at 21 delay points in the initrd apply and a live push: /var/identity is always one whole generation, then boots to sshd",
+        run: powercut::powercut,
     },
 ];
 

@@ -1,0 +1,258 @@
+//! Power cuts: QEMU is SIGKILLed while the agent writes a new generation — at delay points
+//! in the initrd stage (first boot of a new identity) and during a live `seedctl push` —
+//! enabled only by the test-only kernel flag `nixseed.test_delay=POINT:MS`. After every
+//! cut the `/var` disk is read offline (debugfs, no mount): `/var/identity` must be exactly
+//! the old or exactly the new generation, every file matching its manifest's sha256, the
+//! host key pair consistent. The machine then boots to sshd with its key, and a file
+//! written to `/var` before the first cut is intact.
+
+use super::*;
+use crate::cmd;
+use std::fs;
+use std::process::Command;
+
+/// Delay points the initrd stage passes while applying a new identity (agent/src).
+const INITRD_POINTS: &[&str] = &[
+    "composed",
+    "store-file-admin_authorized_keys",
+    "store-file-hostname",
+    "store-file-hosts",
+    "store-file-machine-id",
+    "store-file-manifest.json",
+    "store-file-resolv.conf",
+    "store-file-ssh_host_ed25519_key",
+    "store-file-ssh_host_ed25519_key.pub",
+    "store-file-tcp_ports",
+    "store-file-udp_ports",
+    "store-file-user_authorized_keys",
+    "store-before-rename",
+    "store-before-swap",
+    "store-after-swap",
+    "store-after-links",
+    "store-after-prune",
+    "bind-hostname",
+];
+
+/// Points a live push passes in the running guest's `serve`.
+const PUSH_POINTS: &[&str] = &[
+    "store-file-hostname",
+    "store-before-swap",
+    "store-after-swap",
+];
+
+const DELAY_MS: u64 = 600_000;
+
+/// What the `/var` disk holds, read offline.
+struct OnDisk {
+    generation: u64,
+    hostname: String,
+}
+
+pub fn powercut(h: &Harness) -> Result<()> {
+    let m = h.new_machine("powercut")?;
+    let agent = deps::build_agent()?;
+    let b = h.boot(&m)?;
+    b.ssh
+        .run("mkdir -p /var/lib/test && echo precious > /var/lib/test/before && sync")?;
+    b.poweroff()?;
+    let mut state = read_offline(&m, &agent)?;
+    let mut cuts = 0;
+
+    for (i, point) in INITRD_POINTS.iter().enumerate() {
+        let hostname = format!("cut{i}");
+        set_identity(h, &m, &hostname)?;
+        let port = qemu::free_port()?;
+        let mut cfg = m.vm_config(&h.image, h.accel, port)?;
+        cfg.append
+            .push_str(&format!(" nixseed.test_delay={point}:{DELAY_MS}"));
+        let mut vm = Vm::start(cfg)?;
+        wait_until(&mut vm, point, |vm| Ok(vm.serial_text()))?;
+        vm.kill();
+        state = check_cut(&m, &agent, point, &state, &hostname)?;
+        cuts += 1;
+    }
+
+    // A full boot after the last cut: the pending identity is applied and sshd answers
+    // with the machine's key.
+    let b = h.boot(&m)?;
+    verify_running(&b, &m)?;
+    b.poweroff()?;
+    state = read_offline(&m, &agent)?;
+
+    // The seed disk holds the last initrd identity; a reboot after a cut push re-applies it.
+    let iso_hostname = m.read("hostname")?;
+    for (i, point) in PUSH_POINTS.iter().enumerate() {
+        let expected = m.host_key_pub()?;
+        let b = h.boot_with(&m, Some(&expected), |cfg| {
+            cfg.append
+                .push_str(&format!(" nixseed.test_delay={point}:{DELAY_MS}"));
+        })?;
+        let hostname = format!("pushcut{i}");
+        fs::write(m.dir.join("hostname"), format!("{hostname}\n"))?;
+        let chan = b.vm.config.channel_socket();
+        let mut push = m
+            .seedctl(h.seedctl.as_ref())?
+            .args(["push", &m.name, "--timeout", "300", "--socket"])
+            .arg(&chan)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting seedctl push")?;
+        let Booted { mut vm, ssh, .. } = b;
+        wait_until(&mut vm, point, |_| {
+            ssh.run("journalctl -b -u nixseed-agent --no-pager -o cat || true")
+        })?;
+        vm.kill();
+        let _ = push.kill();
+        let _ = push.wait();
+        check_cut(&m, &agent, &format!("push at {point}"), &state, &hostname)?;
+        // The push never finished, so the seed disk still carries the earlier identity,
+        // and it is what the next boot applies.
+        fs::write(m.dir.join("hostname"), format!("{iso_hostname}\n"))?;
+        let b = h.boot(&m)?;
+        verify_running(&b, &m)?;
+        b.poweroff()?;
+        state = read_offline(&m, &agent)?;
+        cuts += 1;
+    }
+    eprintln!(
+        "vm-tests: powercut: {cuts} cuts, every one left a whole generation (now generation {})",
+        state.generation
+    );
+    Ok(())
+}
+
+/// Changes the machine's hostname and writes a fresh seed (a new instance-id).
+fn set_identity(h: &Harness, m: &Machine, hostname: &str) -> Result<()> {
+    fs::write(m.dir.join("hostname"), format!("{hostname}\n"))?;
+    cmd::run(
+        m.seedctl(h.seedctl.as_ref())?
+            .args(["seed", &m.name, "-o"])
+            .arg(&m.seed_iso),
+    )?;
+    Ok(())
+}
+
+/// Polls `text` until the agent reports the delay point, then returns (the caller kills).
+fn wait_until(vm: &mut Vm, point: &str, text: impl Fn(&Vm) -> Result<String>) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        vm.ensure_running()?;
+        let seen = text(vm).unwrap_or_default();
+        if seen
+            .lines()
+            .any(|l| l.contains("test delay point reached") && l.contains(point))
+        {
+            return Ok(());
+        }
+        if t.elapsed() > ssh_timeout() {
+            bail!(
+                "the agent never reached delay point {point}\n{}",
+                vm.diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Reads `/var/identity` from the machine's `/var` disk without mounting it, and checks it
+/// with the agent's own verifier (`nixseed-agent status` refuses a generation whose files
+/// differ from its manifest).
+fn read_offline(m: &Machine, agent: &std::path::Path) -> Result<OnDisk> {
+    let scratch = m.state.join("offline");
+    if scratch.exists() {
+        fs::remove_dir_all(&scratch)?;
+    }
+    fs::create_dir_all(&scratch)?;
+    let raw = scratch.join("var.raw");
+    cmd::run(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&m.var_disk)
+            .arg(&raw),
+    )?;
+    cmd::run(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("rdump /identity {}", scratch.display()))
+            .arg(&raw),
+    )?;
+    fs::remove_file(&raw)?;
+    let ids = scratch.join("identity");
+    let status = cmd::run(
+        Command::new(agent)
+            .args(["status", "--identity-dir"])
+            .arg(&ids),
+    )
+    .context("the identity on the /var disk does not verify against its manifest")?;
+    let manifest: serde_json::Value = serde_json::from_slice(&status.stdout)
+        .with_context(|| format!("status output: {}", String::from_utf8_lossy(&status.stdout)))?;
+    let generation = manifest["generation"]
+        .as_u64()
+        .context("manifest without generation")?;
+    // The host key pair is consistent: the public key derives from the private one.
+    let derived = cmd::stdout(
+        Command::new("ssh-keygen")
+            .arg("-y")
+            .arg("-f")
+            .arg(ids.join("current/ssh_host_ed25519_key")),
+    )?;
+    let public = fs::read_to_string(ids.join("current/ssh_host_ed25519_key.pub"))?;
+    ensure!(
+        ssh::key_type_and_blob(&derived) == ssh::key_type_and_blob(&public),
+        "generation {generation}: the host public key does not match the private key"
+    );
+    let hostname = fs::read_to_string(ids.join("current/hostname"))?
+        .trim()
+        .to_string();
+    Ok(OnDisk {
+        generation,
+        hostname,
+    })
+}
+
+/// After a cut: exactly the old generation, or exactly the new one.
+fn check_cut(
+    m: &Machine,
+    agent: &std::path::Path,
+    what: &str,
+    before: &OnDisk,
+    new_hostname: &str,
+) -> Result<OnDisk> {
+    let now = read_offline(m, agent).with_context(|| format!("after the cut at {what}"))?;
+    let old_whole = now.generation == before.generation && now.hostname == before.hostname;
+    let new_whole = now.generation == before.generation + 1 && now.hostname == new_hostname;
+    ensure!(
+        old_whole || new_whole,
+        "after the cut at {what}: generation {} with hostname {} is neither the old ({}, {}) nor the new ({}, {new_hostname})",
+        now.generation,
+        now.hostname,
+        before.generation,
+        before.hostname,
+        before.generation + 1
+    );
+    eprintln!(
+        "vm-tests: powercut at {what}: {} generation {} whole",
+        if new_whole { "new" } else { "old" },
+        now.generation
+    );
+    Ok(now)
+}
+
+/// The booted machine: sshd with its key (checked by boot), the /var file intact, the
+/// identity's hostname live.
+fn verify_running(b: &Booted, m: &Machine) -> Result<()> {
+    let before = b.ssh.run("cat /var/lib/test/before")?;
+    ensure!(
+        before.trim() == "precious",
+        "/var/lib/test/before is {before:?} after the cuts"
+    );
+    let live = b.ssh.run("hostname")?;
+    ensure!(
+        live.trim() == m.read("hostname")?,
+        "hostname is {} but the machine's identity says {}",
+        live.trim(),
+        m.read("hostname")?
+    );
+    Ok(())
+}
