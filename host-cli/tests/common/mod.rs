@@ -9,6 +9,21 @@ pub struct Scratch {
     pub dir: tempfile::TempDir,
 }
 
+/// A test that fails half-way must not leave a detached QEMU running: every pidfile under
+/// the scratch state directory is killed when the scratch goes away.
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let Ok(machines) = std::fs::read_dir(self.path().join(".seedctl")) else {
+            return;
+        };
+        for m in machines.flatten() {
+            if let Ok(pid) = std::fs::read_to_string(m.path().join("qemu.pid")) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+        }
+    }
+}
+
 impl Scratch {
     pub fn new() -> Scratch {
         Scratch {
