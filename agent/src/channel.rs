@@ -35,7 +35,7 @@ pub async fn handle(msg: Message, ctx: &ChannelContext) -> Message {
         Message::Rollback => rollback(ctx).await,
         other => Err(anyhow::anyhow!(
             "unexpected message {:?} from the host (expected status, push or rollback)",
-            kind(&other)
+            other.kind()
         )),
     };
     result.unwrap_or_else(|e| {
@@ -44,19 +44,6 @@ pub async fn handle(msg: Message, ctx: &ChannelContext) -> Message {
             message: format!("{e:#}"),
         }
     })
-}
-
-fn kind(m: &Message) -> &'static str {
-    match m {
-        Message::Hello { .. } => "hello",
-        Message::Push { .. } => "push",
-        Message::Refuse { .. } => "refuse",
-        Message::Status => "status",
-        Message::Rollback => "rollback",
-        Message::StatusReply { .. } => "status-reply",
-        Message::Applied { .. } => "applied",
-        Message::Error { .. } => "error",
-    }
 }
 
 fn status(ctx: &ChannelContext) -> Result<Message> {

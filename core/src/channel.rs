@@ -78,6 +78,22 @@ pub enum Message {
     Error { message: String },
 }
 
+impl Message {
+    /// The message type as the protocol spells it, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Push { .. } => "push",
+            Message::Refuse { .. } => "refuse",
+            Message::Status => "status",
+            Message::Rollback => "rollback",
+            Message::StatusReply { .. } => "status-reply",
+            Message::Applied { .. } => "applied",
+            Message::Error { .. } => "error",
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Envelope {
     v: u32,

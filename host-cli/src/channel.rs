@@ -32,20 +32,6 @@ pub fn bundle(id: &Identity) -> Result<Bundle> {
     ))
 }
 
-/// The message kind as the protocol spells it, for logs and errors.
-pub fn kind(m: &Message) -> &'static str {
-    match m {
-        Message::Hello { .. } => "hello",
-        Message::Push { .. } => "push",
-        Message::Refuse { .. } => "refuse",
-        Message::Status => "status",
-        Message::Rollback => "rollback",
-        Message::StatusReply { .. } => "status-reply",
-        Message::Applied { .. } => "applied",
-        Message::Error { .. } => "error",
-    }
-}
-
 /// Where a machine's channel socket is: `--socket`, else the live libvirt domain's channel
 /// with `--connect`, else the `seedctl run` socket in the state directory.
 pub fn socket_path(
@@ -459,7 +445,7 @@ pub fn answer_hellos(
                 log(&format!(
                     "{}: ignoring `{}` on {} (only hello is answered here)",
                     t.name,
-                    kind(&msg),
+                    msg.kind(),
                     t.socket.display()
                 ));
                 continue;
@@ -487,7 +473,7 @@ pub fn answer_hellos(
                 guest_generation: generation,
                 guest_instance_id: instance_id,
                 product_uuid,
-                answer: kind(&reply).to_owned(),
+                answer: reply.kind().to_owned(),
                 instance_id: matches!(reply, Message::Push { .. })
                     .then(|| nocloud::instance_id(&id)),
                 reason: match &reply {

@@ -140,7 +140,7 @@ pub fn applied_report(
         ),
         Outcome::Applied(other) => Report::new(
             format!("{verb} `{machine}`: unexpected answer {other:?}"),
-            json!({ "machine": machine, "answer": channel::kind(other) }),
+            json!({ "machine": machine, "answer": other.kind() }),
         ),
     }
 }
