@@ -159,7 +159,7 @@ impl Channel {
             format!(
                 "machine `{}`: writing {} to the control channel {}",
                 self.machine,
-                kind(m),
+                m.kind(),
                 self.socket.display()
             )
         })
@@ -235,7 +235,7 @@ pub enum Outcome {
 pub fn apply(chan: &mut Channel, request: &Message, timeout: Duration) -> Result<Outcome> {
     chan.send(request)?;
     let deadline = Instant::now() + timeout;
-    let what = kind(request);
+    let what = request.kind();
     while let Some(m) = chan.recv(deadline)? {
         match m {
             Message::Applied { .. } => return Ok(Outcome::Applied(m)),
