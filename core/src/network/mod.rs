@@ -369,16 +369,8 @@ mod tests {
         let f = &files["10-cloud-init-ens18.network"];
         assert_eq!(
             f,
-            "[Match]\nMACAddress=bc:24:11:00:00:01\n\n[Network]\nDHCP=ipv4\n"
+            "[Match]\nMACAddress=bc:24:11:00:00:01\nName=ens18\n\n[Network]\nDHCP=ipv4\n"
         );
-        // Found by MAC, matched by MAC only: in an initrd without udev the NIC is still
-        // the kernel's eth0 and becomes enp0s18 later.
-        let initrd = [Link {
-            name: "eth0".into(),
-            mac: "bc:24:11:00:00:01".into(),
-        }];
-        let f = &render_networkd(&c, &initrd)["10-cloud-init-eth0.network"];
-        assert!(!f.contains("Name="), "{f}");
         // Without that NIC the config name stays.
         assert!(render_networkd(&c, &[]).contains_key("10-cloud-init-eth0.network"));
     }
@@ -400,7 +392,7 @@ pub fn adopt_single_link(cfg: &mut NetworkConfig, links: &[Link]) {
     let (Some(iface), None) = (physical.next(), physical.next()) else {
         return;
     };
-    if iface.mac.is_none() && iface.set_name.is_none() {
+    if iface.mac.is_none() && iface.set_name.is_none() && iface.id != link.name {
         iface.mac = Some(link.mac.clone());
         iface.rename_by_mac = true;
     }
@@ -423,9 +415,7 @@ mod adopt_tests {
         let (name, text) = files.iter().next().unwrap();
         assert_eq!(name, "10-cloud-init-ens18.network");
         assert!(
-            text.contains("MACAddress=52:54:00:aa:bb:cc")
-                && !text.contains("Name=")
-                && text.contains("Address=10.0.2.15/24"),
+            text.contains("Name=ens18") && text.contains("Address=10.0.2.15/24"),
             "{text}"
         );
         // Two guest NICs: ambiguous, left alone.

@@ -183,20 +183,8 @@ pub(super) fn render(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, St
             u.set("Network", "Bridge", b);
         }
 
+        u.set("Match", "Name", &name);
         let physical = iface.kind == InterfaceKind::Physical;
-        // A NIC found by its MAC is matched by MAC alone: the name it had when the seed
-        // was applied (the kernel's `eth0` in an initrd without udev) may not be the
-        // name it has when networkd runs (`enp0s18` after udev's rename).
-        let found_by_mac = physical
-            && iface.set_name.is_none()
-            && iface.rename_by_mac
-            && iface
-                .mac
-                .as_ref()
-                .is_some_and(|m| links.iter().any(|l| l.mac.eq_ignore_ascii_case(m)));
-        if !found_by_mac {
-            u.set("Match", "Name", &name);
-        }
         if let Some(mac) = &iface.mac {
             if physical {
                 u.set("Match", "MACAddress", mac);
