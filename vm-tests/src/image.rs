@@ -46,6 +46,10 @@ const BASE_PACKAGES: &[&str] = &[
     "linux-image-amd64",
 ];
 const CLOUD_INIT_PACKAGES: &[&str] = &["cloud-init", "qemu-guest-agent", "python3-cffi-backend"];
+/// cloud.cfg.d drop-in of the cloud-init variant (part of its tree key). minbase has no
+/// `locales`: cloud-init's default `en_US.UTF-8` makes `update-locale` fail and the run end
+/// in `status: error`, while `C.UTF-8` is built into glibc.
+const CLOUD_INIT_CFG: &str = "datasource_list: [ NoCloud, None ]\nlocale: C.UTF-8\n";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
@@ -177,6 +181,9 @@ fn tree_key(variant: Variant) -> String {
         variant.name(),
         variant.packages().join(",")
     );
+    if variant == Variant::CloudInit {
+        h.update(CLOUD_INIT_CFG.as_bytes());
+    }
     format!("{}-{}", variant.name(), &hex(&h.finalize())[..16])
 }
 
@@ -509,7 +516,7 @@ fn configure_cloud_init(tree: &Path) -> Result<()> {
     let _ = fs::remove_file(tree.join("var/lib/dbus/machine-id"));
     write(
         &tree.join("etc/cloud/cloud.cfg.d/90-nixseed-bench.cfg"),
-        "datasource_list: [ NoCloud, None ]\n",
+        CLOUD_INIT_CFG,
     )
 }
 
