@@ -118,6 +118,48 @@ pub fn raw_top_level(text: &str, key: &str) -> Option<String> {
     found
 }
 
+/// Parses a document of any shape from bytes, for callers that walk the tree themselves
+/// (network-config). The error names the file and where the YAML broke.
+pub fn parse_bytes(bytes: &[u8], origin: &str) -> Result<Value, YamlError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| YamlError::new(origin, format!("not UTF-8 text ({e})")))?;
+    if text.trim().is_empty() {
+        return Ok(Value::Null);
+    }
+    parse(text, origin)
+}
+
+/// A scalar as Python's `str()` prints the value PyYAML produced: cloud-init writes bond
+/// and DHCP override values that way (`use-dns: no` becomes `UseDNS=False`).
+pub fn python_text(v: &Value) -> Option<String> {
+    match bool11(v) {
+        Some(true) => Some("True".into()),
+        Some(false) => Some("False".into()),
+        None => scalar_text(v),
+    }
+}
+
+/// Python truthiness of the value PyYAML would produce.
+pub fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => bool11(v).unwrap_or(!s.is_empty()),
+        Value::Sequence(s) => !s.is_empty(),
+        Value::Mapping(m) => !m.is_empty(),
+        Value::Tagged(t) => truthy(&t.value),
+    }
+}
+
+/// A key of a mapping node; `None` for a missing key, a null value or a non-mapping.
+pub fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    match v {
+        Value::Mapping(m) => m.get(key).filter(|x| !x.is_null()),
+        _ => None,
+    }
+}
+
 /// A scalar that must stay a string (instance-id, hostname, password hash): the parsed
 /// value, or the source text when YAML turned it into a number.
 pub fn keep_text(map: &Mapping, text: &str, key: &str) -> Option<String> {
@@ -147,6 +189,27 @@ mod tests {
         assert_eq!(bool11(&m["b"]), Some(true));
         assert_eq!(bool11(&m["c"]), Some(false));
         assert_eq!(bool11(&m["d"]), None);
+    }
+
+    #[test]
+    fn python_views_of_yaml11_values() {
+        for (s, want) in [
+            ("yes", true),
+            ("No", false),
+            ("ON", true),
+            ("off", false),
+            ("True", true),
+            ("FALSE", false),
+        ] {
+            assert_eq!(bool11(&Value::String(s.into())), Some(want), "{s}");
+        }
+        assert_eq!(
+            python_text(&Value::String("no".into())).as_deref(),
+            Some("False")
+        );
+        assert!(!truthy(&Value::String("no".into())));
+        assert!(truthy(&Value::String("eth0".into())));
+        assert!(get(&parse("a: ~\n", "t").unwrap(), "a").is_none());
     }
 
     #[test]

@@ -11,7 +11,6 @@ mod ip;
 mod networkd;
 mod v1;
 mod v2;
-mod yaml11;
 
 use std::collections::BTreeMap;
 
@@ -141,22 +140,23 @@ pub(crate) fn invalid(origin: &str, detail: impl Into<String>) -> NetworkError {
 /// Parses a network-config document (v1 or v2, optionally under a top-level `network:`).
 /// `origin` names the file in errors.
 pub fn parse(bytes: &[u8], origin: &str) -> Result<NetworkSetting, NetworkError> {
-    use serde_yaml::Value;
-    let doc = yaml11::load(bytes).map_err(|e| invalid(origin, format!("not valid YAML: {e}")))?;
+    use crate::yaml::Value;
+    let doc = crate::yaml::parse_bytes(bytes, origin)
+        .map_err(|e| invalid(origin, format!("not valid YAML: {}", e.detail)))?;
     let mut top = &doc;
-    if yaml11::get(top, "version").is_none()
-        && let Some(inner) = yaml11::get(top, "network")
+    if crate::yaml::get(top, "version").is_none()
+        && let Some(inner) = crate::yaml::get(top, "network")
     {
         top = inner;
     }
     if !matches!(top, Value::Mapping(_)) {
         return Err(invalid(origin, "expected a mapping with `version:`"));
     }
-    if yaml11::get(top, "config").and_then(Value::as_str) == Some("disabled") {
+    if crate::yaml::get(top, "config").and_then(Value::as_str) == Some("disabled") {
         return Ok(NetworkSetting::Disabled);
     }
-    let version = yaml11::get(top, "version")
-        .and_then(yaml11::as_text)
+    let version = crate::yaml::get(top, "version")
+        .and_then(crate::yaml::scalar_text)
         .ok_or_else(|| invalid(origin, "`version` is missing (expected 1 or 2)"))?;
     let cfg = match version.as_str() {
         "1" => v1::parse(top, origin)?,

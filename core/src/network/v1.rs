@@ -1,13 +1,13 @@
 //! network-config version 1 (`config:` list of typed entries), as NoCloud seeds and
 //! Proxmox VE write it.
 
-use serde_yaml::Value;
+use crate::yaml::Value;
 
-use super::yaml11::{self, get};
 use super::{
     Dns, Interface, InterfaceKind, NetworkConfig, NetworkError, Route, Subnet, SubnetKind,
     address_prefix, invalid,
 };
+use crate::yaml::{self, get};
 
 pub(super) fn parse(top: &Value, origin: &str) -> Result<NetworkConfig, NetworkError> {
     let mut cfg = NetworkConfig {
@@ -49,7 +49,7 @@ pub(super) fn parse(top: &Value, origin: &str) -> Result<NetworkConfig, NetworkE
                 let mut params = Vec::new();
                 if let Some(Value::Mapping(m)) = get(entry, "params") {
                     for (k, v) in m {
-                        if let (Some(k), Some(v)) = (k.as_str(), yaml11::as_python_text(v)) {
+                        if let (Some(k), Some(v)) = (k.as_str(), crate::yaml::python_text(v)) {
                             params.push((k.to_string(), v));
                         }
                     }
@@ -167,8 +167,8 @@ fn common(entry: &Value, at: &str, origin: &str) -> Result<Interface, NetworkErr
         id,
         mac: text(entry, "mac_address", at, origin)?.map(|m| m.to_ascii_lowercase()),
         mtu: text(entry, "mtu", at, origin)?,
-        optional: get(entry, "optional").is_some_and(yaml11::truthy),
-        accept_ra: get(entry, "accept-ra").and_then(yaml11::as_bool),
+        optional: get(entry, "optional").is_some_and(crate::yaml::truthy),
+        accept_ra: get(entry, "accept-ra").and_then(crate::yaml::bool11),
         subnets,
         ..Default::default()
     })
@@ -253,15 +253,15 @@ pub(super) fn bridge_value(
             Value::Number(n) if n.as_u64() == Some(0) => false,
             Value::String(s) if s == "1" => true,
             Value::String(s) if s == "0" => false,
-            other => yaml11::as_bool(other)
+            other => crate::yaml::bool11(other)
                 .ok_or_else(|| invalid(origin, format!("{at}.{key}: expected on/off")))?,
         };
         return Ok(on.then(|| "yes".to_string()));
     }
-    if !yaml11::truthy(v) {
+    if !crate::yaml::truthy(v) {
         return Ok(None);
     }
-    Ok(yaml11::as_python_text(v))
+    Ok(crate::yaml::python_text(v))
 }
 
 /// A scalar field as text; a mapping or list there is an error naming the key.
@@ -273,7 +273,7 @@ pub(super) fn text(
 ) -> Result<Option<String>, NetworkError> {
     match get(v, key) {
         None => Ok(None),
-        Some(x) => yaml11::as_text(x)
+        Some(x) => crate::yaml::scalar_text(x)
             .map(Some)
             .ok_or_else(|| invalid(origin, format!("{at}.{key}: expected a single value"))),
     }
@@ -292,12 +292,12 @@ pub(super) fn list(
             .iter()
             .enumerate()
             .map(|(i, x)| {
-                yaml11::as_text(x).ok_or_else(|| {
+                crate::yaml::scalar_text(x).ok_or_else(|| {
                     invalid(origin, format!("{at}.{key}[{i}]: expected a single value"))
                 })
             })
             .collect(),
-        Some(x) => yaml11::as_text(x)
+        Some(x) => crate::yaml::scalar_text(x)
             .map(|s| vec![s])
             .ok_or_else(|| invalid(origin, format!("{at}.{key}: expected a list"))),
     }

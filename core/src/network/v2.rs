@@ -1,14 +1,14 @@
 //! network-config version 2 (netplan-like: ethernets, vlans, bonds, bridges), read
 //! the way cloud-init's network_state turns it into interfaces and subnets.
 
-use serde_yaml::Value;
+use crate::yaml::Value;
 
 use super::v1::{add_placeholders, bridge_value, list, text};
-use super::yaml11::{self, get};
 use super::{
     Dns, Interface, InterfaceKind, NetworkConfig, NetworkError, Route, Subnet, SubnetKind,
     address_prefix, invalid,
 };
+use crate::yaml::{self, get};
 
 /// v2 bond `parameters` and the v1 names cloud-init renders from.
 const BOND_PARAMS: &[(&str, &str)] = &[
@@ -81,7 +81,7 @@ pub(super) fn parse(top: &Value, origin: &str) -> Result<NetworkConfig, NetworkE
             return Err(invalid(origin, format!("{section}: expected a mapping")));
         };
         for (key, dev) in devices {
-            let id = yaml11::as_text(key)
+            let id = crate::yaml::scalar_text(key)
                 .ok_or_else(|| invalid(origin, format!("{section}: device names must be text")))?;
             let at = format!("{section}.{id}");
             let iface = device(section, id, dev, &at, origin)?;
@@ -105,8 +105,8 @@ fn device(
     let mut iface = Interface {
         id,
         mtu: text(dev, "mtu", at, origin)?,
-        optional: get(dev, "optional").is_some_and(yaml11::truthy),
-        accept_ra: get(dev, "accept-ra").and_then(yaml11::as_bool),
+        optional: get(dev, "optional").is_some_and(crate::yaml::truthy),
+        accept_ra: get(dev, "accept-ra").and_then(crate::yaml::bool11),
         subnets: subnets(dev, at, origin)?,
         ..Default::default()
     };
@@ -151,7 +151,7 @@ fn device(
                     let Some(k) = k.as_str() else { continue };
                     match BOND_PARAMS.iter().find(|(v2, _)| *v2 == k) {
                         Some((_, v1)) => {
-                            if let Some(v) = yaml11::as_python_text(v) {
+                            if let Some(v) = crate::yaml::python_text(v) {
                                 params.push((v1.to_string(), v));
                             }
                         }
@@ -191,7 +191,7 @@ fn overrides(dev: &Value, key: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     if let Some(Value::Mapping(m)) = get(dev, key) {
         for (k, v) in m {
-            if let (Some(k), Some(v)) = (k.as_str(), yaml11::as_python_text(v)) {
+            if let (Some(k), Some(v)) = (k.as_str(), crate::yaml::python_text(v)) {
                 out.push((k.to_string(), v));
             }
         }
@@ -215,7 +215,7 @@ fn subnets(dev: &Value, at: &str, origin: &str) -> Result<Vec<Subnet>, NetworkEr
     };
     for (key, kind) in [("dhcp4", SubnetKind::Dhcp4), ("dhcp6", SubnetKind::Dhcp6)] {
         if let Some(v) = get(dev, key) {
-            let on = yaml11::as_bool(v).ok_or_else(|| {
+            let on = crate::yaml::bool11(v).ok_or_else(|| {
                 invalid(
                     origin,
                     format!("{at}.{key}: expected true/false (or yes/no, on/off)"),
