@@ -7,7 +7,7 @@ use super::{
     Dns, Interface, InterfaceKind, NetworkConfig, NetworkError, Route, Subnet, SubnetKind,
     address_prefix, invalid,
 };
-use crate::yaml::{self, get};
+use crate::yaml::get;
 
 pub(super) fn parse(top: &Value, origin: &str) -> Result<NetworkConfig, NetworkError> {
     let mut cfg = NetworkConfig {

@@ -8,7 +8,7 @@ use super::{
     Dns, Interface, InterfaceKind, NetworkConfig, NetworkError, Route, Subnet, SubnetKind,
     address_prefix, invalid,
 };
-use crate::yaml::{self, get};
+use crate::yaml::get;
 
 /// v2 bond `parameters` and the v1 names cloud-init renders from.
 const BOND_PARAMS: &[(&str, &str)] = &[
