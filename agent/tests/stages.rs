@@ -641,3 +641,108 @@ fn killed_at_every_point_the_store_holds_one_whole_generation() {
         );
     }
 }
+
+/// Runs the initrd stage with the given cmdline and no `s=` seed directory.
+fn boot_cmdline(vm: &Vm, cmdline: &str) -> (Output, String) {
+    std::fs::write(vm.p("host/proc/cmdline"), cmdline).unwrap();
+    vm.boot()
+}
+
+#[test]
+fn seed_directory_under_var_lib_cloud_is_a_source() {
+    let vm = Vm::new();
+    let dir = vm.p("sysroot/var/lib/cloud/seed/nocloud");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("meta-data"),
+        "instance-id: dir-1\nlocal-hostname: fromdir\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("user-data"), "").unwrap();
+    let (out, s) = boot_cmdline(&vm, "ro quiet\n");
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(etc(&s, "hostname"), "fromdir\n");
+    assert!(stderr(&out).contains("source nocloud:"), "{}", stderr(&out));
+}
+
+#[test]
+fn cmdline_and_smbios_serial_tokens_are_sources() {
+    let vm = Vm::new();
+    let (out, s) = boot_cmdline(&vm, "ro ds=nocloud;i=iid-cmd;h=fromcmdline\n");
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(etc(&s, "hostname"), "fromcmdline\n");
+    let vm = Vm::new();
+    std::fs::write(
+        vm.p("host/sys/class/dmi/id/product_serial"),
+        "ds=nocloud;h=fromserial;i=iid-serial\n",
+    )
+    .unwrap();
+    let (out, s) = boot_cmdline(&vm, "ro\n");
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(etc(&s, "hostname"), "fromserial\n");
+    assert!(
+        stderr(&out).contains("source nocloud:smbios-serial"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn systemd_credentials_from_smbios_type_11_are_a_source() {
+    let vm = Vm::new();
+    let entry = vm.p("host/sys/firmware/dmi/entries/11-0");
+    std::fs::create_dir_all(&entry).unwrap();
+    let mut raw = vec![11u8, 5, 0, 0, 3];
+    raw.extend_from_slice(b"io.systemd.credential:system.hostname=fromcreds\0");
+    raw.extend_from_slice(
+        b"io.systemd.credential:system.machine_id=0123456789abcdef0123456789abcdef\0",
+    );
+    raw.extend_from_slice(
+        b"io.systemd.credential:ssh.authorized_keys.root=ssh-ed25519 AAAACRED root\0\0",
+    );
+    std::fs::write(entry.join("raw"), raw).unwrap();
+    let (out, s) = boot_cmdline(&vm, "ro\n");
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(etc(&s, "hostname"), "fromcreds\n");
+    assert_eq!(etc(&s, "machine-id"), "0123456789abcdef0123456789abcdef\n");
+    assert_eq!(
+        vm.identity("admin_authorized_keys"),
+        b"ssh-ed25519 AAAACRED root\n"
+    );
+}
+
+#[test]
+fn a_cidata_volume_is_found_by_its_superblock_label() {
+    // A real iso9660 image (xorriso) as a "device": the label is read from the PVD. The
+    // host kernel here has no iso9660, so the mount itself is proven in vm-tests; what
+    // this shows is discovery and an error naming the device.
+    let vm = Vm::new();
+    let stage = vm.p("iso-stage");
+    std::fs::create_dir_all(&stage).unwrap();
+    std::fs::write(stage.join("meta-data"), "instance-id: iso\n").unwrap();
+    std::fs::write(stage.join("user-data"), "").unwrap();
+    std::fs::create_dir_all(vm.p("host/dev")).unwrap();
+    std::fs::create_dir_all(vm.p("host/sys/class/block/sr0")).unwrap();
+    let st = Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J", "-o"])
+        .arg(vm.p("host/dev/sr0"))
+        .arg(&stage)
+        .status()
+        .expect("xorriso (cargo xtask deps installs it)");
+    assert!(st.success());
+    let (out, s) = boot_cmdline(&vm, "ro\n");
+    let err = stderr(&out);
+    let kernel_has_iso9660 = std::fs::read_to_string("/proc/filesystems")
+        .unwrap()
+        .contains("iso9660");
+    if kernel_has_iso9660 {
+        assert!(s.contains("rc=0"), "{s}\n{err}");
+        assert!(err.contains("source nocloud:"), "{err}");
+    } else {
+        assert!(s.contains("rc=1"), "{s}");
+        assert!(
+            err.contains("cannot mount") && err.contains("dev/sr0 (iso9660, label cidata)"),
+            "{err}"
+        );
+    }
+}
