@@ -638,7 +638,9 @@ fn build_final_layer(
     dist: &Path,
     kernel_release: &str,
 ) -> Result<()> {
-    let tmp = final_dir.with_extension("tmp");
+    // Per process: two harness runs at once (parallel test runs) must not write into
+    // the same staging directory.
+    let tmp = final_dir.with_extension(format!("tmp-{}", std::process::id()));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
@@ -709,6 +711,10 @@ fn build_final_layer(
         &tmp,
     )?;
     write(&tmp.join("ready"), "")?;
+    if final_dir.join("ready").exists() {
+        // Another run finished the same layer first and may be booting from it: keep it.
+        return fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()));
+    }
     if final_dir.exists() {
         fs::remove_dir_all(final_dir)
             .with_context(|| format!("removing {}", final_dir.display()))?;

@@ -39,6 +39,26 @@ while read -r m; do
 	insmod "/lib/modules/$m" 2>/dev/null
 done </etc/nixseed-modules
 
+# NIC names as udev's path policy gives them (enp<bus>s<slot>[f<fn>]). A systemd initrd
+# runs udev before the identity stage, so the agent matches seeds against the names the
+# system will use; without this the agent would see the kernel's eth0.
+for n in /sys/class/net/eth*; do
+	[ -e "$n/device" ] || continue
+	dev=$(readlink -f "$n/device")
+	pci=${dev%/virtio*}
+	pci=${pci##*/}
+	case "$pci" in
+	[0-9a-f][0-9a-f][0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f].[0-7]) ;;
+	*) continue ;;
+	esac
+	bus=$((0x$(echo "$pci" | cut -d: -f2)))
+	slot=$((0x$(echo "$pci" | cut -d: -f3 | cut -d. -f1)))
+	fn=$(echo "$pci" | cut -d. -f2)
+	name=enp${bus}s${slot}
+	[ "$fn" = 0 ] || name=${name}f$fn
+	ip link set dev "${n##*/}" name "$name" 2>/dev/null && log "${n##*/} is $name ($pci)"
+done
+
 # No udev here: find filesystems by label, polling while the disks appear.
 by_label() {
 	dev=$(findfs "LABEL=$1" 2>/dev/null) && [ -b "$dev" ] && { echo "$dev"; return 0; }

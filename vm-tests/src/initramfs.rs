@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Bump when the init script or the module list changes.
-pub const INITRAMFS_CODE_VERSION: u32 = 4;
+pub const INITRAMFS_CODE_VERSION: u32 = 5;
 
 /// Modules for virtio disks/NICs/serial, ext4, the seed media (iso9660 and vfat on a
 /// SATA/IDE cdrom or a virtio disk). Dependencies come from `modules.dep`.

@@ -1,0 +1,224 @@
+//! Seeds made the way Proxmox VE makes them (qemu-server's cloud-init code), with no
+//! seedctl seed at all: a NoCloud `cidata` ISO from `genisoimage -iso-level 3 -R`, and a
+//! ConfigDrive2 `config-2` drive. The static address lands on the NIC with the VM's MAC
+//! (the guest calls it enp*/ens*, not eth0), and the hostname and root key work.
+
+use super::*;
+use crate::machine::{Machine, genisoimage};
+use std::process::Command;
+
+/// Inside QEMU's user network, so ssh through hostfwd still reaches the guest.
+const ADDR4: &str = "10.0.2.15";
+const GW4: &str = "10.0.2.2";
+const ADDR6: &str = "fec0::15";
+const GW6: &str = "fec0::2";
+const DNS: &str = "10.0.2.3";
+const DOMAIN: &str = "example.org";
+/// `openssl passwd -5 -salt nixseedpve proxmox`: Proxmox stores `cipassword` this way.
+const PASSWORD_HASH: &str = "$5$nixseedpve$KRN7lXrCGhZIyeaocO.FhOwr16dk38tWWLprGB.zZO5";
+
+/// user-data with Proxmox's keys in Proxmox's order.
+fn user_data(hostname: &str, admin_key: &str) -> String {
+    format!(
+        "#cloud-config\n\
+         hostname: {hostname}\n\
+         manage_etc_hosts: true\n\
+         fqdn: {hostname}.{DOMAIN}\n\
+         user: root\n\
+         password: {PASSWORD_HASH}\n\
+         ssh_authorized_keys:\n  - {admin_key}\n\
+         chpasswd:\n  expire: False\n\
+         users:\n  - default\n\
+         package_upgrade: true\n"
+    )
+}
+
+/// network-config v1 as Proxmox writes it: `eth0` + the NIC's MAC, static v4 with a
+/// dotted netmask, static6, and a trailing nameserver entry.
+fn network_config(mac: &str) -> String {
+    format!(
+        "version: 1\n\
+         config:\n    \
+         - type: physical\n      \
+           name: eth0\n      \
+           mac_address: '{mac}'\n      \
+           subnets:\n      \
+           - type: static\n        \
+             address: '{ADDR4}'\n        \
+             netmask: '255.255.255.0'\n        \
+             gateway: '{GW4}'\n      \
+           - type: static6\n        \
+             address: '{ADDR6}/64'\n        \
+             gateway: '{GW6}'\n    \
+         - type: nameserver\n      \
+           address:\n      \
+           - '{DNS}'\n      \
+           search:\n      \
+           - '{DOMAIN}'\n"
+    )
+}
+
+/// The ENI text Proxmox writes into `openstack/content/0000`.
+fn eni() -> String {
+    format!(
+        "auto lo\n\
+         iface lo inet loopback\n\n    \
+         dns_nameservers {DNS}\n    \
+         dns_search {DOMAIN}\n\
+         auto eth0\n\
+         iface eth0 inet static\n        \
+         address {ADDR4}\n        \
+         netmask 255.255.255.0\n        \
+         gateway {GW4}\n\
+         iface eth0 inet6 static\n        \
+         address {ADDR6}\n        \
+         netmask 64\n        \
+         gateway {GW6}\n"
+    )
+}
+
+/// Whether the ISO has a Joliet supplementary volume descriptor (type 2, UCS-2 escape).
+fn has_joliet(iso: &std::path::Path) -> Result<bool> {
+    let bytes = std::fs::read(iso).with_context(|| format!("reading {}", iso.display()))?;
+    for sector in 16..32 {
+        let d = bytes
+            .get(sector * 2048..sector * 2048 + 2048)
+            .unwrap_or_default();
+        if d.len() < 91 || &d[1..6] != b"CD001" {
+            break;
+        }
+        if d[0] == 255 {
+            break;
+        }
+        if d[0] == 2 && d[88] == b'%' && d[89] == b'/' {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn sha1_hex(bytes: &[u8], scratch: &std::path::Path) -> Result<String> {
+    let f = scratch.join("sha1-input");
+    std::fs::write(&f, bytes).with_context(|| format!("writing {}", f.display()))?;
+    let out = crate::cmd::stdout(Command::new("sha1sum").arg(&f))?;
+    out.split_whitespace()
+        .next()
+        .map(String::from)
+        .context("sha1sum printed nothing")
+}
+
+/// Boots `m` from `seed` (no seedctl seed; the host key is the agent's own) and checks
+/// what a Proxmox user would: the static address on the NIC with the VM's MAC, the
+/// gateway, DNS, the hostname, root login with the key from user-data.
+fn boot_and_check(h: &Harness, m: &Machine, seed: &std::path::Path, hostname: &str) -> Result<()> {
+    let seed = seed.to_path_buf();
+    let b = h.boot_with(m, None, |c| c.seed_iso = Some(seed))?;
+    // Reaching this line means root logged in with the key from user-data.
+    let mac = m.mac()?;
+    let ifname = b
+        .ssh
+        .run(&format!(
+            "for d in /sys/class/net/*; do [ \"$(cat $d/address)\" = {mac} ] && basename $d; done; true"
+        ))?
+        .trim()
+        .to_string();
+    ensure!(!ifname.is_empty(), "no guest NIC has the VM's MAC {mac}");
+    let files = b.ssh.run(
+        "grep -l . /run/systemd/network/* 2>/dev/null | xargs -r head -n 50; networkctl status --no-pager -n 0 2>&1 | head -n 20",
+    )?;
+    eprintln!(
+        "vm-tests: {}: NIC {ifname} ({mac}); networkd:\n{}",
+        m.name,
+        files.trim_end()
+    );
+    // networkd may still be configuring when sshd first answers.
+    let v4 = b.ssh.run(&format!(
+        "for i in $(seq 1 60); do ip -o -4 addr show dev {ifname} | grep -q ' {ADDR4}/24 ' && \
+           ip -o -6 addr show dev {ifname} | grep -q ' {ADDR6}/64 ' && break; sleep 1; done; \
+         ip -o addr show dev {ifname}"
+    ))?;
+    let line4 = v4
+        .lines()
+        .find(|l| l.contains(&format!(" {ADDR4}/24 ")))
+        .with_context(|| format!("{ADDR4}/24 is not on {ifname}:\n{v4}"))?;
+    ensure!(
+        !line4.contains("dynamic"),
+        "{ADDR4} on {ifname} came from DHCP, not from the seed's static config: {line4}"
+    );
+    ensure!(
+        v4.contains(&format!(" {ADDR6}/64 ")),
+        "the static6 address {ADDR6}/64 is not on {ifname}:\n{v4}"
+    );
+    let route = b.ssh.run("ip -4 route show default")?;
+    ensure!(
+        route.contains(&format!("via {GW4} dev {ifname}")),
+        "default route is not via {GW4} on {ifname}: {route}"
+    );
+    let resolv = b.ssh.run("cat /etc/resolv.conf")?;
+    ensure!(
+        resolv.contains(&format!("nameserver {DNS}")) && resolv.contains(DOMAIN),
+        "/etc/resolv.conf lacks the seed's nameserver {DNS} / search {DOMAIN}:\n{resolv}"
+    );
+    let got = b.ssh.run("hostname")?;
+    ensure!(
+        got.trim() == hostname,
+        "hostname is '{}', the seed says '{hostname}'",
+        got.trim()
+    );
+    let hosts = b.ssh.run("cat /etc/hosts")?;
+    ensure!(
+        hosts.contains(&format!("{hostname}.{DOMAIN}")),
+        "manage_etc_hosts: /etc/hosts does not name {hostname}.{DOMAIN}:\n{hosts}"
+    );
+    b.poweroff()
+}
+
+pub fn proxmox(h: &Harness) -> Result<()> {
+    let admin = h.key.public_line()?;
+
+    // citype nocloud (the default): cidata ISO, Rock Ridge only.
+    let m = h.new_machine("pve-nocloud")?;
+    let ud = user_data("pve-nocloud", &admin);
+    let nc = network_config(&m.mac()?);
+    let iid = sha1_hex(format!("{ud}{nc}").as_bytes(), &m.state)?;
+    let md = format!("instance-id: {iid}\n");
+    let iso = m.state.join("proxmox-cidata.iso");
+    genisoimage(
+        &m.state.join("proxmox-cidata"),
+        &[
+            ("user-data", ud.as_bytes()),
+            ("meta-data", md.as_bytes()),
+            ("network-config", nc.as_bytes()),
+        ],
+        "cidata",
+        &iso,
+    )?;
+    ensure!(
+        !has_joliet(&iso)?,
+        "{} carries a Joliet directory; Proxmox's ISO has Rock Ridge only",
+        iso.display()
+    );
+    boot_and_check(h, &m, &iso, "pve-nocloud")?;
+
+    // citype configdrive2: config-2 with OpenStack layout and ENI network data.
+    let m = h.new_machine("pve-configdrive")?;
+    let ud = user_data("pve-configdrive", &admin);
+    let uuid = sha1_hex(format!("{ud}{}", eni()).as_bytes(), &m.state)?;
+    let meta = format!(
+        "{{\"uuid\":\"{uuid}\",\"network_config\":{{\"content_path\":\"/content/0000\"}}}}"
+    );
+    let eni = eni();
+    let iso = m.state.join("proxmox-config-2.iso");
+    genisoimage(
+        &m.state.join("proxmox-config-2"),
+        &[
+            ("openstack/latest/user_data", ud.as_bytes()),
+            ("openstack/latest/meta_data.json", meta.as_bytes()),
+            ("openstack/latest/vendor_data.json", b""),
+            ("openstack/content/0000", eni.as_bytes()),
+        ],
+        "config-2",
+        &iso,
+    )?;
+    boot_and_check(h, &m, &iso, "pve-configdrive")
+}
