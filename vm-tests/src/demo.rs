@@ -1,0 +1,166 @@
+//! `vm-tests demo` (`cargo xtask demo`): one machine from nothing to a clean shutdown,
+//! step by step, with what an operator would look at after each step.
+
+use crate::cmd;
+use crate::image::Variant;
+use crate::machine::Machine;
+use crate::scenarios::{Harness, agent_timing_lines};
+use crate::ssh;
+use anyhow::{Context, Result, ensure};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn step(n: u32, title: &str) {
+    println!("\n== {n}. {title}");
+}
+
+/// Indented output of a command, for the reader.
+fn show(text: &str) {
+    for l in text.trim_end().lines() {
+        println!("   {l}");
+    }
+}
+
+/// `SHA256:…` fingerprint of one public key line.
+fn fingerprint(key_line: &str, scratch: &Path) -> Result<String> {
+    let f = scratch.join("fingerprint.pub");
+    std::fs::write(&f, format!("{key_line}\n"))
+        .with_context(|| format!("writing {}", f.display()))?;
+    let out = cmd::stdout(Command::new("ssh-keygen").arg("-lf").arg(&f))?;
+    out.split_whitespace()
+        .nth(1)
+        .map(String::from)
+        .with_context(|| format!("ssh-keygen -lf printed '{}'", out.trim()))
+}
+
+/// `seedctl agent NAME --socket QGA ARGS…`, its output shown.
+fn agent(h: &Harness, m: &Machine, qga: &Path, args: &[&str]) -> Result<String> {
+    let out = cmd::stdout(
+        m.seedctl(h.seedctl.as_ref())?
+            .args(["agent", &m.name, "--timeout", "30", "--socket"])
+            .arg(qga)
+            .args(args),
+    )?;
+    println!("   $ seedctl agent {} {}", m.name, args.join(" "));
+    show(&out);
+    Ok(out)
+}
+
+pub fn run() -> Result<()> {
+    let t0 = Instant::now();
+    step(
+        1,
+        "guest image (cached layers; a changed agent costs seconds)",
+    );
+    let h = Harness::setup(Variant::Nixseed)?;
+    println!(
+        "   base image {} ({}), ready after {:.1} s",
+        h.image.base_qcow2.display(),
+        h.accel.as_str(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    step(2, "a machine: seedctl new + seedctl create");
+    let m = h.new_machine("demo")?;
+    println!("   identity   {}", m.dir.display());
+    println!("   machine-id {}", m.machine_id()?);
+    println!("   hostname   {}", m.read("hostname")?);
+    println!(
+        "   disks      {} (overlay on the base), {}",
+        m.boot_disk.display(),
+        m.var_disk.display()
+    );
+    println!("   seed       {}", m.seed_iso.display());
+
+    step(3, "boot under QEMU until sshd answers");
+    let b = h.boot(&m)?;
+    let qga = b.vm.config.qga_socket();
+    let chan = b.vm.config.channel_socket();
+    println!(
+        "   sshd answered after {:.1} s (serial console: {})",
+        b.boot_to_sshd.as_secs_f64(),
+        b.vm.config.serial_log().display()
+    );
+
+    step(
+        4,
+        "host key: what sshd presents vs machines/demo (no trust on first use)",
+    );
+    let scanned = ssh::keyscan(b.ssh.port).context("ssh-keyscan found no ed25519 key")?;
+    let fp_seen = fingerprint(&scanned, &m.state)?;
+    let fp_file = fingerprint(&m.host_key_pub()?, &m.state)?;
+    println!("   ssh-keyscan           {fp_seen}");
+    println!("   machines/demo/ssh_host_ed25519_key.pub {fp_file}");
+    ensure!(
+        fp_seen == fp_file,
+        "host key mismatch: {fp_seen} vs {fp_file}"
+    );
+    println!("   match");
+    println!(
+        "   $ cat /etc/machine-id   -> {}",
+        b.ssh.run("cat /etc/machine-id")?.trim()
+    );
+    println!(
+        "   $ findmnt -no OPTIONS / -> {}",
+        b.ssh.run("findmnt -no OPTIONS /")?.trim()
+    );
+
+    step(
+        5,
+        "the guest agent (qemu-guest-agent protocol, answered by nixseed-agent)",
+    );
+    agent(&h, &m, &qga, &["ping"])?;
+    agent(&h, &m, &qga, &["osinfo"])?;
+    agent(&h, &m, &qga, &["hostname"])?;
+    agent(&h, &m, &qga, &["ifaddr"])?;
+
+    step(6, "the agent's own timing, from the guest's journal");
+    show(&agent_timing_lines(&b.ssh)?.join("\n"));
+
+    step(
+        7,
+        "a live change: edit machines/demo/hostname, seedctl push",
+    );
+    std::fs::write(m.dir.join("hostname"), "demo-pushed\n")
+        .context("editing machines/demo/hostname")?;
+    let out = cmd::stdout(
+        m.seedctl(h.seedctl.as_ref())?
+            .args(["push", &m.name, "--timeout", "60", "--socket"])
+            .arg(&chan),
+    )?;
+    println!("   $ seedctl push {}", m.name);
+    show(&out);
+    let live = b.ssh.run("hostname")?;
+    println!(
+        "   $ hostname (over ssh, same pinned key) -> {}",
+        live.trim()
+    );
+    ensure!(
+        live.trim() == "demo-pushed",
+        "the pushed hostname is not live: {}",
+        live.trim()
+    );
+    agent(&h, &m, &qga, &["hostname"])?;
+
+    step(
+        8,
+        "shutdown through the guest agent (guest-shutdown), wait for QEMU to exit",
+    );
+    let t = Instant::now();
+    let _ = m
+        .seedctl(h.seedctl.as_ref())?
+        .args(["agent", &m.name, "--socket"])
+        .arg(&qga)
+        .arg("shutdown")
+        .stdin(Stdio::null())
+        .status();
+    let mut b = b;
+    let status = b.vm.wait_exit(Duration::from_secs(180))?;
+    println!(
+        "   QEMU exited ({status}) {:.1} s after guest-shutdown",
+        t.elapsed().as_secs_f64()
+    );
+    println!("\ndemo done in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
