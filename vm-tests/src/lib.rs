@@ -3,6 +3,7 @@
 //! QEMU. `cargo xtask demo`, `test` and `bench` all drive VMs through this crate.
 
 pub mod cmd;
+pub mod demo;
 pub mod deps;
 pub mod image;
 pub mod initramfs;

@@ -27,6 +27,9 @@ enum Cmd {
         #[arg(long, default_value = "nixseed")]
         variant: String,
     },
+    /// One machine end to end, step by step: create, boot, host key, guest agent, push,
+    /// shutdown through the agent.
+    Demo,
     /// Run scenarios (all when none named), one VM at a time.
     Test { scenarios: Vec<String> },
 }
@@ -56,6 +59,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::BootSmoke { variant } => vm_tests::scenarios::boot_smoke(parse_variant(&variant)?),
+        Cmd::Demo => vm_tests::demo::run(),
         Cmd::Test { scenarios } => {
             if !vm_tests::scenarios::run_tests(&scenarios)? {
                 std::process::exit(1);
