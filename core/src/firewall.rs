@@ -30,6 +30,8 @@ pub fn render(tcp: &[String], udp: &[String]) -> String {
     if !udp.is_empty() {
         rules.push_str(&format!("    udp dport {{ {} }} accept\n", set(udp)));
     }
+    // ICMP and IPv6-ICMP by number (1, 58): nft resolves protocol names through
+    // /etc/protocols, which minimal images (Debian minbase) do not have.
     format!(
         "table inet nixseed\n\
          delete table inet nixseed\n\
@@ -39,7 +41,7 @@ pub fn render(tcp: &[String], udp: &[String]) -> String {
          ct state established,related accept\n    \
          ct state invalid drop\n    \
          iifname \"lo\" accept\n    \
-         meta l4proto {{ icmp, ipv6-icmp }} accept\n    \
+         meta l4proto {{ 1, 58 }} accept\n    \
          udp dport {{ 68, 546 }} accept\n    \
          tcp dport 22 accept\n\
          {rules}  }}\n\
