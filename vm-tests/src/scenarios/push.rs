@@ -13,10 +13,15 @@ pub fn push(h: &Harness) -> Result<()> {
         .ssh
         .run("nft list table inet nixseed 2>&1 || true")?
         .to_string();
-    ensure!(
-        before.contains("tcp dport 22 accept"),
-        "the firewall from the seed is not loaded at boot (nixseed-agent apply --firewall):\n{before}"
-    );
+    if !before.contains("tcp dport 22 accept") {
+        let why = b.ssh.run(
+            "cat /etc/default/nixseed; systemctl cat nixseed-apply.service | grep -E 'Exec|Environment'; \
+             journalctl -b --no-pager -o cat -u nixseed-apply.service | tail -n 20",
+        )?;
+        bail!(
+            "the firewall from the seed is not loaded at boot (nixseed-agent apply --firewall):\n{before}\n{why}"
+        );
+    }
     ensure!(
         !before.contains("8080"),
         "port 8080 is open before it was pushed:\n{before}"
