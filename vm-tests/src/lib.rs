@@ -2,6 +2,7 @@
 //! root, `/var` on its own disk, identity applied from the initramfs) and boots it under
 //! QEMU. `cargo xtask demo`, `test` and `bench` all drive VMs through this crate.
 
+pub mod bench;
 pub mod cmd;
 pub mod demo;
 pub mod deps;

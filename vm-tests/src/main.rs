@@ -32,6 +32,22 @@ enum Cmd {
     Demo,
     /// Run scenarios (all when none named), one VM at a time.
     Test { scenarios: Vec<String> },
+    /// nixseed vs cloud-init + qemu-ga in real VMs (boot, provisioning, agent RSS, ping),
+    /// plus the host-side benchmarks; prints markdown and rewrites docs/benchmarks.md.
+    Bench {
+        /// Boots per image (at least 3).
+        #[arg(long, default_value_t = 3)]
+        boots: usize,
+        /// guest-ping round trips per boot.
+        #[arg(long, default_value_t = 200)]
+        pings: usize,
+        /// Skip the host-side benchmarks (apply, qga, seed).
+        #[arg(long)]
+        no_host: bool,
+        /// Print only; leave docs/benchmarks.md alone.
+        #[arg(long)]
+        no_write: bool,
+    },
 }
 
 fn parse_variant(s: &str) -> Result<Variant> {
@@ -60,6 +76,17 @@ fn main() -> Result<()> {
         }
         Cmd::BootSmoke { variant } => vm_tests::scenarios::boot_smoke(parse_variant(&variant)?),
         Cmd::Demo => vm_tests::demo::run(),
+        Cmd::Bench {
+            boots,
+            pings,
+            no_host,
+            no_write,
+        } => vm_tests::bench::run(&vm_tests::bench::BenchOpts {
+            boots,
+            pings,
+            host: !no_host,
+            write_doc: !no_write,
+        }),
         Cmd::Test { scenarios } => {
             if !vm_tests::scenarios::run_tests(&scenarios)? {
                 std::process::exit(1);
