@@ -229,10 +229,10 @@ impl Store {
                     .with_context(|| format!("cannot write {}/{rel}", at(&tmp)))?;
                 crate::crashpoint::hit(&format!("store-file-{rel}"));
             }
-            for (_, fd) in &subdirs {
-                rfs::fsync(fd)?;
-            }
-            rfs::fsync(&gdir).with_context(|| format!("cannot sync {}", at(&tmp)))?;
+            // One syncfs makes every file, its mode and the directories durable in a single
+            // journal commit (a per-file fsync costs one commit each: 5-10x slower on a
+            // virtio disk). Nothing refers to the new generation before this returns.
+            rfs::syncfs(&gdir).with_context(|| format!("cannot sync {}", at(&tmp)))?;
             crate::crashpoint::hit("store-before-rename");
             rfs::renameat(&self.dir, tmp.as_str(), &self.dir, name.as_str())
                 .with_context(|| format!("cannot rename {} to {name}", at(&tmp)))?;
@@ -356,7 +356,6 @@ fn write_file_at(dir: &impl AsFd, name: &str, file: &IdentityFile) -> Result<()>
     let mut f = std::fs::File::from(fd);
     f.write_all(&file.bytes)?;
     rfs::fchmod(&f, Mode::from_raw_mode(file.mode))?;
-    f.sync_all()?;
     Ok(())
 }
 
