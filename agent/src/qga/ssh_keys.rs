@@ -87,13 +87,21 @@ fn write_atomic(path: &Path, keys: &[String]) -> Result<(), QgaError> {
     Ok(())
 }
 
-fn check_keys(keys: &[String]) -> Result<(), QgaError> {
+/// The keys to act on, trimmed. Blank entries are skipped: `virsh set-user-sshkeys --file`
+/// splits the file on newlines and sends the empty string after the last one (qemu-ga
+/// accepts it too). A key with a line break inside is refused.
+fn usable_keys(keys: Vec<String>) -> Result<Vec<String>, QgaError> {
+    let mut out = Vec::with_capacity(keys.len());
     for k in keys {
-        if k.trim().is_empty() || k.contains(['\n', '\r']) {
+        if k.contains(['\n', '\r']) {
             return Err(QgaError::generic(format!("invalid authorized key '{k}'")));
         }
+        let k = k.trim();
+        if !k.is_empty() {
+            out.push(k.to_string());
+        }
     }
-    Ok(())
+    Ok(out)
 }
 
 pub fn get(agent: &mut Agent, mut args: Args) -> CmdResult {
@@ -109,10 +117,9 @@ pub fn add(agent: &mut Agent, mut args: Args) -> CmdResult {
     let reset = args.opt_bool("reset")?.unwrap_or(false);
     args.finish()?;
     let path = keys_file(agent, &username)?;
-    check_keys(&keys)?;
+    let keys = usable_keys(keys)?;
     let mut all = if reset { Vec::new() } else { read_keys(&path)? };
     for k in keys {
-        let k = k.trim().to_string();
         if !all.contains(&k) {
             all.push(k);
         }
@@ -131,15 +138,35 @@ pub fn remove(agent: &mut Agent, mut args: Args) -> CmdResult {
     let keys = args.str_list("keys")?;
     args.finish()?;
     let path = keys_file(agent, &username)?;
-    check_keys(&keys)?;
+    let keys = usable_keys(keys)?;
     let before = read_keys(&path)?;
     let after: Vec<String> = before
         .iter()
-        .filter(|l| !keys.iter().any(|k| k.trim() == l.as_str()))
+        .filter(|l| !keys.contains(l))
         .cloned()
         .collect();
     if after.len() != before.len() {
         write_atomic(&path, &after)?;
     }
     Ok(Some(json!({})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blank_entries_are_skipped_and_line_breaks_refused() {
+        // What virsh sends for a key file ending in a newline.
+        let keys = vec!["ssh-ed25519 AAAA k1 ".to_string(), String::new()];
+        assert_eq!(
+            usable_keys(keys).map_err(|e| e.desc),
+            Ok(vec!["ssh-ed25519 AAAA k1".to_string()])
+        );
+        assert!(usable_keys(vec!["ssh-ed25519 AAAA\nssh-rsa BBBB".to_string()]).is_err());
+        assert_eq!(
+            usable_keys(vec![" ".to_string()]).map_err(|e| e.desc),
+            Ok(vec![])
+        );
+    }
 }
