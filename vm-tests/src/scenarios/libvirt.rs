@@ -212,6 +212,53 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         ensure!(get(k).is_some(), "virsh guestinfo has no {k}:\n{info}");
     }
 
+    // domtime: guest-get-time, in seconds since the epoch, close to the host's clock.
+    let domtime = virsh(&["domtime", name])?;
+    let guest_secs: u64 = domtime
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .with_context(|| format!("no time in `virsh domtime {name}`: {domtime}"))?;
+    let host_secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    ensure!(
+        guest_secs.abs_diff(host_secs) < 300,
+        "`virsh domtime {name}` says {guest_secs}, the host's clock {host_secs}"
+    );
+
+    // SSH keys through the agent: root's are the identity's admin keys; add and remove one.
+    let keys = virsh(&["get-user-sshkeys", name, "root"])?;
+    let admin = h.key.public_line()?;
+    let admin_blob = ssh::key_type_and_blob(&admin).unwrap_or_default();
+    ensure!(
+        keys.contains(&admin_blob),
+        "`virsh get-user-sshkeys {name} root` lacks the admin key {admin_blob}:\n{keys}"
+    );
+    let extra = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHu6f0QkpbbQ1ojHxOzzGrDf0Ct7n9pPvm8YTWjqwr7M libvirt-test";
+    let extra_file = m.state.join("extra-key.pub");
+    std::fs::write(&extra_file, format!("{extra}\n"))
+        .with_context(|| format!("writing {}", extra_file.display()))?;
+    let extra_path = extra_file.display().to_string();
+    virsh(&["set-user-sshkeys", name, "root", "--file", &extra_path])?;
+    let keys = virsh(&["get-user-sshkeys", name, "root"])?;
+    ensure!(
+        keys.contains(extra) && keys.contains(&admin_blob),
+        "after set-user-sshkeys, root's keys are:\n{keys}"
+    );
+    virsh(&[
+        "set-user-sshkeys",
+        name,
+        "root",
+        "--remove",
+        "--file",
+        &extra_path,
+    ])?;
+    let keys = virsh(&["get-user-sshkeys", name, "root"])?;
+    ensure!(
+        !keys.contains(extra) && keys.contains(&admin_blob),
+        "after set-user-sshkeys --remove, root's keys are:\n{keys}"
+    );
+
     // Freeze and thaw: libvirt counts what the agent froze.
     let froze = virsh(&["domfsfreeze", name])?;
     let frozen = count_in(&froze).unwrap_or(0);
