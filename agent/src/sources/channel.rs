@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -42,9 +43,12 @@ impl Source for ControlChannel {
             return Ok(None);
         };
         let t0 = Instant::now();
+        // Non-blocking: virtio_console blocks a write until a host connects to the port,
+        // and with nobody on the host side a blocking hello would never return.
         let mut port = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
             .open(&node)
             .with_context(|| format!("cannot open the control channel {}", node.display()))?;
         let (generation, instance_id) = env.current_identity();
@@ -81,6 +85,7 @@ impl Source for ControlChannel {
                     continue;
                 }
                 Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e).with_context(|| format!("cannot read {}", node.display())),
             };
             decoder.push(&buf[..n]);
