@@ -117,6 +117,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "channel_decoder",
     "seed_compose",
     "qga_framer",
+    "iso_roundtrip",
 ];
 
 fn fuzz(args: &[String]) -> Result<()> {
