@@ -90,8 +90,8 @@ pub fn run() -> Result<()> {
     let scanned = ssh::keyscan(b.ssh.port).context("ssh-keyscan found no ed25519 key")?;
     let fp_seen = fingerprint(&scanned, &m.state)?;
     let fp_file = fingerprint(&m.host_key_pub()?, &m.state)?;
-    println!("   ssh-keyscan           {fp_seen}");
-    println!("   machines/demo/ssh_host_ed25519_key.pub {fp_file}");
+    println!("   sshd (ssh-keyscan)                      {fp_seen}");
+    println!("   machines/demo/ssh_host_ed25519_key.pub  {fp_file}");
     ensure!(
         fp_seen == fp_file,
         "host key mismatch: {fp_seen} vs {fp_file}"
@@ -148,13 +148,18 @@ pub fn run() -> Result<()> {
         "shutdown through the guest agent (guest-shutdown), wait for QEMU to exit",
     );
     let t = Instant::now();
-    let _ = m
+    // guest-shutdown sends no reply on success: only QEMU's exit counts.
+    let said = m
         .seedctl(h.seedctl.as_ref())?
         .args(["agent", &m.name, "--socket"])
         .arg(&qga)
         .arg("shutdown")
         .stdin(Stdio::null())
-        .status();
+        .output()
+        .context("running seedctl agent shutdown")?;
+    println!("   $ seedctl agent {} shutdown", m.name);
+    show(&String::from_utf8_lossy(&said.stdout));
+    show(&String::from_utf8_lossy(&said.stderr));
     let mut b = b;
     let status = b.vm.wait_exit(Duration::from_secs(180))?;
     println!(

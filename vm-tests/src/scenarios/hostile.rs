@@ -89,9 +89,9 @@ pub fn hostile(h: &Harness) -> Result<()> {
         );
         ensure!(
             lines.lines().any(|l| l.contains(bad.needle)),
-            "with {}: no journal line names user-data{}",
+            "with {}: no journal line names user-data and '{}'",
             bad.what,
-            format!(" and '{}'", bad.needle)
+            bad.needle
         );
         let g = b.ssh.run("readlink /var/identity/current")?;
         ensure!(
