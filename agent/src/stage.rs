@@ -137,11 +137,16 @@ pub fn run_boot_stage(opts: &StageOptions) -> Result<Outcome> {
     let mut env = Env::new(opts.host.clone(), opts.sysroot.clone(), opts.run.clone());
     env.channel_wait = opts.channel_wait;
     env.identity = opts.store_path();
-    let found = {
+    {
         let _s = tracing::info_span!("probe").entered();
+        env.block_devices();
+    }
+    t.lap("probe");
+    let found = {
+        let _s = tracing::info_span!("read").entered();
         sources::find_seed(&env, opts.sources.as_deref())
     };
-    t.lap("probe+parse");
+    t.lap("read+parse");
     let store = Store::open(&opts.store_path(), true)?;
     // Whatever goes wrong with the seed, the current generation is still mounted below.
     let applied = found.and_then(|seed| apply_seed(&store, seed.as_ref(), opts, &env, &mut t));

@@ -229,16 +229,21 @@ impl Store {
                     .with_context(|| format!("cannot write {}/{rel}", at(&tmp)))?;
                 crate::crashpoint::hit(&format!("store-file-{rel}"));
             }
-            // One syncfs makes every file, its mode and the directories durable in a single
-            // journal commit (a per-file fsync costs one commit each: 5-10x slower on a
-            // virtio disk). Nothing refers to the new generation before this returns.
-            rfs::syncfs(&gdir).with_context(|| format!("cannot sync {}", at(&tmp)))?;
             crate::crashpoint::hit("store-before-rename");
             rfs::renameat(&self.dir, tmp.as_str(), &self.dir, name.as_str())
                 .with_context(|| format!("cannot rename {} to {name}", at(&tmp)))?;
-            rfs::fsync(&self.dir)?;
+            // The flat names point through `current`, whichever generation that is.
+            self.link_flat_names(tree)?;
+            crate::crashpoint::hit("store-after-links");
+            let pending = self.prepare_link(CURRENT, &name)?;
+            // One syncfs makes every file, its mode, the directories, the flat names and
+            // the new `current` link durable in one journal commit; a flush per file costs
+            // a host disk flush each under QEMU. Nothing points at the new generation
+            // until the rename below.
+            rfs::syncfs(&gdir).with_context(|| format!("cannot sync {}", at(&name)))?;
             crate::crashpoint::hit("store-before-swap");
-            self.swap_link(CURRENT, &name)?;
+            rfs::renameat(&self.dir, pending.as_str(), &self.dir, CURRENT)
+                .with_context(|| format!("cannot replace {}", at(CURRENT)))?;
             rfs::fsync(&self.dir)
                 .with_context(|| format!("cannot sync {}", self.path.display()))?;
             Ok(())
@@ -251,8 +256,6 @@ impl Store {
             return Err(e);
         }
         crate::crashpoint::hit("store-after-swap");
-        self.link_flat_names(tree)?;
-        crate::crashpoint::hit("store-after-links");
         self.prune(n, previous)?;
         crate::crashpoint::hit("store-after-prune");
         Ok(n)
@@ -260,6 +263,14 @@ impl Store {
 
     /// Points `name` at `target` atomically (symlink to a temporary name, then rename).
     fn swap_link(&self, name: &str, target: &str) -> Result<()> {
+        let tmp = self.prepare_link(name, target)?;
+        rfs::renameat(&self.dir, tmp.as_str(), &self.dir, name)
+            .with_context(|| format!("cannot replace {}/{name}", self.path.display()))?;
+        Ok(())
+    }
+
+    /// A symlink to `target` under a temporary name, ready to be renamed over `name`.
+    fn prepare_link(&self, name: &str, target: &str) -> Result<String> {
         let tmp = format!(".tmp-link-{name}");
         match rfs::unlinkat(&self.dir, tmp.as_str(), AtFlags::empty()) {
             Ok(()) => {}
@@ -268,9 +279,7 @@ impl Store {
         }
         rfs::symlinkat(target, &self.dir, tmp.as_str())
             .with_context(|| format!("cannot create link {}/{tmp}", self.path.display()))?;
-        rfs::renameat(&self.dir, tmp.as_str(), &self.dir, name)
-            .with_context(|| format!("cannot replace {}/{name}", self.path.display()))?;
-        Ok(())
+        Ok(tmp)
     }
 
     /// Keeps the stable flat names (`/var/identity/hostname`, ...) pointing via `current`.
@@ -299,7 +308,6 @@ impl Store {
             }
             self.swap_link(&name, &target)?;
         }
-        rfs::fsync(&self.dir)?;
         Ok(())
     }
 
