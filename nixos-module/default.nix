@@ -53,7 +53,7 @@ let
     "/sysroot"
   ]
   ++ stageArgs;
-  applyCommand = [ "apply" ] ++ stageArgs ++ firewallArgs;
+  applyCommand = [ "apply" ] ++ stageArgs;
   channelCommand = [ "channel" ] ++ stageArgs ++ firewallArgs;
   # serve answers the guest agent and, unless disabled, the control channel.
   serveCommand = [
@@ -363,7 +363,6 @@ in
           # Re-checked on switch-to-configuration, which may remount the /etc overlay.
           requiredBy = [ "sysinit-reactivation.target" ];
           before = [ "sysinit-reactivation.target" ];
-          path = lib.optional cfg.firewall.enable pkgs.nftables;
           serviceConfig.ExecStart = execStart applyCommand;
         };
 
@@ -485,6 +484,17 @@ in
 
       (lib.mkIf cfg.firewall.enable {
         networking.firewall.enable = lib.mkDefault false;
+        # The shipped unit, beside stage 2: loading nftables takes seconds on a slow VM and
+        # only the network has to wait for it.
+        systemd.services.nixseed-firewall = {
+          wantedBy = [ "sysinit.target" ];
+          path = [ pkgs.nftables ];
+          serviceConfig.ExecStart = execStart [
+            "firewall"
+            "--identity-dir"
+            id
+          ];
+        };
       })
 
       (lib.mkIf cfg.ssh.enable {

@@ -51,6 +51,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Serve only the nixseed control channel (status, push, rollback).
     Channel(ChannelArgs),
+    /// Load the identity's ports as the nftables table `inet nixseed`.
+    Firewall(StatusArgs),
 }
 
 #[derive(Args)]
@@ -187,6 +189,13 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::Render(a) => render(&a)?,
+        Command::Firewall(a) => {
+            reload::load_firewall(&a.identity_dir)?;
+            tracing::info!(
+                "firewall: loaded the inet nixseed table from {}",
+                a.identity_dir.display()
+            );
+        }
         Command::Serve(a) => serve::main(a)?,
         Command::Channel(a) => {
             let ctx = channel::ChannelContext {

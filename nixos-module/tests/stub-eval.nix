@@ -238,7 +238,7 @@ in
       services.nixseed.guestAgent.enable = false;
     }) == [ ]
   ))
-  (check "the firewall option turns the NixOS firewall off and passes --firewall" (
+  (check "the firewall option turns the NixOS firewall off and enables nixseed-firewall" (
     let
       c = eval {
         imports = [ base ];
@@ -247,8 +247,11 @@ in
     in
     failed c == [ ]
     && !c.networking.firewall.enable
-    && lib.hasSuffix ''"--firewall"'' (lib.last c.systemd.services.nixseed-apply.serviceConfig.ExecStart)
-    && c.systemd.services.nixseed-apply.path == [ fakePkgs.nftables ]
+    && lib.hasInfix ''"firewall" "--identity-dir" "/var/identity"'' (lib.last c.systemd.services.nixseed-firewall.serviceConfig.ExecStart)
+    && c.systemd.services.nixseed-firewall.wantedBy == [ "sysinit.target" ]
+    && lib.hasInfix ''"--firewall"'' (lib.last c.systemd.services.nixseed-agent.serviceConfig.ExecStart)
+    && !(lib.hasInfix "--firewall" (lib.last c.systemd.services.nixseed-apply.serviceConfig.ExecStart))
+    && c.systemd.services.nixseed-firewall.path == [ fakePkgs.nftables ]
   ))
   (check "an explicitly enabled NixOS firewall or a flushing nftables is refused" (
     hasFailure (eval {

@@ -658,7 +658,7 @@ fn build_final_layer(
         // The dist units read extra arguments from here: the test image loads the
         // identity's ports into nftables, as `services.nixseed.firewall.enable` does.
         let defaults = tmp.join("nixseed.default");
-        write(&defaults, "NIXSEED_ARGS=--firewall\n")?;
+        write(&defaults, "NIXSEED_SERVE_ARGS=--firewall\n")?;
         if tree.join("etc/default/nixseed").exists() {
             script.push_str("rm /etc/default/nixseed\n");
         }
