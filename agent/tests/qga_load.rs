@@ -29,6 +29,16 @@ fn hundred_thousand_requests_and_a_thousand_reconnects() {
         std::thread::sleep(Duration::from_millis(10));
     }
 
+    let rss_kib = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    let rss_start = rss_kib();
+
     let s = UnixStream::connect(&sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut w = s.try_clone().unwrap();
@@ -53,6 +63,7 @@ fn hundred_thousand_requests_and_a_thousand_reconnects() {
     }
     writer.join().unwrap();
     drop(r);
+    let rss_after_load = rss_kib();
 
     for i in 0..1000u32 {
         let mut s = UnixStream::connect(&sock).unwrap();
@@ -79,6 +90,12 @@ fn hundred_thousand_requests_and_a_thousand_reconnects() {
             r.get_mut().write_all(b"{\"execute\":\"guest-pi").unwrap();
         }
     }
+    // Flat memory: the load leaves no more than buffers behind, the reconnects nothing.
+    let rss_end = rss_kib();
+    assert!(
+        rss_after_load <= rss_start + 2048 && rss_end <= rss_after_load + 256,
+        "RSS grew: {rss_start} KiB at start, {rss_after_load} after 100 000 requests, {rss_end} after 1 000 reconnects"
+    );
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
