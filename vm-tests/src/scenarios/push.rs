@@ -15,11 +15,11 @@ pub fn push(h: &Harness) -> Result<()> {
         .to_string();
     if !before.contains("tcp dport 22 accept") {
         let why = b.ssh.run(
-            "cat /etc/default/nixseed; systemctl cat nixseed-apply.service | grep -E 'Exec|Environment'; \
-             journalctl -b --no-pager -o cat -u nixseed-apply.service | tail -n 20",
+            "cat /etc/default/nixseed; systemctl status --no-pager nixseed-firewall.service; \
+             journalctl -b --no-pager -o cat -u nixseed-firewall.service | tail -n 20",
         )?;
         bail!(
-            "the firewall from the seed is not loaded at boot (nixseed-agent apply --firewall):\n{before}\n{why}"
+            "the firewall from the seed is not loaded at boot (nixseed-firewall.service):\n{before}\n{why}"
         );
     }
     ensure!(
