@@ -63,6 +63,7 @@ impl Machine {
 
     pub fn vm_config(&self, image: &GuestImage, accel: Accel, ssh_port: u16) -> Result<VmConfig> {
         Ok(VmConfig {
+            var_cache: "unsafe",
             name: self.name.clone(),
             kernel: image.vmlinuz.clone(),
             initrd: image.initramfs.clone(),

@@ -33,6 +33,9 @@ impl Accel {
 /// Everything one boot needs.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
+    /// QEMU cache mode of the `/var` disk: `unsafe` (fast; guest flushes are ignored) for
+    /// most scenarios, `writeback` where a killed QEMU must keep what the guest flushed.
+    pub var_cache: &'static str,
     pub name: String,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
@@ -103,8 +106,9 @@ impl VmConfig {
         if let Some(var) = &self.var_disk {
             a.push("-drive".into());
             a.push(format!(
-                "file={},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
-                var.display()
+                "file={},if=virtio,format=qcow2,cache={},discard=unmap",
+                var.display(),
+                self.var_cache
             ));
         }
         if let Some(seed) = &self.seed_iso {
@@ -346,6 +350,7 @@ mod tests {
     #[test]
     fn args_wire_ports_disks_and_smbios() {
         let cfg = VmConfig {
+            var_cache: "unsafe",
             name: "t".into(),
             kernel: "/k".into(),
             initrd: "/i".into(),

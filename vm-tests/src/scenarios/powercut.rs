@@ -1,7 +1,10 @@
 //! Power cuts: QEMU is SIGKILLed while the agent writes a new generation — at delay points
 //! in the initrd stage (first boot of a new identity) and during a live `seedctl push` —
-//! enabled only by the test-only kernel flag `nixseed.test_delay=POINT:MS`. After every
-//! cut the `/var` disk is read offline (debugfs, no mount): `/var/identity` must be exactly
+//! enabled only by the test-only kernel flag `nixseed.test_delay=POINT:MS`. The `/var` disk
+//! honours the guest's flushes (QEMU `cache=writeback`; the other scenarios use `unsafe`,
+//! which drops them and so models a disk that lies). After every cut the disk is read
+//! offline as the next boot would see it (e2fsck replays the journal, debugfs reads, no
+//! mount): `/var/identity` must be exactly
 //! the old or exactly the new generation, every file matching its manifest's sha256, the
 //! host key pair consistent. The machine then boots to sshd with its key, and a file
 //! written to `/var` before the first cut is intact.
@@ -171,6 +174,18 @@ fn read_offline(m: &Machine, agent: &std::path::Path) -> Result<OnDisk> {
             .arg(&m.var_disk)
             .arg(&raw),
     )?;
+    // What the next boot sees: the kernel replays the ext4 journal first. e2fsck does the
+    // same on the copy (exit 1: "errors corrected" is what a replay reports).
+    let fsck = Command::new("e2fsck")
+        .args(["-fy"])
+        .arg(&raw)
+        .output()
+        .context("running e2fsck on the copy of /var")?;
+    ensure!(
+        matches!(fsck.status.code(), Some(0) | Some(1)),
+        "e2fsck found /var damaged beyond a journal replay: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     cmd::run(
         Command::new("debugfs")
             .arg("-R")
