@@ -427,7 +427,7 @@ pub fn run(o: &BenchOpts) -> Result<()> {
                 ),
             ),
             (
-                "Guest agent on the host (unix-listen, against qemu-ga)",
+                "Guest agent on the host (unix-listen, against qemu-ga; the host build is glibc and dynamically linked, so its RSS and size are not the guest's — see the VM table for the static binary)",
                 "cargo run --release -p nixseed-agent --example qga-bench".to_string(),
                 host_bench(
                     "qga-bench",
