@@ -221,15 +221,7 @@ pub(super) fn route(r: &Value, at: &str, origin: &str) -> Result<Route, NetworkE
     let netmask = text(r, "netmask", at, origin)?;
     let (network, prefix) = address_prefix(&dest, prefix.as_deref(), netmask.as_deref())
         .map_err(|e| invalid(origin, format!("{at}.destination: {e}")))?;
-    let metric = text(r, "metric", at, origin)?;
-    if let Some(m) = &metric
-        && m.parse::<u32>().is_err()
-    {
-        return Err(invalid(
-            origin,
-            format!("{at}.metric: `{m}` is not an integer"),
-        ));
-    }
+    let metric = metric(r, at, origin)?;
     Ok(Route {
         network,
         prefix,
@@ -262,6 +254,20 @@ pub(super) fn bridge_value(
         return Ok(None);
     }
     Ok(crate::yaml::python_text(v))
+}
+
+/// A route's `metric`: a non-negative integer, kept as written.
+pub(super) fn metric(r: &Value, at: &str, origin: &str) -> Result<Option<String>, NetworkError> {
+    let metric = text(r, "metric", at, origin)?;
+    if let Some(m) = &metric
+        && m.parse::<u32>().is_err()
+    {
+        return Err(invalid(
+            origin,
+            format!("{at}.metric: `{m}` is not an integer"),
+        ));
+    }
+    Ok(metric)
 }
 
 /// A scalar field as text; a mapping or list there is an error naming the key.

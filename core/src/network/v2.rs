@@ -3,7 +3,7 @@
 
 use crate::yaml::Value;
 
-use super::v1::{add_placeholders, bridge_value, list, text};
+use super::v1::{add_placeholders, bridge_value, list, metric, text};
 use super::{
     Dns, Interface, InterfaceKind, NetworkConfig, NetworkError, Route, Subnet, SubnetKind,
     address_prefix, invalid,
@@ -298,15 +298,7 @@ fn route(r: &Value, at: &str, origin: &str) -> Result<Route, NetworkError> {
     };
     let (network, prefix) =
         address_prefix(&to, None, None).map_err(|e| invalid(origin, format!("{at}.to: {e}")))?;
-    let metric = text(r, "metric", at, origin)?;
-    if let Some(m) = &metric
-        && m.parse::<u32>().is_err()
-    {
-        return Err(invalid(
-            origin,
-            format!("{at}.metric: `{m}` is not an integer"),
-        ));
-    }
+    let metric = metric(r, at, origin)?;
     Ok(Route {
         network,
         prefix,
