@@ -34,6 +34,23 @@ pub struct Ovmf {
     pub vars: PathBuf,
 }
 
+/// `--ovmf-code`/`--ovmf-vars`, shared by `run` and `xml`/`define`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FirmwareArgs {
+    /// UEFI firmware code file [default: probed]
+    #[arg(long, value_name = "FILE")]
+    pub ovmf_code: Option<std::path::PathBuf>,
+    /// UEFI variable store template [default: probed]
+    #[arg(long, value_name = "FILE")]
+    pub ovmf_vars: Option<std::path::PathBuf>,
+}
+
+impl FirmwareArgs {
+    pub fn find(&self) -> Result<Ovmf> {
+        find(self.ovmf_code.as_deref(), self.ovmf_vars.as_deref())
+    }
+}
+
 /// The given paths, or the first installed pair.
 pub fn find(code: Option<&Path>, vars: Option<&Path>) -> Result<Ovmf> {
     if let (Some(c), Some(v)) = (code, vars) {

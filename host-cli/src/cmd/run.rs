@@ -20,7 +20,7 @@ use crate::state::{
     BOOT_DISK, CHANNEL_SOCK, CONSOLE_LOG, KNOWN_HOSTS, OVMF_VARS, PIDFILE, QGA_SOCK, QMP_SOCK,
     SEED_ISO, StateDir, VAR_DISK,
 };
-use crate::{accel, firmware, fsutil, tools};
+use crate::{accel, fsutil, tools};
 
 pub const QEMU: &str = "qemu-system-x86_64";
 
@@ -68,12 +68,8 @@ pub struct RunArgs {
     /// Host port forwarded to the guest's SSH port [default: a free port]
     #[arg(long, value_name = "PORT")]
     pub ssh_port: Option<u16>,
-    /// UEFI firmware code file [default: probed]
-    #[arg(long, value_name = "FILE")]
-    pub ovmf_code: Option<PathBuf>,
-    /// UEFI variable store template [default: probed]
-    #[arg(long, value_name = "FILE")]
-    pub ovmf_vars: Option<PathBuf>,
+    #[command(flatten)]
+    pub firmware: crate::firmware::FirmwareArgs,
     /// How the identity reaches the guest at boot: a seed ISO, or the control channel
     /// (no seed disk; seedctl answers the guest's hello, in the background with --detach)
     #[arg(long, value_enum, default_value_t = SeedVia::Iso)]
@@ -211,7 +207,7 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
             }
         }
         None => {
-            let fw = firmware::find(a.ovmf_code.as_deref(), a.ovmf_vars.as_deref())?;
+            let fw = a.firmware.find()?;
             let vars = sd.file(OVMF_VARS);
             if !vars.exists() {
                 std::fs::copy(&fw.vars, &vars).with_context(|| {

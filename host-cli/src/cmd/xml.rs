@@ -8,7 +8,6 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use crate::cmd::serve::SeedVia;
-use crate::firmware;
 use crate::machine::{Identity, Paths};
 use crate::output::Report;
 use crate::state::{
@@ -54,12 +53,8 @@ pub struct DomainArgs {
     /// Kernel command line for --kernel
     #[arg(long, value_name = "CMDLINE", requires = "kernel")]
     pub cmdline: Option<String>,
-    /// UEFI firmware code file [default: probed]
-    #[arg(long, value_name = "FILE")]
-    pub ovmf_code: Option<PathBuf>,
-    /// UEFI variable store template [default: probed]
-    #[arg(long, value_name = "FILE")]
-    pub ovmf_vars: Option<PathBuf>,
+    #[command(flatten)]
+    pub firmware: crate::firmware::FirmwareArgs,
     /// How the identity reaches the guest at boot: the seed ISO as a cdrom, or the control
     /// channel (no cdrom; `seedctl start --seed-via channel` or `seedctl serve` answers)
     #[arg(long, value_enum, default_value_t = SeedVia::Iso)]
@@ -124,7 +119,9 @@ pub fn domain_xml(id: &Identity, sd: &StateDir, d: &DomainArgs) -> Result<String
             }
         }
         None => {
-            let fw = firmware::find(d.ovmf_code.as_deref(), d.ovmf_vars.as_deref())
+            let fw = d
+                .firmware
+                .find()
                 .with_context(|| format!("machine `{}`", id.name))?;
             let _ = writeln!(
                 x,
