@@ -2,24 +2,15 @@
 //! seedctl has it), its seed ISO, and its disks (root overlay on the base image plus an
 //! ext4 `/var` disk labelled `nixseed-var`).
 
-use crate::cmd::{self, hex};
+use crate::cmd;
 use crate::image::{GuestImage, VAR_LABEL};
 use crate::paths::workspace_root;
 use crate::qemu::{Accel, VmConfig};
 use crate::ssh::ClientKey;
 use anyhow::{Context, Result};
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// Who wrote the identity and seed: shown in reports so a fallback is never silent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Provisioner {
-    Seedctl,
-    /// seedctl lacks `new`/`seed` in this tree: vm-tests wrote the files and an ISO itself.
-    Harness,
-}
 
 #[derive(Clone, Debug)]
 pub struct Machine {
@@ -31,7 +22,6 @@ pub struct Machine {
     pub seed_iso: PathBuf,
     pub boot_disk: PathBuf,
     pub var_disk: PathBuf,
-    pub provisioner: Provisioner,
 }
 
 impl Machine {
@@ -123,7 +113,7 @@ impl Seedctl {
                     .is_ok_and(|s| s.success());
                 if !ok {
                     eprintln!(
-                        "vm-tests: seedctl does not build; the harness provisions machines itself"
+                        "vm-tests: seedctl does not build; scenarios that make machines will fail"
                     );
                     return None;
                 }
@@ -169,60 +159,28 @@ pub fn create(
     }
     fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     fs::create_dir_all(&machines).with_context(|| format!("creating {}", machines.display()))?;
-    let mut seed_iso = state.join("seed.iso");
-    let mut boot_disk = state.join("boot.qcow2");
-    let mut var_disk = state.join("var.qcow2");
-    let use_seedctl = seedctl.filter(|s| s.has("new") && s.has("seed"));
-    let provisioner = match use_seedctl {
-        Some(s) => {
-            cmd::run(
-                s.command(&machines, &state_root)
-                    .args(["new", name, "--force", "--admin-key"])
-                    .arg(format!("@{}", key.public.display())),
-            )?;
-            if s.has("create") {
-                let out = cmd::stdout(
-                    s.command(&machines, &state_root)
-                        .args(["--json", "create", name, "--base"])
-                        .arg(&image.base_qcow2),
-                )?;
-                let v: serde_json::Value = serde_json::from_str(out.trim()).with_context(|| {
-                    format!("parsing `seedctl --json create {name}` output: {out}")
-                })?;
-                let path = |k: &str| {
-                    v.get(k)
-                        .and_then(|p| p.as_str())
-                        .map(PathBuf::from)
-                        .with_context(|| {
-                            format!("`seedctl --json create {name}` printed no `{k}`: {out}")
-                        })
-                };
-                boot_disk = path("boot")?;
-                var_disk = path("var")?;
-                seed_iso = path("seed")?;
-            } else {
-                cmd::run(
-                    s.command(&machines, &state_root)
-                        .args(["seed", name, "-o"])
-                        .arg(&seed_iso),
-                )?;
-                make_overlay(&image.base_qcow2, &boot_disk)?;
-                make_var_disk(&var_disk, &state)?;
-            }
-            Provisioner::Seedctl
-        }
-        None => {
-            write_identity(&dir, name, key)?;
-            write_nocloud_iso(&dir, name, &state, &seed_iso)?;
-            make_overlay(&image.base_qcow2, &boot_disk)?;
-            make_var_disk(&var_disk, &state)?;
-            Provisioner::Harness
-        }
+    let s = seedctl.context(
+        "vm-tests provisions machines with this workspace's seedctl, which did not build (see the start of the log)",
+    )?;
+    cmd::run(
+        s.command(&machines, &state_root)
+            .args(["new", name, "--force", "--admin-key"])
+            .arg(format!("@{}", key.public.display())),
+    )?;
+    let out = cmd::stdout(
+        s.command(&machines, &state_root)
+            .args(["--json", "create", name, "--base"])
+            .arg(&image.base_qcow2),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(out.trim())
+        .with_context(|| format!("parsing `seedctl --json create {name}` output: {out}"))?;
+    let path = |k: &str| {
+        v.get(k)
+            .and_then(|p| p.as_str())
+            .map(PathBuf::from)
+            .with_context(|| format!("`seedctl --json create {name}` printed no `{k}`: {out}"))
     };
-    if !dir.join("product_uuid").exists() {
-        fs::write(dir.join("product_uuid"), format!("{}\n", random_uuid()?))
-            .with_context(|| format!("writing {}/product_uuid", dir.display()))?;
-    }
+    let (boot_disk, var_disk, seed_iso) = (path("boot")?, path("var")?, path("seed")?);
     Ok(Machine {
         name: name.into(),
         dir,
@@ -230,7 +188,6 @@ pub fn create(
         seed_iso,
         boot_disk,
         var_disk,
-        provisioner,
     })
 }
 
@@ -262,99 +219,6 @@ pub fn make_var_disk(path: &Path, scratch: &Path) -> Result<()> {
             .arg(path),
     )?;
     fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))
-}
-
-fn random_bytes(n: usize) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; n];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .context("reading /dev/urandom")?;
-    Ok(buf)
-}
-
-fn random_uuid() -> Result<String> {
-    let mut b = random_bytes(16)?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex(&b);
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
-}
-
-/// The identity files `seedctl new` would write (used only when seedctl lacks `new`).
-fn write_identity(dir: &Path, name: &str, key: &ClientKey) -> Result<()> {
-    if dir.exists() {
-        fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let w = |f: &str, c: String| {
-        fs::write(dir.join(f), c).with_context(|| format!("writing {}/{f}", dir.display()))
-    };
-    w("machine-id", format!("{}\n", hex(&random_bytes(16)?)))?;
-    w("hostname", format!("{name}\n"))?;
-    w("admin_authorized_keys", format!("{}\n", key.public_line()?))?;
-    cmd::run(
-        Command::new("ssh-keygen")
-            .args([
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                &format!("root@{name}"),
-                "-f",
-            ])
-            .arg(dir.join("ssh_host_ed25519_key")),
-    )?;
-    Ok(())
-}
-
-fn indent(text: &str, by: &str) -> String {
-    text.lines().map(|l| format!("{by}{l}\n")).collect()
-}
-
-/// A NoCloud `cidata` ISO from the identity files (only when seedctl lacks `seed`).
-fn write_nocloud_iso(dir: &Path, name: &str, state: &Path, iso: &Path) -> Result<()> {
-    let read = |f: &str| {
-        fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}/{f}", dir.display()))
-    };
-    let machine_id = read("machine-id")?.trim().to_string();
-    let stage = state.join("cidata");
-    fs::create_dir_all(&stage).with_context(|| format!("creating {}", stage.display()))?;
-    fs::write(
-        stage.join("meta-data"),
-        format!(
-            "instance-id: iid-{}\nlocal-hostname: {name}\n",
-            &machine_id[..12.min(machine_id.len())]
-        ),
-    )
-    .context("writing meta-data")?;
-    let user_data = format!(
-        "#cloud-config\nhostname: {name}\nssh_keys:\n  ed25519_private: |\n{}  ed25519_public: {}\nssh_authorized_keys:\n{}nixseed:\n  machine-id: {machine_id}\n",
-        indent(&read("ssh_host_ed25519_key")?, "    "),
-        read("ssh_host_ed25519_key.pub")?.trim(),
-        read("admin_authorized_keys")?
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| format!("  - {l}\n"))
-            .collect::<String>(),
-    );
-    fs::write(stage.join("user-data"), user_data).context("writing user-data")?;
-    let _ = fs::remove_file(iso);
-    cmd::run(
-        Command::new("xorriso")
-            .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-J", "-R", "-o"])
-            .arg(iso)
-            .arg(&stage),
-    )?;
-    Ok(())
 }
 
 impl Machine {

@@ -282,12 +282,8 @@ pub fn boot_smoke(variant: Variant) -> Result<()> {
     let h = Harness::setup(variant)?;
     let build = t.elapsed();
     let m = h.new_machine("smoke")?;
-    let how = match m.provisioner {
-        machine::Provisioner::Seedctl => "seedctl",
-        machine::Provisioner::Harness => "vm-tests itself (seedctl has no new/seed here)",
-    };
     println!(
-        "machine {} provisioned by {how}; accel {}",
+        "machine {} provisioned by seedctl; accel {}",
         m.name,
         h.accel.as_str()
     );
