@@ -223,10 +223,7 @@ fn render(a: &RenderArgs) -> Result<()> {
     use nixseed_core::identity::{ComposeContext, compose};
     use nixseed_core::manifest::Manifest;
     use nixseed_core::network::Link;
-    let files = sources::read_seed_files(
-        &a.seed,
-        &["meta-data", "user-data", "vendor-data", "network-config"],
-    )?;
+    let files = sources::read_seed_files(&a.seed, nixseed_core::nocloud::SEED_FILES)?;
     let source = format!("nocloud:{}", a.seed.display());
     let seed = nixseed_core::seed::Seed::from_nocloud(&files, &source, None)?;
     for w in &seed.warnings {

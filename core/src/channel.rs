@@ -15,14 +15,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The largest frame accepted; a bundle is a few KiB.
 pub const MAX_FRAME: usize = 1 << 20;
 /// The only file names a bundle may carry: no path ever comes from the host.
-pub const BUNDLE_FILES: &[&str] = &[
-    "meta-data",
-    "user-data",
-    "vendor-data",
-    "network-config",
-    crate::trust::MANIFEST_FILE,
-    crate::trust::SIGNATURE_FILE,
-];
+pub const BUNDLE_FILES: &[&str] = crate::nocloud::SEED_FILES;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BundleFile {

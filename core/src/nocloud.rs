@@ -3,6 +3,17 @@
 
 use crate::yaml::{self, Value};
 
+/// The files of a NoCloud seed nixseed reads, wherever it comes from (volume, directory,
+/// control-channel bundle): no other name is ever read, so no path comes from the seed.
+pub const SEED_FILES: &[&str] = &[
+    "meta-data",
+    "user-data",
+    "vendor-data",
+    "network-config",
+    crate::trust::MANIFEST_FILE,
+    crate::trust::SIGNATURE_FILE,
+];
+
 /// Parsed meta-data.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MetaData {

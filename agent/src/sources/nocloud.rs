@@ -10,14 +10,7 @@ use nixseed_core::seed::Seed;
 use super::block::Media;
 use super::{Env, Source, read_seed_files};
 
-pub const FILES: &[&str] = &[
-    "meta-data",
-    "user-data",
-    "vendor-data",
-    "network-config",
-    nixseed_core::trust::MANIFEST_FILE,
-    nixseed_core::trust::SIGNATURE_FILE,
-];
+use nixseed_core::nocloud::SEED_FILES as FILES;
 
 /// Reads a NoCloud directory; `None` when it holds neither meta-data nor user-data.
 pub fn from_dir(env: &Env, dir: &Path, source: &str) -> Result<Option<Seed>> {
