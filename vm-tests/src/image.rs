@@ -2,7 +2,8 @@
 //!
 //! Two cache layers under `~/.cache/nixseed/images/`:
 //! 1. `<tree-key>/` — debootstrap plus configuration, and `rootfs.ext4` made from it.
-//!    The key hashes the variant, the package list and [`IMAGE_CODE_VERSION`]; this layer
+//!    The key hashes the variant, the package list, the variant's own settings and
+//!    [`IMAGE_CODE_VERSION`]; this layer
 //!    takes minutes and is rebuilt only when one of those changes.
 //! 2. `<tree-key>/final-<key>/` — `base.qcow2` with the agent binary and `agent/dist/`
 //!    injected by `debugfs` (no mount, seconds), and the test initramfs. Rebuilding the
@@ -181,8 +182,9 @@ fn tree_key(variant: Variant) -> String {
         variant.name(),
         variant.packages().join(",")
     );
-    if variant == Variant::CloudInit {
-        h.update(CLOUD_INIT_CFG.as_bytes());
+    match variant {
+        Variant::CloudInit => h.update(CLOUD_INIT_CFG.as_bytes()),
+        Variant::Nixseed => h.update(FACTORY_ONLY.join(",").as_bytes()),
     }
     format!("{}-{}", variant.name(), &hex(&h.finalize())[..16])
 }
@@ -544,8 +546,28 @@ fn units_running(tree: &Path, needle: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// Package-manager state and install logs under `/var`: the root is read-only and replaced
+/// whole by `seedctl upgrade`, so a running machine has no use for them (an immutable NixOS
+/// VM has none either). They stay readable in the base image, e.g.
+/// `dpkg --admindir=/usr/share/factory/var/lib/dpkg -l`, but are not copied onto every new
+/// `/var` disk: copying dpkg's database was the longest step of a first boot under TCG.
+const FACTORY_ONLY: &[&str] = &[
+    "backups",
+    "cache/apt",
+    "cache/debconf",
+    "cache/ldconfig",
+    "lib/apt",
+    "lib/dpkg",
+    "lib/ucf",
+    "log/alternatives.log",
+    "log/apt",
+    "log/bootstrap.log",
+    "log/dpkg.log",
+];
+
 /// `/var` is a separate, initially empty disk: keep the packaged content under
-/// `/usr/share/factory/var` and let systemd-tmpfiles copy what is missing at boot.
+/// `/usr/share/factory/var` and let systemd-tmpfiles copy what a running system needs
+/// (everything but [`FACTORY_ONLY`]) when it is missing at boot.
 fn move_var_to_factory(tree: &Path) -> Result<()> {
     let var = tree.join("var");
     let factory = tree.join("usr/share/factory/var");
@@ -576,11 +598,16 @@ fn move_var_to_factory(tree: &Path) -> Result<()> {
             .collect();
         subs.sort();
         // Paths the packages' own tmpfiles.d already manage keep their rules.
-        if subs.is_empty() && !owned.contains(&format!("/var/{name}")) {
+        if subs.is_empty()
+            && !owned.contains(&format!("/var/{name}"))
+            && !FACTORY_ONLY.contains(&name.as_str())
+        {
             let _ = writeln!(lines, "C /var/{name} - - - - /usr/share/factory/var/{name}");
         }
         for s in subs {
-            if owned.contains(&format!("/var/{name}/{s}")) {
+            if owned.contains(&format!("/var/{name}/{s}"))
+                || FACTORY_ONLY.contains(&format!("{name}/{s}").as_str())
+            {
                 continue;
             }
             let _ = writeln!(

@@ -3,7 +3,7 @@
 //! ext4 `/var` disk labelled `nixseed-var`).
 
 use crate::cmd;
-use crate::image::{GuestImage, VAR_LABEL};
+use crate::image::GuestImage;
 use crate::paths::workspace_root;
 use crate::qemu::{Accel, VmConfig};
 use crate::ssh::ClientKey;
@@ -200,25 +200,6 @@ pub fn make_overlay(base: &Path, overlay: &Path) -> Result<()> {
             .arg(overlay),
     )
     .map(|_| ())
-}
-
-/// An empty ext4 labelled `nixseed-var`, as `seedctl create` makes it.
-pub fn make_var_disk(path: &Path, scratch: &Path) -> Result<()> {
-    let raw = scratch.join("var.raw");
-    let _ = fs::remove_file(&raw);
-    cmd::run(Command::new("truncate").args(["-s", "4G"]).arg(&raw))?;
-    cmd::run(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", VAR_LABEL])
-            .arg(&raw),
-    )?;
-    cmd::run(
-        Command::new("qemu-img")
-            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(path),
-    )?;
-    fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))
 }
 
 impl Machine {
