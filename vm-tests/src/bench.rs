@@ -54,6 +54,8 @@ struct Side {
     blame: String,
     analyze: String,
     timing_line: String,
+    /// `systemd-analyze critical-chain ssh.service` of the last boot.
+    chain: String,
 }
 
 fn median(v: &mut [f64]) -> Option<f64> {
@@ -283,6 +285,11 @@ fn one_boot(h: &Harness, m: &Machine, o: &BenchOpts, side: &mut Side) -> Result<
             }
         }
     }
+    side.chain = b
+        .ssh
+        .output("systemd-analyze critical-chain ssh.service --no-pager")
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     boot.pings = pings(&b, o.pings)?;
     eprintln!(
         "vm-tests bench: {} boot {}: sshd {:.1} s, provisioning {}, agent RSS {} KiB, guest-ping median {:.2} ms",
@@ -640,6 +647,15 @@ fn render(
             nix.timing_line
         );
     }
+    for (name, side) in [("nixseed", nix), ("cloud-init", ci)] {
+        if !side.chain.trim().is_empty() {
+            let _ = writeln!(
+                d,
+                "\n`systemd-analyze critical-chain ssh.service` (last {name} boot):\n\n```\n{}\n```",
+                side.chain.trim()
+            );
+        }
+    }
     if !ci.analyze.is_empty() {
         let _ = writeln!(
             d,
@@ -655,8 +671,9 @@ fn render(
     let _ = writeln!(
         d,
         "\nHow it is measured: `vm-tests/src/bench.rs`. Boot time runs from QEMU's start to the \
-         first `ssh-keyscan` answer carrying `machines/bench/ssh_host_ed25519_key.pub` (polled \
-         every 0.5 s). The RSS is read 3 s after the agent's unit has a main process. Round trips \
+         first `ssh-keyscan` answer carrying `machines/bench/ssh_host_ed25519_key.pub` (a new \
+         scan every 0.5 s, overlapping scans that still wait for the guest, so a scan stuck \
+         before the guest has its address does not delay the figure). The RSS is read 3 s after the agent's unit has a main process. Round trips \
          go through QEMU's chardev socket and the guest's virtio-serial port, after a \
          `guest-sync-delimited` and 10 warm-up pings, one request in flight at a time."
     );

@@ -57,23 +57,27 @@ pub fn key_type_and_blob(line: &str) -> Option<String> {
     Some(format!("{t} {b}"))
 }
 
-/// The ed25519 host key sshd on `127.0.0.1:port` presents, if it answers.
-pub fn keyscan(port: u16) -> Option<String> {
-    let out = Command::new("ssh-keyscan")
-        .args([
-            "-T",
-            "5",
-            "-t",
-            "ed25519",
-            "-p",
-            &port.to_string(),
-            "127.0.0.1",
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
+/// `ssh-keyscan` for the ed25519 host key on `127.0.0.1:port`, output piped.
+fn keyscan_command(port: u16) -> Command {
+    let mut c = Command::new("ssh-keyscan");
+    c.args([
+        "-T",
+        "5",
+        "-t",
+        "ed25519",
+        "-p",
+        &port.to_string(),
+        "127.0.0.1",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    c
+}
+
+/// The key in `ssh-keyscan`'s output, if it printed one.
+fn scanned_key(stdout: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(stdout)
         .lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| {
@@ -82,6 +86,12 @@ pub fn keyscan(port: u16) -> Option<String> {
             let rest: Vec<&str> = w.collect();
             key_type_and_blob(&rest.join(" "))
         })
+}
+
+/// The ed25519 host key sshd on `127.0.0.1:port` presents, if it answers.
+pub fn keyscan(port: u16) -> Option<String> {
+    let out = keyscan_command(port).output().ok()?;
+    scanned_key(&out.stdout)
 }
 
 /// A pinned ssh session to one VM.
@@ -160,17 +170,32 @@ impl Ssh {
 
 /// Polls `ssh-keyscan` until sshd answers; fails at once on a different host key.
 /// `alive` is checked between polls (QEMU still running). Returns the key seen.
+///
+/// A new scan starts every [`POLL`] while earlier ones are still waiting: before the guest
+/// has its address, QEMU's user network accepts the connection on the host side and the
+/// scan then hangs until its own 5 s timeout, so one scan at a time would see sshd up to
+/// 5 s late and blur the boot-time figures.
 pub fn wait_for_host_key(
     port: u16,
     expected: Option<&str>,
     timeout: Duration,
     mut alive: impl FnMut() -> Result<()>,
 ) -> Result<String> {
+    const POLL: Duration = Duration::from_millis(500);
     let deadline = Instant::now() + timeout;
     let expected = expected.and_then(key_type_and_blob);
+    let mut scans = Scans(Vec::new());
+    let mut next = Instant::now();
     loop {
         alive()?;
-        if let Some(seen) = keyscan(port) {
+        if Instant::now() >= next {
+            // A scan that cannot even start (no ssh-keyscan) is retried at the next poll.
+            if let Ok(child) = keyscan_command(port).spawn() {
+                scans.0.push(child);
+            }
+            next = Instant::now() + POLL;
+        }
+        if let Some(seen) = scans.first_answer() {
             if let Some(want) = &expected
                 && &seen != want
             {
@@ -186,7 +211,47 @@ pub fn wait_for_host_key(
                 timeout.as_secs()
             );
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `ssh-keyscan` processes in flight; those left are killed when dropped.
+struct Scans(Vec<std::process::Child>);
+
+impl Scans {
+    /// Reaps finished scans; the key of the first that found one.
+    fn first_answer(&mut self) -> Option<String> {
+        let mut i = 0;
+        while i < self.0.len() {
+            match self.0[i].try_wait() {
+                Ok(None) => i += 1,
+                Ok(Some(_)) => {
+                    let child = self.0.swap_remove(i);
+                    if let Some(key) = child
+                        .wait_with_output()
+                        .ok()
+                        .and_then(|o| scanned_key(&o.stdout))
+                    {
+                        return Some(key);
+                    }
+                }
+                Err(_) => {
+                    let mut child = self.0.swap_remove(i);
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Scans {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
