@@ -26,6 +26,9 @@ enum Cmd {
         /// `nixseed` (default) or `cloud-init`.
         #[arg(long, default_value = "nixseed")]
         variant: String,
+        /// Extra kernel command-line arguments, e.g. `systemd.mask=nixseed-firewall.service`.
+        #[arg(long, default_value = "")]
+        append: String,
     },
     /// One machine end to end, step by step: create, boot, host key, guest agent, push,
     /// shutdown through the agent.
@@ -74,7 +77,9 @@ fn main() -> Result<()> {
             println!("initramfs:  {}", img.initramfs.display());
             Ok(())
         }
-        Cmd::BootSmoke { variant } => vm_tests::scenarios::boot_smoke(parse_variant(&variant)?),
+        Cmd::BootSmoke { variant, append } => {
+            vm_tests::scenarios::boot_smoke(parse_variant(&variant)?, &append)
+        }
         Cmd::Demo => vm_tests::demo::run(),
         Cmd::Bench {
             boots,

@@ -277,7 +277,7 @@ pub fn run_tests(names: &[String]) -> Result<bool> {
 }
 
 /// `vm-tests boot-smoke`: one machine, first boot, a look around, poweroff.
-pub fn boot_smoke(variant: Variant) -> Result<()> {
+pub fn boot_smoke(variant: Variant, append: &str) -> Result<()> {
     let t = Instant::now();
     let h = Harness::setup(variant)?;
     let build = t.elapsed();
@@ -287,7 +287,13 @@ pub fn boot_smoke(variant: Variant) -> Result<()> {
         m.name,
         h.accel.as_str()
     );
-    let b = h.boot(&m)?;
+    let expected = m.host_key_pub()?;
+    let b = h.boot_with(&m, Some(&expected), |cfg| {
+        if !append.is_empty() {
+            cfg.append.push(' ');
+            cfg.append.push_str(append);
+        }
+    })?;
     let show = |label: &str, cmd: &str| match b.ssh.output(cmd) {
         Ok(o) => println!(
             "== {label}\n{}{}",
@@ -315,6 +321,14 @@ pub fn boot_smoke(variant: Variant) -> Result<()> {
     show(
         "/var/identity",
         "ls -la /var/identity/ /var/identity/current/",
+    );
+    show(
+        "boot profile",
+        "systemd-analyze; systemd-analyze critical-chain ssh.service --no-pager; systemd-analyze blame --no-pager | head -15",
+    );
+    show(
+        "CPU time by unit (ms)",
+        "for u in $(systemctl list-units --all --no-legend --plain | awk '{print $1}'); do n=$(systemctl show -p CPUUsageNSec --value $u 2>/dev/null); case $n in ''|*[!0-9]*) ;; *) echo \"$((n/1000000)) $u\";; esac; done | sort -rn | head -20; head -1 /proc/stat; cat /proc/uptime",
     );
     let expected_id = m.machine_id()?;
     let got_id = b.ssh.run("cat /etc/machine-id")?;
