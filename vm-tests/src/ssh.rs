@@ -171,10 +171,12 @@ impl Ssh {
 /// Polls `ssh-keyscan` until sshd answers; fails at once on a different host key.
 /// `alive` is checked between polls (QEMU still running). Returns the key seen.
 ///
-/// A new scan starts every [`POLL`] while earlier ones are still waiting: before the guest
-/// has its address, QEMU's user network accepts the connection on the host side and the
-/// scan then hangs until its own 5 s timeout, so one scan at a time would see sshd up to
-/// 5 s late and blur the boot-time figures.
+/// A new scan starts every `POLL` (0.5 s) while an earlier one is still waiting: before the
+/// guest has its address, QEMU's user network accepts the connection on the host side and
+/// the scan then hangs until its own 5 s timeout, so one scan at a time would see sshd up
+/// to 5 s late and blur the boot-time figures. At most `IN_FLIGHT` (2) run at once: the
+/// waiting connections all reach sshd together when the guest comes up, and sshd drops
+/// new ones (its `MaxStartups`) while many are unauthenticated.
 pub fn wait_for_host_key(
     port: u16,
     expected: Option<&str>,
@@ -182,13 +184,14 @@ pub fn wait_for_host_key(
     mut alive: impl FnMut() -> Result<()>,
 ) -> Result<String> {
     const POLL: Duration = Duration::from_millis(500);
+    const IN_FLIGHT: usize = 2;
     let deadline = Instant::now() + timeout;
     let expected = expected.and_then(key_type_and_blob);
     let mut scans = Scans(Vec::new());
     let mut next = Instant::now();
     loop {
         alive()?;
-        if Instant::now() >= next {
+        if Instant::now() >= next && scans.0.len() < IN_FLIGHT {
             // A scan that cannot even start (no ssh-keyscan) is retried at the next poll.
             if let Ok(child) = keyscan_command(port).spawn() {
                 scans.0.push(child);
