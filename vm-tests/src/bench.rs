@@ -44,6 +44,9 @@ struct Boot {
     /// cloud-init: first to last event of `analyze show`, in ms.
     span_ms: Option<f64>,
     rss_kib: Option<u64>,
+    /// nixseed: its own time before sshd, in ms: the initrd process (as the initramfs
+    /// timed it) plus `nixseed-apply.service` from leaving inactive to active.
+    own_ms: Option<f64>,
     pings: Vec<Duration>,
 }
 
@@ -82,6 +85,32 @@ fn percentile(v: &mut [f64], p: f64) -> Option<f64> {
 }
 
 /// "nixseed initrd: … in 12.3 ms [...]" → 12.3
+/// The initrd process (the initramfs's "nixseed-agent initrd exited N after M ms") plus
+/// `nixseed-apply.service`'s start, in ms: an upper bound of what nixseed itself adds to
+/// the way to sshd.
+fn own_ms(b: &Booted) -> Result<Option<f64>> {
+    let initrd = b.ssh.run(
+        "journalctl -b --no-pager -o cat | grep -o 'nixseed-agent initrd exited [0-9]* after [0-9]* ms' | tail -1",
+    )?;
+    let initrd_ms = initrd
+        .split_whitespace()
+        .rev()
+        .nth(1)
+        .and_then(|v| v.parse::<f64>().ok());
+    let apply = b.ssh.run(
+        "systemctl show -P InactiveExitTimestampMonotonic -P ActiveEnterTimestampMonotonic nixseed-apply.service",
+    )?;
+    let us: Vec<f64> = apply
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let apply_ms = match us[..] {
+        [start, active] if active >= start && start > 0.0 => Some((active - start) / 1000.0),
+        _ => None,
+    };
+    Ok(initrd_ms.zip(apply_ms).map(|(i, a)| i + a))
+}
+
 pub fn initrd_ms(lines: &[String]) -> Option<f64> {
     lines.iter().find_map(|l| {
         let rest = &l[l.find("nixseed initrd: ")?..];
@@ -256,6 +285,7 @@ fn one_boot(h: &Harness, m: &Machine, o: &BenchOpts, side: &mut Side) -> Result<
             if let Some(l) = lines.iter().find(|l| l.contains("nixseed initrd: ")) {
                 side.timing_line = l.trim().to_string();
             }
+            boot.own_ms = own_ms(&b)?;
             boot.rss_kib = Some(unit_rss_kib(
                 &b,
                 "nixseed-agent.service",
@@ -501,6 +531,13 @@ fn render(
             .collect::<Vec<_>>(),
     );
     let (rss_n, rss_c) = (median(&mut rss(nix)), median(&mut rss(ci)));
+    let own_n = median(
+        &mut nix
+            .boots
+            .iter()
+            .filter_map(|b| b.own_ms)
+            .collect::<Vec<_>>(),
+    );
     let (ping_n, ping_c) = (median(&mut rtt(nix)), median(&mut rtt(ci)));
     let (p99_n, p99_c) = (
         percentile(&mut rtt(nix), 99.0),
@@ -558,6 +595,12 @@ fn render(
         fmt_opt(boot_c, "s", 1),
         ratio(boot_n, boot_c),
         verdict(boot_ok)
+    );
+    let _ = writeln!(
+        d,
+        "| nixseed's own time before sshd (initrd process + `nixseed-apply.service` start), median; the boot less it, vs cloud-init's | {} | | {} | | the ratio if nixseed took no time at all |",
+        fmt_opt(own_n.map(|ms| ms / 1000.0), "s", 2),
+        ratio(boot_n.zip(own_n).map(|(b, o)| b - o / 1000.0), boot_c),
     );
     let _ = writeln!(
         d,
