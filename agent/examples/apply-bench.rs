@@ -34,38 +34,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .prefix("nixseed-bench")
         .tempdir_in("/dev/shm")?;
     let r = root.path();
-    let mk = |rel: &str| std::fs::create_dir_all(r.join(rel));
-    for d in [
-        "sysroot/etc",
-        "sysroot/var",
-        "sysroot/seed",
-        "run",
-        "host/proc",
-        "host/sys/class/net/ens18",
-        "host/sys/class/dmi/id",
-        "host/sys/class/block",
-    ] {
-        mk(d)?;
+    nixseed_test_support::Guest {
+        nic: Some(("ens18", "52:54:00:12:34:56")),
+        hosts: "127.0.0.1 localhost\n",
+        ..nixseed_test_support::Guest::default()
     }
-    for f in ["machine-id", "hostname", "resolv.conf"] {
-        std::fs::write(r.join("sysroot/etc").join(f), "")?;
-    }
-    std::fs::write(r.join("sysroot/etc/hosts"), "127.0.0.1 localhost\n")?;
-    std::fs::write(
-        r.join("host/sys/class/net/ens18/address"),
-        "52:54:00:12:34:56\n",
-    )?;
-    std::fs::write(
-        r.join("host/sys/class/dmi/id/product_uuid"),
-        "11111111-2222-3333-4444-555555555555\n",
-    )?;
-    std::fs::write(r.join("host/proc/cmdline"), "ds=nocloud;s=/seed/\n")?;
-    std::fs::write(
-        r.join("sysroot/seed/meta-data"),
+    .lay_out(r)?;
+    nixseed_test_support::write_seed(
+        r,
         "instance-id: 5e1ba3ac93d2c9e8b2b0b7b7f0e5c1a4d7f3e2b1\n",
+        USER_DATA,
+        Some(NETWORK),
     )?;
-    std::fs::write(r.join("sysroot/seed/user-data"), USER_DATA)?;
-    std::fs::write(r.join("sysroot/seed/network-config"), NETWORK)?;
 
     let run_once = || -> Result<f64, Box<dyn std::error::Error>> {
         let t = Instant::now();

@@ -12,35 +12,18 @@ use std::time::{Duration, Instant};
 use nixseed_core::channel::{Bundle, Decoder, Message, encode};
 use nixseed_core::seed::SeedFiles;
 
+use nixseed_test_support as ts;
+
 const AGENT: &str = env!("CARGO_BIN_EXE_nixseed-agent");
 
 fn scratch() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path();
-    for d in [
-        "sysroot/etc",
-        "sysroot/var",
-        "sysroot/seed",
-        "run",
-        "host/proc",
-        "host/sys/class/dmi/id",
-        "host/sys/class/block",
-    ] {
-        std::fs::create_dir_all(p.join(d)).unwrap();
-    }
-    for f in ["machine-id", "hostname", "resolv.conf", "hosts"] {
-        std::fs::write(p.join("sysroot/etc").join(f), "").unwrap();
-    }
-    std::fs::write(p.join("host/proc/cmdline"), "ds=nocloud;s=/seed/\n").unwrap();
-    std::fs::write(
-        p.join("host/sys/class/dmi/id/product_uuid"),
-        "11111111-2222-3333-4444-555555555555\n",
-    )
-    .unwrap();
-    std::fs::write(p.join("sysroot/seed/meta-data"), "instance-id: one\n").unwrap();
-    std::fs::write(
-        p.join("sysroot/seed/user-data"),
+    ts::Guest::default().lay_out(dir.path()).unwrap();
+    ts::write_seed(
+        dir.path(),
+        "instance-id: one\n",
         "#cloud-config\nhostname: first\n",
+        None,
     )
     .unwrap();
     dir
@@ -62,26 +45,9 @@ impl Server {
     /// First boot from the seed directory, then serve the channel, in one namespace.
     fn start(dir: &Path) -> Server {
         let sock = dir.join("channel.sock");
-        let args = format!(
-            "--sysroot {d}/sysroot --root {d}/host --run {d}/run",
-            d = dir.display()
-        );
-        let script = format!(
-            "{AGENT} initrd {args} 2>/dev/null && exec {AGENT} channel -m unix-listen -p {} {args}",
-            sock.display()
-        );
-        let child = Command::new("unshare")
-            .args(["-m", "-u", "sh", "-c", &script])
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        while !sock.exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "channel socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child =
+            ts::spawn_channel_guest(Path::new(AGENT), dir, &sock, std::process::Stdio::inherit())
+                .unwrap();
         Server { child, sock }
     }
 

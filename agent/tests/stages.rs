@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use nixseed_test_support as ts;
+
 const AGENT: &str = env!("CARGO_BIN_EXE_nixseed-agent");
 
 struct Vm {
@@ -23,29 +25,14 @@ impl Vm {
     fn new() -> Vm {
         let dir = tempfile::tempdir().unwrap();
         let vm = Vm { dir };
-        for d in [
-            "sysroot/etc",
-            "sysroot/var",
-            "sysroot/seed",
-            "run",
-            "host/proc",
-            "host/sys/class/net/ens18",
-            "host/sys/class/dmi/id",
-            "host/sys/class/block",
-        ] {
-            std::fs::create_dir_all(vm.p(d)).unwrap();
+        ts::Guest {
+            nic: Some(("ens18", "52:54:00:12:34:56")),
+            hosts: "127.0.0.1 localhost\n",
+            cmdline: "ro quiet ds=nocloud;s=/seed/\n",
+            ..ts::Guest::default()
         }
-        for f in ["machine-id", "hostname", "resolv.conf"] {
-            std::fs::write(vm.p("sysroot/etc").join(f), "").unwrap();
-        }
-        std::fs::write(vm.p("sysroot/etc/hosts"), "127.0.0.1 localhost\n").unwrap();
-        std::fs::write(
-            vm.p("host/sys/class/net/ens18/address"),
-            "52:54:00:12:34:56\n",
-        )
+        .lay_out(vm.dir.path())
         .unwrap();
-        vm.set_uuid("11111111-2222-3333-4444-555555555555");
-        std::fs::write(vm.p("host/proc/cmdline"), "ro quiet ds=nocloud;s=/seed/\n").unwrap();
         vm.seed(
             "instance-id: iid-1\n",
             PROXMOX_USER_DATA,
@@ -59,22 +46,11 @@ impl Vm {
     }
 
     fn set_uuid(&self, uuid: &str) {
-        std::fs::write(
-            self.p("host/sys/class/dmi/id/product_uuid"),
-            format!("{uuid}\n"),
-        )
-        .unwrap();
+        ts::set_product_uuid(self.dir.path(), uuid).unwrap();
     }
 
     fn seed(&self, meta: &str, user: impl AsRef<[u8]>, network: Option<&str>) {
-        std::fs::write(self.p("sysroot/seed/meta-data"), meta).unwrap();
-        std::fs::write(self.p("sysroot/seed/user-data"), user).unwrap();
-        match network {
-            Some(n) => std::fs::write(self.p("sysroot/seed/network-config"), n).unwrap(),
-            None => {
-                let _ = std::fs::remove_file(self.p("sysroot/seed/network-config"));
-            }
-        }
+        ts::write_seed(self.dir.path(), meta, user, network).unwrap();
     }
 
     /// Runs `setup` (shell), then the initrd stage, then prints the bound /etc files,

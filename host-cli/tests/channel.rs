@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{Scratch, agent_binary};
 use nixseed_core::channel::{Decoder, Message, encode};
+use nixseed_test_support as ts;
 use serde_json::Value;
 
 /// A guest: the agent's first boot from a seed of its own (hostname `first`), then the
@@ -33,57 +34,24 @@ impl Drop for Guest {
 impl Guest {
     fn start(s: &Scratch, product_uuid: &str) -> Guest {
         let root = s.path().join("guest");
-        for d in [
-            "sysroot/etc",
-            "sysroot/var",
-            "sysroot/seed",
-            "run",
-            "host/proc",
-            "host/sys/class/dmi/id",
-            "host/sys/class/block",
-        ] {
-            std::fs::create_dir_all(root.join(d)).unwrap();
+        std::fs::create_dir_all(&root).unwrap();
+        ts::Guest {
+            product_uuid,
+            ..ts::Guest::default()
         }
-        for f in ["machine-id", "hostname", "resolv.conf", "hosts"] {
-            std::fs::write(root.join("sysroot/etc").join(f), "").unwrap();
-        }
-        std::fs::write(root.join("host/proc/cmdline"), "ds=nocloud;s=/seed/\n").unwrap();
-        std::fs::write(
-            root.join("host/sys/class/dmi/id/product_uuid"),
-            format!("{product_uuid}\n"),
-        )
+        .lay_out(&root)
         .unwrap();
-        std::fs::write(root.join("sysroot/seed/meta-data"), "instance-id: one\n").unwrap();
-        std::fs::write(
-            root.join("sysroot/seed/user-data"),
+        ts::write_seed(
+            &root,
+            "instance-id: one\n",
             "#cloud-config\nhostname: first\n",
+            None,
         )
         .unwrap();
         let sock = s.state("web1").join("channel.sock");
         std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
         let agent = agent_binary();
-        let args = format!(
-            "--sysroot {d}/sysroot --root {d}/host --run {d}/run",
-            d = root.display()
-        );
-        let script = format!(
-            "{a} initrd {args} 2>/dev/null && exec {a} channel -m unix-listen -p {} {args}",
-            sock.display(),
-            a = agent.display()
-        );
-        let child = Command::new("unshare")
-            .args(["-m", "-u", "sh", "-c", &script])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        while !sock.exists() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "channel socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = ts::spawn_channel_guest(&agent, &root, &sock, Stdio::null()).unwrap();
         Guest { child, root }
     }
 
@@ -464,27 +432,18 @@ fn first_boot_identity_from_serve_through_the_real_agent() {
     let s = Scratch::new();
     let uuid = web1(&s);
     let root = s.path().join("guest");
-    for d in [
-        "sysroot/etc",
-        "sysroot/var",
-        "run",
-        "host/proc",
-        "host/dev",
-        "host/sys/class/dmi/id",
-        "host/sys/class/block",
-        "host/sys/class/virtio-ports/vport1p1",
-    ] {
+    // No seed anywhere: the identity can only come over the channel.
+    std::fs::create_dir_all(&root).unwrap();
+    ts::Guest {
+        product_uuid: &uuid,
+        cmdline: "console=ttyS0\n",
+        ..ts::Guest::default()
+    }
+    .lay_out(&root)
+    .unwrap();
+    for d in ["host/dev", "host/sys/class/virtio-ports/vport1p1"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
-    for f in ["machine-id", "hostname", "resolv.conf", "hosts"] {
-        std::fs::write(root.join("sysroot/etc").join(f), "").unwrap();
-    }
-    std::fs::write(root.join("host/proc/cmdline"), "console=ttyS0\n").unwrap();
-    std::fs::write(
-        root.join("host/sys/class/dmi/id/product_uuid"),
-        format!("{uuid}\n"),
-    )
-    .unwrap();
     std::fs::write(
         root.join("host/sys/class/virtio-ports/vport1p1/name"),
         "org.nixseed.channel.0\n",

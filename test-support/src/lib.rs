@@ -1,0 +1,169 @@
+//! A scratch guest root for tests and benchmarks that run the real `nixseed-agent` with
+//! `--sysroot ROOT/sysroot --root ROOT/host --run ROOT/run`: a target system with the
+//! read-only image's placeholders in `etc/`, a stand-in for `/proc` and `/sys` (kernel
+//! command line, product_uuid, optionally one NIC), and a NoCloud seed directory that the
+//! command line names (`ds=nocloud;s=/seed/`).
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// What the scratch guest looks like.
+pub struct Guest<'a> {
+    /// DMI product_uuid.
+    pub product_uuid: &'a str,
+    /// One NIC in the fake sysfs: (name, MAC).
+    pub nic: Option<(&'a str, &'a str)>,
+    /// The image's own `/etc/hosts` (empty, or a base the identity's lines are added to).
+    pub hosts: &'a str,
+    /// `/proc/cmdline`; it must name the seed directory for the agent to find it.
+    pub cmdline: &'a str,
+}
+
+impl Default for Guest<'_> {
+    fn default() -> Self {
+        Guest {
+            product_uuid: "11111111-2222-3333-4444-555555555555",
+            nic: None,
+            hosts: "",
+            cmdline: "ds=nocloud;s=/seed/\n",
+        }
+    }
+}
+
+impl Guest<'_> {
+    /// Lays the guest out under `root` (which must exist).
+    pub fn lay_out(&self, root: &Path) -> io::Result<()> {
+        for d in [
+            "sysroot/etc",
+            "sysroot/var",
+            "sysroot/seed",
+            "run",
+            "host/proc",
+            "host/sys/class/dmi/id",
+            "host/sys/class/block",
+        ] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        for f in ["machine-id", "hostname", "resolv.conf"] {
+            std::fs::write(root.join("sysroot/etc").join(f), "")?;
+        }
+        std::fs::write(root.join("sysroot/etc/hosts"), self.hosts)?;
+        if let Some((name, mac)) = self.nic {
+            let dir = root.join("host/sys/class/net").join(name);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("address"), format!("{mac}\n"))?;
+        }
+        set_product_uuid(root, self.product_uuid)?;
+        std::fs::write(root.join("host/proc/cmdline"), self.cmdline)
+    }
+}
+
+/// Replaces the product_uuid the agent reads (a clone, a moved disk).
+pub fn set_product_uuid(root: &Path, uuid: &str) -> io::Result<()> {
+    std::fs::write(
+        root.join("host/sys/class/dmi/id/product_uuid"),
+        format!("{uuid}\n"),
+    )
+}
+
+/// Writes the NoCloud seed; `network: None` removes an earlier network-config.
+pub fn write_seed(
+    root: &Path,
+    meta: &str,
+    user: impl AsRef<[u8]>,
+    network: Option<&str>,
+) -> io::Result<()> {
+    let seed = seed_dir(root);
+    std::fs::write(seed.join("meta-data"), meta)?;
+    std::fs::write(seed.join("user-data"), user)?;
+    match network {
+        Some(n) => std::fs::write(seed.join("network-config"), n),
+        None => match std::fs::remove_file(seed.join("network-config")) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    }
+}
+
+/// The seed directory (`/seed` of the target system).
+pub fn seed_dir(root: &Path) -> PathBuf {
+    root.join("sysroot/seed")
+}
+
+/// The agent's arguments that point it at the scratch guest.
+pub fn agent_args(root: &Path) -> String {
+    format!(
+        "--sysroot {d}/sysroot --root {d}/host --run {d}/run",
+        d = root.display()
+    )
+}
+
+/// Runs the agent's first boot from the scratch guest's seed, then its control channel
+/// on the unix socket `sock`, in private mount and UTS namespaces (`unshare -m -u`: the
+/// agent bind-mounts over `etc/` and sets the hostname). Returns once the socket exists.
+/// `sh -c ... exec` keeps the pid: the child's pid is the agent's.
+pub fn spawn_channel_guest(
+    agent: &Path,
+    root: &Path,
+    sock: &Path,
+    stderr: std::process::Stdio,
+) -> io::Result<std::process::Child> {
+    let args = agent_args(root);
+    let script = format!(
+        "{a} initrd {args} 2>/dev/null && exec {a} channel -m unix-listen -p {} {args}",
+        sock.display(),
+        a = agent.display()
+    );
+    let mut child = std::process::Command::new("unshare")
+        .args(["-m", "-u", "sh", "-c", &script])
+        .stderr(stderr)
+        .spawn()?;
+    let t0 = std::time::Instant::now();
+    while !sock.exists() {
+        if t0.elapsed() > std::time::Duration::from_secs(20) || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::other(format!(
+                "the agent's channel socket {} never appeared",
+                sock.display()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lays_out_placeholders_sysfs_and_seed() -> io::Result<()> {
+        let dir = std::env::temp_dir().join(format!("nixseed-ts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let g = Guest {
+            nic: Some(("ens18", "52:54:00:12:34:56")),
+            hosts: "127.0.0.1 localhost\n",
+            ..Guest::default()
+        };
+        g.lay_out(&dir)?;
+        write_seed(
+            &dir,
+            "instance-id: a\n",
+            "#cloud-config\n",
+            Some("version: 2\n"),
+        )?;
+        write_seed(&dir, "instance-id: b\n", "#cloud-config\n", None)?;
+        let read = |p: &str| std::fs::read_to_string(dir.join(p));
+        assert_eq!(read("sysroot/etc/machine-id")?, "");
+        assert_eq!(read("sysroot/etc/hosts")?, "127.0.0.1 localhost\n");
+        assert_eq!(
+            read("host/sys/class/net/ens18/address")?,
+            "52:54:00:12:34:56\n"
+        );
+        assert_eq!(read("sysroot/seed/meta-data")?, "instance-id: b\n");
+        assert!(!dir.join("sysroot/seed/network-config").exists());
+        assert!(agent_args(&dir).contains("/host --run "));
+        std::fs::remove_dir_all(&dir)
+    }
+}
