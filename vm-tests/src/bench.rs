@@ -523,21 +523,12 @@ fn render(
     };
     let (boot_n, boot_c) = (median(&mut secs(nix)), median(&mut secs(ci)));
     let (prov_n, prov_c) = (median(&mut prov(nix)), median(&mut prov(ci)));
-    let span_c = median(
-        &mut ci
-            .boots
-            .iter()
-            .filter_map(|b| b.span_ms)
-            .collect::<Vec<_>>(),
-    );
+    let median_of = |s: &Side, f: fn(&Boot) -> Option<f64>| {
+        median(&mut s.boots.iter().filter_map(f).collect::<Vec<_>>())
+    };
+    let span_c = median_of(ci, |b| b.span_ms);
     let (rss_n, rss_c) = (median(&mut rss(nix)), median(&mut rss(ci)));
-    let own_n = median(
-        &mut nix
-            .boots
-            .iter()
-            .filter_map(|b| b.own_ms)
-            .collect::<Vec<_>>(),
-    );
+    let own_n = median_of(nix, |b| b.own_ms);
     let (ping_n, ping_c) = (median(&mut rtt(nix)), median(&mut rtt(ci)));
     let (p99_n, p99_c) = (
         percentile(&mut rtt(nix), 99.0),
