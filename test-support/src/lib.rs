@@ -5,7 +5,7 @@
 //! command line names (`ds=nocloud;s=/seed/`).
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// What the scratch guest looks like.
 pub struct Guest<'a> {
@@ -73,7 +73,7 @@ pub fn write_seed(
     user: impl AsRef<[u8]>,
     network: Option<&str>,
 ) -> io::Result<()> {
-    let seed = seed_dir(root);
+    let seed = root.join("sysroot/seed");
     std::fs::write(seed.join("meta-data"), meta)?;
     std::fs::write(seed.join("user-data"), user)?;
     match network {
@@ -85,13 +85,8 @@ pub fn write_seed(
     }
 }
 
-/// The seed directory (`/seed` of the target system).
-pub fn seed_dir(root: &Path) -> PathBuf {
-    root.join("sysroot/seed")
-}
-
 /// The agent's arguments that point it at the scratch guest.
-pub fn agent_args(root: &Path) -> String {
+fn agent_args(root: &Path) -> String {
     format!(
         "--sysroot {d}/sysroot --root {d}/host --run {d}/run",
         d = root.display()

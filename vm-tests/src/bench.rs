@@ -84,7 +84,6 @@ fn percentile(v: &mut [f64], p: f64) -> Option<f64> {
     Some(v[rank.clamp(1, v.len()) - 1])
 }
 
-/// "nixseed initrd: … in 12.3 ms [...]" → 12.3
 /// The initrd process (the initramfs's "nixseed-agent initrd exited N after M ms") plus
 /// `nixseed-apply.service`'s start, in ms: an upper bound of what nixseed itself adds to
 /// the way to sshd.
@@ -111,6 +110,7 @@ fn own_ms(b: &Booted) -> Result<Option<f64>> {
     Ok(initrd_ms.zip(apply_ms).map(|(i, a)| i + a))
 }
 
+/// "nixseed initrd: … in 12.3 ms [...]" → 12.3
 pub fn initrd_ms(lines: &[String]) -> Option<f64> {
     lines.iter().find_map(|l| {
         let rest = &l[l.find("nixseed initrd: ")?..];
@@ -706,8 +706,8 @@ fn render(
         d,
         "\nHow it is measured: `vm-tests/src/bench.rs`. Boot time runs from QEMU's start to the \
          first `ssh-keyscan` answer carrying `machines/bench/ssh_host_ed25519_key.pub` (a new \
-         scan every 0.5 s, overlapping scans that still wait for the guest, so a scan stuck \
-         before the guest has its address does not delay the figure). The RSS is read 3 s after the agent's unit has a main process. Round trips \
+         scan every 0.5 s while an earlier one still waits, at most two at once, so a scan \
+         stuck before the guest has its address does not delay the figure). The RSS is read 3 s after the agent's unit has a main process. Round trips \
          go through QEMU's chardev socket and the guest's virtio-serial port, after a \
          `guest-sync-delimited` and 10 warm-up pings, one request in flight at a time."
     );
