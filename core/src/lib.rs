@@ -10,6 +10,7 @@ pub mod firewall;
 #[cfg(feature = "os-fresh")]
 pub mod fresh;
 pub mod identity;
+pub mod iso9660;
 pub mod label;
 pub mod manifest;
 pub mod network;

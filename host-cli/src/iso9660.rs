@@ -421,91 +421,20 @@ pub fn build(files: &[(&str, &[u8])], opts: &IsoOptions) -> Result<Vec<u8>> {
     Ok(img)
 }
 
-/// Reads back the files of the root directory, with their Rock Ridge names (the inverse
-/// of [`build`] for what seeds hold). For tests and fuzzing; the guest kernel and xorriso
-/// are the independent readers.
+/// Reads back the files of the root directory with the guest agent's reader
+/// (`nixseed_core::iso9660`): the inverse of [`build`] for what seeds hold. For tests and
+/// fuzzing; the guest kernel and xorriso are the independent readers.
 pub fn read_root(image: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
-    let sector = |n: usize| image.get(n * SECTOR..(n + 1) * SECTOR);
-    let pvd =
-        sector(16).ok_or_else(|| anyhow::anyhow!("image too short for a volume descriptor"))?;
-    if pvd[0] != 1 || &pvd[1..6] != b"CD001" {
-        bail!("no primary volume descriptor at sector 16");
-    }
-    let root = &pvd[156..190];
-    let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-    let (root_lba, root_len) = (le32(&root[2..6]), le32(&root[10..14]));
-    let dir = image
-        .get(root_lba * SECTOR..root_lba * SECTOR + root_len)
-        .ok_or_else(|| anyhow::anyhow!("root directory lies outside the image"))?;
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < dir.len() {
-        let len = dir[pos] as usize;
-        if len == 0 {
-            // Records do not cross sectors: skip to the next one.
-            pos = (pos / SECTOR + 1) * SECTOR;
-            continue;
-        }
-        let rec = dir
-            .get(pos..pos + len)
-            .filter(|r| r.len() >= 34)
-            .ok_or_else(|| anyhow::anyhow!("directory record at {pos} is truncated"))?;
-        pos += len;
-        let name_len = rec[32] as usize;
-        let id = rec
-            .get(33..33 + name_len)
-            .ok_or_else(|| anyhow::anyhow!("directory record name is truncated"))?;
-        if id == [0] || id == [1] || rec[25] & 2 != 0 {
-            continue;
-        }
-        let su_start = 33 + name_len + (1 - name_len % 2);
-        let mut name = None;
-        let mut area = rec.get(su_start..).unwrap_or_default().to_vec();
-        let mut hops = 0;
-        while !area.is_empty() && hops < 8 {
-            let mut next = None;
-            let mut p = 0;
-            while p + 4 <= area.len() {
-                let (sig, elen) = (&area[p..p + 2], area[p + 2] as usize);
-                if elen < 4 || p + elen > area.len() {
-                    break;
-                }
-                let e = &area[p..p + elen];
-                match sig {
-                    b"NM" if elen >= 5 => {
-                        let part = String::from_utf8_lossy(&e[5..]).into_owned();
-                        name = Some(name.unwrap_or_default() + part.as_str());
-                    }
-                    b"CE" if elen >= 28 => {
-                        next = Some((le32(&e[4..8]), le32(&e[12..16]), le32(&e[20..24])));
-                    }
-                    _ => {}
-                }
-                p += elen;
-            }
-            area = match next {
-                Some((blk, off, n)) => image
-                    .get(blk * SECTOR + off..blk * SECTOR + off + n)
-                    .unwrap_or_default()
-                    .to_vec(),
-                None => Vec::new(),
-            };
-            hops += 1;
-        }
-        let name = name.unwrap_or_else(|| {
-            String::from_utf8_lossy(id)
-                .split(';')
-                .next()
-                .unwrap_or_default()
-                .to_string()
-        });
-        let (lba, size) = (le32(&rec[2..6]), le32(&rec[10..14]));
-        let data = image
-            .get(lba * SECTOR..lba * SECTOR + size)
-            .ok_or_else(|| anyhow::anyhow!("file `{name}` lies outside the image"))?;
-        out.push((name, data.to_vec()));
-    }
-    Ok(out)
+    use nixseed_core::iso9660;
+    let root = iso9660::read_root(image).map_err(anyhow::Error::msg)?;
+    root.entries
+        .iter()
+        .map(|e| {
+            iso9660::read_file(image, e, image.len() as u64, &e.name)
+                .map(|bytes| (e.name.clone(), bytes))
+                .map_err(anyhow::Error::msg)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,9 +1,12 @@
 //! Block devices found through sysfs and identified by their superblock labels (no udev,
-//! no blkid in the initrd), and [`Media`]: a seed volume mounted read-only in a private
+//! no blkid in the initrd) and kept open for reading, and [`Media`]: a seed volume mounted read-only in a private
 //! directory for as long as the value lives.
 
+use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use nixseed_core::label::{self, FsType};
@@ -17,10 +20,13 @@ pub struct BlockDevice {
     pub node: PathBuf,
     pub fstype: FsType,
     pub label: String,
+    /// The device, open for reading since the probe (an ISO seed is read through it).
+    pub file: Arc<File>,
 }
 
-/// Probes every block device in `/sys/class/block`, in reverse-sorted name order
-/// (cloud-init's rule for several matching volumes).
+/// Probes the block devices in `/sys/class/block` that hold no mounted filesystem (the
+/// root and `/var` are never seeds), in reverse-sorted name order (cloud-init's rule for
+/// several matching volumes).
 pub fn scan(env: &Env) -> Vec<BlockDevice> {
     let class = env.host_path("/sys/class/block");
     let mut names: Vec<String> = match std::fs::read_dir(&class) {
@@ -35,32 +41,40 @@ pub fn scan(env: &Env) -> Vec<BlockDevice> {
     };
     names.sort();
     names.reverse();
+    let mounted = mounted_devices();
     let mut out = Vec::new();
     for name in names {
         if name.starts_with("loop") || name.starts_with("ram") || name.starts_with("zram") {
             continue;
         }
         let node = env.host_path(&format!("/dev/{name}"));
+        if let Ok(st) = std::fs::metadata(&node)
+            && st.rdev() != 0
+            && mounted.contains(&st.rdev())
+        {
+            continue;
+        }
         let mut head = vec![0u8; label::PROBE_LEN];
-        let read = std::fs::File::open(&node).and_then(|f| {
+        let read = File::open(&node).and_then(|f| {
             let mut n = 0;
-            let mut f = f.take(label::PROBE_LEN as u64);
+            let mut r = (&f).take(label::PROBE_LEN as u64);
             loop {
-                match f.read(&mut head[n..])? {
+                match r.read(&mut head[n..])? {
                     0 => break,
                     k => n += k,
                 }
             }
-            Ok(n)
+            Ok((f, n))
         });
         match read {
-            Ok(n) => {
+            Ok((file, n)) => {
                 if let Some((fstype, label)) = label::probe(&head[..n]) {
                     tracing::debug!(device = %node.display(), %label, fs = fstype.mount_name(), "labelled volume");
                     out.push(BlockDevice {
                         node,
                         fstype,
                         label,
+                        file: Arc::new(file),
                     });
                 }
             }
@@ -72,6 +86,21 @@ pub fn scan(env: &Env) -> Vec<BlockDevice> {
         }
     }
     out
+}
+
+/// Device numbers of the mounted filesystems (`/proc/self/mountinfo`'s third field).
+fn mounted_devices() -> Vec<u64> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(2))
+        .filter_map(|d| {
+            let (major, minor) = d.split_once(':')?;
+            Some(rustix::fs::makedev(
+                major.parse().ok()?,
+                minor.parse().ok()?,
+            ))
+        })
+        .collect()
 }
 
 /// A seed volume mounted read-only, nosuid, nodev, noexec under a private directory;

@@ -1,0 +1,217 @@
+//! The ISO 9660 reader against volumes written by the real tools seeds come from: xorriso
+//! (libvirt, virt-install), genisoimage as Proxmox VE runs it (`-iso-level 3 -R`) and as
+//! cloud-localds runs it (`-joliet -rock`), in every naming mode. The names the reader
+//! returns are the ones Linux's isofs shows for the same volume.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nixseed_core::iso9660::{Kind, Names, read_file, read_root};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("nixseed-iso-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("stage")).unwrap();
+    dir
+}
+
+const FILES: &[(&str, &[u8])] = &[
+    ("meta-data", b"instance-id: iid-1\nlocal-hostname: vm1\n"),
+    ("user-data", b"#cloud-config\nhostname: vm1\n"),
+    ("network-config", b"version: 2\nethernets: {}\n"),
+    ("vendor-data", b""),
+];
+
+/// Writes FILES into `dir/stage` and runs `tool args... -o dir/seed.iso dir/stage`.
+fn make_iso(dir: &Path, tool: &[&str]) -> Vec<u8> {
+    let stage = dir.join("stage");
+    for (name, bytes) in FILES {
+        std::fs::write(stage.join(name), bytes).unwrap();
+    }
+    let out = dir.join("seed.iso");
+    let st = Command::new(tool[0])
+        .args(&tool[1..])
+        .arg("-o")
+        .arg(&out)
+        .arg(&stage)
+        .output()
+        .unwrap_or_else(|e| panic!("{} (cargo xtask deps installs it): {e}", tool[0]));
+    assert!(
+        st.status.success(),
+        "{tool:?}: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    std::fs::read(&out).unwrap()
+}
+
+fn assert_seed_files(image: &[u8], names: Names) {
+    let root = read_root(image).unwrap();
+    assert_eq!(root.names, names);
+    for (name, bytes) in FILES {
+        let e = root
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} missing from {:?}", root.entries));
+        assert_eq!(e.kind, Kind::File);
+        assert_eq!(
+            read_file(image, e, 1 << 20, name).unwrap(),
+            *bytes,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn xorriso_rock_ridge_and_joliet() {
+    let d = scratch("xorriso-rj");
+    let img = make_iso(
+        &d,
+        &[
+            "xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J",
+        ],
+    );
+    assert_seed_files(&img, Names::RockRidge);
+}
+
+#[test]
+fn joliet_only_uses_the_joliet_tree() {
+    // (xorriso always adds Rock Ridge; genisoimage without -R does not.)
+    let d = scratch("joliet");
+    let img = make_iso(&d, &["genisoimage", "-quiet", "-V", "cidata", "-J"]);
+    assert_seed_files(&img, Names::Joliet);
+}
+
+#[test]
+fn proxmox_genisoimage_rock_ridge_without_joliet() {
+    let d = scratch("proxmox");
+    let img = make_iso(
+        &d,
+        &[
+            "genisoimage",
+            "-quiet",
+            "-iso-level",
+            "3",
+            "-R",
+            "-V",
+            "cidata",
+        ],
+    );
+    assert_seed_files(&img, Names::RockRidge);
+}
+
+#[test]
+fn cloud_localds_genisoimage() {
+    let d = scratch("localds");
+    let img = make_iso(
+        &d,
+        &[
+            "genisoimage",
+            "-quiet",
+            "-joliet",
+            "-rock",
+            "-volid",
+            "cidata",
+        ],
+    );
+    assert_seed_files(&img, Names::RockRidge);
+}
+
+#[test]
+fn plain_names_are_shown_the_way_isofs_maps_them() {
+    // No Rock Ridge, no Joliet: mkisofs mangles names to 8.3 upper case with `;1`, and
+    // isofs shows them lower-cased without the version. NoCloud cannot use such a volume,
+    // and the reader must not pretend otherwise.
+    let d = scratch("plain");
+    let img = make_iso(&d, &["genisoimage", "-quiet", "-V", "cidata"]);
+    let root = read_root(&img[..]).unwrap();
+    assert_eq!(root.names, Names::Plain);
+    let mut names: Vec<_> = root.entries.iter().map(|e| e.name.as_str()).collect();
+    names.sort();
+    assert!(names.contains(&"meta_dat"), "{names:?}");
+    assert!(root.get("meta-data").is_none());
+}
+
+#[test]
+fn links_and_directories_are_not_read_as_seed_files() {
+    let d = scratch("links");
+    let stage = d.join("stage");
+    std::fs::write(stage.join("meta-data"), "instance-id: x\n").unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", stage.join("user-data")).unwrap();
+    std::fs::create_dir(stage.join("network-config")).unwrap();
+    let out = d.join("seed.iso");
+    let st = Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-o"])
+        .arg(&out)
+        .arg(&stage)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let img = std::fs::read(&out).unwrap();
+    let root = read_root(&img[..]).unwrap();
+    let ud = root.get("user-data").unwrap();
+    assert_eq!(ud.kind, Kind::Special);
+    let err = read_file(&img[..], ud, 1 << 20, "nocloud:/dev/sr0/user-data").unwrap_err();
+    assert!(
+        err.contains("/dev/sr0/user-data") && err.contains("links are refused"),
+        "{err}"
+    );
+    let nc = root.get("network-config").unwrap();
+    assert_eq!(nc.kind, Kind::Directory);
+    assert!(read_file(&img[..], nc, 1 << 20, "network-config").is_err());
+}
+
+#[test]
+fn many_files_across_directory_sectors_and_the_size_cap() {
+    let d = scratch("many");
+    let stage = d.join("stage");
+    for i in 0..120 {
+        std::fs::write(
+            stage.join(format!("a-rather-long-file-name-{i:03}")),
+            [b'x'; 10],
+        )
+        .unwrap();
+    }
+    std::fs::write(stage.join("user-data"), vec![b'#'; 5000]).unwrap();
+    let out = d.join("seed.iso");
+    let st = Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J", "-o"])
+        .arg(&out)
+        .arg(&stage)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let img = std::fs::read(&out).unwrap();
+    let root = read_root(&img[..]).unwrap();
+    assert_eq!(root.entries.len(), 121);
+    assert!(root.get("a-rather-long-file-name-119").is_some());
+    let ud = root.get("user-data").unwrap();
+    assert_eq!(
+        read_file(&img[..], ud, 5000, "user-data").unwrap().len(),
+        5000
+    );
+    let err = read_file(&img[..], ud, 4999, "nocloud:/dev/sr0/user-data").unwrap_err();
+    assert!(
+        err.contains("5000 bytes exceed the 4999 byte limit"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_or_foreign_volumes_are_errors_not_panics() {
+    let d = scratch("trunc");
+    let img = make_iso(
+        &d,
+        &[
+            "xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J",
+        ],
+    );
+    for cut in [0, 1000, 16 * 2048 + 100, 17 * 2048] {
+        assert!(read_root(&img[..cut]).is_err(), "cut at {cut}");
+    }
+    let root = read_root(&img[..]).unwrap();
+    let ud = root.get("user-data").unwrap();
+    let cut = usize::try_from(ud.offset).unwrap() + 1;
+    let err = read_file(&img[..cut], ud, 1 << 20, "nocloud:/dev/sr0/user-data").unwrap_err();
+    assert!(err.starts_with("nocloud:/dev/sr0/user-data"), "{err}");
+    assert!(read_root(&vec![0u8; 64 * 1024][..]).is_err());
+}
