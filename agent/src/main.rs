@@ -147,6 +147,7 @@ impl StageArgs {
             identity_dir: self.identity_dir.clone(),
             channel_wait: std::time::Duration::from_secs(self.channel_wait),
             trust: stage::load_trust(self.trusted_keys.as_deref())?,
+            durability: store::Durability::Now,
         })
     }
 }
@@ -166,7 +167,11 @@ fn main() -> ExitCode {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Initrd(a) => {
-            let o = stage::run_boot_stage(&a.options()?)?;
+            let opts = stage::StageOptions {
+                durability: store::Durability::Deferred,
+                ..a.options()?
+            };
+            let o = stage::run_boot_stage(&opts)?;
             tracing::info!("{}", stage::summary("initrd", &o));
         }
         Command::Apply(a) => {
@@ -256,6 +261,7 @@ fn render(a: &RenderArgs) -> Result<()> {
             files: Default::default(),
             seed_generation: None,
         },
+        store::Durability::Now,
     )?;
     for (name, f) in &tree {
         println!("{:o} {name} ({} bytes)", f.mode, f.bytes.len());

@@ -14,7 +14,7 @@ use nixseed_core::seed::Seed;
 
 use crate::mounts;
 use crate::sources::{self, Env};
-use crate::store::Store;
+use crate::store::{Durability, Store};
 use nixseed_core::fresh::OsFresh;
 
 /// Options shared by the stages.
@@ -35,6 +35,8 @@ pub struct StageOptions {
     pub channel_wait: std::time::Duration,
     /// Keys a seed must be signed with; `None` accepts unsigned seeds (Proxmox, libvirt).
     pub trust: Option<std::sync::Arc<nixseed_core::trust::Trust>>,
+    /// When a new generation must reach the disk (deferred to stage 2 in the initrd).
+    pub durability: Durability,
 }
 
 /// What one stage did, for the summary line and the control channel's `status`.
@@ -97,6 +99,7 @@ impl StageOptions {
             identity_dir,
             channel_wait: std::time::Duration::ZERO,
             trust,
+            durability: Durability::Now,
         }
     }
 
@@ -148,6 +151,9 @@ pub fn run_boot_stage(opts: &StageOptions) -> Result<Outcome> {
     };
     t.lap("read+parse");
     let store = Store::open(&opts.store_path(), true)?;
+    if let Some(what) = store.recover()? {
+        tracing::warn!("{what}");
+    }
     // Whatever goes wrong with the seed, the current generation is still mounted below.
     let applied = found.and_then(|seed| apply_seed(&store, seed.as_ref(), opts, &env, &mut t));
     let (mut outcome, seed_error) = match applied {
@@ -287,12 +293,14 @@ pub fn apply_seed(
     };
     let n = {
         let _s = tracing::info_span!("write").entered();
-        store.write_generation(&tree, manifest).with_context(|| {
-            format!(
-                "cannot write a new generation under {}",
-                store.path().display()
-            )
-        })?
+        store
+            .write_generation(&tree, manifest, opts.durability)
+            .with_context(|| {
+                format!(
+                    "cannot write a new generation under {}",
+                    store.path().display()
+                )
+            })?
     };
     t.lap("write");
     outcome.generation = Some(n);
@@ -401,6 +409,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
     let t0 = Instant::now();
     let store = Store::open(&opts.store_path(), true)?;
+    // The initrd stage leaves its generation to reach the disk here, before sshd and the
+    // network start (Durability::Deferred).
+    store.sync()?;
     let marker = std::fs::read_to_string(opts.marker()).ok();
     let current = store.current_number()?;
     if let (Some(m), Some(n)) = (marker, current) {
@@ -417,7 +428,7 @@ pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
         if m.trim() == n.to_string() && all_bound {
             let ms = t0.elapsed().as_secs_f64() * 1000.0;
             tracing::info!(
-                "initrd stage already applied generation {n}; verified its mounts in {ms:.1} ms"
+                "initrd stage already applied generation {n}; made it durable and verified its mounts in {ms:.1} ms"
             );
             return Ok(Outcome {
                 decision: "verified".into(),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use nixseed_core::identity::{self, IdentityFile, IdentityTree};
-use nixseed_core::manifest::Manifest;
+use nixseed_core::manifest::{Manifest, sha256_hex};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 
 const CURRENT: &str = "current";
@@ -43,6 +43,20 @@ fn flat_names(tree: &IdentityTree) -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+/// When a new generation reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Before `write_generation` returns: the files with one syncfs before `current` moves,
+    /// the move with an fsync after (a live push, stage 2 doing the whole job).
+    Now,
+    /// Later, by [`Store::sync`] in stage 2, which runs before sshd and the network start,
+    /// so nothing has used the identity yet. The initrd stage writes this way and waits
+    /// for the disk once instead of twice. A power cut in between can leave the new
+    /// generation incomplete (ext4 commits the names before delayed-allocation data);
+    /// [`Store::recover`] finds that at the next boot and makes the previous one current.
+    Deferred,
 }
 
 /// An open identity store.
@@ -147,11 +161,41 @@ impl Store {
     }
 
     /// Reads the current generation and verifies it against its manifest.
+    /// A generation a power cut left incomplete is passed over (with a warning) for the
+    /// newest whole one before it, as [`Store::recover`] will make it at the next boot.
     pub fn current(&self) -> Result<Option<Generation>> {
         let Some(n) = self.current_number()? else {
             return Ok(None);
         };
-        Ok(Some(self.read_generation(n)?))
+        match self.read_generation(n) {
+            Ok(g) => Ok(Some(g)),
+            Err(e) if self.is_incomplete(n) => {
+                let older = self.newest_whole_before(n)?;
+                tracing::warn!(
+                    "{}/{}: incomplete ({e:#}): generation {} stands in for it",
+                    self.path.display(),
+                    gen_name(n),
+                    older
+                        .as_ref()
+                        .map_or_else(|| "none".to_string(), |g| g.number.to_string())
+                );
+                Ok(older)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn newest_whole_before(&self, n: u64) -> Result<Option<Generation>> {
+        let mut older: Vec<u64> = list_dir(&self.dir)?
+            .iter()
+            .filter_map(|e| parse_gen(e))
+            .filter(|m| *m < n)
+            .collect();
+        older.sort_unstable();
+        Ok(older
+            .iter()
+            .rev()
+            .find_map(|m| self.read_generation(*m).ok()))
     }
 
     pub fn read_generation(&self, n: u64) -> Result<Generation> {
@@ -180,7 +224,12 @@ impl Store {
     /// Writes `tree` as a new generation and makes it current. The manifest's `files` and
     /// `generation` are filled in here. A crash at any point leaves either the old
     /// `current` or the new one whole.
-    pub fn write_generation(&self, tree: &IdentityTree, mut manifest: Manifest) -> Result<u64> {
+    pub fn write_generation(
+        &self,
+        tree: &IdentityTree,
+        mut manifest: Manifest,
+        durability: Durability,
+    ) -> Result<u64> {
         let previous = self.current_number()?;
         let n = previous.unwrap_or(0) + 1;
         manifest.generation = n;
@@ -240,12 +289,16 @@ impl Store {
             // the new `current` link durable in one journal commit; a flush per file costs
             // a host disk flush each under QEMU. Nothing points at the new generation
             // until the rename below.
-            rfs::syncfs(&gdir).with_context(|| format!("cannot sync {}", at(&name)))?;
+            if durability == Durability::Now {
+                rfs::syncfs(&gdir).with_context(|| format!("cannot sync {}", at(&name)))?;
+            }
             crate::crashpoint::hit("store-before-swap");
             rfs::renameat(&self.dir, pending.as_str(), &self.dir, CURRENT)
                 .with_context(|| format!("cannot replace {}", at(CURRENT)))?;
-            rfs::fsync(&self.dir)
-                .with_context(|| format!("cannot sync {}", self.path.display()))?;
+            if durability == Durability::Now {
+                rfs::fsync(&self.dir)
+                    .with_context(|| format!("cannot sync {}", self.path.display()))?;
+            }
             Ok(())
         })();
         if let Err(e) = result {
@@ -259,6 +312,76 @@ impl Store {
         self.prune(n, previous)?;
         crate::crashpoint::hit("store-after-prune");
         Ok(n)
+    }
+
+    /// Makes everything written to the store durable (stage 2, after a deferred write).
+    pub fn sync(&self) -> Result<()> {
+        rfs::syncfs(&self.dir).with_context(|| format!("cannot sync {}", self.path.display()))
+    }
+
+    /// Run at boot before the store is read: when `current` names a generation that a
+    /// power cut left incomplete (its manifest missing or empty, or files that should hold
+    /// bytes empty or missing: what ext4 shows when the names were committed before the
+    /// data), the newest whole generation before it becomes current again, or, with none,
+    /// `current` is removed so the seed is applied as on a first boot. Any other mismatch
+    /// is not a power cut and is left for the caller to report. Returns what was done.
+    pub fn recover(&self) -> Result<Option<String>> {
+        let Some(n) = self.current_number()? else {
+            return Ok(None);
+        };
+        let why = match self.read_generation(n) {
+            Ok(_) => return Ok(None),
+            Err(e) => e,
+        };
+        if !self.is_incomplete(n) {
+            return Ok(None);
+        }
+        let done = match self.newest_whole_before(n)? {
+            Some(g) => {
+                self.swap_link(CURRENT, &gen_name(g.number))?;
+                self.link_flat_names(&g.tree)?;
+                format!("generation {} is current again", g.number)
+            }
+            None => {
+                rfs::unlinkat(&self.dir, CURRENT, AtFlags::empty())
+                    .with_context(|| format!("cannot remove {}/{CURRENT}", self.path.display()))?;
+                "no earlier generation is whole: the seed is applied as on a first boot".into()
+            }
+        };
+        remove_tree_at(&self.dir, &gen_name(n))
+            .with_context(|| format!("cannot remove {}/{}", self.path.display(), gen_name(n)))?;
+        rfs::fsync(&self.dir).with_context(|| format!("cannot sync {}", self.path.display()))?;
+        Ok(Some(format!(
+            "{}/{} was left incomplete by a power cut before it reached the disk ({why:#}); {done}",
+            self.path.display(),
+            gen_name(n)
+        )))
+    }
+
+    /// Whether generation `n` looks like a write cut short rather than a changed file.
+    fn is_incomplete(&self, n: u64) -> bool {
+        let Ok(gdir) = open_dir_at(&self.dir, &gen_name(n)) else {
+            return true;
+        };
+        let mut tree = IdentityTree::new();
+        if read_tree(&gdir, "", &mut tree, "").is_err() {
+            return false;
+        }
+        let manifest = match tree.remove(identity::MANIFEST) {
+            None => return true,
+            Some(f) if f.bytes.is_empty() => return true,
+            Some(f) => match Manifest::parse(&f.bytes, "") {
+                Ok(m) => m,
+                Err(_) => return false,
+            },
+        };
+        manifest
+            .files
+            .iter()
+            .all(|(file, digest)| match tree.get(file) {
+                None => true,
+                Some(f) => f.bytes.is_empty() || sha256_hex(&f.bytes) == *digest,
+            })
     }
 
     /// Points `name` at `target` atomically (symlink to a temporary name, then rename).
