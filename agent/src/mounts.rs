@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use sys_mount::{Mount, MountFlags, UnmountFlags, unmount};
+use rustix::mount::{MountFlags, UnmountFlags, mount_bind, mount_remount, unmount};
 
 /// Mount points listed in `/proc/self/mountinfo` (octal escapes decoded).
 pub fn mount_points() -> Result<Vec<PathBuf>> {
@@ -38,6 +38,7 @@ fn unescape(s: &str) -> String {
 }
 
 /// Bind-mounts `src` read-only over `dst`, replacing an earlier nixseed bind there.
+/// Straight mount(2) calls: a bind names no filesystem type, so nothing is looked up.
 pub fn bind_readonly(src: &Path, dst: &Path, mounted: &[PathBuf]) -> Result<()> {
     if mounted.iter().any(|m| m == dst) {
         unmount(dst, UnmountFlags::DETACH)
@@ -49,20 +50,14 @@ pub fn bind_readonly(src: &Path, dst: &Path, mounted: &[PathBuf]) -> Result<()> 
             dst.display()
         );
     }
-    Mount::builder()
-        .flags(MountFlags::BIND)
-        .mount(src, dst)
+    mount_bind(src, dst)
         .with_context(|| format!("cannot bind {} over {}", src.display(), dst.display()))?;
-    Mount::builder()
-        .flags(
-            MountFlags::BIND
-                | MountFlags::REMOUNT
-                | MountFlags::RDONLY
-                | MountFlags::NOSUID
-                | MountFlags::NODEV,
-        )
-        .mount(src, dst)
-        .with_context(|| format!("cannot make the bind at {} read-only", dst.display()))?;
+    mount_remount(
+        dst,
+        MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
+        "",
+    )
+    .with_context(|| format!("cannot make the bind at {} read-only", dst.display()))?;
     Ok(())
 }
 

@@ -412,7 +412,18 @@ impl Store {
             match rfs::readlinkat(&self.dir, name.as_str(), Vec::new()) {
                 Ok(t) if t.to_string_lossy() == target => continue,
                 Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                // A new name is created in place: symlinkat(2) is atomic by itself.
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    match rfs::symlinkat(target.as_str(), &self.dir, name.as_str()) {
+                        Ok(()) => continue,
+                        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                        Err(e) => {
+                            return Err(e).with_context(|| {
+                                format!("cannot create link {}/{name}", self.path.display())
+                            });
+                        }
+                    }
+                }
                 Err(e) if e.raw_os_error() == rustix::io::Errno::INVAL.raw_os_error() => {
                     // A regular file or directory where a link belongs: replaced by the rename
                     // only if it is a file; a directory is refused.
@@ -477,16 +488,31 @@ fn open_dir_at(dir: &impl AsFd, name: &str) -> Result<OwnedFd> {
     )?)
 }
 
+/// The process umask from `/proc/self/status` (read once; umask(2) cannot be read without
+/// setting it, which would race with other threads creating files).
+fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    })
+}
+
+/// Creates `name` with its final mode (nothing is ever more open than it will be), and
+/// fchmods only when the umask would have narrowed that mode.
 fn write_file_at(dir: &impl AsFd, name: &str, file: &IdentityFile) -> Result<()> {
     let fd = rfs::openat(
         dir,
         name,
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o600),
+        Mode::from_raw_mode(file.mode & 0o777),
     )?;
     let mut f = std::fs::File::from(fd);
     f.write_all(&file.bytes)?;
-    rfs::fchmod(&f, Mode::from_raw_mode(file.mode))?;
+    if umask().is_none_or(|u| file.mode & u != 0 || file.mode & !0o777 != 0) {
+        rfs::fchmod(&f, Mode::from_raw_mode(file.mode))?;
+    }
     Ok(())
 }
 

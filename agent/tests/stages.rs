@@ -832,3 +832,22 @@ fn a_changed_identity_file_is_not_mistaken_for_a_power_cut() {
     );
     assert_eq!(vm.generation(), "gen-1");
 }
+
+#[test]
+fn identity_files_keep_their_modes_under_a_restrictive_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let vm = Vm::new();
+    let (out, s) = vm.boot_with("umask 077;");
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    let mode = |n: &str| {
+        std::fs::metadata(vm.p("sysroot/var/identity/current").join(n))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("machine-id"), 0o444);
+    assert_eq!(mode("ssh_host_ed25519_key"), 0o600);
+    assert_eq!(mode("hostname"), 0o644);
+    assert_eq!(mode("ssh_host_ed25519_key.pub"), 0o644);
+}

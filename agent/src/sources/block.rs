@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -55,17 +55,24 @@ pub fn scan(env: &Env) -> Vec<BlockDevice> {
             continue;
         }
         let mut head = vec![0u8; label::PROBE_LEN];
-        let read = File::open(&node).and_then(|f| {
-            let mut n = 0;
-            let mut r = (&f).take(label::PROBE_LEN as u64);
-            loop {
-                match r.read(&mut head[n..])? {
-                    0 => break,
-                    k => n += k,
+        // O_NONBLOCK: a cdrom opened this way skips the tray and disc checks and the door
+        // lock (and the unlock at close), several emulated ATAPI commands each boot; reads
+        // of a block device do not depend on it.
+        let read = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(&node)
+            .and_then(|f| {
+                let mut n = 0;
+                let mut r = (&f).take(label::PROBE_LEN as u64);
+                loop {
+                    match r.read(&mut head[n..])? {
+                        0 => break,
+                        k => n += k,
+                    }
                 }
-            }
-            Ok((f, n))
-        });
+                Ok((f, n))
+            });
         match read {
             Ok((file, n)) => {
                 if let Some((fstype, label)) = label::probe(&head[..n]) {
