@@ -851,3 +851,33 @@ fn identity_files_keep_their_modes_under_a_restrictive_umask() {
     assert_eq!(mode("hostname"), 0o644);
     assert_eq!(mode("ssh_host_ed25519_key.pub"), 0o644);
 }
+
+#[test]
+fn a_configdrive_iso_is_read_in_place() {
+    let vm = Vm::new();
+    let stage = vm.p("cd-stage");
+    std::fs::create_dir_all(stage.join("openstack/latest")).unwrap();
+    std::fs::write(
+        stage.join("openstack/latest/meta_data.json"),
+        r#"{"uuid":"cd-1","hostname":"from-configdrive"}"#,
+    )
+    .unwrap();
+    std::fs::write(stage.join("openstack/latest/user_data"), "#cloud-config\n").unwrap();
+    std::fs::create_dir_all(vm.p("host/dev")).unwrap();
+    std::fs::create_dir_all(vm.p("host/sys/class/block/sr0")).unwrap();
+    let st = Command::new("genisoimage")
+        .args(["-quiet", "-R", "-V", "config-2", "-o"])
+        .arg(vm.p("host/dev/sr0"))
+        .arg(&stage)
+        .status()
+        .expect("genisoimage (cargo xtask deps installs it)");
+    assert!(st.success());
+    let (out, s) = boot_cmdline(&vm, "ro\n");
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert!(
+        err.contains("source configdrive:") && err.contains("dev/sr0"),
+        "{err}"
+    );
+    assert_eq!(etc(&s, "hostname"), "from-configdrive\n");
+}

@@ -1,4 +1,4 @@
-//! Reads the root directory of an ISO 9660 volume (a NoCloud `cidata` seed) straight from
+//! Reads an ISO 9660 volume (a NoCloud `cidata` or ConfigDrive `config-2` seed) straight from
 //! its bytes, with the names Linux's isofs would show: Rock Ridge `NM` when the volume has
 //! Rock Ridge, else the Joliet tree, else the plain names lower-cased without `;1`.
 //! The agent reads seed ISOs this way instead of mounting them; every length and offset
@@ -77,11 +77,43 @@ pub struct Entry {
 pub struct Root {
     pub names: Names,
     pub entries: Vec<Entry>,
+    /// Rock Ridge's `SP` skip length for every record's system use area.
+    skip: usize,
 }
 
 impl Root {
     pub fn get(&self, name: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| e.name == name)
+    }
+
+    /// The entries of a directory of this volume, named as the root's are.
+    pub fn read_dir(&self, v: &(impl Volume + ?Sized), dir: &Entry) -> Result<Vec<Entry>, String> {
+        if dir.kind != Kind::Directory {
+            return Err(format!("{}: not a directory", dir.name));
+        }
+        directory(v, dir.offset, dir.size, &dir.name)?
+            .iter()
+            .filter_map(|r| entry(v, r, self.names, self.skip).transpose())
+            .collect()
+    }
+
+    /// Follows a relative path such as `openstack/latest/meta_data.json` from the root;
+    /// `None` when a component is missing.
+    pub fn lookup(&self, v: &(impl Volume + ?Sized), path: &str) -> Result<Option<Entry>, String> {
+        let mut parts = path.split('/').filter(|p| !p.is_empty());
+        let Some(first) = parts.next() else {
+            return Ok(None);
+        };
+        let Some(mut at) = self.get(first).cloned() else {
+            return Ok(None);
+        };
+        for part in parts {
+            match self.read_dir(v, &at)?.into_iter().find(|e| e.name == part) {
+                Some(e) => at = e,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(at))
     }
 }
 
@@ -138,7 +170,8 @@ pub fn read_root(v: &(impl Volume + ?Sized)) -> Result<Root, String> {
         }
     }
     let primary = primary_root.ok_or("no primary volume descriptor")?;
-    let records = directory(v, &primary)?;
+    let (offset, len) = extent_of(&primary);
+    let records = directory(v, offset, len, "root directory")?;
     // Rock Ridge announces itself with an `SP` entry in the root's `.` record.
     let rock_skip = records.first().and_then(|dot| {
         let a = system_use(dot, 0);
@@ -152,28 +185,43 @@ pub fn read_root(v: &(impl Volume + ?Sized)) -> Result<Root, String> {
         return Ok(Root {
             names: Names::RockRidge,
             entries,
+            skip,
         });
     }
     let (names, records) = match joliet_root {
-        Some(root) => (Names::Joliet, directory(v, &root)?),
+        Some(root) => {
+            let (offset, len) = extent_of(&root);
+            (
+                Names::Joliet,
+                directory(v, offset, len, "Joliet root directory")?,
+            )
+        }
         None => (Names::Plain, records),
     };
     let entries = records
         .iter()
         .filter_map(|r| entry(v, r, names, 0).transpose())
         .collect::<Result<_, _>>()?;
-    Ok(Root { names, entries })
+    Ok(Root {
+        names,
+        entries,
+        skip: 0,
+    })
 }
 
-/// The records of the directory whose own record is `rec`, `.` and `..` included.
-fn directory(v: &(impl Volume + ?Sized), rec: &[u8]) -> Result<Vec<Vec<u8>>, String> {
-    let (offset, len) = extent_of(rec);
+/// The records of the directory at `offset` (`.` and `..` included); `what` names it.
+fn directory(
+    v: &(impl Volume + ?Sized),
+    offset: u64,
+    len: u64,
+    what: &str,
+) -> Result<Vec<Vec<u8>>, String> {
     if len > MAX_DIR {
         return Err(format!(
-            "root directory of {len} bytes exceeds the {MAX_DIR} byte limit"
+            "{what}: {len} bytes of directory exceed the {MAX_DIR} byte limit"
         ));
     }
-    let dir = read(v, offset, len, "root directory")?;
+    let dir = read(v, offset, len, what)?;
     let mut out = Vec::new();
     let mut pos = 0usize;
     while pos < dir.len() {
@@ -186,7 +234,7 @@ fn directory(v: &(impl Volume + ?Sized), rec: &[u8]) -> Result<Vec<Vec<u8>>, Str
         let rec = dir
             .get(pos..pos + n)
             .filter(|r| r.len() >= 34 && 33 + usize::from(r[32]) <= r.len())
-            .ok_or_else(|| format!("root directory: record at byte {pos} is malformed"))?;
+            .ok_or_else(|| format!("{what}: record at byte {pos} is malformed"))?;
         out.push(rec.to_vec());
         pos += n;
     }

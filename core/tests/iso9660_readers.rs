@@ -215,3 +215,61 @@ fn truncated_or_foreign_volumes_are_errors_not_panics() {
     assert!(err.starts_with("nocloud:/dev/sr0/user-data"), "{err}");
     assert!(read_root(&vec![0u8; 64 * 1024][..]).is_err());
 }
+
+#[test]
+fn a_configdrive_is_walked_by_path_in_each_naming_mode() {
+    // Proxmox's config-2 drive: OpenStack layout in subdirectories.
+    for (mode, flags, names) in [
+        ("rr", &["-R"][..], Names::RockRidge),
+        ("joliet", &["-J"][..], Names::Joliet),
+    ] {
+        let d = scratch(&format!("configdrive-{mode}"));
+        let stage = d.join("stage");
+        std::fs::create_dir_all(stage.join("openstack/latest")).unwrap();
+        std::fs::create_dir_all(stage.join("openstack/content")).unwrap();
+        std::fs::write(
+            stage.join("openstack/latest/meta_data.json"),
+            b"{\"uuid\":\"u\"}",
+        )
+        .unwrap();
+        std::fs::write(stage.join("openstack/content/0000"), b"auto eth0\n").unwrap();
+        let out = d.join("cd.iso");
+        let st = Command::new("genisoimage")
+            .args(["-quiet", "-V", "config-2"])
+            .args(flags)
+            .arg("-o")
+            .arg(&out)
+            .arg(&stage)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let img = std::fs::read(&out).unwrap();
+        let root = read_root(&img[..]).unwrap();
+        assert_eq!(root.names, names, "{mode}");
+        let meta = root
+            .lookup(&img[..], "openstack/latest/meta_data.json")
+            .unwrap()
+            .unwrap_or_else(|| panic!("{mode}: meta_data.json not found"));
+        assert_eq!(
+            read_file(&img[..], &meta, 1024, "m").unwrap(),
+            b"{\"uuid\":\"u\"}"
+        );
+        let net = root
+            .lookup(&img[..], "openstack/content/0000")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            read_file(&img[..], &net, 1024, "n").unwrap(),
+            b"auto eth0\n"
+        );
+        assert!(
+            root.lookup(&img[..], "openstack/latest/user_data")
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            root.lookup(&img[..], "openstack/latest/meta_data.json/x")
+                .is_err()
+        );
+    }
+}

@@ -2,6 +2,7 @@
 //! no blkid in the initrd) and kept open for reading, and [`Media`]: a seed volume mounted read-only in a private
 //! directory for as long as the value lives.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -9,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use nixseed_core::iso9660;
 use nixseed_core::label::{self, FsType};
+use nixseed_core::seed::SeedFiles;
+use nixseed_core::userdata::MAX_USER_DATA;
 use sys_mount::{Mount, MountFlags, Unmount, UnmountDrop, UnmountFlags};
 
 use super::Env;
@@ -93,6 +97,40 @@ pub fn scan(env: &Env) -> Vec<BlockDevice> {
         }
     }
     out
+}
+
+impl BlockDevice {
+    /// Reads `names` (paths relative to `dir` on the volume) from an ISO 9660 volume in
+    /// place, through the device the probe opened: no mount, so no filesystem driver and
+    /// no cdrom open/release in the boot's path. Absent files are left out; a link, a
+    /// directory or a file over the seed size limit is refused, named as `source/name`.
+    pub fn read_iso(
+        &self,
+        source: &str,
+        dir: &str,
+        names: &[&str],
+    ) -> Result<(SeedFiles, iso9660::Root)> {
+        let volume = &*self.file;
+        let root = iso9660::read_root(volume).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: cannot read the ISO 9660 volume: {e}",
+                self.node.display()
+            )
+        })?;
+        let mut files = BTreeMap::new();
+        for name in names {
+            let origin = format!("{source}/{name}");
+            let found = root
+                .lookup(volume, &format!("{dir}{name}"))
+                .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+            if let Some(e) = found {
+                let bytes = iso9660::read_file(volume, &e, MAX_USER_DATA as u64, &origin)
+                    .map_err(anyhow::Error::msg)?;
+                files.insert(name.to_string(), bytes);
+            }
+        }
+        Ok((SeedFiles(files), root))
+    }
 }
 
 /// Device numbers of the mounted filesystems (`/proc/self/mountinfo`'s third field).

@@ -1,9 +1,10 @@
-//! ConfigDrive2 from a `config-2` volume (Proxmox `citype: configdrive2`).
+//! ConfigDrive2 from a `config-2` volume (Proxmox `citype: configdrive2`): an ISO read in
+//! place, a FAT drive mounted read-only.
 
 use anyhow::Result;
 use nixseed_core::configdrive::parse_meta_data;
-use nixseed_core::label;
-use nixseed_core::seed::Seed;
+use nixseed_core::label::{self, FsType};
+use nixseed_core::seed::{Seed, SeedFiles};
 
 use super::block::Media;
 use super::{Env, Source, read_seed_files};
@@ -23,16 +24,24 @@ impl Source for BlockConfigDrive {
         else {
             return Ok(None);
         };
-        let media = Media::mount(dev, &env.run)?;
         let source = format!("configdrive:{}", dev.node.display());
-        let root = media.dir.join("openstack");
-        let mut files = read_seed_files(&root, &["latest/meta_data.json", "latest/user_data"])?;
+        // An ISO is read in place, a FAT drive mounted; either way through one reader.
+        let media = match dev.fstype {
+            FsType::Iso9660 => None,
+            _ => Some(Media::mount(dev, &env.run)?),
+        };
+        let read = |names: &[&str]| -> Result<SeedFiles> {
+            match &media {
+                None => Ok(dev.read_iso(&source, "openstack/", names)?.0),
+                Some(m) => read_seed_files(&m.dir.join("openstack"), names),
+            }
+        };
+        let mut files = read(&["latest/meta_data.json", "latest/user_data"])?;
         if let Some(meta) = files.get("latest/meta_data.json") {
             // The network file's path comes from meta_data.json, validated to stay inside.
             let origin = format!("{source}/latest/meta_data.json");
             if let Some(path) = parse_meta_data(meta, &origin)?.network_path {
-                let more = read_seed_files(&root, &[path.as_str()])?;
-                files.0.extend(more.0);
+                files.0.extend(read(&[path.as_str()])?.0);
             }
         } else {
             return Ok(None);

@@ -1,14 +1,11 @@
 //! NoCloud from a `cidata`/`CIDATA` volume (an ISO read in place, a FAT volume mounted) or from `/var/lib/cloud/seed/nocloud/`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Result;
-use nixseed_core::iso9660;
 use nixseed_core::label::{self, FsType};
 use nixseed_core::nocloud::parse_ds_token;
-use nixseed_core::seed::{Seed, SeedFiles};
-use nixseed_core::userdata::MAX_USER_DATA;
+use nixseed_core::seed::Seed;
 
 use super::block::{BlockDevice, Media};
 use super::{Env, Source, read_seed_files};
@@ -49,25 +46,10 @@ impl Source for BlockNoCloud {
     }
 }
 
-/// Reads the seed files of an ISO 9660 volume through the device opened by the probe:
-/// no mount, so no filesystem driver and no cdrom open/release in the boot's path.
+/// The NoCloud files of an ISO 9660 volume, read in place ([`BlockDevice::read_iso`]).
 fn from_iso(env: &Env, dev: &BlockDevice, source: &str) -> Result<Option<Seed>> {
-    let root = iso9660::read_root(&*dev.file).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: cannot read the ISO 9660 volume: {e}",
-            dev.node.display()
-        )
-    })?;
-    let mut files = BTreeMap::new();
-    for name in FILES {
-        if let Some(e) = root.get(name) {
-            let origin = format!("{source}/{name}");
-            let bytes = iso9660::read_file(&*dev.file, e, MAX_USER_DATA as u64, &origin)
-                .map_err(anyhow::Error::msg)?;
-            files.insert(name.to_string(), bytes);
-        }
-    }
-    if !files.contains_key("meta-data") && !files.contains_key("user-data") {
+    let (files, root) = dev.read_iso(source, "", FILES)?;
+    if files.get("meta-data").is_none() && files.get("user-data").is_none() {
         let seen: Vec<&str> = root.entries.iter().map(|e| e.name.as_str()).collect();
         tracing::warn!(
             "{}: labelled {} but holds neither meta-data nor user-data ({:?} names: {})",
@@ -79,11 +61,7 @@ fn from_iso(env: &Env, dev: &BlockDevice, source: &str) -> Result<Option<Seed>> 
         return Ok(None);
     }
     let ds = parse_ds_token(&env.cmdline());
-    Ok(Some(Seed::from_nocloud(
-        &SeedFiles(files),
-        source,
-        ds.as_ref(),
-    )?))
+    Ok(Some(Seed::from_nocloud(&files, source, ds.as_ref())?))
 }
 
 pub struct SeedDirNoCloud;
