@@ -705,10 +705,9 @@ fn render(
     let _ = writeln!(
         d,
         "\nHow it is measured: `vm-tests/src/bench.rs`. Boot time runs from QEMU's start to the \
-         first `ssh-keyscan` answer carrying `machines/bench/ssh_host_ed25519_key.pub`: every \
-         0.2 s a TCP connection waits up to 0.7 s for sshd's `SSH-` banner (before the guest \
-         has its address QEMU's user network accepts and forwards nothing, so a bare scan \
-         would hang for its whole timeout), and the scan runs once a banner arrives. The RSS is read 3 s after the agent's unit has a main process. Round trips \
+         first `ssh-keyscan` answer carrying `machines/bench/ssh_host_ed25519_key.pub` (a new \
+         scan every 0.5 s while an earlier one still waits, at most two at once, so a scan \
+         stuck before the guest has its address does not delay the figure). The RSS is read 3 s after the agent's unit has a main process. Round trips \
          go through QEMU's chardev socket and the guest's virtio-serial port, after a \
          `guest-sync-delimited` and 10 warm-up pings, one request in flight at a time."
     );

@@ -168,39 +168,45 @@ impl Ssh {
     }
 }
 
-/// Polls until sshd answers with its host key; fails at once on a different host key.
+/// Polls `ssh-keyscan` until sshd answers; fails at once on a different host key.
 /// `alive` is checked between polls (QEMU still running). Returns the key seen.
 ///
-/// Each poll opens a TCP connection and waits at most `BANNER_WAIT` for sshd's `SSH-`
-/// banner. Before the guest has its address, QEMU's user network accepts the connection on
-/// the host side and then forwards nothing, so a bare `ssh-keyscan` would hang until its
-/// own timeout and see sshd seconds late; a connection without a banner is dropped and the
-/// next poll comes `POLL` later. Once a banner arrives, `ssh-keyscan` reads the key; the
-/// figure is the moment it returns, so it includes the key exchange, as an operator's
-/// first connection would.
+/// A new scan starts every `POLL` (0.5 s) while an earlier one is still waiting: before the
+/// guest has its address, QEMU's user network accepts the connection on the host side and
+/// the scan then hangs until its own 5 s timeout, so one scan at a time would see sshd up
+/// to 5 s late and blur the boot-time figures. At most `IN_FLIGHT` (2) run at once: the
+/// waiting connections all reach sshd together when the guest comes up, and sshd drops
+/// new ones (its `MaxStartups`) while many are unauthenticated.
 pub fn wait_for_host_key(
     port: u16,
     expected: Option<&str>,
     timeout: Duration,
     mut alive: impl FnMut() -> Result<()>,
 ) -> Result<String> {
-    const POLL: Duration = Duration::from_millis(200);
+    const POLL: Duration = Duration::from_millis(500);
+    const IN_FLIGHT: usize = 2;
     let deadline = Instant::now() + timeout;
     let expected = expected.and_then(key_type_and_blob);
+    let mut scans = Scans(Vec::new());
+    let mut next = Instant::now();
     loop {
         alive()?;
-        if banner(port) {
-            let out = keyscan_command(port).output().ok();
-            if let Some(seen) = out.and_then(|o| scanned_key(&o.stdout)) {
-                if let Some(want) = &expected
-                    && &seen != want
-                {
-                    bail!(
-                        "sshd on port {port} presents host key `{seen}`, expected the machine's `{want}`"
-                    );
-                }
-                return Ok(seen);
+        if Instant::now() >= next && scans.0.len() < IN_FLIGHT {
+            // A scan that cannot even start (no ssh-keyscan) is retried at the next poll.
+            if let Ok(child) = keyscan_command(port).spawn() {
+                scans.0.push(child);
             }
+            next = Instant::now() + POLL;
+        }
+        if let Some(seen) = scans.first_answer() {
+            if let Some(want) = &expected
+                && &seen != want
+            {
+                bail!(
+                    "sshd on port {port} presents host key `{seen}`, expected the machine's `{want}`"
+                );
+            }
+            return Ok(seen);
         }
         if Instant::now() > deadline {
             bail!(
@@ -208,23 +214,48 @@ pub fn wait_for_host_key(
                 timeout.as_secs()
             );
         }
-        std::thread::sleep(POLL);
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// Whether something on `127.0.0.1:port` sends an SSH banner within `BANNER_WAIT`.
-fn banner(port: u16) -> bool {
-    use std::io::Read;
-    const BANNER_WAIT: Duration = Duration::from_millis(700);
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let Ok(mut conn) = std::net::TcpStream::connect_timeout(&addr, BANNER_WAIT) else {
-        return false;
-    };
-    if conn.set_read_timeout(Some(BANNER_WAIT)).is_err() {
-        return false;
+/// The `ssh-keyscan` processes in flight; those left are killed when dropped.
+struct Scans(Vec<std::process::Child>);
+
+impl Scans {
+    /// Reaps finished scans; the key of the first that found one.
+    fn first_answer(&mut self) -> Option<String> {
+        let mut i = 0;
+        while i < self.0.len() {
+            match self.0[i].try_wait() {
+                Ok(None) => i += 1,
+                Ok(Some(_)) => {
+                    let child = self.0.swap_remove(i);
+                    if let Some(key) = child
+                        .wait_with_output()
+                        .ok()
+                        .and_then(|o| scanned_key(&o.stdout))
+                    {
+                        return Some(key);
+                    }
+                }
+                Err(_) => {
+                    let mut child = self.0.swap_remove(i);
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+        None
     }
-    let mut head = [0u8; 4];
-    conn.read_exact(&mut head).is_ok() && &head == b"SSH-"
+}
+
+impl Drop for Scans {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 #[cfg(test)]
