@@ -337,15 +337,17 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions) -> Result<()>
         .with_context(|| format!("cannot create {}", nixseed_run.display()))?;
     let base_copy = nixseed_run.join("hosts.base");
     let hosts_etc = etc.join(identity::HOSTS);
-    if !base_copy.exists() {
+    let base = if base_copy.exists() {
+        std::fs::read_to_string(&base_copy).unwrap_or_default()
+    } else {
         let base = if mounted.iter().any(|m| m == &hosts_etc) {
             String::new()
         } else {
             std::fs::read_to_string(&hosts_etc).unwrap_or_default()
         };
         write_atomic(&base_copy, base.as_bytes())?;
-    }
-    let base = std::fs::read_to_string(&base_copy).unwrap_or_default();
+        base
+    };
     let extra = std::fs::read_to_string(gen_dir.join(identity::HOSTS)).unwrap_or_default();
     let composed_path = nixseed_run.join("hosts");
     let mut composed = base;

@@ -28,9 +28,9 @@ pub struct BlockDevice {
     pub file: Arc<File>,
 }
 
-/// Probes the block devices in `/sys/class/block` that hold no mounted filesystem (the
-/// root and `/var` are never seeds), in reverse-sorted name order (cloud-init's rule for
-/// several matching volumes).
+/// Probes the block devices in `/sys/class/block` other than those holding the root and
+/// `/var` (never seeds), in reverse-sorted name order (cloud-init's rule for several
+/// matching volumes).
 pub fn scan(env: &Env) -> Vec<BlockDevice> {
     let class = env.host_path("/sys/class/block");
     let mut names: Vec<String> = match std::fs::read_dir(&class) {
@@ -45,7 +45,7 @@ pub fn scan(env: &Env) -> Vec<BlockDevice> {
     };
     names.sort();
     names.reverse();
-    let mounted = mounted_devices();
+    let system = system_devices(env);
     let mut out = Vec::new();
     for name in names {
         if name.starts_with("loop") || name.starts_with("ram") || name.starts_with("zram") {
@@ -54,7 +54,7 @@ pub fn scan(env: &Env) -> Vec<BlockDevice> {
         let node = env.host_path(&format!("/dev/{name}"));
         if let Ok(st) = std::fs::metadata(&node)
             && st.rdev() != 0
-            && mounted.contains(&st.rdev())
+            && system.contains(&st.rdev())
         {
             continue;
         }
@@ -133,18 +133,12 @@ impl BlockDevice {
     }
 }
 
-/// Device numbers of the mounted filesystems (`/proc/self/mountinfo`'s third field).
-fn mounted_devices() -> Vec<u64> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(2))
-        .filter_map(|d| {
-            let (major, minor) = d.split_once(':')?;
-            Some(rustix::fs::makedev(
-                major.parse().ok()?,
-                minor.parse().ok()?,
-            ))
-        })
+/// The devices holding the target root and its `/var`: never seeds, so never opened.
+fn system_devices(env: &Env) -> Vec<u64> {
+    [env.sysroot.clone(), env.sysroot.join("var")]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.dev())
         .collect()
 }
 
