@@ -421,10 +421,10 @@ in
       })
 
       (lib.mkIf cfg.initrdStage.enable {
-        # Seed volumes (Proxmox: IDE/SATA cdrom, iso9660; libvirt/seedctl: also vfat) and
-        # the control channel's virtio port.
+        # Seed volumes (Proxmox: IDE/SATA cdrom; libvirt/seedctl: also vfat; ISO seeds are
+        # read by the agent in place, so iso9660 is not needed) and the control channel's
+        # virtio port.
         boot.initrd.availableKernelModules = [
-          "isofs"
           "vfat"
           "nls_cp437"
           "nls_iso8859-1"

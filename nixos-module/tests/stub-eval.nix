@@ -166,7 +166,7 @@ in
     u.wantedBy == [ "initrd.target" ]
     && lib.hasPrefix ''${exe} "initrd" "--sysroot" "/sysroot" "--identity-dir"'' (lib.last u.serviceConfig.ExecStart)
     && good.boot.initrd.systemd.packages == [ fakePkgs.nixseed-agent ]
-    && lib.elem "isofs" good.boot.initrd.availableKernelModules
+    && lib.elem "sr_mod" good.boot.initrd.availableKernelModules
     && lib.elem "virtio_console" good.boot.initrd.availableKernelModules
     && good.boot.initrd.postMountCommands == ""
   ))

@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Bump when the init script or the module list changes.
-pub const INITRAMFS_CODE_VERSION: u32 = 5;
+pub const INITRAMFS_CODE_VERSION: u32 = 6;
 
-/// Modules for virtio disks/NICs/serial, ext4, the seed media (iso9660 and vfat on a
-/// SATA/IDE cdrom or a virtio disk). Dependencies come from `modules.dep`.
+/// Modules for virtio disks/NICs/serial, ext4, the seed media (a SATA/IDE cdrom or a
+/// virtio disk; vfat for FAT seeds, while ISO seeds are read by the agent in place, so
+/// iso9660 is not needed). Dependencies come from `modules.dep`.
 pub const MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
@@ -24,7 +25,6 @@ pub const MODULES: &[&str] = &[
     "virtio_rng",
     "crc32c_generic",
     "ext4",
-    "isofs",
     "vfat",
     "nls_cp437",
     "nls_iso8859_1",
