@@ -64,11 +64,10 @@ pub fn powercut(h: &Harness) -> Result<()> {
     let mut state = read_offline(&m, &agent)?;
     let mut cuts = 0;
 
-    // Each point is cut at once; the last one again after the journal has committed the
-    // new names but before delayed allocation has written their data (ext4 commits every
-    // 5 s and writes data back after 30 s): the initrd stage leaves durability to stage 2,
-    // so that disk holds a `current` naming an incomplete generation, which must read as
-    // the old one and be rolled back by the next boot.
+    // Each point is cut at once; the swap once more after ext4 has committed the new
+    // names (every 5 s). The initrd stage leaves durability to stage 2, so nothing of the
+    // new generation was flushed by the agent: the disk must still read whole, as the old
+    // generation (an incomplete new one is rolled back) or as the new.
     let cuts_at = INITRD_POINTS
         .iter()
         .map(|p| (*p, 0))
