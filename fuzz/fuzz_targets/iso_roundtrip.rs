@@ -1,10 +1,17 @@
 //! The seed ISO writer's inverse: whatever names and contents are built into an image,
-//! reading it back gives exactly them; and reading arbitrary bytes never panics.
+//! reading it back gives exactly them; and reading arbitrary bytes (a root listing, a
+//! ConfigDrive path walk) never panics.
 #![no_main]
 use seedctl::iso9660::{IsoOptions, build, read_root};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = read_root(data);
+    // The guest agent's own walk: a ConfigDrive path through arbitrary directories.
+    if let Ok(root) = nixseed_core::iso9660::read_root(data) {
+        if let Ok(Some(e)) = root.lookup(data, "openstack/latest/meta_data.json") {
+            let _ = nixseed_core::iso9660::read_file(data, &e, 1 << 20, "meta_data.json");
+        }
+    }
     // Split the input into (name, content) pairs: name bytes up to ':', content to '\n'.
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     for line in data.split(|b| *b == b'\n').take(40) {
