@@ -72,6 +72,21 @@ impl Vm {
         self.boot_with("")
     }
 
+    /// Packs `stage` with `tool args... -o` into `host/dev/sr0`, a cdrom the probe finds
+    /// through `host/sys/class/block/sr0`.
+    fn attach_iso(&self, stage: &Path, tool: &[&str]) {
+        std::fs::create_dir_all(self.p("host/dev")).unwrap();
+        std::fs::create_dir_all(self.p("host/sys/class/block/sr0")).unwrap();
+        let st = Command::new(tool[0])
+            .args(&tool[1..])
+            .arg("-o")
+            .arg(self.p("host/dev/sr0"))
+            .arg(stage)
+            .status()
+            .unwrap_or_else(|e| panic!("{} (cargo xtask deps installs it): {e}", tool[0]));
+        assert!(st.success(), "{tool:?}");
+    }
+
     fn identity(&self, name: &str) -> Vec<u8> {
         std::fs::read(self.p("sysroot/var/identity").join(name)).unwrap()
     }
@@ -701,15 +716,12 @@ fn a_cidata_iso_is_found_by_its_label_and_read_without_mounting() {
     )
     .unwrap();
     std::fs::write(stage.join("user-data"), "").unwrap();
-    std::fs::create_dir_all(vm.p("host/dev")).unwrap();
-    std::fs::create_dir_all(vm.p("host/sys/class/block/sr0")).unwrap();
-    let st = Command::new("xorriso")
-        .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J", "-o"])
-        .arg(vm.p("host/dev/sr0"))
-        .arg(&stage)
-        .status()
-        .expect("xorriso (cargo xtask deps installs it)");
-    assert!(st.success());
+    vm.attach_iso(
+        &stage,
+        &[
+            "xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J",
+        ],
+    );
     let (out, s) = boot_cmdline(&vm, "ro\n");
     let err = stderr(&out);
     assert!(s.contains("rc=0"), "{s}\n{err}");
@@ -727,15 +739,10 @@ fn a_symlinked_user_data_on_the_iso_is_refused_by_name() {
     std::fs::create_dir_all(&stage).unwrap();
     std::fs::write(stage.join("meta-data"), "instance-id: iso\n").unwrap();
     std::os::unix::fs::symlink("/etc/shadow", stage.join("user-data")).unwrap();
-    std::fs::create_dir_all(vm.p("host/dev")).unwrap();
-    std::fs::create_dir_all(vm.p("host/sys/class/block/sr0")).unwrap();
-    let st = Command::new("xorriso")
-        .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-o"])
-        .arg(vm.p("host/dev/sr0"))
-        .arg(&stage)
-        .status()
-        .expect("xorriso (cargo xtask deps installs it)");
-    assert!(st.success());
+    vm.attach_iso(
+        &stage,
+        &["xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R"],
+    );
     let (out, s) = boot_cmdline(&vm, "ro\n");
     let err = stderr(&out);
     assert!(s.contains("rc=1"), "{s}");
@@ -863,15 +870,7 @@ fn a_configdrive_iso_is_read_in_place() {
     )
     .unwrap();
     std::fs::write(stage.join("openstack/latest/user_data"), "#cloud-config\n").unwrap();
-    std::fs::create_dir_all(vm.p("host/dev")).unwrap();
-    std::fs::create_dir_all(vm.p("host/sys/class/block/sr0")).unwrap();
-    let st = Command::new("genisoimage")
-        .args(["-quiet", "-R", "-V", "config-2", "-o"])
-        .arg(vm.p("host/dev/sr0"))
-        .arg(&stage)
-        .status()
-        .expect("genisoimage (cargo xtask deps installs it)");
-    assert!(st.success());
+    vm.attach_iso(&stage, &["genisoimage", "-quiet", "-R", "-V", "config-2"]);
     let (out, s) = boot_cmdline(&vm, "ro\n");
     let err = stderr(&out);
     assert!(s.contains("rc=0"), "{s}\n{err}");

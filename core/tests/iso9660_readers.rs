@@ -23,18 +23,14 @@ const FILES: &[(&str, &[u8])] = &[
     ("vendor-data", b""),
 ];
 
-/// Writes FILES into `dir/stage` and runs `tool args... -o dir/seed.iso dir/stage`.
-fn make_iso(dir: &Path, tool: &[&str]) -> Vec<u8> {
-    let stage = dir.join("stage");
-    for (name, bytes) in FILES {
-        std::fs::write(stage.join(name), bytes).unwrap();
-    }
+/// Runs `tool args... -o dir/seed.iso dir/stage` and returns the image.
+fn pack(dir: &Path, tool: &[&str]) -> Vec<u8> {
     let out = dir.join("seed.iso");
     let st = Command::new(tool[0])
         .args(&tool[1..])
         .arg("-o")
         .arg(&out)
-        .arg(&stage)
+        .arg(dir.join("stage"))
         .output()
         .unwrap_or_else(|e| panic!("{} (cargo xtask deps installs it): {e}", tool[0]));
     assert!(
@@ -43,6 +39,15 @@ fn make_iso(dir: &Path, tool: &[&str]) -> Vec<u8> {
         String::from_utf8_lossy(&st.stderr)
     );
     std::fs::read(&out).unwrap()
+}
+
+/// Writes FILES into `dir/stage` and packs it with `tool`.
+fn make_iso(dir: &Path, tool: &[&str]) -> Vec<u8> {
+    let stage = dir.join("stage");
+    for (name, bytes) in FILES {
+        std::fs::write(stage.join(name), bytes).unwrap();
+    }
+    pack(dir, tool)
 }
 
 fn assert_seed_files(image: &[u8], names: Names) {
@@ -138,15 +143,10 @@ fn links_and_directories_are_not_read_as_seed_files() {
     std::fs::write(stage.join("meta-data"), "instance-id: x\n").unwrap();
     std::os::unix::fs::symlink("/etc/shadow", stage.join("user-data")).unwrap();
     std::fs::create_dir(stage.join("network-config")).unwrap();
-    let out = d.join("seed.iso");
-    let st = Command::new("xorriso")
-        .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-o"])
-        .arg(&out)
-        .arg(&stage)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let img = std::fs::read(&out).unwrap();
+    let img = pack(
+        &d,
+        &["xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R"],
+    );
     let root = read_root(&img[..]).unwrap();
     let ud = root.get("user-data").unwrap();
     assert_eq!(ud.kind, Kind::Special);
@@ -172,15 +172,12 @@ fn many_files_across_directory_sectors_and_the_size_cap() {
         .unwrap();
     }
     std::fs::write(stage.join("user-data"), vec![b'#'; 5000]).unwrap();
-    let out = d.join("seed.iso");
-    let st = Command::new("xorriso")
-        .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J", "-o"])
-        .arg(&out)
-        .arg(&stage)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let img = std::fs::read(&out).unwrap();
+    let img = pack(
+        &d,
+        &[
+            "xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J",
+        ],
+    );
     let root = read_root(&img[..]).unwrap();
     assert_eq!(root.entries.len(), 121);
     assert!(root.get("a-rather-long-file-name-119").is_some());
@@ -219,9 +216,9 @@ fn truncated_or_foreign_volumes_are_errors_not_panics() {
 #[test]
 fn a_configdrive_is_walked_by_path_in_each_naming_mode() {
     // Proxmox's config-2 drive: OpenStack layout in subdirectories.
-    for (mode, flags, names) in [
-        ("rr", &["-R"][..], Names::RockRidge),
-        ("joliet", &["-J"][..], Names::Joliet),
+    for (mode, flag, names) in [
+        ("rr", "-R", Names::RockRidge),
+        ("joliet", "-J", Names::Joliet),
     ] {
         let d = scratch(&format!("configdrive-{mode}"));
         let stage = d.join("stage");
@@ -233,17 +230,7 @@ fn a_configdrive_is_walked_by_path_in_each_naming_mode() {
         )
         .unwrap();
         std::fs::write(stage.join("openstack/content/0000"), b"auto eth0\n").unwrap();
-        let out = d.join("cd.iso");
-        let st = Command::new("genisoimage")
-            .args(["-quiet", "-V", "config-2"])
-            .args(flags)
-            .arg("-o")
-            .arg(&out)
-            .arg(&stage)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let img = std::fs::read(&out).unwrap();
+        let img = pack(&d, &["genisoimage", "-quiet", "-V", "config-2", flag]);
         let root = read_root(&img[..]).unwrap();
         assert_eq!(root.names, names, "{mode}");
         let meta = root
