@@ -87,6 +87,16 @@ impl Vm {
         assert!(st.success(), "{tool:?}");
     }
 
+    /// Permission bits of a file of the current generation.
+    fn mode(&self, name: &str) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(self.p("sysroot/var/identity/current").join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
     fn identity(&self, name: &str) -> Vec<u8> {
         std::fs::read(self.p("sysroot/var/identity").join(name)).unwrap()
     }
@@ -145,14 +155,7 @@ fn proxmox_seed_first_boot_binds_identity_over_etc() {
         Path::new("/var/identity/network/10-cloud-init-ens18.network")
     );
     // Modes from the contract.
-    use std::os::unix::fs::PermissionsExt;
-    let mode = |n: &str| {
-        std::fs::metadata(vm.p("sysroot/var/identity/current").join(n))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777
-    };
+    let mode = |n: &str| vm.mode(n);
     assert_eq!(mode("machine-id"), 0o444);
     assert_eq!(mode("ssh_host_ed25519_key"), 0o600);
     assert_eq!(mode("hostname"), 0o644);
@@ -842,17 +845,10 @@ fn a_changed_identity_file_is_not_mistaken_for_a_power_cut() {
 
 #[test]
 fn identity_files_keep_their_modes_under_a_restrictive_umask() {
-    use std::os::unix::fs::PermissionsExt;
     let vm = Vm::new();
     let (out, s) = vm.boot_with("umask 077;");
     assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
-    let mode = |n: &str| {
-        std::fs::metadata(vm.p("sysroot/var/identity/current").join(n))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777
-    };
+    let mode = |n: &str| vm.mode(n);
     assert_eq!(mode("machine-id"), 0o444);
     assert_eq!(mode("ssh_host_ed25519_key"), 0o600);
     assert_eq!(mode("hostname"), 0o644);

@@ -23,6 +23,11 @@ const FILES: &[(&str, &[u8])] = &[
     ("vendor-data", b""),
 ];
 
+/// xorriso as libvirt and virt-install run it: Rock Ridge and Joliet.
+const XORRISO_RJ: &[&str] = &[
+    "xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J",
+];
+
 /// Runs `tool args... -o dir/seed.iso dir/stage` and returns the image.
 fn pack(dir: &Path, tool: &[&str]) -> Vec<u8> {
     let out = dir.join("seed.iso");
@@ -69,12 +74,7 @@ fn assert_seed_files(image: &[u8], names: Names) {
 #[test]
 fn xorriso_rock_ridge_and_joliet() {
     let d = scratch("xorriso-rj");
-    let img = make_iso(
-        &d,
-        &[
-            "xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J",
-        ],
-    );
+    let img = make_iso(&d, XORRISO_RJ);
     assert_seed_files(&img, Names::RockRidge);
 }
 
@@ -172,12 +172,7 @@ fn many_files_across_directory_sectors_and_the_size_cap() {
         .unwrap();
     }
     std::fs::write(stage.join("user-data"), vec![b'#'; 5000]).unwrap();
-    let img = pack(
-        &d,
-        &[
-            "xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J",
-        ],
-    );
+    let img = pack(&d, XORRISO_RJ);
     let root = read_root(&img[..]).unwrap();
     assert_eq!(root.entries.len(), 121);
     assert!(root.get("a-rather-long-file-name-119").is_some());
@@ -196,12 +191,7 @@ fn many_files_across_directory_sectors_and_the_size_cap() {
 #[test]
 fn truncated_or_foreign_volumes_are_errors_not_panics() {
     let d = scratch("trunc");
-    let img = make_iso(
-        &d,
-        &[
-            "xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J",
-        ],
-    );
+    let img = make_iso(&d, XORRISO_RJ);
     for cut in [0, 1000, 16 * 2048 + 100, 17 * 2048] {
         assert!(read_root(&img[..cut]).is_err(), "cut at {cut}");
     }
