@@ -81,7 +81,9 @@ impl Variant {
 pub struct GuestImage {
     pub variant: Variant,
     pub base_qcow2: PathBuf,
-    pub vmlinuz: PathBuf,
+    /// The kernel to boot: the uncompressed ELF when it can be entered through PVH
+    /// (see `kernel.rs`), otherwise the bzImage.
+    pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub kernel_release: String,
     /// The configured tree, for tests that want to look at what is in the image.
@@ -131,7 +133,7 @@ pub fn prepare(variant: Variant, agent: Option<&Path>) -> Result<GuestImage> {
     Ok(GuestImage {
         variant,
         base_qcow2: final_dir.join("base.qcow2"),
-        vmlinuz: tree_dir.join("vmlinuz"),
+        kernel: crate::kernel::bootable(&tree_dir.join("vmlinuz")),
         initramfs: final_dir.join("initramfs.cpio.gz"),
         kernel_release,
         tree,

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod deps;
 pub mod image;
 pub mod initramfs;
+pub mod kernel;
 pub mod libvirtd;
 pub mod machine;
 pub mod paths;

@@ -55,7 +55,7 @@ impl Machine {
         Ok(VmConfig {
             var_cache: "unsafe",
             name: self.name.clone(),
-            kernel: image.vmlinuz.clone(),
+            kernel: image.kernel.clone(),
             initrd: image.initramfs.clone(),
             append: kernel_cmdline(image),
             boot_disk: self.boot_disk.clone(),

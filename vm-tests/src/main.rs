@@ -71,7 +71,7 @@ fn main() -> Result<()> {
             println!("base image: {}", img.base_qcow2.display());
             println!(
                 "kernel:     {} ({})",
-                img.vmlinuz.display(),
+                img.kernel.display(),
                 img.kernel_release
             );
             println!("initramfs:  {}", img.initramfs.display());

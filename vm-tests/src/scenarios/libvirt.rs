@@ -94,7 +94,7 @@ pub fn libvirt(h: &Harness) -> Result<()> {
             .command(&machines, &state)
             .args(["define", name, "--connect", URI, "--type", "qemu"])
             .arg("--kernel")
-            .arg(&h.image.vmlinuz)
+            .arg(&h.image.kernel)
             .arg("--initrd")
             .arg(&h.image.initramfs)
             .arg("--cmdline")

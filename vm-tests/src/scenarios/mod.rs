@@ -60,7 +60,7 @@ impl Harness {
         let work = work_root();
         let key = ClientKey::ensure(&work)?;
         let seedctl = Seedctl::locate();
-        let accel = qemu::detect_accel(&image.vmlinuz);
+        let accel = qemu::detect_accel(&image.kernel);
         let took = |d: Option<Duration>| {
             d.map_or("cached".to_string(), |d| {
                 format!("{:.1} s", d.as_secs_f64())
@@ -321,6 +321,14 @@ pub fn boot_smoke(variant: Variant, append: &str) -> Result<()> {
     show(
         "/var/identity",
         "ls -la /var/identity/ /var/identity/current/",
+    );
+    show(
+        "sshd in the journal (the host's first scans)",
+        "journalctl -b -u ssh -o short-monotonic --no-pager | head -8",
+    );
+    show(
+        "kernel and CPU",
+        "cat /proc/cmdline; grep -H . /sys/devices/system/cpu/vulnerabilities/* | sed 's|.*/||'",
     );
     show(
         "boot profile",
