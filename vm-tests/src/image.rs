@@ -197,6 +197,8 @@ fn final_key(agent: Option<&Path>, dist: &Path) -> Result<String> {
         "final={FINAL_CODE_VERSION}\ninitramfs={}\n",
         crate::initramfs::INITRAMFS_CODE_VERSION
     ));
+    // The initramfs's /init: a change to it is a new initramfs without a version bump.
+    h.update(crate::initramfs::INIT.as_bytes());
     if let Some(a) = agent {
         h.update(b"agent:");
         h.update(sha256_file(a)?);

@@ -8,11 +8,14 @@ mount -t devtmpfs -o mode=0755,nosuid devtmpfs /dev
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 exec </dev/console >/dev/console 2>&1
 
-log() { echo "nixseed-initrd: $*"; }
 ms() {
 	read -r up _ </proc/uptime
 	cs=${up#*.}
 	echo $((${up%.*} * 1000 + 10 * ${cs#0}))
+}
+log() {
+	read -r up _ </proc/uptime
+	echo "nixseed-initrd: [${up}] $*"
 }
 die() {
 	log "FATAL: $* — powering off"
@@ -28,6 +31,7 @@ for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	root=LABEL=*) root_label="${arg#root=LABEL=}" ;;
 	nixseed.var=LABEL=*) var_label="${arg#nixseed.var=LABEL=}" ;;
+	nixseed.var=none) var_label=none ;;
 	rw) root_mode=rw ;;
 	ro) root_mode=ro ;;
 	nixseed.agent=0) run_agent=0 ;;
@@ -38,6 +42,7 @@ t0=$(ms)
 while read -r m; do
 	insmod "/lib/modules/$m" 2>/dev/null
 done </etc/nixseed-modules
+log "modules loaded"
 
 # NIC names as udev's path policy gives them (enp<bus>s<slot>[f<fn>]). A systemd initrd
 # runs udev before the identity stage, so the agent matches seeds against the names the

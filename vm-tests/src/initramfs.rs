@@ -38,7 +38,7 @@ pub const MODULES: &[&str] = &[
 
 const BUSYBOX: &str = "/bin/busybox";
 
-const INIT: &str = include_str!("init.sh");
+pub const INIT: &str = include_str!("init.sh");
 
 /// Kernel module names compare with `-` and `_` as equals.
 fn norm(name: &str) -> String {
