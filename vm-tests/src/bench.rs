@@ -597,8 +597,13 @@ fn render(
     let _ = writeln!(d, "- Host: {machine}, accelerator {accel}");
     let _ = writeln!(
         d,
-        "- Guest: Debian bookworm, kernel {}, {} MiB, {} vCPU; {} boots per image, alternating, each a first boot (fresh overlay and `/var`) from the same `seedctl seed` ISO",
+        "- Guest: Debian bookworm, kernel {} (`{}`, direct boot), {} MiB, {} vCPU; {} boots per image, alternating, each a first boot (fresh overlay and `/var`) from the same `seedctl seed` ISO",
         h.image.kernel_release,
+        h.image
+            .kernel
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::env::var("NIXSEED_VM_MEMORY").unwrap_or_else(|_| "1024".into()),
         std::env::var("NIXSEED_VM_CPUS").unwrap_or_else(|_| "1".into()),
         o.boots
