@@ -153,7 +153,7 @@ impl StageArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(serve::qemu_ga_argv(std::env::args_os()));
     logging::init(cli.verbose);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -268,4 +268,41 @@ fn render(a: &RenderArgs) -> Result<()> {
     }
     println!("wrote generation {n} to {}", a.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(argv: &[&str]) -> Option<PathBuf> {
+        let argv = serve::qemu_ga_argv(argv.iter().map(Into::into));
+        match Cli::try_parse_from(&argv).map(|c| c.command) {
+            Ok(Command::Serve(s)) => s.fsfreeze_hook,
+            Ok(_) => panic!("not the serve command"),
+            Err(e) => panic!("{argv:?} did not parse: {e}"),
+        }
+    }
+
+    #[test]
+    fn fsfreeze_hook_takes_every_qemu_ga_spelling() {
+        let default = Some(PathBuf::from(serve::DEFAULT_FSFREEZE_HOOK));
+        assert_eq!(hook(&["a", "serve", "-F"]), default);
+        assert_eq!(hook(&["a", "serve", "-F/x/hook"]), Some("/x/hook".into()));
+        assert_eq!(hook(&["a", "serve", "-F=/y"]), Some("/y".into()));
+        assert_eq!(
+            hook(&["a", "serve", "--fsfreeze-hook=/z"]),
+            Some("/z".into())
+        );
+        assert_eq!(hook(&["a", "serve"]), None);
+    }
+
+    #[test]
+    fn a_path_value_that_looks_like_the_hook_flag_stays_a_path() {
+        let argv = serve::qemu_ga_argv(["a", "serve", "-p", "-Fodd"].map(Into::into));
+        let Ok(Command::Serve(s)) = Cli::try_parse_from(argv).map(|c| c.command) else {
+            panic!("did not parse");
+        };
+        assert_eq!(s.path, Some("-Fodd".into()));
+        assert_eq!(s.fsfreeze_hook, None);
+    }
 }

@@ -3,6 +3,7 @@
 //! existing units and tests. One [`Agent`] serves the port; its parser state outlives
 //! connections. The runtime is single-threaded to keep the resident set small.
 
+use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -103,6 +104,28 @@ pub struct ServeArgs {
     /// OpenSSH public keys a pushed seed must be signed with.
     #[arg(long = "trusted-keys", value_name = "FILE")]
     pub trusted_keys: Option<PathBuf>,
+}
+
+/// qemu-ga spells the hook with an attached value (`-F/path`), which clap cannot take for
+/// an option whose value is optional; rewrite that one form to `--fsfreeze-hook=/path`.
+/// `-F` alone and `-F=/path` pass through. A value following `-p`/`--path` (which may
+/// begin with a hyphen) is left alone.
+pub fn qemu_ga_argv(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut out: Vec<OsString> = Vec::new();
+    for arg in args {
+        let takes_value = out
+            .last()
+            .is_some_and(|prev| prev == "-p" || prev == "--path");
+        let attached = arg
+            .to_str()
+            .and_then(|s| s.strip_prefix("-F"))
+            .filter(|rest| !rest.is_empty() && !rest.starts_with('='));
+        match attached {
+            Some(path) if !takes_value => out.push(format!("--fsfreeze-hook={path}").into()),
+            _ => out.push(arg),
+        }
+    }
+    out
 }
 
 /// A port the agent answers on.
