@@ -64,6 +64,10 @@ let
   ++ lib.optional (!cfg.controlChannel.enable) "--no-channel"
   ++ firewallArgs
   ++ trustArgs
+  ++ lib.optionals (cfg.guestAgent.unsafeCommands != [ ]) [
+    "--unsafe-rpcs"
+    (lib.concatStringsSep "," cfg.guestAgent.unsafeCommands)
+  ]
   ++ lib.optionals (cfg.guestAgent.allowedCommands != [ ]) [
     "-a"
     (lib.concatStringsSep "," cfg.guestAgent.allowedCommands)
@@ -181,7 +185,7 @@ in
           the `org.qemu.guest_agent.0` virtio port, and stops when it goes away.
         '';
 
-      allowedCommands = lib.mkOption {
+      unsafeCommands = lib.mkOption {
         type = lib.types.listOf lib.types.str;
         default = [ ];
         example = [
@@ -190,9 +194,33 @@ in
           "guest-set-user-password"
         ];
         description = ''
-          Commands passed to the agent's allow-list (qemu-ga's `-a`). The unsafe
-          commands, `guest-exec*`, `guest-file-*` and `guest-set-user-password`, stay
-          disabled unless they are listed here.
+          Unsafe commands to turn on (`--unsafe-rpcs`): `guest-exec*`, `guest-file-*`
+          and `guest-set-user-password` are off unless named here. Every other command
+          keeps running.
+        '';
+      };
+
+      allowedCommands = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        example = [
+          "guest-ping"
+          "guest-sync"
+          "guest-sync-delimited"
+          "guest-info"
+          "guest-network-get-interfaces"
+          "guest-fsfreeze-status"
+          "guest-fsfreeze-freeze"
+          "guest-fsfreeze-thaw"
+          "guest-shutdown"
+        ];
+        description = ''
+          A strict allow-list (qemu-ga's `-a`): when non-empty, only these commands
+          run and every other one is answered `Command <name> has been disabled`.
+          List everything the host uses (Proxmox VE and libvirt need at least
+          `guest-ping`, `guest-sync-delimited`, `guest-info` and
+          `guest-network-get-interfaces`). To turn on an unsafe command without
+          restricting the rest, use `unsafeCommands`.
         '';
       };
 

@@ -290,16 +290,20 @@ in
     let
       c = eval {
         imports = [ base ];
-        services.nixseed.guestAgent.allowedCommands = [
+        services.nixseed.guestAgent.unsafeCommands = [
           "guest-exec"
           "guest-exec-status"
+        ];
+        services.nixseed.guestAgent.allowedCommands = [
+          "guest-ping"
+          "guest-exec"
         ];
         services.nixseed.guestAgent.blockedCommands = [ "guest-shutdown" ];
         services.nixseed.controlChannel.enable = false;
       };
     in
     lib.last c.systemd.services.nixseed-agent.serviceConfig.ExecStart
-    == ''${exe} "serve" "--identity-dir" "/var/identity" "--no-channel" "-a" "guest-exec,guest-exec-status" "-b" "guest-shutdown"''
+    == ''${exe} "serve" "--identity-dir" "/var/identity" "--no-channel" "--unsafe-rpcs" "guest-exec,guest-exec-status" "-a" "guest-ping,guest-exec" "-b" "guest-shutdown"''
     && c.services.udev.packages == [ fakePkgs.nixseed-agent ]
     && !(c.systemd.services ? nixseed-channel)
     && lib.hasSuffix ''"--channel-wait" "0"'' (lib.last c.systemd.services.nixseed-apply.serviceConfig.ExecStart)

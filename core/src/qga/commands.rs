@@ -136,6 +136,14 @@ mod tests {
         assert!(!p.enabled(ping), "-a restricts to the list, as in qemu-ga");
         let p = CommandPolicy {
             unsafe_allowed: vec!["guest-exec".into()],
+            ..Default::default()
+        };
+        assert!(
+            p.enabled(exec) && p.enabled(ping),
+            "--unsafe-rpcs restricts nothing"
+        );
+        let p = CommandPolicy {
+            unsafe_allowed: vec!["guest-exec".into()],
             block: vec!["guest-ping".into()],
             ..Default::default()
         };
