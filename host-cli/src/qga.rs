@@ -4,7 +4,7 @@
 //! the agent puts before its reply, and accept only the reply carrying that id. Stale
 //! replies left over from an earlier client are skipped the same way.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -145,9 +145,9 @@ impl QgaClient {
             req["arguments"] = a;
         }
         self.send(&req)?;
-        let mut buf = [0u8; 1];
-        match self.reader.get_mut().read(&mut buf) {
-            Ok(0) => Ok(()),
+        // Look without consuming: an answer (a refusal) must be parsed whole.
+        match self.reader.fill_buf() {
+            Ok([]) => Ok(()),
             Err(e) if is_timeout(&e) => Ok(()),
             Ok(_) => match self.read_value(command)? {
                 Some(v) => reply(command, v).map(|_| ()),

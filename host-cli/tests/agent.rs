@@ -17,6 +17,10 @@ struct QemuGa {
 
 impl QemuGa {
     fn start(s: &Scratch) -> QemuGa {
+        QemuGa::start_with(s, &[])
+    }
+
+    fn start_with(s: &Scratch, extra: &[&str]) -> QemuGa {
         require_tool("qemu-ga");
         let sock = s.path().join("qga.sock");
         let statedir = s.path().join("qga-state");
@@ -26,6 +30,7 @@ impl QemuGa {
             .arg(&sock)
             .arg("-t")
             .arg(&statedir)
+            .args(extra)
             .spawn()
             .unwrap();
         let start = Instant::now();
@@ -109,6 +114,23 @@ fn commands_against_real_qemu_ga() {
         err.contains("CommandNotFound")
             && err.contains("guest-nope")
             && err.contains("machine `vm1`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_refused_shutdown_is_an_error() {
+    let s = Scratch::new();
+    let ga = QemuGa::start_with(&s, &["-b", "guest-shutdown"]);
+    let err = s.fails(&[
+        "agent",
+        "vm1",
+        "--socket",
+        ga.sock.to_str().unwrap(),
+        "shutdown",
+    ]);
+    assert!(
+        err.contains("guest-shutdown") && err.contains("disabled"),
         "{err}"
     );
 }
