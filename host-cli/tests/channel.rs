@@ -244,6 +244,11 @@ fn silence_and_no_socket_are_clear_errors() {
         "{err}"
     );
     drop(listener);
+
+    for bad in ["nan", "inf", "0", "-1"] {
+        let err = s.fails(&["status", "web1", &format!("--timeout={bad}")]);
+        assert!(err.contains("not a number of seconds"), "{bad}: {err}");
+    }
 }
 
 /// Plays the guest: accept seedctl's connection on `sock`, say hello, return the answer.
@@ -414,9 +419,24 @@ fn serve_finds_libvirt_domains_channel_sockets() {
     let log = String::from_utf8(out.stderr).unwrap();
     assert!(log.contains("unmanaged: skipped"), "{log}");
 
-    // A named domain without a nixseed channel is an error that says what to do.
+    // A named domain with no machine directory is an error that says what to do.
     let err = s.fails(&["serve", "unmanaged", "--connect", &uri, "--once"]);
     assert!(err.contains("machine `unmanaged` not found"), "{err}");
+
+    // A machine whose domain has no nixseed channel: the error says to redefine it.
+    let key = s.client_key();
+    s.ok(&[
+        "new",
+        "unmanaged",
+        "--admin-key",
+        &format!("@{}", key.display()),
+    ]);
+    let err = s.fails(&["serve", "unmanaged", "--connect", &uri, "--once"]);
+    assert!(
+        err.contains("has no unix channel named org.nixseed.channel.0")
+            && err.contains("seedctl define unmanaged"),
+        "{err}"
+    );
 }
 
 /// The whole first-boot path with the real agent: its `initrd` stage finds no seed disk,

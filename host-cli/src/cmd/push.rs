@@ -27,8 +27,18 @@ pub struct ChannelArgs {
     #[arg(long, short = 'c', value_name = "URI")]
     pub connect: Option<String>,
     /// Seconds to wait for the guest's answer
-    #[arg(long, default_value_t = 10.0, value_name = "S")]
+    #[arg(long, default_value_t = 10.0, value_name = "S", value_parser = seconds)]
     pub timeout: f64,
+}
+
+/// A positive, finite number of seconds, at most a day.
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds between 0 and 86400"
+        )),
+    }
 }
 
 impl ChannelArgs {
@@ -43,7 +53,7 @@ impl ChannelArgs {
     }
 
     pub fn timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.timeout.clamp(0.001, 86_400.0))
+        Duration::from_secs_f64(self.timeout.max(0.001))
     }
 }
 
