@@ -85,7 +85,9 @@ pub fn crosscheck(_h: &Harness) -> Result<()> {
     let auth = b.ssh.run("cat /root/.ssh/authorized_keys")?;
     let admin = m.read("admin_authorized_keys")?;
     for k in admin.lines().filter(|l| !l.trim().is_empty()) {
-        let blob = ssh::key_type_and_blob(k).unwrap_or_default();
+        let blob = ssh::key_type_and_blob(k).with_context(|| {
+            format!("admin_authorized_keys holds `{k}`, not an OpenSSH public key")
+        })?;
         ensure!(
             auth.contains(&blob),
             "root's authorized_keys lacks the admin key `{blob}`:\n{auth}"

@@ -229,7 +229,12 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     // SSH keys through the agent: root's are the identity's admin keys; add and remove one.
     let keys = virsh(&["get-user-sshkeys", name, "root"])?;
     let admin = h.key.public_line()?;
-    let admin_blob = ssh::key_type_and_blob(&admin).unwrap_or_default();
+    let admin_blob = ssh::key_type_and_blob(&admin).with_context(|| {
+        format!(
+            "the admin key `{}` is not an OpenSSH public key",
+            admin.trim()
+        )
+    })?;
     ensure!(
         keys.contains(&admin_blob),
         "`virsh get-user-sshkeys {name} root` lacks the admin key {admin_blob}:\n{keys}"
