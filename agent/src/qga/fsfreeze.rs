@@ -1,9 +1,7 @@
 //! Filesystem freeze and thaw (FIFREEZE/FITHAW) for consistent host snapshots, plus
 //! FITRIM for guest-fstrim. The only module with ioctls: each call is one nix ioctl
 //! wrapper on a directory fd we opened and still own.
-#![allow(unsafe_code)]
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -13,45 +11,59 @@ use serde_json::Value;
 
 use super::{Agent, CmdResult, errno_text};
 
-nix::ioctl_readwrite!(fifreeze, b'X', 119, nix::libc::c_int);
-nix::ioctl_readwrite!(fithaw, b'X', 120, nix::libc::c_int);
-nix::ioctl_readwrite!(fitrim_raw, b'X', 121, FstrimRange);
+/// The three ioctls, each wrapped once; the only unsafe code in the agent.
+#[allow(unsafe_code)]
+mod ioctl {
+    use std::os::fd::AsRawFd;
 
-#[repr(C)]
-pub struct FstrimRange {
-    pub start: u64,
-    pub len: u64,
-    pub minlen: u64,
+    use nix::errno::Errno;
+
+    nix::ioctl_readwrite!(fifreeze, b'X', 119, nix::libc::c_int);
+    nix::ioctl_readwrite!(fithaw, b'X', 120, nix::libc::c_int);
+    nix::ioctl_readwrite!(fitrim_raw, b'X', 121, FstrimRange);
+
+    #[repr(C)]
+    pub struct FstrimRange {
+        pub start: u64,
+        pub len: u64,
+        pub minlen: u64,
+    }
+
+    pub fn freeze_fd(f: &std::fs::File) -> Result<(), Errno> {
+        let mut arg: nix::libc::c_int = 0;
+        // SAFETY: `f` is an open fd we own for the duration of the call; the kernel
+        // ignores the int argument of FIFREEZE and we pass a valid pointer anyway.
+        unsafe { fifreeze(f.as_raw_fd(), &mut arg) }.map(|_| ())
+    }
+
+    pub fn thaw_fd(f: &std::fs::File) -> Result<(), Errno> {
+        let mut arg: nix::libc::c_int = 0;
+        // SAFETY: as for freeze_fd; FITHAW ignores its argument.
+        unsafe { fithaw(f.as_raw_fd(), &mut arg) }.map(|_| ())
+    }
+
+    /// FITRIM over the whole filesystem of `f`; returns bytes trimmed.
+    pub fn fitrim_fd(f: &std::fs::File, minimum: u64) -> Result<u64, Errno> {
+        let mut range = FstrimRange {
+            start: 0,
+            len: u64::MAX,
+            minlen: minimum,
+        };
+        // SAFETY: `range` is a live, correctly laid out fstrim_range the kernel fills in.
+        unsafe { fitrim_raw(f.as_raw_fd(), &mut range) }?;
+        Ok(range.len)
+    }
 }
+
+use ioctl::{freeze_fd, thaw_fd};
 
 fn open_dir(path: &str) -> Result<std::fs::File, Errno> {
     std::fs::File::open(path).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
 }
 
-fn freeze_fd(f: &std::fs::File) -> Result<(), Errno> {
-    let mut arg: nix::libc::c_int = 0;
-    // SAFETY: `f` is an open fd we own for the duration of the call; the kernel ignores
-    // the int argument of FIFREEZE and we pass a valid pointer anyway.
-    unsafe { fifreeze(f.as_raw_fd(), &mut arg) }.map(|_| ())
-}
-
-fn thaw_fd(f: &std::fs::File) -> Result<(), Errno> {
-    let mut arg: nix::libc::c_int = 0;
-    // SAFETY: as for freeze_fd; FITHAW ignores its argument.
-    unsafe { fithaw(f.as_raw_fd(), &mut arg) }.map(|_| ())
-}
-
 /// Discards unused blocks of the filesystem holding `path`; returns bytes trimmed.
 pub fn fitrim(path: &str, minimum: u64) -> Result<u64, Errno> {
-    let f = open_dir(path)?;
-    let mut range = FstrimRange {
-        start: 0,
-        len: u64::MAX,
-        minlen: minimum,
-    };
-    // SAFETY: `range` is a live, correctly laid out fstrim_range the kernel fills in.
-    unsafe { fitrim_raw(f.as_raw_fd(), &mut range) }?;
-    Ok(range.len)
+    ioctl::fitrim_fd(&open_dir(path)?, minimum)
 }
 
 pub fn marker(state_dir: &Path) -> PathBuf {
