@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use nixseed_core::qga::sysparse::unescape_octal;
 use rustix::mount::{MountFlags, UnmountFlags, mount_bind, mount_remount, unmount};
 
 /// Mount points listed in `/proc/self/mountinfo` (octal escapes decoded).
@@ -13,28 +14,8 @@ pub fn mount_points() -> Result<Vec<PathBuf>> {
     Ok(text
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape(p)))
+        .map(|p| PathBuf::from(unescape_octal(p)))
         .collect())
-}
-
-fn unescape(s: &str) -> String {
-    let mut out = Vec::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 4 <= b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Bind-mounts `src` read-only over `dst`, replacing an earlier nixseed bind there.
@@ -59,13 +40,4 @@ pub fn bind_readonly(src: &Path, dst: &Path, mounted: &[PathBuf]) -> Result<()> 
     )
     .with_context(|| format!("cannot make the bind at {} read-only", dst.display()))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(super::unescape("/a\\040b"), "/a b");
-        assert_eq!(super::unescape("/plain"), "/plain");
-    }
 }

@@ -7,7 +7,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use nixseed_core::identity::{self, IdentityFile, IdentityTree};
 use nixseed_core::manifest::{Manifest, sha256_hex};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
@@ -231,7 +231,12 @@ impl Store {
         durability: Durability,
     ) -> Result<u64> {
         let previous = self.current_number()?;
-        let n = previous.unwrap_or(0) + 1;
+        let n = previous.unwrap_or(0).checked_add(1).ok_or_else(|| {
+            anyhow!(
+                "{}: the current generation number is the largest there is; no new generation can follow it",
+                self.path.display()
+            )
+        })?;
         manifest.generation = n;
         manifest.files = Manifest::files_of(tree);
         let name = gen_name(n);

@@ -258,14 +258,17 @@ pub struct Mount {
     pub source: String,
 }
 
-fn unescape_octal(s: &str) -> String {
+/// Undoes the kernel's `\ooo` escapes in /proc/self/mountinfo and /proc/mounts fields.
+/// Only escapes that fit a byte (`\000`..`\377`) are decoded; anything else is kept as is.
+pub fn unescape_octal(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+            && i + 4 <= b.len()
+            && (b'0'..=b'3').contains(&b[i + 1])
+            && b[i + 2..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
@@ -336,6 +339,16 @@ pub fn conf_list(v: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn octal_escapes_that_fit_a_byte_are_decoded() {
+        assert_eq!(unescape_octal("/a\\040b"), "/a b");
+        assert_eq!(unescape_octal("/plain"), "/plain");
+        assert_eq!(unescape_octal("/end\\011"), "/end\t");
+        // \777 would overflow a byte: kept as written, never a panic.
+        assert_eq!(unescape_octal("/x\\777y"), "/x\\777y");
+        assert_eq!(unescape_octal("/short\\04"), "/short\\04");
+    }
 
     #[test]
     fn os_release_quotes() {
