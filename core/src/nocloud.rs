@@ -1,5 +1,5 @@
 //! NoCloud: meta-data, and the `ds=nocloud;…` token from the kernel command line or the
-//! SMBIOS serial (cloud-init's DataSourceNoCloud, REFERENCE.md §1).
+//! SMBIOS serial (cloud-init's DataSourceNoCloud).
 
 use crate::yaml::{self, Value};
 

@@ -620,7 +620,7 @@ fn shell_quote(arg: &str) -> String {
 mod tests {
     use super::*;
 
-    /// user-data exactly in the shape and order Proxmox VE writes it (REFERENCE.md §2).
+    /// user-data exactly in the shape and order Proxmox VE writes it (PVE::QemuServer::Cloudinit).
     const PROXMOX: &str = "#cloud-config\nhostname: 0123\nmanage_etc_hosts: true\nfqdn: 0123.example.com\nuser: admin\npassword: $5$salt$4iUKXwyDd6fNk3MvxwJHJEkmF2GIHE26b2ecvE1eLX.\nssh_authorized_keys:\n  - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA0 admin@host\nchpasswd:\n  expire: False\nusers:\n  - default\npackage_upgrade: true\n";
 
     #[test]

@@ -16,7 +16,7 @@ use crate::output::Report;
     about = "Make nixseed identities, seed images, disks and VMs",
     after_help = "Quick start:
   seedctl new web1 --admin-key @~/.ssh/id_ed25519.pub
-  seedctl create web1 --base ./result/nixos.qcow2
+  seedctl create web1 --base ./result/nixseed-base.qcow2
   seedctl run web1 --detach
   seedctl ssh web1"
 )]
@@ -70,7 +70,7 @@ pub enum Command {
     Rollback(cmd::rollback::RollbackArgs),
     /// Answer booting guests' hello on their control channels with their identities
     Serve(cmd::serve::ServeArgs),
-    /// Guest-agent commands (ping, info, osinfo, ifaddr, fsfreeze, shutdown, ...)
+    /// Guest-agent commands (ping, info, osinfo, ifaddr, freeze, thaw, shutdown, ...)
     Agent(cmd::agent::AgentArgs),
     /// Pinned known_hosts lines for every machine
     KnownHosts(cmd::known_hosts::KnownHostsArgs),

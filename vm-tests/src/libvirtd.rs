@@ -24,7 +24,7 @@ const LIBVIRTD_SOCK: &str = "/run/libvirt/libvirt-sock";
 const VIRTLOGD_SOCK: &str = "/run/libvirt/virtlogd-sock";
 const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
 
-/// The settings a root-only, unconfined QEMU driver needs (REFERENCE §5).
+/// The settings a root-only, unconfined QEMU driver needs where no distribution setup ran.
 const QEMU_CONF_SETTINGS: &[(&str, &str)] = &[
     ("user", "\"root\""),
     ("group", "\"root\""),

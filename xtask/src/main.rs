@@ -7,7 +7,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <deps|demo|test|bench|dist|fuzz> [args]
+const USAGE: &str = "usage: cargo xtask <deps|demo|test|bench|dist|man|fuzz> [args]
   deps          install host packages (apt-get) and the musl target (rustup)
   demo          build the guest image, boot a VM with its identity, show it, shut it down
   test [--no-vm] [--no-fuzz] [SCENARIO...]

@@ -28,8 +28,8 @@ pub enum SeedFormat {
   seedctl seed web1                       # .seedctl/web1/seed.iso
   seedctl seed web1 -o /tmp/web1.iso
   seedctl seed web1 --format vfat -o web1-seed.img
-The same identity always gives byte-identical output (timestamps come from
-SOURCE_DATE_EPOCH, default 2020-01-01).")]
+The same identity always gives byte-identical output (ISO timestamps come from
+SOURCE_DATE_EPOCH, default 2020-01-01; vfat always carries 2020-01-01).")]
 pub struct SeedArgs {
     /// Machine name
     pub name: String,

@@ -16,7 +16,7 @@ use crate::state::{BOOT_DISK, SEED_ISO, StateDir, VAR_DISK};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
-  seedctl upgrade web1 --base ./result/nixos.qcow2
+  seedctl upgrade web1 --base ./result/nixseed-base.qcow2
   seedctl upgrade web1 --base new.qcow2 --restart   # stops a running `seedctl run` VM first")]
 pub struct UpgradeArgs {
     /// Machine name

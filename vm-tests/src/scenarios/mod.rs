@@ -209,7 +209,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "powercut",
-        about: "QEMU killed at 21 delay points in the initrd apply and a live push: /var/identity is always one whole generation, then boots to sshd",
+        about: "QEMU killed at 22 delay points in the initrd apply and a live push: /var/identity is always one whole generation, then boots to sshd",
         run: powercut::powercut,
     },
 ];
