@@ -145,15 +145,23 @@ impl QgaClient {
             req["arguments"] = a;
         }
         self.send(&req)?;
-        // Look without consuming: an answer (a refusal) must be parsed whole.
-        match self.reader.fill_buf() {
-            Ok([]) => Ok(()),
-            Err(e) if is_timeout(&e) => Ok(()),
-            Ok(_) => match self.read_value(command)? {
-                Some(v) => reply(command, v).map(|_| ()),
-                None => Ok(()),
-            },
-            Err(_) => Ok(()),
+        // Look without consuming: an answer (a refusal) must be parsed whole. The newline
+        // after the sync reply may still be buffered; it is not an answer.
+        loop {
+            let blank = match self.reader.fill_buf() {
+                Ok([]) => return Ok(()),
+                Ok(buf) => buf.iter().take_while(|b| b.is_ascii_whitespace()).count(),
+                Err(e) if is_timeout(&e) => return Ok(()),
+                Err(_) => return Ok(()),
+            };
+            if blank == 0 {
+                break;
+            }
+            self.reader.consume(blank);
+        }
+        match self.read_value(command)? {
+            Some(v) => reply(command, v).map(|_| ()),
+            None => Ok(()),
         }
     }
 }

@@ -166,6 +166,11 @@ pub fn run() -> Result<()> {
         "   QEMU exited ({status}) {:.1} s after guest-shutdown",
         t.elapsed().as_secs_f64()
     );
+    ensure!(
+        said.status.success(),
+        "`seedctl agent {} shutdown` reported a failure although the guest shut down",
+        m.name
+    );
     println!("\ndemo done in {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
 }

@@ -146,6 +146,34 @@ impl Booted {
         );
         Ok(())
     }
+
+    /// Shuts the guest down the way a host does, `seedctl agent NAME shutdown`
+    /// (guest-shutdown, which answers nothing on success): seedctl must report success
+    /// and QEMU must exit.
+    pub fn shutdown_via_agent(mut self, h: &Harness, m: &Machine) -> Result<()> {
+        let t = Instant::now();
+        let out = m
+            .seedctl(h.seedctl.as_ref())?
+            .args(["agent", &m.name, "--socket"])
+            .arg(self.vm.config.qga_socket())
+            .arg("shutdown")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("running seedctl agent shutdown")?;
+        ensure!(
+            out.status.success(),
+            "`seedctl agent {} shutdown` failed: {}",
+            m.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        self.vm.wait_exit(Duration::from_secs(180))?;
+        eprintln!(
+            "vm-tests: {}: shut down through the guest agent in {:.1} s",
+            m.name,
+            t.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
 }
 
 /// One scenario: a name and the check.
@@ -159,7 +187,7 @@ pub struct Scenario {
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "first-boot",
-        about: "sshd presents the machine's key, machine-id from the seed, / read-only, no failed units",
+        about: "sshd presents the machine's key, machine-id from the seed, / read-only, no failed units; `seedctl agent shutdown` powers it off",
         run: identity::first_boot,
     },
     Scenario {
