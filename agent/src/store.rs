@@ -602,3 +602,30 @@ fn remove_tree_at(dir: &impl AsFd, name: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_generation_number_that_cannot_grow_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("identity");
+        let store = Store::open(&path, true).unwrap();
+        std::os::unix::fs::symlink(gen_name(u64::MAX), path.join(CURRENT)).unwrap();
+        let manifest = Manifest {
+            generation: 0,
+            instance_id: "i-1".into(),
+            source: "test".into(),
+            product_uuid: None,
+            seed_digest: String::new(),
+            files: Default::default(),
+            seed_generation: None,
+        };
+        let err = store
+            .write_generation(&IdentityTree::new(), manifest, Durability::Deferred)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("largest there is"), "{err:#}");
+    }
+}
