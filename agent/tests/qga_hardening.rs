@@ -116,3 +116,50 @@ fn unsafe_commands_are_audited_and_files_confined() {
     std::io::Read::read_to_string(s.child.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(err.contains("AUDIT guest agent: running guest-file-open (enabled by the allow-list) with arguments [path]"), "{err}");
 }
+
+/// A background grandchild keeps the output pipes open after the child exits: like
+/// qemu-ga, guest-exec-status says `exited: false` until they close, and the agent keeps
+/// answering everything else meanwhile.
+#[test]
+fn exec_status_does_not_wait_for_a_grandchild_holding_the_output() {
+    let s = serve(&["--unsafe-rpcs", "guest-exec,guest-exec-status"]);
+    let conn = UnixStream::connect(&s.sock).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut r = BufReader::new(&conn);
+    let mut ask = |req: &str| {
+        (&conn).write_all(req.as_bytes()).unwrap();
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        l
+    };
+    let started = ask(
+        r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","sleep 4 & echo hi"],"capture-output":true}}"#,
+    );
+    let v: serde_json::Value = serde_json::from_str(&started).unwrap();
+    let pid = v["return"]["pid"].as_i64().unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let status = format!(r#"{{"execute":"guest-exec-status","arguments":{{"pid":{pid}}}}}"#);
+    let t0 = Instant::now();
+    let first = ask(&status);
+    let ping = ask(r#"{"execute":"guest-ping"}"#);
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "status and ping took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(first, "{\"return\": {\"exited\": false}}\n");
+    assert_eq!(ping, "{\"return\": {}}\n");
+    let done = loop {
+        let l = ask(&status);
+        if !l.contains("\"exited\": false") {
+            break l;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "never finished");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let v: serde_json::Value = serde_json::from_str(&done).unwrap();
+    assert_eq!(v["return"]["exited"], true, "{done}");
+    assert_eq!(v["return"]["exitcode"], 0, "{done}");
+    assert_eq!(v["return"]["out-data"], "aGkK", "{done}");
+}

@@ -109,7 +109,10 @@ pub fn status(agent: &mut Agent, mut args: Args) -> CmdResult {
         .child
         .try_wait()
         .map_err(|e| QgaError::generic(format!("pid {pid}: {e}")))?;
-    let Some(st) = st else {
+    // As qemu-ga: not finished until the output pipes are closed too. A background
+    // grandchild can hold them open long after the child exited; joining its readers here
+    // would stall every later request.
+    let Some(st) = st.filter(|_| r.readers.iter().all(|(_, h, _)| h.is_finished())) else {
         return Ok(Some(json!({ "exited": false })));
     };
     let done = agent.exec.running.remove(&pid).ok_or_else(invalid)?;
