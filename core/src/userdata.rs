@@ -130,6 +130,17 @@ pub fn parse(bytes: &[u8], origin: &str) -> Result<CloudConfig, UserDataError> {
             )),
         }
     }
+    // Passwords are kept only as crypt hashes, as for chpasswd: users.json is readable
+    // by every account, and nixseed never stores a clear-text secret.
+    for u in &mut config.users {
+        if u.passwd.as_deref().is_some_and(|p| !p.starts_with('$')) {
+            u.passwd = None;
+            config.warnings.push(format!(
+                "{origin}: clear-text password for user '{}' ignored; give a crypt hash",
+                u.name
+            ));
+        }
+    }
     Ok(config)
 }
 
@@ -635,6 +646,28 @@ mod tests {
         assert_eq!(c.ssh_authorized_keys.len(), 1);
         assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
         assert!(c.warnings[0].contains("'package_upgrade'"));
+    }
+
+    #[test]
+    fn clear_text_passwords_are_never_kept() {
+        let c = parse(
+            b"#cloud-config\nuser: admin\npassword: passw0rd\nusers:\n  - name: bob\n    passwd: hunter2\n  - name: eve\n    hashed_passwd: $6$s$h\n",
+            "user-data",
+        )
+        .unwrap();
+        let pw = |n: &str| c.users.iter().find(|u| u.name == n).unwrap().passwd.clone();
+        assert_eq!(pw("admin"), None);
+        assert_eq!(pw("bob"), None);
+        assert_eq!(pw("eve").as_deref(), Some("$6$s$h"));
+        for n in ["admin", "bob"] {
+            assert!(
+                c.warnings
+                    .iter()
+                    .any(|w| w.contains("user-data: clear-text password") && w.contains(n)),
+                "{:?}",
+                c.warnings
+            );
+        }
     }
 
     #[test]
