@@ -81,11 +81,7 @@ async fn rollback(ctx: &ChannelContext) -> Result<Message> {
     let old = store.current()?.map(|g| g.tree).unwrap_or_default();
     let n = store.rollback()?;
     let new = store.read_generation(n)?.tree;
-    let changed = new
-        .iter()
-        .filter(|(k, v)| old.get(*k) != Some(v))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let changed = stage::tree_changes(&old, &new);
     applied(
         &store,
         before,

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use nixseed_core::decide::{ClonePolicy, InstanceDecision, SeedSummary, decide};
-use nixseed_core::identity::{self, ComposeContext, compose};
+use nixseed_core::identity::{self, ComposeContext, IdentityTree, compose};
 use nixseed_core::manifest::Manifest;
 use nixseed_core::network::Link;
 use nixseed_core::seed::Seed;
@@ -185,6 +185,15 @@ pub fn run_boot_stage(opts: &StageOptions) -> Result<Outcome> {
     Ok(outcome)
 }
 
+/// Files that differ between two generations: changed, added or removed.
+pub fn tree_changes(old: &IdentityTree, new: &IdentityTree) -> Vec<String> {
+    new.iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .chain(old.keys().filter(|k| !new.contains_key(*k)).cloned())
+        .collect()
+}
+
 /// Decides and writes; shared by the boot stages and a live push.
 pub fn apply_seed(
     store: &Store,
@@ -274,12 +283,7 @@ pub fn apply_seed(
     t.lap("compose");
     crate::crashpoint::hit("composed");
     outcome.changed = match &current {
-        Some(g) => tree
-            .iter()
-            .filter(|(k, v)| g.tree.get(*k) != Some(v))
-            .map(|(k, _)| k.clone())
-            .chain(g.tree.keys().filter(|k| !tree.contains_key(*k)).cloned())
-            .collect(),
+        Some(g) => tree_changes(&g.tree, &tree),
         None => tree.keys().cloned().collect(),
     };
     let manifest = Manifest {
@@ -309,9 +313,13 @@ pub fn apply_seed(
     if let Some(v) = &seed.vendor {
         files.extend(v.write_files.iter().cloned());
     }
+    // The generation is current by now: a file that cannot be written is reported, and the
+    // identity is still mounted and reloaded (cloud-init's write_files fails on its own too).
     if !files.is_empty() {
-        let written = crate::write_files::apply(&opts.sysroot, &files)?;
-        tracing::info!("write_files: wrote {}", written.join(", "));
+        match crate::write_files::apply(&opts.sysroot, &files) {
+            Ok(written) => tracing::info!("write_files: wrote {}", written.join(", ")),
+            Err(e) => tracing::error!("{e:#}; generation {n} is applied without it"),
+        }
         t.lap("write_files");
     }
     Ok(outcome)
@@ -464,4 +472,39 @@ pub fn summary(stage: &str, o: &Outcome) -> String {
         o.source.as_deref().unwrap_or("-"),
         laps.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nixseed_core::identity::IdentityFile;
+
+    fn tree(files: &[(&str, &str)]) -> IdentityTree {
+        files
+            .iter()
+            .map(|(k, v)| {
+                let f = IdentityFile {
+                    mode: 0o644,
+                    bytes: v.as_bytes().to_vec(),
+                };
+                (k.to_string(), f)
+            })
+            .collect()
+    }
+
+    /// A rollback to a generation without ports or a network file must reload nftables
+    /// and networkd: removed files count as changes.
+    #[test]
+    fn changes_include_added_changed_and_removed_files() {
+        let old = tree(&[("hostname", "a"), ("tcp_ports", "22"), ("same", "x")]);
+        let new = tree(&[
+            ("hostname", "b"),
+            ("network/10.network", "n"),
+            ("same", "x"),
+        ]);
+        let mut c = tree_changes(&old, &new);
+        c.sort();
+        assert_eq!(c, ["hostname", "network/10.network", "tcp_ports"]);
+        assert!(tree_changes(&new, &new).is_empty());
+    }
 }

@@ -555,6 +555,29 @@ fn write_files_land_under_var_once_per_instance() {
     assert_eq!(std::fs::read(&f).unwrap(), b"rotated");
 }
 
+/// A write_files entry that cannot be written (here a symlink planted on its path) is an
+/// error naming the file, and the identity is applied and mounted all the same.
+#[test]
+fn a_write_files_failure_is_reported_and_the_identity_still_applies() {
+    let vm = Vm::new();
+    vm.seed(
+        "instance-id: iid-1\n",
+        "#cloud-config\nhostname: web1\nwrite_files:\n  - path: /var/lib/app/token\n    content: s3cret\n",
+        None,
+    );
+    let (out, s) = vm.boot_with(
+        "mkdir -p sysroot/var/lib elsewhere && ln -s ../../../elsewhere sysroot/var/lib/app",
+    );
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert!(s.contains("== hostname\nweb1"), "{s}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("write_files: cannot write /var/lib/app/token"),
+        "{err}"
+    );
+    assert!(!vm.p("elsewhere/token").exists());
+}
+
 /// Every delay point of a new-instance apply: the agent is SIGKILLed there, and the store
 /// must hold exactly the old or exactly the new generation, verified against its manifest.
 /// (The real power cut, with the VM killed, is vm-tests' `powercut` scenario.)
