@@ -299,6 +299,21 @@ fn cases() -> Vec<Case> {
         }),
         case("ssh keys unknown user", &[b"{\"execute\":\"guest-ssh-get-authorized-keys\",\"arguments\":{\"username\":\"nosuch\"}}"]),
         case("shutdown bad mode", &[b"{\"execute\":\"guest-shutdown\",\"arguments\":{\"mode\":\"bogus\"}}"]),
+        // The only case that opens a file: both agents hand out handle 1000 first.
+        case("file seek: whence codes and names", &[
+            b"{\"execute\":\"guest-file-open\",\"arguments\":{\"path\":\"/etc/hostname\"}}",
+            b"{\"execute\":\"guest-file-seek\",\"arguments\":{\"handle\":1000,\"offset\":1,\"whence\":\"set\"}}",
+            b"{\"execute\":\"guest-file-seek\",\"arguments\":{\"handle\":1000,\"offset\":1,\"whence\":\"cur\"}}",
+            b"{\"execute\":\"guest-file-seek\",\"arguments\":{\"handle\":1000,\"offset\":0,\"whence\":\"end\"}}",
+            b"{\"execute\":\"guest-file-seek\",\"arguments\":{\"handle\":1000,\"offset\":2,\"whence\":0}}",
+            b"{\"execute\":\"guest-file-seek\",\"arguments\":{\"handle\":1000,\"offset\":-1,\"whence\":0}}",
+            b"{\"execute\":\"guest-file-seek\",\"arguments\":{\"handle\":1000,\"offset\":0,\"whence\":\"bogus\"}}",
+            b"{\"execute\":\"guest-file-seek\",\"arguments\":{\"handle\":1000,\"offset\":0,\"whence\":7}}",
+            b"{\"execute\":\"guest-file-seek\",\"arguments\":{\"handle\":1000,\"offset\":0,\"whence\":1.5}}",
+            b"{\"execute\":\"guest-file-seek\",\"arguments\":{\"handle\":1000,\"offset\":0,\"whence\":true}}",
+            b"{\"execute\":\"guest-file-seek\",\"arguments\":{\"handle\":1000,\"offset\":0}}",
+            b"{\"execute\":\"guest-file-close\",\"arguments\":{\"handle\":1000}}",
+        ]),
         with("guest-info", &[&cmd("guest-info")], keep_common_commands),
     ]
 }
@@ -442,6 +457,19 @@ fn fsfreeze_matches_qemu_ga_on_a_loop_mount() {
         "cannot loop-mount {} (the test suite runs as root, as the VM tests do)",
         img.display()
     );
+    // A bind mount of the same filesystem, as /nix/store is on NixOS: naming only it
+    // must still freeze its device.
+    let bind = dir.path().join("bind");
+    std::fs::create_dir_all(&bind).unwrap();
+    assert!(
+        ok(Command::new("mount").arg("--bind").arg(&mnt).arg(&bind)),
+        "cannot bind-mount {}",
+        mnt.display()
+    );
+    let b = bind.to_string_lossy().into_owned();
+    let freeze_bind = format!(
+        "{{\"execute\":\"guest-fsfreeze-freeze-list\",\"arguments\":{{\"mountpoints\":[\"{b}\"]}}}}"
+    );
     let m = mnt.to_string_lossy().into_owned();
     let freeze = format!(
         "{{\"execute\":\"guest-fsfreeze-freeze-list\",\"arguments\":{{\"mountpoints\":[\"{m}\",\"/nonexistent\"]}}}}"
@@ -456,6 +484,9 @@ fn fsfreeze_matches_qemu_ga_on_a_loop_mount() {
         cmd("guest-fsfreeze-thaw"),
         cmd("guest-fsfreeze-status"),
         cmd("guest-fsfreeze-thaw"),
+        freeze_bind.into_bytes(),
+        cmd("guest-fsfreeze-status"),
+        cmd("guest-fsfreeze-thaw"),
     ];
     let run = |name| {
         let p = Peer::start(name);
@@ -465,7 +496,12 @@ fn fsfreeze_matches_qemu_ga_on_a_loop_mount() {
     };
     let theirs = run("qemu-ga");
     let ours = run("nixseed");
+    let _ = Command::new("umount").arg(&bind).status();
     let _ = Command::new("umount").arg(&mnt).status();
     assert_eq!(theirs, ours);
     assert_eq!(theirs[0][0].1["return"], 1, "qemu-ga froze the loop mount");
+    assert_eq!(
+        theirs[9][0].1["return"], 1,
+        "qemu-ga froze it through the bind"
+    );
 }

@@ -176,17 +176,40 @@ pub fn write(agent: &mut Agent, mut args: Args) -> CmdResult {
     Ok(Some(json!({ "count": n, "eof": false })))
 }
 
+/// qemu-ga's `GuestFileWhence`: an integer code, or `set`, `cur`, `end`.
+fn whence_code(v: Value) -> Result<i64, QgaError> {
+    match v {
+        Value::String(s) => match s.as_str() {
+            "set" => Ok(0),
+            "cur" => Ok(1),
+            "end" => Ok(2),
+            _ => Err(QgaError::generic(format!(
+                "Parameter 'whence' does not accept value '{s}'"
+            ))),
+        },
+        Value::Number(n) => n.as_i64().ok_or_else(|| {
+            QgaError::generic("Invalid parameter type for 'whence', expected: integer")
+        }),
+        _ => Err(QgaError::generic(
+            "Invalid parameter type for 'whence', expected: GuestFileWhence",
+        )),
+    }
+}
+
 pub fn seek(agent: &mut Agent, mut args: Args) -> CmdResult {
     let h = args.i64("handle")?;
     let offset = args.i64("offset")?;
-    let whence = args.i64("whence")?;
+    let whence = whence_code(args.value("whence")?)?;
     args.finish()?;
-    let pos = match whence {
-        0 => SeekFrom::Start(offset.max(0) as u64),
-        1 => SeekFrom::Current(offset),
-        2 => SeekFrom::End(offset),
-        _ => return Err(QgaError::generic(format!("invalid whence code {whence}"))),
-    };
+    let pos =
+        match whence {
+            0 => SeekFrom::Start(u64::try_from(offset).map_err(|_| {
+                QgaError::generic("failed to seek file: Invalid argument".to_string())
+            })?),
+            1 => SeekFrom::Current(offset),
+            2 => SeekFrom::End(offset),
+            _ => return Err(QgaError::generic(format!("invalid whence code {whence}"))),
+        };
     let f = file(agent, h)?;
     let p = f
         .seek(pos)

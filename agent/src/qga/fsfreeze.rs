@@ -72,11 +72,19 @@ pub fn marker(state_dir: &Path) -> PathBuf {
 
 /// Mounts backed by a device (major != 0), one per device, in mount order.
 pub fn device_mounts() -> Vec<Mount> {
+    device_mounts_among(None)
+}
+
+/// One mount per block device, in mount order; with `only`, the first of the named
+/// mountpoints on each device (a bind mount such as `/nix/store` names its device too).
+fn device_mounts_among(only: Option<&[String]>) -> Vec<Mount> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut seen = std::collections::HashSet::new();
     mountinfo(&text)
         .into_iter()
-        .filter(|m| m.major != 0 && seen.insert((m.major, m.minor)))
+        .filter(|m| m.major != 0)
+        .filter(|m| only.is_none_or(|l| l.contains(&m.mountpoint)))
+        .filter(|m| seen.insert((m.major, m.minor)))
         .collect()
 }
 
@@ -157,10 +165,7 @@ pub fn freeze_list(agent: &mut Agent, mut args: Args) -> CmdResult {
 fn do_freeze(agent: &mut Agent, only: Option<Vec<String>>) -> CmdResult {
     run_hook(agent, "freeze")?;
     set_frozen(agent, true);
-    let mounts: Vec<Mount> = device_mounts()
-        .into_iter()
-        .filter(|m| only.as_ref().is_none_or(|l| l.contains(&m.mountpoint)))
-        .collect();
+    let mounts = device_mounts_among(only.as_deref());
     let mut frozen = 0i64;
     // Submounts first: freezing a parent first could block reaching its children.
     for m in mounts.iter().rev() {

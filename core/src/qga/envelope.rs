@@ -110,6 +110,11 @@ impl Args {
         self.map.get(name).cloned()
     }
 
+    /// A required argument of a QAPI alternate type, left to the command to interpret.
+    pub fn value(&mut self, name: &str) -> Result<Value, QgaError> {
+        self.take(name).ok_or_else(|| missing(name))
+    }
+
     pub fn opt_i64(&mut self, name: &str) -> Result<Option<i64>, QgaError> {
         match self.take(name) {
             None => Ok(None),
