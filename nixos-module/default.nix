@@ -60,6 +60,8 @@ let
     "serve"
     "--identity-dir"
     id
+    "--clone-policy"
+    cfg.clonePolicy
   ]
   ++ lib.optional (!cfg.controlChannel.enable) "--no-channel"
   ++ firewallArgs

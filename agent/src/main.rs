@@ -297,6 +297,20 @@ mod tests {
     }
 
     #[test]
+    fn serve_takes_the_clone_policy_the_boot_stages_take() {
+        let parse = |argv: &[&str]| match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Serve(s)) => s.clone_policy,
+            _ => panic!("{argv:?} did not parse as serve"),
+        };
+        assert_eq!(parse(&["a", "serve"]), ClonePolicy::Regenerate);
+        assert_eq!(
+            parse(&["a", "serve", "--clone-policy", "refuse"]),
+            ClonePolicy::Refuse
+        );
+        assert!(Cli::try_parse_from(["a", "serve", "--clone-policy", "maybe"]).is_err());
+    }
+
+    #[test]
     fn a_path_value_that_looks_like_the_hook_flag_stays_a_path() {
         let argv = serve::qemu_ga_argv(["a", "serve", "-p", "-Fodd"].map(Into::into));
         let Ok(Command::Serve(s)) = Cli::try_parse_from(argv).map(|c| c.command) else {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use nixseed_core::decide::ClonePolicy;
 use nixseed_core::qga::commands::CommandPolicy;
 use nixseed_core::qga::sysparse::{conf_list, qga_conf};
 use tokio::io::unix::AsyncFd;
@@ -104,6 +105,10 @@ pub struct ServeArgs {
     /// OpenSSH public keys a pushed seed must be signed with.
     #[arg(long = "trusted-keys", value_name = "FILE")]
     pub trusted_keys: Option<PathBuf>,
+    /// What a push does on a cloned VM (product_uuid changed under an unchanged seed):
+    /// regenerate, adopt or refuse, as in the boot stages.
+    #[arg(long = "clone-policy", default_value = "regenerate")]
+    pub clone_policy: ClonePolicy,
 }
 
 /// qemu-ga spells the hook with an attached value (`-F/path`), which clap cannot take for
@@ -271,6 +276,7 @@ fn channel_service(
         opts: StageOptions::running_system(
             config.identity_dir.to_string_lossy().into_owned(),
             crate::stage::load_trust(args.trusted_keys.as_deref())?,
+            args.clone_policy,
         ),
         firewall: args.firewall,
     };

@@ -89,12 +89,13 @@ impl StageOptions {
     pub fn running_system(
         identity_dir: String,
         trust: Option<std::sync::Arc<nixseed_core::trust::Trust>>,
+        clone_policy: ClonePolicy,
     ) -> StageOptions {
         StageOptions {
             sysroot: PathBuf::from("/"),
             host: PathBuf::from("/"),
             run: PathBuf::from("/run"),
-            clone_policy: ClonePolicy::default(),
+            clone_policy,
             sources: None,
             identity_dir,
             channel_wait: std::time::Duration::ZERO,

@@ -303,7 +303,7 @@ in
       };
     in
     lib.last c.systemd.services.nixseed-agent.serviceConfig.ExecStart
-    == ''${exe} "serve" "--identity-dir" "/var/identity" "--no-channel" "--unsafe-rpcs" "guest-exec,guest-exec-status" "-a" "guest-ping,guest-exec" "-b" "guest-shutdown"''
+    == ''${exe} "serve" "--identity-dir" "/var/identity" "--clone-policy" "regenerate" "--no-channel" "--unsafe-rpcs" "guest-exec,guest-exec-status" "-a" "guest-ping,guest-exec" "-b" "guest-shutdown"''
     && c.services.udev.packages == [ fakePkgs.nixseed-agent ]
     && !(c.systemd.services ? nixseed-channel)
     && lib.hasSuffix ''"--channel-wait" "0"'' (lib.last c.systemd.services.nixseed-apply.serviceConfig.ExecStart)
