@@ -22,6 +22,8 @@ pub const KNOWN_HOSTS: &str = "known_hosts";
 pub const OVMF_VARS: &str = "OVMF_VARS.fd";
 /// Default base image recorded by `seedctl build`, in the state root.
 pub const DEFAULT_BASE: &str = "default-base";
+/// `seedctl build`'s garbage-collector roots, one `result-<unix time>` link per build.
+pub const BASE_ROOTS: &str = "bases";
 
 /// What `state.json` records.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -128,3 +128,25 @@ fn unreachable_libvirt_uri_is_named() {
         );
     }
 }
+
+/// A domain defined with `--seed-via channel` has no cdrom: a plain `start` would boot it
+/// with no identity and nobody answering its hello, so it is refused with what to do.
+/// (libvirt's test driver, loaded from a node file, stands in for libvirtd.)
+#[test]
+fn plain_start_of_a_channel_only_domain_is_refused() {
+    require_tool("virsh");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let node = s.path().join("node.xml");
+    std::fs::write(
+        &node,
+        "<node><domain type='test'><name>web1</name><memory>65536</memory><os><type>hvm</type></os></domain></node>\n",
+    )
+    .unwrap();
+    let uri = format!("test://{}", node.display());
+    let err = s.fails(&["start", "web1", "--connect", &uri]);
+    assert!(
+        err.contains("has no seed cdrom") && err.contains("seedctl start web1 --seed-via channel"),
+        "{err}"
+    );
+}

@@ -123,10 +123,16 @@ fn existing_identity_is_kept_without_force() {
         std::fs::read(s.machine("web1").join("machine-id")).unwrap(),
         before
     );
+    let uuid = std::fs::read(s.machine("web1").join("product_uuid")).unwrap();
     s.ok(&["new", "web1", "--force"]);
     assert_ne!(
         std::fs::read(s.machine("web1").join("machine-id")).unwrap(),
         before
+    );
+    // The VM's own UUID (and the MAC derived from it) stays, so its domain still matches.
+    assert_eq!(
+        std::fs::read(s.machine("web1").join("product_uuid")).unwrap(),
+        uuid
     );
     // No staging or backup directory is left beside it.
     let left: Vec<_> = std::fs::read_dir(s.path().join("machines"))

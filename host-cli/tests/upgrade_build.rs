@@ -80,7 +80,12 @@ fn build_records_the_image_as_default_base() {
     assert!(
         args.contains("build")
             && args.contains("--print-out-paths")
-            && args.contains(".#web-image"),
+            && args.contains(".#web-image")
+            && !args.contains("--no-link")
+            && args.contains(&format!(
+                "--out-link {}/.seedctl/bases/result-",
+                s.path().display()
+            )),
         "{args}"
     );
     let base = std::fs::read_to_string(s.path().join(".seedctl/default-base")).unwrap();

@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::fsutil::write_atomic;
 use crate::machine::Paths;
 use crate::output::Report;
-use crate::state::DEFAULT_BASE;
+use crate::state::{BASE_ROOTS, DEFAULT_BASE};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
@@ -43,14 +43,21 @@ fn image_in(out: &std::path::Path) -> Result<PathBuf> {
 }
 
 pub fn run(paths: &Paths, a: &BuildArgs) -> Result<Report> {
+    // Every overlay made from the result uses it as its backing file: each build keeps a
+    // garbage-collector root of its own, so `nix-collect-garbage` cannot remove a base
+    // that machines still boot from (an older one stays until its link is removed).
+    let roots = paths.state.join(BASE_ROOTS);
+    std::fs::create_dir_all(&roots).with_context(|| format!("creating {}", roots.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let link = roots.join(format!("result-{stamp}"));
+    let link = std::path::absolute(&link).unwrap_or(link);
     let mut child = Command::new("nix")
-        .args([
-            "build",
-            "--no-link",
-            "--print-out-paths",
-            "-L",
-            &a.installable,
-        ])
+        .args(["build", "--print-out-paths", "-L", "--out-link"])
+        .arg(&link)
+        .arg(&a.installable)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -102,10 +109,11 @@ pub fn run(paths: &Paths, a: &BuildArgs) -> Result<Report> {
     )?;
     Ok(Report::new(
         format!(
-            "built {}\ndefault base for `seedctl create`: {}",
+            "built {}\ndefault base for `seedctl create`: {}\nkept from garbage collection by {}",
             out.display(),
-            image.display()
+            image.display(),
+            link.display()
         ),
-        json!({ "out_path": out, "image": image }),
+        json!({ "out_path": out, "image": image, "gc_root": link }),
     ))
 }

@@ -52,7 +52,7 @@ pub struct NewArgs {
     /// Extra /etc/hosts line (repeatable; default: `127.0.1.1 FQDN HOST`)
     #[arg(long = "hosts-line", value_name = "LINE")]
     pub hosts_lines: Vec<String>,
-    /// Replace an existing identity (new machine-id and host key)
+    /// Replace an existing identity (new machine-id and host key; product UUID and MAC stay)
     #[arg(long)]
     pub force: bool,
 }
@@ -97,7 +97,9 @@ fn lines(items: &[String]) -> String {
 }
 
 /// The file set of a new identity, in the order it is written.
-fn render_files(a: &NewArgs) -> Result<Vec<(&'static str, Vec<u8>)>> {
+/// `product_uuid` is the VM's own (its SMBIOS UUID, and the MAC derives from it): a
+/// replaced identity keeps the old one, so a domain defined earlier still matches.
+fn render_files(a: &NewArgs, product_uuid: Option<String>) -> Result<Vec<(&'static str, Vec<u8>)>> {
     let hostname = a.hostname.clone().unwrap_or_else(|| a.name.clone());
     names::check_hostname(&hostname).with_context(|| format!("--hostname `{hostname}`"))?;
     let machine_id = match &a.machine_id {
@@ -161,7 +163,17 @@ fn render_files(a: &NewArgs) -> Result<Vec<(&'static str, Vec<u8>)>> {
         (UDP_PORTS, lines(&a.udp_ports).into_bytes()),
         (ADMIN_KEYS, lines(&admin).into_bytes()),
         (USER_KEYS, lines(&user).into_bytes()),
-        (PRODUCT_UUID, format!("{}\n", names::random_uuid()?).into_bytes()),
+        (
+            PRODUCT_UUID,
+            format!(
+                "{}\n",
+                match product_uuid {
+                    Some(u) => u,
+                    None => names::random_uuid()?,
+                }
+            )
+            .into_bytes(),
+        ),
         (META_NIX, b"{ system = \"x86_64-linux\"; }\n".to_vec()),
         (
             DEFAULT_NIX,
@@ -178,12 +190,16 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
     let target = paths.machine_dir(&a.name);
     if target.exists() && !a.force {
         bail!(
-            "machine `{}` already exists at {}; pass --force to replace its identity (new machine-id and host key)",
+            "machine `{}` already exists at {}; pass --force to replace its identity (new machine-id and host key; the product UUID and MAC stay)",
             a.name,
             target.display()
         );
     }
-    let files = render_files(a).with_context(|| format!("machine `{}`", a.name))?;
+    let kept_uuid = std::fs::read_to_string(target.join(PRODUCT_UUID))
+        .ok()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| names::check_uuid(u).is_ok());
+    let files = render_files(a, kept_uuid).with_context(|| format!("machine `{}`", a.name))?;
 
     std::fs::create_dir_all(&paths.machines)
         .with_context(|| format!("creating {}", paths.machines.display()))?;

@@ -96,6 +96,11 @@ pub struct StartArgs {
 fn set_seed_media(uri: &str, name: &str, seed: &std::path::Path, via: SeedVia) -> Result<()> {
     let xml = virsh(uri, name, &["dumpxml", "--inactive", name])?;
     if !xml.contains("device='cdrom'") {
+        if via == SeedVia::Iso {
+            bail!(
+                "machine `{name}`: the libvirt domain on {uri} has no seed cdrom (it was defined with --seed-via channel), so it would boot without its identity; start it with `seedctl start {name} --seed-via channel`, or `seedctl define {name}` again to give it one"
+            );
+        }
         return Ok(());
     }
     let seed = std::path::absolute(seed).unwrap_or_else(|_| seed.to_path_buf());
