@@ -27,7 +27,7 @@ pub struct StageOptions {
     /// The /run that survives switch-root.
     pub run: PathBuf,
     pub clone_policy: ClonePolicy,
-    /// Source names in order; `None` for DESIGN.md's order.
+    /// Source names in order; `None` for the default order (docs/identity.md).
     pub sources: Option<Vec<String>>,
     /// Where the identity lives, as seen from inside the target root.
     pub identity_dir: String,

@@ -10,7 +10,7 @@ pub struct IdentityFile {
     pub bytes: Vec<u8>,
 }
 
-/// The flat file names of the identity contract (DESIGN.md), with their modes.
+/// The flat file names of the identity contract (docs/identity.md), with their modes.
 pub const MACHINE_ID: &str = "machine-id";
 pub const HOSTNAME: &str = "hostname";
 pub const SSH_HOST_KEY: &str = "ssh_host_ed25519_key";

@@ -65,7 +65,7 @@ pub struct NixseedBlock {
     pub resolv_conf: Option<String>,
 }
 
-/// The cloud-config keys nixseed understands (DESIGN.md, "What nixseed understands").
+/// The cloud-config keys nixseed understands (docs/identity.md, "What is understood from user-data").
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CloudConfig {
     pub hostname: Option<String>,

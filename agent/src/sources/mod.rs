@@ -1,4 +1,4 @@
-//! Seed sources, tried in DESIGN.md's order until one yields a seed. Each source is one
+//! Seed sources, tried in order (docs/identity.md) until one yields a seed. Each source is one
 //! module behind [`Source`]; adding a source touches one file and the [`ORDER`] table.
 
 mod block;
@@ -91,8 +91,8 @@ pub trait Source: Sync {
     fn find(&self, env: &Env) -> Result<Option<Seed>>;
 }
 
-/// DESIGN.md's order, except that the control channel comes last by default: its bounded
-/// wait would delay every boot that has a seed disk. `--sources channel,...` puts it first.
+/// The documented order (docs/identity.md), except that the control channel comes last
+/// by default: its bounded wait would delay every boot that has a seed disk. `--sources channel,...` puts it first.
 pub static ORDER: &[&dyn Source] = &[
     &nocloud::BlockNoCloud,
     &cmdline::CmdlineNoCloud,
