@@ -476,7 +476,8 @@ pub fn run(o: &BenchOpts) -> Result<()> {
 
     let host = if o.host {
         let agent_arg = agent.display().to_string();
-        // seed-bench times `seedctl seed` as a process too: it needs the release binary.
+        // seed-bench times `seedctl seed` as a process, and qga-bench runs the host build
+        // of the agent beside qemu-ga: both need the release binaries.
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         cmd::run(Command::new(cargo).current_dir(workspace_root()).args([
             "build",
@@ -484,6 +485,8 @@ pub fn run(o: &BenchOpts) -> Result<()> {
             "--release",
             "-p",
             "seedctl",
+            "-p",
+            "nixseed-agent",
         ]))?;
         vec![
             (

@@ -73,11 +73,28 @@ fn harness(args: &[&str]) -> Result<()> {
 
 fn test(args: &[String]) -> Result<()> {
     let no_vm = args.iter().any(|a| a == "--no-vm");
+    // Typos fail now, not after the minutes of checks that come before the VMs.
+    if let Some(f) = args
+        .iter()
+        .find(|a| a.starts_with("--") && *a != "--no-vm" && *a != "--no-fuzz")
+    {
+        bail!("unknown flag {f}\n{USAGE}");
+    }
     let scenarios: Vec<&str> = args
         .iter()
         .filter(|a| !a.starts_with("--"))
         .map(String::as_str)
         .collect();
+    let known: Vec<&str> = vm_tests::scenarios::SCENARIOS
+        .iter()
+        .map(|s| s.name)
+        .collect();
+    if let Some(s) = scenarios.iter().find(|s| !known.contains(s)) {
+        bail!(
+            "unknown scenario {s}; the scenarios are: {}",
+            known.join(", ")
+        );
+    }
     vm_tests::deps::ensure_all()?;
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
@@ -215,20 +232,8 @@ fn dist() -> Result<PathBuf> {
 }
 
 fn bench() -> Result<()> {
-    let agent = dist()?;
-    let mut apply = cargo();
-    apply
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "nixseed-agent",
-            "--example",
-            "apply-bench",
-            "--",
-        ])
-        .arg(&agent);
-    run(apply, "apply benchmark")?;
+    // qemu-ga, cloud-localds and the rest of the peers the tables compare against.
+    vm_tests::deps::ensure_all()?;
+    dist()?;
     harness(&["bench"])
 }
