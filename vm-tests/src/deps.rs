@@ -160,8 +160,9 @@ pub fn build_agent() -> Result<PathBuf> {
 
 /// The workspace's own tests: real peers and readers (D-Bus daemon for the agent's
 /// client, libxml2's validator behind virt-xml-validate, OpenSSH's signer, the seed tools
-/// the benchmark compares with).
+/// the benchmark compares with), and the C++ compiler libFuzzer is built with.
 pub const TEST_PACKAGES: &[&str] = &[
+    "g++",
     "dbus",
     "libxml2-utils",
     "openssh-client",
@@ -176,5 +177,23 @@ pub fn ensure_all() -> Result<()> {
     ensure_packages(LIBVIRT_PACKAGES)?;
     ensure_packages(TEST_PACKAGES)?;
     ensure_musl_target()?;
+    ensure_rust_components()?;
     ensure_packages(&["musl-tools"])
+}
+
+/// rustfmt and clippy, which `cargo xtask test` runs, when rustup's profile left them out.
+pub fn ensure_rust_components() -> Result<()> {
+    let list = cmd::stdout(Command::new("rustup").args(["component", "list", "--installed"]))?;
+    let missing: Vec<&str> = ["rustfmt", "clippy"]
+        .into_iter()
+        .filter(|c| !list.lines().any(|l| l.starts_with(&format!("{c}-"))))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    cmd::run_visible(
+        Command::new("rustup")
+            .args(["component", "add"])
+            .args(&missing),
+    )
 }
