@@ -5,11 +5,15 @@
 use seedctl::iso9660::{IsoOptions, build, read_root};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = read_root(data);
+    // The input becomes the image from sector 16 on, where the volume descriptors are
+    // read first; the system area before it is zeros.
+    let mut image = vec![0u8; 16 * 2048];
+    image.extend_from_slice(data);
+    let _ = read_root(&image);
     // The guest agent's own walk: a ConfigDrive path through arbitrary directories.
-    if let Ok(root) = nixseed_core::iso9660::read_root(data) {
-        if let Ok(Some(e)) = root.lookup(data, "openstack/latest/meta_data.json") {
-            let _ = nixseed_core::iso9660::read_file(data, &e, 1 << 20, "meta_data.json");
+    if let Ok(root) = nixseed_core::iso9660::read_root(&image[..]) {
+        if let Ok(Some(e)) = root.lookup(&image[..], "openstack/latest/meta_data.json") {
+            let _ = nixseed_core::iso9660::read_file(&image[..], &e, 1 << 20, "meta_data.json");
         }
     }
     // Split the input into (name, content) pairs: name bytes up to ':', content to '\n'.

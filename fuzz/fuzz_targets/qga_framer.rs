@@ -23,7 +23,13 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    // The parser state belongs to the agent: a clean request after a delimiter frames.
+    // Whatever came before, a raw 0xFF and a request resynchronise the stream: this is
+    // how every qemu-ga client recovers.
     framer.feed(b"\xff{\"execute\":\"guest-ping\"}", &mut framed);
-    framer.feed(b"}]}]}]{\"execute\":\"guest-ping\"}", &mut framed);
+    assert!(
+        framed
+            .iter()
+            .any(|r| matches!(r, Ok(v) if v["execute"] == "guest-ping")),
+        "no request framed after the delimiter: {framed:?}"
+    );
 });
