@@ -1,8 +1,8 @@
 //! Power cuts: QEMU is SIGKILLed while the agent writes a new generation — at delay points
 //! in the initrd stage (first boot of a new identity) and during a live `seedctl push` —
 //! enabled only by the test-only kernel flag `nixseed.test_delay=POINT:MS`. The `/var` disk
-//! honours the guest's flushes (QEMU `cache=writeback`; the other scenarios use `unsafe`,
-//! which drops them and so models a disk that lies). After every cut the disk is read
+//! honours the guest's flushes (QEMU `cache=writeback`, where each flush ends in an fsync
+//! on the host; the other scenarios use `unsafe`, which skips that fsync for speed). After every cut the disk is read
 //! offline as the next boot would see it (e2fsck replays the journal, debugfs reads, no
 //! mount): `/var/identity` must read (as the next boot reads it) as exactly
 //! the old or exactly the new generation, every file matching its manifest's sha256, the
@@ -10,6 +10,15 @@
 //! written to `/var` before the first cut is intact.
 
 use super::*;
+
+/// Every guest flush reaches the host's disk before it completes, as on real hardware.
+const VAR_CACHE: &str = "writeback";
+
+/// A full boot of the machine with the `/var` cache mode of this scenario.
+fn boot(h: &Harness, m: &Machine) -> Result<Booted> {
+    let expected = m.host_key_pub()?;
+    h.boot_with(m, Some(&expected), |cfg| cfg.var_cache = VAR_CACHE)
+}
 use crate::cmd;
 use std::fs;
 use std::process::Command;
@@ -57,7 +66,7 @@ struct OnDisk {
 pub fn powercut(h: &Harness) -> Result<()> {
     let m = h.new_machine("powercut")?;
     let agent = deps::build_agent()?;
-    let b = h.boot(&m)?;
+    let b = boot(h, &m)?;
     b.ssh
         .run("mkdir -p /var/lib/test && echo precious > /var/lib/test/before && sync")?;
     b.poweroff()?;
@@ -77,6 +86,7 @@ pub fn powercut(h: &Harness) -> Result<()> {
         set_identity(h, &m, &hostname)?;
         let port = qemu::free_port()?;
         let mut cfg = m.vm_config(&h.image, h.accel, port)?;
+        cfg.var_cache = VAR_CACHE;
         cfg.append
             .push_str(&format!(" nixseed.test_delay={point}:{DELAY_MS}"));
         let mut vm = Vm::start(cfg)?;
@@ -90,7 +100,7 @@ pub fn powercut(h: &Harness) -> Result<()> {
 
     // A full boot after the last cut: the pending identity is applied and sshd answers
     // with the machine's key.
-    let b = h.boot(&m)?;
+    let b = boot(h, &m)?;
     verify_running(&b, &m)?;
     b.poweroff()?;
     state = read_offline(&m, &agent)?;
@@ -100,6 +110,7 @@ pub fn powercut(h: &Harness) -> Result<()> {
     for (i, point) in PUSH_POINTS.iter().enumerate() {
         let expected = m.host_key_pub()?;
         let b = h.boot_with(&m, Some(&expected), |cfg| {
+            cfg.var_cache = VAR_CACHE;
             cfg.append
                 .push_str(&format!(" nixseed.test_delay={point}:{DELAY_MS}"));
         })?;
@@ -125,7 +136,7 @@ pub fn powercut(h: &Harness) -> Result<()> {
         // The push never finished, so the seed disk still carries the earlier identity,
         // and it is what the next boot applies.
         fs::write(m.dir.join("hostname"), format!("{iso_hostname}\n"))?;
-        let b = h.boot(&m)?;
+        let b = boot(h, &m)?;
         verify_running(&b, &m)?;
         b.poweroff()?;
         state = read_offline(&m, &agent)?;
