@@ -191,14 +191,25 @@ fn tree_key(variant: Variant) -> String {
     format!("{}-{}", variant.name(), &hex(&h.finalize())[..16])
 }
 
+/// `/etc/default/nixseed` in the test image.
+const AGENT_DEFAULTS: &str = "NIXSEED_SERVE_ARGS=--firewall\n";
+
 fn final_key(agent: Option<&Path>, dist: &Path) -> Result<String> {
     let mut h = Sha256::new();
     h.update(format!(
         "final={FINAL_CODE_VERSION}\ninitramfs={}\n",
         crate::initramfs::INITRAMFS_CODE_VERSION
     ));
-    // The initramfs's /init: a change to it is a new initramfs without a version bump.
+    // Every input of the final layer, so that a change to any of them is a new layer
+    // without a version bump: the initramfs's /init, its module list and the busybox it
+    // copies from the host, and the agent's defaults file.
     h.update(crate::initramfs::INIT.as_bytes());
+    h.update(format!("modules={}\n", crate::initramfs::MODULES.join(",")));
+    // (When busybox is missing, building the layer says so.)
+    if let Ok(d) = sha256_file(Path::new(crate::initramfs::BUSYBOX)) {
+        h.update(d);
+    }
+    h.update(AGENT_DEFAULTS.as_bytes());
     if let Some(a) = agent {
         h.update(b"agent:");
         h.update(sha256_file(a)?);
@@ -689,7 +700,7 @@ fn build_final_layer(
         // The dist units read extra arguments from here: the test image loads the
         // identity's ports into nftables, as `services.nixseed.firewall.enable` does.
         let defaults = tmp.join("nixseed.default");
-        write(&defaults, "NIXSEED_SERVE_ARGS=--firewall\n")?;
+        write(&defaults, AGENT_DEFAULTS)?;
         if tree.join("etc/default/nixseed").exists() {
             script.push_str("rm /etc/default/nixseed\n");
         }

@@ -36,7 +36,7 @@ pub const MODULES: &[&str] = &[
     "ata_piix",
 ];
 
-const BUSYBOX: &str = "/bin/busybox";
+pub const BUSYBOX: &str = "/bin/busybox";
 
 pub const INIT: &str = include_str!("init.sh");
 

@@ -123,8 +123,16 @@ impl Seedctl {
                 target.join("debug/seedctl")
             }
         };
-        let help = cmd::stdout(Command::new(&bin).arg("--help")).ok()?;
-        Some(Seedctl { bin, help })
+        match cmd::stdout(Command::new(&bin).arg("--help")) {
+            Ok(help) => Some(Seedctl { bin, help }),
+            Err(e) => {
+                eprintln!(
+                    "vm-tests: {} does not run ({e:#}); scenarios that make machines will fail",
+                    bin.display()
+                );
+                None
+            }
+        }
     }
 
     pub fn has(&self, sub: &str) -> bool {
@@ -160,7 +168,7 @@ pub fn create(
     fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     fs::create_dir_all(&machines).with_context(|| format!("creating {}", machines.display()))?;
     let s = seedctl.context(
-        "vm-tests provisions machines with this workspace's seedctl, which did not build (see the start of the log)",
+        "vm-tests provisions machines with this workspace's seedctl, which did not build or run (see the start of the log)",
     )?;
     cmd::run(
         s.command(&machines, &state_root)
