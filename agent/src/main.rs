@@ -299,7 +299,7 @@ mod tests {
     #[test]
     fn serve_takes_the_clone_policy_the_boot_stages_take() {
         let parse = |argv: &[&str]| match Cli::try_parse_from(argv).map(|c| c.command) {
-            Ok(Command::Serve(s)) => s.clone_policy,
+            Ok(Command::Serve(s)) => s.clone_policy.unwrap_or_default(),
             _ => panic!("{argv:?} did not parse as serve"),
         };
         assert_eq!(parse(&["a", "serve"]), ClonePolicy::Regenerate);

@@ -107,8 +107,9 @@ pub struct ServeArgs {
     pub trusted_keys: Option<PathBuf>,
     /// What a push does on a cloned VM (product_uuid changed under an unchanged seed):
     /// regenerate, adopt or refuse, as in the boot stages.
-    #[arg(long = "clone-policy", default_value = "regenerate")]
-    pub clone_policy: ClonePolicy,
+    /// [default: regenerate]
+    #[arg(long = "clone-policy")]
+    pub clone_policy: Option<ClonePolicy>,
 }
 
 /// qemu-ga spells the hook with an attached value (`-F/path`), which clap cannot take for
@@ -276,7 +277,7 @@ fn channel_service(
         opts: StageOptions::running_system(
             config.identity_dir.to_string_lossy().into_owned(),
             crate::stage::load_trust(args.trusted_keys.as_deref())?,
-            args.clone_policy,
+            args.clone_policy.unwrap_or_default(),
         ),
         firewall: args.firewall,
     };
