@@ -201,15 +201,14 @@ pub fn seek(agent: &mut Agent, mut args: Args) -> CmdResult {
     let offset = args.i64("offset")?;
     let whence = whence_code(args.value("whence")?)?;
     args.finish()?;
-    let pos =
-        match whence {
-            0 => SeekFrom::Start(u64::try_from(offset).map_err(|_| {
-                QgaError::generic("failed to seek file: Invalid argument".to_string())
-            })?),
-            1 => SeekFrom::Current(offset),
-            2 => SeekFrom::End(offset),
-            _ => return Err(QgaError::generic(format!("invalid whence code {whence}"))),
-        };
+    // A negative absolute offset is what lseek(2) refuses with EINVAL, as qemu-ga reports.
+    let invalid = || QgaError::generic("failed to seek file: Invalid argument");
+    let pos = match whence {
+        0 => SeekFrom::Start(u64::try_from(offset).map_err(|_| invalid())?),
+        1 => SeekFrom::Current(offset),
+        2 => SeekFrom::End(offset),
+        _ => return Err(QgaError::generic(format!("invalid whence code {whence}"))),
+    };
     let f = file(agent, h)?;
     let p = f
         .seek(pos)
