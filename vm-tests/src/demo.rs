@@ -8,8 +8,8 @@ use crate::scenarios::{Harness, agent_timing_lines};
 use crate::ssh;
 use anyhow::{Context, Result, ensure};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 fn step(n: u32, title: &str) {
     println!("\n== {n}. {title}");
@@ -147,29 +147,15 @@ pub fn run() -> Result<()> {
         8,
         "shutdown through the guest agent (guest-shutdown), wait for QEMU to exit",
     );
-    let t = Instant::now();
-    // guest-shutdown sends no reply on success: only QEMU's exit counts.
-    let said = m
-        .seedctl(h.seedctl.as_ref())?
-        .args(["agent", &m.name, "--socket"])
-        .arg(&qga)
-        .arg("shutdown")
-        .stdin(Stdio::null())
-        .output()
-        .context("running seedctl agent shutdown")?;
+    // guest-shutdown sends no reply on success: seedctl must exit 0 and QEMU must exit.
+    let done = b.shutdown_via_agent(&h, &m)?;
     println!("   $ seedctl agent {} shutdown", m.name);
-    show(&String::from_utf8_lossy(&said.stdout));
-    show(&String::from_utf8_lossy(&said.stderr));
-    let mut b = b;
-    let status = b.vm.wait_exit(Duration::from_secs(180))?;
+    show(&String::from_utf8_lossy(&done.said.stdout));
+    show(&String::from_utf8_lossy(&done.said.stderr));
     println!(
-        "   QEMU exited ({status}) {:.1} s after guest-shutdown",
-        t.elapsed().as_secs_f64()
-    );
-    ensure!(
-        said.status.success(),
-        "`seedctl agent {} shutdown` reported a failure although the guest shut down",
-        m.name
+        "   QEMU exited ({}) {:.1} s after guest-shutdown",
+        done.qemu,
+        done.took.as_secs_f64()
     );
     println!("\ndemo done in {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())

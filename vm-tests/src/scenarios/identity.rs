@@ -27,7 +27,7 @@ pub fn first_boot(h: &Harness) -> Result<()> {
         !timing.is_empty(),
         "the journal has no nixseed timing line (\"nixseed <stage>: … in N ms\")"
     );
-    b.shutdown_via_agent(h, &m)
+    b.shutdown_via_agent(h, &m).map(|_| ())
 }
 
 /// Generation name and `sha256sum` of every identity file.

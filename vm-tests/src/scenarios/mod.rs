@@ -1,6 +1,7 @@
 //! Scenarios: each makes its own machine, boots it (one VM at a time) and asserts what an
 //! operator would check by hand. `vm-tests test` prints `N passed, N failed` last.
 
+use crate::cmd;
 use crate::deps;
 use crate::image::{self, GuestImage, Variant};
 use crate::machine::{self, Machine, Seedctl};
@@ -149,31 +150,34 @@ impl Booted {
 
     /// Shuts the guest down the way a host does, `seedctl agent NAME shutdown`
     /// (guest-shutdown, which answers nothing on success): seedctl must report success
-    /// and QEMU must exit.
-    pub fn shutdown_via_agent(mut self, h: &Harness, m: &Machine) -> Result<()> {
+    /// and QEMU must exit. Returns what seedctl printed and QEMU's exit status.
+    pub fn shutdown_via_agent(mut self, h: &Harness, m: &Machine) -> Result<AgentShutdown> {
         let t = Instant::now();
-        let out = m
-            .seedctl(h.seedctl.as_ref())?
-            .args(["agent", &m.name, "--socket"])
-            .arg(self.vm.config.qga_socket())
-            .arg("shutdown")
-            .stdin(std::process::Stdio::null())
-            .output()
-            .context("running seedctl agent shutdown")?;
-        ensure!(
-            out.status.success(),
-            "`seedctl agent {} shutdown` failed: {}",
-            m.name,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        self.vm.wait_exit(Duration::from_secs(180))?;
+        let said = cmd::run(
+            m.seedctl(h.seedctl.as_ref())?
+                .args(["agent", &m.name, "--socket"])
+                .arg(self.vm.config.qga_socket())
+                .arg("shutdown"),
+        )?;
+        let qemu = self.vm.wait_exit(Duration::from_secs(180))?;
+        let took = t.elapsed();
         eprintln!(
             "vm-tests: {}: shut down through the guest agent in {:.1} s",
             m.name,
-            t.elapsed().as_secs_f64()
+            took.as_secs_f64()
         );
-        Ok(())
+        Ok(AgentShutdown { said, qemu, took })
     }
+}
+
+/// What `Booted::shutdown_via_agent` saw.
+pub struct AgentShutdown {
+    /// seedctl's output (it exited 0).
+    pub said: std::process::Output,
+    /// QEMU's exit status.
+    pub qemu: std::process::ExitStatus,
+    /// From the request to QEMU's exit.
+    pub took: Duration,
 }
 
 /// One scenario: a name and the check.

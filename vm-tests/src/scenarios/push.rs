@@ -81,20 +81,12 @@ pub fn push(h: &Harness) -> Result<()> {
         fw.contains("8080"),
         "nftables does not open the pushed port 8080:\n{fw}"
     );
-    let status = m
-        .seedctl(h.seedctl.as_ref())?
-        .args(["status", &m.name, "--timeout", "60", "--socket"])
-        .arg(&chan)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .context("running seedctl status")?;
-    ensure!(
-        status.status.success(),
-        "seedctl status after the push exited {}: {}{}",
-        status.status,
-        String::from_utf8_lossy(&status.stdout),
-        String::from_utf8_lossy(&status.stderr)
-    );
+    cmd::run(
+        m.seedctl(h.seedctl.as_ref())?
+            .args(["status", &m.name, "--timeout", "60", "--socket"])
+            .arg(&chan),
+    )
+    .context("seedctl status after the push")?;
     let boot_id2 = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     ensure!(boot_id == boot_id2, "the guest rebooted during the push");
     b.poweroff()
