@@ -124,7 +124,24 @@ fn existing_identity_is_kept_without_force() {
         before
     );
     let uuid = std::fs::read(s.machine("web1").join("product_uuid")).unwrap();
-    s.ok(&["new", "web1", "--force"]);
+    // What the identity does not write stays: the signed-seed counter the guest checks
+    // (a seed numbered below the applied one is refused) and the operator's network-config.
+    let network = "version: 2\nethernets:\n  eth0:\n    dhcp4: false\n";
+    std::fs::write(s.machine("web1").join("seed_generation"), "3 abc\n").unwrap();
+    std::fs::write(s.machine("web1").join("network-config"), network).unwrap();
+    let out = s.ok(&["new", "web1", "--force"]);
+    assert!(
+        out.contains("kept") && out.contains("seed_generation"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.machine("web1").join("seed_generation")).unwrap(),
+        "3 abc\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.machine("web1").join("network-config")).unwrap(),
+        network
+    );
     assert_ne!(
         std::fs::read(s.machine("web1").join("machine-id")).unwrap(),
         before

@@ -185,6 +185,42 @@ fn render_files(a: &NewArgs, product_uuid: Option<String>) -> Result<Vec<(&'stat
     ])
 }
 
+/// Copies the files of an existing machine directory that the new identity does not write
+/// (`seed_generation`, the signed-seed counter the guest checks; an operator's
+/// `network-config`; notes) into `staging`: `--force` replaces the identity, not the rest.
+/// Anything but a regular file is refused before anything changes.
+fn carry_over(old: &Path, staging: &Path, written: &[(&str, Vec<u8>)]) -> Result<Vec<String>> {
+    let mut kept = Vec::new();
+    let entries = match std::fs::read_dir(old) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(kept),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", old.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", old.display()))?;
+        let name = entry.file_name();
+        if written.iter().any(|(w, _)| name == *w) {
+            continue;
+        }
+        let from = entry.path();
+        let kind = entry
+            .file_type()
+            .with_context(|| format!("reading {}", from.display()))?;
+        if !kind.is_file() {
+            bail!(
+                "{} is not a regular file and would not carry over to the new identity; move it out of {} first",
+                from.display(),
+                old.display()
+            );
+        }
+        std::fs::copy(&from, staging.join(&name))
+            .with_context(|| format!("keeping {}", from.display()))?;
+        kept.push(name.to_string_lossy().into_owned());
+    }
+    kept.sort();
+    Ok(kept)
+}
+
 pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
     names::check_machine_name(&a.name)?;
     let target = paths.machine_dir(&a.name);
@@ -224,6 +260,7 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
         let mode = if *name == MACHINE_ID { 0o644 } else { mode };
         write_atomic(&staging.path().join(name), bytes, mode)?;
     }
+    let kept = carry_over(&target, staging.path(), &files)?;
     let staged = staging.keep();
     let backup = target.with_file_name(format!(".{}.old", a.name));
     if target.exists() {
@@ -245,16 +282,20 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
     sync_dir(&paths.machines)?;
 
     let id = crate::machine::Identity::load(paths, &a.name)?;
+    let mut human = format!(
+        "created machine `{}` in {}\n  hostname     {}\n  machine-id   {}\n  product_uuid {}\n  host key     {}",
+        a.name,
+        target.display(),
+        id.hostname,
+        id.machine_id,
+        id.product_uuid,
+        id.host_key_pub
+    );
+    if !kept.is_empty() {
+        human.push_str(&format!("\n  kept         {}", kept.join(", ")));
+    }
     Ok(Report::new(
-        format!(
-            "created machine `{}` in {}\n  hostname     {}\n  machine-id   {}\n  product_uuid {}\n  host key     {}",
-            a.name,
-            target.display(),
-            id.hostname,
-            id.machine_id,
-            id.product_uuid,
-            id.host_key_pub
-        ),
+        human,
         json!({
             "machine": a.name,
             "dir": target,
@@ -262,6 +303,7 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
             "machine_id": id.machine_id,
             "product_uuid": id.product_uuid,
             "host_key_pub": id.host_key_pub,
+            "kept": kept,
         }),
     ))
 }
