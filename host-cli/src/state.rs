@@ -80,11 +80,44 @@ impl StateDir {
         write_atomic(&self.file(STATE_FILE), &bytes, 0o644)
     }
 
-    /// PID of the `seedctl run` QEMU when it is alive.
+    /// Both disks are there; a missing one is named with the command that makes it
+    /// (`upgrade` when only the boot overlay is gone, so that `/var` is kept).
+    pub fn ensure_disks(&self) -> Result<()> {
+        let (boot, var) = (self.file(BOOT_DISK).exists(), self.file(VAR_DISK).exists());
+        let fix = match (boot, var) {
+            (true, true) => return Ok(()),
+            (false, true) => format!(
+                "`seedctl upgrade {} --base IMAGE` makes a new boot overlay and keeps {VAR_DISK}",
+                self.name
+            ),
+            (true, false) => format!(
+                "its data disk is gone; remove {} and run `seedctl create {} --base IMAGE` to start over",
+                self.file(BOOT_DISK).display(),
+                self.name
+            ),
+            (false, false) => format!("run `seedctl create {} --base IMAGE` first", self.name),
+        };
+        let missing: Vec<&str> = [(BOOT_DISK, boot), (VAR_DISK, var)]
+            .into_iter()
+            .filter(|(_, there)| !there)
+            .map(|(f, _)| f)
+            .collect();
+        anyhow::bail!(
+            "machine `{}` has no {} in {}; {fix}",
+            self.name,
+            missing.join(" or "),
+            self.dir.display()
+        )
+    }
+
+    /// PID of the `seedctl run` QEMU when it is alive. A pidfile left behind by a QEMU that
+    /// was killed names whatever process gets that number later, so the process counts
+    /// only when it was started with `-pidfile` naming this very file.
     pub fn running_pid(&self) -> Option<i32> {
-        let text = std::fs::read_to_string(self.file(PIDFILE)).ok()?;
+        let pidfile = self.file(PIDFILE);
+        let text = std::fs::read_to_string(&pidfile).ok()?;
         let pid: i32 = text.trim().parse().ok()?;
-        pid_alive(pid).then_some(pid)
+        (pid_alive(pid) && writes_pidfile(pid, &pidfile)).then_some(pid)
     }
 }
 
@@ -100,4 +133,135 @@ pub fn pid_alive(pid: i32) -> bool {
                     .starts_with('Z')
             })
             .unwrap_or(false)
+}
+
+/// Whether process `pid` is the one that wrote `pidfile`: it holds the file open (QEMU
+/// keeps its pidfile open and locked while it runs, whatever its working directory), or
+/// it has `-pidfile FILE` in its arguments with FILE this file (a relative FILE taken
+/// from the process's working directory; QEMU's `-daemonize` moves that to `/`).
+fn writes_pidfile(pid: i32, pidfile: &Path) -> bool {
+    let Ok(want) = pidfile.canonicalize() else {
+        return false;
+    };
+    let is_it = |p: PathBuf| p.canonicalize().is_ok_and(|p| p == want);
+    let holds_open = std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| p == want))
+    });
+    holds_open || pidfile_argument(pid).is_some_and(is_it)
+}
+
+/// The `-pidfile` argument of process `pid`, made absolute with its working directory.
+fn pidfile_argument(pid: i32) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let arg = cmdline
+        .split(|b| *b == 0)
+        .skip_while(|a| *a != b"-pidfile")
+        .nth(1)?;
+    let named = Path::new(std::ffi::OsStr::from_bytes(arg));
+    if named.is_absolute() {
+        return Some(named.to_owned());
+    }
+    Some(
+        std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .ok()?
+            .join(named),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command};
+
+    /// A `sleep` under `sh` whose arguments carry `-pidfile FILE`, started in `cwd`.
+    fn sleeper(cwd: &Path, pidfile_arg: Option<&str>) -> Child {
+        let mut c = Command::new("sh");
+        // A second command keeps sh from replacing itself with sleep.
+        c.args(["-c", "sleep 30; exit 0", "sh"]).current_dir(cwd);
+        if let Some(f) = pidfile_arg {
+            c.args(["-pidfile", f]);
+        }
+        let child = c.spawn().expect("spawning sh");
+        // Until sh has started, the child's arguments are still this test's.
+        let cmdline = format!("/proc/{}/cmdline", child.id());
+        for _ in 0..200 {
+            if std::fs::read(&cmdline).is_ok_and(|c| c.starts_with(b"sh\0")) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child
+    }
+
+    fn state_with_pid(dir: &Path, pid: u32) -> StateDir {
+        std::fs::write(dir.join(PIDFILE), format!("{pid}\n")).expect("writing the pidfile");
+        StateDir {
+            name: "web1".into(),
+            dir: dir.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_live_process_that_did_not_write_the_pidfile_is_not_the_machine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let other = tempfile::tempdir().expect("tempdir");
+        let mut unrelated = sleeper(dir.path(), None);
+        let mut elsewhere = sleeper(
+            dir.path(),
+            Some(&other.path().join(PIDFILE).display().to_string()),
+        );
+        std::fs::write(other.path().join(PIDFILE), "1\n").expect("writing");
+        for child in [&unrelated, &elsewhere] {
+            let sd = state_with_pid(dir.path(), child.id());
+            assert_eq!(
+                sd.running_pid(),
+                None,
+                "pid {} is not this machine's QEMU",
+                child.id()
+            );
+        }
+        let _ = unrelated.kill();
+        let _ = elsewhere.kill();
+    }
+
+    #[test]
+    fn a_process_holding_the_pidfile_open_is_running_whatever_its_arguments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(PIDFILE), "").expect("writing");
+        // As QEMU does: the pidfile stays open (and locked) while it runs.
+        let mut qemu = Command::new("sh")
+            .args(["-c", "exec 3>>qemu.pid; sleep 30; exit 0"])
+            .current_dir(dir.path())
+            .spawn()
+            .expect("spawning sh");
+        let sd = state_with_pid(dir.path(), qemu.id());
+        let mut seen = None;
+        for _ in 0..200 {
+            seen = sd.running_pid();
+            if seen.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(seen, Some(qemu.id() as i32));
+        let _ = qemu.kill();
+        let _ = qemu.wait();
+        assert_eq!(sd.running_pid(), None, "after the process exited");
+    }
+
+    #[test]
+    fn the_process_started_with_this_pidfile_is_running_by_absolute_or_relative_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let absolute = dir.path().join(PIDFILE).display().to_string();
+        for arg in [absolute.as_str(), PIDFILE] {
+            let mut qemu = sleeper(dir.path(), Some(arg));
+            let sd = state_with_pid(dir.path(), qemu.id());
+            assert_eq!(sd.running_pid(), Some(qemu.id() as i32), "-pidfile {arg}");
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            assert_eq!(sd.running_pid(), None, "after the process exited");
+        }
+    }
 }

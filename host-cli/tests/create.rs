@@ -155,3 +155,32 @@ fn missing_and_overlay_bases_are_refused_without_leftovers() {
         state_entries(&s)
     );
 }
+
+#[test]
+fn a_machine_whose_overlay_is_gone_keeps_its_var_disk() {
+    require_tool("qemu-img");
+    require_tool("mkfs.ext4");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    qemu_img(
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
+        s.path(),
+    );
+    s.ok(&["create", "web1", "--base", "base.qcow2", "--var-size", "64M"]);
+    let sd = s.state("web1");
+    let var = std::fs::read(sd.join("var.qcow2")).unwrap();
+    // The overlay is thrown away (to reset the root); /var holds the machine's data.
+    std::fs::remove_file(sd.join("boot.qcow2")).unwrap();
+    let err = s.fails(&["run", "web1", "--detach"]);
+    assert!(err.contains("seedctl upgrade web1"), "{err}");
+    let err = s.fails(&["create", "web1", "--base", "base.qcow2"]);
+    assert!(
+        err.contains("var.qcow2") && err.contains("seedctl upgrade web1"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(sd.join("var.qcow2")).unwrap(), var);
+    // What the messages point at works and keeps the disk.
+    s.ok(&["upgrade", "web1", "--base", "base.qcow2"]);
+    assert!(sd.join("boot.qcow2").exists());
+    assert_eq!(std::fs::read(sd.join("var.qcow2")).unwrap(), var);
+}

@@ -75,6 +75,16 @@ pub fn run(paths: &Paths, a: &CreateArgs) -> Result<Report> {
             sd.dir.display()
         );
     }
+    // The /var disk is the one disk a machine keeps: never made over an existing one.
+    if sd.file(VAR_DISK).exists() {
+        bail!(
+            "machine `{}` already has a /var disk at {} (its data and identity); `seedctl upgrade {} --base IMAGE` gives it a new boot disk and keeps it, or remove {} to start over",
+            a.name,
+            sd.file(VAR_DISK).display(),
+            a.name,
+            sd.dir.display()
+        );
+    }
     let base = resolve_base(paths, a.base.as_deref(), &a.name)?;
     let (base, format) =
         disk::check_base(&base).with_context(|| format!("machine `{}`", a.name))?;

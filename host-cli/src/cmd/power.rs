@@ -49,14 +49,7 @@ pub struct PowerArgs {
 pub fn define(paths: &Paths, a: &DefineArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.name)?;
     let sd = StateDir::new(paths, &a.name);
-    if !sd.file(crate::state::BOOT_DISK).exists() {
-        bail!(
-            "machine `{}` has no disks in {}; run `seedctl create {} --base IMAGE` first",
-            a.name,
-            sd.dir.display(),
-            a.name
-        );
-    }
+    sd.ensure_disks()?;
     seed::write(&id, SeedFormat::Iso, &sd.file(SEED_ISO))?;
     let xml = domain_xml(&id, &sd, &a.domain)?;
     let file = sd.file("domain.xml");

@@ -97,17 +97,7 @@ pub fn write_known_hosts(id: &Identity, sd: &StateDir, port: u16) -> Result<Path
 pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.name)?;
     let sd = StateDir::new(paths, &a.name);
-    for f in [BOOT_DISK, VAR_DISK] {
-        if !sd.file(f).exists() {
-            bail!(
-                "machine `{}` has no {} in {}; run `seedctl create {} --base IMAGE` first",
-                a.name,
-                f,
-                sd.dir.display(),
-                a.name
-            );
-        }
-    }
+    sd.ensure_disks()?;
     if let Some(pid) = sd.running_pid() {
         bail!(
             "machine `{}` is already running under QEMU (pid {pid}, {}); stop it with `seedctl stop {}`",

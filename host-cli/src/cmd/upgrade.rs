@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
-use crate::cmd::power::{PowerArgs, destroy};
+use crate::cmd::power::{PowerArgs, stop};
 use crate::cmd::seed::{self, SeedFormat};
 use crate::disk;
 use crate::machine::{Identity, Paths};
@@ -17,14 +17,14 @@ use crate::state::{BOOT_DISK, SEED_ISO, StateDir, VAR_DISK};
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   seedctl upgrade web1 --base ./result/nixseed-base.qcow2
-  seedctl upgrade web1 --base new.qcow2 --restart   # stops a running `seedctl run` VM first")]
+  seedctl upgrade web1 --base new.qcow2 --restart   # shuts a running `seedctl run` VM down first")]
 pub struct UpgradeArgs {
     /// Machine name
     pub name: String,
     /// The new base image
     #[arg(long, value_name = "IMAGE")]
     pub base: PathBuf,
-    /// Stop a running machine first (it is not started again)
+    /// Shut a running machine down first, as `seedctl stop` (it is not started again)
     #[arg(long)]
     pub restart: bool,
 }
@@ -50,7 +50,8 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
                 a.name
             );
         }
-        destroy(
+        // An orderly shutdown (ACPI), as `seedctl stop`: the guest flushes /var first.
+        stop(
             paths,
             &PowerArgs {
                 name: a.name.clone(),
