@@ -222,8 +222,10 @@ mod tests {
                 child.id()
             );
         }
-        let _ = unrelated.kill();
-        let _ = elsewhere.kill();
+        for child in [&mut unrelated, &mut elsewhere] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     #[test]
