@@ -166,7 +166,14 @@ fn a_machine_whose_overlay_is_gone_keeps_its_var_disk() {
         &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
         s.path(),
     );
-    s.ok(&["create", "web1", "--base", "base.qcow2", "--var-size", "64M"]);
+    s.ok(&[
+        "create",
+        "web1",
+        "--base",
+        "base.qcow2",
+        "--var-size",
+        "64M",
+    ]);
     let sd = s.state("web1");
     let var = std::fs::read(sd.join("var.qcow2")).unwrap();
     // The overlay is thrown away (to reset the root); /var holds the machine's data.
