@@ -163,3 +163,75 @@ fn exec_status_does_not_wait_for_a_grandchild_holding_the_output() {
     assert_eq!(v["return"]["exitcode"], 0, "{done}");
     assert_eq!(v["return"]["out-data"], "aGkK", "{done}");
 }
+
+/// `nixseed-agent status --identity-dir DIR`: exits 0 with the current manifest.
+fn status_of(dir: &std::path::Path) -> serde_json::Value {
+    let out = Command::new(AGENT)
+        .args(["status", "--identity-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status fails on {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn authorized_key_changes_are_new_generations_that_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("seed");
+    std::fs::create_dir(&seed).unwrap();
+    std::fs::write(
+        seed.join("meta-data"),
+        "instance-id: i-keys\nlocal-hostname: keys\n",
+    )
+    .unwrap();
+    let k1 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKb1 one";
+    let k2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKb2 two";
+    std::fs::write(
+        seed.join("user-data"),
+        format!("#cloud-config\nssh_authorized_keys:\n  - {k1}\n"),
+    )
+    .unwrap();
+    let id = dir.path().join("identity");
+    let rendered = Command::new(AGENT)
+        .args(["render", "--seed"])
+        .arg(&seed)
+        .arg("--out")
+        .arg(&id)
+        .output()
+        .unwrap();
+    assert!(rendered.status.success(), "{rendered:?}");
+    assert_eq!(status_of(&id)["generation"], 1);
+
+    let s = serve(&["--identity-dir", id.to_str().unwrap()]);
+    let add = format!(
+        r#"{{"execute":"guest-ssh-add-authorized-keys","arguments":{{"username":"root","keys":["{k2}"]}}}}"#
+    );
+    assert_eq!(replies(&s.sock, &add, 1)[0].trim(), r#"{"return": {}}"#);
+    // The change is a generation of its own; its manifest matches its files.
+    let st = status_of(&id);
+    assert_eq!(st["generation"], 2, "{st}");
+    assert_eq!(st["instance_id"], "i-keys");
+    let keys = std::fs::read_to_string(id.join("admin_authorized_keys")).unwrap();
+    assert_eq!(keys, format!("{k1}\n{k2}\n"));
+    // The seed's own generation is untouched (a rollback returns to it).
+    assert_eq!(
+        std::fs::read_to_string(id.join("gen-1/admin_authorized_keys")).unwrap(),
+        format!("{k1}\n")
+    );
+    // Removing every key leaves a whole, empty file, not what a power cut leaves.
+    let remove = format!(
+        r#"{{"execute":"guest-ssh-remove-authorized-keys","arguments":{{"username":"root","keys":["{k1}","{k2}"]}}}}"#
+    );
+    assert_eq!(replies(&s.sock, &remove, 1)[0].trim(), r#"{"return": {}}"#);
+    assert_eq!(status_of(&id)["generation"], 3);
+    assert_eq!(
+        std::fs::read_to_string(id.join("admin_authorized_keys")).unwrap(),
+        ""
+    );
+}

@@ -1,14 +1,17 @@
 //! guest-ssh-{get,add,remove}-authorized-keys on nixseed's identity files: `root` and
 //! `admin` use `admin_authorized_keys`, every other existing user `user_authorized_keys`
-//! (sshd's AuthorizedKeysFile points at both). Writes are atomic: a temporary file
-//! beside the real one, fsync, rename, fsync of the directory. When the name is a
-//! symlink into the current generation, the file it points to is replaced, so the
-//! change is live at once and the next seed-driven generation supersedes it.
+//! (sshd's AuthorizedKeysFile points at both). In an identity store a change is a new
+//! generation: the current identity with that one file changed, durable before `current`
+//! moves to it, so every generation's manifest stays true to its files (the next boot,
+//! `status` and a rollback verify them) and sshd, reading through `current`, sees the keys
+//! at once. The next seed-driven generation supersedes it. Outside a store the file is
+//! replaced atomically (temporary file, fsync, rename, fsync of the directory).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use nixseed_core::identity::{IdentityFile, mode_of};
 use nixseed_core::qga::{Args, QgaError};
 use serde_json::json;
 
@@ -44,7 +47,7 @@ fn read_keys(path: &Path) -> Result<Vec<String>, QgaError> {
     }
 }
 
-fn write_atomic(path: &Path, keys: &[String]) -> Result<(), QgaError> {
+fn write_atomic(path: &Path, text: &str) -> Result<(), QgaError> {
     let fail = |what: &str, e: std::io::Error| {
         QgaError::generic(format!(
             "failed to {what} '{}': {}",
@@ -66,10 +69,6 @@ fn write_atomic(path: &Path, keys: &[String]) -> Result<(), QgaError> {
             .map(|n| n.to_string_lossy())
             .unwrap_or_default()
     ));
-    let mut text = keys.join("\n");
-    if !text.is_empty() {
-        text.push('\n');
-    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -84,6 +83,47 @@ fn write_atomic(path: &Path, keys: &[String]) -> Result<(), QgaError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| fail("sync the directory of", e))?;
+    Ok(())
+}
+
+/// Saves `keys` as the file `path` names: a new generation when `path` is a name in an
+/// identity store with a current generation, the plain file otherwise.
+fn save_keys(agent: &Agent, path: &Path, keys: &[String]) -> Result<(), QgaError> {
+    let mut text = keys.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    let fail = |e: anyhow::Error| {
+        QgaError::generic(format!("failed to update '{}': {e:#}", path.display()))
+    };
+    let store = crate::store::Store::open(&agent.config.identity_dir, false);
+    let current = match &store {
+        Ok(store) => store.current().map_err(fail)?,
+        Err(_) => None,
+    };
+    let (Ok(store), Some(generation)) = (store, current) else {
+        return write_atomic(path, &text);
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut tree = generation.tree;
+    tree.insert(
+        name.clone(),
+        IdentityFile {
+            mode: mode_of(&name),
+            bytes: text.into_bytes(),
+        },
+    );
+    let n = store
+        .write_generation(&tree, generation.manifest, crate::store::Durability::Now)
+        .map_err(fail)?;
+    tracing::info!(
+        "{}: generation {n} (generation {} with {name} changed)",
+        agent.config.identity_dir.display(),
+        generation.number
+    );
     Ok(())
 }
 
@@ -124,7 +164,7 @@ pub fn add(agent: &mut Agent, mut args: Args) -> CmdResult {
             all.push(k);
         }
     }
-    write_atomic(&path, &all)?;
+    save_keys(agent, &path, &all)?;
     tracing::info!(
         "{}: {} key(s) after guest-ssh-add-authorized-keys",
         path.display(),
@@ -146,7 +186,7 @@ pub fn remove(agent: &mut Agent, mut args: Args) -> CmdResult {
         .cloned()
         .collect();
     if after.len() != before.len() {
-        write_atomic(&path, &after)?;
+        save_keys(agent, &path, &after)?;
     }
     Ok(Some(json!({})))
 }
