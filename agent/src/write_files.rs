@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use nixseed_core::userdata::{WriteFile, check_write_path};
+use nixseed_core::userdata::{WriteFile, check_write_path, is_within};
 use rustix::fs::{self as rfs, Mode, OFlags};
 
 fn open_dir(parent: &OwnedFd, name: &str) -> rustix::io::Result<OwnedFd> {
@@ -20,11 +20,18 @@ fn open_dir(parent: &OwnedFd, name: &str) -> rustix::io::Result<OwnedFd> {
     )
 }
 
-/// Writes every entry under `sysroot`; returns the paths written.
-pub fn apply(sysroot: &Path, files: &[WriteFile]) -> Result<Vec<String>> {
+/// Writes every entry under `sysroot`; returns the paths written. `identity_dir` is the
+/// store's path in the target root, refused like the default one.
+pub fn apply(sysroot: &Path, identity_dir: &str, files: &[WriteFile]) -> Result<Vec<String>> {
     let mut written = Vec::new();
     for f in files {
         check_write_path(&f.path).map_err(|e| anyhow::anyhow!("write_files: {}: {e}", f.path))?;
+        if is_within(&f.path, identity_dir) {
+            bail!(
+                "write_files: {}: not into the identity store {identity_dir}",
+                f.path
+            );
+        }
         write_one(sysroot, f).with_context(|| format!("write_files: cannot write {}", f.path))?;
         written.push(f.path.clone());
     }
@@ -88,17 +95,39 @@ mod tests {
         let root = tempfile::tempdir()?;
         std::fs::create_dir_all(root.path().join("var"))?;
         std::fs::create_dir_all(root.path().join("outside"))?;
-        apply(root.path(), &[wf("/var/lib/app/conf")])?;
+        apply(root.path(), "/var/identity", &[wf("/var/lib/app/conf")])?;
         assert_eq!(
             std::fs::read(root.path().join("var/lib/app/conf"))?,
             b"hello\n"
         );
         std::os::unix::fs::symlink(root.path().join("outside"), root.path().join("var/evil"))?;
-        let err = apply(root.path(), &[wf("/var/evil/x")]).unwrap_err();
+        let err = apply(root.path(), "/var/identity", &[wf("/var/evil/x")]).unwrap_err();
         assert!(format!("{err:#}").contains("/var/evil/x"), "{err:#}");
         assert!(!root.path().join("outside/x").exists());
-        let err = apply(root.path(), &[wf("/etc/shadow")]).unwrap_err();
+        let err = apply(root.path(), "/var/identity", &[wf("/etc/shadow")]).unwrap_err();
         assert!(format!("{err:#}").contains("only write under /var or /run"));
+        Ok(())
+    }
+
+    #[test]
+    fn the_identity_store_is_out_of_reach_however_the_path_is_spelt() -> Result<()> {
+        let root = tempfile::tempdir()?;
+        let store = root.path().join("var/lib/nixseed");
+        std::fs::create_dir_all(&store)?;
+        std::os::unix::fs::symlink("gen-1", store.join("current"))?;
+        for path in [
+            "/var//identity/current",
+            "/var/lib/nixseed/current",
+            "/var/lib//nixseed/current",
+        ] {
+            let err = apply(root.path(), "/var/lib/nixseed", &[wf(path)]).unwrap_err();
+            assert!(format!("{err:#}").contains(path), "{err:#}");
+        }
+        assert_eq!(
+            std::fs::read_link(store.join("current"))?,
+            Path::new("gen-1")
+        );
+        assert!(!root.path().join("var/identity").exists());
         Ok(())
     }
 }

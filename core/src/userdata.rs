@@ -597,8 +597,22 @@ impl Ctx<'_> {
     }
 }
 
-/// `write_files` may only target `/var` and `/run`; the root is read-only and other paths
-/// would escape the identity contract.
+/// Whether the absolute `path` is `dir` or lies below it, comparing whole components: a
+/// doubled or trailing `/` changes nothing (`/var//identity/x` is inside `/var/identity`,
+/// `/var/identity2` is not).
+pub fn is_within(path: &str, dir: &str) -> bool {
+    fn components(p: &str) -> Vec<&str> {
+        p.split('/').filter(|c| !c.is_empty()).collect()
+    }
+    let (p, d) = (components(path), components(dir));
+    p.len() >= d.len() && p[..d.len()] == d[..]
+}
+
+/// Where the identity store lives unless the agent is told otherwise.
+pub const IDENTITY_DIR: &str = "/var/identity";
+
+/// `write_files` may only target files below `/var` and `/run`, never in the identity
+/// store; the root is read-only and other paths would escape the identity contract.
 pub fn check_write_path(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         return Err("path must be absolute".into());
@@ -606,11 +620,11 @@ pub fn check_write_path(path: &str) -> Result<(), String> {
     if path.split('/').any(|c| c == ".." || c == ".") {
         return Err("path must not contain '.' or '..' components".into());
     }
-    let allowed = ["/var/", "/run/"];
-    if !allowed.iter().any(|a| path.starts_with(a)) || path.starts_with("/var/identity") {
-        return Err(
-            "write_files may only write under /var or /run (and not into /var/identity)".into(),
-        );
+    let below = |dir: &str| is_within(path, dir) && !is_within(dir, path);
+    if !(below("/var") || below("/run")) || is_within(path, IDENTITY_DIR) {
+        return Err(format!(
+            "write_files may only write under /var or /run (and not into {IDENTITY_DIR})"
+        ));
     }
     Ok(())
 }
@@ -630,6 +644,33 @@ fn shell_quote(arg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_paths_are_compared_by_whole_components() {
+        for ok in [
+            "/var/lib/app.conf",
+            "/run/app/x",
+            "/var//lib/x",
+            "/var/identity2/x",
+        ] {
+            assert_eq!(check_write_path(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "/var/identity",
+            "/var/identity/current",
+            "/var//identity/current",
+            "/var/identity//gen-1/hostname",
+            "//var/identity/x",
+            "/var/",
+            "/var",
+            "/run//",
+            "/etc/passwd",
+            "/var/../etc/passwd",
+            "var/x",
+        ] {
+            assert!(check_write_path(bad).is_err(), "{bad} must be refused");
+        }
+    }
 
     /// user-data exactly in the shape and order Proxmox VE writes it (PVE::QemuServer::Cloudinit).
     const PROXMOX: &str = "#cloud-config\nhostname: 0123\nmanage_etc_hosts: true\nfqdn: 0123.example.com\nuser: admin\npassword: $5$salt$4iUKXwyDd6fNk3MvxwJHJEkmF2GIHE26b2ecvE1eLX.\nssh_authorized_keys:\n  - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA0 admin@host\nchpasswd:\n  expire: False\nusers:\n  - default\npackage_upgrade: true\n";
