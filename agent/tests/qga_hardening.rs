@@ -235,3 +235,42 @@ fn authorized_key_changes_are_new_generations_that_verify() {
         ""
     );
 }
+
+#[test]
+fn reading_a_pipe_with_nothing_in_it_does_not_stall_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let s = serve(&["--unsafe-rpcs", "guest-file-open,guest-file-read"]);
+    let t0 = Instant::now();
+    // No writer yet: the open does not wait for one.
+    let open = format!(
+        r#"{{"execute":"guest-file-open","arguments":{{"path":"{}"}}}}"#,
+        fifo.display()
+    );
+    let h: i64 = replies(&s.sock, &open, 1)[0]
+        .trim()
+        .trim_start_matches(r#"{"return": "#)
+        .trim_end_matches('}')
+        .parse()
+        .unwrap();
+    // A writer that holds the pipe open and sends nothing, then a little.
+    let mut writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    let read = format!(
+        r#"{{"execute":"guest-file-read","arguments":{{"handle":{h}}}}}{{"execute":"guest-ping"}}"#
+    );
+    let out = replies(&s.sock, &read, 2);
+    assert_eq!(
+        out[0].trim(),
+        r#"{"return": {"count": 0, "buf-b64": "", "eof": false}}"#
+    );
+    assert_eq!(out[1].trim(), r#"{"return": {}}"#);
+    writer.write_all(b"hi").unwrap();
+    let out = replies(&s.sock, &read, 2);
+    assert_eq!(
+        out[0].trim(),
+        r#"{"return": {"count": 2, "buf-b64": "aGk=", "eof": false}}"#
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10));
+}

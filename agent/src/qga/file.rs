@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use nixseed_core::channel::base64_encode;
@@ -77,6 +78,10 @@ pub fn open(agent: &mut Agent, mut args: Args) -> CmdResult {
         }
     };
     confine(&agent.config.file_dirs, &path)?;
+    // Non-blocking, as qemu-ga sets its descriptor: a named pipe or a terminal with nothing
+    // to read must not stall the agent (every request, freeze and thaw included, waits on
+    // it). Here the open itself does not wait either: a FIFO without a writer opens at once.
+    o.custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits());
     let f = o.open(&path).map_err(|e| {
         QgaError::generic(format!(
             "failed to open file '{path}' (mode: '{mode}'): {}",
@@ -135,10 +140,16 @@ pub fn read(agent: &mut Agent, mut args: Args) -> CmdResult {
     let f = file(agent, h)?;
     let mut buf = vec![0u8; count as usize];
     let mut got = 0;
+    let mut eof = false;
     while got < buf.len() {
         match f.read(&mut buf[got..]) {
-            Ok(0) => break,
+            Ok(0) => {
+                eof = true;
+                break;
+            }
             Ok(n) => got += n,
+            // Nothing more to read now (a pipe or terminal): what came so far, not at EOF.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) => {
                 return Err(QgaError::generic(format!(
                     "failed to read file: {}",
@@ -150,7 +161,7 @@ pub fn read(agent: &mut Agent, mut args: Args) -> CmdResult {
     Ok(Some(json!({
         "count": got,
         "buf-b64": base64_encode(&buf[..got]),
-        "eof": got < count as usize,
+        "eof": eof,
     })))
 }
 
