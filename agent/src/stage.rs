@@ -332,31 +332,45 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions) -> Result<()>
     let gen_dir = store.generation_path(n);
     let etc = opts.sysroot.join("etc");
     let mounted = mounts::mount_points()?;
+    let nixseed_run = opts.run.join("nixseed");
+    std::fs::create_dir_all(&nixseed_run)
+        .with_context(|| format!("cannot create {}", nixseed_run.display()))?;
+    // The image's own file under `/etc`, kept in `<run>/nixseed/NAME.base` the first time
+    // (before anything is bound over it).
+    let image_base = |name: &str| -> Result<String> {
+        let copy = nixseed_run.join(format!("{name}.base"));
+        if copy.exists() {
+            return Ok(std::fs::read_to_string(&copy).unwrap_or_default());
+        }
+        let file = etc.join(name);
+        let base = if mounted.iter().any(|m| m == &file) {
+            String::new()
+        } else {
+            std::fs::read_to_string(&file).unwrap_or_default()
+        };
+        write_atomic(&copy, base.as_bytes())?;
+        Ok(base)
+    };
+    // An identity without DNS settings leaves the image's resolv.conf (the NixOS module's
+    // resolved stub) in place rather than hiding it under an empty file, as cloud-init
+    // leaves it alone.
+    let resolv_base = image_base(identity::RESOLV_CONF)?;
     for name in [
         identity::MACHINE_ID,
         identity::HOSTNAME,
         identity::RESOLV_CONF,
     ] {
-        mounts::bind_readonly(&gen_dir.join(name), &etc.join(name), &mounted)?;
+        let mut source = gen_dir.join(name);
+        if name == identity::RESOLV_CONF && std::fs::metadata(&source).is_ok_and(|m| m.len() == 0) {
+            source = nixseed_run.join(identity::RESOLV_CONF);
+            write_atomic(&source, resolv_base.as_bytes())?;
+        }
+        mounts::bind_readonly(&source, &etc.join(name), &mounted)?;
         crate::crashpoint::hit(&format!("bind-{name}"));
     }
     // /etc/hosts = the image's base + the identity's extra lines.
-    let nixseed_run = opts.run.join("nixseed");
-    std::fs::create_dir_all(&nixseed_run)
-        .with_context(|| format!("cannot create {}", nixseed_run.display()))?;
-    let base_copy = nixseed_run.join("hosts.base");
     let hosts_etc = etc.join(identity::HOSTS);
-    let base = if base_copy.exists() {
-        std::fs::read_to_string(&base_copy).unwrap_or_default()
-    } else {
-        let base = if mounted.iter().any(|m| m == &hosts_etc) {
-            String::new()
-        } else {
-            std::fs::read_to_string(&hosts_etc).unwrap_or_default()
-        };
-        write_atomic(&base_copy, base.as_bytes())?;
-        base
-    };
+    let base = image_base(identity::HOSTS)?;
     let extra = std::fs::read_to_string(gen_dir.join(identity::HOSTS)).unwrap_or_default();
     let composed_path = nixseed_run.join("hosts");
     let mut composed = base;

@@ -17,6 +17,9 @@ struct Vm {
 
 const PROXMOX_USER_DATA: &str = "#cloud-config\nhostname: web1\nmanage_etc_hosts: true\nfqdn: web1.example.com\nuser: admin\npassword: $5$abc$def\nssh_authorized_keys:\n  - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA0 admin@host\nchpasswd:\n  expire: False\nusers:\n  - default\npackage_upgrade: true\n";
 
+/// The image's /etc/resolv.conf as the NixOS module writes it with resolved enabled.
+const RESOLVED_STUB: &str = "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n";
+
 const PROXMOX_NETWORK: &str = "version: 1\nconfig:\n    - type: physical\n      name: eth0\n      mac_address: '52:54:00:12:34:56'\n      subnets:\n      - type: static\n        address: '192.168.1.10'\n        netmask: '255.255.255.0'\n        gateway: '192.168.1.1'\n      - type: static6\n        address: '2001:db8::10/64'\n        gateway: '2001:db8::1'\n    - type: nameserver\n      search:\n      - 'example.com'\n";
 
 impl Vm {
@@ -28,6 +31,7 @@ impl Vm {
         ts::Guest {
             nic: Some(("ens18", "52:54:00:12:34:56")),
             hosts: "127.0.0.1 localhost\n",
+            resolv_conf: RESOLVED_STUB,
             cmdline: "ro quiet ds=nocloud;s=/seed/\n",
             ..ts::Guest::default()
         }
@@ -135,8 +139,10 @@ fn proxmox_seed_first_boot_binds_identity_over_etc() {
     );
     let mid = etc(&s, "machine-id");
     assert_eq!(mid.trim().len(), 32, "{mid:?}");
-    // Like cloud-init, a nameserver entry without addresses contributes nothing.
-    assert_eq!(etc(&s, "resolv.conf"), "");
+    // Like cloud-init, a nameserver entry without addresses contributes nothing, and the
+    // image's own resolv.conf stays what /etc/resolv.conf shows.
+    assert_eq!(etc(&s, "resolv.conf"), RESOLVED_STUB);
+    assert_eq!(vm.identity("resolv.conf"), b"");
     assert_eq!(
         vm.identity("admin_authorized_keys"),
         b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA0 admin@host\n"
@@ -164,6 +170,29 @@ fn proxmox_seed_first_boot_binds_identity_over_etc() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn resolv_conf_is_the_seeds_when_it_names_servers_and_the_images_otherwise() {
+    let vm = Vm::new();
+    vm.seed(
+        "instance-id: iid-dns\n",
+        "#cloud-config\nhostname: dns\nmanage_resolv_conf: true\nresolv_conf:\n  nameservers: ['192.0.2.53']\n",
+        None,
+    );
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(etc(&s, "resolv.conf"), "nameserver 192.0.2.53\n");
+    // A later instance without DNS settings: back to the image's own file, not an empty one.
+    vm.seed(
+        "instance-id: iid-nodns\n",
+        "#cloud-config\nhostname: nodns\n",
+        None,
+    );
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(etc(&s, "hostname"), "nodns\n");
+    assert_eq!(etc(&s, "resolv.conf"), RESOLVED_STUB);
 }
 
 #[test]

@@ -15,6 +15,8 @@ pub struct Guest<'a> {
     pub nic: Option<(&'a str, &'a str)>,
     /// The image's own `/etc/hosts` (empty, or a base the identity's lines are added to).
     pub hosts: &'a str,
+    /// The image's own `/etc/resolv.conf` (the NixOS module's resolved stub, or empty).
+    pub resolv_conf: &'a str,
     /// `/proc/cmdline`; it must name the seed directory for the agent to find it.
     pub cmdline: &'a str,
 }
@@ -25,6 +27,7 @@ impl Default for Guest<'_> {
             product_uuid: "11111111-2222-3333-4444-555555555555",
             nic: None,
             hosts: "",
+            resolv_conf: "",
             cmdline: "ds=nocloud;s=/seed/\n",
         }
     }
@@ -44,9 +47,10 @@ impl Guest<'_> {
         ] {
             std::fs::create_dir_all(root.join(d))?;
         }
-        for f in ["machine-id", "hostname", "resolv.conf"] {
+        for f in ["machine-id", "hostname"] {
             std::fs::write(root.join("sysroot/etc").join(f), "")?;
         }
+        std::fs::write(root.join("sysroot/etc/resolv.conf"), self.resolv_conf)?;
         std::fs::write(root.join("sysroot/etc/hosts"), self.hosts)?;
         if let Some((name, mac)) = self.nic {
             let dir = root.join("host/sys/class/net").join(name);
