@@ -108,7 +108,7 @@ const IGNORED_ON_IMMUTABLE: &[&str] = &[
 /// Decodes raw user-data bytes (gzip, MIME multipart or plain) into a cloud-config.
 /// `origin` names the file in every message.
 pub fn parse(bytes: &[u8], origin: &str) -> Result<CloudConfig, UserDataError> {
-    let bytes = gunzip_if_needed(bytes, origin)?;
+    let bytes = gunzip_if_needed(bytes, origin, MAX_USER_DATA)?;
     if bytes.len() > MAX_USER_DATA {
         return Err(invalid(
             origin,
@@ -149,15 +149,25 @@ enum Part {
     Ignored(String),
 }
 
-fn gunzip_if_needed(bytes: &[u8], origin: &str) -> Result<Vec<u8>, UserDataError> {
+/// Gunzips `bytes` when they are gzip data; more than `limit` bytes out is refused (a
+/// small gzip member can expand a thousandfold).
+fn gunzip_if_needed(bytes: &[u8], origin: &str, limit: usize) -> Result<Vec<u8>, UserDataError> {
     if !bytes.starts_with(&[0x1f, 0x8b]) {
         return Ok(bytes.to_vec());
     }
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(bytes)
-        .take(MAX_USER_DATA as u64 + 1)
+        .take(limit as u64 + 1)
         .read_to_end(&mut out)
         .map_err(|e| invalid(origin, format!("gzip data is corrupt: {e}")))?;
+    if out.len() > limit {
+        return Err(invalid(
+            origin,
+            format!(
+                "gzip data expands beyond the {limit} bytes left of the {MAX_USER_DATA} byte limit"
+            ),
+        ));
+    }
     Ok(out)
 }
 
@@ -198,6 +208,7 @@ fn mime_parts(text: &str, boundary: &str, origin: &str) -> Result<Vec<Part>, Use
     let text = text.replace("\r\n", "\n");
     let delimiter = format!("--{boundary}");
     let mut out = Vec::new();
+    let mut expanded = 0usize;
     for chunk in text.split(&delimiter).skip(1) {
         if chunk.starts_with("--") {
             break;
@@ -218,12 +229,20 @@ fn mime_parts(text: &str, boundary: &str, origin: &str) -> Result<Vec<Part>, Use
             Some("base64") => {
                 let raw = crate::credentials::base64_decode(body)
                     .ok_or_else(|| invalid(origin, "a MIME part's base64 body is corrupt"))?;
-                let raw = gunzip_if_needed(&raw, origin)?;
+                let raw = gunzip_if_needed(&raw, origin, MAX_USER_DATA - expanded)?;
                 String::from_utf8(raw)
                     .map_err(|_| invalid(origin, "a MIME part is not UTF-8 text"))?
             }
             _ => body.to_string(),
         };
+        // All parts together are held by the limit for user-data, decoded or not.
+        expanded += body.len();
+        if expanded > MAX_USER_DATA {
+            return Err(invalid(
+                origin,
+                format!("MIME parts expand beyond the {MAX_USER_DATA} byte limit for user-data"),
+            ));
+        }
         if ctype.starts_with("text/cloud-config") || body.trim_start().starts_with("#cloud-config")
         {
             out.push(Part::CloudConfig(body));
@@ -290,7 +309,11 @@ fn merge_cloud_config(
                     v => ctx.boolean(v)?,
                 })
             }
-            "write_files" => config.write_files.extend(ctx.write_files(value)?),
+            "write_files" => {
+                let used: usize = config.write_files.iter().map(|f| f.content.len()).sum();
+                let files = ctx.write_files(value, MAX_USER_DATA.saturating_sub(used))?;
+                config.write_files.extend(files);
+            }
             "bootcmd" => config.bootcmd = ctx.commands(value)?,
             "runcmd" => config.runcmd = ctx.commands(value)?,
             "timezone" => config.timezone = Some(ctx.scalar(value)?),
@@ -483,11 +506,14 @@ impl Ctx<'_> {
         }
     }
 
-    fn write_files(&self, v: &Value) -> Result<Vec<WriteFile>, UserDataError> {
+    /// The entries, whose contents (decoded) may total `budget` bytes: the user-data limit
+    /// less what earlier parts wrote.
+    fn write_files(&self, v: &Value, budget: usize) -> Result<Vec<WriteFile>, UserDataError> {
         let Value::Sequence(items) = v else {
             return Err(self.err(format!("expected a list, found {}", yaml::kind(v))));
         };
         let mut out = Vec::new();
+        let mut left = budget;
         for item in items {
             let path = item
                 .get("path")
@@ -504,10 +530,20 @@ impl Ctx<'_> {
                 Some("gz+b64") | Some("gzip+base64") | Some("gz+base64") => {
                     let raw = crate::credentials::base64_decode(&content)
                         .ok_or_else(|| self.err(format!("{path}: base64 content is corrupt")))?;
-                    gunzip_if_needed(&raw, self.origin)?
+                    gunzip_if_needed(&raw, self.origin, left).map_err(|e| match e {
+                        UserDataError::Invalid { detail, .. } => {
+                            self.err(format!("{path}: {detail}"))
+                        }
+                        other => other,
+                    })?
                 }
                 _ => content.into_bytes(),
             };
+            left = left.checked_sub(content.len()).ok_or_else(|| {
+                self.err(format!(
+                    "{path}: the contents of all entries together exceed the {MAX_USER_DATA} byte limit"
+                ))
+            })?;
             let permissions = match item.get("permissions").and_then(yaml::scalar_text) {
                 Some(p) => u32::from_str_radix(p.trim_start_matches("0o"), 8)
                     .map_err(|_| self.err(format!("{path}: permissions '{p}' are not octal")))?,
@@ -645,6 +681,47 @@ fn shell_quote(arg: &str) -> String {
 mod tests {
     use super::*;
 
+    /// gzip+base64 of `n` zero bytes, as a write_files `content`.
+    fn gz_b64_zeros(n: usize) -> String {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&vec![0u8; n]).unwrap();
+        crate::channel::base64_encode(&gz.finish().unwrap())
+    }
+
+    #[test]
+    fn write_files_contents_are_limited_all_together_and_refused_not_cut() {
+        // Three entries of 6 MiB each: 16 KiB of user-data, 18 MiB decoded.
+        let six = gz_b64_zeros(6 << 20);
+        let mut ud = String::from("#cloud-config\nwrite_files:\n");
+        for i in 0..3 {
+            ud.push_str(&format!(
+                "  - path: /var/lib/f{i}\n    encoding: gz+b64\n    content: {six}\n"
+            ));
+        }
+        let e = parse(ud.as_bytes(), "user-data").unwrap_err().to_string();
+        assert!(
+            e.contains("user-data") && e.contains("/var/lib/f2") && e.contains("byte limit"),
+            "{e}"
+        );
+        // Two fit.
+        let two: String = ud.lines().take(2 + 2 * 3).collect::<Vec<_>>().join("\n");
+        let c = parse(two.as_bytes(), "user-data").unwrap();
+        assert_eq!(c.write_files.len(), 2);
+        let lens: Vec<usize> = c.write_files.iter().map(|f| f.content.len()).collect();
+        assert_eq!(lens, vec![6 << 20; 2]);
+        // One entry over the whole limit is refused, not cut to the limit.
+        let big = gz_b64_zeros(MAX_USER_DATA + 1);
+        let one = format!(
+            "#cloud-config\nwrite_files:\n  - path: /var/lib/big\n    encoding: gz+b64\n    content: {big}\n"
+        );
+        let e = parse(one.as_bytes(), "user-data").unwrap_err().to_string();
+        assert!(
+            e.contains("/var/lib/big") && e.contains("gzip data expands"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn write_paths_are_compared_by_whole_components() {
         for ok in [
@@ -718,6 +795,28 @@ mod tests {
         gz.write_all(b"#cloud-config\nhostname: zipped\n").unwrap();
         let c = parse(&gz.finish().unwrap(), "user-data").unwrap();
         assert_eq!(c.hostname.as_deref(), Some("zipped"));
+    }
+
+    #[test]
+    fn gzip_mime_parts_are_limited_all_together() {
+        use std::io::Write;
+        let mut body = b"#cloud-config\n".to_vec();
+        body.resize(6 << 20, b'#');
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&body).unwrap();
+        let part = crate::channel::base64_encode(&gz.finish().unwrap());
+        let mut text = String::from("Content-Type: multipart/mixed; boundary=\"XYZ\"\n\n");
+        for _ in 0..3 {
+            text.push_str(&format!(
+                "--XYZ\nContent-Type: text/cloud-config\nContent-Transfer-Encoding: base64\n\n{part}\n"
+            ));
+        }
+        text.push_str("--XYZ--\n");
+        let e = parse(text.as_bytes(), "user-data").unwrap_err().to_string();
+        assert!(
+            e.starts_with("user-data: ") && e.contains("byte limit"),
+            "{e}"
+        );
     }
 
     #[test]
