@@ -1,6 +1,7 @@
 //! Driving libvirt through `virsh -c URI`, so remote URIs (`qemu+ssh://host/system`)
 //! work exactly as they do for virsh itself.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Result, bail};
@@ -15,6 +16,26 @@ pub fn uri(connect: Option<&str>) -> String {
         .map(str::to_owned)
         .or_else(|| std::env::var("LIBVIRT_DEFAULT_URI").ok())
         .unwrap_or_else(|| DEFAULT_URI.to_owned())
+}
+
+/// Where a local libvirt QEMU driver keeps a running domain's pidfile: `qemu:///system`
+/// in `/run/libvirt/qemu`, `qemu:///session` under `$XDG_RUNTIME_DIR`. Remote and other
+/// URIs have none on this host.
+pub fn qemu_pidfile(uri: &str, name: &str, runtime_dir: Option<&Path>) -> Option<PathBuf> {
+    let file = format!("{name}.pid");
+    match uri.trim_end_matches('/') {
+        "qemu:///system" => Some(Path::new("/run/libvirt/qemu").join(file)),
+        "qemu:///session" => Some(runtime_dir?.join("libvirt/qemu/run").join(file)),
+        _ => None,
+    }
+}
+
+/// The pid of a running domain's QEMU when libvirt runs it on this host.
+pub fn local_qemu_pid(uri: &str, name: &str) -> Option<i32> {
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+    let file = qemu_pidfile(uri, name, runtime.as_deref())?;
+    let pid: i32 = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
+    crate::state::pid_alive(pid).then_some(pid)
 }
 
 /// Run `virsh -c URI ARGS...` for machine `name`; errors say whether libvirt itself was
@@ -49,5 +70,29 @@ pub fn domstate(uri: &str, name: &str) -> Result<Option<String>> {
         Ok(s) => Ok(Some(s.trim().to_owned())),
         Err(e) if format!("{e}").contains("unreachable") => Err(e),
         Err(_) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pidfiles_of_the_local_qemu_drivers() {
+        let run = Path::new("/run/user/1000");
+        assert_eq!(
+            qemu_pidfile("qemu:///system", "web1", Some(run)),
+            Some(PathBuf::from("/run/libvirt/qemu/web1.pid"))
+        );
+        assert_eq!(
+            qemu_pidfile("qemu:///session", "web1", Some(run)),
+            Some(PathBuf::from("/run/user/1000/libvirt/qemu/run/web1.pid"))
+        );
+        assert_eq!(qemu_pidfile("qemu:///session", "web1", None), None);
+        assert_eq!(
+            qemu_pidfile("qemu+ssh://root@hv1/system", "web1", Some(run)),
+            None
+        );
+        assert_eq!(qemu_pidfile("test:///default", "web1", Some(run)), None);
     }
 }

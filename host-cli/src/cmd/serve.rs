@@ -125,8 +125,15 @@ fn targets(paths: &Paths, a: &ServeArgs, log: &dyn Fn(&str)) -> Result<Vec<Hello
             ));
             continue;
         }
+        // With --once the answerer stops when the domain's QEMU does (a domain destroyed
+        // before its hello would otherwise keep it, and the socket, forever); a long-running
+        // serve stays to answer the domain again when it restarts.
+        let qemu_pid = match a.once {
+            true => a.qemu_pid.or_else(|| libvirt::local_qemu_pid(&uri, &name)),
+            false => a.qemu_pid,
+        };
         match channel::libvirt_socket(&uri, &name) {
-            Ok(socket) => out.push(target(&name, socket, None)),
+            Ok(socket) => out.push(target(&name, socket, qemu_pid)),
             Err(e) if explicit => return Err(e),
             Err(e) => log(&format!("{e:#}; skipped")),
         }
