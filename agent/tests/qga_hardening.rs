@@ -242,7 +242,10 @@ fn reading_a_pipe_with_nothing_in_it_does_not_stall_the_agent() {
     let fifo = dir.path().join("fifo");
     let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(made.success());
-    let s = serve(&["--unsafe-rpcs", "guest-file-open,guest-file-read"]);
+    let s = serve(&[
+        "--unsafe-rpcs",
+        "guest-file-open,guest-file-read,guest-file-write",
+    ]);
     let t0 = Instant::now();
     // No writer yet: the open does not wait for one.
     let open = format!(
@@ -272,5 +275,46 @@ fn reading_a_pipe_with_nothing_in_it_does_not_stall_the_agent() {
         out[0].trim(),
         r#"{"return": {"count": 2, "buf-b64": "aGk=", "eof": false}}"#
     );
+    // The other way: a reader that reads nothing, and more data than the pipe holds.
+    let out_fifo = dir.path().join("out");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&out_fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    use std::os::unix::fs::OpenOptionsExt;
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(&out_fifo)
+        .unwrap();
+    let open_w = format!(
+        r#"{{"execute":"guest-file-open","arguments":{{"path":"{}","mode":"w"}}}}"#,
+        out_fifo.display()
+    );
+    let w: i64 = replies(&s.sock, &open_w, 1)[0]
+        .trim()
+        .trim_start_matches(r#"{"return": "#)
+        .trim_end_matches('}')
+        .parse()
+        .unwrap();
+    let data = "A".repeat(256 << 10);
+    let write = format!(
+        r#"{{"execute":"guest-file-write","arguments":{{"handle":{w},"buf-b64":"{data}"}}}}{{"execute":"guest-ping"}}"#
+    );
+    let out = replies(&s.sock, &write, 2);
+    let count: usize = out[0]
+        .split("\"count\": ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{}", out[0]));
+    assert!(
+        count > 0 && count < 192 << 10,
+        "wrote {count} bytes into a pipe nobody reads"
+    );
+    assert_eq!(out[1].trim(), r#"{"return": {}}"#);
     assert!(t0.elapsed() < Duration::from_secs(10));
 }

@@ -182,9 +182,24 @@ pub fn write(agent: &mut Agent, mut args: Args) -> CmdResult {
         None => data.len(),
     };
     let f = file(agent, h)?;
-    f.write_all(&data[..n])
-        .map_err(|e| QgaError::generic(format!("failed to write to file: {}", io_text(&e))))?;
-    Ok(Some(json!({ "count": n, "eof": false })))
+    // The descriptor is non-blocking: a full pipe or terminal takes part of the data, and
+    // the count says how much, so the host sends only the rest again.
+    let mut written = 0;
+    while written < n {
+        match f.write(&data[written..n]) {
+            Ok(0) => break,
+            Ok(k) => written += k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(QgaError::generic(format!(
+                    "failed to write to file: {}",
+                    io_text(&e)
+                )));
+            }
+        }
+    }
+    Ok(Some(json!({ "count": written, "eof": false })))
 }
 
 /// qemu-ga's `GuestFileWhence`: an integer code, or `set`, `cur`, `end`.
