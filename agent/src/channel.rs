@@ -108,7 +108,13 @@ async fn applied(
     {
         stage::bind_generation(store, n, &ctx.opts)
             .context("cannot re-bind the new generation over /etc")?;
-        let r = crate::reload::after_change(&changed, &ctx.identity_path(), ctx.firewall).await;
+        let r = crate::reload::after_change(
+            &changed,
+            &ctx.identity_path(),
+            ctx.firewall,
+            before.is_none(),
+        )
+        .await;
         reloaded = r.reloaded;
         reboot_required = r.reboot_required;
     }

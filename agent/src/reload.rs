@@ -15,7 +15,15 @@ pub struct Reloaded {
 }
 
 /// Applies the effects of the changed files (names relative to a generation).
-pub async fn after_change(changed: &[String], identity_dir: &Path, firewall: bool) -> Reloaded {
+/// `first_identity`: there was no generation before this one (a boot that found no seed),
+/// so sshd, which has no host key without one (the NixOS module skips it by condition),
+/// is started rather than only restarted when running.
+pub async fn after_change(
+    changed: &[String],
+    identity_dir: &Path,
+    firewall: bool,
+    first_identity: bool,
+) -> Reloaded {
     let mut out = Reloaded::default();
     let has = |p: &str| {
         changed
@@ -32,7 +40,12 @@ pub async fn after_change(changed: &[String], identity_dir: &Path, firewall: boo
         }
     }
     if has(identity::SSH_HOST_KEY) || has(identity::SSH_HOST_KEY_PUB) {
-        match restart_units(&["ssh.service", "sshd.service"]).await {
+        let how = if first_identity {
+            "RestartUnit"
+        } else {
+            "TryRestartUnit"
+        };
+        match restart_units(&["ssh.service", "sshd.service"], how).await {
             Ok(()) => out.reloaded.push("sshd".into()),
             Err(e) => tracing::warn!("cannot restart sshd for its new host key: {e:#}"),
         }
@@ -63,16 +76,17 @@ fn set_hostname(file: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn restart_units(units: &[&str]) -> Result<()> {
+/// `method`: `TryRestartUnit` (leaves a unit that is not running alone) or `RestartUnit`
+/// (starts it). A unit the image does not have (ssh.service on NixOS, sshd.service on
+/// Debian) is fine.
+async fn restart_units(units: &[&str], method: &str) -> Result<()> {
     use crate::dbus::{Arg, DbusError, call};
     for unit in units {
-        // TryRestartUnit leaves a unit that is not running alone; a unit the image does not
-        // have (ssh.service on NixOS, sshd.service on Debian) is fine.
         match call(
             "org.freedesktop.systemd1",
             "/org/freedesktop/systemd1",
             "org.freedesktop.systemd1.Manager",
-            "TryRestartUnit",
+            method,
             &[Arg::Str(unit), Arg::Str("replace")],
         )
         .await
