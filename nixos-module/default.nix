@@ -34,7 +34,7 @@ let
   ];
 
   # Flags shared by every stage that may write the identity.
-  stageArgs = [
+  stageArgsNoTrust = [
     "--identity-dir"
     id
     "--clone-policy"
@@ -43,8 +43,8 @@ let
     (lib.concatStringsSep "," cfg.sources)
     "--channel-wait"
     (toString (if cfg.controlChannel.enable then cfg.controlChannel.bootWait else 0))
-  ]
-  ++ trustArgs;
+  ];
+  stageArgs = stageArgsNoTrust ++ trustArgs;
   firewallArgs = lib.optional cfg.firewall.enable "--firewall";
 
   initrdCommand = [
@@ -53,7 +53,7 @@ let
     "/sysroot"
   ]
   ++ stageArgs;
-  applyCommand = [ "apply" ] ++ stageArgs;
+  applyCommand = [ "apply" ] ++ stageArgs ++ lib.optional cfg.runCommands "--run-commands";
   channelCommand = [ "channel" ] ++ stageArgs ++ firewallArgs;
   # serve answers the guest agent and, unless disabled, the control channel.
   serveCommand = [
@@ -149,6 +149,17 @@ in
         ConfigDrive2 volume, systemd credentials, and last the control channel (whose
         bounded wait would otherwise delay every boot that has a seed disk). When no
         source yields a seed, the current identity is kept untouched.
+      '';
+    };
+
+    runCommands = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = ''
+        Run the seed's `bootcmd` (every boot, early, as the transient unit
+        `nixseed-bootcmd`) and `runcmd` (once per instance, after `multi-user.target`, as
+        `nixseed-runcmd`): `nixseed-agent apply --run-commands`. Off by default, the
+        seed's shell commands are kept in the identity and never run.
       '';
     };
 
@@ -434,7 +445,9 @@ in
         boot.initrd.systemd.storePaths = [ exe ] ++ lib.optional (cfg.trustedKeys != [ ]) trustedKeysFile;
         boot.initrd.systemd.services.nixseed-initrd = {
           wantedBy = [ "initrd.target" ];
-          # The etc overlay is mounted and activated first, so the binds land on it.
+          # The binds need the etc overlay, mounted before initrd-fs.target. nixpkgs
+          # releases that run activation within initrd.target run it first; newer ones
+          # run it after initrd-switch-root.target, where this ordering does nothing.
           after = [ "initrd-nixos-activation.service" ];
           serviceConfig.ExecStart = execStart initrdCommand;
         };
@@ -445,7 +458,10 @@ in
           copy_bin_and_libs ${exe}
         '';
         boot.initrd.postMountCommands = ''
-          nixseed-agent initrd --sysroot "$targetRoot" ${lib.escapeShellArgs stageArgs} \
+          nixseed-agent initrd --sysroot "$targetRoot" ${lib.escapeShellArgs stageArgsNoTrust} ${
+            # Stage 1 sees the system's store under $targetRoot, not at /nix/store.
+            lib.optionalString (cfg.trustedKeys != [ ]) ''--trusted-keys "$targetRoot${trustedKeysFile}"''
+          } \
             || echo "nixseed: the initrd stage failed; nixseed-apply will set the identity late"
         '';
       })
@@ -519,6 +535,12 @@ in
         systemd.services.nixseed-firewall = {
           wantedBy = [ "sysinit.target" ];
           path = [ pkgs.nftables ];
+          # The shipped unit's condition names /var/identity; the empty entry resets it, so
+          # another identityDir does not skip the firewall (and leave every port open).
+          unitConfig.ConditionPathExists = [
+            ""
+            "${id}/tcp_ports"
+          ];
           serviceConfig.ExecStart = execStart [
             "firewall"
             "--identity-dir"

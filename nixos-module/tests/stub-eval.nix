@@ -181,6 +181,28 @@ in
     && lib.hasInfix "copy_bin_and_libs ${exe}" c.boot.initrd.extraUtilsCommands
     && c.boot.initrd.systemd.services == { }
   ))
+  (check "runCommands passes --run-commands to stage 2 only" (
+    let
+      off = eval { imports = [ base ]; };
+      on = eval {
+        imports = [ base ];
+        services.nixseed.runCommands = true;
+      };
+    in
+    !(lib.hasInfix "--run-commands" (lib.last off.systemd.services.nixseed-apply.serviceConfig.ExecStart))
+    && lib.hasInfix ''"--run-commands"'' (lib.last on.systemd.services.nixseed-apply.serviceConfig.ExecStart)
+    && !(lib.hasInfix "--run-commands" (lib.last on.systemd.services.nixseed-agent.serviceConfig.ExecStart))
+  ))
+  (check "the scripted initrd reads the trusted keys under $targetRoot" (
+    let
+      c = eval {
+        imports = [ base ];
+        boot.initrd.systemd.enable = lib.mkForce false;
+        services.nixseed.trustedKeys = [ "ssh-ed25519 AAAA signer" ];
+      };
+    in
+    lib.hasInfix ''--trusted-keys "$targetRoot/nix/store/'' c.boot.initrd.postMountCommands
+  ))
   (check "/etc placeholders are files, machine-id empty and 0444" (
     let
       e = good.environment.etc;
@@ -252,6 +274,7 @@ in
     && lib.hasInfix ''"--firewall"'' (lib.last c.systemd.services.nixseed-agent.serviceConfig.ExecStart)
     && !(lib.hasInfix "--firewall" (lib.last c.systemd.services.nixseed-apply.serviceConfig.ExecStart))
     && c.systemd.services.nixseed-firewall.path == [ fakePkgs.nftables ]
+    && c.systemd.services.nixseed-firewall.unitConfig.ConditionPathExists == [ "" "/var/identity/tcp_ports" ]
   ))
   (check "an explicitly enabled NixOS firewall or a flushing nftables is refused" (
     hasFailure (eval {
