@@ -136,19 +136,18 @@ pub fn pid_alive(pid: i32) -> bool {
 }
 
 /// Whether process `pid` is the one that wrote `pidfile`: it holds the file open (QEMU
-/// keeps its pidfile open and locked while it runs, whatever its working directory), or
-/// it has `-pidfile FILE` in its arguments with FILE this file (a relative FILE taken
-/// from the process's working directory; QEMU's `-daemonize` moves that to `/`).
+/// keeps its pidfile open and locked while it runs), or it has `-pidfile FILE` in its
+/// arguments with FILE this file (a relative FILE taken from the process's working
+/// directory). Files are compared by device and inode, not by name.
 fn writes_pidfile(pid: i32, pidfile: &Path) -> bool {
-    let Ok(want) = pidfile.canonicalize() else {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(want) = std::fs::metadata(pidfile).map(|m| (m.dev(), m.ino())) else {
         return false;
     };
-    let is_it = |p: PathBuf| p.canonicalize().is_ok_and(|p| p == want);
-    let holds_open = std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
-        fds.flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| p == want))
-    });
-    holds_open || pidfile_argument(pid).is_some_and(is_it)
+    let is_it = |p: &Path| std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == want);
+    let holds_open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .is_ok_and(|fds| fds.flatten().any(|fd| is_it(&fd.path())));
+    holds_open || pidfile_argument(pid).is_some_and(|p| is_it(&p))
 }
 
 /// The `-pidfile` argument of process `pid`, made absolute with its working directory.

@@ -123,7 +123,12 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
     for s in [QGA_SOCK, CHANNEL_SOCK, QMP_SOCK, PIDFILE] {
         let _ = std::fs::remove_file(sd.file(s));
     }
-    let path = |f: &str| sd.file(f).display().to_string();
+    // Absolute: with --detach QEMU daemonizes into `/`, and its own arguments (the pidfile's
+    // above all) should still name these files.
+    let path = |f: &str| {
+        let p = sd.file(f);
+        std::path::absolute(&p).unwrap_or(p).display().to_string()
+    };
 
     let mut cmd = Command::new(QEMU);
     cmd.args(["-name", &a.name, "-machine", "q35", "-accel", accel])
