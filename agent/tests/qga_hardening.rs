@@ -234,6 +234,14 @@ fn authorized_key_changes_are_new_generations_that_verify() {
         std::fs::read_to_string(id.join("admin_authorized_keys")).unwrap(),
         ""
     );
+    drop(s);
+    // A store whose `current` is gone (a power cut recovered to nothing, no seed since):
+    // refused, and no plain `current` appears through the dangling flat link.
+    std::fs::remove_file(id.join("current")).unwrap();
+    let s = serve(&["--identity-dir", id.to_str().unwrap()]);
+    let out = replies(&s.sock, &add, 1);
+    assert!(out[0].contains("no current generation"), "{}", out[0]);
+    assert!(id.join("current").symlink_metadata().is_err());
 }
 
 #[test]

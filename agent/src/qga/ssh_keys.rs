@@ -96,14 +96,19 @@ fn save_keys(agent: &Agent, path: &Path, keys: &[String]) -> Result<(), QgaError
     let fail = |e: anyhow::Error| {
         QgaError::generic(format!("failed to update '{}': {e:#}", path.display()))
     };
-    let store = crate::store::Store::open(&agent.config.identity_dir, false);
-    let current = match &store {
-        Ok(store) => store.current().map_err(fail)?,
-        Err(_) => None,
-    };
-    let (Ok(store), Some(generation)) = (store, current) else {
+    let dir = &agent.config.identity_dir;
+    if !looks_like_store(dir) {
         return write_atomic(path, &text);
-    };
+    }
+    // In a store, never the plain file: that would write through the flat link into the
+    // current generation, or make `current` a directory when the link dangles.
+    let store = crate::store::Store::open(dir, false).map_err(fail)?;
+    let generation = store.current().map_err(fail)?.ok_or_else(|| {
+        fail(anyhow::anyhow!(
+            "{} has no current generation; keys can be changed once an identity is applied",
+            dir.display()
+        ))
+    })?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -125,6 +130,16 @@ fn save_keys(agent: &Agent, path: &Path, keys: &[String]) -> Result<(), QgaError
         generation.number
     );
     Ok(())
+}
+
+/// An identity store: a `current` link or a generation directory is there.
+fn looks_like_store(dir: &Path) -> bool {
+    dir.join("current").symlink_metadata().is_ok()
+        || std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("gen-"))
+        })
 }
 
 /// The keys to act on, trimmed. Blank entries are skipped: `virsh set-user-sshkeys --file`
