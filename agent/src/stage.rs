@@ -351,19 +351,28 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions) -> Result<()>
         write_atomic(&copy, base.as_bytes())?;
         Ok(base)
     };
-    // An identity without DNS settings leaves the image's resolv.conf (the NixOS module's
-    // resolved stub) in place rather than hiding it under an empty file, as cloud-init
-    // leaves it alone.
+    // An identity that names no nameserver keeps the image's resolv.conf (the NixOS
+    // module's resolved stub) and adds its own lines (search, options) after it, rather
+    // than hiding the image's servers; cloud-init leaves the file alone then.
     let resolv_base = image_base(identity::RESOLV_CONF)?;
+    let resolv = std::fs::read_to_string(gen_dir.join(identity::RESOLV_CONF)).unwrap_or_default();
+    let names_a_server = resolv
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("nameserver"));
     for name in [
         identity::MACHINE_ID,
         identity::HOSTNAME,
         identity::RESOLV_CONF,
     ] {
         let mut source = gen_dir.join(name);
-        if name == identity::RESOLV_CONF && std::fs::metadata(&source).is_ok_and(|m| m.len() == 0) {
+        if name == identity::RESOLV_CONF && !names_a_server {
             source = nixseed_run.join(identity::RESOLV_CONF);
-            write_atomic(&source, resolv_base.as_bytes())?;
+            let mut composed = resolv_base.clone();
+            if !composed.is_empty() && !composed.ends_with('\n') {
+                composed.push('\n');
+            }
+            composed.push_str(&resolv);
+            write_atomic(&source, composed.as_bytes())?;
         }
         mounts::bind_readonly(&source, &etc.join(name), &mounted)?;
         crate::crashpoint::hit(&format!("bind-{name}"));

@@ -193,6 +193,18 @@ fn resolv_conf_is_the_seeds_when_it_names_servers_and_the_images_otherwise() {
     assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
     assert_eq!(etc(&s, "hostname"), "nodns\n");
     assert_eq!(etc(&s, "resolv.conf"), RESOLVED_STUB);
+    // Search domains without a server: the image's servers stay, the domains follow.
+    vm.seed(
+        "instance-id: iid-search\n",
+        "#cloud-config\nmanage_resolv_conf: true\nresolv_conf:\n  searchdomains: ['corp.example']\n",
+        None,
+    );
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(
+        etc(&s, "resolv.conf"),
+        format!("{RESOLVED_STUB}search corp.example\n")
+    );
 }
 
 #[test]
