@@ -150,3 +150,50 @@ fn plain_start_of_a_channel_only_domain_is_refused() {
         "{err}"
     );
 }
+
+/// `upgrade` refuses a machine libvirt runs: its QEMU holds the old overlay open.
+#[test]
+fn upgrade_of_a_running_libvirt_domain_is_refused() {
+    require_tool("virsh");
+    require_tool("qemu-img");
+    require_tool("mkfs.ext4");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let img = |name: &str| {
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", name, "64M"])
+            .current_dir(s.path())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    img("base.qcow2");
+    img("new.qcow2");
+    s.ok(&[
+        "create",
+        "web1",
+        "--base",
+        "base.qcow2",
+        "--var-size",
+        "64M",
+    ]);
+    let node = s.path().join("node.xml");
+    std::fs::write(
+        &node,
+        "<node><domain type='test'><name>web1</name><memory>65536</memory><os><type>hvm</type></os></domain></node>\n",
+    )
+    .unwrap();
+    let uri = format!("test://{}", node.display());
+    let boot = s.state("web1").join("boot.qcow2");
+    let before = std::fs::read(&boot).unwrap();
+    let err = s.fails(&["upgrade", "web1", "--base", "new.qcow2", "--connect", &uri]);
+    assert!(
+        err.contains("running under libvirt") && err.contains("seedctl stop web1"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&boot).unwrap(), before);
+    // A libvirt without that domain does not stop it.
+    std::fs::write(&node, "<node></node>\n").unwrap();
+    s.ok(&["upgrade", "web1", "--base", "new.qcow2", "--connect", &uri]);
+    assert_ne!(std::fs::read(&boot).unwrap(), before);
+}

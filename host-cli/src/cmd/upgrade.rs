@@ -27,6 +27,33 @@ pub struct UpgradeArgs {
     /// Shut a running machine down first, as `seedctl stop` (it is not started again)
     #[arg(long)]
     pub restart: bool,
+    /// libvirt URI to check for a running domain of this name [checked without it only
+    /// when `seedctl define` wrote its domain.xml; default LIBVIRT_DEFAULT_URI or
+    /// qemu:///system]
+    #[arg(long, short = 'c', value_name = "URI")]
+    pub connect: Option<String>,
+}
+
+/// Refuses when libvirt runs the machine: its QEMU keeps the old boot overlay open, and the
+/// new one would only take effect, unannounced, at its next start. A libvirt that cannot
+/// be asked (none installed, the domain undefined) does not stop the upgrade.
+fn refuse_running_domain(sd: &StateDir, a: &UpgradeArgs) -> Result<()> {
+    if a.connect.is_none() && !sd.file("domain.xml").exists() {
+        return Ok(());
+    }
+    let uri = crate::libvirt::uri(a.connect.as_deref());
+    let Ok(state) = crate::libvirt::virsh(&uri, &a.name, &["domstate", &a.name]) else {
+        return Ok(());
+    };
+    let state = state.trim();
+    if !matches!(state, "shut off" | "crashed") {
+        bail!(
+            "machine `{}` is {state} under libvirt ({uri}); shut it down first (`seedctl stop {} --connect {uri}`), then upgrade",
+            a.name,
+            a.name
+        );
+    }
+    Ok(())
 }
 
 pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
@@ -42,6 +69,7 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
     }
     let (base, format) =
         disk::check_base(&a.base).with_context(|| format!("machine `{}`", a.name))?;
+    refuse_running_domain(&sd, a)?;
     if sd.running_pid().is_some() {
         if !a.restart {
             bail!(
