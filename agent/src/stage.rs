@@ -351,11 +351,25 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions) -> Result<()>
         write_atomic(&copy, base.as_bytes())?;
         Ok(base)
     };
+    // That base followed by the generation's lines, written to `<run>/nixseed/NAME`.
+    let over_image = |name: &str, extra: &str| -> Result<PathBuf> {
+        let mut composed = image_base(name)?;
+        if !composed.is_empty() && !composed.ends_with('\n') {
+            composed.push('\n');
+        }
+        composed.push_str(extra);
+        let path = nixseed_run.join(name);
+        write_atomic(&path, composed.as_bytes())?;
+        Ok(path)
+    };
+    // Kept now, while nothing is bound over it, for a later generation without servers.
+    image_base(identity::RESOLV_CONF)?;
+    let generation_text =
+        |name: &str| std::fs::read_to_string(gen_dir.join(name)).unwrap_or_default();
     // An identity that names no nameserver keeps the image's resolv.conf (the NixOS
     // module's resolved stub) and adds its own lines (search, options) after it, rather
     // than hiding the image's servers; cloud-init leaves the file alone then.
-    let resolv_base = image_base(identity::RESOLV_CONF)?;
-    let resolv = std::fs::read_to_string(gen_dir.join(identity::RESOLV_CONF)).unwrap_or_default();
+    let resolv = generation_text(identity::RESOLV_CONF);
     let names_a_server = resolv
         .lines()
         .any(|l| l.split_whitespace().next() == Some("nameserver"));
@@ -364,31 +378,17 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions) -> Result<()>
         identity::HOSTNAME,
         identity::RESOLV_CONF,
     ] {
-        let mut source = gen_dir.join(name);
-        if name == identity::RESOLV_CONF && !names_a_server {
-            source = nixseed_run.join(identity::RESOLV_CONF);
-            let mut composed = resolv_base.clone();
-            if !composed.is_empty() && !composed.ends_with('\n') {
-                composed.push('\n');
-            }
-            composed.push_str(&resolv);
-            write_atomic(&source, composed.as_bytes())?;
-        }
+        let source = if name == identity::RESOLV_CONF && !names_a_server {
+            over_image(name, &resolv)?
+        } else {
+            gen_dir.join(name)
+        };
         mounts::bind_readonly(&source, &etc.join(name), &mounted)?;
         crate::crashpoint::hit(&format!("bind-{name}"));
     }
     // /etc/hosts = the image's base + the identity's extra lines.
-    let hosts_etc = etc.join(identity::HOSTS);
-    let base = image_base(identity::HOSTS)?;
-    let extra = std::fs::read_to_string(gen_dir.join(identity::HOSTS)).unwrap_or_default();
-    let composed_path = nixseed_run.join("hosts");
-    let mut composed = base;
-    if !composed.is_empty() && !composed.ends_with('\n') {
-        composed.push('\n');
-    }
-    composed.push_str(&extra);
-    write_atomic(&composed_path, composed.as_bytes())?;
-    mounts::bind_readonly(&composed_path, &hosts_etc, &mounted)?;
+    let hosts = over_image(identity::HOSTS, &generation_text(identity::HOSTS))?;
+    mounts::bind_readonly(&hosts, &etc.join(identity::HOSTS), &mounted)?;
 
     link_networkd(&gen_dir, opts)?;
     write_atomic(&opts.marker(), format!("{n}\n").as_bytes())?;
