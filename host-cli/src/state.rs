@@ -112,7 +112,7 @@ impl StateDir {
 
     /// PID of the `seedctl run` QEMU when it is alive. A pidfile left behind by a QEMU that
     /// was killed names whatever process gets that number later, so the process counts
-    /// only when it was started with `-pidfile` naming this very file.
+    /// only when it is the one that wrote this very file (see `writes_pidfile`).
     pub fn running_pid(&self) -> Option<i32> {
         let pidfile = self.file(PIDFILE);
         let text = std::fs::read_to_string(&pidfile).ok()?;
