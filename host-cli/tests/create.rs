@@ -161,19 +161,7 @@ fn a_machine_whose_overlay_is_gone_keeps_its_var_disk() {
     require_tool("qemu-img");
     require_tool("mkfs.ext4");
     let s = Scratch::new();
-    s.ok(&["new", "web1"]);
-    qemu_img(
-        &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
-        s.path(),
-    );
-    s.ok(&[
-        "create",
-        "web1",
-        "--base",
-        "base.qcow2",
-        "--var-size",
-        "64M",
-    ]);
+    s.created("web1", "64M");
     let sd = s.state("web1");
     let var = std::fs::read(sd.join("var.qcow2")).unwrap();
     // The overlay is thrown away (to reset the root); /var holds the machine's data.

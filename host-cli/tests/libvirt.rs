@@ -129,21 +129,26 @@ fn unreachable_libvirt_uri_is_named() {
     }
 }
 
+/// A running test-driver domain named web1.
+const WEB1: &str =
+    "<domain type='test'><name>web1</name><memory>65536</memory><os><type>hvm</type></os></domain>";
+
+/// libvirt's test driver loaded from a node file holding `domains` (it stands in for
+/// libvirtd); returns its URI. Each virsh call reads the file afresh.
+fn test_driver(s: &Scratch, domains: &str) -> String {
+    let node = s.path().join("node.xml");
+    std::fs::write(&node, format!("<node>{domains}</node>\n")).unwrap();
+    format!("test://{}", node.display())
+}
+
 /// A domain defined with `--seed-via channel` has no cdrom: a plain `start` would boot it
 /// with no identity and nobody answering its hello, so it is refused with what to do.
-/// (libvirt's test driver, loaded from a node file, stands in for libvirtd.)
 #[test]
 fn plain_start_of_a_channel_only_domain_is_refused() {
     require_tool("virsh");
     let s = Scratch::new();
     s.ok(&["new", "web1"]);
-    let node = s.path().join("node.xml");
-    std::fs::write(
-        &node,
-        "<node><domain type='test'><name>web1</name><memory>65536</memory><os><type>hvm</type></os></domain></node>\n",
-    )
-    .unwrap();
-    let uri = format!("test://{}", node.display());
+    let uri = test_driver(&s, WEB1);
     let err = s.fails(&["start", "web1", "--connect", &uri]);
     assert!(
         err.contains("has no seed cdrom") && err.contains("seedctl start web1 --seed-via channel"),
@@ -158,32 +163,9 @@ fn upgrade_of_a_running_libvirt_domain_is_refused() {
     require_tool("qemu-img");
     require_tool("mkfs.ext4");
     let s = Scratch::new();
-    s.ok(&["new", "web1"]);
-    let img = |name: &str| {
-        let st = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", name, "64M"])
-            .current_dir(s.path())
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
-    img("base.qcow2");
-    img("new.qcow2");
-    s.ok(&[
-        "create",
-        "web1",
-        "--base",
-        "base.qcow2",
-        "--var-size",
-        "64M",
-    ]);
-    let node = s.path().join("node.xml");
-    std::fs::write(
-        &node,
-        "<node><domain type='test'><name>web1</name><memory>65536</memory><os><type>hvm</type></os></domain></node>\n",
-    )
-    .unwrap();
-    let uri = format!("test://{}", node.display());
+    s.created("web1", "64M");
+    s.qcow2("new.qcow2");
+    let uri = test_driver(&s, WEB1);
     let boot = s.state("web1").join("boot.qcow2");
     let before = std::fs::read(&boot).unwrap();
     let err = s.fails(&["upgrade", "web1", "--base", "new.qcow2", "--connect", &uri]);
@@ -193,7 +175,7 @@ fn upgrade_of_a_running_libvirt_domain_is_refused() {
     );
     assert_eq!(std::fs::read(&boot).unwrap(), before);
     // A libvirt without that domain does not stop it.
-    std::fs::write(&node, "<node></node>\n").unwrap();
+    test_driver(&s, "");
     s.ok(&["upgrade", "web1", "--base", "new.qcow2", "--connect", &uri]);
     assert_ne!(std::fs::read(&boot).unwrap(), before);
 }

@@ -6,7 +6,6 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{Scratch, require_tool};
@@ -32,21 +31,7 @@ fn qmp(sock: &std::path::Path, cmd: &str) -> serde_json::Value {
 }
 
 fn machine(s: &Scratch) {
-    s.ok(&["new", "web1"]);
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "base.qcow2", "64M"])
-        .current_dir(s.path())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    s.ok(&[
-        "create",
-        "web1",
-        "--base",
-        "base.qcow2",
-        "--var-size",
-        "32M",
-    ]);
+    s.created("web1", "32M");
 }
 
 #[test]

@@ -54,6 +54,31 @@ impl Scratch {
         c
     }
 
+    /// An empty 64 MiB qcow2 `file` in the scratch directory: a stand-in base image.
+    pub fn qcow2(&self, file: &str) {
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", file, "64M"])
+            .current_dir(self.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "qemu-img create {file}");
+    }
+
+    /// `seedctl new NAME`, then `seedctl create NAME` on a fresh `base.qcow2` with a
+    /// /var disk of `var_size`.
+    pub fn created(&self, name: &str, var_size: &str) {
+        self.ok(&["new", name]);
+        self.qcow2("base.qcow2");
+        self.ok(&[
+            "create",
+            name,
+            "--base",
+            "base.qcow2",
+            "--var-size",
+            var_size,
+        ]);
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().unwrap()
     }
