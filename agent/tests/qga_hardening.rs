@@ -244,6 +244,16 @@ fn authorized_key_changes_are_new_generations_that_verify() {
     assert!(id.join("current").symlink_metadata().is_err());
 }
 
+/// The handle in guest-file-open's `{"return": N}`.
+fn returned_handle(reply: &str) -> i64 {
+    reply
+        .trim()
+        .trim_start_matches(r#"{"return": "#)
+        .trim_end_matches('}')
+        .parse()
+        .unwrap_or_else(|_| panic!("not a handle: {reply}"))
+}
+
 #[test]
 fn reading_a_pipe_with_nothing_in_it_does_not_stall_the_agent() {
     let dir = tempfile::tempdir().unwrap();
@@ -260,12 +270,7 @@ fn reading_a_pipe_with_nothing_in_it_does_not_stall_the_agent() {
         r#"{{"execute":"guest-file-open","arguments":{{"path":"{}"}}}}"#,
         fifo.display()
     );
-    let h: i64 = replies(&s.sock, &open, 1)[0]
-        .trim()
-        .trim_start_matches(r#"{"return": "#)
-        .trim_end_matches('}')
-        .parse()
-        .unwrap();
+    let h = returned_handle(&replies(&s.sock, &open, 1)[0]);
     // A writer that holds the pipe open and sends nothing, then a little.
     let mut writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
     let read = format!(
@@ -302,12 +307,7 @@ fn reading_a_pipe_with_nothing_in_it_does_not_stall_the_agent() {
         r#"{{"execute":"guest-file-open","arguments":{{"path":"{}","mode":"w"}}}}"#,
         out_fifo.display()
     );
-    let w: i64 = replies(&s.sock, &open_w, 1)[0]
-        .trim()
-        .trim_start_matches(r#"{"return": "#)
-        .trim_end_matches('}')
-        .parse()
-        .unwrap();
+    let w = returned_handle(&replies(&s.sock, &open_w, 1)[0]);
     let data = "A".repeat(256 << 10);
     let write = format!(
         r#"{{"execute":"guest-file-write","arguments":{{"handle":{w},"buf-b64":"{data}"}}}}{{"execute":"guest-ping"}}"#
