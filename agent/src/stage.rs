@@ -112,6 +112,18 @@ impl StageOptions {
     }
 }
 
+/// After generation `replaced` gave way to `n` outside a seed (a guest-agent key change),
+/// moves the `/etc` binds and the applied marker to `n` when they showed `replaced`, so
+/// that no bind is left on a generation a later prune removes. True when it re-bound.
+pub fn follow_if_bound(store: &Store, replaced: u64, n: u64, opts: &StageOptions) -> Result<bool> {
+    let marker = std::fs::read_to_string(opts.marker()).unwrap_or_default();
+    if marker.trim() != replaced.to_string() {
+        return Ok(false);
+    }
+    bind_generation(store, n, opts)?;
+    Ok(true)
+}
+
 /// The guest's NICs from sysfs, for matching `mac_address` entries.
 pub fn links(host: &Path) -> Vec<Link> {
     let dir = host.join("sys/class/net");
@@ -530,5 +542,27 @@ mod tests {
         c.sort();
         assert_eq!(c, ["hostname", "network/10.network", "tcp_ports"]);
         assert!(tree_changes(&new, &new).is_empty());
+    }
+
+    /// A key change outside a boot (an image without the stages, or /etc already moved on
+    /// by a push) leaves the binds alone: only a marker naming the replaced generation
+    /// moves them. The moving itself needs mounts and is proven by the push VM scenario.
+    #[test]
+    fn binds_follow_only_from_the_generation_the_marker_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts =
+            StageOptions::running_system("/var/identity".into(), None, ClonePolicy::default());
+        opts.sysroot = dir.path().join("sysroot");
+        opts.run = dir.path().join("run");
+        std::fs::create_dir_all(opts.sysroot.join("var")).unwrap();
+        let store = Store::open(&opts.store_path(), true).unwrap();
+        assert!(!follow_if_bound(&store, 1, 2, &opts).unwrap());
+        std::fs::create_dir_all(opts.run.join("nixseed")).unwrap();
+        std::fs::write(opts.marker(), "3\n").unwrap();
+        assert!(!follow_if_bound(&store, 1, 2, &opts).unwrap());
+        assert_eq!(std::fs::read_to_string(opts.marker()).unwrap(), "3\n");
+        // Naming it, the binds are attempted: here they fail, the sysroot has no /etc.
+        std::fs::write(opts.marker(), "1\n").unwrap();
+        assert!(follow_if_bound(&store, 1, 2, &opts).is_err());
     }
 }

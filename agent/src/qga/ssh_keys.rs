@@ -4,7 +4,8 @@
 //! generation: the current identity with that one file changed, durable before `current`
 //! moves to it, so every generation's manifest stays true to its files (the next boot,
 //! `status` and a rollback verify them) and sshd, reading through `current`, sees the keys
-//! at once. The next seed-driven generation supersedes it. Outside a store the file is
+//! at once; the `/etc` binds and `/run/nixseed/applied` move to it when they showed the
+//! generation it replaces. The next seed-driven generation supersedes it. Outside a store the file is
 //! replaced atomically (temporary file, fsync, rename, fsync of the directory).
 
 use std::io::Write;
@@ -129,6 +130,18 @@ fn save_keys(agent: &Agent, path: &Path, keys: &[String]) -> Result<(), QgaError
         agent.config.identity_dir.display(),
         generation.number
     );
+    // The keys are saved and sshd reads them through `current`; the /etc binds follow too.
+    let opts = crate::stage::StageOptions::running_system(
+        dir.to_string_lossy().into_owned(),
+        None,
+        Default::default(),
+    );
+    if let Err(e) = crate::stage::follow_if_bound(&store, generation.number, n, &opts) {
+        tracing::error!(
+            "generation {n} is current but /etc still shows generation {}: {e:#}",
+            generation.number
+        );
+    }
     Ok(())
 }
 

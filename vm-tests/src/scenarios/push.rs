@@ -87,7 +87,73 @@ pub fn push(h: &Harness) -> Result<()> {
             .arg(&chan),
     )
     .context("seedctl status after the push")?;
+    agent_key_changes(h, &m, &b)?;
     let boot_id2 = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     ensure!(boot_id == boot_id2, "the guest rebooted during the push");
     b.poweroff()
+}
+
+/// A key added through the guest agent (what `virsh set-user-sshkeys` sends) logs in, and
+/// no longer after it is removed. Each change is a generation of its own; after two of
+/// them the pushed generation's predecessor is pruned, and `/etc` must show the current
+/// generation (not files of a removed one), with the applied marker saying so.
+fn agent_key_changes(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
+    let third = ClientKey::ensure(&m.state.join("agent-added"))?;
+    let line = third.public_line()?;
+    let request = |execute: &str| {
+        serde_json::json!({
+            "execute": execute,
+            "arguments": {"username": "root", "keys": [line.trim()]},
+        })
+        .to_string()
+    };
+    let agent = |json: String| {
+        cmd::run(
+            m.seedctl(h.seedctl.as_ref())?
+                .args(["agent", &m.name, "--timeout", "60", "--socket"])
+                .arg(b.vm.config.qga_socket())
+                .args(["cmd", &json]),
+        )
+    };
+    let with_third = Ssh {
+        port: b.ssh.port,
+        key: third,
+        known_hosts: b.ssh.known_hosts.clone(),
+    };
+    agent(request("guest-ssh-add-authorized-keys"))?;
+    let who = with_third.run("id -un")?;
+    ensure!(
+        who.trim() == "root",
+        "the key added through the guest agent logs in as '{}'",
+        who.trim()
+    );
+    agent(request("guest-ssh-remove-authorized-keys"))?;
+    ensure!(
+        !with_third.output("true")?.status.success(),
+        "the key removed through the guest agent still logs in"
+    );
+    let shown = b.ssh.run(
+        "readlink /var/identity/current; cat /run/nixseed/applied; \
+         findmnt -rno SOURCE /etc/hostname; findmnt -rno SOURCE /etc/machine-id",
+    )?;
+    let lines: Vec<&str> = shown.lines().map(str::trim).collect();
+    let [current, applied, hostname, machine_id] = lines[..] else {
+        bail!("unexpected answer about the binds after the key changes:\n{shown}");
+    };
+    let number = current.trim_start_matches("gen-");
+    ensure!(
+        applied == number,
+        "after two guest-agent key changes `current` is {current} but /run/nixseed/applied says {applied}"
+    );
+    for (file, source) in [("hostname", hostname), ("machine-id", machine_id)] {
+        ensure!(
+            source.contains(&format!("/identity/{current}/{file}")) && !source.contains("deleted"),
+            "/etc/{file} is bound from {source}, not from the current generation {current}"
+        );
+    }
+    eprintln!(
+        "vm-tests: {}: a key added and removed through the guest agent ({current}); /etc follows it",
+        m.name
+    );
+    Ok(())
 }
