@@ -215,6 +215,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: push::push,
     },
     Scenario {
+        name: "push-first",
+        about: "a seedless boot with no identity, then seedctl push: sshd starts with the pinned key; the reboot sets machine-id in the initrd",
+        run: push::push_first,
+    },
+    Scenario {
         name: "upgrade",
         about: "seedctl upgrade onto a rebuilt base: /var and the identity kept, the root is the new base",
         run: upgrade::upgrade,

@@ -157,3 +157,114 @@ fn agent_key_changes(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
     );
     Ok(())
 }
+
+/// A machine booted with no seed and no host answering has no identity: the guest agent
+/// answers, sshd has no host key. `seedctl push` then brings the first identity: sshd
+/// starts with the machine's pinned key, the hostname is live, machine-id is reported as
+/// needing a reboot, and the next boot (still with no seed) has it from the initrd.
+pub fn push_first(h: &Harness) -> Result<()> {
+    let m = h.new_machine("push-first")?;
+    let port = qemu::free_port()?;
+    let mut cfg = m.vm_config(&h.image, h.accel, port)?;
+    cfg.seed_iso = None;
+    let mut vm = Vm::start(cfg)?;
+    let qga = vm.config.qga_socket();
+    let deadline = Instant::now() + ssh_timeout();
+    loop {
+        vm.ensure_running()?;
+        let ping = m
+            .seedctl(h.seedctl.as_ref())?
+            .args(["agent", &m.name, "--timeout", "5", "--socket"])
+            .arg(&qga)
+            .arg("ping")
+            .output()
+            .context("running seedctl agent ping")?;
+        if ping.status.success() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the guest agent did not answer within {} s of a seedless boot: {}\n{}",
+                ssh_timeout().as_secs(),
+                String::from_utf8_lossy(&ping.stderr).trim(),
+                vm.diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!(
+        "vm-tests: {}: no identity; the guest agent answered after {:.1} s",
+        m.name,
+        vm.started.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    let out = cmd::run(
+        m.seedctl(h.seedctl.as_ref())?
+            .args(["push", &m.name, "--timeout", "60", "--socket"])
+            .arg(vm.config.channel_socket()),
+    )?;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("vm-tests: {}: seedctl push: {}", m.name, said.trim());
+    let expected = m.host_key_pub()?;
+    let seen = ssh::wait_for_host_key(port, Some(&expected), Duration::from_secs(60), || {
+        vm.ensure_running()
+    })
+    .with_context(|| {
+        format!(
+            "sshd did not start with the pushed host key\n{}",
+            vm.diagnostics()
+        )
+    })?;
+    eprintln!(
+        "vm-tests: {}: sshd answered with the pushed key {:.1} s after the push began",
+        m.name,
+        t.elapsed().as_secs_f64()
+    );
+    let needs_reboot = said
+        .lines()
+        .find(|l| l.trim_start().starts_with("needs reboot"))
+        .unwrap_or_default();
+    ensure!(
+        needs_reboot.contains("machine-id"),
+        "the first push does not report machine-id as needing a reboot:\n{said}"
+    );
+    let b = Booted {
+        ssh: Ssh::pinned(port, h.key.clone(), &seen, &m.state)?,
+        vm,
+        boot_to_sshd: Duration::ZERO,
+    };
+    let host = b.ssh.run("hostname")?;
+    ensure!(
+        host.trim() == m.read("hostname")?,
+        "hostname after the first push is '{}', machines/{}/hostname says '{}'",
+        host.trim(),
+        m.name,
+        m.read("hostname")?
+    );
+    ensure!(
+        failed_units(&b.ssh)?.iter().all(|u| !u.contains("ssh")),
+        "sshd is still failed after the first push:\n{}",
+        b.ssh.run("systemctl --failed --no-legend || true")?
+    );
+    b.poweroff()?;
+
+    // The next boot, still with no seed, sets the pushed machine-id in the initrd.
+    let b = h.boot_with(&m, Some(&expected), |c| c.seed_iso = None)?;
+    let id = b.ssh.run("cat /etc/machine-id; journalctl -b --no-pager -o cat | grep -c 'machine-id was set late' || true")?;
+    let mut lines = id.lines().map(str::trim);
+    let (live, late) = (
+        lines.next().unwrap_or_default(),
+        lines.next().unwrap_or("0"),
+    );
+    ensure!(
+        live == m.machine_id()?,
+        "after a reboot /etc/machine-id is {live}, the pushed identity says {}",
+        m.machine_id()?
+    );
+    ensure!(
+        late == "0",
+        "the reboot after the first push set machine-id late"
+    );
+    b.poweroff()
+}
