@@ -134,7 +134,15 @@ pub fn start(paths: &Paths, a: &StartArgs) -> Result<Report> {
     if a.seed_via == SeedVia::Iso {
         return Ok(report);
     }
-    let (pid, log) = spawn_background(paths, name, Background::Libvirt { uri: &uri })?;
+    let qemu_pid = libvirt::local_qemu_pid(&uri, name);
+    let (pid, log) = spawn_background(
+        paths,
+        name,
+        Background::Libvirt {
+            uri: &uri,
+            qemu_pid,
+        },
+    )?;
     let mut json = report.json;
     json["answerer_pid"] = json!(pid);
     json["answerer_log"] = json!(log);

@@ -202,8 +202,10 @@ pub fn run(paths: &Paths, a: &ServeArgs) -> Result<Report> {
 pub enum Background<'a> {
     /// A `seedctl run` QEMU: its socket, and its pid to stop with it.
     Local { socket: &'a Path, qemu_pid: i32 },
-    /// A libvirt domain.
-    Libvirt { uri: &'a str },
+    /// A libvirt domain, and its QEMU's pid when libvirt runs it on this host (read by
+    /// the caller right after the start, so a domain destroyed before the answerer
+    /// reads libvirt's pidfile still stops it).
+    Libvirt { uri: &'a str, qemu_pid: Option<i32> },
 }
 
 /// Starts `seedctl serve NAME --once` in the background (its own process group, logging
@@ -232,8 +234,11 @@ pub fn spawn_background(paths: &Paths, name: &str, how: Background<'_>) -> Resul
                 .arg(abs(socket))
                 .args(["--qemu-pid", &qemu_pid.to_string()]);
         }
-        Background::Libvirt { uri } => {
+        Background::Libvirt { uri, qemu_pid } => {
             cmd.args(["--connect", uri]);
+            if let Some(pid) = qemu_pid {
+                cmd.args(["--qemu-pid", &pid.to_string()]);
+            }
         }
     }
     let child = cmd

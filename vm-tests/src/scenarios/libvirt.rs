@@ -5,6 +5,8 @@
 use super::*;
 use crate::cmd;
 use crate::libvirtd::{self, URI, virsh};
+use std::path::Path;
+use std::process::Command;
 
 /// Undefines the domain however the scenario ends (a failed run leaves nothing behind).
 struct Domain<'a> {
@@ -323,6 +325,7 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         "vm-tests: {name}: shut off {:.1} s after `virsh shutdown --mode agent`",
         t.elapsed().as_secs_f64()
     );
+    answerer_stops_with_a_destroyed_domain(seedctl, &machines, &state, name)?;
     if seedctl.has("undefine") {
         cmd::run(
             seedctl
@@ -335,6 +338,62 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     ensure!(
         !libvirtd::domain_defined(name),
         "domain {name} is still defined after undefine"
+    );
+    Ok(())
+}
+
+/// `seedctl start --seed-via channel` leaves an answerer (`serve --once`) for the guest's
+/// hello. A domain destroyed before that hello must not keep it (and the channel socket)
+/// forever: it stops with the domain's QEMU.
+fn answerer_stops_with_a_destroyed_domain(
+    seedctl: &Seedctl,
+    machines: &Path,
+    state: &Path,
+    name: &str,
+) -> Result<()> {
+    let out = cmd::run(seedctl.command(machines, state).args([
+        "--json",
+        "start",
+        name,
+        "--connect",
+        URI,
+        "--seed-via",
+        "channel",
+    ]))?;
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "`seedctl --json start {name} --seed-via channel` printed no JSON: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    let pid = said["answerer_pid"]
+        .as_u64()
+        .with_context(|| format!("no answerer_pid in seedctl's answer: {said}"))?;
+    virsh(&["destroy", name])?;
+    let t = Instant::now();
+    // Gone, or a zombie nobody has reaped yet: either way it has exited.
+    let exited = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| {
+            st.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                == Some("Z")
+        })
+    };
+    while !exited() {
+        if t.elapsed() > Duration::from_secs(30) {
+            let log = said["answerer_log"].as_str().unwrap_or_default();
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            bail!(
+                "the answerer of `seedctl start --seed-via channel` (pid {pid}) still runs 30 s after `virsh destroy {name}`; its log {log}:\n{text}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "vm-tests: {name}: destroyed before its hello; the channel answerer exited {:.1} s later",
+        t.elapsed().as_secs_f64()
     );
     Ok(())
 }
