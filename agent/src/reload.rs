@@ -78,10 +78,25 @@ fn set_hostname(file: &Path) -> Result<()> {
 
 /// `method`: `TryRestartUnit` (leaves a unit that is not running alone) or `RestartUnit`
 /// (starts it). A unit the image does not have (ssh.service on NixOS, sshd.service on
-/// Debian) is fine.
+/// Debian) is fine. Before `RestartUnit` the unit's failed state is reset: an sshd that
+/// kept failing without a host key until systemd's start limit would refuse the start.
 async fn restart_units(units: &[&str], method: &str) -> Result<()> {
     use crate::dbus::{Arg, DbusError, call};
     for unit in units {
+        if method == "RestartUnit" {
+            match call(
+                "org.freedesktop.systemd1",
+                "/org/freedesktop/systemd1",
+                "org.freedesktop.systemd1.Manager",
+                "ResetFailedUnit",
+                &[Arg::Str(unit)],
+            )
+            .await
+            {
+                Ok(()) | Err(DbusError::Remote { .. }) => {}
+                Err(e) => return Err(e).context(format!("resetting {unit}'s failed state")),
+            }
+        }
         match call(
             "org.freedesktop.systemd1",
             "/org/freedesktop/systemd1",
