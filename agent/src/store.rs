@@ -227,8 +227,21 @@ impl Store {
     pub fn write_generation(
         &self,
         tree: &IdentityTree,
+        manifest: Manifest,
+        durability: Durability,
+    ) -> Result<u64> {
+        self.write_generation_keeping(tree, manifest, durability, None)
+    }
+
+    /// [`Store::write_generation`] that also spares generation `bound` from the prune: the
+    /// one `/etc` is bind-mounted from when the new generation does not move the binds
+    /// (a guest-agent key change), so those binds never show files of a removed one.
+    pub fn write_generation_keeping(
+        &self,
+        tree: &IdentityTree,
         mut manifest: Manifest,
         durability: Durability,
+        bound: Option<u64>,
     ) -> Result<u64> {
         let previous = self.current_number()?;
         let n = previous.unwrap_or(0).checked_add(1).ok_or_else(|| {
@@ -314,7 +327,7 @@ impl Store {
             return Err(e);
         }
         crate::crashpoint::hit("store-after-swap");
-        self.prune(n, previous)?;
+        self.prune(&[Some(n), previous, bound])?;
         crate::crashpoint::hit("store-after-prune");
         Ok(n)
     }
@@ -450,13 +463,14 @@ impl Store {
         Ok(())
     }
 
-    /// Keeps the new generation and the one before it (for rollback); removes the rest.
-    fn prune(&self, keep: u64, previous: Option<u64>) -> Result<()> {
+    /// Keeps the new generation, the one before it (for rollback) and any other named in
+    /// `keep`; removes the rest.
+    fn prune(&self, keep: &[Option<u64>]) -> Result<()> {
         for entry in list_dir(&self.dir)? {
             let Some(n) = parse_gen(&entry) else {
                 continue;
             };
-            if n != keep && Some(n) != previous {
+            if !keep.contains(&Some(n)) {
                 remove_tree_at(&self.dir, &entry).with_context(|| {
                     format!("cannot remove old {}/{entry}", self.path.display())
                 })?;
@@ -608,13 +622,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn a_generation_number_that_cannot_grow_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("identity");
-        let store = Store::open(&path, true).unwrap();
-        std::os::unix::fs::symlink(gen_name(u64::MAX), path.join(CURRENT)).unwrap();
-        let manifest = Manifest {
+    fn manifest() -> Manifest {
+        Manifest {
             generation: 0,
             instance_id: "i-1".into(),
             source: "test".into(),
@@ -622,10 +631,54 @@ mod tests {
             seed_digest: String::new(),
             files: Default::default(),
             seed_generation: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_generation_number_that_cannot_grow_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("identity");
+        let store = Store::open(&path, true).unwrap();
+        std::os::unix::fs::symlink(gen_name(u64::MAX), path.join(CURRENT)).unwrap();
         let err = store
-            .write_generation(&IdentityTree::new(), manifest, Durability::Deferred)
+            .write_generation(&IdentityTree::new(), manifest(), Durability::Deferred)
             .unwrap_err();
         assert!(format!("{err:#}").contains("largest there is"), "{err:#}");
+    }
+
+    /// Key changes do not move the /etc binds: the generation they show survives any
+    /// number of them, and the next ordinary write prunes it again.
+    #[test]
+    fn the_bound_generation_survives_the_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("identity"), true).unwrap();
+        let tree: IdentityTree = [(
+            "hostname".to_string(),
+            IdentityFile {
+                mode: 0o644,
+                bytes: b"web1\n".to_vec(),
+            },
+        )]
+        .into();
+        let write = |bound| {
+            store
+                .write_generation_keeping(&tree, manifest(), Durability::Deferred, bound)
+                .unwrap()
+        };
+        let gens = || {
+            let mut g: Vec<u64> = list_dir(&store.dir)
+                .unwrap()
+                .iter()
+                .filter_map(|e| parse_gen(e))
+                .collect();
+            g.sort();
+            g
+        };
+        assert_eq!(write(None), 1);
+        assert_eq!((write(Some(1)), write(Some(1)), write(Some(1))), (2, 3, 4));
+        assert_eq!(gens(), [1, 3, 4]);
+        assert_eq!(store.read_generation(1).unwrap().tree, tree);
+        assert_eq!(write(None), 5);
+        assert_eq!(gens(), [4, 5]);
     }
 }

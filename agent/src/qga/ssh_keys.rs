@@ -4,8 +4,9 @@
 //! generation: the current identity with that one file changed, durable before `current`
 //! moves to it, so every generation's manifest stays true to its files (the next boot,
 //! `status` and a rollback verify them) and sshd, reading through `current`, sees the keys
-//! at once; the `/etc` binds and `/run/nixseed/applied` move to it when they showed the
-//! generation it replaces. The next seed-driven generation supersedes it. Outside a store the file is
+//! at once. `/etc` (machine-id, hostname, resolv.conf, hosts: the same in both) stays
+//! bound from the generation it was bound from, which the prune then keeps. The next
+//! seed-driven generation supersedes it. Outside a store the file is
 //! replaced atomically (temporary file, fsync, rename, fsync of the directory).
 
 use std::io::Write;
@@ -122,26 +123,22 @@ fn save_keys(agent: &Agent, path: &Path, keys: &[String]) -> Result<(), QgaError
             bytes: text.into_bytes(),
         },
     );
+    // /etc stays bound from the generation it was bound from (the files it shows there
+    // are the same); that one is kept until a seed or a rollback moves the binds.
+    let bound = crate::stage::bound_generation(Path::new("/run"));
     let n = store
-        .write_generation(&tree, generation.manifest, crate::store::Durability::Now)
+        .write_generation_keeping(
+            &tree,
+            generation.manifest,
+            crate::store::Durability::Now,
+            bound,
+        )
         .map_err(fail)?;
     tracing::info!(
         "{}: generation {n} (generation {} with {name} changed)",
         agent.config.identity_dir.display(),
         generation.number
     );
-    // The keys are saved and sshd reads them through `current`; the /etc binds follow too.
-    let opts = crate::stage::StageOptions::running_system(
-        dir.to_string_lossy().into_owned(),
-        None,
-        Default::default(),
-    );
-    if let Err(e) = crate::stage::follow_if_bound(&store, generation.number, n, &opts) {
-        tracing::error!(
-            "generation {n} is current but /etc still shows generation {}: {e:#}",
-            generation.number
-        );
-    }
     Ok(())
 }
 
