@@ -369,6 +369,8 @@ fn answerer_stops_with_a_destroyed_domain(
     let pid = said["answerer_pid"]
         .as_u64()
         .with_context(|| format!("no answerer_pid in seedctl's answer: {said}"))?;
+    let log = said["answerer_log"].as_str().unwrap_or_default();
+    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
     virsh(&["destroy", name])?;
     let t = Instant::now();
     // Gone, or a zombie nobody has reaped yet: either way it has exited.
@@ -382,15 +384,20 @@ fn answerer_stops_with_a_destroyed_domain(
     };
     while !exited() {
         if t.elapsed() > Duration::from_secs(30) {
-            let log = said["answerer_log"].as_str().unwrap_or_default();
-            let text = std::fs::read_to_string(log).unwrap_or_default();
             let _ = Command::new("kill").arg(pid.to_string()).status();
             bail!(
-                "the answerer of `seedctl start --seed-via channel` (pid {pid}) still runs 30 s after `virsh destroy {name}`; its log {log}:\n{text}"
+                "the answerer of `seedctl start --seed-via channel` (pid {pid}) still runs 30 s after `virsh destroy {name}`; its log {log}:\n{}",
+                read_log()
             );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    // It stopped because QEMU did, not on some error of its own.
+    let text = read_log();
+    ensure!(
+        text.contains("QEMU exited; no longer answering"),
+        "the answerer exited after `virsh destroy {name}` without saying QEMU was gone; its log {log}:\n{text}"
+    );
     eprintln!(
         "vm-tests: {name}: destroyed before its hello; the channel answerer exited {:.1} s later",
         t.elapsed().as_secs_f64()
