@@ -135,6 +135,16 @@ pub fn start(paths: &Paths, a: &StartArgs) -> Result<Report> {
         return Ok(report);
     }
     let qemu_pid = libvirt::local_qemu_pid(&uri, name);
+    // Without a pid to stop with (a remote URI, or QEMU already gone), a domain that is
+    // not running would leave the answerer waiting forever.
+    if qemu_pid.is_none() {
+        let state = libvirt::domstate(&uri, name)?.unwrap_or_default();
+        if state != "running" {
+            bail!(
+                "machine `{name}`: the domain is '{state}' right after `virsh start`; no answerer was started (see the domain's log under /var/log/libvirt/qemu/)"
+            );
+        }
+    }
     let (pid, log) = spawn_background(
         paths,
         name,
