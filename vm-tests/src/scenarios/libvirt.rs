@@ -266,6 +266,35 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         "after set-user-sshkeys --remove, root's keys are:\n{keys}"
     );
 
+    // A live change through libvirt: `seedctl push --connect` finds the channel socket in
+    // the domain's XML; the agent then reports the new hostname to libvirt.
+    std::fs::write(m.dir.join("hostname"), "libvirt-renamed\n")
+        .with_context(|| format!("editing {}/hostname", m.dir.display()))?;
+    let pushed = cmd::run(seedctl.command(&machines, &state).args([
+        "push",
+        name,
+        "--connect",
+        URI,
+        "--timeout",
+        "60",
+    ]))?;
+    let renamed = virsh(&["domhostname", name, "--source", "agent"])?;
+    ensure!(
+        renamed.trim() == "libvirt-renamed",
+        "after `seedctl push {name} --connect {URI}` the agent says hostname '{}'; push said: {}",
+        renamed.trim(),
+        String::from_utf8_lossy(&pushed.stdout).trim()
+    );
+    cmd::run(seedctl.command(&machines, &state).args([
+        "status",
+        name,
+        "--connect",
+        URI,
+        "--timeout",
+        "60",
+    ]))
+    .context("seedctl status --connect after the push")?;
+
     // Freeze and thaw: libvirt counts what the agent froze.
     let froze = virsh(&["domfsfreeze", name])?;
     let frozen = count_in(&froze).unwrap_or(0);
@@ -301,7 +330,7 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     );
 
     eprintln!(
-        "vm-tests: {name}: agent says hostname {want_host}, {mac} has {addr}, / on vda and /var on vdb, froze and thawed {frozen} filesystems"
+        "vm-tests: {name}: agent says hostname {want_host}, then libvirt-renamed after seedctl push --connect; {mac} has {addr}, / on vda and /var on vdb, froze and thawed {frozen} filesystems"
     );
 
     // Shutdown through the agent: the domain must reach "shut off" on its own.
