@@ -294,6 +294,21 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         "60",
     ]))
     .context("seedctl status --connect after the push")?;
+    // And back: the generation before the push is current again, with its hostname.
+    cmd::run(seedctl.command(&machines, &state).args([
+        "rollback",
+        name,
+        "--connect",
+        URI,
+        "--timeout",
+        "60",
+    ]))?;
+    let back = virsh(&["domhostname", name, "--source", "agent"])?;
+    ensure!(
+        back.trim() == want_host,
+        "after `seedctl rollback {name}` the agent says hostname '{}', not '{want_host}'",
+        back.trim()
+    );
 
     // Freeze and thaw: libvirt counts what the agent froze.
     let froze = virsh(&["domfsfreeze", name])?;
@@ -330,7 +345,7 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     );
 
     eprintln!(
-        "vm-tests: {name}: agent says hostname {want_host}, then libvirt-renamed after seedctl push --connect; {mac} has {addr}, / on vda and /var on vdb, froze and thawed {frozen} filesystems"
+        "vm-tests: {name}: agent says hostname {want_host}, then libvirt-renamed after seedctl push --connect and back after rollback; {mac} has {addr}, / on vda and /var on vdb, froze and thawed {frozen} filesystems"
     );
 
     // Shutdown through the agent: the domain must reach "shut off" on its own.
