@@ -62,6 +62,12 @@ let
     id
     "--clone-policy"
     cfg.clonePolicy
+    "--admin-user"
+    cfg.ssh.adminUser
+  ]
+  ++ lib.optionals (cfg.ssh.user != null) [
+    "--ssh-user"
+    cfg.ssh.user
   ]
   ++ lib.optional (!cfg.controlChannel.enable) "--no-channel"
   ++ firewallArgs
@@ -232,8 +238,12 @@ in
           run and every other one is answered `Command <name> has been disabled`.
           List everything the host uses (Proxmox VE and libvirt need at least
           `guest-ping`, `guest-sync-delimited`, `guest-info` and
-          `guest-network-get-interfaces`). To turn on an unsafe command without
-          restricting the rest, use `unsafeCommands`.
+          `guest-network-get-interfaces`; KubeVirt marks the agent unsupported unless
+          `guest-ping`, `guest-get-time`, `guest-info`, `guest-shutdown`,
+          `guest-network-get-interfaces`, `guest-get-fsinfo`, `guest-get-host-name`,
+          `guest-get-users`, `guest-get-timezone` and `guest-get-osinfo` all run, plus
+          the three `guest-ssh-*-authorized-keys` for its access credentials). To turn
+          on an unsafe command without restricting the rest, use `unsafeCommands`.
         '';
       };
 

@@ -78,7 +78,8 @@ pub struct ServeArgs {
           default_missing_value = DEFAULT_FSFREEZE_HOOK)]
     pub fsfreeze_hook: Option<PathBuf>,
     /// qemu-ga.conf-style key file ([general] method, path, statedir, block-rpcs,
-    /// allow-rpcs, fsfreeze-hook; plus unsafe-rpcs and identity-dir).
+    /// allow-rpcs, fsfreeze-hook; plus unsafe-rpcs, identity-dir, admin-user and
+    /// ssh-user).
     /// (Default: the QGA_CONF environment variable.)
     #[arg(short = 'c', long = "config")]
     pub config: Option<PathBuf>,
@@ -86,6 +87,14 @@ pub struct ServeArgs {
     /// channel reports and replaces.
     #[arg(long = "identity-dir")]
     pub identity_dir: Option<PathBuf>,
+    /// The account guest-ssh-*-authorized-keys map to `admin_authorized_keys` (the NixOS
+    /// module's `ssh.adminUser`).
+    #[arg(long = "admin-user", value_name = "NAME")]
+    pub admin_user: Option<String>,
+    /// The account they map to `user_authorized_keys` (the module's `ssh.user`); keys of
+    /// any other account are refused, since no sshd match reads them from the identity.
+    #[arg(long = "ssh-user", value_name = "NAME")]
+    pub ssh_user: Option<String>,
     /// Directories guest-file-open may open files in (comma-separated); empty: anywhere,
     /// as qemu-ga. Only matters when guest-file-* are allowed at all.
     #[arg(long = "file-dirs", value_delimiter = ',')]
@@ -229,6 +238,15 @@ fn settings(args: &ServeArgs) -> Result<(Transport, AgentConfig)> {
             .clone()
             .or_else(|| conf.get("identity-dir").map(PathBuf::from))
             .unwrap_or_else(|| "/var/identity".into()),
+        admin_user: args
+            .admin_user
+            .clone()
+            .or_else(|| conf.get("admin-user").map(String::from))
+            .unwrap_or_else(|| "root".into()),
+        ssh_user: args
+            .ssh_user
+            .clone()
+            .or_else(|| conf.get("ssh-user").map(String::from)),
         file_dirs: if args.file_dirs.is_empty() {
             conf.get("file-dirs")
                 .map(|v| conf_list(v).into_iter().map(PathBuf::from).collect())

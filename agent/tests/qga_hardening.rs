@@ -326,3 +326,93 @@ fn reading_a_pipe_with_nothing_in_it_does_not_stall_the_agent() {
     assert_eq!(out[1].trim(), r#"{"return": {}}"#);
     assert!(t0.elapsed() < Duration::from_secs(10));
 }
+
+/// Commands newer than Debian's qemu-ga (so outside the differential test) answer with
+/// the member names of QEMU's schema: `GuestLoadAverage` (10.0) and, for IPv4 routes,
+/// `GuestNetworkRoute` (9.1).
+#[test]
+fn newer_commands_use_the_schema_names() {
+    let s = serve(&[]);
+    let r = replies(
+        &s.sock,
+        "{\"execute\":\"guest-get-load\"}\n{\"execute\":\"guest-network-get-route\"}\n",
+        2,
+    );
+    let load: serde_json::Value = serde_json::from_str(&r[0]).unwrap();
+    for k in ["load1m", "load5m", "load15m"] {
+        assert!(load["return"][k].is_f64(), "{k} in {}", r[0]);
+    }
+    let routes: serde_json::Value = serde_json::from_str(&r[1]).unwrap();
+    for route in routes["return"].as_array().unwrap() {
+        let family_field = if route["version"] == 6 {
+            "nexthop"
+        } else {
+            "gateway"
+        };
+        assert!(route[family_field].is_string(), "{route}");
+        assert!(
+            route["iface"].is_string() && route["metric"].is_i64(),
+            "{route}"
+        );
+    }
+}
+
+/// Keys map to the identity's files by account: `--admin-user` to admin_authorized_keys,
+/// `--ssh-user` to user_authorized_keys, any other existing account is refused (one
+/// shared file would let its keys log in as the ssh user). KubeVirt's periodic resend of
+/// the same keys with `reset` makes no new generation.
+#[test]
+fn keys_map_to_accounts_and_an_unchanged_resend_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("seed");
+    std::fs::create_dir(&seed).unwrap();
+    std::fs::write(seed.join("meta-data"), "instance-id: i-acc\n").unwrap();
+    std::fs::write(seed.join("user-data"), "#cloud-config\n").unwrap();
+    let id = dir.path().join("identity");
+    let rendered = Command::new(AGENT)
+        .args(["render", "--seed"])
+        .arg(&seed)
+        .arg("--out")
+        .arg(&id)
+        .output()
+        .unwrap();
+    assert!(rendered.status.success(), "{rendered:?}");
+    let s = serve(&[
+        "--identity-dir",
+        id.to_str().unwrap(),
+        "--admin-user",
+        "root",
+        "--ssh-user",
+        "nobody",
+    ]);
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKb3 three";
+    let set = |user: &str| {
+        format!(
+            r#"{{"execute":"guest-ssh-add-authorized-keys","arguments":{{"username":"{user}","keys":["{key}"],"reset":true}}}}"#
+        )
+    };
+    assert_eq!(
+        replies(&s.sock, &set("nobody"), 1)[0].trim(),
+        r#"{"return": {}}"#
+    );
+    assert_eq!(
+        std::fs::read_to_string(id.join("user_authorized_keys")).unwrap(),
+        format!("{key}\n")
+    );
+    assert_eq!(status_of(&id)["generation"], 2);
+    // The same keys again, as KubeVirt resends them: nothing written.
+    assert_eq!(
+        replies(&s.sock, &set("nobody"), 1)[0].trim(),
+        r#"{"return": {}}"#
+    );
+    assert_eq!(status_of(&id)["generation"], 2);
+    // Another account: refused, naming the accounts that have files.
+    let other = replies(&s.sock, &set("daemon"), 1);
+    assert!(
+        other[0].contains("user 'daemon' has no keys in the identity")
+            && other[0].contains("'nobody' (user_authorized_keys)"),
+        "{}",
+        other[0]
+    );
+    assert_eq!(status_of(&id)["generation"], 2);
+}

@@ -309,6 +309,16 @@ in
     in
     lib.hasInfix "Match User user\n  AuthorizedKeysFile /var/identity/user_authorized_keys" c.services.openssh.extraConfig
   ))
+  (check "the guest agent maps keys to the accounts sshd matches" (
+    let
+      c = eval {
+        imports = [ base ];
+        services.nixseed.ssh.adminUser = "ops";
+        services.nixseed.ssh.user = "app";
+      };
+    in
+    lib.hasInfix ''"--admin-user" "ops" "--ssh-user" "app"'' (lib.last c.systemd.services.nixseed-agent.serviceConfig.ExecStart)
+  ))
   (check "guest agent flags, udev rule and control channel follow the options" (
     let
       c = eval {
@@ -326,7 +336,7 @@ in
       };
     in
     lib.last c.systemd.services.nixseed-agent.serviceConfig.ExecStart
-    == ''${exe} "serve" "--identity-dir" "/var/identity" "--clone-policy" "regenerate" "--no-channel" "--unsafe-rpcs" "guest-exec,guest-exec-status" "-a" "guest-ping,guest-exec" "-b" "guest-shutdown"''
+    == ''${exe} "serve" "--identity-dir" "/var/identity" "--clone-policy" "regenerate" "--admin-user" "root" "--no-channel" "--unsafe-rpcs" "guest-exec,guest-exec-status" "-a" "guest-ping,guest-exec" "-b" "guest-shutdown"''
     && c.services.udev.packages == [ fakePkgs.nixseed-agent ]
     && !(c.systemd.services ? nixseed-channel)
     && lib.hasSuffix ''"--channel-wait" "0"'' (lib.last c.systemd.services.nixseed-apply.serviceConfig.ExecStart)

@@ -32,6 +32,10 @@ pub struct AgentConfig {
     pub fsfreeze_hook: Option<PathBuf>,
     /// Where `guest-ssh-*-authorized-keys` read and write.
     pub identity_dir: PathBuf,
+    /// The account whose keys are `admin_authorized_keys` (sshd's match for that file).
+    pub admin_user: String,
+    /// The account whose keys are `user_authorized_keys`, if any.
+    pub ssh_user: Option<String>,
     /// When not empty, `guest-file-open` only opens files under these directories.
     pub file_dirs: Vec<PathBuf>,
 }

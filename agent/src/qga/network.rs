@@ -114,35 +114,102 @@ pub fn get_route(_: &mut Agent, args: Args) -> CmdResult {
             .map(|t| proc_net_ipv6_route(&t))
             .unwrap_or_default(),
     );
-    let out: Vec<Value> = routes
-        .into_iter()
-        .map(|r| {
-            let mut m = Map::new();
-            m.insert("iface".into(), r.iface.into());
-            m.insert("destination".into(), r.destination.into());
-            m.insert("gateway".into(), r.gateway.into());
-            m.insert("metric".into(), r.metric.into());
-            m.insert("flags".into(), r.flags.into());
-            m.insert("refcnt".into(), r.refcnt.into());
-            m.insert("use".into(), r.use_count.into());
-            m.insert("version".into(), r.version.into());
-            if let Some(mask) = r.mask {
-                m.insert("mask".into(), mask.into());
-                m.insert("mtu".into(), r.mtu.into());
-                m.insert("window".into(), r.window.into());
-                m.insert("irtt".into(), r.irtt.into());
-            }
-            if let Some(p) = r.prefix_len {
-                m.insert("desprefixlen".into(), p.to_string().into());
-            }
-            if let Some(s) = r.source {
-                m.insert("source".into(), s.into());
-            }
-            if let Some(p) = r.source_prefix_len {
-                m.insert("srcprefixlen".into(), p.to_string().into());
-            }
-            Value::Object(m)
-        })
-        .collect();
-    Ok(Some(Value::Array(out)))
+    Ok(Some(Value::Array(routes.iter().map(route_json).collect())))
+}
+
+/// One `GuestNetworkRoute` as qemu-ga's Linux code fills it: IPv4 routes carry `gateway`,
+/// `mask`, `mtu`, `window` and `irtt`; IPv6 routes `nexthop`, the prefix lengths (as
+/// strings) and `source`.
+fn route_json(r: &nixseed_core::qga::sysparse::Route) -> Value {
+    let mut m = Map::new();
+    m.insert("iface".into(), r.iface.clone().into());
+    m.insert("destination".into(), r.destination.clone().into());
+    m.insert("metric".into(), r.metric.into());
+    m.insert("flags".into(), r.flags.into());
+    m.insert("refcnt".into(), r.refcnt.into());
+    m.insert("use".into(), r.use_count.into());
+    m.insert("version".into(), r.version.into());
+    if r.version == 6 {
+        m.insert("nexthop".into(), r.gateway.clone().into());
+    } else {
+        m.insert("gateway".into(), r.gateway.clone().into());
+    }
+    if let Some(mask) = &r.mask {
+        m.insert("mask".into(), mask.clone().into());
+        m.insert("mtu".into(), r.mtu.into());
+        m.insert("window".into(), r.window.into());
+        m.insert("irtt".into(), r.irtt.into());
+    }
+    if let Some(p) = r.prefix_len {
+        m.insert("desprefixlen".into(), p.to_string().into());
+    }
+    if let Some(s) = &r.source {
+        m.insert("source".into(), s.clone().into());
+    }
+    if let Some(p) = r.source_prefix_len {
+        m.insert("srcprefixlen".into(), p.to_string().into());
+    }
+    Value::Object(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(v: &Value) -> Vec<&str> {
+        let mut k: Vec<&str> = v
+            .as_object()
+            .map(|m| m.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    }
+
+    /// The member names of QEMU's `GuestNetworkRoute` (qga/qapi-schema.json, 9.1), per
+    /// address family as its Linux code sets them.
+    #[test]
+    fn routes_use_the_schema_names_per_family() {
+        let v4 = proc_net_route(
+            "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
+             eth0\t00000000\t0202000A\t0003\t0\t0\t100\t00000000\t0\t0\t0\n",
+        );
+        let v6 = proc_net_ipv6_route(
+            "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000002 00000400 00000001 00000000 00000003 eth0\n",
+        );
+        assert_eq!(
+            keys(&route_json(&v4[0])),
+            [
+                "destination",
+                "flags",
+                "gateway",
+                "iface",
+                "irtt",
+                "mask",
+                "metric",
+                "mtu",
+                "refcnt",
+                "use",
+                "version",
+                "window"
+            ]
+        );
+        assert_eq!(route_json(&v4[0])["gateway"], "10.0.2.2");
+        assert_eq!(
+            keys(&route_json(&v6[0])),
+            [
+                "desprefixlen",
+                "destination",
+                "flags",
+                "iface",
+                "metric",
+                "nexthop",
+                "refcnt",
+                "source",
+                "srcprefixlen",
+                "use",
+                "version"
+            ]
+        );
+        assert_eq!(route_json(&v6[0])["nexthop"], "fe80::2");
+    }
 }

@@ -1,6 +1,7 @@
-//! guest-ssh-{get,add,remove}-authorized-keys on nixseed's identity files: `root` and
-//! `admin` use `admin_authorized_keys`, every other existing user `user_authorized_keys`
-//! (sshd's AuthorizedKeysFile points at both). In an identity store a change is a new
+//! guest-ssh-{get,add,remove}-authorized-keys on nixseed's identity files: the admin
+//! account (`--admin-user`, root by default) uses `admin_authorized_keys`, the one
+//! `--ssh-user` account `user_authorized_keys` (sshd matches each file to its account);
+//! any other account is refused. An add that leaves the set unchanged writes nothing. In an identity store a change is a new
 //! generation: the current identity with that one file changed, durable before `current`
 //! moves to it, so every generation's manifest stays true to its files (the next boot,
 //! `status` and a rollback verify them) and sshd, reading through `current`, sees the keys
@@ -20,16 +21,29 @@ use serde_json::json;
 use super::{Agent, CmdResult, io_text};
 
 fn keys_file(agent: &Agent, username: &str) -> Result<PathBuf, QgaError> {
-    let user = nix::unistd::User::from_name(username)
+    nix::unistd::User::from_name(username)
         .ok()
         .flatten()
         .ok_or_else(|| QgaError::generic(format!("failed to lookup user '{username}': Success")))?;
-    let name = if user.uid.is_root() || username == "admin" {
+    let config = &agent.config;
+    let name = if username == config.admin_user {
         "admin_authorized_keys"
-    } else {
+    } else if config.ssh_user.as_deref() == Some(username) {
         "user_authorized_keys"
+    } else {
+        // A shared file for every other account would let one account's keys log in as
+        // another; sshd reads the identity's files only for these two accounts.
+        return Err(QgaError::generic(format!(
+            "user '{username}' has no keys in the identity: only '{}' (admin_authorized_keys){} are kept there",
+            config.admin_user,
+            config
+                .ssh_user
+                .as_deref()
+                .map(|u| format!(" and '{u}' (user_authorized_keys)"))
+                .unwrap_or_default()
+        )));
     };
-    Ok(agent.config.identity_dir.join(name))
+    Ok(config.identity_dir.join(name))
 }
 
 fn read_keys(path: &Path) -> Result<Vec<String>, QgaError> {
@@ -183,11 +197,18 @@ pub fn add(agent: &mut Agent, mut args: Args) -> CmdResult {
     args.finish()?;
     let path = keys_file(agent, &username)?;
     let keys = usable_keys(keys)?;
-    let mut all = if reset { Vec::new() } else { read_keys(&path)? };
+    let before = read_keys(&path)?;
+    let mut all = if reset { Vec::new() } else { before.clone() };
     for k in keys {
         if !all.contains(&k) {
             all.push(k);
         }
+    }
+    // KubeVirt resends the same keys with `reset` every few minutes: an unchanged set is
+    // no new generation (it would push the one before a push out of the store).
+    let same = all.len() == before.len() && all.iter().all(|k| before.contains(k));
+    if same {
+        return Ok(Some(json!({})));
     }
     save_keys(agent, &path, &all)?;
     tracing::info!(

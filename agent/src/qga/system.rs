@@ -179,7 +179,10 @@ pub fn get_load(_: &mut Agent, args: Args) -> CmdResult {
     if f.len() < 3 {
         return Err(QgaError::generic("/proc/loadavg: unexpected format"));
     }
-    Ok(Some(json!({"load1": f[0], "load5": f[1], "load15": f[2]})))
+    // QEMU's GuestLoadAverage (10.0): load1m, load5m, load15m.
+    Ok(Some(
+        json!({"load1m": f[0], "load5m": f[1], "load15m": f[2]}),
+    ))
 }
 
 pub fn get_memory_block_info(_: &mut Agent, args: Args) -> CmdResult {
