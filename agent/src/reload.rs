@@ -77,11 +77,14 @@ fn set_hostname(file: &Path) -> Result<()> {
 }
 
 /// `method`: `TryRestartUnit` (leaves a unit that is not running alone) or `RestartUnit`
-/// (starts it). A unit the image does not have (ssh.service on NixOS, sshd.service on
-/// Debian) is fine. Before `RestartUnit` the unit's failed state is reset: an sshd that
-/// kept failing without a host key until systemd's start limit would refuse the start.
+/// (starts it), on the first of `units` the image has (ssh.service on Debian, where
+/// sshd.service is its alias; sshd.service on NixOS). Before `RestartUnit` the unit's
+/// failed state is reset: an sshd that kept failing without a host key until systemd's
+/// start limit would refuse the start. Any refusal but "no such unit" is an error, so
+/// sshd is never reported restarted when systemd did not restart it.
 async fn restart_units(units: &[&str], method: &str) -> Result<()> {
     use crate::dbus::{Arg, DbusError, call};
+    let no_such_unit = |e: &DbusError| matches!(e, DbusError::Remote { name, .. } if name == "org.freedesktop.systemd1.NoSuchUnit");
     for unit in units {
         if method == "RestartUnit" {
             match call(
@@ -93,7 +96,8 @@ async fn restart_units(units: &[&str], method: &str) -> Result<()> {
             )
             .await
             {
-                Ok(()) | Err(DbusError::Remote { .. }) => {}
+                Ok(()) => {}
+                Err(e) if no_such_unit(&e) => {}
                 Err(e) => return Err(e).context(format!("resetting {unit}'s failed state")),
             }
         }
@@ -106,11 +110,12 @@ async fn restart_units(units: &[&str], method: &str) -> Result<()> {
         )
         .await
         {
-            Ok(()) | Err(DbusError::Remote { .. }) => {}
-            Err(e) => return Err(e).context(format!("restarting {unit}")),
+            Ok(()) => return Ok(()),
+            Err(e) if no_such_unit(&e) => {}
+            Err(e) => return Err(e).context(format!("{method} {unit}")),
         }
     }
-    Ok(())
+    anyhow::bail!("none of {} is a unit here", units.join(", "))
 }
 
 async fn networkd_reload() -> Result<()> {

@@ -116,14 +116,19 @@ fn marker_in(run: &Path) -> PathBuf {
     run.join("nixseed/applied")
 }
 
-/// The generation `/etc` is bind-mounted from in this boot (`<run>/nixseed/applied`; `run`
-/// is `/run` on the running system).
-pub fn bound_generation(run: &Path) -> Option<u64> {
-    std::fs::read_to_string(marker_in(run))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+/// The generation `/etc` is bind-mounted from in this boot, when it came from the store
+/// at `identity_dir` (as the running system sees it). The marker `<run>/nixseed/applied`
+/// holds the number and that directory; `run` is `/run` on the running system.
+pub fn bound_generation(run: &Path, identity_dir: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(marker_in(run)).ok()?;
+    let mut lines = text.lines();
+    let n = lines.next()?.trim().parse().ok()?;
+    let dir = lines.next()?.trim();
+    (dir.trim_end_matches('/') == identity_dir.trim_end_matches('/')).then_some(n)
+}
+
+fn marker_text(n: u64, identity_dir: &str) -> String {
+    format!("{n}\n{}\n", identity_dir.trim_end_matches('/'))
 }
 
 /// The files `/etc` shows from a generation.
@@ -320,8 +325,11 @@ pub fn apply_seed(
     };
     let n = {
         let _s = tracing::info_span!("write").entered();
+        // A generation /etc still shows (after guest-agent key changes) stays whole until
+        // the binds move to the new one.
+        let bound = bound_generation(&opts.run, &opts.identity_dir);
         store
-            .write_generation(&tree, manifest, opts.durability)
+            .write_generation_keeping(&tree, manifest, opts.durability, bound)
             .with_context(|| {
                 format!(
                     "cannot write a new generation under {}",
@@ -413,7 +421,10 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions) -> Result<()>
     mounts::bind_readonly(&hosts, &etc.join(identity::HOSTS), &mounted)?;
 
     link_networkd(&gen_dir, opts)?;
-    write_atomic(&opts.marker(), format!("{n}\n").as_bytes())?;
+    write_atomic(
+        &opts.marker(),
+        marker_text(n, &opts.identity_dir).as_bytes(),
+    )?;
     Ok(())
 }
 
@@ -469,7 +480,7 @@ pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
     // network start (Durability::Deferred).
     store.sync()?;
     let current = store.current_number()?;
-    if let (Some(m), Some(n)) = (bound_generation(&opts.run), current) {
+    if let (Some(m), Some(n)) = (bound_generation(&opts.run, &opts.identity_dir), current) {
         let etc = opts.sysroot.join("etc");
         let mounted = mounts::mount_points()?;
         let all_bound = ETC_FILES.iter().all(|f| mounted.contains(&etc.join(f)));
@@ -550,5 +561,24 @@ mod tests {
         c.sort();
         assert_eq!(c, ["hostname", "network/10.network", "tcp_ports"]);
         assert!(tree_changes(&new, &new).is_empty());
+    }
+
+    /// The marker counts only for the store it was written from: another `--identity-dir`
+    /// (a second store, a test directory) never keeps a generation of its own alive.
+    #[test]
+    fn the_marker_names_a_generation_of_one_store() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("nixseed")).unwrap();
+        std::fs::write(marker_in(dir.path()), marker_text(4, "/var/identity/")).unwrap();
+        assert_eq!(bound_generation(dir.path(), "/var/identity"), Some(4));
+        assert_eq!(bound_generation(dir.path(), "/var/identity/"), Some(4));
+        assert_eq!(bound_generation(dir.path(), "/srv/identity"), None);
+        // A marker of the old one-line form names no store.
+        std::fs::write(marker_in(dir.path()), "4\n").unwrap();
+        assert_eq!(bound_generation(dir.path(), "/var/identity"), None);
+        assert_eq!(
+            bound_generation(&dir.path().join("none"), "/var/identity"),
+            None
+        );
     }
 }

@@ -381,38 +381,46 @@ fn keys_map_to_accounts_and_an_unchanged_resend_writes_nothing() {
         "--identity-dir",
         id.to_str().unwrap(),
         "--admin-user",
-        "root",
+        "daemon",
         "--ssh-user",
         "nobody",
     ]);
-    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKb3 three";
-    let set = |user: &str| {
+    let k3 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKb3 three";
+    let k4 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKb4 four";
+    let set = |user: &str, keys: &[&str]| {
         format!(
-            r#"{{"execute":"guest-ssh-add-authorized-keys","arguments":{{"username":"{user}","keys":["{key}"],"reset":true}}}}"#
+            r#"{{"execute":"guest-ssh-add-authorized-keys","arguments":{{"username":"{user}","keys":{},"reset":true}}}}"#,
+            serde_json::json!(keys)
         )
     };
-    assert_eq!(
-        replies(&s.sock, &set("nobody"), 1)[0].trim(),
-        r#"{"return": {}}"#
-    );
+    let ok = r#"{"return": {}}"#;
+    assert_eq!(replies(&s.sock, &set("nobody", &[k3, k4]), 1)[0].trim(), ok);
     assert_eq!(
         std::fs::read_to_string(id.join("user_authorized_keys")).unwrap(),
-        format!("{key}\n")
+        format!("{k3}\n{k4}\n")
     );
     assert_eq!(status_of(&id)["generation"], 2);
-    // The same keys again, as KubeVirt resends them: nothing written.
+    assert_eq!(replies(&s.sock, &set("daemon", &[k4]), 1)[0].trim(), ok);
     assert_eq!(
-        replies(&s.sock, &set("nobody"), 1)[0].trim(),
-        r#"{"return": {}}"#
+        std::fs::read_to_string(id.join("admin_authorized_keys")).unwrap(),
+        format!("{k4}\n")
     );
-    assert_eq!(status_of(&id)["generation"], 2);
-    // Another account: refused, naming the accounts that have files.
-    let other = replies(&s.sock, &set("daemon"), 1);
-    assert!(
-        other[0].contains("user 'daemon' has no keys in the identity")
-            && other[0].contains("'nobody' (user_authorized_keys)"),
-        "{}",
-        other[0]
-    );
-    assert_eq!(status_of(&id)["generation"], 2);
+    assert_eq!(status_of(&id)["generation"], 3);
+    // The same keys again, in another order, as KubeVirt resends them: nothing written.
+    assert_eq!(replies(&s.sock, &set("nobody", &[k4, k3]), 1)[0].trim(), ok);
+    assert_eq!(status_of(&id)["generation"], 3);
+    // Other accounts, root among them when it is not the admin account: refused, naming
+    // the accounts that have files.
+    for user in ["root", "bin"] {
+        let other = replies(&s.sock, &set(user, &[k3]), 1);
+        assert!(
+            other[0].contains(&format!("user '{user}' has no keys in the identity"))
+                && other[0].contains(
+                    "only 'daemon' (admin_authorized_keys) and 'nobody' (user_authorized_keys)"
+                ),
+            "{}",
+            other[0]
+        );
+    }
+    assert_eq!(status_of(&id)["generation"], 3);
 }

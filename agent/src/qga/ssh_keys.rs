@@ -139,7 +139,7 @@ fn save_keys(agent: &Agent, path: &Path, keys: &[String]) -> Result<(), QgaError
     );
     // /etc stays bound from the generation it was bound from (the files it shows there
     // are the same); that one is kept until a seed or a rollback moves the binds.
-    let bound = crate::stage::bound_generation(Path::new("/run"));
+    let bound = crate::stage::bound_generation(Path::new("/run"), &dir.to_string_lossy());
     let n = store
         .write_generation_keeping(
             &tree,

@@ -140,8 +140,12 @@ pub fn start(paths: &Paths, a: &StartArgs) -> Result<Report> {
     if qemu_pid.is_none() {
         let state = libvirt::domstate(&uri, name)?.unwrap_or_default();
         if state != "running" {
+            let log = match uri.trim_end_matches('/') {
+                "qemu:///system" => format!(" (see /var/log/libvirt/qemu/{name}.log)"),
+                _ => String::new(),
+            };
             bail!(
-                "machine `{name}`: the domain is '{state}' right after `virsh start`; no answerer was started (see the domain's log under /var/log/libvirt/qemu/)"
+                "machine `{name}`: the domain is '{state}' right after `virsh start`; no answerer was started{log}"
             );
         }
     }

@@ -309,6 +309,9 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         "after `seedctl rollback {name}` the agent says hostname '{}', not '{want_host}'",
         back.trim()
     );
+    // machines/NAME agrees with the guest again.
+    std::fs::write(m.dir.join("hostname"), format!("{want_host}\n"))
+        .with_context(|| format!("restoring {}/hostname", m.dir.display()))?;
 
     // Freeze and thaw: libvirt counts what the agent froze.
     let froze = virsh(&["domfsfreeze", name])?;

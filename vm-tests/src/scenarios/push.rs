@@ -140,7 +140,7 @@ fn agent_key_changes(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
     // machine-id late): /etc shows the same files as the current generation.
     let shown = b.ssh.run(
         "systemctl restart nixseed-apply.service; \
-         readlink /var/identity/current; cat /run/nixseed/applied; \
+         readlink /var/identity/current; head -n 1 /run/nixseed/applied; \
          findmnt -rno SOURCE /etc/hostname; findmnt -rno SOURCE /etc/machine-id; \
          cat /etc/hostname; cat /var/identity/current/hostname; \
          journalctl -b --no-pager -o cat -u nixseed-apply.service | grep -E 'already applied|did not apply' | tail -n 1",
