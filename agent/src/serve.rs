@@ -51,7 +51,7 @@ pub enum Method {
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Transport: virtio-serial (default), isa-serial or unix-listen.
+    /// Transport: virtio-serial (default), isa-serial, unix-listen or vsock-listen.
     #[arg(short = 'm', long = "method", value_enum)]
     pub method: Option<Method>,
     /// Device or socket path (default: /dev/virtio-ports/org.qemu.guest_agent.0,
@@ -78,8 +78,8 @@ pub struct ServeArgs {
           default_missing_value = DEFAULT_FSFREEZE_HOOK)]
     pub fsfreeze_hook: Option<PathBuf>,
     /// qemu-ga.conf-style key file ([general] method, path, statedir, block-rpcs,
-    /// allow-rpcs, fsfreeze-hook; plus unsafe-rpcs, identity-dir, admin-user and
-    /// ssh-user).
+    /// allow-rpcs, fsfreeze-hook; plus unsafe-rpcs, identity-dir, file-dirs, admin-user
+    /// and ssh-user).
     /// (Default: the QGA_CONF environment variable.)
     #[arg(short = 'c', long = "config")]
     pub config: Option<PathBuf>,
