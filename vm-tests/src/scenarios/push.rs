@@ -268,6 +268,20 @@ pub fn push_first(h: &Harness) -> Result<()> {
         vm,
         boot_to_sshd: Duration::ZERO,
     };
+    // Which way sshd was found: still restarting without a key, or given up at systemd's
+    // start limit (the case the agent resets before starting it).
+    let limit = b.ssh.run(
+        "journalctl -b --no-pager -o cat -u ssh.service | grep -c 'Start request repeated too quickly' || true",
+    )?;
+    eprintln!(
+        "vm-tests: {}: before the push sshd {}",
+        m.name,
+        if limit.trim() == "0" {
+            "was still restarting without a host key"
+        } else {
+            "had reached systemd's start limit"
+        }
+    );
     let host = b.ssh.run("hostname")?;
     ensure!(
         host.trim() == m.read("hostname")?,
