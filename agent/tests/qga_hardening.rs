@@ -165,6 +165,25 @@ fn exec_status_does_not_wait_for_a_grandchild_holding_the_output() {
 }
 
 /// `nixseed-agent status --identity-dir DIR`: exits 0 with the current manifest.
+/// An identity store at `dir/identity`, rendered by the agent from a NoCloud seed
+/// directory holding `meta` and `user` (generation 1).
+fn rendered_store(dir: &std::path::Path, meta: &str, user: &str) -> std::path::PathBuf {
+    let seed = dir.join("seed");
+    std::fs::create_dir(&seed).unwrap();
+    std::fs::write(seed.join("meta-data"), meta).unwrap();
+    std::fs::write(seed.join("user-data"), user).unwrap();
+    let id = dir.join("identity");
+    let rendered = Command::new(AGENT)
+        .args(["render", "--seed"])
+        .arg(&seed)
+        .arg("--out")
+        .arg(&id)
+        .output()
+        .unwrap();
+    assert!(rendered.status.success(), "{rendered:?}");
+    id
+}
+
 fn status_of(dir: &std::path::Path) -> serde_json::Value {
     let out = Command::new(AGENT)
         .args(["status", "--identity-dir"])
@@ -183,29 +202,13 @@ fn status_of(dir: &std::path::Path) -> serde_json::Value {
 #[test]
 fn authorized_key_changes_are_new_generations_that_verify() {
     let dir = tempfile::tempdir().unwrap();
-    let seed = dir.path().join("seed");
-    std::fs::create_dir(&seed).unwrap();
-    std::fs::write(
-        seed.join("meta-data"),
-        "instance-id: i-keys\nlocal-hostname: keys\n",
-    )
-    .unwrap();
     let k1 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKb1 one";
     let k2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKb2 two";
-    std::fs::write(
-        seed.join("user-data"),
-        format!("#cloud-config\nssh_authorized_keys:\n  - {k1}\n"),
-    )
-    .unwrap();
-    let id = dir.path().join("identity");
-    let rendered = Command::new(AGENT)
-        .args(["render", "--seed"])
-        .arg(&seed)
-        .arg("--out")
-        .arg(&id)
-        .output()
-        .unwrap();
-    assert!(rendered.status.success(), "{rendered:?}");
+    let id = rendered_store(
+        dir.path(),
+        "instance-id: i-keys\nlocal-hostname: keys\n",
+        &format!("#cloud-config\nssh_authorized_keys:\n  - {k1}\n"),
+    );
     assert_eq!(status_of(&id)["generation"], 1);
 
     let s = serve(&["--identity-dir", id.to_str().unwrap()]);
@@ -364,19 +367,7 @@ fn newer_commands_use_the_schema_names() {
 #[test]
 fn keys_map_to_accounts_and_an_unchanged_resend_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let seed = dir.path().join("seed");
-    std::fs::create_dir(&seed).unwrap();
-    std::fs::write(seed.join("meta-data"), "instance-id: i-acc\n").unwrap();
-    std::fs::write(seed.join("user-data"), "#cloud-config\n").unwrap();
-    let id = dir.path().join("identity");
-    let rendered = Command::new(AGENT)
-        .args(["render", "--seed"])
-        .arg(&seed)
-        .arg("--out")
-        .arg(&id)
-        .output()
-        .unwrap();
-    assert!(rendered.status.success(), "{rendered:?}");
+    let id = rendered_store(dir.path(), "instance-id: i-acc\n", "#cloud-config\n");
     let s = serve(&[
         "--identity-dir",
         id.to_str().unwrap(),

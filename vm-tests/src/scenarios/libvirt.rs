@@ -270,14 +270,18 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     // the domain's XML; the agent then reports the new hostname to libvirt.
     std::fs::write(m.dir.join("hostname"), "libvirt-renamed\n")
         .with_context(|| format!("editing {}/hostname", m.dir.display()))?;
-    let pushed = cmd::run(seedctl.command(&machines, &state).args([
-        "push",
-        name,
-        "--connect",
-        URI,
-        "--timeout",
-        "60",
-    ]))?;
+    // `seedctl VERB NAME --connect URI` over the domain's control channel.
+    let over_channel = |verb: &str| {
+        cmd::run(seedctl.command(&machines, &state).args([
+            verb,
+            name,
+            "--connect",
+            URI,
+            "--timeout",
+            "60",
+        ]))
+    };
+    let pushed = over_channel("push")?;
     let renamed = virsh(&["domhostname", name, "--source", "agent"])?;
     ensure!(
         renamed.trim() == "libvirt-renamed",
@@ -285,24 +289,9 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         renamed.trim(),
         String::from_utf8_lossy(&pushed.stdout).trim()
     );
-    cmd::run(seedctl.command(&machines, &state).args([
-        "status",
-        name,
-        "--connect",
-        URI,
-        "--timeout",
-        "60",
-    ]))
-    .context("seedctl status --connect after the push")?;
+    over_channel("status").context("seedctl status --connect after the push")?;
     // And back: the generation before the push is current again, with its hostname.
-    cmd::run(seedctl.command(&machines, &state).args([
-        "rollback",
-        name,
-        "--connect",
-        URI,
-        "--timeout",
-        "60",
-    ]))?;
+    over_channel("rollback")?;
     let back = virsh(&["domhostname", name, "--source", "agent"])?;
     ensure!(
         back.trim() == want_host,
