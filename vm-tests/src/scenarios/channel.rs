@@ -96,14 +96,7 @@ fn check_identity(b: &Booted, m: &Machine) -> Result<()> {
         m.name,
         m.machine_id()?
     );
-    let host = b.ssh.run("hostname")?;
-    ensure!(
-        host.trim() == m.read("hostname")?,
-        "hostname is '{}', machines/{}/hostname says '{}'",
-        host.trim(),
-        m.name,
-        m.read("hostname")?
-    );
+    hostname_matches(&b.ssh, m, "on this boot")?;
     Ok(())
 }
 

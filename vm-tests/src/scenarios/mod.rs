@@ -251,6 +251,20 @@ pub const SCENARIOS: &[Scenario] = &[
     },
 ];
 
+/// The guest's live hostname is the one in `machines/NAME/hostname`; `when` says at which
+/// point of the scenario ("after the first push", ...).
+pub fn hostname_matches(ssh: &Ssh, m: &Machine, when: &str) -> Result<()> {
+    let live = ssh.run("hostname")?;
+    let want = m.read("hostname")?;
+    ensure!(
+        live.trim() == want,
+        "hostname {when} is '{}', machines/{}/hostname says '{want}'",
+        live.trim(),
+        m.name
+    );
+    Ok(())
+}
+
 /// Lines of `systemctl --failed`, empty when all is well.
 pub fn failed_units(ssh: &Ssh) -> Result<Vec<String>> {
     let out = ssh.run("systemctl --failed --no-legend --plain --no-pager")?;

@@ -290,12 +290,6 @@ fn verify_running(b: &Booted, m: &Machine) -> Result<()> {
         before.trim() == "precious",
         "/var/lib/test/before is {before:?} after the cuts"
     );
-    let live = b.ssh.run("hostname")?;
-    ensure!(
-        live.trim() == m.read("hostname")?,
-        "hostname is {} but the machine's identity says {}",
-        live.trim(),
-        m.read("hostname")?
-    );
+    hostname_matches(&b.ssh, m, "after the cuts")?;
     Ok(())
 }

@@ -282,14 +282,7 @@ pub fn push_first(h: &Harness) -> Result<()> {
             "had reached systemd's start limit"
         }
     );
-    let host = b.ssh.run("hostname")?;
-    ensure!(
-        host.trim() == m.read("hostname")?,
-        "hostname after the first push is '{}', machines/{}/hostname says '{}'",
-        host.trim(),
-        m.name,
-        m.read("hostname")?
-    );
+    hostname_matches(&b.ssh, &m, "after the first push")?;
     ensure!(
         failed_units(&b.ssh)?.iter().all(|u| !u.contains("ssh")),
         "sshd is still failed after the first push:\n{}",
