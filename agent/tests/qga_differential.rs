@@ -174,6 +174,33 @@ fn remove_at(v: &mut Value, path: &[&str]) {
     }
 }
 
+/// Masks every member of the objects at `path` except those named in `keep`.
+fn mask_members(v: &mut Value, path: &[&str], keep: &[&str]) {
+    match path {
+        [] => {
+            if let Value::Object(m) = v {
+                for (k, x) in m.iter_mut() {
+                    if !keep.contains(&k.as_str()) {
+                        *x = Value::String("<masked>".into());
+                    }
+                }
+            }
+        }
+        ["*", rest @ ..] => {
+            if let Value::Array(a) = v {
+                for x in a {
+                    mask_members(x, rest, keep);
+                }
+            }
+        }
+        [k, rest @ ..] => {
+            if let Some(x) = v.get_mut(*k) {
+                mask_members(x, rest, keep);
+            }
+        }
+    }
+}
+
 fn sort_by(v: &mut Value, path: &[&str], key: &str) {
     let mut cur = v;
     for k in path {
@@ -278,6 +305,15 @@ fn cases() -> Vec<Case> {
         c("guest-get-users"),
         c("guest-get-vcpus"),
         c("guest-get-memory-block-info"),
+        c("guest-get-memory-blocks"),
+        // Counters move between the two agents' runs: the member sets, CPU numbers and
+        // devices must agree here; the values are checked in `counters_lie_between_two_qemu_ga_readings`.
+        with("guest-get-cpustats", &[&cmd("guest-get-cpustats")], |v| {
+            mask_members(v, &["return", "*"], &["cpu", "type"]);
+        }),
+        with("guest-get-diskstats", &[&cmd("guest-get-diskstats")], |v| {
+            mask_members(v, &["return", "*", "stats"], &[]);
+        }),
         c("guest-fsfreeze-status"),
         c("guest-fsfreeze-thaw"),
         with("guest-network-get-interfaces", &[&cmd("guest-network-get-interfaces")], |v| {
@@ -346,6 +382,9 @@ const QEMU_72: &[&str] = &[
     "guest-get-users",
     "guest-get-vcpus",
     "guest-get-memory-block-info",
+    "guest-get-memory-blocks",
+    "guest-get-cpustats",
+    "guest-get-diskstats",
     "guest-network-get-interfaces",
     "guest-get-fsinfo",
     "guest-get-disks",
@@ -504,4 +543,56 @@ fn fsfreeze_matches_qemu_ga_on_a_loop_mount() {
         theirs[9][0].1["return"], 1,
         "qemu-ga froze it through the bind"
     );
+}
+
+/// Every counter nixseed reports lies between two qemu-ga readings taken before and after
+/// it: the kernel's counters only grow, so a wrong field, unit or scale falls outside.
+/// `ios-pgr` (requests in flight) is a level, not a counter, and is left out.
+#[test]
+fn counters_lie_between_two_qemu_ga_readings() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let qemu = Peer::start("qemu-ga");
+    let ours_peer = Peer::start("nixseed");
+    for (command, key, inner) in [
+        ("guest-get-cpustats", "cpu", None),
+        ("guest-get-diskstats", "name", Some("stats")),
+    ] {
+        let read = |p: &Peer| -> Vec<Value> {
+            let r = p.exchange(&[&cmd(command)]);
+            r[0].1["return"].as_array().cloned().unwrap_or_default()
+        };
+        let before = read(&qemu);
+        let ours = read(&ours_peer);
+        let after = read(&qemu);
+        assert!(!ours.is_empty(), "{command}: nixseed listed nothing");
+        let ids = |l: &[Value]| l.iter().map(|x| x[key].to_string()).collect::<Vec<_>>();
+        assert_eq!(ids(&before), ids(&ours), "{command}: the same entries");
+        assert_eq!(ids(&ours), ids(&after), "{command}: the same entries");
+        let mut checked = 0;
+        for ((b, o), a) in before.iter().zip(&ours).zip(&after) {
+            let id = &o[key];
+            let pick = |x: &Value| inner.map_or(x.clone(), |k| x[k].clone());
+            let (b, o, a) = (pick(b), pick(o), pick(a));
+            let members = o.as_object().unwrap();
+            assert_eq!(
+                members.keys().collect::<Vec<_>>(),
+                b.as_object().unwrap().keys().collect::<Vec<_>>(),
+                "{command} {id}: the same members"
+            );
+            for (m, v) in members {
+                if matches!(m.as_str(), "cpu" | "type" | "ios-pgr") {
+                    continue;
+                }
+                let (lo, mid, hi) = (b[m].as_u64(), v.as_u64(), a[m].as_u64());
+                assert!(
+                    lo <= mid && mid <= hi && mid.is_some(),
+                    "{command} {id} {m}: qemu-ga {lo:?} then nixseed {mid:?} then qemu-ga {hi:?}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 0, "{command}: no counter was compared");
+    }
+    qemu.stop();
+    ours_peer.stop();
 }

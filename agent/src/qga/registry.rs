@@ -37,6 +37,12 @@ const REGISTRY: &[(&str, Handler)] = &[
         Handler::Sync(system::get_memory_block_info),
     ),
     (
+        "guest-get-memory-blocks",
+        Handler::Sync(system::get_memory_blocks),
+    ),
+    ("guest-get-cpustats", Handler::Sync(system::get_cpustats)),
+    ("guest-get-diskstats", Handler::Sync(system::get_diskstats)),
+    (
         "guest-network-get-interfaces",
         Handler::Sync(network::get_interfaces),
     ),

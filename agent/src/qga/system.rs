@@ -1,10 +1,13 @@
 //! Facts about the guest: time, OS, host name, time zone, users, vCPUs, load, memory
-//! blocks. Each reads one kernel or /etc source; the parsing is in nixseed-core.
+//! blocks, CPU and disk counters. Each reads one kernel or /etc source; the parsing is
+//! in nixseed-core.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::time::{ClockId, clock_settime};
-use nixseed_core::qga::sysparse::{os_release, tzif_zone_at, utmp_users};
+use nixseed_core::qga::sysparse::{
+    os_release, proc_diskstats, proc_stat_cpus, tzif_zone_at, utmp_users,
+};
 use nixseed_core::qga::{Args, QgaError};
 use serde_json::{Map, Value, json};
 
@@ -193,4 +196,145 @@ pub fn get_memory_block_info(_: &mut Agent, args: Args) -> CmdResult {
     let size = u64::from_str_radix(text.trim(), 16)
         .map_err(|_| QgaError::generic(format!("{path}: not a hex number")))?;
     Ok(Some(json!({"size": size})))
+}
+
+const MEMORY_DIR: &str = "/sys/devices/system/memory";
+
+/// Every `memoryN` block in sysfs, in directory order as qemu-ga lists them: online when
+/// its `state` says so, offlinable when `removable` is not 0. A kernel without `state`
+/// (memory that cannot be hot-plugged) has its blocks online and fixed; a system without
+/// the directory has no blocks to list.
+pub fn get_memory_blocks(_: &mut Agent, args: Args) -> CmdResult {
+    args.finish()?;
+    let entries = match std::fs::read_dir(MEMORY_DIR) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(json!([]))),
+        Err(e) => return Err(QgaError::generic(format!("cannot list {MEMORY_DIR}: {e}"))),
+    };
+    let read = |path: std::path::PathBuf| match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(QgaError::generic(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    };
+    let mut blocks = Vec::new();
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| QgaError::generic(format!("cannot list {MEMORY_DIR}: {e}")))?;
+        let name = entry.file_name();
+        let Some(index) = name.to_str().and_then(|n| n.strip_prefix("memory")) else {
+            continue;
+        };
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let digits: String = index.chars().take_while(char::is_ascii_digit).collect();
+        let dir = entry.path();
+        let (online, can_offline) = match read(dir.join("state"))? {
+            None => (true, false),
+            Some(state) => (
+                state.starts_with("online"),
+                read(dir.join("removable"))?.is_some_and(|r| !r.starts_with('0')),
+            ),
+        };
+        blocks.push(json!({
+            "phys-index": digits.parse::<u64>().unwrap_or(0),
+            "online": online,
+            "can-offline": can_offline,
+        }));
+    }
+    if blocks.is_empty() {
+        return Err(QgaError::generic("guest reported zero memory blocks!"));
+    }
+    Ok(Some(Value::Array(blocks)))
+}
+
+/// Per-CPU times from /proc/stat in milliseconds (QEMU's GuestLinuxCpuStats). Members
+/// the kernel does not print are left out.
+pub fn get_cpustats(_: &mut Agent, args: Args) -> CmdResult {
+    args.finish()?;
+    const NAMES: [&str; 10] = [
+        "user",
+        "nice",
+        "system",
+        "idle",
+        "iowait",
+        "irq",
+        "softirq",
+        "steal",
+        "guest",
+        "guestnice",
+    ];
+    let text = std::fs::read_to_string("/proc/stat")
+        .map_err(|e| QgaError::generic(format!("cannot read /proc/stat: {e}")))?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|v| u64::try_from(v).ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(100);
+    let cpus: Vec<Value> = proc_stat_cpus(&text)
+        .into_iter()
+        .map(|c| {
+            let mut m = Map::new();
+            m.insert("type".into(), json!("linux"));
+            m.insert("cpu".into(), json!(c.cpu));
+            for (name, ticks) in NAMES.iter().zip(&c.ticks) {
+                m.insert((*name).into(), json!(ticks.saturating_mul(1000) / hz));
+            }
+            Value::Object(m)
+        })
+        .collect();
+    Ok(Some(Value::Array(cpus)))
+}
+
+/// Per-device I/O counters from /proc/diskstats (QEMU's GuestDiskStatsInfo). The member
+/// set follows the line's length: the four counters of an old-style partition line, or
+/// the eleven of every kernel since 2.6, then discard (4.18) and flush (5.5) counters.
+pub fn get_diskstats(_: &mut Agent, args: Args) -> CmdResult {
+    args.finish()?;
+    const FULL: [&str; 17] = [
+        "read-ios",
+        "read-merges",
+        "read-sectors",
+        "read-ticks",
+        "write-ios",
+        "write-merges",
+        "write-sectors",
+        "write-ticks",
+        "ios-pgr",
+        "total-ticks",
+        "weight-ticks",
+        "discard-ios",
+        "discard-merges",
+        "discard-sectors",
+        "discard-ticks",
+        "flush-ios",
+        "flush-ticks",
+    ];
+    const PARTITION: [&str; 4] = ["read-ios", "read-sectors", "write-ios", "write-sectors"];
+    let text = std::fs::read_to_string("/proc/diskstats")
+        .map_err(|e| QgaError::generic(format!("cannot read /proc/diskstats: {e}")))?;
+    let disks: Vec<Value> = proc_diskstats(&text)
+        .into_iter()
+        .map(|d| {
+            let n = d.counters.len();
+            let names: &[&str] = match n {
+                4 => &PARTITION,
+                17.. => &FULL,
+                15.. => &FULL[..15],
+                11.. => &FULL[..11],
+                _ => &[],
+            };
+            let stats: Map<String, Value> = names
+                .iter()
+                .zip(&d.counters)
+                .map(|(k, v)| ((*k).to_string(), json!(v)))
+                .collect();
+            json!({"name": d.name, "major": d.major, "minor": d.minor, "stats": stats})
+        })
+        .collect();
+    Ok(Some(Value::Array(disks)))
 }

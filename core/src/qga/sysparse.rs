@@ -307,6 +307,81 @@ pub fn mountinfo(text: &str) -> Vec<Mount> {
     out
 }
 
+/// The unsigned numbers at the start of `tokens`, up to `max`: the fields a C `%lu`
+/// scan would have filled before the first one that is not a number.
+fn leading_numbers<'a>(tokens: impl Iterator<Item = &'a str>, max: usize) -> Vec<u64> {
+    tokens.map_while(|t| t.parse().ok()).take(max).collect()
+}
+
+/// One `cpuN` line of /proc/stat: the CPU number and its times in clock ticks, in the
+/// kernel's order (user, nice, system, idle, iowait, irq, softirq, steal, guest,
+/// guest_nice), as many as the kernel prints (at least four).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuTimes {
+    pub cpu: u64,
+    pub ticks: Vec<u64>,
+}
+
+/// The per-CPU lines of /proc/stat (the `cpu` total line is left out). A `cpuN` line
+/// with fewer than four numbers ends the list, as it does in qemu-ga.
+pub fn proc_stat_cpus(text: &str) -> Vec<CpuTimes> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut tokens = line.split_whitespace();
+        let Some(rest) = tokens.next().and_then(|name| name.strip_prefix("cpu")) else {
+            continue;
+        };
+        if rest.is_empty() {
+            continue;
+        }
+        let ticks = leading_numbers(tokens, 10);
+        if ticks.len() < 4 {
+            break;
+        }
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        out.push(CpuTimes {
+            cpu: digits.parse().unwrap_or(0),
+            ticks,
+        });
+    }
+    out
+}
+
+/// One line of /proc/diskstats: the device and its counters in the kernel's order, as
+/// many as it prints (4 for an old-style partition line, 11, 15 or 17 otherwise).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskCounters {
+    pub major: u32,
+    pub minor: u32,
+    pub name: String,
+    pub counters: Vec<u64>,
+}
+
+/// Every device line of /proc/diskstats with at least four counters.
+pub fn proc_diskstats(text: &str) -> Vec<DiskCounters> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut tokens = line.split_whitespace();
+        let (Some(major), Some(minor), Some(name)) = (
+            tokens.next().and_then(|t| t.parse().ok()),
+            tokens.next().and_then(|t| t.parse().ok()),
+            tokens.next(),
+        ) else {
+            continue;
+        };
+        let counters = leading_numbers(tokens, 17);
+        if counters.len() >= 4 {
+            out.push(DiskCounters {
+                major,
+                minor,
+                name: name.to_string(),
+                counters,
+            });
+        }
+    }
+    out
+}
+
 /// The `[general]` group of a qemu-ga.conf key file (GKeyFile syntax).
 pub fn qga_conf(text: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
@@ -428,5 +503,51 @@ mod tests {
         d.extend([0, 0]);
         d.extend(b"UTC\0");
         assert_eq!(tzif_zone_at(&d, 0), Some(("UTC".into(), 0)));
+    }
+
+    #[test]
+    fn proc_stat_keeps_per_cpu_lines_only() {
+        let text = "cpu  10 20 30 40 50 60 70 80 90 100\n\
+                    cpu0 1 2 3 4 5 6 7 8 9 10\n\
+                    cpu1 5 6 7 8\n\
+                    intr 1 2 3\n\
+                    ctxt 99\n";
+        let c = proc_stat_cpus(text);
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            c[0],
+            CpuTimes {
+                cpu: 0,
+                ticks: (1..=10).collect()
+            }
+        );
+        assert_eq!(
+            c[1],
+            CpuTimes {
+                cpu: 1,
+                ticks: vec![5, 6, 7, 8]
+            }
+        );
+    }
+
+    #[test]
+    fn proc_stat_stops_at_a_short_cpu_line() {
+        let c = proc_stat_cpus("cpu0 1 2 3 4\ncpu1 1 2 x\ncpu2 1 2 3 4\n");
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn diskstats_lines_of_every_kernel_shape() {
+        let text = "   8       0 sda 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17\n\
+                    \x20  8       1 sda1 1 2 3 4 5 6 7 8 9 10 11\n\
+                    \x20  8       2 sda2 7 8 9 10\n\
+                    \x20  8       3 sda3 7 8\n\
+                    garbage\n";
+        let d = proc_diskstats(text);
+        assert_eq!(d.len(), 3);
+        assert_eq!((d[0].major, d[0].minor, d[0].name.as_str()), (8, 0, "sda"));
+        assert_eq!(d[0].counters.len(), 17);
+        assert_eq!(d[1].counters.len(), 11);
+        assert_eq!(d[2].counters, vec![7, 8, 9, 10]);
     }
 }

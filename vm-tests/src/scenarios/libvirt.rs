@@ -228,6 +228,10 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         "`virsh domtime {name}` says {guest_secs}, the host's clock {host_secs}"
     );
 
+    // KubeVirt's guest statistics (its VMStatsCollector): the guest's own CPU and disk
+    // counters, and its memory blocks.
+    kubevirt_stats(name)?;
+
     // SSH keys through the agent: root's are the identity's admin keys; add and remove one.
     let keys = virsh(&["get-user-sshkeys", name, "root"])?;
     let admin = h.key.public_line()?;
@@ -437,6 +441,50 @@ fn answerer_stops_with_a_destroyed_domain(
     eprintln!(
         "vm-tests: {name}: destroyed before its hello; the channel answerer exited {:.1} s later",
         t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `virsh qemu-agent-command NAME '{"execute":COMMAND}'`, its `return` member.
+fn agent_return(name: &str, command: &str) -> Result<serde_json::Value> {
+    let out = virsh(&[
+        "qemu-agent-command",
+        name,
+        &format!(r#"{{"execute":"{command}"}}"#),
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .with_context(|| format!("{command} through virsh is not JSON: {out}"))?;
+    Ok(v["return"].clone())
+}
+
+/// cpustats starts at vCPU 0 with idle time, diskstats has reads on the root disk
+/// and writes on the /var disk, memory-blocks lists online blocks.
+fn kubevirt_stats(name: &str) -> Result<()> {
+    let cpus = agent_return(name, "guest-get-cpustats")?;
+    ensure!(
+        cpus.as_array().is_some_and(|l| !l.is_empty()
+            && l[0]["type"] == "linux"
+            && l[0]["cpu"] == 0
+            && l[0]["idle"].as_u64() > Some(0)),
+        "guest-get-cpustats says {cpus}"
+    );
+    let disks = agent_return(name, "guest-get-diskstats")?;
+    let stat = |dev: &str, counter: &str| {
+        disks
+            .as_array()
+            .and_then(|l| l.iter().find(|d| d["name"] == dev))
+            .and_then(|d| d["stats"][counter].as_u64())
+    };
+    ensure!(
+        stat("vda", "read-ios") > Some(0) && stat("vdb", "write-ios") > Some(0),
+        "guest-get-diskstats has no reads on vda or no writes on vdb: {disks}"
+    );
+    let blocks = agent_return(name, "guest-get-memory-blocks")?;
+    ensure!(
+        blocks
+            .as_array()
+            .is_some_and(|l| !l.is_empty() && l.iter().any(|b| b["online"] == true)),
+        "guest-get-memory-blocks says {blocks}"
     );
     Ok(())
 }
