@@ -106,7 +106,7 @@ async fn applied(
     if let Some(n) = now
         && now != before
     {
-        stage::bind_generation(store, n, &ctx.opts)
+        stage::bind_generation(store, n, &ctx.opts, stage::BindTime::Live)
             .context("cannot re-bind the new generation over /etc")?;
         let r = crate::reload::after_change(
             &changed,

@@ -197,7 +197,7 @@ pub fn run_boot_stage(opts: &StageOptions) -> Result<Outcome> {
     let current = store.current_number()?;
     if let Some(n) = current {
         let _s = tracing::info_span!("mount").entered();
-        bind_generation(&store, n, opts)?;
+        bind_generation(&store, n, opts, BindTime::Boot)?;
         outcome.generation = Some(n);
     }
     t.lap("mount");
@@ -356,9 +356,21 @@ pub fn apply_seed(
     Ok(outcome)
 }
 
+/// When the bind happens: at boot, before systemd reads machine-id, or in the running
+/// system (a push or a rollback), whose systemd and journald keep the machine-id they
+/// started with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindTime {
+    Boot,
+    Live,
+}
+
 /// Bind-mounts generation `n` over the placeholders in `<sysroot>/etc`, composes
-/// `/etc/hosts`, and links networkd files into `<run>/systemd/network`.
-pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions) -> Result<()> {
+/// `/etc/hosts`, and links networkd files into `<run>/systemd/network`. A live bind keeps
+/// `/etc/machine-id` at the running system's ID when the generation's differs (a copy in
+/// `<run>/nixseed`): journalctl, D-Bus and systemd read that file, and the journal is
+/// written under the running ID until the next boot, whose initrd binds the new one.
+pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions, when: BindTime) -> Result<()> {
     let gen_dir = store.generation_path(n);
     let etc = opts.sysroot.join("etc");
     let mounted = mounts::mount_points()?;
@@ -410,6 +422,13 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions) -> Result<()>
     ] {
         let source = if name == identity::RESOLV_CONF && !names_a_server {
             over_image(name, &resolv)?
+        } else if name == identity::MACHINE_ID
+            && when == BindTime::Live
+            && let Some(running) = running_machine_id(&etc, &generation_text(name))
+        {
+            let copy = nixseed_run.join("machine-id.running");
+            write_atomic(&copy, format!("{running}\n").as_bytes())?;
+            copy
         } else {
             gen_dir.join(name)
         };
@@ -426,6 +445,14 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions) -> Result<()>
         marker_text(n, &opts.identity_dir).as_bytes(),
     )?;
     Ok(())
+}
+
+/// The machine-id the running system shows in `<etc>/machine-id`, when it is set and is
+/// not `wanted`.
+fn running_machine_id(etc: &Path, wanted: &str) -> Option<String> {
+    let running = std::fs::read_to_string(etc.join(identity::MACHINE_ID)).ok()?;
+    let running = running.trim();
+    (!running.is_empty() && running != wanted.trim()).then(|| running.to_string())
 }
 
 /// Links the generation's `.network`/`.netdev` files into `<run>/systemd/network`,

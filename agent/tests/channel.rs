@@ -164,6 +164,59 @@ fn status_push_and_rollback() {
     );
 }
 
+/// A push that gives the machine another machine-id stores it for the next boot, and
+/// `/etc/machine-id` keeps showing the ID the running systemd and journald use.
+#[test]
+fn a_live_push_keeps_the_running_machine_id_in_etc() {
+    let dir = scratch();
+    let srv = Server::start(dir.path());
+    let etc_id = srv.view(&dir.path().join("sysroot/etc/machine-id"));
+    let running = std::fs::read_to_string(&etc_id).unwrap();
+    assert_eq!(
+        running.trim().len(),
+        32,
+        "the boot bound a machine-id: {running:?}"
+    );
+    let new_id = "0123456789abcdef0123456789abcdef";
+    let push = Message::Push {
+        bundle: bundle(
+            "instance-id: two\n",
+            &format!("#cloud-config\nhostname: renamed\nnixseed:\n  machine-id: {new_id}\n"),
+        ),
+    };
+    let Message::Applied {
+        generation,
+        reboot_required,
+        ..
+    } = srv.request(&encode(&push))
+    else {
+        panic!("push must answer with applied")
+    };
+    assert_eq!(generation, Some(2));
+    assert_eq!(reboot_required, vec!["machine-id".to_string()]);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("sysroot/var/identity/machine-id")).unwrap(),
+        format!("{new_id}\n"),
+        "the new machine-id is current in the store, for the next boot"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&etc_id).unwrap().trim(),
+        running.trim(),
+        "/etc/machine-id still shows the running ID"
+    );
+    assert_eq!(
+        std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
+        "renamed\n",
+        "the rest of the push is live"
+    );
+    // Back to the generation whose machine-id is the running one: bound from the store.
+    let Message::Applied { generation, .. } = srv.request(&encode(&Message::Rollback)) else {
+        panic!()
+    };
+    assert_eq!(generation, Some(1));
+    assert_eq!(std::fs::read_to_string(&etc_id).unwrap(), running);
+}
+
 #[test]
 fn tampered_bundle_garbage_and_out_of_order_frames_are_refused() {
     let dir = scratch();

@@ -187,10 +187,14 @@ fn agent_key_changes(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
     Ok(())
 }
 
+/// How long push-first waits after the login prompt for sshd to reach its start limit.
+const START_LIMIT_WAIT: Duration = Duration::from_secs(20);
+
 /// A machine booted with no seed and no host answering has no identity: the guest agent
-/// answers, sshd has no host key. `seedctl push` then brings the first identity: sshd
-/// starts with the machine's pinned key, the hostname is live, machine-id is reported as
-/// needing a reboot, and the next boot (still with no seed) has it from the initrd.
+/// answers, sshd has no host key and stops at systemd's start limit. `seedctl push` then
+/// brings the first identity: sshd starts with the machine's pinned key, the hostname is
+/// live, machine-id is reported as needing a reboot, and the next boot (still with no
+/// seed) has it from the initrd.
 pub fn push_first(h: &Harness) -> Result<()> {
     let m = h.new_machine("push-first")?;
     let port = qemu::free_port()?;
@@ -226,6 +230,23 @@ pub fn push_first(h: &Harness) -> Result<()> {
         m.name,
         vm.started.elapsed().as_secs_f64()
     );
+
+    // sshd, with no host key, fails and restarts until systemd's start limit (5 starts in
+    // 10 s) stops it; after that a plain RestartUnit is refused, and the push must reset
+    // the failed state first. The login prompt comes once the boot's jobs have run; the
+    // limit is reached well within the wait after it.
+    let deadline = Instant::now() + ssh_timeout();
+    while !vm.serial_text().contains("login:") {
+        vm.ensure_running()?;
+        ensure!(
+            Instant::now() < deadline,
+            "no login prompt on the console within {} s of a seedless boot\n{}",
+            ssh_timeout().as_secs(),
+            vm.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(START_LIMIT_WAIT);
 
     // Nothing in the image made a host key of its own.
     if let Some(key) = ssh::keyscan(port) {
@@ -268,21 +289,27 @@ pub fn push_first(h: &Harness) -> Result<()> {
         vm,
         boot_to_sshd: Duration::ZERO,
     };
-    // Which way sshd was found: still restarting without a key, or given up at systemd's
-    // start limit (the case the agent resets before starting it).
     let limit = b.ssh.run(
         "journalctl -b --no-pager -o cat -u ssh.service | grep -c 'Start request repeated too quickly' || true",
     )?;
+    ensure!(
+        limit.trim() != "0",
+        "sshd had not reached systemd's start limit {} s after the login prompt, so the push did not meet it:\n{}",
+        START_LIMIT_WAIT.as_secs(),
+        b.ssh
+            .run("journalctl -b --no-pager -o short-monotonic -u ssh.service | tail -20")?
+    );
     eprintln!(
-        "vm-tests: {}: before the push sshd {}",
-        m.name,
-        if limit.trim() == "0" {
-            "was still restarting without a host key"
-        } else {
-            "had reached systemd's start limit"
-        }
+        "vm-tests: {}: sshd had stopped at systemd's start limit before the push",
+        m.name
     );
     hostname_matches(&b.ssh, &m, "after the first push")?;
+    // machine-id waits for the reboot: /etc keeps the ID systemd and journald run with.
+    let etc_id = b.ssh.run("cat /etc/machine-id")?;
+    ensure!(
+        etc_id.trim() != m.machine_id()?,
+        "/etc/machine-id shows the pushed ID before the reboot, while the journal is still written under the boot's"
+    );
     ensure!(
         failed_units(&b.ssh)?.iter().all(|u| !u.contains("ssh")),
         "sshd is still failed after the first push:\n{}",
