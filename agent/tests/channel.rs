@@ -280,7 +280,7 @@ fn serve_answers_the_guest_agent_and_the_control_channel_in_one_process() {
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    while !(qga.exists() && ch.exists()) {
+    while !(ts::listening(&qga) && ts::listening(&ch)) {
         assert!(
             t0.elapsed() < Duration::from_secs(20),
             "sockets never appeared"

@@ -61,7 +61,7 @@ impl Peer {
             .spawn()
             .unwrap();
         let t = Instant::now();
-        while !sock.exists() {
+        while !nixseed_test_support::listening(&sock) {
             assert!(
                 t.elapsed() < Duration::from_secs(10),
                 "{name} did not listen"

@@ -36,8 +36,11 @@ fn serve(extra: &[&str]) -> Serve {
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(20));
+    while !nixseed_test_support::listening(&sock) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the agent did not listen"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     Serve {

@@ -118,7 +118,7 @@ pub fn spawn_channel_guest(
         .stderr(stderr)
         .spawn()?;
     let t0 = std::time::Instant::now();
-    while !sock.exists() {
+    while !listening(sock) {
         if t0.elapsed() > std::time::Duration::from_secs(20) || child.try_wait()?.is_some() {
             let _ = child.kill();
             let _ = child.wait();
@@ -130,6 +130,12 @@ pub fn spawn_channel_guest(
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     Ok(child)
+}
+
+/// Whether a unix socket accepts connections. Its file appears at bind(2), a moment before
+/// listen(2), so waiting for the file alone races the first connection.
+pub fn listening(sock: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(sock).is_ok()
 }
 
 #[cfg(test)]
