@@ -44,7 +44,7 @@ fn start(name: &'static str, exe: &Path, pre: &[&str], dir: &Path) -> Result<Age
         .spawn()
         .with_context(|| format!("cannot start {}", exe.display()))?;
     let t = Instant::now();
-    while !sock.exists() {
+    while !nixseed_test_support::listening(&sock) {
         if t.elapsed() > Duration::from_secs(10) {
             bail!("{name} did not listen on {}", sock.display());
         }

@@ -106,17 +106,18 @@ async fn applied(
     if let Some(n) = now
         && now != before
     {
-        stage::bind_generation(store, n, &ctx.opts, stage::BindTime::Live)
+        let pending = stage::bind_generation(store, n, &ctx.opts, stage::BindTime::Live)
             .context("cannot re-bind the new generation over /etc")?;
-        let r = crate::reload::after_change(
+        if pending {
+            reboot_required.push(nixseed_core::identity::MACHINE_ID.to_string());
+        }
+        reloaded = crate::reload::after_change(
             &changed,
             &ctx.identity_path(),
             ctx.firewall,
             before.is_none(),
         )
         .await;
-        reloaded = r.reloaded;
-        reboot_required = r.reboot_required;
     }
     tracing::info!(
         "control channel: {decision}: generation {:?} -> {:?}, changed {:?}, reloaded {:?}, needs reboot {:?}",

@@ -171,7 +171,7 @@ fn run(command: Command) -> Result<()> {
                 durability: store::Durability::Deferred,
                 ..a.options()?
             };
-            let o = stage::run_boot_stage(&opts)?;
+            let o = stage::run_boot_stage(&opts, stage::BindTime::Initrd)?;
             tracing::info!("{}", stage::summary("initrd", &o));
         }
         Command::Apply(a) => {

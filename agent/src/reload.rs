@@ -1,20 +1,15 @@
 //! After a live change (a push or a rollback): tell the running services. hostname via
 //! sethostname(2), sshd and networkd through systemd's D-Bus API, the firewall through
-//! `nft -f`. machine-id cannot change under a running systemd: it is reported as needing
-//! a reboot.
+//! `nft -f`. machine-id cannot change under a running systemd: the bind keeps it until
+//! the reboot (`stage::BindTime`).
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use nixseed_core::identity;
 
-#[derive(Debug, Default)]
-pub struct Reloaded {
-    pub reloaded: Vec<String>,
-    pub reboot_required: Vec<String>,
-}
-
-/// Applies the effects of the changed files (names relative to a generation).
+/// Applies the effects of the changed files (names relative to a generation); returns
+/// what was told.
 /// `first_identity`: there was no generation before this one (a boot that found no seed),
 /// so sshd, which has no host key without one (the NixOS module skips it by condition),
 /// is started rather than only restarted when running.
@@ -23,19 +18,16 @@ pub async fn after_change(
     identity_dir: &Path,
     firewall: bool,
     first_identity: bool,
-) -> Reloaded {
-    let mut out = Reloaded::default();
+) -> Vec<String> {
+    let mut out = Vec::new();
     let has = |p: &str| {
         changed
             .iter()
             .any(|c| c == p || c.starts_with(&format!("{p}/")))
     };
-    if has(identity::MACHINE_ID) {
-        out.reboot_required.push(identity::MACHINE_ID.to_string());
-    }
     if has(identity::HOSTNAME) {
         match set_hostname(&identity_dir.join(identity::HOSTNAME)) {
-            Ok(()) => out.reloaded.push("hostname".into()),
+            Ok(()) => out.push("hostname".into()),
             Err(e) => tracing::warn!("{e:#}"),
         }
     }
@@ -46,19 +38,19 @@ pub async fn after_change(
             "TryRestartUnit"
         };
         match restart_units(&["ssh.service", "sshd.service"], how).await {
-            Ok(()) => out.reloaded.push("sshd".into()),
+            Ok(()) => out.push("sshd".into()),
             Err(e) => tracing::warn!("cannot restart sshd for its new host key: {e:#}"),
         }
     }
     if has(identity::NETWORK_DIR) {
         match networkd_reload().await {
-            Ok(()) => out.reloaded.push("systemd-networkd".into()),
+            Ok(()) => out.push("systemd-networkd".into()),
             Err(e) => tracing::warn!("cannot reload systemd-networkd: {e:#}"),
         }
     }
     if firewall && (has(identity::TCP_PORTS) || has(identity::UDP_PORTS)) {
         match load_firewall(identity_dir) {
-            Ok(()) => out.reloaded.push("nftables".into()),
+            Ok(()) => out.push("nftables".into()),
             Err(e) => tracing::warn!("{e:#}"),
         }
     }

@@ -2,6 +2,7 @@
 //! machine-id) and `apply` (stage 2: a verification when the initrd stage ran, the whole
 //! job otherwise). Both go through [`apply_seed`], as does a live push.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -163,7 +164,7 @@ pub fn links(host: &Path) -> Vec<Link> {
 
 /// Finds a seed, decides, writes a generation if needed, and binds the current one.
 /// A seed that cannot be used still leaves the current generation mounted, then fails.
-pub fn run_boot_stage(opts: &StageOptions) -> Result<Outcome> {
+pub fn run_boot_stage(opts: &StageOptions, when: BindTime) -> Result<Outcome> {
     let mut t = Timer::new();
     let mut env = Env::new(opts.host.clone(), opts.sysroot.clone(), opts.run.clone());
     env.channel_wait = opts.channel_wait;
@@ -197,7 +198,7 @@ pub fn run_boot_stage(opts: &StageOptions) -> Result<Outcome> {
     let current = store.current_number()?;
     if let Some(n) = current {
         let _s = tracing::info_span!("mount").entered();
-        bind_generation(&store, n, opts, BindTime::Boot)?;
+        bind_generation(&store, n, opts, when)?;
         outcome.generation = Some(n);
     }
     t.lap("mount");
@@ -356,21 +357,25 @@ pub fn apply_seed(
     Ok(outcome)
 }
 
-/// When the bind happens: at boot, before systemd reads machine-id, or in the running
-/// system (a push or a rollback), whose systemd and journald keep the machine-id they
-/// started with.
+/// When a bind happens, which decides what `/etc/machine-id` shows. It changes at most
+/// once per boot, at nixseed's first bind: systemd, journald and D-Bus keep the ID they
+/// started with, and the journal is written under it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BindTime {
-    Boot,
+    /// In the initrd, before systemd reads machine-id: the generation's ID.
+    Initrd,
+    /// Stage 2 doing the whole job in the running system: the generation's ID, set late,
+    /// unless an earlier bind of this boot already set one.
+    Late,
+    /// A push or rollback in the running system: the ID this boot shows stays.
     Live,
 }
 
 /// Bind-mounts generation `n` over the placeholders in `<sysroot>/etc`, composes
-/// `/etc/hosts`, and links networkd files into `<run>/systemd/network`. A live bind keeps
-/// `/etc/machine-id` at the running system's ID when the generation's differs (a copy in
-/// `<run>/nixseed`): journalctl, D-Bus and systemd read that file, and the journal is
-/// written under the running ID until the next boot, whose initrd binds the new one.
-pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions, when: BindTime) -> Result<()> {
+/// `/etc/hosts`, and links networkd files into `<run>/systemd/network`. `/etc/machine-id`
+/// follows [`BindTime`]; the ID this boot shows is kept in `<run>/nixseed/machine-id.boot`.
+/// Returns whether the generation's machine-id waits for the next boot.
+pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions, when: BindTime) -> Result<bool> {
     let gen_dir = store.generation_path(n);
     let etc = opts.sysroot.join("etc");
     let mounted = mounts::mount_points()?;
@@ -415,6 +420,7 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions, when: BindTim
     let names_a_server = resolv
         .lines()
         .any(|l| l.split_whitespace().next() == Some("nameserver"));
+    let mut pending = false;
     for name in [
         identity::MACHINE_ID,
         identity::HOSTNAME,
@@ -422,13 +428,11 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions, when: BindTim
     ] {
         let source = if name == identity::RESOLV_CONF && !names_a_server {
             over_image(name, &resolv)?
-        } else if name == identity::MACHINE_ID
-            && when == BindTime::Live
-            && let Some(running) = running_machine_id(&etc, &generation_text(name))
-        {
-            let copy = nixseed_run.join("machine-id.running");
-            write_atomic(&copy, format!("{running}\n").as_bytes())?;
-            copy
+        } else if name == identity::MACHINE_ID {
+            let wanted = generation_text(name);
+            let (shown, record) = boot_machine_id(&nixseed_run, &etc, wanted.trim(), when)?;
+            pending = shown != wanted.trim();
+            if pending { record } else { gen_dir.join(name) }
         } else {
             gen_dir.join(name)
         };
@@ -444,15 +448,43 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions, when: BindTim
         &opts.marker(),
         marker_text(n, &opts.identity_dir).as_bytes(),
     )?;
-    Ok(())
+    Ok(pending)
 }
 
-/// The machine-id the running system shows in `<etc>/machine-id`, when it is set and is
-/// not `wanted`.
-fn running_machine_id(etc: &Path, wanted: &str) -> Option<String> {
-    let running = std::fs::read_to_string(etc.join(identity::MACHINE_ID)).ok()?;
-    let running = running.trim();
-    (!running.is_empty() && running != wanted.trim()).then(|| running.to_string())
+/// The machine-id `/etc` shows for the rest of this boot, and the file holding it
+/// (`<run>/machine-id.boot`, written read-only at the boot's first bind). The initrd and
+/// a late stage 2 set the generation's ID; a first bind by a push keeps what systemd set
+/// up (a seedless boot's transient ID) when it is a valid one.
+fn boot_machine_id(
+    run: &Path,
+    etc: &Path,
+    wanted: &str,
+    when: BindTime,
+) -> Result<(String, PathBuf)> {
+    let record = run.join("machine-id.boot");
+    let valid = |text: String| {
+        let id = text.trim().to_string();
+        identity::check_machine_id(&id).is_ok().then_some(id)
+    };
+    let earlier = match when {
+        BindTime::Initrd => None,
+        BindTime::Late | BindTime::Live => std::fs::read_to_string(&record).ok().and_then(valid),
+    };
+    if let Some(id) = earlier {
+        return Ok((id, record));
+    }
+    let id = match when {
+        BindTime::Live => std::fs::read_to_string(etc.join(identity::MACHINE_ID))
+            .ok()
+            .and_then(valid)
+            .unwrap_or_else(|| wanted.to_string()),
+        BindTime::Initrd | BindTime::Late => wanted.to_string(),
+    };
+    let _ = std::fs::remove_file(&record);
+    write_atomic(&record, format!("{id}\n").as_bytes())?;
+    std::fs::set_permissions(&record, std::fs::Permissions::from_mode(0o444))
+        .with_context(|| format!("cannot make {} read-only", record.display()))?;
+    Ok((id, record))
 }
 
 /// Links the generation's `.network`/`.netdev` files into `<run>/systemd/network`,
@@ -533,7 +565,7 @@ pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
     tracing::warn!(
         "the initrd stage did not apply the identity: applying it now; machine-id was set late (systemd already started with the image's)"
     );
-    run_boot_stage(opts)
+    run_boot_stage(opts, BindTime::Late)
 }
 
 /// The one summary line, with the milliseconds per stage.
@@ -607,5 +639,35 @@ mod tests {
             bound_generation(&dir.path().join("none"), "/var/identity"),
             None
         );
+    }
+
+    #[test]
+    fn etc_machine_id_changes_only_at_the_first_bind_of_a_boot() {
+        let a = "0123456789abcdef0123456789abcdef";
+        let b = "fedcba9876543210fedcba9876543210";
+        let dir = tempfile::tempdir().unwrap();
+        let (run, etc) = (dir.path().join("run"), dir.path().join("etc"));
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::create_dir_all(&etc).unwrap();
+        let shown = |wanted: &str, when: BindTime| {
+            boot_machine_id(&run, &etc, wanted, when)
+                .unwrap_or_else(|e| panic!("{e:#}"))
+                .0
+        };
+        let forget = || std::fs::remove_file(run.join("machine-id.boot"));
+        // The initrd sets the generation's; later binds of the boot keep it.
+        assert_eq!(shown(a, BindTime::Initrd), a);
+        assert_eq!(shown(b, BindTime::Live), a);
+        assert_eq!(shown(b, BindTime::Late), a);
+        // A first bind by a push keeps systemd's valid ID, or takes the generation's.
+        forget().unwrap();
+        std::fs::write(etc.join("machine-id"), format!("{b}\n")).unwrap();
+        assert_eq!(shown(a, BindTime::Live), b);
+        forget().unwrap();
+        std::fs::write(etc.join("machine-id"), "uninitialized\n").unwrap();
+        assert_eq!(shown(a, BindTime::Live), a);
+        // Stage 2 with nothing bound before sets the generation's, late.
+        forget().unwrap();
+        assert_eq!(shown(b, BindTime::Late), b);
     }
 }

@@ -165,7 +165,8 @@ fn status_push_and_rollback() {
 }
 
 /// A push that gives the machine another machine-id stores it for the next boot, and
-/// `/etc/machine-id` keeps showing the ID the running systemd and journald use.
+/// `/etc/machine-id` keeps showing the ID the running systemd and journald use; every
+/// reply says whether a reboot is still pending for it.
 #[test]
 fn a_live_push_keeps_the_running_machine_id_in_etc() {
     let dir = scratch();
@@ -178,30 +179,33 @@ fn a_live_push_keeps_the_running_machine_id_in_etc() {
         "the boot bound a machine-id: {running:?}"
     );
     let new_id = "0123456789abcdef0123456789abcdef";
-    let push = Message::Push {
-        bundle: bundle(
-            "instance-id: two\n",
-            &format!("#cloud-config\nhostname: renamed\nnixseed:\n  machine-id: {new_id}\n"),
-        ),
+    let push = |instance: &str, host: &str| {
+        let msg = Message::Push {
+            bundle: bundle(
+                &format!("instance-id: {instance}\n"),
+                &format!("#cloud-config\nhostname: {host}\nnixseed:\n  machine-id: {new_id}\n"),
+            ),
+        };
+        let Message::Applied {
+            generation,
+            reboot_required,
+            ..
+        } = srv.request(&encode(&msg))
+        else {
+            panic!("push must answer with applied")
+        };
+        (generation, reboot_required)
     };
-    let Message::Applied {
-        generation,
-        reboot_required,
-        ..
-    } = srv.request(&encode(&push))
-    else {
-        panic!("push must answer with applied")
-    };
-    assert_eq!(generation, Some(2));
-    assert_eq!(reboot_required, vec!["machine-id".to_string()]);
+    let pending = vec!["machine-id".to_string()];
+    assert_eq!(push("two", "renamed"), (Some(2), pending.clone()));
     assert_eq!(
         std::fs::read_to_string(dir.path().join("sysroot/var/identity/machine-id")).unwrap(),
         format!("{new_id}\n"),
         "the new machine-id is current in the store, for the next boot"
     );
     assert_eq!(
-        std::fs::read_to_string(&etc_id).unwrap().trim(),
-        running.trim(),
+        std::fs::read_to_string(&etc_id).unwrap(),
+        running,
         "/etc/machine-id still shows the running ID"
     );
     assert_eq!(
@@ -209,11 +213,21 @@ fn a_live_push_keeps_the_running_machine_id_in_etc() {
         "renamed\n",
         "the rest of the push is live"
     );
-    // Back to the generation whose machine-id is the running one: bound from the store.
-    let Message::Applied { generation, .. } = srv.request(&encode(&Message::Rollback)) else {
+    // Back to the generation whose machine-id is the running one: nothing pending.
+    let Message::Applied {
+        generation,
+        reboot_required,
+        ..
+    } = srv.request(&encode(&Message::Rollback))
+    else {
         panic!()
     };
-    assert_eq!(generation, Some(1));
+    assert_eq!((generation, reboot_required), (Some(1), vec![]));
+    assert_eq!(std::fs::read_to_string(&etc_id).unwrap(), running);
+    // The new ID again (the generation after the current one, 2, is written afresh),
+    // then a change of the hostname alone: the reboot is still pending.
+    assert_eq!(push("three", "renamed"), (Some(2), pending.clone()));
+    assert_eq!(push("four", "again"), (Some(3), pending));
     assert_eq!(std::fs::read_to_string(&etc_id).unwrap(), running);
 }
 
@@ -283,7 +297,7 @@ fn serve_answers_the_guest_agent_and_the_control_channel_in_one_process() {
     while !(ts::listening(&qga) && ts::listening(&ch)) {
         assert!(
             t0.elapsed() < Duration::from_secs(20),
-            "sockets never appeared"
+            "the agent never listened on both sockets"
         );
         std::thread::sleep(Duration::from_millis(20));
     }

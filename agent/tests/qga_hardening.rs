@@ -345,8 +345,9 @@ fn newer_commands_use_the_schema_names() {
         2,
     );
     let load: serde_json::Value = serde_json::from_str(&r[0]).unwrap();
+    // QEMU prints doubles with %.17g: a load of exactly 2.00 comes out as `2`.
     for k in ["load1m", "load5m", "load15m"] {
-        assert!(load["return"][k].is_f64(), "{k} in {}", r[0]);
+        assert!(load["return"][k].is_number(), "{k} in {}", r[0]);
     }
     let routes: serde_json::Value = serde_json::from_str(&r[1]).unwrap();
     for route in routes["return"].as_array().unwrap() {

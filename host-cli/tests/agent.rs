@@ -34,10 +34,10 @@ impl QemuGa {
             .spawn()
             .unwrap();
         let start = Instant::now();
-        while !sock.exists() {
+        while !nixseed_test_support::listening(&sock) {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
-                "qemu-ga did not create {}",
+                "qemu-ga did not listen on {}",
                 sock.display()
             );
             std::thread::sleep(Duration::from_millis(20));

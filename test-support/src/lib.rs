@@ -99,7 +99,8 @@ fn agent_args(root: &Path) -> String {
 
 /// Runs the agent's first boot from the scratch guest's seed, then its control channel
 /// on the unix socket `sock`, in private mount and UTS namespaces (`unshare -m -u`: the
-/// agent bind-mounts over `etc/` and sets the hostname). Returns once the socket exists.
+/// agent bind-mounts over `etc/` and sets the hostname). Returns once the socket accepts
+/// connections.
 /// `sh -c ... exec` keeps the pid: the child's pid is the agent's.
 pub fn spawn_channel_guest(
     agent: &Path,

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 /// Bump when the image-building code changes what ends up in the tree.
 pub const IMAGE_CODE_VERSION: u32 = 4;
 /// Bump when the final layer (injection, initramfs) changes.
-pub const FINAL_CODE_VERSION: u32 = 2;
+pub const FINAL_CODE_VERSION: u32 = 3;
 
 pub const SUITE: &str = "bookworm";
 pub const ROOT_LABEL: &str = "nixseed-root";
@@ -410,6 +410,10 @@ fn unit_exists(tree: &Path, unit: &str) -> bool {
     .any(|d| tree.join(d).join(unit).exists())
 }
 
+/// The nixseed test image's drop-in for Debian's ssh.service (five failed starts, then
+/// refused for an hour).
+const SSH_START_LIMIT: &str = "[Unit]\nStartLimitIntervalSec=1h\n";
+
 const HOSTS_BASE: &str = "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\nff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n";
 
 const FALLBACK_NETWORK: &str = "# Any wired NIC gets DHCP unless nixseed linked a rendered .network into /run\n# (those sort first, so they win).\n[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n";
@@ -707,6 +711,21 @@ fn build_final_layer(
         script.push_str(&format!(
             "cd /etc/default\nwrite {} nixseed\nsif /etc/default/nixseed mode 0100644\nsif /etc/default/nixseed uid 0\nsif /etc/default/nixseed gid 0\ncd /\n",
             defaults.display()
+        ));
+        // sshd's start limit held for an hour instead of ten seconds: the push-first
+        // scenario meets the state in which systemd refuses to start it, whatever its timing.
+        let limit = tmp.join("ssh-start-limit.conf");
+        write(&limit, SSH_START_LIMIT)?;
+        if !tree.join("etc/systemd/system/ssh.service.d").is_dir() {
+            let d = "/etc/systemd/system/ssh.service.d";
+            script.push_str(&format!(
+                "mkdir {d}\nsif {d} mode 040755\nsif {d} uid 0\nsif {d} gid 0\n"
+            ));
+        }
+        let f = "/etc/systemd/system/ssh.service.d/50-start-limit.conf";
+        script.push_str(&format!(
+            "cd /etc/systemd/system/ssh.service.d\nwrite {} 50-start-limit.conf\nsif {f} mode 0100644\nsif {f} uid 0\nsif {f} gid 0\ncd /\n",
+            limit.display()
         ));
         let script_path = tmp.join("inject.debugfs");
         write(&script_path, &script)?;
