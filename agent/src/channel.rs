@@ -118,6 +118,10 @@ async fn applied(
             before.is_none(),
         )
         .await;
+    } else if let Some(n) = now
+        && stage::machine_id_pending(store, n, &ctx.opts)
+    {
+        reboot_required.push(nixseed_core::identity::MACHINE_ID.to_string());
     }
     tracing::info!(
         "control channel: {decision}: generation {:?} -> {:?}, changed {:?}, reloaded {:?}, needs reboot {:?}",

@@ -451,24 +451,66 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions, when: BindTim
     Ok(pending)
 }
 
-/// The machine-id `/etc` shows for the rest of this boot, and the file holding it
-/// (`<run>/machine-id.boot`, written read-only at the boot's first bind). The initrd and
-/// a late stage 2 set the generation's ID; a first bind by a push keeps what systemd set
-/// up (a seedless boot's transient ID) when it is a valid one.
+/// `<run>/nixseed/machine-id.boot`: the machine-id `/etc` shows for the rest of this boot.
+fn boot_record(nixseed_run: &Path) -> PathBuf {
+    nixseed_run.join("machine-id.boot")
+}
+
+fn valid_machine_id(text: &str) -> Option<String> {
+    let id = text.trim();
+    identity::check_machine_id(id)
+        .is_ok()
+        .then(|| id.to_string())
+}
+
+/// The ID recorded at this boot's first bind, if there was one. A record that cannot be
+/// read or holds no machine-id is reported and treated as absent.
+fn recorded_machine_id(nixseed_run: &Path) -> Option<String> {
+    let record = boot_record(nixseed_run);
+    match std::fs::read_to_string(&record) {
+        Ok(text) => {
+            let id = valid_machine_id(&text);
+            if id.is_none() {
+                tracing::warn!(
+                    "{} holds no machine-id: /etc/machine-id is set again",
+                    record.display()
+                );
+            }
+            id
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(
+                "cannot read {}: {e}; /etc/machine-id is set again",
+                record.display()
+            );
+            None
+        }
+    }
+}
+
+/// Whether generation `n`'s machine-id differs from the one this boot shows (and so
+/// waits for the next boot).
+pub fn machine_id_pending(store: &Store, n: u64, opts: &StageOptions) -> bool {
+    let wanted = std::fs::read_to_string(store.generation_path(n).join(identity::MACHINE_ID))
+        .unwrap_or_default();
+    recorded_machine_id(&opts.run.join("nixseed")).is_some_and(|shown| shown != wanted.trim())
+}
+
+/// The machine-id `/etc` shows for the rest of this boot, and the file holding it (the
+/// boot's record, written read-only at its first bind). The initrd and a late stage 2
+/// set the generation's ID; a first bind by a push keeps what systemd set up (a
+/// seedless boot's transient ID) when it is a valid one.
 fn boot_machine_id(
-    run: &Path,
+    nixseed_run: &Path,
     etc: &Path,
     wanted: &str,
     when: BindTime,
 ) -> Result<(String, PathBuf)> {
-    let record = run.join("machine-id.boot");
-    let valid = |text: String| {
-        let id = text.trim().to_string();
-        identity::check_machine_id(&id).is_ok().then_some(id)
-    };
+    let record = boot_record(nixseed_run);
     let earlier = match when {
         BindTime::Initrd => None,
-        BindTime::Late | BindTime::Live => std::fs::read_to_string(&record).ok().and_then(valid),
+        BindTime::Late | BindTime::Live => recorded_machine_id(nixseed_run),
     };
     if let Some(id) = earlier {
         return Ok((id, record));
@@ -476,7 +518,7 @@ fn boot_machine_id(
     let id = match when {
         BindTime::Live => std::fs::read_to_string(etc.join(identity::MACHINE_ID))
             .ok()
-            .and_then(valid)
+            .and_then(|t| valid_machine_id(&t))
             .unwrap_or_else(|| wanted.to_string()),
         BindTime::Initrd | BindTime::Late => wanted.to_string(),
     };
@@ -562,10 +604,21 @@ pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
             });
         }
     }
-    tracing::warn!(
-        "the initrd stage did not apply the identity: applying it now; machine-id was set late (systemd already started with the image's)"
-    );
-    run_boot_stage(opts, BindTime::Late)
+    // An earlier bind of this boot (the initrd stage's, before /etc was remounted) keeps
+    // its machine-id; without one, a bind now sets it late.
+    let nixseed_run = opts.run.join("nixseed");
+    let earlier = recorded_machine_id(&nixseed_run).is_some();
+    let result = run_boot_stage(opts, BindTime::Late);
+    if earlier {
+        tracing::info!(
+            "the identity's binds over /etc were gone: bound again, /etc/machine-id kept at this boot's"
+        );
+    } else if boot_record(&nixseed_run).exists() {
+        tracing::warn!(
+            "the initrd stage did not apply the identity: applied it now; machine-id was set late (systemd already started with the image's)"
+        );
+    }
+    result
 }
 
 /// The one summary line, with the milliseconds per stage.
@@ -669,5 +722,11 @@ mod tests {
         // Stage 2 with nothing bound before sets the generation's, late.
         forget().unwrap();
         assert_eq!(shown(b, BindTime::Late), b);
+        // The next boot's initrd replaces the record; a record with no ID is set again.
+        assert_eq!(shown(a, BindTime::Initrd), a);
+        forget().unwrap();
+        std::fs::write(run.join("machine-id.boot"), "garbage\n").unwrap();
+        assert_eq!(shown(b, BindTime::Late), b);
+        assert_eq!(shown(a, BindTime::Live), b);
     }
 }

@@ -706,6 +706,57 @@ fn boot_cmdline(vm: &Vm, cmdline: &str) -> (Output, String) {
     vm.boot()
 }
 
+/// Stage 2 run again after `/etc` lost its binds (NixOS's sysinit-reactivation remounts
+/// `/etc`), with a seed that brings a new machine-id: the rest of the identity is bound
+/// again, `/etc/machine-id` keeps the ID the initrd stage gave this boot, and nothing
+/// says it was set late.
+#[test]
+fn a_stage_two_rerun_keeps_the_boots_machine_id() {
+    let vm = Vm::new();
+    let new_id = "0123456789abcdef0123456789abcdef";
+    std::fs::create_dir_all(vm.p("seed2")).unwrap();
+    std::fs::write(vm.p("seed2/meta-data"), "instance-id: iid-2\n").unwrap();
+    std::fs::write(
+        vm.p("seed2/user-data"),
+        format!("#cloud-config\nhostname: second\nnixseed:\n  machine-id: {new_id}\n"),
+    )
+    .unwrap();
+    let script = format!(
+        "set -u; cd {dir}; {AGENT} initrd --sysroot sysroot --root host --run run 2>/dev/null || exit 9; echo \"== first\"; cat sysroot/etc/machine-id; cp seed2/meta-data seed2/user-data sysroot/seed/; for f in machine-id hostname resolv.conf hosts; do umount sysroot/etc/$f || exit 8; done; {AGENT} apply --sysroot sysroot --root host --run run; echo \"rc=$?\"; for f in hostname machine-id; do echo \"== $f\"; cat sysroot/etc/$f; done",
+        dir = vm.dir.path().display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("rc=0"), "{stdout}\n{}", stderr(&out));
+    let first = format!(
+        "{}\n",
+        etc(&stdout, "first").lines().next().unwrap_or_default()
+    );
+    assert_eq!(first.trim().len(), 32, "{stdout}");
+    assert_eq!(
+        etc(&stdout, "hostname"),
+        "second\n",
+        "the new generation is bound"
+    );
+    assert_eq!(
+        etc(&stdout, "machine-id"),
+        first,
+        "/etc/machine-id kept this boot's ID"
+    );
+    assert_eq!(
+        vm.identity("machine-id"),
+        format!("{new_id}\n").into_bytes()
+    );
+    let log = stderr(&out);
+    assert!(
+        !log.contains("set late") && log.contains("kept at this boot's"),
+        "{log}"
+    );
+}
+
 #[test]
 fn seed_directory_under_var_lib_cloud_is_a_source() {
     let vm = Vm::new();

@@ -179,18 +179,20 @@ fn push_status_and_rollback_against_the_real_agent() {
             .all(|(_, v)| v == "match" || v == "guest-rendered")
     );
 
-    // Edit the identity on the host and push again: only the hostname moves.
+    // Edit the identity on the host and push again: only the hostname moves, and the
+    // machine-id of the first push still waits for a reboot.
     std::fs::write(s.machine("web1").join("hostname"), "web1-renamed\n").unwrap();
     let human = s.ok(&["push", "web1"]);
     assert!(human.contains("changed        hostname"), "{human}");
-    assert!(human.contains("needs reboot   nothing"), "{human}");
+    assert!(human.contains("needs reboot   machine-id"), "{human}");
     assert_eq!(guest.read("etc/hostname"), "web1-renamed\n");
     let st = json(&s.run(&["--json", "status", "web1"]));
     assert_eq!(st["in_sync"], true, "{st}");
 
-    // The same push again changes nothing.
+    // The same push again changes nothing, and says the reboot is still pending.
     let human = s.ok(&["push", "web1"]);
     assert!(human.contains("nothing changed"), "{human}");
+    assert!(human.contains("needs reboot   machine-id"), "{human}");
 
     // Rollback: the previous generation comes back, and status sees the drift.
     let out = s.run(&["--json", "rollback", "web1"]);

@@ -104,6 +104,12 @@ pub fn applied_report(
             }
             if changed.is_empty() {
                 human.push_str("\n  nothing changed: the guest already had this identity");
+                if !reboot_required.is_empty() {
+                    human.push_str(&format!(
+                        "\n  needs reboot   {} (takes effect at the next boot)",
+                        list(reboot_required)
+                    ));
+                }
             } else {
                 human.push_str(&format!("\n  changed        {}", list(changed)));
                 human.push_str(&format!("\n  reloaded       {}", list(reloaded)));
