@@ -60,10 +60,14 @@ impl Vm {
     /// Runs `setup` (shell), then the initrd stage, then prints the bound /etc files,
     /// all in one private mount namespace.
     fn boot_with(&self, setup: &str) -> (Output, String) {
-        let script = format!(
-            "set -u; cd {dir}; {setup}\n{AGENT} initrd --sysroot sysroot --root host --run run; echo \"rc=$?\"; for f in hostname machine-id hosts resolv.conf; do echo \"== $f\"; cat sysroot/etc/$f; done",
-            dir = self.dir.path().display()
-        );
+        self.run(&format!(
+            "{setup}\n{AGENT} initrd --sysroot sysroot --root host --run run; echo \"rc=$?\"; for f in hostname machine-id hosts resolv.conf; do echo \"== $f\"; cat sysroot/etc/$f; done"
+        ))
+    }
+
+    /// Runs `script` (shell) in the machine's directory, in one private mount namespace.
+    fn run(&self, script: &str) -> (Output, String) {
+        let script = format!("set -u; cd {}; {script}", self.dir.path().display());
         let out = Command::new("unshare")
             .args(["-m", "sh", "-c", &script])
             .output()
@@ -254,14 +258,9 @@ fn clone_policy_refuse_applies_nothing() {
     let vm = Vm::new();
     vm.boot();
     vm.set_uuid("99999999-2222-3333-4444-555555555555");
-    let script = format!(
-        "cd {}; {AGENT} initrd --sysroot sysroot --root host --run run --clone-policy refuse",
-        vm.dir.path().display()
-    );
-    let out = Command::new("unshare")
-        .args(["-m", "sh", "-c", &script])
-        .output()
-        .unwrap();
+    let (out, _) = vm.run(&format!(
+        "{AGENT} initrd --sysroot sysroot --root host --run run --clone-policy refuse"
+    ));
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("clone policy is 'refuse'"),
@@ -365,15 +364,9 @@ fn full_var_keeps_the_previous_generation_whole() {
     // /var is a tiny tmpfs holding the first identity; fill it, then try a new instance.
     let vm = Vm::new();
     let setup = "mount -t tmpfs -o size=512k tmpfs sysroot/var";
-    let script = format!(
-        "cd {}; {setup}; {AGENT} initrd --sysroot sysroot --root host --run run 2>/dev/null; dd if=/dev/zero of=sysroot/var/fill bs=4k 2>/dev/null; sed -i s/iid-1/iid-2/ sysroot/seed/meta-data; {AGENT} initrd --sysroot sysroot --root host --run run; echo rc=$?; cat sysroot/etc/hostname; readlink sysroot/var/identity/current; {AGENT} status --identity-dir sysroot/var/identity >/dev/null && echo verified",
-        vm.dir.path().display()
-    );
-    let out = Command::new("unshare")
-        .args(["-m", "sh", "-c", &script])
-        .output()
-        .unwrap();
-    let s = String::from_utf8_lossy(&out.stdout);
+    let (out, s) = vm.run(&format!(
+        "{setup}; {AGENT} initrd --sysroot sysroot --root host --run run 2>/dev/null; dd if=/dev/zero of=sysroot/var/fill bs=4k 2>/dev/null; sed -i s/iid-1/iid-2/ sysroot/seed/meta-data; {AGENT} initrd --sysroot sysroot --root host --run run; echo rc=$?; cat sysroot/etc/hostname; readlink sysroot/var/identity/current; {AGENT} status --identity-dir sysroot/var/identity >/dev/null && echo verified"
+    ));
     assert!(s.contains("rc=1"), "{s}");
     assert!(
         stderr(&out).contains("No space left on device"),
@@ -477,16 +470,9 @@ fn sign_seed(vm: &Vm, uuid: &str, generation: u64) -> PathBuf {
 }
 
 fn boot_trusted(vm: &Vm) -> (Output, String) {
-    let script = format!(
-        "cd {}; {AGENT} initrd --sysroot sysroot --root host --run run --trusted-keys trusted_keys; echo rc=$?; cat sysroot/etc/hostname",
-        vm.dir.path().display()
-    );
-    let out = Command::new("unshare")
-        .args(["-m", "sh", "-c", &script])
-        .output()
-        .unwrap();
-    let s = String::from_utf8_lossy(&out.stdout).into_owned();
-    (out, s)
+    vm.run(&format!(
+        "{AGENT} initrd --sysroot sysroot --root host --run run --trusted-keys trusted_keys; echo rc=$?; cat sysroot/etc/hostname"
+    ))
 }
 
 #[test]
@@ -721,15 +707,9 @@ fn a_stage_two_rerun_keeps_the_boots_machine_id() {
         format!("#cloud-config\nhostname: second\nnixseed:\n  machine-id: {new_id}\n"),
     )
     .unwrap();
-    let script = format!(
-        "set -u; cd {dir}; {AGENT} initrd --sysroot sysroot --root host --run run 2>/dev/null || exit 9; echo \"== first\"; cat sysroot/etc/machine-id; cp seed2/meta-data seed2/user-data sysroot/seed/; for f in machine-id hostname resolv.conf hosts; do umount sysroot/etc/$f || exit 8; done; {AGENT} apply --sysroot sysroot --root host --run run; echo \"rc=$?\"; for f in hostname machine-id; do echo \"== $f\"; cat sysroot/etc/$f; done",
-        dir = vm.dir.path().display()
-    );
-    let out = Command::new("unshare")
-        .args(["-m", "sh", "-c", &script])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (out, stdout) = vm.run(&format!(
+        "{AGENT} initrd --sysroot sysroot --root host --run run 2>/dev/null || exit 9; echo \"== first\"; cat sysroot/etc/machine-id; cp seed2/meta-data seed2/user-data sysroot/seed/; for f in machine-id hostname resolv.conf hosts; do umount sysroot/etc/$f || exit 8; done; {AGENT} apply --sysroot sysroot --root host --run run; echo \"rc=$?\"; for f in hostname machine-id; do echo \"== $f\"; cat sysroot/etc/$f; done"
+    ));
     assert!(stdout.contains("rc=0"), "{stdout}\n{}", stderr(&out));
     let first = format!(
         "{}\n",
