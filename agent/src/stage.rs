@@ -611,7 +611,7 @@ pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
     let result = run_boot_stage(opts, BindTime::Late);
     if earlier {
         tracing::info!(
-            "the identity's binds over /etc were gone: bound again, /etc/machine-id kept at this boot's"
+            "/etc did not show the current generation (its binds gone, or a bind that failed): bound it again, /etc/machine-id kept at this boot's"
         );
     } else if boot_record(&nixseed_run).exists() {
         tracing::warn!(
