@@ -607,7 +607,11 @@ pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
     // An earlier bind of this boot (the initrd stage's, before /etc was remounted) keeps
     // its machine-id; without one, a bind now sets it late.
     let nixseed_run = opts.run.join("nixseed");
-    let earlier = recorded_machine_id(&nixseed_run).is_some();
+    // Read quietly here: the bind below reads it again and reports a bad record once.
+    let earlier = std::fs::read_to_string(boot_record(&nixseed_run))
+        .ok()
+        .and_then(|t| valid_machine_id(&t))
+        .is_some();
     let result = run_boot_stage(opts, BindTime::Late);
     if earlier {
         tracing::info!(

@@ -20,6 +20,11 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// A kernel file's text, or the command's error naming it.
+fn read_text(path: &str) -> Result<String, QgaError> {
+    std::fs::read_to_string(path).map_err(|e| QgaError::generic(format!("cannot read {path}: {e}")))
+}
+
 pub fn get_time(_: &mut Agent, args: Args) -> CmdResult {
     args.finish()?;
     Ok(Some(Value::from(now_ns())))
@@ -172,8 +177,7 @@ pub fn get_vcpus(_: &mut Agent, args: Args) -> CmdResult {
 
 pub fn get_load(_: &mut Agent, args: Args) -> CmdResult {
     args.finish()?;
-    let text = std::fs::read_to_string("/proc/loadavg")
-        .map_err(|e| QgaError::generic(format!("cannot read /proc/loadavg: {e}")))?;
+    let text = read_text("/proc/loadavg")?;
     let f: Vec<f64> = text
         .split_whitespace()
         .take(3)
@@ -191,8 +195,7 @@ pub fn get_load(_: &mut Agent, args: Args) -> CmdResult {
 pub fn get_memory_block_info(_: &mut Agent, args: Args) -> CmdResult {
     args.finish()?;
     let path = "/sys/devices/system/memory/block_size_bytes";
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| QgaError::generic(format!("cannot read {path}: {e}")))?;
+    let text = read_text(path)?;
     let size = u64::from_str_radix(text.trim(), 16)
         .map_err(|_| QgaError::generic(format!("{path}: not a hex number")))?;
     Ok(Some(json!({"size": size})))
@@ -267,8 +270,7 @@ pub fn get_cpustats(_: &mut Agent, args: Args) -> CmdResult {
         "guest",
         "guestnice",
     ];
-    let text = std::fs::read_to_string("/proc/stat")
-        .map_err(|e| QgaError::generic(format!("cannot read /proc/stat: {e}")))?;
+    let text = read_text("/proc/stat")?;
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
@@ -315,8 +317,7 @@ pub fn get_diskstats(_: &mut Agent, args: Args) -> CmdResult {
         "flush-ticks",
     ];
     const PARTITION: [&str; 4] = ["read-ios", "read-sectors", "write-ios", "write-sectors"];
-    let text = std::fs::read_to_string("/proc/diskstats")
-        .map_err(|e| QgaError::generic(format!("cannot read /proc/diskstats: {e}")))?;
+    let text = read_text("/proc/diskstats")?;
     let disks: Vec<Value> = proc_diskstats(&text)
         .into_iter()
         .map(|d| {
