@@ -101,7 +101,7 @@ async fn applied(
     ctx: &ChannelContext,
 ) -> Result<Message> {
     let now = store.current_number()?;
-    let mut reloaded = Vec::new();
+    let mut effects = crate::reload::Effects::default();
     let mut reboot_required = Vec::new();
     if let Some(n) = now
         && now != before
@@ -111,7 +111,7 @@ async fn applied(
         if pending {
             reboot_required.push(nixseed_core::identity::MACHINE_ID.to_string());
         }
-        reloaded = crate::reload::after_change(
+        effects = crate::reload::after_change(
             &changed,
             &ctx.identity_path(),
             ctx.firewall,
@@ -124,11 +124,12 @@ async fn applied(
         reboot_required.push(nixseed_core::identity::MACHINE_ID.to_string());
     }
     tracing::info!(
-        "control channel: {decision}: generation {:?} -> {:?}, changed {:?}, reloaded {:?}, needs reboot {:?}",
+        "control channel: {decision}: generation {:?} -> {:?}, changed {:?}, reloaded {:?}, failed {:?}, needs reboot {:?}",
         before,
         now,
         changed,
-        reloaded,
+        effects.reloaded,
+        effects.failed,
         reboot_required
     );
     Ok(Message::Applied {
@@ -136,7 +137,8 @@ async fn applied(
         generation: now,
         changed: if now != before { changed } else { Vec::new() },
         reboot_required,
-        reloaded,
+        reloaded: effects.reloaded,
+        failed: effects.failed,
     })
 }
 

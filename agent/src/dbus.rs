@@ -1,9 +1,10 @@
-//! A minimal D-Bus client: one method call on the system bus, waiting for its reply.
-//! The agent makes four calls in all (logind PowerOff/Halt/Reboot/Suspend, systemd
-//! TryRestartUnit, networkd Reload); a full D-Bus library costs more than the rest of the
-//! guest agent together, and the guest binary has a 2.5 MiB budget (docs/benchmarks.md).
-//! Supported: EXTERNAL authentication, method calls with `b`/`s` arguments, method
-//! returns and errors in either byte order.
+//! A minimal D-Bus client: one method call on the system bus, waiting for its reply, or
+//! one systemd job followed to its result. The agent makes few calls (logind
+//! PowerOff/Halt/Reboot/Suspend, systemd ResetFailedUnit and (Try)RestartUnit, networkd
+//! Reload); a full D-Bus library costs more than the rest of the guest agent together,
+//! and the guest binary has a 2.5 MiB budget (docs/benchmarks.md). Supported: EXTERNAL
+//! authentication, method calls with `b`/`s` arguments, method returns, errors and
+//! systemd's `JobRemoved` signal in either byte order.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,11 +22,8 @@ pub enum Arg<'a> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbusError {
-    #[error("cannot reach the D-Bus system bus at {path}: {source}")]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot reach the D-Bus system bus at {path}: {cause}")]
+    Connect { path: String, cause: std::io::Error },
     #[error("D-Bus: {0}")]
     Protocol(String),
     #[error("{name}: {message}")]
@@ -67,45 +65,134 @@ pub async fn call_at(
     args: &[Arg<'_>],
 ) -> Result<(), DbusError> {
     tokio::time::timeout(TIMEOUT, async {
-        let stream = UnixStream::connect(bus)
-            .await
-            .map_err(|source| DbusError::Connect {
-                path: bus.display().to_string(),
-                source,
-            })?;
-        let mut conn = BufReader::new(stream);
-        authenticate(&mut conn).await?;
-        let io = |e: std::io::Error| DbusError::Protocol(e.to_string());
-        let hello = method_call(
-            1,
-            "org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus",
-            "Hello",
-            &[],
-        );
-        let call = method_call(2, dest, path, iface, member, args);
-        conn.get_mut()
-            .write_all(&[hello, call].concat())
-            .await
-            .map_err(io)?;
+        let mut conn = connect(bus).await?;
+        send(
+            &mut conn,
+            &[method_call(2, dest, path, iface, member, args)],
+        )
+        .await?;
         loop {
             let reply = read_message(&mut conn).await?;
             match (reply.kind, reply.reply_serial) {
-                (2, Some(2)) => return Ok(()),
-                (3, Some(2)) => {
-                    return Err(DbusError::Remote {
-                        name: reply.error_name.unwrap_or_else(|| "error".into()),
-                        message: reply.error_message.unwrap_or_default(),
-                    });
-                }
-                (3, Some(1)) => return Err(DbusError::Protocol("the bus refused Hello".into())),
+                (KIND_RETURN, Some(2)) => return Ok(()),
+                (KIND_ERROR, Some(2)) => return Err(reply.into_remote()),
+                (KIND_ERROR, Some(1)) => return Err(hello_refused()),
                 _ => continue,
             }
         }
     })
     .await
     .map_err(|_| DbusError::Timeout(TIMEOUT))?
+}
+
+const SYSTEMD: &str = "org.freedesktop.systemd1";
+const SYSTEMD_PATH: &str = "/org/freedesktop/systemd1";
+const SYSTEMD_MANAGER: &str = "org.freedesktop.systemd1.Manager";
+
+/// Calls a method of systemd's manager that queues a job (`RestartUnit`,
+/// `TryRestartUnit`, ...) and waits until the job is finished; returns the job's result
+/// as systemd's `JobRemoved` signal gives it: `done`, or `failed`, `canceled`,
+/// `timeout`, `dependency`, `skipped`, ... A queued job says nothing about whether the
+/// unit came up; its result does.
+pub async fn run_job(method: &str, args: &[Arg<'_>], wait: Duration) -> Result<String, DbusError> {
+    run_job_at(&system_bus_path(), method, args, wait).await
+}
+
+pub async fn run_job_at(
+    bus: &std::path::Path,
+    method: &str,
+    args: &[Arg<'_>],
+    wait: Duration,
+) -> Result<String, DbusError> {
+    const JOB_CALL: u32 = 4;
+    tokio::time::timeout(wait, async {
+        let mut conn = connect(bus).await?;
+        let rule = format!(
+            "type='signal',sender='{SYSTEMD}',path='{SYSTEMD_PATH}',interface='{SYSTEMD_MANAGER}',member='JobRemoved'"
+        );
+        // The match and the subscription are in place before the job is queued, so its
+        // JobRemoved cannot be missed (the bus handles one connection's messages in order).
+        send(
+            &mut conn,
+            &[
+                method_call(
+                    2,
+                    "org.freedesktop.DBus",
+                    "/org/freedesktop/DBus",
+                    "org.freedesktop.DBus",
+                    "AddMatch",
+                    &[Arg::Str(&rule)],
+                ),
+                method_call(3, SYSTEMD, SYSTEMD_PATH, SYSTEMD_MANAGER, "Subscribe", &[]),
+                method_call(JOB_CALL, SYSTEMD, SYSTEMD_PATH, SYSTEMD_MANAGER, method, args),
+            ],
+        )
+        .await?;
+        let mut job: Option<String> = None;
+        // Jobs that ended before the reply naming ours was read.
+        let mut ended: Vec<(String, String)> = Vec::new();
+        loop {
+            let m = read_message(&mut conn).await?;
+            match (m.kind, m.reply_serial) {
+                (KIND_ERROR, Some(1)) => return Err(hello_refused()),
+                (KIND_ERROR, Some(2..=JOB_CALL)) => return Err(m.into_remote()),
+                (KIND_RETURN, Some(JOB_CALL)) => {
+                    let path = m.body_object_path().ok_or_else(|| {
+                        DbusError::Protocol(format!("{method} did not answer with a job path"))
+                    })?;
+                    if let Some((_, result)) = ended.iter().find(|(j, _)| *j == path) {
+                        return Ok(result.clone());
+                    }
+                    job = Some(path);
+                }
+                (KIND_SIGNAL, _) if m.member.as_deref() == Some("JobRemoved") => {
+                    let Some((path, result)) = m.job_removed() else {
+                        return Err(DbusError::Protocol("malformed JobRemoved signal".into()));
+                    };
+                    if job.as_deref() == Some(path.as_str()) {
+                        return Ok(result);
+                    }
+                    ended.push((path, result));
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .map_err(|_| DbusError::Timeout(wait))?
+}
+
+/// Connects, authenticates and says Hello (serial 1; the caller's serials start at 2).
+async fn connect(bus: &std::path::Path) -> Result<BufReader<UnixStream>, DbusError> {
+    let stream = UnixStream::connect(bus)
+        .await
+        .map_err(|cause| DbusError::Connect {
+            path: bus.display().to_string(),
+            cause,
+        })?;
+    let mut conn = BufReader::new(stream);
+    authenticate(&mut conn).await?;
+    let hello = method_call(
+        1,
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        "Hello",
+        &[],
+    );
+    send(&mut conn, &[hello]).await?;
+    Ok(conn)
+}
+
+fn hello_refused() -> DbusError {
+    DbusError::Protocol("the bus refused Hello".into())
+}
+
+async fn send(conn: &mut BufReader<UnixStream>, msgs: &[Vec<u8>]) -> Result<(), DbusError> {
+    conn.get_mut()
+        .write_all(&msgs.concat())
+        .await
+        .map_err(|e| DbusError::Protocol(e.to_string()))
 }
 
 async fn authenticate(conn: &mut BufReader<UnixStream>) -> Result<(), DbusError> {
@@ -185,7 +272,12 @@ fn method_call(
     if !sig.is_empty() {
         put_field(&mut fields, 8, b'g', &sig);
     }
-    let mut msg = vec![b'l', 1, 0, 1];
+    frame(1, serial, &fields, &body)
+}
+
+/// A little-endian message of `kind` from its header fields and body.
+fn frame(kind: u8, serial: u32, fields: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut msg = vec![b'l', kind, 0, 1];
     msg.extend((body.len() as u32).to_le_bytes());
     msg.extend(serial.to_le_bytes());
     msg.extend((fields.len() as u32).to_le_bytes());
@@ -195,11 +287,63 @@ fn method_call(
     msg
 }
 
+const KIND_RETURN: u8 = 2;
+const KIND_ERROR: u8 = 3;
+const KIND_SIGNAL: u8 = 4;
+
 struct Incoming {
     kind: u8,
+    #[cfg_attr(not(test), allow(dead_code))]
+    serial: u32,
+    #[cfg_attr(not(test), allow(dead_code))]
+    sender: Option<String>,
     reply_serial: Option<u32>,
     error_name: Option<String>,
-    error_message: Option<String>,
+    member: Option<String>,
+    body_sig: String,
+    /// The whole message, and where its body starts (8-aligned).
+    msg: Vec<u8>,
+    body_at: usize,
+    big: bool,
+}
+
+impl Incoming {
+    fn body(&self) -> Cursor<'_> {
+        Cursor {
+            buf: &self.msg,
+            pos: self.body_at,
+            big: self.big,
+        }
+    }
+
+    fn into_remote(self) -> DbusError {
+        let message = if self.body_sig.starts_with('s') {
+            self.body().string()
+        } else {
+            None
+        };
+        DbusError::Remote {
+            name: self.error_name.unwrap_or_else(|| "error".into()),
+            message: message.unwrap_or_default(),
+        }
+    }
+
+    /// The body of a reply that is one object path (a queued job).
+    fn body_object_path(&self) -> Option<String> {
+        (self.body_sig == "o").then(|| self.body().string())?
+    }
+
+    /// `JobRemoved(u id, o job, s unit, s result)`: the job's path and result.
+    fn job_removed(&self) -> Option<(String, String)> {
+        if self.body_sig != "uoss" {
+            return None;
+        }
+        let mut c = self.body();
+        c.u32()?;
+        let job = c.string()?;
+        c.string()?;
+        Some((job, c.string()?))
+    }
 }
 
 /// A cursor over a received message, honouring its byte order and alignment
@@ -278,19 +422,24 @@ async fn read_message(conn: &mut BufReader<UnixStream>) -> Result<Incoming, Dbus
     let mut msg = head.to_vec();
     msg.resize(total, 0);
     conn.read_exact(&mut msg[16..]).await.map_err(io)?;
+    let fields_end = 16 + fields_len;
+    let mut out = Incoming {
+        kind: head[1],
+        serial: word(&head[8..12]) as u32,
+        sender: None,
+        reply_serial: None,
+        error_name: None,
+        member: None,
+        body_sig: String::new(),
+        msg: Vec::new(),
+        body_at: fields_end.div_ceil(8) * 8,
+        big,
+    };
     let mut c = Cursor {
         buf: &msg,
         pos: 16,
         big,
     };
-    let mut out = Incoming {
-        kind: head[1],
-        reply_serial: None,
-        error_name: None,
-        error_message: None,
-    };
-    let mut body_sig = String::new();
-    let fields_end = 16 + fields_len;
     while c.pos < fields_end {
         c.align(8);
         if c.pos >= fields_end {
@@ -308,14 +457,17 @@ async fn read_message(conn: &mut BufReader<UnixStream>) -> Result<Incoming, Dbus
             }
             "s" | "o" => {
                 let v = c.string().ok_or_else(bad)?;
-                if code == 4 {
-                    out.error_name = Some(v);
+                match code {
+                    3 => out.member = Some(v),
+                    7 => out.sender = Some(v),
+                    4 => out.error_name = Some(v),
+                    _ => {}
                 }
             }
             "g" => {
                 let v = c.signature().ok_or_else(bad)?;
                 if code == 8 {
-                    body_sig = v;
+                    out.body_sig = v;
                 }
             }
             other => {
@@ -325,10 +477,7 @@ async fn read_message(conn: &mut BufReader<UnixStream>) -> Result<Incoming, Dbus
             }
         }
     }
-    if out.kind == 3 && body_sig.starts_with('s') {
-        c.pos = fields_end.div_ceil(8) * 8;
-        out.error_message = c.string();
-    }
+    out.msg = msg;
     Ok(out)
 }
 
@@ -449,5 +598,184 @@ mod tests {
                 .starts_with("cannot reach the D-Bus system bus at /nonexistent/bus"),
             "{e}"
         );
+    }
+
+    /// A message from the fake below: `fields` as (code, type, value), a reply serial if
+    /// any, and a body.
+    fn fake_message(
+        kind: u8,
+        serial: u32,
+        fields: &[(u8, u8, &str)],
+        reply_to: Option<u32>,
+        body: &[u8],
+    ) -> Vec<u8> {
+        let mut f = Vec::new();
+        for (code, sig, value) in fields {
+            put_field(&mut f, *code, *sig, value);
+        }
+        if let Some(r) = reply_to {
+            pad(&mut f, 8);
+            f.extend([5, 1, b'u', 0]);
+            f.extend(r.to_le_bytes());
+        }
+        frame(kind, serial, &f, body)
+    }
+
+    fn job_removed(serial: u32, id: u32, job: &str, unit: &str, result: &str) -> Vec<u8> {
+        let mut body = id.to_le_bytes().to_vec();
+        put_str(&mut body, job);
+        put_str(&mut body, unit);
+        put_str(&mut body, result);
+        fake_message(
+            KIND_SIGNAL,
+            serial,
+            &[
+                (1, b'o', SYSTEMD_PATH),
+                (2, b's', SYSTEMD_MANAGER),
+                (3, b's', "JobRemoved"),
+                (8, b'g', "uoss"),
+            ],
+            None,
+            &body,
+        )
+    }
+
+    /// A fake of systemd's manager, on the real bus: it owns org.freedesktop.systemd1 and
+    /// answers `RestartUnit` the way systemd does (a job path, then `JobRemoved` for
+    /// another job and for this one). `ssh.service`'s job fails, `early.service`'s ends
+    /// before the reply is sent, `hang.service`'s never ends, `missing.service` is no
+    /// unit.
+    async fn fake_systemd(bus: PathBuf, ready: tokio::sync::oneshot::Sender<()>) {
+        let mut conn = connect(&bus).await.unwrap();
+        let mut body = Vec::new();
+        put_str(&mut body, SYSTEMD);
+        pad(&mut body, 4);
+        body.extend(4u32.to_le_bytes());
+        let request = fake_message(
+            1,
+            2,
+            &[
+                (1, b'o', "/org/freedesktop/DBus"),
+                (2, b's', "org.freedesktop.DBus"),
+                (3, b's', "RequestName"),
+                (6, b's', "org.freedesktop.DBus"),
+                (8, b'g', "su"),
+            ],
+            None,
+            &body,
+        );
+        send(&mut conn, &[request]).await.unwrap();
+        while read_message(&mut conn).await.unwrap().reply_serial != Some(2) {}
+        ready.send(()).unwrap();
+        let mut serial = 10;
+        let mut next = || {
+            serial += 1;
+            serial
+        };
+        loop {
+            let Ok(call) = read_message(&mut conn).await else {
+                return;
+            };
+            if call.kind != 1 {
+                continue;
+            }
+            let to = call.sender.clone().unwrap_or_default();
+            let reply = |serial: u32, sig: &str, body: &[u8]| {
+                let mut fields = vec![(6, b's', to.as_str())];
+                if !sig.is_empty() {
+                    fields.push((8, b'g', sig));
+                }
+                fake_message(KIND_RETURN, serial, &fields, Some(call.serial), body)
+            };
+            let out = match call.member.as_deref() {
+                Some("Subscribe") => vec![reply(next(), "", &[])],
+                Some("RestartUnit") => {
+                    let unit = call.body().string().unwrap();
+                    let job = format!("{SYSTEMD_PATH}/job/{}", call.serial + 100);
+                    let mut path = Vec::new();
+                    put_str(&mut path, &job);
+                    let result = if unit == "ssh.service" {
+                        "failed"
+                    } else {
+                        "done"
+                    };
+                    match unit.as_str() {
+                        "missing.service" => {
+                            let mut text = Vec::new();
+                            put_str(&mut text, "Unit missing.service not found.");
+                            vec![fake_message(
+                                KIND_ERROR,
+                                next(),
+                                &[
+                                    (4, b's', "org.freedesktop.systemd1.NoSuchUnit"),
+                                    (6, b's', &to),
+                                    (8, b'g', "s"),
+                                ],
+                                Some(call.serial),
+                                &text,
+                            )]
+                        }
+                        "hang.service" => vec![reply(next(), "o", &path)],
+                        "early.service" => vec![
+                            job_removed(next(), 1, &job, &unit, result),
+                            reply(next(), "o", &path),
+                        ],
+                        _ => vec![
+                            reply(next(), "o", &path),
+                            job_removed(
+                                next(),
+                                2,
+                                &format!("{SYSTEMD_PATH}/job/1"),
+                                "other.service",
+                                "failed",
+                            ),
+                            job_removed(next(), 3, &job, &unit, result),
+                        ],
+                    }
+                }
+                _ => continue,
+            };
+            send(&mut conn, &out).await.unwrap();
+        }
+    }
+
+    #[test]
+    fn a_job_is_followed_to_its_result() {
+        let b = bus();
+        rt().block_on(async {
+            let restart = |unit: &'static str, wait: u64| {
+                let path = b.path.clone();
+                async move {
+                    run_job_at(
+                        &path,
+                        "RestartUnit",
+                        &[Arg::Str(unit), Arg::Str("replace")],
+                        Duration::from_millis(wait),
+                    )
+                    .await
+                }
+            };
+            // Nobody owns systemd's name yet: the bus answers the subscription with an
+            // error (no such service, or its activation failed), which is returned.
+            let e = restart("web.service", 5000).await.unwrap_err();
+            assert!(
+                matches!(&e, DbusError::Remote { name, .. } if name.starts_with("org.freedesktop.DBus.Error.")),
+                "{e}"
+            );
+
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(fake_systemd(b.path.clone(), tx));
+            rx.await.unwrap();
+            assert_eq!(restart("web.service", 5000).await.unwrap(), "done");
+            assert_eq!(restart("ssh.service", 5000).await.unwrap(), "failed");
+            assert_eq!(restart("early.service", 5000).await.unwrap(), "done");
+            let e = restart("missing.service", 5000).await.unwrap_err();
+            assert!(
+                matches!(&e, DbusError::Remote { name, .. } if name == "org.freedesktop.systemd1.NoSuchUnit"),
+                "{e}"
+            );
+            let e = restart("hang.service", 300).await.unwrap_err();
+            assert!(matches!(e, DbusError::Timeout(_)), "{e}");
+        });
     }
 }

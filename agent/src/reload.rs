@@ -8,8 +8,33 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use nixseed_core::identity;
 
+/// What a live change told the running services.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Told and done: `hostname`, `sshd`, `systemd-networkd`, `nftables`.
+    pub reloaded: Vec<String>,
+    /// What was to be told and did not take it, each as "what: why".
+    pub failed: Vec<String>,
+}
+
+impl Effects {
+    fn record(&mut self, what: &str, result: Result<()>) {
+        match result {
+            Ok(()) => self.reloaded.push(what.into()),
+            Err(e) => {
+                tracing::warn!("{what} did not take the new identity: {e:#}");
+                self.failed.push(format!("{what}: {e:#}"));
+            }
+        }
+    }
+}
+
+/// How long a restart of sshd may take before it is reported as not finished (a TCG
+/// guest needs a few seconds; the host's `seedctl push` waits 30 s by default).
+const RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Applies the effects of the changed files (names relative to a generation); returns
-/// what was told.
+/// what was told, and what failed.
 /// `first_identity`: there was no generation before this one (a boot that found no seed),
 /// so sshd, which has no host key without one (the NixOS module skips it by condition),
 /// is started rather than only restarted when running.
@@ -18,18 +43,18 @@ pub async fn after_change(
     identity_dir: &Path,
     firewall: bool,
     first_identity: bool,
-) -> Vec<String> {
-    let mut out = Vec::new();
+) -> Effects {
+    let mut out = Effects::default();
     let has = |p: &str| {
         changed
             .iter()
             .any(|c| c == p || c.starts_with(&format!("{p}/")))
     };
     if has(identity::HOSTNAME) {
-        match set_hostname(&identity_dir.join(identity::HOSTNAME)) {
-            Ok(()) => out.push("hostname".into()),
-            Err(e) => tracing::warn!("{e:#}"),
-        }
+        out.record(
+            "hostname",
+            set_hostname(&identity_dir.join(identity::HOSTNAME)),
+        );
     }
     if has(identity::SSH_HOST_KEY) || has(identity::SSH_HOST_KEY_PUB) {
         let how = if first_identity {
@@ -37,22 +62,16 @@ pub async fn after_change(
         } else {
             "TryRestartUnit"
         };
-        match restart_units(&["ssh.service", "sshd.service"], how).await {
-            Ok(()) => out.push("sshd".into()),
-            Err(e) => tracing::warn!("cannot restart sshd for its new host key: {e:#}"),
-        }
+        out.record(
+            "sshd",
+            restart_units(&["ssh.service", "sshd.service"], how).await,
+        );
     }
     if has(identity::NETWORK_DIR) {
-        match networkd_reload().await {
-            Ok(()) => out.push("systemd-networkd".into()),
-            Err(e) => tracing::warn!("cannot reload systemd-networkd: {e:#}"),
-        }
+        out.record("systemd-networkd", networkd_reload().await);
     }
     if firewall && (has(identity::TCP_PORTS) || has(identity::UDP_PORTS)) {
-        match load_firewall(identity_dir) {
-            Ok(()) => out.push("nftables".into()),
-            Err(e) => tracing::warn!("{e:#}"),
-        }
+        out.record("nftables", load_firewall(identity_dir));
     }
     out
 }
@@ -72,10 +91,11 @@ fn set_hostname(file: &Path) -> Result<()> {
 /// (starts it), on the first of `units` the image has (ssh.service on Debian, where
 /// sshd.service is its alias; sshd.service on NixOS). Before `RestartUnit` the unit's
 /// failed state is reset: an sshd that kept failing without a host key until systemd's
-/// start limit would refuse the start. Any refusal but "no such unit" is an error, so
-/// sshd is never reported restarted when systemd did not restart it.
+/// start limit would refuse the start. The restart job is followed to its end: any
+/// refusal but "no such unit", and any result but `done`, is an error, so sshd is never
+/// reported restarted when it did not come up.
 async fn restart_units(units: &[&str], method: &str) -> Result<()> {
-    use crate::dbus::{Arg, DbusError, call};
+    use crate::dbus::{Arg, DbusError, call, run_job};
     let no_such_unit = |e: &DbusError| matches!(e, DbusError::Remote { name, .. } if name == "org.freedesktop.systemd1.NoSuchUnit");
     for unit in units {
         if method == "RestartUnit" {
@@ -93,17 +113,15 @@ async fn restart_units(units: &[&str], method: &str) -> Result<()> {
                 Err(e) => return Err(e).context(format!("resetting {unit}'s failed state")),
             }
         }
-        match call(
-            "org.freedesktop.systemd1",
-            "/org/freedesktop/systemd1",
-            "org.freedesktop.systemd1.Manager",
-            method,
-            &[Arg::Str(unit), Arg::Str("replace")],
-        )
-        .await
-        {
-            Ok(()) => return Ok(()),
+        match run_job(method, &[Arg::Str(unit), Arg::Str("replace")], RESTART_WAIT).await {
+            Ok(result) if result == "done" => return Ok(()),
+            Ok(result) => anyhow::bail!(
+                "{method} {unit}: the job ended '{result}' (journalctl -u {unit} says why)"
+            ),
             Err(e) if no_such_unit(&e) => {}
+            Err(DbusError::Timeout(t)) => {
+                anyhow::bail!("{method} {unit}: queued, not finished within {t:?}")
+            }
             Err(e) => return Err(e).context(format!("{method} {unit}")),
         }
     }

@@ -66,6 +66,10 @@ pub enum Message {
         reboot_required: Vec<String>,
         /// Services reloaded live.
         reloaded: Vec<String>,
+        /// Services that were to be told and did not take the change, each as
+        /// "what: why" (an sshd whose restart job failed). Absent from older agents.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        failed: Vec<String>,
     },
     /// Either side: the request could not be served.
     Error { message: String },

@@ -126,9 +126,11 @@ fn push_status_and_rollback_against_the_real_agent() {
     std::fs::write(&iso, b"an older seed").unwrap();
     let stale = std::fs::read(&iso).unwrap();
 
-    // Push: the guest applies the host's identity and reloads what changed.
+    // Push: the guest applies the host's identity and reloads what changed. This guest
+    // has no system bus, so sshd and networkd cannot be told: the push says so and
+    // exits 4 (applied, not taken).
     let out = s.run(&["--json", "push", "web1"]);
-    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
     // ...is rewritten by the push, so the next boot does not bring the old seed back.
     let fresh = std::fs::read(&iso).unwrap();
     assert_ne!(
@@ -149,6 +151,14 @@ fn push_status_and_rollback_against_the_real_agent() {
         assert!(changed.contains(&f.to_owned()), "{f} not in {changed:?}");
     }
     assert!(strs(&p["reloaded"]).contains(&"hostname".to_owned()), "{p}");
+    let failed = strs(&p["failed"]);
+    assert!(
+        failed
+            .iter()
+            .any(|f| f.starts_with("sshd: ") && f.contains("D-Bus system bus")),
+        "{p}"
+    );
+    assert!(!strs(&p["reloaded"]).contains(&"sshd".to_owned()), "{p}");
     assert_eq!(strs(&p["reboot_required"]), vec!["machine-id".to_owned()]);
     assert_eq!(guest.read("etc/hostname"), "web1\n");
     let host_mid = std::fs::read_to_string(s.machine("web1").join("machine-id")).unwrap();

@@ -26,8 +26,8 @@ pub struct ChannelArgs {
     /// libvirt URI: find the socket in the running domain's XML
     #[arg(long, short = 'c', value_name = "URI")]
     pub connect: Option<String>,
-    /// Seconds to wait for the guest's answer
-    #[arg(long, default_value_t = 10.0, value_name = "S", value_parser = seconds)]
+    /// Seconds to wait for the guest's answer (a push's answer waits for sshd's restart)
+    #[arg(long, default_value_t = 30.0, value_name = "S", value_parser = seconds)]
     pub timeout: f64,
 }
 
@@ -70,6 +70,10 @@ pub struct PushArgs {
     pub channel: ChannelArgs,
 }
 
+/// Exit status when the guest applied the identity but a service did not take it (sshd
+/// did not come back up with its new host key): the change is in place, and not working.
+pub const EXIT_NOT_TAKEN: u8 = 4;
+
 fn list(items: &[String]) -> String {
     if items.is_empty() {
         "-".to_owned()
@@ -93,6 +97,7 @@ pub fn applied_report(
             changed,
             reboot_required,
             reloaded,
+            failed,
         }) => {
             let gen_text = generation.map_or_else(|| "none".to_owned(), |g| g.to_string());
             let mut human = format!(
@@ -113,6 +118,9 @@ pub fn applied_report(
             } else {
                 human.push_str(&format!("\n  changed        {}", list(changed)));
                 human.push_str(&format!("\n  reloaded       {}", list(reloaded)));
+                for f in failed {
+                    human.push_str(&format!("\n  FAILED         {f}"));
+                }
                 human.push_str(&format!(
                     "\n  needs reboot   {}",
                     if reboot_required.is_empty() {
@@ -133,9 +141,11 @@ pub fn applied_report(
                     "generation": generation,
                     "changed": changed,
                     "reloaded": reloaded,
+                    "failed": failed,
                     "reboot_required": reboot_required,
                 }),
             )
+            .with_exit(if failed.is_empty() { 0 } else { EXIT_NOT_TAKEN })
         }
         Outcome::AtBoot {
             instance_id: guest_iid,

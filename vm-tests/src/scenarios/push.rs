@@ -90,7 +90,76 @@ pub fn push(h: &Harness) -> Result<()> {
     agent_key_changes(h, &m, &b)?;
     let boot_id2 = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     ensure!(boot_id == boot_id2, "the guest rebooted during the push");
-    b.poweroff()
+    sshd_refuses_the_new_key(h, &m, b)
+}
+
+/// A push that rotates the host key while sshd cannot start (here a drop-in whose
+/// `ExecStartPre` fails, as a broken sshd configuration would): the identity is applied,
+/// and `seedctl push` says that sshd did not take it and exits 4, rather than reporting
+/// sshd reloaded because systemd accepted the restart. sshd is down afterwards, so the
+/// guest is shut down through the agent.
+fn sshd_refuses_the_new_key(h: &Harness, m: &Machine, b: Booted) -> Result<()> {
+    b.ssh.run(
+        "mkdir -p /run/systemd/system/ssh.service.d && \
+         printf '[Service]\nExecStartPre=/bin/false\n' > /run/systemd/system/ssh.service.d/90-broken.conf && \
+         systemctl daemon-reload",
+    )?;
+    let fresh = m.state.join("rotated_host_key");
+    let _ = fs::remove_file(&fresh);
+    let _ = fs::remove_file(fresh.with_extension("pub"));
+    cmd::run(
+        std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
+            .arg(&fresh),
+    )?;
+    fs::copy(&fresh, m.dir.join("ssh_host_ed25519_key")).context("rotating the host key")?;
+    fs::copy(
+        fresh.with_extension("pub"),
+        m.dir.join("ssh_host_ed25519_key.pub"),
+    )
+    .context("rotating the host key")?;
+    let out = m
+        .seedctl(h.seedctl.as_ref())?
+        .args(["push", &m.name, "--timeout", "60", "--socket"])
+        .arg(b.vm.config.channel_socket())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running seedctl push")?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "vm-tests: {}: seedctl push with sshd broken: {}",
+        m.name,
+        said.trim()
+    );
+    ensure!(
+        out.status.code() == Some(4),
+        "seedctl push exited {} when sshd could not restart, not 4:\n{said}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed = said
+        .lines()
+        .find(|l| l.trim_start().starts_with("FAILED"))
+        .unwrap_or_default();
+    ensure!(
+        failed.contains("sshd") && failed.contains("ssh.service") && failed.contains("'failed'"),
+        "seedctl push does not name sshd's failed restart:\n{said}"
+    );
+    let reloaded = said
+        .lines()
+        .find(|l| l.trim_start().starts_with("reloaded"))
+        .unwrap_or_default();
+    ensure!(
+        !reloaded.contains("sshd"),
+        "seedctl push reports sshd reloaded although it did not start:\n{said}"
+    );
+    let shut = b.shutdown_via_agent(h, m)?;
+    ensure!(
+        shut.qemu.success(),
+        "QEMU exited {} after the agent's shutdown",
+        shut.qemu
+    );
+    Ok(())
 }
 
 /// A key added through the guest agent (what `virsh set-user-sshkeys` sends) logs in, and
@@ -276,6 +345,15 @@ pub fn push_first(h: &Harness) -> Result<()> {
         "vm-tests: {}: sshd answered with the pushed key {:.1} s after the push began",
         m.name,
         t.elapsed().as_secs_f64()
+    );
+    // seedctl exited 0, so nothing failed; sshd is listed once its start job is done.
+    let reloaded = said
+        .lines()
+        .find(|l| l.trim_start().starts_with("reloaded"))
+        .unwrap_or_default();
+    ensure!(
+        reloaded.contains("sshd"),
+        "seedctl push does not report sshd started:\n{said}"
     );
     let needs_reboot = said
         .lines()
