@@ -28,7 +28,7 @@ pub enum DbusError {
     Protocol(String),
     #[error("{name}: {message}")]
     Remote { name: String, message: String },
-    #[error("D-Bus: no reply within {0:?}")]
+    #[error("D-Bus: did not finish within {0:?}")]
     Timeout(Duration),
 }
 
@@ -64,6 +64,20 @@ pub async fn call_at(
     member: &str,
     args: &[Arg<'_>],
 ) -> Result<(), DbusError> {
+    call_reply_at(bus, dest, path, iface, member, args)
+        .await
+        .map(|_| ())
+}
+
+/// One call and its reply, whose body the caller reads.
+async fn call_reply_at(
+    bus: &std::path::Path,
+    dest: &str,
+    path: &str,
+    iface: &str,
+    member: &str,
+    args: &[Arg<'_>],
+) -> Result<Incoming, DbusError> {
     tokio::time::timeout(TIMEOUT, async {
         let mut conn = connect(bus).await?;
         send(
@@ -74,7 +88,7 @@ pub async fn call_at(
         loop {
             let reply = read_message(&mut conn).await?;
             match (reply.kind, reply.reply_serial) {
-                (KIND_RETURN, Some(2)) => return Ok(()),
+                (KIND_RETURN, Some(2)) => return Ok(reply),
                 (KIND_ERROR, Some(2)) => return Err(reply.into_remote()),
                 (KIND_ERROR, Some(1)) => return Err(hello_refused()),
                 _ => continue,
@@ -128,31 +142,48 @@ pub async fn run_job_at(
             ],
         )
         .await?;
-        let mut job: Option<String> = None;
-        // Jobs that ended before the reply naming ours was read.
-        let mut ended: Vec<(String, String)> = Vec::new();
+        // Our job once the reply names it, with the sender of that reply (systemd's unique
+        // name): a JobRemoved from anyone else is not systemd's and is ignored.
+        let mut job: Option<(String, Option<String>)> = None;
+        // Jobs that ended before the reply naming ours was read: (sender, job, result).
+        let mut ended: Vec<(Option<String>, String, String)> = Vec::new();
         loop {
             let m = read_message(&mut conn).await?;
             match (m.kind, m.reply_serial) {
                 (KIND_ERROR, Some(1)) => return Err(hello_refused()),
-                (KIND_ERROR, Some(2..=JOB_CALL)) => return Err(m.into_remote()),
+                (KIND_ERROR, Some(2)) => {
+                    return Err(DbusError::Protocol(format!(
+                        "the bus refused the match for systemd's JobRemoved: {}",
+                        m.into_remote()
+                    )));
+                }
+                // systemd signals the end of a job to the client that queued it even
+                // without a subscription.
+                (KIND_ERROR, Some(3)) => {}
+                (KIND_ERROR, Some(JOB_CALL)) => return Err(m.into_remote()),
                 (KIND_RETURN, Some(JOB_CALL)) => {
                     let path = m.body_object_path().ok_or_else(|| {
                         DbusError::Protocol(format!("{method} did not answer with a job path"))
                     })?;
-                    if let Some((_, result)) = ended.iter().find(|(j, _)| *j == path) {
+                    if let Some((_, _, result)) = ended
+                        .iter()
+                        .find(|(from, j, _)| *j == path && *from == m.sender)
+                    {
                         return Ok(result.clone());
                     }
-                    job = Some(path);
+                    job = Some((path, m.sender));
                 }
                 (KIND_SIGNAL, _) if m.member.as_deref() == Some("JobRemoved") => {
                     let Some((path, result)) = m.job_removed() else {
-                        return Err(DbusError::Protocol("malformed JobRemoved signal".into()));
+                        continue;
                     };
-                    if job.as_deref() == Some(path.as_str()) {
-                        return Ok(result);
+                    match &job {
+                        Some((ours, from)) if *ours == path && *from == m.sender => {
+                            return Ok(result);
+                        }
+                        Some(_) => {}
+                        None => ended.push((m.sender, path, result)),
                     }
-                    ended.push((path, result));
                 }
                 _ => {}
             }
@@ -160,6 +191,43 @@ pub async fn run_job_at(
     })
     .await
     .map_err(|_| DbusError::Timeout(wait))?
+}
+
+/// A unit's `ActiveState` (`active`, `inactive`, `failed`, `activating`, ...): a job
+/// that ended `done` can still leave the unit down (a try-restart of a unit that was not
+/// running, a start skipped by a condition).
+pub async fn unit_active_state(unit: &str) -> Result<String, DbusError> {
+    unit_active_state_at(&system_bus_path(), unit).await
+}
+
+pub async fn unit_active_state_at(bus: &std::path::Path, unit: &str) -> Result<String, DbusError> {
+    let reply = call_reply_at(
+        bus,
+        SYSTEMD,
+        SYSTEMD_PATH,
+        SYSTEMD_MANAGER,
+        "GetUnit",
+        &[Arg::Str(unit)],
+    )
+    .await?;
+    let path = reply
+        .body_object_path()
+        .ok_or_else(|| DbusError::Protocol(format!("GetUnit {unit}: no unit path in the reply")))?;
+    let reply = call_reply_at(
+        bus,
+        SYSTEMD,
+        &path,
+        "org.freedesktop.DBus.Properties",
+        "Get",
+        &[
+            Arg::Str("org.freedesktop.systemd1.Unit"),
+            Arg::Str("ActiveState"),
+        ],
+    )
+    .await?;
+    reply
+        .body_variant_string()
+        .ok_or_else(|| DbusError::Protocol(format!("{unit}'s ActiveState is not a string")))
 }
 
 /// Connects, authenticates and says Hello (serial 1; the caller's serials start at 2).
@@ -295,8 +363,9 @@ struct Incoming {
     kind: u8,
     #[cfg_attr(not(test), allow(dead_code))]
     serial: u32,
-    #[cfg_attr(not(test), allow(dead_code))]
     sender: Option<String>,
+    #[cfg_attr(not(test), allow(dead_code))]
+    path: Option<String>,
     reply_serial: Option<u32>,
     error_name: Option<String>,
     member: Option<String>,
@@ -328,9 +397,24 @@ impl Incoming {
         }
     }
 
-    /// The body of a reply that is one object path (a queued job).
+    /// The body of a reply that is one object path (a queued job, a unit).
     fn body_object_path(&self) -> Option<String> {
-        (self.body_sig == "o").then(|| self.body().string())?
+        if self.body_sig != "o" {
+            return None;
+        }
+        self.body().string()
+    }
+
+    /// The body of a reply that is one variant holding a string (a property).
+    fn body_variant_string(&self) -> Option<String> {
+        if self.body_sig != "v" {
+            return None;
+        }
+        let mut c = self.body();
+        if c.signature()? != "s" {
+            return None;
+        }
+        c.string()
     }
 
     /// `JobRemoved(u id, o job, s unit, s result)`: the job's path and result.
@@ -427,6 +511,7 @@ async fn read_message(conn: &mut BufReader<UnixStream>) -> Result<Incoming, Dbus
         kind: head[1],
         serial: word(&head[8..12]) as u32,
         sender: None,
+        path: None,
         reply_serial: None,
         error_name: None,
         member: None,
@@ -458,6 +543,7 @@ async fn read_message(conn: &mut BufReader<UnixStream>) -> Result<Incoming, Dbus
             "s" | "o" => {
                 let v = c.string().ok_or_else(bad)?;
                 match code {
+                    1 => out.path = Some(v),
                     3 => out.member = Some(v),
                     7 => out.sender = Some(v),
                     4 => out.error_name = Some(v),
@@ -689,6 +775,25 @@ mod tests {
             };
             let out = match call.member.as_deref() {
                 Some("Subscribe") => vec![reply(next(), "", &[])],
+                Some("GetUnit") => {
+                    let unit = call.body().string().unwrap();
+                    let mut path = Vec::new();
+                    put_str(
+                        &mut path,
+                        &format!("{SYSTEMD_PATH}/unit/{}", unit.replace('.', "_2e")),
+                    );
+                    vec![reply(next(), "o", &path)]
+                }
+                Some("Get") => {
+                    let state = if call.path.as_deref().unwrap_or_default().contains("stopped") {
+                        "inactive"
+                    } else {
+                        "active"
+                    };
+                    let mut value = vec![1, b's', 0];
+                    put_str(&mut value, state);
+                    vec![reply(next(), "v", &value)]
+                }
                 Some("RestartUnit") => {
                     let unit = call.body().string().unwrap();
                     let job = format!("{SYSTEMD_PATH}/job/{}", call.serial + 100);
@@ -776,6 +881,9 @@ mod tests {
             );
             let e = restart("hang.service", 300).await.unwrap_err();
             assert!(matches!(e, DbusError::Timeout(_)), "{e}");
+            let state = |unit| unit_active_state_at(&b.path, unit);
+            assert_eq!(state("web.service").await.unwrap(), "active");
+            assert_eq!(state("stopped.service").await.unwrap(), "inactive");
         });
     }
 }

@@ -66,8 +66,10 @@ pub enum Message {
         reboot_required: Vec<String>,
         /// Services reloaded live.
         reloaded: Vec<String>,
-        /// Services that were to be told and did not take the change, each as
-        /// "what: why" (an sshd whose restart job failed). Absent from older agents.
+        /// What was to be told and did not take the change (hostname, sshd,
+        /// systemd-networkd, nftables), each as "what: why": an sshd whose restart job
+        /// failed or that is not running after it, a networkd that cannot be reached.
+        /// Absent from older agents.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         failed: Vec<String>,
     },

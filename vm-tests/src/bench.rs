@@ -33,6 +33,8 @@ pub struct BenchOpts {
     pub host: bool,
     /// Rewrite docs/benchmarks.md.
     pub write_doc: bool,
+    /// A second series of boots with this many vCPUs (boot to sshd only); 0 skips it.
+    pub wide_cpus: u32,
 }
 
 /// What one boot measured.
@@ -56,6 +58,8 @@ struct Boot {
 #[derive(Default)]
 struct Side {
     boots: Vec<Boot>,
+    /// Boot to sshd in the series with `BenchOpts::wide_cpus` vCPUs.
+    wide_boots: Vec<Duration>,
     binary_bytes: Option<u64>,
     blame: String,
     analyze: String,
@@ -299,17 +303,36 @@ fn pings(b: &Booted, n: usize) -> Result<Vec<Duration>> {
     (0..n).map(|_| q.ping()).collect()
 }
 
-fn one_boot(h: &Harness, m: &Machine, o: &BenchOpts, side: &mut Side) -> Result<()> {
-    // The nixseed firewall is an option (NixOS: services.nixseed.firewall.enable, off by
-    // default) that the cloud-init image has no counterpart for; the test image enables it
-    // for the push scenario. The boot race compares like with like: it is masked here.
+/// The nixseed firewall is an option (NixOS: services.nixseed.firewall.enable, off by
+/// default) that the cloud-init image has no counterpart for; the test image enables it
+/// for the push scenario. The boot race compares like with like: it is masked here.
+fn like_for_like(h: &Harness, cfg: &mut crate::qemu::VmConfig) {
+    if h.image.variant == Variant::Nixseed {
+        cfg.append
+            .push_str(" systemd.mask=nixseed-firewall.service");
+    }
+}
+
+/// A boot of the series with more vCPUs: the time to sshd only.
+fn wide_boot(h: &Harness, m: &Machine, cpus: u32, side: &mut Side) -> Result<()> {
     let expected = m.host_key_pub()?;
     let b = h.boot_with(m, Some(&expected), |cfg| {
-        if h.image.variant == Variant::Nixseed {
-            cfg.append
-                .push_str(" systemd.mask=nixseed-firewall.service");
-        }
+        like_for_like(h, cfg);
+        cfg.cpus = cpus;
     })?;
+    eprintln!(
+        "vm-tests bench: {} boot {} with {cpus} vCPUs: sshd {:.1} s",
+        h.image.variant.name(),
+        side.wide_boots.len() + 1,
+        b.boot_to_sshd.as_secs_f64()
+    );
+    side.wide_boots.push(b.boot_to_sshd);
+    b.poweroff()
+}
+
+fn one_boot(h: &Harness, m: &Machine, o: &BenchOpts, side: &mut Side) -> Result<()> {
+    let expected = m.host_key_pub()?;
+    let b = h.boot_with(m, Some(&expected), |cfg| like_for_like(h, cfg))?;
     let mut boot = Boot {
         to_sshd: b.boot_to_sshd,
         ..Default::default()
@@ -458,18 +481,34 @@ pub fn run(o: &BenchOpts) -> Result<()> {
         ..Default::default()
     };
     let mut ci_side = Side::default();
+    let fresh = |h: &Harness| -> Result<Machine> {
+        let mut mm = m.clone();
+        mm.boot_disk = m
+            .state
+            .join(format!("boot-{}.qcow2", h.image.variant.name()));
+        machine::make_overlay(&h.image.base_qcow2, &mm.boot_disk)?;
+        fs::copy(&pristine_var, &mm.var_disk)
+            .with_context(|| format!("resetting {}", mm.var_disk.display()))?;
+        Ok(mm)
+    };
     for _ in 0..o.boots {
         for (h, side) in [(&nix, &mut nix_side), (&ci, &mut ci_side)] {
-            let mut mm = m.clone();
-            mm.boot_disk = m
-                .state
-                .join(format!("boot-{}.qcow2", h.image.variant.name()));
-            machine::make_overlay(&h.image.base_qcow2, &mm.boot_disk)?;
-            fs::copy(&pristine_var, &mm.var_disk)
-                .with_context(|| format!("resetting {}", mm.var_disk.display()))?;
-            one_boot(h, &mm, o, side).with_context(|| {
+            one_boot(h, &fresh(h)?, o, side).with_context(|| {
                 format!("benchmark boot of the {} image", h.image.variant.name())
             })?;
+        }
+    }
+    if o.wide_cpus > 0 {
+        for _ in 0..o.boots {
+            for (h, side) in [(&nix, &mut nix_side), (&ci, &mut ci_side)] {
+                wide_boot(h, &fresh(h)?, o.wide_cpus, side).with_context(|| {
+                    format!(
+                        "benchmark boot of the {} image with {} vCPUs",
+                        h.image.variant.name(),
+                        o.wide_cpus
+                    )
+                })?;
+            }
         }
     }
     let vm_time = started.elapsed();
@@ -639,6 +678,24 @@ fn render(
         ratio(boot_n, boot_c),
         verdict(boot_ok)
     );
+    if o.wide_cpus > 0 {
+        let wide =
+            |s: &Side| -> Vec<f64> { s.wide_boots.iter().map(Duration::as_secs_f64).collect() };
+        let (wide_n, wide_c) = (median(&mut wide(nix)), median(&mut wide(ci)));
+        let wide_ok = match (wide_n, wide_c) {
+            (Some(a), Some(b)) => Some(a <= 0.5 * b),
+            _ => None,
+        };
+        let _ = writeln!(
+            d,
+            "| the same with {} vCPUs (one per host core; a second series of fresh first boots, alternating), median | {} | {} | {} | ≤ 0.5× | {} |",
+            o.wide_cpus,
+            fmt_opt(wide_n, "s", 1),
+            fmt_opt(wide_c, "s", 1),
+            ratio(wide_n, wide_c),
+            verdict(wide_ok)
+        );
+    }
     let _ = writeln!(
         d,
         "| nixseed's own time before sshd (initrd process + `nixseed-apply.service` start), median; the boot less it, vs cloud-init's | {} | | {} | | the ratio if nixseed took no time at all |",
@@ -723,6 +780,18 @@ fn render(
          separates that translation from the stage's own work. Both images share the kernel, \
          initramfs and systemd, so the boot ratio is bounded by that common part."
     );
+    if o.wide_cpus > 0 {
+        let _ = writeln!(
+            d,
+            "\nThe main series runs each guest on 1 vCPU, where the guest is busy from systemd's \
+             start until sshd and the part both images share dominates. The series with {} vCPUs \
+             (MTTCG: one host thread per vCPU) lets systemd start units in parallel in both \
+             images; it shows whether the ratio holds when the guest is not bound to one \
+             emulated CPU. On a 2-core host that is shared with other work, this series is the \
+             noisier one.",
+            o.wide_cpus
+        );
+    }
     let _ = writeln!(d, "\nPer boot:\n");
     let _ = writeln!(
         d,
@@ -749,6 +818,22 @@ fn render(
             fmt_opt(c.map(|b| b.to_sshd.as_secs_f64()), "s", 1),
             fmt_opt(c.and_then(|b| b.provision_ms).map(|ms| ms / 1000.0), "s", 2),
             fmt_opt(c.and_then(|b| b.rss_kib).map(|k| k as f64), "KiB", 0),
+        );
+    }
+    if o.wide_cpus > 0 {
+        let list = |s: &Side| {
+            s.wide_boots
+                .iter()
+                .map(|t| format!("{:.1}", t.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        let _ = writeln!(
+            d,
+            "\nWith {} vCPUs, boot to sshd per boot: nixseed {} s; cloud-init {} s.",
+            o.wide_cpus,
+            list(nix),
+            list(ci)
         );
     }
     if !nix.timing_line.is_empty() {

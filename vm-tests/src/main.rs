@@ -50,6 +50,9 @@ enum Cmd {
         /// Print only; leave docs/benchmarks.md alone.
         #[arg(long)]
         no_write: bool,
+        /// A second series of boots of both images with N vCPUs (boot to sshd only); 0 skips it.
+        #[arg(long, default_value_t = 2, value_name = "N")]
+        wide_cpus: u32,
     },
 }
 
@@ -86,11 +89,13 @@ fn main() -> Result<()> {
             pings,
             no_host,
             no_write,
+            wide_cpus,
         } => vm_tests::bench::run(&vm_tests::bench::BenchOpts {
             boots,
             pings,
             host: !no_host,
             write_doc: !no_write,
+            wide_cpus,
         }),
         Cmd::Test { scenarios } => {
             if !vm_tests::scenarios::run_tests(&scenarios)? {
