@@ -243,7 +243,7 @@ fn cmd(name: &str) -> Vec<u8> {
 
 fn cases() -> Vec<Case> {
     let c = |n: &'static str| with(n, &[&cmd(n)], |_| {});
-    vec![
+    let mut v = vec![
         // Framing.
         case("ping", &[b"{\"execute\":\"guest-ping\"}"]),
         case("id null", &[b"{\"execute\":\"guest-ping\",\"id\":null}"]),
@@ -304,6 +304,19 @@ fn cases() -> Vec<Case> {
         c("guest-get-timezone"),
         c("guest-get-users"),
         c("guest-get-vcpus"),
+        // guest-set-vcpus, only what changes nothing on this machine: argument errors,
+        // CPUs that do not exist, and the boot CPU brought on line (it has no `online`
+        // file, and both agents report success without writing).
+        case("set-vcpus none", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{\"vcpus\":[]}}"]),
+        case("set-vcpus missing", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{}}"]),
+        case("set-vcpus not a list", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{\"vcpus\":{}}}"]),
+        case("set-vcpus element not an object", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{\"vcpus\":[1]}}"]),
+        case("set-vcpus online missing", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{\"vcpus\":[{\"logical-id\":0}]}}"]),
+        case("set-vcpus id mistyped", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{\"vcpus\":[{\"logical-id\":\"a\",\"online\":true}]}}"]),
+        case("set-vcpus unexpected member", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{\"vcpus\":[{\"logical-id\":0,\"online\":true},{\"logical-id\":0,\"online\":true,\"x\":1}]}}"]),
+        case("set-vcpus no such CPU", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{\"vcpus\":[{\"logical-id\":99999,\"online\":true}]}}"]),
+        case("set-vcpus negative id", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{\"vcpus\":[{\"logical-id\":-1,\"online\":true}]}}"]),
+        case("set-vcpus boot CPU on line, then no such CPU", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{\"vcpus\":[{\"logical-id\":0,\"online\":true,\"can-offline\":false},{\"logical-id\":99999,\"online\":false}]}}"]),
         c("guest-get-memory-block-info"),
         c("guest-get-memory-blocks"),
         // Counters move between the two agents' runs: the member sets, CPU numbers and
@@ -351,7 +364,13 @@ fn cases() -> Vec<Case> {
             b"{\"execute\":\"guest-file-close\",\"arguments\":{\"handle\":1000}}",
         ]),
         with("guest-info", &[&cmd("guest-info")], keep_common_commands),
-    ]
+    ];
+    // Taking the boot CPU off line is refused by both only where it has no `online`
+    // file; where it has one, the request would take this machine's CPU 0 away.
+    if !std::path::Path::new("/sys/devices/system/cpu/cpu0/online").exists() {
+        v.push(case("set-vcpus boot CPU off line", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{\"vcpus\":[{\"logical-id\":0,\"online\":false}]}}"]));
+    }
+    v
 }
 
 /// guest-info: the version differs by design, and each agent implements commands the
@@ -381,6 +400,7 @@ const QEMU_72: &[&str] = &[
     "guest-get-timezone",
     "guest-get-users",
     "guest-get-vcpus",
+    "guest-set-vcpus",
     "guest-get-memory-block-info",
     "guest-get-memory-blocks",
     "guest-get-cpustats",

@@ -31,6 +31,7 @@ const REGISTRY: &[(&str, Handler)] = &[
     ("guest-get-timezone", Handler::Sync(system::get_timezone)),
     ("guest-get-users", Handler::Sync(system::get_users)),
     ("guest-get-vcpus", Handler::Sync(system::get_vcpus)),
+    ("guest-set-vcpus", Handler::Sync(system::set_vcpus)),
     ("guest-get-load", Handler::Sync(system::get_load)),
     (
         "guest-get-memory-block-info",

@@ -1,6 +1,6 @@
 //! Facts about the guest: time, OS, host name, time zone, users, vCPUs, load, memory
 //! blocks, CPU and disk counters. Each reads one kernel or /etc source; the parsing is
-//! in nixseed-core.
+//! in nixseed-core. Two setters: the clock and the vCPUs' online state.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -175,6 +175,93 @@ pub fn get_vcpus(_: &mut Agent, args: Args) -> CmdResult {
     Ok(Some(Value::Array(cpus)))
 }
 
+const CPU_DIR: &str = "/sys/devices/system/cpu";
+
+/// guest-set-vcpus (what `virsh guestvcpus --enable/--disable` and `virsh setvcpus
+/// --guest` send): takes logical CPUs on or off line through sysfs, as qemu-ga does. The
+/// whole request is checked first; then the CPUs in order, stopping at the first that
+/// fails. The answer is how many were done; the error only when none was.
+pub fn set_vcpus(_: &mut Agent, mut args: Args) -> CmdResult {
+    let mut wanted = Vec::new();
+    for mut cpu in args.object_list("vcpus")? {
+        let id = cpu.i64("logical-id")?;
+        let online = cpu.bool("online")?;
+        cpu.opt_bool("can-offline")?;
+        cpu.finish()?;
+        wanted.push((id, online));
+    }
+    args.finish()?;
+    let mut done = 0u64;
+    for (id, online) in wanted {
+        match set_vcpu(std::path::Path::new(CPU_DIR), id, online) {
+            Ok(()) => done += 1,
+            Err(e) if done == 0 => return Err(e),
+            Err(e) => {
+                tracing::warn!("guest-set-vcpus: stopped after {done}: {}", e.desc);
+                break;
+            }
+        }
+    }
+    Ok(Some(json!(done)))
+}
+
+/// One CPU's `online` file brought to `online`; the error texts are qemu-ga's. A CPU with
+/// no such file (the boot CPU) is always on line: asking for that is a success, taking
+/// it off line an error.
+fn set_vcpu(root: &std::path::Path, id: i64, online: bool) -> Result<(), QgaError> {
+    use std::os::unix::fs::FileExt;
+    let os =
+        |e: &std::io::Error| errno_text(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)));
+    let dir = format!("{}/cpu{id}/", root.display());
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(QgaError::generic(format!(
+                "open(\"{dir}\"): Not a directory"
+            )));
+        }
+        Err(e) => return Err(QgaError::generic(format!("open(\"{dir}\"): {}", os(&e)))),
+    }
+    let file = format!("{dir}/online");
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return if online {
+                Ok(())
+            } else {
+                Err(QgaError::generic(format!(
+                    "logical processor #{id} can't be offlined"
+                )))
+            };
+        }
+        Err(e) => return Err(QgaError::generic(format!("open(\"{file}\"): {}", os(&e)))),
+    };
+    let mut status = [0u8; 1];
+    match f.read_at(&mut status, 0) {
+        Ok(0) => {
+            return Err(QgaError::generic(format!(
+                "pread(\"{file}\"): unexpected EOF"
+            )));
+        }
+        Ok(_) => {}
+        Err(e) => return Err(QgaError::generic(format!("pread(\"{file}\"): {}", os(&e)))),
+    }
+    if (status[0] != b'0') != online {
+        let value: &[u8] = if online { b"1" } else { b"0" };
+        f.write_at(value, 0)
+            .map_err(|e| QgaError::generic(format!("pwrite(\"{file}\"): {}", os(&e))))?;
+        tracing::info!(
+            "guest-set-vcpus: CPU {id} {}",
+            if online { "on line" } else { "off line" }
+        );
+    }
+    Ok(())
+}
+
 pub fn get_load(_: &mut Agent, args: Args) -> CmdResult {
     args.finish()?;
     let text = read_text("/proc/loadavg")?;
@@ -338,4 +425,51 @@ pub fn get_diskstats(_: &mut Agent, args: Args) -> CmdResult {
         })
         .collect();
     Ok(Some(Value::Array(disks)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake of sysfs's CPU directory (plain files in a temporary directory): the
+    /// decisions and error texts of `set_vcpu`, without touching this machine's CPUs.
+    #[test]
+    fn set_vcpu_writes_only_a_change_and_refuses_the_boot_cpu() {
+        let root = tempfile::tempdir().unwrap();
+        let cpu = |n: u32| root.path().join(format!("cpu{n}"));
+        for n in 0..3 {
+            std::fs::create_dir(cpu(n)).unwrap();
+        }
+        std::fs::write(cpu(1).join("online"), "1\n").unwrap();
+        std::fs::write(cpu(2).join("online"), "").unwrap();
+        let state = || std::fs::read_to_string(cpu(1).join("online")).unwrap();
+
+        set_vcpu(root.path(), 0, true).unwrap();
+        let e = set_vcpu(root.path(), 0, false).unwrap_err();
+        assert_eq!(e.desc, "logical processor #0 can't be offlined");
+
+        set_vcpu(root.path(), 1, true).unwrap();
+        assert_eq!(state(), "1\n", "a CPU already on line is left alone");
+        set_vcpu(root.path(), 1, false).unwrap();
+        assert_eq!(state(), "0\n");
+        set_vcpu(root.path(), 1, true).unwrap();
+        assert_eq!(state(), "1\n");
+
+        let e = set_vcpu(root.path(), 2, true).unwrap_err();
+        assert_eq!(
+            e.desc,
+            format!(
+                "pread(\"{}/cpu2//online\"): unexpected EOF",
+                root.path().display()
+            )
+        );
+        let e = set_vcpu(root.path(), 3, true).unwrap_err();
+        assert_eq!(
+            e.desc,
+            format!(
+                "open(\"{}/cpu3/\"): No such file or directory",
+                root.path().display()
+            )
+        );
+    }
 }

@@ -56,6 +56,7 @@ pub const COMMANDS: &[CommandInfo] = &[
     cmd("guest-get-timezone"),
     cmd("guest-get-users"),
     cmd("guest-get-vcpus"),
+    cmd("guest-set-vcpus"),
     cmd("guest-get-load"),
     cmd("guest-get-memory-block-info"),
     cmd("guest-get-memory-blocks"),

@@ -64,6 +64,9 @@ pub fn parse_request(v: Value) -> Result<QgaRequest, (QgaError, Option<Value>)> 
 pub struct Args {
     map: Map<String, Value>,
     seen: Vec<String>,
+    /// Where these arguments sit in the request, for error texts: empty at the top,
+    /// `vcpus[0].` for an element of a list of objects.
+    prefix: String,
 }
 
 fn type_error(name: &str, expected: &str) -> QgaError {
@@ -97,7 +100,13 @@ impl Args {
         Args {
             map,
             seen: Vec::new(),
+            prefix: String::new(),
         }
+    }
+
+    /// A member's name as qemu's errors spell it.
+    fn full(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
     }
 
     /// The argument names given, for the audit log (values may be secrets).
@@ -112,7 +121,8 @@ impl Args {
 
     /// A required argument of a QAPI alternate type, left to the command to interpret.
     pub fn value(&mut self, name: &str) -> Result<Value, QgaError> {
-        self.take(name).ok_or_else(|| missing(name))
+        let full = self.full(name);
+        self.take(name).ok_or_else(|| missing(&full))
     }
 
     pub fn opt_i64(&mut self, name: &str) -> Result<Option<i64>, QgaError> {
@@ -120,12 +130,13 @@ impl Args {
             None => Ok(None),
             Some(v) => as_i64(&v)
                 .map(Some)
-                .ok_or_else(|| type_error(name, "integer")),
+                .ok_or_else(|| type_error(&self.full(name), "integer")),
         }
     }
 
     pub fn i64(&mut self, name: &str) -> Result<i64, QgaError> {
-        self.opt_i64(name)?.ok_or_else(|| missing(name))
+        let full = self.full(name);
+        self.opt_i64(name)?.ok_or_else(|| missing(&full))
     }
 
     pub fn opt_u64(&mut self, name: &str) -> Result<Option<u64>, QgaError> {
@@ -133,7 +144,7 @@ impl Args {
             None => Ok(None),
             Some(v) => as_u64(&v)
                 .map(Some)
-                .ok_or_else(|| type_error(name, "uint64")),
+                .ok_or_else(|| type_error(&self.full(name), "uint64")),
         }
     }
 
@@ -141,24 +152,26 @@ impl Args {
         match self.take(name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(type_error(name, "string")),
+            Some(_) => Err(type_error(&self.full(name), "string")),
         }
     }
 
     pub fn str(&mut self, name: &str) -> Result<String, QgaError> {
-        self.opt_str(name)?.ok_or_else(|| missing(name))
+        let full = self.full(name);
+        self.opt_str(name)?.ok_or_else(|| missing(&full))
     }
 
     pub fn opt_bool(&mut self, name: &str) -> Result<Option<bool>, QgaError> {
         match self.take(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(b)),
-            Some(_) => Err(type_error(name, "boolean")),
+            Some(_) => Err(type_error(&self.full(name), "boolean")),
         }
     }
 
     pub fn bool(&mut self, name: &str) -> Result<bool, QgaError> {
-        self.opt_bool(name)?.ok_or_else(|| missing(name))
+        let full = self.full(name);
+        self.opt_bool(name)?.ok_or_else(|| missing(&full))
     }
 
     pub fn opt_str_list(&mut self, name: &str) -> Result<Option<Vec<String>>, QgaError> {
@@ -169,16 +182,39 @@ impl Args {
                 .enumerate()
                 .map(|(i, v)| match v {
                     Value::String(s) => Ok(s),
-                    _ => Err(type_error(&format!("{name}[{i}]"), "string")),
+                    _ => Err(type_error(&format!("{}[{i}]", self.full(name)), "string")),
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map(Some),
-            Some(_) => Err(type_error(name, "array")),
+            Some(_) => Err(type_error(&self.full(name), "array")),
         }
     }
 
     pub fn str_list(&mut self, name: &str) -> Result<Vec<String>, QgaError> {
-        self.opt_str_list(name)?.ok_or_else(|| missing(name))
+        let full = self.full(name);
+        self.opt_str_list(name)?.ok_or_else(|| missing(&full))
+    }
+
+    /// A required list of objects (`vcpus: [GuestLogicalProcessor]`): one `Args` per
+    /// element, each read and finished by the caller in order, as qemu's visitor does.
+    pub fn object_list(&mut self, name: &str) -> Result<Vec<Args>, QgaError> {
+        let full = self.full(name);
+        match self.take(name) {
+            None => Err(missing(&full)),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::Object(map) => Ok(Args {
+                        map,
+                        seen: Vec::new(),
+                        prefix: format!("{full}[{i}]."),
+                    }),
+                    _ => Err(type_error(&format!("{full}[{i}]"), "object")),
+                })
+                .collect(),
+            Some(_) => Err(type_error(&full, "array")),
+        }
     }
 
     /// Ends reading: an argument the command does not take is an error.
@@ -186,7 +222,8 @@ impl Args {
         for key in qdict_order(&self.map) {
             if !self.seen.iter().any(|s| s == key) {
                 return Err(QgaError::generic(format!(
-                    "Parameter '{key}' is unexpected"
+                    "Parameter '{}{key}' is unexpected",
+                    self.prefix
                 )));
             }
         }

@@ -55,7 +55,7 @@ fn table_rows(out: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// `key : value` lines of `virsh guestinfo`.
+/// `key : value` lines of `virsh guestinfo` and `virsh guestvcpus`.
 fn guestinfo_map(out: &str) -> std::collections::BTreeMap<String, String> {
     out.lines()
         .filter_map(|l| l.split_once(':'))
@@ -94,7 +94,16 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     cmd::run(
         seedctl
             .command(&machines, &state)
-            .args(["define", name, "--connect", URI, "--type", "qemu"])
+            .args([
+                "define",
+                name,
+                "--connect",
+                URI,
+                "--type",
+                "qemu",
+                "--cpus",
+                "2",
+            ])
             .arg("--kernel")
             .arg(&h.image.kernel)
             .arg("--initrd")
@@ -231,6 +240,7 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     // KubeVirt's guest statistics (its VMStatsCollector): the guest's own CPU and disk
     // counters, and its memory blocks.
     kubevirt_stats(name)?;
+    guest_vcpus(name)?;
 
     // SSH keys through the agent: root's are the identity's admin keys; add and remove one.
     let keys = virsh(&["get-user-sshkeys", name, "root"])?;
@@ -486,6 +496,44 @@ fn kubevirt_stats(name: &str) -> Result<()> {
             .is_some_and(|l| !l.is_empty() && l.iter().any(|b| b["online"] == true)),
         "guest-get-memory-blocks says {blocks}"
     );
+    Ok(())
+}
+
+/// The `online : LIST` line of `virsh guestvcpus`.
+fn online_list(out: &str) -> Option<String> {
+    guestinfo_map(out).get("online").cloned()
+}
+
+/// `virsh guestvcpus` (guest-get-vcpus, guest-set-vcpus): the domain's two vCPUs are on
+/// line and CPU 1 can go off line; disabling it takes it off line in the guest's kernel,
+/// enabling brings it back.
+fn guest_vcpus(name: &str) -> Result<()> {
+    let before = virsh(&["guestvcpus", name])?;
+    let map = guestinfo_map(&before);
+    ensure!(
+        map.get("vcpus").map(String::as_str) == Some("0-1")
+            && online_list(&before).as_deref() == Some("0-1")
+            && map.get("offlinable").map(String::as_str) == Some("1"),
+        "`virsh guestvcpus {name}` before any change says:\n{before}"
+    );
+    virsh(&["guestvcpus", name, "--cpulist", "1", "--disable"])?;
+    let off = virsh(&["guestvcpus", name])?;
+    let cpus = agent_return(name, "guest-get-vcpus")?;
+    let cpu1_online = cpus
+        .as_array()
+        .and_then(|l| l.iter().find(|c| c["logical-id"] == 1))
+        .map(|c| c["online"].clone());
+    ensure!(
+        online_list(&off).as_deref() == Some("0") && cpu1_online == Some(serde_json::json!(false)),
+        "after `virsh guestvcpus {name} --cpulist 1 --disable` the guest says:\n{off}\nguest-get-vcpus: {cpus}"
+    );
+    virsh(&["guestvcpus", name, "--cpulist", "1", "--enable"])?;
+    let on = virsh(&["guestvcpus", name])?;
+    ensure!(
+        online_list(&on).as_deref() == Some("0-1"),
+        "after `virsh guestvcpus {name} --cpulist 1 --enable` the guest says:\n{on}"
+    );
+    eprintln!("vm-tests: {name}: virsh guestvcpus took CPU 1 off line and back");
     Ok(())
 }
 
