@@ -1,10 +1,11 @@
 //! A minimal D-Bus client: one method call on the system bus, waiting for its reply, or
 //! one systemd job followed to its result. The agent makes few calls (logind
-//! PowerOff/Halt/Reboot/Suspend, systemd ResetFailedUnit and (Try)RestartUnit, networkd
-//! Reload); a full D-Bus library costs more than the rest of the guest agent together,
-//! and the guest binary has a 2.5 MiB budget (docs/benchmarks.md). Supported: EXTERNAL
-//! authentication, method calls with `b`/`s` arguments, method returns, errors and
-//! systemd's `JobRemoved` signal in either byte order.
+//! PowerOff/Halt/Reboot/Suspend; systemd ResetFailedUnit, (Try)RestartUnit, LoadUnit and
+//! a unit's ActiveState; networkd Reload); a full D-Bus library costs more than the rest
+//! of the guest agent together, and the guest binary has a 2.5 MiB budget
+//! (docs/benchmarks.md). Supported: EXTERNAL authentication, method calls with `b`/`s`
+//! arguments, method returns (object paths, string variants), errors and systemd's
+//! `JobRemoved` signal, in either byte order.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -195,7 +196,9 @@ pub async fn run_job_at(
 
 /// A unit's `ActiveState` (`active`, `inactive`, `failed`, `activating`, ...): a job
 /// that ended `done` can still leave the unit down (a try-restart of a unit that was not
-/// running, a start skipped by a condition).
+/// running, a start skipped by a condition). `LoadUnit`, not `GetUnit`: a unit systemd
+/// has unloaded (stopped and not needed) is loaded again and reads `inactive`, and a
+/// unit with no file reads `inactive` too.
 pub async fn unit_active_state(unit: &str) -> Result<String, DbusError> {
     unit_active_state_at(&system_bus_path(), unit).await
 }
@@ -206,13 +209,13 @@ pub async fn unit_active_state_at(bus: &std::path::Path, unit: &str) -> Result<S
         SYSTEMD,
         SYSTEMD_PATH,
         SYSTEMD_MANAGER,
-        "GetUnit",
+        "LoadUnit",
         &[Arg::Str(unit)],
     )
     .await?;
-    let path = reply
-        .body_object_path()
-        .ok_or_else(|| DbusError::Protocol(format!("GetUnit {unit}: no unit path in the reply")))?;
+    let path = reply.body_object_path().ok_or_else(|| {
+        DbusError::Protocol(format!("LoadUnit {unit}: no unit path in the reply"))
+    })?;
     let reply = call_reply_at(
         bus,
         SYSTEMD,
@@ -775,7 +778,7 @@ mod tests {
             };
             let out = match call.member.as_deref() {
                 Some("Subscribe") => vec![reply(next(), "", &[])],
-                Some("GetUnit") => {
+                Some("LoadUnit") => {
                     let unit = call.body().string().unwrap();
                     let mut path = Vec::new();
                     put_str(

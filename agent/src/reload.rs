@@ -68,26 +68,31 @@ pub async fn after_change(
             set_hostname(&identity_dir.join(identity::HOSTNAME)),
         );
     }
-    if has(identity::SSH_HOST_KEY) || has(identity::SSH_HOST_KEY_PUB) {
+    // sshd and networkd are told at the same time, so a slow restart of one does not
+    // use up the other's time.
+    let sshd = async {
+        if !(has(identity::SSH_HOST_KEY) || has(identity::SSH_HOST_KEY_PUB)) {
+            return None;
+        }
         let how = if first_identity {
             "RestartUnit"
         } else {
             "TryRestartUnit"
         };
-        out.record(
-            "sshd",
-            within(
-                deadline,
-                restart_units(&["ssh.service", "sshd.service"], how),
-            )
-            .await,
-        );
+        Some(within(deadline, restart_sshd(how)).await)
+    };
+    let networkd = async {
+        if !has(identity::NETWORK_DIR) {
+            return None;
+        }
+        Some(within(deadline, networkd_reload()).await)
+    };
+    let (sshd, networkd) = tokio::join!(sshd, networkd);
+    if let Some(r) = sshd {
+        out.record("sshd", r);
     }
-    if has(identity::NETWORK_DIR) {
-        out.record(
-            "systemd-networkd",
-            within(deadline, networkd_reload()).await,
-        );
+    if let Some(r) = networkd {
+        out.record("systemd-networkd", r);
     }
     if firewall && (has(identity::TCP_PORTS) || has(identity::UDP_PORTS)) {
         out.record("nftables", load_firewall(identity_dir));
@@ -106,19 +111,33 @@ fn set_hostname(file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The units sshd runs as: ssh.service on Debian (sshd.service is its alias there),
+/// sshd.service on NixOS.
+const SSHD_UNITS: [&str; 2] = ["ssh.service", "sshd.service"];
+/// The sockets that start sshd on a connection (NixOS `startWhenNeeded`, Debian's
+/// ssh.socket): an sshd started that way reads the host key at that start.
+const SSHD_SOCKETS: [&str; 2] = ["ssh.socket", "sshd.socket"];
+
 /// `method`: `TryRestartUnit` (leaves a unit that is not running alone) or `RestartUnit`
-/// (starts it), on the first of `units` the image has (ssh.service on Debian, where
-/// sshd.service is its alias; sshd.service on NixOS). Before `RestartUnit` the unit's
-/// failed state is reset: an sshd that kept failing without a host key until systemd's
-/// start limit would refuse the start. The restart job is followed to its end, and the
-/// unit must then be active: any refusal but "no such unit", any job result but `done`,
-/// and a unit left down (a try-restart of an sshd that was not running, a start its
-/// condition skipped) is an error. A service that dies only after systemd has called it
-/// started is not seen.
-async fn restart_units(units: &[&str], method: &str) -> Result<()> {
+/// (starts it), on the first of [`SSHD_UNITS`] the image has. Before `RestartUnit` the
+/// unit's failed state is reset: an sshd that kept failing without a host key until
+/// systemd's start limit would refuse the start. The restart job is followed to its end,
+/// and the unit must then be active, or one of [`SSHD_SOCKETS`] listening: any refusal
+/// but "no such unit", any job result but `done`, and an sshd left down (a try-restart of
+/// an sshd that was not running, a start its condition skipped) is an error. A service
+/// that dies only after systemd has called it started is not seen.
+async fn restart_sshd(method: &str) -> Result<()> {
     use crate::dbus::{Arg, DbusError, call, run_job, unit_active_state};
     let no_such_unit = |e: &DbusError| matches!(e, DbusError::Remote { name, .. } if name == "org.freedesktop.systemd1.NoSuchUnit");
-    for unit in units {
+    let socket_listens = || async {
+        for socket in SSHD_SOCKETS {
+            if unit_active_state(socket).await.is_ok_and(|s| s == "active") {
+                return true;
+            }
+        }
+        false
+    };
+    for unit in SSHD_UNITS {
         if method == "RestartUnit" {
             match call(
                 "org.freedesktop.systemd1",
@@ -139,7 +158,7 @@ async fn restart_units(units: &[&str], method: &str) -> Result<()> {
                 let state = unit_active_state(unit)
                     .await
                     .with_context(|| format!("{unit}'s state after {method}"))?;
-                if state == "active" || state == "reloading" {
+                if state == "active" || state == "reloading" || socket_listens().await {
                     return Ok(());
                 }
                 anyhow::bail!("{unit} is {state} after {method} (journalctl -u {unit} says why)");
@@ -151,7 +170,14 @@ async fn restart_units(units: &[&str], method: &str) -> Result<()> {
             Err(e) => return Err(e).context(format!("{method} {unit}")),
         }
     }
-    anyhow::bail!("none of {} is a unit here", units.join(", "))
+    if socket_listens().await {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "none of {} is a unit here, and none of {} listens",
+        SSHD_UNITS.join(", "),
+        SSHD_SOCKETS.join(", ")
+    )
 }
 
 async fn networkd_reload() -> Result<()> {

@@ -688,7 +688,7 @@ fn render(
         };
         let _ = writeln!(
             d,
-            "| the same with {} vCPUs (one per host core; a second series of fresh first boots, alternating), median | {} | {} | {} | ≤ 0.5× | {} |",
+            "| the same with {} vCPUs (a second series of fresh first boots, alternating), median | {} | {} | {} | ≤ 0.5× | {} |",
             o.wide_cpus,
             fmt_opt(wide_n, "s", 1),
             fmt_opt(wide_c, "s", 1),
@@ -783,12 +783,13 @@ fn render(
     if o.wide_cpus > 0 {
         let _ = writeln!(
             d,
-            "\nThe main series runs each guest on 1 vCPU, where the guest is busy from systemd's \
+            "\nThe main series runs each guest on {} vCPU, where the guest is busy from systemd's \
              start until sshd and the part both images share dominates. The series with {} vCPUs \
              (MTTCG: one host thread per vCPU) lets systemd start units in parallel in both \
              images; it shows whether the ratio holds when the guest is not bound to one \
-             emulated CPU. On a 2-core host that is shared with other work, this series is the \
-             noisier one.",
+             emulated CPU. On a host shared with other work, this series is the noisier \
+             one.",
+            std::env::var("NIXSEED_VM_CPUS").unwrap_or_else(|_| "1".into()),
             o.wide_cpus
         );
     }

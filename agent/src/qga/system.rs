@@ -183,7 +183,8 @@ const CPU_DIR: &str = "/sys/devices/system/cpu";
 /// fails. The answer is how many were done; the error only when none was.
 pub fn set_vcpus(_: &mut Agent, mut args: Args) -> CmdResult {
     let mut wanted = Vec::new();
-    for mut cpu in args.object_list("vcpus")? {
+    for cpu in args.object_list("vcpus")? {
+        let mut cpu = cpu?;
         let id = cpu.i64("logical-id")?;
         let online = cpu.bool("online")?;
         cpu.opt_bool("can-offline")?;

@@ -196,12 +196,14 @@ impl Args {
     }
 
     /// A required list of objects (`vcpus: [GuestLogicalProcessor]`): one `Args` per
-    /// element, each read and finished by the caller in order, as qemu's visitor does.
-    pub fn object_list(&mut self, name: &str) -> Result<Vec<Args>, QgaError> {
+    /// element, or the error for an element that is not an object. The caller takes
+    /// each with `?`, reads its members and finishes it before the next, so errors come
+    /// in the order of qemu's visitor (element 0 whole, then element 1).
+    pub fn object_list(&mut self, name: &str) -> Result<Vec<Result<Args, QgaError>>, QgaError> {
         let full = self.full(name);
         match self.take(name) {
             None => Err(missing(&full)),
-            Some(Value::Array(items)) => items
+            Some(Value::Array(items)) => Ok(items
                 .into_iter()
                 .enumerate()
                 .map(|(i, v)| match v {
@@ -212,7 +214,7 @@ impl Args {
                     }),
                     _ => Err(type_error(&format!("{full}[{i}]"), "object")),
                 })
-                .collect(),
+                .collect()),
             Some(_) => Err(type_error(&full, "array")),
         }
     }

@@ -93,17 +93,53 @@ pub fn push(h: &Harness) -> Result<()> {
     sshd_refuses_the_new_key(h, &m, b)
 }
 
-/// A push that rotates the host key while sshd cannot start (here a drop-in whose
-/// `ExecStartPre` fails, as a broken sshd configuration would): the identity is applied,
+/// Pushes that rotate the host key while sshd cannot start (here a drop-in whose
+/// `ExecStartPre` fails, as a broken sshd configuration would, and which systemd does
+/// not retry): the identity is applied,
 /// and `seedctl push` says that sshd did not take it and exits 4, rather than reporting
-/// sshd reloaded because systemd accepted the restart. sshd is down afterwards, so the
-/// guest is shut down through the agent.
+/// sshd reloaded because systemd accepted the restart; a second push, with sshd already
+/// down, says it is down. The guest is then shut down through the agent.
 fn sshd_refuses_the_new_key(h: &Harness, m: &Machine, b: Booted) -> Result<()> {
     b.ssh.run(
         "mkdir -p /run/systemd/system/ssh.service.d && \
-         printf '[Service]\nExecStartPre=/bin/false\n' > /run/systemd/system/ssh.service.d/90-broken.conf && \
+         printf '[Service]\nExecStartPre=/bin/false\nRestart=no\n' > /run/systemd/system/ssh.service.d/90-broken.conf && \
          systemctl daemon-reload",
     )?;
+    // The restart job itself fails.
+    let said = push_rotated_key(h, m, &b, "with sshd broken")?;
+    let failed = line_starting(&said, "FAILED");
+    ensure!(
+        failed.contains("sshd") && failed.contains("ssh.service") && failed.contains("'failed'"),
+        "seedctl push does not name sshd's failed restart:\n{said}"
+    );
+    // sshd is now failed (`Restart=no` in the drop-in, so systemd does not retry it): a
+    // try-restart does nothing and its job ends `done`, yet sshd does not serve the new
+    // key, and the push must say so.
+    let said = push_rotated_key(h, m, &b, "with sshd down")?;
+    let failed = line_starting(&said, "FAILED");
+    ensure!(
+        failed.contains("sshd: ssh.service is failed after TryRestartUnit"),
+        "seedctl push does not say that sshd is down after the try-restart:\n{said}"
+    );
+    let shut = b.shutdown_via_agent(h, m)?;
+    ensure!(
+        shut.qemu.success(),
+        "QEMU exited {} after the agent's shutdown",
+        shut.qemu
+    );
+    Ok(())
+}
+
+/// The first line of seedctl's report that starts with `label`, or "".
+fn line_starting<'a>(said: &'a str, label: &str) -> &'a str {
+    said.lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_default()
+}
+
+/// Replaces the host key in machines/NAME and pushes it while sshd cannot take it:
+/// seedctl must exit 4 and not list sshd as reloaded. Returns what it printed.
+fn push_rotated_key(h: &Harness, m: &Machine, b: &Booted, case: &str) -> Result<String> {
     let fresh = m.state.join("rotated_host_key");
     let _ = fs::remove_file(&fresh);
     let _ = fs::remove_file(fresh.with_extension("pub"));
@@ -125,41 +161,19 @@ fn sshd_refuses_the_new_key(h: &Harness, m: &Machine, b: Booted) -> Result<()> {
         .stdin(std::process::Stdio::null())
         .output()
         .context("running seedctl push")?;
-    let said = String::from_utf8_lossy(&out.stdout);
-    eprintln!(
-        "vm-tests: {}: seedctl push with sshd broken: {}",
-        m.name,
-        said.trim()
-    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("vm-tests: {}: seedctl push {case}: {}", m.name, said.trim());
     ensure!(
         out.status.code() == Some(4),
-        "seedctl push exited {} when sshd could not restart, not 4:\n{said}{}",
+        "seedctl push {case} exited {}, not 4:\n{said}{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let failed = said
-        .lines()
-        .find(|l| l.trim_start().starts_with("FAILED"))
-        .unwrap_or_default();
     ensure!(
-        failed.contains("sshd") && failed.contains("ssh.service") && failed.contains("'failed'"),
-        "seedctl push does not name sshd's failed restart:\n{said}"
+        !line_starting(&said, "reloaded").contains("sshd"),
+        "seedctl push {case} reports sshd reloaded:\n{said}"
     );
-    let reloaded = said
-        .lines()
-        .find(|l| l.trim_start().starts_with("reloaded"))
-        .unwrap_or_default();
-    ensure!(
-        !reloaded.contains("sshd"),
-        "seedctl push reports sshd reloaded although it did not start:\n{said}"
-    );
-    let shut = b.shutdown_via_agent(h, m)?;
-    ensure!(
-        shut.qemu.success(),
-        "QEMU exited {} after the agent's shutdown",
-        shut.qemu
-    );
-    Ok(())
+    Ok(said)
 }
 
 /// A key added through the guest agent (what `virsh set-user-sshkeys` sends) logs in, and
@@ -347,18 +361,12 @@ pub fn push_first(h: &Harness) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     // seedctl exited 0, so nothing failed; sshd is listed once its start job is done.
-    let reloaded = said
-        .lines()
-        .find(|l| l.trim_start().starts_with("reloaded"))
-        .unwrap_or_default();
+    let reloaded = line_starting(&said, "reloaded");
     ensure!(
         reloaded.contains("sshd"),
         "seedctl push does not report sshd started:\n{said}"
     );
-    let needs_reboot = said
-        .lines()
-        .find(|l| l.trim_start().starts_with("needs reboot"))
-        .unwrap_or_default();
+    let needs_reboot = line_starting(&said, "needs reboot");
     ensure!(
         needs_reboot.contains("machine-id"),
         "the first push does not report machine-id as needing a reboot:\n{said}"
