@@ -240,7 +240,6 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     // KubeVirt's guest statistics (its VMStatsCollector): the guest's own CPU and disk
     // counters, and its memory blocks.
     kubevirt_stats(name)?;
-    guest_vcpus(name)?;
 
     // SSH keys through the agent: root's are the identity's admin keys; add and remove one.
     let keys = virsh(&["get-user-sshkeys", name, "root"])?;
@@ -353,6 +352,10 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     eprintln!(
         "vm-tests: {name}: agent says hostname {want_host}, then libvirt-renamed after seedctl push --connect and back after rollback; {mac} has {addr}, / on vda and /var on vdb, froze and thawed {frozen} filesystems"
     );
+
+    // Last before the shutdown: CPU hotplug in the guest, after every control-channel
+    // exchange (one CI run lost a control-channel push made after it).
+    guest_vcpus(name)?;
 
     // Shutdown through the agent: the domain must reach "shut off" on its own.
     let t = Instant::now();
