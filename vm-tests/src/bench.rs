@@ -451,6 +451,11 @@ fn fmt_opt(v: Option<f64>, unit: &str, prec: usize) -> String {
     v.map_or("–".into(), |x| format!("{x:.prec$} {unit}"))
 }
 
+/// Whether `ours` is at most `share` of `theirs`, when both were measured.
+fn at_most(ours: Option<f64>, theirs: Option<f64>, share: f64) -> Option<bool> {
+    Some(ours? <= share * theirs?)
+}
+
 fn verdict(ok: Option<bool>) -> &'static str {
     match ok {
         Some(true) => "met",
@@ -666,10 +671,7 @@ fn render(
         "| measure | nixseed | cloud-init / qemu-ga | ratio | budget | |"
     );
     let _ = writeln!(d, "|---|---:|---:|---:|---|---|");
-    let boot_ok = match (boot_n, boot_c) {
-        (Some(a), Some(b)) => Some(a <= 0.5 * b),
-        _ => None,
-    };
+    let boot_ok = at_most(boot_n, boot_c, 0.5);
     let _ = writeln!(
         d,
         "| boot to sshd with the pinned host key (QEMU start → `ssh-keyscan` match), median | {} | {} | {} | ≤ 0.5× | {} |",
@@ -682,10 +684,7 @@ fn render(
         let wide =
             |s: &Side| -> Vec<f64> { s.wide_boots.iter().map(Duration::as_secs_f64).collect() };
         let (wide_n, wide_c) = (median(&mut wide(nix)), median(&mut wide(ci)));
-        let wide_ok = match (wide_n, wide_c) {
-            (Some(a), Some(b)) => Some(a <= 0.5 * b),
-            _ => None,
-        };
+        let wide_ok = at_most(wide_n, wide_c, 0.5);
         let _ = writeln!(
             d,
             "| the same with {} vCPUs (a second series of fresh first boots, alternating), median | {} | {} | {} | ≤ 0.5× | {} |",
@@ -739,10 +738,7 @@ fn render(
         ratio(rss_n, rss_c),
         verdict(rss_n.map(|v| v <= 2.0))
     );
-    let ping_ok = match (ping_n, ping_c) {
-        (Some(a), Some(b)) => Some(a <= b),
-        _ => None,
-    };
+    let ping_ok = at_most(ping_n, ping_c, 1.0);
     let _ = writeln!(
         d,
         "| guest-ping round trip from the host over virtio-serial, median ({} per boot) | {} | {} | {} | ≤ qemu-ga | {} |",
