@@ -318,6 +318,17 @@ fn cases() -> Vec<Case> {
         case("set-vcpus bad first element before a non-object", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{\"vcpus\":[{\"logical-id\":0},1]}}"]),
         c("guest-get-memory-block-info"),
         c("guest-get-memory-blocks"),
+        // guest-set-memory-blocks, only what changes nothing on this machine: argument
+        // errors and blocks that do not exist (a negative index is read as uint64).
+        case("set-memory-blocks none", &[b"{\"execute\":\"guest-set-memory-blocks\",\"arguments\":{\"mem-blks\":[]}}"]),
+        case("set-memory-blocks missing", &[b"{\"execute\":\"guest-set-memory-blocks\",\"arguments\":{}}"]),
+        case("set-memory-blocks element not an object", &[b"{\"execute\":\"guest-set-memory-blocks\",\"arguments\":{\"mem-blks\":[1]}}"]),
+        case("set-memory-blocks online missing", &[b"{\"execute\":\"guest-set-memory-blocks\",\"arguments\":{\"mem-blks\":[{\"phys-index\":0}]}}"]),
+        case("set-memory-blocks index missing", &[b"{\"execute\":\"guest-set-memory-blocks\",\"arguments\":{\"mem-blks\":[{\"online\":true}]}}"]),
+        case("set-memory-blocks index mistyped", &[b"{\"execute\":\"guest-set-memory-blocks\",\"arguments\":{\"mem-blks\":[{\"phys-index\":1.5,\"online\":true}]}}"]),
+        case("set-memory-blocks index a string", &[b"{\"execute\":\"guest-set-memory-blocks\",\"arguments\":{\"mem-blks\":[{\"phys-index\":\"0\",\"online\":true}]}}"]),
+        case("set-memory-blocks unexpected member", &[b"{\"execute\":\"guest-set-memory-blocks\",\"arguments\":{\"mem-blks\":[{\"phys-index\":999999,\"online\":false},{\"phys-index\":0,\"online\":false,\"x\":1}]}}"]),
+        case("set-memory-blocks no such block", &[b"{\"execute\":\"guest-set-memory-blocks\",\"arguments\":{\"mem-blks\":[{\"phys-index\":999999,\"online\":false,\"can-offline\":true},{\"phys-index\":-1,\"online\":true},{\"phys-index\":18446744073709551615,\"online\":false}]}}"]),
         // Counters move between the two agents' runs: the member sets, CPU numbers and
         // devices must agree here; the values are checked in `counters_lie_between_two_qemu_ga_readings`.
         with("guest-get-cpustats", &[&cmd("guest-get-cpustats")], |v| {
@@ -371,6 +382,13 @@ fn cases() -> Vec<Case> {
         v.push(case("set-vcpus boot CPU off line", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{\"vcpus\":[{\"logical-id\":0,\"online\":false}]}}"]));
         v.push(case("set-vcpus boot CPU on line, then no such CPU", &[b"{\"execute\":\"guest-set-vcpus\",\"arguments\":{\"vcpus\":[{\"logical-id\":0,\"online\":true,\"can-offline\":false},{\"logical-id\":99999,\"online\":false}]}}"]));
     }
+    // Memory block 0 on line: asking for on line again is a success without a write.
+    // Sent only where the block is on line now, so nothing changes on this machine.
+    if std::fs::read_to_string("/sys/devices/system/memory/memory0/state")
+        .is_ok_and(|s| s.starts_with("online"))
+    {
+        v.push(case("set-memory-blocks on line again", &[b"{\"execute\":\"guest-set-memory-blocks\",\"arguments\":{\"mem-blks\":[{\"phys-index\":0,\"online\":true},{\"phys-index\":999999,\"online\":true}]}}"]));
+    }
     v
 }
 
@@ -404,6 +422,7 @@ const QEMU_72: &[&str] = &[
     "guest-set-vcpus",
     "guest-get-memory-block-info",
     "guest-get-memory-blocks",
+    "guest-set-memory-blocks",
     "guest-get-cpustats",
     "guest-get-diskstats",
     "guest-network-get-interfaces",

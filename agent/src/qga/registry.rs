@@ -41,6 +41,10 @@ const REGISTRY: &[(&str, Handler)] = &[
         "guest-get-memory-blocks",
         Handler::Sync(system::get_memory_blocks),
     ),
+    (
+        "guest-set-memory-blocks",
+        Handler::Async(system::set_memory_blocks),
+    ),
     ("guest-get-cpustats", Handler::Sync(system::get_cpustats)),
     ("guest-get-diskstats", Handler::Sync(system::get_diskstats)),
     (

@@ -11,6 +11,7 @@ use nixseed_core::qga::sysparse::{
 use nixseed_core::qga::{Args, QgaError};
 use serde_json::{Map, Value, json};
 
+use super::registry::BoxFuture;
 use super::{Agent, CmdResult, errno_text};
 
 fn now_ns() -> i64 {
@@ -342,6 +343,110 @@ pub fn get_memory_blocks(_: &mut Agent, args: Args) -> CmdResult {
     Ok(Some(Value::Array(blocks)))
 }
 
+/// guest-set-memory-blocks: brings each listed block's `state` on or off line, as
+/// qemu-ga does, and answers block by block: `success`, `not-found`,
+/// `operation-not-supported` or `operation-failed`, with the errno as `error-code` where
+/// qemu-ga gives one. The whole request is checked first. Taking memory off line makes
+/// the kernel migrate its pages first, which can take long, so the writes run off the
+/// agent's thread and the control channel keeps answering meanwhile.
+pub fn set_memory_blocks(_: &mut Agent, mut args: Args) -> BoxFuture<'_> {
+    Box::pin(async move {
+        let mut wanted = Vec::new();
+        for block in args.object_list("mem-blks")? {
+            let mut block = block?;
+            let index = block.u64("phys-index")?;
+            let online = block.bool("online")?;
+            block.opt_bool("can-offline")?;
+            block.finish()?;
+            wanted.push((index, online));
+        }
+        args.finish()?;
+        let answers = tokio::task::spawn_blocking(move || {
+            let root = std::path::Path::new(MEMORY_DIR);
+            wanted
+                .into_iter()
+                .map(|(index, online)| {
+                    let (response, code) = set_memory_block(root, index, online);
+                    let mut answer = json!({"phys-index": index, "response": response});
+                    if let Some(code) = code {
+                        answer["error-code"] = json!(code);
+                    }
+                    answer
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| QgaError::generic(format!("guest-set-memory-blocks: {e}")))?;
+        Ok(Some(Value::Array(answers)))
+    })
+}
+
+/// One block brought to `online`: the response and the errno qemu-ga reports with it.
+/// qemu-ga's answers where a file is missing are kept as they are: a kernel without the
+/// `state` file cannot change the block, so on line is a success (with ENOENT) and off
+/// line is not supported; a block already in the wanted state is a success without a
+/// write.
+fn set_memory_block(
+    root: &std::path::Path,
+    index: u64,
+    online: bool,
+) -> (&'static str, Option<i32>) {
+    use std::io::ErrorKind::NotFound;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let code = |e: &std::io::Error| Some(e.raw_os_error().unwrap_or(0));
+    if let Err(e) = std::fs::read_dir(root) {
+        let response = if e.kind() == NotFound {
+            "operation-not-supported"
+        } else {
+            "success"
+        };
+        return (response, code(&e));
+    }
+    // qemu-ga prints the index as a signed number into the path.
+    let dir = root.join(format!("memory{}", index as i64));
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY)
+        .open(&dir)
+    {
+        let response = if e.kind() == NotFound {
+            "not-found"
+        } else {
+            "operation-failed"
+        };
+        return (response, code(&e));
+    }
+    let state = dir.join("state");
+    let mut status = [0u8; 10];
+    let read = std::fs::File::open(&state).and_then(|f| f.read_at(&mut status, 0));
+    let current_online = match read {
+        Ok(0) => return ("operation-failed", Some(0)),
+        Ok(n) => status[..n].starts_with(b"online"),
+        Err(e) if e.kind() == NotFound => {
+            let response = if online {
+                "success"
+            } else {
+                "operation-not-supported"
+            };
+            return (response, code(&e));
+        }
+        Err(e) => return ("operation-failed", code(&e)),
+    };
+    if current_online != online {
+        let new_state = if online { "online" } else { "offline" };
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&state)
+            .and_then(|f| f.write_at(new_state.as_bytes(), 0));
+        if let Err(e) = written {
+            tracing::warn!("guest-set-memory-blocks: memory block {index} not {new_state}: {e}");
+            return ("operation-failed", code(&e));
+        }
+        tracing::info!("guest-set-memory-blocks: memory block {index} {new_state}");
+    }
+    ("success", None)
+}
+
 /// Per-CPU times from /proc/stat in milliseconds (QEMU's GuestLinuxCpuStats). Members
 /// the kernel does not print are left out.
 pub fn get_cpustats(_: &mut Agent, args: Args) -> CmdResult {
@@ -471,6 +576,53 @@ mod tests {
                 "open(\"{}/cpu3/\"): No such file or directory",
                 root.path().display()
             )
+        );
+    }
+
+    /// A fake of sysfs's memory directory (plain files in a temporary directory): the
+    /// answers `set_memory_block` gives for each shape qemu-ga distinguishes, without
+    /// touching this machine's memory.
+    #[test]
+    fn set_memory_block_answers_as_qemu_ga_does() {
+        let root = tempfile::tempdir().unwrap();
+        let block = |n: u32| root.path().join(format!("memory{n}"));
+        for n in 0..4 {
+            std::fs::create_dir(block(n)).unwrap();
+        }
+        std::fs::write(block(0).join("state"), "online\n").unwrap();
+        std::fs::create_dir(block(2).join("state")).unwrap();
+        std::os::unix::fs::symlink("/dev/full", block(3).join("state")).unwrap();
+        let state = || std::fs::read_to_string(block(0).join("state")).unwrap();
+        let set = |n: u64, online: bool| set_memory_block(root.path(), n, online);
+
+        assert_eq!(set(0, true), ("success", None));
+        assert_eq!(state(), "online\n", "a block already on line is left alone");
+        assert_eq!(set(0, false), ("success", None));
+        assert!(state().starts_with("offline"), "{}", state());
+        assert_eq!(set(0, true), ("success", None));
+        assert!(state().starts_with("online"), "{}", state());
+
+        // No `state` file: the block cannot change.
+        assert_eq!(set(1, true), ("success", Some(2)));
+        assert_eq!(set(1, false), ("operation-not-supported", Some(2)));
+        // `state` unreadable (EISDIR) and unwritable (/dev/full reads as zeros, so
+        // off line, and refuses the write with ENOSPC).
+        assert_eq!(set(2, true), ("operation-failed", Some(21)));
+        assert_eq!(set(3, true), ("operation-failed", Some(28)));
+        assert_eq!(set(3, false), ("success", None));
+
+        assert_eq!(set(9, true), ("not-found", Some(2)));
+        assert_eq!(set(u64::MAX, true), ("not-found", Some(2)));
+        std::fs::write(block(1).join("x"), "").unwrap();
+        let not_a_dir = root.path().join("memory1").join("x");
+        assert_eq!(
+            set_memory_block(&not_a_dir, 0, true),
+            ("success", Some(20)),
+            "qemu-ga's answer when the memory directory cannot be listed"
+        );
+        assert_eq!(
+            set_memory_block(&root.path().join("none"), 0, true),
+            ("operation-not-supported", Some(2))
         );
     }
 }

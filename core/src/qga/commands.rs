@@ -60,6 +60,7 @@ pub const COMMANDS: &[CommandInfo] = &[
     cmd("guest-get-load"),
     cmd("guest-get-memory-block-info"),
     cmd("guest-get-memory-blocks"),
+    cmd("guest-set-memory-blocks"),
     cmd("guest-get-cpustats"),
     cmd("guest-get-diskstats"),
     cmd("guest-network-get-interfaces"),

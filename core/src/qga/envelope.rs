@@ -142,10 +142,16 @@ impl Args {
     pub fn opt_u64(&mut self, name: &str) -> Result<Option<u64>, QgaError> {
         match self.take(name) {
             None => Ok(None),
-            Some(v) => as_u64(&v)
-                .map(Some)
-                .ok_or_else(|| type_error(&self.full(name), "uint64")),
+            // qemu's visitor words a bad uint64 differently from other types.
+            Some(v) => as_u64(&v).map(Some).ok_or_else(|| {
+                QgaError::generic(format!("Parameter '{}' expects uint64", self.full(name)))
+            }),
         }
+    }
+
+    pub fn u64(&mut self, name: &str) -> Result<u64, QgaError> {
+        let full = self.full(name);
+        self.opt_u64(name)?.ok_or_else(|| missing(&full))
     }
 
     pub fn opt_str(&mut self, name: &str) -> Result<Option<String>, QgaError> {

@@ -471,7 +471,8 @@ fn agent_return(name: &str, command: &str) -> Result<serde_json::Value> {
 }
 
 /// cpustats starts at vCPU 0 with idle time, diskstats has reads on the root disk
-/// and writes on the /var disk, memory-blocks lists online blocks.
+/// and writes on the /var disk, memory-blocks lists online blocks and answers a request
+/// to set them per block.
 fn kubevirt_stats(name: &str) -> Result<()> {
     let cpus = agent_return(name, "guest-get-cpustats")?;
     ensure!(
@@ -498,6 +499,27 @@ fn kubevirt_stats(name: &str) -> Result<()> {
             .as_array()
             .is_some_and(|l| !l.is_empty() && l.iter().any(|b| b["online"] == true)),
         "guest-get-memory-blocks says {blocks}"
+    );
+    // guest-set-memory-blocks where nothing changes: an on-line block asked on line
+    // again, and a block the guest does not have. (Taking memory off line is left out:
+    // the kernel retries the page migration until it succeeds or is interrupted.)
+    let index = blocks
+        .as_array()
+        .and_then(|l| l.iter().find(|b| b["online"] == true))
+        .map(|b| b["phys-index"].clone())
+        .unwrap_or_default();
+    let request = serde_json::json!({"execute": "guest-set-memory-blocks", "arguments": {
+        "mem-blks": [{"phys-index": index, "online": true}, {"phys-index": 999_999, "online": false}]}});
+    let out = virsh(&["qemu-agent-command", name, &request.to_string()])?;
+    let answer: serde_json::Value = serde_json::from_str(&out)
+        .with_context(|| format!("guest-set-memory-blocks through virsh is not JSON: {out}"))?;
+    let expected = serde_json::json!([
+        {"phys-index": index, "response": "success"},
+        {"phys-index": 999_999, "response": "not-found", "error-code": 2},
+    ]);
+    ensure!(
+        answer["return"] == expected,
+        "guest-set-memory-blocks {request} says {out}, not {expected}"
     );
     Ok(())
 }
