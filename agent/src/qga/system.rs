@@ -183,15 +183,7 @@ const CPU_DIR: &str = "/sys/devices/system/cpu";
 /// whole request is checked first; then the CPUs in order, stopping at the first that
 /// fails. The answer is how many were done; the error only when none was.
 pub fn set_vcpus(_: &mut Agent, mut args: Args) -> CmdResult {
-    let mut wanted = Vec::new();
-    for cpu in args.object_list("vcpus")? {
-        let mut cpu = cpu?;
-        let id = cpu.i64("logical-id")?;
-        let online = cpu.bool("online")?;
-        cpu.opt_bool("can-offline")?;
-        cpu.finish()?;
-        wanted.push((id, online));
-    }
+    let wanted = wanted_states(&mut args, "vcpus", |cpu| cpu.i64("logical-id"))?;
     args.finish()?;
     let mut done = 0u64;
     for (id, online) in wanted {
@@ -205,6 +197,26 @@ pub fn set_vcpus(_: &mut Agent, mut args: Args) -> CmdResult {
         }
     }
     Ok(Some(json!(done)))
+}
+
+/// The `(id, online)` pairs of a guest-set-vcpus or guest-set-memory-blocks request
+/// (`GuestLogicalProcessor`, `GuestMemoryBlock`: an id, `online`, an ignored
+/// `can-offline`), checked element by element in the order of qemu's visitor.
+fn wanted_states<T>(
+    args: &mut Args,
+    list: &str,
+    id: impl Fn(&mut Args) -> Result<T, QgaError>,
+) -> Result<Vec<(T, bool)>, QgaError> {
+    let mut wanted = Vec::new();
+    for item in args.object_list(list)? {
+        let mut item = item?;
+        let id = id(&mut item)?;
+        let online = item.bool("online")?;
+        item.opt_bool("can-offline")?;
+        item.finish()?;
+        wanted.push((id, online));
+    }
+    Ok(wanted)
 }
 
 /// One CPU's `online` file brought to `online`; the error texts are qemu-ga's. A CPU with
@@ -351,15 +363,7 @@ pub fn get_memory_blocks(_: &mut Agent, args: Args) -> CmdResult {
 /// agent's thread and the control channel keeps answering meanwhile.
 pub fn set_memory_blocks(_: &mut Agent, mut args: Args) -> BoxFuture<'_> {
     Box::pin(async move {
-        let mut wanted = Vec::new();
-        for block in args.object_list("mem-blks")? {
-            let mut block = block?;
-            let index = block.u64("phys-index")?;
-            let online = block.bool("online")?;
-            block.opt_bool("can-offline")?;
-            block.finish()?;
-            wanted.push((index, online));
-        }
+        let wanted = wanted_states(&mut args, "mem-blks", |block| block.u64("phys-index"))?;
         args.finish()?;
         let answers = tokio::task::spawn_blocking(move || {
             let root = std::path::Path::new(MEMORY_DIR);
@@ -537,15 +541,22 @@ pub fn get_diskstats(_: &mut Agent, args: Args) -> CmdResult {
 mod tests {
     use super::*;
 
+    /// A fake of a sysfs device directory: a temporary directory holding the empty
+    /// directories `{prefix}0` to `{prefix}{count - 1}`.
+    fn fake_sysfs(prefix: &str, count: u32) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        for n in 0..count {
+            std::fs::create_dir(root.path().join(format!("{prefix}{n}"))).unwrap();
+        }
+        root
+    }
+
     /// A fake of sysfs's CPU directory (plain files in a temporary directory): the
     /// decisions and error texts of `set_vcpu`, without touching this machine's CPUs.
     #[test]
     fn set_vcpu_writes_only_a_change_and_refuses_the_boot_cpu() {
-        let root = tempfile::tempdir().unwrap();
+        let root = fake_sysfs("cpu", 3);
         let cpu = |n: u32| root.path().join(format!("cpu{n}"));
-        for n in 0..3 {
-            std::fs::create_dir(cpu(n)).unwrap();
-        }
         std::fs::write(cpu(1).join("online"), "1\n").unwrap();
         std::fs::write(cpu(2).join("online"), "").unwrap();
         let state = || std::fs::read_to_string(cpu(1).join("online")).unwrap();
@@ -584,11 +595,8 @@ mod tests {
     /// touching this machine's memory.
     #[test]
     fn set_memory_block_answers_as_qemu_ga_does() {
-        let root = tempfile::tempdir().unwrap();
+        let root = fake_sysfs("memory", 4);
         let block = |n: u32| root.path().join(format!("memory{n}"));
-        for n in 0..4 {
-            std::fs::create_dir(block(n)).unwrap();
-        }
         std::fs::write(block(0).join("state"), "online\n").unwrap();
         std::fs::create_dir(block(2).join("state")).unwrap();
         std::os::unix::fs::symlink("/dev/full", block(3).join("state")).unwrap();
