@@ -1,10 +1,10 @@
 //! A minimal D-Bus client: one method call on the system bus, waiting for its reply, or
 //! one systemd job followed to its result. The agent makes few calls (logind
 //! PowerOff/Halt/Reboot/Suspend; systemd ResetFailedUnit, (Try)RestartUnit, LoadUnit and
-//! a unit's ActiveState; networkd Reload); a full D-Bus library costs more than the rest
+//! a unit's ActiveState, Type, MainPID and NRestarts; networkd Reload); a full D-Bus library costs more than the rest
 //! of the guest agent together, and the guest binary has a 2.5 MiB budget
 //! (docs/benchmarks.md). Supported: EXTERNAL authentication, method calls with `b`/`s`
-//! arguments, method returns (object paths, string variants), errors and systemd's
+//! arguments, method returns (object paths, string and `u32` variants), errors and systemd's
 //! `JobRemoved` signal, in either byte order.
 
 use std::path::PathBuf;
@@ -81,23 +81,30 @@ async fn call_reply_at(
 ) -> Result<Incoming, DbusError> {
     tokio::time::timeout(TIMEOUT, async {
         let mut conn = connect(bus).await?;
-        send(
-            &mut conn,
-            &[method_call(2, dest, path, iface, member, args)],
-        )
-        .await?;
-        loop {
-            let reply = read_message(&mut conn).await?;
-            match (reply.kind, reply.reply_serial) {
-                (KIND_RETURN, Some(2)) => return Ok(reply),
-                (KIND_ERROR, Some(2)) => return Err(reply.into_remote()),
-                (KIND_ERROR, Some(1)) => return Err(hello_refused()),
-                _ => continue,
-            }
-        }
+        let call = method_call(2, dest, path, iface, member, args);
+        reply_on(&mut conn, 2, call).await
     })
     .await
     .map_err(|_| DbusError::Timeout(TIMEOUT))?
+}
+
+/// One method call (built by [`method_call`] with `serial`, above the Hello's 1) on an
+/// open connection, and its reply.
+async fn reply_on(
+    conn: &mut BufReader<UnixStream>,
+    serial: u32,
+    call: Vec<u8>,
+) -> Result<Incoming, DbusError> {
+    send(conn, &[call]).await?;
+    loop {
+        let reply = read_message(conn).await?;
+        match (reply.kind, reply.reply_serial) {
+            (KIND_RETURN, Some(s)) if s == serial => return Ok(reply),
+            (KIND_ERROR, Some(s)) if s == serial => return Err(reply.into_remote()),
+            (KIND_ERROR, Some(1)) => return Err(hello_refused()),
+            _ => continue,
+        }
+    }
 }
 
 const SYSTEMD: &str = "org.freedesktop.systemd1";
@@ -196,41 +203,87 @@ pub async fn run_job_at(
 
 /// A unit's `ActiveState` (`active`, `inactive`, `failed`, `activating`, ...): a job
 /// that ended `done` can still leave the unit down (a try-restart of a unit that was not
-/// running, a start skipped by a condition). `LoadUnit`, not `GetUnit`: a unit systemd
-/// has unloaded (stopped and not needed) is loaded again and reads `inactive`, and a
-/// unit with no file reads `inactive` too.
+/// running, a start skipped by a condition).
 pub async fn unit_active_state(unit: &str) -> Result<String, DbusError> {
-    unit_active_state_at(&system_bus_path(), unit).await
+    Ok(unit_state(unit).await?.active)
 }
 
-pub async fn unit_active_state_at(bus: &std::path::Path, unit: &str) -> Result<String, DbusError> {
-    let reply = call_reply_at(
-        bus,
-        SYSTEMD,
-        SYSTEMD_PATH,
-        SYSTEMD_MANAGER,
-        "LoadUnit",
-        &[Arg::Str(unit)],
-    )
-    .await?;
-    let path = reply.body_object_path().ok_or_else(|| {
-        DbusError::Protocol(format!("LoadUnit {unit}: no unit path in the reply"))
-    })?;
-    let reply = call_reply_at(
-        bus,
-        SYSTEMD,
-        &path,
-        "org.freedesktop.DBus.Properties",
-        "Get",
-        &[
-            Arg::Str("org.freedesktop.systemd1.Unit"),
-            Arg::Str("ActiveState"),
-        ],
-    )
-    .await?;
-    reply
-        .body_variant_string()
-        .ok_or_else(|| DbusError::Protocol(format!("{unit}'s ActiveState is not a string")))
+/// What systemd says of a unit after a job: its `ActiveState`, and for a service its
+/// `Type`, `MainPID` and `NRestarts` (empty and 0 for other units). A service of type
+/// `simple` or `exec` is called started as soon as its process runs, so whether it stays
+/// up shows only in later readings: the same main process, no restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitState {
+    pub active: String,
+    pub service_type: String,
+    pub main_pid: u32,
+    pub restarts: u32,
+}
+
+impl UnitState {
+    /// `active`, or `reloading` (still serving).
+    pub fn is_up(&self) -> bool {
+        self.active == "active" || self.active == "reloading"
+    }
+}
+
+pub async fn unit_state(unit: &str) -> Result<UnitState, DbusError> {
+    unit_state_at(&system_bus_path(), unit).await
+}
+
+/// `LoadUnit`, not `GetUnit`: a unit systemd has unloaded (stopped and not needed) is
+/// loaded again and reads `inactive`, and a unit with no file reads `inactive` too. All
+/// the readings share one connection.
+pub async fn unit_state_at(bus: &std::path::Path, unit: &str) -> Result<UnitState, DbusError> {
+    tokio::time::timeout(TIMEOUT, async {
+        let mut conn = connect(bus).await?;
+        let load = method_call(
+            2,
+            SYSTEMD,
+            SYSTEMD_PATH,
+            SYSTEMD_MANAGER,
+            "LoadUnit",
+            &[Arg::Str(unit)],
+        );
+        let reply = reply_on(&mut conn, 2, load).await?;
+        let path = reply.body_object_path().ok_or_else(|| {
+            DbusError::Protocol(format!("LoadUnit {unit}: no unit path in the reply"))
+        })?;
+        let mut serial = 2;
+        let mut get = async |iface: &str, name: &str| {
+            serial += 1;
+            let call = method_call(
+                serial,
+                SYSTEMD,
+                &path,
+                "org.freedesktop.DBus.Properties",
+                "Get",
+                &[Arg::Str(iface), Arg::Str(name)],
+            );
+            let reply = reply_on(&mut conn, serial, call).await?;
+            reply.body_variant().ok_or_else(|| {
+                DbusError::Protocol(format!("{unit}'s {name} is not a property value"))
+            })
+        };
+        let mut state = UnitState {
+            active: get("org.freedesktop.systemd1.Unit", "ActiveState")
+                .await?
+                .string()
+                .ok_or_else(|| {
+                    DbusError::Protocol(format!("{unit}'s ActiveState is not a string"))
+                })?,
+            ..UnitState::default()
+        };
+        if unit.ends_with(".service") {
+            let service = "org.freedesktop.systemd1.Service";
+            state.service_type = get(service, "Type").await?.string().unwrap_or_default();
+            state.main_pid = get(service, "MainPID").await?.u32().unwrap_or_default();
+            state.restarts = get(service, "NRestarts").await?.u32().unwrap_or_default();
+        }
+        Ok(state)
+    })
+    .await
+    .map_err(|_| DbusError::Timeout(TIMEOUT))?
 }
 
 /// Connects, authenticates and says Hello (serial 1; the caller's serials start at 2).
@@ -408,16 +461,18 @@ impl Incoming {
         self.body().string()
     }
 
-    /// The body of a reply that is one variant holding a string (a property).
-    fn body_variant_string(&self) -> Option<String> {
+    /// The body of a reply that is one variant (a property): its value as a string or a
+    /// `u32`, whichever its type is.
+    fn body_variant(&self) -> Option<Property> {
         if self.body_sig != "v" {
             return None;
         }
         let mut c = self.body();
-        if c.signature()? != "s" {
-            return None;
+        match c.signature()?.as_str() {
+            "s" => c.string().map(Property::Str),
+            "u" => c.u32().map(Property::U32),
+            _ => None,
         }
-        c.string()
     }
 
     /// `JobRemoved(u id, o job, s unit, s result)`: the job's path and result.
@@ -430,6 +485,29 @@ impl Incoming {
         let job = c.string()?;
         c.string()?;
         Some((job, c.string()?))
+    }
+}
+
+/// A property's value, of the two types the agent reads.
+#[derive(Debug)]
+enum Property {
+    Str(String),
+    U32(u32),
+}
+
+impl Property {
+    fn string(self) -> Option<String> {
+        match self {
+            Property::Str(s) => Some(s),
+            Property::U32(_) => None,
+        }
+    }
+
+    fn u32(self) -> Option<u32> {
+        match self {
+            Property::U32(n) => Some(n),
+            Property::Str(_) => None,
+        }
     }
 }
 
@@ -729,8 +807,10 @@ mod tests {
         )
     }
 
-    /// A fake of systemd's manager, on the real bus: it owns org.freedesktop.systemd1 and
-    /// answers `RestartUnit` the way systemd does (a job path, then `JobRemoved` for
+    /// A fake of systemd's manager, on the real bus: it owns org.freedesktop.systemd1,
+    /// answers `LoadUnit` and the properties `ActiveState` (`inactive` for units named
+    /// `stopped`), `Type`, `MainPID` and `NRestarts`, and answers `RestartUnit` the way
+    /// systemd does (a job path, then `JobRemoved` for
     /// another job and for this one). `ssh.service`'s job fails, `early.service`'s ends
     /// before the reply is sent, `hang.service`'s never ends, `missing.service` is no
     /// unit.
@@ -788,13 +868,27 @@ mod tests {
                     vec![reply(next(), "o", &path)]
                 }
                 Some("Get") => {
-                    let state = if call.path.as_deref().unwrap_or_default().contains("stopped") {
-                        "inactive"
-                    } else {
-                        "active"
-                    };
-                    let mut value = vec![1, b's', 0];
-                    put_str(&mut value, state);
+                    let unit = call.path.clone().unwrap_or_default();
+                    let mut body = call.body();
+                    body.string().unwrap();
+                    let mut value = Vec::new();
+                    match body.string().unwrap().as_str() {
+                        "ActiveState" if unit.contains("stopped") => {
+                            value.extend([1, b's', 0]);
+                            put_str(&mut value, "inactive");
+                        }
+                        "ActiveState" => {
+                            value.extend([1, b's', 0]);
+                            put_str(&mut value, "active");
+                        }
+                        "Type" => {
+                            value.extend([1, b's', 0]);
+                            put_str(&mut value, "notify");
+                        }
+                        "MainPID" => value.extend([1, b'u', 0, 0, 42, 0, 0, 0]),
+                        "NRestarts" => value.extend([1, b'u', 0, 0, 3, 0, 0, 0]),
+                        _ => continue,
+                    }
                     vec![reply(next(), "v", &value)]
                 }
                 Some("RestartUnit") => {
@@ -884,9 +978,25 @@ mod tests {
             );
             let e = restart("hang.service", 300).await.unwrap_err();
             assert!(matches!(e, DbusError::Timeout(_)), "{e}");
-            let state = |unit| unit_active_state_at(&b.path, unit);
-            assert_eq!(state("web.service").await.unwrap(), "active");
-            assert_eq!(state("stopped.service").await.unwrap(), "inactive");
+            let state = |unit| unit_state_at(&b.path, unit);
+            assert_eq!(
+                state("web.service").await.unwrap(),
+                UnitState {
+                    active: "active".into(),
+                    service_type: "notify".into(),
+                    main_pid: 42,
+                    restarts: 3,
+                }
+            );
+            assert_eq!(state("stopped.service").await.unwrap().active, "inactive");
+            // Not a service: only its ActiveState is read.
+            assert_eq!(
+                state("ssh.socket").await.unwrap(),
+                UnitState {
+                    active: "active".into(),
+                    ..UnitState::default()
+                }
+            );
         });
     }
 }

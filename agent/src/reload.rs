@@ -124,10 +124,11 @@ const SSHD_SOCKETS: [&str; 2] = ["ssh.socket", "sshd.socket"];
 /// systemd's start limit would refuse the start. The restart job is followed to its end,
 /// and the unit must then be active, or one of [`SSHD_SOCKETS`] listening: any refusal
 /// but "no such unit", any job result but `done`, and an sshd left down (a try-restart of
-/// an sshd that was not running, a start its condition skipped) is an error. A service
-/// that dies only after systemd has called it started is not seen.
+/// an sshd that was not running, a start its condition skipped) is an error. An sshd that
+/// systemd calls started when its process runs (NixOS's `Type=simple` sshd.service) is
+/// then watched until it listens: see [`stays_up`].
 async fn restart_sshd(method: &str) -> Result<()> {
-    use crate::dbus::{Arg, DbusError, call, run_job, unit_active_state};
+    use crate::dbus::{Arg, DbusError, call, run_job, unit_active_state, unit_state};
     let no_such_unit = |e: &DbusError| matches!(e, DbusError::Remote { name, .. } if name == "org.freedesktop.systemd1.NoSuchUnit");
     let socket_listens = || async {
         for socket in SSHD_SOCKETS {
@@ -155,13 +156,22 @@ async fn restart_sshd(method: &str) -> Result<()> {
         }
         match run_job(method, &[Arg::Str(unit), Arg::Str("replace")], LIVE_BUDGET).await {
             Ok(result) if result == "done" => {
-                let state = unit_active_state(unit)
+                let state = unit_state(unit)
                     .await
                     .with_context(|| format!("{unit}'s state after {method}"))?;
-                if state == "active" || state == "reloading" || socket_listens().await {
+                if state.is_up() {
+                    if STARTED_AT_FORK.contains(&state.service_type.as_str()) {
+                        return stays_up(unit, method, &state).await;
+                    }
                     return Ok(());
                 }
-                anyhow::bail!("{unit} is {state} after {method} (journalctl -u {unit} says why)");
+                if socket_listens().await {
+                    return Ok(());
+                }
+                anyhow::bail!(
+                    "{unit} is {} after {method} (journalctl -u {unit} says why)",
+                    state.active
+                );
             }
             Ok(result) => anyhow::bail!(
                 "{method} {unit}: the job ended '{result}' (journalctl -u {unit} says why)"
@@ -178,6 +188,92 @@ async fn restart_sshd(method: &str) -> Result<()> {
         SSHD_UNITS.join(", "),
         SSHD_SOCKETS.join(", ")
     )
+}
+
+/// Service types systemd calls started as soon as the process runs, before it has read
+/// its configuration.
+const STARTED_AT_FORK: [&str; 3] = ["simple", "exec", "idle"];
+
+/// How long an sshd that systemd called started at fork is watched for listening.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Watches an sshd systemd has just called started at fork: it has taken the new host
+/// key once its main process listens (sshd exits before listening when it has no usable
+/// host key). Its main process exiting, or systemd restarting it, first is an error. An
+/// sshd still up but not seen listening after [`SETTLE`] counts as taken.
+async fn stays_up(unit: &str, method: &str, started: &crate::dbus::UnitState) -> Result<()> {
+    let since = std::time::Instant::now();
+    loop {
+        if listens(started.main_pid) {
+            return Ok(());
+        }
+        if since.elapsed() >= SETTLE {
+            tracing::debug!("{unit} is up but not seen listening {SETTLE:?} after {method}");
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = crate::dbus::unit_state(unit)
+            .await
+            .with_context(|| format!("{unit}'s state after {method}"))?;
+        if let Some(why) = went_down(started, &now) {
+            anyhow::bail!(
+                "{unit}'s main process {why} {:.1} s after {method}, before it listened \
+                 (journalctl -u {unit} says why)",
+                since.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+/// How a service that was up at `started` has gone down by `now`, if it has.
+fn went_down(started: &crate::dbus::UnitState, now: &crate::dbus::UnitState) -> Option<String> {
+    if now.restarts != started.restarts {
+        Some("exited and systemd restarted it".into())
+    } else if now.main_pid != started.main_pid || !now.is_up() {
+        Some(format!("exited (the unit is now {})", now.active))
+    } else {
+        None
+    }
+}
+
+/// Whether process `pid` holds a listening TCP socket: its socket inodes (from
+/// `/proc/PID/fd`) against the listening entries of `/proc/net/tcp` and `tcp6`.
+fn listens(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let sockets: Vec<u64> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_str()?;
+            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect();
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table).is_ok_and(|text| {
+            listening_inodes(&text)
+                .iter()
+                .any(|inode| sockets.contains(inode))
+        })
+    })
+}
+
+/// The inodes of the listening sockets (state `0A`) in a `/proc/net/tcp` table.
+fn listening_inodes(table: &str) -> Vec<u64> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            match (f.get(3), f.get(9)) {
+                (Some(&"0A"), Some(inode)) => inode.parse().ok(),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 async fn networkd_reload() -> Result<()> {
@@ -223,4 +319,67 @@ pub fn load_firewall(identity_dir: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dbus::UnitState;
+
+    #[test]
+    fn listening_sockets_are_found_by_inode() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+            0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 17581 1 0000000000000000 100 0 0 10 0\n\
+            1: 0F02000A:0016 0202000A:C3B4 01 00000000:00000000 02:0009F4E0 00000000     0        0 20115 4 0000000000000000 20 4 29 10 -1\n\
+            2: garbage\n";
+        assert_eq!(listening_inodes(table), vec![17581]);
+        assert!(listening_inodes("").is_empty());
+
+        // This process, while it holds a listening socket, and a child that holds none.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(listens(std::process::id()));
+        drop(listener);
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert!(!listens(child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!listens(0));
+    }
+
+    #[test]
+    fn a_service_went_down_when_its_main_process_changed() {
+        let up = UnitState {
+            active: "active".into(),
+            service_type: "simple".into(),
+            main_pid: 100,
+            restarts: 0,
+        };
+        assert_eq!(went_down(&up, &up.clone()), None);
+        let exited = UnitState {
+            active: "failed".into(),
+            main_pid: 0,
+            ..up.clone()
+        };
+        assert_eq!(
+            went_down(&up, &exited).as_deref(),
+            Some("exited (the unit is now failed)")
+        );
+        let restarted = UnitState {
+            main_pid: 200,
+            restarts: 1,
+            ..up.clone()
+        };
+        assert_eq!(
+            went_down(&up, &restarted).as_deref(),
+            Some("exited and systemd restarted it")
+        );
+        let replaced = UnitState {
+            main_pid: 300,
+            ..up.clone()
+        };
+        assert!(went_down(&up, &replaced).is_some());
+    }
 }

@@ -90,7 +90,55 @@ pub fn push(h: &Harness) -> Result<()> {
     agent_key_changes(h, &m, &b)?;
     let boot_id2 = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     ensure!(boot_id == boot_id2, "the guest rebooted during the push");
+    let b = sshd_exits_after_its_start(h, &m, b)?;
     sshd_refuses_the_new_key(h, &m, b)
+}
+
+/// The drop-in of [`sshd_exits_after_its_start`]: ssh.service becomes `Type=simple`, as
+/// NixOS's sshd.service is, so systemd calls it started as soon as its process runs. The
+/// first start after it exits after a second, as an sshd that cannot load its host key
+/// does; systemd restarts it (`Restart=on-failure`) and the next start runs sshd.
+const SSHD_EXITS_ONCE: &str = "[Service]\nType=simple\nExecStart=\n\
+ExecStart=/bin/sh -c 'if [ -e /run/sshd-exited-once ]; then exec /usr/sbin/sshd -D; fi; \
+touch /run/sshd-exited-once; sleep 1; exit 1'\nRestart=on-failure\nRestartSec=2\n";
+
+/// A push that rotates the host key while sshd is a service systemd calls started at
+/// fork, and its first start exits before listening: the restart job ends `done`, yet
+/// `seedctl push` must say that sshd's main process exited, and exit 4. sshd then comes
+/// back (systemd's restart) with the pushed key, and a further push, with sshd healthy
+/// and still started at fork, is taken (exit 0, sshd reloaded) once sshd listens. The
+/// drop-in is removed and the returned machine's ssh pins the last key.
+fn sshd_exits_after_its_start(h: &Harness, m: &Machine, mut b: Booted) -> Result<Booted> {
+    b.ssh.run(&format!(
+        "mkdir -p /run/systemd/system/ssh.service.d && \
+         cat > /run/systemd/system/ssh.service.d/80-exits-once.conf <<'UNIT'\n{SSHD_EXITS_ONCE}UNIT\n\
+         systemctl daemon-reload"
+    ))?;
+    let said = push_rotated_key(h, m, &b, "with sshd exiting after its start")?;
+    let failed = line_starting(&said, "FAILED");
+    ensure!(
+        failed.contains("sshd: ssh.service's main process exited")
+            && failed.contains("before it listened"),
+        "seedctl push does not say that sshd exited after systemd started it:\n{said}"
+    );
+    let rotated = m.host_key_pub()?;
+    ssh::wait_for_host_key(b.ssh.port, Some(&rotated), Duration::from_secs(120), || {
+        Ok(())
+    })
+    .context("sshd did not come back with the pushed key after systemd restarted it")?;
+    // The drop-in's next starts run sshd: a push now is taken once sshd listens.
+    push_rotated_key_expecting(h, m, &b, "with sshd started at fork and healthy", true)?;
+    let rotated = m.host_key_pub()?;
+    ssh::wait_for_host_key(b.ssh.port, Some(&rotated), Duration::from_secs(60), || {
+        Ok(())
+    })
+    .context("sshd does not present the key pushed while it was healthy")?;
+    b.ssh = Ssh::pinned(b.ssh.port, h.key.clone(), &rotated, &m.state)?;
+    b.ssh.run(
+        "rm /run/systemd/system/ssh.service.d/80-exits-once.conf && systemctl daemon-reload && \
+         systemctl restart ssh.service",
+    )?;
+    Ok(b)
 }
 
 /// Pushes that rotate the host key while sshd cannot start (here a drop-in whose
@@ -140,6 +188,19 @@ fn line_starting<'a>(said: &'a str, label: &str) -> &'a str {
 /// Replaces the host key in machines/NAME and pushes it while sshd cannot take it:
 /// seedctl must exit 4 and not list sshd as reloaded. Returns what it printed.
 fn push_rotated_key(h: &Harness, m: &Machine, b: &Booted, case: &str) -> Result<String> {
+    push_rotated_key_expecting(h, m, b, case, false)
+}
+
+/// Replaces the host key in machines/NAME and pushes it. `taken`: sshd can take it, so
+/// seedctl must exit 0 and list sshd as reloaded; otherwise exit 4 without sshd listed.
+/// Returns what seedctl printed.
+fn push_rotated_key_expecting(
+    h: &Harness,
+    m: &Machine,
+    b: &Booted,
+    case: &str,
+    taken: bool,
+) -> Result<String> {
     let fresh = m.state.join("rotated_host_key");
     let _ = fs::remove_file(&fresh);
     let _ = fs::remove_file(fresh.with_extension("pub"));
@@ -163,15 +224,17 @@ fn push_rotated_key(h: &Harness, m: &Machine, b: &Booted, case: &str) -> Result<
         .context("running seedctl push")?;
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("vm-tests: {}: seedctl push {case}: {}", m.name, said.trim());
+    let code = if taken { 0 } else { 4 };
     ensure!(
-        out.status.code() == Some(4),
-        "seedctl push {case} exited {}, not 4:\n{said}{}",
+        out.status.code() == Some(code),
+        "seedctl push {case} exited {}, not {code}:\n{said}{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     ensure!(
-        !line_starting(&said, "reloaded").contains("sshd"),
-        "seedctl push {case} reports sshd reloaded:\n{said}"
+        line_starting(&said, "reloaded").contains("sshd") == taken,
+        "seedctl push {case} {} sshd reloaded:\n{said}",
+        if taken { "does not report" } else { "reports" }
     );
     Ok(said)
 }
