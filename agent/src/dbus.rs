@@ -1,11 +1,11 @@
 //! A minimal D-Bus client: one method call on the system bus, waiting for its reply, or
 //! one systemd job followed to its result. The agent makes few calls (logind
 //! PowerOff/Halt/Reboot/Suspend; systemd ResetFailedUnit, (Try)RestartUnit, LoadUnit and
-//! a unit's ActiveState, Type, MainPID and NRestarts; networkd Reload); a full D-Bus library costs more than the rest
-//! of the guest agent together, and the guest binary has a 2.5 MiB budget
-//! (docs/benchmarks.md). Supported: EXTERNAL authentication, method calls with `b`/`s`
-//! arguments, method returns (object paths, string and `u32` variants), errors and systemd's
-//! `JobRemoved` signal, in either byte order.
+//! a unit's ActiveState, SubState, Type, MainPID and NRestarts; networkd Reload); a full
+//! D-Bus library costs more than the rest of the guest agent together, and the guest
+//! binary has a 2.5 MiB budget (docs/benchmarks.md). Supported: EXTERNAL authentication,
+//! method calls with `b`/`s` arguments, method returns (object paths, string and `u32`
+//! variants), errors and systemd's `JobRemoved` signal, in either byte order.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -208,13 +208,16 @@ pub async fn unit_active_state(unit: &str) -> Result<String, DbusError> {
     Ok(unit_state(unit).await?.active)
 }
 
-/// What systemd says of a unit after a job: its `ActiveState`, and for a service its
-/// `Type`, `MainPID` and `NRestarts` (empty and 0 for other units). A service of type
-/// `simple` or `exec` is called started as soon as its process runs, so whether it stays
-/// up shows only in later readings: the same main process, no restart.
+/// What systemd says of a unit after a job: its `ActiveState` and `SubState`, and for a
+/// service its `Type`, `MainPID` and `NRestarts` (empty and 0 for other units). A
+/// service of type `simple` or `exec` is called started as soon as its process runs, so
+/// whether it stays up shows only in later readings: the same main process, no restart.
+/// The readings are separate calls; the service's come first and the states last, so a
+/// main process that exits in between shows in the states.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UnitState {
     pub active: String,
+    pub sub: String,
     pub service_type: String,
     pub main_pid: u32,
     pub restarts: u32,
@@ -265,21 +268,19 @@ pub async fn unit_state_at(bus: &std::path::Path, unit: &str) -> Result<UnitStat
                 DbusError::Protocol(format!("{unit}'s {name} is not a property value"))
             })
         };
-        let mut state = UnitState {
-            active: get("org.freedesktop.systemd1.Unit", "ActiveState")
-                .await?
-                .string()
-                .ok_or_else(|| {
-                    DbusError::Protocol(format!("{unit}'s ActiveState is not a string"))
-                })?,
-            ..UnitState::default()
-        };
+        let mut state = UnitState::default();
         if unit.ends_with(".service") {
             let service = "org.freedesktop.systemd1.Service";
             state.service_type = get(service, "Type").await?.string().unwrap_or_default();
             state.main_pid = get(service, "MainPID").await?.u32().unwrap_or_default();
             state.restarts = get(service, "NRestarts").await?.u32().unwrap_or_default();
         }
+        let iface = "org.freedesktop.systemd1.Unit";
+        state.active = get(iface, "ActiveState")
+            .await?
+            .string()
+            .ok_or_else(|| DbusError::Protocol(format!("{unit}'s ActiveState is not a string")))?;
+        state.sub = get(iface, "SubState").await?.string().unwrap_or_default();
         Ok(state)
     })
     .await
@@ -809,7 +810,7 @@ mod tests {
 
     /// A fake of systemd's manager, on the real bus: it owns org.freedesktop.systemd1,
     /// answers `LoadUnit` and the properties `ActiveState` (`inactive` for units named
-    /// `stopped`), `Type`, `MainPID` and `NRestarts`, and answers `RestartUnit` the way
+    /// `stopped`), `SubState`, `Type`, `MainPID` and `NRestarts`, and answers `RestartUnit` the way
     /// systemd does (a job path, then `JobRemoved` for
     /// another job and for this one). `ssh.service`'s job fails, `early.service`'s ends
     /// before the reply is sent, `hang.service`'s never ends, `missing.service` is no
@@ -880,6 +881,10 @@ mod tests {
                         "ActiveState" => {
                             value.extend([1, b's', 0]);
                             put_str(&mut value, "active");
+                        }
+                        "SubState" => {
+                            value.extend([1, b's', 0]);
+                            put_str(&mut value, "running");
                         }
                         "Type" => {
                             value.extend([1, b's', 0]);
@@ -983,6 +988,7 @@ mod tests {
                 state("web.service").await.unwrap(),
                 UnitState {
                     active: "active".into(),
+                    sub: "running".into(),
                     service_type: "notify".into(),
                     main_pid: 42,
                     restarts: 3,
@@ -994,6 +1000,7 @@ mod tests {
                 state("ssh.socket").await.unwrap(),
                 UnitState {
                     active: "active".into(),
+                    sub: "running".into(),
                     ..UnitState::default()
                 }
             );

@@ -159,13 +159,16 @@ async fn restart_sshd(method: &str) -> Result<()> {
                 let state = unit_state(unit)
                     .await
                     .with_context(|| format!("{unit}'s state after {method}"))?;
-                if state.is_up() {
-                    if STARTED_AT_FORK.contains(&state.service_type.as_str()) {
-                        return stays_up(unit, method, &state).await;
-                    }
-                    return Ok(());
+                if state.sub == "auto-restart" {
+                    anyhow::bail!(
+                        "{unit}'s main process exited right after {method} and systemd is \
+                         restarting it (journalctl -u {unit} says why)"
+                    );
                 }
-                if socket_listens().await {
+                if state.is_up() && STARTED_AT_FORK.contains(&state.service_type.as_str()) {
+                    return stays_up(unit, method, &state).await;
+                }
+                if state.is_up() || socket_listens().await {
                     return Ok(());
                 }
                 anyhow::bail!(
@@ -200,36 +203,43 @@ const SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Watches an sshd systemd has just called started at fork: it has taken the new host
 /// key once its main process listens (sshd exits before listening when it has no usable
 /// host key). Its main process exiting, or systemd restarting it, first is an error. An
-/// sshd still up but not seen listening after [`SETTLE`] counts as taken.
+/// sshd still up but not seen listening after [`SETTLE`] counts as taken, with a warning.
 async fn stays_up(unit: &str, method: &str, started: &crate::dbus::UnitState) -> Result<()> {
     let since = std::time::Instant::now();
+    let mut now = started.clone();
     loop {
+        if let Some(why) = went_down(started, &now) {
+            anyhow::bail!(
+                "{unit}'s main process {why} {:.1} s after {method} ended, before it \
+                 listened (journalctl -u {unit} says why)",
+                since.elapsed().as_secs_f64()
+            );
+        }
         if listens(started.main_pid) {
             return Ok(());
         }
         if since.elapsed() >= SETTLE {
-            tracing::debug!("{unit} is up but not seen listening {SETTLE:?} after {method}");
+            tracing::warn!(
+                "{unit} is up but its main process {} was not seen listening {SETTLE:?} \
+                 after {method}: counted as having taken the new host key",
+                started.main_pid
+            );
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let now = crate::dbus::unit_state(unit)
+        now = crate::dbus::unit_state(unit)
             .await
             .with_context(|| format!("{unit}'s state after {method}"))?;
-        if let Some(why) = went_down(started, &now) {
-            anyhow::bail!(
-                "{unit}'s main process {why} {:.1} s after {method}, before it listened \
-                 (journalctl -u {unit} says why)",
-                since.elapsed().as_secs_f64()
-            );
-        }
     }
 }
 
-/// How a service that was up at `started` has gone down by `now`, if it has.
+/// How a service whose main process ran at `started` has gone down by `now`, if it has.
 fn went_down(started: &crate::dbus::UnitState, now: &crate::dbus::UnitState) -> Option<String> {
-    if now.restarts != started.restarts {
+    if now.sub == "auto-restart" {
+        Some("exited and systemd is restarting it".into())
+    } else if now.restarts != started.restarts {
         Some("exited and systemd restarted it".into())
-    } else if now.main_pid != started.main_pid || !now.is_up() {
+    } else if now.main_pid == 0 || now.main_pid != started.main_pid || !now.is_up() {
         Some(format!("exited (the unit is now {})", now.active))
     } else {
         None
@@ -237,7 +247,7 @@ fn went_down(started: &crate::dbus::UnitState, now: &crate::dbus::UnitState) -> 
 }
 
 /// Whether process `pid` holds a listening TCP socket: its socket inodes (from
-/// `/proc/PID/fd`) against the listening entries of `/proc/net/tcp` and `tcp6`.
+/// `/proc/PID/fd`) against the listening entries of its network namespace's TCP tables.
 fn listens(pid: u32) -> bool {
     if pid == 0 {
         return false;
@@ -252,28 +262,13 @@ fn listens(pid: u32) -> bool {
             t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
         })
         .collect();
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
-        std::fs::read_to_string(table).is_ok_and(|text| {
-            listening_inodes(&text)
+    ["tcp", "tcp6"].iter().any(|table| {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).is_ok_and(|text| {
+            nixseed_core::qga::sysparse::proc_net_tcp_listening(&text)
                 .iter()
                 .any(|inode| sockets.contains(inode))
         })
     })
-}
-
-/// The inodes of the listening sockets (state `0A`) in a `/proc/net/tcp` table.
-fn listening_inodes(table: &str) -> Vec<u64> {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            match (f.get(3), f.get(9)) {
-                (Some(&"0A"), Some(inode)) => inode.parse().ok(),
-                _ => None,
-            }
-        })
-        .collect()
 }
 
 async fn networkd_reload() -> Result<()> {
@@ -327,14 +322,7 @@ mod tests {
     use crate::dbus::UnitState;
 
     #[test]
-    fn listening_sockets_are_found_by_inode() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-            0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 17581 1 0000000000000000 100 0 0 10 0\n\
-            1: 0F02000A:0016 0202000A:C3B4 01 00000000:00000000 02:0009F4E0 00000000     0        0 20115 4 0000000000000000 20 4 29 10 -1\n\
-            2: garbage\n";
-        assert_eq!(listening_inodes(table), vec![17581]);
-        assert!(listening_inodes("").is_empty());
-
+    fn a_listening_socket_is_found_by_inode() {
         // This process, while it holds a listening socket, and a child that holds none.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         assert!(listens(std::process::id()));
@@ -353,6 +341,7 @@ mod tests {
     fn a_service_went_down_when_its_main_process_changed() {
         let up = UnitState {
             active: "active".into(),
+            sub: "running".into(),
             service_type: "simple".into(),
             main_pid: 100,
             restarts: 0,
@@ -381,5 +370,20 @@ mod tests {
             ..up.clone()
         };
         assert!(went_down(&up, &replaced).is_some());
+        let restarting = UnitState {
+            active: "activating".into(),
+            sub: "auto-restart".into(),
+            main_pid: 0,
+            ..up.clone()
+        };
+        assert_eq!(
+            went_down(&up, &restarting).as_deref(),
+            Some("exited and systemd is restarting it")
+        );
+        let no_process = UnitState {
+            main_pid: 0,
+            ..up.clone()
+        };
+        assert!(went_down(&up, &no_process).is_some());
     }
 }

@@ -262,11 +262,15 @@ pub fn main(args: ServeArgs) -> Result<()> {
     let (transport, config) = settings(&args)?;
     let channel = channel_service(&args, &config)?;
     let mut agent = Agent::new(config)?;
-    tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("cannot start the runtime")?
-        .block_on(run(&mut agent, transport, channel))
+        .context("cannot start the runtime")?;
+    let result = rt.block_on(run(&mut agent, transport, channel));
+    // A write the kernel is still working on (memory going off line) must not hold up a
+    // stop: its worker thread is left behind.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 /// The control channel beside the guest agent, when its port exists.

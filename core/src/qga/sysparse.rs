@@ -1,5 +1,5 @@
 //! Pure parsers for the system files guest-agent commands read: os-release, utmp,
-//! TZif, /proc/net/{dev,route,ipv6_route}, mountinfo and qemu-ga.conf. The agent
+//! TZif, /proc/net/{dev,route,ipv6_route,tcp}, mountinfo and qemu-ga.conf. The agent
 //! reads the bytes; these functions decide what they mean.
 
 use std::collections::BTreeMap;
@@ -178,6 +178,21 @@ fn hex_ipv4(s: &str) -> Option<String> {
 
 fn hex_ipv6(s: &str) -> Option<String> {
     Some(std::net::Ipv6Addr::from(u128::from_str_radix(s, 16).ok()?).to_string())
+}
+
+/// The inodes of the listening sockets (state `0A`) in a `/proc/net/tcp` or `tcp6`
+/// table; a line that does not parse is skipped.
+pub fn proc_net_tcp_listening(text: &str) -> Vec<u64> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            match (f.get(3), f.get(9)) {
+                (Some(&"0A"), Some(inode)) => inode.parse().ok(),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 /// IPv4 routes from /proc/net/route.
@@ -549,5 +564,15 @@ mod tests {
         assert_eq!(d[0].counters.len(), 17);
         assert_eq!(d[1].counters.len(), 11);
         assert_eq!(d[2].counters, vec![7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn listening_tcp_sockets_by_inode() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+            0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 17581 1 0000000000000000 100 0 0 10 0\n\
+            1: 0F02000A:0016 0202000A:C3B4 01 00000000:00000000 02:0009F4E0 00000000     0        0 20115 4 0000000000000000 20 4 29 10 -1\n\
+            2: garbage\n";
+        assert_eq!(proc_net_tcp_listening(table), vec![17581]);
+        assert!(proc_net_tcp_listening("").is_empty());
     }
 }
