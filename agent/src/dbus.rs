@@ -210,7 +210,7 @@ pub async fn unit_active_state(unit: &str) -> Result<String, DbusError> {
 
 /// What systemd says of a unit after a job: its `ActiveState` and `SubState`, and for a
 /// service its `Type`, `MainPID` and `NRestarts` (empty and 0 for other units). A
-/// service of type `simple` or `exec` is called started as soon as its process runs, so
+/// service of type `simple`, `exec` or `idle` is called started as soon as its process runs, so
 /// whether it stays up shows only in later readings: the same main process, no restart.
 /// The readings are separate calls; the service's come first and the states last, so a
 /// main process that exits in between shows in the states.
@@ -810,7 +810,8 @@ mod tests {
 
     /// A fake of systemd's manager, on the real bus: it owns org.freedesktop.systemd1,
     /// answers `LoadUnit` and the properties `ActiveState` (`inactive` for units named
-    /// `stopped`), `SubState`, `Type`, `MainPID` and `NRestarts`, and answers `RestartUnit` the way
+    /// `stopped`), `SubState` (`dead`, `listening` for sockets, `running`), `Type`,
+    /// `MainPID` and `NRestarts`, and answers `RestartUnit` the way
     /// systemd does (a job path, then `JobRemoved` for
     /// another job and for this one). `ssh.service`'s job fails, `early.service`'s ends
     /// before the reply is sent, `hang.service`'s never ends, `missing.service` is no
@@ -884,7 +885,14 @@ mod tests {
                         }
                         "SubState" => {
                             value.extend([1, b's', 0]);
-                            put_str(&mut value, "running");
+                            let sub = if unit.contains("stopped") {
+                                "dead"
+                            } else if unit.ends_with("socket") {
+                                "listening"
+                            } else {
+                                "running"
+                            };
+                            put_str(&mut value, sub);
                         }
                         "Type" => {
                             value.extend([1, b's', 0]);
@@ -1000,7 +1008,7 @@ mod tests {
                 state("ssh.socket").await.unwrap(),
                 UnitState {
                     active: "active".into(),
-                    sub: "running".into(),
+                    sub: "listening".into(),
                     ..UnitState::default()
                 }
             );

@@ -79,7 +79,7 @@ pub async fn after_change(
         } else {
             "TryRestartUnit"
         };
-        Some(within(deadline, restart_sshd(how)).await)
+        Some(within(deadline, restart_sshd(how, deadline)).await)
     };
     let networkd = async {
         if !has(identity::NETWORK_DIR) {
@@ -127,7 +127,7 @@ const SSHD_SOCKETS: [&str; 2] = ["ssh.socket", "sshd.socket"];
 /// an sshd that was not running, a start its condition skipped) is an error. An sshd that
 /// systemd calls started when its process runs (NixOS's `Type=simple` sshd.service) is
 /// then watched until it listens: see [`stays_up`].
-async fn restart_sshd(method: &str) -> Result<()> {
+async fn restart_sshd(method: &str, deadline: tokio::time::Instant) -> Result<()> {
     use crate::dbus::{Arg, DbusError, call, run_job, unit_active_state, unit_state};
     let no_such_unit = |e: &DbusError| matches!(e, DbusError::Remote { name, .. } if name == "org.freedesktop.systemd1.NoSuchUnit");
     let socket_listens = || async {
@@ -159,22 +159,19 @@ async fn restart_sshd(method: &str) -> Result<()> {
                 let state = unit_state(unit)
                     .await
                     .with_context(|| format!("{unit}'s state after {method}"))?;
-                if state.sub == "auto-restart" {
-                    anyhow::bail!(
+                return match after_done(&state) {
+                    AfterJob::Up => Ok(()),
+                    AfterJob::Watch => stays_up(unit, method, &state, deadline).await,
+                    AfterJob::Restarting => anyhow::bail!(
                         "{unit}'s main process exited right after {method} and systemd is \
                          restarting it (journalctl -u {unit} says why)"
-                    );
-                }
-                if state.is_up() && STARTED_AT_FORK.contains(&state.service_type.as_str()) {
-                    return stays_up(unit, method, &state).await;
-                }
-                if state.is_up() || socket_listens().await {
-                    return Ok(());
-                }
-                anyhow::bail!(
-                    "{unit} is {} after {method} (journalctl -u {unit} says why)",
-                    state.active
-                );
+                    ),
+                    AfterJob::Down if socket_listens().await => Ok(()),
+                    AfterJob::Down => anyhow::bail!(
+                        "{unit} is {} after {method} (journalctl -u {unit} says why)",
+                        state.active
+                    ),
+                };
             }
             Ok(result) => anyhow::bail!(
                 "{method} {unit}: the job ended '{result}' (journalctl -u {unit} says why)"
@@ -200,29 +197,66 @@ const STARTED_AT_FORK: [&str; 3] = ["simple", "exec", "idle"];
 /// How long an sshd that systemd called started at fork is watched for listening.
 const SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// What a restart job that ended `done` left.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterJob {
+    /// Up, and systemd calls it started only once it is ready.
+    Up,
+    /// Up, but started at fork: to be watched until it listens ([`stays_up`]).
+    Watch,
+    /// Its process has already exited, and systemd's automatic restart is pending.
+    Restarting,
+    /// Not running (a socket may still start it on a connection).
+    Down,
+}
+
+fn after_done(state: &crate::dbus::UnitState) -> AfterJob {
+    if state.sub.starts_with("auto-restart") {
+        AfterJob::Restarting
+    } else if !state.is_up() {
+        AfterJob::Down
+    } else if STARTED_AT_FORK.contains(&state.service_type.as_str()) {
+        AfterJob::Watch
+    } else {
+        AfterJob::Up
+    }
+}
+
 /// Watches an sshd systemd has just called started at fork: it has taken the new host
 /// key once its main process listens (sshd exits before listening when it has no usable
-/// host key). Its main process exiting, or systemd restarting it, first is an error. An
-/// sshd still up but not seen listening after [`SETTLE`] counts as taken, with a warning.
-async fn stays_up(unit: &str, method: &str, started: &crate::dbus::UnitState) -> Result<()> {
+/// host key). Its main process exiting, or systemd restarting it, first is an error; a
+/// new main process started by someone else (a second restart) is watched in its place.
+/// An sshd still up but not seen listening after [`SETTLE`] (or when the live change's
+/// `deadline` is near) counts as taken, with a warning.
+async fn stays_up(
+    unit: &str,
+    method: &str,
+    started: &crate::dbus::UnitState,
+    deadline: tokio::time::Instant,
+) -> Result<()> {
     let since = std::time::Instant::now();
+    let give_up = (tokio::time::Instant::now() + SETTLE)
+        .min(deadline - std::time::Duration::from_millis(500));
+    let mut watched = started.clone();
     let mut now = started.clone();
     loop {
-        if let Some(why) = went_down(started, &now) {
+        if let Some(why) = went_down(&watched, &now) {
             anyhow::bail!(
-                "{unit}'s main process {why} {:.1} s after {method} ended, before it \
-                 listened (journalctl -u {unit} says why)",
+                "{unit}'s main process {why} {:.1} s after {method} ended, before it was seen \
+                 listening (journalctl -u {unit} says why)",
                 since.elapsed().as_secs_f64()
             );
         }
-        if listens(started.main_pid) {
+        watched = now;
+        if listens(watched.main_pid) {
             return Ok(());
         }
-        if since.elapsed() >= SETTLE {
+        if tokio::time::Instant::now() >= give_up {
             tracing::warn!(
-                "{unit} is up but its main process {} was not seen listening {SETTLE:?} \
-                 after {method}: counted as having taken the new host key",
-                started.main_pid
+                "{unit} is up but its main process {} was not seen listening {:.1} s after \
+                 {method}: counted as having taken the new host key",
+                watched.main_pid,
+                since.elapsed().as_secs_f64()
             );
             return Ok(());
         }
@@ -233,40 +267,59 @@ async fn stays_up(unit: &str, method: &str, started: &crate::dbus::UnitState) ->
     }
 }
 
-/// How a service whose main process ran at `started` has gone down by `now`, if it has.
-fn went_down(started: &crate::dbus::UnitState, now: &crate::dbus::UnitState) -> Option<String> {
-    if now.sub == "auto-restart" {
+/// How a service whose main process ran at `before` has gone down by `now`, if it has.
+/// Another main process, up, without an automatic restart, is a restart by someone else
+/// and not a failure.
+fn went_down(before: &crate::dbus::UnitState, now: &crate::dbus::UnitState) -> Option<String> {
+    if now.sub.starts_with("auto-restart") {
         Some("exited and systemd is restarting it".into())
-    } else if now.restarts != started.restarts {
+    } else if now.restarts != before.restarts {
         Some("exited and systemd restarted it".into())
-    } else if now.main_pid == 0 || now.main_pid != started.main_pid || !now.is_up() {
-        Some(format!("exited (the unit is now {})", now.active))
+    } else if !now.is_up() {
+        Some(format!(
+            "exited (the unit is now {}/{})",
+            now.active, now.sub
+        ))
+    } else if now.main_pid == 0 {
+        Some(format!(
+            "is gone (the unit is {}/{} without one)",
+            now.active, now.sub
+        ))
     } else {
         None
     }
 }
 
-/// Whether process `pid` holds a listening TCP socket: its socket inodes (from
+/// Whether process `pid` holds a listening TCP socket of its own: its socket inodes (from
 /// `/proc/PID/fd`) against the listening entries of its network namespace's TCP tables.
+/// Sockets PID 1 holds too (a `.socket` unit's, passed to the service) do not count: the
+/// service has them before it has read anything.
 fn listens(pid: u32) -> bool {
     if pid == 0 {
         return false;
     }
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
+    let sockets = |pid: u32| -> std::io::Result<Vec<u64>> {
+        Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter_map(|target| {
+                let t = target.to_str()?;
+                t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .collect())
     };
-    let sockets: Vec<u64> = fds
-        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-        .filter_map(|target| {
-            let t = target.to_str()?;
-            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-        })
-        .collect();
+    let own = match sockets(pid) {
+        Ok(own) => own,
+        Err(e) => {
+            tracing::debug!("cannot read /proc/{pid}/fd: {e}");
+            return false;
+        }
+    };
+    let inherited = sockets(1).unwrap_or_default();
     ["tcp", "tcp6"].iter().any(|table| {
         std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).is_ok_and(|text| {
             nixseed_core::qga::sysparse::proc_net_tcp_listening(&text)
                 .iter()
-                .any(|inode| sockets.contains(inode))
+                .any(|inode| own.contains(inode) && !inherited.contains(inode))
         })
     })
 }
@@ -337,53 +390,68 @@ mod tests {
         assert!(!listens(0));
     }
 
-    #[test]
-    fn a_service_went_down_when_its_main_process_changed() {
-        let up = UnitState {
-            active: "active".into(),
-            sub: "running".into(),
+    fn state(active: &str, sub: &str, main_pid: u32, restarts: u32) -> UnitState {
+        UnitState {
+            active: active.into(),
+            sub: sub.into(),
             service_type: "simple".into(),
-            main_pid: 100,
-            restarts: 0,
+            main_pid,
+            restarts,
+        }
+    }
+
+    #[test]
+    fn a_done_restart_is_judged_by_the_state_it_left() {
+        let notify = UnitState {
+            service_type: "notify".into(),
+            ..state("active", "running", 100, 0)
         };
+        assert_eq!(after_done(&notify), AfterJob::Up);
+        assert_eq!(
+            after_done(&state("active", "running", 100, 0)),
+            AfterJob::Watch
+        );
+        assert_eq!(
+            after_done(&state("reloading", "reload", 100, 0)),
+            AfterJob::Watch
+        );
+        assert_eq!(
+            after_done(&state("activating", "auto-restart", 0, 0)),
+            AfterJob::Restarting
+        );
+        assert_eq!(
+            after_done(&state("activating", "auto-restart-queued", 0, 0)),
+            AfterJob::Restarting
+        );
+        assert_eq!(after_done(&state("failed", "failed", 0, 0)), AfterJob::Down);
+        assert_eq!(after_done(&state("inactive", "dead", 0, 0)), AfterJob::Down);
+    }
+
+    #[test]
+    fn a_service_went_down_when_its_main_process_exited() {
+        let up = state("active", "running", 100, 0);
         assert_eq!(went_down(&up, &up.clone()), None);
-        let exited = UnitState {
-            active: "failed".into(),
-            main_pid: 0,
-            ..up.clone()
-        };
         assert_eq!(
-            went_down(&up, &exited).as_deref(),
-            Some("exited (the unit is now failed)")
+            went_down(&up, &state("failed", "failed", 0, 0)).as_deref(),
+            Some("exited (the unit is now failed/failed)")
         );
-        let restarted = UnitState {
-            main_pid: 200,
-            restarts: 1,
-            ..up.clone()
-        };
         assert_eq!(
-            went_down(&up, &restarted).as_deref(),
-            Some("exited and systemd restarted it")
-        );
-        let replaced = UnitState {
-            main_pid: 300,
-            ..up.clone()
-        };
-        assert!(went_down(&up, &replaced).is_some());
-        let restarting = UnitState {
-            active: "activating".into(),
-            sub: "auto-restart".into(),
-            main_pid: 0,
-            ..up.clone()
-        };
-        assert_eq!(
-            went_down(&up, &restarting).as_deref(),
+            went_down(&up, &state("activating", "auto-restart", 0, 0)).as_deref(),
             Some("exited and systemd is restarting it")
         );
-        let no_process = UnitState {
-            main_pid: 0,
-            ..up.clone()
-        };
-        assert!(went_down(&up, &no_process).is_some());
+        assert_eq!(
+            went_down(&up, &state("activating", "auto-restart-queued", 0, 0)).as_deref(),
+            Some("exited and systemd is restarting it")
+        );
+        assert_eq!(
+            went_down(&up, &state("active", "running", 200, 1)).as_deref(),
+            Some("exited and systemd restarted it")
+        );
+        assert_eq!(
+            went_down(&up, &state("active", "exited", 0, 0)).as_deref(),
+            Some("is gone (the unit is active/exited without one)")
+        );
+        // Restarted by someone else: the new process is watched instead.
+        assert_eq!(went_down(&up, &state("active", "running", 300, 0)), None);
     }
 }

@@ -111,8 +111,8 @@ touch /run/sshd-exited-once; sleep 1; exit 1'\nRestart=on-failure\nRestartSec=2\
 fn sshd_exits_after_its_start(h: &Harness, m: &Machine, mut b: Booted) -> Result<Booted> {
     b.ssh.run(&format!(
         "mkdir -p /run/systemd/system/ssh.service.d && \
-         cat > /run/systemd/system/ssh.service.d/80-exits-once.conf <<'UNIT'\n{SSHD_EXITS_ONCE}UNIT\n\
-         systemctl daemon-reload"
+         cat > /run/systemd/system/ssh.service.d/80-exits-once.conf <<'UNIT' && \
+         systemctl daemon-reload\n{SSHD_EXITS_ONCE}UNIT\n"
     ))?;
     let said = push_rotated_key(h, m, &b, "with sshd exiting after its start")?;
     let failed = line_starting(&said, "FAILED");
