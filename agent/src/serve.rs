@@ -286,13 +286,8 @@ fn channel_service(
         Method::VsockListen => {
             Transport::VsockListen(args.channel_path.to_string_lossy().into_owned())
         }
-        _ if !args.channel_path.exists() => {
-            tracing::info!(
-                "no control channel at {}: serving the guest agent only",
-                args.channel_path.display()
-            );
-            return Ok(None);
-        }
+        // The port may not be there yet: udev makes each port's node on its own event,
+        // and the agent starts on the guest-agent port's (see `wait_for_port`).
         _ => Transport::VirtioSerial(args.channel_path.clone()),
     };
     let ctx = ChannelContext {
@@ -317,7 +312,14 @@ async fn run(
     // Both ports in one small process: the control channel needs no guest-agent state.
     let control = async {
         match channel {
-            Some((mut svc, t)) => serve_transport(&mut svc, &t, false, "control-channel").await,
+            Some((mut svc, t)) => {
+                if let Transport::VirtioSerial(path) = &t
+                    && !wait_for_port(path, PORT_WAIT).await
+                {
+                    return std::future::pending().await;
+                }
+                serve_transport(&mut svc, &t, false, "control-channel").await
+            }
             None => std::future::pending().await,
         }
     };
@@ -329,6 +331,42 @@ async fn run(
     };
     agent.thaw_for_exit();
     result
+}
+
+/// How long the control channel's port may take to appear after the agent started.
+const PORT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Waits for a virtio-serial port's node: the agent starts when udev has made the guest
+/// agent's port, and the control channel's port, a separate udev event, can come later
+/// (seconds later in a busy boot). True once it is there; false, with a log line, when
+/// `wait` passed without it (a VM without the channel: the guest agent alone is served).
+async fn wait_for_port(path: &Path, wait: std::time::Duration) -> bool {
+    let since = tokio::time::Instant::now();
+    let mut told = false;
+    loop {
+        if path.exists() {
+            if told {
+                tracing::info!(
+                    "{} appeared {:.1} s after the start",
+                    path.display(),
+                    since.elapsed().as_secs_f64()
+                );
+            }
+            return true;
+        }
+        if since.elapsed() >= wait {
+            tracing::info!(
+                "no control channel at {} within {wait:?}: serving the guest agent only",
+                path.display()
+            );
+            return false;
+        }
+        if !told {
+            tracing::info!("{} is not there yet: waiting for it", path.display());
+            told = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 /// Serves one protocol on one transport until it fails for good. `ready`: tell systemd

@@ -278,23 +278,32 @@ fn tampered_bundle_garbage_and_out_of_order_frames_are_refused() {
     );
 }
 
-#[test]
-fn serve_answers_the_guest_agent_and_the_control_channel_in_one_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let qga = dir.path().join("qga.sock");
-    let ch = dir.path().join("channel.sock");
-    let ids = dir.path().join("identity");
-    let mut child = Command::new(AGENT)
+/// `nixseed-agent serve` in `dir`: the guest agent on `dir/qga.sock`, the control channel
+/// on `channel` (with `args` for its method), an identity directory `dir/identity` that
+/// does not exist. Returns the child, the guest agent's socket and that directory.
+fn serve_in(dir: &Path, args: &[&str], channel: &Path) -> (Child, PathBuf, PathBuf) {
+    let qga = dir.join("qga.sock");
+    let ids = dir.join("identity");
+    let child = Command::new(AGENT)
         .args(["serve", "-m", "unix-listen", "-p"])
         .arg(&qga)
         .arg("-t")
-        .arg(dir.path().join("state"))
-        .args(["--channel-method", "unix-listen", "--channel-path"])
-        .arg(&ch)
+        .arg(dir.join("state"))
+        .args(args)
+        .arg("--channel-path")
+        .arg(channel)
         .arg("--identity-dir")
         .arg(&ids)
         .spawn()
         .unwrap();
+    (child, qga, ids)
+}
+
+#[test]
+fn serve_answers_the_guest_agent_and_the_control_channel_in_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let ch = dir.path().join("channel.sock");
+    let (mut child, qga, ids) = serve_in(dir.path(), &["--channel-method", "unix-listen"], &ch);
     let t0 = Instant::now();
     while !(ts::listening(&qga) && ts::listening(&ch)) {
         assert!(
@@ -319,4 +328,63 @@ fn serve_answers_the_guest_agent_and_the_control_channel_in_one_process() {
     assert!(message.contains(&ids.display().to_string()), "{message}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The control channel's port can appear after the agent started (udev makes each
+/// virtio-serial port's node on its own event, and the agent starts on the guest agent's):
+/// a port that shows up a second later (a raw pty here, where a VM has a virtio-serial
+/// node) is still served.
+#[test]
+fn a_control_port_that_appears_after_the_start_is_served() {
+    use nix::pty::openpty;
+    use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = dir.path().join("org.nixseed.channel.0");
+    let (mut child, qga, ids) = serve_in(dir.path(), &[], &port);
+    let t0 = Instant::now();
+    while !ts::listening(&qga) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no guest agent socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+
+    let pty = openpty(None, None).unwrap();
+    let mut t = tcgetattr(&pty.slave).unwrap();
+    cfmakeraw(&mut t);
+    tcsetattr(&pty.slave, SetArg::TCSANOW, &t).unwrap();
+    let slave = std::fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&pty.slave)
+    ))
+    .unwrap();
+    std::os::unix::fs::symlink(&slave, &port).unwrap();
+
+    let mut master = std::fs::File::from(pty.master);
+    master.write_all(&encode(&Message::Status)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut d = Decoder::default();
+        let mut buf = [0u8; 65536];
+        loop {
+            let Ok(n) = master.read(&mut buf) else { return };
+            d.push(&buf[..n]);
+            if let Ok(Some(m)) = d.next_message() {
+                let _ = tx.send(m);
+                return;
+            }
+        }
+    });
+    let answer = rx.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    // No identity in that directory: the channel answers, naming it.
+    let Ok(Message::Error { message }) = answer else {
+        panic!("no answer on the control port that appeared late: {answer:?}")
+    };
+    assert!(message.contains(&ids.display().to_string()), "{message}");
+    drop(pty.slave);
 }

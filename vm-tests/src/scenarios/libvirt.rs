@@ -353,8 +353,7 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         "vm-tests: {name}: agent says hostname {want_host}, then libvirt-renamed after seedctl push --connect and back after rollback; {mac} has {addr}, / on vda and /var on vdb, froze and thawed {frozen} filesystems"
     );
 
-    // Last before the shutdown: CPU hotplug in the guest, after every control-channel
-    // exchange (one CI run lost a control-channel push made after it).
+    // Last before the shutdown: CPU hotplug in the guest.
     guest_vcpus(name)?;
 
     // Shutdown through the agent: the domain must reach "shut off" on its own.
