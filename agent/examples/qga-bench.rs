@@ -43,12 +43,10 @@ fn start(name: &'static str, exe: &Path, pre: &[&str], dir: &Path) -> Result<Age
         .stderr(Stdio::null())
         .spawn()
         .with_context(|| format!("cannot start {}", exe.display()))?;
-    let t = Instant::now();
-    while !nixseed_test_support::listening(&sock) {
-        if t.elapsed() > Duration::from_secs(10) {
-            bail!("{name} did not listen on {}", sock.display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if !nixseed_test_support::wait_for(Duration::from_secs(10), || {
+        nixseed_test_support::listening(&sock)
+    }) {
+        bail!("{name} did not listen on {}", sock.display());
     }
     Ok(Agent { name, child, sock })
 }

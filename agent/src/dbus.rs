@@ -210,8 +210,9 @@ pub async fn unit_active_state(unit: &str) -> Result<String, DbusError> {
 
 /// What systemd says of a unit after a job: its `ActiveState` and `SubState`, and for a
 /// service its `Type`, `MainPID` and `NRestarts` (empty and 0 for other units). A
-/// service of type `simple`, `exec` or `idle` is called started as soon as its process runs, so
-/// whether it stays up shows only in later readings: the same main process, no restart.
+/// service of type `simple`, `exec` or `idle` is called started as soon as its process
+/// runs, so whether it stays up shows only in later readings: the same main process, no
+/// restart.
 /// The readings are separate calls; the service's come first and the states last, so a
 /// main process that exits in between shows in the states.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

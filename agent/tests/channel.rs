@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nixseed_core::channel::{Bundle, Decoder, Message, encode};
 use nixseed_core::seed::SeedFiles;
@@ -304,14 +304,11 @@ fn serve_answers_the_guest_agent_and_the_control_channel_in_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let ch = dir.path().join("channel.sock");
     let (mut child, qga, ids) = serve_in(dir.path(), &["--channel-method", "unix-listen"], &ch);
-    let t0 = Instant::now();
-    while !(ts::listening(&qga) && ts::listening(&ch)) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "the agent never listened on both sockets"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        ts::wait_for(Duration::from_secs(20), || ts::listening(&qga)
+            && ts::listening(&ch)),
+        "the agent never listened on both sockets"
+    );
     let mut q = UnixStream::connect(&qga).unwrap();
     q.write_all(br#"{"execute":"guest-ping","id":7}"#).unwrap();
     let mut line = [0u8; 64];
@@ -342,14 +339,10 @@ fn a_control_port_that_appears_after_the_start_is_served() {
     let dir = tempfile::tempdir().unwrap();
     let port = dir.path().join("org.nixseed.channel.0");
     let (mut child, qga, ids) = serve_in(dir.path(), &[], &port);
-    let t0 = Instant::now();
-    while !ts::listening(&qga) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no guest agent socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        ts::wait_for(Duration::from_secs(20), || ts::listening(&qga)),
+        "no guest agent socket"
+    );
     std::thread::sleep(Duration::from_secs(1));
 
     let pty = openpty(None, None).unwrap();

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -60,14 +60,12 @@ impl Peer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let t = Instant::now();
-        while !nixseed_test_support::listening(&sock) {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "{name} did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            nixseed_test_support::wait_for(Duration::from_secs(10), || {
+                nixseed_test_support::listening(&sock)
+            }),
+            "{name} did not listen"
+        );
         Peer {
             name,
             child,

@@ -35,14 +35,12 @@ fn serve(extra: &[&str]) -> Serve {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while !nixseed_test_support::listening(&sock) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "the agent did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        nixseed_test_support::wait_for(Duration::from_secs(20), || {
+            nixseed_test_support::listening(&sock)
+        }),
+        "the agent did not listen"
+    );
     Serve {
         child,
         sock,

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[test]
 fn hundred_thousand_requests_and_a_thousand_reconnects() {
@@ -20,14 +20,12 @@ fn hundred_thousand_requests_and_a_thousand_reconnects() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !nixseed_test_support::listening(&sock) {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "agent did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        nixseed_test_support::wait_for(Duration::from_secs(10), || {
+            nixseed_test_support::listening(&sock)
+        }),
+        "agent did not listen"
+    );
 
     let rss_kib = || -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();

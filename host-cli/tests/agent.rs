@@ -33,15 +33,13 @@ impl QemuGa {
             .args(extra)
             .spawn()
             .unwrap();
-        let start = Instant::now();
-        while !nixseed_test_support::listening(&sock) {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "qemu-ga did not listen on {}",
-                sock.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            nixseed_test_support::wait_for(Duration::from_secs(10), || {
+                nixseed_test_support::listening(&sock)
+            }),
+            "qemu-ga did not listen on {}",
+            sock.display()
+        );
         QemuGa { child, sock }
     }
 }

@@ -118,19 +118,32 @@ pub fn spawn_channel_guest(
         .args(["-m", "-u", "sh", "-c", &script])
         .stderr(stderr)
         .spawn()?;
-    let t0 = std::time::Instant::now();
-    while !listening(sock) {
-        if t0.elapsed() > std::time::Duration::from_secs(20) || child.try_wait()?.is_some() {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(io::Error::other(format!(
-                "the agent's channel socket {} never appeared",
-                sock.display()
-            )));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    // Stop waiting as soon as the agent has exited.
+    let up = wait_for(std::time::Duration::from_secs(20), || {
+        listening(sock) || !matches!(child.try_wait(), Ok(None))
+    });
+    if !(up && listening(sock)) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(io::Error::other(format!(
+            "the agent's channel socket {} never appeared",
+            sock.display()
+        )));
     }
     Ok(child)
+}
+
+/// Polls `ready` every 10 ms until it holds (true) or `within` has passed (false): the
+/// wait for an agent's socket after its start.
+pub fn wait_for(within: std::time::Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let t0 = std::time::Instant::now();
+    while !ready() {
+        if t0.elapsed() > within {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    true
 }
 
 /// Whether a unix socket accepts connections. Its file appears at bind(2), a moment before
