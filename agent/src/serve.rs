@@ -313,10 +313,8 @@ async fn run(
     let control = async {
         match channel {
             Some((mut svc, t)) => {
-                if let Transport::VirtioSerial(path) = &t
-                    && !wait_for_port(path, PORT_WAIT).await
-                {
-                    return std::future::pending().await;
+                if let Transport::VirtioSerial(path) = &t {
+                    wait_for_port(path, PORT_WAIT, PORT_RECHECK).await;
                 }
                 serve_transport(&mut svc, &t, false, "control-channel").await
             }
@@ -333,40 +331,48 @@ async fn run(
     result
 }
 
-/// How long the control channel's port may take to appear after the agent started.
+/// How long the control channel's port is looked for often, after the agent started.
 const PORT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How often it is looked for after that: a channel attached to a running VM
+/// (`virsh attach-device --live`) is served within this time.
+const PORT_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Waits for a virtio-serial port's node: the agent starts when udev has made the guest
 /// agent's port, and the control channel's port, a separate udev event, can come later
-/// (seconds later in a busy boot). True once it is there; false, with a log line, when
-/// `wait` passed without it (a VM without the channel: the guest agent alone is served).
-async fn wait_for_port(path: &Path, wait: std::time::Duration) -> bool {
-    let since = tokio::time::Instant::now();
-    let mut told = false;
-    loop {
-        if path.exists() {
-            if told {
-                tracing::info!(
-                    "{} appeared {:.1} s after the start",
-                    path.display(),
-                    since.elapsed().as_secs_f64()
-                );
-            }
-            return true;
-        }
-        if since.elapsed() >= wait {
-            tracing::info!(
-                "no control channel at {} within {wait:?}: serving the guest agent only",
-                path.display()
-            );
-            return false;
-        }
-        if !told {
-            tracing::info!("{} is not there yet: waiting for it", path.display());
-            told = true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+/// (seconds later in a busy boot), or only when the host attaches the channel to the
+/// running VM. Looks every 250 ms for `wait`, then every `recheck`, with one journal line
+/// when it gives up the fast look (a VM without the channel, as on Proxmox VE, is
+/// served as a guest agent only meanwhile). Returns once the node is there.
+async fn wait_for_port(path: &Path, wait: std::time::Duration, recheck: std::time::Duration) {
+    if path.exists() {
+        return;
     }
+    tracing::info!("{} is not there yet: waiting for it", path.display());
+    let since = tokio::time::Instant::now();
+    let mut slow = false;
+    while !path.exists() {
+        if !slow && since.elapsed() >= wait {
+            tracing::info!(
+                "no control channel at {} within {} s: serving the guest agent only, \
+                 and looking for the channel every {} s",
+                path.display(),
+                wait.as_secs(),
+                recheck.as_secs()
+            );
+            slow = true;
+        }
+        let step = if slow {
+            recheck
+        } else {
+            std::time::Duration::from_millis(250)
+        };
+        tokio::time::sleep(step).await;
+    }
+    tracing::info!(
+        "{} appeared {:.1} s after the start",
+        path.display(),
+        since.elapsed().as_secs_f64()
+    );
 }
 
 /// Serves one protocol on one transport until it fails for good. `ready`: tell systemd
@@ -578,5 +584,45 @@ fn notify_ready() {
     };
     if let Err(e) = r {
         tracing::warn!("cannot notify systemd at {t}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A port attached after the fast look gave up (a channel hot-plugged into a running
+    /// VM) is still found.
+    #[test]
+    fn a_port_attached_after_the_fast_look_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = dir.path().join("org.nixseed.channel.0");
+        let late = port.clone();
+        let attach = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(900));
+            std::fs::write(&late, b"").unwrap();
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let found = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                wait_for_port(
+                    &port,
+                    Duration::from_millis(300),
+                    Duration::from_millis(400),
+                ),
+            )
+            .await
+        });
+        let there = port.exists();
+        attach.join().unwrap();
+        assert!(
+            found.is_ok() && there,
+            "the port attached after 0.9 s was not waited for"
+        );
     }
 }

@@ -314,6 +314,7 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     // machines/NAME agrees with the guest again.
     std::fs::write(m.dir.join("hostname"), format!("{want_host}\n"))
         .with_context(|| format!("restoring {}/hostname", m.dir.display()))?;
+    channel_hot_plug(name, &h.work, &over_channel)?;
 
     // Freeze and thaw: libvirt counts what the agent froze.
     let froze = virsh(&["domfsfreeze", name])?;
@@ -392,6 +393,72 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         "domain {name} is still defined after undefine"
     );
     Ok(())
+}
+
+/// The control channel taken out of the running domain and put back, as an operator adds
+/// it to a VM that runs (`virsh attach-device --live`): meanwhile the guest agent keeps
+/// answering and `seedctl status --connect` says the channel is missing; once it is back,
+/// the agent in the guest serves it again without a restart.
+fn channel_hot_plug(
+    name: &str,
+    work: &Path,
+    over_channel: &dyn Fn(&str) -> Result<std::process::Output>,
+) -> Result<()> {
+    const PORT: &str = "org.nixseed.channel.0";
+    let live = virsh(&["dumpxml", name])?;
+    let sock = channel_source(&live, PORT)
+        .with_context(|| format!("the running domain {name} has no unix channel {PORT}"))?;
+    let file = work.join("control-channel.xml");
+    std::fs::write(
+        &file,
+        format!(
+            "<channel type='unix'>\n  <source mode='bind' path='{sock}'/>\n  \
+             <target type='virtio' name='{PORT}'/>\n</channel>\n"
+        ),
+    )
+    .with_context(|| format!("writing {}", file.display()))?;
+    let file = file.to_string_lossy();
+    virsh(&["detach-device", name, &file, "--live"])?;
+    let gone = virsh(&["dumpxml", name])?;
+    ensure!(
+        channel_source(&gone, PORT).is_none(),
+        "`virsh detach-device {name} --live` left {PORT} in the live XML"
+    );
+    let host = virsh(&["domhostname", name, "--source", "agent"])
+        .context("the guest agent after the control channel was detached")?;
+    let missing = match over_channel("status") {
+        Ok(o) => bail!(
+            "seedctl status --connect answered with the channel detached: {}",
+            String::from_utf8_lossy(&o.stdout)
+        ),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        missing.contains(PORT),
+        "seedctl status --connect without the channel does not name {PORT}: {missing}"
+    );
+    virsh(&["attach-device", name, &file, "--live"])?;
+    let t = Instant::now();
+    over_channel("status")
+        .context("seedctl status --connect after the channel was attached again")?;
+    eprintln!(
+        "vm-tests: {name}: control channel detached (the guest agent still said {}) and attached again; the agent answered on it {:.1} s later",
+        host.trim(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The `<source path=.../>` of the unix channel whose target is `port`, in libvirt's XML.
+fn channel_source(xml: &str, port: &str) -> Option<String> {
+    xml.split("<channel ")
+        .skip(1)
+        .map(|c| c.split("</channel>").next().unwrap_or(c))
+        .filter(|c| c.starts_with("type='unix'") && c.contains(&format!("name='{port}'")))
+        .find_map(|c| {
+            let (_, rest) = c.split_once("path='")?;
+            rest.split_once('\'').map(|(p, _)| p.to_string())
+        })
 }
 
 /// `seedctl start --seed-via channel` leaves an answerer (`serve --once`) for the guest's
@@ -578,5 +645,23 @@ mod tests {
         let m = guestinfo_map("hostname            : web1\nfs.0.mountpoint     : /\n");
         assert_eq!(m.get("hostname").map(String::as_str), Some("web1"));
         assert_eq!(m.get("fs.0.mountpoint").map(String::as_str), Some("/"));
+    }
+
+    #[test]
+    fn finds_the_control_channel_socket_in_live_xml() {
+        let xml = "<devices>\n<channel type='unix'>\n<source mode='bind' path='/s/ga'/>\n\
+                   <target type='virtio' name='org.qemu.guest_agent.0' state='connected'/>\n\
+                   </channel>\n<channel type='unix'>\n<source mode='bind' path='/s/ctl'/>\n\
+                   <target type='virtio' name='org.nixseed.channel.0' state='connected'/>\n\
+                   <alias name='channel1'/>\n</channel>\n</devices>";
+        assert_eq!(
+            channel_source(xml, "org.nixseed.channel.0").as_deref(),
+            Some("/s/ctl")
+        );
+        assert_eq!(
+            channel_source(xml, "org.qemu.guest_agent.0").as_deref(),
+            Some("/s/ga")
+        );
+        assert_eq!(channel_source(xml, "org.example.other"), None);
     }
 }
