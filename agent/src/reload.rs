@@ -126,7 +126,9 @@ const SSHD_SOCKETS: [&str; 2] = ["ssh.socket", "sshd.socket"];
 /// but "no such unit", any job result but `done`, and an sshd left down (a try-restart of
 /// an sshd that was not running, a start its condition skipped) is an error. An sshd that
 /// systemd calls started when its process runs (NixOS's `Type=simple` sshd.service) is
-/// then watched until it listens: see [`stays_up`].
+/// then watched until it listens: see [`stays_up`]. While one of [`SSHD_SOCKETS`] listens,
+/// `RestartUnit` becomes `TryRestartUnit` (after the reset): starting the service could
+/// stop that socket, and the sshd it starts on the next connection reads the new key.
 async fn restart_sshd(method: &str, deadline: tokio::time::Instant) -> Result<()> {
     use crate::dbus::{Arg, DbusError, call, run_job, unit_active_state, unit_state};
     let no_such_unit = |e: &DbusError| matches!(e, DbusError::Remote { name, .. } if name == "org.freedesktop.systemd1.NoSuchUnit");
@@ -137,6 +139,14 @@ async fn restart_sshd(method: &str, deadline: tokio::time::Instant) -> Result<()
             }
         }
         false
+    };
+    // With a socket listening for sshd, a start of the service would stop a socket that
+    // conflicts with it (per-connection sshd, `Accept=yes`). The sshd the socket starts
+    // reads the key then, and a service that runs is still restarted.
+    let job = if method == "RestartUnit" && socket_listens().await {
+        "TryRestartUnit"
+    } else {
+        method
     };
     for unit in SSHD_UNITS {
         if method == "RestartUnit" {
@@ -154,30 +164,30 @@ async fn restart_sshd(method: &str, deadline: tokio::time::Instant) -> Result<()
                 Err(e) => return Err(e).context(format!("resetting {unit}'s failed state")),
             }
         }
-        match run_job(method, &[Arg::Str(unit), Arg::Str("replace")], LIVE_BUDGET).await {
+        match run_job(job, &[Arg::Str(unit), Arg::Str("replace")], LIVE_BUDGET).await {
             Ok(result) if result == "done" => {
                 let state = unit_state(unit)
                     .await
-                    .with_context(|| format!("{unit}'s state after {method}"))?;
+                    .with_context(|| format!("{unit}'s state after {job}"))?;
                 return match after_done(&state) {
                     AfterJob::Up => Ok(()),
-                    AfterJob::Watch => stays_up(unit, method, &state, deadline).await,
+                    AfterJob::Watch => stays_up(unit, job, &state, deadline).await,
                     AfterJob::Restarting => anyhow::bail!(
-                        "{unit}'s main process exited right after {method} and systemd is \
+                        "{unit}'s main process exited right after {job} and systemd is \
                          restarting it (journalctl -u {unit} says why)"
                     ),
                     AfterJob::Down if socket_listens().await => Ok(()),
                     AfterJob::Down => anyhow::bail!(
-                        "{unit} is {} after {method} (journalctl -u {unit} says why)",
+                        "{unit} is {} after {job} (journalctl -u {unit} says why)",
                         state.active
                     ),
                 };
             }
             Ok(result) => anyhow::bail!(
-                "{method} {unit}: the job ended '{result}' (journalctl -u {unit} says why)"
+                "{job} {unit}: the job ended '{result}' (journalctl -u {unit} says why)"
             ),
             Err(e) if no_such_unit(&e) => {}
-            Err(e) => return Err(e).context(format!("{method} {unit}")),
+            Err(e) => return Err(e).context(format!("{job} {unit}")),
         }
     }
     if socket_listens().await {

@@ -91,6 +91,7 @@ pub fn push(h: &Harness) -> Result<()> {
     let boot_id2 = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     ensure!(boot_id == boot_id2, "the guest rebooted during the push");
     let b = sshd_exits_after_its_start(h, &m, b)?;
+    let b = sshd_started_per_connection(h, &m, b)?;
     sshd_refuses_the_new_key(h, &m, b)
 }
 
@@ -148,6 +149,48 @@ fn sshd_exits_after_its_start(h: &Harness, m: &Machine, mut b: Booted) -> Result
     b.ssh.run(
         "rm /run/systemd/system/ssh.service.d/80-exits-once.conf && systemctl daemon-reload && \
          systemctl restart ssh.service",
+    )?;
+    Ok(b)
+}
+
+/// Runtime units that make the test image start sshd per connection, the way NixOS's
+/// `services.openssh.startWhenNeeded` does: `sshd.socket` (`Accept=yes`, conflicting
+/// with the service) starts `sshd -i` from `sshd@.service` for each connection.
+const SSHD_PER_CONNECTION: &str = "mkdir -p /run/systemd/system && cd /run/systemd/system && \
+printf '[Unit]\\nConflicts=ssh.service\\n[Socket]\\nListenStream=22\\nAccept=yes\\n' > sshd.socket && \
+printf '[Service]\\nExecStart=-/usr/sbin/sshd -i\\nStandardInput=socket\\n\
+RuntimeDirectory=sshd\\nRuntimeDirectoryPreserve=yes\\n' > sshd@.service && \
+systemctl daemon-reload && systemctl stop ssh.service && systemctl start sshd.socket";
+
+/// sshd started per connection ([`SSHD_PER_CONNECTION`]): a push that rotates the host
+/// key is taken (exit 0, sshd listed) without a start of ssh.service, which would stop
+/// the socket, and the next connection presents the pushed key. ssh.service then runs
+/// sshd again, and the returned machine's ssh pins the last key.
+fn sshd_started_per_connection(h: &Harness, m: &Machine, mut b: Booted) -> Result<Booted> {
+    let units = "systemctl is-active sshd.socket ssh.service || true";
+    b.ssh.run(SSHD_PER_CONNECTION)?;
+    let before = b.ssh.run(units)?;
+    ensure!(
+        before.split_whitespace().eq(["active", "inactive"]),
+        "sshd.socket and ssh.service are not 'active inactive' after the switch: {before}"
+    );
+    push_rotated_key_expecting(h, m, &b, "with sshd started per connection", true)?;
+    let rotated = m.host_key_pub()?;
+    ssh::wait_for_host_key(b.ssh.port, Some(&rotated), Duration::from_secs(60), || {
+        Ok(())
+    })
+    .context("sshd started by sshd.socket does not present the pushed key")?;
+    b.ssh = Ssh::pinned(b.ssh.port, h.key.clone(), &rotated, &m.state)?;
+    let after = b.ssh.run(units)?;
+    ensure!(
+        after.split_whitespace().eq(["active", "inactive"]),
+        "the push changed how sshd runs: sshd.socket and ssh.service are '{}', not 'active inactive'",
+        after.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    b.ssh.run(
+        "systemctl stop sshd.socket && rm /run/systemd/system/sshd.socket \
+         /run/systemd/system/sshd@.service && systemctl daemon-reload && \
+         systemctl start ssh.service",
     )?;
     Ok(b)
 }
