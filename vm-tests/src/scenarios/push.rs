@@ -127,13 +127,7 @@ fn sshd_exits_after_its_start(h: &Harness, m: &Machine, mut b: Booted) -> Result
     })
     .context("sshd did not come back with the pushed key after systemd restarted it")?;
     // The drop-in's next starts run sshd: a push now is taken once sshd listens.
-    push_rotated_key_expecting(h, m, &b, "with sshd started at fork and healthy", true)?;
-    let rotated = m.host_key_pub()?;
-    ssh::wait_for_host_key(b.ssh.port, Some(&rotated), Duration::from_secs(60), || {
-        Ok(())
-    })
-    .context("sshd does not present the key pushed while it was healthy")?;
-    b.ssh = Ssh::pinned(b.ssh.port, h.key.clone(), &rotated, &m.state)?;
+    push_taken_and_presented(h, m, &mut b, "with sshd started at fork and healthy")?;
     // Taken because sshd was seen listening, not by the watch running out.
     // (The first count shows the filter finds the agent's lines at all.)
     let counts = b.ssh.run(
@@ -174,13 +168,7 @@ fn sshd_started_per_connection(h: &Harness, m: &Machine, mut b: Booted) -> Resul
         before.split_whitespace().eq(["active", "inactive"]),
         "sshd.socket and ssh.service are not 'active inactive' after the switch: {before}"
     );
-    push_rotated_key_expecting(h, m, &b, "with sshd started per connection", true)?;
-    let rotated = m.host_key_pub()?;
-    ssh::wait_for_host_key(b.ssh.port, Some(&rotated), Duration::from_secs(60), || {
-        Ok(())
-    })
-    .context("sshd started by sshd.socket does not present the pushed key")?;
-    b.ssh = Ssh::pinned(b.ssh.port, h.key.clone(), &rotated, &m.state)?;
+    push_taken_and_presented(h, m, &mut b, "with sshd started per connection")?;
     let after = b.ssh.run(units)?;
     ensure!(
         after.split_whitespace().eq(["active", "inactive"]),
@@ -237,6 +225,19 @@ fn line_starting<'a>(said: &'a str, label: &str) -> &'a str {
     said.lines()
         .find(|l| l.trim_start().starts_with(label))
         .unwrap_or_default()
+}
+
+/// A rotated host key pushed while sshd can take it: the push is taken, sshd presents
+/// the key within 60 s, and `b`'s ssh pins it from then on.
+fn push_taken_and_presented(h: &Harness, m: &Machine, b: &mut Booted, case: &str) -> Result<()> {
+    push_rotated_key_expecting(h, m, b, case, true)?;
+    let rotated = m.host_key_pub()?;
+    ssh::wait_for_host_key(b.ssh.port, Some(&rotated), Duration::from_secs(60), || {
+        Ok(())
+    })
+    .with_context(|| format!("sshd does not present the key pushed {case}"))?;
+    b.ssh = Ssh::pinned(b.ssh.port, h.key.clone(), &rotated, &m.state)?;
+    Ok(())
 }
 
 /// Replaces the host key in machines/NAME and pushes it while sshd cannot take it:
