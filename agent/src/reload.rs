@@ -114,40 +114,43 @@ fn set_hostname(file: &Path) -> Result<()> {
 /// The units sshd runs as: ssh.service on Debian (sshd.service is its alias there),
 /// sshd.service on NixOS.
 const SSHD_UNITS: [&str; 2] = ["ssh.service", "sshd.service"];
-/// The sockets that start sshd on a connection (NixOS `startWhenNeeded`, Debian's
-/// ssh.socket): an sshd started that way reads the host key at that start.
+/// The sockets that start sshd on a connection (NixOS `startWhenNeeded`, Debian's and
+/// Ubuntu's ssh.socket): an sshd started that way reads the host key at that start.
 const SSHD_SOCKETS: [&str; 2] = ["ssh.socket", "sshd.socket"];
+
+/// The socket of the same name as an sshd unit (`ssh.socket` for `ssh.service`): the one
+/// that starts this sshd (`Accept=no`) or its per-connection instances (`Accept=yes`).
+fn paired_socket(unit: &str) -> String {
+    format!("{}.socket", unit.trim_end_matches(".service"))
+}
+
+/// The job that makes sshd take a new key. `RestartUnit` becomes `TryRestartUnit` while
+/// the unit's own socket listens: a start of the service would fail on the port the
+/// socket holds, or stop a socket that conflicts with it, and the sshd the socket starts
+/// reads the new key anyway; a service that runs is still restarted.
+fn sshd_job(method: &'static str, paired_socket_listens: bool) -> &'static str {
+    if method == "RestartUnit" && paired_socket_listens {
+        "TryRestartUnit"
+    } else {
+        method
+    }
+}
 
 /// `method`: `TryRestartUnit` (leaves a unit that is not running alone) or `RestartUnit`
 /// (starts it), on the first of [`SSHD_UNITS`] the image has. Before `RestartUnit` the
 /// unit's failed state is reset: an sshd that kept failing without a host key until
-/// systemd's start limit would refuse the start. The restart job is followed to its end,
-/// and the unit must then be active, or one of [`SSHD_SOCKETS`] listening: any refusal
-/// but "no such unit", any job result but `done`, and an sshd left down (a try-restart of
-/// an sshd that was not running, a start its condition skipped) is an error. An sshd that
-/// systemd calls started when its process runs (NixOS's `Type=simple` sshd.service) is
-/// then watched until it listens: see [`stays_up`]. While one of [`SSHD_SOCKETS`] listens,
-/// `RestartUnit` becomes `TryRestartUnit` (after the reset): starting the service could
-/// stop that socket, and the sshd it starts on the next connection reads the new key.
-async fn restart_sshd(method: &str, deadline: tokio::time::Instant) -> Result<()> {
+/// systemd's start limit would refuse the start. The job is the one [`sshd_job`] picks.
+/// It is followed to its end, and the unit must then be active, or its own socket
+/// ([`paired_socket`]) listening, or, with no sshd service at all, one of
+/// [`SSHD_SOCKETS`]: any refusal but "no such unit", any job result but `done`, and an
+/// sshd left down (a try-restart of an sshd that was not running, a start its condition
+/// skipped) is an error. An sshd that systemd calls started when its process runs
+/// (`Type=simple`, as older NixOS releases' sshd.service is) is then watched until it
+/// listens: see [`stays_up`].
+async fn restart_sshd(method: &'static str, deadline: tokio::time::Instant) -> Result<()> {
     use crate::dbus::{Arg, DbusError, call, run_job, unit_active_state, unit_state};
     let no_such_unit = |e: &DbusError| matches!(e, DbusError::Remote { name, .. } if name == "org.freedesktop.systemd1.NoSuchUnit");
-    let socket_listens = || async {
-        for socket in SSHD_SOCKETS {
-            if unit_active_state(socket).await.is_ok_and(|s| s == "active") {
-                return true;
-            }
-        }
-        false
-    };
-    // With a socket listening for sshd, a start of the service would stop a socket that
-    // conflicts with it (per-connection sshd, `Accept=yes`). The sshd the socket starts
-    // reads the key then, and a service that runs is still restarted.
-    let job = if method == "RestartUnit" && socket_listens().await {
-        "TryRestartUnit"
-    } else {
-        method
-    };
+    let listens = async |socket: &str| unit_active_state(socket).await.is_ok_and(|s| s == "active");
     for unit in SSHD_UNITS {
         if method == "RestartUnit" {
             match call(
@@ -164,6 +167,8 @@ async fn restart_sshd(method: &str, deadline: tokio::time::Instant) -> Result<()
                 Err(e) => return Err(e).context(format!("resetting {unit}'s failed state")),
             }
         }
+        let socket = paired_socket(unit);
+        let job = sshd_job(method, method == "RestartUnit" && listens(&socket).await);
         match run_job(job, &[Arg::Str(unit), Arg::Str("replace")], LIVE_BUDGET).await {
             Ok(result) if result == "done" => {
                 let state = unit_state(unit)
@@ -176,7 +181,7 @@ async fn restart_sshd(method: &str, deadline: tokio::time::Instant) -> Result<()
                         "{unit}'s main process exited right after {job} and systemd is \
                          restarting it (journalctl -u {unit} says why)"
                     ),
-                    AfterJob::Down if socket_listens().await => Ok(()),
+                    AfterJob::Down if listens(&socket).await => Ok(()),
                     AfterJob::Down => anyhow::bail!(
                         "{unit} is {} after {job} (journalctl -u {unit} says why)",
                         state.active
@@ -190,8 +195,10 @@ async fn restart_sshd(method: &str, deadline: tokio::time::Instant) -> Result<()
             Err(e) => return Err(e).context(format!("{job} {unit}")),
         }
     }
-    if socket_listens().await {
-        return Ok(());
+    for socket in SSHD_SOCKETS {
+        if listens(socket).await {
+            return Ok(());
+        }
     }
     anyhow::bail!(
         "none of {} is a unit here, and none of {} listens",
@@ -408,6 +415,16 @@ mod tests {
             main_pid,
             restarts,
         }
+    }
+
+    #[test]
+    fn a_first_identity_starts_sshd_unless_its_own_socket_listens() {
+        assert_eq!(paired_socket("ssh.service"), "ssh.socket");
+        assert_eq!(paired_socket("sshd.service"), "sshd.socket");
+        assert_eq!(sshd_job("RestartUnit", false), "RestartUnit");
+        assert_eq!(sshd_job("RestartUnit", true), "TryRestartUnit");
+        assert_eq!(sshd_job("TryRestartUnit", false), "TryRestartUnit");
+        assert_eq!(sshd_job("TryRestartUnit", true), "TryRestartUnit");
     }
 
     #[test]

@@ -530,7 +530,11 @@ async fn serve_virtio<S: ByteService>(
             }
             Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::ENODEV) => {
                 drop(guard);
-                tracing::warn!("{} went away; reopening", path.display());
+                tracing::warn!(
+                    "{} went away (detached from the VM?); reopening it when it is back",
+                    path.display()
+                );
+                let since = tokio::time::Instant::now();
                 loop {
                     tokio::time::sleep(HUP_BACKOFF * 10).await;
                     if let Ok(p) = open_port(path) {
@@ -538,6 +542,11 @@ async fn serve_virtio<S: ByteService>(
                         break;
                     }
                 }
+                tracing::info!(
+                    "{} is back after {:.1} s: answering {what} requests on it again",
+                    path.display(),
+                    since.elapsed().as_secs_f64()
+                );
             }
             Ok(Err(e)) => {
                 drop(guard);

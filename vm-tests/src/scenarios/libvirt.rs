@@ -395,35 +395,37 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     Ok(())
 }
 
-/// The control channel taken out of the running domain and put back, as an operator adds
-/// it to a VM that runs (`virsh attach-device --live`): meanwhile the guest agent keeps
-/// answering and `seedctl status --connect` says the channel is missing; once it is back,
-/// the agent in the guest serves it again without a restart.
+const CONTROL_PORT: &str = "org.nixseed.channel.0";
+const AGENT_PORT: &str = "org.qemu.guest_agent.0";
+
+/// Channels taken out of the running domain and put back, as an operator adds them to a
+/// VM that runs (`virsh attach-device --live`, with the XML docs/guest-agent.md gives,
+/// which leaves the socket's path to libvirt):
+/// - the control channel alone, while the agent serves it: the guest agent keeps
+///   answering meanwhile and `seedctl status --connect` says the channel is missing; once
+///   the channel is back the agent reopens it;
+/// - both channels: the agent (`BindsTo=` the guest-agent port's device) stops, and when
+///   the guest-agent channel is back, udev starts it without the control port there (a VM
+///   started without the channel); the control channel attached after that is served.
 fn channel_hot_plug(
     name: &str,
     work: &Path,
     over_channel: &dyn Fn(&str) -> Result<std::process::Output>,
 ) -> Result<()> {
-    const PORT: &str = "org.nixseed.channel.0";
-    let live = virsh(&["dumpxml", name])?;
-    let sock = channel_source(&live, PORT)
-        .with_context(|| format!("the running domain {name} has no unix channel {PORT}"))?;
-    let file = work.join("control-channel.xml");
-    std::fs::write(
-        &file,
-        format!(
-            "<channel type='unix'>\n  <source mode='bind' path='{sock}'/>\n  \
-             <target type='virtio' name='{PORT}'/>\n</channel>\n"
-        ),
-    )
-    .with_context(|| format!("writing {}", file.display()))?;
-    let file = file.to_string_lossy();
-    virsh(&["detach-device", name, &file, "--live"])?;
-    let gone = virsh(&["dumpxml", name])?;
-    ensure!(
-        channel_source(&gone, PORT).is_none(),
-        "`virsh detach-device {name} --live` left {PORT} in the live XML"
-    );
+    let attach = |port: &str| -> Result<()> {
+        let file = work.join(format!("attach-{port}.xml"));
+        std::fs::write(
+            &file,
+            format!(
+                "<channel type='unix'>\n  <source mode='bind'/>\n  \
+                 <target type='virtio' name='{port}'/>\n</channel>\n"
+            ),
+        )
+        .with_context(|| format!("writing {}", file.display()))?;
+        virsh(&["attach-device", name, &file.to_string_lossy(), "--live"]).map(drop)
+    };
+
+    detach_channel(name, work, CONTROL_PORT)?;
     let host = virsh(&["domhostname", name, "--source", "agent"])
         .context("the guest agent after the control channel was detached")?;
     let missing = match over_channel("status") {
@@ -434,17 +436,64 @@ fn channel_hot_plug(
         Err(e) => format!("{e:#}"),
     };
     ensure!(
-        missing.contains(PORT),
-        "seedctl status --connect without the channel does not name {PORT}: {missing}"
+        missing.contains(CONTROL_PORT),
+        "seedctl status --connect without the channel does not name {CONTROL_PORT}: {missing}"
     );
-    virsh(&["attach-device", name, &file, "--live"])?;
+    attach(CONTROL_PORT)?;
     let t = Instant::now();
     over_channel("status")
         .context("seedctl status --connect after the channel was attached again")?;
+    let reopened = t.elapsed();
+
+    detach_channel(name, work, CONTROL_PORT)?;
+    detach_channel(name, work, AGENT_PORT)?;
+    attach(AGENT_PORT)?;
+    let t = Instant::now();
+    virsh_until(
+        name,
+        &["domhostname", name, "--source", "agent"],
+        Duration::from_secs(60),
+        "the guest agent after its channel was attached again",
+    )?;
+    let agent_back = t.elapsed();
+    attach(CONTROL_PORT)?;
+    let t = Instant::now();
+    over_channel("status").context(
+        "seedctl status --connect after the control channel was attached to an agent \
+         started without it",
+    )?;
     eprintln!(
-        "vm-tests: {name}: control channel detached (the guest agent still said {}) and attached again; the agent answered on it {:.1} s later",
+        "vm-tests: {name}: control channel detached (the guest agent still said {}) and \
+         attached again: answered {:.1} s later; both channels detached, the guest agent's \
+         attached again: answered {:.1} s later, then the control channel: {:.1} s later",
         host.trim(),
+        reopened.as_secs_f64(),
+        agent_back.as_secs_f64(),
         t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `virsh detach-device --live` of the domain's channel to `port` (matched by its
+/// socket's path, read from the live XML); the live XML must then lack it.
+fn detach_channel(name: &str, work: &Path, port: &str) -> Result<()> {
+    let live = virsh(&["dumpxml", name])?;
+    let sock = channel_source(&live, port)
+        .with_context(|| format!("the running domain {name} has no unix channel {port}"))?;
+    let file = work.join(format!("detach-{port}.xml"));
+    std::fs::write(
+        &file,
+        format!(
+            "<channel type='unix'>\n  <source mode='bind' path='{sock}'/>\n  \
+             <target type='virtio' name='{port}'/>\n</channel>\n"
+        ),
+    )
+    .with_context(|| format!("writing {}", file.display()))?;
+    virsh(&["detach-device", name, &file.to_string_lossy(), "--live"])?;
+    let gone = virsh(&["dumpxml", name])?;
+    ensure!(
+        channel_source(&gone, port).is_none(),
+        "`virsh detach-device {name} --live` left {port} in the live XML"
     );
     Ok(())
 }

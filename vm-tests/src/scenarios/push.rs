@@ -96,7 +96,7 @@ pub fn push(h: &Harness) -> Result<()> {
 }
 
 /// The drop-in of [`sshd_exits_after_its_start`]: ssh.service becomes `Type=simple`, as
-/// NixOS's sshd.service is, so systemd calls it started as soon as its process runs. The
+/// older NixOS releases' sshd.service is, so systemd calls it started as soon as its process runs. The
 /// first start after it exits after a second, as an sshd that cannot load its host key
 /// does; systemd restarts it (`Restart=on-failure`) and the next start runs sshd.
 const SSHD_EXITS_ONCE: &str = "[Service]\nType=simple\nExecStart=\n\
@@ -147,37 +147,39 @@ fn sshd_exits_after_its_start(h: &Harness, m: &Machine, mut b: Booted) -> Result
     Ok(b)
 }
 
-/// Runtime units that make the test image start sshd per connection, the way NixOS's
-/// `services.openssh.startWhenNeeded` does: `sshd.socket` (`Accept=yes`, conflicting
-/// with the service) starts `sshd -i` from `sshd@.service` for each connection.
+/// Runtime units that make the test image start sshd per connection, as NixOS's
+/// `services.openssh.startWhenNeeded` and older Debian releases do: an `ssh.socket`
+/// (`Accept=yes`; it overrides Debian's own, which starts ssh.service) starts `sshd -i`
+/// from `ssh@.service` for each connection. It declares `Conflicts=ssh.service`, as the
+/// two cannot hold port 22 together.
 const SSHD_PER_CONNECTION: &str = "mkdir -p /run/systemd/system && cd /run/systemd/system && \
-printf '[Unit]\\nConflicts=ssh.service\\n[Socket]\\nListenStream=22\\nAccept=yes\\n' > sshd.socket && \
+printf '[Unit]\\nConflicts=ssh.service\\n[Socket]\\nListenStream=22\\nAccept=yes\\n' > ssh.socket && \
 printf '[Service]\\nExecStart=-/usr/sbin/sshd -i\\nStandardInput=socket\\n\
-RuntimeDirectory=sshd\\nRuntimeDirectoryPreserve=yes\\n' > sshd@.service && \
-systemctl daemon-reload && systemctl stop ssh.service && systemctl start sshd.socket";
+RuntimeDirectory=sshd\\nRuntimeDirectoryPreserve=yes\\n' > ssh@.service && \
+systemctl daemon-reload && systemctl stop ssh.service && systemctl start ssh.socket";
 
 /// sshd started per connection ([`SSHD_PER_CONNECTION`]): a push that rotates the host
 /// key is taken (exit 0, sshd listed) without a start of ssh.service, which would stop
 /// the socket, and the next connection presents the pushed key. ssh.service then runs
 /// sshd again, and the returned machine's ssh pins the last key.
 fn sshd_started_per_connection(h: &Harness, m: &Machine, mut b: Booted) -> Result<Booted> {
-    let units = "systemctl is-active sshd.socket ssh.service || true";
+    let units = "systemctl is-active ssh.socket ssh.service || true";
     b.ssh.run(SSHD_PER_CONNECTION)?;
     let before = b.ssh.run(units)?;
     ensure!(
         before.split_whitespace().eq(["active", "inactive"]),
-        "sshd.socket and ssh.service are not 'active inactive' after the switch: {before}"
+        "ssh.socket and ssh.service are not 'active inactive' after the switch: {before}"
     );
     push_taken_and_presented(h, m, &mut b, "with sshd started per connection")?;
     let after = b.ssh.run(units)?;
     ensure!(
         after.split_whitespace().eq(["active", "inactive"]),
-        "the push changed how sshd runs: sshd.socket and ssh.service are '{}', not 'active inactive'",
+        "the push changed how sshd runs: ssh.socket and ssh.service are '{}', not 'active inactive'",
         after.split_whitespace().collect::<Vec<_>>().join(" ")
     );
     b.ssh.run(
-        "systemctl stop sshd.socket && rm /run/systemd/system/sshd.socket \
-         /run/systemd/system/sshd@.service && systemctl daemon-reload && \
+        "systemctl stop ssh.socket && rm /run/systemd/system/ssh.socket \
+         /run/systemd/system/ssh@.service && systemctl daemon-reload && \
          systemctl start ssh.service",
     )?;
     Ok(b)
