@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 pub const QGA_PORT: &str = "org.qemu.guest_agent.0";
 pub const CHANNEL_PORT: &str = "org.nixseed.channel.0";
+/// The QEMU device id of the control channel's port (for `device_del`/`device_add`).
+pub const CHANNEL_DEVICE: &str = "nixseed-channel-port";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accel {
@@ -64,6 +66,9 @@ impl VmConfig {
     }
     pub fn serial_log(&self) -> PathBuf {
         self.runtime_dir.join("serial.log")
+    }
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.runtime_dir.join("qmp.sock")
     }
 
     pub fn args(&self) -> Vec<String> {
@@ -140,7 +145,11 @@ impl VmConfig {
                 self.channel_socket().display()
             ),
             "-device".into(),
-            format!("virtserialport,bus=vser0.0,chardev=chan0,name={CHANNEL_PORT}"),
+            format!(
+                "virtserialport,bus=vser0.0,chardev=chan0,name={CHANNEL_PORT},id={CHANNEL_DEVICE}"
+            ),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", self.qmp_socket().display()),
             "-serial".into(),
             format!("file:{}", self.serial_log().display()),
             "-pidfile".into(),
@@ -158,6 +167,40 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// One command on this VM's QMP monitor (a fresh session: greeting, capabilities,
+    /// then `execute`); its `return`, or its `error` as an error. Events are skipped.
+    pub fn qmp(&self, execute: &str, arguments: serde_json::Value) -> Result<serde_json::Value> {
+        use std::io::{BufRead, BufReader, Write};
+        let path = self.config.qmp_socket();
+        let stream = std::os::unix::net::UnixStream::connect(&path)
+            .with_context(|| format!("connecting to QEMU's monitor {}", path.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut writer = stream.try_clone()?;
+        let mut lines = BufReader::new(stream).lines();
+        let mut reply = |request: serde_json::Value| -> Result<serde_json::Value> {
+            writeln!(writer, "{request}")
+                .with_context(|| format!("writing to {}", path.display()))?;
+            loop {
+                let line = lines
+                    .next()
+                    .with_context(|| {
+                        format!("{} closed before answering {request}", path.display())
+                    })?
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .with_context(|| format!("QMP sent something not JSON: {line}"))?;
+                if let Some(r) = v.get("return") {
+                    return Ok(r.clone());
+                }
+                if let Some(e) = v.get("error") {
+                    bail!("QMP {request}: {e}");
+                }
+            }
+        };
+        reply(serde_json::json!({"execute": "qmp_capabilities"}))?;
+        reply(serde_json::json!({"execute": execute, "arguments": arguments}))
+    }
+
     pub fn start(config: VmConfig) -> Result<Vm> {
         fs::create_dir_all(&config.runtime_dir)
             .with_context(|| format!("creating {}", config.runtime_dir.display()))?;
@@ -165,6 +208,7 @@ impl Vm {
             config.qga_socket(),
             config.channel_socket(),
             config.serial_log(),
+            config.qmp_socket(),
         ] {
             let _ = fs::remove_file(s);
         }

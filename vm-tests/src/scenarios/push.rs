@@ -90,6 +90,7 @@ pub fn push(h: &Harness) -> Result<()> {
     agent_key_changes(h, &m, &b)?;
     let boot_id2 = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     ensure!(boot_id == boot_id2, "the guest rebooted during the push");
+    control_port_replugged(h, &m, &b)?;
     let b = sshd_exits_after_its_start(h, &m, b)?;
     let b = sshd_started_per_connection(h, &m, b)?;
     sshd_refuses_the_new_key(h, &m, b)
@@ -145,6 +146,93 @@ fn sshd_exits_after_its_start(h: &Harness, m: &Machine, mut b: Booted) -> Result
          systemctl restart ssh.service",
     )?;
     Ok(b)
+}
+
+/// The control channel's port unplugged from the running VM and plugged again (QMP
+/// `device_del`/`device_add`, what `virsh detach-device`/`attach-device --live` ask of
+/// QEMU): the agent says the port went away, reopens it when it is back, and the channel
+/// answers `seedctl status` again. Then the agent is restarted while the port is out, as
+/// in a VM started without the channel: it says it waits for the port, and once the port
+/// is plugged it serves it (`seedctl status` exits 0; the journal says it appeared).
+fn control_port_replugged(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
+    use crate::qemu::{CHANNEL_DEVICE, CHANNEL_PORT};
+    let unplug = || {
+        b.vm.qmp("device_del", serde_json::json!({"id": CHANNEL_DEVICE}))
+    };
+    let plug = || {
+        b.vm.qmp(
+            "device_add",
+            serde_json::json!({"driver": "virtserialport", "bus": "vser0.0",
+                               "chardev": "chan0", "name": CHANNEL_PORT, "id": CHANNEL_DEVICE}),
+        )
+    };
+    let status = |when: &str| -> Result<()> {
+        cmd::run(
+            m.seedctl(h.seedctl.as_ref())?
+                .args(["status", &m.name, "--timeout", "60", "--socket"])
+                .arg(b.vm.config.channel_socket()),
+        )
+        .with_context(|| format!("seedctl status {when}"))
+        .map(drop)
+    };
+    // Whether the agent's journal (all of this boot, or the current run of its unit)
+    // has a line containing `text`, polled for up to 30 s.
+    let logged = |this_run: bool, text: &str| -> Result<bool> {
+        let journal = if this_run {
+            "journalctl -b -o cat _SYSTEMD_INVOCATION_ID=$(systemctl show -p InvocationID \
+             --value nixseed-agent.service)"
+        } else {
+            "journalctl -b -o cat -t nixseed-agent"
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n = b
+                .ssh
+                .run(&format!("{journal} | grep -cF -- '{text}' || true"))?;
+            if n.trim() != "0" {
+                return Ok(true);
+            }
+            if Instant::now() > deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+
+    unplug()?;
+    ensure!(
+        logged(false, "org.nixseed.channel.0 went away")?,
+        "the agent does not say that the unplugged control port went away"
+    );
+    plug()?;
+    status("after the control port was plugged again")?;
+    ensure!(
+        logged(false, "org.nixseed.channel.0 is back after")?,
+        "the agent does not say that it reopened the control port"
+    );
+
+    unplug()?;
+    b.ssh.run(
+        "for i in $(seq 60); do [ -e /dev/virtio-ports/org.nixseed.channel.0 ] || exit 0; \
+         sleep 0.5; done; echo 'the unplugged port is still in /dev' >&2; exit 1",
+    )?;
+    b.ssh.run("systemctl restart nixseed-agent.service")?;
+    ensure!(
+        logged(true, "org.nixseed.channel.0 is not there yet")?,
+        "the agent restarted without the control port does not say it waits for it"
+    );
+    plug()?;
+    status("after the control port was plugged into an agent started without it")?;
+    ensure!(
+        logged(true, "org.nixseed.channel.0 appeared")?,
+        "the agent restarted without the control port does not say that it appeared"
+    );
+    eprintln!(
+        "vm-tests: {}: control port unplugged and plugged again: reopened; the agent \
+         restarted without it served it once plugged",
+        m.name
+    );
+    Ok(())
 }
 
 /// Runtime units that make the test image start sshd per connection, as NixOS's
