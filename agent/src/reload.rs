@@ -150,7 +150,8 @@ fn sshd_job(method: &'static str, paired_socket_listens: bool) -> &'static str {
 async fn restart_sshd(method: &'static str, deadline: tokio::time::Instant) -> Result<()> {
     use crate::dbus::{Arg, DbusError, call, run_job, unit_active_state, unit_state};
     let no_such_unit = |e: &DbusError| matches!(e, DbusError::Remote { name, .. } if name == "org.freedesktop.systemd1.NoSuchUnit");
-    let listens = async |socket: &str| unit_active_state(socket).await.is_ok_and(|s| s == "active");
+    let socket_active =
+        async |socket: &str| unit_active_state(socket).await.is_ok_and(|s| s == "active");
     for unit in SSHD_UNITS {
         if method == "RestartUnit" {
             match call(
@@ -168,7 +169,10 @@ async fn restart_sshd(method: &'static str, deadline: tokio::time::Instant) -> R
             }
         }
         let socket = paired_socket(unit);
-        let job = sshd_job(method, method == "RestartUnit" && listens(&socket).await);
+        let job = sshd_job(
+            method,
+            method == "RestartUnit" && socket_active(&socket).await,
+        );
         match run_job(job, &[Arg::Str(unit), Arg::Str("replace")], LIVE_BUDGET).await {
             Ok(result) if result == "done" => {
                 let state = unit_state(unit)
@@ -181,7 +185,7 @@ async fn restart_sshd(method: &'static str, deadline: tokio::time::Instant) -> R
                         "{unit}'s main process exited right after {job} and systemd is \
                          restarting it (journalctl -u {unit} says why)"
                     ),
-                    AfterJob::Down if listens(&socket).await => Ok(()),
+                    AfterJob::Down if socket_active(&socket).await => Ok(()),
                     AfterJob::Down => anyhow::bail!(
                         "{unit} is {} after {job} (journalctl -u {unit} says why)",
                         state.active
@@ -196,7 +200,7 @@ async fn restart_sshd(method: &'static str, deadline: tokio::time::Instant) -> R
         }
     }
     for socket in SSHD_SOCKETS {
-        if listens(socket).await {
+        if socket_active(socket).await {
             return Ok(());
         }
     }

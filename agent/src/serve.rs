@@ -530,6 +530,8 @@ async fn serve_virtio<S: ByteService>(
             }
             Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::ENODEV) => {
                 drop(guard);
+                // The host's side went with the device: what it half sent is not kept.
+                svc.peer_closed();
                 tracing::warn!(
                     "{} went away (detached from the VM?); reopening it when it is back",
                     path.display()

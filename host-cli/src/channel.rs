@@ -58,7 +58,7 @@ pub fn libvirt_socket(uri: &str, name: &str) -> Result<PathBuf> {
     match channel_socket_in_xml(&xml) {
         Some(p) => Ok(PathBuf::from(p)),
         None => bail!(
-            "machine `{name}`: the running libvirt domain on {uri} has no unix channel named {PORT_NAME}; attach one with `virsh attach-device {name} FILE --live` (the XML is in docs/guest-agent.md, \"Control channel\"), or redefine the domain with `seedctl define {name}` (its XML carries one)"
+            "machine `{name}`: the libvirt domain on {uri} has no unix channel named {PORT_NAME}; redefine it with `seedctl define {name}` (its XML carries one), or, while it runs, attach one with `virsh attach-device {name} FILE --live` (the XML is in docs/guest-agent.md, \"Control channel\")"
         ),
     }
 }

@@ -174,8 +174,10 @@ impl Vm {
         let path = self.config.qmp_socket();
         let stream = std::os::unix::net::UnixStream::connect(&path)
             .with_context(|| format!("connecting to QEMU's monitor {}", path.display()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut writer = stream.try_clone()?;
+        let mut writer = stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .and_then(|()| stream.try_clone())
+            .with_context(|| format!("setting up {}", path.display()))?;
         let mut lines = BufReader::new(stream).lines();
         let mut reply = |request: serde_json::Value| -> Result<serde_json::Value> {
             writeln!(writer, "{request}")
@@ -193,7 +195,7 @@ impl Vm {
                     return Ok(r.clone());
                 }
                 if let Some(e) = v.get("error") {
-                    bail!("QMP {request}: {e}");
+                    bail!("QMP {request} on {}: {e}", path.display());
                 }
             }
         };
