@@ -333,9 +333,6 @@ fn serve_answers_the_guest_agent_and_the_control_channel_in_one_process() {
 /// node) is still served.
 #[test]
 fn a_control_port_that_appears_after_the_start_is_served() {
-    use nix::pty::openpty;
-    use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
-
     let dir = tempfile::tempdir().unwrap();
     let port = dir.path().join("org.nixseed.channel.0");
     let (mut child, qga, ids) = serve_in(dir.path(), &[], &port);
@@ -345,18 +342,7 @@ fn a_control_port_that_appears_after_the_start_is_served() {
     );
     std::thread::sleep(Duration::from_secs(1));
 
-    let pty = openpty(None, None).unwrap();
-    let mut t = tcgetattr(&pty.slave).unwrap();
-    cfmakeraw(&mut t);
-    tcsetattr(&pty.slave, SetArg::TCSANOW, &t).unwrap();
-    let slave = std::fs::read_link(format!(
-        "/proc/self/fd/{}",
-        std::os::fd::AsRawFd::as_raw_fd(&pty.slave)
-    ))
-    .unwrap();
-    std::os::unix::fs::symlink(&slave, &port).unwrap();
-
-    let mut master = std::fs::File::from(pty.master);
+    let (mut master, slave) = ts::raw_pty_at(&port).unwrap();
     master.write_all(&encode(&Message::Status)).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -379,5 +365,5 @@ fn a_control_port_that_appears_after_the_start_is_served() {
         panic!("no answer on the control port that appeared late: {answer:?}")
     };
     assert!(message.contains(&ids.display().to_string()), "{message}");
-    drop(pty.slave);
+    drop(slave);
 }

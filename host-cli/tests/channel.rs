@@ -458,9 +458,6 @@ fn serve_finds_libvirt_domains_channel_sockets() {
 /// identity and `seedctl status` agrees.
 #[test]
 fn first_boot_identity_from_serve_through_the_real_agent() {
-    use nix::pty::openpty;
-    use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
-
     let s = Scratch::new();
     let uuid = web1(&s);
     let root = s.path().join("guest");
@@ -482,22 +479,12 @@ fn first_boot_identity_from_serve_through_the_real_agent() {
     )
     .unwrap();
 
-    let pty = openpty(None, None).unwrap();
-    let mut t = tcgetattr(&pty.slave).unwrap();
-    cfmakeraw(&mut t);
-    tcsetattr(&pty.slave, SetArg::TCSANOW, &t).unwrap();
-    let slave_path = std::fs::read_link(format!(
-        "/proc/self/fd/{}",
-        std::os::fd::AsRawFd::as_raw_fd(&pty.slave)
-    ))
-    .unwrap();
-    std::os::unix::fs::symlink(&slave_path, root.join("host/dev/vport1p1")).unwrap();
+    let (master, slave) = ts::raw_pty_at(&root.join("host/dev/vport1p1")).unwrap();
 
     // QEMU's side: a chardev socket bridged to the port.
     let sock = s.state("web1").join("channel.sock");
     std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
     let listener = UnixListener::bind(&sock).unwrap();
-    let master = std::fs::File::from(pty.master);
     std::thread::spawn(move || {
         let (conn, _) = listener.accept().unwrap();
         let mut to_guest = master.try_clone().unwrap();
@@ -552,5 +539,5 @@ fn first_boot_identity_from_serve_through_the_real_agent() {
         std::fs::read_to_string(var.join("hostname")).unwrap(),
         "web1\n"
     );
-    drop(pty.slave);
+    drop(slave);
 }

@@ -152,6 +152,24 @@ pub fn listening(sock: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(sock).is_ok()
 }
 
+/// A raw pty whose slave is linked at `link`, standing in for a virtio-serial port's node:
+/// the agent opens `link` as it would `/dev/virtio-ports/NAME`, and the test plays the
+/// host on the returned master. The slave fd comes back too: while the test holds it, the
+/// master's reads wait for data rather than failing before the agent has opened the port.
+pub fn raw_pty_at(link: &Path) -> io::Result<(std::fs::File, std::os::fd::OwnedFd)> {
+    use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+    let pty = nix::pty::openpty(None, None)?;
+    let mut t = tcgetattr(&pty.slave)?;
+    cfmakeraw(&mut t);
+    tcsetattr(&pty.slave, SetArg::TCSANOW, &t)?;
+    let slave = std::fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&pty.slave)
+    ))?;
+    std::os::unix::fs::symlink(&slave, link)?;
+    Ok((std::fs::File::from(pty.master), pty.slave))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
