@@ -93,6 +93,7 @@ pub fn push(h: &Harness) -> Result<()> {
     control_port_replugged(h, &m, &b)?;
     let b = sshd_exits_after_its_start(h, &m, b)?;
     let b = sshd_started_per_connection(h, &m, b)?;
+    let b = sshd_only_a_socket(h, &m, b)?;
     sshd_refuses_the_new_key(h, &m, b)
 }
 
@@ -266,6 +267,53 @@ fn sshd_started_per_connection(h: &Harness, m: &Machine, mut b: Booted) -> Resul
     b.ssh.run(
         "systemctl stop ssh.socket && rm /run/systemd/system/ssh.socket \
          /run/systemd/system/ssh@.service && systemctl daemon-reload && \
+         systemctl start ssh.service",
+    )?;
+    Ok(b)
+}
+
+/// The shape of NixOS with `services.openssh.startWhenNeeded`: no sshd service unit at
+/// all, only `sshd.socket` (`Accept=yes`) and `sshd@.service`. The image's ssh units
+/// cannot be deleted from the read-only root, so its unit directory and `/etc/init.d` are
+/// shown as copies without them (bind mounts from /run; with the init script left,
+/// systemd's SysV generator would make an ssh.service of its own), and Debian's
+/// `sshd.service` alias in /etc is left pointing at nothing.
+const SSHD_SOCKET_ONLY: &str = "systemctl stop ssh.service ssh.socket && \
+mkdir -p /run/nixseed-test/units && cp -a /usr/lib/systemd/system/. /run/nixseed-test/units/ && \
+rm -f /run/nixseed-test/units/ssh.service /run/nixseed-test/units/ssh.socket \
+/run/nixseed-test/units/ssh@.service && \
+mount --bind /run/nixseed-test/units /usr/lib/systemd/system && \
+mkdir -p /run/nixseed-test/init.d && cp -a /etc/init.d/. /run/nixseed-test/init.d/ && \
+rm -f /run/nixseed-test/init.d/ssh && mount --bind /run/nixseed-test/init.d /etc/init.d && \
+mkdir -p /run/systemd/system && cd /run/systemd/system && \
+printf '[Socket]\\nListenStream=22\\nAccept=yes\\n' > sshd.socket && \
+printf '[Service]\\nExecStart=-/usr/sbin/sshd -i\\nStandardInput=socket\\n\
+RuntimeDirectory=sshd\\nRuntimeDirectoryPreserve=yes\\n' > sshd@.service && \
+systemctl daemon-reload && systemctl start sshd.socket";
+
+/// No sshd service unit at all, sshd started per connection by `sshd.socket`
+/// ([`SSHD_SOCKET_ONLY`]): a push that rotates the host key is taken (exit 0, sshd
+/// listed), as the socket's next connection reads the new key, and that connection
+/// presents it. Then the image's units are back, ssh.service runs sshd again, and the
+/// returned machine's ssh pins the last key.
+fn sshd_only_a_socket(h: &Harness, m: &Machine, mut b: Booted) -> Result<Booted> {
+    b.ssh.run(SSHD_SOCKET_ONLY)?;
+    let shape = b.ssh.run(
+        "systemctl show -P LoadState ssh.service sshd.service; systemctl is-active sshd.socket || true",
+    )?;
+    ensure!(
+        shape
+            .split_whitespace()
+            .eq(["not-found", "not-found", "active"]),
+        "the guest is not in the socket-only shape (ssh.service and sshd.service not \
+         found, sshd.socket active): {}",
+        shape.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    push_taken_and_presented(h, m, &mut b, "with only sshd.socket")?;
+    b.ssh.run(
+        "systemctl stop sshd.socket && rm /run/systemd/system/sshd.socket \
+         /run/systemd/system/sshd@.service && umount /usr/lib/systemd/system /etc/init.d && \
+         rm -r /run/nixseed-test && systemctl daemon-reload && \
          systemctl start ssh.service",
     )?;
     Ok(b)
