@@ -1,5 +1,6 @@
-//! A minimal D-Bus client: one method call on the system bus, waiting for its reply, or
-//! one systemd job followed to its result. The agent makes few calls (logind
+//! A minimal D-Bus client: one method call on the system bus, waiting for its reply, one
+//! systemd job followed to its result, or a unit's state read as often as a watch needs,
+//! on one connection. The agent makes few calls (logind
 //! PowerOff/Halt/Reboot/Suspend; systemd ResetFailedUnit, (Try)RestartUnit, LoadUnit and
 //! a unit's ActiveState, SubState, Type, MainPID and NRestarts; networkd Reload); a full
 //! D-Bus library costs more than the rest of the guest agent together, and the guest
@@ -235,57 +236,99 @@ pub async fn unit_state(unit: &str) -> Result<UnitState, DbusError> {
     unit_state_at(&system_bus_path(), unit).await
 }
 
-/// `LoadUnit`, not `GetUnit`: a unit systemd has unloaded (stopped and not needed) is
-/// loaded again and reads `inactive`, and a unit with no file reads `inactive` too. All
-/// the readings share one connection.
 pub async fn unit_state_at(bus: &std::path::Path, unit: &str) -> Result<UnitState, DbusError> {
-    tokio::time::timeout(TIMEOUT, async {
-        let mut conn = connect(bus).await?;
-        let load = method_call(
-            2,
-            SYSTEMD,
-            SYSTEMD_PATH,
-            SYSTEMD_MANAGER,
-            "LoadUnit",
-            &[Arg::Str(unit)],
-        );
-        let reply = reply_on(&mut conn, 2, load).await?;
-        let path = reply.body_object_path().ok_or_else(|| {
-            DbusError::Protocol(format!("LoadUnit {unit}: no unit path in the reply"))
-        })?;
-        let mut serial = 2;
-        let mut get = async |iface: &str, name: &str| {
-            serial += 1;
-            let call = method_call(
-                serial,
-                SYSTEMD,
-                &path,
+    UnitReader::open_at(bus).await?.read(unit).await
+}
+
+/// Readings of units' states on one connection, for a watch that reads a unit again and
+/// again (see [`UnitState`]). `LoadUnit`, not `GetUnit`: a unit systemd has unloaded
+/// (stopped and not needed) is loaded again and reads `inactive`, and a unit with no
+/// file reads `inactive` too.
+pub struct UnitReader {
+    conn: BufReader<UnixStream>,
+    /// The last serial used on the connection (1 is the Hello).
+    serial: u32,
+}
+
+impl UnitReader {
+    pub async fn open() -> Result<Self, DbusError> {
+        Self::open_at(&system_bus_path()).await
+    }
+
+    pub async fn open_at(bus: &std::path::Path) -> Result<Self, DbusError> {
+        tokio::time::timeout(TIMEOUT, connect(bus))
+            .await
+            .map_err(|_| DbusError::Timeout(TIMEOUT))?
+            .map(|conn| Self { conn, serial: 1 })
+    }
+
+    /// One call on the connection, and its reply.
+    async fn ask(
+        &mut self,
+        path: &str,
+        iface: &str,
+        member: &str,
+        args: &[Arg<'_>],
+    ) -> Result<Incoming, DbusError> {
+        self.serial += 1;
+        let call = method_call(self.serial, SYSTEMD, path, iface, member, args);
+        reply_on(&mut self.conn, self.serial, call).await
+    }
+
+    async fn property(
+        &mut self,
+        unit: &str,
+        path: &str,
+        iface: &str,
+        name: &str,
+    ) -> Result<Property, DbusError> {
+        let reply = self
+            .ask(
+                path,
                 "org.freedesktop.DBus.Properties",
                 "Get",
                 &[Arg::Str(iface), Arg::Str(name)],
-            );
-            let reply = reply_on(&mut conn, serial, call).await?;
-            reply.body_variant().ok_or_else(|| {
-                DbusError::Protocol(format!("{unit}'s {name} is not a property value"))
-            })
-        };
-        let mut state = UnitState::default();
-        if unit.ends_with(".service") {
-            let service = "org.freedesktop.systemd1.Service";
-            state.service_type = get(service, "Type").await?.string().unwrap_or_default();
-            state.main_pid = get(service, "MainPID").await?.u32().unwrap_or_default();
-            state.restarts = get(service, "NRestarts").await?.u32().unwrap_or_default();
-        }
-        let iface = "org.freedesktop.systemd1.Unit";
-        state.active = get(iface, "ActiveState")
-            .await?
-            .string()
-            .ok_or_else(|| DbusError::Protocol(format!("{unit}'s ActiveState is not a string")))?;
-        state.sub = get(iface, "SubState").await?.string().unwrap_or_default();
-        Ok(state)
-    })
-    .await
-    .map_err(|_| DbusError::Timeout(TIMEOUT))?
+            )
+            .await?;
+        reply
+            .body_variant()
+            .ok_or_else(|| DbusError::Protocol(format!("{unit}'s {name} is not a property value")))
+    }
+
+    pub async fn read(&mut self, unit: &str) -> Result<UnitState, DbusError> {
+        tokio::time::timeout(TIMEOUT, async {
+            let reply = self
+                .ask(SYSTEMD_PATH, SYSTEMD_MANAGER, "LoadUnit", &[Arg::Str(unit)])
+                .await?;
+            let path = reply.body_object_path().ok_or_else(|| {
+                DbusError::Protocol(format!("LoadUnit {unit}: no unit path in the reply"))
+            })?;
+            let mut state = UnitState::default();
+            if unit.ends_with(".service") {
+                let service = "org.freedesktop.systemd1.Service";
+                let mut get = async |name| self.property(unit, &path, service, name).await;
+                state.service_type = get("Type").await?.string().unwrap_or_default();
+                state.main_pid = get("MainPID").await?.u32().unwrap_or_default();
+                state.restarts = get("NRestarts").await?.u32().unwrap_or_default();
+            }
+            let iface = "org.freedesktop.systemd1.Unit";
+            state.active = self
+                .property(unit, &path, iface, "ActiveState")
+                .await?
+                .string()
+                .ok_or_else(|| {
+                    DbusError::Protocol(format!("{unit}'s ActiveState is not a string"))
+                })?;
+            state.sub = self
+                .property(unit, &path, iface, "SubState")
+                .await?
+                .string()
+                .unwrap_or_default();
+            Ok(state)
+        })
+        .await
+        .map_err(|_| DbusError::Timeout(TIMEOUT))?
+    }
 }
 
 /// Connects, authenticates and says Hello (serial 1; the caller's serials start at 2).
@@ -1004,6 +1047,12 @@ mod tests {
                 }
             );
             assert_eq!(state("stopped.service").await.unwrap().active, "inactive");
+            // One connection for a watch's readings, one after the other.
+            let mut reader = UnitReader::open_at(&b.path).await.unwrap();
+            for unit in ["web.service", "stopped.service", "web.service"] {
+                assert_eq!(reader.read(unit).await.unwrap(), state(unit).await.unwrap());
+            }
+            assert_eq!(reader.read("stopped.service").await.unwrap().sub, "dead");
             // Not a service: only its ActiveState is read.
             assert_eq!(
                 state("ssh.socket").await.unwrap(),

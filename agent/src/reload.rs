@@ -258,6 +258,9 @@ async fn stays_up(
     let since = std::time::Instant::now();
     let give_up = (tokio::time::Instant::now() + SETTLE)
         .min(deadline - std::time::Duration::from_millis(500));
+    let mut reader = crate::dbus::UnitReader::open()
+        .await
+        .with_context(|| format!("watching {unit} after {method}"))?;
     let mut watched = started.clone();
     let mut now = started.clone();
     loop {
@@ -282,7 +285,8 @@ async fn stays_up(
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        now = crate::dbus::unit_state(unit)
+        now = reader
+            .read(unit)
             .await
             .with_context(|| format!("{unit}'s state after {method}"))?;
     }
