@@ -236,18 +236,25 @@ pub async fn unit_state(unit: &str) -> Result<UnitState, DbusError> {
     unit_state_at(&system_bus_path(), unit).await
 }
 
+/// One reading on a connection of its own, all within [`TIMEOUT`].
 pub async fn unit_state_at(bus: &std::path::Path, unit: &str) -> Result<UnitState, DbusError> {
-    UnitReader::open_at(bus).await?.read(unit).await
+    tokio::time::timeout(TIMEOUT, async {
+        UnitReader::on(connect(bus).await?).reading(unit).await
+    })
+    .await
+    .map_err(|_| DbusError::Timeout(TIMEOUT))?
 }
 
 /// Readings of units' states on one connection, for a watch that reads a unit again and
 /// again (see [`UnitState`]). `LoadUnit`, not `GetUnit`: a unit systemd has unloaded
 /// (stopped and not needed) is loaded again and reads `inactive`, and a unit with no
-/// file reads `inactive` too.
+/// file reads `inactive` too. A reading that fails or times out may leave part of a
+/// message unread, so after one the reader refuses to read again.
 pub struct UnitReader {
     conn: BufReader<UnixStream>,
     /// The last serial used on the connection (1 is the Hello).
     serial: u32,
+    broken: bool,
 }
 
 impl UnitReader {
@@ -259,7 +266,15 @@ impl UnitReader {
         tokio::time::timeout(TIMEOUT, connect(bus))
             .await
             .map_err(|_| DbusError::Timeout(TIMEOUT))?
-            .map(|conn| Self { conn, serial: 1 })
+            .map(Self::on)
+    }
+
+    fn on(conn: BufReader<UnixStream>) -> Self {
+        Self {
+            conn,
+            serial: 1,
+            broken: false,
+        }
     }
 
     /// One call on the connection, and its reply.
@@ -295,39 +310,47 @@ impl UnitReader {
             .ok_or_else(|| DbusError::Protocol(format!("{unit}'s {name} is not a property value")))
     }
 
+    /// Reads `unit`'s state within [`TIMEOUT`].
     pub async fn read(&mut self, unit: &str) -> Result<UnitState, DbusError> {
-        tokio::time::timeout(TIMEOUT, async {
-            let reply = self
-                .ask(SYSTEMD_PATH, SYSTEMD_MANAGER, "LoadUnit", &[Arg::Str(unit)])
-                .await?;
-            let path = reply.body_object_path().ok_or_else(|| {
-                DbusError::Protocol(format!("LoadUnit {unit}: no unit path in the reply"))
-            })?;
-            let mut state = UnitState::default();
-            if unit.ends_with(".service") {
-                let service = "org.freedesktop.systemd1.Service";
-                let mut get = async |name| self.property(unit, &path, service, name).await;
-                state.service_type = get("Type").await?.string().unwrap_or_default();
-                state.main_pid = get("MainPID").await?.u32().unwrap_or_default();
-                state.restarts = get("NRestarts").await?.u32().unwrap_or_default();
-            }
-            let iface = "org.freedesktop.systemd1.Unit";
-            state.active = self
-                .property(unit, &path, iface, "ActiveState")
-                .await?
-                .string()
-                .ok_or_else(|| {
-                    DbusError::Protocol(format!("{unit}'s ActiveState is not a string"))
-                })?;
-            state.sub = self
-                .property(unit, &path, iface, "SubState")
-                .await?
-                .string()
-                .unwrap_or_default();
-            Ok(state)
-        })
-        .await
-        .map_err(|_| DbusError::Timeout(TIMEOUT))?
+        if self.broken {
+            return Err(DbusError::Protocol(format!(
+                "reading {unit}'s state: the connection failed in an earlier reading"
+            )));
+        }
+        let result = tokio::time::timeout(TIMEOUT, self.reading(unit))
+            .await
+            .unwrap_or(Err(DbusError::Timeout(TIMEOUT)));
+        self.broken = result.is_err();
+        result
+    }
+
+    async fn reading(&mut self, unit: &str) -> Result<UnitState, DbusError> {
+        let reply = self
+            .ask(SYSTEMD_PATH, SYSTEMD_MANAGER, "LoadUnit", &[Arg::Str(unit)])
+            .await?;
+        let path = reply.body_object_path().ok_or_else(|| {
+            DbusError::Protocol(format!("LoadUnit {unit}: no unit path in the reply"))
+        })?;
+        let mut state = UnitState::default();
+        if unit.ends_with(".service") {
+            let service = "org.freedesktop.systemd1.Service";
+            let mut get = async |name| self.property(unit, &path, service, name).await;
+            state.service_type = get("Type").await?.string().unwrap_or_default();
+            state.main_pid = get("MainPID").await?.u32().unwrap_or_default();
+            state.restarts = get("NRestarts").await?.u32().unwrap_or_default();
+        }
+        let iface = "org.freedesktop.systemd1.Unit";
+        state.active = self
+            .property(unit, &path, iface, "ActiveState")
+            .await?
+            .string()
+            .ok_or_else(|| DbusError::Protocol(format!("{unit}'s ActiveState is not a string")))?;
+        state.sub = self
+            .property(unit, &path, iface, "SubState")
+            .await?
+            .string()
+            .unwrap_or_default();
+        Ok(state)
     }
 }
 
@@ -859,7 +882,7 @@ mod tests {
     /// systemd does (a job path, then `JobRemoved` for
     /// another job and for this one). `ssh.service`'s job fails, `early.service`'s ends
     /// before the reply is sent, `hang.service`'s never ends, `missing.service` is no
-    /// unit.
+    /// unit. A client's call whose serial is not above its last one gets no answer.
     async fn fake_systemd(bus: PathBuf, ready: tokio::sync::oneshot::Sender<()>) {
         let mut conn = connect(&bus).await.unwrap();
         let mut body = Vec::new();
@@ -882,6 +905,9 @@ mod tests {
         send(&mut conn, &[request]).await.unwrap();
         while read_message(&mut conn).await.unwrap().reply_serial != Some(2) {}
         ready.send(()).unwrap();
+        // Each client's last call serial: a call that does not raise it gets no answer
+        // (the bus passes such calls on, so a client that reuses a serial is caught here).
+        let mut last_call: std::collections::HashMap<String, u32> = Default::default();
         let mut serial = 10;
         let mut next = || {
             serial += 1;
@@ -895,6 +921,12 @@ mod tests {
                 continue;
             }
             let to = call.sender.clone().unwrap_or_default();
+            if last_call
+                .insert(to.clone(), call.serial)
+                .is_some_and(|l| l >= call.serial)
+            {
+                continue;
+            }
             let reply = |serial: u32, sig: &str, body: &[u8]| {
                 let mut fields = vec![(6, b's', to.as_str())];
                 if !sig.is_empty() {

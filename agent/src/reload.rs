@@ -258,9 +258,8 @@ async fn stays_up(
     let since = std::time::Instant::now();
     let give_up = (tokio::time::Instant::now() + SETTLE)
         .min(deadline - std::time::Duration::from_millis(500));
-    let mut reader = crate::dbus::UnitReader::open()
-        .await
-        .with_context(|| format!("watching {unit} after {method}"))?;
+    // Opened at the first reading: an sshd already listening needs none.
+    let mut reader: Option<crate::dbus::UnitReader> = None;
     let mut watched = started.clone();
     let mut now = started.clone();
     loop {
@@ -285,7 +284,15 @@ async fn stays_up(
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        now = reader
+        let r = match &mut reader {
+            Some(r) => r,
+            None => reader.insert(
+                crate::dbus::UnitReader::open()
+                    .await
+                    .with_context(|| format!("watching {unit} after {method}"))?,
+            ),
+        };
+        now = r
             .read(unit)
             .await
             .with_context(|| format!("{unit}'s state after {method}"))?;

@@ -297,24 +297,32 @@ systemctl daemon-reload && systemctl start sshd.socket";
 /// presents it. Then the image's units are back, ssh.service runs sshd again, and the
 /// returned machine's ssh pins the last key.
 fn sshd_only_a_socket(h: &Harness, m: &Machine, mut b: Booted) -> Result<Booted> {
+    let shape = "systemctl show -P LoadState ssh.service sshd.service; \
+                 systemctl is-active sshd.socket || true";
+    let socket_only = ["not-found", "not-found", "active"];
     b.ssh.run(SSHD_SOCKET_ONLY)?;
-    let shape = b.ssh.run(
-        "systemctl show -P LoadState ssh.service sshd.service; systemctl is-active sshd.socket || true",
-    )?;
+    let before = b.ssh.run(shape)?;
     ensure!(
-        shape
-            .split_whitespace()
-            .eq(["not-found", "not-found", "active"]),
+        before.split_whitespace().eq(socket_only),
         "the guest is not in the socket-only shape (ssh.service and sshd.service not \
          found, sshd.socket active): {}",
-        shape.split_whitespace().collect::<Vec<_>>().join(" ")
+        before.split_whitespace().collect::<Vec<_>>().join(" ")
     );
     push_taken_and_presented(h, m, &mut b, "with only sshd.socket")?;
+    let after = b.ssh.run(shape)?;
+    ensure!(
+        after.split_whitespace().eq(socket_only),
+        "the push changed how sshd runs: ssh.service, sshd.service and sshd.socket are '{}', \
+         not 'not-found not-found active'",
+        after.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    // Every step is tried, and sshd started last whatever failed before, so that a
+    // failed restore still leaves a guest to look at.
     b.ssh.run(
-        "systemctl stop sshd.socket && rm /run/systemd/system/sshd.socket \
-         /run/systemd/system/sshd@.service && umount /usr/lib/systemd/system /etc/init.d && \
-         rm -r /run/nixseed-test && systemctl daemon-reload && \
-         systemctl start ssh.service",
+        "st=0; systemctl stop sshd.socket || st=1; \
+         rm /run/systemd/system/sshd.socket /run/systemd/system/sshd@.service || st=1; \
+         umount /usr/lib/systemd/system /etc/init.d || st=1; rm -r /run/nixseed-test || st=1; \
+         systemctl daemon-reload || st=1; systemctl start ssh.service || st=1; exit $st",
     )?;
     Ok(b)
 }
