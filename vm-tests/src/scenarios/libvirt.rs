@@ -395,8 +395,26 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     Ok(())
 }
 
-const CONTROL_PORT: &str = "org.nixseed.channel.0";
-const AGENT_PORT: &str = "org.qemu.guest_agent.0";
+use crate::qemu::{CHANNEL_PORT as CONTROL_PORT, QGA_PORT as AGENT_PORT};
+
+/// Writes the XML of a unix channel to `port` for `virsh attach-device`/`detach-device`
+/// into `work`: with the socket's `path`, or without one (libvirt then picks it, as the
+/// XML in docs/guest-agent.md does). Returns the file's path.
+fn channel_xml_file(work: &Path, verb: &str, port: &str, path: Option<&str>) -> Result<String> {
+    let source = match path {
+        Some(p) => format!("<source mode='bind' path='{p}'/>"),
+        None => "<source mode='bind'/>".into(),
+    };
+    let file = work.join(format!("{verb}-{port}.xml"));
+    std::fs::write(
+        &file,
+        format!(
+            "<channel type='unix'>\n  {source}\n  <target type='virtio' name='{port}'/>\n</channel>\n"
+        ),
+    )
+    .with_context(|| format!("writing {}", file.display()))?;
+    Ok(file.to_string_lossy().into_owned())
+}
 
 /// Channels taken out of the running domain and put back, as an operator adds them to a
 /// VM that runs (`virsh attach-device --live`, with the XML docs/guest-agent.md gives,
@@ -413,16 +431,8 @@ fn channel_hot_plug(
     over_channel: &dyn Fn(&str) -> Result<std::process::Output>,
 ) -> Result<()> {
     let attach = |port: &str| -> Result<()> {
-        let file = work.join(format!("attach-{port}.xml"));
-        std::fs::write(
-            &file,
-            format!(
-                "<channel type='unix'>\n  <source mode='bind'/>\n  \
-                 <target type='virtio' name='{port}'/>\n</channel>\n"
-            ),
-        )
-        .with_context(|| format!("writing {}", file.display()))?;
-        virsh(&["attach-device", name, &file.to_string_lossy(), "--live"]).map(drop)
+        let file = channel_xml_file(work, "attach", port, None)?;
+        virsh(&["attach-device", name, &file, "--live"]).map(drop)
     };
 
     detach_channel(name, work, CONTROL_PORT)?;
@@ -480,16 +490,8 @@ fn detach_channel(name: &str, work: &Path, port: &str) -> Result<()> {
     let live = virsh(&["dumpxml", name])?;
     let sock = channel_source(&live, port)
         .with_context(|| format!("the running domain {name} has no unix channel {port}"))?;
-    let file = work.join(format!("detach-{port}.xml"));
-    std::fs::write(
-        &file,
-        format!(
-            "<channel type='unix'>\n  <source mode='bind' path='{sock}'/>\n  \
-             <target type='virtio' name='{port}'/>\n</channel>\n"
-        ),
-    )
-    .with_context(|| format!("writing {}", file.display()))?;
-    virsh(&["detach-device", name, &file.to_string_lossy(), "--live"])?;
+    let file = channel_xml_file(work, "detach", port, Some(&sock))?;
+    virsh(&["detach-device", name, &file, "--live"])?;
     let gone = virsh(&["dumpxml", name])?;
     ensure!(
         channel_source(&gone, port).is_none(),

@@ -92,8 +92,8 @@ pub fn push(h: &Harness) -> Result<()> {
     ensure!(boot_id == boot_id2, "the guest rebooted during the push");
     control_port_replugged(h, &m, &b)?;
     let b = sshd_exits_after_its_start(h, &m, b)?;
-    let b = sshd_started_per_connection(h, &m, b)?;
-    let b = sshd_only_a_socket(h, &m, b)?;
+    let b = push_in_shape(h, &m, b, &PER_CONNECTION)?;
+    let b = push_in_shape(h, &m, b, &SOCKET_ONLY)?;
     sshd_refuses_the_new_key(h, &m, b)
 }
 
@@ -246,31 +246,17 @@ RuntimeDirectory=sshd\\nRuntimeDirectoryPreserve=yes\\n' > ssh@.service && \
 systemctl daemon-reload && systemctl stop ssh.service && systemctl start ssh.socket";
 
 /// sshd started per connection ([`SSHD_PER_CONNECTION`]): a push that rotates the host
-/// key is taken (exit 0, sshd listed) without a start of ssh.service, which would stop
-/// the socket, and the next connection presents the pushed key. ssh.service then runs
-/// sshd again, and the returned machine's ssh pins the last key.
-fn sshd_started_per_connection(h: &Harness, m: &Machine, mut b: Booted) -> Result<Booted> {
-    let units = "systemctl is-active ssh.socket ssh.service || true";
-    b.ssh.run(SSHD_PER_CONNECTION)?;
-    let before = b.ssh.run(units)?;
-    ensure!(
-        before.split_whitespace().eq(["active", "inactive"]),
-        "ssh.socket and ssh.service are not 'active inactive' after the switch: {before}"
-    );
-    push_taken_and_presented(h, m, &mut b, "with sshd started per connection")?;
-    let after = b.ssh.run(units)?;
-    ensure!(
-        after.split_whitespace().eq(["active", "inactive"]),
-        "the push changed how sshd runs: ssh.socket and ssh.service are '{}', not 'active inactive'",
-        after.split_whitespace().collect::<Vec<_>>().join(" ")
-    );
-    b.ssh.run(
-        "systemctl stop ssh.socket && rm /run/systemd/system/ssh.socket \
-         /run/systemd/system/ssh@.service && systemctl daemon-reload && \
-         systemctl start ssh.service",
-    )?;
-    Ok(b)
-}
+/// key is taken without a start of ssh.service, which would stop the socket.
+const PER_CONNECTION: SshdShape = SshdShape {
+    case: "with sshd started per connection",
+    setup: SSHD_PER_CONNECTION,
+    probe: "systemctl is-active ssh.socket ssh.service || true",
+    expected: &["active", "inactive"],
+    what: "ssh.socket and ssh.service",
+    restore: "systemctl stop ssh.socket && rm /run/systemd/system/ssh.socket \
+              /run/systemd/system/ssh@.service && systemctl daemon-reload && \
+              systemctl start ssh.service",
+};
 
 /// The shape of NixOS with `services.openssh.startWhenNeeded`: no sshd service unit at
 /// all, only `sshd.socket` (`Accept=yes`) and `sshd@.service`. The image's ssh units
@@ -292,38 +278,62 @@ RuntimeDirectory=sshd\\nRuntimeDirectoryPreserve=yes\\n' > sshd@.service && \
 systemctl daemon-reload && systemctl start sshd.socket";
 
 /// No sshd service unit at all, sshd started per connection by `sshd.socket`
-/// ([`SSHD_SOCKET_ONLY`]): a push that rotates the host key is taken (exit 0, sshd
-/// listed), as the socket's next connection reads the new key, and that connection
-/// presents it. Then the image's units are back, ssh.service runs sshd again, and the
-/// returned machine's ssh pins the last key.
-fn sshd_only_a_socket(h: &Harness, m: &Machine, mut b: Booted) -> Result<Booted> {
-    let shape = "systemctl show -P LoadState ssh.service sshd.service; \
-                 systemctl is-active sshd.socket || true";
-    let socket_only = ["not-found", "not-found", "active"];
-    b.ssh.run(SSHD_SOCKET_ONLY)?;
-    let before = b.ssh.run(shape)?;
+/// ([`SSHD_SOCKET_ONLY`]): a push that rotates the host key is taken, as the socket's next
+/// connection reads the new key. The restore tries every step, and starts sshd last
+/// whatever failed before, so that a failed restore still leaves a guest to look at.
+const SOCKET_ONLY: SshdShape = SshdShape {
+    case: "with only sshd.socket",
+    setup: SSHD_SOCKET_ONLY,
+    probe: "systemctl show -P LoadState ssh.service sshd.service; \
+            systemctl is-active sshd.socket || true",
+    expected: &["not-found", "not-found", "active"],
+    what: "ssh.service, sshd.service and sshd.socket",
+    restore: "st=0; systemctl stop sshd.socket || st=1; \
+              rm /run/systemd/system/sshd.socket /run/systemd/system/sshd@.service || st=1; \
+              umount /usr/lib/systemd/system /etc/init.d || st=1; \
+              rm -r /run/nixseed-test || st=1; \
+              systemctl daemon-reload || st=1; systemctl start ssh.service || st=1; exit $st",
+};
+
+/// A way of running sshd for [`push_in_shape`]: the commands that set it up and put the
+/// image's ssh.service back, and what `probe` prints while it holds (`what` names the
+/// units it reads, for errors).
+struct SshdShape {
+    case: &'static str,
+    setup: &'static str,
+    probe: &'static str,
+    expected: &'static [&'static str],
+    what: &'static str,
+    restore: &'static str,
+}
+
+/// Sets `shape` up and checks it holds, pushes a rotated host key that must be taken (exit
+/// 0, sshd listed) and presented by the next connection, checks the push left the shape as
+/// it was, and restores ssh.service. The returned machine's ssh pins the last key.
+fn push_in_shape(h: &Harness, m: &Machine, mut b: Booted, shape: &SshdShape) -> Result<Booted> {
+    let expected = shape.expected.join(" ");
+    let probe = |b: &Booted| -> Result<String> {
+        Ok(b.ssh
+            .run(shape.probe)?
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "))
+    };
+    b.ssh.run(shape.setup)?;
+    let before = probe(&b)?;
     ensure!(
-        before.split_whitespace().eq(socket_only),
-        "the guest is not in the socket-only shape (ssh.service and sshd.service not \
-         found, sshd.socket active): {}",
-        before.split_whitespace().collect::<Vec<_>>().join(" ")
+        before == expected,
+        "{} are not '{expected}' after the switch: '{before}'",
+        shape.what
     );
-    push_taken_and_presented(h, m, &mut b, "with only sshd.socket")?;
-    let after = b.ssh.run(shape)?;
+    push_taken_and_presented(h, m, &mut b, shape.case)?;
+    let after = probe(&b)?;
     ensure!(
-        after.split_whitespace().eq(socket_only),
-        "the push changed how sshd runs: ssh.service, sshd.service and sshd.socket are '{}', \
-         not 'not-found not-found active'",
-        after.split_whitespace().collect::<Vec<_>>().join(" ")
+        after == expected,
+        "the push changed how sshd runs: {} are '{after}', not '{expected}'",
+        shape.what
     );
-    // Every step is tried, and sshd started last whatever failed before, so that a
-    // failed restore still leaves a guest to look at.
-    b.ssh.run(
-        "st=0; systemctl stop sshd.socket || st=1; \
-         rm /run/systemd/system/sshd.socket /run/systemd/system/sshd@.service || st=1; \
-         umount /usr/lib/systemd/system /etc/init.d || st=1; rm -r /run/nixseed-test || st=1; \
-         systemctl daemon-reload || st=1; systemctl start ssh.service || st=1; exit $st",
-    )?;
+    b.ssh.run(shape.restore)?;
     Ok(b)
 }
 
