@@ -5,6 +5,7 @@
 use super::*;
 use crate::cmd;
 use crate::libvirtd::{self, URI, virsh};
+use crate::qemu::{CHANNEL_PORT as CONTROL_PORT, QGA_PORT as AGENT_PORT};
 use std::path::Path;
 use std::process::Command;
 
@@ -394,8 +395,6 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     );
     Ok(())
 }
-
-use crate::qemu::{CHANNEL_PORT as CONTROL_PORT, QGA_PORT as AGENT_PORT};
 
 /// Writes the XML of a unix channel to `port` for `virsh attach-device`/`detach-device`
 /// into `work`: with the socket's `path`, or without one (libvirt then picks it, as the
