@@ -288,6 +288,9 @@ pub fn agent_timing_lines(ssh: &Ssh) -> Result<Vec<String>> {
     Ok(out.lines().map(String::from).collect())
 }
 
+/// How many lines of each failure the closing summary repeats.
+const FAILURE_LINES: usize = 12;
+
 /// Runs the named scenarios (all when empty); prints one line each and the summary.
 pub fn run_tests(names: &[String]) -> Result<bool> {
     let chosen: Vec<&Scenario> = if names.is_empty() {
@@ -304,7 +307,8 @@ pub fn run_tests(names: &[String]) -> Result<bool> {
         v
     };
     let h = Harness::setup(Variant::Nixseed)?;
-    let (mut passed, mut failed) = (0, 0);
+    let mut passed = 0;
+    let mut failed: Vec<(&str, String)> = Vec::new();
     for s in chosen {
         let t = Instant::now();
         eprintln!("--- {}: {}", s.name, s.about);
@@ -314,17 +318,19 @@ pub fn run_tests(names: &[String]) -> Result<bool> {
                 eprintln!("PASS {} ({:.1} s)", s.name, t.elapsed().as_secs_f64());
             }
             Err(e) => {
-                failed += 1;
-                eprintln!(
-                    "FAIL {} ({:.1} s): {e:#}",
-                    s.name,
-                    t.elapsed().as_secs_f64()
-                );
+                let took = t.elapsed().as_secs_f64();
+                eprintln!("FAIL {} ({took:.1} s): {e:#}", s.name);
+                failed.push((s.name, format!("{e:#}")));
             }
         }
     }
-    println!("{passed} passed, {failed} failed");
-    Ok(failed == 0)
+    // The failures again, last, so that the tail of a long log names them.
+    for (name, error) in &failed {
+        let first: Vec<&str> = error.lines().take(FAILURE_LINES).collect();
+        eprintln!("FAILED {name}: {}", first.join("\n  "));
+    }
+    println!("{passed} passed, {} failed", failed.len());
+    Ok(failed.is_empty())
 }
 
 /// `vm-tests boot-smoke`: one machine, first boot, a look around, poweroff.
