@@ -488,11 +488,70 @@ fn open_port(path: &Path) -> Result<AsyncFd<std::fs::File>> {
                 anyhow::Error::new(e).context(format!("cannot open {}", path.display()))
             }
         })?;
+    watch(f, path)
+}
+
+fn watch(f: std::fs::File, path: &Path) -> Result<AsyncFd<std::fs::File>> {
     // The File moves into the AsyncFd, so the fd stays open for its whole life; the
     // replacement (`AsyncFd::register`) is `unsafe` only to promise exactly that.
     #[allow(deprecated)]
     AsyncFd::new(f).with_context(|| format!("cannot poll {}", path.display()))
 }
+
+/// Registers the port with the runtime afresh. A virtio-serial port reports hang-up while
+/// no host is connected, and tokio keeps a hang-up as final: once a host connects, every
+/// wait for readiness would return at once, and the loop would spin at full CPU without
+/// ever letting the other port be served. A new registration starts from the port's
+/// state as it is now.
+fn rearm(port: &mut AsyncFd<std::fs::File>, path: &Path) -> Result<()> {
+    let fd = port
+        .get_ref()
+        .try_clone()
+        .with_context(|| format!("cannot duplicate the descriptor of {}", path.display()))?;
+    *port = watch(fd, path)?;
+    Ok(())
+}
+
+/// What the agent has seen of the host side of a virtio-serial port, to tell a host that
+/// left (what it half sent must go) from one the guest has not been told of yet: the
+/// guest learns of a host's connect through the device's control queue, and the host's
+/// first bytes can be read before that, with reads saying "no host" in between.
+#[derive(Debug, Default)]
+struct HostSide {
+    /// A read found no data with a host there, or a write went out, since the last reset.
+    seen: bool,
+    /// Since when reads have said "no host".
+    absent_since: Option<tokio::time::Instant>,
+}
+
+impl HostSide {
+    fn present(&mut self) {
+        self.seen = true;
+        self.absent_since = None;
+    }
+
+    fn data(&mut self) {
+        self.absent_since = None;
+    }
+
+    /// A read said "no host" at `now`: whether a request read in part must be dropped
+    /// (the host that sent it was seen and is gone, or nothing came for `STALE_PARTIAL`).
+    fn absent(&mut self, now: tokio::time::Instant) -> bool {
+        let since = *self.absent_since.get_or_insert(now);
+        if self.seen || now.duration_since(since) >= STALE_PARTIAL {
+            self.seen = false;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// How long reads may say "no host" with part of a request read, from a host never seen
+/// connected, before that part is dropped.
+const STALE_PARTIAL: Duration = Duration::from_secs(1);
+/// How long a reply waits for the host to be there before it is dropped.
+const REPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// virtio-serial: the port stays open. With no host client, reads return 0 and poll
 /// reports HUP; back off and read again. Only ENODEV (the device went away) reopens.
@@ -509,28 +568,45 @@ async fn serve_virtio<S: ByteService>(
     tracing::info!("answering {what} requests on {}", path.display());
     let mut buf = vec![0u8; 4096];
     let mut out = Vec::new();
+    let mut host = HostSide::default();
     loop {
+        // However the port behaves, the other port and the signals get their turn.
+        tokio::task::consume_budget().await;
         let mut guard = port.readable().await.context("poll")?;
+        let hung_up = guard.ready().is_read_closed();
         let r = guard
             .try_io(|fd| nix::unistd::read(fd.as_raw_fd(), &mut buf).map_err(std::io::Error::from));
         match r {
-            Err(_would_block) => continue,
+            Err(_would_block) => {
+                drop(guard);
+                // No data, and a host is there: wait for its bytes, from the state now.
+                host.present();
+                if hung_up {
+                    rearm(&mut port, path)?;
+                }
+            }
             Ok(Ok(0)) => {
                 drop(guard);
-                svc.peer_closed();
+                if host.absent(tokio::time::Instant::now()) {
+                    svc.peer_closed();
+                }
                 tokio::time::sleep(HUP_BACKOFF).await;
             }
             Ok(Ok(n)) => {
                 drop(guard);
+                host.data();
                 svc.handle_bytes(&buf[..n], &mut out).await;
-                if let Err(e) = write_port(&port, &out).await {
-                    tracing::warn!("{}: write failed: {e}", path.display());
+                match write_port(&mut port, path, &out).await {
+                    Ok(()) if !out.is_empty() => host.present(),
+                    Ok(()) => {}
+                    Err(e) => tracing::warn!("{}: reply not sent: {e:#}", path.display()),
                 }
                 out.clear();
             }
             Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::ENODEV) => {
                 drop(guard);
                 // The host's side went with the device: what it half sent is not kept.
+                host = HostSide::default();
                 svc.peer_closed();
                 tracing::warn!(
                     "{} went away (detached from the VM?); reopening it when it is back",
@@ -559,15 +635,37 @@ async fn serve_virtio<S: ByteService>(
     }
 }
 
-async fn write_port(port: &AsyncFd<std::fs::File>, mut data: &[u8]) -> std::io::Result<()> {
+/// Writes a reply. The guest may not know of the host yet (its connect is still on the
+/// way) or any more (it left): the write then waits, looking again every `HUP_BACKOFF`,
+/// for at most `REPLY_WAIT`.
+async fn write_port(port: &mut AsyncFd<std::fs::File>, path: &Path, mut data: &[u8]) -> Result<()> {
+    let mut no_host_since = None;
     while !data.is_empty() {
-        let mut guard = port.writable().await?;
+        let mut guard = port.writable().await.context("poll")?;
+        let hung_up = guard.ready().is_write_closed();
         match guard
             .try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(std::io::Error::from))
         {
-            Ok(Ok(n)) => data = &data[n..],
-            Ok(Err(e)) => return Err(e),
-            Err(_would_block) => continue,
+            Ok(Ok(n)) => {
+                data = &data[n..];
+                no_host_since = None;
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_would_block) if hung_up => {
+                drop(guard);
+                let since = *no_host_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= REPLY_WAIT {
+                    bail!(
+                        "no host on the port for {} s ({} bytes dropped)",
+                        REPLY_WAIT.as_secs(),
+                        data.len()
+                    );
+                }
+                tokio::time::sleep(HUP_BACKOFF).await;
+                rearm(port, path)?;
+            }
+            // The host is there and has not taken what was sent: wait for it.
+            Err(_would_block) => {}
         }
     }
     Ok(())
@@ -602,6 +700,35 @@ fn notify_ready() {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A host that was seen and left takes its half request with it; one whose connect
+    /// the guest has not been told of yet keeps it (its next bytes complete it), until
+    /// nothing more came for `STALE_PARTIAL`.
+    #[test]
+    fn a_half_request_is_dropped_only_when_its_host_is_gone() {
+        let t0 = tokio::time::Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+
+        let mut left = HostSide::default();
+        left.data();
+        left.present();
+        assert!(left.absent(ms(0)), "a host seen connected, then gone");
+        assert!(!left.absent(ms(100)), "and only once per host");
+
+        let mut arriving = HostSide::default();
+        arriving.data();
+        assert!(
+            !arriving.absent(ms(0)),
+            "bytes before the guest knows of the host"
+        );
+        assert!(!arriving.absent(ms(900)));
+        arriving.data();
+        assert!(!arriving.absent(ms(1000)), "more bytes restart the wait");
+        assert!(
+            arriving.absent(ms(2000)),
+            "nothing for STALE_PARTIAL: dropped"
+        );
+    }
 
     /// A port attached after the fast look gave up (a channel hot-plugged into a running
     /// VM) is still found.

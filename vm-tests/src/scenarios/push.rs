@@ -8,6 +8,7 @@ use std::fs;
 pub fn push(h: &Harness) -> Result<()> {
     let m = h.new_machine("push")?;
     let b = h.boot(&m)?;
+    idle_hosts_attached(h, &m, &b)?;
     let boot_id = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     let before = b
         .ssh
@@ -96,6 +97,69 @@ pub fn push(h: &Harness) -> Result<()> {
     let b = push_in_shape(h, &m, b, &SOCKET_ONLY)?;
     sshd_refuses_the_new_key(h, &m, b)
 }
+
+/// The agent's CPU time, in clock ticks (1/100 s), over `secs` seconds.
+fn agent_cpu_ticks(b: &Booted, secs: u32) -> Result<u64> {
+    let out = b.ssh.run(&format!(
+        "p=$(systemctl show -P MainPID nixseed-agent.service); \
+         t() {{ awk '{{print $14 + $15}}' /proc/$p/stat; }}; a=$(t); sleep {secs}; echo $(( $(t) - a ))"
+    ))?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("the agent's CPU time is not a number: '{}'", out.trim()))
+}
+
+/// A host that stays connected to a port without sending, as libvirtd does with the guest
+/// agent's, once each port had no host (both were opened at boot, before any host came):
+/// the agent must sit idle, not spin, and still answer on the other port. (Before, a port
+/// that had reported hang-up once was taken as always ready: with a host attached and
+/// silent, the agent read it in a loop at full CPU and never served the other port.)
+fn idle_hosts_attached(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
+    // `seedctl VERB NAME --timeout 30 --socket SOCKET [TAIL]`
+    let seedctl = |verb: &str, socket: &std::path::Path, tail: &[&str]| -> Result<()> {
+        cmd::run(
+            m.seedctl(h.seedctl.as_ref())?
+                .args([verb, &m.name, "--timeout", "30", "--socket"])
+                .arg(socket)
+                .args(tail),
+        )
+        .map(drop)
+    };
+    let qga = b.vm.config.qga_socket();
+    let chan = b.vm.config.channel_socket();
+    let mut ticks = Vec::new();
+    for (held, other) in [
+        ("guest agent", "control channel"),
+        ("control channel", "guest agent"),
+    ] {
+        let socket = if held == "guest agent" { &qga } else { &chan };
+        let _idle = std::os::unix::net::UnixStream::connect(socket)
+            .with_context(|| format!("connecting to the {held}'s socket"))?;
+        std::thread::sleep(Duration::from_secs(1));
+        let used = agent_cpu_ticks(b, 3)?;
+        ensure!(
+            used <= IDLE_TICKS,
+            "with a silent host attached to the {held}'s port, the agent used {used} ticks \
+             of CPU in 3 s (at most {IDLE_TICKS} when idle)"
+        );
+        if other == "control channel" {
+            seedctl("status", &chan, &[])
+        } else {
+            seedctl("agent", &qga, &["ping"])
+        }
+        .with_context(|| format!("the {other} while a silent host holds the {held}'s port"))?;
+        ticks.push(used);
+    }
+    eprintln!(
+        "vm-tests: {}: a silent host on each port: the agent used {} and {} ticks of CPU in \
+         3 s, and answered on the other port",
+        m.name, ticks[0], ticks[1]
+    );
+    Ok(())
+}
+
+/// The most CPU an idle agent may use in 3 s, in clock ticks: 10%.
+const IDLE_TICKS: u64 = 30;
 
 /// The drop-in of [`sshd_exits_after_its_start`]: ssh.service becomes `Type=simple`, as
 /// older NixOS releases' sshd.service is, so systemd calls it started as soon as its process runs. The
