@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Bump when the image-building code changes what ends up in the tree.
-pub const IMAGE_CODE_VERSION: u32 = 4;
+pub const IMAGE_CODE_VERSION: u32 = 5;
 /// Bump when the final layer (injection, initramfs) changes.
 pub const FINAL_CODE_VERSION: u32 = 3;
 
@@ -184,6 +184,9 @@ fn tree_key(variant: Variant) -> String {
         variant.name(),
         variant.packages().join(",")
     );
+    h.update(LEAN_MODULES.join(",").as_bytes());
+    h.update(LEAN_UNITS.join(",").as_bytes());
+    h.update(LEAN_GENERATORS.join(",").as_bytes());
     match variant {
         Variant::CloudInit => h.update(CLOUD_INIT_CFG.as_bytes()),
         Variant::Nixseed => h.update(FACTORY_ONLY.join(",").as_bytes()),
@@ -418,9 +421,112 @@ const HOSTS_BASE: &str = "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost i
 
 const FALLBACK_NETWORK: &str = "# Any wired NIC gets DHCP unless nixseed linked a rendered .network into /run\n# (those sort first, so they win).\n[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n";
 
+/// Drivers udev would load for the emulated machine that a VM guest with a serial
+/// console has no use for: nested virtualisation, Wi-Fi, graphics, the PC speaker and
+/// mouse, the chipset's watchdog and SMBus, and the kernel's accelerated crypto (sshd
+/// does its crypto in user space). Under TCG each one costs a module load at boot.
+pub const LEAN_MODULES: &[&str] = &[
+    "kvm",
+    "kvm_amd",
+    "kvm_intel",
+    "ccp",
+    "irqbypass",
+    "cfg80211",
+    "rfkill",
+    "drm",
+    "bochs",
+    "psmouse",
+    "pcspkr",
+    "serio_raw",
+    "evdev",
+    "joydev",
+    "button",
+    "iTCO_wdt",
+    "iTCO_vendor_support",
+    "intel_pmc_bxt",
+    "i2c_i801",
+    "i2c_smbus",
+    "lpc_ich",
+    "sg",
+    "aesni_intel",
+    "crypto_simd",
+    "cryptd",
+    "ghash_clmulni_intel",
+    "sha1_ssse3",
+    "sha256_ssse3",
+    "sha512_ssse3",
+    "crc32_pclmul",
+    "crct10dif_pclmul",
+    "efi_pstore",
+];
+
+/// Units with nothing to do in a VM driven over its serial console: systemd's early loads
+/// of modules nothing here uses (loop devices, device mapper, FUSE, configfs, DRM, EFI
+/// pstore; the mounts that would need them are skipped by their own conditions), the
+/// debugfs and tracefs mounts, a login prompt on a virtual terminal no one can see
+/// (`-nodefaults`: no display), and the generator of networkd files from `ip=` on the
+/// kernel command line (the images never pass one).
+const LEAN_UNITS: &[&str] = &[
+    "modprobe@configfs.service",
+    "modprobe@dm_mod.service",
+    "modprobe@drm.service",
+    "modprobe@efi_pstore.service",
+    "modprobe@fuse.service",
+    "modprobe@loop.service",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "getty@tty1.service",
+    "systemd-network-generator.service",
+];
+
+/// The units of [`LEAN_UNITS`] that Debian enables (the rest are static).
+const LEAN_ENABLED: &[&str] = &["getty@tty1.service", "systemd-network-generator.service"];
+
+/// Generators with nothing to generate here (no crypttab, veritytab or integritytab, no
+/// resume device, root given by label, no rc.local, no offline update): each is one
+/// more program PID 1 runs before it starts any unit.
+const LEAN_GENERATORS: &[&str] = &[
+    "systemd-cryptsetup-generator",
+    "systemd-integritysetup-generator",
+    "systemd-veritysetup-generator",
+    "systemd-hibernate-resume-generator",
+    "systemd-gpt-auto-generator",
+    "systemd-system-update-generator",
+    "systemd-rc-local-generator",
+];
+
+/// The base loads only what a VM guest uses: [`LEAN_MODULES`] are not autoloaded,
+/// [`LEAN_UNITS`] are masked and [`LEAN_GENERATORS`] are masked the way systemd documents
+/// (a link to /dev/null under /etc/systemd/system-generators).
+fn configure_lean(tree: &Path) -> Result<()> {
+    let mut conf = String::from(
+        "# Drivers a VM guest with a serial console does not use (the nixseed test base).\n",
+    );
+    for m in LEAN_MODULES {
+        let _ = writeln!(conf, "blacklist {m}");
+    }
+    write(&tree.join("etc/modprobe.d/nixseed-vm.conf"), &conf)?;
+    let mut args = vec!["disable"];
+    args.extend(LEAN_ENABLED);
+    chroot_systemctl(tree, &args)?;
+    let mut args = vec!["mask"];
+    args.extend(LEAN_UNITS);
+    chroot_systemctl(tree, &args)?;
+    let dir = tree.join("etc/systemd/system-generators");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for g in LEAN_GENERATORS {
+        let link = dir.join(g);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink("/dev/null", &link)
+            .with_context(|| format!("masking {}", link.display()))?;
+    }
+    Ok(())
+}
+
 /// Settings both variants share: networkd, serial console, persistent journal, no
-/// timers that would write to a read-only root.
+/// timers that would write to a read-only root, and a lean set of drivers and units.
 fn configure_common(tree: &Path) -> Result<()> {
+    configure_lean(tree)?;
     write(
         &tree.join("etc/systemd/network/99-nixseed-fallback.network"),
         FALLBACK_NETWORK,

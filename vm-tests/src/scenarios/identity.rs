@@ -22,6 +22,16 @@ pub fn first_boot(h: &Harness) -> Result<()> {
         failed.join("\n")
     );
     ensure!(root_is_read_only(&b.ssh)?, "/ is not mounted read-only");
+    let modules = b.ssh.run("cut -d' ' -f1 /proc/modules")?;
+    let unwanted: Vec<&str> = modules
+        .lines()
+        .filter(|m| crate::image::LEAN_MODULES.contains(m))
+        .collect();
+    ensure!(
+        unwanted.is_empty(),
+        "the base blacklists these drivers, yet they were loaded: {}",
+        unwanted.join(", ")
+    );
     let timing = agent_timing_lines(&b.ssh)?;
     ensure!(
         !timing.is_empty(),
