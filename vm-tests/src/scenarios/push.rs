@@ -128,11 +128,12 @@ fn idle_hosts_attached(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
     let qga = b.vm.config.qga_socket();
     let chan = b.vm.config.channel_socket();
     let mut ticks = Vec::new();
-    for (held, other) in [
-        ("guest agent", "control channel"),
-        ("control channel", "guest agent"),
-    ] {
-        let socket = if held == "guest agent" { &qga } else { &chan };
+    for holds_agent in [true, false] {
+        let (held, socket, other) = if holds_agent {
+            ("guest agent", &qga, "control channel")
+        } else {
+            ("control channel", &chan, "guest agent")
+        };
         let _idle = std::os::unix::net::UnixStream::connect(socket)
             .with_context(|| format!("connecting to the {held}'s socket"))?;
         std::thread::sleep(Duration::from_secs(1));
@@ -142,7 +143,7 @@ fn idle_hosts_attached(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
             "with a silent host attached to the {held}'s port, the agent used {used} ticks \
              of CPU in 3 s (at most {IDLE_TICKS} when idle)"
         );
-        if other == "control channel" {
+        if holds_agent {
             seedctl("status", &chan, &[])
         } else {
             seedctl("agent", &qga, &["ping"])
