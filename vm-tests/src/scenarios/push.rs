@@ -4,6 +4,7 @@
 use super::*;
 use crate::cmd;
 use std::fs;
+use std::path::Path;
 
 pub fn push(h: &Harness) -> Result<()> {
     let m = h.new_machine("push")?;
@@ -36,11 +37,7 @@ pub fn push(h: &Harness) -> Result<()> {
     fs::write(m.dir.join("admin_authorized_keys"), keys).context("editing admin keys")?;
 
     let chan = b.vm.config.channel_socket();
-    let out = cmd::run(
-        m.seedctl(h.seedctl.as_ref())?
-            .args(["push", &m.name, "--timeout", "60", "--socket"])
-            .arg(&chan),
-    )?;
+    let out = cmd::run(&mut seedctl_on(h, &m, "push", 60, &chan)?)?;
     eprintln!(
         "vm-tests: {}: seedctl push: {}",
         m.name,
@@ -82,12 +79,8 @@ pub fn push(h: &Harness) -> Result<()> {
         fw.contains("8080"),
         "nftables does not open the pushed port 8080:\n{fw}"
     );
-    cmd::run(
-        m.seedctl(h.seedctl.as_ref())?
-            .args(["status", &m.name, "--timeout", "60", "--socket"])
-            .arg(&chan),
-    )
-    .context("seedctl status after the push")?;
+    cmd::run(&mut seedctl_on(h, &m, "status", 60, &chan)?)
+        .context("seedctl status after the push")?;
     agent_key_changes(h, &m, &b)?;
     let boot_id2 = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     ensure!(boot_id == boot_id2, "the guest rebooted during the push");
@@ -96,6 +89,20 @@ pub fn push(h: &Harness) -> Result<()> {
     let b = push_in_shape(h, &m, b, &PER_CONNECTION)?;
     let b = push_in_shape(h, &m, b, &SOCKET_ONLY)?;
     sshd_refuses_the_new_key(h, &m, b)
+}
+
+/// `seedctl VERB NAME --timeout SECS --socket SOCKET`, for more arguments to follow.
+fn seedctl_on(
+    h: &Harness,
+    m: &Machine,
+    verb: &str,
+    secs: u32,
+    socket: &Path,
+) -> Result<std::process::Command> {
+    let mut c = m.seedctl(h.seedctl.as_ref())?;
+    c.args([verb, &m.name, "--timeout", &secs.to_string(), "--socket"])
+        .arg(socket);
+    Ok(c)
 }
 
 /// The agent's CPU time, in clock ticks (1/100 s), over `secs` seconds.
@@ -115,15 +122,8 @@ fn agent_cpu_ticks(b: &Booted, secs: u32) -> Result<u64> {
 /// that had reported hang-up once was taken as always ready: with a host attached and
 /// silent, the agent read it in a loop at full CPU and never served the other port.)
 fn idle_hosts_attached(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
-    // `seedctl VERB NAME --timeout 30 --socket SOCKET [TAIL]`
-    let seedctl = |verb: &str, socket: &std::path::Path, tail: &[&str]| -> Result<()> {
-        cmd::run(
-            m.seedctl(h.seedctl.as_ref())?
-                .args([verb, &m.name, "--timeout", "30", "--socket"])
-                .arg(socket)
-                .args(tail),
-        )
-        .map(drop)
+    let seedctl = |verb: &str, socket: &Path, tail: &[&str]| -> Result<()> {
+        cmd::run(seedctl_on(h, m, verb, 30, socket)?.args(tail)).map(drop)
     };
     let qga = b.vm.config.qga_socket();
     let chan = b.vm.config.channel_socket();
@@ -233,11 +233,13 @@ fn control_port_replugged(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
         )
     };
     let status = |when: &str| -> Result<()> {
-        cmd::run(
-            m.seedctl(h.seedctl.as_ref())?
-                .args(["status", &m.name, "--timeout", "60", "--socket"])
-                .arg(b.vm.config.channel_socket()),
-        )
+        cmd::run(&mut seedctl_on(
+            h,
+            m,
+            "status",
+            60,
+            &b.vm.config.channel_socket(),
+        )?)
         .with_context(|| format!("seedctl status {when}"))
         .map(drop)
     };
@@ -489,10 +491,7 @@ fn push_rotated_key_expecting(
         m.dir.join("ssh_host_ed25519_key.pub"),
     )
     .context("rotating the host key")?;
-    let out = m
-        .seedctl(h.seedctl.as_ref())?
-        .args(["push", &m.name, "--timeout", "60", "--socket"])
-        .arg(b.vm.config.channel_socket())
+    let out = seedctl_on(h, m, "push", 60, &b.vm.config.channel_socket())?
         .stdin(std::process::Stdio::null())
         .output()
         .context("running seedctl push")?;
@@ -529,12 +528,7 @@ fn agent_key_changes(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
         .to_string()
     };
     let agent = |json: String| {
-        cmd::run(
-            m.seedctl(h.seedctl.as_ref())?
-                .args(["agent", &m.name, "--timeout", "60", "--socket"])
-                .arg(b.vm.config.qga_socket())
-                .args(["cmd", &json]),
-        )
+        cmd::run(seedctl_on(h, m, "agent", 60, &b.vm.config.qga_socket())?.args(["cmd", &json]))
     };
     let with_third = Ssh {
         port: b.ssh.port,
@@ -625,10 +619,7 @@ pub fn push_first(h: &Harness) -> Result<()> {
     let deadline = Instant::now() + ssh_timeout();
     loop {
         vm.ensure_running()?;
-        let ping = m
-            .seedctl(h.seedctl.as_ref())?
-            .args(["agent", &m.name, "--timeout", "5", "--socket"])
-            .arg(&qga)
+        let ping = seedctl_on(h, &m, "agent", 5, &qga)?
             .arg("ping")
             .output()
             .context("running seedctl agent ping")?;
@@ -675,11 +666,13 @@ pub fn push_first(h: &Harness) -> Result<()> {
     }
 
     let t = Instant::now();
-    let out = cmd::run(
-        m.seedctl(h.seedctl.as_ref())?
-            .args(["push", &m.name, "--timeout", "60", "--socket"])
-            .arg(vm.config.channel_socket()),
-    )?;
+    let out = cmd::run(&mut seedctl_on(
+        h,
+        &m,
+        "push",
+        60,
+        &vm.config.channel_socket(),
+    )?)?;
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("vm-tests: {}: seedctl push: {}", m.name, said.trim());
     let expected = m.host_key_pub()?;
