@@ -351,6 +351,18 @@ pub fn boot_smoke(variant: Variant, append: &str) -> Result<()> {
             cfg.append.push_str(append);
         }
     })?;
+    if variant == Variant::CloudInit {
+        // cloud-init restarts sshd in its later stages, which cuts the sessions below: wait
+        // for it to finish (a cut wait is tried again).
+        for _ in 0..3 {
+            if b.ssh
+                .output("cloud-init status --wait")
+                .is_ok_and(|o| o.status.success())
+            {
+                break;
+            }
+        }
+    }
     let show = |label: &str, cmd: &str| match b.ssh.output(cmd) {
         Ok(o) => println!(
             "== {label}\n{}{}",
@@ -382,6 +394,10 @@ pub fn boot_smoke(variant: Variant, append: &str) -> Result<()> {
     show(
         "sshd in the journal (the host's first scans)",
         "journalctl -b -u ssh -o short-monotonic --no-pager | head -8",
+    );
+    show(
+        "networkd in the journal (the address sshd is reached on)",
+        "journalctl -b -u systemd-networkd -o short-monotonic --no-pager | head -12",
     );
     show(
         "kernel and CPU",
