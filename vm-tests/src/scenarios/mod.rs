@@ -404,6 +404,10 @@ pub fn boot_smoke(variant: Variant, append: &str) -> Result<()> {
         "cat /proc/cmdline; grep -H . /sys/devices/system/cpu/vulnerabilities/* | sed 's|.*/||'",
     );
     show(
+        "modules loaded (the initramfs's, then udev's)",
+        "lsmod | awk 'NR>1 {print $1}' | sort | tr '\\n' ' '; echo; lsmod | tail -n +2 | wc -l",
+    );
+    show(
         "boot profile",
         "systemd-analyze; systemd-analyze critical-chain ssh.service --no-pager; systemd-analyze blame --no-pager | head -15",
     );
