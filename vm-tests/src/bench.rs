@@ -864,11 +864,9 @@ fn render(
     let _ = writeln!(
         d,
         "\nHow it is measured: `vm-tests/src/bench.rs`. Boot time runs from QEMU's start to the \
-         first `ssh-keyscan` answer carrying `machines/bench/ssh_host_ed25519_key.pub`. Plain TCP \
-         probes, one every 0.25 s and each dropped after 3 s, wait for sshd's banner first, and \
-         the scan starts when one reads it: before the guest has its address, QEMU's user \
-         network holds a connection without ever delivering it, so a scan started then would \
-         report sshd up to its 5 s timeout late. The RSS is read 3 s after the agent's unit has a main process. Round trips \
+         first `ssh-keyscan` answer carrying `machines/bench/ssh_host_ed25519_key.pub` (a new \
+         scan every 0.5 s while an earlier one still waits, at most two at once, so a scan \
+         stuck before the guest has its address does not delay the figure). The RSS is read 3 s after the agent's unit has a main process. Round trips \
          go through QEMU's chardev socket and the guest's virtio-serial port, after a \
          `guest-sync-delimited` and 10 warm-up pings, one request in flight at a time."
     );

@@ -5,8 +5,6 @@
 use crate::cmd;
 use anyhow::{Context, Result, bail};
 use std::fs;
-use std::io::Read;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -170,66 +168,45 @@ impl Ssh {
     }
 }
 
-/// Waits until sshd answers with its host key; fails at once on a different host key.
+/// Polls `ssh-keyscan` until sshd answers; fails at once on a different host key.
 /// `alive` is checked between polls (QEMU still running). Returns the key seen.
 ///
-/// Before the guest has its address, QEMU's user network accepts a connection on the host
-/// side and then holds it: the guest never sees it, and a client waits for its own
-/// timeout. A scan started just before the address came up would see sshd up to its 5 s
-/// timeout late. So plain TCP probes go first: a new one every `POLL` (0.25 s), each
-/// dropped after `PROBE_LIFE` (3 s) without an answer, so that they never pile up on
-/// sshd. The first probe to read sshd's banner shows the guest reachable, and only then
-/// does `ssh-keyscan` run, on a connection that reaches sshd at once. The figure is then
-/// at most one poll plus one banner late.
+/// A new scan starts every `POLL` (0.5 s) while an earlier one is still waiting: before the
+/// guest has its address, QEMU's user network accepts the connection on the host side and
+/// the scan then hangs until its own 5 s timeout, so one scan at a time would see sshd up
+/// to 5 s late and blur the boot-time figures. At most `IN_FLIGHT` (2) run at once: the
+/// waiting connections all reach sshd together when the guest comes up, and sshd drops
+/// new ones (its `MaxStartups`) while many are unauthenticated.
 pub fn wait_for_host_key(
     port: u16,
     expected: Option<&str>,
     timeout: Duration,
     mut alive: impl FnMut() -> Result<()>,
 ) -> Result<String> {
-    const POLL: Duration = Duration::from_millis(250);
-    const PROBE_LIFE: Duration = Duration::from_secs(3);
+    const POLL: Duration = Duration::from_millis(500);
+    const IN_FLIGHT: usize = 2;
     let deadline = Instant::now() + timeout;
     let expected = expected.and_then(key_type_and_blob);
-    let mut probes: Vec<(Instant, TcpStream)> = Vec::new();
+    let mut scans = Scans(Vec::new());
     let mut next = Instant::now();
     loop {
         alive()?;
-        let now = Instant::now();
-        if now >= next {
-            // Refused while QEMU has not opened the forwarded port yet: tried again.
-            if let Ok(s) = TcpStream::connect(("127.0.0.1", port))
-                && s.set_nonblocking(true).is_ok()
-            {
-                probes.push((now, s));
+        if Instant::now() >= next && scans.0.len() < IN_FLIGHT {
+            // A scan that cannot even start (no ssh-keyscan) is retried at the next poll.
+            if let Ok(child) = keyscan_command(port).spawn() {
+                scans.0.push(child);
             }
-            next = now + POLL;
+            next = Instant::now() + POLL;
         }
-        let mut answered = false;
-        probes.retain_mut(|(born, s)| {
-            let mut buf = [0u8; 64];
-            match s.read(&mut buf) {
-                Ok(0) => false,
-                Ok(_) => {
-                    answered = true;
-                    false
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => born.elapsed() < PROBE_LIFE,
-                Err(_) => false,
+        if let Some(seen) = scans.first_answer() {
+            if let Some(want) = &expected
+                && &seen != want
+            {
+                bail!(
+                    "sshd on port {port} presents host key `{seen}`, expected the machine's `{want}`"
+                );
             }
-        });
-        if answered {
-            probes.clear();
-            if let Some(seen) = keyscan(port) {
-                if let Some(want) = &expected
-                    && &seen != want
-                {
-                    bail!(
-                        "sshd on port {port} presents host key `{seen}`, expected the machine's `{want}`"
-                    );
-                }
-                return Ok(seen);
-            }
+            return Ok(seen);
         }
         if Instant::now() > deadline {
             bail!(
@@ -237,7 +214,47 @@ pub fn wait_for_host_key(
                 timeout.as_secs()
             );
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `ssh-keyscan` processes in flight; those left are killed when dropped.
+struct Scans(Vec<std::process::Child>);
+
+impl Scans {
+    /// Reaps finished scans; the key of the first that found one.
+    fn first_answer(&mut self) -> Option<String> {
+        let mut i = 0;
+        while i < self.0.len() {
+            match self.0[i].try_wait() {
+                Ok(None) => i += 1,
+                Ok(Some(_)) => {
+                    let child = self.0.swap_remove(i);
+                    if let Some(key) = child
+                        .wait_with_output()
+                        .ok()
+                        .and_then(|o| scanned_key(&o.stdout))
+                    {
+                        return Some(key);
+                    }
+                }
+                Err(_) => {
+                    let mut child = self.0.swap_remove(i);
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Scans {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
