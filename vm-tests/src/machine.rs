@@ -68,6 +68,7 @@ impl Machine {
             memory_mib: env_u32("NIXSEED_VM_MEMORY", 1024),
             cpus: env_u32("NIXSEED_VM_CPUS", 1),
             ssh_port,
+            reach_port: None,
             runtime_dir: self.state.join("run"),
             accel,
         })

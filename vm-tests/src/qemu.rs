@@ -52,6 +52,10 @@ pub struct VmConfig {
     pub memory_mib: u32,
     pub cpus: u32,
     pub ssh_port: u16,
+    /// A second forwarded port, to [`REACH_GUEST_PORT`] in the guest, where nothing
+    /// listens: once the guest has its address its kernel answers there with a reset
+    /// (`ssh::wait_for_host_key_via`).
+    pub reach_port: Option<u16>,
     /// Sockets, serial log, pid file.
     pub runtime_dir: PathBuf,
     pub accel: Accel,
@@ -123,9 +127,13 @@ impl VmConfig {
                 seed.display()
             ));
         }
+        let mut netdev = format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", self.ssh_port);
+        if let Some(p) = self.reach_port {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{p}-:{REACH_GUEST_PORT}"));
+        }
         a.extend([
             "-netdev".into(),
-            format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", self.ssh_port),
+            netdev,
             "-device".into(),
             format!("virtio-net-pci,netdev=net0,mac={}", self.mac),
             "-device".into(),
@@ -318,6 +326,20 @@ pub fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// The guest port the reach probes go to: TCP discard, which no image serves.
+pub const REACH_GUEST_PORT: u16 = 9;
+
+/// Another free local port than `taken`.
+pub fn free_port_besides(taken: u16) -> Result<u16> {
+    for _ in 0..8 {
+        let p = free_port()?;
+        if p != taken {
+            return Ok(p);
+        }
+    }
+    bail!("no free local port besides {taken}")
+}
+
 /// KVM only if a short probe boot of `kernel` actually runs under it (`/dev/kvm` can exist
 /// and hang). `NIXSEED_ACCEL=kvm|tcg` overrides; the answer is cached per host boot.
 pub fn detect_accel(kernel: &Path) -> Accel {
@@ -409,13 +431,14 @@ mod tests {
             memory_mib: 1024,
             cpus: 1,
             ssh_port: 2222,
+            reach_port: Some(2223),
             runtime_dir: "/run/t".into(),
             accel: Accel::Tcg,
         };
         let a = cfg.args().join(" ");
         assert!(a.contains("q35,accel=tcg"));
         assert!(a.contains("type=1,uuid=4c3f6a8e-0000-4000-8000-000000000001"));
-        assert!(a.contains("hostfwd=tcp:127.0.0.1:2222-:22"));
+        assert!(a.contains("hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:2223-:9"));
         assert!(a.contains("name=org.qemu.guest_agent.0"));
         assert!(a.contains("name=org.nixseed.channel.0"));
         assert!(a.contains("file=/v.qcow2,if=virtio"));

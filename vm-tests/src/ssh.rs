@@ -5,6 +5,8 @@
 use crate::cmd;
 use anyhow::{Context, Result, bail};
 use std::fs;
+use std::io::Read;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -170,15 +172,34 @@ impl Ssh {
 
 /// Polls `ssh-keyscan` until sshd answers; fails at once on a different host key.
 /// `alive` is checked between polls (QEMU still running). Returns the key seen.
+pub fn wait_for_host_key(
+    port: u16,
+    expected: Option<&str>,
+    timeout: Duration,
+    alive: impl FnMut() -> Result<()>,
+) -> Result<String> {
+    wait_for_host_key_via(port, None, expected, timeout, alive)
+}
+
+/// [`wait_for_host_key`], told by `reach` (a forwarded port to a guest port where nothing
+/// listens) when the guest has its address.
 ///
 /// A new scan starts every `POLL` (0.5 s) while an earlier one is still waiting: before the
 /// guest has its address, QEMU's user network accepts the connection on the host side and
-/// the scan then hangs until its own 5 s timeout, so one scan at a time would see sshd up
-/// to 5 s late and blur the boot-time figures. At most `IN_FLIGHT` (2) run at once: the
-/// waiting connections all reach sshd together when the guest comes up, and sshd drops
-/// new ones (its `MaxStartups`) while many are unauthenticated.
-pub fn wait_for_host_key(
+/// the scan then hangs until its own 5 s timeout. At most `IN_FLIGHT` (2) run at once:
+/// QEMU's user network keeps trying to deliver a connection even after the host closed
+/// it, so they all reach sshd together once the guest and sshd are up, and sshd drops new
+/// ones (its `MaxStartups`) while many are unauthenticated.
+///
+/// The scans alone would see sshd up to 5 s late, when the address comes up while two
+/// scans hang. So plain connections to `reach` go too, one every [`Reach::EVERY`]
+/// (0.25 s), each dropped after [`Reach::LIFE`] (3 s); they cost sshd nothing. The first
+/// that the guest's kernel resets shows the address is up; from then on a scan either
+/// reaches sshd or is refused at once, so scans start that often, past the hung ones.
+/// A guest whose firewall drops the probes is polled by the scans alone.
+pub fn wait_for_host_key_via(
     port: u16,
+    reach: Option<u16>,
     expected: Option<&str>,
     timeout: Duration,
     mut alive: impl FnMut() -> Result<()>,
@@ -188,15 +209,27 @@ pub fn wait_for_host_key(
     let deadline = Instant::now() + timeout;
     let expected = expected.and_then(key_type_and_blob);
     let mut scans = Scans(Vec::new());
+    let mut probes = reach.map(Reach::new);
+    let mut up = false;
     let mut next = Instant::now();
     loop {
         alive()?;
-        if Instant::now() >= next && scans.0.len() < IN_FLIGHT {
+        if !up && probes.as_mut().is_some_and(Reach::answered) {
+            up = true;
+            probes = None;
+            next = Instant::now();
+        }
+        let (every, cap) = if up {
+            (Reach::EVERY, IN_FLIGHT + 2)
+        } else {
+            (POLL, IN_FLIGHT)
+        };
+        if Instant::now() >= next && scans.0.len() < cap {
             // A scan that cannot even start (no ssh-keyscan) is retried at the next poll.
             if let Ok(child) = keyscan_command(port).spawn() {
                 scans.0.push(child);
             }
-            next = Instant::now() + POLL;
+            next = Instant::now() + every;
         }
         if let Some(seen) = scans.first_answer() {
             if let Some(want) = &expected
@@ -214,7 +247,57 @@ pub fn wait_for_host_key(
                 timeout.as_secs()
             );
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Connections to a forwarded port where nothing in the guest listens.
+struct Reach {
+    port: u16,
+    open: Vec<(Instant, TcpStream)>,
+    next: Instant,
+}
+
+impl Reach {
+    const EVERY: Duration = Duration::from_millis(250);
+    const LIFE: Duration = Duration::from_secs(3);
+
+    fn new(port: u16) -> Reach {
+        Reach {
+            port,
+            open: Vec::new(),
+            next: Instant::now(),
+        }
+    }
+
+    /// Opens the next probe when due; whether the guest has reset one.
+    fn answered(&mut self) -> bool {
+        let now = Instant::now();
+        if now >= self.next {
+            // Refused while QEMU has not opened the port yet: tried again.
+            if let Ok(s) = TcpStream::connect(("127.0.0.1", self.port))
+                && s.set_nonblocking(true).is_ok()
+            {
+                self.open.push((now, s));
+            }
+            self.next = now + Self::EVERY;
+        }
+        let mut reset = false;
+        self.open
+            .retain_mut(|(born, s)| match s.read(&mut [0u8; 16]) {
+                Ok(0) => {
+                    reset = true;
+                    false
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    reset = true;
+                    false
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => born.elapsed() < Self::LIFE,
+                // Something answered on a port nothing should serve: not a sign either way.
+                Ok(_) | Err(_) => false,
+            });
+        reset
     }
 }
 

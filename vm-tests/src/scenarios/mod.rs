@@ -111,9 +111,13 @@ impl Harness {
     ) -> Result<Booted> {
         let port = qemu::free_port()?;
         let mut cfg = m.vm_config(&self.image, self.accel, port)?;
+        let reach = qemu::free_port_besides(port)?;
+        cfg.reach_port = Some(reach);
         tweak(&mut cfg);
         let mut vm = Vm::start(cfg)?;
-        let seen = ssh::wait_for_host_key(port, expected, ssh_timeout(), || vm.ensure_running());
+        let seen = ssh::wait_for_host_key_via(port, Some(reach), expected, ssh_timeout(), || {
+            vm.ensure_running()
+        });
         let seen = match seen {
             Ok(k) => k,
             Err(e) => bail!("{e:#}\n{}", vm.diagnostics()),
