@@ -352,8 +352,8 @@ fn one_boot(h: &Harness, m: &Machine, o: &BenchOpts, side: &mut Side) -> Result<
             )?);
         }
         Variant::CloudInit => {
-            // `status --wait` first: analyze needs the finished run.
-            let _ = b.ssh.output("cloud-init status --wait");
+            // analyze needs the finished run.
+            b.wait_for_cloud_init();
             let show = b.ssh.run("cloud-init analyze show")?;
             boot.provision_ms = analyze_total_ms(&show);
             boot.span_ms = analyze_span_ms(&show);

@@ -40,6 +40,22 @@ pub struct Booted {
     pub boot_to_sshd: Duration,
 }
 
+impl Booted {
+    /// Waits until cloud-init has finished its run. It restarts sshd in its later stages,
+    /// which can cut the wait's own session: a cut wait is tried again, twice at most.
+    pub fn wait_for_cloud_init(&self) {
+        for _ in 0..3 {
+            if self
+                .ssh
+                .output("cloud-init status --wait")
+                .is_ok_and(|o| o.status.success())
+            {
+                break;
+            }
+        }
+    }
+}
+
 fn ssh_timeout() -> Duration {
     let secs = std::env::var("NIXSEED_SSH_TIMEOUT")
         .ok()
@@ -356,16 +372,7 @@ pub fn boot_smoke(variant: Variant, append: &str) -> Result<()> {
         }
     })?;
     if variant == Variant::CloudInit {
-        // cloud-init restarts sshd in its later stages, which cuts the sessions below: wait
-        // for it to finish (a cut wait is tried again).
-        for _ in 0..3 {
-            if b.ssh
-                .output("cloud-init status --wait")
-                .is_ok_and(|o| o.status.success())
-            {
-                break;
-            }
-        }
+        b.wait_for_cloud_init();
     }
     let show = |label: &str, cmd: &str| match b.ssh.output(cmd) {
         Ok(o) => println!(
