@@ -106,7 +106,7 @@ pub fn ensure_musl_target() -> Result<()> {
     cmd::run_visible(Command::new("rustup").args(["target", "add", MUSL]))
 }
 
-const MUSL: &str = "x86_64-unknown-linux-musl";
+pub const MUSL: &str = "x86_64-unknown-linux-musl";
 const GNU: &str = "x86_64-unknown-linux-gnu";
 
 fn target_dir() -> PathBuf {

@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod libvirtd;
 pub mod machine;
 pub mod paths;
+pub mod profile;
 pub mod qemu;
 pub mod scenarios;
 pub mod ssh;

@@ -35,6 +35,9 @@ enum Cmd {
     Demo,
     /// Run scenarios (all when none named), one VM at a time.
     Test { scenarios: Vec<String> },
+    /// Which code a first run of the initrd stage makes the emulator translate, by crate
+    /// and function (QEMU's `in_asm` log around one run in a booted guest).
+    StageProfile,
     /// nixseed vs cloud-init + qemu-ga in real VMs (boot, provisioning, agent RSS, ping),
     /// plus the host-side benchmarks; prints markdown and rewrites docs/benchmarks.md.
     Bench {
@@ -84,6 +87,7 @@ fn main() -> Result<()> {
             vm_tests::scenarios::boot_smoke(parse_variant(&variant)?, &append)
         }
         Cmd::Demo => vm_tests::demo::run(),
+        Cmd::StageProfile => vm_tests::profile::run(),
         Cmd::Bench {
             boots,
             pings,

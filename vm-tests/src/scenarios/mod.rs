@@ -415,6 +415,10 @@ pub fn boot_smoke(variant: Variant, append: &str) -> Result<()> {
         "cat /proc/cmdline; grep -H . /sys/devices/system/cpu/vulnerabilities/* | sed 's|.*/||'",
     );
     show(
+        "udevd: the NIC's events (with `--append udev.log_level=debug`, each step)",
+        "journalctl -b -u systemd-udevd -u systemd-udev-trigger -o short-monotonic --no-pager | grep -E 'eth0|enp0s|Starting|Started|Finished' | head -40",
+    );
+    show(
         "modules loaded (the initramfs's, then udev's)",
         "lsmod | awk 'NR>1 {print $1}' | sort | tr '\\n' ' '; echo; lsmod | tail -n +2 | wc -l",
     );
