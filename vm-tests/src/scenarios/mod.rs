@@ -419,6 +419,10 @@ pub fn boot_smoke(variant: Variant, append: &str) -> Result<()> {
         "journalctl -b -u systemd-udevd -u systemd-udev-trigger -o short-monotonic --no-pager | grep -E 'eth0|enp0s|Starting|Started|Finished' | head -40",
     );
     show(
+        "coldplug: uevents udev-trigger sends (subsystems, devices, of which /sys/module)",
+        "udevadm trigger --dry-run --verbose --type=subsystems | wc -l; udevadm trigger --dry-run --verbose --type=devices | wc -l; udevadm trigger --dry-run --verbose --type=devices | grep -c '^/sys/module/'; grep -l 'SUBSYSTEM==\"module\"' /usr/lib/udev/rules.d/* /lib/udev/rules.d/* 2>/dev/null",
+    );
+    show(
         "modules loaded (the initramfs's, then udev's)",
         "lsmod | awk 'NR>1 {print $1}' | sort | tr '\\n' ' '; echo; lsmod | tail -n +2 | wc -l",
     );
