@@ -29,6 +29,9 @@ enum Cmd {
         /// Extra kernel command-line arguments, e.g. `systemd.mask=nixseed-firewall.service`.
         #[arg(long, default_value = "")]
         append: String,
+        /// vCPUs (the benchmark's main series uses 1, its second series 2).
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
     },
     /// One machine end to end, step by step: create, boot, host key, guest agent, push,
     /// shutdown through the agent.
@@ -83,9 +86,11 @@ fn main() -> Result<()> {
             println!("initramfs:  {}", img.initramfs.display());
             Ok(())
         }
-        Cmd::BootSmoke { variant, append } => {
-            vm_tests::scenarios::boot_smoke(parse_variant(&variant)?, &append)
-        }
+        Cmd::BootSmoke {
+            variant,
+            append,
+            cpus,
+        } => vm_tests::scenarios::boot_smoke(parse_variant(&variant)?, &append, cpus),
         Cmd::Demo => vm_tests::demo::run(),
         Cmd::StageProfile => vm_tests::profile::run(),
         Cmd::Bench {

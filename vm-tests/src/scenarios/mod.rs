@@ -354,7 +354,7 @@ pub fn run_tests(names: &[String]) -> Result<bool> {
 }
 
 /// `vm-tests boot-smoke`: one machine, first boot, a look around, poweroff.
-pub fn boot_smoke(variant: Variant, append: &str) -> Result<()> {
+pub fn boot_smoke(variant: Variant, append: &str, cpus: u32) -> Result<()> {
     let t = Instant::now();
     let h = Harness::setup(variant)?;
     let build = t.elapsed();
@@ -366,6 +366,7 @@ pub fn boot_smoke(variant: Variant, append: &str) -> Result<()> {
     );
     let expected = m.host_key_pub()?;
     let b = h.boot_with(&m, Some(&expected), |cfg| {
+        cfg.cpus = cpus.max(1);
         if !append.is_empty() {
             cfg.append.push(' ');
             cfg.append.push_str(append);
