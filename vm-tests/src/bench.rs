@@ -127,12 +127,11 @@ fn own_ms(b: &Booted) -> Result<Option<f64>> {
 fn stage_reruns(b: &Booted) -> Result<Vec<f64>> {
     let script = format!(
         "set -e; d=$(mktemp -d /run/nixseed-rerun.XXXXXX); img=/var/tmp/nixseed-rerun.img\n\
-         mkdir -p $d/s/etc $d/s/var; for f in machine-id hostname resolv.conf hosts; do : > $d/s/etc/$f; done\n\
-         truncate -s 64M $img; mkfs.ext4 -q -F $img; mount -o loop $img $d/s/var\n\
+         {SCRATCH_ROOT}\n\
          for i in $(seq {RERUNS}); do rm -rf $d/s/var/identity; mkdir $d/r$i\n\
-         unshare -m setarch x86_64 -R {agent} initrd --sysroot $d/s --run $d/r$i --channel-wait 0 2>&1 | grep 'nixseed initrd: '\n\
+         {} | grep 'nixseed initrd: '\n\
          done; umount $d/s/var; rm -rf $d $img",
-        agent = crate::image::AGENT_PATH_IN_IMAGE
+        stage_rerun("$d/s", "$d/r$i")
     );
     let out = b
         .ssh
@@ -143,6 +142,21 @@ fn stage_reruns(b: &Booted) -> Result<Vec<f64>> {
         bail!("expected {RERUNS} timing lines from the re-runs, got:\n{out}");
     }
     Ok(ms)
+}
+
+/// Shell lines that lay out a scratch root at `$d/s` the way the initrd finds the real
+/// one: empty placeholders in `etc`, and a fresh ext4 (the file `$img`) as `var`.
+pub const SCRATCH_ROOT: &str = "mkdir -p $d/s/etc $d/s/var; for f in machine-id hostname resolv.conf hosts; do : > $d/s/etc/$f; done\n\
+     truncate -s 64M $img; mkfs.ext4 -q -F $img; mount -o loop $img $d/s/var";
+
+/// The initrd stage run again in the booted guest on `sysroot`: in a private mount
+/// namespace, and with address randomisation off so that each run meets the code at the
+/// same addresses. Its output is its log.
+pub fn stage_rerun(sysroot: &str, run: &str) -> String {
+    format!(
+        "unshare -m setarch x86_64 -R {} initrd --sysroot {sysroot} --run {run} --channel-wait 0 2>&1",
+        crate::image::AGENT_PATH_IN_IMAGE
+    )
 }
 
 /// Re-runs of the initrd stage per boot (the first one, then the warm ones).

@@ -14,9 +14,10 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+use crate::bench::{SCRATCH_ROOT, stage_rerun};
 use crate::cmd;
 use crate::deps;
-use crate::image::{AGENT_PATH_IN_IMAGE, Variant};
+use crate::image::Variant;
 use crate::scenarios::Harness;
 
 /// One translated block: its first guest address and its instruction count.
@@ -307,11 +308,11 @@ pub fn run() -> Result<()> {
     let symbols = Symbols::from_map(&link_map(&shipped)?)?;
     let m = h.new_machine("stage-profile")?;
     let b = h.boot(&m)?;
-    let prepare = "set -e; d=/run/nixseed-profile; img=/var/tmp/nixseed-profile.img\n\
-         mkdir -p $d/s/etc $d/s/var $d/r; for f in machine-id hostname resolv.conf hosts; do : > $d/s/etc/$f; done\n\
-         truncate -s 64M $img; mkfs.ext4 -q -F $img; mount -o loop $img $d/s/var";
+    let prepare = format!(
+        "set -e; d=/run/nixseed-profile; img=/var/tmp/nixseed-profile.img; mkdir -p $d/r\n{SCRATCH_ROOT}"
+    );
     b.ssh
-        .run(prepare)
+        .run(&prepare)
         .context("preparing a scratch root in the guest")?;
     let log = b.vm.config.runtime_dir.join("in_asm.log");
     let _ = std::fs::remove_file(&log);
@@ -323,9 +324,9 @@ pub fn run() -> Result<()> {
     };
     hmp(format!("logfile {}", log.display()))?;
     hmp("log in_asm".into())?;
-    let stage = b.ssh.run(&format!(
-        "unshare -m setarch x86_64 -R {AGENT_PATH_IN_IMAGE} initrd --sysroot /run/nixseed-profile/s \
-         --run /run/nixseed-profile/r --channel-wait 0 2>&1"
+    let stage = b.ssh.run(&stage_rerun(
+        "/run/nixseed-profile/s",
+        "/run/nixseed-profile/r",
     ));
     hmp("log none".into())?;
     hmp("logfile /dev/null".into())?;
