@@ -32,6 +32,22 @@ pub fn first_boot(h: &Harness) -> Result<()> {
         "the base blacklists these drivers, yet they were loaded: {}",
         unwanted.join(", ")
     );
+    // The base ships the static device nodes kmod would list at boot: kmod is the oracle.
+    let kmod = b
+        .ssh
+        .run("kmod static-nodes --format=tmpfiles --output=/dev/stdout")?;
+    let shipped = b.ssh.run(&format!("cat /{}", crate::image::STATIC_NODES))?;
+    ensure!(
+        kmod == shipped,
+        "/{} differs from what `kmod static-nodes` lists in the guest:\n{shipped}\nkmod:\n{kmod}",
+        crate::image::STATIC_NODES
+    );
+    let fuse = b.ssh.run("stat -c '%F %t:%T' /dev/fuse")?;
+    ensure!(
+        fuse.trim() == "character special file a:e5",
+        "/dev/fuse is '{}', not the static node 10:229",
+        fuse.trim()
+    );
     let timing = agent_timing_lines(&b.ssh)?;
     ensure!(
         !timing.is_empty(),

@@ -211,7 +211,7 @@ pub struct Scenario {
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "first-boot",
-        about: "sshd presents the machine's key, machine-id from the seed, / read-only, no failed units, none of the blacklisted drivers loaded; `seedctl agent shutdown` powers it off",
+        about: "sshd presents the machine's key, machine-id from the seed, / read-only, no failed units, none of the blacklisted drivers loaded, the static device nodes as `kmod static-nodes` lists them; `seedctl agent shutdown` powers it off",
         run: identity::first_boot,
     },
     Scenario {
