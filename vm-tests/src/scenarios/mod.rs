@@ -435,6 +435,10 @@ pub fn boot_smoke(variant: Variant, append: &str, cpus: u32) -> Result<()> {
         "udevadm trigger --dry-run --verbose --type=subsystems | wc -l; udevadm trigger --dry-run --verbose --type=devices | wc -l; udevadm trigger --dry-run --verbose --type=devices | grep -c '^/sys/module/'; grep -l 'SUBSYSTEM==\"module\"' /usr/lib/udev/rules.d/* /lib/udev/rules.d/* 2>/dev/null",
     );
     show(
+        "the guest agent and sshd: started, active (µs of the guest's clock), CPU so far (ns)",
+        "for u in nixseed-agent.service qemu-guest-agent.service ssh.service; do echo \"$u:\" $(systemctl show -p ExecMainStartTimestampMonotonic -p ActiveEnterTimestampMonotonic -p CPUUsageNSec $u); done",
+    );
+    show(
         "coldplug cost: the same uevents again in the booted guest (wall ms, udevd + journald CPU ms)",
         COLDPLUG_COST,
     );
