@@ -92,9 +92,6 @@ fn percentile(v: &mut [f64], p: f64) -> Option<f64> {
     Some(v[rank.clamp(1, v.len()) - 1])
 }
 
-/// The initrd process (the initramfs's "nixseed-agent initrd exited N after M ms") plus
-/// `nixseed-apply.service`'s start, in ms: an upper bound of what nixseed itself adds to
-/// the way to sshd.
 /// The guest's clock, in s since the kernel started, when sshd first said it listens.
 fn sshd_listening_s(b: &Booted) -> Result<Option<f64>> {
     let line = b.ssh.run(
@@ -124,8 +121,9 @@ fn unit_numbers(b: &Booted, unit: &str, names: &[&str]) -> Result<Vec<Option<f64
         .collect())
 }
 
-/// nixseed's CPU or wall time before sshd starts, in ms: the initrd process (as the
-/// initramfs timed it), `nixseed-apply.service` from leaving inactive to active, and the
+/// nixseed's CPU or wall time before sshd starts, in ms, an upper bound of what nixseed
+/// itself adds to the way to sshd: the initrd process (the initramfs's "nixseed-agent
+/// initrd exited N after M ms"), `nixseed-apply.service` from leaving inactive to active, and the
 /// guest agent's CPU time so far when it started before sshd (with one vCPU, its start
 /// competes with the units sshd waits for).
 fn own_ms(b: &Booted) -> Result<Option<f64>> {
