@@ -123,9 +123,9 @@ fn unit_numbers(b: &Booted, unit: &str, names: &[&str]) -> Result<Vec<Option<f64
 
 /// nixseed's CPU or wall time before sshd starts, in ms, an upper bound of what nixseed
 /// itself adds to the way to sshd: the initrd process (the initramfs's "nixseed-agent
-/// initrd exited N after M ms"), `nixseed-apply.service` from leaving inactive to active, and the
-/// guest agent's CPU time so far when it started before sshd (with one vCPU, its start
-/// competes with the units sshd waits for).
+/// initrd exited N after M ms"), `nixseed-apply.service` from leaving inactive to active,
+/// and the guest agent's CPU time so far when it started before sshd (with one vCPU, its
+/// start competes with the units sshd waits for).
 fn own_ms(b: &Booted) -> Result<Option<f64>> {
     let initrd = b.ssh.run(
         "journalctl -b --no-pager -o cat | grep -o 'nixseed-agent initrd exited [0-9]* after [0-9]* ms' | tail -1",
