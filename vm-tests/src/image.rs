@@ -188,6 +188,7 @@ fn tree_key(variant: Variant) -> String {
     h.update(LEAN_UNITS.join(",").as_bytes());
     h.update(LEAN_GENERATORS.join(",").as_bytes());
     h.update(udev_trigger_dropin().as_bytes());
+    h.update(SSH_CHECKED_AT_BUILD.as_bytes());
     h.update(MODULES_WITH_RULES.join(",").as_bytes());
     match variant {
         Variant::CloudInit => h.update(CLOUD_INIT_CFG.as_bytes()),
@@ -418,6 +419,15 @@ fn unit_exists(tree: &Path, unit: &str) -> bool {
 /// The nixseed test image's drop-in for Debian's ssh.service (five failed starts, then
 /// refused for an hour).
 const SSH_START_LIMIT: &str = "[Unit]\nStartLimitIntervalSec=1h\n";
+
+/// Both images' drop-in for Debian's ssh.service: sshd's configuration is part of the
+/// read-only base, so [`check_sshd_config`] checks it once when the image is built, as
+/// NixOS checks the sshd_config it generates, instead of `sshd -t` before every start
+/// (one more run of sshd, its crypto library and its configuration on the boot's path).
+/// `systemctl reload` still runs Debian's `sshd -t` first.
+const SSH_CHECKED_AT_BUILD: &str = "# The nixseed test base: sshd_config is checked when the image is built.\n\
+                                    [Service]\n\
+                                    ExecStartPre=\n";
 
 const HOSTS_BASE: &str = "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\nff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n";
 
@@ -700,6 +710,10 @@ fn configure_common(tree: &Path) -> Result<()> {
             off.push(u);
         }
     }
+    write(
+        &tree.join("etc/systemd/system/ssh.service.d/40-nixseed-checked-at-build.conf"),
+        SSH_CHECKED_AT_BUILD,
+    )?;
     if !off.is_empty() {
         let mut args = vec!["disable"];
         args.extend(off);
@@ -773,6 +787,7 @@ fn configure_nixseed(tree: &Path) -> Result<()> {
     let mut args = vec!["mask"];
     args.extend(masks.iter().map(String::as_str));
     chroot_systemctl(tree, &args)?;
+    check_sshd_config(tree)?;
     move_var_to_factory(tree)
 }
 
@@ -788,7 +803,41 @@ fn configure_cloud_init(tree: &Path) -> Result<()> {
     write(
         &tree.join("etc/cloud/cloud.cfg.d/90-nixseed-bench.cfg"),
         CLOUD_INIT_CFG,
-    )
+    )?;
+    check_sshd_config(tree)
+}
+
+/// `sshd -t` in the finished tree, the check [`SSH_CHECKED_AT_BUILD`] takes off the boot:
+/// with a throwaway host key (the image has none: they come from the identity, or from
+/// cloud-init) and the privilege separation directory systemd makes at boot, both removed
+/// again.
+fn check_sshd_config(tree: &Path) -> Result<()> {
+    let key = "/tmp/nixseed-sshd-check";
+    let privsep = tree.join("run/sshd");
+    fs::create_dir_all(&privsep).with_context(|| format!("creating {}", privsep.display()))?;
+    let result = cmd::run(Command::new("chroot").arg(tree).args([
+        "ssh-keygen",
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-f",
+        key,
+    ]))
+    .and_then(|_| {
+        cmd::run(
+            Command::new("chroot")
+                .arg(tree)
+                .args(["/usr/sbin/sshd", "-t", "-h", key]),
+        )
+    })
+    .with_context(|| format!("checking {}'s sshd configuration", tree.display()));
+    for p in [key.to_string(), format!("{key}.pub")] {
+        let _ = fs::remove_file(tree.join(p.trim_start_matches('/')));
+    }
+    let _ = fs::remove_dir(&privsep);
+    result.map(|_| ())
 }
 
 /// Unit files whose commands mention `needle` (e.g. host-key generators).
