@@ -44,8 +44,9 @@ enum Cmd {
     /// nixseed vs cloud-init + qemu-ga in real VMs (boot, provisioning, agent RSS, ping),
     /// plus the host-side benchmarks; prints markdown and rewrites docs/benchmarks.md.
     Bench {
-        /// Boots per image (at least 3).
-        #[arg(long, default_value_t = 3)]
+        /// Boots per image in each series (at least 3). Five by default: on a shared host
+        /// one boot can be a fifth slower than the next, and the median of five moves less.
+        #[arg(long, default_value_t = 5)]
         boots: usize,
         /// guest-ping round trips per boot.
         #[arg(long, default_value_t = 200)]
