@@ -189,7 +189,6 @@ fn tree_key(variant: Variant) -> String {
     h.update(LEAN_GENERATORS.join(",").as_bytes());
     h.update(udev_trigger_dropin().as_bytes());
     h.update(SSH_CHECKED_AT_BUILD.as_bytes());
-    h.update(MODULES_WITH_RULES.join(",").as_bytes());
     match variant {
         Variant::CloudInit => h.update(CLOUD_INIT_CFG.as_bytes()),
         Variant::Nixseed => h.update(FACTORY_ONLY.join(",").as_bytes()),
