@@ -355,6 +355,7 @@ fn build_tree_layer(variant: Variant, dir: &Path) -> Result<()> {
         Variant::Nixseed => configure_nixseed(&tmp)?,
         Variant::CloudInit => configure_cloud_init(&tmp)?,
     }
+    check_sshd_config(&tmp)?;
     mark_etc_updated(&tmp)?;
     let tree = dir.join("tree");
     if tree.exists() {
@@ -786,7 +787,6 @@ fn configure_nixseed(tree: &Path) -> Result<()> {
     let mut args = vec!["mask"];
     args.extend(masks.iter().map(String::as_str));
     chroot_systemctl(tree, &args)?;
-    check_sshd_config(tree)?;
     move_var_to_factory(tree)
 }
 
@@ -802,8 +802,7 @@ fn configure_cloud_init(tree: &Path) -> Result<()> {
     write(
         &tree.join("etc/cloud/cloud.cfg.d/90-nixseed-bench.cfg"),
         CLOUD_INIT_CFG,
-    )?;
-    check_sshd_config(tree)
+    )
 }
 
 /// `sshd -t` in the finished tree, the check [`SSH_CHECKED_AT_BUILD`] takes off the boot:
