@@ -50,6 +50,8 @@
   };
   # The /var disk starts empty; the bind source must exist before /home is mounted.
   boot.initrd.systemd.tmpfiles.settings.nixseed."/sysroot/var/home".d.mode = "0755";
+  # The root is read-only, so /tmp (and every unit's PrivateTmp=) needs its own memory.
+  boot.tmp.useTmpfs = true;
 
   boot.loader.systemd-boot.enable = true;
   boot.loader.efi.canTouchEfiVariables = false;

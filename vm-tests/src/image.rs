@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Bump when the image-building code changes what ends up in the tree.
-pub const IMAGE_CODE_VERSION: u32 = 5;
+pub const IMAGE_CODE_VERSION: u32 = 6;
 /// Bump when the final layer (injection, initramfs) changes.
 pub const FINAL_CODE_VERSION: u32 = 3;
 
@@ -498,8 +498,10 @@ const LEAN_UNITS: &[&str] = &[
 const LEAN_ENABLED: &[&str] = &["getty@tty1.service", "systemd-network-generator.service"];
 
 /// Generators with nothing to generate here (no crypttab, veritytab or integritytab, no
-/// resume device, root given by label, no rc.local, no offline update): each is one
-/// more program PID 1 runs before it starts any unit.
+/// resume device, root given by label, no rc.local, no offline update, and no SysV init
+/// script without a native unit or a mask: NixOS builds systemd without SysV
+/// compatibility at all): each is one more program PID 1 runs before it starts any unit,
+/// about 0.2 s of CPU apiece under TCG.
 const LEAN_GENERATORS: &[&str] = &[
     "systemd-cryptsetup-generator",
     "systemd-integritysetup-generator",
@@ -508,6 +510,7 @@ const LEAN_GENERATORS: &[&str] = &[
     "systemd-gpt-auto-generator",
     "systemd-system-update-generator",
     "systemd-rc-local-generator",
+    "systemd-sysv-generator",
 ];
 
 /// Coldplug with the NICs first, and of the kernel's modules only those a rule names.
@@ -758,7 +761,9 @@ fn configure_nixseed(tree: &Path) -> Result<()> {
             "# / is the shared read-only base image; /var is this machine's own disk\n\
              # (both already mounted by the initramfs, which also applied the identity).\n\
              LABEL={ROOT_LABEL}\t/\text4\tro,noatime\t0 0\n\
-             LABEL={VAR_LABEL}\t/var\text4\trw,noatime\t0 0\n"
+             LABEL={VAR_LABEL}\t/var\text4\trw,noatime\t0 0\n\
+             # The root is read-only, so /tmp is memory (NixOS: boot.tmp.useTmpfs).\n\
+             tmpfs\t/tmp\ttmpfs\tmode=1777,strictatime,nosuid,nodev,size=50%\t0 0\n"
         ),
     )?;
     write(

@@ -22,6 +22,14 @@ pub fn first_boot(h: &Harness) -> Result<()> {
         failed.join("\n")
     );
     ensure!(root_is_read_only(&b.ssh)?, "/ is not mounted read-only");
+    // The read-only root needs a writable /tmp of its own.
+    let tmp = b.ssh.run(
+        "findmnt -no FSTYPE /tmp; f=$(mktemp /tmp/nixseed.XXXXXX) && echo ok > \"$f\" && cat \"$f\" && rm \"$f\"",
+    )?;
+    ensure!(
+        tmp.split_whitespace().eq(["tmpfs", "ok"]),
+        "/tmp is not a writable tmpfs: {tmp:?}"
+    );
     let modules = b.ssh.run("cut -d' ' -f1 /proc/modules")?;
     let unwanted: Vec<&str> = modules
         .lines()
