@@ -211,7 +211,7 @@ pub struct Scenario {
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "first-boot",
-        about: "sshd presents the machine's key, machine-id from the seed, / read-only, no failed units, none of the blacklisted drivers loaded, the static device nodes as `kmod static-nodes` lists them; `seedctl agent shutdown` powers it off",
+        about: "sshd presents the machine's key, machine-id from the seed, / read-only with a writable tmpfs /tmp, no failed units, none of the blacklisted drivers loaded, the static device nodes as `kmod static-nodes` lists them; `seedctl agent shutdown` powers it off",
         run: identity::first_boot,
     },
     Scenario {
@@ -364,6 +364,9 @@ run "subsystems (buses, drivers, modules)" --type=subsystems
 run "modules named by a rule" --type=subsystems --subsystem-match=module $(for n in $names; do printf -- '--sysname-match=%s ' "$n"; done)
 run "devices but the NICs" --type=devices --subsystem-nomatch=net"#;
 
+/// CPU time per unit, the largest first, then the guest's CPU counters and uptime.
+const CPU_BY_UNIT: &str = r#"for u in $(systemctl list-units --all --no-legend --plain | awk '{print $1}'); do n=$(systemctl show -p CPUUsageNSec --value $u 2>/dev/null); case $n in ''|*[!0-9]*) ;; *) echo "$((n/1000000)) $u";; esac; done | sort -rn | head -20; head -1 /proc/stat; cat /proc/uptime"#;
+
 /// `vm-tests boot-smoke`: one machine, first boot, a look around, poweroff.
 pub fn boot_smoke(variant: Variant, append: &str, cpus: u32) -> Result<()> {
     let t = Instant::now();
@@ -394,6 +397,10 @@ pub fn boot_smoke(variant: Variant, append: &str, cpus: u32) -> Result<()> {
         ),
         Err(e) => println!("== {label}\n(error: {e:#})"),
     };
+    show(
+        "CPU time by unit (ms), before the look around: the boot's share and the harness's logins",
+        CPU_BY_UNIT,
+    );
     show("machine-id", "cat /etc/machine-id");
     show("hostname", "hostname; cat /etc/hostname");
     show(
@@ -423,6 +430,10 @@ pub fn boot_smoke(variant: Variant, append: &str, cpus: u32) -> Result<()> {
         "journalctl -b -u systemd-networkd -o short-monotonic --no-pager | head -12",
     );
     show(
+        "kernel: the longest gaps between its log lines (with `--append initcall_debug`, per initcall)",
+        "dmesg | awk -F'[][]' '{t=$2+0; if (NR>1) printf \"%8.3f %s\\n\", t-p, l; p=t; l=$0}' | sort -rn | head -25",
+    );
+    show(
         "kernel and CPU",
         "cat /proc/cmdline; grep -H . /sys/devices/system/cpu/vulnerabilities/* | sed 's|.*/||'",
     );
@@ -450,10 +461,7 @@ pub fn boot_smoke(variant: Variant, append: &str, cpus: u32) -> Result<()> {
         "boot profile",
         "systemd-analyze; systemd-analyze critical-chain ssh.service --no-pager; systemd-analyze blame --no-pager | head -15",
     );
-    show(
-        "CPU time by unit (ms)",
-        "for u in $(systemctl list-units --all --no-legend --plain | awk '{print $1}'); do n=$(systemctl show -p CPUUsageNSec --value $u 2>/dev/null); case $n in ''|*[!0-9]*) ;; *) echo \"$((n/1000000)) $u\";; esac; done | sort -rn | head -20; head -1 /proc/stat; cat /proc/uptime",
-    );
+    show("CPU time by unit (ms)", CPU_BY_UNIT);
     let expected_id = m.machine_id()?;
     let got_id = b.ssh.run("cat /etc/machine-id")?;
     let to_sshd = b.boot_to_sshd;
