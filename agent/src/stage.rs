@@ -250,7 +250,10 @@ pub fn apply_seed(
         ..Outcome::default()
     };
     let Some(seed) = seed else {
-        tracing::info!("no seed found: keeping the current identity untouched");
+        tracing::info!(
+            "no seed found (looked at: {}): keeping the current identity untouched",
+            sources::looked_at(opts.sources.as_deref())
+        );
         return Ok(outcome);
     };
     let seed_generation = match &opts.trust {

@@ -35,6 +35,10 @@ impl Source for ControlChannel {
         "channel"
     }
 
+    fn looks_at(&self) -> &'static str {
+        "the control channel org.nixseed.channel.0 (virtio-serial), when a wait for it is set"
+    }
+
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
         if env.channel_wait.is_zero() {
             return Ok(None);

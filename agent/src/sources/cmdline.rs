@@ -37,6 +37,10 @@ impl Source for CmdlineNoCloud {
         "nocloud-cmdline"
     }
 
+    fn looks_at(&self) -> &'static str {
+        "ds=nocloud on the kernel command line (/proc/cmdline)"
+    }
+
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
         match parse_ds_token(&env.cmdline()) {
             Some(tok) => from_token(env, &tok, "nocloud:cmdline"),
@@ -50,6 +54,10 @@ pub struct SmbiosSerialNoCloud;
 impl Source for SmbiosSerialNoCloud {
     fn name(&self) -> &'static str {
         "nocloud-smbios"
+    }
+
+    fn looks_at(&self) -> &'static str {
+        "ds=nocloud in the SMBIOS system serial"
     }
 
     fn find(&self, env: &Env) -> Result<Option<Seed>> {

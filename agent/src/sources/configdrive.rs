@@ -16,6 +16,10 @@ impl Source for BlockConfigDrive {
         "configdrive"
     }
 
+    fn looks_at(&self) -> &'static str {
+        "a filesystem labelled config-2 (ConfigDrive2)"
+    }
+
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
         let Some(dev) = env
             .block_devices()

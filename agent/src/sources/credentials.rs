@@ -15,6 +15,10 @@ impl Source for SmbiosCredentials {
         "credentials"
     }
 
+    fn looks_at(&self) -> &'static str {
+        "systemd credentials in SMBIOS type 11 OEM strings"
+    }
+
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
         let dir = env.host_path("/sys/firmware/dmi/entries");
         let Ok(rd) = std::fs::read_dir(&dir) else {

@@ -87,6 +87,8 @@ impl Env {
 /// One place a seed can come from.
 pub trait Source: Sync {
     fn name(&self) -> &'static str;
+    /// Where it looks, for the journal line of a boot that found no seed.
+    fn looks_at(&self) -> &'static str;
     /// `Ok(None)`: nothing here. `Err`: a seed is here but unusable (the error names the file).
     fn find(&self, env: &Env) -> Result<Option<Seed>>;
 }
@@ -108,16 +110,29 @@ pub fn names() -> Vec<&'static str> {
     ORDER.iter().map(|s| s.name()).collect()
 }
 
-/// The first seed found, in `order` (source names) or the default order.
-pub fn find_seed(env: &Env, order: Option<&[String]>) -> Result<Option<Seed>> {
-    let chosen: Vec<&dyn Source> = match order {
+/// The sources in `order` (source names), or all in the default order.
+fn chosen(order: Option<&[String]>) -> Vec<&'static dyn Source> {
+    match order {
         None => ORDER.to_vec(),
         Some(names) => names
             .iter()
             .filter_map(|n| ORDER.iter().copied().find(|s| s.name() == n))
             .collect(),
-    };
-    for source in chosen {
+    }
+}
+
+/// Where the sources in `order` look, for a boot that found no seed.
+pub fn looked_at(order: Option<&[String]>) -> String {
+    chosen(order)
+        .iter()
+        .map(|s| s.looks_at())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The first seed found, in `order` (source names) or the default order.
+pub fn find_seed(env: &Env, order: Option<&[String]>) -> Result<Option<Seed>> {
+    for source in chosen(order) {
         let _span = tracing::debug_span!("source", name = source.name()).entered();
         if let Some(seed) = source.find(env)? {
             return Ok(Some(seed));

@@ -29,6 +29,10 @@ impl Source for BlockNoCloud {
         "nocloud-volume"
     }
 
+    fn looks_at(&self) -> &'static str {
+        "a filesystem labelled cidata or CIDATA (NoCloud)"
+    }
+
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
         let Some(dev) = env
             .block_devices()
@@ -69,6 +73,10 @@ pub struct SeedDirNoCloud;
 impl Source for SeedDirNoCloud {
     fn name(&self) -> &'static str {
         "nocloud-dir"
+    }
+
+    fn looks_at(&self) -> &'static str {
+        "/var/lib/cloud/seed/nocloud on the root"
     }
 
     fn find(&self, env: &Env) -> Result<Option<Seed>> {

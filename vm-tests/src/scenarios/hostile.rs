@@ -114,5 +114,13 @@ pub fn hostile(h: &Harness) -> Result<()> {
         generation.trim(),
         g.trim()
     );
+    // The journal says what was looked at, the seed volume by its label first.
+    let said = b
+        .ssh
+        .run("journalctl -b -o cat | grep -a 'no seed found' || true")?;
+    ensure!(
+        said.contains("looked at: a filesystem labelled cidata or CIDATA"),
+        "with no seed: the journal does not say where the seed was looked for:\n{said}"
+    );
     b.poweroff()
 }
