@@ -28,7 +28,8 @@ pub const MANIFEST: &str = "manifest.json";
 pub fn mode_of(name: &str) -> u32 {
     match name {
         MACHINE_ID => 0o444,
-        SSH_HOST_KEY => 0o600,
+        // Crypt hashes, like /etc/shadow: for root (user provisioning) only.
+        SSH_HOST_KEY | USERS => 0o600,
         _ => 0o644,
     }
 }
@@ -525,6 +526,7 @@ mod tests {
         assert_eq!(t[ADMIN_KEYS].bytes, b"ssh-ed25519 AAAA admin\n");
         assert_eq!(t[MACHINE_ID].mode, 0o444);
         assert_eq!(t[SSH_HOST_KEY].mode, 0o600);
+        assert_eq!(mode_of(USERS), 0o600);
         for name in [
             MACHINE_ID,
             HOSTNAME,

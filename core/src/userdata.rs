@@ -130,8 +130,8 @@ pub fn parse(bytes: &[u8], origin: &str) -> Result<CloudConfig, UserDataError> {
             )),
         }
     }
-    // Passwords are kept only as crypt hashes, as for chpasswd: users.json is readable
-    // by every account, and nixseed never stores a clear-text secret.
+    // Passwords are kept only as crypt hashes, as for chpasswd: nixseed never stores a
+    // clear-text secret (and users.json, like /etc/shadow, is for root only).
     for u in &mut config.users {
         if u.passwd.as_deref().is_some_and(|p| !p.starts_with('$')) {
             u.passwd = None;

@@ -12,7 +12,8 @@ const ADDR4: &str = "10.0.2.15";
 const GW4: &str = "10.0.2.2";
 const ADDR6: &str = "fec0::15";
 const GW6: &str = "fec0::2";
-const DNS: &str = "10.0.2.3";
+/// Not QEMU's own resolver (10.0.2.3, which its DHCP hands out): only the seed names it.
+const DNS: &str = "192.0.2.53";
 const DOMAIN: &str = "example.org";
 /// `openssl passwd -5 -salt nixseedpve proxmox`: Proxmox stores `cipassword` this way.
 const PASSWORD_HASH: &str = "$5$nixseedpve$KRN7lXrCGhZIyeaocO.FhOwr16dk38tWWLprGB.zZO5";
@@ -134,7 +135,8 @@ fn boot_and_check(h: &Harness, m: &Machine, seed: &std::path::Path, hostname: &s
     // networkd may still be configuring when sshd first answers.
     let v4 = b.ssh.run(&format!(
         "for i in $(seq 1 60); do ip -o -4 addr show dev {ifname} | grep -q ' {ADDR4}/24 ' && \
-           ip -o -6 addr show dev {ifname} | grep -q ' {ADDR6}/64 ' && break; sleep 1; done; \
+           ip -o -6 addr show dev {ifname} | grep -q ' {ADDR6}/64 ' && \
+           ip -6 route show default | grep -q 'via {GW6} dev {ifname}' && break; sleep 1; done; \
          ip -o addr show dev {ifname}"
     ))?;
     let line4 = v4
@@ -154,6 +156,11 @@ fn boot_and_check(h: &Harness, m: &Machine, seed: &std::path::Path, hostname: &s
         route.contains(&format!("via {GW4} dev {ifname}")),
         "default route is not via {GW4} on {ifname}: {route}"
     );
+    let route6 = b.ssh.run("ip -6 route show default")?;
+    ensure!(
+        route6.contains(&format!("via {GW6} dev {ifname}")),
+        "the IPv6 default route is not via {GW6} on {ifname}: {route6}"
+    );
     let resolv = b.ssh.run("cat /etc/resolv.conf")?;
     ensure!(
         resolv.contains(&format!("nameserver {DNS}")) && resolv.contains(DOMAIN),
@@ -164,6 +171,17 @@ fn boot_and_check(h: &Harness, m: &Machine, seed: &std::path::Path, hostname: &s
         got.trim() == hostname,
         "hostname is '{}', the seed says '{hostname}'",
         got.trim()
+    );
+    // `user:`/`password:`: root's crypt hash is recorded for the image's user provisioning,
+    // readable by root only.
+    let users = b.ssh.run(
+        "f=$(readlink -f /var/identity/current/users.json); stat -c '%a %U' \"$f\"; cat \"$f\"",
+    )?;
+    ensure!(
+        users.starts_with("600 root\n")
+            && users.contains("\"root\"")
+            && users.contains(PASSWORD_HASH),
+        "users.json does not record root with the seed's password hash, mode 0600:\n{users}"
     );
     let hosts = b.ssh.run("cat /etc/hosts")?;
     ensure!(
