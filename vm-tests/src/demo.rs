@@ -112,11 +112,23 @@ pub fn run() -> Result<()> {
     );
     agent(&h, &m, &qga, &["ping"])?;
     agent(&h, &m, &qga, &["osinfo"])?;
-    agent(&h, &m, &qga, &["hostname"])?;
+    let hostname = std::fs::read_to_string(m.dir.join("hostname"))
+        .context("reading machines/demo/hostname")?;
+    let said = agent(&h, &m, &qga, &["hostname"])?;
+    ensure!(
+        said.contains(hostname.trim()),
+        "the guest agent's hostname is not the machine's '{}': {said}",
+        hostname.trim()
+    );
     agent(&h, &m, &qga, &["ifaddr"])?;
 
     step(6, "the agent's own timing, from the guest's journal");
-    show(&agent_timing_lines(&b.ssh)?.join("\n"));
+    let timing = agent_timing_lines(&b.ssh)?;
+    ensure!(
+        timing.iter().any(|l| l.contains("nixseed initrd: ")),
+        "the journal has no timing line of the initrd stage: {timing:?}"
+    );
+    show(&timing.join("\n"));
 
     step(
         7,
@@ -141,7 +153,11 @@ pub fn run() -> Result<()> {
         "the pushed hostname is not live: {}",
         live.trim()
     );
-    agent(&h, &m, &qga, &["hostname"])?;
+    let said = agent(&h, &m, &qga, &["hostname"])?;
+    ensure!(
+        said.contains("demo-pushed"),
+        "the guest agent still answers the old hostname: {said}"
+    );
 
     step(
         8,
@@ -157,6 +173,7 @@ pub fn run() -> Result<()> {
         done.qemu,
         done.took.as_secs_f64()
     );
+    ensure!(done.qemu.success(), "QEMU exited with {}", done.qemu);
     println!("\ndemo done in {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
 }

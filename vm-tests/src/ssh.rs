@@ -59,6 +59,30 @@ pub fn key_type_and_blob(line: &str) -> Option<String> {
     Some(format!("{t} {b}"))
 }
 
+/// Every host key sshd on `127.0.0.1:port` offers, of any type (`type blob` each, sorted):
+/// a machine whose only key is its identity's shows exactly one.
+pub fn all_host_keys(port: u16) -> Result<Vec<String>> {
+    let out = cmd::stdout(Command::new("ssh-keyscan").args([
+        "-T",
+        "10",
+        "-t",
+        "rsa,ecdsa,ed25519",
+        "-p",
+        &port.to_string(),
+        "127.0.0.1",
+    ]))?;
+    let mut keys: Vec<String> = out
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            l.split_once(' ')
+                .and_then(|(_, key)| key_type_and_blob(key))
+        })
+        .collect();
+    keys.sort();
+    Ok(keys)
+}
+
 /// `ssh-keyscan` for the ed25519 host key on `127.0.0.1:port`, output piped.
 fn keyscan_command(port: u16) -> Command {
     let mut c = Command::new("ssh-keyscan");

@@ -1,12 +1,21 @@
 //! First boot and reboot: the identity arrives from the seed in the initrd and survives a
 //! reboot byte for byte.
 
+use super::operator::OperatorBoot;
 use super::*;
 
 pub fn first_boot(h: &Harness) -> Result<()> {
     let m = h.new_machine("first-boot")?;
-    let b = h.boot(&m)?;
-    // wait_for_host_key already refused any key but the machine's; now log in with it pinned.
+    // Booted by `seedctl run`, as an operator boots it: sshd presented only the machine's
+    // key, or the wait failed.
+    let b = OperatorBoot::start(h, &m)?;
+    let offered = ssh::all_host_keys(b.ssh.port)?;
+    let expected = ssh::key_type_and_blob(&m.host_key_pub()?).unwrap_or_default();
+    ensure!(
+        offered == [expected.clone()],
+        "sshd offers these host keys, not exactly the machine's `{expected}`:\n{}",
+        offered.join("\n")
+    );
     let id = b.ssh.run("cat /etc/machine-id")?;
     ensure!(
         id.trim() == m.machine_id()?,
@@ -15,12 +24,52 @@ pub fn first_boot(h: &Harness) -> Result<()> {
         m.name,
         m.machine_id()?
     );
-    let failed = failed_units(&b.ssh)?;
+    // The operator's own login: `seedctl ssh` with the known_hosts `seedctl run` pinned.
+    let via = cmd::stdout(
+        m.seedctl(h.seedctl.as_ref())?
+            .args(["ssh", &m.name, "-i"])
+            .arg(&h.key.private)
+            .args(["--", "cat", "/etc/machine-id"]),
+    )?;
     ensure!(
-        failed.is_empty(),
-        "failed units after first boot:\n{}",
-        failed.join("\n")
+        via.trim() == id.trim(),
+        "`seedctl ssh {} -- cat /etc/machine-id` printed '{}' (known_hosts {})",
+        m.name,
+        via.trim(),
+        b.known_hosts.display()
     );
+    // Set in the initrd: systemd and journald started with it, so the boot's first journal
+    // entry already carries it, and stage 2 found the initrd stage's work done.
+    let first = b
+        .ssh
+        .run("journalctl -b -o export | grep -a -m1 '^_MACHINE_ID='")?;
+    ensure!(
+        first.trim() == format!("_MACHINE_ID={}", id.trim()),
+        "this boot's first journal entry has {}, not the identity's machine-id: it was not set in the initrd",
+        first.trim()
+    );
+    let timing = agent_timing_lines(&b.ssh)?;
+    ensure!(
+        timing.iter().any(|l| l.contains("nixseed initrd: ")),
+        "the journal has no timing line of the initrd stage (\"nixseed initrd: … in N ms\"); it has:\n{}",
+        timing.join("\n")
+    );
+    let stage2 = b.ssh.run("journalctl -b -o cat -u nixseed-apply.service")?;
+    ensure!(
+        stage2.contains("initrd stage already applied generation")
+            && !stage2.contains("machine-id was set late"),
+        "nixseed-apply.service did not find the initrd stage's work done:\n{stage2}"
+    );
+    // Every unit has started, and none failed.
+    let state = b.ssh.run("systemctl is-system-running --wait || true")?;
+    if state.trim() != "running" {
+        let failed = failed_units(&b.ssh)?;
+        bail!(
+            "the system is '{}' after first boot; failed units:\n{}",
+            state.trim(),
+            failed.join("\n")
+        );
+    }
     ensure!(root_is_read_only(&b.ssh)?, "/ is not mounted read-only");
     // The read-only root needs a writable /tmp of its own.
     let tmp = b.ssh.run(
@@ -56,22 +105,22 @@ pub fn first_boot(h: &Harness) -> Result<()> {
         "/dev/fuse is '{}', not the static node 10:229",
         fuse.trim()
     );
-    let timing = agent_timing_lines(&b.ssh)?;
-    ensure!(
-        !timing.is_empty(),
-        "the journal has no nixseed timing line (\"nixseed <stage>: … in N ms\")"
-    );
     b.shutdown_via_agent(h, &m).map(|_| ())
 }
 
-/// Generation name and `sha256sum` of every identity file.
+/// Generation name, and `sha256sum`, inode and mtime of every identity file.
 fn identity_snapshot(ssh: &Ssh) -> Result<(String, String)> {
     let generation = ssh
         .run("readlink /var/identity/current")?
         .trim()
         .to_string();
-    let sums =
-        ssh.run("cd /var/identity/current && find . -type f | LC_ALL=C sort | xargs sha256sum")?;
+    // Contents, and inode and modification time of each file, of `current` and of every
+    // flat link: a file rewritten with the same bytes, or a link made again, is a rewrite.
+    let sums = ssh.run(
+        "cd /var/identity/current && find . -type f | LC_ALL=C sort | xargs sha256sum && \
+         find . -type f | LC_ALL=C sort | xargs stat -c '%n inode %i mtime %y' && \
+         find /var/identity -mindepth 1 -maxdepth 1 | LC_ALL=C sort | xargs stat -c '%n %F inode %i mtime %y'",
+    )?;
     ensure!(
         !sums.trim().is_empty(),
         "/var/identity/current holds no files"
@@ -108,7 +157,7 @@ pub fn reboot(h: &Harness) -> Result<()> {
     );
     ensure!(
         sums1 == sums2,
-        "identity files changed across reboot:\nbefore:\n{sums1}\nafter:\n{sums2}"
+        "identity files changed or were rewritten across reboot:\nbefore:\n{sums1}\nafter:\n{sums2}"
     );
     let id = b.ssh.run("cat /etc/machine-id")?;
     ensure!(

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod identity;
+mod operator;
 // nixseed behaviours an operator relies on (clones, Proxmox seeds, push, upgrade, hostile seeds, channel).
 mod channel;
 mod clones;
@@ -211,7 +212,7 @@ pub struct Scenario {
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "first-boot",
-        about: "sshd presents the machine's key, machine-id from the seed, / read-only with a writable tmpfs /tmp, no failed units, none of the blacklisted drivers loaded, the static device nodes as `kmod static-nodes` lists them; `seedctl agent shutdown` powers it off",
+        about: "booted by `seedctl run`: sshd offers only the machine's key, `seedctl ssh` logs in, machine-id from the seed set in the initrd, / read-only with a writable tmpfs /tmp, the system running with no failed unit, none of the blacklisted drivers loaded, the static device nodes as `kmod static-nodes` lists them; `seedctl agent shutdown` powers it off",
         run: identity::first_boot,
     },
     Scenario {
