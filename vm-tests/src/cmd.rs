@@ -3,6 +3,17 @@
 use anyhow::{Context, Result, bail};
 use std::process::{Command, Output, Stdio};
 
+/// The last `lines` lines of a log file (read lossily; empty when it cannot be read),
+/// for error messages.
+pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let mut last: Vec<&str> = text.lines().rev().take(lines).collect();
+    last.reverse();
+    last.join("\n")
+}
+
 /// Renders a command line for error messages and logs.
 pub fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
@@ -58,4 +69,21 @@ pub fn hex(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_tail;
+
+    #[test]
+    fn log_tail_keeps_the_last_lines_in_order() {
+        let dir = std::env::temp_dir().join(format!("vm-tests-log-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let log = dir.join("a.log");
+        std::fs::write(&log, b"one\ntwo\nthree\nfour\xff\n").expect("writing the log");
+        assert_eq!(log_tail(&log, 2), "three\nfour\u{fffd}");
+        assert_eq!(log_tail(&log, 10), "one\ntwo\nthree\nfour\u{fffd}");
+        assert_eq!(log_tail(&dir.join("missing.log"), 3), "");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

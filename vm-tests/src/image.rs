@@ -339,12 +339,10 @@ fn build_tree_layer(variant: Variant, dir: &Path) -> Result<()> {
         .status()
         .context("cannot start debootstrap (try `vm-tests deps`)")?;
     if !status.success() {
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(30).collect();
         bail!(
             "debootstrap {SUITE} from {mirror} failed ({status}); last lines of {}:\n{}",
             log.display(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            crate::cmd::log_tail(&log, 30)
         );
     }
     let release = kernel_release(&tmp)?;

@@ -203,12 +203,10 @@ pub fn remove_domain(name: &str) {
 /// The domain's QEMU log, for error messages.
 pub fn qemu_log(name: &str) -> String {
     let p = Path::new("/var/log/libvirt/qemu").join(format!("{name}.log"));
-    let text = fs::read_to_string(&p).unwrap_or_default();
-    let tail: Vec<&str> = text.lines().rev().take(20).collect();
     format!(
         "--- {} (last lines) ---\n{}",
         p.display(),
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        crate::cmd::log_tail(&p, 20)
     )
 }
 

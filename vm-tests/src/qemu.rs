@@ -294,13 +294,11 @@ impl Vm {
 
     /// The last lines of the serial console and QEMU's stderr, for error messages.
     pub fn diagnostics(&self) -> String {
-        let serial = self.serial_text();
-        let tail: Vec<&str> = serial.lines().rev().take(40).collect();
         let qemu = read_lossy(&self.config.runtime_dir.join("qemu.log"));
         format!(
             "--- serial console ({}), last lines ---\n{}\n--- qemu ---\n{}",
             self.config.serial_log().display(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            crate::cmd::log_tail(&self.config.serial_log(), 40),
             qemu.trim()
         )
     }

@@ -5,7 +5,6 @@
 
 use super::*;
 use std::fs;
-use std::path::Path;
 
 /// QEMU started by `seedctl run --detach`: it belongs to seedctl (its pidfile in the
 /// machine's state directory), so the harness watches and, when a check fails, kills it
@@ -27,15 +26,6 @@ fn running(pid: u32) -> bool {
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .is_some_and(|state| state != "Z")
     })
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let mut last: Vec<&str> = text.lines().rev().take(lines).collect();
-    last.reverse();
-    last.join("\n")
 }
 
 impl OperatorBoot {
@@ -111,7 +101,7 @@ impl OperatorBoot {
         format!(
             "--- serial console ({}), last lines ---\n{}",
             self.console.display(),
-            tail(&self.console, 40)
+            cmd::log_tail(&self.console, 40)
         )
     }
 
