@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 /// Bump when the image-building code changes what ends up in the tree.
 pub const IMAGE_CODE_VERSION: u32 = 6;
 /// Bump when the final layer (injection, initramfs) changes.
-pub const FINAL_CODE_VERSION: u32 = 3;
+pub const FINAL_CODE_VERSION: u32 = 4;
 
 pub const SUITE: &str = "bookworm";
 pub const ROOT_LABEL: &str = "nixseed-root";
@@ -134,7 +134,7 @@ pub fn prepare(variant: Variant, agent: Option<&Path>) -> Result<GuestImage> {
         variant,
         base_qcow2: final_dir.join("base.qcow2"),
         kernel: crate::kernel::bootable(&tree_dir.join("vmlinuz")),
-        initramfs: final_dir.join("initramfs.cpio.gz"),
+        initramfs: final_dir.join("initramfs.cpio"),
         kernel_release,
         tree,
         timings,
@@ -1068,7 +1068,7 @@ fn build_final_layer(
     crate::initramfs::build(
         &modules,
         agent_for_initrd,
-        &tmp.join("initramfs.cpio.gz"),
+        &tmp.join("initramfs.cpio"),
         &tmp,
     )?;
     write(&tmp.join("ready"), "")?;

@@ -101,7 +101,7 @@ impl ModuleIndex {
     }
 }
 
-/// Builds `out` (gzip'd newc cpio) from `modules_dir` (`/lib/modules/<release>` of the
+/// Builds `out` (an uncompressed newc cpio) from `modules_dir` (`/lib/modules/<release>` of the
 /// image) and the optional agent binary; `scratch` holds the staging tree.
 pub fn build(modules_dir: &Path, agent: Option<&Path>, out: &Path, scratch: &Path) -> Result<()> {
     let read = |n: &str| {
@@ -162,7 +162,7 @@ pub fn build(modules_dir: &Path, agent: Option<&Path>, out: &Path, scratch: &Pat
     let console = stage.join("dev/console");
     cmd::run(Command::new("mknod").arg(&console).args(["c", "5", "1"]))?;
     let script = format!(
-        "cd '{}' && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet | gzip -1 > '{}'",
+        "cd '{}' && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet > '{}'",
         stage.display(),
         out.display()
     );

@@ -435,6 +435,10 @@ pub fn boot_smoke(variant: Variant, append: &str, cpus: u32) -> Result<()> {
         "dmesg | awk -F'[][]' '{t=$2+0; if (NR>1) printf \"%8.3f %s\\n\", t-p, l; p=t; l=$0}' | sort -rn | head -25",
     );
     show(
+        "kernel: the slowest initcalls (µs, with `--append initcall_debug`) and when the initramfs and systemd began",
+        "dmesg | sed -n 's/.*initcall \\(.*\\) returned .* after \\([0-9]*\\) usecs/\\2 \\1/p' | sort -rn | head -15; dmesg | grep -m1 -E 'Run /init|Freeing unused kernel'; dmesg | grep -m1 'systemd\\[1\\]'",
+    );
+    show(
         "kernel and CPU",
         "cat /proc/cmdline; grep -H . /sys/devices/system/cpu/vulnerabilities/* | sed 's|.*/||'",
     );
