@@ -81,13 +81,6 @@ impl VmConfig {
             self.name.clone(),
             "-machine".into(),
             format!("q35,accel={}", self.accel.as_str()),
-            "-cpu".into(),
-            if self.accel == Accel::Kvm {
-                "host"
-            } else {
-                "max"
-            }
-            .into(),
             "-m".into(),
             self.memory_mib.to_string(),
             "-smp".into(),
@@ -112,6 +105,11 @@ impl VmConfig {
                 self.boot_disk.display()
             ),
         ];
+        // Under TCG, QEMU's default CPU model: the one `seedctl run` and seedctl's libvirt
+        // domain boot, so every machine of the suite sees the same CPU.
+        if self.accel == Accel::Kvm {
+            a.extend(["-cpu".into(), "host".into()]);
+        }
         if let Some(var) = &self.var_disk {
             a.push("-drive".into());
             a.push(format!(
