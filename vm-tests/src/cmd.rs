@@ -3,12 +3,16 @@
 use anyhow::{Context, Result, bail};
 use std::process::{Command, Output, Stdio};
 
-/// The last `lines` lines of a log file (read lossily; empty when it cannot be read),
-/// for error messages.
-pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
-    let text = std::fs::read(path)
+/// A log file's text, invalid UTF-8 replaced; empty when it cannot be read.
+pub fn read_lossy(path: &std::path::Path) -> String {
+    std::fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// The last `lines` lines of a log file (as [`read_lossy`] reads it), for error messages.
+pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = read_lossy(path);
     let mut last: Vec<&str> = text.lines().rev().take(lines).collect();
     last.reverse();
     last.join("\n")

@@ -6,7 +6,6 @@ use crate::cmd;
 use crate::paths::cache_root;
 use anyhow::{Context, Result, bail};
 use std::fs;
-use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -287,12 +286,12 @@ impl Vm {
     }
 
     pub fn serial_text(&self) -> String {
-        read_lossy(&self.config.serial_log())
+        crate::cmd::read_lossy(&self.config.serial_log())
     }
 
     /// The last lines of the serial console and QEMU's stderr, for error messages.
     pub fn diagnostics(&self) -> String {
-        let qemu = read_lossy(&self.config.runtime_dir.join("qemu.log"));
+        let qemu = crate::cmd::read_lossy(&self.config.runtime_dir.join("qemu.log"));
         format!(
             "--- serial console ({}), last lines ---\n{}\n--- qemu ---\n{}",
             self.config.serial_log().display(),
@@ -306,14 +305,6 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn read_lossy(p: &Path) -> String {
-    let mut buf = Vec::new();
-    if let Ok(mut f) = fs::File::open(p) {
-        let _ = f.read_to_end(&mut buf);
-    }
-    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// A local TCP port that was free a moment ago.
@@ -394,7 +385,7 @@ fn probe_kvm(kernel: &Path) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
     let ok = loop {
         match child.try_wait() {
-            Ok(Some(_)) => break read_lossy(&log).contains("Kernel panic"),
+            Ok(Some(_)) => break crate::cmd::read_lossy(&log).contains("Kernel panic"),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
             _ => {
                 let _ = child.kill();
