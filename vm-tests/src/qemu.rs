@@ -286,12 +286,12 @@ impl Vm {
     }
 
     pub fn serial_text(&self) -> String {
-        crate::cmd::read_lossy(&self.config.serial_log())
+        cmd::read_lossy(&self.config.serial_log())
     }
 
     /// The last lines of the serial console and QEMU's stderr, for error messages.
     pub fn diagnostics(&self) -> String {
-        let qemu = crate::cmd::read_lossy(&self.config.runtime_dir.join("qemu.log"));
+        let qemu = cmd::read_lossy(&self.config.runtime_dir.join("qemu.log"));
         format!(
             "--- serial console ({}), last lines ---\n{}\n--- qemu ---\n{}",
             self.config.serial_log().display(),
@@ -385,7 +385,7 @@ fn probe_kvm(kernel: &Path) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
     let ok = loop {
         match child.try_wait() {
-            Ok(Some(_)) => break crate::cmd::read_lossy(&log).contains("Kernel panic"),
+            Ok(Some(_)) => break cmd::read_lossy(&log).contains("Kernel panic"),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
             _ => {
                 let _ = child.kill();

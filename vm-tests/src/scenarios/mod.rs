@@ -247,7 +247,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "hostile",
-        about: "malformed, path-traversing and 100 MB user-data, then no seed: the previous identity boots, the journal names user-data, and with no seed where the agent looked",
+        about: "malformed, path-traversing and 100 MB user-data, then no seed: the previous identity boots, the journal names user-data and, with no seed, where the agent looked",
         run: hostile::hostile,
     },
     Scenario {
