@@ -3,6 +3,7 @@
 //! mounts. Prints a markdown table. Usage: apply-bench [AGENT_BINARY] [RUNS]
 //! Runs itself inside `unshare -m` so the mounts stay private.
 
+use nixseed_test_support::stats::{median, percentile};
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
@@ -72,8 +73,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         same.push(run_once()?);
     }
     let stat = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[v.len() / 2], v[(v.len() * 9 / 10).min(v.len() - 1)])
+        (
+            median(v).unwrap_or(f64::NAN),
+            percentile(v, 90.0).unwrap_or(f64::NAN),
+        )
     };
     let (fm, f90) = stat(&mut first);
     let (sm, s90) = stat(&mut same);

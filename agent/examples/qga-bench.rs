@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use nixseed_test_support::stats::{median, percentile};
 
 const ROUNDS: usize = 20_000;
 const QEMU_GA: &str = "/usr/sbin/qemu-ga";
@@ -78,10 +79,13 @@ fn pings(a: &Agent, n: usize, out: &mut Vec<Duration>) -> Result<()> {
     Ok(())
 }
 
-fn pct(v: &mut [Duration], p: f64) -> f64 {
-    v.sort();
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i].as_secs_f64() * 1e6
+/// The median and the 99th percentile (nearest rank) of `v`, in µs.
+fn median_p99(v: &[Duration]) -> (f64, f64) {
+    let mut us: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    (
+        median(&mut us).unwrap_or(f64::NAN),
+        percentile(&mut us, 99.0).unwrap_or(f64::NAN),
+    )
 }
 
 fn main() -> Result<()> {
@@ -122,9 +126,9 @@ fn main() -> Result<()> {
             pings(a, 1000, t)?;
         }
     }
-    let [mut ns, mut qg] = times;
-    let (ns_med, ns_p99) = (pct(&mut ns, 0.5), pct(&mut ns, 0.99));
-    let (qg_med, qg_p99) = (pct(&mut qg, 0.5), pct(&mut qg, 0.99));
+    let [ns, qg] = times;
+    let (ns_med, ns_p99) = median_p99(&ns);
+    let (qg_med, qg_p99) = median_p99(&qg);
     let size = std::fs::metadata(&ours)?.len();
     println!("| measure | nixseed-agent serve | qemu-ga 7.2 | nixseed / qemu-ga |");
     println!("|---|---|---|---|");

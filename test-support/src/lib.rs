@@ -4,6 +4,8 @@
 //! command line, product_uuid, optionally one NIC), and a NoCloud seed directory that the
 //! command line names (`ds=nocloud;s=/seed/`).
 
+pub mod stats;
+
 use std::io;
 use std::path::Path;
 

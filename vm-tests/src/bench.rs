@@ -16,6 +16,7 @@ use crate::machine::{self, Machine};
 use crate::paths::workspace_root;
 use crate::scenarios::{Booted, Harness, agent_timing_lines};
 use anyhow::{Context, Result, bail};
+use nixseed_test_support::stats::{median, percentile};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -62,34 +63,13 @@ struct Side {
     /// Boot to sshd in the series with `BenchOpts::wide_cpus` vCPUs.
     wide_boots: Vec<Duration>,
     binary_bytes: Option<u64>,
+    /// How the agent binary was built ([`deps::agent_build_kind`]).
+    binary_kind: &'static str,
     blame: String,
     analyze: String,
     timing_line: String,
     /// `systemd-analyze critical-chain ssh.service` of the last boot.
     chain: String,
-}
-
-fn median(v: &mut [f64]) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
-/// Nearest-rank percentile of `v` (0 < p ≤ 100).
-fn percentile(v: &mut [f64], p: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    Some(v[rank.clamp(1, v.len()) - 1])
 }
 
 /// The guest's clock, in s since the kernel started, when sshd first said it listens.
@@ -153,12 +133,16 @@ fn own_ms(b: &Booted) -> Result<Option<f64>> {
     let agent = unit_numbers(b, "nixseed-agent.service", &[START, "CPUUsageNSec"])?;
     let sshd = unit_numbers(b, "ssh.service", &[START])?;
     let agent_ms = match (agent.as_slice(), sshd.as_slice()) {
-        (&[Some(start), Some(cpu_ns)], &[Some(sshd)]) if start > 0.0 && start < sshd => {
-            cpu_ns / 1e6
-        }
-        _ => 0.0,
+        // Started after sshd, or not at all: none of its time came before.
+        (&[Some(start), _], &[Some(sshd)]) if start == 0.0 || start >= sshd => Some(0.0),
+        (&[Some(_), Some(cpu_ns)], &[Some(_)]) => Some(cpu_ns / 1e6),
+        // Its CPU time or sshd's start unreadable: the sum would be too small, so none.
+        _ => None,
     };
-    Ok(initrd_ms.zip(apply_ms).map(|(i, a)| i + a + agent_ms))
+    Ok(initrd_ms
+        .zip(apply_ms)
+        .zip(agent_ms)
+        .map(|((i, a), g)| i + a + g))
 }
 
 /// Runs the initrd stage [`RERUNS`] times more in the booted guest, each from the same
@@ -231,7 +215,7 @@ pub fn analyze_total_ms(text: &str) -> Option<f64> {
 pub fn analyze_span_ms(text: &str) -> Option<f64> {
     text.lines()
         .filter_map(|l| {
-            let at = l.split('@').nth(1)?;
+            let (_, at) = l.rsplit_once('@')?;
             let (start, dur) = at.split_once(" +")?;
             let start: f64 = start.trim().trim_end_matches('s').parse().ok()?;
             let dur: f64 = dur.trim().trim_end_matches('s').parse().ok()?;
@@ -510,6 +494,23 @@ fn fmt_opt(v: Option<f64>, unit: &str, prec: usize) -> String {
     v.map_or("–".into(), |x| format!("{x:.prec$} {unit}"))
 }
 
+/// `a / b` as "0.53×"; below 0.1 with two significant digits ("0.0088×"), so that a
+/// small ratio does not print as "0.00×".
+fn fmt_ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => {
+            let r = a / b;
+            let prec = if r > 0.0 && r < 0.1 {
+                (1 - r.log10().floor() as i32) as usize
+            } else {
+                2
+            };
+            format!("{r:.prec$}×")
+        }
+        _ => "–".into(),
+    }
+}
+
 /// A boot's time to sshd as the host saw it, with the guest's clock at sshd's listening.
 fn sshd_cell(b: Option<&Boot>) -> String {
     match b {
@@ -520,6 +521,39 @@ fn sshd_cell(b: Option<&Boot>) -> String {
         ),
         None => "–".into(),
     }
+}
+
+/// One figure of a boot, when the boot gave it.
+type Figure = fn(&Boot) -> Option<f64>;
+
+/// The per-boot figures some boots could not give, as "the initrd stage: 4 of 5 boots".
+fn missing_figures(nix: &Side, ci: &Side) -> Vec<String> {
+    let figures: [(&str, &Side, Figure); 9] = [
+        ("nixseed's sshd listening", nix, |b| b.listen_s),
+        ("nixseed's own time", nix, |b| b.own_ms),
+        ("the initrd stage", nix, |b| b.provision_ms),
+        ("the stage's first re-run", nix, |b| {
+            b.reruns_ms.first().copied()
+        }),
+        ("the agent's RSS", nix, |b| b.rss_kib.map(|k| k as f64)),
+        ("cloud-init's sshd listening", ci, |b| b.listen_s),
+        ("cloud-init's total", ci, |b| b.provision_ms),
+        ("cloud-init's first to last event", ci, |b| b.span_ms),
+        ("qemu-ga's RSS", ci, |b| b.rss_kib.map(|k| k as f64)),
+    ];
+    figures
+        .iter()
+        .filter_map(|(what, side, f)| {
+            let have = side.boots.iter().filter(|b| f(b).is_some()).count();
+            (have < side.boots.len())
+                .then(|| format!("{what}: {have} of {} boots", side.boots.len()))
+        })
+        .collect()
+}
+
+/// A nixseed boot's time to sshd less its own time before sshd, in s.
+fn without_own(b: &Boot) -> Option<f64> {
+    Some(b.to_sshd.as_secs_f64() - b.own_ms? / 1000.0)
 }
 
 /// Whether `ours` is at most `share` of `theirs`, when both were measured.
@@ -554,6 +588,7 @@ pub fn run(o: &BenchOpts) -> Result<()> {
         .with_context(|| format!("copying {}", m.var_disk.display()))?;
     let mut nix_side = Side {
         binary_bytes: Some(agent_bytes),
+        binary_kind: deps::agent_build_kind(&agent),
         ..Default::default()
     };
     let mut ci_side = Side::default();
@@ -685,9 +720,8 @@ fn render(
     };
     let (boot_n, boot_c) = (median(&mut secs(nix)), median(&mut secs(ci)));
     let (prov_n, prov_c) = (median(&mut prov(nix)), median(&mut prov(ci)));
-    let median_of = |s: &Side, f: fn(&Boot) -> Option<f64>| {
-        median(&mut s.boots.iter().filter_map(f).collect::<Vec<_>>())
-    };
+    let median_of =
+        |s: &Side, f: Figure| median(&mut s.boots.iter().filter_map(f).collect::<Vec<_>>());
     let span_c = median_of(ci, |b| b.span_ms);
     let (rss_n, rss_c) = (median(&mut rss(nix)), median(&mut rss(ci)));
     let own_n = median_of(nix, |b| b.own_ms);
@@ -697,10 +731,7 @@ fn render(
         percentile(&mut rtt(ci), 99.0),
     );
     let mib = |b: Option<u64>| b.map(|b| b as f64 / 1048576.0);
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
-        _ => "–".into(),
-    };
+    let ratio = fmt_ratio;
     let accel = h.accel.as_str().to_uppercase();
 
     let mut d = String::new();
@@ -722,8 +753,8 @@ fn render(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        std::env::var("NIXSEED_VM_MEMORY").unwrap_or_else(|_| "1024".into()),
-        std::env::var("NIXSEED_VM_CPUS").unwrap_or_else(|_| "1".into()),
+        machine::vm_memory_mib(),
+        machine::vm_cpus(),
         o.boots
     );
     let _ = writeln!(
@@ -779,9 +810,9 @@ fn render(
     }
     let _ = writeln!(
         d,
-        "| nixseed's own time before sshd (initrd process + `nixseed-apply.service` start + the guest agent's CPU so far when it started before sshd), median; the boot less it, vs cloud-init's | {} | | {} | | the ratio if nixseed took no time at all |",
+        "| nixseed's own time before sshd (initrd process + `nixseed-apply.service` start + the guest agent's CPU so far when it started before sshd), median; each boot less it, median, vs cloud-init's | {} | | {} | | the ratio if nixseed took no time at all |",
         fmt_opt(own_n.map(|ms| ms / 1000.0), "s", 2),
-        ratio(boot_n.zip(own_n).map(|(b, o)| b - o / 1000.0), boot_c),
+        ratio(median_of(nix, without_own), boot_c),
     );
     let _ = writeln!(
         d,
@@ -839,7 +870,8 @@ fn render(
     );
     let _ = writeln!(
         d,
-        "| agent binary (static musl `nixseed-agent` as injected vs `/usr/sbin/qemu-ga`, which also needs glib) | {} | {} | {} | ≤ 2.5 MiB | {} |",
+        "| agent binary (`nixseed-agent` as injected, {}, vs `/usr/sbin/qemu-ga`, which also needs glib) | {} | {} | {} | ≤ 2.5 MiB | {} |",
+        nix.binary_kind,
         fmt_opt(mib(nix.binary_bytes), "MiB", 2),
         fmt_opt(mib(ci.binary_bytes), "MiB", 2),
         ratio(mib(nix.binary_bytes), mib(ci.binary_bytes)),
@@ -867,24 +899,25 @@ fn render(
              images; it shows whether the ratio holds when the guest is not bound to one \
              emulated CPU. On a host shared with other work, this series is the noisier \
              one.",
-            std::env::var("NIXSEED_VM_CPUS").unwrap_or_else(|_| "1".into()),
+            machine::vm_cpus(),
             o.wide_cpus
         );
     }
     let _ = writeln!(d, "\nPer boot:\n");
     let _ = writeln!(
         d,
-        "| boot | nixseed: sshd (listening, guest clock) | initrd stage | its re-runs in the booted guest | agent RSS | cloud-init: sshd (listening) | cloud-init total | qemu-ga RSS |"
+        "| boot | nixseed: sshd (listening, guest clock) | nixseed's own time | initrd stage | its re-runs in the booted guest | agent RSS | cloud-init: sshd (listening) | cloud-init total / first to last event | qemu-ga RSS | boot ratio |"
     );
-    let _ = writeln!(d, "|---:|---:|---:|---|---:|---:|---:|---:|");
+    let _ = writeln!(d, "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|");
     for i in 0..nix.boots.len().max(ci.boots.len()) {
         let n = nix.boots.get(i);
         let c = ci.boots.get(i);
         let _ = writeln!(
             d,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
             i + 1,
             sshd_cell(n),
+            fmt_opt(n.and_then(|b| b.own_ms).map(|ms| ms / 1000.0), "s", 2),
             fmt_opt(n.and_then(|b| b.provision_ms), "ms", 1),
             n.map_or("–".into(), |b| b
                 .reruns_ms
@@ -896,7 +929,20 @@ fn render(
             fmt_opt(n.and_then(|b| b.rss_kib).map(|k| k as f64), "KiB", 0),
             sshd_cell(c),
             fmt_opt(c.and_then(|b| b.provision_ms).map(|ms| ms / 1000.0), "s", 2),
+            fmt_opt(c.and_then(|b| b.span_ms).map(|ms| ms / 1000.0), "s", 2),
             fmt_opt(c.and_then(|b| b.rss_kib).map(|k| k as f64), "KiB", 0),
+            ratio(
+                n.map(|b| b.to_sshd.as_secs_f64()),
+                c.map(|b| b.to_sshd.as_secs_f64())
+            ),
+        );
+    }
+    let gaps = missing_figures(nix, ci);
+    if !gaps.is_empty() {
+        let _ = writeln!(
+            d,
+            "\nNot every boot gave every figure; the medians above are over the boots that did: {}.",
+            gaps.join("; ")
         );
     }
     if o.wide_cpus > 0 {
@@ -976,6 +1022,8 @@ mod tests {
         let show = "Starting stage: init-local\n|`->no cache found @00.12700s +00.00300s\nFinished stage: (init-local) 01.28400 seconds\n|`->config-final-message ran successfully @26.76700s +00.04500s\nTotal Time: 9.20100 seconds\n";
         let span = analyze_span_ms(show).unwrap();
         assert!((span - 26812.0).abs() < 0.01, "{span}");
+        let at_in_name = "|`->config-users-groups ran for admin@host @30.00000s +01.50000s\n";
+        assert_eq!(analyze_span_ms(at_in_name), Some(31500.0));
     }
 
     #[test]
@@ -987,12 +1035,40 @@ mod tests {
     }
 
     #[test]
-    fn median_and_percentile() {
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&mut v, 99.0), Some(99.0));
-        assert_eq!(percentile(&mut [5.0], 99.0), Some(5.0));
-        assert_eq!(median(&mut []), None);
+    fn small_ratios_keep_two_significant_digits() {
+        assert_eq!(fmt_ratio(Some(22.0), Some(41.2)), "0.53×");
+        assert_eq!(fmt_ratio(Some(159.7), Some(18140.0)), "0.0088×");
+        assert_eq!(fmt_ratio(Some(159.7), Some(48650.0)), "0.0033×");
+        assert_eq!(fmt_ratio(Some(2.13), Some(0.96)), "2.22×");
+        assert_eq!(fmt_ratio(Some(1.0), Some(0.0)), "–");
+        assert_eq!(fmt_ratio(None, Some(1.0)), "–");
+    }
+
+    #[test]
+    fn own_time_comes_off_each_boot_and_gaps_are_named() {
+        let boot = |s: u64, own: Option<f64>| Boot {
+            to_sshd: Duration::from_secs(s),
+            own_ms: own,
+            ..Boot::default()
+        };
+        assert_eq!(without_own(&boot(20, Some(1500.0))), Some(18.5));
+        assert_eq!(without_own(&boot(20, None)), None);
+        let nix = Side {
+            boots: vec![
+                boot(20, Some(1000.0)),
+                boot(21, None),
+                boot(22, Some(900.0)),
+            ],
+            ..Side::default()
+        };
+        let gaps = missing_figures(&nix, &Side::default());
+        assert!(
+            gaps.contains(&"nixseed's own time: 2 of 3 boots".to_string()),
+            "{gaps:?}"
+        );
+        assert!(
+            gaps.contains(&"the initrd stage: 0 of 3 boots".to_string()),
+            "{gaps:?}"
+        );
     }
 }

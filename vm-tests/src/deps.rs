@@ -4,7 +4,7 @@
 use crate::cmd::{self, describe};
 use crate::paths::workspace_root;
 use anyhow::{Context, Result, bail};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// What the QEMU harness needs: image building, seeds, booting, ssh.
@@ -113,6 +113,17 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// What [`build_agent`] returned, for reports: its target, or that it was given.
+pub fn agent_build_kind(agent: &Path) -> &'static str {
+    if std::env::var_os("NIXSEED_AGENT_BIN").is_some() {
+        "given by `NIXSEED_AGENT_BIN`"
+    } else if agent.components().any(|c| c.as_os_str() == MUSL) {
+        "static musl"
+    } else {
+        "static glibc"
+    }
 }
 
 /// Builds the static guest binary and returns its path. musl first; a static glibc

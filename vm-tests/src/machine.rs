@@ -65,14 +65,24 @@ impl Machine {
             seed_iso: Some(self.seed_iso.clone()),
             product_uuid: self.product_uuid()?,
             mac: self.mac()?,
-            memory_mib: env_u32("NIXSEED_VM_MEMORY", 1024),
-            cpus: env_u32("NIXSEED_VM_CPUS", 1),
+            memory_mib: vm_memory_mib(),
+            cpus: vm_cpus(),
             ssh_port,
             reach_port: None,
             runtime_dir: self.state.join("run"),
             accel,
         })
     }
+}
+
+/// Memory of every VM the harness boots: `NIXSEED_VM_MEMORY` MiB, 1024 by default.
+pub fn vm_memory_mib() -> u32 {
+    env_u32("NIXSEED_VM_MEMORY", 1024)
+}
+
+/// vCPUs of every VM the harness boots: `NIXSEED_VM_CPUS`, 1 by default.
+pub fn vm_cpus() -> u32 {
+    env_u32("NIXSEED_VM_CPUS", 1)
 }
 
 fn env_u32(name: &str, default: u32) -> u32 {
