@@ -992,11 +992,12 @@ fn render(
     let _ = writeln!(
         d,
         "\nHow it is measured: `vm-tests/src/bench.rs`. Boot time runs from QEMU's start to the \
-         first `ssh-keyscan` answer carrying `machines/bench/ssh_host_ed25519_key.pub`: a new \
-         scan every 0.5 s, at most two at once, while connections to a forwarded port where \
-         nothing in the guest listens (one every 0.25 s) wait for the guest's kernel to reset \
-         one; from then on the guest has its address, scans no longer hang, and one starts \
-         every 0.25 s (`vm-tests/src/ssh.rs`). The RSS is read 3 s after the agent's unit has a main process. Round trips \
+         first `ssh-keyscan` answer carrying `machines/bench/ssh_host_ed25519_key.pub`. \
+         Connections to a forwarded port where nothing in the guest listens (one every \
+         0.25 s) wait for the guest's kernel to reset one; from then on the guest has its \
+         address, and one scan runs at a time, as one operator's client would: a refused one \
+         is followed by the next 0.25 s after it began, one that sshd accepted is waited for \
+         (`vm-tests/src/ssh.rs`). The RSS is read 3 s after the agent's unit has a main process. Round trips \
          go through QEMU's chardev socket and the guest's virtio-serial port, after a \
          `guest-sync-delimited` and 10 warm-up pings, one request in flight at a time."
     );

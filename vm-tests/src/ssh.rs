@@ -83,12 +83,12 @@ pub fn all_host_keys(port: u16) -> Result<Vec<String>> {
     Ok(keys)
 }
 
-/// `ssh-keyscan` for the ed25519 host key on `127.0.0.1:port`, output piped.
-fn keyscan_command(port: u16) -> Command {
+/// `ssh-keyscan -T timeout_s` for the ed25519 host key on `127.0.0.1:port`, output piped.
+fn keyscan_command(port: u16, timeout_s: u32) -> Command {
     let mut c = Command::new("ssh-keyscan");
     c.args([
         "-T",
-        "5",
+        &timeout_s.to_string(),
         "-t",
         "ed25519",
         "-p",
@@ -116,7 +116,7 @@ fn scanned_key(stdout: &[u8]) -> Option<String> {
 
 /// The ed25519 host key sshd on `127.0.0.1:port` presents, if it answers.
 pub fn keyscan(port: u16) -> Option<String> {
-    let out = keyscan_command(port).output().ok()?;
+    let out = keyscan_command(port, SCAN_TIMEOUT).output().ok()?;
     scanned_key(&out.stdout)
 }
 
@@ -208,19 +208,24 @@ pub fn wait_for_host_key(
 /// [`wait_for_host_key`], told by `reach` (a forwarded port to a guest port where nothing
 /// listens) when the guest has its address.
 ///
-/// A new scan starts every `POLL` (0.5 s) while an earlier one is still waiting: before the
-/// guest has its address, QEMU's user network accepts the connection on the host side and
-/// the scan then hangs until its own 5 s timeout. At most `IN_FLIGHT` (2) run at once:
-/// QEMU's user network keeps trying to deliver a connection even after the host closed
-/// it, so they all reach sshd together once the guest and sshd are up, and sshd drops new
-/// ones (its `MaxStartups`) while many are unauthenticated.
+/// Before the guest has its address, QEMU's user network accepts a connection on the host
+/// side and holds it: a scan started then hangs until its own timeout, and QEMU delivers
+/// the connection to the guest once the address is up, whether or not the host still
+/// wants it, so each such scan can cost sshd a handshake later, while the guest is still
+/// booting. So plain connections to `reach` go first, one every [`Reach::EVERY`] (0.25 s),
+/// each dropped after [`Reach::LIFE`] (3 s); they cost sshd nothing. The first that the
+/// guest's kernel resets shows the address is up.
 ///
-/// The scans alone would see sshd up to 5 s late, when the address comes up while two
-/// scans hang. So plain connections to `reach` go too, one every [`Reach::EVERY`]
-/// (0.25 s), each dropped after [`Reach::LIFE`] (3 s); they cost sshd nothing. The first
-/// that the guest's kernel resets shows the address is up; from then on a scan either
-/// reaches sshd or is refused at once, so scans start that often, past the hung ones.
-/// A guest whose firewall drops the probes is polled by the scans alone.
+/// From then on one scan runs at a time, as one operator's client would: one is refused
+/// at once while sshd does not listen yet, and the next starts 0.25 s after it began; one
+/// that sshd accepted is waited for (up to [`SCAN_TIMEOUT_UP`]). Scans started before the
+/// address was up are not waited for. With up to four scans in flight after the address
+/// (as before 2026-12-03), the guest's sshd handled several handshakes at once on a vCPU
+/// still busy with the boot, which delayed the first answer for both images.
+///
+/// A guest whose firewall drops the probes never resets one: after [`SCANS_AFTER`] the
+/// scans start anyway, one every `POLL` (0.5 s) and at most `IN_FLIGHT` (2) at once, and
+/// that guest is polled by the scans alone.
 pub fn wait_for_host_key_via(
     port: u16,
     reach: Option<u16>,
@@ -230,30 +235,32 @@ pub fn wait_for_host_key_via(
 ) -> Result<String> {
     const POLL: Duration = Duration::from_millis(500);
     const IN_FLIGHT: usize = 2;
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + timeout;
     let expected = expected.and_then(key_type_and_blob);
     let mut scans = Scans(Vec::new());
     let mut probes = reach.map(Reach::new);
-    let mut up = false;
+    let mut up: Option<Instant> = None;
     let mut next = Instant::now();
     loop {
         alive()?;
-        if !up && probes.as_mut().is_some_and(Reach::answered) {
-            up = true;
+        if up.is_none() && probes.as_mut().is_some_and(Reach::answered) {
+            up = Some(Instant::now());
             probes = None;
             next = Instant::now();
         }
-        let (every, cap) = if up {
-            (Reach::EVERY, IN_FLIGHT + 2)
-        } else {
-            (POLL, IN_FLIGHT)
+        let due = Instant::now() >= next;
+        let scan_timeout = match up {
+            Some(at) => (due && scans.started_since(at) == 0).then_some(SCAN_TIMEOUT_UP),
+            None if probes.is_some() && started.elapsed() < SCANS_AFTER => None,
+            None => (due && scans.0.len() < IN_FLIGHT).then_some(SCAN_TIMEOUT),
         };
-        if Instant::now() >= next && scans.0.len() < cap {
-            // A scan that cannot even start (no ssh-keyscan) is retried at the next poll.
-            if let Ok(child) = keyscan_command(port).spawn() {
-                scans.0.push(child);
+        if let Some(t) = scan_timeout {
+            // A scan that cannot even start (no ssh-keyscan) is retried when next due.
+            if let Ok(child) = keyscan_command(port, t).spawn() {
+                scans.0.push((Instant::now(), child));
             }
-            next = Instant::now() + every;
+            next = Instant::now() + if up.is_some() { Reach::EVERY } else { POLL };
         }
         if let Some(seen) = scans.first_answer() {
             if let Some(want) = &expected
@@ -274,6 +281,17 @@ pub fn wait_for_host_key_via(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// How long the probes alone may look for the guest's address before the scans start
+/// too (a guest whose firewall drops the probes). Under TCG the address comes 11–17 s
+/// after QEMU's start with one vCPU.
+const SCANS_AFTER: Duration = Duration::from_secs(20);
+/// `ssh-keyscan -T` before the address is known: such a scan may hang in QEMU's user
+/// network until then.
+const SCAN_TIMEOUT: u32 = 5;
+/// `ssh-keyscan -T` once the address is up: a scan still running has reached sshd, whose
+/// first handshake under TCG takes seconds while the guest is booting.
+const SCAN_TIMEOUT_UP: u32 = 20;
 
 /// Connections to a forwarded port where nothing in the guest listens.
 struct Reach {
@@ -326,17 +344,22 @@ impl Reach {
 }
 
 /// The `ssh-keyscan` processes in flight; those left are killed when dropped.
-struct Scans(Vec<std::process::Child>);
+struct Scans(Vec<(Instant, std::process::Child)>);
 
 impl Scans {
+    /// How many of the scans in flight started at or after `at`.
+    fn started_since(&self, at: Instant) -> usize {
+        self.0.iter().filter(|(t, _)| *t >= at).count()
+    }
+
     /// Reaps finished scans; the key of the first that found one.
     fn first_answer(&mut self) -> Option<String> {
         let mut i = 0;
         while i < self.0.len() {
-            match self.0[i].try_wait() {
+            match self.0[i].1.try_wait() {
                 Ok(None) => i += 1,
                 Ok(Some(_)) => {
-                    let child = self.0.swap_remove(i);
+                    let (_, child) = self.0.swap_remove(i);
                     if let Some(key) = child
                         .wait_with_output()
                         .ok()
@@ -346,7 +369,7 @@ impl Scans {
                     }
                 }
                 Err(_) => {
-                    let mut child = self.0.swap_remove(i);
+                    let (_, mut child) = self.0.swap_remove(i);
                     let _ = child.kill();
                     let _ = child.wait();
                 }
@@ -358,7 +381,7 @@ impl Scans {
 
 impl Drop for Scans {
     fn drop(&mut self) {
-        for c in &mut self.0 {
+        for (_, c) in &mut self.0 {
             let _ = c.kill();
             let _ = c.wait();
         }
