@@ -220,7 +220,7 @@ pub fn wait_for_host_key(
 /// at once while sshd does not listen yet, and the next starts 0.25 s after it began; one
 /// that sshd accepted is waited for (up to [`SCAN_TIMEOUT_UP`]). Scans started before the
 /// address was up are not waited for. With up to four scans in flight after the address
-/// (as before 2026-12-03), the guest's sshd handled several handshakes at once on a vCPU
+/// (as before 2026-12-04), the guest's sshd handled several handshakes at once on a vCPU
 /// still busy with the boot, which delayed the first answer for both images.
 ///
 /// A guest whose firewall drops the probes never resets one: after [`SCANS_AFTER`] the
