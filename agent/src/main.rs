@@ -7,6 +7,7 @@ mod crashpoint;
 mod dbus;
 mod logging;
 mod mounts;
+mod port_events;
 mod qga;
 mod reload;
 mod serve;

@@ -16,6 +16,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::channel::{ChannelContext, ChannelService};
+use crate::port_events::PortEvents;
 use crate::qga::{Agent, AgentConfig};
 use crate::stage::StageOptions;
 
@@ -38,7 +39,8 @@ pub const DEFAULT_VIRTIO_PATH: &str = "/dev/virtio-ports/org.qemu.guest_agent.0"
 pub const DEFAULT_SERIAL_PATH: &str = "/dev/ttyS0";
 pub const DEFAULT_STATE_DIR: &str = "/run/nixseed-agent";
 pub const DEFAULT_FSFREEZE_HOOK: &str = "/etc/qemu/fsfreeze-hook";
-/// How long to wait before reading again when no host is connected to the port.
+/// How long to wait before writing again when no host is connected to the port, and
+/// before reading again while part of a request waits for its host.
 const HUP_BACKOFF: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -491,6 +493,11 @@ fn open_port(path: &Path) -> Result<AsyncFd<std::fs::File>> {
     watch(f, path)
 }
 
+fn port_events(port: &AsyncFd<std::fs::File>, path: &Path) -> Result<PortEvents> {
+    PortEvents::new(port.get_ref())
+        .with_context(|| format!("cannot watch {} for a host", path.display()))
+}
+
 fn watch(f: std::fs::File, path: &Path) -> Result<AsyncFd<std::fs::File>> {
     // The File moves into the AsyncFd, so the fd stays open for its whole life; the
     // replacement (`AsyncFd::register`) is `unsafe` only to promise exactly that.
@@ -534,6 +541,15 @@ impl HostSide {
         self.absent_since = None;
     }
 
+    /// How long after `now` a request read in part may still wait for its host, while
+    /// reads say "no host"; `None` once that is over (or before any such read).
+    fn stale_in(&self, now: tokio::time::Instant) -> Option<Duration> {
+        let since = self.absent_since?;
+        STALE_PARTIAL
+            .checked_sub(now.duration_since(since))
+            .filter(|left| !left.is_zero())
+    }
+
     /// A read said "no host" at `now`: whether a request read in part must be dropped
     /// (the host that sent it was seen and is gone, or nothing came for `STALE_PARTIAL`).
     fn absent(&mut self, now: tokio::time::Instant) -> bool {
@@ -554,7 +570,9 @@ const STALE_PARTIAL: Duration = Duration::from_secs(1);
 const REPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// virtio-serial: the port stays open. With no host client, reads return 0 and poll
-/// reports HUP; back off and read again. Only ENODEV (the device went away) reopens.
+/// reports HUP: the agent then sleeps until the port changes ([`PortEvents`]): a host
+/// connects, bytes come, or the port goes away. Only ENODEV (the device went away)
+/// reopens.
 async fn serve_virtio<S: ByteService>(
     svc: &mut S,
     path: &Path,
@@ -562,6 +580,7 @@ async fn serve_virtio<S: ByteService>(
     what: &str,
 ) -> Result<()> {
     let mut port = open_port(path)?;
+    let mut events = port_events(&port, path)?;
     if ready {
         notify_ready();
     }
@@ -569,6 +588,9 @@ async fn serve_virtio<S: ByteService>(
     let mut buf = vec![0u8; 4096];
     let mut out = Vec::new();
     let mut host = HostSide::default();
+    // The port's changes were taken in after the last read: a read that finds no host
+    // now may wait for the next change.
+    let mut drained = false;
     loop {
         // However the port behaves, the other port and the signals get their turn.
         tokio::task::consume_budget().await;
@@ -576,6 +598,7 @@ async fn serve_virtio<S: ByteService>(
         let hung_up = guard.ready().is_read_closed();
         let r = guard
             .try_io(|fd| nix::unistd::read(fd.as_raw_fd(), &mut buf).map_err(std::io::Error::from));
+        let may_wait = std::mem::replace(&mut drained, false);
         match r {
             Err(_would_block) => {
                 drop(guard);
@@ -585,12 +608,33 @@ async fn serve_virtio<S: ByteService>(
                     rearm(&mut port, path)?;
                 }
             }
+            Ok(Ok(0)) if !may_wait => {
+                drop(guard);
+                // Take in the changes so far, then read once more: one that comes after
+                // this wakes the wait below.
+                events
+                    .drain()
+                    .with_context(|| format!("cannot wait for a host on {}", path.display()))?;
+                drained = true;
+            }
             Ok(Ok(0)) => {
                 drop(guard);
-                if host.absent(tokio::time::Instant::now()) {
+                let now = tokio::time::Instant::now();
+                let gone = host.absent(now);
+                if gone {
                     svc.peer_closed();
                 }
-                tokio::time::sleep(HUP_BACKOFF).await;
+                match host.stale_in(now).filter(|_| !gone) {
+                    // Part of a request may still be completed by a host the guest has
+                    // not been told of: look again shortly, to drop it in time.
+                    Some(left) => {
+                        let _ = tokio::time::timeout(left.min(HUP_BACKOFF), events.changed()).await;
+                    }
+                    None => events
+                        .changed()
+                        .await
+                        .with_context(|| format!("cannot wait for a host on {}", path.display()))?,
+                }
             }
             Ok(Ok(n)) => {
                 drop(guard);
@@ -616,6 +660,7 @@ async fn serve_virtio<S: ByteService>(
                 loop {
                     tokio::time::sleep(HUP_BACKOFF * 10).await;
                     if let Ok(p) = open_port(path) {
+                        events = port_events(&p, path)?;
                         port = p;
                         break;
                     }

@@ -9,6 +9,7 @@ use std::path::Path;
 pub fn push(h: &Harness) -> Result<()> {
     let m = h.new_machine("push")?;
     let b = h.boot(&m)?;
+    idle_without_hosts(&m, &b)?;
     idle_hosts_attached(h, &m, &b)?;
     let boot_id = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     let before = b
@@ -105,16 +106,56 @@ fn seedctl_on(
     Ok(c)
 }
 
-/// The agent's CPU time, in clock ticks (1/100 s), over `secs` seconds.
-fn agent_cpu_ticks(b: &Booted, secs: u32) -> Result<u64> {
+/// How much a counter of the agent's process grew over `secs` seconds. `counter` is a
+/// shell command that prints it for the process `$p`.
+fn agent_counter_delta(b: &Booted, secs: u32, counter: &str, what: &str) -> Result<u64> {
     let out = b.ssh.run(&format!(
         "p=$(systemctl show -P MainPID nixseed-agent.service); \
-         t() {{ awk '{{print $14 + $15}}' /proc/$p/stat; }}; a=$(t); sleep {secs}; echo $(( $(t) - a ))"
+         t() {{ {counter}; }}; a=$(t); sleep {secs}; echo $(( $(t) - a ))"
     ))?;
     out.trim()
         .parse()
-        .with_context(|| format!("the agent's CPU time is not a number: '{}'", out.trim()))
+        .with_context(|| format!("the agent's {what} is not a number: '{}'", out.trim()))
 }
+
+/// The agent's CPU time, in clock ticks (1/100 s), over `secs` seconds.
+fn agent_cpu_ticks(b: &Booted, secs: u32) -> Result<u64> {
+    agent_counter_delta(b, secs, "awk '{print $14 + $15}' /proc/$p/stat", "CPU time")
+}
+
+/// How often the agent's threads woke from a wait over `secs` seconds (voluntary
+/// context switches).
+fn agent_wakeups(b: &Booted, secs: u32) -> Result<u64> {
+    agent_counter_delta(
+        b,
+        secs,
+        "cat /proc/$p/task/*/status | awk '/^voluntary_ctxt_switches/ {s += $2} END {print s}'",
+        "count of wake-ups",
+    )
+}
+
+/// With no host on either port, the agent sleeps: a port with no host reads as hung up
+/// at all times, and an agent that looks again every 100 ms (as qemu-ga does) wakes ten
+/// times a second per port, and answers a new connection (Proxmox VE makes one per call)
+/// only at its next look.
+fn idle_without_hosts(m: &Machine, b: &Booted) -> Result<()> {
+    // Past the second in which a host that just left may still complete a request.
+    std::thread::sleep(Duration::from_secs(2));
+    let woke = agent_wakeups(b, 3)?;
+    ensure!(
+        woke <= NO_HOST_WAKEUPS,
+        "with no host on either port, the agent woke {woke} times in 3 s \
+         (at most {NO_HOST_WAKEUPS}: it should sleep until a host comes)"
+    );
+    eprintln!(
+        "vm-tests: {}: no host on either port: the agent woke {woke} times in 3 s",
+        m.name
+    );
+    Ok(())
+}
+
+/// The most wake-ups an agent with no host on either port may have in 3 s.
+const NO_HOST_WAKEUPS: u64 = 3;
 
 /// A host that stays connected to a port without sending, as libvirtd does with the guest
 /// agent's, once each port had no host (both were opened at boot, before any host came):

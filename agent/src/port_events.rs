@@ -1,0 +1,130 @@
+//! Waiting for a virtio-serial port to change, without reading it over and over.
+//!
+//! While no host is connected, a virtio-serial port reads 0 and polls as hung up, so to
+//! `poll(2)` and to the runtime (which keeps a hang-up as final) it is ready all the
+//! time. Waiting for a host by reading again every 100 ms, as qemu-ga does, costs ten
+//! wake-ups a second per port for as long as no host is there, and up to 100 ms before
+//! each new connection is answered: Proxmox VE connects once per call.
+//!
+//! The kernel wakes a port's wait queue when the host connects or leaves
+//! (`VIRTIO_CONSOLE_PORT_OPEN`), when bytes arrive and when the port goes away. An epoll
+//! set of the port's own, with the port in it edge-triggered, reports each such wake-up
+//! once: drained, it stays quiet until the next one. The runtime watches the set's
+//! descriptor, which is readable while the set has something to report.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::event::Timespec;
+use rustix::event::epoll::{self, CreateFlags, Event, EventData, EventFlags};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// The changes of one port, as an epoll set watched by the runtime.
+pub struct PortEvents {
+    set: AsyncFd<OwnedFd>,
+    /// The set's own descriptor of the port, open for as long as the set: the caller may
+    /// close and replace its own at will.
+    _port: OwnedFd,
+}
+
+impl PortEvents {
+    /// Watches `port`. Whatever its state is now counts as a change until
+    /// [`PortEvents::drain`].
+    pub fn new(port: impl AsFd) -> io::Result<PortEvents> {
+        let set = epoll::create(CreateFlags::CLOEXEC)?;
+        let own = port.as_fd().try_clone_to_owned()?;
+        epoll::add(
+            &set,
+            &own,
+            EventData::new_u64(0),
+            EventFlags::IN | EventFlags::OUT | EventFlags::RDHUP | EventFlags::ET,
+        )?;
+        // The set's descriptor moves into the AsyncFd and stays open for its whole life;
+        // the replacement (`register_with_interest`) is `unsafe` only to promise that.
+        #[allow(deprecated)]
+        let set = AsyncFd::with_interest(set, Interest::READABLE)?;
+        Ok(PortEvents { set, _port: own })
+    }
+
+    /// Forgets the changes so far: a read of the port after this sees all of them, and
+    /// [`PortEvents::changed`] waits for the next. Returns whether there were any.
+    pub fn drain(&self) -> io::Result<bool> {
+        let mut seen = false;
+        loop {
+            let mut events = [MaybeUninit::<Event>::uninit(); 8];
+            let (ready, _) = epoll::wait(self.set.get_ref(), &mut events, Some(&NOW))?;
+            seen |= !ready.is_empty();
+            if ready.len() < events.len() {
+                return Ok(seen);
+            }
+        }
+    }
+
+    /// Waits until the port changes after the last [`PortEvents::drain`] (or the last
+    /// return of this), and takes that change in.
+    pub async fn changed(&self) -> io::Result<()> {
+        loop {
+            let mut guard = self.set.readable().await?;
+            let seen = self.drain()?;
+            guard.clear_ready();
+            if seen {
+                return Ok(());
+            }
+        }
+    }
+}
+
+const NOW: Timespec = Timespec {
+    tv_sec: 0,
+    tv_nsec: 0,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::Duration;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A pipe stands in for the port: like a virtio-serial port, it wakes its wait queue
+    /// when bytes arrive, which is all the set relies on.
+    #[test]
+    fn a_change_wakes_the_wait_once_and_none_is_lost_after_a_drain() {
+        let (rx, tx) = std::io::pipe().unwrap();
+        let mut tx = std::fs::File::from(OwnedFd::from(tx));
+        let rt = runtime();
+        rt.block_on(async {
+            let events = PortEvents::new(&rx).unwrap();
+            assert!(
+                !events.drain().unwrap(),
+                "an idle pipe has nothing to report"
+            );
+            let quiet = tokio::time::timeout(Duration::from_millis(200), events.changed()).await;
+            assert!(quiet.is_err(), "the wait returned with nothing changed");
+
+            tx.write_all(b"x").unwrap();
+            tokio::time::timeout(Duration::from_secs(5), events.changed())
+                .await
+                .expect("bytes arriving did not wake the wait")
+                .unwrap();
+            let again = tokio::time::timeout(Duration::from_millis(200), events.changed()).await;
+            assert!(again.is_err(), "one change woke the wait twice");
+
+            // A change after the drain and before the wait still wakes it.
+            assert!(!events.drain().unwrap());
+            tx.write_all(b"y").unwrap();
+            tokio::time::timeout(Duration::from_secs(5), events.changed())
+                .await
+                .expect("a change between the drain and the wait was lost")
+                .unwrap();
+        });
+    }
+}
