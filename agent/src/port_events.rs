@@ -8,9 +8,16 @@
 //!
 //! The kernel wakes a port's wait queue when the host connects or leaves
 //! (`VIRTIO_CONSOLE_PORT_OPEN`), when bytes arrive and when the port goes away. An epoll
-//! set of the port's own, with the port in it edge-triggered, reports each such wake-up
+//! set of the agent's own, with the port in it edge-triggered, reports each such wake-up
 //! once: drained, it stays quiet until the next one. The runtime watches the set's
 //! descriptor, which is readable while the set has something to report.
+//!
+//! The port is in the set only while the agent waits for a host. Polling a
+//! virtio-serial port takes bytes that have arrived off the device's queue, and the
+//! device then raises no interrupt for them, so no other waiter on the port is woken.
+//! With the port in the set during a session, the runtime's check of the set could take
+//! a request's bytes that way, and the agent's wait for bytes on the port itself would
+//! not end until the host left.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -21,36 +28,61 @@ use rustix::event::epoll::{self, CreateFlags, Event, EventData, EventFlags};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-/// The changes of one port, as an epoll set watched by the runtime.
+/// The changes of one port while the agent waits for a host, as an epoll set watched by
+/// the runtime.
 pub struct PortEvents {
     set: AsyncFd<OwnedFd>,
     /// The set's own descriptor of the port, open for as long as the set: the caller may
     /// close and replace its own at will.
-    _port: OwnedFd,
+    port: OwnedFd,
+    /// The port is in the set.
+    watching: bool,
 }
 
 impl PortEvents {
-    /// Watches `port`. Whatever its state is now counts as a change until
-    /// [`PortEvents::drain`].
+    /// An empty set for `port`: nothing is watched before [`PortEvents::watch`].
     pub fn new(port: impl AsFd) -> io::Result<PortEvents> {
         let set = epoll::create(CreateFlags::CLOEXEC)?;
-        let own = port.as_fd().try_clone_to_owned()?;
-        epoll::add(
-            &set,
-            &own,
-            EventData::new_u64(0),
-            EventFlags::IN | EventFlags::OUT | EventFlags::RDHUP | EventFlags::ET,
-        )?;
         // The set's descriptor moves into the AsyncFd and stays open for its whole life;
         // the replacement (`register_with_interest`) is `unsafe` only to promise that.
         #[allow(deprecated)]
         let set = AsyncFd::with_interest(set, Interest::READABLE)?;
-        Ok(PortEvents { set, _port: own })
+        Ok(PortEvents {
+            set,
+            port: port.as_fd().try_clone_to_owned()?,
+            watching: false,
+        })
     }
 
-    /// Forgets the changes so far: a read of the port after this sees all of them, and
-    /// [`PortEvents::changed`] waits for the next. Returns whether there were any.
-    pub fn drain(&self) -> io::Result<bool> {
+    /// Watches the port from now on and forgets what it reported so far (a port with no
+    /// host reports hang-up as soon as it is added): a read of the port after this sees
+    /// every change before it, and [`PortEvents::changed`] waits for the next.
+    pub fn watch(&mut self) -> io::Result<()> {
+        if !self.watching {
+            epoll::add(
+                self.set.get_ref(),
+                &self.port,
+                EventData::new_u64(0),
+                EventFlags::IN | EventFlags::OUT | EventFlags::RDHUP | EventFlags::ET,
+            )?;
+            self.watching = true;
+        }
+        self.drain().map(drop)
+    }
+
+    /// Stops watching the port (a host is there): nothing but the agent's own reads and
+    /// waits looks at it during a session.
+    pub fn unwatch(&mut self) -> io::Result<()> {
+        if self.watching {
+            epoll::delete(self.set.get_ref(), &self.port)?;
+            self.watching = false;
+            self.drain()?;
+        }
+        Ok(())
+    }
+
+    /// Takes in what the set reports; whether it reported anything.
+    fn drain(&self) -> io::Result<bool> {
         let mut seen = false;
         loop {
             let mut events = [MaybeUninit::<Event>::uninit(); 8];
@@ -62,8 +94,8 @@ impl PortEvents {
         }
     }
 
-    /// Waits until the port changes after the last [`PortEvents::drain`] (or the last
-    /// return of this), and takes that change in.
+    /// Waits until the watched port changes after the last [`PortEvents::watch`] (or the
+    /// last return of this), and takes that change in.
     pub async fn changed(&self) -> io::Result<()> {
         loop {
             let mut guard = self.set.readable().await?;
@@ -97,16 +129,15 @@ mod tests {
     /// A pipe stands in for the port: like a virtio-serial port, it wakes its wait queue
     /// when bytes arrive, which is all the set relies on.
     #[test]
-    fn a_change_wakes_the_wait_once_and_none_is_lost_after_a_drain() {
+    fn a_change_wakes_the_wait_once_and_none_is_lost_after_watch() {
         let (rx, tx) = std::io::pipe().unwrap();
         let mut tx = std::fs::File::from(OwnedFd::from(tx));
         let rt = runtime();
         rt.block_on(async {
-            let events = PortEvents::new(&rx).unwrap();
-            assert!(
-                !events.drain().unwrap(),
-                "an idle pipe has nothing to report"
-            );
+            let mut events = PortEvents::new(&rx).unwrap();
+            tx.write_all(b"w").unwrap();
+            // Not watched yet: the bytes above are not a change the set reports.
+            events.watch().unwrap();
             let quiet = tokio::time::timeout(Duration::from_millis(200), events.changed()).await;
             assert!(quiet.is_err(), "the wait returned with nothing changed");
 
@@ -118,13 +149,20 @@ mod tests {
             let again = tokio::time::timeout(Duration::from_millis(200), events.changed()).await;
             assert!(again.is_err(), "one change woke the wait twice");
 
-            // A change after the drain and before the wait still wakes it.
-            assert!(!events.drain().unwrap());
+            // A change after watch() and before the wait still wakes it.
+            events.watch().unwrap();
             tx.write_all(b"y").unwrap();
             tokio::time::timeout(Duration::from_secs(5), events.changed())
                 .await
-                .expect("a change between the drain and the wait was lost")
+                .expect("a change between watch() and the wait was lost")
                 .unwrap();
+
+            // Unwatched, the port's changes are not the set's business.
+            events.unwatch().unwrap();
+            tx.write_all(b"z").unwrap();
+            let unwatched =
+                tokio::time::timeout(Duration::from_millis(200), events.changed()).await;
+            assert!(unwatched.is_err(), "an unwatched port woke the wait");
         });
     }
 }

@@ -580,6 +580,7 @@ async fn serve_virtio<S: ByteService>(
     what: &str,
 ) -> Result<()> {
     let mut port = open_port(path)?;
+    // The wait for a host; the port is in it only while no host is there.
     let mut events = port_events(&port, path)?;
     if ready {
         notify_ready();
@@ -588,9 +589,9 @@ async fn serve_virtio<S: ByteService>(
     let mut buf = vec![0u8; 4096];
     let mut out = Vec::new();
     let mut host = HostSide::default();
-    // The port's changes were taken in after the last read: a read that finds no host
-    // now may wait for the next change.
-    let mut drained = false;
+    // The port is watched for changes since before the last read: a read that finds no
+    // host now may wait for the next change.
+    let mut watched = false;
     loop {
         // However the port behaves, the other port and the signals get their turn.
         tokio::task::consume_budget().await;
@@ -598,7 +599,13 @@ async fn serve_virtio<S: ByteService>(
         let hung_up = guard.ready().is_read_closed();
         let r = guard
             .try_io(|fd| nix::unistd::read(fd.as_raw_fd(), &mut buf).map_err(std::io::Error::from));
-        let may_wait = std::mem::replace(&mut drained, false);
+        let may_wait = std::mem::replace(&mut watched, false);
+        if !matches!(r, Ok(Ok(0))) {
+            // A host is there, or bytes are: the wait for one is over.
+            events
+                .unwatch()
+                .with_context(|| format!("cannot stop waiting for a host on {}", path.display()))?;
+        }
         match r {
             Err(_would_block) => {
                 drop(guard);
@@ -610,12 +617,12 @@ async fn serve_virtio<S: ByteService>(
             }
             Ok(Ok(0)) if !may_wait => {
                 drop(guard);
-                // Take in the changes so far, then read once more: one that comes after
-                // this wakes the wait below.
+                // Watch the port for a change from now on, then read once more: one that
+                // comes after this wakes the wait below.
                 events
-                    .drain()
+                    .watch()
                     .with_context(|| format!("cannot wait for a host on {}", path.display()))?;
-                drained = true;
+                watched = true;
             }
             Ok(Ok(0)) => {
                 drop(guard);

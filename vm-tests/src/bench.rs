@@ -14,14 +14,12 @@ use crate::deps;
 use crate::image::Variant;
 use crate::machine::{self, Machine};
 use crate::paths::workspace_root;
+use crate::qga_client;
 use crate::scenarios::{Booted, Harness, agent_timing_lines};
 use anyhow::{Context, Result, bail};
 use nixseed_test_support::stats::{median, percentile};
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -55,6 +53,10 @@ struct Boot {
     /// then runs at the same addresses (code the emulator has already translated).
     reruns_ms: Vec<f64>,
     pings: Vec<Duration>,
+    /// guest-ping round trips, each on a new connection (see [`qga_client::ping_new_connection`]).
+    call_pings: Vec<Duration>,
+    /// The guest agent's wake-ups in [`QUIET`] with no host on its port.
+    idle_wakeups: Option<u64>,
 }
 
 #[derive(Default)]
@@ -250,95 +252,35 @@ fn unit_rss_kib(b: &Booted, unit: &str, idle: Duration) -> Result<u64> {
         .with_context(|| format!("no VmRSS in /proc/{pid}/status of {unit}"))
 }
 
-/// A host-side client of the guest agent on QEMU's chardev socket.
-struct Qga {
-    w: UnixStream,
-    r: BufReader<UnixStream>,
+/// How long the guest agent's wake-ups are counted with no host on its port.
+const QUIET: Duration = Duration::from_secs(3);
+
+/// How often `unit`'s threads woke from a wait (voluntary context switches) over
+/// [`QUIET`], after 2 s without a host on the agent's port (what its last host may still
+/// have to finish). Nothing on the host is connected to the port meanwhile: a port
+/// without a host reads as hung up, so this is the agent's cost of waiting for one.
+fn idle_wakeups(b: &Booted, unit: &str) -> Result<u64> {
+    let out = b.ssh.run(&format!(
+        "p=$(systemctl show -P MainPID {unit}); \
+         n() {{ cat /proc/$p/task/*/status | awk '/^voluntary_ctxt_switches/ {{s += $2}} END {{print s}}'; }}; \
+         sleep 2; a=$(n); sleep {}; echo $(( $(n) - a ))",
+        QUIET.as_secs()
+    ))?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("{unit}'s wake-ups are not a number: '{}'", out.trim()))
 }
 
-impl Qga {
-    /// Connects and syncs with `guest-sync-delimited` (retried until the agent answers).
-    fn connect(sock: &Path, timeout: Duration) -> Result<Qga> {
-        let w = UnixStream::connect(sock)
-            .with_context(|| format!("connecting to the guest agent socket {}", sock.display()))?;
-        w.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let r = BufReader::new(w.try_clone()?);
-        let mut q = Qga { w, r };
-        let deadline = Instant::now() + timeout;
-        let mut id: u64 = 0x6e78_0000;
-        loop {
-            id += 1;
-            if q.sync(id)? {
-                q.w.set_read_timeout(Some(Duration::from_secs(10)))?;
-                return Ok(q);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "no guest-sync-delimited answer on {} within {} s",
-                    sock.display(),
-                    timeout.as_secs()
-                );
-            }
-        }
-    }
+/// Calls per boot in [`call_pings`].
+const CALLS: u64 = 20;
 
-    /// One sync round; false on a read timeout (agent not there yet).
-    fn sync(&mut self, id: u64) -> Result<bool> {
-        self.w.write_all(
-            format!("{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{id}}}}}\n")
-                .as_bytes(),
-        )?;
-        // Skip everything up to the 0xFF delimiter, then the reply line; stale replies of
-        // earlier rounds carry other ids.
-        loop {
-            let mut byte = [0u8; 1];
-            match self.r.read(&mut byte) {
-                Ok(0) => bail!("the guest agent socket closed during sync"),
-                Ok(_) if byte[0] == 0xFF => {}
-                Ok(_) => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ok(false);
-                }
-                Err(e) => return Err(e).context("reading the sync reply"),
-            }
-            let mut line = String::new();
-            match self.r.read_line(&mut line) {
-                Ok(_) => {}
-                Err(_) => return Ok(false),
-            }
-            let v: serde_json::Value = match serde_json::from_str(line.trim()) {
-                Ok(v) => v,
-                Err(_) => continue,
-            };
-            if v.get("return").and_then(|r| r.as_u64()) == Some(id) {
-                return Ok(true);
-            }
-        }
-    }
-
-    /// One `guest-ping` round trip.
-    fn ping(&mut self) -> Result<Duration> {
-        let t = Instant::now();
-        self.w.write_all(b"{\"execute\":\"guest-ping\"}\n")?;
-        let mut line = String::new();
-        self.r
-            .read_line(&mut line)
-            .context("reading the guest-ping reply")?;
-        let took = t.elapsed();
-        if line.trim() != r#"{"return": {}}"# {
-            bail!("guest-ping answered `{}`", line.trim());
-        }
-        Ok(took)
-    }
+/// [`CALLS`] guest-pings, each on a new connection as Proxmox VE calls the agent.
+fn call_pings(b: &Booted) -> Result<Vec<Duration>> {
+    qga_client::calls(&b.vm.config.qga_socket(), CALLS, 0x6e79_0000)
 }
 
 fn pings(b: &Booted, n: usize) -> Result<Vec<Duration>> {
-    let mut q = Qga::connect(&b.vm.config.qga_socket(), Duration::from_secs(90))?;
+    let mut q = qga_client::Qga::connect(&b.vm.config.qga_socket(), Duration::from_secs(90))?;
     for _ in 0..10 {
         q.ping()?; // warm-up
     }
@@ -380,6 +322,10 @@ fn one_boot(h: &Harness, m: &Machine, o: &BenchOpts, side: &mut Side) -> Result<
         listen_s: sshd_listening_s(&b)?,
         ..Default::default()
     };
+    let agent_unit = match h.image.variant {
+        Variant::Nixseed => "nixseed-agent.service",
+        Variant::CloudInit => "qemu-guest-agent.service",
+    };
     match h.image.variant {
         Variant::Nixseed => {
             let lines = agent_timing_lines(&b.ssh)?;
@@ -388,11 +334,7 @@ fn one_boot(h: &Harness, m: &Machine, o: &BenchOpts, side: &mut Side) -> Result<
                 side.timing_line = l.trim().to_string();
             }
             boot.own_ms = own_ms(&b)?;
-            boot.rss_kib = Some(unit_rss_kib(
-                &b,
-                "nixseed-agent.service",
-                Duration::from_secs(3),
-            )?);
+            boot.rss_kib = Some(unit_rss_kib(&b, agent_unit, Duration::from_secs(3))?);
         }
         Variant::CloudInit => {
             // analyze needs the finished run.
@@ -402,11 +344,7 @@ fn one_boot(h: &Harness, m: &Machine, o: &BenchOpts, side: &mut Side) -> Result<
             boot.span_ms = analyze_span_ms(&show);
             side.analyze = show;
             side.blame = b.ssh.run("cloud-init analyze blame | head -12")?;
-            boot.rss_kib = Some(unit_rss_kib(
-                &b,
-                "qemu-guest-agent.service",
-                Duration::from_secs(3),
-            )?);
+            boot.rss_kib = Some(unit_rss_kib(&b, agent_unit, Duration::from_secs(3))?);
             if side.binary_bytes.is_none() {
                 side.binary_bytes = b
                     .ssh
@@ -422,6 +360,8 @@ fn one_boot(h: &Harness, m: &Machine, o: &BenchOpts, side: &mut Side) -> Result<
         .output("systemd-analyze critical-chain ssh.service --no-pager")
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
+    boot.idle_wakeups = Some(idle_wakeups(&b, agent_unit)?);
+    boot.call_pings = call_pings(&b)?;
     boot.pings = pings(&b, o.pings)?;
     // Last: the re-runs load the guest, and RSS and pings are measured idle.
     if h.image.variant == Variant::Nixseed {
@@ -528,7 +468,7 @@ type Figure = fn(&Boot) -> Option<f64>;
 
 /// The per-boot figures some boots could not give, as "the initrd stage: 4 of 5 boots".
 fn missing_figures(nix: &Side, ci: &Side) -> Vec<String> {
-    let figures: [(&str, &Side, Figure); 9] = [
+    let figures: [(&str, &Side, Figure); 11] = [
         ("nixseed's sshd listening", nix, |b| b.listen_s),
         ("nixseed's own time", nix, |b| b.own_ms),
         ("the initrd stage", nix, |b| b.provision_ms),
@@ -540,6 +480,12 @@ fn missing_figures(nix: &Side, ci: &Side) -> Vec<String> {
         ("cloud-init's total", ci, |b| b.provision_ms),
         ("cloud-init's first to last event", ci, |b| b.span_ms),
         ("qemu-ga's RSS", ci, |b| b.rss_kib.map(|k| k as f64)),
+        ("the agent's wake-ups without a host", nix, |b| {
+            b.idle_wakeups.map(|n| n as f64)
+        }),
+        ("qemu-ga's wake-ups without a host", ci, |b| {
+            b.idle_wakeups.map(|n| n as f64)
+        }),
     ];
     figures
         .iter()
@@ -730,6 +676,19 @@ fn render(
         percentile(&mut rtt(nix), 99.0),
         percentile(&mut rtt(ci), 99.0),
     );
+    let calls = |s: &Side| -> Vec<f64> {
+        s.boots
+            .iter()
+            .flat_map(|b| b.call_pings.iter().map(|d| d.as_secs_f64() * 1e3))
+            .collect()
+    };
+    let (call_n, call_c) = (median(&mut calls(nix)), median(&mut calls(ci)));
+    let (call_p90_n, call_p90_c) = (
+        percentile(&mut calls(nix), 90.0),
+        percentile(&mut calls(ci), 90.0),
+    );
+    let wakeups = |b: &Boot| b.idle_wakeups.map(|n| n as f64);
+    let (woke_n, woke_c) = (median_of(nix, wakeups), median_of(ci, wakeups));
     let mib = |b: Option<u64>| b.map(|b| b as f64 / 1048576.0);
     let ratio = fmt_ratio;
     let accel = h.accel.as_str().to_uppercase();
@@ -870,6 +829,23 @@ fn render(
     );
     let _ = writeln!(
         d,
+        "| guest-ping on a new connection per call, as Proxmox VE calls (`guest-sync-delimited` and the command in one write), median / p90 ({CALLS} per boot) | {} / {} | {} / {} | {} | | the agent's wait for a host, below |",
+        fmt_opt(call_n, "ms", 1),
+        fmt_opt(call_p90_n, "ms", 1),
+        fmt_opt(call_c, "ms", 1),
+        fmt_opt(call_p90_c, "ms", 1),
+        ratio(call_n, call_c)
+    );
+    let _ = writeln!(
+        d,
+        "| guest agent wake-ups in {} s with no host on its port (voluntary context switches of its threads), median | {} | {} | {} | | |",
+        QUIET.as_secs(),
+        fmt_opt(woke_n, "", 0).trim_end(),
+        fmt_opt(woke_c, "", 0).trim_end(),
+        ratio(woke_n, woke_c)
+    );
+    let _ = writeln!(
+        d,
         "| agent binary (`nixseed-agent` as injected, {}, vs `/usr/sbin/qemu-ga`, which also needs glib) | {} | {} | {} | ≤ 2.5 MiB | {} |",
         nix.binary_kind,
         fmt_opt(mib(nix.binary_bytes), "MiB", 2),
@@ -999,7 +975,14 @@ fn render(
          is followed by the next 0.25 s after it began, one that sshd accepted is waited for \
          (`vm-tests/src/ssh.rs`). The RSS is read 3 s after the agent's unit has a main process. Round trips \
          go through QEMU's chardev socket and the guest's virtio-serial port, after a \
-         `guest-sync-delimited` and 10 warm-up pings, one request in flight at a time."
+         `guest-sync-delimited` and 10 warm-up pings, one request in flight at a time. \
+         The calls on a new connection each are made first, 150–249 ms apart. A \
+         virtio-serial port with no host reads as hung up: qemu-ga looks again every \
+         100 ms, so a new connection waits up to that long for its answer, and the look \
+         costs wake-ups while no host is there; nixseed's agent sleeps until the kernel \
+         reports the port changed (`agent/src/port_events.rs`). The wake-ups are counted \
+         before any of those, from 2 s after the agent's RSS was read, with no \
+         connection open."
     );
     for (title, how, table) in host {
         let _ = writeln!(d, "\n## {title}\n\n`{how}`\n\n{table}");

@@ -14,5 +14,6 @@ pub mod machine;
 pub mod paths;
 pub mod profile;
 pub mod qemu;
+pub mod qga_client;
 pub mod scenarios;
 pub mod ssh;
