@@ -493,6 +493,11 @@ fn open_port(path: &Path) -> Result<AsyncFd<std::fs::File>> {
     watch(f, path)
 }
 
+/// The error context of the wait for a host on `path`.
+fn waiting(path: &Path) -> String {
+    format!("cannot wait for a host on {}", path.display())
+}
+
 fn port_events(port: &AsyncFd<std::fs::File>, path: &Path) -> Result<PortEvents> {
     PortEvents::new(port.get_ref())
         .with_context(|| format!("cannot watch {} for a host", path.display()))
@@ -619,9 +624,7 @@ async fn serve_virtio<S: ByteService>(
                 drop(guard);
                 // Watch the port for a change from now on, then read once more: one that
                 // comes after this wakes the wait below.
-                events
-                    .watch()
-                    .with_context(|| format!("cannot wait for a host on {}", path.display()))?;
+                events.watch().with_context(|| waiting(path))?;
                 watched = true;
             }
             Ok(Ok(0)) => {
@@ -631,17 +634,15 @@ async fn serve_virtio<S: ByteService>(
                 if gone {
                     svc.peer_closed();
                 }
-                match host.stale_in(now).filter(|_| !gone) {
+                let changed = match host.stale_in(now).filter(|_| !gone) {
                     // Part of a request may still be completed by a host the guest has
                     // not been told of: look again shortly, to drop it in time.
-                    Some(left) => {
-                        let _ = tokio::time::timeout(left.min(HUP_BACKOFF), events.changed()).await;
-                    }
-                    None => events
-                        .changed()
+                    Some(left) => tokio::time::timeout(left.min(HUP_BACKOFF), events.changed())
                         .await
-                        .with_context(|| format!("cannot wait for a host on {}", path.display()))?,
-                }
+                        .unwrap_or(Ok(())),
+                    None => events.changed().await,
+                };
+                changed.with_context(|| waiting(path))?;
             }
             Ok(Ok(n)) => {
                 drop(guard);
