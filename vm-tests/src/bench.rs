@@ -15,7 +15,7 @@ use crate::image::Variant;
 use crate::machine::{self, Machine};
 use crate::paths::workspace_root;
 use crate::qga_client;
-use crate::scenarios::{Booted, Harness, agent_timing_lines};
+use crate::scenarios::{Booted, Harness, WAKEUPS, agent_timing_lines, unit_counter_delta};
 use anyhow::{Context, Result, bail};
 use nixseed_test_support::stats::{median, percentile};
 use std::fmt::Write as _;
@@ -255,20 +255,13 @@ fn unit_rss_kib(b: &Booted, unit: &str, idle: Duration) -> Result<u64> {
 /// How long the guest agent's wake-ups are counted with no host on its port.
 const QUIET: Duration = Duration::from_secs(3);
 
-/// How often `unit`'s threads woke from a wait (voluntary context switches) over
-/// [`QUIET`], after 2 s without a host on the agent's port (what its last host may still
-/// have to finish). Nothing on the host is connected to the port meanwhile: a port
-/// without a host reads as hung up, so this is the agent's cost of waiting for one.
+/// How often `unit`'s threads woke from a wait over [`QUIET`], after 2 s without a host
+/// on the agent's port (what its last host may still have to finish). Nothing on the
+/// host is connected to the port meanwhile: a port without a host reads as hung up, so
+/// this is the agent's cost of waiting for one.
 fn idle_wakeups(b: &Booted, unit: &str) -> Result<u64> {
-    let out = b.ssh.run(&format!(
-        "p=$(systemctl show -P MainPID {unit}); \
-         n() {{ cat /proc/$p/task/*/status | awk '/^voluntary_ctxt_switches/ {{s += $2}} END {{print s}}'; }}; \
-         sleep 2; a=$(n); sleep {}; echo $(( $(n) - a ))",
-        QUIET.as_secs()
-    ))?;
-    out.trim()
-        .parse()
-        .with_context(|| format!("{unit}'s wake-ups are not a number: '{}'", out.trim()))
+    std::thread::sleep(Duration::from_secs(2));
+    unit_counter_delta(b, unit, QUIET.as_secs(), WAKEUPS, "count of wake-ups")
 }
 
 /// Calls per boot in [`call_pings`].

@@ -304,6 +304,29 @@ pub fn root_is_read_only(ssh: &Ssh) -> Result<bool> {
 }
 
 /// The agent's timing lines ("nixseed <stage>: … in N ms") from this boot's journal.
+/// How much a counter of `unit`'s main process grew over `secs` seconds. `counter` is a
+/// shell command that prints it for the process `$p`; `what` names it in errors.
+pub fn unit_counter_delta(
+    b: &Booted,
+    unit: &str,
+    secs: u64,
+    counter: &str,
+    what: &str,
+) -> Result<u64> {
+    let out = b.ssh.run(&format!(
+        "p=$(systemctl show -P MainPID {unit}); \
+         t() {{ {counter}; }}; a=$(t); sleep {secs}; echo $(( $(t) - a ))"
+    ))?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("{unit}'s {what} is not a number: '{}'", out.trim()))
+}
+
+/// For [`unit_counter_delta`]: how often the process's threads woke from a wait
+/// (voluntary context switches).
+pub const WAKEUPS: &str =
+    "cat /proc/$p/task/*/status | awk '/^voluntary_ctxt_switches/ {s += $2} END {print s}'";
+
 pub fn agent_timing_lines(ssh: &Ssh) -> Result<Vec<String>> {
     let out = ssh.run("journalctl -b --no-pager -o cat | grep -E 'nixseed [a-z0-9-]+: .* [0-9]+(\\.[0-9]+)? ms' || true")?;
     Ok(out.lines().map(String::from).collect())

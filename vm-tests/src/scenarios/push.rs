@@ -108,33 +108,23 @@ fn seedctl_on(
     Ok(c)
 }
 
-/// How much a counter of the agent's process grew over `secs` seconds. `counter` is a
-/// shell command that prints it for the process `$p`.
-fn agent_counter_delta(b: &Booted, secs: u32, counter: &str, what: &str) -> Result<u64> {
-    let out = b.ssh.run(&format!(
-        "p=$(systemctl show -P MainPID nixseed-agent.service); \
-         t() {{ {counter}; }}; a=$(t); sleep {secs}; echo $(( $(t) - a ))"
-    ))?;
-    out.trim()
-        .parse()
-        .with_context(|| format!("the agent's {what} is not a number: '{}'", out.trim()))
-}
-
 /// The agent's CPU time, in clock ticks (1/100 s), over `secs` seconds.
-fn agent_cpu_ticks(b: &Booted, secs: u32) -> Result<u64> {
-    agent_counter_delta(b, secs, "awk '{print $14 + $15}' /proc/$p/stat", "CPU time")
-}
-
-/// How often the agent's threads woke from a wait over `secs` seconds (voluntary
-/// context switches).
-fn agent_wakeups(b: &Booted, secs: u32) -> Result<u64> {
-    agent_counter_delta(
+fn agent_cpu_ticks(b: &Booted, secs: u64) -> Result<u64> {
+    unit_counter_delta(
         b,
+        AGENT_UNIT,
         secs,
-        "cat /proc/$p/task/*/status | awk '/^voluntary_ctxt_switches/ {s += $2} END {print s}'",
-        "count of wake-ups",
+        "awk '{print $14 + $15}' /proc/$p/stat",
+        "CPU time",
     )
 }
+
+/// How often the agent's threads woke from a wait over `secs` seconds.
+fn agent_wakeups(b: &Booted, secs: u64) -> Result<u64> {
+    unit_counter_delta(b, AGENT_UNIT, secs, WAKEUPS, "count of wake-ups")
+}
+
+const AGENT_UNIT: &str = "nixseed-agent.service";
 
 /// With no host on either port, the agent sleeps: a port with no host reads as hung up
 /// at all times, and an agent that looks again every 100 ms (as qemu-ga does) wakes ten
