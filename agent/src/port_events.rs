@@ -81,6 +81,11 @@ impl PortEvents {
         Ok(())
     }
 
+    /// The port is in the set.
+    pub fn is_watching(&self) -> bool {
+        self.watching
+    }
+
     /// Takes in what the set reports; whether it reported anything.
     fn drain(&self) -> io::Result<bool> {
         let mut seen = false;

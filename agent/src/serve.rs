@@ -39,8 +39,7 @@ pub const DEFAULT_VIRTIO_PATH: &str = "/dev/virtio-ports/org.qemu.guest_agent.0"
 pub const DEFAULT_SERIAL_PATH: &str = "/dev/ttyS0";
 pub const DEFAULT_STATE_DIR: &str = "/run/nixseed-agent";
 pub const DEFAULT_FSFREEZE_HOOK: &str = "/etc/qemu/fsfreeze-hook";
-/// How long to wait before writing again when no host is connected to the port, and
-/// before reading again while part of a request waits for its host.
+/// How long to wait before reading again while part of a request waits for its host.
 const HUP_BACKOFF: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -648,7 +647,7 @@ async fn serve_virtio<S: ByteService>(
                 drop(guard);
                 host.data();
                 svc.handle_bytes(&buf[..n], &mut out).await;
-                match write_port(&mut port, path, &out).await {
+                match write_port(&mut port, &mut events, path, &out).await {
                     Ok(()) if !out.is_empty() => host.present(),
                     Ok(()) => {}
                     Err(e) => tracing::warn!("{}: reply not sent: {e:#}", path.display()),
@@ -689,9 +688,32 @@ async fn serve_virtio<S: ByteService>(
 }
 
 /// Writes a reply. The guest may not know of the host yet (its connect is still on the
-/// way) or any more (it left): the write then waits, looking again every `HUP_BACKOFF`,
-/// for at most `REPLY_WAIT`.
-async fn write_port(port: &mut AsyncFd<std::fs::File>, path: &Path, mut data: &[u8]) -> Result<()> {
+/// way) or any more (it left): the write then waits for the port to change, for at most
+/// `REPLY_WAIT` in all.
+async fn write_port(
+    port: &mut AsyncFd<std::fs::File>,
+    events: &mut PortEvents,
+    path: &Path,
+    data: &[u8],
+) -> Result<()> {
+    let written = write_or_wait(port, events, path, data).await;
+    // The port leaves the wait's set, as it does at the next read that finds a host, and
+    // the runtime looks at it afresh: what the set's polls took off the device is seen.
+    if events.is_watching() {
+        events
+            .unwatch()
+            .with_context(|| format!("cannot stop waiting for a host on {}", path.display()))?;
+        rearm(port, path)?;
+    }
+    written
+}
+
+async fn write_or_wait(
+    port: &mut AsyncFd<std::fs::File>,
+    events: &mut PortEvents,
+    path: &Path,
+    mut data: &[u8],
+) -> Result<()> {
     let mut no_host_since = None;
     while !data.is_empty() {
         let mut guard = port.writable().await.context("poll")?;
@@ -707,14 +729,25 @@ async fn write_port(port: &mut AsyncFd<std::fs::File>, path: &Path, mut data: &[
             Err(_would_block) if hung_up => {
                 drop(guard);
                 let since = *no_host_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() >= REPLY_WAIT {
+                let Some(left) = REPLY_WAIT.checked_sub(since.elapsed()) else {
                     bail!(
                         "no host on the port for {} s ({} bytes dropped)",
                         REPLY_WAIT.as_secs(),
                         data.len()
                     );
+                };
+                if events.is_watching() {
+                    // The host's connect (or its leaving for good) is a change of the port.
+                    tokio::time::timeout(left, events.changed())
+                        .await
+                        .unwrap_or(Ok(()))
+                        .with_context(|| waiting(path))?;
+                } else {
+                    // Watch from now on, then write once more: a connect after this wakes
+                    // the wait above.
+                    events.watch().with_context(|| waiting(path))?;
                 }
-                tokio::time::sleep(HUP_BACKOFF).await;
+                // The runtime keeps a hang-up as final: the next look starts from now.
                 rearm(port, path)?;
             }
             // The host is there and has not taken what was sent: wait for it.
