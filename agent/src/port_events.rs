@@ -113,6 +113,42 @@ impl PortEvents {
     }
 }
 
+/// New entries in a directory, for the wait for a port's node: udev makes
+/// `/dev/virtio-ports/NAME` when the host attaches a port, by creating it or by renaming
+/// it into place. The runtime watches an inotify descriptor that reports both.
+pub struct NodeWatch {
+    inotify: AsyncFd<OwnedFd>,
+}
+
+impl NodeWatch {
+    /// Watches `dir`, which must exist, from now on.
+    pub fn new(dir: &std::path::Path) -> io::Result<NodeWatch> {
+        use rustix::fs::inotify::{self, WatchFlags};
+        let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+        inotify::add_watch(&fd, dir, WatchFlags::CREATE | WatchFlags::MOVED_TO)?;
+        // As in [`PortEvents::new`]: the descriptor moves into the AsyncFd for its life.
+        #[allow(deprecated)]
+        let inotify = AsyncFd::with_interest(fd, Interest::READABLE)?;
+        Ok(NodeWatch { inotify })
+    }
+
+    /// Waits until an entry was made in the directory since the last return of this (or
+    /// since [`NodeWatch::new`]), and takes in what was reported.
+    pub async fn changed(&self) -> io::Result<()> {
+        let mut guard = self.inotify.readable().await?;
+        let mut buf = [0u8; 1024];
+        loop {
+            match rustix::io::read(self.inotify.get_ref(), &mut buf) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        guard.clear_ready();
+        Ok(())
+    }
+}
+
 const NOW: Timespec = Timespec {
     tv_sec: 0,
     tv_nsec: 0,
@@ -129,6 +165,31 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    /// The node arrives the way udev makes it, renamed into place, and the wait for it ends
+    /// then, with nothing read of the rest of the directory.
+    #[test]
+    fn a_node_renamed_into_the_directory_wakes_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        rt.block_on(async {
+            let watch = NodeWatch::new(dir.path()).unwrap();
+            let quiet = tokio::time::timeout(Duration::from_millis(200), watch.changed()).await;
+            assert!(quiet.is_err(), "the wait returned with nothing made");
+            let tmp = dir.path().join(".tmp-node");
+            std::fs::write(&tmp, b"").unwrap();
+            // The temporary entry counts as a change too; drain it.
+            tokio::time::timeout(Duration::from_secs(5), watch.changed())
+                .await
+                .expect("a new entry did not wake the wait")
+                .unwrap();
+            std::fs::rename(&tmp, dir.path().join("org.nixseed.channel.0")).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), watch.changed())
+                .await
+                .expect("an entry renamed into place did not wake the wait")
+                .unwrap();
+        });
     }
 
     /// A pipe stands in for the port: like a virtio-serial port, it wakes its wait queue

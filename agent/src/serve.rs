@@ -16,7 +16,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::channel::{ChannelContext, ChannelService};
-use crate::port_events::PortEvents;
+use crate::port_events::{NodeWatch, PortEvents};
 use crate::qga::{Agent, AgentConfig};
 use crate::stage::StageOptions;
 
@@ -332,25 +332,32 @@ async fn run(
     result
 }
 
-/// How long the control channel's port is looked for often, after the agent started.
+/// How long after the agent's start a missing control channel is worth a journal line
+/// (and, with no directory to watch, is looked for often).
 const PORT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
-/// How often it is looked for after that: a channel attached to a running VM
-/// (`virsh attach-device --live`) is served within this time.
+/// How often it is looked for besides: with its directory watched, a channel attached to
+/// a running VM (`virsh attach-device --live`) is served as udev makes its node; without,
+/// within this time.
 const PORT_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Waits for a virtio-serial port's node: the agent starts when udev has made the guest
 /// agent's port, and the control channel's port, a separate udev event, can come later
 /// (seconds later in a busy boot), or only when the host attaches the channel to the
-/// running VM. Looks every 250 ms for `wait`, then every `recheck`, with one journal line
-/// when it gives up the fast look (a VM without the channel, as on Proxmox VE, is
-/// served as a guest agent only meanwhile). Returns once the node is there.
+/// running VM. With the node's directory there (it is, when the guest-agent port is a
+/// virtio one), the agent sleeps until an entry is made in it ([`NodeWatch`]), so a port
+/// attached later is served at once, and looks again every `recheck` besides. Without
+/// the directory it looks every 250 ms for `wait`, then every `recheck`. One journal line
+/// when `wait` is over (a VM without the channel, as on Proxmox VE, is served as a guest
+/// agent only meanwhile). Returns once the node is there.
 async fn wait_for_port(path: &Path, wait: std::time::Duration, recheck: std::time::Duration) {
     if path.exists() {
         return;
     }
     tracing::info!("{} is not there yet: waiting for it", path.display());
+    let mut watch = path.parent().and_then(|dir| NodeWatch::new(dir).ok());
     let since = tokio::time::Instant::now();
     let mut slow = false;
+    // Checked after the watch began: a node made before it is seen here.
     while !path.exists() {
         if !slow && since.elapsed() >= wait {
             tracing::info!(
@@ -362,12 +369,24 @@ async fn wait_for_port(path: &Path, wait: std::time::Duration, recheck: std::tim
             );
             slow = true;
         }
-        let step = if slow {
+        let step = if slow || watch.is_some() {
             recheck
         } else {
             std::time::Duration::from_millis(250)
         };
-        tokio::time::sleep(step).await;
+        let Some(w) = &watch else {
+            tokio::time::sleep(step).await;
+            continue;
+        };
+        if let Ok(Err(e)) = tokio::time::timeout(step, w.changed()).await {
+            tracing::warn!(
+                "cannot watch {} for the port: {e}; looking for it every {} s",
+                path.parent().unwrap_or(path).display(),
+                recheck.as_secs()
+            );
+            watch = None;
+            slow = true;
+        }
     }
     tracing::info!(
         "{} appeared {:.1} s after the start",
@@ -820,33 +839,72 @@ mod tests {
     /// VM) is still found.
     #[test]
     fn a_port_attached_after_the_fast_look_is_found() {
+        // No directory to watch yet (it comes with the port): the timed looks find it.
+        let dir = tempfile::tempdir().unwrap();
+        let ports = dir.path().join("virtio-ports");
+        let port = ports.join("org.nixseed.channel.0");
+        let found = wait_while_attached(&port, Duration::from_millis(900), || {
+            std::fs::create_dir(&ports).unwrap();
+            std::fs::write(&port, b"").unwrap();
+        });
+        assert!(found, "the port attached after 0.9 s was not waited for");
+    }
+
+    #[test]
+    fn a_port_attached_to_a_watched_directory_is_found_at_once() {
+        // Looks every 60 s only: the port is found through the directory's watch.
         let dir = tempfile::tempdir().unwrap();
         let port = dir.path().join("org.nixseed.channel.0");
-        let late = port.clone();
-        let attach = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(900));
-            std::fs::write(&late, b"").unwrap();
-        });
+        let tmp = dir.path().join(".org.nixseed.channel.0.tmp");
+        let found = wait_while_attached_within(
+            &port,
+            Duration::from_millis(300),
+            (Duration::from_secs(60), Duration::from_secs(60)),
+            Duration::from_secs(10),
+            || {
+                std::fs::write(&tmp, b"").unwrap();
+                std::fs::rename(&tmp, &port).unwrap();
+            },
+        );
+        assert!(
+            found,
+            "the port renamed into the watched directory was not found"
+        );
+    }
+
+    /// Runs `wait_for_port` (fast look 300 ms, then every 400 ms) while `attach` runs
+    /// after `after` on another thread; whether the wait ended with the port there.
+    fn wait_while_attached(port: &Path, after: Duration, attach: impl FnOnce() + Send) -> bool {
+        wait_while_attached_within(
+            port,
+            after,
+            (Duration::from_millis(300), Duration::from_millis(400)),
+            Duration::from_secs(10),
+            attach,
+        )
+    }
+
+    fn wait_while_attached_within(
+        port: &Path,
+        after: Duration,
+        (wait, recheck): (Duration, Duration),
+        limit: Duration,
+        attach: impl FnOnce() + Send,
+    ) -> bool {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
+            .enable_io()
             .build()
             .unwrap();
-        let found = rt.block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                wait_for_port(
-                    &port,
-                    Duration::from_millis(300),
-                    Duration::from_millis(400),
-                ),
-            )
-            .await
-        });
-        let there = port.exists();
-        attach.join().unwrap();
-        assert!(
-            found.is_ok() && there,
-            "the port attached after 0.9 s was not waited for"
-        );
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                std::thread::sleep(after);
+                attach();
+            });
+            let found = rt.block_on(async {
+                tokio::time::timeout(limit, wait_for_port(port, wait, recheck)).await
+            });
+            found.is_ok() && port.exists()
+        })
     }
 }
