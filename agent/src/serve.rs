@@ -516,6 +516,13 @@ fn waiting(path: &Path) -> String {
     format!("cannot wait for a host on {}", path.display())
 }
 
+/// Takes the port out of the wait for a host (a host or bytes are there).
+fn stop_waiting(events: &mut PortEvents, path: &Path) -> Result<()> {
+    events
+        .unwatch()
+        .with_context(|| format!("cannot stop waiting for a host on {}", path.display()))
+}
+
 fn port_events(port: &AsyncFd<std::fs::File>, path: &Path) -> Result<PortEvents> {
     PortEvents::new(port.get_ref())
         .with_context(|| format!("cannot watch {} for a host", path.display()))
@@ -625,9 +632,7 @@ async fn serve_virtio<S: ByteService>(
         let may_wait = std::mem::replace(&mut watched, false);
         if !matches!(r, Ok(Ok(0))) {
             // A host is there, or bytes are: the wait for one is over.
-            events
-                .unwatch()
-                .with_context(|| format!("cannot stop waiting for a host on {}", path.display()))?;
+            stop_waiting(&mut events, path)?;
         }
         match r {
             Err(_would_block) => {
@@ -719,9 +724,7 @@ async fn write_port(
     // The port leaves the wait's set, as it does at the next read that finds a host, and
     // the runtime looks at it afresh: what the set's polls took off the device is seen.
     if events.is_watching() {
-        events
-            .unwatch()
-            .with_context(|| format!("cannot stop waiting for a host on {}", path.display()))?;
+        stop_waiting(events, path)?;
         rearm(port, path)?;
     }
     written
