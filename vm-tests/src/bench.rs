@@ -715,7 +715,7 @@ fn render(
     );
     let _ = writeln!(
         d,
-        "- The nixseed guest boots with `systemd.mask=nixseed-firewall.service`: the firewall is an option (off by default in the NixOS module) with no counterpart in the cloud-init image; loading nftables costs about 5 s under TCG"
+        "- The nixseed guest boots with `systemd.mask=nixseed-firewall.service`: the firewall is an option (off by default in the NixOS module) with no counterpart in the cloud-init image; loading nftables costs about 4 s under TCG (docs/vm-tests.md)"
     );
     let _ = writeln!(
         d,
