@@ -69,6 +69,7 @@ impl Machine {
             cpus: vm_cpus(),
             ssh_port,
             reach_port: None,
+            extra_nic: None,
             runtime_dir: self.state.join("run"),
             accel,
         })

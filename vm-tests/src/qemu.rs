@@ -15,6 +15,9 @@ pub const QGA_PORT: &str = "org.qemu.guest_agent.0";
 pub const CHANNEL_PORT: &str = "org.nixseed.channel.0";
 /// The QEMU device id of the control channel's port (for `device_del`/`device_add`).
 pub const CHANNEL_DEVICE: &str = "nixseed-channel-port";
+/// The user network of [`VmConfig::extra_nic`]: apart from the main one (`10.0.2.0/24`),
+/// so the guest's replies to the forwarded ports leave by the main NIC.
+pub const EXTRA_NET: &str = "10.0.3.0/24";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accel {
@@ -55,6 +58,10 @@ pub struct VmConfig {
     /// listens: once the guest has its address its kernel answers there with a reset
     /// (`ssh::wait_for_host_key_via`).
     pub reach_port: Option<u16>,
+    /// A second NIC with this MAC, ahead of the main one on the PCI bus, on a user network
+    /// of its own (`10.0.3.0/24`, nothing forwarded, no way out): a VM with two NICs whose
+    /// seed must find each by its MAC.
+    pub extra_nic: Option<String>,
     /// Sockets, serial log, pid file.
     pub runtime_dir: PathBuf,
     pub accel: Accel,
@@ -123,6 +130,14 @@ impl VmConfig {
                 "file={},media=cdrom,readonly=on,if=ide",
                 seed.display()
             ));
+        }
+        if let Some(mac) = &self.extra_nic {
+            a.extend([
+                "-netdev".into(),
+                format!("user,id=net1,net={EXTRA_NET},restrict=on"),
+                "-device".into(),
+                format!("virtio-net-pci,netdev=net1,mac={mac}"),
+            ]);
         }
         let mut netdev = format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", self.ssh_port);
         if let Some(p) = self.reach_port {
@@ -419,6 +434,7 @@ mod tests {
             cpus: 1,
             ssh_port: 2222,
             reach_port: Some(2223),
+            extra_nic: None,
             runtime_dir: "/run/t".into(),
             accel: Accel::Tcg,
         };
@@ -430,5 +446,19 @@ mod tests {
         assert!(a.contains("name=org.nixseed.channel.0"));
         assert!(a.contains("file=/v.qcow2,if=virtio"));
         assert!(a.contains("file=/s.iso,media=cdrom"));
+        assert!(!a.contains("id=net1"));
+        let two = VmConfig {
+            extra_nic: Some("52:54:00:aa:bb:cc".into()),
+            ..cfg
+        }
+        .args()
+        .join(" ");
+        let extra = two.find("netdev=net1,mac=52:54:00:aa:bb:cc");
+        let main = two.find("netdev=net0,mac=52:54:00:12:34:56");
+        assert!(
+            extra.is_some() && main.is_some() && extra < main,
+            "the second NIC must come first on the bus: {two}"
+        );
+        assert!(two.contains("user,id=net1,net=10.0.3.0/24,restrict=on"));
     }
 }

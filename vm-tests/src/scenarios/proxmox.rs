@@ -1,7 +1,9 @@
 //! Seeds made the way Proxmox VE makes them (qemu-server's cloud-init code), with no
 //! seedctl seed at all: a NoCloud `cidata` ISO from `genisoimage -iso-level 3 -R`, and a
 //! ConfigDrive2 `config-2` drive. The static address lands on the NIC with the VM's MAC
-//! (the guest calls it enp*/ens*, not eth0), and the hostname and root key work.
+//! (the guest calls it enp*/ens*, not eth0), and the hostname and root key work. The
+//! NoCloud machine has a second NIC ahead of that one on the PCI bus, which the seed
+//! names `eth1` with DHCP: only the MACs tell the two apart.
 
 use super::*;
 use crate::machine::{Machine, genisoimage};
@@ -34,9 +36,27 @@ fn user_data(hostname: &str, admin_key: &str) -> String {
     )
 }
 
+/// The second NIC's MAC (net1 in Proxmox's terms).
+const EXTRA_MAC: &str = "52:54:00:e1:e1:01";
+/// What QEMU's DHCP hands the second NIC on its own user network
+/// ([`crate::qemu::EXTRA_NET`]).
+const EXTRA_ADDR4: &str = "10.0.3.15";
+
 /// network-config v1 as Proxmox writes it: `eth0` + the NIC's MAC, static v4 with a
-/// dotted netmask, static6, and a trailing nameserver entry.
-fn network_config(mac: &str) -> String {
+/// dotted netmask, static6, then `eth1` + its MAC with DHCP (`dhcp4`, Proxmox's word)
+/// when there is a second NIC, and a trailing nameserver entry.
+fn network_config(mac: &str, extra_mac: Option<&str>) -> String {
+    let eth1 = extra_mac
+        .map(|m| {
+            format!(
+                "    - type: physical\n      \
+                   name: eth1\n      \
+                   mac_address: '{m}'\n      \
+                   subnets:\n      \
+                   - type: dhcp4\n"
+            )
+        })
+        .unwrap_or_default();
     format!(
         "version: 1\n\
          config:\n    \
@@ -50,7 +70,8 @@ fn network_config(mac: &str) -> String {
              gateway: '{GW4}'\n      \
            - type: static6\n        \
              address: '{ADDR6}/64'\n        \
-             gateway: '{GW6}'\n    \
+             gateway: '{GW6}'\n\
+         {eth1}    \
          - type: nameserver\n      \
            address:\n      \
            - '{DNS}'\n      \
@@ -108,14 +129,8 @@ fn sha1_hex(bytes: &[u8], scratch: &std::path::Path) -> Result<String> {
         .context("sha1sum printed nothing")
 }
 
-/// Boots `m` from `seed` (no seedctl seed; the host key is the agent's own) and checks
-/// what a Proxmox user would: the static address on the NIC with the VM's MAC, the
-/// gateway, DNS, the hostname, root login with the key from user-data.
-fn boot_and_check(h: &Harness, m: &Machine, seed: &std::path::Path, hostname: &str) -> Result<()> {
-    let seed = seed.to_path_buf();
-    let b = h.boot_with(m, None, |c| c.seed_iso = Some(seed))?;
-    // Reaching this line means root logged in with the key from user-data.
-    let mac = m.mac()?;
+/// The guest's name for the NIC with `mac`.
+fn nic_named(b: &Booted, mac: &str) -> Result<String> {
     let ifname = b
         .ssh
         .run(&format!(
@@ -123,7 +138,32 @@ fn boot_and_check(h: &Harness, m: &Machine, seed: &std::path::Path, hostname: &s
         ))?
         .trim()
         .to_string();
-    ensure!(!ifname.is_empty(), "no guest NIC has the VM's MAC {mac}");
+    ensure!(!ifname.is_empty(), "no guest NIC has the MAC {mac}");
+    Ok(ifname)
+}
+
+/// Boots `m` from `seed` (no seedctl seed; the host key is the agent's own) and checks
+/// what a Proxmox user would: the static address on the NIC with the VM's MAC, the
+/// gateway, DNS, the hostname, root login with the key from user-data. With `extra_mac`
+/// the VM has a second NIC ahead of that one, which must get its address from DHCP.
+fn boot_and_check(
+    h: &Harness,
+    m: &Machine,
+    seed: &std::path::Path,
+    hostname: &str,
+    extra_mac: Option<&str>,
+) -> Result<()> {
+    let seed = seed.to_path_buf();
+    let b = h.boot_with(m, None, |c| {
+        c.seed_iso = Some(seed);
+        c.extra_nic = extra_mac.map(String::from);
+    })?;
+    // Reaching this line means root logged in with the key from user-data.
+    let mac = m.mac()?;
+    let ifname = nic_named(&b, &mac)?;
+    if let Some(extra) = extra_mac {
+        check_second_nic(&b, &ifname, extra)?;
+    }
     let files = b.ssh.run(
         "grep -l . /run/systemd/network/* 2>/dev/null | xargs -r head -n 50; networkctl status --no-pager -n 0 2>&1 | head -n 20",
     )?;
@@ -191,13 +231,51 @@ fn boot_and_check(h: &Harness, m: &Machine, seed: &std::path::Path, hostname: &s
     b.poweroff()
 }
 
+/// The seed's `eth1` (DHCP) is the first NIC on the bus and `eth0` (static) the second:
+/// each must be configured as the entry with its MAC says, not as its position would.
+fn check_second_nic(b: &Booted, main: &str, extra_mac: &str) -> Result<()> {
+    let extra = nic_named(b, extra_mac)?;
+    // PCI addresses (fixed-width hex), the order the kernel found the NICs in.
+    let pci = |n: &str| {
+        b.ssh.run(&format!(
+            "basename $(readlink -f /sys/class/net/{n}/device/..)"
+        ))
+    };
+    let (first, second) = (pci(&extra)?, pci(main)?);
+    ensure!(
+        first.trim() < second.trim(),
+        "the second NIC {extra} ({}) does not come before {main} ({}) on the bus: the test would not tell MACs from positions",
+        first.trim(),
+        second.trim()
+    );
+    let addrs = b.ssh.run(&format!(
+        "for i in $(seq 1 60); do ip -o -4 addr show dev {extra} | grep -q ' {EXTRA_ADDR4}/24 ' && break; sleep 1; done; \
+         ip -o addr show dev {extra}"
+    ))?;
+    let line = addrs
+        .lines()
+        .find(|l| l.contains(&format!(" {EXTRA_ADDR4}/24 ")))
+        .with_context(|| {
+            format!("{extra} ({extra_mac}, the seed's eth1) has no DHCP address {EXTRA_ADDR4}/24:\n{addrs}")
+        })?;
+    ensure!(
+        line.contains("dynamic"),
+        "{EXTRA_ADDR4} on {extra} is not from DHCP: {line}"
+    );
+    ensure!(
+        !addrs.contains(&format!(" {ADDR4}/")) && !addrs.contains(&format!(" {ADDR6}/")),
+        "the seed's static addresses for eth0 ({ADDR4}, {ADDR6}) are on {extra}, the NIC with the other MAC:\n{addrs}"
+    );
+    Ok(())
+}
+
 pub fn proxmox(h: &Harness) -> Result<()> {
     let admin = h.key.public_line()?;
 
     // citype nocloud (the default): cidata ISO, Rock Ridge only.
     let m = h.new_machine("pve-nocloud")?;
     let ud = user_data("pve-nocloud", &admin);
-    let nc = network_config(&m.mac()?);
+    let nc = network_config(&m.mac()?, Some(EXTRA_MAC));
     let iid = sha1_hex(format!("{ud}{nc}").as_bytes(), &m.state)?;
     let md = format!("instance-id: {iid}\n");
     let iso = m.state.join("proxmox-cidata.iso");
@@ -216,7 +294,7 @@ pub fn proxmox(h: &Harness) -> Result<()> {
         "{} carries a Joliet directory; Proxmox's ISO has Rock Ridge only",
         iso.display()
     );
-    boot_and_check(h, &m, &iso, "pve-nocloud")?;
+    boot_and_check(h, &m, &iso, "pve-nocloud", Some(EXTRA_MAC))?;
 
     // citype configdrive2: config-2 with OpenStack layout and ENI network data.
     let m = h.new_machine("pve-configdrive")?;
@@ -238,5 +316,5 @@ pub fn proxmox(h: &Harness) -> Result<()> {
         "config-2",
         &iso,
     )?;
-    boot_and_check(h, &m, &iso, "pve-configdrive")
+    boot_and_check(h, &m, &iso, "pve-configdrive", None)
 }
