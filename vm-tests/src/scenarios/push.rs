@@ -40,6 +40,15 @@ pub fn push(h: &Harness) -> Result<()> {
     fs::write(m.dir.join("admin_authorized_keys"), keys).context("editing admin keys")?;
 
     let chan = b.vm.config.channel_socket();
+    // Before the push, status must see the edits as drift (exit 3), file by file.
+    let drift = status_report(h, &m, &chan, 3).context("seedctl status before the push")?;
+    for f in EDITED {
+        ensure!(
+            drift["files"][f] == "mismatch",
+            "seedctl status before the push calls {f} {}, not mismatch: {drift}",
+            drift["files"][f]
+        );
+    }
     let out = cmd::run(&mut seedctl_on(h, &m, "push", 60, &chan)?)?;
     eprintln!(
         "vm-tests: {}: seedctl push: {}",
@@ -82,8 +91,22 @@ pub fn push(h: &Harness) -> Result<()> {
         fw.contains("8080"),
         "nftables does not open the pushed port 8080:\n{fw}"
     );
-    cmd::run(&mut seedctl_on(h, &m, "status", 60, &chan)?)
-        .context("seedctl status after the push")?;
+    let synced = status_report(h, &m, &chan, 0).context("seedctl status after the push")?;
+    for f in EDITED {
+        ensure!(
+            synced["files"][f] == "match",
+            "seedctl status after the push calls {f} {}, not match: {synced}",
+            synced["files"][f]
+        );
+    }
+    // The generation it reports is the one the guest's store holds as current.
+    let current = b.ssh.run("readlink /var/identity/current")?;
+    let generation = synced["generation"].as_u64();
+    ensure!(
+        generation.map(|g| format!("gen-{g}")).as_deref() == Some(current.trim()),
+        "seedctl status reports generation {generation:?}, the guest's store has {}",
+        current.trim()
+    );
     agent_key_changes(h, &m, &b)?;
     let boot_id2 = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     ensure!(boot_id == boot_id2, "the guest rebooted during the push");
@@ -92,6 +115,28 @@ pub fn push(h: &Harness) -> Result<()> {
     let b = push_in_shape(h, &m, b, &PER_CONNECTION)?;
     let b = push_in_shape(h, &m, b, &SOCKET_ONLY)?;
     sshd_refuses_the_new_key(h, &m, b)
+}
+
+/// The files of `machines/NAME` the scenario edits before its push.
+const EDITED: [&str; 3] = ["hostname", "tcp_ports", "admin_authorized_keys"];
+
+/// `seedctl status NAME --json`; `want` is the exit status it must end with (0 in sync,
+/// 3 out of sync).
+fn status_report(h: &Harness, m: &Machine, socket: &Path, want: i32) -> Result<serde_json::Value> {
+    let out = seedctl_on(h, m, "status", 60, socket)?
+        .arg("--json")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("cannot start seedctl status")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.code() == Some(want),
+        "seedctl status exited with {} (want {want}):\n{text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(text.trim())
+        .with_context(|| format!("seedctl status --json printed:\n{text}"))
 }
 
 /// `seedctl VERB NAME --timeout SECS --socket SOCKET`, for more arguments to follow.
