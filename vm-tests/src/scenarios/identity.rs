@@ -6,9 +6,38 @@ use super::*;
 
 pub fn first_boot(h: &Harness) -> Result<()> {
     let m = h.new_machine("first-boot")?;
+    // `seedctl seed` first, as for a seed attached by other means; `seedctl run` writes the
+    // seed again at every start, and must write the same bytes (the same instance-id).
+    let out = cmd::stdout(
+        m.seedctl(h.seedctl.as_ref())?
+            .args(["--json", "seed", &m.name]),
+    )?;
+    let seeded: serde_json::Value = serde_json::from_str(out.trim())
+        .with_context(|| format!("parsing `seedctl --json seed {}`: {out}", m.name))?;
+    let (iso, seed_iid) = match (seeded["output"].as_str(), seeded["instance_id"].as_str()) {
+        (Some(o), Some(i)) => (PathBuf::from(o), i.to_string()),
+        _ => bail!(
+            "`seedctl --json seed {}` names no output or instance_id: {out}",
+            m.name
+        ),
+    };
+    let seed_sum = crate::image::sha256_file(&iso)?;
     // Booted by `seedctl run`, as an operator boots it: sshd presented only the machine's
     // key, or the wait failed.
     let b = OperatorBoot::start(h, &m)?;
+    ensure!(
+        crate::image::sha256_file(&iso)? == seed_sum,
+        "`seedctl run` rewrote {} with other bytes than `seedctl seed` wrote",
+        iso.display()
+    );
+    let manifest = b.ssh.run("cat /var/identity/manifest.json")?;
+    let guest_iid = serde_json::from_str::<serde_json::Value>(&manifest)
+        .ok()
+        .and_then(|v| v["instance_id"].as_str().map(String::from));
+    ensure!(
+        guest_iid.as_deref() == Some(seed_iid.as_str()),
+        "the guest recorded instance-id {guest_iid:?}, `seedctl seed` wrote {seed_iid}:\n{manifest}"
+    );
     let offered = ssh::all_host_keys(b.ssh.port)?;
     let expected = ssh::key_type_and_blob(&m.host_key_pub()?).unwrap_or_default();
     ensure!(
