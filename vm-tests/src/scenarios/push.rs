@@ -41,14 +41,7 @@ pub fn push(h: &Harness) -> Result<()> {
 
     let chan = b.vm.config.channel_socket();
     // Before the push, status must see the edits as drift (exit 3), file by file.
-    let drift = status_report(h, &m, &chan, 3).context("seedctl status before the push")?;
-    for f in EDITED {
-        ensure!(
-            drift["files"][f] == "mismatch",
-            "seedctl status before the push calls {f} {}, not mismatch: {drift}",
-            drift["files"][f]
-        );
-    }
+    edited_files_are(h, &m, &chan, 3, "mismatch").context("seedctl status before the push")?;
     let out = cmd::run(&mut seedctl_on(h, &m, "push", 60, &chan)?)?;
     eprintln!(
         "vm-tests: {}: seedctl push: {}",
@@ -91,14 +84,8 @@ pub fn push(h: &Harness) -> Result<()> {
         fw.contains("8080"),
         "nftables does not open the pushed port 8080:\n{fw}"
     );
-    let synced = status_report(h, &m, &chan, 0).context("seedctl status after the push")?;
-    for f in EDITED {
-        ensure!(
-            synced["files"][f] == "match",
-            "seedctl status after the push calls {f} {}, not match: {synced}",
-            synced["files"][f]
-        );
-    }
+    let synced =
+        edited_files_are(h, &m, &chan, 0, "match").context("seedctl status after the push")?;
     // The generation it reports is the one the guest's store holds as current.
     let current = b.ssh.run("readlink /var/identity/current")?;
     let generation = synced["generation"].as_u64();
@@ -119,6 +106,26 @@ pub fn push(h: &Harness) -> Result<()> {
 
 /// The files of `machines/NAME` the scenario edits before its push.
 const EDITED: [&str; 3] = ["hostname", "tcp_ports", "admin_authorized_keys"];
+
+/// `seedctl status NAME --json`, which must exit with `exit` (0 in sync, 3 out of sync)
+/// and call each of the [`EDITED`] files `state`; its report.
+fn edited_files_are(
+    h: &Harness,
+    m: &Machine,
+    socket: &Path,
+    exit: i32,
+    state: &str,
+) -> Result<serde_json::Value> {
+    let report = status_report(h, m, socket, exit)?;
+    for f in EDITED {
+        ensure!(
+            report["files"][f] == state,
+            "seedctl status calls {f} {}, not {state}: {report}",
+            report["files"][f]
+        );
+    }
+    Ok(report)
+}
 
 /// `seedctl status NAME --json`; `want` is the exit status it must end with (0 in sync,
 /// 3 out of sync).
