@@ -94,6 +94,22 @@ pub fn push(h: &Harness) -> Result<()> {
         "seedctl status reports generation {generation:?}, the guest's store has {}",
         current.trim()
     );
+    // Revoking: the second key taken out of machines/NAME and pushed is turned away, and
+    // the key left there still logs in.
+    fs::write(
+        m.dir.join("admin_authorized_keys"),
+        format!("{}\n", h.key.public_line()?),
+    )
+    .context("editing admin keys")?;
+    cmd::run(&mut seedctl_on(h, &m, "push", 60, &chan)?)
+        .context("seedctl push of a revoked key")?;
+    refused(
+        &with_second,
+        "the admin key taken out of machines/NAME/admin_authorized_keys and pushed",
+    )?;
+    b.ssh
+        .run("true")
+        .context("the admin key left in machines/NAME no longer logs in after the revocation")?;
     agent_key_changes(h, &m, &b)?;
     let boot_id2 = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     ensure!(boot_id == boot_id2, "the guest rebooted during the push");
@@ -626,6 +642,18 @@ fn push_rotated_key_expecting(
     Ok(said)
 }
 
+/// sshd turns `ssh`'s key away (`what` names the key for the error).
+fn refused(ssh: &Ssh, what: &str) -> Result<()> {
+    let out = ssh.output("true")?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && said.contains("Permission denied"),
+        "{what} still logs in, or ssh failed otherwise: {}",
+        said.trim()
+    );
+    Ok(())
+}
+
 /// A key added through the guest agent (what `virsh set-user-sshkeys` sends) logs in, and
 /// no longer after it is removed. Each change is a generation of its own that leaves the
 /// `/etc` binds where they are; after two of them the generation they show (the pushed
@@ -657,13 +685,7 @@ fn agent_key_changes(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
         who.trim()
     );
     agent(request("guest-ssh-remove-authorized-keys"))?;
-    let refused = with_third.output("true")?;
-    let said = String::from_utf8_lossy(&refused.stderr);
-    ensure!(
-        !refused.status.success() && said.contains("Permission denied"),
-        "the key removed through the guest agent still logs in, or ssh failed otherwise: {}",
-        said.trim()
-    );
+    refused(&with_third, "the key removed through the guest agent")?;
     // Rerunning stage 2 in this boot verifies rather than re-applying (or calling
     // machine-id late): /etc shows the same files as the current generation.
     let shown = b.ssh.run(
