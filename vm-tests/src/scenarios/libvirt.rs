@@ -208,7 +208,8 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         "virsh guestinfo os.id is {:?}:\n{info}",
         get("os.id")
     );
-    let fs_count: u32 = get("fs.count").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let count = |k: &str| get(k).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+    let fs_count = count("fs.count");
     ensure!(
         fs_count >= 2,
         "virsh guestinfo fs.count is {fs_count}, expected / and /var:\n{info}"
@@ -223,6 +224,29 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     for k in ["timezone.offset", "user.count"] {
         ensure!(get(k).is_some(), "virsh guestinfo has no {k}:\n{info}");
     }
+    // The disks (guest-get-disks), which libvirt maps to the domain's targets by the
+    // addresses the agent reports, and the NIC (guest-network-get-interfaces) with the
+    // domain's MAC and the address domifaddr showed.
+    let aliases: Vec<&str> = (0..count("disk.count"))
+        .filter_map(|i| get(&format!("disk.{i}.alias")))
+        .collect();
+    ensure!(
+        aliases.contains(&"vda") && aliases.contains(&"vdb"),
+        "virsh guestinfo's disks map to {aliases:?}, not to the domain's vda and vdb:\n{info}"
+    );
+    let nic_addrs: Vec<&str> = (0..count("if.count"))
+        .find(|i| get(&format!("if.{i}.hwaddr")).is_some_and(|m| m.eq_ignore_ascii_case(&mac)))
+        .map(|i| {
+            (0..count(&format!("if.{i}.addr.count")))
+                .filter_map(|j| get(&format!("if.{i}.addr.{j}.addr")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let want_addr = addr.split('/').next().unwrap_or_default();
+    ensure!(
+        nic_addrs.contains(&want_addr),
+        "virsh guestinfo lists {nic_addrs:?} for {mac}, not domifaddr's {addr}:\n{info}"
+    );
 
     // domtime: guest-get-time, in seconds since the epoch, close to the host's clock.
     let domtime = virsh(&["domtime", name])?;
