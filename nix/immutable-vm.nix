@@ -64,7 +64,10 @@
   };
   services.userborn.enable = true;
 
-  services.journald.extraConfig = ''
+  # A drop-in rather than a journald option: `services.journald.extraConfig` is gone from
+  # current nixpkgs and `services.journald.settings` is missing from older releases.
+  environment.etc."systemd/journald.conf.d/nixseed-persistent.conf".text = ''
+    [Journal]
     Storage=persistent
   '';
 

@@ -33,6 +33,7 @@ rustPlatform.buildRustPackage {
       ../host-cli
       ../vm-tests
       ../xtask
+      ../test-support
     ];
   };
 

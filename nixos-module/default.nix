@@ -456,8 +456,10 @@ in
         boot.initrd.systemd.services.nixseed-initrd = {
           wantedBy = [ "initrd.target" ];
           # The binds need the etc overlay, mounted before initrd-fs.target. nixpkgs
-          # releases that run activation within initrd.target run it first; newer ones
-          # run it after initrd-switch-root.target, where this ordering does nothing.
+          # releases that run activation within initrd.target run it first. Newer ones
+          # run it after initrd-switch-root.target, where this ordering does nothing; the
+          # unit is ordered before initrd.target only, never before
+          # initrd-switch-root.target, so the two orderings cannot form a cycle.
           after = [ "initrd-nixos-activation.service" ];
           serviceConfig.ExecStart = execStart initrdCommand;
         };
@@ -569,15 +571,21 @@ in
           ];
           generateHostKeys = false;
           # Match blocks, not one global list: a global AuthorizedKeysFile would let every
-          # account log in with the admin keys.
-          extraConfig = ''
-            Match User ${cfg.ssh.adminUser}
-              AuthorizedKeysFile ${id}/admin_authorized_keys /etc/ssh/authorized_keys.d/%u
-          ''
-          + lib.optionalString (cfg.ssh.user != null) ''
-            Match User ${cfg.ssh.user}
-              AuthorizedKeysFile ${id}/user_authorized_keys /etc/ssh/authorized_keys.d/%u
-          '';
+          # account log in with the admin keys. Last in sshd_config and closed with
+          # `Match all`, so that what other modules add to extraConfig stays global.
+          extraConfig = lib.mkAfter (
+            ''
+              Match User ${cfg.ssh.adminUser}
+                AuthorizedKeysFile ${id}/admin_authorized_keys /etc/ssh/authorized_keys.d/%u
+            ''
+            + lib.optionalString (cfg.ssh.user != null) ''
+              Match User ${cfg.ssh.user}
+                AuthorizedKeysFile ${id}/user_authorized_keys /etc/ssh/authorized_keys.d/%u
+            ''
+            + ''
+              Match all
+            ''
+          );
         };
       })
 

@@ -300,6 +300,16 @@ in
     && lib.hasInfix "Match User root\n  AuthorizedKeysFile /var/identity/admin_authorized_keys" good.services.openssh.extraConfig
     && !(lib.hasInfix "user_authorized_keys" good.services.openssh.extraConfig)
   ))
+  (check "the Match blocks come last and are closed, so other modules' sshd lines stay global" (
+    let
+      c = eval {
+        imports = [ base ];
+        services.openssh.extraConfig = "X11Forwarding no";
+      };
+      text = c.services.openssh.extraConfig;
+    in
+    lib.hasPrefix "X11Forwarding no\n" text && lib.hasSuffix "\nMatch all\n" text
+  ))
   (check "the user account reads only the user keys" (
     let
       c = eval {
