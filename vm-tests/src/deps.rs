@@ -171,9 +171,11 @@ pub fn build_agent() -> Result<PathBuf> {
 
 /// The workspace's own tests: real peers and readers (D-Bus daemon for the agent's
 /// client, libxml2's validator behind virt-xml-validate, OpenSSH's signer, the seed tools
-/// the benchmark compares with), and the C++ compiler libFuzzer is built with.
+/// the benchmark compares with), the C++ compiler libFuzzer is built with, and Nix, which
+/// reads the flake, the package and the NixOS module.
 pub const TEST_PACKAGES: &[&str] = &[
     "g++",
+    "nix-bin",
     "dbus",
     "libxml2-utils",
     "openssh-client",

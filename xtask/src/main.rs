@@ -112,6 +112,7 @@ fn test(args: &[String]) -> Result<()> {
     let mut unit = cargo();
     unit.args(["test", "--workspace"]);
     run(unit, "cargo test --workspace")?;
+    nix_checks()?;
     if !args.iter().any(|a| a == "--no-fuzz") {
         // A smoke pass over the committed seeds: about 15 s per target.
         fuzz(&["--minutes".to_string(), "2".to_string()])?;
@@ -122,6 +123,61 @@ fn test(args: &[String]) -> Result<()> {
     let mut h = vec!["test"];
     h.extend(scenarios);
     harness(&h)
+}
+
+/// The Nix files, read by Debian's Nix (`nix-bin`): each must parse, and the NixOS module's
+/// evaluation test runs when a nixpkgs `lib` directory is at hand (`NIXSEED_NIXPKGS_LIB`;
+/// nixpkgs itself is not packaged in Debian).
+fn nix_checks() -> Result<()> {
+    let mut files = Vec::new();
+    nix_files(&root(), &mut files)?;
+    files.sort();
+    let mut parse = Command::new("nix-instantiate");
+    parse
+        .arg("--parse")
+        .args(&files)
+        .stdout(std::process::Stdio::null());
+    run(
+        parse,
+        &format!("nix-instantiate --parse ({} .nix files)", files.len()),
+    )?;
+    let what = "the NixOS module's evaluation test (nixos-module/tests/stub-eval.nix)";
+    let Some(lib) = std::env::var_os("NIXSEED_NIXPKGS_LIB") else {
+        eprintln!(
+            "xtask: {what} skipped: set NIXSEED_NIXPKGS_LIB to the lib directory of a nixpkgs checkout"
+        );
+        return Ok(());
+    };
+    let lib = std::fs::canonicalize(&lib)
+        .with_context(|| format!("NIXSEED_NIXPKGS_LIB: cannot find {}", lib.to_string_lossy()))?;
+    let mut eval = Command::new("nix-instantiate");
+    eval.current_dir(root())
+        .args([
+            "--eval",
+            "--strict",
+            "--json",
+            "nixos-module/tests/stub-eval.nix",
+        ])
+        .args(["--arg", "lib"])
+        .arg(format!("import {}", lib.display()))
+        .stdout(std::process::Stdio::null());
+    run(eval, what)
+}
+
+/// Every `.nix` file under `dir`, leaving out build output and version control.
+fn nix_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if path.is_dir() {
+            if !name.starts_with('.') && name != "target" && name != "corpus" {
+                nix_files(&path, out)?;
+            }
+        } else if name.ends_with(".nix") {
+            out.push(path);
+        }
+    }
+    Ok(())
 }
 
 /// The cargo-fuzz targets (fuzz/fuzz_targets), each started from its committed corpus.
