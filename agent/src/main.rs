@@ -92,6 +92,10 @@ struct StageArgs {
     /// (0 disables asking).
     #[arg(long, default_value_t = 5)]
     channel_wait: u64,
+    /// Seconds to wait, when no seed volume is found while udevd still has device events
+    /// queued, for the queue to empty before looking again (0 disables waiting).
+    #[arg(long, default_value_t = 5)]
+    udev_wait: u64,
     /// Load the identity's ports as the nftables `inet nixseed` table (stage 2).
     #[arg(long)]
     firewall: bool,
@@ -147,6 +151,7 @@ impl StageArgs {
             sources: self.sources.clone(),
             identity_dir: self.identity_dir.clone(),
             channel_wait: std::time::Duration::from_secs(self.channel_wait),
+            udev_wait: std::time::Duration::from_secs(self.udev_wait),
             trust: stage::load_trust(self.trusted_keys.as_deref())?,
             durability: store::Durability::Now,
         })

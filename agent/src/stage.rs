@@ -34,6 +34,8 @@ pub struct StageOptions {
     pub identity_dir: String,
     /// The control channel's bounded wait at boot (zero: do not ask the host).
     pub channel_wait: std::time::Duration,
+    /// The bounded wait for udev's queue when no seed volume is found (zero: none).
+    pub udev_wait: std::time::Duration,
     /// Keys a seed must be signed with; `None` accepts unsigned seeds (Proxmox, libvirt).
     pub trust: Option<std::sync::Arc<nixseed_core::trust::Trust>>,
     /// When a new generation must reach the disk (deferred to stage 2 in the initrd).
@@ -100,6 +102,7 @@ impl StageOptions {
             sources: None,
             identity_dir,
             channel_wait: std::time::Duration::ZERO,
+            udev_wait: std::time::Duration::ZERO,
             trust,
             durability: Durability::Now,
         }
@@ -168,6 +171,7 @@ pub fn run_boot_stage(opts: &StageOptions, when: BindTime) -> Result<Outcome> {
     let mut t = Timer::new();
     let mut env = Env::new(opts.host.clone(), opts.sysroot.clone(), opts.run.clone());
     env.channel_wait = opts.channel_wait;
+    env.udev_wait = opts.udev_wait;
     env.identity = opts.store_path();
     {
         let _s = tracing::info_span!("probe").entered();

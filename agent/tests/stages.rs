@@ -971,3 +971,92 @@ fn a_configdrive_iso_is_read_in_place() {
     );
     assert_eq!(etc(&s, "hostname"), "from-configdrive\n");
 }
+
+/// A cidata ISO, packed into `host/dev/sr0` and then hidden: the setup script of a test
+/// makes it appear (node and sysfs entry) while the stage runs, as a cdrom does whose
+/// driver udev is still loading.
+fn late_cidata_cdrom(vm: &Vm) {
+    let stage = vm.p("iso-stage");
+    std::fs::create_dir_all(&stage).unwrap();
+    std::fs::write(
+        stage.join("meta-data"),
+        "instance-id: late\nlocal-hostname: from-late-cdrom\n",
+    )
+    .unwrap();
+    std::fs::write(stage.join("user-data"), "").unwrap();
+    vm.attach_iso(
+        &stage,
+        &["xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R"],
+    );
+    std::fs::rename(vm.p("host/dev/sr0"), vm.p("sr0.later")).unwrap();
+    std::fs::remove_dir(vm.p("host/sys/class/block/sr0")).unwrap();
+    std::fs::write(vm.p("host/proc/cmdline"), "ro\n").unwrap();
+}
+
+/// The shell lines that make the hidden cdrom appear.
+const CDROM_APPEARS: &str = "mv sr0.later host/dev/sr0 && mkdir host/sys/class/block/sr0";
+
+/// Runs the initrd stage with `flags` and reports its exit status and wall time.
+fn initrd_stage(vm: &Vm, setup: &str, flags: &str) -> (Output, String) {
+    vm.run(&format!(
+        "{setup}\nstart=$(date +%s%N); {AGENT} initrd --sysroot sysroot --root host --run run --channel-wait 0 {flags}; echo \"rc=$?\"; echo \"ms=$(( ($(date +%s%N) - start) / 1000000 ))\"; echo \"== hostname\"; cat sysroot/etc/hostname"
+    ))
+}
+
+fn wall_ms(stdout: &str) -> u64 {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_seed_cdrom_udev_is_still_adding_is_found_once_its_queue_empties() {
+    let vm = Vm::new();
+    late_cidata_cdrom(&vm);
+    // udevd's control socket and its queue marker, as udevd keeps them under /run/udev;
+    // the device arrives and the queue empties half a second into the stage.
+    let setup = format!(
+        "mkdir -p run/udev && touch run/udev/control run/udev/queue\n(sleep 0.5; {CDROM_APPEARS}; rm run/udev/queue) &"
+    );
+    let (out, s) = initrd_stage(&vm, &setup, "");
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert_eq!(etc(&s, "hostname"), "from-late-cdrom\n", "{err}");
+    assert!(
+        err.contains("waited") && err.contains("for its queue to empty"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_wait_for_udev_is_bounded_and_skipped_without_udevd() {
+    // udev never empties its queue: the stage gives up after --udev-wait, says so, and
+    // boots without a seed (the cdrom only comes later).
+    let vm = Vm::new();
+    late_cidata_cdrom(&vm);
+    let (out, s) = initrd_stage(
+        &vm,
+        "mkdir -p run/udev && touch run/udev/control run/udev/queue",
+        "--udev-wait 1",
+    );
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert!(err.contains("still had events queued after 1 s"), "{err}");
+    let ms = wall_ms(&s);
+    assert!((1000..4000).contains(&ms), "stage took {ms} ms\n{err}");
+    assert_eq!(etc(&s, "hostname"), "", "{err}");
+
+    // No udevd (the test initramfs, a scripted initrd): no wait, even with a queue file
+    // left behind, and a cdrom that comes later is not waited for.
+    let vm = Vm::new();
+    late_cidata_cdrom(&vm);
+    let setup = format!("mkdir -p run/udev && touch run/udev/queue\n(sleep 1; {CDROM_APPEARS}) &");
+    let (out, s) = initrd_stage(&vm, &setup, "");
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert!(!err.contains("queue"), "{err}");
+    assert!(wall_ms(&s) < 1000, "{s}\n{err}");
+    assert_eq!(etc(&s, "hostname"), "", "{err}");
+}

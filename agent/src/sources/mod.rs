@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::Result;
+use nixseed_core::label;
 use nixseed_core::seed::{Seed, SeedFiles};
 
 pub use block::BlockDevice;
@@ -28,6 +29,9 @@ pub struct Env {
     pub run: PathBuf,
     /// How long the control channel waits for the host at boot; zero disables it.
     pub channel_wait: std::time::Duration,
+    /// How long the block probe waits for udev's queue to empty when it finds no seed
+    /// volume while udevd is still processing devices; zero disables it.
+    pub udev_wait: std::time::Duration,
     /// The identity store, for what `hello` reports.
     pub identity: PathBuf,
     blocks: OnceLock<Vec<BlockDevice>>,
@@ -41,6 +45,7 @@ impl Env {
             sysroot,
             run,
             channel_wait: std::time::Duration::ZERO,
+            udev_wait: std::time::Duration::ZERO,
             identity,
             blocks: OnceLock::new(),
         }
@@ -66,8 +71,47 @@ impl Env {
     }
 
     /// Block devices with a recognised filesystem label, probed once.
+    /// When none is a seed volume and udevd is still loading drivers and adding devices
+    /// (a seed disk may be on its way), looks again once udev's queue is empty.
     pub fn block_devices(&self) -> &[BlockDevice] {
-        self.blocks.get_or_init(|| block::scan(self))
+        self.blocks.get_or_init(|| {
+            let found = block::scan(self);
+            let seed_volume = found.iter().any(|d| {
+                label::is_nocloud_label(&d.label) || label::is_configdrive_label(&d.label)
+            });
+            if seed_volume || !self.wait_for_udev() {
+                return found;
+            }
+            drop(found);
+            block::scan(self)
+        })
+    }
+
+    /// Waits, at most `udev_wait`, until udevd has no event queued: it keeps
+    /// `<run>/udev/queue` while it has. Returns whether there was anything to wait for.
+    fn wait_for_udev(&self) -> bool {
+        let udev = self.run.join("udev");
+        let queue = udev.join("queue");
+        if self.udev_wait.is_zero() || !udev.join("control").exists() || !queue.exists() {
+            return false;
+        }
+        let start = std::time::Instant::now();
+        while queue.exists() {
+            if start.elapsed() >= self.udev_wait {
+                tracing::warn!(
+                    "no seed volume found, and udev still had events queued after {} s ({} exists): looking again without waiting longer",
+                    self.udev_wait.as_secs_f64(),
+                    queue.display()
+                );
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        tracing::info!(
+            "no seed volume found while udev had events queued: waited {:.0} ms for its queue to empty, looking again",
+            start.elapsed().as_secs_f64() * 1000.0
+        );
+        true
     }
 
     /// The VM's DMI product_uuid, lowercase.
