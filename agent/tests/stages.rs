@@ -806,20 +806,7 @@ fn a_cidata_iso_is_found_by_its_label_and_read_without_mounting() {
     // from the primary volume descriptor and the files are read in place, so this runs
     // the whole stage on a host without iso9660 in its kernel.
     let vm = Vm::new();
-    let stage = vm.p("iso-stage");
-    std::fs::create_dir_all(&stage).unwrap();
-    std::fs::write(
-        stage.join("meta-data"),
-        "instance-id: iso\nlocal-hostname: from-iso\n",
-    )
-    .unwrap();
-    std::fs::write(stage.join("user-data"), "").unwrap();
-    vm.attach_iso(
-        &stage,
-        &[
-            "xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J",
-        ],
-    );
+    attach_cidata_iso(&vm, "instance-id: iso\nlocal-hostname: from-iso\n");
     let (out, s) = boot_cmdline(&vm, "ro\n");
     let err = stderr(&out);
     assert!(s.contains("rc=0"), "{s}\n{err}");
@@ -972,22 +959,26 @@ fn a_configdrive_iso_is_read_in_place() {
     assert_eq!(etc(&s, "hostname"), "from-configdrive\n");
 }
 
+/// A `cidata` ISO (xorriso, Rock Ridge + Joliet) with `meta_data` and an empty user-data
+/// as the machine's cdrom.
+fn attach_cidata_iso(vm: &Vm, meta_data: &str) {
+    let stage = vm.p("iso-stage");
+    std::fs::create_dir_all(&stage).unwrap();
+    std::fs::write(stage.join("meta-data"), meta_data).unwrap();
+    std::fs::write(stage.join("user-data"), "").unwrap();
+    vm.attach_iso(
+        &stage,
+        &[
+            "xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-J",
+        ],
+    );
+}
+
 /// A cidata ISO, packed into `host/dev/sr0` and then hidden: the setup script of a test
 /// makes it appear (node and sysfs entry) while the stage runs, as a cdrom does whose
 /// driver udev is still loading.
 fn late_cidata_cdrom(vm: &Vm) {
-    let stage = vm.p("iso-stage");
-    std::fs::create_dir_all(&stage).unwrap();
-    std::fs::write(
-        stage.join("meta-data"),
-        "instance-id: late\nlocal-hostname: from-late-cdrom\n",
-    )
-    .unwrap();
-    std::fs::write(stage.join("user-data"), "").unwrap();
-    vm.attach_iso(
-        &stage,
-        &["xorriso", "-as", "mkisofs", "-quiet", "-V", "cidata", "-R"],
-    );
+    attach_cidata_iso(vm, "instance-id: late\nlocal-hostname: from-late-cdrom\n");
     std::fs::rename(vm.p("host/dev/sr0"), vm.p("sr0.later")).unwrap();
     std::fs::remove_dir(vm.p("host/sys/class/block/sr0")).unwrap();
     std::fs::write(vm.p("host/proc/cmdline"), "ro\n").unwrap();
