@@ -65,7 +65,8 @@
   services.userborn.enable = true;
 
   # A drop-in rather than a journald option: `services.journald.extraConfig` is gone from
-  # current nixpkgs and `services.journald.settings` is missing from older releases.
+  # current nixpkgs and `services.journald.settings` is missing from older releases. It
+  # comes after journald.conf, so it wins over a `Storage` set there.
   environment.etc."systemd/journald.conf.d/nixseed-persistent.conf".text = ''
     [Journal]
     Storage=persistent

@@ -1002,15 +1002,16 @@ fn wall_ms(stdout: &str) -> u64 {
         .unwrap()
 }
 
+/// udevd's control socket and its queue marker, as udevd keeps them under /run/udev while
+/// events are queued.
+const UDEV_BUSY: &str = "mkdir -p run/udev && touch run/udev/control run/udev/queue";
+
 #[test]
 fn a_seed_cdrom_udev_is_still_adding_is_found_once_its_queue_empties() {
     let vm = Vm::new();
     late_cidata_cdrom(&vm);
-    // udevd's control socket and its queue marker, as udevd keeps them under /run/udev;
-    // the device arrives and the queue empties half a second into the stage.
-    let setup = format!(
-        "mkdir -p run/udev && touch run/udev/control run/udev/queue\n(sleep 0.5; {CDROM_APPEARS}; rm run/udev/queue) &"
-    );
+    // The device arrives and the queue empties two seconds into the stage.
+    let setup = format!("{UDEV_BUSY}\n(sleep 2; {CDROM_APPEARS}; rm run/udev/queue) &");
     let (out, s) = initrd_stage(&vm, &setup, "");
     let err = stderr(&out);
     assert!(s.contains("rc=0"), "{s}\n{err}");
@@ -1027,11 +1028,7 @@ fn the_wait_for_udev_is_bounded_and_skipped_without_udevd() {
     // boots without a seed (the cdrom only comes later).
     let vm = Vm::new();
     late_cidata_cdrom(&vm);
-    let (out, s) = initrd_stage(
-        &vm,
-        "mkdir -p run/udev && touch run/udev/control run/udev/queue",
-        "--udev-wait 1",
-    );
+    let (out, s) = initrd_stage(&vm, UDEV_BUSY, "--udev-wait 1");
     let err = stderr(&out);
     assert!(s.contains("rc=0"), "{s}\n{err}");
     assert!(err.contains("still had events queued after 1 s"), "{err}");
@@ -1039,15 +1036,38 @@ fn the_wait_for_udev_is_bounded_and_skipped_without_udevd() {
     assert!((1000..4000).contains(&ms), "stage took {ms} ms\n{err}");
     assert_eq!(etc(&s, "hostname"), "", "{err}");
 
-    // No udevd (the test initramfs, a scripted initrd): no wait, even with a queue file
-    // left behind, and a cdrom that comes later is not waited for.
+    // No udevd (an initramfs that runs none, like the test initramfs): no wait, even with
+    // a queue file left behind, and a cdrom that comes later is not waited for.
     let vm = Vm::new();
     late_cidata_cdrom(&vm);
-    let setup = format!("mkdir -p run/udev && touch run/udev/queue\n(sleep 1; {CDROM_APPEARS}) &");
+    let setup = format!("mkdir -p run/udev && touch run/udev/queue\n(sleep 4; {CDROM_APPEARS}) &");
     let (out, s) = initrd_stage(&vm, &setup, "");
     let err = stderr(&out);
     assert!(s.contains("rc=0"), "{s}\n{err}");
     assert!(!err.contains("queue"), "{err}");
-    assert!(wall_ms(&s) < 1000, "{s}\n{err}");
+    assert!(wall_ms(&s) < 4000, "{s}\n{err}");
     assert_eq!(etc(&s, "hostname"), "", "{err}");
+}
+
+#[test]
+fn a_boot_that_finds_its_seed_never_waits_for_udev() {
+    // A seed volume already there, with udev busy for longer than the wait: found at once.
+    let vm = Vm::new();
+    attach_cidata_iso(&vm, "instance-id: iso\nlocal-hostname: from-iso\n");
+    std::fs::write(vm.p("host/proc/cmdline"), "ro\n").unwrap();
+    let (out, s) = initrd_stage(&vm, UDEV_BUSY, "--udev-wait 3");
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert_eq!(etc(&s, "hostname"), "from-iso\n", "{err}");
+    assert!(!err.contains("queue"), "{err}");
+    assert!(wall_ms(&s) < 3000, "{s}\n{err}");
+
+    // A seed named on the kernel command line and no seed volume: no wait either.
+    let vm = Vm::new();
+    let (out, s) = initrd_stage(&vm, UDEV_BUSY, "--udev-wait 3");
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert_eq!(etc(&s, "hostname"), "web1\n", "{err}");
+    assert!(!err.contains("queue"), "{err}");
+    assert!(wall_ms(&s) < 3000, "{s}\n{err}");
 }

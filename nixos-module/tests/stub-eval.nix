@@ -104,19 +104,21 @@ let
       };
     };
 
-  evalModules =
-    extra:
+  evalWith =
+    modules:
     lib.evalModules {
       specialArgs = {
         pkgs = fakePkgs;
         utils = fakeUtils;
       };
-      modules = [
-        fakeNixos
-        ../default.nix
-        extra
-      ];
+      modules = [ fakeNixos ] ++ modules;
     };
+  evalModules =
+    extra:
+    evalWith [
+      ../default.nix
+      extra
+    ];
   eval = extra: (evalModules extra).config;
   options = (evalModules { }).options.services.nixseed;
 
@@ -302,13 +304,24 @@ in
   ))
   (check "the Match blocks come last and are closed, so other modules' sshd lines stay global" (
     let
-      c = eval {
+      other = {
         imports = [ base ];
         services.openssh.extraConfig = "X11Forwarding no";
       };
-      text = c.services.openssh.extraConfig;
+      # The module system merges equal priorities in module order: both orders, so the
+      # Match blocks' own priority is what puts them last.
+      texts = map (modules: (evalWith modules).config.services.openssh.extraConfig) [
+        [
+          ../default.nix
+          other
+        ]
+        [
+          other
+          ../default.nix
+        ]
+      ];
     in
-    lib.hasPrefix "X11Forwarding no\n" text && lib.hasSuffix "\nMatch all\n" text
+    lib.all (text: lib.hasPrefix "X11Forwarding no\n" text && lib.hasSuffix "\nMatch all\n" text) texts
   ))
   (check "the user account reads only the user keys" (
     let

@@ -151,15 +151,20 @@ fn nix_checks() -> Result<()> {
     let lib = std::fs::canonicalize(&lib)
         .with_context(|| format!("NIXSEED_NIXPKGS_LIB: cannot find {}", lib.to_string_lossy()))?;
     let mut eval = Command::new("nix-instantiate");
+    // The path reaches Nix as a string, so no character in it needs quoting.
     eval.current_dir(root())
+        .env("NIXSEED_NIXPKGS_LIB", &lib)
         .args([
             "--eval",
             "--strict",
             "--json",
             "nixos-module/tests/stub-eval.nix",
         ])
-        .args(["--arg", "lib"])
-        .arg(format!("import {}", lib.display()))
+        .args([
+            "--arg",
+            "lib",
+            "import (builtins.getEnv \"NIXSEED_NIXPKGS_LIB\")",
+        ])
         .stdout(std::process::Stdio::null());
     run(eval, what)
 }
@@ -167,9 +172,17 @@ fn nix_checks() -> Result<()> {
 /// Every `.nix` file under `dir`, leaving out build output and version control.
 fn nix_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let path = entry?.path();
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        let path = entry.path();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        if path.is_dir() {
+        // Links are not followed: `nix build` leaves `result` pointing into the store.
+        let kind = entry
+            .file_type()
+            .with_context(|| format!("cannot stat {}", path.display()))?;
+        if kind.is_symlink() {
+            continue;
+        }
+        if kind.is_dir() {
             if !name.starts_with('.') && name != "target" && name != "corpus" {
                 nix_files(&path, out)?;
             }

@@ -35,6 +35,10 @@ impl Source for ControlChannel {
         "channel"
     }
 
+    fn asks_the_host(&self) -> bool {
+        true
+    }
+
     fn looks_at(&self) -> &'static str {
         "the control channel org.nixseed.channel.0 (virtio-serial), when a wait for it is set"
     }

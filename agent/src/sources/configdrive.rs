@@ -20,6 +20,10 @@ impl Source for BlockConfigDrive {
         "a filesystem labelled config-2 (ConfigDrive2)"
     }
 
+    fn reads_block_devices(&self) -> bool {
+        true
+    }
+
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
         let Some(dev) = env
             .block_devices()

@@ -35,6 +35,7 @@ pub struct Env {
     /// The identity store, for what `hello` reports.
     pub identity: PathBuf,
     blocks: OnceLock<Vec<BlockDevice>>,
+    blocks_again: OnceLock<Vec<BlockDevice>>,
 }
 
 impl Env {
@@ -48,6 +49,7 @@ impl Env {
             udev_wait: std::time::Duration::ZERO,
             identity,
             blocks: OnceLock::new(),
+            blocks_again: OnceLock::new(),
         }
     }
 
@@ -70,21 +72,27 @@ impl Env {
         self.sysroot.join(abs.trim_start_matches('/'))
     }
 
-    /// Block devices with a recognised filesystem label, probed once.
-    /// When none is a seed volume and udevd is still loading drivers and adding devices
-    /// (a seed disk may be on its way), looks again once udev's queue is empty.
+    /// Block devices with a recognised filesystem label, probed once, or again after
+    /// [`Env::wait_for_udev_and_probe_again`].
     pub fn block_devices(&self) -> &[BlockDevice] {
-        self.blocks.get_or_init(|| {
-            let found = block::scan(self);
-            let seed_volume = found.iter().any(|d| {
-                label::is_nocloud_label(&d.label) || label::is_configdrive_label(&d.label)
-            });
-            if seed_volume || !self.wait_for_udev() {
-                return found;
-            }
-            drop(found);
-            block::scan(self)
-        })
+        match self.blocks_again.get() {
+            Some(again) => again,
+            None => self.blocks.get_or_init(|| block::scan(self)),
+        }
+    }
+
+    /// When the probe found no seed volume and udevd is still loading drivers and adding
+    /// devices (a seed disk may be on its way), waits for udev's queue to empty, at most
+    /// `udev_wait`, and probes again. Returns whether it probed again.
+    fn wait_for_udev_and_probe_again(&self) -> bool {
+        let seed_volume = self
+            .block_devices()
+            .iter()
+            .any(|d| label::is_nocloud_label(&d.label) || label::is_configdrive_label(&d.label));
+        if seed_volume || self.blocks_again.get().is_some() || !self.wait_for_udev() {
+            return false;
+        }
+        self.blocks_again.set(block::scan(self)).is_ok()
     }
 
     /// Waits, at most `udev_wait`, until udevd has no event queued: it keeps
@@ -99,7 +107,7 @@ impl Env {
         while queue.exists() {
             if start.elapsed() >= self.udev_wait {
                 tracing::warn!(
-                    "no seed volume found, and udev still had events queued after {} s ({} exists): looking again without waiting longer",
+                    "no seed found, and udev still had events queued after {} s ({} exists): probing the block devices again without waiting longer",
                     self.udev_wait.as_secs_f64(),
                     queue.display()
                 );
@@ -108,7 +116,7 @@ impl Env {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         tracing::info!(
-            "no seed volume found while udev had events queued: waited {:.0} ms for its queue to empty, looking again",
+            "no seed found while udev had events queued: waited {:.0} ms for its queue to empty, probing the block devices again",
             start.elapsed().as_secs_f64() * 1000.0
         );
         true
@@ -135,6 +143,14 @@ pub trait Source: Sync {
     fn looks_at(&self) -> &'static str;
     /// `Ok(None)`: nothing here. `Err`: a seed is here but unusable (the error names the file).
     fn find(&self, env: &Env) -> Result<Option<Seed>>;
+    /// Whether it looks at the probed block devices (tried again after udev's queue).
+    fn reads_block_devices(&self) -> bool {
+        false
+    }
+    /// Whether it asks the host (the block devices are tried again before it).
+    fn asks_the_host(&self) -> bool {
+        false
+    }
 }
 
 /// The documented order (docs/identity.md), except that the control channel comes last
@@ -176,7 +192,35 @@ pub fn looked_at(order: Option<&[String]>) -> String {
 
 /// The first seed found, in `order` (source names) or the default order.
 pub fn find_seed(env: &Env, order: Option<&[String]>) -> Result<Option<Seed>> {
-    for source in chosen(order) {
+    let sources = chosen(order);
+    let mut tried_again = false;
+    for source in &sources {
+        if source.asks_the_host() && !tried_again {
+            tried_again = true;
+            if let Some(seed) = block_sources_again(env, &sources)? {
+                return Ok(Some(seed));
+            }
+        }
+        let _span = tracing::debug_span!("source", name = source.name()).entered();
+        if let Some(seed) = source.find(env)? {
+            return Ok(Some(seed));
+        }
+    }
+    if tried_again {
+        return Ok(None);
+    }
+    block_sources_again(env, &sources)
+}
+
+/// Once every source that needs no wait has missed: the block sources again, after udev
+/// has added the devices it was still adding (nothing when it was not, or when no block
+/// source is chosen).
+fn block_sources_again(env: &Env, sources: &[&'static dyn Source]) -> Result<Option<Seed>> {
+    let blocks: Vec<&&dyn Source> = sources.iter().filter(|s| s.reads_block_devices()).collect();
+    if blocks.is_empty() || !env.wait_for_udev_and_probe_again() {
+        return Ok(None);
+    }
+    for source in blocks {
         let _span = tracing::debug_span!("source", name = source.name()).entered();
         if let Some(seed) = source.find(env)? {
             return Ok(Some(seed));

@@ -33,6 +33,10 @@ impl Source for BlockNoCloud {
         "a filesystem labelled cidata or CIDATA (NoCloud)"
     }
 
+    fn reads_block_devices(&self) -> bool {
+        true
+    }
+
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
         let Some(dev) = env
             .block_devices()
