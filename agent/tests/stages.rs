@@ -987,11 +987,15 @@ fn late_cidata_cdrom(vm: &Vm) {
 /// The shell lines that make the hidden cdrom appear.
 const CDROM_APPEARS: &str = "mv sr0.later host/dev/sr0 && mkdir host/sys/class/block/sr0";
 
-/// Runs the initrd stage with `flags` and reports its exit status and wall time.
-fn initrd_stage(vm: &Vm, setup: &str, flags: &str) -> (Output, String) {
-    vm.run(&format!(
+/// Runs the initrd stage with `flags`, which must succeed; returns its stdout (the wall
+/// time in `ms=` and the bound hostname) and its log.
+fn initrd_stage(vm: &Vm, setup: &str, flags: &str) -> (String, String) {
+    let (out, s) = vm.run(&format!(
         "{setup}\nstart=$(date +%s%N); {AGENT} initrd --sysroot sysroot --root host --run run --channel-wait 0 {flags}; echo \"rc=$?\"; echo \"ms=$(( ($(date +%s%N) - start) / 1000000 ))\"; echo \"== hostname\"; cat sysroot/etc/hostname"
-    ))
+    ));
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    (s, err)
 }
 
 fn wall_ms(stdout: &str) -> u64 {
@@ -1012,9 +1016,7 @@ fn a_seed_cdrom_udev_is_still_adding_is_found_once_its_queue_empties() {
     late_cidata_cdrom(&vm);
     // The device arrives and the queue empties two seconds into the stage.
     let setup = format!("{UDEV_BUSY}\n(sleep 2; {CDROM_APPEARS}; rm run/udev/queue) &");
-    let (out, s) = initrd_stage(&vm, &setup, "");
-    let err = stderr(&out);
-    assert!(s.contains("rc=0"), "{s}\n{err}");
+    let (s, err) = initrd_stage(&vm, &setup, "");
     assert_eq!(etc(&s, "hostname"), "from-late-cdrom\n", "{err}");
     assert!(
         err.contains("waited") && err.contains("for its queue to empty"),
@@ -1028,9 +1030,7 @@ fn the_wait_for_udev_is_bounded_and_skipped_without_udevd() {
     // boots without a seed (the cdrom only comes later).
     let vm = Vm::new();
     late_cidata_cdrom(&vm);
-    let (out, s) = initrd_stage(&vm, UDEV_BUSY, "--udev-wait 1");
-    let err = stderr(&out);
-    assert!(s.contains("rc=0"), "{s}\n{err}");
+    let (s, err) = initrd_stage(&vm, UDEV_BUSY, "--udev-wait 1");
     assert!(err.contains("still had events queued after 1 s"), "{err}");
     let ms = wall_ms(&s);
     assert!((1000..4000).contains(&ms), "stage took {ms} ms\n{err}");
@@ -1041,9 +1041,7 @@ fn the_wait_for_udev_is_bounded_and_skipped_without_udevd() {
     let vm = Vm::new();
     late_cidata_cdrom(&vm);
     let setup = format!("mkdir -p run/udev && touch run/udev/queue\n(sleep 4; {CDROM_APPEARS}) &");
-    let (out, s) = initrd_stage(&vm, &setup, "");
-    let err = stderr(&out);
-    assert!(s.contains("rc=0"), "{s}\n{err}");
+    let (s, err) = initrd_stage(&vm, &setup, "");
     assert!(!err.contains("queue"), "{err}");
     assert!(wall_ms(&s) < 4000, "{s}\n{err}");
     assert_eq!(etc(&s, "hostname"), "", "{err}");
@@ -1055,18 +1053,14 @@ fn a_boot_that_finds_its_seed_never_waits_for_udev() {
     let vm = Vm::new();
     attach_cidata_iso(&vm, "instance-id: iso\nlocal-hostname: from-iso\n");
     std::fs::write(vm.p("host/proc/cmdline"), "ro\n").unwrap();
-    let (out, s) = initrd_stage(&vm, UDEV_BUSY, "--udev-wait 3");
-    let err = stderr(&out);
-    assert!(s.contains("rc=0"), "{s}\n{err}");
+    let (s, err) = initrd_stage(&vm, UDEV_BUSY, "--udev-wait 3");
     assert_eq!(etc(&s, "hostname"), "from-iso\n", "{err}");
     assert!(!err.contains("queue"), "{err}");
     assert!(wall_ms(&s) < 3000, "{s}\n{err}");
 
     // A seed named on the kernel command line and no seed volume: no wait either.
     let vm = Vm::new();
-    let (out, s) = initrd_stage(&vm, UDEV_BUSY, "--udev-wait 3");
-    let err = stderr(&out);
-    assert!(s.contains("rc=0"), "{s}\n{err}");
+    let (s, err) = initrd_stage(&vm, UDEV_BUSY, "--udev-wait 3");
     assert_eq!(etc(&s, "hostname"), "web1\n", "{err}");
     assert!(!err.contains("queue"), "{err}");
     assert!(wall_ms(&s) < 3000, "{s}\n{err}");
