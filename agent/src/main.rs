@@ -92,8 +92,8 @@ struct StageArgs {
     /// (0 disables asking).
     #[arg(long, default_value_t = 5)]
     channel_wait: u64,
-    /// Seconds to wait, when no seed volume is found while udevd still has device events
-    /// queued, for the queue to empty before looking again (0 disables waiting).
+    /// Seconds to wait, when no seed is found while udevd still has device events queued,
+    /// for the queue to empty before the seed volumes are tried again (0 disables waiting).
     #[arg(long, default_value_t = 5)]
     udev_wait: u64,
     /// Load the identity's ports as the nftables `inet nixseed` table (stage 2).

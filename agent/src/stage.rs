@@ -34,7 +34,7 @@ pub struct StageOptions {
     pub identity_dir: String,
     /// The control channel's bounded wait at boot (zero: do not ask the host).
     pub channel_wait: std::time::Duration,
-    /// The bounded wait for udev's queue when no seed volume is found (zero: none).
+    /// The bounded wait for udev's queue when no seed is found (zero: none).
     pub udev_wait: std::time::Duration,
     /// Keys a seed must be signed with; `None` accepts unsigned seeds (Proxmox, libvirt).
     pub trust: Option<std::sync::Arc<nixseed_core::trust::Trust>>,

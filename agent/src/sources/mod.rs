@@ -29,8 +29,8 @@ pub struct Env {
     pub run: PathBuf,
     /// How long the control channel waits for the host at boot; zero disables it.
     pub channel_wait: std::time::Duration,
-    /// How long the block probe waits for udev's queue to empty when it finds no seed
-    /// volume while udevd is still processing devices; zero disables it.
+    /// How long a boot that found no seed waits for udev's queue to empty, while udevd is
+    /// still adding devices, before it probes the block devices again; zero disables it.
     pub udev_wait: std::time::Duration,
     /// The identity store, for what `hello` reports.
     pub identity: PathBuf,
@@ -190,43 +190,45 @@ pub fn looked_at(order: Option<&[String]>) -> String {
         .join("; ")
 }
 
-/// The first seed found, in `order` (source names) or the default order.
+/// The first seed found, in `order` (source names) or the default order. The block devices
+/// get a second look once the sources that need no wait have missed: before the first
+/// source that asks the host, or at the end.
 pub fn find_seed(env: &Env, order: Option<&[String]>) -> Result<Option<Seed>> {
     let sources = chosen(order);
-    let mut tried_again = false;
-    for source in &sources {
-        if source.asks_the_host() && !tried_again {
-            tried_again = true;
-            if let Some(seed) = block_sources_again(env, &sources)? {
-                return Ok(Some(seed));
-            }
-        }
-        let _span = tracing::debug_span!("source", name = source.name()).entered();
-        if let Some(seed) = source.find(env)? {
-            return Ok(Some(seed));
-        }
+    let host_first = sources
+        .iter()
+        .position(|s| s.asks_the_host())
+        .unwrap_or(sources.len());
+    let (no_wait, asking) = sources.split_at(host_first);
+    if let Some(seed) = first_found(env, no_wait)? {
+        return Ok(Some(seed));
     }
-    if tried_again {
-        return Ok(None);
+    if let Some(seed) = block_sources_again(env, &sources)? {
+        return Ok(Some(seed));
     }
-    block_sources_again(env, &sources)
+    first_found(env, asking)
 }
 
-/// Once every source that needs no wait has missed: the block sources again, after udev
-/// has added the devices it was still adding (nothing when it was not, or when no block
-/// source is chosen).
-fn block_sources_again(env: &Env, sources: &[&'static dyn Source]) -> Result<Option<Seed>> {
-    let blocks: Vec<&&dyn Source> = sources.iter().filter(|s| s.reads_block_devices()).collect();
-    if blocks.is_empty() || !env.wait_for_udev_and_probe_again() {
-        return Ok(None);
-    }
-    for source in blocks {
+fn first_found<'a>(
+    env: &Env,
+    sources: impl IntoIterator<Item = &'a &'static dyn Source>,
+) -> Result<Option<Seed>> {
+    for source in sources {
         let _span = tracing::debug_span!("source", name = source.name()).entered();
         if let Some(seed) = source.find(env)? {
             return Ok(Some(seed));
         }
     }
     Ok(None)
+}
+
+/// The block sources again, after udev has added the devices it was still adding (nothing
+/// when it was not, or when no block source is chosen).
+fn block_sources_again(env: &Env, sources: &[&'static dyn Source]) -> Result<Option<Seed>> {
+    if !sources.iter().any(|s| s.reads_block_devices()) || !env.wait_for_udev_and_probe_again() {
+        return Ok(None);
+    }
+    first_found(env, sources.iter().filter(|s| s.reads_block_devices()))
 }
 
 /// Reads the named files of a seed directory; files that are absent are left out.
