@@ -118,8 +118,8 @@ struct RenderArgs {
     #[arg(long)]
     out: PathBuf,
     /// A guest NIC as NAME=MAC, to match network-config by MAC (repeatable).
-    #[arg(long = "link")]
-    links: Vec<String>,
+    #[arg(long = "link", value_name = "NAME=MAC")]
+    links: Vec<nixseed_core::network::Link>,
 }
 
 #[derive(Args)]
@@ -233,25 +233,14 @@ fn run(command: Command) -> Result<()> {
 fn render(a: &RenderArgs) -> Result<()> {
     use nixseed_core::identity::{ComposeContext, compose};
     use nixseed_core::manifest::Manifest;
-    use nixseed_core::network::Link;
     let files = sources::read_seed_files(&a.seed, nixseed_core::nocloud::SEED_FILES)?;
     let source = format!("nocloud:{}", a.seed.display());
     let seed = nixseed_core::seed::Seed::from_nocloud(&files, &source, None)?;
     for w in &seed.warnings {
         tracing::warn!("{w}");
     }
-    let mut links = Vec::new();
-    for l in &a.links {
-        let (name, mac) = l
-            .split_once('=')
-            .with_context(|| format!("--link {l}: expected NAME=MAC"))?;
-        links.push(Link {
-            name: name.into(),
-            mac: mac.to_ascii_lowercase(),
-        });
-    }
     let ctx = ComposeContext {
-        links,
+        links: a.links.clone(),
         regenerate: false,
     };
     let tree = compose(&seed, None, &ctx, &mut nixseed_core::fresh::OsFresh)?;

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use common::Scratch;
 
 #[test]
@@ -90,4 +92,72 @@ fn default_network_config_matches_the_vm_nic_by_mac() {
         "{network}"
     );
     assert!(network.contains("DHCP=ipv4\n"), "{network}");
+
+    // `seedctl render` told of the same NIC writes the agent's generation, file for file
+    // and mode for mode, less the generation's manifest.
+    s.ok(&[
+        "render",
+        "web1",
+        "--out",
+        "rendered",
+        "--link",
+        &format!("ens3={}", mac.to_ascii_uppercase()),
+    ]);
+    let mut guest = files_under(&s.path().join("tree/gen-1"));
+    assert!(guest.remove("manifest.json").is_some());
+    let host = files_under(&s.path().join("rendered"));
+    assert_eq!(
+        host.keys().collect::<Vec<_>>(),
+        guest.keys().collect::<Vec<_>>()
+    );
+    for (name, file) in &guest {
+        assert!(host[name] == *file, "{name} differs");
+    }
+}
+
+#[test]
+fn render_without_links_names_the_network_file_after_the_entry() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    s.ok(&["render", "web1", "--out", "tree"]);
+    let files = files_under(&s.path().join("tree"));
+    let network: Vec<&String> = files.keys().filter(|k| k.starts_with("network/")).collect();
+    assert_eq!(network, ["network/10-cloud-init-eth0.network"]);
+}
+
+#[test]
+fn a_malformed_link_is_refused_with_its_value() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    for (link, says) in [
+        ("ens3", "expected NAME=MAC"),
+        ("ens3=52:54:00:zz:00:01", "is not a MAC address"),
+        ("=52:54:00:12:34:56", "is not an interface name"),
+        ("a/b=52:54:00:12:34:56", "is not an interface name"),
+    ] {
+        let err = s.fails(&["render", "web1", "--out", "tree", "--link", link]);
+        assert!(err.contains(says) && err.contains(link), "{link}: {err}");
+    }
+    assert!(!s.path().join("tree").exists());
+}
+
+/// Every file under `dir`, by its path relative to `dir`, with its mode and contents.
+fn files_under(dir: &std::path::Path) -> BTreeMap<String, (u32, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                let mode = meta.permissions().mode() & 0o7777;
+                out.insert(rel, (mode, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
 }

@@ -44,6 +44,37 @@ pub struct Link {
     pub mac: String,
 }
 
+impl std::str::FromStr for Link {
+    type Err = String;
+
+    /// `NAME=MAC`, the form the `--link` options of `nixseed-agent render` and `seedctl
+    /// render` take: a NIC the guest has, so a config that matches by MAC names it.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, mac) = s
+            .split_once('=')
+            .ok_or_else(|| "expected NAME=MAC".to_string())?;
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', ':']) {
+            return Err(format!(
+                "{name:?} is not an interface name (1-15 characters, no '/', ':' or space)"
+            ));
+        }
+        let octets: Vec<&str> = mac.split(':').collect();
+        if octets.len() != 6
+            || !octets
+                .iter()
+                .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(format!(
+                "{mac:?} is not a MAC address (six hex octets, colon-separated)"
+            ));
+        }
+        Ok(Link {
+            name: name.into(),
+            mac: mac.to_ascii_lowercase(),
+        })
+    }
+}
+
 /// One interface of the config, before names are resolved against the guest's links.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Interface {

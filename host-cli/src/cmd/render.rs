@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use nixseed_core::identity::{ComposeContext, IdentityTree, compose};
+use nixseed_core::network::Link;
 use nixseed_core::seed::Seed;
 use serde_json::json;
 
@@ -17,18 +18,27 @@ use crate::output::Report;
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   seedctl render web1 --out /tmp/web1-identity
-  diff -r /tmp/web1-identity <(ssh web1 cat /var/identity/...)")]
+  seedctl render web1 --out /tmp/web1-identity --link enp0s1=52:54:00:12:34:56
+  diff /tmp/web1-identity/hostname <(seedctl ssh web1 -- cat /etc/hostname)
+Without --link, a network-config entry that matches by MAC finds no NIC and its file is
+named after the entry (network/10-cloud-init-eth0.network); with the guest's NICs given,
+the network files are the ones the guest writes.")]
 pub struct RenderArgs {
     /// Machine name
     pub name: String,
     /// Directory to write the tree into (created)
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// A NIC the guest has, as NAME=MAC, so network-config entries that match by MAC are
+    /// named as the guest names them (repeatable)
+    #[arg(long = "link", value_name = "NAME=MAC")]
+    pub links: Vec<Link>,
 }
 
 /// The seed a guest reads for this machine and the identity tree it composes from it,
-/// by nixseed-core's own code. `seedctl status` compares a guest against this tree.
-pub fn expected_tree(id: &Identity) -> Result<(Seed, IdentityTree)> {
+/// by nixseed-core's own code, for a guest with these NICs. `seedctl status` compares a
+/// guest against this tree.
+pub fn expected_tree(id: &Identity, links: &[Link]) -> Result<(Seed, IdentityTree)> {
     let files = nocloud::seed_files(id).to_core();
     let source = format!("seedctl:{}", id.dir.display());
     let seed = Seed::from_nocloud(&files, &source, None).map_err(|e| {
@@ -37,19 +47,18 @@ pub fn expected_tree(id: &Identity) -> Result<(Seed, IdentityTree)> {
             id.name
         )
     })?;
-    let tree = compose(
-        &seed,
-        None,
-        &ComposeContext::default(),
-        &mut nixseed_core::fresh::OsFresh,
-    )
-    .map_err(|e| anyhow!("machine `{}`: composing the identity: {e}", id.name))?;
+    let ctx = ComposeContext {
+        links: links.to_vec(),
+        regenerate: false,
+    };
+    let tree = compose(&seed, None, &ctx, &mut nixseed_core::fresh::OsFresh)
+        .map_err(|e| anyhow!("machine `{}`: composing the identity: {e}", id.name))?;
     Ok((seed, tree))
 }
 
 pub fn run(paths: &Paths, a: &RenderArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.name)?;
-    let (seed, tree) = expected_tree(&id)?;
+    let (seed, tree) = expected_tree(&id, &a.links)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     for (name, file) in &tree {
         let path = a.out.join(name);

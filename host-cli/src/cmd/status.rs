@@ -91,7 +91,7 @@ pub fn compare(
 
 pub fn run(paths: &Paths, a: &StatusArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.channel.name)?;
-    let (_, tree) = expected_tree(&id)?;
+    let (_, tree) = expected_tree(&id, &[])?;
     let host_files = Manifest::files_of(&tree);
     let host_iid = nocloud::instance_id(&id);
     let mut chan = a.channel.open(paths)?;
