@@ -148,6 +148,9 @@ pub fn tree_dir(variant: Variant) -> PathBuf {
 
 /// Builds the slow layer (debootstrap) unless cached; returns how long it took if built.
 pub fn prepare_tree(variant: Variant) -> Result<Option<Duration>> {
+    // Also with the tree cached: QEMU, qemu-img, xorriso and mtools boot and seed every VM,
+    // and a machine may have the cache without them.
+    crate::deps::ensure_packages(crate::deps::QEMU_PACKAGES)?;
     let dir = tree_dir(variant);
     if dir.join("ready").exists() {
         return Ok(None);
@@ -306,7 +309,6 @@ fn mirror_from_sources(text: &str) -> Option<String> {
 }
 
 fn build_tree_layer(variant: Variant, dir: &Path) -> Result<()> {
-    crate::deps::ensure_packages(crate::deps::QEMU_PACKAGES)?;
     let tmp = dir.join("tree.tmp");
     if tmp.exists() {
         fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
