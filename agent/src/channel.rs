@@ -56,6 +56,10 @@ fn status(ctx: &ChannelContext) -> Result<Message> {
             .as_ref()
             .and_then(|g| g.manifest.product_uuid.clone()),
         files: current.map(|g| g.manifest.files).unwrap_or_default(),
+        links: stage::links(&ctx.opts.host)
+            .into_iter()
+            .map(|l| (l.name, l.mac))
+            .collect(),
     })
 }
 

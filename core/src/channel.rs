@@ -56,6 +56,10 @@ pub enum Message {
         product_uuid: Option<String>,
         /// Relative file name → sha256, from the manifest.
         files: BTreeMap<String, String>,
+        /// The guest's NICs, name → MAC: the host renders the network files for them and
+        /// compares those too. Absent from agents that do not report them.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        links: BTreeMap<String, String>,
     },
     /// Guest → host: the answer to `push` and `rollback`.
     Applied {

@@ -262,6 +262,8 @@ pub struct GuestStatus {
     pub product_uuid: Option<String>,
     /// Relative file name → sha256, from the guest's manifest.
     pub files: std::collections::BTreeMap<String, String>,
+    /// The guest's NICs, empty when its agent does not report them.
+    pub links: Vec<nixseed_core::network::Link>,
 }
 
 /// Sends `status` and waits for the reply.
@@ -275,12 +277,20 @@ pub fn status(chan: &mut Channel, timeout: Duration) -> Result<GuestStatus> {
                 instance_id,
                 product_uuid,
                 files,
+                links,
             } => {
+                // Interfaces without an Ethernet MAC (a tunnel's empty address) match no
+                // network-config entry, so they are left out rather than refused.
+                let links = links
+                    .iter()
+                    .filter_map(|(name, mac)| format!("{name}={mac}").parse().ok())
+                    .collect();
                 return Ok(GuestStatus {
                     generation,
                     instance_id,
                     product_uuid,
                     files,
+                    links,
                 });
             }
             Message::Error { message } => bail!(

@@ -35,8 +35,10 @@ impl Guest {
     fn start(s: &Scratch, product_uuid: &str) -> Guest {
         let root = s.path().join("guest");
         std::fs::create_dir_all(&root).unwrap();
+        let mac = s.domain_mac("web1");
         ts::Guest {
             product_uuid,
+            nic: Some(("ens3", &mac)),
             ..ts::Guest::default()
         }
         .lay_out(&root)
@@ -183,11 +185,9 @@ fn push_status_and_rollback_against_the_real_agent() {
     ] {
         assert_eq!(files[f], "match", "{f}: {st}");
     }
-    assert!(
-        files
-            .iter()
-            .all(|(_, v)| v == "match" || v == "guest-rendered")
-    );
+    // The guest reported its NIC, so its network file is compared too.
+    assert_eq!(files["network/10-cloud-init-ens3.network"], "match", "{st}");
+    assert!(files.iter().all(|(_, v)| v == "match"), "{st}");
 
     // Edit the identity on the host and push again: only the hostname moves, and the
     // machine-id of the first push still waits for a reboot.

@@ -54,13 +54,7 @@ fn rendered_tree_carries_the_machine_identity() {
 fn default_network_config_matches_the_vm_nic_by_mac() {
     let s = Scratch::new();
     s.ok(&["new", "web1"]);
-    let xml = s.ok(&["xml", "web1", "--kernel", "/dev/null"]);
-    let mac = xml
-        .split("<mac address='")
-        .nth(1)
-        .and_then(|r| r.split('\'').next())
-        .unwrap()
-        .to_owned();
+    let mac = s.domain_mac("web1");
     s.ok(&["seed", "web1", "--format", "vfat", "-o", "seed.img"]);
     let seed = s.path().join("seed");
     std::fs::create_dir(&seed).unwrap();

@@ -66,12 +66,14 @@ impl FileState {
 }
 
 /// Compares the guest's manifest digests with the host's expected ones. Network files
-/// carry the guest's NIC names, which the host does not know, so they are listed only.
+/// carry the guest's NIC names: when the guest reported its NICs the host rendered them
+/// for those and they compare like the rest; otherwise they are listed only.
 pub fn compare(
     guest: &BTreeMap<String, String>,
     host: &BTreeMap<String, String>,
+    guest_nics_known: bool,
 ) -> Vec<(String, FileState)> {
-    let network = |n: &str| n.starts_with(&format!("{NETWORK_DIR}/"));
+    let network = |n: &str| !guest_nics_known && n.starts_with(&format!("{NETWORK_DIR}/"));
     let names: BTreeSet<&String> = guest.keys().chain(host.keys()).collect();
     names
         .into_iter()
@@ -91,8 +93,9 @@ pub fn compare(
 
 pub fn run(paths: &Paths, a: &StatusArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.channel.name)?;
-    let (_, tree) = expected_tree(&id, &[])?;
-    let host_files = Manifest::files_of(&tree);
+    // The seed must compose before the guest is asked: a seed the guest would reject is
+    // the host's error, whatever the guest says.
+    expected_tree(&id, &[])?;
     let host_iid = nocloud::instance_id(&id);
     let mut chan = a.channel.open(paths)?;
     let channel::GuestStatus {
@@ -100,8 +103,11 @@ pub fn run(paths: &Paths, a: &StatusArgs) -> Result<Report> {
         instance_id,
         product_uuid,
         files,
+        links,
     } = channel::status(&mut chan, a.channel.timeout())?;
-    let rows = compare(&files, &host_files);
+    let (_, tree) = expected_tree(&id, &links)?;
+    let host_files = Manifest::files_of(&tree);
+    let rows = compare(&files, &host_files, !links.is_empty());
     let iid_ok = instance_id.as_deref() == Some(host_iid.as_str());
     let uuid_ok = product_uuid
         .as_deref()
@@ -187,7 +193,7 @@ mod tests {
     }
 
     #[test]
-    fn files_compare_by_digest_and_network_is_only_listed() {
+    fn files_compare_by_digest_and_network_only_with_the_guest_nics() {
         let guest = map(&[
             ("hostname", "a"),
             ("machine-id", "b"),
@@ -201,7 +207,7 @@ mod tests {
             ("network/10-cloud-init-eth0.network", "m"),
         ]);
         assert_eq!(
-            compare(&guest, &host),
+            compare(&guest, &host, false),
             vec![
                 ("hostname".to_owned(), FileState::Match),
                 ("machine-id".to_owned(), FileState::Mismatch),
@@ -213,5 +219,15 @@ mod tests {
                 ("users.json".to_owned(), FileState::Extra),
             ]
         );
+        // With the guest's NICs known, the network files compare like the others.
+        let with_nics = compare(&guest, &host, true);
+        assert!(with_nics.contains(&(
+            "network/10-cloud-init-eth0.network".to_owned(),
+            FileState::Missing
+        )));
+        assert!(with_nics.contains(&(
+            "network/10-cloud-init-ens3.network".to_owned(),
+            FileState::Extra
+        )));
     }
 }

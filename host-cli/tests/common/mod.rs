@@ -105,6 +105,17 @@ impl Scratch {
         String::from_utf8(out.stderr).unwrap()
     }
 
+    /// The NIC's MAC the machine's libvirt domain gives it (`<mac address=…>`), which
+    /// the default network-config matches.
+    pub fn domain_mac(&self, name: &str) -> String {
+        let xml = self.ok(&["xml", name, "--kernel", "/dev/null"]);
+        xml.split("<mac address='")
+            .nth(1)
+            .and_then(|r| r.split('\'').next())
+            .expect("the domain XML names a MAC")
+            .to_owned()
+    }
+
     /// A fresh client key pair made by the real ssh-keygen; returns the .pub path.
     pub fn client_key(&self) -> PathBuf {
         let key = self.path().join("client_key");
