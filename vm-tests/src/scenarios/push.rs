@@ -86,6 +86,16 @@ pub fn push(h: &Harness) -> Result<()> {
     );
     let synced =
         edited_files_are(h, &m, &chan, 0, "match").context("seedctl status after the push")?;
+    // The guest lists its NICs, so the network file it rendered for its own NIC name is
+    // compared, not only listed.
+    let network_matches = synced["files"].as_object().is_some_and(|f| {
+        f.iter()
+            .any(|(n, s)| n.starts_with("network/") && s == "match")
+    });
+    ensure!(
+        network_matches,
+        "seedctl status did not compare the guest's network file: {synced}"
+    );
     // The generation it reports is the one the guest's store holds as current.
     let current = b.ssh.run("readlink /var/identity/current")?;
     let generation = synced["generation"].as_u64();
