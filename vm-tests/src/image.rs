@@ -210,7 +210,7 @@ fn final_key(agent: Option<&Path>, dist: &Path) -> Result<String> {
     ));
     // Every input of the final layer, so that a change to any of them is a new layer
     // without a version bump: the initramfs's /init, its module list and the busybox it
-    // copies from the host, and the agent's defaults file.
+    // copies from the host, the agent's defaults file and sshd's start-limit drop-in.
     h.update(crate::initramfs::INIT.as_bytes());
     h.update(format!("modules={}\n", crate::initramfs::MODULES.join(",")));
     // (When busybox is missing, building the layer says so.)
@@ -218,6 +218,7 @@ fn final_key(agent: Option<&Path>, dist: &Path) -> Result<String> {
         h.update(d);
     }
     h.update(AGENT_DEFAULTS.as_bytes());
+    h.update(SSH_START_LIMIT.as_bytes());
     if let Some(a) = agent {
         h.update(b"agent:");
         h.update(sha256_file(a)?);

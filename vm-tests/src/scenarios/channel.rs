@@ -139,6 +139,11 @@ pub fn channel(h: &Harness) -> Result<()> {
         generation.trim(),
         g.trim()
     );
+    let line = initrd_line(&b.ssh)?;
+    ensure!(
+        line.contains("nixseed initrd: Same -> "),
+        "the same identity pushed again was not decided `Same` in the initrd: {line}"
+    );
     b.poweroff()?;
     eprintln!(
         "vm-tests: {}: hello to identity: {ms1:.0} ms (first boot), {ms2:.0} ms (same identity)",
