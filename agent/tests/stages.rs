@@ -774,6 +774,26 @@ fn cmdline_and_smbios_serial_tokens_are_sources() {
         "{}",
         stderr(&out)
     );
+    // A serial token that names a seed directory: its own i= and h= apply to that seed,
+    // not the command line's.
+    let vm = Vm::new();
+    let dir = vm.p("sysroot/serial-seed");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("meta-data"), "instance-id: dir-1\n").unwrap();
+    std::fs::write(dir.join("user-data"), "").unwrap();
+    std::fs::write(
+        vm.p("host/sys/class/dmi/id/product_serial"),
+        "ds=nocloud;s=file:///serial-seed/;i=iid-serial;h=fromserial\n",
+    )
+    .unwrap();
+    let (out, s) = boot_cmdline(&vm, "ro\n");
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(etc(&s, "hostname"), "fromserial\n");
+    assert!(
+        stderr(&out).contains("source nocloud:smbios-serial:"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

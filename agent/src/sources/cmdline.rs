@@ -11,7 +11,8 @@ use super::{Env, Source, nocloud};
 fn from_token(env: &Env, tok: &DsToken, source: &str) -> Result<Option<Seed>> {
     if let Some(dir) = tok.local_seed_dir() {
         let dir = env.sysroot_path(dir);
-        if let Some(seed) = nocloud::from_dir(env, &dir, &format!("{source}:{}", dir.display()))? {
+        let named = format!("{source}:{}", dir.display());
+        if let Some(seed) = nocloud::from_dir(&dir, &named, Some(tok))? {
             return Ok(Some(seed));
         }
     }

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use nixseed_core::label::{self, FsType};
-use nixseed_core::nocloud::parse_ds_token;
+use nixseed_core::nocloud::{DsToken, parse_ds_token};
 use nixseed_core::seed::Seed;
 
 use super::block::{BlockDevice, Media};
@@ -13,13 +13,14 @@ use super::{Env, Source, read_seed_files};
 use nixseed_core::nocloud::SEED_FILES as FILES;
 
 /// Reads a NoCloud directory; `None` when it holds neither meta-data nor user-data.
-pub fn from_dir(env: &Env, dir: &Path, source: &str) -> Result<Option<Seed>> {
+/// `ds` is the `ds=nocloud` token whose `i=`/`h=` apply: the one that named the directory,
+/// or the kernel command line's for a volume or the seed directory.
+pub fn from_dir(dir: &Path, source: &str, ds: Option<&DsToken>) -> Result<Option<Seed>> {
     let files = read_seed_files(dir, FILES)?;
     if files.get("meta-data").is_none() && files.get("user-data").is_none() {
         return Ok(None);
     }
-    let ds = parse_ds_token(&env.cmdline());
-    Ok(Some(Seed::from_nocloud(&files, source, ds.as_ref())?))
+    Ok(Some(Seed::from_nocloud(&files, source, ds)?))
 }
 
 pub struct BlockNoCloud;
@@ -50,7 +51,7 @@ impl Source for BlockNoCloud {
             return from_iso(env, dev, &source);
         }
         let media = Media::mount(dev, &env.run)?;
-        from_dir(env, &media.dir, &source)
+        from_dir(&media.dir, &source, parse_ds_token(&env.cmdline()).as_ref())
     }
 }
 
@@ -85,6 +86,10 @@ impl Source for SeedDirNoCloud {
 
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
         let dir = env.sysroot_path("/var/lib/cloud/seed/nocloud");
-        from_dir(env, &dir, &format!("nocloud:{}", dir.display()))
+        from_dir(
+            &dir,
+            &format!("nocloud:{}", dir.display()),
+            parse_ds_token(&env.cmdline()).as_ref(),
+        )
     }
 }
