@@ -53,12 +53,29 @@ impl Source for ControlChannel {
         let t0 = Instant::now();
         // Non-blocking: virtio_console blocks a write until a host connects to the port,
         // and with nobody on the host side a blocking hello would never return.
-        let mut port = std::fs::OpenOptions::new()
+        let opened = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-            .open(&node)
-            .with_context(|| format!("cannot open the control channel {}", node.display()))?;
+            .open(&node);
+        let mut port = match opened {
+            Ok(port) => port,
+            // The port has one opener at a time: in a booted system that is the agent's own
+            // `serve`, through which the host pushes anyway. Nothing to find here then.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                tracing::warn!(
+                    "{} is held by another process (the agent's `serve`?): not asking the host for a seed over it",
+                    node.display()
+                );
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot open the control channel {}",
+                    node.display()
+                )));
+            }
+        };
         let (generation, instance_id) = env.current_identity();
         let hello = encode(&Message::Hello {
             product_uuid: env.product_uuid(),

@@ -13,6 +13,7 @@ pub fn push(h: &Harness) -> Result<()> {
     idle_without_hosts(&m, &b)?;
     calls_then_session(&m, &b)?;
     idle_hosts_attached(h, &m, &b)?;
+    channel_source_yields_to_serve(&b)?;
     let boot_id = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     let before = b
         .ssh
@@ -249,6 +250,23 @@ fn calls_then_session(m: &Machine, b: &Booted) -> Result<()> {
          all answered, the slowest call in {:.1} ms",
         m.name,
         slowest.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// A boot stage run while the agent's `serve` holds the control port (virtio_console lets
+/// one process open a port at a time) finds no seed over it and says why, instead of
+/// failing on the busy port.
+fn channel_source_yields_to_serve(b: &Booted) -> Result<()> {
+    let out = b.ssh.run(
+        "rm -rf /tmp/yield && mkdir -p /tmp/yield/s/var /tmp/yield/s/etc /tmp/yield/r && \
+         nixseed-agent initrd --sysroot /tmp/yield/s --run /tmp/yield/r --sources channel \
+         --channel-wait 2 2>&1; echo rc=$?",
+    )?;
+    ensure!(
+        out.contains("is held by another process") && out.contains("rc=0"),
+        "a boot stage asking the host over the port `serve` holds must find no seed and \
+         exit 0:\n{out}"
     );
     Ok(())
 }
