@@ -312,12 +312,7 @@ impl Store {
             }
             crate::crashpoint::hit("store-before-swap");
             rfs::renameat(&self.dir, pending.as_str(), &self.dir, CURRENT)
-                .with_context(|| format!("cannot replace {}", at(CURRENT)))?;
-            if durability == Durability::Now {
-                rfs::fsync(&self.dir)
-                    .with_context(|| format!("cannot sync {}", self.path.display()))?;
-            }
-            Ok(())
+                .with_context(|| format!("cannot replace {}", at(CURRENT)))
         })();
         if let Err(e) = result {
             let _ = remove_tree_at(&self.dir, &tmp);
@@ -326,8 +321,20 @@ impl Store {
             }
             return Err(e);
         }
+        // From here the new generation is current: what fails now is reported and the
+        // generation stands, so its caller goes on to bind it and run its write_files.
+        if durability == Durability::Now
+            && let Err(e) = rfs::fsync(&self.dir)
+        {
+            tracing::warn!(
+                "{name} is current, but syncing {} failed ({e}): a power cut before the next sync may bring the previous generation back",
+                self.path.display()
+            );
+        }
         crate::crashpoint::hit("store-after-swap");
-        self.prune(&[Some(n), previous, bound])?;
+        if let Err(e) = self.prune(&[Some(n), previous, bound]) {
+            tracing::warn!("{name} is current; {e:#}");
+        }
         crate::crashpoint::hit("store-after-prune");
         Ok(n)
     }

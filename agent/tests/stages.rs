@@ -378,6 +378,35 @@ fn full_var_keeps_the_previous_generation_whole() {
 }
 
 #[test]
+fn an_old_generation_that_cannot_be_removed_does_not_undo_the_new_one() {
+    let vm = Vm::new();
+    vm.boot();
+    vm.seed(
+        "instance-id: iid-2\n",
+        "#cloud-config\nhostname: web2\n",
+        None,
+    );
+    vm.boot();
+    assert_eq!(vm.generation(), "gen-2");
+    // gen-1 is neither current nor the previous one, so writing gen-3 prunes it; a mount
+    // on one of its files makes that removal fail (EBUSY).
+    vm.seed(
+        "instance-id: iid-3\n",
+        "#cloud-config\nhostname: web3\n",
+        None,
+    );
+    let (out, s) = vm.boot_with("mount --bind /dev/null sysroot/var/identity/gen-1/machine-id");
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(etc(&s, "hostname"), "web3\n", "{s}");
+    assert_eq!(vm.generation(), "gen-3");
+    let err = stderr(&out);
+    assert!(
+        err.contains("gen-3 is current; cannot remove old") && err.contains("gen-1"),
+        "{err}"
+    );
+}
+
+#[test]
 fn read_only_var_keeps_the_previous_generation_mounted() {
     assert_bad_seed_keeps_identity(
         "mount --bind sysroot/var sysroot/var && mount -o remount,bind,ro sysroot/var",
