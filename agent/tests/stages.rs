@@ -1008,6 +1008,69 @@ fn a_configdrive_iso_is_read_in_place() {
     assert_eq!(etc(&s, "hostname"), "from-configdrive\n");
 }
 
+/// A loop device over an image file, detached when dropped.
+struct Loop(String);
+
+impl Loop {
+    fn attach(image: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(image)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "losetup: {}", stderr(&out));
+        Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A seed volume the agent mounts (ext4 labelled `config-2`, on a loop device) whose
+/// `openstack` directory is a symlink to a ConfigDrive tree off the volume: that tree is
+/// not read.
+#[test]
+fn a_mounted_seed_volume_does_not_follow_symlinks_off_it() {
+    let vm = Vm::new();
+    let outside = vm.p("outside/latest");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(
+        outside.join("meta_data.json"),
+        r#"{"uuid":"off-1","hostname":"from-outside"}"#,
+    )
+    .unwrap();
+    std::fs::write(outside.join("user_data"), "#cloud-config\n").unwrap();
+    let stage = vm.p("ext4-stage");
+    std::fs::create_dir_all(&stage).unwrap();
+    std::os::unix::fs::symlink(vm.p("outside"), stage.join("openstack")).unwrap();
+    let image = vm.p("config-2.ext4");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "config-2", "-d"])
+        .arg(&stage)
+        .arg(&image)
+        .arg("4M")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let lo = Loop::attach(&image);
+    std::fs::create_dir_all(vm.p("host/dev")).unwrap();
+    std::fs::create_dir_all(vm.p("host/sys/class/block/vdz")).unwrap();
+    std::os::unix::fs::symlink(&lo.0, vm.p("host/dev/vdz")).unwrap();
+    let (out, s) = boot_cmdline(&vm, "ro\n");
+    let err = stderr(&out);
+    assert!(
+        err.contains("media-config-2/openstack/latest/meta_data.json")
+            && err.contains("Too many levels of symbolic links"),
+        "the error names the file the symlink stopped: {err}"
+    );
+    assert_ne!(etc(&s, "hostname"), "from-outside\n", "{s}\n{err}");
+    assert!(!err.contains("off-1"), "{err}");
+}
+
 /// A `cidata` ISO (xorriso, Rock Ridge + Joliet) with `meta_data` and an empty user-data
 /// as the machine's cdrom.
 fn attach_cidata_iso(vm: &Vm, meta_data: &str) {

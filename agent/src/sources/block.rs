@@ -162,7 +162,16 @@ impl Media {
         }
         let mount = Mount::builder()
             .fstype(dev.fstype.mount_name())
-            .flags(MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC)
+            // nosymfollow: no path into the seed (`openstack/latest/…`) follows a symlink on
+            // the volume to somewhere off it; the files' own last components are refused by
+            // `read_seed_files` as well.
+            .flags(
+                MountFlags::RDONLY
+                    | MountFlags::NOSUID
+                    | MountFlags::NODEV
+                    | MountFlags::NOEXEC
+                    | MountFlags::from_bits_retain(nix::libc::MS_NOSYMFOLLOW),
+            )
             .mount(&dev.node, &dir)
             .with_context(|| {
                 format!(
