@@ -80,6 +80,18 @@ impl Vm {
         self.boot_with("")
     }
 
+    /// Seeds instance `iid-N` with hostname `webN` and boots; the stage must write
+    /// generation N.
+    fn boot_instance(&self, n: u32) {
+        self.seed(
+            &format!("instance-id: iid-{n}\n"),
+            format!("#cloud-config\nhostname: web{n}\n"),
+            None,
+        );
+        self.boot();
+        assert_eq!(self.generation(), format!("gen-{n}"));
+    }
+
     /// Packs `stage` with `tool args... -o` into `host/dev/sr0`, a cdrom the probe finds
     /// through `host/sys/class/block/sr0`.
     fn attach_iso(&self, stage: &Path, tool: &[&str]) {
@@ -381,13 +393,7 @@ fn full_var_keeps_the_previous_generation_whole() {
 fn an_old_generation_that_cannot_be_removed_does_not_undo_the_new_one() {
     let vm = Vm::new();
     vm.boot();
-    vm.seed(
-        "instance-id: iid-2\n",
-        "#cloud-config\nhostname: web2\n",
-        None,
-    );
-    vm.boot();
-    assert_eq!(vm.generation(), "gen-2");
+    vm.boot_instance(2);
     // gen-1 is neither current nor the previous one, so writing gen-3 prunes it; a mount
     // on one of its files makes that removal fail (EBUSY).
     vm.seed(
@@ -789,20 +795,19 @@ fn cmdline_and_smbios_serial_tokens_are_sources() {
     let (out, s) = boot_cmdline(&vm, "ro ds=nocloud;i=iid-cmd;h=fromcmdline\n");
     assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
     assert_eq!(etc(&s, "hostname"), "fromcmdline\n");
-    let vm = Vm::new();
-    std::fs::write(
-        vm.p("host/sys/class/dmi/id/product_serial"),
-        "ds=nocloud;h=fromserial;i=iid-serial\n",
-    )
-    .unwrap();
-    let (out, s) = boot_cmdline(&vm, "ro\n");
-    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
-    assert_eq!(etc(&s, "hostname"), "fromserial\n");
-    assert!(
-        stderr(&out).contains("source nocloud:smbios-serial"),
-        "{}",
-        stderr(&out)
-    );
+    // A token in the serial with no command-line token: hostname `fromserial`.
+    let boots_from_serial = |vm: &Vm, serial: &str| {
+        std::fs::write(vm.p("host/sys/class/dmi/id/product_serial"), serial).unwrap();
+        let (out, s) = boot_cmdline(vm, "ro\n");
+        assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+        assert_eq!(etc(&s, "hostname"), "fromserial\n");
+        assert!(
+            stderr(&out).contains("source nocloud:smbios-serial"),
+            "{}",
+            stderr(&out)
+        );
+    };
+    boots_from_serial(&Vm::new(), "ds=nocloud;h=fromserial;i=iid-serial\n");
     // A serial token that names a seed directory: its own i= and h= apply to that seed,
     // not the command line's.
     let vm = Vm::new();
@@ -810,18 +815,9 @@ fn cmdline_and_smbios_serial_tokens_are_sources() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("meta-data"), "instance-id: dir-1\n").unwrap();
     std::fs::write(dir.join("user-data"), "").unwrap();
-    std::fs::write(
-        vm.p("host/sys/class/dmi/id/product_serial"),
+    boots_from_serial(
+        &vm,
         "ds=nocloud;s=file:///serial-seed/;i=iid-serial;h=fromserial\n",
-    )
-    .unwrap();
-    let (out, s) = boot_cmdline(&vm, "ro\n");
-    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
-    assert_eq!(etc(&s, "hostname"), "fromserial\n");
-    assert!(
-        stderr(&out).contains("source nocloud:smbios-serial:"),
-        "{}",
-        stderr(&out)
     );
 }
 
@@ -904,13 +900,7 @@ fn a_generation_left_incomplete_by_a_power_cut_is_rolled_back_at_the_next_boot()
     let vm = Vm::new();
     vm.boot();
     let key = vm.identity("ssh_host_ed25519_key");
-    vm.seed(
-        "instance-id: iid-2\n",
-        "#cloud-config\nhostname: web2\n",
-        None,
-    );
-    vm.boot();
-    assert_eq!(vm.generation(), "gen-2");
+    vm.boot_instance(2);
     empty_files_of(&vm.p("sysroot/var/identity/gen-2"));
 
     // What the next boot will use, without changing anything.
