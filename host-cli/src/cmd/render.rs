@@ -35,30 +35,33 @@ pub struct RenderArgs {
     pub links: Vec<Link>,
 }
 
-/// The seed a guest reads for this machine and the identity tree it composes from it,
-/// by nixseed-core's own code, for a guest with these NICs. `seedctl status` compares a
-/// guest against this tree.
-pub fn expected_tree(id: &Identity, links: &[Link]) -> Result<(Seed, IdentityTree)> {
+/// The seed a guest reads for this machine, parsed by nixseed-core's own code.
+pub fn expected_seed(id: &Identity) -> Result<Seed> {
     let files = nocloud::seed_files(id).to_core();
     let source = format!("seedctl:{}", id.dir.display());
-    let seed = Seed::from_nocloud(&files, &source, None).map_err(|e| {
+    Seed::from_nocloud(&files, &source, None).map_err(|e| {
         anyhow!(
             "machine `{}`: the guest would reject this seed: {e}",
             id.name
         )
-    })?;
+    })
+}
+
+/// The identity tree a guest with these NICs composes from the machine's seed, by
+/// nixseed-core's own code. `seedctl status` compares a guest against this tree.
+pub fn expected_tree(id: &Identity, seed: &Seed, links: &[Link]) -> Result<IdentityTree> {
     let ctx = ComposeContext {
         links: links.to_vec(),
         regenerate: false,
     };
-    let tree = compose(&seed, None, &ctx, &mut nixseed_core::fresh::OsFresh)
-        .map_err(|e| anyhow!("machine `{}`: composing the identity: {e}", id.name))?;
-    Ok((seed, tree))
+    compose(seed, None, &ctx, &mut nixseed_core::fresh::OsFresh)
+        .map_err(|e| anyhow!("machine `{}`: composing the identity: {e}", id.name))
 }
 
 pub fn run(paths: &Paths, a: &RenderArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.name)?;
-    let (seed, tree) = expected_tree(&id, &a.links)?;
+    let seed = expected_seed(&id)?;
+    let tree = expected_tree(&id, &seed, &a.links)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     for (name, file) in &tree {
         let path = a.out.join(name);

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::channel;
 use crate::cmd::push::ChannelArgs;
-use crate::cmd::render::expected_tree;
+use crate::cmd::render::{expected_seed, expected_tree};
 use crate::machine::{Identity, Paths};
 use crate::nocloud;
 use crate::output::Report;
@@ -93,9 +93,9 @@ pub fn compare(
 
 pub fn run(paths: &Paths, a: &StatusArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.channel.name)?;
-    // The seed must compose before the guest is asked: a seed the guest would reject is
-    // the host's error, whatever the guest says.
-    expected_tree(&id, &[])?;
+    // Parsed before the guest is asked: a seed the guest would reject is the host's
+    // error, whatever the guest says.
+    let seed = expected_seed(&id)?;
     let host_iid = nocloud::instance_id(&id);
     let mut chan = a.channel.open(paths)?;
     let channel::GuestStatus {
@@ -105,7 +105,7 @@ pub fn run(paths: &Paths, a: &StatusArgs) -> Result<Report> {
         files,
         links,
     } = channel::status(&mut chan, a.channel.timeout())?;
-    let (_, tree) = expected_tree(&id, &links)?;
+    let tree = expected_tree(&id, &seed, &links)?;
     let host_files = Manifest::files_of(&tree);
     let rows = compare(&files, &host_files, !links.is_empty());
     let iid_ok = instance_id.as_deref() == Some(host_iid.as_str());
