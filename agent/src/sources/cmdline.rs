@@ -43,7 +43,7 @@ impl Source for CmdlineNoCloud {
     }
 
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
-        match parse_ds_token(&env.cmdline()) {
+        match env.cmdline_ds_token() {
             Some(tok) => from_token(env, &tok, "nocloud:cmdline"),
             None => Ok(None),
         }

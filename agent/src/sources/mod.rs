@@ -134,6 +134,11 @@ impl Env {
     pub fn cmdline(&self) -> String {
         std::fs::read_to_string(self.host_path("/proc/cmdline")).unwrap_or_default()
     }
+
+    /// The `ds=nocloud` token of the kernel command line, if it has one.
+    pub fn cmdline_ds_token(&self) -> Option<nixseed_core::nocloud::DsToken> {
+        nixseed_core::nocloud::parse_ds_token(&self.cmdline())
+    }
 }
 
 /// One place a seed can come from.

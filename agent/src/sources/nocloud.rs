@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use nixseed_core::label::{self, FsType};
-use nixseed_core::nocloud::{DsToken, parse_ds_token};
+use nixseed_core::nocloud::DsToken;
 use nixseed_core::seed::Seed;
 
 use super::block::{BlockDevice, Media};
@@ -51,7 +51,7 @@ impl Source for BlockNoCloud {
             return from_iso(env, dev, &source);
         }
         let media = Media::mount(dev, &env.run)?;
-        from_dir(&media.dir, &source, parse_ds_token(&env.cmdline()).as_ref())
+        from_dir(&media.dir, &source, env.cmdline_ds_token().as_ref())
     }
 }
 
@@ -69,7 +69,7 @@ fn from_iso(env: &Env, dev: &BlockDevice, source: &str) -> Result<Option<Seed>> 
         );
         return Ok(None);
     }
-    let ds = parse_ds_token(&env.cmdline());
+    let ds = env.cmdline_ds_token();
     Ok(Some(Seed::from_nocloud(&files, source, ds.as_ref())?))
 }
 
@@ -89,7 +89,7 @@ impl Source for SeedDirNoCloud {
         from_dir(
             &dir,
             &format!("nocloud:{}", dir.display()),
-            parse_ds_token(&env.cmdline()).as_ref(),
+            env.cmdline_ds_token().as_ref(),
         )
     }
 }
