@@ -1019,6 +1019,26 @@ impl Drop for Loop {
     }
 }
 
+/// An ext4 volume labelled `config-2` holding `stage`, on a loop device the host tree shows
+/// as `/dev/vdz`; returns the image file and the loop device.
+fn ext4_seed_volume(vm: &Vm, stage: &Path) -> (PathBuf, Loop) {
+    let image = vm.p("config-2.ext4");
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "config-2", "-d"])
+        .arg(stage)
+        .arg(&image)
+        .arg("4M")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let lo = Loop::attach(&image);
+    std::fs::create_dir_all(vm.p("host/dev")).unwrap();
+    std::fs::create_dir_all(vm.p("host/sys/class/block/vdz")).unwrap();
+    std::os::unix::fs::symlink(&lo.0, vm.p("host/dev/vdz")).unwrap();
+    (image, lo)
+}
+
 /// A seed volume the agent mounts (ext4 labelled `config-2`, on a loop device) whose
 /// `openstack` directory is a symlink to a ConfigDrive tree off the volume: that tree is
 /// not read.
@@ -1036,20 +1056,7 @@ fn a_mounted_seed_volume_does_not_follow_symlinks_off_it() {
     let stage = vm.p("ext4-stage");
     std::fs::create_dir_all(&stage).unwrap();
     std::os::unix::fs::symlink(vm.p("outside"), stage.join("openstack")).unwrap();
-    let image = vm.p("config-2.ext4");
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "config-2", "-d"])
-        .arg(&stage)
-        .arg(&image)
-        .arg("4M")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let lo = Loop::attach(&image);
-    std::fs::create_dir_all(vm.p("host/dev")).unwrap();
-    std::fs::create_dir_all(vm.p("host/sys/class/block/vdz")).unwrap();
-    std::os::unix::fs::symlink(&lo.0, vm.p("host/dev/vdz")).unwrap();
+    let (_image, _lo) = ext4_seed_volume(&vm, &stage);
     let (out, s) = boot_cmdline(&vm, "ro\n");
     let err = stderr(&out);
     assert!(
@@ -1166,4 +1173,39 @@ fn a_boot_that_finds_its_seed_never_waits_for_udev() {
     assert_eq!(etc(&s, "hostname"), "web1\n", "{err}");
     assert!(!err.contains("queue"), "{err}");
     assert!(wall_ms(&s) < 3000, "{s}\n{err}");
+}
+
+/// An ext4 `config-2` volume whose journal is marked as needing recovery (as after a host
+/// crashed while writing it) is read without replaying the journal: the seed is applied
+/// and not one byte of the volume changes.
+#[test]
+fn a_mounted_ext4_seed_with_a_dirty_journal_is_left_unwritten() {
+    let vm = Vm::new();
+    let stage = vm.p("ext4-stage");
+    let latest = stage.join("openstack/latest");
+    std::fs::create_dir_all(&latest).unwrap();
+    std::fs::write(
+        latest.join("meta_data.json"),
+        r#"{"uuid":"dirty-1","hostname":"from-dirty-ext4"}"#,
+    )
+    .unwrap();
+    std::fs::write(latest.join("user_data"), "#cloud-config\n").unwrap();
+    let (image, _lo) = ext4_seed_volume(&vm, &stage);
+    let st = Command::new("debugfs")
+        .args(["-w", "-R", "feature needs_recovery"])
+        .arg(&image)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let before = std::fs::read(&image).unwrap();
+    let (out, s) = boot_cmdline(&vm, "ro\n");
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert_eq!(etc(&s, "hostname"), "from-dirty-ext4\n", "{err}");
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "the seed volume was written to: {err}"
+    );
 }

@@ -160,7 +160,7 @@ impl Media {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
         }
-        let mount = Mount::builder()
+        let mut builder = Mount::builder()
             .fstype(dev.fstype.mount_name())
             // nosymfollow: no path into the seed (`openstack/latest/…`) follows a symlink on
             // the volume to somewhere off it; the files' own last components are refused by
@@ -171,17 +171,21 @@ impl Media {
                     | MountFlags::NODEV
                     | MountFlags::NOEXEC
                     | MountFlags::from_bits_retain(nix::libc::MS_NOSYMFOLLOW),
+            );
+        if matches!(dev.fstype, FsType::Ext4) {
+            // Without its journal: a read-only mount would still replay a dirty journal,
+            // writing to the operator's seed disk.
+            builder = builder.data("noload");
+        }
+        let mount = builder.mount(&dev.node, &dir).with_context(|| {
+            format!(
+                "cannot mount {} ({}, label {}) read-only at {}",
+                dev.node.display(),
+                dev.fstype.mount_name(),
+                dev.label,
+                dir.display()
             )
-            .mount(&dev.node, &dir)
-            .with_context(|| {
-                format!(
-                    "cannot mount {} ({}, label {}) read-only at {}",
-                    dev.node.display(),
-                    dev.fstype.mount_name(),
-                    dev.label,
-                    dir.display()
-                )
-            })?;
+        })?;
         Ok(Media {
             dir,
             _mount: mount.into_unmount_drop(UnmountFlags::DETACH),
