@@ -23,17 +23,230 @@ impl YamlError {
 
 /// Parses one YAML document. An empty document is an empty mapping, as cloud-init treats it.
 /// Errors carry the file name and the line and column.
+///
+/// The document is read as PyYAML reads it where serde_yaml alone would differ: of keys
+/// given twice the last wins, and merge keys (`<<: *base`) are applied. Two limits keep a
+/// hostile document from stalling the boot: flow collections nested deeper than
+/// [`MAX_DEPTH`] are refused before the parser sees them (its scanner's time grows with
+/// the depth for every token), and aliases may not expand the document beyond
+/// [`MAX_EXPANDED`] (each use of an anchor is a copy).
 pub fn parse(text: &str, origin: &str) -> Result<Value, YamlError> {
     if text.trim().is_empty() {
         return Ok(Value::Mapping(Mapping::new()));
     }
-    serde_yaml::from_str::<Value>(text).map_err(|e| {
+    if let Some(line) = flow_depth_exceeded(text, MAX_DEPTH) {
+        return Err(YamlError::new(
+            origin,
+            format!(
+                "line {line}: malformed YAML: collections nested deeper than {MAX_DEPTH} levels"
+            ),
+        ));
+    }
+    let budget = std::cell::Cell::new(MAX_EXPANDED);
+    let de = serde_yaml::Deserializer::from_str(text);
+    let mut value = serde::de::DeserializeSeed::deserialize(Bounded(&budget), de).map_err(|e| {
         let place = e
             .location()
             .map(|l| format!("line {}, column {}: ", l.line(), l.column()))
             .unwrap_or_default();
         YamlError::new(origin, format!("{place}malformed YAML: {e}"))
-    })
+    })?;
+    value
+        .apply_merge()
+        .map_err(|e| YamlError::new(origin, format!("malformed YAML: merge key: {e}")))?;
+    Ok(value)
+}
+
+/// serde_yaml's own limit on nesting; flow collections deeper than this are refused before
+/// parsing.
+pub const MAX_DEPTH: usize = 128;
+
+/// How large the parsed document may grow with its aliases expanded: bytes of scalars
+/// plus [`NODE_COST`] per node. Twice the largest user-data, so a document without
+/// aliases never reaches it.
+pub const MAX_EXPANDED: usize = 2 * crate::userdata::MAX_USER_DATA;
+const NODE_COST: usize = 16;
+
+/// Builds a [`Value`] as serde_yaml's own does, but charging every node and scalar to a
+/// budget, and keeping the last of duplicate keys.
+struct Bounded<'a>(&'a std::cell::Cell<usize>);
+
+impl Bounded<'_> {
+    fn charge<E: serde::de::Error>(&self, cost: usize) -> Result<(), E> {
+        match self.0.get().checked_sub(cost.saturating_add(NODE_COST)) {
+            Some(left) => {
+                self.0.set(left);
+                Ok(())
+            }
+            None => Err(E::custom(format_args!(
+                "aliases expand the document beyond {MAX_EXPANDED} bytes"
+            ))),
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Bounded<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<Value, D::Error> {
+        de.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Bounded<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Value, E> {
+        self.charge(0)?;
+        Ok(Value::Bool(b))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, i: i64) -> Result<Value, E> {
+        self.charge(0)?;
+        Ok(Value::Number(i.into()))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, u: u64) -> Result<Value, E> {
+        self.charge(0)?;
+        Ok(Value::Number(u.into()))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, f: f64) -> Result<Value, E> {
+        self.charge(0)?;
+        Ok(Value::Number(f.into()))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Value, E> {
+        self.charge(s.len())?;
+        Ok(Value::String(s.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Value, E> {
+        self.charge(s.len())?;
+        Ok(Value::String(s))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.charge(0)?;
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.visit_unit()
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, de: D) -> Result<Value, D::Error> {
+        serde::de::DeserializeSeed::deserialize(self, de)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.charge(0)?;
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(Bounded(self.0))? {
+            items.push(item);
+        }
+        Ok(Value::Sequence(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.charge(0)?;
+        let mut out = Mapping::new();
+        while let Some(key) = map.next_key_seed(Bounded(self.0))? {
+            let value = map.next_value_seed(Bounded(self.0))?;
+            // PyYAML keeps the last of keys given twice; serde_yaml would refuse them.
+            out.insert(key, value);
+        }
+        Ok(Value::Mapping(out))
+    }
+
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<Value, A::Error> {
+        use serde::de::VariantAccess;
+        self.charge(0)?;
+        let (tag, contents) = data.variant_seed(std::marker::PhantomData::<String>)?;
+        let value = contents.newtype_variant_seed(Bounded(self.0))?;
+        Ok(Value::Tagged(Box::new(serde_yaml::value::TaggedValue {
+            tag: serde_yaml::value::Tag::new(tag),
+            value,
+        })))
+    }
+}
+
+/// The line on which flow collections (`[`, `{`) first nest deeper than `limit`, as far as
+/// a scan that knows quoted scalars, comments and block scalars can tell. It counts a
+/// bracket in a plain scalar only where a collection could start, so it errs towards
+/// deeper, and a document serde_yaml accepts (nesting of any kind at most 128) stays
+/// below the limit unless its plain scalars hold unbalanced brackets.
+fn flow_depth_exceeded(text: &str, limit: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut quote: Option<u8> = None;
+    let mut block_scalar: Option<usize> = None;
+    for (n, line) in text.lines().enumerate() {
+        let bytes = line.as_bytes();
+        let indent = bytes.iter().take_while(|&&c| c == b' ').count();
+        if let Some(parent) = block_scalar {
+            if line.trim().is_empty() || indent > parent {
+                continue;
+            }
+            block_scalar = None;
+        }
+        let mut at_start = quote.is_none();
+        let mut i = 0;
+        while i < bytes.len() {
+            let c = bytes[i];
+            let next_blank = bytes.get(i + 1).is_none_or(|b| matches!(b, b' ' | b'\t'));
+            if let Some(q) = quote {
+                if q == b'"' && c == b'\\' {
+                    i += 2;
+                    continue;
+                }
+                if c == q {
+                    if q == b'\'' && bytes.get(i + 1) == Some(&b'\'') {
+                        i += 2;
+                        continue;
+                    }
+                    quote = None;
+                    at_start = false;
+                }
+                i += 1;
+                continue;
+            }
+            match c {
+                b' ' | b'\t' => {}
+                b'#' if i == 0 || matches!(bytes[i - 1], b' ' | b'\t') => break,
+                b'"' | b'\'' if at_start => quote = Some(c),
+                b'[' | b'{' if depth > 0 || at_start => {
+                    depth += 1;
+                    if depth > limit {
+                        return Some(n + 1);
+                    }
+                    at_start = true;
+                }
+                b']' | b'}' if depth > 0 => {
+                    depth -= 1;
+                    at_start = false;
+                }
+                b',' if depth > 0 => at_start = true,
+                b':' if depth > 0 || next_blank => at_start = true,
+                b'-' | b'?' if next_blank => at_start = true,
+                b'|' | b'>' if at_start && depth == 0 => {
+                    block_scalar = Some(indent);
+                    break;
+                }
+                b'!' | b'&' if at_start => {
+                    while i + 1 < bytes.len() && !matches!(bytes[i + 1], b' ' | b'\t') {
+                        i += 1;
+                    }
+                }
+                _ => at_start = false,
+            }
+            i += 1;
+        }
+    }
+    None
 }
 
 /// Parses a document that must be a mapping (meta-data, cloud-config, network-config).
@@ -229,6 +442,76 @@ mod tests {
         let err = parse_mapping("a: [1, 2\nb: c\n", "user-data").unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("user-data: line "), "{msg}");
+    }
+
+    #[test]
+    fn the_last_of_duplicate_keys_wins_as_in_pyyaml() {
+        let m = parse_mapping("hostname: a\nfqdn: x\nhostname: b\n", "user-data").unwrap();
+        assert_eq!(m["hostname"], Value::String("b".into()));
+        assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn merge_keys_are_applied() {
+        let text = "base: &b {groups: [wheel], shell: /bin/sh}\nusers:\n  - <<: *b\n    name: bob\n    shell: /bin/zsh\n";
+        let v = parse(text, "user-data").unwrap();
+        let bob = &v["users"][0];
+        assert_eq!(bob["name"], Value::String("bob".into()));
+        assert_eq!(bob["groups"][0], Value::String("wheel".into()));
+        assert_eq!(
+            bob["shell"],
+            Value::String("/bin/zsh".into()),
+            "the entry's own key wins"
+        );
+        assert!(bob.get("<<").is_none());
+    }
+
+    #[test]
+    fn aliases_cannot_expand_a_document_without_bound() {
+        // One 1 MiB anchored string named 40 times: 40 MiB once expanded.
+        let big = "x".repeat(1 << 20);
+        let mut text = format!("a: &big {big}\nb: [");
+        text.push_str(&vec!["*big"; 40].join(", "));
+        text.push_str("]\n");
+        let err = parse(&text, "user-data").unwrap_err().to_string();
+        assert!(
+            err.starts_with("user-data: ") && err.contains("aliases expand the document"),
+            "{err}"
+        );
+        // A few uses stay within the bound.
+        let small = format!("a: &big {big}\nb: [*big, *big]\n");
+        assert!(parse(&small, "user-data").is_ok());
+    }
+
+    #[test]
+    fn deep_flow_nesting_is_refused_before_parsing() {
+        let text = format!("a: 1\nx: {}\n", "[".repeat(100_000));
+        let err = parse(&text, "meta-data").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "meta-data: line 2: malformed YAML: collections nested deeper than 128 levels"
+        );
+        let flow = format!("x: {}1{}\n", "[".repeat(120), "]".repeat(120));
+        assert!(parse(&flow, "t").is_ok(), "nesting within the limit parses");
+    }
+
+    #[test]
+    fn brackets_in_scalars_comments_and_block_scalars_do_not_count_as_nesting() {
+        let open = "[".repeat(300);
+        let text = format!(
+            "a: \"{open}\"\nb: '{open}'\nc: x{open}\n# {open}\nd: |\n  {open}\n  more {open}\ne: [\"{open}\", '{open}']\n"
+        );
+        let m = parse_mapping(&text, "user-data").unwrap();
+        assert_eq!(m["c"], Value::String(format!("x{open}")));
+        assert_eq!(m["d"], Value::String(format!("{open}\nmore {open}\n")));
+        // A closing bracket inside a quoted scalar does not close a collection.
+        let hidden = format!("x: {}\n", "[ \"]\", ".repeat(200));
+        assert!(
+            parse(&hidden, "t")
+                .unwrap_err()
+                .to_string()
+                .contains("nested deeper")
+        );
     }
 
     #[test]
