@@ -355,7 +355,7 @@ pub fn apply_seed(
     // The generation is current by now: a file that cannot be written is reported, and the
     // identity is still mounted and reloaded (cloud-init's write_files fails on its own too).
     if !files.is_empty() {
-        match crate::write_files::apply(&opts.sysroot, &opts.identity_dir, &files) {
+        match crate::write_files::apply(&opts.sysroot, &opts.run, &opts.identity_dir, &files) {
             Ok(written) => tracing::info!("write_files: wrote {}", written.join(", ")),
             Err(e) => tracing::error!("{e:#}; generation {n} is applied without it"),
         }

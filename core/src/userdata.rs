@@ -43,6 +43,10 @@ pub struct WriteFile {
     pub path: String,
     pub content: Vec<u8>,
     pub permissions: u32,
+    /// `append: true`: added to the end of an existing file instead of replacing it.
+    pub append: bool,
+    /// `owner:` as written (`user`, `user:group`, or numeric IDs); `None` is root.
+    pub owner: Option<String>,
 }
 
 /// `resolv_conf:` as cloud-init's cc_resolv_conf reads it.
@@ -311,7 +315,11 @@ fn merge_cloud_config(
             }
             "write_files" => {
                 let used: usize = config.write_files.iter().map(|f| f.content.len()).sum();
-                let files = ctx.write_files(value, MAX_USER_DATA.saturating_sub(used))?;
+                let files = ctx.write_files(
+                    value,
+                    MAX_USER_DATA.saturating_sub(used),
+                    &mut config.warnings,
+                )?;
                 config.write_files.extend(files);
             }
             "bootcmd" => config.bootcmd = ctx.commands(value)?,
@@ -508,7 +516,12 @@ impl Ctx<'_> {
 
     /// The entries, whose contents (decoded) may total `budget` bytes: the user-data limit
     /// less what earlier parts wrote.
-    fn write_files(&self, v: &Value, budget: usize) -> Result<Vec<WriteFile>, UserDataError> {
+    fn write_files(
+        &self,
+        v: &Value,
+        budget: usize,
+        warnings: &mut Vec<String>,
+    ) -> Result<Vec<WriteFile>, UserDataError> {
         let Value::Sequence(items) = v else {
             return Err(self.err(format!("expected a list, found {}", yaml::kind(v))));
         };
@@ -524,38 +537,84 @@ impl Ctx<'_> {
                 .get("content")
                 .and_then(yaml::scalar_text)
                 .unwrap_or_default();
-            let content = match item.get("encoding").and_then(yaml::scalar_text).as_deref() {
-                Some("b64") | Some("base64") => crate::credentials::base64_decode(&content)
-                    .ok_or_else(|| self.err(format!("{path}: base64 content is corrupt")))?,
-                Some("gz+b64") | Some("gzip+base64") | Some("gz+base64") => {
-                    let raw = crate::credentials::base64_decode(&content)
-                        .ok_or_else(|| self.err(format!("{path}: base64 content is corrupt")))?;
-                    gunzip_if_needed(&raw, self.origin, left).map_err(|e| match e {
-                        UserDataError::Invalid { detail, .. } => {
-                            self.err(format!("{path}: {detail}"))
-                        }
-                        other => other,
-                    })?
-                }
-                _ => content.into_bytes(),
-            };
+            let encoding = item
+                .get("encoding")
+                .and_then(yaml::scalar_text)
+                .map(|e| e.trim().to_ascii_lowercase());
+            let content = self.decode(&path, content, encoding.as_deref(), left, warnings)?;
             left = left.checked_sub(content.len()).ok_or_else(|| {
                 self.err(format!(
                     "{path}: the contents of all entries together exceed the {MAX_USER_DATA} byte limit"
                 ))
             })?;
-            let permissions = match item.get("permissions").and_then(yaml::scalar_text) {
-                Some(p) => u32::from_str_radix(p.trim_start_matches("0o"), 8)
-                    .map_err(|_| self.err(format!("{path}: permissions '{p}' are not octal")))?,
+            let permissions = match item.get("permissions").filter(|p| !p.is_null()) {
+                Some(p) => file_mode(p).map_err(|d| self.err(format!("{path}: {d}")))?,
                 None => 0o644,
             };
+            let flag = |k: &str| item.get(k).and_then(yaml::bool11).unwrap_or(false);
+            if flag("defer") {
+                warnings.push(format!(
+                    "{}: key 'write_files': {path}: 'defer' ignored: written when the seed is applied, before any service starts",
+                    self.origin
+                ));
+            }
             out.push(WriteFile {
                 path,
                 content,
                 permissions,
+                append: flag("append"),
+                owner: item
+                    .get("owner")
+                    .and_then(yaml::scalar_text)
+                    .map(|o| o.trim().to_string())
+                    .filter(|o| !o.is_empty()),
             });
         }
         Ok(out)
+    }
+
+    /// An entry's content by its `encoding`, named as cloud-init names them (in any case):
+    /// `b64`/`base64`, `gz`/`gzip`, and the two together (`gz+b64`, `gzip+base64`, ...).
+    /// gzip content may be given as `!!binary` (base64 text by the time it is read here).
+    /// An unknown encoding is written as text, with a warning, as cloud-init does.
+    fn decode(
+        &self,
+        path: &str,
+        content: String,
+        encoding: Option<&str>,
+        left: usize,
+        warnings: &mut Vec<String>,
+    ) -> Result<Vec<u8>, UserDataError> {
+        let base64 = |text: &str| {
+            crate::credentials::base64_decode(text)
+                .ok_or_else(|| self.err(format!("{path}: base64 content is corrupt")))
+        };
+        let gunzip = |raw: Vec<u8>| {
+            if !raw.starts_with(&[0x1f, 0x8b]) {
+                return Err(self.err(format!("{path}: content is not gzip data")));
+            }
+            gunzip_if_needed(&raw, self.origin, left).map_err(|e| match e {
+                UserDataError::Invalid { detail, .. } => self.err(format!("{path}: {detail}")),
+                other => other,
+            })
+        };
+        match encoding {
+            None | Some("text/plain") => Ok(content.into_bytes()),
+            Some("b64" | "base64") => base64(&content),
+            Some("gz" | "gzip") if content.as_bytes().starts_with(&[0x1f, 0x8b]) => {
+                gunzip(content.into_bytes())
+            }
+            Some("gz" | "gzip" | "gz+b64" | "gz+base64" | "gzip+b64" | "gzip+base64") => {
+                gunzip(base64(&content)?)
+            }
+            Some(other) => {
+                warnings.push(format!(
+                    "{}: key 'write_files': {path}: unknown encoding '{other}', written as text",
+                    self.origin
+                ));
+                Ok(content.into_bytes())
+            }
+        }
     }
 
     fn commands(&self, v: &Value) -> Result<Vec<String>, UserDataError> {
@@ -630,6 +689,29 @@ impl Ctx<'_> {
             }
         }
         Ok(block)
+    }
+}
+
+/// A `write_files` mode as cloud-init reads it: a YAML number is the mode itself (`0o640`,
+/// `0x1a4`, `420`), text is octal (`'0644'`, `'640'`, `0644`, which YAML 1.2 keeps as text).
+fn file_mode(v: &Value) -> Result<u32, String> {
+    let mode = match v {
+        Value::Number(n) => n.as_u64(),
+        other => yaml::scalar_text(other).and_then(|t| {
+            let t = t.trim();
+            let digits = t
+                .strip_prefix("0o")
+                .or_else(|| t.strip_prefix("0O"))
+                .unwrap_or(t);
+            u64::from_str_radix(digits, 8).ok()
+        }),
+    };
+    match mode {
+        Some(m) if m <= 0o7777 => Ok(m as u32),
+        _ => Err(format!(
+            "permissions '{}' are not a file mode (octal text like '0644', at most 07777)",
+            yaml::scalar_text(v).unwrap_or_else(|| yaml::kind(v).to_string())
+        )),
     }
 }
 
@@ -720,6 +802,69 @@ mod tests {
             e.contains("/var/lib/big") && e.contains("gzip data expands"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn write_files_modes_are_read_as_cloud_init_reads_them() {
+        let text = "#cloud-config\nwrite_files:\n  - {path: /var/a, permissions: 0o640}\n  - {path: /var/b, permissions: 420}\n  - {path: /var/c, permissions: '0600'}\n  - {path: /var/d, permissions: 0755}\n  - {path: /var/e, permissions: 0x1ed}\n  - {path: /var/f}\n";
+        let c = parse(text.as_bytes(), "user-data").unwrap();
+        let modes: Vec<u32> = c.write_files.iter().map(|f| f.permissions).collect();
+        assert_eq!(modes, [0o640, 0o644, 0o600, 0o755, 0o755, 0o644]);
+        for bad in ["0999", "0o17777", "rw-r--r--"] {
+            let text = format!(
+                "#cloud-config\nwrite_files:\n  - {{path: /var/a, permissions: '{bad}'}}\n"
+            );
+            let e = parse(text.as_bytes(), "user-data").unwrap_err().to_string();
+            assert!(
+                e.starts_with("user-data: key 'write_files': /var/a: permissions"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn write_files_encodings_by_cloud_init_names_in_any_case() {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"hello gz\n").unwrap();
+        let gz = crate::channel::base64_encode(&gz.finish().unwrap());
+        let text = format!(
+            "#cloud-config\nwrite_files:\n  - {{path: /var/a, encoding: B64, content: aGkK}}\n  - {{path: /var/b, encoding: gzip, content: !!binary '{gz}'}}\n  - {{path: /var/c, encoding: gzip+b64, content: '{gz}'}}\n  - {{path: /var/d, encoding: ' GZ+Base64 ', content: '{gz}'}}\n  - {{path: /var/e, encoding: rot13, content: plain}}\n  - {{path: /var/f, content: x, append: true, owner: 'app:apps', defer: true}}\n"
+        );
+        let c = parse(text.as_bytes(), "user-data").unwrap();
+        let contents: Vec<&[u8]> = c.write_files.iter().map(|f| &f.content[..]).collect();
+        assert_eq!(
+            contents,
+            [
+                &b"hi\n"[..],
+                b"hello gz\n",
+                b"hello gz\n",
+                b"hello gz\n",
+                b"plain",
+                b"x"
+            ]
+        );
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("/var/e: unknown encoding 'rot13', written as text")),
+            "{:?}",
+            c.warnings
+        );
+        let f = &c.write_files[5];
+        assert!(f.append && f.owner.as_deref() == Some("app:apps"));
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("/var/f: 'defer' ignored"))
+        );
+        let e = parse(
+            b"#cloud-config\nwrite_files:\n  - {path: /var/a, encoding: gz, content: plain}\n",
+            "user-data",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/var/a: "), "{e}");
     }
 
     #[test]
