@@ -86,7 +86,7 @@ pub fn compose(
     ctx: &ComposeContext,
     fresh: &mut dyn Fresh,
 ) -> Result<IdentityTree, IdentityError> {
-    let user_origin = format!("{}/user-data", seed.source);
+    let user_origin = seed.user_origin();
     let err = |key: &str, detail: String| IdentityError {
         origin: user_origin.clone(),
         key: key.to_string(),
@@ -123,14 +123,29 @@ pub fn compose(
     put(MACHINE_ID, format!("{machine_id}\n").into_bytes());
 
     // hostname and /etc/hosts extras
-    let (hostname, fqdn, key) = hostname_and_fqdn(&cfg, seed);
+    let (hostname, fqdn) = hostname_and_fqdn(&cfg, seed);
+    let check = |n: &Named| {
+        check_hostname(&n.name).map_err(|detail| IdentityError {
+            origin: if n.meta {
+                seed.meta_origin()
+            } else {
+                user_origin.clone()
+            },
+            key: n.key.to_string(),
+            detail,
+        })
+    };
+    let fqdn = match fqdn {
+        Some(f) => {
+            check(&f)?;
+            Some(f.name)
+        }
+        None => None,
+    };
     let hostname = match hostname {
         Some(h) => {
-            if let Some(f) = &fqdn {
-                check_hostname(f).map_err(|d| err(key, d))?;
-            }
-            check_hostname(&h).map_err(|d| err(key, d))?;
-            format!("{h}\n").into_bytes()
+            check(&h)?;
+            format!("{}\n", h.name).into_bytes()
         }
         None => prev(HOSTNAME).unwrap_or_default(),
     };
@@ -239,7 +254,16 @@ pub fn compose(
 
     // authorized keys: see docs/identity.md for who counts as admin.
     let mut admin: Vec<String> = cfg.ssh_authorized_keys.clone();
-    admin.extend(seed.public_keys.iter().cloned());
+    // meta-data keys as cloud-init normalises them: each line a key (Nova ends them with a
+    // newline), blank lines dropped.
+    admin.extend(
+        seed.public_keys
+            .iter()
+            .flat_map(|k| k.lines())
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_string),
+    );
     let mut user_keys = Vec::new();
     for u in &cfg.users {
         if is_admin(u) {
@@ -371,33 +395,58 @@ fn merged(seed: &Seed) -> CloudConfig {
 
 /// cloud-init's rules: `fqdn` wins, then a dotted `hostname`, then `hostname`, then the
 /// meta-data's `local-hostname`. Returns the key that decided, for errors.
-fn hostname_and_fqdn(
-    cfg: &CloudConfig,
-    seed: &Seed,
-) -> (Option<String>, Option<String>, &'static str) {
-    let split = |name: &str| -> (String, Option<String>) {
-        match name.split_once('.') {
-            Some((short, _)) => (short.to_string(), Some(name.to_string())),
-            None => (name.to_string(), None),
-        }
+/// A name and the seed key it came from, for messages.
+struct Named {
+    name: String,
+    key: &'static str,
+    /// From meta-data rather than user-data.
+    meta: bool,
+}
+
+/// The short hostname and the FQDN, as cloud-init's `get_hostname_fqdn` picks them:
+/// `fqdn`, else a dotted `hostname`, else meta-data's `local-hostname` as the FQDN with
+/// user-data's `hostname` (when given) as the short name.
+fn hostname_and_fqdn(cfg: &CloudConfig, seed: &Seed) -> (Option<Named>, Option<Named>) {
+    let user = |name: &str, key| Named {
+        name: name.to_string(),
+        key,
+        meta: false,
     };
+    let short = |name: &str| name.split_once('.').map_or(name, |(s, _)| s).to_string();
     if let Some(fqdn) = &cfg.fqdn {
-        let short = cfg.hostname.clone().unwrap_or_else(|| split(fqdn).0);
-        return (Some(short), Some(fqdn.clone()), "fqdn");
+        let host = match &cfg.hostname {
+            Some(h) => user(h, "hostname"),
+            None => user(&short(fqdn), "fqdn"),
+        };
+        return (Some(host), Some(user(fqdn, "fqdn")));
     }
-    if let Some(h) = &cfg.hostname {
-        let (short, fqdn) = split(h);
-        return (Some(short), fqdn, "hostname");
+    if let Some(h) = cfg.hostname.as_deref().filter(|h| h.contains('.')) {
+        return (Some(user(&short(h), "hostname")), Some(user(h, "hostname")));
     }
-    if let Some(h) = &seed.local_hostname {
-        let (short, fqdn) = split(h);
-        return (Some(short), fqdn, "local-hostname");
+    let meta = seed.local_hostname.as_deref().map(|h| Named {
+        name: h.to_string(),
+        key: "local-hostname",
+        meta: true,
+    });
+    match (&cfg.hostname, meta) {
+        (Some(h), meta) => (
+            Some(user(h, "hostname")),
+            meta.filter(|m| m.name.contains('.')),
+        ),
+        (None, Some(m)) if m.name.contains('.') => (
+            Some(Named {
+                name: short(&m.name),
+                ..m
+            }),
+            Some(m),
+        ),
+        (None, m) => (m, None),
     }
-    (None, None, "hostname")
 }
 
 fn is_admin(u: &User) -> bool {
     u.name == "root"
+        || !u.sudo.is_empty()
         || u.groups
             .iter()
             .any(|g| matches!(g.as_str(), "wheel" | "sudo" | "admin"))
@@ -585,6 +634,77 @@ mod tests {
             e.to_string().starts_with(
                 "nocloud:test/user-data: key 'hostname': \"../../etc\" is not a valid hostname"
             ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_user_with_a_sudo_rule_is_an_admin() {
+        let s = seed(
+            "instance-id: a\n",
+            "#cloud-config\nusers:\n  - {name: alice, sudo: 'ALL=(ALL) NOPASSWD:ALL', ssh_authorized_keys: [ssh-ed25519 AAAA alice]}\n  - {name: carol, sudo: false, ssh_authorized_keys: [ssh-ed25519 BBBB carol]}\n",
+        );
+        let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+        assert_eq!(t[ADMIN_KEYS].bytes, b"ssh-ed25519 AAAA alice\n");
+        assert_eq!(t[USER_KEYS].bytes, b"ssh-ed25519 BBBB carol\n");
+    }
+
+    #[test]
+    fn a_bad_local_hostname_is_named_as_meta_data() {
+        let s = seed("instance-id: a\nlocal-hostname: bad_name\n", "");
+        let e = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("nocloud:test/meta-data: key 'local-hostname': \"bad_name\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_fqdn_comes_from_meta_data_when_user_data_gives_a_short_hostname() {
+        let s = seed(
+            "instance-id: a\nlocal-hostname: web1.example.com\n",
+            "#cloud-config\nhostname: web1\nmanage_etc_hosts: true\n",
+        );
+        let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+        assert_eq!(t[HOSTNAME].bytes, b"web1\n");
+        assert_eq!(t[HOSTS].bytes, b"127.0.1.1 web1.example.com web1\n");
+        // Without a dotted local-hostname there is no FQDN to add.
+        let s = seed(
+            "instance-id: a\nlocal-hostname: other\n",
+            "#cloud-config\nhostname: web1\nmanage_etc_hosts: true\n",
+        );
+        let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+        assert_eq!(t[HOSTS].bytes, b"127.0.1.1 web1\n");
+    }
+
+    #[test]
+    fn configdrive_keys_ending_in_a_newline_are_authorized() {
+        let files = SeedFiles(
+            [(
+                "latest/meta_data.json",
+                r#"{"uuid": "i-1", "hostname": "web1", "public_keys": {"mykey": "ssh-rsa AAAAB3 Generated-by-Nova\n"}}"#,
+            )]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        );
+        let s = Seed::from_configdrive(&files, "configdrive:/dev/sr0").unwrap();
+        let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+        assert_eq!(t[ADMIN_KEYS].bytes, b"ssh-rsa AAAAB3 Generated-by-Nova\n");
+        let e = compose(
+            &Seed {
+                local_hostname: Some("bad/name".into()),
+                ..s
+            },
+            None,
+            &ComposeContext::default(),
+            &mut FakeFresh(0),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("configdrive:/dev/sr0/latest/meta_data.json: key 'local-hostname'"),
             "{e}"
         );
     }

@@ -213,6 +213,32 @@ impl Seed {
     }
 }
 
+impl Seed {
+    fn is_configdrive(&self) -> bool {
+        self.source.starts_with("configdrive")
+    }
+
+    /// Its meta-data file, named for messages (`nocloud:/dev/sr0/meta-data`).
+    pub fn meta_origin(&self) -> String {
+        let name = if self.is_configdrive() {
+            "latest/meta_data.json"
+        } else {
+            "meta-data"
+        };
+        origin(&self.source, name)
+    }
+
+    /// Its user-data file, named for messages.
+    pub fn user_origin(&self) -> String {
+        let name = if self.is_configdrive() {
+            "latest/user_data"
+        } else {
+            "user-data"
+        };
+        origin(&self.source, name)
+    }
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);

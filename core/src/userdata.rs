@@ -35,6 +35,9 @@ pub struct User {
     pub passwd: Option<String>,
     pub lock_passwd: Option<bool>,
     pub groups: Vec<String>,
+    /// `sudo:` rules (`ALL=(ALL) NOPASSWD:ALL`); a user with one counts as admin.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sudo: Vec<String>,
 }
 
 /// A `write_files` entry; validated to stay under `/var` or `/run`.
@@ -90,6 +93,8 @@ pub struct CloudConfig {
     pub nixseed: NixseedBlock,
     /// One line per key or part that was ignored, naming it.
     pub warnings: Vec<String>,
+    /// The legacy `user:` (the default user), which a later part's `users:` leaves alone.
+    pub default_user: Option<String>,
 }
 
 /// Keys that cloud-init knows and nixseed deliberately leaves alone: a warning still names
@@ -107,6 +112,17 @@ const IGNORED_ON_IMMUTABLE: &[&str] = &[
     "preserve_hostname",
     "prefer_fqdn_over_hostname",
     "final_message",
+];
+
+/// The keys of a `users` entry nixseed acts on; others are named in a warning.
+const USER_KEYS: &[&str] = &[
+    "name",
+    "ssh_authorized_keys",
+    "passwd",
+    "hashed_passwd",
+    "lock_passwd",
+    "groups",
+    "sudo",
 ];
 
 /// Decodes raw user-data bytes (gzip, MIME multipart or plain) into a cloud-config.
@@ -265,6 +281,7 @@ fn merge_cloud_config(
     origin: &str,
 ) -> Result<(), UserDataError> {
     let map = yaml::parse_mapping(text, origin)?;
+    let mut password = None;
     for (key, value) in &map {
         let Some(key) = key.as_str() else {
             config
@@ -283,44 +300,55 @@ fn merge_cloud_config(
                 }
             }
             "ssh_authorized_keys" => config.ssh_authorized_keys = ctx.keys(value)?,
-            "users" => config.users.extend(ctx.users(value)?),
+            "users" => {
+                // A later part's list replaces an earlier one's (cloud-init's default
+                // merge); the default user from `user:` stays.
+                let default = config.default_user.clone();
+                config.users.retain(|u| Some(&u.name) == default.as_ref());
+                for u in ctx.users(value, &mut config.warnings)? {
+                    upsert_user(&mut config.users, u, false);
+                }
+            }
             "user" => {
                 let user = match value {
-                    Value::Mapping(m) => ctx.user(m)?,
+                    Value::Mapping(m) => ctx.user(m, &mut config.warnings)?,
                     v => User {
                         name: ctx.scalar(v)?,
                         ..User::default()
                     },
                 };
+                config.default_user = Some(user.name.clone());
                 upsert_user(&mut config.users, user, true);
             }
-            "password" => {
-                // The legacy pair belongs to the default user (`user:`); Proxmox writes a hash.
-                let hash = ctx.text(&map, text)?;
-                let default = config.users.iter_mut().find(|u| u.passwd.is_none());
-                match default {
-                    Some(u) => u.passwd = Some(hash),
-                    None => config.warnings.push(format!(
-                        "{origin}: key 'password' ignored: no 'user' to apply it to"
-                    )),
+            // The legacy pair belongs to the default user (`user:`), wherever the keys
+            // stand: applied once the whole part is read. Proxmox writes a hash.
+            "password" => password = Some(ctx.text(&map, text)?),
+            "chpasswd" => ctx.chpasswd(value, &mut config.chpasswd, &mut config.warnings)?,
+            "ssh_keys" => {
+                config.ssh_keys = ctx.string_map(value)?;
+                for k in config.ssh_keys.keys() {
+                    if !matches!(k.as_str(), "ed25519_private" | "ed25519_public") {
+                        config.warnings.push(format!(
+                            "{origin}: key 'ssh_keys': '{k}' ignored (the host key is ed25519; give ed25519_private with ed25519_public)"
+                        ));
+                    }
+                }
+                let has = |k: &str| config.ssh_keys.contains_key(k);
+                if has("ed25519_private") != has("ed25519_public") {
+                    config.warnings.push(format!(
+                        "{origin}: key 'ssh_keys': ed25519_private and ed25519_public come as a pair; the one given is ignored and the host key is kept or generated"
+                    ));
                 }
             }
-            "chpasswd" => ctx.chpasswd(value, &mut config.chpasswd, &mut config.warnings)?,
-            "ssh_keys" => config.ssh_keys = ctx.string_map(value)?,
             "ssh_pwauth" => {
                 config.ssh_pwauth = Some(match value {
                     Value::String(s) if s == "unchanged" => continue,
                     v => ctx.boolean(v)?,
                 })
             }
+            // A later part's list replaces an earlier one's, as for `users`.
             "write_files" => {
-                let used: usize = config.write_files.iter().map(|f| f.content.len()).sum();
-                let files = ctx.write_files(
-                    value,
-                    MAX_USER_DATA.saturating_sub(used),
-                    &mut config.warnings,
-                )?;
-                config.write_files.extend(files);
+                config.write_files = ctx.write_files(value, MAX_USER_DATA, &mut config.warnings)?
             }
             "bootcmd" => config.bootcmd = ctx.commands(value)?,
             "runcmd" => config.runcmd = ctx.commands(value)?,
@@ -337,6 +365,19 @@ fn merge_cloud_config(
     }
     // `users: [default]` leaves only the placeholder; the legacy `user:` is the default.
     config.users.retain(|u| u.name != "default");
+    if let Some(hash) = password {
+        let default = config.default_user.clone();
+        match config
+            .users
+            .iter_mut()
+            .find(|u| Some(&u.name) == default.as_ref())
+        {
+            Some(u) => u.passwd = Some(hash),
+            None => config.warnings.push(format!(
+                "{origin}: key 'password' ignored: no 'user' to apply it to"
+            )),
+        }
+    }
     Ok(())
 }
 
@@ -416,7 +457,7 @@ impl Ctx<'_> {
         Ok(out)
     }
 
-    fn users(&self, v: &Value) -> Result<Vec<User>, UserDataError> {
+    fn users(&self, v: &Value, warnings: &mut Vec<String>) -> Result<Vec<User>, UserDataError> {
         let items = match v {
             Value::Sequence(items) => items.clone(),
             Value::String(s) => s
@@ -429,7 +470,7 @@ impl Ctx<'_> {
         let mut users = Vec::new();
         for item in &items {
             let user = match item {
-                Value::Mapping(m) => self.user(m)?,
+                Value::Mapping(m) => self.user(m, warnings)?,
                 v => User {
                     name: self.scalar(v)?,
                     ..User::default()
@@ -440,13 +481,29 @@ impl Ctx<'_> {
         Ok(users)
     }
 
-    fn user(&self, m: &Mapping) -> Result<User, UserDataError> {
+    fn user(&self, m: &Mapping, warnings: &mut Vec<String>) -> Result<User, UserDataError> {
         let name = m
             .get("name")
             .and_then(yaml::scalar_text)
             .ok_or_else(|| self.err("a user entry lacks 'name'"))?;
+        for k in m.keys().filter_map(Value::as_str) {
+            if !USER_KEYS.contains(&k) {
+                warnings.push(format!(
+                    "{}: key '{}': user '{name}': '{k}' ignored (nixseed applies {})",
+                    self.origin,
+                    self.key,
+                    USER_KEYS.join(", ")
+                ));
+            }
+        }
         let sub = |k: &str| m.get(k);
         Ok(User {
+            sudo: match sub("sudo") {
+                // `sudo: false` (or null) is no rule, as in cloud-init.
+                Some(v) if yaml::bool11(v) == Some(false) => Vec::new(),
+                Some(v) => yaml::string_list(v),
+                None => Vec::new(),
+            },
             ssh_authorized_keys: match sub("ssh_authorized_keys") {
                 Some(v) => self.keys(v)?,
                 None => Vec::new(),
@@ -971,6 +1028,70 @@ mod tests {
         assert_eq!(c.hostname.as_deref(), Some("second"));
         assert_eq!(c.timezone.as_deref(), Some("UTC"));
         assert!(c.warnings.iter().any(|w| w.contains("text/x-shellscript")));
+    }
+
+    #[test]
+    fn a_later_mime_part_replaces_users_and_write_files_lists() {
+        let part =
+            |body: &str| format!("--B\nContent-Type: text/cloud-config\n\n#cloud-config\n{body}\n");
+        let text = format!(
+            "Content-Type: multipart/mixed; boundary=\"B\"\n\n{}{}--B--\n",
+            part(
+                "user: admin\nusers: [alice]\nwrite_files:\n  - {path: /var/a}\n  - {path: /var/b}"
+            ),
+            part("users: [bob]\nwrite_files:\n  - {path: /var/c}"),
+        );
+        let c = parse(text.as_bytes(), "user-data").unwrap();
+        let names: Vec<&str> = c.users.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["admin", "bob"],
+            "the default user stays, alice is replaced"
+        );
+        let paths: Vec<&str> = c.write_files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["/var/c"]);
+    }
+
+    #[test]
+    fn the_legacy_password_goes_to_the_default_user_wherever_it_stands() {
+        let c = parse(
+            b"#cloud-config\npassword: $6$x$y\nuser: admin\n",
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.users[0].name, "admin");
+        assert_eq!(c.users[0].passwd.as_deref(), Some("$6$x$y"));
+        let c = parse(
+            b"#cloud-config\nusers: [{name: bob}]\npassword: $6$x$y\n",
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.users[0].passwd, None, "bob is not the default user");
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("key 'password' ignored"))
+        );
+    }
+
+    #[test]
+    fn user_and_host_key_entries_nixseed_does_not_apply_are_named() {
+        let text = "#cloud-config\nusers:\n  - name: alice\n    sudo: ALL=(ALL) NOPASSWD:ALL\n    shell: /bin/zsh\n    plain_text_passwd: x\n  - {name: carol, sudo: false}\nssh_keys:\n  rsa_private: x\n  ed25519_private: y\n";
+        let c = parse(text.as_bytes(), "user-data").unwrap();
+        assert_eq!(c.users[0].sudo, ["ALL=(ALL) NOPASSWD:ALL"]);
+        assert!(c.users[1].sudo.is_empty());
+        for want in [
+            "user 'alice': 'shell' ignored",
+            "user 'alice': 'plain_text_passwd' ignored",
+            "'rsa_private' ignored",
+            "ed25519_private and ed25519_public come as a pair",
+        ] {
+            assert!(
+                c.warnings.iter().any(|w| w.contains(want)),
+                "{want}: {:?}",
+                c.warnings
+            );
+        }
     }
 
     #[test]
