@@ -142,17 +142,25 @@ pub fn compose(
         }
         None => None,
     };
-    let hostname = match hostname {
+    let short = match hostname {
         Some(h) => {
             check(&h)?;
-            format!("{}\n", h.name).into_bytes()
+            Some(h.name)
         }
-        None => prev(HOSTNAME).unwrap_or_default(),
+        None => None,
+    };
+    // preserve_hostname keeps the name the machine has (the current generation's, or the
+    // image's fallback on a first boot); prefer_fqdn_over_hostname names it by its FQDN.
+    let hostname = match (&short, &fqdn) {
+        _ if cfg.preserve_hostname => prev(HOSTNAME).unwrap_or_default(),
+        (Some(_), Some(f)) if cfg.prefer_fqdn_over_hostname => format!("{f}\n").into_bytes(),
+        (Some(h), _) => format!("{h}\n").into_bytes(),
+        (None, _) => prev(HOSTNAME).unwrap_or_default(),
     };
     put(HOSTNAME, hostname.clone());
     let mut hosts = String::new();
     if cfg.manage_etc_hosts {
-        let short = String::from_utf8_lossy(&hostname).trim().to_string();
+        let short = short.unwrap_or_else(|| String::from_utf8_lossy(&hostname).trim().to_string());
         if !short.is_empty() {
             match &fqdn {
                 Some(f) if f != &short => hosts.push_str(&format!("127.0.1.1 {f} {short}\n")),
@@ -378,6 +386,8 @@ fn merged(seed: &Seed) -> CloudConfig {
         cfg.hostname = cfg.hostname.or(v.hostname);
         cfg.fqdn = cfg.fqdn.or(v.fqdn);
         cfg.manage_etc_hosts |= v.manage_etc_hosts;
+        cfg.preserve_hostname |= v.preserve_hostname;
+        cfg.prefer_fqdn_over_hostname |= v.prefer_fqdn_over_hostname;
         if cfg.ssh_authorized_keys.is_empty() {
             cfg.ssh_authorized_keys = v.ssh_authorized_keys;
         }
@@ -393,8 +403,6 @@ fn merged(seed: &Seed) -> CloudConfig {
     cfg
 }
 
-/// cloud-init's rules: `fqdn` wins, then a dotted `hostname`, then `hostname`, then the
-/// meta-data's `local-hostname`. Returns the key that decided, for errors.
 /// A name and the seed key it came from, for messages.
 struct Named {
     name: String,
@@ -647,6 +655,50 @@ mod tests {
         let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
         assert_eq!(t[ADMIN_KEYS].bytes, b"ssh-ed25519 AAAA alice\n");
         assert_eq!(t[USER_KEYS].bytes, b"ssh-ed25519 BBBB carol\n");
+    }
+
+    #[test]
+    fn preserve_hostname_keeps_the_machines_name_and_prefer_fqdn_uses_the_fqdn() {
+        let user =
+            "#cloud-config\nhostname: web1\nfqdn: web1.example.com\nmanage_etc_hosts: true\n";
+        let first = compose(
+            &seed("instance-id: a\n", user),
+            None,
+            &ComposeContext::default(),
+            &mut FakeFresh(0),
+        )
+        .unwrap();
+        let preserve = format!("{user}preserve_hostname: true\nhostname: web2\n");
+        let t = compose(
+            &seed("instance-id: b\n", &preserve),
+            Some(&first),
+            &ComposeContext::default(),
+            &mut FakeFresh(0),
+        )
+        .unwrap();
+        assert_eq!(t[HOSTNAME].bytes, b"web1\n", "the current name stays");
+        assert_eq!(t[HOSTS].bytes, b"127.0.1.1 web1.example.com web2\n");
+        let t = compose(
+            &seed("instance-id: b\n", &preserve),
+            None,
+            &ComposeContext::default(),
+            &mut FakeFresh(0),
+        )
+        .unwrap();
+        assert_eq!(
+            t[HOSTNAME].bytes, b"",
+            "a first boot leaves the image's fallback"
+        );
+        let prefer = format!("{user}prefer_fqdn_over_hostname: true\n");
+        let t = compose(
+            &seed("instance-id: b\n", &prefer),
+            None,
+            &ComposeContext::default(),
+            &mut FakeFresh(0),
+        )
+        .unwrap();
+        assert_eq!(t[HOSTNAME].bytes, b"web1.example.com\n");
+        assert_eq!(t[HOSTS].bytes, b"127.0.1.1 web1.example.com web1\n");
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub struct CloudConfig {
     pub hostname: Option<String>,
     pub fqdn: Option<String>,
     pub manage_etc_hosts: bool,
+    pub preserve_hostname: bool,
+    pub prefer_fqdn_over_hostname: bool,
     pub ssh_authorized_keys: Vec<String>,
     pub users: Vec<User>,
     /// `ssh_keys:` host keys, by cloud-init's names (`ed25519_private`, `ed25519_public`).
@@ -109,8 +111,6 @@ const IGNORED_ON_IMMUTABLE: &[&str] = &[
     "locale",
     "ntp",
     "disable_root",
-    "preserve_hostname",
-    "prefer_fqdn_over_hostname",
     "final_message",
 ];
 
@@ -299,6 +299,8 @@ fn merge_cloud_config(
                     v => ctx.boolean(v)?,
                 }
             }
+            "preserve_hostname" => config.preserve_hostname = ctx.boolean(value)?,
+            "prefer_fqdn_over_hostname" => config.prefer_fqdn_over_hostname = ctx.boolean(value)?,
             "ssh_authorized_keys" => config.ssh_authorized_keys = ctx.keys(value)?,
             "users" => {
                 // A later part's list replaces an earlier one's (cloud-init's default
