@@ -29,6 +29,13 @@ struct Peer {
 
 impl Peer {
     fn start(name: &'static str) -> Peer {
+        Peer::start_with(name, &[])
+    }
+
+    /// With the named unsafe commands enabled in both agents (`-b` lists the others for
+    /// qemu-ga, `--unsafe-rpcs` names them for nixseed).
+    fn start_with(name: &'static str, enable: &[&str]) -> Peer {
+        let blocked: Vec<&str> = UNSAFE.split(',').filter(|c| !enable.contains(c)).collect();
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("sock");
         let state = dir.path().join("state");
@@ -39,7 +46,7 @@ impl Peer {
                 "{QEMU_GA} is missing: install Debian's qemu-guest-agent (cargo xtask deps does)"
             );
             let mut c = Command::new(QEMU_GA);
-            c.args(["-b", UNSAFE]);
+            c.arg("-b").arg(blocked.join(","));
             c
         } else {
             let mut c = Command::new(env!("CARGO_BIN_EXE_nixseed-agent"));
@@ -47,6 +54,9 @@ impl Peer {
             // No D-Bus here: a shutdown request must fail cleanly, never power off.
             c.env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus");
             c.env("NIXSEED_LOG_STDERR", "1");
+            if !enable.is_empty() {
+                c.arg("--unsafe-rpcs").arg(enable.join(","));
+            }
             c
         };
         cmd.arg("-m")
@@ -92,7 +102,14 @@ impl Peer {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 65536];
         let done = format!("\"return\": {SENTINEL_ID}");
-        while !String::from_utf8_lossy(&buf).contains(&done) {
+        // Only the newly read bytes (and a sentinel's length before them) are searched, so
+        // a reply of many megabytes is not scanned over and over.
+        let mut searched = 0;
+        while !buf[searched..]
+            .windows(done.len())
+            .any(|w| w == done.as_bytes())
+        {
+            searched = buf.len().saturating_sub(done.len());
             let n = s.read(&mut chunk).unwrap_or_else(|e| {
                 panic!(
                     "{}: no sentinel reply: {e}; got {:?}",
@@ -122,6 +139,22 @@ impl Peer {
         // Drop the stray-0xFF error and the sentinel's own reply.
         out.truncate(out.len().saturating_sub(2));
         out
+    }
+
+    /// One request on its own connection; its reply.
+    fn call(&self, request: &str) -> Value {
+        let r = self.exchange(&[request.as_bytes()]);
+        assert_eq!(
+            r.len(),
+            1,
+            "{}: one reply to {request}, got {r:?}",
+            self.name
+        );
+        r[0].1.clone()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     fn stop(mut self) {
@@ -634,4 +667,143 @@ fn counters_lie_between_two_qemu_ga_readings() {
     }
     qemu.stop();
     ours_peer.stop();
+}
+
+/// guest-exec-status until the process has exited (at most 30 s), with long output
+/// members replaced by their length so that a failed comparison stays readable.
+fn exec_status(peer: &Peer, pid: i64) -> Value {
+    let request = format!("{{\"execute\":\"guest-exec-status\",\"arguments\":{{\"pid\":{pid}}}}}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut r = peer.call(&request);
+        if r["return"]["exited"] != Value::Bool(false) {
+            for key in ["out-data", "err-data"] {
+                if let Some(x) = r["return"].get_mut(key)
+                    && x.as_str().is_some_and(|d| d.len() > 64)
+                {
+                    let len = x.as_str().map_or(0, str::len);
+                    *x = Value::String(format!("<{len} base64 characters>"));
+                }
+            }
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: pid {pid} still running after 30 s",
+            peer.name
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn exec(peer: &Peer, path: &str, args: &[&str]) -> i64 {
+    let request = serde_json::json!({
+        "execute": "guest-exec",
+        "arguments": {"path": path, "arg": args, "capture-output": true},
+    });
+    let r = peer.call(&request.to_string());
+    r["return"]["pid"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{}: guest-exec {path}: {r}", peer.name))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+const EXEC: &[&str] = &["guest-exec", "guest-exec-status"];
+
+/// Captured output as qemu-ga reports it: no `out-data`/`err-data` for a silent stream,
+/// `X-truncated` beside any data, at most 16 MiB kept per stream, and the writer never
+/// blocked by the cap.
+#[test]
+fn exec_output_matches_qemu_ga() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let runs: &[(&str, &[&str])] = &[
+        ("/bin/true", &[]),
+        ("/bin/sh", &["-c", "printf x; printf yz >&2"]),
+        ("/bin/sh", &["-c", "exit 3"]),
+        ("/bin/sh", &["-c", "kill -9 $$"]),
+        // More than the cap: `head` only exits if the agent keeps reading.
+        ("/bin/sh", &["-c", "yes | head -c 17000000; printf e >&2"]),
+        // Exactly the cap is not truncated: nothing was dropped.
+        ("/usr/bin/head", &["-c", "16777216", "/dev/zero"]),
+    ];
+    let run = |name| {
+        let p = Peer::start_with(name, EXEC);
+        let out: Vec<Value> = runs
+            .iter()
+            .map(|(path, args)| exec_status(&p, exec(&p, path, args)))
+            .collect();
+        p.stop();
+        out
+    };
+    let theirs = run("qemu-ga");
+    let ours = run("nixseed");
+    assert_eq!(theirs, ours);
+    assert_eq!(
+        theirs[0],
+        serde_json::json!({"return": {"exited": true, "exitcode": 0}}),
+        "qemu-ga: no data members for a silent process"
+    );
+    assert_eq!(theirs[4]["return"]["out-truncated"], true);
+}
+
+/// `yes` with its output captured: the agent's memory stays near the 16 MiB cap
+/// (before the cap it grew by gigabytes), and other requests are still answered.
+#[test]
+fn exec_of_endless_output_stays_bounded() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let limit_kib = 96 * 1024;
+    for name in ["qemu-ga", "nixseed"] {
+        let p = Peer::start_with(name, EXEC);
+        let pid = exec(&p, "/usr/bin/yes", &[]);
+        let kill = || {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        };
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        let mut peak = 0;
+        while std::time::Instant::now() < until {
+            peak = peak.max(rss_kib(p.pid()));
+            if peak > limit_kib {
+                // Stop at once: without the cap this grows by gigabytes a second.
+                kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let asked = std::time::Instant::now();
+        let ping = p.call("{\"execute\":\"guest-ping\"}");
+        let waited = asked.elapsed();
+        kill();
+        let status = exec_status(&p, pid);
+        p.stop();
+        assert!(
+            peak <= limit_kib,
+            "{name}: RSS reached {peak} KiB running `yes` (limit {limit_kib} KiB)"
+        );
+        assert_eq!(ping["return"], serde_json::json!({}), "{name}: ping");
+        assert!(
+            waited < Duration::from_secs(2),
+            "{name}: ping took {waited:?}"
+        );
+        assert_eq!(
+            status["return"],
+            serde_json::json!({
+                "exited": true,
+                "signal": 9,
+                "out-data": "<22369624 base64 characters>",
+                "out-truncated": true,
+            }),
+            "{name}"
+        );
+    }
 }

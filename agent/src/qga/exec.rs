@@ -1,6 +1,7 @@
 //! guest-exec and guest-exec-status (unsafe: off unless allow-listed). A process runs
 //! detached from the request; its output is collected by two reader threads and
-//! handed over, base64, when the host asks for its status after it exits.
+//! handed over, base64, when the host asks for its status after it exits. As in
+//! qemu-ga, each stream keeps at most 16 MiB; the rest is read and dropped.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -15,10 +16,22 @@ use serde_json::{Map, Value, json};
 
 use super::{Agent, CmdResult};
 
-type Buf = Arc<Mutex<Vec<u8>>>;
+/// qemu-ga's cap on each captured stream. A process that writes more (`yes`) keeps
+/// running: its output is read and dropped, so it never blocks on a full pipe.
+const MAX_OUTPUT: usize = 16 << 20;
+
+#[derive(Default)]
+struct Captured {
+    data: Vec<u8>,
+    /// Output was dropped (exactly 16 MiB is not truncated).
+    truncated: bool,
+}
+
+type Buf = Arc<Mutex<Captured>>;
 
 struct Running {
     child: Child,
+    /// Each stream's buffer, reader, and the prefix of its members (`out`, `err`).
     readers: Vec<(Buf, JoinHandle<()>, &'static str)>,
 }
 
@@ -32,12 +45,15 @@ fn reader(mut r: impl Read + Send + 'static) -> (Buf, JoinHandle<()>) {
     let b = buf.clone();
     let h = std::thread::spawn(move || {
         let mut chunk = [0u8; 4096];
-        while let Ok(n) = r.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            if let Ok(mut v) = b.lock() {
-                v.extend_from_slice(&chunk[..n]);
+        loop {
+            let n = match r.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if let Ok(mut c) = b.lock() {
+                let keep = n.min(MAX_OUTPUT.saturating_sub(c.data.len()));
+                c.data.extend_from_slice(&chunk[..keep]);
+                c.truncated |= keep < n;
             }
         }
     });
@@ -88,11 +104,11 @@ pub fn exec(agent: &mut Agent, mut args: Args) -> CmdResult {
     let mut readers = Vec::new();
     if let Some(o) = child.stdout.take() {
         let (b, h) = reader(o);
-        readers.push((b, h, "out-data"));
+        readers.push((b, h, "out"));
     }
     if let Some(e) = child.stderr.take() {
         let (b, h) = reader(e);
-        readers.push((b, h, "err-data"));
+        readers.push((b, h, "err"));
     }
     let pid = i64::from(child.id());
     tracing::info!("guest-exec: started {path} as pid {pid}");
@@ -124,10 +140,17 @@ pub fn status(agent: &mut Agent, mut args: Args) -> CmdResult {
     } else if let Some(sig) = st.signal() {
         m.insert("signal".into(), sig.into());
     }
-    for (buf, h, key) in done.readers {
+    // As qemu-ga: a stream's members only when it wrote something.
+    for (buf, h, stream) in done.readers {
         let _ = h.join();
-        let data = buf.lock().map(|v| v.clone()).unwrap_or_default();
-        m.insert(key.into(), Value::String(base64_encode(&data)));
+        let c = buf
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default();
+        if !c.data.is_empty() {
+            m.insert(format!("{stream}-data"), base64_encode(&c.data).into());
+            m.insert(format!("{stream}-truncated"), c.truncated.into());
+        }
     }
     Ok(Some(Value::Object(m)))
 }
