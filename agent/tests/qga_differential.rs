@@ -807,3 +807,49 @@ fn exec_of_endless_output_stays_bounded() {
         );
     }
 }
+
+/// Zombie children of `pid` (state `Z` in /proc/N/stat, whose fourth field is the parent).
+fn zombies_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(n) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{n}/stat")).unwrap_or_default();
+        // The command name may hold spaces: fields are counted after its closing `)`.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.first() == Some(&"Z") && f.get(1) == Some(&pid.to_string().as_str()) {
+            out.push(n);
+        }
+    }
+    out
+}
+
+/// Processes the host never asks about are reaped when they exit, as qemu-ga reaps
+/// them: three `guest-exec /bin/true` leave no zombie, and their status is still there.
+#[test]
+fn exec_leaves_no_zombies() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for name in ["qemu-ga", "nixseed"] {
+        let p = Peer::start_with(name, EXEC);
+        let pids: Vec<i64> = (0..3).map(|_| exec(&p, "/bin/true", &[])).collect();
+        let mut zombies = Vec::new();
+        // Reaping is asynchronous in both agents: give it a second.
+        let reaped = nixseed_test_support::wait_for(Duration::from_secs(1), || {
+            zombies = zombies_of(p.pid());
+            zombies.is_empty()
+        });
+        let last = exec_status(&p, pids[2]);
+        p.stop();
+        assert!(
+            reaped,
+            "{name}: zombies {zombies:?} left by guest-exec /bin/true"
+        );
+        assert_eq!(
+            last,
+            serde_json::json!({"return": {"exited": true, "exitcode": 0}}),
+            "{name}"
+        );
+    }
+}

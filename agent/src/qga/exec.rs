@@ -1,11 +1,13 @@
 //! guest-exec and guest-exec-status (unsafe: off unless allow-listed). A process runs
 //! detached from the request; its output is collected by two reader threads and
 //! handed over, base64, when the host asks for its status after it exits. As in
-//! qemu-ga, each stream keeps at most 16 MiB; the rest is read and dropped.
+//! qemu-ga, each stream keeps at most 16 MiB; the rest is read and dropped, and a
+//! process is reaped as soon as it exits (a third thread waits for it), so no zombie is
+//! left for a host that never asks.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -30,7 +32,8 @@ struct Captured {
 type Buf = Arc<Mutex<Captured>>;
 
 struct Running {
-    child: Child,
+    /// Waits for the process, and so reaps it the moment it exits.
+    waiter: JoinHandle<std::io::Result<ExitStatus>>,
     /// Each stream's buffer, reader, and the prefix of its members (`out`, `err`).
     readers: Vec<(Buf, JoinHandle<()>, &'static str)>,
 }
@@ -111,8 +114,12 @@ pub fn exec(agent: &mut Agent, mut args: Args) -> CmdResult {
         readers.push((b, h, "err"));
     }
     let pid = i64::from(child.id());
+    let waiter = std::thread::Builder::new()
+        .name(format!("guest-exec {pid}"))
+        .spawn(move || child.wait())
+        .map_err(|e| QgaError::generic(format!("cannot wait for pid {pid} ({path}): {e}")))?;
     tracing::info!("guest-exec: started {path} as pid {pid}");
-    agent.exec.running.insert(pid, Running { child, readers });
+    agent.exec.running.insert(pid, Running { waiter, readers });
     Ok(Some(json!({ "pid": pid })))
 }
 
@@ -120,18 +127,19 @@ pub fn status(agent: &mut Agent, mut args: Args) -> CmdResult {
     let pid = args.i64("pid")?;
     args.finish()?;
     let invalid = || QgaError::generic("Invalid parameter 'pid'");
-    let r = agent.exec.running.get_mut(&pid).ok_or_else(invalid)?;
-    let st = r
-        .child
-        .try_wait()
-        .map_err(|e| QgaError::generic(format!("pid {pid}: {e}")))?;
+    let r = agent.exec.running.get(&pid).ok_or_else(invalid)?;
     // As qemu-ga: not finished until the output pipes are closed too. A background
     // grandchild can hold them open long after the child exited; joining its readers here
     // would stall every later request.
-    let Some(st) = st.filter(|_| r.readers.iter().all(|(_, h, _)| h.is_finished())) else {
+    if !r.waiter.is_finished() || !r.readers.iter().all(|(_, h, _)| h.is_finished()) {
         return Ok(Some(json!({ "exited": false })));
-    };
+    }
     let done = agent.exec.running.remove(&pid).ok_or_else(invalid)?;
+    let st = done
+        .waiter
+        .join()
+        .map_err(|_| QgaError::generic(format!("pid {pid}: the wait for it failed")))?
+        .map_err(|e| QgaError::generic(format!("pid {pid}: {e}")))?;
     let mut m = Map::new();
     m.insert("exited".into(), true.into());
     use std::os::unix::process::ExitStatusExt;
