@@ -86,6 +86,7 @@
             libvirt
             xorriso
             e2fsprogs
+            btrfs-progs
             dosfstools
             mtools
             openssh

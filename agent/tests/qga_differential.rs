@@ -853,3 +853,99 @@ fn exec_leaves_no_zombies() {
         );
     }
 }
+
+/// A scratch filesystem of `fstype` on a loop device, unmounted when dropped.
+struct LoopMount {
+    mnt: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopMount {
+    fn new(fstype: &str, mkfs: &[&str], size: u64) -> LoopMount {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+        let made = Command::new(mkfs[0])
+            .args(&mkfs[1..])
+            .arg(&img)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(made, "{} failed for {fstype}", mkfs[0]);
+        let mounted = Command::new("mount")
+            .args(["-t", fstype, "-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            mounted,
+            "cannot loop-mount {fstype} at {} (the test suite runs as root, as the VM tests do)",
+            mnt.display()
+        );
+        LoopMount { mnt, _dir: dir }
+    }
+
+    fn path(&self) -> String {
+        self.mnt.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+/// btrfs shows an anonymous device (major 0) in mountinfo; qemu-ga finds its block
+/// device from the mount source, so a btrfs root is listed by guest-get-fsinfo, trimmed
+/// by guest-fstrim and frozen by a backup. Checked on a loop-mounted btrfs only.
+#[test]
+fn btrfs_is_listed_trimmed_and_frozen_like_qemu_ga() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fs = LoopMount::new("btrfs", &["mkfs.btrfs", "-q"], 128 << 20);
+    let m = fs.path();
+    let freeze = format!(
+        "{{\"execute\":\"guest-fsfreeze-freeze-list\",\"arguments\":{{\"mountpoints\":[\"{m}\"]}}}}"
+    );
+    let script: Vec<Vec<u8>> = vec![
+        cmd("guest-get-fsinfo"),
+        cmd("guest-fstrim"),
+        freeze.into_bytes(),
+        cmd("guest-fsfreeze-status"),
+        cmd("guest-fsfreeze-thaw"),
+        cmd("guest-fsfreeze-status"),
+    ];
+    let run = |name| {
+        let p = Peer::start(name);
+        let mut out: Vec<Value> = script
+            .iter()
+            .map(|s| p.exchange(&[s])[0].1.clone())
+            .collect();
+        p.stop();
+        // Only the scratch filesystem: the machine's own are compared in replies_match_qemu_ga.
+        if let Some(Value::Array(l)) = out[0].get_mut("return") {
+            l.retain(|f| f["mountpoint"] == m.as_str());
+        }
+        mask_at(&mut out[0], &["return", "*", "used-bytes"]);
+        mask_at(&mut out[0], &["return", "*", "total-bytes"]);
+        if let Some(Value::Array(l)) = out[1].pointer_mut("/return/paths") {
+            l.retain(|f| f["path"] == m.as_str());
+        }
+        mask_at(&mut out[1], &["return", "paths", "*", "trimmed"]);
+        out
+    };
+    let theirs = run("qemu-ga");
+    let ours = run("nixseed");
+    assert_eq!(theirs, ours);
+    assert_eq!(theirs[0]["return"][0]["type"], "btrfs", "qemu-ga lists it");
+    assert_eq!(
+        theirs[1]["return"]["paths"][0]["path"],
+        m.as_str(),
+        "qemu-ga trims it"
+    );
+    assert_eq!(theirs[2]["return"], 1, "qemu-ga freezes it");
+}

@@ -25,12 +25,13 @@ pub const QEMU_PACKAGES: &[&str] = &[
     "xz-utils",
 ];
 
-/// libvirt scenarios and the qemu-ga comparison.
+/// libvirt scenarios and the qemu-ga comparison (which loop-mounts a btrfs).
 pub const LIBVIRT_PACKAGES: &[&str] = &[
     "libvirt-daemon",
     "libvirt-daemon-driver-qemu",
     "libvirt-clients",
     "qemu-guest-agent",
+    "btrfs-progs",
 ];
 
 fn installed_version(pkg: &str) -> Option<String> {

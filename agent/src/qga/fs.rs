@@ -228,9 +228,9 @@ pub fn fstrim(_: &mut Agent, mut args: Args) -> CmdResult {
         let mut r = Map::new();
         r.insert("path".into(), m.mountpoint.clone().into());
         match fitrim(&m.mountpoint, minimum) {
-            Ok(n) => {
-                r.insert("trimmed".into(), n.into());
-                r.insert("minimum".into(), minimum.into());
+            Ok((trimmed, used_minimum)) => {
+                r.insert("trimmed".into(), trimmed.into());
+                r.insert("minimum".into(), used_minimum.into());
             }
             Err(e) => {
                 r.insert("error".into(), errno_text(e).into());

@@ -42,8 +42,9 @@ mod ioctl {
         unsafe { fithaw(f.as_raw_fd(), &mut arg) }.map(|_| ())
     }
 
-    /// FITRIM over the whole filesystem of `f`; returns bytes trimmed.
-    pub fn fitrim_fd(f: &std::fs::File, minimum: u64) -> Result<u64, Errno> {
+    /// FITRIM over the whole filesystem of `f`; returns bytes trimmed and the minimum
+    /// extent the filesystem used (btrfs raises it to the device's discard granularity).
+    pub fn fitrim_fd(f: &std::fs::File, minimum: u64) -> Result<(u64, u64), Errno> {
         let mut range = FstrimRange {
             start: 0,
             len: u64::MAX,
@@ -51,7 +52,7 @@ mod ioctl {
         };
         // SAFETY: `range` is a live, correctly laid out fstrim_range the kernel fills in.
         unsafe { fitrim_raw(f.as_raw_fd(), &mut range) }?;
-        Ok(range.len)
+        Ok((range.len, range.minlen))
     }
 }
 
@@ -61,8 +62,9 @@ fn open_dir(path: &str) -> Result<std::fs::File, Errno> {
     std::fs::File::open(path).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
 }
 
-/// Discards unused blocks of the filesystem holding `path`; returns bytes trimmed.
-pub fn fitrim(path: &str, minimum: u64) -> Result<u64, Errno> {
+/// Discards unused blocks of the filesystem holding `path`; returns bytes trimmed and
+/// the minimum extent the kernel used, which qemu-ga reports as `minimum`.
+pub fn fitrim(path: &str, minimum: u64) -> Result<(u64, u64), Errno> {
     ioctl::fitrim_fd(&open_dir(path)?, minimum)
 }
 
@@ -70,7 +72,7 @@ pub fn marker(state_dir: &Path) -> PathBuf {
     state_dir.join("qga.state.isfrozen")
 }
 
-/// Mounts backed by a device (major != 0), one per device, in mount order.
+/// Mounts backed by a block device, one per device, in mount order.
 pub fn device_mounts() -> Vec<Mount> {
     device_mounts_among(None)
 }
@@ -82,10 +84,32 @@ fn device_mounts_among(only: Option<&[String]>) -> Vec<Mount> {
     let mut seen = std::collections::HashSet::new();
     mountinfo(&text)
         .into_iter()
-        .filter(|m| m.major != 0)
+        .filter_map(on_block_device)
         .filter(|m| only.is_none_or(|l| l.contains(&m.mountpoint)))
         .filter(|m| seen.insert((m.major, m.minor)))
         .collect()
+}
+
+/// The mount with its block device's numbers, or None for a mount with no block device
+/// (proc, tmpfs, overlay, ...). btrfs gives an anonymous device (major 0) in mountinfo
+/// for every mount; its block device is the mount's source, as qemu-ga reads it, so a
+/// btrfs root is listed, trimmed and frozen too.
+fn on_block_device(mut m: Mount) -> Option<Mount> {
+    if m.major != 0 {
+        return Some(m);
+    }
+    if m.fstype != "btrfs" {
+        return None;
+    }
+    let st = nix::sys::stat::stat(m.source.as_str()).ok()?;
+    let kind =
+        nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT;
+    if kind != nix::sys::stat::SFlag::S_IFBLK {
+        return None;
+    }
+    m.major = u32::try_from(nix::sys::stat::major(st.st_rdev)).ok()?;
+    m.minor = u32::try_from(nix::sys::stat::minor(st.st_rdev)).ok()?;
+    Some(m)
 }
 
 fn run_hook(agent: &Agent, arg: &str) -> Result<(), QgaError> {
