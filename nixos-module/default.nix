@@ -499,8 +499,13 @@ in
       (lib.mkIf cfg.guestAgent.enable {
         services.udev.packages = [ cfg.package ];
         systemd.services.nixseed-agent = {
-          # hwclock for guest-set-time; nft for a live push that changes ports.
-          path = [ pkgs.util-linux ] ++ lib.optional cfg.firewall.enable pkgs.nftables;
+          # hwclock for guest-set-time, chpasswd for guest-set-user-password; nft for a
+          # live push that changes ports.
+          path = [
+            pkgs.util-linux
+            pkgs.shadow
+          ]
+          ++ lib.optional cfg.firewall.enable pkgs.nftables;
           serviceConfig.ExecStart = execStart serveCommand;
         };
       })

@@ -25,6 +25,7 @@ let
     nixseed-agent = fakeDrv "nixseed-agent";
     nftables = fakeDrv "nftables";
     util-linux = fakeDrv "util-linux";
+    shadow = fakeDrv "shadow";
     writeText = name: text: (fakeDrv name) // { inherit text; };
     formats.json = _: {
       type = anything;
@@ -341,6 +342,12 @@ in
       };
     in
     lib.hasInfix ''"--admin-user" "ops" "--ssh-user" "app"'' (lib.last c.systemd.services.nixseed-agent.serviceConfig.ExecStart)
+  ))
+  (check "the guest agent finds hwclock and chpasswd (guest-set-time, guest-set-user-password)" (
+    good.systemd.services.nixseed-agent.path == [
+      fakePkgs.util-linux
+      fakePkgs.shadow
+    ]
   ))
   (check "guest agent flags, udev rule and control channel follow the options" (
     let
