@@ -949,3 +949,44 @@ fn btrfs_is_listed_trimmed_and_frozen_like_qemu_ga() {
     );
     assert_eq!(theirs[2]["return"], 1, "qemu-ga freezes it");
 }
+
+/// guest-set-user-password: qemu-ga refuses only a `\n` in the password and a `:` or
+/// `\n` in the user name; any other bytes (not UTF-8, `\r`) go to chpasswd. The user
+/// does not exist, so chpasswd fails in both and no password on this machine changes.
+#[test]
+fn set_user_password_matches_qemu_ga() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let nobody = "nixseed-no-such-user";
+    let cases: &[(&str, &str, bool)] = &[
+        (nobody, "cORzcw==", false), // "r\xe4ss": Latin-1, not UTF-8
+        (nobody, "YQ1i", false),     // "a\rb"
+        (nobody, "YW\nJj", false),   // wrapped base64, as Proxmox sends it
+        (nobody, "JDUkc2FsdCRoYXNo", true),
+        (nobody, "YQpi", false), // "a\nb"
+        ("a:b", "YQ==", false),
+        ("a\nb", "YQ==", false),
+        ("a:b", "YQpi", false), // both: the password is checked first
+    ];
+    let run = |name| {
+        let p = Peer::start_with(name, &["guest-set-user-password"]);
+        let out: Vec<Value> = cases
+            .iter()
+            .map(|(user, password, crypted)| {
+                let request = serde_json::json!({
+                    "execute": "guest-set-user-password",
+                    "arguments": {"username": user, "password": password, "crypted": crypted},
+                });
+                p.call(&request.to_string())
+            })
+            .collect();
+        p.stop();
+        out
+    };
+    let theirs = run("qemu-ga");
+    let ours = run("nixseed");
+    assert_eq!(theirs, ours);
+    assert_eq!(
+        theirs[0]["error"]["desc"], "child process has failed to set user password",
+        "qemu-ga hands a password that is not UTF-8 to chpasswd"
+    );
+}

@@ -15,15 +15,17 @@ pub fn set_user_password(_: &mut Agent, mut args: Args) -> CmdResult {
     let password = args.str("password")?;
     let crypted = args.bool("crypted")?;
     args.finish()?;
-    // Proxmox sends base64 with line breaks; the decoder skips whitespace.
+    // Proxmox sends base64 with line breaks; the decoder skips them.
     let raw = base64_decode(&password)
         .ok_or_else(|| QgaError::generic("password is not valid base64"))?;
-    let raw =
-        String::from_utf8(raw).map_err(|_| QgaError::generic("password is not valid UTF-8"))?;
-    if raw.contains(['\n', '\r']) || username.contains([':', '\n']) {
-        return Err(QgaError::generic(
-            "username or password contains characters chpasswd cannot take",
-        ));
+    let raw = chpasswd_password(&raw);
+    // As qemu-ga, only what would break chpasswd's `user:password` line is refused; any
+    // other bytes (not UTF-8, `\r`) are the password.
+    if raw.contains(&b'\n') {
+        return Err(QgaError::generic("forbidden characters in raw password"));
+    }
+    if username.contains([':', '\n']) {
+        return Err(QgaError::generic("forbidden characters in username"));
     }
     let mut cmd = Command::new("chpasswd");
     if crypted {
@@ -34,15 +36,28 @@ pub fn set_user_password(_: &mut Agent, mut args: Args) -> CmdResult {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| QgaError::generic(format!("cannot run chpasswd: {e}")))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                QgaError::generic("cannot find 'passwd' program in PATH")
+            }
+            _ => QgaError::generic(format!("cannot run chpasswd: {e}")),
+        })?;
     if let Some(mut stdin) = child.stdin.take() {
+        let mut line = Vec::with_capacity(username.len() + raw.len() + 2);
+        line.extend_from_slice(username.as_bytes());
+        line.push(b':');
+        line.extend_from_slice(raw);
+        line.push(b'\n');
         stdin
-            .write_all(format!("{username}:{raw}\n").as_bytes())
+            .write_all(&line)
             .map_err(|e| QgaError::generic(format!("cannot write to chpasswd: {e}")))?;
     }
     let st = child
         .wait()
         .map_err(|e| QgaError::generic(format!("chpasswd: {e}")))?;
+    if st.code().is_none() {
+        return Err(QgaError::generic("child process has terminated abnormally"));
+    }
     if !st.success() {
         return Err(QgaError::generic(
             "child process has failed to set user password",
@@ -50,4 +65,22 @@ pub fn set_user_password(_: &mut Agent, mut args: Args) -> CmdResult {
     }
     tracing::info!("guest-set-user-password: password set for {username}");
     Ok(Some(json!({})))
+}
+
+/// The password as qemu-ga hands it to chpasswd: a C string, so it ends at the first
+/// NUL byte.
+fn chpasswd_password(raw: &[u8]) -> &[u8] {
+    raw.split(|&b| b == 0).next().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chpasswd_password;
+
+    #[test]
+    fn the_password_ends_at_a_nul_byte_as_in_qemu_ga() {
+        assert_eq!(chpasswd_password(b"a\0b"), b"a");
+        assert_eq!(chpasswd_password(b"r\xe4s\r"), b"r\xe4s\r");
+        assert_eq!(chpasswd_password(b""), b"");
+    }
 }
