@@ -387,6 +387,11 @@ fn cases() -> Vec<Case> {
             mask_at(v, &["return", "paths", "*", "trimmed"]);
             sort_by(v, &["return", "paths"], "path");
         }),
+        // qemu-ga checks the keys before it looks the user up.
+        case("ssh add: a comment is no key", &[b"{\"execute\":\"guest-ssh-add-authorized-keys\",\"arguments\":{\"username\":\"nosuch\",\"keys\":[\"#not a key\"]}}"]),
+        case("ssh remove: a comment is no key", &[b"{\"execute\":\"guest-ssh-remove-authorized-keys\",\"arguments\":{\"username\":\"root\",\"keys\":[\"#not a key\"]}}"]),
+        case("ssh add: a line break inside a key", &[b"{\"execute\":\"guest-ssh-add-authorized-keys\",\"arguments\":{\"username\":\"nosuch\",\"keys\":[\"ssh-ed25519 AAAA a\",\"ssh-ed25519 AAAA b\\nssh-rsa BBBB\"]}}"]),
+        case("ssh add: a space before a comment", &[b"{\"execute\":\"guest-ssh-add-authorized-keys\",\"arguments\":{\"username\":\"nosuch\",\"keys\":[\" #x\",\"\"]}}"]),
         case("ssh keys unknown user", &[b"{\"execute\":\"guest-ssh-get-authorized-keys\",\"arguments\":{\"username\":\"nosuch\"}}"]),
         case("shutdown bad mode", &[b"{\"execute\":\"guest-shutdown\",\"arguments\":{\"mode\":\"bogus\"}}"]),
         // The only case that opens a file: both agents hand out handle 1000 first.
