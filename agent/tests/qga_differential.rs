@@ -963,7 +963,7 @@ fn set_user_password_matches_qemu_ga() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let nobody = "nixseed-no-such-user";
     let cases: &[(&str, &str, bool)] = &[
-        (nobody, "cORzcw==", false), // "r\xe4ss": Latin-1, not UTF-8
+        (nobody, "cORzcw==", false), // "p\xe4ss": Latin-1, not UTF-8
         (nobody, "YQ1i", false),     // "a\rb"
         (nobody, "YW\nJj", false),   // wrapped base64, as Proxmox sends it
         (nobody, "JDUkc2FsdCRoYXNo", true),
@@ -993,5 +993,77 @@ fn set_user_password_matches_qemu_ga() {
     assert_eq!(
         theirs[0]["error"]["desc"], "child process has failed to set user password",
         "qemu-ga hands a password that is not UTF-8 to chpasswd"
+    );
+}
+
+/// Base64 arguments (`input-data`, `password`, `buf-b64`) are decoded as qemu-ga
+/// decodes them: only `A-Za-z0-9+/=` and `\n`, and on past padding (`YQ==YQ==` is `aa`).
+#[test]
+fn base64_arguments_match_qemu_ga() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let texts = ["YQ==YQ==", "YW\nJj", "YWJjZA", "YQ== ", "-_8=", "a*b"];
+    let run = |name| {
+        let p = Peer::start_with(
+            name,
+            &[
+                "guest-exec",
+                "guest-exec-status",
+                "guest-set-user-password",
+                "guest-file-open",
+                "guest-file-write",
+                "guest-file-close",
+            ],
+        );
+        let mut out = Vec::new();
+        for text in texts {
+            let request = serde_json::json!({
+                "execute": "guest-exec",
+                "arguments": {"path": "/bin/cat", "input-data": text, "capture-output": true},
+            });
+            let r = p.call(&request.to_string());
+            out.push(match r["return"]["pid"].as_i64() {
+                Some(pid) => exec_status(&p, pid),
+                None => r,
+            });
+            let request = serde_json::json!({
+                "execute": "guest-set-user-password",
+                "arguments": {"username": "nixseed-no-such-user", "password": text, "crypted": false},
+            });
+            out.push(p.call(&request.to_string()));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("written");
+        let open = serde_json::json!({
+            "execute": "guest-file-open",
+            "arguments": {"path": file, "mode": "w"},
+        });
+        let handle = p.call(&open.to_string())["return"].as_i64().unwrap();
+        for text in texts {
+            let write = serde_json::json!({
+                "execute": "guest-file-write",
+                "arguments": {"handle": handle, "buf-b64": text},
+            });
+            out.push(p.call(&write.to_string()));
+        }
+        p.call(&format!(
+            "{{\"execute\":\"guest-file-close\",\"arguments\":{{\"handle\":{handle}}}}}"
+        ));
+        out.push(Value::String(
+            String::from_utf8_lossy(&std::fs::read(&file).unwrap()).into_owned(),
+        ));
+        p.stop();
+        out
+    };
+    let theirs = run("qemu-ga");
+    let ours = run("nixseed");
+    assert_eq!(theirs, ours);
+    assert_eq!(
+        theirs[0]["return"]["out-data"], "YWE=",
+        "qemu-ga: YQ==YQ== is aa"
+    );
+    assert_eq!(
+        theirs.last().unwrap(),
+        &Value::String("aaabcabc".into()),
+        "qemu-ga wrote the valid ones"
     );
 }

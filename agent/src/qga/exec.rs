@@ -12,8 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use nixseed_core::channel::base64_encode;
-use nixseed_core::credentials::base64_decode;
-use nixseed_core::qga::{Args, QgaError};
+use nixseed_core::qga::{Args, QgaError, base64};
 use serde_json::{Map, Value, json};
 
 use super::{Agent, CmdResult};
@@ -70,13 +69,7 @@ pub fn exec(agent: &mut Agent, mut args: Args) -> CmdResult {
     let input = args.opt_str("input-data")?;
     let capture = args.opt_bool("capture-output")?.unwrap_or(false);
     args.finish()?;
-    let input = match input {
-        Some(b64) => Some(
-            base64_decode(&b64)
-                .ok_or_else(|| QgaError::generic("input-data is not valid base64"))?,
-        ),
-        None => None,
-    };
+    let input = input.map(|b64| base64::decode(&b64)).transpose()?;
     let mut cmd = Command::new(&path);
     cmd.args(&argv);
     if let Some(env) = env {

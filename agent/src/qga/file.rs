@@ -9,8 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use nixseed_core::channel::base64_encode;
-use nixseed_core::credentials::base64_decode;
-use nixseed_core::qga::{Args, QgaError};
+use nixseed_core::qga::{Args, QgaError, base64};
 use serde_json::{Value, json};
 
 use super::{Agent, CmdResult, io_text};
@@ -170,8 +169,7 @@ pub fn write(agent: &mut Agent, mut args: Args) -> CmdResult {
     let b64 = args.str("buf-b64")?;
     let count = args.opt_i64("count")?;
     args.finish()?;
-    let data =
-        base64_decode(&b64).ok_or_else(|| QgaError::generic("buf-b64 is not valid base64"))?;
+    let data = base64::decode(&b64)?;
     let n = match count {
         Some(c) if c < 0 || c as usize > data.len() => {
             return Err(QgaError::generic(format!(

@@ -4,8 +4,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use nixseed_core::credentials::base64_decode;
-use nixseed_core::qga::{Args, QgaError};
+use nixseed_core::qga::{Args, QgaError, base64};
 use serde_json::json;
 
 use super::{Agent, CmdResult};
@@ -16,8 +15,7 @@ pub fn set_user_password(_: &mut Agent, mut args: Args) -> CmdResult {
     let crypted = args.bool("crypted")?;
     args.finish()?;
     // Proxmox sends base64 with line breaks; the decoder skips them.
-    let raw = base64_decode(&password)
-        .ok_or_else(|| QgaError::generic("password is not valid base64"))?;
+    let raw = base64::decode(&password)?;
     let raw = chpasswd_password(&raw);
     // As qemu-ga, only what would break chpasswd's `user:password` line is refused; any
     // other bytes (not UTF-8, `\r`) are the password.

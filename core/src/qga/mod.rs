@@ -3,6 +3,7 @@
 //! reply encoding and the command table. The agent feeds bytes in and writes the
 //! returned bytes out; nothing here touches the system.
 
+pub mod base64;
 pub mod commands;
 pub mod encode;
 pub mod envelope;
