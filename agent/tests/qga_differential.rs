@@ -1067,3 +1067,55 @@ fn base64_arguments_match_qemu_ga() {
         "qemu-ga wrote the valid ones"
     );
 }
+
+/// guest-file-*: an unknown handle is reported before any bad argument value, as qemu-ga
+/// looks the handle up first; then whence codes and names on a real handle.
+#[test]
+fn file_commands_match_qemu_ga() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let requests: &[&str] = &[
+        r#"{"execute":"guest-file-read","arguments":{"handle":99999,"count":-1}}"#,
+        r#"{"execute":"guest-file-read","arguments":{"handle":99999,"count":99999999999}}"#,
+        r#"{"execute":"guest-file-write","arguments":{"handle":99999,"buf-b64":"a*b"}}"#,
+        r#"{"execute":"guest-file-write","arguments":{"handle":99999,"buf-b64":"YQ==","count":-1}}"#,
+        r#"{"execute":"guest-file-seek","arguments":{"handle":99999,"offset":0,"whence":7}}"#,
+        r#"{"execute":"guest-file-seek","arguments":{"handle":99999,"offset":-1,"whence":"set"}}"#,
+        r#"{"execute":"guest-file-seek","arguments":{"handle":99999,"offset":0,"whence":"bogus"}}"#,
+        r#"{"execute":"guest-file-flush","arguments":{"handle":99999}}"#,
+        r#"{"execute":"guest-file-close","arguments":{"handle":99999}}"#,
+        // Both agents hand out handle 1000 first.
+        r#"{"execute":"guest-file-open","arguments":{"path":"/etc/hostname"}}"#,
+        r#"{"execute":"guest-file-read","arguments":{"handle":1000,"count":-1}}"#,
+        r#"{"execute":"guest-file-write","arguments":{"handle":1000,"buf-b64":"YQ==","count":2}}"#,
+        r#"{"execute":"guest-file-seek","arguments":{"handle":1000,"offset":1,"whence":"set"}}"#,
+        r#"{"execute":"guest-file-seek","arguments":{"handle":1000,"offset":1,"whence":"cur"}}"#,
+        r#"{"execute":"guest-file-seek","arguments":{"handle":1000,"offset":0,"whence":"end"}}"#,
+        r#"{"execute":"guest-file-seek","arguments":{"handle":1000,"offset":2,"whence":0}}"#,
+        r#"{"execute":"guest-file-seek","arguments":{"handle":1000,"offset":-1,"whence":0}}"#,
+        r#"{"execute":"guest-file-seek","arguments":{"handle":1000,"offset":0,"whence":7}}"#,
+        r#"{"execute":"guest-file-close","arguments":{"handle":1000}}"#,
+    ];
+    let run = |name| {
+        let p = Peer::start_with(
+            name,
+            &[
+                "guest-file-open",
+                "guest-file-close",
+                "guest-file-read",
+                "guest-file-write",
+                "guest-file-seek",
+                "guest-file-flush",
+            ],
+        );
+        let out: Vec<Value> = requests.iter().map(|r| p.call(r)).collect();
+        p.stop();
+        out
+    };
+    let theirs = run("qemu-ga");
+    let ours = run("nixseed");
+    assert_eq!(theirs, ours);
+    assert_eq!(
+        theirs[0]["error"]["desc"], "handle '99999' has not been found",
+        "qemu-ga looks the handle up first"
+    );
+}

@@ -131,12 +131,13 @@ pub fn read(agent: &mut Agent, mut args: Args) -> CmdResult {
     let h = args.i64("handle")?;
     let count = args.opt_i64("count")?.unwrap_or(4096);
     args.finish()?;
+    // As qemu-ga: an unknown handle is reported before a bad count.
+    let f = file(agent, h)?;
     if !(0..=48 << 20).contains(&count) {
         return Err(QgaError::generic(format!(
             "value '{count}' is invalid for argument count"
         )));
     }
-    let f = file(agent, h)?;
     let mut buf = vec![0u8; count as usize];
     let mut got = 0;
     let mut eof = false;
@@ -169,6 +170,8 @@ pub fn write(agent: &mut Agent, mut args: Args) -> CmdResult {
     let b64 = args.str("buf-b64")?;
     let count = args.opt_i64("count")?;
     args.finish()?;
+    // As qemu-ga: the handle, then the data, then the count.
+    let f = file(agent, h)?;
     let data = base64::decode(&b64)?;
     let n = match count {
         Some(c) if c < 0 || c as usize > data.len() => {
@@ -179,7 +182,6 @@ pub fn write(agent: &mut Agent, mut args: Args) -> CmdResult {
         Some(c) => c as usize,
         None => data.len(),
     };
-    let f = file(agent, h)?;
     // The descriptor is non-blocking: a full pipe or terminal takes part of the data, and
     // the count says how much, so the host sends only the rest again.
     let mut written = 0;
@@ -225,6 +227,9 @@ pub fn seek(agent: &mut Agent, mut args: Args) -> CmdResult {
     let offset = args.i64("offset")?;
     let whence = whence_code(args.value("whence")?)?;
     args.finish()?;
+    // As qemu-ga: the type of `whence` is checked with the arguments, its value after the
+    // handle is found.
+    let f = file(agent, h)?;
     // A negative absolute offset is what lseek(2) refuses with EINVAL, as qemu-ga reports.
     let invalid = || QgaError::generic("failed to seek file: Invalid argument");
     let pos = match whence {
@@ -233,7 +238,6 @@ pub fn seek(agent: &mut Agent, mut args: Args) -> CmdResult {
         2 => SeekFrom::End(offset),
         _ => return Err(QgaError::generic(format!("invalid whence code {whence}"))),
     };
-    let f = file(agent, h)?;
     let p = f
         .seek(pos)
         .map_err(|e| QgaError::generic(format!("failed to seek file: {}", io_text(&e))))?;
