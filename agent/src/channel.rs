@@ -162,19 +162,21 @@ impl ChannelService {
 }
 
 impl ByteService for ChannelService {
-    async fn handle_bytes(&mut self, input: &[u8], out: &mut Vec<u8>) {
+    fn feed(&mut self, input: &[u8]) {
         self.decoder.push(input);
-        loop {
-            let reply = match self.decoder.next_message() {
-                Ok(Some(msg)) => handle(msg, &self.ctx).await,
-                Ok(None) => break,
-                // A length-prefixed stream cannot resynchronise: answer, start afresh.
-                Err(e) => Message::Error {
-                    message: e.to_string(),
-                },
-            };
-            out.extend(encode(&reply));
-        }
+    }
+
+    async fn answer_next(&mut self, out: &mut Vec<u8>) -> bool {
+        let reply = match self.decoder.next_message() {
+            Ok(Some(msg)) => handle(msg, &self.ctx).await,
+            Ok(None) => return false,
+            // A length-prefixed stream cannot resynchronise: answer, start afresh.
+            Err(e) => Message::Error {
+                message: e.to_string(),
+            },
+        };
+        out.extend(encode(&reply));
+        true
     }
 
     fn peer_closed(&mut self) {

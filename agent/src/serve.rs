@@ -21,17 +21,28 @@ use crate::qga::{Agent, AgentConfig};
 use crate::stage::StageOptions;
 
 /// A protocol served on a byte stream: bytes in, reply bytes out. The guest agent and
-/// the control channel share the transports below.
+/// the control channel share the transports below. Replies are taken one at a time and
+/// each is written before the next request is answered: one read can carry many
+/// requests (40 guest-file-read of 48 MiB fit in one write), and holding all their
+/// replies at once would take gigabytes.
 pub(crate) trait ByteService {
-    async fn handle_bytes(&mut self, input: &[u8], out: &mut Vec<u8>);
+    /// Takes bytes read from the peer.
+    fn feed(&mut self, input: &[u8]);
+    /// Answers the next complete request, appending its reply (if any) to `out`; false
+    /// when no request is waiting.
+    async fn answer_next(&mut self, out: &mut Vec<u8>) -> bool;
     /// The peer went away. The guest agent keeps its parser state across connections
     /// (as qemu-ga does); the control channel starts a fresh frame.
     fn peer_closed(&mut self) {}
 }
 
 impl ByteService for Agent {
-    async fn handle_bytes(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        Agent::handle_bytes(self, input, out).await
+    fn feed(&mut self, input: &[u8]) {
+        Agent::feed(self, input);
+    }
+
+    async fn answer_next(&mut self, out: &mut Vec<u8>) -> bool {
+        Agent::answer_next(self, out).await
     }
 }
 
@@ -483,10 +494,21 @@ pub(crate) async fn serve_stream<S: ByteService, T: AsyncRead + AsyncWrite + Unp
         if n == 0 {
             return Ok(());
         }
-        svc.handle_bytes(&buf[..n], &mut out).await;
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
+        svc.feed(&buf[..n]);
+        // Every request read is answered, as qemu-ga does, even after the peer has gone
+        // (a write failed): only the replies are dropped.
+        let mut failed = None;
+        while svc.answer_next(&mut out).await {
+            if failed.is_none()
+                && !out.is_empty()
+                && let Err(e) = stream.write_all(&out).await
+            {
+                failed = Some(e);
+            }
             out.clear();
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
     }
 }
@@ -670,13 +692,22 @@ async fn serve_virtio<S: ByteService>(
             Ok(Ok(n)) => {
                 drop(guard);
                 host.data();
-                svc.handle_bytes(&buf[..n], &mut out).await;
-                match write_port(&mut port, &mut events, path, &out).await {
-                    Ok(()) if !out.is_empty() => host.present(),
-                    Ok(()) => {}
-                    Err(e) => tracing::warn!("{}: reply not sent: {e:#}", path.display()),
+                svc.feed(&buf[..n]);
+                // After a reply that could not be sent (no host for REPLY_WAIT), the rest
+                // of this read's replies are dropped at once rather than each waiting.
+                let mut sending = true;
+                while svc.answer_next(&mut out).await {
+                    if sending && !out.is_empty() {
+                        match write_port(&mut port, &mut events, path, &out).await {
+                            Ok(()) => host.present(),
+                            Err(e) => {
+                                tracing::warn!("{}: reply not sent: {e:#}", path.display());
+                                sending = false;
+                            }
+                        }
+                    }
+                    out.clear();
                 }
-                out.clear();
             }
             Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::ENODEV) => {
                 drop(guard);

@@ -1,5 +1,6 @@
 //! Load and fault tolerance of `nixseed-agent serve` on unix-listen: 100 000 requests
-//! pipelined over one connection and 2 000 reconnects, every reply accounted for.
+//! pipelined over one connection and 2 000 reconnects, every reply accounted for, and
+//! many large replies to one write.
 
 #![allow(clippy::unwrap_used)] // test scaffolding: a failed setup step should fail the test loudly
 
@@ -110,5 +111,72 @@ fn hundred_thousand_requests_and_two_thousand_reconnects() {
     assert!(
         child.wait().unwrap().success(),
         "agent exits cleanly on SIGTERM"
+    );
+}
+
+/// 24 guest-file-read of 8 MiB each arrive in one write: each reply (11 MiB of base64) is
+/// written before the next request is answered, so the agent's peak memory stays near
+/// one reply's, not the 256 MiB all of them take together.
+#[test]
+fn large_replies_to_one_write_are_written_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nixseed-agent"))
+        .args(["serve", "-m", "unix-listen", "-t"])
+        .arg(dir.path().join("state"))
+        .arg("-p")
+        .arg(&sock)
+        .args(["--unsafe-rpcs", "guest-file-open,guest-file-read"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        nixseed_test_support::wait_for(Duration::from_secs(10), || {
+            nixseed_test_support::listening(&sock)
+        }),
+        "agent did not listen"
+    );
+    // Peak resident memory of the agent so far.
+    let hwm_kib = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    w.write_all(b"{\"execute\":\"guest-file-open\",\"arguments\":{\"path\":\"/dev/zero\"}}")
+        .unwrap();
+    let mut line = Vec::new();
+    r.read_until(b'\n', &mut line).unwrap();
+    assert_eq!(line, b"{\"return\": 1000}\n");
+    let before = hwm_kib();
+    let reads = 24;
+    let batch =
+        "{\"execute\":\"guest-file-read\",\"arguments\":{\"handle\":1000,\"count\":8388608}}"
+            .repeat(reads);
+    w.write_all(batch.as_bytes()).unwrap();
+    for i in 0..reads {
+        line.clear();
+        r.read_until(b'\n', &mut line).unwrap();
+        assert!(
+            line.starts_with(b"{\"return\": {") && line.ends_with(b"}\n") && line.len() > 8 << 20,
+            "reply {i}: {:?}",
+            String::from_utf8_lossy(&line[..line.len().min(200)])
+        );
+    }
+    let peak = hwm_kib();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    assert!(
+        peak < before + 128 * 1024,
+        "peak RSS went from {before} KiB to {peak} KiB answering {reads} reads of 8 MiB"
     );
 }

@@ -14,6 +14,7 @@ mod ssh_keys;
 mod sync;
 mod system;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 
 use nixseed_core::qga::commands::{self, CommandPolicy, FROZEN_REASON};
@@ -49,6 +50,9 @@ pub struct Agent {
     frozen: bool,
     exec: exec::Processes,
     files: file::Handles,
+    /// Requests read but not answered yet: each is answered, and its reply written,
+    /// before the next, so one read's replies are never all held at once.
+    pending: VecDeque<Framed>,
     /// Requests other than the always-allowed ones (sync, ping, info, freeze status and
     /// thaw) draw from this bucket.
     limit: nixseed_core::qga::limit::TokenBucket,
@@ -85,20 +89,30 @@ impl Agent {
             frozen,
             exec: exec::Processes::default(),
             files,
+            pending: VecDeque::new(),
             limit: nixseed_core::qga::limit::TokenBucket::new(RATE_BURST, RATE_PER_SECOND),
             started: std::time::Instant::now(),
         })
     }
 
-    /// Feeds bytes read from the port; the bytes to write back are appended to `out`.
-    pub async fn handle_bytes(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+    /// Takes bytes read from the port; the requests they complete wait for
+    /// [`Agent::answer_next`].
+    pub fn feed(&mut self, bytes: &[u8]) {
         let mut framed = Vec::new();
         self.session.framer.feed(bytes, &mut framed);
-        for f in framed {
-            if let Some(reply) = self.dispatch(f).await {
-                self.session.encode(&reply, out);
-            }
+        self.pending.extend(framed);
+    }
+
+    /// Answers the oldest request read, appending its reply (if it has one) to `out`;
+    /// false when none is waiting.
+    pub async fn answer_next(&mut self, out: &mut Vec<u8>) -> bool {
+        let Some(f) = self.pending.pop_front() else {
+            return false;
+        };
+        if let Some(reply) = self.dispatch(f).await {
+            self.session.encode(&reply, out);
         }
+        true
     }
 
     async fn dispatch(&mut self, framed: Framed) -> Option<Reply> {
