@@ -109,6 +109,16 @@ let
 
   immutableEtc = config.system.etc.overlay.enable or false;
 
+  resolved = config.services.resolved.enable or false;
+  # Without systemd-resolved the placeholder carries the image's static DNS settings:
+  # the identity is bound over /etc/resolv.conf, so no DHCP client or resolvconf can
+  # write it.
+  nameservers = config.networking.nameservers or [ ];
+  search = config.networking.search or [ ];
+  staticResolv =
+    lib.concatMapStrings (ns: "nameserver ${ns}\n") nameservers
+    + lib.optionalString (search != [ ]) "search ${lib.concatStringsSep " " search}\n";
+
   mkBool =
     default: description:
     lib.mkOption {
@@ -398,7 +408,14 @@ in
         }) placeholders;
 
         warnings =
-          lib.optional (!immutableEtc) ''
+          lib.optional (!resolved && nameservers == [ ]) ''
+            services.nixseed: systemd-resolved is off and networking.nameservers is empty, so
+            /etc/resolv.conf names a server only when the seed does: nixseed-agent binds the
+            identity's resolv.conf over it, and DHCP-provided DNS cannot reach it. Enable
+            services.resolved (the default with networking.useNetworkd) or set
+            networking.nameservers.
+          ''
+          ++ lib.optional (!immutableEtc) ''
             services.nixseed: /etc is not an overlay (system.etc.overlay.enable), so stage-2
             activation rewrites its placeholders after the initrd stage; use the etc overlay
             with boot.initrd.systemd.enable for the identity to be in place before systemd
@@ -432,7 +449,7 @@ in
           "resolv.conf" = {
             source = lib.mkForce (
               pkgs.writeText "nixseed-resolv.conf" (
-                lib.optionalString (config.services.resolved.enable or false) resolvedStub
+                if resolved then resolvedStub else staticResolv
               )
             );
             mode = "0644";

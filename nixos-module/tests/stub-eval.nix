@@ -66,6 +66,8 @@ let
         environment.systemPackages = list;
         networking = {
           hostName = opt types.str "nixos";
+          nameservers = opt (types.listOf types.str) [ ];
+          search = opt (types.listOf types.str) [ ];
           useNetworkd = opt types.bool false;
           firewall.enable = opt types.bool true;
           nftables.enable = opt types.bool false;
@@ -134,6 +136,7 @@ let
     boot.initrd.systemd.enable = true;
     system.etc.overlay.enable = true;
     services.openssh.enable = true;
+    services.resolved.enable = true;
   };
 
   check =
@@ -215,17 +218,29 @@ in
     && e.hostname.mode == "0644"
     && e.hosts.mode == "0644"
     && e."resolv.conf".mode == "0644"
-    && e."resolv.conf".source.text == ""
     && good.networking.hostName == ""
   ))
   (check "with systemd-resolved the resolv.conf placeholder points at its stub" (
+    lib.hasPrefix "nameserver 127.0.0.53" good.environment.etc."resolv.conf".source.text
+  ))
+  (check "without systemd-resolved the placeholder holds the static DNS, or the module warns" (
     let
-      c = eval {
+      bare = eval {
         imports = [ base ];
-        services.resolved.enable = true;
+        services.resolved.enable = lib.mkForce false;
+      };
+      static = eval {
+        imports = [ base ];
+        services.resolved.enable = lib.mkForce false;
+        networking.nameservers = [ "10.0.0.1" "10.0.0.2" ];
+        networking.search = [ "example.com" ];
       };
     in
-    lib.hasPrefix "nameserver 127.0.0.53" c.environment.etc."resolv.conf".source.text
+    bare.environment.etc."resolv.conf".source.text == ""
+    && lib.any (w: lib.hasInfix "DHCP-provided DNS cannot reach it" w) bare.warnings
+    && static.environment.etc."resolv.conf".source.text
+      == "nameserver 10.0.0.1\nnameserver 10.0.0.2\nsearch example.com\n"
+    && static.warnings == [ ]
   ))
   (check "an explicit hostname wins over the module's empty default" (
     (eval {
