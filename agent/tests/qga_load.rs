@@ -9,15 +9,16 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-#[test]
-fn hundred_thousand_requests_and_two_thousand_reconnects() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nixseed-agent"))
+/// `nixseed-agent serve` on unix-listen at `dir/sock` (state in `dir/state`), with `extra`
+/// arguments; returns once it listens.
+fn start_agent(dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    let sock = dir.join("sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_nixseed-agent"))
         .args(["serve", "-m", "unix-listen", "-t"])
-        .arg(dir.path().join("state"))
+        .arg(dir.join("state"))
         .arg("-p")
         .arg(&sock)
+        .args(extra)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -27,15 +28,25 @@ fn hundred_thousand_requests_and_two_thousand_reconnects() {
         }),
         "agent did not listen"
     );
+    child
+}
 
-    let rss_kib = || -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    };
+/// A `/proc/PID/status` figure in KiB (`VmRSS:`, `VmHWM:`).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn hundred_thousand_requests_and_two_thousand_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("sock");
+    let mut child = start_agent(dir.path(), &[]);
+    let rss_kib = || status_kib(child.id(), "VmRSS:");
     let rss_start = rss_kib();
 
     let s = UnixStream::connect(&sock).unwrap();
@@ -121,30 +132,12 @@ fn hundred_thousand_requests_and_two_thousand_reconnects() {
 fn large_replies_to_one_write_are_written_one_by_one() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nixseed-agent"))
-        .args(["serve", "-m", "unix-listen", "-t"])
-        .arg(dir.path().join("state"))
-        .arg("-p")
-        .arg(&sock)
-        .args(["--unsafe-rpcs", "guest-file-open,guest-file-read"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(
-        nixseed_test_support::wait_for(Duration::from_secs(10), || {
-            nixseed_test_support::listening(&sock)
-        }),
-        "agent did not listen"
+    let mut child = start_agent(
+        dir.path(),
+        &["--unsafe-rpcs", "guest-file-open,guest-file-read"],
     );
     // Peak resident memory of the agent so far.
-    let hwm_kib = || -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    };
+    let hwm_kib = || status_kib(child.id(), "VmHWM:");
     let s = UnixStream::connect(&sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut w = s.try_clone().unwrap();
