@@ -739,18 +739,13 @@ fn exec_output_matches_qemu_ga() {
         // Exactly the cap is not truncated: nothing was dropped.
         ("/usr/bin/head", &["-c", "16777216", "/dev/zero"]),
     ];
-    let run = |name| {
-        let p = Peer::start_with(name, EXEC);
+    let theirs = same_as_qemu_ga(EXEC, |p| {
         let out: Vec<Value> = runs
             .iter()
-            .map(|(path, args)| exec_status(&p, exec(&p, path, args)))
+            .map(|(path, args)| exec_status(p, exec(p, path, args)))
             .collect();
-        p.stop();
         out
-    };
-    let theirs = run("qemu-ga");
-    let ours = run("nixseed");
-    assert_eq!(theirs, ours);
+    });
     assert_eq!(
         theirs[0],
         serde_json::json!({"return": {"exited": true, "exitcode": 0}}),
@@ -955,6 +950,21 @@ fn btrfs_is_listed_trimmed_and_frozen_like_qemu_ga() {
     assert_eq!(theirs[2]["return"], 1, "qemu-ga freezes it");
 }
 
+/// Runs `session` against qemu-ga and then against nixseed-agent, each started with the
+/// `enable`d commands, and requires the same replies; returns qemu-ga's.
+fn same_as_qemu_ga(enable: &[&str], session: impl Fn(&Peer) -> Vec<Value>) -> Vec<Value> {
+    let run = |name| {
+        let p = Peer::start_with(name, enable);
+        let out = session(&p);
+        p.stop();
+        out
+    };
+    let theirs = run("qemu-ga");
+    let ours = run("nixseed");
+    assert_eq!(theirs, ours);
+    theirs
+}
+
 /// guest-set-user-password: qemu-ga refuses only a `\n` in the password and a `:` or
 /// `\n` in the user name; any other bytes (not UTF-8, `\r`) go to chpasswd. The user
 /// does not exist, so chpasswd fails in both and no password on this machine changes.
@@ -972,8 +982,7 @@ fn set_user_password_matches_qemu_ga() {
         ("a\nb", "YQ==", false),
         ("a:b", "YQpi", false), // both: the password is checked first
     ];
-    let run = |name| {
-        let p = Peer::start_with(name, &["guest-set-user-password"]);
+    let theirs = same_as_qemu_ga(&["guest-set-user-password"], |p| {
         let out: Vec<Value> = cases
             .iter()
             .map(|(user, password, crypted)| {
@@ -984,12 +993,8 @@ fn set_user_password_matches_qemu_ga() {
                 p.call(&request.to_string())
             })
             .collect();
-        p.stop();
         out
-    };
-    let theirs = run("qemu-ga");
-    let ours = run("nixseed");
-    assert_eq!(theirs, ours);
+    });
     assert_eq!(
         theirs[0]["error"]["desc"], "child process has failed to set user password",
         "qemu-ga hands a password that is not UTF-8 to chpasswd"
@@ -1002,61 +1007,56 @@ fn set_user_password_matches_qemu_ga() {
 fn base64_arguments_match_qemu_ga() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let texts = ["YQ==YQ==", "YW\nJj", "YWJjZA", "YQ== ", "-_8=", "a*b"];
-    let run = |name| {
-        let p = Peer::start_with(
-            name,
-            &[
-                "guest-exec",
-                "guest-exec-status",
-                "guest-set-user-password",
-                "guest-file-open",
-                "guest-file-write",
-                "guest-file-close",
-            ],
-        );
-        let mut out = Vec::new();
-        for text in texts {
-            let request = serde_json::json!({
-                "execute": "guest-exec",
-                "arguments": {"path": "/bin/cat", "input-data": text, "capture-output": true},
+    let theirs = same_as_qemu_ga(
+        &[
+            "guest-exec",
+            "guest-exec-status",
+            "guest-set-user-password",
+            "guest-file-open",
+            "guest-file-write",
+            "guest-file-close",
+        ],
+        |p| {
+            let mut out = Vec::new();
+            for text in texts {
+                let request = serde_json::json!({
+                    "execute": "guest-exec",
+                    "arguments": {"path": "/bin/cat", "input-data": text, "capture-output": true},
+                });
+                let r = p.call(&request.to_string());
+                out.push(match r["return"]["pid"].as_i64() {
+                    Some(pid) => exec_status(p, pid),
+                    None => r,
+                });
+                let request = serde_json::json!({
+                    "execute": "guest-set-user-password",
+                    "arguments": {"username": "nixseed-no-such-user", "password": text, "crypted": false},
+                });
+                out.push(p.call(&request.to_string()));
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("written");
+            let open = serde_json::json!({
+                "execute": "guest-file-open",
+                "arguments": {"path": file, "mode": "w"},
             });
-            let r = p.call(&request.to_string());
-            out.push(match r["return"]["pid"].as_i64() {
-                Some(pid) => exec_status(&p, pid),
-                None => r,
-            });
-            let request = serde_json::json!({
-                "execute": "guest-set-user-password",
-                "arguments": {"username": "nixseed-no-such-user", "password": text, "crypted": false},
-            });
-            out.push(p.call(&request.to_string()));
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("written");
-        let open = serde_json::json!({
-            "execute": "guest-file-open",
-            "arguments": {"path": file, "mode": "w"},
-        });
-        let handle = p.call(&open.to_string())["return"].as_i64().unwrap();
-        for text in texts {
-            let write = serde_json::json!({
-                "execute": "guest-file-write",
-                "arguments": {"handle": handle, "buf-b64": text},
-            });
-            out.push(p.call(&write.to_string()));
-        }
-        p.call(&format!(
-            "{{\"execute\":\"guest-file-close\",\"arguments\":{{\"handle\":{handle}}}}}"
-        ));
-        out.push(Value::String(
-            String::from_utf8_lossy(&std::fs::read(&file).unwrap()).into_owned(),
-        ));
-        p.stop();
-        out
-    };
-    let theirs = run("qemu-ga");
-    let ours = run("nixseed");
-    assert_eq!(theirs, ours);
+            let handle = p.call(&open.to_string())["return"].as_i64().unwrap();
+            for text in texts {
+                let write = serde_json::json!({
+                    "execute": "guest-file-write",
+                    "arguments": {"handle": handle, "buf-b64": text},
+                });
+                out.push(p.call(&write.to_string()));
+            }
+            p.call(&format!(
+                "{{\"execute\":\"guest-file-close\",\"arguments\":{{\"handle\":{handle}}}}}"
+            ));
+            out.push(Value::String(
+                String::from_utf8_lossy(&std::fs::read(&file).unwrap()).into_owned(),
+            ));
+            out
+        },
+    );
     assert_eq!(
         theirs[0]["return"]["out-data"], "YWE=",
         "qemu-ga: YQ==YQ== is aa"
@@ -1095,25 +1095,20 @@ fn file_commands_match_qemu_ga() {
         r#"{"execute":"guest-file-seek","arguments":{"handle":1000,"offset":0,"whence":7}}"#,
         r#"{"execute":"guest-file-close","arguments":{"handle":1000}}"#,
     ];
-    let run = |name| {
-        let p = Peer::start_with(
-            name,
-            &[
-                "guest-file-open",
-                "guest-file-close",
-                "guest-file-read",
-                "guest-file-write",
-                "guest-file-seek",
-                "guest-file-flush",
-            ],
-        );
-        let out: Vec<Value> = requests.iter().map(|r| p.call(r)).collect();
-        p.stop();
-        out
-    };
-    let theirs = run("qemu-ga");
-    let ours = run("nixseed");
-    assert_eq!(theirs, ours);
+    let theirs = same_as_qemu_ga(
+        &[
+            "guest-file-open",
+            "guest-file-close",
+            "guest-file-read",
+            "guest-file-write",
+            "guest-file-seek",
+            "guest-file-flush",
+        ],
+        |p| {
+            let out: Vec<Value> = requests.iter().map(|r| p.call(r)).collect();
+            out
+        },
+    );
     assert_eq!(
         theirs[0]["error"]["desc"], "handle '99999' has not been found",
         "qemu-ga looks the handle up first"
