@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 
 use crate::fsutil::write_atomic;
 
-const CACHE: &str = "accel";
+pub const CACHE: &str = "accel";
 
 /// `mov al, 1; out 0xf4, al; hlt` then the boot signature.
 fn probe_sector() -> Vec<u8> {

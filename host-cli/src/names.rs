@@ -17,9 +17,28 @@ pub fn check_machine_name(name: &str) -> Result<()> {
             "machine name `{name}` contains `/`, `..` or whitespace; use letters, digits, `-` and `.` only"
         );
     }
+    // virsh reads a number as a domain ID and a UUID as a domain's UUID before it tries a
+    // name, so `seedctl destroy 1` would reach whichever domain has ID 1.
+    if name.bytes().all(|b| b.is_ascii_digit()) || check_uuid(&name.to_ascii_lowercase()).is_ok() {
+        bail!(
+            "machine name `{name}` is all digits or a UUID, which virsh takes for a domain ID or UUID; add a letter, such as `vm{name}`"
+        );
+    }
+    if RESERVED.contains(&name) {
+        bail!(
+            "machine name `{name}` is reserved: the state directory keeps its own `{name}` beside the machines'"
+        );
+    }
     check_hostname(name)
         .map_err(|e| anyhow::anyhow!("machine name `{name}` is not a valid hostname: {e}"))
 }
+
+/// Entries of the state directory that are not machines.
+const RESERVED: &[&str] = &[
+    crate::state::DEFAULT_BASE,
+    crate::state::BASE_ROOTS,
+    crate::accel::CACHE,
+];
 
 /// RFC 1123 hostname, by the same rule the agent applies to seeds.
 pub fn check_hostname(host: &str) -> Result<()> {
@@ -89,10 +108,10 @@ mod tests {
 
     #[test]
     fn machine_names() {
-        for good in ["web1", "db-2", "a.example.org", "0123"] {
+        for good in ["web1", "db-2", "a.example.org", "vm0123", "1a"] {
             assert!(check_machine_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "-x", "a/b", "a b", "..", "a..b", "x_y", "a-", "é"] {
+        for bad in ["", "-x", "a/b", "a b", "..", "a..b", "x_y", "a-", "é", "0123", "1"] {
             assert!(check_machine_name(bad).is_err(), "{bad}");
         }
     }

@@ -47,7 +47,22 @@ impl SeedFiles {
 }
 
 fn q(s: &str) -> String {
-    serde_json::Value::String(s.to_owned()).to_string()
+    // JSON's escapes are YAML's too. JSON leaves DEL, the C1 controls and U+FFFE/U+FFFF
+    // raw, which YAML does not allow in a document (PyYAML refuses the file), and NEL and
+    // the Unicode line separators, which YAML folds into a space.
+    let json = serde_json::Value::String(s.to_owned()).to_string();
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if matches!(
+            c,
+            '\u{7f}'..='\u{9f}' | '\u{2028}' | '\u{2029}' | '\u{fffe}' | '\u{ffff}'
+        ) {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `nixseed-` plus the first 32 hex digits of the identity digest.
@@ -130,5 +145,22 @@ pub fn seed_files(id: &Identity) -> SeedFiles {
         user_data: user_data(id),
         network_config: network_config(id),
         extra: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::q;
+
+    #[test]
+    fn quoted_scalars_escape_what_yaml_does_not_allow_raw() {
+        let text = "a\u{7f}b\u{85}c\u{9f}d\u{fffe}e\"f\\g\u{1}h\u{e9}\u{2028}i";
+        let quoted = q(text);
+        assert!(
+            !quoted.contains(['\u{7f}', '\u{9f}', '\u{fffe}', '\u{1}']),
+            "{quoted}"
+        );
+        let back = nixseed_core::yaml::parse_mapping(&format!("k: {quoted}\n"), "t").unwrap();
+        assert_eq!(back["k"].as_str(), Some(text));
     }
 }

@@ -74,8 +74,7 @@ impl StateDir {
     }
 
     pub fn save(&self, st: &MachineState) -> Result<()> {
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
+        create_private_dir(&self.dir)?;
         let bytes = serde_json::to_vec_pretty(st).context("encoding state.json")?;
         write_atomic(&self.file(STATE_FILE), &bytes, 0o644)
     }
@@ -167,6 +166,15 @@ fn pidfile_argument(pid: i32) -> Option<PathBuf> {
             .ok()?
             .join(named),
     )
+}
+
+/// A machine's state directory: made with its parents if missing, and set to 0711 (its
+/// files, which hold the host key, are reached by path only, not listed, by others).
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
 }
 
 #[cfg(test)]

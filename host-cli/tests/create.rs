@@ -53,6 +53,15 @@ fn create_makes_overlay_var_and_seed() {
     assert_eq!(v["base"].as_str().unwrap(), base_abs.to_str().unwrap());
 
     let sd = s.state("web1");
+    // The disks and the seed hold the private host key: the owner's only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&sd), 0o711);
+        for f in ["boot.qcow2", "var.qcow2", "seed.iso"] {
+            assert_eq!(mode(&sd.join(f)), 0o600, "{f}");
+        }
+    }
     let info = stdout_of(
         Command::new("qemu-img")
             .args(["info", "--output=json"])

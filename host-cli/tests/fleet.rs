@@ -46,3 +46,62 @@ fn list_shows_every_machine() {
     assert_eq!(m[1]["hostname"], "b.example.org");
     assert_eq!(m[0]["state"], "no disks");
 }
+
+/// One broken machine is listed as broken, and known-hosts still prints the others.
+#[test]
+fn a_broken_machine_does_not_hide_the_others() {
+    let s = Scratch::new();
+    s.ok(&["new", "a"]);
+    s.ok(&["new", "b"]);
+    std::fs::remove_file(s.machine("a").join("hostname")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&s.ok(&["--json", "list"])).unwrap();
+    let m = v["machines"].as_array().unwrap();
+    assert_eq!(m.len(), 2);
+    assert_eq!(m[0]["state"], "broken");
+    assert!(
+        m[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("machines/a/hostname")
+    );
+    assert_eq!(m[1]["state"], "no disks");
+    let kh = s.ok(&["known-hosts"]);
+    let key = std::fs::read_to_string(s.machine("b").join("ssh_host_ed25519_key.pub")).unwrap();
+    assert!(kh.contains(key.split_whitespace().nth(1).unwrap()), "{kh}");
+}
+
+/// A machine forwarded on port 22 is pinned as plain `127.0.0.1`, the name ssh looks up
+/// for that port; any other port as `[127.0.0.1]:PORT`.
+#[test]
+fn a_forward_on_port_22_is_pinned_as_ssh_looks_it_up() {
+    let s = Scratch::new();
+    for (name, port) in [("a", 22), ("b", 2222)] {
+        s.ok(&["new", name]);
+        std::fs::create_dir_all(s.state(name)).unwrap();
+        std::fs::write(
+            s.state(name).join("state.json"),
+            format!("{{\"ssh_port\": {port}}}"),
+        )
+        .unwrap();
+    }
+    let kh = s.path().join("kh");
+    std::fs::write(&kh, s.ok(&["known-hosts"])).unwrap();
+    for host in ["127.0.0.1", "[127.0.0.1]:2222"] {
+        let out = Command::new("ssh-keygen")
+            .args(["-F", host, "-f"])
+            .arg(&kh)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{host} not in known_hosts");
+    }
+}
+
+/// Under --json, a usage error is a JSON object on stdout too.
+#[test]
+fn json_usage_errors_are_json() {
+    let s = Scratch::new();
+    let out = s.run(&["--json", "seed"]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("<NAME>"), "{v}");
+}

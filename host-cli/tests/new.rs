@@ -162,7 +162,22 @@ fn existing_identity_is_kept_without_force() {
 #[test]
 fn bad_names_are_refused_and_leave_nothing() {
     let s = Scratch::new();
-    for bad in ["a/b", "a b", "..", "-x", "", "x_y"] {
+    // All digits or a UUID: virsh would take them for a domain ID or UUID. The others
+    // are entries of the state directory itself.
+    for bad in [
+        "a/b",
+        "a b",
+        "..",
+        "-x",
+        "",
+        "x_y",
+        "1",
+        "0123",
+        "0b9f6f1e-3c0a-4c47-9a4e-2f1d5b7c8e90",
+        "default-base",
+        "bases",
+        "accel",
+    ] {
         let err = s.fails(&["new", "--", bad]);
         assert!(err.contains("machine name"), "{bad}: {err}");
     }
@@ -211,4 +226,27 @@ fn json_output_carries_the_identity() {
     assert_eq!(v["hostname"], "db1.example.org");
     let hosts = std::fs::read_to_string(s.machine("db1").join("hosts")).unwrap();
     assert_eq!(hosts, "127.0.1.1 db1.example.org db1\n");
+}
+
+/// A leftover from an interrupted `new --force` does not block the next one, and a failed
+/// `new --force` leaves no staging directory behind.
+#[test]
+fn new_force_is_not_blocked_by_a_leftover_backup() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let old_id = std::fs::read_to_string(s.machine("web1").join("machine-id")).unwrap();
+    let leftover = s.path().join("machines/.web1.old");
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("x"), "stale").unwrap();
+    s.ok(&["new", "web1", "--force"]);
+    let new_id = std::fs::read_to_string(s.machine("web1").join("machine-id")).unwrap();
+    assert_ne!(old_id, new_id);
+    let names: Vec<String> = std::fs::read_dir(s.path().join("machines"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| n == "web1" || n == ".web1.old"),
+        "left behind: {names:?}"
+    );
 }

@@ -219,3 +219,43 @@ fn malformed_identity_files_are_named_and_no_seed_is_written() {
         "{err}"
     );
 }
+
+/// The seed holds the private host key, so its file is the owner's only; a seed the
+/// guest would refuse (a control character in `hosts`) is refused here, and nothing is
+/// written.
+#[test]
+fn seeds_are_private_and_checked_as_the_guest_reads_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    s.ok(&["seed", "web1", "-o", "out.iso"]);
+    let mode = std::fs::metadata(s.path().join("out.iso"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    std::fs::write(
+        s.machine("web1").join("network-config"),
+        "version: 2\nethernets: [\n",
+    )
+    .unwrap();
+    let err = s.fails(&["seed", "web1", "-o", "bad.iso"]);
+    assert!(
+        err.contains("the guest would reject this seed") && err.contains("network-config"),
+        "{err}"
+    );
+    assert!(!s.path().join("bad.iso").exists());
+}
+
+/// A character YAML does not allow raw (DEL) in an identity file is escaped in the seed,
+/// so the guest reads back exactly what the operator wrote.
+#[test]
+fn characters_yaml_does_not_allow_raw_survive_the_seed() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    std::fs::write(s.machine("web1").join("hosts"), "10.0.0.5 db\x7f\n").unwrap();
+    s.ok(&["seed", "web1", "-o", "out.iso"]);
+    s.ok(&["render", "web1", "--out", "tree"]);
+    let hosts = std::fs::read_to_string(s.path().join("tree/hosts")).unwrap();
+    assert!(hosts.contains("10.0.0.5 db\x7f\n"), "{hosts:?}");
+}

@@ -1,6 +1,7 @@
 //! `seedctl create`: the boot overlay on a base image, the `/var` disk and the seed ISO,
 //! under `.seedctl/<name>/`.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -49,9 +50,12 @@ pub fn resolve_base(paths: &Paths, base: Option<&Path>, name: &str) -> Result<Pa
     }
 }
 
-/// Move every file of `staging` into `target` (same filesystem), creating `target`.
+/// Move every file of `staging` into `target` (same filesystem), creating `target`. The
+/// disks and the seed hold the machine's private host key: they become the owner's only
+/// (0600; libvirt hands them to its QEMU user when the domain starts), and `target` is
+/// not listable by others (0711).
 pub fn move_into(staging: &Path, target: &Path) -> Result<()> {
-    std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+    crate::state::create_private_dir(target)?;
     for entry in
         std::fs::read_dir(staging).with_context(|| format!("listing {}", staging.display()))?
     {
@@ -59,6 +63,10 @@ pub fn move_into(staging: &Path, target: &Path) -> Result<()> {
         let to = target.join(entry.file_name());
         std::fs::rename(entry.path(), &to)
             .with_context(|| format!("moving into {}", to.display()))?;
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} the owner's only", to.display()))?;
+        }
     }
     sync_dir(target)
 }

@@ -17,8 +17,17 @@ pub struct KnownHostsArgs {}
 
 pub fn run(paths: &Paths, _a: &KnownHostsArgs) -> Result<Report> {
     let mut lines = Vec::new();
+    let mut broken = Vec::new();
     for name in paths.machine_names()? {
-        let id = Identity::load(paths, &name)?;
+        // A broken machine is left out and named on stderr; the others' lines still print.
+        let id = match Identity::load(paths, &name) {
+            Ok(id) => id,
+            Err(e) => {
+                eprintln!("seedctl known-hosts: left out: {e:#}");
+                broken.push(name);
+                continue;
+            }
+        };
         let mut hosts = vec![id.hostname.clone()];
         if let Some(f) = id.fqdn().filter(|f| *f != id.hostname) {
             hosts.push(f);
@@ -27,9 +36,17 @@ pub fn run(paths: &Paths, _a: &KnownHostsArgs) -> Result<Report> {
             hosts.push(id.short_hostname().to_owned());
         }
         lines.push(id.known_hosts_line(&hosts.join(",")));
-        if let Some(port) = StateDir::new(paths, &name).load()?.ssh_port {
-            lines.push(id.known_hosts_line(&format!("[127.0.0.1]:{port}")));
+        match StateDir::new(paths, &name).load() {
+            Ok(st) => {
+                if let Some(port) = st.ssh_port {
+                    lines.push(id.known_hosts_line(&crate::cmd::run::local_ssh_host(port)));
+                }
+            }
+            Err(e) => eprintln!("seedctl known-hosts: {name}'s forwarded port left out: {e:#}"),
         }
     }
-    Ok(Report::new(lines.join("\n"), json!({ "lines": lines })))
+    Ok(Report::new(
+        lines.join("\n"),
+        json!({ "lines": lines, "left_out": broken }),
+    ))
 }

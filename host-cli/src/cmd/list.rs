@@ -28,9 +28,21 @@ pub fn run(paths: &Paths, a: &ListArgs) -> Result<Report> {
         "NAME", "HOSTNAME", "STATE", "SSH", "GEN", "BASE"
     );
     for name in paths.machine_names()? {
-        let id = Identity::load(paths, &name)?;
+        // One broken machine is listed as such; the others are still listed.
+        let loaded = Identity::load(paths, &name).and_then(|id| {
+            let st = StateDir::new(paths, &name).load()?;
+            Ok((id, st))
+        });
+        let (id, st) = match loaded {
+            Ok(v) => v,
+            Err(e) => {
+                let reason = format!("{e:#}");
+                text.push_str(&format!("\n{name:<16} broken: {reason}"));
+                rows.push(json!({ "name": name, "state": "broken", "error": reason }));
+                continue;
+            }
+        };
         let sd = StateDir::new(paths, &name);
-        let st = sd.load()?;
         let mut state = match sd.running_pid() {
             Some(_) => "running".to_owned(),
             None if st.base.is_some() => "stopped".to_owned(),

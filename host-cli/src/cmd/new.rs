@@ -262,10 +262,25 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
     }
     let kept = carry_over(&target, staging.path(), &files)?;
     let staged = staging.keep();
-    let backup = target.with_file_name(format!(".{}.old", a.name));
-    if target.exists() {
-        std::fs::rename(&target, &backup)
-            .with_context(|| format!("moving the old identity {} aside", target.display()))?;
+    // The old identity goes aside under the staging directory's own unique suffix, so a
+    // leftover from an interrupted run cannot block it.
+    let suffix = staged
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .rsplit('-')
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .unwrap_or_default();
+    let backup = target.with_file_name(format!(".{}.old-{suffix}", a.name));
+    if target.exists()
+        && let Err(e) = std::fs::rename(&target, &backup)
+    {
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(e)
+            .with_context(|| format!("moving the old identity {} aside", target.display()));
     }
     if let Err(e) = std::fs::rename(&staged, &target) {
         let _ = std::fs::remove_dir_all(&staged);

@@ -63,6 +63,7 @@ pub fn define(paths: &Paths, a: &DefineArgs) -> Result<Report> {
 }
 
 fn virsh_op(a: &PowerArgs, args: &[&str], done: &str) -> Result<Report> {
+    crate::names::check_machine_name(&a.name)?;
     let uri = libvirt::uri(a.connect.as_deref());
     virsh(&uri, &a.name, args)?;
     Ok(Report::new(

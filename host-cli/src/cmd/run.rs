@@ -83,12 +83,22 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// How ssh names the host `127.0.0.1:port` in known_hosts: bare on port 22, else
+/// `[127.0.0.1]:port`.
+pub fn local_ssh_host(port: u16) -> String {
+    if port == 22 {
+        "127.0.0.1".to_owned()
+    } else {
+        format!("[127.0.0.1]:{port}")
+    }
+}
+
 /// Write the pinned known_hosts for the machine's forwarded port.
 pub fn write_known_hosts(id: &Identity, sd: &StateDir, port: u16) -> Result<PathBuf> {
     let path = sd.file(KNOWN_HOSTS);
     fsutil::write_atomic(
         &path,
-        format!("{}\n", id.known_hosts_line(&format!("[127.0.0.1]:{port}"))).as_bytes(),
+        format!("{}\n", id.known_hosts_line(&local_ssh_host(port))).as_bytes(),
         0o644,
     )?;
     Ok(path)

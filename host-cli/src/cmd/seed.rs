@@ -81,12 +81,17 @@ pub fn default_output(paths: &Paths, name: &str, format: SeedFormat) -> PathBuf 
 }
 
 /// Write the seed for `name` to `out`; returns the instance-id.
+/// Writes the seed image, after reading it back as the guest will: a seed the guest would
+/// refuse is an error here, not at the VM's boot. The image holds the private host key,
+/// so it is the owner's only (0600), as in `machines/NAME`.
 pub fn write(id: &Identity, format: SeedFormat, out: &std::path::Path) -> Result<String> {
+    let seed = crate::cmd::render::expected_seed(id)?;
+    crate::cmd::render::expected_tree(id, &seed, &[])?;
     let bytes = image(id, format, epoch())?;
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    write_atomic(out, &bytes, 0o644)
+    write_atomic(out, &bytes, 0o600)
         .with_context(|| format!("machine `{}`: writing the seed", id.name))?;
     Ok(nocloud::instance_id(id))
 }
