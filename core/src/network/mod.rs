@@ -97,6 +97,10 @@ pub struct Interface {
     /// v2 `dhcp4-overrides` / `dhcp6-overrides` as (key, value) pairs.
     pub dhcp4_overrides: Vec<(String, String)>,
     pub dhcp6_overrides: Vec<(String, String)>,
+    /// v2 `match.driver`.
+    pub driver: Option<String>,
+    /// v2 `routing-policy`: one rule per entry, as networkd (key, value) pairs.
+    pub routing_policy: Vec<Vec<(&'static str, String)>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -460,5 +464,22 @@ mod adopt_tests {
         ];
         adopt_single_link(&mut cfg, &two);
         assert!(render_networkd(&cfg, &two).contains_key("10-cloud-init-eth0.network"));
+    }
+
+    /// v2 `mark` and `type-of-service` become networkd's own keys; cloud-init 26.2 writes
+    /// `Mark=` and `Type-of-service=`, which networkd does not know and ignores.
+    #[test]
+    fn routing_policy_marks_use_the_keys_networkd_knows() {
+        let yaml = "version: 2\nethernets:\n  ens3:\n    addresses: [10.0.0.5/24]\n    routing-policy:\n      - {from: 10.0.0.5/32, mark: 7, type-of-service: 16, table: 200}\n";
+        let v = crate::yaml::parse(yaml, "network-config").unwrap();
+        let cfg = v2::parse(&v, "network-config").unwrap();
+        let files = render_networkd(&cfg, &[]);
+        let text = &files["10-cloud-init-ens3.network"];
+        assert!(
+            text.ends_with(
+                "[RoutingPolicyRule]\nFirewallMark=7\nFrom=10.0.0.5/32\nTable=200\nTypeOfService=16\n"
+            ),
+            "{text}"
+        );
     }
 }

@@ -14,6 +14,8 @@ struct Unit {
     /// Keyed like cloud-init (`a<N>` subnet gateways, `c<N>` global routes, `r<N>`
     /// subnet routes) so that sorting the keys gives cloud-init's order.
     routes: BTreeMap<String, BTreeSet<String>>,
+    /// `[RoutingPolicyRule]` sections, in the config's order.
+    rules: Vec<BTreeSet<String>>,
 }
 
 impl Unit {
@@ -70,6 +72,14 @@ impl Unit {
                     .push(keys.into_iter().collect::<Vec<_>>().join("\n"));
             }
         }
+        for keys in self.rules {
+            if !keys.is_empty() {
+                blocks
+                    .entry("RoutingPolicyRule")
+                    .or_default()
+                    .push(keys.into_iter().collect::<Vec<_>>().join("\n"));
+            }
+        }
         let mut out = String::new();
         for (name, bodies) in blocks {
             for body in bodies {
@@ -111,6 +121,8 @@ pub(super) fn render(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, St
     let mut vlans_on: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut bond_of: BTreeMap<String, String> = BTreeMap::new();
     let mut bridge_of: BTreeMap<String, String> = BTreeMap::new();
+    // Per-port bridge settings for the ports' .network files: `[Bridge] Cost=`, `Priority=`.
+    let mut port_settings: BTreeMap<String, Vec<(&'static str, String)>> = BTreeMap::new();
 
     for iface in &cfg.interfaces {
         let name = name_of(&iface.id);
@@ -146,6 +158,20 @@ pub(super) fn render(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, St
                 dev.set("NetDev", "Kind", "bridge");
                 for (key, val) in params {
                     let Some(val) = val else { continue };
+                    let per_port = match key.as_str() {
+                        "bridge_pathcost" => Some("Cost"),
+                        "bridge_portprio" => Some("Priority"),
+                        _ => None,
+                    };
+                    if let Some(sysd) = per_port {
+                        if let Some((port, value)) = val.split_once(' ') {
+                            port_settings
+                                .entry(name_of(port))
+                                .or_default()
+                                .push((sysd, value.to_string()));
+                        }
+                        continue;
+                    }
                     let sysd = match key.as_str() {
                         "bridge_ageing" => "AgeingTimeSec",
                         "bridge_bridgeprio" => "Priority",
@@ -181,6 +207,16 @@ pub(super) fn render(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, St
         }
         if let Some(b) = bridge_of.get(&name) {
             u.set("Network", "Bridge", b);
+            for (key, value) in port_settings.get(&name).into_iter().flatten() {
+                u.set("Bridge", key, value);
+            }
+        }
+        if let Some(d) = &iface.driver {
+            u.set("Match", "Driver", d);
+        }
+        for rule in &iface.routing_policy {
+            u.rules
+                .push(rule.iter().map(|(k, v)| format!("{k}={v}")).collect());
         }
 
         u.set("Match", "Name", &name);

@@ -121,6 +121,7 @@ fn device(
             iface.dns = Some(dns);
         }
     }
+    iface.routing_policy = routing_policy(dev, at, origin)?;
     match section {
         "ethernets" => {
             let m = get(dev, "match");
@@ -129,6 +130,10 @@ fn device(
                 None => None,
             }
             .map(|s| s.to_ascii_lowercase());
+            iface.driver = match m {
+                Some(m) => text(m, "driver", &format!("{at}.match"), origin)?,
+                None => None,
+            };
             iface.set_name = text(dev, "set-name", at, origin)?.filter(|s| !s.is_empty());
             iface.rename_by_mac = true;
             iface.dhcp4_overrides = overrides(dev, "dhcp4-overrides");
@@ -171,6 +176,22 @@ fn device(
                 for (k, v) in p {
                     let Some(k) = k.as_str() else { continue };
                     match BRIDGE_PARAMS.iter().find(|(v2, _)| *v2 == k) {
+                        // Per port (`path-cost: {eth0: 50}`): one `PORT VALUE` entry each.
+                        Some((_, v1)) if matches!(v, Value::Mapping(_)) => {
+                            if let Value::Mapping(ports) = v {
+                                for (port, value) in ports {
+                                    if let (Some(port), Some(value)) = (
+                                        crate::yaml::scalar_text(port),
+                                        crate::yaml::scalar_text(value),
+                                    ) {
+                                        params.push((
+                                            v1.to_string(),
+                                            Some(format!("{port} {value}")),
+                                        ));
+                                    }
+                                }
+                            }
+                        }
                         Some((_, v1)) => params.push((
                             v1.to_string(),
                             bridge_value(v1, v, &format!("{at}.parameters"), origin)?,
@@ -185,6 +206,52 @@ fn device(
         }
     }
     Ok(iface)
+}
+
+/// v2 `routing-policy` entries as networkd `[RoutingPolicyRule]` keys.
+fn routing_policy(
+    dev: &Value,
+    at: &str,
+    origin: &str,
+) -> Result<Vec<Vec<(&'static str, String)>>, NetworkError> {
+    const KEYS: &[(&str, &str)] = &[
+        ("from", "From"),
+        ("to", "To"),
+        ("table", "Table"),
+        ("priority", "Priority"),
+        ("mark", "FirewallMark"),
+        ("type-of-service", "TypeOfService"),
+    ];
+    let rules = match get(dev, "routing-policy") {
+        None => return Ok(Vec::new()),
+        Some(Value::Sequence(rules)) => rules,
+        Some(_) => {
+            return Err(invalid(
+                origin,
+                format!("{at}.routing-policy: expected a list"),
+            ));
+        }
+    };
+    let mut out = Vec::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("{at}.routing-policy[{i}]");
+        let Value::Mapping(m) = rule else {
+            return Err(invalid(origin, format!("{at}: expected a mapping")));
+        };
+        let mut keys = Vec::new();
+        for (k, v) in m {
+            let k = k.as_str().unwrap_or_default();
+            let Some((_, sysd)) = KEYS.iter().find(|(v2, _)| *v2 == k) else {
+                tracing::warn!(origin, key = %format!("{at}.{k}"), "unknown routing-policy key ignored");
+                continue;
+            };
+            let value = crate::yaml::scalar_text(v)
+                .ok_or_else(|| invalid(origin, format!("{at}.{k}: expected a value")))?;
+            keys.push((*sysd, value));
+        }
+        out.push(keys);
+    }
+    Ok(out)
 }
 
 fn overrides(dev: &Value, key: &str) -> Vec<(String, String)> {
