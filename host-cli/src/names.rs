@@ -111,7 +111,9 @@ mod tests {
         for good in ["web1", "db-2", "a.example.org", "vm0123", "1a"] {
             assert!(check_machine_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "-x", "a/b", "a b", "..", "a..b", "x_y", "a-", "é", "0123", "1"] {
+        for bad in [
+            "", "-x", "a/b", "a b", "..", "a..b", "x_y", "a-", "é", "0123", "1",
+        ] {
             assert!(check_machine_name(bad).is_err(), "{bad}");
         }
     }
