@@ -214,28 +214,25 @@ impl Seed {
 }
 
 impl Seed {
-    fn is_configdrive(&self) -> bool {
-        self.source.starts_with("configdrive")
-    }
-
-    /// Its meta-data file, named for messages (`nocloud:/dev/sr0/meta-data`).
-    pub fn meta_origin(&self) -> String {
-        let name = if self.is_configdrive() {
-            "latest/meta_data.json"
+    /// The file a source calls `nocloud` in NoCloud terms (`configdrive` in ConfigDrive's),
+    /// named for messages (`nocloud:/dev/sr0/meta-data`).
+    fn file_origin(&self, nocloud: &str, configdrive: &str) -> String {
+        let name = if self.source.starts_with("configdrive") {
+            configdrive
         } else {
-            "meta-data"
+            nocloud
         };
         origin(&self.source, name)
+    }
+
+    /// Its meta-data file, named for messages.
+    pub fn meta_origin(&self) -> String {
+        self.file_origin("meta-data", "latest/meta_data.json")
     }
 
     /// Its user-data file, named for messages.
     pub fn user_origin(&self) -> String {
-        let name = if self.is_configdrive() {
-            "latest/user_data"
-        } else {
-            "user-data"
-        };
-        origin(&self.source, name)
+        self.file_origin("user-data", "latest/user_data")
     }
 }
 

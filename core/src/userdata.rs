@@ -349,9 +349,7 @@ fn merge_cloud_config(
                 })
             }
             // A later part's list replaces an earlier one's, as for `users`.
-            "write_files" => {
-                config.write_files = ctx.write_files(value, MAX_USER_DATA, &mut config.warnings)?
-            }
+            "write_files" => config.write_files = ctx.write_files(value, &mut config.warnings)?,
             "bootcmd" => config.bootcmd = ctx.commands(value)?,
             "runcmd" => config.runcmd = ctx.commands(value)?,
             "timezone" => config.timezone = Some(ctx.scalar(value)?),
@@ -573,19 +571,18 @@ impl Ctx<'_> {
         }
     }
 
-    /// The entries, whose contents (decoded) may total `budget` bytes: the user-data limit
-    /// less what earlier parts wrote.
+    /// The entries, whose contents (decoded) may total the user-data limit together (a
+    /// later part's list replaces an earlier one's, so each list has the whole limit).
     fn write_files(
         &self,
         v: &Value,
-        budget: usize,
         warnings: &mut Vec<String>,
     ) -> Result<Vec<WriteFile>, UserDataError> {
         let Value::Sequence(items) = v else {
             return Err(self.err(format!("expected a list, found {}", yaml::kind(v))));
         };
         let mut out = Vec::new();
-        let mut left = budget;
+        let mut left = MAX_USER_DATA;
         for item in items {
             let path = item
                 .get("path")

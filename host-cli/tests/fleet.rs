@@ -7,6 +7,15 @@ use std::process::Command;
 
 use common::Scratch;
 
+/// `ssh-keygen -F HOST` on a known_hosts file: how ssh itself finds a host's line.
+fn lookup(known_hosts: &std::path::Path, host: &str) -> std::process::Output {
+    Command::new("ssh-keygen")
+        .args(["-F", host, "-f"])
+        .arg(known_hosts)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn known_hosts_lines_are_found_by_ssh_keygen() {
     let s = Scratch::new();
@@ -19,11 +28,7 @@ fn known_hosts_lines_are_found_by_ssh_keygen() {
         ("web1", "web1"),
         ("db1", "db1"),
     ] {
-        let out = Command::new("ssh-keygen")
-            .args(["-F", host, "-f"])
-            .arg(&kh)
-            .output()
-            .unwrap();
+        let out = lookup(&kh, host);
         assert!(out.status.success(), "{host} not in known_hosts");
         let key =
             std::fs::read_to_string(s.machine(machine).join("ssh_host_ed25519_key.pub")).unwrap();
@@ -87,12 +92,10 @@ fn a_forward_on_port_22_is_pinned_as_ssh_looks_it_up() {
     let kh = s.path().join("kh");
     std::fs::write(&kh, s.ok(&["known-hosts"])).unwrap();
     for host in ["127.0.0.1", "[127.0.0.1]:2222"] {
-        let out = Command::new("ssh-keygen")
-            .args(["-F", host, "-f"])
-            .arg(&kh)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{host} not in known_hosts");
+        assert!(
+            lookup(&kh, host).status.success(),
+            "{host} not in known_hosts"
+        );
     }
 }
 
