@@ -3,7 +3,10 @@
 //! `meta.nix` and `default.nix`. Loading validates every file, so a typo is reported here
 //! with its path instead of surfacing later inside a guest.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use nixseed_core::identity::{
@@ -21,6 +24,63 @@ pub const META_NIX: &str = "meta.nix";
 pub const DEFAULT_NIX: &str = "default.nix";
 /// Optional operator-written NoCloud network-config (v1 or v2), copied into the seed as is.
 pub const NETWORK_CONFIG: &str = "network-config";
+
+/// The largest identity file `seedctl` reads: the channel carries at most 1 MiB in one
+/// frame, and every file here is a few lines.
+pub const MAX_FILE: u64 = 1 << 20;
+
+/// Reads `dir/file` as text, or `None` when it does not exist. Only a regular file of at
+/// most [`MAX_FILE`] bytes is read, and only from inside `dir` or `machines`: a symlink
+/// may point to a file shared by several machines, but not out of the machines directory
+/// (`resolv.conf -> /etc/shadow` would put the shadow file into the seed), and a FIFO or
+/// device is refused instead of blocking or reading without end. The check is made on
+/// the file actually opened, so a link swapped in between is caught too.
+pub fn read_machine_file(machines: &Path, dir: &Path, file: &str) -> Result<Option<String>> {
+    let path = dir.join(file);
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+        Ok(m) if m.file_type().is_symlink() => {
+            let target = std::fs::canonicalize(&path)
+                .map_err(|e| anyhow::anyhow!("a symlink that cannot be followed: {e}"))?;
+            check_inside(machines, dir, &target)?;
+        }
+        Ok(_) => {}
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(&path)?;
+    let opened = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
+    check_inside(machines, dir, &opened)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        bail!("not a regular file; seedctl reads identity files only");
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        bail!("larger than {MAX_FILE} bytes, the most seedctl reads for one identity file");
+    }
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()))
+}
+
+fn check_inside(machines: &Path, dir: &Path, target: &Path) -> Result<()> {
+    let inside = [machines, dir]
+        .iter()
+        .filter_map(|root| std::fs::canonicalize(root).ok())
+        .any(|root| target.starts_with(root));
+    if !inside {
+        bail!(
+            "leads to {}, outside {}; a symlink here may point only to a file inside the machines directory",
+            target.display(),
+            machines.display()
+        );
+    }
+    Ok(())
+}
 
 /// Where machines and host-side VM state live.
 #[derive(Debug, Clone)]
@@ -134,8 +194,16 @@ impl Identity {
                 dir.join(file).display()
             )
         };
+        let read_optional = |file: &str| -> Result<Option<String>> {
+            read_machine_file(&paths.machines, &dir, file).map_err(|e| fix(file, e))
+        };
         let read = |file: &str| -> Result<String> {
-            std::fs::read_to_string(dir.join(file)).map_err(|e| fix(file, e.into()))
+            read_optional(file)?.ok_or_else(|| {
+                fix(
+                    file,
+                    std::io::Error::from(std::io::ErrorKind::NotFound).into(),
+                )
+            })
         };
 
         let machine_id = read(MACHINE_ID)?.trim_end().to_owned();
@@ -188,11 +256,7 @@ impl Identity {
         let udp_ports = ports(UDP_PORTS)?;
         let resolv_conf = read(RESOLV_CONF)?;
         let hosts = content_lines(&read(HOSTS)?);
-        let network_config = match std::fs::read_to_string(dir.join(NETWORK_CONFIG)) {
-            Ok(s) => Some(s),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(fix(NETWORK_CONFIG, e.into())),
-        };
+        let network_config = read_optional(NETWORK_CONFIG)?;
 
         Ok(Identity {
             name: name.to_owned(),

@@ -259,3 +259,61 @@ fn characters_yaml_does_not_allow_raw_survive_the_seed() {
     let hosts = std::fs::read_to_string(s.path().join("tree/hosts")).unwrap();
     assert!(hosts.contains("10.0.0.5 db\x7f\n"), "{hosts:?}");
 }
+
+/// An identity file may be a symlink to a file shared inside the machines directory, but
+/// not to one outside it, and a FIFO, an oversized file or non-UTF-8 bytes are named
+/// instead of blocking, filling memory or being read as garbage. No seed is written.
+#[test]
+fn identity_files_are_read_only_from_inside_the_machines_directory() {
+    use std::os::unix::fs::symlink;
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let dir = s.machine("web1");
+    let shared = s.path().join("machines/resolv.shared");
+    std::fs::write(&shared, "nameserver 192.0.2.99\n").unwrap();
+    std::fs::remove_file(dir.join("resolv.conf")).unwrap();
+    symlink("../resolv.shared", dir.join("resolv.conf")).unwrap();
+    s.ok(&["render", "web1", "--out", "tree"]);
+    let resolv = std::fs::read_to_string(s.path().join("tree/resolv.conf")).unwrap();
+    assert_eq!(resolv, "nameserver 192.0.2.99\n");
+
+    let outside = s.path().join("secret");
+    std::fs::write(&outside, "root:$6$hash:19000::::::\n").unwrap();
+    let fifo = s.path().join("machines/web1/hosts.fifo");
+    let mkfifo = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(mkfifo.success());
+    type Make<'a> = &'a dyn Fn(&std::path::Path);
+    let cases: [(&str, Make, &str); 4] = [
+        ("resolv.conf", &|p| symlink(&outside, p).unwrap(), "outside"),
+        (
+            "hosts",
+            &|p| symlink("hosts.fifo", p).unwrap(),
+            "not a regular file",
+        ),
+        (
+            "tcp_ports",
+            &|p| std::fs::write(p, vec![b'#'; 2 << 20]).unwrap(),
+            "larger than",
+        ),
+        (
+            "hostname",
+            &|p| std::fs::write(p, b"web\xff1\n").unwrap(),
+            "not UTF-8",
+        ),
+    ];
+    for (file, make, why) in cases {
+        let path = dir.join(file);
+        let saved = s.path().join("saved");
+        std::fs::rename(&path, &saved).unwrap();
+        make(&path);
+        let err = s.fails(&["seed", "web1", "-o", "out.iso"]);
+        assert!(
+            err.contains(&format!("machines/web1/{file}")) && err.contains(why),
+            "{file}: {err}"
+        );
+        assert!(!err.contains("$6$hash"), "{err}");
+        assert!(!s.path().join("out.iso").exists());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::rename(&saved, &path).unwrap();
+    }
+}
