@@ -862,6 +862,34 @@ fn a_cidata_iso_is_found_by_its_label_and_read_without_mounting() {
     assert_eq!(etc(&s, "hostname"), "from-iso\n");
 }
 
+/// A stray `cidata` disk that holds neither meta-data nor user-data is named and passed
+/// over, and the seed on the next labelled device is applied, as cloud-init tries each.
+#[test]
+fn a_labelled_volume_without_seed_files_does_not_hide_the_next_one() {
+    let vm = Vm::new();
+    attach_cidata_iso(&vm, "instance-id: iso\nlocal-hostname: from-second\n");
+    let stray = vm.p("stray-stage");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("README"), "not a seed\n").unwrap();
+    std::fs::create_dir_all(vm.p("host/sys/class/block/vdz")).unwrap();
+    let st = Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-V", "cidata", "-R", "-o"])
+        .arg(vm.p("host/dev/vdz"))
+        .arg(&stray)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (out, s) = boot_cmdline(&vm, "ro\n");
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert!(
+        err.contains("dev/vdz: labelled cidata but holds neither meta-data nor user-data")
+            && err.contains("names: README"),
+        "{err}"
+    );
+    assert_eq!(etc(&s, "hostname"), "from-second\n");
+}
+
 #[test]
 fn a_symlinked_user_data_on_the_iso_is_refused_by_name() {
     let vm = Vm::new();

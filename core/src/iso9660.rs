@@ -14,6 +14,10 @@ const MAX_DIR: u64 = 256 * 1024;
 const MAX_DESCRIPTORS: u64 = 32;
 /// How many Rock Ridge continuation areas one record may chain.
 const MAX_CONTINUATIONS: usize = 8;
+/// Where Linux's isofs stops a Rock Ridge name: the `NM` piece that would bring it to this
+/// many bytes is dropped with every later one, so a name holds at most 253 bytes and a
+/// volume of long names cannot make its reader hold more than that per entry.
+const MAX_RR_NAME: usize = 254;
 
 /// Random access to a volume: a byte slice in tests, a block device in the guest.
 pub trait Volume {
@@ -313,6 +317,7 @@ struct RockRidge {
 fn rock_ridge(v: &(impl Volume + ?Sized), rec: &[u8], skip: usize) -> Result<RockRidge, String> {
     let mut out = RockRidge::default();
     let mut name: Option<Vec<u8>> = None;
+    let mut truncated = false;
     let mut area = system_use(rec, skip).to_vec();
     for _ in 0..=MAX_CONTINUATIONS {
         let mut next = None;
@@ -326,7 +331,12 @@ fn rock_ridge(v: &(impl Volume + ?Sized), rec: &[u8], skip: usize) -> Result<Roc
             match sig {
                 // NM flags: 2 = ".", 4 = ".."; the rest of the entry is (part of) the name.
                 b"NM" if len >= 5 && e[4] & 0x06 == 0 => {
-                    name.get_or_insert_with(Vec::new).extend_from_slice(&e[5..]);
+                    let n = name.get_or_insert_with(Vec::new);
+                    if n.len() + e[5..].len() >= MAX_RR_NAME {
+                        truncated = true;
+                    } else if !truncated {
+                        n.extend_from_slice(&e[5..]);
+                    }
                 }
                 b"PX" if len >= 12 => out.mode = Some(le32(&e[4..8])),
                 b"CE" if len >= 28 => {

@@ -250,3 +250,85 @@ fn a_configdrive_is_walked_by_path_in_each_naming_mode() {
         );
     }
 }
+
+/// A both-endian 32-bit field of ISO 9660.
+fn both32(v: u32) -> Vec<u8> {
+    [v.to_le_bytes(), v.to_be_bytes()].concat()
+}
+
+/// One directory record with `name` and system use area `su`.
+fn record(lba: u32, size: u32, flags: u8, name: &[u8], su: &[u8]) -> Vec<u8> {
+    let mut r = vec![0u8, 0];
+    r.extend(both32(lba));
+    r.extend(both32(size));
+    r.extend([0u8; 7]);
+    r.extend([flags, 0, 0, 1, 0, 0, 1, name.len() as u8]);
+    r.extend(name);
+    if name.len().is_multiple_of(2) {
+        r.push(0);
+    }
+    r.extend(su);
+    r[0] = r.len() as u8;
+    r
+}
+
+/// A hostile Rock Ridge volume: a 256 KiB root directory whose every record continues its
+/// name (`CE`) into one sector that is full of `NM` pieces and continues into itself.
+/// Before names were capped, its 300 KB gave one name of 18 KB per record and took
+/// 185 MB to read; each name now stops short of 254 bytes, as Linux's isofs stops it.
+#[test]
+fn rock_ridge_names_are_capped_however_the_continuations_chain() {
+    const S: usize = 2048;
+    let (root_lba, root_sectors, ce_lba) = (20u32, 128usize, 18u32);
+    let mut img = vec![0u8; S * (root_lba as usize + root_sectors + 2)];
+    let root_size = (root_sectors * S) as u32;
+    let sp = b"SP\x07\x01\xbe\xef\x00";
+    let mut pvd = vec![0u8; S];
+    pvd[..7].copy_from_slice(b"\x01CD001\x01");
+    pvd[40..46].copy_from_slice(b"cidata");
+    pvd[80..88].copy_from_slice(&both32((img.len() / S) as u32));
+    pvd[128..132].copy_from_slice(&[0x00, 0x08, 0x08, 0x00]);
+    pvd[156..190].copy_from_slice(&record(root_lba, root_size, 2, &[0], sp)[..34]);
+    img[16 * S..17 * S].copy_from_slice(&pvd);
+    img[17 * S..17 * S + 7].copy_from_slice(b"\xffCD001\x01");
+    let mut ce = b"CE\x1c\x01".to_vec();
+    ce.extend(both32(ce_lba));
+    ce.extend(both32(0));
+    ce.extend(both32(S as u32));
+    let mut area = ce.clone();
+    while area.len() + 255 <= S {
+        area.extend(b"NM\xff\x01\x01");
+        area.extend([b'a'; 250]);
+    }
+    let at = ce_lba as usize * S;
+    img[at..at + area.len()].copy_from_slice(&area);
+    let mut count = 0usize;
+    for sector in 0..root_sectors {
+        let mut sec = Vec::new();
+        if sector == 0 {
+            sec.extend(record(root_lba, root_size, 2, &[0], sp));
+            sec.extend(record(root_lba, root_size, 2, &[1], &[]));
+        }
+        loop {
+            let r = record(0, 0, 0, &[b'a' + (count % 26) as u8], &ce);
+            if sec.len() + r.len() > S {
+                break;
+            }
+            sec.extend(r);
+            count += 1;
+        }
+        let at = (root_lba as usize + sector) * S;
+        img[at..at + sec.len()].copy_from_slice(&sec);
+    }
+    let root = read_root(&img[..]).unwrap();
+    assert_eq!(root.names, Names::RockRidge);
+    assert_eq!(root.entries.len(), count);
+    assert!(count > 4000, "{count}");
+    for e in &root.entries {
+        assert!(
+            e.name.len() <= 253 && e.name.len() >= 250,
+            "{}",
+            e.name.len()
+        );
+    }
+}

@@ -6,7 +6,7 @@ use nixseed_core::configdrive::parse_meta_data;
 use nixseed_core::label::{self, FsType};
 use nixseed_core::seed::{Seed, SeedFiles};
 
-use super::block::Media;
+use super::block::{BlockDevice, Media};
 use super::{Env, Source, read_seed_files};
 
 pub struct BlockConfigDrive;
@@ -24,36 +24,48 @@ impl Source for BlockConfigDrive {
         true
     }
 
+    /// Every `config-2` device in turn; one without `openstack/latest/meta_data.json` does
+    /// not hide the next one.
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
-        let Some(dev) = env
+        for dev in env
             .block_devices()
             .iter()
-            .find(|d| label::is_configdrive_label(&d.label))
-        else {
-            return Ok(None);
-        };
-        let source = format!("configdrive:{}", dev.node.display());
-        // An ISO is read in place, a FAT drive mounted; either way through one reader.
-        let media = match dev.fstype {
-            FsType::Iso9660 => None,
-            _ => Some(Media::mount(dev, &env.run)?),
-        };
-        let read = |names: &[&str]| -> Result<SeedFiles> {
-            match &media {
-                None => Ok(dev.read_iso(&source, "openstack/", names)?.0),
-                Some(m) => read_seed_files(&m.dir.join("openstack"), names),
+            .filter(|d| label::is_configdrive_label(&d.label))
+        {
+            if let Some(seed) = from_device(env, dev)? {
+                return Ok(Some(seed));
             }
-        };
-        let mut files = read(&["latest/meta_data.json", "latest/user_data"])?;
-        if let Some(meta) = files.get("latest/meta_data.json") {
-            // The network file's path comes from meta_data.json, validated to stay inside.
-            let origin = format!("{source}/latest/meta_data.json");
-            if let Some(path) = parse_meta_data(meta, &origin)?.network_path {
-                files.0.extend(read(&[path.as_str()])?.0);
-            }
-        } else {
-            return Ok(None);
+            tracing::warn!(
+                "{}: labelled {} but holds no openstack/latest/meta_data.json",
+                dev.node.display(),
+                dev.label
+            );
         }
-        Ok(Some(Seed::from_configdrive(&files, &source)?))
+        Ok(None)
     }
+}
+
+fn from_device(env: &Env, dev: &BlockDevice) -> Result<Option<Seed>> {
+    let source = format!("configdrive:{}", dev.node.display());
+    // An ISO is read in place, a FAT drive mounted; either way through one reader.
+    let media = match dev.fstype {
+        FsType::Iso9660 => None,
+        _ => Some(Media::mount(dev, &env.run)?),
+    };
+    let read = |names: &[&str]| -> Result<SeedFiles> {
+        match &media {
+            None => Ok(dev.read_iso(&source, "openstack/", names)?.0),
+            Some(m) => read_seed_files(&m.dir.join("openstack"), names),
+        }
+    };
+    let mut files = read(&["latest/meta_data.json", "latest/user_data"])?;
+    let Some(meta) = files.get("latest/meta_data.json") else {
+        return Ok(None);
+    };
+    // The network file's path comes from meta_data.json, validated to stay inside.
+    let origin = format!("{source}/latest/meta_data.json");
+    if let Some(path) = parse_meta_data(meta, &origin)?.network_path {
+        files.0.extend(read(&[path.as_str()])?.0);
+    }
+    Ok(Some(Seed::from_configdrive(&files, &source)?))
 }

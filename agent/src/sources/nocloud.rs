@@ -38,20 +38,35 @@ impl Source for BlockNoCloud {
         true
     }
 
+    /// Every labelled device in turn, as cloud-init tries them: one that holds neither
+    /// meta-data nor user-data (a stray `cidata` disk) does not hide the next one. A seed
+    /// that is there but malformed is an error, not a reason to look further.
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
-        let Some(dev) = env
+        for dev in env
             .block_devices()
             .iter()
-            .find(|d| label::is_nocloud_label(&d.label))
-        else {
-            return Ok(None);
-        };
-        let source = format!("nocloud:{}", dev.node.display());
-        if dev.fstype == FsType::Iso9660 {
-            return from_iso(env, dev, &source);
+            .filter(|d| label::is_nocloud_label(&d.label))
+        {
+            let source = format!("nocloud:{}", dev.node.display());
+            let seed = if dev.fstype == FsType::Iso9660 {
+                from_iso(env, dev, &source)?
+            } else {
+                let media = Media::mount(dev, &env.run)?;
+                let seed = from_dir(&media.dir, &source, env.cmdline_ds_token().as_ref())?;
+                if seed.is_none() {
+                    tracing::warn!(
+                        "{}: labelled {} but holds neither meta-data nor user-data",
+                        dev.node.display(),
+                        dev.label
+                    );
+                }
+                seed
+            };
+            if seed.is_some() {
+                return Ok(seed);
+            }
         }
-        let media = Media::mount(dev, &env.run)?;
-        from_dir(&media.dir, &source, env.cmdline_ds_token().as_ref())
+        Ok(None)
     }
 }
 
@@ -59,9 +74,22 @@ impl Source for BlockNoCloud {
 fn from_iso(env: &Env, dev: &BlockDevice, source: &str) -> Result<Option<Seed>> {
     let (files, root) = dev.read_iso(source, "", FILES)?;
     if files.get("meta-data").is_none() && files.get("user-data").is_none() {
-        let seen: Vec<&str> = root.entries.iter().map(|e| e.name.as_str()).collect();
+        // A hostile volume may hold thousands of names: a few are enough to recognise it.
+        const SHOWN: usize = 16;
+        let seen: Vec<&str> = root
+            .entries
+            .iter()
+            .take(SHOWN)
+            .map(|e| e.name.as_str())
+            .collect();
+        let more = root.entries.len().saturating_sub(SHOWN);
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
         tracing::warn!(
-            "{}: labelled {} but holds neither meta-data nor user-data ({:?} names: {})",
+            "{}: labelled {} but holds neither meta-data nor user-data ({:?} names: {}{more})",
             dev.node.display(),
             dev.label,
             root.names,
