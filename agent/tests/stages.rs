@@ -845,6 +845,63 @@ fn systemd_credentials_from_smbios_type_11_are_a_source() {
     );
 }
 
+/// Credentials as systemd reads them: the SMBIOS entries in numeric order with the first
+/// value of a name kept (`11-2` before `11-10`), a machine-id in UUID form or `firmware`
+/// (the product UUID), and a credential systemd would ignore dropped alone.
+#[test]
+fn smbios_credentials_are_read_the_way_systemd_reads_them() {
+    let entry = |vm: &Vm, n: u32, strings: &[&str]| {
+        let dir = vm.p(&format!("host/sys/firmware/dmi/entries/11-{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut raw = vec![11u8, 5, 0, 0, strings.len() as u8];
+        for s in strings {
+            raw.extend_from_slice(format!("io.systemd.credential:{s}\0").as_bytes());
+        }
+        raw.push(0);
+        std::fs::write(dir.join("raw"), raw).unwrap();
+    };
+    let vm = Vm::new();
+    vm.set_uuid("0123ABCD-4567-89AB-CDEF-0123456789AB");
+    entry(&vm, 10, &["system.hostname=from-ten"]);
+    entry(
+        &vm,
+        2,
+        &["system.hostname=from-two", "system.machine_id=firmware"],
+    );
+    let (out, s) = boot_cmdline(&vm, "ro\n");
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert_eq!(etc(&s, "hostname"), "from-two\n");
+    assert_eq!(etc(&s, "machine-id"), "0123abcd456789abcdef0123456789ab\n");
+    assert!(
+        err.contains("11-10/raw: credential system.hostname is set twice"),
+        "{err}"
+    );
+
+    let vm = Vm::new();
+    entry(
+        &vm,
+        0,
+        &[
+            "system.hostname=",
+            "system.machine_id=fedcba98-7654-3210-fedc-ba9876543210",
+            "ssh.authorized_keys.root=ssh-ed25519 AAAACRED root",
+        ],
+    );
+    let (out, s) = boot_cmdline(&vm, "ro\n");
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert_eq!(etc(&s, "machine-id"), "fedcba9876543210fedcba9876543210\n");
+    assert_eq!(
+        vm.identity("admin_authorized_keys"),
+        b"ssh-ed25519 AAAACRED root\n"
+    );
+    assert!(
+        err.contains("credential system.hostname is ignored, as systemd ignores it: it is empty"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_cidata_iso_is_found_by_its_label_and_read_without_mounting() {
     // A real iso9660 image (xorriso, Rock Ridge + Joliet) as a "device": the label comes

@@ -10,9 +10,11 @@ pub const MACHINE_ID: &str = "system.machine_id";
 pub const ROOT_KEYS: &str = "ssh.authorized_keys.root";
 
 /// Parses one raw SMBIOS structure (`/sys/firmware/dmi/entries/11-*/raw`): the formatted
-/// header, then NUL-terminated strings ending with an empty string.
-pub fn parse_smbios_type11(raw: &[u8]) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
+/// header, then NUL-terminated strings ending with an empty string. The credentials come
+/// in the order the structure holds them, repeats included: [`Credentials::add`] keeps
+/// the first, as systemd does.
+pub fn parse_smbios_type11(raw: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
     if raw.len() < 5 || raw[0] != 11 {
         return out;
     }
@@ -27,11 +29,72 @@ pub fn parse_smbios_type11(raw: &[u8]) -> BTreeMap<String, Vec<u8>> {
         let Ok(s) = std::str::from_utf8(s) else {
             continue;
         };
-        if let Some((name, value)) = parse_oem_string(s) {
-            out.insert(name, value);
+        if let Some(cred) = parse_oem_string(s) {
+            out.push(cred);
         }
     }
     out
+}
+
+/// Credentials gathered from several SMBIOS structures, read in their numeric order
+/// (`11-0`, `11-1`, ..., `11-10`). A name set twice keeps its first value, with a
+/// warning: systemd imports each credential once and ignores a repeat, so nixseed and
+/// systemd see the same value in the same VM.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    pub values: BTreeMap<String, Vec<u8>>,
+    pub warnings: Vec<String>,
+}
+
+impl Credentials {
+    pub fn add(&mut self, creds: Vec<(String, Vec<u8>)>, origin: &str) {
+        for (name, value) in creds {
+            match self.values.entry(name) {
+                std::collections::btree_map::Entry::Occupied(e) => self.warnings.push(format!(
+                    "{origin}: credential {} is set twice; the first value is kept, as systemd keeps it",
+                    e.key()
+                )),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(value);
+                }
+            }
+        }
+    }
+}
+
+/// The index of an SMBIOS entry directory (`11-3` gives 3), for ordering them.
+pub fn smbios_entry_index(name: &str) -> Option<u32> {
+    name.strip_prefix("11-")?.parse().ok()
+}
+
+/// A `system.machine_id` credential as systemd reads it (`sd_id128_from_string`): 32 hex
+/// digits or the UUID form with dashes, in either case. `firmware` asks for the VM's
+/// SMBIOS product UUID, given here as `product_uuid`.
+pub fn machine_id_from_credential(
+    value: &str,
+    product_uuid: Option<&str>,
+) -> Result<String, String> {
+    let value = value.trim();
+    let id = if value == "firmware" {
+        product_uuid
+            .ok_or("`firmware` asks for the VM's product UUID, and the firmware gives none")?
+            .trim()
+    } else {
+        value
+    };
+    let uuid_form = id.len() == 36
+        && id
+            .char_indices()
+            .all(|(i, c)| (c == '-') == [8, 13, 18, 23].contains(&i));
+    let hex: String = if uuid_form {
+        id.chars().filter(|c| *c != '-').collect()
+    } else {
+        id.to_string()
+    };
+    let hex = hex.to_ascii_lowercase();
+    crate::identity::check_machine_id(&hex)
+        .map_err(|_| format!("{value:?} is neither 32 hex digits nor a UUID"))?;
+    Ok(hex)
 }
 
 /// One OEM string, as also accepted from the kernel command line (`systemd.set_credential=`).
@@ -82,11 +145,48 @@ mod tests {
         raw.extend_from_slice(
             b"io.systemd.credential.binary:ssh.authorized_keys.root=c3NoLWVkMjU1MTkgQUFBQQ==\0",
         );
+        raw.extend_from_slice(b"io.systemd.credential:system.hostname=vm2\0");
         raw.extend_from_slice(b"unrelated\0\0");
-        let c = parse_smbios_type11(&raw);
-        assert_eq!(c[HOSTNAME], b"vm1");
-        assert_eq!(c[ROOT_KEYS], b"ssh-ed25519 AAAA");
-        assert_eq!(c.len(), 2);
+        let mut c = Credentials::default();
+        c.add(parse_smbios_type11(&raw), "11-0");
+        assert_eq!(c.values[HOSTNAME], b"vm1");
+        assert_eq!(c.values[ROOT_KEYS], b"ssh-ed25519 AAAA");
+        assert_eq!(c.values.len(), 2);
+        assert_eq!(c.warnings.len(), 1);
+        assert!(c.warnings[0].contains("system.hostname is set twice"));
+    }
+
+    #[test]
+    fn smbios_entries_order_by_number() {
+        let mut names = vec!["11-10", "11-2", "11-0"];
+        names.sort_by_key(|n| smbios_entry_index(n));
+        assert_eq!(names, ["11-0", "11-2", "11-10"]);
+    }
+
+    #[test]
+    fn machine_id_credentials_take_what_systemd_takes() {
+        let hex = "0123abcd456789abcdef0123456789ab";
+        for given in [
+            hex,
+            "0123ABCD456789ABCDEF0123456789AB",
+            "0123abcd-4567-89ab-cdef-0123456789ab",
+        ] {
+            assert_eq!(machine_id_from_credential(given, None).as_deref(), Ok(hex));
+        }
+        assert_eq!(
+            machine_id_from_credential("firmware", Some("0123ABCD-4567-89AB-CDEF-0123456789AB"))
+                .as_deref(),
+            Ok(hex)
+        );
+        assert!(machine_id_from_credential("firmware", None).is_err());
+        for bad in [
+            "",
+            "0123abcd-4567-89ab-cdef0-123456789ab",
+            "00000000000000000000000000000000",
+            "xyz",
+        ] {
+            assert!(machine_id_from_credential(bad, None).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::network::{self, NetworkSetting};
 use crate::nocloud::{self, DsToken};
 use crate::userdata::{self, CloudConfig};
-use crate::{configdrive, credentials};
+use crate::{configdrive, credentials, identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
@@ -164,23 +164,48 @@ impl Seed {
         })
     }
 
-    /// systemd credentials (SMBIOS type 11): hostname, machine-id and root's keys.
-    /// The instance-id is derived from the credentials themselves, so changing any of
-    /// them is a new instance.
-    pub fn from_credentials(creds: &BTreeMap<String, Vec<u8>>, source: &str) -> Option<Seed> {
+    /// A seed from systemd credentials (`system.hostname`, `system.machine_id`,
+    /// `ssh.authorized_keys.root`). A credential systemd would ignore (an empty or invalid
+    /// hostname, a machine-id it cannot parse) is dropped with a warning, the others
+    /// apply; `None` when no usable one is left. The instance-id is derived from the
+    /// credentials themselves, so changing any of them is a new instance.
+    pub fn from_credentials(
+        creds: &credentials::Credentials,
+        source: &str,
+        product_uuid: Option<&str>,
+    ) -> (Option<Seed>, Vec<String>) {
+        let mut warnings = creds.warnings.clone();
         let text = |name: &str| {
             creds
+                .values
                 .get(name)
                 .map(|b| String::from_utf8_lossy(b).trim().to_string())
         };
-        let hostname = text(credentials::HOSTNAME);
-        let machine_id = text(credentials::MACHINE_ID);
-        let keys = text(credentials::ROOT_KEYS);
+        let mut drop = |name: &str, why: String| {
+            warnings.push(format!(
+                "{source}: credential {name} is ignored, as systemd ignores it: {why}"
+            ));
+        };
+        let hostname = text(credentials::HOSTNAME).filter(|h| {
+            let ok = if h.is_empty() {
+                Err("it is empty".to_string())
+            } else {
+                identity::check_hostname(h)
+            };
+            ok.map_err(|e| drop(credentials::HOSTNAME, e)).is_ok()
+        });
+        let machine_id = text(credentials::MACHINE_ID).and_then(|m| {
+            credentials::machine_id_from_credential(&m, product_uuid)
+                .map_err(|e| drop(credentials::MACHINE_ID, e))
+                .ok()
+        });
+        let keys = text(credentials::ROOT_KEYS).filter(|k| !k.is_empty());
         if hostname.is_none() && machine_id.is_none() && keys.is_none() {
-            return None;
+            return (None, warnings);
         }
         let files = SeedFiles(
             creds
+                .values
                 .iter()
                 .filter(|(k, _)| {
                     [
@@ -202,14 +227,15 @@ impl Seed {
         user.ssh_authorized_keys = keys
             .map(|k| k.lines().map(str::to_string).collect())
             .unwrap_or_default();
-        Some(Seed {
+        let seed = Seed {
             source: source.to_string(),
             instance_id: format!("credentials-{}", &digest[..16]),
             user,
             digest,
             files,
             ..Seed::default()
-        })
+        };
+        (Some(seed), warnings)
     }
 }
 
@@ -288,11 +314,42 @@ mod tests {
 
     #[test]
     fn credentials_seed() {
-        let mut c = BTreeMap::new();
-        c.insert(credentials::HOSTNAME.to_string(), b"vm7\n".to_vec());
-        let s = Seed::from_credentials(&c, "credentials:smbios").unwrap();
+        let mut c = credentials::Credentials::default();
+        c.values
+            .insert(credentials::HOSTNAME.to_string(), b"vm7\n".to_vec());
+        let s = Seed::from_credentials(&c, "credentials:smbios", None)
+            .0
+            .unwrap();
         assert_eq!(s.user.hostname.as_deref(), Some("vm7"));
         assert!(s.instance_id.starts_with("credentials-"));
-        assert!(Seed::from_credentials(&BTreeMap::new(), "x").is_none());
+        let none = credentials::Credentials::default();
+        assert!(Seed::from_credentials(&none, "x", None).0.is_none());
+    }
+
+    /// What systemd ignores is dropped alone: the root key still applies.
+    #[test]
+    fn a_credential_systemd_ignores_drops_only_itself() {
+        let mut c = credentials::Credentials::default();
+        for (k, v) in [
+            (credentials::HOSTNAME, ""),
+            (credentials::MACHINE_ID, "not-an-id"),
+            (credentials::ROOT_KEYS, "ssh-ed25519 AAAA"),
+        ] {
+            c.values.insert(k.to_string(), v.as_bytes().to_vec());
+        }
+        let (s, warnings) = Seed::from_credentials(&c, "credentials:smbios", None);
+        let s = s.unwrap();
+        assert_eq!(s.user.hostname, None);
+        assert_eq!(s.user.nixseed.machine_id, None);
+        assert_eq!(s.user.ssh_authorized_keys, ["ssh-ed25519 AAAA"]);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("credentials:smbios: credential system.hostname is ignored"));
+        assert!(warnings[1].contains("system.machine_id is ignored"));
+        c.values.remove(credentials::ROOT_KEYS);
+        assert!(
+            Seed::from_credentials(&c, "credentials:smbios", None)
+                .0
+                .is_none()
+        );
     }
 }

@@ -1,9 +1,7 @@
 //! systemd credentials from SMBIOS type 11 OEM strings (`/sys/firmware/dmi/entries/11-*/raw`).
 
-use std::collections::BTreeMap;
-
 use anyhow::Result;
-use nixseed_core::credentials::parse_smbios_type11;
+use nixseed_core::credentials::{Credentials, parse_smbios_type11, smbios_entry_index};
 use nixseed_core::seed::Seed;
 
 use super::{Env, Source};
@@ -24,19 +22,26 @@ impl Source for SmbiosCredentials {
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return Ok(None);
         };
-        let mut entries: Vec<_> = rd
+        let mut entries: Vec<(u32, std::path::PathBuf)> = rd
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with("11-"))
-            .map(|e| e.path().join("raw"))
+            .filter_map(|e| {
+                let index = smbios_entry_index(&e.file_name().to_string_lossy())?;
+                Some((index, e.path().join("raw")))
+            })
             .collect();
         entries.sort();
-        let mut creds = BTreeMap::new();
-        for raw in entries {
+        let mut creds = Credentials::default();
+        for (_, raw) in entries {
             match std::fs::read(&raw) {
-                Ok(bytes) => creds.extend(parse_smbios_type11(&bytes)),
+                Ok(bytes) => creds.add(parse_smbios_type11(&bytes), &raw.display().to_string()),
                 Err(e) => tracing::warn!("cannot read {}: {e}", raw.display()),
             }
         }
-        Ok(Seed::from_credentials(&creds, "credentials:smbios"))
+        let (seed, warnings) =
+            Seed::from_credentials(&creds, "credentials:smbios", env.product_uuid().as_deref());
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(seed)
     }
 }
