@@ -821,6 +821,28 @@ fn cmdline_and_smbios_serial_tokens_are_sources() {
     );
 }
 
+/// cloud-init merges the serial's token first and keeps the first value of a key: the
+/// serial's `i=`/`h=` apply to a seed volume, and win over the command line's.
+#[test]
+fn the_serials_token_applies_to_a_volume_and_wins_over_the_command_line() {
+    let vm = Vm::new();
+    attach_cidata_iso(&vm, "instance-id: iid-volume\nlocal-hostname: volhost\n");
+    std::fs::write(
+        vm.p("host/sys/class/dmi/id/product_serial"),
+        "ds=nocloud;i=iid-serial;h=serialhost\n",
+    )
+    .unwrap();
+    let (out, s) = boot_cmdline(&vm, "ro ds=nocloud;h=cmdhost\n");
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert_eq!(etc(&s, "hostname"), "serialhost\n");
+    assert!(
+        err.contains("instance-id iid-serial, source nocloud:"),
+        "{err}"
+    );
+    assert!(err.contains("dev/sr0"), "{err}");
+}
+
 #[test]
 fn systemd_credentials_from_smbios_type_11_are_a_source() {
     let vm = Vm::new();

@@ -105,7 +105,9 @@ pub fn parse_ds_token(text: &str) -> Option<DsToken> {
             ..DsToken::default()
         };
         for field in fields {
-            let Some((k, v)) = field.split_once('=') else {
+            // An empty value (`h=`) gives nothing: the seed's own value stands, and an
+            // empty hostname does not refuse the whole seed.
+            let Some((k, v)) = field.split_once('=').filter(|(_, v)| !v.is_empty()) else {
                 continue;
             };
             match k {
@@ -121,6 +123,17 @@ pub fn parse_ds_token(text: &str) -> Option<DsToken> {
 }
 
 impl DsToken {
+    /// This token's values over `lower`'s, field by field: cloud-init merges the SMBIOS
+    /// serial's token before the command line's, and the first value of a key wins.
+    pub fn over(&self, lower: &DsToken) -> DsToken {
+        DsToken {
+            network: self.network || lower.network,
+            local_hostname: self.local_hostname.clone().or(lower.local_hostname.clone()),
+            instance_id: self.instance_id.clone().or(lower.instance_id.clone()),
+            seedfrom: self.seedfrom.clone().or(lower.seedfrom.clone()),
+        }
+    }
+
     /// Values given on the command line override the seed's meta-data.
     pub fn apply(&self, meta: &mut MetaData) {
         if let Some(h) = &self.local_hostname {
@@ -184,5 +197,17 @@ mod tests {
         t.apply(&mut m);
         assert_eq!(m.instance_id, "iid-9");
         assert!(parse_ds_token("ds=ec2").is_none());
+        let empty = parse_ds_token("ds=nocloud;s=/seed/;h=").unwrap();
+        assert_eq!(empty.local_hostname, None);
+    }
+
+    #[test]
+    fn the_serials_token_wins_field_by_field() {
+        let serial = parse_ds_token("ds=nocloud;i=iid-serial").unwrap();
+        let cmdline = parse_ds_token("ds=nocloud;i=iid-cmdline;h=cmd;s=/seed/").unwrap();
+        let t = serial.over(&cmdline);
+        assert_eq!(t.instance_id.as_deref(), Some("iid-serial"));
+        assert_eq!(t.local_hostname.as_deref(), Some("cmd"));
+        assert_eq!(t.local_seed_dir(), Some("/seed/"));
     }
 }

@@ -3,7 +3,7 @@
 //! a seed with empty user-data.
 
 use anyhow::Result;
-use nixseed_core::nocloud::{DsToken, parse_ds_token};
+use nixseed_core::nocloud::DsToken;
 use nixseed_core::seed::{Seed, SeedFiles};
 
 use super::{Env, Source, nocloud};
@@ -43,9 +43,9 @@ impl Source for CmdlineNoCloud {
     }
 
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
-        match env.cmdline_ds_token() {
-            Some(tok) => from_token(env, &tok, "nocloud:cmdline"),
-            None => Ok(None),
+        match (env.cmdline_ds_token(), env.ds_token()) {
+            (Some(_), Some(tok)) => from_token(env, &tok, "nocloud:cmdline"),
+            _ => Ok(None),
         }
     }
 }
@@ -62,11 +62,9 @@ impl Source for SmbiosSerialNoCloud {
     }
 
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
-        let serial = std::fs::read_to_string(env.host_path("/sys/class/dmi/id/product_serial"))
-            .unwrap_or_default();
-        match parse_ds_token(&serial) {
-            Some(tok) => from_token(env, &tok, "nocloud:smbios-serial"),
-            None => Ok(None),
+        match (env.serial_ds_token(), env.ds_token()) {
+            (Some(_), Some(tok)) => from_token(env, &tok, "nocloud:smbios-serial"),
+            _ => Ok(None),
         }
     }
 }

@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 
 use anyhow::Result;
 use nixseed_core::label;
+use nixseed_core::nocloud::{DsToken, parse_ds_token};
 use nixseed_core::seed::{Seed, SeedFiles};
 
 pub use block::BlockDevice;
@@ -136,8 +137,24 @@ impl Env {
     }
 
     /// The `ds=nocloud` token of the kernel command line, if it has one.
-    pub fn cmdline_ds_token(&self) -> Option<nixseed_core::nocloud::DsToken> {
-        nixseed_core::nocloud::parse_ds_token(&self.cmdline())
+    pub fn cmdline_ds_token(&self) -> Option<DsToken> {
+        parse_ds_token(&self.cmdline())
+    }
+
+    /// The `ds=nocloud` token of the SMBIOS system serial, if it has one.
+    pub fn serial_ds_token(&self) -> Option<DsToken> {
+        let serial = std::fs::read_to_string(self.host_path("/sys/class/dmi/id/product_serial"))
+            .unwrap_or_default();
+        parse_ds_token(&serial)
+    }
+
+    /// The `ds=nocloud` values that apply to any NoCloud seed: the SMBIOS serial's over
+    /// the command line's, field by field, as cloud-init merges them.
+    pub fn ds_token(&self) -> Option<DsToken> {
+        match (self.serial_ds_token(), self.cmdline_ds_token()) {
+            (Some(serial), Some(cmdline)) => Some(serial.over(&cmdline)),
+            (serial, cmdline) => serial.or(cmdline),
+        }
     }
 }
 

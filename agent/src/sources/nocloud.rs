@@ -52,7 +52,7 @@ impl Source for BlockNoCloud {
                 from_iso(env, dev, &source)?
             } else {
                 let media = Media::mount(dev, &env.run)?;
-                let seed = from_dir(&media.dir, &source, env.cmdline_ds_token().as_ref())?;
+                let seed = from_dir(&media.dir, &source, env.ds_token().as_ref())?;
                 if seed.is_none() {
                     tracing::warn!(
                         "{}: labelled {} but holds neither meta-data nor user-data",
@@ -97,7 +97,7 @@ fn from_iso(env: &Env, dev: &BlockDevice, source: &str) -> Result<Option<Seed>> 
         );
         return Ok(None);
     }
-    let ds = env.cmdline_ds_token();
+    let ds = env.ds_token();
     Ok(Some(Seed::from_nocloud(&files, source, ds.as_ref())?))
 }
 
@@ -117,7 +117,7 @@ impl Source for SeedDirNoCloud {
         from_dir(
             &dir,
             &format!("nocloud:{}", dir.display()),
-            env.cmdline_ds_token().as_ref(),
+            env.ds_token().as_ref(),
         )
     }
 }
