@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use nixseed_core::channel::{Decoder, Message, encode};
+use nixseed_core::channel::{Decoder, Message, encode_with_id};
 use nixseed_core::seed::Seed;
 
 use crate::serve::{ByteService, Method, Transport, serve_transport};
@@ -167,15 +167,20 @@ impl ByteService for ChannelService {
     }
 
     async fn answer_next(&mut self, out: &mut Vec<u8>) -> bool {
-        let reply = match self.decoder.next_message() {
-            Ok(Some(msg)) => handle(msg, &self.ctx).await,
+        let (reply, id) = match self.decoder.next_frame() {
+            Ok(Some((msg, id))) => (handle(msg, &self.ctx).await, id),
             Ok(None) => return false,
-            // A length-prefixed stream cannot resynchronise: answer, start afresh.
-            Err(e) => Message::Error {
-                message: e.to_string(),
-            },
+            Err(e) => {
+                tracing::warn!("{e}");
+                (
+                    Message::Error {
+                        message: e.to_string(),
+                    },
+                    None,
+                )
+            }
         };
-        out.extend(encode(&reply));
+        out.extend(encode_with_id(&reply, id));
         true
     }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use nixseed_core::channel::{Bundle, Decoder, Message, encode};
+use nixseed_core::channel::{Bundle, Decoder, Message, encode, encode_with_id};
 use nixseed_core::seed::SeedFiles;
 
 use nixseed_test_support as ts;
@@ -62,19 +62,29 @@ impl Server {
     }
 
     fn request(&self, raw: &[u8]) -> Message {
+        self.replies(raw, 1).remove(0).0
+    }
+
+    /// Writes `raw` on one connection and reads `count` replies with the ids they echo.
+    fn replies(&self, raw: &[u8], count: usize) -> Vec<(Message, Option<u64>)> {
         let mut s = UnixStream::connect(&self.sock).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         s.write_all(raw).unwrap();
         let mut d = Decoder::default();
         let mut buf = [0u8; 65536];
-        loop {
+        let mut out = Vec::new();
+        while out.len() < count {
+            while let Some(frame) = d.next_frame().unwrap() {
+                out.push(frame);
+            }
+            if out.len() >= count {
+                break;
+            }
             let n = s.read(&mut buf).unwrap();
             assert!(n > 0, "agent closed the channel without answering");
             d.push(&buf[..n]);
-            if let Some(m) = d.next_message().unwrap() {
-                return m;
-            }
         }
+        out
     }
 }
 
@@ -276,6 +286,28 @@ fn tampered_bundle_garbage_and_out_of_order_frames_are_refused() {
         std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
         "first\n"
     );
+}
+
+/// An oversized frame is refused once and the rest of it is dropped, not read as frames
+/// of its own: the request that follows on the same stream is answered, with its id.
+#[test]
+fn the_rest_of_an_oversized_frame_is_not_read_as_requests() {
+    let dir = scratch();
+    let srv = Server::start(dir.path());
+    let len = nixseed_core::channel::MAX_FRAME + 100_000;
+    let mut raw = (len as u32).to_be_bytes().to_vec();
+    // Bytes that would read as length prefixes of more frames if they were not dropped.
+    raw.extend(std::iter::repeat_n(b'A', len));
+    raw.extend(encode_with_id(&Message::Status, Some(9)));
+    let replies = srv.replies(&raw, 2);
+    let (Message::Error { message }, None) = &replies[0] else {
+        panic!("{replies:?}")
+    };
+    assert!(message.contains("exceeds"), "{message}");
+    let (Message::StatusReply { generation, .. }, Some(9)) = &replies[1] else {
+        panic!("{replies:?}")
+    };
+    assert_eq!(*generation, Some(1));
 }
 
 /// `nixseed-agent serve` in `dir`: the guest agent on `dir/qga.sock`, the control channel

@@ -2,7 +2,9 @@
 //! `seedctl` on the host and the agent in the guest. A frame is a 4-byte big-endian
 //! length and one JSON object carrying the protocol version `v`. The host pushes an
 //! identity as a [`Bundle`] of NoCloud seed files, so a pushed identity goes through
-//! exactly the code path of a seed ISO.
+//! exactly the code path of a seed ISO. A request may carry an `id`, which its reply
+//! echoes: on a virtio-serial port the stream outlives each host connection, so a reply
+//! meant for an earlier client can reach the next one, which tells it apart by its `id`.
 
 use std::collections::BTreeMap;
 
@@ -100,6 +102,8 @@ impl Message {
 #[derive(Serialize, Deserialize)]
 struct Envelope {
     v: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
     #[serde(flatten)]
     message: Message,
 }
@@ -119,8 +123,14 @@ pub enum FrameError {
 }
 
 pub fn encode(message: &Message) -> Vec<u8> {
+    encode_with_id(message, None)
+}
+
+/// A frame carrying a request `id`, or a reply echoing one.
+pub fn encode_with_id(message: &Message, id: Option<u64>) -> Vec<u8> {
     let body = serde_json::to_vec(&Envelope {
         v: PROTOCOL_VERSION,
+        id,
         message: message.clone(),
     })
     .unwrap_or_default();
@@ -133,23 +143,38 @@ pub fn encode(message: &Message) -> Vec<u8> {
 #[derive(Debug, Default)]
 pub struct Decoder {
     buf: Vec<u8>,
+    /// Bytes of an oversized frame still to arrive, dropped as they come.
+    skip: usize,
 }
 
 impl Decoder {
     pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        let dropped = self.skip.min(bytes.len());
+        self.skip -= dropped;
+        self.buf.extend_from_slice(&bytes[dropped..]);
     }
 
-    /// The next whole message, `Ok(None)` while a frame is still incomplete. After an
-    /// error the buffer is cleared: a length-prefixed stream cannot resynchronise, so the
-    /// caller answers with an error and starts afresh.
+    /// The next whole message, `Ok(None)` while a frame is still incomplete.
     pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
+        Ok(self.next_frame()?.map(|(message, _)| message))
+    }
+
+    /// The next whole message with its request `id`. A malformed frame is dropped whole.
+    /// An oversized one is dropped as its bytes arrive, so the rest of it is not read as
+    /// frames of its own; closing the connection (a fresh decoder) ends that.
+    pub fn next_frame(&mut self) -> Result<Option<(Message, Option<u64>)>, FrameError> {
         if self.buf.len() < 4 {
             return Ok(None);
         }
         let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
         if len > MAX_FRAME {
-            self.buf.clear();
+            let have = self.buf.len() - 4;
+            if have >= len {
+                self.buf.drain(..4 + len);
+            } else {
+                self.skip = len - have;
+                self.buf.clear();
+            }
             return Err(FrameError::Oversized(len));
         }
         if self.buf.len() < 4 + len {
@@ -164,7 +189,7 @@ impl Decoder {
         }
         let env: Envelope =
             serde_json::from_value(value).map_err(|e| FrameError::Malformed(e.to_string()))?;
-        Ok(Some(env.message))
+        Ok(Some((env.message, env.id)))
     }
 }
 
@@ -288,9 +313,24 @@ mod tests {
         let mut d = Decoder::default();
         d.push(&(MAX_FRAME as u32 + 1).to_be_bytes());
         assert_eq!(d.next_message(), Err(FrameError::Oversized(MAX_FRAME + 1)));
-        // After an error the decoder starts afresh.
-        d.push(&encode(&Message::Rollback));
+        // The rest of the oversized frame, however it arrives, is dropped, not read as
+        // frames of its own; what follows it is read.
+        let rest = vec![0x41u8; MAX_FRAME + 1];
+        d.push(&rest[..5000]);
+        assert_eq!(d.next_message(), Ok(None));
+        let mut tail = rest[5000..].to_vec();
+        tail.extend(encode(&Message::Rollback));
+        d.push(&tail);
         assert_eq!(d.next_message(), Ok(Some(Message::Rollback)));
+    }
+
+    #[test]
+    fn a_request_id_is_carried_and_optional() {
+        let mut d = Decoder::default();
+        d.push(&encode_with_id(&Message::Status, Some(7)));
+        d.push(&encode(&Message::Rollback));
+        assert_eq!(d.next_frame(), Ok(Some((Message::Status, Some(7)))));
+        assert_eq!(d.next_frame(), Ok(Some((Message::Rollback, None))));
     }
 
     #[test]

@@ -5,7 +5,11 @@
 //!
 //! QEMU's chardev socket serves one client at a time: while one seedctl process holds a
 //! machine's channel (a `seedctl serve`, say), another one's requests go unanswered and
-//! end in the timeout error, which says so.
+//! end in the timeout error, which says so. A queued client's bytes would still reach the
+//! guest once the first one leaves, so `push` and `rollback` are sent only after the
+//! guest has answered on this connection (a `status`, or its boot-time `hello`): a
+//! request that timed out before that was never sent. Each request carries an id, and a
+//! reply with another id (left on the port for an earlier client) is not taken for ours.
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -13,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nixseed_core::channel::{Bundle, Decoder, Message, encode};
+use nixseed_core::channel::{Bundle, Decoder, MAX_FRAME, Message, encode, encode_with_id};
 
 use crate::libvirt::virsh;
 use crate::machine::{Identity, Paths};
@@ -130,6 +134,7 @@ pub struct Channel {
     pub socket: PathBuf,
     stream: UnixStream,
     decoder: Decoder,
+    next_id: u64,
 }
 
 impl Channel {
@@ -151,11 +156,36 @@ impl Channel {
             socket: socket.to_path_buf(),
             stream,
             decoder: Decoder::default(),
+            // Distinct from the ids of earlier clients, whose replies may still arrive.
+            next_id: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
         })
     }
 
+    /// Sends a message with no request id (an answer to a guest's `hello`).
     pub fn send(&mut self, m: &Message) -> Result<()> {
-        self.stream.write_all(&encode(m)).with_context(|| {
+        self.write_frame(m, encode(m))
+    }
+
+    /// Sends a request with a fresh id, which its reply echoes; returns the id.
+    pub fn request(&mut self, m: &Message) -> Result<u64> {
+        self.next_id = self.next_id.wrapping_add(1);
+        let id = self.next_id;
+        self.write_frame(m, encode_with_id(m, Some(id)))?;
+        Ok(id)
+    }
+
+    fn write_frame(&mut self, m: &Message, frame: Vec<u8>) -> Result<()> {
+        if frame.len() - 4 > MAX_FRAME {
+            bail!(
+                "machine `{}`: `{}` is {} bytes, over the control channel's {MAX_FRAME} byte frame limit; a larger identity goes in a seed disk (`seedctl seed`)",
+                self.machine,
+                m.kind(),
+                frame.len() - 4
+            );
+        }
+        self.stream.write_all(&frame).with_context(|| {
             format!(
                 "machine `{}`: writing {} to the control channel {}",
                 self.machine,
@@ -168,9 +198,14 @@ impl Channel {
     /// The next message that arrives before `deadline`; `Ok(None)` when none did. The end
     /// of the stream is an error (the VM stopped or another side closed it).
     pub fn recv(&mut self, deadline: Instant) -> Result<Option<Message>> {
+        Ok(self.recv_frame(deadline)?.map(|(m, _)| m))
+    }
+
+    /// [`Channel::recv`] with the request id the message echoes.
+    pub fn recv_frame(&mut self, deadline: Instant) -> Result<Option<(Message, Option<u64>)>> {
         let mut buf = [0u8; 64 * 1024];
         loop {
-            match self.decoder.next_message() {
+            match self.decoder.next_frame() {
                 Ok(Some(m)) => return Ok(Some(m)),
                 Ok(None) => {}
                 Err(e) => bail!(
@@ -210,9 +245,10 @@ impl Channel {
         }
     }
 
-    fn silence(&self, what: &str, timeout: Duration) -> anyhow::Error {
+    /// No answer in time; `effect` says what became of the request.
+    fn silence(&self, what: &str, timeout: Duration, effect: &str) -> anyhow::Error {
         anyhow::anyhow!(
-            "machine `{}`: no answer to `{what}` on the control channel {} within {} s; check that the VM runs and `nixseed-agent serve` answers {PORT_NAME} in it, and that no other client (a `seedctl serve`) holds the socket",
+            "machine `{}`: no answer to `{what}` on the control channel {} within {} s ({effect}); check that the VM runs and `nixseed-agent serve` answers {PORT_NAME} in it, and that no other client (a `seedctl serve`) holds the socket",
             self.machine,
             self.socket.display(),
             timeout.as_secs_f64()
@@ -230,28 +266,65 @@ pub enum Outcome {
     AtBoot { instance_id: Option<String> },
 }
 
-/// Sends `push` or `rollback` and waits for `applied`. A guest `error` becomes an error
-/// naming the machine and the socket.
+/// Whether a reply echoing `got` answers the request `sent`: an agent that does not echo
+/// ids answers with none.
+fn ours(got: Option<u64>, sent: u64) -> bool {
+    got.is_none_or(|g| g == sent)
+}
+
+/// Sends `push` or `rollback` once the guest has answered on this connection, and waits
+/// for `applied`. A guest `error` becomes an error naming the machine and the socket.
 pub fn apply(chan: &mut Channel, request: &Message, timeout: Duration) -> Result<Outcome> {
-    chan.send(request)?;
     let deadline = Instant::now() + timeout;
     let what = request.kind();
-    while let Some(m) = chan.recv(deadline)? {
+    // First a `status`: nothing that changes the guest is written before it answers.
+    let probe = chan.request(&Message::Status)?;
+    let at_boot = loop {
+        match chan.recv_frame(deadline)? {
+            None => {
+                return Err(chan.silence(what, timeout, "nothing was sent that changes it"));
+            }
+            Some((Message::StatusReply { .. } | Message::Error { .. }, id)) if ours(id, probe) => {
+                break None;
+            }
+            Some((Message::Hello { instance_id, .. }, _)) => break Some(instance_id),
+            // Left over from an earlier client: not ours.
+            Some(_) => {}
+        }
+    };
+    if let Some(instance_id) = at_boot {
+        // The guest waits at first boot: a push is the answer to its hello.
+        if !matches!(request, Message::Push { .. }) {
+            bail!(
+                "machine `{}`: the guest is still booting and waiting for an identity on {}; `{what}` needs a running guest",
+                chan.machine,
+                chan.socket.display()
+            );
+        }
+        chan.send(request)?;
+        return Ok(Outcome::AtBoot { instance_id });
+    }
+    let sent = chan.request(request)?;
+    while let Some((m, id)) = chan.recv_frame(deadline)? {
         match m {
-            Message::Applied { .. } => return Ok(Outcome::Applied(m)),
-            Message::Error { message } => bail!(
+            Message::Applied { .. } if ours(id, sent) => return Ok(Outcome::Applied(m)),
+            Message::Error { message } if ours(id, sent) => bail!(
                 "machine `{}`: the guest answered `{what}` on {} with an error: {message}",
                 chan.machine,
                 chan.socket.display()
             ),
-            Message::Hello { instance_id, .. } if matches!(request, Message::Push { .. }) => {
-                return Ok(Outcome::AtBoot { instance_id });
-            }
             // Left over from an earlier client: not ours.
             _ => {}
         }
     }
-    Err(chan.silence(what, timeout))
+    Err(chan.silence(
+        what,
+        timeout,
+        &format!(
+            "it was delivered and the guest may still apply it: see `seedctl status {}`",
+            chan.machine
+        ),
+    ))
 }
 
 /// The guest's answer to `status`.
@@ -268,10 +341,11 @@ pub struct GuestStatus {
 
 /// Sends `status` and waits for the reply.
 pub fn status(chan: &mut Channel, timeout: Duration) -> Result<GuestStatus> {
-    chan.send(&Message::Status)?;
+    let sent = chan.request(&Message::Status)?;
     let deadline = Instant::now() + timeout;
-    while let Some(m) = chan.recv(deadline)? {
+    while let Some((m, id)) = chan.recv_frame(deadline)? {
         match m {
+            Message::StatusReply { .. } | Message::Error { .. } if !ours(id, sent) => {}
             Message::StatusReply {
                 generation,
                 instance_id,
@@ -307,7 +381,7 @@ pub fn status(chan: &mut Channel, timeout: Duration) -> Result<GuestStatus> {
             _ => {}
         }
     }
-    Err(chan.silence("status", timeout))
+    Err(chan.silence("status", timeout, "it changes nothing"))
 }
 
 /// The answer to a guest's `hello`: the machine's bundle when the guest's DMI product_uuid

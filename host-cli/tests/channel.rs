@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Scratch, agent_binary};
-use nixseed_core::channel::{Decoder, Message, encode};
+use nixseed_core::channel::{Decoder, Message, encode, encode_with_id};
 use nixseed_test_support as ts;
 use serde_json::Value;
 
@@ -261,6 +261,101 @@ fn silence_and_no_socket_are_clear_errors() {
         let err = s.fails(&["status", "web1", &format!("--timeout={bad}")]);
         assert!(err.contains("not a number of seconds"), "{bad}: {err}");
     }
+}
+
+/// A fake guest end on the channel socket (no agent): it answers as scripted, so the test
+/// can put what a virtio-serial port may hold for an earlier client in front of replies.
+/// `rollback` must not be written before the guest has answered anything, and a reply
+/// with another request's id must not be taken for the answer.
+#[test]
+fn rollback_waits_for_a_live_guest_and_takes_only_its_own_reply() {
+    let s = Scratch::new();
+    web1(&s);
+    let sock = s.state("web1").join("channel.sock");
+    std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+    let listener = UnixListener::bind(&sock).unwrap();
+
+    // A guest that never answers: the rollback times out without being sent.
+    let silent = std::thread::spawn({
+        let listener = listener.try_clone().unwrap();
+        move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut got = Vec::new();
+            let _ = conn.read_to_end(&mut got);
+            got
+        }
+    });
+    let err = s.fails(&["rollback", "web1", "--timeout", "1"]);
+    assert!(
+        err.contains("no answer to `rollback`") && err.contains("nothing was sent that changes it"),
+        "{err}"
+    );
+    let mut d = Decoder::default();
+    d.push(&silent.join().unwrap());
+    let Ok(Some((Message::Status, Some(_)))) = d.next_frame() else {
+        panic!("seedctl must ask for status first")
+    };
+    assert_eq!(
+        d.next_frame(),
+        Ok(None),
+        "nothing but the status may be written"
+    );
+
+    // A guest whose port still holds an earlier client's replies.
+    let guest = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let stale = Message::Applied {
+            decision: "stale".into(),
+            generation: Some(9),
+            changed: Vec::new(),
+            reboot_required: Vec::new(),
+            reloaded: Vec::new(),
+            failed: Vec::new(),
+        };
+        conn.write_all(&encode_with_id(&stale, Some(1))).unwrap();
+        let mut d = Decoder::default();
+        let mut buf = [0u8; 65536];
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0);
+            d.push(&buf[..n]);
+            while let Some((m, id)) = d.next_frame().unwrap() {
+                let reply = match &m {
+                    Message::Status => Message::StatusReply {
+                        generation: Some(3),
+                        instance_id: None,
+                        product_uuid: None,
+                        files: Default::default(),
+                        links: Default::default(),
+                    },
+                    _ => Message::Applied {
+                        decision: "rolled back to generation 2".into(),
+                        generation: Some(2),
+                        changed: vec!["hostname".into()],
+                        reboot_required: Vec::new(),
+                        reloaded: Vec::new(),
+                        failed: Vec::new(),
+                    },
+                };
+                // The stale reply again, then ours.
+                conn.write_all(&encode_with_id(&stale, Some(1))).unwrap();
+                conn.write_all(&encode_with_id(&reply, id)).unwrap();
+                seen.push(m.kind().to_owned());
+            }
+        }
+        seen
+    });
+    let out = s.ok(&["rollback", "web1", "--timeout", "10"]);
+    assert!(
+        out.contains("generation 2") && !out.contains("stale"),
+        "{out}"
+    );
+    assert_eq!(guest.join().unwrap(), ["status", "rollback"]);
 }
 
 /// Plays the guest: accept seedctl's connection on `sock`, say hello, return the answer.
