@@ -1094,6 +1094,16 @@ fn a_configdrive_iso_is_read_in_place() {
     )
     .unwrap();
     std::fs::write(stage.join("openstack/latest/user_data"), "#cloud-config\n").unwrap();
+    // Nova's network description; the NIC is found by its MAC.
+    std::fs::write(
+        stage.join("openstack/latest/network_data.json"),
+        r#"{"links": [{"id": "tap0", "type": "ovs", "ethernet_mac_address": "52:54:00:12:34:56"}],
+            "networks": [{"id": "n0", "link": "tap0", "type": "ipv4", "ip_address": "10.9.8.7",
+                          "netmask": "255.255.255.0",
+                          "routes": [{"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": "10.9.8.1"}]}],
+            "services": [{"type": "dns", "address": "10.9.8.53"}]}"#,
+    )
+    .unwrap();
     vm.attach_iso(&stage, &["genisoimage", "-quiet", "-R", "-V", "config-2"]);
     let (out, s) = boot_cmdline(&vm, "ro\n");
     let err = stderr(&out);
@@ -1103,6 +1113,11 @@ fn a_configdrive_iso_is_read_in_place() {
         "{err}"
     );
     assert_eq!(etc(&s, "hostname"), "from-configdrive\n");
+    let net = String::from_utf8(vm.identity("network/10-cloud-init-ens18.network")).unwrap();
+    assert!(
+        net.contains("Address=10.9.8.7/24") && net.contains("DNS=10.9.8.53"),
+        "{net}"
+    );
 }
 
 /// A loop device over an image file, detached when dropped.

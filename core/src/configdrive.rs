@@ -1,5 +1,6 @@
-//! ConfigDrive2 (label `config-2`) as Proxmox VE writes it: `openstack/latest/meta_data.json`,
-//! `user_data`, an ENI network file under `openstack/content/`, and a possibly empty
+//! ConfigDrive2 (label `config-2`) as Proxmox VE and OpenStack Nova write it:
+//! `openstack/latest/meta_data.json`, `user_data`, the network as `network_data.json`
+//! (Nova) or as an ENI file under `openstack/content/` (Proxmox), and a possibly empty
 //! `vendor_data.json`.
 
 use serde::Deserialize;

@@ -66,6 +66,9 @@ pub struct Seed {
     pub warnings: Vec<String>,
 }
 
+/// ConfigDrive2's network description (OpenStack Nova writes it), relative to `openstack/`.
+pub const NETWORK_DATA: &str = "latest/network_data.json";
+
 /// Names a file of a source for messages: `nocloud:/dev/sr0/user-data`.
 fn origin(source: &str, file: &str) -> String {
     format!("{source}/{file}")
@@ -123,7 +126,9 @@ impl Seed {
     }
 
     /// A ConfigDrive2 seed, with file names relative to `openstack/`
-    /// (`latest/meta_data.json`, `latest/user_data`, `content/0000`, ...).
+    /// (`latest/meta_data.json`, `latest/user_data`, `latest/network_data.json`,
+    /// `content/0000`, ...). As in cloud-init, `network_data.json` is the network when
+    /// the drive has one; only without it is the ENI file named by meta_data.json read.
     pub fn from_configdrive(files: &SeedFiles, source: &str) -> Result<Seed, SeedError> {
         let meta_name = "latest/meta_data.json";
         let meta_bytes = files.get(meta_name).ok_or_else(|| SeedError::Invalid {
@@ -135,8 +140,12 @@ impl Seed {
             Some(b) => userdata::parse(b, &origin(source, "latest/user_data"))?,
             None => CloudConfig::default(),
         };
-        let network = match &meta.network_path {
-            Some(path) => {
+        let network = match (files.get(NETWORK_DATA), &meta.network_path) {
+            (Some(bytes), _) => Some(NetworkSetting::Config(network::parse_network_data(
+                bytes,
+                &origin(source, NETWORK_DATA),
+            )?)),
+            (None, Some(path)) => {
                 let bytes = files.get(path).ok_or_else(|| SeedError::Invalid {
                     origin: origin(source, path),
                     detail: "missing, but meta_data.json names it as network_config".into(),
@@ -147,7 +156,7 @@ impl Seed {
                     &origin(source, path),
                 )?))
             }
-            None => None,
+            (None, None) => None,
         };
         let warnings = user.warnings.clone();
         Ok(Seed {
@@ -350,6 +359,69 @@ mod tests {
             Seed::from_credentials(&c, "credentials:smbios", None)
                 .0
                 .is_none()
+        );
+    }
+}
+
+#[cfg(test)]
+mod configdrive_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const META: &str = r#"{"uuid": "i-1", "network_config": {"content_path": "/content/0000"}}"#;
+    const ENI: &str = "auto eth0\niface eth0 inet dhcp\n";
+    const NETWORK_DATA: &str = r#"{"links": [{"id": "tap0", "type": "ovs", "ethernet_mac_address": "fa:16:3e:00:00:01"}],
+        "networks": [{"link": "tap0", "type": "ipv4", "ip_address": "10.0.0.5/24"}]}"#;
+
+    fn seed(pairs: &[(&str, &str)]) -> Result<Seed, SeedError> {
+        let files = SeedFiles(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        );
+        Seed::from_configdrive(&files, "configdrive:/dev/sr0")
+    }
+
+    fn first_interface(s: &Seed) -> String {
+        match &s.network {
+            Some(NetworkSetting::Config(c)) => c.interfaces[0].id.clone(),
+            other => panic!("no network config: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn network_data_json_is_preferred_over_the_eni_file() {
+        let both = seed(&[
+            ("latest/meta_data.json", META),
+            ("content/0000", ENI),
+            ("latest/network_data.json", NETWORK_DATA),
+        ])
+        .unwrap();
+        assert_eq!(first_interface(&both), "tap0");
+        let eni_only = seed(&[("latest/meta_data.json", META), ("content/0000", ENI)]).unwrap();
+        assert_eq!(first_interface(&eni_only), "eth0");
+        // The ENI file named by meta_data.json need not be there when network_data.json is.
+        let json_only = seed(&[
+            ("latest/meta_data.json", META),
+            ("latest/network_data.json", NETWORK_DATA),
+        ])
+        .unwrap();
+        assert_eq!(first_interface(&json_only), "tap0");
+    }
+
+    #[test]
+    fn a_bad_network_data_json_names_the_file() {
+        let e = seed(&[
+            ("latest/meta_data.json", META),
+            ("content/0000", ENI),
+            ("latest/network_data.json", "{\"links\": [{\"id\": 1,"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("configdrive:/dev/sr0/latest/network_data.json: not valid JSON"),
+            "{e}"
         );
     }
 }

@@ -69,7 +69,8 @@ render() {
 
 for case_dir in "$cases"/*/; do
     case_dir=${case_dir%/}
-    [ -f "$case_dir/network-config" ] || [ -f "$case_dir/eni" ] || continue
+    [ -f "$case_dir/network-config" ] || [ -f "$case_dir/eni" ] ||
+        [ -f "$case_dir/network_data.json" ] || continue
     render "$got" "$debian_site" "$case_dir" expected
     if [ "$have_current" = 1 ]; then
         render "$cur" "$current_dir" "$case_dir" expected-current

@@ -2,15 +2,19 @@
 
 Usage: python3 render_with_cloud_init.py CASE_DIR OUT_DIR
 
-CASE_DIR holds `network-config` (v1/v2 YAML, as a seed carries it) or `eni`
-(ConfigDrive2 `openstack/content/0000` text), and `links` (one `name mac` per
-line: the NICs the guest has). cloudinit must be importable (PYTHONPATH).
+CASE_DIR holds `network-config` (v1/v2 YAML, as a seed carries it), `eni`
+(ConfigDrive2 `openstack/content/0000` text) or `network_data.json` (ConfigDrive2
+`openstack/latest/network_data.json`, converted with cloud-init's own
+`convert_net_json` as its ConfigDrive datasource does), and `links` (one
+`name mac` per line: the NICs the guest has). cloudinit must be importable (PYTHONPATH).
 The rendered files are written flat into OUT_DIR.
 
 Two things cloud-init would take from the running machine are pinned here so
 the output depends on the case only:
 - the interface table (get_interfaces_by_mac) comes from `links`;
-- files are not chowned to systemd-network.
+- files are not chowned to systemd-network;
+- no InfiniBand NICs (convert_net_json asks the machine for them) and no
+  `udevadm settle` when a MAC is not found.
 
 nixseed renames v1 `ethN` entries that carry a `mac_address` to the guest NIC
 with that MAC instead of renaming the kernel NIC to `ethN` (which is what
@@ -18,6 +22,7 @@ cloud-init does at boot). The same renaming is applied to the input here, so
 the rendered files are comparable; everything else is cloud-init's logic.
 """
 
+import json
 import os
 import sys
 import tempfile
@@ -47,7 +52,9 @@ def pin_interfaces(by_mac):
 
     cloudinit.net.get_interfaces_by_mac = get_interfaces_by_mac
     network_state.get_interfaces_by_mac = get_interfaces_by_mac
+    cloudinit.net.get_ib_hwaddrs_by_interface = lambda: {}
     util.chownbyname = lambda *a, **k: None
+    util.udevadm_settle = lambda *a, **k: None
 
 
 def rename_v1_by_mac(cfg, by_mac):
@@ -82,7 +89,13 @@ def main():
     pin_interfaces(by_mac)
 
     eni_path = os.path.join(case_dir, "eni")
-    if os.path.exists(eni_path):
+    json_path = os.path.join(case_dir, "network_data.json")
+    if os.path.exists(json_path):
+        from cloudinit.sources.helpers import openstack
+
+        with open(json_path) as f:
+            cfg = openstack.convert_net_json(json.load(f), known_macs=by_mac)
+    elif os.path.exists(eni_path):
         with open(eni_path) as f:
             cfg = eni.convert_eni_data(f.read())
     else:

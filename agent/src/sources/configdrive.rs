@@ -1,10 +1,10 @@
-//! ConfigDrive2 from a `config-2` volume (Proxmox `citype: configdrive2`): an ISO read in
-//! place, a FAT drive mounted read-only.
+//! ConfigDrive2 from a `config-2` volume (Proxmox `citype: configdrive2`, OpenStack Nova):
+//! an ISO read in place, a FAT drive mounted read-only.
 
 use anyhow::Result;
 use nixseed_core::configdrive::parse_meta_data;
 use nixseed_core::label::{self, FsType};
-use nixseed_core::seed::{Seed, SeedFiles};
+use nixseed_core::seed::{NETWORK_DATA, Seed, SeedFiles};
 
 use super::block::{BlockDevice, Media};
 use super::{Env, Source, read_seed_files};
@@ -58,13 +58,16 @@ fn from_device(env: &Env, dev: &BlockDevice) -> Result<Option<Seed>> {
             Some(m) => read_seed_files(&m.dir.join("openstack"), names),
         }
     };
-    let mut files = read(&["latest/meta_data.json", "latest/user_data"])?;
+    let mut files = read(&["latest/meta_data.json", "latest/user_data", NETWORK_DATA])?;
     let Some(meta) = files.get("latest/meta_data.json") else {
         return Ok(None);
     };
-    // The network file's path comes from meta_data.json, validated to stay inside.
+    // network_data.json is the network when present (as in cloud-init); otherwise the ENI
+    // file whose path comes from meta_data.json, validated to stay inside.
     let origin = format!("{source}/latest/meta_data.json");
-    if let Some(path) = parse_meta_data(meta, &origin)?.network_path {
+    if let Some(path) = parse_meta_data(meta, &origin)?.network_path
+        && files.get(NETWORK_DATA).is_none()
+    {
         files.0.extend(read(&[path.as_str()])?.0);
     }
     Ok(Some(Seed::from_configdrive(&files, &source)?))

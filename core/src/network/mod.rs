@@ -1,6 +1,6 @@
-//! network-config (v1, v2, ConfigDrive ENI) and its rendering to systemd-networkd files.
-//! The initrd stage and `seedctl render` call [`parse`] / [`parse_eni`] on the seed's
-//! bytes, then [`render_networkd`] with the guest's NICs; the files land in
+//! network-config (v1, v2, ConfigDrive ENI and `network_data.json`) and its rendering to
+//! systemd-networkd files. The initrd stage and `seedctl render` call [`parse`] /
+//! [`parse_eni`] / [`parse_network_data`] on the seed's bytes, then [`render_networkd`] with the guest's NICs; the files land in
 //! `/var/identity/network/` and are linked into `/run/systemd/network`.
 //!
 //! Output follows cloud-init's networkd renderer (`cloudinit/net/networkd.py`); the
@@ -8,6 +8,7 @@
 
 mod eni;
 mod ip;
+mod netjson;
 mod networkd;
 mod v1;
 mod v2;
@@ -101,6 +102,9 @@ pub struct Interface {
     pub driver: Option<String>,
     /// v2 `routing-policy`: one rule per entry, as networkd (key, value) pairs.
     pub routing_policy: Vec<Vec<(&'static str, String)>>,
+    /// A `network_data.json` VLAN: called `<link's name>.<VLAN id>` after its link's
+    /// name in the guest, which is known only when the NICs are.
+    pub name_after_link: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -209,6 +213,12 @@ pub fn parse(bytes: &[u8], origin: &str) -> Result<NetworkSetting, NetworkError>
 /// Parses Debian ENI text (ConfigDrive2 `content/0000`).
 pub fn parse_eni(text: &str, origin: &str) -> Result<NetworkConfig, NetworkError> {
     eni::parse(text, origin)
+}
+
+/// Parses OpenStack `network_data.json` (ConfigDrive2 `openstack/latest/network_data.json`)
+/// as cloud-init's ConfigDrive datasource converts it.
+pub fn parse_network_data(bytes: &[u8], origin: &str) -> Result<NetworkConfig, NetworkError> {
+    netjson::parse(bytes, origin)
 }
 
 /// Renders systemd-networkd files: file name → content.

@@ -109,11 +109,19 @@ fn resolve(iface: &super::Interface, links: &[Link]) -> String {
 }
 
 pub(super) fn render(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, String> {
-    let names: BTreeMap<&str, String> = cfg
+    let mut names: BTreeMap<&str, String> = cfg
         .interfaces
         .iter()
         .map(|i| (i.id.as_str(), resolve(i, links)))
         .collect();
+    for iface in &cfg.interfaces {
+        if iface.name_after_link
+            && let InterfaceKind::Vlan { id, link } = &iface.kind
+        {
+            let base = names.get(link.as_str()).unwrap_or(link).clone();
+            names.insert(iface.id.as_str(), format!("{base}.{id}"));
+        }
+    }
     let name_of = |id: &str| names.get(id).cloned().unwrap_or_else(|| id.to_string());
 
     let mut files = BTreeMap::new();
