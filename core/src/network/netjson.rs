@@ -115,12 +115,25 @@ pub(super) fn parse(bytes: &[u8], origin: &str) -> Result<NetworkConfig, Network
         })
     };
 
-    // Each network belongs to the link it names; one naming no link is an error.
+    // Each network belongs to the link it names. One naming no link configures nothing:
+    // cloud-init passes it over, and so does nixseed, with a warning.
     let mut by_link: BTreeMap<String, Vec<(String, &Value)>> = BTreeMap::new();
     for (j, network) in networks.iter().enumerate() {
         let at = format!("networks[{j}]");
         let link = required(network, "link", &at, origin)?;
-        id_of(&link, &format!("{at}.link"))?;
+        if let Err(e) = id_of(&link, &format!("{at}.link")) {
+            tracing::warn!("{e}; the network is not configured");
+            continue;
+        }
+        let ty = required(network, "type", &at, origin)?;
+        if !NETWORK_TYPES.contains(&ty.as_str()) {
+            tracing::warn!(
+                origin,
+                "{at}.type: `{ty}` is not a network type nixseed knows (one of {}); the network is not configured, as cloud-init leaves it",
+                NETWORK_TYPES.join(", ")
+            );
+            continue;
+        }
         by_link.entry(link).or_default().push((at, network));
     }
 
@@ -368,8 +381,8 @@ fn bond_params(
     Ok(params)
 }
 
-/// The link's `type`; `null` is a physical NIC, a type cloud-init does not list is an
-/// error.
+/// The link's `type`; `null` is a physical NIC, and so is a type cloud-init does not
+/// list (with a warning).
 fn link_type(link: &Value, at: &str, origin: &str) -> Result<Option<String>, NetworkError> {
     if !link.is_object() {
         return Err(invalid(origin, format!("{at}: expected an object")));
@@ -381,16 +394,14 @@ fn link_type(link: &Value, at: &str, origin: &str) -> Result<Option<String>, Net
         return Ok(None);
     }
     let ty = scalar(v).ok_or_else(|| invalid(origin, format!("{at}.type: expected a string")))?;
-    if ty == "bond" || ty == "vlan" || PHYSICAL_TYPES.contains(&ty.as_str()) {
-        return Ok(Some(ty));
+    if ty != "bond" && ty != "vlan" && !PHYSICAL_TYPES.contains(&ty.as_str()) {
+        // A type Nova adds later is still a NIC: cloud-init treats it as one, with a warning.
+        tracing::warn!(
+            origin,
+            "{at}.type: `{ty}` is not a link type nixseed knows; treated as a physical NIC, as cloud-init treats it"
+        );
     }
-    Err(invalid(
-        origin,
-        format!(
-            "{at}.type: `{ty}` is not a network_data.json link type (expected bond, vlan or one of {})",
-            PHYSICAL_TYPES.join(", ")
-        ),
-    ))
+    Ok(Some(ty))
 }
 
 /// `key` as an array; absent or `null` is empty.
@@ -527,6 +538,22 @@ mod tests {
         parse(json.as_bytes(), ORIGIN).unwrap_err().to_string()
     }
 
+    /// What cloud-init passes over is passed over here too, with a warning: a link type
+    /// it does not list is a NIC, and a network naming no link or of an unknown type
+    /// configures nothing.
+    #[test]
+    fn an_unknown_link_type_is_a_nic_and_a_network_without_its_link_is_passed_over() {
+        let json = r#"{"links": [{"id": "t", "type": "vhostuser-next", "ethernet_mac_address": "FA:16:3E:00:00:01"}],
+            "networks": [{"link": "t", "type": "ipv4_dhcp"}, {"link": "gone", "type": "ipv4_dhcp"},
+                {"link": "t", "type": "ipv5"}]}"#;
+        let cfg = parse(json.as_bytes(), ORIGIN).unwrap();
+        assert_eq!(cfg.interfaces.len(), 1);
+        let nic = &cfg.interfaces[0];
+        assert_eq!(nic.kind, InterfaceKind::Physical);
+        assert_eq!(nic.mac.as_deref(), Some("fa:16:3e:00:00:01"));
+        assert_eq!(nic.subnets.len(), 1);
+    }
+
     #[test]
     fn hostile_inputs_name_the_file_and_the_key() {
         let nic = r#"{"id": "tap0", "type": "ovs", "ethernet_mac_address": "fa:16:3e:00:00:01"}"#;
@@ -534,22 +561,6 @@ mod tests {
             ("{\"links\": [", "not valid JSON".to_string()),
             ("[1, 2]", "expected an object".into()),
             ("{\"links\": {}}", "links: expected a list".into()),
-            (
-                &format!(
-                    r#"{{"links": [{nic}], "networks": [{{"link": "tap9", "type": "ipv4_dhcp"}}]}}"#
-                ),
-                "networks[0].link: no link in `links` has the id `tap9`".into(),
-            ),
-            (
-                r#"{"links": [{"id": "t", "type": "macvtap", "ethernet_mac_address": "fa:16:3e:00:00:01"}]}"#,
-                "links[0].type: `macvtap` is not a network_data.json link type".into(),
-            ),
-            (
-                &format!(
-                    r#"{{"links": [{nic}], "networks": [{{"link": "tap0", "type": "ipv5"}}]}}"#
-                ),
-                "networks[0].type: `ipv5` is not a network_data.json network type".into(),
-            ),
             (
                 r#"{"links": [{"id": "b", "type": "bond", "bond_links": ["nope"]}]}"#,
                 "links[0].bond_links[0]: no link in `links` has the id `nope`".into(),
