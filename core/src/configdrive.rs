@@ -18,8 +18,48 @@ struct RawMeta {
     hostname: Option<String>,
     name: Option<String>,
     #[serde(default)]
-    public_keys: std::collections::BTreeMap<String, String>,
+    public_keys: PublicKeys,
     network_config: Option<NetworkRef>,
+}
+
+/// `public_keys` in every shape cloud-init accepts (`normalize_pubkey_data`): Nova's
+/// `{"name": "key"}`, a list per name, a plain list or one string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PublicKeys {
+    Named(std::collections::BTreeMap<String, KeyList>),
+    List(Vec<String>),
+    One(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum KeyList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Default for PublicKeys {
+    fn default() -> Self {
+        PublicKeys::List(Vec::new())
+    }
+}
+
+impl PublicKeys {
+    fn into_keys(self) -> Vec<String> {
+        let keys = match self {
+            PublicKeys::Named(map) => map
+                .into_values()
+                .flat_map(|k| match k {
+                    KeyList::One(k) => vec![k],
+                    KeyList::Many(ks) => ks,
+                })
+                .collect(),
+            PublicKeys::List(ks) => ks,
+            PublicKeys::One(k) => vec![k],
+        };
+        keys.into_iter().filter(|k| !k.is_empty()).collect()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -39,10 +79,24 @@ pub struct ConfigDriveMeta {
 }
 
 pub fn parse_meta_data(bytes: &[u8], origin: &str) -> Result<ConfigDriveMeta, ConfigDriveError> {
-    let raw: RawMeta = serde_json::from_slice(bytes).map_err(|e| ConfigDriveError {
+    let fail = |detail: String| ConfigDriveError {
         origin: origin.to_string(),
-        detail: format!("malformed JSON: {e}"),
-    })?;
+        detail,
+    };
+    // Through a JSON value first: a key given twice keeps its last value, as Python's
+    // json (and so cloud-init) reads it, instead of refusing the file.
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| fail(format!("malformed JSON: {e}")))?;
+    let raw: RawMeta =
+        serde_json::from_value(value).map_err(|e| fail(format!("unexpected content: {e}")))?;
+    // cloud-init refuses a drive without one (`BrokenMetadata`): it is the instance-id,
+    // so a fixed stand-in would hide every later change of the drive.
+    let Some(uuid) = raw.uuid.filter(|u| !u.trim().is_empty()) else {
+        return Err(fail(
+            "no `uuid`: it is the instance-id, and cloud-init refuses a drive without it too"
+                .into(),
+        ));
+    };
     let network_path = match raw.network_config {
         Some(n) => {
             let rel = n.content_path.trim_start_matches('/');
@@ -60,9 +114,9 @@ pub fn parse_meta_data(bytes: &[u8], origin: &str) -> Result<ConfigDriveMeta, Co
         None => None,
     };
     Ok(ConfigDriveMeta {
-        instance_id: raw.uuid.unwrap_or_else(|| "iid-configdrive".into()),
+        instance_id: uuid,
         hostname: raw.hostname.or(raw.name),
-        public_keys: raw.public_keys.into_values().collect(),
+        public_keys: raw.public_keys.into_keys(),
         network_path,
     })
 }
@@ -80,6 +134,42 @@ mod tests {
         .unwrap();
         assert_eq!(m.instance_id, "6f1c");
         assert_eq!(m.network_path.as_deref(), Some("content/0000"));
+    }
+
+    #[test]
+    fn meta_data_as_python_reads_it() {
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ8 op";
+        for keys in [
+            format!(r#"{{"k": "{key}"}}"#),
+            format!(r#"{{"k": ["{key}", ""]}}"#),
+            format!(r#"["{key}"]"#),
+            format!(r#""{key}""#),
+        ] {
+            let json =
+                format!(r#"{{"uuid": "a", "hostname": "x", "uuid": "b", "public_keys": {keys}}}"#);
+            let m = parse_meta_data(json.as_bytes(), "meta_data.json").unwrap();
+            assert_eq!(m.instance_id, "b", "{json}");
+            assert_eq!(m.public_keys, [key], "{json}");
+        }
+    }
+
+    #[test]
+    fn a_drive_without_uuid_is_refused() {
+        for json in [
+            r#"{"hostname": "alpha"}"#,
+            r#"{"uuid": " ", "hostname": "alpha"}"#,
+        ] {
+            let e = parse_meta_data(
+                json.as_bytes(),
+                "configdrive:/dev/sr0/latest/meta_data.json",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.starts_with("configdrive:/dev/sr0/latest/meta_data.json: no `uuid`"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
