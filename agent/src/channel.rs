@@ -46,9 +46,49 @@ pub async fn handle(msg: Message, ctx: &ChannelContext) -> Message {
     })
 }
 
+fn env(ctx: &ChannelContext) -> Env {
+    Env::new(
+        ctx.opts.host.clone(),
+        ctx.opts.sysroot.clone(),
+        ctx.opts.run.clone(),
+    )
+}
+
+/// Where the changes whose reload failed are kept until a push or rollback retries them.
+fn reload_pending(ctx: &ChannelContext) -> PathBuf {
+    ctx.opts.run.join("nixseed/reload-pending")
+}
+
+fn pending_reloads(ctx: &ChannelContext) -> Vec<String> {
+    std::fs::read_to_string(reload_pending(ctx))
+        .map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// Why generation `n` is not what the running system uses, if it is not.
+fn unapplied(store: &Store, n: u64, ctx: &ChannelContext) -> Option<String> {
+    let bound = stage::bound_generation(&ctx.opts.run, &ctx.opts.identity_dir);
+    if !bound.is_some_and(|m| stage::etc_shows(store, m, n)) {
+        return Some(format!(
+            "generation {n} is stored but /etc shows {}",
+            bound.map_or_else(|| "no generation".to_owned(), |m| format!("generation {m}"))
+        ));
+    }
+    let pending = pending_reloads(ctx);
+    (!pending.is_empty()).then(|| {
+        format!(
+            "generation {n} is bound, but reloading after {} failed",
+            pending.join(", ")
+        )
+    })
+}
+
 fn status(ctx: &ChannelContext) -> Result<Message> {
     let store = Store::open(&ctx.identity_path(), false)?;
     let current = store.current()?;
+    let unapplied = current
+        .as_ref()
+        .and_then(|g| unapplied(&store, g.number, ctx));
     Ok(Message::StatusReply {
         generation: current.as_ref().map(|g| g.number),
         instance_id: current.as_ref().map(|g| g.manifest.instance_id.clone()),
@@ -60,6 +100,8 @@ fn status(ctx: &ChannelContext) -> Result<Message> {
             .into_iter()
             .map(|l| (l.name, l.mac))
             .collect(),
+        vm_product_uuid: env(ctx).product_uuid(),
+        unapplied,
     })
 }
 
@@ -67,13 +109,20 @@ async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Re
     let files = bundle.verify()?;
     let source = format!("channel:{}", bundle.machine);
     let seed = Seed::from_nocloud(&files, &source, None)?;
+    let env = env(ctx);
+    // A bundle made for another VM (seedctl names the VM's product_uuid in it) would give
+    // this one that VM's host key and machine-id.
+    if let (Some(wanted), Some(mine)) = (&seed.user.nixseed.product_uuid, env.product_uuid())
+        && !wanted.trim().eq_ignore_ascii_case(&mine)
+    {
+        anyhow::bail!(
+            "the identity of `{}` is for the VM with product_uuid {}, and this VM's is {mine}: refused",
+            bundle.machine,
+            wanted.trim()
+        );
+    }
     let store = Store::open(&ctx.identity_path(), true)?;
     let before = store.current_number()?;
-    let env = Env::new(
-        ctx.opts.host.clone(),
-        ctx.opts.sysroot.clone(),
-        ctx.opts.run.clone(),
-    );
     let mut t = Timer::new();
     let outcome = stage::apply_seed(&store, Some(&seed), &ctx.opts, &env, &mut t)?;
     applied(&store, before, outcome.decision, outcome.changed, ctx).await
@@ -96,7 +145,9 @@ async fn rollback(ctx: &ChannelContext) -> Result<Message> {
     .await
 }
 
-/// Re-binds a generation that became current and reloads what its changes touch.
+/// Binds the current generation over `/etc` and reloads what its changes touch, when
+/// the request changed it, or when an earlier one left it unbound or a reload failed
+/// (the same push again is how an operator retries).
 async fn applied(
     store: &Store,
     before: Option<u64>,
@@ -107,21 +158,60 @@ async fn applied(
     let now = store.current_number()?;
     let mut effects = crate::reload::Effects::default();
     let mut reboot_required = Vec::new();
+    let retry = pending_reloads(ctx);
+    let bound = stage::bound_generation(&ctx.opts.run, &ctx.opts.identity_dir);
     if let Some(n) = now
-        && now != before
+        && (now != before
+            || !bound.is_some_and(|m| stage::etc_shows(store, m, n))
+            || !retry.is_empty())
     {
+        // What the running system has not taken yet: this request's changes, or those
+        // since the generation /etc shows, and the reloads that failed before.
+        let mut todo = if now != before {
+            changed.clone()
+        } else {
+            match bound.and_then(|m| store.read_generation(m).ok()) {
+                Some(g) => stage::tree_changes(&g.tree, &store.read_generation(n)?.tree),
+                None => stage::tree_changes(&Default::default(), &store.read_generation(n)?.tree),
+            }
+        };
+        todo.extend(retry);
+        todo.sort();
+        todo.dedup();
         let pending = stage::bind_generation(store, n, &ctx.opts, stage::BindTime::Live)
-            .context("cannot re-bind the new generation over /etc")?;
+            .with_context(|| {
+                format!(
+                    "generation {n} is current but cannot be bound over /etc (the same push again retries)"
+                )
+            })?;
         if pending {
             reboot_required.push(nixseed_core::identity::MACHINE_ID.to_string());
         }
         effects = crate::reload::after_change(
-            &changed,
+            &todo,
             &ctx.identity_path(),
             ctx.firewall,
             before.is_none(),
         )
         .await;
+        let record = reload_pending(ctx);
+        let kept = if effects.failed.is_empty() {
+            std::fs::remove_file(&record).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+        } else {
+            std::fs::write(&record, todo.join("\n"))
+        };
+        if let Err(e) = kept {
+            tracing::warn!(
+                "cannot record the reloads to retry in {}: {e}",
+                record.display()
+            );
+        }
     } else if let Some(n) = now
         && stage::machine_id_pending(store, n, &ctx.opts)
     {

@@ -579,6 +579,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Whether `/etc`, bound from generation `bound`, shows what generation `n` holds: the
+/// same generation, or one whose files there are the same (a guest-agent key change
+/// makes a generation without moving the binds).
+pub fn etc_shows(store: &Store, bound: u64, n: u64) -> bool {
+    let read = |g: u64, f: &str| std::fs::read(store.generation_path(g).join(f)).ok();
+    bound == n || ETC_FILES.iter().all(|f| read(bound, f) == read(n, f))
+}
+
 /// Stage 2. When the initrd stage already applied the current generation and its binds
 /// are in place, only verify; otherwise do the whole job and say machine-id came late.
 pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
@@ -592,13 +600,7 @@ pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
         let etc = opts.sysroot.join("etc");
         let mounted = mounts::mount_points()?;
         let all_bound = ETC_FILES.iter().all(|f| mounted.contains(&etc.join(f)));
-        // A guest-agent key change makes a generation without moving the binds: /etc
-        // still shows the one before, whose files there are the same.
-        let same_etc = |g: u64| {
-            let read = |g: u64, f: &str| std::fs::read(store.generation_path(g).join(f)).ok();
-            ETC_FILES.iter().all(|f| read(g, f) == read(n, f))
-        };
-        if all_bound && (m == n || same_etc(m)) {
+        if all_bound && etc_shows(&store, m, n) {
             let ms = t0.elapsed().as_secs_f64() * 1000.0;
             tracing::info!(
                 "initrd stage already applied generation {n}; made it durable and verified its mounts in {ms:.1} ms"

@@ -62,6 +62,16 @@ pub enum Message {
         /// compares those too. Absent from agents that do not report them.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         links: BTreeMap<String, String>,
+        /// The VM's own DMI product_uuid now (`product_uuid` is the one recorded when the
+        /// generation was written): a disk copied into another VM shows a different one.
+        /// Absent from older agents.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vm_product_uuid: Option<String>,
+        /// Why the current generation is not what the running system uses (its binds over
+        /// `/etc` or a reload failed); the next push or rollback tries again. Absent when
+        /// it is applied, and from older agents.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unapplied: Option<String>,
     },
     /// Guest → host: the answer to `push` and `rollback`.
     Applied {

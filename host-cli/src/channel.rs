@@ -337,6 +337,10 @@ pub struct GuestStatus {
     pub files: std::collections::BTreeMap<String, String>,
     /// The guest's NICs, empty when its agent does not report them.
     pub links: Vec<nixseed_core::network::Link>,
+    /// The VM's DMI product_uuid now (`product_uuid` is the generation's record).
+    pub vm_product_uuid: Option<String>,
+    /// Why the current generation is not in use, when it is not.
+    pub unapplied: Option<String>,
 }
 
 /// Sends `status` and waits for the reply.
@@ -352,6 +356,8 @@ pub fn status(chan: &mut Channel, timeout: Duration) -> Result<GuestStatus> {
                 product_uuid,
                 files,
                 links,
+                vm_product_uuid,
+                unapplied,
             } => {
                 // Interfaces without an Ethernet MAC (a tunnel's empty address) match no
                 // network-config entry, so they are left out rather than refused.
@@ -365,6 +371,8 @@ pub fn status(chan: &mut Channel, timeout: Duration) -> Result<GuestStatus> {
                     product_uuid,
                     files,
                     links,
+                    vm_product_uuid,
+                    unapplied,
                 });
             }
             Message::Error { message } => bail!(

@@ -57,6 +57,15 @@ impl Guest {
         Guest { child, root }
     }
 
+    /// A path of the guest's scratch root as its mount namespace shows it.
+    fn view(&self, rel: &str) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/root{}/{rel}",
+            self.child.id(),
+            self.root.display()
+        ))
+    }
+
     /// A file as the guest sees it (inside its mount namespace).
     fn read(&self, rel: &str) -> String {
         let p = format!(
@@ -166,11 +175,18 @@ fn push_status_and_rollback_against_the_real_agent() {
     let host_mid = std::fs::read_to_string(s.machine("web1").join("machine-id")).unwrap();
     assert_eq!(guest.read("var/identity/machine-id"), host_mid);
 
-    // After: every file matches the host's, exit 0.
+    // After: every file matches the host's, but sshd has not taken the new host key, so
+    // the guest is not in sync yet, and says why.
     let out = s.run(&["--json", "status", "web1"]);
-    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
     let st = json(&out);
-    assert_eq!(st["in_sync"], true, "{st}");
+    assert_eq!(st["in_sync"], false, "{st}");
+    let why = st["unapplied"].as_str().unwrap();
+    assert!(
+        why.contains("generation 2 is bound, but reloading after")
+            && why.contains("ssh_host_ed25519_key"),
+        "{st}"
+    );
     assert_eq!(st["instance_id"], st["host_instance_id"]);
     let files = st["files"].as_object().unwrap();
     for f in [
@@ -189,24 +205,35 @@ fn push_status_and_rollback_against_the_real_agent() {
     assert_eq!(files["network/10-cloud-init-ens3.network"], "match", "{st}");
     assert!(files.iter().all(|(_, v)| v == "match"), "{st}");
 
-    // Edit the identity on the host and push again: only the hostname moves, and the
-    // machine-id of the first push still waits for a reboot.
+    // Edit the identity on the host and push again: only the hostname moves, the
+    // machine-id of the first push still waits for a reboot, and the sshd reload that
+    // failed is tried again (and fails again here: exit 4, not a silent success).
     std::fs::write(s.machine("web1").join("hostname"), "web1-renamed\n").unwrap();
-    let human = s.ok(&["push", "web1"]);
-    assert!(human.contains("changed        hostname"), "{human}");
+    let out = s.run(&["push", "web1"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let human = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        human.contains("changed        hostname, hosts\n"),
+        "{human}"
+    );
     assert!(human.contains("needs reboot   machine-id"), "{human}");
+    assert!(
+        human.contains("FAILED") && human.contains("sshd"),
+        "{human}"
+    );
     assert_eq!(guest.read("etc/hostname"), "web1-renamed\n");
-    let st = json(&s.run(&["--json", "status", "web1"]));
-    assert_eq!(st["in_sync"], true, "{st}");
 
-    // The same push again changes nothing, and says the reboot is still pending.
-    let human = s.ok(&["push", "web1"]);
+    // The same push again changes nothing, says the reboot is still pending, and still
+    // retries what did not take.
+    let out = s.run(&["push", "web1"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let human = String::from_utf8(out.stdout).unwrap();
     assert!(human.contains("nothing changed"), "{human}");
     assert!(human.contains("needs reboot   machine-id"), "{human}");
 
     // Rollback: the previous generation comes back, and status sees the drift.
     let out = s.run(&["--json", "rollback", "web1"]);
-    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
     assert_eq!(json(&out)["generation"], 2);
     assert_eq!(guest.read("etc/hostname"), "web1\n");
     let out = s.run(&["--json", "status", "web1"]);
@@ -261,6 +288,72 @@ fn silence_and_no_socket_are_clear_errors() {
         let err = s.fails(&["status", "web1", &format!("--timeout={bad}")]);
         assert!(err.contains("not a number of seconds"), "{bad}: {err}");
     }
+}
+
+/// A bundle made for another VM is refused by the guest (it would get that VM's host key),
+/// and a disk copied into another VM is shown as out of sync, whatever its records say.
+#[test]
+fn a_push_for_another_vm_is_refused_and_a_clone_is_out_of_sync() {
+    let s = Scratch::new();
+    let uuid = web1(&s);
+    let guest = Guest::start(&s, &uuid);
+    s.ok(&["new", "web2"]);
+    let sock = s.state("web1").join("channel.sock");
+    let err = s.fails(&["push", "web2", "--socket", &sock.display().to_string()]);
+    assert!(
+        err.contains("the identity of `web2` is for the VM with product_uuid")
+            && err.contains(&format!("this VM's is {uuid}: refused")),
+        "{err}"
+    );
+    assert_eq!(guest.read("etc/hostname"), "first\n");
+
+    assert_eq!(s.run(&["push", "web1"]).status.code(), Some(4));
+    let clone = "99999999-0000-4000-8000-000000000000";
+    ts::set_product_uuid(&guest.root, clone).unwrap();
+    let out = s.run(&["--json", "status", "web1"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(json(&out)["product_uuid"], clone);
+    let human = String::from_utf8(s.run(&["status", "web1"]).stdout).unwrap();
+    assert!(human.contains("a clone or another VM answers"), "{human}");
+}
+
+/// A push whose binds over /etc fail leaves its generation current but not in use: the
+/// push fails naming that, status says so, and the same push again binds it.
+#[test]
+fn a_generation_left_unbound_is_reported_and_bound_by_the_next_push() {
+    let s = Scratch::new();
+    let uuid = web1(&s);
+    let guest = Guest::start(&s, &uuid);
+    // An administrator's own file where the push links the network unit.
+    let blocker = guest.view("run/systemd/network/10-cloud-init-ens3.network");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, "[Match]\n").unwrap();
+    let err = s.fails(&["push", "web1"]);
+    assert!(
+        err.contains(
+            "generation 2 is current but cannot be bound over /etc (the same push again retries)"
+        ),
+        "{err}"
+    );
+    let out = s.run(&["--json", "status", "web1"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let st = json(&out);
+    assert!(
+        st["unapplied"]
+            .as_str()
+            .unwrap()
+            .contains("generation 2 is stored but /etc shows generation 1"),
+        "{st}"
+    );
+
+    std::fs::remove_file(&blocker).unwrap();
+    let out = s.run(&["push", "web1"]);
+    let human = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        human.contains("nothing changed") && human.contains("reloaded       hostname"),
+        "{human}"
+    );
+    assert_eq!(guest.read("etc/hostname"), "web1\n");
 }
 
 /// A fake guest end on the channel socket (no agent): it answers as scripted, so the test
@@ -332,6 +425,8 @@ fn rollback_waits_for_a_live_guest_and_takes_only_its_own_reply() {
                         product_uuid: None,
                         files: Default::default(),
                         links: Default::default(),
+                        vm_product_uuid: None,
+                        unapplied: None,
                     },
                     _ => Message::Applied {
                         decision: "rolled back to generation 2".into(),

@@ -109,6 +109,16 @@ pub fn applied_report(
             }
             if changed.is_empty() {
                 human.push_str("\n  nothing changed: the guest already had this identity");
+                // What an earlier push left unbound or not reloaded is retried.
+                if !reloaded.is_empty() {
+                    human.push_str(&format!(
+                        "\n  reloaded       {} (had not taken the identity yet)",
+                        list(reloaded)
+                    ));
+                }
+                for f in failed {
+                    human.push_str(&format!("\n  FAILED         {f}"));
+                }
                 if !reboot_required.is_empty() {
                     human.push_str(&format!(
                         "\n  needs reboot   {} (takes effect at the next boot)",

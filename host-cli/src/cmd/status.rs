@@ -104,7 +104,12 @@ pub fn run(paths: &Paths, a: &StatusArgs) -> Result<Report> {
         product_uuid,
         files,
         links,
+        vm_product_uuid,
+        unapplied,
     } = channel::status(&mut chan, a.channel.timeout())?;
+    // The VM's own UUID when the agent reports it: a disk copied into another VM keeps
+    // the generation's record of the first one.
+    let product_uuid = vm_product_uuid.or(product_uuid);
     let tree = expected_tree(&id, &seed, &links)?;
     let host_files = Manifest::files_of(&tree);
     let rows = compare(&files, &host_files, !links.is_empty());
@@ -117,7 +122,8 @@ pub fn run(paths: &Paths, a: &StatusArgs) -> Result<Report> {
         .filter(|(_, s)| !s.in_sync())
         .map(|(n, _)| n.as_str())
         .collect();
-    let in_sync = differing.is_empty() && iid_ok && uuid_ok && generation.is_some();
+    let in_sync =
+        differing.is_empty() && iid_ok && uuid_ok && generation.is_some() && unapplied.is_none();
 
     let show = |v: Option<&str>| v.unwrap_or("none").to_owned();
     let mut human = format!(
@@ -141,6 +147,9 @@ pub fn run(paths: &Paths, a: &StatusArgs) -> Result<Report> {
             )
         },
     );
+    if let Some(why) = &unapplied {
+        human.push_str(&format!("\n  not applied  {why}"));
+    }
     for (name, state) in &rows {
         human.push_str(&format!("\n  {:<9} {name}", state.label()));
     }
@@ -170,6 +179,7 @@ pub fn run(paths: &Paths, a: &StatusArgs) -> Result<Report> {
             "host_instance_id": host_iid,
             "product_uuid": product_uuid,
             "host_product_uuid": id.product_uuid,
+            "unapplied": unapplied,
             "in_sync": in_sync,
             "files": json_files,
         }),
