@@ -1,5 +1,6 @@
 //! seedctl entry point: parse, run, print.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -15,7 +16,7 @@ fn main() -> ExitCode {
                 let message = text.split("\n\nUsage").next().unwrap_or_default();
                 let message = message.strip_prefix("error: ").unwrap_or(message);
                 let message: Vec<&str> = message.split_whitespace().collect();
-                println!("{}", serde_json::json!({ "error": message.join(" ") }));
+                out(&serde_json::json!({ "error": message.join(" ") }).to_string());
             }
             e.exit()
         }
@@ -23,18 +24,24 @@ fn main() -> ExitCode {
     match cli.run() {
         Ok(report) => {
             if cli.json {
-                println!("{}", report.json);
+                out(&report.json.to_string());
             } else if !report.human.is_empty() {
-                println!("{}", report.human);
+                out(&report.human);
             }
             ExitCode::from(report.exit)
         }
         Err(e) => {
             if cli.json {
-                println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+                out(&serde_json::json!({ "error": format!("{e:#}") }).to_string());
             }
             eprintln!("seedctl: error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints one report. A reader that went away (`seedctl status web1 | head -1`) is not
+/// an error: the command has done its work, and its exit status still tells.
+fn out(text: &str) {
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
 }

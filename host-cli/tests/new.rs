@@ -250,3 +250,23 @@ fn new_force_is_not_blocked_by_a_leftover_backup() {
         "left behind: {names:?}"
     );
 }
+
+/// A reader that closed its end (`seedctl new web1 | head -0`) does not make seedctl
+/// panic: the identity is made and the exit status is the command's own.
+#[test]
+fn a_closed_stdout_is_not_a_crash() {
+    use std::os::fd::OwnedFd;
+    let s = Scratch::new();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = s
+        .cmd(&["new", "web1"])
+        .stdout(OwnedFd::from(writer))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(s.machine("web1").join("machine-id").exists());
+}
