@@ -54,8 +54,72 @@ fn probe_fat(head: &[u8]) -> Option<String> {
     if bs[sig] != 0x29 {
         return None;
     }
+    // "NO NAME" is no label in the boot sector; the root directory may still hold one.
     let label = text(&bs[label..label + 11]);
-    (label != "NO NAME").then_some(label)
+    Some(if label == "NO NAME" {
+        String::new()
+    } else {
+        label
+    })
+}
+
+/// How many bytes of a FAT root directory [`fat_root_label`] looks at: the label entry is
+/// among the first ones in practice (mkfs.vfat and mlabel write it first).
+pub const FAT_ROOT_LEN: usize = 4096;
+
+/// Where a FAT volume's root directory starts on the device, from its boot sector: after
+/// the reserved sectors and the FATs on FAT12/16, at its first cluster on FAT32.
+pub fn fat_root_dir(head: &[u8]) -> Option<u64> {
+    let bs = head.get(..512)?;
+    let u16_at = |i: usize| u64::from(u16::from_le_bytes([bs[i], bs[i + 1]]));
+    let u32_at = |i: usize| u64::from(u32::from_le_bytes([bs[i], bs[i + 1], bs[i + 2], bs[i + 3]]));
+    let bytes_per_sector = u16_at(11);
+    let sectors_per_cluster = u64::from(bs[13]);
+    let reserved = u16_at(14);
+    let fats = u64::from(bs[16]);
+    let fat16_size = u16_at(22);
+    let sectors = if fat16_size != 0 {
+        reserved + fats * fat16_size
+    } else {
+        let fat32_size = u32_at(36);
+        let root_cluster = u32_at(44);
+        let root_entries = u16_at(17) * 32;
+        let root_dir_sectors = root_entries.div_ceil(bytes_per_sector.max(1));
+        reserved
+            + fats * fat32_size
+            + root_dir_sectors
+            + root_cluster.checked_sub(2)? * sectors_per_cluster
+    };
+    sectors.checked_mul(bytes_per_sector)
+}
+
+/// The volume label entry of a FAT root directory (what blkid reports as `LABEL`), if
+/// `dir` (its first bytes) holds one.
+pub fn fat_root_label(dir: &[u8]) -> Option<String> {
+    for e in dir.chunks_exact(32) {
+        match e[0] {
+            0x00 => return None,
+            0xE5 => continue,
+            _ => {}
+        }
+        // Attribute 0x08 alone among the type bits is the label; 0x0F is a long-name part.
+        if e[11] & 0x08 != 0 && e[11] & 0x0F != 0x0F {
+            let label = text(&e[..11]);
+            return (!label.is_empty()).then_some(label);
+        }
+    }
+    None
+}
+
+/// The label of a FAT volume as cloud-init finds seeds by it: blkid's `LABEL` (the root
+/// directory's entry) when it names a seed, else the boot sector's (`LABEL_FATBOOT`),
+/// else the root directory's.
+pub fn fat_label(boot: &str, root: Option<&str>) -> String {
+    let seed = |l: &str| is_nocloud_label(l) || is_configdrive_label(l);
+    match root {
+        Some(r) if seed(r) || boot.is_empty() => r.to_string(),
+        _ => boot.to_string(),
+    }
 }
 
 fn probe_ext(head: &[u8]) -> Option<String> {
@@ -108,6 +172,22 @@ mod tests {
         img[510] = 0x55;
         img[511] = 0xAA;
         assert_eq!(probe(&img), Some((FsType::Vfat, "CIDATA".into())));
+    }
+
+    #[test]
+    fn fat_root_directory_label_entry() {
+        let mut dir = vec![0u8; 96];
+        dir[..11].copy_from_slice(b"README  TXT");
+        dir[11] = 0x20;
+        dir[32..43].copy_from_slice(b"CIDATA     ");
+        dir[32 + 11] = 0x08;
+        assert_eq!(fat_root_label(&dir).as_deref(), Some("CIDATA"));
+        dir[32 + 11] = 0x0F;
+        assert_eq!(fat_root_label(&dir), None);
+        assert_eq!(fat_label("", Some("CIDATA")), "CIDATA");
+        assert_eq!(fat_label("cidata", Some("OTHER")), "cidata");
+        assert_eq!(fat_label("OTHER", Some("CIDATA")), "CIDATA");
+        assert_eq!(fat_label("OTHER", None), "OTHER");
     }
 
     #[test]

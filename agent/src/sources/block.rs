@@ -79,7 +79,11 @@ pub fn scan(env: &Env) -> Vec<BlockDevice> {
             });
         match read {
             Ok((file, n)) => {
-                if let Some((fstype, label)) = label::probe(&head[..n]) {
+                if let Some((fstype, mut label)) = label::probe(&head[..n]) {
+                    if fstype == label::FsType::Vfat {
+                        label =
+                            label::fat_label(&label, fat_root_label(&file, &head[..n]).as_deref());
+                    }
                     tracing::debug!(device = %node.display(), %label, fs = fstype.mount_name(), "labelled volume");
                     out.push(BlockDevice {
                         node,
@@ -97,6 +101,15 @@ pub fn scan(env: &Env) -> Vec<BlockDevice> {
         }
     }
     out
+}
+
+/// The volume label entry of a FAT root directory, read where the boot sector puts it.
+fn fat_root_label(file: &std::fs::File, head: &[u8]) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let at = label::fat_root_dir(head)?;
+    let mut dir = vec![0u8; label::FAT_ROOT_LEN];
+    let n = file.read_at(&mut dir, at).ok()?;
+    label::fat_root_label(&dir[..n])
 }
 
 impl BlockDevice {
