@@ -244,7 +244,15 @@ impl Store {
         bound: Option<u64>,
     ) -> Result<u64> {
         let previous = self.current_number()?;
-        let n = previous.unwrap_or(0).checked_add(1).ok_or_else(|| {
+        // Past every generation kept, not only the current one: after a rollback the
+        // newer ones are still there, and a number names one identity only, so `status`
+        // and the logs never show two different identities as the same generation.
+        let highest = list_dir(&self.dir)?
+            .iter()
+            .filter_map(|e| parse_gen(e))
+            .chain(previous)
+            .max();
+        let n = highest.unwrap_or(0).checked_add(1).ok_or_else(|| {
             anyhow!(
                 "{}: the current generation number is the largest there is; no new generation can follow it",
                 self.path.display()
@@ -687,5 +695,12 @@ mod tests {
         assert_eq!(store.read_generation(1).unwrap().tree, tree);
         assert_eq!(write(None), 5);
         assert_eq!(gens(), [4, 5]);
+
+        // After a rollback the next generation gets a number of its own, not the one of
+        // the generation rolled back from, which stays until the new one is written.
+        assert_eq!(store.rollback().unwrap(), 4);
+        assert_eq!(gens(), [4, 5]);
+        assert_eq!(write(None), 6);
+        assert_eq!(gens(), [4, 6]);
     }
 }

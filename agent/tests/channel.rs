@@ -234,13 +234,13 @@ fn a_live_push_keeps_the_running_machine_id_in_etc() {
     };
     assert_eq!((generation, reboot_required), (Some(1), vec![]));
     assert_eq!(std::fs::read_to_string(&etc_id).unwrap(), running);
-    // The new ID again (the generation after the current one, 2, is written afresh),
-    // then a change of the hostname alone: the reboot is still pending.
-    assert_eq!(push("three", "renamed"), (Some(2), pending.clone()));
-    assert_eq!(push("four", "again"), (Some(3), pending.clone()));
+    // The new ID again (a generation of its own, 3: 2 still names the identity rolled
+    // back from), then a change of the hostname alone: the reboot is still pending.
+    assert_eq!(push("three", "renamed"), (Some(3), pending.clone()));
+    assert_eq!(push("four", "again"), (Some(4), pending.clone()));
     assert_eq!(std::fs::read_to_string(&etc_id).unwrap(), running);
     // The same push again changes nothing and still says so.
-    assert_eq!(push("four", "again"), (Some(3), pending));
+    assert_eq!(push("four", "again"), (Some(4), pending));
 }
 
 #[test]
