@@ -15,6 +15,23 @@ pub struct ImageInfo {
     pub virtual_size: u64,
     #[serde(rename = "backing-filename", default)]
     pub backing_filename: Option<String>,
+    /// qcow2's own details; an external data file (`data-file`) shows here.
+    #[serde(rename = "format-specific", default)]
+    pub format_specific: Option<serde_json::Value>,
+}
+
+impl ImageInfo {
+    /// A file the image reads besides itself: its backing file or a qcow2 external data
+    /// file.
+    fn other_file(&self) -> Option<String> {
+        self.backing_filename.clone().or_else(|| {
+            self.format_specific
+                .as_ref()?
+                .pointer("/data/data-file")?
+                .as_str()
+                .map(str::to_owned)
+        })
+    }
 }
 
 pub fn info(image: &Path) -> Result<ImageInfo> {
@@ -27,22 +44,45 @@ pub fn info(image: &Path) -> Result<ImageInfo> {
         .with_context(|| format!("reading `qemu-img info` for {}", image.display()))
 }
 
-/// Check that `base` can back an overlay: it exists and is not itself an overlay.
-/// Returns its absolute path and format.
-pub fn check_base(base: &Path) -> Result<(PathBuf, String)> {
+/// Check that `base` can back an overlay: a regular file with a UTF-8 path (it is
+/// recorded in the machine's state), not empty, not itself an overlay, and not a disk
+/// of any machine in `state` (those change under an overlay on them). Returns its
+/// absolute path and format.
+pub fn check_base(base: &Path, state: &Path) -> Result<(PathBuf, String)> {
     let abs = std::fs::canonicalize(base).with_context(|| {
         format!(
             "base image {} does not exist; build one with `seedctl build` or pass --base IMAGE",
             base.display()
         )
     })?;
+    if abs.to_str().is_none() {
+        bail!(
+            "base image {}: the path is not UTF-8; rename it or link it from a UTF-8 path",
+            abs.display()
+        );
+    }
+    if !std::fs::metadata(&abs).is_ok_and(|m| m.is_file()) {
+        bail!("base image {} is not a regular file", abs.display());
+    }
+    if let Ok(state) = std::fs::canonicalize(state)
+        && abs.starts_with(&state)
+    {
+        bail!(
+            "base image {} is inside the state directory {}, where machines' own disks live; pass a base image from elsewhere",
+            abs.display(),
+            state.display()
+        );
+    }
     let info = info(&abs)?;
-    if let Some(backing) = info.backing_filename {
+    if let Some(backing) = info.other_file() {
         bail!(
             "base image {} is itself an overlay on {backing}; pass a standalone image, e.g. flatten it with `qemu-img convert -O qcow2 {} flat.qcow2`",
             abs.display(),
             abs.display()
         );
+    }
+    if info.virtual_size == 0 {
+        bail!("base image {} is empty (virtual size 0)", abs.display());
     }
     Ok((abs, info.format))
 }
@@ -103,14 +143,24 @@ pub fn create_var_disk(out: &Path, size: u64, scratch: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Copy an existing `/var` disk (raw or qcow2) into a standalone qcow2.
+/// Copy an existing `/var` disk (raw or qcow2) into a standalone qcow2. A guest wrote
+/// every byte of that disk: one that reads another file (a qcow2 header naming a backing
+/// file or an external data file, such as a host file or device) is refused, so nothing
+/// of the host is copied into it, and the format found is the one read.
 pub fn copy_var_disk(from: &Path, out: &Path) -> Result<()> {
     if !from.exists() {
         bail!("/var disk {} does not exist", from.display());
     }
+    let info = info(from)?;
+    if let Some(other) = info.other_file() {
+        bail!(
+            "/var disk {} reads another file, {other} (a backing or data file in its qcow2 header); copy the data out with `qemu-img convert` yourself if it is yours",
+            from.display()
+        );
+    }
     tools::run(
         tools::cmd("qemu-img")
-            .args(["convert", "-q", "-O", "qcow2"])
+            .args(["convert", "-q", "-f", &info.format, "-O", "qcow2"])
             .arg(from)
             .arg(out),
     )?;

@@ -188,3 +188,73 @@ fn a_machine_whose_overlay_is_gone_keeps_its_var_disk() {
     assert!(sd.join("boot.qcow2").exists());
     assert_eq!(std::fs::read(sd.join("var.qcow2")).unwrap(), var);
 }
+
+/// Bases that cannot back an overlay for long are refused by name: an empty image, a
+/// device, and a disk inside the state directory (another machine's /var changes under
+/// any overlay on it).
+#[test]
+fn empty_device_and_machine_disk_bases_are_refused() {
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    s.created("web1", "32M");
+    s.ok(&["new", "web2"]);
+    std::fs::write(s.path().join("empty.img"), b"").unwrap();
+    let var = s.state("web1").join("var.qcow2").display().to_string();
+    for (base, why) in [
+        ("empty.img", "is empty"),
+        ("/dev/null", "not a regular file"),
+        (var.as_str(), "inside the state directory"),
+    ] {
+        let err = s.fails(&["create", "web2", "--base", base]);
+        assert!(
+            err.contains(why) && err.contains("machine `web2`"),
+            "{base}: {err}"
+        );
+        let err = s.fails(&["upgrade", "web1", "--base", base]);
+        assert!(err.contains(why), "{base}: {err}");
+    }
+    assert!(!s.state("web2").join("boot.qcow2").exists());
+}
+
+/// A /var disk to copy comes from a guest, which wrote every byte of it: one whose qcow2
+/// header names a host file to read (a backing file here) is refused, and no byte of
+/// that file reaches the new disk.
+#[test]
+fn a_var_disk_that_reads_a_host_file_is_refused() {
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    s.qcow2("base.qcow2");
+    let secret = s.path().join("secret.raw");
+    std::fs::write(&secret, [b"HOST-SECRET".as_slice(), &[0u8; 4096]].concat()).unwrap();
+    qemu_img(
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            secret.to_str().unwrap(),
+            "-F",
+            "raw",
+            "guest-var.raw",
+            "1M",
+        ],
+        s.path(),
+    );
+    let err = s.fails(&[
+        "create",
+        "web1",
+        "--base",
+        "base.qcow2",
+        "--var-from",
+        "guest-var.raw",
+    ]);
+    assert!(
+        err.contains("guest-var.raw")
+            && err.contains("reads another file")
+            && err.contains("secret.raw"),
+        "{err}"
+    );
+    assert!(!s.state("web1").join("var.qcow2").exists());
+}

@@ -102,6 +102,73 @@ fn run_wires_uuid_disks_channels_and_ssh_forward() {
     );
 }
 
+/// A state directory with a comma and a space in its path (QEMU's option syntax splits
+/// at commas), and a read-only UEFI variables template (a Nix store file): the VM starts,
+/// with every file in place, and its own copy of the variables is writable.
+#[test]
+fn run_works_from_a_state_path_with_a_comma_and_a_read_only_vars_template() {
+    use std::os::unix::fs::PermissionsExt;
+    require_tool("qemu-system-x86_64");
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    let state = s.path().join("vm state, one");
+    let st = state.display().to_string();
+    s.ok(&["new", "web1"]);
+    s.qcow2("base.qcow2");
+    s.ok(&[
+        "--state",
+        &st,
+        "create",
+        "web1",
+        "--base",
+        "base.qcow2",
+        "--var-size",
+        "32M",
+    ]);
+    let Some(template) = [
+        "/usr/share/OVMF/OVMF_VARS_4M.fd",
+        "/usr/share/OVMF/OVMF_VARS.fd",
+    ]
+    .into_iter()
+    .map(std::path::Path::new)
+    .find(|p| p.exists()) else {
+        panic!("no OVMF_VARS in /usr/share/OVMF (cargo xtask deps installs ovmf)")
+    };
+    let ro = s.path().join("vars-ro.fd");
+    std::fs::copy(template, &ro).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o444)).unwrap();
+    s.ok(&[
+        "--state",
+        &st,
+        "run",
+        "web1",
+        "--detach",
+        "--memory",
+        "128",
+        "--accel",
+        "tcg",
+        "--ovmf-vars",
+        &ro.display().to_string(),
+    ]);
+    let sd = state.join("web1");
+    let blocks = qmp(&sd.join("qmp.sock"), "{\"execute\":\"query-block\"}").to_string();
+    for f in [
+        "vm state, one/web1/boot.qcow2",
+        "vm state, one/web1/var.qcow2",
+        "seed.iso",
+        "OVMF_VARS.fd",
+    ] {
+        assert!(blocks.contains(f), "{f} not attached: {blocks}");
+    }
+    assert!(sd.join("console.log").exists());
+    let mode = std::fs::metadata(sd.join("OVMF_VARS.fd"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    s.ok(&["--state", &st, "destroy", "web1"]);
+}
+
 #[test]
 fn run_without_disks_points_at_create() {
     let s = Scratch::new();

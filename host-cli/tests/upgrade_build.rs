@@ -46,6 +46,48 @@ fn upgrade_swaps_the_base_and_keeps_var() {
     );
     let err = s.fails(&["upgrade", "web1", "--base", "nope.qcow2"]);
     assert!(err.contains("nope.qcow2"), "{err}");
+
+    // An upgrade that fails after its overlay is made (here: the seed cannot be signed)
+    // leaves the machine on the base it had, and its state saying so.
+    let bad_key = s.path().join("bad-key");
+    std::fs::write(&bad_key, "not a key\n").unwrap();
+    let out = s
+        .cmd(&["upgrade", "web1", "--base", "base1.qcow2"])
+        .env("SEEDCTL_SIGNING_KEY", &bad_key)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let info = stdout_of(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(s.state("web1").join("boot.qcow2")),
+    );
+    assert!(info.contains("base2.qcow2"), "{info}");
+    let list = s.ok(&["list"]);
+    assert!(list.contains("base2.qcow2"), "{list}");
+    assert!(
+        std::fs::read_dir(s.state("web1")).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with('.')),
+        "staging left behind"
+    );
+
+    // A libvirt that cannot be reached may be running the machine: refused.
+    require_tool("virsh");
+    let err = s.fails(&[
+        "upgrade",
+        "web1",
+        "--base",
+        "base1.qcow2",
+        "--connect",
+        "qemu+unix:///system?socket=/nonexistent/libvirt-sock",
+    ]);
+    assert!(
+        err.contains("cannot tell whether libvirt runs machine `web1`"),
+        "{err}"
+    );
 }
 
 #[test]

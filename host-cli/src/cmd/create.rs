@@ -95,7 +95,7 @@ pub fn run(paths: &Paths, a: &CreateArgs) -> Result<Report> {
     }
     let base = resolve_base(paths, a.base.as_deref(), &a.name)?;
     let (base, format) =
-        disk::check_base(&base).with_context(|| format!("machine `{}`", a.name))?;
+        disk::check_base(&base, &paths.state).with_context(|| format!("machine `{}`", a.name))?;
 
     std::fs::create_dir_all(&paths.state)
         .with_context(|| format!("creating {}", paths.state.display()))?;
@@ -121,7 +121,13 @@ pub fn run(paths: &Paths, a: &CreateArgs) -> Result<Report> {
     let mut st = sd.load()?;
     st.base = Some(base.clone());
     st.instance_id = Some(instance_id.clone());
-    sd.save(&st)?;
+    sd.save(&st).with_context(|| {
+        format!(
+            "machine `{}`: its disks are in {}",
+            a.name,
+            sd.dir.display()
+        )
+    })?;
     Ok(Report::new(
         format!(
             "created machine `{}` in {}\n  boot  {} (overlay on {})\n  var   {}\n  seed  {} (instance-id {instance_id})",

@@ -4,6 +4,7 @@
 //! sockets in the state directory.
 
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -139,28 +140,35 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
         let p = sd.file(f);
         std::path::absolute(&p).unwrap_or(p).display().to_string()
     };
+    // The same as a value inside QEMU's `key=value,...` options, where a comma is doubled
+    // (a state directory may have one in its path).
+    let opt = |f: &str| opt_value(&path(f));
 
     let mut cmd = Command::new(QEMU);
     cmd.args(["-name", &a.name, "-machine", "q35", "-accel", accel])
         .args(["-m", &a.memory.to_string(), "-smp", &a.cpus.to_string()])
         .args(["-display", "none", "-nodefaults", "-no-user-config"])
         .args(["-smbios", &format!("type=1,uuid={}", id.product_uuid)])
-        .args(["-serial", &format!("file:{}", path(CONSOLE_LOG))])
+        .args([
+            "-chardev",
+            &format!("file,id=console0,path={}", opt(CONSOLE_LOG)),
+        ])
+        .args(["-serial", "chardev:console0"])
         .args([
             "-qmp",
-            &format!("unix:{},server=on,wait=off", path(QMP_SOCK)),
+            &format!("unix:{},server=on,wait=off", opt(QMP_SOCK)),
         ])
         .args(["-pidfile", &path(PIDFILE)])
         .args([
             "-drive",
             &format!(
                 "file={},if=virtio,format=qcow2,cache=unsafe",
-                path(BOOT_DISK)
+                opt(BOOT_DISK)
             ),
         ])
         .args([
             "-drive",
-            &format!("file={},if=virtio,format=qcow2", path(VAR_DISK)),
+            &format!("file={},if=virtio,format=qcow2", opt(VAR_DISK)),
         ])
         .args([
             "-netdev",
@@ -173,7 +181,7 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
         .args(["-device", "virtio-serial-pci,id=vser0"])
         .args([
             "-chardev",
-            &format!("socket,id=qga0,path={},server=on,wait=off", path(QGA_SOCK)),
+            &format!("socket,id=qga0,path={},server=on,wait=off", opt(QGA_SOCK)),
         ])
         .args([
             "-device",
@@ -183,7 +191,7 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
             "-chardev",
             &format!(
                 "socket,id=ch0,path={},server=on,wait=off",
-                path(CHANNEL_SOCK)
+                opt(CHANNEL_SOCK)
             ),
         ])
         .args([
@@ -196,7 +204,7 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
             "-drive",
             &format!(
                 "file={},if=none,id=seed,media=cdrom,readonly=on,format=raw",
-                path(SEED_ISO)
+                opt(SEED_ISO)
             ),
         ])
         .args(["-device", "ide-cd,bus=ide.0,drive=seed"]);
@@ -215,24 +223,33 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
             let fw = a.firmware.find()?;
             let vars = sd.file(OVMF_VARS);
             if !vars.exists() {
-                std::fs::copy(&fw.vars, &vars).with_context(|| {
-                    format!(
-                        "copying UEFI variables {} to {}",
-                        fw.vars.display(),
-                        vars.display()
-                    )
-                })?;
+                // The template may be read-only (a Nix store file); the copy is the
+                // machine's own, which QEMU writes.
+                std::fs::copy(&fw.vars, &vars)
+                    .and_then(|_| {
+                        std::fs::set_permissions(&vars, std::fs::Permissions::from_mode(0o600))
+                    })
+                    .with_context(|| {
+                        format!(
+                            "copying UEFI variables {} to {}",
+                            fw.vars.display(),
+                            vars.display()
+                        )
+                    })?;
             }
             cmd.args([
                 "-drive",
                 &format!(
                     "if=pflash,format=raw,unit=0,readonly=on,file={}",
-                    fw.code.display()
+                    opt_value(&fw.code.display().to_string())
                 ),
             ])
             .args([
                 "-drive",
-                &format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+                &format!(
+                    "if=pflash,format=raw,unit=1,file={}",
+                    opt_value(&vars.display().to_string())
+                ),
             ]);
         }
     }
@@ -337,4 +354,9 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
             summary,
         ))
     }
+}
+
+/// `text` as a value in QEMU's `key=value,...` option syntax: a comma is written twice.
+pub fn opt_value(text: &str) -> String {
+    text.replace(',', ",,")
 }

@@ -35,18 +35,24 @@ pub struct UpgradeArgs {
 }
 
 /// Refuses when libvirt runs the machine: its QEMU keeps the old boot overlay open, and the
-/// new one would only take effect, unannounced, at its next start. A libvirt that cannot
-/// be asked (none installed, the domain undefined) does not stop the upgrade.
+/// new one would only take effect, unannounced, at its next start. A domain libvirt does
+/// not know, or no libvirt installed, does not stop the upgrade; a libvirt that cannot be
+/// reached does, since it may be running the machine.
 fn refuse_running_domain(sd: &StateDir, a: &UpgradeArgs) -> Result<()> {
     if a.connect.is_none() && !sd.file("domain.xml").exists() {
         return Ok(());
     }
     let uri = crate::libvirt::uri(a.connect.as_deref());
-    let Ok(state) = crate::libvirt::virsh(&uri, &a.name, &["domstate", &a.name]) else {
+    let state = crate::libvirt::domstate(&uri, &a.name).with_context(|| {
+        format!(
+            "cannot tell whether libvirt runs machine `{}`; pass --connect with the URI it was defined under",
+            a.name
+        )
+    })?;
+    let Some(state) = state else {
         return Ok(());
     };
-    let state = state.trim();
-    if !matches!(state, "shut off" | "crashed") {
+    if !matches!(state.as_str(), "shut off" | "crashed") {
         bail!(
             "machine `{}` is {state} under libvirt ({uri}); shut it down first (`seedctl stop {} --connect {uri}`), then upgrade",
             a.name,
@@ -68,7 +74,7 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
         );
     }
     let (base, format) =
-        disk::check_base(&a.base).with_context(|| format!("machine `{}`", a.name))?;
+        disk::check_base(&a.base, &paths.state).with_context(|| format!("machine `{}`", a.name))?;
     refuse_running_domain(&sd, a)?;
     if sd.running_pid().is_some() {
         if !a.restart {
@@ -92,16 +98,22 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
         .prefix(&format!(".{}.upgrade-", a.name))
         .tempdir_in(&sd.dir)
         .with_context(|| format!("creating a staging directory in {}", sd.dir.display()))?;
+    // Everything that can fail is done before the old overlay is replaced: a failed
+    // upgrade leaves the machine on its old base, and its state saying so.
     let overlay = staging.path().join(BOOT_DISK);
     disk::create_overlay(&base, &format, &overlay)
         .with_context(|| format!("machine `{}`", a.name))?;
-    std::fs::rename(&overlay, sd.file(BOOT_DISK))
-        .with_context(|| format!("replacing {}", sd.file(BOOT_DISK).display()))?;
-    let instance_id = seed::write(&id, SeedFormat::Iso, &sd.file(SEED_ISO))?;
+    let seed_iso = staging.path().join(SEED_ISO);
+    let instance_id = seed::write(&id, SeedFormat::Iso, &seed_iso)?;
     let mut st = sd.load()?;
     st.base = Some(base.clone());
     st.instance_id = Some(instance_id);
-    sd.save(&st)?;
+    std::fs::rename(&overlay, sd.file(BOOT_DISK))
+        .with_context(|| format!("replacing {}", sd.file(BOOT_DISK).display()))?;
+    std::fs::rename(&seed_iso, sd.file(SEED_ISO))
+        .with_context(|| format!("replacing {}", sd.file(SEED_ISO).display()))?;
+    sd.save(&st)
+        .with_context(|| format!("machine `{}` boots {} now", a.name, base.display()))?;
     Ok(Report::new(
         format!(
             "machine `{}` now boots {} ({} kept)",
