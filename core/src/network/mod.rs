@@ -169,6 +169,21 @@ pub enum NetworkError {
     Invalid { origin: String, detail: String },
 }
 
+/// A route's `metric` as written, when it is a non-negative integer.
+pub(crate) fn check_metric(
+    metric: Option<String>,
+    at: &str,
+    origin: &str,
+) -> Result<Option<String>, NetworkError> {
+    match metric {
+        Some(m) if m.parse::<u32>().is_err() => Err(invalid(
+            origin,
+            format!("{at}.metric: `{m}` is not an integer"),
+        )),
+        m => Ok(m),
+    }
+}
+
 pub(crate) fn invalid(origin: &str, detail: impl Into<String>) -> NetworkError {
     NetworkError::Invalid {
         origin: origin.to_string(),

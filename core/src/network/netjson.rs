@@ -315,15 +315,7 @@ fn route(r: &Value, at: &str, origin: &str) -> Result<Route, NetworkError> {
         Some(g) => Some(ip(&g, &format!("{at}.gateway"), origin)?),
         None => None,
     };
-    let metric = text(r, "metric", at, origin)?;
-    if let Some(m) = &metric
-        && m.parse::<u32>().is_err()
-    {
-        return Err(invalid(
-            origin,
-            format!("{at}.metric: `{m}` is not an integer"),
-        ));
-    }
+    let metric = super::check_metric(text(r, "metric", at, origin)?, at, origin)?;
     Ok(Route {
         network,
         prefix,

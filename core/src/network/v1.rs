@@ -258,16 +258,7 @@ pub(super) fn bridge_value(
 
 /// A route's `metric`: a non-negative integer, kept as written.
 pub(super) fn metric(r: &Value, at: &str, origin: &str) -> Result<Option<String>, NetworkError> {
-    let metric = text(r, "metric", at, origin)?;
-    if let Some(m) = &metric
-        && m.parse::<u32>().is_err()
-    {
-        return Err(invalid(
-            origin,
-            format!("{at}.metric: `{m}` is not an integer"),
-        ));
-    }
-    Ok(metric)
+    super::check_metric(text(r, "metric", at, origin)?, at, origin)
 }
 
 /// A scalar field as text; a mapping or list there is an error naming the key.
