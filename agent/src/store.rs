@@ -310,6 +310,17 @@ impl Store {
             // The flat names point through `current`, whichever generation that is.
             self.link_flat_names(tree)?;
             crate::crashpoint::hit("store-after-links");
+            // A generation rolled back from goes now that the new one is whole, and
+            // before `current` moves: recovery from a power cut, and a later rollback,
+            // fall back to the newest whole generation below the new one, which must be
+            // the one current until now.
+            for g in list_dir(&self.dir)?.iter().filter_map(|e| parse_gen(e)) {
+                if g > previous.unwrap_or(0) && g != n && Some(g) != bound {
+                    remove_tree_at(&self.dir, &gen_name(g)).with_context(|| {
+                        format!("cannot remove {}, rolled back from", at(&gen_name(g)))
+                    })?;
+                }
+            }
             let pending = self.prepare_link(CURRENT, &name)?;
             // One syncfs makes every file, its mode, the directories, the flat names and
             // the new `current` link durable in one journal commit; a flush per file costs
@@ -702,5 +713,17 @@ mod tests {
         assert_eq!(gens(), [4, 5]);
         assert_eq!(write(None), 6);
         assert_eq!(gens(), [4, 6]);
+        // And it is gone before `current` moves, so that recovery and rollback, which
+        // fall back to the newest whole generation below the new one, find the one that
+        // was current: here the move itself fails, and 5 is already gone.
+        assert_eq!(store.rollback().unwrap(), 4);
+        std::fs::create_dir_all(store.path().join(".tmp-link-current/in-the-way")).unwrap();
+        assert!(
+            store
+                .write_generation(&tree, manifest(), Durability::Deferred)
+                .is_err()
+        );
+        assert_eq!(gens(), [4]);
+        assert_eq!(store.current_number().unwrap(), Some(4));
     }
 }

@@ -867,8 +867,8 @@ fn systemd_credentials_from_smbios_type_11_are_a_source() {
     );
 }
 
-/// Credentials as systemd reads them: the SMBIOS entries in numeric order with the first
-/// value of a name kept (`11-2` before `11-10`), a machine-id in UUID form or `firmware`
+/// Credentials as systemd reads them: the SMBIOS entries in numeric order up to the first
+/// number missing, with the first value of a name kept (`11-2` before `11-10`), a machine-id in UUID form or `firmware`
 /// (the product UUID), and a credential systemd would ignore dropped alone.
 #[test]
 fn smbios_credentials_are_read_the_way_systemd_reads_them() {
@@ -884,7 +884,16 @@ fn smbios_credentials_are_read_the_way_systemd_reads_them() {
     };
     let vm = Vm::new();
     vm.set_uuid("0123ABCD-4567-89AB-CDEF-0123456789AB");
+    for n in 0..=10 {
+        entry(&vm, n, &[]);
+    }
     entry(&vm, 10, &["system.hostname=from-ten"]);
+    // After a missing number (11), systemd reads no further.
+    entry(
+        &vm,
+        12,
+        &["ssh.authorized_keys.root=ssh-ed25519 AAAAGAP root"],
+    );
     entry(
         &vm,
         2,
@@ -898,6 +907,10 @@ fn smbios_credentials_are_read_the_way_systemd_reads_them() {
     assert!(
         err.contains("11-10/raw: credential system.hostname is set twice"),
         "{err}"
+    );
+    assert!(
+        !vm.identity("admin_authorized_keys")
+            .starts_with(b"ssh-ed25519 AAAAGAP")
     );
 
     let vm = Vm::new();

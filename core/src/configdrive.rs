@@ -23,20 +23,15 @@ struct RawMeta {
 }
 
 /// `public_keys` in every shape cloud-init accepts (`normalize_pubkey_data`): Nova's
-/// `{"name": "key"}`, a list per name, a plain list or one string.
+/// `{"name": "key"}`, a list per name, a plain list or one string. What is not a string
+/// is passed over, as cloud-init passes it over.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum PublicKeys {
-    Named(std::collections::BTreeMap<String, KeyList>),
-    List(Vec<String>),
+    Named(std::collections::BTreeMap<String, serde_json::Value>),
+    List(Vec<serde_json::Value>),
     One(String),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum KeyList {
-    One(String),
-    Many(Vec<String>),
+    Other(serde_json::Value),
 }
 
 impl Default for PublicKeys {
@@ -47,16 +42,21 @@ impl Default for PublicKeys {
 
 impl PublicKeys {
     fn into_keys(self) -> Vec<String> {
+        let strings = |v: serde_json::Value| -> Vec<String> {
+            match v {
+                serde_json::Value::String(k) => vec![k],
+                serde_json::Value::Array(items) => items
+                    .into_iter()
+                    .filter_map(|i| i.as_str().map(str::to_owned))
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
         let keys = match self {
-            PublicKeys::Named(map) => map
-                .into_values()
-                .flat_map(|k| match k {
-                    KeyList::One(k) => vec![k],
-                    KeyList::Many(ks) => ks,
-                })
-                .collect(),
-            PublicKeys::List(ks) => ks,
+            PublicKeys::Named(map) => map.into_values().flat_map(strings).collect(),
+            PublicKeys::List(items) => strings(serde_json::Value::Array(items)),
             PublicKeys::One(k) => vec![k],
+            PublicKeys::Other(v) => strings(v),
         };
         keys.into_iter().filter(|k| !k.is_empty()).collect()
     }
@@ -141,7 +141,7 @@ mod tests {
         let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ8 op";
         for keys in [
             format!(r#"{{"k": "{key}"}}"#),
-            format!(r#"{{"k": ["{key}", ""]}}"#),
+            format!(r#"{{"k": ["{key}", "", 7], "n": null}}"#),
             format!(r#"["{key}"]"#),
             format!(r#""{key}""#),
         ] {

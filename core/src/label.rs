@@ -63,13 +63,15 @@ fn probe_fat(head: &[u8]) -> Option<String> {
     })
 }
 
-/// How many bytes of a FAT root directory [`fat_root_label`] looks at: the label entry is
-/// among the first ones in practice (mkfs.vfat and mlabel write it first).
-pub const FAT_ROOT_LEN: usize = 4096;
+/// At most how many bytes of a FAT root directory [`fat_root_label`] looks at: the label
+/// entry is among the first ones in practice (mkfs.vfat and mlabel write it first).
+pub const FAT_ROOT_LEN: u64 = 4096;
 
-/// Where a FAT volume's root directory starts on the device, from its boot sector: after
-/// the reserved sectors and the FATs on FAT12/16, at its first cluster on FAT32.
-pub fn fat_root_dir(head: &[u8]) -> Option<u64> {
+/// Where a FAT volume's root directory starts on the device, from its boot sector, and how
+/// many of its bytes to read: after the reserved sectors and the FATs on FAT12/16, where
+/// its size is fixed; at its first cluster on FAT32, one cluster of it (the next may be
+/// anywhere). Never more than [`FAT_ROOT_LEN`].
+pub fn fat_root_dir(head: &[u8]) -> Option<(u64, u64)> {
     let bs = head.get(..512)?;
     let u16_at = |i: usize| u64::from(u16::from_le_bytes([bs[i], bs[i + 1]]));
     let u32_at = |i: usize| u64::from(u32::from_le_bytes([bs[i], bs[i + 1], bs[i + 2], bs[i + 3]]));
@@ -78,19 +80,22 @@ pub fn fat_root_dir(head: &[u8]) -> Option<u64> {
     let reserved = u16_at(14);
     let fats = u64::from(bs[16]);
     let fat16_size = u16_at(22);
-    let sectors = if fat16_size != 0 {
-        reserved + fats * fat16_size
+    let (sectors, len) = if fat16_size != 0 {
+        (reserved + fats * fat16_size, u16_at(17) * 32)
     } else {
         let fat32_size = u32_at(36);
         let root_cluster = u32_at(44);
-        let root_entries = u16_at(17) * 32;
-        let root_dir_sectors = root_entries.div_ceil(bytes_per_sector.max(1));
-        reserved
+        let first = reserved
             + fats * fat32_size
-            + root_dir_sectors
-            + root_cluster.checked_sub(2)? * sectors_per_cluster
+            + root_cluster
+                .checked_sub(2)?
+                .checked_mul(sectors_per_cluster)?;
+        (first, sectors_per_cluster * bytes_per_sector)
     };
-    sectors.checked_mul(bytes_per_sector)
+    Some((
+        sectors.checked_mul(bytes_per_sector)?,
+        len.min(FAT_ROOT_LEN),
+    ))
 }
 
 /// The volume label entry of a FAT root directory (what blkid reports as `LABEL`), if
@@ -102,8 +107,9 @@ pub fn fat_root_label(dir: &[u8]) -> Option<String> {
             0xE5 => continue,
             _ => {}
         }
-        // Attribute 0x08 alone among the type bits is the label; 0x0F is a long-name part.
-        if e[11] & 0x08 != 0 && e[11] & 0x0F != 0x0F {
+        // The volume-label bit without the directory bit, as blkid reads it; 0x0F is a
+        // long-name part.
+        if e[11] & 0x18 == 0x08 && e[11] & 0x0F != 0x0F {
             let label = text(&e[..11]);
             return (!label.is_empty()).then_some(label);
         }
@@ -184,10 +190,37 @@ mod tests {
         assert_eq!(fat_root_label(&dir).as_deref(), Some("CIDATA"));
         dir[32 + 11] = 0x0F;
         assert_eq!(fat_root_label(&dir), None);
+        // A directory entry with the label bit set too (text read as entries) is none.
+        dir[32 + 11] = 0x18;
+        assert_eq!(fat_root_label(&dir), None);
         assert_eq!(fat_label("", Some("CIDATA")), "CIDATA");
         assert_eq!(fat_label("cidata", Some("OTHER")), "cidata");
         assert_eq!(fat_label("OTHER", Some("CIDATA")), "CIDATA");
         assert_eq!(fat_label("OTHER", None), "OTHER");
+    }
+
+    /// FAT12/16: the fixed root directory after the FATs, its own size; FAT32: one
+    /// cluster at the root cluster; a hostile root cluster of 0 or 1 is no place.
+    #[test]
+    fn fat_root_directory_place_and_extent() {
+        let mut bs = vec![0u8; 512];
+        bs[11..13].copy_from_slice(&512u16.to_le_bytes());
+        bs[13] = 4;
+        bs[14..16].copy_from_slice(&1u16.to_le_bytes());
+        bs[16] = 2;
+        bs[17..19].copy_from_slice(&64u16.to_le_bytes());
+        bs[22..24].copy_from_slice(&3u16.to_le_bytes());
+        assert_eq!(fat_root_dir(&bs), Some((7 * 512, 64 * 32)));
+        bs[17..19].copy_from_slice(&512u16.to_le_bytes());
+        assert_eq!(fat_root_dir(&bs), Some((7 * 512, FAT_ROOT_LEN)));
+        bs[22..24].copy_from_slice(&0u16.to_le_bytes());
+        bs[13] = 1;
+        bs[14..16].copy_from_slice(&32u16.to_le_bytes());
+        bs[36..40].copy_from_slice(&100u32.to_le_bytes());
+        bs[44..48].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(fat_root_dir(&bs), Some((232 * 512, 512)));
+        bs[44..48].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(fat_root_dir(&bs), None);
     }
 
     #[test]

@@ -266,6 +266,9 @@ pub enum Outcome {
     AtBoot { instance_id: Option<String> },
 }
 
+/// How long a running guest has to answer `status` after a hello arrived.
+const HELLO_GRACE: Duration = Duration::from_millis(1500);
+
 /// Whether a reply echoing `got` answers the request `sent`: an agent that does not echo
 /// ids answers with none.
 fn ours(got: Option<u64>, sent: u64) -> bool {
@@ -279,15 +282,26 @@ pub fn apply(chan: &mut Channel, request: &Message, timeout: Duration) -> Result
     let what = request.kind();
     // First a `status`: nothing that changes the guest is written before it answers.
     let probe = chan.request(&Message::Status)?;
+    // A guest waiting at first boot says hello and does not answer `status`; a running
+    // one answers it. A hello may be one left on the port from before, so a running
+    // guest is given a moment to answer before the hello counts.
+    let mut hello: Option<Option<String>> = None;
+    let mut wait = deadline;
     let at_boot = loop {
-        match chan.recv_frame(deadline)? {
+        match chan.recv_frame(wait)? {
+            None if hello.is_some() => break hello,
             None => {
                 return Err(chan.silence(what, timeout, "nothing was sent that changes it"));
             }
             Some((Message::StatusReply { .. } | Message::Error { .. }, id)) if ours(id, probe) => {
                 break None;
             }
-            Some((Message::Hello { instance_id, .. }, _)) => break Some(instance_id),
+            Some((Message::Hello { instance_id, .. }, _)) => {
+                if hello.is_none() {
+                    wait = deadline.min(Instant::now() + HELLO_GRACE);
+                }
+                hello = Some(instance_id);
+            }
             // Left over from an earlier client: not ours.
             Some(_) => {}
         }

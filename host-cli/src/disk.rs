@@ -152,6 +152,15 @@ pub fn copy_var_disk(from: &Path, out: &Path) -> Result<()> {
         bail!("/var disk {} does not exist", from.display());
     }
     let info = info(from)?;
+    // Only the two formats a /var disk comes in: another (a VMDK descriptor, say) can name
+    // host files as its extents.
+    if !matches!(info.format.as_str(), "raw" | "qcow2") {
+        bail!(
+            "/var disk {} reads as {}, not raw or qcow2; only those are copied",
+            from.display(),
+            info.format
+        );
+    }
     if let Some(other) = info.other_file() {
         bail!(
             "/var disk {} reads another file, {other} (a backing or data file in its qcow2 header); copy the data out with `qemu-img convert` yourself if it is yours",

@@ -256,5 +256,23 @@ fn a_var_disk_that_reads_a_host_file_is_refused() {
             && err.contains("secret.raw"),
         "{err}"
     );
+    // A VMDK descriptor, which names its extents by path, in what would be a raw disk.
+    let descriptor = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\nRW 8 FLAT \"{}\" 0\n\nddb.virtualHWVersion = \"4\"\n",
+        secret.display()
+    );
+    std::fs::write(s.path().join("guest-var2.raw"), descriptor).unwrap();
+    let err = s.fails(&[
+        "create",
+        "web1",
+        "--base",
+        "base.qcow2",
+        "--var-from",
+        "guest-var2.raw",
+    ]);
+    assert!(
+        err.contains("guest-var2.raw") && err.contains("reads as vmdk, not raw or qcow2"),
+        "{err}"
+    );
     assert!(!s.state("web1").join("var.qcow2").exists());
 }

@@ -31,6 +31,13 @@ impl Source for SmbiosCredentials {
             .collect();
         entries.sort();
         let mut creds = Credentials::default();
+        // systemd reads 11-0, 11-1, ... and stops at the first number missing.
+        let contiguous = entries
+            .iter()
+            .enumerate()
+            .take_while(|(i, (index, _))| *i as u32 == *index)
+            .count();
+        entries.truncate(contiguous);
         for (_, raw) in entries {
             match std::fs::read(&raw) {
                 Ok(bytes) => creds.add(parse_smbios_type11(&bytes), &raw.display().to_string()),
