@@ -254,7 +254,7 @@ impl Store {
             .max();
         let n = highest.unwrap_or(0).checked_add(1).ok_or_else(|| {
             anyhow!(
-                "{}: the current generation number is the largest there is; no new generation can follow it",
+                "{}: the highest generation number kept is the largest there is; no new generation can follow it",
                 self.path.display()
             )
         })?;
