@@ -45,8 +45,8 @@ pub fn info(image: &Path) -> Result<ImageInfo> {
 }
 
 /// Check that `base` can back an overlay: a regular file with a UTF-8 path (it is
-/// recorded in the machine's state), not empty, not itself an overlay, and not a disk
-/// of any machine in `state` (those change under an overlay on them). Returns its
+/// recorded in the machine's state), not empty, not itself an overlay, and not one of the
+/// disks of a machine in `state` (those change under an overlay on them). Returns its
 /// absolute path and format.
 pub fn check_base(base: &Path, state: &Path) -> Result<(PathBuf, String)> {
     let abs = std::fs::canonicalize(base).with_context(|| {
@@ -64,12 +64,26 @@ pub fn check_base(base: &Path, state: &Path) -> Result<(PathBuf, String)> {
     if !std::fs::metadata(&abs).is_ok_and(|m| m.is_file()) {
         bail!("base image {} is not a regular file", abs.display());
     }
+    // A machine's own disk (`STATE/NAME/var.qcow2`, ...) changes under an overlay on it.
+    let own_disk = [
+        crate::state::BOOT_DISK,
+        crate::state::VAR_DISK,
+        crate::state::SEED_ISO,
+        crate::state::OVMF_VARS,
+    ]
+    .iter()
+    .any(|f| abs.file_name().is_some_and(|n| n == *f));
     if let Ok(state) = std::fs::canonicalize(state)
-        && abs.starts_with(&state)
+        && own_disk
+        && abs.parent().and_then(Path::parent) == Some(state.as_path())
     {
         bail!(
-            "base image {} is inside the state directory {}, where machines' own disks live; pass a base image from elsewhere",
+            "base image {} is a disk of machine `{}` in the state directory {}; pass a base image of its own",
             abs.display(),
+            abs.parent()
+                .and_then(Path::file_name)
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             state.display()
         );
     }

@@ -190,8 +190,8 @@ fn a_machine_whose_overlay_is_gone_keeps_its_var_disk() {
 }
 
 /// Bases that cannot back an overlay for long are refused by name: an empty image, a
-/// device, and a disk inside the state directory (another machine's /var changes under
-/// any overlay on it).
+/// device, and a machine's own disk (another machine's /var changes under any overlay
+/// on it). An image of its own kept under the state directory is a base like any other.
 #[test]
 fn empty_device_and_machine_disk_bases_are_refused() {
     require_tool("qemu-img");
@@ -203,7 +203,7 @@ fn empty_device_and_machine_disk_bases_are_refused() {
     for (base, why) in [
         ("empty.img", "is empty"),
         ("/dev/null", "not a regular file"),
-        (var.as_str(), "inside the state directory"),
+        (var.as_str(), "is a disk of machine `web1`"),
     ] {
         let err = s.fails(&["create", "web2", "--base", base]);
         assert!(
@@ -214,6 +214,10 @@ fn empty_device_and_machine_disk_bases_are_refused() {
         assert!(err.contains(why), "{base}: {err}");
     }
     assert!(!s.state("web2").join("boot.qcow2").exists());
+    let kept = s.state("web1").join("bases/next.qcow2");
+    std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
+    std::fs::copy(s.path().join("base.qcow2"), &kept).unwrap();
+    s.ok(&["create", "web2", "--base", &kept.display().to_string()]);
 }
 
 /// A /var disk to copy comes from a guest, which wrote every byte of it: one whose qcow2
