@@ -170,10 +170,9 @@ async fn applied(
         let mut todo = if now != before {
             changed.clone()
         } else {
-            match bound.and_then(|m| store.read_generation(m).ok()) {
-                Some(g) => stage::tree_changes(&g.tree, &store.read_generation(n)?.tree),
-                None => stage::tree_changes(&Default::default(), &store.read_generation(n)?.tree),
-            }
+            let shown = bound.and_then(|m| store.read_generation(m).ok());
+            let shown = shown.map(|g| g.tree).unwrap_or_default();
+            stage::tree_changes(&shown, &store.read_generation(n)?.tree)
         };
         todo.extend(retry);
         todo.sort();
