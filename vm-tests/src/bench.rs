@@ -47,8 +47,11 @@ struct Boot {
     /// cloud-init: first to last event of `analyze show`, in ms.
     span_ms: Option<f64>,
     rss_kib: Option<u64>,
-    /// nixseed: its own time before sshd, in ms (see [`own_ms`]).
+    /// nixseed: its own time before sshd, in ms (see [`own_time`]).
     own_ms: Option<f64>,
+    /// The same in its parts: the initrd process, `nixseed-apply.service`, the guest
+    /// agent's CPU before sshd, in ms.
+    own_parts: Option<[f64; 3]>,
     /// nixseed: the initrd stage run again in the booted guest, in ms: the first run,
     /// then runs at the same addresses (code the emulator has already translated).
     reruns_ms: Vec<f64>,
@@ -108,7 +111,7 @@ fn unit_numbers(b: &Booted, unit: &str, names: &[&str]) -> Result<Vec<Option<f64
 /// initrd exited N after M ms"), `nixseed-apply.service` from leaving inactive to active,
 /// and the guest agent's CPU time so far when it started before sshd (with one vCPU, its
 /// start competes with the units sshd waits for).
-fn own_ms(b: &Booted) -> Result<Option<f64>> {
+fn own_time(b: &Booted) -> Result<Option<[f64; 3]>> {
     let initrd = b.ssh.run(
         "journalctl -b --no-pager -o cat | grep -o 'nixseed-agent initrd exited [0-9]* after [0-9]* ms' | tail -1",
     )?;
@@ -144,7 +147,21 @@ fn own_ms(b: &Booted) -> Result<Option<f64>> {
     Ok(initrd_ms
         .zip(apply_ms)
         .zip(agent_ms)
-        .map(|((i, a), g)| i + a + g))
+        .map(|((i, a), g)| [i, a, g]))
+}
+
+/// A boot's own time as the per-boot table shows it: the sum, then its parts.
+fn own_cell(parts: Option<[f64; 3]>) -> String {
+    match parts {
+        Some([i, a, g]) => format!(
+            "{:.2} s ({:.2} + {:.2} + {:.2})",
+            (i + a + g) / 1000.0,
+            i / 1000.0,
+            a / 1000.0,
+            g / 1000.0
+        ),
+        None => "–".into(),
+    }
 }
 
 /// Runs the initrd stage [`RERUNS`] times more in the booted guest, each from the same
@@ -326,7 +343,8 @@ fn one_boot(h: &Harness, m: &Machine, o: &BenchOpts, side: &mut Side) -> Result<
             if let Some(l) = lines.iter().find(|l| l.contains("nixseed initrd: ")) {
                 side.timing_line = l.trim().to_string();
             }
-            boot.own_ms = own_ms(&b)?;
+            boot.own_parts = own_time(&b)?;
+            boot.own_ms = boot.own_parts.map(|p| p.iter().sum());
             boot.rss_kib = Some(unit_rss_kib(&b, agent_unit, Duration::from_secs(3))?);
         }
         Variant::CloudInit => {
@@ -881,7 +899,7 @@ fn render(
     let _ = writeln!(d, "\nPer boot:\n");
     let _ = writeln!(
         d,
-        "| boot | nixseed: sshd (listening, guest clock) | nixseed's own time | initrd stage | its re-runs in the booted guest | agent RSS | cloud-init: sshd (listening) | cloud-init total / first to last event | qemu-ga RSS | boot ratio |"
+        "| boot | nixseed: sshd (listening, guest clock) | nixseed's own time (initrd process + `nixseed-apply` + guest agent) | initrd stage | its re-runs in the booted guest | agent RSS | cloud-init: sshd (listening) | cloud-init total / first to last event | qemu-ga RSS | boot ratio |"
     );
     let _ = writeln!(d, "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|");
     for i in 0..nix.boots.len().max(ci.boots.len()) {
@@ -892,7 +910,7 @@ fn render(
             "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
             i + 1,
             sshd_cell(n),
-            fmt_opt(n.and_then(|b| b.own_ms).map(|ms| ms / 1000.0), "s", 2),
+            own_cell(n.and_then(|b| b.own_parts)),
             fmt_opt(n.and_then(|b| b.provision_ms), "ms", 1),
             n.map_or("–".into(), |b| b
                 .reruns_ms
@@ -1025,6 +1043,15 @@ mod tests {
         assert_eq!(fmt_ratio(Some(2.13), Some(0.96)), "2.22×");
         assert_eq!(fmt_ratio(Some(1.0), Some(0.0)), "–");
         assert_eq!(fmt_ratio(None, Some(1.0)), "–");
+    }
+
+    #[test]
+    fn own_time_cell_shows_the_sum_and_its_parts() {
+        assert_eq!(
+            own_cell(Some([220.0, 383.0, 86.8])),
+            "0.69 s (0.22 + 0.38 + 0.09)"
+        );
+        assert_eq!(own_cell(None), "–");
     }
 
     #[test]
