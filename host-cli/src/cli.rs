@@ -60,7 +60,7 @@ pub enum Command {
     Stop(cmd::power::PowerArgs),
     /// Power the machine off at once
     Destroy(cmd::power::PowerArgs),
-    /// Remove the libvirt domain (disks and identity stay)
+    /// Remove the libvirt domain (disks, identity and UEFI variables stay)
     Undefine(cmd::power::PowerArgs),
     /// Send the machine's identity to its running guest (control channel)
     Push(cmd::push::PushArgs),

@@ -171,8 +171,11 @@ pub fn start(paths: &Paths, a: &StartArgs) -> Result<Report> {
     ))
 }
 
+/// Removes the domain and keeps what is the machine's own: its disks, its identity and its
+/// UEFI variables (`OVMF_VARS.fd` in the state directory, which `seedctl run` boots with
+/// too), so a later `define` or `run` finds the machine as it was.
 pub fn undefine(_paths: &Paths, a: &PowerArgs) -> Result<Report> {
-    virsh_op(a, &["undefine", "--nvram", &a.name], "undefined")
+    virsh_op(a, &["undefine", "--keep-nvram", &a.name], "undefined")
 }
 
 /// The live `seedctl run` QEMU of a machine, or a message pointing at --connect.

@@ -417,6 +417,60 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         !libvirtd::domain_defined(name),
         "domain {name} is still defined after undefine"
     );
+    if seedctl.has("undefine") {
+        undefine_keeps_uefi_variables(seedctl, &machines, &state, name)?;
+    }
+    Ok(())
+}
+
+/// A UEFI domain's variables are the machine's own file, shared with `seedctl run`:
+/// `seedctl undefine` removes the domain and leaves the file as it was.
+fn undefine_keeps_uefi_variables(
+    seedctl: &Seedctl,
+    machines: &Path,
+    state: &Path,
+    name: &str,
+) -> Result<()> {
+    let vars = state.join(name).join("OVMF_VARS.fd");
+    let kept = b"the machine's UEFI variables, written before undefine".to_vec();
+    std::fs::write(&vars, &kept).with_context(|| format!("writing {}", vars.display()))?;
+    cmd::run(seedctl.command(machines, state).args([
+        "define",
+        name,
+        "--connect",
+        URI,
+        "--type",
+        "qemu",
+    ]))?;
+    let xml = virsh(&["dumpxml", name])?;
+    ensure!(
+        xml.contains("<nvram") && xml.contains("OVMF_VARS.fd"),
+        "the UEFI domain names no variables file in the machine's state directory:\n{xml}"
+    );
+    cmd::run(
+        seedctl
+            .command(machines, state)
+            .args(["undefine", name, "--connect", URI]),
+    )?;
+    ensure!(
+        !libvirtd::domain_defined(name),
+        "domain {name} is still defined after undefine"
+    );
+    let after = std::fs::read(&vars).with_context(|| {
+        format!(
+            "{} is gone after `seedctl undefine`: the machine lost its UEFI variables",
+            vars.display()
+        )
+    })?;
+    ensure!(
+        after == kept,
+        "{} changed across `seedctl undefine`",
+        vars.display()
+    );
+    eprintln!(
+        "vm-tests: {name}: a UEFI domain undefined, its variables kept in {}",
+        vars.display()
+    );
     Ok(())
 }
 
