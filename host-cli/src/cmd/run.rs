@@ -341,7 +341,11 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
                 Err(_) => eprintln!("seedctl: machine `{}`: the answerer crashed", a.name),
             }
         }
-        let _ = std::fs::remove_file(sd.file(PIDFILE));
+        // QEMU removes its pidfile when it exits cleanly; one it left behind goes, unless
+        // a QEMU started since (another `seedctl run`) holds it.
+        if sd.running_pid().is_none() {
+            let _ = std::fs::remove_file(sd.file(PIDFILE));
+        }
         if !status.success() {
             bail!(
                 "machine `{}`: QEMU exited with {status}; see {}",
