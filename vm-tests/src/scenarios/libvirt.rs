@@ -93,24 +93,20 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     let cmdline = machine::kernel_cmdline(&h.image);
     let _domain = Domain { name };
     cmd::run(
-        seedctl
-            .command(&machines, &state)
-            .args([
-                "define",
-                name,
-                "--connect",
-                URI,
-                "--type",
-                "qemu",
-                "--cpus",
-                "2",
-            ])
-            .arg("--kernel")
-            .arg(&h.image.kernel)
-            .arg("--initrd")
-            .arg(&h.image.initramfs)
-            .arg("--cmdline")
-            .arg(&cmdline),
+        at_libvirt(
+            seedctl,
+            &machines,
+            &state,
+            "define",
+            name,
+            &["--type", "qemu", "--cpus", "2"],
+        )
+        .arg("--kernel")
+        .arg(&h.image.kernel)
+        .arg("--initrd")
+        .arg(&h.image.initramfs)
+        .arg("--cmdline")
+        .arg(&cmdline),
     )?;
     let xml = virsh(&["dumpxml", "--inactive", name])?;
     ensure!(
@@ -118,11 +114,14 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         "the defined domain lacks the guest-agent channel or direct kernel boot:\n{xml}"
     );
     let t = Instant::now();
-    cmd::run(
-        seedctl
-            .command(&machines, &state)
-            .args(["start", name, "--connect", URI]),
-    )?;
+    cmd::run(&mut at_libvirt(
+        seedctl,
+        &machines,
+        &state,
+        "start",
+        name,
+        &[],
+    ))?;
 
     // The agent answers once the guest's udev saw the port: hostname from the identity.
     let hostname = virsh_until(
@@ -310,14 +309,14 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         .with_context(|| format!("editing {}/hostname", m.dir.display()))?;
     // `seedctl VERB NAME --connect URI` over the domain's control channel.
     let over_channel = |verb: &str| {
-        cmd::run(seedctl.command(&machines, &state).args([
+        cmd::run(&mut at_libvirt(
+            seedctl,
+            &machines,
+            &state,
             verb,
             name,
-            "--connect",
-            URI,
-            "--timeout",
-            "60",
-        ]))
+            &["--timeout", "60"],
+        ))
     };
     let pushed = over_channel("push")?;
     let renamed = virsh(&["domhostname", name, "--source", "agent"])?;
@@ -405,21 +404,46 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     );
     answerer_stops_with_a_destroyed_domain(seedctl, &machines, &state, name)?;
     if seedctl.has("undefine") {
-        cmd::run(
-            seedctl
-                .command(&machines, &state)
-                .args(["undefine", name, "--connect", URI]),
-        )?;
+        undefine(seedctl, &machines, &state, name)?;
+        undefine_keeps_uefi_variables(seedctl, &machines, &state, name)?;
     } else {
         virsh(&["undefine", "--nvram", name])?;
+        ensure!(
+            !libvirtd::domain_defined(name),
+            "domain {name} is still defined after undefine"
+        );
     }
+    Ok(())
+}
+
+/// `seedctl VERB NAME --connect URI [EXTRA...]` against the scenario's libvirtd.
+fn at_libvirt(
+    seedctl: &Seedctl,
+    machines: &Path,
+    state: &Path,
+    verb: &str,
+    name: &str,
+    extra: &[&str],
+) -> Command {
+    let mut c = seedctl.command(machines, state);
+    c.args([verb, name, "--connect", URI]).args(extra);
+    c
+}
+
+/// `seedctl undefine NAME --connect URI`; the domain must be gone.
+fn undefine(seedctl: &Seedctl, machines: &Path, state: &Path, name: &str) -> Result<()> {
+    cmd::run(&mut at_libvirt(
+        seedctl,
+        machines,
+        state,
+        "undefine",
+        name,
+        &[],
+    ))?;
     ensure!(
         !libvirtd::domain_defined(name),
         "domain {name} is still defined after undefine"
     );
-    if seedctl.has("undefine") {
-        undefine_keeps_uefi_variables(seedctl, &machines, &state, name)?;
-    }
     Ok(())
 }
 
@@ -434,28 +458,20 @@ fn undefine_keeps_uefi_variables(
     let vars = state.join(name).join("OVMF_VARS.fd");
     let kept = b"the machine's UEFI variables, written before undefine".to_vec();
     std::fs::write(&vars, &kept).with_context(|| format!("writing {}", vars.display()))?;
-    cmd::run(seedctl.command(machines, state).args([
+    cmd::run(&mut at_libvirt(
+        seedctl,
+        machines,
+        state,
         "define",
         name,
-        "--connect",
-        URI,
-        "--type",
-        "qemu",
-    ]))?;
+        &["--type", "qemu"],
+    ))?;
     let xml = virsh(&["dumpxml", name])?;
     ensure!(
         xml.contains("<nvram") && xml.contains("OVMF_VARS.fd"),
         "the UEFI domain names no variables file in the machine's state directory:\n{xml}"
     );
-    cmd::run(
-        seedctl
-            .command(machines, state)
-            .args(["undefine", name, "--connect", URI]),
-    )?;
-    ensure!(
-        !libvirtd::domain_defined(name),
-        "domain {name} is still defined after undefine"
-    );
+    undefine(seedctl, machines, state, name)?;
     let after = std::fs::read(&vars).with_context(|| {
         format!(
             "{} is gone after `seedctl undefine`: the machine lost its UEFI variables",
