@@ -47,10 +47,8 @@ struct Boot {
     /// cloud-init: first to last event of `analyze show`, in ms.
     span_ms: Option<f64>,
     rss_kib: Option<u64>,
-    /// nixseed: its own time before sshd, in ms (see [`own_time`]).
-    own_ms: Option<f64>,
-    /// The same in its parts: the initrd process, `nixseed-apply.service`, the guest
-    /// agent's CPU before sshd, in ms.
+    /// nixseed: its own time before sshd in its parts, in ms (see [`own_time`]): the
+    /// initrd process, `nixseed-apply.service`, the guest agent's CPU before sshd.
     own_parts: Option<[f64; 3]>,
     /// nixseed: the initrd stage run again in the booted guest, in ms: the first run,
     /// then runs at the same addresses (code the emulator has already translated).
@@ -148,6 +146,13 @@ fn own_time(b: &Booted) -> Result<Option<[f64; 3]>> {
         .zip(apply_ms)
         .zip(agent_ms)
         .map(|((i, a), g)| [i, a, g]))
+}
+
+impl Boot {
+    /// nixseed's own time before sshd, in ms: the sum of its parts.
+    fn own_ms(&self) -> Option<f64> {
+        self.own_parts.map(|p| p.iter().sum())
+    }
 }
 
 /// A boot's own time as the per-boot table shows it: the sum, then its parts.
@@ -344,7 +349,6 @@ fn one_boot(h: &Harness, m: &Machine, o: &BenchOpts, side: &mut Side) -> Result<
                 side.timing_line = l.trim().to_string();
             }
             boot.own_parts = own_time(&b)?;
-            boot.own_ms = boot.own_parts.map(|p| p.iter().sum());
             boot.rss_kib = Some(unit_rss_kib(&b, agent_unit, Duration::from_secs(3))?);
         }
         Variant::CloudInit => {
@@ -481,7 +485,7 @@ type Figure = fn(&Boot) -> Option<f64>;
 fn missing_figures(nix: &Side, ci: &Side) -> Vec<String> {
     let figures: [(&str, &Side, Figure); 11] = [
         ("nixseed's sshd listening", nix, |b| b.listen_s),
-        ("nixseed's own time", nix, |b| b.own_ms),
+        ("nixseed's own time", nix, Boot::own_ms),
         ("the initrd stage", nix, |b| b.provision_ms),
         ("the stage's first re-run", nix, |b| {
             b.reruns_ms.first().copied()
@@ -510,7 +514,7 @@ fn missing_figures(nix: &Side, ci: &Side) -> Vec<String> {
 
 /// A nixseed boot's time to sshd less its own time before sshd, in s.
 fn without_own(b: &Boot) -> Option<f64> {
-    Some(b.to_sshd.as_secs_f64() - b.own_ms? / 1000.0)
+    Some(b.to_sshd.as_secs_f64() - b.own_ms()? / 1000.0)
 }
 
 /// Whether `ours` is at most `share` of `theirs`, when both were measured.
@@ -681,7 +685,7 @@ fn render(
         |s: &Side, f: Figure| median(&mut s.boots.iter().filter_map(f).collect::<Vec<_>>());
     let span_c = median_of(ci, |b| b.span_ms);
     let (rss_n, rss_c) = (median(&mut rss(nix)), median(&mut rss(ci)));
-    let own_n = median_of(nix, |b| b.own_ms);
+    let own_n = median_of(nix, Boot::own_ms);
     let (ping_n, ping_c) = (median(&mut rtt(nix)), median(&mut rtt(ci)));
     let (p99_n, p99_c) = (
         percentile(&mut rtt(nix), 99.0),
@@ -1058,7 +1062,7 @@ mod tests {
     fn own_time_comes_off_each_boot_and_gaps_are_named() {
         let boot = |s: u64, own: Option<f64>| Boot {
             to_sshd: Duration::from_secs(s),
-            own_ms: own,
+            own_parts: own.map(|ms| [ms, 0.0, 0.0]),
             ..Boot::default()
         };
         assert_eq!(without_own(&boot(20, Some(1500.0))), Some(18.5));
