@@ -408,10 +408,7 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         undefine_keeps_uefi_variables(seedctl, &machines, &state, name)?;
     } else {
         virsh(&["undefine", "--nvram", name])?;
-        ensure!(
-            !libvirtd::domain_defined(name),
-            "domain {name} is still defined after undefine"
-        );
+        undefined(name)?;
     }
     Ok(())
 }
@@ -440,6 +437,11 @@ fn undefine(seedctl: &Seedctl, machines: &Path, state: &Path, name: &str) -> Res
         name,
         &[],
     ))?;
+    undefined(name)
+}
+
+/// The domain must be gone after an undefine.
+fn undefined(name: &str) -> Result<()> {
     ensure!(
         !libvirtd::domain_defined(name),
         "domain {name} is still defined after undefine"
