@@ -1,6 +1,7 @@
 //! nixseed-agent: the guest binary. `initrd` and `apply` give a VM its identity from a
 //! seed; `serve` answers the qemu-guest-agent protocol; `render` is a dry run.
 
+mod accounts;
 mod channel;
 mod commands;
 mod crashpoint;

@@ -71,7 +71,9 @@ pub async fn after_change(
     // sshd and networkd are told at the same time, so a slow restart of one does not
     // use up the other's time.
     let sshd = async {
-        if !(has(identity::SSH_HOST_KEY) || has(identity::SSH_HOST_KEY_PUB)) {
+        // users.json holds ssh_pwauth, which sshd reads only when it starts.
+        if !(has(identity::SSH_HOST_KEY) || has(identity::SSH_HOST_KEY_PUB) || has(identity::USERS))
+        {
             return None;
         }
         let how = if first_identity {

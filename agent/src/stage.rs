@@ -449,6 +449,11 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions, when: BindTim
     // /etc/hosts = the image's base + the identity's extra lines.
     let hosts = over_image(identity::HOSTS, &generation_text(identity::HOSTS))?;
     mounts::bind_readonly(&hosts, &etc.join(identity::HOSTS), &mounted)?;
+    // Passwords and ssh_pwauth: a problem with them is reported and leaves the rest of
+    // the identity bound (stage 2 tries again and reports it again).
+    if let Err(e) = crate::accounts::bind(&gen_dir, &etc, &nixseed_run, &mounted) {
+        tracing::error!("{e:#}");
+    }
 
     link_networkd(&gen_dir, opts)?;
     write_atomic(
@@ -584,7 +589,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// makes a generation without moving the binds).
 pub fn etc_shows(store: &Store, bound: u64, n: u64) -> bool {
     let read = |g: u64, f: &str| std::fs::read(store.generation_path(g).join(f)).ok();
-    bound == n || ETC_FILES.iter().all(|f| read(bound, f) == read(n, f))
+    bound == n
+        || ETC_FILES
+            .iter()
+            .chain([&identity::USERS])
+            .all(|f| read(bound, f) == read(n, f))
 }
 
 /// Stage 2. When the initrd stage already applied the current generation and its binds
@@ -599,7 +608,8 @@ pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
     if let (Some(m), Some(n)) = (bound_generation(&opts.run, &opts.identity_dir), current) {
         let etc = opts.sysroot.join("etc");
         let mounted = mounts::mount_points()?;
-        let all_bound = ETC_FILES.iter().all(|f| mounted.contains(&etc.join(f)));
+        let all_bound = ETC_FILES.iter().all(|f| mounted.contains(&etc.join(f)))
+            && crate::accounts::shadow_bound_as_needed(&store.generation_path(n), &etc, &mounted);
         if all_bound && etc_shows(&store, m, n) {
             let ms = t0.elapsed().as_secs_f64() * 1000.0;
             tracing::info!(

@@ -1407,3 +1407,67 @@ fn a_mounted_ext4_seed_with_a_dirty_journal_is_left_unwritten() {
         "the seed volume was written to: {err}"
     );
 }
+
+/// Proxmox's `user:`/`password:` on a read-only `/etc`: `/etc/shadow` shows the image's
+/// file with the hash in the account's line, with the image's mode and group; a later
+/// instance without passwords shows the image's file again, and `ssh_pwauth` comes and
+/// goes as sshd's drop-in.
+#[test]
+fn seed_passwords_show_in_etc_shadow_and_leave_with_the_seed() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let vm = Vm::new();
+    let image = "root:*:19000:0:99999:7:::\nadmin:!:19000:0:99999:7:::\n";
+    let shadow = vm.p("sysroot/etc/shadow");
+    std::fs::write(&shadow, image).unwrap();
+    std::fs::set_permissions(&shadow, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let show = "echo \"== shadow\"; cat sysroot/etc/shadow; echo \"== mode\"; stat -c %a sysroot/etc/shadow; echo \"== dropin\"; cat run/nixseed/sshd_config.d/ssh_pwauth.conf 2>/dev/null; echo \"== end\"";
+    let (out, s) = vm.run(&format!(
+        "{AGENT} initrd --sysroot sysroot --root host --run run; echo \"rc=$?\"; {show}"
+    ));
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(
+        etc(&s, "shadow"),
+        "root:*:19000:0:99999:7:::\nadmin:$5$abc$def:19000:0:99999:7:::\n",
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(etc(&s, "mode"), "640\n");
+    assert_eq!(etc(&s, "dropin"), "");
+    // The image's own file is untouched, and nothing the seed gave is readable by others.
+    assert_eq!(std::fs::read_to_string(&shadow).unwrap(), image);
+    for f in ["run/nixseed/shadow", "run/nixseed/shadow.base"] {
+        let meta = std::fs::metadata(vm.p(f)).unwrap();
+        assert_eq!(meta.mode() & 0o007, 0, "{f} is readable by others");
+    }
+
+    vm.seed(
+        "instance-id: iid-2\n",
+        "#cloud-config\nhostname: web2\nssh_pwauth: true\nusers:\n  - {name: root, lock_passwd: false}\n",
+        None,
+    );
+    let (out, s) = vm.run(&format!(
+        "{AGENT} initrd --sysroot sysroot --root host --run run; echo \"rc=$?\"; {show}"
+    ));
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(etc(&s, "shadow"), image, "{}", stderr(&out));
+    assert_eq!(
+        etc(&s, "dropin"),
+        "# From the seed's ssh_pwauth (nixseed).\nPasswordAuthentication yes\n"
+    );
+    assert!(!vm.p("run/nixseed/shadow").exists());
+}
+
+/// A hash for an account the image lacks is named in a warning; the rest applies.
+#[test]
+fn a_password_for_an_account_the_image_lacks_is_named() {
+    let vm = Vm::new();
+    std::fs::write(vm.p("sysroot/etc/shadow"), "root:*:1::::::\n").unwrap();
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(etc(&s, "hostname"), "web1\n");
+    let err = stderr(&out);
+    assert!(
+        err.contains("users.json: no account 'admin' in the image's") && err.contains("etc/shadow"),
+        "{err}"
+    );
+}

@@ -298,8 +298,8 @@ pub fn compose(
         put(name, out.into_bytes());
     }
 
-    // users beyond the key files
-    if !cfg.users.is_empty() || !cfg.chpasswd.is_empty() {
+    // users beyond the key files, and ssh_pwauth (docs/identity.md, "Passwords")
+    if !cfg.users.is_empty() || !cfg.chpasswd.is_empty() || cfg.ssh_pwauth.is_some() {
         let doc = serde_json::json!({
             "users": cfg.users,
             "ssh_pwauth": cfg.ssh_pwauth,
@@ -397,6 +397,10 @@ fn merged(seed: &Seed) -> CloudConfig {
         if cfg.ssh_keys.is_empty() {
             cfg.ssh_keys = v.ssh_keys;
         }
+        if cfg.chpasswd.is_empty() {
+            cfg.chpasswd = v.chpasswd;
+        }
+        cfg.ssh_pwauth = cfg.ssh_pwauth.or(v.ssh_pwauth);
         cfg.resolv_conf = cfg.resolv_conf.or(v.resolv_conf);
         cfg.timezone = cfg.timezone.or(v.timezone);
     }
@@ -560,6 +564,39 @@ mod tests {
                 .collect(),
         );
         Seed::from_nocloud(&files, "nocloud:test", None).unwrap()
+    }
+
+    /// A vendor snippet (Proxmox's `cicustom: vendor=...`) gives `ssh_pwauth` and
+    /// `chpasswd` where user-data does not; user-data's own value wins.
+    #[test]
+    fn vendor_data_gives_ssh_pwauth_and_passwords_under_user_data() {
+        let files = |user: &str| {
+            SeedFiles(
+                [
+                    ("meta-data", "instance-id: v\n"),
+                    ("user-data", user),
+                    (
+                        "vendor-data",
+                        "#cloud-config\nssh_pwauth: true\nchpasswd: {list: ['root:$6$a$b']}\n",
+                    ),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            )
+        };
+        let users = |user: &str| {
+            let s = Seed::from_nocloud(&files(user), "nocloud:test", None).unwrap();
+            let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+            crate::shadow::Accounts::parse(&t[USERS].bytes, USERS).unwrap()
+        };
+        let a = users("#cloud-config\nhostname: v\n");
+        assert_eq!(a.ssh_pwauth, Some(true));
+        assert_eq!(a.chpasswd["root"], "$6$a$b");
+        assert_eq!(
+            users("#cloud-config\nssh_pwauth: false\n").ssh_pwauth,
+            Some(false)
+        );
     }
 
     #[test]

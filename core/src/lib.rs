@@ -17,6 +17,7 @@ pub mod network;
 pub mod nocloud;
 pub mod qga;
 pub mod seed;
+pub mod shadow;
 pub mod trust;
 pub mod userdata;
 pub mod yaml;

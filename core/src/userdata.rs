@@ -372,7 +372,12 @@ fn merge_cloud_config(
             .iter_mut()
             .find(|u| Some(&u.name) == default.as_ref())
         {
-            Some(u) => u.passwd = Some(hash),
+            // cloud-init sets it after creating (and locking) the account, with
+            // `chpasswd -e`, so it ends up unlocked.
+            Some(u) => {
+                u.passwd = Some(hash);
+                u.lock_passwd = Some(false);
+            }
             None => config.warnings.push(format!(
                 "{origin}: key 'password' ignored: no 'user' to apply it to"
             )),
@@ -1060,6 +1065,11 @@ mod tests {
         .unwrap();
         assert_eq!(c.users[0].name, "admin");
         assert_eq!(c.users[0].passwd.as_deref(), Some("$6$x$y"));
+        assert_eq!(
+            c.users[0].lock_passwd,
+            Some(false),
+            "cloud-init's set-passwords runs after the account is locked, and unlocks it"
+        );
         let c = parse(
             b"#cloud-config\nusers: [{name: bob}]\npassword: $6$x$y\n",
             "user-data",

@@ -194,10 +194,24 @@ fn tree_key(variant: Variant) -> String {
     h.update(SSH_CHECKED_AT_BUILD.as_bytes());
     match variant {
         Variant::CloudInit => h.update(CLOUD_INIT_CFG.as_bytes()),
-        Variant::Nixseed => h.update(FACTORY_ONLY.join(",").as_bytes()),
+        Variant::Nixseed => {
+            h.update(FACTORY_ONLY.join(",").as_bytes());
+            h.update(SSHD_NIXSEED.as_bytes());
+        }
     }
     format!("{}-{}", variant.name(), &hex(&h.finalize())[..16])
 }
+
+/// sshd's drop-in in the nixseed image. The seed's `ssh_pwauth` comes first, as sshd
+/// takes the first value it reads (docs/identity.md, "Passwords").
+const SSHD_NIXSEED: &str = "# The seed's ssh_pwauth, written by nixseed at boot.\n\
+     Include /run/nixseed/sshd_config.d/*.conf\n\
+     # Host key and admin keys come from the machine's identity on its /var disk.\n\
+     HostKey /var/identity/ssh_host_ed25519_key\n\
+     AuthorizedKeysFile /var/identity/admin_authorized_keys\n\
+     PermitRootLogin prohibit-password\n\
+     PasswordAuthentication no\n\
+     KbdInteractiveAuthentication no\n";
 
 /// `/etc/default/nixseed` in the test image.
 const AGENT_DEFAULTS: &str = "NIXSEED_SERVE_ARGS=--firewall\n";
@@ -769,12 +783,7 @@ fn configure_nixseed(tree: &Path) -> Result<()> {
     )?;
     write(
         &tree.join("etc/ssh/sshd_config.d/nixseed.conf"),
-        "# Host key and admin keys come from the machine's identity on its /var disk.\n\
-         HostKey /var/identity/ssh_host_ed25519_key\n\
-         AuthorizedKeysFile /var/identity/admin_authorized_keys\n\
-         PermitRootLogin prohibit-password\n\
-         PasswordAuthentication no\n\
-         KbdInteractiveAuthentication no\n",
+        SSHD_NIXSEED,
     )?;
     // Placeholders the initrd stage bind-mounts over; empty so a missing identity shows.
     for f in ["etc/machine-id", "etc/hostname", "etc/resolv.conf"] {

@@ -19,6 +19,9 @@ const DNS: &str = "192.0.2.53";
 const DOMAIN: &str = "example.org";
 /// `openssl passwd -5 -salt nixseedpve proxmox`: Proxmox stores `cipassword` this way.
 const PASSWORD_HASH: &str = "$5$nixseedpve$KRN7lXrCGhZIyeaocO.FhOwr16dk38tWWLprGB.zZO5";
+const PASSWORD: &str = "proxmox";
+/// A vendor snippet as an operator adds it with Proxmox's `cicustom: vendor=...`.
+const VENDOR_DATA: &str = "#cloud-config\nssh_pwauth: true\n";
 
 /// user-data with Proxmox's keys in Proxmox's order.
 fn user_data(hostname: &str, admin_key: &str) -> String {
@@ -152,6 +155,7 @@ fn boot_and_check(
     seed: &std::path::Path,
     hostname: &str,
     extra_mac: Option<&str>,
+    ssh_pwauth: bool,
 ) -> Result<()> {
     let seed = seed.to_path_buf();
     let b = h.boot_with(m, None, |c| {
@@ -228,7 +232,59 @@ fn boot_and_check(
         hosts.contains(&format!("{hostname}.{DOMAIN}")),
         "manage_etc_hosts: /etc/hosts does not name {hostname}.{DOMAIN}:\n{hosts}"
     );
+    check_password(&b, ssh_pwauth)?;
     b.poweroff()
+}
+
+/// Proxmox's password works on the read-only root: PAM's own checker (`unix_chkpwd`,
+/// what `login` on the console runs through pam_unix; it reads the password up to a NUL)
+/// takes it for root and refuses another. `/etc/shadow` keeps the image's mode and group, and stage 2 found it bound
+/// as the generation says (its fast path). sshd's own reading of its configuration
+/// follows `ssh_pwauth` when the seed gives one and the image's `no` otherwise.
+fn check_password(b: &Booted, ssh_pwauth: bool) -> Result<()> {
+    let check = |pw: &str| {
+        b.ssh.run(&format!(
+            "printf '%s\\0' '{pw}' | /sbin/unix_chkpwd root nullok; echo rc=$?"
+        ))
+    };
+    let right = check(PASSWORD)?;
+    ensure!(
+        right.trim() == "rc=0",
+        "root's password from the seed is refused by unix_chkpwd ({}); /etc/shadow:\n{}",
+        right.trim(),
+        b.ssh
+            .run("grep ^root: /etc/shadow; findmnt -n /etc/shadow; true")?
+    );
+    let wrong = check("not-the-password")?;
+    ensure!(
+        wrong.trim() != "rc=0",
+        "unix_chkpwd takes any password for root: the check proves nothing"
+    );
+    let meta = b
+        .ssh
+        .run("stat -c '%a %G' /etc/shadow; findmnt -n -o SOURCE /etc/shadow")?;
+    ensure!(
+        meta.starts_with("640 shadow\n"),
+        "/etc/shadow lost the image's mode and group: {meta}"
+    );
+    let apply = b
+        .ssh
+        .run("journalctl -b -u nixseed-apply.service -o cat --no-pager")?;
+    ensure!(
+        apply.contains("initrd stage already applied generation"),
+        "stage 2 did not find the initrd stage's binds (with /etc/shadow) in place:\n{apply}"
+    );
+    let sshd = b.ssh.run(
+        "sshd -T -C user=root,host=client,addr=10.0.2.2 | grep -i '^passwordauthentication '",
+    )?;
+    let want = if ssh_pwauth { "yes" } else { "no" };
+    ensure!(
+        sshd.trim()
+            .eq_ignore_ascii_case(&format!("passwordauthentication {want}")),
+        "sshd -T says `{}`; the seed's ssh_pwauth means {want}",
+        sshd.trim()
+    );
+    Ok(())
 }
 
 /// The seed's `eth1` (DHCP) is the first NIC on the bus and `eth0` (static) the second:
@@ -285,6 +341,7 @@ pub fn proxmox(h: &Harness) -> Result<()> {
             ("user-data", ud.as_bytes()),
             ("meta-data", md.as_bytes()),
             ("network-config", nc.as_bytes()),
+            ("vendor-data", VENDOR_DATA.as_bytes()),
         ],
         "cidata",
         &iso,
@@ -294,7 +351,7 @@ pub fn proxmox(h: &Harness) -> Result<()> {
         "{} carries a Joliet directory; Proxmox's ISO has Rock Ridge only",
         iso.display()
     );
-    boot_and_check(h, &m, &iso, "pve-nocloud", Some(EXTRA_MAC))?;
+    boot_and_check(h, &m, &iso, "pve-nocloud", Some(EXTRA_MAC), true)?;
 
     // citype configdrive2: config-2 with OpenStack layout and ENI network data.
     let m = h.new_machine("pve-configdrive")?;
@@ -316,5 +373,5 @@ pub fn proxmox(h: &Harness) -> Result<()> {
         "config-2",
         &iso,
     )?;
-    boot_and_check(h, &m, &iso, "pve-configdrive", None)
+    boot_and_check(h, &m, &iso, "pve-configdrive", None, false)
 }

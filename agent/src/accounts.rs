@@ -1,0 +1,258 @@
+//! The seed's password settings on a read-only `/etc` (docs/identity.md, "Passwords"):
+//! `/etc/shadow` composed from the image's file and bound over it, and sshd's
+//! `ssh_pwauth` drop-in under `<run>/nixseed/sshd_config.d`. Part of every bind of a
+//! generation: the initrd stage, stage 2 doing the whole job, a push.
+
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use nixseed_core::identity;
+use nixseed_core::shadow::{self, Accounts};
+
+use crate::mounts;
+
+const SHADOW: &str = "shadow";
+/// The drop-in an image's sshd_config includes first (`Include
+/// /run/nixseed/sshd_config.d/*.conf`), so that it wins over the image's own setting.
+const SSHD_DROPIN_DIR: &str = "sshd_config.d";
+const SSHD_DROPIN: &str = "ssh_pwauth.conf";
+
+/// The generation's `users.json`, or nothing to apply when it has none.
+pub fn read(gen_dir: &Path) -> Result<Accounts> {
+    let path = gen_dir.join(identity::USERS);
+    match std::fs::read(&path) {
+        Ok(bytes) => Accounts::parse(&bytes, &path.display().to_string())
+            .map_err(|e| anyhow::anyhow!("{e}; passwords and ssh_pwauth not applied")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Accounts::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Whether `/etc` shows generation `gen_dir`'s password settings (stage 2's check):
+/// `/etc/shadow` is bound when they change the image's file, and only then. A bind there
+/// is this generation's: the caller has checked that the bound generation's `users.json`
+/// is the same.
+pub fn shadow_bound_as_needed(gen_dir: &Path, etc: &Path, mounted: &[PathBuf]) -> bool {
+    let target = etc.join(SHADOW);
+    let bound = mounted.iter().any(|m| m == &target);
+    let Ok(accounts) = read(gen_dir) else {
+        return false;
+    };
+    if !accounts.touches_shadow() || bound {
+        return accounts.touches_shadow() == bound;
+    }
+    match std::fs::read_to_string(&target) {
+        Ok(image) => shadow::compose(&image, &accounts).text == image,
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+/// Takes the seed's `/etc/shadow` away: the image's file shows again.
+fn unbind_shadow(target: &Path, composed: &Path, is_bound: bool) -> Result<()> {
+    if is_bound {
+        rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH)
+            .with_context(|| format!("cannot unmount the seed's {} bind", target.display()))?;
+    }
+    remove_if_present(composed)
+}
+
+/// Applies generation `gen_dir`'s settings; a generation without them takes away what an
+/// earlier one applied. Accounts the image lacks are named in a warning.
+pub fn bind(gen_dir: &Path, etc: &Path, nixseed_run: &Path, mounted: &[PathBuf]) -> Result<()> {
+    let accounts = read(gen_dir)?;
+    sshd_dropin(nixseed_run, accounts.ssh_pwauth)?;
+
+    let target = etc.join(SHADOW);
+    let composed_path = nixseed_run.join(SHADOW);
+    let is_bound = mounted.iter().any(|m| m == &target);
+    if !accounts.touches_shadow() {
+        return unbind_shadow(&target, &composed_path, is_bound);
+    }
+    if !target.exists() {
+        tracing::warn!(
+            "{}: the image has no such file; the seed's passwords are not applied",
+            target.display()
+        );
+        return Ok(());
+    }
+    let image = image_shadow(&target, nixseed_run, is_bound)?;
+    let composed = shadow::compose(&image.text, &accounts);
+    let origin = gen_dir.join(identity::USERS);
+    for name in &composed.missing {
+        tracing::warn!(
+            "{}: no account '{name}' in the image's {}: its password is not applied (nixseed makes no accounts; declare it in the image)",
+            origin.display(),
+            target.display()
+        );
+    }
+    for name in &composed.refused {
+        tracing::warn!(
+            "{}: the password hash for '{name}' holds ':' or a control character: not applied",
+            origin.display()
+        );
+    }
+    if composed.text == image.text {
+        // Nothing to change (seedctl's locked `user`, an account already locked): the
+        // image's file serves, with no bind.
+        return unbind_shadow(&target, &composed_path, image.still_bound);
+    }
+    write_private(
+        &composed_path,
+        composed.text.as_bytes(),
+        image.mode,
+        image.gid,
+    )?;
+    mounts::bind_readonly(&composed_path, &target, mounted)?;
+    if !composed.changed.is_empty() {
+        tracing::info!(
+            "{}: password settings from the seed for {}",
+            target.display(),
+            composed.changed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The image's own `/etc/shadow`, with its mode and group, kept in
+/// `<run>/nixseed/shadow.base` (root only) the first time, before anything is bound over it.
+struct ImageShadow {
+    text: String,
+    mode: u32,
+    gid: u32,
+    /// Whether an earlier bind is still over the image's file.
+    still_bound: bool,
+}
+
+fn image_shadow(target: &Path, nixseed_run: &Path, is_bound: bool) -> Result<ImageShadow> {
+    let copy = nixseed_run.join(format!("{SHADOW}.base"));
+    let meta_of =
+        |p: &Path| std::fs::metadata(p).with_context(|| format!("cannot stat {}", p.display()));
+    if copy.exists() {
+        let text = std::fs::read_to_string(&copy)
+            .with_context(|| format!("cannot read {}", copy.display()))?;
+        // The bind shows the composed file, which has the image's mode and group.
+        let meta = meta_of(target)?;
+        return Ok(ImageShadow {
+            text,
+            mode: meta.mode() & 0o7777,
+            gid: meta.gid(),
+            still_bound: is_bound,
+        });
+    }
+    if is_bound {
+        // A bind without its base (a /run emptied by hand): take it away to read the
+        // image's file again.
+        rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH)
+            .with_context(|| format!("cannot unmount the old bind at {}", target.display()))?;
+    }
+    let text = std::fs::read_to_string(target)
+        .with_context(|| format!("cannot read the image's {}", target.display()))?;
+    let meta = meta_of(target)?;
+    write_private(&copy, text.as_bytes(), 0o600, 0)?;
+    Ok(ImageShadow {
+        text,
+        mode: meta.mode() & 0o7777,
+        gid: meta.gid(),
+        still_bound: false,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file created with no access for others,
+/// then given `mode` and group `gid`: a password hash is never readable by more than
+/// the final file allows, not even for a moment.
+fn write_private(path: &Path, bytes: &[u8], mode: u32, gid: u32) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    remove_if_present(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::os::unix::fs::fchown(&f, None, Some(gid))
+        .with_context(|| format!("cannot give {} group {gid}", tmp.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} into place", tmp.display()))
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `<run>/nixseed/sshd_config.d/ssh_pwauth.conf`, present only when the seed says.
+fn sshd_dropin(nixseed_run: &Path, ssh_pwauth: Option<bool>) -> Result<()> {
+    let dir = nixseed_run.join(SSHD_DROPIN_DIR);
+    let path = dir.join(SSHD_DROPIN);
+    match ssh_pwauth {
+        Some(on) => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            crate::stage::write_atomic(&path, shadow::sshd_dropin(on).as_bytes())?;
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644));
+            Ok(())
+        }
+        None => remove_if_present(&path),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The composed file has the image's mode and group from its first byte on, and the
+    /// kept copy of the image's file is root's alone.
+    #[test]
+    fn composed_files_keep_the_image_s_mode_and_are_never_world_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shadow");
+        let gid = nix::unistd::getgid().as_raw();
+        write_private(&p, b"root:*:1::::::\n", 0o640, gid).unwrap();
+        let meta = std::fs::metadata(&p).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o640);
+        assert_eq!(meta.gid(), gid);
+        // Written again over a stale temporary file (a power cut mid-write).
+        std::fs::write(p.with_extension("tmp"), b"stale").unwrap();
+        write_private(&p, b"root:!:1::::::\n", 0o600, gid).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"root:!:1::::::\n");
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o7777, 0o600);
+        assert!(!p.with_extension("tmp").exists());
+    }
+
+    /// The sshd drop-in follows the generation: written when the seed sets ssh_pwauth,
+    /// gone when a later generation does not.
+    #[test]
+    fn the_sshd_dropin_comes_and_goes_with_ssh_pwauth() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(SSHD_DROPIN_DIR).join(SSHD_DROPIN);
+        sshd_dropin(dir.path(), Some(true)).unwrap();
+        assert!(
+            std::fs::read_to_string(&file)
+                .unwrap()
+                .contains("PasswordAuthentication yes")
+        );
+        sshd_dropin(dir.path(), None).unwrap();
+        assert!(!file.exists());
+        sshd_dropin(dir.path(), None).unwrap();
+    }
+
+    /// A users.json that cannot be read as JSON names itself, and nothing is applied.
+    #[test]
+    fn a_broken_users_json_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(identity::USERS), b"{").unwrap();
+        let e = read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("users.json") && e.contains("not applied"), "{e}");
+        assert!(!shadow_bound_as_needed(dir.path(), dir.path(), &[]));
+    }
+}
