@@ -1,15 +1,17 @@
 //! The seed's password settings on a read-only `/etc` (docs/identity.md, "Passwords"):
 //! `/etc/shadow` composed from the image's file and bound over it, and sshd's
 //! `ssh_pwauth` drop-in under `<run>/nixseed/sshd_config.d`. Part of every bind of a
-//! generation: the initrd stage, stage 2 doing the whole job, a push.
+//! generation: the initrd stage, stage 2 doing the whole job, a push; and a password set
+//! through the guest agent where chpasswd cannot write.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use nixseed_core::identity;
-use nixseed_core::shadow::{self, Accounts};
+use nixseed_core::shadow::{self, Accounts, AgentPasswords};
 
 use crate::mounts;
 
@@ -30,23 +32,122 @@ pub fn read(gen_dir: &Path) -> Result<Accounts> {
     }
 }
 
+/// Where passwords set through the guest agent are kept, under the target root.
+const AGENT_PASSWORDS: &str = "var/lib/nixseed/passwords.json";
+
+/// What `/etc/shadow` and sshd take from a generation: its `users.json`, and the
+/// passwords set through the guest agent while the machine had its instance-id.
+struct Settings {
+    accounts: Accounts,
+    agent: BTreeMap<String, String>,
+}
+
+impl Settings {
+    fn load(gen_dir: &Path, sysroot: &Path) -> Result<Settings> {
+        let accounts = read(gen_dir)?;
+        let record = agent_passwords(sysroot)?;
+        let agent = if record.passwords.is_empty() {
+            BTreeMap::new()
+        } else {
+            record.for_instance(&instance_id(gen_dir))
+        };
+        Ok(Settings { accounts, agent })
+    }
+
+    fn touches_shadow(&self) -> bool {
+        self.accounts.touches_shadow() || !self.agent.is_empty()
+    }
+
+    fn compose(&self, image: &str) -> shadow::ComposedShadow {
+        shadow::compose(image, &self.accounts, &self.agent)
+    }
+}
+
+/// The generation's instance-id (from its manifest); empty for none, as on a machine
+/// that never had a seed.
+fn instance_id(gen_dir: &Path) -> String {
+    std::fs::read(gen_dir.join("manifest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<nixseed_core::manifest::Manifest>(&b).ok())
+        .map(|m| m.instance_id)
+        .unwrap_or_default()
+}
+
+fn agent_passwords(sysroot: &Path) -> Result<AgentPasswords> {
+    let path = sysroot.join(AGENT_PASSWORDS);
+    match std::fs::read(&path) {
+        Ok(bytes) => AgentPasswords::parse(&bytes, &path.display().to_string())
+            .map_err(|e| anyhow::anyhow!("{e}; passwords set through the guest agent not applied")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentPasswords::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// One bind of `/etc/shadow` at a time: a push and a guest-agent command may come at once.
+static BINDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Whether `/etc` shows generation `gen_dir`'s password settings (stage 2's check):
 /// `/etc/shadow` is bound when they change the image's file, and only then. A bind there
 /// is this generation's: the caller has checked that the bound generation's `users.json`
 /// is the same.
-pub fn shadow_bound_as_needed(gen_dir: &Path, etc: &Path, mounted: &[PathBuf]) -> bool {
-    let target = etc.join(SHADOW);
+pub fn shadow_bound_as_needed(gen_dir: &Path, sysroot: &Path, mounted: &[PathBuf]) -> bool {
+    let target = sysroot.join("etc").join(SHADOW);
     let bound = mounted.iter().any(|m| m == &target);
-    let Ok(accounts) = read(gen_dir) else {
+    let Ok(settings) = Settings::load(gen_dir, sysroot) else {
         return false;
     };
-    if !accounts.touches_shadow() || bound {
-        return accounts.touches_shadow() == bound;
+    if !settings.touches_shadow() || bound {
+        return settings.touches_shadow() == bound;
     }
     match std::fs::read_to_string(&target) {
-        Ok(image) => shadow::compose(&image, &accounts).text == image,
+        Ok(image) => settings.compose(&image).text == image,
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
+}
+
+/// Why a password could not be set through the guest agent.
+#[derive(Debug, thiserror::Error)]
+pub enum SetPasswordError {
+    #[error("no account '{0}' in the image's /etc/shadow")]
+    NoAccount(String),
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// `guest-set-user-password` on a read-only `/etc`: records `user`'s hash on `/var` for
+/// the current instance (written whole and synced before it counts) and binds
+/// `/etc/shadow` again with it.
+pub fn set_agent_password(
+    identity_dir: &Path,
+    user: &str,
+    hash: &str,
+) -> Result<(), SetPasswordError> {
+    let _one = BINDING.lock().unwrap_or_else(|e| e.into_inner());
+    let sysroot = Path::new("/");
+    let gen_dir = identity_dir.join("current");
+    let nixseed_run = Path::new("/run/nixseed");
+    let mounted = mounts::mount_points()?;
+    let target = sysroot.join("etc").join(SHADOW);
+    let is_bound = mounted.iter().any(|m| m == &target);
+    let image = image_shadow(&target, nixseed_run, is_bound)?;
+    let record = agent_passwords(sysroot)?.with(&instance_id(&gen_dir), user, hash);
+    let check = shadow::compose(&image.text, &Accounts::default(), &record.passwords);
+    if check.missing.iter().any(|m| m == user) {
+        return Err(SetPasswordError::NoAccount(user.to_string()));
+    }
+    let path = sysroot.join(AGENT_PASSWORDS);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let bytes = serde_json::to_vec_pretty(&record).context("cannot encode the passwords")?;
+    write_private(&path, &bytes, 0o600, 0)?;
+    let dir = path.parent().unwrap_or(sysroot);
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {}", dir.display()))?;
+    let mounted = mounts::mount_points()?;
+    bind_locked(&gen_dir, sysroot, nixseed_run, &mounted)?;
+    Ok(())
 }
 
 /// Takes the seed's `/etc/shadow` away: the image's file shows again.
@@ -60,14 +161,24 @@ fn unbind_shadow(target: &Path, composed: &Path, is_bound: bool) -> Result<()> {
 
 /// Applies generation `gen_dir`'s settings; a generation without them takes away what an
 /// earlier one applied. Accounts the image lacks are named in a warning.
-pub fn bind(gen_dir: &Path, etc: &Path, nixseed_run: &Path, mounted: &[PathBuf]) -> Result<()> {
-    let accounts = read(gen_dir)?;
-    sshd_dropin(nixseed_run, accounts.ssh_pwauth)?;
+pub fn bind(gen_dir: &Path, sysroot: &Path, nixseed_run: &Path, mounted: &[PathBuf]) -> Result<()> {
+    let _one = BINDING.lock().unwrap_or_else(|e| e.into_inner());
+    bind_locked(gen_dir, sysroot, nixseed_run, mounted)
+}
 
-    let target = etc.join(SHADOW);
+fn bind_locked(
+    gen_dir: &Path,
+    sysroot: &Path,
+    nixseed_run: &Path,
+    mounted: &[PathBuf],
+) -> Result<()> {
+    let settings = Settings::load(gen_dir, sysroot)?;
+    sshd_dropin(nixseed_run, settings.accounts.ssh_pwauth)?;
+
+    let target = sysroot.join("etc").join(SHADOW);
     let composed_path = nixseed_run.join(SHADOW);
     let is_bound = mounted.iter().any(|m| m == &target);
-    if !accounts.touches_shadow() {
+    if !settings.touches_shadow() {
         return unbind_shadow(&target, &composed_path, is_bound);
     }
     if !target.exists() {
@@ -78,7 +189,7 @@ pub fn bind(gen_dir: &Path, etc: &Path, nixseed_run: &Path, mounted: &[PathBuf])
         return Ok(());
     }
     let image = image_shadow(&target, nixseed_run, is_bound)?;
-    let composed = shadow::compose(&image.text, &accounts);
+    let composed = settings.compose(&image.text);
     let origin = gen_dir.join(identity::USERS);
     for name in &composed.missing {
         tracing::warn!(
@@ -176,6 +287,7 @@ fn write_private(path: &Path, bytes: &[u8], mode: u32, gid: u32) -> Result<()> {
     std::os::unix::fs::fchown(&f, None, Some(gid))
         .with_context(|| format!("cannot give {} group {gid}", tmp.display()))?;
     f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .and_then(|_| f.sync_all())
         .with_context(|| format!("cannot set the mode of {}", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("cannot rename {} into place", tmp.display()))

@@ -451,7 +451,7 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions, when: BindTim
     mounts::bind_readonly(&hosts, &etc.join(identity::HOSTS), &mounted)?;
     // Passwords and ssh_pwauth: a problem with them is reported and leaves the rest of
     // the identity bound (stage 2 tries again and reports it again).
-    if let Err(e) = crate::accounts::bind(&gen_dir, &etc, &nixseed_run, &mounted) {
+    if let Err(e) = crate::accounts::bind(&gen_dir, &opts.sysroot, &nixseed_run, &mounted) {
         tracing::error!("{e:#}");
     }
 
@@ -609,7 +609,11 @@ pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
         let etc = opts.sysroot.join("etc");
         let mounted = mounts::mount_points()?;
         let all_bound = ETC_FILES.iter().all(|f| mounted.contains(&etc.join(f)))
-            && crate::accounts::shadow_bound_as_needed(&store.generation_path(n), &etc, &mounted);
+            && crate::accounts::shadow_bound_as_needed(
+                &store.generation_path(n),
+                &opts.sysroot,
+                &mounted,
+            );
         if all_bound && etc_shows(&store, m, n) {
             let ms = t0.elapsed().as_secs_f64() * 1000.0;
             tracing::info!(

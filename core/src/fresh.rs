@@ -33,3 +33,10 @@ impl Fresh for OsFresh {
         Ok((private.to_string(), public))
     }
 }
+
+/// A random crypt(3) salt, for a password hashed on the machine.
+pub fn crypt_salt() -> Result<String, String> {
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).map_err(|e| format!("the kernel's RNG: {e}"))?;
+    Ok(crate::shadow::salt_from(b))
+}

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `users.json`, as `identity::build` writes it.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -45,6 +45,71 @@ impl Accounts {
     }
 }
 
+/// Passwords set through the guest agent (`guest-set-user-password`) on a read-only
+/// `/etc`, kept on the machine's `/var`. They apply over the seed's settings until the
+/// machine gets a new instance-id: cloud-init sets the seed's passwords again for a new
+/// instance, and so does nixseed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentPasswords {
+    #[serde(rename = "instance-id")]
+    pub instance_id: String,
+    /// User name → crypt hash.
+    pub passwords: BTreeMap<String, String>,
+}
+
+impl AgentPasswords {
+    pub fn parse(bytes: &[u8], origin: &str) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("{origin}: {e}"))
+    }
+
+    /// The passwords that still apply to a generation of `instance_id`.
+    pub fn for_instance(&self, instance_id: &str) -> BTreeMap<String, String> {
+        if self.instance_id == instance_id {
+            self.passwords.clone()
+        } else {
+            BTreeMap::new()
+        }
+    }
+
+    /// The record after setting `user`'s hash on instance `instance_id`: a record of an
+    /// earlier instance is dropped first.
+    pub fn with(&self, instance_id: &str, user: &str, hash: &str) -> Self {
+        let mut passwords = self.for_instance(instance_id);
+        passwords.insert(user.to_string(), hash.to_string());
+        AgentPasswords {
+            instance_id: instance_id.to_string(),
+            passwords,
+        }
+    }
+}
+
+/// The alphabet of crypt(3) salts.
+const SALT_CHARS: &[u8] = b"./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A 16-character crypt salt from 16 random bytes.
+pub fn salt_from(random: [u8; 16]) -> String {
+    random
+        .iter()
+        .map(|b| SALT_CHARS[usize::from(*b) % SALT_CHARS.len()] as char)
+        .collect()
+}
+
+/// `$6$salt$hash` (SHA-512 crypt, 5000 rounds: glibc's default, so no `rounds=` field),
+/// what `chpasswd` writes for a clear-text password on Debian and NixOS.
+pub fn sha512_crypt(password: &[u8], salt: &str) -> Result<String, String> {
+    let params = sha_crypt::Sha512Params::new(sha_crypt::ROUNDS_DEFAULT)
+        .map_err(|e| format!("SHA-512 crypt parameters: {e:?}"))?;
+    let hash = sha_crypt::sha512_crypt_b64(password, salt.as_bytes(), &params)
+        .map_err(|e| format!("SHA-512 crypt: {e:?}"))?;
+    Ok(format!("$6${salt}${hash}"))
+}
+
+/// Whether a hash given as it is (`guest-set-user-password` with `crypted`) can stand in
+/// the password field.
+pub fn hash_fits(hash: &str) -> bool {
+    fits_a_field(hash)
+}
+
 /// The composed `/etc/shadow` and what happened to each account named.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ComposedShadow {
@@ -65,9 +130,14 @@ fn fits_a_field(hash: &str) -> bool {
 
 /// The image's `/etc/shadow` with the seed's settings, in cloud-init's order: each
 /// `users:` entry's hash, then its lock (`!` before the hash; the default for an entry),
-/// then `chpasswd:` (a hash, unlocked, as `chpasswd -e` writes it). Lines that are not
-/// accounts (comments, blanks, a malformed line) are kept as they are.
-pub fn compose(image: &str, accounts: &Accounts) -> ComposedShadow {
+/// then `chpasswd:` (a hash, unlocked, as `chpasswd -e` writes it), then `agent`, the
+/// passwords set through the guest agent for this instance (unlocked too). Lines that are
+/// not accounts (comments, blanks, a malformed line) are kept as they are.
+pub fn compose(
+    image: &str,
+    accounts: &Accounts,
+    agent: &BTreeMap<String, String>,
+) -> ComposedShadow {
     let mut lines: Vec<Vec<String>> = image
         .lines()
         .map(|l| l.split(':').map(str::to_string).collect())
@@ -108,7 +178,7 @@ pub fn compose(image: &str, accounts: &Accounts) -> ComposedShadow {
             &mut missing,
         );
     }
-    for (name, hash) in &accounts.chpasswd {
+    for (name, hash) in accounts.chpasswd.iter().chain(agent) {
         set(name, Some(hash), false, &mut missing);
     }
     let mut text: String = lines
@@ -163,7 +233,7 @@ mod tests {
         let a = accounts(&format!(
             r#"{{"users":[{{"name":"root","passwd":"{HASH}","lock_passwd":false}}]}}"#
         ));
-        let c = compose(IMAGE, &a);
+        let c = compose(IMAGE, &a, &BTreeMap::new());
         assert_eq!(field(&c.text, "root"), HASH);
         assert_eq!(c.changed, ["root"]);
         assert!(c.missing.is_empty());
@@ -184,7 +254,7 @@ mod tests {
         let a = accounts(&format!(
             r#"{{"users":[{{"name":"ops","passwd":"{HASH}"}},{{"name":"daemon"}}]}}"#
         ));
-        let c = compose(IMAGE, &a);
+        let c = compose(IMAGE, &a, &BTreeMap::new());
         assert_eq!(field(&c.text, "ops"), format!("!{HASH}"));
         assert_eq!(field(&c.text, "daemon"), "!*");
         assert_eq!(c.changed, ["ops", "daemon"]);
@@ -192,7 +262,10 @@ mod tests {
         let a = accounts(&format!(
             r#"{{"users":[{{"name":"ops","passwd":"$6$x$y"}}],"chpasswd":{{"ops":"{HASH}"}}}}"#
         ));
-        assert_eq!(field(&compose(IMAGE, &a).text, "ops"), HASH);
+        assert_eq!(
+            field(&compose(IMAGE, &a, &BTreeMap::new()).text, "ops"),
+            HASH
+        );
     }
 
     /// An account already locked is not locked twice; `lock_passwd: false` without a
@@ -200,7 +273,7 @@ mod tests {
     #[test]
     fn locks_are_idempotent_and_an_unlock_alone_is_no_change() {
         let a = accounts(r#"{"users":[{"name":"ops"},{"name":"root","lock_passwd":false}]}"#);
-        let c = compose(IMAGE, &a);
+        let c = compose(IMAGE, &a, &BTreeMap::new());
         assert_eq!(c.text, IMAGE);
         assert!(c.changed.is_empty());
     }
@@ -212,7 +285,7 @@ mod tests {
         let a = accounts(&format!(
             r#"{{"users":[{{"name":"user"}}],"chpasswd":{{"alice":"{HASH}"}}}}"#
         ));
-        let c = compose(IMAGE, &a);
+        let c = compose(IMAGE, &a, &BTreeMap::new());
         assert_eq!(c.missing, ["alice"]);
         assert_eq!(c.text, IMAGE);
     }
@@ -232,7 +305,7 @@ mod tests {
     fn other_lines_are_kept() {
         let image = "# comment\n\nroot:*:1::::::\nbroken\n";
         let a = accounts(r##"{"chpasswd":{"# comment":"$6$a$b","root":"$6$a$b"}}"##);
-        let c = compose(image, &a);
+        let c = compose(image, &a, &BTreeMap::new());
         assert_eq!(c.text, "# comment\n\nroot:$6$a$b:1::::::\nbroken\n");
         assert_eq!(c.missing, ["# comment"]);
     }
@@ -243,9 +316,40 @@ mod tests {
         let a = accounts(
             r#"{"chpasswd":{"root":"$6$a$b:0:0\nevil::0:0:99999:7:::"},"users":[{"name":"ops","passwd":"x:y","lock_passwd":false}]}"#,
         );
-        let c = compose(IMAGE, &a);
+        let c = compose(IMAGE, &a, &BTreeMap::new());
         assert_eq!(c.text, IMAGE);
         assert_eq!(c.refused, ["ops", "root"]);
+    }
+
+    /// A password set through the guest agent wins over the seed's for the same
+    /// instance and is forgotten for a new one.
+    #[test]
+    fn agent_passwords_apply_last_and_only_to_their_instance() {
+        let a = accounts(&format!(
+            r#"{{"users":[{{"name":"root","passwd":"{HASH}","lock_passwd":false}}]}}"#
+        ));
+        let rec = AgentPasswords::default().with("iid-1", "root", "$6$s$agent");
+        let c = compose(IMAGE, &a, &rec.for_instance("iid-1"));
+        assert_eq!(field(&c.text, "root"), "$6$s$agent");
+        let c = compose(IMAGE, &a, &rec.for_instance("iid-2"));
+        assert_eq!(field(&c.text, "root"), HASH);
+        let rec2 = rec.with("iid-2", "ops", "$6$s$ops");
+        assert_eq!(rec2.passwords.keys().collect::<Vec<_>>(), ["ops"]);
+        let back = AgentPasswords::parse(&serde_json::to_vec(&rec2).unwrap(), "p").unwrap();
+        assert_eq!(back, rec2);
+    }
+
+    /// Ulrich Drepper's SHA-crypt specification, its first SHA-512 test vector: the hash
+    /// glibc's crypt(3) and so PAM compute.
+    #[test]
+    fn sha512_crypt_matches_the_specification() {
+        assert_eq!(
+            sha512_crypt(b"Hello world!", "saltstring").unwrap(),
+            "$6$saltstring$svn8UoSVapNtMuq1ukKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJuesI68u4OTLiBFdcbYEdFCoEOfaS35inz1"
+        );
+        let salt = salt_from([255; 16]);
+        assert_eq!(salt.len(), 16);
+        assert!(salt.bytes().all(|b| SALT_CHARS.contains(&b)));
     }
 
     #[test]

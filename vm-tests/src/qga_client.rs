@@ -131,6 +131,17 @@ impl Qga {
         }
     }
 
+    /// One command (a JSON request line) and its reply, parsed.
+    pub fn execute(&mut self, request: &serde_json::Value) -> Result<serde_json::Value> {
+        self.w.write_all(format!("{request}\n").as_bytes())?;
+        let mut line = String::new();
+        self.r
+            .read_line(&mut line)
+            .with_context(|| format!("reading the reply to {request}"))?;
+        serde_json::from_str(line.trim())
+            .with_context(|| format!("the reply to {request} is not JSON: `{}`", line.trim()))
+    }
+
     /// One `guest-ping` round trip.
     pub fn ping(&mut self) -> Result<Duration> {
         let t = Instant::now();

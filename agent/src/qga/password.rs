@@ -1,5 +1,7 @@
 //! guest-set-user-password (unsafe: off unless allow-listed), through chpasswd so the
-//! system's own password hashing and shadow locking apply.
+//! system's own password hashing and shadow locking apply; on a read-only `/etc`, where
+//! chpasswd cannot write, through nixseed's own `/etc/shadow` bind (docs/identity.md,
+//! "Passwords and `ssh_pwauth`").
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -9,7 +11,7 @@ use serde_json::json;
 
 use super::{Agent, CmdResult};
 
-pub fn set_user_password(_: &mut Agent, mut args: Args) -> CmdResult {
+pub fn set_user_password(agent: &mut Agent, mut args: Args) -> CmdResult {
     let username = args.str("username")?;
     let password = args.str("password")?;
     let crypted = args.bool("crypted")?;
@@ -24,6 +26,9 @@ pub fn set_user_password(_: &mut Agent, mut args: Args) -> CmdResult {
     }
     if username.contains([':', '\n']) {
         return Err(QgaError::generic("forbidden characters in username"));
+    }
+    if etc_shadow_read_only() {
+        return set_on_read_only_etc(agent, &username, raw, crypted);
     }
     let mut cmd = Command::new("chpasswd");
     if crypted {
@@ -62,6 +67,50 @@ pub fn set_user_password(_: &mut Agent, mut args: Args) -> CmdResult {
         ));
     }
     tracing::info!("guest-set-user-password: password set for {username}");
+    Ok(Some(json!({})))
+}
+
+/// Whether `/etc/shadow` cannot be written: a read-only root, or nixseed's read-only bind.
+fn etc_shadow_read_only() -> bool {
+    matches!(
+        rustix::fs::access("/etc/shadow", rustix::fs::Access::WRITE_OK),
+        Err(rustix::io::Errno::ROFS)
+    )
+}
+
+/// The password hashed here (SHA-512 crypt, as chpasswd would) or taken as given
+/// (`crypted`), kept on `/var` for this instance and bound into `/etc/shadow`. The
+/// errors are qemu-ga's words for a chpasswd that failed; the journal has the reason.
+fn set_on_read_only_etc(agent: &Agent, username: &str, raw: &[u8], crypted: bool) -> CmdResult {
+    let failed = || QgaError::generic("child process has failed to set user password");
+    let hash = if crypted {
+        let hash = String::from_utf8_lossy(raw).into_owned();
+        if !nixseed_core::shadow::hash_fits(&hash) {
+            tracing::warn!(
+                "guest-set-user-password: the hash for {username} holds ':' or a control character"
+            );
+            return Err(failed());
+        }
+        hash
+    } else {
+        let salt = nixseed_core::fresh::crypt_salt().map_err(|e| {
+            tracing::warn!("guest-set-user-password: no salt: {e}");
+            failed()
+        })?;
+        nixseed_core::shadow::sha512_crypt(raw, &salt).map_err(|e| {
+            tracing::warn!("guest-set-user-password: {e}");
+            failed()
+        })?
+    };
+    crate::accounts::set_agent_password(&agent.config.identity_dir, username, &hash).map_err(
+        |e| {
+            tracing::warn!("guest-set-user-password for {username} on a read-only /etc: {e:#}");
+            failed()
+        },
+    )?;
+    tracing::info!(
+        "guest-set-user-password: password set for {username} (read-only /etc: kept on /var until the instance-id changes)"
+    );
     Ok(Some(json!({})))
 }
 

@@ -145,6 +145,21 @@ fn nic_named(b: &Booted, mac: &str) -> Result<String> {
     Ok(ifname)
 }
 
+/// Boots `m` from `seed` alone (no seedctl seed; the host key is the agent's own), with
+/// a second NIC of MAC `extra_mac` ahead of its own when given.
+fn boot_pve(
+    h: &Harness,
+    m: &Machine,
+    seed: &std::path::Path,
+    extra_mac: Option<&str>,
+) -> Result<Booted> {
+    let seed = seed.to_path_buf();
+    h.boot_with(m, None, |c| {
+        c.seed_iso = Some(seed);
+        c.extra_nic = extra_mac.map(String::from);
+    })
+}
+
 /// Boots `m` from `seed` (no seedctl seed; the host key is the agent's own) and checks
 /// what a Proxmox user would: the static address on the NIC with the VM's MAC, the
 /// gateway, DNS, the hostname, root login with the key from user-data. With `extra_mac`
@@ -157,11 +172,7 @@ fn boot_and_check(
     extra_mac: Option<&str>,
     ssh_pwauth: bool,
 ) -> Result<()> {
-    let seed = seed.to_path_buf();
-    let b = h.boot_with(m, None, |c| {
-        c.seed_iso = Some(seed);
-        c.extra_nic = extra_mac.map(String::from);
-    })?;
+    let b = boot_pve(h, m, seed, extra_mac)?;
     // Reaching this line means root logged in with the key from user-data.
     let mac = m.mac()?;
     let ifname = nic_named(&b, &mac)?;
@@ -233,6 +244,79 @@ fn boot_and_check(
         "manage_etc_hosts: /etc/hosts does not name {hostname}.{DOMAIN}:\n{hosts}"
     );
     check_password(&b, ssh_pwauth)?;
+    if extra_mac.is_none() {
+        return b.poweroff();
+    }
+    password_through_the_agent(h, m, b, seed)
+}
+
+/// What `qm guest passwd` (Proxmox) and KubeVirt's access credentials send.
+const AGENT_PASSWORD: &str = "set-by-the-guest-agent";
+
+/// `guest-set-user-password` (clear text, as `qm guest passwd` sends it) on the
+/// read-only `/etc`, where chpasswd cannot write: root takes the new password and no
+/// longer the seed's, the record on `/var` is root's alone, and after a reboot on the same
+/// seed (the same instance) the agent's password still holds.
+fn password_through_the_agent(
+    h: &Harness,
+    m: &Machine,
+    b: Booted,
+    seed: &std::path::Path,
+) -> Result<()> {
+    // Unsafe commands are off unless allow-listed; an operator names them in the image,
+    // the test in a runtime drop-in.
+    b.ssh.run(
+        "d=/run/systemd/system/nixseed-agent.service.d; mkdir -p $d && \
+         printf '[Service]\nExecStart=\nExecStart=/usr/bin/nixseed-agent serve --firewall --unsafe-rpcs guest-set-user-password\n' > $d/unsafe.conf && \
+         systemctl daemon-reload && systemctl restart nixseed-agent.service",
+    )?;
+    let chpasswd = b.ssh.run("echo root:x | chpasswd 2>&1; echo rc=$?")?;
+    ensure!(
+        !chpasswd.trim_end().ends_with("rc=0"),
+        "chpasswd could write /etc/shadow: the test would not show the read-only path:\n{chpasswd}"
+    );
+    let sock = b.vm.config.qga_socket();
+    let mut q = crate::qga_client::Qga::connect(&sock, std::time::Duration::from_secs(60))?;
+    let encoded = crate::cmd::stdout(
+        Command::new("sh").args(["-c", &format!("printf %s '{AGENT_PASSWORD}' | base64")]),
+    )?;
+    let reply = q.execute(&serde_json::json!({
+        "execute": "guest-set-user-password",
+        "arguments": {"username": "root", "password": encoded.trim(), "crypted": false},
+    }))?;
+    ensure!(
+        reply == serde_json::json!({"return": {}}),
+        "guest-set-user-password answered {reply}; journal:\n{}",
+        b.ssh
+            .run("journalctl -b -u nixseed-agent -o cat --no-pager | tail -n 20")?
+    );
+    let works = |b: &Booted, pw: &str| -> Result<bool> {
+        let out = b.ssh.run(&format!(
+            "printf '%s\\0' '{pw}' | /sbin/unix_chkpwd root nullok; echo rc=$?"
+        ))?;
+        Ok(out.trim() == "rc=0")
+    };
+    ensure!(
+        works(&b, AGENT_PASSWORD)? && !works(&b, PASSWORD)?,
+        "after guest-set-user-password root does not take the new password alone: {}",
+        b.ssh.run("grep ^root: /etc/shadow")?
+    );
+    let record = b.ssh.run(
+        "stat -c '%a' /var/lib/nixseed/passwords.json; grep -c '\\$6\\$' /var/lib/nixseed/passwords.json",
+    )?;
+    ensure!(
+        record == "600\n1\n",
+        "/var/lib/nixseed/passwords.json is not root's alone with one SHA-512 crypt hash:\n{record}"
+    );
+    b.poweroff()?;
+
+    let b = boot_pve(h, m, seed, Some(EXTRA_MAC))?;
+    ensure!(
+        works(&b, AGENT_PASSWORD)? && !works(&b, PASSWORD)?,
+        "after a reboot on the same seed, root no longer takes the guest agent's password: {}",
+        b.ssh
+            .run("grep ^root: /etc/shadow; journalctl -b -o cat --no-pager | grep -i shadow")?
+    );
     b.poweroff()
 }
 
