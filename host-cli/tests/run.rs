@@ -102,6 +102,46 @@ fn run_wires_uuid_disks_channels_and_ssh_forward() {
     );
 }
 
+/// A run whose QEMU cannot start (the SSH port is taken) fails, naming the machine, and
+/// leaves the last run's port and known_hosts line for `seedctl ssh`.
+#[test]
+fn a_run_that_cannot_start_keeps_the_last_runs_port() {
+    require_tool("qemu-system-x86_64");
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    machine(&s);
+    let out = s.ok(&[
+        "--json", "run", "web1", "--detach", "--memory", "128", "--accel", "tcg",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let port = v["ssh_port"].as_u64().unwrap();
+    s.ok(&["destroy", "web1"]);
+    let sd = s.state("web1");
+    let state = std::fs::read_to_string(sd.join("state.json")).unwrap();
+    let kh = std::fs::read_to_string(sd.join("known_hosts")).unwrap();
+    assert!(kh.starts_with(&format!("[127.0.0.1]:{port} ")), "{kh}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().port().to_string();
+    let err = s.fails(&[
+        "run",
+        "web1",
+        "--detach",
+        "--memory",
+        "128",
+        "--accel",
+        "tcg",
+        "--ssh-port",
+        &busy,
+    ]);
+    assert!(err.contains("machine `web1`: starting QEMU"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(sd.join("state.json")).unwrap(),
+        state
+    );
+    assert_eq!(std::fs::read_to_string(sd.join("known_hosts")).unwrap(), kh);
+}
+
 /// A state directory with a comma and a space in its path (QEMU's option syntax splits
 /// at commas), and a read-only UEFI variables template (a Nix store file): the VM starts,
 /// with every file in place, and its own copy of the variables is writable.

@@ -254,11 +254,17 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
         }
     }
 
-    let known_hosts = write_known_hosts(&id, &sd, port)?;
-    let mut st = sd.load()?;
-    st.ssh_port = Some(port);
-    st.instance_id = Some(instance_id.clone());
-    sd.save(&st)?;
+    // The port and its known_hosts line are recorded once QEMU has started (detached:
+    // once it has daemonized; in the foreground: once it is spawned), so a QEMU that
+    // cannot start (the port taken meanwhile) leaves `seedctl ssh` with the last run's.
+    let known_hosts = sd.file(KNOWN_HOSTS);
+    let record = || -> Result<()> {
+        write_known_hosts(&id, &sd, port)?;
+        let mut st = sd.load()?;
+        st.ssh_port = Some(port);
+        st.instance_id = Some(instance_id.clone());
+        sd.save(&st)
+    };
 
     let mut summary = json!({
         "machine": a.name,
@@ -285,6 +291,7 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
     if a.detach {
         cmd.arg("-daemonize").stdin(Stdio::null());
         tools::run(&mut cmd).with_context(|| format!("machine `{}`: starting QEMU", a.name))?;
+        record()?;
         if a.seed_via == SeedVia::Channel {
             let qemu_pid = sd.running_pid().with_context(|| {
                 format!(
@@ -318,6 +325,7 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
                 a.name
             )
         })?;
+        record()?;
         let answerer = (a.seed_via == SeedVia::Channel).then(|| {
             let target = HelloTarget {
                 paths: paths.clone(),
