@@ -134,7 +134,10 @@ fn diff(file: &str, want: &Sections, got: &Sections) -> Option<String> {
 /// - no `RequiredForOnline=` and no [Link] `MACAddress=` (later releases);
 /// - it keeps a v2 MAC in the seed's case; current releases lowercase it;
 /// - for a bond, bridge or VLAN with a MAC it writes [Match] `MACAddress=`, which also
-///   matches the members; current releases write it under [Link] and in the .netdev.
+///   matches the members; current releases write it under [Link] and in the .netdev;
+/// - it writes a Python boolean as Python spells it (`IPv6AcceptRA=True` for
+///   OpenStack's `ipv6_dhcp`); current releases write `yes`/`no`, and networkd reads
+///   both alike.
 ///
 /// A case's `bookworm-differs` file can name further keys, or `file <name>` for a file
 /// only 22.4.2 writes, one per line with the reason.
@@ -154,12 +157,20 @@ fn bookworm_view(s: &Sections, extra: &[String]) -> Sections {
             let keys = keys
                 .iter()
                 .filter(|l| !dropped(name, l))
-                .map(|l| lower_mac(l))
+                .map(|l| networkd_boolean(&lower_mac(l)))
                 .collect::<Vec<_>>();
             (name.clone(), keys)
         })
         .filter(|(_, keys)| !keys.is_empty())
         .collect()
+}
+
+fn networkd_boolean(line: &str) -> String {
+    match line.split_once('=') {
+        Some((k, "True")) => format!("{k}=yes"),
+        Some((k, "False")) => format!("{k}=no"),
+        _ => line.to_string(),
+    }
 }
 
 fn lower_mac(line: &str) -> String {
