@@ -365,6 +365,16 @@ fn merge_cloud_config(
     }
     // `users: [default]` leaves only the placeholder; the legacy `user:` is the default.
     config.users.retain(|u| u.name != "default");
+    // cloud-init's set-passwords takes `password:` only when `chpasswd:` lists no one.
+    let password = match password {
+        Some(_) if !config.chpasswd.is_empty() => {
+            config.warnings.push(format!(
+                "{origin}: key 'password' ignored: 'chpasswd' lists passwords, which win (as in cloud-init)"
+            ));
+            None
+        }
+        p => p,
+    };
     if let Some(hash) = password {
         let default = config.default_user.clone();
         match config
@@ -1054,6 +1064,34 @@ mod tests {
         );
         let paths: Vec<&str> = c.write_files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["/var/c"]);
+    }
+
+    /// cloud-init applies `password:` only when `chpasswd:` names no one, and nixseed
+    /// never keeps a clear-text password.
+    #[test]
+    fn the_legacy_password_yields_to_chpasswd_and_must_be_a_hash() {
+        let c = parse(
+            b"#cloud-config\nuser: admin\npassword: $6$x$y\nchpasswd: {list: ['root:$6$a$b']}\n",
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.users[0].passwd, None);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("'chpasswd' lists passwords"))
+        );
+        let c = parse(
+            b"#cloud-config\nuser: admin\npassword: secret\n",
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.users[0].passwd, None);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("clear-text password for user 'admin' ignored"))
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! crosscheck: the seed `seedctl seed` writes is a plain NoCloud seed. Real Debian
 //! cloud-init, on the cloud-init variant of the same base, must boot it to the same
-//! hostname, the same root keys and the very same SSH host key as nixseed does.
+//! hostname, the same root keys and the very same SSH host key as nixseed does. And a
+//! seed of users and passwords ends in the same `/etc/shadow` password fields and sshd
+//! setting under both.
 
 use super::*;
 use crate::cmd;
@@ -20,8 +22,96 @@ fn iso_file(iso: &std::path::Path, name: &str, scratch: &std::path::Path) -> Res
     std::fs::read_to_string(&out).with_context(|| format!("reading {name} from {}", iso.display()))
 }
 
-pub fn crosscheck(_h: &Harness) -> Result<()> {
+pub fn crosscheck(h: &Harness) -> Result<()> {
     let ci = Harness::setup(Variant::CloudInit)?;
+    seedctl_seed(&ci)?;
+    passwords_as_cloud_init(h, &ci)
+}
+
+/// `openssl passwd -6 -salt nixseedxc{a,b,c} {a,b,c}`: three accounts, three hashes.
+const HASH_A: &str = "$6$nixseedxca$TBLbrH.Qk0ontUwSqP10HsLWZzVfqL3AINxESFGIvgZyw1YhxxUiOnGb4u3Bohvc1HxoWLb9vTJU9R98bcquN/";
+const HASH_B: &str = "$6$nixseedxcb$lgzucBpk/ZSUyO7ycIZgYBJe/5IibdU/dBki3kLbTGZYRucd.pTSzhv9XLpST2PZJI6EwjHNEuuM/liC7yAx1.";
+const HASH_C: &str = "$6$nixseedxcc$3tJ7iWT1SjFhnZdUSs6oNGakXBhOHvCCTJSamlY9GWrm6BxUXCm5nm4QF5e5MIuCvD6ZWDHYwgMoORxd4W6140";
+
+/// Accounts the Debian base has, each meeting one rule: the legacy `user:`/`password:`
+/// (set, unlocked), an entry with `lock_passwd: false` (set, unlocked), an entry with
+/// a hash and the default lock (set, locked), an entry with neither (locked).
+fn password_user_data(admin_key: &str) -> String {
+    format!(
+        "#cloud-config\n\
+         ssh_authorized_keys:\n  - {admin_key}\n\
+         disable_root: false\n\
+         user: games\n\
+         password: {HASH_A}\n\
+         users:\n  \
+           - default\n  \
+           - {{name: man, hashed_passwd: '{HASH_B}', lock_passwd: false}}\n  \
+           - {{name: lp, hashed_passwd: '{HASH_C}'}}\n  \
+           - {{name: news}}\n\
+         chpasswd: {{expire: false}}\n\
+         ssh_pwauth: true\n"
+    )
+}
+
+/// One seed of users and passwords, booted by real cloud-init and by nixseed: the
+/// password fields of `/etc/shadow` and sshd's `PasswordAuthentication` must agree, and
+/// must be what the seed asks for (so two agents doing nothing cannot pass).
+fn passwords_as_cloud_init(h: &Harness, ci: &Harness) -> Result<()> {
+    let ud = password_user_data(&h.key.public_line()?);
+    let md = "instance-id: pw-crosscheck\nlocal-hostname: pw-crosscheck\n";
+    let mut seen = Vec::new();
+    for (harness, name) in [(ci, "pw-cloud-init"), (h, "pw-nixseed")] {
+        let m = harness.new_machine(name)?;
+        let iso = m.state.join("pw-cidata.iso");
+        crate::machine::genisoimage(
+            &m.state.join("pw-cidata"),
+            &[("user-data", ud.as_bytes()), ("meta-data", md.as_bytes())],
+            "cidata",
+            &iso,
+        )?;
+        let b = harness.boot_with(&m, None, |c| c.seed_iso = Some(iso))?;
+        if std::ptr::eq(harness, ci) {
+            let status = b.ssh.run("cloud-init status --wait --long || true")?;
+            ensure!(
+                status.contains("status: done"),
+                "cloud-init did not finish cleanly:\n{status}"
+            );
+        }
+        let shadow = b
+            .ssh
+            .run("for u in root games man lp news; do getent shadow $u | cut -d: -f1,2; done")?;
+        let sshd = b.ssh.run(
+            "sshd -T -C user=root,host=client,addr=10.0.2.2 | grep -i '^passwordauthentication '",
+        )?;
+        b.poweroff()?;
+        seen.push((name, shadow, sshd.to_ascii_lowercase()));
+    }
+    let (ci_seen, ours) = (&seen[0], &seen[1]);
+    ensure!(
+        ci_seen.1 == ours.1 && ci_seen.2 == ours.2,
+        "the seed's passwords differ between cloud-init and nixseed:\n\
+         cloud-init:\n{}{}nixseed:\n{}{}",
+        ci_seen.1,
+        ci_seen.2,
+        ours.1,
+        ours.2
+    );
+    let want = format!("games:{HASH_A}\nman:{HASH_B}\nlp:!{HASH_C}\n");
+    ensure!(
+        ours.1.contains(&want) && ours.1.contains("news:!") && ours.2.contains("yes"),
+        "both agents agree, but not on what the seed asks for:\n{}{}",
+        ours.1,
+        ours.2
+    );
+    eprintln!(
+        "vm-tests: cloud-init and nixseed agree on the seed's passwords and ssh_pwauth:\n{}{}",
+        ours.1, ours.2
+    );
+    Ok(())
+}
+
+/// The seed `seedctl seed` writes, booted by real cloud-init.
+fn seedctl_seed(ci: &Harness) -> Result<()> {
     let m = ci.new_machine("crosscheck")?;
     let want_key = m.host_key_pub()?;
     let meta = iso_file(&m.seed_iso, "meta-data", &m.state)?;
