@@ -1070,28 +1070,24 @@ mod tests {
     /// never keeps a clear-text password.
     #[test]
     fn the_legacy_password_yields_to_chpasswd_and_must_be_a_hash() {
-        let c = parse(
-            b"#cloud-config\nuser: admin\npassword: $6$x$y\nchpasswd: {list: ['root:$6$a$b']}\n",
-            "user-data",
-        )
-        .unwrap();
-        assert_eq!(c.users[0].passwd, None);
-        assert!(
-            c.warnings
-                .iter()
-                .any(|w| w.contains("'chpasswd' lists passwords"))
-        );
-        let c = parse(
-            b"#cloud-config\nuser: admin\npassword: secret\n",
-            "user-data",
-        )
-        .unwrap();
-        assert_eq!(c.users[0].passwd, None);
-        assert!(
-            c.warnings
-                .iter()
-                .any(|w| w.contains("clear-text password for user 'admin' ignored"))
-        );
+        for (text, warning) in [
+            (
+                "user: admin\npassword: $6$x$y\nchpasswd: {list: ['root:$6$a$b']}\n",
+                "'chpasswd' lists passwords",
+            ),
+            (
+                "user: admin\npassword: secret\n",
+                "clear-text password for user 'admin' ignored",
+            ),
+        ] {
+            let c = parse(format!("#cloud-config\n{text}").as_bytes(), "user-data").unwrap();
+            assert_eq!(c.users[0].passwd, None, "{text}");
+            assert!(
+                c.warnings.iter().any(|w| w.contains(warning)),
+                "{text}: {:?}",
+                c.warnings
+            );
+        }
     }
 
     #[test]

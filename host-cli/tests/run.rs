@@ -34,8 +34,8 @@ fn machine(s: &Scratch) {
     s.created("web1", "32M");
 }
 
-#[test]
-fn run_wires_uuid_disks_channels_and_ssh_forward() {
+/// A scratch machine `web1` started detached under TCG; its SSH port.
+fn started() -> (Scratch, u64) {
     require_tool("qemu-system-x86_64");
     require_tool("qemu-img");
     let s = Scratch::new();
@@ -44,8 +44,14 @@ fn run_wires_uuid_disks_channels_and_ssh_forward() {
         "--json", "run", "web1", "--detach", "--memory", "128", "--accel", "tcg",
     ]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let sd = s.state("web1");
     let port = v["ssh_port"].as_u64().unwrap();
+    (s, port)
+}
+
+#[test]
+fn run_wires_uuid_disks_channels_and_ssh_forward() {
+    let (s, port) = started();
+    let sd = s.state("web1");
 
     let uuid = std::fs::read_to_string(s.machine("web1").join("product_uuid")).unwrap();
     assert_eq!(
@@ -106,15 +112,7 @@ fn run_wires_uuid_disks_channels_and_ssh_forward() {
 /// leaves the last run's port and known_hosts line for `seedctl ssh`.
 #[test]
 fn a_run_that_cannot_start_keeps_the_last_runs_port() {
-    require_tool("qemu-system-x86_64");
-    require_tool("qemu-img");
-    let s = Scratch::new();
-    machine(&s);
-    let out = s.ok(&[
-        "--json", "run", "web1", "--detach", "--memory", "128", "--accel", "tcg",
-    ]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let port = v["ssh_port"].as_u64().unwrap();
+    let (s, port) = started();
     s.ok(&["destroy", "web1"]);
     let sd = s.state("web1");
     let state = std::fs::read_to_string(sd.join("state.json")).unwrap();
