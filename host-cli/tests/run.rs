@@ -34,15 +34,16 @@ fn machine(s: &Scratch) {
     s.created("web1", "32M");
 }
 
+/// `run`'s options for a small machine in the background under TCG.
+const DETACHED_TCG: &[&str] = &["--detach", "--memory", "128", "--accel", "tcg"];
+
 /// A scratch machine `web1` started detached under TCG; its SSH port.
 fn started() -> (Scratch, u64) {
     require_tool("qemu-system-x86_64");
     require_tool("qemu-img");
     let s = Scratch::new();
     machine(&s);
-    let out = s.ok(&[
-        "--json", "run", "web1", "--detach", "--memory", "128", "--accel", "tcg",
-    ]);
+    let out = s.ok(&[&["--json", "run", "web1"], DETACHED_TCG].concat());
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let port = v["ssh_port"].as_u64().unwrap();
     (s, port)
@@ -121,17 +122,7 @@ fn a_run_that_cannot_start_keeps_the_last_runs_port() {
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap().port().to_string();
-    let err = s.fails(&[
-        "run",
-        "web1",
-        "--detach",
-        "--memory",
-        "128",
-        "--accel",
-        "tcg",
-        "--ssh-port",
-        &busy,
-    ]);
+    let err = s.fails(&[&["run", "web1"], DETACHED_TCG, &["--ssh-port", &busy]].concat());
     assert!(err.contains("machine `web1`: starting QEMU"), "{err}");
     assert_eq!(
         std::fs::read_to_string(sd.join("state.json")).unwrap(),
@@ -175,19 +166,13 @@ fn run_works_from_a_state_path_with_a_comma_and_a_read_only_vars_template() {
     let ro = s.path().join("vars-ro.fd");
     std::fs::copy(template, &ro).unwrap();
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let ro = ro.display().to_string();
     s.ok(&[
-        "--state",
-        &st,
-        "run",
-        "web1",
-        "--detach",
-        "--memory",
-        "128",
-        "--accel",
-        "tcg",
-        "--ovmf-vars",
-        &ro.display().to_string(),
-    ]);
+        &["--state", &st, "run", "web1"],
+        DETACHED_TCG,
+        &["--ovmf-vars", &ro],
+    ]
+    .concat());
     let sd = state.join("web1");
     let blocks = qmp(&sd.join("qmp.sock"), "{\"execute\":\"query-block\"}").to_string();
     for f in [
