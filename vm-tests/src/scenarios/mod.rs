@@ -227,7 +227,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "proxmox",
-        about: "Proxmox-made seeds (genisoimage cidata, ConfigDrive2): static IPv4/IPv6 on the NIC with the VM's MAC, hostname, root key",
+        about: "Proxmox-made seeds (genisoimage cidata, ConfigDrive2): static IPv4/IPv6 on the NIC with the VM's MAC, hostname, root key, root's password on the read-only /etc (PAM's check), ssh_pwauth; a password set through guest-set-user-password holds across a reboot",
         run: proxmox::proxmox,
     },
     Scenario {
@@ -262,7 +262,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "crosscheck",
-        about: "real cloud-init boots seedctl's seed to the same hostname, root keys and SSH host key",
+        about: "real cloud-init boots seedctl's seed to the same hostname, root keys and SSH host key; a seed of users and passwords ends in the same /etc/shadow password fields and sshd setting under both",
         run: crosscheck::crosscheck,
     },
     Scenario {
