@@ -227,7 +227,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "proxmox",
-        about: "Proxmox-made seeds (genisoimage cidata, ConfigDrive2): static IPv4/IPv6 on the NIC with the VM's MAC, hostname, root key, root's password on the read-only /etc (PAM's check), ssh_pwauth; a password set through guest-set-user-password holds across a reboot",
+        about: "Proxmox-made seeds (genisoimage cidata, ConfigDrive2): static IPv4/IPv6 on the NIC with the VM's MAC, hostname, root key, root's password on the read-only /etc (PAM's check), ssh_pwauth; a password set through guest-set-user-password holds across a reboot; a Nova config drive (network_data.json, public_keys)",
         run: proxmox::proxmox,
     },
     Scenario {

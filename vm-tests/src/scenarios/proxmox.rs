@@ -3,7 +3,8 @@
 //! ConfigDrive2 `config-2` drive. The static address lands on the NIC with the VM's MAC
 //! (the guest calls it enp*/ens*, not eth0), and the hostname and root key work. The
 //! NoCloud machine has a second NIC ahead of that one on the PCI bus, which the seed
-//! names `eth1` with DHCP: only the MACs tell the two apart.
+//! names `eth1` with DHCP: only the MACs tell the two apart. Last, a config drive as
+//! OpenStack Nova writes it, with the network in `network_data.json`.
 
 use super::*;
 use crate::machine::{Machine, genisoimage};
@@ -179,48 +180,7 @@ fn boot_and_check(
     if let Some(extra) = extra_mac {
         check_second_nic(&b, &ifname, extra)?;
     }
-    let files = b.ssh.run(
-        "grep -l . /run/systemd/network/* 2>/dev/null | xargs -r head -n 50; networkctl status --no-pager -n 0 2>&1 | head -n 20",
-    )?;
-    eprintln!(
-        "vm-tests: {}: NIC {ifname} ({mac}); networkd:\n{}",
-        m.name,
-        files.trim_end()
-    );
-    // networkd may still be configuring when sshd first answers.
-    let v4 = b.ssh.run(&format!(
-        "for i in $(seq 1 60); do ip -o -4 addr show dev {ifname} | grep -q ' {ADDR4}/24 ' && \
-           ip -o -6 addr show dev {ifname} | grep -q ' {ADDR6}/64 ' && \
-           ip -6 route show default | grep -q 'via {GW6} dev {ifname}' && break; sleep 1; done; \
-         ip -o addr show dev {ifname}"
-    ))?;
-    let line4 = v4
-        .lines()
-        .find(|l| l.contains(&format!(" {ADDR4}/24 ")))
-        .with_context(|| format!("{ADDR4}/24 is not on {ifname}:\n{v4}"))?;
-    ensure!(
-        !line4.contains("dynamic"),
-        "{ADDR4} on {ifname} came from DHCP, not from the seed's static config: {line4}"
-    );
-    ensure!(
-        v4.contains(&format!(" {ADDR6}/64 ")),
-        "the static6 address {ADDR6}/64 is not on {ifname}:\n{v4}"
-    );
-    let route = b.ssh.run("ip -4 route show default")?;
-    ensure!(
-        route.contains(&format!("via {GW4} dev {ifname}")),
-        "default route is not via {GW4} on {ifname}: {route}"
-    );
-    let route6 = b.ssh.run("ip -6 route show default")?;
-    ensure!(
-        route6.contains(&format!("via {GW6} dev {ifname}")),
-        "the IPv6 default route is not via {GW6} on {ifname}: {route6}"
-    );
-    let resolv = b.ssh.run("cat /etc/resolv.conf")?;
-    ensure!(
-        resolv.contains(&format!("nameserver {DNS}")) && resolv.contains(DOMAIN),
-        "/etc/resolv.conf lacks the seed's nameserver {DNS} / search {DOMAIN}:\n{resolv}"
-    );
+    check_static_network(&b, m, &ifname, Some(DOMAIN))?;
     let got = b.ssh.run("hostname")?;
     ensure!(
         got.trim() == hostname,
@@ -371,6 +331,55 @@ fn check_password(b: &Booted, ssh_pwauth: bool) -> Result<()> {
     Ok(())
 }
 
+/// The seed's static network on `ifname`: `ADDR4`/24 (not from DHCP) and `ADDR6`/64,
+/// both default routes through it, and the seed's nameserver (and search domain, when
+/// the seed's format can carry one) in resolv.conf.
+fn check_static_network(b: &Booted, m: &Machine, ifname: &str, search: Option<&str>) -> Result<()> {
+    let files = b.ssh.run(
+        "grep -l . /run/systemd/network/* 2>/dev/null | xargs -r head -n 50; networkctl status --no-pager -n 0 2>&1 | head -n 20",
+    )?;
+    eprintln!(
+        "vm-tests: {}: NIC {ifname}; networkd:\n{}",
+        m.name,
+        files.trim_end()
+    );
+    // networkd may still be configuring when sshd first answers.
+    let v4 = b.ssh.run(&format!(
+        "for i in $(seq 1 60); do ip -o -4 addr show dev {ifname} | grep -q ' {ADDR4}/24 ' && \
+           ip -o -6 addr show dev {ifname} | grep -q ' {ADDR6}/64 ' && \
+           ip -6 route show default | grep -q 'via {GW6} dev {ifname}' && break; sleep 1; done; \
+         ip -o addr show dev {ifname}"
+    ))?;
+    let line4 = v4
+        .lines()
+        .find(|l| l.contains(&format!(" {ADDR4}/24 ")))
+        .with_context(|| format!("{ADDR4}/24 is not on {ifname}:\n{v4}"))?;
+    ensure!(
+        !line4.contains("dynamic"),
+        "{ADDR4} on {ifname} came from DHCP, not from the seed's static config: {line4}"
+    );
+    ensure!(
+        v4.contains(&format!(" {ADDR6}/64 ")),
+        "the static6 address {ADDR6}/64 is not on {ifname}:\n{v4}"
+    );
+    let route = b.ssh.run("ip -4 route show default")?;
+    ensure!(
+        route.contains(&format!("via {GW4} dev {ifname}")),
+        "default route is not via {GW4} on {ifname}: {route}"
+    );
+    let route6 = b.ssh.run("ip -6 route show default")?;
+    ensure!(
+        route6.contains(&format!("via {GW6} dev {ifname}")),
+        "the IPv6 default route is not via {GW6} on {ifname}: {route6}"
+    );
+    let resolv = b.ssh.run("cat /etc/resolv.conf")?;
+    ensure!(
+        resolv.contains(&format!("nameserver {DNS}")) && search.is_none_or(|d| resolv.contains(d)),
+        "/etc/resolv.conf lacks the seed's nameserver {DNS} (or search {search:?}):\n{resolv}"
+    );
+    Ok(())
+}
+
 /// The seed's `eth1` (DHCP) is the first NIC on the bus and `eth0` (static) the second:
 /// each must be configured as the entry with its MAC says, not as its position would.
 fn check_second_nic(b: &Booted, main: &str, extra_mac: &str) -> Result<()> {
@@ -457,5 +466,65 @@ pub fn proxmox(h: &Harness) -> Result<()> {
         "config-2",
         &iso,
     )?;
-    boot_and_check(h, &m, &iso, "pve-configdrive", None, false)
+    boot_and_check(h, &m, &iso, "pve-configdrive", None, false)?;
+
+    nova_configdrive(h, &admin)
+}
+
+/// A config drive as OpenStack Nova writes it: `meta_data.json` with the key in
+/// `public_keys` and an FQDN `hostname`, the network in `network_data.json` (static IPv4
+/// and IPv6 on the link with the VM's MAC, a DNS service), no user data at all.
+fn nova_configdrive(h: &Harness, admin: &str) -> Result<()> {
+    let m = h.new_machine("nova-configdrive")?;
+    let mac = m.mac()?;
+    let meta = serde_json::json!({
+        "uuid": "6f1b1d1e-2c4a-4e57-9a8b-1f2e3d4c5b6a",
+        "hostname": "nova-vm.novalocal",
+        "name": "nova-vm",
+        "launch_index": 0,
+        "availability_zone": "nova",
+        "public_keys": {"mykey": admin},
+        "keys": [{"name": "mykey", "type": "ssh", "data": admin}],
+        "devices": [],
+    });
+    let network = serde_json::json!({
+        "links": [{"id": "tap1a2b3c4d-5e", "vif_id": "1a2b3c4d-5e6f-4a8b-9c0d-1e2f3a4b5c6d",
+                   "type": "ovs", "mtu": 1500, "ethernet_mac_address": mac}],
+        "networks": [
+            {"id": "network0", "type": "ipv4", "link": "tap1a2b3c4d-5e",
+             "ip_address": ADDR4, "netmask": "255.255.255.0",
+             "routes": [{"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": GW4}],
+             "network_id": "net-v4"},
+            {"id": "network1", "type": "ipv6", "link": "tap1a2b3c4d-5e",
+             "ip_address": ADDR6, "netmask": "ffff:ffff:ffff:ffff::",
+             "routes": [{"network": "::", "netmask": "::", "gateway": GW6}],
+             "network_id": "net-v6"},
+        ],
+        "services": [{"type": "dns", "address": DNS}],
+    });
+    let (meta, network) = (meta.to_string(), network.to_string());
+    let iso = m.state.join("nova-config-2.iso");
+    genisoimage(
+        &m.state.join("nova-config-2"),
+        &[
+            ("openstack/latest/meta_data.json", meta.as_bytes()),
+            ("openstack/latest/network_data.json", network.as_bytes()),
+            ("openstack/latest/vendor_data.json", b"{}"),
+            ("openstack/latest/vendor_data2.json", b"{}"),
+        ],
+        "config-2",
+        &iso,
+    )?;
+    // Reaching sshd's answer and a login means root took the key from `public_keys`.
+    let b = boot_pve(h, &m, &iso, None)?;
+    let ifname = nic_named(&b, &mac)?;
+    check_static_network(&b, &m, &ifname, None)?;
+    let facts = b
+        .ssh
+        .run("hostname; grep -o '\"source\": *\"[^\"]*\"' /var/identity/manifest.json")?;
+    ensure!(
+        facts.starts_with("nova-vm\n") && facts.contains("\"configdrive:"),
+        "a Nova config drive did not give hostname nova-vm from configdrive: (hostname, manifest source):\n{facts}"
+    );
+    b.poweroff()
 }
