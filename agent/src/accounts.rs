@@ -129,6 +129,8 @@ pub fn set_agent_password(
     let mounted = mounts::mount_points()?;
     let target = sysroot.join("etc").join(SHADOW);
     let is_bound = mounted.iter().any(|m| m == &target);
+    std::fs::create_dir_all(nixseed_run)
+        .with_context(|| format!("cannot create {}", nixseed_run.display()))?;
     let image = image_shadow(&target, nixseed_run, is_bound)?;
     let record = agent_passwords(sysroot)?.with(&instance_id(&gen_dir), user, hash);
     let check = shadow::compose(&image.text, &Accounts::default(), &record.passwords);
