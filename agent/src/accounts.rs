@@ -96,6 +96,9 @@ pub fn shadow_bound_as_needed(gen_dir: &Path, sysroot: &Path, mounted: &[PathBuf
     let Ok(settings) = Settings::load(gen_dir, sysroot) else {
         return false;
     };
+    if link_target(&target).is_some() {
+        return !bound;
+    }
     if !settings.touches_shadow() || bound {
         return settings.touches_shadow() == bound;
     }
@@ -129,6 +132,14 @@ pub fn set_agent_password(
     let mounted = mounts::mount_points()?;
     let target = sysroot.join("etc").join(SHADOW);
     let is_bound = mounted.iter().any(|m| m == &target);
+    if let Some(to) = link_target(&target) {
+        return Err(anyhow::anyhow!(
+            "{} is a link to {}, which nixseed leaves to the image's own account tool",
+            target.display(),
+            to.display()
+        )
+        .into());
+    }
     std::fs::create_dir_all(nixseed_run)
         .with_context(|| format!("cannot create {}", nixseed_run.display()))?;
     let image = image_shadow(&target, nixseed_run, is_bound)?;
@@ -141,15 +152,39 @@ pub fn set_agent_password(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
+    let before = std::fs::read(&path).ok();
     let bytes = serde_json::to_vec_pretty(&record).context("cannot encode the passwords")?;
-    write_private(&path, &bytes, 0o600, 0)?;
-    let dir = path.parent().unwrap_or(sysroot);
+    write_durably(&path, &bytes)?;
+    let bound =
+        mounts::mount_points().and_then(|m| bind_locked(&gen_dir, sysroot, nixseed_run, &m));
+    if let Err(e) = bound {
+        // A command that failed leaves no password behind for the next boot.
+        let undone = match before {
+            Some(old) => write_durably(&path, &old),
+            None => remove_if_present(&path),
+        };
+        if let Err(u) = undone {
+            tracing::warn!("{u:#}");
+        }
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// `write_private` (mode 0600), then the directory synced, so the file survives a power cut.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_private(path, bytes, 0o600, 0)?;
+    let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync {}", dir.display()))?;
-    let mounted = mounts::mount_points()?;
-    bind_locked(&gen_dir, sysroot, nixseed_run, &mounted)?;
-    Ok(())
+        .with_context(|| format!("cannot sync {}", dir.display()))
+}
+
+/// Where `path` links to, when it is a symbolic link. Such a `/etc/shadow` is left alone:
+/// the file it names belongs to a tool that rewrites it, and an absolute link does not
+/// even resolve under `/sysroot` in the initrd.
+fn link_target(path: &Path) -> Option<PathBuf> {
+    std::fs::read_link(path).ok()
 }
 
 /// Takes the seed's `/etc/shadow` away: the image's file shows again.
@@ -183,6 +218,14 @@ fn bind_locked(
     if !settings.touches_shadow() {
         return unbind_shadow(&target, &composed_path, is_bound);
     }
+    if let Some(to) = link_target(&target) {
+        tracing::warn!(
+            "{}: a link to {} (the image's own account tool keeps the file, as NixOS's userborn does): the seed's passwords are not applied",
+            target.display(),
+            to.display()
+        );
+        return Ok(());
+    }
     if !target.exists() {
         tracing::warn!(
             "{}: the image has no such file; the seed's passwords are not applied",
@@ -211,13 +254,19 @@ fn bind_locked(
         // image's file serves, with no bind.
         return unbind_shadow(&target, &composed_path, image.still_bound);
     }
+    // `image_shadow` may have taken an old bind away already.
+    let mounted: Vec<PathBuf> = mounted
+        .iter()
+        .filter(|m| image.still_bound || *m != &target)
+        .cloned()
+        .collect();
     write_private(
         &composed_path,
         composed.text.as_bytes(),
         image.mode,
         image.gid,
     )?;
-    mounts::bind_readonly(&composed_path, &target, mounted)?;
+    mounts::bind_readonly(&composed_path, &target, &mounted)?;
     if !composed.changed.is_empty() {
         tracing::info!(
             "{}: password settings from the seed for {}",

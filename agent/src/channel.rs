@@ -74,6 +74,11 @@ fn unapplied(store: &Store, n: u64, ctx: &ChannelContext) -> Option<String> {
             bound.map_or_else(|| "no generation".to_owned(), |m| format!("generation {m}"))
         ));
     }
+    if !stage::shadow_shows(store, n, &ctx.opts) {
+        return Some(format!(
+            "generation {n}'s passwords are not in /etc/shadow (the guest's journal says why)"
+        ));
+    }
     let pending = pending_reloads(ctx);
     (!pending.is_empty()).then(|| {
         format!(
@@ -163,6 +168,7 @@ async fn applied(
     if let Some(n) = now
         && (now != before
             || !bound.is_some_and(|m| stage::etc_shows(store, m, n))
+            || !stage::shadow_shows(store, n, &ctx.opts)
             || !retry.is_empty())
     {
         // What the running system has not taken yet: this request's changes, or those

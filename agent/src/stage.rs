@@ -596,6 +596,14 @@ pub fn etc_shows(store: &Store, bound: u64, n: u64) -> bool {
             .all(|f| read(bound, f) == read(n, f))
 }
 
+/// Whether `/etc/shadow` shows generation `n`'s password settings now (a push or stage 2
+/// that could not bind it tries again).
+pub fn shadow_shows(store: &Store, n: u64, opts: &StageOptions) -> bool {
+    mounts::mount_points().is_ok_and(|mounted| {
+        crate::accounts::shadow_bound_as_needed(&store.generation_path(n), &opts.sysroot, &mounted)
+    })
+}
+
 /// Stage 2. When the initrd stage already applied the current generation and its binds
 /// are in place, only verify; otherwise do the whole job and say machine-id came late.
 pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {

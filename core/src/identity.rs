@@ -597,6 +597,12 @@ mod tests {
             users("#cloud-config\nssh_pwauth: false\n").ssh_pwauth,
             Some(false)
         );
+        // Proxmox's user-data with a vendor snippet listing passwords: cloud-init's merged
+        // `chpasswd:` has a list, so the legacy `password:` does not count.
+        let a = users("#cloud-config\nuser: admin\npassword: $5$s$h\nchpasswd: {expire: False}\n");
+        let admin = a.users.iter().find(|u| u.name == "admin").unwrap();
+        assert_eq!(admin.passwd, None);
+        assert_eq!(a.chpasswd["root"], "$6$a$b");
     }
 
     #[test]

@@ -95,11 +95,21 @@ impl Seed {
         if let Some(ds) = ds {
             ds.apply(&mut meta);
         }
-        let user = userdata::parse(need("user-data")?, &origin(source, "user-data"))?;
-        let vendor = match files.get("vendor-data") {
+        let mut user = userdata::parse(need("user-data")?, &origin(source, "user-data"))?;
+        let mut vendor = match files.get("vendor-data") {
             Some(b) => Some(userdata::parse(b, &origin(source, "vendor-data"))?),
             None => None,
         };
+        // `chpasswd:` as merged (user-data's, else vendor-data's) decides whether the
+        // legacy `password:` counts.
+        let chpasswd = match &vendor {
+            Some(v) if user.chpasswd.is_empty() => v.chpasswd.clone(),
+            _ => user.chpasswd.clone(),
+        };
+        userdata::apply_legacy_password(&mut user, &chpasswd, &origin(source, "user-data"));
+        if let Some(v) = &mut vendor {
+            userdata::apply_legacy_password(v, &chpasswd, &origin(source, "vendor-data"));
+        }
         let network = match files.get("network-config") {
             Some(b) if !b.iter().all(u8::is_ascii_whitespace) => {
                 Some(network::parse(b, &origin(source, "network-config"))?)
@@ -136,10 +146,12 @@ impl Seed {
             detail: "missing: a ConfigDrive2 seed needs openstack/latest/meta_data.json".into(),
         })?;
         let meta = configdrive::parse_meta_data(meta_bytes, &origin(source, meta_name))?;
-        let user = match files.get("latest/user_data") {
+        let mut user = match files.get("latest/user_data") {
             Some(b) => userdata::parse(b, &origin(source, "latest/user_data"))?,
             None => CloudConfig::default(),
         };
+        let chpasswd = user.chpasswd.clone();
+        userdata::apply_legacy_password(&mut user, &chpasswd, &origin(source, "latest/user_data"));
         let network = match (files.get(NETWORK_DATA), &meta.network_path) {
             (Some(bytes), _) => Some(NetworkSetting::Config(network::parse_network_data(
                 bytes,

@@ -97,6 +97,9 @@ pub struct CloudConfig {
     pub warnings: Vec<String>,
     /// The legacy `user:` (the default user), which a later part's `users:` leaves alone.
     pub default_user: Option<String>,
+    /// The legacy `password:` (the default user's), kept as written until
+    /// [`apply_legacy_password`] knows every `chpasswd:` list, vendor-data's included.
+    pub password: Option<String>,
 }
 
 /// Keys that cloud-init knows and nixseed deliberately leaves alone: a warning still names
@@ -281,7 +284,6 @@ fn merge_cloud_config(
     origin: &str,
 ) -> Result<(), UserDataError> {
     let map = yaml::parse_mapping(text, origin)?;
-    let mut password = None;
     for (key, value) in &map {
         let Some(key) = key.as_str() else {
             config
@@ -324,7 +326,7 @@ fn merge_cloud_config(
             }
             // The legacy pair belongs to the default user (`user:`), wherever the keys
             // stand: applied once the whole part is read. Proxmox writes a hash.
-            "password" => password = Some(ctx.text(&map, text)?),
+            "password" => config.password = Some(ctx.text(&map, text)?),
             "chpasswd" => ctx.chpasswd(value, &mut config.chpasswd, &mut config.warnings)?,
             "ssh_keys" => {
                 config.ssh_keys = ctx.string_map(value)?;
@@ -365,35 +367,48 @@ fn merge_cloud_config(
     }
     // `users: [default]` leaves only the placeholder; the legacy `user:` is the default.
     config.users.retain(|u| u.name != "default");
-    // cloud-init's set-passwords takes `password:` only when `chpasswd:` lists no one.
-    let password = match password {
-        Some(_) if !config.chpasswd.is_empty() => {
-            config.warnings.push(format!(
-                "{origin}: key 'password' ignored: 'chpasswd' lists passwords, which win (as in cloud-init)"
-            ));
-            None
-        }
-        p => p,
+    Ok(())
+}
+
+/// Gives the legacy `password:` to the default user (`user:`), as cloud-init's
+/// set-passwords does: only when no `chpasswd:` list names anyone (`chpasswd`, the lists
+/// of user-data and vendor-data together), and, as every password here, only as a crypt
+/// hash. Set after the account is made and locked, with `chpasswd -e`, it ends up
+/// unlocked. Each refusal is a warning naming `origin`.
+pub fn apply_legacy_password(
+    config: &mut CloudConfig,
+    chpasswd: &BTreeMap<String, String>,
+    origin: &str,
+) {
+    let Some(hash) = config.password.take() else {
+        return;
     };
-    if let Some(hash) = password {
+    let why = if !chpasswd.is_empty() {
+        "'chpasswd' lists passwords, which win (as in cloud-init)"
+    } else if !hash.starts_with('$') {
+        let name = config.default_user.as_deref().unwrap_or("the default user");
+        config.warnings.push(format!(
+            "{origin}: clear-text password for user '{name}' ignored; give a crypt hash"
+        ));
+        return;
+    } else {
         let default = config.default_user.clone();
         match config
             .users
             .iter_mut()
             .find(|u| Some(&u.name) == default.as_ref())
         {
-            // cloud-init sets it after creating (and locking) the account, with
-            // `chpasswd -e`, so it ends up unlocked.
             Some(u) => {
                 u.passwd = Some(hash);
                 u.lock_passwd = Some(false);
+                return;
             }
-            None => config.warnings.push(format!(
-                "{origin}: key 'password' ignored: no 'user' to apply it to"
-            )),
+            None => "no 'user' to apply it to",
         }
-    }
-    Ok(())
+    };
+    config
+        .warnings
+        .push(format!("{origin}: key 'password' ignored: {why}"));
 }
 
 fn upsert_user(users: &mut Vec<User>, user: User, front: bool) {
@@ -523,8 +538,9 @@ impl Ctx<'_> {
                 Some(v) => self.keys(v)?,
                 None => Vec::new(),
             },
-            passwd: sub("passwd")
-                .or_else(|| sub("hashed_passwd"))
+            // cloud-init sets `hashed_passwd` after `passwd`, so it wins.
+            passwd: sub("hashed_passwd")
+                .or_else(|| sub("passwd"))
                 .and_then(yaml::scalar_text),
             lock_passwd: sub("lock_passwd").and_then(yaml::bool11),
             groups: match sub("groups") {
@@ -834,6 +850,15 @@ fn shell_quote(arg: &str) -> String {
 mod tests {
     use super::*;
 
+    /// user-data read as a seed reads it: parsed, then the legacy `password:` applied
+    /// against its own `chpasswd:` (no vendor-data).
+    fn parse(bytes: &[u8], origin: &str) -> Result<CloudConfig, UserDataError> {
+        let mut c = super::parse(bytes, origin)?;
+        let chpasswd = c.chpasswd.clone();
+        apply_legacy_password(&mut c, &chpasswd, origin);
+        Ok(c)
+    }
+
     /// gzip+base64 of `n` zero bytes, as a write_files `content`.
     fn gz_b64_zeros(n: usize) -> String {
         use std::io::Write;
@@ -1064,6 +1089,39 @@ mod tests {
         );
         let paths: Vec<&str> = c.write_files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["/var/c"]);
+    }
+
+    /// An entry with both: `hashed_passwd` is set last by cloud-init, and a clear-text
+    /// `passwd` beside it does not cost the hash.
+    #[test]
+    fn hashed_passwd_wins_over_passwd() {
+        let c = parse(
+            b"#cloud-config\nusers:\n  - {name: a, passwd: '$6$p$p', hashed_passwd: '$6$h$h'}\n  - {name: b, passwd: clear, hashed_passwd: '$6$h$h'}\n",
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.users[0].passwd.as_deref(), Some("$6$h$h"));
+        assert_eq!(c.users[1].passwd.as_deref(), Some("$6$h$h"));
+    }
+
+    /// A legacy `password:` in one part and a `chpasswd:` list in a later one: the
+    /// password is ignored, as when both stand in one part. A clear-text one leaves the
+    /// default user as it was (locked by default), not unlocked without a hash.
+    #[test]
+    fn the_legacy_password_is_judged_after_every_part() {
+        let multi = "Content-Type: multipart/mixed; boundary=\"B\"\nMIME-Version: 1.0\n\n--B\nContent-Type: text/cloud-config\n\n#cloud-config\nuser: admin\npassword: $6$x$y\n--B\nContent-Type: text/cloud-config\n\n#cloud-config\nchpasswd: {list: ['root:$6$a$b']}\n--B--\n";
+        let c = parse(multi.as_bytes(), "user-data").unwrap();
+        assert_eq!(c.users[0].passwd, None);
+        assert_eq!(c.users[0].lock_passwd, None);
+        let c = parse(
+            b"#cloud-config\nuser: admin\npassword: secret\n",
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(
+            c.users[0].lock_passwd, None,
+            "a dropped password unlocks nothing"
+        );
     }
 
     /// cloud-init applies `password:` only when `chpasswd:` names no one, and nixseed
