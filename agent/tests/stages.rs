@@ -1471,3 +1471,22 @@ fn a_password_for_an_account_the_image_lacks_is_named() {
         "{err}"
     );
 }
+
+/// A `/etc/shadow` that links into `/var` (NixOS's userborn on an immutable `/etc`) is
+/// left to the tool that keeps it: named in a warning, not bound, the rest applied.
+#[test]
+fn a_linked_etc_shadow_is_left_alone() {
+    let vm = Vm::new();
+    std::os::unix::fs::symlink("/var/lib/nixos/shadow", vm.p("sysroot/etc/shadow")).unwrap();
+    let (out, s) = vm.run(&format!(
+        "{AGENT} initrd --sysroot sysroot --root host --run run; echo \"rc=$?\"; echo \"== hostname\"; cat sysroot/etc/hostname; echo \"== mounts\"; grep -c ' /.*etc/shadow ' /proc/self/mountinfo; echo \"== end\""
+    ));
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert_eq!(etc(&s, "hostname"), "web1\n");
+    assert_eq!(etc(&s, "mounts"), "0\n", "{err}");
+    assert!(
+        err.contains("a link to /var/lib/nixos/shadow") && err.contains("not applied"),
+        "{err}"
+    );
+}
