@@ -21,15 +21,28 @@ const SHADOW: &str = "shadow";
 const SSHD_DROPIN_DIR: &str = "sshd_config.d";
 const SSHD_DROPIN: &str = "ssh_pwauth.conf";
 
-/// The generation's `users.json`, or nothing to apply when it has none.
-pub fn read(gen_dir: &Path) -> Result<Accounts> {
-    let path = gen_dir.join(identity::USERS);
-    match std::fs::read(&path) {
-        Ok(bytes) => Accounts::parse(&bytes, &path.display().to_string())
-            .map_err(|e| anyhow::anyhow!("{e}; passwords and ssh_pwauth not applied")),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Accounts::default()),
+/// A JSON file that may be absent (then there is nothing to apply): `parse`d, or an error
+/// naming the file and saying what is then `not_applied`.
+fn read_optional<T: Default>(
+    path: &Path,
+    parse: impl Fn(&[u8], &str) -> Result<T, String>,
+    not_applied: &str,
+) -> Result<T> {
+    match std::fs::read(path) {
+        Ok(bytes) => parse(&bytes, &path.display().to_string())
+            .map_err(|e| anyhow::anyhow!("{e}; {not_applied} not applied")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
+}
+
+/// The generation's `users.json`, or nothing to apply when it has none.
+pub fn read(gen_dir: &Path) -> Result<Accounts> {
+    read_optional(
+        &gen_dir.join(identity::USERS),
+        Accounts::parse,
+        "passwords and ssh_pwauth",
+    )
 }
 
 /// Where passwords set through the guest agent are kept, under the target root.
@@ -74,13 +87,11 @@ fn instance_id(gen_dir: &Path) -> String {
 }
 
 fn agent_passwords(sysroot: &Path) -> Result<AgentPasswords> {
-    let path = sysroot.join(AGENT_PASSWORDS);
-    match std::fs::read(&path) {
-        Ok(bytes) => AgentPasswords::parse(&bytes, &path.display().to_string())
-            .map_err(|e| anyhow::anyhow!("{e}; passwords set through the guest agent not applied")),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentPasswords::default()),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
+    read_optional(
+        &sysroot.join(AGENT_PASSWORDS),
+        AgentPasswords::parse,
+        "passwords set through the guest agent",
+    )
 }
 
 /// One bind of `/etc/shadow` at a time: a push and a guest-agent command may come at once.
@@ -93,12 +104,12 @@ static BINDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub fn shadow_bound_as_needed(gen_dir: &Path, sysroot: &Path, mounted: &[PathBuf]) -> bool {
     let target = sysroot.join("etc").join(SHADOW);
     let bound = mounted.iter().any(|m| m == &target);
-    let Ok(settings) = Settings::load(gen_dir, sysroot) else {
-        return false;
-    };
     if link_target(&target).is_some() {
         return !bound;
     }
+    let Ok(settings) = Settings::load(gen_dir, sysroot) else {
+        return false;
+    };
     if !settings.touches_shadow() || bound {
         return settings.touches_shadow() == bound;
     }

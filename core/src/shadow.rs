@@ -145,7 +145,7 @@ pub fn compose(
     let mut missing = Vec::new();
     let mut changed = Vec::new();
     let mut refused = Vec::new();
-    let mut set = |name: &str, hash: Option<&str>, lock: bool, missing: &mut Vec<String>| {
+    let mut set = |name: &str, hash: Option<&str>, lock: bool| {
         if hash.is_some_and(|h| !fits_a_field(h)) {
             refused.push(name.to_string());
             return;
@@ -171,15 +171,10 @@ pub fn compose(
         }
     };
     for u in &accounts.users {
-        set(
-            &u.name,
-            u.passwd.as_deref(),
-            u.lock_passwd.unwrap_or(true),
-            &mut missing,
-        );
+        set(&u.name, u.passwd.as_deref(), u.lock_passwd.unwrap_or(true));
     }
     for (name, hash) in accounts.chpasswd.iter().chain(agent) {
-        set(name, Some(hash), false, &mut missing);
+        set(name, Some(hash), false);
     }
     let mut text: String = lines
         .iter()
