@@ -1,7 +1,7 @@
 //! ConfigDrive2 (label `config-2`) as Proxmox VE and OpenStack Nova write it:
 //! `openstack/latest/meta_data.json`, `user_data`, the network as `network_data.json`
-//! (Nova) or as an ENI file under `openstack/content/` (Proxmox), and a possibly empty
-//! `vendor_data.json`.
+//! (Nova) or as an ENI file under `openstack/content/` (Proxmox), and vendor-data in
+//! `vendor_data.json` and `vendor_data2.json`.
 
 use serde::Deserialize;
 
@@ -121,6 +121,84 @@ pub fn parse_meta_data(bytes: &[u8], origin: &str) -> Result<ConfigDriveMeta, Co
     })
 }
 
+/// The vendor-data documents a ConfigDrive's `vendor_data.json` or `vendor_data2.json`
+/// holds, each to be read like a whole user-data.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct VendorData {
+    pub docs: Vec<Vec<u8>>,
+    pub warnings: Vec<String>,
+}
+
+/// Reads `vendor_data.json` (or `vendor_data2.json`) as cloud-init's `convert_vendordata`
+/// reads it: a JSON string is the vendor-data, a list holds several, and an object's
+/// `cloud-init` member is read the same way, one level deep (its other members are other
+/// services' data). `null`, `false`, `0`, `""`, `[]` and `{}` give none. What cloud-init
+/// rejects (`true`, a number, an object under `cloud-init`, a list item that is not a
+/// string) is named in a warning and gives none.
+///
+/// Where nixseed differs, by decision: an empty file gives none (Proxmox writes one when
+/// no vendor snippet is set; cloud-init refuses the whole drive over it), and a file that
+/// is not JSON is taken as the vendor-data itself, since Proxmox copies its `cicustom:
+/// vendor=` snippet (`#cloud-config` YAML) into the file unchanged.
+pub fn vendor_data(bytes: &[u8], origin: &str) -> VendorData {
+    let mut out = VendorData::default();
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return out;
+    }
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(value) => convert_vendor(value, true, origin, &mut out),
+        Err(_) => out.docs.push(bytes.to_vec()),
+    }
+    out
+}
+
+fn convert_vendor(value: serde_json::Value, top: bool, origin: &str, out: &mut VendorData) {
+    use serde_json::Value;
+    let mut refuse = |what: &str| {
+        out.warnings.push(format!(
+            "{origin}: {what}: no vendor-data taken from it, as cloud-init takes none"
+        ))
+    };
+    match value {
+        Value::Null | Value::Bool(false) => {}
+        Value::Number(n) if n.as_f64() == Some(0.0) => {}
+        Value::String(s) if s.is_empty() => {}
+        Value::String(s) => out.docs.push(s.into_bytes()),
+        Value::Array(items) => {
+            for (i, item) in items.into_iter().enumerate() {
+                match item {
+                    Value::String(s) => out.docs.push(s.into_bytes()),
+                    Value::Null => {}
+                    other => out.warnings.push(format!(
+                        "{origin}: item {i} is {}, not a string: passed over",
+                        json_kind(&other)
+                    )),
+                }
+            }
+        }
+        Value::Object(mut map) if top => {
+            if let Some(v) = map.remove("cloud-init") {
+                convert_vendor(v, false, origin, out);
+            }
+        }
+        Value::Object(map) if map.is_empty() => {}
+        Value::Object(_) => refuse("its `cloud-init` member is an object"),
+        other => refuse(&format!("it holds {}", json_kind(&other))),
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,5 +258,77 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("leaves the drive"));
+    }
+
+    fn docs(json: &str) -> (Vec<String>, Vec<String>) {
+        let v = vendor_data(
+            json.as_bytes(),
+            "configdrive:/dev/sr0/latest/vendor_data.json",
+        );
+        let docs = v
+            .docs
+            .into_iter()
+            .map(|d| String::from_utf8(d).unwrap())
+            .collect();
+        (docs, v.warnings)
+    }
+
+    #[test]
+    fn vendor_data_json_as_cloud_init_converts_it() {
+        let cc = "#cloud-config\nssh_pwauth: true\n";
+        let json_cc = serde_json::to_string(cc).unwrap();
+        // Nova's StaticJSON provider: an object, cloud-init's part under `cloud-init`,
+        // other services' members beside it.
+        let nova = format!(r#"{{"cloud-init": {json_cc}, "other": {{"x": 1}}}}"#);
+        assert_eq!(docs(&nova), (vec![cc.to_string()], vec![]));
+        assert_eq!(docs(&json_cc), (vec![cc.to_string()], vec![]));
+        let list = format!(r##"[{json_cc}, "#cloud-config\nfqdn: a.b\n", null]"##);
+        assert_eq!(docs(&list).0.len(), 2);
+        let nested = format!(r#"{{"cloud-init": [{json_cc}]}}"#);
+        assert_eq!(docs(&nested).0, [cc]);
+        // Nothing to take, and nothing to say.
+        for none in [
+            "",
+            " \n",
+            "{}",
+            "[]",
+            "null",
+            "false",
+            "0",
+            "\"\"",
+            r#"{"other": "x"}"#,
+            r#"{"cloud-init": null}"#,
+            r#"{"cloud-init": ""}"#,
+        ] {
+            assert_eq!(docs(none), (vec![], vec![]), "{none:?}");
+        }
+    }
+
+    #[test]
+    fn vendor_data_cloud_init_rejects_is_named_and_passed_over() {
+        for bad in [
+            "true",
+            "7",
+            r#"{"cloud-init": {"a": 1}}"#,
+            r#"{"cloud-init": 3}"#,
+        ] {
+            let (d, w) = docs(bad);
+            assert!(d.is_empty(), "{bad}");
+            assert_eq!(w.len(), 1, "{bad}: {w:?}");
+            assert!(
+                w[0].starts_with("configdrive:/dev/sr0/latest/vendor_data.json: "),
+                "{w:?}"
+            );
+        }
+        let (d, w) = docs(r##"["#cloud-config\n", {"content": "x"}]"##);
+        assert_eq!((d.len(), w.len()), (1, 1), "{w:?}");
+        assert!(w[0].contains("item 1 is an object"), "{w:?}");
+    }
+
+    #[test]
+    fn vendor_data_json_that_is_not_json_is_the_snippet_itself() {
+        // What Proxmox writes for `cicustom: vendor=local:snippets/vendor.yaml`.
+        let snippet = "#cloud-config\nssh_pwauth: true\n";
+        assert_eq!(docs(snippet), (vec![snippet.to_string()], vec![]));
     }
 }

@@ -380,31 +380,10 @@ fn resolv_from_network(n: &network::NetworkConfig) -> String {
 
 /// user-data over vendor-data, key by key.
 fn merged(seed: &Seed) -> CloudConfig {
-    let mut cfg = seed.user.clone();
-    if let Some(v) = &seed.vendor {
-        let v = v.clone();
-        cfg.hostname = cfg.hostname.or(v.hostname);
-        cfg.fqdn = cfg.fqdn.or(v.fqdn);
-        cfg.manage_etc_hosts |= v.manage_etc_hosts;
-        cfg.preserve_hostname |= v.preserve_hostname;
-        cfg.prefer_fqdn_over_hostname |= v.prefer_fqdn_over_hostname;
-        if cfg.ssh_authorized_keys.is_empty() {
-            cfg.ssh_authorized_keys = v.ssh_authorized_keys;
-        }
-        if cfg.users.is_empty() {
-            cfg.users = v.users;
-        }
-        if cfg.ssh_keys.is_empty() {
-            cfg.ssh_keys = v.ssh_keys;
-        }
-        if cfg.chpasswd.is_empty() {
-            cfg.chpasswd = v.chpasswd;
-        }
-        cfg.ssh_pwauth = cfg.ssh_pwauth.or(v.ssh_pwauth);
-        cfg.resolv_conf = cfg.resolv_conf.or(v.resolv_conf);
-        cfg.timezone = cfg.timezone.or(v.timezone);
+    match &seed.vendor {
+        Some(v) => seed.user.clone().over(v.clone()),
+        None => seed.user.clone(),
     }
-    cfg
 }
 
 /// A name and the seed key it came from, for messages.

@@ -68,6 +68,31 @@ pub struct Seed {
 
 /// ConfigDrive2's network description (OpenStack Nova writes it), relative to `openstack/`.
 pub const NETWORK_DATA: &str = "latest/network_data.json";
+/// ConfigDrive2's vendor-data, relative to `openstack/`: Nova's static vendor-data (and
+/// Proxmox's `cicustom: vendor=` snippet), and Nova's dynamic vendor-data, which wins
+/// over it.
+pub const VENDOR_DATA: &str = "latest/vendor_data.json";
+pub const VENDOR_DATA2: &str = "latest/vendor_data2.json";
+
+/// Gives the legacy `password:` of user-data and of each vendor-data (`vendors`, the
+/// highest first, each with its origin) to the default user. `chpasswd:` as merged
+/// (user-data's, else the first vendor-data's that has one) decides whether it counts.
+fn legacy_passwords(
+    user: &mut CloudConfig,
+    user_origin: &str,
+    vendors: &mut [(CloudConfig, String)],
+) {
+    let chpasswd = std::iter::once(&*user)
+        .chain(vendors.iter().map(|(v, _)| v))
+        .map(|c| &c.chpasswd)
+        .find(|c| !c.is_empty())
+        .cloned()
+        .unwrap_or_default();
+    userdata::apply_legacy_password(user, &chpasswd, user_origin);
+    for (v, from) in vendors {
+        userdata::apply_legacy_password(v, &chpasswd, from);
+    }
+}
 
 /// Names a file of a source for messages: `nocloud:/dev/sr0/user-data`.
 fn origin(source: &str, file: &str) -> String {
@@ -96,20 +121,16 @@ impl Seed {
             ds.apply(&mut meta);
         }
         let mut user = userdata::parse(need("user-data")?, &origin(source, "user-data"))?;
-        let mut vendor = match files.get("vendor-data") {
-            Some(b) => Some(userdata::parse(b, &origin(source, "vendor-data"))?),
-            None => None,
+        // `vendor_data: {enabled: false}` in user-data turns vendor-data off, as in cloud-init.
+        let vendor_origin = origin(source, "vendor-data");
+        let mut vendors = match files.get("vendor-data") {
+            Some(b) if user.vendor_data != Some(false) => {
+                vec![(userdata::parse(b, &vendor_origin)?, vendor_origin)]
+            }
+            _ => Vec::new(),
         };
-        // `chpasswd:` as merged (user-data's, else vendor-data's) decides whether the
-        // legacy `password:` counts.
-        let chpasswd = match &vendor {
-            Some(v) if user.chpasswd.is_empty() => v.chpasswd.clone(),
-            _ => user.chpasswd.clone(),
-        };
-        userdata::apply_legacy_password(&mut user, &chpasswd, &origin(source, "user-data"));
-        if let Some(v) = &mut vendor {
-            userdata::apply_legacy_password(v, &chpasswd, &origin(source, "vendor-data"));
-        }
+        legacy_passwords(&mut user, &origin(source, "user-data"), &mut vendors);
+        let vendor = vendors.pop().map(|(v, _)| v);
         let network = match files.get("network-config") {
             Some(b) if !b.iter().all(u8::is_ascii_whitespace) => {
                 Some(network::parse(b, &origin(source, "network-config"))?)
@@ -146,12 +167,45 @@ impl Seed {
             detail: "missing: a ConfigDrive2 seed needs openstack/latest/meta_data.json".into(),
         })?;
         let meta = configdrive::parse_meta_data(meta_bytes, &origin(source, meta_name))?;
+        let user_origin = origin(source, "latest/user_data");
         let mut user = match files.get("latest/user_data") {
-            Some(b) => userdata::parse(b, &origin(source, "latest/user_data"))?,
+            Some(b) => userdata::parse(b, &user_origin)?,
             None => CloudConfig::default(),
         };
-        let chpasswd = user.chpasswd.clone();
-        userdata::apply_legacy_password(&mut user, &chpasswd, &origin(source, "latest/user_data"));
+        let mut unread = Vec::new();
+        let mut read_vendor = |name: &str, enabled: Option<bool>| {
+            let file = files.get(name).filter(|_| enabled != Some(false));
+            let Some(bytes) = file else {
+                return Ok(None);
+            };
+            let from = origin(source, name);
+            let vd = configdrive::vendor_data(bytes, &from);
+            unread.extend(vd.warnings);
+            if vd.docs.is_empty() {
+                return Ok(None);
+            }
+            let docs: Vec<&[u8]> = vd.docs.iter().map(Vec::as_slice).collect();
+            let cfg = userdata::parse_documents(&docs, &from)?;
+            Ok::<_, SeedError>(Some((cfg, from)))
+        };
+        let mut vendors: Vec<(CloudConfig, String)> = [
+            read_vendor(VENDOR_DATA2, user.vendor_data2)?,
+            read_vendor(VENDOR_DATA, user.vendor_data)?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        legacy_passwords(&mut user, &user_origin, &mut vendors);
+        let mut warnings = user.warnings.clone();
+        warnings.extend(unread);
+        for (v, _) in &vendors {
+            warnings.extend(v.warnings.iter().cloned());
+        }
+        // vendor_data2.json over vendor_data.json, as cloud-init merges them.
+        let vendor = vendors
+            .into_iter()
+            .map(|(v, _)| v)
+            .reduce(CloudConfig::over);
         let network = match (files.get(NETWORK_DATA), &meta.network_path) {
             (Some(bytes), _) => Some(NetworkSetting::Config(network::parse_network_data(
                 bytes,
@@ -170,14 +224,13 @@ impl Seed {
             }
             (None, None) => None,
         };
-        let warnings = user.warnings.clone();
         Ok(Seed {
             source: source.to_string(),
             instance_id: meta.instance_id,
             local_hostname: meta.hostname,
             public_keys: meta.public_keys,
             user,
-            vendor: None,
+            vendor,
             network,
             digest: files.digest(),
             files: files.clone(),
@@ -316,6 +369,27 @@ mod tests {
     }
 
     #[test]
+    fn nocloud_vendor_data_can_be_turned_off_by_user_data() {
+        let read = |user: &str| {
+            let f = files(&[
+                ("meta-data", "instance-id: i-1\n"),
+                ("user-data", user),
+                ("vendor-data", "#cloud-config\nssh_pwauth: true\n"),
+            ]);
+            Seed::from_nocloud(&f, "nocloud:/dev/sr0", None)
+                .unwrap()
+                .vendor
+                .and_then(|v| v.ssh_pwauth)
+        };
+        assert_eq!(read("#cloud-config\n"), Some(true));
+        assert_eq!(
+            read("#cloud-config\nvendor_data: {enabled: true}\n"),
+            Some(true)
+        );
+        assert_eq!(read("#cloud-config\nvendor_data: {enabled: false}\n"), None);
+    }
+
+    #[test]
     fn nocloud_requires_both_files() {
         let err = Seed::from_nocloud(&files(&[("meta-data", "")]), "nocloud:/dev/sr0", None)
             .unwrap_err()
@@ -435,5 +509,134 @@ mod configdrive_tests {
             e.starts_with("configdrive:/dev/sr0/latest/network_data.json: not valid JSON"),
             "{e}"
         );
+    }
+
+    /// No ENI file named: the drive needs none.
+    const NOVA_META: &str = r#"{"uuid": "i-2"}"#;
+    const USER: &str = "#cloud-config\nhostname: alpha\n";
+
+    fn vendor_json(cloud_config: &str) -> String {
+        serde_json::json!({"cloud-init": cloud_config, "other-service": {"k": 1}}).to_string()
+    }
+
+    #[test]
+    fn vendor_data2_over_vendor_data_and_user_data_over_both() {
+        let v1 = vendor_json(
+            "#cloud-config\nssh_pwauth: false\nfqdn: alpha.vendor.example\ntimezone: UTC\n",
+        );
+        let v2 = vendor_json("#cloud-config\nssh_pwauth: true\n");
+        let s = seed(&[
+            ("latest/meta_data.json", NOVA_META),
+            (
+                "latest/user_data",
+                "#cloud-config\nhostname: alpha\ntimezone: Europe/Paris\n",
+            ),
+            (VENDOR_DATA, &v1),
+            (VENDOR_DATA2, &v2),
+        ])
+        .unwrap();
+        let v = s.vendor.clone().unwrap();
+        assert_eq!(v.ssh_pwauth, Some(true), "vendor_data2.json wins");
+        assert_eq!(v.fqdn.as_deref(), Some("alpha.vendor.example"));
+        let merged = s.user.clone().over(v);
+        assert_eq!(
+            merged.timezone.as_deref(),
+            Some("Europe/Paris"),
+            "user-data wins"
+        );
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn user_data_can_turn_each_vendor_data_off() {
+        let v1 = vendor_json("#cloud-config\nfqdn: alpha.vendor.example\n");
+        let v2 = vendor_json("#cloud-config\nssh_pwauth: true\n");
+        let with = |user: &str| {
+            seed(&[
+                ("latest/meta_data.json", NOVA_META),
+                ("latest/user_data", user),
+                (VENDOR_DATA, &v1),
+                (VENDOR_DATA2, &v2),
+            ])
+            .unwrap()
+            .vendor
+        };
+        let v = with(&format!("{USER}vendor_data: {{enabled: false}}\n")).unwrap();
+        assert_eq!((v.fqdn, v.ssh_pwauth), (None, Some(true)));
+        let v = with(&format!("{USER}vendor_data2: {{enabled: 'no'}}\n")).unwrap();
+        assert_eq!(
+            (v.fqdn.as_deref(), v.ssh_pwauth),
+            (Some("alpha.vendor.example"), None)
+        );
+        // cloud-init's is_true: only true and the words true, 1, on, yes turn it on.
+        let both_off = format!("{USER}vendor_data: {{enabled: 1}}\nvendor_data2: []\n");
+        let s = seed(&[
+            ("latest/meta_data.json", NOVA_META),
+            ("latest/user_data", &both_off),
+            (VENDOR_DATA, &v1),
+            (VENDOR_DATA2, &v2),
+        ])
+        .unwrap();
+        assert!(s.vendor.is_none());
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("key 'vendor_data2' is a list, not a mapping")),
+            "{:?}",
+            s.warnings
+        );
+        let on = with(&format!(
+            "{USER}vendor_data: {{enabled: 'On', prefix: []}}\n"
+        ))
+        .unwrap();
+        assert!(on.fqdn.is_some());
+    }
+
+    #[test]
+    fn proxmox_vendor_data_json_empty_or_the_snippet_itself() {
+        let empty = seed(&[
+            ("latest/meta_data.json", NOVA_META),
+            ("latest/user_data", USER),
+            (VENDOR_DATA, ""),
+        ])
+        .unwrap();
+        assert!(empty.vendor.is_none() && empty.warnings.is_empty());
+        let snippet = seed(&[
+            ("latest/meta_data.json", NOVA_META),
+            ("latest/user_data", USER),
+            (VENDOR_DATA, "#cloud-config\nssh_pwauth: true\n"),
+        ])
+        .unwrap();
+        assert_eq!(snippet.vendor.unwrap().ssh_pwauth, Some(true));
+    }
+
+    #[test]
+    fn a_bad_vendor_data_document_names_the_file() {
+        let e = seed(&[
+            ("latest/meta_data.json", NOVA_META),
+            (VENDOR_DATA2, &vendor_json("#cloud-config\nssh_pwauth: [\n")),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("configdrive:/dev/sr0/latest/vendor_data2.json: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn vendor_data_chpasswd_keeps_the_legacy_password_out() {
+        let user = "#cloud-config\nuser: root\npassword: $6$salt$hash\n";
+        let vd = vendor_json(
+            "#cloud-config\nchpasswd:\n  users:\n    - {name: games, password: $6$x$y}\n",
+        );
+        let s = seed(&[
+            ("latest/meta_data.json", NOVA_META),
+            ("latest/user_data", user),
+            (VENDOR_DATA, &vd),
+        ])
+        .unwrap();
+        let root = s.user.users.iter().find(|u| u.name == "root").unwrap();
+        assert_eq!(root.passwd, None, "chpasswd in vendor-data names someone");
     }
 }

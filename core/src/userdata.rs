@@ -100,6 +100,41 @@ pub struct CloudConfig {
     /// The legacy `password:` (the default user's), kept as written until
     /// [`apply_legacy_password`] knows every `chpasswd:` list, vendor-data's included.
     pub password: Option<String>,
+    /// `vendor_data: {enabled: ...}`: `Some(false)` turns vendor-data off, as in
+    /// cloud-init; `None` when user-data does not say.
+    pub vendor_data: Option<bool>,
+    /// The same for a ConfigDrive's `vendor_data2.json` (`vendor_data2:`).
+    pub vendor_data2: Option<bool>,
+}
+
+impl CloudConfig {
+    /// `self` over `lower`, key by key: user-data over vendor-data, and a ConfigDrive's
+    /// `vendor_data2.json` over its `vendor_data.json` (cloud-init's order). Only the keys
+    /// vendor-data may give are taken from `lower`.
+    pub fn over(mut self, lower: CloudConfig) -> CloudConfig {
+        let v = lower;
+        self.hostname = self.hostname.or(v.hostname);
+        self.fqdn = self.fqdn.or(v.fqdn);
+        self.manage_etc_hosts |= v.manage_etc_hosts;
+        self.preserve_hostname |= v.preserve_hostname;
+        self.prefer_fqdn_over_hostname |= v.prefer_fqdn_over_hostname;
+        if self.ssh_authorized_keys.is_empty() {
+            self.ssh_authorized_keys = v.ssh_authorized_keys;
+        }
+        if self.users.is_empty() {
+            self.users = v.users;
+        }
+        if self.ssh_keys.is_empty() {
+            self.ssh_keys = v.ssh_keys;
+        }
+        if self.chpasswd.is_empty() {
+            self.chpasswd = v.chpasswd;
+        }
+        self.ssh_pwauth = self.ssh_pwauth.or(v.ssh_pwauth);
+        self.resolv_conf = self.resolv_conf.or(v.resolv_conf);
+        self.timezone = self.timezone.or(v.timezone);
+        self
+    }
 }
 
 /// Keys that cloud-init knows and nixseed deliberately leaves alone: a warning still names
@@ -131,27 +166,16 @@ const USER_KEYS: &[&str] = &[
 /// Decodes raw user-data bytes (gzip, MIME multipart or plain) into a cloud-config.
 /// `origin` names the file in every message.
 pub fn parse(bytes: &[u8], origin: &str) -> Result<CloudConfig, UserDataError> {
-    let bytes = gunzip_if_needed(bytes, origin, MAX_USER_DATA)?;
-    if bytes.len() > MAX_USER_DATA {
-        return Err(invalid(
-            origin,
-            format!(
-                "{} bytes exceed the {} byte limit for user-data",
-                bytes.len(),
-                MAX_USER_DATA
-            ),
-        ));
-    }
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|e| invalid(origin, format!("not UTF-8 text ({e})")))?;
+    parse_documents(&[bytes], origin)
+}
+
+/// Several user-data documents read as one, each as [`parse`] reads a whole user-data and
+/// later ones over earlier ones, as cloud-init reads a list of vendor-data documents
+/// (a ConfigDrive's `vendor_data.json` may hold one).
+pub fn parse_documents(docs: &[&[u8]], origin: &str) -> Result<CloudConfig, UserDataError> {
     let mut config = CloudConfig::default();
-    for part in parts(text, origin)? {
-        match part {
-            Part::CloudConfig(text) => merge_cloud_config(&mut config, &text, origin)?,
-            Part::Ignored(what) => config.warnings.push(format!(
-                "{origin}: {what} ignored (nixseed applies #cloud-config only)"
-            )),
-        }
+    for doc in docs {
+        add_document(&mut config, doc, origin)?;
     }
     // Passwords are kept only as crypt hashes, as for chpasswd: nixseed never stores a
     // clear-text secret (and users.json, like /etc/shadow, is for root only).
@@ -165,6 +189,31 @@ pub fn parse(bytes: &[u8], origin: &str) -> Result<CloudConfig, UserDataError> {
         }
     }
     Ok(config)
+}
+
+fn add_document(config: &mut CloudConfig, bytes: &[u8], origin: &str) -> Result<(), UserDataError> {
+    let bytes = gunzip_if_needed(bytes, origin, MAX_USER_DATA)?;
+    if bytes.len() > MAX_USER_DATA {
+        return Err(invalid(
+            origin,
+            format!(
+                "{} bytes exceed the {} byte limit for user-data",
+                bytes.len(),
+                MAX_USER_DATA
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|e| invalid(origin, format!("not UTF-8 text ({e})")))?;
+    for part in parts(text, origin)? {
+        match part {
+            Part::CloudConfig(text) => merge_cloud_config(config, &text, origin)?,
+            Part::Ignored(what) => config.warnings.push(format!(
+                "{origin}: {what} ignored (nixseed applies #cloud-config only)"
+            )),
+        }
+    }
+    Ok(())
 }
 
 enum Part {
@@ -357,6 +406,8 @@ fn merge_cloud_config(
             "timezone" => config.timezone = Some(ctx.scalar(value)?),
             "resolv_conf" => config.resolv_conf = Some(ctx.resolv_conf(value)?),
             "nixseed" => config.nixseed = ctx.nixseed(value)?,
+            "vendor_data" => config.vendor_data = ctx.vendor_switch(value, &mut config.warnings),
+            "vendor_data2" => config.vendor_data2 = ctx.vendor_switch(value, &mut config.warnings),
             k if IGNORED_ON_IMMUTABLE.contains(&k) => config.warnings.push(format!(
                 "{origin}: key '{k}' ignored (not applicable to an immutable image)"
             )),
@@ -459,6 +510,32 @@ impl Ctx<'_> {
     fn boolean(&self, v: &Value) -> Result<bool, UserDataError> {
         yaml::bool11(v)
             .ok_or_else(|| self.err(format!("expected a boolean, found {}", yaml::kind(v))))
+    }
+
+    /// `vendor_data: {enabled: ...}` as cloud-init reads it: `enabled` counts as true only
+    /// when it is `true` or the text `true`, `1`, `on` or `yes` (its `is_true`); a value
+    /// that is not a mapping turns vendor-data off, with a warning. `None` when the
+    /// mapping does not say (vendor-data stays on).
+    fn vendor_switch(&self, v: &Value, warnings: &mut Vec<String>) -> Option<bool> {
+        let Value::Mapping(m) = v else {
+            warnings.push(format!(
+                "{}: key '{}' is {}, not a mapping: vendor-data is not applied, as cloud-init does not apply it",
+                self.origin,
+                self.key,
+                yaml::kind(v)
+            ));
+            return Some(false);
+        };
+        m.get("enabled").map(|e| match e {
+            Value::Bool(b) => *b,
+            Value::String(s) => {
+                matches!(
+                    s.trim().to_ascii_lowercase().as_str(),
+                    "true" | "1" | "on" | "yes"
+                )
+            }
+            _ => false,
+        })
     }
 
     fn keys(&self, v: &Value) -> Result<Vec<String>, UserDataError> {

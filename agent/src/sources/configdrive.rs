@@ -4,7 +4,7 @@
 use anyhow::Result;
 use nixseed_core::configdrive::parse_meta_data;
 use nixseed_core::label::{self, FsType};
-use nixseed_core::seed::{NETWORK_DATA, Seed, SeedFiles};
+use nixseed_core::seed::{NETWORK_DATA, Seed, SeedFiles, VENDOR_DATA, VENDOR_DATA2};
 
 use super::block::{BlockDevice, Media};
 use super::{Env, Source, read_seed_files};
@@ -58,7 +58,13 @@ fn from_device(env: &Env, dev: &BlockDevice) -> Result<Option<Seed>> {
             Some(m) => read_seed_files(&m.dir.join("openstack"), names),
         }
     };
-    let mut files = read(&["latest/meta_data.json", "latest/user_data", NETWORK_DATA])?;
+    let mut files = read(&[
+        "latest/meta_data.json",
+        "latest/user_data",
+        NETWORK_DATA,
+        VENDOR_DATA,
+        VENDOR_DATA2,
+    ])?;
     let Some(meta) = files.get("latest/meta_data.json") else {
         return Ok(None);
     };
