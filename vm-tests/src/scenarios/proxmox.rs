@@ -21,6 +21,8 @@ const DOMAIN: &str = "example.org";
 /// `openssl passwd -5 -salt nixseedpve proxmox`: Proxmox stores `cipassword` this way.
 const PASSWORD_HASH: &str = "$5$nixseedpve$KRN7lXrCGhZIyeaocO.FhOwr16dk38tWWLprGB.zZO5";
 const PASSWORD: &str = "proxmox";
+/// The FQDN the Nova drive's static vendor-data gives.
+const NOVA_FQDN: &str = "nova-vm.vendor.example";
 /// A vendor snippet as an operator adds it with Proxmox's `cicustom: vendor=...`.
 const VENDOR_DATA: &str = "#cloud-config\nssh_pwauth: true\n";
 
@@ -313,6 +315,11 @@ fn check_password(b: &Booted, ssh_pwauth: bool) -> Result<()> {
         apply.contains("initrd stage already applied generation"),
         "stage 2 did not find the initrd stage's binds (with /etc/shadow) in place:\n{apply}"
     );
+    check_ssh_pwauth(b, ssh_pwauth)
+}
+
+/// sshd's effective `PasswordAuthentication` for a root login is what `ssh_pwauth` asks.
+fn check_ssh_pwauth(b: &Booted, ssh_pwauth: bool) -> Result<()> {
     let sshd = b.ssh.run(
         "sshd -T -C user=root,host=client,addr=10.0.2.2 | grep -i '^passwordauthentication '",
     )?;
@@ -468,7 +475,10 @@ pub fn proxmox(h: &Harness) -> Result<()> {
 
 /// A config drive as OpenStack Nova writes it: `meta_data.json` with the key in
 /// `public_keys` and an FQDN `hostname`, the network in `network_data.json` (static IPv4
-/// and IPv6 on the link with the VM's MAC, a DNS service), no user data at all.
+/// and IPv6 on the link with the VM's MAC, a DNS service), no user data at all, and
+/// vendor-data from both of Nova's providers: the static `vendor_data.json` and the
+/// dynamic `vendor_data2.json`, each a JSON object with cloud-init's part under
+/// `cloud-init` beside other services' members.
 fn nova_configdrive(h: &Harness, admin: &str) -> Result<()> {
     let m = h.new_machine("nova-configdrive")?;
     let mac = m.mac()?;
@@ -497,15 +507,26 @@ fn nova_configdrive(h: &Harness, admin: &str) -> Result<()> {
         ],
         "services": [{"type": "dns", "address": DNS}],
     });
+    // The dynamic provider's `ssh_pwauth` wins over the static one's; the static one's
+    // FQDN and /etc/hosts still apply.
+    let vendor = serde_json::json!({
+        "cloud-init": format!("#cloud-config\nssh_pwauth: false\nmanage_etc_hosts: true\nfqdn: {NOVA_FQDN}\n"),
+        "static-service": {"motd": "hello"},
+    });
+    let vendor2 = serde_json::json!({
+        "cloud-init": "#cloud-config\nssh_pwauth: true\n",
+        "dynamic-service": {"token": "abc"},
+    });
     let (meta, network) = (meta.to_string(), network.to_string());
+    let (vendor, vendor2) = (vendor.to_string(), vendor2.to_string());
     let iso = m.state.join("nova-config-2.iso");
     genisoimage(
         &m.state.join("nova-config-2"),
         &[
             ("openstack/latest/meta_data.json", meta.as_bytes()),
             ("openstack/latest/network_data.json", network.as_bytes()),
-            ("openstack/latest/vendor_data.json", b"{}"),
-            ("openstack/latest/vendor_data2.json", b"{}"),
+            ("openstack/latest/vendor_data.json", vendor.as_bytes()),
+            ("openstack/latest/vendor_data2.json", vendor2.as_bytes()),
         ],
         "config-2",
         &iso,
@@ -521,5 +542,11 @@ fn nova_configdrive(h: &Harness, admin: &str) -> Result<()> {
         facts.starts_with("nova-vm\n") && facts.contains("\"configdrive:"),
         "a Nova config drive did not give hostname nova-vm from configdrive: (hostname, manifest source):\n{facts}"
     );
+    let hosts = b.ssh.run("cat /etc/hosts")?;
+    ensure!(
+        hosts.contains(NOVA_FQDN),
+        "vendor_data.json's manage_etc_hosts and fqdn: /etc/hosts does not name {NOVA_FQDN}:\n{hosts}"
+    );
+    check_ssh_pwauth(&b, true)?;
     b.poweroff()
 }
