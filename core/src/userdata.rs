@@ -697,10 +697,16 @@ impl Ctx<'_> {
                 .and_then(yaml::scalar_text)
                 .ok_or_else(|| self.err("an entry lacks 'path'"))?;
             check_write_path(&path).map_err(|d| self.err(format!("{path}: {d}")))?;
-            let content = item
-                .get("content")
-                .and_then(yaml::scalar_text)
-                .unwrap_or_default();
+            // `!!binary` content is bytes, as PyYAML reads it; anything else is text.
+            let content = match item.get("content") {
+                Some(c) => match yaml::binary(c) {
+                    Some(bytes) => bytes.map_err(|()| {
+                        self.err(format!("{path}: !!binary content is not base64"))
+                    })?,
+                    None => yaml::scalar_text(c).unwrap_or_default().into_bytes(),
+                },
+                None => Vec::new(),
+            };
             let encoding = item
                 .get("encoding")
                 .and_then(yaml::scalar_text)
@@ -739,18 +745,20 @@ impl Ctx<'_> {
 
     /// An entry's content by its `encoding`, named as cloud-init names them (in any case):
     /// `b64`/`base64`, `gz`/`gzip`, and the two together (`gz+b64`, `gzip+base64`, ...).
-    /// gzip content may be given as `!!binary` (base64 text by the time it is read here).
-    /// An unknown encoding is written as text, with a warning, as cloud-init does.
+    /// gzip content may be given as `!!binary` (bytes already) or as base64 text.
+    /// An unknown encoding is written as it is, with a warning, as cloud-init does.
     fn decode(
         &self,
         path: &str,
-        content: String,
+        content: Vec<u8>,
         encoding: Option<&str>,
         left: usize,
         warnings: &mut Vec<String>,
     ) -> Result<Vec<u8>, UserDataError> {
-        let base64 = |text: &str| {
-            crate::credentials::base64_decode(text)
+        let base64 = |raw: &[u8]| {
+            std::str::from_utf8(raw)
+                .ok()
+                .and_then(crate::credentials::base64_decode)
                 .ok_or_else(|| self.err(format!("{path}: base64 content is corrupt")))
         };
         let gunzip = |raw: Vec<u8>| {
@@ -763,11 +771,9 @@ impl Ctx<'_> {
             })
         };
         match encoding {
-            None | Some("text/plain") => Ok(content.into_bytes()),
+            None | Some("text/plain") => Ok(content),
             Some("b64" | "base64") => base64(&content),
-            Some("gz" | "gzip") if content.as_bytes().starts_with(&[0x1f, 0x8b]) => {
-                gunzip(content.into_bytes())
-            }
+            Some("gz" | "gzip") if content.starts_with(&[0x1f, 0x8b]) => gunzip(content),
             Some("gz" | "gzip" | "gz+b64" | "gz+base64" | "gzip+b64" | "gzip+base64") => {
                 gunzip(base64(&content)?)
             }
@@ -776,7 +782,7 @@ impl Ctx<'_> {
                     "{}: key 'write_files': {path}: unknown encoding '{other}', written as text",
                     self.origin
                 ));
-                Ok(content.into_bytes())
+                Ok(content)
             }
         }
     }
@@ -1038,6 +1044,39 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("/var/a: "), "{e}");
+    }
+
+    #[test]
+    fn binary_content_without_encoding_is_written_as_its_bytes() {
+        // cloud-init's own example writes an executable this way: PyYAML decodes
+        // `!!binary`, and write_files writes the bytes.
+        let bytes: Vec<u8> = (0u8..=255).collect();
+        let b64 = crate::channel::base64_encode(&bytes);
+        let (head, tail) = b64.split_at(200);
+        let text = format!(
+            "#cloud-config\nwrite_files:\n- path: /var/lib/app/blob\n  permissions: '0555'\n  content: !!binary |\n    {head}\n    {tail}\n- {{path: /var/b, content: !!binary aGkK}}\n- path: /var/c\n  content: '!!binary aGkK'\n- path: /var/d\n  # content: !!binary aGkK\n  content: |\n    !!binary aGkK\n"
+        );
+        let c = parse(text.as_bytes(), "user-data").unwrap();
+        let contents: Vec<&[u8]> = c.write_files.iter().map(|f| &f.content[..]).collect();
+        assert_eq!(
+            contents,
+            [&bytes[..], b"hi\n", b"!!binary aGkK", b"!!binary aGkK\n"]
+        );
+        let e = parse(
+            b"#cloud-config\nwrite_files:\n- {path: /var/a, content: !!binary 'not base64!'}\n",
+            "user-data",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("user-data: key 'write_files': /var/a: !!binary content is not base64"),
+            "{e}"
+        );
+        // Where text is wanted, binary data is named as such.
+        let e = parse(b"#cloud-config\nhostname: !!binary aGkK\n", "user-data")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("binary data (!!binary)"), "{e}");
     }
 
     #[test]

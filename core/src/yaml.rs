@@ -4,6 +4,7 @@
 //! serde_yaml is archived upstream; swapping it for a fork touches only this file.
 
 pub use serde_yaml::{Mapping, Value};
+use std::ops::ControlFlow;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{origin}: {detail}")]
@@ -42,6 +43,8 @@ pub fn parse(text: &str, origin: &str) -> Result<Value, YamlError> {
             ),
         ));
     }
+    let marked = mark_binary(text);
+    let text = marked.as_deref().unwrap_or(text);
     let budget = std::cell::Cell::new(MAX_EXPANDED);
     let de = serde_yaml::Deserializer::from_str(text);
     let mut value = serde::de::DeserializeSeed::deserialize(Bounded(&budget), de).map_err(|e| {
@@ -175,16 +178,27 @@ impl<'de> serde::de::Visitor<'de> for Bounded<'_> {
     }
 }
 
-/// The line on which flow collections (`[`, `{`) first nest deeper than `limit`, as far as
-/// a scan that knows quoted scalars, comments and block scalars can tell. It counts a
-/// bracket in a plain scalar only where a collection could start, so it errs towards
-/// deeper, and a document serde_yaml accepts (nesting of any kind at most 128) stays
-/// below the limit unless its plain scalars hold unbalanced brackets.
-fn flow_depth_exceeded(text: &str, limit: usize) -> Option<usize> {
+/// What [`scan`] reports of a document.
+enum Mark {
+    /// A flow collection (`[`, `{`) opens on this line (1-based), `depth` deep.
+    FlowOpen { line: usize, depth: usize },
+    /// A node's tag (`!!binary`, `!local`) at these byte offsets of the document.
+    Tag { start: usize, end: usize },
+}
+
+/// Walks a document as far as a scan that knows quoted scalars, comments and block
+/// scalars can tell, reporting flow collections and tags where a node could start, until
+/// `on` breaks. It counts a bracket in a plain scalar only where a collection could
+/// start, so it errs towards deeper.
+fn scan(text: &str, mut on: impl FnMut(Mark) -> ControlFlow<()>) {
     let mut depth = 0usize;
     let mut quote: Option<u8> = None;
     let mut block_scalar: Option<usize> = None;
-    for (n, line) in text.lines().enumerate() {
+    let mut line_start = 0;
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let offset = line_start;
+        line_start += line.len();
+        let line = line.trim_end_matches(['\n', '\r']);
         let bytes = line.as_bytes();
         let indent = bytes.iter().take_while(|&&c| c == b' ').count();
         if let Some(parent) = block_scalar {
@@ -220,8 +234,8 @@ fn flow_depth_exceeded(text: &str, limit: usize) -> Option<usize> {
                 b'"' | b'\'' if at_start => quote = Some(c),
                 b'[' | b'{' if depth > 0 || at_start => {
                     depth += 1;
-                    if depth > limit {
-                        return Some(n + 1);
+                    if on(Mark::FlowOpen { line: n + 1, depth }).is_break() {
+                        return;
                     }
                     at_start = true;
                 }
@@ -237,8 +251,13 @@ fn flow_depth_exceeded(text: &str, limit: usize) -> Option<usize> {
                     break;
                 }
                 b'!' | b'&' if at_start => {
+                    let begin = i;
                     while i + 1 < bytes.len() && !matches!(bytes[i + 1], b' ' | b'\t') {
                         i += 1;
+                    }
+                    let (start, end) = (offset + begin, offset + i + 1);
+                    if c == b'!' && on(Mark::Tag { start, end }).is_break() {
+                        return;
                     }
                 }
                 _ => at_start = false,
@@ -246,7 +265,66 @@ fn flow_depth_exceeded(text: &str, limit: usize) -> Option<usize> {
             i += 1;
         }
     }
-    None
+}
+
+/// The line on which flow collections first nest deeper than `limit`. A document
+/// serde_yaml accepts (nesting of any kind at most 128) stays below the limit unless its
+/// plain scalars hold unbalanced brackets.
+fn flow_depth_exceeded(text: &str, limit: usize) -> Option<usize> {
+    let mut found = None;
+    scan(text, |mark| match mark {
+        Mark::FlowOpen { line, depth } if depth > limit => {
+            found = Some(line);
+            ControlFlow::Break(())
+        }
+        _ => ControlFlow::Continue(()),
+    });
+    found
+}
+
+/// The local tag `!!binary` is read as: serde_yaml resolves `!!binary` to YAML's global
+/// binary tag and then drops it, leaving the base64 text, where PyYAML (and so
+/// cloud-init) gives the decoded bytes. The document is read with each `!!binary` tag
+/// turned into this one, which serde_yaml keeps ([`binary`] decodes it).
+const BINARY_TAG: &str = "!binary";
+
+/// `text` with every `!!binary` tag turned into [`BINARY_TAG`], padded to the same length
+/// so that positions in messages stay right; `None` when it has none.
+fn mark_binary(text: &str) -> Option<String> {
+    let mut tags = Vec::new();
+    scan(text, |mark| {
+        if let Mark::Tag { start, end } = mark
+            && &text[start..end] == "!!binary"
+        {
+            tags.push(start);
+        }
+        ControlFlow::Continue(())
+    });
+    if tags.is_empty() {
+        return None;
+    }
+    let mut out = text.to_string();
+    for start in tags {
+        out.replace_range(start..start + "!!binary".len(), &format!("{BINARY_TAG} "));
+    }
+    Some(out)
+}
+
+/// The bytes of a `!!binary` node (its base64 text decoded, as PyYAML decodes it):
+/// `None` when `v` is not one, `Some(Err(()))` when its text is not base64.
+pub fn binary(v: &Value) -> Option<Result<Vec<u8>, ()>> {
+    let Value::Tagged(t) = v else {
+        return None;
+    };
+    if t.tag != BINARY_TAG {
+        return None;
+    }
+    // A plain scalar of digits comes as a number.
+    Some(
+        scalar_text(&t.value)
+            .and_then(|s| crate::credentials::base64_decode(&s))
+            .ok_or(()),
+    )
 }
 
 /// Parses a document that must be a mapping (meta-data, cloud-config, network-config).
@@ -273,6 +351,7 @@ pub fn kind(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Sequence(_) => "a list",
         Value::Mapping(_) => "a mapping",
+        Value::Tagged(t) if t.tag == BINARY_TAG => "binary data (!!binary)",
         Value::Tagged(_) => "a tagged value",
     }
 }
@@ -394,6 +473,25 @@ pub fn string_list(v: &Value) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binary_tags_keep_positions_in_messages() {
+        let plain = parse("a: x\nb: 'open\n", "f").unwrap_err().to_string();
+        let tagged = parse("a: !!binary x\nb: 'open\n", "f")
+            .unwrap_err()
+            .to_string();
+        let at = |e: &str| {
+            e.split(": malformed")
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(at(&plain).starts_with("f: line "), "{plain}");
+        assert_eq!(at(&plain), at(&tagged), "{tagged}");
+        let v = parse("- !!binary aGkK\n- [!!binary 'aGk=']\n", "f").unwrap();
+        assert_eq!(binary(&v[0]), Some(Ok(b"hi\n".to_vec())));
+        assert_eq!(binary(&v[1][0]), Some(Ok(b"hi".to_vec())));
+    }
 
     #[test]
     fn yaml11_booleans_are_accepted() {

@@ -1,11 +1,12 @@
 //! crosscheck: the seed `seedctl seed` writes is a plain NoCloud seed. Real Debian
 //! cloud-init, on the cloud-init variant of the same base, must boot it to the same
 //! hostname, the same root keys and the very same SSH host key as nixseed does. And a
-//! seed of users and passwords ends in the same `/etc/shadow` password fields and sshd
-//! setting under both.
+//! seed of users, passwords and a `!!binary` file ends in the same `/etc/shadow`
+//! password fields, sshd setting and file bytes under both.
 
 use super::*;
 use crate::cmd;
+use sha2::Digest;
 use std::process::Command;
 
 /// One file of a NoCloud ISO, read back with xorriso (the host kernel cannot mount it).
@@ -33,10 +34,24 @@ const HASH_A: &str = "$6$nixseedxca$TBLbrH.Qk0ontUwSqP10HsLWZzVfqL3AINxESFGIvgZy
 const HASH_B: &str = "$6$nixseedxcb$lgzucBpk/ZSUyO7ycIZgYBJe/5IibdU/dBki3kLbTGZYRucd.pTSzhv9XLpST2PZJI6EwjHNEuuM/liC7yAx1.";
 const HASH_C: &str = "$6$nixseedxcc$3tJ7iWT1SjFhnZdUSs6oNGakXBhOHvCCTJSamlY9GWrm6BxUXCm5nm4QF5e5MIuCvD6ZWDHYwgMoORxd4W6140";
 
+/// Where the seed writes binary content (`!!binary`, no `encoding`), as cloud-init's own
+/// example writes an executable.
+const BLOB: &str = "/var/lib/crosscheck/blob";
+
+/// Every byte value, four times over: NULs and bytes that are not UTF-8 included.
+fn blob() -> Vec<u8> {
+    (0..1024).map(|i| (i % 256) as u8).collect()
+}
+
 /// Accounts the Debian base has, each meeting one rule: the legacy `user:`/`password:`
 /// (set, unlocked), an entry with `lock_passwd: false` (set, unlocked), an entry with
-/// a hash and the default lock (set, locked), an entry with neither (locked).
-fn password_user_data(admin_key: &str) -> String {
+/// a hash and the default lock (set, locked), an entry with neither (locked). And a
+/// file whose content is `!!binary`.
+fn crosscheck_user_data(admin_key: &str, blob_base64: &str) -> String {
+    let blob_lines: String = blob_base64
+        .lines()
+        .map(|l| format!("      {l}\n"))
+        .collect();
     format!(
         "#cloud-config\n\
          ssh_authorized_keys:\n  - {admin_key}\n\
@@ -49,15 +64,38 @@ fn password_user_data(admin_key: &str) -> String {
            - {{name: lp, hashed_passwd: '{HASH_C}'}}\n  \
            - {{name: news}}\n\
          chpasswd: {{expire: false}}\n\
-         ssh_pwauth: true\n"
+         ssh_pwauth: true\n\
+         write_files:\n  \
+           - path: {BLOB}\n    \
+             permissions: '0755'\n    \
+             content: !!binary |\n{blob_lines}"
     )
 }
 
-/// One seed of users and passwords, booted by real cloud-init and by nixseed: the
-/// password fields of `/etc/shadow` and sshd's `PasswordAuthentication` must agree, and
-/// must be what the seed asks for (so two agents doing nothing cannot pass).
+/// `bytes` in base64, 76 characters a line, by coreutils' `base64`.
+fn base64_lines(bytes: &[u8]) -> Result<String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("base64")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running base64")?;
+    child
+        .stdin
+        .take()
+        .context("base64's stdin")?
+        .write_all(bytes)?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "base64 failed");
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// One seed of users, passwords and a binary file, booted by real cloud-init and by
+/// nixseed: the password fields of `/etc/shadow`, sshd's `PasswordAuthentication` and the
+/// file's checksum and mode must agree, and must be what the seed asks for (so two agents
+/// doing nothing cannot pass).
 fn passwords_as_cloud_init(h: &Harness, ci: &Harness) -> Result<()> {
-    let ud = password_user_data(&h.key.public_line()?);
+    let ud = crosscheck_user_data(&h.key.public_line()?, &base64_lines(&blob())?);
     let md = "instance-id: pw-crosscheck\nlocal-hostname: pw-crosscheck\n";
     let mut seen = Vec::new();
     for (harness, name) in [(ci, "pw-cloud-init"), (h, "pw-nixseed")] {
@@ -83,13 +121,16 @@ fn passwords_as_cloud_init(h: &Harness, ci: &Harness) -> Result<()> {
         let sshd = b.ssh.run(
             "sshd -T -C user=root,host=client,addr=10.0.2.2 | grep -i '^passwordauthentication '",
         )?;
+        let file = b
+            .ssh
+            .run(&format!("sha256sum {BLOB}; stat -c '%a %s' {BLOB}"))?;
         b.poweroff()?;
-        seen.push((name, shadow, sshd.to_ascii_lowercase()));
+        seen.push((name, format!("{shadow}{file}"), sshd.to_ascii_lowercase()));
     }
     let (ci_seen, ours) = (&seen[0], &seen[1]);
     ensure!(
         ci_seen.1 == ours.1 && ci_seen.2 == ours.2,
-        "the seed's passwords differ between cloud-init and nixseed:\n\
+        "the seed's passwords or binary file differ between cloud-init and nixseed:\n\
          cloud-init:\n{}{}nixseed:\n{}{}",
         ci_seen.1,
         ci_seen.2,
@@ -97,14 +138,22 @@ fn passwords_as_cloud_init(h: &Harness, ci: &Harness) -> Result<()> {
         ours.2
     );
     let want = format!("games:{HASH_A}\nman:{HASH_B}\nlp:!{HASH_C}\n");
+    let blob_sum = sha2::Sha256::digest(blob())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    let want_file = format!("{blob_sum}  {BLOB}\n755 1024\n");
     ensure!(
-        ours.1.contains(&want) && ours.1.contains("news:!") && ours.2.contains("yes"),
+        ours.1.contains(&want)
+            && ours.1.contains("news:!")
+            && ours.1.contains(&want_file)
+            && ours.2.contains("yes"),
         "both agents agree, but not on what the seed asks for:\n{}{}",
         ours.1,
         ours.2
     );
     eprintln!(
-        "vm-tests: cloud-init and nixseed agree on the seed's passwords and ssh_pwauth:\n{}{}",
+        "vm-tests: cloud-init and nixseed agree on the seed's passwords, ssh_pwauth and binary file:\n{}{}",
         ours.1, ours.2
     );
     Ok(())
