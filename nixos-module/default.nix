@@ -611,6 +611,14 @@ in
         };
       })
 
+      # The seed's `sudo:` rules for accounts the image declares, as cloud-init applies
+      # them; the agent writes them under /run/nixseed/sudoers.d at every bind.
+      (lib.mkIf config.security.sudo.enable {
+        security.sudo.extraConfig = lib.mkAfter ''
+          @includedir /run/nixseed/sudoers.d
+        '';
+      })
+
       (lib.mkIf
         (cfg.ssh.enable && config.services.openssh.enable && !config.services.openssh.startWhenNeeded)
         {

@@ -1,6 +1,7 @@
-//! The seed's password settings on a read-only `/etc` (docs/identity.md, "Passwords"):
-//! `/etc/shadow` composed from the image's file and bound over it, and sshd's
-//! `ssh_pwauth` drop-in under `<run>/nixseed/sshd_config.d`. Part of every bind of a
+//! The seed's account settings on a read-only `/etc` (docs/identity.md, "Passwords"):
+//! `/etc/shadow` composed from the image's file and bound over it, sshd's `ssh_pwauth`
+//! drop-in under `<run>/nixseed/sshd_config.d`, and the `sudo:` rules under
+//! `<run>/nixseed/sudoers.d`. Part of every bind of a
 //! generation: the initrd stage, stage 2 doing the whole job, a push; and a password set
 //! through the guest agent where chpasswd cannot write.
 
@@ -20,6 +21,10 @@ const SHADOW: &str = "shadow";
 /// /run/nixseed/sshd_config.d/*.conf`), so that it wins over the image's own setting.
 const SSHD_DROPIN_DIR: &str = "sshd_config.d";
 const SSHD_DROPIN: &str = "ssh_pwauth.conf";
+/// The directory an image's sudoers includes (`@includedir /run/nixseed/sudoers.d`), and
+/// the file in it (sudo skips names with a `.`).
+const SUDOERS_DIR: &str = "sudoers.d";
+const SUDOERS: &str = "90-nixseed-users";
 
 /// A JSON file that may be absent (then there is nothing to apply): `parse`d, or an error
 /// naming the file and saying what is then `not_applied`.
@@ -222,6 +227,11 @@ fn bind_locked(
 ) -> Result<()> {
     let settings = Settings::load(gen_dir, sysroot)?;
     sshd_dropin(nixseed_run, settings.accounts.ssh_pwauth)?;
+    sudo_rules(
+        nixseed_run,
+        &settings.accounts,
+        &gen_dir.join(identity::USERS),
+    )?;
 
     let target = sysroot.join("etc").join(SHADOW);
     let composed_path = nixseed_run.join(SHADOW);
@@ -376,6 +386,23 @@ fn sshd_dropin(nixseed_run: &Path, ssh_pwauth: Option<bool>) -> Result<()> {
             let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644));
             Ok(())
         }
+        None => remove_if_present(&path),
+    }
+}
+
+/// `<run>/nixseed/sudoers.d/90-nixseed-users` (root's, mode 0440, as sudo wants it),
+/// present only when the seed has rules. The directory is always there, so that an
+/// image's `@includedir` finds it.
+fn sudo_rules(nixseed_run: &Path, accounts: &Accounts, origin: &Path) -> Result<()> {
+    let dir = nixseed_run.join(SUDOERS_DIR);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(SUDOERS);
+    let rules = shadow::sudoers(accounts);
+    for why in &rules.refused {
+        tracing::warn!("{}: sudo rules for {why}: not applied", origin.display());
+    }
+    match rules.text {
+        Some(text) => write_private(&path, text.as_bytes(), 0o440, 0),
         None => remove_if_present(&path),
     }
 }

@@ -1490,3 +1490,45 @@ fn a_linked_etc_shadow_is_left_alone() {
         "{err}"
     );
 }
+
+/// `sudo:` rules reach `<run>/nixseed/sudoers.d` as cloud-init writes them, root's and
+/// mode 0440 as sudo requires; a name sudo would read as a group is left out and named;
+/// a later instance without rules takes the file away and keeps the directory that an
+/// image's `@includedir` names.
+#[test]
+fn sudo_rules_come_and_go_with_the_seed() {
+    let vm = Vm::new();
+    vm.seed(
+        "instance-id: iid-1\n",
+        "#cloud-config\nhostname: web1\nusers:\n  - {name: ops, sudo: 'ALL=(ALL) NOPASSWD:ALL', lock_passwd: false}\n  - {name: '%adm', sudo: 'ALL=(ALL) ALL'}\n",
+        None,
+    );
+    let show = "echo \"== sudoers\"; cat run/nixseed/sudoers.d/90-nixseed-users 2>/dev/null; echo \"== mode\"; stat -c '%a %u' run/nixseed/sudoers.d/90-nixseed-users 2>/dev/null; ls -d run/nixseed/sudoers.d; echo \"== end\"";
+    let (out, s) = vm.run(&format!(
+        "{AGENT} initrd --sysroot sysroot --root host --run run; echo \"rc=$?\"; {show}"
+    ));
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert_eq!(
+        etc(&s, "sudoers"),
+        "# From the seed's users (nixseed).\n\n# User rules for ops\nops ALL=(ALL) NOPASSWD:ALL\n",
+        "{err}"
+    );
+    assert_eq!(etc(&s, "mode"), "440 0\nrun/nixseed/sudoers.d\n");
+    assert!(
+        err.contains("users.json: sudo rules for %adm: not a plain account name: not applied"),
+        "{err}"
+    );
+
+    vm.seed(
+        "instance-id: iid-2\n",
+        "#cloud-config\nhostname: web2\nusers:\n  - {name: ops, lock_passwd: false}\n",
+        None,
+    );
+    let (out, s) = vm.run(&format!(
+        "{AGENT} initrd --sysroot sysroot --root host --run run; echo \"rc=$?\"; {show}"
+    ));
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(etc(&s, "sudoers"), "");
+    assert_eq!(etc(&s, "mode"), "run/nixseed/sudoers.d\n");
+}

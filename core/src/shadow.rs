@@ -26,6 +26,9 @@ pub struct AccountEntry {
     pub passwd: Option<String>,
     #[serde(default)]
     pub lock_passwd: Option<bool>,
+    /// `sudo:` rules, as cloud-init writes them for an account that already exists.
+    #[serde(default)]
+    pub sudo: Vec<String>,
 }
 
 impl Accounts {
@@ -190,6 +193,57 @@ pub fn compose(
         missing,
         refused,
     }
+}
+
+/// The seed's `sudo:` rules as one sudoers file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Sudoers {
+    /// cloud-init's lines (`# User rules for NAME`, then `NAME RULE` for each rule);
+    /// `None` when no entry has a rule.
+    pub text: Option<String>,
+    /// `name: why` for each entry left out.
+    pub refused: Vec<String>,
+}
+
+/// Whether `name` can stand as a user in a sudoers rule: a plain account name. sudoers
+/// reads a leading `%` as a group, `#` as a uid and `+` as a netgroup, and a blank, a
+/// comma or a `:` would change the rule.
+fn plain_account_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '$'))
+}
+
+/// The `sudo:` rules of `accounts`, in the order of the entries. An entry whose name is
+/// not a plain account name, or one of whose rules holds a control character (a line
+/// break would add a sudoers line of the seed's choosing), is left out whole.
+pub fn sudoers(accounts: &Accounts) -> Sudoers {
+    let mut out = Sudoers::default();
+    let mut text = String::new();
+    for u in accounts.users.iter().filter(|u| !u.sudo.is_empty()) {
+        if !plain_account_name(&u.name) {
+            out.refused.push(format!(
+                "{}: not a plain account name",
+                u.name.escape_debug()
+            ));
+            continue;
+        }
+        if u.sudo.iter().any(|r| r.chars().any(char::is_control)) {
+            out.refused
+                .push(format!("{}: a rule holds a control character", u.name));
+            continue;
+        }
+        text.push_str(&format!("\n# User rules for {}\n", u.name));
+        for rule in &u.sudo {
+            text.push_str(&format!("{} {}\n", u.name, rule.trim()));
+        }
+    }
+    if !text.is_empty() {
+        out.text = Some(format!("# From the seed's users (nixseed).\n{text}"));
+    }
+    out
 }
 
 /// The sshd drop-in for `ssh_pwauth` (cloud-init sets only `PasswordAuthentication`).
@@ -357,5 +411,45 @@ mod tests {
     fn the_sshd_dropin_says_yes_or_no() {
         assert!(sshd_dropin(true).contains("\nPasswordAuthentication yes\n"));
         assert!(sshd_dropin(false).contains("\nPasswordAuthentication no\n"));
+    }
+
+    #[test]
+    fn sudo_rules_as_cloud_init_writes_them() {
+        let a = accounts(
+            r#"{"users": [
+                {"name": "ops", "sudo": ["ALL=(ALL) NOPASSWD:ALL"]},
+                {"name": "nobody-here"},
+                {"name": "deploy", "sudo": ["ALL=(root) /usr/bin/systemctl", " ALL=(app) ALL "]}
+            ]}"#,
+        );
+        assert_eq!(
+            sudoers(&a).text.as_deref(),
+            Some(
+                "# From the seed's users (nixseed).\n\n# User rules for ops\nops ALL=(ALL) NOPASSWD:ALL\n\n# User rules for deploy\ndeploy ALL=(root) /usr/bin/systemctl\ndeploy ALL=(app) ALL\n"
+            )
+        );
+        assert_eq!(
+            sudoers(&accounts(r#"{"users": [{"name": "ops"}]}"#)),
+            Sudoers::default()
+        );
+    }
+
+    #[test]
+    fn sudo_rules_cannot_add_lines_or_name_groups() {
+        let a = accounts(
+            r#"{"users": [
+                {"name": "%sudo", "sudo": ["ALL=(ALL) ALL"]},
+                {"name": "ops", "sudo": ["ALL=(ALL) ALL\nALL ALL=(ALL) NOPASSWD:ALL"]},
+                {"name": "ok", "sudo": ["ALL=(ALL) ALL"]}
+            ]}"#,
+        );
+        let s = sudoers(&a);
+        assert_eq!(
+            s.text.as_deref(),
+            Some("# From the seed's users (nixseed).\n\n# User rules for ok\nok ALL=(ALL) ALL\n")
+        );
+        assert_eq!(s.refused.len(), 2, "{:?}", s.refused);
+        assert!(s.refused[0].starts_with("%sudo: "), "{:?}", s.refused);
+        assert!(s.refused[1].starts_with("ops: "), "{:?}", s.refused);
     }
 }

@@ -104,6 +104,10 @@ let
           cloud-init.enable = opt types.bool false;
         };
         system.etc.overlay.enable = opt types.bool false;
+        security.sudo = {
+          enable = opt types.bool true;
+          extraConfig = opt types.lines "";
+        };
       };
     };
 
@@ -241,6 +245,13 @@ in
     && static.environment.etc."resolv.conf".source.text
       == "nameserver 10.0.0.1\nnameserver 10.0.0.2\nsearch example.com\n"
     && static.warnings == [ ]
+  ))
+  (check "sudo includes the seed's rules, and nothing is added without sudo" (
+    lib.hasInfix "@includedir /run/nixseed/sudoers.d" good.security.sudo.extraConfig
+    && (eval {
+      imports = [ base ];
+      security.sudo.enable = false;
+    }).security.sudo.extraConfig == ""
   ))
   (check "an explicit hostname wins over the module's empty default" (
     (eval {

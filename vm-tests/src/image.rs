@@ -44,6 +44,7 @@ const BASE_PACKAGES: &[&str] = &[
     "kmod",
     "e2fsprogs",
     "procps",
+    "sudo",
     "linux-image-amd64",
 ];
 const CLOUD_INIT_PACKAGES: &[&str] = &["cloud-init", "qemu-guest-agent", "python3-cffi-backend"];
@@ -197,6 +198,7 @@ fn tree_key(variant: Variant) -> String {
         Variant::Nixseed => {
             h.update(FACTORY_ONLY.join(",").as_bytes());
             h.update(SSHD_NIXSEED.as_bytes());
+            h.update(SUDOERS_NIXSEED.as_bytes());
         }
     }
     format!("{}-{}", variant.name(), &hex(&h.finalize())[..16])
@@ -371,6 +373,13 @@ fn build_tree_layer(variant: Variant, dir: &Path) -> Result<()> {
         Variant::CloudInit => configure_cloud_init(&tmp)?,
     }
     check_sshd_config(&tmp)?;
+    // sudo refuses to run at all over a sudoers file it cannot parse.
+    cmd::run(
+        Command::new("chroot")
+            .arg(&tmp)
+            .args(["visudo", "-c", "-q"]),
+    )
+    .with_context(|| format!("checking {}'s sudoers", tmp.display()))?;
     mark_etc_updated(&tmp)?;
     let tree = dir.join("tree");
     if tree.exists() {
@@ -768,6 +777,11 @@ fn configure_common(tree: &Path) -> Result<()> {
     Ok(())
 }
 
+/// sudo's drop-in in the nixseed image: the seed's `sudo:` rules, written by nixseed at
+/// boot (docs/identity.md, "sudo rules"). sudo wants the file root's and not writable.
+const SUDOERS_NIXSEED: &str = "# The seed's sudo rules, written by nixseed at boot.\n\
+     @includedir /run/nixseed/sudoers.d\n";
+
 fn configure_nixseed(tree: &Path) -> Result<()> {
     configure_common(tree)?;
     write(
@@ -785,6 +799,13 @@ fn configure_nixseed(tree: &Path) -> Result<()> {
         &tree.join("etc/ssh/sshd_config.d/nixseed.conf"),
         SSHD_NIXSEED,
     )?;
+    let sudoers = tree.join("etc/sudoers.d/nixseed");
+    write(&sudoers, SUDOERS_NIXSEED)?;
+    fs::set_permissions(
+        &sudoers,
+        std::os::unix::fs::PermissionsExt::from_mode(0o440),
+    )
+    .with_context(|| format!("setting the mode of {}", sudoers.display()))?;
     // Placeholders the initrd stage bind-mounts over; empty so a missing identity shows.
     for f in ["etc/machine-id", "etc/hostname", "etc/resolv.conf"] {
         let p = tree.join(f);
