@@ -201,11 +201,16 @@ impl Seed {
         for (v, _) in &vendors {
             warnings.extend(v.warnings.iter().cloned());
         }
-        // vendor_data2.json over vendor_data.json, as cloud-init merges them.
-        let vendor = vendors
-            .into_iter()
-            .map(|(v, _)| v)
-            .reduce(CloudConfig::over);
+        // vendor_data2.json over vendor_data.json, as cloud-init merges them; the files
+        // of both are written, vendor_data2.json's last, as user-data's and vendor-data's.
+        let vendor = vendors.into_iter().map(|(v, _)| v).reduce(|high, low| {
+            let mut files = low.write_files.clone();
+            files.extend(high.write_files.iter().cloned());
+            CloudConfig {
+                write_files: files,
+                ..high.over(low)
+            }
+        });
         let network = match (files.get(NETWORK_DATA), &meta.network_path) {
             (Some(bytes), _) => Some(NetworkSetting::Config(network::parse_network_data(
                 bytes,
@@ -522,9 +527,11 @@ mod configdrive_tests {
     #[test]
     fn vendor_data2_over_vendor_data_and_user_data_over_both() {
         let v1 = vendor_json(
-            "#cloud-config\nssh_pwauth: false\nfqdn: alpha.vendor.example\ntimezone: UTC\n",
+            "#cloud-config\nssh_pwauth: false\nfqdn: alpha.vendor.example\ntimezone: UTC\nwrite_files: [{path: /var/lib/v1, content: a}]\n",
         );
-        let v2 = vendor_json("#cloud-config\nssh_pwauth: true\n");
+        let v2 = vendor_json(
+            "#cloud-config\nssh_pwauth: true\nwrite_files: [{path: /var/lib/v2, content: b}]\n",
+        );
         let s = seed(&[
             ("latest/meta_data.json", NOVA_META),
             (
@@ -537,6 +544,8 @@ mod configdrive_tests {
         .unwrap();
         let v = s.vendor.clone().unwrap();
         assert_eq!(v.ssh_pwauth, Some(true), "vendor_data2.json wins");
+        let paths: Vec<&str> = v.write_files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["/var/lib/v1", "/var/lib/v2"]);
         assert_eq!(v.fqdn.as_deref(), Some("alpha.vendor.example"));
         let merged = s.user.clone().over(v);
         assert_eq!(
@@ -569,7 +578,7 @@ mod configdrive_tests {
             (Some("alpha.vendor.example"), None)
         );
         // cloud-init's is_true: only true and the words true, 1, on, yes turn it on.
-        let both_off = format!("{USER}vendor_data: {{enabled: 1}}\nvendor_data2: []\n");
+        let both_off = format!("{USER}vendor_data: {{enabled: 2}}\nvendor_data2: []\n");
         let s = seed(&[
             ("latest/meta_data.json", NOVA_META),
             ("latest/user_data", &both_off),

@@ -206,13 +206,19 @@ pub struct Sudoers {
 }
 
 /// Whether `name` can stand as a user in a sudoers rule: a plain account name. sudoers
-/// reads a leading `%` as a group, `#` as a uid and `+` as a netgroup, and a blank, a
-/// comma or a `:` would change the rule.
+/// reads a leading `%` as a group, `#` as a uid and `+` as a netgroup, a name of capitals,
+/// digits and `_` (`ALL` among them) as an alias, and a blank, a comma or a `:` would
+/// change the rule.
 fn plain_account_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    let alias = name.starts_with(|c: char| c.is_ascii_uppercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    !alias
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '$'))
 }
 
@@ -233,6 +239,12 @@ pub fn sudoers(accounts: &Accounts) -> Sudoers {
         if u.sudo.iter().any(|r| r.chars().any(char::is_control)) {
             out.refused
                 .push(format!("{}: a rule holds a control character", u.name));
+            continue;
+        }
+        // A line ending in `\` goes on into the next one.
+        if u.sudo.iter().any(|r| r.trim_end().ends_with('\\')) {
+            out.refused
+                .push(format!("{}: a rule ends in a backslash", u.name));
             continue;
         }
         text.push_str(&format!("\n# User rules for {}\n", u.name));
@@ -439,6 +451,9 @@ mod tests {
         let a = accounts(
             r#"{"users": [
                 {"name": "%sudo", "sudo": ["ALL=(ALL) ALL"]},
+                {"name": "ALL", "sudo": ["ALL=(ALL) ALL"]},
+                {"name": "ADMINS_2", "sudo": ["ALL=(ALL) ALL"]},
+                {"name": "cont", "sudo": ["ALL=(ALL) ALL \\"]},
                 {"name": "ops", "sudo": ["ALL=(ALL) ALL\nALL ALL=(ALL) NOPASSWD:ALL"]},
                 {"name": "ok", "sudo": ["ALL=(ALL) ALL"]}
             ]}"#,
@@ -448,8 +463,16 @@ mod tests {
             s.text.as_deref(),
             Some("# From the seed's users (nixseed).\n\n# User rules for ok\nok ALL=(ALL) ALL\n")
         );
-        assert_eq!(s.refused.len(), 2, "{:?}", s.refused);
-        assert!(s.refused[0].starts_with("%sudo: "), "{:?}", s.refused);
-        assert!(s.refused[1].starts_with("ops: "), "{:?}", s.refused);
+        let names: Vec<&str> = s
+            .refused
+            .iter()
+            .map(|r| r.split(':').next().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            names,
+            ["%sudo", "ALL", "ADMINS_2", "cont", "ops"],
+            "{:?}",
+            s.refused
+        );
     }
 }

@@ -174,8 +174,10 @@ pub fn parse(bytes: &[u8], origin: &str) -> Result<CloudConfig, UserDataError> {
 /// (a ConfigDrive's `vendor_data.json` may hold one).
 pub fn parse_documents(docs: &[&[u8]], origin: &str) -> Result<CloudConfig, UserDataError> {
     let mut config = CloudConfig::default();
+    // One limit for all the documents together, as for the parts of one.
+    let mut left = MAX_USER_DATA;
     for doc in docs {
-        add_document(&mut config, doc, origin)?;
+        add_document(&mut config, doc, origin, &mut left)?;
     }
     // Passwords are kept only as crypt hashes, as for chpasswd: nixseed never stores a
     // clear-text secret (and users.json, like /etc/shadow, is for root only).
@@ -191,9 +193,16 @@ pub fn parse_documents(docs: &[&[u8]], origin: &str) -> Result<CloudConfig, User
     Ok(config)
 }
 
-fn add_document(config: &mut CloudConfig, bytes: &[u8], origin: &str) -> Result<(), UserDataError> {
-    let bytes = gunzip_if_needed(bytes, origin, MAX_USER_DATA)?;
-    if bytes.len() > MAX_USER_DATA {
+/// Reads one document into `config`, its bytes (unpacked, and each MIME part decoded)
+/// charged to `left`.
+fn add_document(
+    config: &mut CloudConfig,
+    bytes: &[u8],
+    origin: &str,
+    left: &mut usize,
+) -> Result<(), UserDataError> {
+    let bytes = gunzip_if_needed(bytes, origin, *left)?;
+    if bytes.len() > *left {
         return Err(invalid(
             origin,
             format!(
@@ -205,7 +214,7 @@ fn add_document(config: &mut CloudConfig, bytes: &[u8], origin: &str) -> Result<
     }
     let text = std::str::from_utf8(&bytes)
         .map_err(|e| invalid(origin, format!("not UTF-8 text ({e})")))?;
-    for part in parts(text, origin)? {
+    for part in parts(text, origin, left)? {
         match part {
             Part::CloudConfig(text) => merge_cloud_config(config, &text, origin)?,
             Part::Ignored(what) => config.warnings.push(format!(
@@ -243,16 +252,19 @@ fn gunzip_if_needed(bytes: &[u8], origin: &str, limit: usize) -> Result<Vec<u8>,
     Ok(out)
 }
 
-fn parts(text: &str, origin: &str) -> Result<Vec<Part>, UserDataError> {
+/// The parts of one document (no larger than `left`), charged to `left`: a MIME
+/// document by its parts' decoded bodies, any other by its text.
+fn parts(text: &str, origin: &str, left: &mut usize) -> Result<Vec<Part>, UserDataError> {
     let trimmed = text.trim_start();
     if trimmed.is_empty() {
         return Ok(Vec::new());
     }
+    if let Some(boundary) = mime_boundary(text).filter(|_| !trimmed.starts_with("#cloud-config")) {
+        return mime_parts(text, &boundary, origin, left);
+    }
+    *left = left.saturating_sub(text.len());
     if trimmed.starts_with("#cloud-config") {
         return Ok(vec![Part::CloudConfig(text.to_string())]);
-    }
-    if let Some(boundary) = mime_boundary(text) {
-        return mime_parts(text, &boundary, origin);
     }
     let first = trimmed.lines().next().unwrap_or_default();
     Ok(vec![Part::Ignored(format!(
@@ -276,11 +288,15 @@ fn mime_boundary(text: &str) -> Option<String> {
     Some(value.to_string())
 }
 
-fn mime_parts(text: &str, boundary: &str, origin: &str) -> Result<Vec<Part>, UserDataError> {
+fn mime_parts(
+    text: &str,
+    boundary: &str,
+    origin: &str,
+    left: &mut usize,
+) -> Result<Vec<Part>, UserDataError> {
     let text = text.replace("\r\n", "\n");
     let delimiter = format!("--{boundary}");
     let mut out = Vec::new();
-    let mut expanded = 0usize;
     for chunk in text.split(&delimiter).skip(1) {
         if chunk.starts_with("--") {
             break;
@@ -301,20 +317,19 @@ fn mime_parts(text: &str, boundary: &str, origin: &str) -> Result<Vec<Part>, Use
             Some("base64") => {
                 let raw = crate::credentials::base64_decode(body)
                     .ok_or_else(|| invalid(origin, "a MIME part's base64 body is corrupt"))?;
-                let raw = gunzip_if_needed(&raw, origin, MAX_USER_DATA - expanded)?;
+                let raw = gunzip_if_needed(&raw, origin, *left)?;
                 String::from_utf8(raw)
                     .map_err(|_| invalid(origin, "a MIME part is not UTF-8 text"))?
             }
             _ => body.to_string(),
         };
         // All parts together are held by the limit for user-data, decoded or not.
-        expanded += body.len();
-        if expanded > MAX_USER_DATA {
-            return Err(invalid(
+        *left = left.checked_sub(body.len()).ok_or_else(|| {
+            invalid(
                 origin,
                 format!("MIME parts expand beyond the {MAX_USER_DATA} byte limit for user-data"),
-            ));
-        }
+            )
+        })?;
         if ctype.starts_with("text/cloud-config") || body.trim_start().starts_with("#cloud-config")
         {
             out.push(Part::CloudConfig(body));
@@ -406,8 +421,16 @@ fn merge_cloud_config(
             "timezone" => config.timezone = Some(ctx.scalar(value)?),
             "resolv_conf" => config.resolv_conf = Some(ctx.resolv_conf(value)?),
             "nixseed" => config.nixseed = ctx.nixseed(value)?,
-            "vendor_data" => config.vendor_data = ctx.vendor_switch(value, &mut config.warnings),
-            "vendor_data2" => config.vendor_data2 = ctx.vendor_switch(value, &mut config.warnings),
+            // A later part that does not say `enabled` leaves an earlier part's word, as
+            // cloud-init merges the mappings.
+            "vendor_data" => {
+                let said = ctx.vendor_switch(value, &mut config.warnings);
+                config.vendor_data = said.or(config.vendor_data);
+            }
+            "vendor_data2" => {
+                let said = ctx.vendor_switch(value, &mut config.warnings);
+                config.vendor_data2 = said.or(config.vendor_data2);
+            }
             k if IGNORED_ON_IMMUTABLE.contains(&k) => config.warnings.push(format!(
                 "{origin}: key '{k}' ignored (not applicable to an immutable image)"
             )),
@@ -513,7 +536,8 @@ impl Ctx<'_> {
     }
 
     /// `vendor_data: {enabled: ...}` as cloud-init reads it: `enabled` counts as true only
-    /// when it is `true` or the text `true`, `1`, `on` or `yes` (its `is_true`); a value
+    /// when it is `true`, or when its text is `true`, `1`, `on` or `yes` in any case (its
+    /// `is_true`, which reads `str(value)`: the number 1 is on); a value
     /// that is not a mapping turns vendor-data off, with a warning. `None` when the
     /// mapping does not say (vendor-data stays on).
     fn vendor_switch(&self, v: &Value, warnings: &mut Vec<String>) -> Option<bool> {
@@ -528,12 +552,12 @@ impl Ctx<'_> {
         };
         m.get("enabled").map(|e| match e {
             Value::Bool(b) => *b,
-            Value::String(s) => {
+            Value::String(_) | Value::Number(_) => yaml::scalar_text(e).is_some_and(|s| {
                 matches!(
                     s.trim().to_ascii_lowercase().as_str(),
                     "true" | "1" | "on" | "yes"
                 )
-            }
+            }),
             _ => false,
         })
     }
@@ -607,9 +631,22 @@ impl Ctx<'_> {
         Ok(User {
             sudo: match sub("sudo") {
                 // `sudo: false` (or null) is no rule, as in cloud-init.
-                Some(v) if yaml::bool11(v) == Some(false) => Vec::new(),
-                Some(v) => yaml::string_list(v),
-                None => Vec::new(),
+                None | Some(Value::Null | Value::Bool(false)) => Vec::new(),
+                Some(Value::String(rule)) => vec![rule.clone()],
+                Some(Value::Sequence(rules)) if rules.iter().all(Value::is_string) => {
+                    yaml::string_list(&Value::Sequence(rules.clone()))
+                }
+                // cloud-init refuses anything else (`sudo: true` would be a rule `true`,
+                // which sudo cannot parse, and then it runs for no one).
+                Some(other) => {
+                    warnings.push(format!(
+                        "{}: key '{}': user '{name}': 'sudo' is {}, not a rule or a list of rules: ignored",
+                        self.origin,
+                        self.key,
+                        yaml::kind(other)
+                    ));
+                    Vec::new()
+                }
             },
             ssh_authorized_keys: match sub("ssh_authorized_keys") {
                 Some(v) => self.keys(v)?,
@@ -701,7 +738,9 @@ impl Ctx<'_> {
             let content = match item.get("content") {
                 Some(c) => match yaml::binary(c) {
                     Some(bytes) => bytes.map_err(|()| {
-                        self.err(format!("{path}: !!binary content is not base64"))
+                        self.err(format!(
+                            "{path}: !!binary content is not base64 text (a plain number or boolean loses its text: quote it)"
+                        ))
                     })?,
                     None => yaml::scalar_text(c).unwrap_or_default().into_bytes(),
                 },
@@ -1079,6 +1118,29 @@ mod tests {
         assert!(e.contains("binary data (!!binary)"), "{e}");
     }
 
+    /// cloud-init takes a rule or a list of rules; `sudo: true` would be a rule `true`,
+    /// which sudo cannot parse.
+    #[test]
+    fn sudo_is_a_rule_or_a_list_of_rules() {
+        let c = parse(
+            b"#cloud-config\nusers:\n  - {name: a, sudo: 'ALL=(ALL) ALL'}\n  - {name: b, sudo: ['ALL=(x) ALL', 'ALL=(y) ALL']}\n  - {name: c, sudo: true}\n  - {name: d, sudo: false}\n  - {name: e, sudo: [ALL, 3]}\n",
+            "user-data",
+        )
+        .unwrap();
+        let rules: Vec<usize> = c.users.iter().map(|u| u.sudo.len()).collect();
+        assert_eq!(rules, [1, 2, 0, 0, 0]);
+        let said: Vec<&String> = c
+            .warnings
+            .iter()
+            .filter(|w| w.contains("'sudo' is"))
+            .collect();
+        assert_eq!(said.len(), 2, "{:?}", c.warnings);
+        assert!(
+            said[0].contains("user 'c': 'sudo' is a boolean"),
+            "{said:?}"
+        );
+    }
+
     #[test]
     fn write_paths_are_compared_by_whole_components() {
         for ok in [
@@ -1172,6 +1234,25 @@ mod tests {
         let e = parse(text.as_bytes(), "user-data").unwrap_err().to_string();
         assert!(
             e.starts_with("user-data: ") && e.contains("byte limit"),
+            "{e}"
+        );
+    }
+
+    /// Several documents (a ConfigDrive's vendor-data list) share one limit too.
+    #[test]
+    fn documents_are_limited_all_together() {
+        use std::io::Write;
+        let mut body = b"#cloud-config\n".to_vec();
+        body.resize(6 << 20, b'#');
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&body).unwrap();
+        let doc = gz.finish().unwrap();
+        assert!(parse_documents(&[&doc, &doc], "vendor_data.json").is_ok());
+        let e = parse_documents(&[&doc, &doc, &doc], "vendor_data.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("vendor_data.json: ") && e.contains("byte limit"),
             "{e}"
         );
     }

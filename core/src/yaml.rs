@@ -245,7 +245,9 @@ fn scan(text: &str, mut on: impl FnMut(Mark) -> ControlFlow<()>) {
                 }
                 b',' if depth > 0 => at_start = true,
                 b':' if depth > 0 || next_blank => at_start = true,
-                b'-' | b'?' if next_blank => at_start = true,
+                // An indicator only where a node starts; inside a plain scalar
+                // (`echo a - b`) it is text.
+                b'-' | b'?' if next_blank && at_start => {}
                 b'|' | b'>' if at_start && depth == 0 => {
                     block_scalar = Some(indent);
                     break;
@@ -319,12 +321,14 @@ pub fn binary(v: &Value) -> Option<Result<Vec<u8>, ()>> {
     if t.tag != BINARY_TAG {
         return None;
     }
-    // A plain scalar of digits comes as a number.
-    Some(
-        scalar_text(&t.value)
-            .and_then(|s| crate::credentials::base64_decode(&s))
-            .ok_or(()),
-    )
+    Some(match &t.value {
+        // An empty node is no bytes, as PyYAML reads it.
+        Value::Null => Ok(Vec::new()),
+        Value::String(s) => crate::credentials::base64_decode(s).ok_or(()),
+        // A plain scalar serde_yaml reads as a number or a boolean may have lost its
+        // text (`0x1F` is 31): refused rather than decoded wrong; quoted, it decodes.
+        _ => Err(()),
+    })
 }
 
 /// Parses a document that must be a mapping (meta-data, cloud-config, network-config).
@@ -476,18 +480,31 @@ mod tests {
 
     #[test]
     fn binary_tags_keep_positions_in_messages() {
-        let plain = parse("a: x\nb: 'open\n", "f").unwrap_err().to_string();
-        let tagged = parse("a: !!binary x\nb: 'open\n", "f")
-            .unwrap_err()
-            .to_string();
+        // `!!Binary` is not rewritten and is as long: the error on the tag's own line
+        // must stand at the same column.
+        let other = parse("a: !!Binary x y: z\n", "f").unwrap_err().to_string();
+        let tagged = parse("a: !!binary x y: z\n", "f").unwrap_err().to_string();
         let at = |e: &str| {
             e.split(": malformed")
                 .next()
                 .unwrap_or_default()
                 .to_string()
         };
-        assert!(at(&plain).starts_with("f: line "), "{plain}");
-        assert_eq!(at(&plain), at(&tagged), "{tagged}");
+        assert!(at(&other).starts_with("f: line 1, column "), "{other}");
+        assert_eq!(at(&other), at(&tagged), "{tagged}");
+        // Text inside a plain scalar, a quoted one or a comment is left alone.
+        assert_eq!(
+            mark_binary("- echo a - !!binary b\n- '!!binary'\n# !!binary\n"),
+            None
+        );
+        assert_eq!(
+            binary(&parse("- !!binary\n", "f").unwrap()[0]),
+            Some(Ok(Vec::new()))
+        );
+        assert_eq!(
+            binary(&parse("- !!binary 0x1F\n", "f").unwrap()[0]),
+            Some(Err(()))
+        );
         let v = parse("- !!binary aGkK\n- [!!binary 'aGk=']\n", "f").unwrap();
         assert_eq!(binary(&v[0]), Some(Ok(b"hi\n".to_vec())));
         assert_eq!(binary(&v[1][0]), Some(Ok(b"hi".to_vec())));
