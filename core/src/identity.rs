@@ -152,14 +152,16 @@ pub fn compose(
     // preserve_hostname keeps the name the machine has (the current generation's, or the
     // image's fallback on a first boot); prefer_fqdn_over_hostname names it by its FQDN.
     let hostname = match (&short, &fqdn) {
-        _ if cfg.preserve_hostname => prev(HOSTNAME).unwrap_or_default(),
-        (Some(_), Some(f)) if cfg.prefer_fqdn_over_hostname => format!("{f}\n").into_bytes(),
+        _ if cfg.preserve_hostname == Some(true) => prev(HOSTNAME).unwrap_or_default(),
+        (Some(_), Some(f)) if cfg.prefer_fqdn_over_hostname == Some(true) => {
+            format!("{f}\n").into_bytes()
+        }
         (Some(h), _) => format!("{h}\n").into_bytes(),
         (None, _) => prev(HOSTNAME).unwrap_or_default(),
     };
     put(HOSTNAME, hostname.clone());
     let mut hosts = String::new();
-    if cfg.manage_etc_hosts {
+    if cfg.manage_etc_hosts == Some(true) {
         let short = short.unwrap_or_else(|| String::from_utf8_lossy(&hostname).trim().to_string());
         if !short.is_empty() {
             match &fqdn {

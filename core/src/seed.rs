@@ -554,6 +554,18 @@ mod configdrive_tests {
             "user-data wins"
         );
         assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        // An explicit false wins over a lower true.
+        let no_hosts = userdata::parse(b"#cloud-config\nmanage_etc_hosts: false\n", "u").unwrap();
+        let vendor_hosts =
+            userdata::parse(b"#cloud-config\nmanage_etc_hosts: true\n", "v").unwrap();
+        assert_eq!(
+            no_hosts.over(vendor_hosts.clone()).manage_etc_hosts,
+            Some(false)
+        );
+        assert_eq!(
+            CloudConfig::default().over(vendor_hosts).manage_etc_hosts,
+            Some(true)
+        );
     }
 
     #[test]

@@ -77,9 +77,11 @@ pub struct NixseedBlock {
 pub struct CloudConfig {
     pub hostname: Option<String>,
     pub fqdn: Option<String>,
-    pub manage_etc_hosts: bool,
-    pub preserve_hostname: bool,
-    pub prefer_fqdn_over_hostname: bool,
+    /// These three are `None` when the seed does not say, so that an explicit `false` in
+    /// user-data wins over vendor-data's `true`, as in cloud-init's merge.
+    pub manage_etc_hosts: Option<bool>,
+    pub preserve_hostname: Option<bool>,
+    pub prefer_fqdn_over_hostname: Option<bool>,
     pub ssh_authorized_keys: Vec<String>,
     pub users: Vec<User>,
     /// `ssh_keys:` host keys, by cloud-init's names (`ed25519_private`, `ed25519_public`).
@@ -115,9 +117,11 @@ impl CloudConfig {
         let v = lower;
         self.hostname = self.hostname.or(v.hostname);
         self.fqdn = self.fqdn.or(v.fqdn);
-        self.manage_etc_hosts |= v.manage_etc_hosts;
-        self.preserve_hostname |= v.preserve_hostname;
-        self.prefer_fqdn_over_hostname |= v.prefer_fqdn_over_hostname;
+        self.manage_etc_hosts = self.manage_etc_hosts.or(v.manage_etc_hosts);
+        self.preserve_hostname = self.preserve_hostname.or(v.preserve_hostname);
+        self.prefer_fqdn_over_hostname = self
+            .prefer_fqdn_over_hostname
+            .or(v.prefer_fqdn_over_hostname);
         if self.ssh_authorized_keys.is_empty() {
             self.ssh_authorized_keys = v.ssh_authorized_keys;
         }
@@ -360,13 +364,15 @@ fn merge_cloud_config(
             "hostname" => config.hostname = Some(ctx.text(&map, text)?),
             "fqdn" => config.fqdn = Some(ctx.text(&map, text)?),
             "manage_etc_hosts" => {
-                config.manage_etc_hosts = match value {
+                config.manage_etc_hosts = Some(match value {
                     Value::String(s) if s == "localhost" || s == "template" => true,
                     v => ctx.boolean(v)?,
-                }
+                })
             }
-            "preserve_hostname" => config.preserve_hostname = ctx.boolean(value)?,
-            "prefer_fqdn_over_hostname" => config.prefer_fqdn_over_hostname = ctx.boolean(value)?,
+            "preserve_hostname" => config.preserve_hostname = Some(ctx.boolean(value)?),
+            "prefer_fqdn_over_hostname" => {
+                config.prefer_fqdn_over_hostname = Some(ctx.boolean(value)?)
+            }
             "ssh_authorized_keys" => config.ssh_authorized_keys = ctx.keys(value)?,
             "users" => {
                 // A later part's list replaces an earlier one's (cloud-init's default
@@ -1176,7 +1182,7 @@ mod tests {
         let c = parse(PROXMOX.as_bytes(), "user-data").unwrap();
         assert_eq!(c.hostname.as_deref(), Some("0123"));
         assert_eq!(c.fqdn.as_deref(), Some("0123.example.com"));
-        assert!(c.manage_etc_hosts);
+        assert_eq!(c.manage_etc_hosts, Some(true));
         assert_eq!(c.users.len(), 1);
         assert_eq!(c.users[0].name, "admin");
         assert!(c.users[0].passwd.as_deref().unwrap().starts_with("$5$"));
