@@ -431,6 +431,10 @@ in
           # Re-checked on switch-to-configuration, which may remount the /etc overlay.
           requiredBy = [ "sysinit-reactivation.target" ];
           before = [ "sysinit-reactivation.target" ];
+          # switch-to-configuration restarts the unit only when its own file changes: a
+          # new hosts base (networking.hosts, extraHosts) changes it, so the identity's
+          # lines are composed onto the new base at once, not at the next boot.
+          restartTriggers = [ config.environment.etc.hosts.source ];
           serviceConfig.ExecStart = execStart applyCommand;
         };
 

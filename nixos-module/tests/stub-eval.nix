@@ -109,6 +109,8 @@ let
           extraConfig = opt types.lines "";
         };
       };
+      # What NixOS's networking module gives every system: a hosts file.
+      config.environment.etc.hosts.text = lib.mkDefault "127.0.0.1 localhost\n";
     };
 
   evalWith =
@@ -162,7 +164,11 @@ in
     let
       c = eval { };
     in
-    c.systemd.packages == [ ] && c.environment.etc == { } && c.networking.hostName == "nixos"
+    # Only NixOS's own hosts file (the stub's) is in /etc.
+    c.systemd.packages == [ ]
+    && builtins.attrNames c.environment.etc == [ "hosts" ]
+    && c.environment.etc.hosts.mode == "symlink"
+    && c.networking.hostName == "nixos"
   ))
   (check "apply runs with the identity directory, clone policy and source order" (
     applyExec
@@ -245,6 +251,16 @@ in
     && static.environment.etc."resolv.conf".source.text
       == "nameserver 10.0.0.1\nnameserver 10.0.0.2\nsearch example.com\n"
     && static.warnings == [ ]
+  ))
+  (check "a new hosts base restarts stage 2 on switch-to-configuration" (
+    let
+      more = eval {
+        imports = [ base ];
+        environment.etc.hosts.text = "127.0.0.1 localhost\n10.0.0.9 extra\n";
+      };
+      trigger = c: (lib.head c.systemd.services.nixseed-apply.restartTriggers).text;
+    in
+    trigger good == "127.0.0.1 localhost\n" && trigger more == "127.0.0.1 localhost\n10.0.0.9 extra\n"
   ))
   (check "sudo includes the seed's rules, and nothing is added without sudo" (
     lib.hasInfix "@includedir /run/nixseed/sudoers.d" good.security.sudo.extraConfig
