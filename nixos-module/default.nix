@@ -589,6 +589,12 @@ in
 
       (lib.mkIf cfg.ssh.enable {
         services.openssh = {
+          # The seed's ssh_pwauth, as the agent writes it. NixOS renders `settings` in
+          # the order of their names, before extraConfig: `Include` comes ahead of
+          # `KbdInteractiveAuthentication` and `PasswordAuthentication`, and sshd keeps
+          # the first value it reads, so the seed's word wins over the image's default
+          # and the image's applies when the seed says nothing.
+          settings.Include = lib.mkDefault "/run/nixseed/sshd_config.d/*.conf";
           hostKeys = [
             {
               type = "ed25519";

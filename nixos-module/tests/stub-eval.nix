@@ -97,6 +97,7 @@ let
             startWhenNeeded = opt types.bool false;
             generateHostKeys = opt types.bool true;
             hostKeys = list;
+            settings = opt anything { };
             extraConfig = opt types.lines "";
           };
           resolved.enable = opt types.bool false;
@@ -251,6 +252,13 @@ in
     && static.environment.etc."resolv.conf".source.text
       == "nameserver 10.0.0.1\nnameserver 10.0.0.2\nsearch example.com\n"
     && static.warnings == [ ]
+  ))
+  (check "sshd includes the seed's ssh_pwauth drop-in ahead of the password settings" (
+    good.services.openssh.settings.Include == "/run/nixseed/sshd_config.d/*.conf"
+    && !((eval {
+      imports = [ base ];
+      services.nixseed.ssh.enable = false;
+    }).services.openssh.settings ? Include)
   ))
   (check "a new hosts base restarts stage 2 on switch-to-configuration" (
     let
