@@ -639,9 +639,11 @@ impl Ctx<'_> {
                 // `sudo: false` (or null) is no rule, as in cloud-init.
                 None | Some(Value::Null | Value::Bool(false)) => Vec::new(),
                 Some(Value::String(rule)) => vec![rule.clone()],
-                Some(Value::Sequence(rules)) if rules.iter().all(Value::is_string) => {
-                    yaml::string_list(&Value::Sequence(rules.clone()))
-                }
+                Some(Value::Sequence(rules)) if rules.iter().all(Value::is_string) => rules
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect(),
                 // cloud-init refuses anything else (`sudo: true` would be a rule `true`,
                 // which sudo cannot parse, and then it runs for no one).
                 Some(other) => {
