@@ -35,7 +35,8 @@ pub fn parse(text: &str, origin: &str) -> Result<Value, YamlError> {
     if text.trim().is_empty() {
         return Ok(Value::Mapping(Mapping::new()));
     }
-    if let Some(line) = flow_depth_exceeded(text, MAX_DEPTH) {
+    let seen = prescan(text, MAX_DEPTH);
+    if let Some(line) = seen.too_deep {
         return Err(YamlError::new(
             origin,
             format!(
@@ -43,7 +44,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Value, YamlError> {
             ),
         ));
     }
-    let marked = mark_binary(text);
+    let marked = mark_binary(text, &seen.binary_tags);
     let text = marked.as_deref().unwrap_or(text);
     let budget = std::cell::Cell::new(MAX_EXPANDED);
     let de = serde_yaml::Deserializer::from_str(text);
@@ -269,19 +270,33 @@ fn scan(text: &str, mut on: impl FnMut(Mark) -> ControlFlow<()>) {
     }
 }
 
-/// The line on which flow collections first nest deeper than `limit`. A document
-/// serde_yaml accepts (nesting of any kind at most 128) stays below the limit unless its
-/// plain scalars hold unbalanced brackets.
-fn flow_depth_exceeded(text: &str, limit: usize) -> Option<usize> {
-    let mut found = None;
+/// What one [`scan`] before the parser finds in a document.
+struct Prescan {
+    /// The line on which flow collections first nest deeper than the limit. A document
+    /// serde_yaml accepts (nesting of any kind at most 128) stays below the limit unless
+    /// its plain scalars hold unbalanced brackets.
+    too_deep: Option<usize>,
+    /// Where each `!!binary` tag starts.
+    binary_tags: Vec<usize>,
+}
+
+fn prescan(text: &str, limit: usize) -> Prescan {
+    let mut seen = Prescan {
+        too_deep: None,
+        binary_tags: Vec::new(),
+    };
     scan(text, |mark| match mark {
         Mark::FlowOpen { line, depth } if depth > limit => {
-            found = Some(line);
+            seen.too_deep = Some(line);
             ControlFlow::Break(())
+        }
+        Mark::Tag { start, end } if &text[start..end] == "!!binary" => {
+            seen.binary_tags.push(start);
+            ControlFlow::Continue(())
         }
         _ => ControlFlow::Continue(()),
     });
-    found
+    seen
 }
 
 /// The local tag `!!binary` is read as: serde_yaml resolves `!!binary` to YAML's global
@@ -290,23 +305,14 @@ fn flow_depth_exceeded(text: &str, limit: usize) -> Option<usize> {
 /// turned into this one, which serde_yaml keeps ([`binary`] decodes it).
 const BINARY_TAG: &str = "!binary";
 
-/// `text` with every `!!binary` tag turned into [`BINARY_TAG`], padded to the same length
-/// so that positions in messages stay right; `None` when it has none.
-fn mark_binary(text: &str) -> Option<String> {
-    let mut tags = Vec::new();
-    scan(text, |mark| {
-        if let Mark::Tag { start, end } = mark
-            && &text[start..end] == "!!binary"
-        {
-            tags.push(start);
-        }
-        ControlFlow::Continue(())
-    });
+/// `text` with the `!!binary` tags at `tags` turned into [`BINARY_TAG`], padded to the
+/// same length so that positions in messages stay right; `None` when there are none.
+fn mark_binary(text: &str, tags: &[usize]) -> Option<String> {
     if tags.is_empty() {
         return None;
     }
     let mut out = text.to_string();
-    for start in tags {
+    for &start in tags {
         out.replace_range(start..start + "!!binary".len(), &format!("{BINARY_TAG} "));
     }
     Some(out)
@@ -494,8 +500,12 @@ mod tests {
         assert_eq!(at(&other), at(&tagged), "{tagged}");
         // Text inside a plain scalar, a quoted one or a comment is left alone.
         assert_eq!(
-            mark_binary("- echo a - !!binary b\n- '!!binary'\n# !!binary\n"),
-            None
+            prescan(
+                "- echo a - !!binary b\n- '!!binary'\n# !!binary\n",
+                MAX_DEPTH
+            )
+            .binary_tags,
+            Vec::<usize>::new()
         );
         assert_eq!(
             binary(&parse("- !!binary\n", "f").unwrap()[0]),
