@@ -219,6 +219,25 @@ pub fn bind(gen_dir: &Path, sysroot: &Path, nixseed_run: &Path, mounted: &[PathB
     bind_locked(gen_dir, sysroot, nixseed_run, mounted)
 }
 
+/// A boot with no generation (a machine that never had a seed): `/etc/shadow` shows the
+/// passwords set through the guest agent while it had none, as a generation's bind would
+/// show them over its own settings. Nothing is bound when there are none.
+pub fn bind_without_generation(gen_dir: &Path, opts: &crate::stage::StageOptions) -> Result<()> {
+    let record = agent_passwords(&opts.sysroot)?;
+    if record.for_instance(&instance_id(gen_dir)).is_empty() {
+        return Ok(());
+    }
+    let nixseed_run = opts.run.join("nixseed");
+    std::fs::create_dir_all(&nixseed_run)
+        .with_context(|| format!("cannot create {}", nixseed_run.display()))?;
+    bind(
+        gen_dir,
+        &opts.sysroot,
+        &nixseed_run,
+        &mounts::mount_points()?,
+    )
+}
+
 fn bind_locked(
     gen_dir: &Path,
     sysroot: &Path,

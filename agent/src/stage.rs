@@ -204,6 +204,13 @@ pub fn run_boot_stage(opts: &StageOptions, when: BindTime) -> Result<Outcome> {
         let _s = tracing::info_span!("mount").entered();
         bind_generation(&store, n, opts, when)?;
         outcome.generation = Some(n);
+    } else {
+        // A machine that never had a seed keeps the passwords set through its guest agent.
+        if let Err(e) =
+            crate::accounts::bind_without_generation(&store.path().join("current"), opts)
+        {
+            tracing::error!("{e:#}");
+        }
     }
     t.lap("mount");
     outcome.timings_ms = t.laps;

@@ -1532,3 +1532,48 @@ fn sudo_rules_come_and_go_with_the_seed() {
     assert_eq!(etc(&s, "sudoers"), "");
     assert_eq!(etc(&s, "mode"), "run/nixseed/sudoers.d\n");
 }
+
+#[test]
+fn agent_passwords_on_a_machine_that_never_had_a_seed_apply_at_every_boot() {
+    let vm = Vm::new();
+    // No seed anywhere: the command line names none and no volume carries one.
+    std::fs::write(vm.p("host/proc/cmdline"), "ro quiet\n").unwrap();
+    let image = "root:*:19000:0:99999:7:::\nalice:!:19000:0:99999:7:::\n";
+    std::fs::write(vm.p("sysroot/etc/shadow"), image).unwrap();
+    // What guest-set-user-password records on a machine without a generation.
+    std::fs::create_dir_all(vm.p("sysroot/var/lib/nixseed")).unwrap();
+    std::fs::write(
+        vm.p("sysroot/var/lib/nixseed/passwords.json"),
+        r#"{"instance-id": "", "passwords": {"root": "$6$salt$hash"}}"#,
+    )
+    .unwrap();
+    let show = "echo rc=$?; echo '== shadow'; cat sysroot/etc/shadow; echo '== end'";
+    let (out, s) = vm.run(&format!(
+        "{AGENT} initrd --sysroot sysroot --root host --run run --channel-wait 0; {show}; \
+         {AGENT} apply --sysroot sysroot --root host --run run --channel-wait 0; {show}; \
+         findmnt -rno TARGET | grep -c '/sysroot/etc/shadow$'"
+    ));
+    let err = stderr(&out);
+    let want = "root:$6$salt$hash:19000:0:99999:7:::\nalice:!:19000:0:99999:7:::\n";
+    assert_eq!(
+        s.matches(&format!("rc=0\n== shadow\n{want}== end\n"))
+            .count(),
+        2,
+        "the initrd stage and stage 2 both show the agent's password:\n{s}\n{err}"
+    );
+    assert!(s.ends_with("\n1\n"), "one bind over /etc/shadow: {s}");
+    assert!(!vm.p("sysroot/var/identity/current").exists(), "{err}");
+
+    // The first seed is a new instance: those passwords no longer apply, as for any
+    // earlier instance.
+    std::fs::write(vm.p("host/proc/cmdline"), "ro quiet ds=nocloud;s=/seed/\n").unwrap();
+    let (out, s) = vm.run(&format!(
+        "{AGENT} initrd --sysroot sysroot --root host --run run --channel-wait 0; {show}"
+    ));
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert!(
+        s.contains(&format!("== shadow\n{image}== end")),
+        "the seedless machine's password outlived its first seed:\n{s}\n{}",
+        stderr(&out)
+    );
+}
