@@ -67,7 +67,7 @@ impl Settings {
         let agent = if record.passwords.is_empty() {
             BTreeMap::new()
         } else {
-            record.for_instance(&instance_id(gen_dir))
+            record.for_instance(instance_id(gen_dir).as_deref())
         };
         Ok(Settings { accounts, agent })
     }
@@ -81,14 +81,16 @@ impl Settings {
     }
 }
 
-/// The generation's instance-id (from its manifest); empty for none, as on a machine
-/// that never had a seed.
-fn instance_id(gen_dir: &Path) -> String {
-    std::fs::read(gen_dir.join("manifest.json"))
+/// The generation's instance-id (from its manifest; empty when it cannot be read), or
+/// `None` when there is no generation, as on a machine that never had a seed.
+fn instance_id(gen_dir: &Path) -> Option<String> {
+    if !gen_dir.exists() {
+        return None;
+    }
+    let manifest = std::fs::read(gen_dir.join("manifest.json"))
         .ok()
-        .and_then(|b| serde_json::from_slice::<nixseed_core::manifest::Manifest>(&b).ok())
-        .map(|m| m.instance_id)
-        .unwrap_or_default()
+        .and_then(|b| serde_json::from_slice::<nixseed_core::manifest::Manifest>(&b).ok());
+    Some(manifest.map(|m| m.instance_id).unwrap_or_default())
 }
 
 fn agent_passwords(sysroot: &Path) -> Result<AgentPasswords> {
@@ -159,7 +161,7 @@ pub fn set_agent_password(
     std::fs::create_dir_all(nixseed_run)
         .with_context(|| format!("cannot create {}", nixseed_run.display()))?;
     let image = image_shadow(&target, nixseed_run, is_bound)?;
-    let record = agent_passwords(sysroot)?.with(&instance_id(&gen_dir), user, hash);
+    let record = agent_passwords(sysroot)?.with(instance_id(&gen_dir).as_deref(), user, hash);
     let check = shadow::compose(&image.text, &Accounts::default(), &record.passwords);
     if check.missing.iter().any(|m| m == user) {
         return Err(SetPasswordError::NoAccount(user.to_string()));
@@ -224,7 +226,10 @@ pub fn bind(gen_dir: &Path, sysroot: &Path, nixseed_run: &Path, mounted: &[PathB
 /// show them over its own settings. Nothing is bound when there are none.
 pub fn bind_without_generation(gen_dir: &Path, opts: &crate::stage::StageOptions) -> Result<()> {
     let record = agent_passwords(&opts.sysroot)?;
-    if record.for_instance(&instance_id(gen_dir)).is_empty() {
+    if record
+        .for_instance(instance_id(gen_dir).as_deref())
+        .is_empty()
+    {
         return Ok(());
     }
     let nixseed_run = opts.run.join("nixseed");

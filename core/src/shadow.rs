@@ -51,11 +51,12 @@ impl Accounts {
 /// Passwords set through the guest agent (`guest-set-user-password`) on a read-only
 /// `/etc`, kept on the machine's `/var`. They apply over the seed's settings until the
 /// machine gets a new instance-id: cloud-init sets the seed's passwords again for a new
-/// instance, and so does nixseed.
+/// instance, and so does nixseed. A machine that never had a seed has no instance
+/// (`null`): its passwords apply until its first seed, whatever that seed's instance-id.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentPasswords {
-    #[serde(rename = "instance-id")]
-    pub instance_id: String,
+    #[serde(rename = "instance-id", default)]
+    pub instance_id: Option<String>,
     /// User name → crypt hash.
     pub passwords: BTreeMap<String, String>,
 }
@@ -65,9 +66,10 @@ impl AgentPasswords {
         serde_json::from_slice(bytes).map_err(|e| format!("{origin}: {e}"))
     }
 
-    /// The passwords that still apply to a generation of `instance_id`.
-    pub fn for_instance(&self, instance_id: &str) -> BTreeMap<String, String> {
-        if self.instance_id == instance_id {
+    /// The passwords that still apply to a generation of `instance_id` (`None`: no
+    /// generation).
+    pub fn for_instance(&self, instance_id: Option<&str>) -> BTreeMap<String, String> {
+        if self.instance_id.as_deref() == instance_id {
             self.passwords.clone()
         } else {
             BTreeMap::new()
@@ -76,11 +78,11 @@ impl AgentPasswords {
 
     /// The record after setting `user`'s hash on instance `instance_id`: a record of an
     /// earlier instance is dropped first.
-    pub fn with(&self, instance_id: &str, user: &str, hash: &str) -> Self {
+    pub fn with(&self, instance_id: Option<&str>, user: &str, hash: &str) -> Self {
         let mut passwords = self.for_instance(instance_id);
         passwords.insert(user.to_string(), hash.to_string());
         AgentPasswords {
-            instance_id: instance_id.to_string(),
+            instance_id: instance_id.map(str::to_string),
             passwords,
         }
     }
@@ -389,15 +391,30 @@ mod tests {
         let a = accounts(&format!(
             r#"{{"users":[{{"name":"root","passwd":"{HASH}","lock_passwd":false}}]}}"#
         ));
-        let rec = AgentPasswords::default().with("iid-1", "root", "$6$s$agent");
-        let c = compose(IMAGE, &a, &rec.for_instance("iid-1"));
+        let rec = AgentPasswords::default().with(Some("iid-1"), "root", "$6$s$agent");
+        let c = compose(IMAGE, &a, &rec.for_instance(Some("iid-1")));
         assert_eq!(field(&c.text, "root"), "$6$s$agent");
-        let c = compose(IMAGE, &a, &rec.for_instance("iid-2"));
+        let c = compose(IMAGE, &a, &rec.for_instance(Some("iid-2")));
         assert_eq!(field(&c.text, "root"), HASH);
-        let rec2 = rec.with("iid-2", "ops", "$6$s$ops");
+        let rec2 = rec.with(Some("iid-2"), "ops", "$6$s$ops");
         assert_eq!(rec2.passwords.keys().collect::<Vec<_>>(), ["ops"]);
         let back = AgentPasswords::parse(&serde_json::to_vec(&rec2).unwrap(), "p").unwrap();
         assert_eq!(back, rec2);
+    }
+
+    /// A machine without a generation keeps its own record, which no seed's instance
+    /// matches, not even an empty instance-id.
+    #[test]
+    fn agent_passwords_without_a_generation_belong_to_no_instance() {
+        let rec = AgentPasswords::default().with(None, "root", "$6$s$agent");
+        assert_eq!(rec.for_instance(None).len(), 1);
+        assert!(rec.for_instance(Some("")).is_empty());
+        let text = serde_json::to_string(&rec).unwrap();
+        assert!(text.contains(r#""instance-id":null"#), "{text}");
+        let old = AgentPasswords::parse(br#"{"instance-id": "", "passwords": {}}"#, "p").unwrap();
+        assert_eq!(old.instance_id.as_deref(), Some(""));
+        let bare = AgentPasswords::parse(br#"{"passwords": {"root": "x"}}"#, "p").unwrap();
+        assert_eq!(bare.for_instance(None).len(), 1);
     }
 
     /// Ulrich Drepper's SHA-crypt specification, its first SHA-512 test vector: the hash
