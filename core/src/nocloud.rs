@@ -34,15 +34,21 @@ pub fn parse_meta_data(bytes: &[u8], origin: &str) -> Result<MetaData, yaml::Yam
         ..MetaData::default()
     };
     for (k, v) in &map {
-        let key = k.as_str().unwrap_or_default();
+        let Some(key) = yaml::plain_key(k) else {
+            meta.warnings.push(format!(
+                "{origin}: a key ignored: {}, not a plain string",
+                yaml::kind(k)
+            ));
+            continue;
+        };
         match key {
             "instance-id" | "instance_id" => {
-                meta.instance_id = yaml::keep_text(&map, text, key).ok_or_else(|| {
+                meta.instance_id = yaml::keep_text(v, text, key).ok_or_else(|| {
                     yaml::YamlError::new(origin, format!("key '{key}': expected a string"))
                 })?
             }
             "local-hostname" | "local_hostname" | "hostname" => {
-                meta.local_hostname = yaml::keep_text(&map, text, key)
+                meta.local_hostname = yaml::keep_text(v, text, key)
             }
             "public-keys" | "public_keys" => meta.public_keys = public_keys(v),
             "dsmode" => meta.dsmode = yaml::scalar_text(v),
@@ -161,6 +167,17 @@ mod tests {
     fn empty_meta_data_gives_nocloud() {
         let m = parse_meta_data(b"", "meta-data").unwrap();
         assert_eq!(m.instance_id, "nocloud");
+    }
+
+    #[test]
+    fn a_tagged_key_is_not_the_instance_id() {
+        let m = parse_meta_data(b"!x instance-id: 7\nlocal-hostname: 0123\n", "meta-data").unwrap();
+        assert_eq!(m.instance_id, "nocloud");
+        assert_eq!(m.local_hostname.as_deref(), Some("0123"));
+        assert_eq!(
+            m.warnings,
+            ["meta-data: a key ignored: a tagged value, not a plain string"]
+        );
     }
 
     #[test]

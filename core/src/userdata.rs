@@ -353,16 +353,17 @@ fn merge_cloud_config(
 ) -> Result<(), UserDataError> {
     let map = yaml::parse_mapping(text, origin)?;
     for (key, value) in &map {
-        let Some(key) = key.as_str() else {
-            config
-                .warnings
-                .push(format!("{origin}: non-string key ignored"));
+        let Some(key) = yaml::plain_key(key) else {
+            config.warnings.push(format!(
+                "{origin}: a key ignored: {}, not a plain string",
+                yaml::kind(key)
+            ));
             continue;
         };
         let ctx = Ctx { origin, key };
         match key {
-            "hostname" => config.hostname = Some(ctx.text(&map, text)?),
-            "fqdn" => config.fqdn = Some(ctx.text(&map, text)?),
+            "hostname" => config.hostname = Some(ctx.text(value, text)?),
+            "fqdn" => config.fqdn = Some(ctx.text(value, text)?),
             "manage_etc_hosts" => {
                 config.manage_etc_hosts = Some(match value {
                     Value::String(s) if s == "localhost" || s == "template" => true,
@@ -396,7 +397,7 @@ fn merge_cloud_config(
             }
             // The legacy pair belongs to the default user (`user:`), wherever the keys
             // stand: applied once the whole part is read. Proxmox writes a hash.
-            "password" => config.password = Some(ctx.text(&map, text)?),
+            "password" => config.password = Some(ctx.text(value, text)?),
             "chpasswd" => ctx.chpasswd(value, &mut config.chpasswd, &mut config.warnings)?,
             "ssh_keys" => {
                 config.ssh_keys = ctx.string_map(value)?;
@@ -526,14 +527,9 @@ impl Ctx<'_> {
     }
 
     /// A top-level scalar whose source text must survive (hostnames like `0123`).
-    fn text(&self, map: &Mapping, text: &str) -> Result<String, UserDataError> {
-        match yaml::keep_text(map, text, self.key) {
-            Some(s) => Ok(s),
-            None => Err(self.err(format!(
-                "expected a string, found {}",
-                yaml::kind(&map[self.key])
-            ))),
-        }
+    fn text(&self, v: &Value, text: &str) -> Result<String, UserDataError> {
+        yaml::keep_text(v, text, self.key)
+            .ok_or_else(|| self.err(format!("expected a string, found {}", yaml::kind(v))))
     }
 
     fn boolean(&self, v: &Value) -> Result<bool, UserDataError> {
@@ -987,6 +983,25 @@ mod tests {
         let chpasswd = c.chpasswd.clone();
         apply_legacy_password(&mut c, &chpasswd, origin);
         Ok(c)
+    }
+
+    /// A key with a local tag (`!x hostname:`) is not the key `hostname`: ignored with a
+    /// warning. (A fuzzed input once panicked here: the tagged key was matched by name,
+    /// then looked up in the mapping, where it is not found by name.)
+    #[test]
+    fn a_tagged_key_is_ignored_not_read_as_its_name() {
+        let ud = b"#cloud-configfig\n!ostoud-c)me: hostname: TRUE\n.NANge_etc_me: TRUE\n.NANge_etc_hosts: truehost";
+        let c = parse(ud, "user-data").unwrap();
+        assert_eq!(c.hostname, None);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w == "user-data: a key ignored: a tagged value, not a plain string"),
+            "{:?}",
+            c.warnings
+        );
+        let c = parse(b"#cloud-config\n!x fqdn: 12\nhostname: 0123\n", "user-data").unwrap();
+        assert_eq!((c.fqdn, c.hostname.as_deref()), (None, Some("0123")));
     }
 
     /// gzip+base64 of `n` zero bytes, as a write_files `content`.

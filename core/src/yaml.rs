@@ -463,11 +463,21 @@ pub fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
 }
 
 /// A scalar that must stay a string (instance-id, hostname, password hash): the parsed
-/// value, or the source text when YAML turned it into a number.
-pub fn keep_text(map: &Mapping, text: &str, key: &str) -> Option<String> {
-    match map.get(key)? {
-        Value::Number(_) => raw_top_level(text, key).or_else(|| scalar_text(map.get(key)?)),
+/// `value` of top-level `key`, or its source text when YAML turned it into a number.
+pub fn keep_text(value: &Value, text: &str, key: &str) -> Option<String> {
+    match value {
+        Value::Number(_) => raw_top_level(text, key).or_else(|| scalar_text(value)),
         v => scalar_text(v),
+    }
+}
+
+/// A mapping key as a name: a plain string, not a tagged one (`!tag hostname:`), which
+/// serde_yaml's `as_str` would read as the bare name although the mapping cannot be
+/// looked up by it; PyYAML refuses such a tag.
+pub fn plain_key(key: &Value) -> Option<&str> {
+    match key {
+        Value::String(s) => Some(s),
+        _ => None,
     }
 }
 
@@ -554,12 +564,13 @@ mod tests {
     fn numeric_scalars_keep_their_source_text() {
         let text = "instance-id: 1234567890123456789012345678901234567890\nhostname: 0123\nid2: 0x1F # comment\n";
         let m = parse_mapping(text, "meta-data").unwrap();
+        let keep = |key: &str| keep_text(&m[key], text, key);
         assert_eq!(
-            keep_text(&m, text, "instance-id").as_deref(),
+            keep("instance-id").as_deref(),
             Some("1234567890123456789012345678901234567890")
         );
-        assert_eq!(keep_text(&m, text, "hostname").as_deref(), Some("0123"));
-        assert_eq!(keep_text(&m, text, "id2").as_deref(), Some("0x1F"));
+        assert_eq!(keep("hostname").as_deref(), Some("0123"));
+        assert_eq!(keep("id2").as_deref(), Some("0x1F"));
     }
 
     #[test]
