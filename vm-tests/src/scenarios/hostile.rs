@@ -156,13 +156,13 @@ fn push_new_hostname(h: &Harness, m: &Machine, b: &Booted) -> Result<(bool, Stri
     let edited = m.dir.join("hostname");
     let before = std::fs::read(&edited).context("reading the machine's hostname")?;
     std::fs::write(&edited, "hostile-pushed\n").context("editing hostname")?;
-    let out = m.seedctl(h.seedctl.as_ref()).and_then(|mut c| {
-        c.args(["push", &m.name, "--timeout", "60", "--socket"])
-            .arg(b.vm.config.channel_socket())
-            .stdin(std::process::Stdio::null())
-            .output()
-            .context("running seedctl push")
-    });
+    let out = super::push::seedctl_on(h, m, "push", 60, &b.vm.config.channel_socket()).and_then(
+        |mut c| {
+            c.stdin(std::process::Stdio::null())
+                .output()
+                .context("running seedctl push")
+        },
+    );
     std::fs::write(&edited, before).context("restoring hostname")?;
     let out = out?;
     let said = format!(

@@ -174,7 +174,7 @@ fn status_report(h: &Harness, m: &Machine, socket: &Path, want: i32) -> Result<s
 }
 
 /// `seedctl VERB NAME --timeout SECS --socket SOCKET`, for more arguments to follow.
-fn seedctl_on(
+pub(super) fn seedctl_on(
     h: &Harness,
     m: &Machine,
     verb: &str,
