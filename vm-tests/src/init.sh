@@ -1,7 +1,6 @@
 #!/bin/busybox sh
 # nixseed test initramfs /init — same order as the NixOS systemd initrd:
 # root read-only at /sysroot, /var read-write, `nixseed-agent initrd`, move /run, switch root.
-/bin/busybox --install -s
 mount -t proc -o nosuid,nodev,noexec proc /proc
 mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
 mount -t devtmpfs -o mode=0755,nosuid devtmpfs /dev
@@ -39,9 +38,10 @@ for arg in $(cat /proc/cmdline); do
 done
 
 t0=$(ms)
-while read -r m; do
-	insmod "/lib/modules/$m" 2>/dev/null
-done </etc/nixseed-modules
+# One modprobe for all of them: dependencies from the initramfs's own modules.dep, and
+# `module.option=value` from the kernel command line, as the real modprobe takes them.
+read -r modules </etc/nixseed-modules
+modprobe -a $modules
 log "modules loaded"
 
 # NIC names as udev's path policy gives them (enp<bus>s<slot>[f<fn>]). A systemd initrd
@@ -49,16 +49,21 @@ log "modules loaded"
 # system will use; without this the agent would see the kernel's eth0.
 for n in /sys/class/net/eth*; do
 	[ -e "$n/device" ] || continue
-	dev=$(readlink -f "$n/device")
+	# Shell built-ins only: under TCG every program started here costs milliseconds.
+	cd -P "$n/device" || continue
+	dev=$PWD
+	cd /
 	pci=${dev%/virtio*}
 	pci=${pci##*/}
 	case "$pci" in
 	[0-9a-f][0-9a-f][0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f].[0-7]) ;;
 	*) continue ;;
 	esac
-	bus=$((0x$(echo "$pci" | cut -d: -f2)))
-	slot=$((0x$(echo "$pci" | cut -d: -f3 | cut -d. -f1)))
-	fn=$(echo "$pci" | cut -d. -f2)
+	rest=${pci#*:}
+	bus=$((0x${rest%%:*}))
+	rest=${rest#*:}
+	slot=$((0x${rest%.*}))
+	fn=${rest#*.}
 	name=enp${bus}s${slot}
 	[ "$fn" = 0 ] || name=${name}f$fn
 	ip link set dev "${n##*/}" name "$name" 2>/dev/null && log "${n##*/} is $name ($pci)"

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Bump when the init script or the module list changes.
-pub const INITRAMFS_CODE_VERSION: u32 = 6;
+pub const INITRAMFS_CODE_VERSION: u32 = 7;
 
 /// Modules for virtio disks/NICs/serial, ext4, the seed media (a SATA/IDE cdrom or a
 /// virtio disk; vfat for FAT seeds, while ISO seeds are read by the agent in place, so
@@ -88,6 +88,38 @@ impl ModuleIndex {
         (order, missing)
     }
 
+    /// The names of `wanted` that are modules of this kernel (not built in, not missing),
+    /// in the order given: what the initramfs's one `modprobe -a` loads.
+    pub fn loadable(&self, wanted: &[&str]) -> Vec<String> {
+        wanted
+            .iter()
+            .map(|w| norm(w))
+            .filter(|n| self.by_name.contains_key(n))
+            .collect()
+    }
+
+    /// A `modules.dep` for the initramfs, where the modules of `order` lie flat in one
+    /// directory as `<name>.ko`, uncompressed.
+    pub fn flat_dep(&self, order: &[String]) -> String {
+        let flat = |path: &str| format!("{}.ko", module_name(path));
+        let mut out = String::new();
+        for path in order {
+            let deps = self
+                .by_name
+                .get(&module_name(path))
+                .map(|(_, d)| d.iter().map(|d| flat(d)).collect::<Vec<_>>())
+                .unwrap_or_default();
+            out.push_str(&flat(path));
+            out.push(':');
+            for d in deps {
+                out.push(' ');
+                out.push_str(&d);
+            }
+            out.push('\n');
+        }
+        out
+    }
+
     fn visit(&self, path: &str, seen: &mut BTreeSet<String>, order: &mut Vec<String>) {
         if !seen.insert(path.to_string()) {
             return;
@@ -113,6 +145,10 @@ pub fn build(modules_dir: &Path, agent: Option<&Path>, out: &Path, scratch: &Pat
         &read("modules.builtin").unwrap_or_default(),
     );
     let (order, missing) = index.load_order(MODULES);
+    let release = modules_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("no kernel release in {}", modules_dir.display()))?;
     if !missing.is_empty() {
         eprintln!(
             "vm-tests: kernel in {} has no module {} (skipped)",
@@ -125,36 +161,28 @@ pub fn build(modules_dir: &Path, agent: Option<&Path>, out: &Path, scratch: &Pat
         fs::remove_dir_all(&stage).with_context(|| format!("removing {}", stage.display()))?;
     }
     for d in [
-        "bin",
-        "sbin",
-        "usr/bin",
-        "usr/sbin",
-        "dev",
-        "proc",
-        "sys",
-        "run",
-        "sysroot",
-        "etc",
-        "lib/modules",
+        "bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "sysroot", "etc",
     ] {
         fs::create_dir_all(stage.join(d))
             .with_context(|| format!("creating {}/{d}", stage.display()))?;
     }
     copy_exec(Path::new(BUSYBOX), &stage.join("bin/busybox"))?;
+    install_applets(&stage)?;
     let init = stage.join("init");
     fs::write(&init, INIT).with_context(|| format!("writing {}", init.display()))?;
     set_mode(&init, 0o755)?;
-    let mut list = String::new();
+    let mods = stage.join("lib/modules").join(release);
+    fs::create_dir_all(&mods).with_context(|| format!("creating {}", mods.display()))?;
     for rel in &order {
-        let src = modules_dir.join(rel);
-        // Stored uncompressed: busybox insmod does not read .ko.xz / .ko.zst.
-        let name = format!("{}.ko", module_name(rel));
-        let dst = stage.join("lib/modules").join(&name);
-        decompress_module(&src, &dst)?;
-        list.push_str(&name);
-        list.push('\n');
+        // Stored uncompressed: busybox modprobe does not read .ko.xz / .ko.zst.
+        let dst = mods.join(format!("{}.ko", module_name(rel)));
+        decompress_module(&modules_dir.join(rel), &dst)?;
     }
-    fs::write(stage.join("etc/nixseed-modules"), list).context("writing the module list")?;
+    fs::write(mods.join("modules.dep"), index.flat_dep(&order))
+        .context("writing the initramfs's modules.dep")?;
+    let wanted = index.loadable(MODULES).join(" ");
+    fs::write(stage.join("etc/nixseed-modules"), wanted + "\n")
+        .context("writing the module list")?;
     if let Some(agent) = agent {
         copy_exec(agent, &stage.join("usr/bin/nixseed-agent"))?;
     }
@@ -169,6 +197,24 @@ pub fn build(modules_dir: &Path, agent: Option<&Path>, out: &Path, scratch: &Pat
     cmd::run(Command::new("sh").args(["-c", &script]))
         .with_context(|| format!("packing {}", out.display()))?;
     fs::remove_dir_all(&stage).with_context(|| format!("removing {}", stage.display()))?;
+    Ok(())
+}
+
+/// busybox's applets as links at the paths it lists for itself (`--list-full`), made when
+/// the image is built rather than by `busybox --install` at every boot.
+fn install_applets(stage: &Path) -> Result<()> {
+    let out = cmd::stdout(Command::new(BUSYBOX).arg("--list-full"))?;
+    for rel in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let link = stage.join(rel);
+        if link.exists() {
+            continue;
+        }
+        if let Some(dir) = link.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::os::unix::fs::symlink("/bin/busybox", &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
     Ok(())
 }
 
@@ -246,5 +292,20 @@ kernel/fs/isofs/isofs.ko.xz:\n";
             ]
         );
         assert_eq!(missing, vec!["nope"]);
+    }
+
+    #[test]
+    fn the_initramfs_modules_dep_names_the_flat_uncompressed_files() {
+        let idx = ModuleIndex::parse(DEP, "kernel/drivers/virtio/virtio_pci.ko\n");
+        let (order, _) = idx.load_order(&["ext4", "virtio_blk"]);
+        assert_eq!(
+            idx.flat_dep(&order),
+            "crc16.ko:\nmbcache.ko:\njbd2.ko:\next4.ko: crc16.ko mbcache.ko jbd2.ko\nvirtio_blk.ko:\n"
+        );
+        // Built-ins and names the kernel lacks are not asked of modprobe.
+        assert_eq!(
+            idx.loadable(&["virtio-blk", "virtio_pci", "ext4", "nope"]),
+            vec!["virtio_blk", "ext4"]
+        );
     }
 }

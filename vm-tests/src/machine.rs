@@ -98,13 +98,18 @@ fn env_u32(name: &str, default: u32) -> u32 {
 /// registers, which under TCG took about 0.7 s of the kernel's start (`crypto_algapi_init`
 /// alone 0.65 s with `initcall_debug`); they guard against a broken implementation on
 /// real hardware, and FIPS mode, where they matter, ignores the flag.
+/// `libata.force=nodbdelay` drops libata's 200 ms wait after it wakes a SATA link ("some
+/// PHYs react badly if SStatus is pounded immediately after resuming"): the seed CD-ROM
+/// sits on QEMU's emulated AHCI, whose links have no PHY, and loading `ahci` waited for
+/// it on each of its six ports (the initramfs's modprobe passes the option on, as
+/// modprobe does).
 pub fn kernel_cmdline(image: &GuestImage) -> String {
     let mode = match image.variant {
         crate::image::Variant::Nixseed => "ro",
         crate::image::Variant::CloudInit => "rw nixseed.agent=0 nixseed.var=none",
     };
     format!(
-        "console=ttyS0,115200 root=LABEL={} {mode} quiet loglevel=4 panic=-1 systemd.show_status=false cryptomgr.notests=1",
+        "console=ttyS0,115200 root=LABEL={} {mode} quiet loglevel=4 panic=-1 systemd.show_status=false cryptomgr.notests=1 libata.force=nodbdelay",
         crate::image::ROOT_LABEL
     )
 }
