@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Bump when the image-building code changes what ends up in the tree.
-pub const IMAGE_CODE_VERSION: u32 = 6;
+pub const IMAGE_CODE_VERSION: u32 = 7;
 /// Bump when the final layer (injection, initramfs) changes.
 pub const FINAL_CODE_VERSION: u32 = 4;
 
@@ -459,8 +459,9 @@ const FALLBACK_NETWORK: &str = "# Any wired NIC gets DHCP unless nixseed linked 
 
 /// Drivers udev would load for the emulated machine that a VM guest with a serial
 /// console has no use for: nested virtualisation, Wi-Fi, graphics, the PC speaker and
-/// mouse, the chipset's watchdog and SMBus, and the kernel's accelerated crypto (sshd
-/// does its crypto in user space). Under TCG each one costs a module load at boot.
+/// mouse, the chipset's watchdog and SMBus, the kernel's accelerated crypto (sshd
+/// does its crypto in user space), and what the emulated CPU's model matches: memory
+/// error reporting (EDAC) and frequency scaling, which find no hardware and fail. Under TCG each one costs a module load at boot.
 pub const LEAN_MODULES: &[&str] = &[
     "kvm",
     "kvm_amd",
@@ -494,6 +495,11 @@ pub const LEAN_MODULES: &[&str] = &[
     "crc32_pclmul",
     "crct10dif_pclmul",
     "efi_pstore",
+    "edac_mce_amd",
+    "amd64_edac",
+    "powernow_k8",
+    "pcc_cpufreq",
+    "acpi_cpufreq",
 ];
 
 /// Units with nothing to do in a VM driven over its serial console: systemd's early loads
@@ -503,7 +509,9 @@ pub const LEAN_MODULES: &[&str] = &[
 /// (`-nodefaults`: no display), the generator of networkd files from `ip=` on the
 /// kernel command line (the images never pass one), and `kmod static-nodes`, whose list
 /// depends only on the image's kernel and is written when the image is built
-/// ([`STATIC_NODES`]).
+/// ([`STATIC_NODES`]). Also the remount of `/` with its fstab options (the initramfs
+/// mounts it with exactly those, and `/var` is not a kernel file system it would touch)
+/// and the hugetlbfs mount (no huge pages are reserved).
 const LEAN_UNITS: &[&str] = &[
     "modprobe@configfs.service",
     "modprobe@dm_mod.service",
@@ -516,13 +524,16 @@ const LEAN_UNITS: &[&str] = &[
     "getty@tty1.service",
     "systemd-network-generator.service",
     "kmod-static-nodes.service",
+    "systemd-remount-fs.service",
+    "dev-hugepages.mount",
 ];
 
 /// The units of [`LEAN_UNITS`] that Debian enables (the rest are static).
 const LEAN_ENABLED: &[&str] = &["getty@tty1.service", "systemd-network-generator.service"];
 
 /// Generators with nothing to generate here (no crypttab, veritytab or integritytab, no
-/// resume device, root given by label, no rc.local, no offline update, and no SysV init
+/// resume device, root given by label, no rc.local, no offline update, no `systemd.run=`
+/// on the kernel command line, and no SysV init
 /// script without a native unit or a mask: NixOS builds systemd without SysV
 /// compatibility at all): each is one more program PID 1 runs before it starts any unit,
 /// about 0.2 s of CPU apiece under TCG.
@@ -535,6 +546,7 @@ const LEAN_GENERATORS: &[&str] = &[
     "systemd-system-update-generator",
     "systemd-rc-local-generator",
     "systemd-sysv-generator",
+    "systemd-run-generator",
 ];
 
 /// Coldplug with the NICs first, and of the kernel's modules only those a rule names.
@@ -659,6 +671,23 @@ pub fn static_nodes_tmpfiles(devname: &str) -> Result<String> {
     Ok(out)
 }
 
+/// Debian links `/etc/modules-load.d/modules.conf` to `/etc/modules`, which names no
+/// module in either image; the link alone makes `systemd-modules-load.service` start (a
+/// process that loads nothing) instead of being skipped by its condition on non-empty
+/// `modules-load.d` directories. The link goes when the file lists no module.
+fn drop_empty_modules_load(tree: &Path) -> Result<()> {
+    let link = tree.join("etc/modules-load.d/modules.conf");
+    let listed = fs::read_to_string(tree.join("etc/modules")).unwrap_or_default();
+    let names_a_module = listed
+        .lines()
+        .map(str::trim)
+        .any(|l| !l.is_empty() && !l.starts_with('#'));
+    if !names_a_module && fs::symlink_metadata(&link).is_ok() {
+        fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))?;
+    }
+    Ok(())
+}
+
 fn write_static_nodes(tree: &Path) -> Result<()> {
     let release = kernel_release(tree)?;
     let src = tree
@@ -688,6 +717,7 @@ fn configure_lean(tree: &Path) -> Result<()> {
     args.extend(LEAN_UNITS);
     chroot_systemctl(tree, &args)?;
     write_static_nodes(tree)?;
+    drop_empty_modules_load(tree)?;
     check_udev_rules(tree)?;
     write(
         &tree.join("etc/systemd/system/systemd-udev-trigger.service.d/50-nixseed-net-first.conf"),
