@@ -466,6 +466,17 @@ fn fmt_ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
+/// A ratio held against a budget of `share`: as [`fmt_ratio`], but with three decimals
+/// when two would print the budget itself ("0.50×" for 0.507, which misses ≤ 0.5×).
+fn fmt_budget_ratio(a: Option<f64>, b: Option<f64>, share: f64) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 && (a / b - share).abs() < 0.005 => {
+            format!("{:.3}×", a / b)
+        }
+        _ => fmt_ratio(a, b),
+    }
+}
+
 /// A boot's time to sshd as the host saw it, with the guest's clock at sshd's listening.
 fn sshd_cell(b: Option<&Boot>) -> String {
     match b {
@@ -757,7 +768,7 @@ fn render(
         "| boot to sshd with the pinned host key (QEMU start → `ssh-keyscan` match), median | {} | {} | {} | ≤ 0.5× | {} |",
         fmt_opt(boot_n, "s", 1),
         fmt_opt(boot_c, "s", 1),
-        ratio(boot_n, boot_c),
+        fmt_budget_ratio(boot_n, boot_c, 0.5),
         verdict(boot_ok)
     );
     let (listen_n, listen_c) = (
@@ -782,7 +793,7 @@ fn render(
             o.wide_cpus,
             fmt_opt(wide_n, "s", 1),
             fmt_opt(wide_c, "s", 1),
-            ratio(wide_n, wide_c),
+            fmt_budget_ratio(wide_n, wide_c, 0.5),
             verdict(wide_ok)
         );
     }
@@ -1047,6 +1058,14 @@ mod tests {
         assert_eq!(fmt_ratio(Some(2.13), Some(0.96)), "2.22×");
         assert_eq!(fmt_ratio(Some(1.0), Some(0.0)), "–");
         assert_eq!(fmt_ratio(None, Some(1.0)), "–");
+    }
+
+    #[test]
+    fn a_ratio_at_its_budget_shows_which_side_it_is_on() {
+        assert_eq!(fmt_budget_ratio(Some(10.9), Some(21.6), 0.5), "0.505×");
+        assert_eq!(fmt_budget_ratio(Some(10.7), Some(21.5), 0.5), "0.498×");
+        assert_eq!(fmt_budget_ratio(Some(10.7), Some(20.7), 0.5), "0.52×");
+        assert_eq!(fmt_budget_ratio(None, Some(20.7), 0.5), "–");
     }
 
     #[test]
