@@ -461,7 +461,8 @@ const FALLBACK_NETWORK: &str = "# Any wired NIC gets DHCP unless nixseed linked 
 /// console has no use for: nested virtualisation, Wi-Fi, graphics, the PC speaker and
 /// mouse, the chipset's watchdog and SMBus, the kernel's accelerated crypto (sshd
 /// does its crypto in user space), and what the emulated CPU's model matches: memory
-/// error reporting (EDAC) and frequency scaling, which find no hardware and fail. Under TCG each one costs a module load at boot.
+/// error reporting (EDAC) and frequency scaling, which find no hardware and fail.
+/// Under TCG each one costs a module load at boot.
 pub const LEAN_MODULES: &[&str] = &[
     "kvm",
     "kvm_amd",
@@ -510,8 +511,8 @@ pub const LEAN_MODULES: &[&str] = &[
 /// kernel command line (the images never pass one), and `kmod static-nodes`, whose list
 /// depends only on the image's kernel and is written when the image is built
 /// ([`STATIC_NODES`]). Also the remount of `/` with its fstab options (the initramfs
-/// mounts it with exactly those, and `/var` is not a kernel file system it would touch)
-/// and the hugetlbfs mount (no huge pages are reserved).
+/// mounts it with exactly those, and fstab lists no other file system the unit
+/// remounts) and the hugetlbfs mount (no huge pages are reserved).
 const LEAN_UNITS: &[&str] = &[
     "modprobe@configfs.service",
     "modprobe@dm_mod.service",
@@ -559,10 +560,9 @@ const LEAN_GENERATORS: &[&str] = &[
 /// with no display; udev's only rules for them set the `tty` group, for logins on a
 /// screen this base does not have (`getty@tty1` is masked), and replaying their 92
 /// uevents cost udevd 0.36 s of CPU (0.63 s wall) in a booted guest with one vCPU. An
-/// image meant for a VGA console would trigger them.
-/// Of the subsystem-type uevents (buses, their driver
-/// lists and modules) only the modules in [`MODULES_WITH_RULES`] are: no rule in the base
-/// matches the others, and replaying them cost udevd and journald 0.74 s of CPU (1.26 s
+/// image meant for a VGA console would trigger them. Of the subsystem-type uevents
+/// (buses, their driver lists and modules) only the modules in [`MODULES_WITH_RULES`]
+/// are: no rule in the base matches the others, and replaying them cost udevd and journald 0.74 s of CPU (1.26 s
 /// wall) in a booted guest with one vCPU, while networkd was starting.
 /// [`check_udev_rules`] fails the build if a rule of the tree says otherwise.
 pub fn udev_trigger_dropin() -> String {
