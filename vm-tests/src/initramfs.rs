@@ -206,7 +206,7 @@ fn install_applets(stage: &Path) -> Result<()> {
     let out = cmd::stdout(Command::new(BUSYBOX).arg("--list-full"))?;
     for rel in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let link = stage.join(rel);
-        if link.exists() {
+        if fs::symlink_metadata(&link).is_ok() {
             continue;
         }
         if let Some(dir) = link.parent() {
@@ -292,6 +292,29 @@ kernel/fs/isofs/isofs.ko.xz:\n";
             ]
         );
         assert_eq!(missing, vec!["nope"]);
+    }
+
+    #[test]
+    fn busybox_applets_are_linked_where_busybox_lists_them() {
+        if !Path::new(BUSYBOX).exists() {
+            eprintln!("no {BUSYBOX} on this host: skipped");
+            return;
+        }
+        let stage = std::env::temp_dir().join(format!("vm-tests-applets-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&stage);
+        fs::create_dir_all(stage.join("usr/bin")).unwrap();
+        // A file already in place (the agent, in the real build) is left alone.
+        fs::write(stage.join("usr/bin/env"), "kept").unwrap();
+        install_applets(&stage).unwrap();
+        for applet in ["sbin/modprobe", "bin/sh", "sbin/switch_root", "bin/mount"] {
+            let target = fs::read_link(stage.join(applet));
+            assert_eq!(target.ok().as_deref(), Some(Path::new(BUSYBOX)), "{applet}");
+        }
+        assert_eq!(
+            fs::read_to_string(stage.join("usr/bin/env")).unwrap(),
+            "kept"
+        );
+        fs::remove_dir_all(&stage).unwrap();
     }
 
     #[test]
