@@ -467,7 +467,7 @@ fn fmt_ratio(a: Option<f64>, b: Option<f64>) -> String {
 }
 
 /// A ratio held against a budget of `share`: as [`fmt_ratio`], but with three decimals
-/// when two would print the budget itself ("0.50×" for 0.507, which misses ≤ 0.5×).
+/// when two would print the budget itself ("0.50×" for 0.503, which misses ≤ 0.5×).
 fn fmt_budget_ratio(a: Option<f64>, b: Option<f64>, share: f64) -> String {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 && (a / b - share).abs() < 0.005 => {
