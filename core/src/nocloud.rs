@@ -34,12 +34,12 @@ pub fn parse_meta_data(bytes: &[u8], origin: &str) -> Result<MetaData, yaml::Yam
         ..MetaData::default()
     };
     for (k, v) in &map {
-        let Some(key) = yaml::plain_key(k) else {
-            meta.warnings.push(format!(
-                "{origin}: a key ignored: {}, not a plain string",
-                yaml::kind(k)
-            ));
-            continue;
+        let key = match yaml::plain_key(k, origin) {
+            Ok(key) => key,
+            Err(warning) => {
+                meta.warnings.push(warning);
+                continue;
+            }
         };
         match key {
             "instance-id" | "instance_id" => {

@@ -353,12 +353,12 @@ fn merge_cloud_config(
 ) -> Result<(), UserDataError> {
     let map = yaml::parse_mapping(text, origin)?;
     for (key, value) in &map {
-        let Some(key) = yaml::plain_key(key) else {
-            config.warnings.push(format!(
-                "{origin}: a key ignored: {}, not a plain string",
-                yaml::kind(key)
-            ));
-            continue;
+        let key = match yaml::plain_key(key, origin) {
+            Ok(key) => key,
+            Err(warning) => {
+                config.warnings.push(warning);
+                continue;
+            }
         };
         let ctx = Ctx { origin, key };
         match key {

@@ -473,11 +473,15 @@ pub fn keep_text(value: &Value, text: &str, key: &str) -> Option<String> {
 
 /// A mapping key as a name: a plain string, not a tagged one (`!tag hostname:`), which
 /// serde_yaml's `as_str` would read as the bare name although the mapping cannot be
-/// looked up by it; PyYAML refuses such a tag.
-pub fn plain_key(key: &Value) -> Option<&str> {
+/// looked up by it; PyYAML refuses such a tag. Any other key is the warning that it was
+/// ignored, naming `origin`.
+pub fn plain_key<'a>(key: &'a Value, origin: &str) -> Result<&'a str, String> {
     match key {
-        Value::String(s) => Some(s),
-        _ => None,
+        Value::String(s) => Ok(s),
+        _ => Err(format!(
+            "{origin}: a key ignored: {}, not a plain string",
+            kind(key)
+        )),
     }
 }
 
