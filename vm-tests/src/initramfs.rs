@@ -104,16 +104,13 @@ impl ModuleIndex {
         let flat = |path: &str| format!("{}.ko", module_name(path));
         let mut out = String::new();
         for path in order {
-            let deps = self
-                .by_name
-                .get(&module_name(path))
-                .map(|(_, d)| d.iter().map(|d| flat(d)).collect::<Vec<_>>())
-                .unwrap_or_default();
             out.push_str(&flat(path));
             out.push(':');
-            for d in deps {
-                out.push(' ');
-                out.push_str(&d);
+            if let Some((_, deps)) = self.by_name.get(&module_name(path)) {
+                for d in deps {
+                    out.push(' ');
+                    out.push_str(&flat(d));
+                }
             }
             out.push('\n');
         }
