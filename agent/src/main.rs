@@ -160,7 +160,7 @@ impl StageArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(serve::qemu_ga_argv(std::env::args_os()));
+    let cli = parse_args();
     logging::init(cli.verbose);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -170,6 +170,26 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// The command line, parsed on a short-lived thread. clap builds the whole command tree
+/// in one derived function whose frame is about 60 KiB; on the main thread those stack
+/// pages would stay resident for as long as the process runs, which for `serve` is the
+/// VM's lifetime. A thread's stack is unmapped when it is joined.
+fn parse_args() -> Cli {
+    let argv = serve::qemu_ga_argv(std::env::args_os());
+    let parsed = std::thread::Builder::new()
+        .name("args".into())
+        .stack_size(PARSE_STACK)
+        .spawn(move || Cli::parse_from(argv));
+    match parsed.map(|t| t.join()) {
+        Ok(Ok(cli)) => cli,
+        // No thread to be had (or it panicked): parse here, at the cost of the stack.
+        _ => Cli::parse_from(serve::qemu_ga_argv(std::env::args_os())),
+    }
+}
+
+/// The parsing thread's stack: the derived builder's frame and clap's own calls, with room.
+const PARSE_STACK: usize = 256 * 1024;
 
 fn run(command: Command) -> Result<()> {
     match command {
