@@ -6,7 +6,7 @@
 //! Per boot (every boot is a first boot: fresh overlay, and for nixseed a fresh `/var`):
 //! - boot to sshd answering with the machine's pinned host key;
 //! - nixseed: the initrd stage's own timing line; cloud-init: `cloud-init analyze show`;
-//! - the guest agent's VmRSS once idle (`nixseed-agent serve` vs `qemu-ga`);
+//! - the guest agents' RSS (`smaps_rollup`) once idle and after a management poll (`nixseed-agent serve` vs `qemu-ga`);
 //! - guest-ping round trips from the host over the virtio-serial socket QEMU exposes.
 
 use crate::cmd;
