@@ -188,8 +188,9 @@ fn parse_args() -> Cli {
     }
 }
 
-/// The parsing thread's stack: the derived builder's frame and clap's own calls, with room.
-const PARSE_STACK: usize = 256 * 1024;
+/// The parsing thread's stack: the derived builder's frame and clap's own calls, with room
+/// for a debug build's larger frames. Only the pages touched are ever resident.
+const PARSE_STACK: usize = 1024 * 1024;
 
 fn run(command: Command) -> Result<()> {
     match command {
