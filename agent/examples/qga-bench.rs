@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use nixseed_test_support::memory::rollup_rss_kib;
 use nixseed_test_support::stats::{median, percentile};
 
 const ROUNDS: usize = 20_000;
@@ -52,15 +53,9 @@ fn start(name: &'static str, exe: &Path, pre: &[&str], dir: &Path) -> Result<Age
     Ok(Agent { name, child, sock })
 }
 
-/// Resident KiB from the page tables (`smaps_rollup`); status's VmRSS lags by up to 64
-/// faults' worth of pages per thread.
 fn rss_kib(pid: u32) -> Result<u64> {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Rss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no Rss in smaps_rollup")
+    rollup_rss_kib(&rollup).context("no Rss in smaps_rollup")
 }
 
 fn pings(a: &Agent, n: usize, out: &mut Vec<Duration>) -> Result<()> {

@@ -4,6 +4,7 @@
 //! command line, product_uuid, optionally one NIC), and a NoCloud seed directory that the
 //! command line names (`ds=nocloud;s=/seed/`).
 
+pub mod memory;
 pub mod stats;
 
 use std::io;

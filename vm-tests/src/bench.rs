@@ -17,6 +17,7 @@ use crate::paths::workspace_root;
 use crate::qga_client;
 use crate::scenarios::{Booted, Harness, WAKEUPS, agent_timing_lines, unit_counter_delta};
 use anyhow::{Context, Result, bail};
+use nixseed_test_support::memory::rollup_rss_kib;
 use nixseed_test_support::stats::{median, percentile};
 use std::fmt::Write as _;
 use std::fs;
@@ -46,7 +47,7 @@ struct Boot {
     provision_ms: Option<f64>,
     /// cloud-init: first to last event of `analyze show`, in ms.
     span_ms: Option<f64>,
-    /// The guest agent's VmRSS once idle after its start, in KiB.
+    /// The guest agent's resident set once idle after its start, in KiB.
     rss_kib: Option<u64>,
     /// The same after one [`POLL`] of management requests, in KiB.
     rss_polled_kib: Option<u64>,
@@ -266,10 +267,7 @@ pub fn analyze_span_ms(text: &str) -> Option<f64> {
 }
 
 /// The `MainPID` of `unit` once it runs (polled up to 60 s), then its resident set in KiB
-/// after `idle` of quiet: `Rss` of `/proc/PID/smaps_rollup`, counted from the page tables.
-/// `/proc/PID/status`'s VmRSS is not used: the kernel folds each thread's page counts
-/// into it only every 64 faults, so it can lag by hundreds of KiB (1512 against 1824 KiB
-/// for the agent 3 s after its start).
+/// after `idle` of quiet (see [`rollup_rss_kib`]).
 fn unit_rss_kib(b: &Booted, unit: &str, idle: Duration) -> Result<u64> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let pid = loop {
@@ -288,14 +286,6 @@ fn unit_rss_kib(b: &Booted, unit: &str, idle: Duration) -> Result<u64> {
     std::thread::sleep(idle);
     let rollup = b.ssh.run(&format!("cat /proc/{pid}/smaps_rollup"))?;
     rollup_rss_kib(&rollup).with_context(|| format!("no Rss in /proc/{pid}/smaps_rollup of {unit}"))
-}
-
-/// The `Rss:` figure of a `smaps_rollup`, in KiB.
-fn rollup_rss_kib(rollup: &str) -> Option<u64> {
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Rss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// What a management host asks a guest agent, beyond `guest-ping`: Proxmox VE's summary
@@ -1101,17 +1091,6 @@ fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_rss_from_smaps_rollup() {
-        let rollup = "55a1c0e6d000-7fff9c778000 ---p 00000000 00:00 0                          [rollup]\n\
-                      Rss:                1972 kB\n\
-                      Pss:                1968 kB\n\
-                      Pss_Anon:            268 kB\n\
-                      Anonymous:           268 kB\n";
-        assert_eq!(rollup_rss_kib(rollup), Some(1972));
-        assert_eq!(rollup_rss_kib("VmRSS:\t1512 kB\n"), None);
-    }
 
     #[test]
     fn parses_timing_line_and_analyze_total() {
