@@ -3,7 +3,6 @@
 //! existing units and tests. One [`Agent`] serves the port; its parser state outlives
 //! connections. The runtime is single-threaded to keep the resident set small.
 
-use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -53,7 +52,7 @@ pub const DEFAULT_FSFREEZE_HOOK: &str = "/etc/qemu/fsfreeze-hook";
 /// How long to wait before reading again while part of a request waits for its host.
 const HUP_BACKOFF: Duration = Duration::from_millis(100);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
     VirtioSerial,
     IsaSerial,
@@ -61,98 +60,69 @@ pub enum Method {
     VsockListen,
 }
 
-#[derive(Debug, clap::Args)]
+impl std::str::FromStr for Method {
+    type Err = String;
+    /// qemu-ga's names, on the command line and in its configuration file.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "virtio-serial" => Ok(Method::VirtioSerial),
+            "isa-serial" => Ok(Method::IsaSerial),
+            "unix-listen" => Ok(Method::UnixListen),
+            "vsock-listen" => Ok(Method::VsockListen),
+            other => Err(format!(
+                "method '{other}' is not supported (use virtio-serial, isa-serial, unix-listen or vsock-listen)"
+            )),
+        }
+    }
+}
+
+/// `serve`'s options; their spellings and help are in `cli.rs`. `None` and empty lists
+/// fall back to the configuration file, then to qemu-ga's defaults.
+#[derive(Debug)]
 pub struct ServeArgs {
-    /// Transport: virtio-serial (default), isa-serial, unix-listen or vsock-listen.
-    #[arg(short = 'm', long = "method", value_enum)]
     pub method: Option<Method>,
-    /// Device or socket path (default: /dev/virtio-ports/org.qemu.guest_agent.0,
-    /// or /dev/ttyS0 for isa-serial).
-    #[arg(short = 'p', long = "path", allow_hyphen_values = true)]
     pub path: Option<PathBuf>,
-    /// Comma-separated commands to disable.
-    #[arg(short = 'b', long = "block-rpcs", value_delimiter = ',')]
     pub block_rpcs: Vec<String>,
-    /// Comma-separated commands to enable; all others are disabled (as in qemu-ga).
-    /// Naming an unsafe command (guest-exec, guest-file-*, guest-set-user-password)
-    /// here enables it.
-    #[arg(short = 'a', long = "allow-rpcs", value_delimiter = ',')]
     pub allow_rpcs: Vec<String>,
-    /// Comma-separated unsafe commands to enable without restricting the others.
-    #[arg(long = "unsafe-rpcs", value_delimiter = ',')]
     pub unsafe_rpcs: Vec<String>,
-    /// State directory: the frozen marker and the file-handle counter.
-    #[arg(short = 't', long = "statedir")]
     pub statedir: Option<PathBuf>,
-    /// Run this hook with `freeze`/`thaw` around guest-fsfreeze (qemu-ga style:
-    /// `-F` alone uses /etc/qemu/fsfreeze-hook, `-F/path` another script).
-    #[arg(short = 'F', long = "fsfreeze-hook", num_args = 0..=1, require_equals = true,
-          default_missing_value = DEFAULT_FSFREEZE_HOOK)]
     pub fsfreeze_hook: Option<PathBuf>,
-    /// qemu-ga.conf-style key file ([general] method, path, statedir, block-rpcs,
-    /// allow-rpcs, fsfreeze-hook; plus unsafe-rpcs, identity-dir, file-dirs, admin-user
-    /// and ssh-user).
-    /// (Default: the QGA_CONF environment variable.)
-    #[arg(short = 'c', long = "config")]
     pub config: Option<PathBuf>,
-    /// Where guest-ssh-*-authorized-keys read and write, and the identity the control
-    /// channel reports and replaces.
-    #[arg(long = "identity-dir")]
     pub identity_dir: Option<PathBuf>,
-    /// The account guest-ssh-*-authorized-keys map to `admin_authorized_keys` (the NixOS
-    /// module's `ssh.adminUser`).
-    #[arg(long = "admin-user", value_name = "NAME")]
     pub admin_user: Option<String>,
-    /// The account they map to `user_authorized_keys` (the module's `ssh.user`); keys of
-    /// any other account are refused, since no sshd match reads them from the identity.
-    #[arg(long = "ssh-user", value_name = "NAME")]
     pub ssh_user: Option<String>,
-    /// Directories guest-file-open may open files in (comma-separated); empty: anywhere,
-    /// as qemu-ga. Only matters when guest-file-* are allowed at all.
-    #[arg(long = "file-dirs", value_delimiter = ',')]
     pub file_dirs: Vec<PathBuf>,
-    /// The nixseed control channel port (served beside the guest agent when it exists).
-    #[arg(long = "channel-path", default_value = crate::channel::DEFAULT_PORT)]
     pub channel_path: PathBuf,
-    /// How the control channel is reached.
-    #[arg(long = "channel-method", value_enum, default_value = "virtio-serial")]
     pub channel_method: Method,
-    /// Do not serve the control channel.
-    #[arg(long = "no-channel")]
     pub no_channel: bool,
-    /// After a push changes the ports, reload the nftables `inet nixseed` table.
-    #[arg(long)]
     pub firewall: bool,
-    /// OpenSSH public keys a pushed seed must be signed with.
-    #[arg(long = "trusted-keys", value_name = "FILE")]
     pub trusted_keys: Option<PathBuf>,
-    /// What a push does on a cloned VM (product_uuid changed under an unchanged seed):
-    /// regenerate, adopt or refuse, as in the boot stages.
-    /// [default: regenerate]
-    #[arg(long = "clone-policy")]
     pub clone_policy: Option<ClonePolicy>,
 }
 
-/// qemu-ga spells the hook with an attached value (`-F/path`), which clap cannot take for
-/// an option whose value is optional; rewrite that one form to `--fsfreeze-hook=/path`.
-/// `-F` alone and `-F=/path` pass through. A value following `-p`/`--path` (which may
-/// begin with a hyphen) is left alone.
-pub fn qemu_ga_argv(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
-    let mut out: Vec<OsString> = Vec::new();
-    for arg in args {
-        let takes_value = out
-            .last()
-            .is_some_and(|prev| prev == "-p" || prev == "--path");
-        let attached = arg
-            .to_str()
-            .and_then(|s| s.strip_prefix("-F"))
-            .filter(|rest| !rest.is_empty() && !rest.starts_with('='));
-        match attached {
-            Some(path) if !takes_value => out.push(format!("--fsfreeze-hook={path}").into()),
-            _ => out.push(arg),
+impl Default for ServeArgs {
+    fn default() -> Self {
+        ServeArgs {
+            method: None,
+            path: None,
+            block_rpcs: Vec::new(),
+            allow_rpcs: Vec::new(),
+            unsafe_rpcs: Vec::new(),
+            statedir: None,
+            fsfreeze_hook: None,
+            config: None,
+            identity_dir: None,
+            admin_user: None,
+            ssh_user: None,
+            file_dirs: Vec::new(),
+            channel_path: crate::channel::DEFAULT_PORT.into(),
+            channel_method: Method::VirtioSerial,
+            no_channel: false,
+            firewall: false,
+            trusted_keys: None,
+            clone_policy: None,
         }
     }
-    out
 }
 
 /// A port the agent answers on.
@@ -178,19 +148,13 @@ fn settings(args: &ServeArgs) -> Result<(Transport, AgentConfig)> {
         }
         None => Default::default(),
     };
-    let method = match (args.method, conf.get("method").map(String::as_str)) {
+    let method = match (args.method, conf.get("method")) {
         (Some(m), _) => m,
-        (None, None | Some("virtio-serial")) => Method::VirtioSerial,
-        (None, Some("isa-serial")) => Method::IsaSerial,
-        (None, Some("unix-listen")) => Method::UnixListen,
-        (None, Some("vsock-listen")) => Method::VsockListen,
-        (None, Some(other)) => bail!(
-            "{}: method '{other}' is not supported (use virtio-serial, isa-serial, unix-listen or vsock-listen)",
-            config_path
-                .as_deref()
-                .unwrap_or(Path::new("config"))
-                .display()
-        ),
+        (None, None) => Method::VirtioSerial,
+        (None, Some(name)) => name.parse().map_err(|e| {
+            let file = config_path.as_deref().unwrap_or(Path::new("config"));
+            anyhow::anyhow!("{}: {e}", file.display())
+        })?,
     };
     let path = args
         .path
