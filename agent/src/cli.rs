@@ -139,21 +139,50 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, Stop> {
             None => return Err(top_usage("no command given")),
         }
     };
+    // `help COMMAND` is `COMMAND --help`.
+    let (name, help) = match name.as_str() {
+        "help" => match p.next().map_err(|e| top_usage(&e.to_string()))? {
+            Some(Arg::Value(v)) => (v.to_string_lossy().into_owned(), true),
+            None => return Err(Stop::Print(top_help())),
+            Some(other) => return Err(top_usage(&other.unexpected().to_string())),
+        },
+        _ => (name, false),
+    };
+    let mut c = Rest {
+        parser: &mut p,
+        name: &name,
+        help_only: help,
+        verbose: &mut verbose,
+    };
     let command = match name.as_str() {
-        "initrd" => Command::Initrd(command(&mut p, "initrd", &mut verbose)?),
-        "apply" => Command::Apply(command(&mut p, "apply", &mut verbose)?),
-        "render" => Command::Render(command(&mut p, "render", &mut verbose)?),
-        "status" => Command::Status(command(&mut p, "status", &mut verbose)?),
-        "serve" => Command::Serve(command(&mut p, "serve", &mut verbose)?),
-        "channel" => Command::Channel(command(&mut p, "channel", &mut verbose)?),
-        "firewall" => Command::Firewall(command(&mut p, "firewall", &mut verbose)?),
-        "help" => return Err(help_command(&mut p)),
+        "initrd" => Command::Initrd(command(&mut c)?),
+        "apply" => Command::Apply(command(&mut c)?),
+        "render" => Command::Render(command(&mut c)?),
+        "status" => Command::Status(command(&mut c)?),
+        "serve" => Command::Serve(command(&mut c)?),
+        "channel" => Command::Channel(command(&mut c)?),
+        "firewall" => Command::Firewall(command(&mut c)?),
+        "help" => return Err(Stop::Print(top_help())),
         other => return Err(top_usage(&format!("unknown command '{other}'"))),
     };
     Ok(Cli { verbose, command })
 }
 
-fn command<T: Options>(p: &mut Parser, name: &str, verbose: &mut bool) -> Result<T, Stop> {
+/// What a command's options are read from: the parser after the command's name, the
+/// name, whether only its help is wanted (`help COMMAND`), and the `--verbose` flag, which
+/// every command takes too.
+struct Rest<'a> {
+    parser: &'a mut Parser,
+    name: &'a str,
+    help_only: bool,
+    verbose: &'a mut bool,
+}
+
+fn command<T: Options>(rest: &mut Rest) -> Result<T, Stop> {
+    let (p, name) = (&mut *rest.parser, rest.name);
+    if rest.help_only {
+        return Err(Stop::Print(command_help::<T>(name)));
+    }
     let usage = |msg: &str| Stop::Usage(usage_error(msg, &usage_line::<T>(name)));
     let mut args = T::default();
     while let Some(arg) = p.next().map_err(|e| usage(&e.to_string()))? {
@@ -166,7 +195,7 @@ fn command<T: Options>(p: &mut Parser, name: &str, verbose: &mut bool) -> Result
             return Err(usage(&arg.unexpected().to_string()));
         };
         match o.long {
-            "verbose" => *verbose = true,
+            "verbose" => *rest.verbose = true,
             "help" => return Err(Stop::Print(command_help::<T>(name))),
             long => {
                 let value = match o.takes {
@@ -196,24 +225,6 @@ fn all<T: Options>() -> impl Iterator<Item = &'static Opt> {
         .iter()
         .flat_map(|g| g.iter())
         .chain([&VERBOSE, &HELP])
-}
-
-fn help_command(p: &mut Parser) -> Stop {
-    let name = match p.next() {
-        Ok(Some(Arg::Value(v))) => v.to_string_lossy().into_owned(),
-        Ok(None) => return Stop::Print(top_help()),
-        Ok(Some(other)) => return top_usage(&other.unexpected().to_string()),
-        Err(e) => return top_usage(&e.to_string()),
-    };
-    match name.as_str() {
-        "initrd" | "apply" => Stop::Print(command_help::<StageArgs>(&name)),
-        "render" => Stop::Print(command_help::<RenderArgs>(&name)),
-        "status" | "firewall" => Stop::Print(command_help::<StatusArgs>(&name)),
-        "serve" => Stop::Print(command_help::<ServeArgs>(&name)),
-        "channel" => Stop::Print(command_help::<ChannelArgs>(&name)),
-        "help" => Stop::Print(top_help()),
-        other => top_usage(&format!("unknown command '{other}'")),
-    }
 }
 
 fn top_usage(msg: &str) -> Stop {
@@ -850,6 +861,7 @@ mod tests {
         assert!(e.contains("Usage: nixseed-agent serve [OPTIONS]"), "{e}");
         assert!(usage_error(&["serve", "-p"]).contains("missing argument for option '-p'"));
         assert!(usage_error(&["frobnicate"]).contains("unknown command 'frobnicate'"));
+        assert!(usage_error(&["help", "frobnicate"]).contains("unknown command 'frobnicate'"));
         assert!(usage_error(&[]).contains("no command given"));
         assert!(usage_error(&["status", "extra"]).contains("unexpected argument \"extra\""));
         assert!(usage_error(&["serve", "--no-channel=yes"]).contains("'--no-channel'"));
