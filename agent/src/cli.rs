@@ -325,7 +325,6 @@ fn list(into: &mut Vec<String>, value: Option<OsString>) -> Result<(), String> {
 // The commands' options.
 
 /// `initrd` and `apply`, and the identity side of `channel`.
-#[derive(Clone)]
 pub struct StageArgs {
     pub sysroot: PathBuf,
     pub root: PathBuf,
