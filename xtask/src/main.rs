@@ -1,5 +1,5 @@
 //! `cargo xtask`: the README's commands. `demo` boots a VM with its identity; `test` runs
-//! every test (unit, integration, real VMs); `bench` prints the benchmark tables; `dist`
+//! every test (unit, integration, real VMs, and the demo itself); `bench` prints the benchmark tables; `dist`
 //! builds the static guest binary; `deps` installs host packages.
 
 use std::path::PathBuf;
@@ -11,7 +11,8 @@ const USAGE: &str = "usage: cargo xtask <deps|demo|test|bench|dist|man|fuzz> [ar
   deps          install host packages (apt-get) and the musl target (rustup)
   demo          build the guest image, boot a VM with its identity, show it, shut it down
   test [--no-vm] [--no-fuzz] [SCENARIO...]
-                fmt + clippy + unit/integration tests + fuzz smoke + real-VM scenarios
+                fmt + clippy + unit/integration tests + fuzz smoke + real-VM scenarios,
+                then the demo (when no SCENARIO is named)
   bench         benchmarks against cloud-init and qemu-ga; markdown tables
   dist          build the static, stripped nixseed-agent and print its size
   man           write seedctl's man pages and shell completions to target/assets
@@ -120,9 +121,16 @@ fn test(args: &[String]) -> Result<()> {
     if no_vm {
         return Ok(());
     }
+    let every = scenarios.is_empty();
     let mut h = vec!["test"];
     h.extend(scenarios);
-    harness(&h)
+    harness(&h)?;
+    if every {
+        // The README's main command, as a user runs it: it asserts the host key, the
+        // guest agent's hostname, the pushed change and the shutdown through the agent.
+        harness(&["demo"])?;
+    }
+    Ok(())
 }
 
 /// The Nix files, read by Debian's Nix (`nix-bin`): each must parse, and the NixOS module's
