@@ -587,6 +587,30 @@ fn at_most(ours: Option<f64>, theirs: Option<f64>, share: f64) -> Option<bool> {
     Some(ours? <= share * theirs?)
 }
 
+/// The verdict on the 1-vCPU boot ratio, with the spread of the pairs' own ratios: a
+/// median near 0.5 can land on either side from one run to the next, and the reader
+/// should see whether the line lies inside that spread.
+fn boot_verdict(ok: Option<bool>, nix: &Side, ci: &Side) -> String {
+    let pairs: Vec<f64> = nix
+        .boots
+        .iter()
+        .zip(&ci.boots)
+        .filter(|(_, c)| !c.to_sshd.is_zero())
+        .map(|(n, c)| n.to_sshd.as_secs_f64() / c.to_sshd.as_secs_f64())
+        .collect();
+    if pairs.len() < 2 {
+        return verdict(ok).to_string();
+    }
+    let lo = pairs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = pairs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let inside = if lo <= 0.5 && hi > 0.5 {
+        ", the 0.5 line inside it"
+    } else {
+        ""
+    };
+    format!("{} (pairs {lo:.2}–{hi:.2}×{inside})", verdict(ok))
+}
+
 fn verdict(ok: Option<bool>) -> &'static str {
     match ok {
         Some(true) => "met",
@@ -824,7 +848,7 @@ fn render(
         fmt_opt(boot_n, "s", 1),
         fmt_opt(boot_c, "s", 1),
         fmt_budget_ratio(boot_n, boot_c, 0.5),
-        verdict(boot_ok)
+        boot_verdict(boot_ok, nix, ci)
     );
     let (listen_n, listen_c) = (
         median_of(nix, |b| b.listen_s),
@@ -1132,6 +1156,30 @@ mod tests {
         assert_eq!(fmt_budget_ratio(Some(10.7), Some(21.5), 0.5), "0.498×");
         assert_eq!(fmt_budget_ratio(Some(10.7), Some(20.7), 0.5), "0.52×");
         assert_eq!(fmt_budget_ratio(None, Some(20.7), 0.5), "–");
+    }
+
+    #[test]
+    fn boot_verdict_shows_the_pairs_spread() {
+        let side = |secs: &[u64]| Side {
+            boots: secs
+                .iter()
+                .map(|&s| Boot {
+                    to_sshd: Duration::from_secs(s),
+                    ..Boot::default()
+                })
+                .collect(),
+            ..Side::default()
+        };
+        assert_eq!(
+            boot_verdict(Some(true), &side(&[11, 12, 10]), &side(&[22, 22, 21])),
+            "met (pairs 0.48–0.55×, the 0.5 line inside it)"
+        );
+        assert_eq!(
+            boot_verdict(Some(false), &side(&[12, 13]), &side(&[22, 22])),
+            "**missed** (pairs 0.55–0.59×)"
+        );
+        assert_eq!(boot_verdict(Some(true), &side(&[9]), &side(&[22])), "met");
+        assert_eq!(boot_verdict(None, &side(&[]), &side(&[])), "not measured");
     }
 
     #[test]
