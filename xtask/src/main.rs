@@ -1,6 +1,6 @@
 //! `cargo xtask`: the README's commands. `demo` boots a VM with its identity; `test` runs
-//! every test (unit, integration, real VMs, and the demo itself); `bench` prints the benchmark tables; `dist`
-//! builds the static guest binary; `deps` installs host packages.
+//! every test (unit, integration, real VMs, and the demo itself); `bench` prints the
+//! benchmark tables; `dist` builds the static guest binary; `deps` installs host packages.
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
