@@ -47,6 +47,17 @@ fn agent(h: &Harness, m: &Machine, qga: &Path, args: &[&str]) -> Result<String> 
     Ok(out)
 }
 
+/// The IPv4 addresses a `guest-network-get-interfaces` answer lists, loopback left out.
+fn agent_ipv4s(ifaddr: &serde_json::Value) -> Vec<String> {
+    let nics = ifaddr.as_array().map(Vec::as_slice).unwrap_or_default();
+    nics.iter()
+        .filter(|nic| nic["name"] != "lo")
+        .flat_map(|nic| nic["ip-addresses"].as_array().cloned().unwrap_or_default())
+        .filter(|a| a["ip-address-type"] == "ipv4")
+        .filter_map(|a| a["ip-address"].as_str().map(str::to_owned))
+        .collect()
+}
+
 pub fn run() -> Result<()> {
     let t0 = Instant::now();
     step(
@@ -110,17 +121,42 @@ pub fn run() -> Result<()> {
         5,
         "the guest agent (qemu-guest-agent protocol, answered by nixseed-agent)",
     );
-    agent(&h, &m, &qga, &["ping"])?;
-    agent(&h, &m, &qga, &["osinfo"])?;
+    let pong = agent(&h, &m, &qga, &["ping"])?;
+    ensure!(pong.trim() == "pong", "guest-ping did not answer: {pong}");
+    let osinfo: serde_json::Value = serde_json::from_str(&agent(&h, &m, &qga, &["osinfo"])?)
+        .context("guest-get-osinfo's answer is not JSON")?;
+    let os_id = b.ssh.run(". /etc/os-release && echo \"$ID\"")?;
+    ensure!(
+        osinfo["id"].as_str() == Some(os_id.trim()),
+        "guest-get-osinfo's id {} is not the guest's os-release ID '{}'",
+        osinfo["id"],
+        os_id.trim()
+    );
     let hostname = std::fs::read_to_string(m.dir.join("hostname"))
         .context("reading machines/demo/hostname")?;
     let said = agent(&h, &m, &qga, &["hostname"])?;
     ensure!(
-        said.contains(hostname.trim()),
+        said.trim() == hostname.trim(),
         "the guest agent's hostname is not the machine's '{}': {said}",
         hostname.trim()
     );
-    agent(&h, &m, &qga, &["ifaddr"])?;
+    let ifaddr: serde_json::Value = serde_json::from_str(&agent(&h, &m, &qga, &["ifaddr"])?)
+        .context("guest-network-get-interfaces' answer is not JSON")?;
+    let kernel_says = b.ssh.run("ip -4 -o addr show scope global")?;
+    let mut listed = agent_ipv4s(&ifaddr);
+    let mut kernel: Vec<String> = kernel_says
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] == "inet")
+        .filter_map(|w| w[1].split('/').next().map(str::to_owned))
+        .collect();
+    listed.sort();
+    kernel.sort();
+    ensure!(
+        !listed.is_empty() && listed == kernel,
+        "the guest agent's IPv4 addresses {listed:?} are not the guest kernel's {kernel:?}:\n{kernel_says}"
+    );
 
     step(6, "the agent's own timing, from the guest's journal");
     let timing = agent_timing_lines(&b.ssh)?;
@@ -155,7 +191,7 @@ pub fn run() -> Result<()> {
     );
     let said = agent(&h, &m, &qga, &["hostname"])?;
     ensure!(
-        said.contains("demo-pushed"),
+        said.trim() == "demo-pushed",
         "the guest agent still answers the old hostname: {said}"
     );
 

@@ -29,14 +29,15 @@ pub fn push(h: &Harness) -> Result<()> {
         );
     }
     ensure!(
-        !before.contains("8080"),
-        "port 8080 is open before it was pushed:\n{before}"
+        !opens(&before, "tcp", "8080") && !opens(&before, "udp", "5353"),
+        "a port is open before it was pushed:\n{before}"
     );
 
     // The operator's edits.
     let second = ClientKey::ensure(&m.state.join("second-admin"))?;
     fs::write(m.dir.join("hostname"), "push-renamed\n").context("editing hostname")?;
     fs::write(m.dir.join("tcp_ports"), "22\n8080\n").context("editing tcp_ports")?;
+    fs::write(m.dir.join("udp_ports"), "5353\n").context("editing udp_ports")?;
     let keys = format!("{}\n{}\n", h.key.public_line()?, second.public_line()?);
     fs::write(m.dir.join("admin_authorized_keys"), keys).context("editing admin keys")?;
 
@@ -82,8 +83,8 @@ pub fn push(h: &Harness) -> Result<()> {
     );
     let fw = b.ssh.run("nft list table inet nixseed")?;
     ensure!(
-        fw.contains("8080"),
-        "nftables does not open the pushed port 8080:\n{fw}"
+        opens(&fw, "tcp", "8080") && opens(&fw, "udp", "5353") && opens(&fw, "tcp", "22"),
+        "nftables does not accept the pushed ports (tcp 22 and 8080, udp 5353):\n{fw}"
     );
     let synced =
         edited_files_are(h, &m, &chan, 0, "match").context("seedctl status after the push")?;
@@ -132,6 +133,21 @@ pub fn push(h: &Harness) -> Result<()> {
 }
 
 /// The files of `machines/NAME` the scenario edits before its push.
+/// Whether a rule of `nft list` output accepts `port` for `proto`: a `PROTO dport` line
+/// that names the port alone or in a set, and ends in `accept`.
+fn opens(ruleset: &str, proto: &str, port: &str) -> bool {
+    ruleset.lines().map(str::trim).any(|rule| {
+        rule.strip_prefix(proto)
+            .and_then(|r| r.trim_start().strip_prefix("dport"))
+            .and_then(|r| r.strip_suffix("accept"))
+            .is_some_and(|ports| {
+                ports
+                    .split(|c: char| !c.is_ascii_digit())
+                    .any(|p| p == port)
+            })
+    })
+}
+
 const EDITED: [&str; 3] = ["hostname", "tcp_ports", "admin_authorized_keys"];
 
 /// `seedctl status NAME --json`, which must exit with `exit` (0 in sync, 3 out of sync)
@@ -921,4 +937,22 @@ pub fn push_first(h: &Harness) -> Result<()> {
         "the reboot after the first push set machine-id late"
     );
     b.poweroff()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::opens;
+
+    #[test]
+    fn a_port_is_open_only_in_an_accept_rule_of_its_protocol() {
+        let table = "table inet nixseed {\n\tchain input {\n\t\ttcp dport 22 accept\n\t\t\
+                     tcp dport { 22, 8080 } accept\n\t\tudp dport { 68, 546 } accept\n\t\t\
+                     tcp dport 9090 drop\n\t}\n}\n";
+        assert!(opens(table, "tcp", "22"));
+        assert!(opens(table, "tcp", "8080"));
+        assert!(opens(table, "udp", "546"));
+        assert!(!opens(table, "udp", "8080"), "the port is tcp's");
+        assert!(!opens(table, "tcp", "9090"), "a drop rule does not open it");
+        assert!(!opens(table, "tcp", "808"), "ports are matched whole");
+    }
 }
