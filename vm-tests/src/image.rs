@@ -180,26 +180,46 @@ fn prune_old_trees(variant: Variant, keep: &Path) {
     }
 }
 
+/// Everything the tree layer writes into the tree that is data rather than code: each
+/// one is part of [`tree_key`], so a change to any of them builds a new tree. A change to
+/// the code that writes them bumps [`IMAGE_CODE_VERSION`] instead.
+fn tree_inputs(variant: Variant) -> Vec<String> {
+    let mut inputs = vec![
+        format!(
+            "variant={}\ncode={IMAGE_CODE_VERSION}\nsuite={SUITE}\npackages={}\n",
+            variant.name(),
+            variant.packages().join(",")
+        ),
+        LEAN_MODULES.join(","),
+        LEAN_UNITS.join(","),
+        LEAN_ENABLED.join(","),
+        LEAN_GENERATORS.join(","),
+        udev_trigger_dropin(),
+        SSH_CHECKED_AT_BUILD.into(),
+        FALLBACK_NETWORK.into(),
+        JOURNALD_DROPIN.into(),
+        COMMON_ENABLED.join(","),
+        COMMON_DISABLED.join(","),
+        fstab(variant),
+    ];
+    match variant {
+        Variant::CloudInit => inputs.push(CLOUD_INIT_CFG.into()),
+        Variant::Nixseed => inputs.extend([
+            FACTORY_ONLY.join(","),
+            SSHD_NIXSEED.into(),
+            SUDOERS_NIXSEED.into(),
+            PLACEHOLDERS.join(","),
+            HOSTS_BASE.into(),
+        ]),
+    }
+    inputs
+}
+
 fn tree_key(variant: Variant) -> String {
     let mut h = Sha256::new();
-    let _ = write!(
-        Hasher(&mut h),
-        "variant={}\ncode={IMAGE_CODE_VERSION}\nsuite={SUITE}\npackages={}\n",
-        variant.name(),
-        variant.packages().join(",")
-    );
-    h.update(LEAN_MODULES.join(",").as_bytes());
-    h.update(LEAN_UNITS.join(",").as_bytes());
-    h.update(LEAN_GENERATORS.join(",").as_bytes());
-    h.update(udev_trigger_dropin().as_bytes());
-    h.update(SSH_CHECKED_AT_BUILD.as_bytes());
-    match variant {
-        Variant::CloudInit => h.update(CLOUD_INIT_CFG.as_bytes()),
-        Variant::Nixseed => {
-            h.update(FACTORY_ONLY.join(",").as_bytes());
-            h.update(SSHD_NIXSEED.as_bytes());
-            h.update(SUDOERS_NIXSEED.as_bytes());
-        }
+    for input in tree_inputs(variant) {
+        h.update((input.len() as u64).to_le_bytes());
+        h.update(input.as_bytes());
     }
     format!("{}-{}", variant.name(), &hex(&h.finalize())[..16])
 }
@@ -248,14 +268,6 @@ fn final_key(agent: Option<&Path>, dist: &Path) -> Result<String> {
         h.update(sha256_file(&f)?);
     }
     Ok(hex(&h.finalize()))
-}
-
-struct Hasher<'a>(&'a mut Sha256);
-impl std::fmt::Write for Hasher<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.update(s.as_bytes());
-        Ok(())
-    }
 }
 
 pub fn sha256_file(p: &Path) -> Result<Vec<u8>> {
@@ -749,6 +761,39 @@ fn configure_lean(tree: &Path) -> Result<()> {
 
 /// Settings both variants share: networkd, serial console, persistent journal, no
 /// timers that would write to a read-only root, and a lean set of drivers and units.
+/// journald keeps its journal on `/var` (NixOS: `services.journald.storage`).
+const JOURNALD_DROPIN: &str = "[Journal]\nStorage=persistent\n";
+/// Units both images enable.
+const COMMON_ENABLED: &[&str] = &["systemd-networkd.service", "serial-getty@ttyS0.service"];
+/// Units both images disable where Debian ships them: nothing waits for the network to be
+/// online, and no maintenance timer runs in a test VM.
+const COMMON_DISABLED: &[&str] = &[
+    "systemd-networkd-wait-online.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+];
+/// Placeholders in the nixseed image's `/etc` that the initrd stage bind-mounts over;
+/// empty, so a missing identity shows. `/etc/hosts` keeps [`HOSTS_BASE`] instead.
+const PLACEHOLDERS: &[&str] = &["etc/machine-id", "etc/hostname", "etc/resolv.conf"];
+
+/// The variant's `/etc/fstab`.
+fn fstab(variant: Variant) -> String {
+    match variant {
+        Variant::Nixseed => format!(
+            "# / is the shared read-only base image; /var is this machine's own disk\n\
+             # (both already mounted by the initramfs, which also applied the identity).\n\
+             LABEL={ROOT_LABEL}\t/\text4\tro,noatime\t0 0\n\
+             LABEL={VAR_LABEL}\t/var\text4\trw,noatime\t0 0\n\
+             # The root is read-only, so /tmp is memory (NixOS: boot.tmp.useTmpfs).\n\
+             tmpfs\t/tmp\ttmpfs\tmode=1777,strictatime,nosuid,nodev,size=50%\t0 0\n"
+        ),
+        Variant::CloudInit => format!("LABEL={ROOT_LABEL}\t/\text4\trw,noatime\t0 1\n"),
+    }
+}
+
 fn configure_common(tree: &Path) -> Result<()> {
     configure_lean(tree)?;
     write(
@@ -757,29 +802,16 @@ fn configure_common(tree: &Path) -> Result<()> {
     )?;
     write(
         &tree.join("etc/systemd/journald.conf.d/nixseed.conf"),
-        "[Journal]\nStorage=persistent\n",
+        JOURNALD_DROPIN,
     )?;
-    chroot_systemctl(
-        tree,
-        &[
-            "enable",
-            "systemd-networkd.service",
-            "serial-getty@ttyS0.service",
-        ],
-    )?;
-    let mut off = Vec::new();
-    for u in [
-        "systemd-networkd-wait-online.service",
-        "apt-daily.timer",
-        "apt-daily-upgrade.timer",
-        "dpkg-db-backup.timer",
-        "e2scrub_all.timer",
-        "e2scrub_reap.service",
-    ] {
-        if unit_exists(tree, u) {
-            off.push(u);
-        }
-    }
+    let mut on = vec!["enable"];
+    on.extend(COMMON_ENABLED);
+    chroot_systemctl(tree, &on)?;
+    let off: Vec<&str> = COMMON_DISABLED
+        .iter()
+        .copied()
+        .filter(|u| unit_exists(tree, u))
+        .collect();
     write(
         &tree.join("etc/systemd/system/ssh.service.d/40-nixseed-checked-at-build.conf"),
         SSH_CHECKED_AT_BUILD,
@@ -827,17 +859,7 @@ const SUDOERS_NIXSEED: &str = "# The seed's sudo rules, written by nixseed at bo
 
 fn configure_nixseed(tree: &Path) -> Result<()> {
     configure_common(tree)?;
-    write(
-        &tree.join("etc/fstab"),
-        &format!(
-            "# / is the shared read-only base image; /var is this machine's own disk\n\
-             # (both already mounted by the initramfs, which also applied the identity).\n\
-             LABEL={ROOT_LABEL}\t/\text4\tro,noatime\t0 0\n\
-             LABEL={VAR_LABEL}\t/var\text4\trw,noatime\t0 0\n\
-             # The root is read-only, so /tmp is memory (NixOS: boot.tmp.useTmpfs).\n\
-             tmpfs\t/tmp\ttmpfs\tmode=1777,strictatime,nosuid,nodev,size=50%\t0 0\n"
-        ),
-    )?;
+    write(&tree.join("etc/fstab"), &fstab(Variant::Nixseed))?;
     write(
         &tree.join("etc/ssh/sshd_config.d/nixseed.conf"),
         SSHD_NIXSEED,
@@ -849,8 +871,7 @@ fn configure_nixseed(tree: &Path) -> Result<()> {
         std::os::unix::fs::PermissionsExt::from_mode(0o440),
     )
     .with_context(|| format!("setting the mode of {}", sudoers.display()))?;
-    // Placeholders the initrd stage bind-mounts over; empty so a missing identity shows.
-    for f in ["etc/machine-id", "etc/hostname", "etc/resolv.conf"] {
+    for f in PLACEHOLDERS {
         let p = tree.join(f);
         let _ = fs::remove_file(&p);
         write(&p, "")?;
@@ -871,10 +892,7 @@ fn configure_nixseed(tree: &Path) -> Result<()> {
 
 fn configure_cloud_init(tree: &Path) -> Result<()> {
     configure_common(tree)?;
-    write(
-        &tree.join("etc/fstab"),
-        &format!("LABEL={ROOT_LABEL}\t/\text4\trw,noatime\t0 1\n"),
-    )?;
+    write(&tree.join("etc/fstab"), &fstab(Variant::CloudInit))?;
     // cloud-init writes the hostname and machine-id on first boot, as on any cloud image.
     write(&tree.join("etc/machine-id"), "")?;
     let _ = fs::remove_file(tree.join("var/lib/dbus/machine-id"));
@@ -1325,5 +1343,27 @@ mod tests {
     #[test]
     fn tree_key_differs_per_variant() {
         assert_ne!(tree_key(Variant::Nixseed), tree_key(Variant::CloudInit));
+    }
+
+    #[test]
+    fn tree_key_covers_the_files_written_into_both_trees() {
+        for variant in [Variant::Nixseed, Variant::CloudInit] {
+            let inputs = tree_inputs(variant);
+            for written in [
+                FALLBACK_NETWORK.to_string(),
+                JOURNALD_DROPIN.into(),
+                SSH_CHECKED_AT_BUILD.into(),
+                fstab(variant),
+            ] {
+                assert!(
+                    inputs.contains(&written),
+                    "{variant:?} leaves out {written:?}"
+                );
+            }
+        }
+        let nixseed = tree_inputs(Variant::Nixseed);
+        assert!(nixseed.contains(&HOSTS_BASE.to_string()));
+        assert!(nixseed.contains(&PLACEHOLDERS.join(",")));
+        assert_ne!(fstab(Variant::Nixseed), fstab(Variant::CloudInit));
     }
 }
