@@ -759,8 +759,6 @@ fn configure_lean(tree: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Settings both variants share: networkd, serial console, persistent journal, no
-/// timers that would write to a read-only root, and a lean set of drivers and units.
 /// journald keeps its journal on `/var` (NixOS: `services.journald.storage`).
 const JOURNALD_DROPIN: &str = "[Journal]\nStorage=persistent\n";
 /// Units both images enable.
@@ -794,6 +792,8 @@ fn fstab(variant: Variant) -> String {
     }
 }
 
+/// Settings both variants share: networkd, serial console, persistent journal, no
+/// timers that would write to a read-only root, and a lean set of drivers and units.
 fn configure_common(tree: &Path) -> Result<()> {
     configure_lean(tree)?;
     write(
