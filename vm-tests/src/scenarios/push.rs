@@ -132,7 +132,6 @@ pub fn push(h: &Harness) -> Result<()> {
     sshd_refuses_the_new_key(h, &m, b)
 }
 
-/// The files of `machines/NAME` the scenario edits before its push.
 /// Whether a rule of `nft list` output accepts `port` for `proto`: a `PROTO dport` line
 /// that names the port alone or in a set, and ends in `accept`.
 fn opens(ruleset: &str, proto: &str, port: &str) -> bool {
@@ -148,6 +147,7 @@ fn opens(ruleset: &str, proto: &str, port: &str) -> bool {
     })
 }
 
+/// The files of `machines/NAME` the scenario edits before its push.
 const EDITED: [&str; 3] = ["hostname", "tcp_ports", "admin_authorized_keys"];
 
 /// `seedctl status NAME --json`, which must exit with `exit` (0 in sync, 3 out of sync)
