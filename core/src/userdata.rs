@@ -152,7 +152,6 @@ const IGNORED_ON_IMMUTABLE: &[&str] = &[
     "resize_rootfs",
     "locale",
     "ntp",
-    "disable_root",
     "final_message",
 ];
 
@@ -437,6 +436,16 @@ fn merge_cloud_config(
             "vendor_data2" => {
                 let said = ctx.vendor_switch(value, &mut config.warnings);
                 config.vendor_data2 = said.or(config.vendor_data2);
+            }
+            // nixseed installs root's keys as given, which is what `disable_root: false`
+            // asks of cloud-init (seedctl writes it for cloud-init's sake); only the
+            // other answer is worth a warning.
+            "disable_root" => {
+                if yaml::bool11(value) != Some(false) {
+                    config.warnings.push(format!(
+                        "{origin}: key 'disable_root' ignored: root's keys are installed as given, as with `disable_root: false`"
+                    ));
+                }
             }
             k if IGNORED_ON_IMMUTABLE.contains(&k) => config.warnings.push(format!(
                 "{origin}: key '{k}' ignored (not applicable to an immutable image)"
@@ -983,6 +992,21 @@ mod tests {
         let chpasswd = c.chpasswd.clone();
         apply_legacy_password(&mut c, &chpasswd, origin);
         Ok(c)
+    }
+
+    /// `disable_root: false` (what seedctl writes for cloud-init) says what nixseed does
+    /// with root's keys anyway: no warning. Any other value is named in one.
+    #[test]
+    fn disable_root_false_is_quiet_and_true_is_named() {
+        let c = parse(b"#cloud-config\ndisable_root: false\n", "user-data").unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = parse(b"#cloud-config\ndisable_root: true\n", "user-data").unwrap();
+        assert_eq!(
+            c.warnings,
+            [
+                "user-data: key 'disable_root' ignored: root's keys are installed as given, as with `disable_root: false`"
+            ]
+        );
     }
 
     /// A key with a local tag (`!x hostname:`) is not the key `hostname`: ignored with a
