@@ -59,9 +59,9 @@ pub enum Command {
     /// Power the machine off cleanly (ACPI)
     Stop(cmd::power::PowerArgs),
     /// Power the machine off at once
-    Destroy(cmd::power::PowerArgs),
+    Destroy(cmd::power::DestroyArgs),
     /// Remove the libvirt domain (disks, identity and UEFI variables stay)
-    Undefine(cmd::power::PowerArgs),
+    Undefine(cmd::power::UndefineArgs),
     /// Send the machine's identity to its running guest (control channel)
     Push(cmd::push::PushArgs),
     /// Compare the guest's identity with machines/NAME, file by file (control channel)

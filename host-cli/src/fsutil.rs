@@ -26,9 +26,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     tmp.as_file()
         .set_permissions(fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
+    // The persist error repeats its cause in its own text: keep the cause only.
     tmp.persist(path)
+        .map_err(|e| e.error)
         .with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
+}
+
+/// Writes a file the operator named (`-o FILE`) as [`write_atomic`] does, without
+/// replacing what is not a regular file there: a symlink is followed and its target
+/// replaced, and a device, FIFO, socket or directory is refused.
+pub fn write_output(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let target = match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => fs::canonicalize(path)
+            .with_context(|| format!("{} is a symlink that cannot be followed", path.display()))?,
+        Ok(_) | Err(_) => path.to_path_buf(),
+    };
+    match fs::metadata(&target) {
+        Ok(m) if !m.is_file() => anyhow::bail!(
+            "{} is not a regular file; seedctl writes its output only as a regular file, which it replaces whole",
+            target.display()
+        ),
+        _ => write_atomic(&target, bytes, mode),
+    }
 }
 
 /// Read a text file, naming it in the error.

@@ -115,7 +115,8 @@ impl Paths {
         self.state.join(name)
     }
 
-    /// Names of all machine directories, sorted.
+    /// Names of all machine directories (every directory in `machines` but hidden
+    /// ones), sorted, whether or not they hold a whole identity.
     pub fn machine_names(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         let rd = match std::fs::read_dir(&self.machines) {
@@ -128,7 +129,10 @@ impl Paths {
         for entry in rd {
             let entry = entry.with_context(|| format!("listing {}", self.machines.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.path().join(MACHINE_ID).exists() && names::check_machine_name(&name).is_ok() {
+            // Every directory but hidden ones (`seedctl new`'s staging) is a machine; one
+            // that does not load is reported by the caller, not skipped here.
+            let is_dir = std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir());
+            if is_dir && !name.starts_with('.') {
                 out.push(name);
             }
         }
@@ -168,13 +172,23 @@ pub fn content_lines(text: &str) -> Vec<String> {
 /// Parse one authorized_keys line, which may start with options (`from="..." ssh-ed25519 ...`).
 pub fn parse_authorized_key(line: &str) -> Result<PublicKey> {
     let tokens: Vec<&str> = line.split_whitespace().collect();
-    let start = tokens
-        .iter()
-        .position(|t| t.starts_with("ssh-") || t.starts_with("ecdsa-") || t.starts_with("sk-"))
-        .context("no key type such as ssh-ed25519 found")?;
-    let key_text = tokens[start..].join(" ");
-    PublicKey::from_openssh(&key_text)
-        .map_err(|e| anyhow::anyhow!("not an OpenSSH public key: {e}"))
+    let is_type =
+        |t: &str| t.starts_with("ssh-") || t.starts_with("ecdsa-") || t.starts_with("sk-");
+    // The key starts at the first token that begins a key that parses: an option such
+    // as `command="echo ssh-x"` may hold a token that only looks like a key type.
+    let mut first_error = None;
+    for start in (0..tokens.len()).filter(|&i| is_type(tokens[i])) {
+        match PublicKey::from_openssh(&tokens[start..].join(" ")) {
+            Ok(key) => return Ok(key),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) => bail!("not an OpenSSH public key: {e}"),
+        None => bail!("no key type such as ssh-ed25519 found"),
+    }
 }
 
 impl Identity {
@@ -188,22 +202,24 @@ impl Identity {
                 dir.display()
             );
         }
+        Identity::load_dir(&paths.machines, &dir, name)
+    }
+
+    /// Load and validate the identity files in `dir` (a machine directory, or `seedctl
+    /// new`'s staging directory before it takes the machine's place) for machine `name`.
+    pub fn load_dir(machines: &Path, dir: &Path, name: &str) -> Result<Identity> {
+        let dir = dir.to_path_buf();
         let fix = |file: &str, e: anyhow::Error| {
             anyhow::anyhow!(
-                "machine `{name}`: {}: {e:#}; fix the file or regenerate the identity with `seedctl new {name} --force`",
+                "machine `{name}`: {}: {e:#}; fix the file (`seedctl new {name} --force` would replace every identity file, keys and settings included)",
                 dir.join(file).display()
             )
         };
         let read_optional = |file: &str| -> Result<Option<String>> {
-            read_machine_file(&paths.machines, &dir, file).map_err(|e| fix(file, e))
+            read_machine_file(machines, &dir, file).map_err(|e| fix(file, e))
         };
         let read = |file: &str| -> Result<String> {
-            read_optional(file)?.ok_or_else(|| {
-                fix(
-                    file,
-                    std::io::Error::from(std::io::ErrorKind::NotFound).into(),
-                )
-            })
+            read_optional(file)?.ok_or_else(|| fix(file, anyhow::anyhow!("missing")))
         };
 
         let machine_id = read(MACHINE_ID)?.trim_end().to_owned();
@@ -220,6 +236,24 @@ impl Identity {
                 anyhow::anyhow!("not an OpenSSH private key: {e}"),
             )
         })?;
+        // The guest's sshd reads the key unattended: a passphrase would lock it out.
+        if private.is_encrypted() {
+            return Err(fix(
+                SSH_HOST_KEY,
+                anyhow::anyhow!(
+                    "the key is protected by a passphrase, which sshd cannot give at boot; remove it with `ssh-keygen -p -N '' -f FILE`"
+                ),
+            ));
+        }
+        if private.algorithm() != ssh_key::Algorithm::Ed25519 {
+            return Err(fix(
+                SSH_HOST_KEY,
+                anyhow::anyhow!(
+                    "a {} key; this file holds the ed25519 host key",
+                    private.algorithm()
+                ),
+            ));
+        }
         let host_key_pub = read(SSH_HOST_KEY_PUB)?.trim().to_owned();
         let public = PublicKey::from_openssh(&host_key_pub).map_err(|e| {
             fix(
@@ -345,5 +379,28 @@ impl Identity {
         let alg = parts.next().unwrap_or_default();
         let b64 = parts.next().unwrap_or_default();
         format!("{host} {alg} {b64}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key line whose options hold a token that only looks like a key type still parses
+    /// (`ssh-keygen -l` takes it); a line with no key at all does not.
+    #[test]
+    fn options_that_mention_a_key_type_do_not_hide_the_key() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICShFW+bqI98ZwjRdh3DZzU4Hk1Lsbh1JEx8RFRwuuXS";
+        let line = format!("command=\"echo ssh-x\" {key} root@web1");
+        let parsed = parse_authorized_key(&line).expect("the key after the options");
+        assert_eq!(parsed.to_openssh().ok(), Some(format!("{key} root@web1")));
+        let err = parse_authorized_key("command=\"echo ssh-x\" nothing").unwrap_err();
+        assert!(
+            err.to_string().contains("not an OpenSSH public key"),
+            "{err}"
+        );
+        let err = parse_authorized_key("garbage").unwrap_err();
+        assert!(err.to_string().contains("no key type"), "{err}");
     }
 }

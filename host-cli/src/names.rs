@@ -24,6 +24,13 @@ pub fn check_machine_name(name: &str) -> Result<()> {
             "machine name `{name}` is all digits or a UUID, which virsh takes for a domain ID or UUID; add a letter, such as `vm{name}`"
         );
     }
+    // The name is a directory, and `seedctl new` builds it aside under a longer one.
+    if name.len() > MAX_MACHINE_NAME {
+        bail!(
+            "machine name `{name}` has {} characters; the most is {MAX_MACHINE_NAME} (give a longer hostname with --hostname)",
+            name.len()
+        );
+    }
     if RESERVED.contains(&name) {
         bail!(
             "machine name `{name}` is reserved: the state directory keeps its own `{name}` beside the machines'"
@@ -32,6 +39,10 @@ pub fn check_machine_name(name: &str) -> Result<()> {
     check_hostname(name)
         .map_err(|e| anyhow::anyhow!("machine name `{name}` is not a valid hostname: {e}"))
 }
+
+/// The longest machine name: a directory name of at most 255 bytes holds it with `seedctl
+/// new`'s staging prefix and suffix to spare.
+pub const MAX_MACHINE_NAME: usize = 200;
 
 /// Entries of the state directory that are not machines.
 const RESERVED: &[&str] = &[

@@ -95,12 +95,16 @@ pub fn keygen(out: &Path, force: bool) -> Result<String> {
     let (private, public) = nixseed_core::fresh::OsFresh
         .host_key("nixseed-seed-signing")
         .map_err(|e| anyhow::anyhow!("generating the signing key: {e}"))?;
-    write_atomic(out, private.as_bytes(), 0o600)?;
+    // The public half first: a failure leaves no private key without it.
     let pub_path = PathBuf::from(format!("{}.pub", out.display()));
     write_atomic(
         &pub_path,
         format!("{}\n", public.trim_end()).as_bytes(),
         0o644,
     )?;
+    if let Err(e) = write_atomic(out, private.as_bytes(), 0o600) {
+        let _ = std::fs::remove_file(&pub_path);
+        return Err(e);
+    }
     Ok(public.trim_end().to_string())
 }

@@ -75,6 +75,43 @@ fn a_broken_machine_does_not_hide_the_others() {
     assert!(kh.contains(key.split_whitespace().nth(1).unwrap()), "{kh}");
 }
 
+/// Every directory in machines/ is a machine: one without a machine-id, one whose name
+/// is not a valid machine name, and one that cannot be read are listed as broken and
+/// named by known-hosts, not skipped without a word.
+#[test]
+fn no_machine_directory_is_skipped_silently() {
+    let s = Scratch::new();
+    s.ok(&["new", "a"]);
+    s.ok(&["new", "b"]);
+    std::fs::remove_file(s.machine("b").join("machine-id")).unwrap();
+    std::fs::create_dir(s.machine("c_1")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&s.ok(&["--json", "list"])).unwrap();
+    let m = v["machines"].as_array().unwrap();
+    let states: Vec<(&str, &str)> = m
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap(), r["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [("a", "no disks"), ("b", "broken"), ("c_1", "broken")]
+    );
+    assert!(
+        m[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("machines/b/machine-id: missing"),
+        "{}",
+        m[1]
+    );
+    let out = s.run(&["known-hosts"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("machines/b/machine-id") && err.contains("c_1"),
+        "{err}"
+    );
+}
+
 /// A machine forwarded on port 22 is pinned as plain `127.0.0.1`, the name ssh looks up
 /// for that port; any other port as `[127.0.0.1]:PORT`.
 #[test]

@@ -270,3 +270,130 @@ fn a_closed_stdout_is_not_a_crash() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(s.machine("web1").join("machine-id").exists());
 }
+
+/// A key value that holds a bad line besides a good one is refused before anything is
+/// written, and under --force the old identity is still whole afterwards.
+#[test]
+fn a_bad_key_line_changes_nothing_even_with_force() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let good = std::fs::read_to_string(s.machine("web1").join("ssh_host_ed25519_key.pub"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let bad = format!("{good}\ngarbage");
+    let err = s.fails(&["new", "db1", "--admin-key", &bad]);
+    assert!(err.contains("garbage"), "{err}");
+    assert!(!s.machine("db1").exists());
+
+    let before: Vec<_> = ["machine-id", "ssh_host_ed25519_key", "hostname"]
+        .iter()
+        .map(|f| std::fs::read(s.machine("web1").join(f)).unwrap())
+        .collect();
+    let err = s.fails(&["new", "web1", "--force", "--admin-key", &bad]);
+    assert!(err.contains("garbage"), "{err}");
+    let after: Vec<_> = ["machine-id", "ssh_host_ed25519_key", "hostname"]
+        .iter()
+        .map(|f| std::fs::read(s.machine("web1").join(f)).unwrap())
+        .collect();
+    assert_eq!(before, after);
+    // Two good keys in one value are both taken.
+    let two = format!("{good}\n{good} second");
+    s.ok(&["new", "db1", "--admin-key", &two]);
+    let keys = std::fs::read_to_string(s.machine("db1").join("admin_authorized_keys")).unwrap();
+    assert_eq!(keys.lines().count(), 2, "{keys}");
+}
+
+/// --force keeps the VM's product UUID; one it cannot use is an error naming the file,
+/// not a silent new UUID (and MAC).
+#[test]
+fn force_refuses_a_product_uuid_it_would_have_to_replace() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let id = std::fs::read(s.machine("web1").join("machine-id")).unwrap();
+    std::fs::write(
+        s.machine("web1").join("product_uuid"),
+        "0B9F6F1E-3C0A-4C47-9A4E-2F1D5B7C8E90\n",
+    )
+    .unwrap();
+    let err = s.fails(&["new", "web1", "--force"]);
+    assert!(err.contains("machines/web1/product_uuid"), "{err}");
+    assert_eq!(
+        std::fs::read(s.machine("web1").join("machine-id")).unwrap(),
+        id
+    );
+    // Without the file, --force makes a new one.
+    std::fs::remove_file(s.machine("web1").join("product_uuid")).unwrap();
+    s.ok(&["new", "web1", "--force"]);
+    assert!(s.machine("web1").join("product_uuid").is_file());
+}
+
+/// A network-config shared through a symlink (docs/seedctl.md) stays the same link.
+#[test]
+fn force_keeps_a_symlinked_network_config() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    std::fs::write(
+        s.path().join("machines/dc1.network-config"),
+        "version: 2\nethernets:\n  eth0:\n    dhcp4: true\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        "../dc1.network-config",
+        s.machine("web1").join("network-config"),
+    )
+    .unwrap();
+    s.ok(&["seed", "web1"]);
+    s.ok(&["new", "web1", "--force"]);
+    assert_eq!(
+        std::fs::read_link(s.machine("web1").join("network-config")).unwrap(),
+        std::path::PathBuf::from("../dc1.network-config")
+    );
+    s.ok(&["seed", "web1"]);
+}
+
+/// --hosts-line adds to the default line; --search is checked like --nameserver.
+#[test]
+fn hosts_lines_add_to_the_default_and_search_is_checked() {
+    let s = Scratch::new();
+    s.ok(&[
+        "new",
+        "web1",
+        "--hostname",
+        "web1.example.org",
+        "--hosts-line",
+        "192.0.2.5 db1.example.org db1",
+        "--search",
+        "example.org corp.example",
+    ]);
+    let hosts = std::fs::read_to_string(s.machine("web1").join("hosts")).unwrap();
+    assert_eq!(
+        hosts,
+        "127.0.1.1 web1.example.org web1\n192.0.2.5 db1.example.org db1\n"
+    );
+    let resolv = std::fs::read_to_string(s.machine("web1").join("resolv.conf")).unwrap();
+    assert!(
+        resolv.ends_with("search example.org corp.example\n"),
+        "{resolv}"
+    );
+    let err = s.fails(&["new", "db1", "--search", "example.org\nnameserver 6.6.6.6"]);
+    assert!(err.contains("--search"), "{err}");
+    let err = s.fails(&["new", "db1", "--hosts-line", "db1"]);
+    assert!(err.contains("--hosts-line"), "{err}");
+    assert!(!s.machine("db1").exists());
+}
+
+/// A name too long for its staging directory is refused as a name, up front.
+#[test]
+fn an_overlong_name_is_refused_as_a_name() {
+    let s = Scratch::new();
+    let name = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(60),
+        "b".repeat(60),
+        "c".repeat(60),
+        "d".repeat(60)
+    );
+    let err = s.fails(&["new", &name]);
+    assert!(err.contains("the most is 200"), "{err}");
+}

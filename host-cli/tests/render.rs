@@ -135,6 +135,38 @@ fn a_malformed_link_is_refused_with_its_value() {
     assert!(!s.path().join("tree").exists());
 }
 
+/// The tree is written whole into a new or empty directory: a second render into the
+/// same one is refused (its files would mix with the first's), and nothing is left
+/// beside it.
+#[test]
+fn a_tree_never_mixes_with_an_earlier_one() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    std::fs::create_dir(s.path().join("empty")).unwrap();
+    s.ok(&["render", "web1", "--out", "empty"]);
+    assert!(s.path().join("empty/machine-id").is_file());
+    let before = files_under(&s.path().join("empty"));
+    let err = s.fails(&[
+        "render",
+        "web1",
+        "--out",
+        "empty",
+        "--link",
+        "enp0s1=52:54:00:12:34:56",
+    ]);
+    assert!(
+        err.contains("is not empty") && err.contains("empty"),
+        "{err}"
+    );
+    assert_eq!(files_under(&s.path().join("empty")), before);
+    let left: Vec<_> = std::fs::read_dir(s.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".seedctl-render"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// Every file under `dir`, by its path relative to `dir`, with its mode and contents.
 fn files_under(dir: &std::path::Path) -> BTreeMap<String, (u32, Vec<u8>)> {
     use std::os::unix::fs::PermissionsExt;

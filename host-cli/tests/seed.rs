@@ -317,3 +317,88 @@ fn identity_files_are_read_only_from_inside_the_machines_directory() {
         std::fs::rename(&saved, &path).unwrap();
     }
 }
+
+/// A host key the guest's sshd could not load unattended (a passphrase) or that is not
+/// the ed25519 key the file is named for is refused with the file named, and no seed is
+/// written.
+#[test]
+fn a_host_key_sshd_could_not_use_is_refused() {
+    require_tool("ssh-keygen");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    for (args, says) in [
+        (&["-t", "ed25519", "-N", "secretpass"][..], "passphrase"),
+        (&["-t", "rsa", "-b", "2048", "-N", ""][..], "rsa"),
+    ] {
+        let key = s.path().join("k");
+        let _ = std::fs::remove_file(&key);
+        let _ = std::fs::remove_file(s.path().join("k.pub"));
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-C", "x", "-f"])
+            .arg(&key)
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::copy(&key, s.machine("web1").join("ssh_host_ed25519_key")).unwrap();
+        std::fs::copy(
+            s.path().join("k.pub"),
+            s.machine("web1").join("ssh_host_ed25519_key.pub"),
+        )
+        .unwrap();
+        let out = s.path().join("web1.iso");
+        let err = s.fails(&["seed", "web1", "-o", "web1.iso"]);
+        assert!(
+            err.contains("machines/web1/ssh_host_ed25519_key:")
+                && err.to_lowercase().contains(says),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+}
+
+/// `-o` writes through a symlink to its target and refuses to replace what is not a
+/// regular file (a FIFO here; a device node as root).
+#[test]
+fn output_is_written_through_links_and_never_over_special_files() {
+    use std::os::unix::fs::FileTypeExt;
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    std::fs::create_dir(s.path().join("isos")).unwrap();
+    std::os::unix::fs::symlink("isos/web1.iso", s.path().join("link.iso")).unwrap();
+    s.ok(&["seed", "web1", "-o", "link.iso"]);
+    assert!(
+        s.path()
+            .join("link.iso")
+            .symlink_metadata()
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(
+        std::fs::metadata(s.path().join("isos/web1.iso"))
+            .unwrap()
+            .len()
+            > 0
+    );
+
+    nix::unistd::mkfifo(
+        &s.path().join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    for cmd in [
+        &["seed", "web1", "-o", "fifo"][..],
+        &["xml", "web1", "-o", "fifo"][..],
+    ] {
+        let err = s.fails(cmd);
+        assert!(err.contains("not a regular file"), "{err}");
+        assert!(
+            std::fs::symlink_metadata(s.path().join("fifo"))
+                .unwrap()
+                .file_type()
+                .is_fifo(),
+            "{cmd:?} replaced the FIFO"
+        );
+    }
+}

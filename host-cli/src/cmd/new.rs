@@ -49,10 +49,10 @@ pub struct NewArgs {
     /// DNS search domain for resolv.conf
     #[arg(long)]
     pub search: Option<String>,
-    /// Extra /etc/hosts line (repeatable; default: `127.0.1.1 FQDN HOST`)
+    /// Extra /etc/hosts line, after `127.0.1.1 FQDN HOST` (repeatable)
     #[arg(long = "hosts-line", value_name = "LINE")]
     pub hosts_lines: Vec<String>,
-    /// Replace an existing identity (new machine-id and host key; product UUID and MAC stay)
+    /// Replace an existing identity: every identity file is written anew from these options and their defaults (new machine-id and host key); the product UUID (and so the MAC) and other files such as network-config stay
     #[arg(long)]
     pub force: bool,
 }
@@ -71,10 +71,14 @@ fn expand_keys(args: &[String], what: &str) -> Result<Vec<String>> {
                     path.display().to_string(),
                 )
             }
-            None => (vec![arg.trim().to_owned()], "the command line".to_owned()),
+            // A value may hold several lines (`--admin-key "$(cat keys)"`): each is checked.
+            None => (
+                crate::machine::content_lines(arg),
+                "the command line".to_owned(),
+            ),
         };
         if lines.is_empty() {
-            bail!("{what} key file {source} holds no key");
+            bail!("{what} key from {source} holds no key");
         }
         for line in lines {
             parse_authorized_key(&line)
@@ -90,6 +94,23 @@ fn expand_tilde(p: &str) -> PathBuf {
         (Some(rest), Some(home)) => Path::new(&home).join(rest),
         _ => PathBuf::from(p),
     }
+}
+
+/// One /etc/hosts line: an IP address and at least one name, on one line.
+fn check_hosts_line(line: &str) -> Result<()> {
+    let mut fields = line.split_whitespace();
+    let addr = fields.next().context("the line is empty")?;
+    addr.parse::<std::net::IpAddr>()
+        .with_context(|| format!("`{addr}` is not an IP address"))?;
+    let mut any = false;
+    for name in fields {
+        names::check_hostname(name).with_context(|| format!("`{name}`"))?;
+        any = true;
+    }
+    if !any {
+        bail!("no name after the address");
+    }
+    Ok(())
 }
 
 fn lines(items: &[String]) -> String {
@@ -116,6 +137,20 @@ fn render_files(a: &NewArgs, product_uuid: Option<String>) -> Result<Vec<(&'stat
         ns.parse::<std::net::IpAddr>()
             .with_context(|| format!("--nameserver `{ns}` is not an IP address"))?;
     }
+    if let Some(search) = &a.search {
+        if search.chars().any(|c| c.is_control()) {
+            bail!(
+                "--search {search:?} holds a line break or control character; give domains separated by spaces"
+            );
+        }
+        for domain in search.split_whitespace() {
+            names::check_hostname(domain)
+                .with_context(|| format!("--search `{search}`: `{domain}` is not a domain"))?;
+        }
+        if search.split_whitespace().next().is_none() {
+            bail!("--search is empty; give one or more domains separated by spaces");
+        }
+    }
     let admin = expand_keys(&a.admin_keys, "admin")?;
     let user = expand_keys(&a.user_keys, "user")?;
 
@@ -124,15 +159,15 @@ fn render_files(a: &NewArgs, product_uuid: Option<String>) -> Result<Vec<(&'stat
         .map_err(|e| anyhow::anyhow!("generating the ed25519 host key: {e}"))?;
 
     let short = hostname.split('.').next().unwrap_or(&hostname).to_owned();
-    let hosts = if a.hosts_lines.is_empty() {
-        if short == hostname {
-            vec![format!("127.0.1.1 {hostname}")]
-        } else {
-            vec![format!("127.0.1.1 {hostname} {short}")]
-        }
+    let mut hosts = if short == hostname {
+        vec![format!("127.0.1.1 {hostname}")]
     } else {
-        a.hosts_lines.clone()
+        vec![format!("127.0.1.1 {hostname} {short}")]
     };
+    for line in &a.hosts_lines {
+        check_hosts_line(line).with_context(|| format!("--hosts-line `{line}`"))?;
+        hosts.push(line.trim().to_owned());
+    }
     // Without explicit servers the guest asks systemd-resolved, which learns the DHCP
     // servers; a fixed list would hide them behind the bind-mounted resolv.conf.
     let mut resolv = String::new();
@@ -144,7 +179,8 @@ fn render_files(a: &NewArgs, product_uuid: Option<String>) -> Result<Vec<(&'stat
         }
     }
     if let Some(s) = &a.search {
-        resolv.push_str(&format!("search {s}\n"));
+        let domains: Vec<&str> = s.split_whitespace().collect();
+        resolv.push_str(&format!("search {}\n", domains.join(" ")));
     }
     let tcp = if a.tcp_ports.is_empty() {
         vec!["22".to_owned()]
@@ -188,7 +224,8 @@ fn render_files(a: &NewArgs, product_uuid: Option<String>) -> Result<Vec<(&'stat
 /// Copies the files of an existing machine directory that the new identity does not write
 /// (`seed_generation`, the signed-seed counter the guest checks; an operator's
 /// `network-config`; notes) into `staging`: `--force` replaces the identity, not the rest.
-/// Anything but a regular file is refused before anything changes.
+/// A symlink is kept as the same link; anything else but a regular file is refused before
+/// anything changes.
 fn carry_over(old: &Path, staging: &Path, written: &[(&str, Vec<u8>)]) -> Result<Vec<String>> {
     let mut kept = Vec::new();
     let entries = match std::fs::read_dir(old) {
@@ -206,6 +243,15 @@ fn carry_over(old: &Path, staging: &Path, written: &[(&str, Vec<u8>)]) -> Result
         let kind = entry
             .file_type()
             .with_context(|| format!("reading {}", from.display()))?;
+        // A link to a file shared by several machines stays a link.
+        if kind.is_symlink() {
+            let to = std::fs::read_link(&from)
+                .with_context(|| format!("reading the link {}", from.display()))?;
+            std::os::unix::fs::symlink(&to, staging.join(&name))
+                .with_context(|| format!("keeping the link {}", from.display()))?;
+            kept.push(name.to_string_lossy().into_owned());
+            continue;
+        }
         if !kind.is_file() {
             bail!(
                 "{} is not a regular file and would not carry over to the new identity; move it out of {} first",
@@ -231,10 +277,28 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
             target.display()
         );
     }
-    let kept_uuid = std::fs::read_to_string(target.join(PRODUCT_UUID))
-        .ok()
-        .map(|u| u.trim().to_owned())
-        .filter(|u| names::check_uuid(u).is_ok());
+    // The old product UUID stays; one that cannot be read is an error, not a reason to
+    // change the VM's UUID and MAC behind the operator's back.
+    let kept_uuid = match crate::machine::read_machine_file(&paths.machines, &target, PRODUCT_UUID)
+    {
+        Ok(None) => None,
+        Ok(Some(u)) => {
+            let u = u.trim().to_owned();
+            names::check_uuid(&u).with_context(|| {
+                format!(
+                    "{}: the product UUID that --force keeps; fix it, or remove the file to make a new one (a new MAC too)",
+                    target.join(PRODUCT_UUID).display()
+                )
+            })?;
+            Some(u)
+        }
+        Err(e) => {
+            return Err(e.context(format!(
+                "{}: the product UUID that --force keeps",
+                target.join(PRODUCT_UUID).display()
+            )));
+        }
+    };
     let files = render_files(a, kept_uuid).with_context(|| format!("machine `{}`", a.name))?;
 
     std::fs::create_dir_all(&paths.machines)
@@ -261,6 +325,10 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
         write_atomic(&staging.path().join(name), bytes, mode)?;
     }
     let kept = carry_over(&target, staging.path(), &files)?;
+    // The new identity must load before it replaces anything: a failure here leaves the
+    // machine directory (or its absence) as it was.
+    crate::machine::Identity::load_dir(&paths.machines, staging.path(), &a.name)
+        .context("the new identity does not load; nothing was changed")?;
     let staged = staging.keep();
     // The old identity goes aside under the staging directory's own unique suffix, so a
     // leftover from an interrupted run cannot block it.

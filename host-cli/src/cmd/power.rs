@@ -38,12 +38,36 @@ pub struct DefineArgs {
 pub struct PowerArgs {
     /// Machine name
     pub name: String,
-    /// libvirt URI; without it, stop/destroy act on the `seedctl run` QEMU
+    /// libvirt URI; without it, the `seedctl run` QEMU is stopped
     #[arg(long, short = 'c', value_name = "URI")]
     pub connect: Option<String>,
-    /// Seconds to wait for a clean power-off (stop)
+    /// Seconds to wait for a clean power-off
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl destroy web1                  # a machine started by `seedctl run`
+  seedctl destroy web1 --connect qemu:///system")]
+pub struct DestroyArgs {
+    /// Machine name
+    pub name: String,
+    /// libvirt URI; without it, the `seedctl run` QEMU is ended
+    #[arg(long, short = 'c', value_name = "URI")]
+    pub connect: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  seedctl undefine web1
+  seedctl undefine web1 --connect qemu+ssh://root@hv1/system")]
+pub struct UndefineArgs {
+    /// Machine name
+    pub name: String,
+    /// libvirt URI [default: LIBVIRT_DEFAULT_URI or qemu:///system]
+    #[arg(long, short = 'c', value_name = "URI")]
+    pub connect: Option<String>,
 }
 
 pub fn define(paths: &Paths, a: &DefineArgs) -> Result<Report> {
@@ -62,13 +86,13 @@ pub fn define(paths: &Paths, a: &DefineArgs) -> Result<Report> {
     ))
 }
 
-fn virsh_op(a: &PowerArgs, args: &[&str], done: &str) -> Result<Report> {
-    crate::names::check_machine_name(&a.name)?;
-    let uri = libvirt::uri(a.connect.as_deref());
-    virsh(&uri, &a.name, args)?;
+fn virsh_op(name: &str, connect: Option<&str>, args: &[&str], done: &str) -> Result<Report> {
+    crate::names::check_machine_name(name)?;
+    let uri = libvirt::uri(connect);
+    virsh(&uri, name, args)?;
     Ok(Report::new(
-        format!("{done} `{}` on {uri}", a.name),
-        json!({ "machine": a.name, "uri": uri, "action": args[0] }),
+        format!("{done} `{name}` on {uri}"),
+        json!({ "machine": name, "uri": uri, "action": args[0] }),
     ))
 }
 
@@ -77,8 +101,11 @@ fn virsh_op(a: &PowerArgs, args: &[&str], done: &str) -> Result<Report> {
   seedctl start web1
   seedctl start web1 --seed-via channel --connect qemu+ssh://root@hv1/system")]
 pub struct StartArgs {
-    #[command(flatten)]
-    pub power: PowerArgs,
+    /// Machine name
+    pub name: String,
+    /// libvirt URI [default: LIBVIRT_DEFAULT_URI or qemu:///system]
+    #[arg(long, short = 'c', value_name = "URI")]
+    pub connect: Option<String>,
     /// How the identity reaches the guest at boot: the seed ISO as a cdrom, or the control
     /// channel (the cdrom is ejected; a background `seedctl serve NAME --once` answers)
     #[arg(long, value_enum, default_value_t = SeedVia::Iso)]
@@ -121,17 +148,17 @@ fn set_seed_media(uri: &str, name: &str, seed: &std::path::Path, via: SeedVia) -
 }
 
 pub fn start(paths: &Paths, a: &StartArgs) -> Result<Report> {
-    let name = &a.power.name;
+    let name = &a.name;
     let id = Identity::load(paths, name)?;
     let sd = StateDir::new(paths, name);
-    let uri = libvirt::uri(a.power.connect.as_deref());
+    let uri = libvirt::uri(a.connect.as_deref());
     let seed_iso = sd.file(SEED_ISO);
     // Regenerate the seed so the domain boots with the current identity.
     if a.seed_via == SeedVia::Iso {
         seed::write(&id, SeedFormat::Iso, &seed_iso)?;
     }
     set_seed_media(&uri, name, &seed_iso, a.seed_via)?;
-    let report = virsh_op(&a.power, &["start", name], "started")?;
+    let report = virsh_op(name, a.connect.as_deref(), &["start", name], "started")?;
     if a.seed_via == SeedVia::Iso {
         return Ok(report);
     }
@@ -174,8 +201,13 @@ pub fn start(paths: &Paths, a: &StartArgs) -> Result<Report> {
 /// Removes the domain and keeps what is the machine's own: its disks, its identity and its
 /// UEFI variables (`OVMF_VARS.fd` in the state directory, which `seedctl run` boots with
 /// too), so a later `define` or `run` finds the machine as it was.
-pub fn undefine(_paths: &Paths, a: &PowerArgs) -> Result<Report> {
-    virsh_op(a, &["undefine", "--keep-nvram", &a.name], "undefined")
+pub fn undefine(_paths: &Paths, a: &UndefineArgs) -> Result<Report> {
+    virsh_op(
+        &a.name,
+        a.connect.as_deref(),
+        &["undefine", "--keep-nvram", &a.name],
+        "undefined",
+    )
 }
 
 /// The live `seedctl run` QEMU of a machine, or a message pointing at --connect.
@@ -204,7 +236,12 @@ fn wait_exit(pid: i32, timeout: Duration) -> bool {
 
 pub fn stop(paths: &Paths, a: &PowerArgs) -> Result<Report> {
     if a.connect.is_some() {
-        return virsh_op(a, &["shutdown", &a.name], "asked to shut down");
+        return virsh_op(
+            &a.name,
+            a.connect.as_deref(),
+            &["shutdown", &a.name],
+            "asked to shut down",
+        );
     }
     let (sd, pid) = local_qemu(paths, &a.name)?;
     let mut qmp =
@@ -226,9 +263,14 @@ pub fn stop(paths: &Paths, a: &PowerArgs) -> Result<Report> {
     ))
 }
 
-pub fn destroy(paths: &Paths, a: &PowerArgs) -> Result<Report> {
+pub fn destroy(paths: &Paths, a: &DestroyArgs) -> Result<Report> {
     if a.connect.is_some() {
-        return virsh_op(a, &["destroy", &a.name], "destroyed");
+        return virsh_op(
+            &a.name,
+            a.connect.as_deref(),
+            &["destroy", &a.name],
+            "destroyed",
+        );
     }
     let (sd, pid) = local_qemu(paths, &a.name)?;
     let quit = Qmp::connect(&sd.file(QMP_SOCK)).and_then(|mut q| q.execute("quit", None));

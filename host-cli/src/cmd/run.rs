@@ -54,11 +54,11 @@ pub struct RunArgs {
     /// Kernel command line for --kernel
     #[arg(long, value_name = "CMDLINE", requires = "kernel")]
     pub append: Option<String>,
-    /// Memory in MiB
-    #[arg(long, default_value_t = 1024)]
+    /// Memory in MiB (at least 64)
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..))]
     pub memory: u32,
-    /// Virtual CPUs
-    #[arg(long, default_value_t = 1)]
+    /// Virtual CPUs (1 to 255)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
     pub cpus: u32,
     /// Accelerator
     #[arg(long, value_enum, default_value_t = Accel::Auto)]

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use crate::fsutil::write_atomic;
+use crate::fsutil::write_output;
 use crate::machine::{Identity, Paths};
 use crate::names::hex;
 use crate::output::Report;
@@ -91,17 +91,21 @@ pub fn write(id: &Identity, format: SeedFormat, out: &std::path::Path) -> Result
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    write_atomic(out, &bytes, 0o600)
+    write_output(out, &bytes, 0o600)
         .with_context(|| format!("machine `{}`: writing the seed", id.name))?;
     Ok(nocloud::instance_id(id))
 }
 
 pub fn run(paths: &Paths, a: &SeedArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.name)?;
-    let out = a
-        .output
-        .clone()
-        .unwrap_or_else(|| default_output(paths, &a.name, a.format));
+    let out = match &a.output {
+        Some(out) => out.clone(),
+        None => {
+            // The machine's state directory is 0711, as `seedctl create` makes it.
+            crate::state::create_private_dir(&paths.state_dir(&a.name))?;
+            default_output(paths, &a.name, a.format)
+        }
+    };
     let instance_id = write(&id, a.format, &out)?;
     let digest = hex(&id.digest());
     Ok(Report::new(

@@ -82,6 +82,7 @@ fn targets(paths: &Paths, a: &ServeArgs, log: &dyn Fn(&str)) -> Result<Vec<Hello
             paths
                 .machine_names()?
                 .into_iter()
+                .filter(|n| crate::names::check_machine_name(n).is_ok())
                 .filter(|n| StateDir::new(paths, n).running_pid().is_some())
                 .collect()
         } else {

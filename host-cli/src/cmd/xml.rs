@@ -38,11 +38,11 @@ pub struct DomainArgs {
     /// Network attachment
     #[arg(long, value_enum, default_value_t = NetMode::User)]
     pub net: NetMode,
-    /// Memory in MiB
-    #[arg(long, default_value_t = 1024)]
+    /// Memory in MiB (at least 64)
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..))]
     pub memory: u32,
-    /// Virtual CPUs
-    #[arg(long, default_value_t = 1)]
+    /// Virtual CPUs (1 to 255)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
     pub cpus: u32,
     /// Boot this kernel directly instead of UEFI firmware
     #[arg(long, value_name = "FILE")]
@@ -205,7 +205,7 @@ pub fn run(paths: &Paths, a: &XmlArgs) -> Result<Report> {
     let xml = domain_xml(&id, &sd, &a.domain)?;
     match &a.output {
         Some(out) => {
-            crate::fsutil::write_atomic(out, xml.as_bytes(), 0o644)?;
+            crate::fsutil::write_output(out, xml.as_bytes(), 0o644)?;
             Ok(Report::new(
                 format!("wrote {}", out.display()),
                 json!({ "machine": a.name, "output": out }),
