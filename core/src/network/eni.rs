@@ -7,9 +7,11 @@
 //! `dns_nameservers`/`dns_search` (Proxmox's spelling, inside the `lo` stanza) are
 //! global nameservers.
 
+use std::collections::{HashMap, HashSet};
+
 use super::{
-    Interface, InterfaceKind, NetworkConfig, NetworkError, Subnet, SubnetKind, address_prefix,
-    invalid,
+    Interface, InterfaceKind, MAX_INTERFACES, NetworkConfig, NetworkError, Subnet, SubnetKind,
+    address_prefix, invalid,
 };
 
 struct Stanza {
@@ -22,6 +24,7 @@ struct Stanza {
 
 pub(super) fn parse(text: &str, origin: &str) -> Result<NetworkConfig, NetworkError> {
     let mut stanzas: Vec<Stanza> = Vec::new();
+    let mut defined: HashSet<(String, String)> = HashSet::new();
     let mut cfg = NetworkConfig {
         version: 1,
         ..Default::default()
@@ -44,13 +47,20 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<NetworkConfig, NetworkEr
                         format!("line {line_no}: `iface` needs a name, a family and a method"),
                     ));
                 };
-                if stanzas
-                    .iter()
-                    .any(|s| s.iface == *iface && s.family == *family)
-                {
+                if !defined.insert((iface.to_string(), family.to_string())) {
                     return Err(invalid(
                         origin,
                         format!("line {line_no}: interface {iface} {family} is defined twice"),
+                    ));
+                }
+                // An interface has at most an inet and an inet6 stanza.
+                if defined.len() > 2 * MAX_INTERFACES {
+                    return Err(invalid(
+                        origin,
+                        format!(
+                            "line {line_no}: more than {} iface stanzas, the most nixseed reads",
+                            2 * MAX_INTERFACES
+                        ),
                     ));
                 }
                 stanzas.push(Stanza {
@@ -81,6 +91,7 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<NetworkConfig, NetworkEr
         }
     }
 
+    let mut index: HashMap<String, usize> = HashMap::new();
     for st in &stanzas {
         let opt = |k: &str| {
             st.options
@@ -89,9 +100,10 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<NetworkConfig, NetworkEr
                 .map(|(_, v)| v.clone())
         };
         let at = format!("line {} (iface {} {})", st.line, st.iface, st.family);
-        let idx = match cfg.interfaces.iter().position(|i| i.id == st.iface) {
-            Some(i) => i,
+        let idx = match index.get(&st.iface) {
+            Some(&i) => i,
             None => {
+                index.insert(st.iface.clone(), cfg.interfaces.len());
                 cfg.interfaces.push(Interface {
                     id: st.iface.clone(),
                     kind: if st.iface == "lo" {

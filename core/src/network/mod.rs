@@ -184,6 +184,22 @@ pub(crate) fn check_metric(
     }
 }
 
+/// The most interfaces (or ENI stanzas, network_data.json links or networks, v1
+/// entries) one network config may describe. A VM has a handful; a seed with hundreds of
+/// thousands would only make the parsers' cross-references slow in the initrd.
+pub const MAX_INTERFACES: usize = 1024;
+
+/// An error naming `origin` when `count` `what` exceed [`MAX_INTERFACES`].
+pub(crate) fn check_count(origin: &str, what: &str, count: usize) -> Result<(), NetworkError> {
+    if count > MAX_INTERFACES {
+        return Err(invalid(
+            origin,
+            format!("{count} {what}; the most nixseed reads is {MAX_INTERFACES}"),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn invalid(origin: &str, detail: impl Into<String>) -> NetworkError {
     NetworkError::Invalid {
         origin: origin.to_string(),
@@ -505,6 +521,57 @@ mod adopt_tests {
                 "[RoutingPolicyRule]\nFirewallMark=7\nFrom=10.0.0.5/32\nTable=200\nTypeOfService=16\n"
             ),
             "{text}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    fn eni(n: usize) -> String {
+        (0..n)
+            .map(|i| format!("auto a{i}\niface a{i} inet dhcp\niface a{i} inet6 auto\n"))
+            .collect()
+    }
+
+    /// A VM's worth of interfaces and more is read; a seed that lists more than
+    /// MAX_INTERFACES is refused with the file named, in every format, instead of keeping
+    /// the initrd busy with cross-references.
+    #[test]
+    fn every_format_refuses_more_interfaces_than_the_limit() {
+        let ok = parse_eni(&eni(MAX_INTERFACES), "content/0000").unwrap();
+        assert_eq!(ok.interfaces.len(), MAX_INTERFACES);
+        let err = parse_eni(&eni(MAX_INTERFACES + 1), "content/0000").unwrap_err();
+        assert!(
+            err.to_string().contains("content/0000") && err.to_string().contains("iface stanzas"),
+            "{err}"
+        );
+
+        let v1: String = std::iter::once("version: 1\nconfig:\n".to_owned())
+            .chain((0..=MAX_INTERFACES).map(|i| format!("  - {{type: physical, name: e{i}}}\n")))
+            .collect();
+        let err = parse(v1.as_bytes(), "network-config").unwrap_err();
+        assert!(
+            err.to_string().contains("network-config")
+                && err.to_string().contains("config entries"),
+            "{err}"
+        );
+
+        let v2: String = std::iter::once("version: 2\nethernets:\n".to_owned())
+            .chain((0..=MAX_INTERFACES).map(|i| format!("  e{i}: {{dhcp4: true}}\n")))
+            .collect();
+        let err = parse(v2.as_bytes(), "network-config").unwrap_err();
+        assert!(err.to_string().contains("devices"), "{err}");
+
+        let links: Vec<String> = (0..=MAX_INTERFACES)
+            .map(|i| format!("{{\"id\": \"l{i}\", \"type\": \"phy\", \"ethernet_mac_address\": \"52:54:00:00:{:02x}:{:02x}\"}}", i / 256, i % 256))
+            .collect();
+        let json = format!("{{\"links\": [{}]}}", links.join(","));
+        let err = parse_network_data(json.as_bytes(), "network_data.json").unwrap_err();
+        assert!(
+            err.to_string().contains("network_data.json") && err.to_string().contains("links"),
+            "{err}"
         );
     }
 }

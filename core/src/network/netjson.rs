@@ -55,6 +55,8 @@ pub(super) fn parse(bytes: &[u8], origin: &str) -> Result<NetworkConfig, Network
     let links = array(&doc, "links", "", origin)?;
     let networks = array(&doc, "networks", "", origin)?;
     let services = array(&doc, "services", "", origin)?;
+    super::check_count(origin, "links", links.len())?;
+    super::check_count(origin, "networks", networks.len())?;
 
     // Every link's interface name first: bonds and VLANs may name links listed after them.
     let mut ids: BTreeMap<String, String> = BTreeMap::new();

@@ -19,6 +19,7 @@ pub(super) fn parse(top: &Value, origin: &str) -> Result<NetworkConfig, NetworkE
         None => &[],
         Some(_) => return Err(invalid(origin, "config: expected a list of entries")),
     };
+    super::check_count(origin, "config entries", entries.len())?;
     let mut iface_dns: Vec<(String, Dns, String)> = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
         let at = format!("config[{i}]");

@@ -80,6 +80,7 @@ pub(super) fn parse(top: &Value, origin: &str) -> Result<NetworkConfig, NetworkE
             }
             return Err(invalid(origin, format!("{section}: expected a mapping")));
         };
+        super::check_count(origin, "devices", cfg.interfaces.len() + devices.len())?;
         for (key, dev) in devices {
             let id = crate::yaml::scalar_text(key)
                 .ok_or_else(|| invalid(origin, format!("{section}: device names must be text")))?;
