@@ -110,7 +110,20 @@ fn status(ctx: &ChannelContext) -> Result<Message> {
     })
 }
 
+/// A push or rollback writes to `/var`: while the guest agent holds filesystems frozen
+/// (a backup in progress), that write would wait for the thaw, and this process, which
+/// must answer the thaw, with it. Refused at once instead.
+fn refuse_while_frozen(what: &str) -> Result<()> {
+    if crate::qga::frozen() {
+        anyhow::bail!(
+            "{what} refused: filesystems are frozen by the guest agent (guest-fsfreeze-freeze, a backup in progress); try again after the thaw"
+        );
+    }
+    Ok(())
+}
+
 async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Result<Message> {
+    refuse_while_frozen(&format!("push of `{}`", bundle.machine))?;
     let files = bundle.verify()?;
     let source = format!("channel:{}", bundle.machine);
     let seed = Seed::from_nocloud(&files, &source, None)?;
@@ -134,6 +147,7 @@ async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Re
 }
 
 async fn rollback(ctx: &ChannelContext) -> Result<Message> {
+    refuse_while_frozen("rollback")?;
     let store = Store::open(&ctx.identity_path(), false)?;
     let before = store.current_number()?;
     let old = store.current()?.map(|g| g.tree).unwrap_or_default();

@@ -399,3 +399,93 @@ fn a_control_port_that_appears_after_the_start_is_served() {
     assert!(message.contains(&ids.display().to_string()), "{message}");
     drop(slave);
 }
+
+/// While the guest agent holds filesystems frozen (here: the marker a frozen agent leaves,
+/// with which a new one starts frozen), a push or rollback would write to `/var` and wait
+/// for a thaw that the same process must answer: both are refused at once, nothing is
+/// logged meanwhile (journald on a frozen `/var` would block the agent's log line), and
+/// `guest-fsfreeze-thaw` is still answered, after which the channel works again and the
+/// log says what it dropped.
+#[test]
+fn a_frozen_agent_refuses_pushes_and_still_answers_the_thaw() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("qga.state.isfrozen"), b"").unwrap();
+    let qga = dir.path().join("qga.sock");
+    let ch = dir.path().join("channel.sock");
+    let ids = dir.path().join("identity");
+    let child = Command::new(AGENT)
+        .args(["serve", "-m", "unix-listen", "-p"])
+        .arg(&qga)
+        .arg("-t")
+        .arg(&state)
+        .args(["--channel-method", "unix-listen", "--channel-path"])
+        .arg(&ch)
+        .arg("--identity-dir")
+        .arg(&ids)
+        .env("NIXSEED_LOG_STDERR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut srv = Server { child, sock: ch };
+    assert!(
+        ts::wait_for(Duration::from_secs(20), || ts::listening(&qga)
+            && ts::listening(&srv.sock)),
+        "the agent never listened on both sockets"
+    );
+    let push = Message::Push {
+        bundle: bundle("instance-id: two\n", "#cloud-config\nhostname: second\n"),
+    };
+    for (request, what) in [(push, "push of `web1`"), (Message::Rollback, "rollback")] {
+        let Message::Error { message } = srv.request(&encode(&request)) else {
+            panic!("{what} was not refused")
+        };
+        assert!(
+            message.contains(what) && message.contains("frozen"),
+            "{message}"
+        );
+    }
+    assert!(!ids.exists(), "a refused push created {}", ids.display());
+
+    let mut q = UnixStream::connect(&qga).unwrap();
+    q.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    q.write_all(br#"{"execute":"guest-fsfreeze-thaw","id":1}"#)
+        .unwrap();
+    let mut line = [0u8; 128];
+    let n = q.read(&mut line).unwrap();
+    let reply = String::from_utf8_lossy(&line[..n]);
+    assert!(
+        reply.starts_with("{\"return\": ") && reply.ends_with("\"id\": 1}\n"),
+        "{reply}"
+    );
+    q.write_all(br#"{"execute":"guest-fsfreeze-status"}"#)
+        .unwrap();
+    let n = q.read(&mut line).unwrap();
+    assert_eq!(&line[..n], b"{\"return\": \"thawed\"}\n");
+
+    // Thawed: the rollback now reaches the (missing) store and says so.
+    let Message::Error { message } = srv.request(&encode(&Message::Rollback)) else {
+        panic!("rollback with no store succeeded")
+    };
+    assert!(!message.contains("frozen"), "{message}");
+
+    let _ = srv.child.kill();
+    let _ = srv.child.wait();
+    let mut log = String::new();
+    srv.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(log.contains("logging is off until the thaw"), "{log}");
+    assert!(
+        !log.contains("push of `web1` refused"),
+        "logged while frozen:\n{log}"
+    );
+    assert!(
+        log.contains("logging is on again; 2 message(s) dropped while frozen"),
+        "{log}"
+    );
+}

@@ -42,10 +42,25 @@ pub struct Processes {
     running: HashMap<i64, Running>,
 }
 
-fn reader(mut r: impl Read + Send + 'static) -> (Buf, JoinHandle<()>) {
+/// A named thread, or the reason the system gave none (a task limit reached), as an
+/// error reply: the agent keeps serving.
+fn spawn<T: Send + 'static>(
+    name: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>, QgaError> {
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(f)
+        .map_err(|e| QgaError::generic(format!("cannot start a thread for {name}: {e}")))
+}
+
+fn reader(
+    name: String,
+    mut r: impl Read + Send + 'static,
+) -> Result<(Buf, JoinHandle<()>), QgaError> {
     let buf: Buf = Arc::default();
     let b = buf.clone();
-    let h = std::thread::spawn(move || {
+    let h = spawn(name, move || {
         let mut chunk = [0u8; 4096];
         loop {
             let n = match r.read(&mut chunk) {
@@ -58,8 +73,16 @@ fn reader(mut r: impl Read + Send + 'static) -> (Buf, JoinHandle<()>) {
                 c.truncated |= keep < n;
             }
         }
-    });
-    (buf, h)
+    })?;
+    Ok((buf, h))
+}
+
+/// Kills and reaps a process whose request failed after it started, so it neither runs
+/// on unseen nor stays a zombie.
+fn abandon(pid: u32) {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(pid, None);
 }
 
 pub fn exec(agent: &mut Agent, mut args: Args) -> CmdResult {
@@ -92,25 +115,41 @@ pub fn exec(agent: &mut Agent, mut args: Args) -> CmdResult {
             "Guest agent command failed, error was '{path}: {e}'"
         ))
     })?;
-    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(&data);
-        });
-    }
-    let mut readers = Vec::new();
-    if let Some(o) = child.stdout.take() {
-        let (b, h) = reader(o);
-        readers.push((b, h, "out"));
-    }
-    if let Some(e) = child.stderr.take() {
-        let (b, h) = reader(e);
-        readers.push((b, h, "err"));
-    }
-    let pid = i64::from(child.id());
-    let waiter = std::thread::Builder::new()
-        .name(format!("guest-exec {pid}"))
-        .spawn(move || child.wait())
-        .map_err(|e| QgaError::generic(format!("cannot wait for pid {pid} ({path}): {e}")))?;
+    let id = child.id();
+    let pid = i64::from(id);
+    let stdin = child.stdin.take();
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    // The waiter first: from then on the process is reaped whatever else fails.
+    let waiter =
+        spawn(format!("guest-exec {pid}"), move || child.wait()).inspect_err(|_| abandon(id))?;
+    let started = (|| {
+        if let (Some(data), Some(mut stdin)) = (input, stdin) {
+            spawn(format!("guest-exec {pid} stdin"), move || {
+                let _ = stdin.write_all(&data);
+            })?;
+        }
+        let mut readers = Vec::new();
+        if let Some(o) = stdout {
+            let (b, h) = reader(format!("guest-exec {pid} stdout"), o)?;
+            readers.push((b, h, "out"));
+        }
+        if let Some(e) = stderr {
+            let (b, h) = reader(format!("guest-exec {pid} stderr"), e)?;
+            readers.push((b, h, "err"));
+        }
+        Ok(readers)
+    })();
+    let readers = match started {
+        Ok(r) => r,
+        Err(e) => {
+            // The waiter reaps it; the readers already started end with its pipes.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(id as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(e);
+        }
+    };
     tracing::info!("guest-exec: started {path} as pid {pid}");
     agent.exec.running.insert(pid, Running { waiter, readers });
     Ok(Some(json!({ "pid": pid })))

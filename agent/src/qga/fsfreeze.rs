@@ -3,6 +3,7 @@
 //! wrapper on a directory fd we opened and still own.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::errno::Errno;
 use nixseed_core::qga::sysparse::{Mount, mountinfo};
@@ -144,7 +145,47 @@ fn run_hook(agent: &Agent, arg: &str) -> Result<(), QgaError> {
     }
 }
 
+/// Whether this process holds filesystems frozen. Whatever could write to them waits
+/// for the thaw, and in a single-threaded agent that wait would keep the thaw itself from
+/// being answered: the control channel refuses pushes meanwhile, and logging is off (a
+/// journald stalled on a frozen `/var` would block the agent's next log line), as
+/// qemu-ga turns its log off.
+static FROZEN: AtomicBool = AtomicBool::new(false);
+/// Log events dropped while frozen, counted for the thaw's log line.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+pub fn frozen() -> bool {
+    FROZEN.load(Ordering::Relaxed)
+}
+
+/// The logging filter's question: false while frozen, counting what it drops.
+pub fn logging_allowed(meta: &tracing::Metadata<'_>) -> bool {
+    if !frozen() {
+        return true;
+    }
+    if meta.is_event() {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
+    }
+    false
+}
+
+pub(super) fn note_frozen(frozen: bool) {
+    if frozen {
+        tracing::info!("filesystems frozen: logging is off until the thaw");
+    }
+    FROZEN.store(frozen, Ordering::Relaxed);
+    if !frozen {
+        let dropped = DROPPED.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::info!("logging is on again; {dropped} message(s) dropped while frozen");
+        }
+    }
+}
+
 fn set_frozen(agent: &mut Agent, frozen: bool) {
+    if agent.frozen != frozen {
+        note_frozen(frozen);
+    }
     agent.frozen = frozen;
     let m = marker(&agent.config.state_dir);
     let r = if frozen {

@@ -6,6 +6,7 @@ mod exec;
 mod file;
 mod fs;
 mod fsfreeze;
+pub use fsfreeze::{frozen, logging_allowed};
 mod network;
 mod password;
 mod registry;
@@ -81,6 +82,7 @@ impl Agent {
                 "{} exists: starting in frozen state until guest-fsfreeze-thaw",
                 fsfreeze::marker(&config.state_dir).display()
             );
+            fsfreeze::note_frozen(true);
         }
         let files = file::Handles::load(&config.state_dir);
         Ok(Agent {
