@@ -348,11 +348,26 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         name,
         r#"{"execute":"guest-fsfreeze-status"}"#,
     ]);
+    // A push during the freeze would write to /var and wait for the thaw in the very
+    // process that answers it: refused at once, and the thaw below is still answered.
+    let push_frozen = over_channel("push");
+    let status_frozen = over_channel("status");
     let thawed = virsh(&["domfsthaw", name]);
     ensure!(
         frozen > 0,
         "`virsh domfsfreeze {name}` froze nothing: {froze}"
     );
+    match push_frozen {
+        Ok(out) => bail!(
+            "`seedctl push {name}` succeeded while the guest's filesystems were frozen: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+        Err(e) => ensure!(
+            format!("{e:#}").contains("filesystems are frozen by the guest agent"),
+            "`seedctl push {name}` during the freeze failed without saying why: {e:#}"
+        ),
+    }
+    status_frozen.context("seedctl status during the freeze")?;
     let status = status?;
     ensure!(
         status.contains("\"frozen\""),
@@ -375,7 +390,7 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     );
 
     eprintln!(
-        "vm-tests: {name}: agent says hostname {want_host}, then libvirt-renamed after seedctl push --connect and back after rollback; {mac} has {addr}, / on vda and /var on vdb, froze and thawed {frozen} filesystems"
+        "vm-tests: {name}: agent says hostname {want_host}, then libvirt-renamed after seedctl push --connect and back after rollback; {mac} has {addr}, / on vda and /var on vdb, froze and thawed {frozen} filesystems (a push meanwhile refused)"
     );
 
     // Last before the shutdown: CPU hotplug in the guest.
