@@ -31,9 +31,10 @@ pub fn key_path() -> Option<PathBuf> {
 fn load_key(path: &Path) -> Result<PrivateKey> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the signing key {}", path.display()))?;
-    PrivateKey::from_openssh(&text).with_context(|| {
-        format!(
-            "{} is not an OpenSSH private key; make one with `seedctl keygen`",
+    // The key parser's error repeats its cause in its own text: its message only.
+    PrivateKey::from_openssh(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not an OpenSSH private key ({e}); make one with `seedctl keygen`",
             path.display()
         )
     })
@@ -65,16 +66,31 @@ fn next_generation(id: &Identity, digest: &str) -> Result<u64> {
             let n = parts
                 .next()
                 .and_then(|n| n.parse::<u64>().ok())
-                .with_context(|| format!("{}: expected `GENERATION DIGEST`", path.display()))?;
+                .with_context(|| {
+                    format!(
+                        "machine `{}`: {}: expected `GENERATION DIGEST`",
+                        id.name,
+                        path.display()
+                    )
+                })?;
             (n, parts.next().unwrap_or_default().to_string())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, String::new()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("machine `{}`: cannot read {}", id.name, path.display()));
+        }
     };
     if last == digest {
         return Ok(n);
     }
-    let next = n + 1;
+    let next = n.checked_add(1).with_context(|| {
+        format!(
+            "machine `{}`: {}: the generation cannot go higher",
+            id.name,
+            path.display()
+        )
+    })?;
     write_atomic(&path, format!("{next} {digest}\n").as_bytes(), 0o644)
         .with_context(|| format!("machine `{}`: recording the seed generation", id.name))?;
     Ok(next)
