@@ -44,6 +44,18 @@ pub fn info(image: &Path) -> Result<ImageInfo> {
         .with_context(|| format!("reading `qemu-img info` for {}", image.display()))
 }
 
+/// Whether a running QEMU holds `image` open, by any route (`seedctl run`, libvirt under
+/// whatever URI, by hand): `qemu-img info` without `-U` asks for the image's lock, which
+/// QEMU holds while it runs the disk.
+pub fn in_use(image: &Path) -> Result<bool> {
+    let out = tools::output(
+        tools::cmd("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(image),
+    )?;
+    Ok(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("lock"))
+}
+
 /// Check that `base` can back an overlay: a regular file with a UTF-8 path (it is
 /// recorded in the machine's state), not empty, not itself an overlay, and not one of the
 /// disks of a machine in `state` (those change under an overlay on them). Returns its

@@ -38,8 +38,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 /// replaced, and a device, FIFO, socket or directory is refused.
 pub fn write_output(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let target = match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => fs::canonicalize(path)
-            .with_context(|| format!("{} is a symlink that cannot be followed", path.display()))?,
+        // A link to a file not made yet is followed too, as a shell's `>` would.
+        Ok(m) if m.file_type().is_symlink() => match fs::canonicalize(path) {
+            Ok(t) => t,
+            Err(_) => {
+                let to = fs::read_link(path)
+                    .with_context(|| format!("reading the link {}", path.display()))?;
+                path.parent().unwrap_or(Path::new(".")).join(to)
+            }
+        },
         Ok(_) | Err(_) => path.to_path_buf(),
     };
     match fs::metadata(&target) {

@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
@@ -17,6 +17,10 @@ pub struct QgaClient {
     writer: UnixStream,
     path: PathBuf,
     timeout: Duration,
+    /// When the exchange under way (a sync, a command) must have its answer: however many
+    /// stale or foreign replies the agent sends meanwhile, no exchange waits longer than
+    /// `timeout`.
+    deadline: Instant,
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {
@@ -46,7 +50,26 @@ impl QgaClient {
             writer,
             path: path.to_owned(),
             timeout,
+            deadline: Instant::now() + timeout,
         })
+    }
+
+    /// Starts an exchange: its whole answer is due within the timeout.
+    fn arm(&mut self) {
+        self.deadline = Instant::now() + self.timeout;
+    }
+
+    /// Before a read: the time left until the deadline becomes the socket's read timeout,
+    /// or, with none left, the exchange ends as unanswered.
+    fn time_left(&mut self, what: &str) -> Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.no_answer(what));
+        }
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(left))
+            .with_context(|| format!("configuring {}", self.path.display()))
     }
 
     fn no_answer(&self, what: &str) -> anyhow::Error {
@@ -65,7 +88,12 @@ impl QgaClient {
 
     /// Read one JSON value; None on end of stream.
     fn read_value(&mut self, what: &str) -> Result<Option<Value>> {
-        let mut de = serde_json::Deserializer::from_reader(&mut self.reader).into_iter::<Value>();
+        self.time_left(what)?;
+        let timed = Timed {
+            reader: &mut self.reader,
+            deadline: self.deadline,
+        };
+        let mut de = serde_json::Deserializer::from_reader(timed).into_iter::<Value>();
         match de.next() {
             None => Ok(None),
             Some(Ok(v)) => Ok(Some(v)),
@@ -86,6 +114,7 @@ impl QgaClient {
 
     /// `guest-sync-delimited` handshake.
     pub fn sync(&mut self) -> Result<()> {
+        self.arm();
         let mut idb = [0u8; 4];
         getrandom::getrandom(&mut idb).map_err(|e| anyhow!("reading random bytes: {e}"))?;
         let id = i64::from(u32::from_le_bytes(idb) & 0x7fff_ffff);
@@ -94,21 +123,32 @@ impl QgaClient {
             .with_context(|| format!("writing to {}", self.path.display()))?;
         self.send(&json!({ "execute": "guest-sync-delimited", "arguments": { "id": id } }))?;
         loop {
-            // Skip to the delimiter.
-            let mut skipped = Vec::new();
-            match self.reader.read_until(0xff, &mut skipped) {
-                Ok(0) => bail!(
-                    "the guest agent at {} closed the connection during guest-sync-delimited",
-                    self.path.display()
-                ),
-                Ok(_) if skipped.last() == Some(&0xff) => {}
-                Ok(_) => bail!(
-                    "the guest agent at {} closed the connection during guest-sync-delimited",
-                    self.path.display()
-                ),
-                Err(e) if is_timeout(&e) => return Err(self.no_answer("guest-sync-delimited")),
-                Err(e) => {
-                    return Err(e).with_context(|| format!("reading from {}", self.path.display()));
+            // Skip to the delimiter, within the deadline however the bytes come.
+            loop {
+                self.time_left("guest-sync-delimited")?;
+                let buf = match self.reader.fill_buf() {
+                    Ok([]) => bail!(
+                        "the guest agent at {} closed the connection during guest-sync-delimited",
+                        self.path.display()
+                    ),
+                    Ok(buf) => buf,
+                    Err(e) if is_timeout(&e) => {
+                        return Err(self.no_answer("guest-sync-delimited"));
+                    }
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("reading from {}", self.path.display()));
+                    }
+                };
+                match buf.iter().position(|&b| b == 0xff) {
+                    Some(i) => {
+                        self.reader.consume(i + 1);
+                        break;
+                    }
+                    None => {
+                        let n = buf.len();
+                        self.reader.consume(n);
+                    }
                 }
             }
             match self.read_value("guest-sync-delimited")? {
@@ -124,6 +164,7 @@ impl QgaClient {
 
     /// Run one command and return its `return` value, or the agent's error.
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        self.arm();
         let mut req = json!({ "execute": command });
         if let Some(a) = arguments {
             req["arguments"] = a;
@@ -140,6 +181,7 @@ impl QgaClient {
 
     /// A command the agent answers only with silence when it succeeds (guest-shutdown).
     pub fn execute_no_reply(&mut self, command: &str, arguments: Option<Value>) -> Result<()> {
+        self.arm();
         let mut req = json!({ "execute": command });
         if let Some(a) = arguments {
             req["arguments"] = a;
@@ -148,6 +190,9 @@ impl QgaClient {
         // Look without consuming: an answer (a refusal) must be parsed whole. The newline
         // after the sync reply may still be buffered; it is not an answer.
         loop {
+            if self.time_left(command).is_err() {
+                return Ok(());
+            }
             let blank = match self.reader.fill_buf() {
                 Ok([]) => return Ok(()),
                 Ok(buf) => buf.iter().take_while(|b| b.is_ascii_whitespace()).count(),
@@ -163,6 +208,27 @@ impl QgaClient {
             Some(v) => reply(command, v).map(|_| ()),
             None => Ok(()),
         }
+    }
+}
+
+/// The client's reader for one JSON value: each time its buffer runs dry, the socket may
+/// wait only for what is left of the exchange's time, so a reply that trickles in byte
+/// by byte ends at the deadline too.
+struct Timed<'a> {
+    reader: &'a mut BufReader<UnixStream>,
+    deadline: Instant,
+}
+
+impl std::io::Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.reader.buffer().is_empty() {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+        }
+        self.reader.read(buf)
     }
 }
 

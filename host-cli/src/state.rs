@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::write_atomic;
@@ -56,6 +56,25 @@ impl StateDir {
 
     pub fn file(&self, f: &str) -> PathBuf {
         self.dir.join(f)
+    }
+
+    /// The unix sockets QEMU or libvirt makes here must fit a socket address (107 bytes
+    /// and the terminating NUL): checked before a VM starts, with the way out named, not
+    /// left to QEMU or to a client that can never connect.
+    pub fn check_socket_paths(&self, socks: &[&str]) -> Result<()> {
+        const MAX: usize = 107;
+        for sock in socks {
+            let p = std::path::absolute(self.file(sock)).unwrap_or_else(|_| self.file(sock));
+            let len = p.as_os_str().len();
+            if len > MAX {
+                bail!(
+                    "machine `{}`: the socket {} would be {len} bytes long, more than the {MAX} a unix socket address holds; use a shorter state directory (--state or SEEDCTL_STATE) or machine name",
+                    self.name,
+                    p.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn load(&self) -> Result<MachineState> {

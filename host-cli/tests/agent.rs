@@ -164,3 +164,96 @@ fn silence_and_absence_are_reported_in_time() {
     let err = s.fails(&["agent", "vm1", "cmd", "not json"]);
     assert!(err.contains("not JSON"), "{err}");
 }
+
+/// An agent that keeps talking without ever answering the sync (a reply with another id
+/// every 200 ms, then one that trickles in a byte at a time) still ends the command at
+/// its --timeout: the timeout bounds the exchange, not each read.
+#[test]
+fn a_chatty_agent_that_never_answers_is_cut_off_at_the_timeout() {
+    use std::io::Write;
+    let s = Scratch::new();
+    for (name, chunks) in [
+        ("chatty", vec![b"\xff{\"return\": 0}\n".to_vec(); 100]),
+        ("trickle", {
+            let mut v = vec![b"\xff".to_vec()];
+            v.extend(b"{\"return\": ".iter().map(|b| vec![*b]));
+            v.extend(std::iter::repeat_n(b" ".to_vec(), 100));
+            v
+        }),
+    ] {
+        let sock = s.path().join(format!("{name}.sock"));
+        let listener = UnixListener::bind(&sock).unwrap();
+        let talker = std::thread::spawn(move || {
+            let Ok((mut conn, _)) = listener.accept() else {
+                return;
+            };
+            for c in chunks {
+                if conn.write_all(&c).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let start = Instant::now();
+        let err = s.fails(&[
+            "agent",
+            "vm1",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--timeout",
+            "2",
+            "ping",
+        ]);
+        let took = start.elapsed();
+        assert!(err.contains("no answer"), "{name}: {err}");
+        assert!(took < Duration::from_secs(4), "{name}: took {took:?}");
+        let _ = talker.join();
+    }
+    let err = s.fails(&["agent", "vm1", "--timeout", "0", "ping"]);
+    assert!(err.contains("--timeout"), "{err}");
+}
+
+/// `cmd` with guest-shutdown is sent as `shutdown` is: no answer is success.
+#[test]
+fn cmd_guest_shutdown_takes_silence_for_success() {
+    let s = Scratch::new();
+    let sock = s.path().join("down.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    // Answers the sync, then reads the shutdown and says nothing, as an agent going down.
+    let fake = std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader, Write};
+        let (conn, _) = listener.accept().unwrap();
+        let mut r = BufReader::new(conn.try_clone().unwrap());
+        let mut w = conn;
+        let mut line = Vec::new();
+        r.read_until(b'}', &mut line).unwrap();
+        r.read_until(b'}', &mut line).unwrap();
+        let text = String::from_utf8_lossy(&line).into_owned();
+        let id: String = text
+            .split("\"id\":")
+            .nth(1)
+            .unwrap()
+            .chars()
+            .filter(char::is_ascii_digit)
+            .collect();
+        w.write_all(b"\xff").unwrap();
+        w.write_all(format!("{{\"return\": {id}}}\n").as_bytes())
+            .unwrap();
+        let mut rest = Vec::new();
+        r.read_until(b'}', &mut rest).unwrap();
+        String::from_utf8_lossy(&rest).into_owned()
+    });
+    let out = s.ok(&[
+        "agent",
+        "vm1",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--timeout",
+        "1",
+        "cmd",
+        r#"{"execute":"guest-shutdown"}"#,
+    ]);
+    let seen = fake.join().unwrap();
+    assert!(seen.contains("guest-shutdown"), "{seen}");
+    assert!(!out.contains("no answer"), "{out}");
+}

@@ -280,3 +280,57 @@ fn a_var_disk_that_reads_a_host_file_is_refused() {
     );
     assert!(!s.state("web1").join("var.qcow2").exists());
 }
+
+/// A state file that cannot be read stops `create` before any disk is made, so deleting
+/// it, as the error says, leaves a machine `create` can make; `list` goes by the disks.
+#[test]
+fn an_unreadable_state_file_leaves_no_disks() {
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    s.qcow2("base.qcow2");
+    std::fs::create_dir_all(s.state("web1")).unwrap();
+    std::fs::write(s.state("web1").join("state.json"), "{\"base\": \"/x").unwrap();
+    let err = s.fails(&[
+        "create",
+        "web1",
+        "--base",
+        "base.qcow2",
+        "--var-size",
+        "32M",
+    ]);
+    assert!(err.contains("state.json"), "{err}");
+    for disk in ["boot.qcow2", "var.qcow2", "seed.iso"] {
+        assert!(!s.state("web1").join(disk).exists(), "{disk} made");
+    }
+    std::fs::remove_file(s.state("web1").join("state.json")).unwrap();
+    s.ok(&[
+        "create",
+        "web1",
+        "--base",
+        "base.qcow2",
+        "--var-size",
+        "32M",
+    ]);
+    let list = s.ok(&["list"]);
+    assert!(list.contains("stopped"), "{list}");
+    // A state file that names a base but no boot disk: not `stopped`.
+    std::fs::remove_file(s.state("web1").join("boot.qcow2")).unwrap();
+    let list = s.ok(&["list"]);
+    assert!(list.contains("no disks"), "{list}");
+}
+
+/// A state directory so deep that a VM's sockets would not fit a unix socket address is
+/// named before libvirt or QEMU is asked, with the way out.
+#[test]
+fn socket_paths_too_long_for_unix_sockets_are_refused_up_front() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let deep = s.path().join("x".repeat(110));
+    let err = s.fails(&["--state", deep.to_str().unwrap(), "xml", "web1"]);
+    assert!(
+        err.contains("libvirt-qga.sock") && err.contains("a unix socket address holds"),
+        "{err}"
+    );
+    s.ok(&["xml", "web1"]);
+}

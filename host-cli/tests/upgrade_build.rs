@@ -33,7 +33,17 @@ fn upgrade_swaps_the_base_and_keeps_var() {
         "32M",
     ]);
     let var_before = std::fs::read(s.state("web1").join("var.qcow2")).unwrap();
-    s.ok(&["upgrade", "web1", "--base", "base2.qcow2"]);
+    let out: serde_json::Value =
+        serde_json::from_str(&s.ok(&["--json", "upgrade", "web1", "--base", "base2.qcow2"]))
+            .unwrap();
+    assert_eq!(out["stopped"], false, "{out}");
+    // The new overlay is the owner's only, as `create` made the old one.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(s.state("web1").join("boot.qcow2"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     let info = stdout_of(
         Command::new("qemu-img")
             .args(["info", "--output=json"])
@@ -141,4 +151,77 @@ fn build_records_the_image_as_default_base() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("builder failed"));
+}
+
+/// Two builds in the same second each keep a garbage-collector root of their own: nix
+/// replaces an existing out-link, which would leave the first base unprotected.
+#[test]
+fn every_build_keeps_its_own_root() {
+    let s = Scratch::new();
+    let bin = s.path().join("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    // Fake nix: makes the out-link as nix does, to a result holding one image.
+    let fake = bin.join("nix");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nwhile [ \"$1\" != --out-link ]; do shift; done\nout={}/r$$\nmkdir -p $out && : > $out/nixos.qcow2\nln -sfn $out \"$2\"\necho $out\n",
+            s.path().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    for _ in 0..2 {
+        let o = s.cmd(&["build"]).env("PATH", &path).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let roots: Vec<_> = std::fs::read_dir(s.path().join(".seedctl/bases"))
+        .unwrap()
+        .map(|e| std::fs::read_link(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(roots.len(), 2, "{roots:?}");
+    assert_ne!(roots[0], roots[1]);
+}
+
+/// A QEMU seedctl did not start (a domain under another libvirt URI, one started by
+/// hand) still holds the boot overlay's lock: the upgrade is refused while it runs.
+#[test]
+fn an_overlay_open_in_any_running_qemu_is_not_replaced() {
+    require_tool("qemu-img");
+    require_tool("qemu-system-x86_64");
+    let s = Scratch::new();
+    s.created("web1", "32M");
+    s.qcow2("base2.qcow2");
+    let boot = s.state("web1").join("boot.qcow2");
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-S",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-accel",
+            "tcg",
+            "-drive",
+        ])
+        .arg(format!("file={},if=virtio", boot.display()))
+        .spawn()
+        .unwrap();
+    let locked = nixseed_test_support::wait_for(std::time::Duration::from_secs(20), || {
+        !Command::new("qemu-img")
+            .arg("info")
+            .arg(&boot)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
+    let refused = s.run(&["upgrade", "web1", "--base", "base2.qcow2"]);
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    assert!(locked, "QEMU never took the overlay's lock");
+    assert!(!refused.status.success(), "upgraded under a running QEMU");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("open in a running QEMU"), "{err}");
+    s.ok(&["upgrade", "web1", "--base", "base2.qcow2"]);
 }

@@ -77,8 +77,8 @@ pub struct AgentArgs {
         conflicts_with = "socket"
     )]
     pub connect: Option<String>,
-    /// Seconds to wait for an answer
-    #[arg(long, global = true, default_value_t = 5)]
+    /// Seconds to wait for an answer (the whole exchange: sync and command)
+    #[arg(long, global = true, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
 }
 
@@ -111,6 +111,15 @@ fn request(c: &AgentCommand) -> Result<(String, Option<Value>)> {
             (exec.to_owned(), v.get("arguments").cloned())
         }
     })
+}
+
+/// Commands the agent answers only when they fail: on success the guest goes down, as
+/// with qemu-ga, whether asked by name (`shutdown`) or through `cmd`.
+fn answers_only_on_failure(command: &str) -> bool {
+    matches!(
+        command,
+        "guest-shutdown" | "guest-suspend-disk" | "guest-suspend-ram" | "guest-suspend-hybrid"
+    )
 }
 
 fn human(c: &AgentCommand, v: &Value) -> String {
@@ -146,7 +155,7 @@ pub fn run(paths: &Paths, a: &AgentArgs) -> Result<Report> {
                 &a.timeout.to_string(),
             ],
         )?;
-        if matches!(a.command, AgentCommand::Shutdown { .. }) && out.trim().is_empty() {
+        if answers_only_on_failure(&cmd) && out.trim().is_empty() {
             Value::Null
         } else {
             let v: Value = serde_json::from_str(out.trim())
@@ -160,7 +169,7 @@ pub fn run(paths: &Paths, a: &AgentArgs) -> Result<Report> {
             .unwrap_or_else(|| StateDir::new(paths, &a.name).file(QGA_SOCK));
         let mut c = QgaClient::connect(&sock, Duration::from_secs(a.timeout)).with_context(ctx)?;
         c.sync().with_context(ctx)?;
-        if matches!(a.command, AgentCommand::Shutdown { .. }) {
+        if answers_only_on_failure(&cmd) {
             c.execute_no_reply(&cmd, args).with_context(ctx)?;
             Value::Null
         } else {

@@ -52,7 +52,14 @@ pub fn run(paths: &Paths, a: &BuildArgs) -> Result<Report> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let link = roots.join(format!("result-{stamp}"));
+    // Two builds within one second each keep their own root (nix would replace a link).
+    let link = (1..)
+        .map(|n| match n {
+            1 => roots.join(format!("result-{stamp}")),
+            n => roots.join(format!("result-{stamp}-{n}")),
+        })
+        .find(|l| std::fs::symlink_metadata(l).is_err())
+        .unwrap_or_else(|| roots.join(format!("result-{stamp}")));
     let link = std::path::absolute(&link).unwrap_or(link);
     let mut child = Command::new("nix")
         .args(["build", "--print-out-paths", "-L", "--out-link"])

@@ -96,6 +96,9 @@ pub fn run(paths: &Paths, a: &CreateArgs) -> Result<Report> {
     let base = resolve_base(paths, a.base.as_deref(), &a.name)?;
     let (base, format) =
         disk::check_base(&base, &paths.state).with_context(|| format!("machine `{}`", a.name))?;
+    // Read before anything is made: a state file that cannot be read stops the command
+    // with no disk in place.
+    let mut st = sd.load()?;
 
     std::fs::create_dir_all(&paths.state)
         .with_context(|| format!("creating {}", paths.state.display()))?;
@@ -118,7 +121,6 @@ pub fn run(paths: &Paths, a: &CreateArgs) -> Result<Report> {
     let instance_id = seed::write(&id, SeedFormat::Iso, &staging.path().join(SEED_ISO))?;
     move_into(staging.path(), &sd.dir)?;
 
-    let mut st = sd.load()?;
     st.base = Some(base.clone());
     st.instance_id = Some(instance_id.clone());
     sd.save(&st).with_context(|| {

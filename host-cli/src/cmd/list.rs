@@ -45,7 +45,8 @@ pub fn run(paths: &Paths, a: &ListArgs) -> Result<Report> {
         let sd = StateDir::new(paths, &name);
         let mut state = match sd.running_pid() {
             Some(_) => "running".to_owned(),
-            None if st.base.is_some() => "stopped".to_owned(),
+            // The disk itself, not the state file's word for it.
+            None if sd.file(crate::state::BOOT_DISK).exists() => "stopped".to_owned(),
             None => "no disks".to_owned(),
         };
         if let Some(uri) = &a.connect {

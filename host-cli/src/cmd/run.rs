@@ -131,6 +131,7 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
         Some(p) => p,
         None => free_port()?,
     };
+    sd.check_socket_paths(&[QGA_SOCK, CHANNEL_SOCK, QMP_SOCK])?;
     for s in [QGA_SOCK, CHANNEL_SOCK, QMP_SOCK, PIDFILE] {
         let _ = std::fs::remove_file(sd.file(s));
     }
@@ -258,9 +259,12 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
     // once it has daemonized; in the foreground: once it is spawned), so a QEMU that
     // cannot start (the port taken meanwhile) leaves `seedctl ssh` with the last run's.
     let known_hosts = sd.file(KNOWN_HOSTS);
+    // Read now: a state file that cannot be read stops the command before QEMU starts,
+    // not after, with a VM running that nothing recorded.
+    let recorded = sd.load()?;
     let record = || -> Result<()> {
         write_known_hosts(&id, &sd, port)?;
-        let mut st = sd.load()?;
+        let mut st = recorded.clone();
         st.ssh_port = Some(port);
         st.instance_id = Some(instance_id.clone());
         sd.save(&st)

@@ -1,6 +1,7 @@
 //! `seedctl upgrade`: move a machine to a new base image. The boot overlay is recreated
 //! on the new base; the `/var` disk, and with it the identity the guest keeps, is kept.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -76,7 +77,8 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
     let (base, format) =
         disk::check_base(&a.base, &paths.state).with_context(|| format!("machine `{}`", a.name))?;
     refuse_running_domain(&sd, a)?;
-    if sd.running_pid().is_some() {
+    let stopped = sd.running_pid().is_some();
+    if stopped {
         if !a.restart {
             bail!(
                 "machine `{}` is running; pass --restart to stop it for the upgrade, or `seedctl stop {}` first",
@@ -94,6 +96,15 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
             },
         )?;
     }
+    // Whatever runs it (a domain under another libvirt URI, a QEMU started by hand): the
+    // old overlay must not be replaced under a running VM.
+    if disk::in_use(&sd.file(BOOT_DISK)).unwrap_or(false) {
+        bail!(
+            "machine `{}`: {} is open in a running QEMU (a libvirt domain under another URI, such as qemu:///session, or one started by hand); shut that VM down first",
+            a.name,
+            sd.file(BOOT_DISK).display()
+        );
+    }
     let staging = tempfile::Builder::new()
         .prefix(&format!(".{}.upgrade-", a.name))
         .tempdir_in(&sd.dir)
@@ -108,19 +119,45 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
     let mut st = sd.load()?;
     st.base = Some(base.clone());
     st.instance_id = Some(instance_id);
-    std::fs::rename(&overlay, sd.file(BOOT_DISK))
-        .with_context(|| format!("replacing {}", sd.file(BOOT_DISK).display()))?;
-    std::fs::rename(&seed_iso, sd.file(SEED_ISO))
-        .with_context(|| format!("replacing {}", sd.file(SEED_ISO).display()))?;
-    sd.save(&st)
-        .with_context(|| format!("machine `{}` boots {} now", a.name, base.display()))?;
+    // The overlay holds the guest's root and, in its first boot's writes, its identity:
+    // the owner's only, as `create` makes it.
+    std::fs::set_permissions(&overlay, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("machine `{}`: making the new overlay private", a.name))?;
+    // The seed first: until the overlay moves, the machine boots its old base with a
+    // seed for the same identity.
+    std::fs::rename(&seed_iso, sd.file(SEED_ISO)).with_context(|| {
+        format!(
+            "machine `{}`: replacing {} (it still boots its old base)",
+            a.name,
+            sd.file(SEED_ISO).display()
+        )
+    })?;
+    std::fs::rename(&overlay, sd.file(BOOT_DISK)).with_context(|| {
+        format!(
+            "machine `{}`: replacing {} (it still boots its old base)",
+            a.name,
+            sd.file(BOOT_DISK).display()
+        )
+    })?;
+    sd.save(&st).with_context(|| {
+        format!(
+            "machine `{}` boots {} now, but its state file still names the old base",
+            a.name,
+            base.display()
+        )
+    })?;
     Ok(Report::new(
         format!(
-            "machine `{}` now boots {} ({} kept)",
+            "machine `{}` now boots {} ({} kept){}",
             a.name,
             base.display(),
-            VAR_DISK
+            VAR_DISK,
+            if stopped {
+                "; it was stopped for the upgrade and is not started again"
+            } else {
+                ""
+            }
         ),
-        json!({ "machine": a.name, "base": base, "restarted": a.restart }),
+        json!({ "machine": a.name, "base": base, "stopped": stopped }),
     ))
 }

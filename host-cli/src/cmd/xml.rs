@@ -95,6 +95,10 @@ fn abs(path: PathBuf) -> PathBuf {
 
 /// The domain XML text.
 pub fn domain_xml(id: &Identity, sd: &StateDir, d: &DomainArgs) -> Result<String> {
+    sd.check_socket_paths(&[
+        &format!("libvirt-{QGA_SOCK}"),
+        &format!("libvirt-{CHANNEL_SOCK}"),
+    ])?;
     let f = |name: &str| abs(sd.file(name));
     let dtype = match d.domain_type {
         DomainType::Qemu => "qemu",
