@@ -951,8 +951,33 @@ pub fn is_within(path: &str, dir: &str) -> bool {
 /// Where the identity store lives unless the agent is told otherwise.
 pub const IDENTITY_DIR: &str = "/var/identity";
 
+/// Where `write_files` never writes, though below `/var` or `/run`: the directories
+/// systemd, udev and nixseed itself read their configuration from. A file there would run
+/// commands (a unit or drop-in, a tmpfiles, sysctl or udev rule) or change what nixseed
+/// applies (its sudoers and sshd includes, its shadow base, the guest agent's passwords),
+/// which a seed may do only through `runcmd`, and only when the operator opted in.
+pub const WRITE_FILES_REFUSED: &[&str] = &[
+    "/run/systemd",
+    "/run/udev",
+    "/run/tmpfiles.d",
+    "/run/sysctl.d",
+    "/run/modules-load.d",
+    "/run/modprobe.d",
+    "/run/binfmt.d",
+    "/run/environment.d",
+    "/run/sysusers.d",
+    "/run/repart.d",
+    "/run/credentials",
+    "/run/credstore",
+    "/run/credstore.encrypted",
+    "/run/nixseed",
+    "/var/lib/nixseed",
+    "/var/lib/systemd",
+];
+
 /// `write_files` may only target files below `/var` and `/run`, never in the identity
-/// store; the root is read-only and other paths would escape the identity contract.
+/// store or a directory of [`WRITE_FILES_REFUSED`]; the root is read-only and other paths
+/// would escape the identity contract.
 pub fn check_write_path(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         return Err("path must be absolute".into());
@@ -964,6 +989,11 @@ pub fn check_write_path(path: &str) -> Result<(), String> {
     if !(below("/var") || below("/run")) || is_within(path, IDENTITY_DIR) {
         return Err(format!(
             "write_files may only write under /var or /run (and not into {IDENTITY_DIR})"
+        ));
+    }
+    if let Some(dir) = WRITE_FILES_REFUSED.iter().find(|d| is_within(path, d)) {
+        return Err(format!(
+            "not into {dir}: the system reads its configuration there, and a file there could run commands, which a seed may do only through runcmd when the operator allows it"
         ));
     }
     Ok(())
@@ -992,6 +1022,27 @@ mod tests {
         let chpasswd = c.chpasswd.clone();
         apply_legacy_password(&mut c, &chpasswd, origin);
         Ok(c)
+    }
+
+    /// write_files never reaches the directories the system reads its configuration
+    /// from, however the path is spelt; a neighbour with a longer name is fine.
+    #[test]
+    fn write_files_stay_out_of_the_systems_configuration() {
+        for bad in [
+            "/run/systemd/system/sshd.service.d/x.conf",
+            "/run//systemd/network/10-cloud-init-eth0.network",
+            "/run/udev/rules.d/99-x.rules",
+            "/run/tmpfiles.d/x.conf",
+            "/run/nixseed/sudoers.d/zz",
+            "/var/lib/nixseed/passwords.json",
+            "/var/lib/systemd/linger/root",
+        ] {
+            let err = check_write_path(bad).unwrap_err();
+            assert!(err.contains("runcmd"), "{bad}: {err}");
+        }
+        for good in ["/run/systemd-app/flag", "/run/app/x", "/var/lib/app/conf"] {
+            assert_eq!(check_write_path(good), Ok(()), "{good}");
+        }
     }
 
     /// `disable_root: false` (what seedctl writes for cloud-init) says what nixseed does
