@@ -143,7 +143,16 @@ async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Re
     let before = store.current_number()?;
     let mut t = Timer::new();
     let outcome = stage::apply_seed(&store, Some(&seed), &ctx.opts, &env, &mut t)?;
-    applied(&store, before, outcome.decision, outcome.changed, ctx).await
+    let failed: Vec<String> = outcome.write_files_error.into_iter().collect();
+    applied(
+        &store,
+        before,
+        outcome.decision,
+        outcome.changed,
+        failed,
+        ctx,
+    )
+    .await
 }
 
 async fn rollback(ctx: &ChannelContext) -> Result<Message> {
@@ -159,6 +168,7 @@ async fn rollback(ctx: &ChannelContext) -> Result<Message> {
         before,
         format!("rolled back to generation {n}"),
         changed,
+        Vec::new(),
         ctx,
     )
     .await
@@ -172,6 +182,7 @@ async fn applied(
     before: Option<u64>,
     decision: String,
     changed: Vec<String>,
+    write_files_failed: Vec<String>,
     ctx: &ChannelContext,
 ) -> Result<Message> {
     let now = store.current_number()?;
@@ -245,13 +256,16 @@ async fn applied(
         effects.failed,
         reboot_required
     );
+    let mut failed = effects.failed;
+    // Each says `write_files: …` itself.
+    failed.extend(write_files_failed);
     Ok(Message::Applied {
         decision,
         generation: now,
         changed: if now != before { changed } else { Vec::new() },
         reboot_required,
         reloaded: effects.reloaded,
-        failed: effects.failed,
+        failed,
     })
 }
 

@@ -51,6 +51,8 @@ pub struct Outcome {
     pub source: Option<String>,
     pub changed: Vec<String>,
     pub timings_ms: Vec<(&'static str, f64)>,
+    /// Why `write_files` did not complete (the generation is applied without it).
+    pub write_files_error: Option<String>,
 }
 
 pub struct Timer {
@@ -290,6 +292,8 @@ pub fn apply_seed(
     for w in &seed.warnings {
         tracing::warn!("{w}");
     }
+    // A clone keeps its instance (same instance-id, same seed): its files were written.
+    let clone = decision == InstanceDecision::Clone;
     let regenerate = match decision {
         InstanceDecision::NoSeed | InstanceDecision::Same => return Ok(outcome),
         InstanceDecision::FirstBoot => false,
@@ -354,9 +358,14 @@ pub fn apply_seed(
     };
     t.lap("write");
     outcome.generation = Some(n);
-    // write_files runs once per instance, as cloud-init's does.
-    let mut files = seed.user.write_files.clone();
-    if let Some(v) = &seed.vendor {
+    // write_files runs once per instance, as cloud-init's does: not again for a clone,
+    // whose `/var` already has them (an `append` would be doubled).
+    let mut files = if clone {
+        Vec::new()
+    } else {
+        seed.user.write_files.clone()
+    };
+    if let Some(v) = seed.vendor.as_ref().filter(|_| !clone) {
         files.extend(v.write_files.iter().cloned());
     }
     // The generation is current by now: a file that cannot be written is reported, and the
@@ -364,7 +373,10 @@ pub fn apply_seed(
     if !files.is_empty() {
         match crate::write_files::apply(&opts.sysroot, &opts.run, &opts.identity_dir, &files) {
             Ok(written) => tracing::info!("write_files: wrote {}", written.join(", ")),
-            Err(e) => tracing::error!("{e:#}; generation {n} is applied without it"),
+            Err(e) => {
+                tracing::error!("{e:#}; generation {n} is applied without it");
+                outcome.write_files_error = Some(format!("{e:#}"));
+            }
         }
         t.lap("write_files");
     }

@@ -489,3 +489,31 @@ fn a_frozen_agent_refuses_pushes_and_still_answers_the_thaw() {
         "{log}"
     );
 }
+
+/// A push whose `write_files` cannot be written (an owner the guest does not have) is
+/// applied without them, and the reply says so under `failed`, where `seedctl push`
+/// shows it and exits non-zero, instead of reporting success.
+#[test]
+fn a_push_whose_write_files_fail_says_so() {
+    let dir = scratch();
+    let srv = Server::start(dir.path());
+    let push = Message::Push {
+        bundle: bundle(
+            "instance-id: two\n",
+            "#cloud-config\nhostname: second\nwrite_files:\n  - path: /var/lib/app/conf\n    content: hi\n    owner: nosuchuser\n",
+        ),
+    };
+    let Message::Applied {
+        generation, failed, ..
+    } = srv.request(&encode(&push))
+    else {
+        panic!("push must answer with applied")
+    };
+    assert_eq!(generation, Some(2));
+    assert!(
+        failed
+            .iter()
+            .any(|f| f.starts_with("write_files:") && f.contains("nosuchuser")),
+        "{failed:?}"
+    );
+}

@@ -617,6 +617,27 @@ fn write_files_land_under_var_once_per_instance() {
     assert_eq!(std::fs::read(&f).unwrap(), b"rotated");
 }
 
+/// A clone (same seed, another product_uuid) keeps its instance: the files the seed
+/// wrote are not written again, so an `append` entry is not doubled and an operator's
+/// change to a written file stays.
+#[test]
+fn a_clone_does_not_write_its_files_again() {
+    let vm = Vm::new();
+    vm.seed(
+        "instance-id: iid-1\n",
+        "#cloud-config\nhostname: web1\nwrite_files:\n  - path: /var/lib/app/log\n    content: \"line\\n\"\n    append: true\n",
+        None,
+    );
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    let f = vm.p("sysroot/var/lib/app/log");
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "line\n");
+    vm.set_uuid("99999999-2222-3333-4444-555555555555");
+    let (out, _) = vm.boot();
+    assert!(stderr(&out).contains("CLONE DETECTED"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "line\n");
+}
+
 /// A write_files entry that cannot be written (here a symlink planted on its path) is an
 /// error naming the file, and the identity is applied and mounted all the same.
 #[test]
