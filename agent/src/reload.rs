@@ -102,7 +102,7 @@ pub async fn after_change(
     out
 }
 
-fn set_hostname(file: &Path) -> Result<()> {
+pub(crate) fn set_hostname(file: &Path) -> Result<()> {
     let name =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let name = name.trim();

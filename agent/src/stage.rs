@@ -446,6 +446,16 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions, when: BindTim
     let names_a_server = resolv
         .lines()
         .any(|l| l.split_whitespace().next() == Some("nameserver"));
+    // Every placeholder first: a bind that cannot be made must fail before any of the
+    // generation's binds replaces the one before, not leave /etc showing two generations.
+    for name in [
+        identity::MACHINE_ID,
+        identity::HOSTNAME,
+        identity::RESOLV_CONF,
+        identity::HOSTS,
+    ] {
+        mounts::check_placeholder(&etc.join(name))?;
+    }
     let mut pending = false;
     for name in [
         identity::MACHINE_ID,
@@ -663,6 +673,24 @@ pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
         .and_then(|t| valid_machine_id(&t))
         .is_some();
     let result = run_boot_stage(opts, BindTime::Late);
+    // systemd set the kernel's hostname from the image's placeholder before this bind,
+    // and nothing else reads /etc/hostname again this boot (hostnamed keeps a static
+    // name it finds set): the kernel takes the bound name now.
+    if result.is_ok() {
+        let etc_hostname = opts.sysroot.join("etc").join(identity::HOSTNAME);
+        let wanted = std::fs::read_to_string(&etc_hostname).unwrap_or_default();
+        let kernel = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned());
+        if !wanted.trim().is_empty() && kernel.as_deref().ok() != Some(wanted.trim()) {
+            match crate::reload::set_hostname(&etc_hostname) {
+                Ok(()) => tracing::info!(
+                    "set the hostname to {} (it was {}, from the image, before the identity was bound)",
+                    wanted.trim(),
+                    kernel.unwrap_or_default()
+                ),
+                Err(e) => tracing::error!("{e:#}"),
+            }
+        }
+    }
     if earlier {
         tracing::info!(
             "/etc did not show the current generation (its binds gone, or a bind that failed): bound it again, /etc/machine-id kept at this boot's"

@@ -1,6 +1,7 @@
 //! The boot stages against a real mount namespace: a tmpfs-free scratch sysroot with
 //! placeholders in `etc/`, the real bind mounts, and the real agent binary. Each test runs
-//! the agent inside `unshare -m` so the binds vanish with the test. Needs root.
+//! the agent inside `unshare -m -u` so the binds (and a hostname stage 2 sets) vanish
+//! with the test. Needs root.
 
 #![allow(clippy::unwrap_used)] // test scaffolding: a failed setup step should fail the test loudly
 
@@ -68,8 +69,9 @@ impl Vm {
     /// Runs `script` (shell) in the machine's directory, in one private mount namespace.
     fn run(&self, script: &str) -> (Output, String) {
         let script = format!("set -u; cd {}; {script}", self.dir.path().display());
+        // Private UTS too: stage 2 sets the kernel's hostname.
         let out = Command::new("unshare")
-            .args(["-m", "sh", "-c", &script])
+            .args(["-m", "-u", "sh", "-c", &script])
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -615,6 +617,49 @@ fn write_files_land_under_var_once_per_instance() {
     std::fs::write(&f, "rotated").unwrap();
     vm.boot();
     assert_eq!(std::fs::read(&f).unwrap(), b"rotated");
+}
+
+/// Stage 2 doing the whole job (no nixseed in the initrd, or an initrd stage that
+/// failed) binds /etc/hostname after systemd set the kernel's hostname from the image:
+/// it sets the kernel's hostname to the identity's too.
+#[test]
+fn stage_2_alone_sets_the_kernel_hostname() {
+    let vm = Vm::new();
+    vm.seed(
+        "instance-id: iid-7\n",
+        "#cloud-config\nhostname: web7\n",
+        None,
+    );
+    let (out, s) = vm.run(&format!(
+        "hostname image-name; {AGENT} apply --sysroot sysroot --root host --run run --channel-wait 0; echo rc=$?; echo \"== uname $(uname -n)\""
+    ));
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert!(s.contains("== uname web7"), "{s}\n{}", stderr(&out));
+}
+
+/// A placeholder that is a symlink (a stock image's `/etc/resolv.conf ->
+/// /run/systemd/resolve/stub-resolv.conf`) is refused by name before any bind is made:
+/// /etc does not end up with some files of the identity and not others, and no bind lands
+/// on the link's target.
+#[test]
+fn a_symlinked_placeholder_is_refused_before_any_bind() {
+    let vm = Vm::new();
+    std::fs::write(vm.p("sysroot/etc/stub-resolv.conf"), RESOLVED_STUB).unwrap();
+    std::fs::remove_file(vm.p("sysroot/etc/resolv.conf")).unwrap();
+    std::os::unix::fs::symlink("stub-resolv.conf", vm.p("sysroot/etc/resolv.conf")).unwrap();
+    let (out, s) = vm.boot();
+    assert!(!s.contains("rc=0"), "{s}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("sysroot/etc/resolv.conf: the placeholder is a symlink (to stub-resolv.conf)"),
+        "{err}"
+    );
+    // Nothing bound: hostname and machine-id show the image's empty placeholders.
+    assert!(s.contains("== hostname\n== machine-id\n"), "{s}");
+    assert_eq!(
+        std::fs::read_to_string(vm.p("sysroot/etc/stub-resolv.conf")).unwrap(),
+        RESOLVED_STUB
+    );
 }
 
 /// A clone (same seed, another product_uuid) keeps its instance: the files the seed
