@@ -398,7 +398,7 @@ fn one_boot(h: &Harness, m: &Machine, o: &BenchOpts, side: &mut Side) -> Result<
         }
         Variant::CloudInit => {
             // analyze needs the finished run.
-            b.wait_for_cloud_init();
+            b.wait_for_cloud_init()?;
             let show = b.ssh.run("cloud-init analyze show")?;
             boot.provision_ms = analyze_total_ms(&show);
             boot.span_ms = analyze_span_ms(&show);

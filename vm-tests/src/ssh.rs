@@ -237,7 +237,13 @@ pub fn wait_for_host_key_via(
     const IN_FLIGHT: usize = 2;
     let started = Instant::now();
     let deadline = started + timeout;
-    let expected = expected.and_then(key_type_and_blob);
+    // An expected key that does not parse must not become "any key".
+    let expected = expected
+        .map(|e| {
+            key_type_and_blob(e)
+                .with_context(|| format!("the expected host key '{e}' is not `TYPE BLOB`"))
+        })
+        .transpose()?;
     let mut scans = Scans(Vec::new());
     let mut probes = reach.map(Reach::new);
     let mut up: Option<Instant> = None;

@@ -22,14 +22,24 @@ pub fn first_boot(h: &Harness) -> Result<()> {
         ),
     };
     let seed_sum = crate::image::sha256_file(&iso)?;
+    // `seedctl run` writes the seed again at every start: moved aside here, it must be
+    // there again afterwards, byte for byte what `seedctl seed` wrote.
+    let aside = iso.with_extension("iso.seeded");
+    std::fs::rename(&iso, &aside).with_context(|| format!("moving {} aside", iso.display()))?;
     // Booted by `seedctl run`, as an operator boots it: sshd presented only the machine's
     // key, or the wait failed.
     let b = OperatorBoot::start(h, &m)?;
+    ensure!(
+        iso.exists(),
+        "`seedctl run` did not write the seed {} again",
+        iso.display()
+    );
     ensure!(
         crate::image::sha256_file(&iso)? == seed_sum,
         "`seedctl run` rewrote {} with other bytes than `seedctl seed` wrote",
         iso.display()
     );
+    let _ = std::fs::remove_file(&aside);
     let manifest = b.ssh.run("cat /var/identity/manifest.json")?;
     let guest_iid = serde_json::from_str::<serde_json::Value>(&manifest)
         .ok()

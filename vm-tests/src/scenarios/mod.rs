@@ -42,18 +42,29 @@ pub struct Booted {
 }
 
 impl Booted {
-    /// Waits until cloud-init has finished its run. It restarts sshd in its later stages,
-    /// which can cut the wait's own session: a cut wait is tried again, twice at most.
-    pub fn wait_for_cloud_init(&self) {
+    /// Waits until cloud-init has finished its run, and requires that it finished
+    /// cleanly (`status: done`): a figure or a check taken from a run that failed would be
+    /// no comparison. cloud-init restarts sshd in its later stages, which can cut the
+    /// wait's own session: a cut wait is tried again, twice at most.
+    pub fn wait_for_cloud_init(&self) -> Result<()> {
+        let mut last = String::new();
         for _ in 0..3 {
-            if self
-                .ssh
-                .output("cloud-init status --wait")
-                .is_ok_and(|o| o.status.success())
-            {
+            let Ok(o) = self.ssh.output("cloud-init status --wait --long") else {
+                continue;
+            };
+            last = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            if last.lines().any(|l| l.trim() == "status: done") {
+                return Ok(());
+            }
+            if last.contains("status: error") || last.contains("status: degraded") {
                 break;
             }
         }
+        bail!("cloud-init did not finish cleanly:\n{last}")
     }
 }
 
@@ -411,7 +422,7 @@ pub fn boot_smoke(variant: Variant, append: &str, cpus: u32) -> Result<()> {
         }
     })?;
     if variant == Variant::CloudInit {
-        b.wait_for_cloud_init();
+        b.wait_for_cloud_init()?;
     }
     let show = |label: &str, cmd: &str| match b.ssh.output(cmd) {
         Ok(o) => println!(

@@ -135,7 +135,7 @@ fn sha1_hex(bytes: &[u8], scratch: &std::path::Path) -> Result<String> {
         .context("sha1sum printed nothing")
 }
 
-/// The guest's name for the NIC with `mac`.
+/// The guest's name for the NIC with `mac`, which must be a predictable `enp…` name.
 fn nic_named(b: &Booted, mac: &str) -> Result<String> {
     let ifname = b
         .ssh
@@ -145,6 +145,12 @@ fn nic_named(b: &Booted, mac: &str) -> Result<String> {
         .trim()
         .to_string();
     ensure!(!ifname.is_empty(), "no guest NIC has the MAC {mac}");
+    // The guest's predictable name (the initramfs's rename took), not the kernel's ethN
+    // that a seed's `eth0` would match by name alone.
+    ensure!(
+        ifname.starts_with("enp"),
+        "the NIC with the MAC {mac} is named {ifname}, not a predictable enpXsY name"
+    );
     Ok(ifname)
 }
 
@@ -376,7 +382,11 @@ fn check_static_network(b: &Booted, m: &Machine, ifname: &str, search: Option<&s
     );
     let resolv = b.ssh.run("cat /etc/resolv.conf")?;
     ensure!(
-        resolv.contains(&format!("nameserver {DNS}")) && search.is_none_or(|d| resolv.contains(d)),
+        resolv.contains(&format!("nameserver {DNS}"))
+            && search.is_none_or(|d| resolv.lines().any(|l| {
+                let mut words = l.split_whitespace();
+                words.next() == Some("search") && words.any(|w| w == d)
+            })),
         "/etc/resolv.conf lacks the seed's nameserver {DNS} (or search {search:?}):\n{resolv}"
     );
     Ok(())

@@ -704,6 +704,12 @@ fn refused(ssh: &Ssh, what: &str) -> Result<()> {
 /// one, named by the applied marker) must still be whole, not pruned under the binds, and
 /// a rerun of `nixseed-apply` verifies instead of re-applying.
 fn agent_key_changes(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
+    // The generation the revocation push made, which /etc must still show afterwards.
+    let pushed_generation = b
+        .ssh
+        .run("readlink /var/identity/current")?
+        .trim()
+        .to_owned();
     let third = ClientKey::ensure(&m.state.join("agent-added"))?;
     let line = third.public_line()?;
     let request = |execute: &str| {
@@ -753,6 +759,10 @@ fn agent_key_changes(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
         bail!("unexpected answer about the binds after the key changes:\n{shown}");
     };
     let pushed = format!("gen-{applied}");
+    ensure!(
+        pushed == pushed_generation,
+        "/run/nixseed/applied names {pushed} after the guest-agent key changes, not {pushed_generation}, the generation the push made"
+    );
     ensure!(
         current != pushed,
         "after two guest-agent key changes `current` is still {current}"
