@@ -481,12 +481,22 @@ fn a_frozen_agent_refuses_pushes_and_still_answers_the_thaw() {
         .unwrap();
     assert!(log.contains("logging is off until the thaw"), "{log}");
     assert!(
-        !log.contains("push of `web1` refused"),
+        !log.contains("push of `web1` refused") && !log.contains("rollback refused"),
         "logged while frozen:\n{log}"
     );
+    let dropped: u32 = log
+        .split("logging is on again; ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no line says logging is on again:\n{log}"));
+    assert!(dropped >= 2, "{dropped} dropped:\n{log}");
+    // The statement that was silent while frozen logs again after the thaw: the thawed
+    // rollback's failure, from the same warning as the refusals.
+    let after = log.split("logging is on again").nth(1).unwrap_or_default();
     assert!(
-        log.contains("logging is on again; 2 message(s) dropped while frozen"),
-        "{log}"
+        after.contains("control channel: ") && after.contains(&ids.display().to_string()),
+        "the thawed rollback's failure was not logged:\n{log}"
     );
 }
 

@@ -971,8 +971,10 @@ pub const WRITE_FILES_REFUSED: &[&str] = &[
     "/run/credstore",
     "/run/credstore.encrypted",
     "/run/nixseed",
+    "/run/polkit-1",
     "/var/lib/nixseed",
     "/var/lib/systemd",
+    "/var/spool/cron",
 ];
 
 /// `write_files` may only target files below `/var` and `/run`, never in the identity
@@ -1036,6 +1038,8 @@ mod tests {
             "/run/nixseed/sudoers.d/zz",
             "/var/lib/nixseed/passwords.json",
             "/var/lib/systemd/linger/root",
+            "/var/spool/cron/crontabs/root",
+            "/run/polkit-1/rules.d/00-x.rules",
         ] {
             let err = check_write_path(bad).unwrap_err();
             assert!(err.contains("runcmd"), "{bad}: {err}");

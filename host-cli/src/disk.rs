@@ -48,12 +48,21 @@ pub fn info(image: &Path) -> Result<ImageInfo> {
 /// whatever URI, by hand): `qemu-img info` without `-U` asks for the image's lock, which
 /// QEMU holds while it runs the disk.
 pub fn in_use(image: &Path) -> Result<bool> {
+    if !image.exists() {
+        return Ok(false);
+    }
     let out = tools::output(
         tools::cmd("qemu-img")
             .args(["info", "--output=json"])
             .arg(image),
     )?;
-    Ok(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("lock"))
+    // QEMU's own words for a lock it could not take; the path in other errors may hold
+    // any text.
+    let err = String::from_utf8_lossy(&out.stderr);
+    Ok(!out.status.success()
+        && (err.contains("Failed to get shared \"write\" lock")
+            || err.contains("Failed to get \"write\" lock")
+            || err.contains("Is another process using the image")))
 }
 
 /// Check that `base` can back an overlay: a regular file with a UTF-8 path (it is

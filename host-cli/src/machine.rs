@@ -25,6 +25,21 @@ pub const DEFAULT_NIX: &str = "default.nix";
 /// Optional operator-written NoCloud network-config (v1 or v2), copied into the seed as is.
 pub const NETWORK_CONFIG: &str = "network-config";
 
+/// The files of a machine directory: any one of them makes a directory a machine.
+const IDENTITY_FILES: &[&str] = &[
+    MACHINE_ID,
+    HOSTNAME,
+    SSH_HOST_KEY,
+    SSH_HOST_KEY_PUB,
+    RESOLV_CONF,
+    HOSTS,
+    TCP_PORTS,
+    UDP_PORTS,
+    ADMIN_KEYS,
+    USER_KEYS,
+    PRODUCT_UUID,
+];
+
 /// The largest identity file `seedctl` reads: the channel carries at most 1 MiB in one
 /// frame, and every file here is a few lines.
 pub const MAX_FILE: u64 = 1 << 20;
@@ -115,8 +130,9 @@ impl Paths {
         self.state.join(name)
     }
 
-    /// Names of all machine directories (every directory in `machines` but hidden
-    /// ones), sorted, whether or not they hold a whole identity.
+    /// Names of all machine directories (every directory in `machines`, not hidden, that
+    /// holds any identity file or cannot be read), sorted, whether or not they hold a
+    /// whole identity.
     pub fn machine_names(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         let rd = match std::fs::read_dir(&self.machines) {
@@ -129,10 +145,19 @@ impl Paths {
         for entry in rd {
             let entry = entry.with_context(|| format!("listing {}", self.machines.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            // Every directory but hidden ones (`seedctl new`'s staging) is a machine; one
-            // that does not load is reported by the caller, not skipped here.
-            let is_dir = std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir());
-            if is_dir && !name.starts_with('.') {
+            // A directory that holds any identity file is a machine, whole or not: one that
+            // does not load is reported by the caller, not skipped here. Hidden ones
+            // (`seedctl new`'s staging) and directories of other files (shared ones that
+            // identity files link to) are not machines.
+            let dir = entry.path();
+            let is_dir = std::fs::metadata(&dir).is_ok_and(|m| m.is_dir());
+            let holds_identity = || {
+                IDENTITY_FILES
+                    .iter()
+                    .any(|f| std::fs::symlink_metadata(dir.join(f)).is_ok())
+                    || std::fs::read_dir(&dir).is_err()
+            };
+            if is_dir && !name.starts_with('.') && holds_identity() {
                 out.push(name);
             }
         }

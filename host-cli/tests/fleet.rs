@@ -75,9 +75,10 @@ fn a_broken_machine_does_not_hide_the_others() {
     assert!(kh.contains(key.split_whitespace().nth(1).unwrap()), "{kh}");
 }
 
-/// Every directory in machines/ is a machine: one without a machine-id, one whose name
-/// is not a valid machine name, and one that cannot be read are listed as broken and
-/// named by known-hosts, not skipped without a word.
+/// A directory in machines/ that holds any identity file is a machine: one without a
+/// machine-id and one whose name is not a valid machine name are listed as broken and
+/// named by known-hosts, not skipped without a word; a directory of shared files is not
+/// a machine.
 #[test]
 fn no_machine_directory_is_skipped_silently() {
     let s = Scratch::new();
@@ -85,6 +86,14 @@ fn no_machine_directory_is_skipped_silently() {
     s.ok(&["new", "b"]);
     std::fs::remove_file(s.machine("b").join("machine-id")).unwrap();
     std::fs::create_dir(s.machine("c_1")).unwrap();
+    std::fs::write(s.machine("c_1").join("hostname"), "c1\n").unwrap();
+    // A directory of shared files that identity files link to is no machine.
+    std::fs::create_dir(s.machine("shared")).unwrap();
+    std::fs::write(
+        s.machine("shared").join("dc1.resolv.conf"),
+        "nameserver 192.0.2.1\n",
+    )
+    .unwrap();
     let v: serde_json::Value = serde_json::from_str(&s.ok(&["--json", "list"])).unwrap();
     let m = v["machines"].as_array().unwrap();
     let states: Vec<(&str, &str)> = m

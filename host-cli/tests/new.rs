@@ -376,6 +376,16 @@ fn hosts_lines_add_to_the_default_and_search_is_checked() {
         resolv.ends_with("search example.org corp.example\n"),
         "{resolv}"
     );
+    // A line that already places the machine's own name replaces the default line, which
+    // would come first and hide its FQDN from `hostname -f`.
+    s.ok(&[
+        "new",
+        "db2",
+        "--hosts-line",
+        "127.0.1.1 db2.example.org db2",
+    ]);
+    let hosts = std::fs::read_to_string(s.machine("db2").join("hosts")).unwrap();
+    assert_eq!(hosts, "127.0.1.1 db2.example.org db2\n");
     let err = s.fails(&["new", "db1", "--search", "example.org\nnameserver 6.6.6.6"]);
     assert!(err.contains("--search"), "{err}");
     let err = s.fails(&["new", "db1", "--hosts-line", "db1"]);

@@ -172,16 +172,33 @@ fn every_build_keeps_its_own_root() {
     .unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    // Roots already taken for this second and the next few: each build must find a name
+    // of its own beside them (the same-second case, whenever the builds run).
+    let bases = s.path().join(".seedctl/bases");
+    std::fs::create_dir_all(&bases).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for t in now..now + 30 {
+        std::os::unix::fs::symlink("/nonexistent", bases.join(format!("result-{t}"))).unwrap();
+    }
     for _ in 0..2 {
         let o = s.cmd(&["build"]).env("PATH", &path).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    let roots: Vec<_> = std::fs::read_dir(s.path().join(".seedctl/bases"))
+    let roots: Vec<_> = std::fs::read_dir(&bases)
         .unwrap()
         .map(|e| std::fs::read_link(e.unwrap().path()).unwrap())
+        .filter(|t| t != std::path::Path::new("/nonexistent"))
         .collect();
     assert_eq!(roots.len(), 2, "{roots:?}");
     assert_ne!(roots[0], roots[1]);
+    assert_eq!(
+        std::fs::read_dir(&bases).unwrap().count(),
+        32,
+        "a taken root was replaced"
+    );
 }
 
 /// A QEMU seedctl did not start (a domain under another libvirt URI, one started by

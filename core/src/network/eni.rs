@@ -102,6 +102,15 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<NetworkConfig, NetworkEr
         let at = format!("line {} (iface {} {})", st.line, st.iface, st.family);
         let idx = match index.get(&st.iface) {
             Some(&i) => i,
+            None if index.len() >= MAX_INTERFACES => {
+                return Err(invalid(
+                    origin,
+                    format!(
+                        "line {}: more than {MAX_INTERFACES} interfaces, the most nixseed reads",
+                        st.line
+                    ),
+                ));
+            }
             None => {
                 index.insert(st.iface.clone(), cfg.interfaces.len());
                 cfg.interfaces.push(Interface {

@@ -542,6 +542,12 @@ mod limit_tests {
     fn every_format_refuses_more_interfaces_than_the_limit() {
         let ok = parse_eni(&eni(MAX_INTERFACES), "content/0000").unwrap();
         assert_eq!(ok.interfaces.len(), MAX_INTERFACES);
+        // One stanza each: the stanza limit is not reached, the interface limit is.
+        let inet_only: String = (0..=MAX_INTERFACES)
+            .map(|i| format!("iface a{i} inet dhcp\n"))
+            .collect();
+        let err = parse_eni(&inet_only, "content/0000").unwrap_err();
+        assert!(err.to_string().contains("interfaces"), "{err}");
         let err = parse_eni(&eni(MAX_INTERFACES + 1), "content/0000").unwrap_err();
         assert!(
             err.to_string().contains("content/0000") && err.to_string().contains("iface stanzas"),

@@ -77,7 +77,7 @@ pub struct AgentArgs {
         conflicts_with = "socket"
     )]
     pub connect: Option<String>,
-    /// Seconds to wait for an answer (the whole exchange: sync and command)
+    /// Seconds to wait for each exchange (the sync, then the command), however the agent talks meanwhile
     #[arg(long, global = true, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
 }

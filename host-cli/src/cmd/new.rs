@@ -49,7 +49,7 @@ pub struct NewArgs {
     /// DNS search domain for resolv.conf
     #[arg(long)]
     pub search: Option<String>,
-    /// Extra /etc/hosts line, after `127.0.1.1 FQDN HOST` (repeatable)
+    /// Extra /etc/hosts line (repeatable), after `127.0.1.1 FQDN HOST` unless a line given names the machine or 127.0.1.1
     #[arg(long = "hosts-line", value_name = "LINE")]
     pub hosts_lines: Vec<String>,
     /// Replace an existing identity: every identity file is written anew from these options and their defaults (new machine-id and host key); the product UUID (and so the MAC) and other files such as network-config stay
@@ -159,15 +159,25 @@ fn render_files(a: &NewArgs, product_uuid: Option<String>) -> Result<Vec<(&'stat
         .map_err(|e| anyhow::anyhow!("generating the ed25519 host key: {e}"))?;
 
     let short = hostname.split('.').next().unwrap_or(&hostname).to_owned();
-    let mut hosts = if short == hostname {
-        vec![format!("127.0.1.1 {hostname}")]
-    } else {
-        vec![format!("127.0.1.1 {hostname} {short}")]
-    };
     for line in &a.hosts_lines {
         check_hosts_line(line).with_context(|| format!("--hosts-line `{line}`"))?;
-        hosts.push(line.trim().to_owned());
     }
+    // The default line, unless a line given already says where the machine's own name
+    // (or 127.0.1.1) is: glibc takes the first line that names a host, so the default
+    // would hide an FQDN given that way.
+    let names_self = a.hosts_lines.iter().any(|l| {
+        let mut words = l.split_whitespace();
+        words.next() == Some("127.0.1.1") || words.any(|w| w == hostname || w == short)
+    });
+    let mut hosts = Vec::new();
+    if !names_self {
+        hosts.push(if short == hostname {
+            format!("127.0.1.1 {hostname}")
+        } else {
+            format!("127.0.1.1 {hostname} {short}")
+        });
+    }
+    hosts.extend(a.hosts_lines.iter().map(|l| l.trim().to_owned()));
     // Without explicit servers the guest asks systemd-resolved, which learns the DHCP
     // servers; a fixed list would hide them behind the bind-mounted resolv.conf.
     let mut resolv = String::new();
