@@ -24,6 +24,20 @@ pub const USER_KEYS: &str = "user_authorized_keys";
 pub const NETWORK_DIR: &str = "network";
 pub const MANIFEST: &str = "manifest.json";
 
+/// The files every composed identity holds (a machine directory on the host too).
+pub const ALWAYS: [&str; 10] = [
+    MACHINE_ID,
+    HOSTNAME,
+    SSH_HOST_KEY,
+    SSH_HOST_KEY_PUB,
+    RESOLV_CONF,
+    HOSTS,
+    TCP_PORTS,
+    UDP_PORTS,
+    ADMIN_KEYS,
+    USER_KEYS,
+];
+
 /// Mode of a contract file; `network/*.network` files are 0644.
 pub fn mode_of(name: &str) -> u32 {
     match name {
@@ -608,18 +622,7 @@ mod tests {
         assert_eq!(t[MACHINE_ID].mode, 0o444);
         assert_eq!(t[SSH_HOST_KEY].mode, 0o600);
         assert_eq!(mode_of(USERS), 0o600);
-        for name in [
-            MACHINE_ID,
-            HOSTNAME,
-            SSH_HOST_KEY,
-            SSH_HOST_KEY_PUB,
-            RESOLV_CONF,
-            HOSTS,
-            TCP_PORTS,
-            UDP_PORTS,
-            ADMIN_KEYS,
-            USER_KEYS,
-        ] {
+        for name in ALWAYS {
             assert!(t.contains_key(name), "{name} missing");
         }
     }

@@ -25,21 +25,6 @@ pub const DEFAULT_NIX: &str = "default.nix";
 /// Optional operator-written NoCloud network-config (v1 or v2), copied into the seed as is.
 pub const NETWORK_CONFIG: &str = "network-config";
 
-/// The files of a machine directory: any one of them makes a directory a machine.
-const IDENTITY_FILES: &[&str] = &[
-    MACHINE_ID,
-    HOSTNAME,
-    SSH_HOST_KEY,
-    SSH_HOST_KEY_PUB,
-    RESOLV_CONF,
-    HOSTS,
-    TCP_PORTS,
-    UDP_PORTS,
-    ADMIN_KEYS,
-    USER_KEYS,
-    PRODUCT_UUID,
-];
-
 /// The largest identity file `seedctl` reads: the channel carries at most 1 MiB in one
 /// frame, and every file here is a few lines.
 pub const MAX_FILE: u64 = 1 << 20;
@@ -152,8 +137,9 @@ impl Paths {
             let dir = entry.path();
             let is_dir = std::fs::metadata(&dir).is_ok_and(|m| m.is_dir());
             let holds_identity = || {
-                IDENTITY_FILES
+                nixseed_core::identity::ALWAYS
                     .iter()
+                    .chain(&[PRODUCT_UUID])
                     .any(|f| std::fs::symlink_metadata(dir.join(f)).is_ok())
                     || std::fs::read_dir(&dir).is_err()
             };
