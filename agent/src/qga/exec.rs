@@ -77,12 +77,14 @@ fn reader(
     Ok((buf, h))
 }
 
-/// Kills and reaps a process whose request failed after it started, so it neither runs
-/// on unseen nor stays a zombie.
-fn abandon(pid: u32) {
+/// Kills a process whose request failed after it started, so it does not run on
+/// unseen; `reap` when no waiter thread will (so it does not stay a zombie either).
+fn abandon(pid: u32, reap: bool) {
     let pid = nix::unistd::Pid::from_raw(pid as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-    let _ = nix::sys::wait::waitpid(pid, None);
+    if reap {
+        let _ = nix::sys::wait::waitpid(pid, None);
+    }
 }
 
 pub fn exec(agent: &mut Agent, mut args: Args) -> CmdResult {
@@ -120,8 +122,8 @@ pub fn exec(agent: &mut Agent, mut args: Args) -> CmdResult {
     let stdin = child.stdin.take();
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     // The waiter first: from then on the process is reaped whatever else fails.
-    let waiter =
-        spawn(format!("guest-exec {pid}"), move || child.wait()).inspect_err(|_| abandon(id))?;
+    let waiter = spawn(format!("guest-exec {pid}"), move || child.wait())
+        .inspect_err(|_| abandon(id, true))?;
     let started = (|| {
         if let (Some(data), Some(mut stdin)) = (input, stdin) {
             spawn(format!("guest-exec {pid} stdin"), move || {
@@ -143,10 +145,7 @@ pub fn exec(agent: &mut Agent, mut args: Args) -> CmdResult {
         Ok(r) => r,
         Err(e) => {
             // The waiter reaps it; the readers already started end with its pipes.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(id as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            abandon(id, false);
             return Err(e);
         }
     };
