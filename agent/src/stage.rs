@@ -448,12 +448,7 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions, when: BindTim
         .any(|l| l.split_whitespace().next() == Some("nameserver"));
     // Every placeholder first: a bind that cannot be made must fail before any of the
     // generation's binds replaces the one before, not leave /etc showing two generations.
-    for name in [
-        identity::MACHINE_ID,
-        identity::HOSTNAME,
-        identity::RESOLV_CONF,
-        identity::HOSTS,
-    ] {
+    for name in ETC_FILES {
         mounts::check_placeholder(&etc.join(name))?;
     }
     let mut pending = false;
