@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use nixseed_core::qga::{Args, QgaError};
 use serde_json::{Map, Value, json};
 
-use super::fsfreeze::{device_mounts, fitrim};
-use super::{Agent, CmdResult, errno_text};
+use super::fsfreeze::{block_mounts, fitrim};
+use super::{Agent, CmdResult};
 
 fn kname_of(major: u32, minor: u32) -> Option<String> {
     let p = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()?;
@@ -141,8 +141,9 @@ fn disk_addresses(kname: &str, depth: u32, out: &mut Vec<Value>) {
 pub fn get_fsinfo(_: &mut Agent, args: Args) -> CmdResult {
     args.finish()?;
     let mut out = Vec::new();
-    // Last mounted first, as qemu-ga lists them.
-    for m in device_mounts().into_iter().rev() {
+    // Every mount, bind mounts and btrfs subvolumes included, last mounted first, as
+    // qemu-ga lists them.
+    for m in block_mounts().into_iter().rev() {
         let Some(kname) = kname_of(m.major, m.minor) else {
             continue;
         };
@@ -224,7 +225,9 @@ pub fn fstrim(_: &mut Agent, mut args: Args) -> CmdResult {
     let minimum = args.opt_i64("minimum")?.unwrap_or(0).max(0) as u64;
     args.finish()?;
     let mut paths = Vec::new();
-    for m in device_mounts() {
+    // Every mount, last mounted first, as qemu-ga lists them; a second mount of a
+    // device trims what the first left (usually nothing).
+    for m in block_mounts().into_iter().rev() {
         let mut r = Map::new();
         r.insert("path".into(), m.mountpoint.clone().into());
         match fitrim(&m.mountpoint, minimum) {
@@ -232,8 +235,8 @@ pub fn fstrim(_: &mut Agent, mut args: Args) -> CmdResult {
                 r.insert("trimmed".into(), trimmed.into());
                 r.insert("minimum".into(), used_minimum.into());
             }
-            Err(e) => {
-                r.insert("error".into(), errno_text(e).into());
+            Err(text) => {
+                r.insert("error".into(), text.into());
             }
         }
         paths.push(Value::Object(r));

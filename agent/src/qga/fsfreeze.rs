@@ -59,35 +59,53 @@ mod ioctl {
 
 use ioctl::{freeze_fd, thaw_fd};
 
-fn open_dir(path: &str) -> Result<std::fs::File, Errno> {
-    std::fs::File::open(path).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+/// Opens a mountpoint for an ioctl. Non-blocking and without a controlling terminal: the
+/// mountpoint of a bind-mounted file can be a named pipe or a terminal.
+fn open_mountpoint(path: &str) -> Result<std::fs::File, Errno> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))
 }
 
-/// Discards unused blocks of the filesystem holding `path`; returns bytes trimmed and
-/// the minimum extent the kernel used, which qemu-ga reports as `minimum`.
-pub fn fitrim(path: &str, minimum: u64) -> Result<(u64, u64), Errno> {
-    ioctl::fitrim_fd(&open_dir(path)?, minimum)
+/// Discards unused blocks of the filesystem mounted at `path`; returns bytes trimmed and
+/// the minimum extent the kernel used, which qemu-ga reports as `minimum`, or the text
+/// qemu-ga gives for the path's `error`.
+pub fn fitrim(path: &str, minimum: u64) -> Result<(u64, u64), String> {
+    let f = open_mountpoint(path).map_err(|e| trim_error(TrimStep::Open, e))?;
+    ioctl::fitrim_fd(&f, minimum).map_err(|e| trim_error(TrimStep::Trim, e))
+}
+
+/// Where guest-fstrim failed for one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TrimStep {
+    Open,
+    Trim,
+}
+
+/// qemu-ga's per-path texts: a filesystem without FITRIM (ENOTTY, as on a CD-ROM, or
+/// EOPNOTSUPP) is `trim not supported`; other failures name the step and the errno.
+fn trim_error(step: TrimStep, e: Errno) -> String {
+    match (step, e) {
+        (TrimStep::Open, e) => format!("failed to open: {}", errno_text(e)),
+        (TrimStep::Trim, Errno::ENOTTY | Errno::EOPNOTSUPP) => "trim not supported".into(),
+        (TrimStep::Trim, e) => format!("failed to trim: {}", errno_text(e)),
+    }
 }
 
 pub fn marker(state_dir: &Path) -> PathBuf {
     state_dir.join("qga.state.isfrozen")
 }
 
-/// Mounts backed by a block device, one per device, in mount order.
-pub fn device_mounts() -> Vec<Mount> {
-    device_mounts_among(None)
-}
-
-/// One mount per block device, in mount order; with `only`, the first of the named
-/// mountpoints on each device (a bind mount such as `/nix/store` names its device too).
-fn device_mounts_among(only: Option<&[String]>) -> Vec<Mount> {
+/// Every mount of a block device, in mount order: as qemu-ga lists them, one entry per
+/// mount, so a bind mount or a second btrfs subvolume of a device is an entry of its own.
+pub fn block_mounts() -> Vec<Mount> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut seen = std::collections::HashSet::new();
     mountinfo(&text)
         .into_iter()
         .filter_map(on_block_device)
-        .filter(|m| only.is_none_or(|l| l.contains(&m.mountpoint)))
-        .filter(|m| seen.insert((m.major, m.minor)))
         .collect()
 }
 
@@ -230,14 +248,31 @@ pub fn freeze_list(agent: &mut Agent, mut args: Args) -> CmdResult {
 fn do_freeze(agent: &mut Agent, only: Option<Vec<String>>) -> CmdResult {
     run_hook(agent, "freeze")?;
     set_frozen(agent, true);
-    let mounts = device_mounts_among(only.as_deref());
+    let mounts: Vec<Mount> = block_mounts()
+        .into_iter()
+        .filter(|m| only.as_ref().is_none_or(|l| l.contains(&m.mountpoint)))
+        .collect();
     let mut frozen = 0i64;
     // Submounts first: freezing a parent first could block reaching its children.
     for m in mounts.iter().rev() {
-        let r = open_dir(&m.mountpoint).and_then(|f| freeze_fd(&f));
-        match r {
+        let f = match open_mountpoint(&m.mountpoint) {
+            Ok(f) => f,
+            Err(e) => {
+                let err = QgaError::generic(format!(
+                    "failed to open {}: {}",
+                    m.mountpoint,
+                    errno_text(e)
+                ));
+                thaw_all(agent).ok();
+                return Err(err);
+            }
+        };
+        match freeze_fd(&f) {
             Ok(()) => frozen += 1,
-            Err(Errno::EOPNOTSUPP) => {}
+            // Not counted, as in qemu-ga: a filesystem that cannot be frozen
+            // (EOPNOTSUPP), and one frozen already (EBUSY): a second mount of a device
+            // frozen through its first, or one frozen by someone else (`fsfreeze -f`).
+            Err(Errno::EOPNOTSUPP | Errno::EBUSY) => {}
             Err(e) => {
                 let err = QgaError::generic(format!(
                     "failed to freeze {}: {}",
@@ -261,12 +296,13 @@ pub fn thaw(agent: &mut Agent, args: Args) -> CmdResult {
     thaw_all(agent).map(|n| Some(Value::from(n)))
 }
 
-/// FITHAW every device mount until it refuses (a filesystem may be frozen more than
-/// once); returns how many were thawed.
+/// FITHAW every block-device mount until it refuses (a filesystem may be frozen more
+/// than once); returns how many were thawed. A second mount of a device finds it thawed
+/// already and is not counted.
 pub fn thaw_all(agent: &mut Agent) -> Result<i64, QgaError> {
     let mut thawed = 0i64;
-    for m in device_mounts() {
-        let Ok(f) = open_dir(&m.mountpoint) else {
+    for m in block_mounts() {
+        let Ok(f) = open_mountpoint(&m.mountpoint) else {
             continue;
         };
         let mut once = false;
@@ -281,4 +317,30 @@ pub fn thaw_all(agent: &mut Agent) -> Result<i64, QgaError> {
     run_hook(agent, "thaw")?;
     tracing::info!("thawed {thawed} filesystem(s)");
     Ok(thawed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// qemu-ga 7.2's texts (`strings /usr/sbin/qemu-ga`): clients match on them.
+    #[test]
+    fn trim_errors_read_as_qemu_ga() {
+        assert_eq!(
+            trim_error(TrimStep::Open, Errno::ENOENT),
+            "failed to open: No such file or directory"
+        );
+        assert_eq!(
+            trim_error(TrimStep::Trim, Errno::ENOTTY),
+            "trim not supported"
+        );
+        assert_eq!(
+            trim_error(TrimStep::Trim, Errno::EOPNOTSUPP),
+            "trim not supported"
+        );
+        assert_eq!(
+            trim_error(TrimStep::Trim, Errno::EIO),
+            "failed to trim: Input/output error"
+        );
+    }
 }
