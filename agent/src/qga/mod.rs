@@ -154,7 +154,10 @@ impl Agent {
             return Err(QgaError::disabled(name, Some(FROZEN_REASON)));
         }
         if !self.config.policy.enabled(info) {
-            return Err(QgaError::disabled(name, None));
+            return Err(QgaError::disabled(
+                name,
+                refusal_reason(&self.config.policy, info),
+            ));
         }
         // sync, ping, info, freeze status and thaw are never limited: a client must always
         // be able to resynchronise and to thaw.
@@ -189,6 +192,27 @@ impl Agent {
     }
 }
 
+/// Why the command-line lists refuse `c`, for the `Command X has been disabled: REASON`
+/// error (class CommandNotFound, as qemu-ga). `-b` gives no reason, as qemu-ga 7.2 and
+/// 8.x; `-a` gives qemu-ga 8.x's `the command is not allowed`; an unsafe command nixseed
+/// keeps off by default says how to enable it.
+fn refusal_reason(policy: &CommandPolicy, c: &commands::CommandInfo) -> Option<&'static str> {
+    let named = |list: &[String]| list.iter().any(|n| n == c.name);
+    if named(&policy.block) {
+        None
+    } else if !policy.allow.is_empty() && !named(&policy.allow) {
+        Some("the command is not allowed")
+    } else if c.unsafe_by_default {
+        Some(UNSAFE_REASON)
+    } else {
+        None
+    }
+}
+
+/// The reason an unsafe command is refused when no list names it.
+const UNSAFE_REASON: &str =
+    "the command is unsafe and off by default; name it in --unsafe-rpcs (or -a) to enable it";
+
 /// Capitalised strerror text (`No such file or directory`), as qemu-ga prints it.
 pub(crate) fn errno_text(e: nix::errno::Errno) -> String {
     std::io::Error::from_raw_os_error(e as i32)
@@ -203,5 +227,49 @@ pub(crate) fn io_text(e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(n) => errno_text(nix::errno::Errno::from_raw(n)),
         None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(allow: &[&str], block: &[&str]) -> CommandPolicy {
+        let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
+        CommandPolicy {
+            allow: list(allow),
+            block: list(block),
+            unsafe_allowed: Vec::new(),
+        }
+    }
+
+    fn info(name: &str) -> &'static commands::CommandInfo {
+        commands::lookup(name).expect("a command the agent implements")
+    }
+
+    /// A refusal says which list refused it, as qemu-ga 8.x does for `-a`.
+    #[test]
+    fn refusals_give_their_reason() {
+        let p = policy(&[], &["guest-ping"]);
+        assert_eq!(
+            refusal_reason(&p, info("guest-ping")),
+            None,
+            "-b: as qemu-ga"
+        );
+        let p = policy(&["guest-ping"], &[]);
+        assert_eq!(
+            refusal_reason(&p, info("guest-get-osinfo")),
+            Some("the command is not allowed")
+        );
+        assert_eq!(
+            refusal_reason(&p, info("guest-exec")),
+            Some("the command is not allowed")
+        );
+        let p = policy(&[], &[]);
+        assert_eq!(refusal_reason(&p, info("guest-exec")), Some(UNSAFE_REASON));
+        assert_eq!(
+            QgaError::disabled("guest-exec", refusal_reason(&p, info("guest-exec"))).desc,
+            format!("Command guest-exec has been disabled: {UNSAFE_REASON}")
+        );
     }
 }
