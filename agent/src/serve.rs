@@ -386,11 +386,17 @@ pub(crate) async fn serve_transport<S: ByteService>(
                 notify_ready();
             }
             tracing::info!("answering {what} requests on vsock {addr}");
+            let mut refused = false;
             loop {
-                let stream = listener
-                    .accept()
-                    .await
-                    .with_context(|| format!("accept on vsock {addr}"))?;
+                let stream = match listener.accept().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let what = format!("vsock {addr}");
+                        accept_failed(e, &what, &mut refused).await?;
+                        continue;
+                    }
+                };
+                accept_recovered(&format!("vsock {addr}"), &mut refused);
                 if let Err(e) = serve_stream(svc, stream).await {
                     tracing::debug!("vsock client went away: {e}");
                 }
@@ -433,16 +439,59 @@ async fn serve_unix<S: ByteService>(
         notify_ready();
     }
     tracing::info!("answering {what} requests on {}", path.display());
+    let mut refused = false;
     loop {
-        let (stream, _) = listener
-            .accept()
-            .await
-            .with_context(|| format!("accept on {}", path.display()))?;
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                accept_failed(e, &path.display().to_string(), &mut refused).await?;
+                continue;
+            }
+        };
+        accept_recovered(&path.display().to_string(), &mut refused);
         // One client at a time, as qemu-ga: the next waits in the backlog.
         if let Err(e) = serve_stream(svc, stream).await {
             tracing::debug!("client on {} went away: {e}", path.display());
         }
         svc.peer_closed();
+    }
+}
+
+/// An accept that failed. Running out of descriptors or memory, or a client that left
+/// before it was taken, passes: the agent keeps the listener and every open guest-file
+/// handle, logs once, and tries again after `HUP_BACKOFF` (the client waits in the
+/// backlog meanwhile). Anything else is the listener's end, returned.
+async fn accept_failed(e: std::io::Error, what: &str, refused: &mut bool) -> Result<()> {
+    use nix::libc;
+    let passes = matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::EINTR
+        )
+    );
+    if !passes {
+        return Err(anyhow::Error::new(e).context(format!("accept on {what}")));
+    }
+    if !std::mem::replace(refused, true) {
+        tracing::error!(
+            "cannot take a connection on {what}: {e}; still serving, trying again every {} ms",
+            HUP_BACKOFF.as_millis()
+        );
+    }
+    tokio::time::sleep(HUP_BACKOFF).await;
+    Ok(())
+}
+
+/// A connection was taken after [`accept_failed`] let some pass: say so once.
+fn accept_recovered(what: &str, refused: &mut bool) {
+    if std::mem::replace(refused, false) {
+        tracing::info!("taking connections on {what} again");
     }
 }
 
@@ -526,14 +575,40 @@ fn watch(f: std::fs::File, path: &Path) -> Result<AsyncFd<std::fs::File>> {
 /// wait for readiness would return at once, and the loop would spin at full CPU without
 /// ever letting the other port be served. A new registration starts from the port's
 /// state as it is now.
-fn rearm(port: &mut AsyncFd<std::fs::File>, path: &Path) -> Result<()> {
-    let fd = port
+///
+/// That takes a second descriptor for a moment. When there is none (EMFILE), the old
+/// registration stays, with one error in the journal, and the caller's loop comes back
+/// after `HUP_BACKOFF`: the agent keeps serving, looking at the port every 100 ms as
+/// qemu-ga does, until a descriptor is free, rather than exiting and losing every open
+/// guest-file handle.
+async fn rearm(port: &mut AsyncFd<std::fs::File>, path: &Path) {
+    let fresh = port
         .get_ref()
         .try_clone()
-        .with_context(|| format!("cannot duplicate the descriptor of {}", path.display()))?;
-    *port = watch(fd, path)?;
-    Ok(())
+        .with_context(|| format!("cannot duplicate the descriptor of {}", path.display()))
+        .and_then(|fd| watch(fd, path));
+    match fresh {
+        Ok(p) => {
+            *port = p;
+            if REARM_FAILING.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!("{}: registered with the runtime again", path.display());
+            }
+        }
+        Err(e) => {
+            if !REARM_FAILING.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::error!(
+                    "{e:#}; still serving, looking at the port every {} ms until it works",
+                    HUP_BACKOFF.as_millis()
+                );
+            }
+            tokio::time::sleep(HUP_BACKOFF).await;
+        }
+    }
 }
+
+/// A fresh registration in [`rearm`] failed and has not worked since (one log line per
+/// such spell).
+static REARM_FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// What the agent has seen of the host side of a virtio-serial port, to tell a host that
 /// left (what it half sent must go) from one the guest has not been told of yet: the
@@ -626,7 +701,7 @@ async fn serve_virtio<S: ByteService>(
                 // No data, and a host is there: wait for its bytes, from the state now.
                 host.present();
                 if hung_up {
-                    rearm(&mut port, path)?;
+                    rearm(&mut port, path).await;
                 }
             }
             Ok(Ok(0)) if !may_wait => {
@@ -685,10 +760,18 @@ async fn serve_virtio<S: ByteService>(
                 let since = tokio::time::Instant::now();
                 loop {
                     tokio::time::sleep(HUP_BACKOFF * 10).await;
-                    if let Ok(p) = open_port(path) {
-                        events = port_events(&p, path)?;
-                        port = p;
-                        break;
+                    let Ok(p) = open_port(path) else {
+                        continue;
+                    };
+                    // Its wait takes descriptors too; without them (EMFILE) the port is
+                    // tried again, as when it is not back yet.
+                    match port_events(&p, path) {
+                        Ok(e) => {
+                            events = e;
+                            port = p;
+                            break;
+                        }
+                        Err(e) => tracing::warn!("{e:#}; trying again"),
                     }
                 }
                 tracing::info!(
@@ -720,7 +803,7 @@ async fn write_port(
     // the runtime looks at it afresh: what the set's polls took off the device is seen.
     if events.is_watching() {
         stop_waiting(events, path)?;
-        rearm(port, path)?;
+        rearm(port, path).await;
     }
     written
 }
@@ -765,7 +848,7 @@ async fn write_or_wait(
                     events.watch().with_context(|| waiting(path))?;
                 }
                 // The runtime keeps a hang-up as final: the next look starts from now.
-                rearm(port, path)?;
+                rearm(port, path).await;
             }
             // The host is there and has not taken what was sent: wait for it.
             Err(_would_block) => {}
