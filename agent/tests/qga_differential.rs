@@ -33,7 +33,8 @@ impl Peer {
     }
 
     /// With the named unsafe commands enabled in both agents (`-b` lists the others for
-    /// qemu-ga, `--unsafe-rpcs` names them for nixseed).
+    /// both, so a refusal is a block-list one in each; `--unsafe-rpcs` names the enabled
+    /// ones for nixseed, which keeps unsafe commands off by default).
     fn start_with(name: &'static str, enable: &[&str]) -> Peer {
         let blocked: Vec<&str> = UNSAFE.split(',').filter(|c| !enable.contains(c)).collect();
         let dir = tempfile::tempdir().unwrap();
@@ -54,6 +55,7 @@ impl Peer {
             // No D-Bus here: a shutdown request must fail cleanly, never power off.
             c.env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus");
             c.env("NIXSEED_LOG_STDERR", "1");
+            c.arg("-b").arg(blocked.join(","));
             if !enable.is_empty() {
                 c.arg("--unsafe-rpcs").arg(enable.join(","));
             }
@@ -948,6 +950,183 @@ fn btrfs_is_listed_trimmed_and_frozen_like_qemu_ga() {
         "qemu-ga trims it"
     );
     assert_eq!(theirs[2]["return"], 1, "qemu-ga freezes it");
+}
+
+/// Mounts made for one test, unmounted in reverse order when it ends, failed or not.
+#[derive(Default)]
+struct Mounts(Vec<PathBuf>);
+
+impl Mounts {
+    fn mount(&mut self, args: &[&str], source: &Path, target: &Path) {
+        std::fs::create_dir_all(target).unwrap();
+        let ok = Command::new("mount")
+            .args(args)
+            .arg(source)
+            .arg(target)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "mount {args:?} {} {} failed (the test suite runs as root)",
+            source.display(),
+            target.display()
+        );
+        self.0.push(target.to_path_buf());
+    }
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for m in self.0.iter().rev() {
+            let _ = Command::new("fsfreeze")
+                .arg("-u")
+                .arg(m)
+                .stderr(Stdio::null())
+                .status();
+            let _ = Command::new("umount").arg(m).status();
+        }
+    }
+}
+
+fn ext4_image(path: &Path) {
+    std::fs::File::create(path)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let made = Command::new("mkfs.ext4")
+        .arg("-q")
+        .arg(path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(made, "mkfs.ext4 failed (e2fsprogs)");
+}
+
+/// Every mount is an entry of guest-get-fsinfo and guest-fstrim, a bind mount of a device
+/// included, and a mountpoint hidden under a later mount gives qemu-ga's `failed to
+/// open` texts; a freeze skips a filesystem frozen already (the second mount of a device,
+/// or one `fsfreeze -f` froze) without counting it. Loop mounts only: nothing of this
+/// machine is frozen.
+#[test]
+fn every_mount_is_listed_trimmed_and_frozen_like_qemu_ga() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_string_lossy().into_owned();
+    let mut mounts = Mounts::default();
+    let (img, hidden_img) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    ext4_image(&img);
+    ext4_image(&hidden_img);
+    let (mnt, bind) = (dir.path().join("mnt"), dir.path().join("bind"));
+    let (cover, hidden) = (dir.path().join("cover"), dir.path().join("cover/hidden"));
+    mounts.mount(&["-o", "loop"], &img, &mnt);
+    mounts.mount(&["--bind"], &mnt, &bind);
+    mounts.mount(&["-o", "loop"], &hidden_img, &hidden);
+    mounts.mount(&["-t", "tmpfs"], Path::new("none"), &cover);
+    let (m, b, h) = (
+        mnt.to_string_lossy().into_owned(),
+        bind.to_string_lossy().into_owned(),
+        hidden.to_string_lossy().into_owned(),
+    );
+    let freeze = |list: &[&str]| {
+        serde_json::json!({"execute": "guest-fsfreeze-freeze-list", "arguments": {"mountpoints": list}})
+            .to_string()
+    };
+    let theirs = same_as_qemu_ga(&[], |p| {
+        let mut out = Vec::new();
+        let mut fsinfo = p.call(&String::from_utf8(cmd("guest-get-fsinfo")).unwrap());
+        if let Some(Value::Array(l)) = fsinfo.get_mut("return") {
+            l.retain(|f| f["mountpoint"].as_str().unwrap_or("").starts_with(&root));
+        }
+        mask_at(&mut fsinfo, &["return", "*", "used-bytes"]);
+        mask_at(&mut fsinfo, &["return", "*", "total-bytes"]);
+        out.push(fsinfo);
+        let mut trim = p.call(&String::from_utf8(cmd("guest-fstrim")).unwrap());
+        if let Some(Value::Array(l)) = trim.pointer_mut("/return/paths") {
+            l.retain(|f| f["path"].as_str().unwrap_or("").starts_with(&root));
+        }
+        mask_at(&mut trim, &["return", "paths", "*", "trimmed"]);
+        out.push(trim);
+        let status = String::from_utf8(cmd("guest-fsfreeze-status")).unwrap();
+        let thaw = String::from_utf8(cmd("guest-fsfreeze-thaw")).unwrap();
+        out.push(p.call(&freeze(&[&m, &b])));
+        out.push(p.call(&status));
+        out.push(p.call(&thaw));
+        out.push(p.call(&freeze(&[&h])));
+        out.push(p.call(&status));
+        let frozen = Command::new("fsfreeze").arg("-f").arg(&mnt).status();
+        assert!(frozen.is_ok_and(|s| s.success()), "fsfreeze -f {m}");
+        out.push(p.call(&freeze(&[&m])));
+        out.push(p.call(&status));
+        let _ = Command::new("fsfreeze").arg("-u").arg(&mnt).status();
+        out
+    });
+    let paths = |v: &Value, key: &str| -> Vec<String> {
+        v.as_array()
+            .map(|l| {
+                l.iter()
+                    .map(|f| f[key].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        paths(&theirs[0]["return"], "mountpoint"),
+        [h.clone(), b.clone(), m.clone()],
+        "qemu-ga lists every mount, last mounted first"
+    );
+    assert_eq!(
+        paths(&theirs[1]["return"]["paths"], "path"),
+        [h.clone(), b, m]
+    );
+    assert_eq!(
+        theirs[1]["return"]["paths"][0]["error"],
+        "failed to open: No such file or directory"
+    );
+    assert_eq!(
+        theirs[2]["return"], 1,
+        "the bind mount's EBUSY is not counted"
+    );
+    assert_eq!(
+        theirs[5]["error"]["desc"],
+        format!("failed to open {h}: No such file or directory")
+    );
+    assert_eq!(theirs[7]["return"], 0, "frozen by someone else: skipped");
+    assert_eq!(theirs[8]["return"], "thawed");
+    drop(mounts);
+}
+
+/// guest-file-open of a named pipe: with no reader, opening it for writing fails at once
+/// (both open with `O_NONBLOCK`); with no writer, opening it for reading succeeds at once.
+/// Modes are qemu-ga's names only.
+#[test]
+fn file_open_of_a_fifo_matches_qemu_ga() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+    let open = |mode: &str| {
+        serde_json::json!({"execute": "guest-file-open", "arguments": {"path": fifo, "mode": mode}})
+            .to_string()
+    };
+    let theirs = same_as_qemu_ga(&["guest-file-open", "guest-file-close"], |p| {
+        let mut out = vec![p.call(&open("w")), p.call(&open("a")), p.call(&open("br"))];
+        out.push(p.call(&open("r")));
+        out.push(p.call(r#"{"execute":"guest-file-close","arguments":{"handle":1000}}"#));
+        out.push(p.call(&open("rb+")));
+        out
+    });
+    assert!(
+        theirs[0]["error"]["desc"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("No such device or address"),
+        "{}",
+        theirs[0]
+    );
+    assert_eq!(theirs[2]["error"]["desc"], "invalid file open mode 'br'");
+    assert_eq!(theirs[3]["return"], 1000, "opened with no writer");
 }
 
 /// Runs `session` against qemu-ga and then against nixseed-agent, each started with the

@@ -1,5 +1,6 @@
 //! Guest-agent hardening: a rate limit that never blocks sync/ping, unsafe commands in the
-//! audit log, and guest-file-* confined to configured directories.
+//! audit log, guest-file-* confined to configured directories, refusals that say why, and
+//! an agent that outlives running out of descriptors.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -23,9 +24,23 @@ impl Drop for Serve {
 }
 
 fn serve(extra: &[&str]) -> Serve {
+    serve_via(&[], extra)
+}
+
+/// The agent started through `wrapper` (a program that execs it, such as `setsid` or
+/// `prlimit`), so that its pid is the agent's.
+fn serve_via(wrapper: &[&str], extra: &[&str]) -> Serve {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("qga.sock");
-    let child = Command::new(AGENT)
+    let mut cmd = match wrapper {
+        [] => Command::new(AGENT),
+        [program, args @ ..] => {
+            let mut c = Command::new(program);
+            c.args(args).arg(AGENT);
+            c
+        }
+    };
+    let child = cmd
         .args(["serve", "--no-channel", "-m", "unix-listen", "-p"])
         .arg(&sock)
         .arg("-t")
@@ -416,4 +431,214 @@ fn keys_map_to_accounts_and_an_unchanged_resend_writes_nothing() {
         );
     }
     assert_eq!(status_of(&id)["generation"], 3);
+}
+
+fn file_open(path: &std::path::Path, mode: &str) -> String {
+    serde_json::json!({"execute": "guest-file-open", "arguments": {"path": path, "mode": mode}})
+        .to_string()
+}
+
+/// `--file-dirs`: links are followed only while they stay inside. A dangling link and a
+/// link to an existing file outside are refused, and nothing is created or changed
+/// outside; links inside, relative or absolute, and a dangling one inside still work.
+#[test]
+fn file_dirs_refuse_links_that_leave_and_keep_those_inside() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let (allowed, outside) = (dir.path().join("allowed"), dir.path().join("outside"));
+    std::fs::create_dir_all(allowed.join("sub")).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), "secret").unwrap();
+    std::fs::write(allowed.join("inside.txt"), "inside").unwrap();
+    symlink(outside.join("evil"), allowed.join("dangling")).unwrap();
+    symlink("../outside/evil2", allowed.join("dangling-relative")).unwrap();
+    symlink(outside.join("secret"), allowed.join("to-secret")).unwrap();
+    symlink("../outside", allowed.join("out-dir")).unwrap();
+    symlink("inside.txt", allowed.join("relative")).unwrap();
+    symlink(allowed.join("inside.txt"), allowed.join("sub/absolute")).unwrap();
+    symlink(
+        "../made-through-a-link",
+        allowed.join("sub/dangling-inside"),
+    )
+    .unwrap();
+    let s = serve(&[
+        "--unsafe-rpcs",
+        "guest-file-open,guest-file-read,guest-file-close",
+        "--file-dirs",
+        allowed.to_str().unwrap(),
+    ]);
+    let refused = [
+        file_open(&allowed.join("dangling"), "w"),
+        file_open(&allowed.join("dangling-relative"), "a"),
+        file_open(&allowed.join("to-secret"), "r"),
+        file_open(&allowed.join("to-secret"), "w"),
+        file_open(&allowed.join("out-dir/new"), "w+"),
+        file_open(&allowed.join("sub/../../outside/new2"), "w"),
+    ];
+    let out = replies(&s.sock, &refused.concat(), refused.len());
+    for (request, reply) in refused.iter().zip(&out) {
+        assert!(
+            reply.contains("outside the directories guest-file-* may use"),
+            "{request}: {reply}"
+        );
+    }
+    let mut left: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["secret"], "something was made outside");
+    assert_eq!(
+        std::fs::read_to_string(outside.join("secret")).unwrap(),
+        "secret"
+    );
+
+    let kept = [
+        file_open(&allowed.join("relative"), "r"),
+        file_open(&allowed.join("sub/absolute"), "r"),
+        file_open(&allowed.join("sub/dangling-inside"), "w"),
+    ];
+    let out = replies(&s.sock, &kept.concat(), kept.len());
+    let handles: Vec<i64> = out.iter().map(|r| returned_handle(r)).collect();
+    let read = format!(
+        r#"{{"execute":"guest-file-read","arguments":{{"handle":{}}}}}"#,
+        handles[1]
+    );
+    let out = replies(&s.sock, &read, 1);
+    assert!(out[0].contains(r#""buf-b64": "aW5zaWRl""#), "{}", out[0]);
+    assert!(allowed.join("made-through-a-link").exists());
+}
+
+/// qemu-ga opens with `O_NOCTTY`: a terminal opened on the host's behalf never becomes
+/// the controlling terminal of the agent, a session leader without one under systemd.
+#[test]
+fn opening_a_terminal_does_not_make_it_the_agents() {
+    use std::os::fd::AsRawFd;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let tty = std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).unwrap();
+    let s = serve_via(&["setsid"], &["--unsafe-rpcs", "guest-file-open"]);
+    let out = replies(&s.sock, &file_open(&tty, "r+"), 1);
+    returned_handle(&out[0]);
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", s.child.id())).unwrap();
+    // Fields after the command's closing parenthesis: state, ppid, pgrp, session, tty_nr.
+    let after = stat.rsplit_once(')').unwrap().1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    assert_eq!(
+        fields[3],
+        s.child.id().to_string(),
+        "the agent leads its session"
+    );
+    assert_eq!(
+        fields[4], "0",
+        "the agent has a controlling terminal: {stat}"
+    );
+}
+
+/// At most 512 handles, or half the soft descriptor limit: here 32 under `ulimit -n 64`.
+/// Past it guest-file-open says so; a closed handle makes room again.
+#[test]
+fn guest_file_handles_are_capped_below_the_descriptor_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f");
+    std::fs::write(&file, "x").unwrap();
+    let s = serve_via(
+        &["prlimit", "--nofile=64:64", "--"],
+        &["--unsafe-rpcs", "guest-file-open,guest-file-close"],
+    );
+    let open = file_open(&file, "r");
+    let out = replies(&s.sock, &open.repeat(33), 33);
+    for r in &out[..32] {
+        returned_handle(r);
+    }
+    let expected = format!(
+        "failed to open file '{}': 32 guest-file handles are open, the most guest-file-open keeps; close one with guest-file-close first",
+        file.display()
+    );
+    assert!(out[32].contains(&expected), "{}", out[32]);
+    let close = format!(
+        r#"{{"execute":"guest-file-close","arguments":{{"handle":{}}}}}"#,
+        returned_handle(&out[0])
+    );
+    let out = replies(&s.sock, &(close + &open), 2);
+    assert_eq!(out[0].trim(), r#"{"return": {}}"#);
+    returned_handle(&out[1]);
+}
+
+/// Descriptors run out under the agent (its limit lowered while it runs): each open that
+/// finds none fails on its own, and the agent goes on answering, on that connection and
+/// on the next, with the handles it holds still open.
+#[test]
+fn running_out_of_descriptors_does_not_stop_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f");
+    std::fs::write(&file, "x").unwrap();
+    let mut s = serve(&[
+        "--unsafe-rpcs",
+        "guest-file-open,guest-file-read,guest-file-close",
+    ]);
+    let pid = s.child.id().to_string();
+    let lowered = Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=48:48"])
+        .status()
+        .unwrap();
+    assert!(lowered.success(), "prlimit --pid");
+    let open = file_open(&file, "r");
+    let req = open.repeat(60) + r#"{"execute":"guest-ping"}"#;
+    let out = replies(&s.sock, &req, 61);
+    let handles: Vec<i64> = out[..60]
+        .iter()
+        .filter(|r| r.starts_with(r#"{"return": "#))
+        .map(|r| returned_handle(r))
+        .collect();
+    let refused = out[..60]
+        .iter()
+        .filter(|r| r.contains("Too many open files"))
+        .count();
+    assert!(refused > 0 && handles.len() + refused == 60, "{out:?}");
+    assert_eq!(out[60].trim(), r#"{"return": {}}"#);
+    // A new connection, and the handles still work.
+    let read = format!(
+        r#"{{"execute":"guest-file-read","arguments":{{"handle":{}}}}}{{"execute":"guest-file-close","arguments":{{"handle":{}}}}}"#,
+        handles[0], handles[1]
+    );
+    let out = replies(&s.sock, &(read + &open), 3);
+    assert!(out[0].contains(r#""buf-b64": "eA==""#), "{}", out[0]);
+    assert_eq!(out[1].trim(), r#"{"return": {}}"#);
+    returned_handle(&out[2]);
+    assert!(s.child.try_wait().unwrap().is_none(), "the agent exited");
+}
+
+/// A refused command says which setting refused it, with qemu-ga's error class.
+#[test]
+fn refusals_say_why() {
+    let class =
+        |r: &str| serde_json::from_str::<serde_json::Value>(r).unwrap()["error"]["class"].clone();
+    let s = serve(&[]);
+    let out = replies(
+        &s.sock,
+        r#"{"execute":"guest-exec","arguments":{"path":"/bin/true"}}"#,
+        1,
+    );
+    assert!(
+        out[0].contains("Command guest-exec has been disabled: the command is unsafe and off by default; name it in --unsafe-rpcs (or -a) to enable it"),
+        "{}",
+        out[0]
+    );
+    assert_eq!(class(&out[0]), "CommandNotFound");
+    drop(s);
+    let s = serve(&["-a", "guest-ping", "-b", "guest-info"]);
+    let req = r#"{"execute":"guest-get-osinfo"}{"execute":"guest-info"}{"execute":"guest-ping"}"#;
+    let out = replies(&s.sock, req, 3);
+    assert!(
+        out[0].contains("Command guest-get-osinfo has been disabled: the command is not allowed"),
+        "{}",
+        out[0]
+    );
+    assert_eq!(class(&out[0]), "CommandNotFound");
+    assert!(
+        out[1].contains(r#""desc": "Command guest-info has been disabled""#),
+        "{}",
+        out[1]
+    );
+    assert_eq!(out[2].trim(), r#"{"return": {}}"#);
 }
