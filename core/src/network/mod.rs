@@ -311,6 +311,52 @@ mod tests {
             .to_string()
     }
 
+    /// A Proxmox entry whose NIC is not there when the identity is written (its driver
+    /// not in the initrd yet) is matched by MAC alone, not by a name the NIC never gets;
+    /// found, it is matched by its own name. The bond that takes the MAC keeps its name.
+    #[test]
+    fn a_nic_not_yet_present_is_matched_by_its_mac_alone() {
+        let c = config(
+            "version: 1\nconfig:\n  - {type: physical, name: eth0, mac_address: 'bc:24:11:5e:7a:01', subnets: [{type: dhcp4}]}\n  - {type: bond, name: bond0, bond_interfaces: [eth0], mac_address: 'bc:24:11:5e:7a:01', subnets: [{type: dhcp6}]}\n",
+        );
+        let absent = render_networkd(&c, &[]);
+        assert_eq!(
+            absent["10-cloud-init-eth0.network"].split("\n\n").next(),
+            Some("[Match]\nMACAddress=bc:24:11:5e:7a:01\nType=ether"),
+            "{absent:?}"
+        );
+        assert!(
+            absent["10-cloud-init-bond0.network"].contains("[Match]\nName=bond0\n"),
+            "{absent:?}"
+        );
+        let present = render_networkd(
+            &c,
+            &[Link {
+                name: "ens18".into(),
+                mac: "bc:24:11:5e:7a:01".into(),
+            }],
+        );
+        assert_eq!(
+            present["10-cloud-init-ens18.network"].split("\n\n").next(),
+            Some("[Match]\nMACAddress=bc:24:11:5e:7a:01\nName=ens18")
+        );
+        // v2 `set-name` cannot rename the NIC: it is matched under its own name.
+        let v2 = config(
+            "version: 2\nethernets:\n  wan:\n    match: {macaddress: 'bc:24:11:5e:7a:01'}\n    set-name: wan0\n    dhcp4: true\n",
+        );
+        let files = render_networkd(
+            &v2,
+            &[Link {
+                name: "ens18".into(),
+                mac: "bc:24:11:5e:7a:01".into(),
+            }],
+        );
+        assert_eq!(
+            files.keys().collect::<Vec<_>>(),
+            ["10-cloud-init-ens18.network"]
+        );
+    }
+
     #[test]
     fn v2_dhcp_accepts_yaml11_booleans() {
         let c = config(

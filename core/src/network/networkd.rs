@@ -93,17 +93,22 @@ impl Unit {
     }
 }
 
-/// What an interface is called in the guest: `set-name`, else the NIC with its MAC
-/// (v1 physical and v2 ethernets), else its config name.
+/// The guest NIC with `iface`'s MAC, for entries named after their NIC (v1 physical,
+/// v2 ethernets, ConfigDrive links).
+fn nic<'a>(iface: &super::Interface, links: &'a [Link]) -> Option<&'a Link> {
+    let mac = iface.mac.as_ref().filter(|_| iface.rename_by_mac)?;
+    links.iter().find(|l| l.mac.eq_ignore_ascii_case(mac))
+}
+
+/// What an interface is called in the guest: the NIC with its MAC (v1 physical and v2
+/// ethernets; nixseed never renames a NIC, so a `set-name` cannot name it), else
+/// `set-name`, else its config name.
 fn resolve(iface: &super::Interface, links: &[Link]) -> String {
+    if let Some(link) = nic(iface, links) {
+        return link.name.clone();
+    }
     if let Some(n) = &iface.set_name {
         return n.clone();
-    }
-    if iface.rename_by_mac
-        && let Some(mac) = &iface.mac
-        && let Some(link) = links.iter().find(|l| l.mac.eq_ignore_ascii_case(mac))
-    {
-        return link.name.clone();
     }
     iface.id.clone()
 }
@@ -227,8 +232,15 @@ pub(super) fn render(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, St
                 .push(rule.iter().map(|(k, v)| format!("{k}={v}")).collect());
         }
 
-        u.set("Match", "Name", &name);
         let physical = iface.kind == InterfaceKind::Physical;
+        if physical && iface.rename_by_mac && iface.mac.is_some() && nic(iface, links).is_none() {
+            // No NIC has the MAC yet (its driver is not in the initrd, or it is plugged in
+            // later): the name it will have is not known, so the MAC alone matches it, and
+            // `Type=ether` keeps bonds and VLANs, which take a member's MAC, out.
+            u.set("Match", "Type", "ether");
+        } else {
+            u.set("Match", "Name", &name);
+        }
         if let Some(mac) = &iface.mac {
             if physical {
                 u.set("Match", "MACAddress", mac);
