@@ -162,6 +162,7 @@ fn render(a: &RenderArgs) -> Result<()> {
             seed_digest: seed.digest.clone(),
             files: Default::default(),
             seed_generation: None,
+            replaced_seeds: Vec::new(),
         },
         store::Durability::Now,
     )?;

@@ -190,7 +190,8 @@ pub fn run_boot_stage(opts: &StageOptions, when: BindTime) -> Result<Outcome> {
         tracing::warn!("{what}");
     }
     // Whatever goes wrong with the seed, the current generation is still mounted below.
-    let applied = found.and_then(|seed| apply_seed(&store, seed.as_ref(), opts, &env, &mut t));
+    let applied =
+        found.and_then(|seed| apply_seed(&store, seed.as_ref(), false, opts, &env, &mut t));
     let (mut outcome, seed_error) = match applied {
         Ok(o) => (o, None),
         Err(e) => (
@@ -236,10 +237,11 @@ pub fn tree_changes(old: &IdentityTree, new: &IdentityTree) -> Vec<String> {
         .collect()
 }
 
-/// Decides and writes; shared by the boot stages and a live push.
+/// Decides and writes; shared by the boot stages and a live push (`live`).
 pub fn apply_seed(
     store: &Store,
     seed: Option<&Seed>,
+    live: bool,
     opts: &StageOptions,
     env: &Env,
     t: &mut Timer,
@@ -251,6 +253,7 @@ pub fn apply_seed(
         seed.map(|s| SeedSummary {
             instance_id: &s.instance_id,
             digest: &s.digest,
+            live,
         }),
         product_uuid.as_deref(),
     );
@@ -269,6 +272,18 @@ pub fn apply_seed(
         );
         return Ok(outcome);
     };
+    if decision == InstanceDecision::Replaced {
+        // Nothing of it is applied, so a signed one is not checked against the rollback
+        // guard either: it was accepted when it was current.
+        tracing::info!(
+            "{}: instance-id {} is the seed a live push replaced (generation {} came from {}): keeping the pushed identity; attach a new seed or push to change it",
+            seed.source,
+            seed.instance_id,
+            current.as_ref().map_or(0, |g| g.number),
+            current.as_ref().map_or("?", |g| g.manifest.source.as_str()),
+        );
+        return Ok(outcome);
+    }
     let seed_generation = match &opts.trust {
         Some(trust) => {
             let applied = current.as_ref().and_then(|g| g.manifest.seed_generation);
@@ -295,7 +310,9 @@ pub fn apply_seed(
     // A clone keeps its instance (same instance-id, same seed): its files were written.
     let clone = decision == InstanceDecision::Clone;
     let regenerate = match decision {
-        InstanceDecision::NoSeed | InstanceDecision::Same => return Ok(outcome),
+        InstanceDecision::NoSeed | InstanceDecision::Same | InstanceDecision::Replaced => {
+            return Ok(outcome);
+        }
         InstanceDecision::FirstBoot => false,
         InstanceDecision::NewInstance { moved } => {
             moved && opts.clone_policy == ClonePolicy::Regenerate
@@ -341,6 +358,11 @@ pub fn apply_seed(
         seed_digest: seed.digest.clone(),
         files: Default::default(),
         seed_generation,
+        replaced_seeds: if live {
+            Manifest::replaced_by_push(current.as_ref().map(|g| &g.manifest), &seed.digest)
+        } else {
+            Vec::new()
+        },
     };
     let n = {
         let _s = tracing::info_span!("write").entered();
@@ -360,14 +382,12 @@ pub fn apply_seed(
     outcome.generation = Some(n);
     // write_files runs once per instance, as cloud-init's does: not again for a clone,
     // whose `/var` already has them (an `append` would be doubled).
-    let mut files = if clone {
-        Vec::new()
-    } else {
-        seed.user.write_files.clone()
+    // user-data's list, else vendor-data's: cloud-init's merge keeps the first whole.
+    let files = match seed.vendor.as_ref() {
+        _ if clone => Vec::new(),
+        Some(v) if seed.user.write_files.is_empty() => v.write_files.clone(),
+        _ => seed.user.write_files.clone(),
     };
-    if let Some(v) = seed.vendor.as_ref().filter(|_| !clone) {
-        files.extend(v.write_files.iter().cloned());
-    }
     // The generation is current by now: a file that cannot be written is reported, and the
     // identity is still mounted and reloaded (cloud-init's write_files fails on its own too).
     if !files.is_empty() {

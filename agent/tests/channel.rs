@@ -174,6 +174,70 @@ fn status_push_and_rollback() {
     );
 }
 
+/// The seed disk a running QEMU holds is the one it started with, so a guest that
+/// reboots after a live push finds the old seed again: the push holds, and the old seed is
+/// not applied over it. A seed with other bytes is still a new one.
+#[test]
+fn a_reboot_after_a_push_keeps_the_pushed_identity_over_the_old_seed() {
+    let dir = scratch();
+    let srv = Server::start(dir.path());
+    let push = Message::Push {
+        bundle: bundle("instance-id: two\n", "#cloud-config\nhostname: second\n"),
+    };
+    let Message::Applied { generation, .. } = srv.request(&encode(&push)) else {
+        panic!("push must answer with applied")
+    };
+    assert_eq!(generation, Some(2));
+    drop(srv);
+
+    // The reboot: /run is new, the seed directory still holds instance `one`.
+    std::fs::remove_dir_all(dir.path().join("run")).unwrap();
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    std::fs::remove_file(dir.path().join("channel.sock")).unwrap();
+    let srv = Server::start(dir.path());
+    let Message::StatusReply {
+        generation,
+        instance_id,
+        ..
+    } = srv.request(&encode(&Message::Status))
+    else {
+        panic!("status must answer with status-reply")
+    };
+    assert_eq!(
+        (generation, instance_id.as_deref()),
+        (Some(2), Some("two")),
+        "the old seed came back over the push"
+    );
+    assert_eq!(
+        std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
+        "second\n"
+    );
+    let manifest = std::fs::read_to_string(
+        dir.path()
+            .join("sysroot/var/identity/current/manifest.json"),
+    )
+    .unwrap();
+    assert!(manifest.contains("replaced_seeds"), "{manifest}");
+    drop(srv);
+
+    // An edited seed on the disk is applied as a new instance.
+    ts::write_seed(
+        dir.path(),
+        "instance-id: one\n",
+        "#cloud-config\nhostname: third\n",
+        None,
+    )
+    .unwrap();
+    std::fs::remove_dir_all(dir.path().join("run")).unwrap();
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    std::fs::remove_file(dir.path().join("channel.sock")).unwrap();
+    let srv = Server::start(dir.path());
+    assert_eq!(
+        std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
+        "third\n"
+    );
+}
+
 /// A push that gives the machine another machine-id stores it for the next boot, and
 /// `/etc/machine-id` keeps showing the ID the running systemd and journald use; every
 /// reply says whether a reboot is still pending for it.

@@ -201,16 +201,11 @@ impl Seed {
         for (v, _) in &vendors {
             warnings.extend(v.warnings.iter().cloned());
         }
-        // vendor_data2.json over vendor_data.json, as cloud-init merges them; the files
-        // of both are written, vendor_data2.json's last, as user-data's and vendor-data's.
-        let vendor = vendors.into_iter().map(|(v, _)| v).reduce(|high, low| {
-            let mut files = low.write_files.clone();
-            files.extend(high.write_files.iter().cloned());
-            CloudConfig {
-                write_files: files,
-                ..high.over(low)
-            }
-        });
+        // vendor_data2.json over vendor_data.json, as cloud-init merges them.
+        let vendor = vendors
+            .into_iter()
+            .map(|(v, _)| v)
+            .reduce(|high, low| high.over(low));
         let network = match (files.get(NETWORK_DATA), &meta.network_path) {
             (Some(bytes), _) => Some(NetworkSetting::Config(network::parse_network_data(
                 bytes,
@@ -544,8 +539,9 @@ mod configdrive_tests {
         .unwrap();
         let v = s.vendor.clone().unwrap();
         assert_eq!(v.ssh_pwauth, Some(true), "vendor_data2.json wins");
+        // cloud-init's merge keeps the first list whole: vendor_data2.json's.
         let paths: Vec<&str> = v.write_files.iter().map(|f| f.path.as_str()).collect();
-        assert_eq!(paths, ["/var/lib/v1", "/var/lib/v2"]);
+        assert_eq!(paths, ["/var/lib/v2"]);
         assert_eq!(v.fqdn.as_deref(), Some("alpha.vendor.example"));
         let merged = s.user.clone().over(v);
         assert_eq!(
@@ -553,6 +549,23 @@ mod configdrive_tests {
             Some("Europe/Paris"),
             "user-data wins"
         );
+        assert_eq!(
+            merged.write_files.len(),
+            1,
+            "user-data gives none: vendor's"
+        );
+        let user_files = userdata::parse(
+            b"#cloud-config\nwrite_files: [{path: /var/lib/u, content: c}]\n",
+            "u",
+        )
+        .unwrap()
+        .over(s.vendor.clone().unwrap());
+        let paths: Vec<&str> = user_files
+            .write_files
+            .iter()
+            .map(|f| f.path.as_str())
+            .collect();
+        assert_eq!(paths, ["/var/lib/u"], "user-data's list wins whole");
         assert!(s.warnings.is_empty(), "{:?}", s.warnings);
         // An explicit false wins over a lower true.
         let no_hosts = userdata::parse(b"#cloud-config\nmanage_etc_hosts: false\n", "u").unwrap();

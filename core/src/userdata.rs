@@ -134,6 +134,11 @@ impl CloudConfig {
         if self.chpasswd.is_empty() {
             self.chpasswd = v.chpasswd;
         }
+        // The whole list, not a concatenation: cloud-init's merge keeps the first config's
+        // `write_files` (user-data's, else vendor_data2.json's, else vendor-data's).
+        if self.write_files.is_empty() {
+            self.write_files = v.write_files;
+        }
         self.ssh_pwauth = self.ssh_pwauth.or(v.ssh_pwauth);
         self.resolv_conf = self.resolv_conf.or(v.resolv_conf);
         self.timezone = self.timezone.or(v.timezone);
@@ -165,6 +170,20 @@ const USER_KEYS: &[&str] = &[
     "groups",
     "sudo",
 ];
+
+/// cloud-init's `util.is_true`: a true boolean, or a scalar whose text is `true`, `1`,
+/// `on` or `yes` in any case.
+fn is_true(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        v => yaml::scalar_text(v).is_some_and(|t| {
+            matches!(
+                t.trim().to_lowercase().as_str(),
+                "true" | "1" | "on" | "yes"
+            )
+        }),
+    }
+}
 
 /// Decodes raw user-data bytes (gzip, MIME multipart or plain) into a cloud-config.
 /// `origin` names the file in every message.
@@ -607,7 +626,40 @@ impl Ctx<'_> {
                 .map(|n| Value::String(n.trim().into()))
                 .collect(),
             Value::Null => Vec::new(),
-            other => return Err(self.err(format!("expected a list, found {}", yaml::kind(other)))),
+            // cloud-init's mapping form: `alice: {settings}`, or `bob: true` for a user
+            // with no settings (a false value leaves that user out).
+            Value::Mapping(m) => {
+                let mut items = Vec::new();
+                for (k, v) in m {
+                    let name = yaml::scalar_text(k)
+                        .ok_or_else(|| self.err("a user name that is not text"))?;
+                    match v {
+                        Value::Mapping(settings) => {
+                            let mut settings = settings.clone();
+                            settings.insert("name".into(), Value::String(name));
+                            items.push(Value::Mapping(settings));
+                        }
+                        Value::Bool(_) | Value::Number(_) | Value::String(_) => {
+                            if is_true(v) {
+                                items.push(Value::String(name));
+                            }
+                        }
+                        other => {
+                            return Err(self.err(format!(
+                                "user '{name}': expected settings or a boolean, found {}",
+                                yaml::kind(other)
+                            )));
+                        }
+                    }
+                }
+                items
+            }
+            other => {
+                return Err(self.err(format!(
+                    "expected a list or a mapping, found {}",
+                    yaml::kind(other)
+                )));
+            }
         };
         let mut users = Vec::new();
         for item in &items {
@@ -624,6 +676,14 @@ impl Ctx<'_> {
     }
 
     fn user(&self, m: &Mapping, warnings: &mut Vec<String>) -> Result<User, UserDataError> {
+        // cloud-init reads `ssh-authorized-keys` as `ssh_authorized_keys`, and so on.
+        let m: Mapping = m
+            .iter()
+            .map(|(k, v)| match k.as_str() {
+                Some(key) => (Value::String(key.trim().replace('-', "_")), v.clone()),
+                None => (k.clone(), v.clone()),
+            })
+            .collect();
         let name = m
             .get("name")
             .and_then(yaml::scalar_text)
@@ -739,6 +799,12 @@ impl Ctx<'_> {
         let Value::Sequence(items) = v else {
             return Err(self.err(format!("expected a list, found {}", yaml::kind(v))));
         };
+        if items.len() > MAX_WRITE_FILES {
+            return Err(self.err(format!(
+                "{} entries; at most {MAX_WRITE_FILES} are written",
+                items.len()
+            )));
+        }
         let mut out = Vec::new();
         let mut left = MAX_USER_DATA;
         for item in items {
@@ -948,6 +1014,10 @@ pub fn is_within(path: &str, dir: &str) -> bool {
     p.len() >= d.len() && p[..d.len()] == d[..]
 }
 
+/// How many `write_files` entries one document may have: each is a file (and perhaps
+/// directories) on `/var`, so a seed of many tiny entries must not use up its inodes.
+pub const MAX_WRITE_FILES: usize = 1024;
+
 /// Where the identity store lives unless the agent is told otherwise.
 pub const IDENTITY_DIR: &str = "/var/identity";
 
@@ -987,6 +1057,17 @@ pub fn check_write_path(path: &str) -> Result<(), String> {
     if path.split('/').any(|c| c == ".." || c == ".") {
         return Err("path must not contain '.' or '..' components".into());
     }
+    // The kernel's own limits (PATH_MAX, NAME_MAX): a longer path could not be opened
+    // anyway, and each of its components would cost a directory on `/var` first.
+    if path.len() >= 4096 {
+        return Err(format!(
+            "path is {} bytes long; the limit is 4095",
+            path.len()
+        ));
+    }
+    if path.split('/').any(|c| c.len() > 255) {
+        return Err("a component of the path is longer than 255 bytes".into());
+    }
     let below = |dir: &str| is_within(path, dir) && !is_within(dir, path);
     if !(below("/var") || below("/run")) || is_within(path, IDENTITY_DIR) {
         return Err(format!(
@@ -1024,6 +1105,41 @@ mod tests {
         let chpasswd = c.chpasswd.clone();
         apply_legacy_password(&mut c, &chpasswd, origin);
         Ok(c)
+    }
+
+    /// The spellings cloud-init's tutorials use: hyphenated keys, and `users` as a
+    /// mapping of name to settings (or to a boolean).
+    #[test]
+    fn users_take_hyphenated_keys_and_the_mapping_form() {
+        let c = parse(
+            b"#cloud-config\nusers:\n  - name: demo\n    groups: sudo\n    ssh-authorized-keys: [ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDemoKeyDemoKeyDemoKeyDemoKeyDemoKeyDemoK demo]\n    lock-passwd: false\n",
+            "user-data",
+        )
+        .unwrap();
+        let demo = c.users.iter().find(|u| u.name == "demo").unwrap();
+        assert_eq!(demo.ssh_authorized_keys.len(), 1, "{demo:?}");
+        assert_eq!(demo.lock_passwd, Some(false));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+        let c = parse(
+            b"#cloud-config\nusers:\n  alice: {groups: wheel}\n  bob: true\n  carol: false\n",
+            "user-data",
+        )
+        .unwrap();
+        let names: Vec<&str> = c.users.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["alice", "bob"]);
+        assert_eq!(c.users[0].groups, ["wheel"]);
+
+        let err = parse(
+            b"#cloud-config\nusers:\n  dave: [a, b]\n",
+            "/seed/user-data",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("/seed/user-data") && err.contains("dave"),
+            "{err}"
+        );
     }
 
     /// write_files never reaches the directories the system reads its configuration
@@ -1268,6 +1384,14 @@ mod tests {
         ] {
             assert!(check_write_path(bad).is_err(), "{bad} must be refused");
         }
+        // As deep as the kernel allows and no deeper: a path of a million components
+        // would cost a million directories on /var.
+        let deep = format!("/var/tmp{}", "/x".repeat(2040));
+        assert!(check_write_path(&deep).is_ok());
+        let deeper = format!("/var/tmp{}", "/x".repeat(2044));
+        assert!(check_write_path(&deeper).unwrap_err().contains("4095"));
+        let long_name = format!("/var/tmp/{}", "n".repeat(256));
+        assert!(check_write_path(&long_name).is_err());
     }
 
     /// user-data exactly in the shape and order Proxmox VE writes it (PVE::QemuServer::Cloudinit).
