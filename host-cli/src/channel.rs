@@ -277,7 +277,14 @@ fn ours(got: Option<u64>, sent: u64) -> bool {
 
 /// Sends `push` or `rollback` once the guest has answered on this connection, and waits
 /// for `applied`. A guest `error` becomes an error naming the machine and the socket.
-pub fn apply(chan: &mut Channel, request: &Message, timeout: Duration) -> Result<Outcome> {
+/// `machine` is the identity a push carries: a guest waiting at first boot is sent it
+/// only when its hello's product_uuid is that machine's, as `seedctl serve` answers.
+pub fn apply(
+    chan: &mut Channel,
+    request: &Message,
+    timeout: Duration,
+    machine: Option<&Identity>,
+) -> Result<Outcome> {
     let deadline = Instant::now() + timeout;
     let what = request.kind();
     // First a `status`: nothing that changes the guest is written before it answers.
@@ -285,7 +292,7 @@ pub fn apply(chan: &mut Channel, request: &Message, timeout: Duration) -> Result
     // A guest waiting at first boot says hello and does not answer `status`; a running
     // one answers it. A hello may be one left on the port from before, so a running
     // guest is given a moment to answer before the hello counts.
-    let mut hello: Option<Option<String>> = None;
+    let mut hello: Option<(Option<String>, Option<String>)> = None;
     let mut wait = deadline;
     let at_boot = loop {
         match chan.recv_frame(wait)? {
@@ -296,21 +303,35 @@ pub fn apply(chan: &mut Channel, request: &Message, timeout: Duration) -> Result
             Some((Message::StatusReply { .. } | Message::Error { .. }, id)) if ours(id, probe) => {
                 break None;
             }
-            Some((Message::Hello { instance_id, .. }, _)) => {
+            Some((
+                Message::Hello {
+                    instance_id,
+                    product_uuid,
+                    ..
+                },
+                _,
+            )) => {
                 if hello.is_none() {
                     wait = deadline.min(Instant::now() + HELLO_GRACE);
                 }
-                hello = Some(instance_id);
+                hello = Some((instance_id, product_uuid));
             }
             // Left over from an earlier client: not ours.
             Some(_) => {}
         }
     };
-    if let Some(instance_id) = at_boot {
+    if let Some((instance_id, product_uuid)) = at_boot {
         // The guest waits at first boot: a push is the answer to its hello.
         if !matches!(request, Message::Push { .. }) {
             bail!(
                 "machine `{}`: the guest is still booting and waiting for an identity on {}; `{what}` needs a running guest",
+                chan.machine,
+                chan.socket.display()
+            );
+        }
+        if let Some(reason) = machine.and_then(|id| not_this_machine(id, product_uuid.as_deref())) {
+            bail!(
+                "machine `{}`: the guest waiting at first boot on {} is not this machine: {reason}; nothing was sent",
                 chan.machine,
                 chan.socket.display()
             );
@@ -409,28 +430,32 @@ pub fn status(chan: &mut Channel, timeout: Duration) -> Result<GuestStatus> {
 /// The answer to a guest's `hello`: the machine's bundle when the guest's DMI product_uuid
 /// is the one recorded in `machines/NAME/product_uuid`, else `refuse` with the reason.
 pub fn answer_hello(id: &Identity, product_uuid: Option<&str>) -> Message {
+    if let Some(reason) = not_this_machine(id, product_uuid) {
+        return Message::Refuse { reason };
+    }
+    match bundle(id) {
+        Ok(bundle) => Message::Push { bundle },
+        Err(e) => Message::Refuse {
+            reason: format!("the host cannot build machine `{}`'s seed: {e:#}", id.name),
+        },
+    }
+}
+
+/// Why a guest whose hello carried `product_uuid` is not machine `id`, or `None` when it is.
+fn not_this_machine(id: &Identity, product_uuid: Option<&str>) -> Option<String> {
     match product_uuid {
-        Some(u) if u.trim().eq_ignore_ascii_case(&id.product_uuid) => match bundle(id) {
-            Ok(bundle) => Message::Push { bundle },
-            Err(e) => Message::Refuse {
-                reason: format!("the host cannot build machine `{}`'s seed: {e:#}", id.name),
-            },
-        },
-        Some(u) => Message::Refuse {
-            reason: format!(
-                "product_uuid {} is not machine `{}`'s ({} records {})",
-                u.trim(),
-                id.name,
-                id.dir.join(crate::machine::PRODUCT_UUID).display(),
-                id.product_uuid
-            ),
-        },
-        None => Message::Refuse {
-            reason: format!(
-                "the guest reported no product_uuid, so it cannot be checked against machine `{}`'s {}",
-                id.name, id.product_uuid
-            ),
-        },
+        Some(u) if u.trim().eq_ignore_ascii_case(&id.product_uuid) => None,
+        Some(u) => Some(format!(
+            "product_uuid {} is not machine `{}`'s ({} records {})",
+            u.trim(),
+            id.name,
+            id.dir.join(crate::machine::PRODUCT_UUID).display(),
+            id.product_uuid
+        )),
+        None => Some(format!(
+            "the guest reported no product_uuid, so it cannot be checked against machine `{}`'s {}",
+            id.name, id.product_uuid
+        )),
     }
 }
 

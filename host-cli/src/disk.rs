@@ -122,6 +122,30 @@ pub fn check_base(base: &Path, state: &Path) -> Result<(PathBuf, String)> {
     Ok((abs, info.format))
 }
 
+/// A warning when the checked base `abs` lies in the Nix store and no link of
+/// `seedctl build`'s under `STATE/bases/` keeps it there: an overlay uses its base as the
+/// backing file, and `nix-collect-garbage` removes a store path that nothing roots once
+/// `./result` points elsewhere.
+pub fn unrooted_store_base(abs: &Path, state: &Path) -> Option<String> {
+    let mut parts = abs.strip_prefix("/nix/store").ok()?.components();
+    let top = Path::new("/nix/store").join(parts.next()?.as_os_str());
+    let rooted = std::fs::read_dir(state.join(crate::state::BASE_ROOTS))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == top));
+    (!rooted).then(|| {
+        format!(
+            "base image {} is in the Nix store, and no garbage-collector root under {} keeps {}; `seedctl build` makes one, or run `nix-store --add-root {}/<name> --realise {}`",
+            abs.display(),
+            state.join(crate::state::BASE_ROOTS).display(),
+            top.display(),
+            state.join(crate::state::BASE_ROOTS).display(),
+            top.display()
+        )
+    })
+}
+
 /// A copy-on-write overlay `overlay` on `base`.
 pub fn create_overlay(base: &Path, format: &str, overlay: &Path) -> Result<()> {
     tools::run(
@@ -222,5 +246,26 @@ mod tests {
         assert_eq!(parse_size("512m").unwrap(), 512 << 20);
         assert!(parse_size("1M").is_err());
         assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn a_store_base_without_a_root_of_seedctl_build_is_named() {
+        let state = tempfile::tempdir().unwrap();
+        let base = Path::new("/nix/store/abc123-nixseed-image/nixseed-base.qcow2");
+        let w = unrooted_store_base(base, state.path()).expect("no root yet");
+        assert!(
+            w.contains("/nix/store/abc123-nixseed-image") && w.contains("add-root"),
+            "{w}"
+        );
+        let roots = state.path().join(crate::state::BASE_ROOTS);
+        std::fs::create_dir_all(&roots).unwrap();
+        std::os::unix::fs::symlink("/nix/store/abc123-nixseed-image", roots.join("result-1"))
+            .unwrap();
+        assert_eq!(unrooted_store_base(base, state.path()), None);
+        assert_eq!(
+            unrooted_store_base(Path::new("/srv/images/base.qcow2"), state.path()),
+            None,
+            "a base outside the store needs no root"
+        );
     }
 }

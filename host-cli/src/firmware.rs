@@ -51,29 +51,60 @@ impl FirmwareArgs {
     }
 }
 
-/// The given paths, or the first installed pair.
+/// The given paths, or the first installed pair, as absolute paths: libvirt reads them
+/// on its own side, from its own working directory.
 pub fn find(code: Option<&Path>, vars: Option<&Path>) -> Result<Ovmf> {
-    if let (Some(c), Some(v)) = (code, vars) {
-        for p in [c, v] {
-            if !p.is_file() {
-                bail!("UEFI firmware file {} does not exist", p.display());
-            }
+    for p in [code, vars].into_iter().flatten() {
+        if !p.is_file() {
+            bail!("UEFI firmware file {} does not exist", p.display());
         }
+    }
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    if let (Some(c), Some(v)) = (code, vars) {
         return Ok(Ovmf {
-            code: c.to_owned(),
-            vars: v.to_owned(),
+            code: abs(c),
+            vars: abs(v),
         });
     }
     for (c, v) in CANDIDATES {
         let (c, v) = (Path::new(c), Path::new(v));
         if c.is_file() && v.is_file() {
             return Ok(Ovmf {
-                code: code.unwrap_or(c).to_owned(),
-                vars: vars.unwrap_or(v).to_owned(),
+                code: abs(code.unwrap_or(c)),
+                vars: abs(vars.unwrap_or(v)),
             });
         }
     }
     bail!(
         "no UEFI firmware found (looked for OVMF_CODE in /usr/share/OVMF, /usr/share/edk2, /run/libvirt/nix-ovmf); install ovmf, pass --ovmf-code/--ovmf-vars, or boot a kernel directly with --kernel/--initrd"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_paths_come_back_absolute() {
+        // The crate's own manifest stands in for a firmware file: any existing file does.
+        let rel = Path::new("Cargo.toml");
+        let fw = find(Some(rel), Some(rel)).expect("an existing file is accepted");
+        assert!(fw.code.is_absolute(), "{}", fw.code.display());
+        assert_eq!(fw.code, std::env::current_dir().unwrap().join(rel));
+        assert!(fw.vars.is_absolute(), "{}", fw.vars.display());
+    }
+
+    #[test]
+    fn a_missing_file_is_named_even_when_only_one_is_given() {
+        for (code, vars) in [
+            (Some("no-such-code.fd"), None),
+            (None, Some("no-such-vars.fd")),
+        ] {
+            let err = find(code.map(Path::new), vars.map(Path::new))
+                .expect_err("a missing firmware file is refused")
+                .to_string();
+            let named = code.or(vars).unwrap_or_default();
+            assert!(err.contains(named), "{err}");
+        }
+    }
 }

@@ -731,3 +731,74 @@ fn first_boot_identity_from_serve_through_the_real_agent() {
     );
     drop(slave);
 }
+
+/// Plays a guest at its first-boot wait for `push`: says hello with `product_uuid`, never
+/// answers `status`, and returns the kinds of every message seedctl sent before it hung up.
+fn guest_at_boot_wait(
+    listener: UnixListener,
+    product_uuid: &str,
+) -> std::thread::JoinHandle<Vec<String>> {
+    let hello = encode(&Message::Hello {
+        product_uuid: Some(product_uuid.to_owned()),
+        generation: None,
+        instance_id: None,
+    });
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        conn.write_all(&hello).unwrap();
+        let mut d = Decoder::default();
+        let mut buf = [0u8; 65536];
+        let mut seen = Vec::new();
+        while let Ok(n) = conn.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            d.push(&buf[..n]);
+            while let Ok(Some(m)) = d.next_message() {
+                seen.push(m.kind().to_owned());
+            }
+        }
+        seen
+    })
+}
+
+#[test]
+fn a_push_to_another_machine_waiting_at_first_boot_sends_nothing() {
+    let s = Scratch::new();
+    let uuid = web1(&s);
+    let sock = s.path().join("web2-channel.sock");
+    let foreign = "00000000-1111-2222-3333-444444444444";
+    let guest = guest_at_boot_wait(UnixListener::bind(&sock).unwrap(), foreign);
+    let err = s.fails(&[
+        "push",
+        "web1",
+        "--socket",
+        &sock.display().to_string(),
+        "--timeout",
+        "10",
+    ]);
+    assert!(
+        err.contains("not this machine")
+            && err.contains(foreign)
+            && err.contains(&uuid)
+            && err.contains("nothing was sent"),
+        "{err}"
+    );
+    assert_eq!(guest.join().unwrap(), ["status"], "only the probe went out");
+
+    // The machine's own guest at its wait gets the push.
+    std::fs::remove_file(&sock).unwrap();
+    let guest = guest_at_boot_wait(UnixListener::bind(&sock).unwrap(), &uuid.to_uppercase());
+    let out = s.ok(&[
+        "push",
+        "web1",
+        "--socket",
+        &sock.display().to_string(),
+        "--timeout",
+        "10",
+    ]);
+    assert!(out.contains("waiting for an identity"), "{out}");
+    assert_eq!(guest.join().unwrap(), ["status", "push"]);
+}

@@ -156,6 +156,30 @@ fn plain_start_of_a_channel_only_domain_is_refused() {
     );
 }
 
+/// `stop --connect` waits for the domain to power off, not only for libvirt to pass the
+/// request on. The test driver forgets the shutdown between virsh calls, so the domain
+/// stays running and the wait ends with an error naming machine, URI and `destroy`.
+#[test]
+fn stop_through_libvirt_waits_for_the_power_off() {
+    require_tool("virsh");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let uri = test_driver(&s, WEB1);
+    let t0 = std::time::Instant::now();
+    let err = s.fails(&["stop", "web1", "--connect", &uri, "--timeout", "1"]);
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_secs(1),
+        "did not wait"
+    );
+    assert!(
+        err.contains("machine `web1`")
+            && err.contains(&uri)
+            && err.contains("still running")
+            && err.contains("seedctl destroy web1"),
+        "{err}"
+    );
+}
+
 /// `upgrade` refuses a machine libvirt runs: its QEMU holds the old overlay open.
 #[test]
 fn upgrade_of_a_running_libvirt_domain_is_refused() {

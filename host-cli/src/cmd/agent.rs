@@ -122,6 +122,22 @@ fn answers_only_on_failure(command: &str) -> bool {
     )
 }
 
+/// The virsh command that asks libvirt to have the guest agent do `command` (one that
+/// answers only when it fails): `shutdown`/`reboot --mode agent`, `dompmsuspend`.
+fn libvirt_power_verb(command: &str, args: Option<&Value>) -> Result<&'static [&'static str]> {
+    let arg = |k: &str| args.and_then(|a| a.get(k)).and_then(Value::as_str);
+    Ok(match (command, arg("mode")) {
+        ("guest-shutdown", None | Some("powerdown")) => &["shutdown", "--mode", "agent"],
+        ("guest-shutdown", Some("reboot")) => &["reboot", "--mode", "agent"],
+        ("guest-shutdown", Some(m)) => anyhow::bail!(
+            "guest-shutdown mode '{m}' has no libvirt verb (libvirt's agent shutdown powers down or reboots); use --mode powerdown or reboot, or the agent's socket (--socket)"
+        ),
+        ("guest-suspend-disk", _) => &["dompmsuspend", "--target", "disk"],
+        ("guest-suspend-ram", _) => &["dompmsuspend", "--target", "mem"],
+        _ => &["dompmsuspend", "--target", "hybrid"],
+    })
+}
+
 fn human(c: &AgentCommand, v: &Value) -> String {
     match (c, v) {
         (AgentCommand::Ping, _) => "pong".into(),
@@ -144,20 +160,26 @@ pub fn run(paths: &Paths, a: &AgentArgs) -> Result<Report> {
         if let Some(ar) = &args {
             req["arguments"] = ar.clone();
         }
-        let out = libvirt::virsh(
-            uri,
-            &a.name,
-            &[
-                "qemu-agent-command",
-                &a.name,
-                &req.to_string(),
-                "--timeout",
-                &a.timeout.to_string(),
-            ],
-        )?;
-        if answers_only_on_failure(&cmd) && out.trim().is_empty() {
+        if answers_only_on_failure(&cmd) {
+            // `qemu-agent-command` waits for a reply these never send, and fails once the
+            // agent goes away with the guest; libvirt's own verbs expect exactly that.
+            let verb = libvirt_power_verb(&cmd, args.as_ref()).with_context(ctx)?;
+            let mut argv: Vec<&str> = verb.to_vec();
+            argv.push(&a.name);
+            libvirt::virsh(uri, &a.name, &argv)?;
             Value::Null
         } else {
+            let out = libvirt::virsh(
+                uri,
+                &a.name,
+                &[
+                    "qemu-agent-command",
+                    &a.name,
+                    &req.to_string(),
+                    "--timeout",
+                    &a.timeout.to_string(),
+                ],
+            )?;
             let v: Value = serde_json::from_str(out.trim())
                 .with_context(|| format!("parsing virsh output `{}`", out.trim()))?;
             reply(&cmd, v).with_context(ctx)?
@@ -180,4 +202,39 @@ pub fn run(paths: &Paths, a: &AgentArgs) -> Result<Report> {
         human(&a.command, &value),
         json!({ "machine": a.name, "command": cmd, "return": value }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_without_a_reply_go_through_libvirts_own_verbs() {
+        let verb =
+            |c: &str, a: Option<Value>| libvirt_power_verb(c, a.as_ref()).map(|v| v.join(" "));
+        assert_eq!(
+            verb("guest-shutdown", None).unwrap(),
+            "shutdown --mode agent"
+        );
+        assert_eq!(
+            verb("guest-shutdown", Some(json!({"mode": "reboot"}))).unwrap(),
+            "reboot --mode agent"
+        );
+        assert_eq!(
+            verb("guest-suspend-ram", None).unwrap(),
+            "dompmsuspend --target mem"
+        );
+        let err = verb("guest-shutdown", Some(json!({"mode": "halt"})))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("halt") && err.contains("--socket"), "{err}");
+        for c in [
+            "guest-shutdown",
+            "guest-suspend-disk",
+            "guest-suspend-ram",
+            "guest-suspend-hybrid",
+        ] {
+            assert!(answers_only_on_failure(c), "{c}");
+        }
+    }
 }

@@ -96,6 +96,9 @@ pub fn run(paths: &Paths, a: &CreateArgs) -> Result<Report> {
     let base = resolve_base(paths, a.base.as_deref(), &a.name)?;
     let (base, format) =
         disk::check_base(&base, &paths.state).with_context(|| format!("machine `{}`", a.name))?;
+    if let Some(w) = disk::unrooted_store_base(&base, &paths.state) {
+        eprintln!("seedctl: warning: machine `{}`: {w}", a.name);
+    }
     // Read before anything is made: a state file that cannot be read stops the command
     // with no disk in place.
     let mut st = sd.load()?;

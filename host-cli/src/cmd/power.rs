@@ -112,6 +112,13 @@ pub struct StartArgs {
     pub seed_via: SeedVia,
 }
 
+/// Whether `dumpxml` output shows `seed` as a disk's source file. libvirt escapes the
+/// path as it writes any attribute (`&amp;`, `&apos;`), so the path is escaped the same
+/// way before it is looked for.
+fn seed_attached(xml: &str, seed: &str) -> bool {
+    xml.contains(&format!("file='{}'", crate::cmd::xml::esc(seed)))
+}
+
 /// Makes the domain's persistent seed cdrom hold the seed ISO (`iso`) or nothing
 /// (`channel`): a guest that finds a seed disk never asks over the channel.
 fn set_seed_media(uri: &str, name: &str, seed: &std::path::Path, via: SeedVia) -> Result<()> {
@@ -126,7 +133,7 @@ fn set_seed_media(uri: &str, name: &str, seed: &std::path::Path, via: SeedVia) -
     }
     let seed = std::path::absolute(seed).unwrap_or_else(|_| seed.to_path_buf());
     let seed = seed.display().to_string();
-    let attached = xml.contains(&format!("file='{seed}'"));
+    let attached = seed_attached(&xml, &seed);
     match via {
         SeedVia::Channel if attached => {
             virsh(
@@ -236,12 +243,32 @@ fn wait_exit(pid: i32, timeout: Duration) -> bool {
 
 pub fn stop(paths: &Paths, a: &PowerArgs) -> Result<Report> {
     if a.connect.is_some() {
-        return virsh_op(
+        virsh_op(
             &a.name,
             a.connect.as_deref(),
             &["shutdown", &a.name],
             "asked to shut down",
-        );
+        )?;
+        let uri = libvirt::uri(a.connect.as_deref());
+        let deadline = std::time::Instant::now() + Duration::from_secs(a.timeout);
+        loop {
+            let state = libvirt::domstate(&uri, &a.name)?.unwrap_or_default();
+            if state == "shut off" {
+                return Ok(Report::new(
+                    format!("machine `{}` powered off on {uri}", a.name),
+                    json!({ "machine": a.name, "uri": uri, "action": "stop" }),
+                ));
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "machine `{}` on {uri} is still {state} {} s after the shutdown request (the guest may ignore ACPI); `seedctl destroy {} --connect {uri}` ends it",
+                    a.name,
+                    a.timeout,
+                    a.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
     let (sd, pid) = local_qemu(paths, &a.name)?;
     let mut qmp =
@@ -284,4 +311,20 @@ pub fn destroy(paths: &Paths, a: &DestroyArgs) -> Result<Report> {
         format!("machine `{}` destroyed", a.name),
         json!({ "machine": a.name, "action": "destroy" }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_escaped_seed_path_in_dumpxml_counts_as_attached() {
+        let seed = "/srv/web1 & co's/.seedctl/web1/seed.iso";
+        let xml = "<disk type='file' device='cdrom'>\n  <source file='/srv/web1 &amp; co&apos;s/.seedctl/web1/seed.iso'/>\n</disk>";
+        assert!(seed_attached(xml, seed));
+        assert!(!seed_attached(xml, "/srv/web2/.seedctl/web2/seed.iso"));
+        let ejected =
+            "<disk type='file' device='cdrom'>\n  <target dev='sda' bus='sata'/>\n</disk>";
+        assert!(!seed_attached(ejected, seed));
+    }
 }

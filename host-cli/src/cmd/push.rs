@@ -198,7 +198,7 @@ pub fn run(paths: &Paths, a: &PushArgs) -> Result<Report> {
     let request = Message::Push {
         bundle: channel::bundle(&id)?,
     };
-    let outcome = channel::apply(&mut chan, &request, a.channel.timeout())?;
+    let outcome = channel::apply(&mut chan, &request, a.channel.timeout(), Some(&id))?;
     refresh_seed(paths, &id)?;
     let iid = nocloud::instance_id(&id);
     Ok(applied_report(

@@ -24,7 +24,7 @@ pub struct RollbackArgs {
 
 pub fn run(paths: &Paths, a: &RollbackArgs) -> Result<Report> {
     let mut chan = a.channel.open(paths)?;
-    let outcome = channel::apply(&mut chan, &Message::Rollback, a.channel.timeout())?;
+    let outcome = channel::apply(&mut chan, &Message::Rollback, a.channel.timeout(), None)?;
     Ok(applied_report(
         "rolled back",
         &a.channel.name,

@@ -162,10 +162,7 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
         .args(["-pidfile", &path(PIDFILE)])
         .args([
             "-drive",
-            &format!(
-                "file={},if=virtio,format=qcow2,cache=unsafe",
-                opt(BOOT_DISK)
-            ),
+            &format!("file={},if=virtio,format=qcow2", opt(BOOT_DISK)),
         ])
         .args([
             "-drive",

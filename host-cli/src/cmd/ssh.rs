@@ -47,7 +47,10 @@ pub fn ssh_command(paths: &Paths, a: &SshArgs) -> Result<Command> {
     cmd.args(["-p", &port.to_string()])
         .args(["-o", "StrictHostKeyChecking=yes"])
         .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            ssh_option_path(&known_hosts)?
+        ))
         .args([
             "-o",
             "GlobalKnownHostsFile=/dev/null",
@@ -64,6 +67,18 @@ pub fn ssh_command(paths: &Paths, a: &SshArgs) -> Result<Command> {
     Ok(cmd)
 }
 
+/// A path as one ssh_config argument: in double quotes, so that a space does not split it
+/// into two files, and with `%` doubled, so that ssh does not expand it as a token.
+fn ssh_option_path(path: &std::path::Path) -> Result<String> {
+    let text = path.display().to_string();
+    if text.contains('"') {
+        bail!(
+            "{text}: ssh cannot be given a file whose path holds a double quote; use a state directory without one"
+        );
+    }
+    Ok(format!("\"{}\"", text.replace('%', "%%")))
+}
+
 pub fn run(paths: &Paths, a: &SshArgs) -> Result<Report> {
     let mut cmd = ssh_command(paths, a)?;
     let err = cmd.exec();
@@ -71,4 +86,35 @@ pub fn run(paths: &Paths, a: &SshArgs) -> Result<Report> {
         "machine `{}`: running ssh: {err}; install openssh-client",
         a.name
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The real ssh (`ssh -G` prints the configuration it would use) reads the quoted
+    /// argument back as the one path, spaces, commas and `%` included.
+    #[test]
+    fn ssh_reads_a_state_path_with_spaces_and_percent_as_one_file() {
+        let path = std::path::Path::new("/srv/vm state, one/100%/.seedctl/web1/known_hosts");
+        let opt = format!("UserKnownHostsFile={}", ssh_option_path(path).unwrap());
+        let out = Command::new("ssh")
+            .args(["-G", "-o", &opt, "127.0.0.1"])
+            .output()
+            .expect("ssh (openssh-client) runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("userknownhostsfile "))
+            .unwrap_or_default();
+        assert_eq!(line, path.display().to_string(), "ssh -G said:\n{text}");
+    }
+
+    #[test]
+    fn a_path_with_a_double_quote_is_refused_with_its_name() {
+        let err = ssh_option_path(std::path::Path::new("/srv/a\"b/known_hosts"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/srv/a\"b/known_hosts"), "{err}");
+    }
 }

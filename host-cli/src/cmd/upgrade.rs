@@ -76,6 +76,9 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
     }
     let (base, format) =
         disk::check_base(&a.base, &paths.state).with_context(|| format!("machine `{}`", a.name))?;
+    if let Some(w) = disk::unrooted_store_base(&base, &paths.state) {
+        eprintln!("seedctl: warning: machine `{}`: {w}", a.name);
+    }
     refuse_running_domain(&sd, a)?;
     let stopped = sd.running_pid().is_some();
     if stopped {

@@ -76,7 +76,8 @@ pub struct XmlArgs {
     pub domain: DomainArgs,
 }
 
-fn esc(s: &str) -> String {
+/// Escapes text for an XML attribute or element, as libvirt escapes what it writes.
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
