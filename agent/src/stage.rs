@@ -310,9 +310,20 @@ pub fn apply_seed(
     // A clone keeps its instance (same instance-id, same seed): its files were written.
     let clone = decision == InstanceDecision::Clone;
     let regenerate = match decision {
-        InstanceDecision::NoSeed | InstanceDecision::Same | InstanceDecision::Replaced => {
+        InstanceDecision::Same => {
+            // A power cut after the generation became current and before its files were
+            // written left the marker: they are written now.
+            if pending_write_files(opts).as_deref() == Some(seed.digest.as_str()) {
+                tracing::warn!(
+                    "{}: write_files of instance {} did not finish before the last shutdown: writing them now",
+                    seed.source,
+                    seed.instance_id
+                );
+                write_seed_files(seed, false, opts, &mut outcome, t);
+            }
             return Ok(outcome);
         }
+        InstanceDecision::NoSeed | InstanceDecision::Replaced => return Ok(outcome),
         InstanceDecision::FirstBoot => false,
         InstanceDecision::NewInstance { moved } => {
             moved && opts.clone_policy == ClonePolicy::Regenerate
@@ -364,6 +375,21 @@ pub fn apply_seed(
             Vec::new()
         },
     };
+    let files = seed_files(seed, clone);
+    if !files.is_empty() {
+        // Before the generation becomes current, so that a power cut between the two
+        // leaves the files to the next boot, which finds this marker (cloud-init's per-
+        // instance marker is written after the module too).
+        let marker = opts.sysroot.join(WRITE_FILES_PENDING);
+        if let Err(e) = marker
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| write_atomic(&marker, seed.digest.as_bytes()))
+        {
+            tracing::warn!("{e:#}: write_files will not be retried after a power cut");
+        }
+    }
     let n = {
         let _s = tracing::info_span!("write").entered();
         // A generation /etc still shows (after guest-agent key changes) stays whole until
@@ -380,27 +406,61 @@ pub fn apply_seed(
     };
     t.lap("write");
     outcome.generation = Some(n);
-    // write_files runs once per instance, as cloud-init's does: not again for a clone,
-    // whose `/var` already has them (an `append` would be doubled).
-    // user-data's list, else vendor-data's: cloud-init's merge keeps the first whole.
-    let files = match seed.vendor.as_ref() {
+    crate::crashpoint::hit("before-write-files");
+    write_seed_files(seed, clone, opts, &mut outcome, t);
+    Ok(outcome)
+}
+
+/// Where the seed digest of a `write_files` run that has not finished is kept, below the
+/// sysroot: written before the generation becomes current, removed once the files are.
+const WRITE_FILES_PENDING: &str = "var/lib/nixseed/write-files-pending";
+
+/// The seed digest a `write_files` run left unfinished, if any.
+fn pending_write_files(opts: &StageOptions) -> Option<String> {
+    std::fs::read_to_string(opts.sysroot.join(WRITE_FILES_PENDING))
+        .ok()
+        .map(|d| d.trim().to_string())
+}
+
+/// The seed's `write_files`: user-data's list, else vendor-data's (cloud-init's merge
+/// keeps the first whole). None for a clone, whose `/var` already has them (an `append`
+/// would be doubled): they run once per instance, as cloud-init's do.
+fn seed_files(seed: &Seed, clone: bool) -> Vec<nixseed_core::userdata::WriteFile> {
+    match seed.vendor.as_ref() {
         _ if clone => Vec::new(),
         Some(v) if seed.user.write_files.is_empty() => v.write_files.clone(),
         _ => seed.user.write_files.clone(),
-    };
-    // The generation is current by now: a file that cannot be written is reported, and the
-    // identity is still mounted and reloaded (cloud-init's write_files fails on its own too).
-    if !files.is_empty() {
-        match crate::write_files::apply(&opts.sysroot, &opts.run, &opts.identity_dir, &files) {
-            Ok(written) => tracing::info!("write_files: wrote {}", written.join(", ")),
-            Err(e) => {
-                tracing::error!("{e:#}; generation {n} is applied without it");
-                outcome.write_files_error = Some(format!("{e:#}"));
-            }
-        }
-        t.lap("write_files");
     }
-    Ok(outcome)
+}
+
+/// Writes the seed's files once its generation is current, and clears the pending marker.
+/// A file that cannot be written is reported, and the identity is still mounted and
+/// reloaded (cloud-init's write_files fails on its own too).
+fn write_seed_files(
+    seed: &Seed,
+    clone: bool,
+    opts: &StageOptions,
+    outcome: &mut Outcome,
+    t: &mut Timer,
+) {
+    let files = seed_files(seed, clone);
+    if files.is_empty() {
+        return;
+    }
+    match crate::write_files::apply(&opts.sysroot, &opts.run, &opts.identity_dir, &files) {
+        Ok(written) => tracing::info!("write_files: wrote {}", written.join(", ")),
+        Err(e) => {
+            tracing::error!("{e:#}; the identity is applied without it");
+            outcome.write_files_error = Some(format!("{e:#}"));
+        }
+    }
+    let marker = opts.sysroot.join(WRITE_FILES_PENDING);
+    if let Err(e) = std::fs::remove_file(&marker)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("cannot remove {}: {e}", marker.display());
+    }
+    t.lap("write_files");
 }
 
 /// When a bind happens, which decides what `/etc/machine-id` shows. It changes at most

@@ -619,6 +619,53 @@ fn write_files_land_under_var_once_per_instance() {
     assert_eq!(std::fs::read(&f).unwrap(), b"rotated");
 }
 
+/// Killed after the new generation became current and before its `write_files` were
+/// written (a power cut there): the next boot of the same instance finds the marker the
+/// apply left and writes them, once.
+#[test]
+fn write_files_cut_off_by_a_kill_are_written_at_the_next_boot() {
+    use std::io::BufRead;
+    let vm = Vm::new();
+    vm.seed(
+        "instance-id: iid-1\n",
+        "#cloud-config\nhostname: web1\nwrite_files:\n  - path: /var/lib/app/log\n    content: \"line\\n\"\n    append: true\n",
+        None,
+    );
+    let mut child = Command::new("unshare")
+        .args(["-m", AGENT, "initrd", "--sysroot"])
+        .arg(vm.p("sysroot"))
+        .arg("--root")
+        .arg(vm.p("host"))
+        .arg("--run")
+        .arg(vm.p("run"))
+        .env("NIXSEED_TEST_DELAY", "before-write-files:60000")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reached = std::io::BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .any(|l| l.unwrap().contains("test delay point reached"));
+    assert!(reached, "the agent never reached the point");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let f = vm.p("sysroot/var/lib/app/log");
+    assert!(!f.exists(), "written before the kill");
+    assert_eq!(vm.generation(), "gen-1");
+
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("did not finish before the last shutdown"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "line\n");
+    assert!(!vm.p("sysroot/var/lib/nixseed/write-files-pending").exists());
+    // Done once: the boot after that leaves the file alone.
+    vm.boot();
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "line\n");
+}
+
 /// Stage 2 doing the whole job (no nixseed in the initrd, or an initrd stage that
 /// failed) binds /etc/hostname after systemd set the kernel's hostname from the image:
 /// it sets the kernel's hostname to the identity's too.
