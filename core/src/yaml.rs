@@ -234,6 +234,11 @@ fn scan(text: &str, mut on: impl FnMut(Mark) -> ControlFlow<()>) {
         {
             return;
         }
+        // The column of the block node this line is in (`key` in `- key: |`), and of a
+        // `-` or `?` indicator until the token after it: a block scalar's text is the
+        // lines indented deeper than the node it is the value of.
+        let mut node_col = indent;
+        let mut dash_col: Option<usize> = None;
         let mut i = 0;
         while i < bytes.len() {
             let c = bytes[i];
@@ -253,6 +258,11 @@ fn scan(text: &str, mut on: impl FnMut(Mark) -> ControlFlow<()>) {
                 }
                 i += 1;
                 continue;
+            }
+            let parent_col = dash_col.unwrap_or(node_col);
+            let indicator = matches!(c, b'-' | b'?') && next_blank && at_start;
+            if !matches!(c, b' ' | b'\t') && !indicator && dash_col.take().is_some() {
+                node_col = i;
             }
             match c {
                 b' ' | b'\t' => {}
@@ -277,13 +287,14 @@ fn scan(text: &str, mut on: impl FnMut(Mark) -> ControlFlow<()>) {
                 }
                 // An indicator only where a node starts; inside a plain scalar
                 // (`echo a - b`) it is text.
-                b'-' | b'?' if next_blank && at_start => {
+                b'-' | b'?' if indicator => {
+                    dash_col = Some(i);
                     if on(Mark::Node { line: n + 1 }).is_break() {
                         return;
                     }
                 }
                 b'|' | b'>' if at_start && depth == 0 => {
-                    block_scalar = Some(indent);
+                    block_scalar = Some(parent_col);
                     break;
                 }
                 b'!' | b'&' if at_start => {
@@ -682,6 +693,23 @@ mod tests {
         assert!(
             err.starts_with("user-data: line 2: the document has more than 200000 nodes"),
             "{err}"
+        );
+        // A block scalar's text ends where the node it belongs to does: the flow list
+        // of the next key in the same item is scanned, not skipped as text.
+        let after_block = format!("x:\n- a: |\n   b\n  c: [{}a]\n", "a,".repeat(MAX_NODES));
+        let err = parse(&after_block, "user-data").unwrap_err().to_string();
+        assert!(err.contains("more than 200000 nodes"), "{err}");
+        let open = "[".repeat(300);
+        let item =
+            format!("w:\n- content: |\n    {open}\n    {open}\n  path: /var/x\n- |\n  {open}\n");
+        let m = parse_mapping(&item, "user-data").unwrap();
+        assert_eq!(m["w"][0]["path"], Value::String("/var/x".into()));
+        assert_eq!(m["w"][1], Value::String(format!("{open}\n")));
+        let lines = format!("x:\n{}", "- a\n".repeat(MAX_NODES + 1));
+        let err = parse(&lines, "user-data").unwrap_err().to_string();
+        assert!(
+            err.contains("more than 200000 nodes"),
+            "one item per line: {err}"
         );
         let block = format!("x: [{}a]\n", "a,\n  ".repeat(MAX_NODES));
         assert!(
