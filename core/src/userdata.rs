@@ -807,12 +807,19 @@ impl Ctx<'_> {
         }
         let mut out = Vec::new();
         let mut left = MAX_USER_DATA;
+        let mut components = 0usize;
         for item in items {
             let path = item
                 .get("path")
                 .and_then(yaml::scalar_text)
                 .ok_or_else(|| self.err("an entry lacks 'path'"))?;
             check_write_path(&path).map_err(|d| self.err(format!("{path}: {d}")))?;
+            components += path.split('/').filter(|c| !c.is_empty()).count();
+            if components > MAX_WRITE_FILES_COMPONENTS {
+                return Err(self.err(format!(
+                    "{path}: the paths of all entries together have more than {MAX_WRITE_FILES_COMPONENTS} components (each may be a directory to make on /var)"
+                )));
+            }
             // `!!binary` content is bytes, as PyYAML reads it; anything else is text.
             let content = match item.get("content") {
                 Some(c) => match yaml::binary(c) {
@@ -1017,6 +1024,11 @@ pub fn is_within(path: &str, dir: &str) -> bool {
 /// How many `write_files` entries one document may have: each is a file (and perhaps
 /// directories) on `/var`, so a seed of many tiny entries must not use up its inodes.
 pub const MAX_WRITE_FILES: usize = 1024;
+
+/// How many path components the `write_files` entries of one document may have together:
+/// each may be a directory to make, and 1,024 paths of 2,000 components each would make
+/// two million.
+pub const MAX_WRITE_FILES_COMPONENTS: usize = 16_384;
 
 /// Where the identity store lives unless the agent is told otherwise.
 pub const IDENTITY_DIR: &str = "/var/identity";
@@ -1392,6 +1404,19 @@ mod tests {
         assert!(check_write_path(&deeper).unwrap_err().contains("4095"));
         let long_name = format!("/var/tmp/{}", "n".repeat(256));
         assert!(check_write_path(&long_name).is_err());
+        // Within each path's limit, but not all together.
+        let deep = format!("/var/tmp{}", "/x".repeat(2000));
+        let doc = format!(
+            "#cloud-config\nwrite_files:\n{}",
+            format!("  - {{path: '{deep}', content: a}}\n").repeat(9)
+        );
+        let err = parse(doc.as_bytes(), "/seed/user-data")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/seed/user-data") && err.contains("more than 16384 components"),
+            "{err}"
+        );
     }
 
     /// user-data exactly in the shape and order Proxmox VE writes it (PVE::QemuServer::Cloudinit).

@@ -237,7 +237,9 @@ pub(super) fn render(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, St
             // No NIC has the MAC yet (its driver is not in the initrd, or it is plugged in
             // later): the name it will have is not known, so the MAC alone matches it, and
             // `Type=ether` keeps bonds and VLANs, which take a member's MAC, out.
-            u.set("Match", "Type", "ether");
+            // An InfiniBand address is 20 bytes; an Ethernet one 6.
+            let long = iface.mac.as_ref().is_some_and(|m| m.len() > 17);
+            u.set("Match", "Type", if long { "infiniband" } else { "ether" });
         } else {
             u.set("Match", "Name", &name);
         }
