@@ -272,16 +272,48 @@ pub fn apply_seed(
         );
         return Ok(outcome);
     };
-    if decision == InstanceDecision::Replaced {
-        // Nothing of it is applied, so a signed one is not checked against the rollback
-        // guard either: it was accepted when it was current.
+    if let (InstanceDecision::Replaced | InstanceDecision::ReplacedOnClone, Some(cur)) =
+        (&decision, current.as_ref())
+    {
+        // Nothing of the seed is applied, so a signed one is not checked against the
+        // rollback guard either: it was accepted when it was current.
         tracing::info!(
             "{}: instance-id {} is the seed a live push replaced (generation {} came from {}): keeping the pushed identity; attach a new seed or push to change it",
             seed.source,
             seed.instance_id,
-            current.as_ref().map_or(0, |g| g.number),
-            current.as_ref().map_or("?", |g| g.manifest.source.as_str()),
+            cur.number,
+            cur.manifest.source,
         );
+        outcome.instance_id = Some(cur.manifest.instance_id.clone());
+        outcome.source = Some(cur.manifest.source.clone());
+        if decision == InstanceDecision::Replaced {
+            return Ok(outcome);
+        }
+        // A clone of a machine whose identity came from a push: the clone policy applies
+        // to that identity, which no seed holds.
+        tracing::warn!(
+            "CLONE DETECTED: product_uuid is now {} but the identity was made for {}; policy {:?}",
+            product_uuid.as_deref().unwrap_or("?"),
+            cur.manifest.product_uuid.as_deref().unwrap_or("?"),
+            opts.clone_policy
+        );
+        let tree = match opts.clone_policy {
+            ClonePolicy::Refuse => bail!(
+                "clone detected (product_uuid changed; the seed found is one a live push replaced) and the clone policy is 'refuse': nothing applied"
+            ),
+            ClonePolicy::Adopt => cur.tree.clone(),
+            ClonePolicy::Regenerate => nixseed_core::identity::regenerated(&cur.tree, &mut OsFresh)
+                .map_err(anyhow::Error::msg)?,
+        };
+        outcome.changed = tree_changes(&cur.tree, &tree);
+        let manifest = Manifest {
+            generation: 0,
+            product_uuid,
+            files: Default::default(),
+            ..cur.manifest.clone()
+        };
+        outcome.generation = Some(write_tree(store, &tree, manifest, opts)?);
+        t.lap("write");
         return Ok(outcome);
     }
     let seed_generation = match &opts.trust {
@@ -323,7 +355,9 @@ pub fn apply_seed(
             }
             return Ok(outcome);
         }
-        InstanceDecision::NoSeed | InstanceDecision::Replaced => return Ok(outcome),
+        InstanceDecision::NoSeed
+        | InstanceDecision::Replaced
+        | InstanceDecision::ReplacedOnClone => return Ok(outcome),
         InstanceDecision::FirstBoot => false,
         InstanceDecision::NewInstance { moved } => {
             moved && opts.clone_policy == ClonePolicy::Regenerate
@@ -390,25 +424,32 @@ pub fn apply_seed(
             tracing::warn!("{e:#}: write_files will not be retried after a power cut");
         }
     }
-    let n = {
-        let _s = tracing::info_span!("write").entered();
-        // A generation /etc still shows (after guest-agent key changes) stays whole until
-        // the binds move to the new one.
-        let bound = bound_generation(&opts.run, &opts.identity_dir);
-        store
-            .write_generation_keeping(&tree, manifest, opts.durability, bound)
-            .with_context(|| {
-                format!(
-                    "cannot write a new generation under {}",
-                    store.path().display()
-                )
-            })?
-    };
+    let n = write_tree(store, &tree, manifest, opts)?;
     t.lap("write");
     outcome.generation = Some(n);
     crate::crashpoint::hit("before-write-files");
     write_seed_files(seed, clone, opts, &mut outcome, t);
     Ok(outcome)
+}
+
+/// Writes `tree` as the store's next generation. A generation /etc still shows (after
+/// guest-agent key changes) stays whole until the binds move to the new one.
+fn write_tree(
+    store: &Store,
+    tree: &nixseed_core::identity::IdentityTree,
+    manifest: Manifest,
+    opts: &StageOptions,
+) -> Result<u64> {
+    let _s = tracing::info_span!("write").entered();
+    let bound = bound_generation(&opts.run, &opts.identity_dir);
+    store
+        .write_generation_keeping(tree, manifest, opts.durability, bound)
+        .with_context(|| {
+            format!(
+                "cannot write a new generation under {}",
+                store.path().display()
+            )
+        })
 }
 
 /// Where the seed digest of a `write_files` run that has not finished is kept, below the

@@ -220,6 +220,26 @@ fn a_reboot_after_a_push_keeps_the_pushed_identity_over_the_old_seed() {
     assert!(manifest.contains("replaced_seeds"), "{manifest}");
     drop(srv);
 
+    // A clone of this machine (another product_uuid, the same old seed disk): the clone
+    // policy (regenerate) applies to the pushed identity, not the old seed's.
+    let key =
+        |d: &Path| std::fs::read(d.join("sysroot/var/identity/ssh_host_ed25519_key.pub")).unwrap();
+    let id = |d: &Path| std::fs::read(d.join("sysroot/var/identity/machine-id")).unwrap();
+    let (key_before, id_before) = (key(dir.path()), id(dir.path()));
+    ts::set_product_uuid(dir.path(), "99999999-2222-3333-4444-555555555555").unwrap();
+    std::fs::remove_dir_all(dir.path().join("run")).unwrap();
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    std::fs::remove_file(dir.path().join("channel.sock")).unwrap();
+    let srv = Server::start(dir.path());
+    assert_eq!(
+        std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
+        "second\n",
+        "a clone of a pushed machine went back to the old seed"
+    );
+    assert_ne!(key(dir.path()), key_before, "the clone kept the host key");
+    assert_ne!(id(dir.path()), id_before, "the clone kept the machine-id");
+    drop(srv);
+
     // An edited seed on the disk is applied as a new instance.
     ts::write_seed(
         dir.path(),

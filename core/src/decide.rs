@@ -55,6 +55,9 @@ pub enum InstanceDecision {
     /// A seed found at boot that a live push already replaced (a running QEMU keeps the
     /// seed disk it started with): keep the pushed identity.
     Replaced,
+    /// The same, on a VM whose product_uuid changed (a clone of a machine whose identity
+    /// came from a push): the clone policy applies to the pushed identity.
+    ReplacedOnClone,
 }
 
 pub fn decide(
@@ -72,8 +75,12 @@ pub fn decide(
         (Some(old), Some(new)) => !old.eq_ignore_ascii_case(new),
         _ => false,
     };
-    if !seed.live && !moved && current.replaced_seeds.iter().any(|d| d == seed.digest) {
-        return InstanceDecision::Replaced;
+    if !seed.live && current.replaced_seeds.iter().any(|d| d == seed.digest) {
+        return if moved {
+            InstanceDecision::ReplacedOnClone
+        } else {
+            InstanceDecision::Replaced
+        };
     }
     if current.instance_id != seed.instance_id {
         return InstanceDecision::NewInstance { moved };
@@ -141,7 +148,8 @@ mod tests {
     }
 
     /// A pushed generation remembers the boot seed it replaced: that seed found again at
-    /// boot keeps the push; pushed again live, or on a moved VM, it is applied.
+    /// boot keeps the push (on a moved VM, under the clone policy); pushed again live, it
+    /// is applied.
     #[test]
     fn a_seed_a_push_replaced_does_not_come_back_at_boot() {
         let boot = manifest("a", "U1", "d1");
@@ -163,7 +171,7 @@ mod tests {
         );
         assert_eq!(
             decide(Some(&pushed), s("a", "d1"), Some("U2")),
-            InstanceDecision::NewInstance { moved: true }
+            InstanceDecision::ReplacedOnClone
         );
         // A seed edited since (same instance-id, other bytes) is a new one.
         assert_eq!(
