@@ -130,7 +130,7 @@ fn libvirt_power_verb(command: &str, args: Option<&Value>) -> Result<&'static [&
         ("guest-shutdown", None | Some("powerdown")) => &["shutdown", "--mode", "agent"],
         ("guest-shutdown", Some("reboot")) => &["reboot", "--mode", "agent"],
         ("guest-shutdown", Some(m)) => anyhow::bail!(
-            "guest-shutdown mode '{m}' has no libvirt verb (libvirt's agent shutdown powers down or reboots); use --mode powerdown or reboot, or the agent's socket (--socket)"
+            "guest-shutdown mode '{m}' has no libvirt verb (libvirt's agent shutdown powers down or reboots), and libvirt holds the agent's socket of its domains; use --mode powerdown or --mode reboot"
         ),
         ("guest-suspend-disk", _) => &["dompmsuspend", "--target", "disk"],
         ("guest-suspend-ram", _) => &["dompmsuspend", "--target", "mem"],
@@ -227,7 +227,10 @@ mod tests {
         let err = verb("guest-shutdown", Some(json!({"mode": "halt"})))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("halt") && err.contains("--socket"), "{err}");
+        assert!(
+            err.contains("halt") && err.contains("--mode powerdown"),
+            "{err}"
+        );
         for c in [
             "guest-shutdown",
             "guest-suspend-disk",

@@ -250,19 +250,21 @@ pub fn stop(paths: &Paths, a: &PowerArgs) -> Result<Report> {
             "asked to shut down",
         )?;
         let uri = libvirt::uri(a.connect.as_deref());
-        let deadline = std::time::Instant::now() + Duration::from_secs(a.timeout);
+        let deadline = std::time::Instant::now().checked_add(Duration::from_secs(a.timeout));
         loop {
-            let state = libvirt::domstate(&uri, &a.name)?.unwrap_or_default();
-            if state == "shut off" {
+            // A transient domain is gone once it is off.
+            let state = libvirt::domstate(&uri, &a.name)?;
+            if matches!(state.as_deref(), None | Some("shut off")) {
                 return Ok(Report::new(
                     format!("machine `{}` powered off on {uri}", a.name),
-                    json!({ "machine": a.name, "uri": uri, "action": "stop" }),
+                    json!({ "machine": a.name, "uri": uri, "action": "shutdown" }),
                 ));
             }
-            if std::time::Instant::now() >= deadline {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                 bail!(
-                    "machine `{}` on {uri} is still {state} {} s after the shutdown request (the guest may ignore ACPI); `seedctl destroy {} --connect {uri}` ends it",
+                    "machine `{}` on {uri} is still {} {} s after the shutdown request (the guest may ignore it); `seedctl destroy {} --connect {uri}` ends it",
                     a.name,
+                    state.unwrap_or_default(),
                     a.timeout,
                     a.name
                 );

@@ -49,7 +49,10 @@ pub fn ssh_command(paths: &Paths, a: &SshArgs) -> Result<Command> {
         .arg("-o")
         .arg(format!(
             "UserKnownHostsFile={}",
-            ssh_option_path(&known_hosts)?
+            ssh_option_path(
+                &known_hosts,
+                known_hosts.to_string_lossy().contains('%') && ssh_expands_percent()
+            )?
         ))
         .args([
             "-o",
@@ -68,15 +71,42 @@ pub fn ssh_command(paths: &Paths, a: &SshArgs) -> Result<Command> {
 }
 
 /// A path as one ssh_config argument: in double quotes, so that a space does not split it
-/// into two files, and with `%` doubled, so that ssh does not expand it as a token.
-fn ssh_option_path(path: &std::path::Path) -> Result<String> {
+/// into two files, and with `%` doubled where ssh expands `%` tokens in the option
+/// (OpenSSH 8.4 and later: `percent_tokens`); earlier releases take it as written.
+fn ssh_option_path(path: &std::path::Path, percent_tokens: bool) -> Result<String> {
     let text = path.display().to_string();
     if text.contains('"') {
         bail!(
             "{text}: ssh cannot be given a file whose path holds a double quote; use a state directory without one"
         );
     }
-    Ok(format!("\"{}\"", text.replace('%', "%%")))
+    let text = if percent_tokens {
+        text.replace('%', "%%")
+    } else {
+        text
+    };
+    Ok(format!("\"{text}\""))
+}
+
+/// Whether the installed ssh expands `%` tokens in `UserKnownHostsFile` (OpenSSH 8.4 and
+/// later), from `ssh -V`.
+fn ssh_expands_percent() -> bool {
+    Command::new("ssh").arg("-V").output().map_or(true, |out| {
+        percent_tokens_in(&String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// Whether the OpenSSH that printed `version` (`OpenSSH_9.2p1 Debian-2`) expands `%`
+/// tokens in `UserKnownHostsFile`. A version it cannot read counts as a current one.
+fn percent_tokens_in(version: &str) -> bool {
+    let parsed = version.split_once("OpenSSH_").and_then(|(_, v)| {
+        let mut parts = v.split(|c: char| !c.is_ascii_digit());
+        Some((
+            parts.next()?.parse::<u32>().ok()?,
+            parts.next()?.parse::<u32>().ok()?,
+        ))
+    });
+    parsed.is_none_or(|v| v >= (8, 4))
 }
 
 pub fn run(paths: &Paths, a: &SshArgs) -> Result<Report> {
@@ -97,7 +127,10 @@ mod tests {
     #[test]
     fn ssh_reads_a_state_path_with_spaces_and_percent_as_one_file() {
         let path = std::path::Path::new("/srv/vm state, one/100%/.seedctl/web1/known_hosts");
-        let opt = format!("UserKnownHostsFile={}", ssh_option_path(path).unwrap());
+        let opt = format!(
+            "UserKnownHostsFile={}",
+            ssh_option_path(path, ssh_expands_percent()).unwrap()
+        );
         let out = Command::new("ssh")
             .args(["-G", "-o", &opt, "127.0.0.1"])
             .output()
@@ -108,11 +141,44 @@ mod tests {
             .find_map(|l| l.strip_prefix("userknownhostsfile "))
             .unwrap_or_default();
         assert_eq!(line, path.display().to_string(), "ssh -G said:\n{text}");
+        // As it was passed before: ssh does not read that path back.
+        let bare = format!("UserKnownHostsFile={}", path.display());
+        let out = Command::new("ssh")
+            .args(["-G", "-o", &bare, "127.0.0.1"])
+            .output()
+            .expect("ssh (openssh-client) runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("userknownhostsfile "));
+        assert_ne!(line, Some(path.display().to_string().as_str()));
+    }
+
+    #[test]
+    fn percent_is_doubled_only_for_an_ssh_that_expands_it() {
+        assert!(percent_tokens_in(
+            "OpenSSH_9.2p1 Debian-2+deb12u6, OpenSSL 3.0.19"
+        ));
+        assert!(percent_tokens_in("OpenSSH_8.4p1"));
+        assert!(!percent_tokens_in(
+            "OpenSSH_8.2p1 Ubuntu-4ubuntu0.11, OpenSSL 1.1.1f"
+        ));
+        assert!(!percent_tokens_in("OpenSSH_7.4p1, OpenSSL 1.0.2k-fips"));
+        assert!(percent_tokens_in("something else"));
+        let p = std::path::Path::new("/srv/100%/known_hosts");
+        assert_eq!(
+            ssh_option_path(p, false).unwrap(),
+            "\"/srv/100%/known_hosts\""
+        );
+        assert_eq!(
+            ssh_option_path(p, true).unwrap(),
+            "\"/srv/100%%/known_hosts\""
+        );
     }
 
     #[test]
     fn a_path_with_a_double_quote_is_refused_with_its_name() {
-        let err = ssh_option_path(std::path::Path::new("/srv/a\"b/known_hosts"))
+        let err = ssh_option_path(std::path::Path::new("/srv/a\"b/known_hosts"), true)
             .unwrap_err()
             .to_string();
         assert!(err.contains("/srv/a\"b/known_hosts"), "{err}");

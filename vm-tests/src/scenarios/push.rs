@@ -631,13 +631,17 @@ fn reboot_keeps_the_pushes(h: &Harness, m: &Machine, mut b: Booted) -> Result<Bo
     .context("seedctl agent shutdown --mode reboot")?;
     let pushed_key = m.host_key_pub()?;
     let vm = &mut b.vm;
-    ssh::wait_for_host_key(
-        b.ssh.port,
-        Some(&pushed_key),
-        Duration::from_secs(240),
-        || vm.ensure_running(),
-    )
-    .context("after a reboot in the same QEMU, sshd does not present the last pushed key")?;
+    let reach = vm.config.reach_port;
+    let seen =
+        ssh::wait_for_host_key_via(b.ssh.port, reach, Some(&pushed_key), ssh_timeout(), || {
+            vm.ensure_running()
+        });
+    if let Err(e) = seen {
+        bail!(
+            "after a reboot in the same QEMU, sshd does not present the last pushed key: {e:#}\n{}",
+            b.vm.diagnostics()
+        );
+    }
     b.ssh = Ssh::pinned(b.ssh.port, h.key.clone(), &pushed_key, &m.state)?;
     let want = fs::read_to_string(m.dir.join("hostname")).context("reading the hostname")?;
     let name = b.ssh.run("hostname")?;
