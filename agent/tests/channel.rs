@@ -51,6 +51,14 @@ impl Server {
         Server { child, sock }
     }
 
+    /// The next boot of the same guest: a new /run, the seed directory as it is now.
+    fn reboot(dir: &Path) -> Server {
+        std::fs::remove_dir_all(dir.join("run")).unwrap();
+        std::fs::create_dir_all(dir.join("run")).unwrap();
+        std::fs::remove_file(dir.join("channel.sock")).unwrap();
+        Server::start(dir)
+    }
+
     /// The agent's view of a path inside its mount namespace.
     fn view(&self, abs: &Path) -> PathBuf {
         PathBuf::from(format!("/proc/{}/root{}", self.agent_pid(), abs.display()))
@@ -191,10 +199,7 @@ fn a_reboot_after_a_push_keeps_the_pushed_identity_over_the_old_seed() {
     drop(srv);
 
     // The reboot: /run is new, the seed directory still holds instance `one`.
-    std::fs::remove_dir_all(dir.path().join("run")).unwrap();
-    std::fs::create_dir_all(dir.path().join("run")).unwrap();
-    std::fs::remove_file(dir.path().join("channel.sock")).unwrap();
-    let srv = Server::start(dir.path());
+    let srv = Server::reboot(dir.path());
     let Message::StatusReply {
         generation,
         instance_id,
@@ -227,10 +232,7 @@ fn a_reboot_after_a_push_keeps_the_pushed_identity_over_the_old_seed() {
     let id = |d: &Path| std::fs::read(d.join("sysroot/var/identity/machine-id")).unwrap();
     let (key_before, id_before) = (key(dir.path()), id(dir.path()));
     ts::set_product_uuid(dir.path(), "99999999-2222-3333-4444-555555555555").unwrap();
-    std::fs::remove_dir_all(dir.path().join("run")).unwrap();
-    std::fs::create_dir_all(dir.path().join("run")).unwrap();
-    std::fs::remove_file(dir.path().join("channel.sock")).unwrap();
-    let srv = Server::start(dir.path());
+    let srv = Server::reboot(dir.path());
     assert_eq!(
         std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
         "second\n",
@@ -248,10 +250,7 @@ fn a_reboot_after_a_push_keeps_the_pushed_identity_over_the_old_seed() {
         None,
     )
     .unwrap();
-    std::fs::remove_dir_all(dir.path().join("run")).unwrap();
-    std::fs::create_dir_all(dir.path().join("run")).unwrap();
-    std::fs::remove_file(dir.path().join("channel.sock")).unwrap();
-    let srv = Server::start(dir.path());
+    let srv = Server::reboot(dir.path());
     assert_eq!(
         std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
         "third\n"

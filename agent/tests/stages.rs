@@ -624,30 +624,13 @@ fn write_files_land_under_var_once_per_instance() {
 /// apply left and writes them, once.
 #[test]
 fn write_files_cut_off_by_a_kill_are_written_at_the_next_boot() {
-    use std::io::BufRead;
     let vm = Vm::new();
     vm.seed(
         "instance-id: iid-1\n",
         "#cloud-config\nhostname: web1\nwrite_files:\n  - path: /var/lib/app/log\n    content: \"line\\n\"\n    append: true\n",
         None,
     );
-    let mut child = Command::new("unshare")
-        .args(["-m", AGENT, "initrd", "--sysroot"])
-        .arg(vm.p("sysroot"))
-        .arg("--root")
-        .arg(vm.p("host"))
-        .arg("--run")
-        .arg(vm.p("run"))
-        .env("NIXSEED_TEST_DELAY", "before-write-files:60000")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let reached = std::io::BufReader::new(child.stderr.take().unwrap())
-        .lines()
-        .any(|l| l.unwrap().contains("test delay point reached"));
-    assert!(reached, "the agent never reached the point");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_at(&vm, "before-write-files");
     let f = vm.p("sysroot/var/lib/app/log");
     assert!(!f.exists(), "written before the kill");
     assert_eq!(vm.generation(), "gen-1");
@@ -758,7 +741,6 @@ fn a_write_files_failure_is_reported_and_the_identity_still_applies() {
 /// (The real power cut, with the VM killed, is vm-tests' `powercut` scenario.)
 #[test]
 fn killed_at_every_point_the_store_holds_one_whole_generation() {
-    use std::io::BufRead;
     let points = [
         "composed",
         "store-file-admin_authorized_keys",
@@ -787,27 +769,7 @@ fn killed_at_every_point_the_store_holds_one_whole_generation() {
             "#cloud-config\nhostname: web2\n",
             Some(PROXMOX_NETWORK),
         );
-        let mut child = Command::new("unshare")
-            .args(["-m", AGENT, "initrd", "--sysroot"])
-            .arg(vm.p("sysroot"))
-            .arg("--root")
-            .arg(vm.p("host"))
-            .arg("--run")
-            .arg(vm.p("run"))
-            .env("NIXSEED_TEST_DELAY", format!("{point}:60000"))
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut reached = false;
-        for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
-            if line.unwrap().contains("test delay point reached") {
-                reached = true;
-                break;
-            }
-        }
-        assert!(reached, "{point}: the agent never reached the point");
-        child.kill().unwrap();
-        child.wait().unwrap();
+        kill_at(&vm, point);
         let status = Command::new(AGENT)
             .args(["status", "--identity-dir"])
             .arg(vm.p("sysroot/var/identity"))
@@ -832,6 +794,29 @@ fn killed_at_every_point_the_store_holds_one_whole_generation() {
             stderr(&out)
         );
     }
+}
+
+/// Runs the initrd stage with the delay point `point` set, and SIGKILLs the agent once
+/// it says it has reached it: a power cut there.
+fn kill_at(vm: &Vm, point: &str) {
+    use std::io::BufRead;
+    let mut child = Command::new("unshare")
+        .args(["-m", AGENT, "initrd", "--sysroot"])
+        .arg(vm.p("sysroot"))
+        .arg("--root")
+        .arg(vm.p("host"))
+        .arg("--run")
+        .arg(vm.p("run"))
+        .env("NIXSEED_TEST_DELAY", format!("{point}:60000"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reached = std::io::BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .any(|l| l.unwrap().contains("test delay point reached"));
+    assert!(reached, "{point}: the agent never reached the point");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 /// Runs the initrd stage with the given cmdline and no `s=` seed directory.

@@ -771,14 +771,9 @@ fn a_push_to_another_machine_waiting_at_first_boot_sends_nothing() {
     let sock = s.path().join("web2-channel.sock");
     let foreign = "00000000-1111-2222-3333-444444444444";
     let guest = guest_at_boot_wait(UnixListener::bind(&sock).unwrap(), foreign);
-    let err = s.fails(&[
-        "push",
-        "web1",
-        "--socket",
-        &sock.display().to_string(),
-        "--timeout",
-        "10",
-    ]);
+    let sock_arg = sock.display().to_string();
+    let push = ["push", "web1", "--socket", &sock_arg, "--timeout", "10"];
+    let err = s.fails(&push);
     assert!(
         err.contains("not this machine")
             && err.contains(foreign)
@@ -791,14 +786,7 @@ fn a_push_to_another_machine_waiting_at_first_boot_sends_nothing() {
     // The machine's own guest at its wait gets the push.
     std::fs::remove_file(&sock).unwrap();
     let guest = guest_at_boot_wait(UnixListener::bind(&sock).unwrap(), &uuid.to_uppercase());
-    let out = s.ok(&[
-        "push",
-        "web1",
-        "--socket",
-        &sock.display().to_string(),
-        "--timeout",
-        "10",
-    ]);
+    let out = s.ok(&push);
     assert!(out.contains("waiting for an identity"), "{out}");
     assert_eq!(guest.join().unwrap(), ["status", "push"]);
 }
