@@ -239,6 +239,9 @@ fn scan(text: &str, mut on: impl FnMut(Mark) -> ControlFlow<()>) {
         // lines indented deeper than the node it is the value of.
         let mut node_col = indent;
         let mut dash_col: Option<usize> = None;
+        // The column of a tag or anchor after that indicator: a node's properties, so
+        // its column, not a node of their own (`- &a |`, `- !!binary |`).
+        let mut prop_col: Option<usize> = None;
         let mut i = 0;
         while i < bytes.len() {
             let c = bytes[i];
@@ -261,8 +264,11 @@ fn scan(text: &str, mut on: impl FnMut(Mark) -> ControlFlow<()>) {
             }
             let parent_col = dash_col.unwrap_or(node_col);
             let indicator = matches!(c, b'-' | b'?') && next_blank && at_start;
-            if !matches!(c, b' ' | b'\t') && !indicator && dash_col.take().is_some() {
-                node_col = i;
+            let property = matches!(c, b'!' | b'&') && at_start;
+            if property && dash_col.is_some() {
+                prop_col.get_or_insert(i);
+            } else if !matches!(c, b' ' | b'\t') && !indicator && dash_col.take().is_some() {
+                node_col = prop_col.take().unwrap_or(i);
             }
             match c {
                 b' ' | b'\t' => {}
@@ -289,6 +295,7 @@ fn scan(text: &str, mut on: impl FnMut(Mark) -> ControlFlow<()>) {
                 // (`echo a - b`) it is text.
                 b'-' | b'?' if indicator => {
                     dash_col = Some(i);
+                    prop_col = None;
                     if on(Mark::Node { line: n + 1 }).is_break() {
                         return;
                     }
@@ -705,6 +712,20 @@ mod tests {
         let m = parse_mapping(&item, "user-data").unwrap();
         assert_eq!(m["w"][0]["path"], Value::String("/var/x".into()));
         assert_eq!(m["w"][1], Value::String(format!("{open}\n")));
+        // Properties before `|` belong to the item's node: its text is still skipped (an
+        // unclosed quote in it must not hide the `!!binary` tag after it).
+        for props in ["&probe", "!!str", "&probe !!str"] {
+            let doc = format!(
+                "b:\n  - {props} |\n    python3 -c \"\n    print(1)\n    \"\nw:\n  - path: /var/x\n    content: !!binary |\n      aGVsbG8=\n"
+            );
+            let m = parse_mapping(&doc, "user-data").unwrap();
+            assert_eq!(
+                binary(&m["w"][0]["content"]),
+                Some(Ok(b"hello".to_vec())),
+                "{props}: {:?}",
+                m["w"][0]["content"]
+            );
+        }
         let lines = format!("x:\n{}", "- a\n".repeat(MAX_NODES + 1));
         let err = parse(&lines, "user-data").unwrap_err().to_string();
         assert!(
