@@ -64,18 +64,36 @@ pub fn virsh(uri: &str, name: &str, args: &[&str]) -> Result<String> {
     )
 }
 
-/// The domain state (`running`, `shut off`, ...) or None when it is not defined.
+/// The domain state (`running`, `shut off`, ...) or None when it is not defined. Any
+/// other failure of `virsh domstate` (libvirtd restarting, a broken `qemu+ssh` link) is
+/// an error, not an absent domain.
 pub fn domstate(uri: &str, name: &str) -> Result<Option<String>> {
     match virsh(uri, name, &["domstate", name]) {
         Ok(s) => Ok(Some(s.trim().to_owned())),
-        Err(e) if format!("{e}").contains("unreachable") => Err(e),
-        Err(_) => Ok(None),
+        Err(e) if no_such_domain(&format!("{e}")) => Ok(None),
+        Err(e) => Err(e),
     }
+}
+
+/// Whether virsh's error says the domain does not exist (`failed to get domain 'web1'`,
+/// `Domain not found`).
+fn no_such_domain(err: &str) -> bool {
+    err.contains("failed to get domain") || err.contains("Domain not found")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_missing_domain_reads_as_no_domain() {
+        assert!(no_such_domain(
+            "machine `web1`: `virsh -c qemu:///system domstate web1` failed: error: failed to get domain 'web1'"
+        ));
+        assert!(!no_such_domain(
+            "machine `web1`: `virsh -c qemu+ssh://hv1/system domstate web1` failed: error: End of file while reading data: Input/output error"
+        ));
+    }
 
     #[test]
     fn pidfiles_of_the_local_qemu_drivers() {
