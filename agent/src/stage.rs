@@ -277,25 +277,27 @@ pub fn apply_seed(
     {
         // Nothing of the seed is applied, so a signed one is not checked against the
         // rollback guard either: it was accepted when it was current.
-        tracing::info!(
-            "{}: instance-id {} is the seed a live push replaced (generation {} came from {}): keeping the pushed identity; attach a new seed or push to change it",
-            seed.source,
-            seed.instance_id,
-            cur.number,
-            cur.manifest.source,
-        );
         outcome.instance_id = Some(cur.manifest.instance_id.clone());
         outcome.source = Some(cur.manifest.source.clone());
         if decision == InstanceDecision::Replaced {
+            tracing::info!(
+                "{}: instance-id {} is the seed a live push replaced (generation {} came from {}): keeping the pushed identity; attach a new seed or push to change it",
+                seed.source,
+                seed.instance_id,
+                cur.number,
+                cur.manifest.source,
+            );
             return Ok(outcome);
         }
         // A clone of a machine whose identity came from a push: the clone policy applies
         // to that identity, which no seed holds.
         tracing::warn!(
-            "CLONE DETECTED: product_uuid is now {} but the identity was made for {}; policy {:?}",
+            "CLONE DETECTED: product_uuid is now {} but the identity was made for {}; {} is the seed a live push replaced, so policy {:?} applies to the pushed identity (generation {})",
             product_uuid.as_deref().unwrap_or("?"),
             cur.manifest.product_uuid.as_deref().unwrap_or("?"),
-            opts.clone_policy
+            seed.source,
+            opts.clone_policy,
+            cur.number
         );
         let tree = match opts.clone_policy {
             ClonePolicy::Refuse => bail!(
