@@ -142,7 +142,7 @@ async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Re
     let store = Store::open(&ctx.identity_path(), true)?;
     let before = store.current_number()?;
     let mut t = Timer::new();
-    let outcome = stage::apply_seed(&store, Some(&seed), true, &ctx.opts, &env, &mut t)?;
+    let outcome = stage::apply_seed(&store, Some(&seed), &ctx.opts, &env, &mut t)?;
     let failed: Vec<String> = outcome.write_files_error.into_iter().collect();
     applied(
         &store,

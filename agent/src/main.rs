@@ -162,7 +162,6 @@ fn render(a: &RenderArgs) -> Result<()> {
             seed_digest: seed.digest.clone(),
             files: Default::default(),
             seed_generation: None,
-            replaced_seeds: Vec::new(),
         },
         store::Durability::Now,
     )?;

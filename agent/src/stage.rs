@@ -190,8 +190,7 @@ pub fn run_boot_stage(opts: &StageOptions, when: BindTime) -> Result<Outcome> {
         tracing::warn!("{what}");
     }
     // Whatever goes wrong with the seed, the current generation is still mounted below.
-    let applied =
-        found.and_then(|seed| apply_seed(&store, seed.as_ref(), false, opts, &env, &mut t));
+    let applied = found.and_then(|seed| apply_seed(&store, seed.as_ref(), opts, &env, &mut t));
     let (mut outcome, seed_error) = match applied {
         Ok(o) => (o, None),
         Err(e) => (
@@ -237,11 +236,10 @@ pub fn tree_changes(old: &IdentityTree, new: &IdentityTree) -> Vec<String> {
         .collect()
 }
 
-/// Decides and writes; shared by the boot stages and a live push (`live`).
+/// Decides and writes; shared by the boot stages and a live push.
 pub fn apply_seed(
     store: &Store,
     seed: Option<&Seed>,
-    live: bool,
     opts: &StageOptions,
     env: &Env,
     t: &mut Timer,
@@ -253,7 +251,6 @@ pub fn apply_seed(
         seed.map(|s| SeedSummary {
             instance_id: &s.instance_id,
             digest: &s.digest,
-            live,
         }),
         product_uuid.as_deref(),
     );
@@ -272,52 +269,6 @@ pub fn apply_seed(
         );
         return Ok(outcome);
     };
-    if let (InstanceDecision::Replaced | InstanceDecision::ReplacedOnClone, Some(cur)) =
-        (&decision, current.as_ref())
-    {
-        // Nothing of the seed is applied, so a signed one is not checked against the
-        // rollback guard either: it was accepted when it was current.
-        outcome.instance_id = Some(cur.manifest.instance_id.clone());
-        outcome.source = Some(cur.manifest.source.clone());
-        if decision == InstanceDecision::Replaced {
-            tracing::info!(
-                "{}: instance-id {} is the seed a live push replaced (generation {} came from {}): keeping the pushed identity; attach a new seed or push to change it",
-                seed.source,
-                seed.instance_id,
-                cur.number,
-                cur.manifest.source,
-            );
-            return Ok(outcome);
-        }
-        // A clone of a machine whose identity came from a push: the clone policy applies
-        // to that identity, which no seed holds.
-        tracing::warn!(
-            "CLONE DETECTED: product_uuid is now {} but the identity was made for {}; {} is the seed a live push replaced, so policy {:?} applies to the pushed identity (generation {})",
-            product_uuid.as_deref().unwrap_or("?"),
-            cur.manifest.product_uuid.as_deref().unwrap_or("?"),
-            seed.source,
-            opts.clone_policy,
-            cur.number
-        );
-        let tree = match opts.clone_policy {
-            ClonePolicy::Refuse => bail!(
-                "clone detected (product_uuid changed; the seed found is one a live push replaced) and the clone policy is 'refuse': nothing applied"
-            ),
-            ClonePolicy::Adopt => cur.tree.clone(),
-            ClonePolicy::Regenerate => nixseed_core::identity::regenerated(&cur.tree, &mut OsFresh)
-                .map_err(anyhow::Error::msg)?,
-        };
-        outcome.changed = tree_changes(&cur.tree, &tree);
-        let manifest = Manifest {
-            generation: 0,
-            product_uuid,
-            files: Default::default(),
-            ..cur.manifest.clone()
-        };
-        outcome.generation = Some(write_tree(store, &tree, manifest, opts)?);
-        t.lap("write");
-        return Ok(outcome);
-    }
     let seed_generation = match &opts.trust {
         Some(trust) => {
             let applied = current.as_ref().and_then(|g| g.manifest.seed_generation);
@@ -357,9 +308,7 @@ pub fn apply_seed(
             }
             return Ok(outcome);
         }
-        InstanceDecision::NoSeed
-        | InstanceDecision::Replaced
-        | InstanceDecision::ReplacedOnClone => return Ok(outcome),
+        InstanceDecision::NoSeed => return Ok(outcome),
         InstanceDecision::FirstBoot => false,
         InstanceDecision::NewInstance { moved } => {
             moved && opts.clone_policy == ClonePolicy::Regenerate
@@ -405,11 +354,6 @@ pub fn apply_seed(
         seed_digest: seed.digest.clone(),
         files: Default::default(),
         seed_generation,
-        replaced_seeds: if live {
-            Manifest::replaced_by_push(current.as_ref().map(|g| &g.manifest), &seed.digest)
-        } else {
-            Vec::new()
-        },
     };
     let files = seed_files(seed, clone);
     if !files.is_empty() {

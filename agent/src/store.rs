@@ -657,7 +657,6 @@ mod tests {
             seed_digest: String::new(),
             files: Default::default(),
             seed_generation: None,
-            replaced_seeds: Vec::new(),
         }
     }
 

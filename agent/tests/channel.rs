@@ -51,14 +51,6 @@ impl Server {
         Server { child, sock }
     }
 
-    /// The next boot of the same guest: a new /run, the seed directory as it is now.
-    fn reboot(dir: &Path) -> Server {
-        std::fs::remove_dir_all(dir.join("run")).unwrap();
-        std::fs::create_dir_all(dir.join("run")).unwrap();
-        std::fs::remove_file(dir.join("channel.sock")).unwrap();
-        Server::start(dir)
-    }
-
     /// The agent's view of a path inside its mount namespace.
     fn view(&self, abs: &Path) -> PathBuf {
         PathBuf::from(format!("/proc/{}/root{}", self.agent_pid(), abs.display()))
@@ -179,81 +171,6 @@ fn status_push_and_rollback() {
     assert_eq!(
         std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
         "first\n"
-    );
-}
-
-/// The seed disk a running QEMU holds is the one it started with, so a guest that
-/// reboots after a live push finds the old seed again: the push holds, and the old seed is
-/// not applied over it. A seed with other bytes is still a new one.
-#[test]
-fn a_reboot_after_a_push_keeps_the_pushed_identity_over_the_old_seed() {
-    let dir = scratch();
-    let srv = Server::start(dir.path());
-    let push = Message::Push {
-        bundle: bundle("instance-id: two\n", "#cloud-config\nhostname: second\n"),
-    };
-    let Message::Applied { generation, .. } = srv.request(&encode(&push)) else {
-        panic!("push must answer with applied")
-    };
-    assert_eq!(generation, Some(2));
-    drop(srv);
-
-    // The reboot: /run is new, the seed directory still holds instance `one`.
-    let srv = Server::reboot(dir.path());
-    let Message::StatusReply {
-        generation,
-        instance_id,
-        ..
-    } = srv.request(&encode(&Message::Status))
-    else {
-        panic!("status must answer with status-reply")
-    };
-    assert_eq!(
-        (generation, instance_id.as_deref()),
-        (Some(2), Some("two")),
-        "the old seed came back over the push"
-    );
-    assert_eq!(
-        std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
-        "second\n"
-    );
-    let manifest = std::fs::read_to_string(
-        dir.path()
-            .join("sysroot/var/identity/current/manifest.json"),
-    )
-    .unwrap();
-    assert!(manifest.contains("replaced_seeds"), "{manifest}");
-    drop(srv);
-
-    // A clone of this machine (another product_uuid, the same old seed disk): the clone
-    // policy (regenerate) applies to the pushed identity, not the old seed's.
-    let key =
-        |d: &Path| std::fs::read(d.join("sysroot/var/identity/ssh_host_ed25519_key.pub")).unwrap();
-    let id = |d: &Path| std::fs::read(d.join("sysroot/var/identity/machine-id")).unwrap();
-    let (key_before, id_before) = (key(dir.path()), id(dir.path()));
-    ts::set_product_uuid(dir.path(), "99999999-2222-3333-4444-555555555555").unwrap();
-    let srv = Server::reboot(dir.path());
-    assert_eq!(
-        std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
-        "second\n",
-        "a clone of a pushed machine went back to the old seed"
-    );
-    assert_ne!(key(dir.path()), key_before, "the clone kept the host key");
-    assert_ne!(id(dir.path()), id_before, "the clone kept the machine-id");
-    drop(srv);
-
-    // An edited seed on the disk is applied as a new instance.
-    ts::write_seed(
-        dir.path(),
-        "instance-id: one\n",
-        "#cloud-config\nhostname: third\n",
-        None,
-    )
-    .unwrap();
-    let srv = Server::reboot(dir.path());
-    assert_eq!(
-        std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
-        "third\n"
     );
 }
 

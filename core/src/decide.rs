@@ -34,8 +34,6 @@ impl std::str::FromStr for ClonePolicy {
 pub struct SeedSummary<'a> {
     pub instance_id: &'a str,
     pub digest: &'a str,
-    /// A live push over the control channel, rather than a seed found at boot.
-    pub live: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,12 +50,6 @@ pub enum InstanceDecision {
     NewInstance { moved: bool },
     /// The product_uuid changed under an unchanged seed.
     Clone,
-    /// A seed found at boot that a live push already replaced (a running QEMU keeps the
-    /// seed disk it started with): keep the pushed identity.
-    Replaced,
-    /// The same, on a VM whose product_uuid changed (a clone of a machine whose identity
-    /// came from a push): the clone policy applies to the pushed identity.
-    ReplacedOnClone,
 }
 
 pub fn decide(
@@ -75,13 +67,6 @@ pub fn decide(
         (Some(old), Some(new)) => !old.eq_ignore_ascii_case(new),
         _ => false,
     };
-    if !seed.live && current.replaced_seeds.iter().any(|d| d == seed.digest) {
-        return if moved {
-            InstanceDecision::ReplacedOnClone
-        } else {
-            InstanceDecision::Replaced
-        };
-    }
     if current.instance_id != seed.instance_id {
         return InstanceDecision::NewInstance { moved };
     }
@@ -104,7 +89,6 @@ mod tests {
             seed_digest: digest.into(),
             files: Default::default(),
             seed_generation: None,
-            replaced_seeds: Vec::new(),
         }
     }
 
@@ -112,7 +96,6 @@ mod tests {
         Some(SeedSummary {
             instance_id: iid,
             digest,
-            live: false,
         })
     }
 
@@ -145,55 +128,5 @@ mod tests {
             decide(Some(&m), s("a", "d9"), Some("U2")),
             InstanceDecision::Same
         );
-    }
-
-    /// A pushed generation remembers the boot seed it replaced: that seed found again at
-    /// boot keeps the push (on a moved VM, under the clone policy); pushed again live, it
-    /// is applied.
-    #[test]
-    fn a_seed_a_push_replaced_does_not_come_back_at_boot() {
-        let boot = manifest("a", "U1", "d1");
-        let mut pushed = manifest("b", "U1", "d2");
-        pushed.replaced_seeds = Manifest::replaced_by_push(Some(&boot), "d2");
-        assert_eq!(pushed.replaced_seeds, ["d1"]);
-        assert_eq!(
-            decide(Some(&pushed), s("a", "d1"), Some("U1")),
-            InstanceDecision::Replaced
-        );
-        let live = SeedSummary {
-            instance_id: "a",
-            digest: "d1",
-            live: true,
-        };
-        assert_eq!(
-            decide(Some(&pushed), Some(live), Some("U1")),
-            InstanceDecision::NewInstance { moved: false }
-        );
-        assert_eq!(
-            decide(Some(&pushed), s("a", "d1"), Some("U2")),
-            InstanceDecision::ReplacedOnClone
-        );
-        // A seed edited since (same instance-id, other bytes) is a new one.
-        assert_eq!(
-            decide(Some(&pushed), s("a", "d9"), Some("U1")),
-            InstanceDecision::NewInstance { moved: false }
-        );
-    }
-
-    #[test]
-    fn replaced_seeds_are_bounded_newest_kept_and_never_the_pushed_one() {
-        let mut m = manifest("a", "U1", "d0");
-        for i in 1..40 {
-            let pushed = format!("d{i}");
-            m.replaced_seeds = Manifest::replaced_by_push(Some(&m), &pushed);
-            m.seed_digest = pushed;
-        }
-        assert_eq!(m.replaced_seeds.len(), crate::manifest::REPLACED_SEEDS_KEPT);
-        assert_eq!(m.replaced_seeds.last().map(String::as_str), Some("d38"));
-        assert!(!m.replaced_seeds.contains(&"d39".to_string()));
-        // Pushing back a seed it remembers takes it off the list.
-        let back = Manifest::replaced_by_push(Some(&m), "d30");
-        assert!(!back.contains(&"d30".to_string()) && back.contains(&"d39".to_string()));
-        assert!(Manifest::replaced_by_push(None, "d1").is_empty());
     }
 }

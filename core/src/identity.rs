@@ -92,30 +92,6 @@ pub struct ComposeContext {
     pub regenerate: bool,
 }
 
-/// `tree` with a new machine-id and SSH host key, everything else kept: a clone of a
-/// machine whose identity came from a push (no seed holds it) under the `regenerate`
-/// policy.
-pub fn regenerated(tree: &IdentityTree, fresh: &mut dyn Fresh) -> Result<IdentityTree, String> {
-    let mut out = tree.clone();
-    let (private, public) = fresh
-        .host_key("nixseed")
-        .map_err(|e| format!("cannot generate a host key: {e}"))?;
-    for (name, bytes) in [
-        (MACHINE_ID, format!("{}\n", fresh.machine_id())),
-        (SSH_HOST_KEY, ensure_newline(&private)),
-        (SSH_HOST_KEY_PUB, ensure_newline(&public)),
-    ] {
-        out.insert(
-            name.to_string(),
-            IdentityFile {
-                mode: mode_of(name),
-                bytes: bytes.into_bytes(),
-            },
-        );
-    }
-    Ok(out)
-}
-
 /// Turns a seed into the complete identity tree. `previous` is the current generation:
 /// values the seed does not carry (host keys, machine-id) are kept from it.
 pub fn compose(

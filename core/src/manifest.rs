@@ -24,38 +24,6 @@ pub struct Manifest {
     /// The signed seed manifest's generation, when the seed was signed (rollback guard).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed_generation: Option<u64>,
-    /// Digests of boot-medium seeds that a live push replaced, newest last: a boot that
-    /// finds one of them again (the seed disk a running QEMU still holds) keeps the pushed
-    /// identity instead of going back to it.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub replaced_seeds: Vec<String>,
-}
-
-/// How many replaced seed digests a manifest remembers.
-pub const REPLACED_SEEDS_KEPT: usize = 16;
-
-impl Manifest {
-    /// The `replaced_seeds` of a generation a live push writes over `current`: the ones
-    /// `current` remembers, and `current`'s own seed, less the pushed seed itself.
-    pub fn replaced_by_push(current: Option<&Manifest>, pushed_digest: &str) -> Vec<String> {
-        let Some(cur) = current else {
-            return Vec::new();
-        };
-        let mut v: Vec<String> = cur
-            .replaced_seeds
-            .iter()
-            .chain(std::iter::once(&cur.seed_digest))
-            .filter(|d| d.as_str() != pushed_digest)
-            .cloned()
-            .collect();
-        // Keep the newest mention of each.
-        let mut seen = std::collections::HashSet::new();
-        v.reverse();
-        v.retain(|d| seen.insert(d.clone()));
-        v.truncate(REPLACED_SEEDS_KEPT);
-        v.reverse();
-        v
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

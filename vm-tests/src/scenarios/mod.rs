@@ -243,7 +243,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "push",
-        about: "seedctl push of hostname, ports and admin keys: applied live, same host key, nftables opens the port, seedctl status in sync; a reboot in the same QEMU keeps the pushes over the older seed ISO",
+        about: "seedctl push of hostname, ports and admin keys: applied live, same host key, nftables opens the port, seedctl status in sync",
         run: push::push,
     },
     Scenario {

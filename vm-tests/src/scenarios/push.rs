@@ -606,7 +606,6 @@ fn sshd_refuses_the_new_key(h: &Harness, m: &Machine, b: Booted) -> Result<()> {
         failed.contains("sshd: ssh.service is failed after TryRestartUnit"),
         "seedctl push does not say that sshd is down after the try-restart:\n{said}"
     );
-    let b = reboot_keeps_the_pushes(h, m, b)?;
     let shut = b.shutdown_via_agent(h, m)?;
     ensure!(
         shut.qemu.success(),
@@ -614,56 +613,6 @@ fn sshd_refuses_the_new_key(h: &Harness, m: &Machine, b: Booted) -> Result<()> {
         shut.qemu
     );
     Ok(())
-}
-
-/// A guest rebooted inside its running QEMU reads the seed disk QEMU opened at its
-/// start, older than every push since (seedctl rewrote the file, but QEMU holds the old
-/// one): the agent must keep the pushed identity, not go back to the seed's. sshd is down
-/// when this starts (the drop-in under `/run` the reboot clears), so the reboot goes
-/// through the guest agent, as docs/seedctl.md tells an operator to do.
-fn reboot_keeps_the_pushes(h: &Harness, m: &Machine, mut b: Booted) -> Result<Booted> {
-    cmd::run(
-        m.seedctl(h.seedctl.as_ref())?
-            .args(["agent", &m.name, "--socket"])
-            .arg(b.vm.config.qga_socket())
-            .args(["shutdown", "--mode", "reboot"]),
-    )
-    .context("seedctl agent shutdown --mode reboot")?;
-    let pushed_key = m.host_key_pub()?;
-    let vm = &mut b.vm;
-    let reach = vm.config.reach_port;
-    let seen =
-        ssh::wait_for_host_key_via(b.ssh.port, reach, Some(&pushed_key), ssh_timeout(), || {
-            vm.ensure_running()
-        });
-    if let Err(e) = seen {
-        bail!(
-            "after a reboot in the same QEMU, sshd does not present the last pushed key: {e:#}\n{}",
-            b.vm.diagnostics()
-        );
-    }
-    b.ssh = Ssh::pinned(b.ssh.port, h.key.clone(), &pushed_key, &m.state)?;
-    let want = fs::read_to_string(m.dir.join("hostname")).context("reading the hostname")?;
-    let name = b.ssh.run("hostname")?;
-    ensure!(
-        name.trim() == want.trim(),
-        "after a reboot in the same QEMU the hostname is '{}', the pushed one is '{}'",
-        name.trim(),
-        want.trim()
-    );
-    let said = b
-        .ssh
-        .run("journalctl -b --no-pager -o cat | grep -F 'nixseed initrd:'")?;
-    ensure!(
-        said.contains("Replaced ->"),
-        "the initrd stage did not decide that the old seed was replaced by the pushes:\n{said}"
-    );
-    eprintln!(
-        "vm-tests: {}: rebooted in the same QEMU, the pushed identity stayed: {}",
-        m.name,
-        said.trim()
-    );
-    Ok(b)
 }
 
 /// The first line of seedctl's report that starts with `label`, or "".
