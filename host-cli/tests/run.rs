@@ -49,6 +49,50 @@ fn started() -> (Scratch, u64) {
     (s, port)
 }
 
+/// What QEMU process `pid` holds open of files named `name`: the targets of its
+/// `/proc/PID/fd` links, `… (deleted)` for a file renamed over since it was opened.
+fn held(pid: &str, name: &str) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .map(|t| t.display().to_string())
+        .filter(|t| t.contains(name))
+        .collect()
+}
+
+/// A seed written while the machine runs (by `seed`, and by `push`, which rewrites it)
+/// is given to the running QEMU: QEMU keeps the file it opened, so without that a guest
+/// rebooted inside it would apply the older seed. Written elsewhere (`-o`), it is not.
+#[test]
+fn a_seed_written_while_running_is_given_to_the_running_qemu() {
+    let (s, _) = started();
+    let sd = s.state("web1");
+    let pid = std::fs::read_to_string(sd.join("qemu.pid")).unwrap();
+    let pid = pid.trim();
+    let iso = sd.join("seed.iso").display().to_string();
+    assert_eq!(held(pid, "seed.iso"), std::slice::from_ref(&iso));
+
+    std::fs::write(s.machine("web1").join("hostname"), "renamed\n").unwrap();
+    let out = s.ok(&["seed", "web1", "-o", "elsewhere.iso"]);
+    assert!(!out.contains("running QEMU"), "{out}");
+    let out = s.ok(&["seed", "web1"]);
+    assert!(
+        out.contains("the running QEMU's seed cdrom now holds it"),
+        "{out}"
+    );
+    assert_eq!(
+        held(pid, "seed.iso"),
+        [iso],
+        "QEMU still holds the seed it started with"
+    );
+    s.ok(&["destroy", "web1"]);
+    // A QEMU without a seed cdrom has nothing to take it.
+    s.ok(&[&["run", "web1", "--seed-via", "channel"], DETACHED_TCG].concat());
+    let out = s.ok(&["seed", "web1"]);
+    assert!(!out.contains("running QEMU"), "{out}");
+    s.ok(&["destroy", "web1"]);
+}
+
 #[test]
 fn run_wires_uuid_disks_channels_and_ssh_forward() {
     let (s, port) = started();

@@ -182,12 +182,14 @@ pub fn applied_report(
 }
 
 /// After a push, the machine's seed disk in the state directory (if it has one) is
-/// rewritten too: otherwise the next boot would apply the older seed over the pushed
+/// rewritten too, and given to its running `seedctl run` QEMU: otherwise the next boot,
+/// a reboot inside that QEMU included, would apply the older seed over the pushed
 /// identity, since the seed disk wins at boot.
 fn refresh_seed(paths: &Paths, id: &Identity) -> Result<()> {
     let iso = paths.state_dir(&id.name).join(crate::state::SEED_ISO);
     if iso.exists() {
         crate::cmd::seed::write(id, crate::cmd::seed::SeedFormat::Iso, &iso)?;
+        crate::cmd::run::insert_seed_into_running_qemu(paths, &id.name, &iso)?;
     }
     Ok(())
 }

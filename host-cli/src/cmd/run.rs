@@ -105,6 +105,55 @@ pub fn write_known_hosts(id: &Identity, sd: &StateDir, port: u16) -> Result<Path
     Ok(path)
 }
 
+/// The qdev id of the seed cdrom of a `seedctl run` QEMU, for QMP.
+pub const SEED_CD: &str = "seedcd";
+
+/// Gives the seed cdrom of the machine's running `seedctl run` QEMU the seed ISO at
+/// `iso` anew. QEMU keeps the file it opened at start, so a seed written since (by
+/// `seed`, or by `push`, which rewrites it) would otherwise reach the guest only after
+/// QEMU restarts, and a guest rebooted inside the same QEMU would apply the older seed
+/// again. Returns whether a running QEMU took it; a machine not running under `seedctl
+/// run`, or one started with `--seed-via channel` (no cdrom), has nothing to give it to.
+pub fn insert_seed_into_running_qemu(
+    paths: &Paths,
+    name: &str,
+    iso: &std::path::Path,
+) -> Result<bool> {
+    let sd = StateDir::new(paths, name);
+    if sd.running_pid().is_none() {
+        return Ok(false);
+    }
+    let mut qmp = crate::qmp::Qmp::connect(&sd.file(QMP_SOCK))
+        .with_context(|| format!("machine `{name}`"))?;
+    // QEMU opens the file from its own working directory.
+    let file = std::path::absolute(iso).unwrap_or_else(|_| iso.to_path_buf());
+    let args = |target: (&str, &str)| {
+        serde_json::json!({
+            target.0: target.1,
+            "filename": file.display().to_string(),
+            "format": "raw",
+            "read-only-mode": "read-only",
+            "force": true,
+        })
+    };
+    // By the device's id; a QEMU started before the cdrom had one, by its drive's name.
+    let not_found = |e: &anyhow::Error| format!("{e}").contains("DeviceNotFound");
+    let changed = match qmp.execute("blockdev-change-medium", Some(args(("id", SEED_CD)))) {
+        Err(e) if not_found(&e) => {
+            qmp.execute("blockdev-change-medium", Some(args(("device", "seed"))))
+        }
+        other => other,
+    };
+    match changed {
+        Ok(_) => Ok(true),
+        Err(e) if not_found(&e) => Ok(false),
+        Err(e) => Err(e.context(format!(
+            "machine `{name}`: giving the running QEMU the new seed {}",
+            iso.display()
+        ))),
+    }
+}
+
 pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.name)?;
     let sd = StateDir::new(paths, &a.name);
@@ -205,7 +254,10 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
                 opt(SEED_ISO)
             ),
         ])
-        .args(["-device", "ide-cd,bus=ide.0,drive=seed"]);
+        .args([
+            "-device",
+            &format!("ide-cd,bus=ide.0,drive=seed,id={SEED_CD}"),
+        ]);
     }
     match &a.kernel {
         Some(k) => {

@@ -107,12 +107,25 @@ pub fn run(paths: &Paths, a: &SeedArgs) -> Result<Report> {
         }
     };
     let instance_id = write(&id, a.format, &out)?;
+    // The machine's own seed ISO reaches a QEMU that runs it now, not only its next start.
+    let running = a.output.is_none()
+        && a.format == SeedFormat::Iso
+        && crate::cmd::run::insert_seed_into_running_qemu(paths, &a.name, &out)?;
     let digest = hex(&id.digest());
     Ok(Report::new(
-        format!("wrote {} (instance-id {instance_id})", out.display()),
+        format!(
+            "wrote {} (instance-id {instance_id}){}",
+            out.display(),
+            if running {
+                "; the running QEMU's seed cdrom now holds it"
+            } else {
+                ""
+            }
+        ),
         json!({
             "machine": a.name,
             "output": out,
+            "running_qemu": running,
             "format": format!("{:?}", a.format).to_lowercase(),
             "instance_id": instance_id,
             "identity_sha256": digest,
