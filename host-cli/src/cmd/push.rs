@@ -189,7 +189,13 @@ fn refresh_seed(paths: &Paths, id: &Identity) -> Result<()> {
     let iso = paths.state_dir(&id.name).join(crate::state::SEED_ISO);
     if iso.exists() {
         crate::cmd::seed::write(id, crate::cmd::seed::SeedFormat::Iso, &iso)?;
-        crate::cmd::run::insert_seed_into_running_qemu(paths, &id.name, &iso)?;
+        // The guest has the identity by now: a QEMU that cannot take the new file is
+        // said, not made the push's failure.
+        if let Err(e) = crate::cmd::run::insert_seed_into_running_qemu(paths, &id.name, &iso) {
+            eprintln!(
+                "seedctl: warning: {e:#}; a reboot inside this QEMU applies the older seed, so stop and start the machine"
+            );
+        }
     }
     Ok(())
 }
