@@ -304,7 +304,7 @@ pub fn apply_seed(
                     seed.source,
                     seed.instance_id
                 );
-                write_seed_files(seed, false, opts, &mut outcome, t);
+                write_seed_files(&seed_files(seed, false), opts, &mut outcome, t);
             }
             return Ok(outcome);
         }
@@ -374,7 +374,7 @@ pub fn apply_seed(
     t.lap("write");
     outcome.generation = Some(n);
     crate::crashpoint::hit("before-write-files");
-    write_seed_files(seed, clone, opts, &mut outcome, t);
+    write_seed_files(&files, opts, &mut outcome, t);
     Ok(outcome)
 }
 
@@ -424,17 +424,15 @@ fn seed_files(seed: &Seed, clone: bool) -> Vec<nixseed_core::userdata::WriteFile
 /// A file that cannot be written is reported, and the identity is still mounted and
 /// reloaded (cloud-init's write_files fails on its own too).
 fn write_seed_files(
-    seed: &Seed,
-    clone: bool,
+    files: &[nixseed_core::userdata::WriteFile],
     opts: &StageOptions,
     outcome: &mut Outcome,
     t: &mut Timer,
 ) {
-    let files = seed_files(seed, clone);
     if files.is_empty() {
         return;
     }
-    match crate::write_files::apply(&opts.sysroot, &opts.run, &opts.identity_dir, &files) {
+    match crate::write_files::apply(&opts.sysroot, &opts.run, &opts.identity_dir, files) {
         Ok(written) => tracing::info!("write_files: wrote {}", written.join(", ")),
         Err(e) => {
             tracing::error!("{e:#}; the identity is applied without it");
