@@ -154,6 +154,45 @@ fn set_seed_media(uri: &str, name: &str, seed: &std::path::Path, via: SeedVia) -
     Ok(())
 }
 
+/// Gives a running libvirt domain's seed cdrom the seed ISO at `seed` anew, as
+/// `insert_seed_into_running_qemu` does for a `seedctl run` QEMU: the domain's QEMU keeps
+/// the file it opened at start, and a seed rewritten since would reach the guest only
+/// after QEMU restarts. libvirt leaves a medium alone when asked to change it to the path
+/// it already has, so the cdrom is emptied and filled again (`--live` only: the
+/// persistent config names the same file). Returns whether the domain took it; a domain
+/// not running, or with no cdrom holding that file, has nothing to give it to.
+pub fn insert_seed_into_running_domain(
+    uri: &str,
+    name: &str,
+    seed: &std::path::Path,
+) -> Result<bool> {
+    if !matches!(
+        libvirt::domstate(uri, name)?.as_deref(),
+        Some("running" | "paused")
+    ) {
+        return Ok(false);
+    }
+    let seed = std::path::absolute(seed).unwrap_or_else(|_| seed.to_path_buf());
+    let seed = seed.display().to_string();
+    if !seed_attached(&virsh(uri, name, &["dumpxml", name])?, &seed) {
+        return Ok(false);
+    }
+    virsh(
+        uri,
+        name,
+        &["change-media", name, &seed, "--eject", "--live", "--force"],
+    )?;
+    virsh(
+        uri,
+        name,
+        &["change-media", name, "sda", &seed, "--insert", "--live"],
+    )
+    .with_context(|| {
+        format!("machine `{name}`: the seed cdrom was emptied and not filled again")
+    })?;
+    Ok(true)
+}
+
 pub fn start(paths: &Paths, a: &StartArgs) -> Result<Report> {
     let name = &a.name;
     let id = Identity::load(paths, name)?;

@@ -182,16 +182,25 @@ pub fn applied_report(
 }
 
 /// After a push, the machine's seed disk in the state directory (if it has one) is
-/// rewritten too, and given to its running `seedctl run` QEMU: otherwise the next boot,
-/// a reboot inside that QEMU included, would apply the older seed over the pushed
-/// identity, since the seed disk wins at boot.
-fn refresh_seed(paths: &Paths, id: &Identity) -> Result<()> {
+/// rewritten too, and given to the QEMU that runs the machine now (its `seedctl run`
+/// QEMU, or the libvirt domain's with `--connect`): otherwise the next boot, a reboot
+/// inside that QEMU included, would apply the older seed over the pushed identity, since
+/// the seed disk wins at boot.
+fn refresh_seed(paths: &Paths, id: &Identity, connect: Option<&str>) -> Result<()> {
     let iso = paths.state_dir(&id.name).join(crate::state::SEED_ISO);
     if iso.exists() {
         crate::cmd::seed::write(id, crate::cmd::seed::SeedFormat::Iso, &iso)?;
+        let given = match connect {
+            Some(uri) => crate::cmd::power::insert_seed_into_running_domain(
+                &crate::libvirt::uri(Some(uri)),
+                &id.name,
+                &iso,
+            ),
+            None => crate::cmd::run::insert_seed_into_running_qemu(paths, &id.name, &iso),
+        };
         // The guest has the identity by now: a QEMU that cannot take the new file is
         // said, not made the push's failure.
-        if let Err(e) = crate::cmd::run::insert_seed_into_running_qemu(paths, &id.name, &iso) {
+        if let Err(e) = given {
             eprintln!(
                 "seedctl: warning: {e:#}; a reboot inside this QEMU applies the older seed, so stop and start the machine"
             );
@@ -207,7 +216,7 @@ pub fn run(paths: &Paths, a: &PushArgs) -> Result<Report> {
         bundle: channel::bundle(&id)?,
     };
     let outcome = channel::apply(&mut chan, &request, a.channel.timeout(), Some(&id))?;
-    refresh_seed(paths, &id)?;
+    refresh_seed(paths, &id, a.channel.connect.as_deref())?;
     let iid = nocloud::instance_id(&id);
     Ok(applied_report(
         "pushed",

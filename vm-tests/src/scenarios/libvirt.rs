@@ -327,6 +327,7 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         String::from_utf8_lossy(&pushed.stdout).trim()
     );
     over_channel("status").context("seedctl status --connect after the push")?;
+    reboot_keeps_the_push(name, "libvirt-renamed", &pushed.stdout)?;
     // And back: the generation before the push is current again, with its hostname.
     over_channel("rollback")?;
     let back = virsh(&["domhostname", name, "--source", "agent"])?;
@@ -425,6 +426,57 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         virsh(&["undefine", "--nvram", name])?;
         undefined(name)?;
     }
+    Ok(())
+}
+
+/// A reboot inside the same QEMU (`virsh reboot --mode agent`) after `seedctl push
+/// --connect`: the guest reads the seed cdrom again at boot, and the push must have
+/// given the domain's QEMU the new seed, or the older one would win over the pushed
+/// identity. libvirt's `reboot` event tells the reset; the agent's next answer is the
+/// new boot's.
+fn reboot_keeps_the_push(name: &str, want_host: &str, push_said: &[u8]) -> Result<()> {
+    let t = Instant::now();
+    let mut event = Command::new("virsh")
+        .args(["-c", URI, "event", "--domain", name, "--event", "reboot"])
+        .args(["--timeout", "240"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting `virsh event --event reboot`")?;
+    // The listener registers before the reboot is asked for.
+    std::thread::sleep(Duration::from_secs(1));
+    let asked = virsh(&["reboot", name, "--mode", "agent"]);
+    if let Err(e) = asked {
+        let _ = event.kill();
+        let _ = event.wait();
+        return Err(e.context(format!("`virsh reboot {name} --mode agent`")));
+    }
+    let heard = event
+        .wait_with_output()
+        .context("waiting for `virsh event --event reboot`")?;
+    let said = String::from_utf8_lossy(&heard.stdout);
+    ensure!(
+        said.contains("reboot"),
+        "no reboot event from domain {name} within 240 s of `virsh reboot --mode agent`: {} {}",
+        said.trim(),
+        String::from_utf8_lossy(&heard.stderr).trim()
+    );
+    let host = virsh_until(
+        name,
+        &["domhostname", name, "--source", "agent"],
+        ssh_timeout(),
+        "`virsh domhostname --source agent` after the reboot",
+    )?;
+    ensure!(
+        host.trim() == want_host,
+        "after `seedctl push {name} --connect` and a reboot inside the same QEMU the agent says hostname '{}', not the pushed '{want_host}': the domain's cdrom still held the older seed; push said: {}",
+        host.trim(),
+        String::from_utf8_lossy(push_said).trim()
+    );
+    eprintln!(
+        "vm-tests: {name}: rebooted inside the same QEMU after the push, still '{want_host}' ({:.1} s)",
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
