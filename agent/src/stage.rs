@@ -409,13 +409,14 @@ fn pending_write_files(opts: &StageOptions) -> Option<String> {
         .map(|d| d.trim().to_string())
 }
 
-/// The seed's `write_files`: user-data's list, else vendor-data's (cloud-init's merge
-/// keeps the first whole). None for a clone, whose `/var` already has them (an `append`
-/// would be doubled): they run once per instance, as cloud-init's do.
+/// The seed's `write_files`: user-data's list when user-data names the key (`[]`
+/// included), else vendor-data's (cloud-init's merge keeps the first whole). None for a
+/// clone, whose `/var` already has them (an `append` would be doubled): they run once per
+/// instance, as cloud-init's do.
 fn seed_files(seed: &Seed, clone: bool) -> Vec<nixseed_core::userdata::WriteFile> {
     match seed.vendor.as_ref() {
         _ if clone => Vec::new(),
-        Some(v) if seed.user.write_files.is_empty() => v.write_files.clone(),
+        Some(v) if !seed.user.given.contains("write_files") => v.write_files.clone(),
         _ => seed.user.write_files.clone(),
     }
 }

@@ -619,6 +619,30 @@ fn write_files_land_under_var_once_per_instance() {
     assert_eq!(std::fs::read(&f).unwrap(), b"rotated");
 }
 
+/// vendor-data's `write_files` run when user-data does not name the key, and not when it
+/// says `write_files: []` (cloud-init's merge keeps user-data's value, empty or not).
+#[test]
+fn vendor_write_files_yield_to_an_empty_user_list() {
+    let vendor =
+        "#cloud-config\nwrite_files:\n  - path: /var/lib/vendor/flag\n    content: from-vendor\n";
+    for (user, written) in [
+        ("#cloud-config\nhostname: web1\n", true),
+        ("#cloud-config\nhostname: web1\nwrite_files: []\n", false),
+    ] {
+        let vm = Vm::new();
+        vm.seed("instance-id: iid-1\n", user, None);
+        std::fs::write(vm.p("sysroot/seed/vendor-data"), vendor).unwrap();
+        let (out, s) = vm.boot();
+        assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+        assert_eq!(
+            vm.p("sysroot/var/lib/vendor/flag").exists(),
+            written,
+            "user-data {user:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 /// Killed after the new generation became current and before its `write_files` were
 /// written (a power cut there): the next boot of the same instance finds the marker the
 /// apply left and writes them, once.

@@ -566,6 +566,34 @@ mod configdrive_tests {
             .map(|f| f.path.as_str())
             .collect();
         assert_eq!(paths, ["/var/lib/u"], "user-data's list wins whole");
+        // A list key user-data names wins even empty or null, as in cloud-init's
+        // mergemanydict: `write_files: []` turns vendor-data's files off.
+        let vendor = userdata::parse(
+            b"#cloud-config\nwrite_files: [{path: /var/lib/v, content: a}]\nssh_authorized_keys: [ssh-ed25519 AAAAC3 vendor]\nusers: [{name: vend}]\n",
+            "v",
+        )
+        .unwrap();
+        for doc in [
+            "#cloud-config\nwrite_files: []\nssh_authorized_keys: []\nusers: []\n",
+            "#cloud-config\nwrite_files:\nssh_authorized_keys:\nusers:\n",
+        ] {
+            let merged = userdata::parse(doc.as_bytes(), "u")
+                .unwrap()
+                .over(vendor.clone());
+            assert!(
+                merged.write_files.is_empty(),
+                "{doc}: {:?}",
+                merged.write_files
+            );
+            assert!(merged.ssh_authorized_keys.is_empty(), "{doc}");
+            assert!(merged.users.is_empty(), "{doc}: {:?}", merged.users);
+        }
+        let silent = userdata::parse(b"#cloud-config\nhostname: a\n", "u")
+            .unwrap()
+            .over(vendor.clone());
+        assert_eq!(silent.write_files.len(), 1, "user-data silent: vendor's");
+        assert_eq!(silent.ssh_authorized_keys.len(), 1);
+        assert_eq!(silent.users.len(), 1);
         assert!(s.warnings.is_empty(), "{:?}", s.warnings);
         // An explicit false wins over a lower true.
         let no_hosts = userdata::parse(b"#cloud-config\nmanage_etc_hosts: false\n", "u").unwrap();

@@ -107,7 +107,15 @@ pub struct CloudConfig {
     pub vendor_data: Option<bool>,
     /// The same for a ConfigDrive's `vendor_data2.json` (`vendor_data2:`).
     pub vendor_data2: Option<bool>,
+    /// The list keys ([`LIST_KEYS`]) the config names, an empty list or `null` included:
+    /// cloud-init's merge keeps user-data's value whenever the key is there, so
+    /// `write_files: []` in user-data turns vendor-data's files off.
+    pub given: std::collections::BTreeSet<&'static str>,
 }
+
+/// The keys whose value is a list taken whole from the first config that names them
+/// (user-data, else vendor_data2.json, else vendor-data).
+pub const LIST_KEYS: [&str; 3] = ["ssh_authorized_keys", "users", "write_files"];
 
 impl CloudConfig {
     /// `self` over `lower`, key by key: user-data over vendor-data, and a ConfigDrive's
@@ -122,10 +130,13 @@ impl CloudConfig {
         self.prefer_fqdn_over_hostname = self
             .prefer_fqdn_over_hostname
             .or(v.prefer_fqdn_over_hostname);
-        if self.ssh_authorized_keys.is_empty() {
+        // A list is taken whole from the first config that names its key, even as `[]`.
+        // `users` also counts a legacy `user:`, which adds to the list.
+        let named = |c: &CloudConfig, key: &str| c.given.contains(key);
+        if !named(&self, "ssh_authorized_keys") {
             self.ssh_authorized_keys = v.ssh_authorized_keys;
         }
-        if self.users.is_empty() {
+        if !named(&self, "users") && self.users.is_empty() {
             self.users = v.users;
         }
         if self.ssh_keys.is_empty() {
@@ -136,9 +147,10 @@ impl CloudConfig {
         }
         // The whole list, not a concatenation: cloud-init's merge keeps the first config's
         // `write_files` (user-data's, else vendor_data2.json's, else vendor-data's).
-        if self.write_files.is_empty() {
+        if !named(&self, "write_files") {
             self.write_files = v.write_files;
         }
+        self.given.extend(v.given);
         self.ssh_pwauth = self.ssh_pwauth.or(v.ssh_pwauth);
         self.resolv_conf = self.resolv_conf.or(v.resolv_conf);
         self.timezone = self.timezone.or(v.timezone);
@@ -379,6 +391,9 @@ fn merge_cloud_config(
             }
         };
         let ctx = Ctx { origin, key };
+        if let Some(list) = LIST_KEYS.iter().find(|k| **k == key) {
+            config.given.insert(list);
+        }
         match key {
             "hostname" => config.hostname = Some(ctx.text(value, text)?),
             "fqdn" => config.fqdn = Some(ctx.text(value, text)?),
@@ -796,8 +811,11 @@ impl Ctx<'_> {
         v: &Value,
         warnings: &mut Vec<String>,
     ) -> Result<Vec<WriteFile>, UserDataError> {
-        let Value::Sequence(items) = v else {
-            return Err(self.err(format!("expected a list, found {}", yaml::kind(v))));
+        // `write_files:` with no value writes nothing, as cloud-init's module skips it.
+        let items = match v {
+            Value::Sequence(items) => items.as_slice(),
+            Value::Null => &[],
+            _ => return Err(self.err(format!("expected a list, found {}", yaml::kind(v)))),
         };
         if items.len() > MAX_WRITE_FILES {
             return Err(self.err(format!(
