@@ -96,6 +96,7 @@ fn main() -> Result<()> {
                 name: names[i].clone(),
                 output: Some(out("lib", i)),
                 format: SeedFormat::Iso,
+                connect: None,
             },
         )
         .map(|_| ())

@@ -28,6 +28,9 @@ pub enum SeedFormat {
   seedctl seed web1                       # .seedctl/web1/seed.iso
   seedctl seed web1 -o /tmp/web1.iso
   seedctl seed web1 --format vfat -o web1-seed.img
+  seedctl seed web1 --connect qemu:///system  # and give it to the running domain
+The machine's own seed ISO is given to the QEMU running it now (`seedctl run`'s, or
+with --connect the libvirt domain's), so a reboot inside it applies the new seed.
 The same identity always gives byte-identical output (ISO timestamps come from
 SOURCE_DATE_EPOCH, default 2020-01-01; vfat always carries 2020-01-01).")]
 pub struct SeedArgs {
@@ -39,6 +42,9 @@ pub struct SeedArgs {
     /// Volume format
     #[arg(long, value_enum, default_value_t = SeedFormat::Iso)]
     pub format: SeedFormat,
+    /// libvirt URI: give the new seed ISO to the running domain's cdrom
+    #[arg(long, short = 'c', value_name = "URI", conflicts_with = "output")]
+    pub connect: Option<String>,
 }
 
 /// SOURCE_DATE_EPOCH when set and valid, else [`DEFAULT_EPOCH`].
@@ -98,6 +104,12 @@ pub fn write(id: &Identity, format: SeedFormat, out: &std::path::Path) -> Result
 
 pub fn run(paths: &Paths, a: &SeedArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.name)?;
+    if a.connect.is_some() && a.format != SeedFormat::Iso {
+        anyhow::bail!(
+            "machine `{}`: --connect gives the seed ISO to the domain's cdrom; a vfat seed has none to go to",
+            a.name
+        );
+    }
     let out = match &a.output {
         Some(out) => out.clone(),
         None => {
@@ -108,9 +120,16 @@ pub fn run(paths: &Paths, a: &SeedArgs) -> Result<Report> {
     };
     let instance_id = write(&id, a.format, &out)?;
     // The machine's own seed ISO reaches a QEMU that runs it now, not only its next start.
-    let running = a.output.is_none()
-        && a.format == SeedFormat::Iso
-        && crate::cmd::run::insert_seed_into_running_qemu(paths, &a.name, &out)?;
+    let own_iso = a.output.is_none() && a.format == SeedFormat::Iso;
+    let running = own_iso
+        && match &a.connect {
+            Some(uri) => crate::cmd::power::insert_seed_into_running_domain(
+                &crate::libvirt::uri(Some(uri)),
+                &a.name,
+                &out,
+            )?,
+            None => crate::cmd::run::insert_seed_into_running_qemu(paths, &a.name, &out)?,
+        };
     let digest = hex(&id.digest());
     Ok(Report::new(
         format!(

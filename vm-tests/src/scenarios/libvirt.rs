@@ -339,6 +339,7 @@ pub fn libvirt(h: &Harness) -> Result<()> {
     // machines/NAME agrees with the guest again.
     std::fs::write(m.dir.join("hostname"), format!("{want_host}\n"))
         .with_context(|| format!("restoring {}/hostname", m.dir.display()))?;
+    seed_reaches_the_running_qemu(seedctl, &machines, &state, name)?;
     channel_hot_plug(name, &h.work, &over_channel)?;
 
     // Freeze and thaw: libvirt counts what the agent froze.
@@ -476,6 +477,44 @@ fn reboot_keeps_the_push(name: &str, want_host: &str, push_said: &[u8]) -> Resul
     eprintln!(
         "vm-tests: {name}: rebooted inside the same QEMU after the push, still '{want_host}' ({:.1} s)",
         t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `seedctl seed NAME --connect URI` rewrites the seed ISO (a new file in its place) and
+/// gives it to the running domain: libvirt's QEMU then holds the file the path names, not
+/// the one it replaced, which `/proc/PID/fd` shows as `(deleted)`.
+fn seed_reaches_the_running_qemu(
+    seedctl: &Seedctl,
+    machines: &Path,
+    state: &Path,
+    name: &str,
+) -> Result<()> {
+    let out = cmd::run(&mut at_libvirt(seedctl, machines, state, "seed", name, &[]))?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        said.contains("seed cdrom now holds it"),
+        "`seedctl seed {name} --connect` did not say the running domain took the seed: {said}"
+    );
+    let pidfile = format!("/run/libvirt/qemu/{name}.pid");
+    let pid = std::fs::read_to_string(&pidfile).with_context(|| format!("reading {pidfile}"))?;
+    let fds = format!("/proc/{}/fd", pid.trim());
+    let mut seeds = Vec::new();
+    for e in std::fs::read_dir(&fds).with_context(|| format!("listing {fds}"))? {
+        let target = std::fs::read_link(e?.path()).unwrap_or_default();
+        let target = target.display().to_string();
+        if target.contains("seed.iso") {
+            seeds.push(target);
+        }
+    }
+    let iso = state.join(name).join("seed.iso");
+    let iso = std::path::absolute(&iso)
+        .unwrap_or(iso)
+        .display()
+        .to_string();
+    ensure!(
+        seeds.contains(&iso) && !seeds.iter().any(|t| t.ends_with("(deleted)")),
+        "after `seedctl seed {name} --connect` the domain's QEMU holds {seeds:?}, not only {iso}"
     );
     Ok(())
 }
