@@ -44,11 +44,13 @@ pub fn info(image: &Path) -> Result<ImageInfo> {
         .with_context(|| format!("reading `qemu-img info` for {}", image.display()))
 }
 
-/// Whether a running QEMU holds `image` open, by any route (`seedctl run`, libvirt under
-/// whatever URI, by hand): `qemu-img info` without `-U` asks for the image's lock, which
-/// QEMU holds while it runs the disk.
+/// Whether a running QEMU holds `image` open for writing, by any route (`seedctl run`,
+/// libvirt under whatever URI, `qemu-nbd`, by hand): `qemu-img info` without `-U` asks
+/// for the image's lock, which QEMU holds while it writes the disk. An image `qemu-img`
+/// cannot read at all (no permission, say, once libvirt has handed it to its QEMU user)
+/// is an error: it may well be in use, and the caller must not take it as free.
 pub fn in_use(image: &Path) -> Result<bool> {
-    if !image.exists() {
+    if std::fs::symlink_metadata(image).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
         return Ok(false);
     }
     let out = tools::output(
@@ -56,13 +58,23 @@ pub fn in_use(image: &Path) -> Result<bool> {
             .args(["info", "--output=json"])
             .arg(image),
     )?;
+    if out.status.success() {
+        return Ok(false);
+    }
     // QEMU's own words for a lock it could not take; the path in other errors may hold
     // any text.
     let err = String::from_utf8_lossy(&out.stderr);
-    Ok(!out.status.success()
-        && (err.contains("Failed to get shared \"write\" lock")
-            || err.contains("Failed to get \"write\" lock")
-            || err.contains("Is another process using the image")))
+    if err.contains("Failed to get shared \"write\" lock")
+        || err.contains("Failed to get \"write\" lock")
+        || err.contains("Is another process using the image")
+    {
+        return Ok(true);
+    }
+    bail!(
+        "cannot tell whether a QEMU holds {} open: `qemu-img info` says {}",
+        image.display(),
+        err.trim()
+    )
 }
 
 /// Check that `base` can back an overlay: a regular file with a UTF-8 path (it is
@@ -106,6 +118,14 @@ pub fn check_base(base: &Path, state: &Path) -> Result<(PathBuf, String)> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             state.display()
+        );
+    }
+    // Every overlay reads the base as it is: one written meanwhile (open read-write in
+    // a QEMU, `qemu-nbd` or `guestfish`) corrupts them all.
+    if in_use(&abs)? {
+        bail!(
+            "base image {} is open for writing in another process (a VM, qemu-nbd, guestfish); an overlay needs a base nothing writes to: close it, or pass a copy",
+            abs.display()
         );
     }
     let info = info(&abs)?;
@@ -239,6 +259,14 @@ pub fn copy_var_disk(from: &Path, out: &Path) -> Result<()> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_qemu_img_cannot_open_is_not_taken_as_free() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!in_use(&dir.path().join("absent.qcow2")).unwrap());
+        let err = in_use(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("cannot tell whether a QEMU holds"), "{err}");
+    }
 
     #[test]
     fn sizes() {

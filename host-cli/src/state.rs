@@ -98,9 +98,30 @@ impl StateDir {
         write_atomic(&self.file(STATE_FILE), &bytes, 0o644)
     }
 
+    /// A disk that is a symlink to nothing (a volume not mounted yet, say) is an error
+    /// naming the link and where it points: it is not a missing disk, and nothing may be
+    /// made in its place.
+    pub fn no_dangling_disk_link(&self) -> Result<()> {
+        for disk in [BOOT_DISK, VAR_DISK] {
+            let path = self.file(disk);
+            if let Ok(to) = std::fs::read_link(&path)
+                && !path.exists()
+            {
+                anyhow::bail!(
+                    "machine `{}`: {} is a link to {}, which is not there (a volume not mounted?); mount it, or remove the link",
+                    self.name,
+                    path.display(),
+                    to.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Both disks are there; a missing one is named with the command that makes it
     /// (`upgrade` when only the boot overlay is gone, so that `/var` is kept).
     pub fn ensure_disks(&self) -> Result<()> {
+        self.no_dangling_disk_link()?;
         let (boot, var) = (self.file(BOOT_DISK).exists(), self.file(VAR_DISK).exists());
         let fix = match (boot, var) {
             (true, true) => return Ok(()),

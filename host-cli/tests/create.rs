@@ -189,6 +189,37 @@ fn a_machine_whose_overlay_is_gone_keeps_its_var_disk() {
     assert_eq!(std::fs::read(sd.join("var.qcow2")).unwrap(), var);
 }
 
+/// A /var disk kept on another volume through a symlink, with that volume not mounted:
+/// the link points at nothing. Neither `create` nor `upgrade` nor `run` takes it for a
+/// missing disk; each names the link, and the link survives.
+#[test]
+fn a_var_disk_link_to_nothing_is_not_replaced() {
+    require_tool("qemu-img");
+    require_tool("mkfs.ext4");
+    let s = Scratch::new();
+    s.created("web1", "64M");
+    let sd = s.state("web1");
+    std::fs::remove_file(sd.join("var.qcow2")).unwrap();
+    std::fs::remove_file(sd.join("boot.qcow2")).unwrap();
+    let gone = s.path().join("unmounted/web1-var.qcow2");
+    std::os::unix::fs::symlink(&gone, sd.join("var.qcow2")).unwrap();
+    for args in [
+        &["create", "web1", "--base", "base.qcow2"][..],
+        &["upgrade", "web1", "--base", "base.qcow2"],
+        &["run", "web1", "--detach"],
+    ] {
+        let err = s.fails(args);
+        assert!(
+            err.contains("var.qcow2")
+                && err.contains("not there")
+                && err.contains("web1-var.qcow2"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(std::fs::read_link(sd.join("var.qcow2")).unwrap(), gone);
+        assert!(!sd.join("boot.qcow2").exists(), "{args:?} made a boot disk");
+    }
+}
+
 /// Bases that cannot back an overlay for long are refused by name: an empty image, a
 /// device, and a machine's own disk (another machine's /var changes under any overlay
 /// on it). An image of its own kept under the state directory is a base like any other.

@@ -242,3 +242,133 @@ fn an_overlay_open_in_any_running_qemu_is_not_replaced() {
     assert!(err.contains("open in a running QEMU"), "{err}");
     s.ok(&["upgrade", "web1", "--base", "base2.qcow2"]);
 }
+
+/// The base every overlay reads must not change under them: one open for writing
+/// (`qemu-nbd` here) is refused by `create` and `upgrade`; one that running VMs only read
+/// as their backing file is not.
+#[test]
+fn a_base_open_for_writing_is_refused_and_one_vms_read_is_not() {
+    require_tool("qemu-img");
+    require_tool("qemu-nbd");
+    require_tool("qemu-system-x86_64");
+    let s = Scratch::new();
+    s.created("web1", "32M");
+    s.ok(&["new", "web2"]);
+    s.qcow2("base2.qcow2");
+    let base2 = s.path().join("base2.qcow2");
+    let pidfile = s.path().join("nbd.pid");
+    let nbd = Command::new("qemu-nbd")
+        .args(["--fork", "-f", "qcow2", "--persistent"])
+        .arg("--pid-file")
+        .arg(&pidfile)
+        .arg("-k")
+        .arg(s.path().join("nbd.sock"))
+        .arg(&base2)
+        .status()
+        .unwrap();
+    assert!(nbd.success());
+    let create = s.run(&[
+        "create",
+        "web2",
+        "--base",
+        "base2.qcow2",
+        "--var-size",
+        "32M",
+    ]);
+    let upgrade = s.run(&["upgrade", "web1", "--base", "base2.qcow2"]);
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let _ = Command::new("kill").arg(pid.trim()).status();
+    nixseed_test_support::wait_for(std::time::Duration::from_secs(20), || {
+        Command::new("qemu-img")
+            .arg("info")
+            .arg(&base2)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
+    for (verb, out) in [("create", &create), ("upgrade", &upgrade)] {
+        assert!(!out.status.success(), "{verb} took a base open for writing");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("open for writing") && err.contains("base2.qcow2"),
+            "{verb}: {err}"
+        );
+    }
+    assert!(!s.state("web2").join("var.qcow2").exists());
+
+    // A VM running on web1's overlay reads base2 as its backing file: web2 may still
+    // be made on it.
+    s.ok(&["upgrade", "web1", "--base", "base2.qcow2"]);
+    let boot = s.state("web1").join("boot.qcow2");
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-S",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-accel",
+            "tcg",
+            "-drive",
+        ])
+        .arg(format!("file={},if=virtio", boot.display()))
+        .spawn()
+        .unwrap();
+    let locked = nixseed_test_support::wait_for(std::time::Duration::from_secs(20), || {
+        !Command::new("qemu-img")
+            .arg("info")
+            .arg(&boot)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
+    let create = s.run(&[
+        "create",
+        "web2",
+        "--base",
+        "base2.qcow2",
+        "--var-size",
+        "32M",
+    ]);
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    assert!(locked, "QEMU never took the overlay's lock");
+    assert!(
+        create.status.success(),
+        "{}",
+        String::from_utf8_lossy(&create.stderr)
+    );
+}
+
+/// A machine `seedctl define` once wrote a domain.xml for, upgraded on a host with no
+/// virsh at all: no libvirt runs it here, so the upgrade goes ahead.
+#[test]
+fn an_upgrade_without_virsh_installed_is_not_refused() {
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    s.created("web1", "32M");
+    s.qcow2("base2.qcow2");
+    std::fs::write(s.state("web1").join("domain.xml"), "<domain/>").unwrap();
+    let bin = s.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let qemu_img = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v qemu-img"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(qemu_img.trim(), bin.join("qemu-img")).unwrap();
+    let out = s
+        .cmd(&["upgrade", "web1", "--base", "base2.qcow2"])
+        .env("PATH", &bin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

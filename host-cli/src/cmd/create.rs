@@ -61,8 +61,18 @@ pub fn move_into(staging: &Path, target: &Path) -> Result<()> {
     {
         let entry = entry.with_context(|| format!("listing {}", staging.display()))?;
         let to = target.join(entry.file_name());
-        std::fs::rename(entry.path(), &to)
-            .with_context(|| format!("moving into {}", to.display()))?;
+        // A disk never replaces what is there (a `create` run at the same time made one
+        // since the check): linked in, which fails on an existing name, then unlinked.
+        if entry.file_name() == BOOT_DISK || entry.file_name() == VAR_DISK {
+            std::fs::hard_link(entry.path(), &to).with_context(|| {
+                format!("moving into {} (nothing there is replaced)", to.display())
+            })?;
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+        } else {
+            std::fs::rename(entry.path(), &to)
+                .with_context(|| format!("moving into {}", to.display()))?;
+        }
         if entry.file_type().is_ok_and(|t| t.is_file()) {
             std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
                 .with_context(|| format!("making {} the owner's only", to.display()))?;
@@ -74,6 +84,7 @@ pub fn move_into(staging: &Path, target: &Path) -> Result<()> {
 pub fn run(paths: &Paths, a: &CreateArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.name)?;
     let sd = StateDir::new(paths, &a.name);
+    sd.no_dangling_disk_link()?;
     if sd.file(BOOT_DISK).exists() {
         bail!(
             "machine `{}` already has a boot disk at {}; use `seedctl upgrade {} --base IMAGE` to change its base, or remove {} to start over",

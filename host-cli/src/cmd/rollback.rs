@@ -16,7 +16,8 @@ use crate::output::Report;
   seedctl rollback web1 --connect qemu:///system
 Each rollback steps back to the next older generation the guest keeps; `seedctl push`
 moves forward again. machines/NAME is not touched: `seedctl status` then reports the
-difference.")]
+difference, and the next boot applies machines/NAME's seed again; to keep the rollback,
+make machines/NAME say the same and push.")]
 pub struct RollbackArgs {
     #[command(flatten)]
     pub channel: ChannelArgs,
@@ -25,11 +26,17 @@ pub struct RollbackArgs {
 pub fn run(paths: &Paths, a: &RollbackArgs) -> Result<Report> {
     let mut chan = a.channel.open(paths)?;
     let outcome = channel::apply(&mut chan, &Message::Rollback, a.channel.timeout(), None)?;
-    Ok(applied_report(
-        "rolled back",
-        &a.channel.name,
-        &chan.socket,
-        None,
-        &outcome,
-    ))
+    let mut report = applied_report("rolled back", &a.channel.name, &chan.socket, None, &outcome);
+    // The seed disk still carries machines/NAME, and the seed wins at boot.
+    if paths
+        .state_dir(&a.channel.name)
+        .join(crate::state::SEED_ISO)
+        .exists()
+    {
+        report.human.push_str(&format!(
+            "\n  until the next boot: the seed disk still carries machines/{0}, which the next boot applies again; to keep this generation, make machines/{0} say the same (`seedctl status {0}` shows the difference) and push",
+            a.channel.name
+        ));
+    }
+    Ok(report)
 }

@@ -40,7 +40,7 @@ pub struct UpgradeArgs {
 /// not know, or no libvirt installed, does not stop the upgrade; a libvirt that cannot be
 /// reached does, since it may be running the machine.
 fn refuse_running_domain(sd: &StateDir, a: &UpgradeArgs) -> Result<()> {
-    if a.connect.is_none() && !sd.file("domain.xml").exists() {
+    if a.connect.is_none() && (!sd.file("domain.xml").exists() || !crate::tools::on_path("virsh")) {
         return Ok(());
     }
     let uri = crate::libvirt::uri(a.connect.as_deref());
@@ -60,12 +60,42 @@ fn refuse_running_domain(sd: &StateDir, a: &UpgradeArgs) -> Result<()> {
             a.name
         );
     }
+    // A domain shut off with its memory saved resumes that memory on the next start,
+    // with the old root's blocks cached, over whatever disk is there then; a snapshot
+    // names the old overlay (an external one keeps it as its backing file).
+    let info = crate::libvirt::virsh(&uri, &a.name, &["dominfo", &a.name])?;
+    if managed_save(&info) {
+        bail!(
+            "machine `{}` has a managed save under libvirt ({uri}): its next start would resume memory that belongs to the old boot disk; start it and shut it down (or `virsh managedsave-remove {}`), then upgrade",
+            a.name,
+            a.name
+        );
+    }
+    let snapshots = crate::libvirt::virsh(&uri, &a.name, &["snapshot-list", &a.name, "--name"])?;
+    let snapshots: Vec<&str> = snapshots.split_whitespace().collect();
+    if !snapshots.is_empty() {
+        bail!(
+            "machine `{}` has libvirt snapshots ({}) of its current boot disk; an upgrade would leave them naming a disk that is gone: delete them (`virsh snapshot-delete {} NAME`), then upgrade",
+            a.name,
+            snapshots.join(", "),
+            a.name
+        );
+    }
     Ok(())
+}
+
+/// Whether `virsh dominfo` says the domain has a managed save image.
+fn managed_save(dominfo: &str) -> bool {
+    dominfo.lines().any(|l| {
+        l.split_once(':')
+            .is_some_and(|(k, v)| k.trim() == "Managed save" && v.trim() == "yes")
+    })
 }
 
 pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.name)?;
     let sd = StateDir::new(paths, &a.name);
+    sd.no_dangling_disk_link()?;
     if !sd.file(VAR_DISK).exists() {
         bail!(
             "machine `{}` has no {} in {}; use `seedctl create` for a new machine",
@@ -101,7 +131,7 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
     }
     // Whatever runs it (a domain under another libvirt URI, a QEMU started by hand): the
     // old overlay must not be replaced under a running VM.
-    if disk::in_use(&sd.file(BOOT_DISK)).unwrap_or(false) {
+    if disk::in_use(&sd.file(BOOT_DISK)).with_context(|| format!("machine `{}`", a.name))? {
         bail!(
             "machine `{}`: {} is open in a running QEMU (a libvirt domain under another URI, such as qemu:///session, or one started by hand); shut that VM down first",
             a.name,
@@ -163,4 +193,21 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
         ),
         json!({ "machine": a.name, "base": base, "stopped": stopped }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_managed_save_is_read_from_dominfo() {
+        let info = |saved: &str| {
+            format!(
+                "Id:             -\nName:           web1\nState:          shut off\nPersistent:     yes\nManaged save:   {saved}\nSecurity model: none\n"
+            )
+        };
+        assert!(managed_save(&info("yes")));
+        assert!(!managed_save(&info("no")));
+        assert!(!managed_save("Name: web1\n"));
+    }
 }
