@@ -203,3 +203,34 @@ fn upgrade_of_a_running_libvirt_domain_is_refused() {
     s.ok(&["upgrade", "web1", "--base", "new.qcow2", "--connect", &uri]);
     assert_ne!(std::fs::read(&boot).unwrap(), before);
 }
+
+/// A domain shut off with its memory saved (`virsh managedsave`) resumes that memory at
+/// its next start: `upgrade` must not give it another boot disk meanwhile. The same
+/// domain shut off plainly is upgraded.
+#[test]
+fn upgrade_of_a_managed_saved_domain_is_refused() {
+    require_tool("virsh");
+    require_tool("qemu-img");
+    require_tool("mkfs.ext4");
+    let s = Scratch::new();
+    s.created("web1", "64M");
+    s.qcow2("new.qcow2");
+    // runstate 5: shut off.
+    let web1 = |saved: &str| {
+        format!(
+            "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'><name>web1</name><memory>65536</memory><os><type>hvm</type></os><test:runstate>5</test:runstate>{saved}</domain>"
+        )
+    };
+    let uri = test_driver(&s, &web1("<test:hasmanagedsave>yes</test:hasmanagedsave>"));
+    let boot = s.state("web1").join("boot.qcow2");
+    let before = std::fs::read(&boot).unwrap();
+    let err = s.fails(&["upgrade", "web1", "--base", "new.qcow2", "--connect", &uri]);
+    assert!(
+        err.contains("managed save") && err.contains("managedsave-remove web1"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&boot).unwrap(), before);
+    test_driver(&s, &web1(""));
+    s.ok(&["upgrade", "web1", "--base", "new.qcow2", "--connect", &uri]);
+    assert_ne!(std::fs::read(&boot).unwrap(), before);
+}
