@@ -16,10 +16,11 @@ pub struct ConfigDriveError {
 struct RawMeta {
     uuid: Option<String>,
     hostname: Option<String>,
-    name: Option<String>,
     #[serde(default)]
     public_keys: PublicKeys,
     network_config: Option<NetworkRef>,
+    /// Nova's injected ("personality") files, which nixseed does not write.
+    files: Option<serde_json::Value>,
 }
 
 /// `public_keys` in every shape cloud-init accepts (`normalize_pubkey_data`): Nova's
@@ -64,7 +65,7 @@ impl PublicKeys {
 
 #[derive(Debug, Deserialize)]
 struct NetworkRef {
-    content_path: String,
+    content_path: Option<String>,
 }
 
 /// The parts of `meta_data.json` nixseed uses.
@@ -76,6 +77,8 @@ pub struct ConfigDriveMeta {
     /// Path of the ENI file relative to `openstack/` (e.g. `content/0000`), validated to
     /// stay inside the drive.
     pub network_path: Option<String>,
+    /// What was read and not used, each naming the file.
+    pub warnings: Vec<String>,
 }
 
 pub fn parse_meta_data(bytes: &[u8], origin: &str) -> Result<ConfigDriveMeta, ConfigDriveError> {
@@ -97,27 +100,41 @@ pub fn parse_meta_data(bytes: &[u8], origin: &str) -> Result<ConfigDriveMeta, Co
                 .into(),
         ));
     };
-    let network_path = match raw.network_config {
-        Some(n) => {
-            let rel = n.content_path.trim_start_matches('/');
+    // `network_config: {}` names no file, and cloud-init passes it over.
+    let network_path = match raw.network_config.and_then(|n| n.content_path) {
+        Some(path) => {
+            let rel = path.trim_start_matches('/');
             if rel.split('/').any(|c| c == ".." || c.is_empty()) {
                 return Err(ConfigDriveError {
                     origin: origin.to_string(),
-                    detail: format!(
-                        "network_config.content_path '{}' leaves the drive",
-                        n.content_path
-                    ),
+                    detail: format!("network_config.content_path '{path}' leaves the drive"),
                 });
             }
             Some(rel.to_string())
         }
         None => None,
     };
+    let mut warnings = Vec::new();
+    if let Some(serde_json::Value::Array(files)) = &raw.files
+        && !files.is_empty()
+    {
+        let paths: Vec<&str> = files
+            .iter()
+            .filter_map(|f| f.get("path").and_then(serde_json::Value::as_str))
+            .collect();
+        warnings.push(format!(
+            "{origin}: key 'files' ignored: nixseed does not write injected files ({}); give them as user-data write_files under /var",
+            paths.join(", ")
+        ));
+    }
     Ok(ConfigDriveMeta {
         instance_id: uuid,
-        hostname: raw.hostname.or(raw.name),
+        // Only `hostname`, as cloud-init copies it to `local-hostname`: Nova's `name` is
+        // the display name ("My VM"), not a host name. An empty one names no host.
+        hostname: raw.hostname.filter(|h| !h.is_empty()),
         public_keys: raw.public_keys.into_keys(),
         network_path,
+        warnings,
     })
 }
 
@@ -212,6 +229,30 @@ mod tests {
         .unwrap();
         assert_eq!(m.instance_id, "6f1c");
         assert_eq!(m.network_path.as_deref(), Some("content/0000"));
+    }
+
+    /// As cloud-init reads meta_data.json: only `hostname` names the host (Nova's `name`
+    /// is the display name), an empty one names none, `network_config: {}` names no
+    /// file, and Nova's injected `files` are named in a warning, not dropped silently.
+    #[test]
+    fn hostname_name_files_and_an_empty_network_config() {
+        let m = parse_meta_data(
+            br#"{"uuid": "u", "name": "My VM", "network_config": {}, "files": [{"path": "/etc/motd", "content_path": "/content/0001"}]}"#,
+            "m",
+        )
+        .unwrap();
+        assert_eq!(m.hostname, None);
+        assert_eq!(m.network_path, None);
+        assert_eq!(m.warnings.len(), 1, "{:?}", m.warnings);
+        assert!(
+            m.warnings[0].contains("'files'") && m.warnings[0].contains("/etc/motd"),
+            "{:?}",
+            m.warnings
+        );
+        let m = parse_meta_data(br#"{"uuid": "u", "hostname": "", "name": "vm"}"#, "m").unwrap();
+        assert_eq!(m.hostname, None);
+        let m = parse_meta_data(br#"{"uuid": "u", "hostname": "web1", "name": "x"}"#, "m").unwrap();
+        assert_eq!(m.hostname.as_deref(), Some("web1"));
     }
 
     #[test]

@@ -343,7 +343,7 @@ pub fn compose(
     // networkd
     if let Some(NetworkSetting::Config(net)) = &seed.network {
         let mut net = net.clone();
-        if seed.source.starts_with("configdrive:") {
+        if seed.network_from_eni {
             network::adopt_single_link(&mut net, &ctx.links);
         }
         for (file, content) in network::render_networkd(&net, &ctx.links) {
@@ -430,8 +430,13 @@ fn hostname_and_fqdn(cfg: &CloudConfig, seed: &Seed) -> (Option<Named>, Option<N
     if let Some(h) = cfg.hostname.as_deref().filter(|h| h.contains('.')) {
         return (Some(user(&short(h), "hostname")), Some(user(h, "hostname")));
     }
+    // An IPv4 address as local-hostname is the name `ip-10-0-0-5`, as cloud-init's
+    // get_hostname makes it (without a reverse lookup), not the host `10`.
     let meta = seed.local_hostname.as_deref().map(|h| Named {
-        name: h.to_string(),
+        name: match h.parse::<std::net::Ipv4Addr>() {
+            Ok(_) => format!("ip-{}", h.replace('.', "-")),
+            Err(_) => h.to_string(),
+        },
         key: "local-hostname",
         meta: true,
     });
@@ -625,6 +630,86 @@ mod tests {
         for name in ALWAYS {
             assert!(t.contains_key(name), "{name} missing");
         }
+    }
+
+    /// NoCloud meta-data's `network-interfaces` (ENI) is the network when the seed has no
+    /// `network-config` file, as in cloud-init; its MAC-less `eth0` is bound to a guest's
+    /// only NIC, as a ConfigDrive's ENI is. A `network-config` file wins over it.
+    #[test]
+    fn meta_data_network_interfaces_configure_the_nic() {
+        let meta = "instance-id: a\nnetwork-interfaces: |\n  auto eth0\n  iface eth0 inet static\n    address 192.168.1.10/24\n    gateway 192.168.1.254\n";
+        let ctx = ComposeContext {
+            links: vec!["ens18=52:54:00:12:34:56".parse().unwrap()],
+            ..ComposeContext::default()
+        };
+        let t = compose(&seed(meta, ""), None, &ctx, &mut FakeFresh(0)).unwrap();
+        let net: Vec<(&String, String)> = t
+            .iter()
+            .filter(|(k, _)| k.starts_with(NETWORK_DIR))
+            .map(|(k, f)| (k, String::from_utf8_lossy(&f.bytes).into_owned()))
+            .collect();
+        assert_eq!(net.len(), 1, "{net:?}");
+        let (_, file) = &net[0];
+        assert!(
+            file.contains("MACAddress=52:54:00:12:34:56")
+                && file.contains("Address=192.168.1.10/24")
+                && file.contains("Gateway=192.168.1.254"),
+            "{file}"
+        );
+        let files = SeedFiles(
+            [
+                ("meta-data", meta),
+                ("user-data", ""),
+                ("network-config", "version: 1\nconfig:\n  - type: physical\n    name: ens18\n    subnets: [{type: dhcp}]\n"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        );
+        let with_file = Seed::from_nocloud(&files, "nocloud:test", None).unwrap();
+        let t = compose(&with_file, None, &ctx, &mut FakeFresh(0)).unwrap();
+        let rendered: String = t
+            .iter()
+            .filter(|(k, _)| k.starts_with(NETWORK_DIR))
+            .map(|(_, f)| String::from_utf8_lossy(&f.bytes).into_owned())
+            .collect();
+        assert!(
+            rendered.contains("DHCP=") && !rendered.contains("192.168.1.10"),
+            "{rendered}"
+        );
+    }
+
+    #[test]
+    fn an_ipv4_local_hostname_is_named_as_cloud_init_names_it() {
+        let t = compose(
+            &seed(
+                "instance-id: a\nlocal-hostname: 10.0.0.5\n",
+                "#cloud-config\nmanage_etc_hosts: true\n",
+            ),
+            None,
+            &ComposeContext::default(),
+            &mut FakeFresh(0),
+        )
+        .unwrap();
+        assert_eq!(t[HOSTNAME].bytes, b"ip-10-0-0-5\n");
+    }
+
+    /// An empty `local-hostname` names no host (cloud-init passes it over): the seed's
+    /// keys still apply.
+    #[test]
+    fn an_empty_local_hostname_is_no_hostname() {
+        let t = compose(
+            &seed(
+                "instance-id: a\nlocal-hostname: ''\n",
+                "#cloud-config\nssh_authorized_keys: [ssh-ed25519 AAAA k]\n",
+            ),
+            None,
+            &ComposeContext::default(),
+            &mut FakeFresh(0),
+        )
+        .unwrap();
+        assert_eq!(t[ADMIN_KEYS].bytes, b"ssh-ed25519 AAAA k\n");
+        assert_eq!(t[HOSTNAME].bytes, b"");
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub struct MetaData {
     pub local_hostname: Option<String>,
     pub public_keys: Vec<String>,
     pub dsmode: Option<String>,
+    /// `network-interfaces`: an ENI text, the network when the seed has no
+    /// `network-config` file (cloud-init's DataSourceNoCloud).
+    pub network_interfaces: Option<String>,
     pub warnings: Vec<String>,
 }
 
@@ -41,20 +44,37 @@ pub fn parse_meta_data(bytes: &[u8], origin: &str) -> Result<MetaData, yaml::Yam
                 continue;
             }
         };
+        // Only the names cloud-init reads: a seed means the same to both.
         match key {
-            "instance-id" | "instance_id" => {
+            "instance-id" => {
                 meta.instance_id = yaml::keep_text(v, text, key).ok_or_else(|| {
                     yaml::YamlError::new(origin, format!("key '{key}': expected a string"))
                 })?
             }
-            "local-hostname" | "local_hostname" | "hostname" => {
-                meta.local_hostname = yaml::keep_text(v, text, key)
+            // An empty one names no host, as for cloud-init.
+            "local-hostname" => {
+                meta.local_hostname = yaml::keep_text(v, text, key).filter(|h| !h.is_empty())
             }
-            "public-keys" | "public_keys" => meta.public_keys = public_keys(v),
+            "public-keys" => meta.public_keys = public_keys(v, origin, &mut meta.warnings),
             "dsmode" => meta.dsmode = yaml::scalar_text(v),
-            "network-interfaces" => meta.warnings.push(format!(
-                "{origin}: key 'network-interfaces' ignored; use network-config"
-            )),
+            "network-interfaces" => match v {
+                Value::String(eni) => meta.network_interfaces = Some(eni.clone()),
+                Value::Null => {}
+                other => meta.warnings.push(format!(
+                    "{origin}: key 'network-interfaces' ignored: {}, not ENI text",
+                    yaml::kind(other)
+                )),
+            },
+            "instance_id" | "local_hostname" | "hostname" | "public_keys" => {
+                let read = match key {
+                    "instance_id" => "instance-id",
+                    "public_keys" => "public-keys",
+                    _ => "local-hostname",
+                };
+                meta.warnings.push(format!(
+                    "{origin}: key '{key}' ignored; meta-data names it '{read}', as cloud-init reads it"
+                ))
+            }
             other => meta
                 .warnings
                 .push(format!("{origin}: unknown key '{other}' ignored")),
@@ -63,15 +83,21 @@ pub fn parse_meta_data(bytes: &[u8], origin: &str) -> Result<MetaData, yaml::Yam
     Ok(meta)
 }
 
-/// `public-keys` may be a string, a list, or a map of (lists of) keys.
-fn public_keys(v: &Value) -> Vec<String> {
+/// `public-keys` may be a string, a list, or a map of strings or lists of keys. A map's
+/// value that is itself a map (EC2's `{k0: {openssh-key: ...}}`) is passed over with a
+/// warning, as cloud-init passes it over.
+fn public_keys(v: &Value, origin: &str, warnings: &mut Vec<String>) -> Vec<String> {
     let mut out = Vec::new();
     match v {
         Value::Mapping(m) => {
-            for (_, v) in m {
+            for (name, v) in m {
                 match v {
-                    Value::Mapping(inner) => out.extend(inner.values().flat_map(yaml::string_list)),
-                    other => out.extend(yaml::string_list(other)),
+                    Value::Sequence(_) | Value::String(_) => out.extend(yaml::string_list(v)),
+                    other => warnings.push(format!(
+                        "{origin}: key 'public-keys': '{}' ignored: {}, not a key or a list of keys",
+                        yaml::scalar_text(name).unwrap_or_default(),
+                        yaml::kind(other)
+                    )),
                 }
             }
         }
@@ -201,7 +227,51 @@ mod tests {
         .unwrap();
         assert_eq!(a.public_keys, vec!["ssh-ed25519 A"]);
         assert_eq!(b.public_keys, vec!["ssh-ed25519 A", "ssh-rsa B"]);
-        assert_eq!(c.public_keys, vec!["ssh-ed25519 A", "ssh-rsa B"]);
+        // cloud-init's normalize_pubkey_data takes a map's strings and lists only.
+        assert_eq!(c.public_keys, vec!["ssh-rsa B"]);
+        assert_eq!(
+            c.warnings,
+            ["m: key 'public-keys': 'k0' ignored: a mapping, not a key or a list of keys"]
+        );
+    }
+
+    /// The names cloud-init reads, and no others: `hostname`, `local_hostname`,
+    /// `instance_id` and `public_keys` are named in warnings and change nothing; an empty
+    /// `local-hostname` names no host.
+    #[test]
+    fn only_cloud_inits_key_names_are_read() {
+        let m = parse_meta_data(
+            b"hostname: myhost\nlocal_hostname: other\ninstance_id: x\npublic_keys: [ssh-rsa B]\n",
+            "m",
+        )
+        .unwrap();
+        assert_eq!(m.local_hostname, None);
+        assert_eq!(m.instance_id, "nocloud");
+        assert!(m.public_keys.is_empty());
+        assert_eq!(m.warnings.len(), 4, "{:?}", m.warnings);
+        assert!(
+            m.warnings[0].contains("'hostname' ignored")
+                && m.warnings[0].contains("'local-hostname'"),
+            "{:?}",
+            m.warnings
+        );
+        let empty = parse_meta_data(b"instance-id: a\nlocal-hostname: ''\n", "m").unwrap();
+        assert_eq!(empty.local_hostname, None);
+    }
+
+    #[test]
+    fn network_interfaces_is_kept_as_eni_text() {
+        let m = parse_meta_data(
+            b"instance-id: a\nnetwork-interfaces: |\n  auto eth0\n  iface eth0 inet static\n    address 192.168.1.10/24\n",
+            "m",
+        )
+        .unwrap();
+        assert!(
+            m.network_interfaces
+                .unwrap()
+                .contains("address 192.168.1.10/24")
+        );
+        assert!(m.warnings.is_empty());
     }
 
     #[test]

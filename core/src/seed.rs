@@ -59,6 +59,9 @@ pub struct Seed {
     pub user: CloudConfig,
     pub vendor: Option<CloudConfig>,
     pub network: Option<NetworkSetting>,
+    /// The network came from ENI text (a ConfigDrive's `content/0000`, NoCloud
+    /// meta-data's `network-interfaces`), which names interfaces without MACs.
+    pub network_from_eni: bool,
     /// See [`SeedFiles::digest`].
     pub digest: String,
     /// The files as read, for signature checks.
@@ -131,12 +134,22 @@ impl Seed {
         };
         legacy_passwords(&mut user, &origin(source, "user-data"), &mut vendors);
         let vendor = vendors.pop().map(|(v, _)| v);
-        let network = match files.get("network-config") {
-            Some(b) if !b.iter().all(u8::is_ascii_whitespace) => {
+        // A `network-config` file, else meta-data's `network-interfaces` (ENI), as
+        // cloud-init's NoCloud picks.
+        let network = match (files.get("network-config"), &meta.network_interfaces) {
+            (Some(b), _) if !b.iter().all(u8::is_ascii_whitespace) => {
                 Some(network::parse(b, &origin(source, "network-config"))?)
             }
+            (_, Some(eni)) => Some(NetworkSetting::Config(network::parse_eni(
+                eni,
+                &origin(source, "meta-data (network-interfaces)"),
+            )?)),
             _ => None,
         };
+        let network_from_eni = files
+            .get("network-config")
+            .is_none_or(|b| b.iter().all(u8::is_ascii_whitespace))
+            && meta.network_interfaces.is_some();
         let mut warnings = meta.warnings.clone();
         warnings.extend(user.warnings.iter().cloned());
         if let Some(v) = &vendor {
@@ -150,6 +163,7 @@ impl Seed {
             user,
             vendor,
             network,
+            network_from_eni,
             digest: files.digest(),
             files: files.clone(),
             warnings,
@@ -196,7 +210,8 @@ impl Seed {
         .flatten()
         .collect();
         legacy_passwords(&mut user, &user_origin, &mut vendors);
-        let mut warnings = user.warnings.clone();
+        let mut warnings = meta.warnings.clone();
+        warnings.extend(user.warnings.iter().cloned());
         warnings.extend(unread);
         for (v, _) in &vendors {
             warnings.extend(v.warnings.iter().cloned());
@@ -224,6 +239,7 @@ impl Seed {
             }
             (None, None) => None,
         };
+        let network_from_eni = files.get(NETWORK_DATA).is_none() && network.is_some();
         Ok(Seed {
             source: source.to_string(),
             instance_id: meta.instance_id,
@@ -232,6 +248,7 @@ impl Seed {
             user,
             vendor,
             network,
+            network_from_eni,
             digest: files.digest(),
             files: files.clone(),
             warnings,
