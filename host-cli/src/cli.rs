@@ -16,7 +16,8 @@ use crate::output::Report;
     about = "Make nixseed identities, seed images, disks and VMs",
     after_help = "Quick start:
   seedctl new web1 --admin-key @~/.ssh/id_ed25519.pub
-  seedctl create web1 --base ./result/nixseed-base.qcow2
+  seedctl build                          # or --base IMAGE on the next line
+  seedctl create web1
   seedctl run web1 --detach
   seedctl ssh web1"
 )]

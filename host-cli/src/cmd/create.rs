@@ -17,7 +17,7 @@ use crate::state::{BOOT_DISK, DEFAULT_BASE, SEED_ISO, StateDir, VAR_DISK};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
-  seedctl create web1 --base ./result/nixseed-base.qcow2
+  seedctl create web1                            # the image `seedctl build` recorded
   seedctl create web1 --base base.qcow2 --var-size 10G
   seedctl create web2 --base base.qcow2 --var-from old-var.qcow2
 Without --base, the image recorded by `seedctl build` is used.")]

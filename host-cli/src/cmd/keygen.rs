@@ -11,13 +11,13 @@ use crate::signing;
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
-  seedctl keygen                         # ~/.config/nixseed/signing_key
+  seedctl keygen                         # $XDG_CONFIG_HOME or ~/.config: nixseed/signing_key
   seedctl keygen -o /srv/keys/fleet_signing_key
 Put the printed public key in the guests' trusted keys (NixOS:
 services.nixseed.trustedKeys; agent: --trusted-keys FILE). From then on `seedctl seed`
 and `seedctl push` sign with the key (SEEDCTL_SIGNING_KEY names another path).")]
 pub struct KeygenArgs {
-    /// Where to write the key [default: SEEDCTL_SIGNING_KEY, or ~/.config/nixseed/signing_key]
+    /// Where to write the key [default: SEEDCTL_SIGNING_KEY, else $XDG_CONFIG_HOME/nixseed/signing_key, else ~/.config/nixseed/signing_key]
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Replace an existing key

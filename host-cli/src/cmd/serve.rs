@@ -38,7 +38,8 @@ pub const CHANNEL_LOG: &str = "channel.log";
   seedctl serve --local                        # every machine running under `seedctl run`
   seedctl serve web1 --socket /run/vm/web1-channel.sock --once
 Runs until interrupted; --once exits when every machine was answered. While it holds a
-machine's channel, `seedctl push/status` on that machine wait for it.")]
+machine's channel, `seedctl push/status` on that machine get no answer and fail after
+their --timeout (QEMU serves one client per channel socket).")]
 pub struct ServeArgs {
     /// Machines to serve [default: all running libvirt domains with a nixseed channel and a
     /// machines/NAME directory; with --local, all machines running under `seedctl run`]

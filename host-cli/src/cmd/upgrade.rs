@@ -17,7 +17,7 @@ use crate::state::{BOOT_DISK, SEED_ISO, StateDir, VAR_DISK};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
-  seedctl upgrade web1 --base ./result/nixseed-base.qcow2
+  seedctl upgrade web1 --base /srv/images/nixseed-base-2.qcow2
   seedctl upgrade web1 --base new.qcow2 --restart   # shuts a running `seedctl run` VM down first")]
 pub struct UpgradeArgs {
     /// Machine name
