@@ -129,15 +129,22 @@ async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Re
     let seed = Seed::from_nocloud(&files, &source, None)?;
     let env = env(ctx);
     // A bundle made for another VM (seedctl names the VM's product_uuid in it) would give
-    // this one that VM's host key and machine-id.
-    if let (Some(wanted), Some(mine)) = (&seed.user.nixseed.product_uuid, env.product_uuid())
-        && !wanted.trim().eq_ignore_ascii_case(&mine)
-    {
-        anyhow::bail!(
-            "the identity of `{}` is for the VM with product_uuid {}, and this VM's is {mine}: refused",
-            bundle.machine,
-            wanted.trim()
-        );
+    // this one that VM's host key and machine-id. A VM that cannot tell its own (no DMI)
+    // cannot show the bundle is its own, so it is refused too.
+    if let Some(wanted) = &seed.user.nixseed.product_uuid {
+        match env.product_uuid() {
+            Some(mine) if wanted.trim().eq_ignore_ascii_case(&mine) => {}
+            Some(mine) => anyhow::bail!(
+                "the identity of `{}` is for the VM with product_uuid {}, and this VM's is {mine}: refused",
+                bundle.machine,
+                wanted.trim()
+            ),
+            None => anyhow::bail!(
+                "the identity of `{}` is for the VM with product_uuid {}, and this VM has none to compare (no /sys/class/dmi/id/product_uuid): refused",
+                bundle.machine,
+                wanted.trim()
+            ),
+        }
     }
     let store = Store::open(&ctx.identity_path(), true)?;
     let before = store.current_number()?;
@@ -208,6 +215,15 @@ async fn applied(
         todo.extend(retry);
         todo.sort();
         todo.dedup();
+        // Recorded before anything is bound or reloaded: an agent stopped on the way (a
+        // restart during sshd's wait) retries them, rather than taking them as done.
+        let record = reload_pending(ctx);
+        if let Err(e) = std::fs::write(&record, todo.join("\n")) {
+            tracing::warn!(
+                "cannot record the reloads to retry in {}: {e}",
+                record.display()
+            );
+        }
         let pending = stage::bind_generation(store, n, &ctx.opts, stage::BindTime::Live)
             .with_context(|| {
                 format!(
@@ -224,7 +240,6 @@ async fn applied(
             before.is_none(),
         )
         .await;
-        let record = reload_pending(ctx);
         let kept = if effects.failed.is_empty() {
             std::fs::remove_file(&record).or_else(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {

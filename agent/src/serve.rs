@@ -286,13 +286,26 @@ async fn run(
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     // Both ports in one small process: the control channel needs no guest-agent state.
+    // A control channel that cannot be served (its port busy or not a port) is said in
+    // the journal and tried again later; the guest agent's port keeps being served.
     let control = async {
         match channel {
             Some((mut svc, t)) => {
-                if let Transport::VirtioSerial(path) = &t {
-                    wait_for_port(path, PORT_WAIT, PORT_RECHECK).await;
+                let mut pause = CONTROL_RETRY_FIRST;
+                loop {
+                    if let Transport::VirtioSerial(path) = &t {
+                        wait_for_port(path, PORT_WAIT, PORT_RECHECK).await;
+                    }
+                    match serve_transport(&mut svc, &t, false, "control-channel").await {
+                        Ok(()) => return Ok(()),
+                        Err(e) => tracing::error!(
+                            "control channel: {e:#}; the guest agent is still served, and the control channel is tried again in {} s",
+                            pause.as_secs()
+                        ),
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(CONTROL_RETRY_MAX);
                 }
-                serve_transport(&mut svc, &t, false, "control-channel").await
             }
             None => std::future::pending().await,
         }
@@ -306,6 +319,11 @@ async fn run(
     agent.thaw_for_exit();
     result
 }
+
+/// The first wait before a control channel that failed is tried again; each failure
+/// doubles it, up to [`CONTROL_RETRY_MAX`].
+const CONTROL_RETRY_FIRST: Duration = Duration::from_secs(5);
+const CONTROL_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// How long after the agent's start a missing control channel is worth a journal line
 /// (and, with no directory to watch, is looked for often).

@@ -298,13 +298,16 @@ pub fn apply_seed(
         InstanceDecision::Same => {
             // A power cut after the generation became current and before its files were
             // written left the marker: they are written now.
-            if pending_write_files(opts).as_deref() == Some(seed.digest.as_str()) {
+            if let Some(from) = pending_write_files(opts, &seed.digest) {
                 tracing::warn!(
-                    "{}: write_files of instance {} did not finish before the last shutdown: writing them now",
+                    "{}: write_files of instance {} did not finish (a shutdown or a file that could not be written): writing them now, from entry {}",
                     seed.source,
-                    seed.instance_id
+                    seed.instance_id,
+                    from + 1
                 );
-                write_seed_files(&seed_files(seed, false), opts, &mut outcome, t);
+                let files = seed_files(seed, false);
+                let rest = files.get(from..).unwrap_or_default();
+                write_seed_files(rest, from, &seed.digest, opts, &mut outcome, t);
             }
             return Ok(outcome);
         }
@@ -374,7 +377,7 @@ pub fn apply_seed(
     t.lap("write");
     outcome.generation = Some(n);
     crate::crashpoint::hit("before-write-files");
-    write_seed_files(&files, opts, &mut outcome, t);
+    write_seed_files(&files, 0, &seed.digest, opts, &mut outcome, t);
     Ok(outcome)
 }
 
@@ -400,13 +403,25 @@ fn write_tree(
 
 /// Where the seed digest of a `write_files` run that has not finished is kept, below the
 /// sysroot: written before the generation becomes current, removed once the files are.
+/// A run that stopped at an entry it could not write leaves a second line, `from N`:
+/// the retry starts at entry N (0-based), after the ones already written.
 const WRITE_FILES_PENDING: &str = "var/lib/nixseed/write-files-pending";
 
-/// The seed digest a `write_files` run left unfinished, if any.
-fn pending_write_files(opts: &StageOptions) -> Option<String> {
-    std::fs::read_to_string(opts.sysroot.join(WRITE_FILES_PENDING))
-        .ok()
-        .map(|d| d.trim().to_string())
+/// The entry to resume at when a `write_files` run of the seed with `digest` was left
+/// unfinished, if one was.
+fn pending_write_files(opts: &StageOptions, digest: &str) -> Option<usize> {
+    let text = std::fs::read_to_string(opts.sysroot.join(WRITE_FILES_PENDING)).ok()?;
+    let mut lines = text.lines();
+    if lines.next()?.trim() != digest {
+        return None;
+    }
+    Some(
+        lines
+            .next()
+            .and_then(|l| l.trim().strip_prefix("from "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
+    )
 }
 
 /// The seed's `write_files`: user-data's list when user-data names the key (`[]`
@@ -421,11 +436,15 @@ fn seed_files(seed: &Seed, clone: bool) -> Vec<nixseed_core::userdata::WriteFile
     }
 }
 
-/// Writes the seed's files once its generation is current, and clears the pending marker.
-/// A file that cannot be written is reported, and the identity is still mounted and
-/// reloaded (cloud-init's write_files fails on its own too).
+/// Writes the seed's files (`files`, entry `first` onwards of the seed's list) once its
+/// generation is current, and clears the pending marker. A file that cannot be written is
+/// reported, and the identity is still mounted and reloaded (cloud-init's write_files
+/// fails on its own too); the marker then names the entry to start at, so the next boot
+/// of this instance, or the same push again, writes the rest once the cause is gone.
 fn write_seed_files(
     files: &[nixseed_core::userdata::WriteFile],
+    first: usize,
+    digest: &str,
     opts: &StageOptions,
     outcome: &mut Outcome,
     t: &mut Timer,
@@ -433,18 +452,29 @@ fn write_seed_files(
     if files.is_empty() {
         return;
     }
-    match crate::write_files::apply(&opts.sysroot, &opts.run, &opts.identity_dir, files) {
-        Ok(written) => tracing::info!("write_files: wrote {}", written.join(", ")),
-        Err(e) => {
-            tracing::error!("{e:#}; the identity is applied without it");
-            outcome.write_files_error = Some(format!("{e:#}"));
-        }
+    let run = crate::write_files::apply(&opts.sysroot, &opts.run, &opts.identity_dir, files);
+    if !run.written.is_empty() {
+        tracing::info!("write_files: wrote {}", run.written.join(", "));
     }
     let marker = opts.sysroot.join(WRITE_FILES_PENDING);
-    if let Err(e) = std::fs::remove_file(&marker)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!("cannot remove {}: {e}", marker.display());
+    let kept = match run.stopped {
+        Some(e) => {
+            tracing::error!(
+                "{e:#}; the identity is applied without it, and the files from there on are written at the next boot or the same push again"
+            );
+            outcome.write_files_error = Some(format!("{e:#}"));
+            let from = first + run.written.len();
+            write_atomic(&marker, format!("{digest}\nfrom {from}\n").as_bytes())
+        }
+        None => std::fs::remove_file(&marker)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(anyhow::Error::from),
+    };
+    if let Err(e) = kept {
+        tracing::warn!("cannot update {}: {e:#}", marker.display());
     }
     t.lap("write_files");
 }

@@ -22,28 +22,54 @@ fn open_dir(parent: &OwnedFd, name: &str) -> rustix::io::Result<OwnedFd> {
 
 /// Writes every entry: `/var/…` under `sysroot`, `/run/…` under `run` (the `/run` the
 /// booted system will have; in the initrd it moves along with the switch to the new root).
-/// Returns the paths written. `identity_dir` is the store's path in the target root,
-/// refused like the default one.
-pub fn apply(
-    sysroot: &Path,
-    run: &Path,
-    identity_dir: &str,
-    files: &[WriteFile],
-) -> Result<Vec<String>> {
+/// `identity_dir` is the store's path in the target root, refused like the default one.
+/// Entries are written in order up to the first that fails, as cloud-init's module stops:
+/// the run says which were written and why it stopped, so that a retry starts at the
+/// failed entry and does not append twice to the ones before it.
+pub fn apply(sysroot: &Path, run: &Path, identity_dir: &str, files: &[WriteFile]) -> Run {
     let mut written = Vec::new();
     for f in files {
-        check_write_path(&f.path).map_err(|e| anyhow::anyhow!("write_files: {}: {e}", f.path))?;
-        if is_within(&f.path, identity_dir) {
-            bail!(
-                "write_files: {}: not into the identity store {identity_dir}",
-                f.path
-            );
+        if let Err(e) = write_checked(sysroot, run, identity_dir, f) {
+            return Run {
+                written,
+                stopped: Some(e),
+            };
         }
-        write_one(sysroot, run, f)
-            .with_context(|| format!("write_files: cannot write {}", f.path))?;
         written.push(f.path.clone());
     }
-    Ok(written)
+    Run {
+        written,
+        stopped: None,
+    }
+}
+
+/// What [`apply`] did: the paths written, in order, and the error of the entry it stopped
+/// at (the entry after the last one written).
+pub struct Run {
+    pub written: Vec<String>,
+    pub stopped: Option<anyhow::Error>,
+}
+
+#[cfg(test)]
+impl Run {
+    /// The paths written, or the error the run stopped at.
+    pub fn result(self) -> Result<Vec<String>> {
+        match self.stopped {
+            Some(e) => Err(e),
+            None => Ok(self.written),
+        }
+    }
+}
+
+fn write_checked(sysroot: &Path, run: &Path, identity_dir: &str, f: &WriteFile) -> Result<()> {
+    check_write_path(&f.path).map_err(|e| anyhow::anyhow!("write_files: {}: {e}", f.path))?;
+    if is_within(&f.path, identity_dir) {
+        bail!(
+            "write_files: {}: not into the identity store {identity_dir}",
+            f.path
+        );
+    }
+    write_one(sysroot, run, f).with_context(|| format!("write_files: cannot write {}", f.path))
 }
 
 fn write_one(sysroot: &Path, run: &Path, f: &WriteFile) -> Result<()> {
@@ -182,7 +208,8 @@ mod tests {
             &root.path().join("run"),
             "/var/identity",
             &[wf("/var/lib/app/conf")],
-        )?;
+        )
+        .result()?;
         assert_eq!(
             std::fs::read(root.path().join("var/lib/app/conf"))?,
             b"hello\n"
@@ -194,6 +221,7 @@ mod tests {
             "/var/identity",
             &[wf("/var/evil/x")],
         )
+        .result()
         .unwrap_err();
         assert!(format!("{err:#}").contains("/var/evil/x"), "{err:#}");
         assert!(!root.path().join("outside/x").exists());
@@ -203,6 +231,7 @@ mod tests {
             "/var/identity",
             &[wf("/etc/shadow")],
         )
+        .result()
         .unwrap_err();
         assert!(format!("{err:#}").contains("only write under /var or /run"));
         Ok(())
@@ -218,7 +247,8 @@ mod tests {
             &root.path().join("run"),
             "/var/identity",
             &[wf("/run/app/flag")],
-        )?;
+        )
+        .result()?;
         assert_eq!(written, ["/run/app/flag"]);
         assert_eq!(std::fs::read(root.path().join("run/app/flag"))?, b"hello\n");
         assert!(!root.path().join("sysroot/run").exists());
@@ -241,7 +271,7 @@ mod tests {
         let mut f = wf("/var/lib/log");
         f.append = true;
         f.owner = Some("app:apps".into());
-        apply(root.path(), &run, "/var/identity", &[f])?;
+        apply(root.path(), &run, "/var/identity", &[f]).result()?;
         let path = root.path().join("var/lib/log");
         assert_eq!(std::fs::read(&path)?, b"first\nhello\n");
         let meta = std::fs::metadata(&path)?;
@@ -251,7 +281,9 @@ mod tests {
         );
         let mut f = wf("/var/lib/other");
         f.owner = Some("nobody".into());
-        let err = apply(root.path(), &run, "/var/identity", &[f]).unwrap_err();
+        let err = apply(root.path(), &run, "/var/identity", &[f])
+            .result()
+            .unwrap_err();
         let msg = format!("{err:#}");
         assert!(
             msg.contains("/var/lib/other") && msg.contains("no 'nobody' in /etc/passwd"),
@@ -278,6 +310,7 @@ mod tests {
                 "/var/lib/nixseed",
                 &[wf(path)],
             )
+            .result()
             .unwrap_err();
             assert!(format!("{err:#}").contains(path), "{err:#}");
         }

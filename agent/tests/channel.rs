@@ -400,6 +400,33 @@ fn a_control_port_that_appears_after_the_start_is_served() {
     drop(slave);
 }
 
+/// A control channel that cannot be served (its path is a directory here, as a port
+/// held elsewhere or gone mid-open would fail) is said in the journal and tried again;
+/// the guest agent keeps answering on its own port, and the process does not exit.
+#[test]
+fn a_control_port_that_cannot_be_opened_leaves_the_guest_agent_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = dir.path().join("org.nixseed.channel.0");
+    std::fs::create_dir(&port).unwrap();
+    let (mut child, qga, _) = serve_in(dir.path(), &[], &port);
+    assert!(
+        ts::wait_for(Duration::from_secs(20), || ts::listening(&qga)),
+        "no guest agent socket"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let exited = child.try_wait().unwrap();
+    let answer = UnixStream::connect(&qga).and_then(|mut q| {
+        q.write_all(br#"{"execute":"guest-ping","id":8}"#)?;
+        let mut line = [0u8; 64];
+        let n = q.read(&mut line)?;
+        Ok(line[..n].to_vec())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(exited, None, "the agent exited over its control port");
+    assert_eq!(answer.unwrap(), b"{\"return\": {}, \"id\": 8}\n");
+}
+
 /// While the guest agent holds filesystems frozen (here: the marker a frozen agent leaves,
 /// with which a new one starts frozen), a push or rollback would write to `/var` and wait
 /// for a thaw that the same process must answer: both are refused at once, nothing is
@@ -525,5 +552,69 @@ fn a_push_whose_write_files_fail_says_so() {
             .iter()
             .any(|f| f.starts_with("write_files:") && f.contains("nosuchuser")),
         "{failed:?}"
+    );
+}
+
+/// A write_files entry that cannot be written (a file stands where its directory goes) is
+/// reported, and the same push again, once the cause is gone, writes it: the entries
+/// before it are not written twice (an `append` appends once).
+#[test]
+fn the_same_push_again_writes_the_files_that_failed() {
+    let dir = scratch();
+    let srv = Server::start(dir.path());
+    let blocker = dir.path().join("sysroot/var/lib/blocked");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, "in the way").unwrap();
+    let push = encode(&Message::Push {
+        bundle: bundle(
+            "instance-id: two\n",
+            "#cloud-config\nhostname: second\nwrite_files:\n  - path: /var/lib/app/log\n    content: \"once\\n\"\n    append: true\n  - path: /var/lib/blocked/conf\n    content: hi\n",
+        ),
+    });
+    let Message::Applied { failed, .. } = srv.request(&push) else {
+        panic!("push must answer with applied")
+    };
+    assert!(
+        failed.iter().any(|f| f.contains("/var/lib/blocked/conf")),
+        "{failed:?}"
+    );
+    std::fs::remove_file(&blocker).unwrap();
+    let Message::Applied {
+        failed, decision, ..
+    } = srv.request(&push)
+    else {
+        panic!("push must answer with applied")
+    };
+    assert!(failed.is_empty(), "{decision}: {failed:?}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("sysroot/var/lib/blocked/conf")).unwrap(),
+        "hi"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("sysroot/var/lib/app/log")).unwrap(),
+        "once\n"
+    );
+}
+
+/// A bundle made for a VM (seedctl names its product_uuid) is refused by one that cannot
+/// read its own product_uuid (no DMI): it cannot show the bundle is its own, and taking
+/// it would give it another VM's host key and machine-id.
+#[test]
+fn a_vm_without_a_product_uuid_refuses_a_bundle_that_names_one() {
+    let dir = scratch();
+    std::fs::remove_file(dir.path().join("host/sys/class/dmi/id/product_uuid")).unwrap();
+    let srv = Server::start(dir.path());
+    let push = encode(&Message::Push {
+        bundle: bundle(
+            "instance-id: two\n",
+            "#cloud-config\nhostname: second\nnixseed:\n  product-uuid: 11111111-2222-3333-4444-555555555555\n",
+        ),
+    });
+    let Message::Error { message } = srv.request(&push) else {
+        panic!("a push naming a product_uuid must be refused without one to compare")
+    };
+    assert!(
+        message.contains("has none to compare") && message.contains("web1"),
+        "{message}"
     );
 }

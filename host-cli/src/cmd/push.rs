@@ -215,8 +215,13 @@ pub fn run(paths: &Paths, a: &PushArgs) -> Result<Report> {
     let request = Message::Push {
         bundle: channel::bundle(&id)?,
     };
-    let outcome = channel::apply(&mut chan, &request, a.channel.timeout(), Some(&id))?;
-    refresh_seed(paths, &id, a.channel.connect.as_deref())?;
+    let outcome = channel::apply(&mut chan, &request, a.channel.timeout(), Some(&id));
+    // Whatever the answer (none in time included: the guest may still apply it), the
+    // seed disk carries machines/NAME from now on, as the machine's next start would
+    // write it: a reboot inside the running QEMU must not bring an older identity back.
+    let refreshed = refresh_seed(paths, &id, a.channel.connect.as_deref());
+    let outcome = outcome?;
+    refreshed?;
     let iid = nocloud::instance_id(&id);
     Ok(applied_report(
         "pushed",
