@@ -227,7 +227,7 @@ async fn applied(
         let pending = stage::bind_generation(store, n, &ctx.opts, stage::BindTime::Live)
             .with_context(|| {
                 format!(
-                    "generation {n} is current but cannot be bound over /etc (the same push again retries)"
+                    "generation {n} is current but cannot be bound over /etc (the same push again, or the next boot, binds it)"
                 )
             })?;
         if pending {
@@ -314,7 +314,7 @@ impl ByteService for ChannelService {
                     Message::Error {
                         message: e.to_string(),
                     },
-                    None,
+                    self.decoder.refused_id(),
                 )
             }
         };

@@ -518,7 +518,7 @@ impl Store {
             .with_context(|| format!("{}: no older generation is kept", self.path.display()))?;
         let g = self.read_generation(older)?;
         self.swap_link(CURRENT, &gen_name(older))?;
-        rfs::fsync(&self.dir)?;
+        rfs::fsync(&self.dir).with_context(|| format!("cannot sync {}", self.path.display()))?;
         self.link_flat_names(&g.tree)?;
         Ok(older)
     }

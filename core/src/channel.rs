@@ -155,6 +155,9 @@ pub struct Decoder {
     buf: Vec<u8>,
     /// Bytes of an oversized frame still to arrive, dropped as they come.
     skip: usize,
+    /// The `id` of the last frame refused after its JSON was read (a wrong version, an
+    /// unknown message), so that the error answering it names the request.
+    refused_id: Option<u64>,
 }
 
 impl Decoder {
@@ -193,13 +196,20 @@ impl Decoder {
         let body: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
         let value: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        self.refused_id = value.get("id").and_then(serde_json::Value::as_u64);
         let v = value.get("v").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
         if v != PROTOCOL_VERSION {
             return Err(FrameError::Version(v));
         }
         let env: Envelope =
             serde_json::from_value(value).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        self.refused_id = None;
         Ok(Some((env.message, env.id)))
+    }
+
+    /// The `id` of the frame the last error refused, when its JSON carried one.
+    pub fn refused_id(&mut self) -> Option<u64> {
+        self.refused_id.take()
     }
 }
 
@@ -353,6 +363,28 @@ mod tests {
         let mut d = Decoder::default();
         d.push(&[0, 0, 0, 3, b'x', b'y', b'z']);
         assert!(matches!(d.next_message(), Err(FrameError::Malformed(_))));
+        assert_eq!(d.refused_id(), None);
+    }
+
+    /// A request refused after its JSON was read is answered under its own id, so the
+    /// host does not take the error for an answer to something else.
+    #[test]
+    fn a_refused_frame_keeps_its_id_for_the_error() {
+        let mut d = Decoder::default();
+        for body in [
+            &br#"{"v":1,"id":5,"type":"reboot"}"#[..],
+            br#"{"v":9,"id":6,"type":"status"}"#,
+            br#"not json"#,
+        ] {
+            d.push(&(body.len() as u32).to_be_bytes());
+            d.push(body);
+        }
+        assert!(matches!(d.next_frame(), Err(FrameError::Malformed(_))));
+        assert_eq!(d.refused_id(), Some(5));
+        assert_eq!(d.next_frame(), Err(FrameError::Version(9)));
+        assert_eq!(d.refused_id(), Some(6));
+        assert!(matches!(d.next_frame(), Err(FrameError::Malformed(_))));
+        assert_eq!(d.refused_id(), None);
     }
 
     #[test]
