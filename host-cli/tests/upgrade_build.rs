@@ -201,6 +201,27 @@ fn every_build_keeps_its_own_root() {
     );
 }
 
+/// A paused QEMU with `disk` as its virtio disk, and whether it took the disk's lock
+/// (`qemu-img info` without `-U` then fails) within 20 s.
+fn paused_qemu_on(disk: &std::path::Path) -> (std::process::Child, bool) {
+    let qemu = Command::new("qemu-system-x86_64")
+        .args(["-S", "-display", "none", "-nodefaults", "-accel", "tcg"])
+        .arg("-drive")
+        .arg(format!("file={},if=virtio", disk.display()))
+        .spawn()
+        .unwrap();
+    let locked = nixseed_test_support::wait_for(std::time::Duration::from_secs(20), || {
+        !Command::new("qemu-img")
+            .arg("info")
+            .arg(disk)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
+    (qemu, locked)
+}
+
 /// A QEMU seedctl did not start (a domain under another libvirt URI, one started by
 /// hand) still holds the boot overlay's lock: the upgrade is refused while it runs.
 #[test]
@@ -211,28 +232,7 @@ fn an_overlay_open_in_any_running_qemu_is_not_replaced() {
     s.created("web1", "32M");
     s.qcow2("base2.qcow2");
     let boot = s.state("web1").join("boot.qcow2");
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args([
-            "-S",
-            "-display",
-            "none",
-            "-nodefaults",
-            "-accel",
-            "tcg",
-            "-drive",
-        ])
-        .arg(format!("file={},if=virtio", boot.display()))
-        .spawn()
-        .unwrap();
-    let locked = nixseed_test_support::wait_for(std::time::Duration::from_secs(20), || {
-        !Command::new("qemu-img")
-            .arg("info")
-            .arg(&boot)
-            .output()
-            .unwrap()
-            .status
-            .success()
-    });
+    let (mut qemu, locked) = paused_qemu_on(&boot);
     let refused = s.run(&["upgrade", "web1", "--base", "base2.qcow2"]);
     let _ = qemu.kill();
     let _ = qemu.wait();
@@ -301,28 +301,7 @@ fn a_base_open_for_writing_is_refused_and_one_vms_read_is_not() {
     // be made on it.
     s.ok(&["upgrade", "web1", "--base", "base2.qcow2"]);
     let boot = s.state("web1").join("boot.qcow2");
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args([
-            "-S",
-            "-display",
-            "none",
-            "-nodefaults",
-            "-accel",
-            "tcg",
-            "-drive",
-        ])
-        .arg(format!("file={},if=virtio", boot.display()))
-        .spawn()
-        .unwrap();
-    let locked = nixseed_test_support::wait_for(std::time::Duration::from_secs(20), || {
-        !Command::new("qemu-img")
-            .arg("info")
-            .arg(&boot)
-            .output()
-            .unwrap()
-            .status
-            .success()
-    });
+    let (mut qemu, locked) = paused_qemu_on(&boot);
     let create = s.run(&[
         "create",
         "web2",
