@@ -127,6 +127,12 @@ async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Re
     let files = bundle.verify()?;
     let source = format!("channel:{}", bundle.machine);
     let seed = Seed::from_nocloud(&files, &source, None)?;
+    if seed.disabled {
+        anyhow::bail!(
+            "the identity of `{}`: its meta-data says dsmode: disabled, so it is not applied",
+            bundle.machine
+        );
+    }
     let env = env(ctx);
     // A bundle made for another VM (seedctl names the VM's product_uuid in it) would give
     // this one that VM's host key and machine-id. A VM that cannot tell its own (no DMI)

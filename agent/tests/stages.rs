@@ -619,6 +619,34 @@ fn write_files_land_under_var_once_per_instance() {
     assert_eq!(std::fs::read(&f).unwrap(), b"rotated");
 }
 
+/// A seed whose meta-data says `dsmode: disabled` is not claimed, as cloud-init does not
+/// claim it: the identity the machine has stays, and the journal says why.
+#[test]
+fn a_seed_with_dsmode_disabled_is_passed_over() {
+    let vm = Vm::new();
+    vm.seed(
+        "instance-id: iid-1\n",
+        "#cloud-config\nhostname: web1\n",
+        None,
+    );
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    vm.seed(
+        "instance-id: iid-2\ndsmode: disabled\n",
+        "#cloud-config\nhostname: web2\n",
+        None,
+    );
+    let (out, s) = vm.boot();
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("dsmode: disabled: this seed is passed over"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(vm.generation(), "gen-1");
+    assert_eq!(vm.identity("hostname"), b"web1\n");
+}
+
 /// vendor-data's `write_files` run when user-data does not name the key, and not when it
 /// says `write_files: []` (cloud-init's merge keeps user-data's value, empty or not).
 #[test]

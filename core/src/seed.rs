@@ -62,6 +62,9 @@ pub struct Seed {
     /// The network came from ENI text (a ConfigDrive's `content/0000`, NoCloud
     /// meta-data's `network-interfaces`), which names interfaces without MACs.
     pub network_from_eni: bool,
+    /// meta-data says `dsmode: disabled`: cloud-init does not claim such a seed, and
+    /// the search goes on past it.
+    pub disabled: bool,
     /// See [`SeedFiles::digest`].
     pub digest: String,
     /// The files as read, for signature checks.
@@ -164,6 +167,7 @@ impl Seed {
             vendor,
             network,
             network_from_eni,
+            disabled: meta.dsmode.as_deref() == Some("disabled"),
             digest: files.digest(),
             files: files.clone(),
             warnings,
@@ -249,6 +253,7 @@ impl Seed {
             vendor,
             network,
             network_from_eni,
+            disabled: false,
             digest: files.digest(),
             files: files.clone(),
             warnings,

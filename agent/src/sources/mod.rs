@@ -237,8 +237,13 @@ fn first_found<'a>(
 ) -> Result<Option<Seed>> {
     for source in sources {
         let _span = tracing::debug_span!("source", name = source.name()).entered();
-        if let Some(seed) = source.find(env)? {
-            return Ok(Some(seed));
+        match source.find(env)? {
+            Some(seed) if seed.disabled => tracing::warn!(
+                "{}: meta-data says dsmode: disabled: this seed is passed over, as cloud-init passes it over",
+                seed.source
+            ),
+            Some(seed) => return Ok(Some(seed)),
+            None => {}
         }
     }
     Ok(None)
