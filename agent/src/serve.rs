@@ -296,13 +296,23 @@ async fn run(
                     if let Transport::VirtioSerial(path) = &t {
                         wait_for_port(path, PORT_WAIT, PORT_RECHECK).await;
                     }
+                    let began = tokio::time::Instant::now();
                     match serve_transport(&mut svc, &t, false, "control-channel").await {
                         Ok(()) => return Ok(()),
-                        Err(e) => tracing::error!(
-                            "control channel: {e:#}; the guest agent is still served, and the control channel is tried again in {} s",
-                            pause.as_secs()
-                        ),
+                        Err(e) => {
+                            // A long healthy session before this failure starts the
+                            // waits over.
+                            if began.elapsed() > CONTROL_RETRY_MAX {
+                                pause = CONTROL_RETRY_FIRST;
+                            }
+                            tracing::error!(
+                                "control channel: {e:#}; the guest agent is still served, and the control channel is tried again in {} s",
+                                pause.as_secs()
+                            )
+                        }
                     }
+                    // Nothing read before the failure belongs to the next session.
+                    svc.peer_closed();
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(CONTROL_RETRY_MAX);
                 }

@@ -694,6 +694,24 @@ mod tests {
         assert_eq!(t[HOSTNAME].bytes, b"ip-10-0-0-5\n");
     }
 
+    /// meta-data's `network-interfaces` that cannot be read is a warning, not a refused
+    /// seed: the keys still apply and the network is left alone.
+    #[test]
+    fn unreadable_network_interfaces_are_a_warning() {
+        let s = seed(
+            "instance-id: a\nnetwork-interfaces: |\n  address 10.0.0.5\n  iface\n",
+            "#cloud-config\nssh_authorized_keys: [ssh-ed25519 AAAA k]\n",
+        );
+        assert!(s.network.is_none());
+        assert!(
+            s.warnings.iter().any(|w| w.contains("network-interfaces")),
+            "{:?}",
+            s.warnings
+        );
+        let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+        assert_eq!(t[ADMIN_KEYS].bytes, b"ssh-ed25519 AAAA k\n");
+    }
+
     /// An empty `local-hostname` names no host (cloud-init passes it over): the seed's
     /// keys still apply.
     #[test]

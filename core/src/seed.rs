@@ -143,16 +143,25 @@ impl Seed {
             (Some(b), _) if !b.iter().all(u8::is_ascii_whitespace) => {
                 Some(network::parse(b, &origin(source, "network-config"))?)
             }
-            (_, Some(eni)) => Some(NetworkSetting::Config(network::parse_eni(
-                eni,
-                &origin(source, "meta-data (network-interfaces)"),
-            )?)),
+            // ENI that cannot be read is a warning, not a refused seed: meta-data's
+            // network is the older form, and the rest of the seed still applies.
+            (_, Some(eni)) => {
+                match network::parse_eni(eni, &origin(source, "meta-data (network-interfaces)")) {
+                    Ok(cfg) => Some(NetworkSetting::Config(cfg)),
+                    Err(e) => {
+                        meta.warnings
+                            .push(format!("{e}; the network is left as the image has it"));
+                        None
+                    }
+                }
+            }
             _ => None,
         };
         let network_from_eni = files
             .get("network-config")
             .is_none_or(|b| b.iter().all(u8::is_ascii_whitespace))
-            && meta.network_interfaces.is_some();
+            && meta.network_interfaces.is_some()
+            && network.is_some();
         let mut warnings = meta.warnings.clone();
         warnings.extend(user.warnings.iter().cloned());
         if let Some(v) = &vendor {

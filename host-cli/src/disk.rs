@@ -120,6 +120,7 @@ pub fn check_base(base: &Path, state: &Path) -> Result<(PathBuf, String)> {
             state.display()
         );
     }
+    let info = info(&abs)?;
     // Every overlay reads the base as it is: one written meanwhile (open read-write in
     // a QEMU, `qemu-nbd` or `guestfish`) corrupts them all.
     if in_use(&abs)? {
@@ -128,7 +129,6 @@ pub fn check_base(base: &Path, state: &Path) -> Result<(PathBuf, String)> {
             abs.display()
         );
     }
-    let info = info(&abs)?;
     if let Some(backing) = info.other_file() {
         bail!(
             "base image {} is itself an overlay on {backing}; pass a standalone image, e.g. flatten it with `qemu-img convert -O qcow2 {} flat.qcow2`",

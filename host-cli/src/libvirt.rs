@@ -42,7 +42,8 @@ pub fn local_qemu_pid(uri: &str, name: &str) -> Option<i32> {
 /// unreachable or the domain operation failed.
 pub fn virsh(uri: &str, name: &str, args: &[&str]) -> Result<String> {
     let mut cmd = Command::new("virsh");
-    cmd.args(["-q", "-c", uri]).args(args);
+    // Its words are read (`Managed save: yes`, `failed to get domain`): untranslated.
+    cmd.env("LC_ALL", "C").args(["-q", "-c", uri]).args(args);
     let out = tools::output(&mut cmd)?;
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());

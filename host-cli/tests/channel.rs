@@ -331,7 +331,7 @@ fn a_generation_left_unbound_is_reported_and_bound_by_the_next_push() {
     let err = s.fails(&["push", "web1"]);
     assert!(
         err.contains(
-            "generation 2 is current but cannot be bound over /etc (the same push again retries)"
+            "generation 2 is current but cannot be bound over /etc (the same push again, or the next boot, binds it)"
         ),
         "{err}"
     );

@@ -56,17 +56,32 @@ pub fn resolve_base(paths: &Paths, base: Option<&Path>, name: &str) -> Result<Pa
 /// not listable by others (0711).
 pub fn move_into(staging: &Path, target: &Path) -> Result<()> {
     crate::state::create_private_dir(target)?;
+    // The disks first, both or neither: each is linked in, which fails on an existing name
+    // (a `create` run at the same time made one since the check), so nothing there is
+    // replaced and the machine never has a boot disk of one run and a /var of another.
+    let mut linked: Vec<std::path::PathBuf> = Vec::new();
+    for disk in [BOOT_DISK, VAR_DISK] {
+        let (from, to) = (staging.join(disk), target.join(disk));
+        if !from.exists() {
+            continue;
+        }
+        if let Err(e) = std::fs::hard_link(&from, &to) {
+            for l in &linked {
+                let _ = std::fs::remove_file(l);
+            }
+            return Err(e).with_context(|| {
+                format!("moving into {} (nothing there is replaced)", to.display())
+            });
+        }
+        linked.push(to);
+    }
     for entry in
         std::fs::read_dir(staging).with_context(|| format!("listing {}", staging.display()))?
     {
         let entry = entry.with_context(|| format!("listing {}", staging.display()))?;
         let to = target.join(entry.file_name());
-        // A disk never replaces what is there (a `create` run at the same time made one
-        // since the check): linked in, which fails on an existing name, then unlinked.
         if entry.file_name() == BOOT_DISK || entry.file_name() == VAR_DISK {
-            std::fs::hard_link(entry.path(), &to).with_context(|| {
-                format!("moving into {} (nothing there is replaced)", to.display())
-            })?;
+            // Linked above: the staging name goes.
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("removing {}", entry.path().display()))?;
         } else {
@@ -164,4 +179,38 @@ pub fn run(paths: &Paths, a: &CreateArgs) -> Result<Report> {
             "instance_id": instance_id,
         }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `create` that finds one of the disks already made (by a run at the same time)
+    /// moves neither: the machine never holds a boot disk of one run and a /var of
+    /// another, and the disk that was there is not replaced.
+    #[test]
+    fn disks_move_in_both_or_neither() {
+        let staging = tempfile::tempdir().unwrap();
+        let target = tempfile::tempdir().unwrap();
+        for f in [BOOT_DISK, VAR_DISK, SEED_ISO] {
+            std::fs::write(staging.path().join(f), "new").unwrap();
+        }
+        std::fs::write(target.path().join(VAR_DISK), "theirs").unwrap();
+        let err = move_into(staging.path(), target.path()).unwrap_err();
+        assert!(format!("{err:#}").contains(VAR_DISK), "{err:#}");
+        assert!(!target.path().join(BOOT_DISK).exists());
+        assert_eq!(
+            std::fs::read_to_string(target.path().join(VAR_DISK)).unwrap(),
+            "theirs"
+        );
+        std::fs::remove_file(target.path().join(VAR_DISK)).unwrap();
+        move_into(staging.path(), target.path()).unwrap();
+        for f in [BOOT_DISK, VAR_DISK, SEED_ISO] {
+            assert_eq!(
+                std::fs::read_to_string(target.path().join(f)).unwrap(),
+                "new"
+            );
+            assert!(!staging.path().join(f).exists());
+        }
+    }
 }

@@ -174,23 +174,41 @@ pub fn insert_seed_into_running_domain(
     }
     let seed = std::path::absolute(seed).unwrap_or_else(|_| seed.to_path_buf());
     let seed = seed.display().to_string();
-    if !seed_attached(&virsh(uri, name, &["dumpxml", name])?, &seed) {
+    let xml = virsh(uri, name, &["dumpxml", name])?;
+    if seed_attached(&xml, &seed) {
+        virsh(
+            uri,
+            name,
+            &["change-media", name, &seed, "--eject", "--live", "--force"],
+        )?;
+    } else if !empty_seed_slot(&xml) {
+        // Another file in the cdrom, or none at all: not this machine's seed to replace.
         return Ok(false);
     }
-    virsh(
-        uri,
-        name,
-        &["change-media", name, &seed, "--eject", "--live", "--force"],
-    )?;
-    virsh(
-        uri,
-        name,
-        &["change-media", name, "sda", &seed, "--insert", "--live"],
-    )
-    .with_context(|| {
-        format!("machine `{name}`: the seed cdrom was emptied and not filled again")
-    })?;
+    // An insert that fails once (libvirt busy) is tried again: the cdrom is empty now.
+    let insert = ["change-media", name, "sda", &seed, "--insert", "--live"];
+    virsh(uri, name, &insert)
+        .or_else(|_| {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            virsh(uri, name, &insert)
+        })
+        .with_context(|| {
+            format!(
+                "machine `{name}`: the seed cdrom is left empty (the next `seedctl push` or `seed --connect` fills it)"
+            )
+        })?;
     Ok(true)
+}
+
+/// Whether the domain's seed cdrom (target `sda`, as `seedctl xml` writes it) is there
+/// and holds no medium: one an earlier eject left empty is filled again.
+fn empty_seed_slot(xml: &str) -> bool {
+    xml.split("<disk ").skip(1).any(|disk| {
+        let disk = disk.split("</disk>").next().unwrap_or_default();
+        disk.contains("device='cdrom'")
+            && disk.contains("<target dev='sda'")
+            && !disk.contains("<source ")
+    })
 }
 
 pub fn start(paths: &Paths, a: &StartArgs) -> Result<Report> {
@@ -357,6 +375,20 @@ pub fn destroy(paths: &Paths, a: &DestroyArgs) -> Result<Report> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_emptied_seed_cdrom_is_found_as_the_seed_slot() {
+        let disk = |source: &str| {
+            format!(
+                "<domain><devices><disk type='file' device='disk'><source file='/s/boot.qcow2'/><target dev='vda' bus='virtio'/></disk><disk type='file' device='cdrom'><driver name='qemu' type='raw'/>{source}<target dev='sda' bus='sata'/><readonly/></disk></devices></domain>"
+            )
+        };
+        assert!(empty_seed_slot(&disk("")));
+        assert!(!empty_seed_slot(&disk("<source file='/s/seed.iso'/>")));
+        assert!(!empty_seed_slot(
+            "<domain><devices><disk type='file' device='disk'><target dev='vda'/></disk></devices></domain>"
+        ));
+    }
 
     #[test]
     fn an_escaped_seed_path_in_dumpxml_counts_as_attached() {

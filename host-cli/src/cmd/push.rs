@@ -202,7 +202,7 @@ fn refresh_seed(paths: &Paths, id: &Identity, connect: Option<&str>) -> Result<(
         // said, not made the push's failure.
         if let Err(e) = given {
             eprintln!(
-                "seedctl: warning: {e:#}; a reboot inside this QEMU applies the older seed, so stop and start the machine"
+                "seedctl: warning: {e:#}; a reboot inside this QEMU does not get the new seed, so stop and start the machine"
             );
         }
     }
@@ -220,8 +220,16 @@ pub fn run(paths: &Paths, a: &PushArgs) -> Result<Report> {
     // seed disk carries machines/NAME from now on, as the machine's next start would
     // write it: a reboot inside the running QEMU must not bring an older identity back.
     let refreshed = refresh_seed(paths, &id, a.channel.connect.as_deref());
-    let outcome = outcome?;
-    refreshed?;
+    let outcome = match (outcome, refreshed) {
+        (Err(e), Err(seed)) => {
+            eprintln!("seedctl: warning: {seed:#}; the seed disk still carries the older identity");
+            return Err(e);
+        }
+        (outcome, refreshed) => {
+            refreshed?;
+            outcome?
+        }
+    };
     let iid = nocloud::instance_id(&id);
     Ok(applied_report(
         "pushed",
