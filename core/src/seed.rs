@@ -138,30 +138,28 @@ impl Seed {
         legacy_passwords(&mut user, &origin(source, "user-data"), &mut vendors);
         let vendor = vendors.pop().map(|(v, _)| v);
         // A `network-config` file, else meta-data's `network-interfaces` (ENI), as
-        // cloud-init's NoCloud picks.
-        let network = match (files.get("network-config"), &meta.network_interfaces) {
-            (Some(b), _) if !b.iter().all(u8::is_ascii_whitespace) => {
-                Some(network::parse(b, &origin(source, "network-config"))?)
-            }
-            // ENI that cannot be read is a warning, not a refused seed: meta-data's
-            // network is the older form, and the rest of the seed still applies.
-            (_, Some(eni)) => {
-                match network::parse_eni(eni, &origin(source, "meta-data (network-interfaces)")) {
-                    Ok(cfg) => Some(NetworkSetting::Config(cfg)),
-                    Err(e) => {
-                        meta.warnings
-                            .push(format!("{e}; the network is left as the image has it"));
-                        None
+        // cloud-init's NoCloud picks; and whether the network came from ENI.
+        let (network, network_from_eni) =
+            match (files.get("network-config"), &meta.network_interfaces) {
+                (Some(b), _) if !b.iter().all(u8::is_ascii_whitespace) => (
+                    Some(network::parse(b, &origin(source, "network-config"))?),
+                    false,
+                ),
+                // ENI that cannot be read is a warning, not a refused seed: meta-data's
+                // network is the older form, and the rest of the seed still applies.
+                (_, Some(eni)) => {
+                    let from = origin(source, "meta-data (network-interfaces)");
+                    match network::parse_eni(eni, &from) {
+                        Ok(cfg) => (Some(NetworkSetting::Config(cfg)), true),
+                        Err(e) => {
+                            meta.warnings
+                                .push(format!("{e}; the network is left as the image has it"));
+                            (None, false)
+                        }
                     }
                 }
-            }
-            _ => None,
-        };
-        let network_from_eni = files
-            .get("network-config")
-            .is_none_or(|b| b.iter().all(u8::is_ascii_whitespace))
-            && meta.network_interfaces.is_some()
-            && network.is_some();
+                _ => (None, false),
+            };
         let mut warnings = meta.warnings.clone();
         warnings.extend(user.warnings.iter().cloned());
         if let Some(v) = &vendor {
