@@ -190,14 +190,7 @@ fn refresh_seed(paths: &Paths, id: &Identity, connect: Option<&str>) -> Result<(
     let iso = paths.state_dir(&id.name).join(crate::state::SEED_ISO);
     if iso.exists() {
         crate::cmd::seed::write(id, crate::cmd::seed::SeedFormat::Iso, &iso)?;
-        let given = match connect {
-            Some(uri) => crate::cmd::power::insert_seed_into_running_domain(
-                &crate::libvirt::uri(Some(uri)),
-                &id.name,
-                &iso,
-            ),
-            None => crate::cmd::run::insert_seed_into_running_qemu(paths, &id.name, &iso),
-        };
+        let given = crate::cmd::run::insert_seed_into_running(paths, &id.name, &iso, connect);
         // The guest has the identity by now: a QEMU that cannot take the new file is
         // said, not made the push's failure.
         if let Err(e) = given {

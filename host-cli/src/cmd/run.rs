@@ -154,6 +154,25 @@ pub fn insert_seed_into_running_qemu(
     }
 }
 
+/// Gives the seed ISO at `iso` to the QEMU running machine `name` now: the libvirt
+/// domain's with `connect` (a URI), else its `seedctl run` QEMU. Returns whether one took
+/// it.
+pub fn insert_seed_into_running(
+    paths: &Paths,
+    name: &str,
+    iso: &std::path::Path,
+    connect: Option<&str>,
+) -> Result<bool> {
+    match connect {
+        Some(uri) => crate::cmd::power::insert_seed_into_running_domain(
+            &crate::libvirt::uri(Some(uri)),
+            name,
+            iso,
+        ),
+        None => insert_seed_into_running_qemu(paths, name, iso),
+    }
+}
+
 pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.name)?;
     let sd = StateDir::new(paths, &a.name);

@@ -122,14 +122,7 @@ pub fn run(paths: &Paths, a: &SeedArgs) -> Result<Report> {
     // The machine's own seed ISO reaches a QEMU that runs it now, not only its next start.
     let own_iso = a.output.is_none() && a.format == SeedFormat::Iso;
     let running = own_iso
-        && match &a.connect {
-            Some(uri) => crate::cmd::power::insert_seed_into_running_domain(
-                &crate::libvirt::uri(Some(uri)),
-                &a.name,
-                &out,
-            )?,
-            None => crate::cmd::run::insert_seed_into_running_qemu(paths, &a.name, &out)?,
-        };
+        && crate::cmd::run::insert_seed_into_running(paths, &a.name, &out, a.connect.as_deref())?;
     let digest = hex(&id.digest());
     Ok(Report::new(
         format!(
