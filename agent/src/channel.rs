@@ -59,9 +59,49 @@ fn reload_pending(ctx: &ChannelContext) -> PathBuf {
     ctx.opts.run.join("nixseed/reload-pending")
 }
 
-fn pending_reloads(ctx: &ChannelContext) -> Vec<String> {
+/// The line of that record which says the changes came with the machine's first
+/// identity: sshd, which had no host key before it, is then started by the retry too,
+/// not only restarted if it runs.
+const FIRST_IDENTITY_LINE: &str = "#first-identity";
+
+/// The reloads an earlier push or rollback left to retry.
+#[derive(Debug, Default, PartialEq)]
+struct PendingReloads {
+    /// The changed files (names relative to a generation) whose reload is not done.
+    changes: Vec<String>,
+    /// They came with the first identity ([`FIRST_IDENTITY_LINE`]).
+    first_identity: bool,
+}
+
+impl PendingReloads {
+    fn parse(text: &str) -> Self {
+        let mut out = Self::default();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            if line == FIRST_IDENTITY_LINE {
+                out.first_identity = true;
+            } else {
+                out.changes.push(line.to_owned());
+            }
+        }
+        out
+    }
+
+    fn text(&self) -> String {
+        let flag = self.first_identity.then_some(FIRST_IDENTITY_LINE);
+        flag.into_iter()
+            .chain(self.changes.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn is_empty(&self) -> bool {
+        self.changes.is_empty() && !self.first_identity
+    }
+}
+
+fn pending_reloads(ctx: &ChannelContext) -> PendingReloads {
     std::fs::read_to_string(reload_pending(ctx))
-        .map(|t| t.lines().map(str::to_owned).collect())
+        .map(|t| PendingReloads::parse(&t))
         .unwrap_or_default()
 }
 
@@ -83,7 +123,7 @@ fn unapplied(store: &Store, n: u64, ctx: &ChannelContext) -> Option<String> {
     (!pending.is_empty()).then(|| {
         format!(
             "generation {n} is bound, but reloading after {} failed",
-            pending.join(", ")
+            pending.changes.join(", ")
         )
     })
 }
@@ -218,13 +258,17 @@ async fn applied(
             let shown = shown.map(|g| g.tree).unwrap_or_default();
             stage::tree_changes(&shown, &store.read_generation(n)?.tree)
         };
-        todo.extend(retry);
+        todo.extend(retry.changes);
         todo.sort();
         todo.dedup();
+        let todo = PendingReloads {
+            changes: todo,
+            first_identity: before.is_none() || retry.first_identity,
+        };
         // Recorded before anything is bound or reloaded: an agent stopped on the way (a
         // restart during sshd's wait) retries them, rather than taking them as done.
         let record = reload_pending(ctx);
-        if let Err(e) = std::fs::write(&record, todo.join("\n")) {
+        if let Err(e) = std::fs::write(&record, todo.text()) {
             tracing::warn!(
                 "cannot record the reloads to retry in {}: {e}",
                 record.display()
@@ -239,11 +283,12 @@ async fn applied(
         if pending {
             reboot_required.push(nixseed_core::identity::MACHINE_ID.to_string());
         }
+        crate::crashpoint::hit("before-reload");
         effects = crate::reload::after_change(
-            &todo,
+            &todo.changes,
             &ctx.identity_path(),
             ctx.firewall,
-            before.is_none(),
+            todo.first_identity,
         )
         .await;
         let kept = if effects.failed.is_empty() {
@@ -255,7 +300,7 @@ async fn applied(
                 }
             })
         } else {
-            std::fs::write(&record, todo.join("\n"))
+            std::fs::write(&record, todo.text())
         };
         if let Err(e) = kept {
             tracing::warn!(
@@ -349,4 +394,33 @@ pub async fn run(method: Method, path: &std::path::Path, ctx: ChannelContext) ->
         "control-channel",
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_of_the_first_identity_keeps_saying_so() {
+        let first = PendingReloads {
+            changes: vec![
+                "ssh_host_ed25519_key".into(),
+                "network/10-eth0.network".into(),
+            ],
+            first_identity: true,
+        };
+        assert_eq!(
+            first.text(),
+            "#first-identity\nssh_host_ed25519_key\nnetwork/10-eth0.network"
+        );
+        assert_eq!(PendingReloads::parse(&first.text()), first);
+        // A record written before the flag existed, or of a later push: changes only.
+        let later = PendingReloads::parse("hostname\n\nssh_host_ed25519_key\n");
+        assert_eq!(later.changes, ["hostname", "ssh_host_ed25519_key"]);
+        assert!(!later.first_identity);
+        // The flag alone is still something to retry: sshd's start.
+        let flag_only = PendingReloads::parse(FIRST_IDENTITY_LINE);
+        assert!(flag_only.first_identity && !flag_only.is_empty());
+        assert!(PendingReloads::parse("").is_empty());
+    }
 }

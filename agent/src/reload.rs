@@ -47,8 +47,9 @@ async fn within<T>(
 /// Applies the effects of the changed files (names relative to a generation); returns
 /// what was told, and what failed.
 /// `first_identity`: there was no generation before this one (a boot that found no seed),
-/// so sshd, which has no host key without one (the NixOS module skips it by condition),
-/// is started rather than only restarted when running.
+/// or this retries the reloads of the push that brought the first, so sshd, which has no
+/// host key without one (the NixOS module skips it by condition), is started rather than
+/// only restarted when running.
 pub async fn after_change(
     changed: &[String],
     identity_dir: &Path,

@@ -794,31 +794,23 @@ fn agent_key_changes(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
 /// How long push-first waits after the login prompt for sshd to reach its start limit.
 const START_LIMIT_WAIT: Duration = Duration::from_secs(20);
 
-/// A machine booted with no seed and no host answering has no identity: the guest agent
-/// answers, sshd has no host key and stops at systemd's start limit. `seedctl push` then
-/// brings the first identity: sshd starts with the machine's pinned key, the hostname is
-/// live, machine-id is reported as needing a reboot, and the next boot (still with no
-/// seed) has it from the initrd.
-pub fn push_first(h: &Harness) -> Result<()> {
-    let m = h.new_machine("push-first")?;
-    let port = qemu::free_port()?;
-    let mut cfg = m.vm_config(&h.image, h.accel, port)?;
-    cfg.seed_iso = None;
-    let mut vm = Vm::start(cfg)?;
+/// Waits until the guest agent answers `guest-ping` on `vm`'s qemu-ga port, within
+/// [`ssh_timeout`]; `when` says after what, for the error.
+fn wait_for_agent(h: &Harness, m: &Machine, vm: &mut Vm, when: &str) -> Result<()> {
     let qga = vm.config.qga_socket();
     let deadline = Instant::now() + ssh_timeout();
     loop {
         vm.ensure_running()?;
-        let ping = seedctl_on(h, &m, "agent", 5, &qga)?
+        let ping = seedctl_on(h, m, "agent", 5, &qga)?
             .arg("ping")
             .output()
             .context("running seedctl agent ping")?;
         if ping.status.success() {
-            break;
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
-                "the guest agent did not answer within {} s of a seedless boot: {}\n{}",
+                "the guest agent did not answer within {} s {when}: {}\n{}",
                 ssh_timeout().as_secs(),
                 String::from_utf8_lossy(&ping.stderr).trim(),
                 vm.diagnostics()
@@ -826,6 +818,30 @@ pub fn push_first(h: &Harness) -> Result<()> {
         }
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// The test-only kernel flag (agent/src/crashpoint.rs) with which push-first's agent
+/// exits once, after the first push stored and bound the identity and recorded the
+/// reloads it owes, before it tells sshd: as an agent killed there would.
+const EXIT_BEFORE_RELOAD: &str = "nixseed.test_delay=before-reload:exit";
+
+/// A machine booted with no seed and no host answering has no identity: the guest agent
+/// answers, sshd has no host key and stops at systemd's start limit. `seedctl push` then
+/// brings the first identity, and the agent exits before it tells sshd (see
+/// [`EXIT_BEFORE_RELOAD`]): the push fails and sshd stays down. The same push again, to
+/// the restarted agent, has nothing new to store but retries what the first one owed,
+/// and as a first identity's: sshd starts with the machine's pinned key, the hostname is
+/// live, machine-id is reported as needing a reboot, and the next boot (still with no
+/// seed) has it from the initrd.
+pub fn push_first(h: &Harness) -> Result<()> {
+    let m = h.new_machine("push-first")?;
+    let port = qemu::free_port()?;
+    let mut cfg = m.vm_config(&h.image, h.accel, port)?;
+    cfg.seed_iso = None;
+    cfg.append.push(' ');
+    cfg.append.push_str(EXIT_BEFORE_RELOAD);
+    let mut vm = Vm::start(cfg)?;
+    wait_for_agent(h, &m, &mut vm, "of a seedless boot")?;
     eprintln!(
         "vm-tests: {}: no identity; the guest agent answered after {:.1} s",
         m.name,
@@ -853,6 +869,24 @@ pub fn push_first(h: &Harness) -> Result<()> {
     // Nothing in the image made a host key of its own.
     if let Some(key) = ssh::keyscan(port) {
         bail!("with no identity sshd presents a host key: {key}");
+    }
+
+    let cut = seedctl_on(h, &m, "push", 20, &vm.config.channel_socket())?
+        .output()
+        .context("running seedctl push")?;
+    ensure!(
+        !cut.status.success(),
+        "seedctl push succeeded although the agent exits before telling sshd:\n{}",
+        String::from_utf8_lossy(&cut.stdout)
+    );
+    eprintln!(
+        "vm-tests: {}: the first push, cut by the agent's exit: {}",
+        m.name,
+        String::from_utf8_lossy(&cut.stderr).trim()
+    );
+    wait_for_agent(h, &m, &mut vm, "of its exit during the first push")?;
+    if let Some(key) = ssh::keyscan(port) {
+        bail!("sshd presents a host key although the agent exited before telling it: {key}");
     }
 
     let t = Instant::now();
@@ -909,6 +943,14 @@ pub fn push_first(h: &Harness) -> Result<()> {
     eprintln!(
         "vm-tests: {}: sshd had stopped at systemd's start limit before the push",
         m.name
+    );
+    let exits = b.ssh.run(
+        "journalctl -b --no-pager -o cat | grep -c 'test delay point reached: before-reload, exiting' || true",
+    )?;
+    ensure!(
+        exits.trim() == "1",
+        "the agent did not exit once at the point before the reloads ({} times)",
+        exits.trim()
     );
     hostname_matches(&b.ssh, &m, "after the first push")?;
     // machine-id waits for the reboot: /etc keeps the ID systemd and journald run with,
