@@ -56,6 +56,12 @@ impl Server {
         PathBuf::from(format!("/proc/{}/root{}", self.agent_pid(), abs.display()))
     }
 
+    /// The `/etc/hostname` of the scratch guest `dir` as the agent sees it: a live push
+    /// re-binds it inside the agent's mount namespace only.
+    fn etc_hostname(&self, dir: &Path) -> String {
+        std::fs::read_to_string(self.view(&dir.join("sysroot/etc/hostname"))).unwrap()
+    }
+
     fn agent_pid(&self) -> u32 {
         // `sh -c ... exec agent` keeps the pid.
         self.child.id()
@@ -142,9 +148,8 @@ fn status_push_and_rollback() {
         reboot_required.is_empty(),
         "machine-id is kept on a new instance"
     );
-    let etc_hostname = srv.view(&dir.path().join("sysroot/etc/hostname"));
     assert_eq!(
-        std::fs::read_to_string(etc_hostname).unwrap(),
+        srv.etc_hostname(dir.path()),
         "second\n",
         "/etc/hostname re-bound live"
     );
@@ -168,10 +173,7 @@ fn status_push_and_rollback() {
         panic!()
     };
     assert_eq!(generation, Some(1));
-    assert_eq!(
-        std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
-        "first\n"
-    );
+    assert_eq!(srv.etc_hostname(dir.path()), "first\n");
 }
 
 /// A push that gives the machine another machine-id stores it for the next boot, and
@@ -219,7 +221,7 @@ fn a_live_push_keeps_the_running_machine_id_in_etc() {
         "/etc/machine-id still shows the running ID"
     );
     assert_eq!(
-        std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
+        srv.etc_hostname(dir.path()),
         "renamed\n",
         "the rest of the push is live"
     );
@@ -282,10 +284,7 @@ fn tampered_bundle_garbage_and_out_of_order_frames_are_refused() {
         panic!()
     };
     assert_eq!(generation, Some(1));
-    assert_eq!(
-        std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/hostname"))).unwrap(),
-        "first\n"
-    );
+    assert_eq!(srv.etc_hostname(dir.path()), "first\n");
 }
 
 /// An oversized frame is refused once and the rest of it is dropped, not read as frames
@@ -369,7 +368,7 @@ fn a_control_port_that_appears_after_the_start_is_served() {
     let port = dir.path().join("org.nixseed.channel.0");
     let (mut child, qga, ids) = serve_in(dir.path(), &[], &port);
     assert!(
-        ts::wait_for(Duration::from_secs(20), || ts::listening(&qga)),
+        ts::listening_within(&qga, Duration::from_secs(20)),
         "no guest agent socket"
     );
     std::thread::sleep(Duration::from_secs(1));
@@ -410,7 +409,7 @@ fn a_control_port_that_cannot_be_opened_leaves_the_guest_agent_serving() {
     std::fs::create_dir(&port).unwrap();
     let (mut child, qga, _) = serve_in(dir.path(), &[], &port);
     assert!(
-        ts::wait_for(Duration::from_secs(20), || ts::listening(&qga)),
+        ts::listening_within(&qga, Duration::from_secs(20)),
         "no guest agent socket"
     );
     std::thread::sleep(Duration::from_secs(2));

@@ -73,9 +73,7 @@ impl Peer {
             .spawn()
             .unwrap();
         assert!(
-            nixseed_test_support::wait_for(Duration::from_secs(10), || {
-                nixseed_test_support::listening(&sock)
-            }),
+            nixseed_test_support::listening_within(&sock, Duration::from_secs(10)),
             "{name} did not listen"
         );
         Peer {
@@ -166,72 +164,54 @@ impl Peer {
     }
 }
 
-fn mask_at(v: &mut Value, path: &[&str]) {
+/// Calls `f` on every value at `path`: a name steps into an object's member, `*` into
+/// every element of an array. A step that finds nothing to enter ends that branch.
+fn each_at(v: &mut Value, path: &[&str], f: &mut dyn FnMut(&mut Value)) {
     match path {
-        [] => *v = Value::String("<masked>".into()),
+        [] => f(v),
         ["*", rest @ ..] => {
             if let Value::Array(a) = v {
                 for x in a {
-                    mask_at(x, rest);
+                    each_at(x, rest, f);
                 }
             }
         }
         [k, rest @ ..] => {
             if let Some(x) = v.get_mut(*k) {
-                mask_at(x, rest);
+                each_at(x, rest, f);
             }
         }
     }
 }
 
+fn mask_at(v: &mut Value, path: &[&str]) {
+    each_at(v, path, &mut |x| *x = Value::String("<masked>".into()));
+}
+
+/// Removes the member the last step of `path` names from the objects the steps before
+/// it lead to.
 fn remove_at(v: &mut Value, path: &[&str]) {
-    match path {
-        [k] => {
-            if let Value::Object(m) = v {
-                m.remove(*k);
-            }
+    let Some((member, parents)) = path.split_last() else {
+        return;
+    };
+    each_at(v, parents, &mut |x| {
+        if let Value::Object(m) = x {
+            m.remove(*member);
         }
-        ["*", rest @ ..] => {
-            if let Value::Array(a) = v {
-                for x in a {
-                    remove_at(x, rest);
-                }
-            }
-        }
-        [k, rest @ ..] => {
-            if let Some(x) = v.get_mut(*k) {
-                remove_at(x, rest);
-            }
-        }
-        [] => {}
-    }
+    });
 }
 
 /// Masks every member of the objects at `path` except those named in `keep`.
 fn mask_members(v: &mut Value, path: &[&str], keep: &[&str]) {
-    match path {
-        [] => {
-            if let Value::Object(m) = v {
-                for (k, x) in m.iter_mut() {
-                    if !keep.contains(&k.as_str()) {
-                        *x = Value::String("<masked>".into());
-                    }
+    each_at(v, path, &mut |x| {
+        if let Value::Object(m) = x {
+            for (name, member) in m.iter_mut() {
+                if !keep.contains(&name.as_str()) {
+                    *member = Value::String("<masked>".into());
                 }
             }
         }
-        ["*", rest @ ..] => {
-            if let Value::Array(a) = v {
-                for x in a {
-                    mask_members(x, rest, keep);
-                }
-            }
-        }
-        [k, rest @ ..] => {
-            if let Some(x) = v.get_mut(*k) {
-                mask_members(x, rest, keep);
-            }
-        }
-    }
+    });
 }
 
 fn sort_by(v: &mut Value, path: &[&str], key: &str) {

@@ -51,9 +51,7 @@ fn serve_via(wrapper: &[&str], extra: &[&str]) -> Serve {
         .spawn()
         .unwrap();
     assert!(
-        nixseed_test_support::wait_for(Duration::from_secs(20), || {
-            nixseed_test_support::listening(&sock)
-        }),
+        nixseed_test_support::listening_within(&sock, Duration::from_secs(20)),
         "the agent did not listen"
     );
     Serve {

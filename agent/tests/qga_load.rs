@@ -23,9 +23,7 @@ fn start_agent(dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
         .spawn()
         .unwrap();
     assert!(
-        nixseed_test_support::wait_for(Duration::from_secs(10), || {
-            nixseed_test_support::listening(&sock)
-        }),
+        nixseed_test_support::listening_within(&sock, Duration::from_secs(10)),
         "agent did not listen"
     );
     child

@@ -4,10 +4,28 @@
 //! port (a second agent cannot bind it) and a malformed address is refused by name.
 #![allow(clippy::unwrap_used)]
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_nixseed-agent");
+
+/// `nixseed-agent serve --no-channel -m vsock-listen -p ADDR -t STATE`: the guest agent
+/// alone, on the vsock address `addr`.
+fn serve_vsock(addr: &str, state: &Path) -> Command {
+    let mut c = Command::new(AGENT);
+    c.args([
+        "serve",
+        "--no-channel",
+        "-m",
+        "vsock-listen",
+        "-p",
+        addr,
+        "-t",
+    ])
+    .arg(state);
+    c
+}
 
 #[test]
 fn vsock_listener_holds_its_port_and_bad_addresses_are_named() {
@@ -15,17 +33,7 @@ fn vsock_listener_holds_its_port_and_bad_addresses_are_named() {
     let port = 40000 + (std::process::id() % 20000);
     let addr = format!("-1:{port}");
     let serve = |state: &str| {
-        Command::new(AGENT)
-            .args([
-                "serve",
-                "--no-channel",
-                "-m",
-                "vsock-listen",
-                "-p",
-                &addr,
-                "-t",
-            ])
-            .arg(dir.path().join(state))
+        serve_vsock(&addr, &dir.path().join(state))
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
@@ -49,17 +57,7 @@ fn vsock_listener_holds_its_port_and_bad_addresses_are_named() {
     let _ = first.kill();
     let _ = first.wait();
 
-    let out = Command::new(AGENT)
-        .args([
-            "serve",
-            "--no-channel",
-            "-m",
-            "vsock-listen",
-            "-p",
-            "nonsense",
-            "-t",
-        ])
-        .arg(dir.path().join("c"))
+    let out = serve_vsock("nonsense", &dir.path().join("c"))
         .output()
         .unwrap();
     assert!(

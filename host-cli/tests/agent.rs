@@ -34,9 +34,7 @@ impl QemuGa {
             .spawn()
             .unwrap();
         assert!(
-            nixseed_test_support::wait_for(Duration::from_secs(10), || {
-                nixseed_test_support::listening(&sock)
-            }),
+            nixseed_test_support::listening_within(&sock, Duration::from_secs(10)),
             "qemu-ga did not listen on {}",
             sock.display()
         );
@@ -51,9 +49,16 @@ impl Drop for QemuGa {
     }
 }
 
-fn agent(s: &Scratch, sock: &std::path::Path, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["--json", "agent", "vm1", "--socket", sock.to_str().unwrap()];
+/// The arguments of `seedctl agent vm1 --socket SOCK ARGS`: `args` to the guest agent
+/// listening on `sock`.
+fn agent_args<'a>(sock: &'a std::path::Path, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["agent", "vm1", "--socket", sock.to_str().unwrap()];
     all.extend(args);
+    all
+}
+
+fn agent(s: &Scratch, sock: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let all = [&["--json"][..], &agent_args(sock, args)].concat();
     serde_json::from_str(&s.ok(&all)).unwrap()
 }
 
@@ -98,14 +103,10 @@ fn commands_against_real_qemu_ga() {
         assert_eq!(v["return"], 4242);
     }
     // The agent's own error class and text come through.
-    let out = s.run(&[
-        "agent",
-        "vm1",
-        "--socket",
-        ga.sock.to_str().unwrap(),
-        "cmd",
-        r#"{"execute":"guest-nope"}"#,
-    ]);
+    let out = s.run(&agent_args(
+        &ga.sock,
+        &["cmd", r#"{"execute":"guest-nope"}"#],
+    ));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -120,13 +121,7 @@ fn commands_against_real_qemu_ga() {
 fn a_refused_shutdown_is_an_error() {
     let s = Scratch::new();
     let ga = QemuGa::start_with(&s, &["-b", "guest-shutdown"]);
-    let err = s.fails(&[
-        "agent",
-        "vm1",
-        "--socket",
-        ga.sock.to_str().unwrap(),
-        "shutdown",
-    ]);
+    let err = s.fails(&agent_args(&ga.sock, &["shutdown"]));
     assert!(
         err.contains("guest-shutdown") && err.contains("disabled"),
         "{err}"
@@ -140,15 +135,7 @@ fn silence_and_absence_are_reported_in_time() {
     let silent = s.path().join("silent.sock");
     let listener = UnixListener::bind(&silent).unwrap();
     let start = Instant::now();
-    let err = s.fails(&[
-        "agent",
-        "vm1",
-        "--socket",
-        silent.to_str().unwrap(),
-        "--timeout",
-        "1",
-        "ping",
-    ]);
+    let err = s.fails(&agent_args(&silent, &["--timeout", "1", "ping"]));
     assert!(start.elapsed() < Duration::from_secs(5));
     assert!(
         err.contains("no answer") && err.contains("silent.sock") && err.contains("machine `vm1`"),
@@ -195,15 +182,7 @@ fn a_chatty_agent_that_never_answers_is_cut_off_at_the_timeout() {
             }
         });
         let start = Instant::now();
-        let err = s.fails(&[
-            "agent",
-            "vm1",
-            "--socket",
-            sock.to_str().unwrap(),
-            "--timeout",
-            "2",
-            "ping",
-        ]);
+        let err = s.fails(&agent_args(&sock, &["--timeout", "2", "ping"]));
         let took = start.elapsed();
         assert!(err.contains("no answer"), "{name}: {err}");
         assert!(took < Duration::from_secs(4), "{name}: took {took:?}");
@@ -243,16 +222,10 @@ fn cmd_guest_shutdown_takes_silence_for_success() {
         r.read_until(b'}', &mut rest).unwrap();
         String::from_utf8_lossy(&rest).into_owned()
     });
-    let out = s.ok(&[
-        "agent",
-        "vm1",
-        "--socket",
-        sock.to_str().unwrap(),
-        "--timeout",
-        "1",
-        "cmd",
-        r#"{"execute":"guest-shutdown"}"#,
-    ]);
+    let out = s.ok(&agent_args(
+        &sock,
+        &["--timeout", "1", "cmd", r#"{"execute":"guest-shutdown"}"#],
+    ));
     let seen = fake.join().unwrap();
     assert!(seen.contains("guest-shutdown"), "{seen}");
     assert!(!out.contains("no answer"), "{out}");

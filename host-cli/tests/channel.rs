@@ -88,21 +88,34 @@ fn json(out: &std::process::Output) -> Value {
 }
 
 fn web1(s: &Scratch) -> String {
-    let key = s.client_key();
-    s.ok(&[
-        "new",
-        "web1",
-        "--admin-key",
-        &format!("@{}", key.display()),
-        "--tcp-port",
-        "22",
-        "--tcp-port",
-        "443",
-    ]);
+    s.new_with_admin_key("web1", &["--tcp-port", "22", "--tcp-port", "443"]);
     std::fs::read_to_string(s.machine("web1").join("product_uuid"))
         .unwrap()
         .trim()
         .to_owned()
+}
+
+/// A listener on `sock`, its directory made first: the host end of a machine's channel.
+fn listen_at(sock: &Path) -> UnixListener {
+    std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+    UnixListener::bind(sock).unwrap()
+}
+
+/// Plays the guest end: takes seedctl's connection, with reads that give up after 20 s.
+fn accept_seedctl(listener: &UnixListener) -> UnixStream {
+    let (conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn
+}
+
+/// The guest's hello frame, naming the VM's `product_uuid`.
+fn hello(product_uuid: &str) -> Vec<u8> {
+    encode(&Message::Hello {
+        product_uuid: Some(product_uuid.to_owned()),
+        generation: None,
+        instance_id: None,
+    })
 }
 
 fn strs(v: &Value) -> Vec<String> {
@@ -268,8 +281,7 @@ fn silence_and_no_socket_are_clear_errors() {
     );
 
     // A socket that accepts but never answers, as QEMU's does with no agent in the guest.
-    std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
-    let listener = UnixListener::bind(&sock).unwrap();
+    let listener = listen_at(&sock);
     let t0 = Instant::now();
     let out = s.run(&["status", "web1", "--timeout", "1"]);
     assert!(t0.elapsed() < Duration::from_secs(10));
@@ -364,17 +376,13 @@ fn a_generation_left_unbound_is_reported_and_bound_by_the_next_push() {
 fn rollback_waits_for_a_live_guest_and_takes_only_its_own_reply() {
     let s = Scratch::new();
     web1(&s);
-    let sock = s.state("web1").join("channel.sock");
-    std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
-    let listener = UnixListener::bind(&sock).unwrap();
+    let listener = listen_at(&s.state("web1").join("channel.sock"));
 
     // A guest that never answers: the rollback times out without being sent.
     let silent = std::thread::spawn({
         let listener = listener.try_clone().unwrap();
         move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            conn.set_read_timeout(Some(Duration::from_secs(20)))
-                .unwrap();
+            let mut conn = accept_seedctl(&listener);
             let mut got = Vec::new();
             let _ = conn.read_to_end(&mut got);
             got
@@ -398,9 +406,7 @@ fn rollback_waits_for_a_live_guest_and_takes_only_its_own_reply() {
 
     // A guest whose port still holds an earlier client's replies.
     let guest = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
+        let mut conn = accept_seedctl(&listener);
         let stale = Message::Applied {
             decision: "stale".into(),
             generation: Some(9),
@@ -455,14 +461,8 @@ fn rollback_waits_for_a_live_guest_and_takes_only_its_own_reply() {
 
 /// Plays the guest: accept seedctl's connection on `sock`, say hello, return the answer.
 fn hello_and_answer(listener: &UnixListener, product_uuid: &str) -> Message {
-    let (mut conn, _) = listener.accept().unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let hello = encode(&Message::Hello {
-        product_uuid: Some(product_uuid.to_owned()),
-        generation: None,
-        instance_id: None,
-    });
+    let mut conn = accept_seedctl(listener);
+    let hello = hello(product_uuid);
     // The guest repeats its hello until it hears back.
     conn.write_all(&hello).unwrap();
     conn.write_all(&hello).unwrap();
@@ -482,19 +482,20 @@ fn read_message(conn: &mut UnixStream) -> Message {
     }
 }
 
+/// `seedctl --json serve ARGS` started in the background, its output captured.
+fn serve(s: &Scratch, args: &[&str]) -> Child {
+    s.cmd(&[&["--json", "serve"][..], args].concat())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn serve_once(s: &Scratch, sock: &Path) -> Child {
-    s.cmd(&[
-        "--json",
-        "serve",
-        "web1",
-        "--socket",
-        &sock.display().to_string(),
-        "--once",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap()
+    serve(
+        s,
+        &["web1", "--socket", &sock.display().to_string(), "--once"],
+    )
 }
 
 #[test]
@@ -603,12 +604,7 @@ fn serve_finds_libvirt_domains_channel_sockets() {
     .unwrap();
     let listener = UnixListener::bind(&sock).unwrap();
     let uri = format!("test://{}", node.display());
-    let serve = s
-        .cmd(&["--json", "serve", "--connect", &uri, "--once"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let serve = serve(&s, &["--connect", &uri, "--once"]);
     let Message::Push { bundle } = hello_and_answer(&listener, &uuid) else {
         panic!("web1 must be answered with push")
     };
@@ -626,13 +622,7 @@ fn serve_finds_libvirt_domains_channel_sockets() {
     assert!(err.contains("machine `unmanaged` not found"), "{err}");
 
     // A machine whose domain has no nixseed channel: the error says to redefine it.
-    let key = s.client_key();
-    s.ok(&[
-        "new",
-        "unmanaged",
-        "--admin-key",
-        &format!("@{}", key.display()),
-    ]);
+    s.new_with_admin_key("unmanaged", &[]);
     let err = s.fails(&["serve", "unmanaged", "--connect", &uri, "--once"]);
     assert!(
         err.contains("has no unix channel named org.nixseed.channel.0")
@@ -672,9 +662,7 @@ fn first_boot_identity_from_serve_through_the_real_agent() {
     let (master, slave) = ts::raw_pty_at(&root.join("host/dev/vport1p1")).unwrap();
 
     // QEMU's side: a chardev socket bridged to the port.
-    let sock = s.state("web1").join("channel.sock");
-    std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
-    let listener = UnixListener::bind(&sock).unwrap();
+    let listener = listen_at(&s.state("web1").join("channel.sock"));
     std::thread::spawn(move || {
         let (conn, _) = listener.accept().unwrap();
         let mut to_guest = master.try_clone().unwrap();
@@ -684,12 +672,7 @@ fn first_boot_identity_from_serve_through_the_real_agent() {
         let _ = std::io::copy(&mut from_guest, &mut to_host);
     });
 
-    let serve = s
-        .cmd(&["--json", "serve", "--local", "web1", "--once"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let serve = serve(&s, &["--local", "web1", "--once"]);
     let agent = agent_binary();
     let out = Command::new("unshare")
         .args(["-m", "-u"])
@@ -738,15 +721,9 @@ fn guest_at_boot_wait(
     listener: UnixListener,
     product_uuid: &str,
 ) -> std::thread::JoinHandle<Vec<String>> {
-    let hello = encode(&Message::Hello {
-        product_uuid: Some(product_uuid.to_owned()),
-        generation: None,
-        instance_id: None,
-    });
+    let hello = hello(product_uuid);
     std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
+        let mut conn = accept_seedctl(&listener);
         conn.write_all(&hello).unwrap();
         let mut d = Decoder::default();
         let mut buf = [0u8; 65536];

@@ -4,17 +4,62 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Scratch, require_tool, stdout_of};
+use common::{Scratch, create_args, require_tool, stdout_of};
 
-fn qemu_img(args: &[&str], dir: &std::path::Path) {
+/// A qcow2 `file` in the scratch directory that reads through to `backing` (an image of
+/// `backing_format`), of `size` or, without one, of the backing image's size.
+fn overlay(s: &Scratch, file: &str, backing: &Path, backing_format: &str, size: Option<&str>) {
     let st = Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
+        .args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(backing)
+        .args(["-F", backing_format, file])
+        .args(size)
+        .current_dir(s.path())
         .status()
         .unwrap();
-    assert!(st.success(), "qemu-img {args:?}");
+    assert!(
+        st.success(),
+        "qemu-img create {file} on {}",
+        backing.display()
+    );
+}
+
+/// Converts the qcow2 `disk` to the raw image `raw`, to read its bytes.
+fn to_raw(disk: &Path, raw: &Path) {
+    stdout_of(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(disk)
+            .arg(raw),
+    );
+}
+
+/// The arguments of `seedctl create NAME` on `base.qcow2` with its /var disk copied
+/// from `from`.
+fn create_var_from_args<'a>(name: &'a str, from: &'a str) -> [&'a str; 6] {
+    ["create", name, "--base", "base.qcow2", "--var-from", from]
+}
+
+/// Machine `web1` and a base image `base.qcow2`, before `create`.
+fn new_web1_and_base() -> Scratch {
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    s.qcow2("base.qcow2");
+    s
+}
+
+/// Machine `web1` created with a 64 MiB /var disk; the scratch and web1's state directory.
+fn created_web1() -> (Scratch, PathBuf) {
+    require_tool("qemu-img");
+    require_tool("mkfs.ext4");
+    let s = Scratch::new();
+    s.created("web1", "64M");
+    let sd = s.state("web1");
+    (s, sd)
 }
 
 fn state_entries(s: &Scratch) -> Vec<String> {
@@ -35,19 +80,8 @@ fn create_makes_overlay_var_and_seed() {
     require_tool("blkid");
     let s = Scratch::new();
     s.ok(&["new", "web1"]);
-    qemu_img(
-        &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
-        s.path(),
-    );
-    let out = s.ok(&[
-        "--json",
-        "create",
-        "web1",
-        "--base",
-        "base.qcow2",
-        "--var-size",
-        "64M",
-    ]);
+    s.qcow2("base.qcow2");
+    let out = s.ok(&[&["--json"][..], &create_args("web1", "base.qcow2", "64M")].concat());
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let base_abs = std::fs::canonicalize(s.path().join("base.qcow2")).unwrap();
     assert_eq!(v["base"].as_str().unwrap(), base_abs.to_str().unwrap());
@@ -56,7 +90,7 @@ fn create_makes_overlay_var_and_seed() {
     // The disks and the seed hold the private host key: the owner's only.
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&sd), 0o711);
         for f in ["boot.qcow2", "var.qcow2", "seed.iso"] {
             assert_eq!(mode(&sd.join(f)), 0o600, "{f}");
@@ -76,12 +110,7 @@ fn create_makes_overlay_var_and_seed() {
 
     // The /var disk carries an ext4 filesystem the guest can mount by label.
     let raw = s.path().join("var.raw");
-    stdout_of(
-        Command::new("qemu-img")
-            .args(["convert", "-O", "raw"])
-            .arg(sd.join("var.qcow2"))
-            .arg(&raw),
-    );
+    to_raw(&sd.join("var.qcow2"), &raw);
     let blkid = stdout_of(Command::new("blkid").arg(&raw));
     assert!(
         blkid.contains("LABEL=\"nixseed-var\"") && blkid.contains("TYPE=\"ext4\""),
@@ -97,21 +126,9 @@ fn create_makes_overlay_var_and_seed() {
     // --var-from copies an existing disk (here web1's) for a second machine.
     s.ok(&["new", "web2"]);
     let from = sd.join("var.qcow2");
-    s.ok(&[
-        "create",
-        "web2",
-        "--base",
-        "base.qcow2",
-        "--var-from",
-        from.to_str().unwrap(),
-    ]);
+    s.ok(&create_var_from_args("web2", from.to_str().unwrap()));
     let raw2 = s.path().join("var2.raw");
-    stdout_of(
-        Command::new("qemu-img")
-            .args(["convert", "-O", "raw"])
-            .arg(s.state("web2").join("var.qcow2"))
-            .arg(&raw2),
-    );
+    to_raw(&s.state("web2").join("var.qcow2"), &raw2);
     assert_eq!(std::fs::read(&raw).unwrap(), std::fs::read(&raw2).unwrap());
 }
 
@@ -128,25 +145,9 @@ fn missing_and_overlay_bases_are_refused_without_leftovers() {
         "{err}"
     );
 
-    qemu_img(
-        &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
-        s.path(),
-    );
+    s.qcow2("base.qcow2");
     let base = s.path().join("base.qcow2");
-    qemu_img(
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            "overlay.qcow2",
-        ],
-        s.path(),
-    );
+    overlay(&s, "overlay.qcow2", &base, "qcow2", None);
     let err = s.fails(&["create", "web1", "--base", "overlay.qcow2"]);
     assert!(
         err.contains("overlay.qcow2") && err.contains("itself an overlay"),
@@ -167,11 +168,7 @@ fn missing_and_overlay_bases_are_refused_without_leftovers() {
 
 #[test]
 fn a_machine_whose_overlay_is_gone_keeps_its_var_disk() {
-    require_tool("qemu-img");
-    require_tool("mkfs.ext4");
-    let s = Scratch::new();
-    s.created("web1", "64M");
-    let sd = s.state("web1");
+    let (s, sd) = created_web1();
     let var = std::fs::read(sd.join("var.qcow2")).unwrap();
     // The overlay is thrown away (to reset the root); /var holds the machine's data.
     std::fs::remove_file(sd.join("boot.qcow2")).unwrap();
@@ -194,11 +191,7 @@ fn a_machine_whose_overlay_is_gone_keeps_its_var_disk() {
 /// missing disk; each names the link, and the link survives.
 #[test]
 fn a_var_disk_link_to_nothing_is_not_replaced() {
-    require_tool("qemu-img");
-    require_tool("mkfs.ext4");
-    let s = Scratch::new();
-    s.created("web1", "64M");
-    let sd = s.state("web1");
+    let (s, sd) = created_web1();
     std::fs::remove_file(sd.join("var.qcow2")).unwrap();
     std::fs::remove_file(sd.join("boot.qcow2")).unwrap();
     let gone = s.path().join("unmounted/web1-var.qcow2");
@@ -256,35 +249,11 @@ fn empty_device_and_machine_disk_bases_are_refused() {
 /// that file reaches the new disk.
 #[test]
 fn a_var_disk_that_reads_a_host_file_is_refused() {
-    require_tool("qemu-img");
-    let s = Scratch::new();
-    s.ok(&["new", "web1"]);
-    s.qcow2("base.qcow2");
+    let s = new_web1_and_base();
     let secret = s.path().join("secret.raw");
     std::fs::write(&secret, [b"HOST-SECRET".as_slice(), &[0u8; 4096]].concat()).unwrap();
-    qemu_img(
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            secret.to_str().unwrap(),
-            "-F",
-            "raw",
-            "guest-var.raw",
-            "1M",
-        ],
-        s.path(),
-    );
-    let err = s.fails(&[
-        "create",
-        "web1",
-        "--base",
-        "base.qcow2",
-        "--var-from",
-        "guest-var.raw",
-    ]);
+    overlay(&s, "guest-var.raw", &secret, "raw", Some("1M"));
+    let err = s.fails(&create_var_from_args("web1", "guest-var.raw"));
     assert!(
         err.contains("guest-var.raw")
             && err.contains("reads another file")
@@ -297,14 +266,7 @@ fn a_var_disk_that_reads_a_host_file_is_refused() {
         secret.display()
     );
     std::fs::write(s.path().join("guest-var2.raw"), descriptor).unwrap();
-    let err = s.fails(&[
-        "create",
-        "web1",
-        "--base",
-        "base.qcow2",
-        "--var-from",
-        "guest-var2.raw",
-    ]);
+    let err = s.fails(&create_var_from_args("web1", "guest-var2.raw"));
     assert!(
         err.contains("guest-var2.raw") && err.contains("reads as vmdk, not raw or qcow2"),
         "{err}"
@@ -316,33 +278,16 @@ fn a_var_disk_that_reads_a_host_file_is_refused() {
 /// it, as the error says, leaves a machine `create` can make; `list` goes by the disks.
 #[test]
 fn an_unreadable_state_file_leaves_no_disks() {
-    require_tool("qemu-img");
-    let s = Scratch::new();
-    s.ok(&["new", "web1"]);
-    s.qcow2("base.qcow2");
+    let s = new_web1_and_base();
     std::fs::create_dir_all(s.state("web1")).unwrap();
     std::fs::write(s.state("web1").join("state.json"), "{\"base\": \"/x").unwrap();
-    let err = s.fails(&[
-        "create",
-        "web1",
-        "--base",
-        "base.qcow2",
-        "--var-size",
-        "32M",
-    ]);
+    let err = s.fails(&create_args("web1", "base.qcow2", "32M"));
     assert!(err.contains("state.json"), "{err}");
     for disk in ["boot.qcow2", "var.qcow2", "seed.iso"] {
         assert!(!s.state("web1").join(disk).exists(), "{disk} made");
     }
     std::fs::remove_file(s.state("web1").join("state.json")).unwrap();
-    s.ok(&[
-        "create",
-        "web1",
-        "--base",
-        "base.qcow2",
-        "--var-size",
-        "32M",
-    ]);
+    s.ok(&create_args("web1", "base.qcow2", "32M"));
     let list = s.ok(&["list"]);
     assert!(list.contains("stopped"), "{list}");
     // A state file that names a base but no boot disk: not `stopped`.

@@ -8,6 +8,13 @@ use std::process::Command;
 
 use common::{Scratch, require_tool};
 
+/// `seedctl xml web1 -o FILE ARGS`, checked against libvirt's domain schema; the XML.
+fn domain_xml(s: &Scratch, file: &str, args: &[&str]) -> String {
+    s.ok(&[&["xml", "web1", "-o", file][..], args].concat());
+    validate(s, file);
+    std::fs::read_to_string(s.path().join(file)).unwrap()
+}
+
 fn validate(s: &Scratch, file: &str) {
     let out = Command::new("virt-xml-validate")
         .arg(s.path().join(file))
@@ -33,36 +40,33 @@ fn domain_xml_validates_for_uefi_and_direct_kernel_boot() {
     let vars = s.path().join("VARS.fd");
     std::fs::write(&code, b"").unwrap();
     std::fs::write(&vars, b"").unwrap();
-    s.ok(&[
-        "xml",
-        "web1",
-        "-o",
+    let xml = domain_xml(
+        &s,
         "uefi.xml",
-        "--ovmf-code",
-        code.to_str().unwrap(),
-        "--ovmf-vars",
-        vars.to_str().unwrap(),
-    ]);
-    validate(&s, "uefi.xml");
-    s.ok(&[
-        "xml",
-        "web1",
-        "-o",
+        &[
+            "--ovmf-code",
+            code.to_str().unwrap(),
+            "--ovmf-vars",
+            vars.to_str().unwrap(),
+        ],
+    );
+    let kxml = domain_xml(
+        &s,
         "kernel.xml",
-        "--type",
-        "kvm",
-        "--net",
-        "default",
-        "--kernel",
-        "/boot/vmlinuz",
-        "--initrd",
-        "/boot/initrd.img",
-        "--cmdline",
-        "console=ttyS0 nixseed.debug=1",
-    ]);
-    validate(&s, "kernel.xml");
+        &[
+            "--type",
+            "kvm",
+            "--net",
+            "default",
+            "--kernel",
+            "/boot/vmlinuz",
+            "--initrd",
+            "/boot/initrd.img",
+            "--cmdline",
+            "console=ttyS0 nixseed.debug=1",
+        ],
+    );
 
-    let xml = std::fs::read_to_string(s.path().join("uefi.xml")).unwrap();
     let uuid = std::fs::read_to_string(s.machine("web1").join("product_uuid")).unwrap();
     assert!(xml.contains(&format!("<uuid>{}</uuid>", uuid.trim())));
     assert!(
@@ -81,7 +85,6 @@ fn domain_xml_validates_for_uefi_and_direct_kernel_boot() {
     assert!(
         xml.contains("device='cdrom'") && xml.contains("bus='sata'") && xml.contains("seed.iso")
     );
-    let kxml = std::fs::read_to_string(s.path().join("kernel.xml")).unwrap();
     assert!(
         kxml.contains("<domain type='kvm'>")
             && kxml.contains("<cmdline>console=ttyS0 nixseed.debug=1</cmdline>")
@@ -90,18 +93,11 @@ fn domain_xml_validates_for_uefi_and_direct_kernel_boot() {
 
     // --seed-via channel: no cdrom; the MAC and the channel socket that `seedctl serve`
     // reads back from the domain are there.
-    s.ok(&[
-        "xml",
-        "web1",
-        "-o",
+    let cxml = domain_xml(
+        &s,
         "channel.xml",
-        "--kernel",
-        "/boot/vmlinuz",
-        "--seed-via",
-        "channel",
-    ]);
-    validate(&s, "channel.xml");
-    let cxml = std::fs::read_to_string(s.path().join("channel.xml")).unwrap();
+        &["--kernel", "/boot/vmlinuz", "--seed-via", "channel"],
+    );
     assert!(!cxml.contains("device='cdrom'") && !cxml.contains("seed.iso"));
     let sock = seedctl::channel::channel_socket_in_xml(&cxml).unwrap();
     assert!(sock.ends_with("web1/libvirt-channel.sock"), "{sock}");
@@ -141,14 +137,36 @@ fn test_driver(s: &Scratch, domains: &str) -> String {
     format!("test://{}", node.display())
 }
 
-/// A domain defined with `--seed-via channel` has no cdrom: a plain `start` would boot it
-/// with no identity and nobody answering its hello, so it is refused with what to do.
-#[test]
-fn plain_start_of_a_channel_only_domain_is_refused() {
+/// Machine `web1` and a test driver running a domain of that name; the driver's URI.
+fn web1_running_under_libvirt() -> (Scratch, String) {
     require_tool("virsh");
     let s = Scratch::new();
     s.ok(&["new", "web1"]);
     let uri = test_driver(&s, WEB1);
+    (s, uri)
+}
+
+/// Machine `web1` with its disks, and another base, `new.qcow2`, to upgrade it to.
+fn web1_and_a_new_base() -> Scratch {
+    require_tool("virsh");
+    require_tool("qemu-img");
+    require_tool("mkfs.ext4");
+    let s = Scratch::new();
+    s.created("web1", "64M");
+    s.qcow2("new.qcow2");
+    s
+}
+
+/// The arguments of `seedctl upgrade web1 --base new.qcow2` through the libvirt at `uri`.
+fn upgrade_through(uri: &str) -> [&str; 6] {
+    ["upgrade", "web1", "--base", "new.qcow2", "--connect", uri]
+}
+
+/// A domain defined with `--seed-via channel` has no cdrom: a plain `start` would boot it
+/// with no identity and nobody answering its hello, so it is refused with what to do.
+#[test]
+fn plain_start_of_a_channel_only_domain_is_refused() {
+    let (s, uri) = web1_running_under_libvirt();
     let err = s.fails(&["start", "web1", "--connect", &uri]);
     assert!(
         err.contains("has no seed cdrom") && err.contains("seedctl start web1 --seed-via channel"),
@@ -161,10 +179,7 @@ fn plain_start_of_a_channel_only_domain_is_refused() {
 /// stays running and the wait ends with an error naming machine, URI and `destroy`.
 #[test]
 fn stop_through_libvirt_waits_for_the_power_off() {
-    require_tool("virsh");
-    let s = Scratch::new();
-    s.ok(&["new", "web1"]);
-    let uri = test_driver(&s, WEB1);
+    let (s, uri) = web1_running_under_libvirt();
     let t0 = std::time::Instant::now();
     let err = s.fails(&["stop", "web1", "--connect", &uri, "--timeout", "1"]);
     assert!(
@@ -183,16 +198,11 @@ fn stop_through_libvirt_waits_for_the_power_off() {
 /// `upgrade` refuses a machine libvirt runs: its QEMU holds the old overlay open.
 #[test]
 fn upgrade_of_a_running_libvirt_domain_is_refused() {
-    require_tool("virsh");
-    require_tool("qemu-img");
-    require_tool("mkfs.ext4");
-    let s = Scratch::new();
-    s.created("web1", "64M");
-    s.qcow2("new.qcow2");
+    let s = web1_and_a_new_base();
     let uri = test_driver(&s, WEB1);
     let boot = s.state("web1").join("boot.qcow2");
     let before = std::fs::read(&boot).unwrap();
-    let err = s.fails(&["upgrade", "web1", "--base", "new.qcow2", "--connect", &uri]);
+    let err = s.fails(&upgrade_through(&uri));
     assert!(
         err.contains("running under libvirt") && err.contains("seedctl stop web1"),
         "{err}"
@@ -200,7 +210,7 @@ fn upgrade_of_a_running_libvirt_domain_is_refused() {
     assert_eq!(std::fs::read(&boot).unwrap(), before);
     // A libvirt without that domain does not stop it.
     test_driver(&s, "");
-    s.ok(&["upgrade", "web1", "--base", "new.qcow2", "--connect", &uri]);
+    s.ok(&upgrade_through(&uri));
     assert_ne!(std::fs::read(&boot).unwrap(), before);
 }
 
@@ -209,12 +219,7 @@ fn upgrade_of_a_running_libvirt_domain_is_refused() {
 /// domain shut off plainly is upgraded.
 #[test]
 fn upgrade_of_a_managed_saved_domain_is_refused() {
-    require_tool("virsh");
-    require_tool("qemu-img");
-    require_tool("mkfs.ext4");
-    let s = Scratch::new();
-    s.created("web1", "64M");
-    s.qcow2("new.qcow2");
+    let s = web1_and_a_new_base();
     // runstate 5: shut off.
     let web1 = |saved: &str| {
         format!(
@@ -224,13 +229,13 @@ fn upgrade_of_a_managed_saved_domain_is_refused() {
     let uri = test_driver(&s, &web1("<test:hasmanagedsave>yes</test:hasmanagedsave>"));
     let boot = s.state("web1").join("boot.qcow2");
     let before = std::fs::read(&boot).unwrap();
-    let err = s.fails(&["upgrade", "web1", "--base", "new.qcow2", "--connect", &uri]);
+    let err = s.fails(&upgrade_through(&uri));
     assert!(
         err.contains("managed save") && err.contains("managedsave-remove web1"),
         "{err}"
     );
     assert_eq!(std::fs::read(&boot).unwrap(), before);
     test_driver(&s, &web1(""));
-    s.ok(&["upgrade", "web1", "--base", "new.qcow2", "--connect", &uri]);
+    s.ok(&upgrade_through(&uri));
     assert_ne!(std::fs::read(&boot).unwrap(), before);
 }

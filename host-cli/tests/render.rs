@@ -11,19 +11,10 @@ use common::Scratch;
 #[test]
 fn rendered_tree_carries_the_machine_identity() {
     let s = Scratch::new();
-    let key = s.client_key();
-    s.ok(&[
-        "new",
+    s.new_with_admin_key(
         "web1",
-        "--admin-key",
-        &format!("@{}", key.display()),
-        "--tcp-port",
-        "22",
-        "--tcp-port",
-        "443",
-        "--udp-port",
-        "53",
-    ]);
+        &["--tcp-port", "22", "--tcp-port", "443", "--udp-port", "53"],
+    );
     s.ok(&["render", "web1", "--out", "tree"]);
     let t = s.path().join("tree");
     let m = s.machine("web1");

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{Scratch, require_tool};
+use common::{Scratch, create_args, require_tool};
 
 fn qmp(sock: &std::path::Path, cmd: &str) -> serde_json::Value {
     let s = UnixStream::connect(sock).unwrap();
@@ -47,6 +47,19 @@ fn started() -> (Scratch, u64) {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let port = v["ssh_port"].as_u64().unwrap();
     (s, port)
+}
+
+/// Whether process `pid` has ended: gone, or a zombie waiting for a container init that
+/// does not reap.
+fn ended(pid: impl std::fmt::Display) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.is_empty()
+        || stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .trim_start()
+            .starts_with('Z')
 }
 
 /// What QEMU process `pid` holds open of files named `name`: the targets of its
@@ -134,17 +147,10 @@ fn run_wires_uuid_disks_channels_and_ssh_forward() {
         .parse()
         .unwrap();
     s.ok(&["destroy", "web1"]);
-    // Gone, or a zombie waiting for a container init that does not reap.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     assert!(
-        stat.is_empty()
-            || stat
-                .rsplit(')')
-                .next()
-                .unwrap()
-                .trim_start()
-                .starts_with('Z'),
-        "{stat}"
+        ended(pid),
+        "QEMU {pid} still runs after destroy: {}",
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default()
     );
     let err = s.fails(&["stop", "web1"]);
     assert!(
@@ -189,15 +195,10 @@ fn run_works_from_a_state_path_with_a_comma_and_a_read_only_vars_template() {
     s.ok(&["new", "web1"]);
     s.qcow2("base.qcow2");
     s.ok(&[
-        "--state",
-        &st,
-        "create",
-        "web1",
-        "--base",
-        "base.qcow2",
-        "--var-size",
-        "32M",
-    ]);
+        &["--state", &st][..],
+        &create_args("web1", "base.qcow2", "32M"),
+    ]
+    .concat());
     let Some(template) = [
         "/usr/share/OVMF/OVMF_VARS_4M.fd",
         "/usr/share/OVMF/OVMF_VARS.fd",
@@ -257,17 +258,11 @@ fn seed_via_channel_attaches_no_seed_and_answers_in_the_background() {
     machine(&s);
     std::fs::remove_file(s.state("web1").join("seed.iso")).unwrap();
     let out = s.ok(&[
-        "--json",
-        "run",
-        "web1",
-        "--detach",
-        "--memory",
-        "128",
-        "--accel",
-        "tcg",
-        "--seed-via",
-        "channel",
-    ]);
+        &["--json", "run", "web1"],
+        DETACHED_TCG,
+        &["--seed-via", "channel"],
+    ]
+    .concat());
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let sd = s.state("web1");
     assert_eq!(v["seed_via"], "channel");
@@ -298,18 +293,8 @@ fn seed_via_channel_attaches_no_seed_and_answers_in_the_background() {
         std::thread::sleep(Duration::from_millis(100));
     }
     s.ok(&["destroy", "web1"]);
-    let gone = || {
-        let stat = std::fs::read_to_string(format!("/proc/{answerer}/stat")).unwrap_or_default();
-        stat.is_empty()
-            || stat
-                .rsplit(')')
-                .next()
-                .unwrap()
-                .trim_start()
-                .starts_with('Z')
-    };
     let t0 = std::time::Instant::now();
-    while !gone() {
+    while !ended(answerer) {
         assert!(
             t0.elapsed() < Duration::from_secs(20),
             "the answerer outlived QEMU"

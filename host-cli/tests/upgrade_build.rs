@@ -7,7 +7,18 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use common::{Scratch, require_tool, stdout_of};
+use common::{Scratch, create_args, require_tool, stdout_of};
+
+/// A fake `nix`, the shell `script`, in a `fakebin` directory of the scratch; the PATH
+/// that puts it before the real one.
+fn fake_nix(s: &Scratch, script: &str) -> String {
+    let bin = s.path().join("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fake = bin.join("nix");
+    std::fs::write(&fake, script).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap())
+}
 
 #[test]
 fn upgrade_swaps_the_base_and_keeps_var() {
@@ -15,23 +26,9 @@ fn upgrade_swaps_the_base_and_keeps_var() {
     let s = Scratch::new();
     s.ok(&["new", "web1"]);
     for b in ["base1.qcow2", "base2.qcow2"] {
-        assert!(
-            Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", b, "64M"])
-                .current_dir(s.path())
-                .status()
-                .unwrap()
-                .success()
-        );
+        s.qcow2(b);
     }
-    s.ok(&[
-        "create",
-        "web1",
-        "--base",
-        "base1.qcow2",
-        "--var-size",
-        "32M",
-    ]);
+    s.ok(&create_args("web1", "base1.qcow2", "32M"));
     let var_before = std::fs::read(s.state("web1").join("var.qcow2")).unwrap();
     let out: serde_json::Value =
         serde_json::from_str(&s.ok(&["--json", "upgrade", "web1", "--base", "base2.qcow2"]))
@@ -103,24 +100,18 @@ fn upgrade_swaps_the_base_and_keeps_var() {
 #[test]
 fn build_records_the_image_as_default_base() {
     let s = Scratch::new();
-    let bin = s.path().join("fakebin");
-    std::fs::create_dir_all(&bin).unwrap();
     let out = s.path().join("store-result");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("nixos.qcow2"), b"").unwrap();
     // Fake nix: records its arguments, prints the output path, or fails on request.
-    let fake = bin.join("nix");
-    std::fs::write(
-        &fake,
-        format!(
+    let path = fake_nix(
+        &s,
+        &format!(
             "#!/bin/sh\necho \"$@\" > {args}\nif [ -n \"$FAKE_NIX_FAIL\" ]; then echo 'error: builder failed' >&2; exit 1; fi\necho {out}\n",
             args = s.path().join("nix-args").display(),
             out = out.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    );
 
     let o = s
         .cmd(&["build", ".#web-image"])
@@ -158,20 +149,14 @@ fn build_records_the_image_as_default_base() {
 #[test]
 fn every_build_keeps_its_own_root() {
     let s = Scratch::new();
-    let bin = s.path().join("fakebin");
-    std::fs::create_dir_all(&bin).unwrap();
     // Fake nix: makes the out-link as nix does, to a result holding one image.
-    let fake = bin.join("nix");
-    std::fs::write(
-        &fake,
-        format!(
+    let path = fake_nix(
+        &s,
+        &format!(
             "#!/bin/sh\nwhile [ \"$1\" != --out-link ]; do shift; done\nout={}/r$$\nmkdir -p $out && : > $out/nixos.qcow2\nln -sfn $out \"$2\"\necho $out\n",
             s.path().display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    );
     // Roots already taken for this second and the next few: each build must find a name
     // of its own beside them (the same-second case, whenever the builds run).
     let bases = s.path().join(".seedctl/bases");
@@ -201,6 +186,18 @@ fn every_build_keeps_its_own_root() {
     );
 }
 
+/// Whether `qemu-img info` opens `disk`: without `-U` it fails while a running QEMU
+/// holds the image's lock.
+fn opens_unlocked(disk: &std::path::Path) -> bool {
+    Command::new("qemu-img")
+        .arg("info")
+        .arg(disk)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
 /// A paused QEMU with `disk` as its virtio disk, and whether it took the disk's lock
 /// (`qemu-img info` without `-U` then fails) within 20 s.
 fn paused_qemu_on(disk: &std::path::Path) -> (std::process::Child, bool) {
@@ -211,13 +208,7 @@ fn paused_qemu_on(disk: &std::path::Path) -> (std::process::Child, bool) {
         .spawn()
         .unwrap();
     let locked = nixseed_test_support::wait_for(std::time::Duration::from_secs(20), || {
-        !Command::new("qemu-img")
-            .arg("info")
-            .arg(disk)
-            .output()
-            .unwrap()
-            .status
-            .success()
+        !opens_unlocked(disk)
     });
     (qemu, locked)
 }
@@ -267,25 +258,12 @@ fn a_base_open_for_writing_is_refused_and_one_vms_read_is_not() {
         .status()
         .unwrap();
     assert!(nbd.success());
-    let create = s.run(&[
-        "create",
-        "web2",
-        "--base",
-        "base2.qcow2",
-        "--var-size",
-        "32M",
-    ]);
+    let create = s.run(&create_args("web2", "base2.qcow2", "32M"));
     let upgrade = s.run(&["upgrade", "web1", "--base", "base2.qcow2"]);
     let pid = std::fs::read_to_string(&pidfile).unwrap();
     let _ = Command::new("kill").arg(pid.trim()).status();
     nixseed_test_support::wait_for(std::time::Duration::from_secs(20), || {
-        Command::new("qemu-img")
-            .arg("info")
-            .arg(&base2)
-            .output()
-            .unwrap()
-            .status
-            .success()
+        opens_unlocked(&base2)
     });
     for (verb, out) in [("create", &create), ("upgrade", &upgrade)] {
         assert!(!out.status.success(), "{verb} took a base open for writing");
@@ -302,14 +280,7 @@ fn a_base_open_for_writing_is_refused_and_one_vms_read_is_not() {
     s.ok(&["upgrade", "web1", "--base", "base2.qcow2"]);
     let boot = s.state("web1").join("boot.qcow2");
     let (mut qemu, locked) = paused_qemu_on(&boot);
-    let create = s.run(&[
-        "create",
-        "web2",
-        "--base",
-        "base2.qcow2",
-        "--var-size",
-        "32M",
-    ]);
+    let create = s.run(&create_args("web2", "base2.qcow2", "32M"));
     let _ = qemu.kill();
     let _ = qemu.wait();
     assert!(locked, "QEMU never took the overlay's lock");

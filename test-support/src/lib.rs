@@ -149,6 +149,12 @@ pub fn wait_for(within: std::time::Duration, mut ready: impl FnMut() -> bool) ->
     true
 }
 
+/// Whether the unix socket `sock` accepts connections within `within`: the wait for an
+/// agent that has just been started to listen.
+pub fn listening_within(sock: &Path, within: std::time::Duration) -> bool {
+    wait_for(within, || listening(sock))
+}
+
 /// Whether a unix socket accepts connections. Its file appears at bind(2), a moment before
 /// listen(2), so waiting for the file alone races the first connection.
 pub fn listening(sock: &Path) -> bool {

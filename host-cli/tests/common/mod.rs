@@ -69,14 +69,14 @@ impl Scratch {
     pub fn created(&self, name: &str, var_size: &str) {
         self.ok(&["new", name]);
         self.qcow2("base.qcow2");
-        self.ok(&[
-            "create",
-            name,
-            "--base",
-            "base.qcow2",
-            "--var-size",
-            var_size,
-        ]);
+        self.ok(&create_args(name, "base.qcow2", var_size));
+    }
+
+    /// `seedctl new NAME --admin-key @KEY` with the scratch's client key (see
+    /// [`Scratch::client_key`]) and `extra` options after it.
+    pub fn new_with_admin_key(&self, name: &str, extra: &[&str]) {
+        let key = format!("@{}", self.client_key().display());
+        self.ok(&[&["new", name, "--admin-key", &key][..], extra].concat());
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
@@ -129,6 +129,11 @@ impl Scratch {
         }
         key.with_extension("pub")
     }
+}
+
+/// The arguments of `seedctl create NAME` on `base` with a new /var disk of `var_size`.
+pub fn create_args<'a>(name: &'a str, base: &'a str, var_size: &'a str) -> [&'a str; 6] {
+    ["create", name, "--base", base, "--var-size", var_size]
 }
 
 /// Fail loudly when a host tool the test needs is missing.
