@@ -105,10 +105,15 @@ fn agent_passwords(sysroot: &Path) -> Result<AgentPasswords> {
 static BINDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Whether `/etc` shows generation `gen_dir`'s password settings (stage 2's check):
-/// `/etc/shadow` is bound when they change the image's file, and only then. A bind there
-/// is this generation's: the caller has checked that the bound generation's `users.json`
-/// is the same.
-pub fn shadow_bound_as_needed(gen_dir: &Path, sysroot: &Path, mounted: &[PathBuf]) -> bool {
+/// `/etc/shadow` is bound when they change the image's file, and only then, and what is
+/// bound there is the image's file (its copy in `<nixseed_run>/shadow.base`) with them,
+/// not an earlier generation's left by a bind that failed.
+pub fn shadow_bound_as_needed(
+    gen_dir: &Path,
+    sysroot: &Path,
+    nixseed_run: &Path,
+    mounted: &[PathBuf],
+) -> bool {
     let target = sysroot.join("etc").join(SHADOW);
     let bound = mounted.iter().any(|m| m == &target);
     if link_target(&target).is_some() {
@@ -117,10 +122,18 @@ pub fn shadow_bound_as_needed(gen_dir: &Path, sysroot: &Path, mounted: &[PathBuf
     let Ok(settings) = Settings::load(gen_dir, sysroot) else {
         return false;
     };
-    if !settings.touches_shadow() || bound {
-        return settings.touches_shadow() == bound;
+    if !settings.touches_shadow() {
+        return !bound;
     }
-    match std::fs::read_to_string(&target) {
+    let shown = std::fs::read_to_string(&target);
+    if bound {
+        let base = std::fs::read_to_string(nixseed_run.join(format!("{SHADOW}.base")));
+        return match (base, shown) {
+            (Ok(base), Ok(shown)) => settings.compose(&base).text == shown,
+            _ => false,
+        };
+    }
+    match shown {
         Ok(image) => settings.compose(&image).text == image,
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
@@ -478,6 +491,11 @@ mod tests {
         std::fs::write(dir.path().join(identity::USERS), b"{").unwrap();
         let e = read(dir.path()).unwrap_err().to_string();
         assert!(e.contains("users.json") && e.contains("not applied"), "{e}");
-        assert!(!shadow_bound_as_needed(dir.path(), dir.path(), &[]));
+        assert!(!shadow_bound_as_needed(
+            dir.path(),
+            dir.path(),
+            dir.path(),
+            &[]
+        ));
     }
 }

@@ -94,15 +94,55 @@ impl PendingReloads {
             .join("\n")
     }
 
+    /// Nothing owed: the flag alone asks for nothing, as a first identity's changes
+    /// always include its host key.
     fn is_empty(&self) -> bool {
-        self.changes.is_empty() && !self.first_identity
+        self.changes.is_empty()
     }
 }
 
 fn pending_reloads(ctx: &ChannelContext) -> PendingReloads {
-    std::fs::read_to_string(reload_pending(ctx))
-        .map(|t| PendingReloads::parse(&t))
-        .unwrap_or_default()
+    let record = reload_pending(ctx);
+    match std::fs::read_to_string(&record) {
+        Ok(t) => PendingReloads::parse(&t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => PendingReloads::default(),
+        Err(e) => {
+            tracing::warn!(
+                "cannot read the reloads to retry from {}: {e}; retrying what /etc does not show yet only",
+                record.display()
+            );
+            PendingReloads::default()
+        }
+    }
+}
+
+/// Writes the record of what is owed (whole or not at all: a half-written record would
+/// read as less owed), or, with nothing owed, removes it.
+fn record_reloads(ctx: &ChannelContext, owed: &PendingReloads) {
+    let record = reload_pending(ctx);
+    let done = if owed.changes.is_empty() {
+        std::fs::remove_file(&record)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(anyhow::Error::from)
+    } else {
+        record
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| stage::write_atomic(&record, owed.text().as_bytes()))
+    };
+    if let Err(e) = done {
+        tracing::warn!(
+            "cannot record the reloads to retry in {}: {e:#}",
+            record.display()
+        );
+    }
 }
 
 /// Why generation `n` is not what the running system uses, if it is not.
@@ -241,6 +281,7 @@ async fn applied(
     let now = store.current_number()?;
     let mut effects = crate::reload::Effects::default();
     let mut reboot_required = Vec::new();
+    let mut accounts_failed = None;
     let retry = pending_reloads(ctx);
     let bound = stage::bound_generation(&ctx.opts.run, &ctx.opts.identity_dir);
     if let Some(n) = now
@@ -249,40 +290,35 @@ async fn applied(
             || !stage::shadow_shows(store, n, &ctx.opts)
             || !retry.is_empty())
     {
-        // What the running system has not taken yet: this request's changes, or those
-        // since the generation /etc shows, and the reloads that failed before.
-        let mut todo = if now != before {
-            changed.clone()
-        } else {
-            let shown = bound.and_then(|m| store.read_generation(m).ok());
-            let shown = shown.map(|g| g.tree).unwrap_or_default();
-            stage::tree_changes(&shown, &store.read_generation(n)?.tree)
-        };
+        // What the running system has not taken yet: this request's changes, those since
+        // the generation /etc shows (an earlier request stopped before it recorded what
+        // it owed), and the reloads that failed before.
+        let shown = bound.and_then(|m| store.read_generation(m).ok());
+        let shown = shown.map(|g| g.tree).unwrap_or_default();
+        let mut todo = stage::tree_changes(&shown, &store.read_generation(n)?.tree);
+        todo.extend(changed.iter().cloned());
         todo.extend(retry.changes);
         todo.sort();
         todo.dedup();
+        // A first identity: the machine had none before this request, or none was bound
+        // at this boot (sshd never had a host key), or a retry of such a request.
         let todo = PendingReloads {
             changes: todo,
-            first_identity: before.is_none() || retry.first_identity,
+            first_identity: before.is_none() || bound.is_none() || retry.first_identity,
         };
         // Recorded before anything is bound or reloaded: an agent stopped on the way (a
         // restart during sshd's wait) retries them, rather than taking them as done.
-        let record = reload_pending(ctx);
-        if let Err(e) = std::fs::write(&record, todo.text()) {
-            tracing::warn!(
-                "cannot record the reloads to retry in {}: {e}",
-                record.display()
-            );
-        }
-        let pending = stage::bind_generation(store, n, &ctx.opts, stage::BindTime::Live)
+        record_reloads(ctx, &todo);
+        let bound = stage::bind_generation(store, n, &ctx.opts, stage::BindTime::Live)
             .with_context(|| {
                 format!(
                     "generation {n} is current but cannot be bound over /etc (the same push again, or the next boot, binds it)"
                 )
             })?;
-        if pending {
+        if bound.machine_id_pending {
             reboot_required.push(nixseed_core::identity::MACHINE_ID.to_string());
         }
+        accounts_failed = bound.accounts;
         crate::crashpoint::hit("before-reload");
         effects = crate::reload::after_change(
             &todo.changes,
@@ -291,22 +327,12 @@ async fn applied(
             todo.first_identity,
         )
         .await;
-        let kept = if effects.failed.is_empty() {
-            std::fs::remove_file(&record).or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
+        // Kept while anything failed (written again, in case the first write could not
+        // be made): the same push again binds and reloads again.
+        if effects.failed.is_empty() && accounts_failed.is_none() {
+            record_reloads(ctx, &PendingReloads::default());
         } else {
-            std::fs::write(&record, todo.text())
-        };
-        if let Err(e) = kept {
-            tracing::warn!(
-                "cannot record the reloads to retry in {}: {e}",
-                record.display()
-            );
+            record_reloads(ctx, &todo);
         }
     } else if let Some(n) = now
         && stage::machine_id_pending(store, n, &ctx.opts)
@@ -323,6 +349,7 @@ async fn applied(
         reboot_required
     );
     let mut failed = effects.failed;
+    failed.extend(accounts_failed.map(|e| format!("passwords: {e}")));
     // Each says `write_files: …` itself.
     failed.extend(write_files_failed);
     Ok(Message::Applied {
@@ -418,9 +445,6 @@ mod tests {
         let later = PendingReloads::parse("hostname\n\nssh_host_ed25519_key\n");
         assert_eq!(later.changes, ["hostname", "ssh_host_ed25519_key"]);
         assert!(!later.first_identity);
-        // The flag alone is still something to retry: sshd's start.
-        let flag_only = PendingReloads::parse(FIRST_IDENTITY_LINE);
-        assert!(flag_only.first_identity && !flag_only.is_empty());
         assert!(PendingReloads::parse("").is_empty());
     }
 }

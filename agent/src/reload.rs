@@ -376,7 +376,11 @@ pub fn load_firewall(identity_dir: &Path) -> Result<()> {
     use std::io::Write;
     let read = |name: &str| -> Result<Vec<String>> {
         let path = identity_dir.join(name);
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        // No file: no ports. One that cannot be read must not load a ruleset without them.
+        let text = match std::fs::read_to_string(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            read => read.with_context(|| format!("cannot read {}", path.display()))?,
+        };
         nixseed_core::firewall::parse_ports(&text, &path.display().to_string())
             .map_err(anyhow::Error::msg)
     };

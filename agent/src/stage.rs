@@ -496,8 +496,14 @@ pub enum BindTime {
 /// Bind-mounts generation `n` over the placeholders in `<sysroot>/etc`, composes
 /// `/etc/hosts`, and links networkd files into `<run>/systemd/network`. `/etc/machine-id`
 /// follows [`BindTime`]; the ID this boot shows is kept in `<run>/nixseed/machine-id.boot`.
-/// Returns whether the generation's machine-id waits for the next boot.
-pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions, when: BindTime) -> Result<bool> {
+/// Returns whether the generation's machine-id waits for the next boot, and why its
+/// password settings are not in place, if they are not.
+pub fn bind_generation(
+    store: &Store,
+    n: u64,
+    opts: &StageOptions,
+    when: BindTime,
+) -> Result<Bound> {
     let gen_dir = store.generation_path(n);
     let etc = opts.sysroot.join("etc");
     let mounted = mounts::mount_points()?;
@@ -571,16 +577,31 @@ pub fn bind_generation(store: &Store, n: u64, opts: &StageOptions, when: BindTim
     mounts::bind_readonly(&hosts, &etc.join(identity::HOSTS), &mounted)?;
     // Passwords and ssh_pwauth: a problem with them is reported and leaves the rest of
     // the identity bound (stage 2 tries again and reports it again).
-    if let Err(e) = crate::accounts::bind(&gen_dir, &opts.sysroot, &nixseed_run, &mounted) {
-        tracing::error!("{e:#}");
-    }
+    let accounts = crate::accounts::bind(&gen_dir, &opts.sysroot, &nixseed_run, &mounted)
+        .err()
+        .map(|e| {
+            tracing::error!("{e:#}");
+            format!("{e:#}")
+        });
 
     link_networkd(&gen_dir, opts)?;
     write_atomic(
         &opts.marker(),
         marker_text(n, &opts.identity_dir).as_bytes(),
     )?;
-    Ok(pending)
+    Ok(Bound {
+        machine_id_pending: pending,
+        accounts,
+    })
+}
+
+/// What [`bind_generation`] left for later or could not do.
+#[derive(Debug)]
+pub struct Bound {
+    /// The generation's machine-id waits for the next boot.
+    pub machine_id_pending: bool,
+    /// Why its passwords, `ssh_pwauth` or sudo rules are not in place, if they are not.
+    pub accounts: Option<String>,
 }
 
 /// `<run>/nixseed/machine-id.boot`: the machine-id `/etc` shows for the rest of this boot.
@@ -720,7 +741,12 @@ pub fn etc_shows(store: &Store, bound: u64, n: u64) -> bool {
 /// that could not bind it tries again).
 pub fn shadow_shows(store: &Store, n: u64, opts: &StageOptions) -> bool {
     mounts::mount_points().is_ok_and(|mounted| {
-        crate::accounts::shadow_bound_as_needed(&store.generation_path(n), &opts.sysroot, &mounted)
+        crate::accounts::shadow_bound_as_needed(
+            &store.generation_path(n),
+            &opts.sysroot,
+            &opts.run.join("nixseed"),
+            &mounted,
+        )
     })
 }
 
@@ -740,6 +766,7 @@ pub fn run_apply(opts: &StageOptions) -> Result<Outcome> {
             && crate::accounts::shadow_bound_as_needed(
                 &store.generation_path(n),
                 &opts.sysroot,
+                &opts.run.join("nixseed"),
                 &mounted,
             );
         if all_bound && etc_shows(&store, m, n) {

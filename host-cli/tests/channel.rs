@@ -368,6 +368,31 @@ fn a_generation_left_unbound_is_reported_and_bound_by_the_next_push() {
     assert_eq!(guest.read("etc/hostname"), "web1\n");
 }
 
+/// A push the guest takes while the machine's seed disk cannot be rewritten (here a
+/// directory stands where it goes): the guest's report is printed whole, the seed disk
+/// is named with what its staying old means, and the exit status is not success.
+#[test]
+fn a_push_whose_seed_disk_cannot_be_rewritten_reports_both() {
+    let s = Scratch::new();
+    let uuid = web1(&s);
+    let guest = Guest::start(&s, &uuid);
+    let iso = s.state("web1").join("seed.iso");
+    std::fs::create_dir_all(iso.join("in-the-way")).unwrap();
+    let out = s.run(&["push", "web1"]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let human = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        human.contains("pushed `web1`") && human.contains("generation 2"),
+        "{human}"
+    );
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("seed.iso") && err.contains("the machine's next boot applies it"),
+        "{err}"
+    );
+    assert_eq!(guest.read("etc/hostname"), "web1\n");
+}
+
 /// A fake guest end on the channel socket (no agent): it answers as scripted, so the test
 /// can put what a virtio-serial port may hold for an earlier client in front of replies.
 /// `rollback` must not be written before the guest has answered anything, and a reply

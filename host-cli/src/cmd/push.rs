@@ -71,7 +71,8 @@ pub struct PushArgs {
 }
 
 /// Exit status when the guest applied the identity but a service did not take it (sshd
-/// did not come back up with its new host key): the change is in place, and not working.
+/// did not come back up with its new host key), or the machine's seed disk could not be
+/// rewritten with it: the change is in place, and not working or not lasting.
 pub const EXIT_NOT_TAKEN: u8 = 4;
 
 fn list(items: &[String]) -> String {
@@ -213,22 +214,26 @@ pub fn run(paths: &Paths, a: &PushArgs) -> Result<Report> {
     // seed disk carries machines/NAME from now on, as the machine's next start would
     // write it: a reboot inside the running QEMU must not bring an older identity back.
     let refreshed = refresh_seed(paths, &id, a.channel.connect.as_deref());
+    let stale_seed = |e: &anyhow::Error| {
+        eprintln!(
+            "seedctl: error: {e:#}; the seed disk still carries the older identity, and the machine's next boot applies it"
+        );
+    };
     let outcome = match (outcome, refreshed) {
         (Err(e), Err(seed)) => {
-            eprintln!("seedctl: warning: {seed:#}; the seed disk still carries the older identity");
+            stale_seed(&seed);
             return Err(e);
         }
-        (outcome, refreshed) => {
-            refreshed?;
-            outcome?
-        }
+        (outcome, refreshed) => (outcome?, refreshed.err()),
     };
     let iid = nocloud::instance_id(&id);
-    Ok(applied_report(
-        "pushed",
-        &id.name,
-        &chan.socket,
-        Some(&iid),
-        &outcome,
-    ))
+    let report = applied_report("pushed", &id.name, &chan.socket, Some(&iid), &outcome.0);
+    // What the guest did is reported whole; a seed disk left behind is not success.
+    Ok(match outcome.1 {
+        None => report,
+        Some(seed) => {
+            stale_seed(&seed);
+            report.with_exit(EXIT_NOT_TAKEN)
+        }
+    })
 }
