@@ -106,6 +106,11 @@ pub fn compose(
         key: key.to_string(),
         detail,
     };
+    let network_err = |detail: String| IdentityError {
+        origin: seed.network_origin(),
+        key: "network".to_string(),
+        detail,
+    };
     let cfg = merged(seed);
     let prev = |name: &str| previous.and_then(|p| p.get(name)).map(|f| f.bytes.clone());
     let mut tree = IdentityTree::new();
@@ -257,7 +262,7 @@ pub fn compose(
             s
         }
         (None, None) => match &seed.network {
-            Some(NetworkSetting::Config(n)) => resolv_from_network(n),
+            Some(NetworkSetting::Config(n)) => resolv_from_network(n).map_err(network_err)?,
             _ => String::new(),
         },
     };
@@ -346,12 +351,12 @@ pub fn compose(
         if seed.network_from_eni {
             network::adopt_single_link(&mut net, &ctx.links);
         }
-        for (file, content) in network::render_networkd(&net, &ctx.links) {
+        let files = network::render_networkd(&net, &ctx.links).map_err(network_err)?;
+        for (file, content) in files {
             if file.contains('/') || file.starts_with('.') {
-                return Err(err(
-                    "network-config",
-                    format!("bad rendered file name {file}"),
-                ));
+                return Err(network_err(format!(
+                    "an interface name that cannot be a file name: {file}"
+                )));
             }
             put(&format!("{NETWORK_DIR}/{file}"), content.into_bytes());
         }
@@ -362,7 +367,7 @@ pub fn compose(
 /// resolv.conf from network-config's nameservers (global, per interface, per subnet),
 /// in order of appearance without repeats. Static configs need it: with no DHCP, nothing
 /// else tells the resolver where to go.
-fn resolv_from_network(n: &network::NetworkConfig) -> String {
+fn resolv_from_network(n: &network::NetworkConfig) -> Result<String, String> {
     let mut servers: Vec<&String> = n.nameservers.iter().collect();
     let mut search: Vec<&String> = n.search.iter().collect();
     for i in &n.interfaces {
@@ -374,6 +379,15 @@ fn resolv_from_network(n: &network::NetworkConfig) -> String {
             servers.extend(&s.dns_nameservers);
             search.extend(&s.dns_search);
         }
+    }
+    if let Some(bad) = servers
+        .iter()
+        .chain(&search)
+        .find(|v| v.chars().any(char::is_control))
+    {
+        return Err(format!(
+            "nameserver or search domain {bad:?} holds a line break or another control character"
+        ));
     }
     let mut seen = std::collections::BTreeSet::new();
     let mut out = String::new();
@@ -391,7 +405,7 @@ fn resolv_from_network(n: &network::NetworkConfig) -> String {
     if !search.is_empty() {
         out.push_str(&format!("search {}\n", search.join(" ")));
     }
-    out
+    Ok(out)
 }
 
 /// user-data over vendor-data, key by key.
@@ -903,6 +917,35 @@ mod tests {
             String::from_utf8_lossy(&t[RESOLV_CONF].bytes),
             "nameserver 1.1.1.1\nnameserver 10.0.0.1\nsearch example.com\n"
         );
+    }
+
+    /// A network-config value with a line break in it would write lines (a section, a
+    /// DNS server) the seed did not ask for: the seed is refused, naming network-config
+    /// and the value.
+    #[test]
+    fn a_network_value_with_a_line_break_is_refused() {
+        for (config, value) in [
+            (
+                "version: 1\nconfig:\n  - type: physical\n    name: eth0\n    subnets:\n      - type: static\n        address: 10.0.0.2/24\n        gateway: \"10.0.0.1\\n\\n[Network]\\nDNS=203.0.113.66\"\n",
+                "Gateway=",
+            ),
+            (
+                "version: 2\nethernets:\n  eth0:\n    dhcp4: true\n    nameservers:\n      addresses: [\"1.1.1.1\\nnameserver 203.0.113.66\"]\n",
+                "1.1.1.1\\nnameserver",
+            ),
+        ] {
+            let mut s = seed("instance-id: a\n", "");
+            s.network = Some(network::parse(config.as_bytes(), "network-config").unwrap());
+            let e = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("nocloud:test/network-config: key 'network'")
+                    && e.contains(value)
+                    && e.contains("line break"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

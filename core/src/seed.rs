@@ -363,6 +363,15 @@ impl Seed {
     pub fn user_origin(&self) -> String {
         self.file_origin("user-data", "latest/user_data")
     }
+
+    /// The file its network came from, named for messages.
+    pub fn network_origin(&self) -> String {
+        if self.network_from_eni {
+            self.file_origin("meta-data", "content/0000")
+        } else {
+            self.file_origin("network-config", "latest/network_data.json")
+        }
+    }
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -286,18 +286,49 @@ fn gunzip_if_needed(bytes: &[u8], origin: &str, limit: usize) -> Result<Vec<u8>,
     Ok(out)
 }
 
+/// Whether `text` is cloud-config by its first line, as cloud-init tells: without regard
+/// to case, and the longest known start first, so `#cloud-config-archive` and
+/// `#cloud-config-jsonp` (other formats) are not `#cloud-config`.
+fn is_cloud_config(text: &str) -> bool {
+    let start = text
+        .trim_start()
+        .chars()
+        .take(24)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    start.starts_with("#cloud-config")
+        && !start.starts_with("#cloud-config-archive")
+        && !start.starts_with("#cloud-config-jsonp")
+}
+
+/// `## template: jinja` user-data with no template in it (no `{{`, `{%` or `{#`), which
+/// cloud-init's rendering leaves as it is: the text after the header line. A real
+/// template is not rendered here, and stays what the caller ignores with a warning.
+fn plain_jinja(text: &str) -> Option<&str> {
+    let (first, rest) = text.trim_start().split_once('\n')?;
+    let first = first.trim().to_ascii_lowercase();
+    let is_jinja = first
+        .strip_prefix("##")
+        .map(str::trim_start)
+        .and_then(|f| f.strip_prefix("template:"))
+        .is_some_and(|f| f.trim() == "jinja");
+    let templated = ["{{", "{%", "{#"].iter().any(|m| rest.contains(m));
+    (is_jinja && !templated).then_some(rest)
+}
+
 /// The parts of one document (no larger than `left`), charged to `left`: a MIME
 /// document by its parts' decoded bodies, any other by its text.
 fn parts(text: &str, origin: &str, left: &mut usize) -> Result<Vec<Part>, UserDataError> {
+    let text = plain_jinja(text).unwrap_or(text);
     let trimmed = text.trim_start();
     if trimmed.is_empty() {
         return Ok(Vec::new());
     }
-    if let Some(boundary) = mime_boundary(text).filter(|_| !trimmed.starts_with("#cloud-config")) {
+    if let Some(boundary) = mime_boundary(text).filter(|_| !is_cloud_config(trimmed)) {
         return mime_parts(text, &boundary, origin, left);
     }
     *left = left.saturating_sub(text.len());
-    if trimmed.starts_with("#cloud-config") {
+    if is_cloud_config(trimmed) {
         return Ok(vec![Part::CloudConfig(text.to_string())]);
     }
     let first = trimmed.lines().next().unwrap_or_default();
@@ -364,8 +395,12 @@ fn mime_parts(
                 format!("MIME parts expand beyond the {MAX_USER_DATA} byte limit for user-data"),
             )
         })?;
-        if ctype.starts_with("text/cloud-config") || body.trim_start().starts_with("#cloud-config")
-        {
+        let body = match plain_jinja(&body).map(str::to_owned) {
+            Some(rest) => rest,
+            None => body,
+        };
+        let ctype_name = ctype.split(';').next().unwrap_or_default().trim();
+        if ctype_name == "text/cloud-config" || is_cloud_config(&body) {
             out.push(Part::CloudConfig(body));
         } else {
             let name = ctype.split(';').next().unwrap_or_default().to_string();
@@ -609,8 +644,11 @@ impl Ctx<'_> {
 
     fn keys(&self, v: &Value) -> Result<Vec<String>, UserDataError> {
         match v {
+            // A string of several lines (a whole authorized_keys file) is several keys,
+            // as cloud-init writes it: line by line.
             Value::Sequence(_) | Value::String(_) | Value::Null => Ok(yaml::string_list(v)
-                .into_iter()
+                .iter()
+                .flat_map(|k| k.lines())
                 .map(|k| k.trim().to_string())
                 .filter(|k| !k.is_empty())
                 .collect()),
@@ -1139,6 +1177,82 @@ mod tests {
 
     /// The spellings cloud-init's tutorials use: hyphenated keys, and `users` as a
     /// mapping of name to settings (or to a boolean).
+    /// A key string of several lines (an authorized_keys file pasted in) is one key per
+    /// line, as cloud-init writes it, for a user and at the top level alike.
+    #[test]
+    fn a_key_string_of_several_lines_is_several_keys() {
+        let c = parse(
+            b"#cloud-config\nssh_authorized_keys: \"ssh-ed25519 A top\\n\\nssh-ed25519 B top\\n\"\nusers:\n  - name: alice\n    ssh_authorized_keys: \"ssh-ed25519 C alice\\nssh-ed25519 D alice\\n\"\n",
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(
+            c.ssh_authorized_keys,
+            ["ssh-ed25519 A top", "ssh-ed25519 B top"]
+        );
+        assert_eq!(
+            c.users[0].ssh_authorized_keys,
+            ["ssh-ed25519 C alice", "ssh-ed25519 D alice"]
+        );
+    }
+
+    /// The first line tells the format as cloud-init tells it: `#Cloud-Config` is
+    /// cloud-config; `#cloud-config-archive` and `#cloud-config-jsonp` are other formats,
+    /// passed over with a warning rather than refused as a malformed cloud-config; a
+    /// `## template: jinja` header over text with no template in it is read past; a real
+    /// template is passed over with a warning.
+    #[test]
+    fn the_first_line_tells_the_format_as_cloud_init_tells_it() {
+        let c = parse(
+            b"#Cloud-Config
+hostname: web1
+",
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.hostname.as_deref(), Some("web1"));
+        for other in [
+            "#cloud-config-archive
+- type: text/cloud-config
+  content: 'hostname: x'
+",
+            "#cloud-config-jsonp
+[]
+",
+        ] {
+            let c = parse(other.as_bytes(), "user-data").unwrap();
+            assert_eq!(c.hostname, None);
+            assert!(
+                c.warnings.iter().any(|w| w.contains("user-data")),
+                "{other}: {:?}",
+                c.warnings
+            );
+        }
+        let c = parse(
+            b"## template: jinja
+#cloud-config
+hostname: web2
+",
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.hostname.as_deref(), Some("web2"));
+        let c = parse(
+            b"## template: jinja
+#cloud-config
+hostname: {{ v1.local_hostname }}
+",
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.hostname, None);
+        assert!(
+            c.warnings.iter().any(|w| w.contains("template")),
+            "{:?}",
+            c.warnings
+        );
+    }
+
     #[test]
     fn users_take_hyphenated_keys_and_the_mapping_form() {
         let c = parse(

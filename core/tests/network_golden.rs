@@ -63,7 +63,7 @@ fn render_case(case: &Path) -> Result<BTreeMap<String, String>, String> {
             NetworkSetting::Config(c) => c,
         }
     };
-    Ok(network::render_networkd(&cfg, &links))
+    network::render_networkd(&cfg, &links)
 }
 
 fn read_dir_files(dir: &Path) -> BTreeMap<String, String> {

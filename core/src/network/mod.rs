@@ -252,8 +252,12 @@ pub fn parse_network_data(bytes: &[u8], origin: &str) -> Result<NetworkConfig, N
     netjson::parse(bytes, origin)
 }
 
-/// Renders systemd-networkd files: file name → content.
-pub fn render_networkd(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, String> {
+/// Renders systemd-networkd files: file name → content; an error names the file and the
+/// value that cannot be written in it.
+pub fn render_networkd(
+    cfg: &NetworkConfig,
+    links: &[Link],
+) -> Result<BTreeMap<String, String>, String> {
     networkd::render(cfg, links)
 }
 
@@ -319,7 +323,7 @@ mod tests {
         let c = config(
             "version: 1\nconfig:\n  - {type: physical, name: eth0, mac_address: 'bc:24:11:5e:7a:01', subnets: [{type: dhcp4}]}\n  - {type: bond, name: bond0, bond_interfaces: [eth0], mac_address: 'bc:24:11:5e:7a:01', subnets: [{type: dhcp6}]}\n",
         );
-        let absent = render_networkd(&c, &[]);
+        let absent = render_networkd(&c, &[]).unwrap();
         assert_eq!(
             absent["10-cloud-init-eth0.network"].split("\n\n").next(),
             Some("[Match]\nMACAddress=bc:24:11:5e:7a:01\nType=ether"),
@@ -335,7 +339,8 @@ mod tests {
                 name: "ens18".into(),
                 mac: "bc:24:11:5e:7a:01".into(),
             }],
-        );
+        )
+        .unwrap();
         assert_eq!(
             present["10-cloud-init-ens18.network"].split("\n\n").next(),
             Some("[Match]\nMACAddress=bc:24:11:5e:7a:01\nName=ens18")
@@ -350,7 +355,8 @@ mod tests {
                 name: "ens18".into(),
                 mac: "bc:24:11:5e:7a:01".into(),
             }],
-        );
+        )
+        .unwrap();
         assert_eq!(
             files.keys().collect::<Vec<_>>(),
             ["10-cloud-init-ens18.network"]
@@ -487,14 +493,18 @@ mod tests {
             name: "ens18".into(),
             mac: "bc:24:11:00:00:01".into(),
         }];
-        let files = render_networkd(&c, &links);
+        let files = render_networkd(&c, &links).unwrap();
         let f = &files["10-cloud-init-ens18.network"];
         assert_eq!(
             f,
             "[Match]\nMACAddress=bc:24:11:00:00:01\nName=ens18\n\n[Network]\nDHCP=ipv4\n"
         );
         // Without that NIC the config name stays.
-        assert!(render_networkd(&c, &[]).contains_key("10-cloud-init-eth0.network"));
+        assert!(
+            render_networkd(&c, &[])
+                .unwrap()
+                .contains_key("10-cloud-init-eth0.network")
+        );
     }
 }
 
@@ -533,7 +543,7 @@ mod adopt_tests {
             mac: "52:54:00:aa:bb:cc".into(),
         }];
         adopt_single_link(&mut cfg, &links);
-        let files = render_networkd(&cfg, &links);
+        let files = render_networkd(&cfg, &links).unwrap();
         let (name, text) = files.iter().next().unwrap();
         assert_eq!(name, "10-cloud-init-ens18.network");
         assert!(
@@ -550,7 +560,11 @@ mod adopt_tests {
             },
         ];
         adopt_single_link(&mut cfg, &two);
-        assert!(render_networkd(&cfg, &two).contains_key("10-cloud-init-eth0.network"));
+        assert!(
+            render_networkd(&cfg, &two)
+                .unwrap()
+                .contains_key("10-cloud-init-eth0.network")
+        );
     }
 
     /// v2 `mark` and `type-of-service` become networkd's own keys; cloud-init 26.2 writes
@@ -560,7 +574,7 @@ mod adopt_tests {
         let yaml = "version: 2\nethernets:\n  ens3:\n    addresses: [10.0.0.5/24]\n    routing-policy:\n      - {from: 10.0.0.5/32, mark: 7, type-of-service: 16, table: 200}\n";
         let v = crate::yaml::parse(yaml, "network-config").unwrap();
         let cfg = v2::parse(&v, "network-config").unwrap();
-        let files = render_networkd(&cfg, &[]);
+        let files = render_networkd(&cfg, &[]).unwrap();
         let text = &files["10-cloud-init-ens3.network"];
         assert!(
             text.ends_with(

@@ -641,10 +641,10 @@ mod tests {
             name: "ens3".into(),
             mac: "fa:16:3e:00:00:01".into(),
         }];
-        let files = render_networkd(&cfg, &links);
+        let files = render_networkd(&cfg, &links).unwrap();
         assert!(files["10-cloud-init-ens3.network"].contains("VLAN=ens3.7"));
         assert!(files["10-cloud-init-ens3.7.netdev"].contains("Name=ens3.7"));
-        let files = render_networkd(&cfg, &[]);
+        let files = render_networkd(&cfg, &[]).unwrap();
         assert!(
             files.contains_key("10-cloud-init-tap0.7.network"),
             "{files:?}"
@@ -661,7 +661,7 @@ mod tests {
             ORIGIN,
         )
         .unwrap();
-        let files = render_networkd(&cfg, &[]);
+        let files = render_networkd(&cfg, &[]).unwrap();
         let netdev = &files["10-cloud-init-bond0.netdev"];
         for key in [
             "Mode=802.3ad",

@@ -9,6 +9,9 @@ use super::{InterfaceKind, Link, NetworkConfig, Route, SubnetKind, ip};
 /// One unit file under construction.
 #[derive(Default)]
 struct Unit {
+    /// The first `key=value` whose value would break the file's lines (a line break or
+    /// another control character from the seed), for [`Unit::finish`] to refuse.
+    bad: Option<String>,
     sections: BTreeMap<&'static str, BTreeSet<String>>,
     addresses: BTreeSet<String>,
     /// Keyed like cloud-init (`a<N>` subnet gateways, `c<N>` global routes, `r<N>`
@@ -19,18 +22,28 @@ struct Unit {
 }
 
 impl Unit {
+    /// `key=value`, noting a value that holds a control character: written as it is, a
+    /// line break there would start lines (or sections) the seed did not ask for.
+    fn line(&mut self, key: &str, value: &str) -> String {
+        if self.bad.is_none() && value.chars().any(char::is_control) {
+            self.bad = Some(format!("{key}={value:?}"));
+        }
+        format!("{key}={value}")
+    }
+
     fn set(&mut self, section: &'static str, key: &str, value: impl AsRef<str>) {
-        self.sections
-            .entry(section)
-            .or_default()
-            .insert(format!("{key}={}", value.as_ref()));
+        let line = self.line(key, value.as_ref());
+        self.sections.entry(section).or_default().insert(line);
     }
 
     fn route(&mut self, rid: String, key: &str, value: impl AsRef<str>) {
-        self.routes
-            .entry(rid)
-            .or_default()
-            .insert(format!("{key}={}", value.as_ref()));
+        let line = self.line(key, value.as_ref());
+        self.routes.entry(rid).or_default().insert(line);
+    }
+
+    fn rule(&mut self, rule: &[(&str, String)]) {
+        let lines = rule.iter().map(|(k, v)| self.line(k, v)).collect();
+        self.rules.push(lines);
     }
 
     fn add_route(&mut self, rid: String, r: &Route) {
@@ -51,7 +64,13 @@ impl Unit {
         }
     }
 
-    fn finish(self) -> String {
+    /// The file's text, or the value that cannot be written in it.
+    fn finish(self) -> Result<String, String> {
+        if let Some(bad) = self.bad {
+            return Err(format!(
+                "{bad}: a value holding a line break or another control character"
+            ));
+        }
         let mut blocks: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for (name, keys) in self.sections {
             if !keys.is_empty() {
@@ -89,7 +108,7 @@ impl Unit {
                 out.push_str(&format!("[{name}]\n{body}\n"));
             }
         }
-        out
+        Ok(out)
     }
 }
 
@@ -113,7 +132,10 @@ fn resolve(iface: &super::Interface, links: &[Link]) -> String {
     iface.id.clone()
 }
 
-pub(super) fn render(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, String> {
+pub(super) fn render(
+    cfg: &NetworkConfig,
+    links: &[Link],
+) -> Result<BTreeMap<String, String>, String> {
     let mut names: BTreeMap<&str, String> = cfg
         .interfaces
         .iter()
@@ -206,7 +228,9 @@ pub(super) fn render(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, St
         if let Some(mac) = &iface.mac {
             dev.set("NetDev", "MACAddress", mac);
         }
-        files.insert(format!("10-cloud-init-{name}.netdev"), dev.finish());
+        let file = format!("10-cloud-init-{name}.netdev");
+        let text = dev.finish().map_err(|e| format!("{file}: {e}"))?;
+        files.insert(file, text);
     }
 
     for iface in &cfg.interfaces {
@@ -228,8 +252,7 @@ pub(super) fn render(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, St
             u.set("Match", "Driver", d);
         }
         for rule in &iface.routing_policy {
-            u.rules
-                .push(rule.iter().map(|(k, v)| format!("{k}={v}")).collect());
+            u.rule(rule);
         }
 
         let physical = iface.kind == InterfaceKind::Physical;
@@ -352,9 +375,11 @@ pub(super) fn render(cfg: &NetworkConfig, links: &[Link]) -> BTreeMap<String, St
             }
         }
 
-        files.insert(format!("10-cloud-init-{name}.network"), u.finish());
+        let file = format!("10-cloud-init-{name}.network");
+        let text = u.finish().map_err(|e| format!("{file}: {e}"))?;
+        files.insert(file, text);
     }
-    files
+    Ok(files)
 }
 
 fn bond_params(dev: &mut Unit, params: &[(String, String)]) {
