@@ -939,6 +939,34 @@ fn seed_directory_under_var_lib_cloud_is_a_source() {
     assert!(stderr(&out).contains("source nocloud:"), "{}", stderr(&out));
 }
 
+/// A `ds=nocloud` token with no `s=` does not hide the image's seed directory: cloud-init
+/// merges the token over it, so the directory's user-data (here a key) applies, and the
+/// token's `h=` wins over its meta-data's name.
+#[test]
+fn a_token_without_a_seed_location_is_merged_over_the_seed_directory() {
+    let vm = Vm::new();
+    let dir = vm.p("sysroot/var/lib/cloud/seed/nocloud");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("meta-data"),
+        "instance-id: dir-1\nlocal-hostname: fromdir\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("user-data"),
+        "#cloud-config\nssh_authorized_keys: [ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFromTheSeedDirectory op@host]\n",
+    )
+    .unwrap();
+    let (out, s) = boot_cmdline(&vm, "ro ds=nocloud;h=fromcmdline\n");
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert_eq!(etc(&s, "hostname"), "fromcmdline\n");
+    assert!(err.contains("instance-id dir-1"), "{err}");
+    let keys = std::fs::read_to_string(vm.p("sysroot/var/identity/current/admin_authorized_keys"))
+        .unwrap_or_default();
+    assert!(keys.contains("FromTheSeedDirectory"), "{keys}\n{err}");
+}
+
 #[test]
 fn cmdline_and_smbios_serial_tokens_are_sources() {
     let vm = Vm::new();

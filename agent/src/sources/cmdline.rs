@@ -1,6 +1,7 @@
 //! `ds=nocloud;…` from the kernel command line or the SMBIOS system serial. A local
-//! `s=` directory is read as a NoCloud seed; without one, the token's own `i=`/`h=` make
-//! a seed with empty user-data.
+//! `s=` directory is read as a NoCloud seed; without one, the image's
+//! `/var/lib/cloud/seed/nocloud`, as cloud-init merges the token over that directory;
+//! without either, the token's own `i=`/`h=` make a seed with empty user-data.
 
 use anyhow::Result;
 use nixseed_core::nocloud::DsToken;
@@ -15,6 +16,9 @@ fn from_token(env: &Env, tok: &DsToken, source: &str) -> Result<Option<Seed>> {
         if let Some(seed) = nocloud::from_dir(&dir, &named, Some(tok))? {
             return Ok(Some(seed));
         }
+    }
+    if let Some(seed) = nocloud::from_seed_dir(env, Some(tok))? {
+        return Ok(Some(seed));
     }
     if tok.instance_id.is_none() && tok.local_hostname.is_none() {
         return Ok(None);

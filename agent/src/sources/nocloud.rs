@@ -113,11 +113,13 @@ impl Source for SeedDirNoCloud {
     }
 
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
-        let dir = env.sysroot_path("/var/lib/cloud/seed/nocloud");
-        from_dir(
-            &dir,
-            &format!("nocloud:{}", dir.display()),
-            env.ds_token().as_ref(),
-        )
+        from_seed_dir(env, env.ds_token().as_ref())
     }
+}
+
+/// The image's `/var/lib/cloud/seed/nocloud`, with the `ds=nocloud` token over its
+/// meta-data when there is one.
+pub fn from_seed_dir(env: &Env, ds: Option<&DsToken>) -> Result<Option<Seed>> {
+    let dir = env.sysroot_path("/var/lib/cloud/seed/nocloud");
+    from_dir(&dir, &format!("nocloud:{}", dir.display()), ds)
 }
