@@ -91,7 +91,10 @@ pub struct CloudConfig {
     pub bootcmd: Vec<String>,
     pub runcmd: Vec<String>,
     pub timezone: Option<String>,
+    /// Only with `manage_resolv_conf: true` in the same user-data, as cloud-init's
+    /// cc_resolv_conf runs only then; without it, dropped with a warning.
     pub resolv_conf: Option<ResolvConf>,
+    pub manage_resolv_conf: Option<bool>,
     /// `chpasswd: {list|users}` entries: user name → hash.
     pub chpasswd: BTreeMap<String, String>,
     pub nixseed: NixseedBlock,
@@ -212,6 +215,12 @@ pub fn parse_documents(docs: &[&[u8]], origin: &str) -> Result<CloudConfig, User
     let mut left = MAX_USER_DATA;
     for doc in docs {
         add_document(&mut config, doc, origin, &mut left)?;
+    }
+    if config.resolv_conf.is_some() && config.manage_resolv_conf != Some(true) {
+        config.resolv_conf = None;
+        config.warnings.push(format!(
+            "{origin}: key 'resolv_conf' ignored without manage_resolv_conf: true, as cloud-init ignores it"
+        ));
     }
     // Passwords are kept only as crypt hashes, as for chpasswd: nixseed never stores a
     // clear-text secret (and users.json, like /etc/shadow, is for root only).
@@ -495,6 +504,7 @@ fn merge_cloud_config(
             "runcmd" => config.runcmd = ctx.commands(value)?,
             "timezone" => config.timezone = Some(ctx.scalar(value)?),
             "resolv_conf" => config.resolv_conf = Some(ctx.resolv_conf(value)?),
+            "manage_resolv_conf" => config.manage_resolv_conf = Some(ctx.boolean(value)?),
             "nixseed" => config.nixseed = ctx.nixseed(value)?,
             // A later part that does not say `enabled` leaves an earlier part's word, as
             // cloud-init merges the mappings.
@@ -1251,6 +1261,32 @@ hostname: {{ v1.local_hostname }}
             "{:?}",
             c.warnings
         );
+    }
+
+    /// `resolv_conf:` counts only with `manage_resolv_conf: true`, as cloud-init's
+    /// cc_resolv_conf runs only then; without it, a warning says it was passed over.
+    #[test]
+    fn resolv_conf_needs_manage_resolv_conf() {
+        let rc = "resolv_conf:\n  nameservers: ['192.0.2.53']\n";
+        let c = parse(format!("#cloud-config\n{rc}").as_bytes(), "user-data").unwrap();
+        assert!(c.resolv_conf.is_none());
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("'resolv_conf' ignored without manage_resolv_conf")),
+            "{:?}",
+            c.warnings
+        );
+        let c = parse(
+            format!("#cloud-config\nmanage_resolv_conf: true\n{rc}").as_bytes(),
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(
+            c.resolv_conf.map(|r| r.nameservers),
+            Some(vec!["192.0.2.53".to_owned()])
+        );
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     }
 
     #[test]
