@@ -161,6 +161,9 @@ pub struct Route {
     pub gateway: Option<String>,
     pub metric: Option<String>,
     pub table: Option<String>,
+    /// v2 `on-link: true`: the gateway is reached on the link whatever the addresses
+    /// (`GatewayOnLink=yes`), as a /32 address with a gateway outside it needs.
+    pub on_link: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -318,6 +321,29 @@ mod tests {
     /// A Proxmox entry whose NIC is not there when the identity is written (its driver
     /// not in the initrd yet) is matched by MAC alone, not by a name the NIC never gets;
     /// found, it is matched by its own name. The bond that takes the MAC keeps its name.
+    /// A v2 route with `on-link: true` (a /32 address whose gateway lies outside it, as
+    /// Hetzner's and OVH's configs give) is written with `GatewayOnLink=yes`, without
+    /// which networkd cannot add it; one without `on-link` is written as before.
+    #[test]
+    fn an_on_link_route_is_written_with_gateway_on_link() {
+        let c = config(
+            "version: 2\nethernets:\n  eth0:\n    addresses: [203.0.113.77/32]\n    routes:\n      - {to: 0.0.0.0/0, via: 172.31.1.1, on-link: true}\n      - {to: 198.51.100.0/24, via: 203.0.113.1}\n",
+        );
+        let files = render_networkd(&c, &[]).unwrap();
+        let unit = &files["10-cloud-init-eth0.network"];
+        assert!(
+            unit.contains(
+                "[Route]\nDestination=0.0.0.0/0\nGateway=172.31.1.1\nGatewayOnLink=yes\n"
+            ),
+            "{unit}"
+        );
+        assert!(
+            unit.contains("[Route]\nDestination=198.51.100.0/24\nGateway=203.0.113.1\n\n")
+                || unit.ends_with("[Route]\nDestination=198.51.100.0/24\nGateway=203.0.113.1\n"),
+            "{unit}"
+        );
+    }
+
     #[test]
     fn a_nic_not_yet_present_is_matched_by_its_mac_alone() {
         let c = config(

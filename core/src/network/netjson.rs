@@ -324,6 +324,7 @@ fn route(r: &Value, at: &str, origin: &str) -> Result<Route, NetworkError> {
         gateway,
         metric,
         table: None,
+        on_link: false,
     })
 }
 

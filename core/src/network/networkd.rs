@@ -50,6 +50,9 @@ impl Unit {
         self.routes.entry(rid.clone()).or_default();
         if let Some(g) = &r.gateway {
             self.route(rid.clone(), "Gateway", g);
+            if r.on_link {
+                self.route(rid.clone(), "GatewayOnLink", "yes");
+            }
         }
         self.route(
             rid.clone(),

@@ -229,6 +229,7 @@ pub(super) fn route(r: &Value, at: &str, origin: &str) -> Result<Route, NetworkE
         gateway: text(r, "gateway", at, origin)?.filter(|g| !g.is_empty()),
         metric,
         table: text(r, "table", at, origin)?,
+        on_link: false,
     })
 }
 

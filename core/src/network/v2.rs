@@ -345,7 +345,7 @@ fn subnets(dev: &Value, at: &str, origin: &str) -> Result<Vec<Subnet>, NetworkEr
     Ok(out)
 }
 
-/// A v2 route: `to` (or `default`), `via`, `metric`, `table`.
+/// A v2 route: `to` (or `default`), `via`, `metric`, `table`, `on-link`.
 fn route(r: &Value, at: &str, origin: &str) -> Result<Route, NetworkError> {
     let to =
         text(r, "to", at, origin)?.ok_or_else(|| invalid(origin, format!("{at}.to is missing")))?;
@@ -373,5 +373,6 @@ fn route(r: &Value, at: &str, origin: &str) -> Result<Route, NetworkError> {
         gateway: via,
         metric,
         table: text(r, "table", at, origin)?,
+        on_link: get(r, "on-link").and_then(crate::yaml::bool11) == Some(true),
     })
 }
