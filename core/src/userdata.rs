@@ -114,6 +114,9 @@ pub struct CloudConfig {
     /// cloud-init's merge keeps user-data's value whenever the key is there, so
     /// `write_files: []` in user-data turns vendor-data's files off.
     pub given: std::collections::BTreeSet<&'static str>,
+    /// Every top-level key a part has given so far, for a later part whose merge keeps
+    /// what is there ([`MergeHow`]).
+    pub seen: std::collections::BTreeSet<String>,
 }
 
 /// The keys whose value is a list taken whole from the first config that names them
@@ -259,7 +262,9 @@ fn add_document(
         .map_err(|e| invalid(origin, format!("not UTF-8 text ({e})")))?;
     for part in parts(text, origin, left)? {
         match part {
-            Part::CloudConfig(text) => merge_cloud_config(config, &text, origin)?,
+            Part::CloudConfig(text, merge) => {
+                merge_cloud_config(config, &text, merge.as_deref(), origin)?
+            }
             Part::Ignored(what) => config.warnings.push(format!(
                 "{origin}: {what} ignored (nixseed applies #cloud-config only)"
             )),
@@ -269,8 +274,79 @@ fn add_document(
 }
 
 enum Part {
-    CloudConfig(String),
+    /// A cloud-config document, with the merge its MIME part asks for (`Merge-Type`).
+    CloudConfig(String, Option<String>),
     Ignored(String),
+}
+
+/// A later part's list in place of the one before it, or after it when the part appends.
+fn replace_or_append<T>(list: &mut Vec<T>, later: Vec<T>, append: bool) {
+    if !append {
+        list.clear();
+    }
+    list.extend(later);
+}
+
+/// How a cloud-config part merges into what the parts before it gave, from its
+/// `Merge-Type`/`X-Merge-Type` header or its own `merge_how`/`merge_type` key, in
+/// cloud-init's spelling (`list(append)+dict(recurse_array)+str()`, or a list of
+/// `{name, settings}` mappings), as cloud-init's mergers do it at the top level: with
+/// `dict(replace)` (cloud-init's default) a key replaces what was there; with a `dict`
+/// without `replace`, a key already given keeps its earlier value, except a list under
+/// `recurse_array`, which the part's list replaces, or extends with `list(append)`; with
+/// no `dict` at all, the part adds nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct MergeHow {
+    dict: bool,
+    replace: bool,
+    recurse_array: bool,
+    append: bool,
+}
+
+impl MergeHow {
+    const DEFAULT: MergeHow = MergeHow {
+        dict: true,
+        replace: true,
+        recurse_array: false,
+        append: false,
+    };
+
+    /// `None`: `how` names no merger this reads (then the default applies).
+    fn parse(how: &Value) -> Option<MergeHow> {
+        let mergers: Vec<(String, Vec<String>)> = match how {
+            Value::String(text) => text
+                .split('+')
+                .filter_map(|m| {
+                    let m = m.trim();
+                    let (name, rest) = m.split_once('(')?;
+                    let opts = rest.strip_suffix(')')?;
+                    let opts = opts.split(',').map(|o| o.trim().to_owned());
+                    Some((name.trim().to_owned(), opts.collect()))
+                })
+                .collect(),
+            Value::Sequence(list) => list
+                .iter()
+                .filter_map(|m| {
+                    let name = m.get("name")?.as_str()?.to_owned();
+                    let opts = m.get("settings").and_then(Value::as_sequence);
+                    let opts = opts.into_iter().flatten().filter_map(Value::as_str);
+                    Some((name, opts.map(str::to_owned).collect()))
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        if mergers.is_empty() {
+            return None;
+        }
+        let opts = |name: &str| mergers.iter().find(|(n, _)| n == name).map(|(_, o)| o);
+        let has = |name: &str, opt: &str| opts(name).is_some_and(|o| o.iter().any(|x| x == opt));
+        Some(MergeHow {
+            dict: opts("dict").is_some(),
+            replace: has("dict", "replace"),
+            recurse_array: has("dict", "recurse_array") || has("dict", "recurse_list"),
+            append: has("list", "append"),
+        })
+    }
 }
 
 /// Gunzips `bytes` when they are gzip data; more than `limit` bytes out is refused (a
@@ -338,7 +414,7 @@ fn parts(text: &str, origin: &str, left: &mut usize) -> Result<Vec<Part>, UserDa
     }
     *left = left.saturating_sub(text.len());
     if is_cloud_config(trimmed) {
-        return Ok(vec![Part::CloudConfig(text.to_string())]);
+        return Ok(vec![Part::CloudConfig(text.to_string(), None)]);
     }
     let first = trimmed.lines().next().unwrap_or_default();
     Ok(vec![Part::Ignored(format!(
@@ -410,7 +486,8 @@ fn mime_parts(
         };
         let ctype_name = ctype.split(';').next().unwrap_or_default().trim();
         if ctype_name == "text/cloud-config" || is_cloud_config(&body) {
-            out.push(Part::CloudConfig(body));
+            let merge = header("merge-type").or_else(|| header("x-merge-type"));
+            out.push(Part::CloudConfig(body, merge));
         } else {
             let name = ctype.split(';').next().unwrap_or_default().to_string();
             out.push(Part::Ignored(format!("MIME part of type {name}")));
@@ -423,9 +500,24 @@ fn mime_parts(
 fn merge_cloud_config(
     config: &mut CloudConfig,
     text: &str,
+    merge_header: Option<&str>,
     origin: &str,
 ) -> Result<(), UserDataError> {
     let map = yaml::parse_mapping(text, origin)?;
+    // The part's own key wins over its MIME header, as in cloud-init.
+    let own = ["merge_how", "merge_type"]
+        .iter()
+        .find_map(|k| map.get(Value::String((*k).to_owned())));
+    let how = own
+        .and_then(MergeHow::parse)
+        .or_else(|| merge_header.and_then(|h| MergeHow::parse(&Value::String(h.to_owned()))))
+        .unwrap_or(MergeHow::DEFAULT);
+    if !how.dict {
+        config.warnings.push(format!(
+            "{origin}: a cloud-config part whose merge names no dict merger ignored, as cloud-init adds nothing from it"
+        ));
+        return Ok(());
+    }
     for (key, value) in &map {
         let key = match yaml::plain_key(key, origin) {
             Ok(key) => key,
@@ -434,6 +526,14 @@ fn merge_cloud_config(
                 continue;
             }
         };
+        // A part that keeps what is there: a key given before stays, but for a list
+        // merged under `recurse_array`.
+        let list_key = LIST_KEYS.contains(&key) || matches!(key, "bootcmd" | "runcmd");
+        let earlier = !config.seen.insert(key.to_owned());
+        if earlier && !how.replace && !(list_key && how.recurse_array) {
+            continue;
+        }
+        let append = earlier && !how.replace && how.append;
         let ctx = Ctx { origin, key };
         if let Some(list) = LIST_KEYS.iter().find(|k| **k == key) {
             config.given.insert(list);
@@ -451,12 +551,17 @@ fn merge_cloud_config(
             "prefer_fqdn_over_hostname" => {
                 config.prefer_fqdn_over_hostname = Some(ctx.boolean(value)?)
             }
-            "ssh_authorized_keys" => config.ssh_authorized_keys = ctx.keys(value)?,
+            "ssh_authorized_keys" => {
+                replace_or_append(&mut config.ssh_authorized_keys, ctx.keys(value)?, append)
+            }
             "users" => {
                 // A later part's list replaces an earlier one's (cloud-init's default
-                // merge); the default user from `user:` stays.
-                let default = config.default_user.clone();
-                config.users.retain(|u| Some(&u.name) == default.as_ref());
+                // merge) unless the part appends lists; the default user from `user:`
+                // stays.
+                if !append {
+                    let default = config.default_user.clone();
+                    config.users.retain(|u| Some(&u.name) == default.as_ref());
+                }
                 for u in ctx.users(value, &mut config.warnings)? {
                     upsert_user(&mut config.users, u, false);
                 }
@@ -499,9 +604,14 @@ fn merge_cloud_config(
                 })
             }
             // A later part's list replaces an earlier one's, as for `users`.
-            "write_files" => config.write_files = ctx.write_files(value, &mut config.warnings)?,
-            "bootcmd" => config.bootcmd = ctx.commands(value)?,
-            "runcmd" => config.runcmd = ctx.commands(value)?,
+            "write_files" => {
+                let files = ctx.write_files(value, &mut config.warnings)?;
+                replace_or_append(&mut config.write_files, files, append)
+            }
+            "bootcmd" => replace_or_append(&mut config.bootcmd, ctx.commands(value)?, append),
+            "runcmd" => replace_or_append(&mut config.runcmd, ctx.commands(value)?, append),
+            // Read above, for the lists of this part.
+            "merge_how" | "merge_type" => {}
             "timezone" => config.timezone = Some(ctx.scalar(value)?),
             "resolv_conf" => config.resolv_conf = Some(ctx.resolv_conf(value)?),
             "manage_resolv_conf" => config.manage_resolv_conf = Some(ctx.boolean(value)?),
@@ -1673,6 +1783,100 @@ hostname: {{ v1.local_hostname }}
         assert!(
             e.starts_with("vendor_data.json: ") && e.contains("byte limit"),
             "{e}"
+        );
+    }
+
+    /// A MIME document of cloud-config parts, each with its extra header lines.
+    fn mime(parts: &[(&str, &str)]) -> String {
+        let mut text = String::from("Content-Type: multipart/mixed; boundary=\"B\"\n\n");
+        for (headers, body) in parts {
+            text.push_str(&format!(
+                "--B\nContent-Type: text/cloud-config\n{headers}\n{body}\n"
+            ));
+        }
+        text + "--B--\n"
+    }
+
+    /// A part's merge, from its `Merge-Type` header or its `merge_how` key, decides as
+    /// cloud-init 22.4's mergers decide (each case checked against them): Terraform's
+    /// `list(append)+dict(recurse_array)+str()` appends lists and keeps a scalar given
+    /// before, while adding new keys; `dict(replace)` replaces lists even with
+    /// `list(append)`; a later part with no merge replaces; a merge with no `dict`
+    /// merger adds nothing, with a warning.
+    #[test]
+    fn a_parts_merge_type_decides_as_cloud_init_merges() {
+        let first = "#cloud-config\nhostname: a\nusers: [{name: alice}]\nruncmd: [a]\n";
+        let second =
+            "#cloud-config\nhostname: b\nusers: [{name: bob}]\nruncmd: [b]\nfqdn: new.example\n";
+        let names = |c: &CloudConfig| c.users.iter().map(|u| u.name.clone()).collect::<Vec<_>>();
+        let c = parse(
+            mime(&[
+                ("", first),
+                (
+                    "Merge-Type: list(append)+dict(recurse_array)+str()\n",
+                    second,
+                ),
+            ])
+            .as_bytes(),
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.hostname.as_deref(), Some("a"));
+        assert_eq!(c.fqdn.as_deref(), Some("new.example"));
+        assert_eq!(names(&c), ["alice", "bob"]);
+        assert_eq!(c.runcmd, ["a", "b"]);
+        // A third part with no merge replaces, as cloud-init's default does.
+        let c = parse(
+            mime(&[
+                ("", first),
+                (
+                    "X-Merge-Type: list(append)+dict(recurse_array)+str()\n",
+                    second,
+                ),
+                ("", "#cloud-config\nruncmd: [c]\n"),
+            ])
+            .as_bytes(),
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.runcmd, ["c"]);
+        // The part's own key, in the list form.
+        let c = parse(
+            mime(&[
+                ("", first),
+                ("", "#cloud-config\nmerge_how:\n  - {name: list, settings: [append]}\n  - {name: dict, settings: [recurse_array]}\nruncmd: [b]\n"),
+            ])
+            .as_bytes(),
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.runcmd, ["a", "b"]);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = parse(
+            mime(&[
+                ("", first),
+                ("Merge-Type: list(append)+dict(replace)+str()\n", second),
+            ])
+            .as_bytes(),
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.hostname.as_deref(), names(&c)),
+            (Some("b"), vec!["bob".to_owned()])
+        );
+        let c = parse(
+            mime(&[("", first), ("Merge-Type: list(append)\n", second)]).as_bytes(),
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!((c.hostname.as_deref(), c.fqdn), (Some("a"), None));
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("names no dict merger")),
+            "{:?}",
+            c.warnings
         );
     }
 
