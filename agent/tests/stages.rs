@@ -1763,3 +1763,37 @@ fn agent_passwords_on_a_machine_that_never_had_a_seed_apply_at_every_boot() {
         stderr(&out)
     );
 }
+
+/// network-config v2 keys that are not rendered (a `match: {name: …}` glob, a route's
+/// `scope`, a device's `wakeonlan`) and search domains without a nameserver address are
+/// each named in a warning, not passed over without a word; the rest applies.
+#[test]
+fn network_v2_keys_not_rendered_are_named() {
+    let vm = Vm::new();
+    vm.seed(
+        "instance-id: v2-keys\n",
+        "#cloud-config\nhostname: web1\n",
+        Some(
+            "version: 2\nethernets:\n  eth0:\n    match: {name: 'en*'}\n    wakeonlan: true\n    addresses: [192.0.2.10/24]\n    nameservers: {search: [example.org]}\n    routes:\n      - {to: 198.51.100.0/24, via: 192.0.2.1, scope: link}\n",
+        ),
+    );
+    let (out, s) = vm.boot();
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert_eq!(etc(&s, "hostname"), "web1\n");
+    for key in [
+        "ethernets.eth0.match.name",
+        "ethernets.eth0.wakeonlan",
+        "ethernets.eth0.routes[0].scope",
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains("v2 key not used here") && l.contains(key)),
+            "{key}:\n{err}"
+        );
+    }
+    assert!(
+        err.contains("search domains without nameserver addresses are dropped"),
+        "{err}"
+    );
+}

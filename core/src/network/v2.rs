@@ -93,6 +93,47 @@ pub(super) fn parse(top: &Value, origin: &str) -> Result<NetworkConfig, NetworkE
     Ok(cfg)
 }
 
+/// The keys of a v2 device this reads; others are named in a warning (cloud-init's
+/// networkd renderer passes over most of them too, without a word).
+const DEVICE_KEYS: &[&str] = &[
+    "accept-ra",
+    "addresses",
+    "dhcp4",
+    "dhcp4-overrides",
+    "dhcp6",
+    "dhcp6-overrides",
+    "gateway4",
+    "gateway6",
+    "id",
+    "interfaces",
+    "link",
+    "macaddress",
+    "match",
+    "mtu",
+    "nameservers",
+    "optional",
+    "parameters",
+    "renderer",
+    "routes",
+    "routing-policy",
+    "set-name",
+];
+
+/// The keys of a v2 route this reads.
+const ROUTE_KEYS: &[&str] = &["metric", "on-link", "table", "to", "via"];
+
+/// Names each key of the mapping `v` (at `at`) outside `known` in a warning.
+fn warn_unknown_keys(v: &Value, known: &[&str], at: &str, origin: &str) {
+    let Value::Mapping(m) = v else {
+        return;
+    };
+    for k in m.keys().filter_map(Value::as_str) {
+        if !known.contains(&k) {
+            tracing::warn!(origin, key = %format!("{at}.{k}"), "network-config v2 key not used here, ignored");
+        }
+    }
+}
+
 fn device(
     section: &str,
     id: String,
@@ -103,6 +144,7 @@ fn device(
     if !matches!(dev, Value::Mapping(_) | Value::Null) {
         return Err(invalid(origin, format!("{at}: expected a mapping")));
     }
+    warn_unknown_keys(dev, DEVICE_KEYS, at, origin);
     let mut iface = Interface {
         id,
         mtu: text(dev, "mtu", at, origin)?,
@@ -120,12 +162,21 @@ fn device(
         // As in cloud-init, per-interface DNS needs at least one address.
         if !dns.nameservers.is_empty() {
             iface.dns = Some(dns);
+        } else if !dns.search.is_empty() {
+            tracing::warn!(
+                origin,
+                device = %at,
+                "search domains without nameserver addresses are dropped, as in cloud-init"
+            );
         }
     }
     iface.routing_policy = routing_policy(dev, at, origin)?;
     match section {
         "ethernets" => {
             let m = get(dev, "match");
+            if let Some(m) = m {
+                warn_unknown_keys(m, &["macaddress", "driver"], &format!("{at}.match"), origin);
+            }
             iface.mac = match m {
                 Some(m) => text(m, "macaddress", &format!("{at}.match"), origin)?,
                 None => None,
@@ -347,6 +398,7 @@ fn subnets(dev: &Value, at: &str, origin: &str) -> Result<Vec<Subnet>, NetworkEr
 
 /// A v2 route: `to` (or `default`), `via`, `metric`, `table`, `on-link`.
 fn route(r: &Value, at: &str, origin: &str) -> Result<Route, NetworkError> {
+    warn_unknown_keys(r, ROUTE_KEYS, at, origin);
     let to =
         text(r, "to", at, origin)?.ok_or_else(|| invalid(origin, format!("{at}.to is missing")))?;
     let via = text(r, "via", at, origin)?.filter(|v| !v.is_empty());
