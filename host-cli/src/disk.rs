@@ -34,11 +34,19 @@ impl ImageInfo {
     }
 }
 
+/// `path` as qemu-img is given it: absolute. qemu-img reads a name with a colon before
+/// its first slash (`var-2024-05-01T12:00.qcow2`) as `PROTOCOL:…`, and an absolute path
+/// never has one there.
+fn for_qemu_img(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path)
+        .with_context(|| format!("making {} an absolute path for qemu-img", path.display()))
+}
+
 pub fn info(image: &Path) -> Result<ImageInfo> {
     let out = tools::run(
         tools::cmd("qemu-img")
             .args(["info", "--output=json", "-U"])
-            .arg(image),
+            .arg(for_qemu_img(image)?),
     )?;
     serde_json::from_str(&out)
         .with_context(|| format!("reading `qemu-img info` for {}", image.display()))
@@ -56,7 +64,7 @@ pub fn in_use(image: &Path) -> Result<bool> {
     let out = tools::output(
         tools::cmd("qemu-img")
             .args(["info", "--output=json"])
-            .arg(image),
+            .arg(for_qemu_img(image)?),
     )?;
     if out.status.success() {
         return Ok(false);
@@ -171,9 +179,9 @@ pub fn create_overlay(base: &Path, format: &str, overlay: &Path) -> Result<()> {
     tools::run(
         tools::cmd("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-b"])
-            .arg(base)
+            .arg(for_qemu_img(base)?)
             .args(["-F", format])
-            .arg(overlay),
+            .arg(for_qemu_img(overlay)?),
     )?;
     Ok(())
 }
@@ -215,8 +223,8 @@ pub fn create_var_disk(out: &Path, size: u64, scratch: &Path) -> Result<()> {
     tools::run(
         tools::cmd("qemu-img")
             .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(out),
+            .arg(for_qemu_img(&raw)?)
+            .arg(for_qemu_img(out)?),
     )?;
     std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
     Ok(())
@@ -249,8 +257,8 @@ pub fn copy_var_disk(from: &Path, out: &Path) -> Result<()> {
     tools::run(
         tools::cmd("qemu-img")
             .args(["convert", "-q", "-f", &info.format, "-O", "qcow2"])
-            .arg(from)
-            .arg(out),
+            .arg(for_qemu_img(from)?)
+            .arg(for_qemu_img(out)?),
     )?;
     Ok(())
 }

@@ -35,7 +35,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 
 /// Writes a file the operator named (`-o FILE`) as [`write_atomic`] does, without
 /// replacing what is not a regular file there: a symlink is followed and its target
-/// replaced, and a device, FIFO, socket or directory is refused.
+/// replaced, and a device, FIFO, socket or directory is refused. A disk image is refused
+/// too (see [`refuse_disk`]): a slip of `-o` must not cost a machine its disk.
 pub fn write_output(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let target = match fs::symlink_metadata(path) {
         // A link to a file not made yet is followed too, as a shell's `>` would.
@@ -54,8 +55,58 @@ pub fn write_output(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
             "{} is not a regular file; seedctl writes its output only as a regular file, which it replaces whole",
             target.display()
         ),
-        _ => write_atomic(&target, bytes, mode),
+        Ok(_) => {
+            refuse_disk(&target)?;
+            write_atomic(&target, bytes, mode)
+        }
+        Err(_) => write_atomic(&target, bytes, mode),
     }
+}
+
+/// The first bytes of every qcow2 image.
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// Refuses an existing `file` that is a disk: any qcow2 image (by its magic), and a
+/// machine's own disks and UEFI variables (`boot.qcow2`, `var.qcow2`, `OVMF_VARS.fd` in a
+/// directory that holds a `state.json`, which every machine's state directory does).
+fn refuse_disk(file: &Path) -> Result<()> {
+    use crate::state::{BOOT_DISK, OVMF_VARS, STATE_FILE, VAR_DISK};
+    use std::io::Read;
+    let keep = "seedctl does not write its output over a disk; name another file, or remove this one first if it is really not needed";
+    let mut head = Vec::with_capacity(QCOW2_MAGIC.len());
+    fs::File::open(file)
+        .and_then(|f| f.take(QCOW2_MAGIC.len() as u64).read_to_end(&mut head))
+        .with_context(|| {
+            format!(
+                "reading {} to tell whether it is a disk image before it is replaced; remove it first or name another file",
+                file.display()
+            )
+        })?;
+    if head == QCOW2_MAGIC {
+        anyhow::bail!(
+            "{} is a qcow2 disk image (it starts with the qcow2 magic); {keep}",
+            file.display()
+        );
+    }
+    let dir = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let Some(name) = file.file_name().and_then(|n| n.to_str())
+        && [BOOT_DISK, VAR_DISK, OVMF_VARS].contains(&name)
+        && dir.join(STATE_FILE).exists()
+    {
+        let machine = fs::canonicalize(dir)
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        anyhow::bail!(
+            "{} is a disk of machine `{machine}` ({name} in its state directory {}); {keep}",
+            file.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Read a text file, naming it in the error.

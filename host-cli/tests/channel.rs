@@ -593,6 +593,43 @@ fn hello_from_a_foreign_product_uuid_is_refused() {
     );
 }
 
+/// `serve --once` promises an answered machine: when the machine's QEMU goes before its
+/// guest says hello, it fails, naming the machine and the socket.
+#[test]
+fn serve_once_fails_when_qemu_exits_before_the_hello() {
+    let s = Scratch::new();
+    web1(&s);
+    let sock = s.path().join("qemu-channel.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let mut qemu = Command::new("sleep").arg("600").spawn().unwrap();
+    let serve = serve(
+        &s,
+        &[
+            "web1",
+            "--socket",
+            &sock.display().to_string(),
+            "--once",
+            "--qemu-pid",
+            &qemu.id().to_string(),
+        ],
+    );
+    // The answerer holds the channel; then QEMU goes without a hello.
+    let _conn = accept_seedctl(&listener);
+    qemu.kill().unwrap();
+    qemu.wait().unwrap();
+    let out = serve.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve --once exited 0: {err}");
+    let e = json(&out)["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        e.contains("web1")
+            && e.contains(&sock.display().to_string())
+            && e.contains("exited before the guest said hello"),
+        "{e}"
+    );
+    assert!(err.contains("web1: QEMU exited"), "{err}");
+}
+
 /// `seedctl serve --connect URI` finds each running domain's channel socket in its live
 /// XML (libvirt's test driver, loaded from a node file, stands in for libvirtd) and skips
 /// domains that have no machine directory.

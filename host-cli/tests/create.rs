@@ -310,3 +310,65 @@ fn socket_paths_too_long_for_unix_sockets_are_refused_up_front() {
     );
     s.ok(&["xml", "web1"]);
 }
+
+/// A relative name with a colon (a timestamp in a /var disk's name, a state directory
+/// named so) is a file to qemu-img, not a `PROTOCOL:` prefix: seedctl gives it absolute
+/// paths.
+#[test]
+fn names_with_a_colon_are_files_to_qemu_img() {
+    let s = new_web1_and_base();
+    require_tool("mkfs.ext4");
+    let var = "var-2024-05-01T12:00.qcow2";
+    s.qcow2(&format!("./{var}"));
+    s.ok(&create_var_from_args("web1", var));
+    let info = stdout_of(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(s.state("web1").join("var.qcow2")),
+    );
+    assert!(info.contains("\"format\": \"qcow2\""), "{info}");
+
+    s.ok(&["new", "web2"]);
+    s.ok(&[
+        &["--state", "vm:state"][..],
+        &create_args("web2", "base.qcow2", "32M"),
+    ]
+    .concat());
+    assert!(s.path().join("vm:state/web2/boot.qcow2").is_file());
+    assert!(s.path().join("vm:state/web2/var.qcow2").is_file());
+}
+
+/// The disks are the owner's only before they are in place: a create that fails part-way
+/// (here the seed cannot be moved in, as a directory holds its name) leaves no disk that
+/// others can read, under a umask that lets qemu-img make them readable to all.
+#[test]
+fn a_create_that_fails_part_way_leaves_no_disk_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = new_web1_and_base();
+    require_tool("mkfs.ext4");
+    let sd = s.state("web1");
+    std::fs::create_dir_all(sd.join("seed.iso/in-the-way")).unwrap();
+    let seedctl = s.cmd(&create_args("web1", "base.qcow2", "32M"));
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "umask 022 && exec \"$@\"", "sh"])
+        .arg(seedctl.get_program())
+        .args(seedctl.get_args())
+        .current_dir(s.path());
+    for (k, v) in seedctl.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "create succeeded: {err}");
+    assert!(err.contains("seed.iso"), "{err}");
+    // Each disk the failed create left in place (both, as the seed moves in last).
+    for disk in ["boot.qcow2", "var.qcow2"] {
+        if let Ok(m) = std::fs::metadata(sd.join(disk)) {
+            let mode = m.permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{disk} is left {mode:o}");
+        }
+    }
+}

@@ -402,3 +402,59 @@ fn output_is_written_through_links_and_never_over_special_files() {
         );
     }
 }
+
+/// `-o` never replaces a disk: a qcow2 image wherever it is (by its magic), and a
+/// machine's own disks and UEFI variables in its state directory. An older seed ISO or
+/// domain XML is still replaced.
+#[test]
+fn output_is_never_written_over_a_disk() {
+    use std::os::unix::fs::MetadataExt;
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    s.created("web1", "32M");
+    let sd = s.state("web1");
+    std::fs::write(sd.join("OVMF_VARS.fd"), vec![0u8; 4096]).unwrap();
+    std::os::unix::fs::symlink(".seedctl/web1/var.qcow2", s.path().join("link.qcow2")).unwrap();
+    let inode = |f: &std::path::Path| std::fs::metadata(f).unwrap().ino();
+    // The output, the file the error names (a link's target) and why it is kept.
+    for (out, file, why) in [
+        (".seedctl/web1/var.qcow2", "var.qcow2", "qcow2 disk image"),
+        (".seedctl/web1/boot.qcow2", "boot.qcow2", "qcow2 disk image"),
+        (
+            ".seedctl/web1/OVMF_VARS.fd",
+            "OVMF_VARS.fd",
+            "disk of machine `web1`",
+        ),
+        ("link.qcow2", ".seedctl/web1/var.qcow2", "qcow2 disk image"),
+        ("base.qcow2", "base.qcow2", "qcow2 disk image"),
+    ] {
+        let before = inode(&s.path().join(out));
+        for cmd in [
+            &["seed", "web1", "-o", out][..],
+            &["xml", "web1", "-o", out],
+        ] {
+            let err = s.fails(cmd);
+            assert!(
+                err.contains(file) && err.contains(why) && err.contains("over a disk"),
+                "{cmd:?}: {err}"
+            );
+            assert_eq!(inode(&s.path().join(out)), before, "{cmd:?} replaced {out}");
+        }
+    }
+    let head = std::fs::read(sd.join("var.qcow2")).unwrap();
+    assert!(
+        head.starts_with(b"QFI\xfb"),
+        "var.qcow2 is still a qcow2 image"
+    );
+
+    // What seedctl wrote before is replaced as ever.
+    for cmd in [
+        &["seed", "web1", "-o", ".seedctl/web1/seed.iso"][..],
+        &["seed", "web1", "-o", "web1.iso"],
+        &["seed", "web1", "-o", "web1.iso"],
+        &["xml", "web1", "-o", "web1.xml"],
+        &["xml", "web1", "-o", "web1.xml"],
+    ] {
+        s.ok(cmd);
+    }
+}

@@ -4,20 +4,13 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use common::{Scratch, create_args, require_tool, stdout_of};
+use common::{FakeQemu, Scratch, create_args, require_tool, stdout_of};
 
-/// A fake `nix`, the shell `script`, in a `fakebin` directory of the scratch; the PATH
-/// that puts it before the real one.
+/// A fake `nix`, the shell `script`; the PATH that puts it before the real one.
 fn fake_nix(s: &Scratch, script: &str) -> String {
-    let bin = s.path().join("fakebin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let fake = bin.join("nix");
-    std::fs::write(&fake, script).unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap())
+    common::fake_tool(s, "nix", script)
 }
 
 #[test]
@@ -320,5 +313,39 @@ fn an_upgrade_without_virsh_installed_is_not_refused() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `upgrade --restart` reads what it needs before it stops the machine: a state file that
+/// cannot be read leaves it running. A failure after the stop says that the machine was
+/// stopped and how to start it. The machine's QEMU is a stand-in whose monitor ends it on
+/// the ACPI power button.
+#[test]
+fn upgrade_restart_stops_the_machine_only_when_it_must_and_says_so() {
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    s.created("web1", "32M");
+    s.qcow2("base2.qcow2");
+    let sd = s.state("web1");
+    let upgrade = ["upgrade", "web1", "--base", "base2.qcow2", "--restart"];
+
+    let state = std::fs::read(sd.join("state.json")).unwrap();
+    std::fs::write(sd.join("state.json"), "{ not json").unwrap();
+    let mut qemu = FakeQemu::start(&s, "web1", true);
+    let err = s.fails(&upgrade);
+    assert!(err.contains("state.json"), "{err}");
+    assert!(qemu.alive(), "the machine was stopped: {err}");
+    std::fs::write(sd.join("state.json"), &state).unwrap();
+
+    // The seed's name is taken by a directory: the upgrade fails after the stop.
+    std::fs::remove_file(sd.join("seed.iso")).unwrap();
+    std::fs::create_dir_all(sd.join("seed.iso/in-the-way")).unwrap();
+    let err = s.fails(&upgrade);
+    assert!(!qemu.alive(), "the machine was not stopped: {err}");
+    assert!(
+        err.contains("seed.iso")
+            && err.contains("stopped for the upgrade and not started again")
+            && err.contains("`seedctl run web1 --detach` starts it"),
+        "{err}"
     );
 }

@@ -52,9 +52,19 @@ pub fn resolve_base(paths: &Paths, base: Option<&Path>, name: &str) -> Result<Pa
 
 /// Move every file of `staging` into `target` (same filesystem), creating `target`. The
 /// disks and the seed hold the machine's private host key: they become the owner's only
-/// (0600; libvirt hands them to its QEMU user when the domain starts), and `target` is
-/// not listable by others (0711).
+/// (0600; libvirt hands them to its QEMU user when the domain starts) while still in
+/// `staging`, so a move that fails part-way leaves none that others can read, and
+/// `target` is not listable by others (0711).
 pub fn move_into(staging: &Path, target: &Path) -> Result<()> {
+    for entry in
+        std::fs::read_dir(staging).with_context(|| format!("listing {}", staging.display()))?
+    {
+        let entry = entry.with_context(|| format!("listing {}", staging.display()))?;
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} the owner's only", entry.path().display()))?;
+        }
+    }
     crate::state::create_private_dir(target)?;
     // The disks first, both or neither: each is linked in, which fails on an existing name
     // (a `create` run at the same time made one since the check), so nothing there is
@@ -79,18 +89,14 @@ pub fn move_into(staging: &Path, target: &Path) -> Result<()> {
         std::fs::read_dir(staging).with_context(|| format!("listing {}", staging.display()))?
     {
         let entry = entry.with_context(|| format!("listing {}", staging.display()))?;
-        let to = target.join(entry.file_name());
         if entry.file_name() == BOOT_DISK || entry.file_name() == VAR_DISK {
             // Linked above: the staging name goes.
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("removing {}", entry.path().display()))?;
         } else {
+            let to = target.join(entry.file_name());
             std::fs::rename(entry.path(), &to)
                 .with_context(|| format!("moving into {}", to.display()))?;
-        }
-        if entry.file_type().is_ok_and(|t| t.is_file()) {
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
-                .with_context(|| format!("making {} the owner's only", to.display()))?;
         }
     }
     sync_dir(target)

@@ -361,9 +361,21 @@ pub fn destroy(paths: &Paths, a: &DestroyArgs) -> Result<Report> {
     let (sd, pid) = local_qemu(paths, &a.name)?;
     let quit = Qmp::connect(&sd.file(QMP_SOCK)).and_then(|mut q| q.execute("quit", None));
     if quit.is_err() || !wait_exit(pid, Duration::from_secs(5)) {
-        crate::tools::run(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]))
-            .with_context(|| format!("machine `{}`: killing QEMU pid {pid}", a.name))?;
-        wait_exit(pid, Duration::from_secs(5));
+        let kill =
+            crate::tools::run(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]));
+        // A kill that fails because QEMU exited since the quit is what was asked for; the
+        // pidfile goes only once the process is gone.
+        if !wait_exit(pid, Duration::from_secs(5)) {
+            let why = match kill {
+                Err(e) => format!("killing it failed: {e:#}"),
+                Ok(_) => "it is still there 5 s after `kill -KILL`".to_owned(),
+            };
+            bail!(
+                "machine `{}`: QEMU pid {pid} did not end: {why}; its pidfile {} is kept (see `ps -o pid,stat,cmd -p {pid}`)",
+                a.name,
+                sd.file(PIDFILE).display()
+            );
+        }
     }
     let _ = std::fs::remove_file(sd.file(PIDFILE));
     Ok(Report::new(

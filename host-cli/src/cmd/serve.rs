@@ -37,9 +37,10 @@ pub const CHANNEL_LOG: &str = "channel.log";
   seedctl serve web1 web2 --connect qemu:///system --once
   seedctl serve --local                        # every machine running under `seedctl run`
   seedctl serve web1 --socket /run/vm/web1-channel.sock --once
-Runs until interrupted; --once exits when every machine was answered. While it holds a
-machine's channel, `seedctl push/status` on that machine get no answer and fail after
-their --timeout (QEMU serves one client per channel socket).")]
+Runs until interrupted; --once exits when every machine was answered, and fails for a
+machine whose QEMU exits before its guest says hello. While it holds a machine's
+channel, `seedctl push/status` on that machine get no answer and fail after their
+--timeout (QEMU serves one client per channel socket).")]
 pub struct ServeArgs {
     /// Machines to serve [default: all running libvirt domains with a nixseed channel and a
     /// machines/NAME directory; with --local, all machines running under `seedctl run`]
@@ -53,7 +54,7 @@ pub struct ServeArgs {
     /// The channel socket (with exactly one NAME)
     #[arg(long, value_name = "PATH", conflicts_with_all = ["connect", "local"])]
     pub socket: Option<PathBuf>,
-    /// Exit once every machine was answered
+    /// Exit once every machine was answered (a machine whose QEMU exits first is an error)
     #[arg(long)]
     pub once: bool,
     /// Stop serving when this process (the machine's QEMU) is gone
@@ -156,34 +157,40 @@ pub fn run(paths: &Paths, a: &ServeArgs) -> Result<Report> {
             "no machine to serve: name them, or start some (`seedctl run NAME --seed-via channel`, `seedctl start NAME --seed-via channel`)"
         );
     }
-    let results: Vec<(String, Result<Option<Answer>>)> = std::thread::scope(|s| {
+    let results: Vec<(&HelloTarget, Result<Option<Answer>>)> = std::thread::scope(|s| {
         let handles: Vec<_> = targets
             .iter()
             .map(|t| {
                 let log = &log;
-                (
-                    t.name.clone(),
-                    s.spawn(move || channel::answer_hellos(t, a.once, log)),
-                )
+                (t, s.spawn(move || channel::answer_hellos(t, a.once, log)))
             })
             .collect();
         handles
             .into_iter()
-            .map(|(name, h)| {
-                let r = h
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("machine `{name}`: answerer crashed")));
-                (name, r)
+            .map(|(t, h)| {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!("machine `{}`: answerer crashed", t.name))
+                });
+                (t, r)
             })
             .collect()
     });
     let mut answers = Vec::new();
     let mut failures = Vec::new();
-    for (name, r) in results {
+    for (t, r) in results {
         match r {
             Ok(Some(ans)) => answers.push(ans),
+            // --once promises an answered machine: one whose QEMU went first was not.
+            Ok(None) if a.once => failures.push(format!(
+                "{}: its QEMU{} exited before the guest said hello on {}, so nothing was answered",
+                t.name,
+                t.qemu_pid
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default(),
+                t.socket.display()
+            )),
             Ok(None) => {}
-            Err(e) => failures.push(format!("{name}: {e:#}")),
+            Err(e) => failures.push(format!("{}: {e:#}", t.name)),
         }
     }
     if !failures.is_empty() {

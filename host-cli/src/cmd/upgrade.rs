@@ -84,6 +84,13 @@ fn refuse_running_domain(sd: &StateDir, a: &UpgradeArgs) -> Result<()> {
     Ok(())
 }
 
+/// What `--restart` leaves: the machine stopped, and how to start it.
+fn not_restarted(name: &str) -> String {
+    format!(
+        "the machine was stopped for the upgrade and not started again; `seedctl run {name} --detach` starts it"
+    )
+}
+
 /// Whether `virsh dominfo` says the domain has a managed save image.
 fn managed_save(dominfo: &str) -> bool {
     dominfo.lines().any(|l| {
@@ -110,15 +117,36 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
         eprintln!("seedctl: warning: machine `{}`: {w}", a.name);
     }
     refuse_running_domain(&sd, a)?;
+    // Read before the machine is stopped: a state file that cannot be read stops the
+    // upgrade with the machine as it was.
+    let mut st = sd.load()?;
     let stopped = sd.running_pid().is_some();
+    if stopped && !a.restart {
+        bail!(
+            "machine `{}` is running; pass --restart to stop it for the upgrade, or `seedctl stop {}` first",
+            a.name,
+            a.name
+        );
+    }
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{}.upgrade-", a.name))
+        .tempdir_in(&sd.dir)
+        .with_context(|| format!("creating a staging directory in {}", sd.dir.display()))?;
+    // Everything that can fail is done before the machine is stopped and the old overlay
+    // replaced: a failed upgrade leaves the machine on its old base, running if it ran,
+    // and its state saying so.
+    let overlay = staging.path().join(BOOT_DISK);
+    disk::create_overlay(&base, &format, &overlay)
+        .with_context(|| format!("machine `{}`", a.name))?;
+    let seed_iso = staging.path().join(SEED_ISO);
+    let instance_id = seed::write(&id, SeedFormat::Iso, &seed_iso)?;
+    st.base = Some(base.clone());
+    st.instance_id = Some(instance_id);
+    // The overlay holds the guest's root and, in its first boot's writes, its identity:
+    // the owner's only, as `create` makes it.
+    std::fs::set_permissions(&overlay, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("machine `{}`: making the new overlay private", a.name))?;
     if stopped {
-        if !a.restart {
-            bail!(
-                "machine `{}` is running; pass --restart to stop it for the upgrade, or `seedctl stop {}` first",
-                a.name,
-                a.name
-            );
-        }
         // An orderly shutdown (ACPI), as `seedctl stop`: the guest flushes /var first.
         stop(
             paths,
@@ -129,55 +157,43 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
             },
         )?;
     }
-    // Whatever runs it (a domain under another libvirt URI, a QEMU started by hand): the
-    // old overlay must not be replaced under a running VM.
-    if disk::in_use(&sd.file(BOOT_DISK)).with_context(|| format!("machine `{}`", a.name))? {
-        bail!(
-            "machine `{}`: {} is open in a running QEMU (a libvirt domain under another URI, such as qemu:///session, or one started by hand); shut that VM down first",
-            a.name,
-            sd.file(BOOT_DISK).display()
-        );
-    }
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{}.upgrade-", a.name))
-        .tempdir_in(&sd.dir)
-        .with_context(|| format!("creating a staging directory in {}", sd.dir.display()))?;
-    // Everything that can fail is done before the old overlay is replaced: a failed
-    // upgrade leaves the machine on its old base, and its state saying so.
-    let overlay = staging.path().join(BOOT_DISK);
-    disk::create_overlay(&base, &format, &overlay)
-        .with_context(|| format!("machine `{}`", a.name))?;
-    let seed_iso = staging.path().join(SEED_ISO);
-    let instance_id = seed::write(&id, SeedFormat::Iso, &seed_iso)?;
-    let mut st = sd.load()?;
-    st.base = Some(base.clone());
-    st.instance_id = Some(instance_id);
-    // The overlay holds the guest's root and, in its first boot's writes, its identity:
-    // the owner's only, as `create` makes it.
-    std::fs::set_permissions(&overlay, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("machine `{}`: making the new overlay private", a.name))?;
-    // The seed first: until the overlay moves, the machine boots its old base with a
-    // seed for the same identity.
-    std::fs::rename(&seed_iso, sd.file(SEED_ISO)).with_context(|| {
-        format!(
-            "machine `{}`: replacing {} (it still boots its old base)",
-            a.name,
-            sd.file(SEED_ISO).display()
-        )
-    })?;
-    std::fs::rename(&overlay, sd.file(BOOT_DISK)).with_context(|| {
-        format!(
-            "machine `{}`: replacing {} (it still boots its old base)",
-            a.name,
-            sd.file(BOOT_DISK).display()
-        )
-    })?;
-    sd.save(&st).with_context(|| {
-        format!(
-            "machine `{}` boots {} now, but its state file still names the old base",
-            a.name,
-            base.display()
-        )
+    let replace = || -> Result<()> {
+        // Whatever runs it (a domain under another libvirt URI, a QEMU started by hand):
+        // the old overlay must not be replaced under a running VM.
+        if disk::in_use(&sd.file(BOOT_DISK)).with_context(|| format!("machine `{}`", a.name))? {
+            bail!(
+                "machine `{}`: {} is open in a running QEMU (a libvirt domain under another URI, such as qemu:///session, or one started by hand); shut that VM down first",
+                a.name,
+                sd.file(BOOT_DISK).display()
+            );
+        }
+        // The seed first: until the overlay moves, the machine boots its old base with a
+        // seed for the same identity.
+        std::fs::rename(&seed_iso, sd.file(SEED_ISO)).with_context(|| {
+            format!(
+                "machine `{}`: replacing {} (it still boots its old base)",
+                a.name,
+                sd.file(SEED_ISO).display()
+            )
+        })?;
+        std::fs::rename(&overlay, sd.file(BOOT_DISK)).with_context(|| {
+            format!(
+                "machine `{}`: replacing {} (it still boots its old base)",
+                a.name,
+                sd.file(BOOT_DISK).display()
+            )
+        })?;
+        sd.save(&st).with_context(|| {
+            format!(
+                "machine `{}` boots {} now, but its state file still names the old base",
+                a.name,
+                base.display()
+            )
+        })
+    };
+    replace().map_err(|e| match stopped {
+        true => anyhow::anyhow!("{e:#}; {}", not_restarted(&a.name)),
+        false => e,
     })?;
     Ok(Report::new(
         format!(
@@ -185,10 +201,9 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
             a.name,
             base.display(),
             VAR_DISK,
-            if stopped {
-                "; it was stopped for the upgrade and is not started again"
-            } else {
-                ""
+            match stopped {
+                true => format!("; {}", not_restarted(&a.name)),
+                false => String::new(),
             }
         ),
         json!({ "machine": a.name, "base": base, "stopped": stopped }),

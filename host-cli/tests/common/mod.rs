@@ -18,7 +18,10 @@ impl Drop for Scratch {
         };
         for m in machines.flatten() {
             if let Ok(pid) = std::fs::read_to_string(m.path().join("qemu.pid")) {
-                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+                let _ = Command::new("kill")
+                    .args(["-9", pid.trim()])
+                    .stderr(std::process::Stdio::null())
+                    .status();
             }
         }
     }
@@ -169,4 +172,87 @@ pub fn agent_binary() -> PathBuf {
         agent.display()
     );
     agent
+}
+
+/// A fake host tool `name`, the shell `script`, in a `fakebin` directory of the scratch;
+/// the PATH that puts it before the real ones.
+pub fn fake_tool(s: &Scratch, name: &str, script: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = s.path().join("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fake = bin.join(name);
+    std::fs::write(&fake, script).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap())
+}
+
+/// A stand-in for the `seedctl run` QEMU of a machine: a `sleep` that holds the machine's
+/// `qemu.pid` open, as QEMU does (so seedctl counts it as that machine's QEMU), and, when
+/// asked for, a QMP monitor on `qmp.sock` on which `system_powerdown` and `quit` end it.
+pub struct FakeQemu {
+    child: std::process::Child,
+    pidfile: PathBuf,
+    pub pid: i32,
+}
+
+impl FakeQemu {
+    pub fn start(s: &Scratch, name: &str, monitor: bool) -> FakeQemu {
+        let sd = s.state(name);
+        std::fs::create_dir_all(&sd).unwrap();
+        let pidfile = sd.join("qemu.pid");
+        std::fs::write(&pidfile, "").unwrap();
+        let child = Command::new("sleep")
+            .arg("600")
+            .stdin(std::fs::File::open(&pidfile).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        std::fs::write(&pidfile, format!("{pid}\n")).unwrap();
+        if monitor {
+            let listener = std::os::unix::net::UnixListener::bind(sd.join("qmp.sock")).unwrap();
+            std::thread::spawn(move || qmp_monitor(listener, pid));
+        }
+        FakeQemu {
+            child,
+            pidfile,
+            pid,
+        }
+    }
+
+    /// Whether the stand-in still runs (not gone, not a zombie).
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+/// Ends the stand-in, and takes away a pidfile that still names it, so that the
+/// scratch's own clean-up signals no process that reuses its number.
+impl Drop for FakeQemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::fs::read_to_string(&self.pidfile).is_ok_and(|p| p.trim() == self.pid.to_string()) {
+            let _ = std::fs::remove_file(&self.pidfile);
+        }
+    }
+}
+
+/// Answers every QMP command with an empty return; `system_powerdown` and `quit` kill
+/// `pid` once answered.
+fn qmp_monitor(listener: std::os::unix::net::UnixListener, pid: i32) {
+    use std::io::{BufRead, BufReader, Write};
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = writeln!(conn, r#"{{"QMP":{{"version":{{}},"capabilities":[]}}}}"#);
+        let Ok(read) = conn.try_clone() else { continue };
+        for line in BufReader::new(read).lines() {
+            let Ok(line) = line else { break };
+            let _ = writeln!(conn, r#"{{"return":{{}}}}"#);
+            if line.contains("system_powerdown") || line.contains("\"quit\"") {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
 }
