@@ -304,3 +304,63 @@ fn seed_via_channel_attaches_no_seed_and_answers_in_the_background() {
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("QEMU exited"), "{log}");
 }
+
+/// Ctrl-C on a foreground `run` (SIGINT to seedctl's process group, as a terminal sends
+/// it) does not end QEMU at once: the first asks the guest to power off through ACPI, and
+/// QEMU keeps running (this guest has no system to answer it); the second ends QEMU, and
+/// seedctl with it.
+#[test]
+fn ctrl_c_on_a_foreground_run_powers_off_and_a_second_ends_qemu() {
+    use std::os::unix::process::CommandExt;
+    require_tool("qemu-system-x86_64");
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    machine(&s);
+    let mut run = s
+        .cmd(&["run", "web1", "--memory", "128", "--accel", "tcg"])
+        .process_group(0)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let group = format!("-{}", run.id());
+    let interrupt = || {
+        let sent = std::process::Command::new("kill")
+            .args(["-INT", "--", &group])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    let pidfile = s.state("web1").join("qemu.pid");
+    let qmp_sock = s.state("web1").join("qmp.sock");
+    assert!(
+        nixseed_test_support::wait_for(Duration::from_secs(20), || {
+            nixseed_test_support::listening(&qmp_sock)
+        }),
+        "QEMU did not start"
+    );
+    let qemu = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
+    // Give seedctl a moment past QEMU's start to take Ctrl-C over.
+    std::thread::sleep(Duration::from_millis(500));
+    interrupt();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!ended(&qemu), "the first Ctrl-C ended QEMU");
+    assert!(
+        run.try_wait().unwrap().is_none(),
+        "the first Ctrl-C ended seedctl"
+    );
+    interrupt();
+    assert!(
+        nixseed_test_support::wait_for(Duration::from_secs(20), || {
+            run.try_wait().unwrap().is_some()
+        }),
+        "seedctl still runs after the second Ctrl-C"
+    );
+    assert!(ended(&qemu), "QEMU still runs after the second Ctrl-C");
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(
+        said.contains("asking the guest to power off (ACPI)")
+            && said.contains("ending QEMU at once"),
+        "{said}"
+    );
+}

@@ -390,13 +390,22 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
         }
         Ok(Report::new(human, summary))
     } else {
-        eprintln!("{human}\n  (Ctrl-C or `seedctl stop {}` ends it)", a.name);
-        let mut child = cmd.stdin(Stdio::null()).spawn().with_context(|| {
-            format!(
-                "machine `{}`: starting {QEMU}; install qemu-system-x86",
-                a.name
-            )
-        })?;
+        eprintln!(
+            "{human}\n  (Ctrl-C or `seedctl stop {}` powers it off; a second Ctrl-C ends QEMU at once)",
+            a.name
+        );
+        // A process group of its own: the terminal's Ctrl-C reaches seedctl only, which
+        // asks the guest to power off (see `power_off_on_interrupt`).
+        let mut child =
+            std::os::unix::process::CommandExt::process_group(cmd.stdin(Stdio::null()), 0)
+                .spawn()
+                .with_context(|| {
+                    format!(
+                        "machine `{}`: starting {QEMU}; install qemu-system-x86",
+                        a.name
+                    )
+                })?;
+        power_off_on_interrupt(a.name.clone(), sd.file(QMP_SOCK))?;
         record()?;
         let answerer = (a.seed_via == SeedVia::Channel).then(|| {
             let target = HelloTarget {
@@ -438,6 +447,42 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
             summary,
         ))
     }
+}
+
+/// Ctrl-C on a foreground `run`: the first asks the guest to power off through QEMU's
+/// monitor (ACPI, as `seedctl stop`), so that it writes out `/var` and ends cleanly; a
+/// second ends QEMU at once (`quit`, as `seedctl destroy`). QEMU runs in a process group
+/// of its own: the terminal's interrupt would otherwise end it at once, whatever the
+/// guest had not yet written. SIGINT is blocked in this thread (and those it starts) and
+/// taken by a thread of its own.
+fn power_off_on_interrupt(name: String, qmp: std::path::PathBuf) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut interrupt = SigSet::empty();
+    interrupt.add(Signal::SIGINT);
+    interrupt
+        .thread_block()
+        .context("cannot take Ctrl-C over from the terminal (blocking SIGINT)")?;
+    std::thread::spawn(move || {
+        let mut count = 0;
+        while interrupt.wait().is_ok() {
+            count += 1;
+            let (command, what) = if count == 1 {
+                (
+                    "system_powerdown",
+                    "asking the guest to power off (ACPI); Ctrl-C again ends QEMU at once",
+                )
+            } else {
+                ("quit", "ending QEMU at once")
+            };
+            eprintln!("seedctl: machine `{name}`: {what}");
+            if let Err(e) =
+                crate::qmp::Qmp::connect(&qmp).and_then(|mut q| q.execute(command, None))
+            {
+                eprintln!("seedctl: machine `{name}`: {e:#}");
+            }
+        }
+    });
+    Ok(())
 }
 
 /// `text` as a value in QEMU's `key=value,...` option syntax: a comma is written twice.
