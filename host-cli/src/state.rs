@@ -39,6 +39,14 @@ pub struct MachineState {
     pub instance_id: Option<String>,
 }
 
+/// See [`StateDir::lock`].
+pub struct MachineLock {
+    _hold: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// The file [`StateDir::lock`] locks.
+pub const LOCK_FILE: &str = "lock";
+
 /// The state directory of one machine.
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -96,6 +104,39 @@ impl StateDir {
         create_private_dir(&self.dir)?;
         let bytes = serde_json::to_vec_pretty(st).context("encoding state.json")?;
         write_atomic(&self.file(STATE_FILE), &bytes, 0o644)
+    }
+
+    /// An exclusive hold on the machine while a command changes or boots its disks
+    /// (`upgrade`; `run` and `start` until the VM is started): without it, a `run`
+    /// started during an `upgrade` could boot the overlay the upgrade then replaces, or
+    /// record the base the upgrade has just changed. A hold taken by another command is
+    /// waited for up to 30 s, then named as the reason. Released when dropped.
+    pub fn lock(&self, what: &str) -> Result<MachineLock> {
+        use nix::fcntl::{Flock, FlockArg};
+        let path = self.file(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("machine `{}`: cannot open {}", self.name, path.display()))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(hold) => return Ok(MachineLock { _hold: hold }),
+                Err((back, nix::errno::Errno::EWOULDBLOCK))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    file = back;
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                Err((_, e)) => bail!(
+                    "machine `{}`: cannot {what}: another seedctl command is changing or starting this machine ({} is locked: {e}); try again when it has finished",
+                    self.name,
+                    path.display()
+                ),
+            }
+        }
     }
 
     /// A disk that is a symlink to nothing (a volume not mounted yet, say) is an error

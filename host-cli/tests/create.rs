@@ -6,6 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::{Scratch, create_args, require_tool, stdout_of};
 
@@ -371,4 +372,40 @@ fn a_create_that_fails_part_way_leaves_no_disk_others_can_read() {
             assert_eq!(mode, 0o600, "{disk} is left {mode:o}");
         }
     }
+}
+
+/// Commands that change or boot a machine's disks take turns: an `upgrade` started while
+/// another command holds the machine (here `flock` on its lock file, for 2 s) waits for
+/// it, rather than renaming disks under a `run` that is starting the machine.
+#[test]
+fn an_upgrade_waits_for_another_command_on_the_machine() {
+    require_tool("flock");
+    let (s, sd) = created_web1();
+    s.qcow2("new.qcow2");
+    let mut holder = Command::new("flock")
+        .arg(sd.join("lock"))
+        .args(["sleep", "2"])
+        .spawn()
+        .unwrap();
+    // The holder has its lock once `flock -n` is refused.
+    assert!(nixseed_test_support::wait_for(
+        Duration::from_secs(5),
+        || {
+            !Command::new("flock")
+                .args(["-n"])
+                .arg(sd.join("lock"))
+                .arg("true")
+                .status()
+                .unwrap()
+                .success()
+        }
+    ));
+    let t = std::time::Instant::now();
+    s.ok(&["upgrade", "web1", "--base", "new.qcow2"]);
+    assert!(
+        t.elapsed() >= Duration::from_millis(1200),
+        "upgrade did not wait for the machine's lock ({:?})",
+        t.elapsed()
+    );
+    assert!(holder.wait().unwrap().success());
 }

@@ -217,12 +217,15 @@ pub fn start(paths: &Paths, a: &StartArgs) -> Result<Report> {
     let sd = StateDir::new(paths, name);
     let uri = libvirt::uri(a.connect.as_deref());
     let seed_iso = sd.file(SEED_ISO);
+    // A domain whose disks seedctl did not make has no state directory to hold.
+    let lock = sd.dir.is_dir().then(|| sd.lock("start it")).transpose()?;
     // Regenerate the seed so the domain boots with the current identity.
     if a.seed_via == SeedVia::Iso {
         seed::write(&id, SeedFormat::Iso, &seed_iso)?;
     }
     set_seed_media(&uri, name, &seed_iso, a.seed_via)?;
     let report = virsh_op(name, a.connect.as_deref(), &["start", name], "started")?;
+    drop(lock);
     if a.seed_via == SeedVia::Iso {
         return Ok(report);
     }

@@ -177,6 +177,8 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.name)?;
     let sd = StateDir::new(paths, &a.name);
     sd.ensure_disks()?;
+    // Held until QEMU has started with the disks and the state is recorded.
+    let lock = sd.lock("start it")?;
     if let Some(pid) = sd.running_pid() {
         bail!(
             "machine `{}` is already running under QEMU (pid {pid}, {}); stop it with `seedctl stop {}`",
@@ -407,6 +409,7 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
                 })?;
         power_off_on_interrupt(a.name.clone(), sd.file(QMP_SOCK))?;
         record()?;
+        drop(lock);
         let answerer = (a.seed_via == SeedVia::Channel).then(|| {
             let target = HelloTarget {
                 paths: paths.clone(),

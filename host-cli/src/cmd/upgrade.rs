@@ -111,6 +111,7 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
             sd.dir.display()
         );
     }
+    let _lock = sd.lock("upgrade")?;
     let (base, format) =
         disk::check_base(&a.base, &paths.state).with_context(|| format!("machine `{}`", a.name))?;
     if let Some(w) = disk::unrooted_store_base(&base, &paths.state) {
