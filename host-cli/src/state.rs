@@ -44,6 +44,9 @@ pub struct MachineLock {
     _hold: nix::fcntl::Flock<std::fs::File>,
 }
 
+/// The libvirt definition `seedctl define` gave libvirt, kept while the domain is defined.
+pub const DOMAIN_XML: &str = "domain.xml";
+
 /// The file [`StateDir::lock`] locks.
 pub const LOCK_FILE: &str = "lock";
 

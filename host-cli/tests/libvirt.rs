@@ -239,3 +239,29 @@ fn upgrade_of_a_managed_saved_domain_is_refused() {
     s.ok(&upgrade_through(&uri));
     assert_ne!(std::fs::read(&boot).unwrap(), before);
 }
+
+/// `domain.xml` in the state directory says the machine is a libvirt domain, and makes
+/// `upgrade` ask libvirt about it: a `define` that libvirt refused leaves none behind
+/// (so an upgrade with no libvirt reachable goes ahead), a `define` libvirt took leaves
+/// it, and `undefine` takes it away.
+#[test]
+fn domain_xml_is_kept_only_while_libvirt_has_the_domain() {
+    let s = web1_and_a_new_base();
+    let xml = s.state("web1").join("domain.xml");
+    let nowhere = "qemu+unix:///system?socket=/nonexistent/libvirt-sock";
+    s.fails(&["define", "web1", "--connect", nowhere]);
+    assert!(!xml.exists(), "a refused define left {}", xml.display());
+    let out = s
+        .cmd(&["upgrade", "web1", "--base", "new.qcow2"])
+        .env("LIBVIRT_DEFAULT_URI", nowhere)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let uri = test_driver(&s, "");
+    s.ok(&["define", "web1", "--connect", &uri]);
+    assert!(xml.exists());
+    let uri = test_driver(&s, WEB1);
+    s.ok(&["undefine", "web1", "--connect", &uri]);
+    assert!(!xml.exists(), "undefine left {}", xml.display());
+}

@@ -15,7 +15,7 @@ use crate::libvirt::{self, virsh};
 use crate::machine::{Identity, Paths};
 use crate::output::Report;
 use crate::qmp::Qmp;
-use crate::state::{PIDFILE, QMP_SOCK, SEED_ISO, StateDir, pid_alive};
+use crate::state::{DOMAIN_XML, PIDFILE, QMP_SOCK, SEED_ISO, StateDir, pid_alive};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
@@ -76,10 +76,18 @@ pub fn define(paths: &Paths, a: &DefineArgs) -> Result<Report> {
     sd.ensure_disks()?;
     seed::write(&id, SeedFormat::Iso, &sd.file(SEED_ISO))?;
     let xml = domain_xml(&id, &sd, &a.domain)?;
-    let file = sd.file("domain.xml");
-    crate::fsutil::write_atomic(&file, xml.as_bytes(), 0o644)?;
+    // `domain.xml` says the machine is a libvirt domain (`upgrade` asks libvirt about it
+    // then): it is put in place only once libvirt has taken the definition.
+    let file = sd.file(DOMAIN_XML);
+    let new = sd.file(&format!("{DOMAIN_XML}.new"));
+    crate::fsutil::write_atomic(&new, xml.as_bytes(), 0o644)?;
     let uri = libvirt::uri(a.connect.as_deref());
-    virsh(&uri, &a.name, &["define", &file.display().to_string()])?;
+    if let Err(e) = virsh(&uri, &a.name, &["define", &new.display().to_string()]) {
+        let _ = std::fs::remove_file(&new);
+        return Err(e);
+    }
+    std::fs::rename(&new, &file)
+        .with_context(|| format!("moving {} to {}", new.display(), file.display()))?;
     Ok(Report::new(
         format!("defined `{}` on {uri} from {}", a.name, file.display()),
         json!({ "machine": a.name, "uri": uri, "xml": file }),
@@ -268,13 +276,25 @@ pub fn start(paths: &Paths, a: &StartArgs) -> Result<Report> {
 /// Removes the domain and keeps what is the machine's own: its disks, its identity and its
 /// UEFI variables (`OVMF_VARS.fd` in the state directory, which `seedctl run` boots with
 /// too), so a later `define` or `run` finds the machine as it was.
-pub fn undefine(_paths: &Paths, a: &UndefineArgs) -> Result<Report> {
-    virsh_op(
+/// Its `domain.xml` goes with the domain: the machine is no longer libvirt's, and
+/// `upgrade` no longer asks libvirt about it.
+pub fn undefine(paths: &Paths, a: &UndefineArgs) -> Result<Report> {
+    let report = virsh_op(
         &a.name,
         a.connect.as_deref(),
         &["undefine", "--keep-nvram", &a.name],
         "undefined",
-    )
+    )?;
+    let xml = StateDir::new(paths, &a.name).file(DOMAIN_XML);
+    match std::fs::remove_file(&xml) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => eprintln!(
+            "seedctl: warning: machine `{}`: cannot remove {}: {e}; `seedctl upgrade` still asks libvirt about the machine",
+            a.name,
+            xml.display()
+        ),
+        _ => {}
+    }
+    Ok(report)
 }
 
 /// The live `seedctl run` QEMU of a machine, or a message pointing at --connect.

@@ -40,7 +40,9 @@ pub struct UpgradeArgs {
 /// not know, or no libvirt installed, does not stop the upgrade; a libvirt that cannot be
 /// reached does, since it may be running the machine.
 fn refuse_running_domain(sd: &StateDir, a: &UpgradeArgs) -> Result<()> {
-    if a.connect.is_none() && (!sd.file("domain.xml").exists() || !crate::tools::on_path("virsh")) {
+    if a.connect.is_none()
+        && (!sd.file(crate::state::DOMAIN_XML).exists() || !crate::tools::on_path("virsh"))
+    {
         return Ok(());
     }
     let uri = crate::libvirt::uri(a.connect.as_deref());
