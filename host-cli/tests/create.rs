@@ -409,3 +409,23 @@ fn an_upgrade_waits_for_another_command_on_the_machine() {
     );
     assert!(holder.wait().unwrap().success());
 }
+
+/// A machine directory that is a link to another filesystem (here a directory on
+/// /dev/shm, a tmpfs) gets its disks there: they are made on that filesystem and linked
+/// in, not refused as a link across filesystems.
+#[test]
+fn a_machine_directory_on_another_filesystem_gets_its_disks() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("skipped: no /dev/shm");
+        return;
+    }
+    let s = new_web1_and_base();
+    let elsewhere = tempfile::tempdir_in(shm).unwrap();
+    std::fs::create_dir_all(s.path().join(".seedctl")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), s.state("web1")).unwrap();
+    s.ok(&create_args("web1", "base.qcow2", "32M"));
+    for disk in ["boot.qcow2", "var.qcow2", "seed.iso"] {
+        assert!(elsewhere.path().join(disk).is_file(), "{disk} is not there");
+    }
+}

@@ -137,10 +137,18 @@ pub fn run(paths: &Paths, a: &CreateArgs) -> Result<Report> {
 
     std::fs::create_dir_all(&paths.state)
         .with_context(|| format!("creating {}", paths.state.display()))?;
+    // On the filesystem the disks end up on, so that they are linked in, not copied: in
+    // the machine's directory when it is there already (it may be a link to another
+    // volume), else beside it.
+    let stage_in = if sd.dir.is_dir() {
+        &sd.dir
+    } else {
+        &paths.state
+    };
     let staging = tempfile::Builder::new()
         .prefix(&format!(".{}.create-", a.name))
-        .tempdir_in(&paths.state)
-        .with_context(|| format!("creating a staging directory in {}", paths.state.display()))?;
+        .tempdir_in(stage_in)
+        .with_context(|| format!("creating a staging directory in {}", stage_in.display()))?;
     let ctx = || format!("machine `{}`", a.name);
     disk::create_overlay(&base, &format, &staging.path().join(BOOT_DISK)).with_context(ctx)?;
     match &a.var_from {
