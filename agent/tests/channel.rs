@@ -94,6 +94,17 @@ impl Server {
     }
 }
 
+/// The generation and the failures of an `applied` answer.
+fn applied(answer: Message) -> (Option<u64>, Vec<String>) {
+    let Message::Applied {
+        generation, failed, ..
+    } = answer
+    else {
+        panic!("push must answer with applied, not {answer:?}")
+    };
+    (generation, failed)
+}
+
 fn bundle(meta: &str, user: &str) -> Bundle {
     let files = SeedFiles(
         [("meta-data", meta), ("user-data", user)]
@@ -539,12 +550,7 @@ fn a_push_whose_write_files_fail_says_so() {
             "#cloud-config\nhostname: second\nwrite_files:\n  - path: /var/lib/app/conf\n    content: hi\n    owner: nosuchuser\n",
         ),
     };
-    let Message::Applied {
-        generation, failed, ..
-    } = srv.request(&encode(&push))
-    else {
-        panic!("push must answer with applied")
-    };
+    let (generation, failed) = applied(srv.request(&encode(&push)));
     assert_eq!(generation, Some(2));
     assert!(
         failed
@@ -637,12 +643,7 @@ fn a_push_whose_password_cannot_be_bound_says_so_and_is_retried() {
         ),
     });
     let shadow = || std::fs::read_to_string(srv.view(&dir.path().join("sysroot/etc/shadow")));
-    let Message::Applied {
-        generation, failed, ..
-    } = srv.request(&push)
-    else {
-        panic!("push must answer with applied")
-    };
+    let (generation, failed) = applied(srv.request(&push));
     assert_eq!(generation, Some(2));
     assert!(
         failed
@@ -686,12 +687,7 @@ fn a_first_identity_s_failed_sshd_start_is_retried_as_a_start() {
         bundle: bundle("instance-id: two\n", "#cloud-config\nhostname: second\n"),
     });
     let sshd_failure = |m: Message| {
-        let Message::Applied {
-            generation, failed, ..
-        } = m
-        else {
-            panic!("push must answer with applied")
-        };
+        let (generation, failed) = applied(m);
         assert_eq!(generation, Some(1));
         failed
             .into_iter()

@@ -922,17 +922,18 @@ fn a_stage_two_rerun_keeps_the_boots_machine_id() {
     );
 }
 
+/// Writes the image's `/var/lib/cloud/seed/nocloud` with `meta` and `user`.
+fn seed_directory(vm: &Vm, meta: &str, user: &str) {
+    let dir = vm.p("sysroot/var/lib/cloud/seed/nocloud");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("meta-data"), meta).unwrap();
+    std::fs::write(dir.join("user-data"), user).unwrap();
+}
+
 #[test]
 fn seed_directory_under_var_lib_cloud_is_a_source() {
     let vm = Vm::new();
-    let dir = vm.p("sysroot/var/lib/cloud/seed/nocloud");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("meta-data"),
-        "instance-id: dir-1\nlocal-hostname: fromdir\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("user-data"), "").unwrap();
+    seed_directory(&vm, "instance-id: dir-1\nlocal-hostname: fromdir\n", "");
     let (out, s) = boot_cmdline(&vm, "ro quiet\n");
     assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
     assert_eq!(etc(&s, "hostname"), "fromdir\n");
@@ -945,18 +946,11 @@ fn seed_directory_under_var_lib_cloud_is_a_source() {
 #[test]
 fn a_token_without_a_seed_location_is_merged_over_the_seed_directory() {
     let vm = Vm::new();
-    let dir = vm.p("sysroot/var/lib/cloud/seed/nocloud");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("meta-data"),
+    seed_directory(
+        &vm,
         "instance-id: dir-1\nlocal-hostname: fromdir\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("user-data"),
         "#cloud-config\nssh_authorized_keys: [ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFromTheSeedDirectory op@host]\n",
-    )
-    .unwrap();
+    );
     let (out, s) = boot_cmdline(&vm, "ro ds=nocloud;h=fromcmdline\n");
     let err = stderr(&out);
     assert!(s.contains("rc=0"), "{s}\n{err}");
