@@ -402,7 +402,8 @@ fn write_private(path: &Path, bytes: &[u8], mode: u32, gid: u32) -> Result<()> {
         .with_context(|| format!("cannot rename {} into place", tmp.display()))
 }
 
-fn remove_if_present(path: &Path) -> Result<()> {
+/// Removes `path`; one that is not there is no error.
+pub(crate) fn remove_if_present(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("cannot remove {}", path.display()))

@@ -121,15 +121,7 @@ fn pending_reloads(ctx: &ChannelContext) -> PendingReloads {
 fn record_reloads(ctx: &ChannelContext, owed: &PendingReloads) {
     let record = reload_pending(ctx);
     let done = if owed.changes.is_empty() {
-        std::fs::remove_file(&record)
-            .or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-            .map_err(anyhow::Error::from)
+        crate::accounts::remove_if_present(&record)
     } else {
         record
             .parent()
