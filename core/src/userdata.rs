@@ -97,6 +97,8 @@ pub struct CloudConfig {
     pub manage_resolv_conf: Option<bool>,
     /// `chpasswd: {list|users}` entries: user name → hash.
     pub chpasswd: BTreeMap<String, String>,
+    /// The two lists `chpasswd` is made of, as merged so far.
+    pub chpasswd_lists: ChpasswdLists,
     pub nixseed: NixseedBlock,
     /// One line per key or part that was ignored, naming it.
     pub warnings: Vec<String>,
@@ -117,6 +119,48 @@ pub struct CloudConfig {
     /// Every top-level key a part has given so far, for a later part whose merge keeps
     /// what is there ([`MergeHow`]).
     pub seen: std::collections::BTreeSet<String>,
+}
+
+/// `chpasswd:`'s `users` and `list` entries (name, hash) in the order given, each `None`
+/// until a part names it: a later part's merge treats the two lists on their own, as
+/// cloud-init's dict merger recurses into `chpasswd`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChpasswdLists {
+    users: Option<Vec<(String, String)>>,
+    list: Option<Vec<(String, String)>>,
+}
+
+impl ChpasswdLists {
+    /// A later part's `chpasswd:` onto what earlier parts gave: the part's whole mapping
+    /// under a replacing merge (the default) or when none came before; else a list the
+    /// earlier parts did not name is added, and one they did is kept, unless the merge
+    /// recurses into lists, which then appends (`list(append)`) or replaces.
+    fn merge(&mut self, part: ChpasswdLists, how: MergeHow, earlier: bool) {
+        if !earlier || how.replace {
+            *self = part;
+            return;
+        }
+        for (mine, theirs) in [(&mut self.users, part.users), (&mut self.list, part.list)] {
+            match (mine, theirs) {
+                (_, None) => {}
+                (mine @ None, theirs) => *mine = theirs,
+                (Some(mine), Some(theirs)) if how.recurse_array => {
+                    if !how.append {
+                        mine.clear();
+                    }
+                    mine.extend(theirs);
+                }
+                (Some(_), Some(_)) => {}
+            }
+        }
+    }
+
+    /// User name → hash; a later entry for the same user wins, `list` after `users` (the
+    /// order cloud-init's set-passwords hands them to `chpasswd -e`).
+    fn hashes(&self) -> BTreeMap<String, String> {
+        let entries = self.users.iter().chain(self.list.iter()).flatten();
+        entries.cloned().collect()
+    }
 }
 
 /// The keys whose value is a list taken whole from the first config that names them
@@ -150,6 +194,7 @@ impl CloudConfig {
         }
         if self.chpasswd.is_empty() {
             self.chpasswd = v.chpasswd;
+            self.chpasswd_lists = v.chpasswd_lists;
         }
         // The whole list, not a concatenation: cloud-init's merge keeps the first config's
         // `write_files` (user-data's, else vendor_data2.json's, else vendor-data's).
@@ -530,7 +575,10 @@ fn merge_cloud_config(
         // merged under `recurse_array`.
         let list_key = LIST_KEYS.contains(&key) || matches!(key, "bootcmd" | "runcmd");
         let earlier = !config.seen.insert(key.to_owned());
-        if earlier && !how.replace && !(list_key && how.recurse_array) {
+        // `chpasswd` and `ssh_keys` are mappings, which cloud-init's merge recurses into.
+        let mapping_key = matches!(key, "chpasswd" | "ssh_keys");
+        let recursed = mapping_key || (list_key && how.recurse_array);
+        if earlier && !how.replace && !recursed {
             continue;
         }
         let append = earlier && !how.replace && how.append;
@@ -580,9 +628,21 @@ fn merge_cloud_config(
             // The legacy pair belongs to the default user (`user:`), wherever the keys
             // stand: applied once the whole part is read. Proxmox writes a hash.
             "password" => config.password = Some(ctx.text(value, text)?),
-            "chpasswd" => ctx.chpasswd(value, &mut config.chpasswd, &mut config.warnings)?,
+            "chpasswd" => {
+                let part = ctx.chpasswd(value, &mut config.warnings)?;
+                config.chpasswd_lists.merge(part, how, earlier);
+                config.chpasswd = config.chpasswd_lists.hashes();
+            }
             "ssh_keys" => {
-                config.ssh_keys = ctx.string_map(value)?;
+                let keys = ctx.string_map(value)?;
+                if earlier && !how.replace {
+                    // Keys named before stay; new names are added.
+                    for (name, key) in keys {
+                        config.ssh_keys.entry(name).or_insert(key);
+                    }
+                } else {
+                    config.ssh_keys = keys;
+                }
                 for k in config.ssh_keys.keys() {
                     if !matches!(k.as_str(), "ed25519_private" | "ed25519_public") {
                         config.warnings.push(format!(
@@ -915,32 +975,36 @@ impl Ctx<'_> {
     fn chpasswd(
         &self,
         v: &Value,
-        out: &mut BTreeMap<String, String>,
         warnings: &mut Vec<String>,
-    ) -> Result<(), UserDataError> {
+    ) -> Result<ChpasswdLists, UserDataError> {
         let Value::Mapping(m) = v else {
             return Err(self.err(format!("expected a mapping, found {}", yaml::kind(v))));
         };
-        if let Some(Value::Sequence(users)) = m.get("users") {
-            for u in users {
+        let users = m.get("users").map(|users| {
+            let mut out = Vec::new();
+            for u in users.as_sequence().into_iter().flatten() {
                 let name = u.get("name").and_then(yaml::scalar_text);
                 let pw = u.get("password").and_then(yaml::scalar_text);
                 if let (Some(name), Some(pw)) = (name, pw) {
-                    self.hashed_only(&name, pw, out, warnings);
+                    self.hashed_only(&name, pw, &mut out, warnings);
                 }
             }
-        }
-        let list: Vec<String> = match m.get("list") {
-            Some(Value::String(s)) => s.lines().map(str::to_string).collect(),
-            Some(v) => yaml::string_list(v),
-            None => Vec::new(),
-        };
-        for line in list {
-            if let Some((name, pw)) = line.split_once(':') {
-                self.hashed_only(name.trim(), pw.trim().to_string(), out, warnings);
+            out
+        });
+        let list = m.get("list").map(|list| {
+            let lines: Vec<String> = match list {
+                Value::String(s) => s.lines().map(str::to_string).collect(),
+                v => yaml::string_list(v),
+            };
+            let mut out = Vec::new();
+            for line in lines {
+                if let Some((name, pw)) = line.split_once(':') {
+                    self.hashed_only(name.trim(), pw.trim().to_string(), &mut out, warnings);
+                }
             }
-        }
-        Ok(())
+            out
+        });
+        Ok(ChpasswdLists { users, list })
     }
 
     /// Clear-text and random passwords are refused: nixseed never stores a clear-text
@@ -949,11 +1013,11 @@ impl Ctx<'_> {
         &self,
         name: &str,
         pw: String,
-        out: &mut BTreeMap<String, String>,
+        out: &mut Vec<(String, String)>,
         warnings: &mut Vec<String>,
     ) {
         if pw.starts_with('$') {
-            out.insert(name.to_string(), pw);
+            out.push((name.to_string(), pw));
         } else {
             warnings.push(format!(
                 "{}: key 'chpasswd': clear-text or random password for '{name}' ignored; give a crypt hash",
@@ -1878,6 +1942,45 @@ hostname: {{ v1.local_hostname }}
             "{:?}",
             c.warnings
         );
+    }
+
+    /// `chpasswd` and `ssh_keys` are mappings, into which cloud-init 22.4's merge
+    /// recurses (each case checked against its CloudConfigPartHandler): the default
+    /// replaces the whole mapping; a keeping merge keeps what is there and adds the keys
+    /// that are new; `recurse_array` appends `chpasswd`'s list, or replaces it without
+    /// `list(append)`.
+    #[test]
+    fn chpasswd_and_ssh_keys_merge_as_mappings() {
+        let first = "#cloud-config\nchpasswd: {expire: false, list: ['root:$6$a$b']}\nssh_keys: {ed25519_public: OLD}\n";
+        let second = "#cloud-config\nchpasswd: {list: ['admin:$6$c$d']}\nssh_keys: {ed25519_private: P, ed25519_public: Q}\n";
+        let merged = |how: &str| {
+            let c = parse(mime(&[("", first), (how, second)]).as_bytes(), "user-data").unwrap();
+            let passwords = c.chpasswd.keys().cloned().collect::<Vec<_>>().join(" ");
+            let keys = c.ssh_keys.values().cloned().collect::<Vec<_>>().join(" ");
+            (passwords, keys)
+        };
+        let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+        assert_eq!(merged(""), pair("admin", "P Q"));
+        let keeping = merged("Merge-Type: list(append)+dict()+str()\n");
+        assert_eq!(keeping, pair("root", "P OLD"));
+        let appending = merged("Merge-Type: list(append)+dict(recurse_array)+str()\n");
+        assert_eq!(appending, pair("admin root", "P OLD"));
+        let replacing = merged("Merge-Type: list()+dict(recurse_array)+str()\n");
+        assert_eq!(replacing, pair("admin", "P OLD"));
+        // A list the earlier parts did not name is added by a keeping merge.
+        let c = parse(
+            mime(&[
+                (
+                    "",
+                    "#cloud-config\nchpasswd: {users: [{name: root, password: $6$a$b}]}\n",
+                ),
+                ("Merge-Type: list(append)+dict()+str()\n", second),
+            ])
+            .as_bytes(),
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.chpasswd.keys().collect::<Vec<_>>(), ["admin", "root"]);
     }
 
     #[test]
