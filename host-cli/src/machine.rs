@@ -340,6 +340,35 @@ impl Identity {
         })
     }
 
+    /// `hosts` lines for `127.0.1.1` (the address of the machine's own line, which the
+    /// seed makes from the hostname) that name neither the hostname nor its short form:
+    /// left from an earlier hostname, they would go on resolving that name to this machine.
+    pub fn stale_host_lines(&self) -> Vec<&str> {
+        let fqdn = self.fqdn();
+        let own = |n: &str| {
+            n == self.hostname || n == self.short_hostname() || Some(n) == fqdn.as_deref()
+        };
+        self.hosts
+            .iter()
+            .filter(|line| {
+                let mut words = line.split_whitespace();
+                words.next() == Some("127.0.1.1") && !words.any(own)
+            })
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// One warning on stderr per [`Identity::stale_host_lines`] line, for the commands
+    /// that hand the identity to the guest.
+    pub fn warn_stale_host_lines(&self) {
+        for line in self.stale_host_lines() {
+            eprintln!(
+                "seedctl: warning: machines/{}/hosts: `{line}` names an earlier hostname, not `{}`; the guest's /etc/hosts keeps it after its own 127.0.1.1 line until it is removed",
+                self.name, self.hostname
+            );
+        }
+    }
+
     /// The VM's NIC MAC: `52:54:00` (QEMU's locally administered prefix) and three bytes
     /// of sha256(product_uuid), so it is stable for the machine and differs between
     /// machines. The default network-config matches the NIC by it.

@@ -224,8 +224,6 @@ fn json_output_carries_the_identity() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["machine_id"], "0123456789abcdef0123456789abcdef");
     assert_eq!(v["hostname"], "db1.example.org");
-    let hosts = std::fs::read_to_string(s.machine("db1").join("hosts")).unwrap();
-    assert_eq!(hosts, "127.0.1.1 db1.example.org db1\n");
 }
 
 /// A leftover from an interrupted `new --force` does not block the next one, and a failed
@@ -352,9 +350,10 @@ fn force_keeps_a_symlinked_network_config() {
     s.ok(&["seed", "web1"]);
 }
 
-/// --hosts-line adds to the default line; --search is checked like --nameserver.
+/// --hosts-line lines are the hosts file (the machine's own line is made from the hostname
+/// when the seed is written); --search is checked like --nameserver.
 #[test]
-fn hosts_lines_add_to_the_default_and_search_is_checked() {
+fn hosts_lines_are_kept_and_search_is_checked() {
     let s = Scratch::new();
     s.ok(&[
         "new",
@@ -367,25 +366,10 @@ fn hosts_lines_add_to_the_default_and_search_is_checked() {
         "example.org corp.example",
     ]);
     let hosts = std::fs::read_to_string(s.machine("web1").join("hosts")).unwrap();
-    assert_eq!(
-        hosts,
-        "127.0.1.1 web1.example.org web1\n192.0.2.5 db1.example.org db1\n"
-    );
+    assert_eq!(hosts, "192.0.2.5 db1.example.org db1\n");
+    // No nameserver given: none written, and the guest keeps the image's resolver.
     let resolv = std::fs::read_to_string(s.machine("web1").join("resolv.conf")).unwrap();
-    assert!(
-        resolv.ends_with("search example.org corp.example\n"),
-        "{resolv}"
-    );
-    // A line that already places the machine's own name replaces the default line, which
-    // would come first and hide its FQDN from `hostname -f`.
-    s.ok(&[
-        "new",
-        "db2",
-        "--hosts-line",
-        "127.0.1.1 db2.example.org db2",
-    ]);
-    let hosts = std::fs::read_to_string(s.machine("db2").join("hosts")).unwrap();
-    assert_eq!(hosts, "127.0.1.1 db2.example.org db2\n");
+    assert_eq!(resolv, "search example.org corp.example\n");
     let err = s.fails(&["new", "db1", "--search", "example.org\nnameserver 6.6.6.6"]);
     assert!(err.contains("--search"), "{err}");
     let err = s.fails(&["new", "db1", "--hosts-line", "db1"]);

@@ -38,6 +38,51 @@ fn rendered_tree_carries_the_machine_identity() {
     assert!(std::fs::read_dir(t.join("network")).unwrap().count() >= 1);
 }
 
+/// The machine's own hosts line is made from its hostname when the seed is written, so an
+/// edit of machines/NAME/hostname is all a rename takes; a `127.0.1.1` line left in
+/// machines/NAME/hosts from an earlier name stays, with a warning naming it.
+#[test]
+fn the_own_hosts_line_follows_a_hostname_edit() {
+    let s = Scratch::new();
+    s.ok(&[
+        "new",
+        "web1",
+        "--hostname",
+        "e1.example.org",
+        "--hosts-line",
+        "192.0.2.5 db1",
+    ]);
+    let m = s.machine("web1");
+    assert_eq!(
+        std::fs::read_to_string(m.join("hosts")).unwrap(),
+        "192.0.2.5 db1\n"
+    );
+    std::fs::write(m.join("hostname"), "e2.example.org\n").unwrap();
+    s.ok(&["render", "web1", "--out", "tree"]);
+    assert_eq!(
+        std::fs::read_to_string(s.path().join("tree/hosts")).unwrap(),
+        "127.0.1.1 e2.example.org e2\n192.0.2.5 db1\n"
+    );
+    let seed = s.run(&["seed", "web1"]);
+    assert!(seed.status.success());
+    assert_eq!(String::from_utf8_lossy(&seed.stderr), "");
+    // What an earlier `seedctl new` wrote for the old name.
+    std::fs::write(
+        m.join("hosts"),
+        "127.0.1.1 e1.example.org e1\n192.0.2.5 db1\n",
+    )
+    .unwrap();
+    let seed = s.run(&["seed", "web1"]);
+    assert!(seed.status.success());
+    let warning = String::from_utf8_lossy(&seed.stderr);
+    assert!(
+        warning.contains(
+            "machines/web1/hosts: `127.0.1.1 e1.example.org e1` names an earlier hostname"
+        ),
+        "{warning}"
+    );
+}
+
 /// The default network-config must give the guest a working DHCP config whatever its NIC
 /// is called: the agent's own renderer, told the guest has `ens3` with the machine's MAC
 /// (the MAC `seedctl xml` gives the domain), writes `Name=ens3` and `MACAddress=`.

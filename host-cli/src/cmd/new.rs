@@ -43,13 +43,13 @@ pub struct NewArgs {
     /// UDP port or range to open (repeatable)
     #[arg(long = "udp-port", value_name = "P")]
     pub udp_ports: Vec<String>,
-    /// DNS server for resolv.conf (repeatable; default: the systemd-resolved stub)
+    /// DNS server for resolv.conf (repeatable; default: none, and the guest keeps the image's resolver, e.g. the systemd-resolved stub)
     #[arg(long = "nameserver", value_name = "IP")]
     pub nameservers: Vec<String>,
     /// DNS search domain for resolv.conf
     #[arg(long)]
     pub search: Option<String>,
-    /// Extra /etc/hosts line (repeatable), after `127.0.1.1 FQDN HOST` unless a line given names the machine or 127.0.1.1
+    /// Extra /etc/hosts line (repeatable); the guest's /etc/hosts has them after the `127.0.1.1 FQDN HOST` line made from the hostname
     #[arg(long = "hosts-line", value_name = "LINE")]
     pub hosts_lines: Vec<String>,
     /// Replace an existing identity: every identity file is written anew from these options and their defaults (new machine-id and host key); the product UUID (and so the MAC) and other files such as network-config stay
@@ -162,31 +162,16 @@ fn render_files(a: &NewArgs, product_uuid: Option<String>) -> Result<Vec<(&'stat
     for line in &a.hosts_lines {
         check_hosts_line(line).with_context(|| format!("--hosts-line `{line}`"))?;
     }
-    // The default line, unless a line given already says where the machine's own name
-    // (or 127.0.1.1) is: glibc takes the first line that names a host, so the default
-    // would hide an FQDN given that way.
-    let names_self = a.hosts_lines.iter().any(|l| {
-        let mut words = l.split_whitespace();
-        words.next() == Some("127.0.1.1") || words.any(|w| w == hostname || w == short)
-    });
-    let mut hosts = Vec::new();
-    if !names_self {
-        hosts.push(if short == hostname {
-            format!("127.0.1.1 {hostname}")
-        } else {
-            format!("127.0.1.1 {hostname} {short}")
-        });
-    }
-    hosts.extend(a.hosts_lines.iter().map(|l| l.trim().to_owned()));
-    // Without explicit servers the guest asks systemd-resolved, which learns the DHCP
-    // servers; a fixed list would hide them behind the bind-mounted resolv.conf.
+    // Only the lines given: the machine's own `127.0.1.1 FQDN HOST` line is made from the
+    // hostname when the seed is written (`manage_etc_hosts`), so it follows a later edit
+    // of machines/NAME/hostname.
+    let hosts: Vec<String> = a.hosts_lines.iter().map(|l| l.trim().to_owned()).collect();
+    // Without explicit servers the file names none, and the guest's /etc/resolv.conf is
+    // the image's own (the systemd-resolved stub, which learns the DHCP servers, or the
+    // image's static servers): only the image knows which resolver it runs.
     let mut resolv = String::new();
-    if a.nameservers.is_empty() {
-        resolv.push_str("nameserver 127.0.0.53\noptions edns0 trust-ad\n");
-    } else {
-        for ns in &a.nameservers {
-            resolv.push_str(&format!("nameserver {ns}\n"));
-        }
+    for ns in &a.nameservers {
+        resolv.push_str(&format!("nameserver {ns}\n"));
     }
     if let Some(s) = &a.search {
         let domains: Vec<&str> = s.split_whitespace().collect();

@@ -205,6 +205,7 @@ fn refresh_seed(paths: &Paths, id: &Identity, connect: Option<&str>) -> Result<(
 
 pub fn run(paths: &Paths, a: &PushArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.channel.name)?;
+    id.warn_stale_host_lines();
     let mut chan = a.channel.open(paths)?;
     let request = Message::Push {
         bundle: channel::bundle(&id)?,

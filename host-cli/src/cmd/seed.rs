@@ -104,6 +104,7 @@ pub fn write(id: &Identity, format: SeedFormat, out: &std::path::Path) -> Result
 
 pub fn run(paths: &Paths, a: &SeedArgs) -> Result<Report> {
     let id = Identity::load(paths, &a.name)?;
+    id.warn_stale_host_lines();
     if a.connect.is_some() && a.format != SeedFormat::Iso {
         anyhow::bail!(
             "machine `{}`: --connect gives the seed ISO to the domain's cdrom; a vfat seed has none to go to",
