@@ -59,20 +59,22 @@ pub fn write_output(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
             refuse_disk(&target)?;
             write_atomic(&target, bytes, mode)
         }
-        Err(_) => write_atomic(&target, bytes, mode),
+        Err(_) => {
+            refuse_machine_disk_name(&target)?;
+            write_atomic(&target, bytes, mode)
+        }
     }
 }
 
 /// The first bytes of every qcow2 image.
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
 
-/// Refuses an existing `file` that is a disk: any qcow2 image (by its magic), and a
-/// machine's own disks and UEFI variables (`boot.qcow2`, `var.qcow2`, `OVMF_VARS.fd` in a
-/// directory that holds a `state.json`, which every machine's state directory does).
+const KEEP_DISK: &str = "seedctl does not write its output over a disk; name another file, or remove this one first if it is really not needed";
+
+/// Refuses an existing `file` that is a disk: any qcow2 image (by its magic), and
+/// [`refuse_machine_disk_name`].
 fn refuse_disk(file: &Path) -> Result<()> {
-    use crate::state::{BOOT_DISK, OVMF_VARS, STATE_FILE, VAR_DISK};
     use std::io::Read;
-    let keep = "seedctl does not write its output over a disk; name another file, or remove this one first if it is really not needed";
     let mut head = Vec::with_capacity(QCOW2_MAGIC.len());
     fs::File::open(file)
         .and_then(|f| f.take(QCOW2_MAGIC.len() as u64).read_to_end(&mut head))
@@ -84,10 +86,19 @@ fn refuse_disk(file: &Path) -> Result<()> {
         })?;
     if head == QCOW2_MAGIC {
         anyhow::bail!(
-            "{} is a qcow2 disk image (it starts with the qcow2 magic); {keep}",
+            "{} is a qcow2 disk image (it starts with the qcow2 magic); {KEEP_DISK}",
             file.display()
         );
     }
+    refuse_machine_disk_name(file)
+}
+
+/// Refuses the name of a machine's own disk or UEFI variables (`boot.qcow2`, `var.qcow2`,
+/// `OVMF_VARS.fd` in a directory that holds a `state.json`, which every machine's state
+/// directory does), whether the file is there yet or not: the machine's next start takes
+/// whatever is found under that name.
+fn refuse_machine_disk_name(file: &Path) -> Result<()> {
+    use crate::state::{BOOT_DISK, OVMF_VARS, STATE_FILE, VAR_DISK};
     let dir = file
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -101,7 +112,7 @@ fn refuse_disk(file: &Path) -> Result<()> {
             .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_default();
         anyhow::bail!(
-            "{} is a disk of machine `{machine}` ({name} in its state directory {}); {keep}",
+            "{} is a disk of machine `{machine}` ({name} in its state directory {}); {KEEP_DISK}",
             file.display(),
             dir.display()
         );

@@ -17,10 +17,11 @@ use crate::nocloud::{self, SeedFiles};
 
 pub const GENERATION_FILE: &str = "seed_generation";
 
-/// Where the signing key is looked for.
+/// Where the signing key is looked for; `None` when `SEEDCTL_SIGNING_KEY` is set empty
+/// (seeds unsigned on purpose) or there is no home to look in.
 pub fn key_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SEEDCTL_SIGNING_KEY") {
-        return Some(PathBuf::from(p));
+        return (!p.is_empty()).then(|| PathBuf::from(p));
     }
     let config = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
@@ -29,8 +30,12 @@ pub fn key_path() -> Option<PathBuf> {
 }
 
 fn load_key(path: &Path) -> Result<PrivateKey> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the signing key {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read the signing key {} (SEEDCTL_SIGNING_KEY, or the default path); make it with `seedctl keygen`, or set SEEDCTL_SIGNING_KEY empty to write unsigned seeds",
+            path.display()
+        )
+    })?;
     // The key parser's error repeats its cause in its own text: its message only.
     PrivateKey::from_openssh(&text).map_err(|e| {
         anyhow::anyhow!(
@@ -43,7 +48,10 @@ fn load_key(path: &Path) -> Result<PrivateKey> {
 /// The machine's seed files, signed when a signing key exists.
 pub fn seed_files(id: &Identity) -> Result<SeedFiles> {
     let mut files = nocloud::seed_files(id);
-    let Some(path) = key_path().filter(|p| p.exists()) else {
+    // A key named in SEEDCTL_SIGNING_KEY must be there: a seed left unsigned by a typo
+    // would be refused by every guest that trusts the key.
+    let named = std::env::var_os("SEEDCTL_SIGNING_KEY").is_some();
+    let Some(path) = key_path().filter(|p| named || p.exists()) else {
         return Ok(files);
     };
     let key = load_key(&path)?;

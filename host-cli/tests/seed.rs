@@ -441,6 +441,17 @@ fn output_is_never_written_over_a_disk() {
             assert_eq!(inode(&s.path().join(out)), before, "{cmd:?} replaced {out}");
         }
     }
+    // The names are the machine's even before the files exist: its next start would
+    // take whatever is found there.
+    std::fs::remove_file(sd.join("OVMF_VARS.fd")).unwrap();
+    for cmd in [
+        &["seed", "web1", "-o", ".seedctl/web1/OVMF_VARS.fd"][..],
+        &["xml", "web1", "-o", ".seedctl/web1/OVMF_VARS.fd"],
+    ] {
+        let err = s.fails(cmd);
+        assert!(err.contains("disk of machine `web1`"), "{cmd:?}: {err}");
+        assert!(!sd.join("OVMF_VARS.fd").exists(), "{cmd:?} wrote it");
+    }
     let head = std::fs::read(sd.join("var.qcow2")).unwrap();
     assert!(
         head.starts_with(b"QFI\xfb"),

@@ -40,6 +40,19 @@ fn signed_seed_verifies_with_ssh_keygen_and_counts_generations() {
     );
 
     s.ok(&["new", "web1"]);
+    // A key named but missing is an error, not an unsigned seed that guests trusting
+    // the key would refuse.
+    let missing = s
+        .cmd(&["seed", "web1", "-o", "unsigned.iso"])
+        .env("SEEDCTL_SIGNING_KEY", s.path().join("keys/none"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && err.contains("keys/none"),
+        "{err}"
+    );
+    assert!(!s.path().join("unsigned.iso").exists());
     let seed = |iso: &str| {
         let o = s
             .cmd(&["seed", "web1", "-o", iso])
@@ -89,10 +102,10 @@ fn signed_seed_verifies_with_ssh_keygen_and_counts_generations() {
         serde_json::from_slice(&std::fs::read(ex.join("nixseed-manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["generation"], 2);
 
-    // Without a key, seeds are unsigned.
+    // Signing turned off (SEEDCTL_SIGNING_KEY empty): seeds are unsigned.
     let o = s
         .cmd(&["seed", "web1", "-o", "d.iso"])
-        .env("SEEDCTL_SIGNING_KEY", s.path().join("none"))
+        .env("SEEDCTL_SIGNING_KEY", "")
         .output()
         .unwrap();
     assert!(o.status.success());

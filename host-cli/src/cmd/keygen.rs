@@ -30,7 +30,7 @@ pub fn run(a: &KeygenArgs) -> Result<Report> {
         .output
         .clone()
         .or_else(signing::key_path)
-        .context("no HOME or XDG_CONFIG_HOME to put the signing key in; pass -o FILE")?;
+        .context("no place for the signing key (SEEDCTL_SIGNING_KEY is empty, or there is no HOME or XDG_CONFIG_HOME); pass -o FILE")?;
     let public = signing::keygen(&out, a.force)?;
     Ok(Report::new(
         format!(
