@@ -1076,6 +1076,85 @@ fn every_mount_is_listed_trimmed_and_frozen_like_qemu_ga() {
     drop(mounts);
 }
 
+/// A mount point whose name is not UTF-8 (a tmpfs here) hides no other mount: the loop
+/// mount beside it is listed and frozen as qemu-ga lists and freezes it, where reading
+/// mountinfo as text once made the freeze report 0 with nothing frozen.
+#[test]
+fn a_mount_point_that_is_not_utf8_hides_no_other_mount() {
+    use std::os::unix::ffi::OsStrExt;
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_string_lossy().into_owned();
+    let mut mounts = Mounts::default();
+    let img = dir.path().join("a.img");
+    ext4_image(&img);
+    let mnt = dir.path().join("mnt");
+    let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+    mounts.mount(&["-o", "loop"], &img, &mnt);
+    mounts.mount(&["-t", "tmpfs"], Path::new("none"), &odd);
+    let m = mnt.to_string_lossy().into_owned();
+    let theirs = same_as_qemu_ga(&[], |p| {
+        let mut fsinfo = p.call(&String::from_utf8(cmd("guest-get-fsinfo")).unwrap());
+        if let Some(Value::Array(l)) = fsinfo.get_mut("return") {
+            l.retain(|f| f["mountpoint"].as_str().unwrap_or("").starts_with(&root));
+        }
+        mask_at(&mut fsinfo, &["return", "*", "used-bytes"]);
+        mask_at(&mut fsinfo, &["return", "*", "total-bytes"]);
+        let freeze = serde_json::json!({"execute": "guest-fsfreeze-freeze-list", "arguments": {"mountpoints": [&m]}});
+        vec![
+            fsinfo,
+            p.call(&freeze.to_string()),
+            p.call(&String::from_utf8(cmd("guest-fsfreeze-thaw")).unwrap()),
+        ]
+    });
+    assert_eq!(theirs[0]["return"][0]["mountpoint"], m.as_str());
+    assert_eq!(theirs[1]["return"], 1, "qemu-ga freezes the loop mount");
+    assert_eq!(theirs[2]["return"], 1);
+    drop(mounts);
+}
+
+/// A link with no link-layer address (a tun device, as WireGuard and Tailscale make)
+/// carries `hardware-address` all zeros, as qemu-ga's SIOCGIFHWADDR gives it.
+#[test]
+fn a_tun_device_has_a_zero_hardware_address_like_qemu_ga() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    struct Tun(&'static str);
+    impl Drop for Tun {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", self.0]).status();
+        }
+    }
+    let ip = |args: &[&str]| {
+        let ok = Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip {args:?} failed (iproute2, as root)");
+    };
+    let tun = Tun("nxsdtun0");
+    ip(&["tuntap", "add", "dev", tun.0, "mode", "tun"]);
+    ip(&["addr", "add", "198.51.100.7/32", "dev", tun.0]);
+    let theirs = same_as_qemu_ga(&[], |p| {
+        let all = p.call(&String::from_utf8(cmd("guest-network-get-interfaces")).unwrap());
+        let mut mine = all["return"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["name"] == tun.0)
+            .cloned()
+            .collect::<Vec<_>>();
+        for i in &mut mine {
+            mask_at(i, &["statistics"]);
+        }
+        vec![Value::Array(mine)]
+    });
+    assert_eq!(theirs[0][0]["hardware-address"], "00:00:00:00:00:00");
+    assert_eq!(
+        theirs[0][0]["ip-addresses"][0]["ip-address"],
+        "198.51.100.7"
+    );
+}
+
 /// guest-file-open of a named pipe: with no reader, opening it for writing fails at once
 /// (both open with `O_NONBLOCK`); with no writer, opening it for reading succeeds at once.
 /// Modes are qemu-ga's names only.

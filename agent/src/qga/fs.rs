@@ -151,7 +151,7 @@ pub fn get_fsinfo(_: &mut Agent, args: Args) -> CmdResult {
         fs.insert("name".into(), kname.clone().into());
         fs.insert("mountpoint".into(), m.mountpoint.clone().into());
         fs.insert("type".into(), m.fstype.clone().into());
-        if let Ok(st) = nix::sys::statvfs::statvfs(m.mountpoint.as_str()) {
+        if let Ok(st) = nix::sys::statvfs::statvfs(m.path.as_path()) {
             let fr = st.fragment_size();
             let used = st.blocks().saturating_sub(st.blocks_free());
             fs.insert("used-bytes".into(), (used * fr).into());
@@ -230,7 +230,7 @@ pub fn fstrim(_: &mut Agent, mut args: Args) -> CmdResult {
     for m in block_mounts().into_iter().rev() {
         let mut r = Map::new();
         r.insert("path".into(), m.mountpoint.clone().into());
-        match fitrim(&m.mountpoint, minimum) {
+        match fitrim(&m.path, minimum) {
             Ok((trimmed, used_minimum)) => {
                 r.insert("trimmed".into(), trimmed.into());
                 r.insert("minimum".into(), used_minimum.into());

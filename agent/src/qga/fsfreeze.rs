@@ -61,7 +61,7 @@ use ioctl::{freeze_fd, thaw_fd};
 
 /// Opens a mountpoint for an ioctl. Non-blocking and without a controlling terminal: the
 /// mountpoint of a bind-mounted file can be a named pipe or a terminal.
-fn open_mountpoint(path: &str) -> Result<std::fs::File, Errno> {
+fn open_mountpoint(path: &Path) -> Result<std::fs::File, Errno> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
@@ -73,7 +73,7 @@ fn open_mountpoint(path: &str) -> Result<std::fs::File, Errno> {
 /// Discards unused blocks of the filesystem mounted at `path`; returns bytes trimmed and
 /// the minimum extent the kernel used, which qemu-ga reports as `minimum`, or the text
 /// qemu-ga gives for the path's `error`.
-pub fn fitrim(path: &str, minimum: u64) -> Result<(u64, u64), String> {
+pub fn fitrim(path: &Path, minimum: u64) -> Result<(u64, u64), String> {
     let f = open_mountpoint(path).map_err(|e| trim_error(TrimStep::Open, e))?;
     ioctl::fitrim_fd(&f, minimum).map_err(|e| trim_error(TrimStep::Trim, e))
 }
@@ -102,7 +102,8 @@ pub fn marker(state_dir: &Path) -> PathBuf {
 /// Every mount of a block device, in mount order: as qemu-ga lists them, one entry per
 /// mount, so a bind mount or a second btrfs subvolume of a device is an entry of its own.
 pub fn block_mounts() -> Vec<Mount> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // Bytes: a mount point that is not UTF-8 must not hide every mount.
+    let text = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
     mountinfo(&text)
         .into_iter()
         .filter_map(on_block_device)
@@ -255,7 +256,7 @@ fn do_freeze(agent: &mut Agent, only: Option<Vec<String>>) -> CmdResult {
     let mut frozen = 0i64;
     // Submounts first: freezing a parent first could block reaching its children.
     for m in mounts.iter().rev() {
-        let f = match open_mountpoint(&m.mountpoint) {
+        let f = match open_mountpoint(&m.path) {
             Ok(f) => f,
             Err(e) => {
                 let err = QgaError::generic(format!(
@@ -302,7 +303,7 @@ pub fn thaw(agent: &mut Agent, args: Args) -> CmdResult {
 pub fn thaw_all(agent: &mut Agent) -> Result<i64, QgaError> {
     let mut thawed = 0i64;
     for m in block_mounts() {
-        let Ok(f) = open_mountpoint(&m.mountpoint) else {
+        let Ok(f) = open_mountpoint(&m.path) else {
             continue;
         };
         let mut once = false;

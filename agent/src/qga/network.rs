@@ -24,8 +24,9 @@ pub fn get_interfaces(_: &mut Agent, args: Args) -> CmdResult {
     args.finish()?;
     let addrs = getifaddrs()
         .map_err(|e| QgaError::generic(format!("getifaddrs failed: {}", errno_text(e))))?;
-    let stats = std::fs::read_to_string("/proc/net/dev")
-        .map(|t| proc_net_dev(&t))
+    // Bytes: an interface name that is not UTF-8 must not drop every one's statistics.
+    let stats = std::fs::read("/proc/net/dev")
+        .map(|t| proc_net_dev(&String::from_utf8_lossy(&t)))
         .unwrap_or_default();
     let mut order: Vec<String> = Vec::new();
     let mut ifaces: std::collections::HashMap<String, Map<String, Value>> = Default::default();
@@ -37,12 +38,18 @@ pub fn get_interfaces(_: &mut Agent, args: Args) -> CmdResult {
             m.insert("name".into(), Value::String(name.clone()));
             m
         });
+        // A link with no link-layer address (tun, WireGuard) comes with no address at all
+        // (or an empty one, below) and reads as zeros, as qemu-ga's SIOCGIFHWADDR gives it.
         let Some(addr) = a.address.as_ref() else {
+            entry
+                .entry("hardware-address")
+                .or_insert_with(|| Value::String("00:00:00:00:00:00".into()));
             continue;
         };
         match addr.family() {
             Some(AddressFamily::Packet) => {
-                if let Some(mac) = addr.as_link_addr().and_then(|l| l.addr()) {
+                if let Some(link) = addr.as_link_addr() {
+                    let mac = link.addr().unwrap_or([0; 6]);
                     let text = mac
                         .iter()
                         .map(|b| format!("{b:02x}"))

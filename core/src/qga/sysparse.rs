@@ -268,7 +268,10 @@ pub fn proc_net_ipv6_route(text: &str) -> Vec<Route> {
 pub struct Mount {
     pub major: u32,
     pub minor: u32,
+    /// The mount point as text for answers (a byte that is not UTF-8 shown as U+FFFD).
     pub mountpoint: String,
+    /// The mount point byte for byte, to open.
+    pub path: std::path::PathBuf,
     pub fstype: String,
     pub source: String,
 }
@@ -276,7 +279,11 @@ pub struct Mount {
 /// Undoes the kernel's `\ooo` escapes in /proc/self/mountinfo and /proc/mounts fields.
 /// Only escapes that fit a byte (`\000`..`\377`) are decoded; anything else is kept as is.
 pub fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
+    String::from_utf8_lossy(&unescape_octal_bytes(s.as_bytes())).into_owned()
+}
+
+/// [`unescape_octal`] on bytes, giving bytes: a path that is not UTF-8 stays openable.
+pub fn unescape_octal_bytes(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -292,31 +299,38 @@ pub fn unescape_octal(s: &str) -> String {
             i += 1;
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
-pub fn mountinfo(text: &str) -> Vec<Mount> {
+pub fn mountinfo(text: &[u8]) -> Vec<Mount> {
+    use std::os::unix::ffi::OsStringExt;
     let mut out = Vec::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
+    for line in text.split(|b| *b == b'\n') {
+        let f: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == b"-") else {
             continue;
         };
         if f.len() < sep + 3 || sep < 5 {
             continue;
         }
-        let Some((maj, min)) = f[2].split_once(':') else {
+        let text = |field: &[u8]| String::from_utf8_lossy(field).into_owned();
+        let Some((maj, min)) = text(f[2])
+            .split_once(':')
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        else {
             continue;
         };
         let (Ok(major), Ok(minor)) = (maj.parse(), min.parse()) else {
             continue;
         };
+        let path = unescape_octal_bytes(f[4]);
         out.push(Mount {
             major,
             minor,
-            mountpoint: unescape_octal(f[4]),
-            fstype: f[sep + 1].to_string(),
-            source: unescape_octal(f[sep + 2]),
+            mountpoint: text(&path),
+            path: std::ffi::OsString::from_vec(path).into(),
+            fstype: text(f[sep + 1]),
+            source: text(&unescape_octal_bytes(f[sep + 2])),
         });
     }
     out
@@ -486,11 +500,15 @@ mod tests {
     #[test]
     fn mountinfo_fields() {
         let m = mountinfo(
-            "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n42 27 7:0 / /mnt/a\\040b rw - ext4 /dev/loop0 rw\n",
+            b"27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n42 27 7:0 / /mnt/a\\040b rw - ext4 /dev/loop0 rw\n43 27 7:1 / /mnt/caf\xe9 rw - ext4 /dev/loop1 rw\n",
         );
         assert_eq!(m[0].major, 254);
         assert_eq!(m[1].mountpoint, "/mnt/a b");
         assert_eq!(m[1].fstype, "ext4");
+        // A mount point that is not UTF-8 neither hides the others nor loses its bytes.
+        use std::os::unix::ffi::OsStrExt;
+        assert_eq!(m[2].path.as_os_str().as_bytes(), b"/mnt/caf\xe9");
+        assert_eq!(m[2].mountpoint, "/mnt/caf\u{fffd}");
     }
 
     #[test]
