@@ -74,10 +74,50 @@ fn dev_numbers(kname: &str) -> Option<(u32, u32)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
-/// The address libvirt needs for one whole disk, or None for disks not on a bus we
-/// can name (loop, ram, ...).
-fn disk_address(disk: &str) -> Option<Value> {
-    let sys = sys_block(disk)?;
+/// The index of the `ataN` port on the path among its controller's ports (`ata*` beside
+/// it, in number order): qemu-ga's IDE bus and SATA unit.
+fn ata_port_index(comps: &[&str]) -> Option<u32> {
+    let number = |c: &str| c.strip_prefix("ata").and_then(|n| n.parse::<u32>().ok());
+    let at = comps.iter().position(|c| number(c).is_some())?;
+    let port = number(comps[at])?;
+    let controller = comps[..at].join("/");
+    let mut ports: Vec<u32> = std::fs::read_dir(controller)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| number(&e.file_name().to_string_lossy()))
+        .collect();
+    ports.sort_unstable();
+    ports
+        .iter()
+        .position(|p| *p == port)
+        .and_then(|i| u32::try_from(i).ok())
+}
+
+/// Bus type, bus, target and unit from the controller's driver, the SCSI address
+/// (host:channel:target:lun) and the place of the device's `ataN` port among its
+/// controller's ports.
+fn bus_address(driver: &str, hctl: Option<[u32; 4]>, port: u32) -> (&'static str, u32, u32, u32) {
+    match (driver, hctl) {
+        ("virtio-pci", None) => ("virtio", 0, 0, 0),
+        ("virtio-pci", Some(h)) => ("scsi", 0, 0, h[3]),
+        ("sym53c8xx", Some(h)) => ("scsi", 0, 0, h[2]),
+        ("ata_piix", Some(h)) => ("ide", port, 0, h[2]),
+        ("ahci", Some(_)) => ("sata", 0, 0, port),
+        ("nvme", _) => ("nvme", 0, 0, 0),
+        ("xhci_hcd" | "ehci-pci" | "uhci_hcd", _) => ("usb", 0, 0, 0),
+        (_, Some(h)) => ("scsi", h[1], h[2], h[3]),
+        _ => ("unknown", 0, 0, 0),
+    }
+}
+
+/// The address libvirt needs for the block device `kname` (a disk, or a partition of one,
+/// which `dev` then names, as qemu-ga names the device the filesystem is on), or None for
+/// devices not on a bus we can name (loop, ram, ...). Bus, target and unit are read from
+/// the sysfs path as qemu-ga reads them for each controller: IDE's bus and SATA's unit
+/// from the port's place among the controller's `ataN` ports, LSI's unit from the SCSI
+/// target, virtio-scsi's from the LUN.
+fn disk_address(kname: &str) -> Option<Value> {
+    let sys = sys_block(kname)?;
     let path = sys.to_string_lossy().into_owned();
     let comps: Vec<&str> = path.split('/').collect();
     let pci_idx = comps.iter().rposition(|c| parse_pci(c).is_some())?;
@@ -88,16 +128,8 @@ fn disk_address(disk: &str) -> Option<Value> {
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_default();
     let hctl = comps.iter().rev().find_map(|c| parse_hctl(c));
-    let (bus_type, bus, target, unit) = match (driver.as_str(), hctl) {
-        ("virtio-pci", None) => ("virtio", 0, 0, 0),
-        ("virtio-pci", Some(h)) => ("scsi", h[1], h[2], h[3]),
-        ("ata_piix", Some(h)) => ("ide", h[0] % 2, 0, h[2]),
-        ("ahci", Some(h)) => ("sata", h[0], 0, h[2]),
-        ("nvme", _) => ("nvme", 0, 0, 0),
-        ("xhci_hcd" | "ehci-pci" | "uhci_hcd", _) => ("usb", 0, 0, 0),
-        (_, Some(h)) => ("scsi", h[1], h[2], h[3]),
-        _ => ("unknown", 0, 0, 0),
-    };
+    let port = ata_port_index(&comps).unwrap_or(0);
+    let (bus_type, bus, target, unit) = bus_address(&driver, hctl, port);
     let mut m = Map::new();
     m.insert(
         "pci-controller".into(),
@@ -107,8 +139,9 @@ fn disk_address(disk: &str) -> Option<Value> {
     m.insert("bus".into(), bus.into());
     m.insert("target".into(), target.into());
     m.insert("unit".into(), unit.into());
-    m.insert("dev".into(), format!("/dev/{disk}").into());
-    let serial = dev_numbers(disk)
+    m.insert("dev".into(), format!("/dev/{kname}").into());
+    let disk = disk_of(kname);
+    let serial = dev_numbers(kname)
         .and_then(|(a, b)| udev_property(a, b, "ID_SERIAL"))
         .or_else(|| {
             std::fs::read_to_string(format!("/sys/class/block/{disk}/serial"))
@@ -125,12 +158,12 @@ fn disk_address(disk: &str) -> Option<Value> {
     Some(Value::Object(m))
 }
 
-/// Addresses of every physical disk under `kname` (through dm/md slaves).
+/// Addresses of every physical device under `kname`: the device itself, or through
+/// device-mapper and md slaves (each slave a disk or a partition) the devices it is made of.
 fn disk_addresses(kname: &str, depth: u32, out: &mut Vec<Value>) {
-    let disk = disk_of(kname);
-    let s = slaves(&disk);
+    let s = slaves(kname);
     if s.is_empty() || depth > 8 {
-        out.extend(disk_address(&disk));
+        out.extend(disk_address(kname));
     } else {
         for slave in s {
             disk_addresses(&slave, depth + 1, out);
@@ -242,4 +275,48 @@ pub fn fstrim(_: &mut Agent, mut args: Args) -> CmdResult {
         paths.push(Value::Object(r));
     }
     Ok(Some(json!({ "paths": paths })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What qemu-ga 7.2 answers for each controller, run against a sysfs tree made for
+    /// each case: a SATA disk on the controller's fourth port (`ata4/host3`, ports
+    /// ata1..ata6) is unit 3; an IDE disk on the second channel (`ata2`) is bus 1 whatever
+    /// SCSI host number it got; an LSI disk's unit is its SCSI target; virtio-scsi's its LUN.
+    #[test]
+    fn bus_addresses_are_read_as_qemu_ga_reads_them() {
+        assert_eq!(
+            bus_address("ahci", Some([3, 0, 0, 0]), 3),
+            ("sata", 0, 0, 3)
+        );
+        assert_eq!(
+            bus_address("ata_piix", Some([7, 0, 1, 0]), 1),
+            ("ide", 1, 0, 1)
+        );
+        assert_eq!(
+            bus_address("sym53c8xx", Some([2, 0, 3, 0]), 0),
+            ("scsi", 0, 0, 3)
+        );
+        assert_eq!(
+            bus_address("virtio-pci", Some([0, 0, 0, 2]), 0),
+            ("scsi", 0, 0, 2)
+        );
+        assert_eq!(bus_address("virtio-pci", None, 0), ("virtio", 0, 0, 0));
+    }
+
+    /// The port's place among the controller's ports, in number order (not readdir's).
+    #[test]
+    fn the_ata_port_index_counts_the_controllers_ports_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let controller = dir.path().join("0000:00:1f.2");
+        for n in [10, 4, 1, 6] {
+            std::fs::create_dir_all(controller.join(format!("ata{n}"))).unwrap();
+        }
+        let path = controller.join("ata6/host5/target5:0:0/5:0:0:0/block/sdc");
+        let text = path.to_string_lossy();
+        let comps: Vec<&str> = text.split('/').collect();
+        assert_eq!(ata_port_index(&comps), Some(2));
+    }
 }
