@@ -580,6 +580,39 @@ mod tests {
         Seed::from_nocloud(&files, "nocloud:test", None).unwrap()
     }
 
+    /// A libvirt domain named `my_vm` (virt-install's local-hostname) or `hostname:
+    /// Web_01` names no hostname systemd takes: the name is dropped with a warning that
+    /// names the file and the rest of the seed applies; an FQDN's trailing dot is taken
+    /// off; a name that is a path still refuses the seed.
+    #[test]
+    fn a_hostname_systemd_would_not_take_is_dropped_and_the_rest_applies() {
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA0 a@b";
+        let s = seed(
+            "instance-id: i\nlocal-hostname: my_vm\n",
+            &format!("#cloud-config\nssh_authorized_keys: ['{key}']\n"),
+        );
+        assert!(
+            s.warnings.iter().any(|w| w.contains(
+                "nocloud:test/meta-data: key 'local-hostname': \"my_vm\" is not a hostname"
+            )),
+            "{:?}",
+            s.warnings
+        );
+        let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+        assert_eq!(t[HOSTNAME].bytes, b"");
+        assert!(String::from_utf8_lossy(&t[ADMIN_KEYS].bytes).contains(key));
+        let s = seed(
+            "instance-id: i\n",
+            "#cloud-config\nhostname: Web_01\nfqdn: web1.example.com.\nmanage_etc_hosts: true\n",
+        );
+        let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+        assert_eq!(t[HOSTNAME].bytes, b"web1\n");
+        assert_eq!(t[HOSTS].bytes, b"127.0.1.1 web1.example.com web1\n");
+        let s = seed("instance-id: i\n", "#cloud-config\nhostname: ../../etc\n");
+        let e = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap_err();
+        assert!(e.to_string().contains("not a valid hostname"), "{e}");
+    }
+
     /// A vendor snippet (Proxmox's `cicustom: vendor=...`) gives `ssh_pwauth` and
     /// `chpasswd` where user-data does not; user-data's own value wins.
     #[test]
@@ -847,11 +880,11 @@ mod tests {
 
     #[test]
     fn a_bad_local_hostname_is_named_as_meta_data() {
-        let s = seed("instance-id: a\nlocal-hostname: bad_name\n", "");
+        let s = seed("instance-id: a\nlocal-hostname: bad/name\n", "");
         let e = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap_err();
         assert!(
             e.to_string()
-                .starts_with("nocloud:test/meta-data: key 'local-hostname': \"bad_name\""),
+                .starts_with("nocloud:test/meta-data: key 'local-hostname': \"bad/name\""),
             "{e}"
         );
     }

@@ -165,7 +165,7 @@ impl Seed {
         if let Some(v) = &vendor {
             warnings.extend(v.warnings.iter().cloned());
         }
-        Ok(Seed {
+        let mut seed = Seed {
             source: source.to_string(),
             instance_id: meta.instance_id,
             local_hostname: meta.local_hostname,
@@ -178,7 +178,9 @@ impl Seed {
             digest: files.digest(),
             files: files.clone(),
             warnings,
-        })
+        };
+        seed.settle_hostnames();
+        Ok(seed)
     }
 
     /// A ConfigDrive2 seed, with file names relative to `openstack/`
@@ -251,7 +253,7 @@ impl Seed {
             (None, None) => None,
         };
         let network_from_eni = files.get(NETWORK_DATA).is_none() && network.is_some();
-        Ok(Seed {
+        let mut seed = Seed {
             source: source.to_string(),
             instance_id: meta.instance_id,
             local_hostname: meta.hostname,
@@ -264,7 +266,9 @@ impl Seed {
             digest: files.digest(),
             files: files.clone(),
             warnings,
-        })
+        };
+        seed.settle_hostnames();
+        Ok(seed)
     }
 
     /// A seed from systemd credentials (`system.hostname`, `system.machine_id`,
@@ -357,6 +361,43 @@ impl Seed {
     /// Its meta-data file, named for messages.
     pub fn meta_origin(&self) -> String {
         self.file_origin("meta-data", "latest/meta_data.json")
+    }
+
+    /// Hostnames cloud-init would set but systemd would not take from `/etc/hostname`
+    /// (an `_`, as in a libvirt domain named `my_vm`) are dropped with a warning, so that
+    /// the rest of the seed (keys, network) still applies and the machine keeps the name
+    /// it has; a trailing dot (the DNS root) is taken off. A name that is no hostname at
+    /// all (a path, spaces, control characters) stays, and composing refuses the seed.
+    fn settle_hostnames(&mut self) {
+        let (meta, user) = (self.meta_origin(), self.user_origin());
+        let vendor = self.file_origin("vendor-data", VENDOR_DATA);
+        let mut warnings = Vec::new();
+        let mut settle = |name: &mut Option<String>, origin: &str, key: &str| {
+            if let Some(n) = name.as_mut()
+                && n.len() > 1
+                && n.ends_with('.')
+            {
+                n.pop();
+            }
+            let Some(n) = name.as_deref() else { return };
+            let hostname_like = n
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if hostname_like && crate::identity::check_hostname(n).is_err() {
+                warnings.push(format!(
+                    "{origin}: key '{key}': {n:?} is not a hostname systemd accepts (letters, digits and '-' in dot-separated labels of 1-63 characters); ignored, and the machine keeps the name it has"
+                ));
+                *name = None;
+            }
+        };
+        settle(&mut self.local_hostname, &meta, "local-hostname");
+        settle(&mut self.user.hostname, &user, "hostname");
+        settle(&mut self.user.fqdn, &user, "fqdn");
+        if let Some(v) = self.vendor.as_mut() {
+            settle(&mut v.hostname, &vendor, "hostname");
+            settle(&mut v.fqdn, &vendor, "fqdn");
+        }
+        self.warnings.extend(warnings);
     }
 
     /// Its user-data file, named for messages.

@@ -592,12 +592,12 @@ fn merge_cloud_config(
             "manage_etc_hosts" => {
                 config.manage_etc_hosts = Some(match value {
                     Value::String(s) if s == "localhost" || s == "template" => true,
-                    v => ctx.boolean(v)?,
+                    v => ctx.boolean(v),
                 })
             }
-            "preserve_hostname" => config.preserve_hostname = Some(ctx.boolean(value)?),
+            "preserve_hostname" => config.preserve_hostname = Some(ctx.boolean(value)),
             "prefer_fqdn_over_hostname" => {
-                config.prefer_fqdn_over_hostname = Some(ctx.boolean(value)?)
+                config.prefer_fqdn_over_hostname = Some(ctx.boolean(value))
             }
             "ssh_authorized_keys" => {
                 replace_or_append(&mut config.ssh_authorized_keys, ctx.keys(value)?, append)
@@ -657,11 +657,18 @@ fn merge_cloud_config(
                     ));
                 }
             }
+            // cloud-init's set-passwords: is_true → yes, is_false → no, anything else
+            // leaves sshd's setting as it is (with a warning unless it says `unchanged`).
             "ssh_pwauth" => {
-                config.ssh_pwauth = Some(match value {
-                    Value::String(s) if s == "unchanged" => continue,
-                    v => ctx.boolean(v)?,
-                })
+                config.ssh_pwauth = yaml::cloud_truth(value);
+                let unchanged = matches!(value, Value::Null)
+                    || matches!(value, Value::String(s) if s.eq_ignore_ascii_case("unchanged"));
+                if config.ssh_pwauth.is_none() && !unchanged {
+                    config.warnings.push(format!(
+                        "{origin}: key 'ssh_pwauth': {} not understood (true, false or unchanged); sshd's PasswordAuthentication is left as it is, as cloud-init leaves it",
+                        yaml::scalar_text(value).map_or_else(|| yaml::kind(value).to_string(), |t| format!("{t:?}"))
+                    ));
+                }
             }
             // A later part's list replaces an earlier one's, as for `users`.
             "write_files" => {
@@ -674,7 +681,7 @@ fn merge_cloud_config(
             "merge_how" | "merge_type" => {}
             "timezone" => config.timezone = Some(ctx.scalar(value)?),
             "resolv_conf" => config.resolv_conf = Some(ctx.resolv_conf(value)?),
-            "manage_resolv_conf" => config.manage_resolv_conf = Some(ctx.boolean(value)?),
+            "manage_resolv_conf" => config.manage_resolv_conf = Some(ctx.boolean(value)),
             "nixseed" => config.nixseed = ctx.nixseed(value)?,
             // A later part that does not say `enabled` leaves an earlier part's word, as
             // cloud-init merges the mappings.
@@ -790,9 +797,11 @@ impl Ctx<'_> {
             .ok_or_else(|| self.err(format!("expected a string, found {}", yaml::kind(v))))
     }
 
-    fn boolean(&self, v: &Value) -> Result<bool, UserDataError> {
-        yaml::bool11(v)
-            .ok_or_else(|| self.err(format!("expected a boolean, found {}", yaml::kind(v))))
+    /// A switch as cloud-init's `get_cfg_option_bool` reads it (`translate_bool`): on
+    /// only for `true`, `1`, `on` or `yes` in any case; anything else is off, as there,
+    /// rather than a refused seed.
+    fn boolean(&self, v: &Value) -> bool {
+        yaml::cloud_truth(v) == Some(true)
     }
 
     /// `vendor_data: {enabled: ...}` as cloud-init reads it: `enabled` counts as true only
@@ -1941,6 +1950,35 @@ hostname: {{ v1.local_hostname }}
                 .any(|w| w.contains("names no dict merger")),
             "{:?}",
             c.warnings
+        );
+    }
+
+    /// Switches read as cloud-init reads them (its `is_true`/`is_false`, checked with
+    /// 22.4): a number or an odd case is no reason to refuse the seed; an `ssh_pwauth`
+    /// it does not understand leaves sshd as it is, with a warning.
+    #[test]
+    fn switches_are_read_as_cloud_init_reads_them() {
+        let c =
+            |text: &str| parse(format!("#cloud-config\n{text}").as_bytes(), "user-data").unwrap();
+        assert_eq!(c("ssh_pwauth: 1\n").ssh_pwauth, Some(true));
+        assert_eq!(c("ssh_pwauth: 'no'\n").ssh_pwauth, Some(false));
+        let unchanged = c("ssh_pwauth: Unchanged\n");
+        assert_eq!((unchanged.ssh_pwauth, unchanged.warnings.len()), (None, 0));
+        let odd = c("ssh_pwauth: n\n");
+        assert_eq!(odd.ssh_pwauth, None);
+        assert!(
+            odd.warnings[0].contains("'ssh_pwauth': \"n\" not understood"),
+            "{:?}",
+            odd.warnings
+        );
+        assert_eq!(c("preserve_hostname: 0\n").preserve_hostname, Some(false));
+        assert_eq!(
+            c("preserve_hostname: 'YES'\n").preserve_hostname,
+            Some(true)
+        );
+        assert_eq!(
+            c("prefer_fqdn_over_hostname: maybe\n").prefer_fqdn_over_hostname,
+            Some(false)
         );
     }
 

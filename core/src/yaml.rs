@@ -433,19 +433,32 @@ pub fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// YAML 1.1 booleans as PyYAML reads them: yes/no/on/off/true/false/y/n in any of the
-/// usual cases. A real boolean passes through. Anything else is `None`.
+/// YAML 1.1 booleans as PyYAML reads them: yes/no/on/off/true/false in the three cases
+/// its resolver knows (PyYAML leaves `y` and `n` strings). A real boolean passes through.
+/// Anything else is `None`.
 pub fn bool11(v: &Value) -> Option<bool> {
     match v {
         Value::Bool(b) => Some(*b),
         Value::String(s) => match s.as_str() {
-            "yes" | "Yes" | "YES" | "on" | "On" | "ON" | "true" | "True" | "TRUE" | "y" | "Y" => {
-                Some(true)
-            }
-            "no" | "No" | "NO" | "off" | "Off" | "OFF" | "false" | "False" | "FALSE" | "n"
-            | "N" => Some(false),
+            "yes" | "Yes" | "YES" | "on" | "On" | "ON" | "true" | "True" | "TRUE" => Some(true),
+            "no" | "No" | "NO" | "off" | "Off" | "OFF" | "false" | "False" | "FALSE" => Some(false),
             _ => None,
         },
+        _ => None,
+    }
+}
+
+/// cloud-init's `is_true` / `is_false` (and `translate_bool`'s true side): a boolean as
+/// it is, else the value's text, trimmed and in any case, among `true 1 on yes` or
+/// `false 0 off no`; `None` for anything else (a list, `maybe`, `2`).
+pub fn cloud_truth(v: &Value) -> Option<bool> {
+    if let Value::Bool(b) = v {
+        return Some(*b);
+    }
+    let text = scalar_text(v)?.trim().to_ascii_lowercase();
+    match text.as_str() {
+        "true" | "1" | "on" | "yes" => Some(true),
+        "false" | "0" | "off" | "no" => Some(false),
         _ => None,
     }
 }
@@ -601,13 +614,40 @@ mod tests {
         assert_eq!(binary(&v[1][0]), Some(Ok(b"hi".to_vec())));
     }
 
+    /// As cloud-init 22.4's `util.is_true` / `is_false` read values (checked with it).
+    #[test]
+    fn cloud_truth_reads_values_as_cloud_init_does() {
+        let m = parse_mapping(
+            "a: 1\nb: 0\nc: ' Yes '\nd: Unchanged\ne: n\nf: [1]\ng: OFF\n",
+            "t",
+        )
+        .unwrap();
+        let got: Vec<Option<bool>> = ["a", "b", "c", "d", "e", "f", "g"]
+            .iter()
+            .map(|k| cloud_truth(&m[*k]))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                Some(true),
+                Some(false),
+                Some(true),
+                None,
+                None,
+                None,
+                Some(false)
+            ]
+        );
+    }
+
     #[test]
     fn yaml11_booleans_are_accepted() {
-        let m = parse_mapping("a: no\nb: On\nc: False\nd: maybe\n", "t").unwrap();
+        let m = parse_mapping("a: no\nb: On\nc: False\nd: maybe\ne: y\n", "t").unwrap();
         assert_eq!(bool11(&m["a"]), Some(false));
         assert_eq!(bool11(&m["b"]), Some(true));
         assert_eq!(bool11(&m["c"]), Some(false));
         assert_eq!(bool11(&m["d"]), None);
+        assert_eq!(bool11(&m["e"]), None, "PyYAML reads `y` as a string");
     }
 
     #[test]
