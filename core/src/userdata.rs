@@ -610,8 +610,13 @@ fn merge_cloud_config(
                     let default = config.default_user.clone();
                     config.users.retain(|u| Some(&u.name) == default.as_ref());
                 }
-                for u in ctx.users(value, &mut config.warnings)? {
-                    upsert_user(&mut config.users, u, false);
+                let users = ctx.users(value, &mut config.warnings)?;
+                upsert_users(&mut config.users, users);
+                if config.users.len() > MAX_USERS {
+                    return Err(ctx.err(format!(
+                        "{} accounts with the parts before; at most {MAX_USERS} are read",
+                        config.users.len()
+                    )));
                 }
             }
             "user" => {
@@ -759,19 +764,43 @@ pub fn apply_legacy_password(
 
 fn upsert_user(users: &mut Vec<User>, user: User, front: bool) {
     if let Some(existing) = users.iter_mut().find(|u| u.name == user.name) {
-        if existing.passwd.is_none() {
-            existing.passwd = user.passwd;
-        }
-        existing
-            .ssh_authorized_keys
-            .extend(user.ssh_authorized_keys);
-        existing.groups.extend(user.groups);
+        merge_into(existing, user);
         return;
     }
     if front {
         users.insert(0, user);
     } else {
         users.push(user);
+    }
+}
+
+/// A later entry for a user named before adds to it (keys, groups, a password not set).
+fn merge_into(existing: &mut User, user: User) {
+    if existing.passwd.is_none() {
+        existing.passwd = user.passwd;
+    }
+    existing
+        .ssh_authorized_keys
+        .extend(user.ssh_authorized_keys);
+    existing.groups.extend(user.groups);
+}
+
+/// [`upsert_user`] for many at once, looking names up by a map rather than the list, so
+/// that a long list costs its length and not its square.
+fn upsert_users(users: &mut Vec<User>, new: Vec<User>) {
+    let mut at: std::collections::HashMap<String, usize> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.name.clone(), i))
+        .collect();
+    for user in new {
+        match at.get(&user.name) {
+            Some(&i) => merge_into(&mut users[i], user),
+            None => {
+                at.insert(user.name.clone(), users.len());
+                users.push(user);
+            }
+        }
     }
 }
 
@@ -903,6 +932,12 @@ impl Ctx<'_> {
                 )));
             }
         };
+        if items.len() > MAX_USERS {
+            return Err(self.err(format!(
+                "{} entries; at most {MAX_USERS} accounts are read",
+                items.len()
+            )));
+        }
         let mut users = Vec::new();
         for item in &items {
             let user = match item {
@@ -912,9 +947,11 @@ impl Ctx<'_> {
                     ..User::default()
                 },
             };
-            upsert_user(&mut users, user, false);
+            users.push(user);
         }
-        Ok(users)
+        let mut merged = Vec::new();
+        upsert_users(&mut merged, users);
+        Ok(merged)
     }
 
     fn user(&self, m: &Mapping, warnings: &mut Vec<String>) -> Result<User, UserDataError> {
@@ -1274,6 +1311,10 @@ pub fn is_within(path: &str, dir: &str) -> bool {
 /// directories) on `/var`, so a seed of many tiny entries must not use up its inodes.
 pub const MAX_WRITE_FILES: usize = 1024;
 
+/// `users:` entries a document may name (and all its parts together): more would only
+/// stall the boot composing accounts no machine has.
+pub const MAX_USERS: usize = 1024;
+
 /// How many path components the `write_files` entries of one document may have together:
 /// each may be a directory to make, and 1,024 paths of 2,000 components each would make
 /// two million.
@@ -1289,6 +1330,21 @@ pub const IDENTITY_DIR: &str = "/var/identity";
 /// which a seed may do only through `runcmd`, and only when the operator opted in.
 pub const WRITE_FILES_REFUSED: &[&str] = &[
     "/run/systemd",
+    // systemd-shutdown runs /run/initramfs/shutdown as PID 1 at power-off.
+    "/run/initramfs",
+    // systemd-sysext and -confext merge images found here.
+    "/run/extensions",
+    "/run/confexts",
+    "/var/lib/extensions",
+    "/var/lib/confexts",
+    // sudo's timestamps (a forged one skips the password) and users' runtime
+    // directories (user units).
+    "/run/sudo",
+    "/var/run/sudo",
+    "/run/user",
+    "/var/lib/polkit-1",
+    "/var/spool/at",
+    "/var/spool/atjobs",
     "/run/udev",
     "/run/tmpfiles.d",
     "/run/sysctl.d",
@@ -1519,6 +1575,12 @@ hostname: {{ v1.local_hostname }}
             "/var/lib/systemd/linger/root",
             "/var/spool/cron/crontabs/root",
             "/run/polkit-1/rules.d/00-x.rules",
+            "/run/initramfs/shutdown",
+            "/run/extensions/x.raw",
+            "/var/lib/extensions/x.raw",
+            "/run/sudo/ts/root",
+            "/run/user/0/systemd/user/x.service",
+            "/var/spool/atjobs/a0001",
         ] {
             let err = check_write_path(bad).unwrap_err();
             assert!(err.contains("runcmd"), "{bad}: {err}");
@@ -1950,6 +2012,35 @@ hostname: {{ v1.local_hostname }}
                 .any(|w| w.contains("names no dict merger")),
             "{:?}",
             c.warnings
+        );
+    }
+
+    /// A document naming more accounts than any machine has is refused with the file
+    /// and key named, and a long list is read in its length's time (each name looked up
+    /// once), not its square's.
+    #[test]
+    fn users_are_bounded_and_read_in_linear_time() {
+        let many = |n: usize| {
+            let names: Vec<String> = (0..n).map(|i| format!("u{i}")).collect();
+            format!("#cloud-config\nusers: [{}]\n", names.join(", "))
+        };
+        let c = parse(many(MAX_USERS).as_bytes(), "user-data").unwrap();
+        assert_eq!(c.users.len(), MAX_USERS);
+        let e = parse(many(MAX_USERS + 1).as_bytes(), "user-data").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("user-data: key 'users': 1025 entries"),
+            "{e}"
+        );
+        let twice = parse(
+            b"#cloud-config\nusers: [{name: a, groups: x}, b, {name: a, groups: y}]\n",
+            "user-data",
+        )
+        .unwrap();
+        let a = &twice.users[0];
+        assert_eq!(
+            (twice.users.len(), a.groups.clone()),
+            (2, vec!["x".to_owned(), "y".to_owned()])
         );
     }
 
