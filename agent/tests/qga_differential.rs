@@ -736,6 +736,35 @@ fn exec_output_matches_qemu_ga() {
     assert_eq!(theirs[4]["return"]["out-truncated"], true);
 }
 
+/// A file the kernel cannot execute (a script with no `#!` line, as `qm guest exec` may
+/// be handed) runs through /bin/sh, and one that is not there fails with glib's text,
+/// both as in qemu-ga.
+#[test]
+fn exec_falls_back_to_sh_and_fails_in_qemu_gas_words() {
+    use std::os::unix::fs::PermissionsExt;
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("plain-script");
+    std::fs::write(&script, "echo from-sh \"$1\"\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = script.to_string_lossy().into_owned();
+    let theirs = same_as_qemu_ga(EXEC, |p| {
+        let missing = serde_json::json!({"execute": "guest-exec", "arguments": {"path": "/nonexistent/tool"}});
+        vec![
+            exec_status(p, exec(p, &script, &["arg1"])),
+            p.call(&missing.to_string()),
+        ]
+    });
+    assert_eq!(
+        theirs[0]["return"]["out-data"], "ZnJvbS1zaCBhcmcxCg==",
+        "from-sh arg1"
+    );
+    assert_eq!(
+        theirs[1]["error"]["desc"],
+        "Guest agent command failed, error was 'Failed to execute child process \u{201c}/nonexistent/tool\u{201d} (No such file or directory)'"
+    );
+}
+
 /// `yes` with its output captured: the agent's memory stays near the 16 MiB cap
 /// (before the cap it grew by gigabytes), and other requests are still answered.
 #[test]

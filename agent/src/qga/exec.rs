@@ -95,26 +95,38 @@ pub fn exec(agent: &mut Agent, mut args: Args) -> CmdResult {
     let capture = args.opt_bool("capture-output")?.unwrap_or(false);
     args.finish()?;
     let input = input.map(|b64| base64::decode(&b64)).transpose()?;
-    let mut cmd = Command::new(&path);
-    cmd.args(&argv);
-    if let Some(env) = env {
-        cmd.env_clear();
-        for kv in env {
-            if let Some((k, v)) = kv.split_once('=') {
-                cmd.env(k, v);
+    let command = |program: &str, first: Option<&str>| {
+        let mut cmd = Command::new(program);
+        cmd.args(first).args(&argv);
+        if let Some(env) = &env {
+            cmd.env_clear();
+            for kv in env {
+                if let Some((k, v)) = kv.split_once('=') {
+                    cmd.env(k, v);
+                }
             }
         }
-    }
-    cmd.stdin(if input.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    let out = if capture { Stdio::piped } else { Stdio::null };
-    cmd.stdout(out()).stderr(out());
-    let mut child = cmd.spawn().map_err(|e| {
+        cmd.stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        let out = if capture { Stdio::piped } else { Stdio::null };
+        cmd.stdout(out()).stderr(out());
+        cmd
+    };
+    // A file the kernel cannot execute (a script without `#!`) runs through /bin/sh, as
+    // glib's spawn (and so qemu-ga) runs it; the error text is glib's too.
+    let spawned = match command(&path, None).spawn() {
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOEXEC) => {
+            command("/bin/sh", Some(&path)).spawn()
+        }
+        other => other,
+    };
+    let mut child = spawned.map_err(|e| {
+        let why = super::errno_text(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)));
         QgaError::generic(format!(
-            "Guest agent command failed, error was '{path}: {e}'"
+            "Guest agent command failed, error was 'Failed to execute child process \u{201c}{path}\u{201d} ({why})'"
         ))
     })?;
     let id = child.id();
