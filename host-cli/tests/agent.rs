@@ -72,6 +72,13 @@ fn commands_against_real_qemu_ga() {
     );
     let info = agent(&s, &ga.sock, &["info"]);
     assert!(info["return"]["version"].as_str().unwrap().contains('.'));
+    // Without --json: the version, then the commands, the disabled ones marked.
+    let text = s.ok(&agent_args(&ga.sock, &["info"]));
+    assert!(
+        text.starts_with("agent version ") && text.contains("\ncommands:\n  guest-"),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l == "  guest-ping"), "{text}");
     assert!(
         info["return"]["supported_commands"]
             .as_array()

@@ -121,7 +121,11 @@ impl Agent {
         let value = match framed {
             Ok(v) => v,
             Err(error) => {
-                tracing::warn!("failed to parse request: {}", error.desc);
+                if nixseed_core::qga::framer::is_resync(&error) {
+                    tracing::debug!("parser reset by the host (0xFF)");
+                } else {
+                    tracing::warn!("failed to parse request: {}", error.desc);
+                }
                 return Some(Reply::Error { error, id: None });
             }
         };

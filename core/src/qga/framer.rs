@@ -312,6 +312,13 @@ impl Framer {
     }
 }
 
+/// The error a lone byte that is not UTF-8 gives: what the 0xFF a client sends to reset
+/// the parser before `guest-sync-delimited` turns into (answered, as qemu-ga answers it,
+/// but no cause for a warning in the guest's log).
+pub fn is_resync(e: &QgaError) -> bool {
+    e.desc == "JSON parse error, stray '\u{FFFD}'"
+}
+
 fn stray(text: &[u8]) -> QgaError {
     // The message is a C string in qemu-ga: it ends at the first NUL byte.
     let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
@@ -634,6 +641,10 @@ mod tests {
                 "ok {\"execute\":\"guest-sync\"}"
             ]
         );
+        // Told apart from other garbage, which the agent logs as a warning.
+        assert!(matches!(&out[0], Err(e) if is_resync(e)));
+        let garbage = run(&[b"}"]);
+        assert!(matches!(&garbage[0], Err(e) if !is_resync(e)));
     }
 
     #[test]

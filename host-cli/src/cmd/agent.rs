@@ -144,7 +144,24 @@ fn human(c: &AgentCommand, v: &Value) -> String {
         (AgentCommand::Hostname, v) => v["host-name"].as_str().unwrap_or_default().to_owned(),
         (AgentCommand::Time, v) => v.to_string(),
         (AgentCommand::Info, v) => {
-            format!("agent version {}", v["version"].as_str().unwrap_or("?"))
+            let commands = v["supported_commands"].as_array().map(|list| {
+                list.iter()
+                    .filter_map(|c| {
+                        let name = c["name"].as_str()?;
+                        Some(if c["enabled"] == Value::Bool(false) {
+                            format!("  {name} (disabled)")
+                        } else {
+                            format!("  {name}")
+                        })
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+            format!(
+                "agent version {}\ncommands:\n{}",
+                v["version"].as_str().unwrap_or("?"),
+                commands.unwrap_or_default()
+            )
         }
         (AgentCommand::Shutdown { .. }, _) => "shutdown requested".into(),
         (_, v) => serde_json::to_string_pretty(v).unwrap_or_default(),

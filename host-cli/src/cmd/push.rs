@@ -36,7 +36,7 @@ fn seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
         _ => Err(format!(
-            "'{s}' is not a number of seconds between 0 and 86400"
+            "'{s}' is not a number of seconds above 0 and at most 86400 (fractions allowed)"
         )),
     }
 }

@@ -51,8 +51,13 @@ pub struct RunArgs {
     /// initramfs for --kernel
     #[arg(long, value_name = "FILE", requires = "kernel")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line for --kernel
-    #[arg(long, value_name = "CMDLINE", requires = "kernel")]
+    /// Kernel command line for --kernel (also spelt --cmdline, as for `xml` and `define`)
+    #[arg(
+        long,
+        visible_alias = "cmdline",
+        value_name = "CMDLINE",
+        requires = "kernel"
+    )]
     pub append: Option<String>,
     /// Memory in MiB (at least 64)
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..))]

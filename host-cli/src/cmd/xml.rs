@@ -50,8 +50,13 @@ pub struct DomainArgs {
     /// initramfs for --kernel
     #[arg(long, value_name = "FILE", requires = "kernel")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line for --kernel
-    #[arg(long, value_name = "CMDLINE", requires = "kernel")]
+    /// Kernel command line for --kernel (also spelt --append, as for `run`)
+    #[arg(
+        long,
+        visible_alias = "append",
+        value_name = "CMDLINE",
+        requires = "kernel"
+    )]
     pub cmdline: Option<String>,
     #[command(flatten)]
     pub firmware: crate::firmware::FirmwareArgs,
