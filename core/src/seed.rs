@@ -365,8 +365,8 @@ impl Seed {
 
     /// Hostnames cloud-init would set but systemd would not take from `/etc/hostname`
     /// (an `_`, as in a libvirt domain named `my_vm`) are dropped with a warning, so that
-    /// the rest of the seed (keys, network) still applies and the machine keeps the name
-    /// it has; a trailing dot (the DNS root) is taken off. A name that is no hostname at
+    /// the rest of the seed (keys, network) still applies and the name comes from the
+    /// seed's next source, else stays as it is; a trailing dot (the DNS root) is taken off. A name that is no hostname at
     /// all (a path, spaces, control characters) stays, and composing refuses the seed.
     fn settle_hostnames(&mut self) {
         let (meta, user) = (self.meta_origin(), self.user_origin());
@@ -385,7 +385,7 @@ impl Seed {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
             if hostname_like && crate::identity::check_hostname(n).is_err() {
                 warnings.push(format!(
-                    "{origin}: key '{key}': {n:?} is not a hostname systemd accepts (letters, digits and '-' in dot-separated labels of 1-63 characters); ignored, and the machine keeps the name it has"
+                    "{origin}: key '{key}': {n:?} is not a hostname systemd accepts (letters, digits and '-' in dot-separated labels of 1-63 characters); ignored: the seed's next name (vendor-data's, then meta-data's local-hostname) is used if it gives one, else the machine keeps the name it has"
                 ));
                 *name = None;
             }

@@ -134,7 +134,7 @@ impl ChpasswdLists {
     /// A later part's `chpasswd:` onto what earlier parts gave: the part's whole mapping
     /// under a replacing merge (the default) or when none came before; else a list the
     /// earlier parts did not name is added, and one they did is kept, unless the merge
-    /// recurses into lists, which then appends (`list(append)`) or replaces.
+    /// recurses into lists, which the list merger then merges ([`merge_list`]).
     fn merge(&mut self, part: ChpasswdLists, how: MergeHow, earlier: bool) {
         if !earlier || how.replace {
             *self = part;
@@ -145,10 +145,7 @@ impl ChpasswdLists {
                 (_, None) => {}
                 (mine @ None, theirs) => *mine = theirs,
                 (Some(mine), Some(theirs)) if how.recurse_array => {
-                    if !how.append {
-                        mine.clear();
-                    }
-                    mine.extend(theirs);
+                    merge_list(mine, theirs, Some(how.list));
                 }
                 (Some(_), Some(_)) => {}
             }
@@ -202,7 +199,12 @@ impl CloudConfig {
             self.write_files = v.write_files;
         }
         self.given.extend(v.given);
-        self.ssh_pwauth = self.ssh_pwauth.or(v.ssh_pwauth);
+        // User-data's word wins even when it leaves sshd alone (`unchanged`, or a value
+        // cloud-init does not understand): only a config that does not name the key
+        // takes vendor-data's.
+        if !self.seen.contains("ssh_pwauth") {
+            self.ssh_pwauth = v.ssh_pwauth;
+        }
         self.resolv_conf = self.resolv_conf.or(v.resolv_conf);
         self.timezone = self.timezone.or(v.timezone);
         self
@@ -324,14 +326,6 @@ enum Part {
     Ignored(String),
 }
 
-/// A later part's list in place of the one before it, or after it when the part appends.
-fn replace_or_append<T>(list: &mut Vec<T>, later: Vec<T>, append: bool) {
-    if !append {
-        list.clear();
-    }
-    list.extend(later);
-}
-
 /// How a cloud-config part merges into what the parts before it gave, from its
 /// `Merge-Type`/`X-Merge-Type` header or its own `merge_how`/`merge_type` key, in
 /// cloud-init's spelling (`list(append)+dict(recurse_array)+str()`, or a list of
@@ -345,7 +339,20 @@ struct MergeHow {
     dict: bool,
     replace: bool,
     recurse_array: bool,
-    append: bool,
+    list: ListMethod,
+}
+
+/// cloud-init's list merger (`list(...)`): what a later list does to one given before,
+/// when the dict merger hands it the two (`recurse_array`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ListMethod {
+    /// `list()` / `list(replace)`: the later list's items replace the earlier's at the
+    /// same places; the earlier list's length stays.
+    ByIndex,
+    Append,
+    Prepend,
+    /// `list(no_replace)`: the earlier list stays.
+    Keep,
 }
 
 impl MergeHow {
@@ -353,7 +360,7 @@ impl MergeHow {
         dict: true,
         replace: true,
         recurse_array: false,
-        append: false,
+        list: ListMethod::ByIndex,
     };
 
     /// `None`: `how` names no merger this reads (then the default applies).
@@ -385,12 +392,48 @@ impl MergeHow {
         }
         let opts = |name: &str| mergers.iter().find(|(n, _)| n == name).map(|(_, o)| o);
         let has = |name: &str, opt: &str| opts(name).is_some_and(|o| o.iter().any(|x| x == opt));
+        // The first of these the list merger is given wins, in cloud-init's order.
+        let list = [
+            ("append", ListMethod::Append),
+            ("prepend", ListMethod::Prepend),
+            ("replace", ListMethod::ByIndex),
+            ("no_replace", ListMethod::Keep),
+        ]
+        .into_iter()
+        .find(|(opt, _)| has("list", opt))
+        .map_or(ListMethod::ByIndex, |(_, m)| m);
         Some(MergeHow {
             dict: opts("dict").is_some(),
             replace: has("dict", "replace"),
             recurse_array: has("dict", "recurse_array") || has("dict", "recurse_list"),
-            append: has("list", "append"),
+            list,
         })
+    }
+
+    /// What a list key of a part does to the same key given before (`earlier`): the
+    /// dict merger replaces the value whole when the key is new or the dict merger
+    /// replaces; otherwise (the key reached here only under `recurse_array`) the list
+    /// merger decides.
+    fn list_merge(&self, earlier: bool) -> Option<ListMethod> {
+        (earlier && !self.replace).then_some(self.list)
+    }
+}
+
+/// A later list onto an earlier one: `None` replaces it whole (see [`MergeHow::list_merge`]).
+fn merge_list<T>(list: &mut Vec<T>, later: Vec<T>, method: Option<ListMethod>) {
+    match method {
+        None => *list = later,
+        Some(ListMethod::Append) => list.extend(later),
+        Some(ListMethod::Prepend) => {
+            let earlier = std::mem::replace(list, later);
+            list.extend(earlier);
+        }
+        Some(ListMethod::ByIndex) => {
+            for (old, new) in list.iter_mut().zip(later) {
+                *old = new;
+            }
+        }
+        Some(ListMethod::Keep) => {}
     }
 }
 
@@ -581,7 +624,16 @@ fn merge_cloud_config(
         if earlier && !how.replace && !recursed {
             continue;
         }
-        let append = earlier && !how.replace && how.append;
+        // cloud-init's dict merger keeps the earlier value when the later one is no
+        // mapping to recurse into.
+        if earlier && !how.replace && mapping_key && !value.is_mapping() {
+            config.warnings.push(format!(
+                "{origin}: key '{key}' is {}, not a mapping: the earlier parts' value is kept, as cloud-init's merge keeps it",
+                yaml::kind(value)
+            ));
+            continue;
+        }
+        let list_merge = how.list_merge(earlier);
         let ctx = Ctx { origin, key };
         if let Some(list) = LIST_KEYS.iter().find(|k| **k == key) {
             config.given.insert(list);
@@ -591,7 +643,9 @@ fn merge_cloud_config(
             "fqdn" => config.fqdn = Some(ctx.text(value, text)?),
             "manage_etc_hosts" => {
                 config.manage_etc_hosts = Some(match value {
-                    Value::String(s) if s == "localhost" || s == "template" => true,
+                    Value::String(s) if s == "localhost" || s.eq_ignore_ascii_case("template") => {
+                        true
+                    }
                     v => ctx.boolean(v),
                 })
             }
@@ -599,18 +653,25 @@ fn merge_cloud_config(
             "prefer_fqdn_over_hostname" => {
                 config.prefer_fqdn_over_hostname = Some(ctx.boolean(value))
             }
-            "ssh_authorized_keys" => {
-                replace_or_append(&mut config.ssh_authorized_keys, ctx.keys(value)?, append)
-            }
+            "ssh_authorized_keys" => merge_list(
+                &mut config.ssh_authorized_keys,
+                ctx.keys(value)?,
+                list_merge,
+            ),
             "users" => {
                 // A later part's list replaces an earlier one's (cloud-init's default
-                // merge) unless the part appends lists; the default user from `user:`
-                // stays.
-                if !append {
-                    let default = config.default_user.clone();
-                    config.users.retain(|u| Some(&u.name) == default.as_ref());
-                }
+                // merge) unless the part appends or prepends lists (an account given
+                // twice is one account, so both add) or keeps them; the default user from
+                // `user:` stays. A merge by index is taken as a replacing one.
                 let users = ctx.users(value, &mut config.warnings)?;
+                match list_merge {
+                    Some(ListMethod::Keep) => continue,
+                    Some(ListMethod::Append | ListMethod::Prepend) => {}
+                    None | Some(ListMethod::ByIndex) => {
+                        let default = config.default_user.clone();
+                        config.users.retain(|u| Some(&u.name) == default.as_ref());
+                    }
+                }
                 upsert_users(&mut config.users, users);
                 if config.users.len() > MAX_USERS {
                     return Err(ctx.err(format!(
@@ -678,10 +739,10 @@ fn merge_cloud_config(
             // A later part's list replaces an earlier one's, as for `users`.
             "write_files" => {
                 let files = ctx.write_files(value, &mut config.warnings)?;
-                replace_or_append(&mut config.write_files, files, append)
+                merge_list(&mut config.write_files, files, list_merge)
             }
-            "bootcmd" => replace_or_append(&mut config.bootcmd, ctx.commands(value)?, append),
-            "runcmd" => replace_or_append(&mut config.runcmd, ctx.commands(value)?, append),
+            "bootcmd" => merge_list(&mut config.bootcmd, ctx.commands(value)?, list_merge),
+            "runcmd" => merge_list(&mut config.runcmd, ctx.commands(value)?, list_merge),
             // Read above, for the lists of this part.
             "merge_how" | "merge_type" => {}
             "timezone" => config.timezone = Some(ctx.scalar(value)?),
@@ -2015,11 +2076,67 @@ hostname: {{ v1.local_hostname }}
         );
     }
 
-    /// A document naming more accounts than any machine has is refused with the file
-    /// and key named, and a long list is read in its length's time (each name looked up
-    /// once), not its square's.
+    /// cloud-init's list merger under `recurse_array` (each case checked against 22.4's
+    /// CloudConfigPartHandler): `list()` replaces item by item and keeps the earlier
+    /// list's length, `prepend` puts the part's items first, `no_replace` keeps the
+    /// earlier list; the same inside `chpasswd`; a later `chpasswd: ~` leaves the earlier.
     #[test]
-    fn users_are_bounded_and_read_in_linear_time() {
+    fn lists_merge_as_cloud_inits_list_merger() {
+        let a = "#cloud-config\nruncmd: [a, b]\nchpasswd: {list: ['root:$6$a$b', 'bob:$6$c$d']}\n";
+        let b = "#cloud-config\nruncmd: [c]\nchpasswd: {list: ['admin:$6$e$f']}\n";
+        let merged = |how: &str, later: &str| {
+            let header = format!("Merge-Type: {how}+dict(recurse_array)+str()\n");
+            let c = parse(mime(&[("", a), (&header, later)]).as_bytes(), "user-data").unwrap();
+            let names = c.chpasswd.keys().cloned().collect::<Vec<_>>().join(" ");
+            (c.runcmd.join(" "), names, c.warnings)
+        };
+        let pair = |r: &str, n: &str| (r.to_owned(), n.to_owned());
+        let strip = |(r, n, _): (String, String, Vec<String>)| (r, n);
+        assert_eq!(strip(merged("list()", b)), pair("c b", "admin bob"));
+        assert_eq!(
+            strip(merged("list(prepend)", b)),
+            pair("c a b", "admin bob root")
+        );
+        assert_eq!(
+            strip(merged("list(no_replace)", b)),
+            pair("a b", "bob root")
+        );
+        assert_eq!(
+            strip(merged("list(append)", b)),
+            pair("a b c", "admin bob root")
+        );
+        let (runcmd, names, warnings) =
+            merged("list()", "#cloud-config\nruncmd: [c, d, e]\nchpasswd: ~\n");
+        assert_eq!(pair(&runcmd, &names), pair("c d", "bob root"));
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("key 'chpasswd' is null, not a mapping")),
+            "{warnings:?}"
+        );
+    }
+
+    /// User-data's `ssh_pwauth: unchanged` wins over vendor-data's `true`, as in
+    /// cloud-init's merge; `manage_etc_hosts: Template` is on, as `translate_bool` with
+    /// its `template` addon reads it.
+    #[test]
+    fn user_datas_unchanged_ssh_pwauth_wins_and_template_is_any_case() {
+        let user = parse(
+            b"#cloud-config\nssh_pwauth: unchanged\nmanage_etc_hosts: Template\n",
+            "user-data",
+        )
+        .unwrap();
+        let vendor = parse(b"#cloud-config\nssh_pwauth: true\n", "vendor-data").unwrap();
+        let c = user.over(vendor.clone());
+        assert_eq!((c.ssh_pwauth, c.manage_etc_hosts), (None, Some(true)));
+        let silent = parse(b"#cloud-config\nhostname: a\n", "user-data").unwrap();
+        assert_eq!(silent.over(vendor).ssh_pwauth, Some(true));
+    }
+
+    /// A document naming more accounts than any machine has is refused with the file
+    /// and key named; a name given twice is one account with both entries' settings.
+    #[test]
+    fn users_are_bounded_and_a_name_given_twice_is_one_account() {
         let many = |n: usize| {
             let names: Vec<String> = (0..n).map(|i| format!("u{i}")).collect();
             format!("#cloud-config\nusers: [{}]\n", names.join(", "))

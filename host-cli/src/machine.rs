@@ -352,7 +352,13 @@ impl Identity {
             .iter()
             .filter(|line| {
                 let mut words = line.split_whitespace();
-                words.next() == Some("127.0.1.1") && !words.any(own)
+                if words.next() != Some("127.0.1.1") {
+                    return false;
+                }
+                // Stale when it names none of the machine's names, or an FQDN that is not
+                // the machine's (`web1.old.org web1` after a move to `web1.new.org`).
+                let names: Vec<&str> = words.collect();
+                !names.iter().any(|n| own(n)) || names.iter().any(|n| n.contains('.') && !own(n))
             })
             .map(String::as_str)
             .collect()

@@ -81,6 +81,14 @@ fn the_own_hosts_line_follows_a_hostname_edit() {
         ),
         "{warning}"
     );
+    // The same short name in another domain is an earlier FQDN too.
+    std::fs::write(m.join("hostname"), "e1.new.example\n").unwrap();
+    let seed = s.run(&["seed", "web1"]);
+    let warning = String::from_utf8_lossy(&seed.stderr);
+    assert!(
+        warning.contains("`127.0.1.1 e1.example.org e1` names an earlier hostname"),
+        "{warning}"
+    );
 }
 
 /// The default network-config must give the guest a working DHCP config whatever its NIC

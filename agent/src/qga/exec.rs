@@ -124,7 +124,11 @@ pub fn exec(agent: &mut Agent, mut args: Args) -> CmdResult {
         other => other,
     };
     let mut child = spawned.map_err(|e| {
-        let why = super::errno_text(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)));
+        let why = match e.raw_os_error() {
+            Some(n) => super::errno_text(nix::errno::Errno::from_raw(n)),
+            // Refused before any exec (a NUL byte in the path, an argument or `env`).
+            None => e.to_string(),
+        };
         QgaError::generic(format!(
             "Guest agent command failed, error was 'Failed to execute child process \u{201c}{path}\u{201d} ({why})'"
         ))

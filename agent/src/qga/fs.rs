@@ -281,8 +281,9 @@ pub fn fstrim(_: &mut Agent, mut args: Args) -> CmdResult {
 mod tests {
     use super::*;
 
-    /// What qemu-ga 7.2 answers for each controller, run against a sysfs tree made for
-    /// each case: a SATA disk on the controller's fourth port (`ata4/host3`, ports
+    /// The numbers qemu-ga 7.2 gives for each controller (its `build_guest_fsinfo_for_pci_dev`
+    /// reads them so, and qemu-ga run against a sysfs tree made for each case answered
+    /// them): a SATA disk on the controller's fourth port (`ata4/host3`, ports
     /// ata1..ata6) is unit 3; an IDE disk on the second channel (`ata2`) is bus 1 whatever
     /// SCSI host number it got; an LSI disk's unit is its SCSI target; virtio-scsi's its LUN.
     #[test]

@@ -392,7 +392,7 @@ mod tests {
     #[test]
     fn v2_dhcp_accepts_yaml11_booleans() {
         let c = config(
-            "version: 2\nethernets:\n  a: {dhcp4: yes, dhcp6: no}\n  b: {dhcp4: Off, dhcp6: ON}\n",
+            "version: 2\nethernets:\n  a: {dhcp4: yes, dhcp6: no}\n  b: {dhcp4: Off, dhcp6: ON}\n  c: {dhcp4: y}\n",
         );
         let kinds = |i: usize| -> Vec<SubnetKind> {
             c.interfaces[i]
@@ -403,6 +403,8 @@ mod tests {
         };
         assert_eq!(kinds(0), vec![SubnetKind::Dhcp4]);
         assert_eq!(kinds(1), vec![SubnetKind::Dhcp6]);
+        // `y` is a string to PyYAML, and cloud-init turns DHCP on for it.
+        assert_eq!(kinds(2), vec![SubnetKind::Dhcp4]);
     }
 
     #[test]
@@ -410,6 +412,12 @@ mod tests {
         let e = error("version: 2\nethernets:\n  ens18:\n    dhcp4: sometimes\n");
         assert!(e.starts_with("/mnt/cidata/network-config: "), "{e}");
         assert!(e.contains("ethernets.ens18.dhcp4"), "{e}");
+        // cloud-init would turn DHCP on for `n`; refused rather than guessed.
+        let e = error("version: 2\nethernets:\n  ens18:\n    dhcp4: n\n");
+        assert!(
+            e.contains("ethernets.ens18.dhcp4: expected true/false"),
+            "{e}"
+        );
     }
 
     #[test]

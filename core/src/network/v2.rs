@@ -333,13 +333,23 @@ fn subnets(dev: &Value, at: &str, origin: &str) -> Result<Vec<Subnet>, NetworkEr
         routes: Vec::new(),
     };
     for (key, kind) in [("dhcp4", SubnetKind::Dhcp4), ("dhcp6", SubnetKind::Dhcp6)] {
+        // cloud-init's network_state turns DHCP on for any true value (`if
+        // cfg.get("dhcp4")`), so `y` (a string to PyYAML) is on. Another string is on
+        // there too, `n` and `sometimes` included, which is surely not what was meant:
+        // refused, naming the file and key.
         if let Some(v) = get(dev, key) {
-            let on = crate::yaml::bool11(v).ok_or_else(|| {
-                invalid(
-                    origin,
-                    format!("{at}.{key}: expected true/false (or yes/no, on/off)"),
-                )
-            })?;
+            let on = match crate::yaml::bool11(v) {
+                Some(on) => on,
+                None if matches!(v, Value::String(t) if t == "y" || t == "Y") => true,
+                None => {
+                    return Err(invalid(
+                        origin,
+                        format!(
+                            "{at}.{key}: expected true/false (or yes/no, on/off); cloud-init would take any other text for true"
+                        ),
+                    ));
+                }
+            };
             if on {
                 out.push(empty(kind));
             }
