@@ -332,8 +332,8 @@ enum Part {
 /// `{name, settings}` mappings), as cloud-init's mergers do it at the top level: with
 /// `dict(replace)` (cloud-init's default) a key replaces what was there; with a `dict`
 /// without `replace`, a key already given keeps its earlier value, except a list under
-/// `recurse_array`, which the part's list replaces, or extends with `list(append)`; with
-/// no `dict` at all, the part adds nothing.
+/// `recurse_array`, which the list merger merges ([`ListMethod`]); with no `dict` at all,
+/// the part adds nothing.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct MergeHow {
     dict: bool,
