@@ -652,6 +652,54 @@ mod tests {
         assert_eq!(a.chpasswd["root"], "$6$a$b");
     }
 
+    /// `user:` in user-data and the legacy `password:` in vendor-data (or the other way
+    /// round) meet, as in cloud-init's merged config: the default user gets the hash.
+    #[test]
+    fn the_legacy_password_meets_the_default_user_across_user_and_vendor_data() {
+        let users = |user: &str, vendor: &str| {
+            let files = SeedFiles(
+                [
+                    ("meta-data", "instance-id: v\n"),
+                    ("user-data", user),
+                    ("vendor-data", vendor),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            );
+            let s = Seed::from_nocloud(&files, "nocloud:test", None).unwrap();
+            let t = compose(&s, None, &ComposeContext::default(), &mut FakeFresh(0)).unwrap();
+            let a = crate::shadow::Accounts::parse(&t[USERS].bytes, USERS).unwrap();
+            a.users
+                .iter()
+                .find(|u| u.name == "admin")
+                .and_then(|u| u.passwd.clone())
+        };
+        let hash = Some("$6$s$h".to_owned());
+        assert_eq!(
+            users(
+                "#cloud-config\nuser: admin\n",
+                "#cloud-config\npassword: $6$s$h\n"
+            ),
+            hash
+        );
+        assert_eq!(
+            users(
+                "#cloud-config\npassword: $6$s$h\n",
+                "#cloud-config\nuser: admin\n"
+            ),
+            hash
+        );
+        // User-data's password wins over vendor-data's.
+        assert_eq!(
+            users(
+                "#cloud-config\nuser: admin\npassword: $6$s$h\n",
+                "#cloud-config\npassword: $6$v$v\n"
+            ),
+            hash
+        );
+    }
+
     #[test]
     fn proxmox_seed_composes_the_contract_files() {
         let s = seed(

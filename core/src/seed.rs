@@ -80,9 +80,12 @@ pub const NETWORK_DATA: &str = "latest/network_data.json";
 pub const VENDOR_DATA: &str = "latest/vendor_data.json";
 pub const VENDOR_DATA2: &str = "latest/vendor_data2.json";
 
-/// Gives the legacy `password:` of user-data and of each vendor-data (`vendors`, the
-/// highest first, each with its origin) to the default user. `chpasswd:` as merged
-/// (user-data's, else the first vendor-data's that has one) decides whether it counts.
+/// Gives the legacy `password:` to the default user (`user:`) as cloud-init's merge of
+/// user-data over vendor-data (`vendors`, the highest first, each with its origin) sees
+/// them: the password of the first config that has one goes to the default user of the
+/// first config that names one, so `user:` in user-data and `password:` in vendor-data
+/// (or the other way round) meet. `chpasswd:` as merged (user-data's, else the first
+/// vendor-data's that has one) decides whether it counts.
 fn legacy_passwords(
     user: &mut CloudConfig,
     user_origin: &str,
@@ -94,10 +97,26 @@ fn legacy_passwords(
         .find(|c| !c.is_empty())
         .cloned()
         .unwrap_or_default();
-    userdata::apply_legacy_password(user, &chpasswd, user_origin);
-    for (v, from) in vendors {
-        userdata::apply_legacy_password(v, &chpasswd, from);
+    let mut configs: Vec<(&mut CloudConfig, &str)> = std::iter::once((user, user_origin))
+        .chain(vendors.iter_mut().map(|(v, from)| (v, from.as_str())))
+        .collect();
+    // The winning password, taken from every config (lower ones lose it in the merge).
+    let mut password = None;
+    for (c, from) in configs.iter_mut() {
+        if let Some(p) = c.password.take() {
+            password.get_or_insert((p, *from));
+        }
     }
+    let Some((password, from)) = password else {
+        return;
+    };
+    let owner = configs
+        .iter()
+        .position(|(c, _)| c.default_user.is_some())
+        .unwrap_or(0);
+    let (config, _) = &mut configs[owner];
+    config.password = Some(password);
+    userdata::apply_legacy_password(config, &chpasswd, from);
 }
 
 /// Names a file of a source for messages: `nocloud:/dev/sr0/user-data`.
