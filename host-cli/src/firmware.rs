@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 /// (code, vars template) pairs, most specific first.
 const CANDIDATES: &[(&str, &str)] = &[
@@ -17,6 +17,10 @@ const CANDIDATES: &[(&str, &str)] = &[
     (
         "/usr/share/edk2/ovmf/OVMF_CODE.fd",
         "/usr/share/edk2/ovmf/OVMF_VARS.fd",
+    ),
+    (
+        "/usr/share/edk2/x64/OVMF_CODE.4m.fd",
+        "/usr/share/edk2/x64/OVMF_VARS.4m.fd",
     ),
     (
         "/usr/share/edk2/x64/OVMF_CODE.fd",
@@ -60,18 +64,48 @@ pub fn find(code: Option<&Path>, vars: Option<&Path>) -> Result<Ovmf> {
         }
     }
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-    if let (Some(c), Some(v)) = (code, vars) {
+    // The code and its variable store come in pairs of matching size (a 4 MiB build's
+    // store does not fit a 2 MiB build): one given alone is paired with the file beside
+    // it whose name says VARS for CODE (or CODE for VARS), never with a probed pair.
+    let sibling = |p: &Path, from: &str, to: &str| {
+        let name = p.file_name()?.to_str()?;
+        let other = p.with_file_name(name.replacen(from, to, 1));
+        (name.contains(from) && other.is_file()).then_some(other)
+    };
+    let pair = match (code, vars) {
+        (Some(c), Some(v)) => Some((c.to_owned(), v.to_owned())),
+        (Some(c), None) => Some((
+            c.to_owned(),
+            sibling(c, "CODE", "VARS").with_context(|| {
+                format!(
+                    "--ovmf-code {} has no VARS file beside it; give the variable store template built with it (--ovmf-vars)",
+                    c.display()
+                )
+            })?,
+        )),
+        (None, Some(v)) => Some((
+            sibling(v, "VARS", "CODE").with_context(|| {
+                format!(
+                    "--ovmf-vars {} has no CODE file beside it; give the firmware it was built with (--ovmf-code)",
+                    v.display()
+                )
+            })?,
+            v.to_owned(),
+        )),
+        (None, None) => None,
+    };
+    if let Some((c, v)) = pair {
         return Ok(Ovmf {
-            code: abs(c),
-            vars: abs(v),
+            code: abs(&c),
+            vars: abs(&v),
         });
     }
     for (c, v) in CANDIDATES {
         let (c, v) = (Path::new(c), Path::new(v));
         if c.is_file() && v.is_file() {
             return Ok(Ovmf {
-                code: abs(code.unwrap_or(c)),
-                vars: abs(vars.unwrap_or(v)),
+                code: abs(c),
+                vars: abs(v),
             });
         }
     }
@@ -106,5 +140,28 @@ mod tests {
             let named = code.or(vars).unwrap_or_default();
             assert!(err.contains(named), "{err}");
         }
+    }
+
+    /// One file given alone is paired with its sibling (`OVMF_CODE_4M.fd` with
+    /// `OVMF_VARS_4M.fd`), never with a probed pair of another size; with no sibling, the
+    /// other option is asked for.
+    #[test]
+    fn one_file_given_is_paired_with_its_sibling() {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, vars) = (
+            dir.path().join("OVMF_CODE_4M.fd"),
+            dir.path().join("OVMF_VARS_4M.fd"),
+        );
+        std::fs::write(&code, b"c").unwrap();
+        std::fs::write(&vars, b"v").unwrap();
+        assert_eq!(find(Some(&code), None).unwrap().vars, vars);
+        assert_eq!(find(None, Some(&vars)).unwrap().code, code);
+        let lone = dir.path().join("custom-firmware.fd");
+        std::fs::write(&lone, b"c").unwrap();
+        let err = find(Some(&lone), None).unwrap_err().to_string();
+        assert!(
+            err.contains("custom-firmware.fd") && err.contains("--ovmf-vars"),
+            "{err}"
+        );
     }
 }

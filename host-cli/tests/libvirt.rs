@@ -90,6 +90,15 @@ fn domain_xml_validates_for_uefi_and_direct_kernel_boot() {
             && kxml.contains("<cmdline>console=ttyS0 nixseed.debug=1</cmdline>")
     );
     assert!(kxml.contains("<source network='default'/>"));
+    // Under KVM the host's CPU, not qemu64; under TCG libvirt's default. A pty console
+    // (`virsh console` attaches only to one) logged to the state directory; discard
+    // passed down, so the guest's fstrim shrinks the qcow2 files.
+    assert!(kxml.contains("<cpu mode='host-passthrough'") && !xml.contains("<cpu"));
+    assert!(
+        xml.contains("<serial type='pty'>") && xml.contains("libvirt-console.log' append='on'/>"),
+        "{xml}"
+    );
+    assert_eq!(xml.matches("discard='unmap'").count(), 2, "{xml}");
 
     // --seed-via channel: no cdrom; the MAC and the channel socket that `seedctl serve`
     // reads back from the domain are there.

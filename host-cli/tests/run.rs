@@ -138,6 +138,14 @@ fn run_wires_uuid_disks_channels_and_ssh_forward() {
 
     let err = s.fails(&["run", "web1", "--detach"]);
     assert!(err.contains("already running"), "{err}");
+    // With its pidfile gone, the QEMU still holds the disk: a second run does not take
+    // its sockets away.
+    let pidfile = std::fs::read(sd.join("qemu.pid")).unwrap();
+    std::fs::remove_file(sd.join("qemu.pid")).unwrap();
+    let err = s.fails(&["run", "web1", "--detach"]);
+    assert!(err.contains("is in use by another process"), "{err}");
+    assert!(sd.join("qmp.sock").exists() && sd.join("qga.sock").exists());
+    std::fs::write(sd.join("qemu.pid"), pidfile).unwrap();
     // Firmware without an OS ignores the ACPI button: stop reports it and names destroy.
     let err = s.fails(&["stop", "web1", "--timeout", "1"]);
     assert!(err.contains("seedctl destroy web1"), "{err}");
@@ -212,10 +220,12 @@ fn run_works_from_a_state_path_with_a_comma_and_a_read_only_vars_template() {
     std::fs::copy(template, &ro).unwrap();
     std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o444)).unwrap();
     let ro = ro.display().to_string();
+    // The firmware the template was built with: a store fits only its own build.
+    let code = template.display().to_string().replacen("VARS", "CODE", 1);
     s.ok(&[
         &["--state", &st, "run", "web1"],
         DETACHED_TCG,
-        &["--ovmf-vars", &ro],
+        &["--ovmf-code", &code, "--ovmf-vars", &ro],
     ]
     .concat());
     let sd = state.join("web1");

@@ -2,6 +2,7 @@
 //! (with `--connect URI`, or for define/start/undefine always) through virsh; for a
 //! machine started by `seedctl run`, stop and destroy talk to its QEMU directly.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -15,7 +16,7 @@ use crate::libvirt::{self, virsh};
 use crate::machine::{Identity, Paths};
 use crate::output::Report;
 use crate::qmp::Qmp;
-use crate::state::{DOMAIN_XML, PIDFILE, QMP_SOCK, SEED_ISO, StateDir, pid_alive};
+use crate::state::{BOOT_DISK, DOMAIN_XML, PIDFILE, QMP_SOCK, SEED_ISO, StateDir, pid_alive};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
@@ -88,10 +89,29 @@ pub fn define(paths: &Paths, a: &DefineArgs) -> Result<Report> {
     }
     std::fs::rename(&new, &file)
         .with_context(|| format!("moving {} to {}", new.display(), file.display()))?;
+    if uri.starts_with("qemu:///system")
+        && let Some(dir) = unsearchable_ancestor(&sd.file(BOOT_DISK))
+    {
+        eprintln!(
+            "seedctl: warning: {} is not searchable by other users; under {uri} QEMU runs as its own user (libvirt-qemu on Debian, qemu on Fedora) and cannot open the machine's disks below it. Keep the state directory (--state) where that user can reach it, e.g. under /var/lib/libvirt/images, or use qemu:///session",
+            dir.display()
+        );
+    }
     Ok(Report::new(
         format!("defined `{}` on {uri} from {}", a.name, file.display()),
         json!({ "machine": a.name, "uri": uri, "xml": file }),
     ))
+}
+
+/// The first directory above `file` that other users cannot search (no `o+x`), where a
+/// QEMU running as libvirt's own user stops on its way to the file.
+fn unsearchable_ancestor(file: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = std::path::absolute(file).ok()?;
+    file.ancestors().skip(1).find_map(|dir| {
+        let mode = std::fs::metadata(dir).ok()?.permissions().mode();
+        (mode & 0o001 == 0).then(|| dir.to_path_buf())
+    })
 }
 
 fn virsh_op(name: &str, connect: Option<&str>, args: &[&str], done: &str) -> Result<Report> {
@@ -410,6 +430,30 @@ pub fn destroy(paths: &Paths, a: &DestroyArgs) -> Result<Report> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 0700 directory on the way (a home directory) is found; a 0711 one is not.
+    #[test]
+    fn a_directory_others_cannot_search_is_found() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (home, state) = (
+            dir.path().join("home"),
+            dir.path().join("home/.seedctl/web1"),
+        );
+        std::fs::create_dir_all(&state).unwrap();
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        mode(dir.path(), 0o755);
+        mode(&home, 0o711);
+        assert_eq!(unsearchable_ancestor(&state.join("boot.qcow2")), None);
+        mode(&home, 0o700);
+        assert_eq!(
+            unsearchable_ancestor(&state.join("boot.qcow2")),
+            Some(home.clone())
+        );
+        mode(&home, 0o755);
+    }
 
     #[test]
     fn an_emptied_seed_cdrom_is_found_as_the_seed_slot() {

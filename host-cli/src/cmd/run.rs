@@ -192,6 +192,15 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
             a.name
         );
     }
+    // A QEMU with no pidfile (started by hand, or whose pidfile was lost) still holds the
+    // disk's lock: its sockets must not be taken from it.
+    if crate::disk::in_use(&sd.file(BOOT_DISK))? {
+        bail!(
+            "machine `{}`: {} is in use by another process (a QEMU this state directory has no pidfile for); stop that process first",
+            a.name,
+            sd.file(BOOT_DISK).display()
+        );
+    }
     // Like Proxmox, regenerate the seed at every start so identity edits take effect.
     let instance_id = match a.seed_via {
         SeedVia::Iso => seed::write(&id, SeedFormat::Iso, &sd.file(SEED_ISO))?,
@@ -221,8 +230,12 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
     let opt = |f: &str| opt_value(&path(f));
 
     let mut cmd = Command::new(QEMU);
-    cmd.args(["-name", &a.name, "-machine", "q35", "-accel", accel])
-        .args(["-m", &a.memory.to_string(), "-smp", &a.cpus.to_string()])
+    cmd.args(["-name", &a.name, "-machine", "q35", "-accel", accel]);
+    // Under KVM the guest gets the host's CPU, not QEMU's qemu64 default.
+    if accel == "kvm" {
+        cmd.args(["-cpu", "host"]);
+    }
+    cmd.args(["-m", &a.memory.to_string(), "-smp", &a.cpus.to_string()])
         .args(["-display", "none", "-nodefaults", "-no-user-config"])
         .args(["-smbios", &format!("type=1,uuid={}", id.product_uuid)])
         .args([
@@ -237,11 +250,17 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
         .args(["-pidfile", &path(PIDFILE)])
         .args([
             "-drive",
-            &format!("file={},if=virtio,format=qcow2", opt(BOOT_DISK)),
+            &format!(
+                "file={},if=virtio,format=qcow2,discard=unmap",
+                opt(BOOT_DISK)
+            ),
         ])
         .args([
             "-drive",
-            &format!("file={},if=virtio,format=qcow2", opt(VAR_DISK)),
+            &format!(
+                "file={},if=virtio,format=qcow2,discard=unmap",
+                opt(VAR_DISK)
+            ),
         ])
         .args([
             "-netdev",
@@ -414,6 +433,17 @@ pub fn run(paths: &Paths, a: &RunArgs) -> Result<Report> {
                 })?;
         power_off_on_interrupt(a.name.clone(), sd.file(QMP_SOCK))?;
         record()?;
+        // The lock is held until QEMU's pidfile names it (QEMU writes it a moment after
+        // starting): a second `run` in between would not see this one running and would
+        // take its sockets and pidfile away.
+        let own = i32::try_from(child.id()).ok();
+        let waited = std::time::Instant::now();
+        while sd.running_pid() != own
+            && child.try_wait().ok().flatten().is_none()
+            && waited.elapsed() < std::time::Duration::from_secs(10)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         drop(lock);
         let answerer = (a.seed_via == SeedVia::Channel).then(|| {
             let target = HelloTarget {

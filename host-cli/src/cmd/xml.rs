@@ -116,6 +116,14 @@ pub fn domain_xml(id: &Identity, sd: &StateDir, d: &DomainArgs) -> Result<String
     let _ = writeln!(x, "  <uuid>{}</uuid>", id.product_uuid);
     let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", d.memory);
     let _ = writeln!(x, "  <vcpu>{}</vcpu>", d.cpus);
+    // Under KVM the guest gets the host's CPU (AES-NI, AVX, x86-64-v2 and on), not
+    // libvirt's qemu64 default; under TCG the emulated default stays.
+    if d.domain_type == DomainType::Kvm {
+        let _ = writeln!(
+            x,
+            "  <cpu mode='host-passthrough' check='none' migratable='on'/>"
+        );
+    }
     let _ = writeln!(x, "  <os>");
     let _ = writeln!(x, "    <type arch='x86_64' machine='q35'>hvm</type>");
     match &d.kernel {
@@ -157,7 +165,7 @@ pub fn domain_xml(id: &Identity, sd: &StateDir, d: &DomainArgs) -> Result<String
     for (file, dev) in [(BOOT_DISK, "vda"), (VAR_DISK, "vdb")] {
         let _ = writeln!(
             x,
-            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      <source file='{}'/>\n      <target dev='{dev}' bus='virtio'/>\n    </disk>",
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2' discard='unmap'/>\n      <source file='{}'/>\n      <target dev='{dev}' bus='virtio'/>\n    </disk>",
             p(&f(file))
         );
     }
@@ -195,9 +203,10 @@ pub fn domain_xml(id: &Identity, sd: &StateDir, d: &DomainArgs) -> Result<String
             p(&f(&format!("libvirt-{sock}")))
         );
     }
+    // A pty, so that `virsh console` attaches, with everything it shows kept in the log.
     let _ = writeln!(
         x,
-        "    <serial type='file'>\n      <source path='{}'/>\n      <target port='0'/>\n    </serial>",
+        "    <serial type='pty'>\n      <log file='{}' append='on'/>\n      <target port='0'/>\n    </serial>",
         p(&f(&format!("libvirt-{CONSOLE_LOG}")))
     );
     let _ = writeln!(
