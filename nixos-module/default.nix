@@ -5,6 +5,7 @@
 # networkd, the firewall).
 {
   config,
+  options,
   lib,
   pkgs,
   utils,
@@ -431,10 +432,9 @@ in
           # Re-checked on switch-to-configuration, which may remount the /etc overlay.
           requiredBy = [ "sysinit-reactivation.target" ];
           before = [ "sysinit-reactivation.target" ];
-          # switch-to-configuration restarts the unit only when its own file changes: a
-          # new hosts base (networking.hosts, extraHosts) changes it, so the identity's
-          # lines are composed onto the new base at once, not at the next boot.
-          restartTriggers = [ config.environment.etc.hosts.source ];
+          # The hosts base (networking.hosts, extraHosts) is read at boot, before the
+          # identity's file is bound over /etc/hosts: a switch that changes it reaches
+          # /etc/hosts at the next boot.
           serviceConfig.ExecStart = execStart applyCommand;
         };
 
@@ -573,12 +573,8 @@ in
         systemd.services.nixseed-firewall = {
           wantedBy = [ "sysinit.target" ];
           path = [ pkgs.nftables ];
-          # The shipped unit's condition names /var/identity; the empty entry resets it, so
-          # another identityDir does not skip the firewall (and leave every port open).
-          unitConfig.ConditionPathExists = [
-            ""
-            "${id}/tcp_ports"
-          ];
+          # No condition on the identity (the shipped unit has none): before the first
+          # identity the table holds no ports beyond SSH, rather than no firewall at all.
           serviceConfig.ExecStart = execStart [
             "firewall"
             "--identity-dir"
@@ -588,7 +584,14 @@ in
       })
 
       (lib.mkIf cfg.ssh.enable {
-        services.openssh = {
+        services.openssh = lib.mkMerge [
+          # nixpkgs generates missing host keys in sshd's start; since mid-2025 an option
+          # turns that off, and earlier releases have no such option (the sshd units'
+          # condition on the identity's key, below, keeps them from writing one there).
+          (lib.optionalAttrs (options.services.openssh ? generateHostKeys) {
+            generateHostKeys = false;
+          })
+          {
           # The seed's ssh_pwauth, as the agent writes it. NixOS renders `settings` in
           # the order of their names, before extraConfig: `Include` comes ahead of
           # `KbdInteractiveAuthentication` and `PasswordAuthentication`, and sshd keeps
@@ -601,7 +604,6 @@ in
               path = "${id}/ssh_host_ed25519_key";
             }
           ];
-          generateHostKeys = false;
           # Match blocks, not one global list: a global AuthorizedKeysFile would let every
           # account log in with the admin keys. Last in sshd_config and closed with
           # `Match all`, so that what other modules add to extraConfig stays global.
@@ -618,7 +620,8 @@ in
               Match all
             ''
           );
-        };
+          }
+        ];
       })
 
       # The seed's `sudo:` rules for accounts the image declares, as cloud-init applies
@@ -637,6 +640,14 @@ in
             wants = [ "nixseed-apply.service" ];
             unitConfig.ConditionPathExists = "${id}/ssh_host_ed25519_key";
           };
+        }
+      )
+      # Socket-activated sshd: each connection's unit waits for the identity's key too,
+      # so that no release's key generation writes a key of its own into the identity.
+      (lib.mkIf
+        (cfg.ssh.enable && config.services.openssh.enable && config.services.openssh.startWhenNeeded)
+        {
+          systemd.services."sshd@".unitConfig.ConditionPathExists = "${id}/ssh_host_ed25519_key";
         }
       )
     ]
