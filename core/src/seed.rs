@@ -409,7 +409,13 @@ impl Seed {
                 *name = None;
             }
         };
-        settle(&mut self.local_hostname, &meta, "local-hostname");
+        // ConfigDrive's meta_data.json calls it `hostname`.
+        let meta_key = if self.source.starts_with("configdrive") {
+            "hostname"
+        } else {
+            "local-hostname"
+        };
+        settle(&mut self.local_hostname, &meta, meta_key);
         settle(&mut self.user.hostname, &user, "hostname");
         settle(&mut self.user.fqdn, &user, "fqdn");
         if let Some(v) = self.vendor.as_mut() {
@@ -572,6 +578,26 @@ mod configdrive_tests {
             Some(NetworkSetting::Config(c)) => c.interfaces[0].id.clone(),
             other => panic!("no network config: {other:?}"),
         }
+    }
+
+    /// A ConfigDrive hostname systemd would not take is dropped, named as the file and
+    /// key Nova writes (`hostname` in meta_data.json); the rest of the seed applies.
+    #[test]
+    fn a_configdrive_hostname_systemd_refuses_is_named_and_dropped() {
+        let s = seed(&[(
+            "latest/meta_data.json",
+            r#"{"uuid": "i-1", "hostname": "my_vm", "public_keys": {"k": "ssh-ed25519 AAAA a@b"}}"#,
+        )])
+        .unwrap();
+        assert_eq!(s.local_hostname, None);
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("latest/meta_data.json: key 'hostname': \"my_vm\"")),
+            "{:?}",
+            s.warnings
+        );
+        assert_eq!(s.public_keys.len(), 1);
     }
 
     #[test]
