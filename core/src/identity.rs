@@ -324,7 +324,7 @@ pub fn compose(
         let doc = serde_json::json!({
             "users": cfg.users,
             "ssh_pwauth": cfg.ssh_pwauth,
-            "chpasswd": cfg.chpasswd,
+            "chpasswd": cfg.chpasswd.hashes(),
         });
         let mut bytes = serde_json::to_vec_pretty(&doc).unwrap_or_default();
         bytes.push(b'\n');

@@ -93,9 +93,8 @@ fn legacy_passwords(
 ) {
     let chpasswd = std::iter::once(&*user)
         .chain(vendors.iter().map(|(v, _)| v))
-        .map(|c| &c.chpasswd)
+        .map(|c| c.chpasswd.hashes())
         .find(|c| !c.is_empty())
-        .cloned()
         .unwrap_or_default();
     let mut configs: Vec<(&mut CloudConfig, &str)> = std::iter::once((user, user_origin))
         .chain(vendors.iter_mut().map(|(v, from)| (v, from.as_str())))
@@ -385,8 +384,9 @@ impl Seed {
     /// Hostnames cloud-init would set but systemd would not take from `/etc/hostname`
     /// (an `_`, as in a libvirt domain named `my_vm`) are dropped with a warning, so that
     /// the rest of the seed (keys, network) still applies and the name comes from the
-    /// seed's next source, else stays as it is; a trailing dot (the DNS root) is taken off. A name that is no hostname at
-    /// all (a path, spaces, control characters) stays, and composing refuses the seed.
+    /// seed's next source, else stays as it is; a trailing dot (the DNS root) is taken
+    /// off. A name that is no hostname at all (a path, spaces, control characters)
+    /// stays, and composing refuses the seed.
     fn settle_hostnames(&mut self) {
         let (meta, user) = (self.meta_origin(), self.user_origin());
         let vendor = self.file_origin("vendor-data", VENDOR_DATA);

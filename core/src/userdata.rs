@@ -95,10 +95,9 @@ pub struct CloudConfig {
     /// cc_resolv_conf runs only then; without it, dropped with a warning.
     pub resolv_conf: Option<ResolvConf>,
     pub manage_resolv_conf: Option<bool>,
-    /// `chpasswd: {list|users}` entries: user name → hash.
-    pub chpasswd: BTreeMap<String, String>,
-    /// The two lists `chpasswd` is made of, as merged so far.
-    pub chpasswd_lists: ChpasswdLists,
+    /// `chpasswd: {list|users}` entries as merged so far ([`ChpasswdLists::hashes`]
+    /// gives user name → hash).
+    pub chpasswd: ChpasswdLists,
     pub nixseed: NixseedBlock,
     /// One line per key or part that was ignored, naming it.
     pub warnings: Vec<String>,
@@ -154,9 +153,14 @@ impl ChpasswdLists {
 
     /// User name → hash; a later entry for the same user wins, `list` after `users` (the
     /// order cloud-init's set-passwords hands them to `chpasswd -e`).
-    fn hashes(&self) -> BTreeMap<String, String> {
+    pub fn hashes(&self) -> BTreeMap<String, String> {
         let entries = self.users.iter().chain(self.list.iter()).flatten();
         entries.cloned().collect()
+    }
+
+    /// No entry in either list.
+    pub fn is_empty(&self) -> bool {
+        self.users.iter().chain(self.list.iter()).all(Vec::is_empty)
     }
 }
 
@@ -191,7 +195,6 @@ impl CloudConfig {
         }
         if self.chpasswd.is_empty() {
             self.chpasswd = v.chpasswd;
-            self.chpasswd_lists = v.chpasswd_lists;
         }
         // The whole list, not a concatenation: cloud-init's merge keeps the first config's
         // `write_files` (user-data's, else vendor_data2.json's, else vendor-data's).
@@ -696,8 +699,7 @@ fn merge_cloud_config(
             "password" => config.password = Some(ctx.text(value, text)?),
             "chpasswd" => {
                 let part = ctx.chpasswd(value, &mut config.warnings)?;
-                config.chpasswd_lists.merge(part, how, earlier);
-                config.chpasswd = config.chpasswd_lists.hashes();
+                config.chpasswd.merge(part, how, earlier);
             }
             "ssh_keys" => {
                 let keys = ctx.string_map(value)?;
@@ -1480,7 +1482,7 @@ mod tests {
     /// against its own `chpasswd:` (no vendor-data).
     fn parse(bytes: &[u8], origin: &str) -> Result<CloudConfig, UserDataError> {
         let mut c = super::parse(bytes, origin)?;
-        let chpasswd = c.chpasswd.clone();
+        let chpasswd = c.chpasswd.hashes();
         apply_legacy_password(&mut c, &chpasswd, origin);
         Ok(c)
     }
@@ -2087,7 +2089,13 @@ hostname: {{ v1.local_hostname }}
         let merged = |how: &str, later: &str| {
             let header = format!("Merge-Type: {how}+dict(recurse_array)+str()\n");
             let c = parse(mime(&[("", a), (&header, later)]).as_bytes(), "user-data").unwrap();
-            let names = c.chpasswd.keys().cloned().collect::<Vec<_>>().join(" ");
+            let names = c
+                .chpasswd
+                .hashes()
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" ");
             (c.runcmd.join(" "), names, c.warnings)
         };
         let pair = |r: &str, n: &str| (r.to_owned(), n.to_owned());
@@ -2201,7 +2209,13 @@ hostname: {{ v1.local_hostname }}
         let second = "#cloud-config\nchpasswd: {list: ['admin:$6$c$d']}\nssh_keys: {ed25519_private: P, ed25519_public: Q}\n";
         let merged = |how: &str| {
             let c = parse(mime(&[("", first), (how, second)]).as_bytes(), "user-data").unwrap();
-            let passwords = c.chpasswd.keys().cloned().collect::<Vec<_>>().join(" ");
+            let passwords = c
+                .chpasswd
+                .hashes()
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" ");
             let keys = c.ssh_keys.values().cloned().collect::<Vec<_>>().join(" ");
             (passwords, keys)
         };
@@ -2226,7 +2240,10 @@ hostname: {{ v1.local_hostname }}
             "user-data",
         )
         .unwrap();
-        assert_eq!(c.chpasswd.keys().collect::<Vec<_>>(), ["admin", "root"]);
+        assert_eq!(
+            c.chpasswd.hashes().keys().collect::<Vec<_>>(),
+            ["admin", "root"]
+        );
     }
 
     #[test]

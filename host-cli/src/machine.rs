@@ -341,8 +341,9 @@ impl Identity {
     }
 
     /// `hosts` lines for `127.0.1.1` (the address of the machine's own line, which the
-    /// seed makes from the hostname) that name neither the hostname nor its short form:
-    /// left from an earlier hostname, they would go on resolving that name to this machine.
+    /// seed makes from the hostname) that name none of the machine's names, or an FQDN that
+    /// is not its own: left from an earlier hostname, they would go on resolving that name
+    /// to this machine.
     pub fn stale_host_lines(&self) -> Vec<&str> {
         let fqdn = self.fqdn();
         let own = |n: &str| {
