@@ -67,7 +67,9 @@ pub fn in_use(image: &Path) -> Result<bool> {
             .arg(for_qemu_img(image)?),
     )?;
     if out.status.success() {
-        return Ok(false);
+        // The raw driver shares writing with readers, so `qemu-img info` opens a raw
+        // image that qemu-nbd or a VM writes: its lock bytes still tell.
+        return write_permission_held(image);
     }
     // QEMU's own words for a lock it could not take; the path in other errors may hold
     // any text.
@@ -83,6 +85,92 @@ pub fn in_use(image: &Path) -> Result<bool> {
         image.display(),
         err.trim()
     )
+}
+
+/// QEMU's lock byte for the write permission: every QEMU block user that may write an
+/// image (QEMU, `qemu-nbd`, `qemu-img`, `qemu-storage-daemon`) holds a shared OFD lock on
+/// byte 100 + the permission's bit (write: bit 1) for as long as it may write.
+const QEMU_WRITE_LOCK_BYTE: i64 = 101;
+
+/// Whether another process holds `image`'s write-permission lock byte.
+fn write_permission_held(image: &Path) -> Result<bool> {
+    use nix::fcntl::{FcntlArg, fcntl};
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(image)
+        .with_context(|| format!("cannot open {} to look at its locks", image.display()))?;
+    let mut probe = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: QEMU_WRITE_LOCK_BYTE,
+        l_len: 1,
+        l_pid: 0,
+    };
+    fcntl(f.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut probe))
+        .with_context(|| format!("cannot look at the locks on {}", image.display()))?;
+    Ok(probe.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// The machine in `state` whose disk (boot overlay, `/var`, seed or firmware variables)
+/// `file` is, by device and inode: a disk kept on another volume through a link, or a
+/// machine directory that is one, is found too.
+fn machine_disk_owner(file: &std::fs::Metadata, state: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let same = |m: &std::fs::Metadata| m.dev() == file.dev() && m.ino() == file.ino();
+    std::fs::read_dir(state).ok()?.flatten().find_map(|entry| {
+        let dir = entry.path();
+        [
+            crate::state::BOOT_DISK,
+            crate::state::VAR_DISK,
+            crate::state::SEED_ISO,
+            crate::state::OVMF_VARS,
+        ]
+        .iter()
+        .any(|f| std::fs::metadata(dir.join(f)).is_ok_and(|m| same(&m)))
+        .then(|| entry.file_name().to_string_lossy().into_owned())
+    })
+}
+
+/// What a file that reads as raw but is no disk starts with: a compressed download
+/// (`.qcow2.gz`, `.img.xz`) is the usual slip.
+fn compressed_as(head: &[u8]) -> Option<&'static str> {
+    const MAGIC: [(&[u8], &str); 5] = [
+        (b"\x1f\x8b", "gzip"),
+        (b"\xfd7zXZ\x00", "xz"),
+        (b"\x28\xb5\x2f\xfd", "zstd"),
+        (b"BZh", "bzip2"),
+        (b"PK\x03\x04", "zip"),
+    ];
+    MAGIC
+        .iter()
+        .find(|(m, _)| head.starts_with(m))
+        .map(|(_, what)| *what)
+}
+
+/// The smallest raw base taken: a bootable disk holds at least a partition table, a
+/// boot loader and a filesystem.
+const MIN_RAW_BASE: u64 = 1 << 20;
+
+/// A raw base must look like a disk: not a compressed file, not a few bytes.
+fn check_raw_base(abs: &Path, size: u64) -> Result<()> {
+    use std::io::Read;
+    let mut head = [0u8; 8];
+    let n = std::fs::File::open(abs)
+        .and_then(|mut f| f.read(&mut head))
+        .with_context(|| format!("cannot read base image {}", abs.display()))?;
+    if let Some(what) = compressed_as(&head[..n]) {
+        bail!(
+            "base image {} is {what}-compressed, not a disk image; decompress it first",
+            abs.display()
+        );
+    }
+    if size < MIN_RAW_BASE {
+        bail!(
+            "base image {} reads as a raw disk of {size} bytes, too small to boot; pass a disk image (qcow2 or raw)",
+            abs.display()
+        );
+    }
+    Ok(())
 }
 
 /// Check that `base` can back an overlay: a regular file with a UTF-8 path (it is
@@ -106,25 +194,12 @@ pub fn check_base(base: &Path, state: &Path) -> Result<(PathBuf, String)> {
         bail!("base image {} is not a regular file", abs.display());
     }
     // A machine's own disk (`STATE/NAME/var.qcow2`, ...) changes under an overlay on it.
-    let own_disk = [
-        crate::state::BOOT_DISK,
-        crate::state::VAR_DISK,
-        crate::state::SEED_ISO,
-        crate::state::OVMF_VARS,
-    ]
-    .iter()
-    .any(|f| abs.file_name().is_some_and(|n| n == *f));
-    if let Ok(state) = std::fs::canonicalize(state)
-        && own_disk
-        && abs.parent().and_then(Path::parent) == Some(state.as_path())
+    if let Ok(meta) = std::fs::metadata(&abs)
+        && let Some(machine) = machine_disk_owner(&meta, state)
     {
         bail!(
-            "base image {} is a disk of machine `{}` in the state directory {}; pass a base image of its own",
+            "base image {} is a disk of machine `{machine}` in the state directory {}; pass a base image of its own",
             abs.display(),
-            abs.parent()
-                .and_then(Path::file_name)
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
             state.display()
         );
     }
@@ -146,6 +221,9 @@ pub fn check_base(base: &Path, state: &Path) -> Result<(PathBuf, String)> {
     }
     if info.virtual_size == 0 {
         bail!("base image {} is empty (virtual size 0)", abs.display());
+    }
+    if info.format == "raw" {
+        check_raw_base(&abs, info.virtual_size)?;
     }
     Ok((abs, info.format))
 }

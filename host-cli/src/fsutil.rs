@@ -33,6 +33,63 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// A directory in `dir` where `verb` (`create`, `upgrade`) makes machine `name`'s disks
+/// before they move into place: the owner's only (0700), so a disk qemu-img is still
+/// writing (with the umask's mode) is not readable by others. Its name carries the
+/// process id, and a run first removes what a run of the same machine that was killed
+/// (Ctrl-C during a long `--var-from` copy) left in `dir`.
+pub fn staging_dir(dir: &Path, name: &str, verb: &str) -> Result<tempfile::TempDir> {
+    remove_stale_staging(dir, name);
+    tempfile::Builder::new()
+        .prefix(&format!(".{name}.{verb}-{}-", std::process::id()))
+        .permissions(fs::Permissions::from_mode(0o700))
+        .tempdir_in(dir)
+        .with_context(|| format!("creating a staging directory in {}", dir.display()))
+}
+
+/// The staging verbs whose leftovers [`remove_stale_staging`] removes.
+const STAGING_VERBS: [&str; 2] = ["create", "upgrade"];
+
+/// Removes the staging directories of machine `name` in `dir` whose process is gone,
+/// saying so; one whose process still runs (another `create` of the same name) stays.
+fn remove_stale_staging(dir: &Path, name: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix('.'))
+            .and_then(|f| f.strip_prefix(name))
+            .and_then(|f| f.strip_prefix('.'))
+        else {
+            continue;
+        };
+        let pid = STAGING_VERBS.iter().find_map(|verb| {
+            let (pid, _) = rest
+                .strip_prefix(verb)?
+                .strip_prefix('-')?
+                .split_once('-')?;
+            pid.parse::<u32>().ok()
+        });
+        let Some(pid) = pid else { continue };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        match fs::remove_dir_all(entry.path()) {
+            Ok(()) => eprintln!(
+                "seedctl: removed {}, left by an interrupted run",
+                entry.path().display()
+            ),
+            Err(e) => eprintln!(
+                "seedctl: warning: cannot remove {}, left by an interrupted run: {e}",
+                entry.path().display()
+            ),
+        }
+    }
+}
+
 /// Writes a file the operator named (`-o FILE`) as [`write_atomic`] does, without
 /// replacing what is not a regular file there: a symlink is followed and its target
 /// replaced, and a device, FIFO, socket or directory is refused. A disk image is refused
@@ -130,4 +187,28 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing directory {}", dir.display()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_staging_directory_is_the_owner_s_only_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = staging_dir(dir.path(), "web1", "create").unwrap();
+        let mode = fs::metadata(staging.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "staging directory is {mode:o}");
+        let name = staging
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            name.starts_with(&format!(".web1.create-{}-", std::process::id())),
+            "{name}"
+        );
+    }
 }

@@ -239,6 +239,29 @@ fn empty_device_and_machine_disk_bases_are_refused() {
         assert!(err.contains(why), "{base}: {err}");
     }
     assert!(!s.state("web2").join("boot.qcow2").exists());
+    // web1's /var disk kept on another volume through a link, as docs/seedctl.md shows:
+    // the disk is found by what it is, not by its name.
+    let volume = s.path().join("volume");
+    std::fs::create_dir(&volume).unwrap();
+    std::fs::rename(
+        s.state("web1").join("var.qcow2"),
+        volume.join("web1-var.qcow2"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        volume.join("web1-var.qcow2"),
+        s.state("web1").join("var.qcow2"),
+    )
+    .unwrap();
+    for base in [
+        volume.join("web1-var.qcow2").display().to_string(),
+        var.clone(),
+    ] {
+        let err = s.fails(&["create", "web2", "--base", &base]);
+        assert!(err.contains("is a disk of machine `web1`"), "{base}: {err}");
+        let err = s.fails(&["upgrade", "web1", "--base", &base]);
+        assert!(err.contains("is a disk of machine `web1`"), "{base}: {err}");
+    }
     let kept = s.state("web1").join("bases/next.qcow2");
     std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
     std::fs::copy(s.path().join("base.qcow2"), &kept).unwrap();
@@ -428,4 +451,67 @@ fn a_machine_directory_on_another_filesystem_gets_its_disks() {
     for disk in ["boot.qcow2", "var.qcow2", "seed.iso"] {
         assert!(elsewhere.path().join(disk).is_file(), "{disk} is not there");
     }
+}
+
+/// A file that reads as raw but is no disk (a compressed download, a text file picked by
+/// mistake) is refused as a base with what it is named, rather than made into a machine
+/// whose boot disk holds a few bytes.
+#[test]
+fn compressed_and_tiny_files_are_refused_as_bases() {
+    require_tool("qemu-img");
+    require_tool("gzip");
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    s.qcow2("base.qcow2");
+    let gz = Command::new("gzip")
+        .args(["-k", "base.qcow2"])
+        .current_dir(s.path())
+        .status()
+        .unwrap();
+    assert!(gz.success());
+    std::fs::write(s.path().join("notes.txt"), b"not a disk\n").unwrap();
+    for (base, why) in [
+        ("base.qcow2.gz", "is gzip-compressed"),
+        ("notes.txt", "too small to boot"),
+    ] {
+        let err = s.fails(&["create", "web1", "--base", base]);
+        assert!(err.contains(why) && err.contains(base), "{base}: {err}");
+    }
+    assert!(!s.state("web1").join("boot.qcow2").exists());
+    // A raw disk of a real size is taken.
+    let raw = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw", "base.raw", "8M"])
+        .current_dir(s.path())
+        .status()
+        .unwrap();
+    assert!(raw.success());
+    s.ok(&create_args("web1", "base.raw", "32M"));
+}
+
+/// What a `create` that was killed left (a staging directory with a partial disk) is
+/// removed by the next `create` of that machine; another machine's is not touched.
+#[test]
+fn a_killed_create_s_leftovers_go_with_the_next_create() {
+    let s = new_web1_and_base();
+    require_tool("mkfs.ext4");
+    let state = s.path().join(".seedctl");
+    // No process has this id (above the kernel's pid_max).
+    let gone = state.join(".web1.create-999999999-abcdef");
+    let other = state.join(".web2.create-999999999-abcdef");
+    for d in [&gone, &other] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("var.qcow2"), b"partial").unwrap();
+    }
+    let out = s
+        .cmd(&create_args("web1", "base.qcow2", "32M"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("left by an interrupted run"), "{err}");
+    assert!(
+        !gone.exists(),
+        "the leftover of web1's killed create stayed"
+    );
+    assert!(other.join("var.qcow2").exists(), "web2's staging went");
 }

@@ -268,6 +268,35 @@ fn a_base_open_for_writing_is_refused_and_one_vms_read_is_not() {
     }
     assert!(!s.state("web2").join("var.qcow2").exists());
 
+    // A raw base: the raw driver lets `qemu-img info` read it while qemu-nbd writes it,
+    // and the lock byte for writing still tells.
+    let raw = s.path().join("base3.raw");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(&raw)
+        .arg("8M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let nbd = Command::new("qemu-nbd")
+        .args(["--fork", "-f", "raw", "--persistent"])
+        .arg("--pid-file")
+        .arg(&pidfile)
+        .arg("-k")
+        .arg(s.path().join("nbd-raw.sock"))
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(nbd.success());
+    let create = s.run(&create_args("web2", "base3.raw", "32M"));
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let _ = Command::new("kill").arg(pid.trim()).status();
+    let err = String::from_utf8_lossy(&create.stderr);
+    assert!(
+        !create.status.success() && err.contains("open for writing") && err.contains("base3.raw"),
+        "create took a raw base qemu-nbd writes: {err}"
+    );
+
     // A VM running on web1's overlay reads base2 as its backing file: web2 may still
     // be made on it.
     s.ok(&["upgrade", "web1", "--base", "base2.qcow2"]);

@@ -145,10 +145,7 @@ pub fn run(paths: &Paths, a: &CreateArgs) -> Result<Report> {
     } else {
         &paths.state
     };
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{}.create-", a.name))
-        .tempdir_in(stage_in)
-        .with_context(|| format!("creating a staging directory in {}", stage_in.display()))?;
+    let staging = crate::fsutil::staging_dir(stage_in, &a.name, "create")?;
     let ctx = || format!("machine `{}`", a.name);
     disk::create_overlay(&base, &format, &staging.path().join(BOOT_DISK)).with_context(ctx)?;
     match &a.var_from {

@@ -131,10 +131,7 @@ pub fn run(paths: &Paths, a: &UpgradeArgs) -> Result<Report> {
             a.name
         );
     }
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{}.upgrade-", a.name))
-        .tempdir_in(&sd.dir)
-        .with_context(|| format!("creating a staging directory in {}", sd.dir.display()))?;
+    let staging = crate::fsutil::staging_dir(&sd.dir, &a.name, "upgrade")?;
     // Everything that can fail is done before the machine is stopped and the old overlay
     // replaced: a failed upgrade leaves the machine on its old base, running if it ran,
     // and its state saying so.
