@@ -242,6 +242,14 @@ async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Re
 
 async fn rollback(ctx: &ChannelContext) -> Result<Message> {
     refuse_while_frozen("rollback")?;
+    // A rollback carries no signature. On a guest that takes only signed identities it
+    // would bring back what a signed push replaced (an admin key taken away), and lower
+    // the generation the next signed seed is held to, so a captured older one passes.
+    if ctx.opts.trust.is_some() {
+        anyhow::bail!(
+            "rollback refused: this guest takes only signed identities (--trusted-keys), and a rollback is not signed; to go back, put the earlier identity in machines/NAME and `seedctl push` it, signed"
+        );
+    }
     let store = Store::open(&ctx.identity_path(), false)?;
     let before = store.current_number()?;
     let old = store.current()?.map(|g| g.tree).unwrap_or_default();
@@ -395,9 +403,32 @@ impl ByteService for ChannelService {
     fn peer_closed(&mut self) {
         self.decoder = Decoder::default();
     }
+
+    /// `seedctl` writes its request as soon as it connects and waits for the answer; a
+    /// client silent for this long holds the socket from the next push, and is closed.
+    fn idle_limit(&self) -> Option<std::time::Duration> {
+        Some(IDLE_CONNECTION)
+    }
 }
 
+/// See [`ChannelService::idle_limit`].
+const IDLE_CONNECTION: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub const DEFAULT_PORT: &str = "/dev/virtio-ports/org.nixseed.channel.0";
+
+/// The control channel may be served on `transport` with these settings. Any process on
+/// the host can open a guest's vsock port (AF_VSOCK asks for no privilege there), and a
+/// push can give its sender root over SSH: on vsock a push must be signed.
+pub fn check_transport(transport: &Transport, ctx: &ChannelContext) -> Result<()> {
+    if let Transport::VsockListen(addr) = transport
+        && ctx.opts.trust.is_none()
+    {
+        anyhow::bail!(
+            "the control channel on vsock {addr} needs --trusted-keys: any process on the host can open a vsock port, and an unsigned push would give it root over SSH; use a virtio-serial port (the default), or sign pushes (`seedctl keygen`)"
+        );
+    }
+    Ok(())
+}
 
 /// Serves the control channel alone (`nixseed-agent channel`).
 pub async fn run(method: Method, path: &std::path::Path, ctx: ChannelContext) -> Result<()> {
@@ -406,6 +437,7 @@ pub async fn run(method: Method, path: &std::path::Path, ctx: ChannelContext) ->
         Method::VsockListen => Transport::VsockListen(path.to_string_lossy().into_owned()),
         _ => Transport::VirtioSerial(path.to_path_buf()),
     };
+    check_transport(&transport, &ctx)?;
     serve_transport(
         &mut ChannelService::new(ctx),
         &transport,

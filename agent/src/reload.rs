@@ -103,6 +103,10 @@ pub async fn after_change(
     out
 }
 
+/// How long a ruleset load may take before `nft` is stopped and the reload reported
+/// failed.
+const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub(crate) fn set_hostname(file: &Path) -> Result<()> {
     let name =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -396,6 +400,21 @@ pub fn load_firewall(identity_dir: &Path) -> Result<()> {
         stdin
             .write_all(rules.as_bytes())
             .context("cannot send the ruleset to nft")?;
+    }
+    // The agent answers the guest agent's port on the same thread: an `nft` that hangs
+    // (a netlink lock held elsewhere) must not stop the thaw of a backup.
+    let deadline = std::time::Instant::now() + NFT_TIMEOUT;
+    while child.try_wait().context("nft did not finish")?.is_none() {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "nft did not load the nixseed ruleset from {} within {} s and was stopped",
+                identity_dir.display(),
+                NFT_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let out = child.wait_with_output().context("nft did not finish")?;
     if !out.status.success() {

@@ -33,6 +33,12 @@ pub(crate) trait ByteService {
     /// The peer went away. The guest agent keeps its parser state across connections
     /// (as qemu-ga does); the control channel starts a fresh frame.
     fn peer_closed(&mut self) {}
+    /// How long a connection on a listening socket may stay silent before it is closed,
+    /// so that the next one in the backlog is served; `None`: as long as it likes (the
+    /// guest agent, as qemu-ga).
+    fn idle_limit(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 impl ByteService for Agent {
@@ -274,6 +280,11 @@ fn channel_service(
         ),
         firewall: args.firewall,
     };
+    // A channel that must not be served is said loudly; the guest agent still serves.
+    if let Err(e) = crate::channel::check_transport(&transport, &ctx) {
+        tracing::error!("not serving the control channel: {e:#}");
+        return Ok(None);
+    }
     Ok(Some((ChannelService::new(ctx), transport)))
 }
 
@@ -425,7 +436,7 @@ pub(crate) async fn serve_transport<S: ByteService>(
                     }
                 };
                 accept_recovered(&format!("vsock {addr}"), &mut refused);
-                if let Err(e) = serve_stream(svc, stream).await {
+                if let Err(e) = serve_connection(svc, stream).await {
                     tracing::debug!("vsock client went away: {e}");
                 }
                 svc.peer_closed();
@@ -478,7 +489,7 @@ async fn serve_unix<S: ByteService>(
         };
         accept_recovered(&path.display().to_string(), &mut refused);
         // One client at a time, as qemu-ga: the next waits in the backlog.
-        if let Err(e) = serve_stream(svc, stream).await {
+        if let Err(e) = serve_connection(svc, stream).await {
             tracing::debug!("client on {} went away: {e}", path.display());
         }
         svc.peer_closed();
@@ -523,15 +534,47 @@ fn accept_recovered(what: &str, refused: &mut bool) {
     }
 }
 
+/// One connection taken on a listening socket, served one at a time: a client that
+/// stays silent past the service's [`ByteService::idle_limit`] is closed with a warning,
+/// so it cannot hold the port from every later one.
+async fn serve_connection<S: ByteService, T: AsyncRead + AsyncWrite + Unpin>(
+    svc: &mut S,
+    stream: T,
+) -> std::io::Result<()> {
+    let idle = svc.idle_limit();
+    serve_stream_within(svc, stream, idle).await
+}
+
 /// Reads requests and writes replies until the peer closes the stream.
 pub(crate) async fn serve_stream<S: ByteService, T: AsyncRead + AsyncWrite + Unpin>(
     svc: &mut S,
+    stream: T,
+) -> std::io::Result<()> {
+    serve_stream_within(svc, stream, None).await
+}
+
+/// [`serve_stream`], ending the connection after `idle` with nothing read.
+async fn serve_stream_within<S: ByteService, T: AsyncRead + AsyncWrite + Unpin>(
+    svc: &mut S,
     mut stream: T,
+    idle: Option<std::time::Duration>,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut out = Vec::new();
     loop {
-        let n = stream.read(&mut buf).await?;
+        let n = match idle {
+            None => stream.read(&mut buf).await?,
+            Some(limit) => match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+                Ok(read) => read?,
+                Err(_) => {
+                    tracing::warn!(
+                        "closed a connection that sent nothing for {} s, so that the next one is served",
+                        limit.as_secs()
+                    );
+                    return Ok(());
+                }
+            },
+        };
         if n == 0 {
             return Ok(());
         }
@@ -542,7 +585,7 @@ pub(crate) async fn serve_stream<S: ByteService, T: AsyncRead + AsyncWrite + Unp
         while svc.answer_next(&mut out).await {
             if failed.is_none()
                 && !out.is_empty()
-                && let Err(e) = stream.write_all(&out).await
+                && let Err(e) = write_within(&mut stream, &out, idle).await
             {
                 failed = Some(e);
             }
@@ -551,6 +594,25 @@ pub(crate) async fn serve_stream<S: ByteService, T: AsyncRead + AsyncWrite + Unp
         if let Some(e) = failed {
             return Err(e);
         }
+    }
+}
+
+/// Writes `out` whole, giving up after `idle` on a client that reads nothing.
+async fn write_within<T: AsyncWrite + Unpin>(
+    stream: &mut T,
+    out: &[u8],
+    idle: Option<std::time::Duration>,
+) -> std::io::Result<()> {
+    match idle {
+        None => stream.write_all(out).await,
+        Some(limit) => tokio::time::timeout(limit, stream.write_all(out))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the client read nothing for {} s", limit.as_secs()),
+                ))
+            }),
     }
 }
 

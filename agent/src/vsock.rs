@@ -30,6 +30,15 @@ pub fn parse_addr(path: &str) -> Result<VsockAddr> {
     Ok(VsockAddr::new(cid, port))
 }
 
+/// The host's address as a guest sees it.
+const VMADDR_CID_HOST: u32 = 2;
+
+/// Only the host is served: a guest-local process (`vsock_loopback`, CID 1) or another VM
+/// reaching this port could otherwise run commands as root through `guest-exec`.
+fn peer_is_host(cid: u32) -> bool {
+    cid == VMADDR_CID_HOST
+}
+
 pub struct VsockListener(AsyncFd<OwnedFd>);
 
 impl VsockListener {
@@ -61,6 +70,25 @@ impl VsockListener {
                 .map_err(io::Error::from)
             }) {
                 Ok(Ok(fd)) => {
+                    let peer = nix::sys::socket::getpeername::<VsockAddr>(fd.as_raw_fd());
+                    match peer {
+                        Ok(peer) if peer_is_host(peer.cid()) => {}
+                        // Dropped: the connection closes, the listener goes on.
+                        Ok(peer) => {
+                            tracing::warn!(
+                                "vsock: refused a connection from CID {} port {}: only the host (CID {VMADDR_CID_HOST}) is served",
+                                peer.cid(),
+                                peer.port()
+                            );
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                "vsock: refused a connection whose peer is unknown: {e}"
+                            );
+                            continue;
+                        }
+                    }
                     #[allow(deprecated)] // as in `bind`: the fd moves into the AsyncFd
                     return Ok(VsockStream(AsyncFd::new(fd)?));
                 }

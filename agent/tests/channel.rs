@@ -601,6 +601,65 @@ fn the_same_push_again_writes_the_files_that_failed() {
     );
 }
 
+/// A client that connects and sends nothing does not hold the channel from the next:
+/// it is closed after 10 s, and a `status` waiting behind it is answered.
+#[test]
+fn a_silent_client_does_not_hold_the_channel() {
+    let dir = scratch();
+    let srv = Server::start(dir.path());
+    let silent = UnixStream::connect(&srv.sock).unwrap();
+    let t0 = std::time::Instant::now();
+    let Message::StatusReply { generation, .. } = srv.request(&encode(&Message::Status)) else {
+        panic!("status must answer with status-reply")
+    };
+    assert_eq!(generation, Some(1));
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(19),
+        "answered after {waited:?}"
+    );
+    drop(silent);
+}
+
+/// A rollback carries no signature: a guest that takes only signed identities refuses
+/// it, and its current generation stays (an admin key a signed push took away stays
+/// away).
+#[test]
+fn a_guest_with_trusted_keys_refuses_the_unsigned_rollback() {
+    let dir = scratch();
+    let key = dir.path().join("signer");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let sock = dir.path().join("channel.sock");
+    let child = ts::spawn_channel_guest_with(
+        Path::new(AGENT),
+        dir.path(),
+        &sock,
+        std::process::Stdio::inherit(),
+        &format!("--trusted-keys {}", key.with_extension("pub").display()),
+    )
+    .unwrap();
+    let srv = Server { child, sock };
+    let generation = |srv: &Server| match srv.request(&encode(&Message::Status)) {
+        Message::StatusReply { generation, .. } => generation,
+        other => panic!("status answered {other:?}"),
+    };
+    let before = generation(&srv);
+    assert!(before.is_some());
+    let Message::Error { message } = srv.request(&encode(&Message::Rollback)) else {
+        panic!("an unsigned rollback was taken")
+    };
+    assert!(
+        message.contains("rollback refused") && message.contains("--trusted-keys"),
+        "{message}"
+    );
+    assert_eq!(generation(&srv), before);
+}
+
 /// A bundle made for a VM (seedctl names its product_uuid) is refused by one that cannot
 /// read its own product_uuid (no DMI): it cannot show the bundle is its own, and taking
 /// it would give it another VM's host key and machine-id.

@@ -66,3 +66,43 @@ fn vsock_listener_holds_its_port_and_bad_addresses_are_named() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Any process on the host can open a guest's vsock port, so the control channel is not
+/// served there unsigned: `channel` refuses to start, and `serve` goes on with the guest
+/// agent alone and says why.
+#[test]
+fn the_control_channel_on_vsock_needs_trusted_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = 40000 + ((std::process::id() + 7) % 20000);
+    let out = Command::new(AGENT)
+        .args(["channel", "-m", "vsock-listen", "-p", &format!("-1:{port}")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served: {err}");
+    assert!(err.contains("needs --trusted-keys"), "{err}");
+
+    let mut serve = Command::new(AGENT)
+        .args(["serve", "-m", "unix-listen", "-p"])
+        .arg(dir.path().join("qga.sock"))
+        .args(["--channel-method", "vsock-listen", "--channel-path"])
+        .arg(format!("-1:{port}"))
+        .arg("-t")
+        .arg(dir.path().join("state"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let up = nixseed_test_support::wait_for(Duration::from_secs(20), || {
+        dir.path().join("qga.sock").exists()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let still = serve.try_wait().unwrap().is_none();
+    let _ = serve.kill();
+    let out = serve.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(up && still, "the guest agent must keep serving: {err}");
+    assert!(
+        err.contains("not serving the control channel") && err.contains("needs --trusted-keys"),
+        "{err}"
+    );
+}

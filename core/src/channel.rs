@@ -120,16 +120,31 @@ struct Envelope {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
-    #[error("control channel: frame of {0} bytes exceeds the {MAX_FRAME} byte limit")]
+    #[error("control channel: frame of {0} bytes exceeds the {MAX_FRAME} byte limit{hint}", hint = json_hint(*.0))]
     Oversized(usize),
     #[error("control channel: malformed frame: {0}")]
     Malformed(String),
     #[error(
         "control channel: protocol version {0} is not supported (this side speaks {PROTOCOL_VERSION})"
     )]
-    Version(u32),
+    Version(u64),
     #[error("control channel: bundle for {machine}: {detail}")]
     Bundle { machine: String, detail: String },
+}
+
+/// A length whose four bytes are JSON text (`{"re`, `{"er`) came from a guest agent's
+/// port, not the control channel: a slip of `--socket` that is easier named than read.
+fn json_hint(len: usize) -> &'static str {
+    let bytes = u32::try_from(len).unwrap_or(0).to_be_bytes();
+    if bytes[0] == b'{'
+        && bytes[1..]
+            .iter()
+            .all(|b| b.is_ascii_graphic() || *b == b' ')
+    {
+        " (its first bytes are JSON text: is this the guest agent's socket, not the control channel's?)"
+    } else {
+        ""
+    }
 }
 
 pub fn encode(message: &Message) -> Vec<u8> {
@@ -148,6 +163,10 @@ pub fn encode_with_id(message: &Message, id: Option<u64>) -> Vec<u8> {
     out.extend(body);
     out
 }
+
+/// The buffer a decoder keeps between requests; a larger one, grown for a large push,
+/// is given back once the push is read.
+const IDLE_BUFFER: usize = 64 * 1024;
 
 /// A streaming decoder: feed bytes as they arrive, take whole messages out.
 #[derive(Debug, Default)]
@@ -194,11 +213,15 @@ impl Decoder {
             return Ok(None);
         }
         let body: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
+        // A large push leaves no large buffer behind in an agent that idles for months.
+        if self.buf.capacity() > IDLE_BUFFER && self.buf.len() <= IDLE_BUFFER {
+            self.buf.shrink_to(IDLE_BUFFER);
+        }
         let value: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| FrameError::Malformed(e.to_string()))?;
         self.refused_id = value.get("id").and_then(serde_json::Value::as_u64);
-        let v = value.get("v").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
-        if v != PROTOCOL_VERSION {
+        let v = value.get("v").and_then(|v| v.as_u64()).unwrap_or(0);
+        if v != u64::from(PROTOCOL_VERSION) {
             return Err(FrameError::Version(v));
         }
         let env: Envelope =
@@ -360,6 +383,11 @@ mod tests {
         d.push(&(body.len() as u32).to_be_bytes());
         d.push(body);
         assert_eq!(d.next_message(), Err(FrameError::Version(2)));
+        // 2^32 + 1 is not version 1.
+        let body = br#"{"v":4294967297,"type":"status"}"#;
+        d.push(&(body.len() as u32).to_be_bytes());
+        d.push(body);
+        assert_eq!(d.next_message(), Err(FrameError::Version(4294967297)));
         let mut d = Decoder::default();
         d.push(&[0, 0, 0, 3, b'x', b'y', b'z']);
         assert!(matches!(d.next_message(), Err(FrameError::Malformed(_))));
@@ -385,6 +413,37 @@ mod tests {
         assert_eq!(d.refused_id(), Some(6));
         assert!(matches!(d.next_frame(), Err(FrameError::Malformed(_))));
         assert_eq!(d.refused_id(), None);
+    }
+
+    /// A guest agent's reply read as a frame is named for what it likely is.
+    #[test]
+    fn a_guest_agent_reply_read_as_a_frame_says_so() {
+        let mut d = Decoder::default();
+        d.push(br#"{"return": {}}"#);
+        let e = d.next_message().unwrap_err().to_string();
+        assert!(e.contains("is this the guest agent's socket"), "{e}");
+        let mut d = Decoder::default();
+        d.push(&[0x7f, 0, 0, 0, 0]);
+        let e = d.next_message().unwrap_err().to_string();
+        assert!(!e.contains("guest agent"), "{e}");
+    }
+
+    /// The agent's memory after a large push goes back to what it idles with.
+    #[test]
+    fn a_large_frame_leaves_no_large_buffer_behind() {
+        let mut files = files();
+        files.0.insert("user-data".into(), vec![b'#'; 600 * 1024]);
+        let big = encode(&Message::Push {
+            bundle: Bundle::from_files("web1", &files),
+        });
+        let mut d = Decoder::default();
+        for chunk in big.chunks(4096) {
+            d.push(chunk);
+        }
+        d.push(&encode(&Message::Status));
+        assert!(matches!(d.next_message(), Ok(Some(Message::Push { .. }))));
+        assert!(d.buf.capacity() <= IDLE_BUFFER, "{}", d.buf.capacity());
+        assert_eq!(d.next_message(), Ok(Some(Message::Status)));
     }
 
     #[test]

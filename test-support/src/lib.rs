@@ -111,9 +111,21 @@ pub fn spawn_channel_guest(
     sock: &Path,
     stderr: std::process::Stdio,
 ) -> io::Result<std::process::Child> {
+    spawn_channel_guest_with(agent, root, sock, stderr, "")
+}
+
+/// [`spawn_channel_guest`] with `channel_args` (shell words) added to the `channel`
+/// command only, such as `--trusted-keys FILE`.
+pub fn spawn_channel_guest_with(
+    agent: &Path,
+    root: &Path,
+    sock: &Path,
+    stderr: std::process::Stdio,
+    channel_args: &str,
+) -> io::Result<std::process::Child> {
     let args = agent_args(root);
     let script = format!(
-        "{a} initrd {args} 2>/dev/null && exec {a} channel -m unix-listen -p {} {args}",
+        "{a} initrd {args} 2>/dev/null && exec {a} channel -m unix-listen -p {} {args} {channel_args}",
         sock.display(),
         a = agent.display()
     );
