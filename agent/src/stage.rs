@@ -145,26 +145,44 @@ const ETC_FILES: [&str; 4] = [
     identity::HOSTS,
 ];
 
-/// The guest's NICs from sysfs, for matching `mac_address` entries.
+/// The guest's NICs from sysfs, for matching `mac_address` entries, picked as
+/// cloud-init's `get_interfaces` picks them. A live push runs with bonds, bridges and
+/// VLANs up, and they carry a member's MAC: those devices, and any whose address is
+/// another device's (`addr_assign_type` 2), are passed over, and a bond member is known
+/// by its own permanent MAC (`bonding_slave/perm_hwaddr`), not the bond's it now shows.
+/// A device with no MAC or an all-zero one (a tunnel) is passed over too.
 pub fn links(host: &Path) -> Vec<Link> {
     let dir = host.join("sys/class/net");
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(&dir) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name == "lo" {
+            let dev = e.path();
+            if name == "lo" || is_virtual_link(&dev) {
                 continue;
             }
-            if let Ok(mac) = std::fs::read_to_string(e.path().join("address")) {
-                out.push(Link {
-                    name,
-                    mac: mac.trim().to_ascii_lowercase(),
-                });
+            let mac = std::fs::read_to_string(dev.join("bonding_slave/perm_hwaddr"))
+                .or_else(|_| std::fs::read_to_string(dev.join("address")));
+            let Ok(mac) = mac else { continue };
+            let mac = mac.trim().to_ascii_lowercase();
+            if mac.is_empty() || mac.chars().all(|c| c == '0' || c == ':') {
+                continue;
             }
+            out.push(Link { name, mac });
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// A bond, bridge or VLAN, or a device whose MAC was taken from another
+/// (`addr_assign_type` 2: "stolen"), by its sysfs directory.
+fn is_virtual_link(dev: &Path) -> bool {
+    let read = |f: &str| std::fs::read_to_string(dev.join(f)).unwrap_or_default();
+    dev.join("bonding").is_dir()
+        || dev.join("bridge").is_dir()
+        || read("uevent").lines().any(|l| l == "DEVTYPE=vlan")
+        || read("addr_assign_type").trim() == "2"
 }
 
 /// Finds a seed, decides, writes a generation if needed, and binds the current one.
@@ -845,6 +863,96 @@ pub fn summary(stage: &str, o: &Outcome) -> String {
 mod tests {
     use super::*;
     use nixseed_core::identity::IdentityFile;
+
+    /// A fake `/sys/class/net` as a running guest with an active-backup bond shows it:
+    /// both members and the bond show the first member's MAC, the bridge a port's. The
+    /// network-config names the members by their own MACs, which must find them.
+    #[test]
+    fn bonds_bridges_and_vlans_are_not_taken_for_the_nic_a_mac_names() {
+        let host = tempfile::tempdir().unwrap();
+        let net = host.path().join("sys/class/net");
+        let dev = |name: &str, files: &[(&str, &str)]| {
+            let d = net.join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            for (f, text) in files {
+                if let Some(parent) = Path::new(f).parent() {
+                    std::fs::create_dir_all(d.join(parent)).unwrap();
+                }
+                std::fs::write(d.join(f), text).unwrap();
+            }
+        };
+        let first = "fa:16:3e:00:00:01\n";
+        dev("lo", &[("address", "00:00:00:00:00:00\n")]);
+        dev(
+            "bond0",
+            &[
+                ("address", first),
+                ("addr_assign_type", "3\n"),
+                ("bonding/mode", "active-backup 1\n"),
+            ],
+        );
+        dev(
+            "ens3",
+            &[
+                ("address", first),
+                ("addr_assign_type", "0\n"),
+                ("bonding_slave/perm_hwaddr", first),
+            ],
+        );
+        dev(
+            "ens4",
+            &[
+                ("address", first),
+                ("addr_assign_type", "0\n"),
+                ("bonding_slave/perm_hwaddr", "FA:16:3E:00:00:02\n"),
+            ],
+        );
+        dev(
+            "br0",
+            &[
+                ("address", "52:54:00:aa:bb:cc\n"),
+                ("addr_assign_type", "3\n"),
+                ("bridge/stp_state", "0\n"),
+            ],
+        );
+        dev(
+            "ens5",
+            &[
+                ("address", "52:54:00:aa:bb:cc\n"),
+                ("addr_assign_type", "0\n"),
+            ],
+        );
+        dev(
+            "ens5.10",
+            &[
+                ("address", "52:54:00:aa:bb:cc\n"),
+                ("addr_assign_type", "2\n"),
+                ("uevent", "DEVTYPE=vlan\nINTERFACE=ens5.10\n"),
+            ],
+        );
+        dev(
+            "vlan20",
+            &[
+                ("address", "52:54:00:aa:bb:cc\n"),
+                ("uevent", "DEVTYPE=vlan\n"),
+            ],
+        );
+        dev("tun0", &[("address", "\n"), ("addr_assign_type", "0\n")]);
+        dev("wg0", &[("address", "00:00:00:00:00:00\n")]);
+        let got: Vec<(String, String)> = links(host.path())
+            .into_iter()
+            .map(|l| (l.name, l.mac))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("ens3", "fa:16:3e:00:00:01"),
+                ("ens4", "fa:16:3e:00:00:02"),
+                ("ens5", "52:54:00:aa:bb:cc"),
+            ]
+            .map(|(n, m)| (n.to_string(), m.to_string()))
+        );
+    }
 
     fn tree(files: &[(&str, &str)]) -> IdentityTree {
         files

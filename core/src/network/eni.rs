@@ -100,7 +100,13 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<NetworkConfig, NetworkEr
                 .map(|(_, v)| v.clone())
         };
         let at = format!("line {} (iface {} {})", st.line, st.iface, st.family);
-        let idx = match index.get(&st.iface) {
+        // An alias stanza (`eth0:1`) adds its address to its device, as cloud-init reads
+        // it: `eth0:1` is no interface of its own.
+        let dev = st
+            .iface
+            .split_once(':')
+            .map_or(st.iface.as_str(), |(d, _)| d);
+        let idx = match index.get(dev) {
             Some(&i) => i,
             None if index.len() >= MAX_INTERFACES => {
                 return Err(invalid(
@@ -112,10 +118,10 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<NetworkConfig, NetworkEr
                 ));
             }
             None => {
-                index.insert(st.iface.clone(), cfg.interfaces.len());
+                index.insert(dev.to_string(), cfg.interfaces.len());
                 cfg.interfaces.push(Interface {
-                    id: st.iface.clone(),
-                    kind: if st.iface == "lo" {
+                    id: dev.to_string(),
+                    kind: if dev == "lo" {
                         InterfaceKind::Loopback
                     } else {
                         InterfaceKind::Physical

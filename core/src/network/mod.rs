@@ -344,6 +344,34 @@ mod tests {
         );
     }
 
+    /// With `net.ifnames=0`, the NIC of the second entry (`eth1`, MAC …:02) is the
+    /// guest's `eth0` while the first entry's NIC (`eth0`, MAC …:01) has not appeared:
+    /// both files are written, the absent one under its MAC too, and neither replaces the
+    /// other (the static address reaches the first NIC when it comes).
+    #[test]
+    fn an_absent_nic_s_config_name_taken_by_another_nic_loses_nothing() {
+        let c = config(
+            "version: 1\nconfig:\n  - {type: physical, name: eth0, mac_address: 'bc:24:11:5e:7a:01', subnets: [{type: static, address: 10.20.30.40/24, gateway: 10.20.30.1}]}\n  - {type: physical, name: eth1, mac_address: 'bc:24:11:5e:7a:02', subnets: [{type: dhcp4}]}\n",
+        );
+        let links = [Link {
+            name: "eth0".into(),
+            mac: "bc:24:11:5e:7a:02".into(),
+        }];
+        let files = render_networkd(&c, &links).unwrap();
+        let present = &files["10-cloud-init-eth0.network"];
+        assert!(
+            present.contains("Name=eth0") && present.contains("DHCP=ipv4"),
+            "{files:?}"
+        );
+        let absent = &files["10-cloud-init-eth0-bc24115e7a01.network"];
+        assert!(
+            absent.contains("MACAddress=bc:24:11:5e:7a:01\nType=ether")
+                && absent.contains("Address=10.20.30.40/24"),
+            "{files:?}"
+        );
+        assert_eq!(files.len(), 2, "{files:?}");
+    }
+
     #[test]
     fn a_nic_not_yet_present_is_matched_by_its_mac_alone() {
         let c = config(
@@ -499,6 +527,30 @@ mod tests {
         }
     }
 
+    /// An alias stanza (`eth0:1`) is a second address of its device, as cloud-init reads
+    /// it: one file for eth0 with both addresses, and a single-NIC guest still binds it.
+    #[test]
+    fn an_eni_alias_adds_its_address_to_its_device() {
+        let mut c = parse_eni(
+            "auto eth0\niface eth0 inet static\n    address 10.0.0.5\n    netmask 255.255.255.0\n    gateway 10.0.0.1\nauto eth0:1\niface eth0:1 inet static\n    address 10.0.1.5\n    netmask 255.255.255.0\n",
+            "openstack/content/0000",
+        )
+        .unwrap();
+        assert_eq!(c.interfaces.len(), 1);
+        let links = [Link {
+            name: "ens18".into(),
+            mac: "bc:24:11:5e:7a:01".into(),
+        }];
+        adopt_single_link(&mut c, &links);
+        let files = render_networkd(&c, &links).unwrap();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let unit = &files["10-cloud-init-ens18.network"];
+        assert!(
+            unit.contains("Address=10.0.0.5/24") && unit.contains("Address=10.0.1.5/24"),
+            "{unit}"
+        );
+    }
+
     #[test]
     fn eni_merges_inet_and_inet6_and_reads_proxmox_dns() {
         let c = parse_eni(
@@ -548,9 +600,6 @@ mod tests {
 /// the interface is bound to that NIC by MAC — the only reading under which the config can
 /// apply at all. Anything ambiguous is left as written.
 pub fn adopt_single_link(cfg: &mut NetworkConfig, links: &[Link]) {
-    let [link] = links else {
-        return;
-    };
     let mut physical = cfg
         .interfaces
         .iter_mut()
@@ -558,10 +607,27 @@ pub fn adopt_single_link(cfg: &mut NetworkConfig, links: &[Link]) {
     let (Some(iface), None) = (physical.next(), physical.next()) else {
         return;
     };
-    if iface.mac.is_none() && iface.set_name.is_none() && iface.id != link.name {
-        iface.mac = Some(link.mac.clone());
-        iface.rename_by_mac = true;
+    if iface.mac.is_some() || iface.set_name.is_some() || links.iter().any(|l| l.name == iface.id) {
+        return;
     }
+    let [link] = links else {
+        // Left as written: the files name a NIC the guest does not have, and the
+        // journal says why, since nothing else will.
+        tracing::warn!(
+            "the network-config's interface {} carries no MAC and the guest has no NIC of that name; it is bound to the guest's NIC only when there is exactly one, and {} NICs are seen ({}): the files are written for {} as named",
+            iface.id,
+            links.len(),
+            links
+                .iter()
+                .map(|l| l.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            iface.id
+        );
+        return;
+    };
+    iface.mac = Some(link.mac.clone());
+    iface.rename_by_mac = true;
 }
 
 #[cfg(test)]

@@ -259,7 +259,9 @@ pub(super) fn render(
         }
 
         let physical = iface.kind == InterfaceKind::Physical;
-        if physical && iface.rename_by_mac && iface.mac.is_some() && nic(iface, links).is_none() {
+        let by_mac_alone =
+            physical && iface.rename_by_mac && iface.mac.is_some() && nic(iface, links).is_none();
+        if by_mac_alone {
             // No NIC has the MAC yet (its driver is not in the initrd, or it is plugged in
             // later): the name it will have is not known, so the MAC alone matches it, and
             // `Type=ether` keeps bonds and VLANs, which take a member's MAC, out.
@@ -378,9 +380,30 @@ pub(super) fn render(
             }
         }
 
-        let file = format!("10-cloud-init-{name}.network");
+        let mut file = format!("10-cloud-init-{name}.network");
+        // A NIC matched by its MAC alone keeps its config name (`eth0`), which can be the
+        // name of a guest NIC another entry's MAC found: the file then takes the MAC
+        // too, so neither replaces the other (cloud-init writes both).
+        let taken = |id: &str| {
+            cfg.interfaces
+                .iter()
+                .any(|o| o.id != id && name_of(&o.id) == name)
+        };
+        if by_mac_alone && taken(&iface.id) {
+            let mac: String = iface
+                .mac
+                .iter()
+                .flat_map(|m| m.chars())
+                .filter(char::is_ascii_hexdigit)
+                .collect();
+            file = format!("10-cloud-init-{name}-{}.network", mac.to_ascii_lowercase());
+        }
         let text = u.finish().map_err(|e| format!("{file}: {e}"))?;
-        files.insert(file, text);
+        if files.insert(file.clone(), text).is_some() {
+            tracing::warn!(
+                "{file}: two interfaces of the network-config resolve to one name; the later one is written"
+            );
+        }
     }
     Ok(files)
 }
