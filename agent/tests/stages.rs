@@ -961,6 +961,24 @@ fn a_token_without_a_seed_location_is_merged_over_the_seed_directory() {
     assert!(keys.contains("FromTheSeedDirectory"), "{keys}\n{err}");
 }
 
+/// A URL in `s=` (cloud-init's NoCloudNet fetches it) is not read, and the journal says
+/// so, naming it: the token's own `i=`/`h=` still make the seed.
+#[test]
+fn a_seed_url_on_the_command_line_is_named_as_not_read() {
+    let vm = Vm::new();
+    let (out, s) = boot_cmdline(
+        &vm,
+        "ro ds=nocloud;s=http://10.0.0.1:8000/;i=iid-7;h=web7\n",
+    );
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert_eq!(etc(&s, "hostname"), "web7\n");
+    assert!(
+        err.contains("seedfrom \"http://10.0.0.1:8000/\" is not read"),
+        "{err}"
+    );
+}
+
 #[test]
 fn cmdline_and_smbios_serial_tokens_are_sources() {
     let vm = Vm::new();
@@ -1037,6 +1055,14 @@ fn systemd_credentials_from_smbios_type_11_are_a_source() {
         vm.identity("admin_authorized_keys"),
         b"ssh-ed25519 AAAACRED root\n"
     );
+
+    // An FQDN is the machine's name as given, as systemd sets it.
+    let mut raw = vec![11u8, 5, 0, 0, 1];
+    raw.extend_from_slice(b"io.systemd.credential:system.hostname=vm1.example.com\0\0");
+    std::fs::write(entry.join("raw"), raw).unwrap();
+    let (out, s) = boot_cmdline(&vm, "ro\n");
+    assert!(s.contains("rc=0"), "{s}\n{}", stderr(&out));
+    assert_eq!(etc(&s, "hostname"), "vm1.example.com\n");
 }
 
 /// Credentials as systemd reads them: the SMBIOS entries in numeric order up to the first

@@ -12,17 +12,6 @@ pub struct ConfigDriveError {
     pub detail: String,
 }
 
-#[derive(Debug, Deserialize, Default)]
-struct RawMeta {
-    uuid: Option<String>,
-    hostname: Option<String>,
-    #[serde(default)]
-    public_keys: PublicKeys,
-    network_config: Option<NetworkRef>,
-    /// Nova's injected ("personality") files, which nixseed does not write.
-    files: Option<serde_json::Value>,
-}
-
 /// `public_keys` in every shape cloud-init accepts (`normalize_pubkey_data`): Nova's
 /// `{"name": "key"}`, a list per name, a plain list or one string. What is not a string
 /// is passed over, as cloud-init passes it over.
@@ -63,11 +52,6 @@ impl PublicKeys {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct NetworkRef {
-    content_path: Option<String>,
-}
-
 /// The parts of `meta_data.json` nixseed uses.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConfigDriveMeta {
@@ -79,6 +63,8 @@ pub struct ConfigDriveMeta {
     pub network_path: Option<String>,
     /// What was read and not used, each naming the file.
     pub warnings: Vec<String>,
+    /// `"meta": {"dsmode": "disabled"}`: cloud-init does not claim such a drive.
+    pub disabled: bool,
 }
 
 pub fn parse_meta_data(bytes: &[u8], origin: &str) -> Result<ConfigDriveMeta, ConfigDriveError> {
@@ -86,36 +72,55 @@ pub fn parse_meta_data(bytes: &[u8], origin: &str) -> Result<ConfigDriveMeta, Co
         origin: origin.to_string(),
         detail,
     };
-    // Through a JSON value first: a key given twice keeps its last value, as Python's
-    // json (and so cloud-init) reads it, instead of refusing the file.
+    // Through a JSON value: a key given twice keeps its last value, as Python's json
+    // (and so cloud-init) reads it, instead of refusing the file.
     let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| fail(format!("malformed JSON: {e}")))?;
-    let raw: RawMeta =
-        serde_json::from_value(value).map_err(|e| fail(format!("unexpected content: {e}")))?;
+    let Some(meta) = value.as_object() else {
+        return Err(fail(format!(
+            "expected a JSON object, found {}",
+            json_kind(&value)
+        )));
+    };
+    // A string, or a number as cloud-init takes it (`"uuid": 12345` is instance 12345).
+    let text =
+        |at: &str, v: Option<&serde_json::Value>| -> Result<Option<String>, ConfigDriveError> {
+            match v {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
+                Some(other) => Err(fail(format!(
+                    "key `{at}`: expected a string, found {}",
+                    json_kind(other)
+                ))),
+            }
+        };
     // cloud-init refuses a drive without one (`BrokenMetadata`): it is the instance-id,
     // so a fixed stand-in would hide every later change of the drive.
-    let Some(uuid) = raw.uuid.filter(|u| !u.trim().is_empty()) else {
+    let Some(uuid) = text("uuid", meta.get("uuid"))?.filter(|u| !u.trim().is_empty()) else {
         return Err(fail(
             "no `uuid`: it is the instance-id, and cloud-init refuses a drive without it too"
                 .into(),
         ));
     };
     // `network_config: {}` names no file, and cloud-init passes it over.
-    let network_path = match raw.network_config.and_then(|n| n.content_path) {
+    let content_path = meta
+        .get("network_config")
+        .and_then(|n| n.get("content_path"));
+    let network_path = match text("network_config.content_path", content_path)? {
         Some(path) => {
             let rel = path.trim_start_matches('/');
             if rel.split('/').any(|c| c == ".." || c.is_empty()) {
-                return Err(ConfigDriveError {
-                    origin: origin.to_string(),
-                    detail: format!("network_config.content_path '{path}' leaves the drive"),
-                });
+                return Err(fail(format!(
+                    "network_config.content_path '{path}' leaves the drive"
+                )));
             }
             Some(rel.to_string())
         }
         None => None,
     };
     let mut warnings = Vec::new();
-    if let Some(serde_json::Value::Array(files)) = &raw.files
+    if let Some(serde_json::Value::Array(files)) = meta.get("files")
         && !files.is_empty()
     {
         let paths: Vec<&str> = files
@@ -127,14 +132,23 @@ pub fn parse_meta_data(bytes: &[u8], origin: &str) -> Result<ConfigDriveMeta, Co
             paths.join(", ")
         ));
     }
+    let public_keys = match meta.get("public_keys") {
+        None => PublicKeys::default(),
+        Some(v) => serde_json::from_value(v.clone()).unwrap_or(PublicKeys::Other(v.clone())),
+    };
+    let dsmode = meta
+        .get("meta")
+        .and_then(|m| m.get("dsmode"))
+        .and_then(serde_json::Value::as_str);
     Ok(ConfigDriveMeta {
         instance_id: uuid,
         // Only `hostname`, as cloud-init copies it to `local-hostname`: Nova's `name` is
         // the display name ("My VM"), not a host name. An empty one names no host.
-        hostname: raw.hostname.filter(|h| !h.is_empty()),
-        public_keys: raw.public_keys.into_keys(),
+        hostname: text("hostname", meta.get("hostname"))?.filter(|h| !h.is_empty()),
+        public_keys: public_keys.into_keys(),
         network_path,
         warnings,
+        disabled: dsmode == Some("disabled"),
     })
 }
 
@@ -289,6 +303,51 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// As Python's json gives it to cloud-init: a numeric uuid is that instance-id; a key
+    /// of a kind no reading makes sense of is refused by its name.
+    #[test]
+    fn numbers_are_read_as_text_and_a_wrong_kind_names_its_key() {
+        let m = parse_meta_data(br#"{"uuid": 12345, "hostname": "web1"}"#, "m").unwrap();
+        assert_eq!(m.instance_id, "12345");
+        for (json, key, kind) in [
+            (r#"{"uuid": ["a"]}"#, "uuid", "a list"),
+            (
+                r#"{"uuid": "a", "hostname": {"x": 1}}"#,
+                "hostname",
+                "an object",
+            ),
+            (
+                r#"{"uuid": "a", "network_config": {"content_path": true}}"#,
+                "network_config.content_path",
+                "a boolean",
+            ),
+        ] {
+            let e = parse_meta_data(
+                json.as_bytes(),
+                "configdrive:/dev/sr0/latest/meta_data.json",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("key `{key}`: expected a string, found {kind}"))
+                    && e.starts_with("configdrive:/dev/sr0/latest/meta_data.json"),
+                "{json}: {e}"
+            );
+        }
+        let e = parse_meta_data(b"[1]", "m").unwrap_err().to_string();
+        assert!(e.contains("expected a JSON object, found a list"), "{e}");
+    }
+
+    /// `"meta": {"dsmode": "disabled"}` is a drive cloud-init does not claim, as NoCloud's
+    /// `dsmode: disabled`.
+    #[test]
+    fn a_drive_whose_meta_says_dsmode_disabled_is_marked() {
+        let m = parse_meta_data(br#"{"uuid": "a", "meta": {"dsmode": "disabled"}}"#, "m").unwrap();
+        assert!(m.disabled);
+        let m = parse_meta_data(br#"{"uuid": "a", "meta": {"dsmode": "local"}}"#, "m").unwrap();
+        assert!(!m.disabled);
     }
 
     #[test]

@@ -280,7 +280,7 @@ impl Seed {
             vendor,
             network,
             network_from_eni,
-            disabled: false,
+            disabled: meta.disabled,
             digest: files.digest(),
             files: files.clone(),
             warnings,
@@ -344,8 +344,12 @@ impl Seed {
                 .collect(),
         );
         let digest = files.digest();
+        // systemd names the machine by the credential as given, an FQDN included: as
+        // cloud-config, that is the FQDN preferred over its short name.
+        let fqdn = hostname.as_ref().is_some_and(|h| h.contains('.'));
         let mut user = CloudConfig {
             hostname,
+            prefer_fqdn_over_hostname: fqdn.then_some(true),
             ..CloudConfig::default()
         };
         user.nixseed.machine_id = machine_id;

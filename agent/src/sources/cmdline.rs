@@ -10,6 +10,17 @@ use nixseed_core::seed::{Seed, SeedFiles};
 use super::{Env, Source, nocloud};
 
 fn from_token(env: &Env, tok: &DsToken, source: &str) -> Result<Option<Seed>> {
+    // cloud-init's NoCloudNet fetches a URL; nixseed reads no network at boot, and says
+    // so rather than booting as if the token had named nothing.
+    if let Some(url) = tok
+        .seedfrom
+        .as_deref()
+        .filter(|_| tok.local_seed_dir().is_none())
+    {
+        tracing::warn!(
+            "{source}: seedfrom {url:?} is not read: nixseed reads only a local directory (s=/path/ or s=file:///path/); the seed at that address, its user-data and keys, is not applied"
+        );
+    }
     if let Some(dir) = tok.local_seed_dir() {
         let dir = env.sysroot_path(dir);
         let named = format!("{source}:{}", dir.display());

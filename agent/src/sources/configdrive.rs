@@ -24,24 +24,34 @@ impl Source for BlockConfigDrive {
         true
     }
 
-    /// Every `config-2` device in turn; one without `openstack/latest/meta_data.json` does
-    /// not hide the next one.
+    /// Every `config-2` device in turn; one without `openstack/latest/meta_data.json`, or
+    /// one that cannot be read, does not hide the next one (cloud-init logs a broken drive
+    /// and tries the next). When no device gives a seed, the first failure is the answer:
+    /// a broken drive is not "no seed".
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
+        let mut failed: Option<anyhow::Error> = None;
         for dev in env
             .block_devices()
             .iter()
             .filter(|d| label::is_configdrive_label(&d.label))
         {
-            if let Some(seed) = from_device(env, dev)? {
-                return Ok(Some(seed));
+            match from_device(env, dev) {
+                Ok(Some(seed)) => return Ok(Some(seed)),
+                Ok(None) => tracing::warn!(
+                    "{}: labelled {} but holds no openstack/latest/meta_data.json",
+                    dev.node.display(),
+                    dev.label
+                ),
+                Err(e) => {
+                    tracing::warn!("{e:#}; trying the next config-2 device");
+                    failed.get_or_insert(e);
+                }
             }
-            tracing::warn!(
-                "{}: labelled {} but holds no openstack/latest/meta_data.json",
-                dev.node.display(),
-                dev.label
-            );
         }
-        Ok(None)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
     }
 }
 
