@@ -1065,6 +1065,46 @@ fn systemd_credentials_from_smbios_type_11_are_a_source() {
     assert_eq!(etc(&s, "hostname"), "vm1.example.com\n");
 }
 
+/// Credentials from QEMU's fw_cfg (`-fw_cfg name=opt/io.systemd.credentials/NAME,…`, as
+/// the `qemu_fw_cfg` driver shows them) and the kernel command line
+/// (`systemd.set_credential=`), in systemd's order: fw_cfg, then SMBIOS, then the command
+/// line, the first value of a name kept.
+#[test]
+fn fw_cfg_and_command_line_credentials_are_read_in_systemd_s_order() {
+    let vm = Vm::new();
+    let fw = vm.p("host/sys/firmware/qemu_fw_cfg/by_name/opt/io.systemd.credentials");
+    std::fs::create_dir_all(fw.join("system.hostname")).unwrap();
+    std::fs::write(fw.join("system.hostname/raw"), "from-fw-cfg").unwrap();
+    let smbios = vm.p("host/sys/firmware/dmi/entries/11-0");
+    std::fs::create_dir_all(&smbios).unwrap();
+    let mut raw = vec![11u8, 5, 0, 0, 2];
+    raw.extend_from_slice(b"io.systemd.credential:system.hostname=from-smbios\0");
+    raw.extend_from_slice(
+        b"io.systemd.credential:system.machine_id=0123456789abcdef0123456789abcdef\0\0",
+    );
+    std::fs::write(smbios.join("raw"), raw).unwrap();
+    let (out, s) = boot_cmdline(
+        &vm,
+        "ro systemd.set_credential=system.machine_id:fedcba9876543210fedcba9876543210 systemd.set_credential=ssh.authorized_keys.root:\"ssh-ed25519 AAAACMDLINE root\"\n",
+    );
+    let err = stderr(&out);
+    assert!(s.contains("rc=0"), "{s}\n{err}");
+    assert_eq!(etc(&s, "hostname"), "from-fw-cfg\n");
+    assert_eq!(etc(&s, "machine-id"), "0123456789abcdef0123456789abcdef\n");
+    assert_eq!(
+        vm.identity("admin_authorized_keys"),
+        b"ssh-ed25519 AAAACMDLINE root\n"
+    );
+    assert!(
+        err.contains("source credentials:fw_cfg+smbios+cmdline"),
+        "{err}"
+    );
+    assert!(
+        err.contains("11-0/raw: credential system.hostname is set twice"),
+        "{err}"
+    );
+}
+
 /// Credentials as systemd reads them: the SMBIOS entries in numeric order up to the first
 /// number missing, with the first value of a name kept (`11-2` before `11-10`), a machine-id in UUID form or `firmware`
 /// (the product UUID), and a credential systemd would ignore dropped alone.

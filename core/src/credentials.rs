@@ -1,6 +1,8 @@
-//! systemd credentials passed through SMBIOS type 11 OEM strings
-//! (`io.systemd.credential:NAME=VALUE`, `io.systemd.credential.binary:NAME=BASE64`).
-//! nixseed reads the well-known names systemd itself uses for first boot.
+//! systemd credentials passed by the VM's host: QEMU fw_cfg entries
+//! (`opt/io.systemd.credentials/NAME`), SMBIOS type 11 OEM strings
+//! (`io.systemd.credential:NAME=VALUE`, `io.systemd.credential.binary:NAME=BASE64`) and
+//! the kernel command line (`systemd.set_credential=NAME:VALUE`). nixseed reads the
+//! well-known names systemd itself uses for first boot.
 
 use std::collections::BTreeMap;
 
@@ -97,6 +99,65 @@ pub fn machine_id_from_credential(
     Ok(hex)
 }
 
+/// The credentials on a kernel command line, as systemd's PID 1 imports them:
+/// `systemd.set_credential=NAME:VALUE` and `systemd.set_credential_binary=NAME:BASE64`,
+/// in order. Words are split as systemd splits them: at blanks outside double quotes,
+/// the quotes removed (`systemd.set_credential=ssh.authorized_keys.root:"ssh-ed25519 AAAA…"`).
+pub fn parse_cmdline(cmdline: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for word in cmdline_words(cmdline) {
+        let (value, binary) = if let Some(v) = word.strip_prefix("systemd.set_credential=") {
+            (v, false)
+        } else if let Some(v) = word.strip_prefix("systemd.set_credential_binary=") {
+            (v, true)
+        } else {
+            continue;
+        };
+        let Some((name, value)) = value.split_once(':') else {
+            continue;
+        };
+        let bytes = match binary {
+            false => Some(value.as_bytes().to_vec()),
+            true => base64_decode(value),
+        };
+        if let Some(bytes) = bytes.filter(|_| !name.is_empty()) {
+            out.push((name.to_string(), bytes));
+        }
+    }
+    out
+}
+
+/// A command line's words: blanks outside double quotes separate them, and the quotes
+/// themselves are dropped.
+fn cmdline_words(text: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    let mut started = false;
+    for c in text.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                started = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if started {
+                    words.push(std::mem::take(&mut word));
+                    started = false;
+                }
+            }
+            c => {
+                word.push(c);
+                started = true;
+            }
+        }
+    }
+    if started {
+        words.push(word);
+    }
+    words
+}
+
 /// One OEM string, as also accepted from the kernel command line (`systemd.set_credential=`).
 pub fn parse_oem_string(s: &str) -> Option<(String, Vec<u8>)> {
     if let Some(rest) = s.strip_prefix("io.systemd.credential.binary:") {
@@ -132,6 +193,33 @@ pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod cmdline_tests {
+    use super::*;
+
+    #[test]
+    fn command_line_credentials_are_split_as_systemd_splits_them() {
+        let got = parse_cmdline(
+            "ro quiet systemd.set_credential=system.hostname:web7 systemd.set_credential=ssh.authorized_keys.root:\"ssh-ed25519 AAAAQ root@h\" systemd.set_credential_binary=system.machine_id:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY= systemd.set_credential=nocolon systemd.set_credential=:empty\n",
+        );
+        assert_eq!(
+            got,
+            [
+                ("system.hostname", b"web7".to_vec()),
+                (
+                    "ssh.authorized_keys.root",
+                    b"ssh-ed25519 AAAAQ root@h".to_vec()
+                ),
+                (
+                    "system.machine_id",
+                    b"0123456789abcdef0123456789abcdef".to_vec()
+                ),
+            ]
+            .map(|(n, v)| (n.to_string(), v))
+        );
+    }
 }
 
 #[cfg(test)]

@@ -183,7 +183,7 @@ pub static ORDER: &[&dyn Source] = &[
     &cmdline::SmbiosSerialNoCloud,
     &nocloud::SeedDirNoCloud,
     &configdrive::BlockConfigDrive,
-    &credentials::SmbiosCredentials,
+    &credentials::SystemdCredentials,
     &channel::ControlChannel,
 ];
 
