@@ -514,6 +514,8 @@ in
           "virtio_pci"
           "virtio_blk"
           "virtio_console"
+          # systemd credentials in QEMU's fw_cfg (`-fw_cfg name=opt/io.systemd.credentials/…`).
+          "qemu_fw_cfg"
         ];
       })
 

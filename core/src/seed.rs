@@ -91,11 +91,9 @@ fn legacy_passwords(
     user_origin: &str,
     vendors: &mut [(CloudConfig, String)],
 ) {
-    let chpasswd = std::iter::once(&*user)
+    let chpasswd_names_anyone = std::iter::once(&*user)
         .chain(vendors.iter().map(|(v, _)| v))
-        .map(|c| c.chpasswd.hashes())
-        .find(|c| !c.is_empty())
-        .unwrap_or_default();
+        .any(|c| c.chpasswd.names_anyone());
     let mut configs: Vec<(&mut CloudConfig, &str)> = std::iter::once((user, user_origin))
         .chain(vendors.iter_mut().map(|(v, from)| (v, from.as_str())))
         .collect();
@@ -115,7 +113,7 @@ fn legacy_passwords(
         .unwrap_or(0);
     let (config, _) = &mut configs[owner];
     config.password = Some(password);
-    userdata::apply_legacy_password(config, &chpasswd, from);
+    userdata::apply_legacy_password(config, chpasswd_names_anyone, from);
 }
 
 /// Names a file of a source for messages: `nocloud:/dev/sr0/user-data`.

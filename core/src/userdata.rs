@@ -127,6 +127,9 @@ pub struct CloudConfig {
 pub struct ChpasswdLists {
     users: Option<Vec<(String, String)>>,
     list: Option<Vec<(String, String)>>,
+    /// Some entry names an account, whatever its password (a clear-text or `RANDOM` one
+    /// is not kept): cloud-init then passes the legacy `password:` over.
+    names_anyone: bool,
 }
 
 impl ChpasswdLists {
@@ -139,6 +142,7 @@ impl ChpasswdLists {
             *self = part;
             return;
         }
+        self.names_anyone |= part.names_anyone;
         for (mine, theirs) in [(&mut self.users, part.users), (&mut self.list, part.list)] {
             match (mine, theirs) {
                 (_, None) => {}
@@ -161,6 +165,11 @@ impl ChpasswdLists {
     /// No entry in either list.
     pub fn is_empty(&self) -> bool {
         self.users.iter().chain(self.list.iter()).all(Vec::is_empty)
+    }
+
+    /// Some entry names an account, kept or not (see `names_anyone`).
+    pub fn names_anyone(&self) -> bool {
+        self.names_anyone || !self.is_empty()
     }
 }
 
@@ -685,7 +694,10 @@ fn merge_cloud_config(
             }
             "user" => {
                 let user = match value {
-                    Value::Mapping(m) => ctx.user(m, &mut config.warnings)?,
+                    Value::Mapping(m) => match ctx.user(m, &mut config.warnings)? {
+                        Some(u) => u,
+                        None => continue,
+                    },
                     v => User {
                         name: ctx.scalar(v)?,
                         ..User::default()
@@ -789,15 +801,11 @@ fn merge_cloud_config(
 /// of user-data and vendor-data together), and, as every password here, only as a crypt
 /// hash. Set after the account is made and locked, with `chpasswd -e`, it ends up
 /// unlocked. Each refusal is a warning naming `origin`.
-pub fn apply_legacy_password(
-    config: &mut CloudConfig,
-    chpasswd: &BTreeMap<String, String>,
-    origin: &str,
-) {
+pub fn apply_legacy_password(config: &mut CloudConfig, chpasswd_names_anyone: bool, origin: &str) {
     let Some(hash) = config.password.take() else {
         return;
     };
-    let why = if !chpasswd.is_empty() {
+    let why = if chpasswd_names_anyone {
         "'chpasswd' lists passwords, which win (as in cloud-init)"
     } else if !hash.starts_with('$') {
         let name = config.default_user.as_deref().unwrap_or("the default user");
@@ -838,14 +846,25 @@ fn upsert_user(users: &mut Vec<User>, user: User, front: bool) {
 }
 
 /// A later entry for a user named before adds to it (keys, groups, a password not set).
+/// A user named again, as cloud-init's `normalize_users_groups` merges the entries: what
+/// the first gave stays, and what only the later gives is added (its `sudo`, its
+/// `lock_passwd`, a password, keys or groups the first had none of).
 fn merge_into(existing: &mut User, user: User) {
     if existing.passwd.is_none() {
         existing.passwd = user.passwd;
     }
-    existing
-        .ssh_authorized_keys
-        .extend(user.ssh_authorized_keys);
-    existing.groups.extend(user.groups);
+    if existing.lock_passwd.is_none() {
+        existing.lock_passwd = user.lock_passwd;
+    }
+    if existing.sudo.is_empty() {
+        existing.sudo = user.sudo;
+    }
+    if existing.ssh_authorized_keys.is_empty() {
+        existing.ssh_authorized_keys = user.ssh_authorized_keys;
+    }
+    if existing.groups.is_empty() {
+        existing.groups = user.groups;
+    }
 }
 
 /// [`upsert_user`] for many at once, looking names up by a map rather than the list, so
@@ -1004,7 +1023,10 @@ impl Ctx<'_> {
         let mut users = Vec::new();
         for item in &items {
             let user = match item {
-                Value::Mapping(m) => self.user(m, warnings)?,
+                Value::Mapping(m) => match self.user(m, warnings)? {
+                    Some(u) => u,
+                    None => continue,
+                },
                 v => User {
                     name: self.scalar(v)?,
                     ..User::default()
@@ -1017,7 +1039,10 @@ impl Ctx<'_> {
         Ok(merged)
     }
 
-    fn user(&self, m: &Mapping, warnings: &mut Vec<String>) -> Result<User, UserDataError> {
+    /// One `users:` entry or the `user:` mapping; `None` for one without `name`, which is
+    /// passed over with a warning (cloud-init gives it to its distro's default user, which
+    /// nixseed does not make) rather than refusing the seed.
+    fn user(&self, m: &Mapping, warnings: &mut Vec<String>) -> Result<Option<User>, UserDataError> {
         // cloud-init reads `ssh-authorized-keys` as `ssh_authorized_keys`, and so on.
         let m: Mapping = m
             .iter()
@@ -1026,10 +1051,13 @@ impl Ctx<'_> {
                 None => (k.clone(), v.clone()),
             })
             .collect();
-        let name = m
-            .get("name")
-            .and_then(yaml::scalar_text)
-            .ok_or_else(|| self.err("a user entry lacks 'name'"))?;
+        let Some(name) = m.get("name").and_then(yaml::scalar_text) else {
+            warnings.push(format!(
+                "{}: key '{}': an entry without 'name' ignored (cloud-init gives it to the image's default user, which nixseed does not make)",
+                self.origin, self.key
+            ));
+            return Ok(None);
+        };
         for k in m.keys().filter_map(Value::as_str) {
             if !USER_KEYS.contains(&k) {
                 warnings.push(format!(
@@ -1041,14 +1069,17 @@ impl Ctx<'_> {
             }
         }
         let sub = |k: &str| m.get(k);
-        Ok(User {
+        Ok(Some(User {
             sudo: match sub("sudo") {
-                // `sudo: false` (or null) is no rule, as in cloud-init.
+                // `sudo: false` (or null, or "") is no rule, as in cloud-init; an empty
+                // rule would make an admin of the user and a sudoers line sudo refuses.
                 None | Some(Value::Null | Value::Bool(false)) => Vec::new(),
+                Some(Value::String(rule)) if rule.trim().is_empty() => Vec::new(),
                 Some(Value::String(rule)) => vec![rule.clone()],
                 Some(Value::Sequence(rules)) if rules.iter().all(Value::is_string) => rules
                     .iter()
                     .filter_map(Value::as_str)
+                    .filter(|r| !r.trim().is_empty())
                     .map(str::to_owned)
                     .collect(),
                 // cloud-init refuses anything else (`sudo: true` would be a rule `true`,
@@ -1071,14 +1102,15 @@ impl Ctx<'_> {
             passwd: sub("hashed_passwd")
                 .or_else(|| sub("passwd"))
                 .and_then(yaml::scalar_text),
-            lock_passwd: sub("lock_passwd").and_then(yaml::bool11),
+            // cloud-init: `if kwargs.get("lock_passwd", True)`, Python's truth.
+            lock_passwd: sub("lock_passwd").map(yaml::py_truth),
             groups: match sub("groups") {
                 Some(Value::String(s)) => s.split(',').map(|g| g.trim().to_string()).collect(),
                 Some(v) => yaml::string_list(v),
                 None => Vec::new(),
             },
             name,
-        })
+        }))
     }
 
     fn chpasswd(
@@ -1089,10 +1121,12 @@ impl Ctx<'_> {
         let Value::Mapping(m) = v else {
             return Err(self.err(format!("expected a mapping, found {}", yaml::kind(v))));
         };
+        let mut names_anyone = false;
         let users = m.get("users").map(|users| {
             let mut out = Vec::new();
             for u in users.as_sequence().into_iter().flatten() {
                 let name = u.get("name").and_then(yaml::scalar_text);
+                names_anyone |= name.is_some();
                 let pw = u.get("password").and_then(yaml::scalar_text);
                 if let (Some(name), Some(pw)) = (name, pw) {
                     self.hashed_only(&name, pw, &mut out, warnings);
@@ -1108,12 +1142,17 @@ impl Ctx<'_> {
             let mut out = Vec::new();
             for line in lines {
                 if let Some((name, pw)) = line.split_once(':') {
+                    names_anyone = true;
                     self.hashed_only(name.trim(), pw.trim().to_string(), &mut out, warnings);
                 }
             }
             out
         });
-        Ok(ChpasswdLists { users, list })
+        Ok(ChpasswdLists {
+            users,
+            list,
+            names_anyone,
+        })
     }
 
     /// Clear-text and random passwords are refused: nixseed never stores a clear-text
@@ -1482,8 +1521,8 @@ mod tests {
     /// against its own `chpasswd:` (no vendor-data).
     fn parse(bytes: &[u8], origin: &str) -> Result<CloudConfig, UserDataError> {
         let mut c = super::parse(bytes, origin)?;
-        let chpasswd = c.chpasswd.hashes();
-        apply_legacy_password(&mut c, &chpasswd, origin);
+        let names_anyone = c.chpasswd.names_anyone();
+        apply_legacy_password(&mut c, names_anyone, origin);
         Ok(c)
     }
 
@@ -2157,16 +2196,71 @@ hostname: {{ v1.local_hostname }}
                 .contains("user-data: key 'users': 1025 entries"),
             "{e}"
         );
+        // As cloud-init merges them: the first entry's values stay, and the later one's
+        // `sudo` and `lock_passwd`, which the first lacks, are added.
         let twice = parse(
-            b"#cloud-config\nusers: [{name: a, groups: x}, b, {name: a, groups: y}]\n",
+            b"#cloud-config\nusers: [{name: a, groups: x}, b, {name: a, groups: y, sudo: 'ALL=(ALL) ALL', lock_passwd: false}]\n",
             "user-data",
         )
         .unwrap();
         let a = &twice.users[0];
         assert_eq!(
             (twice.users.len(), a.groups.clone()),
-            (2, vec!["x".to_owned(), "y".to_owned()])
+            (2, vec!["x".to_owned()])
         );
+        assert_eq!(a.sudo, ["ALL=(ALL) ALL"]);
+        assert_eq!(a.lock_passwd, Some(false));
+        // `user: alice` first, her settings in `users:` after: the same account, with them.
+        let c = parse(
+            b"#cloud-config\nuser: alice\nusers: [{name: alice, sudo: 'ALL=(ALL) ALL', lock_passwd: false}]\n",
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.users.len(), 1);
+        assert_eq!(c.users[0].sudo, ["ALL=(ALL) ALL"]);
+        assert_eq!(c.users[0].lock_passwd, Some(false));
+    }
+
+    /// What cloud-init makes of odd `users:` entries: `sudo: ""` is no rule (an empty rule
+    /// would make an admin, whose keys log in as root, and a sudoers line sudo refuses); an
+    /// entry without `name` is passed over with a warning, and the rest of the seed
+    /// applies; `lock_passwd` is Python's truth of the value.
+    #[test]
+    fn empty_sudo_nameless_entries_and_lock_passwd_as_cloud_init_reads_them() {
+        let c = parse(
+            b"#cloud-config\nhostname: web1\nusers: [{name: s1, sudo: '', ssh_authorized_keys: [k1]}, {ssh_authorized_keys: [k2]}, {name: s2, sudo: ['', 'ALL=(ALL) ALL']}]\n",
+            "user-data",
+        )
+        .unwrap();
+        assert_eq!(c.hostname.as_deref(), Some("web1"));
+        let names: Vec<&str> = c.users.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["s1", "s2"]);
+        assert!(c.users[0].sudo.is_empty());
+        assert_eq!(c.users[1].sudo, ["ALL=(ALL) ALL"]);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("user-data: key 'users': an entry without 'name' ignored")),
+            "{:?}",
+            c.warnings
+        );
+        for (value, locked) in [
+            ("false", false),
+            ("true", true),
+            ("'false'", true),
+            ("no", false),
+            ("0", false),
+            ("1", true),
+            ("~", false),
+            ("''", false),
+        ] {
+            let c = parse(
+                format!("#cloud-config\nusers: [{{name: u, lock_passwd: {value}}}]\n").as_bytes(),
+                "user-data",
+            )
+            .unwrap();
+            assert_eq!(c.users[0].lock_passwd, Some(locked), "lock_passwd: {value}");
+        }
     }
 
     /// Switches read as cloud-init reads them (its `is_true`/`is_false`, checked with
@@ -2317,6 +2411,11 @@ hostname: {{ v1.local_hostname }}
         for (text, warning) in [
             (
                 "user: admin\npassword: $6$x$y\nchpasswd: {list: ['root:$6$a$b']}\n",
+                "'chpasswd' lists passwords",
+            ),
+            // An entry nixseed does not keep (a random password) still names someone.
+            (
+                "user: admin\npassword: $6$x$y\nchpasswd: {list: ['bob:RANDOM']}\n",
                 "'chpasswd' lists passwords",
             ),
             (

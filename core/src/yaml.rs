@@ -448,6 +448,27 @@ pub fn bool11(v: &Value) -> Option<bool> {
     }
 }
 
+/// What Python's `if value:` makes of a value PyYAML read, for keys cloud-init tests that
+/// way (`lock_passwd`). YAML 1.1's `yes`/`no`/`on`/`off`, which PyYAML reads as booleans
+/// and this parser as text, are booleans here too; `true`/`false` as text were quoted
+/// (unquoted, they are booleans already), and like any other non-empty text are true.
+/// Null, `0`, `""` and empty lists and mappings are false.
+pub fn py_truth(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => match s.as_str() {
+            "yes" | "Yes" | "YES" | "on" | "On" | "ON" => true,
+            "no" | "No" | "NO" | "off" | "Off" | "OFF" => false,
+            s => !s.is_empty(),
+        },
+        Value::Sequence(items) => !items.is_empty(),
+        Value::Mapping(m) => !m.is_empty(),
+        Value::Tagged(t) => py_truth(&t.value),
+    }
+}
+
 /// cloud-init's `is_true` / `is_false` (and `translate_bool`'s true side): a boolean as
 /// it is, else the value's text, trimmed and in any case, among `true 1 on yes` or
 /// `false 0 off no`; `None` for anything else (a list, `maybe`, `2`).

@@ -34,6 +34,8 @@ pub const MODULES: &[&str] = &[
     "cdrom",
     "ahci",
     "ata_piix",
+    // systemd credentials given through QEMU's fw_cfg (`/sys/firmware/qemu_fw_cfg`).
+    "qemu_fw_cfg",
 ];
 
 pub const BUSYBOX: &str = "/bin/busybox";

@@ -70,6 +70,7 @@ impl Machine {
             ssh_port,
             reach_port: None,
             extra_nic: None,
+            extra_args: Vec::new(),
             runtime_dir: self.state.join("run"),
             accel,
         })

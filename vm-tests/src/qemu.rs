@@ -62,6 +62,8 @@ pub struct VmConfig {
     /// of its own (`10.0.3.0/24`, nothing forwarded, no way out): a VM with two NICs whose
     /// seed must find each by its MAC.
     pub extra_nic: Option<String>,
+    /// More QEMU options, after the ones above (`-fw_cfg`, more `-smbios`).
+    pub extra_args: Vec<String>,
     /// Sockets, serial log, pid file.
     pub runtime_dir: PathBuf,
     pub accel: Accel,
@@ -175,6 +177,7 @@ impl VmConfig {
             "-pidfile".into(),
             self.runtime_dir.join("qemu.pid").display().to_string(),
         ]);
+        a.extend(self.extra_args.iter().cloned());
         a
     }
 }
@@ -435,6 +438,7 @@ mod tests {
             ssh_port: 2222,
             reach_port: Some(2223),
             extra_nic: None,
+            extra_args: Vec::new(),
             runtime_dir: "/run/t".into(),
             accel: Accel::Tcg,
         };
@@ -449,6 +453,7 @@ mod tests {
         assert!(!a.contains("id=net1"));
         let two = VmConfig {
             extra_nic: Some("52:54:00:aa:bb:cc".into()),
+            extra_args: Vec::new(),
             ..cfg
         }
         .args()

@@ -17,6 +17,7 @@ mod operator;
 // nixseed behaviours an operator relies on (clones, Proxmox seeds, push, upgrade, hostile seeds, channel).
 mod channel;
 mod clones;
+mod credentials;
 mod crosscheck;
 mod hostile;
 mod libvirt;
@@ -265,6 +266,11 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "channel",
         about: "first boot with no seed disk, identity over virtio-serial from seedctl serve; host silent on reboot: identity kept",
         run: channel::channel,
+    },
+    Scenario {
+        name: "credentials",
+        about: "no seed disk: systemd credentials in QEMU fw_cfg and SMBIOS type 11 give the hostname (fw_cfg's over SMBIOS's), machine-id and root key",
+        run: credentials::credentials,
     },
     Scenario {
         name: "libvirt",
