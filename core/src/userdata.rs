@@ -162,6 +162,20 @@ impl ChpasswdLists {
         entries.cloned().collect()
     }
 
+    /// A lower config's `chpasswd:` under this one, as cloud-init's `mergemanydict`
+    /// merges vendor-data under user-data: a list this one names stays, a list only the
+    /// lower names is added.
+    fn fill_from(&mut self, lower: ChpasswdLists) {
+        if self.users.is_none() {
+            self.names_anyone |= lower.users.as_ref().is_some_and(|u| !u.is_empty());
+            self.users = lower.users;
+        }
+        if self.list.is_none() {
+            self.names_anyone |= lower.list.as_ref().is_some_and(|l| !l.is_empty());
+            self.list = lower.list;
+        }
+    }
+
     /// No entry in either list.
     pub fn is_empty(&self) -> bool {
         self.users.iter().chain(self.list.iter()).all(Vec::is_empty)
@@ -196,15 +210,15 @@ impl CloudConfig {
         if !named(&self, "ssh_authorized_keys") {
             self.ssh_authorized_keys = v.ssh_authorized_keys;
         }
-        if !named(&self, "users") && self.users.is_empty() {
-            self.users = v.users;
+        // A config that names no `users:` but has the legacy `user:` keeps that account
+        // and takes the lower list besides, as cloud-init's merged config holds both keys.
+        if !named(&self, "users") {
+            upsert_users(&mut self.users, v.users);
         }
         if self.ssh_keys.is_empty() {
             self.ssh_keys = v.ssh_keys;
         }
-        if self.chpasswd.is_empty() {
-            self.chpasswd = v.chpasswd;
-        }
+        self.chpasswd.fill_from(v.chpasswd);
         // The whole list, not a concatenation: cloud-init's merge keeps the first config's
         // `write_files` (user-data's, else vendor_data2.json's, else vendor-data's).
         if !named(&self, "write_files") {
@@ -2178,6 +2192,50 @@ hostname: {{ v1.local_hostname }}
         assert_eq!((c.ssh_pwauth, c.manage_etc_hosts), (None, Some(true)));
         let silent = parse(b"#cloud-config\nhostname: a\n", "user-data").unwrap();
         assert_eq!(silent.over(vendor).ssh_pwauth, Some(true));
+    }
+
+    /// User-data with only the legacy `user:` and vendor-data with `users:`: both accounts,
+    /// as cloud-init's merged config holds both keys; user-data's `users:` still replaces
+    /// vendor-data's whole.
+    #[test]
+    fn a_legacy_user_does_not_hide_vendor_data_s_users() {
+        let vendor = parse(
+            b"#cloud-config\nusers: [{name: ops, sudo: 'ALL=(ALL) ALL', ssh_authorized_keys: [k]}]\n",
+            "vendor-data",
+        )
+        .unwrap();
+        let user = parse(b"#cloud-config\nuser: alice\n", "user-data").unwrap();
+        let merged = user.over(vendor.clone());
+        let names: Vec<&str> = merged.users.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["alice", "ops"]);
+        assert_eq!(merged.users[1].sudo, ["ALL=(ALL) ALL"]);
+        let user = parse(b"#cloud-config\nusers: [bob]\n", "user-data").unwrap();
+        let names: Vec<String> = user
+            .over(vendor)
+            .users
+            .into_iter()
+            .map(|u| u.name)
+            .collect();
+        assert_eq!(names, ["bob"]);
+    }
+
+    /// Vendor-data's `chpasswd.users` beside user-data's `chpasswd.list`: both are set, as
+    /// cloud-init merges the `chpasswd` mappings; a list user-data names stays its own.
+    #[test]
+    fn vendor_data_s_chpasswd_lists_fill_in_what_user_data_leaves_out() {
+        let vendor = parse(
+            b"#cloud-config\nchpasswd: {users: [{name: root, password: $6$r$r}], list: ['bob:$6$b$b']}\n",
+            "vendor-data",
+        )
+        .unwrap();
+        let user = parse(
+            b"#cloud-config\nchpasswd: {expire: false, list: ['alice:$6$a$a']}\n",
+            "user-data",
+        )
+        .unwrap();
+        let merged = user.over(vendor);
+        let names: Vec<String> = merged.chpasswd.hashes().into_keys().collect();
+        assert_eq!(names, ["alice", "root"]);
     }
 
     /// A document naming more accounts than any machine has is refused with the file
