@@ -987,7 +987,18 @@ impl Ctx<'_> {
 
     fn users(&self, v: &Value, warnings: &mut Vec<String>) -> Result<Vec<User>, UserDataError> {
         let items = match v {
-            Value::Sequence(items) => items.clone(),
+            // A string in the list may name several, as cloud-init's `uniq_merge` splits it.
+            Value::Sequence(items) => items
+                .iter()
+                .flat_map(|item| match item {
+                    Value::String(s) if s.contains(',') => s
+                        .split(',')
+                        .map(|n| Value::String(n.trim().into()))
+                        .filter(|n| n.as_str().is_some_and(|n| !n.is_empty()))
+                        .collect(),
+                    other => vec![other.clone()],
+                })
+                .collect(),
             Value::String(s) => s
                 .split(',')
                 .map(|n| Value::String(n.trim().into()))
@@ -1139,11 +1150,27 @@ impl Ctx<'_> {
         let users = m.get("users").map(|users| {
             let mut out = Vec::new();
             for u in users.as_sequence().into_iter().flatten() {
-                let name = u.get("name").and_then(yaml::scalar_text);
-                names_anyone |= name.is_some();
-                let pw = u.get("password").and_then(yaml::scalar_text);
-                if let (Some(name), Some(pw)) = (name, pw) {
-                    self.hashed_only(&name, pw, &mut out, warnings);
+                let Some(name) = u.get("name").and_then(yaml::scalar_text) else {
+                    continue;
+                };
+                names_anyone = true;
+                // cloud-init's `type`: `hash` by default, `text` a clear-text password
+                // (whatever it looks like), `RANDOM` a generated one.
+                let kind = u.get("type").and_then(yaml::scalar_text);
+                match (kind.as_deref().unwrap_or("hash"), u.get("password")) {
+                    ("hash", Some(pw)) => {
+                        if let Some(pw) = yaml::scalar_text(pw) {
+                            self.hashed_only(&name, pw, &mut out, warnings);
+                        }
+                    }
+                    ("hash" | "text" | "RANDOM", _) => warnings.push(format!(
+                        "{}: key 'chpasswd': clear-text or random password for '{name}' ignored; give a crypt hash",
+                        self.origin
+                    )),
+                    (other, _) => warnings.push(format!(
+                        "{}: key 'chpasswd': entry for '{name}' of type '{other}' ignored (hash, text or RANDOM), as cloud-init passes it over",
+                        self.origin
+                    )),
                 }
             }
             out
@@ -1155,9 +1182,18 @@ impl Ctx<'_> {
             };
             let mut out = Vec::new();
             for line in lines {
-                if let Some((name, pw)) = line.split_once(':') {
-                    names_anyone = true;
-                    self.hashed_only(name.trim(), pw.trim().to_string(), &mut out, warnings);
+                match line.split_once(':') {
+                    Some((name, pw)) => {
+                        names_anyone = true;
+                        self.hashed_only(name.trim(), pw.trim().to_string(), &mut out, warnings);
+                    }
+                    // cloud-init's whole module fails on such a line; one line is lost here.
+                    None if !line.trim().is_empty() => warnings.push(format!(
+                        "{}: key 'chpasswd': list entry {:?} has no ':' between name and password; ignored",
+                        self.origin,
+                        line.trim()
+                    )),
+                    None => {}
                 }
             }
             out
@@ -2217,6 +2253,40 @@ hostname: {{ v1.local_hostname }}
             .map(|u| u.name)
             .collect();
         assert_eq!(names, ["bob"]);
+    }
+
+    /// `users: ["bob,carol"]` is two accounts, as cloud-init splits a string in the list.
+    #[test]
+    fn a_comma_string_in_the_users_list_names_several() {
+        let c = parse(b"#cloud-config\nusers: ['bob, carol', dave]\n", "user-data").unwrap();
+        let names: Vec<&str> = c.users.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["bob", "carol", "dave"]);
+    }
+
+    /// `chpasswd.users` entries by cloud-init's `type`: a `text` password is clear text
+    /// even when it looks like a hash, and is not kept; `RANDOM` is not kept; a list line
+    /// without `:` is named.
+    #[test]
+    fn chpasswd_entry_types_are_read_as_cloud_init_reads_them() {
+        let c = parse(
+            b"#cloud-config\nchpasswd:\n  users:\n    - {name: a, password: $6$a$a}\n    - {name: b, type: text, password: $6$b$b}\n    - {name: c, type: RANDOM}\n    - {name: d, type: odd, password: $6$d$d}\n  list: ['e:$6$e$e', 'oops']\n",
+            "user-data",
+        )
+        .unwrap();
+        let names: Vec<String> = c.chpasswd.hashes().into_keys().collect();
+        assert_eq!(names, ["a", "e"]);
+        for said in [
+            "clear-text or random password for 'b' ignored",
+            "clear-text or random password for 'c' ignored",
+            "entry for 'd' of type 'odd' ignored",
+            "list entry \"oops\" has no ':'",
+        ] {
+            assert!(
+                c.warnings.iter().any(|w| w.contains(said)),
+                "{said}: {:?}",
+                c.warnings
+            );
+        }
     }
 
     /// Vendor-data's `chpasswd.users` beside user-data's `chpasswd.list`: both are set, as
