@@ -180,6 +180,69 @@ pub fn content_lines(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The options sshd takes before a key in authorized_keys (OpenSSH's
+/// `sshauthopt_parse`), in lower case; sshd ignores a line with any other word there.
+const KEY_OPTIONS: [&str; 22] = [
+    "agent-forwarding",
+    "cert-authority",
+    "command",
+    "environment",
+    "expiry-time",
+    "from",
+    "no-agent-forwarding",
+    "no-port-forwarding",
+    "no-pty",
+    "no-touch-required",
+    "no-user-rc",
+    "no-x11-forwarding",
+    "permitlisten",
+    "permitopen",
+    "port-forwarding",
+    "principals",
+    "pty",
+    "restrict",
+    "tunnel",
+    "user-rc",
+    "verify-required",
+    "x11-forwarding",
+];
+
+/// The text before a key's type must be sshd options: `name` or `name="value"`, joined by
+/// commas, with no blank outside the quotes. A pasted known_hosts line
+/// (`web1.example.org ssh-ed25519 …`) is not, and sshd would ignore the whole key.
+fn check_key_options(options: &str) -> Result<()> {
+    let mut items = Vec::new();
+    let (mut item, mut quoted) = (String::new(), false);
+    for c in options.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                item.push(c);
+            }
+            ',' if !quoted => items.push(std::mem::take(&mut item)),
+            c if c.is_whitespace() && !quoted => {
+                bail!(
+                    "`{options}` before the key type is not a list of sshd options (a known_hosts line?); sshd would ignore this key"
+                )
+            }
+            c => item.push(c),
+        }
+    }
+    if quoted {
+        bail!("`{options}` before the key type has an unclosed quote; sshd would ignore this key");
+    }
+    items.push(item);
+    for item in items {
+        let name = item.split_once('=').map_or(item.as_str(), |(n, _)| n);
+        if !KEY_OPTIONS.contains(&name.to_ascii_lowercase().as_str()) {
+            bail!(
+                "`{name}` before the key type is no sshd option (a known_hosts line?); sshd would ignore this key"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Parse one authorized_keys line, which may start with options (`from="..." ssh-ed25519 ...`).
 pub fn parse_authorized_key(line: &str) -> Result<PublicKey> {
     let tokens: Vec<&str> = line.split_whitespace().collect();
@@ -190,7 +253,12 @@ pub fn parse_authorized_key(line: &str) -> Result<PublicKey> {
     let mut first_error = None;
     for start in (0..tokens.len()).filter(|&i| is_type(tokens[i])) {
         match PublicKey::from_openssh(&tokens[start..].join(" ")) {
-            Ok(key) => return Ok(key),
+            Ok(key) => {
+                if start > 0 {
+                    check_key_options(&tokens[..start].join(" "))?;
+                }
+                return Ok(key);
+            }
             Err(e) => {
                 first_error.get_or_insert(e);
             }
@@ -240,7 +308,9 @@ impl Identity {
         let product_uuid = read(PRODUCT_UUID)?.trim().to_owned();
         names::check_uuid(&product_uuid).map_err(|e| fix(PRODUCT_UUID, e))?;
 
-        let host_key = read(SSH_HOST_KEY)?;
+        // As an editor may leave it (CRLF line ends, a blank line before or after): the
+        // guest's sshd takes only the plain PEM text, so that is what goes to the seed.
+        let host_key = format!("{}\n", read(SSH_HOST_KEY)?.replace("\r\n", "\n").trim());
         let private = PrivateKey::from_openssh(&host_key).map_err(|e| {
             fix(
                 SSH_HOST_KEY,
@@ -299,8 +369,16 @@ impl Identity {
         };
         let tcp_ports = ports(TCP_PORTS)?;
         let udp_ports = ports(UDP_PORTS)?;
-        let resolv_conf = read(RESOLV_CONF)?;
-        let hosts = content_lines(&read(HOSTS)?);
+        // glibc reads `\r` as part of a name and a BOM as part of the first word, and so
+        // drops the nameserver: the guest gets the text without either.
+        let resolv_conf = read(RESOLV_CONF)?
+            .trim_start_matches('\u{feff}')
+            .replace("\r\n", "\n");
+        let hosts = content_lines(&read(HOSTS)?.replace('\r', ""));
+        for line in &hosts {
+            names::check_hosts_line(line)
+                .map_err(|e| fix(HOSTS, e.context(format!("`{line}`"))))?;
+        }
         let network_config = read_optional(NETWORK_CONFIG)?;
 
         Ok(Identity {

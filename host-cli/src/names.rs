@@ -112,6 +112,25 @@ pub fn random_machine_id() -> String {
     nixseed_core::fresh::OsFresh.machine_id()
 }
 
+/// One /etc/hosts line: an IP address and at least one name, on one line; a `#` word
+/// starts a comment.
+pub fn check_hosts_line(line: &str) -> Result<()> {
+    use anyhow::Context;
+    let mut fields = line.split_whitespace().take_while(|w| !w.starts_with('#'));
+    let addr = fields.next().context("the line is empty")?;
+    addr.parse::<std::net::IpAddr>()
+        .with_context(|| format!("`{addr}` is not an IP address"))?;
+    let mut any = false;
+    for name in fields {
+        check_hostname(name).with_context(|| format!("`{name}`"))?;
+        any = true;
+    }
+    if !any {
+        bail!("no name after the address");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -231,3 +231,84 @@ fn files_under(dir: &std::path::Path) -> BTreeMap<String, (u32, Vec<u8>)> {
     }
     out
 }
+
+/// Files edited on another system: a `resolv.conf` with CRLF line ends and a BOM, and a
+/// host key with CRLF and blank lines around it, reach the guest as glibc and sshd read
+/// them (plain LF text, the PEM block alone).
+#[test]
+fn crlf_and_blank_lines_in_edited_files_do_not_reach_the_guest() {
+    let s = Scratch::new();
+    s.ok(&[
+        "new",
+        "web1",
+        "--nameserver",
+        "192.0.2.53",
+        "--search",
+        "example.org",
+    ]);
+    let m = s.machine("web1");
+    s.ok(&["render", "web1", "--out", "before"]);
+    let key = std::fs::read_to_string(m.join("ssh_host_ed25519_key")).unwrap();
+    let resolv = std::fs::read_to_string(m.join("resolv.conf")).unwrap();
+    std::fs::write(
+        m.join("ssh_host_ed25519_key"),
+        format!("\r\n{}\r\n\r\n", key.replace('\n', "\r\n")),
+    )
+    .unwrap();
+    std::fs::write(
+        m.join("resolv.conf"),
+        format!("\u{feff}{}", resolv.replace('\n', "\r\n")),
+    )
+    .unwrap();
+    s.ok(&["render", "web1", "--out", "after"]);
+    for f in ["ssh_host_ed25519_key", "resolv.conf"] {
+        let after = std::fs::read(s.path().join("after").join(f)).unwrap();
+        assert_eq!(
+            after,
+            std::fs::read(s.path().join("before").join(f)).unwrap(),
+            "{f}: {}",
+            String::from_utf8_lossy(&after)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(s.path().join("after/resolv.conf")).unwrap(),
+        "nameserver 192.0.2.53\nsearch example.org\n"
+    );
+}
+
+/// What the guest would silently not use is refused by name: a known_hosts line pasted
+/// as an admin key (sshd ignores a line whose words before the key are no options), and
+/// a hosts line without an address.
+#[test]
+fn a_known_hosts_line_as_a_key_and_a_bad_hosts_line_are_refused() {
+    let s = Scratch::new();
+    s.new_with_admin_key("web1", &[]);
+    let m = s.machine("web1");
+    let key = std::fs::read_to_string(m.join("admin_authorized_keys")).unwrap();
+    let key = key.trim();
+    std::fs::write(
+        m.join("admin_authorized_keys"),
+        format!("web1.example.org {key}\n"),
+    )
+    .unwrap();
+    let err = s.fails(&["render", "web1", "--out", "t1"]);
+    assert!(
+        err.contains("admin_authorized_keys")
+            && err.contains("`web1.example.org` before the key type"),
+        "{err}"
+    );
+    std::fs::write(
+        m.join("admin_authorized_keys"),
+        format!("from=\"10.0.0.0/8\",no-pty,command=\"echo a b\" {key}\n"),
+    )
+    .unwrap();
+    s.ok(&["render", "web1", "--out", "t2"]);
+    std::fs::write(m.join("hosts"), "192.0.2.5 db1 # primary\ndb2 192.0.2.6\n").unwrap();
+    let err = s.fails(&["render", "web1", "--out", "t3"]);
+    assert!(
+        err.contains("hosts")
+            && err.contains("`db2 192.0.2.6`")
+            && err.contains("not an IP address"),
+        "{err}"
+    );
+}

@@ -253,11 +253,12 @@ fn seeds_are_private_and_checked_as_the_guest_reads_them() {
 fn characters_yaml_does_not_allow_raw_survive_the_seed() {
     let s = Scratch::new();
     s.ok(&["new", "web1"]);
-    std::fs::write(s.machine("web1").join("hosts"), "10.0.0.5 db\x7f\n").unwrap();
+    // In a comment: a name holding it would be refused as no hostname.
+    std::fs::write(s.machine("web1").join("hosts"), "10.0.0.5 db # n\x7f\n").unwrap();
     s.ok(&["seed", "web1", "-o", "out.iso"]);
     s.ok(&["render", "web1", "--out", "tree"]);
     let hosts = std::fs::read_to_string(s.path().join("tree/hosts")).unwrap();
-    assert!(hosts.contains("10.0.0.5 db\x7f\n"), "{hosts:?}");
+    assert!(hosts.contains("10.0.0.5 db # n\x7f\n"), "{hosts:?}");
 }
 
 /// An identity file may be a symlink to a file shared inside the machines directory, but

@@ -96,23 +96,6 @@ fn expand_tilde(p: &str) -> PathBuf {
     }
 }
 
-/// One /etc/hosts line: an IP address and at least one name, on one line.
-fn check_hosts_line(line: &str) -> Result<()> {
-    let mut fields = line.split_whitespace();
-    let addr = fields.next().context("the line is empty")?;
-    addr.parse::<std::net::IpAddr>()
-        .with_context(|| format!("`{addr}` is not an IP address"))?;
-    let mut any = false;
-    for name in fields {
-        names::check_hostname(name).with_context(|| format!("`{name}`"))?;
-        any = true;
-    }
-    if !any {
-        bail!("no name after the address");
-    }
-    Ok(())
-}
-
 fn lines(items: &[String]) -> String {
     items.iter().map(|l| format!("{l}\n")).collect()
 }
@@ -160,7 +143,7 @@ fn render_files(a: &NewArgs, product_uuid: Option<String>) -> Result<Vec<(&'stat
 
     let short = hostname.split('.').next().unwrap_or(&hostname).to_owned();
     for line in &a.hosts_lines {
-        check_hosts_line(line).with_context(|| format!("--hosts-line `{line}`"))?;
+        names::check_hosts_line(line).with_context(|| format!("--hosts-line `{line}`"))?;
     }
     // Only the lines given: the machine's own `127.0.1.1 FQDN HOST` line is made from the
     // hostname when the seed is written (`manage_etc_hosts`), so it follows a later edit
