@@ -194,15 +194,22 @@ fn opens_unlocked(disk: &std::path::Path) -> bool {
 /// A paused QEMU with `disk` as its virtio disk, and whether it took the disk's lock
 /// (`qemu-img info` without `-U` then fails) within 20 s.
 fn paused_qemu_on(disk: &std::path::Path) -> (std::process::Child, bool) {
-    let qemu = Command::new("qemu-system-x86_64")
+    let mut qemu = Command::new("qemu-system-x86_64")
         .args(["-S", "-display", "none", "-nodefaults", "-accel", "tcg"])
         .arg("-drive")
         .arg(format!("file={},if=virtio", disk.display()))
         .spawn()
         .unwrap();
     let locked = nixseed_test_support::wait_for(std::time::Duration::from_secs(20), || {
-        !opens_unlocked(disk)
-    });
+        !opens_unlocked(disk) || !matches!(qemu.try_wait(), Ok(None))
+    }) && matches!(qemu.try_wait(), Ok(None));
+    if !locked {
+        // Who holds it, for the failure's message.
+        let _ = Command::new("sh")
+            .args(["-c", "grep -l qemu /proc/[0-9]*/comm 2>/dev/null | while read f; do d=${f%/comm}; ls -l $d/fd 2>/dev/null | grep -q \"$0\" && echo \"held by $(cat $d/cmdline | tr '\\0' ' ')\"; done"])
+            .arg(disk)
+            .status();
+    }
     (qemu, locked)
 }
 
@@ -278,10 +285,11 @@ fn a_base_open_for_writing_is_refused_and_one_vms_read_is_not() {
         .status()
         .unwrap();
     assert!(made.success());
+    let raw_pidfile = s.path().join("nbd-raw.pid");
     let nbd = Command::new("qemu-nbd")
         .args(["--fork", "-f", "raw", "--persistent"])
         .arg("--pid-file")
-        .arg(&pidfile)
+        .arg(&raw_pidfile)
         .arg("-k")
         .arg(s.path().join("nbd-raw.sock"))
         .arg(&raw)
@@ -289,8 +297,10 @@ fn a_base_open_for_writing_is_refused_and_one_vms_read_is_not() {
         .unwrap();
     assert!(nbd.success());
     let create = s.run(&create_args("web2", "base3.raw", "32M"));
-    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let pid = std::fs::read_to_string(&raw_pidfile).unwrap();
     let _ = Command::new("kill").arg(pid.trim()).status();
+    let proc_dir = std::path::Path::new("/proc").join(pid.trim());
+    nixseed_test_support::wait_for(std::time::Duration::from_secs(20), || !proc_dir.exists());
     let err = String::from_utf8_lossy(&create.stderr);
     assert!(
         !create.status.success() && err.contains("open for writing") && err.contains("base3.raw"),
