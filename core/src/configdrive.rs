@@ -286,18 +286,23 @@ mod tests {
         }
     }
 
+    /// The error `meta_data.json` holding `json` gives, from the drive at `/dev/sr0`.
+    fn meta_error(json: &str) -> String {
+        parse_meta_data(
+            json.as_bytes(),
+            "configdrive:/dev/sr0/latest/meta_data.json",
+        )
+        .unwrap_err()
+        .to_string()
+    }
+
     #[test]
     fn a_drive_without_uuid_is_refused() {
         for json in [
             r#"{"hostname": "alpha"}"#,
             r#"{"uuid": " ", "hostname": "alpha"}"#,
         ] {
-            let e = parse_meta_data(
-                json.as_bytes(),
-                "configdrive:/dev/sr0/latest/meta_data.json",
-            )
-            .unwrap_err()
-            .to_string();
+            let e = meta_error(json);
             assert!(
                 e.starts_with("configdrive:/dev/sr0/latest/meta_data.json: no `uuid`"),
                 "{e}"
@@ -324,12 +329,7 @@ mod tests {
                 "a boolean",
             ),
         ] {
-            let e = parse_meta_data(
-                json.as_bytes(),
-                "configdrive:/dev/sr0/latest/meta_data.json",
-            )
-            .unwrap_err()
-            .to_string();
+            let e = meta_error(json);
             assert!(
                 e.contains(&format!("key `{key}`: expected a string, found {kind}"))
                     && e.starts_with("configdrive:/dev/sr0/latest/meta_data.json"),

@@ -234,6 +234,34 @@ fn an_overlay_open_in_any_running_qemu_is_not_replaced() {
     s.ok(&["upgrade", "web1", "--base", "base2.qcow2"]);
 }
 
+/// A `qemu-nbd` serving `image` read-write in the background, as a writer of the image
+/// other than a VM; [`NbdWriter::stop`] ends it and waits until it is gone.
+struct NbdWriter(String);
+
+impl NbdWriter {
+    fn start(s: &Scratch, image: &std::path::Path, format: &str) -> NbdWriter {
+        let stem = image.file_name().unwrap().to_string_lossy().into_owned();
+        let pidfile = s.path().join(format!("{stem}.nbd.pid"));
+        let started = Command::new("qemu-nbd")
+            .args(["--fork", "-f", format, "--persistent"])
+            .arg("--pid-file")
+            .arg(&pidfile)
+            .arg("-k")
+            .arg(s.path().join(format!("{stem}.nbd.sock")))
+            .arg(image)
+            .status()
+            .unwrap();
+        assert!(started.success());
+        NbdWriter(std::fs::read_to_string(&pidfile).unwrap().trim().to_owned())
+    }
+
+    fn stop(self) {
+        let _ = Command::new("kill").arg(&self.0).status();
+        let proc_dir = std::path::Path::new("/proc").join(&self.0);
+        nixseed_test_support::wait_for(std::time::Duration::from_secs(20), || !proc_dir.exists());
+    }
+}
+
 /// The base every overlay reads must not change under them: one open for writing
 /// (`qemu-nbd` here) is refused by `create` and `upgrade`; one that running VMs only read
 /// as their backing file is not.
@@ -247,24 +275,10 @@ fn a_base_open_for_writing_is_refused_and_one_vms_read_is_not() {
     s.ok(&["new", "web2"]);
     s.qcow2("base2.qcow2");
     let base2 = s.path().join("base2.qcow2");
-    let pidfile = s.path().join("nbd.pid");
-    let nbd = Command::new("qemu-nbd")
-        .args(["--fork", "-f", "qcow2", "--persistent"])
-        .arg("--pid-file")
-        .arg(&pidfile)
-        .arg("-k")
-        .arg(s.path().join("nbd.sock"))
-        .arg(&base2)
-        .status()
-        .unwrap();
-    assert!(nbd.success());
+    let nbd = NbdWriter::start(&s, &base2, "qcow2");
     let create = s.run(&create_args("web2", "base2.qcow2", "32M"));
     let upgrade = s.run(&["upgrade", "web1", "--base", "base2.qcow2"]);
-    let pid = std::fs::read_to_string(&pidfile).unwrap();
-    let _ = Command::new("kill").arg(pid.trim()).status();
-    nixseed_test_support::wait_for(std::time::Duration::from_secs(20), || {
-        opens_unlocked(&base2)
-    });
+    nbd.stop();
     for (verb, out) in [("create", &create), ("upgrade", &upgrade)] {
         assert!(!out.status.success(), "{verb} took a base open for writing");
         let err = String::from_utf8_lossy(&out.stderr);
@@ -285,22 +299,9 @@ fn a_base_open_for_writing_is_refused_and_one_vms_read_is_not() {
         .status()
         .unwrap();
     assert!(made.success());
-    let raw_pidfile = s.path().join("nbd-raw.pid");
-    let nbd = Command::new("qemu-nbd")
-        .args(["--fork", "-f", "raw", "--persistent"])
-        .arg("--pid-file")
-        .arg(&raw_pidfile)
-        .arg("-k")
-        .arg(s.path().join("nbd-raw.sock"))
-        .arg(&raw)
-        .status()
-        .unwrap();
-    assert!(nbd.success());
+    let nbd = NbdWriter::start(&s, &raw, "raw");
     let create = s.run(&create_args("web2", "base3.raw", "32M"));
-    let pid = std::fs::read_to_string(&raw_pidfile).unwrap();
-    let _ = Command::new("kill").arg(pid.trim()).status();
-    let proc_dir = std::path::Path::new("/proc").join(pid.trim());
-    nixseed_test_support::wait_for(std::time::Duration::from_secs(20), || !proc_dir.exists());
+    nbd.stop();
     let err = String::from_utf8_lossy(&create.stderr);
     assert!(
         !create.status.success() && err.contains("open for writing") && err.contains("base3.raw"),
