@@ -608,6 +608,10 @@ async fn write_within<T: AsyncWrite + Unpin>(
         Some(limit) => tokio::time::timeout(limit, stream.write_all(out))
             .await
             .unwrap_or_else(|_| {
+                tracing::warn!(
+                    "closed a connection that read none of its answer for {} s, so that the next one is served",
+                    limit.as_secs()
+                );
                 Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!("the client read nothing for {} s", limit.as_secs()),

@@ -106,12 +106,14 @@ pub fn machine_id_from_credential(
 pub fn parse_cmdline(cmdline: &str) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     for word in cmdline_words(cmdline) {
-        let (value, binary) = if let Some(v) = word.strip_prefix("systemd.set_credential=") {
-            (v, false)
-        } else if let Some(v) = word.strip_prefix("systemd.set_credential_binary=") {
-            (v, true)
-        } else {
+        // systemd compares keys with `-` and `_` as one (`systemd.set-credential=`).
+        let Some((key, value)) = word.split_once('=') else {
             continue;
+        };
+        let binary = match key.replace('-', "_").as_str() {
+            "systemd.set_credential" => false,
+            "systemd.set_credential_binary" => true,
+            _ => continue,
         };
         let Some((name, value)) = value.split_once(':') else {
             continue;
@@ -127,20 +129,21 @@ pub fn parse_cmdline(cmdline: &str) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// A command line's words: blanks outside double quotes separate them, and the quotes
-/// themselves are dropped.
+/// A command line's words as systemd's `EXTRACT_UNQUOTE` gives them: blanks outside
+/// quotes (double or single) separate them, and the quotes themselves are dropped.
 fn cmdline_words(text: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut word = String::new();
-    let mut quoted = false;
+    let mut quote: Option<char> = None;
     let mut started = false;
     for c in text.chars() {
         match c {
-            '"' => {
-                quoted = !quoted;
+            '"' | '\'' if quote.is_none() => {
+                quote = Some(c);
                 started = true;
             }
-            c if c.is_whitespace() && !quoted => {
+            c if Some(c) == quote => quote = None,
+            c if c.is_whitespace() && quote.is_none() => {
                 if started {
                     words.push(std::mem::take(&mut word));
                     started = false;
@@ -202,7 +205,7 @@ mod cmdline_tests {
     #[test]
     fn command_line_credentials_are_split_as_systemd_splits_them() {
         let got = parse_cmdline(
-            "ro quiet systemd.set_credential=system.hostname:web7 systemd.set_credential=ssh.authorized_keys.root:\"ssh-ed25519 AAAAQ root@h\" systemd.set_credential_binary=system.machine_id:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY= systemd.set_credential=nocolon systemd.set_credential=:empty\n",
+            "ro quiet systemd.set-credential=system.hostname:web7 systemd.set_credential=ssh.authorized_keys.root:'ssh-ed25519 AAAAQ root@h' systemd.set_credential_binary=system.machine_id:MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY= systemd.set_credential=nocolon systemd.set_credential=:empty\n",
         );
         assert_eq!(
             got,

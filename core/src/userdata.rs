@@ -30,6 +30,10 @@ fn invalid(origin: &str, detail: impl Into<String>) -> UserDataError {
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct User {
     pub name: String,
+    /// The entry's keys that were written, `sudo: false` included, for merging a name
+    /// given again ([`merge_into`]): what an entry gave, even as "nothing", stays.
+    #[serde(skip)]
+    pub given: std::collections::BTreeSet<&'static str>,
     pub ssh_authorized_keys: Vec<String>,
     /// A crypt(3) hash (`$5$…`, `$6$…`); never a clear-text password.
     pub passwd: Option<String>,
@@ -142,17 +146,23 @@ impl ChpasswdLists {
             *self = part;
             return;
         }
-        self.names_anyone |= part.names_anyone;
+        let mut taken = false;
         for (mine, theirs) in [(&mut self.users, part.users), (&mut self.list, part.list)] {
             match (mine, theirs) {
                 (_, None) => {}
-                (mine @ None, theirs) => *mine = theirs,
+                (mine @ None, theirs) => {
+                    *mine = theirs;
+                    taken = true;
+                }
                 (Some(mine), Some(theirs)) if how.recurse_array => {
                     merge_list(mine, theirs, Some(how.list));
+                    taken = true;
                 }
                 (Some(_), Some(_)) => {}
             }
         }
+        // A part whose lists were passed over names no one for the legacy password.
+        self.names_anyone |= taken && part.names_anyone;
     }
 
     /// User name → hash; a later entry for the same user wins, `list` after `users` (the
@@ -213,7 +223,15 @@ impl CloudConfig {
         // A config that names no `users:` but has the legacy `user:` keeps that account
         // and takes the lower list besides, as cloud-init's merged config holds both keys.
         if !named(&self, "users") {
-            upsert_users(&mut self.users, v.users);
+            let mut lower = v.users;
+            // user-data's `user:` wins over vendor-data's, as the merge keeps the first
+            // value of a key: vendor-data's default user is not made.
+            if self.default_user.is_some()
+                && let Some(theirs) = &v.default_user
+            {
+                lower.retain(|u| &u.name != theirs);
+            }
+            upsert_users(&mut self.users, lower);
         }
         if self.ssh_keys.is_empty() {
             self.ssh_keys = v.ssh_keys;
@@ -864,21 +882,23 @@ fn upsert_user(users: &mut Vec<User>, user: User, front: bool) {
 /// the first gave stays, and what only the later gives is added (its `sudo`, its
 /// `lock_passwd`, a password, keys or groups the first had none of).
 fn merge_into(existing: &mut User, user: User) {
-    if existing.passwd.is_none() {
+    let gave = |key: &str| existing.given.contains(key);
+    if existing.passwd.is_none() && !gave("passwd") {
         existing.passwd = user.passwd;
     }
     if existing.lock_passwd.is_none() {
         existing.lock_passwd = user.lock_passwd;
     }
-    if existing.sudo.is_empty() {
+    if !gave("sudo") {
         existing.sudo = user.sudo;
     }
-    if existing.ssh_authorized_keys.is_empty() {
+    if !gave("ssh_authorized_keys") {
         existing.ssh_authorized_keys = user.ssh_authorized_keys;
     }
-    if existing.groups.is_empty() {
+    if !gave("groups") {
         existing.groups = user.groups;
     }
+    existing.given.extend(user.given);
 }
 
 /// [`upsert_user`] for many at once, looking names up by a map rather than the list, so
@@ -1094,7 +1114,18 @@ impl Ctx<'_> {
             }
         }
         let sub = |k: &str| m.get(k);
+        let given = [
+            "passwd",
+            "sudo",
+            "ssh_authorized_keys",
+            "groups",
+            "lock_passwd",
+        ]
+        .into_iter()
+        .filter(|k| m.contains_key(*k) || (*k == "passwd" && m.contains_key("hashed_passwd")))
+        .collect();
         Ok(Some(User {
+            given,
             sudo: match sub("sudo") {
                 // `sudo: false` (or null, or "") is no rule, as in cloud-init; an empty
                 // rule would make an admin of the user and a sudoers line sudo refuses.
@@ -2253,6 +2284,44 @@ hostname: {{ v1.local_hostname }}
             .map(|u| u.name)
             .collect();
         assert_eq!(names, ["bob"]);
+        // vendor-data's own `user:` loses to user-data's: no account, no rule.
+        let vendor = parse(
+            b"#cloud-config\nuser: {name: ubuntu, sudo: 'ALL=(ALL) NOPASSWD:ALL', ssh_authorized_keys: [k]}\n",
+            "vendor-data",
+        )
+        .unwrap();
+        let user = parse(b"#cloud-config\nuser: alice\n", "user-data").unwrap();
+        let names: Vec<String> = user
+            .over(vendor)
+            .users
+            .into_iter()
+            .map(|u| u.name)
+            .collect();
+        assert_eq!(names, ["alice"]);
+        // `sudo: false` is given: a later entry's rule for the same name does not apply.
+        let vendor = parse(
+            b"#cloud-config\nusers: [{name: alice, sudo: 'ALL=(ALL) ALL'}]\n",
+            "vendor-data",
+        )
+        .unwrap();
+        let user = parse(
+            b"#cloud-config\nuser: {name: alice, sudo: false, ssh_authorized_keys: [k]}\n",
+            "user-data",
+        )
+        .unwrap();
+        let merged = user.over(vendor);
+        assert_eq!(merged.users.len(), 1);
+        assert!(
+            merged.users[0].sudo.is_empty(),
+            "{:?}",
+            merged.users[0].sudo
+        );
+        let c = parse(
+            b"#cloud-config\nusers: [{name: a, sudo: false}, {name: a, sudo: 'ALL=(ALL) ALL'}]\n",
+            "user-data",
+        )
+        .unwrap();
+        assert!(c.users[0].sudo.is_empty());
     }
 
     /// `users: ["bob,carol"]` is two accounts, as cloud-init splits a string in the list.

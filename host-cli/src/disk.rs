@@ -106,9 +106,16 @@ fn write_permission_held(image: &Path) -> Result<bool> {
         l_len: 1,
         l_pid: 0,
     };
-    fcntl(f.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut probe))
-        .with_context(|| format!("cannot look at the locks on {}", image.display()))?;
-    Ok(probe.l_type != libc::F_UNLCK as libc::c_short)
+    match fcntl(f.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut probe)) {
+        Ok(_) => Ok(probe.l_type != libc::F_UNLCK as libc::c_short),
+        // A filesystem without OFD locks (some network ones): QEMU cannot lock there
+        // either, and `qemu-img info` has already been heard.
+        Err(
+            nix::errno::Errno::EINVAL | nix::errno::Errno::ENOLCK | nix::errno::Errno::EOPNOTSUPP,
+        ) => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e)
+            .context(format!("cannot look at the locks on {}", image.display()))),
+    }
 }
 
 /// The machine in `state` whose disk (boot overlay, `/var`, seed or firmware variables)

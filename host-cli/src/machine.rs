@@ -182,7 +182,7 @@ pub fn content_lines(text: &str) -> Vec<String> {
 
 /// The options sshd takes before a key in authorized_keys (OpenSSH's
 /// `sshauthopt_parse`), in lower case; sshd ignores a line with any other word there.
-const KEY_OPTIONS: [&str; 22] = [
+const KEY_OPTIONS: [&str; 24] = [
     "agent-forwarding",
     "cert-authority",
     "command",
@@ -194,6 +194,7 @@ const KEY_OPTIONS: [&str; 22] = [
     "no-pty",
     "no-touch-required",
     "no-user-rc",
+    "no-verify-required",
     "no-x11-forwarding",
     "permitlisten",
     "permitopen",
@@ -201,6 +202,7 @@ const KEY_OPTIONS: [&str; 22] = [
     "principals",
     "pty",
     "restrict",
+    "touch-required",
     "tunnel",
     "user-rc",
     "verify-required",
@@ -213,8 +215,14 @@ const KEY_OPTIONS: [&str; 22] = [
 fn check_key_options(options: &str) -> Result<()> {
     let mut items = Vec::new();
     let (mut item, mut quoted) = (String::new(), false);
-    for c in options.chars() {
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
         match c {
+            // Inside quotes, `\"` is a quote of the value, as sshd reads it.
+            '\\' if quoted => {
+                item.push(c);
+                item.extend(chars.next());
+            }
             '"' => {
                 quoted = !quoted;
                 item.push(c);

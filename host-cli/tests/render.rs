@@ -299,10 +299,15 @@ fn a_known_hosts_line_as_a_key_and_a_bad_hosts_line_are_refused() {
     );
     std::fs::write(
         m.join("admin_authorized_keys"),
-        format!("from=\"10.0.0.0/8\",no-pty,command=\"echo a b\" {key}\n"),
+        format!(
+            "from=\"10.0.0.0/8\",no-pty,command=\"echo a b\" {key}\ntouch-required,command=\"echo \\\"a b\\\"\" {key}\n"
+        ),
     )
     .unwrap();
     s.ok(&["render", "web1", "--out", "t2"]);
+    // What glibc takes as names is taken: underscores, a trailing dot, a comment glued on.
+    std::fs::write(m.join("hosts"), "192.0.2.5 db_1 db.example.org.#primary\n").unwrap();
+    s.ok(&["render", "web1", "--out", "t4"]);
     std::fs::write(m.join("hosts"), "192.0.2.5 db1 # primary\ndb2 192.0.2.6\n").unwrap();
     let err = s.fails(&["render", "web1", "--out", "t3"]);
     assert!(
