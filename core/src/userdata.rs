@@ -1598,6 +1598,17 @@ fn shell_quote(arg: &str) -> String {
 mod tests {
     use super::*;
 
+    /// Each of `wants` is part of one of `c`'s warnings.
+    fn assert_warned(c: &CloudConfig, wants: &[&str]) {
+        for want in wants {
+            assert!(
+                c.warnings.iter().any(|w| w.contains(want)),
+                "{want}: {:?}",
+                c.warnings
+            );
+        }
+    }
+
     /// user-data read as a seed reads it: parsed, then the legacy `password:` applied
     /// against its own `chpasswd:` (no vendor-data).
     fn parse(bytes: &[u8], origin: &str) -> Result<CloudConfig, UserDataError> {
@@ -2266,56 +2277,32 @@ hostname: {{ v1.local_hostname }}
     /// vendor-data's whole.
     #[test]
     fn a_legacy_user_does_not_hide_vendor_data_s_users() {
-        let vendor = parse(
-            b"#cloud-config\nusers: [{name: ops, sudo: 'ALL=(ALL) ALL', ssh_authorized_keys: [k]}]\n",
-            "vendor-data",
-        )
-        .unwrap();
-        let user = parse(b"#cloud-config\nuser: alice\n", "user-data").unwrap();
-        let merged = user.over(vendor.clone());
-        let names: Vec<&str> = merged.users.iter().map(|u| u.name.as_str()).collect();
-        assert_eq!(names, ["alice", "ops"]);
-        assert_eq!(merged.users[1].sudo, ["ALL=(ALL) ALL"]);
-        let user = parse(b"#cloud-config\nusers: [bob]\n", "user-data").unwrap();
-        let names: Vec<String> = user
-            .over(vendor)
-            .users
-            .into_iter()
-            .map(|u| u.name)
-            .collect();
-        assert_eq!(names, ["bob"]);
+        // The accounts of user-data `user` over vendor-data `vendor`.
+        let merged = |user: &str, vendor: &str| -> Vec<User> {
+            let vendor = parse(
+                format!("#cloud-config\n{vendor}\n").as_bytes(),
+                "vendor-data",
+            );
+            let user = parse(format!("#cloud-config\n{user}\n").as_bytes(), "user-data");
+            user.unwrap().over(vendor.unwrap()).users
+        };
+        let names = |users: &[User]| users.iter().map(|u| u.name.clone()).collect::<Vec<_>>();
+        let ops = "users: [{name: ops, sudo: 'ALL=(ALL) ALL', ssh_authorized_keys: [k]}]";
+        let users = merged("user: alice", ops);
+        assert_eq!(names(&users), ["alice", "ops"]);
+        assert_eq!(users[1].sudo, ["ALL=(ALL) ALL"]);
+        assert_eq!(names(&merged("users: [bob]", ops)), ["bob"]);
         // vendor-data's own `user:` loses to user-data's: no account, no rule.
-        let vendor = parse(
-            b"#cloud-config\nuser: {name: ubuntu, sudo: 'ALL=(ALL) NOPASSWD:ALL', ssh_authorized_keys: [k]}\n",
-            "vendor-data",
-        )
-        .unwrap();
-        let user = parse(b"#cloud-config\nuser: alice\n", "user-data").unwrap();
-        let names: Vec<String> = user
-            .over(vendor)
-            .users
-            .into_iter()
-            .map(|u| u.name)
-            .collect();
-        assert_eq!(names, ["alice"]);
+        let ubuntu =
+            "user: {name: ubuntu, sudo: 'ALL=(ALL) NOPASSWD:ALL', ssh_authorized_keys: [k]}";
+        assert_eq!(names(&merged("user: alice", ubuntu)), ["alice"]);
         // `sudo: false` is given: a later entry's rule for the same name does not apply.
-        let vendor = parse(
-            b"#cloud-config\nusers: [{name: alice, sudo: 'ALL=(ALL) ALL'}]\n",
-            "vendor-data",
-        )
-        .unwrap();
-        let user = parse(
-            b"#cloud-config\nuser: {name: alice, sudo: false, ssh_authorized_keys: [k]}\n",
-            "user-data",
-        )
-        .unwrap();
-        let merged = user.over(vendor);
-        assert_eq!(merged.users.len(), 1);
-        assert!(
-            merged.users[0].sudo.is_empty(),
-            "{:?}",
-            merged.users[0].sudo
+        let users = merged(
+            "user: {name: alice, sudo: false, ssh_authorized_keys: [k]}",
+            "users: [{name: alice, sudo: 'ALL=(ALL) ALL'}]",
         );
+        assert_eq!(names(&users), ["alice"]);
+        assert!(users[0].sudo.is_empty(), "{:?}", users[0].sudo);
         let c = parse(
             b"#cloud-config\nusers: [{name: a, sudo: false}, {name: a, sudo: 'ALL=(ALL) ALL'}]\n",
             "user-data",
@@ -2344,18 +2331,15 @@ hostname: {{ v1.local_hostname }}
         .unwrap();
         let names: Vec<String> = c.chpasswd.hashes().into_keys().collect();
         assert_eq!(names, ["a", "e"]);
-        for said in [
-            "clear-text or random password for 'b' ignored",
-            "clear-text or random password for 'c' ignored",
-            "entry for 'd' of type 'odd' ignored",
-            "list entry \"oops\" has no ':'",
-        ] {
-            assert!(
-                c.warnings.iter().any(|w| w.contains(said)),
-                "{said}: {:?}",
-                c.warnings
-            );
-        }
+        assert_warned(
+            &c,
+            &[
+                "clear-text or random password for 'b' ignored",
+                "clear-text or random password for 'c' ignored",
+                "entry for 'd' of type 'odd' ignored",
+                "list entry \"oops\" has no ':'",
+            ],
+        );
     }
 
     /// Vendor-data's `chpasswd.users` beside user-data's `chpasswd.list`: both are set, as
@@ -2663,18 +2647,15 @@ hostname: {{ v1.local_hostname }}
         let c = parse(text.as_bytes(), "user-data").unwrap();
         assert_eq!(c.users[0].sudo, ["ALL=(ALL) NOPASSWD:ALL"]);
         assert!(c.users[1].sudo.is_empty());
-        for want in [
-            "user 'alice': 'shell' ignored",
-            "user 'alice': 'plain_text_passwd' ignored",
-            "'rsa_private' ignored",
-            "ed25519_private and ed25519_public come as a pair",
-        ] {
-            assert!(
-                c.warnings.iter().any(|w| w.contains(want)),
-                "{want}: {:?}",
-                c.warnings
-            );
-        }
+        assert_warned(
+            &c,
+            &[
+                "user 'alice': 'shell' ignored",
+                "user 'alice': 'plain_text_passwd' ignored",
+                "'rsa_private' ignored",
+                "ed25519_private and ed25519_public come as a pair",
+            ],
+        );
     }
 
     #[test]
