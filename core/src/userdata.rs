@@ -1598,6 +1598,15 @@ fn shell_quote(arg: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The accounts `c`'s `chpasswd:` sets a password for, in name order, space-separated.
+    fn chpasswd_names(c: &CloudConfig) -> String {
+        c.chpasswd
+            .hashes()
+            .into_keys()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// Each of `wants` is part of one of `c`'s warnings.
     fn assert_warned(c: &CloudConfig, wants: &[&str]) {
         for want in wants {
@@ -2220,13 +2229,7 @@ hostname: {{ v1.local_hostname }}
         let merged = |how: &str, later: &str| {
             let header = format!("Merge-Type: {how}+dict(recurse_array)+str()\n");
             let c = parse(mime(&[("", a), (&header, later)]).as_bytes(), "user-data").unwrap();
-            let names = c
-                .chpasswd
-                .hashes()
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(" ");
+            let names = chpasswd_names(&c);
             (c.runcmd.join(" "), names, c.warnings)
         };
         let pair = |r: &str, n: &str| (r.to_owned(), n.to_owned());
@@ -2484,13 +2487,7 @@ hostname: {{ v1.local_hostname }}
         let second = "#cloud-config\nchpasswd: {list: ['admin:$6$c$d']}\nssh_keys: {ed25519_private: P, ed25519_public: Q}\n";
         let merged = |how: &str| {
             let c = parse(mime(&[("", first), (how, second)]).as_bytes(), "user-data").unwrap();
-            let passwords = c
-                .chpasswd
-                .hashes()
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(" ");
+            let passwords = chpasswd_names(&c);
             let keys = c.ssh_keys.values().cloned().collect::<Vec<_>>().join(" ");
             (passwords, keys)
         };
