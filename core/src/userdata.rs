@@ -2421,12 +2421,9 @@ hostname: {{ v1.local_hostname }}
         assert_eq!(names, ["s1", "s2"]);
         assert!(c.users[0].sudo.is_empty());
         assert_eq!(c.users[1].sudo, ["ALL=(ALL) ALL"]);
-        assert!(
-            c.warnings
-                .iter()
-                .any(|w| w.contains("user-data: key 'users': an entry without 'name' ignored")),
-            "{:?}",
-            c.warnings
+        assert_warned(
+            &c,
+            &["user-data: key 'users': an entry without 'name' ignored"],
         );
         for (value, locked) in [
             ("false", false),
