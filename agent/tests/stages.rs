@@ -1371,6 +1371,47 @@ fn a_configdrive_iso_is_read_in_place() {
     );
 }
 
+/// A config drive is read from the newest dated version cloud-init knows that it has,
+/// before `latest` (Nova writes both), and a drive with only dated versions is read.
+#[test]
+fn a_configdrive_is_read_from_its_newest_known_version() {
+    let drive = |dirs: &[(&str, &str)]| {
+        let vm = Vm::new();
+        let stage = vm.p("cd-stage");
+        for (dir, hostname) in dirs {
+            let d = stage.join("openstack").join(dir);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(
+                d.join("meta_data.json"),
+                format!(r#"{{"uuid":"cd-{dir}","hostname":"{hostname}"}}"#),
+            )
+            .unwrap();
+        }
+        vm.attach_iso(&stage, &["genisoimage", "-quiet", "-R", "-V", "config-2"]);
+        let (out, s) = boot_cmdline(&vm, "ro\n");
+        let err = stderr(&out);
+        assert!(s.contains("rc=0"), "{s}\n{err}");
+        etc(&s, "hostname")
+    };
+    assert_eq!(
+        drive(&[
+            ("latest", "from-latest"),
+            ("2018-08-27", "from-rocky"),
+            ("2016-06-30", "from-newton"),
+            // A version cloud-init does not know is not read.
+            ("2020-10-14", "from-unknown"),
+        ]),
+        "from-rocky\n"
+    );
+    assert_eq!(
+        drive(&[
+            ("2012-08-10", "from-folsom"),
+            ("2013-04-04", "from-grizzly")
+        ]),
+        "from-grizzly\n"
+    );
+}
+
 /// A loop device over an image file, detached when dropped.
 struct Loop(String);
 

@@ -46,6 +46,12 @@ impl SeedFiles {
         }
         hex(&h.finalize())
     }
+
+    /// The ConfigDrive version these files were read from: the one whose
+    /// `meta_data.json` they hold, as [`configdrive_version`] picks among several.
+    pub fn configdrive_version(&self) -> &'static str {
+        configdrive_version(|v| self.0.contains_key(&configdrive_file(v, META_DATA)))
+    }
 }
 
 /// A normalised seed.
@@ -72,13 +78,52 @@ pub struct Seed {
     pub warnings: Vec<String>,
 }
 
-/// ConfigDrive2's network description (OpenStack Nova writes it), relative to `openstack/`.
-pub const NETWORK_DATA: &str = "latest/network_data.json";
-/// ConfigDrive2's vendor-data, relative to `openstack/`: Nova's static vendor-data (and
-/// Proxmox's `cicustom: vendor=` snippet), and Nova's dynamic vendor-data, which wins
-/// over it.
-pub const VENDOR_DATA: &str = "latest/vendor_data.json";
-pub const VENDOR_DATA2: &str = "latest/vendor_data2.json";
+/// ConfigDrive2's files in one version directory under `openstack/`: the metadata (a
+/// drive needs it), the user-data, the network description (OpenStack Nova writes it),
+/// and the vendor-data: Nova's static vendor-data (and Proxmox's `cicustom: vendor=`
+/// snippet), and Nova's dynamic vendor-data, which wins over it.
+pub const META_DATA: &str = "meta_data.json";
+pub const USER_DATA: &str = "user_data";
+pub const NETWORK_DATA: &str = "network_data.json";
+pub const VENDOR_DATA: &str = "vendor_data.json";
+pub const VENDOR_DATA2: &str = "vendor_data2.json";
+pub const CONFIGDRIVE_FILES: [&str; 5] = [
+    META_DATA,
+    USER_DATA,
+    NETWORK_DATA,
+    VENDOR_DATA,
+    VENDOR_DATA2,
+];
+
+/// The dated metadata versions cloud-init reads from a config drive, oldest first.
+pub const OPENSTACK_VERSIONS: [&str; 8] = [
+    "2012-08-10",
+    "2013-04-04",
+    "2013-10-17",
+    "2015-10-15",
+    "2016-06-30",
+    "2016-10-06",
+    "2017-02-22",
+    "2018-08-27",
+];
+
+/// The version directory under `openstack/` a config drive is read from, as cloud-init
+/// picks it: the newest dated version it knows that the drive has (`has` tells), else
+/// `latest`. Nova writes both, with the same files; a drive with only dated
+/// directories is read from its newest.
+pub fn configdrive_version(has: impl Fn(&str) -> bool) -> &'static str {
+    OPENSTACK_VERSIONS
+        .iter()
+        .rev()
+        .copied()
+        .find(|v| has(v))
+        .unwrap_or("latest")
+}
+
+/// One of [`CONFIGDRIVE_FILES`] in `version`, relative to `openstack/`.
+pub fn configdrive_file(version: &str, file: &str) -> String {
+    format!("{version}/{file}")
+}
 
 /// Gives the legacy `password:` to the default user (`user:`) as cloud-init's merge of
 /// user-data over vendor-data (`vendors`, the highest first, each with its origin) sees
@@ -204,24 +249,27 @@ impl Seed {
     /// `content/0000`, ...). As in cloud-init, `network_data.json` is the network when
     /// the drive has one; only without it is the ENI file named by meta_data.json read.
     pub fn from_configdrive(files: &SeedFiles, source: &str) -> Result<Seed, SeedError> {
-        let meta_name = "latest/meta_data.json";
-        let meta_bytes = files.get(meta_name).ok_or_else(|| SeedError::Invalid {
-            origin: origin(source, meta_name),
-            detail: "missing: a ConfigDrive2 seed needs openstack/latest/meta_data.json".into(),
+        let version = files.configdrive_version();
+        let name = |file: &str| configdrive_file(version, file);
+        let meta_name = name(META_DATA);
+        let meta_bytes = files.get(&meta_name).ok_or_else(|| SeedError::Invalid {
+            origin: origin(source, &meta_name),
+            detail: "missing: a ConfigDrive2 seed needs openstack/latest/meta_data.json (or a dated version's)".into(),
         })?;
-        let meta = configdrive::parse_meta_data(meta_bytes, &origin(source, meta_name))?;
-        let user_origin = origin(source, "latest/user_data");
-        let mut user = match files.get("latest/user_data") {
+        let meta = configdrive::parse_meta_data(meta_bytes, &origin(source, &meta_name))?;
+        let user_origin = origin(source, &name(USER_DATA));
+        let mut user = match files.get(&name(USER_DATA)) {
             Some(b) => userdata::parse(b, &user_origin)?,
             None => CloudConfig::default(),
         };
         let mut unread = Vec::new();
-        let mut read_vendor = |name: &str, enabled: Option<bool>| {
-            let file = files.get(name).filter(|_| enabled != Some(false));
-            let Some(bytes) = file else {
+        let mut read_vendor = |file: &str, enabled: Option<bool>| {
+            let file = name(file);
+            let bytes = files.get(&file).filter(|_| enabled != Some(false));
+            let Some(bytes) = bytes else {
                 return Ok(None);
             };
-            let from = origin(source, name);
+            let from = origin(source, &file);
             let vd = configdrive::vendor_data(bytes, &from);
             unread.extend(vd.warnings);
             if vd.docs.is_empty() {
@@ -250,10 +298,11 @@ impl Seed {
             .into_iter()
             .map(|(v, _)| v)
             .reduce(|high, low| high.over(low));
-        let network = match (files.get(NETWORK_DATA), &meta.network_path) {
+        let network_name = name(NETWORK_DATA);
+        let network = match (files.get(&network_name), &meta.network_path) {
             (Some(bytes), _) => Some(NetworkSetting::Config(network::parse_network_data(
                 bytes,
-                &origin(source, NETWORK_DATA),
+                &origin(source, &network_name),
             )?)),
             (None, Some(path)) => {
                 let bytes = files.get(path).ok_or_else(|| SeedError::Invalid {
@@ -268,7 +317,7 @@ impl Seed {
             }
             (None, None) => None,
         };
-        let network_from_eni = files.get(NETWORK_DATA).is_none() && network.is_some();
+        let network_from_eni = files.get(&network_name).is_none() && network.is_some();
         let mut seed = Seed {
             source: source.to_string(),
             instance_id: meta.instance_id,
@@ -369,18 +418,23 @@ impl Seed {
 impl Seed {
     /// The file a source calls `nocloud` in NoCloud terms (`configdrive` in ConfigDrive's),
     /// named for messages (`nocloud:/dev/sr0/meta-data`).
+    /// A ConfigDrive's file is one of [`CONFIGDRIVE_FILES`] in the version read, or
+    /// another path relative to `openstack/` (`content/0000`).
     fn file_origin(&self, nocloud: &str, configdrive: &str) -> String {
-        let name = if self.source.starts_with("configdrive") {
-            configdrive
+        if !self.source.starts_with("configdrive") {
+            return origin(&self.source, nocloud);
+        }
+        let name = if CONFIGDRIVE_FILES.contains(&configdrive) {
+            configdrive_file(self.files.configdrive_version(), configdrive)
         } else {
-            nocloud
+            configdrive.to_string()
         };
-        origin(&self.source, name)
+        origin(&self.source, &name)
     }
 
     /// Its meta-data file, named for messages.
     pub fn meta_origin(&self) -> String {
-        self.file_origin("meta-data", "latest/meta_data.json")
+        self.file_origin("meta-data", META_DATA)
     }
 
     /// Hostnames cloud-init would set but systemd would not take from `/etc/hostname`
@@ -429,7 +483,7 @@ impl Seed {
 
     /// Its user-data file, named for messages.
     pub fn user_origin(&self) -> String {
-        self.file_origin("user-data", "latest/user_data")
+        self.file_origin("user-data", USER_DATA)
     }
 
     /// The file its network came from, named for messages.
@@ -437,7 +491,7 @@ impl Seed {
         if self.network_from_eni {
             self.file_origin("meta-data", "content/0000")
         } else {
-            self.file_origin("network-config", "latest/network_data.json")
+            self.file_origin("network-config", NETWORK_DATA)
         }
     }
 }
@@ -622,6 +676,43 @@ mod configdrive_tests {
         assert_eq!(first_interface(&json_only), "tap0");
     }
 
+    /// A drive read from a dated version names that version's files.
+    #[test]
+    fn a_dated_version_is_read_and_named() {
+        let s = seed(&[
+            ("2016-06-30/meta_data.json", META),
+            ("content/0000", ENI),
+            ("2016-06-30/user_data", "#cloud-config\nhostname: a_b\n"),
+        ])
+        .unwrap();
+        assert_eq!(first_interface(&s), "eth0");
+        assert_eq!(
+            s.user_origin(),
+            "configdrive:/dev/sr0/2016-06-30/user_data",
+            "{:?}",
+            s.warnings
+        );
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.starts_with("configdrive:/dev/sr0/2016-06-30/user_data: key 'hostname'")),
+            "{:?}",
+            s.warnings
+        );
+        assert_eq!(s.network_origin(), "configdrive:/dev/sr0/content/0000");
+    }
+
+    #[test]
+    fn the_newest_known_version_wins() {
+        let has = |present: &'static [&'static str]| move |v: &str| present.contains(&v);
+        assert_eq!(configdrive_version(has(&["latest"])), "latest");
+        assert_eq!(
+            configdrive_version(has(&["latest", "2013-10-17", "2018-08-27", "2012-08-10"])),
+            "2018-08-27"
+        );
+        assert_eq!(configdrive_version(has(&["2021-01-01"])), "latest");
+    }
+
     #[test]
     fn a_bad_network_data_json_names_the_file() {
         let e = seed(&[
@@ -659,8 +750,8 @@ mod configdrive_tests {
                 "latest/user_data",
                 "#cloud-config\nhostname: alpha\ntimezone: Europe/Paris\n",
             ),
-            (VENDOR_DATA, &v1),
-            (VENDOR_DATA2, &v2),
+            ("latest/vendor_data.json", &v1),
+            ("latest/vendor_data2.json", &v2),
         ])
         .unwrap();
         let v = s.vendor.clone().unwrap();
@@ -743,8 +834,8 @@ mod configdrive_tests {
             seed(&[
                 ("latest/meta_data.json", NOVA_META),
                 ("latest/user_data", user),
-                (VENDOR_DATA, &v1),
-                (VENDOR_DATA2, &v2),
+                ("latest/vendor_data.json", &v1),
+                ("latest/vendor_data2.json", &v2),
             ])
             .unwrap()
             .vendor
@@ -761,8 +852,8 @@ mod configdrive_tests {
         let s = seed(&[
             ("latest/meta_data.json", NOVA_META),
             ("latest/user_data", &both_off),
-            (VENDOR_DATA, &v1),
-            (VENDOR_DATA2, &v2),
+            ("latest/vendor_data.json", &v1),
+            ("latest/vendor_data2.json", &v2),
         ])
         .unwrap();
         assert!(s.vendor.is_none());
@@ -785,14 +876,17 @@ mod configdrive_tests {
         let empty = seed(&[
             ("latest/meta_data.json", NOVA_META),
             ("latest/user_data", USER),
-            (VENDOR_DATA, ""),
+            ("latest/vendor_data.json", ""),
         ])
         .unwrap();
         assert!(empty.vendor.is_none() && empty.warnings.is_empty());
         let snippet = seed(&[
             ("latest/meta_data.json", NOVA_META),
             ("latest/user_data", USER),
-            (VENDOR_DATA, "#cloud-config\nssh_pwauth: true\n"),
+            (
+                "latest/vendor_data.json",
+                "#cloud-config\nssh_pwauth: true\n",
+            ),
         ])
         .unwrap();
         assert_eq!(snippet.vendor.unwrap().ssh_pwauth, Some(true));
@@ -802,7 +896,10 @@ mod configdrive_tests {
     fn a_bad_vendor_data_document_names_the_file() {
         let e = seed(&[
             ("latest/meta_data.json", NOVA_META),
-            (VENDOR_DATA2, &vendor_json("#cloud-config\nssh_pwauth: [\n")),
+            (
+                "latest/vendor_data2.json",
+                &vendor_json("#cloud-config\nssh_pwauth: [\n"),
+            ),
         ])
         .unwrap_err()
         .to_string();
@@ -821,7 +918,7 @@ mod configdrive_tests {
         let s = seed(&[
             ("latest/meta_data.json", NOVA_META),
             ("latest/user_data", user),
-            (VENDOR_DATA, &vd),
+            ("latest/vendor_data.json", &vd),
         ])
         .unwrap();
         let root = s.user.users.iter().find(|u| u.name == "root").unwrap();

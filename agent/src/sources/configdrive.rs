@@ -3,8 +3,12 @@
 
 use anyhow::Result;
 use nixseed_core::configdrive::parse_meta_data;
+use nixseed_core::iso9660;
 use nixseed_core::label::{self, FsType};
-use nixseed_core::seed::{NETWORK_DATA, Seed, SeedFiles, VENDOR_DATA, VENDOR_DATA2};
+use nixseed_core::seed::{
+    CONFIGDRIVE_FILES, META_DATA, NETWORK_DATA, Seed, SeedFiles, configdrive_file,
+    configdrive_version,
+};
 
 use super::block::{BlockDevice, Media};
 use super::{Env, Source, read_seed_files};
@@ -24,10 +28,10 @@ impl Source for BlockConfigDrive {
         true
     }
 
-    /// Every `config-2` device in turn; one without `openstack/latest/meta_data.json`, or
-    /// one that cannot be read, does not hide the next one (cloud-init logs a broken drive
-    /// and tries the next). When no device gives a seed, the first failure is the answer:
-    /// a broken drive is not "no seed".
+    /// Every `config-2` device in turn; one without `meta_data.json` in the version it is
+    /// read from, or one that cannot be read, does not hide the next one (cloud-init logs
+    /// a broken drive and tries the next). When no device gives a seed, the first failure
+    /// is the answer: a broken drive is not "no seed".
     fn find(&self, env: &Env) -> Result<Option<Seed>> {
         let mut failed: Option<anyhow::Error> = None;
         for dev in env
@@ -36,9 +40,9 @@ impl Source for BlockConfigDrive {
             .filter(|d| label::is_configdrive_label(&d.label))
         {
             match from_device(env, dev) {
-                Ok(Some(seed)) => return Ok(Some(seed)),
-                Ok(None) => tracing::warn!(
-                    "{}: labelled {} but holds no openstack/latest/meta_data.json",
+                Ok(Ok(seed)) => return Ok(Some(seed)),
+                Ok(Err(version)) => tracing::warn!(
+                    "{}: labelled {} but holds no openstack/{version}/meta_data.json",
                     dev.node.display(),
                     dev.label
                 ),
@@ -55,12 +59,32 @@ impl Source for BlockConfigDrive {
     }
 }
 
-fn from_device(env: &Env, dev: &BlockDevice) -> Result<Option<Seed>> {
+/// The drive's seed, or the version directory it was read from when that has no
+/// `meta_data.json`.
+fn from_device(env: &Env, dev: &BlockDevice) -> Result<Result<Seed, &'static str>> {
     let source = format!("configdrive:{}", dev.node.display());
     // An ISO is read in place, a FAT drive mounted; either way through one reader.
     let media = match dev.fstype {
         FsType::Iso9660 => None,
         _ => Some(Media::mount(dev, &env.run)?),
+    };
+    let version = match &media {
+        None => {
+            let volume = &*dev.file;
+            let root = iso9660::read_root(volume).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: cannot read the ISO 9660 volume: {e}",
+                    dev.node.display()
+                )
+            })?;
+            configdrive_version(|v| {
+                matches!(root.lookup(volume, &format!("openstack/{v}")), Ok(Some(_)))
+            })
+        }
+        Some(m) => {
+            let dir = m.dir.join("openstack");
+            configdrive_version(|v| std::fs::symlink_metadata(dir.join(v)).is_ok())
+        }
     };
     let read = |names: &[&str]| -> Result<SeedFiles> {
         match &media {
@@ -68,23 +92,21 @@ fn from_device(env: &Env, dev: &BlockDevice) -> Result<Option<Seed>> {
             Some(m) => read_seed_files(&m.dir.join("openstack"), names),
         }
     };
-    let mut files = read(&[
-        "latest/meta_data.json",
-        "latest/user_data",
-        NETWORK_DATA,
-        VENDOR_DATA,
-        VENDOR_DATA2,
-    ])?;
-    let Some(meta) = files.get("latest/meta_data.json") else {
-        return Ok(None);
+    let names = CONFIGDRIVE_FILES.map(|f| configdrive_file(version, f));
+    let mut files = read(&names.each_ref().map(String::as_str))?;
+    let meta_name = configdrive_file(version, META_DATA);
+    let Some(meta) = files.get(&meta_name) else {
+        return Ok(Err(version));
     };
     // network_data.json is the network when present (as in cloud-init); otherwise the ENI
     // file whose path comes from meta_data.json, validated to stay inside.
-    let origin = format!("{source}/latest/meta_data.json");
+    let origin = format!("{source}/{meta_name}");
     if let Some(path) = parse_meta_data(meta, &origin)?.network_path
-        && files.get(NETWORK_DATA).is_none()
+        && files
+            .get(&configdrive_file(version, NETWORK_DATA))
+            .is_none()
     {
         files.0.extend(read(&[path.as_str()])?.0);
     }
-    Ok(Some(Seed::from_configdrive(&files, &source)?))
+    Ok(Ok(Seed::from_configdrive(&files, &source)?))
 }
