@@ -85,12 +85,14 @@ impl Source for ControlChannel {
         let mut decoder = Decoder::default();
         let mut buf = vec![0u8; 64 * 1024];
         let mut next_hello = Instant::now();
+        let mut outbox = Outbox::default();
         while t0.elapsed() < env.channel_wait {
             if Instant::now() >= next_hello {
                 // Repeated: a hello written before the host connected is lost.
-                let _ = port.write_all(&hello);
+                outbox.queue(&hello);
                 next_hello = Instant::now() + Duration::from_secs(1);
             }
+            outbox.flush(&mut port);
             let mut fds = [nix::poll::PollFd::new(
                 port.as_fd(),
                 nix::poll::PollFlags::POLLIN,
@@ -147,5 +149,109 @@ impl Source for ControlChannel {
             env.channel_wait.as_secs()
         );
         Ok(None)
+    }
+}
+
+/// Frames waiting to go out on a non-blocking port, written whole: a frame the port took
+/// in part is finished before another is queued, so the host never reads the start of
+/// one frame followed by a whole other one (which would desynchronise its decoder).
+#[derive(Default)]
+struct Outbox {
+    pending: Vec<u8>,
+}
+
+impl Outbox {
+    /// Queues `frame` unless an earlier one is still going out.
+    fn queue(&mut self, frame: &[u8]) {
+        if self.pending.is_empty() {
+            self.pending.extend_from_slice(frame);
+        }
+    }
+
+    /// Writes what the port takes now. A port with no host takes nothing (`EAGAIN`); a
+    /// frame written before the host connected is lost on the way, as a whole.
+    fn flush(&mut self, port: &mut impl Write) {
+        while !self.pending.is_empty() {
+            match port.write(&self.pending) {
+                Ok(0) => return,
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A fake port for this unit test: takes at most `take` bytes per write while
+    /// `room` lasts, then says `EAGAIN`.
+    struct FakePort {
+        written: Vec<u8>,
+        take: usize,
+        room: usize,
+    }
+
+    impl Write for FakePort {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let n = b.len().min(self.take).min(self.room);
+            if n == 0 {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            self.room -= n;
+            self.written.extend_from_slice(&b[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A hello the port took in part is finished before the next one starts: the host's
+    /// decoder reads whole hellos, however the writes were cut.
+    #[test]
+    fn a_hello_cut_short_is_finished_before_the_next() {
+        let hello = encode(&Message::Hello {
+            product_uuid: Some("u".repeat(300)),
+            generation: Some(3),
+            instance_id: Some("i-1".into()),
+        });
+        let mut port = FakePort {
+            written: Vec::new(),
+            take: 100,
+            room: 150,
+        };
+        let mut outbox = Outbox::default();
+        outbox.queue(&hello);
+        outbox.flush(&mut port);
+        // A second hello is due while the first is still going out.
+        outbox.queue(&hello);
+        port.room = usize::MAX;
+        outbox.flush(&mut port);
+        outbox.queue(&hello);
+        outbox.flush(&mut port);
+        let mut decoder = Decoder::default();
+        decoder.push(&port.written);
+        let mut hellos = 0;
+        while let Some(m) = decoder.next_message().unwrap() {
+            assert!(
+                matches!(
+                    m,
+                    Message::Hello {
+                        generation: Some(3),
+                        ..
+                    }
+                ),
+                "{m:?}"
+            );
+            hellos += 1;
+        }
+        assert_eq!(hellos, 2);
+        assert_eq!(port.written.len(), 2 * hello.len());
     }
 }
