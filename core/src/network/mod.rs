@@ -372,6 +372,27 @@ mod tests {
         assert_eq!(files.len(), 2, "{files:?}");
     }
 
+    /// The same with the absent NIC in a bond: only its own file joins the bond, not the
+    /// present NIC's, which has the same name.
+    #[test]
+    fn an_absent_bond_member_s_name_taken_by_another_nic_keeps_that_nic_out() {
+        let c = config(
+            "version: 1\nconfig:\n  - {type: physical, name: eth0, mac_address: 'bc:24:11:5e:7a:01'}\n  - {type: physical, name: eth1, mac_address: 'bc:24:11:5e:7a:02', subnets: [{type: dhcp4}]}\n  - {type: bond, name: bond0, bond_interfaces: [eth0], params: {bond-mode: active-backup}, subnets: [{type: static, address: 10.20.30.40/24}]}\n",
+        );
+        let links = [Link {
+            name: "eth0".into(),
+            mac: "bc:24:11:5e:7a:02".into(),
+        }];
+        let files = render_networkd(&c, &links).unwrap();
+        let present = &files["10-cloud-init-eth0.network"];
+        assert!(
+            !present.contains("Bond=") && present.contains("DHCP=ipv4"),
+            "{files:?}"
+        );
+        let absent = &files["10-cloud-init-eth0-bc24115e7a01.network"];
+        assert!(absent.contains("Bond=bond0"), "{files:?}");
+    }
+
     #[test]
     fn a_nic_not_yet_present_is_matched_by_its_mac_alone() {
         let c = config(

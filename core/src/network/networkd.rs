@@ -155,7 +155,9 @@ pub(super) fn render(
     let name_of = |id: &str| names.get(id).cloned().unwrap_or_else(|| id.to_string());
 
     let mut files = BTreeMap::new();
-    // Member → master links that go into the members' .network files.
+    // Member → master links that go into the members' .network files, keyed by the
+    // member's config id: two entries can resolve to one name (an absent NIC whose
+    // config name a present NIC has), and only the one named as a member is one.
     let mut vlans_on: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut bond_of: BTreeMap<String, String> = BTreeMap::new();
     let mut bridge_of: BTreeMap<String, String> = BTreeMap::new();
@@ -167,10 +169,7 @@ pub(super) fn render(
         let mut dev = Unit::default();
         match &iface.kind {
             InterfaceKind::Vlan { id, link } => {
-                vlans_on
-                    .entry(name_of(link))
-                    .or_default()
-                    .push(name.clone());
+                vlans_on.entry(link.clone()).or_default().push(name.clone());
                 dev.set("NetDev", "Kind", "vlan");
                 dev.set("VLAN", "Id", id);
             }
@@ -180,7 +179,7 @@ pub(super) fn render(
                     continue;
                 }
                 for m in members {
-                    bond_of.insert(name_of(m), name.clone());
+                    bond_of.insert(m.clone(), name.clone());
                 }
                 dev.set("NetDev", "Kind", "bond");
                 bond_params(&mut dev, params);
@@ -191,7 +190,7 @@ pub(super) fn render(
                     continue;
                 }
                 for p in ports {
-                    bridge_of.insert(name_of(p), name.clone());
+                    bridge_of.insert(p.clone(), name.clone());
                 }
                 dev.set("NetDev", "Kind", "bridge");
                 for (key, val) in params {
@@ -204,7 +203,7 @@ pub(super) fn render(
                     if let Some(sysd) = per_port {
                         if let Some((port, value)) = val.split_once(' ') {
                             port_settings
-                                .entry(name_of(port))
+                                .entry(port.to_string())
                                 .or_default()
                                 .push((sysd, value.to_string()));
                         }
@@ -239,15 +238,15 @@ pub(super) fn render(
     for iface in &cfg.interfaces {
         let name = name_of(&iface.id);
         let mut u = Unit::default();
-        for v in vlans_on.get(&name).into_iter().flatten() {
+        for v in vlans_on.get(&iface.id).into_iter().flatten() {
             u.set("Network", "VLAN", v);
         }
-        if let Some(b) = bond_of.get(&name) {
+        if let Some(b) = bond_of.get(&iface.id) {
             u.set("Network", "Bond", b);
         }
-        if let Some(b) = bridge_of.get(&name) {
+        if let Some(b) = bridge_of.get(&iface.id) {
             u.set("Network", "Bridge", b);
-            for (key, value) in port_settings.get(&name).into_iter().flatten() {
+            for (key, value) in port_settings.get(&iface.id).into_iter().flatten() {
                 u.set("Bridge", key, value);
             }
         }
