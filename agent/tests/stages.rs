@@ -1454,66 +1454,87 @@ fn ext4_seed_volume(vm: &Vm, stage: &Path) -> (PathBuf, Loop) {
 }
 
 /// A FAT seed whose label is only in its root directory (the boot sector says `NO NAME`),
-/// which blkid reports as `LABEL=CIDATA` and cloud-init finds, is found too.
+/// which blkid reports as `LABEL=CIDATA` and cloud-init finds, is found too: on FAT12
+/// and on FAT32, where the volume already held 60 files with long names when it was
+/// labelled, so that mtools put the label entry in the first free slot, past the first
+/// 4 KiB of the root directory (FAT12) and in a later cluster of its chain (FAT32).
 #[test]
 fn a_fat_seed_labelled_only_in_its_root_directory_is_found() {
-    let vm = Vm::new();
-    let image = vm.p("cidata.vfat");
-    let run = |cmd: &mut Command| {
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    run(Command::new("mkfs.vfat").arg("-C").arg(&image).arg("2048"));
-    for (name, text) in [
-        (
-            "meta-data",
-            "instance-id: fat-1\nlocal-hostname: from-fat-root\n",
-        ),
-        ("user-data", ""),
+    for (mkfs, size_kib, label_at) in [
+        (&["-C"][..], "2048", 43),
+        (&["-F", "32", "-s", "1", "-C"][..], "40000", 71),
     ] {
-        let file = vm.p(name);
-        std::fs::write(&file, text).unwrap();
-        run(Command::new("mcopy")
-            .arg("-i")
+        let vm = Vm::new();
+        let image = vm.p("cidata.vfat");
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{cmd:?}: {}", stderr(&out));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        run(Command::new("mkfs.vfat")
+            .args(mkfs)
             .arg(&image)
-            .arg(&file)
-            .arg(format!("::{name}")));
-    }
-    run(Command::new("fatlabel").arg(&image).arg("CIDATA"));
-    // Take the boot sector's copy away (FAT12: the label is at byte 43).
-    let mut bytes = std::fs::read(&image).unwrap();
-    bytes[43..54].copy_from_slice(b"NO NAME    ");
-    std::fs::write(&image, bytes).unwrap();
-    let blkid = run(Command::new("blkid")
-        .args(["-p", "-o", "export"])
-        .arg(&image));
-    assert!(
-        blkid.contains("LABEL=CIDATA") && !blkid.contains("LABEL_FATBOOT"),
-        "{blkid}"
-    );
-    let lo = Loop::attach(&image);
-    std::fs::create_dir_all(vm.p("host/dev")).unwrap();
-    std::fs::create_dir_all(vm.p("host/sys/class/block/vdz")).unwrap();
-    std::os::unix::fs::symlink(&lo.0, vm.p("host/dev/vdz")).unwrap();
-    let (out, s) = boot_cmdline(&vm, "ro\n");
-    let err = stderr(&out);
-    let vfat = std::fs::read_to_string("/proc/filesystems")
-        .unwrap()
-        .lines()
-        .any(|l| l.split_whitespace().last() == Some("vfat"));
-    if vfat {
-        assert!(s.contains("rc=0"), "{s}\n{err}");
-        assert_eq!(etc(&s, "hostname"), "from-fat-root\n");
-    } else {
-        // A kernel without vfat (some CI hosts): the volume was found by that label, and
-        // its mount is what failed.
+            .arg(size_kib));
+        let filler = vm.p("filler");
+        std::fs::create_dir_all(&filler).unwrap();
+        let mut copy = Command::new("mcopy");
+        copy.arg("-i").arg(&image);
+        for i in 0..60 {
+            let f = filler.join(format!("a-very-long-file-name-number-{i}.txt"));
+            std::fs::write(&f, "x").unwrap();
+            copy.arg(f);
+        }
+        run(copy.arg("::/"));
+        for (name, text) in [
+            (
+                "meta-data",
+                "instance-id: fat-1\nlocal-hostname: from-fat-root\n",
+            ),
+            ("user-data", ""),
+        ] {
+            let file = vm.p(name);
+            std::fs::write(&file, text).unwrap();
+            run(Command::new("mcopy")
+                .arg("-i")
+                .arg(&image)
+                .arg(&file)
+                .arg(format!("::{name}")));
+        }
+        run(Command::new("mlabel").arg("-i").arg(&image).arg("::CIDATA"));
+        // Take the boot sector's copy away (FAT12 at byte 43, FAT32 at 71).
+        let mut bytes = std::fs::read(&image).unwrap();
+        bytes[label_at..label_at + 11].copy_from_slice(b"NO NAME    ");
+        std::fs::write(&image, bytes).unwrap();
+        let blkid = run(Command::new("blkid")
+            .args(["-p", "-o", "export"])
+            .arg(&image));
         assert!(
-            err.contains("dev/vdz (vfat, label CIDATA)") && err.contains("No such device"),
-            "{err}"
+            blkid.contains("LABEL=CIDATA") && !blkid.contains("LABEL_FATBOOT"),
+            "{blkid}"
         );
+        let lo = Loop::attach(&image);
+        std::fs::create_dir_all(vm.p("host/dev")).unwrap();
+        std::fs::create_dir_all(vm.p("host/sys/class/block/vdz")).unwrap();
+        std::os::unix::fs::symlink(&lo.0, vm.p("host/dev/vdz")).unwrap();
+        let (out, s) = boot_cmdline(&vm, "ro\n");
+        let err = stderr(&out);
+        let vfat = std::fs::read_to_string("/proc/filesystems")
+            .unwrap()
+            .lines()
+            .any(|l| l.split_whitespace().last() == Some("vfat"));
+        if vfat {
+            assert!(s.contains("rc=0"), "{mkfs:?}: {s}\n{err}");
+            assert_eq!(etc(&s, "hostname"), "from-fat-root\n");
+        } else {
+            // A kernel without vfat (some CI hosts): the volume was found by that label,
+            // and its mount is what failed.
+            assert!(
+                err.contains("dev/vdz (vfat, label CIDATA)") && err.contains("No such device"),
+                "{mkfs:?}: {err}"
+            );
+        }
+        drop(lo);
     }
-    drop(lo);
 }
 
 /// A seed volume the agent mounts (ext4 labelled `config-2`, on a loop device) whose

@@ -106,10 +106,7 @@ pub fn scan(env: &Env) -> Vec<BlockDevice> {
 /// The volume label entry of a FAT root directory, read where the boot sector puts it.
 fn fat_root_label(file: &std::fs::File, head: &[u8]) -> Option<String> {
     use std::os::unix::fs::FileExt;
-    let (at, len) = label::fat_root_dir(head)?;
-    let mut dir = vec![0u8; usize::try_from(len).ok()?];
-    let n = file.read_at(&mut dir, at).ok()?;
-    label::fat_root_label(&dir[..n])
+    label::fat_root_label(head, |at, buf| file.read_exact_at(buf, at).is_ok())
 }
 
 impl BlockDevice {
