@@ -1,6 +1,17 @@
 //! Reads an ISO 9660 volume (a NoCloud `cidata` or ConfigDrive `config-2` seed) straight from
-//! its bytes, with the names Linux's isofs would show: Rock Ridge `NM` when the volume has
-//! Rock Ridge, else the Joliet tree, else the plain names lower-cased without `;1`.
+//! its bytes, with the names Linux's isofs shows and finds with its default options:
+//!
+//! - The Joliet tree when the volume has one and its root does not announce Rock Ridge
+//!   (an `ER` entry in the root's `.` record); names there are matched without regard
+//!   to case or trailing dots, as isofs's `check=relaxed` default for Joliet does.
+//! - Otherwise the primary tree, with each record's Rock Ridge `NM` name when it has one
+//!   (with or without an `SP` entry: isofs tries Rock Ridge on every record), else its
+//!   plain name as isofs translates it: lower case, a trailing `;1` or `.;1` dropped,
+//!   any other `;` shown as `.`.
+//!
+//! A record whose Rock Ridge entries cannot be read (a continuation area off the volume
+//! or chained too long) has no name under isofs, so it cannot be found; it is left out
+//! and named in [`Root::broken`], and the rest of the directory is read.
 //! The agent reads seed ISOs this way instead of mounting them; every length and offset
 //! on the volume is checked, since a seed is untrusted input.
 
@@ -12,7 +23,8 @@ pub const SECTOR: u64 = 2048;
 const MAX_DIR: u64 = 256 * 1024;
 /// How many volume descriptors are read before giving up on a terminator.
 const MAX_DESCRIPTORS: u64 = 32;
-/// How many Rock Ridge continuation areas one record may chain.
+/// How many Rock Ridge continuation areas one record may chain (isofs gives up at 32 and
+/// shows the record with no name; so does this reader, sooner).
 const MAX_CONTINUATIONS: usize = 8;
 /// Where Linux's isofs stops a Rock Ridge name: the `NM` piece that would bring it to this
 /// many bytes is dropped with every later one, so a name holds at most 253 bytes and a
@@ -48,7 +60,8 @@ fn eof() -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, "beyond the end of the volume")
 }
 
-/// Which directory tree the names came from.
+/// Which directory tree the names came from: Rock Ridge (the primary tree, where some
+/// record has Rock Ridge entries), Joliet, or Plain (the primary tree without them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Names {
     RockRidge,
@@ -74,6 +87,8 @@ pub struct Entry {
     pub size: u64,
     /// Why the data cannot be read as one extent (multi-extent or interleaved), if so.
     pub unreadable: Option<&'static str>,
+    /// The name is the record's Rock Ridge `NM`.
+    pub rock_ridge: bool,
 }
 
 /// The root directory as a reader sees it.
@@ -81,13 +96,18 @@ pub struct Entry {
 pub struct Root {
     pub names: Names,
     pub entries: Vec<Entry>,
+    /// Records of the root left out because their Rock Ridge entries cannot be read,
+    /// each named by its ISO 9660 identifier with the reason.
+    pub broken: Vec<String>,
     /// Rock Ridge's `SP` skip length for every record's system use area.
     skip: usize,
 }
 
 impl Root {
     pub fn get(&self, name: &str) -> Option<&Entry> {
-        self.entries.iter().find(|e| e.name == name)
+        self.entries
+            .iter()
+            .find(|e| names_match(self.names, &e.name, name))
     }
 
     /// The entries of a directory of this volume, named as the root's are.
@@ -95,10 +115,16 @@ impl Root {
         if dir.kind != Kind::Directory {
             return Err(format!("{}: not a directory", dir.name));
         }
-        directory(v, dir.offset, dir.size, &dir.name)?
+        let tree = if self.names == Names::Joliet {
+            Tree::Joliet
+        } else {
+            Tree::Primary
+        };
+        let records = directory(v, dir.offset, dir.size, &dir.name)?;
+        Ok(records
             .iter()
-            .filter_map(|r| entry(v, r, self.names, self.skip).transpose())
-            .collect()
+            .filter_map(|r| entry(v, r, tree, self.skip).ok().flatten())
+            .collect())
     }
 
     /// Follows a relative path such as `openstack/latest/meta_data.json` from the root;
@@ -112,7 +138,11 @@ impl Root {
             return Ok(None);
         };
         for part in parts {
-            match self.read_dir(v, &at)?.into_iter().find(|e| e.name == part) {
+            let found = self.read_dir(v, &at)?;
+            match found
+                .into_iter()
+                .find(|e| names_match(self.names, &e.name, part))
+            {
                 Some(e) => at = e,
                 None => return Ok(None),
             }
@@ -176,41 +206,64 @@ pub fn read_root(v: &(impl Volume + ?Sized)) -> Result<Root, String> {
     let primary = primary_root.ok_or("no primary volume descriptor")?;
     let (offset, len) = extent_of(&primary);
     let records = directory(v, offset, len, "root directory")?;
-    // Rock Ridge announces itself with an `SP` entry in the root's `.` record.
-    let rock_skip = records.first().and_then(|dot| {
-        let a = system_use(dot, 0);
-        (a.len() >= 7 && &a[..2] == b"SP" && a[4..6] == [0xBE, 0xEF]).then(|| usize::from(a[6]))
+    let dot = records.first();
+    // Rock Ridge's `SP` entry opens the root's `.` record and says how many bytes of
+    // every record's system use area to skip.
+    let skip = dot
+        .map(|dot| system_use(dot, 0))
+        .filter(|a| a.len() >= 7 && &a[..2] == b"SP" && a[4..6] == [0xBE, 0xEF])
+        .map_or(0, |a| usize::from(a[6]));
+    // The Joliet tree is used unless the root's `.` record announces Rock Ridge (`ER`).
+    let announced = dot.is_some_and(|dot| {
+        let mut er = false;
+        let _ = walk_susp(v, system_use(dot, 0), &mut |sig, _| er |= sig == b"ER");
+        er
     });
-    if let Some(skip) = rock_skip {
-        let entries = records
-            .iter()
-            .filter_map(|r| entry(v, r, Names::RockRidge, skip).transpose())
-            .collect::<Result<_, _>>()?;
-        return Ok(Root {
-            names: Names::RockRidge,
-            entries,
-            skip,
-        });
-    }
-    let (names, records) = match joliet_root {
-        Some(root) => {
+    let (tree, what, records) = match joliet_root {
+        Some(root) if !announced => {
             let (offset, len) = extent_of(&root);
-            (
-                Names::Joliet,
-                directory(v, offset, len, "Joliet root directory")?,
-            )
+            let what = "Joliet root directory";
+            (Tree::Joliet, what, directory(v, offset, len, what)?)
         }
-        None => (Names::Plain, records),
+        _ => (Tree::Primary, "root directory", records),
     };
-    let entries = records
-        .iter()
-        .filter_map(|r| entry(v, r, names, 0).transpose())
-        .collect::<Result<_, _>>()?;
+    let mut entries = Vec::new();
+    let mut broken = Vec::new();
+    let mut rock_names = false;
+    for r in &records {
+        match entry(v, r, tree, skip) {
+            Ok(Some(e)) => {
+                rock_names |= e.rock_ridge;
+                entries.push(e);
+            }
+            Ok(None) => {}
+            Err(e) => broken.push(format!("{what}: {e}")),
+        }
+    }
+    let names = match tree {
+        Tree::Joliet => Names::Joliet,
+        Tree::Primary if rock_names || skip > 0 || announced => Names::RockRidge,
+        Tree::Primary => Names::Plain,
+    };
     Ok(Root {
         names,
         entries,
-        skip: 0,
+        broken,
+        skip,
     })
+}
+
+/// Whether a name shown on the volume (`shown`) is the one looked up (`wanted`): Joliet
+/// names without regard to ASCII case or trailing dots, others exactly.
+fn names_match(names: Names, shown: &str, wanted: &str) -> bool {
+    if names != Names::Joliet {
+        return shown == wanted;
+    }
+    let trim = |n: &str| -> String {
+        let t = n.trim_end_matches('.');
+        if t.is_empty() { n } else { t }.to_string()
+    };
+    trim(shown).eq_ignore_ascii_case(&trim(wanted))
 }
 
 /// The records of the directory at `offset` (`.` and `..` included); `what` names it.
@@ -258,11 +311,21 @@ fn system_use(rec: &[u8], skip: usize) -> &[u8] {
         .unwrap_or_default()
 }
 
-/// One directory entry, or `None` for `.`, `..` and associated files.
+/// Which tree a directory belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tree {
+    /// The primary tree: Rock Ridge names where a record has them, else plain ones.
+    Primary,
+    Joliet,
+}
+
+/// One directory entry, or `None` for `.`, `..`, associated files and records Rock Ridge
+/// relocated (`RE`); an error, naming the record, when its Rock Ridge entries cannot be
+/// read.
 fn entry(
     v: &(impl Volume + ?Sized),
     rec: &[u8],
-    names: Names,
+    tree: Tree,
     skip: usize,
 ) -> Result<Option<Entry>, String> {
     let id = &rec[33..33 + usize::from(rec[32])];
@@ -275,9 +338,14 @@ fn entry(
     } else {
         Kind::File
     };
-    let name = match names {
-        Names::RockRidge => {
-            let rr = rock_ridge(v, rec, skip)?;
+    let mut rock_ridge_name = false;
+    let name = match tree {
+        Tree::Primary => {
+            let rr = rock_ridge(v, rec, skip)
+                .map_err(|e| format!("record {}: {e}", String::from_utf8_lossy(id)))?;
+            if rr.relocated {
+                return Ok(None);
+            }
             if let Some(mode) = rr.mode {
                 kind = match mode & 0o170000 {
                     0o100000 => Kind::File,
@@ -285,10 +353,15 @@ fn entry(
                     _ => Kind::Special,
                 };
             }
-            rr.name.unwrap_or_else(|| plain_name(id))
+            match rr.name {
+                Some(n) => {
+                    rock_ridge_name = true;
+                    n
+                }
+                None => plain_name(id),
+            }
         }
-        Names::Joliet => joliet_name(id),
-        Names::Plain => plain_name(id),
+        Tree::Joliet => joliet_name(id),
     };
     let unreadable = if flags & 0x80 != 0 {
         Some("a multi-extent file")
@@ -304,6 +377,7 @@ fn entry(
         offset,
         size,
         unreadable,
+        rock_ridge: rock_ridge_name,
     }))
 }
 
@@ -311,15 +385,20 @@ fn entry(
 struct RockRidge {
     name: Option<String>,
     mode: Option<u32>,
+    /// An `RE` entry: the directory was relocated, and isofs does not show it here.
+    relocated: bool,
 }
 
-/// The `NM` name and `PX` mode of a record, following `CE` continuation areas.
-fn rock_ridge(v: &(impl Volume + ?Sized), rec: &[u8], skip: usize) -> Result<RockRidge, String> {
-    let mut out = RockRidge::default();
-    let mut name: Option<Vec<u8>> = None;
-    let mut truncated = false;
-    let mut area = system_use(rec, skip).to_vec();
-    for _ in 0..=MAX_CONTINUATIONS {
+/// Calls `each` with the signature and bytes of every System Use entry of `area` and
+/// of the continuation areas (`CE`) it chains, up to `ST`; an error when a continuation
+/// area is off the volume, crosses a sector or the chain is too long, as isofs refuses.
+fn walk_susp(
+    v: &(impl Volume + ?Sized),
+    area: &[u8],
+    each: &mut dyn FnMut(&[u8], &[u8]),
+) -> Result<(), String> {
+    let mut area = area.to_vec();
+    for hop in 0..=MAX_CONTINUATIONS {
         let mut next = None;
         let mut p = 0;
         while p + 4 <= area.len() {
@@ -329,60 +408,117 @@ fn rock_ridge(v: &(impl Volume + ?Sized), rec: &[u8], skip: usize) -> Result<Roc
             }
             let e = &area[p..p + len];
             match sig {
-                // NM flags: 2 = ".", 4 = ".."; the rest of the entry is (part of) the name.
-                b"NM" if len >= 5 && e[4] & 0x06 == 0 => {
-                    let n = name.get_or_insert_with(Vec::new);
-                    if n.len() + e[5..].len() >= MAX_RR_NAME {
-                        truncated = true;
-                    } else if !truncated {
-                        n.extend_from_slice(&e[5..]);
-                    }
-                }
-                b"PX" if len >= 12 => out.mode = Some(le32(&e[4..8])),
                 b"CE" if len >= 28 => {
-                    let at = u64::from(le32(&e[4..8])) * SECTOR + u64::from(le32(&e[12..16]));
-                    next = Some((at, u64::from(le32(&e[20..24]))));
+                    next = Some((
+                        u64::from(le32(&e[4..8])),
+                        u64::from(le32(&e[12..16])),
+                        u64::from(le32(&e[20..24])),
+                    ));
                 }
                 b"ST" => break,
-                _ => {}
+                _ => each(sig, e),
             }
             p += len;
         }
-        match next {
-            Some((at, len)) if len <= SECTOR => {
-                area = read(v, at, len, "Rock Ridge continuation area")?;
-            }
-            Some((_, len)) => {
-                return Err(format!(
-                    "Rock Ridge continuation area of {len} bytes is larger than a sector"
-                ));
-            }
-            None => break,
+        let Some((block, offset, len)) = next else {
+            return Ok(());
+        };
+        if hop == MAX_CONTINUATIONS {
+            return Err(format!(
+                "Rock Ridge continuation areas chain more than {MAX_CONTINUATIONS} times"
+            ));
         }
+        if offset >= SECTOR || len > SECTOR || offset + len > SECTOR {
+            return Err(format!(
+                "Rock Ridge continuation area of {len} bytes at byte {offset} of its sector crosses the sector"
+            ));
+        }
+        area = read(
+            v,
+            block * SECTOR + offset,
+            len,
+            "Rock Ridge continuation area",
+        )?;
     }
-    out.name = name.map(|n| String::from_utf8_lossy(&n).into_owned());
+    Ok(())
+}
+
+/// The `NM` name, `PX` mode and `RE` mark of a record, as isofs reads them: an `NM`
+/// piece for `.` or `..`, or with flags other than "continues", is passed over; a piece
+/// ends at a NUL byte; an `RR` entry without its `NM` bit means no Rock Ridge name.
+fn rock_ridge(v: &(impl Volume + ?Sized), rec: &[u8], skip: usize) -> Result<RockRidge, String> {
+    let mut out = RockRidge::default();
+    let mut name: Option<Vec<u8>> = None;
+    let mut truncated = false;
+    let mut no_name = false;
+    walk_susp(v, system_use(rec, skip), &mut |sig, e| match sig {
+        b"NM" if e.len() >= 5 && e[4] & 0x06 == 0 && e[4] & !0x01 == 0 => {
+            if no_name {
+                return;
+            }
+            let piece = &e[5..];
+            let piece = piece
+                .iter()
+                .position(|&b| b == 0)
+                .map_or(piece, |end| &piece[..end]);
+            let n = name.get_or_insert_with(Vec::new);
+            if n.len() + e[5..].len() >= MAX_RR_NAME {
+                truncated = true;
+            } else if !truncated {
+                n.extend_from_slice(piece);
+            }
+        }
+        b"RR" if e.len() >= 5 && e[4] & 0x08 == 0 => no_name = true,
+        b"PX" if e.len() >= 12 => out.mode = Some(le32(&e[4..8])),
+        b"RE" => out.relocated = true,
+        _ => {}
+    })?;
+    if !no_name {
+        out.name = name
+            .filter(|n| !n.is_empty())
+            .map(|n| String::from_utf8_lossy(&n).into_owned());
+    }
     Ok(out)
 }
 
-fn strip_version(name: &str) -> &str {
-    name.split(';').next().unwrap_or_default()
-}
-
-/// Joliet: UCS-2 big-endian, version suffix dropped.
+/// Joliet as isofs shows it: UCS-2 big-endian, every trailing `;1` dropped, then
+/// trailing dots (a name keeps its first character).
 fn joliet_name(id: &[u8]) -> String {
     let units: Vec<u16> = id
         .chunks_exact(2)
         .map(|c| u16::from_be_bytes([c[0], c[1]]))
         .collect();
-    strip_version(&String::from_utf16_lossy(&units)).to_string()
+    let mut name = String::from_utf16_lossy(&units);
+    while name.len() >= 2 && name.ends_with(";1") {
+        name.truncate(name.len() - 2);
+    }
+    while name.len() >= 2 && name.ends_with('.') {
+        name.pop();
+    }
+    name
 }
 
-/// A plain ISO 9660 name as isofs shows it by default: lower case, no `;1`, no
-/// trailing dot.
+/// A plain ISO 9660 name as isofs translates it by default (`map=normal`): lower case,
+/// up to a NUL, a trailing `.;1` or `;1` dropped, any other `;` (and a `/`) shown as `.`.
 fn plain_name(id: &[u8]) -> String {
-    let text = String::from_utf8_lossy(id);
-    let base = strip_version(&text);
-    base.strip_suffix('.').unwrap_or(base).to_ascii_lowercase()
+    let len = id.len();
+    let mut out = Vec::with_capacity(len);
+    for (i, &c) in id.iter().enumerate() {
+        if c == 0 {
+            break;
+        }
+        if c == b'.' && i + 3 == len && id[i + 1] == b';' && id[i + 2] == b'1' {
+            break;
+        }
+        if c == b';' && i + 2 == len && id[i + 1] == b'1' {
+            break;
+        }
+        out.push(match c {
+            b';' | b'/' => b'.',
+            c => c.to_ascii_lowercase(),
+        });
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Reads an entry's data, refusing anything that is not a single-extent regular file of

@@ -273,11 +273,9 @@ fn record(lba: u32, size: u32, flags: u8, name: &[u8], su: &[u8]) -> Vec<u8> {
 }
 
 /// A hostile Rock Ridge volume: a 256 KiB root directory whose every record continues its
-/// name (`CE`) into one sector that is full of `NM` pieces and continues into itself.
-/// Before names were capped, its 300 KB gave one name of 18 KB per record and took
-/// 185 MB to read; each name now stops short of 254 bytes, as Linux's isofs stops it.
-#[test]
-fn rock_ridge_names_are_capped_however_the_continuations_chain() {
+/// name (`CE`) into one sector that is full of `NM` pieces (and, when `looping`,
+/// continues into itself).
+fn hostile_rock_ridge(looping: bool) -> (Vec<u8>, usize) {
     const S: usize = 2048;
     let (root_lba, root_sectors, ce_lba) = (20u32, 128usize, 18u32);
     let mut img = vec![0u8; S * (root_lba as usize + root_sectors + 2)];
@@ -295,7 +293,7 @@ fn rock_ridge_names_are_capped_however_the_continuations_chain() {
     ce.extend(both32(ce_lba));
     ce.extend(both32(0));
     ce.extend(both32(S as u32));
-    let mut area = ce.clone();
+    let mut area = if looping { ce.clone() } else { Vec::new() };
     while area.len() + 255 <= S {
         area.extend(b"NM\xff\x01\x01");
         area.extend([b'a'; 250]);
@@ -320,6 +318,16 @@ fn rock_ridge_names_are_capped_however_the_continuations_chain() {
         let at = (root_lba as usize + sector) * S;
         img[at..at + sec.len()].copy_from_slice(&sec);
     }
+    (img, count)
+}
+
+/// Each name stops short of 254 bytes, as Linux's isofs stops it, however long its
+/// pieces run (before names were capped, such a volume's 300 KB gave one name of 18 KB
+/// per record and took 185 MB to read); a record whose continuation areas loop has no
+/// name under isofs (it gives up on the chain) and is left out, named as broken.
+#[test]
+fn rock_ridge_names_are_capped_however_the_continuations_chain() {
+    let (img, count) = hostile_rock_ridge(false);
     let root = read_root(&img[..]).unwrap();
     assert_eq!(root.names, Names::RockRidge);
     assert_eq!(root.entries.len(), count);
@@ -331,4 +339,161 @@ fn rock_ridge_names_are_capped_however_the_continuations_chain() {
             e.name.len()
         );
     }
+    let (img, count) = hostile_rock_ridge(true);
+    let root = read_root(&img[..]).unwrap();
+    assert!(root.entries.is_empty());
+    assert_eq!(root.broken.len(), count);
+    assert!(
+        root.broken[0]
+            .starts_with("root directory: record a: Rock Ridge continuation areas chain more than"),
+        "{}",
+        root.broken[0]
+    );
+}
+
+/// A volume crafted record by record: the root's `.` record carries `dot_su`, each file
+/// is (ISO identifier, system use area, data); `joliet` adds a Joliet tree of
+/// (UCS-2 name, data).
+fn crafted(dot_su: &[u8], files: &[(&[u8], &[u8], &[u8])], joliet: &[(&str, &[u8])]) -> Vec<u8> {
+    const S: usize = 2048;
+    let (root_lba, joliet_lba, data_lba) = (20u32, 21u32, 24u32);
+    let sectors = data_lba as usize + files.len() + joliet.len() + 1;
+    let mut img = vec![0u8; S * sectors];
+    let root_record = |lba: u32| record(lba, S as u32, 2, &[0], &[])[..34].to_vec();
+    let mut pvd = vec![0u8; S];
+    pvd[..7].copy_from_slice(b"\x01CD001\x01");
+    pvd[40..46].copy_from_slice(b"cidata");
+    pvd[80..88].copy_from_slice(&both32(sectors as u32));
+    pvd[128..132].copy_from_slice(&[0x00, 0x08, 0x08, 0x00]);
+    pvd[156..190].copy_from_slice(&root_record(root_lba));
+    img[16 * S..17 * S].copy_from_slice(&pvd);
+    let mut next = 17;
+    if !joliet.is_empty() {
+        let mut svd = pvd.clone();
+        svd[0] = 2;
+        svd[88..91].copy_from_slice(b"%/E");
+        svd[156..190].copy_from_slice(&root_record(joliet_lba));
+        img[17 * S..18 * S].copy_from_slice(&svd);
+        next = 18;
+    }
+    img[next * S..next * S + 7].copy_from_slice(b"\xffCD001\x01");
+    let mut lba = data_lba;
+    let mut dir = record(root_lba, S as u32, 2, &[0], dot_su);
+    dir.extend(record(root_lba, S as u32, 2, &[1], &[]));
+    for (id, su, data) in files {
+        dir.extend(record(lba, data.len() as u32, 0, id, su));
+        img[lba as usize * S..][..data.len()].copy_from_slice(data);
+        lba += 1;
+    }
+    img[root_lba as usize * S..][..dir.len()].copy_from_slice(&dir);
+    let mut jdir = record(joliet_lba, S as u32, 2, &[0], &[]);
+    jdir.extend(record(joliet_lba, S as u32, 2, &[1], &[]));
+    for (name, data) in joliet {
+        let id: Vec<u8> = name.encode_utf16().flat_map(u16::to_be_bytes).collect();
+        jdir.extend(record(lba, data.len() as u32, 0, &id, &[]));
+        img[lba as usize * S..][..data.len()].copy_from_slice(data);
+        lba += 1;
+    }
+    if !joliet.is_empty() {
+        img[joliet_lba as usize * S..][..jdir.len()].copy_from_slice(&jdir);
+    }
+    img
+}
+
+fn nm(name: &[u8]) -> Vec<u8> {
+    let mut e = vec![b'N', b'M', 5 + name.len() as u8, 1, 0];
+    e.extend(name);
+    e
+}
+
+const SP: &[u8] = b"SP\x07\x01\xbe\xef\x00";
+
+/// Which tree and which names isofs would show, on volumes no real writer makes but a
+/// hostile seed may: the reader must find what cloud-init, reading through the kernel,
+/// finds.
+#[test]
+fn names_are_chosen_as_isofs_chooses_them() {
+    let seed = |root: &nixseed_core::iso9660::Root, img: &[u8]| {
+        root.get("user-data")
+            .map(|e| read_file(img, e, 1 << 20, "user-data").unwrap())
+    };
+    // Rock Ridge names without an `SP` entry, no Joliet: isofs still shows them.
+    let img = crafted(&[], &[(b"U.;1", &nm(b"user-data"), b"rr")], &[]);
+    let root = read_root(&img[..]).unwrap();
+    assert_eq!(root.names, Names::RockRidge);
+    assert_eq!(seed(&root, &img).as_deref(), Some(&b"rr"[..]));
+    // `SP` without `ER`, and a Joliet tree: isofs shows the Joliet names.
+    let img = crafted(
+        SP,
+        &[(b"U.;1", &nm(b"other"), b"rr")],
+        &[("user-data;1", b"joliet")],
+    );
+    let root = read_root(&img[..]).unwrap();
+    assert_eq!(root.names, Names::Joliet);
+    assert_eq!(seed(&root, &img).as_deref(), Some(&b"joliet"[..]));
+    // `ER` in the root's `.` record: Rock Ridge names, Joliet or not.
+    let mut er = SP.to_vec();
+    er.extend(b"ER\x0c\x01\x04\x00\x00\x01RRIP");
+    let img = crafted(
+        &er,
+        &[(b"U.;1", &nm(b"user-data"), b"rr")],
+        &[("user-data", b"joliet")],
+    );
+    let root = read_root(&img[..]).unwrap();
+    assert_eq!(root.names, Names::RockRidge);
+    assert_eq!(seed(&root, &img).as_deref(), Some(&b"rr"[..]));
+    // An `NM` piece ends at a NUL; one with flags other than "continues" is passed over.
+    let mut odd = nm(b"zz");
+    odd[4] = 0x20;
+    let img = crafted(
+        &[],
+        &[(b"U.;1", &[nm(b"user-data\0junk"), odd].concat(), b"nul")],
+        &[],
+    );
+    let root = read_root(&img[..]).unwrap();
+    assert_eq!(seed(&root, &img).as_deref(), Some(&b"nul"[..]));
+    // Joliet names are found without regard to case or trailing dots.
+    let img = crafted(&[], &[], &[("USER-DATA.;1", b"upper")]);
+    let root = read_root(&img[..]).unwrap();
+    assert_eq!(root.entries[0].name, "USER-DATA");
+    assert_eq!(seed(&root, &img).as_deref(), Some(&b"upper"[..]));
+    // Plain names: only a trailing `;1` goes; another version shows as `.2`.
+    let img = crafted(
+        &[],
+        &[(b"USER-DATA;2", &[], b"v2"), (b"META-DATA.;1", &[], b"m")],
+        &[],
+    );
+    let root = read_root(&img[..]).unwrap();
+    assert_eq!(root.names, Names::Plain);
+    let names: Vec<&str> = root.entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["user-data.2", "meta-data"]);
+}
+
+/// A record whose continuation area is off the volume has no name under isofs, and
+/// does not stop the rest of the directory from being read; it is named as broken.
+#[test]
+fn a_broken_record_does_not_hide_the_others() {
+    let mut ce = b"CE\x1c\x01".to_vec();
+    ce.extend(both32(0x7fff_ffff));
+    ce.extend(both32(0));
+    ce.extend(both32(28));
+    let img = crafted(
+        SP,
+        &[
+            (b"U.;1", &nm(b"user-data"), b"ok"),
+            (b"ZZ.;1", &[nm(b"zz"), ce.clone()].concat(), b""),
+        ],
+        &[],
+    );
+    let root = read_root(&img[..]).unwrap();
+    let e = root.get("user-data").unwrap();
+    assert_eq!(read_file(&img[..], e, 1 << 20, "user-data").unwrap(), b"ok");
+    assert!(root.get("zz").is_none());
+    assert_eq!(root.broken.len(), 1);
+    assert!(
+        root.broken[0]
+            .starts_with("root directory: record ZZ.;1: Rock Ridge continuation area at byte"),
+        "{:?}",
+        root.broken
+    );
 }

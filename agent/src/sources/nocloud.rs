@@ -88,8 +88,23 @@ fn from_iso(env: &Env, dev: &BlockDevice, source: &str) -> Result<Option<Seed>> 
         } else {
             String::new()
         };
+        // Records isofs would show with no name either (their Rock Ridge entries cannot
+        // be read): the file the host meant may be one of them.
+        let broken = if root.broken.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; left out, as Linux shows them with no name: {}",
+                root.broken
+                    .iter()
+                    .take(4)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        };
         tracing::warn!(
-            "{}: labelled {} but holds neither meta-data nor user-data ({:?} names: {}{more})",
+            "{}: labelled {} but holds neither meta-data nor user-data ({:?} names: {}{more}{broken})",
             dev.node.display(),
             dev.label,
             root.names,
