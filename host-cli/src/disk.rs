@@ -154,26 +154,43 @@ fn compressed_as(head: &[u8]) -> Option<&'static str> {
         .map(|(_, what)| *what)
 }
 
+/// The smallest `/var` disk: what an ext4 `/var` needs.
+const MIN_VAR_SIZE: u64 = 16 << 20;
+
 /// The smallest raw base taken: a bootable disk holds at least a partition table, a
 /// boot loader and a filesystem.
 const MIN_RAW_BASE: u64 = 1 << 20;
 
-/// A raw base must look like a disk: not a compressed file, not a few bytes.
-fn check_raw_base(abs: &Path, size: u64) -> Result<()> {
+/// A raw disk (`what`: "base image", "/var disk") must look like a disk: not a
+/// compressed file, not fewer than `min` bytes.
+fn check_raw_disk(what: &str, abs: &Path, size: u64, min: u64) -> Result<()> {
     use std::io::Read;
     let mut head = [0u8; 8];
     let n = std::fs::File::open(abs)
         .and_then(|mut f| f.read(&mut head))
-        .with_context(|| format!("cannot read base image {}", abs.display()))?;
-    if let Some(what) = compressed_as(&head[..n]) {
+        .with_context(|| format!("cannot read {what} {}", abs.display()))?;
+    if let Some(kind) = compressed_as(&head[..n]) {
         bail!(
-            "base image {} is {what}-compressed, not a disk image; decompress it first",
+            "{what} {} is {kind}-compressed, not a disk image; decompress it first",
             abs.display()
         );
     }
-    if size < MIN_RAW_BASE {
+    if size < min {
         bail!(
-            "base image {} reads as a raw disk of {size} bytes, too small to boot; pass a disk image (qcow2 or raw)",
+            "{what} {} reads as a raw disk of {size} bytes, too small; pass a disk image (qcow2 or raw) of at least {} MiB",
+            abs.display(),
+            min >> 20
+        );
+    }
+    Ok(())
+}
+
+/// Only the two formats a disk of a machine comes in: another (a VMDK descriptor, say)
+/// can name any host file or device as its extents, which the guest would then read.
+fn check_format(what: &str, abs: &Path, format: &str) -> Result<()> {
+    if !matches!(format, "raw" | "qcow2") {
+        bail!(
+            "{what} {} reads as {format}, not raw or qcow2; convert it with `qemu-img convert -O qcow2`",
             abs.display()
         );
     }
@@ -211,6 +228,7 @@ pub fn check_base(base: &Path, state: &Path) -> Result<(PathBuf, String)> {
         );
     }
     let info = info(&abs)?;
+    check_format("base image", &abs, &info.format)?;
     // Every overlay reads the base as it is: one written meanwhile (open read-write in
     // a QEMU, `qemu-nbd` or `guestfish`) corrupts them all.
     if in_use(&abs)? {
@@ -230,7 +248,7 @@ pub fn check_base(base: &Path, state: &Path) -> Result<(PathBuf, String)> {
         bail!("base image {} is empty (virtual size 0)", abs.display());
     }
     if info.format == "raw" {
-        check_raw_base(&abs, info.virtual_size)?;
+        check_raw_disk("base image", &abs, info.virtual_size, MIN_RAW_BASE)?;
     }
     Ok((abs, info.format))
 }
@@ -287,7 +305,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let bytes = n
         .checked_mul(mult)
         .with_context(|| format!("size `{s}` is too large"))?;
-    if bytes < 16 << 20 {
+    if bytes < MIN_VAR_SIZE {
         bail!("size `{s}` is below the 16M an ext4 /var needs");
     }
     Ok(bytes)
@@ -320,18 +338,19 @@ pub fn create_var_disk(out: &Path, size: u64, scratch: &Path) -> Result<()> {
 /// file or an external data file, such as a host file or device) is refused, so nothing
 /// of the host is copied into it, and the format found is the one read.
 pub fn copy_var_disk(from: &Path, out: &Path) -> Result<()> {
-    if !from.exists() {
-        bail!("/var disk {} does not exist", from.display());
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(from)
+        .with_context(|| format!("/var disk {} cannot be read", from.display()))?;
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        bail!(
+            "/var disk {} is not a regular file or a block device",
+            from.display()
+        );
     }
     let info = info(from)?;
-    // Only the two formats a /var disk comes in: another (a VMDK descriptor, say) can name
-    // host files as its extents.
-    if !matches!(info.format.as_str(), "raw" | "qcow2") {
-        bail!(
-            "/var disk {} reads as {}, not raw or qcow2; only those are copied",
-            from.display(),
-            info.format
-        );
+    check_format("/var disk", from, &info.format)?;
+    if info.format == "raw" {
+        check_raw_disk("/var disk", from, info.virtual_size, MIN_VAR_SIZE)?;
     }
     if let Some(other) = info.other_file() {
         bail!(

@@ -296,6 +296,13 @@ fn a_var_disk_that_reads_a_host_file_is_refused() {
         "{err}"
     );
     assert!(!s.state("web1").join("var.qcow2").exists());
+    // The same descriptor as a base: every overlay on it would read the host file.
+    let err = s.fails(&["create", "web1", "--base", "guest-var2.raw"]);
+    assert!(
+        err.contains("base image") && err.contains("reads as vmdk, not raw or qcow2"),
+        "{err}"
+    );
+    assert!(!s.state("web1").join("boot.qcow2").exists());
 }
 
 /// A state file that cannot be read stops `create` before any disk is made, so deleting
@@ -472,10 +479,19 @@ fn compressed_and_tiny_files_are_refused_as_bases() {
     std::fs::write(s.path().join("notes.txt"), b"not a disk\n").unwrap();
     for (base, why) in [
         ("base.qcow2.gz", "is gzip-compressed"),
-        ("notes.txt", "too small to boot"),
+        ("notes.txt", "too small"),
     ] {
         let err = s.fails(&["create", "web1", "--base", base]);
         assert!(err.contains(why) && err.contains(base), "{base}: {err}");
+    }
+    // The same files, and the null device, as the /var disk to copy.
+    for (var, why) in [
+        ("base.qcow2.gz", "is gzip-compressed"),
+        ("notes.txt", "too small"),
+        ("/dev/null", "not a regular file or a block device"),
+    ] {
+        let err = s.fails(&["create", "web1", "--base", "base.qcow2", "--var-from", var]);
+        assert!(err.contains(why) && err.contains(var), "{var}: {err}");
     }
     assert!(!s.state("web1").join("boot.qcow2").exists());
     // A raw disk of a real size is taken.
