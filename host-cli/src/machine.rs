@@ -93,17 +93,19 @@ impl Paths {
     /// `--machines`/`SEEDCTL_MACHINES` (default `./machines`) and `--state`/`SEEDCTL_STATE`
     /// (default `.seedctl` beside the machines directory).
     pub fn resolve(machines: Option<PathBuf>, state: Option<PathBuf>) -> Paths {
-        let machines = machines
-            .or_else(|| std::env::var_os("SEEDCTL_MACHINES").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("machines"));
-        let state = state
-            .or_else(|| std::env::var_os("SEEDCTL_STATE").map(PathBuf::from))
-            .unwrap_or_else(
-                || match machines.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    Some(parent) => parent.join(".seedctl"),
-                    None => PathBuf::from(".seedctl"),
-                },
-            );
+        // An empty value (`SEEDCTL_STATE=` in a script) is unset, not the current directory.
+        let given = |p: Option<PathBuf>, var: &str| {
+            p.or_else(|| std::env::var_os(var).map(PathBuf::from))
+                .filter(|p| !p.as_os_str().is_empty())
+        };
+        let machines =
+            given(machines, "SEEDCTL_MACHINES").unwrap_or_else(|| PathBuf::from("machines"));
+        let state = given(state, "SEEDCTL_STATE").unwrap_or_else(|| {
+            match machines.parent().filter(|p| !p.as_os_str().is_empty()) {
+                Some(parent) => parent.join(".seedctl"),
+                None => PathBuf::from(".seedctl"),
+            }
+        });
         Paths { machines, state }
     }
 
@@ -122,7 +124,14 @@ impl Paths {
         let mut out = Vec::new();
         let rd = match std::fs::read_dir(&self.machines) {
             Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // No machine yet, or a mistyped --machines: either way, said.
+                eprintln!(
+                    "seedctl: no machines directory at {} (`seedctl new NAME` makes one there)",
+                    self.machines.display()
+                );
+                return Ok(out);
+            }
             Err(e) => {
                 return Err(e).with_context(|| format!("listing {}", self.machines.display()));
             }

@@ -24,6 +24,12 @@ pub fn check_machine_name(name: &str) -> Result<()> {
             "machine name `{name}` is all digits or a UUID, which virsh takes for a domain ID or UUID; add a letter, such as `vm{name}`"
         );
     }
+    // The name is the default hostname and the name `known-hosts` pins its key under.
+    if ends_in_a_number(name) {
+        bail!(
+            "machine name `{name}` ends in an all-digit label, which ssh and known_hosts read as an IP address; add a letter"
+        );
+    }
     // The name is a directory, and `seedctl new` builds it aside under a longer one.
     if name.len() > MAX_MACHINE_NAME {
         bail!(
@@ -53,7 +59,20 @@ const RESERVED: &[&str] = &[
 
 /// RFC 1123 hostname, by the same rule the agent applies to seeds.
 pub fn check_hostname(host: &str) -> Result<()> {
-    nixseed_core::identity::check_hostname(host).map_err(anyhow::Error::msg)
+    nixseed_core::identity::check_hostname(host).map_err(anyhow::Error::msg)?;
+    if ends_in_a_number(host) {
+        bail!(
+            "hostname `{host}` ends in an all-digit label, which ssh, known_hosts and resolvers read as an IP address or a number (RFC 1123 2.1); add a letter"
+        );
+    }
+    Ok(())
+}
+
+/// The last dot-separated label is all digits (`1.2.3.4`, `123`).
+fn ends_in_a_number(name: &str) -> bool {
+    name.rsplit('.')
+        .next()
+        .is_some_and(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// systemd's machine-id(5): 32 lowercase hex digits, not all zero (the agent's rule).
@@ -146,10 +165,18 @@ mod tests {
             assert!(check_machine_name(good).is_ok(), "{good}");
         }
         for bad in [
-            "", "-x", "a/b", "a b", "..", "a..b", "x_y", "a-", "é", "0123", "1",
+            "", "-x", "a/b", "a b", "..", "a..b", "x_y", "a-", "é", "0123", "1", "1.2.3.4",
+            "web.01",
         ] {
             assert!(check_machine_name(bad).is_err(), "{bad}");
         }
+        // An IPv4 literal or a number as a hostname would be pinned by `known-hosts` as
+        // an address.
+        for bad in ["123", "10.0.0.1", "web.1"] {
+            let e = check_hostname(bad).unwrap_err().to_string();
+            assert!(e.contains("all-digit label"), "{bad}: {e}");
+        }
+        assert!(check_hostname("web1.example.org").is_ok());
     }
 
     #[test]

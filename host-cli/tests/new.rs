@@ -174,6 +174,8 @@ fn bad_names_are_refused_and_leave_nothing() {
         "1",
         "0123",
         "0b9f6f1e-3c0a-4c47-9a4e-2f1d5b7c8e90",
+        // An IPv4 literal: `known-hosts` would pin the key for that address.
+        "1.2.3.4",
         "default-base",
         "bases",
         "accel",
@@ -206,7 +208,34 @@ fn bad_inputs_are_refused_before_anything_is_written() {
     assert!(err.contains("80-22"), "{err}");
     let err = s.fails(&["new", "web1", "--admin-key", "@/nonexistent/key.pub"]);
     assert!(err.contains("/nonexistent/key.pub"), "{err}");
+    let err = s.fails(&["new", "web1", "--hostname", "10.0.0.1"]);
+    assert!(err.contains("all-digit label"), "{err}");
     assert!(!s.machine("web1").exists());
+}
+
+/// An empty `SEEDCTL_MACHINES` or `SEEDCTL_STATE` (`VAR=` in a script) is unset: the
+/// defaults are used, not the current directory.
+#[test]
+fn empty_path_variables_are_unset() {
+    let s = Scratch::new();
+    let out = s
+        .cmd(&["new", "web1"])
+        .env("SEEDCTL_MACHINES", "")
+        .env("SEEDCTL_STATE", "")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.machine("web1").join("hostname").is_file());
+    assert!(!s.path().join("web1").exists());
+    // A machines directory that is not there is said, not passed over in silence.
+    let out = s.run(&["--machines", "nowhere", "list"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no machines directory at nowhere"), "{err}");
 }
 
 #[test]

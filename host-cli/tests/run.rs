@@ -178,6 +178,11 @@ fn a_run_that_cannot_start_keeps_the_last_runs_port() {
     let kh = std::fs::read_to_string(sd.join("known_hosts")).unwrap();
     assert!(kh.starts_with(&format!("[127.0.0.1]:{port} ")), "{kh}");
 
+    // Port 0 is no port `seedctl ssh` could reach: a usage error, before anything runs.
+    let out = s.run(&[&["run", "web1"], DETACHED_TCG, &["--ssh-port", "0"]].concat());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ssh-port"));
+
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap().port().to_string();
     let err = s.fails(&[&["run", "web1"], DETACHED_TCG, &["--ssh-port", &busy]].concat());

@@ -24,7 +24,7 @@ pub struct ListArgs {
 pub fn run(paths: &Paths, a: &ListArgs) -> Result<Report> {
     let mut rows = Vec::new();
     let mut text = format!(
-        "{:<16} {:<28} {:<10} {:<12} {:<4} {}",
+        "{:<16} {:<28} {:<10} {:<15} {:<4} {}",
         "NAME", "HOSTNAME", "STATE", "SSH", "GEN", "BASE"
     );
     for name in paths.machine_names()? {
@@ -70,7 +70,7 @@ pub fn run(paths: &Paths, a: &ListArgs) -> Result<Report> {
             .map(|g| g.to_string())
             .unwrap_or_else(|| "-".into());
         text.push_str(&format!(
-            "\n{name:<16} {:<28} {state:<10} {ssh:<12} {gen_text:<4} {base}",
+            "\n{name:<16} {:<28} {state:<10} {ssh:<15} {gen_text:<4} {base}",
             id.hostname
         ));
         rows.push(json!({

@@ -72,7 +72,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub detach: bool,
     /// Host port forwarded to the guest's SSH port [default: a free port]
-    #[arg(long, value_name = "PORT")]
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub ssh_port: Option<u16>,
     #[command(flatten)]
     pub firmware: crate::firmware::FirmwareArgs,
