@@ -93,8 +93,11 @@ fn remove_stale_staging(dir: &Path, name: &str) {
 /// Writes a file the operator named (`-o FILE`) as [`write_atomic`] does, without
 /// replacing what is not a regular file there: a symlink is followed and its target
 /// replaced, and a device, FIFO, socket or directory is refused. A disk image is refused
-/// too (see [`refuse_disk`]): a slip of `-o` must not cost a machine its disk.
-pub fn write_output(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+/// too (see [`refuse_disk`]): a slip of `-o` must not cost a machine its disk. An existing
+/// file is replaced only when it is empty or already an output of the same `kind`: a raw
+/// disk, a state file or an identity file has no magic to know it by, but it is not a
+/// seed volume or a domain XML.
+pub fn write_output(path: &Path, bytes: &[u8], mode: u32, kind: Output) -> Result<()> {
     let target = match fs::symlink_metadata(path) {
         // A link to a file not made yet is followed too, as a shell's `>` would.
         Ok(m) if m.file_type().is_symlink() => match fs::canonicalize(path) {
@@ -114,6 +117,7 @@ pub fn write_output(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         ),
         Ok(_) => {
             refuse_disk(&target)?;
+            refuse_other_kind(&target, kind)?;
             write_atomic(&target, bytes, mode)
         }
         Err(_) => {
@@ -121,6 +125,50 @@ pub fn write_output(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
             write_atomic(&target, bytes, mode)
         }
     }
+}
+
+/// What a command writes with `-o`, and so what it may replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// A seed volume: ISO 9660 or FAT labelled `cidata` or `config-2`.
+    Seed,
+    /// A libvirt domain XML.
+    DomainXml,
+}
+
+/// Refuses an existing, non-empty `file` that is not an output of `kind`.
+fn refuse_other_kind(file: &Path, kind: Output) -> Result<()> {
+    use nixseed_core::label;
+    use std::io::Read;
+    let mut head = Vec::new();
+    fs::File::open(file)
+        .and_then(|f| f.take(label::PROBE_LEN as u64).read_to_end(&mut head))
+        .with_context(|| format!("reading {} before it is replaced", file.display()))?;
+    if head.is_empty() {
+        return Ok(());
+    }
+    let (same, what) = match kind {
+        Output::Seed => (
+            label::probe(&head).is_some_and(|(_, l)| {
+                label::is_nocloud_label(&l) || label::is_configdrive_label(&l)
+            }),
+            "a seed volume (ISO 9660 or FAT labelled cidata or config-2)",
+        ),
+        Output::DomainXml => (
+            String::from_utf8_lossy(&head)
+                .trim_start_matches('\u{feff}')
+                .trim_start()
+                .starts_with("<domain"),
+            "a libvirt domain XML",
+        ),
+    };
+    if !same {
+        anyhow::bail!(
+            "{} exists and is not {what}; seedctl replaces only an empty file or its own kind of output: name another file, or remove this one first if it is really not needed",
+            file.display()
+        );
+    }
+    Ok(())
 }
 
 /// The first bytes of every qcow2 image.

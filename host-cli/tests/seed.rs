@@ -470,3 +470,67 @@ fn output_is_never_written_over_a_disk() {
         s.ok(cmd);
     }
 }
+
+/// A file with no magic to know it by (a raw disk, a machine's state file, an identity
+/// file) is not replaced either: `-o` replaces only an empty file or its own kind of
+/// output, so a seed does not go over a domain XML, nor the other way round.
+#[test]
+fn output_replaces_only_its_own_kind() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let mut raw = vec![0u8; 1 << 20];
+    raw[510] = 0x55;
+    raw[511] = 0xAA;
+    std::fs::write(s.path().join("base.raw"), &raw).unwrap();
+    s.ok(&["xml", "web1", "-o", "web1.xml"]);
+    s.ok(&["seed", "web1", "-o", "web1.iso"]);
+    std::fs::create_dir_all(s.state("web1")).unwrap();
+    std::fs::write(s.state("web1").join("state.json"), b"{}\n").unwrap();
+    for (cmd, out, what) in [
+        (
+            &["seed", "web1", "-o", "base.raw"][..],
+            "base.raw",
+            "a seed volume",
+        ),
+        (
+            &["xml", "web1", "-o", "base.raw"],
+            "base.raw",
+            "a libvirt domain XML",
+        ),
+        (
+            &["seed", "web1", "-o", "web1.xml"],
+            "web1.xml",
+            "a seed volume",
+        ),
+        (
+            &["xml", "web1", "-o", "web1.iso"],
+            "web1.iso",
+            "a libvirt domain XML",
+        ),
+        (
+            &["seed", "web1", "-o", ".seedctl/web1/state.json"],
+            ".seedctl/web1/state.json",
+            "a seed volume",
+        ),
+        (
+            &["xml", "web1", "-o", "machines/web1/hostname"],
+            "machines/web1/hostname",
+            "a libvirt domain XML",
+        ),
+    ] {
+        let before = std::fs::read(s.path().join(out)).unwrap();
+        let err = s.fails(cmd);
+        assert!(
+            err.contains(out) && err.contains(&format!("is not {what}")),
+            "{cmd:?}: {err}"
+        );
+        assert_eq!(
+            std::fs::read(s.path().join(out)).unwrap(),
+            before,
+            "{cmd:?}"
+        );
+    }
+    // An empty file is taken.
+    std::fs::write(s.path().join("empty.iso"), b"").unwrap();
+    s.ok(&["seed", "web1", "-o", "empty.iso"]);
+}

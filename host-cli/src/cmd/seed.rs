@@ -97,7 +97,7 @@ pub fn write(id: &Identity, format: SeedFormat, out: &std::path::Path) -> Result
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    write_output(out, &bytes, 0o600)
+    write_output(out, &bytes, 0o600, crate::fsutil::Output::Seed)
         .with_context(|| format!("machine `{}`: writing the seed", id.name))?;
     Ok(nocloud::instance_id(id))
 }

@@ -224,7 +224,12 @@ pub fn run(paths: &Paths, a: &XmlArgs) -> Result<Report> {
     let xml = domain_xml(&id, &sd, &a.domain)?;
     match &a.output {
         Some(out) => {
-            crate::fsutil::write_output(out, xml.as_bytes(), 0o644)?;
+            crate::fsutil::write_output(
+                out,
+                xml.as_bytes(),
+                0o644,
+                crate::fsutil::Output::DomainXml,
+            )?;
             Ok(Report::new(
                 format!("wrote {}", out.display()),
                 json!({ "machine": a.name, "output": out }),
