@@ -420,3 +420,37 @@ fn an_overlong_name_is_refused_as_a_name() {
     let err = s.fails(&["new", &name]);
     assert!(err.contains("the most is 200"), "{err}");
 }
+
+/// Eight `seedctl new` of one name at once: one makes the machine, the others say it
+/// already exists, and the identity on disk is the one the winner reported.
+#[test]
+fn concurrent_news_of_one_name_leave_one_machine() {
+    let s = Scratch::new();
+    let children: Vec<_> = (0..8)
+        .map(|_| {
+            s.cmd(&["--json", "new", "race"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let won: Vec<_> = outs.iter().filter(|o| o.status.success()).collect();
+    assert_eq!(won.len(), 1, "{} succeeded", won.len());
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("already exists"), "{err}");
+    }
+    let report: serde_json::Value = serde_json::from_slice(&won[0].stdout).unwrap();
+    let on_disk = std::fs::read_to_string(s.machine("race").join("machine-id")).unwrap();
+    assert_eq!(report["machine_id"].as_str().unwrap(), on_disk.trim());
+    let left: Vec<_> = std::fs::read_dir(s.path().join("machines"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["race"], "staging left behind");
+}

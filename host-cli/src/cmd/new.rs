@@ -305,7 +305,9 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
     let kept = carry_over(&target, staging.path(), &files)?;
     // The new identity must load before it replaces anything: a failure here leaves the
     // machine directory (or its absence) as it was.
-    crate::machine::Identity::load_dir(&paths.machines, staging.path(), &a.name)
+    // The report is made from what was built here: another `seedctl new --force` of the
+    // same name may replace the directory as soon as it is in place.
+    let id = crate::machine::Identity::load_dir(&paths.machines, staging.path(), &a.name)
         .context("the new identity does not load; nothing was changed")?;
     let staged = staging.keep();
     // The old identity goes aside under the staging directory's own unique suffix, so a
@@ -321,7 +323,10 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
         })
         .unwrap_or_default();
     let backup = target.with_file_name(format!(".{}.old-{suffix}", a.name));
-    if target.exists()
+    // Without --force nothing is moved aside: the rename fails on a machine directory
+    // that another `seedctl new` of the same name put there since the check above.
+    if a.force
+        && target.exists()
         && let Err(e) = std::fs::rename(&target, &backup)
     {
         let _ = std::fs::remove_dir_all(&staged);
@@ -333,6 +338,15 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
         if backup.exists() {
             let _ = std::fs::rename(&backup, &target);
         }
+        const ENOTEMPTY: i32 = nix::errno::Errno::ENOTEMPTY as i32;
+        const EEXIST: i32 = nix::errno::Errno::EEXIST as i32;
+        if !a.force && matches!(e.raw_os_error(), Some(ENOTEMPTY | EEXIST)) {
+            bail!(
+                "machine `{}` already exists at {} (made by another `seedctl new` meanwhile); pass --force to replace its identity",
+                a.name,
+                target.display()
+            );
+        }
         return Err(e)
             .with_context(|| format!("renaming the new identity into {}", target.display()));
     }
@@ -342,7 +356,6 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
     }
     sync_dir(&paths.machines)?;
 
-    let id = crate::machine::Identity::load(paths, &a.name)?;
     let mut human = format!(
         "created machine `{}` in {}\n  hostname     {}\n  machine-id   {}\n  product_uuid {}\n  host key     {}",
         a.name,
