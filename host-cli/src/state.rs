@@ -72,6 +72,17 @@ impl StateDir {
     /// The unix sockets QEMU or libvirt makes here must fit a socket address (107 bytes
     /// and the terminating NUL): checked before a VM starts, with the way out named, not
     /// left to QEMU or to a client that can never connect.
+    /// [`StateDir::check_socket_paths`] for every socket `run` and libvirt put there.
+    pub fn check_all_socket_paths(&self) -> Result<()> {
+        self.check_socket_paths(&[
+            QGA_SOCK,
+            CHANNEL_SOCK,
+            QMP_SOCK,
+            &format!("libvirt-{QGA_SOCK}"),
+            &format!("libvirt-{CHANNEL_SOCK}"),
+        ])
+    }
+
     pub fn check_socket_paths(&self, socks: &[&str]) -> Result<()> {
         const MAX: usize = 107;
         for sock in socks {

@@ -531,3 +531,24 @@ fn a_killed_create_s_leftovers_go_with_the_next_create() {
     );
     assert!(other.join("var.qcow2").exists(), "web2's staging went");
 }
+
+/// A name so long that the machine's sockets cannot be bound under the state directory
+/// is warned about by `new` and refused by `create` before any disk is made.
+#[test]
+fn a_name_too_long_for_its_sockets_is_refused_before_disks() {
+    require_tool("qemu-img");
+    let s = Scratch::new();
+    let name = format!("{}.{}", "a".repeat(60), "b".repeat(60));
+    let out = s.run(&["new", &name]);
+    assert!(out.status.success());
+    let warn = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warn.contains("warning") && warn.contains("unix socket"),
+        "{warn}"
+    );
+    s.qcow2("base.qcow2");
+    let err = s.fails(&["create", &name, "--base", "base.qcow2"]);
+    assert!(err.contains("more than the 107"), "{err}");
+    assert!(!s.state(&name).join("boot.qcow2").exists());
+    assert!(!s.state(&name).join("var.qcow2").exists());
+}

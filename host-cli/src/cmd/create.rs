@@ -125,6 +125,9 @@ pub fn run(paths: &Paths, a: &CreateArgs) -> Result<Report> {
             sd.dir.display()
         );
     }
+    // A machine whose sockets cannot be bound would never run or be defined: said before
+    // any disk is made.
+    sd.check_all_socket_paths()?;
     let base = resolve_base(paths, a.base.as_deref(), &a.name)?;
     let (base, format) =
         disk::check_base(&base, &paths.state).with_context(|| format!("machine `{}`", a.name))?;

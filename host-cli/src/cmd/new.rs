@@ -355,6 +355,10 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
             .with_context(|| format!("removing the old identity {}", backup.display()))?;
     }
     sync_dir(&paths.machines)?;
+    // The identity is whole, but with this state directory the machine could not run.
+    if let Err(e) = crate::state::StateDir::new(paths, &a.name).check_all_socket_paths() {
+        eprintln!("seedctl: warning: {e:#}");
+    }
 
     let mut human = format!(
         "created machine `{}` in {}\n  hostname     {}\n  machine-id   {}\n  product_uuid {}\n  host key     {}",
