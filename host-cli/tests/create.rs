@@ -552,3 +552,17 @@ fn a_name_too_long_for_its_sockets_is_refused_before_disks() {
     assert!(!s.state(&name).join("boot.qcow2").exists());
     assert!(!s.state(&name).join("var.qcow2").exists());
 }
+
+/// A /var size out of range is a usage error, as any value out of range is.
+#[test]
+fn a_var_size_out_of_range_is_a_usage_error() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    for bad in ["0", "1M", "lots"] {
+        let out = s.run(&["create", "web1", "--var-size", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--var-size"), "{bad}: {err}");
+    }
+    assert!(!s.state("web1").join("var.qcow2").exists());
+}

@@ -28,7 +28,7 @@ pub struct CreateArgs {
     #[arg(long, value_name = "IMAGE")]
     pub base: Option<PathBuf>,
     /// Size of a new /var disk
-    #[arg(long, default_value = "2G", value_name = "SIZE")]
+    #[arg(long, default_value = "2G", value_name = "SIZE", value_parser = var_size)]
     pub var_size: String,
     /// Copy this existing /var disk (raw or qcow2) instead of making an empty one
     #[arg(long, value_name = "DISK", conflicts_with = "var_size")]
@@ -193,6 +193,14 @@ pub fn run(paths: &Paths, a: &CreateArgs) -> Result<Report> {
             "instance_id": instance_id,
         }),
     ))
+}
+
+/// `--var-size` checked as the command line is read, so a size out of range is a usage
+/// error (exit status 2) like any other value.
+fn var_size(s: &str) -> Result<String, String> {
+    disk::parse_size(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("{e:#}"))
 }
 
 #[cfg(test)]
