@@ -132,6 +132,9 @@ pub fn write_output(path: &Path, bytes: &[u8], mode: u32, kind: Output) -> Resul
 pub enum Output {
     /// A seed volume: ISO 9660 or FAT labelled `cidata` or `config-2`.
     Seed,
+    /// The seed in a machine's state directory, which seedctl alone writes: replaced
+    /// whatever it holds.
+    MachineSeed,
     /// A libvirt domain XML.
     DomainXml,
 }
@@ -144,11 +147,11 @@ fn refuse_other_kind(file: &Path, kind: Output) -> Result<()> {
     fs::File::open(file)
         .and_then(|f| f.take(label::PROBE_LEN as u64).read_to_end(&mut head))
         .with_context(|| format!("reading {} before it is replaced", file.display()))?;
-    if head.is_empty() {
+    if head.is_empty() || kind == Output::MachineSeed {
         return Ok(());
     }
     let (same, what) = match kind {
-        Output::Seed => (
+        Output::Seed | Output::MachineSeed => (
             label::probe(&head).is_some_and(|(_, l)| {
                 label::is_nocloud_label(&l) || label::is_configdrive_label(&l)
             }),

@@ -391,6 +391,7 @@ impl Identity {
         let resolv_conf = read(RESOLV_CONF)?
             .trim_start_matches('\u{feff}')
             .replace("\r\n", "\n");
+        names::check_resolv_conf(&resolv_conf).map_err(|e| fix(RESOLV_CONF, e))?;
         let hosts = content_lines(&read(HOSTS)?.replace('\r', ""));
         for line in &hosts {
             names::check_hosts_line(line)

@@ -131,6 +131,39 @@ pub fn random_machine_id() -> String {
     nixseed_core::fresh::OsFresh.machine_id()
 }
 
+/// A nameserver address as glibc's resolv.conf takes it: an IPv4 or IPv6 address, the
+/// latter with a `%` zone for a link-local server (`fe80::1%eth0`).
+pub fn check_nameserver(addr: &str) -> Result<()> {
+    use anyhow::Context;
+    let (ip, zone) = match addr.split_once('%') {
+        Some((ip, zone)) => (ip, Some(zone)),
+        None => (addr, None),
+    };
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .with_context(|| format!("`{addr}` is not an IP address"))?;
+    if let Some(zone) = zone
+        && (ip.is_ipv4() || zone.is_empty() || zone.chars().any(|c| c.is_whitespace()))
+    {
+        bail!("`{addr}`: a `%` zone goes only after an IPv6 address, as `fe80::1%eth0`");
+    }
+    Ok(())
+}
+
+/// The `nameserver` lines of a resolv.conf name addresses glibc can use: it skips a line
+/// it cannot parse without a word, and the guest is left without that server.
+pub fn check_resolv_conf(text: &str) -> Result<()> {
+    use anyhow::Context;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() == Some("nameserver") {
+            let addr = words.next().unwrap_or_default();
+            check_nameserver(addr).with_context(|| format!("`{line}`"))?;
+        }
+    }
+    Ok(())
+}
+
 /// One /etc/hosts line as glibc reads it: an IP address and at least one name; a `#`
 /// anywhere starts a comment. A name is any word without control characters (glibc takes
 /// `db_1` or `host.example.org.` as written).
@@ -177,6 +210,23 @@ mod tests {
             assert!(e.contains("all-digit label"), "{bad}: {e}");
         }
         assert!(check_hostname("web1.example.org").is_ok());
+    }
+
+    #[test]
+    fn nameservers() {
+        for good in ["192.0.2.53", "2001:db8::53", "fe80::1%eth0"] {
+            assert!(check_nameserver(good).is_ok(), "{good}");
+        }
+        for bad in ["notanip", "192.0.2.53%eth0", "fe80::1%", "", "192.0.2.300"] {
+            assert!(check_nameserver(bad).is_err(), "{bad}");
+        }
+        assert!(check_resolv_conf("# c\nsearch example.org\nnameserver 192.0.2.1\n").is_ok());
+        let e =
+            check_resolv_conf("nameserver 192.0.2.1\nnameserver dns.example.org\n").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("`nameserver dns.example.org`"),
+            "{e:#}"
+        );
     }
 
     #[test]

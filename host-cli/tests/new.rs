@@ -454,3 +454,21 @@ fn concurrent_news_of_one_name_leave_one_machine() {
         .collect();
     assert_eq!(left, ["race"], "staging left behind");
 }
+
+/// A machine made with no key at all cannot be logged into (the seed turns password
+/// login off): `new` says so; with a key it says nothing of the kind.
+#[test]
+fn a_machine_without_keys_is_warned_about() {
+    let s = Scratch::new();
+    let out = s.run(&["new", "web1"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no admin or user key") && err.contains("admin_authorized_keys"),
+        "{err}"
+    );
+    let key = format!("@{}", s.client_key().display());
+    let out = s.run(&["new", "web2", "--user-key", &key]);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("no admin or user key"));
+}

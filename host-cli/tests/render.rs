@@ -316,4 +316,21 @@ fn a_known_hosts_line_as_a_key_and_a_bad_hosts_line_are_refused() {
             && err.contains("not an IP address"),
         "{err}"
     );
+    // A nameserver glibc cannot use (a name, not an address) is refused by name too; a
+    // link-local one with its zone is taken.
+    std::fs::write(m.join("hosts"), "192.0.2.5 db1\n").unwrap();
+    std::fs::write(m.join("resolv.conf"), "nameserver fe80::1%eth0\n").unwrap();
+    s.ok(&["render", "web1", "--out", "t5"]);
+    std::fs::write(
+        m.join("resolv.conf"),
+        "search example.org\nnameserver dns1.example.org\n",
+    )
+    .unwrap();
+    let err = s.fails(&["render", "web1", "--out", "t6"]);
+    assert!(
+        err.contains("resolv.conf")
+            && err.contains("`nameserver dns1.example.org`")
+            && err.contains("not an IP address"),
+        "{err}"
+    );
 }

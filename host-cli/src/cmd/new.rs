@@ -117,8 +117,7 @@ fn render_files(a: &NewArgs, product_uuid: Option<String>) -> Result<Vec<(&'stat
         names::check_port_line(p).with_context(|| format!("port `{p}`"))?;
     }
     for ns in &a.nameservers {
-        ns.parse::<std::net::IpAddr>()
-            .with_context(|| format!("--nameserver `{ns}` is not an IP address"))?;
+        names::check_nameserver(ns).context("--nameserver")?;
     }
     if let Some(search) = &a.search {
         if search.chars().any(|c| c.is_control()) {
@@ -355,6 +354,13 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
             .with_context(|| format!("removing the old identity {}", backup.display()))?;
     }
     sync_dir(&paths.machines)?;
+    if id.admin_keys.is_empty() && id.user_keys.is_empty() {
+        eprintln!(
+            "seedctl: warning: machine `{}` has no admin or user key, and its seed turns password login off: nothing can log in over SSH. Add a key to {}",
+            a.name,
+            target.join(ADMIN_KEYS).display()
+        );
+    }
     // The identity is whole, but with this state directory the machine could not run.
     if let Err(e) = crate::state::StateDir::new(paths, &a.name).check_all_socket_paths() {
         eprintln!("seedctl: warning: {e:#}");

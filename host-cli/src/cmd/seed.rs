@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use crate::fsutil::write_output;
+use crate::fsutil::{Output, write_output};
 use crate::machine::{Identity, Paths};
 use crate::names::hex;
 use crate::output::Report;
@@ -91,13 +91,24 @@ pub fn default_output(paths: &Paths, name: &str, format: SeedFormat) -> PathBuf 
 /// refuse is an error here, not at the VM's boot. The image holds the private host key,
 /// so it is the owner's only (0600), as in `machines/NAME`.
 pub fn write(id: &Identity, format: SeedFormat, out: &std::path::Path) -> Result<String> {
+    write_as(id, format, out, Output::MachineSeed)
+}
+
+/// [`write`] to a file `kind` says what it may replace: the machine's own seed, or a
+/// file named by `-o`.
+fn write_as(
+    id: &Identity,
+    format: SeedFormat,
+    out: &std::path::Path,
+    kind: Output,
+) -> Result<String> {
     let seed = crate::cmd::render::expected_seed(id)?;
     crate::cmd::render::expected_tree(id, &seed, &[])?;
     let bytes = image(id, format, epoch())?;
     if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    write_output(out, &bytes, 0o600, crate::fsutil::Output::Seed)
+    write_output(out, &bytes, 0o600, kind)
         .with_context(|| format!("machine `{}`: writing the seed", id.name))?;
     Ok(nocloud::instance_id(id))
 }
@@ -119,7 +130,11 @@ pub fn run(paths: &Paths, a: &SeedArgs) -> Result<Report> {
             default_output(paths, &a.name, a.format)
         }
     };
-    let instance_id = write(&id, a.format, &out)?;
+    let kind = match a.output {
+        Some(_) => Output::Seed,
+        None => Output::MachineSeed,
+    };
+    let instance_id = write_as(&id, a.format, &out, kind)?;
     // The machine's own seed ISO reaches a QEMU that runs it now, not only its next start.
     let own_iso = a.output.is_none() && a.format == SeedFormat::Iso;
     let running = own_iso
