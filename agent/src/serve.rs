@@ -561,6 +561,12 @@ async fn serve_stream_within<S: ByteService, T: AsyncRead + AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut out = Vec::new();
+    // The first failed write: the peer is gone (or reads nothing), and no reply is sent
+    // any more. Requests it sent before it went are still read to the end and run, as
+    // qemu-ga runs them, so that none is lost (a pipelined `guest-file-close`) and the
+    // parser, which outlives the connection, ends on a request boundary rather than in
+    // the middle of one the next client's bytes would be appended to.
+    let mut failed: Option<std::io::Error> = None;
     loop {
         let n = match idle {
             None => stream.read(&mut buf).await?,
@@ -576,12 +582,11 @@ async fn serve_stream_within<S: ByteService, T: AsyncRead + AsyncWrite + Unpin>(
             },
         };
         if n == 0 {
-            return Ok(());
+            return failed.map_or(Ok(()), Err);
         }
         svc.feed(&buf[..n]);
         // Every request read is answered, as qemu-ga does, even after the peer has gone
         // (a write failed): only the replies are dropped.
-        let mut failed = None;
         while svc.answer_next(&mut out).await {
             if failed.is_none()
                 && !out.is_empty()
@@ -591,7 +596,9 @@ async fn serve_stream_within<S: ByteService, T: AsyncRead + AsyncWrite + Unpin>(
             }
             out.clear();
         }
-        if let Some(e) = failed {
+        // A client that holds the connection and reads nothing is closed, so that the
+        // next one is served; one that went away is read to its end.
+        if let Some(e) = failed.take_if(|e| e.kind() == std::io::ErrorKind::TimedOut) {
             return Err(e);
         }
     }

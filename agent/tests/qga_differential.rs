@@ -1381,3 +1381,37 @@ fn file_commands_match_qemu_ga() {
         "qemu-ga looks the handle up first"
     );
 }
+
+/// A client that sends many requests and hangs up without reading their replies: the
+/// next client's first request is answered as qemu-ga answers it. Its 300 requests of 24
+/// bytes straddle the agent's 4 KiB reads, so an agent that stopped reading at the
+/// first failed reply would keep half a request and garble the next client's.
+#[test]
+fn a_client_that_hangs_up_unanswered_leaves_the_next_one_whole() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for name in ["qemu-ga", "nixseed"] {
+        let peer = Peer::start(name);
+        let mut a = UnixStream::connect(&peer.sock).unwrap();
+        a.write_all(&br#"{"execute":"guest-ping"}"#.repeat(300))
+            .unwrap();
+        drop(a);
+        std::thread::sleep(Duration::from_millis(500));
+        let mut b = UnixStream::connect(&peer.sock).unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        b.write_all(br#"{"execute":"guest-sync","arguments":{"id":4}}"#)
+            .unwrap();
+        let mut reply = Vec::new();
+        let mut byte = [0u8; 1];
+        while !reply.ends_with(b"\n") {
+            let n = b.read(&mut byte).unwrap();
+            assert!(n > 0, "{name} closed the connection");
+            reply.push(byte[0]);
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            "{\"return\": 4}\n",
+            "{name}"
+        );
+        peer.stop();
+    }
+}
