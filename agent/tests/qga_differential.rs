@@ -36,6 +36,11 @@ impl Peer {
     /// both, so a refusal is a block-list one in each; `--unsafe-rpcs` names the enabled
     /// ones for nixseed, which keeps unsafe commands off by default).
     fn start_with(name: &'static str, enable: &[&str]) -> Peer {
+        Peer::start_env(name, enable, &[])
+    }
+
+    /// [`Peer::start_with`] with environment variables set for the agent.
+    fn start_env(name: &'static str, enable: &[&str], env: &[(&str, &Path)]) -> Peer {
         let blocked: Vec<&str> = UNSAFE.split(',').filter(|c| !enable.contains(c)).collect();
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("sock");
@@ -61,6 +66,7 @@ impl Peer {
             }
             c
         };
+        cmd.envs(env.iter().copied());
         cmd.arg("-m")
             .arg("unix-listen")
             .arg("-p")
@@ -1414,4 +1420,48 @@ fn a_client_that_hangs_up_unanswered_leaves_the_next_one_whole() {
         );
         peer.stop();
     }
+}
+
+/// Zones compiled "slim" (zic's default since 2020b) list no transitions that their
+/// footer rule gives: the time zone reported is the footer's for today, as glib (and so
+/// qemu-ga) reads it. One southern and one northern zone, so that one of the two is on
+/// daylight time whatever the date.
+#[test]
+fn the_time_zone_of_a_slim_zone_file_matches_qemu_ga() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("zones");
+    std::fs::write(
+        &src,
+        "Rule AN 2008 max - Apr Sun>=1 2:00s 0 S\n\
+         Rule AN 2008 max - Oct Sun>=1 2:00s 1:00 D\n\
+         Zone Test/Syd 10:00 AN AE%sT\n\
+         Rule EU 1981 max - Mar lastSun 1:00u 1:00 S\n\
+         Rule EU 1996 max - Oct lastSun 1:00u 0 -\n\
+         Zone Test/Ber 1:00 EU CE%sT\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let st = Command::new("zic")
+        .args(["-b", "slim", "-d"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("zic (Debian's libc-bin)");
+    assert!(st.success());
+    let mut zones = Vec::new();
+    for zone in ["Test/Syd", "Test/Ber"] {
+        let tz = out.join(zone);
+        let mut replies = Vec::new();
+        for name in ["qemu-ga", "nixseed"] {
+            let peer = Peer::start_env(name, &[], &[("TZ", &tz)]);
+            replies.push(peer.call(r#"{"execute":"guest-get-timezone"}"#));
+            peer.stop();
+        }
+        assert_eq!(replies[0], replies[1], "{zone}");
+        zones.push(replies[0]["return"]["zone"].as_str().unwrap().to_string());
+    }
+    assert!(
+        zones.iter().any(|z| z == "AEDT" || z == "CEST"),
+        "neither zone is on daylight time: {zones:?}"
+    );
 }

@@ -73,7 +73,10 @@ pub fn utmp_users(data: &[u8]) -> Vec<UtmpUser> {
 }
 
 /// The zone abbreviation and UTC offset (seconds east) in force at `now` according to
-/// a TZif file; `None` when the data is not TZif.
+/// a TZif file; `None` when the data is not TZif. After the last transition a version 2+
+/// file's footer (a POSIX TZ string such as `AEST-10AEDT,M10.1.0,M4.1.0/3`) decides, as
+/// glib (and so qemu-ga) reads it: "slim" files, zic's default, list no transitions
+/// beyond the year they were built.
 pub fn tzif_zone_at(data: &[u8], now: i64) -> Option<(String, i32)> {
     fn be32(b: &[u8], at: usize) -> Option<i32> {
         Some(i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
@@ -98,7 +101,16 @@ pub fn tzif_zone_at(data: &[u8], now: i64) -> Option<(String, i32)> {
         Some(b'2'..=b'9') if data.len() > v1_len + 44 => (&data[v1_len..], 8),
         _ => (data, 4),
     };
-    let [_, _, _, timecnt, typecnt, _] = counts(block)?;
+    let [isutc, isstd, leap, timecnt, typecnt, charcnt] = counts(block)?;
+    let footer = (tsize == 8)
+        .then(|| {
+            let at = 44 + timecnt * 9 + typecnt * 6 + charcnt + leap * 12 + isstd + isutc;
+            let rest = block.get(at..)?.strip_prefix(b"\n")?;
+            let end = rest.iter().position(|&b| b == b'\n')?;
+            std::str::from_utf8(&rest[..end]).ok()
+        })
+        .flatten()
+        .filter(|f| !f.is_empty());
     let times_at = 44;
     let idx_at = times_at + timecnt * tsize;
     let types_at = idx_at + timecnt;
@@ -122,11 +134,227 @@ pub fn tzif_zone_at(data: &[u8], now: i64) -> Option<(String, i32)> {
         }
         ty = usize::from(*block.get(idx_at + i)?);
     }
+    let last = match timecnt {
+        0 => None,
+        n => Some(be64(block, times_at + (n - 1) * 8)?),
+    };
+    if let Some(rule) = footer
+        && last.is_none_or(|last| now >= last)
+        && let Some(zone) = posix_tz_at(rule, now)
+    {
+        return Some(zone);
+    }
     let rec = types_at + ty * 6;
     let offset = be32(block, rec)?;
     let abbr_idx = usize::from(*block.get(rec + 5)?);
     let abbr = cstr(block.get(chars_at + abbr_idx..)?);
     Some((abbr, offset))
+}
+
+/// One side of a POSIX TZ string: its abbreviation and UTC offset (seconds east).
+struct TzPart {
+    abbr: String,
+    east: i32,
+}
+
+/// A transition rule of a POSIX TZ string: the day, and the local time of day in
+/// seconds (which may be negative or past 24 h, as RFC 8536 allows).
+enum TzDay {
+    /// `Jn`: day 1-365, February 29 never counted.
+    Julian(i64),
+    /// `n`: day 0-365, counting February 29.
+    Zero(i64),
+    /// `Mm.w.d`: weekday d (0 = Sunday) of week w (5 = the last) of month m.
+    Month(i64, i64, i64),
+}
+
+/// The abbreviation and offset in force at `now` by a POSIX TZ string; `None` when it
+/// cannot be read.
+fn posix_tz_at(rule: &str, now: i64) -> Option<(String, i32)> {
+    let mut p = rule.as_bytes();
+    let std = tz_part(&mut p, None)?;
+    if p.is_empty() {
+        return Some((std.abbr, std.east));
+    }
+    let dst = tz_part(&mut p, Some(std.east + 3600))?;
+    // No rules given: the US rules, as POSIX implementations take them.
+    let rules = match p.strip_prefix(b",") {
+        Some(r) => r,
+        None if p.is_empty() => b"M3.2.0,M11.1.0".as_slice(),
+        None => return None,
+    };
+    let mut r = rules;
+    let (start, start_at) = tz_rule(&mut r)?;
+    r = r.strip_prefix(b",")?;
+    let (end, end_at) = tz_rule(&mut r)?;
+    if !r.is_empty() {
+        return None;
+    }
+    let year = civil_from_days((now + i64::from(std.east)).div_euclid(86400)).0;
+    let start = tz_day(year, &start)? * 86400 + start_at - i64::from(std.east);
+    let end = tz_day(year, &end)? * 86400 + end_at - i64::from(dst.east);
+    let in_dst = if start < end {
+        start <= now && now < end
+    } else {
+        !(end <= now && now < start)
+    };
+    let zone = if in_dst { dst } else { std };
+    Some((zone.abbr, zone.east))
+}
+
+/// An abbreviation (`AEST` or `<+0530>`) and its offset (`-10`, POSIX's west of UTC);
+/// `default` for a DST part that gives no offset.
+fn tz_part(p: &mut &[u8], default: Option<i32>) -> Option<TzPart> {
+    let abbr = if let Some(rest) = p.strip_prefix(b"<") {
+        let end = rest.iter().position(|&b| b == b'>')?;
+        let abbr = &rest[..end];
+        *p = &rest[end + 1..];
+        abbr
+    } else {
+        let end = p
+            .iter()
+            .position(|b| !b.is_ascii_alphabetic())
+            .unwrap_or(p.len());
+        let abbr = &p[..end];
+        *p = &p[end..];
+        abbr
+    };
+    if abbr.len() < 3 {
+        return None;
+    }
+    let abbr = String::from_utf8_lossy(abbr).into_owned();
+    let starts_offset = p
+        .first()
+        .is_some_and(|b| b.is_ascii_digit() || matches!(b, b'+' | b'-'));
+    let east = match (starts_offset, default) {
+        (true, _) => -i32::try_from(tz_time(p)?).ok()?,
+        (false, Some(d)) => d,
+        (false, None) => return None,
+    };
+    Some(TzPart { abbr, east })
+}
+
+/// `[+-]hh[:mm[:ss]]` in seconds.
+fn tz_time(p: &mut &[u8]) -> Option<i64> {
+    let sign = match p.first() {
+        Some(b'-') => {
+            *p = &p[1..];
+            -1
+        }
+        Some(b'+') => {
+            *p = &p[1..];
+            1
+        }
+        _ => 1,
+    };
+    let mut total = 0i64;
+    for (i, unit) in [3600i64, 60, 1].into_iter().enumerate() {
+        if i > 0 {
+            match p.strip_prefix(b":") {
+                Some(rest) => *p = rest,
+                None => break,
+            }
+        }
+        let n = tz_number(p)?;
+        total += n * unit;
+    }
+    Some(sign * total)
+}
+
+fn tz_number(p: &mut &[u8]) -> Option<i64> {
+    let end = p
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(p.len());
+    if end == 0 || end > 3 {
+        return None;
+    }
+    let n = std::str::from_utf8(&p[..end]).ok()?.parse().ok()?;
+    *p = &p[end..];
+    Some(n)
+}
+
+/// One rule: its day and local time of day (02:00 when not given).
+fn tz_rule(p: &mut &[u8]) -> Option<(TzDay, i64)> {
+    let day = match p.first()? {
+        b'J' => {
+            *p = &p[1..];
+            TzDay::Julian(tz_number(p)?)
+        }
+        b'M' => {
+            *p = &p[1..];
+            let m = tz_number(p)?;
+            *p = p.strip_prefix(b".")?;
+            let w = tz_number(p)?;
+            *p = p.strip_prefix(b".")?;
+            let d = tz_number(p)?;
+            if !(1..=12).contains(&m) || !(1..=5).contains(&w) || d > 6 {
+                return None;
+            }
+            TzDay::Month(m, w, d)
+        }
+        _ => TzDay::Zero(tz_number(p)?),
+    };
+    let at = match p.strip_prefix(b"/") {
+        Some(rest) => {
+            *p = rest;
+            tz_time(p)?
+        }
+        None => 7200,
+    };
+    Some((day, at))
+}
+
+/// The day (since 1970-01-01) a rule names in `year`.
+fn tz_day(year: i64, day: &TzDay) -> Option<i64> {
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let jan1 = days_from_civil(year, 1, 1);
+    match *day {
+        TzDay::Julian(n) if (1..=365).contains(&n) => {
+            Some(jan1 + n - 1 + i64::from(leap && n >= 60))
+        }
+        TzDay::Zero(n) if (0..=365).contains(&n) => Some(jan1 + n),
+        TzDay::Month(m, w, d) => {
+            let first = days_from_civil(year, m, 1);
+            // 1970-01-01 was a Thursday (4).
+            let wday = (first + 4).rem_euclid(7);
+            let mut day = first + (d - wday).rem_euclid(7) + (w - 1) * 7;
+            let next = if m == 12 {
+                days_from_civil(year + 1, 1, 1)
+            } else {
+                days_from_civil(year, m + 1, 1)
+            };
+            while day >= next {
+                day -= 7;
+            }
+            Some(day)
+        }
+        _ => None,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The (year, month, day) of a day since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// Per-interface counters from /proc/net/dev, in the order of
@@ -536,6 +764,71 @@ mod tests {
         d.extend([0, 0]);
         d.extend(b"UTC\0");
         assert_eq!(tzif_zone_at(&d, 0), Some(("UTC".into(), 0)));
+    }
+
+    /// A version 2 TZif with no transitions, one standard type and `footer`.
+    fn slim_tzif(footer: &str) -> Vec<u8> {
+        let block = |v: u8| {
+            let mut d = b"TZif".to_vec();
+            d.push(v);
+            d.extend([0u8; 15]);
+            for c in [0u32, 0, 0, 0, 1, 5] {
+                d.extend(c.to_be_bytes());
+            }
+            d.extend(36000i32.to_be_bytes());
+            d.extend([0, 0]);
+            d.extend(b"AEST\0");
+            d
+        };
+        let mut d = block(b'2');
+        d.extend(block(b'2'));
+        d.extend(format!("\n{footer}\n").as_bytes());
+        d
+    }
+
+    /// Seconds since the epoch of a UTC date and time.
+    fn utc(y: i64, m: i64, d: i64, h: i64, min: i64) -> i64 {
+        days_from_civil(y, m, d) * 86400 + h * 3600 + min * 60
+    }
+
+    #[test]
+    fn the_footer_rule_decides_after_the_last_transition() {
+        let syd = slim_tzif("AEST-10AEDT,M10.1.0,M4.1.0/3");
+        let at = |t| tzif_zone_at(&syd, t);
+        assert_eq!(at(utc(2026, 12, 6, 0, 0)), Some(("AEDT".into(), 39600)));
+        assert_eq!(at(utc(2026, 7, 1, 0, 0)), Some(("AEST".into(), 36000)));
+        // 2026: DST ends Sunday 5 April at 03:00 AEDT (16:00 UTC on the 4th), starts
+        // Sunday 4 October at 02:00 AEST (16:00 UTC on the 3rd).
+        assert_eq!(at(utc(2026, 4, 4, 15, 59)).unwrap().0, "AEDT");
+        assert_eq!(at(utc(2026, 4, 4, 16, 0)).unwrap().0, "AEST");
+        assert_eq!(at(utc(2026, 10, 3, 15, 59)).unwrap().0, "AEST");
+        assert_eq!(at(utc(2026, 10, 3, 16, 0)).unwrap().0, "AEDT");
+        // Northern rules, the last week of a month, and an offset with minutes.
+        let cet = slim_tzif("CET-1CEST,M3.5.0,M10.5.0/3");
+        assert_eq!(
+            tzif_zone_at(&cet, utc(2026, 3, 29, 0, 59)).unwrap(),
+            ("CET".into(), 3600)
+        );
+        assert_eq!(
+            tzif_zone_at(&cet, utc(2026, 3, 29, 1, 0)).unwrap(),
+            ("CEST".into(), 7200)
+        );
+        let ist = slim_tzif("IST-5:30");
+        assert_eq!(tzif_zone_at(&ist, 0).unwrap(), ("IST".into(), 19800));
+        let quoted = slim_tzif("<-03>3");
+        assert_eq!(tzif_zone_at(&quoted, 0).unwrap(), ("-03".into(), -10800));
+        // A footer that cannot be read leaves the file's own types.
+        let bad = slim_tzif("A");
+        assert_eq!(tzif_zone_at(&bad, 0).unwrap(), ("AEST".into(), 36000));
+    }
+
+    #[test]
+    fn civil_dates_round_trip() {
+        for z in [-1_000_000i64, -1, 0, 59, 365, 20_000, 2_000_000] {
+            let (y, m, d) = civil_from_days(z);
+            assert_eq!(days_from_civil(y, m, d), z);
+        }
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
     }
 
     #[test]
