@@ -510,7 +510,7 @@ impl Options for RenderArgs {
             None,
             "seed",
             Takes::Value("DIR"),
-            "A NoCloud seed directory (meta-data, user-data, network-config)",
+            "A NoCloud seed directory (meta-data, user-data, network-config, vendor-data)",
         ),
         opt(
             None,

@@ -26,17 +26,35 @@ use anyhow::{Context, Result};
 use cli::{Command, RenderArgs, StageArgs};
 
 impl StageArgs {
+    /// The stage's options. A wrong source name or an unreadable trusted-keys file does
+    /// not stop the stage, which still binds the current generation (a boot with no
+    /// identity has no host key): an unknown source is left out (all of them: the
+    /// default list), and keys that cannot be read trust no seed at all.
     fn options(&self) -> Result<stage::StageOptions> {
-        if let Some(names) = &self.sources {
-            let known = sources::names();
-            for n in names {
-                anyhow::ensure!(
-                    known.contains(&n.as_str()),
-                    "unknown source '{n}' (known: {})",
-                    known.join(", ")
+        let known = sources::names();
+        let sources = self.sources.as_ref().and_then(|names| {
+            let (ok, unknown): (Vec<String>, Vec<String>) = names
+                .iter()
+                .cloned()
+                .partition(|n| known.contains(&n.as_str()));
+            if !unknown.is_empty() {
+                tracing::error!(
+                    "unknown source {} (known: {}): left out{}",
+                    unknown.join(", "),
+                    known.join(", "),
+                    if ok.is_empty() {
+                        "; the default sources are searched"
+                    } else {
+                        ""
+                    }
                 );
             }
-        }
+            (!ok.is_empty()).then_some(ok)
+        });
+        let trust = stage::load_trust(self.trusted_keys.as_deref()).unwrap_or_else(|e| {
+            tracing::error!("{e:#}: no seed is trusted, so none is applied");
+            Some(std::sync::Arc::new(nixseed_core::trust::Trust::none()))
+        });
         let abs = |p: &PathBuf| {
             std::fs::canonicalize(p).with_context(|| format!("{}: no such directory", p.display()))
         };
@@ -45,11 +63,11 @@ impl StageArgs {
             host: abs(&self.root)?,
             run: abs(&self.run)?,
             clone_policy: self.clone_policy,
-            sources: self.sources.clone(),
+            sources,
             identity_dir: self.identity_dir.clone(),
             channel_wait: std::time::Duration::from_secs(self.channel_wait),
             udev_wait: std::time::Duration::from_secs(self.udev_wait),
-            trust: stage::load_trust(self.trusted_keys.as_deref())?,
+            trust,
             durability: store::Durability::Now,
         })
     }
@@ -146,6 +164,13 @@ fn render(a: &RenderArgs) -> Result<()> {
     for w in &seed.warnings {
         tracing::warn!("{w}");
     }
+    // A boot passes such a seed over: it produces no identity, and neither does its
+    // dry run.
+    anyhow::ensure!(
+        !seed.disabled,
+        "{}: meta-data says dsmode: disabled: a boot passes this seed over, as cloud-init passes it over; nothing written",
+        seed.meta_origin()
+    );
     let ctx = ComposeContext {
         links: a.links.clone(),
         regenerate: false,

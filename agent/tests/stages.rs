@@ -318,6 +318,44 @@ fn assert_bad_seed_keeps_identity(setup: &str, prepare: impl Fn(&Vm), needle: &s
     );
 }
 
+/// A wrong `--sources` name or a trusted-keys file that cannot be read (a typo in the
+/// machine's configuration) still binds the current generation: the machine keeps its
+/// host key and name. An unknown source is left out and named; unreadable keys trust
+/// no seed.
+#[test]
+fn bad_stage_options_still_bind_the_current_identity() {
+    let vm = Vm::new();
+    let (_, first) = vm.boot();
+    let mid = etc(&first, "machine-id");
+    for (opts, needle, rc) in [
+        (
+            "--sources bogus,nocloud-dir",
+            "unknown source bogus",
+            "rc=0",
+        ),
+        (
+            "--sources bogus",
+            "the default sources are searched",
+            "rc=0",
+        ),
+        (
+            "--trusted-keys /nonexistent/keys",
+            "cannot read trusted keys /nonexistent/keys",
+            "rc=1",
+        ),
+    ] {
+        let (out, s) = vm.run(&format!(
+            "{AGENT} initrd --sysroot sysroot --root host --run run {opts}; echo rc=$?; for f in hostname machine-id; do echo \"== $f\"; cat sysroot/etc/$f; done"
+        ));
+        let err = stderr(&out);
+        assert!(s.contains(rc), "{opts}: {s}\n{err}");
+        assert!(err.contains(needle), "{opts}: {err}");
+        assert_eq!(etc(&s, "hostname"), "web1\n", "{opts}: {s}\n{err}");
+        assert_eq!(etc(&s, "machine-id"), mid, "{opts}");
+        assert_eq!(vm.generation(), "gen-1");
+    }
+}
+
 #[test]
 fn malformed_yaml_names_the_file_and_line() {
     assert_bad_seed_keeps_identity(
@@ -645,6 +683,21 @@ fn a_seed_with_dsmode_disabled_is_passed_over() {
     );
     assert_eq!(vm.generation(), "gen-1");
     assert_eq!(vm.identity("hostname"), b"web1\n");
+    // Its dry run says the same, and writes nothing.
+    let out = Command::new(AGENT)
+        .args(["render", "--seed"])
+        .arg(vm.p("sysroot/seed"))
+        .arg("--out")
+        .arg(vm.p("rendered"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("dsmode: disabled: a boot passes this seed over"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!vm.p("rendered/hostname").exists());
 }
 
 /// vendor-data's `write_files` run when user-data does not name the key, and not when it

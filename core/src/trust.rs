@@ -108,6 +108,11 @@ pub struct Trust {
 }
 
 impl Trust {
+    /// Trusts no key: every seed is refused (the keys meant could not be read).
+    pub fn none() -> Trust {
+        Trust { keys: Vec::new() }
+    }
+
     pub fn parse(text: &str, origin: &str) -> Result<Trust, String> {
         let mut keys = Vec::new();
         for (i, line) in text.lines().enumerate() {

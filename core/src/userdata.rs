@@ -1312,7 +1312,13 @@ impl Ctx<'_> {
                 ))
             })?;
             let permissions = match item.get("permissions").filter(|p| !p.is_null()) {
-                Some(p) => file_mode(p).map_err(|d| self.err(format!("{path}: {d}")))?,
+                Some(p) => file_mode(p).unwrap_or_else(|d| {
+                    warnings.push(format!(
+                        "{}: key 'write_files': {path}: {d}; written with mode 0644, as cloud-init writes it",
+                        self.origin
+                    ));
+                    0o644
+                }),
                 None => 0o644,
             };
             let flag = |k: &str| item.get(k).and_then(yaml::bool11).unwrap_or(false);
@@ -1457,7 +1463,9 @@ impl Ctx<'_> {
 }
 
 /// A `write_files` mode as cloud-init reads it: a YAML number is the mode itself (`0o640`,
-/// `0x1a4`, `420`), text is octal (`'0644'`, `'640'`, `0644`, which YAML 1.2 keeps as text).
+/// `0x1a4`, `420`), text is octal (`'0644'`, `'640'`, `0644`, which YAML 1.2 keeps as text);
+/// bits above 07777 are dropped, as chmod(2) drops them. Anything else is an error for the
+/// caller to warn of (cloud-init then writes the file with its default mode).
 fn file_mode(v: &Value) -> Result<u32, String> {
     let mode = match v {
         Value::Number(n) => n.as_u64(),
@@ -1470,10 +1478,10 @@ fn file_mode(v: &Value) -> Result<u32, String> {
             u64::from_str_radix(digits, 8).ok()
         }),
     };
-    match mode {
-        Some(m) if m <= 0o7777 => Ok(m as u32),
-        _ => Err(format!(
-            "permissions '{}' are not a file mode (octal text like '0644', at most 07777)",
+    match mode.and_then(|m| u32::try_from(m).ok()) {
+        Some(m) => Ok(m & 0o7777),
+        None => Err(format!(
+            "permissions '{}' are not a file mode (octal text like '0644')",
             yaml::scalar_text(v).unwrap_or_else(|| yaml::kind(v).to_string())
         )),
     }
@@ -1874,15 +1882,19 @@ hostname: {{ v1.local_hostname }}
         let c = parse(text.as_bytes(), "user-data").unwrap();
         let modes: Vec<u32> = c.write_files.iter().map(|f| f.permissions).collect();
         assert_eq!(modes, [0o640, 0o644, 0o600, 0o755, 0o755, 0o644]);
-        for bad in ["0999", "0o17777", "rw-r--r--"] {
+        // What cloud-init cannot decode is written with its default mode, with a warning
+        // (the seed is not refused); bits above 07777 go, as chmod(2) drops them.
+        for (mode, want) in [("0999", 0o644), ("rw-r--r--", 0o644), ("0o17777", 0o7777)] {
             let text = format!(
-                "#cloud-config\nwrite_files:\n  - {{path: /var/a, permissions: '{bad}'}}\n"
+                "#cloud-config\nwrite_files:\n  - {{path: /var/a, permissions: '{mode}'}}\n"
             );
-            let e = parse(text.as_bytes(), "user-data").unwrap_err().to_string();
-            assert!(
-                e.starts_with("user-data: key 'write_files': /var/a: permissions"),
-                "{e}"
-            );
+            let c = parse(text.as_bytes(), "user-data").unwrap();
+            assert_eq!(c.write_files[0].permissions, want, "{mode}");
+            let warned = c.warnings.iter().any(|w| {
+                w.starts_with("user-data: key 'write_files': /var/a: permissions")
+                    && w.ends_with("written with mode 0644, as cloud-init writes it")
+            });
+            assert_eq!(warned, want == 0o644, "{mode}: {:?}", c.warnings);
         }
     }
 
