@@ -3,6 +3,7 @@
 //! `seedctl render` shows exactly what a guest will write.
 
 pub mod channel;
+pub mod civil;
 pub mod configdrive;
 pub mod credentials;
 pub mod decide;

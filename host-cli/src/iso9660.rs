@@ -36,21 +36,12 @@ fn both32(v: u32) -> [u8; 8] {
 
 /// (year, month, day, hour, minute, second) in UTC.
 fn civil(epoch: i64) -> (i64, u32, u32, u32, u32, u32) {
-    let days = epoch.div_euclid(86_400);
     let secs = epoch.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = nixseed_core::civil::civil_from_days(epoch.div_euclid(86_400));
     (
         year,
-        month,
-        day,
+        month as u32,
+        day as u32,
         (secs / 3600) as u32,
         (secs / 60 % 60) as u32,
         (secs % 60) as u32,
