@@ -348,22 +348,29 @@ mod tests {
     /// guest's `eth0` while the first entry's NIC (`eth0`, MAC …:01) has not appeared:
     /// both files are written, the absent one under its MAC too, and neither replaces the
     /// other (the static address reaches the first NIC when it comes).
-    #[test]
-    fn an_absent_nic_s_config_name_taken_by_another_nic_loses_nothing() {
-        let c = config(
-            "version: 1\nconfig:\n  - {type: physical, name: eth0, mac_address: 'bc:24:11:5e:7a:01', subnets: [{type: static, address: 10.20.30.40/24, gateway: 10.20.30.1}]}\n  - {type: physical, name: eth1, mac_address: 'bc:24:11:5e:7a:02', subnets: [{type: dhcp4}]}\n",
-        );
+    /// `text`'s files on a guest whose only NIC is `eth0` with MAC …:02: the NIC of a
+    /// config entry `eth1`, while the entry `eth0` (MAC …:01) has no NIC yet. Returns the
+    /// files, the present NIC's and the absent one's.
+    fn eth0_taken(text: &str) -> (BTreeMap<String, String>, String, String) {
         let links = [Link {
             name: "eth0".into(),
             mac: "bc:24:11:5e:7a:02".into(),
         }];
-        let files = render_networkd(&c, &links).unwrap();
-        let present = &files["10-cloud-init-eth0.network"];
+        let files = render_networkd(&config(text), &links).unwrap();
+        let present = files["10-cloud-init-eth0.network"].clone();
+        let absent = files["10-cloud-init-eth0-bc24115e7a01.network"].clone();
+        (files, present, absent)
+    }
+
+    #[test]
+    fn an_absent_nic_s_config_name_taken_by_another_nic_loses_nothing() {
+        let (files, present, absent) = eth0_taken(
+            "version: 1\nconfig:\n  - {type: physical, name: eth0, mac_address: 'bc:24:11:5e:7a:01', subnets: [{type: static, address: 10.20.30.40/24, gateway: 10.20.30.1}]}\n  - {type: physical, name: eth1, mac_address: 'bc:24:11:5e:7a:02', subnets: [{type: dhcp4}]}\n",
+        );
         assert!(
             present.contains("Name=eth0") && present.contains("DHCP=ipv4"),
             "{files:?}"
         );
-        let absent = &files["10-cloud-init-eth0-bc24115e7a01.network"];
         assert!(
             absent.contains("MACAddress=bc:24:11:5e:7a:01\nType=ether")
                 && absent.contains("Address=10.20.30.40/24"),
@@ -376,20 +383,13 @@ mod tests {
     /// present NIC's, which has the same name.
     #[test]
     fn an_absent_bond_member_s_name_taken_by_another_nic_keeps_that_nic_out() {
-        let c = config(
+        let (files, present, absent) = eth0_taken(
             "version: 1\nconfig:\n  - {type: physical, name: eth0, mac_address: 'bc:24:11:5e:7a:01'}\n  - {type: physical, name: eth1, mac_address: 'bc:24:11:5e:7a:02', subnets: [{type: dhcp4}]}\n  - {type: bond, name: bond0, bond_interfaces: [eth0], params: {bond-mode: active-backup}, subnets: [{type: static, address: 10.20.30.40/24}]}\n",
         );
-        let links = [Link {
-            name: "eth0".into(),
-            mac: "bc:24:11:5e:7a:02".into(),
-        }];
-        let files = render_networkd(&c, &links).unwrap();
-        let present = &files["10-cloud-init-eth0.network"];
         assert!(
             !present.contains("Bond=") && present.contains("DHCP=ipv4"),
             "{files:?}"
         );
-        let absent = &files["10-cloud-init-eth0-bc24115e7a01.network"];
         assert!(absent.contains("Bond=bond0"), "{files:?}");
     }
 
