@@ -3,7 +3,7 @@
 # the systemd initrd, an immutable /etc overlay. `nix build .#nixseed-image` builds its
 # qcow2; `seedctl create NAME --base result/nixseed-base.qcow2` gives it a /var disk and
 # a seed.
-{ lib, modulesPath, ... }:
+{ lib, pkgs, modulesPath, ... }:
 
 {
   imports = [
@@ -18,13 +18,14 @@
   };
 
   fileSystems = {
+    # Mounted read-write in the initrd: NixOS activation runs there (chroot /sysroot
+    # prepare-root) and writes to the root (`/bin/sh`, `/usr/bin/env`), which nixpkgs'
+    # systemd initrd notes needs a writable root. nixseed-root-ro makes it read-only once
+    # the system runs; the base image stays untouched either way, under each VM's overlay.
     "/" = {
       device = "/dev/disk/by-label/nixos";
       fsType = "ext4";
-      options = [
-        "ro"
-        "noatime"
-      ];
+      options = [ "noatime" ];
     };
     "/boot" = {
       device = "/dev/disk/by-label/ESP";
@@ -50,6 +51,20 @@
   };
   # The /var disk starts empty; the bind source must exist before /home is mounted.
   boot.initrd.systemd.tmpfiles.settings.nixseed."/sysroot/var/home".d.mode = "0755";
+  # The root read-only from early in stage 2 on, before any service starts: nothing has a
+  # file on it open for writing yet (/etc is the immutable overlay, /var its own disk).
+  systemd.services.nixseed-root-ro = {
+    description = "Remount the root file system read-only";
+    unitConfig.DefaultDependencies = false;
+    after = [ "systemd-remount-fs.service" ];
+    before = [ "local-fs.target" ];
+    wantedBy = [ "local-fs.target" ];
+    serviceConfig = {
+      Type = "oneshot";
+      RemainAfterExit = true;
+      ExecStart = "${pkgs.util-linux}/bin/mount -o remount,ro /";
+    };
+  };
   # The root is read-only, so /tmp (and every unit's PrivateTmp=) needs its own memory.
   boot.tmp.useTmpfs = true;
 

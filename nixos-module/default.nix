@@ -126,7 +126,8 @@ let
       type = lib.types.bool;
       inherit default description;
     };
-  varFs = config.fileSystems."/var" or null;
+  # Whatever attribute name it is declared under (`fileSystems.var.mountPoint = "/var"`).
+  varFs = lib.findFirst (fs: fs.mountPoint == "/var") null (lib.attrValues config.fileSystems);
 in
 {
   options.services.nixseed = {
@@ -360,11 +361,20 @@ in
       {
         assertions = [
           {
-            assertion = varFs != null && varFs.neededForBoot;
+            # /var is among the paths both initrds mount whatever its neededForBoot says
+            # (nixpkgs' utils.fsNeededForBoot); the check is that it is its own file system.
+            assertion = varFs != null && utils.fsNeededForBoot varFs;
             message = ''
               services.nixseed keeps the identity on /var, which must be its own file
-              system mounted in the initrd: set fileSystems."/var" with
-              neededForBoot = true.
+              system, mounted in the initrd: declare fileSystems."/var".
+            '';
+          }
+          {
+            assertion = cfg.ssh.user != cfg.ssh.adminUser;
+            message = ''
+              services.nixseed.ssh.user and ssh.adminUser name the same account; sshd
+              applies only the first Match block that sets AuthorizedKeysFile for it, so
+              the user keys would never be read. Give the unprivileged user another name.
             '';
           }
           {

@@ -113,8 +113,9 @@ fn build_records_the_image_as_default_base() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let args = std::fs::read_to_string(s.path().join("nix-args")).unwrap();
+    // A default Nix install has flakes and the `nix` command off: they are turned on.
     assert!(
-        args.contains("build")
+        args.starts_with("--extra-experimental-features nix-command flakes build ")
             && args.contains("--print-out-paths")
             && args.contains(".#web-image")
             && !args.contains("--no-link")

@@ -61,7 +61,11 @@ pub fn run(paths: &Paths, a: &BuildArgs) -> Result<Report> {
         .find(|l| std::fs::symlink_metadata(l).is_err())
         .unwrap_or_else(|| roots.join(format!("result-{stamp}")));
     let link = std::path::absolute(&link).unwrap_or(link);
+    // Flakes and the `nix` command are still experimental in upstream Nix and off in a
+    // default install; the flag turns them on for this command only, and does nothing
+    // where they are on already.
     let mut child = Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command flakes"])
         .args(["build", "--print-out-paths", "-L", "--out-link"])
         .arg(&link)
         .arg(&a.installable)
