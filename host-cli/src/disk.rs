@@ -53,38 +53,43 @@ pub fn info(image: &Path) -> Result<ImageInfo> {
 }
 
 /// Whether a running QEMU holds `image` open for writing, by any route (`seedctl run`,
-/// libvirt under whatever URI, `qemu-nbd`, by hand): `qemu-img info` without `-U` asks
-/// for the image's lock, which QEMU holds while it writes the disk. An image `qemu-img`
-/// cannot read at all (no permission, say, once libvirt has handed it to its QEMU user)
-/// is an error: it may well be in use, and the caller must not take it as free.
+/// libvirt under whatever URI, `qemu-nbd`, by hand): every QEMU block user that may write
+/// an image holds its write-permission lock byte, whatever the format. The byte is only
+/// looked at (`F_OFD_GETLK`), never locked: `qemu-img info` without `-U` would take a
+/// lock of its own for a moment, and a QEMU starting on the image in that moment fails
+/// with "Failed to get "write" lock". An image that cannot be opened for reading (no
+/// permission, say, once libvirt has handed it to its QEMU user) or is not a file or a
+/// block device is an error: it may well be in use, and the caller must not take it as
+/// free.
 pub fn in_use(image: &Path) -> Result<bool> {
-    if std::fs::symlink_metadata(image).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
-        return Ok(false);
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::metadata(image) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A dangling link is a disk not there yet, not a free one to write.
+            if std::fs::symlink_metadata(image).is_ok() {
+                bail!(
+                    "cannot tell whether a QEMU holds {} open: it is a link to nothing",
+                    image.display()
+                );
+            }
+            return Ok(false);
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "cannot tell whether a QEMU holds {} open",
+                image.display()
+            )));
+        }
+    };
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        bail!(
+            "cannot tell whether a QEMU holds {} open: it is not a disk image or a block device",
+            image.display()
+        );
     }
-    let out = tools::output(
-        tools::cmd("qemu-img")
-            .args(["info", "--output=json"])
-            .arg(for_qemu_img(image)?),
-    )?;
-    if out.status.success() {
-        // The raw driver shares writing with readers, so `qemu-img info` opens a raw
-        // image that qemu-nbd or a VM writes: its lock bytes still tell.
-        return write_permission_held(image);
-    }
-    // QEMU's own words for a lock it could not take; the path in other errors may hold
-    // any text.
-    let err = String::from_utf8_lossy(&out.stderr);
-    if err.contains("Failed to get shared \"write\" lock")
-        || err.contains("Failed to get \"write\" lock")
-        || err.contains("Is another process using the image")
-    {
-        return Ok(true);
-    }
-    bail!(
-        "cannot tell whether a QEMU holds {} open: `qemu-img info` says {}",
-        image.display(),
-        err.trim()
-    )
+    write_permission_held(image)
+        .with_context(|| format!("cannot tell whether a QEMU holds {} open", image.display()))
 }
 
 /// QEMU's lock byte for the write permission: every QEMU block user that may write an
@@ -109,7 +114,7 @@ fn write_permission_held(image: &Path) -> Result<bool> {
     match fcntl(f.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut probe)) {
         Ok(_) => Ok(probe.l_type != libc::F_UNLCK as libc::c_short),
         // A filesystem without OFD locks (some network ones): QEMU cannot lock there
-        // either, and `qemu-img info` has already been heard.
+        // either, and runs without locks.
         Err(
             nix::errno::Errno::EINVAL | nix::errno::Errno::ENOLCK | nix::errno::Errno::EOPNOTSUPP,
         ) => Ok(false),
