@@ -143,11 +143,14 @@ pub enum Output {
 fn refuse_other_kind(file: &Path, kind: Output) -> Result<()> {
     use nixseed_core::label;
     use std::io::Read;
+    if kind == Output::MachineSeed {
+        return Ok(());
+    }
     let mut head = Vec::new();
     fs::File::open(file)
         .and_then(|f| f.take(label::PROBE_LEN as u64).read_to_end(&mut head))
         .with_context(|| format!("reading {} before it is replaced", file.display()))?;
-    if head.is_empty() || kind == Output::MachineSeed {
+    if head.is_empty() {
         return Ok(());
     }
     let (same, what) = match kind {

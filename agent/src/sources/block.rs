@@ -120,13 +120,29 @@ impl BlockDevice {
         dir: &str,
         names: &[&str],
     ) -> Result<(SeedFiles, iso9660::Root)> {
-        let volume = &*self.file;
-        let root = iso9660::read_root(volume).map_err(|e| {
+        let root = self.iso_root()?;
+        Ok((self.read_iso_in(&root, source, dir, names)?, root))
+    }
+
+    /// The root directory of the ISO 9660 volume on the device.
+    pub fn iso_root(&self) -> Result<iso9660::Root> {
+        iso9660::read_root(&*self.file).map_err(|e| {
             anyhow::anyhow!(
                 "{}: cannot read the ISO 9660 volume: {e}",
                 self.node.display()
             )
-        })?;
+        })
+    }
+
+    /// [`BlockDevice::read_iso`] from a root directory already read.
+    pub fn read_iso_in(
+        &self,
+        root: &iso9660::Root,
+        source: &str,
+        dir: &str,
+        names: &[&str],
+    ) -> Result<SeedFiles> {
+        let volume = &*self.file;
         let mut files = BTreeMap::new();
         for name in names {
             let origin = format!("{source}/{name}");
@@ -139,7 +155,7 @@ impl BlockDevice {
                 files.insert(name.to_string(), bytes);
             }
         }
-        Ok((SeedFiles(files), root))
+        Ok(SeedFiles(files))
     }
 }
 

@@ -3,7 +3,6 @@
 
 use anyhow::Result;
 use nixseed_core::configdrive::parse_meta_data;
-use nixseed_core::iso9660;
 use nixseed_core::label::{self, FsType};
 use nixseed_core::seed::{
     CONFIGDRIVE_FILES, META_DATA, NETWORK_DATA, Seed, SeedFiles, configdrive_file,
@@ -64,32 +63,30 @@ impl Source for BlockConfigDrive {
 fn from_device(env: &Env, dev: &BlockDevice) -> Result<Result<Seed, &'static str>> {
     let source = format!("configdrive:{}", dev.node.display());
     // An ISO is read in place, a FAT drive mounted; either way through one reader.
-    let media = match dev.fstype {
-        FsType::Iso9660 => None,
-        _ => Some(Media::mount(dev, &env.run)?),
+    enum Drive {
+        Iso(nixseed_core::iso9660::Root),
+        Mounted(Media),
+    }
+    let drive = match dev.fstype {
+        FsType::Iso9660 => Drive::Iso(dev.iso_root()?),
+        _ => Drive::Mounted(Media::mount(dev, &env.run)?),
     };
-    let version = match &media {
-        None => {
-            let volume = &*dev.file;
-            let root = iso9660::read_root(volume).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: cannot read the ISO 9660 volume: {e}",
-                    dev.node.display()
-                )
-            })?;
-            configdrive_version(|v| {
-                matches!(root.lookup(volume, &format!("openstack/{v}")), Ok(Some(_)))
-            })
-        }
-        Some(m) => {
+    let version = match &drive {
+        Drive::Iso(root) => configdrive_version(|v| {
+            matches!(
+                root.lookup(&*dev.file, &format!("openstack/{v}")),
+                Ok(Some(_))
+            )
+        }),
+        Drive::Mounted(m) => {
             let dir = m.dir.join("openstack");
             configdrive_version(|v| std::fs::symlink_metadata(dir.join(v)).is_ok())
         }
     };
     let read = |names: &[&str]| -> Result<SeedFiles> {
-        match &media {
-            None => Ok(dev.read_iso(&source, "openstack/", names)?.0),
-            Some(m) => read_seed_files(&m.dir.join("openstack"), names),
+        match &drive {
+            Drive::Iso(root) => dev.read_iso_in(root, &source, "openstack/", names),
+            Drive::Mounted(m) => read_seed_files(&m.dir.join("openstack"), names),
         }
     };
     let names = CONFIGDRIVE_FILES.map(|f| configdrive_file(version, f));
