@@ -729,34 +729,32 @@ mod tests {
         );
     }
 
+    /// One TZif data block of `version` with no transitions and one standard type
+    /// (`offset`, `abbr`).
+    fn tzif_block(version: u8, offset: i32, abbr: &str) -> Vec<u8> {
+        let mut d = b"TZif".to_vec();
+        d.push(version);
+        d.extend([0u8; 15]);
+        for c in [0u32, 0, 0, 0, 1, abbr.len() as u32 + 1] {
+            d.extend(c.to_be_bytes());
+        }
+        d.extend(offset.to_be_bytes());
+        d.extend([0, 0]);
+        d.extend(abbr.as_bytes());
+        d.push(0);
+        d
+    }
+
     #[test]
     fn tzif_utc_fallback_type() {
         // A minimal v1 TZif with no transitions and one type: UTC, offset 0.
-        let mut d = b"TZif".to_vec();
-        d.extend([0u8; 16]);
-        for c in [0u32, 0, 0, 0, 1, 4] {
-            d.extend(c.to_be_bytes());
-        }
-        d.extend(0i32.to_be_bytes());
-        d.extend([0, 0]);
-        d.extend(b"UTC\0");
+        let d = tzif_block(0, 0, "UTC");
         assert_eq!(tzif_zone_at(&d, 0), Some(("UTC".into(), 0)));
     }
 
     /// A version 2 TZif with no transitions, one standard type and `footer`.
     fn slim_tzif(footer: &str) -> Vec<u8> {
-        let block = |v: u8| {
-            let mut d = b"TZif".to_vec();
-            d.push(v);
-            d.extend([0u8; 15]);
-            for c in [0u32, 0, 0, 0, 1, 5] {
-                d.extend(c.to_be_bytes());
-            }
-            d.extend(36000i32.to_be_bytes());
-            d.extend([0, 0]);
-            d.extend(b"AEST\0");
-            d
-        };
+        let block = |v: u8| tzif_block(v, 36000, "AEST");
         let mut d = block(b'2');
         d.extend(block(b'2'));
         d.extend(format!("\n{footer}\n").as_bytes());
