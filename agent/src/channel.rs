@@ -27,7 +27,7 @@ impl ChannelContext {
     }
 }
 
-/// Answers one request.
+/// Answers one request in this process.
 pub async fn handle(msg: Message, ctx: &ChannelContext) -> Message {
     let result = match msg {
         Message::Status => status(ctx),
@@ -183,19 +183,22 @@ fn status(ctx: &ChannelContext) -> Result<Message> {
 }
 
 /// A push or rollback writes to `/var`: while the guest agent holds filesystems frozen
-/// (a backup in progress), that write would wait for the thaw, and this process, which
-/// must answer the thaw, with it. Refused at once instead.
-fn refuse_while_frozen(what: &str) -> Result<()> {
-    if crate::qga::frozen() {
-        anyhow::bail!(
+/// (a backup in progress), that write would wait for the thaw, and the push with it.
+/// Refused at once instead, by the process that holds the freeze.
+fn refused_while_frozen(msg: &Message) -> Option<Message> {
+    let what = match msg {
+        Message::Push { bundle } => format!("push of `{}`", bundle.machine),
+        Message::Rollback => "rollback".to_owned(),
+        _ => return None,
+    };
+    crate::qga::frozen().then(|| Message::Error {
+        message: format!(
             "{what} refused: filesystems are frozen by the guest agent (guest-fsfreeze-freeze, a backup in progress); try again after the thaw"
-        );
-    }
-    Ok(())
+        ),
+    })
 }
 
 async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Result<Message> {
-    refuse_while_frozen(&format!("push of `{}`", bundle.machine))?;
     let files = bundle.verify()?;
     let source = format!("channel:{}", bundle.machine);
     let seed = Seed::from_nocloud(&files, &source, None)?;
@@ -241,7 +244,6 @@ async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Re
 }
 
 async fn rollback(ctx: &ChannelContext) -> Result<Message> {
-    refuse_while_frozen("rollback")?;
     // A rollback carries no signature. On a guest that takes only signed identities it
     // would bring back what a signed push replaced (an admin key taken away), and lower
     // the generation the next signed seed is held to, so a captured older one passes.
@@ -362,29 +364,141 @@ async fn applied(
     })
 }
 
-/// The control channel as a [`ByteService`]: frames in, replies out.
-pub struct ChannelService {
-    decoder: Decoder,
-    ctx: ChannelContext,
+/// Who answers the control channel's requests: this process ([`ChannelContext`], as
+/// `nixseed-agent channel` does) or a [`Helper`] run for each (the guest agent).
+pub trait Answer {
+    async fn answer(&self, msg: Message) -> Message;
 }
 
-impl ChannelService {
-    pub fn new(ctx: ChannelContext) -> ChannelService {
-        ChannelService {
-            decoder: Decoder::default(),
-            ctx,
+impl Answer for ChannelContext {
+    async fn answer(&self, msg: Message) -> Message {
+        handle(msg, self).await
+    }
+}
+
+impl Answer for Helper {
+    async fn answer(&self, msg: Message) -> Message {
+        self.run(&msg).await.unwrap_or_else(|e| {
+            tracing::warn!("control channel: {e:#}");
+            Message::Error {
+                message: format!("{e:#}"),
+            }
+        })
+    }
+}
+
+/// `nixseed-agent request ARGS`: one request on its stdin, its reply on its stdout. The
+/// guest agent stays resident; the code that reads seeds, makes keys and binds `/etc`
+/// runs only while a request is answered, in a process of its own.
+pub struct Helper {
+    pub program: PathBuf,
+    pub args: Vec<std::ffi::OsString>,
+}
+
+/// The program beside this one that answers requests.
+pub const HELPER_PROGRAM: &str = "nixseed-agent";
+
+impl Helper {
+    async fn run(&self, msg: &Message) -> Result<Message> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let shown = format!("{} request", self.program.display());
+        let mut child = tokio::process::Command::new(&self.program)
+            .arg("request")
+            .args(&self.args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot run `{shown}` to answer a {}", msg.kind()))?;
+        // It reads the whole request before it answers, so the request is written whole
+        // first. One that stopped early has its exit status reported below.
+        if let Some(mut stdin) = child.stdin.take() {
+            let written = stdin.write_all(&encode_with_id(msg, None)).await;
+            if let Err(e) = written
+                && e.kind() != std::io::ErrorKind::BrokenPipe
+            {
+                return Err(e).with_context(|| format!("cannot write the request to `{shown}`"));
+            }
+        }
+        let mut out = Vec::new();
+        if let Some(mut stdout) = child.stdout.take() {
+            stdout
+                .read_to_end(&mut out)
+                .await
+                .with_context(|| format!("cannot read the reply of `{shown}`"))?;
+        }
+        let status = child
+            .wait()
+            .await
+            .with_context(|| format!("cannot wait for `{shown}`"))?;
+        let mut decoder = Decoder::default();
+        decoder.push(&out);
+        match decoder.next_frame() {
+            Ok(Some((reply, _))) => Ok(reply),
+            Ok(None) => anyhow::bail!(
+                "`{shown}` stopped ({status}) before it answered the {} (the guest's journal says why)",
+                msg.kind()
+            ),
+            Err(e) => Err(e).with_context(|| format!("the reply of `{shown}` ({status})")),
         }
     }
 }
 
-impl ByteService for ChannelService {
+/// `nixseed-agent request`: answers the one request on stdin, the reply on stdout.
+pub async fn answer_stdin(ctx: &ChannelContext) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut input = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(nixseed_core::channel::MAX_FRAME as u64 + 64)
+        .read_to_end(&mut input)
+        .context("cannot read the request from stdin")?;
+    let mut decoder = Decoder::default();
+    decoder.push(&input);
+    let reply = match decoder.next_frame() {
+        Ok(Some((msg, _))) => handle(msg, ctx).await,
+        Ok(None) => anyhow::bail!("no whole request on stdin ({} bytes)", input.len()),
+        Err(e) => Message::Error {
+            message: e.to_string(),
+        },
+    };
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(&encode_with_id(&reply, None))
+        .and_then(|()| stdout.flush())
+        .context("cannot write the reply to stdout")
+}
+
+/// The control channel as a [`ByteService`]: frames in, replies out.
+pub struct ChannelService<A> {
+    decoder: Decoder,
+    answerer: A,
+}
+
+impl<A: Answer> ChannelService<A> {
+    pub fn new(answerer: A) -> Self {
+        ChannelService {
+            decoder: Decoder::default(),
+            answerer,
+        }
+    }
+
+    async fn answer(&self, msg: Message) -> Message {
+        match refused_while_frozen(&msg) {
+            Some(refusal) => refusal,
+            None => self.answerer.answer(msg).await,
+        }
+    }
+}
+
+impl<A: Answer> ByteService for ChannelService<A> {
     fn feed(&mut self, input: &[u8]) {
         self.decoder.push(input);
     }
 
     async fn answer_next(&mut self, out: &mut Vec<u8>) -> bool {
         let (reply, id) = match self.decoder.next_frame() {
-            Ok(Some((msg, id))) => (handle(msg, &self.ctx).await, id),
+            Ok(Some((msg, id))) => (self.answer(msg).await, id),
             Ok(None) => return false,
             Err(e) => {
                 tracing::warn!("{e}");
@@ -419,9 +533,9 @@ pub const DEFAULT_PORT: &str = "/dev/virtio-ports/org.nixseed.channel.0";
 /// The control channel may be served on `transport` with these settings. Any process on
 /// the host can open a guest's vsock port (AF_VSOCK asks for no privilege there), and a
 /// push can give its sender root over SSH: on vsock a push must be signed.
-pub fn check_transport(transport: &Transport, ctx: &ChannelContext) -> Result<()> {
+pub fn check_transport(transport: &Transport, signed_only: bool) -> Result<()> {
     if let Transport::VsockListen(addr) = transport
-        && ctx.opts.trust.is_none()
+        && !signed_only
     {
         anyhow::bail!(
             "the control channel on vsock {addr} needs --trusted-keys: any process on the host can open a vsock port, and an unsigned push would give it root over SSH; use a virtio-serial port (the default), or sign pushes (`seedctl keygen`)"
@@ -437,7 +551,7 @@ pub async fn run(method: Method, path: &std::path::Path, ctx: ChannelContext) ->
         Method::VsockListen => Transport::VsockListen(path.to_string_lossy().into_owned()),
         _ => Transport::VirtioSerial(path.to_path_buf()),
     };
-    check_transport(&transport, &ctx)?;
+    check_transport(&transport, ctx.opts.trust.is_some())?;
     serve_transport(
         &mut ChannelService::new(ctx),
         &transport,

@@ -30,6 +30,7 @@ pub enum Command {
     Status(StatusArgs),
     Serve(ServeArgs),
     Channel(ChannelArgs),
+    Request(StageArgs),
     Firewall(StatusArgs),
 }
 
@@ -64,6 +65,10 @@ const COMMANDS: &[(&str, &str)] = &[
     (
         "channel",
         "Serve only the nixseed control channel (status, push, rollback)",
+    ),
+    (
+        "request",
+        "Answer one control-channel request read from stdin, the reply on stdout (what `serve` runs for each)",
     ),
     (
         "firewall",
@@ -161,6 +166,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, Stop> {
         "status" => Command::Status(command(&mut c)?),
         "serve" => Command::Serve(command(&mut c)?),
         "channel" => Command::Channel(command(&mut c)?),
+        "request" => Command::Request(command(&mut c)?),
         "firewall" => Command::Firewall(command(&mut c)?),
         "help" => return Err(Stop::Print(top_help())),
         other => return Err(top_usage(&format!("unknown command '{other}'"))),

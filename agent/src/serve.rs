@@ -3,6 +3,7 @@
 //! existing units and tests. One [`Agent`] serves the port; its parser state outlives
 //! connections. The runtime is single-threaded to keep the resident set small.
 
+use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,10 +15,9 @@ use nixseed_core::qga::sysparse::{conf_list, qga_conf};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::channel::{ChannelContext, ChannelService};
+use crate::channel::{ChannelService, Helper};
 use crate::port_events::{NodeWatch, PortEvents};
 use crate::qga::{Agent, AgentConfig};
-use crate::stage::StageOptions;
 
 /// A protocol served on a byte stream: bytes in, reply bytes out. The guest agent and
 /// the control channel share the transports below. Replies are taken one at a time and
@@ -240,6 +240,38 @@ fn settings(args: &ServeArgs) -> Result<(Transport, AgentConfig)> {
     Ok((transport, config))
 }
 
+/// The program `nixseed-agent serve` becomes: this daemon, linked without the code that
+/// reads seeds, makes keys and binds `/etc` (the control channel's requests run it in
+/// `nixseed-agent request`). The kernel maps a program's pages 64 KiB around each page
+/// run, so a resident process in the whole binary ends up mapping nearly all of it.
+pub const GUEST_AGENT_PROGRAM: &str = "nixseed-guest-agent";
+
+/// Becomes `nixseed-guest-agent`, installed beside this program, with the same
+/// arguments (the process, its PID and its systemd unit stay the same). Returns only
+/// when there is none, and the guest agent is then served by this process.
+pub fn exec_guest_agent() {
+    use std::os::unix::process::CommandExt;
+    let Ok(me) = std::env::current_exe() else {
+        return;
+    };
+    let program = me.with_file_name(GUEST_AGENT_PROGRAM);
+    if program == me || !program.is_file() {
+        tracing::debug!(
+            "no {} beside {}: serving from it",
+            GUEST_AGENT_PROGRAM,
+            me.display()
+        );
+        return;
+    }
+    let e = std::process::Command::new(&program)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    tracing::warn!(
+        "cannot run {}: {e}; serving from this process",
+        program.display()
+    );
+}
+
 pub fn main(args: ServeArgs) -> Result<()> {
     let (transport, config) = settings(&args)?;
     let channel = channel_service(&args, &config)?;
@@ -259,7 +291,7 @@ pub fn main(args: ServeArgs) -> Result<()> {
 fn channel_service(
     args: &ServeArgs,
     config: &AgentConfig,
-) -> Result<Option<(ChannelService, Transport)>> {
+) -> Result<Option<(ChannelService<Helper>, Transport)>> {
     if args.no_channel {
         return Ok(None);
     }
@@ -272,26 +304,48 @@ fn channel_service(
         // and the agent starts on the guest-agent port's (see `wait_for_port`).
         _ => Transport::VirtioSerial(args.channel_path.clone()),
     };
-    let ctx = ChannelContext {
-        opts: StageOptions::running_system(
-            config.identity_dir.to_string_lossy().into_owned(),
-            crate::stage::load_trust(args.trusted_keys.as_deref())?,
-            args.clone_policy.unwrap_or_default(),
-        ),
-        firewall: args.firewall,
-    };
     // A channel that must not be served is said loudly; the guest agent still serves.
-    if let Err(e) = crate::channel::check_transport(&transport, &ctx) {
+    if let Err(e) = crate::channel::check_transport(&transport, args.trusted_keys.is_some()) {
         tracing::error!("not serving the control channel: {e:#}");
         return Ok(None);
     }
-    Ok(Some((ChannelService::new(ctx), transport)))
+    let helper = Helper {
+        program: helper_program()?,
+        args: helper_args(args, config),
+    };
+    Ok(Some((ChannelService::new(helper), transport)))
+}
+
+/// `nixseed-agent`, beside this program (both are installed in one directory).
+fn helper_program() -> Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot tell where this program is")?;
+    Ok(me.with_file_name(crate::channel::HELPER_PROGRAM))
+}
+
+/// What the request helper is told: the identity this agent serves, and how.
+fn helper_args(args: &ServeArgs, config: &AgentConfig) -> Vec<OsString> {
+    let mut out: Vec<OsString> = vec![
+        "--identity-dir".into(),
+        config.identity_dir.clone().into(),
+        "--clone-policy".into(),
+        args.clone_policy.unwrap_or_default().name().into(),
+    ];
+    if let Some(keys) = &args.trusted_keys {
+        out.extend(["--trusted-keys".into(), keys.clone().into()]);
+    }
+    if args.firewall {
+        out.push("--firewall".into());
+    }
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        out.push("--verbose".into());
+    }
+    out
 }
 
 async fn run(
     agent: &mut Agent,
     transport: Transport,
-    channel: Option<(ChannelService, Transport)>,
+    channel: Option<(ChannelService<Helper>, Transport)>,
 ) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;

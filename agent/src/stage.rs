@@ -90,26 +90,6 @@ pub fn load_trust(
 }
 
 impl StageOptions {
-    /// The running system (stage 2, the control channel): `/`, `/run`, no boot wait.
-    pub fn running_system(
-        identity_dir: String,
-        trust: Option<std::sync::Arc<nixseed_core::trust::Trust>>,
-        clone_policy: ClonePolicy,
-    ) -> StageOptions {
-        StageOptions {
-            sysroot: PathBuf::from("/"),
-            host: PathBuf::from("/"),
-            run: PathBuf::from("/run"),
-            clone_policy,
-            sources: None,
-            identity_dir,
-            channel_wait: std::time::Duration::ZERO,
-            udev_wait: std::time::Duration::ZERO,
-            trust,
-            durability: Durability::Now,
-        }
-    }
-
     fn store_path(&self) -> PathBuf {
         self.sysroot.join(self.identity_dir.trim_start_matches('/'))
     }

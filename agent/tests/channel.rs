@@ -766,3 +766,100 @@ fn a_first_identity_s_failed_sshd_start_is_retried_as_a_start() {
         "{again}"
     );
 }
+
+const GUEST_AGENT: &str = env!("CARGO_BIN_EXE_nixseed-guest-agent");
+
+/// A guest-ping on the guest agent's socket `qga` is answered.
+fn pings(qga: &Path) -> bool {
+    let mut q = UnixStream::connect(qga).unwrap();
+    q.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    q.write_all(br#"{"execute":"guest-ping","id":3}"#).unwrap();
+    let mut line = [0u8; 64];
+    let n = q.read(&mut line).unwrap_or(0);
+    &line[..n] == b"{\"return\": {}, \"id\": 3}\n"
+}
+
+/// `nixseed-agent serve` becomes `nixseed-guest-agent`, installed beside it: the same
+/// process, linked without the identity code it never runs. The control channel's
+/// requests are answered by a `nixseed-agent request` run beside it: a status through the
+/// guest agent's process reads the identity a `render` wrote.
+#[test]
+fn serve_becomes_the_guest_agent_program_and_a_request_runs_beside_it() {
+    let dir = scratch();
+    let ids = dir.path().join("identity");
+    let rendered = Command::new(AGENT)
+        .args(["render", "--seed"])
+        .arg(dir.path().join("sysroot/seed"))
+        .arg("--out")
+        .arg(&ids)
+        .output()
+        .unwrap();
+    assert!(rendered.status.success(), "{rendered:?}");
+    let ch = dir.path().join("channel.sock");
+    let (child, qga, _) = serve_in(dir.path(), &["--channel-method", "unix-listen"], &ch);
+    let srv = Server { child, sock: ch };
+    assert!(
+        ts::wait_for(Duration::from_secs(20), || ts::listening(&qga)
+            && ts::listening(&srv.sock)),
+        "the agent never listened on both sockets"
+    );
+    let exe = std::fs::read_link(format!("/proc/{}/exe", srv.agent_pid())).unwrap();
+    assert_eq!(
+        exe.file_name().and_then(|n| n.to_str()),
+        Some("nixseed-guest-agent"),
+        "`nixseed-agent serve` runs as {}",
+        exe.display()
+    );
+    let Message::StatusReply {
+        generation,
+        instance_id,
+        ..
+    } = srv.request(&encode(&Message::Status))
+    else {
+        panic!("status through the guest agent did not answer with status-reply")
+    };
+    assert_eq!((generation, instance_id.as_deref()), (Some(1), Some("one")));
+    assert!(pings(&qga));
+}
+
+/// `nixseed-guest-agent` installed without `nixseed-agent` beside it answers each
+/// control-channel request with an error that names the program it needs, and goes on
+/// serving the guest agent.
+#[test]
+fn a_guest_agent_without_its_helper_says_so_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let alone = bin.join("nixseed-guest-agent");
+    std::fs::copy(GUEST_AGENT, &alone).unwrap();
+    let qga = dir.path().join("qga.sock");
+    let ch = dir.path().join("channel.sock");
+    let child = Command::new(&alone)
+        .args(["serve", "-m", "unix-listen", "-p"])
+        .arg(&qga)
+        .arg("-t")
+        .arg(dir.path().join("state"))
+        .args(["--channel-method", "unix-listen", "--channel-path"])
+        .arg(&ch)
+        .arg("--identity-dir")
+        .arg(dir.path().join("identity"))
+        .spawn()
+        .unwrap();
+    let srv = Server { child, sock: ch };
+    assert!(
+        ts::wait_for(Duration::from_secs(20), || ts::listening(&qga)
+            && ts::listening(&srv.sock)),
+        "the agent never listened on both sockets"
+    );
+    for request in [Message::Status, Message::Rollback] {
+        let Message::Error { message } = srv.request(&encode(&request)) else {
+            panic!("{request:?} was answered without the program that answers it")
+        };
+        let wanted = format!(
+            "cannot run `{} request`",
+            bin.join("nixseed-agent").display()
+        );
+        assert!(message.contains(&wanted), "{message}");
+        assert!(pings(&qga), "the guest agent stopped answering");
+    }
+}

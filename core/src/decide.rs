@@ -15,17 +15,30 @@ pub enum ClonePolicy {
     Refuse,
 }
 
+impl ClonePolicy {
+    const ALL: [ClonePolicy; 3] = [
+        ClonePolicy::Regenerate,
+        ClonePolicy::Adopt,
+        ClonePolicy::Refuse,
+    ];
+
+    /// The policy's name on a command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClonePolicy::Regenerate => "regenerate",
+            ClonePolicy::Adopt => "adopt",
+            ClonePolicy::Refuse => "refuse",
+        }
+    }
+}
+
 impl std::str::FromStr for ClonePolicy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "regenerate" => Ok(ClonePolicy::Regenerate),
-            "adopt" => Ok(ClonePolicy::Adopt),
-            "refuse" => Ok(ClonePolicy::Refuse),
-            other => Err(format!(
-                "unknown clone policy '{other}' (regenerate, adopt or refuse)"
-            )),
-        }
+        ClonePolicy::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown clone policy '{s}' (regenerate, adopt or refuse)"))
     }
 }
 
@@ -79,6 +92,15 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The guest agent passes its policy to `nixseed-agent request` by name.
+    #[test]
+    fn a_clone_policy_reads_back_from_its_name() {
+        for p in ClonePolicy::ALL {
+            assert_eq!(p.name().parse::<ClonePolicy>(), Ok(p));
+        }
+        assert!("Adopt".parse::<ClonePolicy>().is_err());
+    }
 
     fn manifest(iid: &str, uuid: &str, digest: &str) -> Manifest {
         Manifest {

@@ -70,6 +70,9 @@ struct Side {
     /// Boot to sshd in the series with `BenchOpts::wide_cpus` vCPUs.
     wide_boots: Vec<Duration>,
     binary_bytes: Option<u64>,
+    /// The program the resident guest agent runs, when it is not `binary_bytes`'s
+    /// (`nixseed-guest-agent`, which `nixseed-agent serve` becomes).
+    guest_agent_bytes: Option<u64>,
     /// How the agent binary was built ([`deps::agent_build_kind`]).
     binary_kind: &'static str,
     blame: String,
@@ -627,9 +630,17 @@ pub fn run(o: &BenchOpts) -> Result<()> {
     let nix = Harness::setup(Variant::Nixseed)?;
     let ci = Harness::setup(Variant::CloudInit)?;
     let agent = deps::build_agent()?;
-    let agent_bytes = fs::metadata(&agent)
-        .with_context(|| format!("reading the size of {}", agent.display()))?
-        .len();
+    let size = |p: &std::path::Path| {
+        fs::metadata(p)
+            .with_context(|| format!("reading the size of {}", p.display()))
+            .map(|m| m.len())
+    };
+    let agent_bytes = size(&agent)?;
+    let guest_agent = agent.with_file_name("nixseed-guest-agent");
+    let guest_agent_bytes = guest_agent
+        .is_file()
+        .then(|| size(&guest_agent))
+        .transpose()?;
 
     // One identity and one seed ISO for both images; each boot gets fresh disks.
     let m = nix.new_machine("bench")?;
@@ -638,6 +649,7 @@ pub fn run(o: &BenchOpts) -> Result<()> {
         .with_context(|| format!("copying {}", m.var_disk.display()))?;
     let mut nix_side = Side {
         binary_bytes: Some(agent_bytes),
+        guest_agent_bytes,
         binary_kind: deps::agent_build_kind(&agent),
         ..Default::default()
     };
@@ -986,6 +998,15 @@ fn render(
         ratio(mib(nix.binary_bytes), mib(ci.binary_bytes)),
         verdict(mib(nix.binary_bytes).map(|v| v <= 2.5))
     );
+    if nix.guest_agent_bytes.is_some() {
+        let _ = writeln!(
+            d,
+            "| guest agent binary (`nixseed-guest-agent`, which `nixseed-agent serve` becomes: the resident process, vs `/usr/sbin/qemu-ga`) | {} | {} | {} | | installed beside `nixseed-agent` |",
+            fmt_opt(mib(nix.guest_agent_bytes), "MiB", 2),
+            fmt_opt(mib(ci.binary_bytes), "MiB", 2),
+            ratio(mib(nix.guest_agent_bytes), mib(ci.binary_bytes)),
+        );
+    }
 
     let _ = writeln!(
         d,

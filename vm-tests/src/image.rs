@@ -32,6 +32,15 @@ const ROOTFS_SIZE: &str = "2G";
 /// Where the agent binary lives in the image (the dist units' ExecStart).
 pub const AGENT_PATH_IN_IMAGE: &str = "/usr/bin/nixseed-agent";
 
+/// The guest agent's own program, built beside `nixseed-agent` and installed beside it
+/// in the image, where `nixseed-agent serve` becomes it. An agent given without it
+/// (`NIXSEED_AGENT_BIN`) serves from its own process.
+const GUEST_AGENT_NAME: &str = "nixseed-guest-agent";
+
+fn guest_agent_beside(agent: &Path) -> Option<PathBuf> {
+    Some(agent.with_file_name(GUEST_AGENT_NAME)).filter(|p| p.is_file())
+}
+
 const BASE_PACKAGES: &[&str] = &[
     "systemd",
     "systemd-sysv",
@@ -258,6 +267,10 @@ fn final_key(agent: Option<&Path>, dist: &Path) -> Result<String> {
     if let Some(a) = agent {
         h.update(b"agent:");
         h.update(sha256_file(a)?);
+        if let Some(g) = guest_agent_beside(a) {
+            h.update(b"guest-agent:");
+            h.update(sha256_file(&g)?);
+        }
     }
     for f in dist_files(dist)? {
         h.update(
@@ -1221,6 +1234,9 @@ fn injection_script(tree: &Path, agent: Option<&Path>, dist: &Path) -> Result<St
             .rsplit_once('/')
             .unwrap_or(("/usr/bin", "nixseed-agent"));
         put(&mut s, agent, dir, name, "0100755");
+        if let Some(g) = guest_agent_beside(agent) {
+            put(&mut s, &g, dir, GUEST_AGENT_NAME, "0100755");
+        }
     }
     for f in dist_files(dist)? {
         let name = f
