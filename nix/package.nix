@@ -1,7 +1,8 @@
-# One nixseed binary from this Cargo workspace. The guest agent is built with
-# pkgsStatic (musl, no dynamic loader, so the same file runs in the initrd) and carries
-# the systemd units and udev rule from agent/dist, with /usr/bin replaced by its own
-# store path; seedctl is an ordinary host build.
+# One nixseed package from this Cargo workspace. The guest agent is built with
+# pkgsStatic (musl, no dynamic loader, so the same file runs in the initrd); it installs
+# both of its programs (nixseed-agent, and nixseed-guest-agent, which `nixseed-agent
+# serve` becomes) and carries the systemd units and udev rule from agent/dist, with
+# /usr/bin replaced by its own store path; seedctl is an ordinary host build.
 {
   lib,
   rustPlatform,

@@ -820,16 +820,17 @@ fn wait_for_agent(h: &Harness, m: &Machine, vm: &mut Vm, when: &str) -> Result<(
     }
 }
 
-/// The test-only kernel flag (agent/src/crashpoint.rs) with which push-first's agent
-/// exits once, after the first push stored and bound the identity and recorded the
-/// reloads it owes, before it tells sshd: as an agent killed there would.
+/// The test-only kernel flag (agent/src/crashpoint.rs) with which push-first's push
+/// (`nixseed-agent request`, run by the guest agent) exits once, after the first push
+/// stored and bound the identity and recorded the reloads it owes, before it tells
+/// sshd: as a process killed there would.
 const EXIT_BEFORE_RELOAD: &str = "nixseed.test_delay=before-reload:exit";
 
 /// A machine booted with no seed and no host answering has no identity: the guest agent
 /// answers, sshd has no host key and stops at systemd's start limit. `seedctl push` then
-/// brings the first identity, and the agent exits before it tells sshd (see
-/// [`EXIT_BEFORE_RELOAD`]): the push fails and sshd stays down. The same push again, to
-/// the restarted agent, has nothing new to store but retries what the first one owed,
+/// brings the first identity, and the process applying it exits before it tells sshd
+/// (see [`EXIT_BEFORE_RELOAD`]): the push fails and sshd stays down. The same push
+/// again has nothing new to store but retries what the first one owed,
 /// and as a first identity's: sshd starts with the machine's pinned key, the hostname is
 /// live, machine-id is reported as needing a reboot, and the next boot (still with no
 /// seed) has it from the initrd.
@@ -876,15 +877,15 @@ pub fn push_first(h: &Harness) -> Result<()> {
         .context("running seedctl push")?;
     ensure!(
         !cut.status.success(),
-        "seedctl push succeeded although the agent exits before telling sshd:\n{}",
+        "seedctl push succeeded although the process applying it exits before telling sshd:\n{}",
         String::from_utf8_lossy(&cut.stdout)
     );
     eprintln!(
-        "vm-tests: {}: the first push, cut by the agent's exit: {}",
+        "vm-tests: {}: the first push, cut by its exit: {}",
         m.name,
         String::from_utf8_lossy(&cut.stderr).trim()
     );
-    wait_for_agent(h, &m, &mut vm, "of its exit during the first push")?;
+    wait_for_agent(h, &m, &mut vm, "of the first push's exit")?;
     if let Some(key) = ssh::keyscan(port) {
         bail!("sshd presents a host key although the agent exited before telling it: {key}");
     }
