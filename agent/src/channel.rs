@@ -10,6 +10,7 @@ use nixseed_core::seed::Seed;
 
 use crate::serve::{ByteService, Method, Transport, serve_transport};
 
+use crate::identity_lock::IdentityLock;
 use crate::sources::Env;
 use crate::stage::{self, StageOptions, Timer};
 use crate::store::Store;
@@ -227,6 +228,7 @@ async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Re
             ),
         }
     }
+    let _one = IdentityLock::take(&ctx.opts.run)?;
     let store = Store::open(&ctx.identity_path(), true)?;
     let before = store.current_number()?;
     let mut t = Timer::new();
@@ -252,6 +254,7 @@ async fn rollback(ctx: &ChannelContext) -> Result<Message> {
             "rollback refused: this guest takes only signed identities (--trusted-keys), and a rollback is not signed; to go back, put the earlier identity in machines/NAME and `seedctl push` it, signed"
         );
     }
+    let _one = IdentityLock::take(&ctx.opts.run)?;
     let store = Store::open(&ctx.identity_path(), false)?;
     let before = store.current_number()?;
     let old = store.current()?.map(|g| g.tree).unwrap_or_default();
@@ -407,6 +410,10 @@ impl Helper {
             .args(&self.args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
+            // Its log on its stderr, which is this process's: under systemd, the stream
+            // journald opened for this unit, so its lines are the unit's even once it
+            // has exited (a short-lived process's own journal messages may not be).
+            .env("NIXSEED_LOG_STDERR", "1")
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot run `{shown}` to answer a {}", msg.kind()))?;

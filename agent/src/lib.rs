@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod crashpoint;
 mod dbus;
+mod identity_lock;
 mod logging;
 mod mounts;
 mod port_events;
@@ -53,7 +54,10 @@ impl StageArgs {
         });
         let trust = stage::load_trust(self.trusted_keys.as_deref()).unwrap_or_else(|e| {
             tracing::error!("{e:#}: no seed is trusted, so none is applied");
-            Some(std::sync::Arc::new(nixseed_core::trust::Trust::none()))
+            let why = format!("{e:#}");
+            Some(std::sync::Arc::new(nixseed_core::trust::Trust::unreadable(
+                why,
+            )))
         });
         let abs = |p: &PathBuf| {
             std::fs::canonicalize(p).with_context(|| format!("{}: no such directory", p.display()))

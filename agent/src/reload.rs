@@ -393,6 +393,8 @@ pub fn load_firewall(identity_dir: &Path) -> Result<()> {
     let mut child = std::process::Command::new("nft")
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
+        // Not this process's stdout: in `nixseed-agent request` that carries the reply.
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .context("cannot run nft (is nftables installed?)")?;

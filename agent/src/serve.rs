@@ -310,23 +310,38 @@ fn channel_service(
         return Ok(None);
     }
     let helper = Helper {
-        program: helper_program()?,
+        program: helper_program(),
         args: helper_args(args, config),
     };
     Ok(Some((ChannelService::new(helper), transport)))
 }
 
-/// `nixseed-agent`, beside this program (both are installed in one directory).
-fn helper_program() -> Result<PathBuf> {
-    let me = std::env::current_exe().context("cannot tell where this program is")?;
-    Ok(me.with_file_name(crate::channel::HELPER_PROGRAM))
+/// The program that answers control-channel requests: `nixseed-agent` beside
+/// `nixseed-guest-agent` (they are installed in one directory), or this program itself
+/// when it is the whole agent serving from its own process, whatever its name. Where
+/// this program cannot be found (no `/proc`), `nixseed-agent` on the PATH.
+fn helper_program() -> PathBuf {
+    match std::env::current_exe() {
+        Ok(me) if me.file_name() == Some(GUEST_AGENT_PROGRAM.as_ref()) => {
+            me.with_file_name(crate::channel::HELPER_PROGRAM)
+        }
+        Ok(me) => me,
+        Err(e) => {
+            tracing::warn!(
+                "cannot tell where this program is ({e}): control-channel requests run {} from the PATH",
+                crate::channel::HELPER_PROGRAM
+            );
+            PathBuf::from(crate::channel::HELPER_PROGRAM)
+        }
+    }
 }
 
 /// What the request helper is told: the identity this agent serves, and how.
 fn helper_args(args: &ServeArgs, config: &AgentConfig) -> Vec<OsString> {
     let mut out: Vec<OsString> = vec![
         "--identity-dir".into(),
-        config.identity_dir.clone().into(),
+        // As the identity code takes it: as text.
+        config.identity_dir.to_string_lossy().into_owned().into(),
         "--clone-policy".into(),
         args.clone_policy.unwrap_or_default().name().into(),
     ];

@@ -786,15 +786,7 @@ fn pings(qga: &Path) -> bool {
 #[test]
 fn serve_becomes_the_guest_agent_program_and_a_request_runs_beside_it() {
     let dir = scratch();
-    let ids = dir.path().join("identity");
-    let rendered = Command::new(AGENT)
-        .args(["render", "--seed"])
-        .arg(dir.path().join("sysroot/seed"))
-        .arg("--out")
-        .arg(&ids)
-        .output()
-        .unwrap();
-    assert!(rendered.status.success(), "{rendered:?}");
+    render_identity(dir.path());
     let ch = dir.path().join("channel.sock");
     let (child, qga, _) = serve_in(dir.path(), &["--channel-method", "unix-listen"], &ch);
     let srv = Server { child, sock: ch };
@@ -862,4 +854,89 @@ fn a_guest_agent_without_its_helper_says_so_and_keeps_serving() {
         assert!(message.contains(&wanted), "{message}");
         assert!(pings(&qga), "the guest agent stopped answering");
     }
+}
+
+/// The scratch guest's seed rendered into `dir/identity`, the identity directory
+/// [`serve_in`] serves.
+fn render_identity(dir: &Path) {
+    let rendered = Command::new(AGENT)
+        .args(["render", "--seed"])
+        .arg(dir.join("sysroot/seed"))
+        .arg("--out")
+        .arg(dir.join("identity"))
+        .output()
+        .unwrap();
+    assert!(rendered.status.success(), "{rendered:?}");
+}
+
+/// Writes one guest-agent request on `q` and reads its one-line reply.
+fn qga_call(q: &mut UnixStream, request: &str) -> String {
+    q.write_all(request.as_bytes()).unwrap();
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while !reply.ends_with(b"\n") {
+        assert_eq!(q.read(&mut byte).unwrap(), 1, "the agent closed the socket");
+        reply.push(byte[0]);
+    }
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+/// While a change of the identity holds its lock (held here by `flock`, as a push's
+/// `nixseed-agent request` holds it), a guest-agent command that would change the
+/// identity fails saying so, rather than lose the push's generation or wait for it, and
+/// a freeze waits until the change is done, so that no snapshot holds half of one.
+#[test]
+fn guest_agent_commands_meet_a_change_of_the_identity_in_progress() {
+    let dir = scratch();
+    render_identity(dir.path());
+    let ch = dir.path().join("channel.sock");
+    let (child, qga, _) = serve_in(dir.path(), &["--channel-method", "unix-listen"], &ch);
+    let _srv = Server { child, sock: ch };
+    assert!(
+        ts::wait_for(Duration::from_secs(20), || ts::listening(&qga)),
+        "the agent never listened"
+    );
+    std::fs::create_dir_all("/run/nixseed").unwrap();
+    let mut holder = Command::new("flock")
+        .args([
+            "-x",
+            "/run/nixseed/identity.lock",
+            "-c",
+            "echo held; sleep 2",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held = [0u8; 5];
+    holder.stdout.take().unwrap().read_exact(&mut held).unwrap();
+    let t = std::time::Instant::now();
+    let mut q = UnixStream::connect(&qga).unwrap();
+    q.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    let added = qga_call(
+        &mut q,
+        r#"{"execute":"guest-ssh-add-authorized-keys","arguments":{"username":"root","keys":["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ0m1dJkZGt8bWWX2I3YyVnYQ5A0LrS0cm4d8cnYbAQN lock-test"]},"id":1}"#,
+    );
+    assert!(
+        added.contains("the identity is being changed by a control-channel push or rollback"),
+        "{added}"
+    );
+    let frozen = qga_call(
+        &mut q,
+        r#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/no/such/mount"]},"id":2}"#,
+    );
+    assert_eq!(frozen, "{\"return\": 0, \"id\": 2}\n");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "the freeze did not wait for the change in progress ({:?})",
+        t.elapsed()
+    );
+    assert!(holder.wait().unwrap().success());
+    // Let go: the same command now changes the identity.
+    let added = qga_call(
+        &mut q,
+        r#"{"execute":"guest-ssh-add-authorized-keys","arguments":{"username":"root","keys":["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ0m1dJkZGt8bWWX2I3YyVnYQ5A0LrS0cm4d8cnYbAQN lock-test"]},"id":3}"#,
+    );
+    assert_eq!(added, "{\"return\": {}, \"id\": 3}\n");
+    let keys = std::fs::read_to_string(dir.path().join("identity/admin_authorized_keys")).unwrap();
+    assert!(keys.contains("lock-test"), "{keys}");
 }

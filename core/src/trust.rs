@@ -105,12 +105,18 @@ impl SeedManifest {
 #[derive(Debug, Clone)]
 pub struct Trust {
     keys: Vec<PublicKey>,
+    /// Why no key is trusted, when the keys meant could not be read.
+    unreadable: Option<String>,
 }
 
 impl Trust {
-    /// Trusts no key: every seed is refused (the keys meant could not be read).
-    pub fn none() -> Trust {
-        Trust { keys: Vec::new() }
+    /// Trusts no key, because the keys meant could not be read (`why`): every seed is
+    /// refused, and each refusal says why.
+    pub fn unreadable(why: String) -> Trust {
+        Trust {
+            keys: Vec::new(),
+            unreadable: Some(why),
+        }
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Trust, String> {
@@ -127,7 +133,10 @@ impl Trust {
         if keys.is_empty() {
             return Err(format!("{origin}: no trusted key in the file"));
         }
-        Ok(Trust { keys })
+        Ok(Trust {
+            keys,
+            unreadable: None,
+        })
     }
 
     /// Checks a seed's files; on success returns its manifest.
@@ -153,12 +162,13 @@ impl Trust {
             .iter()
             .any(|k| k.verify(NAMESPACE, manifest_bytes, &sig).is_ok())
         {
+            let signer = sig.public_key().fingerprint(HashAlg::Sha256);
             return Err(TrustError::BadSignature {
                 origin: src(),
-                detail: format!(
-                    "signed by {}",
-                    sig.public_key().fingerprint(HashAlg::Sha256)
-                ),
+                detail: match &self.unreadable {
+                    Some(why) => format!("signed by {signer}; no key is trusted: {why}"),
+                    None => format!("signed by {signer}"),
+                },
             });
         }
         let manifest: SeedManifest =
@@ -303,6 +313,22 @@ mod tests {
             .unwrap_err();
         assert!(
             e.to_string().starts_with("nocloud:/dev/sr0: the signature"),
+            "{e}"
+        );
+    }
+
+    /// Keys that could not be read trust nothing, and the refusal says why, rather than
+    /// suggesting the seed was signed by the wrong key.
+    #[test]
+    fn unreadable_keys_refuse_every_seed_saying_why() {
+        let files = signed(&seed("#cloud-config\n"), "U1", 5);
+        let t = Trust::unreadable("cannot read trusted keys /etc/k: Permission denied".into());
+        let e = t.verify(&files, "channel:web1", None, None).unwrap_err();
+        assert!(matches!(e, TrustError::BadSignature { .. }), "{e}");
+        assert!(
+            e.to_string().ends_with(
+                "no key is trusted: cannot read trusted keys /etc/k: Permission denied)"
+            ),
             "{e}"
         );
     }

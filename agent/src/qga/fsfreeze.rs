@@ -10,7 +10,9 @@ use nixseed_core::qga::sysparse::{Mount, mountinfo};
 use nixseed_core::qga::{Args, QgaError};
 use serde_json::Value;
 
+use super::registry::BoxFuture;
 use super::{Agent, CmdResult, errno_text};
+use crate::identity_lock::IdentityLock;
 
 /// The three ioctls, each wrapped once; the only unsafe code in the agent.
 #[allow(unsafe_code)]
@@ -166,9 +168,10 @@ fn run_hook(agent: &Agent, arg: &str) -> Result<(), QgaError> {
 
 /// Whether this process holds filesystems frozen. Whatever could write to them waits
 /// for the thaw, and in a single-threaded agent that wait would keep the thaw itself from
-/// being answered: the control channel refuses pushes meanwhile, and logging is off (a
-/// journald stalled on a frozen `/var` would block the agent's next log line), as
-/// qemu-ga turns its log off.
+/// being answered: logging is off (a journald stalled on a frozen `/var` would block the
+/// agent's next log line), as qemu-ga turns its log off. The control channel refuses
+/// pushes meanwhile: run by `nixseed-agent request`, a push would not block this
+/// process, but it would stall until the thaw and its host with it.
 static FROZEN: AtomicBool = AtomicBool::new(false);
 /// Log events dropped while frozen, counted for the thaw's log line.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
@@ -235,15 +238,45 @@ pub fn status(agent: &mut Agent, args: Args) -> CmdResult {
     })))
 }
 
-pub fn freeze(agent: &mut Agent, args: Args) -> CmdResult {
-    args.finish()?;
-    do_freeze(agent, None)
+pub fn freeze(agent: &mut Agent, args: Args) -> BoxFuture<'_> {
+    Box::pin(async move {
+        args.finish()?;
+        after_identity_change().await?;
+        do_freeze(agent, None)
+    })
 }
 
-pub fn freeze_list(agent: &mut Agent, mut args: Args) -> CmdResult {
-    let list = args.opt_str_list("mountpoints")?;
-    args.finish()?;
-    do_freeze(agent, list)
+pub fn freeze_list(agent: &mut Agent, mut args: Args) -> BoxFuture<'_> {
+    Box::pin(async move {
+        let list = args.opt_str_list("mountpoints")?;
+        args.finish()?;
+        after_identity_change().await?;
+        do_freeze(agent, list)
+    })
+}
+
+/// How long a freeze waits for a change of the identity in progress.
+const IDENTITY_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A push or rollback changing the identity (in `nixseed-agent request`, while this
+/// process goes on answering) is let finish first: frozen in its middle, the snapshot
+/// would hold half of it and the push would stall until the thaw. Nothing else is
+/// answered between the wait's end and the freeze, so no new push starts in between,
+/// and once frozen, pushes are refused. A lock that cannot be opened holds nothing up.
+async fn after_identity_change() -> Result<(), QgaError> {
+    let began = std::time::Instant::now();
+    loop {
+        match IdentityLock::try_take(Path::new("/run")) {
+            Ok(Some(_)) | Err(_) => return Ok(()),
+            Ok(None) if began.elapsed() >= IDENTITY_CHANGE_WAIT => {
+                return Err(QgaError::generic(format!(
+                    "not frozen: a control-channel push or rollback has been changing the identity for {} s; try again when it is done",
+                    IDENTITY_CHANGE_WAIT.as_secs()
+                )));
+            }
+            Ok(None) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
 }
 
 fn do_freeze(agent: &mut Agent, only: Option<Vec<String>>) -> CmdResult {

@@ -102,6 +102,12 @@ fn set_on_read_only_etc(agent: &Agent, username: &str, raw: &[u8], crypted: bool
             failed()
         })?
     };
+    // qemu-ga's words, and why: the host can try again.
+    let _one = crate::identity_lock::for_guest_agent_command().map_err(|e| {
+        QgaError::generic(format!(
+            "child process has failed to set user password: {e}"
+        ))
+    })?;
     crate::accounts::set_agent_password(&agent.config.identity_dir, username, &hash).map_err(
         |e| {
             tracing::warn!("guest-set-user-password for {username} on a read-only /etc: {e:#}");

@@ -55,10 +55,10 @@ const REGISTRY: &[(&str, Handler)] = &[
     ("guest-get-fsinfo", Handler::Sync(fs::get_fsinfo)),
     ("guest-get-disks", Handler::Sync(fs::get_disks)),
     ("guest-fsfreeze-status", Handler::Sync(fsfreeze::status)),
-    ("guest-fsfreeze-freeze", Handler::Sync(fsfreeze::freeze)),
+    ("guest-fsfreeze-freeze", Handler::Async(fsfreeze::freeze)),
     (
         "guest-fsfreeze-freeze-list",
-        Handler::Sync(fsfreeze::freeze_list),
+        Handler::Async(fsfreeze::freeze_list),
     ),
     ("guest-fsfreeze-thaw", Handler::Sync(fsfreeze::thaw)),
     ("guest-fstrim", Handler::Sync(fs::fstrim)),

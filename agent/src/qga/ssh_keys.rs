@@ -118,6 +118,8 @@ fn save_keys(agent: &Agent, path: &Path, keys: &[String]) -> Result<(), QgaError
     }
     // In a store, never the plain file: that would write through the flat link into the
     // current generation, or make `current` a directory when the link dangles.
+    let _one = crate::identity_lock::for_guest_agent_command()
+        .map_err(|e| QgaError::generic(format!("failed to update '{}': {e}", path.display())))?;
     let store = crate::store::Store::open(dir, false).map_err(fail)?;
     let generation = store.current().map_err(fail)?.ok_or_else(|| {
         fail(anyhow::anyhow!(

@@ -1,0 +1,69 @@
+//! One change of the identity at a time, across processes: a control-channel push or
+//! rollback (`nixseed-agent request`, or `nixseed-agent channel`) and the guest agent's
+//! commands that write the identity store or bind `/etc/shadow` read what is current and
+//! write the next generation from it, and two at once would lose one of them. The guest
+//! agent's freeze waits for a change in progress, so that a backup does not hold half of
+//! one. The lock is `flock` on `RUN/nixseed/identity.lock`, let go when its holder ends.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use rustix::fs::{FlockOperation, flock};
+
+/// A held lock; dropping it lets go.
+pub struct IdentityLock {
+    _held: File,
+}
+
+fn path(run: &Path) -> PathBuf {
+    run.join("nixseed/identity.lock")
+}
+
+fn open(run: &Path) -> Result<File> {
+    let p = path(run);
+    if let Some(dir) = p.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .with_context(|| format!("cannot open the identity lock {}", p.display()))
+}
+
+impl IdentityLock {
+    /// Waits until no other change of the identity is in progress (a push waits for a
+    /// guest-agent command, which is quick).
+    pub fn take(run: &Path) -> Result<IdentityLock> {
+        let f = open(run)?;
+        flock(&f, FlockOperation::LockExclusive)
+            .with_context(|| format!("cannot lock {}", path(run).display()))?;
+        Ok(IdentityLock { _held: f })
+    }
+
+    /// The lock if no change of the identity is in progress, `None` if one is.
+    pub fn try_take(run: &Path) -> Result<Option<IdentityLock>> {
+        let f = open(run)?;
+        match flock(&f, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(IdentityLock { _held: f })),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot lock {}", path(run).display())),
+        }
+    }
+}
+
+/// The guest agent's side: the lock, or the error a command that would change the
+/// identity answers with while a push or rollback is changing it (the guest agent must
+/// not wait: the change may itself wait for the guest agent's thaw).
+pub fn for_guest_agent_command() -> std::result::Result<IdentityLock, String> {
+    match IdentityLock::try_take(Path::new("/run")) {
+        Ok(Some(lock)) => Ok(lock),
+        Ok(None) => Err(
+            "the identity is being changed by a control-channel push or rollback; try again when it is done"
+                .to_owned(),
+        ),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
