@@ -786,15 +786,7 @@ fn pings(qga: &Path) -> bool {
 #[test]
 fn serve_becomes_the_guest_agent_program_and_a_request_runs_beside_it() {
     let dir = scratch();
-    render_identity(dir.path());
-    let ch = dir.path().join("channel.sock");
-    let (child, qga, _) = serve_in(dir.path(), &["--channel-method", "unix-listen"], &ch);
-    let srv = Server { child, sock: ch };
-    assert!(
-        ts::wait_for(Duration::from_secs(20), || ts::listening(&qga)
-            && ts::listening(&srv.sock)),
-        "the agent never listened on both sockets"
-    );
+    let (srv, qga) = serve_rendered(dir.path());
     let exe = std::fs::read_link(format!("/proc/{}/exe", srv.agent_pid())).unwrap();
     assert_eq!(
         exe.file_name().and_then(|n| n.to_str()),
@@ -856,6 +848,22 @@ fn a_guest_agent_without_its_helper_says_so_and_keeps_serving() {
     }
 }
 
+/// `nixseed-agent serve` ([`serve_in`]) of the scratch guest `dir`'s seed, rendered into
+/// its identity directory, with the control channel on `dir/channel.sock`; returns it
+/// once both sockets listen, and the guest agent's socket.
+fn serve_rendered(dir: &Path) -> (Server, PathBuf) {
+    render_identity(dir);
+    let ch = dir.join("channel.sock");
+    let (child, qga, _) = serve_in(dir, &["--channel-method", "unix-listen"], &ch);
+    let srv = Server { child, sock: ch };
+    assert!(
+        ts::wait_for(Duration::from_secs(20), || ts::listening(&qga)
+            && ts::listening(&srv.sock)),
+        "the agent never listened on both sockets"
+    );
+    (srv, qga)
+}
+
 /// The scratch guest's seed rendered into `dir/identity`, the identity directory
 /// [`serve_in`] serves.
 fn render_identity(dir: &Path) {
@@ -888,14 +896,7 @@ fn qga_call(q: &mut UnixStream, request: &str) -> String {
 #[test]
 fn guest_agent_commands_meet_a_change_of_the_identity_in_progress() {
     let dir = scratch();
-    render_identity(dir.path());
-    let ch = dir.path().join("channel.sock");
-    let (child, qga, _) = serve_in(dir.path(), &["--channel-method", "unix-listen"], &ch);
-    let _srv = Server { child, sock: ch };
-    assert!(
-        ts::wait_for(Duration::from_secs(20), || ts::listening(&qga)),
-        "the agent never listened"
-    );
+    let (_srv, qga) = serve_rendered(dir.path());
     std::fs::create_dir_all("/run/nixseed").unwrap();
     let mut holder = Command::new("flock")
         .args([
