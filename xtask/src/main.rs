@@ -14,7 +14,7 @@ const USAGE: &str = "usage: cargo xtask <deps|demo|test|bench|dist|man|fuzz> [ar
                 fmt + clippy + unit/integration tests + fuzz smoke + real-VM scenarios,
                 then the demo (when no SCENARIO is named)
   bench         benchmarks against cloud-init and qemu-ga; markdown tables
-  dist          build the static, stripped nixseed-agent and print its size
+  dist          build the static, stripped nixseed-agent (and nixseed-guest-agent) and print their sizes
   man           write seedctl's man pages and shell completions to target/assets
   fuzz [--minutes N] [TARGET...]
                 run the cargo-fuzz targets (default: every target, 20 s each)";
@@ -305,6 +305,16 @@ fn dist() -> Result<PathBuf> {
         bin.display(),
         size as f64 / 1048576.0
     );
+    // Built beside it: the program the resident guest agent runs.
+    let guest_agent = bin.with_file_name("nixseed-guest-agent");
+    if let Ok(m) = std::fs::metadata(&guest_agent) {
+        println!(
+            "{}: {} bytes ({:.2} MiB, what `nixseed-agent serve` becomes)",
+            guest_agent.display(),
+            m.len(),
+            m.len() as f64 / 1048576.0
+        );
+    }
     Ok(bin)
 }
 
