@@ -101,9 +101,6 @@ fn agent_passwords(sysroot: &Path) -> Result<AgentPasswords> {
     )
 }
 
-/// One bind of `/etc/shadow` at a time: a push and a guest-agent command may come at once.
-static BINDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// Whether `/etc` shows generation `gen_dir`'s password settings (stage 2's check):
 /// `/etc/shadow` is bound when they change the image's file, and only then, and what is
 /// bound there is the image's file (its copy in `<nixseed_run>/shadow.base`) with them,
@@ -150,13 +147,12 @@ pub enum SetPasswordError {
 
 /// `guest-set-user-password` on a read-only `/etc`: records `user`'s hash on `/var` for
 /// the current instance (written whole and synced before it counts) and binds
-/// `/etc/shadow` again with it.
+/// `/etc/shadow` again with it. The caller holds the identity lock (a push binds too).
 pub fn set_agent_password(
     identity_dir: &Path,
     user: &str,
     hash: &str,
 ) -> Result<(), SetPasswordError> {
-    let _one = BINDING.lock().unwrap_or_else(|e| e.into_inner());
     let sysroot = Path::new("/");
     let gen_dir = identity_dir.join("current");
     let nixseed_run = Path::new("/run/nixseed");
@@ -186,8 +182,7 @@ pub fn set_agent_password(
     let before = std::fs::read(&path).ok();
     let bytes = serde_json::to_vec_pretty(&record).context("cannot encode the passwords")?;
     write_durably(&path, &bytes)?;
-    let bound =
-        mounts::mount_points().and_then(|m| bind_locked(&gen_dir, sysroot, nixseed_run, &m));
+    let bound = mounts::mount_points().and_then(|m| bind(&gen_dir, sysroot, nixseed_run, &m));
     if let Err(e) = bound {
         // A command that failed leaves no password behind for the next boot.
         let undone = match before {
@@ -227,13 +222,6 @@ fn unbind_shadow(target: &Path, composed: &Path, is_bound: bool) -> Result<()> {
     remove_if_present(composed)
 }
 
-/// Applies generation `gen_dir`'s settings; a generation without them takes away what an
-/// earlier one applied. Accounts the image lacks are named in a warning.
-pub fn bind(gen_dir: &Path, sysroot: &Path, nixseed_run: &Path, mounted: &[PathBuf]) -> Result<()> {
-    let _one = BINDING.lock().unwrap_or_else(|e| e.into_inner());
-    bind_locked(gen_dir, sysroot, nixseed_run, mounted)
-}
-
 /// A boot with no generation (a machine that never had a seed): `/etc/shadow` shows the
 /// passwords set through the guest agent while it had none, as a generation's bind would
 /// show them over its own settings. Nothing is bound when there are none.
@@ -256,12 +244,11 @@ pub fn bind_without_generation(gen_dir: &Path, opts: &crate::stage::StageOptions
     )
 }
 
-fn bind_locked(
-    gen_dir: &Path,
-    sysroot: &Path,
-    nixseed_run: &Path,
-    mounted: &[PathBuf],
-) -> Result<()> {
+/// Applies generation `gen_dir`'s settings; a generation without them takes away what an
+/// earlier one applied. Accounts the image lacks are named in a warning. A running
+/// system's binds (a push, a guest-agent command) are made under the identity lock
+/// (`identity_lock`), one at a time.
+pub fn bind(gen_dir: &Path, sysroot: &Path, nixseed_run: &Path, mounted: &[PathBuf]) -> Result<()> {
     let settings = Settings::load(gen_dir, sysroot)?;
     sshd_dropin(nixseed_run, settings.accounts.ssh_pwauth)?;
     sudo_rules(

@@ -170,22 +170,14 @@ fn run(command: Command) -> Result<()> {
                 },
                 firewall: a.firewall,
             };
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the runtime")?
-                .block_on(channel::answer_stdin(&ctx))?;
+            serve::runtime()?.block_on(channel::answer_stdin(&ctx))?;
         }
         Command::Channel(a) => {
             let ctx = channel::ChannelContext {
                 opts: a.stage.options()?,
                 firewall: a.stage.firewall,
             };
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the runtime")?
-                .block_on(channel::run(a.method, &a.path, ctx))?;
+            serve::runtime()?.block_on(channel::run(a.method, &a.path, ctx))?;
         }
         Command::Status(a) => {
             let store = store::Store::open(&a.identity_dir, false)?;

@@ -272,14 +272,19 @@ pub fn exec_guest_agent() {
     );
 }
 
+/// The single-threaded runtime each of the agent's async commands runs on.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
 pub fn main(args: ServeArgs) -> Result<()> {
     let (transport, config) = settings(&args)?;
     let channel = channel_service(&args, &config)?;
     let mut agent = Agent::new(config)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
+    let rt = runtime()?;
     let result = rt.block_on(run(&mut agent, transport, channel));
     // A write the kernel is still working on (memory going off line) must not hold up a
     // stop: its worker thread is left behind.
