@@ -144,7 +144,7 @@ pub fn channel(h: &Harness) -> Result<()> {
         line.contains("nixseed initrd: Same -> "),
         "the same identity pushed again was not decided `Same` in the initrd: {line}"
     );
-    b.poweroff()?;
+    b.discard()?;
     eprintln!(
         "vm-tests: {}: hello to identity: {ms1:.0} ms (first boot), {ms2:.0} ms (same identity)",
         m.name

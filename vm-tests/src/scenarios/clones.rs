@@ -58,7 +58,7 @@ fn observe(h: &Harness, m: &Machine) -> Result<Seen> {
         m.name,
         m.name
     );
-    b.poweroff()?;
+    b.discard()?;
     Ok(Seen {
         machine_id,
         host_key,

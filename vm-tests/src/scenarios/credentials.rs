@@ -59,5 +59,5 @@ pub fn credentials(h: &Harness) -> Result<()> {
         "vm-tests: {}: hostname from fw_cfg, machine-id and root key from SMBIOS",
         m.name
     );
-    b.poweroff()
+    b.discard()
 }

@@ -132,7 +132,7 @@ fn passwords_as_cloud_init(h: &Harness, ci: &Harness) -> Result<()> {
         let sudo = b.ssh.run(
             "for u in man lp news; do sudo -l -U $u; done 2>&1 | grep -v '^sudo: unable to resolve host'",
         )?;
-        b.poweroff()?;
+        b.discard()?;
         seen.push((
             name,
             format!("{shadow}{file}{sudo}"),
@@ -256,5 +256,5 @@ fn seedctl_seed(ci: &Harness) -> Result<()> {
         iid.trim(),
         seen
     );
-    b.poweroff()
+    b.discard()
 }

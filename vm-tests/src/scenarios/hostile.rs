@@ -262,7 +262,7 @@ fn full_var(h: &Harness, m: &Machine, b: Booted, hostname: &str, generation: &st
         generation.trim()
     );
     let _ = std::fs::remove_file(&iso);
-    b.poweroff()
+    b.discard()
 }
 
 /// One line that says ENOSPC and names a path below `/var/identity/` (the file, or the

@@ -203,5 +203,5 @@ pub fn reboot(h: &Harness) -> Result<()> {
         id.trim() == m.machine_id()?,
         "machine-id changed across reboot"
     );
-    b.poweroff()
+    b.discard()
 }

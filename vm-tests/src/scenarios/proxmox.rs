@@ -213,7 +213,7 @@ fn boot_and_check(
     );
     check_password(&b, ssh_pwauth)?;
     if extra_mac.is_none() {
-        return b.poweroff();
+        return b.discard();
     }
     password_through_the_agent(h, m, b, seed)
 }
@@ -288,7 +288,7 @@ fn password_through_the_agent(
         b.ssh
             .run("grep ^root: /etc/shadow; journalctl -b -o cat --no-pager | grep -i shadow")?
     );
-    b.poweroff()
+    b.discard()
 }
 
 /// Proxmox's password works on the read-only root: PAM's own checker (`unix_chkpwd`,
@@ -558,5 +558,5 @@ fn nova_configdrive(h: &Harness, admin: &str) -> Result<()> {
         "vendor_data.json's manage_etc_hosts and fqdn: /etc/hosts does not name {NOVA_FQDN}:\n{hosts}"
     );
     check_ssh_pwauth(&b, true)?;
-    b.poweroff()
+    b.discard()
 }

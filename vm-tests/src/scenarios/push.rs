@@ -989,7 +989,7 @@ pub fn push_first(h: &Harness) -> Result<()> {
         late == "0",
         "the reboot after the first push set machine-id late"
     );
-    b.poweroff()
+    b.discard()
 }
 
 #[cfg(test)]

@@ -118,7 +118,7 @@ pub fn upgrade(h: &Harness) -> Result<()> {
         root_is_read_only(&b.ssh)?,
         "/ is not read-only on the new base"
     );
-    b.poweroff()?;
+    b.discard()?;
     let _ = fs::remove_file(&next);
     Ok(())
 }
