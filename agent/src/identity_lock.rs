@@ -1,9 +1,11 @@
-//! One change of the identity at a time, across processes: a control-channel push or
+//! One change of the identity at a time, across processes. A control-channel push or
 //! rollback (`nixseed-agent request`, or `nixseed-agent channel`) and the guest agent's
 //! commands that write the identity store or bind `/etc/shadow` read what is current and
-//! write the next generation from it, and two at once would lose one of them. The guest
-//! agent's freeze waits for a change in progress, so that a backup does not hold half of
-//! one. The lock is `flock` on `RUN/nixseed/identity.lock`, let go when its holder ends.
+//! write the next generation from it: two at once would lose one of them. Stage 2
+//! (`nixseed-agent apply`) may write a generation and binds the current one: run again
+//! during a push, it could bind what the push is replacing. The guest agent's freeze
+//! waits for a change in progress, so that a backup does not hold half of one. The lock
+//! is `flock` on `RUN/nixseed/identity.lock`, let go when its holder ends.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -43,6 +45,18 @@ impl IdentityLock {
         Ok(IdentityLock { _held: f })
     }
 
+    /// [`IdentityLock::take`], logging that it waits when another change holds the lock.
+    pub fn take_saying_so(run: &Path) -> Result<IdentityLock> {
+        if let Some(lock) = IdentityLock::try_take(run)? {
+            return Ok(lock);
+        }
+        tracing::info!(
+            "waiting for the change of the identity in progress (it holds {})",
+            path(run).display()
+        );
+        IdentityLock::take(run)
+    }
+
     /// The lock if no change of the identity is in progress, `None` if one is.
     pub fn try_take(run: &Path) -> Result<Option<IdentityLock>> {
         let f = open(run)?;
@@ -61,7 +75,7 @@ pub fn for_guest_agent_command() -> std::result::Result<IdentityLock, String> {
     match IdentityLock::try_take(Path::new("/run")) {
         Ok(Some(lock)) => Ok(lock),
         Ok(None) => Err(
-            "the identity is being changed by a control-channel push or rollback; try again when it is done"
+            "the identity is being changed (a control-channel push or rollback, or nixseed-apply); try again when it is done"
                 .to_owned(),
         ),
         Err(e) => Err(format!("{e:#}")),

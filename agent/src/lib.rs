@@ -130,7 +130,13 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Apply(a) => {
             let opts = a.options()?;
-            let o = stage::run_apply(&opts)?;
+            // At boot nothing else holds the lock (the guest agent starts after this
+            // unit); a restart of the unit while a push is applied waits for the push,
+            // which binds what it wrote.
+            let o = {
+                let _one = identity_lock::IdentityLock::take_saying_so(&opts.run)?;
+                stage::run_apply(&opts)?
+            };
             tracing::info!("{}", stage::summary("apply", &o));
             let dir = opts.sysroot.join(opts.identity_dir.trim_start_matches('/'));
             if a.firewall {

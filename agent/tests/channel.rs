@@ -918,7 +918,9 @@ fn guest_agent_commands_meet_a_change_of_the_identity_in_progress() {
         r#"{"execute":"guest-ssh-add-authorized-keys","arguments":{"username":"root","keys":["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ0m1dJkZGt8bWWX2I3YyVnYQ5A0LrS0cm4d8cnYbAQN lock-test"]},"id":1}"#,
     );
     assert!(
-        added.contains("the identity is being changed by a control-channel push or rollback"),
+        added.contains(
+            "the identity is being changed (a control-channel push or rollback, or nixseed-apply)"
+        ),
         "{added}"
     );
     let frozen = qga_call(

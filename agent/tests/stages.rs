@@ -975,6 +975,42 @@ fn a_stage_two_rerun_keeps_the_boots_machine_id() {
     );
 }
 
+/// Stage 2 restarted while a push holds the identity lock (held here by `flock`, as a
+/// push's `nixseed-agent request` holds it) waits for the push and says so, then binds
+/// the generation that is current once the lock is let go.
+#[test]
+fn a_stage_two_rerun_waits_for_a_change_of_the_identity_in_progress() {
+    let vm = Vm::new();
+    let (out, stdout) = vm.run(&format!(
+        "{AGENT} initrd --sysroot sysroot --root host --run run 2>/dev/null || exit 9
+         mkdir -p run/nixseed
+         flock -x run/nixseed/identity.lock -c 'echo held > held; sleep 2' &
+         while [ ! -e held ]; do sleep 0.05; done
+         start=$(date +%s%N)
+         {AGENT} apply --sysroot sysroot --root host --run run; echo \"rc=$?\"
+         echo \"waited=$(( ($(date +%s%N) - start) / 1000000 ))\"
+         wait
+         echo \"== hostname\"; cat sysroot/etc/hostname"
+    ));
+    let log = stderr(&out);
+    assert!(stdout.contains("rc=0"), "{stdout}\n{log}");
+    let waited: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("waited="))
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_default();
+    assert!(
+        waited >= 1500,
+        "stage 2 did not wait for the lock ({waited} ms)\n{log}"
+    );
+    assert!(
+        log.contains("waiting for the change of the identity in progress")
+            && log.contains("nixseed/identity.lock"),
+        "{log}"
+    );
+    assert_eq!(etc(&stdout, "hostname"), "web1\n");
+}
+
 /// Writes the image's `/var/lib/cloud/seed/nocloud` with `meta` and `user`.
 fn seed_directory(vm: &Vm, meta: &str, user: &str) {
     let dir = vm.p("sysroot/var/lib/cloud/seed/nocloud");
