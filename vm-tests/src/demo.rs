@@ -179,7 +179,8 @@ pub fn run() -> Result<()> {
     )?;
     println!("   $ seedctl push {}", m.name);
     show(&out);
-    let live = b.ssh.run("hostname")?;
+    // A new connection: sshd still takes the operator's key and presents the pinned one.
+    let live = b.ssh.login("hostname")?;
     println!(
         "   $ hostname (over ssh, same pinned key) -> {}",
         live.trim()

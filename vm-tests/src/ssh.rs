@@ -121,10 +121,48 @@ pub fn keyscan(port: u16) -> Option<String> {
 }
 
 /// A pinned ssh session to one VM.
+///
+/// A session made by [`Ssh::pinned`] runs its commands over one connection of its own
+/// (OpenSSH's `ControlMaster`, made by the first command and kept while the session
+/// lives): under TCG a new connection costs about 2 s of the guest's CPU (key exchange,
+/// sshd's re-exec, a PAM session through logind), a command over the kept one about
+/// 0.2 s. A check whose subject is the login itself (a key revoked or added, sshd
+/// restarted) uses [`Ssh::login`] or a session of [`Ssh::fresh_only`], which connect
+/// anew every time. A new session's first command is a login too (host key checked
+/// against the pin, key authenticated), unless the kept connection was idle for a
+/// minute, when any command may be one.
 pub struct Ssh {
     pub port: u16,
     pub key: ClientKey,
     pub known_hosts: PathBuf,
+    /// The kept connection's control socket; `None`: a new connection per command.
+    control: Option<PathBuf>,
+}
+
+/// A control socket path no other session uses: a session never rides on a connection
+/// another one (with another key, say) authenticated. The sockets sit in a directory of
+/// this process's own, mode 0700 (left behind, empty, when it ends). `None` if none can
+/// be made: the session then connects anew for every command.
+fn control_path() -> Option<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Short: a unix socket path has about 100 bytes, and ssh adds a suffix while it binds.
+    let dir = DIR.get_or_init(|| {
+        // One this process made, so it is its own and private, whatever was in /tmp.
+        (0..100).find_map(|k| {
+            let dir = std::env::temp_dir().join(format!("nixseed-ssh-{}-{k}", std::process::id()));
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .ok()
+                .map(|()| dir)
+        })
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    dir.as_ref().map(|d| d.join(n.to_string()))
 }
 
 impl Ssh {
@@ -139,35 +177,69 @@ impl Ssh {
             port,
             key,
             known_hosts,
+            control: control_path(),
         })
     }
 
+    /// A session that connects anew for every command: for a key whose login is what
+    /// is checked (it must log in, or be turned away, each time it is tried).
+    pub fn fresh_only(port: u16, key: ClientKey, known_hosts: PathBuf) -> Ssh {
+        Ssh {
+            port,
+            key,
+            known_hosts,
+            control: None,
+        }
+    }
+
     fn command(&self, remote: &str) -> Command {
+        self.command_over(remote, self.control.as_deref())
+    }
+
+    fn command_over(&self, remote: &str, control: Option<&Path>) -> Command {
         let mut c = Command::new("ssh");
         c.args(["-p", &self.port.to_string(), "-i"])
             .arg(&self.key.private)
             .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
-            .args([
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                "GlobalKnownHostsFile=/dev/null",
-                "-o",
-                "HostKeyAlgorithms=ssh-ed25519",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "ConnectTimeout=20",
-                "-o",
-                "LogLevel=ERROR",
-                "root@127.0.0.1",
-                "--",
-                remote,
-            ])
-            .stdin(Stdio::null());
+            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()));
+        match control {
+            // The first command makes the connection and leaves it in the background
+            // (its stdio closed); it ends when idle for a minute, with the VM, or at drop.
+            // If it is gone, ssh connects anew.
+            Some(path) => c
+                .arg("-o")
+                .arg(format!("ControlPath={}", path.display()))
+                .args(["-o", "ControlMaster=auto", "-o", "ControlPersist=60"])
+                // A guest that stops answering fails the command within a minute, as a
+                // new connection's ConnectTimeout would.
+                .args([
+                    "-o",
+                    "ServerAliveInterval=15",
+                    "-o",
+                    "ServerAliveCountMax=4",
+                ]),
+            None => c.args(["-o", "ControlPath=none", "-o", "ControlMaster=no"]),
+        };
+        c.args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "HostKeyAlgorithms=ssh-ed25519",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ConnectTimeout=20",
+            "-o",
+            "LogLevel=ERROR",
+            "root@127.0.0.1",
+            "--",
+            remote,
+        ])
+        .stdin(Stdio::null());
         c
     }
 
@@ -178,19 +250,54 @@ impl Ssh {
             .with_context(|| format!("running ssh for `{remote}`"))
     }
 
+    /// Runs `remote` over a new connection, so that the login itself is what is tried
+    /// (the key still authorized, sshd still accepting), and returns its output whatever
+    /// the exit status.
+    pub fn login_output(&self, remote: &str) -> Result<Output> {
+        self.command_over(remote, None)
+            .output()
+            .with_context(|| format!("running ssh for `{remote}`"))
+    }
+
+    /// [`Ssh::login_output`] that fails unless `remote` exits 0. Returns stdout.
+    pub fn login(&self, remote: &str) -> Result<String> {
+        let out = self.login_output(remote)?;
+        checked(self.port, remote, out)
+    }
+
     /// Runs `remote`; fails unless it exits 0. Returns stdout.
     pub fn run(&self, remote: &str) -> Result<String> {
         let out = self.output(remote)?;
-        if !out.status.success() {
-            bail!(
-                "`{remote}` in the guest (ssh port {}) failed ({}): {}{}",
-                self.port,
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+        checked(self.port, remote, out)
+    }
+}
+
+/// stdout of `remote` if it exited 0.
+fn checked(port: u16, remote: &str, out: Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "`{remote}` in the guest (ssh port {port}) failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Drop for Ssh {
+    /// Ends the kept connection (a VM already gone has ended it).
+    fn drop(&mut self) {
+        if let Some(path) = self.control.as_deref().filter(|p| p.exists()) {
+            let _ = Command::new("ssh")
+                .arg("-o")
+                .arg(format!("ControlPath={}", path.display()))
+                .args(["-O", "exit", "-p", &self.port.to_string(), "root@127.0.0.1"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 

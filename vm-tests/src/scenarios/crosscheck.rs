@@ -204,6 +204,10 @@ fn seedctl_seed(ci: &Harness) -> Result<()> {
         status.contains("status: done"),
         "cloud-init did not finish cleanly:\n{status}"
     );
+    // And a new login once cloud-init is done with sshd and the accounts.
+    b.ssh
+        .login("true")
+        .context("no login with the harness key once cloud-init was done")?;
     let iid = b.ssh.run("cat /var/lib/cloud/data/instance-id")?;
     ensure!(
         iid.trim() == want_iid,

@@ -272,6 +272,10 @@ fn password_through_the_agent(
         "after guest-set-user-password root does not take the new password alone: {}",
         b.ssh.run("grep ^root: /etc/shadow")?
     );
+    // The new /etc/shadow leaves root's key login as it was (a new connection).
+    b.ssh
+        .login("true")
+        .context("root's key no longer logs in after guest-set-user-password")?;
     let record = b.ssh.run(
         "stat -c '%a' /var/lib/nixseed/passwords.json; grep -c '\\$6\\$' /var/lib/nixseed/passwords.json",
     )?;

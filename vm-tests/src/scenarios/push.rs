@@ -70,11 +70,7 @@ pub fn push(h: &Harness) -> Result<()> {
         "sshd presents {seen} after the push, not the machine's key"
     );
     // The added admin key logs in.
-    let with_second = Ssh {
-        port: b.ssh.port,
-        key: second,
-        known_hosts: b.ssh.known_hosts.clone(),
-    };
+    let with_second = Ssh::fresh_only(b.ssh.port, second, b.ssh.known_hosts.clone());
     let who = with_second.run("id -un")?;
     ensure!(
         who.trim() == "root",
@@ -120,7 +116,7 @@ pub fn push(h: &Harness) -> Result<()> {
         "the admin key taken out of machines/NAME/admin_authorized_keys and pushed",
     )?;
     b.ssh
-        .run("true")
+        .login("true")
         .context("the admin key left in machines/NAME no longer logs in after the revocation")?;
     agent_key_changes(h, &m, &b)?;
     let boot_id2 = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
@@ -385,6 +381,9 @@ fn sshd_exits_after_its_start(h: &Harness, m: &Machine, mut b: Booted) -> Result
         "rm /run/systemd/system/ssh.service.d/80-exits-once.conf && systemctl daemon-reload && \
          systemctl restart ssh.service",
     )?;
+    b.ssh
+        .login("true")
+        .context("no login to sshd restarted as the image ships it")?;
     Ok(b)
 }
 
@@ -561,6 +560,9 @@ fn push_in_shape(h: &Harness, m: &Machine, mut b: Booted, shape: &SshdShape) -> 
             .join(" "))
     };
     b.ssh.run(shape.setup)?;
+    b.ssh
+        .login("true")
+        .with_context(|| format!("no login to sshd run {}", shape.case))?;
     let before = probe(&b)?;
     ensure!(
         before == expected,
@@ -575,6 +577,9 @@ fn push_in_shape(h: &Harness, m: &Machine, mut b: Booted, shape: &SshdShape) -> 
         shape.what
     );
     b.ssh.run(shape.restore)?;
+    b.ssh
+        .login("true")
+        .with_context(|| format!("no login to sshd restored after the push {}", shape.case))?;
     Ok(b)
 }
 
@@ -688,7 +693,7 @@ fn push_rotated_key_expecting(
 
 /// sshd turns `ssh`'s key away (`what` names the key for the error).
 fn refused(ssh: &Ssh, what: &str) -> Result<()> {
-    let out = ssh.output("true")?;
+    let out = ssh.login_output("true")?;
     let said = String::from_utf8_lossy(&out.stderr);
     ensure!(
         !out.status.success() && said.contains("Permission denied"),
@@ -722,11 +727,7 @@ fn agent_key_changes(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
     let agent = |json: String| {
         cmd::run(seedctl_on(h, m, "agent", 60, &b.vm.config.qga_socket())?.args(["cmd", &json]))
     };
-    let with_third = Ssh {
-        port: b.ssh.port,
-        key: third,
-        known_hosts: b.ssh.known_hosts.clone(),
-    };
+    let with_third = Ssh::fresh_only(b.ssh.port, third, b.ssh.known_hosts.clone());
     agent(request("guest-ssh-add-authorized-keys"))?;
     let who = with_third.run("id -un")?;
     ensure!(
