@@ -192,10 +192,6 @@ impl Ssh {
         }
     }
 
-    fn command(&self, remote: &str) -> Command {
-        self.command_over(remote, self.control.as_deref())
-    }
-
     fn command_over(&self, remote: &str, control: Option<&Path>) -> Command {
         let mut c = Command::new("ssh");
         c.args(["-p", &self.port.to_string(), "-i"])
@@ -245,16 +241,18 @@ impl Ssh {
 
     /// Runs `remote` and returns its output whatever the exit status.
     pub fn output(&self, remote: &str) -> Result<Output> {
-        self.command(remote)
-            .output()
-            .with_context(|| format!("running ssh for `{remote}`"))
+        self.output_over(remote, self.control.as_deref())
     }
 
     /// Runs `remote` over a new connection, so that the login itself is what is tried
     /// (the key still authorized, sshd still accepting), and returns its output whatever
     /// the exit status.
     pub fn login_output(&self, remote: &str) -> Result<Output> {
-        self.command_over(remote, None)
+        self.output_over(remote, None)
+    }
+
+    fn output_over(&self, remote: &str, control: Option<&Path>) -> Result<Output> {
+        self.command_over(remote, control)
             .output()
             .with_context(|| format!("running ssh for `{remote}`"))
     }
