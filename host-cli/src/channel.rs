@@ -269,10 +269,11 @@ pub enum Outcome {
 /// How long a running guest has to answer `status` after a hello arrived.
 const HELLO_GRACE: Duration = Duration::from_millis(1500);
 
-/// Whether a reply echoing `got` answers the request `sent`: an agent that does not echo
-/// ids answers with none.
+/// Whether a reply echoing `got` answers the request `sent`. The agent echoes the id of
+/// every request it can read as JSON, so a reply without one answers a frame seedctl did
+/// not send: an error about an earlier client's garbage or half frame, left on the port.
 fn ours(got: Option<u64>, sent: u64) -> bool {
-    got.is_none_or(|g| g == sent)
+    got == Some(sent)
 }
 
 /// Sends `push` or `rollback` once the guest has answered on this connection, and waits

@@ -396,7 +396,7 @@ fn a_push_whose_seed_disk_cannot_be_rewritten_reports_both() {
 /// A fake guest end on the channel socket (no agent): it answers as scripted, so the test
 /// can put what a virtio-serial port may hold for an earlier client in front of replies.
 /// `rollback` must not be written before the guest has answered anything, and a reply
-/// with another request's id must not be taken for the answer.
+/// with another request's id, or with none, must not be taken for the answer.
 #[test]
 fn rollback_waits_for_a_live_guest_and_takes_only_its_own_reply() {
     let s = Scratch::new();
@@ -440,7 +440,11 @@ fn rollback_waits_for_a_live_guest_and_takes_only_its_own_reply() {
             reloaded: Vec::new(),
             failed: Vec::new(),
         };
+        let garbage = Message::Error {
+            message: "stale: the frame is not JSON".into(),
+        };
         conn.write_all(&encode_with_id(&stale, Some(1))).unwrap();
+        conn.write_all(&encode_with_id(&garbage, None)).unwrap();
         let mut d = Decoder::default();
         let mut buf = [0u8; 65536];
         let mut seen = Vec::new();
@@ -468,8 +472,10 @@ fn rollback_waits_for_a_live_guest_and_takes_only_its_own_reply() {
                         failed: Vec::new(),
                     },
                 };
-                // The stale reply again, then ours.
+                // The stale reply again, and the agent's error about an earlier
+                // client's half frame, which carries no id; then ours.
                 conn.write_all(&encode_with_id(&stale, Some(1))).unwrap();
+                conn.write_all(&encode_with_id(&garbage, None)).unwrap();
                 conn.write_all(&encode_with_id(&reply, id)).unwrap();
                 seen.push(m.kind().to_owned());
             }
