@@ -8,6 +8,7 @@
 //! is `flock` on `RUN/nixseed/identity.lock`, let go when its holder ends.
 
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -18,7 +19,8 @@ pub struct IdentityLock {
     _held: File,
 }
 
-fn path(run: &Path) -> PathBuf {
+/// The lock file under the run directory `run` (`/run` in a booted guest).
+pub fn path(run: &Path) -> PathBuf {
     run.join("nixseed/identity.lock")
 }
 
@@ -27,12 +29,18 @@ fn open(run: &Path) -> Result<File> {
     if let Some(dir) = p.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    std::fs::OpenOptions::new()
+    // Root's alone: `flock` needs only an open descriptor, so a lock file others could
+    // open would let any account hold every change of the identity up.
+    let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&p)
-        .with_context(|| format!("cannot open the identity lock {}", p.display()))
+        .with_context(|| format!("cannot open the identity lock {}", p.display()))?;
+    rustix::fs::fchmod(&f, rustix::fs::Mode::from_raw_mode(0o600))
+        .with_context(|| format!("cannot make {} root's alone", p.display()))?;
+    Ok(f)
 }
 
 impl IdentityLock {
@@ -43,18 +51,6 @@ impl IdentityLock {
         flock(&f, FlockOperation::LockExclusive)
             .with_context(|| format!("cannot lock {}", path(run).display()))?;
         Ok(IdentityLock { _held: f })
-    }
-
-    /// [`IdentityLock::take`], logging that it waits when another change holds the lock.
-    pub fn take_saying_so(run: &Path) -> Result<IdentityLock> {
-        if let Some(lock) = IdentityLock::try_take(run)? {
-            return Ok(lock);
-        }
-        tracing::info!(
-            "waiting for the change of the identity in progress (it holds {})",
-            path(run).display()
-        );
-        IdentityLock::take(run)
     }
 
     /// The lock if no change of the identity is in progress, `None` if one is.

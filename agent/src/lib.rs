@@ -130,13 +130,21 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Apply(a) => {
             let opts = a.options()?;
-            // At boot nothing else holds the lock (the guest agent starts after this
-            // unit); a restart of the unit while a push is applied waits for the push,
-            // which binds what it wrote.
-            let o = {
-                let _one = identity_lock::IdentityLock::take_saying_so(&opts.run)?;
-                stage::run_apply(&opts)?
+            // At boot nothing else holds the lock: the guest agent and the channel start
+            // after this unit. A restart of the unit while a push, a rollback or a guest
+            // agent command changes the identity leaves it to that change, which binds
+            // and reloads what it writes. Waiting for it instead would stall it: the
+            // push restarts sshd, and systemd holds sshd's start until this unit's job,
+            // which sshd is ordered after, has ended.
+            let Some(one) = identity_lock::IdentityLock::try_take(&opts.run)? else {
+                tracing::info!(
+                    "a change of the identity is in progress (it holds {}); it binds and reloads what it writes, so this run leaves the identity and /etc to it",
+                    identity_lock::path(&opts.run).display()
+                );
+                return Ok(());
             };
+            let o = stage::run_apply(&opts)?;
+            drop(one);
             tracing::info!("{}", stage::summary("apply", &o));
             let dir = opts.sysroot.join(opts.identity_dir.trim_start_matches('/'));
             if a.firewall {

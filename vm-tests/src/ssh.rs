@@ -149,11 +149,12 @@ fn control_path() -> Option<PathBuf> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    // Short: a unix socket path has about 100 bytes, and ssh adds a suffix while it binds.
+    // Short: a unix socket path has about 100 bytes, and ssh adds a 17-byte suffix while
+    // it binds; so /tmp itself, not a `TMPDIR` that may be long.
     let dir = DIR.get_or_init(|| {
         // One this process made, so it is its own and private, whatever was in /tmp.
         (0..100).find_map(|k| {
-            let dir = std::env::temp_dir().join(format!("nixseed-ssh-{}-{k}", std::process::id()));
+            let dir = Path::new("/tmp").join(format!("nixseed-ssh-{}-{k}", std::process::id()));
             fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&dir)
