@@ -100,7 +100,10 @@
     extraGroups = [ "wheel" ];
   };
 
-  # The store is read-only here: nothing to collect or optimise.
+  # The store is read-only here: nothing to collect or optimise, and no daemon, whose
+  # socket (/nix/var/nix/daemon-socket) would have to be made on the read-only root.
+  # A machine that builds or fetches store paths needs a writable /nix, not this image.
+  nix.enable = lib.mkDefault false;
   nix.gc.automatic = false;
   nix.optimise.automatic = false;
 

@@ -427,10 +427,13 @@ in
             networking.nameservers.
           ''
           ++ lib.optional (!immutableEtc) ''
-            services.nixseed: /etc is not an overlay (system.etc.overlay.enable), so stage-2
-            activation rewrites its placeholders after the initrd stage; use the etc overlay
-            with boot.initrd.systemd.enable for the identity to be in place before systemd
-            reads it.
+            services.nixseed: /etc is not an overlay (system.etc.overlay.enable). NixOS's
+            activation then manages /etc/machine-id, /etc/hostname, /etc/resolv.conf and
+            /etc/hosts as files of its own, while nixseed-agent binds the identity over
+            them: an activation that runs after the binds (switch-to-configuration, or the
+            boot's own where it runs after the initrd stage) meets mount points it cannot
+            replace. Use the etc overlay, immutable, with boot.initrd.systemd.enable, so
+            that /etc is whole before the initrd stage binds the identity over it.
           '';
 
         systemd.packages = [ cfg.package ];
@@ -596,10 +599,16 @@ in
       })
 
       (lib.mkIf cfg.ssh.enable {
+        # nixpkgs generates missing host keys: older releases in sshd's own start (the
+        # sshd units' condition on the identity's key, below, keeps that from writing one
+        # there), later ones in `sshd-keygen.service`, which sshd wants and is ordered
+        # after, and which runs whenever a key file is missing: on a VM without a seed it
+        # would write a key of the image's own into the identity directory, and sshd's
+        # condition would then pass. The unit is masked on every release (where it does
+        # not exist, this defines nothing that runs); the newest releases also have an
+        # option that leaves it out.
+        systemd.services.sshd-keygen.enable = lib.mkForce false;
         services.openssh = lib.mkMerge [
-          # nixpkgs generates missing host keys in sshd's start; since mid-2025 an option
-          # turns that off, and earlier releases have no such option (the sshd units'
-          # condition on the identity's key, below, keeps them from writing one there).
           (lib.optionalAttrs (options.services.openssh ? generateHostKeys) {
             generateHostKeys = false;
           })

@@ -34,7 +34,24 @@ let
   };
 
   # Same quoting as nixpkgs' utils.escapeSystemdExecArgs: each argument JSON-quoted.
-  fakeUtils.escapeSystemdExecArgs = args: lib.concatMapStringsSep " " (a: builtins.toJSON a) args;
+  fakeUtils = {
+    escapeSystemdExecArgs = args: lib.concatMapStringsSep " " (a: builtins.toJSON a) args;
+    # As nixpkgs' utils.fsNeededForBoot: set by hand, or one of the paths activation needs.
+    fsNeededForBoot =
+      fs:
+      fs.neededForBoot
+      || lib.elem fs.mountPoint [
+        "/"
+        "/nix"
+        "/nix/store"
+        "/var"
+        "/var/log"
+        "/var/lib"
+        "/var/lib/nixos"
+        "/etc"
+        "/usr"
+      ];
+  };
 
   # FAKE declarations of the NixOS options involved, with NixOS's defaults.
   fakeNixos =
@@ -44,11 +61,16 @@ let
         assertions = list;
         warnings = list;
         meta.maintainers = list;
+        # As nixpkgs declares it: the mount point defaults to the attribute's name.
         fileSystems = opt (types.attrsOf (
-          types.submodule {
-            freeformType = anything;
-            options.neededForBoot = opt types.bool false;
-          }
+          types.submodule (
+            { name, ... }:
+            {
+              freeformType = anything;
+              options.mountPoint = opt types.str name;
+              options.neededForBoot = opt types.bool false;
+            }
+          )
         )) { };
         environment.etc = opt (types.attrsOf (
           types.submodule (
@@ -279,14 +301,23 @@ in
       environment.etc."machine-id".mode = lib.mkForce "symlink";
     }) ''environment.etc."machine-id" must be a file''
   ))
-  (check "/var must be its own file system mounted in the initrd" (
-    hasFailure (eval {
+  (check "/var must be its own file system, which both initrds mount whatever neededForBoot says" (
+    failed (eval {
       imports = [ base ];
       fileSystems."/var".neededForBoot = lib.mkForce false;
-    }) "neededForBoot = true"
+    }) == [ ]
+    && failed (eval {
+      imports = [ base ];
+      fileSystems = lib.mkForce {
+        state = {
+          mountPoint = "/var";
+          device = "/dev/vdb";
+        };
+      };
+    }) == [ ]
     && hasFailure (eval {
       services.nixseed.enable = true;
-    }) "neededForBoot = true"
+    }) ''declare fileSystems."/var"''
   ))
   (check "cloud-init and qemu-guest-agent are refused" (
     hasFailure (eval {
@@ -339,6 +370,7 @@ in
       }
     ]
     && !good.services.openssh.generateHostKeys
+    && !good.systemd.services.sshd-keygen.enable
     && good.systemd.services.sshd.unitConfig.ConditionPathExists == "/var/identity/ssh_host_ed25519_key"
     && (eval {
       imports = [ base ];
