@@ -122,6 +122,7 @@ pub fn push(h: &Harness) -> Result<()> {
     let boot_id2 = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     ensure!(boot_id == boot_id2, "the guest rebooted during the push");
     control_port_replugged(h, &m, &b)?;
+    let b = apply_restarted_during_a_push(h, &m, b)?;
     let b = sshd_exits_after_its_start(h, &m, b)?;
     let b = push_in_shape(h, &m, b, &PER_CONNECTION)?;
     let b = push_in_shape(h, &m, b, &SOCKET_ONLY)?;
@@ -339,6 +340,98 @@ const IDLE_TICKS: u64 = 30;
 const SSHD_EXITS_ONCE: &str = "[Service]\nType=simple\nExecStart=\n\
 ExecStart=/bin/sh -c 'if [ -e /run/sshd-exited-once ]; then exec /usr/sbin/sshd -D; fi; \
 touch /run/sshd-exited-once; sleep 1; exit 1'\nRestart=on-failure\nRestartSec=2\n";
+
+/// Where the step below holds a push between its bind and its reloads.
+const PUSH_HELD_DROPIN: &str = "/run/systemd/system/nixseed-agent.service.d/90-hold-push.conf";
+
+/// `systemctl restart nixseed-apply` while a push that rotates the host key is between
+/// binding its generation and restarting sshd (held there for 6 s by the test-only delay
+/// point `before-reload`, set for the guest agent's request helpers through a runtime
+/// drop-in). Stage 2 must leave the identity to the push and say so, and the push must
+/// be taken whole: exit 0, sshd reloaded, the pushed key presented. (When stage 2 waited
+/// for the push's lock instead, the push's sshd restart waited for stage 2's job, which
+/// sshd is ordered after, until the push gave up on sshd and exited 4.) The drop-in is
+/// removed and the agent restarted without it; the returned machine's ssh pins the key.
+fn apply_restarted_during_a_push(h: &Harness, m: &Machine, mut b: Booted) -> Result<Booted> {
+    let counts = |b: &Booted| -> Result<(u32, u32)> {
+        let out = b.ssh.run(
+            "for e in 'test delay point reached: before-reload' 'a change of the identity is in progress'; do \
+             journalctl -b --no-pager -o cat -t nixseed-agent | grep -c \"$e\" || true; done",
+        )?;
+        let n: Vec<u32> = out
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        match n[..] {
+            [held, left] => Ok((held, left)),
+            _ => bail!("unexpected count of the agent's journal lines: {out}"),
+        }
+    };
+    b.ssh.run(&format!(
+        "mkdir -p /run/systemd/system/nixseed-agent.service.d && \
+         printf '[Service]\\nEnvironment=NIXSEED_TEST_DELAY=before-reload:6000\\n' > {PUSH_HELD_DROPIN} && \
+         systemctl daemon-reload && systemctl restart nixseed-agent.service"
+    ))?;
+    let (held_before, left_before) = counts(&b)?;
+    rotate_host_key(m)?;
+    let push = seedctl_on(h, m, "push", 60, &b.vm.config.channel_socket())?
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running seedctl push")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let held = loop {
+        if counts(&b)?.0 > held_before {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let restart = if held {
+        Some(b.ssh.run(
+            "s=$(date +%s%N); systemctl restart nixseed-apply.service; echo \"rc=$? $(( ($(date +%s%N) - s) / 1000000 ))\"",
+        ))
+    } else {
+        None
+    };
+    let out = push
+        .wait_with_output()
+        .context("waiting for seedctl push")?;
+    // Restored whatever happened above, so that the later steps meet the agent as shipped.
+    let restored = b.ssh.run(&format!(
+        "rm -f {PUSH_HELD_DROPIN} && systemctl daemon-reload && systemctl restart nixseed-agent.service"
+    ));
+    ensure!(
+        held,
+        "the push did not reach its delay point within 60 s: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restart = restart.unwrap_or_else(|| Ok(String::new()))?;
+    pushed_as_expected(m, "with nixseed-apply restarted during it", true, &out)?;
+    restored.context("removing the drop-in that held the push")?;
+    let (_, left) = counts(&b)?;
+    ensure!(
+        restart.trim().starts_with("rc=0") && left > left_before,
+        "nixseed-apply restarted during the push did not leave the identity to it (`{}`; its journal line counted {left_before} before, {left} after)",
+        restart.trim()
+    );
+    eprintln!(
+        "vm-tests: {}: nixseed-apply restarted during a push left the identity to it ({} ms); the push was taken",
+        m.name,
+        restart.split_whitespace().nth(1).unwrap_or("?")
+    );
+    let rotated = m.host_key_pub()?;
+    ssh::wait_for_host_key(b.ssh.port, Some(&rotated), Duration::from_secs(60), || {
+        Ok(())
+    })
+    .context("sshd does not present the key pushed while nixseed-apply was restarted")?;
+    b.ssh = Ssh::pinned(b.ssh.port, h.key.clone(), &rotated, &m.state)?;
+    Ok(b)
+}
 
 /// A push that rotates the host key while sshd is a service systemd calls started at
 /// fork, and its first start exits before listening: the restart job ends `done`, yet
@@ -656,6 +749,16 @@ fn push_rotated_key_expecting(
     case: &str,
     taken: bool,
 ) -> Result<String> {
+    rotate_host_key(m)?;
+    let out = seedctl_on(h, m, "push", 60, &b.vm.config.channel_socket())?
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running seedctl push")?;
+    pushed_as_expected(m, case, taken, &out)
+}
+
+/// A new host key in machines/NAME.
+fn rotate_host_key(m: &Machine) -> Result<()> {
     let fresh = m.state.join("rotated_host_key");
     let _ = fs::remove_file(&fresh);
     let _ = fs::remove_file(fresh.with_extension("pub"));
@@ -670,10 +773,17 @@ fn push_rotated_key_expecting(
         m.dir.join("ssh_host_ed25519_key.pub"),
     )
     .context("rotating the host key")?;
-    let out = seedctl_on(h, m, "push", 60, &b.vm.config.channel_socket())?
-        .stdin(std::process::Stdio::null())
-        .output()
-        .context("running seedctl push")?;
+    Ok(())
+}
+
+/// What a push of a rotated key printed and exited with: 0 with sshd reloaded when
+/// `taken`, 4 without sshd reloaded otherwise. Returns what it printed.
+fn pushed_as_expected(
+    m: &Machine,
+    case: &str,
+    taken: bool,
+    out: &std::process::Output,
+) -> Result<String> {
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("vm-tests: {}: seedctl push {case}: {}", m.name, said.trim());
     let code = if taken { 0 } else { 4 };
