@@ -53,6 +53,21 @@ impl IdentityLock {
         Ok(IdentityLock { _held: f })
     }
 
+    /// The lock once no change of the identity is in progress, waiting at most `wait`
+    /// for one to end; `None` if it did not.
+    pub fn take_within(run: &Path, wait: std::time::Duration) -> Result<Option<IdentityLock>> {
+        let until = std::time::Instant::now() + wait;
+        loop {
+            if let Some(lock) = IdentityLock::try_take(run)? {
+                return Ok(Some(lock));
+            }
+            if std::time::Instant::now() >= until {
+                return Ok(None);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// The lock if no change of the identity is in progress, `None` if one is.
     pub fn try_take(run: &Path) -> Result<Option<IdentityLock>> {
         let f = open(run)?;

@@ -118,6 +118,9 @@ fn main_of(run: impl FnOnce(Command) -> Result<()>) -> ExitCode {
     }
 }
 
+/// How long a rerun of stage 2 waits for a change of the identity in progress.
+const APPLY_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Initrd(a) => {
@@ -131,15 +134,24 @@ fn run(command: Command) -> Result<()> {
         Command::Apply(a) => {
             let opts = a.options()?;
             // At boot nothing else holds the lock: the guest agent and the channel start
-            // after this unit. A restart of the unit while a push, a rollback or a guest
-            // agent command changes the identity leaves it to that change, which binds
-            // and reloads what it writes. Waiting for it instead would stall it: the
-            // push restarts sshd, and systemd holds sshd's start until this unit's job,
-            // which sshd is ordered after, has ended.
-            let Some(one) = identity_lock::IdentityLock::try_take(&opts.run)? else {
-                tracing::info!(
-                    "a change of the identity is in progress (it holds {}); it binds and reloads what it writes, so this run leaves the identity and /etc to it",
-                    identity_lock::path(&opts.run).display()
+            // after this unit. A restart of the unit while the identity is being changed
+            // waits a little (a guest-agent command is done in well under a second), then
+            // leaves the identity to a push or rollback, which binds and reloads what it
+            // writes. Waiting for that to end would stall it: the push restarts sshd, and
+            // systemd holds sshd's start until this unit's job, which sshd is ordered
+            // after, has ended.
+            let Some(one) = identity_lock::IdentityLock::take_within(&opts.run, APPLY_LOCK_WAIT)?
+            else {
+                tracing::warn!(
+                    "the identity has been changing for {} s (a push or rollback holds {}), and it binds and reloads what it writes: this run did nothing (no bind{}{}); run it again once the change is done",
+                    APPLY_LOCK_WAIT.as_secs(),
+                    identity_lock::path(&opts.run).display(),
+                    if a.firewall { ", no firewall load" } else { "" },
+                    if a.run_commands {
+                        ", no bootcmd or runcmd"
+                    } else {
+                        ""
+                    },
                 );
                 return Ok(());
             };

@@ -975,55 +975,59 @@ fn a_stage_two_rerun_keeps_the_boots_machine_id() {
     );
 }
 
-/// Stage 2 restarted while a push holds the identity lock (held here by `flock`, as a
-/// push's `nixseed-agent request` holds it) leaves the identity to the push, which binds
-/// what it writes, at once and saying so: a push restarts sshd, whose start systemd holds
-/// until this unit's job has ended, so a stage 2 that waited for the push would stall it.
-/// Once the lock is let go, stage 2 does its work again, and the lock file is root's
+/// Stage 2 restarted while the identity lock is held (here by `flock`, as a push's
+/// `nixseed-agent request` or a guest-agent command holds it). Held briefly, as by a
+/// guest-agent command, stage 2 waits and then does its work. Held longer, as by a push,
+/// it gives up after 2 s and leaves the identity to the push, which binds what it writes,
+/// saying so: a push restarts sshd, whose start systemd holds until this unit's job has
+/// ended, so a stage 2 that waited for the push would stall it. The lock file is root's
 /// alone, whatever mode it was left with.
 #[test]
-fn a_stage_two_rerun_leaves_the_identity_to_a_change_in_progress() {
+fn a_stage_two_rerun_waits_briefly_then_leaves_the_identity_to_a_change_in_progress() {
     let vm = Vm::new();
     let (out, stdout) = vm.run(&format!(
         "{AGENT} initrd --sysroot sysroot --root host --run run 2>/dev/null || exit 9
          mkdir -p run/nixseed
          touch run/nixseed/identity.lock && chmod 0644 run/nixseed/identity.lock
-         flock -x run/nixseed/identity.lock -c 'echo held > held; sleep 3' &
-         while [ ! -e held ]; do sleep 0.05; done
-         start=$(date +%s%N)
-         {AGENT} apply --sysroot sysroot --root host --run run 2> during.log; echo \"during=$?\"
-         echo \"took=$(( ($(date +%s%N) - start) / 1000000 ))\"
-         wait
-         {AGENT} apply --sysroot sysroot --root host --run run 2> after.log; echo \"after=$?\"
+         hold() {{ rm -f held; flock -x run/nixseed/identity.lock -c \"echo > held; sleep $1\" & \
+                   while [ ! -e held ]; do sleep 0.05; done; }}
+         timed() {{ start=$(date +%s%N); \
+                    {AGENT} apply --sysroot sysroot --root host --run run ${{2:-}} 2> $1.log; \
+                    echo \"$1=$? $(( ($(date +%s%N) - start) / 1000000 ))\"; }}
+         hold 0.5; timed brief; wait
+         hold 5; timed long --firewall; wait
          echo \"mode=$(stat -c %a run/nixseed/identity.lock)\"
          echo \"== hostname\"; cat sysroot/etc/hostname"
     ));
-    let during = std::fs::read_to_string(vm.p("during.log")).unwrap_or_default();
-    let after = std::fs::read_to_string(vm.p("after.log")).unwrap_or_default();
-    let all = format!(
-        "{stdout}\n{}\nduring:\n{during}\nafter:\n{after}",
-        stderr(&out)
+    let log =
+        |name: &str| std::fs::read_to_string(vm.p(&format!("{name}.log"))).unwrap_or_default();
+    let (brief, long) = (log("brief"), log("long"));
+    let all = format!("{stdout}\n{}\nbrief:\n{brief}\nlong:\n{long}", stderr(&out));
+    let ran = |name: &str| -> (String, u64) {
+        let rest = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_default();
+        let (rc, ms) = rest.split_once(' ').unwrap_or(("?", ""));
+        (rc.to_owned(), ms.parse().unwrap_or(u64::MAX))
+    };
+    let (rc, ms) = ran("brief");
+    assert!(
+        rc == "0" && (300..1900).contains(&ms) && brief.contains("nixseed apply:"),
+        "held for 0.5 s, stage 2 must wait and do its work (rc {rc}, {ms} ms)\n{all}"
+    );
+    let (rc, ms) = ran("long");
+    assert!(
+        rc == "0" && (1900..4500).contains(&ms),
+        "held for 5 s, stage 2 must give up after 2 s (rc {rc}, {ms} ms)\n{all}"
     );
     assert!(
-        stdout.contains("during=0") && stdout.contains("after=0"),
+        long.contains("the identity has been changing for 2 s")
+            && long.contains("nixseed/identity.lock")
+            && long.contains("no firewall load")
+            && !long.contains("nixseed apply:"),
         "{all}"
     );
-    let took: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("took="))
-        .and_then(|ms| ms.parse().ok())
-        .unwrap_or(u64::MAX);
-    assert!(
-        took < 1500,
-        "stage 2 waited for the lock ({took} ms)\n{all}"
-    );
-    assert!(
-        during.contains("a change of the identity is in progress")
-            && during.contains("nixseed/identity.lock")
-            && !during.contains("nixseed apply:"),
-        "{all}"
-    );
-    assert!(after.contains("nixseed apply:"), "{all}");
     assert!(stdout.contains("mode=600"), "{all}");
     assert_eq!(etc(&stdout, "hostname"), "web1\n");
 }

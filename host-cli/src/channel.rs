@@ -135,6 +135,8 @@ pub struct Channel {
     stream: UnixStream,
     decoder: Decoder,
     next_id: u64,
+    /// Replies that came with no request id, which no request takes for its answer.
+    without_id: u32,
 }
 
 impl Channel {
@@ -156,6 +158,7 @@ impl Channel {
             socket: socket.to_path_buf(),
             stream,
             decoder: Decoder::default(),
+            without_id: 0,
             // Distinct from the ids of earlier clients, whose replies may still arrive.
             next_id: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -206,7 +209,12 @@ impl Channel {
         let mut buf = [0u8; 64 * 1024];
         loop {
             match self.decoder.next_frame() {
-                Ok(Some(m)) => return Ok(Some(m)),
+                Ok(Some(m)) => {
+                    if m.1.is_none() && !matches!(m.0, Message::Hello { .. }) {
+                        self.without_id += 1;
+                    }
+                    return Ok(Some(m));
+                }
                 Ok(None) => {}
                 Err(e) => bail!(
                     "machine `{}`: control channel {}: {e}",
@@ -247,8 +255,17 @@ impl Channel {
 
     /// No answer in time; `effect` says what became of the request.
     fn silence(&self, what: &str, timeout: Duration, effect: &str) -> anyhow::Error {
+        // An agent that echoes no ids answers every request without one.
+        let without_id = match self.without_id {
+            0 => String::new(),
+            n => format!(
+                "; {n} {} without a request id came and {} passed over: an agent older than request ids answers so, and the image needs a newer nixseed-agent",
+                if n == 1 { "reply" } else { "replies" },
+                if n == 1 { "was" } else { "were" }
+            ),
+        };
         anyhow::anyhow!(
-            "machine `{}`: no answer to `{what}` on the control channel {} within {} s ({effect}); check that the VM runs and `nixseed-agent serve` answers {PORT_NAME} in it, and that no other client (a `seedctl serve`) holds the socket",
+            "machine `{}`: no answer to `{what}` on the control channel {} within {} s ({effect}){without_id}; check that the VM runs and `nixseed-agent serve` answers {PORT_NAME} in it, and that no other client (a `seedctl serve`) holds the socket",
             self.machine,
             self.socket.display(),
             timeout.as_secs_f64()

@@ -490,6 +490,41 @@ fn rollback_waits_for_a_live_guest_and_takes_only_its_own_reply() {
     assert_eq!(guest.join().unwrap(), ["status", "rollback"]);
 }
 
+/// A FAKE guest end whose agent echoes no request ids, as agents did before them: seedctl
+/// takes none of its replies for the answer (one could be left for an earlier client),
+/// and the error says what came and what to do.
+#[test]
+fn a_reply_without_a_request_id_is_not_taken_and_the_error_says_so() {
+    let s = Scratch::new();
+    web1(&s);
+    let listener = listen_at(&s.state("web1").join("channel.sock"));
+    let guest = std::thread::spawn(move || {
+        let mut conn = accept_seedctl(&listener);
+        let asked = read_message(&mut conn);
+        let reply = Message::StatusReply {
+            generation: Some(1),
+            instance_id: None,
+            product_uuid: None,
+            files: Default::default(),
+            links: Default::default(),
+            vm_product_uuid: None,
+            unapplied: None,
+        };
+        conn.write_all(&encode_with_id(&reply, None)).unwrap();
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest);
+        asked
+    });
+    let err = s.fails(&["status", "web1", "--timeout", "1"]);
+    assert!(
+        err.contains("no answer to `status`")
+            && err.contains("1 reply without a request id came and was passed over")
+            && err.contains("needs a newer nixseed-agent"),
+        "{err}"
+    );
+    assert_eq!(guest.join().unwrap(), Message::Status);
+}
+
 /// Plays the guest: accept seedctl's connection on `sock`, say hello, return the answer.
 fn hello_and_answer(listener: &UnixListener, product_uuid: &str) -> Message {
     let mut conn = accept_seedctl(listener);

@@ -347,73 +347,26 @@ const PUSH_HELD_DROPIN: &str = "/run/systemd/system/nixseed-agent.service.d/90-h
 /// `systemctl restart nixseed-apply` while a push that rotates the host key is between
 /// binding its generation and restarting sshd (held there for 6 s by the test-only delay
 /// point `before-reload`, set for the guest agent's request helpers through a runtime
-/// drop-in). Stage 2 must leave the identity to the push and say so, and the push must
-/// be taken whole: exit 0, sshd reloaded, the pushed key presented. (When stage 2 waited
-/// for the push's lock instead, the push's sshd restart waited for stage 2's job, which
-/// sshd is ordered after, until the push gave up on sshd and exited 4.) The drop-in is
-/// removed and the agent restarted without it; the returned machine's ssh pins the key.
+/// drop-in). Stage 2 must wait its 2 s, then leave the identity to the push and say so,
+/// and the push must be taken whole: exit 0, sshd reloaded, the pushed key presented.
+/// (When stage 2 waited for the push's lock instead, the push's sshd restart waited for
+/// stage 2's job, which sshd is ordered after, until the push gave up on sshd and exited
+/// 4.) Whatever happens, the drop-in is removed and the agent restarted without it; the
+/// returned machine's ssh pins the pushed key.
 fn apply_restarted_during_a_push(h: &Harness, m: &Machine, mut b: Booted) -> Result<Booted> {
-    let counts = |b: &Booted| -> Result<(u32, u32)> {
-        let out = b.ssh.run(
-            "for e in 'test delay point reached: before-reload' 'a change of the identity is in progress'; do \
-             journalctl -b --no-pager -o cat -t nixseed-agent | grep -c \"$e\" || true; done",
-        )?;
-        let n: Vec<u32> = out
-            .split_whitespace()
-            .filter_map(|w| w.parse().ok())
-            .collect();
-        match n[..] {
-            [held, left] => Ok((held, left)),
-            _ => bail!("unexpected count of the agent's journal lines: {out}"),
-        }
-    };
-    b.ssh.run(&format!(
-        "mkdir -p /run/systemd/system/nixseed-agent.service.d && \
-         printf '[Service]\\nEnvironment=NIXSEED_TEST_DELAY=before-reload:6000\\n' > {PUSH_HELD_DROPIN} && \
-         systemctl daemon-reload && systemctl restart nixseed-agent.service"
-    ))?;
-    let (held_before, left_before) = counts(&b)?;
-    rotate_host_key(m)?;
-    let push = seedctl_on(h, m, "push", 60, &b.vm.config.channel_socket())?
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("running seedctl push")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let held = loop {
-        if counts(&b)?.0 > held_before {
-            break true;
-        }
-        if Instant::now() > deadline {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let restart = if held {
-        Some(b.ssh.run(
-            "s=$(date +%s%N); systemctl restart nixseed-apply.service; echo \"rc=$? $(( ($(date +%s%N) - s) / 1000000 ))\"",
-        ))
-    } else {
-        None
-    };
-    let out = push
-        .wait_with_output()
-        .context("waiting for seedctl push")?;
-    // Restored whatever happened above, so that the later steps meet the agent as shipped.
-    let restored = b.ssh.run(&format!(
+    let held = push_held_while_apply_restarts(h, m, &b);
+    let restore = format!(
         "rm -f {PUSH_HELD_DROPIN} && systemctl daemon-reload && systemctl restart nixseed-agent.service"
-    ));
-    ensure!(
-        held,
-        "the push did not reach its delay point within 60 s: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
-    let restart = restart.unwrap_or_else(|| Ok(String::new()))?;
+    // Over the kept connection, which outlives sshd's restart; else a new one that takes
+    // the pushed key.
+    let restored = b.ssh.run(&restore).or_else(|_| {
+        Ssh::pinned(b.ssh.port, h.key.clone(), &m.host_key_pub()?, &m.state)?.run(&restore)
+    });
+    let (out, restart, left_before) = held?;
     pushed_as_expected(m, "with nixseed-apply restarted during it", true, &out)?;
     restored.context("removing the drop-in that held the push")?;
-    let (_, left) = counts(&b)?;
+    let left = agent_lines(&b)?.1;
     ensure!(
         restart.trim().starts_with("rc=0") && left > left_before,
         "nixseed-apply restarted during the push did not leave the identity to it (`{}`; its journal line counted {left_before} before, {left} after)",
@@ -431,6 +384,79 @@ fn apply_restarted_during_a_push(h: &Harness, m: &Machine, mut b: Booted) -> Res
     .context("sshd does not present the key pushed while nixseed-apply was restarted")?;
     b.ssh = Ssh::pinned(b.ssh.port, h.key.clone(), &rotated, &m.state)?;
     Ok(b)
+}
+
+/// The agent's journal lines of this boot that say a push reached the delay point
+/// `before-reload`, and that stage 2 left the identity to a change in progress.
+fn agent_lines(b: &Booted) -> Result<(u32, u32)> {
+    let out = b.ssh.run(
+        "for e in 'test delay point reached: before-reload' 'the identity has been changing for'; do \
+         journalctl -b --no-pager -o cat -t nixseed-agent | grep -c \"$e\" || true; done",
+    )?;
+    let n: Vec<u32> = out
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    match n[..] {
+        [held, left] => Ok((held, left)),
+        _ => bail!("unexpected count of the agent's journal lines: {out}"),
+    }
+}
+
+/// A child process that is killed and reaped if it is dropped before it was waited for.
+struct Reaped(Option<std::process::Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The part of [`apply_restarted_during_a_push`] that its restore follows: the drop-in,
+/// the push held at its delay point, and the restart of `nixseed-apply` then. Returns
+/// what the push printed, what the restart printed (`rc=STATUS MS`), and the count of
+/// stage 2's lines that leave the identity to a change before it.
+fn push_held_while_apply_restarts(
+    h: &Harness,
+    m: &Machine,
+    b: &Booted,
+) -> Result<(std::process::Output, String, u32)> {
+    b.ssh.run(&format!(
+        "mkdir -p /run/systemd/system/nixseed-agent.service.d && \
+         printf '[Service]\\nEnvironment=NIXSEED_TEST_DELAY=before-reload:6000\\n' > {PUSH_HELD_DROPIN} && \
+         systemctl daemon-reload && systemctl restart nixseed-agent.service"
+    ))?;
+    let (held_before, left_before) = agent_lines(b)?;
+    rotate_host_key(m)?;
+    let mut push = Reaped(Some(
+        seedctl_on(h, m, "push", 60, &b.vm.config.channel_socket())?
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("running seedctl push")?,
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent_lines(b)?.0 == held_before {
+        ensure!(
+            Instant::now() < deadline,
+            "the push did not reach its delay point within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let restart = b.ssh.run(
+        "s=$(date +%s%N); systemctl restart nixseed-apply.service; echo \"rc=$? $(( ($(date +%s%N) - s) / 1000000 ))\"",
+    )?;
+    let Some(child) = push.0.take() else {
+        bail!("seedctl push was already waited for");
+    };
+    let out = child
+        .wait_with_output()
+        .context("waiting for seedctl push")?;
+    Ok((out, restart, left_before))
 }
 
 /// A push that rotates the host key while sshd is a service systemd calls started at
