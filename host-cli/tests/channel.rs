@@ -454,15 +454,7 @@ fn rollback_waits_for_a_live_guest_and_takes_only_its_own_reply() {
             d.push(&buf[..n]);
             while let Some((m, id)) = d.next_frame().unwrap() {
                 let reply = match &m {
-                    Message::Status => Message::StatusReply {
-                        generation: Some(3),
-                        instance_id: None,
-                        product_uuid: None,
-                        files: Default::default(),
-                        links: Default::default(),
-                        vm_product_uuid: None,
-                        unapplied: None,
-                    },
+                    Message::Status => status_reply(3),
                     _ => Message::Applied {
                         decision: "rolled back to generation 2".into(),
                         generation: Some(2),
@@ -501,16 +493,8 @@ fn a_reply_without_a_request_id_is_not_taken_and_the_error_says_so() {
     let guest = std::thread::spawn(move || {
         let mut conn = accept_seedctl(&listener);
         let asked = read_message(&mut conn);
-        let reply = Message::StatusReply {
-            generation: Some(1),
-            instance_id: None,
-            product_uuid: None,
-            files: Default::default(),
-            links: Default::default(),
-            vm_product_uuid: None,
-            unapplied: None,
-        };
-        conn.write_all(&encode_with_id(&reply, None)).unwrap();
+        conn.write_all(&encode_with_id(&status_reply(1), None))
+            .unwrap();
         let mut rest = Vec::new();
         let _ = conn.read_to_end(&mut rest);
         asked
@@ -523,6 +507,19 @@ fn a_reply_without_a_request_id_is_not_taken_and_the_error_says_so() {
         "{err}"
     );
     assert_eq!(guest.join().unwrap(), Message::Status);
+}
+
+/// A guest's answer to `status` at `generation`, with nothing else known.
+fn status_reply(generation: u64) -> Message {
+    Message::StatusReply {
+        generation: Some(generation),
+        instance_id: None,
+        product_uuid: None,
+        files: Default::default(),
+        links: Default::default(),
+        vm_product_uuid: None,
+        unapplied: None,
+    }
 }
 
 /// Plays the guest: accept seedctl's connection on `sock`, say hello, return the answer.
