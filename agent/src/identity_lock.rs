@@ -57,25 +57,29 @@ impl IdentityLock {
     /// for one to end; `None` if it did not.
     pub fn take_within(run: &Path, wait: std::time::Duration) -> Result<Option<IdentityLock>> {
         let until = std::time::Instant::now() + wait;
-        loop {
-            if let Some(lock) = IdentityLock::try_take(run)? {
-                return Ok(Some(lock));
-            }
+        let f = open(run)?;
+        while !locked_now(&f, run)? {
             if std::time::Instant::now() >= until {
                 return Ok(None);
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        Ok(Some(IdentityLock { _held: f }))
     }
 
     /// The lock if no change of the identity is in progress, `None` if one is.
     pub fn try_take(run: &Path) -> Result<Option<IdentityLock>> {
         let f = open(run)?;
-        match flock(&f, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(Some(IdentityLock { _held: f })),
-            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot lock {}", path(run).display())),
-        }
+        Ok(locked_now(&f, run)?.then_some(IdentityLock { _held: f }))
+    }
+}
+
+/// Takes the lock on `f` if no other holder has it; `false` if one has.
+fn locked_now(f: &File, run: &Path) -> Result<bool> {
+    match flock(f, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot lock {}", path(run).display())),
     }
 }
 

@@ -209,11 +209,11 @@ impl Channel {
         let mut buf = [0u8; 64 * 1024];
         loop {
             match self.decoder.next_frame() {
-                Ok(Some(m)) => {
-                    if m.1.is_none() && !matches!(m.0, Message::Hello { .. }) {
+                Ok(Some((m, id))) => {
+                    if id.is_none() && !matches!(m, Message::Hello { .. }) {
                         self.without_id += 1;
                     }
-                    return Ok(Some(m));
+                    return Ok(Some((m, id)));
                 }
                 Ok(None) => {}
                 Err(e) => bail!(
