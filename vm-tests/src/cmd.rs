@@ -3,6 +3,17 @@
 use anyhow::{Context, Result, bail};
 use std::process::{Command, Output, Stdio};
 
+/// A child process that is killed and reaped when dropped (a background `seedctl`
+/// that a failing step must not leave running); one already waited for is left alone.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A log file's text, invalid UTF-8 replaced; empty when it cannot be read.
 pub fn read_lossy(path: &std::path::Path) -> String {
     std::fs::read(path)

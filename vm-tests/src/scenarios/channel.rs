@@ -4,10 +4,10 @@
 
 use super::*;
 use crate::machine::Machine;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 
 /// `seedctl serve NAME --socket SOCK --once` in the background; killed when dropped.
-struct Answerer(Child);
+struct Answerer(crate::cmd::Reaped);
 
 impl Answerer {
     fn start(h: &Harness, m: &Machine, socket: &std::path::Path) -> Result<Answerer> {
@@ -23,14 +23,14 @@ impl Answerer {
             .stderr(logf)
             .spawn()
             .context("starting seedctl serve")?;
-        Ok(Answerer(child))
+        Ok(Answerer(crate::cmd::Reaped(child)))
     }
 
     /// Waits for `--once` to finish after the guest was answered.
     fn finish(mut self, m: &Machine) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(s) = self.0.try_wait().context("waiting for seedctl serve")? {
+            if let Some(s) = self.0.0.try_wait().context("waiting for seedctl serve")? {
                 let log = std::fs::read_to_string(m.state.join("serve.log")).unwrap_or_default();
                 ensure!(s.success(), "seedctl serve exited {s}:\n{log}");
                 eprintln!("vm-tests: {}: seedctl serve: {}", m.name, log.trim_end());
@@ -42,13 +42,6 @@ impl Answerer {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-    }
-}
-
-impl Drop for Answerer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -403,18 +403,6 @@ fn agent_lines(b: &Booted) -> Result<(u32, u32)> {
     }
 }
 
-/// A child process that is killed and reaped if it is dropped before it was waited for.
-struct Reaped(Option<std::process::Child>);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// The part of [`apply_restarted_during_a_push`] that its restore follows: the drop-in,
 /// the push held at its delay point, and the restart of `nixseed-apply` then. Returns
 /// what the push printed, what the restart printed (`rc=STATUS MS`), and the count of
@@ -431,14 +419,16 @@ fn push_held_while_apply_restarts(
     ))?;
     let (held_before, left_before) = agent_lines(b)?;
     rotate_host_key(m)?;
-    let mut push = Reaped(Some(
+    let (said, complained) = (m.state.join("held-push.out"), m.state.join("held-push.err"));
+    let file = |p: &Path| fs::File::create(p).with_context(|| format!("creating {}", p.display()));
+    let mut push = cmd::Reaped(
         seedctl_on(h, m, "push", 60, &b.vm.config.channel_socket())?
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
+            .stdout(file(&said)?)
+            .stderr(file(&complained)?)
             .spawn()
             .context("running seedctl push")?,
-    ));
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while agent_lines(b)?.0 == held_before {
         ensure!(
@@ -450,12 +440,12 @@ fn push_held_while_apply_restarts(
     let restart = b.ssh.run(
         "s=$(date +%s%N); systemctl restart nixseed-apply.service; echo \"rc=$? $(( ($(date +%s%N) - s) / 1000000 ))\"",
     )?;
-    let Some(child) = push.0.take() else {
-        bail!("seedctl push was already waited for");
+    let status = push.0.wait().context("waiting for seedctl push")?;
+    let out = std::process::Output {
+        status,
+        stdout: fs::read(&said).unwrap_or_default(),
+        stderr: fs::read(&complained).unwrap_or_default(),
     };
-    let out = child
-        .wait_with_output()
-        .context("waiting for seedctl push")?;
     Ok((out, restart, left_before))
 }
 
