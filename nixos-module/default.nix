@@ -553,7 +553,9 @@ in
         '';
         systemd.services.nixseed-channel = {
           description = "nixseed control channel (live identity push)";
-          bindsTo = [ "dev-virtio\\x2dports-org.nixseed.channel.0.device" ];
+          # Not bound to the port's device, as nixseed-agent.service is not: the agent
+          # reopens a port that comes back, and a stop still running when it does would
+          # make systemd drop udev's start.
           after = [
             "dev-virtio\\x2dports-org.nixseed.channel.0.device"
             "nixseed-apply.service"

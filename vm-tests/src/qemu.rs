@@ -15,6 +15,8 @@ pub const QGA_PORT: &str = "org.qemu.guest_agent.0";
 pub const CHANNEL_PORT: &str = "org.nixseed.channel.0";
 /// The QEMU device id of the control channel's port (for `device_del`/`device_add`).
 pub const CHANNEL_DEVICE: &str = "nixseed-channel-port";
+/// The QEMU device id of the guest agent's port.
+pub const QGA_DEVICE: &str = "nixseed-qga-port";
 /// The user network of [`VmConfig::extra_nic`]: apart from the main one (`10.0.2.0/24`),
 /// so the guest's replies to the forwarded ports leave by the main NIC.
 pub const EXTRA_NET: &str = "10.0.3.0/24";
@@ -160,7 +162,7 @@ impl VmConfig {
                 self.qga_socket().display()
             ),
             "-device".into(),
-            format!("virtserialport,bus=vser0.0,chardev=qga0,name={QGA_PORT}"),
+            format!("virtserialport,bus=vser0.0,chardev=qga0,name={QGA_PORT},id={QGA_DEVICE}"),
             "-chardev".into(),
             format!(
                 "socket,id=chan0,path={},server=on,wait=off",

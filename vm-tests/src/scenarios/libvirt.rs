@@ -626,9 +626,13 @@ fn channel_xml_file(work: &Path, verb: &str, port: &str, path: Option<&str>) -> 
 /// - the control channel alone, while the agent serves it: the guest agent keeps
 ///   answering meanwhile and `seedctl status --connect` says the channel is missing; once
 ///   the channel is back the agent reopens it;
-/// - both channels: the agent (`BindsTo=` the guest-agent port's device) stops, and when
-///   the guest-agent channel is back, udev starts it without the control port there (a VM
-///   started without the channel); the control channel attached after that is served.
+/// - both channels: the agent reopens the guest-agent port once it is back (a unit bound
+///   to the port's device would be stopped and, with the port back before that stop
+///   ended, left stopped), and the control channel attached after that is served.
+///
+/// Should the guest agent not answer libvirt, the error shows QEMU's view of the
+/// chardevs: `frontend-open` says whether the guest has the port open (so the agent in
+/// the guest, or libvirt's connection to it, is at fault).
 fn channel_hot_plug(
     name: &str,
     work: &Path,
@@ -663,12 +667,21 @@ fn channel_hot_plug(
     detach_channel(name, work, AGENT_PORT)?;
     attach(AGENT_PORT)?;
     let t = Instant::now();
-    virsh_until(
+    if let Err(e) = virsh_until(
         name,
         &["domhostname", name, "--source", "agent"],
         Duration::from_secs(60),
         "the guest agent after its channel was attached again",
-    )?;
+    ) {
+        let chardevs = virsh(&[
+            "qemu-monitor-command",
+            name,
+            "--pretty",
+            r#"{"execute":"query-chardev"}"#,
+        ])
+        .unwrap_or_else(|q| format!("(query-chardev failed: {q:#})"));
+        bail!("{e:#}\nQEMU's chardevs (query-chardev):\n{chardevs}");
+    }
     let agent_back = t.elapsed();
     attach(CONTROL_PORT)?;
     let t = Instant::now();

@@ -122,6 +122,7 @@ pub fn push(h: &Harness) -> Result<()> {
     let boot_id2 = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     ensure!(boot_id == boot_id2, "the guest rebooted during the push");
     control_port_replugged(h, &m, &b)?;
+    guest_agent_port_replugged(&m, &b)?;
     let b = apply_restarted_during_a_push(h, &m, b)?;
     let b = sshd_exits_after_its_start(h, &m, b)?;
     let b = push_in_shape(h, &m, b, &PER_CONNECTION)?;
@@ -581,6 +582,90 @@ fn control_port_replugged(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
         m.name
     );
     Ok(())
+}
+
+/// The guest agent's port unplugged and plugged again at once, as `virsh detach-device`
+/// then `attach-device --live` do, several times, with an agent slow to stop (a runtime
+/// drop-in adds 2 s to its stop, as on a loaded host): the guest agent must answer again
+/// (`guest-sync-delimited`, then `guest-ping`) within 30 s of each plug. A unit stopped
+/// when its port goes is still stopping when the port is back, and systemd drops the
+/// start udev then asks for; the agent must not be left stopped by that.
+fn guest_agent_port_replugged(m: &Machine, b: &Booted) -> Result<()> {
+    const SLOW_STOP: &str = "/run/systemd/system/nixseed-agent.service.d/80-slow-stop.conf";
+    const ROUNDS: usize = 5;
+    let pid = || {
+        b.ssh
+            .run("systemctl show -p MainPID --value nixseed-agent.service")
+    };
+    b.ssh.run(&format!(
+        "mkdir -p \"$(dirname {SLOW_STOP})\" && \
+         printf '[Service]\\nExecStopPost=/bin/sleep 2\\n' > {SLOW_STOP} && systemctl daemon-reload"
+    ))?;
+    let before = pid()?;
+    let rounds = replug_guest_agent_port(b, ROUNDS);
+    b.ssh
+        .run(&format!("rm -f {SLOW_STOP} && systemctl daemon-reload"))
+        .context("removing the slow stop's drop-in")?;
+    let took = rounds?;
+    let kept = if pid()? == before {
+        "the same process reopened it"
+    } else {
+        "the agent was started again"
+    };
+    eprintln!(
+        "vm-tests: {}: the guest agent's port unplugged and plugged again at once, {ROUNDS} \
+         times, with a slow stop: answered each time, {} s after the plug ({kept})",
+        m.name,
+        took.iter()
+            .map(|s| format!("{s:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+/// `rounds` × the guest agent's port unplugged and plugged again at once; how long after
+/// each plug the agent answered.
+fn replug_guest_agent_port(b: &Booted, rounds: usize) -> Result<Vec<f64>> {
+    use crate::qemu::{QGA_DEVICE, QGA_PORT};
+    let mut took = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        b.vm.qmp("device_del", serde_json::json!({"id": QGA_DEVICE}))
+            .with_context(|| format!("unplugging the guest agent's port (round {round})"))?;
+        // QEMU finishes the unplug on its own time (libvirt waits for DEVICE_DELETED):
+        // until then the port's chardev is in use.
+        let unplugged = Instant::now();
+        while let Err(e) = b.vm.qmp(
+            "device_add",
+            serde_json::json!({"driver": "virtserialport", "bus": "vser0.0",
+                               "chardev": "qga0", "name": QGA_PORT, "id": QGA_DEVICE}),
+        ) {
+            ensure!(
+                unplugged.elapsed() < Duration::from_secs(10),
+                "plugging the guest agent's port again (round {round}): {e:#}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let t = Instant::now();
+        let answered = qga_client::Qga::connect(&b.vm.config.qga_socket(), Duration::from_secs(30))
+            .and_then(|mut q| q.ping());
+        if let Err(e) = answered {
+            let journal = b
+                .ssh
+                .run(
+                    "journalctl -b -o short-monotonic --no-pager -n 15 -u nixseed-agent.service; \
+                     journalctl -b -o short-monotonic --no-pager _PID=1 | grep -F nixseed-agent \
+                     | tail -n 5",
+                )
+                .unwrap_or_else(|j| format!("(the guest's journal could not be read: {j:#})"));
+            bail!(
+                "the guest agent did not answer after its port was unplugged and plugged again \
+                 (round {round} of {rounds}): {e:#}\nthe guest's journal:\n{journal}"
+            );
+        }
+        took.push(t.elapsed().as_secs_f64());
+    }
+    Ok(took)
 }
 
 /// Runtime units that make the test image start sshd per connection, as NixOS's
