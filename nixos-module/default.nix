@@ -213,7 +213,9 @@ in
       enable = mkBool true ''
           Whether to answer the qemu-guest-agent protocol (Proxmox VE, libvirt,
           KubeVirt). `nixseed-agent.service` is started by udev when the host attaches
-          the `org.qemu.guest_agent.0` virtio port, and stops when it goes away.
+          the `org.qemu.guest_agent.0` virtio port; when the port goes away it keeps
+          running (thawing filesystems the host froze) and reopens the port once it is
+          back.
         '';
 
       unsafeCommands = lib.mkOption {
@@ -555,7 +557,9 @@ in
           description = "nixseed control channel (live identity push)";
           # Not bound to the port's device, as nixseed-agent.service is not: the agent
           # reopens a port that comes back, and a stop still running when it does would
-          # make systemd drop udev's start.
+          # make systemd drop udev's start. The condition keeps a restart while the port
+          # is out from failing into the start limit.
+          unitConfig.ConditionPathExists = "/dev/virtio-ports/org.nixseed.channel.0";
           after = [
             "dev-virtio\\x2dports-org.nixseed.channel.0.device"
             "nixseed-apply.service"

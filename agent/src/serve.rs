@@ -33,6 +33,11 @@ pub(crate) trait ByteService {
     /// The peer went away. The guest agent keeps its parser state across connections
     /// (as qemu-ga does); the control channel starts a fresh frame.
     fn peer_closed(&mut self) {}
+    /// The port itself went away (the host detached it from the VM): nothing the host
+    /// sent before is kept for the host that comes with the port again.
+    fn port_gone(&mut self) {
+        self.peer_closed();
+    }
     /// How long a connection on a listening socket may stay silent before it is closed,
     /// so that the next one in the backlog is served; `None`: as long as it likes (the
     /// guest agent, as qemu-ga).
@@ -48,6 +53,10 @@ impl ByteService for Agent {
 
     async fn answer_next(&mut self, out: &mut Vec<u8>) -> bool {
         Agent::answer_next(self, out).await
+    }
+
+    fn port_gone(&mut self) {
+        Agent::port_gone(self);
     }
 }
 
@@ -927,28 +936,14 @@ async fn serve_virtio<S: ByteService>(
                 drop(guard);
                 // The host's side went with the device: what it half sent is not kept.
                 host = HostSide::default();
-                svc.peer_closed();
+                // Before the journal line: the guest agent thaws what was frozen first.
+                svc.port_gone();
                 tracing::warn!(
                     "{} went away (detached from the VM?); reopening it when it is back",
                     path.display()
                 );
                 let since = tokio::time::Instant::now();
-                loop {
-                    tokio::time::sleep(HUP_BACKOFF * 10).await;
-                    let Ok(p) = open_port(path) else {
-                        continue;
-                    };
-                    // Its wait takes descriptors too; without them (EMFILE) the port is
-                    // tried again, as when it is not back yet.
-                    match port_events(&p, path) {
-                        Ok(e) => {
-                            events = e;
-                            port = p;
-                            break;
-                        }
-                        Err(e) => tracing::warn!("{e:#}; trying again"),
-                    }
-                }
+                (port, events) = reopen_port(path).await;
                 tracing::info!(
                     "{} is back after {:.1} s: answering {what} requests on it again",
                     path.display(),
@@ -962,6 +957,57 @@ async fn serve_virtio<S: ByteService>(
             }
         }
     }
+}
+
+/// Waits for a port that went away to be back, and opens it. udev makes its node again
+/// when the host attaches the port: the agent sleeps until an entry is made in the
+/// node's directory ([`NodeWatch`], set up again while the directory is not there), and
+/// looks every second besides. The node missing, or still naming the removed port, means
+/// "not back yet"; another error (another agent holds the port, no descriptors left) is
+/// logged once, and the port is tried again.
+async fn reopen_port(path: &Path) -> (AsyncFd<std::fs::File>, PortEvents) {
+    let mut watch: Option<NodeWatch> = None;
+    let mut said = false;
+    loop {
+        if watch.is_none() {
+            watch = path.parent().and_then(|dir| NodeWatch::new(dir).ok());
+        }
+        // Looked at after the watch began: a node made before it is seen here.
+        let opened = open_port(path).and_then(|p| Ok((port_events(&p, path)?, p)));
+        match opened {
+            Ok((events, port)) => return (port, events),
+            Err(e) if not_back_yet(&e) => {}
+            Err(e) if !said => {
+                tracing::warn!("{e:#}; trying again until it opens");
+                said = true;
+            }
+            Err(_) => {}
+        }
+        match &watch {
+            Some(w) => {
+                if let Ok(Err(_)) = tokio::time::timeout(REOPEN_RECHECK, w.changed()).await {
+                    watch = None;
+                }
+            }
+            None => tokio::time::sleep(REOPEN_RECHECK).await,
+        }
+    }
+}
+
+/// How often a port that went away is looked for besides its directory's watch.
+const REOPEN_RECHECK: Duration = Duration::from_secs(1);
+
+/// Whether opening a port that went away failed only because it is not back yet: no
+/// node, or a node of the removed port.
+fn not_back_yet(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
+                io.raw_os_error(),
+                Some(nix::libc::ENOENT | nix::libc::ENXIO | nix::libc::ENODEV)
+            )
+        })
 }
 
 /// Writes a reply. The guest may not know of the host yet (its connect is still on the

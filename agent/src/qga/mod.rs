@@ -187,10 +187,23 @@ impl Agent {
 
     /// Thaws filesystems this agent (or a crashed predecessor) froze; used on exit.
     pub fn thaw_for_exit(&mut self) {
+        self.thaw_because("before exiting");
+    }
+
+    /// The port went away (the host detached the channel): the host that could thaw is
+    /// gone with it, so frozen filesystems are thawed as on exit, and what the host had
+    /// half sent, or sent and not seen answered, is dropped.
+    pub fn port_gone(&mut self) {
+        self.thaw_because("as the guest agent's port went away");
+        self.session = Session::new();
+        self.pending.clear();
+    }
+
+    fn thaw_because(&mut self, why: &str) {
         if self.frozen {
             match fsfreeze::thaw_all(self) {
-                Ok(n) => tracing::info!("thawed {n} filesystem(s) before exiting"),
-                Err(e) => tracing::error!("thaw before exit failed: {}", e.desc),
+                Ok(n) => tracing::info!("thawed {n} filesystem(s) {why}"),
+                Err(e) => tracing::error!("thaw {why} failed: {}", e.desc),
             }
         }
     }
@@ -249,6 +262,45 @@ mod tests {
 
     fn info(name: &str) -> &'static commands::CommandInfo {
         commands::lookup(name).expect("a command the agent implements")
+    }
+
+    /// A port that goes away takes what its host had half sent with it: the request of
+    /// the host that comes with the port again is answered as it was sent, not read as
+    /// the tail of the old half.
+    #[test]
+    fn a_port_gone_drops_what_the_host_half_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut agent = Agent::new(AgentConfig {
+            policy: CommandPolicy::default(),
+            state_dir: dir.path().join("state"),
+            fsfreeze_hook: None,
+            identity_dir: dir.path().join("identity"),
+            admin_user: "root".into(),
+            ssh_user: None,
+            file_dirs: Vec::new(),
+        })
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ping = b"{\"execute\":\"guest-ping\"}\n";
+        let answer = |agent: &mut Agent| {
+            let mut out = Vec::new();
+            assert!(rt.block_on(agent.answer_next(&mut out)), "no request read");
+            String::from_utf8(out).unwrap()
+        };
+
+        agent.feed(b"{\"execute\":\"guest-pi");
+        agent.port_gone();
+        agent.feed(ping);
+        assert_eq!(answer(&mut agent).trim(), r#"{"return": {}}"#);
+
+        // Kept across a mere reconnection of the host, as qemu-ga does: the same bytes
+        // then make one bad request.
+        agent.feed(b"{\"execute\":\"guest-pi");
+        agent.feed(ping);
+        assert!(answer(&mut agent).contains("\"error\""));
     }
 
     /// A refusal says which list refused it, as qemu-ga 8.x does for `-a`.

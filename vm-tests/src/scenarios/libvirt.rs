@@ -686,8 +686,8 @@ fn channel_hot_plug(
     attach(CONTROL_PORT)?;
     let t = Instant::now();
     over_channel("status").context(
-        "seedctl status --connect after the control channel was attached to an agent \
-         started without it",
+        "seedctl status --connect after the control channel was attached again, after the \
+         guest agent's",
     )?;
     eprintln!(
         "vm-tests: {name}: control channel detached (the guest agent still said {}) and \

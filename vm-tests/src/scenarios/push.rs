@@ -122,7 +122,7 @@ pub fn push(h: &Harness) -> Result<()> {
     let boot_id2 = b.ssh.run("cat /proc/sys/kernel/random/boot_id")?;
     ensure!(boot_id == boot_id2, "the guest rebooted during the push");
     control_port_replugged(h, &m, &b)?;
-    guest_agent_port_replugged(&m, &b)?;
+    guest_agent_port_replugged(h, &m, &b)?;
     let b = apply_restarted_during_a_push(h, &m, b)?;
     let b = sshd_exits_after_its_start(h, &m, b)?;
     let b = push_in_shape(h, &m, b, &PER_CONNECTION)?;
@@ -584,37 +584,88 @@ fn control_port_replugged(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
     Ok(())
 }
 
-/// The guest agent's port unplugged and plugged again at once, as `virsh detach-device`
-/// then `attach-device --live` do, several times, with an agent slow to stop (a runtime
-/// drop-in adds 2 s to its stop, as on a loaded host): the guest agent must answer again
-/// (`guest-sync-delimited`, then `guest-ping`) within 30 s of each plug. A unit stopped
-/// when its port goes is still stopping when the port is back, and systemd drops the
-/// start udev then asks for; the agent must not be left stopped by that.
-fn guest_agent_port_replugged(m: &Machine, b: &Booted) -> Result<()> {
+/// The guest agent's port taken out of the running VM and put back (QMP `device_del` and
+/// `device_add`, what `virsh detach-device` and `attach-device --live` ask of QEMU), with
+/// the agent kept running throughout (its main PID unchanged):
+/// - once with `/` and `/var` frozen through the guest agent (a backup's freeze, then the
+///   channel detached): with its host gone the agent thaws them, the control channel
+///   answers `seedctl status` while the port is out, and the guest agent answers once
+///   the port is back;
+/// - 5 times at once, with a runtime drop-in that adds 2 s to the agent's stop (as on a
+///   loaded host): a unit stopped when its port goes is still stopping when the port is
+///   back, and systemd then drops the start udev asks for; the guest agent must answer
+///   within 30 s of each plug.
+fn guest_agent_port_replugged(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
     const SLOW_STOP: &str = "/run/systemd/system/nixseed-agent.service.d/80-slow-stop.conf";
     const ROUNDS: usize = 5;
     let pid = || {
         b.ssh
             .run("systemctl show -p MainPID --value nixseed-agent.service")
     };
+    let before = pid()?;
+
+    let mut q = qga_client::Qga::connect(&b.vm.config.qga_socket(), Duration::from_secs(30))?;
+    let froze = q.execute(&serde_json::json!({"execute": "guest-fsfreeze-freeze"}))?;
+    ensure!(
+        froze.get("return").and_then(|n| n.as_i64()).unwrap_or(0) > 0,
+        "guest-fsfreeze-freeze froze nothing: {froze}"
+    );
+    drop(q);
+    unplug_guest_agent_port(b)?;
+    // `fsfreeze -u` thaws a frozen filesystem and fails on one that is not frozen: the
+    // look at the freeze cannot block on it, and leaves the guest usable whatever it finds.
+    let still_frozen = b.ssh.run(
+        "for i in $(seq 60); do [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ] || break; \
+         sleep 0.5; done; sleep 2; \
+         for m in / /var; do fsfreeze -u $m 2>/dev/null && echo \"$m\"; done; true",
+    )?;
+    ensure!(
+        still_frozen.trim().is_empty(),
+        "with the guest agent's port detached, {} stayed frozen: no host is left to thaw \
+         them",
+        still_frozen
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" and ")
+    );
+    cmd::run(&mut seedctl_on(
+        h,
+        m,
+        "status",
+        60,
+        &b.vm.config.channel_socket(),
+    )?)
+    .context("seedctl status over the control channel while the guest agent's port is out")?;
+    plug_guest_agent_port(b, 1)?;
+    answers_after_the_plug(b, 1, 1)?;
+
     b.ssh.run(&format!(
         "mkdir -p \"$(dirname {SLOW_STOP})\" && \
          printf '[Service]\\nExecStopPost=/bin/sleep 2\\n' > {SLOW_STOP} && systemctl daemon-reload"
     ))?;
-    let before = pid()?;
     let rounds = replug_guest_agent_port(b, ROUNDS);
-    b.ssh
+    let cleaned = b
+        .ssh
         .run(&format!("rm -f {SLOW_STOP} && systemctl daemon-reload"))
-        .context("removing the slow stop's drop-in")?;
-    let took = rounds?;
-    let kept = if pid()? == before {
-        "the same process reopened it"
-    } else {
-        "the agent was started again"
+        .context("removing the slow stop's drop-in");
+    let took = match (rounds, cleaned) {
+        (Ok(took), Ok(_)) => took,
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => return Err(e),
+        (Err(e), Err(c)) => return Err(e.context(format!("and then: {c:#}"))),
     };
+    let after = pid()?;
+    ensure!(
+        after == before,
+        "nixseed-agent.service's main PID went from {} to {}: the agent was stopped with its \
+         port rather than reopening it",
+        before.trim(),
+        after.trim()
+    );
     eprintln!(
-        "vm-tests: {}: the guest agent's port unplugged and plugged again at once, {ROUNDS} \
-         times, with a slow stop: answered each time, {} s after the plug ({kept})",
+        "vm-tests: {}: the guest agent's port detached with / and /var frozen: thawed, the \
+         control channel served meanwhile; then unplugged and plugged again at once, \
+         {ROUNDS} times, with a slow stop: answered each time, {} s after the plug, by the \
+         same process",
         m.name,
         took.iter()
             .map(|s| format!("{s:.1}"))
@@ -624,48 +675,68 @@ fn guest_agent_port_replugged(m: &Machine, b: &Booted) -> Result<()> {
     Ok(())
 }
 
+fn unplug_guest_agent_port(b: &Booted) -> Result<()> {
+    b.vm.qmp(
+        "device_del",
+        serde_json::json!({"id": crate::qemu::QGA_DEVICE}),
+    )
+    .context("unplugging the guest agent's port")
+    .map(drop)
+}
+
+/// Plugs the guest agent's port again. QEMU finishes an unplug on its own time (libvirt
+/// waits for `DEVICE_DELETED`): until then the port's chardev is in use, and the plug is
+/// tried again every 20 ms, for 10 s.
+fn plug_guest_agent_port(b: &Booted, round: usize) -> Result<()> {
+    use crate::qemu::{QGA_DEVICE, QGA_PORT};
+    let unplugged = Instant::now();
+    while let Err(e) = b.vm.qmp(
+        "device_add",
+        serde_json::json!({"driver": "virtserialport", "bus": "vser0.0",
+                           "chardev": "qga0", "name": QGA_PORT, "id": QGA_DEVICE}),
+    ) {
+        ensure!(
+            unplugged.elapsed() < Duration::from_secs(10),
+            "plugging the guest agent's port again (round {round}): {e:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The guest agent answers `guest-sync-delimited`, then `guest-ping`, within 30 s of
+/// its port's plug; how long that took. Otherwise the error has the agent's journal.
+fn answers_after_the_plug(b: &Booted, round: usize, rounds: usize) -> Result<f64> {
+    let t = Instant::now();
+    let answered = qga_client::Qga::connect(&b.vm.config.qga_socket(), Duration::from_secs(30))
+        .and_then(|mut q| q.ping());
+    if let Err(e) = answered {
+        let journal = b
+            .ssh
+            .run(
+                "journalctl -b -o short-monotonic --no-pager -n 15 -u nixseed-agent.service; \
+                 journalctl -b -o short-monotonic --no-pager _PID=1 | grep -F nixseed-agent \
+                 | tail -n 5",
+            )
+            .unwrap_or_else(|j| format!("(the guest's journal could not be read: {j:#})"));
+        bail!(
+            "the guest agent did not answer after its port was unplugged and plugged again \
+             (round {round} of {rounds}): {e:#}\nthe guest's journal:\n{journal}"
+        );
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 /// `rounds` × the guest agent's port unplugged and plugged again at once; how long after
 /// each plug the agent answered.
 fn replug_guest_agent_port(b: &Booted, rounds: usize) -> Result<Vec<f64>> {
-    use crate::qemu::{QGA_DEVICE, QGA_PORT};
-    let mut took = Vec::with_capacity(rounds);
-    for round in 1..=rounds {
-        b.vm.qmp("device_del", serde_json::json!({"id": QGA_DEVICE}))
-            .with_context(|| format!("unplugging the guest agent's port (round {round})"))?;
-        // QEMU finishes the unplug on its own time (libvirt waits for DEVICE_DELETED):
-        // until then the port's chardev is in use.
-        let unplugged = Instant::now();
-        while let Err(e) = b.vm.qmp(
-            "device_add",
-            serde_json::json!({"driver": "virtserialport", "bus": "vser0.0",
-                               "chardev": "qga0", "name": QGA_PORT, "id": QGA_DEVICE}),
-        ) {
-            ensure!(
-                unplugged.elapsed() < Duration::from_secs(10),
-                "plugging the guest agent's port again (round {round}): {e:#}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let t = Instant::now();
-        let answered = qga_client::Qga::connect(&b.vm.config.qga_socket(), Duration::from_secs(30))
-            .and_then(|mut q| q.ping());
-        if let Err(e) = answered {
-            let journal = b
-                .ssh
-                .run(
-                    "journalctl -b -o short-monotonic --no-pager -n 15 -u nixseed-agent.service; \
-                     journalctl -b -o short-monotonic --no-pager _PID=1 | grep -F nixseed-agent \
-                     | tail -n 5",
-                )
-                .unwrap_or_else(|j| format!("(the guest's journal could not be read: {j:#})"));
-            bail!(
-                "the guest agent did not answer after its port was unplugged and plugged again \
-                 (round {round} of {rounds}): {e:#}\nthe guest's journal:\n{journal}"
-            );
-        }
-        took.push(t.elapsed().as_secs_f64());
-    }
-    Ok(took)
+    (1..=rounds)
+        .map(|round| {
+            unplug_guest_agent_port(b).with_context(|| format!("round {round}"))?;
+            plug_guest_agent_port(b, round)?;
+            answers_after_the_plug(b, round, rounds)
+        })
+        .collect()
 }
 
 /// Runtime units that make the test image start sshd per connection, as NixOS's
