@@ -556,10 +556,8 @@ in
         systemd.services.nixseed-channel = {
           description = "nixseed control channel (live identity push)";
           # Not bound to the port's device, as nixseed-agent.service is not: the agent
-          # reopens a port that comes back, and a stop still running when it does would
-          # make systemd drop udev's start. The condition keeps a restart while the port
-          # is out from failing into the start limit.
-          unitConfig.ConditionPathExists = "/dev/virtio-ports/org.nixseed.channel.0";
+          # reopens a port that comes back (and waits for one missing at its start), and
+          # a stop still running when it does would make systemd drop udev's start.
           after = [
             "dev-virtio\\x2dports-org.nixseed.channel.0.device"
             "nixseed-apply.service"

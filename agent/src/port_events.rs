@@ -118,18 +118,29 @@ impl PortEvents {
 /// it into place. The runtime watches an inotify descriptor that reports both.
 pub struct NodeWatch {
     inotify: AsyncFd<OwnedFd>,
+    /// The watched directory's device and inode: udev removes `/dev/virtio-ports` with
+    /// its last node and makes it again with the next, and a watch stays on the removed
+    /// one.
+    dir: (u64, u64),
 }
 
 impl NodeWatch {
     /// Watches `dir`, which must exist, from now on.
     pub fn new(dir: &std::path::Path) -> io::Result<NodeWatch> {
         use rustix::fs::inotify::{self, WatchFlags};
+        let id = identity(dir)?;
         let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
         inotify::add_watch(&fd, dir, WatchFlags::CREATE | WatchFlags::MOVED_TO)?;
         // As in [`PortEvents::new`]: the descriptor moves into the AsyncFd for its life.
         #[allow(deprecated)]
         let inotify = AsyncFd::with_interest(fd, Interest::READABLE)?;
-        Ok(NodeWatch { inotify })
+        Ok(NodeWatch { inotify, dir: id })
+    }
+
+    /// Whether this watches the directory now at `dir` (not one removed since, nor
+    /// another directory).
+    pub fn is_on(&self, dir: &std::path::Path) -> bool {
+        identity(dir).is_ok_and(|id| id == self.dir)
     }
 
     /// Waits until an entry was made in the directory since the last return of this (or
@@ -147,6 +158,13 @@ impl NodeWatch {
         guard.clear_ready();
         Ok(())
     }
+}
+
+/// A directory's device and inode.
+fn identity(dir: &std::path::Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir)?;
+    Ok((m.dev(), m.ino()))
 }
 
 const NOW: Timespec = Timespec {

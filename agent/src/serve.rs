@@ -451,11 +451,15 @@ async fn wait_for_port(path: &Path, wait: std::time::Duration, recheck: std::tim
         return;
     }
     tracing::info!("{} is not there yet: waiting for it", path.display());
-    let mut watch = path.parent().and_then(|dir| NodeWatch::new(dir).ok());
+    let mut watch = NodeWait::new(path);
     let since = tokio::time::Instant::now();
     let mut slow = false;
-    // Checked after the watch began: a node made before it is seen here.
-    while !path.exists() {
+    loop {
+        watch.renew();
+        // Checked after the watch began: a node made before it is seen here.
+        if path.exists() {
+            break;
+        }
         if !slow && since.elapsed() >= wait {
             tracing::info!(
                 "no control channel at {} within {} s: serving the guest agent only, \
@@ -466,22 +470,17 @@ async fn wait_for_port(path: &Path, wait: std::time::Duration, recheck: std::tim
             );
             slow = true;
         }
-        let step = if slow || watch.is_some() {
+        let step = if slow || watch.watching() {
             recheck
         } else {
             std::time::Duration::from_millis(250)
         };
-        let Some(w) = &watch else {
-            tokio::time::sleep(step).await;
-            continue;
-        };
-        if let Ok(Err(e)) = tokio::time::timeout(step, w.changed()).await {
+        if let Err(e) = watch.changed(step).await {
             tracing::warn!(
                 "cannot watch {} for the port: {e}; looking for it every {} s",
                 path.parent().unwrap_or(path).display(),
                 recheck.as_secs()
             );
-            watch = None;
             slow = true;
         }
     }
@@ -490,6 +489,65 @@ async fn wait_for_port(path: &Path, wait: std::time::Duration, recheck: std::tim
         path.display(),
         since.elapsed().as_secs_f64()
     );
+}
+
+/// The wait for a port's node to be made: a [`NodeWatch`] on the node's directory, or,
+/// while that is not there, on the directory above it (udev makes `/dev/virtio-ports`
+/// with the first node in it). A watch left on a directory that was removed, or on the
+/// one above once the node's is there, is made again by [`NodeWait::renew`]; one that
+/// failed is not, and the wait is then on time alone.
+struct NodeWait<'a> {
+    path: &'a Path,
+    watch: Option<NodeWatch>,
+    broken: bool,
+}
+
+impl<'a> NodeWait<'a> {
+    fn new(path: &'a Path) -> Self {
+        NodeWait {
+            path,
+            watch: None,
+            broken: false,
+        }
+    }
+
+    /// Puts the watch where it belongs now. Look for the node after this: one made
+    /// before it is not reported.
+    fn renew(&mut self) {
+        let Some(dir) = self.path.parent() else {
+            return;
+        };
+        if self.broken || self.watch.as_ref().is_some_and(|w| w.is_on(dir)) {
+            return;
+        }
+        self.watch = NodeWatch::new(dir)
+            .or_else(|e| match dir.parent() {
+                Some(up) => NodeWatch::new(up),
+                None => Err(e),
+            })
+            .ok();
+    }
+
+    fn watching(&self) -> bool {
+        self.watch.is_some()
+    }
+
+    /// Returns when an entry is made in the watched directory, or after `step`. An error
+    /// of the watch ends it for good.
+    async fn changed(&mut self, step: Duration) -> std::io::Result<()> {
+        let Some(w) = &self.watch else {
+            tokio::time::sleep(step).await;
+            return Ok(());
+        };
+        match tokio::time::timeout(step, w.changed()).await {
+            Ok(Err(e)) => {
+                self.watch = None;
+                self.broken = true;
+                Err(e)
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Serves one protocol on one transport until it fails for good. `ready`: tell systemd
@@ -854,12 +912,29 @@ async fn serve_virtio<S: ByteService>(
     ready: bool,
     what: &str,
 ) -> Result<()> {
-    let mut port = open_port(path)?;
-    // The wait for a host; the port is in it only while no host is there.
-    let mut events = port_events(&port, path)?;
-    if ready {
-        notify_ready();
-    }
+    // The wait for a host (`events`); the port is in it only while no host is there.
+    let (mut port, mut events) = match open_port(path) {
+        Ok(port) => {
+            let events = port_events(&port, path)?;
+            if ready {
+                notify_ready();
+            }
+            (port, events)
+        }
+        // Gone before the agent could open it (the host detached it meanwhile, or the
+        // agent was restarted while it was out): started, waiting for it to be back.
+        Err(e) if not_back_yet(&e) => {
+            if ready {
+                notify_ready();
+            }
+            tracing::info!(
+                "{} is not there: serving it once it is back",
+                path.display()
+            );
+            reopen_port(path).await
+        }
+        Err(e) => return Err(e),
+    };
     tracing::info!("answering {what} requests on {}", path.display());
     let mut buf = vec![0u8; 4096];
     let mut out = Vec::new();
@@ -959,20 +1034,17 @@ async fn serve_virtio<S: ByteService>(
     }
 }
 
-/// Waits for a port that went away to be back, and opens it. udev makes its node again
-/// when the host attaches the port: the agent sleeps until an entry is made in the
-/// node's directory ([`NodeWatch`], set up again while the directory is not there), and
-/// looks every second besides. The node missing, or still naming the removed port, means
-/// "not back yet"; another error (another agent holds the port, no descriptors left) is
-/// logged once, and the port is tried again.
+/// Waits for a port that went away (or was not there at the start) to be back, and
+/// opens it. udev makes its node again when the host attaches the port: the agent sleeps
+/// until an entry is made in the node's directory, or the one above while that is not
+/// there ([`NodeWait`]), and looks every second besides. The node missing, or still
+/// naming the removed port, means "not back yet"; another error (another agent holds the
+/// port, no descriptors left) is logged once, and the port is tried again.
 async fn reopen_port(path: &Path) -> (AsyncFd<std::fs::File>, PortEvents) {
-    let mut watch: Option<NodeWatch> = None;
+    let mut watch = NodeWait::new(path);
     let mut said = false;
     loop {
-        if watch.is_none() {
-            watch = path.parent().and_then(|dir| NodeWatch::new(dir).ok());
-        }
-        // Looked at after the watch began: a node made before it is seen here.
+        watch.renew();
         let opened = open_port(path).and_then(|p| Ok((port_events(&p, path)?, p)));
         match opened {
             Ok((events, port)) => return (port, events),
@@ -983,13 +1055,12 @@ async fn reopen_port(path: &Path) -> (AsyncFd<std::fs::File>, PortEvents) {
             }
             Err(_) => {}
         }
-        match &watch {
-            Some(w) => {
-                if let Ok(Err(_)) = tokio::time::timeout(REOPEN_RECHECK, w.changed()).await {
-                    watch = None;
-                }
-            }
-            None => tokio::time::sleep(REOPEN_RECHECK).await,
+        if let Err(e) = watch.changed(REOPEN_RECHECK).await {
+            tracing::warn!(
+                "cannot watch for {}: {e}; looking for it every {} s",
+                path.display(),
+                REOPEN_RECHECK.as_secs()
+            );
         }
     }
 }
@@ -1171,6 +1242,34 @@ mod tests {
         assert!(
             found,
             "the port renamed into the watched directory was not found"
+        );
+    }
+
+    /// udev removes `/dev/virtio-ports` with its last node and makes it again with the
+    /// next: the port made in the new directory is found through a watch, not by the
+    /// next look (60 s away).
+    #[test]
+    fn a_port_in_a_directory_removed_and_made_again_is_found_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = dir.path().join("virtio-ports");
+        std::fs::create_dir(&ports).unwrap();
+        let port = ports.join("org.nixseed.channel.0");
+        let found = wait_while_attached_within(
+            &port,
+            Duration::from_millis(300),
+            (Duration::from_secs(60), Duration::from_secs(60)),
+            Duration::from_secs(10),
+            || {
+                std::fs::remove_dir(&ports).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                std::fs::create_dir(&ports).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                std::fs::write(&port, b"").unwrap();
+            },
+        );
+        assert!(
+            found,
+            "the port made in the directory made again was not found"
         );
     }
 

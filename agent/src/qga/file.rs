@@ -33,6 +33,11 @@ pub(super) fn handle_limit(soft_nofile: Option<u64>) -> usize {
 }
 
 impl Handles {
+    /// Closes every open handle.
+    pub fn close_all(&mut self) {
+        self.open.clear();
+    }
+
     /// The handle counter as a previous agent left it in `state_dir` (1000 when none).
     pub fn load(state_dir: &std::path::Path) -> Self {
         let state = state_dir.join("qga.state");

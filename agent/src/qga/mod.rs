@@ -191,12 +191,16 @@ impl Agent {
     }
 
     /// The port went away (the host detached the channel): the host that could thaw is
-    /// gone with it, so frozen filesystems are thawed as on exit, and what the host had
-    /// half sent, or sent and not seen answered, is dropped.
+    /// gone with it, so frozen filesystems are thawed as on exit, what the host had half
+    /// sent, or sent and not seen answered, is dropped, and its guest-file handles are
+    /// closed. guest-exec's processes run on, as they would after a new connection.
     pub fn port_gone(&mut self) {
         self.thaw_because("as the guest agent's port went away");
         self.session = Session::new();
         self.pending.clear();
+        // No host that comes with the port again knows its handles (their numbers are
+        // never given out again either way).
+        self.files.close_all();
     }
 
     fn thaw_because(&mut self, why: &str) {

@@ -592,67 +592,20 @@ fn control_port_replugged(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
 ///   answers `seedctl status` while the port is out, and the guest agent answers once
 ///   the port is back;
 /// - 5 times at once, with a runtime drop-in that adds 2 s to the agent's stop (as on a
-///   loaded host): a unit stopped when its port goes is still stopping when the port is
-///   back, and systemd then drops the start udev asks for; the guest agent must answer
-///   within 30 s of each plug.
+///   loaded host): a unit stopped when its port goes (`BindsTo=` the port's device) is
+///   still stopping when the port is back, and systemd then drops the start udev asks
+///   for. The agent is not stopped now; the drop-in keeps that from coming back unseen.
+///   The guest agent must answer within 30 s of each plug;
+/// - last, the agent restarted while the port is out ([`restarted_while_out`]).
 fn guest_agent_port_replugged(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
-    const SLOW_STOP: &str = "/run/systemd/system/nixseed-agent.service.d/80-slow-stop.conf";
     const ROUNDS: usize = 5;
     let pid = || {
         b.ssh
             .run("systemctl show -p MainPID --value nixseed-agent.service")
     };
     let before = pid()?;
-
-    let mut q = qga_client::Qga::connect(&b.vm.config.qga_socket(), Duration::from_secs(30))?;
-    let froze = q.execute(&serde_json::json!({"execute": "guest-fsfreeze-freeze"}))?;
-    ensure!(
-        froze.get("return").and_then(|n| n.as_i64()).unwrap_or(0) > 0,
-        "guest-fsfreeze-freeze froze nothing: {froze}"
-    );
-    drop(q);
-    unplug_guest_agent_port(b)?;
-    // `fsfreeze -u` thaws a frozen filesystem and fails on one that is not frozen: the
-    // look at the freeze cannot block on it, and leaves the guest usable whatever it finds.
-    let still_frozen = b.ssh.run(
-        "for i in $(seq 60); do [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ] || break; \
-         sleep 0.5; done; sleep 2; \
-         for m in / /var; do fsfreeze -u $m 2>/dev/null && echo \"$m\"; done; true",
-    )?;
-    ensure!(
-        still_frozen.trim().is_empty(),
-        "with the guest agent's port detached, {} stayed frozen: no host is left to thaw \
-         them",
-        still_frozen
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" and ")
-    );
-    cmd::run(&mut seedctl_on(
-        h,
-        m,
-        "status",
-        60,
-        &b.vm.config.channel_socket(),
-    )?)
-    .context("seedctl status over the control channel while the guest agent's port is out")?;
-    plug_guest_agent_port(b, 1)?;
-    answers_after_the_plug(b, 1, 1)?;
-
-    b.ssh.run(&format!(
-        "mkdir -p \"$(dirname {SLOW_STOP})\" && \
-         printf '[Service]\\nExecStopPost=/bin/sleep 2\\n' > {SLOW_STOP} && systemctl daemon-reload"
-    ))?;
-    let rounds = replug_guest_agent_port(b, ROUNDS);
-    let cleaned = b
-        .ssh
-        .run(&format!("rm -f {SLOW_STOP} && systemctl daemon-reload"))
-        .context("removing the slow stop's drop-in");
-    let took = match (rounds, cleaned) {
-        (Ok(took), Ok(_)) => took,
-        (Err(e), Ok(_)) | (Ok(_), Err(e)) => return Err(e),
-        (Err(e), Err(c)) => return Err(e.context(format!("and then: {c:#}"))),
-    };
+    detached_while_frozen(h, m, b)?;
+    let took = replug_with_a_slow_stop(b, ROUNDS)?;
     let after = pid()?;
     ensure!(
         after == before,
@@ -661,11 +614,13 @@ fn guest_agent_port_replugged(h: &Harness, m: &Machine, b: &Booted) -> Result<()
         before.trim(),
         after.trim()
     );
+    let answered = restarted_while_out(b)?;
     eprintln!(
         "vm-tests: {}: the guest agent's port detached with / and /var frozen: thawed, the \
          control channel served meanwhile; then unplugged and plugged again at once, \
          {ROUNDS} times, with a slow stop: answered each time, {} s after the plug, by the \
-         same process",
+         same process; restarted while the port was out, the agent waited {OUT_FOR} s for \
+         it and answered {answered:.1} s after the plug",
         m.name,
         took.iter()
             .map(|s| format!("{s:.1}"))
@@ -673,6 +628,130 @@ fn guest_agent_port_replugged(h: &Harness, m: &Machine, b: &Booted) -> Result<()
             .join(", ")
     );
     Ok(())
+}
+
+/// How long [`restarted_while_out`] leaves the port out: longer than systemd's default
+/// start limit (5 starts within 10 s), which an agent failing at its start for want of
+/// the port, restarted every second, would hit.
+const OUT_FOR: u64 = 12;
+
+/// `nixseed-agent.service` restarted while the guest agent's port is unplugged: the
+/// restart must succeed and the unit stay active for [`OUT_FOR`] s, the journal must say
+/// the agent waits for the port; then the port is plugged, and the guest agent must
+/// answer (how long after the plug it did is returned). The port is plugged again
+/// whatever fails.
+fn restarted_while_out(b: &Booted) -> Result<f64> {
+    let run = || -> Result<()> {
+        unplug_guest_agent_port(b)?;
+        b.ssh.run(&format!(
+            "for i in $(seq 60); do [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ] || break; \
+             sleep 0.5; done; systemctl restart nixseed-agent.service || \
+             {{ echo 'the restart of nixseed-agent.service with the port out failed' >&2; \
+             exit 1; }}; sleep {OUT_FOR}; state=$(systemctl is-active nixseed-agent.service); \
+             [ \"$state\" = active ] || {{ echo \"nixseed-agent.service is $state {OUT_FOR} s \
+             after its restart with the port out\" >&2; exit 1; }}; \
+             journalctl -b -o cat _SYSTEMD_INVOCATION_ID=$(systemctl show -p InvocationID \
+             --value nixseed-agent.service) | grep -F 'org.qemu.guest_agent.0 is not there: \
+             serving it once it is back'"
+        ))?;
+        plug_guest_agent_port(b, "after the restart with the port out")
+    };
+    run().inspect_err(|_| {
+        let _ = plug_guest_agent_port(b, "to restore the VM");
+    })?;
+    answers_after_the_plug(b, "after the restart with the port out")
+}
+
+/// `fsfreeze -u` thaws a frozen filesystem and fails with EINVAL on one that is not
+/// frozen, so this look cannot block on a frozen filesystem and leaves the guest usable
+/// whatever it finds: it prints `frozen M` for each of `/` and `/var` that was, and
+/// `error M: …` where fsfreeze failed otherwise.
+const FROZEN_PROBE: &str = "for m in / /var; do \
+    if out=$(fsfreeze -u $m 2>&1); then echo \"frozen $m\"; \
+    else case \"$out\" in *'Invalid argument'*) ;; *) echo \"error $m: $out\" ;; esac; fi; \
+    done";
+
+/// `/` and `/var` frozen through the guest agent, then its port unplugged: the agent
+/// must say it thawed them, neither may be frozen, and the control channel must answer
+/// while the port is out; plugged again, the guest agent must answer. Whatever fails,
+/// the filesystems are thawed and the port is plugged again.
+fn detached_while_frozen(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
+    let run = || -> Result<()> {
+        let mut q = qga_client::Qga::connect(&b.vm.config.qga_socket(), Duration::from_secs(30))?;
+        let froze = q.execute(&serde_json::json!({
+            "execute": "guest-fsfreeze-freeze-list",
+            "arguments": {"mountpoints": ["/", "/var"]}
+        }))?;
+        ensure!(
+            froze.get("return").and_then(|n| n.as_i64()) == Some(2),
+            "guest-fsfreeze-freeze-list of / and /var did not freeze both: {froze}"
+        );
+        drop(q);
+        unplug_guest_agent_port(b)?;
+        // Read-only waits: the journal line comes only once /var is thawed.
+        let thawed = b.ssh.run(
+            "for i in $(seq 60); do journalctl -b -o cat -t nixseed-agent \
+             | grep -F \"as the guest agent's port went away\" && exit 0; sleep 0.5; done; \
+             echo 'no thaw line from the agent within 30 s' >&2; exit 1",
+        );
+        let probe = b.ssh.run(FROZEN_PROBE)?;
+        ensure!(
+            probe.trim().is_empty(),
+            "with the guest agent's port detached, / and /var were not left thawed: {}",
+            probe.trim().lines().collect::<Vec<_>>().join("; ")
+        );
+        thawed.context("the agent did not say it thawed / and /var when its port went")?;
+        b.ssh.run(
+            "for i in $(seq 60); do [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ] || exit 0; \
+             sleep 0.5; done; echo 'the unplugged port is still in /dev' >&2; exit 1",
+        )?;
+        cmd::run(&mut seedctl_on(
+            h,
+            m,
+            "status",
+            60,
+            &b.vm.config.channel_socket(),
+        )?)
+        .context("seedctl status over the control channel while the guest agent's port is out")?;
+        plug_guest_agent_port(b, "after the frozen detach")?;
+        answers_after_the_plug(b, "after the frozen detach").map(drop)
+    };
+    run().inspect_err(|_| {
+        let _ = b.ssh.run(FROZEN_PROBE);
+        let _ = plug_guest_agent_port(b, "to restore the VM");
+    })
+}
+
+/// `rounds` × the guest agent's port unplugged and plugged again at once, with the
+/// agent's stop made 2 s slower by a runtime drop-in (removed afterwards whatever
+/// failed); how long after each plug the agent answered.
+fn replug_with_a_slow_stop(b: &Booted, rounds: usize) -> Result<Vec<f64>> {
+    const SLOW_STOP: &str = "/run/systemd/system/nixseed-agent.service.d/80-slow-stop.conf";
+    let remove = format!("rm -f {SLOW_STOP} && systemctl daemon-reload");
+    let set = b.ssh.run(&format!(
+        "mkdir -p \"$(dirname {SLOW_STOP})\" && \
+         printf '[Service]\\nExecStopPost=/bin/sleep 2\\n' > {SLOW_STOP} && \
+         systemctl daemon-reload"
+    ));
+    let took = set.and_then(|_| {
+        (1..=rounds)
+            .map(|round| {
+                let what = format!("round {round} of {rounds}");
+                unplug_guest_agent_port(b).with_context(|| what.clone())?;
+                plug_guest_agent_port(b, &what)?;
+                answers_after_the_plug(b, &what)
+            })
+            .collect::<Result<Vec<f64>>>()
+    });
+    let removed = b
+        .ssh
+        .run(&remove)
+        .context("removing the slow stop's drop-in");
+    match (took, removed) {
+        (Ok(took), Ok(_)) => Ok(took),
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+        (Err(e), Err(c)) => Err(e.context(format!("and then: {c:#}"))),
+    }
 }
 
 fn unplug_guest_agent_port(b: &Booted) -> Result<()> {
@@ -687,7 +766,7 @@ fn unplug_guest_agent_port(b: &Booted) -> Result<()> {
 /// Plugs the guest agent's port again. QEMU finishes an unplug on its own time (libvirt
 /// waits for `DEVICE_DELETED`): until then the port's chardev is in use, and the plug is
 /// tried again every 20 ms, for 10 s.
-fn plug_guest_agent_port(b: &Booted, round: usize) -> Result<()> {
+fn plug_guest_agent_port(b: &Booted, what: &str) -> Result<()> {
     use crate::qemu::{QGA_DEVICE, QGA_PORT};
     let unplugged = Instant::now();
     while let Err(e) = b.vm.qmp(
@@ -697,7 +776,7 @@ fn plug_guest_agent_port(b: &Booted, round: usize) -> Result<()> {
     ) {
         ensure!(
             unplugged.elapsed() < Duration::from_secs(10),
-            "plugging the guest agent's port again (round {round}): {e:#}"
+            "plugging the guest agent's port again ({what}): {e:#}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -706,7 +785,7 @@ fn plug_guest_agent_port(b: &Booted, round: usize) -> Result<()> {
 
 /// The guest agent answers `guest-sync-delimited`, then `guest-ping`, within 30 s of
 /// its port's plug; how long that took. Otherwise the error has the agent's journal.
-fn answers_after_the_plug(b: &Booted, round: usize, rounds: usize) -> Result<f64> {
+fn answers_after_the_plug(b: &Booted, what: &str) -> Result<f64> {
     let t = Instant::now();
     let answered = qga_client::Qga::connect(&b.vm.config.qga_socket(), Duration::from_secs(30))
         .and_then(|mut q| q.ping());
@@ -721,22 +800,10 @@ fn answers_after_the_plug(b: &Booted, round: usize, rounds: usize) -> Result<f64
             .unwrap_or_else(|j| format!("(the guest's journal could not be read: {j:#})"));
         bail!(
             "the guest agent did not answer after its port was unplugged and plugged again \
-             (round {round} of {rounds}): {e:#}\nthe guest's journal:\n{journal}"
+             ({what}): {e:#}\nthe guest's journal:\n{journal}"
         );
     }
     Ok(t.elapsed().as_secs_f64())
-}
-
-/// `rounds` × the guest agent's port unplugged and plugged again at once; how long after
-/// each plug the agent answered.
-fn replug_guest_agent_port(b: &Booted, rounds: usize) -> Result<Vec<f64>> {
-    (1..=rounds)
-        .map(|round| {
-            unplug_guest_agent_port(b).with_context(|| format!("round {round}"))?;
-            plug_guest_agent_port(b, round)?;
-            answers_after_the_plug(b, round, rounds)
-        })
-        .collect()
 }
 
 /// Runtime units that make the test image start sshd per connection, as NixOS's
