@@ -430,7 +430,7 @@ const CONTROL_RETRY_FIRST: Duration = Duration::from_secs(5);
 const CONTROL_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// How long after the agent's start a missing control channel is worth a journal line
-/// (and, with no directory to watch, is looked for often).
+/// (and, with nothing to watch, is looked for often).
 const PORT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 /// How often it is looked for besides: with its directory watched, a channel attached to
 /// a running VM (`virsh attach-device --live`) is served as udev makes its node; without,
@@ -440,11 +440,11 @@ const PORT_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 /// Waits for a virtio-serial port's node: the agent starts when udev has made the guest
 /// agent's port, and the control channel's port, a separate udev event, can come later
 /// (seconds later in a busy boot), or only when the host attaches the channel to the
-/// running VM. With the node's directory there (it is, when the guest-agent port is a
-/// virtio one), the agent sleeps until an entry is made in it ([`NodeWatch`]), so a port
-/// attached later is served at once, and looks again every `recheck` besides. Without
-/// the directory it looks every 250 ms for `wait`, then every `recheck`. One journal line
-/// when `wait` is over (a VM without the channel, as on Proxmox VE, is served as a guest
+/// running VM. The agent sleeps until an entry is made in the node's directory, or in
+/// the one above while that is not there ([`NodeWait`]), so a port attached later is
+/// served at once, and looks again every `recheck` besides. Where nothing can be watched
+/// it looks every 250 ms for `wait`, then every `recheck`. One journal line when `wait`
+/// is over (a VM without the channel, as on Proxmox VE, is served as a guest
 /// agent only meanwhile). Returns once the node is there.
 async fn wait_for_port(path: &Path, wait: std::time::Duration, recheck: std::time::Duration) {
     if path.exists() {
@@ -477,8 +477,8 @@ async fn wait_for_port(path: &Path, wait: std::time::Duration, recheck: std::tim
         };
         if let Err(e) = watch.changed(step).await {
             tracing::warn!(
-                "cannot watch {} for the port: {e}; looking for it every {} s",
-                path.parent().unwrap_or(path).display(),
+                "cannot watch for {}: {e}; looking for it every {} s",
+                path.display(),
                 recheck.as_secs()
             );
             slow = true;
@@ -517,15 +517,26 @@ impl<'a> NodeWait<'a> {
         let Some(dir) = self.path.parent() else {
             return;
         };
-        if self.broken || self.watch.as_ref().is_some_and(|w| w.is_on(dir)) {
+        let up = dir.parent();
+        let placed =
+            |w: &NodeWatch| w.is_on(dir) || (!dir.exists() && up.is_some_and(|up| w.is_on(up)));
+        if self.broken || self.watch.as_ref().is_some_and(placed) {
             return;
         }
-        self.watch = NodeWatch::new(dir)
-            .or_else(|e| match dir.parent() {
-                Some(up) => NodeWatch::new(up),
-                None => Err(e),
-            })
-            .ok();
+        self.watch = match (NodeWatch::new(dir), up) {
+            (Ok(w), _) => Some(w),
+            // Only a directory that is not there is waited for from above.
+            (Err(e), Some(up)) if e.kind() == std::io::ErrorKind::NotFound => {
+                let above = NodeWatch::new(up).ok();
+                // Made between the two: its creation came before the watch above.
+                if dir.exists() {
+                    NodeWatch::new(dir).ok()
+                } else {
+                    above
+                }
+            }
+            (Err(_), _) => None,
+        };
     }
 
     fn watching(&self) -> bool {
@@ -905,7 +916,7 @@ const REPLY_WAIT: Duration = Duration::from_secs(5);
 /// virtio-serial: the port stays open. With no host client, reads return 0 and poll
 /// reports HUP: the agent then sleeps until the port changes ([`PortEvents`]): a host
 /// connects, bytes come, or the port goes away. Only ENODEV (the device went away)
-/// reopens.
+/// reopens. A port not there at the start is waited for the same way.
 async fn serve_virtio<S: ByteService>(
     svc: &mut S,
     path: &Path,
@@ -928,9 +939,11 @@ async fn serve_virtio<S: ByteService>(
                 notify_ready();
             }
             tracing::info!(
-                "{} is not there: serving it once it is back",
+                "{} is not there: serving it once it is back ({e:#})",
                 path.display()
             );
+            // As when it goes while served: what a predecessor froze is thawed.
+            svc.port_gone();
             reopen_port(path).await
         }
         Err(e) => return Err(e),
@@ -1043,12 +1056,17 @@ async fn serve_virtio<S: ByteService>(
 async fn reopen_port(path: &Path) -> (AsyncFd<std::fs::File>, PortEvents) {
     let mut watch = NodeWait::new(path);
     let mut said = false;
+    let since = tokio::time::Instant::now();
     loop {
         watch.renew();
         let opened = open_port(path).and_then(|p| Ok((port_events(&p, path)?, p)));
         match opened {
             Ok((events, port)) => return (port, events),
-            Err(e) if not_back_yet(&e) => {}
+            // A node that stays there and does not open is not one going away (a console
+            // port rather than a serial one, say): said once too.
+            Err(e)
+                if not_back_yet(&e)
+                    && !(path.exists() && since.elapsed() >= NODE_THERE_BUT_CLOSED) => {}
             Err(e) if !said => {
                 tracing::warn!("{e:#}; trying again until it opens");
                 said = true;
@@ -1065,6 +1083,8 @@ async fn reopen_port(path: &Path) -> (AsyncFd<std::fs::File>, PortEvents) {
     }
 }
 
+/// How long a port's node may be there without opening before that is said.
+const NODE_THERE_BUT_CLOSED: Duration = Duration::from_secs(5);
 /// How often a port that went away is looked for besides its directory's watch.
 const REOPEN_RECHECK: Duration = Duration::from_secs(1);
 
@@ -1212,15 +1232,30 @@ mod tests {
     /// VM) is still found.
     #[test]
     fn a_port_attached_after_the_fast_look_is_found() {
-        // No directory to watch yet (it comes with the port): the timed looks find it.
+        // Neither the node's directory nor the one above it is there to watch (they come
+        // with the port): the timed looks find it.
         let dir = tempfile::tempdir().unwrap();
-        let ports = dir.path().join("virtio-ports");
+        let ports = dir.path().join("dev").join("virtio-ports");
         let port = ports.join("org.nixseed.channel.0");
         let found = wait_while_attached(&port, Duration::from_millis(900), || {
-            std::fs::create_dir(&ports).unwrap();
+            std::fs::create_dir_all(&ports).unwrap();
             std::fs::write(&port, b"").unwrap();
         });
         assert!(found, "the port attached after 0.9 s was not waited for");
+    }
+
+    /// The node's directory is made with the node, as udev makes `/dev/virtio-ports` with
+    /// its first port: the wait watches the directory above, so the port is found at once.
+    #[test]
+    fn a_port_whose_directory_comes_with_it_is_found_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = dir.path().join("virtio-ports");
+        let port = ports.join("org.nixseed.channel.0");
+        let found = found_without_looking(&port, || {
+            std::fs::create_dir(&ports).unwrap();
+            std::fs::write(&port, b"").unwrap();
+        });
+        assert!(found, "the port made with its directory was not found");
     }
 
     #[test]
@@ -1229,16 +1264,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let port = dir.path().join("org.nixseed.channel.0");
         let tmp = dir.path().join(".org.nixseed.channel.0.tmp");
-        let found = wait_while_attached_within(
-            &port,
-            Duration::from_millis(300),
-            (Duration::from_secs(60), Duration::from_secs(60)),
-            Duration::from_secs(10),
-            || {
-                std::fs::write(&tmp, b"").unwrap();
-                std::fs::rename(&tmp, &port).unwrap();
-            },
-        );
+        let found = found_without_looking(&port, || {
+            std::fs::write(&tmp, b"").unwrap();
+            std::fs::rename(&tmp, &port).unwrap();
+        });
         assert!(
             found,
             "the port renamed into the watched directory was not found"
@@ -1254,23 +1283,29 @@ mod tests {
         let ports = dir.path().join("virtio-ports");
         std::fs::create_dir(&ports).unwrap();
         let port = ports.join("org.nixseed.channel.0");
-        let found = wait_while_attached_within(
-            &port,
-            Duration::from_millis(300),
-            (Duration::from_secs(60), Duration::from_secs(60)),
-            Duration::from_secs(10),
-            || {
-                std::fs::remove_dir(&ports).unwrap();
-                std::thread::sleep(Duration::from_millis(300));
-                std::fs::create_dir(&ports).unwrap();
-                std::thread::sleep(Duration::from_millis(300));
-                std::fs::write(&port, b"").unwrap();
-            },
-        );
+        let found = found_without_looking(&port, || {
+            std::fs::remove_dir(&ports).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::create_dir(&ports).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::write(&port, b"").unwrap();
+        });
         assert!(
             found,
             "the port made in the directory made again was not found"
         );
+    }
+
+    /// Whether `wait_for_port`, looking every 60 s only, found the port within 10 s while
+    /// `attach` ran after 300 ms: found through a watch.
+    fn found_without_looking(port: &Path, attach: impl FnOnce() + Send) -> bool {
+        wait_while_attached_within(
+            port,
+            Duration::from_millis(300),
+            (Duration::from_secs(60), Duration::from_secs(60)),
+            Duration::from_secs(10),
+            attach,
+        )
     }
 
     /// Runs `wait_for_port` (fast look 300 ms, then every 400 ms) while `attach` runs

@@ -643,13 +643,18 @@ const OUT_FOR: u64 = 12;
 fn restarted_while_out(b: &Booted) -> Result<f64> {
     let run = || -> Result<()> {
         unplug_guest_agent_port(b)?;
+        b.ssh.run(QGA_NODE_GONE)?;
+        // The same run of the agent all along: one restarted after failing would also
+        // end up active, and say the same in its journal.
         b.ssh.run(&format!(
-            "for i in $(seq 60); do [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ] || break; \
-             sleep 0.5; done; systemctl restart nixseed-agent.service || \
+            "systemctl restart nixseed-agent.service || \
              {{ echo 'the restart of nixseed-agent.service with the port out failed' >&2; \
-             exit 1; }}; sleep {OUT_FOR}; state=$(systemctl is-active nixseed-agent.service); \
-             [ \"$state\" = active ] || {{ echo \"nixseed-agent.service is $state {OUT_FOR} s \
-             after its restart with the port out\" >&2; exit 1; }}; \
+             exit 1; }}; pid=$(systemctl show -p MainPID --value nixseed-agent.service); \
+             sleep {OUT_FOR}; state=$(systemctl is-active nixseed-agent.service); \
+             now=$(systemctl show -p MainPID --value nixseed-agent.service); \
+             [ \"$state\" = active ] && [ \"$now\" = \"$pid\" ] || {{ echo \"nixseed-agent.service \
+             is $state with main PID $now, $pid at its restart with the port out {OUT_FOR} s \
+             before\" >&2; exit 1; }}; \
              journalctl -b -o cat _SYSTEMD_INVOCATION_ID=$(systemctl show -p InvocationID \
              --value nixseed-agent.service) | grep -F 'org.qemu.guest_agent.0 is not there: \
              serving it once it is back'"
@@ -661,6 +666,12 @@ fn restarted_while_out(b: &Booted) -> Result<f64> {
     })?;
     answers_after_the_plug(b, "after the restart with the port out")
 }
+
+/// Waits, in the guest, for the unplugged guest agent port's node to be gone from
+/// `/dev/virtio-ports` (30 s at most; then it fails).
+const QGA_NODE_GONE: &str = "for i in $(seq 60); do \
+    [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ] || exit 0; sleep 0.5; done; \
+    echo 'the unplugged guest agent port is still in /dev/virtio-ports' >&2; exit 1";
 
 /// `fsfreeze -u` thaws a frozen filesystem and fails with EINVAL on one that is not
 /// frozen, so this look cannot block on a frozen filesystem and leaves the guest usable
@@ -691,7 +702,8 @@ fn detached_while_frozen(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
         // Read-only waits: the journal line comes only once /var is thawed.
         let thawed = b.ssh.run(
             "for i in $(seq 60); do journalctl -b -o cat -t nixseed-agent \
-             | grep -F \"as the guest agent's port went away\" && exit 0; sleep 0.5; done; \
+             | grep -F \"thawed 2 filesystem(s) as the guest agent's port went away\" \
+             && exit 0; sleep 0.5; done; \
              echo 'no thaw line from the agent within 30 s' >&2; exit 1",
         );
         let probe = b.ssh.run(FROZEN_PROBE)?;
@@ -701,10 +713,7 @@ fn detached_while_frozen(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
             probe.trim().lines().collect::<Vec<_>>().join("; ")
         );
         thawed.context("the agent did not say it thawed / and /var when its port went")?;
-        b.ssh.run(
-            "for i in $(seq 60); do [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ] || exit 0; \
-             sleep 0.5; done; echo 'the unplugged port is still in /dev' >&2; exit 1",
-        )?;
+        b.ssh.run(QGA_NODE_GONE)?;
         cmd::run(&mut seedctl_on(
             h,
             m,
@@ -719,12 +728,15 @@ fn detached_while_frozen(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
     run().inspect_err(|_| {
         let _ = b.ssh.run(FROZEN_PROBE);
         let _ = plug_guest_agent_port(b, "to restore the VM");
+        // The agent's own freeze state, should it still think the filesystems frozen.
+        let _ = qga_client::Qga::connect(&b.vm.config.qga_socket(), Duration::from_secs(10))
+            .and_then(|mut q| q.execute(&serde_json::json!({"execute": "guest-fsfreeze-thaw"})));
     })
 }
 
 /// `rounds` × the guest agent's port unplugged and plugged again at once, with the
 /// agent's stop made 2 s slower by a runtime drop-in (removed afterwards whatever
-/// failed); how long after each plug the agent answered.
+/// failed, and the port plugged again); how long after each plug the agent answered.
 fn replug_with_a_slow_stop(b: &Booted, rounds: usize) -> Result<Vec<f64>> {
     const SLOW_STOP: &str = "/run/systemd/system/nixseed-agent.service.d/80-slow-stop.conf";
     let remove = format!("rm -f {SLOW_STOP} && systemctl daemon-reload");
@@ -743,6 +755,9 @@ fn replug_with_a_slow_stop(b: &Booted, rounds: usize) -> Result<Vec<f64>> {
             })
             .collect::<Result<Vec<f64>>>()
     });
+    if took.is_err() {
+        let _ = plug_guest_agent_port(b, "to restore the VM");
+    }
     let removed = b
         .ssh
         .run(&remove)
