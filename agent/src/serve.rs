@@ -938,12 +938,13 @@ async fn serve_virtio<S: ByteService>(
             if ready {
                 notify_ready();
             }
+            // As when it goes while served: what a predecessor froze is thawed, before
+            // the journal line (no line is written while filesystems are frozen).
+            svc.port_gone();
             tracing::info!(
                 "{} is not there: serving it once it is back ({e:#})",
                 path.display()
             );
-            // As when it goes while served: what a predecessor froze is thawed.
-            svc.port_gone();
             reopen_port(path).await
         }
         Err(e) => return Err(e),
@@ -1056,22 +1057,31 @@ async fn serve_virtio<S: ByteService>(
 async fn reopen_port(path: &Path) -> (AsyncFd<std::fs::File>, PortEvents) {
     let mut watch = NodeWait::new(path);
     let mut said = false;
-    let since = tokio::time::Instant::now();
+    // Since when the node has been there without opening.
+    let mut there_since: Option<tokio::time::Instant> = None;
     loop {
         watch.renew();
         let opened = open_port(path).and_then(|p| Ok((port_events(&p, path)?, p)));
-        match opened {
+        let e = match opened {
             Ok((events, port)) => return (port, events),
-            // A node that stays there and does not open is not one going away (a console
-            // port rather than a serial one, say): said once too.
-            Err(e)
-                if not_back_yet(&e)
-                    && !(path.exists() && since.elapsed() >= NODE_THERE_BUT_CLOSED) => {}
-            Err(e) if !said => {
-                tracing::warn!("{e:#}; trying again until it opens");
-                said = true;
-            }
-            Err(_) => {}
+            Err(e) => e,
+        };
+        let waited_out = if !not_back_yet(&e) {
+            true
+        } else if errno_is(&e, nix::libc::ENOENT) {
+            there_since = None;
+            false
+        } else {
+            // A node that stays there and does not open is not one going away (a
+            // console port rather than a serial one, say).
+            there_since
+                .get_or_insert_with(tokio::time::Instant::now)
+                .elapsed()
+                >= NODE_THERE_BUT_CLOSED
+        };
+        if waited_out && !said {
+            tracing::warn!("{e:#}; trying again until it opens");
+            said = true;
         }
         if let Err(e) = watch.changed(REOPEN_RECHECK).await {
             tracing::warn!(
@@ -1091,14 +1101,16 @@ const REOPEN_RECHECK: Duration = Duration::from_secs(1);
 /// Whether opening a port that went away failed only because it is not back yet: no
 /// node, or a node of the removed port.
 fn not_back_yet(e: &anyhow::Error) -> bool {
+    [nix::libc::ENOENT, nix::libc::ENXIO, nix::libc::ENODEV]
+        .into_iter()
+        .any(|errno| errno_is(e, errno))
+}
+
+/// Whether an I/O error with `errno` is in `e`'s chain.
+fn errno_is(e: &anyhow::Error, errno: i32) -> bool {
     e.chain()
         .filter_map(|c| c.downcast_ref::<std::io::Error>())
-        .any(|io| {
-            matches!(
-                io.raw_os_error(),
-                Some(nix::libc::ENOENT | nix::libc::ENXIO | nix::libc::ENODEV)
-            )
-        })
+        .any(|io| io.raw_os_error() == Some(errno))
 }
 
 /// Writes a reply. The guest may not know of the host yet (its connect is still on the
