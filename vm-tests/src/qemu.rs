@@ -158,19 +158,21 @@ impl VmConfig {
             "virtio-serial-pci,id=vser0".into(),
             "-chardev".into(),
             format!(
-                "socket,id=qga0,path={},server=on,wait=off",
+                "socket,id={QGA_CHARDEV},path={},server=on,wait=off",
                 self.qga_socket().display()
             ),
             "-device".into(),
-            format!("virtserialport,bus=vser0.0,chardev=qga0,name={QGA_PORT},id={QGA_DEVICE}"),
+            format!(
+                "virtserialport,bus=vser0.0,chardev={QGA_CHARDEV},name={QGA_PORT},id={QGA_DEVICE}"
+            ),
             "-chardev".into(),
             format!(
-                "socket,id=chan0,path={},server=on,wait=off",
+                "socket,id={CHANNEL_CHARDEV},path={},server=on,wait=off",
                 self.channel_socket().display()
             ),
             "-device".into(),
             format!(
-                "virtserialport,bus=vser0.0,chardev=chan0,name={CHANNEL_PORT},id={CHANNEL_DEVICE}"
+                "virtserialport,bus=vser0.0,chardev={CHANNEL_CHARDEV},name={CHANNEL_PORT},id={CHANNEL_DEVICE}"
             ),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", self.qmp_socket().display()),
@@ -191,7 +193,51 @@ pub struct Vm {
     pub started: Instant,
 }
 
+/// The chardev id of the guest agent's port (`-chardev socket,id=…`).
+const QGA_CHARDEV: &str = "qga0";
+/// The chardev id of the control channel's port.
+const CHANNEL_CHARDEV: &str = "chan0";
+
+/// A virtio-serial port of the VM, as QEMU's monitor names it.
+pub struct SerialPort {
+    pub chardev: &'static str,
+    /// The port's name in the guest (`/dev/virtio-ports/NAME`).
+    pub name: &'static str,
+    /// The QEMU device id.
+    pub id: &'static str,
+}
+
+pub const QGA: SerialPort = SerialPort {
+    chardev: QGA_CHARDEV,
+    name: QGA_PORT,
+    id: QGA_DEVICE,
+};
+pub const CHANNEL: SerialPort = SerialPort {
+    chardev: CHANNEL_CHARDEV,
+    name: CHANNEL_PORT,
+    id: CHANNEL_DEVICE,
+};
+
 impl Vm {
+    /// Unplugs `port` from the running VM (QMP `device_del`, what `virsh detach-device
+    /// --live` asks of QEMU).
+    pub fn unplug(&self, port: &SerialPort) -> Result<()> {
+        self.qmp("device_del", serde_json::json!({"id": port.id}))
+            .with_context(|| format!("unplugging {}", port.name))
+            .map(drop)
+    }
+
+    /// Plugs `port` into the running VM (QMP `device_add`, what `virsh attach-device
+    /// --live` asks of QEMU); one attempt.
+    pub fn plug(&self, port: &SerialPort) -> Result<()> {
+        self.qmp(
+            "device_add",
+            serde_json::json!({"driver": "virtserialport", "bus": "vser0.0",
+                               "chardev": port.chardev, "name": port.name, "id": port.id}),
+        )
+        .map(drop)
+    }
+
     /// One command on this VM's QMP monitor (a fresh session: greeting, capabilities,
     /// then `execute`); its `return`, or its `error` as an error. Events are skipped.
     pub fn qmp(&self, execute: &str, arguments: serde_json::Value) -> Result<serde_json::Value> {

@@ -504,17 +504,8 @@ fn sshd_exits_after_its_start(h: &Harness, m: &Machine, mut b: Booted) -> Result
 /// in a VM started without the channel: it says it waits for the port, and once the port
 /// is plugged it serves it (`seedctl status` exits 0; the journal says it appeared).
 fn control_port_replugged(h: &Harness, m: &Machine, b: &Booted) -> Result<()> {
-    use crate::qemu::{CHANNEL_DEVICE, CHANNEL_PORT};
-    let unplug = || {
-        b.vm.qmp("device_del", serde_json::json!({"id": CHANNEL_DEVICE}))
-    };
-    let plug = || {
-        b.vm.qmp(
-            "device_add",
-            serde_json::json!({"driver": "virtserialport", "bus": "vser0.0",
-                               "chardev": "chan0", "name": CHANNEL_PORT, "id": CHANNEL_DEVICE}),
-        )
-    };
+    let unplug = || b.vm.unplug(&crate::qemu::CHANNEL);
+    let plug = || b.vm.plug(&crate::qemu::CHANNEL);
     let status = |when: &str| -> Result<()> {
         cmd::run(&mut seedctl_on(
             h,
@@ -601,7 +592,7 @@ fn guest_agent_port_replugged(h: &Harness, m: &Machine, b: &Booted) -> Result<()
     const ROUNDS: usize = 5;
     let pid = || {
         b.ssh
-            .run("systemctl show -p MainPID --value nixseed-agent.service")
+            .run(&format!("systemctl show -p MainPID --value {AGENT_UNIT}"))
     };
     let before = pid()?;
     detached_while_frozen(h, m, b)?;
@@ -770,25 +761,15 @@ fn replug_with_a_slow_stop(b: &Booted, rounds: usize) -> Result<Vec<f64>> {
 }
 
 fn unplug_guest_agent_port(b: &Booted) -> Result<()> {
-    b.vm.qmp(
-        "device_del",
-        serde_json::json!({"id": crate::qemu::QGA_DEVICE}),
-    )
-    .context("unplugging the guest agent's port")
-    .map(drop)
+    b.vm.unplug(&crate::qemu::QGA)
 }
 
 /// Plugs the guest agent's port again. QEMU finishes an unplug on its own time (libvirt
 /// waits for `DEVICE_DELETED`): until then the port's chardev is in use, and the plug is
 /// tried again every 20 ms, for 10 s.
 fn plug_guest_agent_port(b: &Booted, what: &str) -> Result<()> {
-    use crate::qemu::{QGA_DEVICE, QGA_PORT};
     let unplugged = Instant::now();
-    while let Err(e) = b.vm.qmp(
-        "device_add",
-        serde_json::json!({"driver": "virtserialport", "bus": "vser0.0",
-                           "chardev": "qga0", "name": QGA_PORT, "id": QGA_DEVICE}),
-    ) {
+    while let Err(e) = b.vm.plug(&crate::qemu::QGA) {
         ensure!(
             unplugged.elapsed() < Duration::from_secs(10),
             "plugging the guest agent's port again ({what}): {e:#}"
