@@ -138,6 +138,19 @@ pub fn first_boot(h: &Harness) -> Result<()> {
         "/{} differs from what `kmod static-nodes` lists in the guest:\n{shipped}\nkmod:\n{kmod}",
         crate::image::STATIC_NODES
     );
+    // The subsystems coldplug leaves out: none of their devices has a module alias or a
+    // node, for udev to load or make.
+    let matches: String = crate::image::SUBSYSTEMS_WITHOUT_RULES
+        .iter()
+        .map(|s| format!(" --subsystem-match={s}"))
+        .collect();
+    let left_out = b.ssh.run(&format!(
+        "for p in $(udevadm trigger --dry-run --verbose --type=devices{matches}); do grep -HE '^(MODALIAS|DEVNAME)=' \"$p/uevent\"; done; true"
+    ))?;
+    ensure!(
+        left_out.trim().is_empty(),
+        "a device of a subsystem the base's coldplug leaves out has a module alias or a node:\n{left_out}"
+    );
     let fuse = b.ssh.run("stat -c '%F %t:%T' /dev/fuse")?;
     ensure!(
         fuse.trim() == "character special file a:e5",
