@@ -596,8 +596,9 @@ pub fn udev_trigger_dropin() -> String {
         names.iter().map(|n| format!(" --{flag}={n}")).collect()
     };
     format!(
-        "# The nixseed test base: every device but the virtual consoles, the NICs first\n\
-         # (networkd waits for them); of the modules, only those a udev rule names.\n\
+        "# The nixseed test base: every device but the virtual consoles and the subsystems\n\
+         # no udev rule acts on, the NICs first (networkd waits for them); of the modules,\n\
+         # only those a udev rule names.\n\
          [Service]\n\
          ExecStart=\n\
          ExecStart=-udevadm trigger --type=devices --action=add --prioritized-subsystem=net,block,tpmrm,input --subsystem-nomatch=tty --subsystem-nomatch=vc{quiet}\n\
@@ -619,14 +620,16 @@ pub const TTYS_TRIGGERED: &[&str] = &["ttyS*", "hvc*", "console", "tty", "ptmx"]
 pub const MODULES_WITH_RULES: &[&str] = &["block", "configfs", "fuse", "parport_pc"];
 
 /// Device subsystems the base's coldplug leaves out. In the VMs these images boot (QEMU's
-/// `pc` and `q35` machines with virtio devices), none of their devices has a module alias
-/// (`MODALIAS`) or a device node (`DEVNAME`), and no udev rule of the base names the
-/// subsystem, so udev's run over one of them only records an empty database entry:
-/// no module is loaded, no node made, no unit started, and systemd makes no `.device`
+/// `q35` machine with virtio devices, as `seedctl run` and its libvirt domain define it),
+/// none of their devices has a module alias (`MODALIAS`) or a device node (`DEVNAME`),
+/// and no udev rule of the base names the subsystem, so udev's run over one of them
+/// changes nothing: no module is loaded, no node made, no tag or property set (so udev
+/// writes no database entry for them), no unit started, and systemd makes no `.device`
 /// unit of them. They were 85 of the 190 device uevents, and replaying them in a booted
 /// guest with one vCPU cost udevd about 0.76 s of CPU. Devices added later still reach
-/// udev as they come. [`check_udev_rules`] fails the build if a rule names one of them;
-/// the first-boot scenario fails if a device of one of them has a module alias or a node.
+/// udev as they come. [`check_udev_rules`] and [`check_dist_rules`] fail the build if a
+/// rule names one of them; the first-boot scenario fails if a device of one of them has a
+/// module alias or a node.
 pub const SUBSYSTEMS_WITHOUT_RULES: &[&str] = &[
     "ata_device",
     "ata_link",
@@ -672,19 +675,37 @@ pub fn check_udev_rules(tree: &Path) -> Result<()> {
             let Ok(text) = fs::read_to_string(&path) else {
                 continue;
             };
-            if let Some(line) = unhandled_subsystem_rule(&text) {
-                bail!(
-                    "{}: a udev rule matches uevents the base's coldplug does not trigger (see udev_trigger_dropin in vm-tests/src/image.rs): {line}",
-                    path.display()
-                );
-            }
+            check_rules_text(&path, &text)?;
         }
     }
     Ok(())
 }
 
-/// The first rule line that matches a module outside [`MODULES_WITH_RULES`], or the
-/// `subsystem` or `drivers` uevents.
+/// [`check_udev_rules`] for the agent's own rules in `agent/dist/`, which the final layer
+/// adds to `/etc/udev/rules.d`.
+pub fn check_dist_rules(dist: &Path) -> Result<()> {
+    for f in dist_files(dist)? {
+        if f.extension().is_some_and(|x| x == "rules") {
+            let text =
+                fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+            check_rules_text(&f, &text)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_rules_text(path: &Path, text: &str) -> Result<()> {
+    match unhandled_subsystem_rule(text) {
+        Some(line) => bail!(
+            "{}: a udev rule matches uevents the base's coldplug does not trigger (see udev_trigger_dropin in vm-tests/src/image.rs): {line}",
+            path.display()
+        ),
+        None => Ok(()),
+    }
+}
+
+/// The first rule line that matches a module outside [`MODULES_WITH_RULES`], the
+/// `subsystem` or `drivers` uevents, or names a subsystem of [`SUBSYSTEMS_WITHOUT_RULES`].
 fn unhandled_subsystem_rule(rules: &str) -> Option<&str> {
     rules.lines().find(|line| {
         let line = line.trim();
@@ -694,7 +715,7 @@ fn unhandled_subsystem_rule(rules: &str) -> Option<&str> {
         if line.contains("SUBSYSTEM==\"subsystem\"") || line.contains("SUBSYSTEM==\"drivers\"") {
             return true;
         }
-        if subsystem_patterns(line).any(|pat| {
+        if subsystem_patterns(line).iter().any(|pat| {
             SUBSYSTEMS_WITHOUT_RULES
                 .iter()
                 .any(|name| glob_matches(pat, name))
@@ -714,19 +735,26 @@ fn unhandled_subsystem_rule(rules: &str) -> Option<&str> {
     })
 }
 
-/// The patterns a udev rule line gives `SUBSYSTEM` or `SUBSYSTEMS`, compared with `==` or
-/// `!=` (`"a|b"` gives `a` and `b`).
-fn subsystem_patterns(line: &str) -> impl Iterator<Item = &str> {
-    line.split(',').flat_map(|field| {
-        let field = field.trim();
-        let value = ["SUBSYSTEM==", "SUBSYSTEM!=", "SUBSYSTEMS==", "SUBSYSTEMS!="]
-            .iter()
-            .find_map(|key| field.strip_prefix(key))
-            .and_then(|v| v.trim().strip_prefix('"'))
-            .and_then(|v| v.split_once('"'))
-            .map_or("", |(v, _)| v);
-        value.split('|').filter(|p| !p.is_empty())
-    })
+/// The patterns a udev rule line compares `SUBSYSTEM`, `SUBSYSTEMS` or `ENV{SUBSYSTEM}`
+/// with, by `==` or `!=`, with or without spaces around the operator and whatever
+/// separates the keys (`"a|b"` gives `a` and `b`).
+fn subsystem_patterns(line: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = line;
+    while let Some(i) = rest.find("SUBSYSTEM") {
+        rest = &rest[i + "SUBSYSTEM".len()..];
+        let key_end = rest.strip_prefix('S').unwrap_or(rest);
+        let key_end = key_end.strip_prefix('}').unwrap_or(key_end).trim_start();
+        let value = key_end
+            .strip_prefix("==")
+            .or_else(|| key_end.strip_prefix("!="))
+            .and_then(|v| v.trim_start().strip_prefix('"'))
+            .and_then(|v| v.split_once('"'));
+        if let Some((value, _)) = value {
+            out.extend(value.split('|').filter(|p| !p.is_empty()));
+        }
+    }
+    out
 }
 
 /// udev's shell-style match of `pattern` against `name` (`*`, `?` and `[...]`); a
@@ -1170,6 +1198,9 @@ fn build_final_layer(
     dist: &Path,
     kernel_release: &str,
 ) -> Result<()> {
+    if variant == Variant::Nixseed {
+        check_dist_rules(dist)?;
+    }
     // Per process: two harness runs at once (parallel test runs) must not write into
     // the same staging directory.
     let tmp = final_dir.with_extension(format!("tmp-{}", std::process::id()));
@@ -1418,6 +1449,9 @@ mod tests {
             "SUBSYSTEMS==\"usb|ata_port\", ENV{X}=\"1\"",
             "ACTION==\"add\", SUBSYSTEM==\"wake*\", RUN+=\"x\"",
             "SUBSYSTEM==\"ata_[dl]*\", RUN+=\"x\"",
+            "SUBSYSTEM == \"memory\", RUN+=\"x\"",
+            "ACTION==\"add\" SUBSYSTEM==\"node\" RUN+=\"x\"",
+            "ENV{SUBSYSTEM}==\"workqueue\", RUN+=\"x\"",
         ] {
             assert_eq!(unhandled_subsystem_rule(line), Some(line), "{line}");
         }
