@@ -592,9 +592,6 @@ const LEAN_GENERATORS: &[&str] = &[
 /// Of the device uevents, those of [`SUBSYSTEMS_WITHOUT_RULES`] are left out too.
 /// [`check_udev_rules`] fails the build if a rule of the tree says otherwise.
 pub fn udev_trigger_dropin() -> String {
-    let matches = |flag: &str, names: &[&str]| -> String {
-        names.iter().map(|n| format!(" --{flag}={n}")).collect()
-    };
     format!(
         "# The nixseed test base: every device but the virtual consoles and the subsystems\n\
          # no udev rule acts on, the NICs first (networkd waits for them); of the modules,\n\
@@ -604,10 +601,15 @@ pub fn udev_trigger_dropin() -> String {
          ExecStart=-udevadm trigger --type=devices --action=add --prioritized-subsystem=net,block,tpmrm,input --subsystem-nomatch=tty --subsystem-nomatch=vc{quiet}\n\
          ExecStart=-udevadm trigger --type=devices --action=add --subsystem-match=tty{ttys}\n\
          ExecStart=-udevadm trigger --type=subsystems --action=add --subsystem-match=module{modules}\n",
-        quiet = matches("subsystem-nomatch", SUBSYSTEMS_WITHOUT_RULES),
-        ttys = matches("sysname-match", TTYS_TRIGGERED),
-        modules = matches("sysname-match", MODULES_WITH_RULES),
+        quiet = udevadm_flags("subsystem-nomatch", SUBSYSTEMS_WITHOUT_RULES),
+        ttys = udevadm_flags("sysname-match", TTYS_TRIGGERED),
+        modules = udevadm_flags("sysname-match", MODULES_WITH_RULES),
     )
+}
+
+/// ` --FLAG=NAME` for each name: `udevadm trigger`'s arguments for a list.
+pub fn udevadm_flags(flag: &str, names: &[&str]) -> String {
+    names.iter().map(|n| format!(" --{flag}={n}")).collect()
 }
 
 /// The `tty` devices the base's coldplug triggers: serial ports (`ttyS*`, and `hvc*` for
@@ -712,17 +714,15 @@ fn unhandled_subsystem_rule(rules: &str) -> Option<&str> {
         if line.starts_with('#') {
             return false;
         }
-        if line.contains("SUBSYSTEM==\"subsystem\"") || line.contains("SUBSYSTEM==\"drivers\"") {
+        let patterns = subsystem_patterns(line);
+        let names = |subsystem: &str| patterns.iter().any(|p| glob_matches(p, subsystem));
+        if names("subsystem")
+            || names("drivers")
+            || SUBSYSTEMS_WITHOUT_RULES.iter().any(|s| names(s))
+        {
             return true;
         }
-        if subsystem_patterns(line).iter().any(|pat| {
-            SUBSYSTEMS_WITHOUT_RULES
-                .iter()
-                .any(|name| glob_matches(pat, name))
-        }) {
-            return true;
-        }
-        if !line.contains("SUBSYSTEM==\"module\"") {
+        if !names("module") {
             return false;
         }
         match line

@@ -162,18 +162,14 @@ impl VmConfig {
                 self.qga_socket().display()
             ),
             "-device".into(),
-            format!(
-                "virtserialport,bus=vser0.0,chardev={QGA_CHARDEV},name={QGA_PORT},id={QGA_DEVICE}"
-            ),
+            QGA.device_arg(),
             "-chardev".into(),
             format!(
                 "socket,id={CHANNEL_CHARDEV},path={},server=on,wait=off",
                 self.channel_socket().display()
             ),
             "-device".into(),
-            format!(
-                "virtserialport,bus=vser0.0,chardev={CHANNEL_CHARDEV},name={CHANNEL_PORT},id={CHANNEL_DEVICE}"
-            ),
+            CHANNEL.device_arg(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", self.qmp_socket().display()),
             "-serial".into(),
@@ -205,6 +201,16 @@ pub struct SerialPort {
     pub name: &'static str,
     /// The QEMU device id.
     pub id: &'static str,
+}
+
+impl SerialPort {
+    /// The port's `-device` argument on QEMU's command line.
+    fn device_arg(&self) -> String {
+        format!(
+            "virtserialport,bus=vser0.0,chardev={},name={},id={}",
+            self.chardev, self.name, self.id
+        )
+    }
 }
 
 pub const QGA: SerialPort = SerialPort {

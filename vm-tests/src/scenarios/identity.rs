@@ -140,10 +140,8 @@ pub fn first_boot(h: &Harness) -> Result<()> {
     );
     // The subsystems coldplug leaves out: none of their devices has a module alias or a
     // node, for udev to load or make.
-    let matches: String = crate::image::SUBSYSTEMS_WITHOUT_RULES
-        .iter()
-        .map(|s| format!(" --subsystem-match={s}"))
-        .collect();
+    let matches =
+        crate::image::udevadm_flags("subsystem-match", crate::image::SUBSYSTEMS_WITHOUT_RULES);
     let devices = b.ssh.run(&format!(
         "udevadm trigger --dry-run --verbose --type=devices{matches}"
     ))?;
