@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use nixseed_core::channel::{Decoder, Message, encode_with_id};
 use nixseed_core::seed::Seed;
 
-use crate::serve::{ByteService, Method, Transport, serve_transport};
+use crate::serve::{ByteService, Drain, Method, Transport, serve_transport, until_stopped};
 
 use crate::identity_lock::IdentityLock;
 use crate::sources::Env;
@@ -454,6 +454,14 @@ impl Helper {
 /// `nixseed-agent request`: answers the one request on stdin, the reply on stdout.
 pub async fn answer_stdin(ctx: &ChannelContext) -> Result<()> {
     use std::io::{Read, Write};
+    // Stopping the agent sends SIGTERM to the unit's every process, this one included;
+    // the agent lets the request finish and sends its reply before it exits, so this
+    // process must not die of it. Handled, the signal is only recorded (SIGKILL, from
+    // the agent's limit or from systemd's, still ends it), and the programs it runs
+    // start with the default action again.
+    let _finish_on_sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot watch SIGTERM")?;
     let mut input = Vec::new();
     std::io::stdin()
         .lock()
@@ -480,6 +488,7 @@ pub async fn answer_stdin(ctx: &ChannelContext) -> Result<()> {
 pub struct ChannelService<A> {
     decoder: Decoder,
     answerer: A,
+    drain: Drain,
 }
 
 impl<A: Answer> ChannelService<A> {
@@ -487,7 +496,13 @@ impl<A: Answer> ChannelService<A> {
         ChannelService {
             decoder: Decoder::default(),
             answerer,
+            drain: Drain::default(),
         }
+    }
+
+    /// What tells the serving loops to end after the request being answered.
+    pub fn drain(&self) -> Drain {
+        self.drain.clone()
     }
 
     async fn answer(&self, msg: Message) -> Message {
@@ -505,7 +520,10 @@ impl<A: Answer> ByteService for ChannelService<A> {
 
     async fn answer_next(&mut self, out: &mut Vec<u8>) -> bool {
         let (reply, id) = match self.decoder.next_frame() {
-            Ok(Some((msg, id))) => (self.answer(msg).await, id),
+            Ok(Some((msg, id))) => {
+                let _answering = self.drain.answering();
+                (self.answer(msg).await, id)
+            }
             Ok(None) => return false,
             Err(e) => {
                 tracing::warn!("{e}");
@@ -529,6 +547,10 @@ impl<A: Answer> ByteService for ChannelService<A> {
     /// client silent for this long holds the socket from the next push, and is closed.
     fn idle_limit(&self) -> Option<std::time::Duration> {
         Some(IDLE_CONNECTION)
+    }
+
+    fn stopping(&self) -> bool {
+        self.drain.stopping()
     }
 }
 
@@ -559,11 +581,11 @@ pub async fn run(method: Method, path: &std::path::Path, ctx: ChannelContext) ->
         _ => Transport::VirtioSerial(path.to_path_buf()),
     };
     check_transport(&transport, ctx.opts.trust.is_some())?;
-    serve_transport(
-        &mut ChannelService::new(ctx),
-        &transport,
-        true,
-        "control-channel",
+    let mut svc = ChannelService::new(ctx);
+    let drain = svc.drain();
+    until_stopped(
+        serve_transport(&mut svc, &transport, true, "control-channel"),
+        &drain,
     )
     .await
 }

@@ -44,6 +44,99 @@ pub(crate) trait ByteService {
     fn idle_limit(&self) -> Option<std::time::Duration> {
         None
     }
+    /// The agent was told to stop while a request was being answered: once its reply is
+    /// written, the serving loop ends ([`until_stopped`]).
+    fn stopping(&self) -> bool {
+        false
+    }
+}
+
+/// Whether a control-channel request is being answered, and whether the agent was told
+/// to stop. Shared by the service, which marks each request, the serving loops, which
+/// end after a reply once told to stop, and [`until_stopped`]. The runtime has one
+/// thread, so plain cells do.
+#[derive(Clone, Default)]
+pub struct Drain(std::rc::Rc<DrainState>);
+
+#[derive(Default)]
+struct DrainState {
+    answering: std::cell::Cell<bool>,
+    stopping: std::cell::Cell<bool>,
+}
+
+/// Marks a request as being answered while it lives.
+pub struct Answering(Drain);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.0.answering.set(false);
+    }
+}
+
+impl Drain {
+    /// A request is being answered until the returned guard is dropped.
+    pub fn answering(&self) -> Answering {
+        self.0.answering.set(true);
+        Answering(self.clone())
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.0.stopping.get()
+    }
+
+    /// Told to stop: whether a request is being answered (and the loops are to end
+    /// after its reply) rather than nothing at all.
+    fn stop(&self) -> bool {
+        self.0.stopping.set(true);
+        self.0.answering.get()
+    }
+}
+
+/// How long a stop waits for the control-channel request in progress: a push takes a few
+/// seconds under TCG, and its reloads wait up to 20 s for sshd. Below the units'
+/// `TimeoutStopSec=` (50 s), so the agent, not systemd's SIGKILL, decides, and thaws what
+/// the host froze on its way out.
+const STOP_GRACE: Duration = Duration::from_secs(40);
+
+/// Runs `serving` until it ends or the agent is told to stop (SIGTERM, as systemd stops
+/// it, or SIGINT). A control-channel request being answered then (a push half applied)
+/// is finished and its reply sent before the agent exits, for up to [`STOP_GRACE`]:
+/// `systemctl stop`, or a shutdown, during `seedctl push` leaves the push taken whole
+/// and the host told so, instead of stopped midway.
+pub(crate) async fn until_stopped(
+    serving: impl std::future::Future<Output = Result<()>>,
+    drain: &Drain,
+) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::pin!(serving);
+    let name = tokio::select! {
+        r = &mut serving => return r,
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    if !drain.stop() {
+        tracing::info!("{name}: stopping");
+        return Ok(());
+    }
+    tracing::info!(
+        "{name}: stopping once the control-channel request in progress is answered (at most {} s)",
+        STOP_GRACE.as_secs()
+    );
+    match tokio::time::timeout(STOP_GRACE, serving).await {
+        Ok(r) => {
+            tracing::info!("{name}: the request in progress was answered; stopping");
+            r
+        }
+        Err(_) => {
+            tracing::warn!(
+                "{name}: the control-channel request in progress was not answered within {} s; stopping without its reply",
+                STOP_GRACE.as_secs()
+            );
+            Ok(())
+        }
+    }
 }
 
 impl ByteService for Agent {
@@ -376,9 +469,9 @@ async fn run(
     transport: Transport,
     channel: Option<(ChannelService<Helper>, Transport)>,
 ) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let drain = channel
+        .as_ref()
+        .map_or_else(Drain::default, |(svc, _)| svc.drain());
     // Both ports in one small process: the control channel needs no guest-agent state.
     // A control channel that cannot be served (its port busy or not a port) is said in
     // the journal and tried again later; the guest agent's port keeps being served.
@@ -414,12 +507,14 @@ async fn run(
             None => std::future::pending().await,
         }
     };
-    let result = tokio::select! {
-        r = serve_transport(agent, &transport, true, "guest-agent") => r,
-        r = control => r,
-        _ = term.recv() => { tracing::info!("SIGTERM: stopping"); Ok(()) }
-        _ = int.recv() => { tracing::info!("SIGINT: stopping"); Ok(()) }
+    // While a stop waits for a push, the guest agent's host is still answered.
+    let serving = async {
+        tokio::select! {
+            r = serve_transport(agent, &transport, true, "guest-agent") => r,
+            r = control => r,
+        }
     };
+    let result = until_stopped(serving, &drain).await;
     agent.thaw_for_exit();
     result
 }
@@ -591,6 +686,9 @@ pub(crate) async fn serve_transport<S: ByteService>(
                 if let Err(e) = serve_connection(svc, stream).await {
                     tracing::debug!("vsock client went away: {e}");
                 }
+                if svc.stopping() {
+                    return Ok(());
+                }
                 svc.peer_closed();
             }
         }
@@ -643,6 +741,9 @@ async fn serve_unix<S: ByteService>(
         // One client at a time, as qemu-ga: the next waits in the backlog.
         if let Err(e) = serve_connection(svc, stream).await {
             tracing::debug!("client on {} went away: {e}", path.display());
+        }
+        if svc.stopping() {
+            return Ok(());
         }
         svc.peer_closed();
     }
@@ -747,6 +848,9 @@ async fn serve_stream_within<S: ByteService, T: AsyncRead + AsyncWrite + Unpin>(
                 failed = Some(e);
             }
             out.clear();
+        }
+        if svc.stopping() {
+            return failed.map_or(Ok(()), Err);
         }
         // A client that holds the connection and reads nothing is closed, so that the
         // next one is served; one that went away is read to its end.
@@ -1019,6 +1123,9 @@ async fn serve_virtio<S: ByteService>(
                         }
                     }
                     out.clear();
+                }
+                if svc.stopping() {
+                    return Ok(());
                 }
             }
             Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::ENODEV) => {

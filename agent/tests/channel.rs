@@ -187,6 +187,68 @@ fn status_push_and_rollback() {
     assert_eq!(srv.etc_hostname(dir.path()), "first\n");
 }
 
+/// Stopping the agent (SIGTERM, as `systemctl stop` and a shutdown send it) while it
+/// applies a push finishes the push and sends its reply before the agent exits, instead of
+/// leaving it half done with the host told nothing. The push is held between its bind and
+/// its reloads by the test-only delay point `before-reload`.
+#[test]
+fn a_stop_during_a_push_finishes_it_and_answers_first() {
+    let dir = scratch();
+    let log = dir.path().join("agent.log");
+    let sock = dir.path().join("channel.sock");
+    let child = ts::spawn_channel_guest_with(
+        Path::new(AGENT),
+        dir.path(),
+        &sock,
+        std::fs::File::create(&log).unwrap().into(),
+        "",
+        &[("NIXSEED_TEST_DELAY", "before-reload:1500")],
+    )
+    .unwrap();
+    let mut srv = Server { child, sock };
+    let push = Message::Push {
+        bundle: bundle("instance-id: two\n", "#cloud-config\nhostname: second\n"),
+    };
+    let mut conn = UnixStream::connect(&srv.sock).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.write_all(&encode(&push)).unwrap();
+    let logged = |what: &str| std::fs::read_to_string(&log).unwrap().contains(what);
+    assert!(
+        ts::wait_for(Duration::from_secs(20), || logged(
+            "test delay point reached: before-reload"
+        )),
+        "the push never reached its delay point:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let pid = nix::unistd::Pid::from_raw(srv.agent_pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut d = Decoder::default();
+    let mut buf = [0u8; 65536];
+    let reply = loop {
+        if let Some((frame, _)) = d.next_frame().unwrap() {
+            break frame;
+        }
+        let n = conn.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "the agent stopped without answering the push:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        d.push(&buf[..n]);
+    };
+    assert_eq!(applied(reply).0, Some(2), "the push was not taken whole");
+    assert!(
+        ts::wait_for(Duration::from_secs(10), || !matches!(
+            srv.child.try_wait(),
+            Ok(None)
+        )),
+        "the agent did not exit after the push it finished"
+    );
+    let status = srv.child.wait().unwrap();
+    assert!(status.success(), "the agent exited {status}");
+}
+
 /// A push that gives the machine another machine-id stores it for the next boot, and
 /// `/etc/machine-id` keeps showing the ID the running systemd and journald use; every
 /// reply says whether a reboot is still pending for it.
@@ -641,6 +703,7 @@ fn a_guest_with_trusted_keys_refuses_the_unsigned_rollback() {
         &sock,
         std::process::Stdio::inherit(),
         &format!("--trusted-keys {}", key.with_extension("pub").display()),
+        &[],
     )
     .unwrap();
     let srv = Server { child, sock };

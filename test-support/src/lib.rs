@@ -111,17 +111,18 @@ pub fn spawn_channel_guest(
     sock: &Path,
     stderr: std::process::Stdio,
 ) -> io::Result<std::process::Child> {
-    spawn_channel_guest_with(agent, root, sock, stderr, "")
+    spawn_channel_guest_with(agent, root, sock, stderr, "", &[])
 }
 
 /// [`spawn_channel_guest`] with `channel_args` (shell words) added to the `channel`
-/// command only, such as `--trusted-keys FILE`.
+/// command only, such as `--trusted-keys FILE`, and `env` set for both commands.
 pub fn spawn_channel_guest_with(
     agent: &Path,
     root: &Path,
     sock: &Path,
     stderr: std::process::Stdio,
     channel_args: &str,
+    env: &[(&str, &str)],
 ) -> io::Result<std::process::Child> {
     let args = agent_args(root);
     let script = format!(
@@ -131,6 +132,7 @@ pub fn spawn_channel_guest_with(
     );
     let mut child = std::process::Command::new("unshare")
         .args(["-m", "-u", "sh", "-c", &script])
+        .envs(env.iter().copied())
         .stderr(stderr)
         .spawn()?;
     // Stop waiting as soon as the agent has exited.
