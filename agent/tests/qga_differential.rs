@@ -163,10 +163,25 @@ impl Peer {
         self.child.id()
     }
 
+    /// SIGTERM, as systemd stops either agent. nixseed must exit on it; Debian's qemu-ga
+    /// has been seen to hang in its SIGTERM handler now and then (both threads waiting on
+    /// a futex, SIGTERM blocked), and is killed after the same wait so that the
+    /// comparison goes on.
     fn stop(mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = self.child.wait();
+        let exited = nixseed_test_support::wait_for(Duration::from_secs(10), || {
+            !matches!(self.child.try_wait(), Ok(None))
+        });
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            assert_ne!(
+                self.name, "nixseed",
+                "nixseed-agent serve did not exit within 10 s of SIGTERM"
+            );
+            eprintln!("{}: still running 10 s after SIGTERM; killed", self.name);
+        }
     }
 }
 
