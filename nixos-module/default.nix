@@ -567,9 +567,9 @@ in
             ExecStart = utils.escapeSystemdExecArgs ([ exe ] ++ channelCommand);
             Restart = "always";
             RestartSec = "1s";
-            # A stop during a push lets it finish and answer first (up to 40 s), as
+            # A stop during a push lets it finish and answer first (up to 60 s), as
             # nixseed-agent.service does.
-            TimeoutStopSec = "50s";
+            TimeoutStopSec = "90s";
           };
         };
       })

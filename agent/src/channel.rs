@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use nixseed_core::channel::{Decoder, Message, encode_with_id};
 use nixseed_core::seed::Seed;
 
-use crate::serve::{ByteService, Drain, Method, Transport, serve_transport, until_stopped};
+use crate::serve::{
+    Answering, ByteService, Drain, Method, Transport, serve_transport, until_stopped,
+};
 
 use crate::identity_lock::IdentityLock;
 use crate::sources::Env;
@@ -324,7 +326,7 @@ async fn applied(
             reboot_required.push(nixseed_core::identity::MACHINE_ID.to_string());
         }
         accounts_failed = bound.accounts;
-        crate::crashpoint::hit("before-reload");
+        crate::crashpoint::hit_async("before-reload").await;
         effects = crate::reload::after_change(
             &todo.changes,
             &ctx.identity_path(),
@@ -458,10 +460,12 @@ pub async fn answer_stdin(ctx: &ChannelContext) -> Result<()> {
     // the agent lets the request finish and sends its reply before it exits, so this
     // process must not die of it. Handled, the signal is only recorded (SIGKILL, from
     // the agent's limit or from systemd's, still ends it), and the programs it runs
-    // start with the default action again.
-    let _finish_on_sigterm =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("cannot watch SIGTERM")?;
+    // start with the default action again (one already running then, such as `nft`,
+    // is stopped with the unit, and its step is reported failed).
+    use tokio::signal::unix::{SignalKind, signal};
+    let _finish_on_sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    // And SIGINT, which a terminal sends the agent's whole process group.
+    let _finish_on_sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut input = Vec::new();
     std::io::stdin()
         .lock()
@@ -489,6 +493,9 @@ pub struct ChannelService<A> {
     decoder: Decoder,
     answerer: A,
     drain: Drain,
+    /// Held from a request's start until the serving loop comes back for the next one,
+    /// which it does once the reply is written.
+    answering: Option<Answering>,
 }
 
 impl<A: Answer> ChannelService<A> {
@@ -497,6 +504,7 @@ impl<A: Answer> ChannelService<A> {
             decoder: Decoder::default(),
             answerer,
             drain: Drain::default(),
+            answering: None,
         }
     }
 
@@ -519,9 +527,11 @@ impl<A: Answer> ByteService for ChannelService<A> {
     }
 
     async fn answer_next(&mut self, out: &mut Vec<u8>) -> bool {
+        // The last reply has been written (or dropped): that request is over.
+        self.answering = None;
         let (reply, id) = match self.decoder.next_frame() {
             Ok(Some((msg, id))) => {
-                let _answering = self.drain.answering();
+                self.answering = Some(self.drain.answering());
                 (self.answer(msg).await, id)
             }
             Ok(None) => return false,
@@ -541,6 +551,7 @@ impl<A: Answer> ByteService for ChannelService<A> {
 
     fn peer_closed(&mut self) {
         self.decoder = Decoder::default();
+        self.answering = None;
     }
 
     /// `seedctl` writes its request as soon as it connects and waits for the answer; a

@@ -36,6 +36,18 @@ fn exited_record(name: &str) -> String {
     format!("/run/nixseed-test-exited-{name}")
 }
 
+/// [`hit`] in async code: a sleep there lets the runtime go on (the signals, the other
+/// port), as a slow step at that point would.
+pub async fn hit_async(name: &str) {
+    match configured() {
+        Some((want, Action::Sleep(ms))) if want == name => {
+            tracing::warn!("test delay point reached: {name}, sleeping {ms} ms");
+            tokio::time::sleep(Duration::from_millis(*ms)).await;
+        }
+        _ => hit(name),
+    }
+}
+
 pub fn hit(name: &str) {
     let Some((want, action)) = configured() else {
         return;

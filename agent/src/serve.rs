@@ -93,10 +93,11 @@ impl Drain {
 }
 
 /// How long a stop waits for the control-channel request in progress: a push takes a few
-/// seconds under TCG, and its reloads wait up to 20 s for sshd. Below the units'
-/// `TimeoutStopSec=` (50 s), so the agent, not systemd's SIGKILL, decides, and thaws what
-/// the host froze on its way out.
-const STOP_GRACE: Duration = Duration::from_secs(40);
+/// seconds under TCG, its reloads wait up to 20 s for sshd, and `nft` up to 30 s. Below
+/// the units' `TimeoutStopSec=` (90 s, with room for a request in `nixseed-agent
+/// channel`'s own process, whose synchronous steps delay the signal's turn), so the
+/// agent, not systemd's SIGKILL, decides, and thaws what the host froze on its way out.
+const STOP_GRACE: Duration = Duration::from_secs(60);
 
 /// Runs `serving` until it ends or the agent is told to stop (SIGTERM, as systemd stops
 /// it, or SIGINT). A control-channel request being answered then (a push half applied)
@@ -840,7 +841,8 @@ async fn serve_stream_within<S: ByteService, T: AsyncRead + AsyncWrite + Unpin>(
         svc.feed(&buf[..n]);
         // Every request read is answered, as qemu-ga does, even after the peer has gone
         // (a write failed): only the replies are dropped.
-        while svc.answer_next(&mut out).await {
+        // Once the agent is told to stop, requests already read wait unanswered.
+        while !svc.stopping() && svc.answer_next(&mut out).await {
             if failed.is_none()
                 && !out.is_empty()
                 && let Err(e) = write_within(&mut stream, &out, idle).await
@@ -1112,7 +1114,8 @@ async fn serve_virtio<S: ByteService>(
                 // After a reply that could not be sent (no host for REPLY_WAIT), the rest
                 // of this read's replies are dropped at once rather than each waiting.
                 let mut sending = true;
-                while svc.answer_next(&mut out).await {
+                // Once the agent is told to stop, requests already read wait unanswered.
+                while !svc.stopping() && svc.answer_next(&mut out).await {
                     if sending && !out.is_empty() {
                         match write_port(&mut port, &mut events, path, &out).await {
                             Ok(()) => host.present(),

@@ -247,6 +247,12 @@ fn a_stop_during_a_push_finishes_it_and_answers_first() {
     );
     let status = srv.child.wait().unwrap();
     assert!(status.success(), "the agent exited {status}");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("SIGTERM: stopping once the control-channel request in progress is answered")
+            && said.contains("the request in progress was answered; stopping"),
+        "the agent did not say it waited for the push:\n{said}"
+    );
 }
 
 /// A push that gives the machine another machine-id stores it for the next boot, and
