@@ -124,6 +124,7 @@ pub fn push(h: &Harness) -> Result<()> {
     control_port_replugged(h, &m, &b)?;
     guest_agent_port_replugged(h, &m, &b)?;
     let b = apply_restarted_during_a_push(h, &m, b)?;
+    let b = agent_stopped_during_a_push(h, &m, b)?;
     let b = sshd_exits_after_its_start(h, &m, b)?;
     let b = push_in_shape(h, &m, b, &PER_CONNECTION)?;
     let b = push_in_shape(h, &m, b, &SOCKET_ONLY)?;
@@ -345,28 +346,21 @@ touch /run/sshd-exited-once; sleep 1; exit 1'\nRestart=on-failure\nRestartSec=2\
 /// Where the step below holds a push between its bind and its reloads.
 const PUSH_HELD_DROPIN: &str = "/run/systemd/system/nixseed-agent.service.d/90-hold-push.conf";
 
-/// `systemctl restart nixseed-apply` while a push that rotates the host key is between
-/// binding its generation and restarting sshd (held there for 6 s by the test-only delay
-/// point `before-reload`, set for the guest agent's request helpers through a runtime
-/// drop-in). Stage 2 must wait its 2 s, then leave the identity to the push and say so,
-/// and the push must be taken whole: exit 0, sshd reloaded, the pushed key presented.
-/// (When stage 2 waited for the push's lock instead, the push's sshd restart waited for
-/// stage 2's job, which sshd is ordered after, until the push gave up on sshd and exited
-/// 4.) Whatever happens, the drop-in is removed and the agent restarted without it; the
-/// returned machine's ssh pins the pushed key.
-fn apply_restarted_during_a_push(h: &Harness, m: &Machine, mut b: Booted) -> Result<Booted> {
-    let held = push_held_while_apply_restarts(h, m, &b);
-    let restore = format!(
-        "rm -f {PUSH_HELD_DROPIN} && systemctl daemon-reload && systemctl restart nixseed-agent.service"
-    );
-    // Over the kept connection, which outlives sshd's restart; else a new one that takes
-    // the pushed key.
-    let restored = b.ssh.run(&restore).or_else(|_| {
-        Ssh::pinned(b.ssh.port, h.key.clone(), &m.host_key_pub()?, &m.state)?.run(&restore)
-    });
-    let (out, restart, left_before) = held?;
-    pushed_as_expected(m, "with nixseed-apply restarted during it", true, &out)?;
-    restored.context("removing the drop-in that held the push")?;
+/// `systemctl restart nixseed-apply` while a push that rotates the host key is held
+/// between binding its generation and restarting sshd ([`held_push`]). Stage 2 must wait
+/// its 2 s, then leave the identity to the push and say so, and the push must be taken
+/// whole: exit 0, sshd reloaded, the pushed key presented. (When stage 2 waited for the
+/// push's lock instead, the push's sshd restart waited for stage 2's job, which sshd is
+/// ordered after, until the push gave up on sshd and exited 4.)
+fn apply_restarted_during_a_push(h: &Harness, m: &Machine, b: Booted) -> Result<Booted> {
+    let left_before = agent_lines(&b)?.1;
+    let (b, restart) = held_push(
+        h,
+        m,
+        b,
+        "systemctl restart nixseed-apply.service",
+        "with nixseed-apply restarted during it",
+    )?;
     let left = agent_lines(&b)?.1;
     ensure!(
         restart.trim().starts_with("rc=0") && left > left_before,
@@ -378,13 +372,72 @@ fn apply_restarted_during_a_push(h: &Harness, m: &Machine, mut b: Booted) -> Res
         m.name,
         restart.split_whitespace().nth(1).unwrap_or("?")
     );
+    Ok(b)
+}
+
+/// `systemctl stop nixseed-agent` while a push that rotates the host key is held as in
+/// [`held_push`]: the stop must wait for the push (the agent's journal says so) and
+/// succeed, and the push must be taken whole, its reply sent before the agent exits.
+/// (Before, systemd's SIGTERM ended the push's process with the agent, and `seedctl push`
+/// got no reply.)
+fn agent_stopped_during_a_push(h: &Harness, m: &Machine, b: Booted) -> Result<Booted> {
+    let (b, stop) = held_push(
+        h,
+        m,
+        b,
+        "systemctl stop nixseed-agent.service",
+        "with the agent stopped during it",
+    )?;
+    let waited = b.ssh.run(
+        "journalctl -b --no-pager -o cat -u nixseed-agent.service | \
+         grep -c 'SIGTERM: stopping once the control-channel request in progress is answered' || true",
+    )?;
+    ensure!(
+        stop.trim().starts_with("rc=0") && waited.trim() != "0",
+        "the agent stopped during a push did not wait for it (`{}`; journal lines saying it waits: {})",
+        stop.trim(),
+        waited.trim()
+    );
+    eprintln!(
+        "vm-tests: {}: the agent stopped during a push waited for it ({} ms); the push was taken",
+        m.name,
+        stop.split_whitespace().nth(1).unwrap_or("?")
+    );
+    Ok(b)
+}
+
+/// A push that rotates the host key, held between binding its generation and restarting
+/// sshd for 6 s by the test-only delay point `before-reload` (set for the guest agent's
+/// request helpers through a runtime drop-in), and `during` run in the guest while it is
+/// held. The push must be taken whole (`case` names it in the error). Whatever happens,
+/// the drop-in is removed and the agent restarted without it. Returns the machine with
+/// its ssh pinned to the pushed key, and what `during` printed (`rc=STATUS MS`).
+fn held_push(
+    h: &Harness,
+    m: &Machine,
+    mut b: Booted,
+    during: &str,
+    case: &str,
+) -> Result<(Booted, String)> {
+    let held = push_held_while(h, m, &b, during);
+    let restore = format!(
+        "rm -f {PUSH_HELD_DROPIN} && systemctl daemon-reload && systemctl restart nixseed-agent.service"
+    );
+    // Over the kept connection, which outlives sshd's restart; else a new one that takes
+    // the pushed key.
+    let restored = b.ssh.run(&restore).or_else(|_| {
+        Ssh::pinned(b.ssh.port, h.key.clone(), &m.host_key_pub()?, &m.state)?.run(&restore)
+    });
+    let (out, said) = held?;
+    pushed_as_expected(m, case, true, &out)?;
+    restored.context("removing the drop-in that held the push")?;
     let rotated = m.host_key_pub()?;
     ssh::wait_for_host_key(b.ssh.port, Some(&rotated), Duration::from_secs(60), || {
         Ok(())
     })
-    .context("sshd does not present the key pushed while nixseed-apply was restarted")?;
+    .with_context(|| format!("sshd does not present the key pushed {case}"))?;
     b.ssh = Ssh::pinned(b.ssh.port, h.key.clone(), &rotated, &m.state)?;
-    Ok(b)
+    Ok((b, said))
 }
 
 /// The agent's journal lines of this boot that say a push reached the delay point
@@ -404,21 +457,21 @@ fn agent_lines(b: &Booted) -> Result<(u32, u32)> {
     }
 }
 
-/// The part of [`apply_restarted_during_a_push`] that its restore follows: the drop-in,
-/// the push held at its delay point, and the restart of `nixseed-apply` then. Returns
-/// what the push printed, what the restart printed (`rc=STATUS MS`), and the count of
-/// stage 2's lines that leave the identity to a change before it.
-fn push_held_while_apply_restarts(
+/// The part of [`held_push`] that its restore follows: the drop-in, the push held at its
+/// delay point, and `during` then. Returns what the push printed and what `during`
+/// printed (`rc=STATUS MS`).
+fn push_held_while(
     h: &Harness,
     m: &Machine,
     b: &Booted,
-) -> Result<(std::process::Output, String, u32)> {
+    during: &str,
+) -> Result<(std::process::Output, String)> {
     b.ssh.run(&format!(
         "mkdir -p /run/systemd/system/nixseed-agent.service.d && \
          printf '[Service]\\nEnvironment=NIXSEED_TEST_DELAY=before-reload:6000\\n' > {PUSH_HELD_DROPIN} && \
          systemctl daemon-reload && systemctl restart nixseed-agent.service"
     ))?;
-    let (held_before, left_before) = agent_lines(b)?;
+    let held_before = agent_lines(b)?.0;
     rotate_host_key(m)?;
     let (said, complained) = (m.state.join("held-push.out"), m.state.join("held-push.err"));
     let file = |p: &Path| fs::File::create(p).with_context(|| format!("creating {}", p.display()));
@@ -438,16 +491,16 @@ fn push_held_while_apply_restarts(
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let restart = b.ssh.run(
-        "s=$(date +%s%N); systemctl restart nixseed-apply.service; echo \"rc=$? $(( ($(date +%s%N) - s) / 1000000 ))\"",
-    )?;
+    let ran = b.ssh.run(&format!(
+        "s=$(date +%s%N); {during}; echo \"rc=$? $(( ($(date +%s%N) - s) / 1000000 ))\""
+    ))?;
     let status = push.0.wait().context("waiting for seedctl push")?;
     let out = std::process::Output {
         status,
         stdout: fs::read(&said).unwrap_or_default(),
         stderr: fs::read(&complained).unwrap_or_default(),
     };
-    Ok((out, restart, left_before))
+    Ok((out, ran))
 }
 
 /// A push that rotates the host key while sshd is a service systemd calls started at
