@@ -125,15 +125,28 @@ pub(crate) async fn until_stopped(
         "{name}: stopping once the control-channel request in progress is answered (at most {} s)",
         STOP_GRACE.as_secs()
     );
-    match tokio::time::timeout(STOP_GRACE, serving).await {
-        Ok(r) => {
+    // A second signal (Ctrl-C again, `kill` again) stops without the reply.
+    let again = async {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    };
+    tokio::select! {
+        r = &mut serving => {
             tracing::info!("{name}: the request in progress was answered; stopping");
             r
         }
-        Err(_) => {
+        () = tokio::time::sleep(STOP_GRACE) => {
             tracing::warn!(
                 "{name}: the control-channel request in progress was not answered within {} s; stopping without its reply",
                 STOP_GRACE.as_secs()
+            );
+            Ok(())
+        }
+        second = again => {
+            tracing::warn!(
+                "{second} again: stopping without the reply to the control-channel request in progress"
             );
             Ok(())
         }

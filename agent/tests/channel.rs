@@ -187,25 +187,127 @@ fn status_push_and_rollback() {
     assert_eq!(srv.etc_hostname(dir.path()), "first\n");
 }
 
-/// Stopping the agent (SIGTERM, as `systemctl stop` and a shutdown send it) while it
-/// applies a push finishes the push and sends its reply before the agent exits, instead of
-/// leaving it half done with the host told nothing. The push is held between its bind and
-/// its reloads by the test-only delay point `before-reload`.
-#[test]
-fn a_stop_during_a_push_finishes_it_and_answers_first() {
-    let dir = scratch();
-    let log = dir.path().join("agent.log");
-    let sock = dir.path().join("channel.sock");
+/// A channel guest as [`Server::start`], its log in `dir/agent.log` and `env` set.
+fn logged_server(dir: &Path, env: &[(&str, &str)]) -> (Server, PathBuf) {
+    let log = dir.join("agent.log");
+    let sock = dir.join("channel.sock");
     let child = ts::spawn_channel_guest_with(
         Path::new(AGENT),
-        dir.path(),
+        dir,
         &sock,
         std::fs::File::create(&log).unwrap().into(),
         "",
-        &[("NIXSEED_TEST_DELAY", "before-reload:1500")],
+        env,
     )
     .unwrap();
-    let mut srv = Server { child, sock };
+    (Server { child, sock }, log)
+}
+
+/// Every frame the agent writes on `conn` until it closes the connection.
+fn frames_until_closed(conn: &mut UnixStream) -> Vec<Message> {
+    let mut d = Decoder::default();
+    let mut buf = [0u8; 65536];
+    let mut out = Vec::new();
+    loop {
+        while let Some((frame, _)) = d.next_frame().unwrap() {
+            out.push(frame);
+        }
+        match conn.read(&mut buf).unwrap() {
+            0 => return out,
+            n => d.push(&buf[..n]),
+        }
+    }
+}
+
+/// Sends `signal` to the agent once its log says the push reached the held point.
+fn signal_when_held(srv: &Server, log: &Path, signal: nix::sys::signal::Signal) {
+    assert!(
+        ts::wait_for(Duration::from_secs(20), || std::fs::read_to_string(log)
+            .unwrap()
+            .contains("test delay point reached: before-reload")),
+        "the push never reached its delay point:\n{}",
+        std::fs::read_to_string(log).unwrap()
+    );
+    let pid = nix::unistd::Pid::from_raw(srv.agent_pid() as i32);
+    nix::sys::signal::kill(pid, signal).unwrap();
+}
+
+/// The agent's exit status, which must come within `within`.
+fn exits_within(srv: &mut Server, within: Duration) -> std::process::ExitStatus {
+    assert!(
+        ts::wait_for(within, || !matches!(srv.child.try_wait(), Ok(None))),
+        "the agent was still running {} s after it was told to stop",
+        within.as_secs()
+    );
+    srv.child.wait().unwrap()
+}
+
+/// Stopping the agent (SIGTERM, as `systemctl stop` and a shutdown send it) while it
+/// applies a push finishes the push and sends its reply before the agent exits, instead of
+/// leaving it half done with the host told nothing; a request the host sent behind it is
+/// not taken any more. The push is held between its bind and its reloads by the test-only
+/// delay point `before-reload`.
+#[test]
+fn a_stop_during_a_push_finishes_it_and_answers_first() {
+    let dir = scratch();
+    let (mut srv, log) = logged_server(dir.path(), &[("NIXSEED_TEST_DELAY", "before-reload:1500")]);
+    let push = Message::Push {
+        bundle: bundle("instance-id: two\n", "#cloud-config\nhostname: second\n"),
+    };
+    let mut conn = UnixStream::connect(&srv.sock).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut both = encode(&push);
+    both.extend(encode(&Message::Status));
+    conn.write_all(&both).unwrap();
+    signal_when_held(&srv, &log, nix::sys::signal::Signal::SIGTERM);
+    let replies = frames_until_closed(&mut conn);
+    let said = std::fs::read_to_string(&log).unwrap();
+    let [reply] = &replies[..] else {
+        panic!("the stopped agent must answer the push alone, not {replies:?}:\n{said}")
+    };
+    assert_eq!(
+        applied(reply.clone()).0,
+        Some(2),
+        "the push was not taken whole"
+    );
+    let status = exits_within(&mut srv, Duration::from_secs(10));
+    assert!(status.success(), "the agent exited {status}");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("SIGTERM: stopping once the control-channel request in progress is answered")
+            && said.contains("the request in progress was answered; stopping"),
+        "the agent did not say it waited for the push:\n{said}"
+    );
+}
+
+/// With no request in progress, a stop is at once: after a request's reply the agent
+/// is not left waiting for one.
+#[test]
+fn a_stop_between_requests_is_at_once() {
+    let dir = scratch();
+    let (mut srv, log) = logged_server(dir.path(), &[]);
+    let Message::StatusReply { generation, .. } = srv.request(&encode(&Message::Status)) else {
+        panic!("status must answer with status-reply")
+    };
+    assert_eq!(generation, Some(1));
+    let pid = nix::unistd::Pid::from_raw(srv.agent_pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = exits_within(&mut srv, Duration::from_secs(5));
+    assert!(status.success(), "the agent exited {status}");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("SIGTERM: stopping") && !said.contains("stopping once"),
+        "{said}"
+    );
+}
+
+/// A second signal while a stop waits for a push stops without the push's reply.
+#[test]
+fn a_second_signal_stops_without_waiting() {
+    let dir = scratch();
+    let (mut srv, log) =
+        logged_server(dir.path(), &[("NIXSEED_TEST_DELAY", "before-reload:60000")]);
     let push = Message::Push {
         bundle: bundle("instance-id: two\n", "#cloud-config\nhostname: second\n"),
     };
@@ -213,45 +315,22 @@ fn a_stop_during_a_push_finishes_it_and_answers_first() {
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     conn.write_all(&encode(&push)).unwrap();
-    let logged = |what: &str| std::fs::read_to_string(&log).unwrap().contains(what);
+    signal_when_held(&srv, &log, nix::sys::signal::Signal::SIGTERM);
     assert!(
-        ts::wait_for(Duration::from_secs(20), || logged(
-            "test delay point reached: before-reload"
-        )),
-        "the push never reached its delay point:\n{}",
-        std::fs::read_to_string(&log).unwrap()
+        ts::wait_for(Duration::from_secs(10), || std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("stopping once")),
+        "the agent did not start waiting for the push"
     );
     let pid = nix::unistd::Pid::from_raw(srv.agent_pid() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let mut d = Decoder::default();
-    let mut buf = [0u8; 65536];
-    let reply = loop {
-        if let Some((frame, _)) = d.next_frame().unwrap() {
-            break frame;
-        }
-        let n = conn.read(&mut buf).unwrap();
-        assert!(
-            n > 0,
-            "the agent stopped without answering the push:\n{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        d.push(&buf[..n]);
-    };
-    assert_eq!(applied(reply).0, Some(2), "the push was not taken whole");
-    assert!(
-        ts::wait_for(Duration::from_secs(10), || !matches!(
-            srv.child.try_wait(),
-            Ok(None)
-        )),
-        "the agent did not exit after the push it finished"
-    );
-    let status = srv.child.wait().unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = exits_within(&mut srv, Duration::from_secs(5));
     assert!(status.success(), "the agent exited {status}");
+    assert!(frames_until_closed(&mut conn).is_empty());
     let said = std::fs::read_to_string(&log).unwrap();
     assert!(
-        said.contains("SIGTERM: stopping once the control-channel request in progress is answered")
-            && said.contains("the request in progress was answered; stopping"),
-        "the agent did not say it waited for the push:\n{said}"
+        said.contains("SIGINT again: stopping without the reply"),
+        "{said}"
     );
 }
 

@@ -376,34 +376,71 @@ fn apply_restarted_during_a_push(h: &Harness, m: &Machine, b: Booted) -> Result<
 }
 
 /// `systemctl stop nixseed-agent` while a push that rotates the host key is held as in
-/// [`held_push`]: the stop must wait for the push (the agent's journal says so) and
-/// succeed, and the push must be taken whole, its reply sent before the agent exits.
-/// (Before, systemd's SIGTERM ended the push's process with the agent, and `seedctl push`
-/// got no reply.)
+/// [`held_push`]: the stop must wait for the push (the agent's journal says it waits, and
+/// then that the push was answered) and end with the agent's own exit (`Result=success`,
+/// not systemd's kill after `TimeoutStopSec=`), well before that timeout; the push must be
+/// taken whole, its reply sent before the agent exits. (Before, systemd's SIGTERM ended
+/// the push's process with the agent, and `seedctl push` got no reply.)
 fn agent_stopped_during_a_push(h: &Harness, m: &Machine, b: Booted) -> Result<Booted> {
+    let before = stop_lines(&b)?;
     let (b, stop) = held_push(
         h,
         m,
         b,
-        "systemctl stop nixseed-agent.service",
+        "systemctl stop nixseed-agent.service && \
+         test \"$(systemctl show -p Result --value nixseed-agent.service)\" = success",
         "with the agent stopped during it",
     )?;
-    let waited = b.ssh.run(
-        "journalctl -b --no-pager -o cat -u nixseed-agent.service | \
-         grep -c 'SIGTERM: stopping once the control-channel request in progress is answered' || true",
-    )?;
+    let after = stop_lines(&b)?;
+    let ms: u64 = stop
+        .split_whitespace()
+        .nth(1)
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(u64::MAX);
     ensure!(
-        stop.trim().starts_with("rc=0") && waited.trim() != "0",
-        "the agent stopped during a push did not wait for it (`{}`; journal lines saying it waits: {})",
+        stop.trim().starts_with("rc=0") && after.0 > before.0 && after.1 > before.1 && ms < 30_000,
+        "the agent stopped during a push did not wait for it and exit (`{}`, want rc=0 within 30 s; its journal lines saying it waits {} -> {}, that the push was answered {} -> {})",
         stop.trim(),
-        waited.trim()
+        before.0,
+        after.0,
+        before.1,
+        after.1
     );
     eprintln!(
-        "vm-tests: {}: the agent stopped during a push waited for it ({} ms); the push was taken",
-        m.name,
-        stop.split_whitespace().nth(1).unwrap_or("?")
+        "vm-tests: {}: the agent stopped during a push waited for it ({ms} ms); the push was taken",
+        m.name
     );
     Ok(b)
+}
+
+/// The agent's journal lines of this boot that say a stop waits for a request, and that
+/// the request was answered and the agent stops.
+fn stop_lines(b: &Booted) -> Result<(u32, u32)> {
+    let [waits, answered] = journal_counts(
+        b,
+        "-u nixseed-agent.service",
+        [
+            "stopping once the control-channel request in progress is answered",
+            "the request in progress was answered; stopping",
+        ],
+    )?;
+    Ok((waits, answered))
+}
+
+/// How many of this boot's journal lines (`filter`: journalctl's selection) hold each of
+/// `texts` (no single quotes in them).
+fn journal_counts<const N: usize>(b: &Booted, filter: &str, texts: [&str; N]) -> Result<[u32; N]> {
+    let quoted: Vec<String> = texts.iter().map(|t| format!("'{t}'")).collect();
+    let out = b.ssh.run(&format!(
+        "for e in {}; do journalctl -b --no-pager -o cat {filter} | grep -c \"$e\" || true; done",
+        quoted.join(" ")
+    ))?;
+    let n: Vec<u32> = out
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    n.try_into()
+        .map_err(|_| anyhow::anyhow!("unexpected count of the agent's journal lines: {out}"))
 }
 
 /// A push that rotates the host key, held between binding its generation and restarting
@@ -443,18 +480,15 @@ fn held_push(
 /// The agent's journal lines of this boot that say a push reached the delay point
 /// `before-reload`, and that stage 2 left the identity to a change in progress.
 fn agent_lines(b: &Booted) -> Result<(u32, u32)> {
-    let out = b.ssh.run(
-        "for e in 'test delay point reached: before-reload' 'the identity has been changing for'; do \
-         journalctl -b --no-pager -o cat -t nixseed-agent | grep -c \"$e\" || true; done",
+    let [held, left] = journal_counts(
+        b,
+        "-t nixseed-agent",
+        [
+            "test delay point reached: before-reload",
+            "the identity has been changing for",
+        ],
     )?;
-    let n: Vec<u32> = out
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    match n[..] {
-        [held, left] => Ok((held, left)),
-        _ => bail!("unexpected count of the agent's journal lines: {out}"),
-    }
+    Ok((held, left))
 }
 
 /// The part of [`held_push`] that its restore follows: the drop-in, the push held at its
