@@ -111,11 +111,20 @@ pub(crate) async fn until_stopped(
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    // Which of the two came next.
+    async fn next(
+        term: &mut tokio::signal::unix::Signal,
+        int: &mut tokio::signal::unix::Signal,
+    ) -> &'static str {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    }
     tokio::pin!(serving);
     let name = tokio::select! {
         r = &mut serving => return r,
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+        name = next(&mut term, &mut int) => name,
     };
     if !drain.stop() {
         tracing::info!("{name}: stopping");
@@ -126,12 +135,6 @@ pub(crate) async fn until_stopped(
         STOP_GRACE.as_secs()
     );
     // A second signal (Ctrl-C again, `kill` again) stops without the reply.
-    let again = async {
-        tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        }
-    };
     tokio::select! {
         r = &mut serving => {
             tracing::info!("{name}: the request in progress was answered; stopping");
@@ -144,7 +147,7 @@ pub(crate) async fn until_stopped(
             );
             Ok(())
         }
-        second = again => {
+        second = next(&mut term, &mut int) => {
             tracing::warn!(
                 "{second} again: stopping without the reply to the control-channel request in progress"
             );
