@@ -183,16 +183,38 @@ pub const TEST_PACKAGES: &[&str] = &[
     "cloud-image-utils",
     "nftables",
     "util-linux",
+    // `ip` (a tun device in the qemu-ga comparison) and `kill` (seedctl's destroy and the
+    // tests' stand-in QEMU): "important" packages that minimal images and containers lack.
+    "iproute2",
+    "procps",
 ];
 
 /// Everything `vm-tests deps` promises.
 pub fn ensure_all() -> Result<()> {
     ensure_packages(QEMU_PACKAGES)?;
     ensure_packages(LIBVIRT_PACKAGES)?;
+    ensure_libvirt_log_daemon()?;
     ensure_packages(TEST_PACKAGES)?;
-    ensure_musl_target()?;
     ensure_rust_components()?;
-    ensure_packages(&["musl-tools"])
+    // Without the musl target (rustup's server out of reach, say) the agent is built
+    // static against glibc instead (`build_agent`), so this is a warning, not a stop.
+    if let Err(e) = ensure_musl_target().and_then(|()| ensure_packages(&["musl-tools"])) {
+        eprintln!(
+            "vm-tests: no musl toolchain ({e:#}); the agent will be linked static against glibc"
+        );
+    }
+    Ok(())
+}
+
+/// `virtlogd`, which libvirtd's QEMU driver needs, is in `libvirt-daemon` up to bookworm
+/// and in its own `libvirt-daemon-log` from trixie on: that package is added where the
+/// archive has it.
+fn ensure_libvirt_log_daemon() -> Result<()> {
+    const LOG: &str = "libvirt-daemon-log";
+    if installed_version(LOG).is_some() || candidate_version(LOG)?.is_none() {
+        return Ok(());
+    }
+    ensure_packages(&[LOG])
 }
 
 /// rustfmt and clippy, which `cargo xtask test` runs, when rustup's profile left them out.
@@ -210,4 +232,10 @@ pub fn ensure_rust_components() -> Result<()> {
             .args(["component", "add"])
             .args(&missing),
     )
+    .with_context(|| {
+        format!(
+            "adding {} with rustup (`cargo xtask test` runs rustfmt and clippy)",
+            missing.join(" and ")
+        )
+    })
 }

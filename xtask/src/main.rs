@@ -23,7 +23,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("deps") => vm_tests::deps::ensure_all(),
-        Some("demo") => harness(&["demo"]),
+        Some("demo") => preflight().and_then(|()| harness(&["demo"])),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(),
         Some("dist") => dist().map(|_| ()),
@@ -72,6 +72,37 @@ fn harness(args: &[&str]) -> Result<()> {
     run(c, &format!("vm-tests {}", args.join(" ")))
 }
 
+/// Stops at once, with one message, where the commands cannot work: they install
+/// packages, build a root filesystem in a chroot, and the tests make mount namespaces,
+/// loop devices and tun devices. An unprivileged container has none of that, and would
+/// otherwise fail minutes later in an assertion that names none of it.
+fn preflight() -> Result<()> {
+    const NEEDS: &str = "the demo and the tests need root on a VM or a privileged container \
+         (`docker run --privileged`)";
+    if !is_root() {
+        bail!("{NEEDS}: this user is not root");
+    }
+    let unshare = Command::new("unshare")
+        .args(["--mount", "true"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !unshare.is_ok_and(|s| s.success()) {
+        bail!("{NEEDS}: `unshare --mount true` failed here, so no mount namespace can be made");
+    }
+    if !std::path::Path::new("/dev/loop-control").exists() {
+        bail!("{NEEDS}: there is no /dev/loop-control, so no loop device can be set up");
+    }
+    Ok(())
+}
+
+/// Whether this process runs as root (`id -u`, to keep xtask free of libc bindings).
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
 fn test(args: &[String]) -> Result<()> {
     let no_vm = args.iter().any(|a| a == "--no-vm");
     // Typos fail now, not after the minutes of checks that come before the VMs.
@@ -96,6 +127,7 @@ fn test(args: &[String]) -> Result<()> {
             known.join(", ")
         );
     }
+    preflight()?;
     vm_tests::deps::ensure_all()?;
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
