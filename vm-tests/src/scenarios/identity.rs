@@ -87,6 +87,16 @@ pub fn first_boot(h: &Harness) -> Result<()> {
         "this boot's first journal entry has {}, not the identity's machine-id: it was not set in the initrd",
         first.trim()
     );
+    // /var was writable before systemd started, so journald wrote there from its own
+    // start: no runtime journal in /run to lose in a crash and to copy over later, and the
+    // machine's journal on /var holds the boot from the kernel's first line.
+    let journal = b.ssh.run(
+        "test -e /run/log/journal && echo runtime; journalctl -D /var/log/journal -b -o cat | head -n1",
+    )?;
+    ensure!(
+        !journal.starts_with("runtime") && journal.starts_with("Linux version"),
+        "the boot's journal was not written to /var from journald's start (a runtime journal in /run/log/journal, or /var's journal starts elsewhere): {journal:?}"
+    );
     let timing = agent_timing_lines(&b.ssh)?;
     ensure!(
         timing.iter().any(|l| l.contains("nixseed initrd: ")),
