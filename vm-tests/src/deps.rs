@@ -107,6 +107,20 @@ pub fn ensure_musl_target() -> Result<()> {
     cmd::run_visible(Command::new("rustup").args(["target", "add", MUSL]))
 }
 
+/// The musl target and `musl-tools`, tried once per process: without rustup's server or
+/// the mirror, each try would wait for its network timeout again.
+fn musl_toolchain() -> Result<()> {
+    static TRIED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    TRIED
+        .get_or_init(|| {
+            ensure_musl_target()
+                .and_then(|()| ensure_packages(&["musl-tools"]))
+                .map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
 const GNU: &str = "x86_64-unknown-linux-gnu";
 
@@ -134,8 +148,7 @@ pub fn build_agent() -> Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let musl = ensure_musl_target().and_then(|()| {
-        ensure_packages(&["musl-tools"])?;
+    let musl = musl_toolchain().and_then(|()| {
         let mut c = Command::new(&cargo);
         c.current_dir(workspace_root()).args([
             "build",
@@ -198,7 +211,7 @@ pub fn ensure_all() -> Result<()> {
     ensure_rust_components()?;
     // Without the musl target (rustup's server out of reach, say) the agent is built
     // static against glibc instead (`build_agent`), so this is a warning, not a stop.
-    if let Err(e) = ensure_musl_target().and_then(|()| ensure_packages(&["musl-tools"])) {
+    if let Err(e) = musl_toolchain() {
         eprintln!(
             "vm-tests: no musl toolchain ({e:#}); the agent will be linked static against glibc"
         );
@@ -207,12 +220,23 @@ pub fn ensure_all() -> Result<()> {
 }
 
 /// `virtlogd`, which libvirtd's QEMU driver needs, is in `libvirt-daemon` up to bookworm
-/// and in its own `libvirt-daemon-log` from trixie on: that package is added where the
-/// archive has it.
+/// and in its own `libvirt-daemon-log` from trixie on: when it is still missing, that
+/// package is added.
 fn ensure_libvirt_log_daemon() -> Result<()> {
     const LOG: &str = "libvirt-daemon-log";
-    if installed_version(LOG).is_some() || candidate_version(LOG)?.is_none() {
+    if Path::new("/usr/sbin/virtlogd").exists() {
         return Ok(());
+    }
+    // The package lists may be empty (container images drop them), which would hide it.
+    cmd::run_visible(
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    if candidate_version(LOG)?.is_none() {
+        bail!(
+            "/usr/sbin/virtlogd is missing after installing libvirt-daemon, and apt has no {LOG} package"
+        );
     }
     ensure_packages(&[LOG])
 }

@@ -103,6 +103,8 @@ elif var_dev=$(wait_label "$var_label" 10); then
 	var_mode=rw
 	log "var $var_dev at /sysroot/var"
 else
+	# Its disk may still come later, over this directory: nothing is to be written there.
+	var_mode=ro
 	log "no filesystem labelled $var_label: /var stays on the root filesystem"
 fi
 

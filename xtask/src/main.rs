@@ -77,30 +77,37 @@ fn harness(args: &[&str]) -> Result<()> {
 /// loop devices and tun devices. An unprivileged container has none of that, and would
 /// otherwise fail minutes later in an assertion that names none of it.
 fn preflight() -> Result<()> {
-    const NEEDS: &str = "the demo and the tests need root on a VM or a privileged container \
-         (`docker run --privileged`)";
-    if !is_root() {
+    use std::os::unix::fs::MetadataExt as _;
+    const NEEDS: &str = "the demo, the tests and the benchmark need root on a VM or a \
+         privileged container (`docker run --privileged`)";
+    // The owner of /proc/self is this process's user; no program or libc call needed.
+    if std::fs::metadata("/proc/self").map(|m| m.uid()).ok() != Some(0) {
         bail!("{NEEDS}: this user is not root");
     }
-    let unshare = Command::new("unshare")
+    // debootstrap, mkfs.ext4, libvirtd and the like are called by name from there.
+    let path = std::env::var("PATH").unwrap_or_default();
+    let sbin = ["/usr/sbin", "/sbin"].map(std::path::Path::new);
+    if !std::env::split_paths(&path).any(|d| sbin.contains(&d.as_path())) {
+        bail!(
+            "neither /usr/sbin nor /sbin is on PATH ({path}), and the image build and libvirt run programs from it: \
+             use a login shell (`su -`), or add /usr/sbin and /sbin to PATH"
+        );
+    }
+    match Command::new("unshare")
         .args(["--mount", "true"])
         .stderr(std::process::Stdio::null())
-        .status();
-    if !unshare.is_ok_and(|s| s.success()) {
-        bail!("{NEEDS}: `unshare --mount true` failed here, so no mount namespace can be made");
+        .status()
+    {
+        Err(e) => bail!("cannot run `unshare` (util-linux): {e}"),
+        Ok(s) if !s.success() => {
+            bail!("{NEEDS}: `unshare --mount true` failed here, so no mount namespace can be made")
+        }
+        Ok(_) => {}
     }
     if !std::path::Path::new("/dev/loop-control").exists() {
         bail!("{NEEDS}: there is no /dev/loop-control, so no loop device can be set up");
     }
     Ok(())
-}
-
-/// Whether this process runs as root (`id -u`, to keep xtask free of libc bindings).
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -329,7 +336,6 @@ fn man() -> Result<()> {
 }
 
 fn dist() -> Result<PathBuf> {
-    vm_tests::deps::ensure_musl_target()?;
     let bin = vm_tests::deps::build_agent()?;
     let size = std::fs::metadata(&bin)?.len();
     println!(
@@ -351,6 +357,7 @@ fn dist() -> Result<PathBuf> {
 }
 
 fn bench() -> Result<()> {
+    preflight()?;
     // qemu-ga, cloud-localds and the rest of the peers the tables compare against.
     vm_tests::deps::ensure_all()?;
     dist()?;

@@ -172,7 +172,9 @@ fn push_new_hostname(h: &Harness, m: &Machine, b: &Booted) -> Result<(bool, Stri
 /// change fail with ENOSPC and the file named, the identity stays as it was and the agent
 /// keeps serving; a new seed at boot is refused the same way, and applies once space is
 /// free. journald keeps its journal in /run meanwhile, so that no vacuum of its own files
-/// frees space on `/var` behind the test's back.
+/// frees space on `/var` behind the test's back; on the full boot that follows it opens
+/// `/var` at its start (the initramfs found it writable), and only logs that its file
+/// cannot grow.
 fn full_var(h: &Harness, m: &Machine, b: Booted, hostname: &str, generation: &str) -> Result<()> {
     eprintln!("vm-tests: {}: fill /var", m.name);
     b.ssh.run("journalctl --relinquish-var")?;
