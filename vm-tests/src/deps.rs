@@ -54,6 +54,14 @@ fn candidate_version(pkg: &str) -> Result<Option<String>> {
         .filter(|v| v != "(none)"))
 }
 
+fn apt_update() -> Result<()> {
+    cmd::run_visible(
+        Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
 /// Installs whichever of `packages` are missing. Runs `apt-get update` once first.
 pub fn ensure_packages(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
@@ -65,11 +73,7 @@ pub fn ensure_packages(packages: &[&str]) -> Result<()> {
         return Ok(());
     }
     eprintln!("vm-tests: installing {}", missing.join(" "));
-    cmd::run_visible(
-        Command::new("apt-get")
-            .args(["update", "-q"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    apt_update()?;
     let mut args: Vec<String> = missing.iter().map(|s| s.to_string()).collect();
     let mut allow_downgrades = false;
     // qemu-system-x86 breaks with a newer qemu-utils than its own release (a backported
@@ -228,11 +232,7 @@ fn ensure_libvirt_log_daemon() -> Result<()> {
         return Ok(());
     }
     // The package lists may be empty (container images drop them), which would hide it.
-    cmd::run_visible(
-        Command::new("apt-get")
-            .args(["update", "-q"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    apt_update()?;
     if candidate_version(LOG)?.is_none() {
         bail!(
             "/usr/sbin/virtlogd is missing after installing libvirt-daemon, and apt has no {LOG} package"
