@@ -225,20 +225,13 @@ pub fn ensure_all() -> Result<()> {
 
 /// `virtlogd`, which libvirtd's QEMU driver needs, is in `libvirt-daemon` up to bookworm
 /// and in its own `libvirt-daemon-log` from trixie on: when it is still missing, that
-/// package is added.
+/// package is added (`ensure_packages` refreshes the package lists first).
 fn ensure_libvirt_log_daemon() -> Result<()> {
-    const LOG: &str = "libvirt-daemon-log";
     if Path::new("/usr/sbin/virtlogd").exists() {
         return Ok(());
     }
-    // The package lists may be empty (container images drop them), which would hide it.
-    apt_update()?;
-    if candidate_version(LOG)?.is_none() {
-        bail!(
-            "/usr/sbin/virtlogd is missing after installing libvirt-daemon, and apt has no {LOG} package"
-        );
-    }
-    ensure_packages(&[LOG])
+    ensure_packages(&["libvirt-daemon-log"])
+        .context("/usr/sbin/virtlogd is missing after installing libvirt-daemon")
 }
 
 /// rustfmt and clippy, which `cargo xtask test` runs, when rustup's profile left them out.
