@@ -212,24 +212,7 @@ async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Re
         );
     }
     let env = env(ctx);
-    // A bundle made for another VM (seedctl names the VM's product_uuid in it) would give
-    // this one that VM's host key and machine-id. A VM that cannot tell its own (no DMI)
-    // cannot show the bundle is its own, so it is refused too.
-    if let Some(wanted) = &seed.user.nixseed.product_uuid {
-        match env.product_uuid() {
-            Some(mine) if wanted.trim().eq_ignore_ascii_case(&mine) => {}
-            Some(mine) => anyhow::bail!(
-                "the identity of `{}` is for the VM with product_uuid {}, and this VM's is {mine}: refused",
-                bundle.machine,
-                wanted.trim()
-            ),
-            None => anyhow::bail!(
-                "the identity of `{}` is for the VM with product_uuid {}, and this VM has none to compare (no /sys/class/dmi/id/product_uuid): refused",
-                bundle.machine,
-                wanted.trim()
-            ),
-        }
-    }
+    env.check_bundle_is_mine(&seed, &bundle.machine)?;
     let _one = IdentityLock::take(&ctx.opts.run)?;
     let store = Store::open(&ctx.identity_path(), true)?;
     let before = store.current_number()?;
@@ -259,7 +242,15 @@ async fn rollback(ctx: &ChannelContext) -> Result<Message> {
     let _one = IdentityLock::take(&ctx.opts.run)?;
     let store = Store::open(&ctx.identity_path(), false)?;
     let before = store.current_number()?;
-    let old = store.current()?.map(|g| g.tree).unwrap_or_default();
+    // A current generation that no longer reads back is what a rollback is for: it is
+    // then compared as empty, so everything the older one holds is reloaded.
+    let old = match store.current() {
+        Ok(g) => g.map(|g| g.tree).unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!("rolling back from an unreadable generation: {e:#}");
+            Default::default()
+        }
+    };
     let n = store.rollback()?;
     let new = store.read_generation(n)?.tree;
     let changed = stage::tree_changes(&old, &new);

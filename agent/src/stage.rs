@@ -184,9 +184,20 @@ pub fn run_boot_stage(opts: &StageOptions, when: BindTime) -> Result<Outcome> {
     };
     t.lap("read+parse");
     let store = Store::open(&opts.store_path(), true)?;
-    if let Some(what) = store.recover()? {
-        tracing::warn!("{what}");
-    }
+    // A recovery that could not finish (a read-only or failing `/var`) does not stop the
+    // boot: the newest whole generation is bound below in place of an incomplete one.
+    let recovered = match store.recover() {
+        Ok(what) => {
+            if let Some(what) = what {
+                tracing::warn!("{what}");
+            }
+            true
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            false
+        }
+    };
     // Whatever goes wrong with the seed, the current generation is still mounted below.
     let applied = found.and_then(|seed| apply_seed(&store, seed.as_ref(), opts, &env, &mut t));
     let (mut outcome, seed_error) = match applied {
@@ -199,7 +210,14 @@ pub fn run_boot_stage(opts: &StageOptions, when: BindTime) -> Result<Outcome> {
             Some(e),
         ),
     };
-    let current = store.current_number()?;
+    let current = match store.current_number()? {
+        Some(n) if !recovered => store
+            .current()
+            .ok()
+            .flatten()
+            .map_or(Some(n), |g| Some(g.number)),
+        n => n,
+    };
     if let Some(n) = current {
         let _s = tracing::info_span!("mount").entered();
         bind_generation(&store, n, opts, when)?;

@@ -185,17 +185,26 @@ impl Store {
         }
     }
 
+    /// The newest generation below `n` that reads back whole, passing over those a power
+    /// cut left incomplete. One that exists but cannot be read for another reason (an I/O
+    /// error, a changed file) is an error: falling back past it, or to a first boot, would
+    /// make a new machine-id and host key while the machine's own may still be there.
     fn newest_whole_before(&self, n: u64) -> Result<Option<Generation>> {
-        let mut older: Vec<u64> = list_dir(&self.dir)?
+        let mut older: Vec<u64> = list_dir(&self.dir)
+            .with_context(|| format!("cannot list {}", self.path.display()))?
             .iter()
             .filter_map(|e| parse_gen(e))
             .filter(|m| *m < n)
             .collect();
         older.sort_unstable();
-        Ok(older
-            .iter()
-            .rev()
-            .find_map(|m| self.read_generation(*m).ok()))
+        for m in older.into_iter().rev() {
+            match self.read_generation(m) {
+                Ok(g) => return Ok(Some(g)),
+                Err(_) if self.is_incomplete(m) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
     }
 
     pub fn read_generation(&self, n: u64) -> Result<Generation> {
@@ -263,6 +272,16 @@ impl Store {
         let name = gen_name(n);
         let tmp = format!(".tmp-{name}");
         let at = |what: &str| format!("{}/{what}", self.path.display());
+        // What the store would refuse to read back is refused before anything is written,
+        // or the machine would boot on into a generation none of its readers can open.
+        if let Some((rel, f)) = tree.iter().find(|(_, f)| f.bytes.len() as u64 > MAX_FILE) {
+            bail!(
+                "{}/{rel}: {} bytes is more than the {} MiB an identity file may hold",
+                at(&name),
+                f.bytes.len(),
+                MAX_FILE >> 20
+            );
+        }
 
         // Leftovers of an interrupted write are never current: clear them.
         remove_tree_at(&self.dir, &tmp).with_context(|| format!("cannot clear {}", at(&tmp)))?;
@@ -392,20 +411,33 @@ impl Store {
                 "no earlier generation is whole: the seed is applied as on a first boot".into()
             }
         };
-        remove_tree_at(&self.dir, &gen_name(n))
-            .with_context(|| format!("cannot remove {}/{}", self.path.display(), gen_name(n)))?;
-        rfs::fsync(&self.dir).with_context(|| format!("cannot sync {}", self.path.display()))?;
+        // `current` has moved: what fails from here leaves a stray directory, which the
+        // next write clears, not a machine without its identity.
+        let left = remove_tree_at(&self.dir, &gen_name(n))
+            .and_then(|()| Ok(rfs::fsync(&self.dir)?))
+            .err()
+            .map_or_else(String::new, |e| {
+                format!(" (removing it or syncing the store failed: {e:#})")
+            });
         Ok(Some(format!(
-            "{}/{} was left incomplete by a power cut before it reached the disk ({why:#}); {done}",
+            "{}/{} was left incomplete by a power cut before it reached the disk ({why:#}); {done}{left}",
             self.path.display(),
             gen_name(n)
         )))
     }
 
     /// Whether generation `n` looks like a write cut short rather than a changed file.
+    /// Only a directory that is not there counts, not one that cannot be opened: an I/O
+    /// error is not a power cut, and the generation may read whole at the next try.
     fn is_incomplete(&self, n: u64) -> bool {
-        let Ok(gdir) = open_dir_at(&self.dir, &gen_name(n)) else {
-            return true;
+        let gdir = match rfs::openat(
+            &self.dir,
+            gen_name(n).as_str(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(e) => return e.kind() == ErrorKind::NotFound,
         };
         let mut tree = IdentityTree::new();
         if read_tree(&gdir, "", &mut tree, "").is_err() {
@@ -581,9 +613,14 @@ fn list_dir(dir: &impl AsFd) -> Result<Vec<String>> {
 
 /// Reads a generation directory (one level of subdirectories) without following links.
 fn read_tree(dir: &OwnedFd, prefix: &str, tree: &mut IdentityTree, origin: &str) -> Result<()> {
-    for name in list_dir(dir)? {
+    let listed = list_dir(dir).with_context(|| match prefix.strip_suffix('/') {
+        Some(sub) => format!("cannot list {origin}/{sub}"),
+        None => format!("cannot list {origin}"),
+    })?;
+    for name in listed {
         let rel = format!("{prefix}{name}");
-        let st = rfs::statat(dir, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+        let st = rfs::statat(dir, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+            .with_context(|| format!("cannot stat {origin}/{rel}"))?;
         match rfs::FileType::from_raw_mode(st.st_mode) {
             rfs::FileType::RegularFile => {
                 if st.st_size as u64 > MAX_FILE {
@@ -613,7 +650,8 @@ fn read_tree(dir: &OwnedFd, prefix: &str, tree: &mut IdentityTree, origin: &str)
                 );
             }
             rfs::FileType::Directory if prefix.is_empty() => {
-                let sub = open_dir_at(dir, &name)?;
+                let sub = open_dir_at(dir, &name)
+                    .with_context(|| format!("cannot open {origin}/{rel}"))?;
                 read_tree(&sub, &format!("{rel}/"), tree, origin)?;
             }
             _ => bail!(
@@ -670,6 +708,34 @@ mod tests {
             .write_generation(&IdentityTree::new(), manifest(), Durability::Deferred)
             .unwrap_err();
         assert!(format!("{err:#}").contains("largest there is"), "{err:#}");
+    }
+
+    /// A file the store would refuse to read back is refused before anything is written:
+    /// the current generation stays, and nothing of the new one is left.
+    #[test]
+    fn a_file_too_large_to_read_back_is_refused_before_the_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("identity"), true).unwrap();
+        let file = |n: usize| IdentityFile {
+            mode: 0o644,
+            bytes: vec![b'#'; n],
+        };
+        let small: IdentityTree = [("runcmd".to_string(), file(10))].into();
+        store
+            .write_generation(&small, manifest(), Durability::Now)
+            .unwrap();
+        let big: IdentityTree = [("runcmd".to_string(), file(MAX_FILE as usize + 1))].into();
+        let err = store
+            .write_generation(&big, manifest(), Durability::Now)
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("gen-2/runcmd: 4194305 bytes is more than the 4 MiB"),
+            "{err:#}"
+        );
+        assert_eq!(store.current().unwrap().unwrap().tree, small);
+        let mut left = list_dir(&store.dir).unwrap();
+        left.retain(|e| e.starts_with(GEN_PREFIX) || e.starts_with(".tmp"));
+        assert_eq!(left, ["gen-1"]);
     }
 
     /// Key changes do not move the /etc binds: the generation they show survives any

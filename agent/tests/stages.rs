@@ -1417,6 +1417,49 @@ fn an_incomplete_first_generation_is_a_first_boot_again() {
     assert!(!vm.identity("ssh_host_ed25519_key").is_empty());
 }
 
+/// An incomplete newest generation over an older one that does not read back whole for
+/// another reason (here a changed file; an I/O error is the same): no fallback past the
+/// older one to a first boot, which would make a new host key and machine-id while the
+/// machine's own are still on the disk.
+#[test]
+fn an_unreadable_older_generation_is_never_replaced_by_a_first_boot() {
+    let vm = Vm::new();
+    vm.boot();
+    let key = vm.identity("ssh_host_ed25519_key");
+    vm.boot_instance(2);
+    empty_files_of(&vm.p("sysroot/var/identity/gen-2"));
+    std::fs::write(vm.p("sysroot/var/identity/gen-1/hostname"), "intruder\n").unwrap();
+    let (out, _) = vm.boot();
+    let err = stderr(&out);
+    assert!(!err.contains("FirstBoot"), "{err}");
+    assert!(
+        err.contains("gen-1: hostname") && err.contains("does not match the manifest"),
+        "{err}"
+    );
+    assert_eq!(vm.generation(), "gen-2");
+    assert!(vm.p("sysroot/var/identity/gen-1").is_dir());
+    assert_eq!(
+        std::fs::read(vm.p("sysroot/var/identity/gen-1/ssh_host_ed25519_key")).unwrap(),
+        key
+    );
+}
+
+/// A recovery that cannot finish (here the store refuses the link it needs; a read-only
+/// `/var` is the same) still leaves the machine its identity: the newest whole
+/// generation is bound over `/etc` in place of the incomplete one.
+#[test]
+fn a_recovery_that_fails_still_binds_the_whole_generation() {
+    let vm = Vm::new();
+    vm.boot();
+    vm.boot_instance(2);
+    empty_files_of(&vm.p("sysroot/var/identity/gen-2"));
+    std::fs::create_dir_all(vm.p("sysroot/var/identity/.tmp-link-current/in-the-way")).unwrap();
+    let (out, s) = vm.boot();
+    let err = stderr(&out);
+    assert!(err.contains(".tmp-link-current"), "{err}");
+    assert_eq!(etc(&s, "hostname"), "web1\n", "{err}");
+}
+
 #[test]
 fn a_changed_identity_file_is_not_mistaken_for_a_power_cut() {
     let vm = Vm::new();
@@ -2028,4 +2071,64 @@ fn network_v2_keys_not_rendered_are_named() {
         err.contains("search domains without nameserver addresses are dropped"),
         "{err}"
     );
+}
+
+/// With no seed disk, the boot asks the host over the control channel (a raw pty stands
+/// in for the virtio-serial port here). A bundle the host answers with that names another
+/// VM's product_uuid (a host that mixed up its sockets) is refused as a live push refuses
+/// it: taking it would give this VM the other one's host key and machine-id.
+#[test]
+fn a_boot_refuses_a_channel_identity_made_for_another_vm() {
+    use nixseed_core::channel::{Bundle, Decoder, Message, encode};
+    use nixseed_core::seed::SeedFiles;
+    use std::io::{Read, Write};
+
+    let vm = Vm::new();
+    std::fs::remove_dir_all(vm.p("sysroot/seed")).unwrap();
+    std::fs::write(vm.p("host/proc/cmdline"), "ro quiet\n").unwrap();
+    let ports = vm.p("host/sys/class/virtio-ports/vport0p1");
+    std::fs::create_dir_all(&ports).unwrap();
+    std::fs::write(ports.join("name"), "org.nixseed.channel.0\n").unwrap();
+    std::fs::create_dir_all(vm.p("host/dev")).unwrap();
+    let (mut master, _slave) = ts::raw_pty_at(&vm.p("host/dev/vport0p1")).unwrap();
+
+    let files = SeedFiles(
+        [
+            ("meta-data", "instance-id: other\n"),
+            (
+                "user-data",
+                "#cloud-config\nhostname: other\nnixseed:\n  product-uuid: 99999999-8888-7777-6666-555555555555\n",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect(),
+    );
+    let push = encode(&Message::Push {
+        bundle: Bundle::from_files("other", &files),
+    });
+    let host = std::thread::spawn(move || {
+        let mut d = Decoder::default();
+        let mut buf = [0u8; 65536];
+        loop {
+            let Ok(n) = master.read(&mut buf) else {
+                return false;
+            };
+            d.push(&buf[..n]);
+            if let Ok(Some(Message::Hello { .. })) = d.next_message() {
+                return master.write_all(&push).is_ok();
+            }
+        }
+    });
+    let (out, s) = vm.run(&format!(
+        "{AGENT} initrd --sysroot sysroot --root host --run run --channel-wait 10; echo \"rc=$?\"; echo \"== hostname\"; cat sysroot/etc/hostname"
+    ));
+    let err = stderr(&out);
+    assert!(host.join().unwrap(), "the agent never said hello");
+    assert!(
+        err.contains("the identity of `other` is for the VM with product_uuid 99999999-8888-7777-6666-555555555555"),
+        "{s}\n{err}"
+    );
+    assert_eq!(etc(&s, "hostname"), "", "{err}");
+    assert!(!vm.p("sysroot/var/identity/current").exists());
 }

@@ -126,7 +126,9 @@ impl Source for ControlChannel {
                             bundle.machine,
                             t0.elapsed().as_secs_f64() * 1000.0
                         );
-                        return Ok(Some(Seed::from_nocloud(&files, &source, None)?));
+                        let seed = Seed::from_nocloud(&files, &source, None)?;
+                        env.check_bundle_is_mine(&seed, &bundle.machine)?;
+                        return Ok(Some(seed));
                     }
                     Ok(Some(Message::Refuse { reason })) => {
                         tracing::warn!(

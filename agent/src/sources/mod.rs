@@ -132,6 +132,27 @@ impl Env {
             .filter(|s| !s.is_empty())
     }
 
+    /// Refuses a channel bundle made for another VM: seedctl names the VM's product_uuid
+    /// in it, and another VM's bundle would give this one that VM's host key and
+    /// machine-id. A VM that cannot tell its own (no DMI) cannot show the bundle is its
+    /// own, so it is refused too.
+    pub fn check_bundle_is_mine(&self, seed: &Seed, machine: &str) -> Result<()> {
+        let Some(wanted) = &seed.user.nixseed.product_uuid else {
+            return Ok(());
+        };
+        match self.product_uuid() {
+            Some(mine) if wanted.trim().eq_ignore_ascii_case(&mine) => Ok(()),
+            Some(mine) => anyhow::bail!(
+                "the identity of `{machine}` is for the VM with product_uuid {}, and this VM's is {mine}: refused",
+                wanted.trim()
+            ),
+            None => anyhow::bail!(
+                "the identity of `{machine}` is for the VM with product_uuid {}, and this VM has none to compare (no /sys/class/dmi/id/product_uuid): refused",
+                wanted.trim()
+            ),
+        }
+    }
+
     pub fn cmdline(&self) -> String {
         std::fs::read_to_string(self.host_path("/proc/cmdline")).unwrap_or_default()
     }
