@@ -786,6 +786,49 @@ fn exec_falls_back_to_sh_and_fails_in_qemu_gas_words() {
     );
 }
 
+/// A bare program name is looked up in the agent's own PATH, as glib's spawn does for
+/// qemu-ga, also when `env` gives the child an environment without PATH (on NixOS almost
+/// nothing is in /bin or /usr/bin, where a search of the child's empty PATH would look).
+#[test]
+fn exec_finds_a_bare_name_in_the_agents_path_like_qemu_ga() {
+    use std::os::unix::fs::PermissionsExt;
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let tool = dir.path().join("nixseed-path-probe");
+    std::fs::write(&tool, "#!/bin/sh\nprintf 'found %s' \"$LANG\"\n").unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = std::ffi::OsString::from(format!("{}:/usr/bin:/bin", dir.path().display()));
+    let run = |name| {
+        let p = Peer::start_env(name, EXEC, &[("PATH", Path::new(&path))]);
+        let out: Vec<Value> = [None, Some(vec!["LANG=C"])]
+            .into_iter()
+            .map(|env| {
+                let mut args =
+                    serde_json::json!({"path": "nixseed-path-probe", "capture-output": true});
+                if let Some(env) = env {
+                    args["env"] = serde_json::json!(env);
+                }
+                let r = p.call(
+                    &serde_json::json!({"execute": "guest-exec", "arguments": args}).to_string(),
+                );
+                let pid = r["return"]["pid"]
+                    .as_i64()
+                    .unwrap_or_else(|| panic!("{name}: guest-exec: {r}"));
+                exec_status(&p, pid)
+            })
+            .collect();
+        p.stop();
+        out
+    };
+    let theirs = run("qemu-ga");
+    assert_eq!(theirs, run("nixseed"));
+    // "found C": found through the agent's PATH, run with the environment given.
+    assert_eq!(
+        theirs[1]["return"]["out-data"], "Zm91bmQgQw==",
+        "{theirs:?}"
+    );
+}
+
 /// `yes` with its output captured: the agent's memory stays near the 16 MiB cap
 /// (before the cap it grew by gigabytes), and other requests are still answered.
 #[test]

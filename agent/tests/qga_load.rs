@@ -12,8 +12,18 @@ use std::time::Duration;
 /// `nixseed-agent serve` on unix-listen at `dir/sock` (state in `dir/state`), with `extra`
 /// arguments; returns once it listens.
 fn start_agent(dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    start_agent_env(dir, extra, &[])
+}
+
+/// [`start_agent`] with environment variables set for the agent.
+fn start_agent_env(
+    dir: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Child {
     let sock = dir.join("sock");
     let child = Command::new(env!("CARGO_BIN_EXE_nixseed-agent"))
+        .envs(env.iter().copied())
         .args(["serve", "-m", "unix-listen", "-t"])
         .arg(dir.join("state"))
         .arg("-p")
@@ -169,5 +179,62 @@ fn large_replies_to_one_write_are_written_one_by_one() {
     assert!(
         peak < before + 128 * 1024,
         "peak RSS went from {before} KiB to {peak} KiB answering {reads} reads of 8 MiB"
+    );
+}
+
+/// One large reply (24 MiB read through guest-file-read: 32 MiB of base64) leaves no
+/// large buffer behind: the agent's resident memory falls back near where it started.
+#[test]
+fn a_large_reply_gives_its_memory_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("sock");
+    let file = dir.path().join("big");
+    std::fs::write(&file, vec![0x5a_u8; 24 << 20]).unwrap();
+    // glibc's malloc (this test build's; the guest's agent is linked with musl) raises its
+    // mmap threshold to the size of a large block once that is freed, and then keeps
+    // later blocks of that size in its heap: a fixed threshold leaves only what the agent
+    // itself holds on to.
+    let mut child = start_agent_env(
+        dir.path(),
+        &["--unsafe-rpcs", "guest-file-open,guest-file-read"],
+        &[("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=131072")],
+    );
+    let rss_start = status_kib(child.id(), "VmRSS:");
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    let mut call = |req: String| {
+        w.write_all(req.as_bytes()).unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        line.clone()
+    };
+    let open = call(format!(
+        r#"{{"execute":"guest-file-open","arguments":{{"path":"{}"}}}}"#,
+        file.display()
+    ));
+    let handle: u64 = open
+        .trim()
+        .trim_start_matches(r#"{"return": "#)
+        .trim_end_matches('}')
+        .parse()
+        .unwrap_or_else(|_| panic!("{open}"));
+    let read = call(format!(
+        r#"{{"execute":"guest-file-read","arguments":{{"handle":{handle},"count":{}}}}}"#,
+        24 << 20
+    ));
+    assert!(read.len() > 32 << 20, "{} bytes", read.len());
+    assert_eq!(
+        call(r#"{"execute":"guest-ping"}"#.into()),
+        "{\"return\": {}}\n"
+    );
+    let rss_end = status_kib(child.id(), "VmRSS:");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        rss_end < rss_start + 8 * 1024,
+        "RSS {rss_start} KiB at the start, {rss_end} KiB after the reply"
     );
 }

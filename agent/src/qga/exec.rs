@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -87,6 +88,17 @@ fn abandon(pid: u32, reap: bool) {
     }
 }
 
+/// The first executable file called `name` in the agent's PATH.
+fn in_agent_path(name: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dirs = std::env::var_os("PATH")?;
+    std::env::split_paths(&dirs)
+        .map(|d| d.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 pub fn exec(agent: &mut Agent, mut args: Args) -> CmdResult {
     let path = args.str("path")?;
     let argv = args.opt_str_list("arg")?.unwrap_or_default();
@@ -95,8 +107,22 @@ pub fn exec(agent: &mut Agent, mut args: Args) -> CmdResult {
     let capture = args.opt_bool("capture-output")?.unwrap_or(false);
     args.finish()?;
     let input = input.map(|b64| base64::decode(&b64)).transpose()?;
+    // glib's spawn (and so qemu-ga) looks a bare name up in the agent's own PATH, also
+    // when `env` gives the child another environment; Rust's would search the child's,
+    // which has no PATH unless `env` names one.
+    let found = match &env {
+        Some(_) if !path.contains('/') => in_agent_path(&path),
+        _ => None,
+    };
     let command = |program: &str, first: Option<&str>| {
-        let mut cmd = Command::new(program);
+        let mut cmd = match &found {
+            Some(full) if program == path => {
+                let mut c = Command::new(full);
+                c.arg0(program);
+                c
+            }
+            _ => Command::new(program),
+        };
         cmd.args(first).args(&argv);
         if let Some(env) = &env {
             cmd.env_clear();

@@ -57,11 +57,14 @@ pub struct Agent {
     /// Requests other than the always-allowed ones (sync, ping, info, freeze status and
     /// thaw) draw from this bucket.
     limit: nixseed_core::qga::limit::TokenBucket,
+    /// Whether the last limited request had to wait (the warning is logged once a run).
+    paced: bool,
     started: std::time::Instant,
 }
 
-/// Burst and sustained rate for commands that do real work. Proxmox polls
-/// guest-network-get-interfaces every 10 s; a backup makes a handful of calls.
+/// Burst and sustained rate for commands that do real work (past the burst they are
+/// paced, not refused). Proxmox polls guest-network-get-interfaces every 10 s; a backup
+/// makes a handful of calls.
 const RATE_BURST: u32 = 200;
 const RATE_PER_SECOND: u32 = 50;
 
@@ -93,6 +96,7 @@ impl Agent {
             files,
             pending: VecDeque::new(),
             limit: nixseed_core::qga::limit::TokenBucket::new(RATE_BURST, RATE_PER_SECOND),
+            paced: false,
             started: std::time::Instant::now(),
         })
     }
@@ -164,12 +168,20 @@ impl Agent {
             ));
         }
         // sync, ping, info, freeze status and thaw are never limited: a client must always
-        // be able to resynchronise and to thaw.
-        if !info.allowed_while_frozen && !self.limit.allow(self.started.elapsed().as_secs_f64()) {
-            tracing::warn!("guest agent: {name} refused: more than {RATE_PER_SECOND} requests/s");
-            return Err(QgaError::generic(format!(
-                "too many requests: {name} refused, retry in a second"
-            )));
+        // be able to resynchronise and to thaw. The rest wait their turn past the burst.
+        if !info.allowed_while_frozen {
+            let wait = self.limit.take(self.started.elapsed().as_secs_f64());
+            if wait > 0.0 {
+                if !self.paced {
+                    tracing::warn!(
+                        "guest agent: more than {RATE_BURST} requests at over {RATE_PER_SECOND}/s: pacing them from {name} on"
+                    );
+                }
+                self.paced = true;
+                tokio::time::sleep(std::time::Duration::from_secs_f64(wait)).await;
+            } else {
+                self.paced = false;
+            }
         }
         if info.unsafe_by_default {
             tracing::warn!(

@@ -1,5 +1,7 @@
 //! A token bucket for guest-agent requests: a host (or whoever reaches the port) cannot
-//! keep the guest busy with expensive commands. Time is passed in, so this stays pure.
+//! keep the guest busy with expensive commands. Past the burst, requests are paced, not
+//! refused: qemu-ga refuses none, and a client reading a file 4 KiB at a time must not
+//! fail halfway. Time is passed in, so this stays pure.
 
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -20,16 +22,18 @@ impl TokenBucket {
         }
     }
 
-    /// Takes one token at time `now` (seconds, monotonic); false when empty.
-    pub fn allow(&mut self, now: f64) -> bool {
+    /// Takes one token at time `now` (seconds, monotonic) and returns how long to wait
+    /// before running the request: 0 within the burst, otherwise until the bucket has
+    /// refilled that token. A token taken ahead is owed, so requests that keep coming
+    /// are spaced at the rate.
+    pub fn take(&mut self, now: f64) -> f64 {
         let elapsed = (now - self.last).max(0.0);
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity) - 1.0;
+        if self.tokens >= 0.0 {
+            0.0
         } else {
-            false
+            -self.tokens / self.per_second
         }
     }
 }
@@ -39,15 +43,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bursts_up_to_capacity_then_refills_at_the_rate() {
+    fn bursts_up_to_capacity_then_paces_at_the_rate() {
         let mut b = TokenBucket::new(3, 10);
-        assert!(b.allow(0.0) && b.allow(0.0) && b.allow(0.0));
-        assert!(!b.allow(0.0));
-        assert!(!b.allow(0.05), "half a token after 50 ms");
-        assert!(b.allow(0.1));
-        assert!(
-            b.allow(10.0) && b.allow(10.0) && b.allow(10.0) && !b.allow(10.0),
-            "never above capacity"
-        );
+        assert_eq!((b.take(0.0), b.take(0.0), b.take(0.0)), (0.0, 0.0, 0.0));
+        // Beyond the burst each request waits for its own token: 0.1 s, 0.2 s, ...
+        assert!((b.take(0.0) - 0.1).abs() < 1e-9);
+        assert!((b.take(0.0) - 0.2).abs() < 1e-9);
+        // A client that waited as told is not made to wait again.
+        assert!((b.take(0.2) - 0.1).abs() < 1e-9, "one more token owed");
+        assert_eq!(b.take(10.0), 0.0);
+        assert_eq!((b.take(10.0), b.take(10.0)), (0.0, 0.0));
+        assert!(b.take(10.0) > 0.0, "never above capacity");
     }
 }
