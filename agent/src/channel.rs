@@ -201,6 +201,21 @@ fn refused_while_frozen(msg: &Message) -> Option<Message> {
     })
 }
 
+/// How long a push or rollback waits for the identity lock: a guest-agent key change
+/// holds it for milliseconds, a freeze (a backup) until its thaw.
+const PUSH_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The identity lock for `what`, or a refusal that says who may hold it, well within
+/// `seedctl push`'s own wait for an answer.
+fn identity_lock_for(what: &str, ctx: &ChannelContext) -> Result<IdentityLock> {
+    IdentityLock::take_within(&ctx.opts.run, PUSH_LOCK_WAIT)?.with_context(|| {
+        format!(
+            "{what} refused: the identity has been locked for {} s (filesystems frozen by the guest agent for a backup, or another change of the identity in progress); try again after the thaw",
+            PUSH_LOCK_WAIT.as_secs()
+        )
+    })
+}
+
 async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Result<Message> {
     let files = bundle.verify()?;
     let source = format!("channel:{}", bundle.machine);
@@ -213,7 +228,7 @@ async fn push(bundle: nixseed_core::channel::Bundle, ctx: &ChannelContext) -> Re
     }
     let env = env(ctx);
     env.check_bundle_is_mine(&seed, &bundle.machine)?;
-    let _one = IdentityLock::take(&ctx.opts.run)?;
+    let _one = identity_lock_for(&format!("push of `{}`", bundle.machine), ctx)?;
     let store = Store::open(&ctx.identity_path(), true)?;
     let before = store.current_number()?;
     let mut t = Timer::new();
@@ -239,7 +254,7 @@ async fn rollback(ctx: &ChannelContext) -> Result<Message> {
             "rollback refused: this guest takes only signed identities (--trusted-keys), and a rollback is not signed; to go back, put the earlier identity in machines/NAME and `seedctl push` it, signed"
         );
     }
-    let _one = IdentityLock::take(&ctx.opts.run)?;
+    let _one = identity_lock_for("rollback", ctx)?;
     let store = Store::open(&ctx.identity_path(), false)?;
     let before = store.current_number()?;
     // A current generation that no longer reads back is what a rollback is for: it is

@@ -44,15 +44,6 @@ fn open(run: &Path) -> Result<File> {
 }
 
 impl IdentityLock {
-    /// Waits until no other change of the identity is in progress (a push waits for a
-    /// guest-agent command, which is quick).
-    pub fn take(run: &Path) -> Result<IdentityLock> {
-        let f = open(run)?;
-        flock(&f, FlockOperation::LockExclusive)
-            .with_context(|| format!("cannot lock {}", path(run).display()))?;
-        Ok(IdentityLock { _held: f })
-    }
-
     /// The lock once no change of the identity is in progress, waiting at most `wait`
     /// for one to end; `None` if it did not.
     pub fn take_within(run: &Path, wait: std::time::Duration) -> Result<Option<IdentityLock>> {

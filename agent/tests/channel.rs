@@ -808,6 +808,45 @@ fn a_guest_with_trusted_keys_refuses_the_unsigned_rollback() {
     assert_eq!(generation(&srv), before);
 }
 
+/// While the identity lock is held (the guest agent keeps it from a freeze to its thaw,
+/// so that a push cannot start writing to a frozen `/var`), a push waits a bounded time
+/// and is then refused with the reason, well within `seedctl push`'s wait; once the lock
+/// is let go, the same push applies.
+#[test]
+fn a_push_waits_a_bounded_time_for_a_held_identity_lock_and_says_why() {
+    let dir = scratch();
+    let srv = Server::start(dir.path());
+    std::fs::create_dir_all(dir.path().join("run/nixseed")).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.path().join("run/nixseed/identity.lock"))
+        .unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let push = encode(&Message::Push {
+        bundle: bundle("instance-id: two\n", "#cloud-config\nhostname: second\n"),
+    });
+    let t0 = std::time::Instant::now();
+    let Message::Error { message } = srv.request(&push) else {
+        panic!("a push went ahead while the identity lock was held")
+    };
+    let waited = t0.elapsed();
+    assert!(
+        message.contains("push of `web1` refused")
+            && message.contains("filesystems frozen by the guest agent"),
+        "{message}"
+    );
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(20)).contains(&waited),
+        "{waited:?}"
+    );
+    drop(lock);
+    let (generation, failed) = applied(srv.request(&push));
+    assert_eq!((generation, failed), (Some(2), Vec::<String>::new()));
+    assert_eq!(srv.etc_hostname(dir.path()), "second\n");
+}
+
 /// A bundle made for a VM (seedctl names its product_uuid) is refused by one that cannot
 /// read its own product_uuid (no DMI): it cannot show the bundle is its own, and taking
 /// it would give it another VM's host key and machine-id.

@@ -624,6 +624,60 @@ fn fsfreeze_matches_qemu_ga_on_a_loop_mount() {
     );
 }
 
+/// A freeze keeps the identity lock (`/run/nixseed/identity.lock`) until its thaw, so a
+/// control-channel push cannot start writing to a frozen `/var` and stall there.
+#[test]
+fn a_freeze_holds_the_identity_lock_until_the_thaw() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let run = |c: &mut Command| {
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+    };
+    assert!(run(Command::new("mkfs.ext4").arg("-q").arg(&img)).success());
+    assert!(
+        run(Command::new("mount")
+            .arg("-o")
+            .arg("loop")
+            .arg(&img)
+            .arg(&mnt))
+        .success()
+    );
+    let p = Peer::start("nixseed");
+    let lock_free = || {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/run/nixseed/identity.lock")
+            .unwrap();
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+    };
+    let freeze = format!(
+        "{{\"execute\":\"guest-fsfreeze-freeze-list\",\"arguments\":{{\"mountpoints\":[\"{}\"]}}}}",
+        mnt.display()
+    );
+    let frozen = p.call(&freeze);
+    let held = !lock_free();
+    let thawed = p.call(r#"{"execute":"guest-fsfreeze-thaw"}"#);
+    let free_after = lock_free();
+    p.stop();
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert_eq!(frozen["return"], 1, "{frozen}");
+    assert_eq!(thawed["return"], 1, "{thawed}");
+    assert!(held, "the identity lock was free while frozen");
+    assert!(free_after, "the identity lock stayed held after the thaw");
+}
+
 /// Every counter nixseed reports lies between two qemu-ga readings taken before and after
 /// it: the kernel's counters only grow, so a wrong field, unit or scale falls outside.
 /// `ios-pgr` (requests in flight) is a level, not a counter, and `iowait` can go down

@@ -209,6 +209,9 @@ fn set_frozen(agent: &mut Agent, frozen: bool) {
         note_frozen(frozen);
     }
     agent.frozen = frozen;
+    if !frozen {
+        agent.freeze_lock = None;
+    }
     let m = marker(&agent.config.state_dir);
     let r = if frozen {
         std::fs::write(&m, b"").map(|_| ())
@@ -241,8 +244,8 @@ pub fn status(agent: &mut Agent, args: Args) -> CmdResult {
 pub fn freeze(agent: &mut Agent, args: Args) -> BoxFuture<'_> {
     Box::pin(async move {
         args.finish()?;
-        after_identity_change().await?;
-        do_freeze(agent, None)
+        let held = after_identity_change().await?;
+        freeze_holding(agent, None, held)
     })
 }
 
@@ -250,9 +253,24 @@ pub fn freeze_list(agent: &mut Agent, mut args: Args) -> BoxFuture<'_> {
     Box::pin(async move {
         let list = args.opt_str_list("mountpoints")?;
         args.finish()?;
-        after_identity_change().await?;
-        do_freeze(agent, list)
+        let held = after_identity_change().await?;
+        freeze_holding(agent, list, held)
     })
+}
+
+/// Freezes, and keeps the identity lock until the thaw: a push or rollback that was
+/// about to take it then waits, and is refused after a while, instead of starting a
+/// write to a frozen `/var` that would stall it mid-way with the lock held.
+fn freeze_holding(
+    agent: &mut Agent,
+    only: Option<Vec<String>>,
+    held: Option<IdentityLock>,
+) -> CmdResult {
+    let r = do_freeze(agent, only);
+    if agent.frozen {
+        agent.freeze_lock = held;
+    }
+    r
 }
 
 /// How long a freeze waits for a change of the identity in progress.
@@ -260,14 +278,15 @@ const IDENTITY_CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs
 
 /// A push or rollback changing the identity (in `nixseed-agent request`, while this
 /// process goes on answering) is let finish first: frozen in its middle, the snapshot
-/// would hold half of it and the push would stall until the thaw. Nothing else is
-/// answered between the wait's end and the freeze, so no new push starts in between,
-/// and once frozen, pushes are refused. A lock that cannot be opened holds nothing up.
-async fn after_identity_change() -> Result<(), QgaError> {
+/// would hold half of it and the push would stall until the thaw. The lock is returned
+/// held, for the freeze to keep until the thaw; once frozen, new pushes are refused.
+/// A lock that cannot be opened holds nothing up.
+async fn after_identity_change() -> Result<Option<IdentityLock>, QgaError> {
     let began = std::time::Instant::now();
     loop {
         match IdentityLock::try_take(Path::new("/run")) {
-            Ok(Some(_)) | Err(_) => return Ok(()),
+            Ok(Some(held)) => return Ok(Some(held)),
+            Err(_) => return Ok(None),
             Ok(None) if began.elapsed() >= IDENTITY_CHANGE_WAIT => {
                 return Err(QgaError::generic(format!(
                     "not frozen: a control-channel push or rollback has been changing the identity for {} s; try again when it is done",

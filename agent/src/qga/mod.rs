@@ -57,6 +57,8 @@ pub struct Agent {
     /// Requests other than the always-allowed ones (sync, ping, info, freeze status and
     /// thaw) draw from this bucket.
     limit: nixseed_core::qga::limit::TokenBucket,
+    /// The identity lock, held from a freeze to its thaw (see `fsfreeze::freeze_holding`).
+    freeze_lock: Option<crate::identity_lock::IdentityLock>,
     /// Whether the last limited request had to wait (the warning is logged once a run).
     paced: bool,
     started: std::time::Instant,
@@ -96,6 +98,7 @@ impl Agent {
             files,
             pending: VecDeque::new(),
             limit: nixseed_core::qga::limit::TokenBucket::new(RATE_BURST, RATE_PER_SECOND),
+            freeze_lock: None,
             paced: false,
             started: std::time::Instant::now(),
         })
