@@ -68,6 +68,9 @@ pub struct Seed {
     /// The network came from ENI text (a ConfigDrive's `content/0000`, NoCloud
     /// meta-data's `network-interfaces`), which names interfaces without MACs.
     pub network_from_eni: bool,
+    /// The ConfigDrive file that ENI came from, as `meta_data.json` names it
+    /// (`content/0000` in what Proxmox and Nova write).
+    pub network_file: Option<String>,
     /// meta-data says `dsmode: disabled`: cloud-init does not claim such a seed, and
     /// the search goes on past it.
     pub disabled: bool,
@@ -200,27 +203,29 @@ impl Seed {
         let vendor = vendors.pop().map(|(v, _)| v);
         // A `network-config` file, else meta-data's `network-interfaces` (ENI), as
         // cloud-init's NoCloud picks; and whether the network came from ENI.
-        let (network, network_from_eni) =
-            match (files.get("network-config"), &meta.network_interfaces) {
-                (Some(b), _) if !b.iter().all(u8::is_ascii_whitespace) => (
-                    Some(network::parse(b, &origin(source, "network-config"))?),
-                    false,
-                ),
-                // ENI that cannot be read is a warning, not a refused seed: meta-data's
-                // network is the older form, and the rest of the seed still applies.
-                (_, Some(eni)) => {
-                    let from = origin(source, "meta-data (network-interfaces)");
-                    match network::parse_eni(eni, &from) {
-                        Ok(cfg) => (Some(NetworkSetting::Config(cfg)), true),
-                        Err(e) => {
-                            meta.warnings
-                                .push(format!("{e}; the network is left as the image has it"));
-                            (None, false)
-                        }
+        // A network-config with no configuration in it (comments only, `{}`, `network:`
+        // with no value) is none, as in cloud-init.
+        let given = match files.get("network-config") {
+            Some(b) => network::parse_if_any(b, &origin(source, "network-config"))?,
+            None => None,
+        };
+        let (network, network_from_eni) = match (given, &meta.network_interfaces) {
+            (Some(n), _) => (Some(n), false),
+            // ENI that cannot be read is a warning, not a refused seed: meta-data's
+            // network is the older form, and the rest of the seed still applies.
+            (_, Some(eni)) => {
+                let from = origin(source, "meta-data (network-interfaces)");
+                match network::parse_eni(eni, &from) {
+                    Ok(cfg) => (Some(NetworkSetting::Config(cfg)), true),
+                    Err(e) => {
+                        meta.warnings
+                            .push(format!("{e}; the network is left as the image has it"));
+                        (None, false)
                     }
                 }
-                _ => (None, false),
-            };
+            }
+            _ => (None, false),
+        };
         let mut warnings = meta.warnings.clone();
         warnings.extend(user.warnings.iter().cloned());
         if let Some(v) = &vendor {
@@ -235,6 +240,7 @@ impl Seed {
             vendor,
             network,
             network_from_eni,
+            network_file: None,
             disabled: meta.dsmode.as_deref() == Some("disabled"),
             digest: files.digest(),
             files: files.clone(),
@@ -318,6 +324,11 @@ impl Seed {
             (None, None) => None,
         };
         let network_from_eni = files.get(&network_name).is_none() && network.is_some();
+        let network_file = if network_from_eni {
+            meta.network_path.clone()
+        } else {
+            None
+        };
         let mut seed = Seed {
             source: source.to_string(),
             instance_id: meta.instance_id,
@@ -327,6 +338,7 @@ impl Seed {
             vendor,
             network,
             network_from_eni,
+            network_file,
             disabled: meta.disabled,
             digest: files.digest(),
             files: files.clone(),
@@ -489,7 +501,8 @@ impl Seed {
     /// The file its network came from, named for messages.
     pub fn network_origin(&self) -> String {
         if self.network_from_eni {
-            self.file_origin("meta-data", "content/0000")
+            let file = self.network_file.as_deref().unwrap_or("content/0000");
+            self.file_origin("meta-data", file)
         } else {
             self.file_origin("network-config", NETWORK_DATA)
         }
@@ -547,6 +560,41 @@ mod tests {
             Some(true)
         );
         assert_eq!(read("#cloud-config\nvendor_data: {enabled: false}\n"), None);
+    }
+
+    /// A network-config that holds no configuration (comments only, `{}`, `---`, a bare
+    /// `network:`) is none, as cloud-init reads it: the rest of the seed applies, and the
+    /// network falls back as without the file (here to meta-data's ENI).
+    #[test]
+    fn an_empty_network_config_is_none_given() {
+        for empty in ["# filled in later\n", "{}\n", "---\n", "network:\n"] {
+            let seed = Seed::from_nocloud(
+                &files(&[
+                    ("meta-data", "instance-id: i-1\n"),
+                    ("user-data", "#cloud-config\nhostname: web1\n"),
+                    ("network-config", empty),
+                ]),
+                "nocloud:/dev/sr0",
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{empty:?}: {e}"));
+            assert!(seed.network.is_none(), "{empty:?}");
+            assert_eq!(seed.user.hostname.as_deref(), Some("web1"));
+        }
+        let eni = Seed::from_nocloud(
+            &files(&[
+                (
+                    "meta-data",
+                    "instance-id: i-1\nnetwork-interfaces: |\n  auto eth0\n  iface eth0 inet dhcp\n",
+                ),
+                ("user-data", "#cloud-config\n"),
+                ("network-config", "# none\n"),
+            ]),
+            "nocloud:/dev/sr0",
+            None,
+        )
+        .unwrap();
+        assert!(eni.network_from_eni && eni.network.is_some());
     }
 
     #[test]

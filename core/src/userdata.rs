@@ -1277,12 +1277,43 @@ impl Ctx<'_> {
         let mut out = Vec::new();
         let mut left = MAX_USER_DATA;
         let mut components = 0usize;
-        for item in items {
-            let path = item
+        for (i, item) in items.iter().enumerate() {
+            // Skipped with a warning, as cloud-init's module skips it.
+            let Some(path) = item
                 .get("path")
                 .and_then(yaml::scalar_text)
-                .ok_or_else(|| self.err("an entry lacks 'path'"))?;
+                .filter(|p| !p.is_empty())
+            else {
+                warnings.push(format!(
+                    "{}: key 'write_files': entry {} has no 'path': skipped, as cloud-init skips it",
+                    self.origin,
+                    i + 1
+                ));
+                continue;
+            };
             check_write_path(&path).map_err(|d| self.err(format!("{path}: {d}")))?;
+            // A URL to fetch: nixseed reads no URLs (the initrd has no network). cloud-init
+            // falls back to `content` when the fetch fails, and skips an entry with none.
+            let url = item
+                .get("source")
+                .and_then(|s| s.get("uri"))
+                .and_then(yaml::scalar_text)
+                .filter(|u| !u.is_empty());
+            if let Some(url) = &url {
+                let has_content = item.get("content").is_some_and(|c| !c.is_null());
+                warnings.push(format!(
+                    "{}: key 'write_files': {path}: source uri {url} is not fetched (nixseed reads no URLs); {}",
+                    self.origin,
+                    if has_content {
+                        "its inline content is written instead, as cloud-init does when the fetch fails"
+                    } else {
+                        "skipped, as cloud-init skips it when the fetch fails and no content is given"
+                    }
+                ));
+                if !has_content {
+                    continue;
+                }
+            }
             components += path.split('/').filter(|c| !c.is_empty()).count();
             if components > MAX_WRITE_FILES_COMPONENTS {
                 return Err(self.err(format!(
@@ -1896,6 +1927,40 @@ hostname: {{ v1.local_hostname }}
             });
             assert_eq!(warned, want == 0o644, "{mode}: {:?}", c.warnings);
         }
+    }
+
+    /// As cloud-init's module: an entry with no `path` is skipped with a warning, not a
+    /// refused seed; a `source.uri` (which nixseed does not fetch) falls back to the inline
+    /// content, and an entry with neither is skipped with a warning, never written empty.
+    #[test]
+    fn write_files_skip_what_cloud_init_skips_and_say_so() {
+        let text = "#cloud-config\nwrite_files:\n  - {content: orphan}\n  - {path: /var/lib/app/cfg, source: {uri: 'http://h/cfg'}}\n  - {path: /var/lib/app/other, source: {uri: 'http://h/o'}, content: fallback}\n  - {path: /var/lib/app/empty}\n";
+        let c = parse(text.as_bytes(), "user-data").unwrap();
+        let written: Vec<(&str, &[u8])> = c
+            .write_files
+            .iter()
+            .map(|f| (f.path.as_str(), &f.content[..]))
+            .collect();
+        assert_eq!(
+            written,
+            [
+                ("/var/lib/app/other", &b"fallback"[..]),
+                ("/var/lib/app/empty", b"")
+            ]
+        );
+        let said = |what: &str| c.warnings.iter().any(|w| w.contains(what));
+        assert!(said("entry 1 has no 'path': skipped"), "{:?}", c.warnings);
+        assert!(
+            said("/var/lib/app/cfg: source uri http://h/cfg is not fetched")
+                && said("skipped, as cloud-init skips it"),
+            "{:?}",
+            c.warnings
+        );
+        assert!(
+            said("its inline content is written instead"),
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]

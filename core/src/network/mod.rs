@@ -213,20 +213,35 @@ pub(crate) fn invalid(origin: &str, detail: impl Into<String>) -> NetworkError {
 /// Parses a network-config document (v1 or v2, optionally under a top-level `network:`).
 /// `origin` names the file in errors.
 pub fn parse(bytes: &[u8], origin: &str) -> Result<NetworkSetting, NetworkError> {
+    parse_if_any(bytes, origin)?
+        .ok_or_else(|| invalid(origin, "expected a mapping with `version:`"))
+}
+
+/// [`parse`], with `None` for a document that holds no configuration at all: only
+/// comments, `---`, `{}` or `network:` with no value. cloud-init reads such a
+/// `network-config` as none given, and falls back as without the file.
+pub fn parse_if_any(bytes: &[u8], origin: &str) -> Result<Option<NetworkSetting>, NetworkError> {
     use crate::yaml::Value;
     let doc = crate::yaml::parse_bytes(bytes, origin)
         .map_err(|e| invalid(origin, format!("not valid YAML: {}", e.detail)))?;
     let mut top = &doc;
+    // `network:` with no value counts as the key given: it holds nothing, as below.
     if crate::yaml::get(top, "version").is_none()
-        && let Some(inner) = crate::yaml::get(top, "network")
+        && let Value::Mapping(m) = top
+        && let Some(inner) = m.get("network")
     {
         top = inner;
+    }
+    match top {
+        Value::Null => return Ok(None),
+        Value::Mapping(m) if m.is_empty() => return Ok(None),
+        _ => {}
     }
     if !matches!(top, Value::Mapping(_)) {
         return Err(invalid(origin, "expected a mapping with `version:`"));
     }
     if crate::yaml::get(top, "config").and_then(Value::as_str) == Some("disabled") {
-        return Ok(NetworkSetting::Disabled);
+        return Ok(Some(NetworkSetting::Disabled));
     }
     let version = crate::yaml::get(top, "version")
         .and_then(crate::yaml::scalar_text)
@@ -241,7 +256,7 @@ pub fn parse(bytes: &[u8], origin: &str) -> Result<NetworkSetting, NetworkError>
             ));
         }
     };
-    Ok(NetworkSetting::Config(cfg))
+    Ok(Some(NetworkSetting::Config(cfg)))
 }
 
 /// Parses Debian ENI text (ConfigDrive2 `content/0000`).
@@ -743,6 +758,26 @@ mod limit_tests {
             err.to_string().contains("network-config")
                 && err.to_string().contains("config entries"),
             "{err}"
+        );
+
+        // Bond members the config names but does not define count too, and are looked up
+        // in a set: 50 000 of them are refused at once, not after seconds of comparing.
+        let members: Vec<String> = (0..50_000).map(|i| format!("m{i}")).collect();
+        let bond = format!(
+            "version: 1\nconfig:\n  - {{type: bond, name: bond0, bond_interfaces: [{}]}}\n",
+            members.join(", ")
+        );
+        let t0 = std::time::Instant::now();
+        let err = parse(bond.as_bytes(), "network-config").unwrap_err();
+        assert!(
+            err.to_string().contains("network-config")
+                && err.to_string().contains("bond members and bridge ports"),
+            "{err}"
+        );
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            t0.elapsed()
         );
 
         let v2: String = std::iter::once("version: 2\nethernets:\n".to_owned())

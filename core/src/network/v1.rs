@@ -117,13 +117,19 @@ pub(super) fn parse(top: &Value, origin: &str) -> Result<NetworkConfig, NetworkE
             })?;
         iface.dns = Some(dns);
     }
-    add_placeholders(&mut cfg.interfaces);
+    add_placeholders(&mut cfg.interfaces, origin)?;
     Ok(cfg)
 }
 
 /// Bond members and bridge ports that the config names but does not define still get
-/// a (DHCP=no) file, as in cloud-init.
-pub(super) fn add_placeholders(ifaces: &mut Vec<Interface>) {
+/// a (DHCP=no) file, as in cloud-init. They count towards the interfaces read, so a
+/// member list cannot get past [`super::MAX_INTERFACES`].
+pub(super) fn add_placeholders(
+    ifaces: &mut Vec<Interface>,
+    origin: &str,
+) -> Result<(), NetworkError> {
+    let mut known: std::collections::HashSet<String> =
+        ifaces.iter().map(|i| i.id.clone()).collect();
     let mut missing = Vec::new();
     for iface in ifaces.iter() {
         let refs = match &iface.kind {
@@ -132,8 +138,13 @@ pub(super) fn add_placeholders(ifaces: &mut Vec<Interface>) {
             _ => continue,
         };
         for r in refs {
-            if !ifaces.iter().any(|i| &i.id == r) && !missing.contains(r) {
+            if known.insert(r.clone()) {
                 missing.push(r.clone());
+                super::check_count(
+                    origin,
+                    "interfaces with the bond members and bridge ports named",
+                    known.len(),
+                )?;
             }
         }
     }
@@ -143,6 +154,7 @@ pub(super) fn add_placeholders(ifaces: &mut Vec<Interface>) {
             ..Default::default()
         });
     }
+    Ok(())
 }
 
 fn upsert(ifaces: &mut Vec<Interface>, iface: Interface) {
@@ -218,6 +230,8 @@ pub(super) fn route(r: &Value, at: &str, origin: &str) -> Result<Route, NetworkE
     let dest = text(r, "destination", at, origin)?
         .or(text(r, "network", at, origin)?)
         .ok_or_else(|| invalid(origin, format!("{at}.destination is missing")))?;
+    let gateway = text(r, "gateway", at, origin)?.filter(|g| !g.is_empty());
+    let dest = default_by_gateway(dest, gateway.as_deref(), &format!("{at}.gateway"), origin)?;
     let prefix = text(r, "prefix", at, origin)?;
     let netmask = text(r, "netmask", at, origin)?;
     let (network, prefix) = address_prefix(&dest, prefix.as_deref(), netmask.as_deref())
@@ -226,11 +240,32 @@ pub(super) fn route(r: &Value, at: &str, origin: &str) -> Result<Route, NetworkE
     Ok(Route {
         network,
         prefix,
-        gateway: text(r, "gateway", at, origin)?.filter(|g| !g.is_empty()),
+        gateway,
         metric,
         table: text(r, "table", at, origin)?,
         on_link: false,
     })
+}
+
+/// A route's destination `default` as cloud-init normalises it for v1 and v2 alike:
+/// `0.0.0.0/0` or `::/0` by the family of the gateway (`gw_at` names where that is).
+pub(super) fn default_by_gateway(
+    dest: String,
+    gateway: Option<&str>,
+    gw_at: &str,
+    origin: &str,
+) -> Result<String, NetworkError> {
+    if dest != "default" {
+        return Ok(dest);
+    }
+    match gateway.map(str::parse::<std::net::IpAddr>) {
+        Some(Ok(std::net::IpAddr::V4(_))) => Ok("0.0.0.0/0".to_string()),
+        Some(Ok(std::net::IpAddr::V6(_))) => Ok("::/0".to_string()),
+        _ => Err(invalid(
+            origin,
+            format!("{gw_at}: a `default` destination needs a gateway address here"),
+        )),
+    }
 }
 
 /// A bridge parameter as cloud-init keeps it: `bridge_stp` becomes a boolean, other

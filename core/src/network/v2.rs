@@ -89,7 +89,7 @@ pub(super) fn parse(top: &Value, origin: &str) -> Result<NetworkConfig, NetworkE
             cfg.interfaces.push(iface);
         }
     }
-    add_placeholders(&mut cfg.interfaces);
+    add_placeholders(&mut cfg.interfaces, origin)?;
     Ok(cfg)
 }
 
@@ -148,8 +148,10 @@ fn device(
     let mut iface = Interface {
         id,
         mtu: text(dev, "mtu", at, origin)?,
-        optional: get(dev, "optional").is_some_and(crate::yaml::truthy),
-        accept_ra: get(dev, "accept-ra").and_then(crate::yaml::bool11),
+        // cloud-init's `util.is_true` for both: `1`, `on`, `yes`, `true` (any case) are
+        // true, and any other value given is false.
+        optional: get(dev, "optional").is_some_and(|v| crate::yaml::cloud_truth(v) == Some(true)),
+        accept_ra: get(dev, "accept-ra").map(|v| crate::yaml::cloud_truth(v) == Some(true)),
         subnets: subnets(dev, at, origin)?,
         ..Default::default()
     };
@@ -341,6 +343,8 @@ fn subnets(dev: &Value, at: &str, origin: &str) -> Result<Vec<Subnet>, NetworkEr
             let on = match crate::yaml::bool11(v) {
                 Some(on) => on,
                 None if matches!(v, Value::String(t) if t == "y" || t == "Y") => true,
+                // A number is on when not zero, as Python's `if` reads it.
+                None if matches!(v, Value::Number(_)) => crate::yaml::truthy(v),
                 None => {
                     return Err(invalid(
                         origin,
@@ -412,20 +416,7 @@ fn route(r: &Value, at: &str, origin: &str) -> Result<Route, NetworkError> {
     let to =
         text(r, "to", at, origin)?.ok_or_else(|| invalid(origin, format!("{at}.to is missing")))?;
     let via = text(r, "via", at, origin)?.filter(|v| !v.is_empty());
-    let to = if to == "default" {
-        match via.as_deref().map(str::parse::<std::net::IpAddr>) {
-            Some(Ok(std::net::IpAddr::V4(_))) => "0.0.0.0/0".to_string(),
-            Some(Ok(std::net::IpAddr::V6(_))) => "::/0".to_string(),
-            _ => {
-                return Err(invalid(
-                    origin,
-                    format!("{at}.via: `to: default` needs a gateway address in `via`"),
-                ));
-            }
-        }
-    } else {
-        to
-    };
+    let to = super::v1::default_by_gateway(to, via.as_deref(), &format!("{at}.via"), origin)?;
     let (network, prefix) =
         address_prefix(&to, None, None).map_err(|e| invalid(origin, format!("{at}.to: {e}")))?;
     let metric = metric(r, at, origin)?;
