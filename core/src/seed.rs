@@ -562,6 +562,21 @@ mod tests {
         assert_eq!(read("#cloud-config\nvendor_data: {enabled: false}\n"), None);
     }
 
+    /// Messages about a ConfigDrive's ENI network name the file meta_data.json names.
+    #[test]
+    fn a_configdrive_eni_is_named_as_meta_data_names_it() {
+        let f = files(&[
+            (
+                "latest/meta_data.json",
+                r#"{"uuid": "i-1", "network_config": {"content_path": "/content/0001"}}"#,
+            ),
+            ("content/0001", "auto eth0\niface eth0 inet dhcp\n"),
+        ]);
+        let seed = Seed::from_configdrive(&f, "configdrive:/dev/sr0").unwrap();
+        assert!(seed.network_from_eni);
+        assert_eq!(seed.network_origin(), "configdrive:/dev/sr0/content/0001");
+    }
+
     /// A network-config that holds no configuration (comments only, `{}`, `---`, a bare
     /// `network:`) is none, as cloud-init reads it: the rest of the seed applies, and the
     /// network falls back as without the file (here to meta-data's ENI).
