@@ -49,7 +49,9 @@ pub fn socket_path(
         return Ok(s.to_path_buf());
     }
     if let Some(uri) = connect {
-        return libvirt_socket(&crate::libvirt::uri(Some(uri)), name);
+        let uri = crate::libvirt::uri(Some(uri));
+        crate::libvirt::refuse_remote_channel(&uri, name, "this command")?;
+        return libvirt_socket(&uri, name);
     }
     let sock = StateDir::new(paths, name).file(CHANNEL_SOCK);
     // Absolute, so errors and logs name the file wherever they are read.

@@ -115,6 +115,13 @@ pub fn write_output(path: &Path, bytes: &[u8], mode: u32, kind: Output) -> Resul
             "{} is not a regular file; seedctl writes its output only as a regular file, which it replaces whole",
             target.display()
         ),
+        // A machine's own seed is replaced unread: while libvirt runs the domain it owns
+        // the file (`dynamic_ownership`), and an operator in the libvirt group could not
+        // open it to look, though replacing it in its directory works.
+        Ok(_) if kind == Output::MachineSeed => {
+            refuse_machine_disk_name(&target)?;
+            write_atomic(&target, bytes, mode)
+        }
         Ok(_) => {
             refuse_disk(&target)?;
             refuse_other_kind(&target, kind)?;

@@ -18,6 +18,25 @@ pub fn uri(connect: Option<&str>) -> String {
         .unwrap_or_else(|| DEFAULT_URI.to_owned())
 }
 
+/// The host a libvirt URI names (`qemu+ssh://root@hv1/system` → `root@hv1`), `None` for
+/// one on this machine (`qemu:///system`, `test:///default`).
+pub fn remote_host(uri: &str) -> Option<&str> {
+    let rest = uri.split_once("://")?.1;
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    (!host.is_empty()).then_some(host)
+}
+
+/// Refuses the control channel through a libvirt on another host: the channel is a unix
+/// socket on the machine that runs the domain, which no socket here can reach.
+pub fn refuse_remote_channel(uri: &str, name: &str, what: &str) -> Result<()> {
+    if let Some(host) = remote_host(uri) {
+        bail!(
+            "machine `{name}`: {what} needs the domain's control channel, a unix socket on {host}, the host that runs it ({uri}); run seedctl on {host}, or use the seed ISO (`seedctl start {name} --connect {uri}`, `seedctl seed {name}` and a reboot)"
+        );
+    }
+    Ok(())
+}
+
 /// Where a local libvirt QEMU driver keeps a running domain's pidfile: `qemu:///system`
 /// in `/run/libvirt/qemu`, `qemu:///session` under `$XDG_RUNTIME_DIR`. Remote and other
 /// URIs have none on this host.
@@ -85,6 +104,18 @@ fn no_such_domain(err: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_uris_name_their_host() {
+        assert_eq!(remote_host("qemu+ssh://root@hv1/system"), Some("root@hv1"));
+        assert_eq!(
+            remote_host("qemu+tcp://hv2:16509/system?x=1"),
+            Some("hv2:16509")
+        );
+        assert_eq!(remote_host("qemu:///system"), None);
+        assert_eq!(remote_host("qemu:///session"), None);
+        assert_eq!(remote_host("test:///default"), None);
+    }
 
     #[test]
     fn only_a_missing_domain_reads_as_no_domain() {

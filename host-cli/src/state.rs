@@ -46,6 +46,8 @@ pub struct MachineLock {
 
 /// The libvirt definition `seedctl define` gave libvirt, kept while the domain is defined.
 pub const DOMAIN_XML: &str = "domain.xml";
+/// The libvirt URI `define` gave the domain to, beside its `domain.xml`.
+pub const DOMAIN_URI: &str = "domain.uri";
 
 /// The file [`StateDir::lock`] locks.
 pub const LOCK_FILE: &str = "lock";

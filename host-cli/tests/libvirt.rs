@@ -271,6 +271,48 @@ fn domain_xml_is_kept_only_while_libvirt_has_the_domain() {
     s.ok(&["define", "web1", "--connect", &uri]);
     assert!(xml.exists());
     let uri = test_driver(&s, WEB1);
+    // `upgrade` without --connect asks the libvirt the domain was defined under, not the
+    // default one (here one that knows no such domain, which would let it go ahead).
+    let elsewhere = s.path().join("other-node.xml");
+    std::fs::write(&elsewhere, "<node></node>\n").unwrap();
+    let boot = s.state("web1").join("boot.qcow2");
+    let before = std::fs::read(&boot).unwrap();
+    let out = s
+        .cmd(&["upgrade", "web1", "--base", "new.qcow2"])
+        .env(
+            "LIBVIRT_DEFAULT_URI",
+            format!("test://{}", elsewhere.display()),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("running under libvirt") && err.contains(&uri),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read(&boot).unwrap(), before);
     s.ok(&["undefine", "web1", "--connect", &uri]);
     assert!(!xml.exists(), "undefine left {}", xml.display());
+    assert!(!s.state("web1").join("domain.uri").exists());
+}
+
+/// The control channel is a unix socket on the host that runs the domain: through a
+/// remote URI, `start --seed-via channel` and `push` are refused before anything
+/// changes (no virsh call: an unreachable host is never asked), naming the host.
+#[test]
+fn the_control_channel_through_a_remote_libvirt_is_refused_first() {
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    let uri = "qemu+ssh://root@hv1.invalid/system";
+    for args in [
+        &["start", "web1", "--seed-via", "channel", "--connect", uri][..],
+        &["push", "web1", "--connect", uri],
+        &["status", "web1", "--connect", uri],
+    ] {
+        let err = s.fails(args);
+        assert!(
+            err.contains("a unix socket on root@hv1.invalid") && err.contains("run seedctl on"),
+            "{args:?}: {err}"
+        );
+    }
 }

@@ -129,7 +129,15 @@ fn existing_identity_is_kept_without_force() {
     let network = "version: 2\nethernets:\n  eth0:\n    dhcp4: false\n";
     std::fs::write(s.machine("web1").join("seed_generation"), "3 abc\n").unwrap();
     std::fs::write(s.machine("web1").join("network-config"), network).unwrap();
+    // And the NixOS stub, once the operator has made it theirs.
+    let module =
+        "{ ... }:\n{\n  services.nixseed.enable = true;\n  services.nginx.enable = true;\n}\n";
+    std::fs::write(s.machine("web1").join("default.nix"), module).unwrap();
     let out = s.ok(&["new", "web1", "--force"]);
+    assert_eq!(
+        std::fs::read_to_string(s.machine("web1").join("default.nix")).unwrap(),
+        module
+    );
     assert!(
         out.contains("kept") && out.contains("seed_generation"),
         "{out}"

@@ -534,3 +534,40 @@ fn output_replaces_only_its_own_kind() {
     std::fs::write(s.path().join("empty.iso"), b"").unwrap();
     s.ok(&["seed", "web1", "-o", "empty.iso"]);
 }
+
+/// While libvirt runs a domain it owns the domain's disks (`dynamic_ownership`: the seed
+/// becomes `libvirt-qemu`'s, mode 0600), so an operator in the libvirt group cannot read
+/// the machine's seed. `seedctl seed NAME` (and a push, which rewrites it) still
+/// replaces it: the machine's own seed is replaced unread, in its directory.
+#[test]
+fn a_machine_seed_the_operator_cannot_read_is_still_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    s.ok(&["new", "web1"]);
+    s.ok(&["seed", "web1"]);
+    let iso = s.state("web1").join("seed.iso");
+    assert!(iso.is_file());
+    let chown = |args: &[&str], path: &std::path::Path| {
+        let st = Command::new("chown").args(args).arg(path).status().unwrap();
+        assert!(st.success());
+    };
+    chown(&["-R", "65534:65534"], s.path());
+    chown(&["0:0"], &iso);
+    std::fs::set_permissions(&iso, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_seedctl"))
+        .args(["seed", "web1"])
+        .current_dir(s.path())
+        .env("SEEDCTL_SIGNING_KEY", "")
+        .env("HOME", s.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&iso).unwrap().uid(), 65534, "replaced");
+}

@@ -276,7 +276,11 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
             )));
         }
     };
-    let files = render_files(a, kept_uuid).with_context(|| format!("machine `{}`", a.name))?;
+    let mut files = render_files(a, kept_uuid).with_context(|| format!("machine `{}`", a.name))?;
+    // The NixOS stubs are the operator's to edit once made: --force carries them over.
+    files.retain(|(name, _)| {
+        !(matches!(*name, META_NIX | DEFAULT_NIX) && target.join(name).symlink_metadata().is_ok())
+    });
 
     std::fs::create_dir_all(&paths.machines)
         .with_context(|| format!("creating {}", paths.machines.display()))?;
@@ -322,9 +326,31 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
         })
         .unwrap_or_default();
     let backup = target.with_file_name(format!(".{}.old-{suffix}", a.name));
+    // Under --force the new directory and the old one trade places in one rename(2), so
+    // no moment leaves the machine without a directory (a kill in between would, and the
+    // next `seedctl new` would then make a new product UUID and MAC). A filesystem that
+    // cannot exchange names gets the two renames below.
+    let exchanged = a.force
+        && target.exists()
+        && nix::fcntl::renameat2(
+            None,
+            &staged,
+            None,
+            &target,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .is_ok();
+    if exchanged && let Err(e) = std::fs::remove_dir_all(&staged) {
+        eprintln!(
+            "seedctl: warning: the old identity of `{}` stays in {}: {e}",
+            a.name,
+            staged.display()
+        );
+    }
     // Without --force nothing is moved aside: the rename fails on a machine directory
     // that another `seedctl new` of the same name put there since the check above.
-    if a.force
+    if !exchanged
+        && a.force
         && target.exists()
         && let Err(e) = std::fs::rename(&target, &backup)
     {
@@ -332,7 +358,12 @@ pub fn run(paths: &Paths, a: &NewArgs) -> Result<Report> {
         return Err(e)
             .with_context(|| format!("moving the old identity {} aside", target.display()));
     }
-    if let Err(e) = std::fs::rename(&staged, &target) {
+    let moved = if exchanged {
+        Ok(())
+    } else {
+        std::fs::rename(&staged, &target)
+    };
+    if let Err(e) = moved {
         let _ = std::fs::remove_dir_all(&staged);
         if backup.exists() {
             let _ = std::fs::rename(&backup, &target);

@@ -16,7 +16,9 @@ use crate::libvirt::{self, virsh};
 use crate::machine::{Identity, Paths};
 use crate::output::Report;
 use crate::qmp::Qmp;
-use crate::state::{BOOT_DISK, DOMAIN_XML, PIDFILE, QMP_SOCK, SEED_ISO, StateDir, pid_alive};
+use crate::state::{
+    BOOT_DISK, DOMAIN_URI, DOMAIN_XML, PIDFILE, QMP_SOCK, SEED_ISO, StateDir, pid_alive,
+};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
@@ -89,6 +91,8 @@ pub fn define(paths: &Paths, a: &DefineArgs) -> Result<Report> {
     }
     std::fs::rename(&new, &file)
         .with_context(|| format!("moving {} to {}", new.display(), file.display()))?;
+    // And where: `upgrade` asks that libvirt, not the default one, whether it runs.
+    crate::fsutil::write_atomic(&sd.file(DOMAIN_URI), format!("{uri}\n").as_bytes(), 0o644)?;
     if uri.starts_with("qemu:///system")
         && let Some(dir) = unsearchable_ancestor(&sd.file(BOOT_DISK))
     {
@@ -127,7 +131,8 @@ fn virsh_op(name: &str, connect: Option<&str>, args: &[&str], done: &str) -> Res
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   seedctl start web1
-  seedctl start web1 --seed-via channel --connect qemu+ssh://root@hv1/system")]
+  seedctl start web1 --seed-via channel
+  seedctl start web1 --connect qemu+ssh://root@hv1/system")]
 pub struct StartArgs {
     /// Machine name
     pub name: String,
@@ -174,7 +179,10 @@ fn set_seed_media(uri: &str, name: &str, seed: &std::path::Path, via: SeedVia) -
             virsh(
                 uri,
                 name,
-                &["change-media", name, "sda", &seed, "--insert", "--config"],
+                // `--update`, not `--insert`: virsh refuses to insert into a drive that
+                // holds a medium already (the same seed spelt through another path, or a
+                // domain defined by hand from `seedctl xml`).
+                &["change-media", name, "sda", &seed, "--update", "--config"],
             )?;
         }
         _ => {}
@@ -244,6 +252,10 @@ pub fn start(paths: &Paths, a: &StartArgs) -> Result<Report> {
     let id = Identity::load(paths, name)?;
     let sd = StateDir::new(paths, name);
     let uri = libvirt::uri(a.connect.as_deref());
+    if a.seed_via == SeedVia::Channel {
+        // Before anything is ejected: the domain would boot with no seed and no answer.
+        libvirt::refuse_remote_channel(&uri, name, "`--seed-via channel`")?;
+    }
     let seed_iso = sd.file(SEED_ISO);
     // A domain whose disks seedctl did not make has no state directory to hold.
     let lock = sd.dir.is_dir().then(|| sd.lock("start it")).transpose()?;
@@ -305,14 +317,16 @@ pub fn undefine(paths: &Paths, a: &UndefineArgs) -> Result<Report> {
         &["undefine", "--keep-nvram", &a.name],
         "undefined",
     )?;
-    let xml = StateDir::new(paths, &a.name).file(DOMAIN_XML);
-    match std::fs::remove_file(&xml) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => eprintln!(
-            "seedctl: warning: machine `{}`: cannot remove {}: {e}; `seedctl upgrade` still asks libvirt about the machine",
-            a.name,
-            xml.display()
-        ),
-        _ => {}
+    let sd = StateDir::new(paths, &a.name);
+    for file in [sd.file(DOMAIN_XML), sd.file(DOMAIN_URI)] {
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => eprintln!(
+                "seedctl: warning: machine `{}`: cannot remove {}: {e}; `seedctl upgrade` still asks libvirt about the machine",
+                a.name,
+                file.display()
+            ),
+            _ => {}
+        }
     }
     Ok(report)
 }

@@ -29,8 +29,8 @@ pub struct UpgradeArgs {
     #[arg(long)]
     pub restart: bool,
     /// libvirt URI to check for a running domain of this name [checked without it only
-    /// when `seedctl define` wrote its domain.xml; default LIBVIRT_DEFAULT_URI or
-    /// qemu:///system]
+    /// when `seedctl define` wrote its domain.xml; default the URI `define` used, else
+    /// LIBVIRT_DEFAULT_URI or qemu:///system]
     #[arg(long, short = 'c', value_name = "URI")]
     pub connect: Option<String>,
 }
@@ -45,7 +45,13 @@ fn refuse_running_domain(sd: &StateDir, a: &UpgradeArgs) -> Result<()> {
     {
         return Ok(());
     }
-    let uri = crate::libvirt::uri(a.connect.as_deref());
+    // The URI `define` used, when it was not the default one (a recorded one that
+    // cannot be read falls back to the default, which is asked as before).
+    let recorded = std::fs::read_to_string(sd.file(crate::state::DOMAIN_URI))
+        .ok()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty());
+    let uri = crate::libvirt::uri(a.connect.as_deref().or(recorded.as_deref()));
     let state = crate::libvirt::domstate(&uri, &a.name).with_context(|| {
         format!(
             "cannot tell whether libvirt runs machine `{}`; pass --connect with the URI it was defined under",

@@ -113,6 +113,21 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         xml.contains("org.qemu.guest_agent.0") && xml.contains("<kernel>"),
         "the defined domain lacks the guest-agent channel or direct kernel boot:\n{xml}"
     );
+    // The cdrom holding the seed through another spelling of its path (a domain defined
+    // from another directory, or by hand from `seedctl xml`): `start` must still give it
+    // the machine's seed, which virsh's `--insert` refuses on a drive with a medium.
+    let alias = h.work.join("state-alias");
+    let _ = std::fs::remove_file(&alias);
+    std::os::unix::fs::symlink(&state, &alias).context("linking the state directory")?;
+    let aliased = alias.join(name).join("seed.iso");
+    virsh(&[
+        "change-media",
+        name,
+        "sda",
+        &aliased.display().to_string(),
+        "--update",
+        "--config",
+    ])?;
     let t = Instant::now();
     cmd::run(&mut at_libvirt(
         seedctl,
@@ -122,6 +137,13 @@ pub fn libvirt(h: &Harness) -> Result<()> {
         name,
         &[],
     ))?;
+    let seed = std::path::absolute(state.join(name).join("seed.iso"))?;
+    let xml = virsh(&["dumpxml", "--inactive", name])?;
+    ensure!(
+        xml.contains(&format!("file='{}'", seed.display())),
+        "`seedctl start` left the seed cdrom on another path than {}:\n{xml}",
+        seed.display()
+    );
 
     // The agent answers once the guest's udev saw the port: hostname from the identity.
     let hostname = virsh_until(
