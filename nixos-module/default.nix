@@ -421,7 +421,18 @@ in
         }) placeholders;
 
         warnings =
-          lib.optional (!resolved && nameservers == [ ]) ''
+          lib.optional
+            (
+              cfg.firewall.enable
+              && cfg.ssh.enable
+              && (config.services.openssh.ports or [ 22 ]) != [ 22 ]
+            )
+            ''
+              services.nixseed: the nixseed firewall always allows TCP port 22 for SSH, but
+              services.openssh.ports is ${builtins.toJSON config.services.openssh.ports}:
+              sshd is reachable only where a seed lists its port in tcp_ports.
+            ''
+          ++ lib.optional (!resolved && nameservers == [ ]) ''
             services.nixseed: systemd-resolved is off and networking.nameservers is empty, so
             /etc/resolv.conf names a server only when the seed does: nixseed-agent binds the
             identity's resolv.conf over it, and DHCP-provided DNS cannot reach it. Enable
@@ -514,6 +525,14 @@ in
         '';
       })
 
+      # The machine-id is the identity's, bound over /etc/machine-id from /var: with a
+      # writable /etc, systemd's commit unit would find that bind and fail every boot
+      # ("not on a temporary file system"), and a transient id must never be written into
+      # the image anyway. (Releases without the option have no such unit to suppress.)
+      (lib.optionalAttrs (options.systemd ? suppressedSystemUnits) {
+        systemd.suppressedSystemUnits = [ "systemd-machine-id-commit.service" ];
+      })
+
       (lib.mkIf cfg.initrdStage.enable {
         # Seed volumes (Proxmox: IDE/SATA cdrom; libvirt/seedctl: also vfat; ISO seeds are
         # read by the agent in place, so iso9660 is not needed) and the control channel's
@@ -528,6 +547,8 @@ in
           "ahci"
           "virtio_pci"
           "virtio_blk"
+          # A Proxmox cloud-init drive on a virtio-scsi controller (`scsiN`).
+          "virtio_scsi"
           "virtio_console"
           # systemd credentials in QEMU's fw_cfg (`-fw_cfg name=opt/io.systemd.credentials/…`).
           "qemu_fw_cfg"

@@ -97,6 +97,7 @@ let
         };
         systemd = {
           packages = list;
+          suppressedSystemUnits = list;
           services = opt (types.attrsOf anything) { };
           network.enable = opt types.bool config.networking.useNetworkd;
         };
@@ -117,6 +118,7 @@ let
           openssh = {
             enable = opt types.bool false;
             startWhenNeeded = opt types.bool false;
+            ports = opt (types.listOf types.port) [ 22 ];
             generateHostKeys = opt types.bool true;
             hostKeys = list;
             settings = opt anything { };
@@ -182,6 +184,23 @@ in
 [
   (check "a complete configuration passes every assertion, with no warning" (
     failed good == [ ] && good.warnings == [ ]
+  ))
+  (check "the machine-id commit unit is suppressed: the identity owns machine-id" (
+    good.systemd.suppressedSystemUnits == [ "systemd-machine-id-commit.service" ]
+  ))
+  (check "with the nixseed firewall, sshd on another port than 22 is warned about" (
+    let
+      withFirewall = extra: eval {
+        imports = [ base extra ];
+        services.nixseed.firewall.enable = true;
+      };
+      c = withFirewall { services.openssh.ports = [ 2222 ]; };
+    in
+    lib.any (w: lib.hasInfix "always allows TCP port 22" w) c.warnings
+    && (withFirewall { }).warnings == [ ]
+  ))
+  (check "the initrd can read a seed on a virtio-scsi cdrom" (
+    lib.elem "virtio_scsi" good.boot.initrd.availableKernelModules
   ))
   (check "disabled, the module sets nothing" (
     let
