@@ -542,14 +542,11 @@ fn replies_match_qemu_ga() {
     );
 }
 
-/// The freeze state machine on a real filesystem: a loop-mounted ext4 only (never the
-/// build machine's own filesystems), frozen and thawed by each agent in turn.
-#[test]
-fn fsfreeze_matches_qemu_ga_on_a_loop_mount() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("fs.img");
-    let mnt = dir.path().join("mnt");
+/// A 16 MiB ext4 image in `dir`, loop-mounted at `dir/mnt` (the mount point returned):
+/// a filesystem of the test's own to freeze, never the build machine's.
+fn loop_mounted_ext4(dir: &Path) -> std::path::PathBuf {
+    let img = dir.join("fs.img");
+    let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     std::fs::File::create(&img)
         .unwrap()
@@ -575,6 +572,23 @@ fn fsfreeze_matches_qemu_ga_on_a_loop_mount() {
         "cannot loop-mount {} (the test suite runs as root, as the VM tests do)",
         img.display()
     );
+    mnt
+}
+
+/// The freeze state machine on a real filesystem: a loop-mounted ext4 only (never the
+/// build machine's own filesystems), frozen and thawed by each agent in turn.
+#[test]
+fn fsfreeze_matches_qemu_ga_on_a_loop_mount() {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = loop_mounted_ext4(dir.path());
+    let ok = |c: &mut Command| {
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
     // A bind mount of the same filesystem, as /nix/store is on NixOS: naming only it
     // must still freeze its device.
     let bind = dir.path().join("bind");
@@ -630,28 +644,7 @@ fn fsfreeze_matches_qemu_ga_on_a_loop_mount() {
 fn a_freeze_holds_the_identity_lock_until_the_thaw() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("fs.img");
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    let run = |c: &mut Command| {
-        c.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap()
-    };
-    assert!(run(Command::new("mkfs.ext4").arg("-q").arg(&img)).success());
-    assert!(
-        run(Command::new("mount")
-            .arg("-o")
-            .arg("loop")
-            .arg(&img)
-            .arg(&mnt))
-        .success()
-    );
+    let mnt = loop_mounted_ext4(dir.path());
     let p = Peer::start("nixseed");
     let lock_free = || {
         let f = std::fs::OpenOptions::new()
