@@ -542,6 +542,14 @@ fn replies_match_qemu_ga() {
     );
 }
 
+/// Whether `c` ran and exited 0, its output dropped.
+fn succeeds(c: &mut Command) -> bool {
+    c.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// A 16 MiB ext4 image in `dir`, loop-mounted at `dir/mnt` (the mount point returned):
 /// a filesystem of the test's own to freeze, never the build machine's.
 fn loop_mounted_ext4(dir: &Path) -> std::path::PathBuf {
@@ -552,23 +560,18 @@ fn loop_mounted_ext4(dir: &Path) -> std::path::PathBuf {
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
-    let ok = |c: &mut Command| {
-        c.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
     assert!(
-        ok(Command::new("mkfs.ext4").arg("-q").arg(&img)),
+        succeeds(Command::new("mkfs.ext4").arg("-q").arg(&img)),
         "mkfs.ext4 failed (e2fsprogs)"
     );
     assert!(
-        ok(Command::new("mount")
-            .arg("-o")
-            .arg("loop")
-            .arg(&img)
-            .arg(&mnt)),
+        succeeds(
+            Command::new("mount")
+                .arg("-o")
+                .arg("loop")
+                .arg(&img)
+                .arg(&mnt)
+        ),
         "cannot loop-mount {} (the test suite runs as root, as the VM tests do)",
         img.display()
     );
@@ -582,19 +585,12 @@ fn fsfreeze_matches_qemu_ga_on_a_loop_mount() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let mnt = loop_mounted_ext4(dir.path());
-    let ok = |c: &mut Command| {
-        c.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
     // A bind mount of the same filesystem, as /nix/store is on NixOS: naming only it
     // must still freeze its device.
     let bind = dir.path().join("bind");
     std::fs::create_dir_all(&bind).unwrap();
     assert!(
-        ok(Command::new("mount").arg("--bind").arg(&mnt).arg(&bind)),
+        succeeds(Command::new("mount").arg("--bind").arg(&mnt).arg(&bind)),
         "cannot bind-mount {}",
         mnt.display()
     );
@@ -804,17 +800,23 @@ fn exec_output_matches_qemu_ga() {
     assert_eq!(theirs[4]["return"]["out-truncated"], true);
 }
 
+/// `dir/name` holding `text`, mode 0755.
+fn executable(dir: &Path, name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let file = dir.join(name);
+    std::fs::write(&file, text).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    file
+}
+
 /// A file the kernel cannot execute (a script with no `#!` line, as `qm guest exec` may
 /// be handed) runs through /bin/sh, and one that is not there fails with glib's text,
 /// both as in qemu-ga.
 #[test]
 fn exec_falls_back_to_sh_and_fails_in_qemu_gas_words() {
-    use std::os::unix::fs::PermissionsExt;
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("plain-script");
-    std::fs::write(&script, "echo from-sh \"$1\"\n").unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = executable(dir.path(), "plain-script", "echo from-sh \"$1\"\n");
     let script = script.to_string_lossy().into_owned();
     let theirs = same_as_qemu_ga(EXEC, |p| {
         let missing = serde_json::json!({"execute": "guest-exec", "arguments": {"path": "/nonexistent/tool"}});
@@ -838,12 +840,13 @@ fn exec_falls_back_to_sh_and_fails_in_qemu_gas_words() {
 /// nothing is in /bin or /usr/bin, where a search of the child's empty PATH would look).
 #[test]
 fn exec_finds_a_bare_name_in_the_agents_path_like_qemu_ga() {
-    use std::os::unix::fs::PermissionsExt;
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let tool = dir.path().join("nixseed-path-probe");
-    std::fs::write(&tool, "#!/bin/sh\nprintf 'found %s' \"$LANG\"\n").unwrap();
-    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    executable(
+        dir.path(),
+        "nixseed-path-probe",
+        "#!/bin/sh\nprintf 'found %s' \"$LANG\"\n",
+    );
     let path = std::ffi::OsString::from(format!("{}:/usr/bin:/bin", dir.path().display()));
     let run = |name| {
         let p = Peer::start_env(name, EXEC, &[("PATH", Path::new(&path))]);

@@ -232,11 +232,7 @@ fn empty_path_variables_are_unset() {
         .env("SEEDCTL_STATE", "")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     assert!(s.machine("web1").join("hostname").is_file());
     assert!(!s.path().join("web1").exists());
     // A machines directory that is not there is said, not passed over in silence.

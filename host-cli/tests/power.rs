@@ -50,11 +50,7 @@ fn destroy_succeeds_when_qemu_exits_before_the_kill() {
         .env("PATH", &path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("machine `web1` destroyed"));
     assert!(!qemu.alive());
     assert!(!s.state("web1").join("qemu.pid").exists());

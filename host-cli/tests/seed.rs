@@ -563,11 +563,7 @@ fn a_machine_seed_the_operator_cannot_read_is_still_replaced() {
         .env("HOME", s.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&iso).unwrap().uid(), 65534, "replaced");
 }

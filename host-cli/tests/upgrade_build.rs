@@ -360,11 +360,7 @@ fn an_upgrade_without_virsh_installed_is_not_refused() {
         .env("PATH", &bin)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
 }
 
 /// `upgrade --restart` reads what it needs before it stops the machine: a state file that

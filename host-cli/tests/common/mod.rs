@@ -256,3 +256,13 @@ fn qmp_monitor(listener: std::os::unix::net::UnixListener, pid: i32) {
         }
     }
 }
+
+/// Requires that a command run by hand (`seedctl` with its own environment, or under
+/// another user) exited 0, showing its stderr when it did not.
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
