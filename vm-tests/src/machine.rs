@@ -172,6 +172,24 @@ impl Seedctl {
 }
 
 /// Makes machine `name` from scratch (identity, seed, disks) under `work`.
+/// Kills the QEMU that `seedctl run` recorded in the machine's state directory `state`
+/// (`qemu.pid`), when that pid is still a QEMU: the project's own process, never another.
+pub fn kill_recorded_qemu(state: &Path) {
+    let Some(pid) = fs::read_to_string(state.join("qemu.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let is_qemu = fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"));
+    if is_qemu {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+}
+
 pub fn create(
     work: &Path,
     name: &str,
@@ -184,6 +202,9 @@ pub fn create(
     let dir = machines.join(name);
     let state = state_root.join(name);
     if state.exists() {
+        // A QEMU that `seedctl run --detach` left from an interrupted run would go on
+        // spinning on a core, and holding the disks removed below.
+        kill_recorded_qemu(&state);
         fs::remove_dir_all(&state)
             .with_context(|| format!("removing old state {}", state.display()))?;
     }
@@ -194,7 +215,19 @@ pub fn create(
     )?;
     cmd::run(
         s.command(&machines, &state_root)
-            .args(["new", name, "--force", "--admin-key"])
+            // 22, and 9 for the harness's reach probes (`ssh::wait_for_key`): nothing
+            // listens there, so the guest's kernel resets them once it has its address,
+            // which the nixseed firewall's drop policy would otherwise hide.
+            .args([
+                "new",
+                name,
+                "--force",
+                "--tcp-port",
+                "22",
+                "--tcp-port",
+                "9",
+            ])
+            .arg("--admin-key")
             .arg(format!("@{}", key.public.display())),
     )?;
     let out = cmd::stdout(

@@ -48,6 +48,21 @@ impl OperatorBoot {
                 .arg("--append")
                 .arg(machine::kernel_cmdline(&h.image)),
         )?;
+        // QEMU runs from here: a failure before the boot's own guard exists (below) kills
+        // it by the pidfile seedctl wrote.
+        Self::watch(h, m, &out, started, &expected, &own)
+            .inspect_err(|_| machine::kill_recorded_qemu(&m.state))
+    }
+
+    /// What `start` does once `seedctl run` has printed `out`.
+    fn watch(
+        h: &Harness,
+        m: &Machine,
+        out: &str,
+        started: Instant,
+        expected: &str,
+        own: &std::path::Path,
+    ) -> Result<OperatorBoot> {
         let v: serde_json::Value = serde_json::from_str(out.trim())
             .with_context(|| format!("parsing `seedctl --json run {}`: {out}", m.name))?;
         let field = |k: &str| {
@@ -77,10 +92,10 @@ impl OperatorBoot {
             pid,
             console,
             known_hosts,
-            ssh: Ssh::pinned(port, h.key.clone(), &expected, &own)?,
+            ssh: Ssh::pinned(port, h.key.clone(), expected, own)?,
             boot_to_sshd: Duration::ZERO,
         };
-        let seen = ssh::wait_for_host_key_via(port, None, Some(&expected), ssh_timeout(), || {
+        let seen = ssh::wait_for_host_key_via(port, None, Some(expected), ssh_timeout(), || {
             ensure!(running(pid), "QEMU (pid {pid}) exited");
             Ok(())
         });

@@ -114,14 +114,16 @@ pub fn powercut(h: &Harness) -> Result<()> {
         let hostname = format!("pushcut{i}");
         fs::write(m.dir.join("hostname"), format!("{hostname}\n"))?;
         let chan = b.vm.config.channel_socket();
-        let mut push = m
-            .seedctl(h.seedctl.as_ref())?
-            .args(["push", &m.name, "--timeout", "300", "--socket"])
-            .arg(&chan)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting seedctl push")?;
+        // Killed and reaped however this round ends.
+        let mut push = crate::cmd::Reaped(
+            m.seedctl(h.seedctl.as_ref())?
+                .args(["push", &m.name, "--timeout", "300", "--socket"])
+                .arg(&chan)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("starting seedctl push")?,
+        );
         let Booted { mut vm, ssh, .. } = b;
         wait_until(&mut vm, point, |_| {
             ssh.run("journalctl -b -u nixseed-agent --no-pager -o cat || true")
@@ -130,15 +132,14 @@ pub fn powercut(h: &Harness) -> Result<()> {
         // With the VM gone the push fails on its own, and then writes the seed disk.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let ended = loop {
-            match push.try_wait().context("waiting for seedctl push")? {
+            match push.0.try_wait().context("waiting for seedctl push")? {
                 Some(status) => break Some(status),
                 None if std::time::Instant::now() > deadline => break None,
                 None => std::thread::sleep(std::time::Duration::from_millis(200)),
             }
         };
         if ended.is_none() {
-            let _ = push.kill();
-            let _ = push.wait();
+            drop(push);
             bail!("`seedctl push` was still running 60 s after the VM was killed at {point}");
         }
         check_cut(&m, &agent, &format!("push at {point}"), &state, &hostname)?;
