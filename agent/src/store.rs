@@ -430,12 +430,7 @@ impl Store {
     /// Only a directory that is not there counts, not one that cannot be opened: an I/O
     /// error is not a power cut, and the generation may read whole at the next try.
     fn is_incomplete(&self, n: u64) -> bool {
-        let gdir = match rfs::openat(
-            &self.dir,
-            gen_name(n).as_str(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
+        let gdir = match open_dir_raw(&self.dir, &gen_name(n)) {
             Ok(fd) => fd,
             Err(e) => return e.kind() == ErrorKind::NotFound,
         };
@@ -557,12 +552,17 @@ impl Store {
 }
 
 fn open_dir_at(dir: &impl AsFd, name: &str) -> Result<OwnedFd> {
-    Ok(rfs::openat(
+    Ok(open_dir_raw(dir, name)?)
+}
+
+/// A directory under `dir`, never through a link, with the system's own error.
+fn open_dir_raw(dir: &impl AsFd, name: &str) -> rustix::io::Result<OwnedFd> {
+    rfs::openat(
         dir,
         name,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
-    )?)
+    )
 }
 
 /// The process umask from `/proc/self/status` (read once; umask(2) cannot be read without
