@@ -49,8 +49,8 @@ mod tests {
         // Beyond the burst each request waits for its own token: 0.1 s, 0.2 s, ...
         assert!((b.take(0.0) - 0.1).abs() < 1e-9);
         assert!((b.take(0.0) - 0.2).abs() < 1e-9);
-        // A client that waited as told is not made to wait again.
-        assert!((b.take(0.2) - 0.1).abs() < 1e-9, "one more token owed");
+        // The fifth waited until 0.2 s as told; the sixth then waits for its own token only.
+        assert!((b.take(0.2) - 0.1).abs() < 1e-9, "one token's wait");
         assert_eq!(b.take(10.0), 0.0);
         assert_eq!((b.take(10.0), b.take(10.0)), (0.0, 0.0));
         assert!(b.take(10.0) > 0.0, "never above capacity");
