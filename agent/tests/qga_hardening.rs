@@ -75,15 +75,15 @@ fn replies(sock: &std::path::Path, requests: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// A request that draws from the rate limit's bucket.
+const OSINFO: &str = r#"{"execute":"guest-get-osinfo"}"#;
+
 /// A burst past the limit is paced, not refused (qemu-ga refuses none): all 400 requests
 /// are answered, the last 200 at the sustained rate (50 per second, so about 4 s).
 #[test]
 fn bursts_of_work_are_paced_and_every_request_is_answered() {
     let s = serve(&[]);
-    let mut req = String::new();
-    for _ in 0..400 {
-        req.push_str(r#"{"execute":"guest-get-osinfo"}"#);
-    }
+    let mut req = OSINFO.repeat(400);
     req.push_str(
         r#"{"execute":"guest-ping","id":1}{"execute":"guest-sync","arguments":{"id":99}}"#,
     );
@@ -113,11 +113,7 @@ fn bursts_of_work_are_paced_and_every_request_is_answered() {
 #[test]
 fn ping_and_sync_are_never_paced() {
     let s = serve(&[]);
-    let mut req = String::new();
-    for _ in 0..200 {
-        req.push_str(r#"{"execute":"guest-get-osinfo"}"#);
-    }
-    replies(&s.sock, &req, 200);
+    replies(&s.sock, &OSINFO.repeat(200), 200);
     let t0 = Instant::now();
     let out = replies(
         &s.sock,
